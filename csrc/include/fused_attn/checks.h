@@ -1,0 +1,50 @@
+// Precondition checks shared by the CPU and CUDA launchers. Every message names the argument
+// and what was expected, so that a user who bypasses the Python layer still gets an actionable error.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace fused_attn {
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+// A [rows, hidden] row-major input; returns (rows, hidden).
+inline std::pair<int64_t, int64_t> check_rows_input(const at::Tensor& input, const char* name) {
+  TORCH_CHECK(input.dim() == 2, name, " must be 2-D [rows, hidden], got ", input.dim(), " dimensions");
+  TORCH_CHECK(input.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(is_supported_float(input.scalar_type()), name,
+              " must be float32, float16 or bfloat16, got ", input.scalar_type());
+  return {input.size(0), input.size(1)};
+}
+
+// weight/bias-like optional vector of length `hidden` with the dtype and device of `like`.
+inline void check_affine_param(const std::optional<at::Tensor>& param, const char* name,
+                               const at::Tensor& like, int64_t hidden) {
+  if (!param.has_value() || !param->defined()) return;
+  const at::Tensor& p = *param;
+  TORCH_CHECK(p.dim() == 1 && p.size(0) == hidden, name, " must have shape [", hidden, "], got ", p.sizes());
+  TORCH_CHECK(p.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(p.scalar_type() == like.scalar_type(), name, " must have dtype ", like.scalar_type(),
+              " like the input, got ", p.scalar_type());
+  TORCH_CHECK(p.device() == like.device(), name, " must be on ", like.device(), ", got ", p.device());
+}
+
+// mean/rstd statistics: float32 vectors of length `rows` on the input's device.
+inline void check_row_stats(const at::Tensor& stat, const char* name, const at::Tensor& like, int64_t rows) {
+  TORCH_CHECK(stat.dim() == 1 && stat.size(0) == rows, name, " must have shape [", rows, "], got ", stat.sizes());
+  TORCH_CHECK(stat.scalar_type() == at::kFloat, name, " must be float32, got ", stat.scalar_type());
+  TORCH_CHECK(stat.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(stat.device() == like.device(), name, " must be on ", like.device(), ", got ", stat.device());
+}
+
+inline void check_same_as(const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name) {
+  TORCH_CHECK(t.sizes() == like.sizes(), name, " must have the shape of ", like_name, " ", like.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must have dtype ", like.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), name, " must be on ", like.device(), ", got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+}  // namespace fused_attn

@@ -1,0 +1,142 @@
+"""Builds the fused_attn._C extension.
+
+The C++ CPU kernels (csrc/cpu) are always compiled. The CUDA kernels (csrc/cuda) are compiled
+when a CUDA toolkit and a CUDA build of torch are both present; FUSED_ATTN_BUILD_CUDA=0/1 forces
+either way. TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "8.0;9.0" when no GPU is
+visible) and MAX_JOBS the number of parallel compile jobs. FUSED_ATTN_CPU_ISA=avx2|generic picks
+the vector width of the CPU kernels (default: avx2 where this CPU has it).
+
+What was built is written to fused_attn/_build_info.json so that `fused-attn info` can report it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import platform
+import site
+import sys
+import time
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+BUILD_INFO = ROOT / "fused_attn" / "_build_info.json"
+
+
+def _env_flag(name: str) -> bool | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise SystemExit(f"{name} must be 0 or 1, got {value!r}")
+
+
+def _cuda_library_includes() -> list[str]:
+    """Include folders of the CUDA library wheels (nvidia/*/include), e.g. cuBLAS in nvidia/cu13."""
+    roots = list(site.getsitepackages()) + [site.getusersitepackages()] + sys.path
+    found: list[str] = []
+    for root in roots:
+        for inc in sorted(glob.glob(os.path.join(root, "nvidia", "*", "include"))):
+            if os.path.isdir(inc) and inc not in found:
+                found.append(inc)
+    return found
+
+
+def _cpu_isa() -> str:
+    requested = os.environ.get("FUSED_ATTN_CPU_ISA", "").lower()
+    if requested in ("avx2", "generic"):
+        return requested
+    if requested:
+        raise SystemExit(f"FUSED_ATTN_CPU_ISA must be avx2 or generic, got {requested!r}")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "generic"
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return "generic"
+    return "avx2" if {"avx2", "fma", "f16c"} <= set(flags) else "generic"
+
+
+def main() -> None:
+    import torch
+    from torch.utils import cpp_extension
+
+    cuda_home = cpp_extension.CUDA_HOME
+    cuda_possible = torch.version.cuda is not None and cuda_home is not None
+    forced = _env_flag("FUSED_ATTN_BUILD_CUDA")
+    if forced and not cuda_possible:
+        raise SystemExit(
+            "FUSED_ATTN_BUILD_CUDA=1 but CUDA cannot be built: "
+            f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={cuda_home!r}"
+        )
+    build_cuda = cuda_possible if forced is None else forced
+
+    if build_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+
+    isa = _cpu_isa()
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    if isa == "avx2":
+        cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    nvcc_flags = [
+        "-O3",
+        "-std=c++17",
+        "--use_fast_math",
+        "--expt-relaxed-constexpr",
+        "-lineinfo",
+        "-Xcompiler=-Wall",
+        "-Werror=all-warnings",
+    ]
+
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    include_dirs = [str(ROOT / "csrc" / "include")]
+    if build_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        include_dirs += _cuda_library_includes()
+        cxx_flags.append("-DFUSED_ATTN_WITH_CUDA")
+        nvcc_flags.append("-DFUSED_ATTN_WITH_CUDA")
+        extension_cls = cpp_extension.CUDAExtension
+    else:
+        extension_cls = cpp_extension.CppExtension
+
+    extension = extension_cls(
+        name="fused_attn._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags} if build_cuda else cxx_flags,
+        extra_link_args=["-fopenmp"],
+        py_limited_api=False,
+    )
+
+    BUILD_INFO.write_text(
+        json.dumps(
+            {
+                "torch": torch.__version__,
+                "torch_cuda": torch.version.cuda,
+                "cuda_home": cuda_home,
+                "cuda_compiled": build_cuda,
+                "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if build_cuda else None,
+                "cpu_isa": isa,
+                "sources": sources,
+                "python": platform.python_version(),
+                "built_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+
+    setup(
+        ext_modules=[extension],
+        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    )
+
+
+if __name__ == "__main__":
+    main()
