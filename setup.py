@@ -7,6 +7,8 @@ visible) and MAX_JOBS the number of parallel compile jobs. FUSED_ATTN_CPU_ISA=av
 the vector width of the CPU kernels (default: avx2 where this CPU has it).
 
 What was built is written to fused_attn/_build_info.json so that `fused-attn info` can report it.
+FUSED_ATTN_SKIP_EXTENSION=1 installs the Python package alone (the Makefile then builds the
+extension in place, incrementally, with `setup.py build_ext --inplace`).
 """
 
 from __future__ import annotations
@@ -81,12 +83,11 @@ def main() -> None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
     isa = _cpu_isa()
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     if isa == "avx2":
         cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     nvcc_flags = [
         "-O3",
-        "-std=c++17",
         "--use_fast_math",
         "--expt-relaxed-constexpr",
         "-lineinfo",
@@ -114,27 +115,30 @@ def main() -> None:
         py_limited_api=False,
     )
 
-    BUILD_INFO.write_text(
-        json.dumps(
-            {
-                "torch": torch.__version__,
-                "torch_cuda": torch.version.cuda,
-                "cuda_home": cuda_home,
-                "cuda_compiled": build_cuda,
-                "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if build_cuda else None,
-                "cpu_isa": isa,
-                "sources": sources,
-                "python": platform.python_version(),
-                "built_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    facts = {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_home": cuda_home,
+        "cuda_compiled": build_cuda,
+        "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if build_cuda else None,
+        "cpu_isa": isa,
+        "sources": sources,
+        "python": platform.python_version(),
+    }
 
+    class BuildExtension(cpp_extension.BuildExtension):
+        """Records what was built next to the extension, once the build has succeeded."""
+
+        def run(self) -> None:
+            super().run()
+            facts["built_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            package_dir = Path(self.get_ext_fullpath(extension.name)).parent
+            (package_dir / BUILD_INFO.name).write_text(json.dumps(facts, indent=2) + "\n")
+
+    skip = _env_flag("FUSED_ATTN_SKIP_EXTENSION")
     setup(
-        ext_modules=[extension],
-        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+        ext_modules=[] if skip else [extension],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     )
 
 

@@ -1,0 +1,67 @@
+# make test | make bench | make gpu-check -- each does the set-up it needs.
+#
+# test/bench: a virtualenv in .venv with torch (the CUDA build, so the CUDA sources compile even
+# on a machine without a GPU), triton, pytest, pytest-benchmark, ninja and pybind11; then the
+# extension is built in place (pip install --no-build-isolation -e .). Both steps are skipped when
+# nothing they depend on changed.
+# gpu-check: for a GPU machine with no package registry: builds with the python3 found there and
+# what it has installed, runs every test on CUDA and the benchmarks, and writes a report into
+# benchmarks/results/.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1
+DEPS := $(TORCH_SPEC) triton pytest pytest-benchmark ninja pybind11 numpy tqdm setuptools wheel
+
+NPROC := $(shell nproc 2>/dev/null || echo 2)
+export MAX_JOBS ?= $(NPROC)
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME ?= /usr/local/cuda
+endif
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+ifeq ($(HAS_GPU),0)
+TEST_ENV := TRITON_INTERPRET=1
+endif
+
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/include/fused_attn/*)
+
+.PHONY: test bench build venv gpu-check info clean
+
+test: $(VENV)/.built
+	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.built
+	$(PY) -m fused_attn bench $(BENCH_ARGS)
+
+info: $(VENV)/.built
+	$(PY) -m fused_attn info
+
+build: $(VENV)/.built
+
+venv: $(VENV)/.deps
+
+$(VENV)/.deps: Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(DEPS)
+	touch $@
+
+# The package is installed editable once (console script, metadata); the extension is built in
+# place by ninja under build/, so a change to one source recompiles that source alone.
+$(VENV)/.installed: $(VENV)/.deps pyproject.toml
+	FUSED_ATTN_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+$(VENV)/.built: $(VENV)/.installed $(SOURCES)
+	$(PY) setup.py -q build_ext --inplace
+	$(PY) -m fused_attn info
+	touch $@
+
+gpu-check:
+	$(PYTHON) setup.py -q build_ext --inplace
+	$(PYTHON) -m fused_attn info
+	$(PYTHON) benchmarks/gpu_check.py --python $(PYTHON)
+
+clean:
+	rm -rf build *.egg-info fused_attn/_C*.so fused_attn/_build_info.json $(VENV)/.built $(VENV)/.installed

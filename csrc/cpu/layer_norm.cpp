@@ -1,0 +1,367 @@
+// CPU kernels of fused_attn::layer_norm_fwd / layer_norm_bwd (schemas in csrc/ops.cpp).
+//
+// Rows are independent, so both ops split the rows across threads with at::parallel_for. One row
+// (a few KiB to a few tens of KiB) stays in L1/L2 while it is worked on, so revisiting it is
+// cheap: the forward reads it three times (mean, sum of squared deviations, normalise), buying a
+// two-pass variance with cache hits rather than DRAM traffic, and the backward reads it twice
+// (row sums, then grad_input). All arithmetic is float32 on at::vec::Vectorized<float>: fp16/bf16
+// are widened on load and rounded once on store, and weight/bias are widened once per call.
+// grad_weight/grad_bias are folded into the backward's first pass: the rows are cut into at most
+// get_num_threads() fixed chunks, each summing into its own float32 [hidden] buffer, and the
+// buffers are added in chunk order, so there is no race and, for a fixed thread count, the
+// result does not depend on scheduling.
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+#include <ATen/Dispatch_v2.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "fused_attn/checks.h"
+
+namespace fused_attn {
+namespace {
+
+using fVec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = fVec::size();
+
+// Elements below which a task is not worth handing to another thread (ATen's GRAIN_SIZE).
+constexpr int64_t kGrainElems = 32768;
+
+// A block is what one vector load of scalar_t covers: a single float vector for float32, two
+// for fp16/bf16, whose Vectorized holds twice as many (half-width) lanes.
+template <typename scalar_t>
+constexpr int kParts = at::vec::is_reduced_floating_point_v<scalar_t> ? 2 : 1;
+template <typename scalar_t>
+constexpr int64_t kBlock = kParts<scalar_t> * kLanes;
+static_assert(at::vec::Vectorized<at::Half>::size() == 2 * kLanes &&
+                  at::vec::Vectorized<at::BFloat16>::size() == 2 * kLanes,
+              "an fp16/bf16 vector must widen to exactly two float vectors");
+
+// Independent accumulator chains per reduction: an add/FMA takes several cycles, so a single
+// chain would leave the FP units idle waiting on its own result.
+constexpr int kChains = 4;
+
+// Loads the first n elements of a block as float; lanes past n read as zero. n may be <= 0 or
+// larger than the block, so callers pass "elements left in the row".
+template <int P>
+inline void load_block(const float* src, int64_t n, fVec (&v)[P]) {
+  for (int k = 0; k < P; ++k) {
+    v[k] = fVec::loadu(src + k * kLanes, std::clamp<int64_t>(n - k * kLanes, 0, kLanes));
+  }
+}
+
+template <int P, typename T, std::enable_if_t<at::vec::is_reduced_floating_point_v<T>, int> = 0>
+inline void load_block(const T* src, int64_t n, fVec (&v)[P]) {
+  static_assert(P == 2, "an fp16/bf16 block is two float vectors");
+  std::tie(v[0], v[1]) =
+      at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(src, std::min(n, kBlock<T>)));
+}
+
+// Stores the first n elements of a block, rounding to T once; nothing past n is written.
+template <int P>
+inline void store_block(float* dst, int64_t n, const fVec (&v)[P]) {
+  for (int k = 0; k < P; ++k) {
+    v[k].store(dst + k * kLanes, std::clamp<int64_t>(n - k * kLanes, 0, kLanes));
+  }
+}
+
+template <int P, typename T, std::enable_if_t<at::vec::is_reduced_floating_point_v<T>, int> = 0>
+inline void store_block(T* dst, int64_t n, const fVec (&v)[P]) {
+  static_assert(P == 2, "an fp16/bf16 block is two float vectors");
+  at::vec::convert_from_float<T>(v[0], v[1]).store(dst, std::min(n, kBlock<T>));
+}
+
+// v with lanes [n, kLanes) zeroed; n may lie outside [0, kLanes].
+inline fVec keep_first(const fVec& v, int64_t n) {
+  return fVec::set(fVec(0.f), v, std::clamp<int64_t>(n, 0, kLanes));
+}
+
+// Visits [0, n) as body(offset, len, chain). Full blocks go out `chains` at a time with distinct
+// chain indices so that a reduction can keep that many accumulators in flight; the remaining
+// blocks (the last one possibly partial, len < block) use chain 0. For full blocks len is the
+// compile-time block size, so the masked-load paths fold away.
+template <int64_t block, int chains, typename Body>
+inline void for_each_block(int64_t n, const Body& body) {
+  int64_t j = 0;
+  for (; j + chains * block <= n; j += chains * block) {
+    for (int c = 0; c < chains; ++c) body(j + c * block, block, c);
+  }
+  for (; j < n; j += block) body(j, std::min(block, n - j), 0);
+}
+
+// a * b rounded to float, as an FMA with +0 (the same value, except -0 becomes +0, which no sum
+// here can tell apart). A plain multiply may be contracted by the compiler into the add or
+// subtract that consumes it, skipping its rounding; the backward must subtract mean(g) from
+// exactly the rounded g it averaged, or a one-element row (where g == mean(g)) gets
+// rstd * rounding error instead of 0.
+inline fVec rounded_product(const fVec& a, const fVec& b) {
+  return at::vec::fmadd(a, b, fVec(0.f));
+}
+
+// Float partial sums of one row quantity: `chains` independent chains of P vectors each.
+template <int chains, int P>
+struct RowSum {
+  fVec acc[chains][P];
+
+  RowSum() {
+    for (auto& chain : acc) {
+      for (auto& v : chain) v = fVec(0.f);
+    }
+  }
+
+  float total() const {
+    fVec sum(0.f);
+    for (const auto& chain : acc) {
+      for (const auto& v : chain) sum += v;
+    }
+    return at::vec::vec_reduce_all<float>([](const fVec& a, const fVec& b) { return a + b; }, sum);
+  }
+};
+
+template <typename scalar_t>
+void layer_norm_fwd_rows(const scalar_t* x, const float* w, const float* b, int64_t hidden, double eps,
+                         int64_t begin, int64_t end, scalar_t* out, float* mean, float* rstd) {
+  constexpr int P = kParts<scalar_t>;
+  constexpr int64_t B = kBlock<scalar_t>;
+  constexpr int C = kChains / P;
+  // With hidden == 0 this makes mean 0 and variance 0 (rstd = 1/sqrt(eps)) instead of 0/0.
+  const double inv_n = hidden > 0 ? 1.0 / static_cast<double>(hidden) : 0.0;
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* xr = x + r * hidden;
+
+    RowSum<C, P> sum;
+    for_each_block<B, C>(hidden, [&](int64_t j, int64_t len, int c) {
+      fVec xv[P];
+      load_block(xr + j, len, xv);  // zero-filled past the row: adds nothing
+      for (int k = 0; k < P; ++k) sum.acc[c][k] += xv[k];
+    });
+    const float m = static_cast<float>(sum.total() * inv_n);
+    const fVec mv(m);
+
+    // Squared deviations from the mean just computed, not E[x^2] - E[x]^2, which cancels
+    // catastrophically when |mean| >> std.
+    RowSum<C, P> sq;
+    for_each_block<B, C>(hidden, [&](int64_t j, int64_t len, int c) {
+      fVec xv[P];
+      load_block(xr + j, len, xv);
+      for (int k = 0; k < P; ++k) {
+        fVec d = xv[k] - mv;
+        if (len < B) d = keep_first(d, len - k * kLanes);  // padding would add m^2
+        sq.acc[c][k] = at::vec::fmadd(d, d, sq.acc[c][k]);
+      }
+    });
+    const float rs = static_cast<float>(1.0 / std::sqrt(sq.total() * inv_n + eps));
+    mean[r] = m;
+    rstd[r] = rs;
+
+    const fVec rsv(rs);
+    scalar_t* outr = out + r * hidden;
+    for_each_block<B, 1>(hidden, [&](int64_t j, int64_t len, int) {
+      fVec xv[P], wv[P], bv[P], ov[P];
+      load_block(xr + j, len, xv);
+      load_block(w + j, len, wv);
+      load_block(b + j, len, bv);
+      for (int k = 0; k < P; ++k) ov[k] = at::vec::fmadd((xv[k] - mv) * rsv, wv[k], bv[k]);
+      store_block(outr + j, len, ov);
+    });
+  }
+}
+
+// Rows [begin, end) of the backward. dx is null when grad_input is not wanted; dw_part/db_part
+// (this chunk's float [hidden] buffers, or null when not wanted) are accumulated into.
+template <typename scalar_t>
+void layer_norm_bwd_rows(const scalar_t* dy, const scalar_t* x, const float* mean, const float* rstd,
+                         const float* w, int64_t hidden, int64_t begin, int64_t end, scalar_t* dx,
+                         float* dw_part, float* db_part) {
+  constexpr int P = kParts<scalar_t>;
+  constexpr int64_t B = kBlock<scalar_t>;
+  constexpr int C = kChains / P;
+  const float inv_n = static_cast<float>(1.0 / static_cast<double>(hidden));
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* dyr = dy + r * hidden;
+    const scalar_t* xr = x + r * hidden;
+    const fVec mv(mean[r]);
+    const fVec rsv(rstd[r]);
+
+    // Pass 1: the two row means that couple the elements of grad_input, plus this row's share
+    // of grad_weight/grad_bias while dy and xhat are already in registers.
+    RowSum<C, P> g_sum, gx_sum;
+    for_each_block<B, C>(hidden, [&](int64_t j, int64_t len, int c) {
+      fVec dyv[P], xv[P], wv[P], xhat[P];
+      load_block(dyr + j, len, dyv);  // zero past the row, so g and dy add nothing there
+      load_block(xr + j, len, xv);
+      load_block(w + j, len, wv);
+      for (int k = 0; k < P; ++k) {
+        xhat[k] = (xv[k] - mv) * rsv;
+        if (len < B) xhat[k] = keep_first(xhat[k], len - k * kLanes);
+        const fVec g = rounded_product(dyv[k], wv[k]);
+        g_sum.acc[c][k] += g;
+        gx_sum.acc[c][k] = at::vec::fmadd(g, xhat[k], gx_sum.acc[c][k]);
+      }
+      if (dw_part != nullptr) {
+        fVec acc[P];
+        load_block(dw_part + j, len, acc);
+        for (int k = 0; k < P; ++k) acc[k] = at::vec::fmadd(dyv[k], xhat[k], acc[k]);
+        store_block(dw_part + j, len, acc);
+      }
+      if (db_part != nullptr) {
+        fVec acc[P];
+        load_block(db_part + j, len, acc);
+        for (int k = 0; k < P; ++k) acc[k] += dyv[k];
+        store_block(db_part + j, len, acc);
+      }
+    });
+    if (dx == nullptr) continue;
+
+    // Pass 2: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight.
+    const fVec g_mean(g_sum.total() * inv_n);
+    const fVec gx_mean(gx_sum.total() * inv_n);
+    scalar_t* dxr = dx + r * hidden;
+    for_each_block<B, 1>(hidden, [&](int64_t j, int64_t len, int) {
+      fVec dyv[P], xv[P], wv[P], dxv[P];
+      load_block(dyr + j, len, dyv);
+      load_block(xr + j, len, xv);
+      load_block(w + j, len, wv);
+      for (int k = 0; k < P; ++k) {
+        const fVec xhat = (xv[k] - mv) * rsv;
+        dxv[k] = (rounded_product(dyv[k], wv[k]) - at::vec::fmadd(xhat, gx_mean, g_mean)) * rsv;
+      }
+      store_block(dxr + j, len, dxv);
+    });
+  }
+}
+
+// out[j] = sum over chunks of part[chunk][j], added in chunk order, rounded to scalar_t once.
+template <typename scalar_t>
+void sum_partials(const float* part, int64_t nchunks, int64_t hidden, scalar_t* out) {
+  constexpr int P = kParts<scalar_t>;
+  constexpr int64_t B = kBlock<scalar_t>;
+  at::parallel_for(0, hidden, std::max<int64_t>(B, kGrainElems / nchunks), [&](int64_t begin, int64_t end) {
+    for_each_block<B, 1>(end - begin, [&](int64_t j, int64_t len, int) {
+      fVec acc[P], v[P];
+      load_block(part + begin + j, len, acc);
+      for (int64_t c = 1; c < nchunks; ++c) {
+        load_block(part + c * hidden + begin + j, len, v);
+        for (int k = 0; k < P; ++k) acc[k] += v[k];
+      }
+      store_block(out + begin + j, len, acc);
+    });
+  });
+}
+
+// weight/bias as float32 (read once per row, so widened once per call rather than per row); a
+// missing one becomes its identity so the kernels need no separate affine-free variant.
+at::Tensor affine_as_float(const std::optional<at::Tensor>& param, const at::Tensor& input, int64_t hidden,
+                           float identity) {
+  if (param.has_value() && param->defined()) return param->to(at::kFloat);
+  return at::full({hidden}, identity, input.options().dtype(at::kFloat));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& input,
+                                                                  const std::optional<at::Tensor>& weight,
+                                                                  const std::optional<at::Tensor>& bias,
+                                                                  double eps) {
+  const auto shape = check_rows_input(input, "input");
+  const int64_t rows = shape.first, hidden = shape.second;
+  check_affine_param(weight, "weight", input, hidden);
+  check_affine_param(bias, "bias", input, hidden);
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "eps must be finite and >= 0, got ", eps);
+
+  at::Tensor out = at::empty({rows, hidden}, input.options());
+  at::Tensor mean = at::empty({rows}, input.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({rows}, input.options().dtype(at::kFloat));
+  const at::Tensor w = affine_as_float(weight, input, hidden, 1.f);
+  const at::Tensor b = affine_as_float(bias, input, hidden, 0.f);
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(hidden, 1));
+
+  AT_DISPATCH_V2(input.scalar_type(), "layer_norm_fwd_cpu", AT_WRAP([&] {
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const float* wp = w.const_data_ptr<float>();
+    const float* bp = b.const_data_ptr<float>();
+    float* mp = mean.mutable_data_ptr<float>();
+    float* rp = rstd.mutable_data_ptr<float>();
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      layer_norm_fwd_rows<scalar_t>(x, wp, bp, hidden, eps, begin, end, o, mp, rp);
+    });
+  }), at::kFloat, at::kHalf, at::kBFloat16);
+  return {out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tensor& grad_out,
+                                                                  const at::Tensor& input,
+                                                                  const at::Tensor& mean,
+                                                                  const at::Tensor& rstd,
+                                                                  const std::optional<at::Tensor>& weight,
+                                                                  std::array<bool, 3> output_mask) {
+  const auto shape = check_rows_input(input, "input");
+  const int64_t rows = shape.first, hidden = shape.second;
+  check_same_as(grad_out, "grad_out", input, "input");
+  check_row_stats(mean, "mean", input, rows);
+  check_row_stats(rstd, "rstd", input, rows);
+  check_affine_param(weight, "weight", input, hidden);
+  const bool has_weight = weight.has_value() && weight->defined();
+  const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];
+  TORCH_CHECK(has_weight || !need_dw,
+              "output_mask[1] asks for grad_weight, which requires a weight, but weight is None");
+
+  // Unselected gradients are distinct [0] tensors: outputs of an op must not alias each other.
+  at::Tensor dx = need_dx ? at::empty({rows, hidden}, input.options()) : at::empty({0}, input.options());
+  at::Tensor dw = need_dw ? at::empty({hidden}, weight->options()) : at::empty({0}, input.options());
+  at::Tensor db = need_db ? at::empty({hidden}, input.options()) : at::empty({0}, input.options());
+  if (rows == 0 || hidden == 0) {
+    // Nothing to normalise; the parameter gradients are empty sums.
+    dw.zero_();
+    db.zero_();
+    return {dx, dw, db};
+  }
+  if (!(need_dx || need_dw || need_db)) return {dx, dw, db};
+
+  // Few enough chunks that the partial buffers stay small and their reduction cheap, enough
+  // that every thread has rows to do; a fixed function of the shape and the thread count.
+  const int64_t nchunks =
+      std::min<int64_t>({at::get_num_threads(), rows, std::max<int64_t>(1, rows * hidden / kGrainElems)});
+  const auto part_options = input.options().dtype(at::kFloat);
+  at::Tensor dw_part = need_dw ? at::zeros({nchunks, hidden}, part_options) : at::Tensor();
+  at::Tensor db_part = need_db ? at::zeros({nchunks, hidden}, part_options) : at::Tensor();
+  const at::Tensor w = affine_as_float(weight, input, hidden, 1.f);
+
+  AT_DISPATCH_V2(input.scalar_type(), "layer_norm_bwd_cpu", AT_WRAP([&] {
+    const scalar_t* dyp = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* xp = input.const_data_ptr<scalar_t>();
+    const float* mp = mean.const_data_ptr<float>();
+    const float* rp = rstd.const_data_ptr<float>();
+    const float* wp = w.const_data_ptr<float>();
+    scalar_t* dxp = need_dx ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+    float* dwp = need_dw ? dw_part.mutable_data_ptr<float>() : nullptr;
+    float* dbp = need_db ? db_part.mutable_data_ptr<float>() : nullptr;
+    at::parallel_for(0, nchunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+      for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+        layer_norm_bwd_rows<scalar_t>(dyp, xp, mp, rp, wp, hidden, c * rows / nchunks, (c + 1) * rows / nchunks,
+                                      dxp, dwp ? dwp + c * hidden : nullptr, dbp ? dbp + c * hidden : nullptr);
+      }
+    });
+    if (need_dw) sum_partials(dwp, nchunks, hidden, dw.mutable_data_ptr<scalar_t>());
+    if (need_db) sum_partials(dbp, nchunks, hidden, db.mutable_data_ptr<scalar_t>());
+  }), at::kFloat, at::kHalf, at::kBFloat16);
+  return {dx, dw, db};
+}
+
+}  // namespace
+}  // namespace fused_attn
+
+TORCH_LIBRARY_IMPL(fused_attn, CPU, m) {
+  m.impl("layer_norm_fwd", &fused_attn::layer_norm_fwd_cpu);
+  m.impl("layer_norm_bwd", &fused_attn::layer_norm_bwd_cpu);
+}

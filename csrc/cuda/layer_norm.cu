@@ -1,0 +1,563 @@
+// CUDA kernels of fused_attn::layer_norm_fwd / layer_norm_bwd (schemas in csrc/ops.cpp).
+//
+// Row mapping. LayerNorm is memory bound, so the layout is chosen to keep every byte moved once
+// from DRAM and the reductions cheap:
+//   * hidden <= 1024: one warp per row, 4 rows (warps) per 128-thread block. The row is held in
+//     registers (at most 1024 / 32 = 32 floats per lane), so mean, variance and the output come from a
+//     single read, and the row sums are pure warp shuffles with no shared memory or barriers.
+//   * hidden > 1024: one block per row (128..1024 threads, about 4 vectors per thread). The row is
+//     re-read for each pass; a row of up to a few tens of KB stays in L1/L2 between passes, so DRAM
+//     traffic is still one read. Row sums are warp shuffles plus one shared-memory exchange.
+//   Both kernels loop over rows with a grid stride, so any row count fits the grid limits.
+//
+// Vector width. When the input, output, weight and bias pointers are 16-byte aligned and hidden is a
+// multiple of 16 / sizeof(T) (4 floats, 8 halves), every row start is 16-byte aligned and each access
+// is one 128-bit load/store. Otherwise (odd hidden, offset views) the same kernels run with width 1.
+//
+// Statistics. Two-pass in fp32: mean first, then the mean of squared deviations from it, which does
+// not suffer the cancellation of E[x^2] - E[x]^2. rstd = rsqrt(biased variance + eps).
+//
+// Backward. grad_input uses the same row mapping: with g = dy * w and xhat = (x - mean) * rstd,
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)). grad_weight = sum_rows dy * xhat and
+// grad_bias = sum_rows dy are column sums, done in two stages: a kernel over (32-column tiles x row
+// splits) in which each warp reads 32 consecutive columns of one row (coalesced) and 8 warps stride
+// down the split's rows, reducing to float32 partials [splits, hidden]; then a kernel that adds the
+// partials of each column in split order and casts to the output dtype.
+//
+// Determinism. No floating-point atomics anywhere: every sum is taken in an order fixed by the shapes
+// and the vector width alone (thread counts and the number of splits depend on rows and hidden, never
+// on the device or on timing), so repeated calls give bitwise identical results.
+#include <ATen/Dispatch_v2.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "fused_attn/checks.h"
+#include "fused_attn/cuda_utils.cuh"
+
+namespace fused_attn {
+namespace {
+
+using cuda_utils::kWarpSize;
+
+// Largest hidden handled by the warp-per-row kernels; it bounds their per-lane register arrays.
+constexpr int kWarpMaxHidden = 1024;
+constexpr int kWarpRowsPerBlock = 4;
+
+constexpr int kBlockMinThreads = 128;
+constexpr int kBlockMaxThreads = 1024;
+// Several independent loads in flight per thread hide DRAM latency without a huge block.
+constexpr int kBlockVectorsPerThread = 4;
+
+// Parameter-gradient partial kernel: a block covers kParamCols columns with kParamRowStripes warps.
+constexpr int kParamCols = kWarpSize;
+constexpr int kParamRowStripes = 8;
+// Enough blocks to fill every SM of current GPUs several times over; a constant (not the SM count)
+// so that the split, and therefore the summation order, does not depend on the device.
+constexpr int64_t kParamTargetBlocks = 1024;
+// Keeps each thread summing at least 8 rows, so partials stay few and each thread has work to overlap.
+constexpr int64_t kParamMinRowsPerSplit = 64;
+constexpr int kFinalizeThreads = 256;
+
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Grid-stride kernels accept any grid size; capping at the gridDim.x limit keeps huge row counts legal.
+unsigned grid_size(int64_t blocks) {
+  return static_cast<unsigned>(std::min<int64_t>(blocks, std::numeric_limits<int32_t>::max()));
+}
+
+int block_row_threads(int64_t hidden, int vec) {
+  const int64_t threads = ceil_div(ceil_div(ceil_div(hidden, vec), kBlockVectorsPerThread), kWarpSize) * kWarpSize;
+  return static_cast<int>(std::clamp<int64_t>(threads, kBlockMinThreads, kBlockMaxThreads));
+}
+
+// Loads VEC affine parameters at column c, or `fill` when the parameter is absent (identity).
+template <int VEC, typename T>
+__device__ __forceinline__ void load_param_or(const T* p, int64_t c, float fill, float (&out)[VEC]) {
+  if (p != nullptr) {
+    cuda_utils::load_as_float<VEC>(p + c, out);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out[j] = fill;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kWarpSize * kWarpRowsPerBlock)
+    layer_norm_fwd_warp_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+                               T* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd, int64_t rows,
+                               int hidden, float eps) {
+  static_assert(kWarpMaxHidden % (kWarpSize * VEC) == 0, "warp row tile must divide kWarpMaxHidden");
+  constexpr int kChunks = kWarpMaxHidden / (kWarpSize * VEC);
+  const int lane = static_cast<int>(threadIdx.x);
+  const float inv_hidden = 1.f / static_cast<float>(hidden);
+  const int64_t row_stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  // `row` is uniform across the warp, so every lane takes the shuffles below together.
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; row < rows; row += row_stride) {
+    const T* xr = x + row * hidden;
+    // Chunk i of a lane covers columns [(i * 32 + lane) * VEC, +VEC): each chunk index reads one contiguous
+    // 32 * VEC-element span across the warp. Chunks past `hidden` are zeroed although never used: left
+    // undefined, ptxas spilled in the half/bfloat16 instantiations.
+    float v[kChunks][VEC];
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int c = (i * kWarpSize + lane) * VEC;
+      if (c < hidden) {
+        cuda_utils::load_as_float<VEC>(xr + c, v[i]);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) sum += v[i][j];
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) v[i][j] = 0.f;
+      }
+    }
+    const float mu = cuda_utils::warp_allreduce_sum(sum) * inv_hidden;
+
+    float sq = 0.f;
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int c = (i * kWarpSize + lane) * VEC;
+      if (c < hidden) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const float d = v[i][j] - mu;
+          sq += d * d;
+        }
+      }
+    }
+    const float rs = rsqrtf(cuda_utils::warp_allreduce_sum(sq) * inv_hidden + eps);
+
+    T* yr = y + row * hidden;
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int c = (i * kWarpSize + lane) * VEC;
+      if (c < hidden) {
+        float wv[VEC], bv[VEC], out[VEC];
+        load_param_or<VEC>(w, c, 1.f, wv);
+        load_param_or<VEC>(b, c, 0.f, bv);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) out[j] = (v[i][j] - mu) * rs * wv[j] + bv[j];
+        cuda_utils::store_from_float<VEC>(yr + c, out);
+      }
+    }
+    if (lane == 0) {
+      mean[row] = mu;
+      rstd[row] = rs;
+    }
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kBlockMaxThreads)
+    layer_norm_fwd_block_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+                                T* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd, int64_t rows,
+                                int64_t hidden, float eps) {
+  __shared__ float smem[kWarpSize];
+  const float inv_hidden = 1.f / static_cast<float>(hidden);
+  const int64_t first_col = static_cast<int64_t>(threadIdx.x) * VEC;
+  const int64_t col_stride = static_cast<int64_t>(blockDim.x) * VEC;
+  // `row` is uniform across the block, so all threads reach the barriers in block_allreduce_sum.
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const T* xr = x + row * hidden;
+    float sum[1] = {0.f};
+    for (int64_t c = first_col; c < hidden; c += col_stride) {
+      float xv[VEC];
+      cuda_utils::load_as_float<VEC>(xr + c, xv);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) sum[0] += xv[j];
+    }
+    cuda_utils::block_allreduce_sum(sum, smem);
+    const float mu = sum[0] * inv_hidden;
+
+    float sq[1] = {0.f};
+    for (int64_t c = first_col; c < hidden; c += col_stride) {
+      float xv[VEC];
+      cuda_utils::load_as_float<VEC>(xr + c, xv);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float d = xv[j] - mu;
+        sq[0] += d * d;
+      }
+    }
+    cuda_utils::block_allreduce_sum(sq, smem);
+    const float rs = rsqrtf(sq[0] * inv_hidden + eps);
+
+    T* yr = y + row * hidden;
+    for (int64_t c = first_col; c < hidden; c += col_stride) {
+      float xv[VEC], wv[VEC], bv[VEC], out[VEC];
+      cuda_utils::load_as_float<VEC>(xr + c, xv);
+      load_param_or<VEC>(w, c, 1.f, wv);
+      load_param_or<VEC>(b, c, 0.f, bv);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) out[j] = (xv[j] - mu) * rs * wv[j] + bv[j];
+      cuda_utils::store_from_float<VEC>(yr + c, out);
+    }
+    if (threadIdx.x == 0) {
+      mean[row] = mu;
+      rstd[row] = rs;
+    }
+  }
+}
+
+template <typename T, int VEC>
+void launch_fwd(const T* x, const T* w, const T* b, T* y, float* mean, float* rstd, int64_t rows, int64_t hidden,
+                float eps, cudaStream_t stream) {
+  if (hidden <= kWarpMaxHidden) {
+    const dim3 block(kWarpSize, kWarpRowsPerBlock);
+    layer_norm_fwd_warp_kernel<T, VEC><<<grid_size(ceil_div(rows, kWarpRowsPerBlock)), block, 0, stream>>>(
+        x, w, b, y, mean, rstd, rows, static_cast<int>(hidden), eps);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    layer_norm_fwd_block_kernel<T, VEC><<<grid_size(rows), block_row_threads(hidden, VEC), 0, stream>>>(
+        x, w, b, y, mean, rstd, rows, hidden, eps);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: grad_input
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kWarpSize * kWarpRowsPerBlock)
+    layer_norm_bwd_input_warp_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                                     const float* __restrict__ mean, const float* __restrict__ rstd,
+                                     const T* __restrict__ w, T* __restrict__ dx, int64_t rows, int hidden) {
+  static_assert(kWarpMaxHidden % (kWarpSize * VEC) == 0, "warp row tile must divide kWarpMaxHidden");
+  constexpr int kChunks = kWarpMaxHidden / (kWarpSize * VEC);
+  const int lane = static_cast<int>(threadIdx.x);
+  const float inv_hidden = 1.f / static_cast<float>(hidden);
+  const int64_t row_stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; row < rows; row += row_stride) {
+    const T* xr = x + row * hidden;
+    const T* dyr = dy + row * hidden;
+    const float mu = mean[row];
+    const float rs = rstd[row];
+    // Same chunk layout as the forward warp kernel; g and xhat stay in registers for the second pass.
+    float g[kChunks][VEC], xhat[kChunks][VEC];
+    float sum_g = 0.f, sum_gx = 0.f;
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int c = (i * kWarpSize + lane) * VEC;
+      if (c < hidden) {
+        float wv[VEC];
+        cuda_utils::load_as_float<VEC>(dyr + c, g[i]);
+        cuda_utils::load_as_float<VEC>(xr + c, xhat[i]);
+        load_param_or<VEC>(w, c, 1.f, wv);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          g[i][j] *= wv[j];
+          xhat[i][j] = (xhat[i][j] - mu) * rs;
+          sum_g += g[i][j];
+          sum_gx += g[i][j] * xhat[i][j];
+        }
+      }
+    }
+    const float mean_g = cuda_utils::warp_allreduce_sum(sum_g) * inv_hidden;
+    const float mean_gx = cuda_utils::warp_allreduce_sum(sum_gx) * inv_hidden;
+
+    T* dxr = dx + row * hidden;
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int c = (i * kWarpSize + lane) * VEC;
+      if (c < hidden) {
+        float out[VEC];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) out[j] = rs * (g[i][j] - mean_g - xhat[i][j] * mean_gx);
+        cuda_utils::store_from_float<VEC>(dxr + c, out);
+      }
+    }
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kBlockMaxThreads)
+    layer_norm_bwd_input_block_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                                      const float* __restrict__ mean, const float* __restrict__ rstd,
+                                      const T* __restrict__ w, T* __restrict__ dx, int64_t rows, int64_t hidden) {
+  __shared__ float smem[2 * kWarpSize];
+  const float inv_hidden = 1.f / static_cast<float>(hidden);
+  const int64_t first_col = static_cast<int64_t>(threadIdx.x) * VEC;
+  const int64_t col_stride = static_cast<int64_t>(blockDim.x) * VEC;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const T* xr = x + row * hidden;
+    const T* dyr = dy + row * hidden;
+    const float mu = mean[row];
+    const float rs = rstd[row];
+    // sums[0] = sum(g), sums[1] = sum(g * xhat), reduced together to share the barriers.
+    float sums[2] = {0.f, 0.f};
+    for (int64_t c = first_col; c < hidden; c += col_stride) {
+      float dyv[VEC], xv[VEC], wv[VEC];
+      cuda_utils::load_as_float<VEC>(dyr + c, dyv);
+      cuda_utils::load_as_float<VEC>(xr + c, xv);
+      load_param_or<VEC>(w, c, 1.f, wv);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float g = dyv[j] * wv[j];
+        sums[0] += g;
+        sums[1] += g * ((xv[j] - mu) * rs);
+      }
+    }
+    cuda_utils::block_allreduce_sum(sums, smem);
+    const float mean_g = sums[0] * inv_hidden;
+    const float mean_gx = sums[1] * inv_hidden;
+
+    T* dxr = dx + row * hidden;
+    for (int64_t c = first_col; c < hidden; c += col_stride) {
+      float dyv[VEC], xv[VEC], wv[VEC], out[VEC];
+      cuda_utils::load_as_float<VEC>(dyr + c, dyv);
+      cuda_utils::load_as_float<VEC>(xr + c, xv);
+      load_param_or<VEC>(w, c, 1.f, wv);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) out[j] = rs * (dyv[j] * wv[j] - mean_g - ((xv[j] - mu) * rs) * mean_gx);
+      cuda_utils::store_from_float<VEC>(dxr + c, out);
+    }
+  }
+}
+
+template <typename T, int VEC>
+void launch_bwd_input(const T* dy, const T* x, const float* mean, const float* rstd, const T* w, T* dx, int64_t rows,
+                      int64_t hidden, cudaStream_t stream) {
+  if (hidden <= kWarpMaxHidden) {
+    const dim3 block(kWarpSize, kWarpRowsPerBlock);
+    layer_norm_bwd_input_warp_kernel<T, VEC><<<grid_size(ceil_div(rows, kWarpRowsPerBlock)), block, 0, stream>>>(
+        dy, x, mean, rstd, w, dx, rows, static_cast<int>(hidden));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    layer_norm_bwd_input_block_kernel<T, VEC><<<grid_size(rows), block_row_threads(hidden, VEC), 0, stream>>>(
+        dy, x, mean, rstd, w, dx, rows, hidden);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: grad_weight / grad_bias
+// ---------------------------------------------------------------------------------------------
+
+// grid = (ceil(hidden / 32) column tiles, splits), block = (32, 8). Writes partial_w / partial_b
+// [splits, hidden] for the rows [split * rows_per_split, min(rows, (split + 1) * rows_per_split)).
+// A null partial pointer means that gradient is not wanted (partial_w null also skips reading x).
+template <typename T>
+__global__ void __launch_bounds__(kParamCols * kParamRowStripes)
+    layer_norm_bwd_param_partial_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                                        const float* __restrict__ mean, const float* __restrict__ rstd,
+                                        float* __restrict__ partial_w, float* __restrict__ partial_b, int64_t rows,
+                                        int64_t hidden, int64_t rows_per_split) {
+  __shared__ float stripe_w[kParamRowStripes][kParamCols];
+  __shared__ float stripe_b[kParamRowStripes][kParamCols];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kParamCols + threadIdx.x;
+  const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t row_end = rows - row_begin < rows_per_split ? rows : row_begin + rows_per_split;
+  float acc_w = 0.f, acc_b = 0.f;
+  if (c < hidden) {
+    for (int64_t r = row_begin + threadIdx.y; r < row_end; r += kParamRowStripes) {
+      const int64_t i = r * hidden + c;
+      const float d = static_cast<float>(dy[i]);
+      acc_b += d;
+      if (partial_w != nullptr) acc_w += d * ((static_cast<float>(x[i]) - mean[r]) * rstd[r]);
+    }
+  }
+  stripe_w[threadIdx.y][threadIdx.x] = acc_w;
+  stripe_b[threadIdx.y][threadIdx.x] = acc_b;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < hidden) {
+    float total_w = 0.f, total_b = 0.f;
+#pragma unroll
+    for (int s = 0; s < kParamRowStripes; ++s) {
+      total_w += stripe_w[s][threadIdx.x];
+      total_b += stripe_b[s][threadIdx.x];
+    }
+    const int64_t o = static_cast<int64_t>(blockIdx.y) * hidden + c;
+    if (partial_w != nullptr) partial_w[o] = total_w;
+    if (partial_b != nullptr) partial_b[o] = total_b;
+  }
+}
+
+// One thread per column adds that column's partials in split order (reads coalesced across threads).
+template <typename T>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    layer_norm_bwd_param_finalize_kernel(const float* __restrict__ partial_w, const float* __restrict__ partial_b,
+                                         T* __restrict__ grad_w, T* __restrict__ grad_b, int64_t splits,
+                                         int64_t hidden) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= hidden) return;
+  if (partial_w != nullptr) {
+    float total = 0.f;
+    for (int64_t s = 0; s < splits; ++s) total += partial_w[s * hidden + c];
+    grad_w[c] = static_cast<T>(total);
+  }
+  if (partial_b != nullptr) {
+    float total = 0.f;
+    for (int64_t s = 0; s < splits; ++s) total += partial_b[s * hidden + c];
+    grad_b[c] = static_cast<T>(total);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host entry points
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+const T* optional_data(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->const_data_ptr<T>() : nullptr;
+}
+
+// Keeps hidden, and every grid dimension derived from it, within 32-bit range.
+void check_hidden_fits_int(int64_t hidden) {
+  TORCH_CHECK(hidden <= std::numeric_limits<int32_t>::max(), "input must have fewer than 2^31 columns, got ",
+              hidden);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& input,
+                                                                    const std::optional<at::Tensor>& weight,
+                                                                    const std::optional<at::Tensor>& bias,
+                                                                    double eps) {
+  TORCH_CHECK(input.is_cuda(), "input must be a CUDA tensor, got device ", input.device());
+  // Plain variables rather than a structured binding: C++17 lambdas (the dispatch below) cannot capture those.
+  const std::pair<int64_t, int64_t> dims = check_rows_input(input, "input");
+  const int64_t rows = dims.first;
+  const int64_t hidden = dims.second;
+  check_affine_param(weight, "weight", input, hidden);
+  check_affine_param(bias, "bias", input, hidden);
+  // Written so that NaN fails too; the upper bound keeps the conversion to float finite.
+  TORCH_CHECK(eps >= 0 && eps <= std::numeric_limits<float>::max(), "eps must be finite (as float32) and >= 0, got ",
+              eps);
+  check_hidden_fits_int(hidden);
+
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor out = at::empty({rows, hidden}, input.options());
+  at::Tensor mean = at::empty({rows}, input.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({rows}, input.options().dtype(at::kFloat));
+  if (rows == 0) return {out, mean, rstd};
+  if (hidden == 0) {
+    // As torch.native_layer_norm: the mean of an empty row is 0 and its variance 0/0.
+    mean.zero_();
+    rstd.fill_(std::numeric_limits<float>::quiet_NaN());
+    return {out, mean, rstd};
+  }
+
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  // Exactly the dtypes check_rows_input admits: AT_DISPATCH_FLOATING_TYPES_AND2 would also compile
+  // unreachable double kernels (twice the build time, and ptxas spills in one of them).
+  AT_DISPATCH_V2(input.scalar_type(), "layer_norm_fwd_cuda", AT_WRAP([&] {
+    constexpr int kVec = cuda_utils::vec16_width<scalar_t>();
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const scalar_t* w = optional_data<scalar_t>(weight);
+    const scalar_t* b = optional_data<scalar_t>(bias);
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    float* mean_p = mean.mutable_data_ptr<float>();
+    float* rstd_p = rstd.mutable_data_ptr<float>();
+    const bool vectorize = hidden % kVec == 0 && cuda_utils::is_aligned(x, 16) && cuda_utils::is_aligned(y, 16) &&
+                           cuda_utils::is_aligned(w, 16) && cuda_utils::is_aligned(b, 16);
+    if (vectorize) {
+      launch_fwd<scalar_t, kVec>(x, w, b, y, mean_p, rstd_p, rows, hidden, static_cast<float>(eps), stream);
+    } else {
+      launch_fwd<scalar_t, 1>(x, w, b, y, mean_p, rstd_p, rows, hidden, static_cast<float>(eps), stream);
+    }
+  }), at::kFloat, at::kHalf, at::kBFloat16);
+  return {out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Tensor& grad_out,
+                                                                    const at::Tensor& input, const at::Tensor& mean,
+                                                                    const at::Tensor& rstd,
+                                                                    const std::optional<at::Tensor>& weight,
+                                                                    std::array<bool, 3> output_mask) {
+  TORCH_CHECK(input.is_cuda(), "input must be a CUDA tensor, got device ", input.device());
+  const std::pair<int64_t, int64_t> dims = check_rows_input(input, "input");
+  const int64_t rows = dims.first;
+  const int64_t hidden = dims.second;
+  check_same_as(grad_out, "grad_out", input, "input");
+  check_row_stats(mean, "mean", input, rows);
+  check_row_stats(rstd, "rstd", input, rows);
+  check_affine_param(weight, "weight", input, hidden);
+  const bool has_weight = weight.has_value() && weight->defined();
+  TORCH_CHECK(!output_mask[1] || has_weight, "weight must be given when grad_weight is requested (output_mask[1])");
+  check_hidden_fits_int(hidden);
+
+  const c10::cuda::CUDAGuard guard(input.device());
+  // Unselected outputs are distinct empty tensors: outputs of a non-aliasing schema must not share storage.
+  at::Tensor grad_input =
+      output_mask[0] ? at::empty({rows, hidden}, input.options()) : at::empty({0}, input.options());
+  at::Tensor grad_weight = output_mask[1] ? at::empty({hidden}, weight->options()) : at::empty({0}, input.options());
+  at::Tensor grad_bias = output_mask[2] ? at::empty({hidden}, input.options()) : at::empty({0}, input.options());
+  if (hidden == 0) return {grad_input, grad_weight, grad_bias};
+  if (rows == 0) {
+    // Sums over no rows.
+    if (output_mask[1]) grad_weight.zero_();
+    if (output_mask[2]) grad_bias.zero_();
+    return {grad_input, grad_weight, grad_bias};
+  }
+
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_V2(input.scalar_type(), "layer_norm_bwd_cuda", AT_WRAP([&] {
+    const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const float* mean_p = mean.const_data_ptr<float>();
+    const float* rstd_p = rstd.const_data_ptr<float>();
+
+    if (output_mask[0]) {
+      constexpr int kVec = cuda_utils::vec16_width<scalar_t>();
+      const scalar_t* w = optional_data<scalar_t>(weight);
+      scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
+      const bool vectorize = hidden % kVec == 0 && cuda_utils::is_aligned(dy, 16) && cuda_utils::is_aligned(x, 16) &&
+                             cuda_utils::is_aligned(w, 16) && cuda_utils::is_aligned(dx, 16);
+      if (vectorize) {
+        launch_bwd_input<scalar_t, kVec>(dy, x, mean_p, rstd_p, w, dx, rows, hidden, stream);
+      } else {
+        launch_bwd_input<scalar_t, 1>(dy, x, mean_p, rstd_p, w, dx, rows, hidden, stream);
+      }
+    }
+
+    if (output_mask[1] || output_mask[2]) {
+      const int64_t col_tiles = ceil_div(hidden, kParamCols);
+      const int64_t wanted_splits = std::clamp<int64_t>(ceil_div(kParamTargetBlocks, col_tiles), 1,
+                                                        ceil_div(rows, kParamMinRowsPerSplit));
+      const int64_t rows_per_split = ceil_div(rows, wanted_splits);
+      // Recomputed so that no split is empty; at most kParamTargetBlocks, far below the gridDim.y limit.
+      const int64_t splits = ceil_div(rows, rows_per_split);
+      const auto partial_options = input.options().dtype(at::kFloat);
+      at::Tensor partial_w = output_mask[1] ? at::empty({splits, hidden}, partial_options) : at::Tensor();
+      at::Tensor partial_b = output_mask[2] ? at::empty({splits, hidden}, partial_options) : at::Tensor();
+      float* partial_w_p = output_mask[1] ? partial_w.mutable_data_ptr<float>() : nullptr;
+      float* partial_b_p = output_mask[2] ? partial_b.mutable_data_ptr<float>() : nullptr;
+
+      const dim3 partial_grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(splits));
+      const dim3 partial_block(kParamCols, kParamRowStripes);
+      layer_norm_bwd_param_partial_kernel<scalar_t><<<partial_grid, partial_block, 0, stream>>>(
+          dy, x, mean_p, rstd_p, partial_w_p, partial_b_p, rows, hidden, rows_per_split);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+      scalar_t* grad_w_p = output_mask[1] ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* grad_b_p = output_mask[2] ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
+      layer_norm_bwd_param_finalize_kernel<scalar_t>
+          <<<static_cast<unsigned>(ceil_div(hidden, kFinalizeThreads)), kFinalizeThreads, 0, stream>>>(
+              partial_w_p, partial_b_p, grad_w_p, grad_b_p, splits, hidden);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }), at::kFloat, at::kHalf, at::kBFloat16);
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+}  // namespace fused_attn
+
+TORCH_LIBRARY_IMPL(fused_attn, CUDA, m) {
+  m.impl("layer_norm_fwd", &fused_attn::layer_norm_fwd_cuda);
+  m.impl("layer_norm_bwd", &fused_attn::layer_norm_bwd_cuda);
+}

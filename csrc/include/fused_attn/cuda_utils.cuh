@@ -1,0 +1,84 @@
+// Device helpers shared by the CUDA kernels: 16-byte vector access to global memory and
+// deterministic warp/block sums.
+//
+// The sums use a fixed xor-butterfly order, so for a given launch configuration they are bitwise
+// reproducible from run to run, and every lane of a warp (every thread of a block) ends up with the
+// same bits; kernels can then use the total without a separate broadcast step.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace fused_attn::cuda_utils {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullWarpMask = 0xffffffffu;
+
+// Elements of T per 16-byte (128-bit) global memory access, the widest single load/store.
+template <typename T>
+constexpr int vec16_width() {
+  static_assert(16 % sizeof(T) == 0, "element size must divide 16 bytes");
+  return static_cast<int>(16 / sizeof(T));
+}
+
+// Over-aligned so that a whole vector is moved by one LDG/STG.128 (or narrower, for N * sizeof(T) < 16).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) AlignedVector {
+  T val[N];
+};
+
+// Host-side test deciding whether a pointer may take the vector path; nullptr counts as aligned so that
+// absent optional operands do not force the scalar path.
+inline bool is_aligned(const void* ptr, std::size_t alignment) {
+  return reinterpret_cast<std::uintptr_t>(ptr) % alignment == 0;
+}
+
+// Loads N consecutive elements and widens them to float. `p` must be aligned to sizeof(T) * N.
+template <int N, typename T>
+__device__ __forceinline__ void load_as_float(const T* p, float (&out)[N]) {
+  const AlignedVector<T, N> v = *reinterpret_cast<const AlignedVector<T, N>*>(p);
+#pragma unroll
+  for (int j = 0; j < N; ++j) out[j] = static_cast<float>(v.val[j]);
+}
+
+// Narrows N floats to T and stores them. `p` must be aligned to sizeof(T) * N.
+template <int N, typename T>
+__device__ __forceinline__ void store_from_float(T* p, const float (&in)[N]) {
+  AlignedVector<T, N> v;
+#pragma unroll
+  for (int j = 0; j < N; ++j) v.val[j] = static_cast<T>(in[j]);
+  *reinterpret_cast<AlignedVector<T, N>*>(p) = v;
+}
+
+// Sum over the 32 lanes of a fully active warp; every lane returns the same value.
+__device__ __forceinline__ float warp_allreduce_sum(float v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullWarpMask, v, offset);
+  return v;
+}
+
+// Sums each of v[0..N) over a 1-D block whose size is a multiple of 32 (at most 1024); every thread
+// receives the totals. `smem` must hold kWarpSize * N floats reserved for this function. All threads
+// of the block must call it (it contains barriers).
+template <int N>
+__device__ __forceinline__ void block_allreduce_sum(float (&v)[N], float* smem) {
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int num_warps = static_cast<int>(blockDim.x) / kWarpSize;
+#pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = warp_allreduce_sum(v[i]);
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) smem[i * kWarpSize + warp] = v[i];
+  }
+  __syncthreads();
+  // Each warp reduces the per-warp partials itself, in the same order, instead of warp 0 reducing
+  // and broadcasting through shared memory: one barrier fewer, identical bits everywhere.
+#pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = warp_allreduce_sum(lane < num_warps ? smem[i * kWarpSize + lane] : 0.f);
+  // Keeps a warp that returns early from overwriting `smem` in its next call while slower warps are
+  // still reading this call's partials.
+  __syncthreads();
+}
+
+}  // namespace fused_attn::cuda_utils

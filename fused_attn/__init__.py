@@ -1,0 +1,27 @@
+"""fused-attn: fused Transformer kernels (Triton, CUDA C++, C++ CPU) behind PyTorch-shaped ops.
+
+``fused_attn.layer_norm(...)`` and the other ops take the arguments of their PyTorch
+counterparts plus a keyword-only ``backend=`` ("auto", "cuda", "triton", "cpu", "reference").
+"""
+
+from . import reference
+from .backends import (
+    BackendNotSupportedError,
+    FallbackWarning,
+    available_backends,
+    last_backend,
+    use_backend,
+)
+from .ops import layer_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendNotSupportedError",
+    "FallbackWarning",
+    "available_backends",
+    "last_backend",
+    "layer_norm",
+    "reference",
+    "use_backend",
+]

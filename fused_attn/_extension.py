@@ -1,0 +1,58 @@
+"""Loads the compiled extension ``fused_attn._C`` and remembers why, if it could not.
+
+The extension holds only operator registrations (no Python module init), so it is loaded with
+``torch.ops.load_library``; its ops then live under ``torch.ops.fused_attn``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+_BUILD_INFO = Path(__file__).with_name("_build_info.json")
+
+
+@functools.cache
+def _load() -> str | None:
+    """Loads the library once; returns None on success, else the reason it failed."""
+    try:
+        spec = importlib.util.find_spec("fused_attn._C")
+    except (ImportError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    if spec is None or spec.origin is None:
+        return "the extension is not built (run `make build` or `pip install --no-build-isolation -e .`)"
+    try:
+        torch.ops.load_library(spec.origin)
+    except OSError as exc:
+        return f"{spec.origin} failed to load: {exc}"
+    return None
+
+
+def loaded() -> bool:
+    return _load() is None
+
+
+def load_error() -> str | None:
+    return _load()
+
+
+def library_path() -> str | None:
+    spec = importlib.util.find_spec("fused_attn._C")
+    return spec.origin if spec is not None else None
+
+
+def cuda_kernels_compiled() -> bool:
+    """True when the loaded library registered CUDA kernels (asked of the dispatcher itself)."""
+    return loaded() and torch._C._dispatch_has_kernel_for_dispatch_key("fused_attn::layer_norm_fwd", "CUDA")
+
+
+def build_info() -> dict:
+    """The facts setup.py recorded about the build, or {} when it has not run."""
+    try:
+        return json.loads(_BUILD_INFO.read_text())
+    except (OSError, ValueError):
+        return {}

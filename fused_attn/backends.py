@@ -1,0 +1,278 @@
+"""What this machine offers, and which kernel serves a call.
+
+Four backends exist: ``cuda`` (CUDA C++ kernels in ``fused_attn._C``), ``triton`` (Triton kernels;
+on CPU tensors only under ``TRITON_INTERPRET=1``), ``cpu`` (C++ CPU kernels in ``fused_attn._C``)
+and ``reference`` (plain PyTorch). Each op declares, once, what each backend of it can serve
+(:class:`Support`); that declaration answers :meth:`Support.not_supported_reasons` and is what
+``fused-attn info`` prints and what the tests take their matrix from.
+
+A call's backend is, in order of precedence: the op's ``backend=`` argument, the innermost
+:func:`use_backend` context, the ``FUSED_ATTN_BACKEND`` environment variable, else ``"auto"``.
+``auto`` takes the first backend without reasons in the device's order (CUDA tensors: cuda,
+triton; CPU tensors: cpu, triton). When none of those can serve the call, ``auto`` runs the
+reference implementation and says so with a :class:`FallbackWarning`, once per op and reason.
+A named backend that cannot serve the call raises :class:`BackendNotSupportedError` listing why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import importlib.util
+import os
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from . import _extension
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu", "triton")}
+ENV_VAR = "FUSED_ATTN_BACKEND"
+
+
+class BackendNotSupportedError(RuntimeError):
+    """The requested backend (or every backend, for ``auto``) cannot serve these inputs."""
+
+
+class FallbackWarning(UserWarning):
+    """``auto`` found no fused kernel for a call and ran the reference implementation."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What a backend needs to know about a call to decide whether it can serve it."""
+
+    device: torch.device
+    dtype: torch.dtype
+    features: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Support:
+    """What one backend of one op can serve.
+
+    ``limits`` bounds integer features (``name -> (min, max)``, either end ``None``);
+    ``multiple_of`` requires integer features to be multiples; ``unsupported`` lists boolean
+    features the backend cannot do (e.g. ``"dropout"``); ``min_compute_capability`` applies to
+    CUDA devices; ``check`` adds op-specific reasons.
+    """
+
+    backend: str
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    limits: Mapping[str, tuple[int | None, int | None]] = dataclasses.field(default_factory=dict)
+    multiple_of: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    unsupported: tuple[str, ...] = ()
+    min_compute_capability: tuple[int, int] | None = None
+    check: Callable[[Inputs], list[str]] | None = None
+
+    def not_supported_reasons(self, inputs: Inputs) -> list[str]:
+        reasons = list(backend_unavailable_reasons(self.backend, inputs.device))
+        if inputs.device.type not in self.devices:
+            reasons.append(f"device {inputs.device.type} not in {self.devices}")
+        if inputs.dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            reasons.append(f"dtype {str(inputs.dtype).replace('torch.', '')} not in ({names})")
+        for name, (low, high) in self.limits.items():
+            value = inputs.features.get(name)
+            if value is None:
+                continue
+            if low is not None and value < low:
+                reasons.append(f"{name}={value} is below the minimum {low}")
+            if high is not None and value > high:
+                reasons.append(f"{name}={value} exceeds the maximum {high}")
+        for name, factor in self.multiple_of.items():
+            value = inputs.features.get(name)
+            if value is not None and value % factor:
+                reasons.append(f"{name}={value} is not a multiple of {factor}")
+        for name in self.unsupported:
+            if inputs.features.get(name):
+                reasons.append(f"{name} is not supported")
+        if (
+            self.min_compute_capability is not None
+            and inputs.device.type == "cuda"
+            and torch.cuda.is_available()
+        ):
+            cc = torch.cuda.get_device_capability(inputs.device)
+            if cc < self.min_compute_capability:
+                need = ".".join(map(str, self.min_compute_capability))
+                reasons.append(f"compute capability {cc[0]}.{cc[1]} is below the required {need}")
+        if self.check is not None and not reasons:
+            reasons.extend(self.check(inputs))
+        return reasons
+
+    def describe(self) -> str:
+        parts = [
+            "devices=" + ",".join(self.devices),
+            "dtypes=" + ",".join(str(d).replace("torch.", "") for d in self.dtypes),
+        ]
+        for name, (low, high) in self.limits.items():
+            parts.append(f"{name} in [{low if low is not None else ''}..{high if high is not None else ''}]")
+        parts += [f"{name} % {factor} == 0" for name, factor in self.multiple_of.items()]
+        parts += [f"no {name}" for name in self.unsupported]
+        if self.min_compute_capability:
+            parts.append("sm>=" + "".join(map(str, self.min_compute_capability)))
+        return "; ".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    name: str
+    supports: Mapping[str, Support]
+
+
+_OPS: dict[str, OpSpec] = {}
+
+
+def register_op(name: str, supports: list[Support]) -> OpSpec:
+    """Declares an op's backends; called once by each module under ``fused_attn/ops``."""
+    spec = OpSpec(name, {s.backend: s for s in supports})
+    _OPS[name] = spec
+    return spec
+
+
+def registered_ops() -> dict[str, OpSpec]:
+    return dict(_OPS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine-level availability
+
+
+def triton_version() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return None
+    import triton
+
+    return triton.__version__
+
+
+def triton_interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backend_unavailable_reasons(backend: str, device: torch.device) -> list[str]:
+    """Why ``backend`` cannot run on ``device`` on this machine at all (empty when it can)."""
+    if backend == "reference":
+        return []
+    if backend == "cpu":
+        if device.type != "cpu":
+            return [f"the cpu backend runs on CPU tensors, got {device.type}"]
+        return [] if _extension.loaded() else [f"fused_attn._C not loaded: {_extension.load_error()}"]
+    if backend == "cuda":
+        if device.type != "cuda":
+            return [f"the cuda backend runs on CUDA tensors, got {device.type}"]
+        if not _extension.loaded():
+            return [f"fused_attn._C not loaded: {_extension.load_error()}"]
+        if not _extension.cuda_kernels_compiled():
+            return ["fused_attn._C was built without its CUDA kernels"]
+        return []
+    if backend == "triton":
+        if triton_version() is None:
+            return ["triton is not installed"]
+        if device.type == "cpu" and not triton_interpret_mode():
+            return ["Triton runs on CPU tensors only under TRITON_INTERPRET=1"]
+        if device.type not in ("cpu", "cuda"):
+            return [f"Triton does not run on {device.type} tensors"]
+        return []
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """The backends that can run on ``device`` here (default: CUDA if present, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    return [b for b in BACKENDS if not backend_unavailable_reasons(b, device)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection
+
+_requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("fused_attn_backend", default=None)
+_warned: set[tuple[str, str]] = set()
+_last_choice: dict[str, str] = {}
+
+
+def _validate_name(name: str, source: str) -> str:
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"{source}: unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager: ops called inside use ``name`` unless they pass ``backend=`` themselves."""
+    token = _requested.set(_validate_name(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _requested.reset(token)
+
+
+def requested_backend(argument: str | None = None) -> str:
+    """The backend asked for: argument, then :func:`use_backend`, then the environment, else auto."""
+    if argument is not None:
+        return _validate_name(argument, "backend")
+    context = _requested.get()
+    if context is not None:
+        return context
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return _validate_name(env, ENV_VAR)
+    return "auto"
+
+
+def select(op: str, inputs: Inputs, backend: str | None = None) -> str:
+    """The backend that will run ``op`` on ``inputs``; raises if a named one cannot."""
+    spec = _OPS[op]
+    wanted = requested_backend(backend)
+    if wanted != "auto":
+        support = spec.supports.get(wanted)
+        reasons = (
+            support.not_supported_reasons(inputs)
+            if support is not None
+            else [f"{op} has no {wanted} implementation"]
+        )
+        if reasons:
+            raise BackendNotSupportedError(
+                f"{op}: backend {wanted!r} cannot serve these inputs: " + "; ".join(reasons)
+            )
+        _last_choice[op] = wanted
+        return wanted
+    rejected: list[str] = []
+    for name in AUTO_ORDER.get(inputs.device.type, ()):
+        support = spec.supports.get(name)
+        if support is None:
+            continue
+        reasons = support.not_supported_reasons(inputs)
+        if not reasons:
+            _last_choice[op] = name
+            return name
+        rejected.append(f"{name}: " + "; ".join(reasons))
+    if "reference" not in spec.supports:
+        raise BackendNotSupportedError(f"{op}: no backend can serve these inputs: " + " | ".join(rejected))
+    why = " | ".join(rejected) or f"no fused backend for {inputs.device.type} tensors"
+    if (op, why) not in _warned:
+        _warned.add((op, why))
+        warnings.warn(
+            f"fused_attn.{op}: running the reference PyTorch implementation ({why})",
+            FallbackWarning,
+            stacklevel=3,
+        )
+    _last_choice[op] = "reference"
+    return "reference"
+
+
+def explain(op: str, inputs: Inputs) -> dict[str, list[str]]:
+    """Every backend of ``op`` with the reasons it cannot serve ``inputs`` (empty = it can)."""
+    return {name: s.not_supported_reasons(inputs) for name, s in _OPS[op].supports.items()}
+
+
+def last_backend(op: str) -> str | None:
+    """The backend that served the most recent call of ``op`` in this process (None before any)."""
+    return _last_choice.get(op)

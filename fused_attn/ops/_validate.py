@@ -1,0 +1,42 @@
+"""Argument checks shared by the public ops: each error names the argument and what was expected."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_tensor(value: object, name: str, *, min_dim: int = 0, floating: bool = True) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {list(value.shape)}")
+    if floating and value.dtype not in FLOATING:
+        raise TypeError(
+            f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {dtype_name(value.dtype)}"
+        )
+    return value
+
+
+def check_same_device(value: torch.Tensor, name: str, like: torch.Tensor, like_name: str) -> None:
+    if value.device != like.device:
+        raise ValueError(f"{name} is on {value.device} but {like_name} is on {like.device}; they must share a device")
+
+
+def check_eps(eps: object) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite non-negative number, got {eps!r}")
+    return float(eps)
+
+
+def check_dropout_p(p: object) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {p!r}")
+    return float(p)

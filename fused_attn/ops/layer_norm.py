@@ -1,0 +1,167 @@
+"""``fused_attn.layer_norm``: LayerNorm over the trailing dims, forward and backward.
+
+Layers, bottom up: the kernels (``torch.ops.fused_attn.layer_norm_fwd/bwd`` from the C++
+extension for CPU and CUDA tensors; ``torch.ops.fused_attn.triton_layer_norm_fwd/bwd`` wrapping
+the Triton kernels), each forward op with a fake kernel and a registered autograd formula;
+then the public function, which validates, flattens to [rows, hidden] and picks the backend.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .. import _extension, reference
+from ..backends import Inputs, Support, register_op, select
+from ._validate import check_eps, check_same_device, check_tensor
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+SPEC = register_op(
+    "layer_norm",
+    [
+        Support("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES),
+        Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES),
+        Support("cpu", devices=("cpu",), dtypes=KERNEL_DTYPES),
+        Support("reference", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)),
+    ],
+)
+
+
+@torch.library.custom_op("fused_attn::triton_layer_norm_fwd", mutates_args=())
+def _triton_fwd(
+    input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels.triton import layer_norm as kernels
+
+    return kernels.layer_norm_fwd(input, weight, bias, eps)
+
+
+@torch.library.custom_op("fused_attn::triton_layer_norm_bwd", mutates_args=())
+def _triton_bwd(
+    grad_out: torch.Tensor,
+    input: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels.triton import layer_norm as kernels
+
+    return kernels.layer_norm_bwd(grad_out, input, mean, rstd, weight, output_mask)
+
+
+def _fake_fwd(input, weight, bias, eps):
+    rows = input.shape[0]
+    stats = input.new_empty(rows, dtype=torch.float32)
+    return torch.empty_like(input), stats, torch.empty_like(stats)
+
+
+def _fake_bwd(grad_out, input, mean, rstd, weight, output_mask):
+    hidden = input.shape[1]
+    dx = torch.empty_like(input) if output_mask[0] else input.new_empty(0)
+    dw = input.new_empty(hidden, dtype=weight.dtype) if output_mask[1] else input.new_empty(0)
+    db = input.new_empty(hidden) if output_mask[2] else input.new_empty(0)
+    return dx, dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, _bias, _eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(input, weight, mean, rstd)
+
+
+def _autograd_for(bwd_op):
+    def backward(ctx, grad_out, _grad_mean, _grad_rstd):
+        input, weight, mean, rstd = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        mask = [need_dx, need_dw and weight is not None, need_db]
+        dx, dw, db = bwd_op(grad_out.contiguous(), input, mean, rstd, weight, mask)
+        return dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None, None
+
+    return backward
+
+
+def _register(fwd: str, bwd: str) -> None:
+    torch.library.register_fake(f"fused_attn::{fwd}", _fake_fwd)
+    torch.library.register_fake(f"fused_attn::{bwd}", _fake_bwd)
+    torch.library.register_autograd(
+        f"fused_attn::{fwd}", _autograd_for(getattr(torch.ops.fused_attn, bwd)), setup_context=_setup_context
+    )
+
+
+_register("triton_layer_norm_fwd", "triton_layer_norm_bwd")
+_FWD_OPS = {"triton": torch.ops.fused_attn.triton_layer_norm_fwd}
+if _extension.loaded():
+    _register("layer_norm_fwd", "layer_norm_bwd")
+    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = torch.ops.fused_attn.layer_norm_fwd
+
+
+def _normalized_shape(normalized_shape: object) -> tuple[int, ...]:
+    if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
+        return (normalized_shape,)
+    if isinstance(normalized_shape, (Sequence, torch.Size)) and all(
+        isinstance(d, int) and not isinstance(d, bool) for d in normalized_shape
+    ):
+        return tuple(normalized_shape)
+    raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
+
+
+def _check_affine(param: object, name: str, input: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
+    if param is None:
+        return None
+    param = check_tensor(param, name)
+    if tuple(param.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)} (normalized_shape), got {list(param.shape)}")
+    check_same_device(param, name, input, "input")
+    # Mixed precision (e.g. float32 parameters with a float16 input, as F.layer_norm accepts):
+    # the kernels compute in float32 either way; the cast is differentiable, so the gradient
+    # still reaches the parameter in its own dtype.
+    return param if param.dtype == input.dtype else param.to(input.dtype)
+
+
+def layer_norm(
+    input: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Layer normalisation, as :func:`torch.nn.functional.layer_norm`.
+
+    Normalises ``input`` over its trailing ``normalized_shape`` dims (mean and biased variance in
+    float32), then scales by ``weight`` and shifts by ``bias`` (both of shape ``normalized_shape``,
+    optional). ``input`` may have any leading shape and any strides; float16, bfloat16 and
+    float32 run fused, accumulating in float32 (float64 runs the reference implementation).
+    Differentiable in ``input``, ``weight`` and ``bias``.
+
+    Raises ``TypeError``/``ValueError`` naming the argument when shapes, dtypes or devices do not
+    match, and :class:`~fused_attn.BackendNotSupportedError` when a named ``backend`` cannot serve
+    the call.
+    """
+    input = check_tensor(input, "input", min_dim=1)
+    shape = _normalized_shape(normalized_shape)
+    if not shape or input.dim() < len(shape) or tuple(input.shape[-len(shape):]) != shape:
+        raise ValueError(
+            f"normalized_shape {list(shape)} must equal the trailing dims of input, whose shape is {list(input.shape)}"
+        )
+    weight = _check_affine(weight, "weight", input, shape)
+    bias = _check_affine(bias, "bias", input, shape)
+    eps = check_eps(eps)
+    hidden = math.prod(shape)
+    inputs = Inputs(input.device, input.dtype, {"hidden": hidden})
+    chosen = select("layer_norm", inputs, backend)
+    if chosen == "reference" or input.numel() == 0:
+        return reference.layer_norm(input, shape, weight, bias, eps)
+    flat = input.reshape(-1, hidden).contiguous()
+    out, _, _ = _FWD_OPS[chosen](
+        flat,
+        None if weight is None else weight.reshape(-1).contiguous(),
+        None if bias is None else bias.reshape(-1).contiguous(),
+        eps,
+    )
+    return out.view(input.shape)

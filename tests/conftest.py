@@ -1,0 +1,127 @@
+"""Shared test machinery: the parity helper and the backend matrix.
+
+Parity: the reference runs in float64 as the truth; the fused op and the plain reference both run
+in the low precision under test; the fused error (max |fused - truth|) must stay within
+``factor`` times the plain error plus a floor of one unit in the last place at the output's
+scale. The same holds for every input gradient, with the same upstream gradient for all three.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from fused_attn import backends
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)
+
+
+def backend_params(op: str, *, exclude: tuple[str, ...] = ()) -> list:
+    """(backend, device) pairs for ``op``, from its own declarations; unavailable ones skip with why."""
+    params = []
+    for name, support in backends.registered_ops()[op].supports.items():
+        if name in exclude:
+            continue
+        for device in support.devices:
+            marks = [pytest.mark.cuda] if device == "cuda" else []
+            if device == "cpu" or HAS_CUDA:
+                reasons = backends.backend_unavailable_reasons(name, torch.device(device))
+                if reasons:
+                    marks.append(pytest.mark.skip(reason="; ".join(reasons)))
+            params.append(pytest.param((name, device), marks=marks, id=f"{name}-{device}"))
+    return params
+
+
+def supported_dtypes(backend: str, device: str) -> tuple[torch.dtype, ...]:
+    """Dtypes to test a backend in: under the Triton interpreter bf16 is left to GPU runs."""
+    if backend == "triton" and device == "cpu":
+        return (torch.float32, torch.float16)
+    return (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclasses.dataclass
+class ParityReport:
+    name: str
+    fused_err: float
+    plain_err: float
+    bound: float
+
+    def __str__(self) -> str:
+        return f"{self.name}: fused err {self.fused_err:.3g}, plain err {self.plain_err:.3g}, bound {self.bound:.3g}"
+
+
+def _max_err(value: torch.Tensor, truth: torch.Tensor) -> float:
+    if value.shape != truth.shape:
+        raise AssertionError(f"shape {list(value.shape)} != reference shape {list(truth.shape)}")
+    if truth.numel() == 0:
+        return 0.0
+    diff = (value.double() - truth).abs()
+    # NaN must sit exactly where the reference has NaN, and count as an infinite error elsewhere.
+    same_nan = torch.isnan(value.double()) & torch.isnan(truth)
+    diff = torch.where(same_nan, torch.zeros_like(diff), diff)
+    return float(torch.nan_to_num(diff, nan=float("inf")).max())
+
+
+def assert_parity(
+    fused: Callable[..., torch.Tensor],
+    plain: Callable[..., torch.Tensor],
+    args: dict[str, object],
+    *,
+    grad_args: tuple[str, ...] = (),
+    factor: float = 3.0,
+    seed: int = 0,
+) -> list[ParityReport]:
+    """Checks ``fused(**args)`` against ``plain`` run in float64 (truth) and in the args' precision.
+
+    ``args`` holds the low-precision inputs; the names in ``grad_args`` are differentiated.
+    Returns the per-output reports (useful to print when tuning tolerances is tempting: don't).
+    """
+
+    def prepared(to64: bool) -> dict[str, object]:
+        out = {}
+        for k, v in args.items():
+            if isinstance(v, torch.Tensor):
+                v = v.detach()
+                if to64 and v.is_floating_point():
+                    v = v.double()
+                v = v.clone().requires_grad_(k in grad_args)
+            out[k] = v
+        return out
+
+    a64, a_plain, a_fused = prepared(True), prepared(False), prepared(False)
+    truth = plain(**a64)
+    out_plain = plain(**a_plain)
+    out_fused = fused(**a_fused)
+    dtype = out_fused.dtype
+    assert out_plain.dtype == dtype, f"fused dtype {dtype} != reference dtype {out_plain.dtype}"
+
+    def check(name: str, value: torch.Tensor, plain_value: torch.Tensor, true_value: torch.Tensor) -> ParityReport:
+        scale = max(1.0, float(true_value.detach().abs().max())) if true_value.numel() else 1.0
+        floor = torch.finfo(value.dtype).eps * scale
+        fused_err, plain_err = _max_err(value, true_value), _max_err(plain_value, true_value)
+        report = ParityReport(name, fused_err, plain_err, factor * plain_err + floor)
+        assert fused_err <= report.bound, str(report)
+        return report
+
+    reports = [check("output", out_fused, out_plain, truth)]
+    if grad_args:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        upstream = torch.randn(truth.shape, generator=gen, dtype=torch.float64).to(truth.device)
+        truth.backward(upstream)
+        out_plain.backward(upstream.to(dtype))
+        out_fused.backward(upstream.to(dtype))
+        for k in grad_args:
+            g_fused, g_plain, g_true = a_fused[k].grad, a_plain[k].grad, a64[k].grad
+            assert g_fused is not None, f"no gradient reached {k}"
+            reports.append(check(f"grad {k}", g_fused, g_plain, g_true))
+    return reports

@@ -1,0 +1,112 @@
+import warnings
+
+import pytest
+import torch
+
+import fused_attn
+from fused_attn import backends
+from fused_attn.backends import BackendNotSupportedError, FallbackWarning, Inputs
+
+
+def _cpu_inputs(dtype=torch.float32, **features):
+    return Inputs(torch.device("cpu"), dtype, {"hidden": 8, **features})
+
+
+def test_auto_picks_the_cpu_kernel_for_cpu_tensors():
+    assert backends.select("layer_norm", _cpu_inputs()) == "cpu"
+
+
+def test_available_backends_on_cpu():
+    names = fused_attn.available_backends("cpu")
+    assert "cpu" in names and "reference" in names and "cuda" not in names
+    assert ("triton" in names) == backends.triton_interpret_mode()
+
+
+def test_forcing_cuda_on_cpu_tensor_lists_reasons():
+    with pytest.raises(BackendNotSupportedError) as info:
+        backends.select("layer_norm", _cpu_inputs(), "cuda")
+    message = str(info.value)
+    assert "backend 'cuda' cannot serve" in message and "CUDA tensors" in message
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        backends.select("layer_norm", _cpu_inputs(), "tpu")
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendNotSupportedError, match="TRITON_INTERPRET=1"):
+        backends.select("layer_norm", _cpu_inputs(), "triton")
+
+
+def test_env_var_selects(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    assert backends.select("layer_norm", _cpu_inputs()) == "reference"
+    monkeypatch.setenv(backends.ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match="FUSED_ATTN_BACKEND"):
+        backends.select("layer_norm", _cpu_inputs())
+
+
+def test_precedence_argument_context_env(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    with fused_attn.use_backend("cpu"):
+        assert backends.select("layer_norm", _cpu_inputs()) == "cpu"
+        assert backends.select("layer_norm", _cpu_inputs(), "reference") == "reference"
+        with fused_attn.use_backend("auto"):
+            assert backends.select("layer_norm", _cpu_inputs()) == "cpu"
+    assert backends.select("layer_norm", _cpu_inputs()) == "reference"
+
+
+def test_use_backend_runs_the_op_on_that_backend():
+    x = torch.randn(3, 8)
+    with fused_attn.use_backend("reference"):
+        fused_attn.layer_norm(x, (8,))
+    assert fused_attn.last_backend("layer_norm") == "reference"
+    fused_attn.layer_norm(x, (8,))
+    assert fused_attn.last_backend("layer_norm") == "cpu"
+
+
+def test_use_backend_rejects_unknown_name():
+    with pytest.raises(ValueError, match="use_backend: unknown backend"):
+        with fused_attn.use_backend("gpu"):
+            pass
+
+
+def test_auto_falls_back_to_reference_visibly_once():
+    x = torch.randn(3, 8, dtype=torch.float64)
+    backends._warned.clear()
+    with pytest.warns(FallbackWarning, match="dtype float64"):
+        out = fused_attn.layer_norm(x, (8,))
+    assert fused_attn.last_backend("layer_norm") == "reference"
+    torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, (8,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused_attn.layer_norm(x, (8,))
+
+
+def test_explain_lists_every_backend():
+    reasons = backends.explain("layer_norm", _cpu_inputs())
+    assert set(reasons) == {"cuda", "triton", "cpu", "reference"}
+    assert reasons["cpu"] == [] and reasons["reference"] == []
+    assert reasons["cuda"]
+
+
+def test_support_limits_and_features():
+    support = backends.Support(
+        "reference",
+        devices=("cpu",),
+        dtypes=(torch.float32,),
+        limits={"head_dim": (16, 256)},
+        multiple_of={"head_dim": 8},
+        unsupported=("dropout",),
+    )
+    ok = Inputs(torch.device("cpu"), torch.float32, {"head_dim": 64})
+    assert support.not_supported_reasons(ok) == []
+    bad = Inputs(torch.device("cpu"), torch.float16, {"head_dim": 260, "dropout": True})
+    reasons = support.not_supported_reasons(bad)
+    assert any("dtype float16" in r for r in reasons)
+    assert any("head_dim=260 exceeds the maximum 256" in r for r in reasons)
+    assert any("not a multiple of 8" in r for r in reasons)
+    assert any("dropout is not supported" in r for r in reasons)
+    assert "head_dim in [16..256]" in support.describe()

@@ -1,0 +1,45 @@
+import json
+import subprocess
+import sys
+
+from fused_attn import cli, info
+
+
+def test_info_reports_build_and_machine(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "extension         loaded" in out
+    assert "CUDA kernels" in out and "Triton" in out and "GPU" in out
+    assert "layer_norm" in out
+
+
+def test_info_json_facts():
+    facts = info.collect()
+    assert facts["extension_loaded"], facts["extension_error"]
+    assert facts["build"].get("torch") == facts["torch"]
+    assert "cpu" in facts["available_backends"]["cpu"]
+
+
+def test_module_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "fused_attn", "info"], capture_output=True, text=True, check=True)
+    assert "fused-attn" in out.stdout
+
+
+def test_bench_layer_norm_writes_records(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    code = cli.main(
+        ["bench", "--suite", "layer_norm", "--device", "cpu", "--rows", "64", "--hidden", "32,48", "--repeats", "2",
+         "--mode", "fwd+bwd", "--json", str(path)]
+    )
+    assert code == 0
+    records = json.loads(path.read_text())
+    timed = [r for r in records if "skipped" not in r]
+    assert {r["impl"] for r in timed} >= {"torch", "reference", "cpu"}
+    for r in timed:
+        for key in ("suite", "impl", "device", "dtype", "mode", "shape", "median_ms", "min_ms", "max_ms",
+                    "speedup_vs_eager", "peak_mem_bytes", "gbps"):
+            assert key in r
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+    skipped = [r for r in records if "skipped" in r]
+    assert any(r["impl"] == "cuda" for r in skipped)
+    assert "vs torch" in capsys.readouterr().out

@@ -1,0 +1,189 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_attn
+from fused_attn import reference
+from fused_attn.backends import BackendNotSupportedError
+
+from .conftest import assert_parity, backend_params, supported_dtypes
+
+BACKENDS = backend_params("layer_norm")
+FUSED_BACKENDS = backend_params("layer_norm", exclude=("reference",))
+
+
+def _inputs(shape, hidden, dtype, device, *, affine=(True, True), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    # A non-zero mean and a spread of scales, as real activations have.
+    x = (torch.randn(*shape, hidden, generator=gen) * 2 + 0.5).to(device=device, dtype=dtype)
+    w = (torch.randn(hidden, generator=gen) * 0.5 + 1).to(device=device, dtype=dtype) if affine[0] else None
+    b = (torch.randn(hidden, generator=gen) * 0.1).to(device=device, dtype=dtype) if affine[1] else None
+    return x, w, b
+
+
+def _check(backend, device, dtype, shape, hidden, affine=(True, True)):
+    if dtype not in supported_dtypes(backend, device):
+        pytest.skip(f"{dtype} is not tested on {backend}-{device}")
+    x, w, b = _inputs(shape, hidden, dtype, device, affine=affine)
+    args = {"input": x, "weight": w, "bias": b}
+    grads = ("input",) + (("weight",) if w is not None else ()) + (("bias",) if b is not None else ())
+    assert_parity(
+        lambda input, weight, bias: fused_attn.layer_norm(input, (hidden,), weight, bias, backend=backend),
+        lambda input, weight, bias: reference.layer_norm(input, (hidden,), weight, bias),
+        args,
+        grad_args=grads,
+    )
+    assert fused_attn.last_backend("layer_norm") == backend
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("hidden", [1, 7, 64, 77, 768, 1000])
+def test_parity_hidden_sizes(backend_device, dtype, hidden):
+    _check(*backend_device, dtype, (3, 11), hidden)
+
+
+@pytest.mark.parametrize("backend_device", FUSED_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("hidden", [4096, 5000, 16384])
+def test_parity_wide_rows(backend_device, dtype, hidden):
+    _check(*backend_device, dtype, (4,), hidden)
+
+
+@pytest.mark.parametrize("backend_device", FUSED_BACKENDS)
+@pytest.mark.parametrize("affine", [(False, False), (True, False), (False, True)], ids=["none", "weight", "bias"])
+def test_parity_without_affine(backend_device, affine):
+    _check(*backend_device, torch.float32, (5,), 96, affine=affine)
+
+
+@pytest.mark.parametrize("backend_device", FUSED_BACKENDS)
+def test_many_rows(backend_device):
+    # More rows than backward programs, with a row count that divides nothing evenly.
+    _check(*backend_device, torch.float32, (1031,), 48)
+
+
+@pytest.mark.parametrize("backend_device", FUSED_BACKENDS)
+@pytest.mark.parametrize("shape", [(), (2, 3, 4)], ids=["1d", "4d"])
+def test_leading_shapes(backend_device, shape):
+    _check(*backend_device, torch.float32, shape, 40)
+
+
+@pytest.mark.parametrize("backend_device", FUSED_BACKENDS)
+def test_multi_dim_normalized_shape(backend_device):
+    backend, device = backend_device
+    x, _, _ = _inputs((3,), 4 * 20, torch.float32, device)
+    x = x.view(3, 4, 20)
+    w = torch.rand(4, 20, device=device) + 0.5
+    b = torch.randn(4, 20, device=device)
+    out = fused_attn.layer_norm(x, (4, 20), w, b, backend=backend)
+    torch.testing.assert_close(out, F.layer_norm(x, (4, 20), w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend_device", FUSED_BACKENDS)
+def test_non_contiguous_input(backend_device):
+    backend, device = backend_device
+    base = torch.randn(64, 6, 10, device=device)
+    x = base.transpose(0, 2)[:, ::2]  # [10, 3, 64], strided in every dim
+    assert not x.is_contiguous()
+    x.requires_grad_(True)
+    w = torch.randn(64, device=device, requires_grad=True)
+    out = fused_attn.layer_norm(x, (64,), w, None, backend=backend)
+    expected = F.layer_norm(x, (64,), w, None)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, w), g)
+    want = torch.autograd.grad(expected, (x, w), g)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend_device", FUSED_BACKENDS)
+def test_matches_torch_layer_norm(backend_device):
+    """Same results as torch.nn.functional.layer_norm, not only as our own reference."""
+    backend, device = backend_device
+    x, w, b = _inputs((7,), 300, torch.float32, device)
+    torch.testing.assert_close(
+        fused_attn.layer_norm(x, 300, w, b, eps=1e-6, backend=backend), F.layer_norm(x, (300,), w, b, eps=1e-6)
+    )
+
+
+@pytest.mark.parametrize("backend_device", FUSED_BACKENDS)
+def test_large_mean_small_spread(backend_device):
+    """Two-pass statistics: |mean| >> std must not cancel catastrophically."""
+    backend, device = backend_device
+    x = (1000.0 + 1e-2 * torch.randn(6, 256)).to(device)
+    expected = reference.layer_norm(x.double(), (256,))
+    out = fused_attn.layer_norm(x, (256,), backend=backend)
+    # The float32 mean alone costs ~5e-3 here (torch's own kernel included); E[x^2] - E[x]^2
+    # would lose the variance entirely and be off by O(1).
+    torch_err = (F.layer_norm(x, (256,)).double() - expected).abs().max()
+    assert (out.double() - expected).abs().max() <= 3 * torch_err
+
+
+@pytest.mark.parametrize("backend_device", FUSED_BACKENDS)
+def test_mixed_precision_parameters(backend_device):
+    """float32 weight/bias with a float16 input, as F.layer_norm accepts; gradients keep their dtype."""
+    backend, device = backend_device
+    if torch.float16 not in supported_dtypes(backend, device):
+        pytest.skip("float16 not tested here")
+    x = torch.randn(4, 32, device=device, dtype=torch.float16)
+    w = torch.randn(32, device=device, requires_grad=True)
+    out = fused_attn.layer_norm(x, (32,), w, backend=backend)
+    assert out.dtype == torch.float16
+    out.float().sum().backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32
+    torch.testing.assert_close(out, F.layer_norm(x, (32,), w.detach().half()), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("backend_device", FUSED_BACKENDS)
+def test_nan_passes_through_like_reference(backend_device):
+    backend, device = backend_device
+    x = torch.randn(3, 16, device=device)
+    x[1, 5] = float("nan")
+    out = fused_attn.layer_norm(x, (16,), backend=backend)
+    expected = F.layer_norm(x, (16,))
+    assert torch.isnan(out[1]).all()
+    torch.testing.assert_close(out, expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 16), (4, 0, 16)])
+def test_empty_input(backend_device, shape):
+    backend, device = backend_device
+    x = torch.randn(*shape, device=device, requires_grad=True)
+    w = torch.randn(16, device=device, requires_grad=True)
+    out = fused_attn.layer_norm(x, (16,), w, backend=backend)
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    torch.testing.assert_close(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize(
+    "make_args, error, fragment",
+    [
+        (lambda: (torch.randn(4, 8), (7,)), ValueError, "normalized_shape [7] must equal the trailing dims"),
+        (lambda: (torch.randn(8), (2, 8)), ValueError, "normalized_shape [2, 8]"),
+        (lambda: (torch.randn(4, 8), ()), ValueError, "normalized_shape [] must equal"),
+        (lambda: (torch.randn(4, 8), "8"), TypeError, "normalized_shape must be an int"),
+        (lambda: ([1.0, 2.0], (2,)), TypeError, "input must be a torch.Tensor"),
+        (lambda: (torch.arange(8).view(1, 8), (8,)), TypeError, "input must be a floating tensor"),
+        (lambda: (torch.randn(4, 8), (8,), torch.randn(7)), ValueError, "weight must have shape [8]"),
+        (lambda: (torch.randn(4, 8), (8,), None, torch.randn(2, 8)), ValueError, "bias must have shape [8]"),
+        (lambda: (torch.randn(4, 8), (8,), torch.ones(8, dtype=torch.int64)), TypeError, "weight must be a floating"),
+        (lambda: (torch.randn(4, 8), (8,), torch.ones(8, device="meta")), ValueError, "weight is on meta but input is on cpu"),
+        (lambda: (torch.randn(4, 8), (8,), None, None, -1.0), ValueError, "eps must be a finite non-negative"),
+        (lambda: (torch.randn(4, 8), (8,), None, None, float("nan")), ValueError, "eps must be a finite"),
+    ],
+)
+def test_bad_input(make_args, error, fragment):
+    with pytest.raises(error) as info:
+        fused_attn.layer_norm(*make_args())
+    assert fragment in str(info.value)
+
+
+def test_forced_backend_that_cannot_serve_raises_with_reasons():
+    x = torch.randn(2, 8, dtype=torch.float64)
+    with pytest.raises(BackendNotSupportedError) as info:
+        fused_attn.layer_norm(x, (8,), backend="cpu")
+    assert "dtype float64 not in" in str(info.value)
