@@ -15,7 +15,8 @@
 // is one 128-bit load/store. Otherwise (odd hidden, offset views) the same kernels run with width 1.
 //
 // Statistics. Two-pass in fp32: mean first, then the mean of squared deviations from it, which does
-// not suffer the cancellation of E[x^2] - E[x]^2. rstd = rsqrt(biased variance + eps).
+// not suffer the cancellation of E[x^2] - E[x]^2. rstd = rsqrt(biased variance + eps), correctly
+// rounded (__frsqrt_rn; it is once per row) rather than the approximate rsqrtf.
 //
 // Backward. grad_input uses the same row mapping: with g = dy * w and xhat = (x - mean) * rstd,
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)). grad_weight = sum_rows dy * xhat and
@@ -81,6 +82,15 @@ int block_row_threads(int64_t hidden, int vec) {
   return static_cast<int>(std::clamp<int64_t>(threads, kBlockMinThreads, kBlockMaxThreads));
 }
 
+// Correctly rounded 1/hidden (exact for powers of two, hence for hidden == 1), which --use_fast_math would
+// otherwise replace by an approximate reciprocal.
+__device__ __forceinline__ float reciprocal(int64_t hidden) { return __frcp_rn(static_cast<float>(hidden)); }
+
+// g = dy * w, rounded on its own: __fmul_rn is never contracted into an FMA. dx subtracts mean(g) from
+// the very g values that were averaged, so a row whose g are all equal (always the case for hidden == 1)
+// gets exactly 0 rather than rstd times the rounding error of an unrounded product.
+__device__ __forceinline__ float scaled_grad(float dy, float w) { return __fmul_rn(dy, w); }
+
 // Loads VEC affine parameters at column c, or `fill` when the parameter is absent (identity).
 template <int VEC, typename T>
 __device__ __forceinline__ void load_param_or(const T* p, int64_t c, float fill, float (&out)[VEC]) {
@@ -104,7 +114,7 @@ __global__ void __launch_bounds__(kWarpSize * kWarpRowsPerBlock)
   static_assert(kWarpMaxHidden % (kWarpSize * VEC) == 0, "warp row tile must divide kWarpMaxHidden");
   constexpr int kChunks = kWarpMaxHidden / (kWarpSize * VEC);
   const int lane = static_cast<int>(threadIdx.x);
-  const float inv_hidden = 1.f / static_cast<float>(hidden);
+  const float inv_hidden = reciprocal(hidden);
   const int64_t row_stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
   // `row` is uniform across the warp, so every lane takes the shuffles below together.
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; row < rows; row += row_stride) {
@@ -140,7 +150,7 @@ __global__ void __launch_bounds__(kWarpSize * kWarpRowsPerBlock)
         }
       }
     }
-    const float rs = rsqrtf(cuda_utils::warp_allreduce_sum(sq) * inv_hidden + eps);
+    const float rs = __frsqrt_rn(cuda_utils::warp_allreduce_sum(sq) * inv_hidden + eps);
 
     T* yr = y + row * hidden;
 #pragma unroll
@@ -168,7 +178,7 @@ __global__ void __launch_bounds__(kBlockMaxThreads)
                                 T* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd, int64_t rows,
                                 int64_t hidden, float eps) {
   __shared__ float smem[kWarpSize];
-  const float inv_hidden = 1.f / static_cast<float>(hidden);
+  const float inv_hidden = reciprocal(hidden);
   const int64_t first_col = static_cast<int64_t>(threadIdx.x) * VEC;
   const int64_t col_stride = static_cast<int64_t>(blockDim.x) * VEC;
   // `row` is uniform across the block, so all threads reach the barriers in block_allreduce_sum.
@@ -195,7 +205,7 @@ __global__ void __launch_bounds__(kBlockMaxThreads)
       }
     }
     cuda_utils::block_allreduce_sum(sq, smem);
-    const float rs = rsqrtf(sq[0] * inv_hidden + eps);
+    const float rs = __frsqrt_rn(sq[0] * inv_hidden + eps);
 
     T* yr = y + row * hidden;
     for (int64_t c = first_col; c < hidden; c += col_stride) {
@@ -241,7 +251,7 @@ __global__ void __launch_bounds__(kWarpSize * kWarpRowsPerBlock)
   static_assert(kWarpMaxHidden % (kWarpSize * VEC) == 0, "warp row tile must divide kWarpMaxHidden");
   constexpr int kChunks = kWarpMaxHidden / (kWarpSize * VEC);
   const int lane = static_cast<int>(threadIdx.x);
-  const float inv_hidden = 1.f / static_cast<float>(hidden);
+  const float inv_hidden = reciprocal(hidden);
   const int64_t row_stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; row < rows; row += row_stride) {
     const T* xr = x + row * hidden;
@@ -261,7 +271,7 @@ __global__ void __launch_bounds__(kWarpSize * kWarpRowsPerBlock)
         load_param_or<VEC>(w, c, 1.f, wv);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          g[i][j] *= wv[j];
+          g[i][j] = scaled_grad(g[i][j], wv[j]);
           xhat[i][j] = (xhat[i][j] - mu) * rs;
           sum_g += g[i][j];
           sum_gx += g[i][j] * xhat[i][j];
@@ -291,7 +301,7 @@ __global__ void __launch_bounds__(kBlockMaxThreads)
                                       const float* __restrict__ mean, const float* __restrict__ rstd,
                                       const T* __restrict__ w, T* __restrict__ dx, int64_t rows, int64_t hidden) {
   __shared__ float smem[2 * kWarpSize];
-  const float inv_hidden = 1.f / static_cast<float>(hidden);
+  const float inv_hidden = reciprocal(hidden);
   const int64_t first_col = static_cast<int64_t>(threadIdx.x) * VEC;
   const int64_t col_stride = static_cast<int64_t>(blockDim.x) * VEC;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -308,7 +318,7 @@ __global__ void __launch_bounds__(kBlockMaxThreads)
       load_param_or<VEC>(w, c, 1.f, wv);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const float g = dyv[j] * wv[j];
+        const float g = scaled_grad(dyv[j], wv[j]);
         sums[0] += g;
         sums[1] += g * ((xv[j] - mu) * rs);
       }
@@ -324,7 +334,9 @@ __global__ void __launch_bounds__(kBlockMaxThreads)
       cuda_utils::load_as_float<VEC>(xr + c, xv);
       load_param_or<VEC>(w, c, 1.f, wv);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) out[j] = rs * (dyv[j] * wv[j] - mean_g - ((xv[j] - mu) * rs) * mean_gx);
+      for (int j = 0; j < VEC; ++j) {
+        out[j] = rs * (scaled_grad(dyv[j], wv[j]) - mean_g - ((xv[j] - mu) * rs) * mean_gx);
+      }
       cuda_utils::store_from_float<VEC>(dxr + c, out);
     }
   }
@@ -445,9 +457,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Ten
   at::Tensor rstd = at::empty({rows}, input.options().dtype(at::kFloat));
   if (rows == 0) return {out, mean, rstd};
   if (hidden == 0) {
-    // As torch.native_layer_norm: the mean of an empty row is 0 and its variance 0/0.
+    // Mean and variance of an empty row taken as 0 (rstd = 1/sqrt(eps)) rather than 0/0, as the CPU kernel does.
     mean.zero_();
-    rstd.fill_(std::numeric_limits<float>::quiet_NaN());
+    rstd.fill_(1.0 / std::sqrt(eps));
     return {out, mean, rstd};
   }
 
