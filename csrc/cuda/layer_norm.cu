@@ -82,9 +82,10 @@ int block_row_threads(int64_t hidden, int vec) {
   return static_cast<int>(std::clamp<int64_t>(threads, kBlockMinThreads, kBlockMaxThreads));
 }
 
-// Correctly rounded 1/hidden (exact for powers of two, hence for hidden == 1), which --use_fast_math would
-// otherwise replace by an approximate reciprocal.
-__device__ __forceinline__ float reciprocal(int64_t hidden) { return __frcp_rn(static_cast<float>(hidden)); }
+// 1/hidden for the kernels, computed on the host: correctly rounded (so exact for hidden == 1 and other
+// powers of two), where a device division under --use_fast_math is approximate and a correctly rounded
+// device reciprocal (__frcp_rn) costs a slow-path call that made ptxas spill.
+float reciprocal(int64_t hidden) { return 1.f / static_cast<float>(hidden); }
 
 // g = dy * w, rounded on its own: __fmul_rn is never contracted into an FMA. dx subtracts mean(g) from
 // the very g values that were averaged, so a row whose g are all equal (always the case for hidden == 1)
@@ -110,11 +111,10 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kWarpSize * kWarpRowsPerBlock)
     layer_norm_fwd_warp_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
                                T* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd, int64_t rows,
-                               int hidden, float eps) {
+                               int hidden, float inv_hidden, float eps) {
   static_assert(kWarpMaxHidden % (kWarpSize * VEC) == 0, "warp row tile must divide kWarpMaxHidden");
   constexpr int kChunks = kWarpMaxHidden / (kWarpSize * VEC);
   const int lane = static_cast<int>(threadIdx.x);
-  const float inv_hidden = reciprocal(hidden);
   const int64_t row_stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
   // `row` is uniform across the warp, so every lane takes the shuffles below together.
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; row < rows; row += row_stride) {
@@ -176,9 +176,8 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kBlockMaxThreads)
     layer_norm_fwd_block_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
                                 T* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd, int64_t rows,
-                                int64_t hidden, float eps) {
+                                int64_t hidden, float inv_hidden, float eps) {
   __shared__ float smem[kWarpSize];
-  const float inv_hidden = reciprocal(hidden);
   const int64_t first_col = static_cast<int64_t>(threadIdx.x) * VEC;
   const int64_t col_stride = static_cast<int64_t>(blockDim.x) * VEC;
   // `row` is uniform across the block, so all threads reach the barriers in block_allreduce_sum.
@@ -230,11 +229,11 @@ void launch_fwd(const T* x, const T* w, const T* b, T* y, float* mean, float* rs
   if (hidden <= kWarpMaxHidden) {
     const dim3 block(kWarpSize, kWarpRowsPerBlock);
     layer_norm_fwd_warp_kernel<T, VEC><<<grid_size(ceil_div(rows, kWarpRowsPerBlock)), block, 0, stream>>>(
-        x, w, b, y, mean, rstd, rows, static_cast<int>(hidden), eps);
+        x, w, b, y, mean, rstd, rows, static_cast<int>(hidden), reciprocal(hidden), eps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     layer_norm_fwd_block_kernel<T, VEC><<<grid_size(rows), block_row_threads(hidden, VEC), 0, stream>>>(
-        x, w, b, y, mean, rstd, rows, hidden, eps);
+        x, w, b, y, mean, rstd, rows, hidden, reciprocal(hidden), eps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -247,11 +246,11 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kWarpSize * kWarpRowsPerBlock)
     layer_norm_bwd_input_warp_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                                      const float* __restrict__ mean, const float* __restrict__ rstd,
-                                     const T* __restrict__ w, T* __restrict__ dx, int64_t rows, int hidden) {
+                                     const T* __restrict__ w, T* __restrict__ dx, int64_t rows, int hidden,
+                                     float inv_hidden) {
   static_assert(kWarpMaxHidden % (kWarpSize * VEC) == 0, "warp row tile must divide kWarpMaxHidden");
   constexpr int kChunks = kWarpMaxHidden / (kWarpSize * VEC);
   const int lane = static_cast<int>(threadIdx.x);
-  const float inv_hidden = reciprocal(hidden);
   const int64_t row_stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; row < rows; row += row_stride) {
     const T* xr = x + row * hidden;
@@ -299,9 +298,9 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kBlockMaxThreads)
     layer_norm_bwd_input_block_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                                       const float* __restrict__ mean, const float* __restrict__ rstd,
-                                      const T* __restrict__ w, T* __restrict__ dx, int64_t rows, int64_t hidden) {
+                                      const T* __restrict__ w, T* __restrict__ dx, int64_t rows, int64_t hidden,
+                                      float inv_hidden) {
   __shared__ float smem[2 * kWarpSize];
-  const float inv_hidden = reciprocal(hidden);
   const int64_t first_col = static_cast<int64_t>(threadIdx.x) * VEC;
   const int64_t col_stride = static_cast<int64_t>(blockDim.x) * VEC;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -348,11 +347,11 @@ void launch_bwd_input(const T* dy, const T* x, const float* mean, const float* r
   if (hidden <= kWarpMaxHidden) {
     const dim3 block(kWarpSize, kWarpRowsPerBlock);
     layer_norm_bwd_input_warp_kernel<T, VEC><<<grid_size(ceil_div(rows, kWarpRowsPerBlock)), block, 0, stream>>>(
-        dy, x, mean, rstd, w, dx, rows, static_cast<int>(hidden));
+        dy, x, mean, rstd, w, dx, rows, static_cast<int>(hidden), reciprocal(hidden));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     layer_norm_bwd_input_block_kernel<T, VEC><<<grid_size(rows), block_row_threads(hidden, VEC), 0, stream>>>(
-        dy, x, mean, rstd, w, dx, rows, hidden);
+        dy, x, mean, rstd, w, dx, rows, hidden, reciprocal(hidden));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -440,7 +439,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Ten
                                                                     const std::optional<at::Tensor>& bias,
                                                                     double eps) {
   TORCH_CHECK(input.is_cuda(), "input must be a CUDA tensor, got device ", input.device());
-  // Plain variables rather than a structured binding: C++17 lambdas (the dispatch below) cannot capture those.
   const std::pair<int64_t, int64_t> dims = check_rows_input(input, "input");
   const int64_t rows = dims.first;
   const int64_t hidden = dims.second;

@@ -1,0 +1,563 @@
+"""Scaled dot-product attention in Triton: FlashAttention-2 forward and backward.
+
+Layout: query [B, H, Lq, D], key [B, H, Lk, D], value [B, H, Lk, Dv], any strides with a unit
+last-dim stride. The grid is one-dimensional, ``pid -> (tile, batch*head)`` with the tile index
+varying fastest, so consecutive programs share one head's K/V in L2 and batch*heads may go up
+to the 2^31 grid limit.
+
+Forward: a program owns ``BLOCK_M`` queries and streams ``BLOCK_N`` keys at a time, keeping the
+running row max ``m`` and row sum ``l`` in float32 (online softmax, exp2 with log2(e) folded
+into the scale). It writes the output and the row log-sum-exp (log2 units) and nothing of size
+Lq x Lk. Causal attention (top-left aligned: query i sees keys j <= i) stops the key loop at the
+diagonal, so tiles above it are never loaded; only tiles that straddle it are masked.
+
+Masks are read through their strides: a boolean mask (True = attend) or a floating bias added to
+the scores, broadcast to [B, H, Lq, Lk] by zero strides, so a key-padding mask [B, 1, 1, Lk]
+costs Lk bytes per batch, not Lq x Lk. A query whose every key is masked has ``l == 0``: its
+output is 0 and its log-sum-exp is stored as +inf, which makes every recomputed probability in
+the backward exactly 0 (zero gradients, no NaN).
+
+Dropout: Philox (``tl.rand``) keyed by a 64-bit seed with counter ``(bh * Lq + i) * Lk + j``,
+so the backward regenerates the same keep-mask from the seed alone. ``DROPOUT`` is a constexpr:
+``dropout_p == 0`` compiles the RNG away.
+
+Backward: ``delta = rowsum(dO * O)`` first; then one kernel per key tile accumulates dK and dV
+over the query tiles (from the diagonal on, when causal) and one kernel per query tile
+accumulates dQ over the key tiles. Each recomputes the probabilities from the saved
+log-sum-exp. Two kernels instead of atomics on dQ: the gradients are deterministic, at the cost
+of computing Q K^T one more time. With a floating mask that requires grad, the dQ kernel also
+writes dScores (the only Lq x Lk buffer, allocated only then), summed to the mask's shape.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...backends import triton_interpret_mode
+
+LOG2E = 1.4426950408889634
+
+
+def _configs(stage: str) -> list[triton.Config]:
+    """Tile configs to autotune over; keyed per (padded head dim, causal, dtype, length bucket).
+
+    BLOCK_M 128 x BLOCK_N 64 is the FA2 sweet spot on A100/H100 for head dims <= 128 (enough
+    reuse of the Q tile, accumulators fit in registers with 8 warps); 64 x 64 and 64 x 32 keep
+    head dims 192-256 from spilling; 3-4 pipeline stages hide the K/V load latency behind the
+    two MMAs. The backward holds more accumulators (dK, dV) per program, so it prefers smaller
+    key tiles. Under the interpreter a single small config keeps CPU tests fast.
+    """
+    if triton_interpret_mode():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    if stage == "fwd":
+        shapes = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2)]
+    else:
+        shapes = [(64, 64, 4, 2), (64, 64, 8, 3), (32, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (32, 32, 4, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drops configs whose tiles exceed what a head dim of 256 can hold in shared memory."""
+    if named_args["BLOCK_D"] + named_args["BLOCK_DV"] <= 256:
+        return configs
+    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return small or configs[-1:]
+
+
+_AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "LENGTH_BUCKET", "HAS_MASK", "DROPOUT"]
+
+
+@triton.jit
+def _dropout_keep(seed, bh, offs_m, offs_n, q_len, k_len, dropout_p):
+    """Keep-mask (True = kept) of the elements [offs_m, offs_n] of head ``bh``; same draw in fwd and bwd."""
+    counter = (bh * q_len + offs_m[:, None].to(tl.int64)) * k_len + offs_n[None, :]
+    return tl.rand(seed, counter) >= dropout_p
+
+
+@triton.jit
+def _scores(
+    q, k, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """Masked scores of a [BLOCK_M, BLOCK_N] tile, scaled to log2 units."""
+    if FP32_DOT:
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    s = qk * qk_scale
+    valid = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
+    if HAS_MASK:
+        m_ptrs = mask_base + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :].to(tl.int64) * stride_mn
+        if MASK_IS_BOOL:
+            valid = valid & (tl.load(m_ptrs, mask=valid, other=0) != 0)
+        else:
+            s += tl.load(m_ptrs, mask=valid, other=0.0).to(tl.float32) * 1.4426950408889634
+    if APPLY_CAUSAL:
+        valid = valid & (offs_m[:, None] >= offs_n[None, :])
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc, m_i, l_i, q, k_base, v_base, offs_m, mask_base, dmask_base,
+    lo, hi, stride_kn, stride_vn, stride_mm, stride_mn, stride_dmm,
+    q_len, k_len, qk_scale, seed, bh, dropout_p,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr, WRITE_KEEP: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_keys = offs_n < k_len
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
+                    mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        s = _scores(q, k, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
+                    HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with no visible key so far keeps m = -inf; shift by 0 instead so exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, q_len, k_len, dropout_p)
+            if WRITE_KEEP:
+                tl.store(dmask_base + offs_m[:, None].to(tl.int64) * stride_dmm + offs_n[None, :], keep.to(tl.int8),
+                         mask=(offs_m[:, None] < q_len) & in_keys[None, :])
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :],
+                    mask=in_keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        if FP32_DOT:
+            acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc += tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.autotune(configs=_configs("fwd"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr, keep_ptr,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om,
+    heads, q_len, k_len, qk_scale, seed, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    DROPOUT: tl.constexpr, WRITE_KEEP: tl.constexpr, FP32_DOT: tl.constexpr, LENGTH_BUCKET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    num_m = tl.cdiv(q_len, BLOCK_M)
+    pid = tl.program_id(0)
+    tile_m = pid % num_m
+    bh = (pid // num_m).to(tl.int64)
+    b = bh // heads
+    h = bh % heads
+    start_m = tile_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    in_queries = offs_m < q_len
+
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
+                mask=in_queries[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    mask_base = mask_ptr + b * stride_mb + h * stride_mh
+    keep_base = keep_ptr + bh * q_len * k_len
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if IS_CAUSAL:
+        # Key tiles wholly left of this query tile's first row need no causal mask; the tiles up
+        # to its last row straddle the diagonal; tiles beyond it are skipped altogether.
+        diag_lo = (start_m // BLOCK_N) * BLOCK_N
+        diag_hi = tl.minimum(start_m + BLOCK_M, k_len)
+        acc, m_i, l_i = _attn_fwd_inner(
+            acc, m_i, l_i, q, k_base, v_base, offs_m, mask_base, keep_base,
+            0, tl.minimum(diag_lo, k_len), stride_kn, stride_vn, stride_mm, stride_mn, k_len,
+            q_len, k_len, qk_scale, seed, bh, dropout_p,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, WRITE_KEEP, FP32_DOT,
+            BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+        )
+        acc, m_i, l_i = _attn_fwd_inner(
+            acc, m_i, l_i, q, k_base, v_base, offs_m, mask_base, keep_base,
+            diag_lo, diag_hi, stride_kn, stride_vn, stride_mm, stride_mn, k_len,
+            q_len, k_len, qk_scale, seed, bh, dropout_p,
+            HAS_MASK, MASK_IS_BOOL, True, DROPOUT, WRITE_KEEP, FP32_DOT,
+            BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+        )
+    else:
+        acc, m_i, l_i = _attn_fwd_inner(
+            acc, m_i, l_i, q, k_base, v_base, offs_m, mask_base, keep_base,
+            0, k_len, stride_kn, stride_vn, stride_mm, stride_mn, k_len,
+            q_len, k_len, qk_scale, seed, bh, dropout_p,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, WRITE_KEEP, FP32_DOT,
+            BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+        )
+    empty_row = l_i == 0.0
+    out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
+    lse = tl.where(empty_row, float("inf"), m_i + tl.math.log2(tl.where(empty_row, 1.0, l_i)))
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=in_queries[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(lse_ptr + bh * q_len + offs_m, lse, mask=in_queries)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    out_ptr, dout_ptr, delta_ptr,
+    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+    heads, q_len,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    num_m = tl.cdiv(q_len, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = (pid // num_m).to(tl.int64)
+    b = bh // heads
+    h = bh % heads
+    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    inside = (offs_m[:, None] < q_len) & (offs_dv[None, :] < HEAD_DIM_V)
+    rows = offs_m[:, None].to(tl.int64)
+    o = tl.load(out_ptr + b * stride_ob + h * stride_oh + rows * stride_om + offs_dv[None, :], mask=inside, other=0.0)
+    do = tl.load(dout_ptr + b * stride_dob + h * stride_doh + rows * stride_dom + offs_dv[None, :], mask=inside, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_ptr + bh * q_len + offs_m, delta, mask=offs_m < q_len)
+
+
+@triton.jit
+def _probabilities(
+    q, k, offs_m, offs_n, lse, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """Softmax probabilities of a tile recomputed from the saved log-sum-exp (log2 units)."""
+    s = _scores(q, k, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
+                HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT)
+    return tl.math.exp2(s - lse[:, None])
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    dk, dv, k, v, offs_n, q_base, do_base, mask_base, lse_base, delta_base, lo, hi,
+    stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+):
+    """dK and dV of one key tile, accumulated over the query tiles [lo, hi)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        in_queries = offs_m < q_len
+        rows = offs_m[:, None].to(tl.int64)
+        q = tl.load(q_base + rows * stride_qm + offs_d[None, :], mask=in_queries[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        do = tl.load(do_base + rows * stride_dom + offs_dv[None, :], mask=in_queries[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=in_queries, other=float("inf"))
+        delta = tl.load(delta_base + offs_m, mask=in_queries, other=0.0)
+        p = _probabilities(q, k, offs_m, offs_n, lse, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
+                           HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT)
+        if FP32_DOT:
+            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        else:
+            dp = tl.dot(do, tl.trans(v))
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, q_len, k_len, dropout_p)
+            p_used = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        else:
+            p_used = p
+        ds = p * (dp - delta[:, None])
+        if FP32_DOT:
+            dv += tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision="ieee")
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+        else:
+            dv += tl.dot(tl.trans(p_used.to(do.dtype)), do)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq, q, do, lse, delta, offs_m, k_base, v_base, mask_base, dscores_base, lo, hi,
+    stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    FP32_DOT: tl.constexpr, WRITE_DSCORES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+):
+    """dQ of one query tile, accumulated over the key tiles [lo, hi)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    in_queries = offs_m < q_len
+    rows = offs_m[:, None].to(tl.int64)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_keys = offs_n < k_len
+        keys = offs_n[:, None].to(tl.int64)
+        k = tl.load(k_base + keys * stride_kn + offs_d[None, :], mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        v = tl.load(v_base + keys * stride_vn + offs_dv[None, :], mask=in_keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        p = _probabilities(q, k, offs_m, offs_n, lse, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
+                           HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT)
+        if FP32_DOT:
+            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        else:
+            dp = tl.dot(do, tl.trans(v))
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, q_len, k_len, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        if WRITE_DSCORES:
+            tl.store(dscores_base + rows * k_len + offs_n[None, :], ds, mask=in_queries[:, None] & in_keys[None, :])
+        if FP32_DOT:
+            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+        else:
+            dq += tl.dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    heads, q_len, k_len, qk_scale, sm_scale, seed, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, LENGTH_BUCKET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    num_n = tl.cdiv(k_len, BLOCK_N)
+    pid = tl.program_id(0)
+    tile_n = pid % num_n
+    bh = (pid // num_n).to(tl.int64)
+    b = bh // heads
+    h = bh % heads
+    start_n = tile_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    in_keys = offs_n < k_len
+    keys = offs_n[:, None].to(tl.int64)
+    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + keys * stride_kn + offs_d[None, :],
+                mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + keys * stride_vn + offs_dv[None, :],
+                mask=in_keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    do_base = dout_ptr + b * stride_dob + h * stride_doh
+    mask_base = mask_ptr + b * stride_mb + h * stride_mh
+    lse_base = lse_ptr + bh * q_len
+    delta_base = delta_ptr + bh * q_len
+    if IS_CAUSAL:
+        # Query tiles ending before this key tile see none of it and are skipped; those that
+        # straddle the diagonal are masked; the rest see the whole tile.
+        lo = (start_n // BLOCK_M) * BLOCK_M
+        straddle_hi = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, q_len)
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, offs_n, q_base, do_base, mask_base, lse_base, delta_base, lo, straddle_hi,
+            stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+            HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+        )
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, offs_n, q_base, do_base, mask_base, lse_base, delta_base, tl.maximum(straddle_hi, lo), q_len,
+            stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+        )
+    else:
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, offs_n, q_base, do_base, mask_base, lse_base, delta_base, 0, q_len,
+            stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+        )
+    dk = dk * sm_scale
+    tl.store(dk_ptr + b * stride_dkb + h * stride_dkh + keys * stride_dkn + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
+             mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(dv_ptr + b * stride_dvb + h * stride_dvh + keys * stride_dvn + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty),
+             mask=in_keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, dscores_ptr,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    heads, q_len, k_len, qk_scale, sm_scale, seed, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, LENGTH_BUCKET: tl.constexpr, WRITE_DSCORES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    num_m = tl.cdiv(q_len, BLOCK_M)
+    pid = tl.program_id(0)
+    tile_m = pid % num_m
+    bh = (pid // num_m).to(tl.int64)
+    b = bh // heads
+    h = bh % heads
+    start_m = tile_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    in_queries = offs_m < q_len
+    rows = offs_m[:, None].to(tl.int64)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :],
+                mask=in_queries[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    do = tl.load(dout_ptr + b * stride_dob + h * stride_doh + rows * stride_dom + offs_dv[None, :],
+                 mask=in_queries[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    lse = tl.load(lse_ptr + bh * q_len + offs_m, mask=in_queries, other=float("inf"))
+    delta = tl.load(delta_ptr + bh * q_len + offs_m, mask=in_queries, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    mask_base = mask_ptr + b * stride_mb + h * stride_mh
+    dscores_base = dscores_ptr + bh * q_len * k_len
+    if IS_CAUSAL:
+        diag_lo = (start_m // BLOCK_N) * BLOCK_N
+        diag_hi = tl.minimum(start_m + BLOCK_M, k_len)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, offs_m, k_base, v_base, mask_base, dscores_base, 0, tl.minimum(diag_lo, k_len),
+            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+        )
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, offs_m, k_base, v_base, mask_base, dscores_base, diag_lo, diag_hi,
+            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+            HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+        )
+    else:
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, offs_m, k_base, v_base, mask_base, dscores_base, 0, k_len,
+            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+        )
+    dq = dq * sm_scale
+    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows * stride_dqm + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
+             mask=in_queries[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _block_dim(head_dim: int) -> int:
+    # tl.dot needs every dimension >= 16; other head dims are padded up to a power of two and masked.
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _length_bucket(length: int) -> int:
+    # Retune only when the key length changes scale: short sequences prefer smaller tiles.
+    return min(triton.next_power_of_2(max(length, 1)), 4096)
+
+
+def _mask_args(mask: torch.Tensor | None, like: torch.Tensor):
+    """Pointer and [B, H, Lq, Lk] strides of a mask already expanded (stride 0 = broadcast)."""
+    if mask is None:
+        return like, (0, 0, 0, 0), False
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    return mask, tuple(mask.stride()), mask.dtype == torch.uint8
+
+
+def _common_meta(q: torch.Tensor, v: torch.Tensor, mask, is_causal: bool, dropout_p: float) -> dict:
+    return dict(
+        HEAD_DIM=q.shape[-1], HEAD_DIM_V=v.shape[-1], BLOCK_D=_block_dim(q.shape[-1]), BLOCK_DV=_block_dim(v.shape[-1]),
+        IS_CAUSAL=is_causal, HAS_MASK=mask is not None, DROPOUT=dropout_p > 0.0,
+        FP32_DOT=q.dtype == torch.float32, LENGTH_BUCKET=_length_bucket(q.shape[2]),
+    )
+
+
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    is_causal: bool,
+    dropout_p: float,
+    seed: int,
+    return_keep_mask: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Returns (out [B, H, Lq, Dv], lse [B, H, Lq] float32 in log2 units, keep-mask or None).
+
+    ``mask`` must already be expanded to [B, H, Lq, Lk] (a view; zero strides broadcast).
+    ``return_keep_mask`` also returns the dropout keep-mask the kernel drew (for tests).
+    """
+    batch, heads, q_len, _ = q.shape
+    k_len = k.shape[2]
+    out = torch.empty(batch, heads, q_len, v.shape[-1], device=q.device, dtype=q.dtype)
+    lse = torch.empty(batch, heads, q_len, device=q.device, dtype=torch.float32)
+    write_keep = return_keep_mask and dropout_p > 0.0
+    keep = torch.zeros(batch, heads, q_len, k_len, device=q.device, dtype=torch.int8) if write_keep else None
+    mask_t, mask_strides, mask_is_bool = _mask_args(mask, q)
+    grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
+    _attn_fwd_kernel[grid](
+        q, k, v, mask_t, out, lse, keep if keep is not None else out,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
+        heads, q_len, k_len, scale * LOG2E, seed, dropout_p,
+        MASK_IS_BOOL=mask_is_bool, WRITE_KEEP=write_keep, **_common_meta(q, v, mask, is_causal, dropout_p),
+    )
+    return out, lse, (keep.bool() if keep is not None else None)
+
+
+def attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    is_causal: bool,
+    dropout_p: float,
+    seed: int,
+    mask_needs_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Returns (dq, dk, dv, dscores); dscores is [B, H, Lq, Lk] float32 when ``mask_needs_grad``."""
+    batch, heads, q_len, _ = q.shape
+    k_len = k.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)
+    block_dv = _block_dim(v.shape[-1])
+    pre_block = 16 if triton_interpret_mode() else 64
+    _attn_bwd_preprocess_kernel[(triton.cdiv(q_len, pre_block) * batch * heads,)](
+        out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, q_len,
+        HEAD_DIM_V=v.shape[-1], BLOCK_DV=block_dv, BLOCK_M=pre_block,
+    )
+    mask_t, mask_strides, mask_is_bool = _mask_args(mask, q)
+    meta = _common_meta(q, v, mask, is_causal, dropout_p)
+    dscores = torch.zeros(batch, heads, q_len, k_len, device=q.device, dtype=torch.float32) if mask_needs_grad else None
+    common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *dout.stride()[:3])
+    _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(k_len, m["BLOCK_N"]) * batch * heads,)](
+        q, k, v, mask_t, dout, lse, delta, dk, dv,
+        *common, *dk.stride()[:3], *dv.stride()[:3],
+        heads, q_len, k_len, scale * LOG2E, scale, seed, dropout_p,
+        MASK_IS_BOOL=mask_is_bool, **meta,
+    )
+    _attn_bwd_dq_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]) * batch * heads,)](
+        q, k, v, mask_t, dout, lse, delta, dq, dscores if dscores is not None else dq,
+        *common, *dq.stride()[:3],
+        heads, q_len, k_len, scale * LOG2E, scale, seed, dropout_p,
+        MASK_IS_BOOL=mask_is_bool, WRITE_DSCORES=mask_needs_grad, **meta,
+    )
+    return dq, dk, dv, dscores
