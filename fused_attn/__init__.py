@@ -12,7 +12,7 @@ from .backends import (
     last_backend,
     use_backend,
 )
-from .ops import layer_norm
+from .ops import layer_norm, scaled_dot_product_attention
 
 __version__ = "0.1.0"
 
@@ -23,5 +23,6 @@ __all__ = [
     "last_backend",
     "layer_norm",
     "reference",
+    "scaled_dot_product_attention",
     "use_backend",
 ]

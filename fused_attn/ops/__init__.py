@@ -1,5 +1,6 @@
 """Public ops: validate the arguments, choose a backend, run a custom op with autograd."""
 
+from .attention import scaled_dot_product_attention
 from .layer_norm import layer_norm
 
-__all__ = ["layer_norm"]
+__all__ = ["layer_norm", "scaled_dot_product_attention"]

@@ -1,0 +1,236 @@
+"""``fused_attn.scaled_dot_product_attention``: fused softmax attention, forward and backward.
+
+Layers, bottom up: the Triton kernels (``fused_attn/kernels/triton/attention.py``) behind the
+custom ops ``fused_attn::triton_attention_fwd/bwd`` (fake kernels and autograd registered here);
+the public function validates, expands the mask to [B, H, Lq, Lk] as a zero-stride view (never a
+copy) and picks the backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import reference
+from ..backends import Inputs, Support, register_op, select
+from ._validate import check_dropout_p, check_same_device, check_tensor, dtype_name
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Head dims a kernel tile holds: padded to a power of two >= 16 and masked, up to 256.
+HEAD_DIM_LIMITS = {"head_dim": (1, 256), "head_dim_v": (1, 256)}
+
+SPEC = register_op(
+    "scaled_dot_product_attention",
+    [
+        Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES, limits=HEAD_DIM_LIMITS),
+        Support("reference", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)),
+    ],
+)
+
+
+def _draw_seed(dropout_p: float) -> int:
+    # From torch's default CPU generator, so torch.manual_seed reproduces the dropout draw.
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64)) if dropout_p > 0.0 else 0
+
+
+@torch.library.custom_op("fused_attn::triton_attention_fwd", mutates_args=())
+def _triton_fwd(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    scale: float,
+    is_causal: bool,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (output, row log-sum-exp, dropout seed as a CPU int64 scalar)."""
+    from ..kernels.triton import attention as kernels
+
+    seed = _draw_seed(dropout_p)
+    out, lse, _ = kernels.attention_fwd(query, key, value, attn_mask, scale, is_causal, dropout_p, seed)
+    return out, lse, torch.tensor(seed, dtype=torch.int64)
+
+
+@torch.library.custom_op("fused_attn::triton_attention_bwd", mutates_args=())
+def _triton_bwd(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    seed: torch.Tensor,
+    scale: float,
+    is_causal: bool,
+    dropout_p: float,
+    mask_needs_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv, d_attn_mask); the last is empty [0] unless ``mask_needs_grad``."""
+    from ..kernels.triton import attention as kernels
+
+    dq, dk, dv, dscores = kernels.attention_bwd(
+        grad_out, query, key, value, attn_mask, out, lse, scale, is_causal, dropout_p, int(seed), mask_needs_grad
+    )
+    return dq, dk, dv, dscores if dscores is not None else query.new_empty(0)
+
+
+@_triton_fwd.register_fake
+def _fake_fwd(query, key, value, attn_mask, scale, is_causal, dropout_p):
+    batch, heads, q_len, _ = query.shape
+    out = query.new_empty(batch, heads, q_len, value.shape[-1])
+    lse = query.new_empty(batch, heads, q_len, dtype=torch.float32)
+    return out, lse, torch.empty((), dtype=torch.int64, device="cpu")
+
+
+@_triton_bwd.register_fake
+def _fake_bwd(grad_out, query, key, value, attn_mask, out, lse, seed, scale, is_causal, dropout_p, mask_needs_grad):
+    dscores = (
+        query.new_empty(*query.shape[:3], key.shape[2], dtype=torch.float32) if mask_needs_grad else query.new_empty(0)
+    )
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), dscores
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, attn_mask, scale, is_causal, dropout_p = inputs
+    out, lse, seed = output
+    ctx.save_for_backward(query, key, value, attn_mask, out, lse, seed)
+    ctx.scale, ctx.is_causal, ctx.dropout_p = scale, is_causal, dropout_p
+
+
+def _backward(ctx, grad_out, _grad_lse, _grad_seed):
+    query, key, value, attn_mask, out, lse, seed = ctx.saved_tensors
+    mask_needs_grad = bool(ctx.needs_input_grad[3])
+    dq, dk, dv, dmask = torch.ops.fused_attn.triton_attention_bwd(
+        grad_out.contiguous(), query, key, value, attn_mask, out, lse, seed,
+        ctx.scale, ctx.is_causal, ctx.dropout_p, mask_needs_grad,
+    )
+    return dq, dk, dv, (dmask.to(attn_mask.dtype) if mask_needs_grad else None), None, None, None
+
+
+_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+_FWD_OPS = {"triton": torch.ops.fused_attn.triton_attention_fwd}
+
+
+def _expand_mask(attn_mask: object, shape: tuple[int, int, int, int], query: torch.Tensor) -> torch.Tensor | None:
+    if attn_mask is None:
+        return None
+    mask = check_tensor(attn_mask, "attn_mask", floating=False)
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"attn_mask must be a bool or floating tensor, got {dtype_name(mask.dtype)}")
+    check_same_device(mask, "attn_mask", query, "query")
+    if mask.dim() > 4:
+        raise ValueError(f"attn_mask must have at most 4 dimensions, got shape {list(mask.shape)}")
+    try:
+        # A view with zero strides on the broadcast dims: the kernel reads it in place.
+        return mask.expand(shape)
+    except RuntimeError:
+        raise ValueError(
+            f"attn_mask of shape {list(mask.shape)} does not broadcast to [batch, heads, q_len, k_len] = {list(shape)}"
+        ) from None
+
+
+def _validate(query, key, value) -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_tensor(t, name)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [batch, heads, seq, head_dim], got shape {list(t.shape)}")
+    for name, t in (("key", key), ("value", value)):
+        if t.dtype != query.dtype:
+            raise TypeError(f"{name} dtype {dtype_name(t.dtype)} does not match query dtype {dtype_name(query.dtype)}")
+        check_same_device(t, name, query, "query")
+        if t.shape[:2] != query.shape[:2]:
+            raise ValueError(
+                f"{name} batch and heads {list(t.shape[:2])} do not match query's {list(query.shape[:2])}"
+            )
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"key head_dim {key.shape[-1]} does not match query head_dim {query.shape[-1]}")
+    if value.shape[2] != key.shape[2]:
+        raise ValueError(f"value length {value.shape[2]} does not match key length {key.shape[2]}")
+
+
+def _check_scale(scale: object, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    return float(scale)
+
+
+def _no_last_dim_stride(t: torch.Tensor) -> torch.Tensor:
+    # Kernels take any batch/head/sequence strides but need unit stride along head_dim.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Fused ``softmax(query @ key^T * scale + mask) @ value``, as torch's SDPA.
+
+    Shapes: query [B, H, Lq, D], key [B, H, Lk, D], value [B, H, Lk, Dv] (Lq and Lk may differ:
+    cross-attention); any strides. ``attn_mask``: bool (True = attend) or floating (added to the
+    scores), broadcastable to [B, H, Lq, Lk] and read through its strides (a [B, 1, 1, Lk]
+    padding mask is never expanded in memory); a floating mask that requires grad receives its
+    gradient. ``is_causal``: query i attends to keys j <= i (top-left aligned, as PyTorch); may
+    be combined with ``attn_mask``. ``scale`` defaults to 1/sqrt(D). ``dropout_p`` drops
+    attention probabilities with a counter-based RNG seeded from torch's default generator
+    (``torch.manual_seed`` reproduces it). A query whose every key is masked gets 0 and zero
+    gradients. float16, bfloat16 and float32 run fused, head dims up to 256.
+
+    Raises ``TypeError``/``ValueError`` naming the argument for a wrong rank, mismatched
+    batch/heads/head_dim/lengths, dtypes or devices, a mask that does not broadcast, ``dropout_p``
+    outside [0, 1); :class:`~fused_attn.BackendNotSupportedError` when a named backend cannot serve.
+    """
+    _validate(query, key, value)
+    batch, heads, q_len, head_dim = query.shape
+    k_len = key.shape[2]
+    dropout_p = check_dropout_p(dropout_p)
+    scale = _check_scale(scale, head_dim)
+    mask = _expand_mask(attn_mask, (batch, heads, q_len, k_len), query)
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    inputs = Inputs(
+        query.device,
+        query.dtype,
+        {"head_dim": head_dim, "head_dim_v": value.shape[-1], "dropout": dropout_p > 0, "q_len": q_len, "k_len": k_len},
+    )
+    chosen = select("scaled_dot_product_attention", inputs, backend)
+    if chosen == "reference" or query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
+        return reference.scaled_dot_product_attention(query, key, value, mask, dropout_p, is_causal, scale)
+    out, _, _ = _FWD_OPS[chosen](
+        _no_last_dim_stride(query), _no_last_dim_stride(key), _no_last_dim_stride(value), mask, scale, is_causal, dropout_p
+    )
+    return out
+
+
+def attention_with_keep_mask(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward that also returns the dropout keep-mask [B, H, Lq, Lk] it drew (for tests).
+
+    It draws its seed exactly as the op does, so after the same ``torch.manual_seed`` the mask
+    is the one the op used.
+    """
+    from ..kernels.triton import attention as kernels
+
+    _validate(query, key, value)
+    scale = _check_scale(scale, query.shape[-1])
+    mask = _expand_mask(attn_mask, (*query.shape[:3], key.shape[2]), query)
+    seed = _draw_seed(dropout_p)
+    out, _, keep = kernels.attention_fwd(query, key, value, mask, scale, is_causal, dropout_p, seed, return_keep_mask=True)
+    return out, keep
