@@ -12,7 +12,7 @@ from .backends import (
     last_backend,
     use_backend,
 )
-from .ops import layer_norm, scaled_dot_product_attention
+from .ops import layer_norm, scaled_dot_product_attention, softmax
 
 __version__ = "0.1.0"
 
@@ -24,5 +24,6 @@ __all__ = [
     "layer_norm",
     "reference",
     "scaled_dot_product_attention",
+    "softmax",
     "use_backend",
 ]

@@ -7,9 +7,10 @@
 // (row sums, then grad_input). All arithmetic is float32 on at::vec::Vectorized<float>: fp16/bf16
 // are widened on load and rounded once on store, and weight/bias are widened once per call.
 // grad_weight/grad_bias are folded into the backward's first pass: the rows are cut into at most
-// get_num_threads() fixed chunks, each summing into its own float32 [hidden] buffer, and the
-// buffers are added in chunk order, so there is no race and, for a fixed thread count, the
-// result does not depend on scheduling.
+// get_num_threads() fixed chunks, each summing into its own float32 [hidden] buffers (Kahan-
+// compensated, so a column sum over many rows stays within about an ulp), and the buffers are
+// added in chunk order, so there is no race and, for a fixed thread count, the result does not
+// depend on scheduling.
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -109,6 +110,27 @@ inline fVec rounded_product(const fVec& a, const fVec& b) {
   return at::vec::fmadd(a, b, fVec(0.f));
 }
 
+// One step of Kahan summation, s += x, keeping the rounding error of the add in c (s - c is the
+// better estimate of the sum). A plain float sum over a chunk's rows drifts by O(rows) ulps;
+// this stays within about an ulp, which a column sum over thousands of rows needs.
+inline void kahan_step(fVec& s, fVec& c, const fVec& x) {
+  const fVec y = x - c;
+  const fVec t = s + y;
+  c = (t - s) - y;
+  s = t;
+}
+
+// Adds x to the compensated column sums sum[0, len) / comp[0, len) of one block.
+template <int P>
+inline void kahan_add_block(float* sum, float* comp, int64_t len, const fVec (&x)[P]) {
+  fVec s[P], c[P];
+  load_block(sum, len, s);
+  load_block(comp, len, c);
+  for (int k = 0; k < P; ++k) kahan_step(s[k], c[k], x[k]);
+  store_block(sum, len, s);
+  store_block(comp, len, c);
+}
+
 // Float partial sums of one row quantity: `chains` independent chains of P vectors each.
 template <int chains, int P>
 struct RowSum {
@@ -146,25 +168,32 @@ void layer_norm_fwd_rows(const scalar_t* x, const float* w, const float* b, int6
       load_block(xr + j, len, xv);  // zero-filled past the row: adds nothing
       for (int k = 0; k < P; ++k) sum.acc[c][k] += xv[k];
     });
-    const float m = static_cast<float>(sum.total() * inv_n);
-    const fVec mv(m);
+    const float m0 = static_cast<float>(sum.total() * inv_n);
+    const fVec m0v(m0);
 
-    // Squared deviations from the mean just computed, not E[x^2] - E[x]^2, which cancels
-    // catastrophically when |mean| >> std.
-    RowSum<C, P> sq;
+    // Deviations from that first mean, not E[x^2] - E[x]^2, which cancels catastrophically
+    // when |mean| >> std. Their sum also corrects the mean for the rounding of the first pass
+    // (the corrected two-pass algorithm): the backward amplifies a mean error by rstd, which
+    // is large for rows of nearly equal values.
+    RowSum<C, P> dev, sq;
     for_each_block<B, C>(hidden, [&](int64_t j, int64_t len, int c) {
       fVec xv[P];
       load_block(xr + j, len, xv);
       for (int k = 0; k < P; ++k) {
-        fVec d = xv[k] - mv;
-        if (len < B) d = keep_first(d, len - k * kLanes);  // padding would add m^2
+        fVec d = xv[k] - m0v;
+        if (len < B) d = keep_first(d, len - k * kLanes);  // padding would add -m0 and m0^2
+        dev.acc[c][k] += d;
         sq.acc[c][k] = at::vec::fmadd(d, d, sq.acc[c][k]);
       }
     });
-    const float rs = static_cast<float>(1.0 / std::sqrt(sq.total() * inv_n + eps));
+    const double dev_sum = dev.total();
+    const double var = std::max(0.0, (sq.total() - dev_sum * dev_sum * inv_n) * inv_n);
+    const float m = static_cast<float>(m0 + dev_sum * inv_n);
+    const float rs = static_cast<float>(1.0 / std::sqrt(var + eps));
     mean[r] = m;
     rstd[r] = rs;
 
+    const fVec mv(m);
     const fVec rsv(rs);
     scalar_t* outr = out + r * hidden;
     for_each_block<B, 1>(hidden, [&](int64_t j, int64_t len, int) {
@@ -179,7 +208,8 @@ void layer_norm_fwd_rows(const scalar_t* x, const float* w, const float* b, int6
 }
 
 // Rows [begin, end) of the backward. dx is null when grad_input is not wanted; dw_part/db_part
-// (this chunk's float [hidden] buffers, or null when not wanted) are accumulated into.
+// (this chunk's compensated column sums, [2, hidden] float: sums then compensations; null when
+// not wanted) are accumulated into.
 template <typename scalar_t>
 void layer_norm_bwd_rows(const scalar_t* dy, const scalar_t* x, const float* mean, const float* rstd,
                          const float* w, int64_t hidden, int64_t begin, int64_t end, scalar_t* dx,
@@ -210,17 +240,11 @@ void layer_norm_bwd_rows(const scalar_t* dy, const scalar_t* x, const float* mea
         gx_sum.acc[c][k] = at::vec::fmadd(g, xhat[k], gx_sum.acc[c][k]);
       }
       if (dw_part != nullptr) {
-        fVec acc[P];
-        load_block(dw_part + j, len, acc);
-        for (int k = 0; k < P; ++k) acc[k] = at::vec::fmadd(dyv[k], xhat[k], acc[k]);
-        store_block(dw_part + j, len, acc);
+        fVec dy_xhat[P];
+        for (int k = 0; k < P; ++k) dy_xhat[k] = dyv[k] * xhat[k];
+        kahan_add_block(dw_part + j, dw_part + hidden + j, len, dy_xhat);
       }
-      if (db_part != nullptr) {
-        fVec acc[P];
-        load_block(db_part + j, len, acc);
-        for (int k = 0; k < P; ++k) acc[k] += dyv[k];
-        store_block(db_part + j, len, acc);
-      }
+      if (db_part != nullptr) kahan_add_block(db_part + j, db_part + hidden + j, len, dyv);
     });
     if (dx == nullptr) continue;
 
@@ -242,20 +266,28 @@ void layer_norm_bwd_rows(const scalar_t* dy, const scalar_t* x, const float* mea
   }
 }
 
-// out[j] = sum over chunks of part[chunk][j], added in chunk order, rounded to scalar_t once.
+// out = the column sums of the chunks' compensated partials ([nchunks, 2, hidden]), added in
+// chunk order, still compensated, and rounded to scalar_t once.
 template <typename scalar_t>
 void sum_partials(const float* part, int64_t nchunks, int64_t hidden, scalar_t* out) {
   constexpr int P = kParts<scalar_t>;
   constexpr int64_t B = kBlock<scalar_t>;
   at::parallel_for(0, hidden, std::max<int64_t>(B, kGrainElems / nchunks), [&](int64_t begin, int64_t end) {
     for_each_block<B, 1>(end - begin, [&](int64_t j, int64_t len, int) {
-      fVec acc[P], v[P];
-      load_block(part + begin + j, len, acc);
-      for (int64_t c = 1; c < nchunks; ++c) {
-        load_block(part + c * hidden + begin + j, len, v);
-        for (int k = 0; k < P; ++k) acc[k] += v[k];
+      fVec s[P], c[P], chunk_s[P], chunk_c[P];
+      load_block(part + begin + j, len, s);
+      load_block(part + hidden + begin + j, len, c);
+      for (int64_t chunk = 1; chunk < nchunks; ++chunk) {
+        const float* sums = part + 2 * chunk * hidden + begin + j;
+        load_block(sums, len, chunk_s);
+        load_block(sums + hidden, len, chunk_c);
+        for (int k = 0; k < P; ++k) {
+          kahan_step(s[k], c[k], chunk_s[k]);
+          c[k] += chunk_c[k];  // both compensations are tiny; their sum loses nothing that matters
+        }
       }
-      store_block(out + begin + j, len, acc);
+      for (int k = 0; k < P; ++k) s[k] = s[k] - c[k];
+      store_block(out + begin + j, len, s);
     });
   });
 }
@@ -333,8 +365,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
   const int64_t nchunks =
       std::min<int64_t>({at::get_num_threads(), rows, std::max<int64_t>(1, rows * hidden / kGrainElems)});
   const auto part_options = input.options().dtype(at::kFloat);
-  at::Tensor dw_part = need_dw ? at::zeros({nchunks, hidden}, part_options) : at::Tensor();
-  at::Tensor db_part = need_db ? at::zeros({nchunks, hidden}, part_options) : at::Tensor();
+  at::Tensor dw_part = need_dw ? at::zeros({nchunks, 2, hidden}, part_options) : at::Tensor();
+  at::Tensor db_part = need_db ? at::zeros({nchunks, 2, hidden}, part_options) : at::Tensor();
   const at::Tensor w = affine_as_float(weight, input, hidden, 1.f);
 
   AT_DISPATCH_V2(input.scalar_type(), "layer_norm_bwd_cpu", AT_WRAP([&] {
@@ -349,7 +381,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
     at::parallel_for(0, nchunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       for (int64_t c = chunk_begin; c < chunk_end; ++c) {
         layer_norm_bwd_rows<scalar_t>(dyp, xp, mp, rp, wp, hidden, c * rows / nchunks, (c + 1) * rows / nchunks,
-                                      dxp, dwp ? dwp + c * hidden : nullptr, dbp ? dbp + c * hidden : nullptr);
+                                      dxp, dwp ? dwp + 2 * c * hidden : nullptr, dbp ? dbp + 2 * c * hidden : nullptr);
       }
     });
     if (need_dw) sum_partials(dwp, nchunks, hidden, dw.mutable_data_ptr<scalar_t>());

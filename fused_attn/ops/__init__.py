@@ -2,5 +2,6 @@
 
 from .attention import scaled_dot_product_attention
 from .layer_norm import layer_norm
+from .softmax import softmax
 
-__all__ = ["layer_norm", "scaled_dot_product_attention"]
+__all__ = ["layer_norm", "scaled_dot_product_attention", "softmax"]

@@ -1,0 +1,124 @@
+"""``fused_attn.softmax``: one-pass scaled, masked softmax, forward and backward.
+
+For users who need the probabilities themselves (e.g. attention weights returned to the caller).
+The input is viewed as [A, B, M, N] with the softmax dim last; masks are expanded as zero-stride
+views and read in place by the kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import reference
+from ..backends import Inputs, Support, register_op, select
+from ._validate import check_same_device, check_tensor, dtype_name
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+SPEC = register_op(
+    "softmax",
+    [
+        Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES),
+        Support("reference", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)),
+    ],
+)
+
+
+@torch.library.custom_op("fused_attn::triton_softmax_fwd", mutates_args=())
+def _triton_fwd(input: torch.Tensor, mask: torch.Tensor | None, scale: float, is_causal: bool) -> torch.Tensor:
+    from ..kernels.triton import softmax as kernels
+
+    return kernels.softmax_fwd(input, mask, scale, is_causal)
+
+
+@torch.library.custom_op("fused_attn::triton_softmax_bwd", mutates_args=())
+def _triton_bwd(
+    grad_out: torch.Tensor, output: torch.Tensor, scale: float, mask_needs_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (grad_input, grad of the masked scores, or empty [0] unless ``mask_needs_grad``)."""
+    from ..kernels.triton import softmax as kernels
+
+    dx, dscores = kernels.softmax_bwd(grad_out, output, scale, mask_needs_grad)
+    return dx, dscores if dscores is not None else output.new_empty(0)
+
+
+@_triton_fwd.register_fake
+def _fake_fwd(input, mask, scale, is_causal):
+    return input.new_empty(input.shape)
+
+
+@_triton_bwd.register_fake
+def _fake_bwd(grad_out, output, scale, mask_needs_grad):
+    return torch.empty_like(output), (torch.empty_like(output) if mask_needs_grad else output.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    _input, _mask, scale, _is_causal = inputs
+    ctx.save_for_backward(output)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out):
+    (output,) = ctx.saved_tensors
+    mask_needs_grad = bool(ctx.needs_input_grad[1])
+    dx, dscores = torch.ops.fused_attn.triton_softmax_bwd(grad_out.contiguous(), output, ctx.scale, mask_needs_grad)
+    return dx, (dscores if mask_needs_grad else None), None, None
+
+
+_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+_FWD_OPS = {"triton": torch.ops.fused_attn.triton_softmax_fwd}
+
+
+def _as_4d(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() <= 4:
+        return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+    return t.reshape(-1, 1, *t.shape[-2:])
+
+
+def softmax(
+    input: torch.Tensor,
+    dim: int = -1,
+    mask: torch.Tensor | None = None,
+    scale: float = 1.0,
+    is_causal: bool = False,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``softmax(input * scale + mask, dim)`` in one pass, differentiable in input and a floating mask.
+
+    ``mask`` is bool (True = keep) or floating (added after scaling), broadcastable to
+    ``input``'s shape. ``is_causal`` masks element j > i of the last two dims (top-left aligned;
+    ``dim`` must then be the last). Slices whose every element is masked give 0 (and zero
+    gradients), not NaN. float16, bfloat16 and float32 run fused with float32 arithmetic.
+
+    Raises ``TypeError``/``ValueError`` naming the argument for a bad dim, a mask that does not
+    broadcast or has a non-bool, non-floating dtype, a non-finite scale, or a device mismatch.
+    """
+    input = check_tensor(input, "input", min_dim=1)
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -input.dim() <= dim < input.dim():
+        raise ValueError(f"dim must be an int in [{-input.dim()}, {input.dim() - 1}] for input of shape {list(input.shape)}, got {dim!r}")
+    dim = dim % input.dim()
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if is_causal and (input.dim() < 2 or dim != input.dim() - 1):
+        raise ValueError("is_causal=True needs dim to be the last dim of an input with at least 2 dims")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if mask is not None:
+        mask = check_tensor(mask, "mask", floating=False)
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise TypeError(f"mask must be a bool or floating tensor, got {dtype_name(mask.dtype)}")
+        check_same_device(mask, "mask", input, "input")
+        try:
+            mask = mask.expand(input.shape)
+        except RuntimeError:
+            raise ValueError(f"mask of shape {list(mask.shape)} does not broadcast to input shape {list(input.shape)}") from None
+    chosen = select("softmax", Inputs(input.device, input.dtype, {"n_cols": input.shape[dim]}), backend)
+    if chosen == "reference" or input.numel() == 0:
+        return reference.softmax(input, dim, mask, float(scale), is_causal)
+    x = _as_4d(input.movedim(dim, -1))
+    m = _as_4d(mask.movedim(dim, -1)) if mask is not None else None
+    y = _FWD_OPS[chosen](x, m, float(scale), is_causal)
+    return y.reshape(input.movedim(dim, -1).shape).movedim(-1, dim)

@@ -1,0 +1,335 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_attn
+from fused_attn import reference
+from fused_attn.backends import BackendNotSupportedError
+from fused_attn.ops.attention import attention_with_keep_mask
+
+from .conftest import assert_parity, backend_params, supported_dtypes
+
+OP = "scaled_dot_product_attention"
+BACKENDS = backend_params(OP, exclude=("reference",))
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _qkv(batch, heads, q_len, k_len, head_dim, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    make = lambda length: torch.randn(batch, heads, length, head_dim, generator=gen).to(device=device, dtype=dtype)  # noqa: E731
+    return make(q_len), make(k_len), make(k_len)
+
+
+def _mask(kind, batch, heads, q_len, k_len, device, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "none" or kind == "causal":
+        return None
+    if kind in ("padding", "causal+padding"):
+        # Key padding [B, 1, 1, Lk]: each sequence keeps a prefix of random length >= 1.
+        lengths = torch.randint(1, k_len + 1, (batch,), generator=gen)
+        return (torch.arange(k_len)[None, :] < lengths[:, None]).view(batch, 1, 1, k_len).to(device)
+    if kind == "bool4d":
+        keep = torch.rand(batch, heads, q_len, k_len, generator=gen) > 0.3
+        keep[..., 0] = True  # no fully masked row here; those have their own test
+        return keep.to(device)
+    if kind == "bias":
+        return (torch.randn(batch, 1, q_len, k_len, generator=gen) * 2).to(device)
+    raise ValueError(kind)
+
+
+def _check(backend, device, dtype, *, batch=2, heads=2, q_len=77, k_len=None, head_dim=64, kind="none",
+           mask_grad=False, dropout_p=0.0):
+    if dtype not in supported_dtypes(backend, device):
+        pytest.skip(f"{dtype} is not tested on {backend}-{device}")
+    k_len = q_len if k_len is None else k_len
+    q, k, v = _qkv(batch, heads, q_len, k_len, head_dim, dtype, device)
+    mask = _mask(kind, batch, heads, q_len, k_len, device)
+    if mask is not None and mask.is_floating_point():
+        mask = mask.to(dtype)
+    causal = kind.startswith("causal")
+    args = {"query": q, "key": k, "value": v, "attn_mask": mask}
+    grads = ("query", "key", "value") + (("attn_mask",) if mask_grad else ())
+    assert_parity(
+        lambda query, key, value, attn_mask: fused_attn.scaled_dot_product_attention(
+            query, key, value, attn_mask, is_causal=causal, backend=backend
+        ),
+        lambda query, key, value, attn_mask: reference.scaled_dot_product_attention(
+            query, key, value, attn_mask, is_causal=causal
+        ),
+        args,
+        grad_args=grads,
+    )
+    assert fused_attn.last_backend(OP) == backend
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["none", "padding", "bool4d", "bias", "causal", "causal+padding"])
+@pytest.mark.parametrize("lengths", [(77, 77), (77, 128)], ids=["self", "cross"])
+def test_parity_masks(backend_device, dtype, kind, lengths):
+    _check(*backend_device, dtype, q_len=lengths[0], k_len=lengths[1], kind=kind)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [16, 40, 64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_parity_head_dims(backend_device, dtype, head_dim, causal):
+    _check(*backend_device, dtype, batch=1, q_len=70, head_dim=head_dim, kind="causal" if causal else "none")
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seq", [1, 17, 77, 128, 257])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_parity_sequence_lengths(backend_device, dtype, seq, causal):
+    _check(*backend_device, dtype, batch=1, heads=2, q_len=seq, head_dim=32, kind="causal" if causal else "none")
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("lengths", [(17, 77), (77, 17), (1, 257), (257, 1), (100, 33)])
+@pytest.mark.parametrize("kind", ["causal", "causal+padding"])
+def test_parity_causal_cross_lengths(backend_device, lengths, kind):
+    _check(*backend_device, torch.float16, batch=2, q_len=lengths[0], k_len=lengths[1], head_dim=32, kind=kind)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_shape", ["full", "heads-broadcast"])
+def test_parity_float_mask_gradient(backend_device, dtype, mask_shape):
+    """A learned bias receives its gradient, summed over the dims it was broadcast along."""
+    backend, device = backend_device
+    if dtype not in supported_dtypes(backend, device):
+        pytest.skip(f"{dtype} is not tested on {backend}-{device}")
+    q, k, v = _qkv(2, 3, 33, 45, 32, dtype, device)
+    shape = (2, 3, 33, 45) if mask_shape == "full" else (1, 1, 33, 45)
+    bias = torch.randn(*shape, generator=torch.Generator().manual_seed(3)).to(device=device, dtype=dtype)
+    assert_parity(
+        lambda query, key, value, attn_mask: fused_attn.scaled_dot_product_attention(
+            query, key, value, attn_mask, backend=backend
+        ),
+        reference.scaled_dot_product_attention,
+        {"query": q, "key": k, "value": v, "attn_mask": bias},
+        grad_args=("query", "key", "value", "attn_mask"),
+    )
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_custom_scale(backend_device):
+    backend, device = backend_device
+    q, k, v = _qkv(1, 2, 30, 30, 16, torch.float32, device)
+    for scale in (0.05, 1.0, 3.0, -0.5):
+        out = fused_attn.scaled_dot_product_attention(q, k, v, scale=scale, backend=backend)
+        torch.testing.assert_close(out, reference.scaled_dot_product_attention(q, k, v, scale=scale), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_matches_torch_sdpa(backend_device):
+    backend, device = backend_device
+    q, k, v = _qkv(2, 2, 50, 60, 32, torch.float32, device)
+    mask = _mask("bias", 2, 2, 50, 60, device)
+    torch.testing.assert_close(
+        fused_attn.scaled_dot_product_attention(q, k, v, mask, backend=backend),
+        F.scaled_dot_product_attention(q, k, v, mask),
+        rtol=1e-4, atol=1e-5,
+    )
+    torch.testing.assert_close(
+        fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend),
+        F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        rtol=1e-4, atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("kind", ["bool", "float", "causal-cross"])
+def test_fully_masked_rows_give_zero_and_zero_grads(backend_device, kind):
+    backend, device = backend_device
+    q, k, v = _qkv(1, 2, 9, 12, 16, torch.float32, device)
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    causal = False
+    if kind == "bool":
+        mask = torch.ones(1, 2, 9, 12, dtype=torch.bool, device=device)
+        mask[:, :, 3] = False
+    elif kind == "float":
+        mask = torch.zeros(1, 2, 9, 12, device=device)
+        mask[:, :, 3] = float("-inf")
+    else:
+        # Causal with a padding mask hiding key 0: query 0 sees no key at all.
+        mask = torch.ones(1, 1, 1, 12, dtype=torch.bool, device=device)
+        mask[..., 0] = False
+        causal = True
+    out = fused_attn.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, backend=backend)
+    row = 3 if kind != "causal-cross" else 0
+    assert torch.isfinite(out).all()
+    assert (out[:, :, row] == 0).all()
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
+    assert (q.grad[:, :, row] == 0).all()
+    expected = reference.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), mask, is_causal=causal)
+    torch.testing.assert_close(out.detach(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_padding_mask_is_read_through_strides(backend_device, monkeypatch):
+    """The [B, 1, 1, Lk] mask reaches the kernel as a zero-stride view, not an expanded copy."""
+    backend, device = backend_device
+    from fused_attn.kernels.triton import attention as kernels
+
+    seen = {}
+    original = kernels.attention_fwd
+
+    def spy(q, k, v, mask, *args, **kwargs):
+        seen["mask"] = mask
+        return original(q, k, v, mask, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "attention_fwd", spy)
+    q, k, v = _qkv(2, 4, 16, 16, 16, torch.float32, device)
+    pad = _mask("padding", 2, 4, 16, 16, device)
+    fused_attn.scaled_dot_product_attention(q, k, v, pad, backend=backend)
+    mask = seen["mask"]
+    assert mask.shape == (2, 4, 16, 16)
+    assert mask.stride()[1] == 0 and mask.stride()[2] == 0
+    assert mask.untyped_storage().data_ptr() == pad.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_non_contiguous_layouts(backend_device):
+    """[B, L, H, D] projections transposed to [B, H, L, D] are used in place."""
+    backend, device = backend_device
+    x = torch.randn(2, 40, 3, 3, 16, device=device)  # [B, L, (q,k,v), H, D]
+    q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous()
+    torch.testing.assert_close(
+        fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend),
+        reference.scaled_dot_product_attention(q, k, v, is_causal=True),
+        rtol=1e-4, atol=1e-5,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout
+
+
+def _dropout_inputs(device, dtype=torch.float32, q_len=64, k_len=80):
+    return _qkv(2, 3, q_len, k_len, 32, dtype, device)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_fraction_matches_p(backend_device, p):
+    backend, device = backend_device
+    q, k, v = _dropout_inputs(device, q_len=128, k_len=128)
+    torch.manual_seed(0)
+    _, keep = attention_with_keep_mask(q, k, v, dropout_p=p)
+    dropped = 1.0 - keep.float().mean().item()
+    # 98304 draws: the standard error is below 0.002.
+    assert abs(dropped - p) < 0.01, dropped
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("kind", ["none", "causal", "padding"])
+def test_dropout_forward_and_backward_match_reference_with_kernel_mask(backend_device, kind):
+    """Forward and backward equal the reference fed the kernel's own keep-mask."""
+    backend, device = backend_device
+    q, k, v = _dropout_inputs(device)
+    mask = _mask(kind, 2, 3, 64, 80, device)
+    causal = kind == "causal"
+    p = 0.3
+    torch.manual_seed(1234)
+    _, keep = attention_with_keep_mask(q, k, v, mask, dropout_p=p, is_causal=causal)
+
+    def fused(query, key, value):
+        torch.manual_seed(1234)  # the op draws the same seed as the keep-mask call above
+        return fused_attn.scaled_dot_product_attention(query, key, value, mask, dropout_p=p, is_causal=causal, backend=backend)
+
+    def plain(query, key, value):
+        return reference.scaled_dot_product_attention(query, key, value, mask, dropout_p=p, is_causal=causal, dropout_mask=keep)
+
+    assert_parity(fused, plain, {"query": q, "key": k, "value": v}, grad_args=("query", "key", "value"))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_dropout_same_seed_same_result_other_seed_differs(backend_device):
+    backend, device = backend_device
+    q, k, v = _dropout_inputs(device)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return fused_attn.scaled_dot_product_attention(q, k, v, dropout_p=0.2, backend=backend)
+
+    assert torch.equal(run(7), run(7))
+    assert not torch.equal(run(7), run(8))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_no_dropout_is_deterministic(backend_device):
+    backend, device = backend_device
+    q, k, v = _dropout_inputs(device)
+    q.requires_grad_(True)
+    a = fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend)
+    (ga,) = torch.autograd.grad(a.sum(), q)
+    b = fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend)
+    (gb,) = torch.autograd.grad(b.sum(), q)
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "make_args, kwargs, error, fragment",
+    [
+        (lambda: (_t(2, 8, 16), _t(2, 8, 16), _t(2, 8, 16)), {}, ValueError, "query must be 4-D [batch, heads, seq, head_dim]"),
+        (lambda: (_t(1, 2, 8, 16), _t(1, 2, 8, 16, 1), _t(1, 2, 8, 16)), {}, ValueError, "key must be 4-D"),
+        (lambda: (_t(1, 2, 8, 16), _t(2, 2, 8, 16), _t(2, 2, 8, 16)), {}, ValueError, "key batch and heads [2, 2] do not match query's [1, 2]"),
+        (lambda: (_t(1, 2, 8, 16), _t(1, 3, 8, 16), _t(1, 3, 8, 16)), {}, ValueError, "key batch and heads"),
+        (lambda: (_t(1, 2, 8, 16), _t(1, 2, 8, 32), _t(1, 2, 8, 16)), {}, ValueError, "key head_dim 32 does not match query head_dim 16"),
+        (lambda: (_t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 9, 16)), {}, ValueError, "value length 9 does not match key length 8"),
+        (lambda: (_t(1, 2, 8, 16), _t(1, 2, 8, 16, dtype=torch.float16), _t(1, 2, 8, 16)), {}, TypeError, "key dtype float16 does not match query dtype float32"),
+        (lambda: (_t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16), torch.ones(1, 3, 8, 8, dtype=torch.bool)), {}, ValueError, "attn_mask of shape [1, 3, 8, 8] does not broadcast to [batch, heads, q_len, k_len] = [1, 2, 8, 8]"),
+        (lambda: (_t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16), torch.ones(8, 7, dtype=torch.bool)), {}, ValueError, "does not broadcast"),
+        (lambda: (_t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16), torch.ones(1, 1, 8, 8, dtype=torch.int32)), {}, TypeError, "attn_mask must be a bool or floating tensor, got int32"),
+        (lambda: (_t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16)), {"dropout_p": 1.0}, ValueError, "dropout_p must be a number in [0, 1)"),
+        (lambda: (_t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16)), {"dropout_p": -0.1}, ValueError, "dropout_p"),
+        (lambda: (_t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16)), {"scale": float("nan")}, ValueError, "scale must be a finite number"),
+        (lambda: (_t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16)), {"is_causal": 1}, TypeError, "is_causal must be a bool"),
+        (lambda: ("q", _t(1, 2, 8, 16), _t(1, 2, 8, 16)), {}, TypeError, "query must be a torch.Tensor"),
+    ],
+)
+def test_bad_input(make_args, kwargs, error, fragment):
+    with pytest.raises(error) as info:
+        fused_attn.scaled_dot_product_attention(*make_args(), **kwargs)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_unsupported_head_dim_is_rejected_with_reason(backend_device):
+    backend, device = backend_device
+    q = torch.randn(1, 1, 4, 320, device=device)
+    with pytest.raises(BackendNotSupportedError, match="head_dim=320 exceeds the maximum 256"):
+        fused_attn.scaled_dot_product_attention(q, q, q, backend=backend)
+
+
+@pytest.mark.parametrize("backend_device", backend_params(OP))
+@pytest.mark.parametrize("shape", [(0, 2, 8, 16), (1, 0, 8, 16), (1, 2, 0, 16)])
+def test_empty_inputs(backend_device, shape):
+    backend, device = backend_device
+    q = torch.randn(*shape, device=device, requires_grad=True)
+    out = fused_attn.scaled_dot_product_attention(q, q, q, backend=backend)
+    assert out.shape == shape
+    out.sum().backward()
+    assert q.grad.shape == shape
+
+
+@pytest.mark.parametrize("backend_device", backend_params(OP))
+def test_zero_length_keys_give_zero(backend_device):
+    backend, device = backend_device
+    q = torch.randn(1, 2, 5, 16, device=device)
+    kv = torch.randn(1, 2, 0, 16, device=device)
+    out = fused_attn.scaled_dot_product_attention(q, kv, kv, backend=backend)
+    assert out.shape == (1, 2, 5, 16) and (out == 0).all()
