@@ -1,5 +1,11 @@
+import dataclasses
+
 import pytest
 import torch
+
+from fused_attn.bench.suites import Settings
+
+IMPLS = ["torch", "reference", "cpu", "cuda", "triton"]
 
 
 @pytest.fixture
@@ -8,16 +14,38 @@ def device() -> torch.device:
 
 
 @pytest.fixture
+def settings(device):
+    """Settings for one case: bfloat16 on a GPU, float32 on a CPU."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def make(mode: str, **sizes) -> Settings:
+        return dataclasses.replace(Settings(device=device, dtype=dtype, mode=mode), **sizes)
+
+    return make
+
+
+@pytest.fixture
 def timed(benchmark, device):
     """benchmark(fn) with the device synchronised after each call, so GPU work is counted."""
 
-    def run(fn):
+    def run(fn, extra_info: dict):
+        benchmark.extra_info.update(extra_info)
         if device.type == "cuda":
             def call():
                 fn()
                 torch.cuda.synchronize(device)
         else:
             call = fn
-        return benchmark.pedantic(call, rounds=20 if device.type == "cuda" else 5, iterations=5, warmup_rounds=2)
+        return benchmark.pedantic(call, rounds=20 if device.type == "cuda" else 5, iterations=3, warmup_rounds=2)
 
     return run
+
+
+def run_case(timed, cases, settings: Settings, impl: str) -> None:
+    """Benchmarks ``impl`` on the single case ``cases(settings)`` yields, or skips with the reason."""
+    wanted = None if impl in ("torch", "reference", "torch-flash") else [impl]
+    (case,) = cases(dataclasses.replace(settings, backends=wanted))
+    if impl not in case.impls:
+        pytest.skip(case.skipped.get(impl, f"{impl} is not available here"))
+    work = {"flops": case.flops} if case.flops else {"bytes": case.min_bytes}
+    timed(case.impls[impl], {**case.shape, **work})

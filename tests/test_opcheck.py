@@ -42,3 +42,44 @@ def test_layer_norm_ops(backend, device, affine):
     _, mean, rstd = fwd(x.detach(), None if w is None else w.detach(), None if b is None else b.detach(), 1e-5)
     dy = torch.randn(5, 24, device=device)
     torch.library.opcheck(bwd, (dy, x.detach(), mean, rstd, None if w is None else w.detach(), [True, affine, affine]))
+
+
+TRITON_DEVICES = _devices_for("triton") or ["unavailable"]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("mask_kind", ["none", "padding", "bias"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_attention_ops(device, mask_kind, causal):
+    if device == "unavailable":
+        pytest.skip("triton ops are not available here")
+    q, k, v = (torch.randn(2, 2, 20, 16, device=device, requires_grad=True) for _ in range(3))
+    mask = None
+    if mask_kind == "padding":
+        mask = (torch.rand(2, 1, 1, 20, device=device) > 0.2).expand(2, 2, 20, 20)
+    elif mask_kind == "bias":
+        mask = torch.randn(2, 2, 20, 20, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.fused_attn.triton_attention_fwd.default, (q, k, v, mask, 0.25, causal, 0.0))
+    out, lse, seed = torch.ops.fused_attn.triton_attention_fwd(q.detach(), k.detach(), v.detach(),
+                                                               None if mask is None else mask.detach(), 0.25, causal, 0.0)
+    torch.library.opcheck(
+        torch.ops.fused_attn.triton_attention_bwd.default,
+        (torch.randn_like(out), q.detach(), k.detach(), v.detach(), None if mask is None else mask.detach(),
+         out, lse, seed, 0.25, causal, 0.0, mask_kind == "bias"),
+    )
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "bias"])
+def test_triton_softmax_ops(device, mask_kind):
+    if device == "unavailable":
+        pytest.skip("triton ops are not available here")
+    x = torch.randn(2, 3, 4, 10, device=device, requires_grad=True)
+    mask = None
+    if mask_kind == "bool":
+        mask = (torch.rand(1, 1, 4, 10, device=device) > 0.3).expand(2, 3, 4, 10)
+    elif mask_kind == "bias":
+        mask = torch.randn(2, 3, 4, 10, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.fused_attn.triton_softmax_fwd.default, (x, mask, 0.5, False))
+    y = torch.ops.fused_attn.triton_softmax_fwd(x.detach(), None, 0.5, True)
+    torch.library.opcheck(torch.ops.fused_attn.triton_softmax_bwd.default, (torch.randn_like(y), y, 0.5, mask_kind == "bias"))

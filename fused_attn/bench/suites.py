@@ -2,8 +2,11 @@
 
 An implementation is a name and a zero-argument callable that runs the op once (forward, or
 forward and backward). ``torch`` names PyTorch's own implementation, the baseline every
-speed-up is reported against; ``reference`` is the package's plain PyTorch oracle; the others
-are the fused backends that can serve the case on this machine.
+speed-up is reported against; ``reference`` is the package's plain PyTorch oracle (as a user
+would write it); ``torch-flash`` is PyTorch's FlashAttention backend where it can run; the
+others are the fused backends that can serve the case on this machine. Work is counted as
+FLOPs for attention (forward 4*B*H*Lq*Lk*D, halved when causal; backward 2.5x the forward) and
+as bytes that must cross memory for the memory-bound ops.
 """
 
 from __future__ import annotations
@@ -19,15 +22,32 @@ from fused_attn import backends
 
 
 @dataclasses.dataclass
+class Settings:
+    """What the command line chose: device, dtype, mode, sizes and the backends wanted."""
+
+    device: torch.device
+    dtype: torch.dtype
+    mode: str
+    batch: int | None = None
+    heads: int | None = None
+    head_dim: int | None = None
+    seqs: list[int] | None = None
+    rows: int | None = None
+    hiddens: list[int] | None = None
+    causal: list[bool] | None = None
+    backends: list[str] | None = None
+
+
+@dataclasses.dataclass
 class Case:
     suite: str
     shape: dict
     dtype: torch.dtype
     mode: str
-    # bytes that must cross memory at least once (inputs read, outputs written), for GB/s
-    min_bytes: int
     impls: dict[str, Callable[[], object]]
     skipped: dict[str, str]
+    flops: float | None = None  # floating-point operations per call (compute-bound ops)
+    min_bytes: int | None = None  # bytes that must cross memory per call (memory-bound ops)
 
 
 def _fused_backends(op: str, inputs: backends.Inputs, wanted: list[str] | None) -> tuple[list[str], dict[str, str]]:
@@ -52,27 +72,118 @@ def _runner(forward: Callable[[], torch.Tensor], grad: torch.Tensor | None) -> C
     return step
 
 
-def layer_norm_cases(
-    device: torch.device, dtype: torch.dtype, mode: str, sizes: list[tuple[int, int]], wanted: list[str] | None
-) -> Iterator[Case]:
-    for rows, hidden in sizes:
-        training = mode == "fwd+bwd"
-        x = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=training)
-        w = torch.randn(hidden, device=device, dtype=dtype, requires_grad=training)
-        b = torch.randn(hidden, device=device, dtype=dtype, requires_grad=training)
+# ---------------------------------------------------------------------------------------------
+# LayerNorm
+
+# rows x hidden: BERT-base/large and wider hidden sizes.
+LAYER_NORM_ROWS = {"cpu": 4096, "cuda": 16384}
+LAYER_NORM_HIDDEN = {"cpu": [768, 1024, 4096], "cuda": [768, 1024, 4096, 8192]}
+
+
+def layer_norm_cases(s: Settings) -> Iterator[Case]:
+    rows = s.rows or LAYER_NORM_ROWS[s.device.type]
+    training = s.mode == "fwd+bwd"
+    for hidden in s.hiddens or LAYER_NORM_HIDDEN[s.device.type]:
+        x = torch.randn(rows, hidden, device=s.device, dtype=s.dtype, requires_grad=training)
+        w = torch.randn(hidden, device=s.device, dtype=s.dtype, requires_grad=training)
+        b = torch.randn(hidden, device=s.device, dtype=s.dtype, requires_grad=training)
         grad = torch.randn_like(x) if training else None
-        elem = x.element_size()
         # forward reads x, writes y; backward reads dy and x, writes dx (parameters are negligible)
-        moved = rows * hidden * elem * (2 + (3 if training else 0))
-        inputs = backends.Inputs(device, dtype, {"hidden": hidden})
-        names, skipped = _fused_backends("layer_norm", inputs, wanted)
+        moved = rows * hidden * x.element_size() * (2 + (3 if training else 0))
+        names, skipped = _fused_backends("layer_norm", backends.Inputs(s.device, s.dtype, {"hidden": hidden}), s.backends)
         impls: dict[str, Callable[[], object]] = {
             "torch": _runner(lambda: F.layer_norm(x, (hidden,), w, b), grad),
             "reference": _runner(lambda: fused_attn.reference.layer_norm(x, (hidden,), w, b), grad),
         }
         for name in names:
             impls[name] = _runner(lambda name=name: fused_attn.layer_norm(x, (hidden,), w, b, backend=name), grad)
-        yield Case("layer_norm", {"rows": rows, "hidden": hidden}, dtype, mode, moved, impls, skipped)
+        yield Case("layer_norm", {"rows": rows, "hidden": hidden}, s.dtype, s.mode, impls, skipped, min_bytes=moved)
 
 
-SUITES = {"layer_norm": layer_norm_cases}
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+# Sequence sweep at a fixed token count per batch (as the FlashAttention benchmarks do), so that
+# every length fills the device; heads x head_dim = 2048 on a GPU (BERT-large-like width).
+ATTENTION_SEQS = {"cpu": [512, 1024, 2048], "cuda": [512, 1024, 2048, 4096, 8192, 16384]}
+ATTENTION_TOKENS = {"cpu": 512, "cuda": 16384}
+
+
+def _torch_flash(q, k, v, causal) -> Callable[[], torch.Tensor] | None:
+    if q.device.type != "cuda":
+        return None
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run() -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return run
+
+
+def attention_cases(s: Settings) -> Iterator[Case]:
+    head_dim = s.head_dim or 64
+    heads = s.heads or (12 if s.device.type == "cpu" else max(1, 2048 // head_dim))
+    training = s.mode == "fwd+bwd"
+    for causal in s.causal or [False, True]:
+        for seq in s.seqs or ATTENTION_SEQS[s.device.type]:
+            batch = s.batch or max(1, ATTENTION_TOKENS[s.device.type] // seq)
+            q, k, v = (
+                torch.randn(batch, heads, seq, head_dim, device=s.device, dtype=s.dtype, requires_grad=training)
+                for _ in range(3)
+            )
+            grad = torch.randn_like(q) if training else None
+            fwd_flops = 4.0 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
+            flops = fwd_flops * (3.5 if training else 1.0)
+            inputs = backends.Inputs(
+                s.device, s.dtype, {"head_dim": head_dim, "head_dim_v": head_dim, "dropout": False, "q_len": seq, "k_len": seq}
+            )
+            names, skipped = _fused_backends("scaled_dot_product_attention", inputs, s.backends)
+            impls: dict[str, Callable[[], object]] = {
+                "torch": _runner(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), grad),
+                "reference": _runner(
+                    lambda: fused_attn.reference.scaled_dot_product_attention(q, k, v, is_causal=causal), grad
+                ),
+            }
+            flash = _torch_flash(q, k, v, causal)
+            if flash is not None and s.dtype != torch.float32:
+                impls["torch-flash"] = _runner(flash, grad)
+            for name in names:
+                impls[name] = _runner(
+                    lambda name=name: fused_attn.scaled_dot_product_attention(q, k, v, is_causal=causal, backend=name),
+                    grad,
+                )
+            shape = {"batch": batch, "heads": heads, "seq": seq, "head_dim": head_dim, "causal": causal}
+            yield Case("attention", shape, s.dtype, s.mode, impls, skipped, flops=flops)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked softmax
+
+SOFTMAX_SEQS = {"cpu": [128, 512, 1024], "cuda": [512, 1024, 2048, 4096]}
+
+
+def softmax_cases(s: Settings) -> Iterator[Case]:
+    heads = s.heads or 12
+    training = s.mode == "fwd+bwd"
+    for seq in s.seqs or SOFTMAX_SEQS[s.device.type]:
+        batch = s.batch or max(1, (4096 if s.device.type == "cuda" else 256) // seq)
+        x = torch.randn(batch, heads, seq, seq, device=s.device, dtype=s.dtype, requires_grad=training)
+        pad = torch.rand(batch, 1, 1, seq, device=s.device) > 0.1
+        grad = torch.randn_like(x) if training else None
+        moved = x.numel() * x.element_size() * (2 + (3 if training else 0))
+        names, skipped = _fused_backends("softmax", backends.Inputs(s.device, s.dtype, {"n_cols": seq}), s.backends)
+        impls: dict[str, Callable[[], object]] = {
+            "torch": _runner(lambda: torch.softmax((x * 0.125).masked_fill(~pad, float("-inf")), -1), grad),
+            "reference": _runner(lambda: fused_attn.reference.softmax(x, -1, pad, 0.125), grad),
+        }
+        for name in names:
+            impls[name] = _runner(lambda name=name: fused_attn.softmax(x, -1, pad, 0.125, backend=name), grad)
+        yield Case("softmax", {"batch": batch, "heads": heads, "seq": seq}, s.dtype, s.mode, impls, skipped, min_bytes=moved)
+
+
+SUITES: dict[str, Callable[[Settings], Iterator[Case]]] = {
+    "attention": attention_cases,
+    "layer_norm": layer_norm_cases,
+    "softmax": softmax_cases,
+}

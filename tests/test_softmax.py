@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+import fused_attn
+from fused_attn import reference
+
+from .conftest import assert_parity, backend_params, supported_dtypes
+
+BACKENDS = backend_params("softmax", exclude=("reference",))
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _check(backend, device, dtype, shape, *, dim=-1, mask=None, scale=1.0, causal=False, mask_grad=False):
+    if dtype not in supported_dtypes(backend, device):
+        pytest.skip(f"{dtype} is not tested on {backend}-{device}")
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(*shape, generator=gen) * 3).to(device=device, dtype=dtype)
+    if mask is not None:
+        mask = mask.to(device)
+        if mask.is_floating_point():
+            mask = mask.to(dtype)
+    assert_parity(
+        lambda input, mask: fused_attn.softmax(input, dim, mask, scale, causal, backend=backend),
+        lambda input, mask: reference.softmax(input, dim, mask, scale, causal),
+        {"input": x, "mask": mask},
+        grad_args=("input",) + (("mask",) if mask_grad else ()),
+    )
+    assert fused_attn.last_backend("softmax") == backend
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 7, 77, 128, 1000])
+def test_parity_lengths(backend_device, dtype, n):
+    _check(*backend_device, dtype, (2, 3, 5, n), scale=0.125)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_parity_long_rows_stream(backend_device, dtype):
+    _check(*backend_device, dtype, (3, 20000))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["padding", "bool4d", "bias", "causal", "causal+padding"])
+def test_parity_masks(backend_device, dtype, kind):
+    gen = torch.Generator().manual_seed(1)
+    mask = None
+    if kind.endswith("padding"):
+        mask = torch.rand(2, 1, 1, 33, generator=gen) > 0.3
+        mask[..., 0] = True
+    elif kind == "bool4d":
+        mask = torch.rand(2, 3, 17, 33, generator=gen) > 0.5
+    elif kind == "bias":
+        mask = torch.randn(1, 3, 17, 33, generator=gen)
+    _check(*backend_device, dtype, (2, 3, 17, 33), mask=mask, causal=kind.startswith("causal"), mask_grad=kind == "bias")
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("shape, dim", [((6, 9, 4), 1), ((6, 9, 4), 0), ((5,), 0), ((2, 2, 2, 3, 4, 5), -1)])
+def test_parity_dims_and_ranks(backend_device, shape, dim):
+    _check(*backend_device, torch.float32, shape, dim=dim)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_fully_masked_rows_are_zero(backend_device):
+    backend, device = backend_device
+    x = torch.randn(4, 10, device=device, requires_grad=True)
+    mask = torch.ones(4, 10, dtype=torch.bool, device=device)
+    mask[2] = False
+    y = fused_attn.softmax(x, mask=mask, backend=backend)
+    assert (y[2] == 0).all() and torch.isfinite(y).all()
+    y.sum().backward()
+    assert (x.grad[2] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, fragment",
+    [
+        ({"dim": 2}, ValueError, "dim must be an int in [-2, 1]"),
+        ({"mask": torch.ones(3, dtype=torch.bool)}, ValueError, "mask of shape [3] does not broadcast to input shape [4, 5]"),
+        ({"mask": torch.ones(4, 5, dtype=torch.int64)}, TypeError, "mask must be a bool or floating tensor, got int64"),
+        ({"scale": float("inf")}, ValueError, "scale must be a finite number"),
+        ({"dim": 0, "is_causal": True}, ValueError, "is_causal=True needs dim to be the last dim"),
+    ],
+)
+def test_bad_input(kwargs, error, fragment):
+    with pytest.raises(error) as info:
+        fused_attn.softmax(torch.randn(4, 5), **kwargs)
+    assert fragment in str(info.value)
