@@ -1,15 +1,72 @@
 // Operator schemas of the fused_attn library: one schema per op, nothing else.
 // Kernels register their implementations with TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda;
 // fake (meta) kernels and autograd formulas are registered from Python (fused_attn/ops).
+//
+// Conventions shared by every backend:
+//  * Row statistics (mean, rstd, log-sum-exp) are float32; log-sum-exp is in natural-log units,
+//    +inf for a row whose every element is masked (so recomputed probabilities are exactly 0).
+//  * Masks arrive expanded to the full logical shape as views: a stride of 0 is a broadcast dim,
+//    so kernels index them through their strides and never materialise them.
+//  * Dropout takes `seed`, a CPU int64 scalar tensor (None when dropout_p == 0). Element e of a
+//    call's random stream keeps its value when u(e) >= dropout_p, where u is Philox4x32-10 keyed
+//    by (seed & 0xffffffff, seed >> 32) at counter (e & 0xffffffff, e >> 32, 0, 0), first output
+//    word w taken as int32 and mapped to [0, 1) by (w < 0 ? -w - 1 : w) * 4.6566127342e-10 (the
+//    stream of triton.language.rand). For attention e = (bh * q_len + i) * k_len + j; for
+//    row-wise ops e = row * hidden + col. Every backend draws the same mask from the same seed.
+//  * An output that was not asked for (output_mask false) comes back as an empty tensor [0].
 #include <torch/library.h>
 
 TORCH_LIBRARY(fused_attn, m) {
   // LayerNorm over the last dimension of a contiguous 2-D input [rows, hidden].
-  // Returns (output [rows, hidden] in the input dtype, mean [rows] fp32, rstd [rows] fp32).
+  // Returns (output [rows, hidden] in the input dtype, mean [rows], rstd [rows]).
   m.def("layer_norm_fwd(Tensor input, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
-  // Backward of layer_norm_fwd. output_mask selects (grad_input, grad_weight, grad_bias); an
-  // unselected gradient comes back as an empty tensor of shape [0].
+  // Backward of layer_norm_fwd: (grad_input, grad_weight, grad_bias) as selected by output_mask.
   m.def(
       "layer_norm_bwd(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // Scaled dot-product attention. query [B, H, Lq, D], key [B, H, Lk, D], value [B, H, Lk, Dv],
+  // any strides with a unit last-dim stride; attn_mask bool (True = attend) or floating (added to
+  // the scores), expanded to [B, H, Lq, Lk]; causal is top-left aligned (query i sees keys j <= i).
+  // Returns (output [B, H, Lq, Dv] contiguous, log-sum-exp [B, H, Lq]).
+  m.def(
+      "attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale, bool is_causal, "
+      "float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
+  // Backward: (grad_query, grad_key, grad_value, grad_scores); grad_scores is the gradient of the
+  // masked scores [B, H, Lq, Lk] float32 (the gradient of a floating mask) when mask_needs_grad,
+  // else empty.
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor out, "
+      "Tensor lse, float scale, bool is_causal, float dropout_p, Tensor? seed, bool mask_needs_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+
+  // softmax(input * scale + mask) over the last dim of a 4-D input [A, B, M, N] (any strides);
+  // mask bool (True = keep) or floating, expanded to the input's shape; causal masks j > i of
+  // (M, N). Rows with every element masked give 0. Returns a contiguous tensor.
+  m.def("softmax_fwd(Tensor input, Tensor? mask, float scale, bool is_causal) -> Tensor");
+  // Backward from the output: (grad_input, grad_scores); grad_scores (the gradient of a floating
+  // mask, input dtype) only when mask_needs_grad, else empty.
+  m.def("softmax_bwd(Tensor grad_out, Tensor output, float scale, bool mask_needs_grad) -> (Tensor, Tensor)");
+
+  // gelu(input @ weight^T + bias) for a contiguous 2-D input [rows, in_features], weight
+  // [out_features, in_features]; approximate is "none" (erf) or "tanh". Returns (output,
+  // pre-activation), both [rows, out_features] in the input dtype; the pre-activation is what the
+  // backward needs.
+  m.def("linear_gelu_fwd(Tensor input, Tensor weight, Tensor? bias, str approximate) -> (Tensor, Tensor)");
+  // Backward: (grad_input, grad_weight, grad_bias) as selected by output_mask.
+  m.def(
+      "linear_gelu_bwd(Tensor grad_out, Tensor input, Tensor weight, Tensor pre_activation, str approximate, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // Add & Norm over contiguous 2-D [rows, hidden] tensors:
+  //   prenorm = residual + dropout(input + input_bias);  output = layer_norm(prenorm) * weight + bias.
+  // Returns (output, prenorm, mean [rows], rstd [rows]).
+  m.def(
+      "add_layer_norm_fwd(Tensor input, Tensor residual, Tensor? weight, Tensor? bias, Tensor? input_bias, "
+      "float eps, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Backward. grad_prenorm (optional) is the gradient reaching the returned prenorm directly.
+  // Returns (grad_input, grad_residual, grad_weight, grad_bias, grad_input_bias) per output_mask.
+  m.def(
+      "add_layer_norm_bwd(Tensor grad_out, Tensor? grad_prenorm, Tensor prenorm, Tensor mean, Tensor rstd, "
+      "Tensor? weight, float dropout_p, Tensor? seed, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -45,9 +45,14 @@ def library_path() -> str | None:
     return spec.origin if spec is not None else None
 
 
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether the loaded library registered a ``device_type`` ("cpu"/"cuda") kernel for ``fused_attn::op``."""
+    return loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_attn::{op}", device_type.upper())
+
+
 def cuda_kernels_compiled() -> bool:
     """True when the loaded library registered CUDA kernels (asked of the dispatcher itself)."""
-    return loaded() and torch._C._dispatch_has_kernel_for_dispatch_key("fused_attn::layer_norm_fwd", "CUDA")
+    return has_kernel("layer_norm_fwd", "cuda")
 
 
 def build_info() -> dict:

@@ -69,9 +69,18 @@ class Support:
     unsupported: tuple[str, ...] = ()
     min_compute_capability: tuple[int, int] | None = None
     check: Callable[[Inputs], list[str]] | None = None
+    # For the cpu and cuda backends: the fused_attn._C op whose kernel must be registered.
+    native_op: str | None = None
+
+    def unavailable_reasons(self, device: torch.device) -> list[str]:
+        """Why this backend of this op cannot run on ``device`` here at all, whatever the inputs."""
+        reasons = backend_unavailable_reasons(self.backend, device)
+        if not reasons and self.native_op and not _extension.has_kernel(self.native_op, self.backend):
+            reasons.append(f"fused_attn._C has no {self.backend} kernel for fused_attn::{self.native_op}")
+        return reasons
 
     def not_supported_reasons(self, inputs: Inputs) -> list[str]:
-        reasons = list(backend_unavailable_reasons(self.backend, inputs.device))
+        reasons = self.unavailable_reasons(inputs.device)
         if inputs.device.type not in self.devices:
             reasons.append(f"device {inputs.device.type} not in {self.devices}")
         if inputs.dtype not in self.dtypes:

@@ -39,7 +39,7 @@ def backend_params(op: str, *, exclude: tuple[str, ...] = ()) -> list:
         for device in support.devices:
             marks = [pytest.mark.cuda] if device == "cuda" else []
             if device == "cpu" or HAS_CUDA:
-                reasons = backends.backend_unavailable_reasons(name, torch.device(device))
+                reasons = support.unavailable_reasons(torch.device(device))
                 if reasons:
                     marks.append(pytest.mark.skip(reason="; ".join(reasons)))
             params.append(pytest.param((name, device), marks=marks, id=f"{name}-{device}"))

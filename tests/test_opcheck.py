@@ -59,14 +59,17 @@ def test_triton_attention_ops(device, mask_kind, causal):
         mask = (torch.rand(2, 1, 1, 20, device=device) > 0.2).expand(2, 2, 20, 20)
     elif mask_kind == "bias":
         mask = torch.randn(2, 2, 20, 20, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.fused_attn.triton_attention_fwd.default, (q, k, v, mask, 0.25, causal, 0.0))
-    out, lse, seed = torch.ops.fused_attn.triton_attention_fwd(q.detach(), k.detach(), v.detach(),
-                                                               None if mask is None else mask.detach(), 0.25, causal, 0.0)
-    torch.library.opcheck(
-        torch.ops.fused_attn.triton_attention_bwd.default,
-        (torch.randn_like(out), q.detach(), k.detach(), v.detach(), None if mask is None else mask.detach(),
-         out, lse, seed, 0.25, causal, 0.0, mask_kind == "bias"),
-    )
+    # With dropout too: the seed is an input, so the op is a pure function of its arguments.
+    for p, seed in ((0.0, None), (0.3, torch.tensor(1234))):
+        torch.library.opcheck(torch.ops.fused_attn.triton_attention_fwd.default, (q, k, v, mask, 0.25, causal, p, seed))
+        out, lse = torch.ops.fused_attn.triton_attention_fwd(
+            q.detach(), k.detach(), v.detach(), None if mask is None else mask.detach(), 0.25, causal, p, seed
+        )
+        torch.library.opcheck(
+            torch.ops.fused_attn.triton_attention_bwd.default,
+            (torch.randn_like(out), q.detach(), k.detach(), v.detach(), None if mask is None else mask.detach(),
+             out, lse, 0.25, causal, p, seed, mask_kind == "bias"),
+        )
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

@@ -26,6 +26,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
+#include <c10/macros/Macros.h>
 #include <torch/library.h>
 
 #include "fused_attn/checks.h"
@@ -53,17 +54,27 @@ static_assert(at::vec::Vectorized<at::Half>::size() == 2 * kLanes &&
 // chain would leave the FP units idle waiting on its own result.
 constexpr int kChains = 4;
 
+// Row reductions fold their float vector partial sums into a double at the end of every
+// kSegment elements. The rounding error of a float running sum grows with its length; this
+// two-level cascade caps it at kSegment / (kChains * kLanes) terms per lane, so a 16K-wide row
+// sums about as accurately as a 1K-wide one. A multiple of every kChains-block stride.
+constexpr int64_t kSegment = 1024;
+
+// The helpers below are forced inline (GCC otherwise outlines some): only inlined does a full
+// block's length become a compile-time constant that folds the masked paths away, and only
+// inlined do the accumulators they touch stay in registers.
+
 // Loads the first n elements of a block as float; lanes past n read as zero. n may be <= 0 or
 // larger than the block, so callers pass "elements left in the row".
 template <int P>
-inline void load_block(const float* src, int64_t n, fVec (&v)[P]) {
+C10_ALWAYS_INLINE void load_block(const float* src, int64_t n, fVec (&v)[P]) {
   for (int k = 0; k < P; ++k) {
     v[k] = fVec::loadu(src + k * kLanes, std::clamp<int64_t>(n - k * kLanes, 0, kLanes));
   }
 }
 
 template <int P, typename T, std::enable_if_t<at::vec::is_reduced_floating_point_v<T>, int> = 0>
-inline void load_block(const T* src, int64_t n, fVec (&v)[P]) {
+C10_ALWAYS_INLINE void load_block(const T* src, int64_t n, fVec (&v)[P]) {
   static_assert(P == 2, "an fp16/bf16 block is two float vectors");
   std::tie(v[0], v[1]) =
       at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(src, std::min(n, kBlock<T>)));
@@ -71,34 +82,46 @@ inline void load_block(const T* src, int64_t n, fVec (&v)[P]) {
 
 // Stores the first n elements of a block, rounding to T once; nothing past n is written.
 template <int P>
-inline void store_block(float* dst, int64_t n, const fVec (&v)[P]) {
+C10_ALWAYS_INLINE void store_block(float* dst, int64_t n, const fVec (&v)[P]) {
   for (int k = 0; k < P; ++k) {
     v[k].store(dst + k * kLanes, std::clamp<int64_t>(n - k * kLanes, 0, kLanes));
   }
 }
 
 template <int P, typename T, std::enable_if_t<at::vec::is_reduced_floating_point_v<T>, int> = 0>
-inline void store_block(T* dst, int64_t n, const fVec (&v)[P]) {
+C10_ALWAYS_INLINE void store_block(T* dst, int64_t n, const fVec (&v)[P]) {
   static_assert(P == 2, "an fp16/bf16 block is two float vectors");
   at::vec::convert_from_float<T>(v[0], v[1]).store(dst, std::min(n, kBlock<T>));
 }
 
 // v with lanes [n, kLanes) zeroed; n may lie outside [0, kLanes].
-inline fVec keep_first(const fVec& v, int64_t n) {
+C10_ALWAYS_INLINE fVec keep_first(const fVec& v, int64_t n) {
   return fVec::set(fVec(0.f), v, std::clamp<int64_t>(n, 0, kLanes));
 }
 
-// Visits [0, n) as body(offset, len, chain). Full blocks go out `chains` at a time with distinct
-// chain indices so that a reduction can keep that many accumulators in flight; the remaining
-// blocks (the last one possibly partial, len < block) use chain 0. For full blocks len is the
-// compile-time block size, so the masked-load paths fold away.
-template <int64_t block, int chains, typename Body>
-inline void for_each_block(int64_t n, const Body& body) {
-  int64_t j = 0;
-  for (; j + chains * block <= n; j += chains * block) {
-    for (int c = 0; c < chains; ++c) body(j + c * block, block, c);
+// Visits [0, n) as body(offset, len, chain), calling end_segment() after every kSegment
+// elements and at the end. Full blocks go out `chains` at a time with distinct chain indices so
+// that a reduction can keep that many accumulators in flight; the remaining blocks (the last
+// one possibly partial, len < block) use chain 0. For full blocks len is the compile-time block
+// size, so the masked-load paths fold away.
+template <int64_t block, int chains, typename Body, typename EndSegment>
+C10_ALWAYS_INLINE void for_each_block(int64_t n, const Body& body, const EndSegment& end_segment) {
+  static_assert(kSegment % (chains * block) == 0, "segments must hold whole strides");
+  for (int64_t segment = 0; segment < n; segment += kSegment) {
+    const int64_t end = std::min(n, segment + kSegment);
+    int64_t j = segment;
+    for (; j + chains * block <= end; j += chains * block) {
+      for (int c = 0; c < chains; ++c) body(j + c * block, block, c);
+    }
+    for (; j < end; j += block) body(j, std::min(block, end - j), 0);
+    end_segment();
   }
-  for (; j < n; j += block) body(j, std::min(block, n - j), 0);
+}
+
+// The same visit for the passes that reduce nothing.
+template <int64_t block, typename Body>
+C10_ALWAYS_INLINE void for_each_block(int64_t n, const Body& body) {
+  for_each_block<block, 1>(n, body, [] {});
 }
 
 // a * b rounded to float, as an FMA with +0 (the same value, except -0 becomes +0, which no sum
@@ -106,14 +129,14 @@ inline void for_each_block(int64_t n, const Body& body) {
 // subtract that consumes it, skipping its rounding; the backward must subtract mean(g) from
 // exactly the rounded g it averaged, or a one-element row (where g == mean(g)) gets
 // rstd * rounding error instead of 0.
-inline fVec rounded_product(const fVec& a, const fVec& b) {
+C10_ALWAYS_INLINE fVec rounded_product(const fVec& a, const fVec& b) {
   return at::vec::fmadd(a, b, fVec(0.f));
 }
 
 // One step of Kahan summation, s += x, keeping the rounding error of the add in c (s - c is the
 // better estimate of the sum). A plain float sum over a chunk's rows drifts by O(rows) ulps;
 // this stays within about an ulp, which a column sum over thousands of rows needs.
-inline void kahan_step(fVec& s, fVec& c, const fVec& x) {
+C10_ALWAYS_INLINE void kahan_step(fVec& s, fVec& c, const fVec& x) {
   const fVec y = x - c;
   const fVec t = s + y;
   c = (t - s) - y;
@@ -122,7 +145,7 @@ inline void kahan_step(fVec& s, fVec& c, const fVec& x) {
 
 // Adds x to the compensated column sums sum[0, len) / comp[0, len) of one block.
 template <int P>
-inline void kahan_add_block(float* sum, float* comp, int64_t len, const fVec (&x)[P]) {
+C10_ALWAYS_INLINE void kahan_add_block(float* sum, float* comp, int64_t len, const fVec (&x)[P]) {
   fVec s[P], c[P];
   load_block(sum, len, s);
   load_block(comp, len, c);
@@ -131,23 +154,29 @@ inline void kahan_add_block(float* sum, float* comp, int64_t len, const fVec (&x
   store_block(comp, len, c);
 }
 
-// Float partial sums of one row quantity: `chains` independent chains of P vectors each.
+// Sum of one row quantity: within a segment, `chains` independent chains of P float vectors;
+// end_segment() folds them into the double `total`.
 template <int chains, int P>
 struct RowSum {
   fVec acc[chains][P];
+  double total = 0.0;
 
-  RowSum() {
-    for (auto& chain : acc) {
-      for (auto& v : chain) v = fVec(0.f);
-    }
-  }
+  C10_ALWAYS_INLINE RowSum() { clear(); }
 
-  float total() const {
+  C10_ALWAYS_INLINE void end_segment() {
     fVec sum(0.f);
     for (const auto& chain : acc) {
       for (const auto& v : chain) sum += v;
     }
-    return at::vec::vec_reduce_all<float>([](const fVec& a, const fVec& b) { return a + b; }, sum);
+    total += at::vec::vec_reduce_all<float>([](const fVec& a, const fVec& b) { return a + b; }, sum);
+    clear();
+  }
+
+ private:
+  C10_ALWAYS_INLINE void clear() {
+    for (auto& chain : acc) {
+      for (auto& v : chain) v = fVec(0.f);
+    }
   }
 };
 
@@ -163,40 +192,45 @@ void layer_norm_fwd_rows(const scalar_t* x, const float* w, const float* b, int6
     const scalar_t* xr = x + r * hidden;
 
     RowSum<C, P> sum;
-    for_each_block<B, C>(hidden, [&](int64_t j, int64_t len, int c) {
-      fVec xv[P];
-      load_block(xr + j, len, xv);  // zero-filled past the row: adds nothing
-      for (int k = 0; k < P; ++k) sum.acc[c][k] += xv[k];
-    });
-    const float m0 = static_cast<float>(sum.total() * inv_n);
-    const fVec m0v(m0);
+    for_each_block<B, C>(
+        hidden,
+        [&](int64_t j, int64_t len, int c) {
+          fVec xv[P];
+          load_block(xr + j, len, xv);  // zero-filled past the row: adds nothing
+          for (int k = 0; k < P; ++k) sum.acc[c][k] += xv[k];
+        },
+        [&] { sum.end_segment(); });
+    const float m = static_cast<float>(sum.total * inv_n);
+    const fVec mv(m);
 
-    // Deviations from that first mean, not E[x^2] - E[x]^2, which cancels catastrophically
-    // when |mean| >> std. Their sum also corrects the mean for the rounding of the first pass
-    // (the corrected two-pass algorithm): the backward amplifies a mean error by rstd, which
-    // is large for rows of nearly equal values.
+    // Deviations from that mean, not E[x^2] - E[x]^2, which cancels catastrophically when
+    // |mean| >> std. Their sum takes the rounding of m itself out of the variance (the
+    // corrected two-pass algorithm): var = (sum d^2 - (sum d)^2 / n) / n.
     RowSum<C, P> dev, sq;
-    for_each_block<B, C>(hidden, [&](int64_t j, int64_t len, int c) {
-      fVec xv[P];
-      load_block(xr + j, len, xv);
-      for (int k = 0; k < P; ++k) {
-        fVec d = xv[k] - m0v;
-        if (len < B) d = keep_first(d, len - k * kLanes);  // padding would add -m0 and m0^2
-        dev.acc[c][k] += d;
-        sq.acc[c][k] = at::vec::fmadd(d, d, sq.acc[c][k]);
-      }
-    });
-    const double dev_sum = dev.total();
-    const double var = std::max(0.0, (sq.total() - dev_sum * dev_sum * inv_n) * inv_n);
-    const float m = static_cast<float>(m0 + dev_sum * inv_n);
+    for_each_block<B, C>(
+        hidden,
+        [&](int64_t j, int64_t len, int c) {
+          fVec xv[P];
+          load_block(xr + j, len, xv);
+          for (int k = 0; k < P; ++k) {
+            fVec d = xv[k] - mv;
+            if (len < B) d = keep_first(d, len - k * kLanes);  // padding would add -m and m^2
+            dev.acc[c][k] += d;
+            sq.acc[c][k] = at::vec::fmadd(d, d, sq.acc[c][k]);
+          }
+        },
+        [&] {
+          dev.end_segment();
+          sq.end_segment();
+        });
+    const double var = std::max(0.0, (sq.total - dev.total * dev.total * inv_n) * inv_n);
     const float rs = static_cast<float>(1.0 / std::sqrt(var + eps));
     mean[r] = m;
     rstd[r] = rs;
 
-    const fVec mv(m);
     const fVec rsv(rs);
     scalar_t* outr = out + r * hidden;
-    for_each_block<B, 1>(hidden, [&](int64_t j, int64_t len, int) {
+    for_each_block<B>(hidden, [&](int64_t j, int64_t len, int) {
       fVec xv[P], wv[P], bv[P], ov[P];
       load_block(xr + j, len, xv);
       load_block(w + j, len, wv);
@@ -217,49 +251,65 @@ void layer_norm_bwd_rows(const scalar_t* dy, const scalar_t* x, const float* mea
   constexpr int P = kParts<scalar_t>;
   constexpr int64_t B = kBlock<scalar_t>;
   constexpr int C = kChains / P;
-  const float inv_n = static_cast<float>(1.0 / static_cast<double>(hidden));
+  const double inv_n = 1.0 / static_cast<double>(hidden);
   for (int64_t r = begin; r < end; ++r) {
     const scalar_t* dyr = dy + r * hidden;
     const scalar_t* xr = x + r * hidden;
     const fVec mv(mean[r]);
     const fVec rsv(rstd[r]);
 
-    // Pass 1: the two row means that couple the elements of grad_input, plus this row's share
-    // of grad_weight/grad_bias while dy and xhat are already in registers.
-    RowSum<C, P> g_sum, gx_sum;
-    for_each_block<B, C>(hidden, [&](int64_t j, int64_t len, int c) {
-      fVec dyv[P], xv[P], wv[P], xhat[P];
-      load_block(dyr + j, len, dyv);  // zero past the row, so g and dy add nothing there
-      load_block(xr + j, len, xv);
-      load_block(w + j, len, wv);
-      for (int k = 0; k < P; ++k) {
-        xhat[k] = (xv[k] - mv) * rsv;
-        if (len < B) xhat[k] = keep_first(xhat[k], len - k * kLanes);
-        const fVec g = rounded_product(dyv[k], wv[k]);
-        g_sum.acc[c][k] += g;
-        gx_sum.acc[c][k] = at::vec::fmadd(g, xhat[k], gx_sum.acc[c][k]);
-      }
-      if (dw_part != nullptr) {
-        fVec dy_xhat[P];
-        for (int k = 0; k < P; ++k) dy_xhat[k] = dyv[k] * xhat[k];
-        kahan_add_block(dw_part + j, dw_part + hidden + j, len, dy_xhat);
-      }
-      if (db_part != nullptr) kahan_add_block(db_part + j, db_part + hidden + j, len, dyv);
-    });
+    // Pass 1: the row means that couple the elements of grad_input, plus this row's share of
+    // grad_weight/grad_bias while dy and xhat are already in registers.
+    RowSum<C, P> g_sum, gx_sum, xhat_sum;
+    for_each_block<B, C>(
+        hidden,
+        [&](int64_t j, int64_t len, int c) {
+          fVec dyv[P], xv[P], wv[P], xhat[P];
+          load_block(dyr + j, len, dyv);  // zero past the row, so g and dy add nothing there
+          load_block(xr + j, len, xv);
+          load_block(w + j, len, wv);
+          for (int k = 0; k < P; ++k) {
+            xhat[k] = (xv[k] - mv) * rsv;
+            if (len < B) xhat[k] = keep_first(xhat[k], len - k * kLanes);
+            const fVec g = rounded_product(dyv[k], wv[k]);
+            g_sum.acc[c][k] += g;
+            gx_sum.acc[c][k] = at::vec::fmadd(g, xhat[k], gx_sum.acc[c][k]);
+            xhat_sum.acc[c][k] += xhat[k];
+          }
+          if (dw_part != nullptr) {
+            fVec dy_xhat[P];
+            for (int k = 0; k < P; ++k) dy_xhat[k] = dyv[k] * xhat[k];
+            kahan_add_block(dw_part + j, dw_part + hidden + j, len, dy_xhat);
+          }
+          if (db_part != nullptr) kahan_add_block(db_part + j, db_part + hidden + j, len, dyv);
+        },
+        [&] {
+          g_sum.end_segment();
+          gx_sum.end_segment();
+          xhat_sum.end_segment();
+        });
     if (dx == nullptr) continue;
 
-    // Pass 2: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight.
-    const fVec g_mean(g_sum.total() * inv_n);
-    const fVec gx_mean(gx_sum.total() * inv_n);
+    // Pass 2: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight, taken with
+    // xhat - mean(xhat) for xhat. The saved mean is rounded to float, which shifts every xhat by
+    // the same offset; the formula does not project that offset out, and rstd (large for rows
+    // of nearly equal values) would amplify it. Re-centring costs only the constants:
+    // mean(g * (xhat - a)) = mean(g * xhat) - a * mean(g) and
+    // g - mean(g) - (xhat - a) * c2 = g - (mean(g) - a * c2) - xhat * c2.
+    const double xhat_mean = xhat_sum.total * inv_n;
+    const double g_mean = g_sum.total * inv_n;
+    const double gx_mean = gx_sum.total * inv_n - xhat_mean * g_mean;
+    const fVec c1(static_cast<float>(g_mean - xhat_mean * gx_mean));
+    const fVec c2(static_cast<float>(gx_mean));
     scalar_t* dxr = dx + r * hidden;
-    for_each_block<B, 1>(hidden, [&](int64_t j, int64_t len, int) {
+    for_each_block<B>(hidden, [&](int64_t j, int64_t len, int) {
       fVec dyv[P], xv[P], wv[P], dxv[P];
       load_block(dyr + j, len, dyv);
       load_block(xr + j, len, xv);
       load_block(w + j, len, wv);
       for (int k = 0; k < P; ++k) {
         const fVec xhat = (xv[k] - mv) * rsv;
-        dxv[k] = (rounded_product(dyv[k], wv[k]) - at::vec::fmadd(xhat, gx_mean, g_mean)) * rsv;
+        dxv[k] = (rounded_product(dyv[k], wv[k]) - at::vec::fmadd(xhat, c2, c1)) * rsv;
       }
       store_block(dxr + j, len, dxv);
     });
@@ -273,7 +323,7 @@ void sum_partials(const float* part, int64_t nchunks, int64_t hidden, scalar_t* 
   constexpr int P = kParts<scalar_t>;
   constexpr int64_t B = kBlock<scalar_t>;
   at::parallel_for(0, hidden, std::max<int64_t>(B, kGrainElems / nchunks), [&](int64_t begin, int64_t end) {
-    for_each_block<B, 1>(end - begin, [&](int64_t j, int64_t len, int) {
+    for_each_block<B>(end - begin, [&](int64_t j, int64_t len, int) {
       fVec s[P], c[P], chunk_s[P], chunk_c[P];
       load_block(part + begin + j, len, s);
       load_block(part + hidden + begin + j, len, c);

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .. import reference
+from .. import _extension, reference
 from ..backends import Inputs, Support, register_op, select
 from ._validate import check_dropout_p, check_same_device, check_tensor, dtype_name
 
@@ -23,15 +23,18 @@ HEAD_DIM_LIMITS = {"head_dim": (1, 256), "head_dim_v": (1, 256)}
 SPEC = register_op(
     "scaled_dot_product_attention",
     [
+        Support("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, limits=HEAD_DIM_LIMITS, native_op="attention_fwd"),
         Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES, limits=HEAD_DIM_LIMITS),
+        Support("cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, limits=HEAD_DIM_LIMITS, native_op="attention_fwd"),
         Support("reference", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)),
     ],
 )
 
 
-def _draw_seed(dropout_p: float) -> int:
-    # From torch's default CPU generator, so torch.manual_seed reproduces the dropout draw.
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64)) if dropout_p > 0.0 else 0
+def draw_seed(dropout_p: float) -> torch.Tensor | None:
+    """The dropout seed of one call: a CPU int64 scalar from torch's default generator, so that
+    ``torch.manual_seed`` reproduces the draw (None without dropout)."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else None
 
 
 @torch.library.custom_op("fused_attn::triton_attention_fwd", mutates_args=())
@@ -43,13 +46,12 @@ def _triton_fwd(
     scale: float,
     is_causal: bool,
     dropout_p: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (output, row log-sum-exp, dropout seed as a CPU int64 scalar)."""
+    seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels.triton import attention as kernels
 
-    seed = _draw_seed(dropout_p)
-    out, lse, _ = kernels.attention_fwd(query, key, value, attn_mask, scale, is_causal, dropout_p, seed)
-    return out, lse, torch.tensor(seed, dtype=torch.int64)
+    out, lse, _ = kernels.attention_fwd(query, key, value, attn_mask, scale, is_causal, dropout_p, _seed_int(seed))
+    return out, lse
 
 
 @torch.library.custom_op("fused_attn::triton_attention_bwd", mutates_args=())
@@ -61,31 +63,31 @@ def _triton_bwd(
     attn_mask: torch.Tensor | None,
     out: torch.Tensor,
     lse: torch.Tensor,
-    seed: torch.Tensor,
     scale: float,
     is_causal: bool,
     dropout_p: float,
+    seed: torch.Tensor | None,
     mask_needs_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dq, dk, dv, d_attn_mask); the last is empty [0] unless ``mask_needs_grad``."""
     from ..kernels.triton import attention as kernels
 
     dq, dk, dv, dscores = kernels.attention_bwd(
-        grad_out, query, key, value, attn_mask, out, lse, scale, is_causal, dropout_p, int(seed), mask_needs_grad
+        grad_out, query, key, value, attn_mask, out, lse, scale, is_causal, dropout_p, _seed_int(seed), mask_needs_grad
     )
     return dq, dk, dv, dscores if dscores is not None else query.new_empty(0)
 
 
-@_triton_fwd.register_fake
-def _fake_fwd(query, key, value, attn_mask, scale, is_causal, dropout_p):
+def _seed_int(seed: torch.Tensor | None) -> int:
+    return int(seed) if seed is not None else 0
+
+
+def _fake_fwd(query, key, value, attn_mask, scale, is_causal, dropout_p, seed):
     batch, heads, q_len, _ = query.shape
     out = query.new_empty(batch, heads, q_len, value.shape[-1])
-    lse = query.new_empty(batch, heads, q_len, dtype=torch.float32)
-    return out, lse, torch.empty((), dtype=torch.int64, device="cpu")
+    return out, query.new_empty(batch, heads, q_len, dtype=torch.float32)
 
 
-@_triton_bwd.register_fake
-def _fake_bwd(grad_out, query, key, value, attn_mask, out, lse, seed, scale, is_causal, dropout_p, mask_needs_grad):
+def _fake_bwd(grad_out, query, key, value, attn_mask, out, lse, scale, is_causal, dropout_p, seed, mask_needs_grad):
     dscores = (
         query.new_empty(*query.shape[:3], key.shape[2], dtype=torch.float32) if mask_needs_grad else query.new_empty(0)
     )
@@ -93,24 +95,38 @@ def _fake_bwd(grad_out, query, key, value, attn_mask, out, lse, seed, scale, is_
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, attn_mask, scale, is_causal, dropout_p = inputs
-    out, lse, seed = output
+    query, key, value, attn_mask, scale, is_causal, dropout_p, seed = inputs
+    out, lse = output
     ctx.save_for_backward(query, key, value, attn_mask, out, lse, seed)
     ctx.scale, ctx.is_causal, ctx.dropout_p = scale, is_causal, dropout_p
 
 
-def _backward(ctx, grad_out, _grad_lse, _grad_seed):
-    query, key, value, attn_mask, out, lse, seed = ctx.saved_tensors
-    mask_needs_grad = bool(ctx.needs_input_grad[3])
-    dq, dk, dv, dmask = torch.ops.fused_attn.triton_attention_bwd(
-        grad_out.contiguous(), query, key, value, attn_mask, out, lse, seed,
-        ctx.scale, ctx.is_causal, ctx.dropout_p, mask_needs_grad,
+def _autograd_for(bwd_op):
+    def backward(ctx, grad_out, _grad_lse):
+        query, key, value, attn_mask, out, lse, seed = ctx.saved_tensors
+        mask_needs_grad = bool(ctx.needs_input_grad[3])
+        dq, dk, dv, dmask = bwd_op(
+            grad_out.contiguous(), query, key, value, attn_mask, out, lse,
+            ctx.scale, ctx.is_causal, ctx.dropout_p, seed, mask_needs_grad,
+        )
+        return dq, dk, dv, (dmask.to(attn_mask.dtype) if mask_needs_grad else None), None, None, None, None
+
+    return backward
+
+
+def _register(fwd: str, bwd: str) -> None:
+    torch.library.register_fake(f"fused_attn::{fwd}", _fake_fwd)
+    torch.library.register_fake(f"fused_attn::{bwd}", _fake_bwd)
+    torch.library.register_autograd(
+        f"fused_attn::{fwd}", _autograd_for(getattr(torch.ops.fused_attn, bwd)), setup_context=_setup_context
     )
-    return dq, dk, dv, (dmask.to(attn_mask.dtype) if mask_needs_grad else None), None, None, None
 
 
-_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+_register("triton_attention_fwd", "triton_attention_bwd")
 _FWD_OPS = {"triton": torch.ops.fused_attn.triton_attention_fwd}
+if _extension.loaded():
+    _register("attention_fwd", "attention_bwd")
+    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = torch.ops.fused_attn.attention_fwd
 
 
 def _expand_mask(attn_mask: object, shape: tuple[int, int, int, int], query: torch.Tensor) -> torch.Tensor | None:
@@ -206,8 +222,9 @@ def scaled_dot_product_attention(
     chosen = select("scaled_dot_product_attention", inputs, backend)
     if chosen == "reference" or query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
         return reference.scaled_dot_product_attention(query, key, value, mask, dropout_p, is_causal, scale)
-    out, _, _ = _FWD_OPS[chosen](
-        _no_last_dim_stride(query), _no_last_dim_stride(key), _no_last_dim_stride(value), mask, scale, is_causal, dropout_p
+    out, _ = _FWD_OPS[chosen](
+        _no_last_dim_stride(query), _no_last_dim_stride(key), _no_last_dim_stride(value), mask, scale, is_causal,
+        dropout_p, draw_seed(dropout_p),
     )
     return out
 
@@ -231,6 +248,6 @@ def attention_with_keep_mask(
     _validate(query, key, value)
     scale = _check_scale(scale, query.shape[-1])
     mask = _expand_mask(attn_mask, (*query.shape[:3], key.shape[2]), query)
-    seed = _draw_seed(dropout_p)
+    seed = _seed_int(draw_seed(dropout_p))
     out, _, keep = kernels.attention_fwd(query, key, value, mask, scale, is_causal, dropout_p, seed, return_keep_mask=True)
     return out, keep

@@ -22,9 +22,9 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SPEC = register_op(
     "layer_norm",
     [
-        Support("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES),
+        Support("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, native_op="layer_norm_fwd"),
         Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES),
-        Support("cpu", devices=("cpu",), dtypes=KERNEL_DTYPES),
+        Support("cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, native_op="layer_norm_fwd"),
         Support("reference", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)),
     ],
 )

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .. import reference
+from .. import _extension, reference
 from ..backends import Inputs, Support, register_op, select
 from ._validate import check_same_device, check_tensor, dtype_name
 
@@ -20,7 +20,9 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SPEC = register_op(
     "softmax",
     [
+        Support("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, native_op="softmax_fwd"),
         Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES),
+        Support("cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, native_op="softmax_fwd"),
         Support("reference", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)),
     ],
 )
@@ -44,12 +46,10 @@ def _triton_bwd(
     return dx, dscores if dscores is not None else output.new_empty(0)
 
 
-@_triton_fwd.register_fake
 def _fake_fwd(input, mask, scale, is_causal):
     return input.new_empty(input.shape)
 
 
-@_triton_bwd.register_fake
 def _fake_bwd(grad_out, output, scale, mask_needs_grad):
     return torch.empty_like(output), (torch.empty_like(output) if mask_needs_grad else output.new_empty(0))
 
@@ -60,15 +60,29 @@ def _setup_context(ctx, inputs, output):
     ctx.scale = scale
 
 
-def _backward(ctx, grad_out):
-    (output,) = ctx.saved_tensors
-    mask_needs_grad = bool(ctx.needs_input_grad[1])
-    dx, dscores = torch.ops.fused_attn.triton_softmax_bwd(grad_out.contiguous(), output, ctx.scale, mask_needs_grad)
-    return dx, (dscores if mask_needs_grad else None), None, None
+def _autograd_for(bwd_op):
+    def backward(ctx, grad_out):
+        (output,) = ctx.saved_tensors
+        mask_needs_grad = bool(ctx.needs_input_grad[1])
+        dx, dscores = bwd_op(grad_out.contiguous(), output, ctx.scale, mask_needs_grad)
+        return dx, (dscores if mask_needs_grad else None), None, None
+
+    return backward
 
 
-_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+def _register(fwd: str, bwd: str) -> None:
+    torch.library.register_fake(f"fused_attn::{fwd}", _fake_fwd)
+    torch.library.register_fake(f"fused_attn::{bwd}", _fake_bwd)
+    torch.library.register_autograd(
+        f"fused_attn::{fwd}", _autograd_for(getattr(torch.ops.fused_attn, bwd)), setup_context=_setup_context
+    )
+
+
+_register("triton_softmax_fwd", "triton_softmax_bwd")
 _FWD_OPS = {"triton": torch.ops.fused_attn.triton_softmax_fwd}
+if _extension.loaded():
+    _register("softmax_fwd", "softmax_bwd")
+    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = torch.ops.fused_attn.softmax_fwd
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:

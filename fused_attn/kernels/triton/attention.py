@@ -7,7 +7,7 @@ to the 2^31 grid limit.
 
 Forward: a program owns ``BLOCK_M`` queries and streams ``BLOCK_N`` keys at a time, keeping the
 running row max ``m`` and row sum ``l`` in float32 (online softmax, exp2 with log2(e) folded
-into the scale). It writes the output and the row log-sum-exp (log2 units) and nothing of size
+into the scale). It writes the output and the row log-sum-exp (natural log) and nothing of size
 Lq x Lk. Causal attention (top-left aligned: query i sees keys j <= i) stops the key loop at the
 diagonal, so tiles above it are never loaded; only tiles that straddle it are masked.
 
@@ -206,7 +206,8 @@ def _attn_fwd_kernel(
         )
     empty_row = l_i == 0.0
     out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
-    lse = tl.where(empty_row, float("inf"), m_i + tl.math.log2(tl.where(empty_row, 1.0, l_i)))
+    # Stored in natural-log units (the convention every backend shares); kernels work in log2.
+    lse = tl.where(empty_row, float("inf"), (m_i + tl.math.log2(tl.where(empty_row, 1.0, l_i))) * 0.6931471805599453)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :],
              out.to(out_ptr.dtype.element_ty), mask=in_queries[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     tl.store(lse_ptr + bh * q_len + offs_m, lse, mask=in_queries)
@@ -239,7 +240,7 @@ def _probabilities(
     q, k, offs_m, offs_n, lse, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
-    """Softmax probabilities of a tile recomputed from the saved log-sum-exp (log2 units)."""
+    """Softmax probabilities of a tile recomputed from the log-sum-exp (``lse`` in log2 units)."""
     s = _scores(q, k, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
                 HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT)
     return tl.math.exp2(s - lse[:, None])
@@ -262,7 +263,7 @@ def _attn_bwd_dkdv_inner(
         rows = offs_m[:, None].to(tl.int64)
         q = tl.load(q_base + rows * stride_qm + offs_d[None, :], mask=in_queries[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
         do = tl.load(do_base + rows * stride_dom + offs_dv[None, :], mask=in_queries[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        lse = tl.load(lse_base + offs_m, mask=in_queries, other=float("inf"))
+        lse = tl.load(lse_base + offs_m, mask=in_queries, other=float("inf")) * 1.4426950408889634
         delta = tl.load(delta_base + offs_m, mask=in_queries, other=0.0)
         p = _probabilities(q, k, offs_m, offs_n, lse, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
                            HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT)
@@ -424,7 +425,7 @@ def _attn_bwd_dq_kernel(
                 mask=in_queries[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     do = tl.load(dout_ptr + b * stride_dob + h * stride_doh + rows * stride_dom + offs_dv[None, :],
                  mask=in_queries[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    lse = tl.load(lse_ptr + bh * q_len + offs_m, mask=in_queries, other=float("inf"))
+    lse = tl.load(lse_ptr + bh * q_len + offs_m, mask=in_queries, other=float("inf")) * 1.4426950408889634
     delta = tl.load(delta_ptr + bh * q_len + offs_m, mask=in_queries, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_base = k_ptr + b * stride_kb + h * stride_kh
@@ -497,7 +498,7 @@ def attention_fwd(
     seed: int,
     return_keep_mask: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Returns (out [B, H, Lq, Dv], lse [B, H, Lq] float32 in log2 units, keep-mask or None).
+    """Returns (out [B, H, Lq, Dv], lse [B, H, Lq] float32 natural log, keep-mask or None).
 
     ``mask`` must already be expanded to [B, H, Lq, Lk] (a view; zero strides broadcast).
     ``return_keep_mask`` also returns the dropout keep-mask the kernel drew (for tests).
