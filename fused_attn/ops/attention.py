@@ -14,6 +14,7 @@ import torch
 
 from .. import _extension, reference
 from ..backends import Inputs, Support, register_op, select
+from ._registry import register_pair
 from ._validate import check_dropout_p, check_same_device, check_tensor, dtype_name
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -114,19 +115,15 @@ def _autograd_for(bwd_op):
     return backward
 
 
-def _register(fwd: str, bwd: str) -> None:
-    torch.library.register_fake(f"fused_attn::{fwd}", _fake_fwd)
-    torch.library.register_fake(f"fused_attn::{bwd}", _fake_bwd)
-    torch.library.register_autograd(
-        f"fused_attn::{fwd}", _autograd_for(getattr(torch.ops.fused_attn, bwd)), setup_context=_setup_context
+def _register(fwd: str, bwd: str) -> object:
+    return register_pair(
+        fwd, bwd, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, setup_context=_setup_context, backward_for=_autograd_for
     )
 
 
-_register("triton_attention_fwd", "triton_attention_bwd")
-_FWD_OPS = {"triton": torch.ops.fused_attn.triton_attention_fwd}
+_FWD_OPS = {"triton": _register("triton_attention_fwd", "triton_attention_bwd")}
 if _extension.loaded():
-    _register("attention_fwd", "attention_bwd")
-    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = torch.ops.fused_attn.attention_fwd
+    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = _register("attention_fwd", "attention_bwd")
 
 
 def _expand_mask(attn_mask: object, shape: tuple[int, int, int, int], query: torch.Tensor) -> torch.Tensor | None:

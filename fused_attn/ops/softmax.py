@@ -13,6 +13,7 @@ import torch
 
 from .. import _extension, reference
 from ..backends import Inputs, Support, register_op, select
+from ._registry import register_pair
 from ._validate import check_same_device, check_tensor, dtype_name
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -70,19 +71,15 @@ def _autograd_for(bwd_op):
     return backward
 
 
-def _register(fwd: str, bwd: str) -> None:
-    torch.library.register_fake(f"fused_attn::{fwd}", _fake_fwd)
-    torch.library.register_fake(f"fused_attn::{bwd}", _fake_bwd)
-    torch.library.register_autograd(
-        f"fused_attn::{fwd}", _autograd_for(getattr(torch.ops.fused_attn, bwd)), setup_context=_setup_context
+def _register(fwd: str, bwd: str) -> object:
+    return register_pair(
+        fwd, bwd, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, setup_context=_setup_context, backward_for=_autograd_for
     )
 
 
-_register("triton_softmax_fwd", "triton_softmax_bwd")
-_FWD_OPS = {"triton": torch.ops.fused_attn.triton_softmax_fwd}
+_FWD_OPS = {"triton": _register("triton_softmax_fwd", "triton_softmax_bwd")}
 if _extension.loaded():
-    _register("softmax_fwd", "softmax_bwd")
-    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = torch.ops.fused_attn.softmax_fwd
+    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = _register("softmax_fwd", "softmax_bwd")
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,26 @@
+"""Registration shared by every op: fake kernels and the autograd formula of a (fwd, bwd) pair."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def register_pair(
+    fwd: str,
+    bwd: str,
+    *,
+    fake_fwd: Callable,
+    fake_bwd: Callable,
+    setup_context: Callable,
+    backward_for: Callable[[object], Callable],
+) -> object:
+    """Registers ``fused_attn::{fwd}`` and ``fused_attn::{bwd}``'s fake kernels and makes the
+    forward differentiable through ``backward_for(bwd op)``. Returns the forward op."""
+    torch.library.register_fake(f"fused_attn::{fwd}", fake_fwd)
+    torch.library.register_fake(f"fused_attn::{bwd}", fake_bwd)
+    torch.library.register_autograd(
+        f"fused_attn::{fwd}", backward_for(getattr(torch.ops.fused_attn, bwd)), setup_context=setup_context
+    )
+    return getattr(torch.ops.fused_attn, fwd)
