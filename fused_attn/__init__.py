@@ -12,11 +12,12 @@ from .backends import (
     last_backend,
     use_backend,
 )
-from .ops import layer_norm, scaled_dot_product_attention, softmax
+from .ops import add_layer_norm, layer_norm, scaled_dot_product_attention, softmax
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "add_layer_norm",
     "BackendNotSupportedError",
     "FallbackWarning",
     "available_backends",

@@ -40,3 +40,19 @@ def check_dropout_p(p: object) -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {p!r}")
     return float(p)
+
+
+def check_param(param: object, name: str, input: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """An optional parameter (weight, bias) of ``shape`` on ``input``'s device, cast to its dtype.
+
+    Mixed precision (e.g. float32 parameters with a float16 input, as F.layer_norm accepts): the
+    kernels compute in float32 either way, and the cast is differentiable, so the gradient still
+    reaches the parameter in its own dtype.
+    """
+    if param is None:
+        return None
+    param = check_tensor(param, name)
+    if tuple(param.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(param.shape)}")
+    check_same_device(param, name, input, "input")
+    return param if param.dtype == input.dtype else param.to(input.dtype)

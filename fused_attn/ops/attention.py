@@ -14,6 +14,7 @@ import torch
 
 from .. import _extension, reference
 from ..backends import Inputs, Support, register_op, select
+from ._random import draw_seed, seed_int
 from ._registry import register_pair
 from ._validate import check_dropout_p, check_same_device, check_tensor, dtype_name
 
@@ -32,12 +33,6 @@ SPEC = register_op(
 )
 
 
-def draw_seed(dropout_p: float) -> torch.Tensor | None:
-    """The dropout seed of one call: a CPU int64 scalar from torch's default generator, so that
-    ``torch.manual_seed`` reproduces the draw (None without dropout)."""
-    return torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else None
-
-
 @torch.library.custom_op("fused_attn::triton_attention_fwd", mutates_args=())
 def _triton_fwd(
     query: torch.Tensor,
@@ -51,7 +46,7 @@ def _triton_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels.triton import attention as kernels
 
-    out, lse, _ = kernels.attention_fwd(query, key, value, attn_mask, scale, is_causal, dropout_p, _seed_int(seed))
+    out, lse, _ = kernels.attention_fwd(query, key, value, attn_mask, scale, is_causal, dropout_p, seed_int(seed))
     return out, lse
 
 
@@ -73,13 +68,9 @@ def _triton_bwd(
     from ..kernels.triton import attention as kernels
 
     dq, dk, dv, dscores = kernels.attention_bwd(
-        grad_out, query, key, value, attn_mask, out, lse, scale, is_causal, dropout_p, _seed_int(seed), mask_needs_grad
+        grad_out, query, key, value, attn_mask, out, lse, scale, is_causal, dropout_p, seed_int(seed), mask_needs_grad
     )
     return dq, dk, dv, dscores if dscores is not None else query.new_empty(0)
-
-
-def _seed_int(seed: torch.Tensor | None) -> int:
-    return int(seed) if seed is not None else 0
 
 
 def _fake_fwd(query, key, value, attn_mask, scale, is_causal, dropout_p, seed):
@@ -245,6 +236,6 @@ def attention_with_keep_mask(
     _validate(query, key, value)
     scale = _check_scale(scale, query.shape[-1])
     mask = _expand_mask(attn_mask, (*query.shape[:3], key.shape[2]), query)
-    seed = _seed_int(draw_seed(dropout_p))
+    seed = seed_int(draw_seed(dropout_p))
     out, _, keep = kernels.attention_fwd(query, key, value, mask, scale, is_causal, dropout_p, seed, return_keep_mask=True)
     return out, keep

@@ -16,7 +16,7 @@ import torch
 from .. import _extension, reference
 from ..backends import Inputs, Support, register_op, select
 from ._registry import register_pair
-from ._validate import check_eps, check_same_device, check_tensor
+from ._validate import check_eps, check_param, check_tensor
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -106,19 +106,6 @@ def _normalized_shape(normalized_shape: object) -> tuple[int, ...]:
     raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
 
 
-def _check_affine(param: object, name: str, input: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
-    if param is None:
-        return None
-    param = check_tensor(param, name)
-    if tuple(param.shape) != shape:
-        raise ValueError(f"{name} must have shape {list(shape)} (normalized_shape), got {list(param.shape)}")
-    check_same_device(param, name, input, "input")
-    # Mixed precision (e.g. float32 parameters with a float16 input, as F.layer_norm accepts):
-    # the kernels compute in float32 either way; the cast is differentiable, so the gradient
-    # still reaches the parameter in its own dtype.
-    return param if param.dtype == input.dtype else param.to(input.dtype)
-
-
 def layer_norm(
     input: torch.Tensor,
     normalized_shape: int | Sequence[int],
@@ -146,8 +133,8 @@ def layer_norm(
         raise ValueError(
             f"normalized_shape {list(shape)} must equal the trailing dims of input, whose shape is {list(input.shape)}"
         )
-    weight = _check_affine(weight, "weight", input, shape)
-    bias = _check_affine(bias, "bias", input, shape)
+    weight = check_param(weight, "weight", input, shape)
+    bias = check_param(bias, "bias", input, shape)
     eps = check_eps(eps)
     hidden = math.prod(shape)
     inputs = Inputs(input.device, input.dtype, {"hidden": hidden})

@@ -1,14 +1,21 @@
-"""LayerNorm forward and backward in Triton.
+"""LayerNorm and Add & Norm (``residual + dropout(input + input_bias)`` then LayerNorm) in Triton.
 
-Forward: one program per row. When the row fits one block (``SINGLE_BLOCK``) it is loaded once
-and kept in registers; wider rows are streamed in ``BLOCK_N`` chunks three times (mean, centred
-sum of squares, normalise), the re-reads hitting L2. Statistics are two-pass in float32
-(mean first, then the sum of squared deviations), which stays accurate when |mean| >> std.
+One kernel pair serves both ops: plain LayerNorm is Add & Norm with the residual, input bias and
+dropout compiled away (constexpr flags), so the two cannot drift apart.
 
-Backward: ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`` with ``g = dy * w``. Each
-program owns a contiguous run of rows and accumulates ``dw = sum(dy * xhat)`` and ``db = sum(dy)``
-for them in float32; the ``[programs, hidden]`` partial sums are reduced afterwards. No atomics,
-so the gradients are deterministic for a given grid.
+Forward: one program per row. The pre-norm sum is formed in the same pass that loads the row
+(rounded to the storage dtype, so the forward normalises exactly what the backward will read)
+and stored when there is a residual. When the row fits one block (``SINGLE_BLOCK``) it stays in
+registers; wider rows are streamed in ``BLOCK_N`` chunks three times (sum, centred sum of
+squares, normalise), re-reading the pre-norm from L2. Statistics are two-pass in float32 (mean
+first, then the squared deviations), accurate when |mean| >> std.
+
+Backward: ``d_pre = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ grad_prenorm)`` with
+``g = dy * w``; the input's gradient is ``d_pre`` through the same dropout keep-mask, regenerated
+from the seed (Philox, element ``row * hidden + col``). Each program owns a contiguous run of
+rows and accumulates ``dw = sum(dy * xhat)``, ``db = sum(dy)`` and the input bias's gradient in
+float32; the ``[programs, hidden]`` partial sums are reduced afterwards. No atomics, so the
+gradients are deterministic.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import triton.language as tl
 # Widest block kept in registers: 64 KiB of the row per program (the Triton tutorial's bound);
 # past it the kernels stream the row in chunks instead of spilling.
 MAX_FUSED_BYTES = 65536
-# The backward holds x, dy, w and two accumulators per element: a narrower cap avoids spills.
+# The backward holds x, dy, w and up to three accumulators per element: a narrower cap avoids spills.
 MAX_BWD_BLOCK = 4096
 
 
@@ -36,197 +43,275 @@ def _num_warps(block_n: int) -> int:
 
 
 @triton.jit
-def _layer_norm_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
-    hidden, eps,
+def _prenorm_chunk(
+    x_ptr, res_ptr, xb_ptr, base, offs, in_row, seed, dropout_p,
+    HAS_RESIDUAL: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    """``residual + dropout(x + input_bias)`` for one chunk of a row, rounded to the storage dtype."""
+    h = tl.load(x_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
+    if HAS_INPUT_BIAS:
+        h += tl.load(xb_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
+    if DROPOUT:
+        keep = tl.rand(seed, base + offs) >= dropout_p
+        h = tl.where(keep, h / (1.0 - dropout_p), 0.0)
+    if HAS_RESIDUAL:
+        h += tl.load(res_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
+        h = h.to(x_ptr.dtype.element_ty).to(tl.float32)
+    return h
+
+
+@triton.jit
+def _norm_fwd_kernel(
+    x_ptr, res_ptr, xb_ptr, w_ptr, b_ptr, y_ptr, pre_ptr, mean_ptr, rstd_ptr,
+    hidden, eps, seed, dropout_p,
+    HAS_RESIDUAL: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * hidden
-    y_row = y_ptr + row * hidden
+    base = row * hidden
     cols = tl.arange(0, BLOCK_N)
     if SINGLE_BLOCK:
         in_row = cols < hidden
-        x = tl.load(x_row + cols, mask=in_row, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=0) / hidden
-        centred = tl.where(in_row, x - mean, 0.0)
+        h = _prenorm_chunk(x_ptr, res_ptr, xb_ptr, base, cols, in_row, seed, dropout_p,
+                           HAS_RESIDUAL, HAS_INPUT_BIAS, DROPOUT)
+        if HAS_RESIDUAL:
+            tl.store(pre_ptr + base + cols, h.to(pre_ptr.dtype.element_ty), mask=in_row)
+        mean = tl.sum(h, axis=0) / hidden
+        centred = tl.where(in_row, h - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / hidden + eps)
         y = centred * rstd
         if HAS_WEIGHT:
             y = y * tl.load(w_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
         if HAS_BIAS:
             y = y + tl.load(b_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
-        tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=in_row)
+        tl.store(y_ptr + base + cols, y.to(y_ptr.dtype.element_ty), mask=in_row)
     else:
         total = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start in range(0, hidden, BLOCK_N):
             offs = start + cols
-            total += tl.load(x_row + offs, mask=offs < hidden, other=0.0).to(tl.float32)
+            in_row = offs < hidden
+            h = _prenorm_chunk(x_ptr, res_ptr, xb_ptr, base, offs, in_row, seed, dropout_p,
+                               HAS_RESIDUAL, HAS_INPUT_BIAS, DROPOUT)
+            if HAS_RESIDUAL:
+                tl.store(pre_ptr + base + offs, h.to(pre_ptr.dtype.element_ty), mask=in_row)
+            total += h
         mean = tl.sum(total, axis=0) / hidden
+        # The later passes read the pre-norm sum back (the input itself when there is no residual).
+        src = pre_ptr if HAS_RESIDUAL else x_ptr
         sq = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start in range(0, hidden, BLOCK_N):
             offs = start + cols
-            x = tl.load(x_row + offs, mask=offs < hidden, other=0.0).to(tl.float32)
-            centred = tl.where(offs < hidden, x - mean, 0.0)
+            h = tl.load(src + base + offs, mask=offs < hidden, other=0.0).to(tl.float32)
+            centred = tl.where(offs < hidden, h - mean, 0.0)
             sq += centred * centred
         rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / hidden + eps)
         for start in range(0, hidden, BLOCK_N):
             offs = start + cols
             in_row = offs < hidden
-            x = tl.load(x_row + offs, mask=in_row, other=0.0).to(tl.float32)
-            y = (x - mean) * rstd
+            h = tl.load(src + base + offs, mask=in_row, other=0.0).to(tl.float32)
+            y = (h - mean) * rstd
             if HAS_WEIGHT:
                 y = y * tl.load(w_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 y = y + tl.load(b_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
-            tl.store(y_row + offs, y.to(y_ptr.dtype.element_ty), mask=in_row)
+            tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=in_row)
     tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
 
 
 @triton.jit
-def _layer_norm_bwd_kernel(
-    dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, db_partial_ptr,
-    rows, hidden, rows_per_program,
-    HAS_WEIGHT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-    BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+def _accumulate(partial_ptr, offs, in_row, value, SINGLE_BLOCK: tl.constexpr, acc):
+    """Adds ``value`` to a partial sum: in registers for one block, else in this program's buffer row."""
+    if SINGLE_BLOCK:
+        return acc + value
+    tl.store(partial_ptr + offs, tl.load(partial_ptr + offs, mask=in_row, other=0.0) + value, mask=in_row)
+    return acc
+
+
+@triton.jit
+def _norm_bwd_kernel(
+    dy_ptr, dpre_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dinput_ptr,
+    dw_partial_ptr, db_partial_ptr, dib_partial_ptr,
+    rows, hidden, rows_per_program, seed, dropout_p,
+    HAS_WEIGHT: tl.constexpr, HAS_DPRENORM: tl.constexpr, DROPOUT: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DINPUT: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    NEED_DIB: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
+    """``x`` is what was normalised (the pre-norm sum for Add & Norm); ``dx`` its gradient and
+    ``dinput`` the gradient through the dropout in front of it."""
     pid = tl.program_id(0).to(tl.int64)
     row_start = pid * rows_per_program
     num_rows = tl.minimum(row_start + rows_per_program, rows) - row_start
     cols = tl.arange(0, BLOCK_N)
     partial_offset = pid * hidden
-    if SINGLE_BLOCK:
-        in_row = cols < hidden
-        if HAS_WEIGHT:
-            w = tl.load(w_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
-        dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for i in range(0, num_rows):
-            row = row_start + i
-            base = row * hidden
-            x = tl.load(x_ptr + base + cols, mask=in_row, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + base + cols, mask=in_row, other=0.0).to(tl.float32)
-            mean = tl.load(mean_ptr + row)
-            rstd = tl.load(rstd_ptr + row)
-            xhat = tl.where(in_row, (x - mean) * rstd, 0.0)
-            if NEED_DX:
-                g = dy * w if HAS_WEIGHT else dy
-                mean_g = tl.sum(g, axis=0) / hidden
-                mean_gx = tl.sum(g * xhat, axis=0) / hidden
-                dx = (g - mean_g - xhat * mean_gx) * rstd
-                tl.store(dx_ptr + base + cols, dx.to(dx_ptr.dtype.element_ty), mask=in_row)
-            if NEED_DW:
-                dw_acc += dy * xhat
-            if NEED_DB:
-                db_acc += dy
-        if NEED_DW:
-            tl.store(dw_partial_ptr + partial_offset + cols, dw_acc, mask=in_row)
-        if NEED_DB:
-            tl.store(db_partial_ptr + partial_offset + cols, db_acc, mask=in_row)
-    else:
-        # Rows wider than a block: the partial sums live in this program's own row of the
-        # partial buffers (zero-initialised by the launcher), read-modify-written without races.
-        for i in range(0, num_rows):
-            row = row_start + i
-            base = row * hidden
-            mean = tl.load(mean_ptr + row)
-            rstd = tl.load(rstd_ptr + row)
-            if NEED_DX:
-                sum_g = tl.zeros([BLOCK_N], dtype=tl.float32)
-                sum_gx = tl.zeros([BLOCK_N], dtype=tl.float32)
-                for start in range(0, hidden, BLOCK_N):
-                    offs = start + cols
-                    in_row = offs < hidden
-                    x = tl.load(x_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
-                    dy = tl.load(dy_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
-                    if HAS_WEIGHT:
-                        dy = dy * tl.load(w_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
-                    xhat = tl.where(in_row, (x - mean) * rstd, 0.0)
-                    sum_g += dy
-                    sum_gx += dy * xhat
-                mean_g = tl.sum(sum_g, axis=0) / hidden
-                mean_gx = tl.sum(sum_gx, axis=0) / hidden
+    NEED_DPRE: tl.constexpr = NEED_DX or NEED_DINPUT or NEED_DIB
+    # Single block: accumulators in registers, stored once. Otherwise each program's row of the
+    # zero-initialised partial buffers is read-modify-written, without races.
+    dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    dib_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for i in range(0, num_rows):
+        row = row_start + i
+        base = row * hidden
+        mean = tl.load(mean_ptr + row)
+        rstd = tl.load(rstd_ptr + row)
+        mean_g = 0.0
+        mean_gx = 0.0
+        if NEED_DPRE:
+            sum_g = tl.zeros([BLOCK_N], dtype=tl.float32)
+            sum_gx = tl.zeros([BLOCK_N], dtype=tl.float32)
             for start in range(0, hidden, BLOCK_N):
                 offs = start + cols
                 in_row = offs < hidden
                 x = tl.load(x_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
-                dy = tl.load(dy_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
-                xhat = tl.where(in_row, (x - mean) * rstd, 0.0)
+                g = tl.load(dy_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
+                if HAS_WEIGHT:
+                    g = g * tl.load(w_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
+                sum_g += g
+                sum_gx += g * tl.where(in_row, (x - mean) * rstd, 0.0)
+            mean_g = tl.sum(sum_g, axis=0) / hidden
+            mean_gx = tl.sum(sum_gx, axis=0) / hidden
+        for start in range(0, hidden, BLOCK_N):
+            offs = start + cols
+            in_row = offs < hidden
+            x = tl.load(x_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
+            xhat = tl.where(in_row, (x - mean) * rstd, 0.0)
+            if NEED_DPRE:
+                g = dy
+                if HAS_WEIGHT:
+                    g = dy * tl.load(w_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
+                dpre = (g - mean_g - xhat * mean_gx) * rstd
+                if HAS_DPRENORM:
+                    dpre += tl.load(dpre_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
                 if NEED_DX:
-                    g = dy
-                    if HAS_WEIGHT:
-                        g = dy * tl.load(w_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
-                    dx = (g - mean_g - xhat * mean_gx) * rstd
-                    tl.store(dx_ptr + base + offs, dx.to(dx_ptr.dtype.element_ty), mask=in_row)
-                if NEED_DW:
-                    dw_p = dw_partial_ptr + partial_offset + offs
-                    tl.store(dw_p, tl.load(dw_p, mask=in_row, other=0.0) + dy * xhat, mask=in_row)
-                if NEED_DB:
-                    db_p = db_partial_ptr + partial_offset + offs
-                    tl.store(db_p, tl.load(db_p, mask=in_row, other=0.0) + dy, mask=in_row)
+                    tl.store(dx_ptr + base + offs, dpre.to(dx_ptr.dtype.element_ty), mask=in_row)
+                dinput = dpre
+                if DROPOUT:
+                    keep = tl.rand(seed, base + offs) >= dropout_p
+                    dinput = tl.where(keep, dpre / (1.0 - dropout_p), 0.0)
+                if NEED_DINPUT:
+                    tl.store(dinput_ptr + base + offs, dinput.to(dinput_ptr.dtype.element_ty), mask=in_row)
+                if NEED_DIB:
+                    dib_acc = _accumulate(dib_partial_ptr + partial_offset, offs, in_row, dinput, SINGLE_BLOCK, dib_acc)
+            if NEED_DW:
+                dw_acc = _accumulate(dw_partial_ptr + partial_offset, offs, in_row, dy * xhat, SINGLE_BLOCK, dw_acc)
+            if NEED_DB:
+                db_acc = _accumulate(db_partial_ptr + partial_offset, offs, in_row, dy, SINGLE_BLOCK, db_acc)
+    if SINGLE_BLOCK:
+        in_row = cols < hidden
+        if NEED_DW:
+            tl.store(dw_partial_ptr + partial_offset + cols, dw_acc, mask=in_row)
+        if NEED_DB:
+            tl.store(db_partial_ptr + partial_offset + cols, db_acc, mask=in_row)
+        if NEED_DIB:
+            tl.store(dib_partial_ptr + partial_offset + cols, dib_acc, mask=in_row)
 
 
-def layer_norm_fwd(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: contiguous [rows, hidden]. Returns (y, mean, rstd); mean and rstd are float32 [rows]."""
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def norm_fwd(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    input_bias: torch.Tensor | None,
+    eps: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """x, residual: contiguous [rows, hidden]. Returns (y, prenorm or None, mean, rstd)."""
     rows, hidden = x.shape
     y = torch.empty_like(x)
+    prenorm = torch.empty_like(x) if residual is not None else None
     mean = torch.empty(rows, device=x.device, dtype=torch.float32)
     rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
     if rows == 0 or hidden == 0:
         # Nothing to normalise: statistics of an empty row are defined as zero.
-        return y, mean.zero_(), rstd.zero_()
+        return y, prenorm, mean.zero_(), rstd.zero_()
     block_n = _block_n(hidden, x.element_size())
-    _layer_norm_fwd_kernel[(rows,)](
-        x, weight, bias, y, mean, rstd, hidden, eps,
+    _norm_fwd_kernel[(rows,)](
+        x, residual, input_bias, weight, bias, y, prenorm, mean, rstd, hidden, eps, seed, dropout_p,
+        HAS_RESIDUAL=residual is not None, HAS_INPUT_BIAS=input_bias is not None, DROPOUT=dropout_p > 0.0,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, SINGLE_BLOCK=block_n >= hidden, num_warps=_num_warps(block_n),
     )
-    return y, mean, rstd
+    return y, prenorm, mean, rstd
 
 
 def _num_bwd_programs(rows: int, device: torch.device) -> int:
-    # Enough programs to fill the GPU a few times over; each reduces its rows' dw/db locally,
-    # so fewer programs also means a smaller partial buffer to sum afterwards.
+    # Enough programs to fill the GPU a few times over; each reduces its rows' partial sums
+    # locally, so fewer programs also means a smaller partial buffer to sum afterwards.
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         return max(1, min(rows, 4 * sms))
     return max(1, min(rows, 8))
 
 
-def layer_norm_bwd(
+def norm_bwd(
     dy: torch.Tensor,
+    dprenorm: torch.Tensor | None,
     x: torch.Tensor,
     mean: torch.Tensor,
     rstd: torch.Tensor,
     weight: torch.Tensor | None,
-    output_mask: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of layer_norm_fwd; an unselected one is returned as an empty [0] tensor."""
+    dropout_p: float,
+    seed: int,
+    need: dict[str, bool],
+) -> dict[str, torch.Tensor]:
+    """Gradients selected by ``need`` (keys dx, dinput, dweight, dbias, dinput_bias) of norm_fwd,
+    where ``x`` is what was normalised. Unselected ones are empty [0] tensors (distinct objects:
+    outputs of a custom op must not alias)."""
     rows, hidden = x.shape
-    need_dx, need_dw, need_db = output_mask
-    if need_dw and weight is None:
-        raise ValueError("layer_norm_bwd: grad_weight was requested but weight is None")
-    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    if need["dweight"] and weight is None:
+        raise ValueError("the weight gradient was requested but weight is None")
     programs = _num_bwd_programs(rows, x.device)
     block_n = _block_n(hidden, x.element_size(), cap=MAX_BWD_BLOCK)
     single = block_n >= hidden
     alloc = torch.empty if single else torch.zeros
-    dw_partial = alloc(programs, hidden, device=x.device, dtype=torch.float32) if need_dw else None
-    db_partial = alloc(programs, hidden, device=x.device, dtype=torch.float32) if need_db else None
+    partial = {
+        k: alloc(programs, hidden, device=x.device, dtype=torch.float32) if need[k] else None
+        for k in ("dweight", "dbias", "dinput_bias")
+    }
+    out = {k: torch.empty_like(x) if need[k] else x.new_empty(0) for k in ("dx", "dinput")}
     rows_per_program = triton.cdiv(max(rows, 1), programs)
     launched = triton.cdiv(rows, rows_per_program)
-    if launched > 0 and hidden > 0 and (need_dx or need_dw or need_db):
-        _layer_norm_bwd_kernel[(launched,)](
-            dy, x, weight, mean, rstd, dx, dw_partial, db_partial,
-            rows, hidden, rows_per_program,
-            HAS_WEIGHT=weight is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
-            BLOCK_N=block_n, SINGLE_BLOCK=single, num_warps=_num_warps(block_n),
+    if launched > 0 and hidden > 0 and any(need.values()):
+        _norm_bwd_kernel[(launched,)](
+            dy, dprenorm, x, weight, mean, rstd, out["dx"], out["dinput"],
+            partial["dweight"], partial["dbias"], partial["dinput_bias"],
+            rows, hidden, rows_per_program, seed, dropout_p,
+            HAS_WEIGHT=weight is not None, HAS_DPRENORM=dprenorm is not None, DROPOUT=dropout_p > 0.0,
+            NEED_DX=need["dx"], NEED_DINPUT=need["dinput"], NEED_DW=need["dweight"], NEED_DB=need["dbias"],
+            NEED_DIB=need["dinput_bias"], BLOCK_N=block_n, SINGLE_BLOCK=single, num_warps=_num_warps(block_n),
         )
-    # Separate empty tensors: outputs of a custom op must not alias each other.
-    dw = dw_partial[:launched].sum(0).to(weight.dtype) if need_dw else x.new_empty(0)
-    db = db_partial[:launched].sum(0).to(x.dtype) if need_db else x.new_empty(0)
-    return dx, dw, db
+    dtypes = {"dweight": weight.dtype if weight is not None else x.dtype, "dbias": x.dtype, "dinput_bias": x.dtype}
+    for k, buf in partial.items():
+        out[k] = buf[:launched].sum(0).to(dtypes[k]) if buf is not None else x.new_empty(0)
+    return out
+
+
+def layer_norm_fwd(x, weight, bias, eps):
+    y, _, mean, rstd = norm_fwd(x, None, weight, bias, None, eps, 0.0, 0)
+    return y, mean, rstd
+
+
+def layer_norm_bwd(dy, x, mean, rstd, weight, output_mask):
+    need = dict(zip(("dx", "dweight", "dbias"), output_mask), dinput=False, dinput_bias=False)
+    g = norm_bwd(dy, None, x, mean, rstd, weight, 0.0, 0, need)
+    return g["dx"], g["dweight"], g["dbias"]
+
+
+def add_layer_norm_fwd(x, residual, weight, bias, input_bias, eps, dropout_p, seed):
+    return norm_fwd(x, residual, weight, bias, input_bias, eps, dropout_p, seed)
+
+
+def add_layer_norm_bwd(dy, dprenorm, prenorm, mean, rstd, weight, dropout_p, seed, output_mask):
+    """output_mask selects (input, residual, weight, bias, input_bias); the residual's gradient is
+    the pre-norm's, the input's is that through the dropout."""
+    need = dict(zip(("dinput", "dx", "dweight", "dbias", "dinput_bias"), output_mask))
+    g = norm_bwd(dy, dprenorm, prenorm, mean, rstd, weight, dropout_p, seed, need)
+    return g["dinput"], g["dx"], g["dweight"], g["dbias"], g["dinput_bias"]

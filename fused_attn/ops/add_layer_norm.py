@@ -1,0 +1,178 @@
+"""``fused_attn.add_layer_norm``: BERT's "Add & Norm" in one pass over memory.
+
+``layer_norm(residual + dropout(input + input_bias))``: the bias add, dropout, residual add and
+normalisation read each input once and write the output (and the pre-norm sum, which the backward
+needs and pre-LN models use as their residual stream) once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _extension, reference
+from ..backends import Inputs, Support, register_op, select
+from ._random import draw_seed, seed_int
+from ._registry import register_pair
+from ._validate import check_dropout_p, check_eps, check_param, check_same_device, check_tensor, dtype_name
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+SPEC = register_op(
+    "add_layer_norm",
+    [
+        Support("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, native_op="add_layer_norm_fwd"),
+        Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES),
+        Support("cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, native_op="add_layer_norm_fwd"),
+        Support("reference", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)),
+    ],
+)
+
+
+@torch.library.custom_op("fused_attn::triton_add_layer_norm_fwd", mutates_args=())
+def _triton_fwd(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    input_bias: torch.Tensor | None,
+    eps: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels.triton import layer_norm as kernels
+
+    return kernels.add_layer_norm_fwd(input, residual, weight, bias, input_bias, eps, dropout_p, seed_int(seed))
+
+
+@torch.library.custom_op("fused_attn::triton_add_layer_norm_bwd", mutates_args=())
+def _triton_bwd(
+    grad_out: torch.Tensor,
+    grad_prenorm: torch.Tensor | None,
+    prenorm: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels.triton import layer_norm as kernels
+
+    return kernels.add_layer_norm_bwd(
+        grad_out, grad_prenorm, prenorm, mean, rstd, weight, dropout_p, seed_int(seed), output_mask
+    )
+
+
+def _fake_fwd(input, residual, weight, bias, input_bias, eps, dropout_p, seed):
+    stats = input.new_empty(input.shape[0], dtype=torch.float32)
+    return torch.empty_like(input), torch.empty_like(input), stats, torch.empty_like(stats)
+
+
+def _fake_bwd(grad_out, grad_prenorm, prenorm, mean, rstd, weight, dropout_p, seed, output_mask):
+    hidden = prenorm.shape[1]
+    full = [torch.empty_like(prenorm) if output_mask[i] else prenorm.new_empty(0) for i in (0, 1)]
+    vectors = [
+        prenorm.new_empty(hidden, dtype=weight.dtype if i == 2 and weight is not None else prenorm.dtype)
+        if output_mask[i]
+        else prenorm.new_empty(0)
+        for i in (2, 3, 4)
+    ]
+    return (*full, *vectors)
+
+
+def _setup_context(ctx, inputs, output):
+    _input, _residual, weight, _bias, _input_bias, _eps, dropout_p, seed = inputs
+    _out, prenorm, mean, rstd = output
+    ctx.save_for_backward(prenorm, mean, rstd, weight, seed)
+    ctx.dropout_p = dropout_p
+    # Gradients of outputs nobody used arrive as None instead of materialised zeros.
+    ctx.set_materialize_grads(False)
+
+
+def _autograd_for(bwd_op):
+    def backward(ctx, grad_out, grad_prenorm, _grad_mean, _grad_rstd):
+        prenorm, mean, rstd, weight, seed = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(prenorm)
+        mask = list(ctx.needs_input_grad[:5])
+        mask[2] = mask[2] and weight is not None
+        grads = bwd_op(
+            grad_out.contiguous(), None if grad_prenorm is None else grad_prenorm.contiguous(),
+            prenorm, mean, rstd, weight, ctx.dropout_p, seed, mask,
+        )
+        return (*(g if m else None for g, m in zip(grads, mask)), None, None, None)
+
+    return backward
+
+
+def _register(fwd: str, bwd: str) -> object:
+    return register_pair(
+        fwd, bwd, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, setup_context=_setup_context, backward_for=_autograd_for
+    )
+
+
+_FWD_OPS = {"triton": _register("triton_add_layer_norm_fwd", "triton_add_layer_norm_bwd")}
+if _extension.loaded():
+    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = _register("add_layer_norm_fwd", "add_layer_norm_bwd")
+
+
+def add_layer_norm(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+    dropout_p: float = 0.0,
+    input_bias: torch.Tensor | None = None,
+    *,
+    return_prenorm: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``layer_norm(residual + dropout(input + input_bias))`` over the last dim, fused.
+
+    ``input`` and ``residual`` share a shape [..., hidden] (any leading dims, any strides),
+    dtype and device; ``weight``, ``bias`` and ``input_bias`` are optional [hidden] vectors.
+    ``dropout_p`` drops elements of ``input + input_bias`` (inverted dropout, seeded from torch's
+    default generator). With ``return_prenorm`` also returns the sum that was normalised (the
+    residual stream of pre-LN models). Differentiable in every tensor argument.
+
+    Raises ``TypeError``/``ValueError`` naming the argument when shapes, dtypes or devices do not
+    match, or ``dropout_p`` is outside [0, 1).
+    """
+    input = check_tensor(input, "input", min_dim=1)
+    residual = check_tensor(residual, "residual", min_dim=1)
+    if residual.shape != input.shape:
+        raise ValueError(f"residual shape {list(residual.shape)} does not match input shape {list(input.shape)}")
+    if residual.dtype != input.dtype:
+        raise TypeError(f"residual dtype {dtype_name(residual.dtype)} does not match input dtype {dtype_name(input.dtype)}")
+    check_same_device(residual, "residual", input, "input")
+    hidden = input.shape[-1]
+    weight = check_param(weight, "weight", input, (hidden,))
+    bias = check_param(bias, "bias", input, (hidden,))
+    input_bias = check_param(input_bias, "input_bias", input, (hidden,))
+    eps = check_eps(eps)
+    dropout_p = check_dropout_p(dropout_p)
+    chosen = select("add_layer_norm", Inputs(input.device, input.dtype, {"hidden": hidden}), backend)
+    if chosen == "reference" or input.numel() == 0:
+        return reference.add_layer_norm(
+            input, residual, weight, bias, eps, dropout_p, input_bias, return_prenorm=return_prenorm
+        )
+    out, prenorm, _, _ = _FWD_OPS[chosen](
+        input.reshape(-1, hidden).contiguous(), residual.reshape(-1, hidden).contiguous(),
+        weight, bias, input_bias, eps, dropout_p, draw_seed(dropout_p),
+    )
+    out = out.view(input.shape)
+    return (out, prenorm.view(input.shape)) if return_prenorm else out
+
+
+def add_layer_norm_keep_mask(shape: tuple[int, ...], dropout_p: float, device: torch.device | str) -> torch.Tensor:
+    """The dropout keep-mask the Triton kernel draws for an input of ``shape`` after the current
+    RNG state (it draws the seed as the op does), for tests that replay the kernel's draw."""
+    from ..kernels.triton import layer_norm as kernels
+
+    ones = torch.ones(math.prod(shape[:-1]), shape[-1], device=device)
+    seed = seed_int(draw_seed(dropout_p))
+    _, prenorm, _, _ = kernels.add_layer_norm_fwd(ones, torch.zeros_like(ones), None, None, None, 0.0, dropout_p, seed)
+    return (prenorm != 0).view(shape)
