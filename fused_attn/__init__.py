@@ -12,7 +12,7 @@ from .backends import (
     last_backend,
     use_backend,
 )
-from .ops import add_layer_norm, layer_norm, scaled_dot_product_attention, softmax
+from .ops import add_layer_norm, ffn, layer_norm, linear_gelu, scaled_dot_product_attention, softmax
 
 __version__ = "0.1.0"
 
@@ -21,8 +21,10 @@ __all__ = [
     "BackendNotSupportedError",
     "FallbackWarning",
     "available_backends",
+    "ffn",
     "last_backend",
     "layer_norm",
+    "linear_gelu",
     "reference",
     "scaled_dot_product_attention",
     "softmax",

@@ -1,0 +1,218 @@
+"""GEMMs with the FFN's elementwise work fused into their prologues and epilogues, in Triton.
+
+One tiled GEMM kernel ``C = A' @ B'`` serves the whole feed-forward block, forward and backward:
+
+* epilogue ``bias``, ``bias + GELU`` (the pre-activation is stored alongside, for the backward)
+  or ``bias + dropout``;
+* A prologue ``dGELU`` (``A' = A * gelu'(P)``, P the saved pre-activation, read tile by tile) or
+  ``dropout`` (``A' = A * keep / (1 - p)``, the keep-mask regenerated from the seed);
+* B prologue ``GELU`` (``B' = gelu(B)``: the backward recomputes the activation from the
+  pre-activation instead of storing it);
+* optional row sums of ``A'`` (a bias gradient) accumulated over the K loop, so the bias
+  gradient costs no extra pass over memory.
+
+Operands are addressed through strides, so transposes are free. Tiles are visited in groups of
+``GROUP_M`` rows of tiles so that neighbouring programs share B tiles in L2. Accumulation is
+float32; float32 operands use IEEE products (not TF32), so float32 results match PyTorch's.
+Dropout uses the package's Philox stream (``tl.rand``) at element ``row * ld + col`` of the
+dropped tensor, so forward and backward draw the same mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...backends import triton_interpret_mode
+
+SQRT_HALF = 0.7071067811865476
+INV_SQRT_2PI = 0.3989422804014327
+SQRT_2_OVER_PI = 0.7978845608028654
+
+PROLOGUE_NONE, PROLOGUE_DGELU, PROLOGUE_DROPOUT, PROLOGUE_GELU = 0, 1, 2, 3
+EPILOGUE_NONE, EPILOGUE_BIAS, EPILOGUE_BIAS_GELU, EPILOGUE_BIAS_DROPOUT = 0, 1, 2, 3
+
+
+def _configs() -> list[triton.Config]:
+    """Tile shapes from the Triton matmul tutorial's H100/A100 sweep: large 128x128/128x256 tiles
+    with 3-4 stages for big GEMMs (the FFN's), smaller ones for skinny shapes; the autotuner
+    keys on (M, N, K). Under the interpreter one small tile keeps CPU tests fast."""
+    if triton_interpret_mode():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    shapes = [
+        (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4),
+        (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4), (32, 64, 32, 5, 2),
+    ]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
+        for m, n, k, s, w in shapes
+    ]
+
+
+@triton.jit
+def _tanh(x):
+    # tanh from exp: saturates to +-1 without overflow (exp(2x) -> inf gives 1 - 0).
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _gelu(x, APPROX_TANH: tl.constexpr):
+    if APPROX_TANH:
+        return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(x, APPROX_TANH: tl.constexpr):
+    if APPROX_TANH:
+        t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+    return 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+
+
+@triton.autotune(configs=_configs(), key=["M", "N", "K"])
+@triton.jit
+def _gemm_kernel(
+    a_ptr, b_ptr, c_ptr, aux_ptr, bias_ptr, pre_ptr, rowsum_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    rng_stride_m, rng_stride_k, seed, dropout_p,
+    A_PROLOGUE: tl.constexpr, B_PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, APPROX_TANH: tl.constexpr,
+    ROW_SUMS: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_rows
+    pid_n = (pid % group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = offs_m[:, None].to(tl.int64)
+    cols = offs_n[None, :].to(tl.int64)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    row_sums = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        a_mask = (offs_m[:, None] < M) & (ks[None, :] < K)
+        a_offs = rows * stride_am + ks[None, :].to(tl.int64) * stride_ak
+        a = tl.load(a_ptr + a_offs, mask=a_mask, other=0.0)
+        if A_PROLOGUE == 1:
+            pre = tl.load(aux_ptr + a_offs, mask=a_mask, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) * _gelu_grad(pre, APPROX_TANH)).to(a_ptr.dtype.element_ty)
+        elif A_PROLOGUE == 2:
+            element = rows * rng_stride_m + ks[None, :].to(tl.int64) * rng_stride_k
+            keep = tl.rand(seed, element) >= dropout_p
+            a = tl.where(keep, a.to(tl.float32) / (1.0 - dropout_p), 0.0).to(a_ptr.dtype.element_ty)
+        if ROW_SUMS:
+            row_sums += tl.sum(a.to(tl.float32), axis=1)
+        b_mask = (ks[:, None] < K) & (offs_n[None, :] < N)
+        b = tl.load(b_ptr + ks[:, None].to(tl.int64) * stride_bk + cols * stride_bn, mask=b_mask, other=0.0)
+        if B_PROLOGUE == 3:
+            b = _gelu(b.to(tl.float32), APPROX_TANH).to(b_ptr.dtype.element_ty)
+        if FP32_DOT:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    c_offs = rows * stride_cm + cols * stride_cn
+    if EPILOGUE >= 1:
+        if bias_ptr is not None:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if EPILOGUE == 2:
+        pre = acc.to(pre_ptr.dtype.element_ty)
+        tl.store(pre_ptr + c_offs, pre, mask=c_mask)
+        # The activation is computed from the rounded pre-activation, the value the backward reads.
+        acc = _gelu(pre.to(tl.float32), APPROX_TANH)
+    elif EPILOGUE == 3:
+        keep = tl.rand(seed, rows * N + cols) >= dropout_p
+        acc = tl.where(keep, acc / (1.0 - dropout_p), 0.0)
+    tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+    if ROW_SUMS:
+        if pid_n == 0:
+            tl.store(rowsum_ptr + offs_m, row_sums, mask=offs_m < M)
+
+
+def gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    a_prologue: int = PROLOGUE_NONE,
+    b_prologue: int = PROLOGUE_NONE,
+    epilogue: int = EPILOGUE_NONE,
+    aux: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    pre: torch.Tensor | None = None,
+    row_sums: torch.Tensor | None = None,
+    approximate: str = "none",
+    seed: int = 0,
+    dropout_p: float = 0.0,
+    rng_strides: tuple[int, int] = (0, 0),
+) -> torch.Tensor:
+    """``out = epilogue(a' @ b')`` for 2-D views a [M, K], b [K, N], out [M, N] (any strides).
+
+    ``aux`` is the pre-activation read by the dGELU prologue (a's shape and strides);
+    ``rng_strides`` map (row, col) of ``a`` to the dropout element index for the dropout
+    prologue; ``row_sums`` ([M] float32) receives the row sums of ``a'``.
+    """
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return out
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _gemm_kernel[grid](
+        a, b, out, aux, bias, pre, row_sums,
+        M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        rng_strides[0], rng_strides[1], seed, dropout_p,
+        A_PROLOGUE=a_prologue, B_PROLOGUE=b_prologue, EPILOGUE=epilogue, APPROX_TANH=approximate == "tanh",
+        ROW_SUMS=row_sums is not None, FP32_DOT=a.dtype == torch.float32,
+    )
+    return out
+
+
+def linear_gelu_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, in], weight [out, in] -> (gelu(x @ weight^T + bias), pre-activation)."""
+    rows, out_features = x.shape[0], weight.shape[0]
+    out = x.new_empty(rows, out_features)
+    pre = x.new_empty(rows, out_features)
+    gemm(x, weight.t(), out, epilogue=EPILOGUE_BIAS_GELU, bias=bias, pre=pre, approximate=approximate)
+    return out, pre
+
+
+def linear_gelu_bwd(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    pre: torch.Tensor,
+    approximate: str,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of linear_gelu_fwd. dGELU is applied as the prologue of both gradient GEMMs
+    (no grad-pre-activation tensor is written) and the bias gradient is the row sums of the
+    weight-gradient GEMM's A operand."""
+    need_dx, need_dw, need_db = output_mask
+    dx = x.new_empty(0)
+    dw = x.new_empty(0)
+    db = x.new_empty(0)
+    if need_dx:
+        dx = gemm(grad_out, weight, torch.empty_like(x), a_prologue=PROLOGUE_DGELU, aux=pre, approximate=approximate)
+    if need_dw or need_db:
+        # dW [out, in] = dPre^T [out, rows] @ x [rows, in]; row sums of dPre^T are the bias gradient.
+        sums = torch.empty(weight.shape[0], device=x.device, dtype=torch.float32) if need_db else None
+        dw_buf = torch.empty_like(weight) if need_dw else weight.new_empty(weight.shape)
+        gemm(grad_out.t(), x, dw_buf, a_prologue=PROLOGUE_DGELU, aux=pre.t(), row_sums=sums, approximate=approximate)
+        if need_dw:
+            dw = dw_buf
+        if need_db:
+            db = sums.to(x.dtype)
+    return dx, dw, db

@@ -1,0 +1,294 @@
+"""``fused_attn.linear_gelu`` and ``fused_attn.ffn``: the Transformer's position-wise feed-forward
+block with the bias, GELU and dropout fused into the GEMMs.
+
+``ffn`` keeps only the pre-activation ``x @ w1^T + b1`` for its backward (besides its inputs):
+the activation ``gelu(pre)`` is recomputed inside the weight-gradient GEMM that needs it, which
+costs a few flops per element of a GEMM operand and saves storing a second [tokens, hidden]
+tensor, the largest activation of a Transformer layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _extension, reference
+from ..backends import Inputs, Support, register_op, select
+from ._random import draw_seed, seed_int
+from ._registry import register_pair
+from ._validate import check_dropout_p, check_param, check_same_device, check_tensor, dtype_name
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+APPROXIMATIONS = ("none", "tanh")
+
+LINEAR_GELU = register_op(
+    "linear_gelu",
+    [
+        Support("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, native_op="linear_gelu_fwd"),
+        Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES),
+        Support("cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, native_op="linear_gelu_fwd"),
+        Support("reference", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)),
+    ],
+)
+FFN = register_op(
+    "ffn",
+    [
+        Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES),
+        Support("reference", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)),
+    ],
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_gelu
+
+
+@torch.library.custom_op("fused_attn::triton_linear_gelu_fwd", mutates_args=())
+def _triton_linear_gelu_fwd(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels.triton import ffn as kernels
+
+    return kernels.linear_gelu_fwd(input, weight, bias, approximate)
+
+
+@torch.library.custom_op("fused_attn::triton_linear_gelu_bwd", mutates_args=())
+def _triton_linear_gelu_bwd(
+    grad_out: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    pre_activation: torch.Tensor,
+    approximate: str,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels.triton import ffn as kernels
+
+    return kernels.linear_gelu_bwd(grad_out, input, weight, pre_activation, approximate, output_mask)
+
+
+def _fake_linear_gelu_fwd(input, weight, bias, approximate):
+    out = input.new_empty(input.shape[0], weight.shape[0])
+    return out, torch.empty_like(out)
+
+
+def _fake_linear_gelu_bwd(grad_out, input, weight, pre_activation, approximate, output_mask):
+    return (
+        torch.empty_like(input) if output_mask[0] else input.new_empty(0),
+        torch.empty_like(weight) if output_mask[1] else input.new_empty(0),
+        input.new_empty(weight.shape[0]) if output_mask[2] else input.new_empty(0),
+    )
+
+
+def _setup_linear_gelu(ctx, inputs, output):
+    input, weight, _bias, approximate = inputs
+    ctx.save_for_backward(input, weight, output[1])
+    ctx.approximate = approximate
+
+
+def _linear_gelu_backward_for(bwd_op):
+    def backward(ctx, grad_out, _grad_pre):
+        input, weight, pre = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[:3])
+        grads = bwd_op(grad_out.contiguous(), input, weight, pre, ctx.approximate, mask)
+        return (*(g if m else None for g, m in zip(grads, mask)), None)
+
+    return backward
+
+
+def _register_linear_gelu(fwd: str, bwd: str) -> object:
+    return register_pair(
+        fwd, bwd, fake_fwd=_fake_linear_gelu_fwd, fake_bwd=_fake_linear_gelu_bwd,
+        setup_context=_setup_linear_gelu, backward_for=_linear_gelu_backward_for,
+    )
+
+
+_LINEAR_GELU_OPS = {"triton": _register_linear_gelu("triton_linear_gelu_fwd", "triton_linear_gelu_bwd")}
+if _extension.loaded():
+    _LINEAR_GELU_OPS["cpu"] = _LINEAR_GELU_OPS["cuda"] = _register_linear_gelu("linear_gelu_fwd", "linear_gelu_bwd")
+
+
+# ---------------------------------------------------------------------------------------------
+# ffn
+
+
+@torch.library.custom_op("fused_attn::triton_ffn_fwd", mutates_args=())
+def _triton_ffn_fwd(
+    input: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    approximate: str,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (output [rows, out], pre-activation [rows, hidden])."""
+    from ..kernels.triton import ffn as kernels
+
+    hidden, pre = kernels.linear_gelu_fwd(input, w1, b1, approximate)
+    out = input.new_empty(input.shape[0], w2.shape[0])
+    epilogue = kernels.EPILOGUE_BIAS_DROPOUT if dropout_p > 0.0 else kernels.EPILOGUE_BIAS
+    kernels.gemm(hidden, w2.t(), out, epilogue=epilogue, bias=b2, seed=seed_int(seed), dropout_p=dropout_p)
+    return out, pre
+
+
+@torch.library.custom_op("fused_attn::triton_ffn_bwd", mutates_args=())
+def _triton_ffn_bwd(
+    grad_out: torch.Tensor,
+    input: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    pre_activation: torch.Tensor,
+    approximate: str,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (d_input, d_w1, d_b1, d_w2, d_b2) as selected by output_mask."""
+    from ..kernels.triton import ffn as kernels
+
+    rows, out_features = grad_out.shape
+    drop = dict(
+        a_prologue=kernels.PROLOGUE_DROPOUT if dropout_p > 0.0 else kernels.PROLOGUE_NONE,
+        seed=seed_int(seed), dropout_p=dropout_p,
+    )
+    need_dx, need_dw1, need_db1, need_dw2, need_db2 = output_mask
+    dw2 = db2 = input.new_empty(0)
+    if need_dw2 or need_db2:
+        # dW2 [out, hidden] = dY'^T @ gelu(pre): dropout regenerated on A, GELU recomputed on B.
+        sums = torch.empty(out_features, device=input.device, dtype=torch.float32) if need_db2 else None
+        dw2_buf = torch.empty_like(w2)
+        kernels.gemm(grad_out.t(), pre_activation, dw2_buf, b_prologue=kernels.PROLOGUE_GELU, row_sums=sums,
+                     approximate=approximate, rng_strides=(1, out_features), **drop)
+        dw2 = dw2_buf if need_dw2 else dw2
+        db2 = sums.to(input.dtype) if need_db2 else db2
+    dx = dw1 = db1 = input.new_empty(0)
+    if need_dx or need_dw1 or need_db1:
+        d_hidden = kernels.gemm(grad_out, w2, pre_activation.new_empty(pre_activation.shape),
+                                rng_strides=(out_features, 1), **drop)
+        dx, dw1, db1 = kernels.linear_gelu_bwd(d_hidden, input, w1, pre_activation, approximate,
+                                               [need_dx, need_dw1, need_db1])
+    return dx, dw1, db1, dw2, db2
+
+
+def _fake_ffn_fwd(input, w1, b1, w2, b2, approximate, dropout_p, seed):
+    return input.new_empty(input.shape[0], w2.shape[0]), input.new_empty(input.shape[0], w1.shape[0])
+
+
+def _fake_ffn_bwd(grad_out, input, w1, w2, pre_activation, approximate, dropout_p, seed, output_mask):
+    shapes = [input.shape, w1.shape, (w1.shape[0],), w2.shape, (w2.shape[0],)]
+    return tuple(input.new_empty(s) if m else input.new_empty(0) for s, m in zip(shapes, output_mask))
+
+
+def _setup_ffn(ctx, inputs, output):
+    input, w1, _b1, w2, _b2, approximate, dropout_p, seed = inputs
+    ctx.save_for_backward(input, w1, w2, output[1], seed)
+    ctx.approximate, ctx.dropout_p = approximate, dropout_p
+
+
+def _ffn_backward_for(bwd_op):
+    def backward(ctx, grad_out, _grad_pre):
+        input, w1, w2, pre, seed = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[:5])
+        grads = bwd_op(grad_out.contiguous(), input, w1, w2, pre, ctx.approximate, ctx.dropout_p, seed, mask)
+        return (*(g if m else None for g, m in zip(grads, mask)), None, None, None)
+
+    return backward
+
+
+_FFN_OPS = {
+    "triton": register_pair(
+        "triton_ffn_fwd", "triton_ffn_bwd", fake_fwd=_fake_ffn_fwd, fake_bwd=_fake_ffn_bwd,
+        setup_context=_setup_ffn, backward_for=_ffn_backward_for,
+    )
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+
+
+def _check_linear(input: torch.Tensor, weight: object, bias: object, names: tuple[str, str], in_features: int):
+    weight = check_tensor(weight, names[0])
+    if weight.dim() != 2 or weight.shape[1] != in_features:
+        raise ValueError(f"{names[0]} must have shape [out_features, {in_features}], got {list(weight.shape)}")
+    if weight.dtype != input.dtype:
+        raise TypeError(f"{names[0]} dtype {dtype_name(weight.dtype)} does not match input dtype {dtype_name(input.dtype)}")
+    check_same_device(weight, names[0], input, "input")
+    return weight, check_param(bias, names[1], input, (weight.shape[0],))
+
+
+def _check_approximate(approximate: object) -> str:
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    return approximate
+
+
+def linear_gelu(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    approximate: str = "none",
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``gelu(input @ weight^T + bias)`` with the bias and GELU in the GEMM's epilogue.
+
+    ``input`` [..., in_features] (any leading dims), ``weight`` [out_features, in_features] of
+    the input's dtype, ``bias`` [out_features] or None; ``approximate`` "none" (erf) or "tanh".
+    The backward applies dGELU inside the gradient GEMMs and reduces the bias gradient in the
+    same pass. Raises ``TypeError``/``ValueError`` naming the argument on mismatches.
+    """
+    input = check_tensor(input, "input", min_dim=1)
+    weight, bias = _check_linear(input, weight, bias, ("weight", "bias"), input.shape[-1])
+    approximate = _check_approximate(approximate)
+    chosen = select("linear_gelu", Inputs(input.device, input.dtype, {"in_features": input.shape[-1]}), backend)
+    if chosen == "reference" or input.numel() == 0 or weight.numel() == 0:
+        return reference.linear_gelu(input, weight, bias, approximate)
+    out, _ = _LINEAR_GELU_OPS[chosen](input.reshape(-1, input.shape[-1]).contiguous(), weight.contiguous(), bias, approximate)
+    return out.view(*input.shape[:-1], weight.shape[0])
+
+
+def ffn(
+    input: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    approximate: str = "none",
+    dropout_p: float = 0.0,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The position-wise feed-forward block ``dropout(linear(gelu(linear(input, w1, b1)), w2, b2))``.
+
+    ``input`` [..., model], ``w1`` [hidden, model], ``w2`` [model_out, hidden], biases optional.
+    Only the pre-activation is kept for the backward (the activation is recomputed inside the
+    GEMM that needs it). ``dropout_p`` drops output elements (seeded from torch's default
+    generator). Raises ``TypeError``/``ValueError`` naming the argument on mismatches.
+    """
+    input = check_tensor(input, "input", min_dim=1)
+    w1, b1 = _check_linear(input, w1, b1, ("w1", "b1"), input.shape[-1])
+    w2, b2 = _check_linear(input, w2, b2, ("w2", "b2"), w1.shape[0])
+    approximate = _check_approximate(approximate)
+    dropout_p = check_dropout_p(dropout_p)
+    chosen = select("ffn", Inputs(input.device, input.dtype, {"in_features": input.shape[-1]}), backend)
+    if chosen == "reference" or input.numel() == 0 or w1.numel() == 0 or w2.numel() == 0:
+        return reference.ffn(input, w1, b1, w2, b2, approximate, dropout_p)
+    out, _ = _FFN_OPS[chosen](
+        input.reshape(-1, input.shape[-1]).contiguous(), w1.contiguous(), b1, w2.contiguous(), b2,
+        approximate, dropout_p, draw_seed(dropout_p),
+    )
+    return out.view(*input.shape[:-1], w2.shape[0])
+
+
+def ffn_keep_mask(rows: int, out_features: int, dropout_p: float, device: torch.device | str) -> torch.Tensor:
+    """The dropout keep-mask [rows, out_features] the Triton ffn draws after the current RNG
+    state (it draws the seed as the op does), for tests that replay the kernel's draw."""
+    from ..kernels.triton import ffn as kernels
+
+    seed = seed_int(draw_seed(dropout_p))
+    ones = torch.ones(rows, 1, device=device)
+    out = torch.empty(rows, out_features, device=device)
+    kernels.gemm(ones, torch.ones(1, out_features, device=device), out, epilogue=kernels.EPILOGUE_BIAS_DROPOUT,
+                 seed=seed, dropout_p=dropout_p)
+    return out != 0
