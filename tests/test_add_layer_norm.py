@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+import fused_attn
+from fused_attn import reference
+from fused_attn.ops.add_layer_norm import add_layer_norm_keep_mask
+
+from .conftest import assert_parity, backend_params, supported_dtypes
+
+BACKENDS = backend_params("add_layer_norm", exclude=("reference",))
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _args(shape, dtype, device, *, affine=True, input_bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = shape[-1]
+    make = lambda *s, scale=1.0, shift=0.0: (torch.randn(*s, generator=gen) * scale + shift).to(device=device, dtype=dtype)  # noqa: E731
+    return {
+        "input": make(*shape),
+        "residual": make(*shape, scale=2.0, shift=0.5),
+        "weight": make(hidden, scale=0.5, shift=1.0) if affine else None,
+        "bias": make(hidden, scale=0.1) if affine else None,
+        "input_bias": make(hidden, scale=0.1) if input_bias else None,
+    }
+
+
+def _check(backend, device, dtype, shape, *, affine=True, input_bias=True, dropout_p=0.0, keep=None, prenorm=False):
+    if dtype not in supported_dtypes(backend, device):
+        pytest.skip(f"{dtype} is not tested on {backend}-{device}")
+    args = _args(shape, dtype, device, affine=affine, input_bias=input_bias)
+    grads = tuple(k for k, v in args.items() if v is not None)
+
+    def fused(input, residual, weight, bias, input_bias):
+        torch.manual_seed(7)
+        out = fused_attn.add_layer_norm(input, residual, weight, bias, 1e-5, dropout_p, input_bias,
+                                        return_prenorm=prenorm, backend=backend)
+        # With the pre-norm sum returned, both outputs feed the loss (pre-LN models use both).
+        return out[0] + 0.5 * out[1] if prenorm else out
+
+    def plain(input, residual, weight, bias, input_bias):
+        out = reference.add_layer_norm(input, residual, weight, bias, 1e-5, dropout_p, input_bias,
+                                       return_prenorm=prenorm, dropout_mask=keep)
+        return out[0] + 0.5 * out[1] if prenorm else out
+
+    assert_parity(fused, plain, args, grad_args=grads)
+    assert fused_attn.last_backend("add_layer_norm") == backend
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hidden", [1, 77, 768, 1000, 5000])
+def test_parity(backend_device, dtype, hidden):
+    _check(*backend_device, dtype, (3, 7, hidden))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("affine, input_bias", [(False, False), (True, False), (False, True)])
+def test_parity_optional_parameters(backend_device, affine, input_bias):
+    _check(*backend_device, torch.float32, (9, 64), affine=affine, input_bias=input_bias)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("hidden", [64, 5000])
+def test_parity_with_prenorm_output(backend_device, hidden):
+    _check(*backend_device, torch.float32, (6, hidden), prenorm=True)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("hidden", [96, 5000])
+@pytest.mark.parametrize("prenorm", [False, True])
+def test_dropout_matches_reference_with_kernel_mask(backend_device, hidden, prenorm):
+    backend, device = backend_device
+    torch.manual_seed(7)
+    keep = add_layer_norm_keep_mask((4, 5, hidden), 0.3, device)
+    _check(backend, device, torch.float32, (4, 5, hidden), dropout_p=0.3, keep=keep, prenorm=prenorm)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_fraction(backend_device, p):
+    _, device = backend_device
+    torch.manual_seed(0)
+    keep = add_layer_norm_keep_mask((64, 1024), p, device)
+    assert abs((1 - keep.float().mean().item()) - p) < 0.01
+
+
+@pytest.mark.parametrize(
+    "make_args, kwargs, error, fragment",
+    [
+        (lambda: (torch.randn(4, 8), torch.randn(4, 9), None, None), {}, ValueError, "residual shape [4, 9] does not match input shape [4, 8]"),
+        (lambda: (torch.randn(4, 8), torch.randn(4, 8, dtype=torch.float16), None, None), {}, TypeError, "residual dtype float16 does not match"),
+        (lambda: (torch.randn(4, 8), torch.randn(4, 8), torch.randn(7), None), {}, ValueError, "weight must have shape [8]"),
+        (lambda: (torch.randn(4, 8), torch.randn(4, 8), None, None), {"input_bias": torch.randn(3)}, ValueError, "input_bias must have shape [8]"),
+        (lambda: (torch.randn(4, 8), torch.randn(4, 8), None, None), {"dropout_p": -0.5}, ValueError, "dropout_p must be a number in [0, 1)"),
+        (lambda: (torch.randn(4, 8), torch.randn(4, 8), None, None), {"eps": -1.0}, ValueError, "eps must be a finite non-negative"),
+    ],
+)
+def test_bad_input(make_args, kwargs, error, fragment):
+    with pytest.raises(error) as info:
+        fused_attn.add_layer_norm(*make_args(), **kwargs)
+    assert fragment in str(info.value)

@@ -1,0 +1,147 @@
+import pytest
+import torch
+
+import fused_attn
+from fused_attn import reference
+from fused_attn.ops.ffn import ffn_keep_mask
+
+from .conftest import assert_parity, backend_params, supported_dtypes
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LINEAR_GELU = backend_params("linear_gelu", exclude=("reference",))
+FFN = backend_params("ffn", exclude=("reference",))
+
+
+def _randn(*shape, dtype, device, gen, scale=1.0):
+    return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+
+def _skip_dtype(backend, device, dtype):
+    if dtype not in supported_dtypes(backend, device):
+        pytest.skip(f"{dtype} is not tested on {backend}-{device}")
+
+
+@pytest.mark.parametrize("backend_device", LINEAR_GELU)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 7, 3), (64, 96, 80), (33, 70, 130)], ids=lambda s: "x".join(map(str, s)))
+def test_linear_gelu_parity(backend_device, dtype, approximate, shape):
+    backend, device = backend_device
+    _skip_dtype(backend, device, dtype)
+    rows, in_features, out_features = shape
+    gen = torch.Generator().manual_seed(0)
+    args = {
+        "input": _randn(rows, in_features, dtype=dtype, device=device, gen=gen),
+        "weight": _randn(out_features, in_features, dtype=dtype, device=device, gen=gen, scale=in_features ** -0.5),
+        "bias": _randn(out_features, dtype=dtype, device=device, gen=gen),
+    }
+    assert_parity(
+        lambda input, weight, bias: fused_attn.linear_gelu(input, weight, bias, approximate, backend=backend),
+        lambda input, weight, bias: reference.linear_gelu(input, weight, bias, approximate),
+        args,
+        grad_args=("input", "weight", "bias"),
+    )
+    assert fused_attn.last_backend("linear_gelu") == backend
+
+
+@pytest.mark.parametrize("backend_device", LINEAR_GELU)
+def test_linear_gelu_leading_dims_and_no_bias(backend_device):
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(1)
+    x = _randn(2, 3, 5, 24, dtype=torch.float32, device=device, gen=gen)
+    w = _randn(40, 24, dtype=torch.float32, device=device, gen=gen, scale=0.2)
+    assert_parity(
+        lambda input, weight: fused_attn.linear_gelu(input, weight, backend=backend),
+        lambda input, weight: reference.linear_gelu(input, weight),
+        {"input": x, "weight": w},
+        grad_args=("input", "weight"),
+    )
+
+
+@pytest.mark.parametrize("backend_device", FFN)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape", [(3, 8, 16), (40, 48, 96), (37, 50, 130)], ids=lambda s: "x".join(map(str, s)))
+def test_ffn_parity(backend_device, dtype, approximate, shape):
+    backend, device = backend_device
+    _skip_dtype(backend, device, dtype)
+    rows, model, hidden = shape
+    gen = torch.Generator().manual_seed(2)
+    args = {
+        "input": _randn(rows, model, dtype=dtype, device=device, gen=gen),
+        "w1": _randn(hidden, model, dtype=dtype, device=device, gen=gen, scale=model ** -0.5),
+        "b1": _randn(hidden, dtype=dtype, device=device, gen=gen),
+        "w2": _randn(model, hidden, dtype=dtype, device=device, gen=gen, scale=hidden ** -0.5),
+        "b2": _randn(model, dtype=dtype, device=device, gen=gen),
+    }
+    assert_parity(
+        lambda input, w1, b1, w2, b2: fused_attn.ffn(input, w1, b1, w2, b2, approximate, backend=backend),
+        lambda input, w1, b1, w2, b2: reference.ffn(input, w1, b1, w2, b2, approximate),
+        args,
+        grad_args=("input", "w1", "b1", "w2", "b2"),
+    )
+
+
+@pytest.mark.parametrize("backend_device", FFN)
+def test_ffn_dropout_matches_reference_with_kernel_mask(backend_device):
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(3)
+    rows, model, hidden, p = 48, 32, 64, 0.25
+    args = {
+        "input": _randn(2, rows // 2, model, dtype=torch.float32, device=device, gen=gen),
+        "w1": _randn(hidden, model, dtype=torch.float32, device=device, gen=gen, scale=0.2),
+        "b1": _randn(hidden, dtype=torch.float32, device=device, gen=gen),
+        "w2": _randn(model, hidden, dtype=torch.float32, device=device, gen=gen, scale=0.2),
+        "b2": _randn(model, dtype=torch.float32, device=device, gen=gen),
+    }
+    torch.manual_seed(11)
+    keep = ffn_keep_mask(rows, model, p, device).view(2, rows // 2, model)
+
+    def fused(input, w1, b1, w2, b2):
+        torch.manual_seed(11)
+        return fused_attn.ffn(input, w1, b1, w2, b2, "none", p, backend=backend)
+
+    assert_parity(
+        fused,
+        lambda input, w1, b1, w2, b2: reference.ffn(input, w1, b1, w2, b2, "none", p, dropout_mask=keep),
+        args,
+        grad_args=("input", "w1", "b1", "w2", "b2"),
+    )
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("backend_device", FFN)
+def test_ffn_dropout_fraction(backend_device, p):
+    _, device = backend_device
+    torch.manual_seed(0)
+    keep = ffn_keep_mask(256, 256, p, device)
+    assert abs((1 - keep.float().mean().item()) - p) < 0.01
+
+
+@pytest.mark.parametrize(
+    "fn, make_args, error, fragment",
+    [
+        ("linear_gelu", lambda: (torch.randn(4, 8), torch.randn(5, 7)), ValueError, "weight must have shape [out_features, 8], got [5, 7]"),
+        ("linear_gelu", lambda: (torch.randn(4, 8), torch.randn(5, 8), torch.randn(4)), ValueError, "bias must have shape [5], got [4]"),
+        ("linear_gelu", lambda: (torch.randn(4, 8), torch.randn(5, 8, dtype=torch.float16)), TypeError, "weight dtype float16 does not match input dtype float32"),
+        ("linear_gelu", lambda: (torch.randn(4, 8), torch.randn(5, 8), None, "fast"), ValueError, "approximate must be 'none' or 'tanh'"),
+        ("linear_gelu", lambda: (torch.randn(4, 8), torch.randn(5, 8, device="meta")), ValueError, "weight is on meta but input is on cpu"),
+        ("ffn", lambda: (torch.randn(4, 8), torch.randn(16, 8), None, torch.randn(8, 15), None), ValueError, "w2 must have shape [out_features, 16]"),
+        ("ffn", lambda: (torch.randn(4, 8), torch.randn(16, 8), None, torch.randn(8, 16), None, "none", 1.5), ValueError, "dropout_p must be a number in [0, 1)"),
+    ],
+)
+def test_bad_input(fn, make_args, error, fragment):
+    with pytest.raises(error) as info:
+        getattr(fused_attn, fn)(*make_args())
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("backend_device", backend_params("linear_gelu"))
+def test_empty_rows(backend_device):
+    backend, device = backend_device
+    x = torch.randn(0, 8, device=device, requires_grad=True)
+    w = torch.randn(4, 8, device=device, requires_grad=True)
+    out = fused_attn.linear_gelu(x, w, backend=backend)
+    assert out.shape == (0, 4)
+    out.sum().backward()
+    assert w.grad is not None and (w.grad == 0).all()
