@@ -164,6 +164,12 @@ def triton_interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def triton_autotune_enabled() -> bool:
+    """Autotuning of the Triton kernels: on, unless FUSED_ATTN_TRITON_AUTOTUNE=0 (one default
+    config per kernel: quick to compile, e.g. for test runs over many shapes) or interpreting."""
+    return os.environ.get("FUSED_ATTN_TRITON_AUTOTUNE", "1") != "0" and not triton_interpret_mode()
+
+
 def backend_unavailable_reasons(backend: str, device: torch.device) -> list[str]:
     """Why ``backend`` cannot run on ``device`` on this machine at all (empty when it can)."""
     if backend == "reference":

@@ -72,6 +72,13 @@ def _runner(forward: Callable[[], torch.Tensor], grad: torch.Tensor | None) -> C
     return step
 
 
+def _copy(moved_bytes: int, like: torch.Tensor) -> Callable[[], object]:
+    """A device copy moving as many bytes (read + written) as the op must: the bandwidth yardstick."""
+    src = torch.empty(moved_bytes // (2 * like.element_size()), device=like.device, dtype=like.dtype)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
 # ---------------------------------------------------------------------------------------------
 # LayerNorm
 
@@ -94,6 +101,7 @@ def layer_norm_cases(s: Settings) -> Iterator[Case]:
         impls: dict[str, Callable[[], object]] = {
             "torch": _runner(lambda: F.layer_norm(x, (hidden,), w, b), grad),
             "reference": _runner(lambda: fused_attn.reference.layer_norm(x, (hidden,), w, b), grad),
+            "copy": _copy(moved, x),
         }
         for name in names:
             impls[name] = _runner(lambda name=name: fused_attn.layer_norm(x, (hidden,), w, b, backend=name), grad)
@@ -182,8 +190,73 @@ def softmax_cases(s: Settings) -> Iterator[Case]:
         yield Case("softmax", {"batch": batch, "heads": heads, "seq": seq}, s.dtype, s.mode, impls, skipped, min_bytes=moved)
 
 
+# ---------------------------------------------------------------------------------------------
+# FFN and Add & Norm
+
+# (model, hidden) of BERT-base and BERT-large; token counts per device.
+FFN_SHAPES = [(768, 3072), (1024, 4096)]
+FFN_TOKENS = {"cpu": [512, 2048], "cuda": [4096, 8192, 16384, 32768]}
+
+
+def ffn_cases(s: Settings) -> Iterator[Case]:
+    training = s.mode == "fwd+bwd"
+    p = 0.1 if training else 0.0
+    for model, hidden in FFN_SHAPES:
+        for tokens in [s.rows] if s.rows else FFN_TOKENS[s.device.type]:
+            make = lambda *shape, scale=1.0: (torch.randn(*shape, device=s.device) * scale).to(s.dtype).requires_grad_(training)  # noqa: E731
+            x = make(tokens, model)
+            w1, b1 = make(hidden, model, scale=model**-0.5), make(hidden)
+            w2, b2 = make(model, hidden, scale=hidden**-0.5), make(model)
+            grad = torch.randn_like(x) if training else None
+            flops = 4.0 * tokens * model * hidden * (3.0 if training else 1.0)
+            names, skipped = _fused_backends("ffn", backends.Inputs(s.device, s.dtype, {"in_features": model}), s.backends)
+
+            def eager() -> torch.Tensor:
+                h = F.gelu(F.linear(x, w1, b1))
+                return F.dropout(F.linear(h, w2, b2), p, training=training)
+
+            impls: dict[str, Callable[[], object]] = {
+                "torch": _runner(eager, grad),
+                "reference": _runner(lambda: fused_attn.reference.ffn(x, w1, b1, w2, b2, "none", p), grad),
+            }
+            for name in names:
+                impls[name] = _runner(
+                    lambda name=name: fused_attn.ffn(x, w1, b1, w2, b2, "none", p, backend=name), grad
+                )
+            shape = {"tokens": tokens, "model": model, "hidden": hidden}
+            yield Case("ffn", shape, s.dtype, s.mode, impls, skipped, flops=flops)
+
+
+def add_layer_norm_cases(s: Settings) -> Iterator[Case]:
+    rows = s.rows or LAYER_NORM_ROWS[s.device.type]
+    training = s.mode == "fwd+bwd"
+    p = 0.1 if training else 0.0
+    for hidden in s.hiddens or LAYER_NORM_HIDDEN[s.device.type][:2]:
+        make = lambda *shape: torch.randn(*shape, device=s.device, dtype=s.dtype, requires_grad=training)  # noqa: E731
+        x, res = make(rows, hidden), make(rows, hidden)
+        w, b, ib = make(hidden), make(hidden), make(hidden)
+        grad = torch.randn_like(x) if training else None
+        # forward reads x and the residual, writes the output and the pre-norm sum; backward
+        # reads dy and the pre-norm sum, writes the input's and the residual's gradients.
+        tensors = 4 + (4 if training else 0)
+        moved = rows * hidden * x.element_size() * tensors
+        names, skipped = _fused_backends("add_layer_norm", backends.Inputs(s.device, s.dtype, {"hidden": hidden}), s.backends)
+        impls: dict[str, Callable[[], object]] = {
+            "torch": _runner(lambda: F.layer_norm(res + F.dropout(x + ib, p, training=training), (hidden,), w, b), grad),
+            "reference": _runner(lambda: fused_attn.reference.add_layer_norm(x, res, w, b, 1e-5, p, ib), grad),
+            "copy": _copy(moved, x),
+        }
+        for name in names:
+            impls[name] = _runner(
+                lambda name=name: fused_attn.add_layer_norm(x, res, w, b, 1e-5, p, ib, backend=name), grad
+            )
+        yield Case("add_layer_norm", {"rows": rows, "hidden": hidden}, s.dtype, s.mode, impls, skipped, min_bytes=moved)
+
+
 SUITES: dict[str, Callable[[Settings], Iterator[Case]]] = {
+    "add_layer_norm": add_layer_norm_cases,
     "attention": attention_cases,
+    "ffn": ffn_cases,
     "layer_norm": layer_norm_cases,
     "softmax": softmax_cases,
 }

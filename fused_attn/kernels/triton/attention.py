@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...backends import triton_interpret_mode
+from ...backends import triton_autotune_enabled, triton_interpret_mode
 
 LOG2E = 1.4426950408889634
 
@@ -47,7 +47,8 @@ def _configs(stage: str) -> list[triton.Config]:
     reuse of the Q tile, accumulators fit in registers with 8 warps); 64 x 64 and 64 x 32 keep
     head dims 192-256 from spilling; 3-4 pipeline stages hide the K/V load latency behind the
     two MMAs. The backward holds more accumulators (dK, dV) per program, so it prefers smaller
-    key tiles. Under the interpreter a single small config keeps CPU tests fast.
+    key tiles. Under the interpreter a single small config keeps CPU tests fast; with
+    autotuning off, the first (most often best) config of each list is used.
     """
     if triton_interpret_mode():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
@@ -55,6 +56,8 @@ def _configs(stage: str) -> list[triton.Config]:
         shapes = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2)]
     else:
         shapes = [(64, 64, 4, 2), (64, 64, 8, 3), (32, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (32, 32, 4, 3)]
+    if not triton_autotune_enabled():
+        shapes = shapes[:1]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
