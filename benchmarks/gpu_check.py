@@ -89,15 +89,17 @@ def render_markdown(facts: dict, tests: dict, records: list[dict]) -> str:
         lines += ["pytest produced no report:", "", "```", tests["tail"], "```"]
     for failure in tests["failures"]:
         lines.append(f"- FAILED `{failure['test']}`: {failure['message']}")
-    lines += ["", "## Benchmarks", "", "| suite | shape | dtype | mode | impl | median ms | GB/s | vs torch |",
-              "| --- | --- | --- | --- | --- | ---: | ---: | ---: |"]
+    lines += ["", "## Benchmarks", "", "| suite | shape | dtype | mode | impl | median ms | rate | vs torch | peak MiB |",
+              "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in records:
         shape = "x".join(str(v) for v in r["shape"].values())
         if "skipped" in r:
             lines.append(f"| {r['suite']} | {shape} | {r['dtype']} | {r['mode']} | {r['impl']} | skipped: {r['skipped']} | | |")
         else:
+            rate = f"{r['tflops']:.1f} TFLOP/s" if "tflops" in r else f"{r['gbps']:.0f} GB/s"
+            peak = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r.get("peak_mem_bytes") is not None else "-"
             lines.append(f"| {r['suite']} | {shape} | {r['dtype']} | {r['mode']} | {r['impl']} | {r['median_ms']:.4f} | "
-                         f"{r.get('gbps', 0):.0f} | {r['speedup_vs_eager']:.2f}x |")
+                         f"{rate} | {r['speedup_vs_eager']:.2f}x | {peak} |")
     return "\n".join(lines) + "\n"
 
 
