@@ -72,7 +72,7 @@ def test_parity_masks(backend_device, dtype, kind, lengths):
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("head_dim", [16, 40, 64, 128])
+@pytest.mark.parametrize("head_dim", [8, 16, 40, 64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_parity_head_dims(backend_device, dtype, head_dim, causal):
     _check(*backend_device, dtype, batch=1, q_len=70, head_dim=head_dim, kind="causal" if causal else "none")

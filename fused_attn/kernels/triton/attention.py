@@ -40,33 +40,37 @@ from ...backends import triton_autotune_enabled, triton_interpret_mode
 LOG2E = 1.4426950408889634
 
 
-def _configs(stage: str) -> list[triton.Config]:
-    """Tile configs to autotune over; keyed per (padded head dim, causal, dtype, length bucket).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M 128 x BLOCK_N 64 is the FA2 sweet spot on
+# A100/H100 for head dims <= 128: enough reuse of the Q tile, accumulators in registers with 8
+# warps, 3 stages hide the K/V loads behind the two MMAs. The backward holds dK and dV (or dQ)
+# accumulators besides its operands, so it prefers smaller tiles.
+_FWD_TILES = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2)]
+_BWD_TILES = [(64, 64, 4, 2), (64, 64, 8, 3), (32, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (32, 32, 4, 3)]
+# Head dims above 128 (tiles of 256 columns): Q, K and V tiles of 64 x 256 in 16 bits are 32 KiB
+# each per stage, so only small tiles with 2 stages fit in shared memory.
+_WIDE_TILES = [(64, 32, 4, 2), (32, 32, 4, 2)]
 
-    BLOCK_M 128 x BLOCK_N 64 is the FA2 sweet spot on A100/H100 for head dims <= 128 (enough
-    reuse of the Q tile, accumulators fit in registers with 8 warps); 64 x 64 and 64 x 32 keep
-    head dims 192-256 from spilling; 3-4 pipeline stages hide the K/V load latency behind the
-    two MMAs. The backward holds more accumulators (dK, dV) per program, so it prefers smaller
-    key tiles. Under the interpreter a single small config keeps CPU tests fast; with
-    autotuning off, the first (most often best) config of each list is used.
-    """
+
+def _configs(stage: str) -> list[triton.Config]:
+    """Every tile config of a stage, the wide-head ones last; ``_prune_configs`` picks per call."""
     if triton_interpret_mode():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    if stage == "fwd":
-        shapes = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2)]
-    else:
-        shapes = [(64, 64, 4, 2), (64, 64, 8, 3), (32, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (32, 32, 4, 3)]
-    if not triton_autotune_enabled():
-        shapes = shapes[:1]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    tiles = (_FWD_TILES if stage == "fwd" else _BWD_TILES) + _WIDE_TILES
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drops configs whose tiles exceed what a head dim of 256 can hold in shared memory."""
-    if named_args["BLOCK_D"] + named_args["BLOCK_DV"] <= 256:
+    """Wide heads (padded head dims above 128) get the wide tiles, the others the rest; with
+    autotuning off, the first candidate alone (the most often best)."""
+    if len(configs) == 1:
         return configs
-    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return small or configs[-1:]
+    wide = max(named_args["BLOCK_D"], named_args["BLOCK_DV"]) > 128
+    wide_tiles = set(_WIDE_TILES)
+    kept = [
+        c for c in configs
+        if ((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wide_tiles) == wide
+    ]
+    return kept if triton_autotune_enabled() else kept[:1]
 
 
 _AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "LENGTH_BUCKET", "HAS_MASK", "DROPOUT"]
