@@ -4,7 +4,7 @@
 counterparts plus a keyword-only ``backend=`` ("auto", "cuda", "triton", "cpu", "reference").
 """
 
-from . import reference
+from . import nn, reference
 from .backends import (
     BackendNotSupportedError,
     FallbackWarning,
@@ -25,6 +25,7 @@ __all__ = [
     "last_backend",
     "layer_norm",
     "linear_gelu",
+    "nn",
     "reference",
     "scaled_dot_product_attention",
     "softmax",

@@ -1,0 +1,155 @@
+"""``FusedMultiheadAttention``: ``torch.nn.MultiheadAttention`` running on the fused kernels."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import scaled_dot_product_attention, softmax
+
+_warned_fallback = False
+
+
+def _keep_mask(mask: torch.Tensor | None, name: str) -> torch.Tensor | None:
+    """torch.nn's masks say True = masked out; the fused ops say True = attend. Floats pass."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return ~mask
+    if not mask.is_floating_point():
+        raise TypeError(f"{name} must be a bool or floating tensor, got {mask.dtype}")
+    return mask
+
+
+def merge_masks(
+    attn_mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    batch: int,
+    heads: int,
+    q_len: int,
+    k_len: int,
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """One mask in the fused ops' convention, broadcastable to [batch, heads, q_len, k_len].
+
+    ``attn_mask`` is [q_len, k_len] or [batch * heads, q_len, k_len] and ``key_padding_mask``
+    [batch, k_len], in torch.nn's convention (bool True = masked, or floats added). A single
+    mask stays a broadcast view; two masks are combined (AND of the keeps, or a sum of floats).
+    """
+    attn = _keep_mask(attn_mask, "attn_mask")
+    if attn is not None:
+        if attn.dim() == 2 and attn.shape == (q_len, k_len):
+            attn = attn.view(1, 1, q_len, k_len)
+        elif attn.dim() == 3 and attn.shape == (batch * heads, q_len, k_len):
+            attn = attn.view(batch, heads, q_len, k_len)
+        else:
+            raise ValueError(
+                f"attn_mask must have shape [{q_len}, {k_len}] or [{batch * heads}, {q_len}, {k_len}], "
+                f"got {list(attn_mask.shape)}"
+            )
+    pad = _keep_mask(key_padding_mask, "key_padding_mask")
+    if pad is not None:
+        if pad.shape != (batch, k_len):
+            raise ValueError(f"key_padding_mask must have shape [{batch}, {k_len}], got {list(pad.shape)}")
+        pad = pad.view(batch, 1, 1, k_len)
+    if attn is None or pad is None:
+        return attn if pad is None else pad
+    if attn.dtype == torch.bool and pad.dtype == torch.bool:
+        return attn & pad
+
+    def additive(m: torch.Tensor) -> torch.Tensor:
+        if m.dtype == torch.bool:
+            return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))
+        return m.to(dtype)
+
+    return additive(attn) + additive(pad)
+
+
+class FusedMultiheadAttention(nn.MultiheadAttention):
+    """:class:`torch.nn.MultiheadAttention` with the attention computed by the fused kernels.
+
+    Same constructor, parameters (``in_proj_weight`` / ``q_proj_weight``..., ``in_proj_bias``,
+    ``out_proj``), ``state_dict`` and forward. ``need_weights=True`` (torch's default) computes
+    the probabilities with the fused masked softmax and returns them (averaged over heads unless
+    ``average_attn_weights=False``); ``need_weights=False`` runs the fused FlashAttention kernel,
+    which never materialises them. Differences from torch: a query whose keys are all masked
+    gets 0 instead of NaN. ``add_bias_kv`` / ``add_zero_attn`` are served by torch's own
+    implementation (a warning says so once). ``backend`` (attribute) picks the kernel backend.
+    """
+
+    backend: str | None = None
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.bias_k is not None or self.add_zero_attn:
+            global _warned_fallback
+            if not _warned_fallback:
+                _warned_fallback = True
+                warnings.warn(
+                    "FusedMultiheadAttention: add_bias_kv/add_zero_attn run torch's MultiheadAttention", stacklevel=2
+                )
+            return super().forward(
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+            )
+        if is_causal and attn_mask is None:
+            raise RuntimeError("FusedMultiheadAttention: is_causal=True needs attn_mask (as torch's): it is a hint")
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        # From here on [seq, batch, embed], torch.nn's own layout.
+        q_len, batch, embed = query.shape
+        k_len = key.shape[0]
+        heads, head_dim = self.num_heads, self.head_dim
+        q, k, v = self._project(query, key, value)
+        # [seq, batch, heads * head_dim] -> [batch, heads, seq, head_dim] as strided views.
+        q, k, v = (t.view(t.shape[0], batch, heads, head_dim).permute(1, 2, 0, 3) for t in (q, k, v))
+        # With is_causal the attn_mask is only a hint (torch's convention): the kernel's own causal
+        # masking replaces it.
+        mask = merge_masks(None if is_causal else attn_mask, key_padding_mask, batch, heads, q_len, k_len, q.dtype)
+        dropout_p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = torch.matmul(q, k.transpose(-2, -1))
+            probs = softmax(scores, -1, mask, 1.0 / math.sqrt(head_dim), is_causal, backend=self.backend)
+            if dropout_p > 0.0:
+                probs = F.dropout(probs, dropout_p)
+            out = torch.matmul(probs, v)
+            weights = probs.mean(dim=1) if average_attn_weights else probs
+            if not batched:
+                weights = weights.squeeze(0)
+        else:
+            out = scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal, backend=self.backend)
+        out = out.permute(2, 0, 1, 3).reshape(q_len, batch, embed)
+        out = self.out_proj(out)
+        if not batched:
+            out = out.squeeze(1)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def _project(self, query, key, value):
+        if self._qkv_same_embed_dim:
+            if query is key and key is value:
+                return F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
