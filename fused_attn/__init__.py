@@ -12,6 +12,7 @@ from .backends import (
     last_backend,
     use_backend,
 )
+from .convert import OptimizeReport, optimize, restore
 from .ops import add_layer_norm, ffn, layer_norm, linear_gelu, scaled_dot_product_attention, softmax
 
 __version__ = "0.1.0"
@@ -26,6 +27,9 @@ __all__ = [
     "layer_norm",
     "linear_gelu",
     "nn",
+    "optimize",
+    "OptimizeReport",
+    "restore",
     "reference",
     "scaled_dot_product_attention",
     "softmax",

@@ -1,0 +1,148 @@
+"""``fused_attn.optimize(model)``: swap fused implementations into a model, keeping every weight.
+
+Modules are converted in place by switching their class to the fused subclass (``LayerNorm`` ->
+``FusedLayerNorm``, ``MultiheadAttention`` -> ``FusedMultiheadAttention``,
+``TransformerEncoderLayer`` / ``DecoderLayer`` -> their fused versions): parameters, buffers,
+hooks and ``state_dict`` stay exactly as they were, and :func:`restore` switches them back.
+Models that know how to fuse themselves (the package's reference models, Hugging Face BERT via
+:mod:`fused_attn.integrations.hf`) are handled by their own converters.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .backends import BACKENDS
+from .nn import (
+    FusedLayerNorm,
+    FusedMultiheadAttention,
+    FusedTransformerDecoderLayer,
+    FusedTransformerEncoderLayer,
+)
+from .ops.attention import HEAD_DIM_LIMITS
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ORIGINAL_CLASS = "_fused_attn_original"
+
+
+@dataclasses.dataclass
+class OptimizeReport:
+    """What :func:`optimize` did: ``replaced`` (path, from, to) and ``kept`` (path, type, why)."""
+
+    model: nn.Module
+    replaced: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    kept: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"fused_attn.optimize: {len(self.replaced)} replaced, {len(self.kept)} kept as they were"]
+        lines += [f"  replaced {path or '<model>'}: {old} -> {new}" for path, old, new in self.replaced]
+        lines += [f"  kept     {path or '<model>'}: {kind} ({why})" for path, kind, why in self.kept]
+        return "\n".join(lines)
+
+
+def _param_dtype_reason(module: nn.Module) -> str | None:
+    dtypes = {p.dtype for p in module.parameters(recurse=False)}
+    bad = sorted(str(d).replace("torch.", "") for d in dtypes if d not in KERNEL_DTYPES)
+    return f"parameters in {', '.join(bad)}: the fused kernels take float16, bfloat16 and float32" if bad else None
+
+
+def _attention_reason(module: nn.MultiheadAttention) -> str | None:
+    low, high = HEAD_DIM_LIMITS["head_dim"]
+    if not low <= module.head_dim <= high:
+        return f"head_dim {module.head_dim} outside the fused kernels' [{low}, {high}]"
+    return _param_dtype_reason(module)
+
+
+# Exact torch.nn class -> (fused subclass, why it cannot be converted or None).
+_SWAPS: dict[type, tuple[type, Callable[[nn.Module], str | None]]] = {
+    nn.LayerNorm: (FusedLayerNorm, _param_dtype_reason),
+    nn.MultiheadAttention: (FusedMultiheadAttention, _attention_reason),
+    nn.TransformerEncoderLayer: (FusedTransformerEncoderLayer, lambda m: _attention_reason(m.self_attn)),
+    nn.TransformerDecoderLayer: (FusedTransformerDecoderLayer, lambda m: _attention_reason(m.self_attn)),
+}
+
+# Converters for whole models that fuse themselves: (predicate, convert(module, backend) ->
+# list of (path suffix, from, to), restore(module)). The integrations register theirs here.
+_MODEL_CONVERTERS: list[tuple[Callable[[nn.Module], bool], Callable, Callable]] = []
+
+
+def register_model_converter(matches: Callable[[nn.Module], bool], convert: Callable, restore: Callable) -> None:
+    """Lets a model family (e.g. Hugging Face BERT) take part in :func:`optimize` / :func:`restore`."""
+    _MODEL_CONVERTERS.append((matches, convert, restore))
+
+
+def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -> OptimizeReport:
+    """Swaps fused implementations into ``model`` and returns a report (``report.model`` is the model).
+
+    Converts ``torch.nn.LayerNorm``, ``MultiheadAttention``, ``TransformerEncoderLayer`` and
+    ``TransformerDecoderLayer`` (and ``TransformerEncoder``'s nested-tensor fast path, which would
+    bypass them, is turned off), the package's reference models and Hugging Face BERT-family
+    models (when :mod:`transformers` is installed). Weights, ``state_dict`` keys and outputs stay
+    the same. Modules that cannot be served (e.g. an unsupported head dim, float64 parameters)
+    are kept, with the reason in ``report.kept``. ``backend`` is stored on the fused modules
+    ("auto" leaves the choice to the package's policy). ``inplace=False`` converts a deep copy.
+    """
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from .integrations import hf  # noqa: F401  (registers the Hugging Face converter when available)
+
+    model = model if inplace else copy.deepcopy(model)
+    report = OptimizeReport(model)
+    chosen = None if backend == "auto" else backend
+    handled: set[str] = set()
+    for path, module in model.named_modules():
+        if any(h == "" or path == h or path.startswith(h + ".") for h in handled):
+            continue
+        converter = next((c for c in _MODEL_CONVERTERS if c[0](module)), None)
+        if converter is not None:
+            replaced, kept = converter[1](module, chosen)
+            report.replaced += [(_join(path, p), old, new) for p, old, new in replaced]
+            report.kept += [(_join(path, p), kind, why) for p, kind, why in kept]
+            handled.add(path)
+            continue
+        if isinstance(module, nn.TransformerEncoder) and module.enable_nested_tensor:
+            setattr(module, ORIGINAL_CLASS, {"enable_nested_tensor": True, "use_nested_tensor": module.use_nested_tensor})
+            module.enable_nested_tensor = module.use_nested_tensor = False
+        swap = _SWAPS.get(type(module))
+        if swap is None:
+            continue
+        fused_cls, reason_of = swap
+        reason = reason_of(module)
+        if reason is not None:
+            report.kept.append((path, type(module).__name__, reason))
+            continue
+        setattr(module, ORIGINAL_CLASS, type(module))
+        module.__class__ = fused_cls
+        module.backend = chosen
+        report.replaced.append((path, getattr(module, ORIGINAL_CLASS).__name__, fused_cls.__name__))
+    return report
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undoes :func:`optimize` in place: every converted module gets its original class back."""
+    from .integrations import hf  # noqa: F401
+
+    for module in model.modules():
+        original = module.__dict__.pop(ORIGINAL_CLASS, None)
+        if isinstance(original, type):
+            module.__class__ = original
+            for attr in ("backend", "fused_attn_backend", "fused_attn_approximate"):
+                module.__dict__.pop(attr, None)
+        elif isinstance(original, dict):
+            for name, value in original.items():
+                setattr(module, name, value)
+        for matches, _convert, restore_model in _MODEL_CONVERTERS:
+            if matches(module):
+                restore_model(module)
+    return model
+
+
+def _join(prefix: str, suffix: str) -> str:
+    return ".".join(p for p in (prefix, suffix) if p)
