@@ -133,3 +133,28 @@ def assert_parity(
     reports = [check("output", out_fused, out_plain, truth)]
     reports += [check(f"grad {k}", a_fused[k].grad, a_plain[k].grad, a64[k].grad) for k in grad_args]
     return reports
+
+
+def assert_model_parity(plain, fused, run, *, factor: float = 3.0) -> None:
+    """Whole-model parity: output and every parameter gradient of ``fused`` against a float64
+    copy of ``plain`` (the truth), within ``factor`` x the error ``plain`` itself makes (plus one
+    ulp at the problem's scale). ``run(model)`` returns the output tensor; the loss is its
+    squared sum."""
+    import copy
+
+    truth_model = copy.deepcopy(plain).double()
+    results = []
+    for model in (truth_model, plain, fused):
+        model.zero_grad(set_to_none=True)
+        out = run(model)
+        out.double().square().sum().backward()
+        results.append((out.detach().double(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (truth, g64), (out_plain, g_plain), (out_fused, g_fused) = results
+    scale = max([1.0, float(truth.abs().max())] + [float(g.abs().max()) for g in g64.values()])
+    floor = torch.finfo(out_fused.dtype).eps * scale
+    plain_err, fused_err = _max_err(out_plain, truth), _max_err(out_fused, truth)
+    assert fused_err <= factor * plain_err + floor, f"output: fused err {fused_err:.3g}, plain err {plain_err:.3g}"
+    assert set(g_fused) == set(g_plain), "the fused model's gradients reach other parameters"
+    for name, g in g64.items():
+        plain_err, fused_err = _max_err(g_plain[name], g), _max_err(g_fused[name], g)
+        assert fused_err <= factor * plain_err + floor, f"grad {name}: fused err {fused_err:.3g}, plain err {plain_err:.3g}"

@@ -1,0 +1,193 @@
+"""Drop-in modules against their torch.nn counterparts: same state_dict, same outputs and gradients."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fused_attn
+from fused_attn.nn import (
+    FusedFFN,
+    FusedLayerNorm,
+    FusedMultiheadAttention,
+    FusedTransformerDecoderLayer,
+    FusedTransformerEncoderLayer,
+)
+
+from .conftest import assert_parity
+
+
+def _as(module: nn.Module, cls: type) -> nn.Module:
+    fused = copy.deepcopy(module)
+    fused.__class__ = cls
+    return fused
+
+
+def _module_parity(plain: nn.Module, fused: nn.Module, inputs: dict, grad_inputs=()):
+    """Fused module vs the torch module (truth: the torch module in float64), outputs and the
+    gradients of inputs and of every parameter."""
+    names = [n for n, _ in plain.named_parameters()]
+
+    def run(module):
+        def call(**kw):
+            params = {n: kw.pop(f"p_{i}") for i, n in enumerate(names)}
+            out = torch.func.functional_call(module, params, (), kw)
+            return out[0] if isinstance(out, tuple) else out
+
+        return call
+
+    args = dict(inputs)
+    args.update({f"p_{i}": p.detach() for i, (_, p) in enumerate(plain.named_parameters())})
+    plain64 = copy.deepcopy(plain).double()
+
+    def plain_call(**kw):
+        module = plain64 if next(v for v in kw.values() if isinstance(v, torch.Tensor) and v.is_floating_point()).dtype == torch.float64 else plain
+        return run(module)(**kw)
+
+    assert_parity(run(fused), plain_call, args, grad_args=tuple(grad_inputs) + tuple(f"p_{i}" for i in range(len(names))))
+
+
+def test_layer_norm_matches_torch_signature_state_and_repr():
+    for kwargs in ({}, {"bias": False}, {"elementwise_affine": False}, {"eps": 1e-12}):
+        plain, fused = nn.LayerNorm((4, 8), **kwargs), FusedLayerNorm((4, 8), **kwargs)
+        assert list(plain.state_dict()) == list(fused.state_dict())
+        assert plain.extra_repr() == fused.extra_repr()
+        fused.load_state_dict(plain.state_dict())
+        x = torch.randn(3, 4, 8)
+        torch.testing.assert_close(fused(x), plain(x))
+    assert FusedLayerNorm(8, dtype=torch.float16).weight.dtype == torch.float16
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("masks", ["none", "padding", "causal+padding", "float"])
+def test_multihead_attention_matches_torch(batch_first, need_weights, masks):
+    torch.manual_seed(0)
+    plain = nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    fused = _as(plain, FusedMultiheadAttention)
+    shape = (2, 10, 32) if batch_first else (10, 2, 32)
+    x = torch.randn(*shape)
+    kwargs = {"need_weights": need_weights}
+    if masks in ("padding", "causal+padding"):
+        pad = torch.zeros(2, 10, dtype=torch.bool)
+        pad[1, 7:] = True
+        kwargs["key_padding_mask"] = pad
+    if masks == "causal+padding":
+        kwargs["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(10)
+        kwargs["is_causal"] = True
+    if masks == "float":
+        kwargs["attn_mask"] = torch.randn(10, 10)
+    out_p, w_p = plain(x, x, x, **kwargs)
+    out_f, w_f = fused(x, x, x, **kwargs)
+    torch.testing.assert_close(out_f, out_p, rtol=1e-5, atol=1e-5)
+    if need_weights:
+        torch.testing.assert_close(w_f, w_p, rtol=1e-5, atol=1e-6)
+    else:
+        assert w_f is None
+
+
+def test_multihead_attention_cross_kdim_vdim_and_unbatched():
+    torch.manual_seed(1)
+    plain = nn.MultiheadAttention(32, 4, kdim=24, vdim=16, batch_first=True).eval()
+    fused = _as(plain, FusedMultiheadAttention)
+    q, k, v = torch.randn(2, 5, 32), torch.randn(2, 9, 24), torch.randn(2, 9, 16)
+    torch.testing.assert_close(fused(q, k, v)[0], plain(q, k, v)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused(q[0], k[0], v[0])[0], plain(q[0], k[0], v[0])[0], rtol=1e-5, atol=1e-5)
+    assert list(fused.state_dict()) == list(plain.state_dict())
+
+
+def test_multihead_attention_gradients():
+    torch.manual_seed(2)
+    plain = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    fused = _as(plain, FusedMultiheadAttention)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[0, 5:] = True
+    x = torch.randn(2, 7, 16)
+
+    class Wrap(nn.Module):
+        def __init__(self, mha):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x):
+            return self.mha(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+
+    _module_parity(Wrap(plain), Wrap(fused), {"x": x}, grad_inputs=("x",))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_encoder_layer_matches_torch(norm_first, activation):
+    torch.manual_seed(3)
+    kwargs = dict(d_model=32, nhead=4, dim_feedforward=64, activation=activation, batch_first=True, norm_first=norm_first)
+    plain = nn.TransformerEncoderLayer(**kwargs).eval()
+    fused = FusedTransformerEncoderLayer(**kwargs).eval()
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    fused.load_state_dict(plain.state_dict())
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[0, 6:] = True
+
+    class Wrap(nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, src):
+            return self.layer(src, src_key_padding_mask=pad)
+
+    _module_parity(Wrap(plain), Wrap(fused), {"src": torch.randn(2, 10, 32)}, grad_inputs=("src",))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_decoder_layer_matches_torch(norm_first):
+    torch.manual_seed(4)
+    kwargs = dict(d_model=32, nhead=4, dim_feedforward=64, activation="gelu", batch_first=True, norm_first=norm_first)
+    plain = nn.TransformerDecoderLayer(**kwargs).eval()
+    fused = FusedTransformerDecoderLayer(**kwargs).eval()
+    fused.load_state_dict(plain.state_dict())
+    causal = nn.Transformer.generate_square_subsequent_mask(6)
+    memory_pad = torch.zeros(2, 9, dtype=torch.bool)
+    memory_pad[1, 4:] = True
+
+    class Wrap(nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, tgt, memory):
+            return self.layer(tgt, memory, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=memory_pad)
+
+    _module_parity(
+        Wrap(plain), Wrap(fused), {"tgt": torch.randn(2, 6, 32), "memory": torch.randn(2, 9, 32)},
+        grad_inputs=("tgt", "memory"),
+    )
+
+
+def test_fused_layers_train_with_dropout():
+    torch.manual_seed(5)
+    layer = FusedTransformerEncoderLayer(32, 4, 64, dropout=0.2, activation="gelu", batch_first=True).train()
+    x = torch.randn(2, 10, 32, requires_grad=True)
+    out = layer(x)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None for p in layer.parameters())
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+def test_ffn_module(activation):
+    torch.manual_seed(6)
+    module = FusedFFN(16, 48, dropout=0.0, activation=activation).eval()
+    x = torch.randn(3, 5, 16)
+    act = {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU()}[activation]
+    expected = module.linear2(act(module.linear1(x)))
+    torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        FusedFFN(16, 48, activation="swish")
+
+
+def test_module_backend_attribute_is_used():
+    ln = FusedLayerNorm(8)
+    ln.backend = "reference"
+    ln(torch.randn(2, 8))
+    assert fused_attn.last_backend("layer_norm") == "reference"

@@ -1,0 +1,138 @@
+"""fused_attn.optimize / restore on torch.nn models and Hugging Face BERT."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fused_attn
+from fused_attn.nn import FusedLayerNorm, FusedTransformerEncoderLayer
+
+from .conftest import assert_model_parity
+
+
+def _transformer():
+    torch.manual_seed(0)
+    return nn.Transformer(d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64,
+                          dropout=0.0, activation="gelu", batch_first=True).eval()
+
+
+def _run_transformer(model):
+    torch.manual_seed(1)
+    dtype = next(model.parameters()).dtype
+    src, tgt = torch.randn(2, 9, 32, dtype=dtype), torch.randn(2, 6, 32, dtype=dtype)
+    src_pad = torch.zeros(2, 9, dtype=torch.bool)
+    src_pad[1, 6:] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(6, dtype=dtype)
+    return model(src, tgt, tgt_mask=causal, tgt_is_causal=True, src_key_padding_mask=src_pad,
+                 memory_key_padding_mask=src_pad)
+
+
+def test_optimize_torch_transformer_keeps_outputs_weights_and_grads():
+    plain = _transformer()
+    fused_model = copy.deepcopy(plain)
+    state = {k: v.clone() for k, v in fused_model.state_dict().items()}
+    report = fused_attn.optimize(fused_model)
+    assert report.model is fused_model
+    kinds = {new for _, _, new in report.replaced}
+    assert {"FusedTransformerEncoderLayer", "FusedTransformerDecoderLayer", "FusedMultiheadAttention", "FusedLayerNorm"} <= kinds
+    assert isinstance(fused_model.encoder.layers[0], FusedTransformerEncoderLayer)
+    assert fused_model.encoder.enable_nested_tensor is False
+    for k, v in fused_model.state_dict().items():
+        assert torch.equal(v, state[k])
+    assert_model_parity(plain, fused_model, _run_transformer)
+
+
+def test_restore_gives_the_original_back():
+    model = _transformer()
+    classes = {name: type(m) for name, m in model.named_modules()}
+    fused_attn.optimize(model)
+    fused_attn.restore(model)
+    assert {name: type(m) for name, m in model.named_modules()} == classes
+    assert model.encoder.enable_nested_tensor is True
+    assert not any(hasattr(m, "backend") for m in model.modules() if not isinstance(m, FusedLayerNorm))
+
+
+def test_inplace_false_leaves_the_model_alone():
+    model = _transformer()
+    report = fused_attn.optimize(model, inplace=False)
+    assert report.model is not model
+    assert type(model.encoder.layers[0]) is nn.TransformerEncoderLayer
+    torch.testing.assert_close(_run_transformer(report.model), _run_transformer(model), rtol=1e-4, atol=1e-5)
+
+
+def test_unsupported_modules_are_kept_with_a_reason():
+    model = nn.Sequential(nn.MultiheadAttention(640, 2), nn.LayerNorm(8).double(), nn.LayerNorm(8))
+    report = fused_attn.optimize(model, backend="reference")
+    kept = {path: why for path, _, why in report.kept}
+    assert "head_dim 320" in kept["0"]
+    assert "float64" in kept["1"]
+    assert type(model[0]) is nn.MultiheadAttention and type(model[1]) is nn.LayerNorm
+    assert isinstance(model[2], FusedLayerNorm) and model[2].backend == "reference"
+    assert "kept" in str(report) and "replaced" in str(report)
+
+
+def test_optimize_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        fused_attn.optimize(nn.LayerNorm(4), backend="tpu")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        fused_attn.optimize("bert")
+
+
+def test_optimized_modules_use_the_requested_backend():
+    model = nn.Sequential(nn.LayerNorm(8))
+    fused_attn.optimize(model, backend="reference")
+    model(torch.randn(2, 8))
+    assert fused_attn.last_backend("layer_norm") == "reference"
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face
+
+
+def _hf_config(**overrides):
+    transformers = pytest.importorskip("transformers")
+    kwargs = dict(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                  max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    kwargs.update(overrides)
+    return transformers, transformers.BertConfig(**kwargs)
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 120, (2, 12), generator=gen)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("head", ["BertModel", "BertForMaskedLM", "BertForSequenceClassification"])
+@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_new"])
+def test_hf_bert_optimized_matches_unoptimized(head, hidden_act):
+    transformers, config = _hf_config(hidden_act=hidden_act)
+    torch.manual_seed(0)
+    plain = getattr(transformers, head)(config).eval()
+    fused_model = copy.deepcopy(plain)
+    report = fused_attn.optimize(fused_model)
+    replaced = {new for _, _, new in report.replaced}
+    assert {"attention fused_attn", "FusedBertSelfOutput", "FusedBertIntermediate", "FusedBertOutput"} <= replaced
+    assert list(fused_model.state_dict()) == list(plain.state_dict())
+    ids, mask = _batch()
+    key = "last_hidden_state" if head == "BertModel" else "logits"
+    assert_model_parity(plain, fused_model, lambda model: model(input_ids=ids, attention_mask=mask)[key])
+    for op in ("scaled_dot_product_attention", "add_layer_norm", "linear_gelu"):
+        assert fused_attn.last_backend(op) in ("cpu", "triton")
+
+
+def test_hf_bert_restore():
+    transformers, config = _hf_config()
+    model = transformers.BertModel(config).eval()
+    original = model.config._attn_implementation
+    ids, mask = _batch()
+    before = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    fused_attn.optimize(model)
+    fused_attn.restore(model)
+    assert model.config._attn_implementation == original
+    assert type(model.encoder.layer[0].output).__name__ == "BertOutput"
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).last_hidden_state, before)
