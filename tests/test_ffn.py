@@ -95,7 +95,7 @@ def test_ffn_dropout_matches_reference_with_kernel_mask(backend_device):
         "b2": _randn(model, dtype=torch.float32, device=device, gen=gen),
     }
     torch.manual_seed(11)
-    keep = ffn_keep_mask(rows, model, p, device).view(2, rows // 2, model)
+    keep = ffn_keep_mask(rows, model, p, device, backend).view(2, rows // 2, model)
 
     def fused(input, w1, b1, w2, b2):
         torch.manual_seed(11)
@@ -112,9 +112,9 @@ def test_ffn_dropout_matches_reference_with_kernel_mask(backend_device):
 @pytest.mark.parametrize("p", [0.1, 0.5])
 @pytest.mark.parametrize("backend_device", FFN)
 def test_ffn_dropout_fraction(backend_device, p):
-    _, device = backend_device
+    backend, device = backend_device
     torch.manual_seed(0)
-    keep = ffn_keep_mask(256, 256, p, device)
+    keep = ffn_keep_mask(256, 256, p, device, backend)
     assert abs((1 - keep.float().mean().item()) - p) < 0.01
 
 

@@ -32,7 +32,9 @@ LINEAR_GELU = register_op(
 FFN = register_op(
     "ffn",
     [
+        Support("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, native_op="linear_gelu_fwd"),
         Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES),
+        Support("cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, native_op="linear_gelu_fwd"),
         Support("reference", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)),
     ],
 )
@@ -195,12 +197,69 @@ def _ffn_backward_for(bwd_op):
     return backward
 
 
-_FFN_OPS = {
-    "triton": register_pair(
-        "triton_ffn_fwd", "triton_ffn_bwd", fake_fwd=_fake_ffn_fwd, fake_bwd=_fake_ffn_bwd,
-        setup_context=_setup_ffn, backward_for=_ffn_backward_for,
+# The CPU and CUDA backends compose their fused linear_gelu kernels with a library GEMM for the
+# second linear. Dropout there draws its keep-mask from a torch generator seeded with the call's
+# seed, so the backward regenerates it instead of storing it.
+
+
+def _keep_mask(shape, seed: torch.Tensor, dropout_p: float, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    return torch.rand(shape, generator=generator, device=device) >= dropout_p
+
+
+@torch.library.custom_op("fused_attn::composite_ffn_fwd", mutates_args=())
+def _composite_ffn_fwd(
+    input: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    approximate: str,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden, pre = torch.ops.fused_attn.linear_gelu_fwd(input, w1, b1, approximate)
+    out = torch.nn.functional.linear(hidden, w2, b2)
+    if dropout_p > 0.0:
+        out = out * _keep_mask(out.shape, seed, dropout_p, out.device) / (1.0 - dropout_p)
+    return out, pre
+
+
+@torch.library.custom_op("fused_attn::composite_ffn_bwd", mutates_args=())
+def _composite_ffn_bwd(
+    grad_out: torch.Tensor,
+    input: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    pre_activation: torch.Tensor,
+    approximate: str,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    need_dx, need_dw1, need_db1, need_dw2, need_db2 = output_mask
+    if dropout_p > 0.0:
+        grad_out = grad_out * _keep_mask(grad_out.shape, seed, dropout_p, grad_out.device) / (1.0 - dropout_p)
+    empty = [input.new_empty(0) for _ in range(5)]
+    dw2 = grad_out.t().mm(torch.nn.functional.gelu(pre_activation, approximate=approximate)) if need_dw2 else empty[3]
+    db2 = grad_out.sum(0) if need_db2 else empty[4]
+    dx, dw1, db1 = empty[:3]
+    if need_dx or need_dw1 or need_db1:
+        dx, dw1, db1 = torch.ops.fused_attn.linear_gelu_bwd(
+            grad_out.mm(w2), input, w1, pre_activation, approximate, [need_dx, need_dw1, need_db1]
+        )
+    return dx, dw1, db1, dw2, db2
+
+
+def _register_ffn(fwd: str, bwd: str) -> object:
+    return register_pair(
+        fwd, bwd, fake_fwd=_fake_ffn_fwd, fake_bwd=_fake_ffn_bwd, setup_context=_setup_ffn,
+        backward_for=_ffn_backward_for,
     )
-}
+
+
+_FFN_OPS = {"triton": _register_ffn("triton_ffn_fwd", "triton_ffn_bwd")}
+_FFN_OPS["cpu"] = _FFN_OPS["cuda"] = _register_ffn("composite_ffn_fwd", "composite_ffn_bwd")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,14 +340,16 @@ def ffn(
     return out.view(*input.shape[:-1], w2.shape[0])
 
 
-def ffn_keep_mask(rows: int, out_features: int, dropout_p: float, device: torch.device | str) -> torch.Tensor:
-    """The dropout keep-mask [rows, out_features] the Triton ffn draws after the current RNG
-    state (it draws the seed as the op does), for tests that replay the kernel's draw."""
+def ffn_keep_mask(rows: int, out_features: int, dropout_p: float, device: torch.device | str, backend: str) -> torch.Tensor:
+    """The dropout keep-mask [rows, out_features] that ``ffn`` on ``backend`` draws after the
+    current RNG state (the seed is drawn as the op draws it), for tests that replay the draw."""
     from ..kernels.triton import ffn as kernels
 
-    seed = seed_int(draw_seed(dropout_p))
+    seed = draw_seed(dropout_p)
+    if backend != "triton":
+        return _keep_mask((rows, out_features), seed, dropout_p, torch.device(device))
     ones = torch.ones(rows, 1, device=device)
     out = torch.empty(rows, out_features, device=device)
     kernels.gemm(ones, torch.ones(1, out_features, device=device), out, epilogue=kernels.EPILOGUE_BIAS_DROPOUT,
-                 seed=seed, dropout_p=dropout_p)
+                 seed=seed_int(seed), dropout_p=dropout_p)
     return out != 0
