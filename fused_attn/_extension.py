@@ -6,7 +6,6 @@ The extension holds only operator registrations (no Python module init), so it i
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -16,9 +15,8 @@ import torch
 _BUILD_INFO = Path(__file__).with_name("_build_info.json")
 
 
-@functools.cache
 def _load() -> str | None:
-    """Loads the library once; returns None on success, else the reason it failed."""
+    """Loads the library; returns None on success, else the reason it failed."""
     try:
         spec = importlib.util.find_spec("fused_attn._C")
     except (ImportError, ValueError) as exc:
@@ -32,12 +30,16 @@ def _load() -> str | None:
     return None
 
 
+# Loaded once, at import: later queries read a constant (also while torch.compile traces).
+_LOAD_ERROR = _load()
+
+
 def loaded() -> bool:
-    return _load() is None
+    return _LOAD_ERROR is None
 
 
 def load_error() -> str | None:
-    return _load()
+    return _LOAD_ERROR
 
 
 def library_path() -> str | None:
@@ -45,6 +47,7 @@ def library_path() -> str | None:
     return spec.origin if spec is not None else None
 
 
+@torch._dynamo.assume_constant_result
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether the loaded library registered a ``device_type`` ("cpu"/"cuda") kernel for ``fused_attn::op``."""
     return loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_attn::{op}", device_type.upper())

@@ -86,3 +86,40 @@ def test_triton_softmax_ops(device, mask_kind):
     torch.library.opcheck(torch.ops.fused_attn.triton_softmax_fwd.default, (x, mask, 0.5, False))
     y = torch.ops.fused_attn.triton_softmax_fwd(x.detach(), None, 0.5, True)
     torch.library.opcheck(torch.ops.fused_attn.triton_softmax_bwd.default, (torch.randn_like(y), y, 0.5, mask_kind == "bias"))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_triton_add_layer_norm_ops(device, dropout_p):
+    if device == "unavailable":
+        pytest.skip("triton ops are not available here")
+    x, res = (torch.randn(6, 40, device=device, requires_grad=True) for _ in range(2))
+    w, b, ib = (torch.randn(40, device=device, requires_grad=True) for _ in range(3))
+    seed = torch.tensor(99) if dropout_p else None
+    torch.library.opcheck(torch.ops.fused_attn.triton_add_layer_norm_fwd.default, (x, res, w, b, ib, 1e-5, dropout_p, seed))
+    _, pre, mean, rstd = torch.ops.fused_attn.triton_add_layer_norm_fwd(
+        x.detach(), res.detach(), w.detach(), b.detach(), ib.detach(), 1e-5, dropout_p, seed
+    )
+    dy = torch.randn(6, 40, device=device)
+    torch.library.opcheck(
+        torch.ops.fused_attn.triton_add_layer_norm_bwd.default,
+        (dy, torch.randn_like(dy), pre, mean, rstd, w.detach(), dropout_p, seed, [True, True, True, True, True]),
+    )
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_triton_linear_gelu_and_ffn_ops(device, approximate):
+    if device == "unavailable":
+        pytest.skip("triton ops are not available here")
+    x = torch.randn(12, 16, device=device, requires_grad=True)
+    w1, b1 = torch.randn(24, 16, device=device, requires_grad=True), torch.randn(24, device=device, requires_grad=True)
+    w2, b2 = torch.randn(16, 24, device=device, requires_grad=True), torch.randn(16, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.fused_attn.triton_linear_gelu_fwd.default, (x, w1, b1, approximate))
+    out, pre = torch.ops.fused_attn.triton_linear_gelu_fwd(x.detach(), w1.detach(), b1.detach(), approximate)
+    torch.library.opcheck(
+        torch.ops.fused_attn.triton_linear_gelu_bwd.default,
+        (torch.randn_like(out), x.detach(), w1.detach(), pre, approximate, [True, True, True]),
+    )
+    for p, seed in ((0.0, None), (0.2, torch.tensor(5))):
+        torch.library.opcheck(torch.ops.fused_attn.triton_ffn_fwd.default, (x, w1, b1, w2, b2, approximate, p, seed))
