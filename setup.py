@@ -50,6 +50,30 @@ def _cuda_library_includes() -> list[str]:
     return found
 
 
+def _cublaslt_link_args(cuda_home: str, cuda_version: str | None) -> list[str]:
+    """Linker flags for cuBLASLt (csrc/cuda/ffn.cu): the library of the CUDA wheel that torch itself loads
+    (nvidia/*/lib next to torch, e.g. nvidia/cu13/lib), else the toolkit's ($CUDA_HOME/lib64).
+
+    The wheels ship only the versioned file (libcublasLt.so.13, no unversioned symlink), so it is named
+    with -l: and the soname's major version taken from torch's CUDA. Importing torch has already loaded
+    that soname, which the extension then shares; the rpath only matters for loading it without torch.
+    """
+    major = (cuda_version or "").split(".")[0]
+    name = f"libcublasLt.so.{major}" if major else "libcublasLt.so"
+    import torch
+
+    roots = [str(Path(torch.__file__).resolve().parent.parent)]
+    roots += list(site.getsitepackages()) + [site.getusersitepackages()] + sys.path
+    candidates: list[str] = []
+    for root in roots:
+        candidates += sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib")))
+    candidates += [os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")]
+    for folder in candidates:
+        if os.path.isfile(os.path.join(folder, name)):
+            return [f"-L{folder}", f"-l:{name}", f"-Wl,-rpath,{folder}"]
+    return ["-lcublasLt"]  # let the linker search its default paths (and fail naming the library if absent)
+
+
 def _cpu_isa() -> str:
     requested = os.environ.get("FUSED_ATTN_CPU_ISA", "").lower()
     if requested in ("avx2", "generic"):
@@ -97,9 +121,11 @@ def main() -> None:
 
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [str(ROOT / "csrc" / "include")]
+    link_args = ["-fopenmp"]
     if build_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         include_dirs += _cuda_library_includes()
+        link_args += _cublaslt_link_args(cuda_home, torch.version.cuda)
         cxx_flags.append("-DFUSED_ATTN_WITH_CUDA")
         nvcc_flags.append("-DFUSED_ATTN_WITH_CUDA")
         extension_cls = cpp_extension.CUDAExtension
@@ -111,7 +137,7 @@ def main() -> None:
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags} if build_cuda else cxx_flags,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_args,
         py_limited_api=False,
     )
 

@@ -1,4 +1,5 @@
-// CUDA kernels of fused_attn::layer_norm_fwd / layer_norm_bwd (schemas in csrc/ops.cpp).
+// CUDA kernels of fused_attn::layer_norm_fwd / layer_norm_bwd and add_layer_norm_fwd / add_layer_norm_bwd
+// (schemas in csrc/ops.cpp).
 //
 // Row mapping. LayerNorm is memory bound, so the layout is chosen to keep every byte moved once
 // from DRAM and the reductions cheap:
@@ -25,6 +26,21 @@
 // down the split's rows, reducing to float32 partials [splits, hidden]; then a kernel that adds the
 // partials of each column in split order and casts to the output dtype.
 //
+// Add & Norm. add_layer_norm runs the same row kernels, instantiated with kAdd = true:
+//   * forward: where the plain kernel loads a vector of x, the add variant loads input, residual and
+//     input_bias, forms prenorm = residual + dropout(input + input_bias) in fp32, rounds it to the
+//     storage type, stores it and keeps the rounded values, so the statistics describe exactly the
+//     prenorm tensor that the backward reads. Warp rows keep it in registers; block rows re-read the
+//     prenorm this same thread stored (each pass visits the thread's own columns) instead of
+//     recomputing it, which would draw the dropout mask three times.
+//   * backward: the LayerNorm input gradient is formed from (grad_out, prenorm) as above; the store
+//     adds grad_prenorm, writes grad_residual = d_prenorm and grad_input = d_prenorm * keep / (1 - p).
+//     grad_weight / grad_bias are the plain column sums of (grad_out, prenorm); grad_input_bias is the
+//     column sum of grad_input (a scratch buffer when grad_input itself was not requested), by the
+//     same two-stage kernels.
+//   Dropout uses the shared Philox stream (fused_attn/philox.h) with element e = row * hidden + col,
+//   regenerated in the backward from the seed; nothing is stored.
+//
 // Determinism. No floating-point atomics anywhere: every sum is taken in an order fixed by the shapes
 // and the vector width alone (thread counts and the number of splits depend on rows and hidden, never
 // on the device or on timing), so repeated calls give bitwise identical results.
@@ -45,6 +61,7 @@
 
 #include "fused_attn/checks.h"
 #include "fused_attn/cuda_utils.cuh"
+#include "fused_attn/philox.h"
 
 namespace fused_attn {
 namespace {
@@ -104,14 +121,104 @@ __device__ __forceinline__ void load_param_or(const T* p, int64_t c, float fill,
 }
 
 // ---------------------------------------------------------------------------------------------
+// Add & Norm operands
+// ---------------------------------------------------------------------------------------------
+
+// Dropout of add_layer_norm: element e of the [rows, hidden] tensor is kept when uniform(seed, e) >= p
+// (philox.h) and then scaled by `scale` = 1 / (1 - p). Inactive: every multiplier is 1.
+struct DropoutArgs {
+  uint64_t seed = 0;
+  float p = 0.f;
+  float scale = 1.f;
+  bool active = false;
+};
+
+// Multipliers of the elements [e, e + VEC): keep ? scale : 0 (a multiplier rather than a select, so
+// that a dropped inf/NaN gives NaN, as the reference's x * mask / (1 - p) does).
+template <int VEC>
+__device__ __forceinline__ void dropout_multipliers(const DropoutArgs& d, int64_t e, float (&m)[VEC]) {
+  if (d.active) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      m[j] = philox::keep(d.seed, static_cast<uint64_t>(e + j), d.p) ? d.scale : 0.f;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) m[j] = 1.f;
+  }
+}
+
+// Extra operands of the forward kernels when kAdd (ignored otherwise). All [rows, hidden] row-major
+// like x, input_bias [hidden] or null.
+template <typename T>
+struct AddFwdArgs {
+  const T* residual = nullptr;
+  const T* input_bias = nullptr;
+  T* prenorm = nullptr;
+  DropoutArgs dropout;
+};
+
+// Extra operands of the backward input kernels when kAdd. Null pointers: not given / not wanted.
+template <typename T>
+struct AddBwdArgs {
+  const T* grad_prenorm = nullptr;
+  T* grad_residual = nullptr;
+  T* grad_input = nullptr;
+  DropoutArgs dropout;
+};
+
+// prenorm = residual + dropout(x + input_bias) for the VEC elements at flat index e (column c): rounded
+// to T, stored, and returned in `v` as the rounded values.
+template <int VEC, typename T>
+__device__ __forceinline__ void add_prenorm(const T* x, const AddFwdArgs<T>& add, int64_t e, int64_t c,
+                                            float (&v)[VEC]) {
+  float xv[VEC], rv[VEC], bv[VEC], keep[VEC];
+  cuda_utils::load_as_float<VEC>(x + e, xv);
+  cuda_utils::load_as_float<VEC>(add.residual + e, rv);
+  load_param_or<VEC>(add.input_bias, c, 0.f, bv);
+  dropout_multipliers<VEC>(add.dropout, e, keep);
+  cuda_utils::AlignedVector<T, VEC> pre;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    pre.val[j] = static_cast<T>(rv[j] + (xv[j] + bv[j]) * keep[j]);
+    v[j] = static_cast<float>(pre.val[j]);
+  }
+  *reinterpret_cast<cuda_utils::AlignedVector<T, VEC>*>(add.prenorm + e) = pre;
+}
+
+// Stores the backward of add_layer_norm for the VEC elements at flat index e, given d = the LayerNorm
+// input gradient: d_prenorm = d + grad_prenorm -> grad_residual, d_prenorm * keep / (1 - p) -> grad_input.
+template <int VEC, typename T>
+__device__ __forceinline__ void add_bwd_store(const AddBwdArgs<T>& add, int64_t e, const float (&d)[VEC]) {
+  float dp[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) dp[j] = d[j];
+  if (add.grad_prenorm != nullptr) {
+    float gp[VEC];
+    cuda_utils::load_as_float<VEC>(add.grad_prenorm + e, gp);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) dp[j] += gp[j];
+  }
+  if (add.grad_residual != nullptr) cuda_utils::store_from_float<VEC>(add.grad_residual + e, dp);
+  if (add.grad_input != nullptr) {
+    float keep[VEC];
+    dropout_multipliers<VEC>(add.dropout, e, keep);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) dp[j] *= keep[j];
+    cuda_utils::store_from_float<VEC>(add.grad_input + e, dp);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int VEC>
+// kAdd: x is add_layer_norm's input and the normalised row is prenorm, formed by add_prenorm.
+template <typename T, int VEC, bool kAdd>
 __global__ void __launch_bounds__(kWarpSize * kWarpRowsPerBlock)
     layer_norm_fwd_warp_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
                                T* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd, int64_t rows,
-                               int hidden, float inv_hidden, float eps) {
+                               int hidden, float inv_hidden, float eps, AddFwdArgs<T> add) {
   static_assert(kWarpMaxHidden % (kWarpSize * VEC) == 0, "warp row tile must divide kWarpMaxHidden");
   constexpr int kChunks = kWarpMaxHidden / (kWarpSize * VEC);
   const int lane = static_cast<int>(threadIdx.x);
@@ -128,7 +235,11 @@ __global__ void __launch_bounds__(kWarpSize * kWarpRowsPerBlock)
     for (int i = 0; i < kChunks; ++i) {
       const int c = (i * kWarpSize + lane) * VEC;
       if (c < hidden) {
-        cuda_utils::load_as_float<VEC>(xr + c, v[i]);
+        if constexpr (kAdd) {
+          add_prenorm<VEC>(x, add, row * hidden + c, c, v[i]);
+        } else {
+          cuda_utils::load_as_float<VEC>(xr + c, v[i]);
+        }
 #pragma unroll
         for (int j = 0; j < VEC; ++j) sum += v[i][j];
       } else {
@@ -172,11 +283,11 @@ __global__ void __launch_bounds__(kWarpSize * kWarpRowsPerBlock)
   }
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, bool kAdd>
 __global__ void __launch_bounds__(kBlockMaxThreads)
     layer_norm_fwd_block_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
                                 T* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd, int64_t rows,
-                                int64_t hidden, float inv_hidden, float eps) {
+                                int64_t hidden, float inv_hidden, float eps, AddFwdArgs<T> add) {
   __shared__ float smem[kWarpSize];
   const int64_t first_col = static_cast<int64_t>(threadIdx.x) * VEC;
   const int64_t col_stride = static_cast<int64_t>(blockDim.x) * VEC;
@@ -186,17 +297,25 @@ __global__ void __launch_bounds__(kBlockMaxThreads)
     float sum[1] = {0.f};
     for (int64_t c = first_col; c < hidden; c += col_stride) {
       float xv[VEC];
-      cuda_utils::load_as_float<VEC>(xr + c, xv);
+      if constexpr (kAdd) {
+        add_prenorm<VEC>(x, add, row * hidden + c, c, xv);
+      } else {
+        cuda_utils::load_as_float<VEC>(xr + c, xv);
+      }
 #pragma unroll
       for (int j = 0; j < VEC; ++j) sum[0] += xv[j];
     }
     cuda_utils::block_allreduce_sum(sum, smem);
     const float mu = sum[0] * inv_hidden;
+    // The passes below re-read the normalised row: x, or for add_layer_norm the prenorm this thread has
+    // just stored (same columns; block_allreduce_sum's barrier also orders the accesses block-wide).
+    const T* nr = xr;
+    if constexpr (kAdd) nr = add.prenorm + row * hidden;
 
     float sq[1] = {0.f};
     for (int64_t c = first_col; c < hidden; c += col_stride) {
       float xv[VEC];
-      cuda_utils::load_as_float<VEC>(xr + c, xv);
+      cuda_utils::load_as_float<VEC>(nr + c, xv);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const float d = xv[j] - mu;
@@ -209,7 +328,7 @@ __global__ void __launch_bounds__(kBlockMaxThreads)
     T* yr = y + row * hidden;
     for (int64_t c = first_col; c < hidden; c += col_stride) {
       float xv[VEC], wv[VEC], bv[VEC], out[VEC];
-      cuda_utils::load_as_float<VEC>(xr + c, xv);
+      cuda_utils::load_as_float<VEC>(nr + c, xv);
       load_param_or<VEC>(w, c, 1.f, wv);
       load_param_or<VEC>(b, c, 0.f, bv);
 #pragma unroll
@@ -223,17 +342,17 @@ __global__ void __launch_bounds__(kBlockMaxThreads)
   }
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, bool kAdd = false>
 void launch_fwd(const T* x, const T* w, const T* b, T* y, float* mean, float* rstd, int64_t rows, int64_t hidden,
-                float eps, cudaStream_t stream) {
+                float eps, cudaStream_t stream, const AddFwdArgs<T>& add = {}) {
   if (hidden <= kWarpMaxHidden) {
     const dim3 block(kWarpSize, kWarpRowsPerBlock);
-    layer_norm_fwd_warp_kernel<T, VEC><<<grid_size(ceil_div(rows, kWarpRowsPerBlock)), block, 0, stream>>>(
-        x, w, b, y, mean, rstd, rows, static_cast<int>(hidden), reciprocal(hidden), eps);
+    layer_norm_fwd_warp_kernel<T, VEC, kAdd><<<grid_size(ceil_div(rows, kWarpRowsPerBlock)), block, 0, stream>>>(
+        x, w, b, y, mean, rstd, rows, static_cast<int>(hidden), reciprocal(hidden), eps, add);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
-    layer_norm_fwd_block_kernel<T, VEC><<<grid_size(rows), block_row_threads(hidden, VEC), 0, stream>>>(
-        x, w, b, y, mean, rstd, rows, hidden, reciprocal(hidden), eps);
+    layer_norm_fwd_block_kernel<T, VEC, kAdd><<<grid_size(rows), block_row_threads(hidden, VEC), 0, stream>>>(
+        x, w, b, y, mean, rstd, rows, hidden, reciprocal(hidden), eps, add);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -242,12 +361,13 @@ void launch_fwd(const T* x, const T* w, const T* b, T* y, float* mean, float* rs
 // Backward: grad_input
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int VEC>
+// kAdd: x is prenorm and the gradient goes through add_bwd_store (dx unused, may be null).
+template <typename T, int VEC, bool kAdd>
 __global__ void __launch_bounds__(kWarpSize * kWarpRowsPerBlock)
     layer_norm_bwd_input_warp_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                                      const float* __restrict__ mean, const float* __restrict__ rstd,
                                      const T* __restrict__ w, T* __restrict__ dx, int64_t rows, int hidden,
-                                     float inv_hidden) {
+                                     float inv_hidden, AddBwdArgs<T> add) {
   static_assert(kWarpMaxHidden % (kWarpSize * VEC) == 0, "warp row tile must divide kWarpMaxHidden");
   constexpr int kChunks = kWarpMaxHidden / (kWarpSize * VEC);
   const int lane = static_cast<int>(threadIdx.x);
@@ -280,7 +400,6 @@ __global__ void __launch_bounds__(kWarpSize * kWarpRowsPerBlock)
     const float mean_g = cuda_utils::warp_allreduce_sum(sum_g) * inv_hidden;
     const float mean_gx = cuda_utils::warp_allreduce_sum(sum_gx) * inv_hidden;
 
-    T* dxr = dx + row * hidden;
 #pragma unroll
     for (int i = 0; i < kChunks; ++i) {
       const int c = (i * kWarpSize + lane) * VEC;
@@ -288,18 +407,22 @@ __global__ void __launch_bounds__(kWarpSize * kWarpRowsPerBlock)
         float out[VEC];
 #pragma unroll
         for (int j = 0; j < VEC; ++j) out[j] = rs * (g[i][j] - mean_g - xhat[i][j] * mean_gx);
-        cuda_utils::store_from_float<VEC>(dxr + c, out);
+        if constexpr (kAdd) {
+          add_bwd_store<VEC>(add, row * hidden + c, out);
+        } else {
+          cuda_utils::store_from_float<VEC>(dx + row * hidden + c, out);
+        }
       }
     }
   }
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, bool kAdd>
 __global__ void __launch_bounds__(kBlockMaxThreads)
     layer_norm_bwd_input_block_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                                       const float* __restrict__ mean, const float* __restrict__ rstd,
                                       const T* __restrict__ w, T* __restrict__ dx, int64_t rows, int64_t hidden,
-                                      float inv_hidden) {
+                                      float inv_hidden, AddBwdArgs<T> add) {
   __shared__ float smem[2 * kWarpSize];
   const int64_t first_col = static_cast<int64_t>(threadIdx.x) * VEC;
   const int64_t col_stride = static_cast<int64_t>(blockDim.x) * VEC;
@@ -326,7 +449,6 @@ __global__ void __launch_bounds__(kBlockMaxThreads)
     const float mean_g = sums[0] * inv_hidden;
     const float mean_gx = sums[1] * inv_hidden;
 
-    T* dxr = dx + row * hidden;
     for (int64_t c = first_col; c < hidden; c += col_stride) {
       float dyv[VEC], xv[VEC], wv[VEC], out[VEC];
       cuda_utils::load_as_float<VEC>(dyr + c, dyv);
@@ -336,22 +458,27 @@ __global__ void __launch_bounds__(kBlockMaxThreads)
       for (int j = 0; j < VEC; ++j) {
         out[j] = rs * (scaled_grad(dyv[j], wv[j]) - mean_g - ((xv[j] - mu) * rs) * mean_gx);
       }
-      cuda_utils::store_from_float<VEC>(dxr + c, out);
+      if constexpr (kAdd) {
+        add_bwd_store<VEC>(add, row * hidden + c, out);
+      } else {
+        cuda_utils::store_from_float<VEC>(dx + row * hidden + c, out);
+      }
     }
   }
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, bool kAdd = false>
 void launch_bwd_input(const T* dy, const T* x, const float* mean, const float* rstd, const T* w, T* dx, int64_t rows,
-                      int64_t hidden, cudaStream_t stream) {
+                      int64_t hidden, cudaStream_t stream, const AddBwdArgs<T>& add = {}) {
   if (hidden <= kWarpMaxHidden) {
     const dim3 block(kWarpSize, kWarpRowsPerBlock);
-    layer_norm_bwd_input_warp_kernel<T, VEC><<<grid_size(ceil_div(rows, kWarpRowsPerBlock)), block, 0, stream>>>(
-        dy, x, mean, rstd, w, dx, rows, static_cast<int>(hidden), reciprocal(hidden));
+    layer_norm_bwd_input_warp_kernel<T, VEC, kAdd>
+        <<<grid_size(ceil_div(rows, kWarpRowsPerBlock)), block, 0, stream>>>(
+            dy, x, mean, rstd, w, dx, rows, static_cast<int>(hidden), reciprocal(hidden), add);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
-    layer_norm_bwd_input_block_kernel<T, VEC><<<grid_size(rows), block_row_threads(hidden, VEC), 0, stream>>>(
-        dy, x, mean, rstd, w, dx, rows, hidden, reciprocal(hidden));
+    layer_norm_bwd_input_block_kernel<T, VEC, kAdd><<<grid_size(rows), block_row_threads(hidden, VEC), 0, stream>>>(
+        dy, x, mean, rstd, w, dx, rows, hidden, reciprocal(hidden), add);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -417,6 +544,35 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     for (int64_t s = 0; s < splits; ++s) total += partial_b[s * hidden + c];
     grad_b[c] = static_cast<T>(total);
   }
+}
+
+// Column sums over rows > 0 and hidden > 0: grad_w = sum_rows dy * (x - mean) * rstd when grad_w is not
+// null, grad_b = sum_rows dy when grad_b is not null (at least one of them). x, mean and rstd are read
+// only for grad_w, so with grad_w null this is a plain deterministic column sum of dy.
+template <typename T>
+void launch_param_grads(const T* dy, const T* x, const float* mean, const float* rstd, T* grad_w, T* grad_b,
+                        int64_t rows, int64_t hidden, const at::TensorOptions& float_options, cudaStream_t stream) {
+  const int64_t col_tiles = ceil_div(hidden, kParamCols);
+  const int64_t wanted_splits =
+      std::clamp<int64_t>(ceil_div(kParamTargetBlocks, col_tiles), 1, ceil_div(rows, kParamMinRowsPerSplit));
+  const int64_t rows_per_split = ceil_div(rows, wanted_splits);
+  // Recomputed so that no split is empty; at most kParamTargetBlocks, far below the gridDim.y limit.
+  const int64_t splits = ceil_div(rows, rows_per_split);
+  at::Tensor partial_w = grad_w != nullptr ? at::empty({splits, hidden}, float_options) : at::Tensor();
+  at::Tensor partial_b = grad_b != nullptr ? at::empty({splits, hidden}, float_options) : at::Tensor();
+  float* partial_w_p = grad_w != nullptr ? partial_w.mutable_data_ptr<float>() : nullptr;
+  float* partial_b_p = grad_b != nullptr ? partial_b.mutable_data_ptr<float>() : nullptr;
+
+  const dim3 partial_grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(splits));
+  const dim3 partial_block(kParamCols, kParamRowStripes);
+  layer_norm_bwd_param_partial_kernel<T><<<partial_grid, partial_block, 0, stream>>>(
+      dy, x, mean, rstd, partial_w_p, partial_b_p, rows, hidden, rows_per_split);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  layer_norm_bwd_param_finalize_kernel<T>
+      <<<static_cast<unsigned>(ceil_div(hidden, kFinalizeThreads)), kFinalizeThreads, 0, stream>>>(
+          partial_w_p, partial_b_p, grad_w, grad_b, splits, hidden);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -535,33 +691,173 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
     }
 
     if (output_mask[1] || output_mask[2]) {
-      const int64_t col_tiles = ceil_div(hidden, kParamCols);
-      const int64_t wanted_splits = std::clamp<int64_t>(ceil_div(kParamTargetBlocks, col_tiles), 1,
-                                                        ceil_div(rows, kParamMinRowsPerSplit));
-      const int64_t rows_per_split = ceil_div(rows, wanted_splits);
-      // Recomputed so that no split is empty; at most kParamTargetBlocks, far below the gridDim.y limit.
-      const int64_t splits = ceil_div(rows, rows_per_split);
-      const auto partial_options = input.options().dtype(at::kFloat);
-      at::Tensor partial_w = output_mask[1] ? at::empty({splits, hidden}, partial_options) : at::Tensor();
-      at::Tensor partial_b = output_mask[2] ? at::empty({splits, hidden}, partial_options) : at::Tensor();
-      float* partial_w_p = output_mask[1] ? partial_w.mutable_data_ptr<float>() : nullptr;
-      float* partial_b_p = output_mask[2] ? partial_b.mutable_data_ptr<float>() : nullptr;
-
-      const dim3 partial_grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(splits));
-      const dim3 partial_block(kParamCols, kParamRowStripes);
-      layer_norm_bwd_param_partial_kernel<scalar_t><<<partial_grid, partial_block, 0, stream>>>(
-          dy, x, mean_p, rstd_p, partial_w_p, partial_b_p, rows, hidden, rows_per_split);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-
       scalar_t* grad_w_p = output_mask[1] ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr;
       scalar_t* grad_b_p = output_mask[2] ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
-      layer_norm_bwd_param_finalize_kernel<scalar_t>
-          <<<static_cast<unsigned>(ceil_div(hidden, kFinalizeThreads)), kFinalizeThreads, 0, stream>>>(
-              partial_w_p, partial_b_p, grad_w_p, grad_b_p, splits, hidden);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_param_grads<scalar_t>(dy, x, mean_p, rstd_p, grad_w_p, grad_b_p, rows, hidden,
+                                   input.options().dtype(at::kFloat), stream);
     }
   }), at::kFloat, at::kHalf, at::kBFloat16);
   return {grad_input, grad_weight, grad_bias};
+}
+
+// dropout_p in [0, 1]; the seed (a CPU int64 scalar tensor, csrc/ops.cpp) is required and read only when
+// dropout is applied (dropout_p > 0 and `used`).
+DropoutArgs make_dropout(double dropout_p, const std::optional<at::Tensor>& seed, bool used) {
+  // Written so that NaN fails too.
+  TORCH_CHECK(dropout_p >= 0 && dropout_p <= 1, "dropout_p must be in [0, 1], got ", dropout_p);
+  DropoutArgs d;
+  if (dropout_p == 0 || !used) return d;
+  TORCH_CHECK(seed.has_value() && seed->defined(),
+              "seed must be given when dropout_p > 0: a CPU int64 scalar tensor (the dropout stream's key)");
+  TORCH_CHECK(seed->device().is_cpu() && seed->scalar_type() == at::kLong && seed->numel() == 1,
+              "seed must be a CPU int64 tensor with one element, got ", seed->scalar_type(), " ", seed->sizes(),
+              " on ", seed->device());
+  d.seed = static_cast<uint64_t>(seed->item<int64_t>());
+  d.p = static_cast<float>(dropout_p);
+  // With p == 1 every element is dropped and the scale is never applied.
+  d.scale = dropout_p < 1 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 0.f;
+  d.active = true;
+  return d;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cuda(
+    const at::Tensor& input, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& input_bias, double eps, double dropout_p,
+    const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK(input.is_cuda(), "input must be a CUDA tensor, got device ", input.device());
+  const std::pair<int64_t, int64_t> dims = check_rows_input(input, "input");
+  const int64_t rows = dims.first;
+  const int64_t hidden = dims.second;
+  check_same_as(residual, "residual", input, "input");
+  check_affine_param(weight, "weight", input, hidden);
+  check_affine_param(bias, "bias", input, hidden);
+  check_affine_param(input_bias, "input_bias", input, hidden);
+  TORCH_CHECK(eps >= 0 && eps <= std::numeric_limits<float>::max(), "eps must be finite (as float32) and >= 0, got ",
+              eps);
+  const DropoutArgs dropout = make_dropout(dropout_p, seed, /*used=*/true);
+  check_hidden_fits_int(hidden);
+
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor out = at::empty({rows, hidden}, input.options());
+  at::Tensor prenorm = at::empty({rows, hidden}, input.options());
+  at::Tensor mean = at::empty({rows}, input.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({rows}, input.options().dtype(at::kFloat));
+  if (rows == 0) return {out, prenorm, mean, rstd};
+  if (hidden == 0) {
+    // As layer_norm_fwd_cuda: an empty row has mean 0 and variance 0.
+    mean.zero_();
+    rstd.fill_(1.0 / std::sqrt(eps));
+    return {out, prenorm, mean, rstd};
+  }
+
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_V2(input.scalar_type(), "add_layer_norm_fwd_cuda", AT_WRAP([&] {
+    constexpr int kVec = cuda_utils::vec16_width<scalar_t>();
+    AddFwdArgs<scalar_t> add;
+    add.residual = residual.const_data_ptr<scalar_t>();
+    add.input_bias = optional_data<scalar_t>(input_bias);
+    add.prenorm = prenorm.mutable_data_ptr<scalar_t>();
+    add.dropout = dropout;
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const scalar_t* w = optional_data<scalar_t>(weight);
+    const scalar_t* b = optional_data<scalar_t>(bias);
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    float* mean_p = mean.mutable_data_ptr<float>();
+    float* rstd_p = rstd.mutable_data_ptr<float>();
+    const bool vectorize = hidden % kVec == 0 && cuda_utils::is_aligned(x, 16) && cuda_utils::is_aligned(y, 16) &&
+                           cuda_utils::is_aligned(w, 16) && cuda_utils::is_aligned(b, 16) &&
+                           cuda_utils::is_aligned(add.residual, 16) && cuda_utils::is_aligned(add.input_bias, 16) &&
+                           cuda_utils::is_aligned(add.prenorm, 16);
+    if (vectorize) {
+      launch_fwd<scalar_t, kVec, true>(x, w, b, y, mean_p, rstd_p, rows, hidden, static_cast<float>(eps), stream, add);
+    } else {
+      launch_fwd<scalar_t, 1, true>(x, w, b, y, mean_p, rstd_p, rows, hidden, static_cast<float>(eps), stream, add);
+    }
+  }), at::kFloat, at::kHalf, at::kBFloat16);
+  return {out, prenorm, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cuda(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_prenorm, const at::Tensor& prenorm,
+    const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight, double dropout_p,
+    const std::optional<at::Tensor>& seed, std::array<bool, 5> output_mask) {
+  TORCH_CHECK(prenorm.is_cuda(), "prenorm must be a CUDA tensor, got device ", prenorm.device());
+  const std::pair<int64_t, int64_t> dims = check_rows_input(prenorm, "prenorm");
+  const int64_t rows = dims.first;
+  const int64_t hidden = dims.second;
+  check_same_as(grad_out, "grad_out", prenorm, "prenorm");
+  const bool has_grad_prenorm = grad_prenorm.has_value() && grad_prenorm->defined();
+  if (has_grad_prenorm) check_same_as(*grad_prenorm, "grad_prenorm", prenorm, "prenorm");
+  check_row_stats(mean, "mean", prenorm, rows);
+  check_row_stats(rstd, "rstd", prenorm, rows);
+  check_affine_param(weight, "weight", prenorm, hidden);
+  const bool has_weight = weight.has_value() && weight->defined();
+  TORCH_CHECK(!output_mask[2] || has_weight, "weight must be given when grad_weight is requested (output_mask[2])");
+  const bool want_input = output_mask[0];
+  const bool want_residual = output_mask[1];
+  const bool want_input_bias = output_mask[4];
+  const DropoutArgs dropout = make_dropout(dropout_p, seed, /*used=*/want_input || want_input_bias);
+  check_hidden_fits_int(hidden);
+
+  const c10::cuda::CUDAGuard guard(prenorm.device());
+  const auto opts = prenorm.options();
+  // Unselected outputs are distinct empty tensors: outputs of a non-aliasing schema must not share storage.
+  at::Tensor grad_input = want_input ? at::empty({rows, hidden}, opts) : at::empty({0}, opts);
+  at::Tensor grad_residual = want_residual ? at::empty({rows, hidden}, opts) : at::empty({0}, opts);
+  at::Tensor grad_weight = output_mask[2] ? at::empty({hidden}, weight->options()) : at::empty({0}, opts);
+  at::Tensor grad_bias = output_mask[3] ? at::empty({hidden}, opts) : at::empty({0}, opts);
+  at::Tensor grad_input_bias = want_input_bias ? at::empty({hidden}, opts) : at::empty({0}, opts);
+  if (hidden == 0) return {grad_input, grad_residual, grad_weight, grad_bias, grad_input_bias};
+  if (rows == 0) {
+    // Sums over no rows.
+    if (output_mask[2]) grad_weight.zero_();
+    if (output_mask[3]) grad_bias.zero_();
+    if (want_input_bias) grad_input_bias.zero_();
+    return {grad_input, grad_residual, grad_weight, grad_bias, grad_input_bias};
+  }
+  // grad_input_bias is the column sum of grad_input: a scratch grad_input when only the former is wanted.
+  const at::Tensor input_grad_buffer =
+      want_input ? grad_input : (want_input_bias ? at::empty({rows, hidden}, opts) : at::Tensor());
+
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_V2(prenorm.scalar_type(), "add_layer_norm_bwd_cuda", AT_WRAP([&] {
+    const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* x = prenorm.const_data_ptr<scalar_t>();
+    const float* mean_p = mean.const_data_ptr<float>();
+    const float* rstd_p = rstd.const_data_ptr<float>();
+    scalar_t* input_grad_p = input_grad_buffer.defined() ? input_grad_buffer.mutable_data_ptr<scalar_t>() : nullptr;
+
+    if (want_input || want_residual || want_input_bias) {
+      constexpr int kVec = cuda_utils::vec16_width<scalar_t>();
+      AddBwdArgs<scalar_t> add;
+      add.grad_prenorm = has_grad_prenorm ? grad_prenorm->const_data_ptr<scalar_t>() : nullptr;
+      add.grad_residual = want_residual ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
+      add.grad_input = input_grad_p;
+      add.dropout = dropout;
+      const scalar_t* w = optional_data<scalar_t>(weight);
+      const bool vectorize = hidden % kVec == 0 && cuda_utils::is_aligned(dy, 16) && cuda_utils::is_aligned(x, 16) &&
+                             cuda_utils::is_aligned(w, 16) && cuda_utils::is_aligned(add.grad_prenorm, 16) &&
+                             cuda_utils::is_aligned(add.grad_residual, 16) &&
+                             cuda_utils::is_aligned(add.grad_input, 16);
+      if (vectorize) {
+        launch_bwd_input<scalar_t, kVec, true>(dy, x, mean_p, rstd_p, w, nullptr, rows, hidden, stream, add);
+      } else {
+        launch_bwd_input<scalar_t, 1, true>(dy, x, mean_p, rstd_p, w, nullptr, rows, hidden, stream, add);
+      }
+    }
+
+    const auto float_options = opts.dtype(at::kFloat);
+    if (output_mask[2] || output_mask[3]) {
+      scalar_t* grad_w_p = output_mask[2] ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* grad_b_p = output_mask[3] ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
+      launch_param_grads<scalar_t>(dy, x, mean_p, rstd_p, grad_w_p, grad_b_p, rows, hidden, float_options, stream);
+    }
+    if (want_input_bias) {
+      launch_param_grads<scalar_t>(input_grad_p, nullptr, nullptr, nullptr, nullptr,
+                                   grad_input_bias.mutable_data_ptr<scalar_t>(), rows, hidden, float_options, stream);
+    }
+  }), at::kFloat, at::kHalf, at::kBFloat16);
+  return {grad_input, grad_residual, grad_weight, grad_bias, grad_input_bias};
 }
 
 }  // namespace
@@ -570,4 +866,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
 TORCH_LIBRARY_IMPL(fused_attn, CUDA, m) {
   m.impl("layer_norm_fwd", &fused_attn::layer_norm_fwd_cuda);
   m.impl("layer_norm_bwd", &fused_attn::layer_norm_bwd_cuda);
+  m.impl("add_layer_norm_fwd", &fused_attn::add_layer_norm_fwd_cuda);
+  m.impl("add_layer_norm_bwd", &fused_attn::add_layer_norm_bwd_cuda);
 }
