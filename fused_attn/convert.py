@@ -76,6 +76,34 @@ def register_model_converter(matches: Callable[[nn.Module], bool], convert: Call
     _MODEL_CONVERTERS.append((matches, convert, restore))
 
 
+_MODEL_FLAGS = "_fused_attn_original_flags"
+
+
+def _is_package_model(module: nn.Module) -> bool:
+    from .models.bert import BertPreTrainedModel
+    from .models.transformer import Transformer
+
+    return isinstance(module, (BertPreTrainedModel, Transformer))
+
+
+def _convert_package_model(model: nn.Module, backend: str | None):
+    """The package's reference models switch themselves: ``config.fused`` and ``config.backend``."""
+    config = model.config
+    if _MODEL_FLAGS not in model.__dict__:
+        setattr(model, _MODEL_FLAGS, (config.fused, config.backend))
+    config.fused, config.backend = True, backend
+    return [("", f"{type(model).__name__}(fused=False)", f"{type(model).__name__}(fused=True)")], []
+
+
+def _restore_package_model(model: nn.Module) -> None:
+    flags = model.__dict__.pop(_MODEL_FLAGS, None)
+    if flags is not None:
+        model.config.fused, model.config.backend = flags
+
+
+register_model_converter(_is_package_model, _convert_package_model, _restore_package_model)
+
+
 def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -> OptimizeReport:
     """Swaps fused implementations into ``model`` and returns a report (``report.model`` is the model).
 

@@ -136,3 +136,29 @@ def test_hf_bert_restore():
     assert model.config._attn_implementation == original
     assert type(model.encoder.layer[0].output).__name__ == "BertOutput"
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).last_hidden_state, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# The package's reference models
+
+
+def test_optimize_reference_bert_and_transformer():
+    from fused_attn.models import BertConfig, BertForMaskedLM, Transformer, TransformerConfig
+
+    torch.manual_seed(0)
+    bert = BertForMaskedLM(BertConfig.bert_tiny(vocab_size=100, hidden_dropout_prob=0.0,
+                                                attention_probs_dropout_prob=0.0)).eval()
+    plain = copy.deepcopy(bert)
+    ids, mask = torch.randint(0, 100, (2, 10)), torch.ones(2, 10, dtype=torch.long)
+    mask[0, 7:] = 0
+    report = fused_attn.optimize(bert, backend="triton")
+    assert report.replaced == [("", "BertForMaskedLM(fused=False)", "BertForMaskedLM(fused=True)")]
+    assert bert.config.fused and bert.config.backend == "triton"
+    assert_model_parity(plain, bert, lambda m: m(input_ids=ids, attention_mask=mask).logits)
+    fused_attn.restore(bert)
+    assert not bert.config.fused and bert.config.backend is None
+
+    transformer = Transformer(TransformerConfig(src_vocab_size=50, d_model=32, nhead=4, dim_feedforward=64,
+                                                num_encoder_layers=1, num_decoder_layers=1, dropout=0.0))
+    fused_attn.optimize(transformer)
+    assert transformer.config.fused

@@ -2,15 +2,14 @@
 //
 // Rows are independent, so both ops split the rows across threads with at::parallel_for. One row
 // (a few KiB to a few tens of KiB) stays in L1/L2 while it is worked on, so revisiting it is
-// cheap: the forward reads it three times (mean, sum of squared deviations, normalise), buying a
-// two-pass variance with cache hits rather than DRAM traffic, and the backward reads it twice
-// (row sums, then grad_input). All arithmetic is float32 on at::vec::Vectorized<float>: fp16/bf16
-// are widened on load and rounded once on store, and weight/bias are widened once per call.
-// grad_weight/grad_bias are folded into the backward's first pass: the rows are cut into at most
-// get_num_threads() fixed chunks, each summing into its own float32 [hidden] buffers (Kahan-
-// compensated, so a column sum over many rows stays within about an ulp), and the buffers are
-// added in chunk order, so there is no race and, for a fixed thread count, the result does not
-// depend on scheduling.
+// cheap: the forward reads it three times (mean; deviations, for a two-pass variance; normalise)
+// and the backward twice (row sums; grad_input), paying in cache hits, not DRAM traffic, for
+// accuracy. All arithmetic is float32 on at::vec::Vectorized<float>, fp16/bf16 widened on load
+// and rounded once on store; row sums are cascaded through a double every kSegment elements.
+// grad_weight/grad_bias are accumulated in the backward's grad_input pass: the rows are cut into
+// at most get_num_threads() fixed chunks, each summing into its own float32 [hidden] buffers
+// (Kahan-compensated), and the buffers are added in chunk order, so there is no race and, for a
+// fixed thread count, the result does not depend on scheduling.
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -60,9 +59,9 @@ constexpr int kChains = 4;
 // sums about as accurately as a 1K-wide one. A multiple of every kChains-block stride.
 constexpr int64_t kSegment = 1024;
 
-// The helpers below are forced inline (GCC otherwise outlines some): only inlined does a full
-// block's length become a compile-time constant that folds the masked paths away, and only
-// inlined do the accumulators they touch stay in registers.
+// The helpers below, and the loop bodies handed to for_each_block, are forced inline (GCC
+// otherwise outlines some): only inlined does a full block's length become a compile-time
+// constant that folds the masked paths away, and only inlined do accumulators stay in registers.
 
 // Loads the first n elements of a block as float; lanes past n read as zero. n may be <= 0 or
 // larger than the block, so callers pass "elements left in the row".
@@ -194,7 +193,7 @@ void layer_norm_fwd_rows(const scalar_t* x, const float* w, const float* b, int6
     RowSum<C, P> sum;
     for_each_block<B, C>(
         hidden,
-        [&](int64_t j, int64_t len, int c) {
+        [&](int64_t j, int64_t len, int c) C10_ALWAYS_INLINE_ATTRIBUTE {
           fVec xv[P];
           load_block(xr + j, len, xv);  // zero-filled past the row: adds nothing
           for (int k = 0; k < P; ++k) sum.acc[c][k] += xv[k];
@@ -209,7 +208,7 @@ void layer_norm_fwd_rows(const scalar_t* x, const float* w, const float* b, int6
     RowSum<C, P> dev, sq;
     for_each_block<B, C>(
         hidden,
-        [&](int64_t j, int64_t len, int c) {
+        [&](int64_t j, int64_t len, int c) C10_ALWAYS_INLINE_ATTRIBUTE {
           fVec xv[P];
           load_block(xr + j, len, xv);
           for (int k = 0; k < P; ++k) {
@@ -230,7 +229,7 @@ void layer_norm_fwd_rows(const scalar_t* x, const float* w, const float* b, int6
 
     const fVec rsv(rs);
     scalar_t* outr = out + r * hidden;
-    for_each_block<B>(hidden, [&](int64_t j, int64_t len, int) {
+    for_each_block<B>(hidden, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
       fVec xv[P], wv[P], bv[P], ov[P];
       load_block(xr + j, len, xv);
       load_block(w + j, len, wv);
@@ -258,60 +257,67 @@ void layer_norm_bwd_rows(const scalar_t* dy, const scalar_t* x, const float* mea
     const fVec mv(mean[r]);
     const fVec rsv(rstd[r]);
 
-    // Pass 1: the row means that couple the elements of grad_input, plus this row's share of
-    // grad_weight/grad_bias while dy and xhat are already in registers.
-    RowSum<C, P> g_sum, gx_sum, xhat_sum;
-    for_each_block<B, C>(
-        hidden,
-        [&](int64_t j, int64_t len, int c) {
-          fVec dyv[P], xv[P], wv[P], xhat[P];
-          load_block(dyr + j, len, dyv);  // zero past the row, so g and dy add nothing there
-          load_block(xr + j, len, xv);
-          load_block(w + j, len, wv);
-          for (int k = 0; k < P; ++k) {
-            xhat[k] = (xv[k] - mv) * rsv;
-            if (len < B) xhat[k] = keep_first(xhat[k], len - k * kLanes);
-            const fVec g = rounded_product(dyv[k], wv[k]);
-            g_sum.acc[c][k] += g;
-            gx_sum.acc[c][k] = at::vec::fmadd(g, xhat[k], gx_sum.acc[c][k]);
-            xhat_sum.acc[c][k] += xhat[k];
-          }
-          if (dw_part != nullptr) {
-            fVec dy_xhat[P];
-            for (int k = 0; k < P; ++k) dy_xhat[k] = dyv[k] * xhat[k];
-            kahan_add_block(dw_part + j, dw_part + hidden + j, len, dy_xhat);
-          }
-          if (db_part != nullptr) kahan_add_block(db_part + j, db_part + hidden + j, len, dyv);
-        },
-        [&] {
-          g_sum.end_segment();
-          gx_sum.end_segment();
-          xhat_sum.end_segment();
-        });
-    if (dx == nullptr) continue;
+    // Pass 1, for grad_input only: the row means that couple its elements.
+    fVec c1(0.f), c2(0.f);
+    if (dx != nullptr) {
+      RowSum<C, P> g_sum, gx_sum, xhat_sum;
+      for_each_block<B, C>(
+          hidden,
+          [&](int64_t j, int64_t len, int c) C10_ALWAYS_INLINE_ATTRIBUTE {
+            fVec dyv[P], xv[P], wv[P];
+            load_block(dyr + j, len, dyv);  // zero past the row, so g adds nothing there
+            load_block(xr + j, len, xv);
+            load_block(w + j, len, wv);
+            for (int k = 0; k < P; ++k) {
+              fVec xhat = (xv[k] - mv) * rsv;
+              if (len < B) xhat = keep_first(xhat, len - k * kLanes);
+              const fVec g = rounded_product(dyv[k], wv[k]);
+              g_sum.acc[c][k] += g;
+              gx_sum.acc[c][k] = at::vec::fmadd(g, xhat, gx_sum.acc[c][k]);
+              xhat_sum.acc[c][k] += xhat;
+            }
+          },
+          [&] {
+            g_sum.end_segment();
+            gx_sum.end_segment();
+            xhat_sum.end_segment();
+          });
+      // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight, taken with
+      // xhat - mean(xhat) for xhat. The saved mean is rounded to float, which shifts every xhat
+      // by the same offset; the formula does not project that offset out, and rstd (large for
+      // rows of nearly equal values) would amplify it. Re-centring costs only the constants:
+      // mean(g * (xhat - a)) = mean(g * xhat) - a * mean(g) and
+      // g - mean(g) - (xhat - a) * c2 = g - (mean(g) - a * c2) - xhat * c2.
+      const double xhat_mean = xhat_sum.total * inv_n;
+      const double g_mean = g_sum.total * inv_n;
+      const double gx_mean = gx_sum.total * inv_n - xhat_mean * g_mean;
+      c1 = fVec(static_cast<float>(g_mean - xhat_mean * gx_mean));
+      c2 = fVec(static_cast<float>(gx_mean));
+    }
 
-    // Pass 2: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight, taken with
-    // xhat - mean(xhat) for xhat. The saved mean is rounded to float, which shifts every xhat by
-    // the same offset; the formula does not project that offset out, and rstd (large for rows
-    // of nearly equal values) would amplify it. Re-centring costs only the constants:
-    // mean(g * (xhat - a)) = mean(g * xhat) - a * mean(g) and
-    // g - mean(g) - (xhat - a) * c2 = g - (mean(g) - a * c2) - xhat * c2.
-    const double xhat_mean = xhat_sum.total * inv_n;
-    const double g_mean = g_sum.total * inv_n;
-    const double gx_mean = gx_sum.total * inv_n - xhat_mean * g_mean;
-    const fVec c1(static_cast<float>(g_mean - xhat_mean * gx_mean));
-    const fVec c2(static_cast<float>(gx_mean));
-    scalar_t* dxr = dx + r * hidden;
-    for_each_block<B>(hidden, [&](int64_t j, int64_t len, int) {
-      fVec dyv[P], xv[P], wv[P], dxv[P];
+    // Pass 2: grad_input and this row's share of grad_weight/grad_bias together, on the row
+    // pass 1 left in cache; the parameter gradients need no pass over the input of their own.
+    // Lanes past the row are computed but never stored.
+    scalar_t* dxr = dx != nullptr ? dx + r * hidden : nullptr;
+    for_each_block<B>(hidden, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
+      fVec dyv[P], xv[P], wv[P], xhat[P];
       load_block(dyr + j, len, dyv);
       load_block(xr + j, len, xv);
-      load_block(w + j, len, wv);
-      for (int k = 0; k < P; ++k) {
-        const fVec xhat = (xv[k] - mv) * rsv;
-        dxv[k] = (rounded_product(dyv[k], wv[k]) - at::vec::fmadd(xhat, c2, c1)) * rsv;
+      for (int k = 0; k < P; ++k) xhat[k] = (xv[k] - mv) * rsv;
+      if (dxr != nullptr) {
+        fVec dxv[P];
+        load_block(w + j, len, wv);
+        for (int k = 0; k < P; ++k) {
+          dxv[k] = (rounded_product(dyv[k], wv[k]) - at::vec::fmadd(xhat[k], c2, c1)) * rsv;
+        }
+        store_block(dxr + j, len, dxv);
       }
-      store_block(dxr + j, len, dxv);
+      if (dw_part != nullptr) {
+        fVec dy_xhat[P];
+        for (int k = 0; k < P; ++k) dy_xhat[k] = dyv[k] * xhat[k];
+        kahan_add_block(dw_part + j, dw_part + hidden + j, len, dy_xhat);
+      }
+      if (db_part != nullptr) kahan_add_block(db_part + j, db_part + hidden + j, len, dyv);
     });
   }
 }
@@ -323,7 +329,7 @@ void sum_partials(const float* part, int64_t nchunks, int64_t hidden, scalar_t* 
   constexpr int P = kParts<scalar_t>;
   constexpr int64_t B = kBlock<scalar_t>;
   at::parallel_for(0, hidden, std::max<int64_t>(B, kGrainElems / nchunks), [&](int64_t begin, int64_t end) {
-    for_each_block<B>(end - begin, [&](int64_t j, int64_t len, int) {
+    for_each_block<B>(end - begin, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
       fVec s[P], c[P], chunk_s[P], chunk_c[P];
       load_block(part + begin + j, len, s);
       load_block(part + hidden + begin + j, len, c);
