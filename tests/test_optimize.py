@@ -162,3 +162,20 @@ def test_optimize_reference_bert_and_transformer():
                                                 num_encoder_layers=1, num_decoder_layers=1, dropout=0.0))
     fused_attn.optimize(transformer)
     assert transformer.config.fused
+
+
+def test_hf_roberta_optimized_matches_unoptimized():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.RobertaConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                        attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    plain = transformers.RobertaForMaskedLM(config).eval()
+    fused_model = copy.deepcopy(plain)
+    report = fused_attn.optimize(fused_model)
+    assert {"attention fused_attn", "FusedRobertaSelfOutput", "FusedRobertaIntermediate", "FusedRobertaOutput"} <= {
+        new for _, _, new in report.replaced
+    }
+    ids, mask = _batch()
+    ids = ids.clamp(min=3)
+    assert_model_parity(plain, fused_model, lambda model: model(input_ids=ids, attention_mask=mask).logits)
