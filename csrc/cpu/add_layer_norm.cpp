@@ -1,0 +1,377 @@
+// CPU kernels of fused_attn::add_layer_norm_fwd / add_layer_norm_bwd (schemas in csrc/ops.cpp):
+// prenorm = residual + dropout(input + input_bias), output = layer_norm(prenorm) * weight + bias.
+//
+// Rows are independent, so both ops split the rows across threads with at::parallel_for, and
+// each row is worked on while it sits in L1/L2 (see csrc/cpu/layer_norm.cpp, whose design this
+// follows; the shared row helpers are in fused_attn/cpu_rows.h).
+//  * Forward: the pass that loads input, input_bias and residual forms the pre-norm sum in
+//    float32 (dropout applied to input + input_bias), rounds it to the storage dtype, stores it
+//    and sums the rounded values -- so the forward normalises exactly what the backward will
+//    read, as the Triton kernel does. Two more passes over the cached pre-norm row give the
+//    variance from deviations (two-pass, accurate when |mean| >> std) and the normalised output.
+//  * Backward: d_pre = LayerNorm backward of grad_out (+ grad_prenorm), which is the residual's
+//    gradient; the input's gradient is d_pre through the same dropout keep-mask, regenerated from
+//    the seed; the input bias's gradient is the column sum of that. A first pass per row (loads
+//    only) gives the row constants; the second writes the gradients and adds the rows' shares
+//    of grad_weight = sum(dy * xhat), grad_bias = sum(dy) and grad_input_bias to per-chunk
+//    Kahan-compensated float32 partials, added in chunk order afterwards. Chunks are cut by shape
+//    alone (cpu_rows::num_row_chunks), so the sums do not depend on the thread count.
+// Dropout is the shared Philox stream (fused_attn/philox.h) at element row * hidden + col,
+// drawn 16 counters at a time; an element is kept when its uniform is >= dropout_p (in float)
+// and kept values are divided by 1 - dropout_p (in float), exactly as the Triton kernels do, so
+// every backend drops the same elements for the same seed. All arithmetic is float32 on
+// at::vec::Vectorized<float>, fp16/bf16 widened on load and rounded once on store.
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+#include <ATen/Dispatch_v2.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+#include "fused_attn/checks.h"
+#include "fused_attn/cpu_rows.h"
+
+namespace fused_attn {
+namespace {
+
+using namespace cpu_rows;
+
+// Every pass of these kernels visits a row in dropout blocks (kDropBlock elements, kDropParts
+// float vectors), whatever the dtype, so the dropout draw lines up with the Philox lane groups.
+constexpr int P = kDropParts;
+constexpr int64_t B = kDropBlock;
+constexpr int C = kChainsFor<P>;
+
+// The dropout parameters of one call: seed, p, and the divisor 1 - p, both rounded to float.
+struct Dropout {
+  uint64_t seed = 0;
+  float p = 0.f;
+  float keep_prob = 1.f;
+};
+
+template <typename scalar_t, bool kDropout>
+void add_layer_norm_fwd_rows(const scalar_t* x, const scalar_t* res, const float* xb, const float* w,
+                             const float* b, int64_t hidden, double eps, const Dropout& drop, int64_t begin,
+                             int64_t end, scalar_t* out, scalar_t* pre, float* mean, float* rstd) {
+  const double inv_n = 1.0 / static_cast<double>(hidden);
+  const fVec pv(drop.p), kpv(drop.keep_prob);
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t row = r * hidden;
+
+    // Pass 1: the pre-norm sum, stored rounded to scalar_t, and the sum of the rounded values.
+    RowSum<C, P> sum;
+    for_each_block<B, C>(
+        hidden,
+        [&](int64_t j, int64_t len, int c) C10_ALWAYS_INLINE_ATTRIBUTE {
+          fVec h[P], rv[P];
+          load_block(x + row + j, len, h);  // zero past the row, as is everything added to it
+          if (xb != nullptr) {
+            fVec bv[P];
+            load_block(xb + j, len, bv);
+            for (int k = 0; k < P; ++k) h[k] += bv[k];
+          }
+          if constexpr (kDropout) dropout_block(drop.seed, static_cast<uint64_t>(row + j), pv, kpv, h);
+          load_block(res + row + j, len, rv);
+          for (int k = 0; k < P; ++k) h[k] += rv[k];
+          store_block(pre + row + j, len, h);
+          round_block<scalar_t>(h);
+          for (int k = 0; k < P; ++k) sum.acc[c][k] += h[k];
+        },
+        [&] { sum.end_segment(); });
+    const float m = static_cast<float>(sum.total * inv_n);
+    const fVec mv(m);
+
+    // Pass 2: deviations from that mean (the corrected two-pass algorithm: their sum takes the
+    // rounding of m out of the variance), var = (sum d^2 - (sum d)^2 / n) / n.
+    RowSum<C, P> dev, sq;
+    for_each_block<B, C>(
+        hidden,
+        [&](int64_t j, int64_t len, int c) C10_ALWAYS_INLINE_ATTRIBUTE {
+          fVec hv[P];
+          load_block(pre + row + j, len, hv);
+          for (int k = 0; k < P; ++k) {
+            fVec d = hv[k] - mv;
+            if (len < B) d = keep_first(d, len - k * kLanes);  // padding would add -m and m^2
+            dev.acc[c][k] += d;
+            sq.acc[c][k] = at::vec::fmadd(d, d, sq.acc[c][k]);
+          }
+        },
+        [&] {
+          dev.end_segment();
+          sq.end_segment();
+        });
+    const double var = std::max(0.0, (sq.total - dev.total * dev.total * inv_n) * inv_n);
+    const float rs = static_cast<float>(1.0 / std::sqrt(var + eps));
+    mean[r] = m;
+    rstd[r] = rs;
+
+    // Pass 3: the normalised output.
+    const fVec rsv(rs);
+    for_each_block<B>(hidden, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
+      fVec hv[P], wv[P], bv[P], ov[P];
+      load_block(pre + row + j, len, hv);
+      load_block(w + j, len, wv);
+      load_block(b + j, len, bv);
+      for (int k = 0; k < P; ++k) ov[k] = at::vec::fmadd((hv[k] - mv) * rsv, wv[k], bv[k]);
+      store_block(out + row + j, len, ov);
+    });
+  }
+}
+
+// Rows handled together by the backward's second pass: their column-sum contributions are added
+// in registers and folded into the compensated partials once per group.
+constexpr int64_t kRowGroup = 4;
+
+// Where the backward writes: full-size gradients (null when not wanted) and this chunk's
+// compensated column sums ([2, hidden] float: sums then compensations; null when not wanted).
+template <typename scalar_t>
+struct BwdOut {
+  scalar_t* d_input = nullptr;
+  scalar_t* d_residual = nullptr;
+  float* dw_part = nullptr;
+  float* db_part = nullptr;
+  float* dib_part = nullptr;
+};
+
+// Rows [begin, end) of the backward; x is the pre-norm sum (what was normalised), dpre_in the
+// gradient reaching it directly (null when none).
+template <typename scalar_t, bool kDropout>
+void add_layer_norm_bwd_rows(const scalar_t* dy, const scalar_t* dpre_in, const scalar_t* x, const float* mean,
+                             const float* rstd, const float* w, int64_t hidden, const Dropout& drop, int64_t begin,
+                             int64_t end, const BwdOut<scalar_t>& o) {
+  const bool need_dinput = o.d_input != nullptr || o.dib_part != nullptr;
+  const bool need_dpre = need_dinput || o.d_residual != nullptr;
+  const fVec pv(drop.p), kpv(drop.keep_prob);
+  for (int64_t first = begin; first < end; first += kRowGroup) {
+    const int64_t rows = std::min(kRowGroup, end - first);
+    fVec mv[kRowGroup], rsv[kRowGroup], c1[kRowGroup], c2[kRowGroup];
+    for (int64_t q = 0; q < rows; ++q) {
+      const int64_t r = first + q;
+      mv[q] = fVec(mean[r]);
+      rsv[q] = fVec(rstd[r]);
+      if (need_dpre) {
+        // Loads only, so it streams the row in at full speed; every store is left to the second
+        // pass, where the group's rows are already in cache.
+        const auto [g_const, gx_const] =
+            layer_norm_grad_constants(dy + r * hidden, x + r * hidden, w, hidden, mean[r], rstd[r]);
+        c1[q] = fVec(g_const);
+        c2[q] = fVec(gx_const);
+      }
+    }
+
+    for_each_block<B>(hidden, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
+      fVec wv[P], dw_sum[P], db_sum[P], dib_sum[P];
+      load_block(w + j, len, wv);
+      for (int k = 0; k < P; ++k) dw_sum[k] = db_sum[k] = dib_sum[k] = fVec(0.f);
+      for (int64_t q = 0; q < rows; ++q) {
+        const int64_t offset = (first + q) * hidden + j;
+        fVec dyv[P], xv[P], xhat[P];
+        load_block(dy + offset, len, dyv);  // zero past the row, as are the sums it feeds
+        load_block(x + offset, len, xv);
+        for (int k = 0; k < P; ++k) {
+          xhat[k] = (xv[k] - mv[q]) * rsv[q];
+          dw_sum[k] = at::vec::fmadd(dyv[k], xhat[k], dw_sum[k]);
+          db_sum[k] += dyv[k];
+        }
+        if (!need_dpre) continue;
+        fVec d[P];
+        for (int k = 0; k < P; ++k) {
+          d[k] = (rounded_product(dyv[k], wv[k]) - at::vec::fmadd(xhat[k], c2[q], c1[q])) * rsv[q];
+        }
+        if (dpre_in != nullptr) {
+          fVec extra[P];
+          load_block(dpre_in + offset, len, extra);
+          for (int k = 0; k < P; ++k) d[k] += extra[k];
+        }
+        if (o.d_residual != nullptr) store_block(o.d_residual + offset, len, d);
+        if (need_dinput) {
+          // Lanes past the row hold garbage here; they are neither stored nor added to the
+          // partials (kahan_add_block writes len elements).
+          if constexpr (kDropout) dropout_block(drop.seed, static_cast<uint64_t>(offset), pv, kpv, d);
+          if (o.d_input != nullptr) store_block(o.d_input + offset, len, d);
+          for (int k = 0; k < P; ++k) dib_sum[k] += d[k];
+        }
+      }
+      if (o.dw_part != nullptr) kahan_add_block(o.dw_part + j, o.dw_part + hidden + j, len, dw_sum);
+      if (o.db_part != nullptr) kahan_add_block(o.db_part + j, o.db_part + hidden + j, len, db_sum);
+      if (o.dib_part != nullptr) kahan_add_block(o.dib_part + j, o.dib_part + hidden + j, len, dib_sum);
+    });
+  }
+}
+
+void check_eps(double eps) {
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "eps must be finite and >= 0, got ", eps);
+}
+
+// dropout_p in [0, 1), and with it a seed: a CPU int64 scalar tensor. Returns the parameters.
+Dropout check_dropout(double dropout_p, const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p < 1.0,
+              "dropout_p must be in [0, 1), got ", dropout_p);
+  Dropout drop;
+  if (dropout_p == 0.0) return drop;
+  TORCH_CHECK(seed.has_value() && seed->defined(), "seed must be given (a CPU int64 scalar tensor) when dropout_p > 0");
+  TORCH_CHECK(seed->device().is_cpu(), "seed must be a CPU tensor, got one on ", seed->device());
+  TORCH_CHECK(seed->scalar_type() == at::kLong, "seed must be int64, got ", seed->scalar_type());
+  TORCH_CHECK(seed->numel() == 1, "seed must be a scalar tensor (one element), got shape ", seed->sizes());
+  drop.seed = static_cast<uint64_t>(seed->item<int64_t>());
+  drop.p = static_cast<float>(dropout_p);
+  drop.keep_prob = 1.f - drop.p;
+  return drop;
+}
+
+template <typename Fn>
+void dispatch_dropout(const Dropout& drop, const Fn& fn) {
+  if (drop.p > 0.f) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cpu(
+    const at::Tensor& input, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& input_bias, double eps,
+    double dropout_p, const std::optional<at::Tensor>& seed) {
+  const auto shape = check_rows_input(input, "input");
+  const int64_t rows = shape.first, hidden = shape.second;
+  check_same_as(residual, "residual", input, "input");
+  check_affine_param(weight, "weight", input, hidden);
+  check_affine_param(bias, "bias", input, hidden);
+  check_affine_param(input_bias, "input_bias", input, hidden);
+  check_eps(eps);
+  const Dropout drop = check_dropout(dropout_p, seed);
+
+  at::Tensor out = at::empty({rows, hidden}, input.options());
+  at::Tensor prenorm = at::empty({rows, hidden}, input.options());
+  if (rows == 0 || hidden == 0) {
+    // Nothing to normalise: the statistics of an empty row are defined as zero.
+    const auto stats = input.options().dtype(at::kFloat);
+    return {out, prenorm, at::zeros({rows}, stats), at::zeros({rows}, stats)};
+  }
+  at::Tensor mean = at::empty({rows}, input.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({rows}, input.options().dtype(at::kFloat));
+  const at::Tensor w = affine_as_float(weight, input, hidden, 1.f);
+  const at::Tensor b = affine_as_float(bias, input, hidden, 0.f);
+  const bool has_input_bias = input_bias.has_value() && input_bias->defined();
+  const at::Tensor xb = has_input_bias ? input_bias->to(at::kFloat) : at::Tensor();
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / (drop.p > 0.f ? 4 : 1) / hidden);
+
+  AT_DISPATCH_V2(input.scalar_type(), "add_layer_norm_fwd_cpu", AT_WRAP([&] {
+    const scalar_t* xp = input.const_data_ptr<scalar_t>();
+    const scalar_t* rp = residual.const_data_ptr<scalar_t>();
+    const float* xbp = has_input_bias ? xb.const_data_ptr<float>() : nullptr;
+    const float* wp = w.const_data_ptr<float>();
+    const float* bp = b.const_data_ptr<float>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    scalar_t* pp = prenorm.mutable_data_ptr<scalar_t>();
+    float* mp = mean.mutable_data_ptr<float>();
+    float* sp = rstd.mutable_data_ptr<float>();
+    dispatch_dropout(drop, [&](auto dropout_tag) {
+      constexpr bool kDropout = decltype(dropout_tag)::value;
+      at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+        add_layer_norm_fwd_rows<scalar_t, kDropout>(xp, rp, xbp, wp, bp, hidden, eps, drop, begin, end, op, pp,
+                                                    mp, sp);
+      });
+    });
+  }), at::kFloat, at::kHalf, at::kBFloat16);
+  return {out, prenorm, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_prenorm, const at::Tensor& prenorm,
+    const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight, double dropout_p,
+    const std::optional<at::Tensor>& seed, std::array<bool, 5> output_mask) {
+  const auto shape = check_rows_input(prenorm, "prenorm");
+  const int64_t rows = shape.first, hidden = shape.second;
+  check_same_as(grad_out, "grad_out", prenorm, "prenorm");
+  const bool has_grad_prenorm = grad_prenorm.has_value() && grad_prenorm->defined();
+  if (has_grad_prenorm) check_same_as(*grad_prenorm, "grad_prenorm", prenorm, "prenorm");
+  check_row_stats(mean, "mean", prenorm, rows);
+  check_row_stats(rstd, "rstd", prenorm, rows);
+  check_affine_param(weight, "weight", prenorm, hidden);
+  const Dropout drop = check_dropout(dropout_p, seed);
+  const bool has_weight = weight.has_value() && weight->defined();
+  const bool need_dinput = output_mask[0], need_dres = output_mask[1], need_dw = output_mask[2],
+             need_db = output_mask[3], need_dib = output_mask[4];
+  TORCH_CHECK(has_weight || !need_dw,
+              "output_mask[2] asks for grad_weight, which requires a weight, but weight is None");
+
+  // Unselected gradients are distinct [0] tensors: outputs of an op must not alias each other.
+  const auto options = prenorm.options();
+  at::Tensor dinput = need_dinput ? at::empty({rows, hidden}, options) : at::empty({0}, options);
+  at::Tensor dres = need_dres ? at::empty({rows, hidden}, options) : at::empty({0}, options);
+  at::Tensor dw = need_dw ? at::empty({hidden}, weight->options()) : at::empty({0}, options);
+  at::Tensor db = need_db ? at::empty({hidden}, options) : at::empty({0}, options);
+  at::Tensor dib = need_dib ? at::empty({hidden}, options) : at::empty({0}, options);
+  if (rows == 0 || hidden == 0) {
+    // Nothing was normalised; the parameter gradients are empty sums.
+    dw.zero_();
+    db.zero_();
+    dib.zero_();
+    return {dinput, dres, dw, db, dib};
+  }
+  if (!(need_dinput || need_dres || need_dw || need_db || need_dib)) return {dinput, dres, dw, db, dib};
+
+  const int64_t nchunks = num_row_chunks(rows, hidden);
+  const auto part_options = options.dtype(at::kFloat);
+  const auto partials = [&](bool needed) {
+    return needed ? at::zeros({nchunks, 2, hidden}, part_options) : at::Tensor();
+  };
+  at::Tensor dw_part = partials(need_dw), db_part = partials(need_db), dib_part = partials(need_dib);
+  const at::Tensor w = affine_as_float(weight, prenorm, hidden, 1.f);
+
+  AT_DISPATCH_V2(prenorm.scalar_type(), "add_layer_norm_bwd_cpu", AT_WRAP([&] {
+    const scalar_t* dyp = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* dpp = has_grad_prenorm ? grad_prenorm->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* xp = prenorm.const_data_ptr<scalar_t>();
+    const float* mp = mean.const_data_ptr<float>();
+    const float* sp = rstd.const_data_ptr<float>();
+    const float* wp = w.const_data_ptr<float>();
+    float* dwp = need_dw ? dw_part.mutable_data_ptr<float>() : nullptr;
+    float* dbp = need_db ? db_part.mutable_data_ptr<float>() : nullptr;
+    float* dibp = need_dib ? dib_part.mutable_data_ptr<float>() : nullptr;
+    scalar_t* dinp = need_dinput ? dinput.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dresp = need_dres ? dres.mutable_data_ptr<scalar_t>() : nullptr;
+    dispatch_dropout(drop, [&](auto dropout_tag) {
+      constexpr bool kDropout = decltype(dropout_tag)::value;
+      at::parallel_for(0, nchunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+        for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+          const auto [begin, end] = chunk_rows(c, nchunks, rows);
+          const int64_t part = 2 * c * hidden;
+          BwdOut<scalar_t> o;
+          o.d_input = dinp;
+          o.d_residual = dresp;
+          o.dw_part = dwp ? dwp + part : nullptr;
+          o.db_part = dbp ? dbp + part : nullptr;
+          o.dib_part = dibp ? dibp + part : nullptr;
+          add_layer_norm_bwd_rows<scalar_t, kDropout>(dyp, dpp, xp, mp, sp, wp, hidden, drop, begin, end, o);
+        }
+      });
+    });
+    using Sum = std::pair<const float*, scalar_t*>;
+    sum_partials(std::array<Sum, 3>{Sum{dwp, need_dw ? dw.mutable_data_ptr<scalar_t>() : nullptr},
+                                    Sum{dbp, need_db ? db.mutable_data_ptr<scalar_t>() : nullptr},
+                                    Sum{dibp, need_dib ? dib.mutable_data_ptr<scalar_t>() : nullptr}},
+                 nchunks, hidden);
+  }), at::kFloat, at::kHalf, at::kBFloat16);
+  return {dinput, dres, dw, db, dib};
+}
+
+}  // namespace
+}  // namespace fused_attn
+
+TORCH_LIBRARY_IMPL(fused_attn, CPU, m) {
+  m.impl("add_layer_norm_fwd", &fused_attn::add_layer_norm_fwd_cpu);
+  m.impl("add_layer_norm_bwd", &fused_attn::add_layer_norm_bwd_cpu);
+}

@@ -1,0 +1,404 @@
+// CPU kernels of fused_attn::linear_gelu_fwd / linear_gelu_bwd (schemas in csrc/ops.cpp).
+//
+// The GEMMs go to the BLAS that torch uses (at::mm / at::addmm: MKL or oneDNN, already blocked
+// and multi-threaded far better than a hand-written loop would be); what is fused is the
+// elementwise work around them, each in one vectorised, multi-threaded pass over memory:
+//  * forward: the GEMM writes the pre-activation buffer (an output anyway); one pass then adds
+//    the bias, rounds the pre-activation to the storage dtype and stores it, and writes
+//    gelu(rounded pre-activation) -- the value the backward reads, as the Triton kernel does.
+//    Adding the bias in that pass (rather than by at::addmm, which first broadcasts it into the
+//    output and then accumulates onto it) costs one store per element instead of a whole pass;
+//    only a native fp16/bf16 GEMM (below) takes the bias itself, so that the pre-activation is
+//    rounded once;
+//  * backward: one pass forms grad_pre = grad_out * gelu'(pre) and, in the same pass, the bias
+//    gradient (column sums of grad_pre); then grad_input = grad_pre @ weight and
+//    grad_weight = grad_pre^T @ input are two GEMMs.
+// The elementwise arithmetic is float32 on at::vec::Vectorized<float>, with torch's GELU
+// formulas (erf, or tanh for approximate="tanh") evaluated inline (see gelu below). The bias
+// gradient is deterministic: rows are cut into chunks by shape alone
+// (cpu_rows::num_row_chunks), each chunk sums into its own Kahan-compensated float32 buffer,
+// and the buffers are added in chunk order, so the bits do not depend on the thread count.
+//
+// fp16/bf16: the GEMMs run in the storage dtype where the CPU multiplies it natively (oneDNN on
+// AVX512-BF16/AMX for bf16, AVX512-FP16/AMX-FP16 for fp16), as torch does; elsewhere torch's
+// reduced-precision GEMM is a slow portable loop, so the operands are widened to float32 and
+// sgemm does the work. Measured at 2048x768->3072 on an AVX512-BF16 EPYC (no AVX512-FP16):
+// bf16 natively 63 ms vs 148 ms widened; fp16 natively 490-980 ms vs 137-284 ms widened. The
+// widened path is also at least as accurate: products of fp16/bf16 values are exact in float32,
+// the accumulation is float32 either way, the bias is added before the one rounding of the
+// pre-activation, and grad_pre enters the gradient GEMMs unrounded.
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+
+#include <ATen/Dispatch_v2.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/Utils.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/string_view.h>
+#include <torch/library.h>
+
+#include "fused_attn/checks.h"
+#include "fused_attn/cpu_rows.h"
+
+namespace fused_attn {
+namespace {
+
+using namespace cpu_rows;
+
+// GELU and its derivative with the constants and formulas of torch's CPU kernels
+// (aten/src/ATen/native/cpu/Activation.cpp), erf by the same Abramowitz-Stegun 7.1.26
+// polynomial as Vectorized<float>::erf (absolute error <= 1.5e-7), but with the exponentials
+// evaluated inline (exp_inline) instead of through Sleef's dispatched, out-of-line calls, and
+// tanh from one exponential (tanh_parts) instead of Sleef's tanh: about twice the throughput,
+// at least the same accuracy (F.gelu itself runs through oneDNN for erf). The derivative shares
+// one exponential between erf and the normal density.
+constexpr float kSqrtHalf = 0.70710678118654752440f;     // 1 / sqrt(2)
+constexpr float kInvSqrt2Pi = 0.39894228040143267794f;   // 1 / sqrt(2 pi)
+constexpr float kSqrt2OverPi = 0.79788456080286535588f;  // sqrt(2 / pi)
+constexpr float kKappa = 0.044715f;
+
+// exp(x) to about 1 ulp (Cephes expf): x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so
+// r is exact), e^r by a degree-6 polynomial, times 2^n built in the exponent bits. Arguments
+// above 88 give e^88 (only tanh_parts reads such arguments, and its results, 2 and ~0, are the
+// same either way); arguments below log(FLT_MIN) give 0; NaN stays NaN.
+C10_ALWAYS_INLINE fVec exp_inline(const fVec& x) {
+  constexpr float kMinArg = -87.33654475f;  // log(FLT_MIN)
+  const fVec xc = at::vec::clamp(x, fVec(kMinArg), fVec(88.f));
+  const fVec n = (xc * fVec(1.44269504088896341f)).round();
+  fVec r = at::vec::fnmadd(n, fVec(0.693359375f), xc);
+  r = at::vec::fnmadd(n, fVec(-2.12194440e-4f), r);
+  fVec p(1.9875691500e-4f);
+  p = at::vec::fmadd(p, r, fVec(1.3981999507e-3f));
+  p = at::vec::fmadd(p, r, fVec(8.3334519073e-3f));
+  p = at::vec::fmadd(p, r, fVec(4.1665795894e-2f));
+  p = at::vec::fmadd(p, r, fVec(1.6666665459e-1f));
+  p = at::vec::fmadd(p, r, fVec(5.0000001201e-1f));
+  const fVec y = at::vec::fmadd(p, r * r, r + fVec(1.f));
+  using iVec = at::vec::Vectorized<int32_t>;
+  const iVec biased = at::vec::convert_to_int_of_same_size(n) + iVec(127);
+  const fVec scale = at::vec::cast<float>(biased << iVec(23));
+  return fVec::blendv(y * scale, fVec(0.f), x < fVec(kMinArg));
+}
+
+// erf(z) given e = exp(-z^2): sign(z) * (1 - poly(t) * t * e), t = 1 / (1 + 0.3275911 |z|).
+C10_ALWAYS_INLINE fVec erf_with_exp(const fVec& z, const fVec& e) {
+  const fVec sign = z & fVec(-0.f);
+  const fVec abs_z = z ^ sign;
+  const fVec t = fVec(1.f) / at::vec::fmadd(fVec(0.3275911f), abs_z, fVec(1.f));
+  fVec poly = at::vec::fmadd(fVec(1.061405429f), t, fVec(-1.453152027f));
+  poly = at::vec::fmadd(poly, t, fVec(1.421413741f));
+  poly = at::vec::fmadd(poly, t, fVec(-0.284496736f));
+  poly = at::vec::fmadd(poly, t, fVec(0.254829592f));
+  return at::vec::fnmadd(poly * t, e, fVec(1.f)) ^ sign;
+}
+
+// For the tanh approximation, with t = tanh(u) = 1 - s, s = 2 / (E + 1), E = exp(2u) (the
+// Triton kernel's formula, which saturates without overflow): 1 + t = 2 - s where u >= 0 and
+// E * s where u < 0, and 1 - t^2 = s * (1 + t), each free of the cancellation that 1 + t and
+// 1 - t * t suffer where |t| is near 1.
+struct TanhParts {
+  fVec one_plus_t;    // 1 + tanh(u)
+  fVec one_minus_t2;  // 1 - tanh(u)^2
+};
+
+C10_ALWAYS_INLINE TanhParts tanh_parts(const fVec& u) {
+  const fVec e = exp_inline(u + u);
+  const fVec s = fVec(2.f) / (e + fVec(1.f));
+  const fVec one_plus_t = fVec::blendv(fVec(2.f) - s, e * s, u < fVec(0.f));
+  return {one_plus_t, s * one_plus_t};
+}
+
+template <bool kTanh>
+C10_ALWAYS_INLINE fVec gelu(const fVec& x) {
+  if constexpr (kTanh) {
+    const fVec inner = fVec(kSqrt2OverPi) * (x + fVec(kKappa) * (x * x * x));
+    return fVec(0.5f) * x * tanh_parts(inner).one_plus_t;
+  } else {
+    const fVec z = x * fVec(kSqrtHalf);
+    return x * fVec(0.5f) * (fVec(1.f) + erf_with_exp(z, exp_inline((z * z).neg())));
+  }
+}
+
+template <bool kTanh>
+C10_ALWAYS_INLINE fVec gelu_grad(const fVec& x) {
+  if constexpr (kTanh) {
+    const fVec x_sq = x * x;
+    const fVec inner = fVec(kSqrt2OverPi) * (x + fVec(kKappa) * (x_sq * x));
+    const TanhParts t = tanh_parts(inner);
+    const fVec left_derivative = fVec(0.5f) * t.one_plus_t;
+    const fVec right_derivative =
+        fVec(0.5f) * x * t.one_minus_t2 * fVec(kSqrt2OverPi) * (fVec(1.f) + fVec(3.f * kKappa) * x_sq);
+    return left_derivative + right_derivative;
+  } else {
+    const fVec z = x * fVec(kSqrtHalf);
+    const fVec e = exp_inline((z * z).neg());  // exp(-x^2 / 2): erf's exponential and the density's
+    const fVec cdf = fVec(0.5f) * (fVec(1.f) + erf_with_exp(z, e));
+    return at::vec::fmadd(x, fVec(kInvSqrt2Pi) * e, cdf);
+  }
+}
+
+// Whether this CPU multiplies T natively (where torch's GEMM for T goes to oneDNN's fast
+// kernels); float32 always.
+bool native_gemm(at::ScalarType type) {
+  static const std::array<bool, 2> reduced = [] {
+    const auto caps = at::cpu::get_cpu_capabilities();
+    const auto has = [&](const char* name) {
+      const auto it = caps.find(name);
+      return it != caps.end() && it->second.isBool() && it->second.toBool();
+    };
+    return std::array<bool, 2>{has("avx512_bf16") || has("amx_bf16"), has("avx512_fp16") || has("amx_fp16")};
+  }();
+  if (type == at::kBFloat16) return reduced[0];
+  if (type == at::kHalf) return reduced[1];
+  return true;
+}
+
+// Rows [begin, end) of the forward's elementwise pass over src [rows, cols] (the GEMM's result,
+// float32 or the storage dtype): v = src + bias (bias may be null), stored to pre rounded to
+// scalar_t when pre is not null, and out = gelu(v as rounded). pre may alias src.
+template <typename scalar_t, typename src_t, bool kTanh>
+void gelu_fwd_rows(const src_t* src, const float* bias, scalar_t* pre, scalar_t* out, int64_t cols,
+                   int64_t begin, int64_t end) {
+  constexpr int P = kParts<scalar_t>;
+  constexpr int64_t B = kBlock<scalar_t>;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t row = r * cols;
+    for_each_block<B>(cols, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
+      fVec v[P], o[P];
+      load_block(src + row + j, len, v);
+      if (bias != nullptr) {
+        fVec b[P];
+        load_block(bias + j, len, b);
+        for (int k = 0; k < P; ++k) v[k] += b[k];
+      }
+      if (pre != nullptr) {
+        store_block(pre + row + j, len, v);
+        round_block<scalar_t>(v);
+      }
+      for (int k = 0; k < P; ++k) o[k] = gelu<kTanh>(v[k]);
+      store_block(out + row + j, len, o);
+    });
+  }
+}
+
+// Rows handled together by the backward pass: their bias-gradient contributions are added in
+// registers and folded into the compensated column sums once per group.
+constexpr int64_t kRowGroup = 4;
+
+// Rows [begin, end) of the backward's elementwise pass: grad_pre = dy * gelu'(pre), stored to
+// grad_pre (float32 or scalar_t) when it is not null, and its column sums (unrounded) added to
+// this chunk's compensated sums db_part ([2, cols]: sums, then compensations) when not null.
+template <typename scalar_t, typename grad_t, bool kTanh>
+void gelu_bwd_rows(const scalar_t* dy, const scalar_t* pre, int64_t cols, int64_t begin, int64_t end,
+                   grad_t* grad_pre, float* db_part) {
+  constexpr int P = kParts<scalar_t>;
+  constexpr int64_t B = kBlock<scalar_t>;
+  for (int64_t first = begin; first < end; first += kRowGroup) {
+    const int64_t rows = std::min(kRowGroup, end - first);
+    for_each_block<B>(cols, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
+      fVec sum[P];
+      for (int k = 0; k < P; ++k) sum[k] = fVec(0.f);
+      for (int64_t q = 0; q < rows; ++q) {
+        const int64_t offset = (first + q) * cols + j;
+        fVec dyv[P], xv[P], g[P];
+        load_block(dy + offset, len, dyv);  // zero past the row: adds nothing to the sums
+        load_block(pre + offset, len, xv);
+        for (int k = 0; k < P; ++k) {
+          g[k] = dyv[k] * gelu_grad<kTanh>(xv[k]);
+          sum[k] += g[k];
+        }
+        if (grad_pre != nullptr) store_block(grad_pre + offset, len, g);
+      }
+      if (db_part != nullptr) kahan_add_block(db_part + j, db_part + cols + j, len, sum);
+    });
+  }
+}
+
+bool check_approximate(c10::string_view approximate) {
+  TORCH_CHECK(approximate == "none" || approximate == "tanh", "approximate must be \"none\" or \"tanh\", got \"",
+              std::string(approximate), "\"");
+  return approximate == "tanh";
+}
+
+// weight [out_features, in_features] of the input's dtype and device (any strides: it only
+// enters GEMMs); returns out_features.
+int64_t check_weight(const at::Tensor& weight, const at::Tensor& input, int64_t in_features) {
+  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D [out_features, in_features], got ", weight.dim(), " dimensions");
+  TORCH_CHECK(weight.size(1) == in_features, "weight must have shape [out_features, ", in_features,
+              "] (in_features of the input), got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "weight must have dtype ", input.scalar_type(),
+              " like the input, got ", weight.scalar_type());
+  TORCH_CHECK(weight.device() == input.device(), "weight must be on ", input.device(), ", got ", weight.device());
+  return weight.size(0);
+}
+
+template <typename Fn>
+void dispatch_approximate(bool tanh, const Fn& fn) {
+  if (tanh) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                                       const std::optional<at::Tensor>& bias,
+                                                       c10::string_view approximate) {
+  const auto shape = check_rows_input(input, "input");
+  const int64_t rows = shape.first, in_features = shape.second;
+  const int64_t out_features = check_weight(weight, input, in_features);
+  check_affine_param(bias, "bias", input, out_features);
+  const bool tanh = check_approximate(approximate);
+  const bool has_bias = bias.has_value() && bias->defined();
+
+  at::Tensor out = at::empty({rows, out_features}, input.options());
+  if (rows == 0 || out_features == 0) return {out, at::empty({rows, out_features}, input.options())};
+
+  const bool native = native_gemm(input.scalar_type());
+  at::Tensor pre;  // the pre-activation, in the storage dtype
+  at::Tensor acc;  // the GEMM's result, read by the pass: pre itself, or float32
+  at::Tensor bias_f;
+  if (native && input.scalar_type() != at::kFloat) {
+    // The bias rides in the GEMM, which rounds once; the pass only applies the GELU.
+    pre = has_bias ? at::addmm(*bias, input, weight.t()) : at::mm(input, weight.t());
+    acc = pre;
+  } else {
+    pre = at::empty({rows, out_features}, input.options());
+    if (input.scalar_type() == at::kFloat) {
+      at::mm_out(pre, input, weight.t());
+      acc = pre;
+    } else {
+      acc = at::mm(input.to(at::kFloat), weight.to(at::kFloat).t());
+    }
+    // The bias is added by the pass, in float32 before the one rounding, instead of being
+    // expanded into the output first (a pass over memory saved).
+    if (has_bias) bias_f = bias->to(at::kFloat);
+  }
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / 8 / out_features);
+
+  AT_DISPATCH_V2(input.scalar_type(), "linear_gelu_fwd_cpu", AT_WRAP([&] {
+    const float* bp = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    // pre is written when the pass changes it (a bias to add, a float32 result to round).
+    scalar_t* pp = (bp != nullptr || acc.scalar_type() != input.scalar_type()) ? pre.mutable_data_ptr<scalar_t>()
+                                                                               : nullptr;
+    dispatch_approximate(tanh, [&](auto tanh_tag) {
+      constexpr bool kTanh = decltype(tanh_tag)::value;
+      if (acc.scalar_type() == at::kFloat) {
+        const float* src = acc.const_data_ptr<float>();
+        at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+          gelu_fwd_rows<scalar_t, float, kTanh>(src, bp, pp, op, out_features, begin, end);
+        });
+      } else {
+        const scalar_t* src = acc.const_data_ptr<scalar_t>();
+        at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+          gelu_fwd_rows<scalar_t, scalar_t, kTanh>(src, bp, pp, op, out_features, begin, end);
+        });
+      }
+    });
+  }), at::kFloat, at::kHalf, at::kBFloat16);
+  return {out, pre};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cpu(const at::Tensor& grad_out,
+                                                                   const at::Tensor& input,
+                                                                   const at::Tensor& weight,
+                                                                   const at::Tensor& pre_activation,
+                                                                   c10::string_view approximate,
+                                                                   std::array<bool, 3> output_mask) {
+  const auto shape = check_rows_input(input, "input");
+  const int64_t rows = shape.first, in_features = shape.second;
+  const int64_t out_features = check_weight(weight, input, in_features);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == rows && grad_out.size(1) == out_features,
+              "grad_out must have shape [", rows, ", ", out_features, "] ([rows of input, out_features of weight]), got ",
+              grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "grad_out must have dtype ", input.scalar_type(),
+              " like the input, got ", grad_out.scalar_type());
+  TORCH_CHECK(grad_out.device() == input.device(), "grad_out must be on ", input.device(), ", got ",
+              grad_out.device());
+  TORCH_CHECK(grad_out.is_contiguous(), "grad_out must be contiguous");
+  check_same_as(pre_activation, "pre_activation", grad_out, "grad_out");
+  const bool tanh = check_approximate(approximate);
+  const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];
+
+  // Unselected gradients are distinct [0] tensors: outputs of an op must not alias each other.
+  at::Tensor dx = need_dx ? at::empty_like(input) : at::empty({0}, input.options());
+  at::Tensor dw = need_dw ? at::empty_like(weight) : at::empty({0}, input.options());
+  at::Tensor db = need_db ? at::empty({out_features}, input.options()) : at::empty({0}, input.options());
+  if (!(need_dx || need_dw || need_db)) return {dx, dw, db};
+  if (rows == 0 || out_features == 0) {
+    // Empty sums: every gradient is zero (grad_input too when there are no output features).
+    dx.zero_();
+    dw.zero_();
+    db.zero_();
+    return {dx, dw, db};
+  }
+
+  const bool native = native_gemm(input.scalar_type());
+  const bool need_grad_pre = need_dx || need_dw;
+  // grad_pre in the GEMMs' dtype: the storage dtype, or float32 (unrounded) when the GEMMs are.
+  const auto gemm_dtype = native ? input.scalar_type() : at::kFloat;
+  at::Tensor grad_pre = need_grad_pre ? at::empty({rows, out_features}, input.options().dtype(gemm_dtype))
+                                      : at::Tensor();
+  const int64_t nchunks = num_row_chunks(rows, out_features);
+  at::Tensor db_part = need_db ? at::zeros({nchunks, 2, out_features}, input.options().dtype(at::kFloat))
+                               : at::Tensor();
+
+  AT_DISPATCH_V2(input.scalar_type(), "linear_gelu_bwd_cpu", AT_WRAP([&] {
+    const scalar_t* dyp = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* prep = pre_activation.const_data_ptr<scalar_t>();
+    float* dbp = need_db ? db_part.mutable_data_ptr<float>() : nullptr;
+    dispatch_approximate(tanh, [&](auto tanh_tag) {
+      constexpr bool kTanh = decltype(tanh_tag)::value;
+      const auto run = [&](auto* gp) {
+        using grad_t = std::remove_pointer_t<decltype(gp)>;
+        at::parallel_for(0, nchunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+          for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+            const auto [begin, end] = chunk_rows(c, nchunks, rows);
+            gelu_bwd_rows<scalar_t, grad_t, kTanh>(dyp, prep, out_features, begin, end, gp,
+                                                   dbp ? dbp + 2 * c * out_features : nullptr);
+          }
+        });
+      };
+      if (gemm_dtype == at::kFloat) {
+        run(need_grad_pre ? grad_pre.mutable_data_ptr<float>() : static_cast<float*>(nullptr));
+      } else {
+        run(need_grad_pre ? grad_pre.mutable_data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr));
+      }
+    });
+    if (need_db) {
+      using Sum = std::pair<const float*, scalar_t*>;
+      sum_partials(std::array<Sum, 1>{Sum{dbp, db.mutable_data_ptr<scalar_t>()}}, nchunks, out_features);
+    }
+  }), at::kFloat, at::kHalf, at::kBFloat16);
+
+  if (gemm_dtype == input.scalar_type()) {
+    if (need_dx) at::mm_out(dx, grad_pre, weight);
+    if (need_dw) at::mm_out(dw, grad_pre.t(), input);
+  } else {
+    if (need_dx) dx.copy_(at::mm(grad_pre, weight.to(at::kFloat)));
+    if (need_dw) dw.copy_(at::mm(grad_pre.t(), input.to(at::kFloat)));
+  }
+  return {dx, dw, db};
+}
+
+}  // namespace
+}  // namespace fused_attn
+
+TORCH_LIBRARY_IMPL(fused_attn, CPU, m) {
+  m.impl("linear_gelu_fwd", &fused_attn::linear_gelu_fwd_cpu);
+  m.impl("linear_gelu_bwd", &fused_attn::linear_gelu_bwd_cpu);
+}
