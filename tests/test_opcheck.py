@@ -44,15 +44,28 @@ def test_layer_norm_ops(backend, device, affine):
     torch.library.opcheck(bwd, (dy, x.detach(), mean, rstd, None if w is None else w.detach(), [True, affine, affine]))
 
 
-TRITON_DEVICES = _devices_for("triton") or ["unavailable"]
+def _families(op: str) -> list:
+    """(op name prefix, device) for the Triton ops and the native (cpu/cuda) ops of ``op``."""
+    params = []
+    for backend, prefix in (("triton", "triton_"), ("cpu", ""), ("cuda", "")):
+        for device in _devices_for(backend):
+            if backend != "triton" and not _extension.has_kernel(f"{op}_fwd", backend):
+                continue
+            params.append(pytest.param(prefix, device, id=f"{backend}-{device}"))
+    return params or [pytest.param(None, None, id="unavailable")]
 
 
-@pytest.mark.parametrize("device", TRITON_DEVICES)
+def _op(prefix, name):
+    if prefix is None:
+        pytest.skip("no implementation of this op is available here")
+    return getattr(torch.ops.fused_attn, f"{prefix}{name}").default
+
+
+@pytest.mark.parametrize("prefix, device", _families("attention"))
 @pytest.mark.parametrize("mask_kind", ["none", "padding", "bias"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_triton_attention_ops(device, mask_kind, causal):
-    if device == "unavailable":
-        pytest.skip("triton ops are not available here")
+def test_attention_ops(prefix, device, mask_kind, causal):
+    fwd, bwd = _op(prefix, "attention_fwd"), _op(prefix, "attention_bwd")
     q, k, v = (torch.randn(2, 2, 20, 16, device=device, requires_grad=True) for _ in range(3))
     mask = None
     if mask_kind == "padding":
@@ -61,65 +74,59 @@ def test_triton_attention_ops(device, mask_kind, causal):
         mask = torch.randn(2, 2, 20, 20, device=device, requires_grad=True)
     # With dropout too: the seed is an input, so the op is a pure function of its arguments.
     for p, seed in ((0.0, None), (0.3, torch.tensor(1234))):
-        torch.library.opcheck(torch.ops.fused_attn.triton_attention_fwd.default, (q, k, v, mask, 0.25, causal, p, seed))
-        out, lse = torch.ops.fused_attn.triton_attention_fwd(
-            q.detach(), k.detach(), v.detach(), None if mask is None else mask.detach(), 0.25, causal, p, seed
-        )
+        torch.library.opcheck(fwd, (q, k, v, mask, 0.25, causal, p, seed))
+        out, lse = fwd(q.detach(), k.detach(), v.detach(), None if mask is None else mask.detach(), 0.25, causal, p, seed)
         torch.library.opcheck(
-            torch.ops.fused_attn.triton_attention_bwd.default,
+            bwd,
             (torch.randn_like(out), q.detach(), k.detach(), v.detach(), None if mask is None else mask.detach(),
              out, lse, 0.25, causal, p, seed, mask_kind == "bias"),
         )
 
 
-@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("prefix, device", _families("softmax"))
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "bias"])
-def test_triton_softmax_ops(device, mask_kind):
-    if device == "unavailable":
-        pytest.skip("triton ops are not available here")
+def test_softmax_ops(prefix, device, mask_kind):
+    fwd, bwd = _op(prefix, "softmax_fwd"), _op(prefix, "softmax_bwd")
     x = torch.randn(2, 3, 4, 10, device=device, requires_grad=True)
     mask = None
     if mask_kind == "bool":
         mask = (torch.rand(1, 1, 4, 10, device=device) > 0.3).expand(2, 3, 4, 10)
     elif mask_kind == "bias":
         mask = torch.randn(2, 3, 4, 10, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.fused_attn.triton_softmax_fwd.default, (x, mask, 0.5, False))
-    y = torch.ops.fused_attn.triton_softmax_fwd(x.detach(), None, 0.5, True)
-    torch.library.opcheck(torch.ops.fused_attn.triton_softmax_bwd.default, (torch.randn_like(y), y, 0.5, mask_kind == "bias"))
+    torch.library.opcheck(fwd, (x, mask, 0.5, False))
+    y = fwd(x.detach(), None, 0.5, True)
+    torch.library.opcheck(bwd, (torch.randn_like(y), y, 0.5, mask_kind == "bias"))
 
 
-@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("prefix, device", _families("add_layer_norm"))
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_triton_add_layer_norm_ops(device, dropout_p):
-    if device == "unavailable":
-        pytest.skip("triton ops are not available here")
+def test_add_layer_norm_ops(prefix, device, dropout_p):
+    fwd, bwd = _op(prefix, "add_layer_norm_fwd"), _op(prefix, "add_layer_norm_bwd")
     x, res = (torch.randn(6, 40, device=device, requires_grad=True) for _ in range(2))
     w, b, ib = (torch.randn(40, device=device, requires_grad=True) for _ in range(3))
     seed = torch.tensor(99) if dropout_p else None
-    torch.library.opcheck(torch.ops.fused_attn.triton_add_layer_norm_fwd.default, (x, res, w, b, ib, 1e-5, dropout_p, seed))
-    _, pre, mean, rstd = torch.ops.fused_attn.triton_add_layer_norm_fwd(
-        x.detach(), res.detach(), w.detach(), b.detach(), ib.detach(), 1e-5, dropout_p, seed
-    )
+    torch.library.opcheck(fwd, (x, res, w, b, ib, 1e-5, dropout_p, seed))
+    _, pre, mean, rstd = fwd(x.detach(), res.detach(), w.detach(), b.detach(), ib.detach(), 1e-5, dropout_p, seed)
     dy = torch.randn(6, 40, device=device)
     torch.library.opcheck(
-        torch.ops.fused_attn.triton_add_layer_norm_bwd.default,
+        bwd,
         (dy, torch.randn_like(dy), pre, mean, rstd, w.detach(), dropout_p, seed, [True, True, True, True, True]),
     )
 
 
-@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("prefix, device", _families("linear_gelu"))
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_triton_linear_gelu_and_ffn_ops(device, approximate):
-    if device == "unavailable":
-        pytest.skip("triton ops are not available here")
+def test_linear_gelu_and_ffn_ops(prefix, device, approximate):
+    fwd, bwd = _op(prefix, "linear_gelu_fwd"), _op(prefix, "linear_gelu_bwd")
+    ffn_fwd = _op("triton_" if prefix else "composite_", "ffn_fwd")
     x = torch.randn(12, 16, device=device, requires_grad=True)
     w1, b1 = torch.randn(24, 16, device=device, requires_grad=True), torch.randn(24, device=device, requires_grad=True)
     w2, b2 = torch.randn(16, 24, device=device, requires_grad=True), torch.randn(16, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.fused_attn.triton_linear_gelu_fwd.default, (x, w1, b1, approximate))
-    out, pre = torch.ops.fused_attn.triton_linear_gelu_fwd(x.detach(), w1.detach(), b1.detach(), approximate)
+    torch.library.opcheck(fwd, (x, w1, b1, approximate))
+    out, pre = fwd(x.detach(), w1.detach(), b1.detach(), approximate)
     torch.library.opcheck(
-        torch.ops.fused_attn.triton_linear_gelu_bwd.default,
+        bwd,
         (torch.randn_like(out), x.detach(), w1.detach(), pre, approximate, [True, True, True]),
     )
     for p, seed in ((0.0, None), (0.2, torch.tensor(5))):
-        torch.library.opcheck(torch.ops.fused_attn.triton_ffn_fwd.default, (x, w1, b1, w2, b2, approximate, p, seed))
+        torch.library.opcheck(ffn_fwd, (x, w1, b1, w2, b2, approximate, p, seed))

@@ -98,10 +98,15 @@ def _autograd_for(bwd_op):
             grad_out = torch.zeros_like(prenorm)
         mask = list(ctx.needs_input_grad[:5])
         mask[2] = mask[2] and weight is not None
-        grads = bwd_op(
+        # Without dropout the input's gradient is the residual's: compute and write it once.
+        shared = ctx.dropout_p == 0.0 and mask[0]
+        asked = [False, mask[1] or shared, *mask[2:]] if shared else mask
+        grads = list(bwd_op(
             grad_out.contiguous(), None if grad_prenorm is None else grad_prenorm.contiguous(),
-            prenorm, mean, rstd, weight, ctx.dropout_p, seed, mask,
-        )
+            prenorm, mean, rstd, weight, ctx.dropout_p, seed, asked,
+        ))
+        if shared:
+            grads[0] = grads[1]
         return (*(g if m else None for g, m in zip(grads, mask)), None, None, None)
 
     return backward
