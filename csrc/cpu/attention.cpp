@@ -1,0 +1,1193 @@
+// CPU kernels of fused_attn::attention_fwd / attention_bwd and softmax_fwd / softmax_bwd (schemas
+// and shared conventions in csrc/ops.cpp; the Triton kernels in fused_attn/kernels/triton are the
+// semantic twins of these).
+//
+// Attention forward is FlashAttention-2 on the CPU. A task owns one (batch*head, block of queries)
+// and streams the keys a block at a time: S = scale * Q_blk K_blk^T, the mask applied in place (a
+// boolean mask sets -inf, a floating one is added; both read through their strides, so a
+// [B, 1, 1, Lk] padding mask is never expanded), then an online softmax in float32 (running row
+// max m and row sum l, the accumulator rescaled by exp(m_old - m_new) when the max grows) and
+// acc += P V_blk. Nothing of size Lq x Lk exists: the extra memory is one set of tile buffers per
+// thread (the scores tile, float32 copies of the Q/K/V blocks where needed, the accumulator), i.e.
+// O(threads x block), however long the sequences. Causal attention (top-left: query i sees keys
+// j <= i) ends a task's key loop at its last query, so tiles above the diagonal are never
+// computed; only the tiles that straddle it are masked. A row that sees no key has l == 0: its
+// output is 0 and its log-sum-exp +inf, so every probability the backward recomputes is exactly
+// 0 (zero gradients, no NaN).
+//
+// Arithmetic is in natural-log units (the Triton kernels fold log2(e) into the scale; the same
+// in exact arithmetic): scores are rounded once as s = scale * q.k (+ mask), and the exponential
+// sees s - max (or s - lse), whose rounding error is small exactly where the probabilities are
+// large. exp is inlined Vectorized<float> code (about 1.5 ulp; exactly 0 for -inf).
+//
+// The GEMM-shaped products (Q K^T, P V; in the backward also dO V^T, P^T dO, dS^T Q, dS K) go
+// to the BLAS sgemm that libtorch_cpu links (MKL in the official wheels; LP64 Fortran ABI),
+// declared weak and resolved at load time. torch's headers expose no raw-pointer GEMM
+// (at::native::cpublas::gemm's float overload is not exported and its stub is the naive
+// fallback); at::addmm_out on from_blob views is the fallback when sgemm_ is absent, 3-7%
+// slower at these tile sizes (measured on 2 cores at head dim 64). Inside at::parallel_for MKL
+// runs single-threaded per call. float32 inputs with a BLAS-compatible row stride are handed to
+// sgemm in place; fp16/bf16 blocks are widened into per-thread float32 buffers once per block,
+// so all arithmetic and accumulation is float32 and every output is rounded once.
+//
+// Parallelism: tasks are handed out from an atomic counter to at::parallel_for workers, each
+// with its own scratch, and no two tasks write the same output element, so the results are
+// race-free and do not depend on scheduling. Causal tasks run longest first, which keeps the
+// threads busy even with a single head.
+//
+// Backward. P is recomputed from the saved log-sum-exp, but the float32 lse is off by up to half
+// an ulp of |lse| (a common relative error of a whole row of P, 5e-7 at |lse| ~ 8), and
+// dS = P (dP - delta) amplifies it, and any mismatch between delta and the dP actually used, by
+// |dP|. So a statistics pass first computes, per query row and from the very S and dP the
+// gradient passes use, corr = 1 / sum_j exp(s_ij - lse_i) and delta = sum_j P_ij dP_ij with the
+// normalised P = exp(s - lse) * corr (in exact arithmetic corr = 1 and delta = rowsum(dO * O)).
+// dS then cancels as in the plain softmax backward, and the gradients stay within the error of
+// the plain implementation (rowsum(dO * O) with the raw P was up to 4x worse on the mask
+// gradient). It costs two of the backward's seven GEMM-equivalents per tile. Then either
+//  * one task per head, when there are enough heads for the threads: a single sweep, key blocks
+//    outer (dK, dV in block buffers), query blocks inner, dQ accumulated over the key blocks in
+//    float32 (the dQ output itself for float32, a per-thread [q_len, head_dim] buffer otherwise:
+//    thread-local accumulation, O(threads x seq)); five GEMMs per tile; or
+//  * as the Triton kernels, when the heads are too few: one task per (head, key block)
+//    accumulating dK, dV over the query blocks (from the diagonal on, when causal), then one per
+//    (head, query block) accumulating dQ over the key blocks: seven GEMMs per tile but all the
+//    parallelism of the blocks, and every accumulator one block.
+// Both are deterministic. grad_scores (a floating mask that requires grad) is written by the
+// task that forms dS, zeros where causality skipped a tile.
+//
+// Dropout regenerates the shared Philox stream (fused_attn/philox.h, bit-identical to
+// triton.language.rand): element (bh, i, j) has counter (bh * Lq + i) * Lk + j, sixteen counters
+// at a time. The forward's row sum l takes the undropped P; P V takes P * keep / (1 - p); the
+// backward drops dP where P was dropped.
+//
+// Softmax: rows are independent, split across threads with at::parallel_for. A row is read once
+// (any strides; scale, mask and causality applied on the way) into a float32 row buffer (the
+// output row itself for float32), then max, exp-and-sum and normalise run on that buffer while it
+// sits in L1/L2. The backward is dx = scale * y * (dy - sum(dy * y)) per row, two passes.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+#include <ATen/Dispatch_v2.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+#include "fused_attn/checks.h"
+#include "fused_attn/philox.h"
+
+#ifndef FUSED_ATTN_NO_SGEMM
+// Fortran BLAS single-precision GEMM (LP64: 32-bit integers), column-major. Weak, so that a
+// libtorch built without BLAS still loads this library (the pointer is then null).
+// -DFUSED_ATTN_NO_SGEMM compiles the at::addmm_out fallback alone (to test or measure it).
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+#endif
+
+namespace fused_attn {
+namespace {
+
+using fVec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = fVec::size();
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------------------------------------
+// Vector helpers
+
+// exp(x) in float32 for x <= 0 (callers pass x = s - max or s - lse): 2^t with t = x log2(e),
+// split as t = n + f, |f| <= 1/2, 2^f by a degree-6 minimax polynomial (relative error 2e-9
+// before rounding; the result is within about 1.5 ulp), 2^n put into the exponent bits. t is
+// clamped to [-127, 127]; at t = -127 the exponent bits are 0, so everything below (-inf
+// included) comes out exactly 0, which the masking relies on, with no compare or blend. The
+// rounding of x * log2(e) costs |x| * 2^-24 relative, at most 0.4 ulp of the largest results
+// (those with |x| <= 1); large |x| give tiny results.
+C10_ALWAYS_INLINE fVec exp_vec(const fVec& x) {
+  // On AVX2 clamp keeps a NaN (vmaxps/vminps return their second operand, t, for a NaN).
+  const fVec t = at::vec::clamp(x * fVec(1.44269504088896341f), fVec(-127.f), fVec(127.f));
+  const fVec n = t.round();
+  const fVec f = t - n;
+  fVec p(1.5337791410274804e-4f);
+  p = at::vec::fmadd(p, f, fVec(1.3399862218648195e-3f));
+  p = at::vec::fmadd(p, f, fVec(9.618518874049187e-3f));
+  p = at::vec::fmadd(p, f, fVec(5.550329014658928e-2f));
+  p = at::vec::fmadd(p, f, fVec(2.4022646248340607e-1f));
+  p = at::vec::fmadd(p, f, fVec(6.931471824645996e-1f));
+  p = at::vec::fmadd(p, f, fVec(1.f));
+  // 2^n as bits, (n + 127) << 23, formed in float (exact: an integer below 2^31) then converted.
+  const fVec bits = at::vec::fmadd(n, fVec(8388608.f), fVec(1065353216.f));
+  return p * at::vec::cast<float>(at::vec::convert_to_int_of_same_size(bits));
+}
+
+// Loads n (may exceed a vector or be <= 0) floats; the lanes past n hold `fill`.
+C10_ALWAYS_INLINE fVec load_or(const float* src, int64_t n, float fill) {
+  if (n >= kLanes) return fVec::loadu(src);
+  return fVec::set(fVec(fill), fVec::loadu(src, std::max<int64_t>(n, 0)), std::max<int64_t>(n, 0));
+}
+
+float reduce_max(const fVec& v) {
+  return at::vec::vec_reduce_all<float>([](const fVec& a, const fVec& b) { return at::vec::maximum(a, b); }, v);
+}
+
+float reduce_sum(const fVec& v) {
+  return at::vec::vec_reduce_all<float>([](const fVec& a, const fVec& b) { return a + b; }, v);
+}
+
+float row_max(const float* s, int64_t n) {
+  fVec m0(-kInf), m1(-kInf);
+  int64_t j = 0;
+  for (; j + 2 * kLanes <= n; j += 2 * kLanes) {
+    m0 = at::vec::maximum(m0, fVec::loadu(s + j));
+    m1 = at::vec::maximum(m1, fVec::loadu(s + j + kLanes));
+  }
+  for (; j < n; j += kLanes) m0 = at::vec::maximum(m0, load_or(s + j, n - j, -kInf));
+  return reduce_max(at::vec::maximum(m0, m1));
+}
+
+// s[j] = exp(s[j] - shift) in place; returns the sum. -inf entries become exactly 0.
+float exp_shift_sum(float* s, int64_t n, float shift) {
+  const fVec sh(shift);
+  fVec acc(0.f);
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const fVec p = exp_vec(fVec::loadu(s + j) - sh);
+    p.store(s + j);
+    acc += p;
+  }
+  if (j < n) {
+    const fVec p = exp_vec(load_or(s + j, n - j, -kInf) - sh);  // padding lanes give exp(-inf) = 0
+    p.store(s + j, n - j);
+    acc += p;
+  }
+  return reduce_sum(acc);
+}
+
+void scale_row(float* x, int64_t n, float factor) {
+  const fVec f(factor);
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) (fVec::loadu(x + j) * f).store(x + j);
+  if (j < n) (fVec::loadu(x + j, n - j) * f).store(x + j, n - j);
+}
+
+// dst[0, n) = src as float32.
+template <typename T>
+void to_float(const T* src, float* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (n > 0) std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    using tVec = at::vec::Vectorized<T>;
+    constexpr int64_t W = tVec::size();
+    static_assert(W == 2 * kLanes, "an fp16/bf16 vector must widen to exactly two float vectors");
+    int64_t j = 0;
+    for (; j + W <= n; j += W) {
+      auto [a, b] = at::vec::convert_to_float<T>(tVec::loadu(src + j));
+      a.store(dst + j);
+      b.store(dst + j + kLanes);
+    }
+    if (j < n) {
+      const int64_t len = n - j;
+      auto [a, b] = at::vec::convert_to_float<T>(tVec::loadu(src + j, len));
+      a.store(dst + j, std::min(len, kLanes));
+      if (len > kLanes) b.store(dst + j + kLanes, len - kLanes);
+    }
+  }
+}
+
+// dst[0, n) = src * factor, rounded to T once.
+template <typename T>
+void from_float(const float* src, float factor, T* dst, int64_t n) {
+  const fVec f(factor);
+  if constexpr (std::is_same_v<T, float>) {
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) (fVec::loadu(src + j) * f).store(dst + j);
+    if (j < n) (fVec::loadu(src + j, n - j) * f).store(dst + j, n - j);
+  } else {
+    constexpr int64_t W = 2 * kLanes;
+    int64_t j = 0;
+    for (; j + W <= n; j += W) {
+      at::vec::convert_from_float<T>(fVec::loadu(src + j) * f, fVec::loadu(src + j + kLanes) * f).store(dst + j);
+    }
+    if (j < n) {
+      const int64_t len = n - j;
+      const fVec a = fVec::loadu(src + j, std::min(len, kLanes)) * f;
+      const fVec b = fVec::loadu(src + j + kLanes, std::max<int64_t>(len - kLanes, 0)) * f;
+      at::vec::convert_from_float<T>(a, b).store(dst + j, len);
+    }
+  }
+}
+
+// sum_j float(a[j]) * float(b[j]).
+template <typename T>
+float dot_row(const T* a, const T* b, int64_t n, float* tmp_a, float* tmp_b) {
+  const float* fa;
+  const float* fb;
+  if constexpr (std::is_same_v<T, float>) {
+    fa = a;
+    fb = b;
+  } else {
+    to_float(a, tmp_a, n);
+    to_float(b, tmp_b, n);
+    fa = tmp_a;
+    fb = tmp_b;
+  }
+  fVec acc0(0.f), acc1(0.f);
+  int64_t j = 0;
+  for (; j + 2 * kLanes <= n; j += 2 * kLanes) {
+    acc0 = at::vec::fmadd(fVec::loadu(fa + j), fVec::loadu(fb + j), acc0);
+    acc1 = at::vec::fmadd(fVec::loadu(fa + j + kLanes), fVec::loadu(fb + j + kLanes), acc1);
+  }
+  for (; j < n; j += kLanes) {
+    const int64_t len = std::min(kLanes, n - j);
+    acc0 = at::vec::fmadd(fVec::loadu(fa + j, len), fVec::loadu(fb + j, len), acc0);
+  }
+  return reduce_sum(acc0 + acc1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM on row-major float32 matrices: C[m, n] = alpha * op(A) op(B) + beta * C, where op(A) is
+// m x k (A stored k x m when trans_a) and op(B) is k x n (B stored n x k when trans_b).
+
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0) {
+    for (int64_t i = 0; i < m; ++i) {
+      if (beta == 0.f) {
+        std::fill(c + i * ldc, c + i * ldc + n, 0.f);
+      } else {
+        scale_row(c + i * ldc, n, beta);
+      }
+    }
+    return;
+  }
+#ifndef FUSED_ATTN_NO_SGEMM
+  if (sgemm_ != nullptr) {
+    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
+    const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
+    const int ilda = static_cast<int>(ldb), ildb = static_cast<int>(lda), ildc = static_cast<int>(ldc);
+    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+    sgemm_(&ta, &tb, &im, &in, &ik, &alpha, b, &ilda, a, &ildb, &beta, c, &ildc);
+    return;
+  }
+#endif
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor ta = trans_a ? at::from_blob(const_cast<float*>(a), {k, m}, {lda, 1}, opts).t()
+                          : at::from_blob(const_cast<float*>(a), {m, k}, {lda, 1}, opts);
+  at::Tensor tb = trans_b ? at::from_blob(const_cast<float*>(b), {n, k}, {ldb, 1}, opts).t()
+                          : at::from_blob(const_cast<float*>(b), {k, n}, {ldb, 1}, opts);
+  at::Tensor tc = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  at::addmm_out(tc, tc, ta, tb, beta, alpha);
+}
+
+// Largest value the BLAS integer arguments take.
+constexpr int64_t kBlasMax = std::numeric_limits<int>::max();
+
+// Rows [r0, r0 + n) of a row-major [rows, cols] matrix (row stride `stride`, unit column stride)
+// as float32: the tensor's own memory when it is float32 with a stride BLAS accepts as a leading
+// dimension, else widened/copied into `buf` (leading dimension cols). Returns (pointer, ld).
+template <typename T>
+std::pair<const float*, int64_t> rows_as_float(const T* base, int64_t stride, int64_t r0, int64_t n, int64_t cols,
+                                               float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride >= std::max<int64_t>(cols, 1) && stride <= kBlasMax) return {base + r0 * stride, stride};
+  }
+  for (int64_t r = 0; r < n; ++r) to_float(base + (r0 + r) * stride, buf + r * cols, cols);
+  return {buf, std::max<int64_t>(cols, 1)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Masks
+
+enum class MaskKind { kNone, kBool, kFloat, kHalf, kBFloat16, kDouble };
+
+// A mask expanded (as a view) to [B, H, M, N]: strides in elements, zero on broadcast dims.
+struct MaskView {
+  const char* data = nullptr;
+  MaskKind kind = MaskKind::kNone;
+  int64_t elem = 1;
+  int64_t sb = 0, sh = 0, sm = 0, sn = 0;
+
+  const char* row(int64_t b, int64_t h, int64_t i) const { return data + (b * sb + h * sh + i * sm) * elem; }
+};
+
+MaskView make_mask_view(const std::optional<at::Tensor>& mask) {
+  MaskView view;
+  if (!mask.has_value() || !mask->defined()) return view;
+  const at::Tensor& t = *mask;
+  switch (t.scalar_type()) {
+    case at::kBool: view.kind = MaskKind::kBool; break;
+    case at::kFloat: view.kind = MaskKind::kFloat; break;
+    case at::kHalf: view.kind = MaskKind::kHalf; break;
+    case at::kBFloat16: view.kind = MaskKind::kBFloat16; break;
+    case at::kDouble: view.kind = MaskKind::kDouble; break;
+    default: TORCH_CHECK(false, "mask must be bool or floating, got ", t.scalar_type());
+  }
+  view.data = static_cast<const char*>(t.const_data_ptr());
+  view.elem = t.element_size();
+  view.sb = t.stride(0);
+  view.sh = t.stride(1);
+  view.sm = t.stride(2);
+  view.sn = t.stride(3);
+  return view;
+}
+
+template <typename T>
+void add_bias(float* s, const T* m, int64_t stride, int64_t n) {
+  if (stride == 1) {
+    if constexpr (std::is_same_v<T, float>) {
+      int64_t j = 0;
+      for (; j + kLanes <= n; j += kLanes) (fVec::loadu(s + j) + fVec::loadu(m + j)).store(s + j);
+      if (j < n) (fVec::loadu(s + j, n - j) + fVec::loadu(m + j, n - j)).store(s + j, n - j);
+    } else if constexpr (std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>) {
+      float tmp[2 * kLanes];
+      for (int64_t j = 0; j < n; j += 2 * kLanes) {
+        const int64_t len = std::min(2 * kLanes, n - j);
+        to_float(m + j, tmp, len);
+        for (int64_t t = 0; t < len; ++t) s[j + t] += tmp[t];
+      }
+    } else {
+      for (int64_t j = 0; j < n; ++j) s[j] += static_cast<float>(m[j]);
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) s[j] += static_cast<float>(m[j * stride]);
+  }
+}
+
+// Applies columns [j0, j0 + n) of one mask row to the scores s[0, n).
+void apply_mask(float* s, int64_t n, const MaskView& mask, const char* row, int64_t j0) {
+  const char* p = row + j0 * mask.sn * mask.elem;
+  switch (mask.kind) {
+    case MaskKind::kNone:
+      return;
+    case MaskKind::kBool: {
+      const uint8_t* m = reinterpret_cast<const uint8_t*>(p);
+      if (mask.sn == 1) {
+        for (int64_t j = 0; j < n; ++j) s[j] = m[j] != 0 ? s[j] : -kInf;
+      } else {
+        for (int64_t j = 0; j < n; ++j) s[j] = m[j * mask.sn] != 0 ? s[j] : -kInf;
+      }
+      return;
+    }
+    case MaskKind::kFloat: add_bias(s, reinterpret_cast<const float*>(p), mask.sn, n); return;
+    case MaskKind::kHalf: add_bias(s, reinterpret_cast<const at::Half*>(p), mask.sn, n); return;
+    case MaskKind::kBFloat16: add_bias(s, reinterpret_cast<const at::BFloat16*>(p), mask.sn, n); return;
+    case MaskKind::kDouble: add_bias(s, reinterpret_cast<const double*>(p), mask.sn, n); return;
+  }
+}
+
+// Causal: for query i, scores of keys j0 + t > i become -inf.
+C10_ALWAYS_INLINE void apply_causal(float* s, int64_t n, int64_t i, int64_t j0) {
+  for (int64_t t = std::max<int64_t>(0, i + 1 - j0); t < n; ++t) s[t] = -kInf;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dropout: x[t] = keep(counter + t) ? x[t] * inv_keep : 0 for t in [0, n).
+void apply_dropout(float* x, int64_t n, uint64_t seed, uint64_t counter, float p, float inv_keep) {
+  const fVec pv(p), inv(inv_keep), zero(0.f);
+  alignas(64) float u[philox::kLanes];
+  for (int64_t j = 0; j < n; j += philox::kLanes) {
+    philox::uniform_lanes(seed, counter + static_cast<uint64_t>(j), u);
+    const int64_t len = std::min<int64_t>(philox::kLanes, n - j);
+    for (int64_t t = 0; t < len; t += kLanes) {
+      const int64_t l = std::min(kLanes, len - t);
+      const fVec factor = fVec::blendv(zero, inv, fVec::loadu(u + t) >= pv);
+      (fVec::loadu(x + j + t, l) * factor).store(x + j + t, l);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Task scheduling
+
+// Runs fn(task, scratch) for every task in [0, num_tasks) on at::parallel_for workers that take
+// tasks from a shared counter; each worker owns `scratch_floats` floats of scratch (allocated
+// through the torch CPU allocator, so it shows in the profiler's memory accounting).
+template <typename F>
+void run_tasks(int64_t num_tasks, int64_t scratch_floats, const F& fn) {
+  if (num_tasks <= 0) return;
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_tasks);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    at::Tensor scratch = at::empty({std::max<int64_t>(scratch_floats, 1)}, at::TensorOptions().dtype(at::kFloat));
+    float* buf = scratch.mutable_data_ptr<float>();
+    for (int64_t t = next.fetch_add(1); t < num_tasks; t = next.fetch_add(1)) fn(t, buf);
+  });
+}
+
+// Carves consecutive 64-byte aligned float buffers out of a worker's scratch.
+struct Carver {
+  float* cur;
+  static constexpr int64_t round_up(int64_t n) { return (n + 15) / 16 * 16; }
+  float* take(int64_t n) {
+    float* p = cur;
+    cur += round_up(n);
+    return p;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+
+// Block sizes (queries x keys per tile). Forward: 256 x 256 float32 scores (256 KiB) plus the
+// Q/K/V blocks and the accumulator (64 KiB each at head dim 64) stay in a 1 MiB L2, and the GEMMs
+// (256 x 256 x 64) run at sgemm's peak; measured on 2 cores, 128..512 in either dimension is
+// within 2%, below 128 queries the repeated packing of K shows. Head dims above 128 halve the
+// query block. Backward tiles are 128 x 128 (it keeps twice the tiles: P and dP). Short
+// sequences or few heads get smaller query blocks, so that every thread has tasks.
+constexpr int64_t kFwdQ = 256, kFwdK = 256;
+constexpr int64_t kBwdQ = 128, kBwdK = 128;
+
+int64_t query_block(int64_t preferred, int64_t bh, int64_t q_len) {
+  const int64_t threads = at::get_num_threads();
+  int64_t block = preferred;
+  while (block > 16 && bh * ((q_len + block - 1) / block) < 4 * threads) block /= 2;
+  return block;
+}
+
+struct AttnProblem {
+  int64_t batch, heads, q_len, k_len, d, dv;
+  // Strides (elements) of batch, head, row; the last dim has stride 1.
+  int64_t q_s[3], k_s[3], v_s[3];
+  MaskView mask;
+  float scale;
+  bool causal;
+  bool dropout;
+  float dropout_p, inv_keep;
+  uint64_t seed;
+
+  int64_t bh() const { return batch * heads; }
+  uint64_t counter(int64_t bh_index, int64_t i, int64_t j) const {
+    return static_cast<uint64_t>((bh_index * q_len + i) * k_len + j);
+  }
+};
+
+void fill_strides(const at::Tensor& t, int64_t (&s)[3]) {
+  s[0] = t.stride(0);
+  s[1] = t.stride(1);
+  s[2] = t.stride(2);
+}
+
+// Scores of the tile (rows [i0, i0 + mq), keys [j0, j0 + nk)) of head (b, h), masked: s = scale *
+// Q K^T (+ mask), -inf where the mask or causality hides the key. S has leading dimension ld_s.
+void masked_scores(const AttnProblem& pb, int64_t b, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nk,
+                   const float* q, int64_t ldq, const float* k, int64_t ldk, float* s, int64_t ld_s) {
+  gemm(false, true, mq, nk, pb.d, pb.scale, q, ldq, k, ldk, 0.f, s, ld_s);
+  const bool straddles = pb.causal && j0 + nk - 1 > i0;
+  if (pb.mask.kind == MaskKind::kNone && !straddles) return;
+  for (int64_t r = 0; r < mq; ++r) {
+    float* row = s + r * ld_s;
+    if (pb.mask.kind != MaskKind::kNone) apply_mask(row, nk, pb.mask, pb.mask.row(b, h, i0 + r), j0);
+    if (straddles) apply_causal(row, nk, i0 + r, j0);
+  }
+}
+
+// Forward of one (bh, query block) task.
+template <typename T>
+void attn_fwd_task(const AttnProblem& pb, const T* q_ptr, const T* k_ptr, const T* v_ptr, int64_t bh,
+                   int64_t i0, int64_t mq, int64_t block_k, float* scratch, T* out, float* lse) {
+  const int64_t b = bh / pb.heads, h = bh % pb.heads;
+  const int64_t d = pb.d, dv = pb.dv;
+  Carver carve{scratch};
+  float* qbuf = carve.take(mq * d);
+  float* kbuf = carve.take(block_k * d);
+  float* vbuf = carve.take(block_k * dv);
+  float* s = carve.take(mq * block_k);
+  float* acc = carve.take(mq * dv);
+  float* m = carve.take(mq);
+  float* l = carve.take(mq);
+
+  const T* qb = q_ptr + b * pb.q_s[0] + h * pb.q_s[1];
+  const T* kb = k_ptr + b * pb.k_s[0] + h * pb.k_s[1];
+  const T* vb = v_ptr + b * pb.v_s[0] + h * pb.v_s[1];
+  auto [q, ldq] = rows_as_float(qb, pb.q_s[2], i0, mq, d, qbuf);
+  std::fill(acc, acc + mq * dv, 0.f);
+  std::fill(m, m + mq, -kInf);
+  std::fill(l, l + mq, 0.f);
+
+  const int64_t k_end = pb.causal ? std::min(pb.k_len, i0 + mq) : pb.k_len;
+  for (int64_t j0 = 0; j0 < k_end; j0 += block_k) {
+    const int64_t nk = std::min(block_k, k_end - j0);
+    auto [k, ldk] = rows_as_float(kb, pb.k_s[2], j0, nk, d, kbuf);
+    masked_scores(pb, b, h, i0, mq, j0, nk, q, ldq, k, ldk, s, block_k);
+    for (int64_t r = 0; r < mq; ++r) {
+      float* row = s + r * block_k;
+      const float m_new = std::max(m[r], row_max(row, nk));
+      // A row with no visible key so far keeps m = -inf; shift by 0 so that exp gives 0, not NaN.
+      const float shift = m_new == -kInf ? 0.f : m_new;
+      const float row_sum = exp_shift_sum(row, nk, shift);
+      const float alpha = std::exp(m[r] - shift);
+      if (alpha != 1.f) scale_row(acc + r * dv, dv, alpha);
+      l[r] = l[r] * alpha + row_sum;
+      m[r] = m_new;
+      if (pb.dropout) {
+        apply_dropout(row, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, pb.inv_keep);
+      }
+    }
+    auto [v, ldv] = rows_as_float(vb, pb.v_s[2], j0, nk, dv, vbuf);
+    gemm(false, false, mq, dv, nk, 1.f, s, block_k, v, ldv, 1.f, acc, dv);
+  }
+  for (int64_t r = 0; r < mq; ++r) {
+    const int64_t i = i0 + r;
+    const bool empty = l[r] == 0.f;
+    from_float(acc + r * dv, empty ? 0.f : 1.f / l[r], out + (bh * pb.q_len + i) * dv, dv);
+    lse[bh * pb.q_len + i] = empty ? kInf : m[r] + std::log(l[r]);
+  }
+}
+
+void check_qkv(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value) {
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{query, "query"}, {key, "key"}, {value, "value"}}) {
+    TORCH_CHECK(t.dim() == 4, name, " must be 4-D [batch, heads, seq, head_dim], got ", t.dim(), " dimensions");
+    TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+    TORCH_CHECK(t.scalar_type() == query.scalar_type(), name, " must have dtype ", query.scalar_type(),
+                " like query, got ", t.scalar_type());
+    TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name, " must have a unit stride along head_dim, got strides ",
+                t.strides());
+  }
+  TORCH_CHECK(is_supported_float(query.scalar_type()), "query must be float32, float16 or bfloat16, got ",
+              query.scalar_type());
+  TORCH_CHECK(key.size(0) == query.size(0) && key.size(1) == query.size(1) && value.size(0) == query.size(0) &&
+                  value.size(1) == query.size(1),
+              "key and value must have query's batch and heads ", query.sizes().slice(0, 2), ", got key ",
+              key.sizes(), " and value ", value.sizes());
+  TORCH_CHECK(key.size(3) == query.size(3), "key head_dim ", key.size(3), " must equal query head_dim ", query.size(3));
+  TORCH_CHECK(value.size(2) == key.size(2), "value length ", value.size(2), " must equal key length ", key.size(2));
+}
+
+void check_mask(const std::optional<at::Tensor>& attn_mask, const at::Tensor& query, int64_t k_len) {
+  if (!attn_mask.has_value() || !attn_mask->defined()) return;
+  const at::Tensor& m = *attn_mask;
+  TORCH_CHECK(m.device().is_cpu(), "attn_mask must be a CPU tensor, got ", m.device());
+  TORCH_CHECK(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()),
+              "attn_mask must be bool or floating, got ", m.scalar_type());
+  TORCH_CHECK(m.dim() == 4 && m.size(0) == query.size(0) && m.size(1) == query.size(1) && m.size(2) == query.size(2) &&
+                  m.size(3) == k_len,
+              "attn_mask must be expanded to [batch, heads, q_len, k_len] = [", query.size(0), ", ", query.size(1),
+              ", ", query.size(2), ", ", k_len, "], got ", m.sizes());
+}
+
+// Fills the problem description shared by forward and backward; checks scale/dropout/seed.
+AttnProblem make_problem(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                         const std::optional<at::Tensor>& attn_mask, double scale, bool is_causal, double dropout_p,
+                         const std::optional<at::Tensor>& seed) {
+  check_qkv(query, key, value);
+  check_mask(attn_mask, query, key.size(2));
+  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  AttnProblem pb{};
+  pb.batch = query.size(0);
+  pb.heads = query.size(1);
+  pb.q_len = query.size(2);
+  pb.k_len = key.size(2);
+  pb.d = query.size(3);
+  pb.dv = value.size(3);
+  fill_strides(query, pb.q_s);
+  fill_strides(key, pb.k_s);
+  fill_strides(value, pb.v_s);
+  pb.mask = make_mask_view(attn_mask);
+  pb.scale = static_cast<float>(scale);
+  pb.causal = is_causal;
+  pb.dropout = dropout_p > 0.0;
+  pb.dropout_p = static_cast<float>(dropout_p);
+  pb.inv_keep = pb.dropout ? 1.f / (1.f - pb.dropout_p) : 1.f;
+  pb.seed = 0;
+  if (pb.dropout) {
+    TORCH_CHECK(seed.has_value() && seed->defined(), "seed must be given when dropout_p > 0");
+    TORCH_CHECK(seed->numel() == 1 && seed->scalar_type() == at::kLong && seed->device().is_cpu(),
+                "seed must be a CPU int64 scalar tensor, got ", seed->scalar_type(), " of shape ", seed->sizes(),
+                " on ", seed->device());
+    pb.seed = static_cast<uint64_t>(seed->item<int64_t>());
+  }
+  return pb;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                     const at::Tensor& value,
+                                                     const std::optional<at::Tensor>& attn_mask, double scale,
+                                                     bool is_causal, double dropout_p,
+                                                     const std::optional<at::Tensor>& seed) {
+  const AttnProblem pb = make_problem(query, key, value, attn_mask, scale, is_causal, dropout_p, seed);
+  at::Tensor out = at::empty({pb.batch, pb.heads, pb.q_len, pb.dv}, query.options());
+  at::Tensor lse = at::empty({pb.batch, pb.heads, pb.q_len}, query.options().dtype(at::kFloat));
+  if (pb.bh() == 0 || pb.q_len == 0) return {out, lse};
+
+  const int64_t wide = std::max(pb.d, pb.dv) > 128 ? 2 : 1;
+  const int64_t block_q = std::min(query_block(kFwdQ / wide, pb.bh(), pb.q_len), pb.q_len);
+  const int64_t block_k = std::max<int64_t>(1, std::min(kFwdK, pb.k_len));
+  const int64_t nq = (pb.q_len + block_q - 1) / block_q;
+  const int64_t scratch = Carver::round_up(block_q * pb.d) + Carver::round_up(block_k * pb.d) +
+                          Carver::round_up(block_k * pb.dv) + Carver::round_up(block_q * block_k) +
+                          Carver::round_up(block_q * pb.dv) + 2 * Carver::round_up(block_q);
+  AT_DISPATCH_V2(query.scalar_type(), "attention_fwd_cpu", AT_WRAP([&] {
+    const scalar_t* qp = query.const_data_ptr<scalar_t>();
+    const scalar_t* kp = key.const_data_ptr<scalar_t>();
+    const scalar_t* vp = value.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    float* lp = lse.mutable_data_ptr<float>();
+    const int64_t bh_count = pb.bh();
+    run_tasks(bh_count * nq, scratch, [&](int64_t task, float* buf) {
+      // Causal: the last query blocks see the most keys, so they go first; otherwise a head's
+      // blocks run consecutively (its K/V stay in cache).
+      const int64_t bh = pb.causal ? task % bh_count : task / nq;
+      const int64_t qi = pb.causal ? nq - 1 - task / bh_count : task % nq;
+      const int64_t i0 = qi * block_q;
+      attn_fwd_task<scalar_t>(pb, qp, kp, vp, bh, i0, std::min(block_q, pb.q_len - i0), block_k, buf, op, lp);
+    });
+  }), at::kFloat, at::kHalf, at::kBFloat16);
+  return {out, lse};
+}
+
+// --- backward
+
+// Probabilities of a tile from the log-sum-exp: s[r, t] = exp(s[r, t] - lse[r]) * corr[r] in place
+// (corr: the row normaliser of the statistics pass; null for 1).
+void probabilities(float* s, int64_t mq, int64_t nk, int64_t ld_s, const float* lse, const float* corr) {
+  for (int64_t r = 0; r < mq; ++r) {
+    float* row = s + r * ld_s;
+    const fVec shift(lse[r]);
+    const fVec c(corr != nullptr ? corr[r] : 1.f);
+    int64_t j = 0;
+    for (; j + kLanes <= nk; j += kLanes) (exp_vec(fVec::loadu(row + j) - shift) * c).store(row + j);
+    if (j < nk) (exp_vec(fVec::loadu(row + j, nk - j) - shift) * c).store(row + j, nk - j);
+  }
+}
+
+// dS = P * (dP - delta) into dp. With dropout, dP is first dropped where P was (the forward's
+// factor: keep ? 1 / (1 - p) : 0), dS takes the undropped P, and P then becomes the dropped
+// P_used that dV needs.
+void score_gradient(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t mq, int64_t j0, int64_t nk, float* p,
+                    float* dp, int64_t ld_s, const float* delta) {
+  for (int64_t r = 0; r < mq; ++r) {
+    float* prow = p + r * ld_s;
+    float* dprow = dp + r * ld_s;
+    const fVec dl(delta[r]);
+    if (!pb.dropout) {
+      int64_t j = 0;
+      for (; j + kLanes <= nk; j += kLanes) {
+        (fVec::loadu(prow + j) * (fVec::loadu(dprow + j) - dl)).store(dprow + j);
+      }
+      if (j < nk) (fVec::loadu(prow + j, nk - j) * (fVec::loadu(dprow + j, nk - j) - dl)).store(dprow + j, nk - j);
+      continue;
+    }
+    const fVec pv(pb.dropout_p), inv(pb.inv_keep), zero(0.f);
+    alignas(64) float u[philox::kLanes];
+    const uint64_t counter = pb.counter(bh, i0 + r, j0);
+    for (int64_t j = 0; j < nk; j += philox::kLanes) {
+      philox::uniform_lanes(pb.seed, counter + static_cast<uint64_t>(j), u);
+      const int64_t len = std::min<int64_t>(philox::kLanes, nk - j);
+      for (int64_t t = 0; t < len; t += kLanes) {
+        const int64_t l = std::min(kLanes, len - t);
+        const fVec factor = fVec::blendv(zero, inv, fVec::loadu(u + t) >= pv);
+        const fVec pval = fVec::loadu(prow + j + t, l);
+        (pval * (fVec::loadu(dprow + j + t, l) * factor - dl)).store(dprow + j + t, l);
+        (pval * factor).store(prow + j + t, l);
+      }
+    }
+  }
+}
+
+struct BwdTensors {
+  int64_t do_s[3];  // grad_out strides
+  int64_t dq_s[3], dk_s[3], dv_s[3];
+  const float* lse;    // [B * H * Lq], from the forward
+  float* corr;         // [B * H * Lq], 1 / sum_j exp(s_ij - lse_i) (0 for a row that sees no key)
+  float* delta;        // [B * H * Lq], sum_j P_ij dP_ij with the normalised P
+  float* dscores;      // [B, H, Lq, Lk] or null
+};
+
+// Row statistics of one (bh, query block) task: corr_i = 1 / sum_j exp(s_ij - lse_i) and
+// delta_i = sum_j P_ij dP_ij with P_ij = exp(s_ij - lse_i) * corr_i and dP = dO V^T (dropped as P
+// was). In exact arithmetic corr = 1 and delta = rowsum(dO * O); computed from the very P and dP
+// the gradient passes use, they make dS = P (dP - delta) cancel as the plain softmax backward
+// does: the float32 log-sum-exp is off by up to half an ulp of |lse| (a common relative error of
+// the whole row of P, 5e-7 at |lse| ~ 8), and rowsum(dO * O) carries the forward's rounding
+// instead of this P's, and dS amplifies either by |dP| (see the header comment).
+template <typename T>
+void attn_bwd_stats_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_ptr, const T* k_ptr,
+                         const T* v_ptr, const T* do_ptr, int64_t bh, int64_t i0, int64_t mq, int64_t block_k,
+                         float* scratch) {
+  const int64_t b = bh / pb.heads, h = bh % pb.heads;
+  const int64_t d = pb.d, dv = pb.dv;
+  Carver carve{scratch};
+  float* qbuf = carve.take(mq * d);
+  float* dobuf = carve.take(mq * dv);
+  float* kbuf = carve.take(block_k * d);
+  float* vbuf = carve.take(block_k * dv);
+  float* s = carve.take(mq * block_k);
+  float* dp = carve.take(mq * block_k);
+  double* sums = reinterpret_cast<double*>(carve.take(4 * mq));  // [mq] sum p, then [mq] sum p * dp
+
+  const T* kb = k_ptr + b * pb.k_s[0] + h * pb.k_s[1];
+  const T* vb = v_ptr + b * pb.v_s[0] + h * pb.v_s[1];
+  auto [q, ldq] = rows_as_float(q_ptr + b * pb.q_s[0] + h * pb.q_s[1], pb.q_s[2], i0, mq, d, qbuf);
+  auto [dout, lddo] = rows_as_float(do_ptr + b * bt.do_s[0] + h * bt.do_s[1], bt.do_s[2], i0, mq, dv, dobuf);
+  std::fill(sums, sums + 2 * mq, 0.0);
+  const float* lse = bt.lse + bh * pb.q_len + i0;
+
+  const int64_t k_end = pb.causal ? std::min(pb.k_len, i0 + mq) : pb.k_len;
+  for (int64_t j0 = 0; j0 < k_end; j0 += block_k) {
+    const int64_t nk = std::min(block_k, k_end - j0);
+    auto [k, ldk] = rows_as_float(kb, pb.k_s[2], j0, nk, d, kbuf);
+    auto [v, ldv] = rows_as_float(vb, pb.v_s[2], j0, nk, dv, vbuf);
+    masked_scores(pb, b, h, i0, mq, j0, nk, q, ldq, k, ldk, s, block_k);
+    probabilities(s, mq, nk, block_k, lse, nullptr);
+    gemm(false, true, mq, nk, dv, 1.f, dout, lddo, v, ldv, 0.f, dp, block_k);
+    for (int64_t r = 0; r < mq; ++r) {
+      float* prow = s + r * block_k;
+      float* dprow = dp + r * block_k;
+      if (pb.dropout) apply_dropout(dprow, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, pb.inv_keep);
+      fVec ps(0.f), pdp(0.f);
+      int64_t j = 0;
+      for (; j + kLanes <= nk; j += kLanes) {
+        const fVec pv = fVec::loadu(prow + j);
+        ps += pv;
+        pdp = at::vec::fmadd(pv, fVec::loadu(dprow + j), pdp);
+      }
+      if (j < nk) {
+        const fVec pv = fVec::loadu(prow + j, nk - j);
+        ps += pv;
+        pdp = at::vec::fmadd(pv, fVec::loadu(dprow + j, nk - j), pdp);
+      }
+      sums[r] += reduce_sum(ps);
+      sums[mq + r] += reduce_sum(pdp);
+    }
+  }
+  for (int64_t r = 0; r < mq; ++r) {
+    const double c = sums[r];
+    bt.corr[bh * pb.q_len + i0 + r] = c > 0.0 ? static_cast<float>(1.0 / c) : 0.f;
+    bt.delta[bh * pb.q_len + i0 + r] = c > 0.0 ? static_cast<float>(sums[mq + r] / c) : 0.f;
+  }
+}
+
+// dK, dV of one (bh, key block) task, accumulated over the query blocks.
+template <typename T>
+void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_ptr, const T* k_ptr, const T* v_ptr,
+                        const T* do_ptr, int64_t bh, int64_t j0, int64_t nk, int64_t block_q, float* scratch, T* dk_out,
+                        T* dv_out) {
+  const int64_t b = bh / pb.heads, h = bh % pb.heads;
+  const int64_t d = pb.d, dv = pb.dv;
+  Carver carve{scratch};
+  float* kbuf = carve.take(nk * d);
+  float* vbuf = carve.take(nk * dv);
+  float* qbuf = carve.take(block_q * d);
+  float* dobuf = carve.take(block_q * dv);
+  float* s = carve.take(block_q * nk);
+  float* dp = carve.take(block_q * nk);
+  float* dk = carve.take(nk * d);
+  float* dvacc = carve.take(nk * dv);
+
+  const T* qb = q_ptr + b * pb.q_s[0] + h * pb.q_s[1];
+  const T* dob = do_ptr + b * bt.do_s[0] + h * bt.do_s[1];
+  auto [k, ldk] = rows_as_float(k_ptr + b * pb.k_s[0] + h * pb.k_s[1], pb.k_s[2], j0, nk, d, kbuf);
+  auto [v, ldv] = rows_as_float(v_ptr + b * pb.v_s[0] + h * pb.v_s[1], pb.v_s[2], j0, nk, dv, vbuf);
+  std::fill(dk, dk + nk * d, 0.f);
+  std::fill(dvacc, dvacc + nk * dv, 0.f);
+  const float* lse = bt.lse + bh * pb.q_len;
+  const float* corr = bt.corr + bh * pb.q_len;
+  const float* delta = bt.delta + bh * pb.q_len;
+
+  // Causal: queries before the block's first key see none of it.
+  for (int64_t i0 = pb.causal ? j0 : 0; i0 < pb.q_len; i0 += block_q) {
+    const int64_t mq = std::min(block_q, pb.q_len - i0);
+    auto [q, ldq] = rows_as_float(qb, pb.q_s[2], i0, mq, d, qbuf);
+    auto [dout, lddo] = rows_as_float(dob, bt.do_s[2], i0, mq, dv, dobuf);
+    masked_scores(pb, b, h, i0, mq, j0, nk, q, ldq, k, ldk, s, nk);
+    probabilities(s, mq, nk, nk, lse + i0, corr + i0);
+    gemm(false, true, mq, nk, dv, 1.f, dout, lddo, v, ldv, 0.f, dp, nk);
+    score_gradient(pb, bh, i0, mq, j0, nk, s, dp, nk, delta + i0);
+    gemm(true, false, nk, dv, mq, 1.f, s, nk, dout, lddo, 1.f, dvacc, dv);
+    gemm(true, false, nk, d, mq, 1.f, dp, nk, q, ldq, 1.f, dk, d);
+  }
+  T* dkb = dk_out + b * bt.dk_s[0] + h * bt.dk_s[1];
+  T* dvb = dv_out + b * bt.dv_s[0] + h * bt.dv_s[1];
+  for (int64_t t = 0; t < nk; ++t) {
+    from_float(dk + t * d, pb.scale, dkb + (j0 + t) * bt.dk_s[2], d);
+    from_float(dvacc + t * dv, 1.f, dvb + (j0 + t) * bt.dv_s[2], dv);
+  }
+}
+
+// dQ (and grad_scores) of one (bh, query block) task, accumulated over the key blocks.
+template <typename T>
+void attn_bwd_dq_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_ptr, const T* k_ptr, const T* v_ptr,
+                      const T* do_ptr, int64_t bh, int64_t i0, int64_t mq, int64_t block_k, float* scratch,
+                      T* dq_out) {
+  const int64_t b = bh / pb.heads, h = bh % pb.heads;
+  const int64_t d = pb.d, dv = pb.dv;
+  Carver carve{scratch};
+  float* qbuf = carve.take(mq * d);
+  float* dobuf = carve.take(mq * dv);
+  float* kbuf = carve.take(block_k * d);
+  float* vbuf = carve.take(block_k * dv);
+  float* s = carve.take(mq * block_k);
+  float* dp = carve.take(mq * block_k);
+  float* dq = carve.take(mq * d);
+
+  const T* kb = k_ptr + b * pb.k_s[0] + h * pb.k_s[1];
+  const T* vb = v_ptr + b * pb.v_s[0] + h * pb.v_s[1];
+  auto [q, ldq] = rows_as_float(q_ptr + b * pb.q_s[0] + h * pb.q_s[1], pb.q_s[2], i0, mq, d, qbuf);
+  auto [dout, lddo] = rows_as_float(do_ptr + b * bt.do_s[0] + h * bt.do_s[1], bt.do_s[2], i0, mq, dv, dobuf);
+  std::fill(dq, dq + mq * d, 0.f);
+  const float* lse = bt.lse + bh * pb.q_len + i0;
+  const float* corr = bt.corr + bh * pb.q_len + i0;
+  const float* delta = bt.delta + bh * pb.q_len + i0;
+  float* dscores = bt.dscores != nullptr ? bt.dscores + (bh * pb.q_len + i0) * pb.k_len : nullptr;
+
+  const int64_t k_end = pb.causal ? std::min(pb.k_len, i0 + mq) : pb.k_len;
+  for (int64_t j0 = 0; j0 < k_end; j0 += block_k) {
+    const int64_t nk = std::min(block_k, k_end - j0);
+    auto [k, ldk] = rows_as_float(kb, pb.k_s[2], j0, nk, d, kbuf);
+    auto [v, ldv] = rows_as_float(vb, pb.v_s[2], j0, nk, dv, vbuf);
+    masked_scores(pb, b, h, i0, mq, j0, nk, q, ldq, k, ldk, s, block_k);
+    probabilities(s, mq, nk, block_k, lse, corr);
+    gemm(false, true, mq, nk, dv, 1.f, dout, lddo, v, ldv, 0.f, dp, block_k);
+    score_gradient(pb, bh, i0, mq, j0, nk, s, dp, block_k, delta);
+    if (dscores != nullptr) {
+      for (int64_t r = 0; r < mq; ++r) std::memcpy(dscores + r * pb.k_len + j0, dp + r * block_k, nk * sizeof(float));
+    }
+    gemm(false, false, mq, d, nk, 1.f, dp, block_k, k, ldk, 1.f, dq, d);
+  }
+  if (dscores != nullptr && k_end < pb.k_len) {
+    for (int64_t r = 0; r < mq; ++r) std::fill(dscores + r * pb.k_len + k_end, dscores + (r + 1) * pb.k_len, 0.f);
+  }
+  T* dqb = dq_out + b * bt.dq_s[0] + h * bt.dq_s[1];
+  for (int64_t r = 0; r < mq; ++r) from_float(dq + r * d, pb.scale, dqb + (i0 + r) * bt.dq_s[2], d);
+}
+
+// dQ, dK, dV (and grad_scores) of one whole head in a single sweep: the key blocks outer, dK and dV
+// of the key block in block buffers, the query blocks inner, dQ accumulated in float32 over the
+// key blocks in `dq_acc` (leading dimension ld_dq): the dQ output itself for float32, else a
+// [q_len, head_dim] per-thread buffer. Five GEMMs per tile instead of the seven of the two
+// passes; used when there are enough heads to keep every thread busy.
+template <typename T>
+void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_ptr, const T* k_ptr, const T* v_ptr,
+                        const T* do_ptr, int64_t bh, int64_t block_q, int64_t block_k, float* scratch,
+                        bool dq_in_place, T* dq_out, T* dk_out, T* dv_out) {
+  const int64_t b = bh / pb.heads, h = bh % pb.heads;
+  const int64_t d = pb.d, dv = pb.dv;
+  Carver carve{scratch};
+  float* kbuf = carve.take(block_k * d);
+  float* vbuf = carve.take(block_k * dv);
+  float* qbuf = carve.take(block_q * d);
+  float* dobuf = carve.take(block_q * dv);
+  float* s = carve.take(block_q * block_k);
+  float* dp = carve.take(block_q * block_k);
+  float* dk = carve.take(block_k * d);
+  float* dvacc = carve.take(block_k * dv);
+  T* dqb = dq_out + b * bt.dq_s[0] + h * bt.dq_s[1];
+  float* dq_acc;
+  int64_t ld_dq;
+  if (dq_in_place) {
+    dq_acc = reinterpret_cast<float*>(dqb);  // T is float here
+    ld_dq = bt.dq_s[2];
+  } else {
+    dq_acc = carve.take(pb.q_len * d);
+    ld_dq = std::max<int64_t>(d, 1);
+  }
+  for (int64_t i = 0; i < pb.q_len; ++i) std::fill(dq_acc + i * ld_dq, dq_acc + i * ld_dq + d, 0.f);
+
+  const T* qb = q_ptr + b * pb.q_s[0] + h * pb.q_s[1];
+  const T* dob = do_ptr + b * bt.do_s[0] + h * bt.do_s[1];
+  const T* kb = k_ptr + b * pb.k_s[0] + h * pb.k_s[1];
+  const T* vb = v_ptr + b * pb.v_s[0] + h * pb.v_s[1];
+  const float* lse = bt.lse + bh * pb.q_len;
+  const float* corr = bt.corr + bh * pb.q_len;
+  const float* delta = bt.delta + bh * pb.q_len;
+  float* dscores = bt.dscores != nullptr ? bt.dscores + bh * pb.q_len * pb.k_len : nullptr;
+  T* dkb = dk_out + b * bt.dk_s[0] + h * bt.dk_s[1];
+  T* dvb = dv_out + b * bt.dv_s[0] + h * bt.dv_s[1];
+
+  for (int64_t j0 = 0; j0 < pb.k_len; j0 += block_k) {
+    const int64_t nk = std::min(block_k, pb.k_len - j0);
+    auto [k, ldk] = rows_as_float(kb, pb.k_s[2], j0, nk, d, kbuf);
+    auto [v, ldv] = rows_as_float(vb, pb.v_s[2], j0, nk, dv, vbuf);
+    std::fill(dk, dk + nk * d, 0.f);
+    std::fill(dvacc, dvacc + nk * dv, 0.f);
+    // Causal: queries before the block's first key see none of it (their grad_scores are 0).
+    const int64_t i_begin = pb.causal ? std::min(j0, pb.q_len) : 0;
+    if (dscores != nullptr) {
+      for (int64_t i = 0; i < i_begin; ++i) std::fill(dscores + i * pb.k_len + j0, dscores + i * pb.k_len + j0 + nk, 0.f);
+    }
+    for (int64_t i0 = i_begin; i0 < pb.q_len; i0 += block_q) {
+      const int64_t mq = std::min(block_q, pb.q_len - i0);
+      auto [q, ldq] = rows_as_float(qb, pb.q_s[2], i0, mq, d, qbuf);
+      auto [dout, lddo] = rows_as_float(dob, bt.do_s[2], i0, mq, dv, dobuf);
+      masked_scores(pb, b, h, i0, mq, j0, nk, q, ldq, k, ldk, s, nk);
+      probabilities(s, mq, nk, nk, lse + i0, corr + i0);
+      gemm(false, true, mq, nk, dv, 1.f, dout, lddo, v, ldv, 0.f, dp, nk);
+      score_gradient(pb, bh, i0, mq, j0, nk, s, dp, nk, delta + i0);
+      if (dscores != nullptr) {
+        for (int64_t r = 0; r < mq; ++r) std::memcpy(dscores + (i0 + r) * pb.k_len + j0, dp + r * nk, nk * sizeof(float));
+      }
+      gemm(true, false, nk, dv, mq, 1.f, s, nk, dout, lddo, 1.f, dvacc, dv);
+      gemm(true, false, nk, d, mq, 1.f, dp, nk, q, ldq, 1.f, dk, d);
+      gemm(false, false, mq, d, nk, 1.f, dp, nk, k, ldk, 1.f, dq_acc + i0 * ld_dq, ld_dq);
+    }
+    for (int64_t t = 0; t < nk; ++t) {
+      from_float(dk + t * d, pb.scale, dkb + (j0 + t) * bt.dk_s[2], d);
+      from_float(dvacc + t * dv, 1.f, dvb + (j0 + t) * bt.dv_s[2], dv);
+    }
+  }
+  for (int64_t i = 0; i < pb.q_len; ++i) from_float(dq_acc + i * ld_dq, pb.scale, dqb + i * bt.dq_s[2], d);
+}
+
+void check_like_output(const at::Tensor& t, const char* name, const at::Tensor& query, int64_t dv) {
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == query.size(0) && t.size(1) == query.size(1) && t.size(2) == query.size(2) &&
+                  t.size(3) == dv,
+              name, " must have shape [", query.size(0), ", ", query.size(1), ", ", query.size(2), ", ", dv, "], got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == query.scalar_type(), name, " must have dtype ", query.scalar_type(), ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name, " must have a unit stride along its last dim, got strides ",
+              t.strides());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask, const at::Tensor& out, const at::Tensor& lse, double scale,
+    bool is_causal, double dropout_p, const std::optional<at::Tensor>& seed, bool mask_needs_grad) {
+  const AttnProblem pb = make_problem(query, key, value, attn_mask, scale, is_causal, dropout_p, seed);
+  check_like_output(grad_out, "grad_out", query, pb.dv);
+  check_like_output(out, "out", query, pb.dv);
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == pb.batch && lse.size(1) == pb.heads && lse.size(2) == pb.q_len,
+              "lse must have shape [", pb.batch, ", ", pb.heads, ", ", pb.q_len, "], got ", lse.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK(lse.is_contiguous() && lse.device().is_cpu(), "lse must be a contiguous CPU tensor");
+  TORCH_CHECK(!mask_needs_grad || (attn_mask.has_value() && attn_mask->defined()),
+              "mask_needs_grad is true but attn_mask is None");
+
+  // Gradients take the layout of their inputs (what the registered fake kernel, empty_like,
+  // promises); the kernels write them through their strides.
+  at::Tensor dq = at::empty_like(query);
+  at::Tensor dk = at::empty_like(key);
+  at::Tensor dv = at::empty_like(value);
+  at::Tensor dscores = mask_needs_grad
+                           ? at::empty({pb.batch, pb.heads, pb.q_len, pb.k_len}, query.options().dtype(at::kFloat))
+                           : at::empty({0}, query.options());
+  const int64_t bh_count = pb.bh();
+  if (bh_count == 0) return {dq, dk, dv, dscores};
+
+  at::Tensor stats = at::empty({2, bh_count * pb.q_len}, query.options().dtype(at::kFloat));
+  BwdTensors bt{};
+  for (int i = 0; i < 3; ++i) {
+    bt.do_s[i] = grad_out.stride(i);
+    bt.dq_s[i] = dq.stride(i);
+    bt.dk_s[i] = dk.stride(i);
+    bt.dv_s[i] = dv.stride(i);
+  }
+  bt.lse = lse.const_data_ptr<float>();
+  bt.corr = stats.mutable_data_ptr<float>();
+  bt.delta = bt.corr + bh_count * pb.q_len;
+  bt.dscores = mask_needs_grad ? dscores.mutable_data_ptr<float>() : nullptr;
+
+  // A head per task (one sweep, 5 GEMMs per tile) when the heads alone keep the threads evenly
+  // busy: ceil(heads / threads) sweeps of cost 5 against heads / threads of the two passes' 7.
+  const int64_t threads = at::get_num_threads();
+  const bool per_head = (bh_count + threads - 1) / threads * threads * 5 <= 7 * bh_count;
+  const bool dq_ld_ok = dq.stride(2) >= std::max<int64_t>(pb.d, 1) && dq.stride(2) <= kBlasMax;
+  const int64_t block_q =
+      std::max<int64_t>(1, std::min(per_head ? kBwdQ : query_block(kBwdQ, bh_count, pb.q_len), pb.q_len));
+  const int64_t block_k =
+      std::max<int64_t>(1, std::min(per_head ? kBwdK : query_block(kBwdK, bh_count, pb.k_len), pb.k_len));
+  const int64_t nq = (pb.q_len + block_q - 1) / block_q;
+  const int64_t nk = (pb.k_len + block_k - 1) / block_k;
+  const int64_t tile = Carver::round_up(block_q * block_k);
+  const int64_t scratch_dkdv = Carver::round_up(block_k * pb.d) * 2 + Carver::round_up(block_k * pb.dv) * 2 +
+                               Carver::round_up(block_q * pb.d) + Carver::round_up(block_q * pb.dv) + 2 * tile;
+  const int64_t scratch_dq = Carver::round_up(block_q * pb.d) * 2 + Carver::round_up(block_q * pb.dv) +
+                             Carver::round_up(block_k * pb.d) + Carver::round_up(block_k * pb.dv) + 2 * tile +
+                             Carver::round_up(4 * block_q);
+
+  AT_DISPATCH_V2(query.scalar_type(), "attention_bwd_cpu", AT_WRAP([&] {
+    const scalar_t* qp = query.const_data_ptr<scalar_t>();
+    const scalar_t* kp = key.const_data_ptr<scalar_t>();
+    const scalar_t* vp = value.const_data_ptr<scalar_t>();
+    const scalar_t* dop = grad_out.const_data_ptr<scalar_t>();
+    // Pass 0: the row statistics (corr, delta) per query block.
+    run_tasks(bh_count * nq, scratch_dq, [&](int64_t task, float* buf) {
+      const int64_t bh = pb.causal ? task % bh_count : task / nq;
+      const int64_t qi = pb.causal ? nq - 1 - task / bh_count : task % nq;
+      const int64_t i0 = qi * block_q;
+      attn_bwd_stats_task<scalar_t>(pb, bt, qp, kp, vp, dop, bh, i0, std::min(block_q, pb.q_len - i0), block_k, buf);
+    });
+    scalar_t* dkp = dk.mutable_data_ptr<scalar_t>();
+    scalar_t* dvp = dv.mutable_data_ptr<scalar_t>();
+    scalar_t* dqp = dq.mutable_data_ptr<scalar_t>();
+    if (per_head) {
+      const bool in_place = std::is_same_v<scalar_t, float> && dq_ld_ok;
+      const int64_t scratch_head = scratch_dkdv + (in_place ? 0 : Carver::round_up(pb.q_len * pb.d));
+      run_tasks(bh_count, scratch_head, [&](int64_t bh, float* buf) {
+        attn_bwd_head_task<scalar_t>(pb, bt, qp, kp, vp, dop, bh, block_q, block_k, buf, in_place, dqp, dkp, dvp);
+      });
+      return;
+    }
+    // Pass 1: dK, dV per key block. Causal: the first key blocks are seen by the most queries.
+    run_tasks(bh_count * nk, scratch_dkdv, [&](int64_t task, float* buf) {
+      const int64_t bh = pb.causal ? task % bh_count : task / nk;
+      const int64_t kj = pb.causal ? task / bh_count : task % nk;
+      const int64_t j0 = kj * block_k;
+      attn_bwd_dkdv_task<scalar_t>(pb, bt, qp, kp, vp, dop, bh, j0, std::min(block_k, pb.k_len - j0), block_q, buf,
+                                   dkp, dvp);
+    });
+    // Pass 2: dQ (and grad_scores) per query block.
+    run_tasks(bh_count * nq, scratch_dq, [&](int64_t task, float* buf) {
+      const int64_t bh = pb.causal ? task % bh_count : task / nq;
+      const int64_t qi = pb.causal ? nq - 1 - task / bh_count : task % nq;
+      const int64_t i0 = qi * block_q;
+      attn_bwd_dq_task<scalar_t>(pb, bt, qp, kp, vp, dop, bh, i0, std::min(block_q, pb.q_len - i0), block_k, buf, dqp);
+    });
+  }), at::kFloat, at::kHalf, at::kBFloat16);
+  return {dq, dk, dv, dscores};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax
+
+template <typename T>
+void softmax_fwd_rows(const at::Tensor& input, const MaskView& mask, float scale, bool causal, int64_t begin,
+                      int64_t end, float* work_buf, T* out) {
+  const int64_t dim_b = input.size(1), dim_m = input.size(2), n = input.size(3);
+  const int64_t sa = input.stride(0), sb = input.stride(1), sm = input.stride(2), sn = input.stride(3);
+  const T* x = input.const_data_ptr<T>();
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t i = row % dim_m, ab = row / dim_m, a = ab / dim_b, b = ab % dim_b;
+    const T* xr = x + a * sa + b * sb + i * sm;
+    T* yr = out + row * n;
+    float* w = std::is_same_v<T, float> ? reinterpret_cast<float*>(yr) : work_buf;
+    if (sn == 1) {
+      to_float(xr, w, n);
+    } else {
+      for (int64_t j = 0; j < n; ++j) w[j] = static_cast<float>(xr[j * sn]);
+    }
+    scale_row(w, n, scale);
+    if (mask.kind != MaskKind::kNone) apply_mask(w, n, mask, mask.row(a, b, i), 0);
+    if (causal) apply_causal(w, n, i, 0);
+    const float mx = row_max(w, n);
+    const float total = exp_shift_sum(w, n, mx == -kInf ? 0.f : mx);
+    from_float(w, total == 0.f ? 0.f : 1.f / total, yr, n);
+  }
+}
+
+at::Tensor softmax_fwd_cpu(const at::Tensor& input, const std::optional<at::Tensor>& mask, double scale,
+                           bool is_causal) {
+  TORCH_CHECK(input.dim() == 4, "input must be 4-D [A, B, M, N], got ", input.dim(), " dimensions");
+  TORCH_CHECK(input.device().is_cpu(), "input must be a CPU tensor, got ", input.device());
+  TORCH_CHECK(is_supported_float(input.scalar_type()), "input must be float32, float16 or bfloat16, got ",
+              input.scalar_type());
+  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->device().is_cpu(), "mask must be a CPU tensor, got ", mask->device());
+    TORCH_CHECK(mask->scalar_type() == at::kBool || at::isFloatingType(mask->scalar_type()),
+                "mask must be bool or floating, got ", mask->scalar_type());
+    TORCH_CHECK(mask->sizes() == input.sizes(), "mask must be expanded to the input's shape ", input.sizes(),
+                ", got ", mask->sizes());
+  }
+  at::Tensor out = at::empty(input.sizes(), input.options());
+  const int64_t n = input.size(3);
+  const int64_t rows = input.size(0) * input.size(1) * input.size(2);
+  if (rows == 0 || n == 0) return out;
+  const MaskView mv = make_mask_view(mask);
+  const int64_t grain = std::max<int64_t>(1, 32768 / n);
+  AT_DISPATCH_V2(input.scalar_type(), "softmax_fwd_cpu", AT_WRAP([&] {
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      at::Tensor work;
+      float* wp = nullptr;
+      if constexpr (!std::is_same_v<scalar_t, float>) {
+        work = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+        wp = work.mutable_data_ptr<float>();
+      }
+      softmax_fwd_rows<scalar_t>(input, mv, static_cast<float>(scale), is_causal, begin, end, wp, op);
+    });
+  }), at::kFloat, at::kHalf, at::kBFloat16);
+  return out;
+}
+
+template <typename T>
+void softmax_bwd_rows(const T* dy, const T* y, int64_t n, float scale, int64_t begin, int64_t end, float* buf,
+                      T* dx, T* dscores) {
+  float* fy = buf;
+  float* fdy = buf + n;
+  for (int64_t row = begin; row < end; ++row) {
+    const T* yr = y + row * n;
+    const T* dyr = dy + row * n;
+    const float* py;
+    const float* pdy;
+    if constexpr (std::is_same_v<T, float>) {
+      py = yr;
+      pdy = dyr;
+    } else {
+      to_float(yr, fy, n);
+      to_float(dyr, fdy, n);
+      py = fy;
+      pdy = fdy;
+    }
+    const float dot = dot_row(py, pdy, n, nullptr, nullptr);
+    // g = y * (dy - dot), into the float buffer (fy is free once read: g overwrites it in place).
+    float* g = fy;
+    const fVec dv(dot);
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) (fVec::loadu(py + j) * (fVec::loadu(pdy + j) - dv)).store(g + j);
+    if (j < n) (fVec::loadu(py + j, n - j) * (fVec::loadu(pdy + j, n - j) - dv)).store(g + j, n - j);
+    from_float(g, scale, dx + row * n, n);
+    if (dscores != nullptr) from_float(g, 1.f, dscores + row * n, n);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& output,
+                                                   double scale, bool mask_needs_grad) {
+  TORCH_CHECK(output.dim() >= 1, "output must have at least 1 dimension");
+  TORCH_CHECK(output.device().is_cpu(), "output must be a CPU tensor, got ", output.device());
+  TORCH_CHECK(is_supported_float(output.scalar_type()), "output must be float32, float16 or bfloat16, got ",
+              output.scalar_type());
+  TORCH_CHECK(grad_out.sizes() == output.sizes(), "grad_out must have the shape of output ", output.sizes(), ", got ",
+              grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == output.scalar_type(), "grad_out must have dtype ", output.scalar_type(),
+              ", got ", grad_out.scalar_type());
+  TORCH_CHECK(grad_out.device().is_cpu(), "grad_out must be a CPU tensor, got ", grad_out.device());
+  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  // Rows are read contiguously; a strided argument is copied first (the op's own backward always
+  // passes contiguous tensors).
+  const at::Tensor y = output.contiguous();
+  const at::Tensor dy = grad_out.contiguous();
+  at::Tensor dx = at::empty_like(y, at::MemoryFormat::Contiguous);
+  at::Tensor dscores = mask_needs_grad ? at::empty_like(y, at::MemoryFormat::Contiguous) : at::empty({0}, y.options());
+  const int64_t n = y.size(-1);
+  const int64_t rows = n == 0 ? 0 : y.numel() / n;
+  if (rows == 0) return {dx, dscores};
+  const int64_t grain = std::max<int64_t>(1, 32768 / n);
+  AT_DISPATCH_V2(y.scalar_type(), "softmax_bwd_cpu", AT_WRAP([&] {
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+    scalar_t* dsp = mask_needs_grad ? dscores.mutable_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      at::Tensor buf = at::empty({2 * n}, at::TensorOptions().dtype(at::kFloat));
+      softmax_bwd_rows<scalar_t>(dyp, yp, n, static_cast<float>(scale), begin, end, buf.mutable_data_ptr<float>(),
+                                 dxp, dsp);
+    });
+  }), at::kFloat, at::kHalf, at::kBFloat16);
+  return {dx, dscores};
+}
+
+}  // namespace
+}  // namespace fused_attn
+
+TORCH_LIBRARY_IMPL(fused_attn, CPU, m) {
+  m.impl("attention_fwd", &fused_attn::attention_fwd_cpu);
+  m.impl("attention_bwd", &fused_attn::attention_bwd_cpu);
+  m.impl("softmax_fwd", &fused_attn::softmax_fwd_cpu);
+  m.impl("softmax_bwd", &fused_attn::softmax_bwd_cpu);
+}
