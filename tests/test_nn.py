@@ -118,9 +118,11 @@ def test_multihead_attention_gradients():
 
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
-def test_encoder_layer_matches_torch(norm_first, activation):
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_encoder_layer_matches_torch(norm_first, activation, batch_first):
     torch.manual_seed(3)
-    kwargs = dict(d_model=32, nhead=4, dim_feedforward=64, activation=activation, batch_first=True, norm_first=norm_first)
+    kwargs = dict(d_model=32, nhead=4, dim_feedforward=64, activation=activation, batch_first=batch_first,
+                  norm_first=norm_first)
     plain = nn.TransformerEncoderLayer(**kwargs).eval()
     fused = FusedTransformerEncoderLayer(**kwargs).eval()
     assert list(fused.state_dict()) == list(plain.state_dict())
@@ -136,7 +138,8 @@ def test_encoder_layer_matches_torch(norm_first, activation):
         def forward(self, src):
             return self.layer(src, src_key_padding_mask=pad)
 
-    _module_parity(Wrap(plain), Wrap(fused), {"src": torch.randn(2, 10, 32)}, grad_inputs=("src",))
+    src = torch.randn(2, 10, 32) if batch_first else torch.randn(10, 2, 32)
+    _module_parity(Wrap(plain), Wrap(fused), {"src": src}, grad_inputs=("src",))
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
