@@ -4,8 +4,7 @@
 // partial buffers reduced in a fixed order, and the dropout keep-mask of the shared Philox
 // stream (fused_attn/philox.h) for a block of a row.
 //
-// The same helpers as csrc/cpu/layer_norm.cpp keeps privately (a later clean-up can make it use
-// this header); everything here is inline, in fused_attn::cpu_rows, compiled for one vector ISA.
+// Everything here is inline, in fused_attn::cpu_rows, compiled for one vector ISA.
 #pragma once
 
 #include <algorithm>
