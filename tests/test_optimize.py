@@ -179,3 +179,33 @@ def test_hf_roberta_optimized_matches_unoptimized():
     ids, mask = _batch()
     ids = ids.clamp(min=3)
     assert_model_parity(plain, fused_model, lambda model: model(input_ids=ids, attention_mask=mask).logits)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_hf_bert_optimized_matches_unoptimized_on_gpu(dtype, backend):
+    transformers, config = _hf_config()
+    torch.manual_seed(0)
+    plain = transformers.BertForMaskedLM(config).eval().to("cuda", dtype)
+    fused_model = copy.deepcopy(plain)
+    fused_attn.optimize(fused_model, backend=backend)
+    ids, mask = (t.cuda() for t in _batch())
+    assert_model_parity(plain, fused_model, lambda model: model(input_ids=ids, attention_mask=mask).logits)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_torch_transformer_optimized_on_gpu(dtype):
+    plain = _transformer().to("cuda", dtype)
+    fused_model = copy.deepcopy(plain)
+    fused_attn.optimize(fused_model)
+
+    def run(model):
+        torch.manual_seed(1)
+        src = torch.randn(2, 9, 32, device="cuda", dtype=next(model.parameters()).dtype)
+        tgt = torch.randn(2, 6, 32, device="cuda", dtype=src.dtype)
+        causal = nn.Transformer.generate_square_subsequent_mask(6, device="cuda", dtype=src.dtype)
+        return model(src, tgt, tgt_mask=causal, tgt_is_causal=True)
+
+    assert_model_parity(plain, fused_model, run)
