@@ -61,7 +61,7 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 gpu-check:
 	$(PYTHON) setup.py -q build_ext --inplace
 	$(PYTHON) -m fused_attn info
-	$(PYTHON) benchmarks/gpu_check.py --python $(PYTHON)
+	$(PYTHON) benchmarks/gpu_check.py --python $(PYTHON) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build *.egg-info fused_attn/_C*.so fused_attn/_build_info.json $(VENV)/.built $(VENV)/.installed

@@ -1,8 +1,10 @@
 """`make gpu-check`: every test on the GPU, then the benchmarks, written up as a report.
 
 Meant for a GPU machine without a package registry, after the extension was built in place
-with what is installed there. Writes benchmarks/results/<date>-<gpu>.md and .json; exits
-non-zero when a test failed (the report is written either way).
+with what is installed there. Writes benchmarks/results/<date>-<gpu>[-tag].md and .json; exits
+non-zero when a test failed (the report is written either way). A machine lent for a few
+minutes per command can split the work: `--skip-bench --tag tests`, then
+`--skip-tests --suites attention --tag attention`, and so on.
 """
 
 from __future__ import annotations
@@ -59,12 +61,13 @@ def run_tests(python: str, tmp: Path) -> dict:
     return summary
 
 
-def run_benchmarks(python: str, tmp: Path) -> tuple[list[dict], list[str]]:
+def run_benchmarks(python: str, tmp: Path, suites: list[str]) -> tuple[list[dict], list[str]]:
     records, logs = [], []
-    for dtype, mode in BENCH_RUNS:
-        path = tmp / f"bench-{dtype}-{mode.replace('+', '')}.json"
+    for (dtype, mode), suite in ((run, suite) for run in BENCH_RUNS for suite in suites):
+        path = tmp / f"bench-{suite}-{dtype}-{mode.replace('+', '')}.json"
         code, output = _run(
-            [python, "-m", "fused_attn", "bench", "--device", "cuda", "--dtype", dtype, "--mode", mode, "--json", str(path)],
+            [python, "-m", "fused_attn", "bench", "--suite", suite, "--device", "cuda", "--dtype", dtype,
+             "--mode", mode, "--json", str(path)],
             timeout=900,
         )
         logs.append(output[-6000:])
@@ -81,7 +84,9 @@ def render_markdown(facts: dict, tests: dict, records: list[dict]) -> str:
     lines = [f"# gpu-check: {facts.get('gpu')}", "", f"Date: {facts['date']}  ", f"torch {facts['torch']}, "
              f"CUDA {facts['torch_cuda']}, Triton {facts['triton']}, fused-attn {facts['fused_attn']}", ""]
     lines += ["## Tests", ""]
-    if "tests" in tests:
+    if tests.get("skipped_run"):
+        lines.append("not run in this report")
+    elif "tests" in tests:
         passed = tests["tests"] - tests["failures"] - tests["errors"] - tests["skipped"]
         lines.append(f"{passed} passed, {tests['failures']} failed, {tests['errors']} errors, {tests['skipped']} skipped "
                      f"(pytest exit code {tests['exit_code']})")
@@ -106,6 +111,10 @@ def render_markdown(facts: dict, tests: dict, records: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--skip-tests", action="store_true", help="benchmarks only")
+    parser.add_argument("--skip-bench", action="store_true", help="tests only")
+    parser.add_argument("--suites", default="all", help="comma-separated bench suites (default: all)")
+    parser.add_argument("--tag", default="", help="suffix of the report's file name (e.g. tests, bench)")
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
@@ -116,11 +125,16 @@ def main() -> int:
         print("gpu-check: no CUDA GPU is visible", file=sys.stderr)
         return 2
     facts["date"] = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    from fused_attn.bench.suites import SUITES
+
+    suites = sorted(SUITES) if args.suites == "all" else args.suites.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        tests = run_tests(args.python, Path(tmp))
-        records, bench_logs = run_benchmarks(args.python, Path(tmp))
+        tests = {"exit_code": 0, "skipped_run": True, "failures": [], "tail": ""} if args.skip_tests else run_tests(
+            args.python, Path(tmp)
+        )
+        records, bench_logs = ([], []) if args.skip_bench else run_benchmarks(args.python, Path(tmp), suites)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = f"{datetime.date.today().isoformat()}-{_slug(facts['gpu'])}"
+    stem = f"{datetime.date.today().isoformat()}-{_slug(facts['gpu'])}" + (f"-{args.tag}" if args.tag else "")
     (RESULTS / f"{stem}.json").write_text(
         json.dumps({"facts": facts, "tests": tests, "benchmarks": records, "bench_logs": bench_logs}, indent=2, default=str)
     )
