@@ -58,8 +58,10 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 	$(PY) -m fused_attn info
 	touch $@
 
+# Built against the GPU machine's own torch: its headers may warn where CI's do not, so nvcc
+# warnings stay warnings there.
 gpu-check:
-	$(PYTHON) setup.py -q build_ext --inplace
+	FUSED_ATTN_WERROR=0 $(PYTHON) setup.py -q build_ext --inplace
 	$(PYTHON) -m fused_attn info
 	$(PYTHON) benchmarks/gpu_check.py --python $(PYTHON) $(GPU_CHECK_ARGS)
 
