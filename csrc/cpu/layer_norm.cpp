@@ -108,50 +108,19 @@ void layer_norm_bwd_rows(const scalar_t* dy, const scalar_t* x, const float* mea
                          float* dw_part, float* db_part) {
   constexpr int P = kParts<scalar_t>;
   constexpr int64_t B = kBlock<scalar_t>;
-  constexpr int C = kChains / P;
-  const double inv_n = 1.0 / static_cast<double>(hidden);
   for (int64_t r = begin; r < end; ++r) {
     const scalar_t* dyr = dy + r * hidden;
     const scalar_t* xr = x + r * hidden;
     const fVec mv(mean[r]);
     const fVec rsv(rstd[r]);
 
-    // Pass 1, for grad_input only: the row means that couple its elements.
+    // Pass 1, for grad_input only: the row means that couple its elements, re-centred on
+    // mean(xhat) against the float rounding of the saved mean (see layer_norm_grad_constants).
     fVec c1(0.f), c2(0.f);
     if (dx != nullptr) {
-      RowSum<C, P> g_sum, gx_sum, xhat_sum;
-      for_each_block<B, C>(
-          hidden,
-          [&](int64_t j, int64_t len, int c) C10_ALWAYS_INLINE_ATTRIBUTE {
-            fVec dyv[P], xv[P], wv[P];
-            load_block(dyr + j, len, dyv);  // zero past the row, so g adds nothing there
-            load_block(xr + j, len, xv);
-            load_block(w + j, len, wv);
-            for (int k = 0; k < P; ++k) {
-              fVec xhat = (xv[k] - mv) * rsv;
-              if (len < B) xhat = keep_first(xhat, len - k * kLanes);
-              const fVec g = rounded_product(dyv[k], wv[k]);
-              g_sum.acc[c][k] += g;
-              gx_sum.acc[c][k] = at::vec::fmadd(g, xhat, gx_sum.acc[c][k]);
-              xhat_sum.acc[c][k] += xhat;
-            }
-          },
-          [&] {
-            g_sum.end_segment();
-            gx_sum.end_segment();
-            xhat_sum.end_segment();
-          });
-      // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight, taken with
-      // xhat - mean(xhat) for xhat. The saved mean is rounded to float, which shifts every xhat
-      // by the same offset; the formula does not project that offset out, and rstd (large for
-      // rows of nearly equal values) would amplify it. Re-centring costs only the constants:
-      // mean(g * (xhat - a)) = mean(g * xhat) - a * mean(g) and
-      // g - mean(g) - (xhat - a) * c2 = g - (mean(g) - a * c2) - xhat * c2.
-      const double xhat_mean = xhat_sum.total * inv_n;
-      const double g_mean = g_sum.total * inv_n;
-      const double gx_mean = gx_sum.total * inv_n - xhat_mean * g_mean;
-      c1 = fVec(static_cast<float>(g_mean - xhat_mean * gx_mean));
-      c2 = fVec(static_cast<float>(gx_mean));
+      const auto [k1, k2] = layer_norm_grad_constants(dyr, xr, w, hidden, mean[r], rstd[r]);
+      c1 = fVec(k1);
+      c2 = fVec(k2);
     }
 
     // Pass 2: grad_input and this row's share of grad_weight/grad_bias together, on the row
