@@ -12,7 +12,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
-DEPS := $(TORCH_SPEC) triton pytest pytest-benchmark ninja pybind11 numpy tqdm setuptools wheel transformers
+DEPS := $(TORCH_SPEC) triton pytest pytest-benchmark ninja pybind11 numpy tqdm setuptools wheel transformers matplotlib
 
 NPROC := $(shell nproc 2>/dev/null || echo 2)
 export MAX_JOBS ?= $(NPROC)

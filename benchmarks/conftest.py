@@ -3,9 +3,10 @@ import dataclasses
 import pytest
 import torch
 
+from fused_attn.bench.harness import synchronized
 from fused_attn.bench.suites import Settings
 
-IMPLS = ["torch", "reference", "cpu", "cuda", "triton"]
+IMPLS = ["torch", "reference", "compiled", "cpu", "cuda", "triton"]
 
 
 @pytest.fixture
@@ -30,22 +31,17 @@ def timed(benchmark, device):
 
     def run(fn, extra_info: dict):
         benchmark.extra_info.update(extra_info)
-        if device.type == "cuda":
-            def call():
-                fn()
-                torch.cuda.synchronize(device)
-        else:
-            call = fn
-        return benchmark.pedantic(call, rounds=20 if device.type == "cuda" else 5, iterations=3, warmup_rounds=2)
+        rounds = 20 if device.type == "cuda" else 5
+        return benchmark.pedantic(synchronized(fn, device), rounds=rounds, iterations=3, warmup_rounds=2)
 
     return run
 
 
 def run_case(timed, cases, settings: Settings, impl: str) -> None:
     """Benchmarks ``impl`` on the single case ``cases(settings)`` yields, or skips with the reason."""
-    wanted = None if impl in ("torch", "reference", "torch-flash") else [impl]
+    wanted = [impl] if impl in ("cpu", "cuda", "triton") else None
     (case,) = cases(dataclasses.replace(settings, backends=wanted))
     if impl not in case.impls:
         pytest.skip(case.skipped.get(impl, f"{impl} is not available here"))
-    work = {"flops": case.flops} if case.flops else {"bytes": case.min_bytes}
+    work = {"flops": case.flops} if case.flops else {"tokens": case.tokens} if case.tokens else {"bytes": case.min_bytes}
     timed(case.impls[impl], {**case.shape, **work})

@@ -1,9 +1,21 @@
-"""``fused-attn`` command line (also ``python -m fused_attn``)."""
+"""``fused-attn`` command line (also ``python -m fused_attn``).
+
+    fused-attn info              how the package was built, what this machine offers
+    fused-attn bench ...         fused ops and models against PyTorch, side by side
+    fused-attn profile-memory    peak and per-module memory of a model, plain vs optimize()d
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr and exit status 2 (no usage dump, no traceback)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -24,8 +36,14 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_cli.run(args)
 
 
+def _profile_memory(args: argparse.Namespace) -> int:
+    from .profiling import cli as profile_cli
+
+    return profile_cli.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fused-attn", description=__doc__)
+    parser = _Parser(prog="fused-attn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     info = commands.add_parser("info", help="how the package was built and what this machine offers")
@@ -33,16 +51,29 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_info)
 
     from .bench import cli as bench_cli
+    from .profiling import cli as profile_cli
 
-    bench = commands.add_parser("bench", help="time fused ops against PyTorch, side by side")
+    bench = commands.add_parser("bench", help="time fused ops and models against PyTorch, side by side",
+                                description=bench_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_cli.add_arguments(bench)
     bench.set_defaults(func=_bench)
+
+    profile = commands.add_parser("profile-memory", help="peak and per-module memory, plain vs optimize()d",
+                                  description=profile_cli.__doc__)
+    profile_cli.add_arguments(profile)
+    profile.set_defaults(func=_profile_memory)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .bench.cli import UsageError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"fused-attn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

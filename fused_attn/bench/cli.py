@@ -1,105 +1,256 @@
-"""``fused-attn bench``: runs suites, prints a table, writes JSON."""
+"""``fused-attn bench``: runs suites side by side, prints a table, writes JSON, CSV and a plot.
+
+Without ``--suite`` the run is sized to the device: on a CPU, a small BERT end to end (inference
+and a training step, plain against ``optimize()``d) and the attention's time and memory over
+sequence length; on a GPU, every suite's full sweep.
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
 import json
-import sys
 
 import torch
 
-from .harness import measure
+from .. import backends
+from . import harness
 from .suites import SUITES, Settings
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MODES = ["fwd", "fwd+bwd"]
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
+class UsageError(Exception):
+    """A command-line argument that cannot be served; printed as one line, exit status 2."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    values = [positive_int(v) for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("expected comma-separated positive integers")
+    return values
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here")
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--suite", choices=sorted(SUITES) + ["all"], default="all")
+    parser.add_argument("--suite", choices=sorted(SUITES) + ["all"], default=None,
+                        help="default: sized to the device (see the command's description)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if present")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on cpu, bfloat16 on cuda")
-    parser.add_argument("--batch", type=int, default=None, help="attention/softmax: batch (default: a fixed token count)")
-    parser.add_argument("--heads", type=int, default=None, help="attention/softmax: heads")
-    parser.add_argument("--head-dim", type=int, default=None, help="attention: head dim (default 64)")
-    parser.add_argument("--seq", type=_ints, default=None, help="attention/softmax: comma-separated lengths")
+    parser.add_argument("--batch", type=positive_int, default=None, help="batch (default: a fixed token count)")
+    parser.add_argument("--heads", type=positive_int, default=None, help="attention/softmax: heads")
+    parser.add_argument("--head-dim", type=positive_int, default=None, help="attention: head dim (default 64)")
+    parser.add_argument("--seq", type=positive_ints, default=None, help="attention/softmax/model: comma-separated lengths")
     parser.add_argument("--causal", choices=["both", "true", "false"], default="both", help="attention")
-    parser.add_argument("--rows", type=int, default=None, help="layer_norm: number of rows (tokens)")
-    parser.add_argument("--hidden", type=_ints, default=None, help="layer_norm: comma-separated hidden sizes")
+    parser.add_argument("--rows", type=positive_int, default=None, help="layer_norm/add_layer_norm/ffn: rows (tokens)")
+    parser.add_argument("--hidden", type=positive_ints, default=None, help="layer_norm/add_layer_norm: hidden sizes; ffn: model widths")
+    parser.add_argument("--models", type=str, default=None, help="model suite: comma-separated workloads")
+    parser.add_argument("--layers", type=positive_int, default=None, help="model suite: encoder layers")
     parser.add_argument("--backends", type=str, default=None, help="comma-separated fused backends to include")
-    parser.add_argument("--mode", choices=["fwd", "fwd+bwd"], default="fwd")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per implementation")
+    parser.add_argument("--mode", choices=MODES + ["both"], default=None, help="default: fwd, both for the default run")
+    parser.add_argument("--repeats", type=positive_int, default=None, help="timed calls per implementation")
+    parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     parser.add_argument("--json", type=str, default=None, help="write the records to this path")
+    parser.add_argument("--csv", type=str, default=None, help="write the records to this path as CSV")
+    parser.add_argument("--plot", type=str, default=None, help="write a PNG plot (needs matplotlib) to this path")
 
 
-def _format_table(records: list[dict]) -> str:
-    header = (f"{'suite':<11} {'shape':<26} {'dtype':<9} {'mode':<8} {'impl':<12} {'median ms':>10} {'min ms':>9} "
-              f"{'rate':>14} {'vs torch':>9} {'peak MiB':>9}")
-    lines = [header, "-" * len(header)]
-    for r in records:
-        shape = "x".join(str(v) if not isinstance(v, bool) else ("causal" if v else "full") for v in r["shape"].values())
-        prefix = f"{r['suite']:<11} {shape:<26} {r['dtype']:<9} {r['mode']:<8} {r['impl']:<12}"
-        if "skipped" in r:
-            lines.append(f"{prefix} skipped: {r['skipped']}")
-            continue
-        rate = f"{r['tflops']:.2f} TFLOP/s" if "tflops" in r else f"{r['gbps']:.1f} GB/s"
-        peak = f"{r['peak_mem_bytes'] / 2**20:.1f}" if r["peak_mem_bytes"] is not None else "-"
-        lines.append(
-            f"{prefix} {r['median_ms']:>10.3f} {r['min_ms']:>9.3f} {rate:>14} {r['speedup_vs_eager']:>8.2f}x {peak:>9}"
-        )
-    return "\n".join(lines)
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def _peak_fraction(record: dict, peaks: dict[str, float] | None) -> float | None:
+    if not peaks:
+        return None
+    if "tflops" in record and record["dtype"] in peaks:
+        return record["tflops"] / peaks[record["dtype"]]
+    if "gbps" in record:
+        return record["gbps"] / peaks["gbps"]
+    return None
+
+
+def run_case(case, device: torch.device, repeats: int, step=lambda label: None) -> list[dict]:
+    """Times every implementation of ``case`` and returns one record per implementation."""
+    base = {"suite": case.suite, "device": str(device), "dtype": str(case.dtype).replace("torch.", ""),
+            "mode": case.mode, "shape": case.shape}
+    timings, failed = {}, {}
+    for name, fn in case.impls.items():
+        step(f"{case.suite} {name}")
+        try:
+            timings[name] = harness.measure(fn, device, repeats=repeats, warmup=2 if device.type == "cuda" else 1)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # out of memory, a kernel or a library that refuses the shape
+            failed[name] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    baseline = timings[case.baseline].median_ms if case.baseline in timings else float("nan")
+    peaks = harness.device_peaks(device)
+    records = []
+    for name, t in timings.items():
+        record = {**base, "impl": name, "median_ms": t.median_ms, "min_ms": t.min_ms, "max_ms": t.max_ms,
+                  "speedup_vs_eager": baseline / t.median_ms, "baseline": case.baseline,
+                  "peak_mem_bytes": t.peak_mem_bytes}
+        if case.flops is not None:
+            record["tflops"] = harness.tflops(case.flops, t.median_ms)
+        if case.min_bytes is not None:
+            record["gbps"] = harness.gbps(case.min_bytes, t.median_ms)
+        if case.tokens is not None:
+            record["tokens_per_s"] = case.tokens / (t.median_ms * 1e-3)
+        fraction = _peak_fraction(record, peaks)
+        if fraction is not None:
+            record["peak_fraction"] = fraction
+        records.append(record)
+    records += [{**base, "impl": name, "skipped": why} for name, why in {**case.skipped, **failed}.items()]
+    return records
+
+
+def _plan(args: argparse.Namespace, device: torch.device) -> list[tuple[str, Settings]]:
+    """(suite, settings) pairs to run, in order."""
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    wanted = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
+    if wanted:
+        known = set(backends.BACKENDS)
+        unknown = [b for b in wanted if b not in known]
+        if unknown:
+            raise UsageError(f"--backends: unknown backend {unknown[0]!r}; expected some of {', '.join(sorted(known))}")
+        for name in wanted:
+            reasons = backends.backend_unavailable_reasons(name, device)
+            if reasons:
+                raise UsageError(f"--backends: {name!r} cannot run on {device.type} here: {'; '.join(reasons)}")
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    if models:
+        from .workloads import MODELS
+
+        bad = [m for m in models if m not in MODELS]
+        if bad:
+            raise UsageError(f"--models: unknown model {bad[0]!r}; expected some of {', '.join(MODELS)}")
+    base = Settings(
+        device=device, dtype=dtype, mode="fwd", batch=args.batch, heads=args.heads, head_dim=args.head_dim,
+        seqs=args.seq, rows=args.rows, hiddens=args.hidden,
+        causal=None if args.causal == "both" else [args.causal == "true"], backends=wanted,
+        compile=not args.no_compile, models=models, layers=args.layers,
+    )
+    if args.mode == "both" or (args.mode is None and args.suite is None):
+        modes = MODES
+    else:
+        modes = [args.mode or "fwd"]
+    if args.suite is None and device.type == "cpu":
+        # A newcomer's first run on a CPU, in about two minutes: a small BERT end to end, then
+        # how attention's time and memory grow with the sequence (batch 1, BERT-base heads).
+        plan = [("model", dataclasses.replace(base, mode=m, compile=False)) for m in modes]
+        attention = dataclasses.replace(base, mode="fwd+bwd", compile=False, batch=args.batch or 1, heads=args.heads or 12,
+                                        seqs=args.seq or [256, 512, 1024, 2048], causal=base.causal or [False])
+        return plan + [("attention", attention)]
+    suites = sorted(SUITES) if args.suite in (None, "all") else [args.suite]
+    return [(suite, dataclasses.replace(base, mode=m)) for suite in suites for m in modes]
 
 
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("fused-attn bench: --device cuda but no CUDA device is available", file=sys.stderr)
-        return 2
-    settings = Settings(
-        device=device,
-        dtype=DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")],
-        mode=args.mode,
-        batch=args.batch,
-        heads=args.heads,
-        head_dim=args.head_dim,
-        seqs=args.seq,
-        rows=args.rows,
-        hiddens=args.hidden,
-        causal=None if args.causal == "both" else [args.causal == "true"],
-        backends=args.backends.split(",") if args.backends else None,
-    )
-    repeats = args.repeats or (30 if device.type == "cuda" else 5)
-    suites = sorted(SUITES) if args.suite == "all" else [args.suite]
+    device = resolve_device(args.device)
+    plan = _plan(args, device)
+    repeats = args.repeats or (30 if device.type == "cuda" else 3)
     records: list[dict] = []
-    for suite in suites:
-        for case in SUITES[suite](settings):
-            base = {"suite": case.suite, "device": str(device), "dtype": str(case.dtype).replace("torch.", ""),
-                    "mode": case.mode, "shape": case.shape}
-            timings, failed = {}, {}
-            for name, fn in case.impls.items():
-                try:
-                    timings[name] = measure(fn, device, repeats=repeats)
-                except (RuntimeError, ValueError) as exc:  # e.g. out of memory, a kernel that refuses the shape
-                    failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            eager = timings["torch"].median_ms if "torch" in timings else float("nan")
-            for name, t in timings.items():
-                record = {**base, "impl": name, "median_ms": t.median_ms, "min_ms": t.min_ms, "max_ms": t.max_ms,
-                          "speedup_vs_eager": eager / t.median_ms, "peak_mem_bytes": t.peak_mem_bytes}
-                if case.flops is not None:
-                    record["tflops"] = case.flops / (t.median_ms * 1e9)
-                if case.min_bytes is not None:
-                    record["gbps"] = case.min_bytes / (t.median_ms * 1e6)
-                records.append(record)
-            records += [{**base, "impl": name, "skipped": why} for name, why in {**case.skipped, **failed}.items()]
-            del case, timings
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    print(_format_table(records))
+    with harness.progress(len(plan), "fused-attn bench") as step:
+        for suite, settings in plan:
+            for case in SUITES[suite](settings):
+                records += run_case(case, device, repeats)
+                del case
+            step(f"{suite} {settings.mode}")
+    print(format_table(records))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=2)
         print(f"wrote {len(records)} records to {args.json}")
+    if args.csv:
+        write_csv(records, args.csv)
+        print(f"wrote {args.csv}")
+    if args.plot:
+        from . import plots
+
+        plots.plot_bench(records, args.plot)
+        print(f"wrote {args.plot}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+_SHAPE_KEYS = {"batch": "B", "heads": "H", "seq": "L", "head_dim": "D", "rows": "rows ", "hidden": "N", "tokens": "T",
+               "model": "", "layers": "layers "}
+
+
+def _shape_text(shape: dict) -> str:
+    """``{"batch": 8, "heads": 12, "seq": 512, "causal": True}`` -> ``B8 H12 L512 causal``."""
+    parts = []
+    for key, value in shape.items():
+        if isinstance(value, bool):
+            parts.append("causal" if value else "full")
+        elif value is not None:
+            parts.append(f"{_SHAPE_KEYS.get(key, key + '=')}{value}")
+    return " ".join(parts)
+
+
+def _rate(record: dict) -> str:
+    if "tflops" in record:
+        return f"{record['tflops']:.2f} TFLOP/s"
+    if "gbps" in record:
+        return f"{record['gbps']:.1f} GB/s"
+    if "tokens_per_s" in record:
+        return f"{record['tokens_per_s']:.0f} tok/s"
+    return "-"
+
+
+def format_table(records: list[dict]) -> str:
+    """One line per record; skipped implementations show their reason."""
+    header = (f"{'suite':<14} {'shape':<28} {'dtype':<8} {'mode':<7} {'impl':<12} {'median ms':>10} {'min ms':>9} "
+              f"{'max ms':>9} {'rate':>15} {'% peak':>6} {'speedup':>8} {'peak MiB':>9}")
+    lines = [header, "-" * len(header)]
+    not_run: dict[tuple[str, str, str], int] = {}
+    for r in records:
+        if "skipped" in r:
+            key = (r["suite"], r["impl"], r["skipped"])
+            not_run[key] = not_run.get(key, 0) + 1
+            continue
+        prefix = f"{r['suite']:<14} {_shape_text(r['shape']):<28} {r['dtype']:<8} {r['mode']:<7} {r['impl']:<12}"
+        peak = f"{r['peak_mem_bytes'] / 2**20:.1f}" if r.get("peak_mem_bytes") is not None else "-"
+        fraction = f"{100 * r['peak_fraction']:.0f}" if "peak_fraction" in r else "-"
+        lines.append(
+            f"{prefix} {r['median_ms']:>10.3f} {r['min_ms']:>9.3f} {r['max_ms']:>9.3f} {_rate(r):>15} {fraction:>6} "
+            f"{r['speedup_vs_eager']:>7.2f}x {peak:>9}"
+        )
+    lines.append("speedup: against `torch` (eager PyTorch) for the op suites, against `plain` for the model suite")
+    if not_run:
+        lines.append("not run:")
+        lines += [f"  {suite} {impl} ({count} case{'s' * (count > 1)}): {why}" for (suite, impl, why), count in not_run.items()]
+    return "\n".join(lines)
+
+
+CSV_FIELDS = ["suite", "impl", "device", "dtype", "mode", "shape", "median_ms", "min_ms", "max_ms", "tflops", "gbps",
+              "tokens_per_s", "peak_fraction", "speedup_vs_eager", "baseline", "peak_mem_bytes", "skipped"]
+
+
+def write_csv(records: list[dict], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for r in records:
+            writer.writerow({**r, "shape": json.dumps(r["shape"], sort_keys=False)})

@@ -1,18 +1,181 @@
-"""Timing and memory measurement shared by every suite.
+"""Timing, work counting and memory measurement shared by every benchmark front end.
 
-On CUDA, times come from CUDA events around each call, after warm-up, with the device
-synchronised; on CPU from ``time.perf_counter``. Each repeat is timed on its own so that the
-median, min and max are all reported.
+``fused-attn bench``, ``fused-attn profile-memory`` and the pytest-benchmark suites in
+``benchmarks/`` all go through this module, so there is one definition of a timed call, of the
+work an op does and of the memory it takes.
+
+Time: on CUDA from CUDA events around each call after warm-up (the device synchronised before
+the first and after each one); on CPU from ``time.perf_counter``. Each repeat is timed on its
+own, so the median, min and max are all reported.
+
+Memory is measured, never estimated. On CUDA from the caching allocator's statistics
+(``torch.cuda.max_memory_allocated`` relative to what was allocated before the call). On CPU
+from the allocation events that PyTorch's profiler records for every tensor allocation and free
+(``profile_memory=True``): replaying them in order gives the bytes live at any moment, hence
+the peak of a call, and the bytes live at the markers :class:`MemoryMeter` drops (which is how
+per-module figures are taken). Allocations that bypass PyTorch's allocator (a BLAS library's
+private scratch buffers) are not seen on CPU; every tensor is.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import dataclasses
+import os
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
+
+# ---------------------------------------------------------------------------------------------
+# Work counts
+
+
+def attention_flops(batch: int, heads: int, q_len: int, k_len: int, head_dim: int, *, causal: bool, mode: str) -> float:
+    """The usual count: forward 4*B*H*Lq*Lk*D (two GEMMs), halved when causal; backward 2.5x forward."""
+    forward = 4.0 * batch * heads * q_len * k_len * head_dim * (0.5 if causal else 1.0)
+    return forward * (3.5 if mode == "fwd+bwd" else 1.0)
+
+
+def ffn_flops(tokens: int, model: int, hidden: int, *, mode: str) -> float:
+    """Two GEMMs of 2*T*M*N each; the backward has twice the forward's GEMM work."""
+    return 4.0 * tokens * model * hidden * (3.0 if mode == "fwd+bwd" else 1.0)
+
+
+def tflops(flops: float, ms: float) -> float:
+    return flops / (ms * 1e9)
+
+
+def gbps(moved_bytes: float, ms: float) -> float:
+    return moved_bytes / (ms * 1e6)
+
+
+# Dense tensor-core peaks (TFLOP/s) and memory bandwidth (GB/s) of the GPUs whose figures are
+# published (no sparsity); matched against ``torch.cuda.get_device_name``.
+DEVICE_PEAKS: dict[str, dict[str, float]] = {
+    "H200": {"float16": 989.0, "bfloat16": 989.0, "float32": 494.0, "gbps": 4800.0},
+    "H100 SXM": {"float16": 989.0, "bfloat16": 989.0, "float32": 494.0, "gbps": 3350.0},
+    "H100 PCIe": {"float16": 756.0, "bfloat16": 756.0, "float32": 378.0, "gbps": 2000.0},
+    "H100": {"float16": 989.0, "bfloat16": 989.0, "float32": 494.0, "gbps": 3350.0},
+    "A100": {"float16": 312.0, "bfloat16": 312.0, "float32": 156.0, "gbps": 2039.0},
+}
+
+
+def device_peaks(device: torch.device) -> dict[str, float] | None:
+    """The published peaks of ``device`` (None for a CPU or an unlisted GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in DEVICE_PEAKS.items():
+        if all(part in name for part in key.split()):
+            return peaks
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """The profiler's tracing library writes progress lines to the process's stderr from C++ at
+    start and stop, whatever its log level; they would interleave with the tables."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+class MemoryMeter:
+    """Bytes allocated on ``device`` over a region, with named markers inside it.
+
+    ``with meter: ...`` measures; inside, ``meter.mark(label)`` records the bytes live at that
+    moment. Afterwards ``meter.peak_bytes`` is the highest number of bytes live during the region
+    minus those live at its start, and ``meter.at(label)`` the bytes live at a marker, relative to
+    the same start. CUDA reads the allocator's counters; CPU replays the profiler's allocation
+    events (see the module docstring).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.peak_bytes = 0
+        self._marks: dict[str, int] = {}
+        self._base = 0
+        self._profiler = None
+        self._stack: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> MemoryMeter:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            with _native_stderr_silenced():
+                self._profiler.__enter__()
+        return self
+
+    def mark(self, label: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._marks[label] = torch.cuda.memory_allocated(self.device) - self._base
+        else:
+            with torch.profiler.record_function(_MARK_PREFIX + label):
+                pass
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+            return
+        with _native_stderr_silenced():
+            self._profiler.__exit__(*exc)
+        if exc[0] is None:
+            self._replay(self._profiler.profiler.kineto_results.events())
+        self._profiler = None
+
+    def _replay(self, events) -> None:
+        allocations = sorted(
+            (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type().name == "CPU"
+        )
+        times, live, current, peak = [], [], 0, 0
+        for t, nbytes in allocations:
+            current += nbytes
+            peak = max(peak, current)
+            times.append(t)
+            live.append(current)
+        self.peak_bytes = peak
+        for e in events:
+            if e.name().startswith(_MARK_PREFIX):
+                i = bisect.bisect_right(times, e.start_ns())
+                self._marks[e.name()[len(_MARK_PREFIX):]] = live[i - 1] if i else 0
+
+    def at(self, label: str) -> int:
+        return self._marks[label]
+
+
+_MARK_PREFIX = "fused_attn.memory_mark::"
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated during one call of ``fn`` beyond what was live before it."""
+    with MemoryMeter(device) as meter:
+        fn()
+    return meter.peak_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Time
 
 
 @dataclasses.dataclass
@@ -23,8 +186,29 @@ class Timing:
     peak_mem_bytes: int | None
 
 
-def measure(fn: Callable[[], object], device: torch.device, *, repeats: int, warmup: int = 2) -> Timing:
-    """Runs ``fn`` ``warmup`` times, then times ``repeats`` calls one by one."""
+def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``fn`` followed by a device synchronisation (so that a wall-clock timer counts GPU work)."""
+    if torch.device(device).type != "cuda":
+        return fn
+
+    def call() -> object:
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return call
+
+
+def measure(
+    fn: Callable[[], object], device: torch.device, *, repeats: int, warmup: int = 2, memory: bool = True
+) -> Timing:
+    """Runs ``fn`` ``warmup`` times, then times ``repeats`` calls one by one.
+
+    With ``memory``, the peak memory of one call is measured too: on CUDA over the timed calls
+    themselves; on CPU in one extra, untimed call under the profiler (whose overhead must not
+    reach the times).
+    """
+    device = torch.device(device)
     for _ in range(warmup):
         fn()
     times: list[float] = []
@@ -40,10 +224,28 @@ def measure(fn: Callable[[], object], device: torch.device, *, repeats: int, war
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
-        peak = torch.cuda.max_memory_allocated(device) - base
+        if memory:
+            peak = torch.cuda.max_memory_allocated(device) - base
     else:
         for _ in range(repeats):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+        if memory:
+            peak = peak_memory(fn, device)
     return Timing(statistics.median(times), min(times), max(times), peak)
+
+
+@contextlib.contextmanager
+def progress(total: int, description: str, *, enabled: bool | None = None) -> Iterator[Callable[[str], None]]:
+    """A progress bar on stderr (tqdm; shown only on a terminal unless ``enabled``); yields
+    ``step(label)`` to call once per unit of work."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=description, unit="run", leave=False, disable=None if enabled is None else not enabled) as bar:
+
+        def step(label: str) -> None:
+            bar.set_postfix_str(label, refresh=False)
+            bar.update(1)
+
+        yield step

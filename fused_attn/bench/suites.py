@@ -2,11 +2,16 @@
 
 An implementation is a name and a zero-argument callable that runs the op once (forward, or
 forward and backward). ``torch`` names PyTorch's own implementation, the baseline every
-speed-up is reported against; ``reference`` is the package's plain PyTorch oracle (as a user
-would write it); ``torch-flash`` is PyTorch's FlashAttention backend where it can run; the
-others are the fused backends that can serve the case on this machine. Work is counted as
-FLOPs for attention (forward 4*B*H*Lq*Lk*D, halved when causal; backward 2.5x the forward) and
-as bytes that must cross memory for the memory-bound ops.
+speed-up is reported against (``eager``: as a user would write it with torch's functions);
+``reference`` is the package's plain PyTorch oracle; ``compiled`` is ``torch.compile`` of the
+reference; ``torch-flash`` is PyTorch's FlashAttention backend where it can run; ``copy`` is a
+device copy of as many bytes as a memory-bound op must move (the bandwidth yardstick); the
+fused backends that can serve the case on this machine follow, then other libraries' kernels
+when installed (:mod:`.third_party`). The ``model`` suite compares whole models: ``plain``
+(the baseline), ``optimized`` (``fused_attn.optimize``) and ``compiled``.
+
+Work is counted as FLOPs for attention and the FFN (:func:`.harness.attention_flops`,
+:func:`.harness.ffn_flops`) and as bytes that must cross memory for the memory-bound ops.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import torch.nn.functional as F
 
 import fused_attn
 from fused_attn import backends
+
+from . import harness, third_party, workloads
 
 
 @dataclasses.dataclass
@@ -36,6 +43,9 @@ class Settings:
     hiddens: list[int] | None = None
     causal: list[bool] | None = None
     backends: list[str] | None = None
+    compile: bool = True  # include torch.compile of the reference (compilation is excluded from the times)
+    models: list[str] | None = None  # model suite: which workloads
+    layers: int | None = None  # model suite: encoder layers
 
 
 @dataclasses.dataclass
@@ -48,6 +58,8 @@ class Case:
     skipped: dict[str, str]
     flops: float | None = None  # floating-point operations per call (compute-bound ops)
     min_bytes: int | None = None  # bytes that must cross memory per call (memory-bound ops)
+    tokens: int | None = None  # tokens per call (models)
+    baseline: str = "torch"  # the implementation speed-ups are reported against
 
 
 def _fused_backends(op: str, inputs: backends.Inputs, wanted: list[str] | None) -> tuple[list[str], dict[str, str]]:
@@ -70,6 +82,20 @@ def _runner(forward: Callable[[], torch.Tensor], grad: torch.Tensor | None) -> C
         forward().backward(grad)
 
     return step
+
+
+def _compiled(forward: Callable[[], torch.Tensor], s: Settings) -> Callable[[], torch.Tensor] | None:
+    """``torch.compile`` of the reference computation (None when the settings leave it out)."""
+    return torch.compile(forward, dynamic=False) if s.compile else None
+
+
+def _add_optional(impls: dict, skipped: dict, grad: torch.Tensor | None, adapters) -> None:
+    """Adds the implementations that exist (``compiled``, other libraries) and the reasons of those that do not."""
+    for name, fn in adapters:
+        if isinstance(fn, str):
+            skipped[name] = fn
+        elif fn is not None:
+            impls[name] = _runner(fn, grad)
 
 
 def _copy(moved_bytes: int, like: torch.Tensor) -> Callable[[], object]:
@@ -103,8 +129,10 @@ def layer_norm_cases(s: Settings) -> Iterator[Case]:
             "reference": _runner(lambda: fused_attn.reference.layer_norm(x, (hidden,), w, b), grad),
             "copy": _copy(moved, x),
         }
+        _add_optional(impls, skipped, grad, [("compiled", _compiled(lambda: fused_attn.reference.layer_norm(x, (hidden,), w, b), s))])
         for name in names:
             impls[name] = _runner(lambda name=name: fused_attn.layer_norm(x, (hidden,), w, b, backend=name), grad)
+        _add_optional(impls, skipped, grad, third_party.layer_norm(x, w, b, 1e-5))
         yield Case("layer_norm", {"rows": rows, "hidden": hidden}, s.dtype, s.mode, impls, skipped, min_bytes=moved)
 
 
@@ -141,8 +169,7 @@ def attention_cases(s: Settings) -> Iterator[Case]:
                 for _ in range(3)
             )
             grad = torch.randn_like(q) if training else None
-            fwd_flops = 4.0 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
-            flops = fwd_flops * (3.5 if training else 1.0)
+            flops = harness.attention_flops(batch, heads, seq, seq, head_dim, causal=causal, mode=s.mode)
             inputs = backends.Inputs(
                 s.device, s.dtype, {"head_dim": head_dim, "head_dim_v": head_dim, "dropout": False, "q_len": seq, "k_len": seq}
             )
@@ -156,11 +183,14 @@ def attention_cases(s: Settings) -> Iterator[Case]:
             flash = _torch_flash(q, k, v, causal)
             if flash is not None and s.dtype != torch.float32:
                 impls["torch-flash"] = _runner(flash, grad)
+            reference = lambda: fused_attn.reference.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
+            _add_optional(impls, skipped, grad, [("compiled", _compiled(reference, s))])
             for name in names:
                 impls[name] = _runner(
                     lambda name=name: fused_attn.scaled_dot_product_attention(q, k, v, is_causal=causal, backend=name),
                     grad,
                 )
+            _add_optional(impls, skipped, grad, third_party.attention(q, k, v, causal))
             shape = {"batch": batch, "heads": heads, "seq": seq, "head_dim": head_dim, "causal": causal}
             yield Case("attention", shape, s.dtype, s.mode, impls, skipped, flops=flops)
 
@@ -185,6 +215,7 @@ def softmax_cases(s: Settings) -> Iterator[Case]:
             "torch": _runner(lambda: torch.softmax((x * 0.125).masked_fill(~pad, float("-inf")), -1), grad),
             "reference": _runner(lambda: fused_attn.reference.softmax(x, -1, pad, 0.125), grad),
         }
+        _add_optional(impls, skipped, grad, [("compiled", _compiled(lambda: fused_attn.reference.softmax(x, -1, pad, 0.125), s))])
         for name in names:
             impls[name] = _runner(lambda name=name: fused_attn.softmax(x, -1, pad, 0.125, backend=name), grad)
         yield Case("softmax", {"batch": batch, "heads": heads, "seq": seq}, s.dtype, s.mode, impls, skipped, min_bytes=moved)
@@ -201,14 +232,15 @@ FFN_TOKENS = {"cpu": [512, 2048], "cuda": [4096, 8192, 16384, 32768]}
 def ffn_cases(s: Settings) -> Iterator[Case]:
     training = s.mode == "fwd+bwd"
     p = 0.1 if training else 0.0
-    for model, hidden in FFN_SHAPES:
+    shapes = [(width, 4 * width) for width in s.hiddens] if s.hiddens else FFN_SHAPES
+    for model, hidden in shapes:
         for tokens in [s.rows] if s.rows else FFN_TOKENS[s.device.type]:
             make = lambda *shape, scale=1.0: (torch.randn(*shape, device=s.device) * scale).to(s.dtype).requires_grad_(training)  # noqa: E731
             x = make(tokens, model)
             w1, b1 = make(hidden, model, scale=model**-0.5), make(hidden)
             w2, b2 = make(model, hidden, scale=hidden**-0.5), make(model)
             grad = torch.randn_like(x) if training else None
-            flops = 4.0 * tokens * model * hidden * (3.0 if training else 1.0)
+            flops = harness.ffn_flops(tokens, model, hidden, mode=s.mode)
             names, skipped = _fused_backends("ffn", backends.Inputs(s.device, s.dtype, {"in_features": model}), s.backends)
 
             def eager() -> torch.Tensor:
@@ -219,10 +251,14 @@ def ffn_cases(s: Settings) -> Iterator[Case]:
                 "torch": _runner(eager, grad),
                 "reference": _runner(lambda: fused_attn.reference.ffn(x, w1, b1, w2, b2, "none", p), grad),
             }
+            reference = lambda: fused_attn.reference.ffn(x, w1, b1, w2, b2, "none", p)  # noqa: E731
+            _add_optional(impls, skipped, grad, [("compiled", _compiled(reference, s))])
             for name in names:
                 impls[name] = _runner(
                     lambda name=name: fused_attn.ffn(x, w1, b1, w2, b2, "none", p, backend=name), grad
                 )
+            if not training:  # apex's module has no dropout: comparable in inference only
+                _add_optional(impls, skipped, grad, third_party.ffn(x, w1, b1, w2, b2))
             shape = {"tokens": tokens, "model": model, "hidden": hidden}
             yield Case("ffn", shape, s.dtype, s.mode, impls, skipped, flops=flops)
 
@@ -246,6 +282,8 @@ def add_layer_norm_cases(s: Settings) -> Iterator[Case]:
             "reference": _runner(lambda: fused_attn.reference.add_layer_norm(x, res, w, b, 1e-5, p, ib), grad),
             "copy": _copy(moved, x),
         }
+        reference = lambda: fused_attn.reference.add_layer_norm(x, res, w, b, 1e-5, p, ib)  # noqa: E731
+        _add_optional(impls, skipped, grad, [("compiled", _compiled(reference, s))])
         for name in names:
             impls[name] = _runner(
                 lambda name=name: fused_attn.add_layer_norm(x, res, w, b, 1e-5, p, ib, backend=name), grad
@@ -253,10 +291,72 @@ def add_layer_norm_cases(s: Settings) -> Iterator[Case]:
         yield Case("add_layer_norm", {"rows": rows, "hidden": hidden}, s.dtype, s.mode, impls, skipped, min_bytes=moved)
 
 
+# ---------------------------------------------------------------------------------------------
+# Whole models
+
+# (model, layers, batch, seq) per device: on a CPU a small BERT and two BERT-base layers of
+# Hugging Face's, each a few seconds per training step; on a GPU BERT-base at a usual
+# fine-tuning size, ours and Hugging Face's.
+MODEL_SHAPES = {
+    "cpu": [("bert-mini", None, 8, 256), ("hf-bert", 2, 4, 256)],
+    "cuda": [("bert-base", None, 32, 512), ("hf-bert", None, 32, 512)],
+}
+
+
+def _model_step(model: torch.nn.Module, step: Callable, training: bool) -> Callable[[], object]:
+    if not training:
+        model.eval()
+
+        def infer() -> None:
+            with torch.no_grad():
+                step(model)
+
+        return infer
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def train() -> None:
+        step(model).float().pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return train
+
+
+def model_cases(s: Settings) -> Iterator[Case]:
+    """Reference BERT (and Hugging Face BERT when installed): plain, optimize()d, torch.compile()d.
+
+    ``fwd`` is inference (eval mode, no autograd); ``fwd+bwd`` a training step (dropout on,
+    forward, backward, SGD update).
+    """
+    training = s.mode == "fwd+bwd"
+    shapes = MODEL_SHAPES[s.device.type]
+    if s.models:
+        shapes = [(m, None, 8, 256) for m in s.models]
+    for name, layers, batch, seq in shapes:
+        batch, layers = s.batch or batch, s.layers or layers
+        for seq in s.seqs or [seq]:
+            shape = {"model": name, "layers": layers, "batch": batch, "seq": seq}
+            try:
+                w = workloads.build(name, batch=batch, seq=seq, layers=layers, device=s.device, dtype=s.dtype)
+            except workloads.WorkloadUnavailable as exc:
+                yield Case("model", shape, s.dtype, s.mode, {}, {"plain": str(exc)}, baseline="plain")
+                continue
+            shape["layers"] = w.layers
+            impls = {
+                "plain": _model_step(w.model, w.step, training),
+                "optimized": _model_step(workloads.optimized(w), w.step, training),
+            }
+            if s.compile:
+                impls["compiled"] = _model_step(torch.compile(w.model), w.step, training)
+            yield Case("model", shape, s.dtype, s.mode, impls, {}, tokens=w.tokens, baseline="plain")
+
+
 SUITES: dict[str, Callable[[Settings], Iterator[Case]]] = {
     "add_layer_norm": add_layer_norm_cases,
     "attention": attention_cases,
     "ffn": ffn_cases,
     "layer_norm": layer_norm_cases,
+    "model": model_cases,
     "softmax": softmax_cases,
 }

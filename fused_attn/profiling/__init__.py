@@ -1,0 +1,1 @@
+"""Memory profiling of whole models: ``fused-attn profile-memory``."""

@@ -1,0 +1,100 @@
+"""``fused-attn profile-memory``: peak and per-module memory of a model, plain vs ``optimize()``d."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from ..bench import workloads
+from ..bench.cli import DTYPES, UsageError, positive_int, resolve_device
+from . import memory
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=workloads.MODELS, default="bert-base")
+    parser.add_argument("--layers", type=positive_int, default=1, help="encoder layers (default 1)")
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--seq", type=positive_int, default=2048)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if present")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on cpu, bfloat16 on cuda")
+    parser.add_argument("--mode", choices=["fwd", "fwd+bwd"], default="fwd+bwd")
+    parser.add_argument("--json", type=str, default=None, help="write the measurements to this path")
+    parser.add_argument("--plot", type=str, default=None, help="write a bar plot (PNG) to this path")
+    parser.add_argument("--snapshot", type=str, default=None,
+                        help="CUDA only: write an allocator snapshot (open it at pytorch.org/memory_viz)")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def format_table(result: dict) -> str:
+    plain = {m["name"]: m for m in result["plain"]["modules"]}
+    fused = {m["name"]: m for m in result["fused"]["modules"]}
+    names = list(plain) + [n for n in fused if n not in plain]
+    width = max(len(n) for n in names) + 2
+    header = (f"{'module':<{width}} {'type':<24} {'activation MiB':>16} {'saved for bwd MiB':>18}\n"
+              f"{'':<{width}} {'':<24} {'plain':>8} {'fused':>7} {'plain':>9} {'fused':>8}")
+    lines = [header, "-" * (width + 62)]
+    empty = {"activation_bytes": 0, "saved_bytes": 0}
+    for name in names:
+        p, f = plain.get(name, empty), fused.get(name, empty)
+        kind = (plain.get(name) or fused.get(name))["type"]
+        if name in fused and name in plain and fused[name]["type"] != kind:
+            kind = f"{kind}->{fused[name]['type']}"
+        lines.append(
+            f"{name:<{width}} {kind[:24]:<24} {_mib(p['activation_bytes']):>8} {_mib(f['activation_bytes']):>7} "
+            f"{_mib(p['saved_bytes']):>9} {_mib(f['saved_bytes']):>8}"
+        )
+    lines.append("-" * (width + 62))
+    ratio = result["ratio"]
+    lines.append(
+        f"peak: plain {_mib(result['plain']['peak_bytes'])} MiB, fused {_mib(result['fused']['peak_bytes'])} MiB, "
+        f"fused/plain {ratio:.3f}" if ratio is not None else "peak: nothing was allocated"
+    )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    if args.snapshot and device.type != "cuda":
+        raise UsageError("--snapshot needs --device cuda (the snapshot is the CUDA caching allocator's)")
+    try:
+        workload = workloads.build(args.model, batch=args.batch, seq=args.seq, layers=args.layers, device=device,
+                                   dtype=dtype)
+    except workloads.WorkloadUnavailable as exc:
+        raise UsageError(str(exc)) from None
+    training = args.mode == "fwd+bwd"
+    plain = workload.model.train(training)
+    fused = workloads.optimized(workload).train(training)
+    if args.snapshot:
+        torch.cuda.memory._record_memory_history(max_entries=200_000)
+    profiles = {}
+    for label, model in (("plain", plain), ("fused", fused)):
+        profiles[label] = memory.profile_model(model, workload.step, device, training=training)
+    if args.snapshot:
+        torch.cuda.memory._dump_snapshot(args.snapshot)
+        torch.cuda.memory._record_memory_history(enabled=None)
+    result = {
+        "model": args.model, "layers": workload.layers, "batch": args.batch, "seq": args.seq, "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""), "mode": args.mode,
+        **memory.compare(profiles["plain"], profiles["fused"]),
+    }
+    print(f"{args.model}, {workload.layers} layer(s), batch {args.batch}, seq {args.seq}, {result['dtype']}, "
+          f"{args.mode}, {device}")
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}")
+    if args.plot:
+        from ..bench import plots
+
+        plots.plot_memory(result, args.plot)
+        print(f"wrote {args.plot}")
+    if args.snapshot:
+        print(f"wrote {args.snapshot}")
+    return 0

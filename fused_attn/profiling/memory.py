@@ -1,0 +1,124 @@
+"""Peak and per-module memory of a model, plain against ``optimize()``d, measured in one run.
+
+For each module the profiler reports
+
+* ``activation_bytes``: bytes allocated during the module's forward that are still live when it
+  returns (its output plus what it keeps for backward), summed over its calls, children included;
+* ``saved_bytes``: bytes of the tensors autograd saved for backward while the module was the
+  innermost one running (``self_saved_bytes``) and with its children (``saved_bytes``). Every
+  saved tensor is seen through :func:`torch.autograd.graph.saved_tensors_hooks`; a storage is
+  counted once, however many views of it are saved, and parameters are not counted;
+
+and for the whole step the peak bytes allocated beyond what was live before it (parameters,
+inputs and the optimizer's state are live before; gradients allocated during backward count).
+Bytes come from :class:`fused_attn.bench.harness.MemoryMeter`: CUDA allocator statistics, or on
+CPU the profiler's record of every tensor allocation and free.
+
+Each model runs one untimed warm-up step first, so that one-time allocations (lazy buffers,
+library workspaces) are not charged to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..bench.harness import MemoryMeter
+
+
+@dataclasses.dataclass
+class ModuleMemory:
+    name: str
+    type: str
+    calls: int = 0
+    activation_bytes: int = 0
+    self_saved_bytes: int = 0
+    saved_bytes: int = 0
+
+
+@dataclasses.dataclass
+class MemoryProfile:
+    peak_bytes: int
+    modules: list[ModuleMemory]
+
+    def to_json(self) -> dict:
+        return {"peak_bytes": self.peak_bytes, "modules": [dataclasses.asdict(m) for m in self.modules]}
+
+
+def profile_model(
+    model: nn.Module, step: Callable[[nn.Module], torch.Tensor], device: torch.device, *, training: bool
+) -> MemoryProfile:
+    """Runs ``step(model)`` once to warm up and once measured, and returns what it allocated.
+
+    ``step`` returns the model's output; with ``training`` its sum is back-propagated (the
+    gradients' memory counts in the peak), without it the step runs under ``torch.no_grad``.
+    """
+    device = torch.device(device)
+
+    def run() -> None:
+        with torch.set_grad_enabled(training):
+            out = step(model)
+            if training:
+                out.float().sum().backward()
+
+    run()
+    model.zero_grad(set_to_none=True)
+
+    rows = {name: ModuleMemory(name or "(model)", type(module).__name__) for name, module in model.named_modules()}
+    names = {id(module): name for name, module in model.named_modules()}
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    meter = MemoryMeter(device)
+    running: list[tuple[str, str]] = []  # (module name, marker label) of the forwards in progress
+    finished: list[tuple[str, str]] = []
+    seen_storages: set[int] = set()
+
+    def pre_hook(module: nn.Module, args) -> None:
+        label = str(len(finished) + len(running))
+        running.append((names[id(module)], label))
+        meter.mark(label + ":start")
+
+    def post_hook(module: nn.Module, args, output) -> None:
+        name, label = running.pop()
+        meter.mark(label + ":end")
+        finished.append((name, label))
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if running and storage.nbytes() and key not in param_storages and key not in seen_storages:
+            seen_storages.add(key)
+            rows[running[-1][0]].self_saved_bytes += storage.nbytes()
+        return tensor
+
+    handles = []
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(pre_hook))
+        handles.append(module.register_forward_hook(post_hook, always_call=True))
+    try:
+        with meter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.zero_grad(set_to_none=True)
+
+    for name, label in finished:
+        rows[name].calls += 1
+        rows[name].activation_bytes += meter.at(label + ":end") - meter.at(label + ":start")
+    for name, row in rows.items():
+        row.saved_bytes = sum(
+            r.self_saved_bytes for n, r in rows.items() if n == name or not name or n.startswith(name + ".")
+        )
+    return MemoryProfile(meter.peak_bytes, [r for r in rows.values() if r.calls])
+
+
+def compare(plain: MemoryProfile, fused: MemoryProfile) -> dict:
+    """The JSON document of ``fused-attn profile-memory``."""
+    return {
+        "plain": plain.to_json(),
+        "fused": fused.to_json(),
+        "ratio": fused.peak_bytes / plain.peak_bytes if plain.peak_bytes else None,
+    }

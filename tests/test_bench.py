@@ -1,0 +1,238 @@
+"""The benchmark harness, the memory profiler and both subcommands, on tiny inputs.
+
+No timing is asserted: only that work is counted right, memory is measured right, and the
+commands run end to end and write what they promise.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from fused_attn import cli
+from fused_attn.bench import harness
+from fused_attn.profiling import memory
+
+CPU = torch.device("cpu")
+RECORD_KEYS = {"suite", "impl", "device", "dtype", "mode", "shape", "median_ms", "min_ms", "max_ms",
+               "speedup_vs_eager", "peak_mem_bytes"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Work counts
+
+
+def test_attention_flops_usual_count():
+    assert harness.attention_flops(2, 3, 5, 7, 11, causal=False, mode="fwd") == 4 * 2 * 3 * 5 * 7 * 11
+    assert harness.attention_flops(2, 3, 5, 7, 11, causal=True, mode="fwd") == 2 * 2 * 3 * 5 * 7 * 11
+    assert harness.attention_flops(1, 1, 4, 4, 8, causal=False, mode="fwd+bwd") == 3.5 * 4 * 16 * 8
+
+
+def test_ffn_flops_and_rates():
+    assert harness.ffn_flops(10, 4, 16, mode="fwd") == 2 * (2 * 10 * 4 * 16)
+    assert harness.ffn_flops(10, 4, 16, mode="fwd+bwd") == 3 * harness.ffn_flops(10, 4, 16, mode="fwd")
+    assert harness.tflops(2e12, 1000.0) == pytest.approx(2.0)
+    assert harness.gbps(3e9, 1000.0) == pytest.approx(3.0)
+
+
+def test_device_peaks_unknown_on_cpu():
+    assert harness.device_peaks(CPU) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory accounting
+
+
+def test_memory_meter_replays_allocations_and_frees():
+    with harness.MemoryMeter(CPU) as meter:
+        meter.mark("start")
+        a = torch.empty(1 << 18)  # 1 MiB
+        meter.mark("one")
+        b = torch.empty(1 << 19)  # 2 MiB
+        meter.mark("two")
+        del a
+        meter.mark("freed")
+        del b
+    assert meter.peak_bytes == 3 << 20
+    assert (meter.at("start"), meter.at("one"), meter.at("two"), meter.at("freed")) == (0, 1 << 20, 3 << 20, 2 << 20)
+
+
+def test_peak_memory_of_a_call_excludes_what_was_live_before():
+    x = torch.randn(256, 256)
+
+    def call():
+        y = x @ x  # 256 KiB, freed before z is made
+        del y
+        return torch.empty(128, 256)  # 128 KiB, returned
+
+    assert harness.peak_memory(call, CPU) == 256 * 256 * 4
+
+
+def test_measure_orders_times_and_reports_memory():
+    calls = []
+    t = harness.measure(lambda: calls.append(torch.empty(1024)), CPU, repeats=4, warmup=1)
+    assert len(calls) == 1 + 4 + 1  # warm-up, timed, one profiled
+    assert t.min_ms <= t.median_ms <= t.max_ms
+    assert t.peak_mem_bytes == 4096
+    assert harness.measure(lambda: None, CPU, repeats=2, memory=False).peak_mem_bytes is None
+
+
+class _Saver(nn.Module):
+    """Multiplies by a fresh tensor: autograd saves it (the other operand's gradient needs it)."""
+
+    def forward(self, x):
+        return x * torch.ones_like(x)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(32, 32, bias=False)
+        self.saver = _Saver()
+
+    def forward(self, x):
+        return self.saver(self.linear(x))
+
+
+def test_profile_model_per_module_activation_and_saved_bytes():
+    x = torch.randn(32, 32)
+    result = memory.profile_model(_Net(), lambda m: m(x), CPU, training=True)
+    rows = {m.name: m for m in result.modules}
+    act = 32 * 32 * 4
+    assert rows["linear"].activation_bytes == act  # its output
+    assert rows["linear"].self_saved_bytes == act  # x (the weight is a parameter: not counted)
+    assert rows["saver"].self_saved_bytes == act  # the fresh tensor
+    assert rows["saver"].activation_bytes == 2 * act  # the product and the saved tensor
+    # The linear's output is not saved (the product's gradient needs only the fresh tensor), so it
+    # is freed when the model returns: the product and the fresh tensor stay.
+    assert rows["(model)"].saved_bytes == 2 * act and rows["(model)"].activation_bytes == 2 * act
+    assert result.peak_bytes >= 3 * act  # forward live set; the backward adds gradients
+    inference = memory.profile_model(_Net(), lambda m: m(x), CPU, training=False)
+    assert all(m.saved_bytes == 0 for m in inference.modules)
+
+
+# ---------------------------------------------------------------------------------------------
+# fused-attn bench
+
+
+def _run(args, capsys):
+    code = cli.main(args)
+    return code, capsys.readouterr()
+
+
+def test_bench_attention_json_csv_plot(tmp_path, capsys):
+    out = tmp_path / "a.json"
+    code, captured = _run(
+        ["bench", "--suite", "attention", "--device", "cpu", "--batch", "1", "--heads", "2", "--head-dim", "16",
+         "--seq", "16,32", "--causal", "true", "--mode", "fwd+bwd", "--repeats", "2", "--no-compile",
+         "--json", str(out), "--csv", str(tmp_path / "a.csv"), "--plot", str(tmp_path / "a.png")], capsys)
+    assert code == 0, captured.err
+    records = json.loads(out.read_text())
+    timed = [r for r in records if "skipped" not in r]
+    assert {r["impl"] for r in timed} >= {"torch", "reference", "cpu"}
+    for r in timed:
+        assert RECORD_KEYS <= set(r) and "tflops" in r
+        assert r["suite"] == "attention" and r["mode"] == "fwd+bwd" and r["shape"]["causal"] is True
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["peak_mem_bytes"] > 0
+        assert r["tflops"] == pytest.approx(
+            harness.attention_flops(1, 2, r["shape"]["seq"], r["shape"]["seq"], 16, causal=True, mode="fwd+bwd")
+            / (r["median_ms"] * 1e9))
+    assert {r["impl"] for r in records if "skipped" in r} >= {"cuda", "flash-attn", "xformers"}
+    assert all(isinstance(r["skipped"], str) and r["skipped"] for r in records if "skipped" in r)
+    assert (tmp_path / "a.csv").read_text().startswith("suite,impl,device")
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "not run:" in captured.out and "TFLOP/s" in captured.out
+
+
+@pytest.mark.parametrize("suite, sizes", [
+    ("softmax", ["--batch", "1", "--heads", "2", "--seq", "24"]),
+    ("layer_norm", ["--rows", "16", "--hidden", "40"]),
+    ("add_layer_norm", ["--rows", "16", "--hidden", "40"]),
+    ("ffn", ["--rows", "8", "--hidden", "24"]),
+])
+def test_bench_memory_bound_and_ffn_suites(suite, sizes, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code, captured = _run(["bench", "--suite", suite, "--device", "cpu", "--repeats", "1", "--no-compile",
+                           "--mode", "fwd+bwd", "--json", str(out), *sizes], capsys)
+    assert code == 0, captured.err
+    timed = [r for r in json.loads(out.read_text()) if "skipped" not in r]
+    assert timed and all(RECORD_KEYS <= set(r) for r in timed)
+    rate = "tflops" if suite == "ffn" else "gbps"
+    assert all(r[rate] > 0 for r in timed)
+    assert {r["impl"] for r in timed} >= {"torch", "reference", "cpu"}
+
+
+def test_bench_model_suite_plain_optimized_compiled(tmp_path, capsys):
+    out = tmp_path / "m.json"
+    code, captured = _run(["bench", "--suite", "model", "--models", "bert-tiny", "--device", "cpu", "--batch", "2",
+                           "--seq", "16", "--layers", "1", "--mode", "fwd", "--repeats", "1", "--json", str(out)],
+                          capsys)
+    assert code == 0, captured.err
+    records = json.loads(out.read_text())
+    by_impl = {r["impl"]: r for r in records}
+    assert set(by_impl) == {"plain", "optimized", "compiled"}
+    for r in by_impl.values():
+        assert "skipped" not in r, r
+        assert r["shape"] == {"model": "bert-tiny", "layers": 1, "batch": 2, "seq": 16}
+        assert r["tokens_per_s"] == pytest.approx(32 / (r["median_ms"] * 1e-3))
+    assert by_impl["plain"]["speedup_vs_eager"] == 1.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench", "--suite", "nope"], "invalid choice: 'nope'"),
+    (["bench", "--seq", "0"], "expected a positive integer, got 0"),
+    (["bench", "--seq", "12,abc"], "expected a positive integer, got 'abc'"),
+    (["bench", "--backends", "cuda", "--device", "cpu"], "'cuda' cannot run on cpu here"),
+    (["bench", "--backends", "tpu"], "unknown backend 'tpu'"),
+    (["bench", "--suite", "model", "--models", "gpt"], "unknown model 'gpt'"),
+    (["bench", "--device", "cuda"], "no CUDA device"),
+    (["profile-memory", "--seq", "-3"], "expected a positive integer, got -3"),
+    (["profile-memory", "--device", "cpu", "--snapshot", "x.pickle"], "--snapshot needs --device cuda"),
+])
+def test_bad_arguments_one_line_error(args, message, capsys):
+    if "--device" in args and "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    try:
+        code = cli.main(args)
+    except SystemExit as exc:  # argparse's own checks
+        code = exc.code
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_bad_arguments_from_the_shell_no_traceback():
+    for args in (["bench", "--seq", "x"], ["bench", "--backends", "tpu"]):
+        proc = subprocess.run([sys.executable, "-m", "fused_attn", *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# fused-attn profile-memory
+
+
+def test_profile_memory_end_to_end(tmp_path, capsys):
+    out, png = tmp_path / "p.json", tmp_path / "p.png"
+    code, captured = _run(["profile-memory", "--model", "bert-tiny", "--layers", "1", "--batch", "2", "--seq", "64",
+                           "--device", "cpu", "--json", str(out), "--plot", str(png)], capsys)
+    assert code == 0, captured.err
+    result = json.loads(out.read_text())
+    assert set(result) >= {"plain", "fused", "ratio"}
+    for side in ("plain", "fused"):
+        assert result[side]["peak_bytes"] > 0
+        names = {m["name"] for m in result[side]["modules"]}
+        assert {"(model)", "encoder.layer.0.attention.self"} <= names
+        for m in result[side]["modules"]:
+            assert {"name", "type", "activation_bytes", "saved_bytes"} <= set(m)
+    assert result["ratio"] == pytest.approx(result["fused"]["peak_bytes"] / result["plain"]["peak_bytes"])
+    # The plain attention keeps the [B, H, L, L] probabilities (and dropout mask) for backward; the
+    # fused one keeps q, k, v, the output and the row log-sum-exp.
+    attn = {side: next(m for m in result[side]["modules"] if m["name"] == "encoder.layer.0.attention.self")
+            for side in ("plain", "fused")}
+    assert attn["fused"]["saved_bytes"] < attn["plain"]["saved_bytes"]
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "fused/plain" in captured.out
