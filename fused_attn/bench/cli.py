@@ -92,7 +92,7 @@ def run_case(case, device: torch.device, repeats: int, step=lambda label: None) 
             "mode": case.mode, "shape": case.shape}
     timings, failed = {}, {}
     for name, fn in case.impls.items():
-        step(f"{case.suite} {name}")
+        step(f"{case.suite} {case.mode} {_shape_text(case.shape)} {name}")
         try:
             timings[name] = harness.measure(fn, device, repeats=repeats, warmup=2 if device.type == "cuda" else 1)
         except KeyboardInterrupt:
@@ -168,12 +168,11 @@ def run(args: argparse.Namespace) -> int:
     plan = _plan(args, device)
     repeats = args.repeats or (30 if device.type == "cuda" else 3)
     records: list[dict] = []
-    with harness.progress(len(plan), "fused-attn bench") as step:
+    with harness.progress("fused-attn bench") as step:
         for suite, settings in plan:
             for case in SUITES[suite](settings):
-                records += run_case(case, device, repeats)
+                records += run_case(case, device, repeats, step)
                 del case
-            step(f"{suite} {settings.mode}")
     print(format_table(records))
     if args.json:
         with open(args.json, "w") as f:
@@ -211,11 +210,11 @@ def _shape_text(shape: dict) -> str:
 
 def _rate(record: dict) -> str:
     if "tflops" in record:
-        return f"{record['tflops']:.2f} TFLOP/s"
+        return f"{record['tflops']:.3g} TFLOP/s"
     if "gbps" in record:
-        return f"{record['gbps']:.1f} GB/s"
+        return f"{record['gbps']:.3g} GB/s"
     if "tokens_per_s" in record:
-        return f"{record['tokens_per_s']:.0f} tok/s"
+        return f"{record['tokens_per_s']:.4g} tok/s"
     return "-"
 
 

@@ -237,15 +237,21 @@ def measure(
 
 
 @contextlib.contextmanager
-def progress(total: int, description: str, *, enabled: bool | None = None) -> Iterator[Callable[[str], None]]:
-    """A progress bar on stderr (tqdm; shown only on a terminal unless ``enabled``); yields
-    ``step(label)`` to call once per unit of work."""
+def progress(description: str, total: int | None = None, *, enabled: bool | None = None) -> Iterator[Callable[[str], None]]:
+    """A progress bar on stderr (tqdm; shown only on a terminal unless ``enabled``). Yields
+    ``step(label)``, to call as each unit of work starts: it counts the previous one as done and
+    shows what runs now."""
     from tqdm import tqdm
 
     with tqdm(total=total, desc=description, unit="run", leave=False, disable=None if enabled is None else not enabled) as bar:
+        started = [False]
 
         def step(label: str) -> None:
-            bar.set_postfix_str(label, refresh=False)
-            bar.update(1)
+            if started[0]:
+                bar.update(1)
+            started[0] = True
+            bar.set_postfix_str(label)
 
         yield step
+        if started[0]:
+            bar.update(1)

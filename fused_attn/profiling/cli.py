@@ -9,6 +9,7 @@ import torch
 
 from ..bench import workloads
 from ..bench.cli import DTYPES, UsageError, positive_int, resolve_device
+from ..bench.harness import progress
 from . import memory
 
 
@@ -73,8 +74,10 @@ def run(args: argparse.Namespace) -> int:
     if args.snapshot:
         torch.cuda.memory._record_memory_history(max_entries=200_000)
     profiles = {}
-    for label, model in (("plain", plain), ("fused", fused)):
-        profiles[label] = memory.profile_model(model, workload.step, device, training=training)
+    with progress("fused-attn profile-memory", 2) as step:
+        for label, model in (("plain", plain), ("fused", fused)):
+            step(label)
+            profiles[label] = memory.profile_model(model, workload.step, device, training=training)
     if args.snapshot:
         torch.cuda.memory._dump_snapshot(args.snapshot)
         torch.cuda.memory._record_memory_history(enabled=None)
