@@ -4,7 +4,13 @@ Meant for a GPU machine without a package registry, after the extension was buil
 with what is installed there. Writes benchmarks/results/<date>-<gpu>[-tag].md and .json; exits
 non-zero when a test failed (the report is written either way). A machine lent for a few
 minutes per command can split the work: `--skip-bench --tag tests`, then
-`--skip-tests --suites attention --tag attention`, and so on.
+`--skip-tests --suites attention --tag attention`, and so on. With the tests (unless
+`--skip-sanitizer`), a small attention and softmax forward + backward on the cuda backend also runs
+under compute-sanitizer (memcheck, racecheck); without the tool the report says so and why.
+With the benchmarks (unless `--skip-memory`), `fused-attn profile-memory` of a BERT-base layer at
+seq 4096; each suite's plot and the memory plot are written next to the report as PNGs.
+torch.compile rows are left out unless `--compile` (compiling every case would take the
+machine's whole loan).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,7 +53,7 @@ def run_tests(python: str, tmp: Path) -> dict:
     # the run compiling; the benchmarks autotune.
     env = {"TRITON_INTERPRET": "0", "FUSED_ATTN_TRITON_AUTOTUNE": "0"}
     code, output = _run([python, "-m", "pytest", "tests", "-q", "-rfE", f"--junitxml={junit}"], timeout=1500, env=env)
-    summary = {"exit_code": code, "tail": output[-3000:], "failures": []}
+    summary = {"exit_code": code, "tail": output[-3000:], "failed_tests": []}
     if junit.exists():
         suite = ET.parse(junit).getroot()
         suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
@@ -55,19 +62,19 @@ def run_tests(python: str, tmp: Path) -> dict:
         for case in suite.iter("testcase"):
             problem = case.find("failure") if case.find("failure") is not None else case.find("error")
             if problem is not None:
-                summary["failures"].append(
+                summary["failed_tests"].append(
                     {"test": f"{case.get('classname')}::{case.get('name')}", "message": (problem.get("message") or "")[:500]}
                 )
     return summary
 
 
-def run_benchmarks(python: str, tmp: Path, suites: list[str]) -> tuple[list[dict], list[str]]:
+def run_benchmarks(python: str, tmp: Path, suites: list[str], compile_reference: bool) -> tuple[list[dict], list[str]]:
     records, logs = [], []
     for (dtype, mode), suite in ((run, suite) for run in BENCH_RUNS for suite in suites):
         path = tmp / f"bench-{suite}-{dtype}-{mode.replace('+', '')}.json"
         code, output = _run(
             [python, "-m", "fused_attn", "bench", "--suite", suite, "--device", "cuda", "--dtype", dtype,
-             "--mode", mode, "--json", str(path)],
+             "--mode", mode, "--json", str(path)] + ([] if compile_reference else ["--no-compile"]),
             timeout=900,
         )
         logs.append(output[-6000:])
@@ -76,11 +83,87 @@ def run_benchmarks(python: str, tmp: Path, suites: list[str]) -> tuple[list[dict
     return records, logs
 
 
+# Small cases that reach every code path of the CUDA attention and softmax kernels: cross lengths with
+# partial tiles, causal + bool mask, a float mask with its gradient, dropout, an unaligned head dim
+# (element copies instead of cp.async), the split head dim 256; softmax in a warp and a block per row.
+SANITIZER_SCRIPT = """
+import torch, fused_attn
+from fused_attn import _extension
+assert _extension.has_kernel("attention_fwd", "cuda"), "fused_attn._C has no CUDA attention kernel"
+torch.manual_seed(0)
+def attention(q_len, k_len, head_dim, dtype, **kw):
+    q, k, v = (torch.randn(1, 2, n, head_dim, device="cuda", dtype=dtype, requires_grad=True) for n in (q_len, k_len, k_len))
+    mask = kw.pop("mask", None)
+    fused_attn.scaled_dot_product_attention(q, k, v, mask, backend="cuda", **kw).sum().backward()
+attention(70, 45, 64, torch.float16, mask=torch.rand(1, 1, 70, 45, device="cuda") > 0.2, is_causal=True)
+attention(33, 80, 40, torch.bfloat16, mask=torch.randn(1, 2, 33, 80, device="cuda", dtype=torch.bfloat16, requires_grad=True))
+attention(64, 64, 20, torch.float16, dropout_p=0.3)
+attention(17, 17, 256, torch.bfloat16, is_causal=True)
+for n in (77, 3000, 5000):
+    x = torch.randn(2, 3, 5, n, device="cuda", requires_grad=True)
+    fused_attn.softmax(x, mask=torch.rand(n, device="cuda") > 0.1, scale=0.5, backend="cuda").sum().backward()
+torch.cuda.synchronize()
+print("sanitizer workload done")
+"""
+
+
+def run_memory_profile(python: str, tmp: Path, plot: Path) -> dict:
+    """``fused-attn profile-memory`` of one BERT-base layer at a long sequence, plain vs fused."""
+    path = tmp / "memory.json"
+    code, output = _run(
+        [python, "-m", "fused_attn", "profile-memory", "--model", "bert-base", "--layers", "1", "--batch", "1",
+         "--seq", "4096", "--device", "cuda", "--dtype", "bfloat16", "--mode", "fwd+bwd", "--json", str(path),
+         "--plot", str(plot)],
+        timeout=600,
+    )
+    if code != 0 or not path.exists():
+        return {"failed": output[-3000:]}
+    return {**json.loads(path.read_text()), "plot": plot.name if plot.exists() else None}
+
+
+def write_plots(records: list[dict], stem: str) -> dict[str, str]:
+    """One PNG per suite next to the report: {suite: file name, or why there is none}."""
+    from fused_attn.bench import plots
+
+    made = {}
+    for suite in sorted({r["suite"] for r in records}):
+        path = RESULTS / f"{stem}-{suite}.png"
+        try:
+            plots.plot_bench([r for r in records if r["suite"] == suite], str(path))
+            made[suite] = path.name
+        except Exception as exc:  # e.g. matplotlib missing on the GPU machine: the tables stand alone
+            made[suite] = f"no plot: {type(exc).__name__}: {exc}"
+    return made
+
+
+def run_sanitizer(python: str) -> dict:
+    """memcheck and racecheck of SANITIZER_SCRIPT; {"skipped": why} without compute-sanitizer."""
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    tool = shutil.which("compute-sanitizer")
+    in_toolkit = os.path.join(cuda_home, "bin", "compute-sanitizer")
+    if tool is None and os.path.isfile(in_toolkit):
+        tool = in_toolkit
+    if tool is None:
+        return {"skipped": f"compute-sanitizer not found on PATH or in {cuda_home}/bin"}
+    results = {}
+    for check in ("memcheck", "racecheck"):
+        # Without the caching allocator every tensor is its own allocation, so memcheck sees overruns.
+        code, output = _run(
+            [tool, "--tool", check, "--error-exitcode", "1", python, "-c", SANITIZER_SCRIPT],
+            timeout=900, env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
+        )
+        summary = re.findall(r"ERROR SUMMARY: .*", output)
+        results[check] = {"exit_code": code, "summary": summary[-1] if summary else "", "tail": output[-3000:]}
+    return results
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
-def render_markdown(facts: dict, tests: dict, records: list[dict]) -> str:
+def render_markdown(facts: dict, tests: dict, records: list[dict], sanitizer: dict, plots: dict, memory: dict) -> str:
+    from fused_attn.bench.cli import rate_text, shape_text
+
     lines = [f"# gpu-check: {facts.get('gpu')}", "", f"Date: {facts['date']}  ", f"torch {facts['torch']}, "
              f"CUDA {facts['torch_cuda']}, Triton {facts['triton']}, fused-attn {facts['fused_attn']}", ""]
     lines += ["## Tests", ""]
@@ -92,19 +175,44 @@ def render_markdown(facts: dict, tests: dict, records: list[dict]) -> str:
                      f"(pytest exit code {tests['exit_code']})")
     else:
         lines += ["pytest produced no report:", "", "```", tests["tail"], "```"]
-    for failure in tests["failures"]:
+    for failure in tests["failed_tests"]:
         lines.append(f"- FAILED `{failure['test']}`: {failure['message']}")
-    lines += ["", "## Benchmarks", "", "| suite | shape | dtype | mode | impl | median ms | rate | vs torch | peak MiB |",
-              "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
-    for r in records:
-        shape = "x".join(str(v) for v in r["shape"].values())
-        if "skipped" in r:
-            lines.append(f"| {r['suite']} | {shape} | {r['dtype']} | {r['mode']} | {r['impl']} | skipped: {r['skipped']} | | |")
+    lines += ["", "## compute-sanitizer (cuda backend attention and softmax, fwd + bwd)", ""]
+    if "skipped" in sanitizer:
+        lines.append(f"skipped: {sanitizer['skipped']}")
+    for check, result in sanitizer.items():
+        if check != "skipped":
+            verdict = "clean" if result["exit_code"] == 0 else f"FAILED (exit code {result['exit_code']})"
+            lines.append(f"- {check}: {verdict} {result['summary']}".rstrip())
+    if memory:
+        lines += ["", "## Memory: one BERT-base layer, batch 1, seq 4096, bf16, forward + backward", ""]
+        if "failed" in memory:
+            lines += ["profile-memory failed:", "", "```", memory["failed"], "```"]
         else:
-            rate = f"{r['tflops']:.1f} TFLOP/s" if "tflops" in r else f"{r['gbps']:.0f} GB/s"
-            peak = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r.get("peak_mem_bytes") is not None else "-"
-            lines.append(f"| {r['suite']} | {shape} | {r['dtype']} | {r['mode']} | {r['impl']} | {r['median_ms']:.4f} | "
-                         f"{rate} | {r['speedup_vs_eager']:.2f}x | {peak} |")
+            plain, fused = memory["plain"]["peak_bytes"], memory["fused"]["peak_bytes"]
+            lines.append(f"peak: plain {plain / 2**20:.0f} MiB, fused {fused / 2**20:.0f} MiB, "
+                         f"fused/plain {memory['ratio']:.3f}")
+            if memory.get("plot"):
+                lines += ["", f"![memory]({memory['plot']})"]
+    lines += ["", "## Benchmarks", "", "Speed-up against `torch` (eager PyTorch; `plain` for the model suite), "
+              "rate at the median time, % of the GPU's published dense peak.", ""]
+    for suite, plot in plots.items():
+        lines.append(f"![{suite}]({plot})" if plot.endswith(".png") else f"- {suite}: {plot}")
+    lines += ["", "| suite | shape | dtype | mode | impl | median ms | rate | % peak | speed-up | peak MiB |",
+              "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    not_run: dict[tuple[str, str, str], int] = {}
+    for r in records:
+        if "skipped" in r:
+            key = (r["suite"], r["impl"], r["skipped"])
+            not_run[key] = not_run.get(key, 0) + 1
+            continue
+        peak = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r.get("peak_mem_bytes") is not None else "-"
+        fraction = f"{100 * r['peak_fraction']:.0f}%" if "peak_fraction" in r else "-"
+        lines.append(f"| {r['suite']} | {shape_text(r['shape'])} | {r['dtype']} | {r['mode']} | {r['impl']} | "
+                     f"{r['median_ms']:.4f} | {rate_text(r)} | {fraction} | {r['speedup_vs_eager']:.2f}x | {peak} |")
+    if not_run:
+        lines += ["", "Not run:", ""]
+        lines += [f"- {suite} `{impl}` ({n} case{'s' * (n > 1)}): {why}" for (suite, impl, why), n in not_run.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -113,8 +221,11 @@ def main() -> int:
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--skip-tests", action="store_true", help="benchmarks only")
     parser.add_argument("--skip-bench", action="store_true", help="tests only")
+    parser.add_argument("--skip-sanitizer", action="store_true", help="no compute-sanitizer run")
     parser.add_argument("--suites", default="all", help="comma-separated bench suites (default: all)")
     parser.add_argument("--tag", default="", help="suffix of the report's file name (e.g. tests, bench)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the references (slow)")
+    parser.add_argument("--skip-memory", action="store_true", help="no profile-memory run")
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
@@ -129,18 +240,30 @@ def main() -> int:
 
     suites = sorted(SUITES) if args.suites == "all" else args.suites.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        tests = {"exit_code": 0, "skipped_run": True, "failures": [], "tail": ""} if args.skip_tests else run_tests(
+        tests = {"exit_code": 0, "skipped_run": True, "failed_tests": [], "tail": ""} if args.skip_tests else run_tests(
             args.python, Path(tmp)
         )
-        records, bench_logs = ([], []) if args.skip_bench else run_benchmarks(args.python, Path(tmp), suites)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = f"{datetime.date.today().isoformat()}-{_slug(facts['gpu'])}" + (f"-{args.tag}" if args.tag else "")
+        if args.skip_tests or args.skip_sanitizer:
+            sanitizer = {"skipped": "--skip-tests" if args.skip_tests else "--skip-sanitizer"}
+        else:
+            sanitizer = run_sanitizer(args.python)
+        records, bench_logs = ([], []) if args.skip_bench else run_benchmarks(args.python, Path(tmp), suites, args.compile)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        stem = f"{datetime.date.today().isoformat()}-{_slug(facts['gpu'])}" + (f"-{args.tag}" if args.tag else "")
+        memory = {} if args.skip_bench or args.skip_memory else run_memory_profile(
+            args.python, Path(tmp), RESULTS / f"{stem}-memory.png")
+    plots = write_plots(records, stem)
     (RESULTS / f"{stem}.json").write_text(
-        json.dumps({"facts": facts, "tests": tests, "benchmarks": records, "bench_logs": bench_logs}, indent=2, default=str)
+        json.dumps(
+            {"facts": facts, "tests": tests, "sanitizer": sanitizer, "benchmarks": records, "memory": memory,
+             "plots": plots, "bench_logs": bench_logs},
+            indent=2, default=str,
+        )
     )
-    (RESULTS / f"{stem}.md").write_text(render_markdown(facts, tests, records))
+    (RESULTS / f"{stem}.md").write_text(render_markdown(facts, tests, records, sanitizer, plots, memory))
     print(f"gpu-check: wrote {RESULTS / stem}.md and .json")
-    return 0 if tests.get("exit_code") == 0 else 1
+    sanitizer_failed = any(r["exit_code"] != 0 for c, r in sanitizer.items() if c != "skipped")
+    return 0 if tests.get("exit_code") == 0 and not sanitizer_failed else 1
 
 
 if __name__ == "__main__":

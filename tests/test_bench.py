@@ -236,3 +236,31 @@ def test_profile_memory_end_to_end(tmp_path, capsys):
     assert attn["fused"]["saved_bytes"] < attn["plain"]["saved_bytes"]
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert "fused/plain" in captured.out
+
+
+def test_gpu_check_report_renders_tables_plots_and_memory(tmp_path, monkeypatch):
+    """`make gpu-check` runs where time is scarce: its report writer is exercised here on records
+    like the ones a GPU run makes."""
+    from benchmarks import gpu_check
+
+    monkeypatch.setattr(gpu_check, "RESULTS", tmp_path)
+    shape = {"batch": 4, "heads": 16, "seq": 1024, "head_dim": 64, "causal": False}
+    records = [
+        {"suite": "attention", "impl": impl, "device": "cuda", "dtype": "bfloat16", "mode": "fwd",
+         "shape": {**shape, "seq": seq}, "median_ms": ms, "min_ms": ms, "max_ms": ms, "speedup_vs_eager": 1.0,
+         "peak_mem_bytes": 2**20, "tflops": 100.0 / ms, "peak_fraction": 0.1}
+        for impl, ms in (("torch", 1.0), ("cuda", 0.8)) for seq in (1024, 2048)
+    ] + [{"suite": "attention", "impl": "xformers", "device": "cuda", "dtype": "bfloat16", "mode": "fwd",
+          "shape": shape, "skipped": "not installed (pip install xformers)"}]
+    plots = gpu_check.write_plots(records, "stem")
+    assert plots == {"attention": "stem-attention.png"} and (tmp_path / "stem-attention.png").exists()
+    memory = {"plain": {"peak_bytes": 4 << 20, "modules": []}, "fused": {"peak_bytes": 1 << 20, "modules": []},
+              "ratio": 0.25, "plot": None}
+    facts = {"gpu": "H200", "date": "today", "torch": "2", "torch_cuda": "13", "triton": "3", "fused_attn": "0"}
+    tests = {"exit_code": 1, "tests": 3, "failures": 1, "errors": 0, "skipped": 1, "tail": "",
+             "failed_tests": [{"test": "tests.test_x::test_y", "message": "boom"}]}
+    md = gpu_check.render_markdown(facts, tests, records, {"skipped": "--skip-sanitizer"}, plots, memory)
+    assert "1 passed, 1 failed" in md and "FAILED `tests.test_x::test_y`: boom" in md
+    assert "![attention](stem-attention.png)" in md and "fused/plain 0.250" in md
+    assert "| attention | B4 H16 L2048 D64 full | bfloat16 | fwd | cuda |" in md and "10%" in md
+    assert "attention `xformers` (1 case): not installed" in md

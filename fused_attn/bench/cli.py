@@ -92,7 +92,7 @@ def run_case(case, device: torch.device, repeats: int, step=lambda label: None) 
             "mode": case.mode, "shape": case.shape}
     timings, failed = {}, {}
     for name, fn in case.impls.items():
-        step(f"{case.suite} {case.mode} {_shape_text(case.shape)} {name}")
+        step(f"{case.suite} {case.mode} {shape_text(case.shape)} {name}")
         try:
             timings[name] = harness.measure(fn, device, repeats=repeats, warmup=2 if device.type == "cuda" else 1)
         except KeyboardInterrupt:
@@ -197,7 +197,7 @@ _SHAPE_KEYS = {"batch": "B", "heads": "H", "seq": "L", "head_dim": "D", "rows": 
                "model": "", "layers": "layers "}
 
 
-def _shape_text(shape: dict) -> str:
+def shape_text(shape: dict) -> str:
     """``{"batch": 8, "heads": 12, "seq": 512, "causal": True}`` -> ``B8 H12 L512 causal``."""
     parts = []
     for key, value in shape.items():
@@ -208,7 +208,7 @@ def _shape_text(shape: dict) -> str:
     return " ".join(parts)
 
 
-def _rate(record: dict) -> str:
+def rate_text(record: dict) -> str:
     if "tflops" in record:
         return f"{record['tflops']:.3g} TFLOP/s"
     if "gbps" in record:
@@ -229,11 +229,11 @@ def format_table(records: list[dict]) -> str:
             key = (r["suite"], r["impl"], r["skipped"])
             not_run[key] = not_run.get(key, 0) + 1
             continue
-        prefix = f"{r['suite']:<14} {_shape_text(r['shape']):<28} {r['dtype']:<8} {r['mode']:<7} {r['impl']:<12}"
+        prefix = f"{r['suite']:<14} {shape_text(r['shape']):<28} {r['dtype']:<8} {r['mode']:<7} {r['impl']:<12}"
         peak = f"{r['peak_mem_bytes'] / 2**20:.1f}" if r.get("peak_mem_bytes") is not None else "-"
         fraction = f"{100 * r['peak_fraction']:.0f}" if "peak_fraction" in r else "-"
         lines.append(
-            f"{prefix} {r['median_ms']:>10.3f} {r['min_ms']:>9.3f} {r['max_ms']:>9.3f} {_rate(r):>15} {fraction:>6} "
+            f"{prefix} {r['median_ms']:>10.3f} {r['min_ms']:>9.3f} {r['max_ms']:>9.3f} {rate_text(r):>15} {fraction:>6} "
             f"{r['speedup_vs_eager']:>7.2f}x {peak:>9}"
         )
     lines.append("speedup: against `torch` (eager PyTorch) for the op suites, against `plain` for the model suite")

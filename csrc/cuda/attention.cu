@@ -1,0 +1,1484 @@
+// CUDA kernels of fused_attn::attention_fwd / attention_bwd and softmax_fwd / softmax_bwd (schemas and
+// the conventions every backend shares in csrc/ops.cpp; csrc/cpu/attention.cpp and the Triton kernels in
+// fused_attn/kernels/triton are their semantic twins).
+//
+// Attention is FlashAttention-2 on tensor cores (mma.sync.m16n8k16, fp16/bf16 operands, fp32
+// accumulation, inline PTX; sm80 and newer). fp32 inputs are not served here: the policy sends them to
+// the Triton kernels (fused_attn/ops/attention.py declares this backend fp16/bf16 only, sm >= 8.0).
+//
+// Tiling. Every kernel runs 4 warps (128 threads) and every warp owns 16 rows of its block's tile, so
+// all row statistics (max, sum, lse, delta) live in the registers of the 4 lanes of a quad that hold a
+// row's mma fragments and are reduced with two shuffles, never through shared memory.
+//  * forward: one block per (batch*head, 64 queries). Q [64 x D] sits in shared memory; K and V are
+//    streamed through shared memory a key tile at a time (64 keys for D <= 64, 32 above: 40-52 KB of
+//    shared memory per block up to D = 128, so that several blocks share an SM). S = Q K^T and
+//    O += P V are warp-level products on tensor cores: A operands come from shared memory by ldmatrix
+//    (Q) or straight from the S accumulators re-packed to fp16/bf16 (P, the FA2 register reuse), B
+//    operands by ldmatrix (.trans for V). Online softmax in fp32 registers in log2 units (log2(e) folded
+//    into the scale, exp2), the running row sum kept per lane and reduced over the quad once at the end.
+//    Writes O and lse (natural log; +inf for a row that sees no key, whose output is 0).
+//  * backward, three kernels: delta = rowsum(dO * O) in fp32 (a warp per row); dK/dV with one block per
+//    (batch*head, 64 keys), each warp owning 16 keys, streaming query tiles (64 queries for D <= 64, 32
+//    above) and forming S^T = K Q^T, dP^T = V dO^T directly transposed so that dV += P^T dO and
+//    dK += dS^T Q reuse the accumulators as A operands; dQ with one block per (batch*head, 64 queries)
+//    streaming key tiles as the forward does, dQ += dS K, and, when a floating mask needs its gradient,
+//    dS written to grad_scores (float32, zero-initialised so causally skipped tiles read 0).
+//    dQ is a separate pass rather than fp32 atomics from the dK/dV kernel: it recomputes Q K^T and
+//    dO V^T once more (7 instead of 5 tile products), but every gradient is written by exactly one
+//    block in a fixed order, so results are bitwise deterministic (the tests demand equal gradients
+//    from equal calls), need no zero-initialised fp32 dQ buffer and no conversion pass, and the dQ
+//    pass is also where grad_scores is formed.
+//  * head dims: kernels are instantiated for padded head dims 32, 64, 96, 128 and 256; any head dim up
+//    to 256 (query/key D and value Dv may differ) runs in the smallest that holds max(D, Dv), the
+//    columns past D / Dv loaded as zeros and never stored. Accumulators wider than 128 columns would
+//    not fit in registers, so for 256 the grid has a second dimension of two column halves of the
+//    output (O, dK/dV, dQ): each half recomputes the scores, which are identical bits in both.
+//
+// Shared memory. Row-major tiles with rows padded by 8 elements (16 bytes): the row pitch is then an odd
+// number of 16-byte units for every head dim here, which puts the 8 rows an ldmatrix phase reads into 8
+// distinct 16-byte bank groups (conflict-free), and every row stays 16-byte aligned for cp.async. Forward: Q [64][D+8], K [2][BN][D+8],
+// V [2][BN][Dc+8] (Dc: the column half of V a block needs). dK/dV: K, V [64][D+8], Q, dO [2][BM][D+8].
+// dQ: Q, dO [64][D+8], K, V [2][BN][D+8]. Up to D = 128 no kernel needs more than 70 KB; at D = 256 the
+// backward takes 135 KB: fine on sm80 and sm90, beyond the 99 KB of sm86/sm89, where the launcher
+// refuses with a message naming the triton backend.
+//
+// Pipeline. Double buffering with cp.async (16-byte copies, zero-filling rows past the sequence end
+// and columns past the head dim): the copy of tile t + 1 is issued before tile t is computed, one
+// commit group per tile, cp.async.wait_group 1 plus a barrier before use and a barrier after it
+// before the buffer is refilled. Inputs whose rows are not 16-byte aligned (head dim not a multiple
+// of 8, odd strides, offset views) take the same path with plain element copies instead.
+//
+// Masks are read from global memory through their [B, H, Lq, Lk] strides (zero = broadcast), bool (True
+// = attend) or any floating dtype (added to the scores). Causal is top-left (query i sees keys j <= i):
+// key tiles past a query tile's last row are never visited (and query tiles before a key tile's first
+// key, in the dK/dV kernel); only the tiles that straddle the diagonal, cross a sequence end, or have a
+// mask pay the per-element pass.
+//
+// Dropout regenerates the shared Philox4x32-10 stream (fused_attn/philox.h) per element, counter
+// (bh * Lq + i) * Lk + j, so the forward, both backward kernels and every other backend draw the same
+// keep-mask from the seed: the row sum takes the undropped P, P V takes P * keep / (1 - p); the
+// backward drops dP where P was dropped and dV takes the dropped P.
+//
+// Limits: sm80+, fp16/bf16, head dims up to 256, sequence lengths below 2^31, batch*heads*tiles below
+// 2^31 blocks.
+//
+// Softmax (softmax(input * scale + mask) over the last dim, any strides, mask through its strides):
+// fp32 math, a warp per row for rows of up to 1024 elements (4 rows per 128-thread block), a 512-thread
+// block per row above; rows of up to 32 (warp) or 8 (block) elements per thread stay in registers,
+// longer ones are re-read for each pass (max, sum, write) instead of being cached. The backward is
+// dx = scale * y * (dy - sum(dy * y)) with the same row mapping; every sum is a fixed butterfly, so
+// both are deterministic.
+#include <ATen/Dispatch_v2.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+#include "fused_attn/checks.h"
+#include "fused_attn/cuda_utils.cuh"
+#include "fused_attn/philox.h"
+
+// The tensor-core, ldmatrix and cp.async instructions need sm80; device code for older targets (only
+// built when TORCH_CUDA_ARCH_LIST asks for them) compiles to a trap, and the launcher refuses them.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define FUSED_ATTN_SM80 1
+#else
+#define FUSED_ATTN_SM80 0
+#endif
+
+namespace fused_attn {
+namespace {
+
+using cuda_utils::kFullWarpMask;
+using cuda_utils::kWarpSize;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------------------------------------
+// Element types: 16-bit storage moved as raw bits; conversions and the mma flavour per dtype.
+
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<at::Half> {
+  static __device__ __forceinline__ float to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
+  static __device__ __forceinline__ uint16_t from_float(float x) { return __half_as_ushort(__float2half_rn(x)); }
+  // Two floats as one register of an mma operand: lo in the low half (the lower column).
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    return static_cast<uint32_t>(from_float(lo)) | (static_cast<uint32_t>(from_float(hi)) << 16);
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if FUSED_ATTN_SM80
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+  }
+};
+
+template <>
+struct Elem<at::BFloat16> {
+  static __device__ __forceinline__ float to_float(uint16_t bits) {
+    return __bfloat162float(__ushort_as_bfloat16(bits));
+  }
+  static __device__ __forceinline__ uint16_t from_float(float x) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    return static_cast<uint32_t>(from_float(lo)) | (static_cast<uint32_t>(from_float(hi)) << 16);
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if FUSED_ATTN_SM80
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+  }
+};
+
+// Loads element `i` of a fp16/bf16/fp32 array as float (softmax: any of the three).
+template <typename T>
+__device__ __forceinline__ float load_float(const T* p, int64_t i) {
+  if constexpr (std::is_same_v<T, float>) {
+    return p[i];
+  } else {
+    return Elem<T>::to_float(reinterpret_cast<const uint16_t*>(p)[i]);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_float(T* p, int64_t i, float x) {
+  if constexpr (std::is_same_v<T, float>) {
+    p[i] = x;
+  } else {
+    reinterpret_cast<uint16_t*>(p)[i] = Elem<T>::from_float(x);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// PTX wrappers: shared-memory matrix loads, asynchronous copies.
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 b16 matrices; lane l gives the row address of matrix l / 8, row l % 8, and receives
+// element (l / 4, 2 * (l % 4) + {0, 1}) of each matrix in r[0..3] (.trans: element (2 * (l % 4) + {0, 1},
+// l / 4), i.e. of the transposed matrix).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+#if FUSED_ATTN_SM80
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#else
+  r[0] = r[1] = r[2] = r[3] = addr;
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+#if FUSED_ATTN_SM80
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#else
+  r[0] = r[1] = r[2] = r[3] = addr;
+  __trap();
+#endif
+}
+
+// 16 bytes global -> shared, bypassing L1; valid == false writes 16 zero bytes (src is not read).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+#if FUSED_ATTN_SM80
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+#else
+  (void)dst;
+  (void)src;
+  (void)valid;
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if FUSED_ATTN_SM80
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most one commit group (the most recent) is still in flight.
+__device__ __forceinline__ void cp_async_wait_all_but_one() {
+#if FUSED_ATTN_SM80
+  asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Warp-level tile products. A warp computes a 16-row strip; acc[nb][0..3] is the m16n8 accumulator
+// of columns [8 nb, 8 nb + 8): lane l holds rows l / 4 (elements 0, 1) and l / 4 + 8 (2, 3), columns
+// 2 * (l % 4) + {0, 1}.
+
+// acc += A B^T. A: 16 rows of a shared row-major tile at a_base (pitch a_pitch bytes), kK columns;
+// B: NB * 8 rows of a shared row-major tile at b_base ([n][k], pitch b_pitch), kK columns.
+template <typename T, int NB, int kK>
+__device__ __forceinline__ void warp_gemm_abt(float (&acc)[NB][4], uint32_t a_base, int a_pitch, uint32_t b_base,
+                                              int b_pitch) {
+  static_assert(NB % 2 == 0 && kK % 16 == 0, "tile shapes must be whole mma steps");
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  // A: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15).
+  const uint32_t a_addr = a_base + (lane & 15) * a_pitch + (lane >> 4) * 16;
+  // B: matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
+  const uint32_t b_addr = b_base + ((lane & 7) + ((lane >> 4) << 3)) * b_pitch + ((lane >> 3) & 1) * 16;
+#pragma unroll
+  for (int k = 0; k < kK / 16; ++k) {
+    uint32_t a[4];
+    ldmatrix_x4(a, a_addr + k * 32);
+#pragma unroll
+    for (int nb = 0; nb < NB; nb += 2) {
+      uint32_t b[4];
+      ldmatrix_x4(b, b_addr + nb * 8 * b_pitch + k * 32);
+      Elem<T>::mma(acc[nb], a, b[0], b[1]);
+      Elem<T>::mma(acc[nb + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc += A B. A: KB k-steps of register fragments (see to_a_fragments); B: a shared row-major tile at
+// b_base ([k][n], pitch b_pitch), KB * 16 rows, NB * 8 columns, read transposed by ldmatrix.trans.
+template <typename T, int NB, int KB>
+__device__ __forceinline__ void warp_gemm_ab(float (&acc)[NB][4], const uint32_t (&a)[KB][4], uint32_t b_base,
+                                             int b_pitch) {
+  static_assert(NB % 2 == 0, "tile shapes must be whole mma steps");
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  // Matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15).
+  const uint32_t b_addr = b_base + ((lane & 7) + (((lane >> 3) & 1) << 3)) * b_pitch + (lane >> 4) * 16;
+#pragma unroll
+  for (int kb = 0; kb < KB; ++kb) {
+#pragma unroll
+    for (int nb = 0; nb < NB; nb += 2) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, b_addr + kb * 16 * b_pitch + nb * 16);
+      Elem<T>::mma(acc[nb], a[kb], b[0], b[1]);
+      Elem<T>::mma(acc[nb + 1], a[kb], b[2], b[3]);
+    }
+  }
+}
+
+// The 16 x (8 NB) accumulator rounded to T as A operands of NB / 2 k-steps: columns 16 kb .. 16 kb + 15
+// are accumulator blocks 2 kb and 2 kb + 1, whose lane layout is exactly the A fragment's.
+template <typename T, int NB>
+__device__ __forceinline__ void to_a_fragments(const float (&acc)[NB][4], uint32_t (&a)[NB / 2][4]) {
+#pragma unroll
+  for (int kb = 0; kb < NB / 2; ++kb) {
+    a[kb][0] = Elem<T>::pack(acc[2 * kb][0], acc[2 * kb][1]);
+    a[kb][1] = Elem<T>::pack(acc[2 * kb][2], acc[2 * kb][3]);
+    a[kb][2] = Elem<T>::pack(acc[2 * kb + 1][0], acc[2 * kb + 1][1]);
+    a[kb][3] = Elem<T>::pack(acc[2 * kb + 1][2], acc[2 * kb + 1][3]);
+  }
+}
+
+template <int NB>
+__device__ __forceinline__ void zero(float (&acc)[NB][4]) {
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nb][e] = 0.f;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Problem description shared by the attention kernels.
+
+enum MaskKind : int { kMaskNone = 0, kMaskBool, kMaskFloat, kMaskHalf, kMaskBFloat16, kMaskDouble };
+
+struct MaskArgs {
+  const void* data = nullptr;
+  int kind = kMaskNone;
+  int64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;  // strides (elements) of the mask expanded to 4-D
+};
+
+// The additive value of mask element `offset` in natural units: -inf where a bool mask hides it.
+__device__ __forceinline__ float mask_value(const MaskArgs& m, int64_t offset) {
+  switch (m.kind) {
+    case kMaskBool: return static_cast<const uint8_t*>(m.data)[offset] != 0 ? 0.f : -kInf;
+    case kMaskFloat: return static_cast<const float*>(m.data)[offset];
+    case kMaskHalf: return __half2float(static_cast<const __half*>(m.data)[offset]);
+    case kMaskBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(m.data)[offset]);
+    case kMaskDouble: return static_cast<float>(static_cast<const double*>(m.data)[offset]);
+    default: return 0.f;
+  }
+}
+
+struct AttnParams {
+  const uint16_t* q;
+  const uint16_t* k;
+  const uint16_t* v;
+  int64_t q_s[3], k_s[3], v_s[3];  // strides (elements) of batch, head, row
+  MaskArgs mask;
+  int heads, q_len, k_len, d, dv;
+  int num_tiles;  // tiles of the sequence a block owns a tile of (queries, or keys for dK/dV)
+  float scale;       // natural-log units
+  float scale_log2;  // scale * log2(e)
+  bool causal;
+  bool vec;  // every row of Q, K, V (and dO) 16-byte aligned: cp.async path
+  bool dropout;
+  float dropout_p, inv_keep;
+  uint64_t seed;
+};
+
+struct FwdParams : AttnParams {
+  uint16_t* out;  // [B, H, Lq, Dv] contiguous
+  float* lse;     // [B * H * Lq]
+};
+
+struct BwdParams : AttnParams {
+  const uint16_t* dout;
+  int64_t do_s[3];
+  const float* lse;    // [B * H * Lq], natural log
+  const float* delta;  // [B * H * Lq], rowsum(dO * O)
+  uint16_t* dq;
+  uint16_t* dk;
+  uint16_t* dv_out;
+  int64_t dq_s[3], dk_s[3], dv_s[3];
+  float* dscores;  // [B, H, Lq, Lk] or null
+};
+
+constexpr int kThreads = 128;  // 4 warps, 16 rows each
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kRowsPerBlock = 16 * kWarps;
+
+// Output columns a block accumulates: the whole padded head dim up to 128, else halves of it.
+constexpr int out_cols(int head_dim) { return head_dim > 128 ? 128 : head_dim; }
+// Streamed tile length (keys in the forward and dQ, queries in dK/dV): at most 70 KB of shared memory
+// per block up to head dim 128.
+constexpr int stream_rows(int head_dim) { return head_dim <= 64 ? 64 : 32; }
+
+// Copies rows [row0, row0 + kRows) x columns [col0, col0 + kCols) of a row-major matrix (row pitch
+// `ld` elements) to shared rows of kPitch elements; rows >= nrows and columns >= ncols read as zero.
+template <int kRows, int kCols, int kPitch>
+__device__ __forceinline__ void load_tile(uint16_t* smem, const uint16_t* gmem, int64_t ld, int row0, int nrows,
+                                          int col0, int ncols, bool vec) {
+  if (vec) {
+    constexpr int kChunks = kCols / 8;
+    for (int idx = static_cast<int>(threadIdx.x); idx < kRows * kChunks; idx += kThreads) {
+      const int r = idx / kChunks;
+      const int c = (idx % kChunks) * 8;
+      // The vector path needs ncols % 8 == 0, so a chunk is wholly inside or wholly outside.
+      const bool valid = row0 + r < nrows && col0 + c < ncols;
+      const uint16_t* src = valid ? gmem + static_cast<int64_t>(row0 + r) * ld + col0 + c : gmem;
+      cp_async_16(smem_addr(smem + r * kPitch + c), src, valid);
+    }
+  } else {
+    for (int idx = static_cast<int>(threadIdx.x); idx < kRows * kCols; idx += kThreads) {
+      const int r = idx / kCols;
+      const int c = idx % kCols;
+      const bool valid = row0 + r < nrows && col0 + c < ncols;
+      smem[r * kPitch + c] = valid ? gmem[static_cast<int64_t>(row0 + r) * ld + col0 + c] : uint16_t{0};
+    }
+  }
+}
+
+// Calls f(x, i, j) for every element x of a warp's 16 x (8 NB) accumulator tile whose rows start at
+// row0 and columns at col0, with (i, j) its (query, key): rows are queries (rows_are_queries) or keys
+// (the dK/dV kernel's transposed tiles).
+template <int NB, typename F>
+__device__ __forceinline__ void for_each_element(float (&acc)[NB][4], int row0, int col0, bool rows_are_queries,
+                                                 const F& f) {
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = row0 + (lane >> 2) + (e >> 1) * 8;
+      const int c = col0 + nb * 8 + (lane & 3) * 2 + (e & 1);
+      f(acc[nb][e], rows_are_queries ? r : c, rows_are_queries ? c : r, nb, e);
+    }
+  }
+}
+
+// Scores of a tile in log2 units, masked in place: -inf outside the sequences, where causality hides
+// the key, or where a bool mask does; a floating mask is added (times log2(e)).
+template <int NB>
+__device__ __forceinline__ void mask_tile(float (&s)[NB][4], const AttnParams& p, int64_t mask_base, int row0,
+                                          int col0, bool rows_are_queries) {
+  for_each_element(s, row0, col0, rows_are_queries, [&](float& x, int i, int j, int, int) {
+    if (i >= p.q_len || j >= p.k_len || (p.causal && j > i)) {
+      x = -kInf;
+    } else if (p.mask.kind != kMaskNone) {
+      x += mask_value(p.mask, mask_base + i * p.mask.s2 + j * p.mask.s3) * kLog2e;
+    }
+  });
+}
+
+// The dropout factor of element (i, j) of head bh: 1 / (1 - p) where the shared stream keeps it, else 0.
+__device__ __forceinline__ float keep_factor(const AttnParams& p, int64_t bh, int64_t i, int64_t j) {
+  const uint64_t counter = static_cast<uint64_t>((bh * p.q_len + i) * p.k_len + j);
+  return philox::keep(p.seed, counter, p.dropout_p) ? p.inv_keep : 0.f;
+}
+
+// Whether a tile of rows [m0, m0 + bm) of queries x [n0, n0 + bn) of keys needs the per-element pass.
+__device__ __forceinline__ bool tile_needs_mask(const AttnParams& p, int m0, int bm, int n0, int bn) {
+  return p.mask.kind != kMaskNone || m0 + bm > p.q_len || n0 + bn > p.k_len || (p.causal && n0 + bn - 1 > m0);
+}
+
+// Stores columns c, c + 1 of a row (row_ptr: the row's first element) where c < ncols: one 32-bit
+// store when both are inside and aligned, else element by element.
+template <typename T>
+__device__ __forceinline__ void store_pair(uint16_t* row_ptr, int c, int ncols, float x0, float x1) {
+  uint16_t* ptr = row_ptr + c;
+  if (c + 1 < ncols && (reinterpret_cast<uintptr_t>(ptr) & 3) == 0) {
+    *reinterpret_cast<uint32_t*>(ptr) = Elem<T>::pack(x0, x1);
+  } else {
+    if (c < ncols) ptr[0] = Elem<T>::from_float(x0);
+    if (c + 1 < ncols) ptr[1] = Elem<T>::from_float(x1);
+  }
+}
+
+// Writes a warp's 16-row accumulator strip, times `factor`, to rows row0.. (< nrows) of a strided
+// matrix, columns col0.. (< ncols).
+template <typename T, int NB>
+__device__ __forceinline__ void store_strip(const float (&acc)[NB][4], uint16_t* base, int64_t ld, int row0,
+                                            int nrows, int col0, int ncols, float factor) {
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = row0 + (lane >> 2) + half * 8;
+    if (r >= nrows) continue;
+    uint16_t* row_ptr = base + static_cast<int64_t>(r) * ld;
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+      store_pair<T>(row_ptr, col0 + nb * 8 + (lane & 3) * 2, ncols, acc[nb][2 * half] * factor,
+                    acc[nb][2 * half + 1] * factor);
+    }
+  }
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(kFullWarpMask, x, 1));
+  return fmaxf(x, __shfl_xor_sync(kFullWarpMask, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(kFullWarpMask, x, 1);
+  return x + __shfl_xor_sync(kFullWarpMask, x, 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+template <int kD>
+constexpr int fwd_smem_bytes() {
+  constexpr int kN = stream_rows(kD);
+  return 2 * (kRowsPerBlock * (kD + 8) + 2 * kN * (kD + 8) + 2 * kN * (out_cols(kD) + 8));
+}
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
+  constexpr int kM = kRowsPerBlock;
+  constexpr int kN = stream_rows(kD);
+  constexpr int kOut = out_cols(kD);
+  constexpr int kPitch = kD + 8;
+  constexpr int kVPitch = kOut + 8;
+  extern __shared__ uint4 smem_raw[];
+  uint16_t* s_q = reinterpret_cast<uint16_t*>(smem_raw);
+  uint16_t* s_k = s_q + kM * kPitch;
+  uint16_t* s_v = s_k + 2 * kN * kPitch;
+
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  // Causal: the last query tiles see the most keys; launched first.
+  const int tile = p.num_tiles - 1 - static_cast<int>(blockIdx.x % p.num_tiles);
+  const int64_t bh = blockIdx.x / p.num_tiles;
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const int col0 = static_cast<int>(blockIdx.y) * kOut;
+  const int m0 = tile * kM;
+
+  const uint16_t* qg = p.q + b * p.q_s[0] + h * p.q_s[1];
+  const uint16_t* kg = p.k + b * p.k_s[0] + h * p.k_s[1];
+  const uint16_t* vg = p.v + b * p.v_s[0] + h * p.v_s[1];
+  const int64_t mask_base = b * p.mask.s0 + h * p.mask.s1;
+
+  const int n_end = p.causal ? min(p.k_len, m0 + kM) : p.k_len;
+  const int n_tiles = (n_end + kN - 1) / kN;
+
+  load_tile<kM, kD, kPitch>(s_q, qg, p.q_s[2], m0, p.q_len, 0, p.d, p.vec);
+  load_tile<kN, kD, kPitch>(s_k, kg, p.k_s[2], 0, p.k_len, 0, p.d, p.vec);
+  load_tile<kN, kOut, kVPitch>(s_v, vg, p.v_s[2], 0, p.k_len, col0, p.dv, p.vec);
+  cp_async_commit();
+
+  float o[kOut / 8][4];
+  zero(o);
+  float row_max[2] = {-kInf, -kInf};
+  float row_sum[2] = {0.f, 0.f};  // this lane's share; summed over the quad at the end
+  const uint32_t q_addr = smem_addr(s_q + warp * 16 * kPitch);
+  const int warp_row0 = m0 + warp * 16;
+
+  for (int t = 0; t < n_tiles; ++t) {
+    const int stage = t & 1;
+    const int n0 = t * kN;
+    if (t + 1 < n_tiles) {
+      load_tile<kN, kD, kPitch>(s_k + (stage ^ 1) * kN * kPitch, kg, p.k_s[2], n0 + kN, p.k_len, 0, p.d, p.vec);
+      load_tile<kN, kOut, kVPitch>(s_v + (stage ^ 1) * kN * kVPitch, vg, p.v_s[2], n0 + kN, p.k_len, col0, p.dv,
+                                   p.vec);
+    }
+    cp_async_commit();
+    cp_async_wait_all_but_one();
+    __syncthreads();
+
+    float s[kN / 8][4];
+    zero(s);
+    warp_gemm_abt<T, kN / 8, kD>(s, q_addr, kPitch * 2, smem_addr(s_k + stage * kN * kPitch), kPitch * 2);
+#pragma unroll
+    for (int nb = 0; nb < kN / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nb][e] *= p.scale_log2;
+    }
+    if (tile_needs_mask(p, m0, kM, n0, kN)) mask_tile(s, p, mask_base, warp_row0, n0, true);
+
+    // Online softmax: rescale what was accumulated by exp2(old max - new max).
+    float shift[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float mx = row_max[half];
+#pragma unroll
+      for (int nb = 0; nb < kN / 8; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * half], s[nb][2 * half + 1]));
+      mx = quad_max(mx);
+      // A row with no visible key so far keeps max -inf; shifting by 0 makes exp2 give 0, not NaN.
+      shift[half] = mx == -kInf ? 0.f : mx;
+      const float alpha = exp2f(row_max[half] - shift[half]);
+      row_max[half] = mx;
+      row_sum[half] *= alpha;
+#pragma unroll
+      for (int nb = 0; nb < kOut / 8; ++nb) {
+        o[nb][2 * half] *= alpha;
+        o[nb][2 * half + 1] *= alpha;
+      }
+    }
+#pragma unroll
+    for (int nb = 0; nb < kN / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nb][e] = exp2f(s[nb][e] - shift[e >> 1]);
+        row_sum[e >> 1] += s[nb][e];
+      }
+    }
+    if (p.dropout) {
+      for_each_element(s, warp_row0, n0, true, [&](float& x, int i, int j, int, int) { x *= keep_factor(p, bh, i, j); });
+    }
+
+    uint32_t pa[kN / 16][4];
+    to_a_fragments<T>(s, pa);
+    warp_gemm_ab<T, kOut / 8, kN / 16>(o, pa, smem_addr(s_v + stage * kN * kVPitch), kVPitch * 2);
+    __syncthreads();  // the next iteration refills the other buffer of this stage's pair
+  }
+
+  uint16_t* out = p.out + bh * p.q_len * p.dv;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const float l = quad_sum(row_sum[half]);
+    const bool empty = l == 0.f;
+    const float inv = empty ? 0.f : 1.f / l;
+#pragma unroll
+    for (int nb = 0; nb < kOut / 8; ++nb) {
+      o[nb][2 * half] *= inv;
+      o[nb][2 * half + 1] *= inv;
+    }
+    const int i = warp_row0 + (lane >> 2) + half * 8;
+    if (blockIdx.y == 0 && (lane & 3) == 0 && i < p.q_len) {
+      p.lse[bh * p.q_len + i] = empty ? kInf : (row_max[half] + log2f(l)) * kLn2;
+    }
+  }
+  store_strip<T>(o, out, p.dv, warp_row0, p.q_len, col0, p.dv, 1.f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+// delta[row] = sum_c dO[row, c] * O[row, c] in fp32: a warp per row of [B * H * Lq].
+template <typename T>
+__global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(const uint16_t* out, int64_t o_s0, int64_t o_s1,
+                                                                  int64_t o_s2, const uint16_t* dout, int64_t do_s0,
+                                                                  int64_t do_s1, int64_t do_s2, int heads, int q_len,
+                                                                  int dv, int64_t rows, float* delta) {
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int64_t warps_total = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize; row < rows;
+       row += warps_total) {
+    const int64_t i = row % q_len, bh = row / q_len;
+    const int64_t b = bh / heads, h = bh % heads;
+    const uint16_t* o_row = out + b * o_s0 + h * o_s1 + i * o_s2;
+    const uint16_t* do_row = dout + b * do_s0 + h * do_s1 + i * do_s2;
+    float acc = 0.f;
+    for (int c = lane; c < dv; c += kWarpSize) acc += Elem<T>::to_float(o_row[c]) * Elem<T>::to_float(do_row[c]);
+    acc = cuda_utils::warp_allreduce_sum(acc);
+    if (lane == 0) delta[row] = acc;
+  }
+}
+
+template <int kD>
+constexpr int bwd_dkdv_smem_bytes() {
+  constexpr int kM = stream_rows(kD);
+  return 2 * (2 * kRowsPerBlock * (kD + 8) + 4 * kM * (kD + 8));
+}
+
+// dK, dV of one (batch*head, 64 keys) block: each warp owns 16 keys and accumulates over the query tiles.
+template <typename T, int kD>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams p) {
+  constexpr int kN = kRowsPerBlock;  // keys per block
+  constexpr int kM = stream_rows(kD);  // queries per streamed tile
+  constexpr int kOut = out_cols(kD);
+  constexpr int kPitch = kD + 8;
+  extern __shared__ uint4 smem_raw[];
+  uint16_t* s_k = reinterpret_cast<uint16_t*>(smem_raw);
+  uint16_t* s_v = s_k + kN * kPitch;
+  uint16_t* s_q = s_v + kN * kPitch;   // [2][kM][kPitch]
+  uint16_t* s_do = s_q + 2 * kM * kPitch;  // [2][kM][kPitch]
+
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int tile = static_cast<int>(blockIdx.x % p.num_tiles);
+  const int64_t bh = blockIdx.x / p.num_tiles;
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const int col0 = static_cast<int>(blockIdx.y) * kOut;
+  const int n0 = tile * kN;
+
+  const uint16_t* qg = p.q + b * p.q_s[0] + h * p.q_s[1];
+  const uint16_t* kg = p.k + b * p.k_s[0] + h * p.k_s[1];
+  const uint16_t* vg = p.v + b * p.v_s[0] + h * p.v_s[1];
+  const uint16_t* dog = p.dout + b * p.do_s[0] + h * p.do_s[1];
+  const int64_t mask_base = b * p.mask.s0 + h * p.mask.s1;
+  const float* lse = p.lse + bh * p.q_len;
+  const float* delta = p.delta + bh * p.q_len;
+
+  // Causal: queries before the block's first key see none of it.
+  const int m_begin = p.causal ? (n0 / kM) * kM : 0;
+  const int m_tiles = m_begin < p.q_len ? (p.q_len - m_begin + kM - 1) / kM : 0;
+
+  // With no query tile (causal, keys past the last query) nothing is loaded and zeros are stored.
+  if (m_tiles > 0) {
+    load_tile<kN, kD, kPitch>(s_k, kg, p.k_s[2], n0, p.k_len, 0, p.d, p.vec);
+    load_tile<kN, kD, kPitch>(s_v, vg, p.v_s[2], n0, p.k_len, 0, p.dv, p.vec);
+    load_tile<kM, kD, kPitch>(s_q, qg, p.q_s[2], m_begin, p.q_len, 0, p.d, p.vec);
+    load_tile<kM, kD, kPitch>(s_do, dog, p.do_s[2], m_begin, p.q_len, 0, p.dv, p.vec);
+  }
+  cp_async_commit();
+
+  float dk[kOut / 8][4], dv[kOut / 8][4];
+  zero(dk);
+  zero(dv);
+  const int warp_key0 = n0 + warp * 16;
+  const uint32_t k_addr = smem_addr(s_k + warp * 16 * kPitch);
+  const uint32_t v_addr = smem_addr(s_v + warp * 16 * kPitch);
+
+  for (int t = 0; t < m_tiles; ++t) {
+    const int stage = t & 1;
+    const int m0 = m_begin + t * kM;
+    if (t + 1 < m_tiles) {
+      load_tile<kM, kD, kPitch>(s_q + (stage ^ 1) * kM * kPitch, qg, p.q_s[2], m0 + kM, p.q_len, 0, p.d, p.vec);
+      load_tile<kM, kD, kPitch>(s_do + (stage ^ 1) * kM * kPitch, dog, p.do_s[2], m0 + kM, p.q_len, 0, p.dv, p.vec);
+    }
+    cp_async_commit();
+    cp_async_wait_all_but_one();
+    __syncthreads();
+    const uint16_t* q_tile = s_q + stage * kM * kPitch;
+    const uint16_t* do_tile = s_do + stage * kM * kPitch;
+
+    // P^T = exp2(S^T - lse): rows keys, columns queries.
+    float pt[kM / 8][4];
+    zero(pt);
+    warp_gemm_abt<T, kM / 8, kD>(pt, k_addr, kPitch * 2, smem_addr(q_tile), kPitch * 2);
+#pragma unroll
+    for (int nb = 0; nb < kM / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) pt[nb][e] *= p.scale_log2;
+    }
+    if (tile_needs_mask(p, m0, kM, n0, kN)) mask_tile(pt, p, mask_base, warp_key0, m0, false);
+    float dlt[kM / 8][2];
+#pragma unroll
+    for (int nb = 0; nb < kM / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int i = m0 + nb * 8 + (lane & 3) * 2 + e;
+        // Queries past the end: lse +inf gives P = 0 whatever the (zero-filled) scores.
+        const float lse2 = i < p.q_len ? lse[i] * kLog2e : kInf;
+        dlt[nb][e] = i < p.q_len ? delta[i] : 0.f;
+        pt[nb][e] = exp2f(pt[nb][e] - lse2);
+        pt[nb][e + 2] = exp2f(pt[nb][e + 2] - lse2);
+      }
+    }
+
+    // dP^T = V dO^T.
+    float dpt[kM / 8][4];
+    zero(dpt);
+    warp_gemm_abt<T, kM / 8, kD>(dpt, v_addr, kPitch * 2, smem_addr(do_tile), kPitch * 2);
+
+    uint32_t frag[kM / 16][4];
+    if (p.dropout) {
+      // dV takes the dropped P; dS the undropped P times the dropped dP.
+      float pu[kM / 8][4];
+      for_each_element(dpt, warp_key0, m0, false, [&](float& x, int i, int j, int nb, int e) {
+        const float factor = keep_factor(p, bh, i, j);
+        x *= factor;
+        pu[nb][e] = pt[nb][e] * factor;
+      });
+      to_a_fragments<T>(pu, frag);
+    } else {
+      to_a_fragments<T>(pt, frag);
+    }
+    warp_gemm_ab<T, kOut / 8, kM / 16>(dv, frag, smem_addr(do_tile + col0), kPitch * 2);
+
+    // dS^T = P^T (dP^T - delta).
+#pragma unroll
+    for (int nb = 0; nb < kM / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) pt[nb][e] *= dpt[nb][e] - dlt[nb][e & 1];
+    }
+    to_a_fragments<T>(pt, frag);
+    warp_gemm_ab<T, kOut / 8, kM / 16>(dk, frag, smem_addr(q_tile + col0), kPitch * 2);
+    __syncthreads();
+  }
+
+  store_strip<T>(dk, p.dk + b * p.dk_s[0] + h * p.dk_s[1], p.dk_s[2], warp_key0, p.k_len, col0, p.d, p.scale);
+  store_strip<T>(dv, p.dv_out + b * p.dv_s[0] + h * p.dv_s[1], p.dv_s[2], warp_key0, p.k_len, col0, p.dv, 1.f);
+}
+
+template <int kD>
+constexpr int bwd_dq_smem_bytes() {
+  constexpr int kN = stream_rows(kD);
+  return 2 * (2 * kRowsPerBlock * (kD + 8) + 4 * kN * (kD + 8));
+}
+
+// dQ (and grad_scores) of one (batch*head, 64 queries) block, accumulated over the key tiles.
+template <typename T, int kD>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p) {
+  constexpr int kM = kRowsPerBlock;
+  constexpr int kN = stream_rows(kD);
+  constexpr int kOut = out_cols(kD);
+  constexpr int kPitch = kD + 8;
+  extern __shared__ uint4 smem_raw[];
+  uint16_t* s_q = reinterpret_cast<uint16_t*>(smem_raw);
+  uint16_t* s_do = s_q + kM * kPitch;
+  uint16_t* s_k = s_do + kM * kPitch;      // [2][kN][kPitch]
+  uint16_t* s_v = s_k + 2 * kN * kPitch;   // [2][kN][kPitch]
+
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int tile = p.num_tiles - 1 - static_cast<int>(blockIdx.x % p.num_tiles);
+  const int64_t bh = blockIdx.x / p.num_tiles;
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const int col0 = static_cast<int>(blockIdx.y) * kOut;
+  const int m0 = tile * kM;
+
+  const uint16_t* qg = p.q + b * p.q_s[0] + h * p.q_s[1];
+  const uint16_t* kg = p.k + b * p.k_s[0] + h * p.k_s[1];
+  const uint16_t* vg = p.v + b * p.v_s[0] + h * p.v_s[1];
+  const uint16_t* dog = p.dout + b * p.do_s[0] + h * p.do_s[1];
+  const int64_t mask_base = b * p.mask.s0 + h * p.mask.s1;
+  float* dscores = (p.dscores != nullptr && blockIdx.y == 0) ? p.dscores + bh * p.q_len * p.k_len : nullptr;
+
+  const int n_end = p.causal ? min(p.k_len, m0 + kM) : p.k_len;
+  const int n_tiles = (n_end + kN - 1) / kN;
+
+  load_tile<kM, kD, kPitch>(s_q, qg, p.q_s[2], m0, p.q_len, 0, p.d, p.vec);
+  load_tile<kM, kD, kPitch>(s_do, dog, p.do_s[2], m0, p.q_len, 0, p.dv, p.vec);
+  load_tile<kN, kD, kPitch>(s_k, kg, p.k_s[2], 0, p.k_len, 0, p.d, p.vec);
+  load_tile<kN, kD, kPitch>(s_v, vg, p.v_s[2], 0, p.k_len, 0, p.dv, p.vec);
+  cp_async_commit();
+
+  const int warp_row0 = m0 + warp * 16;
+  float lse2[2], dlt[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int i = warp_row0 + (lane >> 2) + half * 8;
+    lse2[half] = i < p.q_len ? p.lse[bh * p.q_len + i] * kLog2e : kInf;
+    dlt[half] = i < p.q_len ? p.delta[bh * p.q_len + i] : 0.f;
+  }
+  float dq[kOut / 8][4];
+  zero(dq);
+  const uint32_t q_addr = smem_addr(s_q + warp * 16 * kPitch);
+  const uint32_t do_addr = smem_addr(s_do + warp * 16 * kPitch);
+
+  for (int t = 0; t < n_tiles; ++t) {
+    const int stage = t & 1;
+    const int n0 = t * kN;
+    if (t + 1 < n_tiles) {
+      load_tile<kN, kD, kPitch>(s_k + (stage ^ 1) * kN * kPitch, kg, p.k_s[2], n0 + kN, p.k_len, 0, p.d, p.vec);
+      load_tile<kN, kD, kPitch>(s_v + (stage ^ 1) * kN * kPitch, vg, p.v_s[2], n0 + kN, p.k_len, 0, p.dv, p.vec);
+    }
+    cp_async_commit();
+    cp_async_wait_all_but_one();
+    __syncthreads();
+    const uint16_t* k_tile = s_k + stage * kN * kPitch;
+    const uint16_t* v_tile = s_v + stage * kN * kPitch;
+
+    float ps[kN / 8][4];
+    zero(ps);
+    warp_gemm_abt<T, kN / 8, kD>(ps, q_addr, kPitch * 2, smem_addr(k_tile), kPitch * 2);
+#pragma unroll
+    for (int nb = 0; nb < kN / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ps[nb][e] *= p.scale_log2;
+    }
+    if (tile_needs_mask(p, m0, kM, n0, kN)) mask_tile(ps, p, mask_base, warp_row0, n0, true);
+#pragma unroll
+    for (int nb = 0; nb < kN / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ps[nb][e] = exp2f(ps[nb][e] - lse2[e >> 1]);
+    }
+
+    float dp[kN / 8][4];
+    zero(dp);
+    warp_gemm_abt<T, kN / 8, kD>(dp, do_addr, kPitch * 2, smem_addr(v_tile), kPitch * 2);
+    if (p.dropout) {
+      for_each_element(dp, warp_row0, n0, true, [&](float& x, int i, int j, int, int) { x *= keep_factor(p, bh, i, j); });
+    }
+    // dS = P (dP - delta), in place of P.
+#pragma unroll
+    for (int nb = 0; nb < kN / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ps[nb][e] *= dp[nb][e] - dlt[e >> 1];
+    }
+    if (dscores != nullptr) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int i = warp_row0 + (lane >> 2) + half * 8;
+        if (i >= p.q_len) continue;
+        float* row = dscores + static_cast<int64_t>(i) * p.k_len;
+#pragma unroll
+        for (int nb = 0; nb < kN / 8; ++nb) {
+          const int j = n0 + nb * 8 + (lane & 3) * 2;
+          float* ptr = row + j;
+          if (j + 1 < p.k_len && (reinterpret_cast<uintptr_t>(ptr) & 7) == 0) {
+            *reinterpret_cast<float2*>(ptr) = make_float2(ps[nb][2 * half], ps[nb][2 * half + 1]);
+          } else {
+            if (j < p.k_len) ptr[0] = ps[nb][2 * half];
+            if (j + 1 < p.k_len) ptr[1] = ps[nb][2 * half + 1];
+          }
+        }
+      }
+    }
+    uint32_t frag[kN / 16][4];
+    to_a_fragments<T>(ps, frag);
+    warp_gemm_ab<T, kOut / 8, kN / 16>(dq, frag, smem_addr(k_tile + col0), kPitch * 2);
+    __syncthreads();
+  }
+
+  store_strip<T>(dq, p.dq + b * p.dq_s[0] + h * p.dq_s[1], p.dq_s[2], warp_row0, p.q_len, col0, p.d, p.scale);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention launchers
+
+// Padded head dims with instantiated kernels; a head dim runs in the smallest that holds it.
+constexpr int kHeadDims[] = {32, 64, 96, 128, 256};
+constexpr int kMaxHeadDim = 256;
+
+int padded_head_dim(int64_t head_dim) {
+  for (int d : kHeadDims) {
+    if (head_dim <= d) return d;
+  }
+  return 0;
+}
+
+template <typename F>
+void dispatch_head_dim(int padded, const F& f) {
+  switch (padded) {
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    case 96: f(std::integral_constant<int, 96>{}); break;
+    case 128: f(std::integral_constant<int, 128>{}); break;
+    case 256: f(std::integral_constant<int, 256>{}); break;
+    default: TORCH_CHECK(false, "internal error: no attention kernel for padded head dim ", padded);
+  }
+}
+
+// Raises the kernel's dynamic shared memory limit to `bytes`, after checking that the device has it.
+template <typename Kernel>
+void prepare_smem(Kernel kernel, int bytes, int head_dim) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(static_cast<size_t>(bytes) <= prop->sharedMemPerBlockOptin, "attention (cuda backend) at head dim ",
+              head_dim, " needs ", bytes, " bytes of shared memory per block, but ", prop->name, " offers ",
+              prop->sharedMemPerBlockOptin, "; use backend='triton' for this head dim on this GPU");
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
+
+void check_device_capability(const at::Tensor& t) {
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(t.device().index());
+  TORCH_CHECK(prop->major >= 8, "attention (cuda backend) needs compute capability 8.0 or newer (tensor-core "
+              "mma.sync and cp.async), got ", prop->major, ".", prop->minor, " on ", prop->name,
+              "; use backend='triton'");
+}
+
+void check_qkv(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value) {
+  for (const auto& [t, name] :
+       {std::pair<const at::Tensor&, const char*>{query, "query"}, {key, "key"}, {value, "value"}}) {
+    TORCH_CHECK(t.dim() == 4, name, " must be 4-D [batch, heads, seq, head_dim], got ", t.dim(), " dimensions");
+    TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
+    TORCH_CHECK(t.device() == query.device(), name, " must be on ", query.device(), " like query, got ", t.device());
+    TORCH_CHECK(t.scalar_type() == query.scalar_type(), name, " must have dtype ", query.scalar_type(),
+                " like query, got ", t.scalar_type());
+    TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name, " must have a unit stride along head_dim, got strides ",
+                t.strides());
+  }
+  TORCH_CHECK(query.scalar_type() == at::kHalf || query.scalar_type() == at::kBFloat16,
+              "attention (cuda backend) takes float16 or bfloat16 inputs (tensor cores), got ", query.scalar_type(),
+              "; use backend='triton' or 'auto' for float32");
+  TORCH_CHECK(key.size(0) == query.size(0) && key.size(1) == query.size(1) && value.size(0) == query.size(0) &&
+                  value.size(1) == query.size(1),
+              "key and value must have query's batch and heads ", query.sizes().slice(0, 2), ", got key ",
+              key.sizes(), " and value ", value.sizes());
+  TORCH_CHECK(key.size(3) == query.size(3), "key head_dim ", key.size(3), " must equal query head_dim ", query.size(3));
+  TORCH_CHECK(value.size(2) == key.size(2), "value length ", value.size(2), " must equal key length ", key.size(2));
+  TORCH_CHECK(query.size(3) <= kMaxHeadDim && value.size(3) <= kMaxHeadDim,
+              "attention (cuda backend) serves head dims up to ", kMaxHeadDim, ", got head_dim ", query.size(3),
+              " and value head_dim ", value.size(3), "; use backend='triton' or 'reference'");
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  TORCH_CHECK(query.size(2) < kIntMax && key.size(2) < kIntMax && query.size(1) < kIntMax,
+              "attention (cuda backend) needs sequence lengths and heads below 2^31, got q_len ", query.size(2),
+              ", k_len ", key.size(2), ", heads ", query.size(1));
+}
+
+MaskArgs make_mask(const std::optional<at::Tensor>& attn_mask, const at::Tensor& query, int64_t k_len) {
+  MaskArgs m;
+  if (!attn_mask.has_value() || !attn_mask->defined()) return m;
+  const at::Tensor& t = *attn_mask;
+  TORCH_CHECK(t.device() == query.device(), "attn_mask must be on ", query.device(), " like query, got ", t.device());
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == query.size(0) && t.size(1) == query.size(1) &&
+                  t.size(2) == query.size(2) && t.size(3) == k_len,
+              "attn_mask must be expanded to [batch, heads, q_len, k_len] = [", query.size(0), ", ", query.size(1),
+              ", ", query.size(2), ", ", k_len, "], got ", t.sizes());
+  switch (t.scalar_type()) {
+    case at::kBool: m.kind = kMaskBool; break;
+    case at::kFloat: m.kind = kMaskFloat; break;
+    case at::kHalf: m.kind = kMaskHalf; break;
+    case at::kBFloat16: m.kind = kMaskBFloat16; break;
+    case at::kDouble: m.kind = kMaskDouble; break;
+    default: TORCH_CHECK(false, "attn_mask must be bool or floating (float16/bfloat16/float32/float64), got ",
+                         t.scalar_type());
+  }
+  m.data = t.const_data_ptr();
+  m.s0 = t.stride(0);
+  m.s1 = t.stride(1);
+  m.s2 = t.stride(2);
+  m.s3 = t.stride(3);
+  return m;
+}
+
+// A 16-bit tensor's rows are 16-byte aligned for cp.async: aligned base, batch/head/row strides and
+// row length multiples of 8 elements.
+bool rows_aligned(const at::Tensor& t, int64_t cols) {
+  return cuda_utils::is_aligned(t.const_data_ptr(), 16) && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
+         t.stride(2) % 8 == 0 && cols % 8 == 0;
+}
+
+void fill_strides(const at::Tensor& t, int64_t (&s)[3]) {
+  for (int i = 0; i < 3; ++i) s[i] = t.stride(i);
+}
+
+AttnParams make_params(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                       const std::optional<at::Tensor>& attn_mask, double scale, bool is_causal, double dropout_p,
+                       const std::optional<at::Tensor>& seed) {
+  check_qkv(query, key, value);
+  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  AttnParams p{};
+  p.q = static_cast<const uint16_t*>(query.const_data_ptr());
+  p.k = static_cast<const uint16_t*>(key.const_data_ptr());
+  p.v = static_cast<const uint16_t*>(value.const_data_ptr());
+  fill_strides(query, p.q_s);
+  fill_strides(key, p.k_s);
+  fill_strides(value, p.v_s);
+  p.mask = make_mask(attn_mask, query, key.size(2));
+  p.heads = static_cast<int>(query.size(1));
+  p.q_len = static_cast<int>(query.size(2));
+  p.k_len = static_cast<int>(key.size(2));
+  p.d = static_cast<int>(query.size(3));
+  p.dv = static_cast<int>(value.size(3));
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale) * kLog2e;
+  p.causal = is_causal;
+  p.vec = rows_aligned(query, p.d) && rows_aligned(key, p.d) && rows_aligned(value, p.dv);
+  p.dropout = dropout_p > 0.0;
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.inv_keep = p.dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  p.seed = 0;
+  if (p.dropout) {
+    TORCH_CHECK(seed.has_value() && seed->defined(), "seed must be given when dropout_p > 0");
+    TORCH_CHECK(seed->numel() == 1 && seed->scalar_type() == at::kLong && seed->device().is_cpu(),
+                "seed must be a CPU int64 scalar tensor, got ", seed->scalar_type(), " of shape ", seed->sizes(),
+                " on ", seed->device());
+    p.seed = static_cast<uint64_t>(seed->item<int64_t>());
+  }
+  return p;
+}
+
+// Blocks of a 1-D grid over (batch*head, tile); checked against the grid limit.
+unsigned int grid_blocks(int64_t bh, int64_t tiles) {
+  const int64_t blocks = bh * tiles;
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "attention (cuda backend): batch * heads * tiles = ",
+              blocks, " exceeds the 2^31 - 1 grid limit; split the batch");
+  return static_cast<unsigned int>(blocks);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query, const at::Tensor& key,
+                                                      const at::Tensor& value,
+                                                      const std::optional<at::Tensor>& attn_mask, double scale,
+                                                      bool is_causal, double dropout_p,
+                                                      const std::optional<at::Tensor>& seed) {
+  FwdParams p{};
+  static_cast<AttnParams&>(p) = make_params(query, key, value, attn_mask, scale, is_causal, dropout_p, seed);
+  const c10::cuda::CUDAGuard guard(query.device());
+  const int64_t batch = query.size(0), bh = batch * p.heads;
+  at::Tensor out = at::empty({batch, p.heads, p.q_len, p.dv}, query.options());
+  at::Tensor lse = at::empty({batch, p.heads, p.q_len}, query.options().dtype(at::kFloat));
+  if (bh == 0 || p.q_len == 0) return {out, lse};
+  if (p.k_len == 0) {
+    // No key at all: every row is fully masked.
+    out.zero_();
+    lse.fill_(std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  check_device_capability(query);
+  p.out = static_cast<uint16_t*>(out.mutable_data_ptr());
+  p.lse = lse.mutable_data_ptr<float>();
+  p.num_tiles = (p.q_len + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int padded = padded_head_dim(std::max(p.d, p.dv));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_V2(query.scalar_type(), "attention_fwd_cuda", AT_WRAP([&] {
+    dispatch_head_dim(padded, [&](auto head_dim) {
+      constexpr int kD = decltype(head_dim)::value;
+      constexpr int kSmem = fwd_smem_bytes<kD>();
+      const auto kernel = attn_fwd_kernel<scalar_t, kD>;
+      prepare_smem(kernel, kSmem, kD);
+      const dim3 grid(grid_blocks(bh, p.num_tiles), kD / out_cols(kD));
+      kernel<<<grid, kThreads, kSmem, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }), at::kHalf, at::kBFloat16);
+  return {out, lse};
+}
+
+void check_like_output(const at::Tensor& t, const char* name, const at::Tensor& query, int64_t dv) {
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == query.size(0) && t.size(1) == query.size(1) &&
+                  t.size(2) == query.size(2) && t.size(3) == dv,
+              name, " must have shape [", query.size(0), ", ", query.size(1), ", ", query.size(2), ", ", dv,
+              "], got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == query.scalar_type(), name, " must have dtype ", query.scalar_type(), ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == query.device(), name, " must be on ", query.device(), ", got ", t.device());
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name, " must have a unit stride along its last dim, got strides ",
+              t.strides());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask, const at::Tensor& out, const at::Tensor& lse, double scale,
+    bool is_causal, double dropout_p, const std::optional<at::Tensor>& seed, bool mask_needs_grad) {
+  BwdParams p{};
+  static_cast<AttnParams&>(p) = make_params(query, key, value, attn_mask, scale, is_causal, dropout_p, seed);
+  check_like_output(grad_out, "grad_out", query, p.dv);
+  check_like_output(out, "out", query, p.dv);
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == query.size(0) && lse.size(1) == p.heads && lse.size(2) == p.q_len,
+              "lse must have shape [", query.size(0), ", ", p.heads, ", ", p.q_len, "], got ", lse.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK(lse.is_contiguous() && lse.device() == query.device(), "lse must be a contiguous tensor on ",
+              query.device());
+  TORCH_CHECK(!mask_needs_grad || (attn_mask.has_value() && attn_mask->defined()),
+              "mask_needs_grad is true but attn_mask is None");
+
+  const c10::cuda::CUDAGuard guard(query.device());
+  const int64_t batch = query.size(0), bh = batch * p.heads;
+  // Gradients take the layout of their inputs (what the registered fake kernel, empty_like, promises).
+  at::Tensor dq = at::empty_like(query);
+  at::Tensor dk = at::empty_like(key);
+  at::Tensor dv = at::empty_like(value);
+  at::Tensor dscores = mask_needs_grad
+                           ? at::zeros({batch, p.heads, p.q_len, p.k_len}, query.options().dtype(at::kFloat))
+                           : at::empty({0}, query.options());
+  if (bh == 0) return {dq, dk, dv, dscores};
+  if (p.q_len == 0 || p.k_len == 0) {
+    // Sums over no queries (dK, dV) or no keys (dQ).
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv, dscores};
+  }
+  check_device_capability(query);
+  for (const at::Tensor* t : {&dq, &dk, &dv}) {
+    TORCH_CHECK(t->size(-1) <= 1 || t->stride(-1) == 1, "internal error: a gradient buffer has strides ",
+                t->strides());
+  }
+  p.dout = static_cast<const uint16_t*>(grad_out.const_data_ptr());
+  fill_strides(grad_out, p.do_s);
+  p.vec = p.vec && rows_aligned(grad_out, p.dv);
+  p.lse = lse.const_data_ptr<float>();
+  at::Tensor delta = at::empty({bh * p.q_len}, query.options().dtype(at::kFloat));
+  p.delta = delta.const_data_ptr<float>();
+  p.dq = static_cast<uint16_t*>(dq.mutable_data_ptr());
+  p.dk = static_cast<uint16_t*>(dk.mutable_data_ptr());
+  p.dv_out = static_cast<uint16_t*>(dv.mutable_data_ptr());
+  fill_strides(dq, p.dq_s);
+  fill_strides(dk, p.dk_s);
+  fill_strides(dv, p.dv_s);
+  p.dscores = mask_needs_grad ? dscores.mutable_data_ptr<float>() : nullptr;
+
+  const int padded = padded_head_dim(std::max(p.d, p.dv));
+  const int q_tiles = (p.q_len + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int k_tiles = (p.k_len + kRowsPerBlock - 1) / kRowsPerBlock;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_V2(query.scalar_type(), "attention_bwd_cuda", AT_WRAP([&] {
+    const int64_t rows = bh * p.q_len;
+    const int64_t delta_blocks = std::min<int64_t>((rows + kWarps - 1) / kWarps, 65536);
+    attn_bwd_delta_kernel<scalar_t><<<static_cast<unsigned int>(delta_blocks), kThreads, 0, stream>>>(
+        static_cast<const uint16_t*>(out.const_data_ptr()), out.stride(0), out.stride(1), out.stride(2), p.dout,
+        p.do_s[0], p.do_s[1], p.do_s[2], p.heads, p.q_len, p.dv, rows, delta.mutable_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_head_dim(padded, [&](auto head_dim) {
+      constexpr int kD = decltype(head_dim)::value;
+      const unsigned int chunks = kD / out_cols(kD);
+      {
+        constexpr int kSmem = bwd_dkdv_smem_bytes<kD>();
+        const auto kernel = attn_bwd_dkdv_kernel<scalar_t, kD>;
+        prepare_smem(kernel, kSmem, kD);
+        BwdParams pk = p;
+        pk.num_tiles = k_tiles;
+        kernel<<<dim3(grid_blocks(bh, k_tiles), chunks), kThreads, kSmem, stream>>>(pk);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      {
+        constexpr int kSmem = bwd_dq_smem_bytes<kD>();
+        const auto kernel = attn_bwd_dq_kernel<scalar_t, kD>;
+        prepare_smem(kernel, kSmem, kD);
+        BwdParams pq = p;
+        pq.num_tiles = q_tiles;
+        kernel<<<dim3(grid_blocks(bh, q_tiles), chunks), kThreads, kSmem, stream>>>(pq);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+  }), at::kHalf, at::kBFloat16);
+  return {dq, dk, dv, dscores};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax
+
+// Rows of up to kWarpMaxCols elements take a warp each (4 per block); longer rows a block of
+// kBlockRowThreads threads. kWarpCache / kBlockCache: elements per thread kept in registers.
+constexpr int kWarpMaxCols = 1024;
+constexpr int kSmallCols = 128;
+constexpr int kBlockRowThreads = 512;
+constexpr int kBlockCache = 8;
+
+struct SoftmaxFwdParams {
+  const void* x;
+  int64_t x_s[4];
+  MaskArgs mask;
+  int64_t rows, dim_b, dim_m;
+  int n;
+  float scale_log2;
+  bool causal;
+  void* y;
+};
+
+// Reduction over the kGroup threads that share a row: a warp by shuffles, a whole block (one row
+// per block) through `red` (kGroup / 32 floats). Every thread of the group gets the result.
+template <int kGroup, bool kMax>
+__device__ __forceinline__ float group_reduce(float v, float* red) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const float other = __shfl_xor_sync(kFullWarpMask, v, offset);
+    v = kMax ? fmaxf(v, other) : v + other;
+  }
+  if constexpr (kGroup > kWarpSize) {
+    constexpr int kGroupWarps = kGroup / kWarpSize;
+    const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+    const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = lane < kGroupWarps ? red[lane] : (kMax ? -kInf : 0.f);
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+      const float other = __shfl_xor_sync(kFullWarpMask, v, offset);
+      v = kMax ? fmaxf(v, other) : v + other;
+    }
+    __syncthreads();  // `red` is reused by the next reduction
+  }
+  return v;
+}
+
+// Masked, scaled score (log2 units) of element j of a row.
+template <typename T>
+__device__ __forceinline__ float softmax_score(const SoftmaxFwdParams& p, const T* xr, int64_t mask_row, int64_t i,
+                                               int j) {
+  if (p.causal && j > i) return -kInf;
+  float s = load_float(xr, j * p.x_s[3]) * p.scale_log2;
+  if (p.mask.kind != kMaskNone) s += mask_value(p.mask, mask_row + j * p.mask.s3) * kLog2e;
+  return s;
+}
+
+template <typename T, int kGroup, int kCache>
+__global__ void __launch_bounds__(kGroup == kWarpSize ? 128 : kGroup) softmax_fwd_kernel(const SoftmaxFwdParams p) {
+  constexpr int kBlock = kGroup == kWarpSize ? 128 : kGroup;
+  constexpr int kRowsPerBlk = kBlock / kGroup;
+  __shared__ float red[kGroup / kWarpSize];
+  const int sub = static_cast<int>(threadIdx.x) % kGroup;
+  const T* x = static_cast<const T*>(p.x);
+  T* y = static_cast<T*>(p.y);
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlk + threadIdx.x / kGroup; row < p.rows;
+       row += static_cast<int64_t>(gridDim.x) * kRowsPerBlk) {
+    const int64_t i = row % p.dim_m, ab = row / p.dim_m;
+    const int64_t a = ab / p.dim_b, bb = ab % p.dim_b;
+    const T* xr = x + a * p.x_s[0] + bb * p.x_s[1] + i * p.x_s[2];
+    const int64_t mask_row = a * p.mask.s0 + bb * p.mask.s1 + i * p.mask.s2;
+    float cache[kCache > 0 ? kCache : 1];
+    float mx = -kInf;
+    if constexpr (kCache > 0) {
+#pragma unroll
+      for (int c = 0; c < kCache; ++c) {
+        const int j = sub + c * kGroup;
+        cache[c] = j < p.n ? softmax_score(p, xr, mask_row, i, j) : -kInf;
+        mx = fmaxf(mx, cache[c]);
+      }
+    } else {
+      for (int j = sub; j < p.n; j += kGroup) mx = fmaxf(mx, softmax_score(p, xr, mask_row, i, j));
+    }
+    mx = group_reduce<kGroup, true>(mx, red);
+    // A fully masked row: shift by 0 so that every exp2 is exactly 0 and the row comes out 0.
+    const float shift = mx == -kInf ? 0.f : mx;
+    float sum = 0.f;
+    if constexpr (kCache > 0) {
+#pragma unroll
+      for (int c = 0; c < kCache; ++c) {
+        cache[c] = exp2f(cache[c] - shift);
+        sum += cache[c];
+      }
+    } else {
+      for (int j = sub; j < p.n; j += kGroup) sum += exp2f(softmax_score(p, xr, mask_row, i, j) - shift);
+    }
+    const float total = group_reduce<kGroup, false>(sum, red);
+    const float denom = total == 0.f ? 1.f : total;
+    T* yr = y + row * p.n;
+    if constexpr (kCache > 0) {
+#pragma unroll
+      for (int c = 0; c < kCache; ++c) {
+        const int j = sub + c * kGroup;
+        if (j < p.n) store_float(yr, j, cache[c] / denom);
+      }
+    } else {
+      for (int j = sub; j < p.n; j += kGroup) {
+        store_float(yr, j, exp2f(softmax_score(p, xr, mask_row, i, j) - shift) / denom);
+      }
+    }
+  }
+}
+
+struct SoftmaxBwdParams {
+  const void* dy;
+  const void* y;
+  void* dx;
+  void* dscores;  // null unless requested
+  int64_t rows;
+  int n;
+  float scale;
+};
+
+template <typename T, int kGroup, int kCache>
+__global__ void __launch_bounds__(kGroup == kWarpSize ? 128 : kGroup) softmax_bwd_kernel(const SoftmaxBwdParams p) {
+  constexpr int kBlock = kGroup == kWarpSize ? 128 : kGroup;
+  constexpr int kRowsPerBlk = kBlock / kGroup;
+  __shared__ float red[kGroup / kWarpSize];
+  const int sub = static_cast<int>(threadIdx.x) % kGroup;
+  const T* dy = static_cast<const T*>(p.dy);
+  const T* y = static_cast<const T*>(p.y);
+  T* dx = static_cast<T*>(p.dx);
+  T* dscores = static_cast<T*>(p.dscores);
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlk + threadIdx.x / kGroup; row < p.rows;
+       row += static_cast<int64_t>(gridDim.x) * kRowsPerBlk) {
+    const int64_t base = row * p.n;
+    float cy[kCache > 0 ? kCache : 1], cdy[kCache > 0 ? kCache : 1];
+    float dot = 0.f;
+    if constexpr (kCache > 0) {
+#pragma unroll
+      for (int c = 0; c < kCache; ++c) {
+        const int j = sub + c * kGroup;
+        cy[c] = j < p.n ? load_float(y, base + j) : 0.f;
+        cdy[c] = j < p.n ? load_float(dy, base + j) : 0.f;
+        dot += cy[c] * cdy[c];
+      }
+    } else {
+      for (int j = sub; j < p.n; j += kGroup) dot += load_float(y, base + j) * load_float(dy, base + j);
+    }
+    dot = group_reduce<kGroup, false>(dot, red);
+    auto emit = [&](int j, float yv, float dyv) {
+      const float g = yv * (dyv - dot);
+      store_float(dx, base + j, g * p.scale);
+      if (dscores != nullptr) store_float(dscores, base + j, g);
+    };
+    if constexpr (kCache > 0) {
+#pragma unroll
+      for (int c = 0; c < kCache; ++c) {
+        const int j = sub + c * kGroup;
+        if (j < p.n) emit(j, cy[c], cdy[c]);
+      }
+    } else {
+      for (int j = sub; j < p.n; j += kGroup) emit(j, load_float(y, base + j), load_float(dy, base + j));
+    }
+  }
+}
+
+// Runs kernel<T, group, cache> for a row length n: the variant whose register cache holds the row,
+// else the streaming block-per-row one.
+template <template <typename, int, int> class Launch, typename T, typename Params>
+void launch_softmax(const Params& p, int64_t rows, int n, cudaStream_t stream) {
+  auto blocks = [&](int rows_per_block) {
+    return static_cast<unsigned int>(std::min<int64_t>((rows + rows_per_block - 1) / rows_per_block, 1 << 20));
+  };
+  if (n <= kSmallCols) {
+    Launch<T, kWarpSize, kSmallCols / kWarpSize>::run(p, blocks(128 / kWarpSize), 128, stream);
+  } else if (n <= kWarpMaxCols) {
+    Launch<T, kWarpSize, kWarpMaxCols / kWarpSize>::run(p, blocks(128 / kWarpSize), 128, stream);
+  } else if (n <= kBlockRowThreads * kBlockCache) {
+    Launch<T, kBlockRowThreads, kBlockCache>::run(p, blocks(1), kBlockRowThreads, stream);
+  } else {
+    Launch<T, kBlockRowThreads, 0>::run(p, blocks(1), kBlockRowThreads, stream);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int kGroup, int kCache>
+struct SoftmaxFwdLaunch {
+  static void run(const SoftmaxFwdParams& p, unsigned int blocks, int threads, cudaStream_t stream) {
+    softmax_fwd_kernel<T, kGroup, kCache><<<blocks, threads, 0, stream>>>(p);
+  }
+};
+
+template <typename T, int kGroup, int kCache>
+struct SoftmaxBwdLaunch {
+  static void run(const SoftmaxBwdParams& p, unsigned int blocks, int threads, cudaStream_t stream) {
+    softmax_bwd_kernel<T, kGroup, kCache><<<blocks, threads, 0, stream>>>(p);
+  }
+};
+
+at::Tensor softmax_fwd_cuda(const at::Tensor& input, const std::optional<at::Tensor>& mask, double scale,
+                            bool is_causal) {
+  TORCH_CHECK(input.dim() == 4, "input must be 4-D [A, B, M, N], got ", input.dim(), " dimensions");
+  TORCH_CHECK(input.is_cuda(), "input must be a CUDA tensor, got ", input.device());
+  TORCH_CHECK(is_supported_float(input.scalar_type()), "input must be float32, float16 or bfloat16, got ",
+              input.scalar_type());
+  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  TORCH_CHECK(input.size(3) < std::numeric_limits<int>::max(), "softmax rows must be shorter than 2^31, got ",
+              input.size(3));
+  SoftmaxFwdParams p{};
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->device() == input.device(), "mask must be on ", input.device(), " like input, got ",
+                mask->device());
+    TORCH_CHECK(mask->sizes() == input.sizes(), "mask must be expanded to the input's shape ", input.sizes(),
+                ", got ", mask->sizes());
+    switch (mask->scalar_type()) {
+      case at::kBool: p.mask.kind = kMaskBool; break;
+      case at::kFloat: p.mask.kind = kMaskFloat; break;
+      case at::kHalf: p.mask.kind = kMaskHalf; break;
+      case at::kBFloat16: p.mask.kind = kMaskBFloat16; break;
+      case at::kDouble: p.mask.kind = kMaskDouble; break;
+      default: TORCH_CHECK(false, "mask must be bool or floating, got ", mask->scalar_type());
+    }
+    p.mask.data = mask->const_data_ptr();
+    p.mask.s0 = mask->stride(0);
+    p.mask.s1 = mask->stride(1);
+    p.mask.s2 = mask->stride(2);
+    p.mask.s3 = mask->stride(3);
+  }
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor out = at::empty(input.sizes(), input.options());
+  const int64_t n = input.size(3);
+  const int64_t rows = input.size(0) * input.size(1) * input.size(2);
+  if (rows == 0 || n == 0) return out;
+  p.x = input.const_data_ptr();
+  for (int i = 0; i < 4; ++i) p.x_s[i] = input.stride(i);
+  p.rows = rows;
+  p.dim_b = input.size(1);
+  p.dim_m = input.size(2);
+  p.n = static_cast<int>(n);
+  p.scale_log2 = static_cast<float>(scale) * kLog2e;
+  p.causal = is_causal;
+  p.y = out.mutable_data_ptr();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_V2(input.scalar_type(), "softmax_fwd_cuda", AT_WRAP([&] {
+    launch_softmax<SoftmaxFwdLaunch, scalar_t>(p, rows, p.n, stream);
+  }), at::kFloat, at::kHalf, at::kBFloat16);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& output,
+                                                    double scale, bool mask_needs_grad) {
+  TORCH_CHECK(output.dim() >= 1, "output must have at least 1 dimension");
+  TORCH_CHECK(output.is_cuda(), "output must be a CUDA tensor, got ", output.device());
+  TORCH_CHECK(is_supported_float(output.scalar_type()), "output must be float32, float16 or bfloat16, got ",
+              output.scalar_type());
+  TORCH_CHECK(grad_out.sizes() == output.sizes(), "grad_out must have the shape of output ", output.sizes(),
+              ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == output.scalar_type(), "grad_out must have dtype ", output.scalar_type(),
+              ", got ", grad_out.scalar_type());
+  TORCH_CHECK(grad_out.device() == output.device(), "grad_out must be on ", output.device(), ", got ",
+              grad_out.device());
+  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  TORCH_CHECK(output.size(-1) < std::numeric_limits<int>::max(), "softmax rows must be shorter than 2^31, got ",
+              output.size(-1));
+  const c10::cuda::CUDAGuard guard(output.device());
+  // Rows are read contiguously; a strided argument is copied first (the op's own backward always
+  // passes contiguous tensors).
+  const at::Tensor y = output.contiguous();
+  const at::Tensor dy = grad_out.contiguous();
+  at::Tensor dx = at::empty_like(y, at::MemoryFormat::Contiguous);
+  at::Tensor dscores = mask_needs_grad ? at::empty_like(y, at::MemoryFormat::Contiguous) : at::empty({0}, y.options());
+  const int64_t n = y.size(-1);
+  const int64_t rows = n == 0 ? 0 : y.numel() / n;
+  if (rows == 0) return {dx, dscores};
+  SoftmaxBwdParams p{};
+  p.dy = dy.const_data_ptr();
+  p.y = y.const_data_ptr();
+  p.dx = dx.mutable_data_ptr();
+  p.dscores = mask_needs_grad ? dscores.mutable_data_ptr() : nullptr;
+  p.rows = rows;
+  p.n = static_cast<int>(n);
+  p.scale = static_cast<float>(scale);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_V2(y.scalar_type(), "softmax_bwd_cuda", AT_WRAP([&] {
+    launch_softmax<SoftmaxBwdLaunch, scalar_t>(p, rows, p.n, stream);
+  }), at::kFloat, at::kHalf, at::kBFloat16);
+  return {dx, dscores};
+}
+
+}  // namespace
+}  // namespace fused_attn
+
+TORCH_LIBRARY_IMPL(fused_attn, CUDA, m) {
+  m.impl("attention_fwd", &fused_attn::attention_fwd_cuda);
+  m.impl("attention_bwd", &fused_attn::attention_bwd_cuda);
+  m.impl("softmax_fwd", &fused_attn::softmax_fwd_cuda);
+  m.impl("softmax_bwd", &fused_attn::softmax_bwd_cuda);
+}
