@@ -134,7 +134,8 @@ def test_bench_attention_json_csv_plot(tmp_path, capsys):
     timed = [r for r in records if "skipped" not in r]
     assert {r["impl"] for r in timed} >= {"torch", "reference", "cpu"}
     for r in timed:
-        assert RECORD_KEYS <= set(r) and "tflops" in r
+        assert RECORD_KEYS <= set(r) and "tflops" in r and r["baseline"] == "reference"
+        assert r["speedup_vs_torch"] > 0
         assert r["suite"] == "attention" and r["mode"] == "fwd+bwd" and r["shape"]["causal"] is True
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["peak_mem_bytes"] > 0
         assert r["tflops"] == pytest.approx(
@@ -263,4 +264,5 @@ def test_gpu_check_report_renders_tables_plots_and_memory(tmp_path, monkeypatch)
     assert "1 passed, 1 failed" in md and "FAILED `tests.test_x::test_y`: boom" in md
     assert "![attention](stem-attention.png)" in md and "fused/plain 0.250" in md
     assert "| attention | B4 H16 L2048 D64 full | bfloat16 | fwd | cuda |" in md and "10%" in md
+    assert "| 1.00x | - | 1 |" in md  # no speedup_vs_torch in these records
     assert "attention `xformers` (1 case): not installed" in md

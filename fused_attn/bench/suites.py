@@ -1,10 +1,12 @@
 """Benchmark suites: each yields cases, and for each case the implementations to compare.
 
 An implementation is a name and a zero-argument callable that runs the op once (forward, or
-forward and backward). ``torch`` names PyTorch's own implementation, the baseline every
-speed-up is reported against (``eager``: as a user would write it with torch's functions);
-``reference`` is the package's plain PyTorch oracle; ``compiled`` is ``torch.compile`` of the
-reference; ``torch-flash`` is PyTorch's FlashAttention backend where it can run; ``copy`` is a
+forward and backward). ``torch`` names PyTorch's own implementation (its fused kernel where it
+has one: ``F.scaled_dot_product_attention``, ``F.layer_norm``); ``reference`` is the package's
+plain PyTorch oracle; each case names its eager baseline, the code a user would write without
+this package (``reference`` for attention, the explicit softmax(QK^T)V; ``torch`` for the
+others, whose eager form is torch's own functions; ``plain`` for models), and speed-ups are
+reported against it and against ``torch``; ``compiled`` is ``torch.compile`` of the reference; ``torch-flash`` is PyTorch's FlashAttention backend where it can run; ``copy`` is a
 device copy of as many bytes as a memory-bound op must move (the bandwidth yardstick); the
 fused backends that can serve the case on this machine follow, then other libraries' kernels
 when installed (:mod:`.third_party`). The ``model`` suite compares whole models: ``plain``
@@ -59,7 +61,7 @@ class Case:
     flops: float | None = None  # floating-point operations per call (compute-bound ops)
     min_bytes: int | None = None  # bytes that must cross memory per call (memory-bound ops)
     tokens: int | None = None  # tokens per call (models)
-    baseline: str = "torch"  # the implementation speed-ups are reported against
+    baseline: str = "torch"  # the eager implementation speed-ups are reported against
 
 
 def _fused_backends(op: str, inputs: backends.Inputs, wanted: list[str] | None) -> tuple[list[str], dict[str, str]]:
@@ -192,7 +194,7 @@ def attention_cases(s: Settings) -> Iterator[Case]:
                 )
             _add_optional(impls, skipped, grad, third_party.attention(q, k, v, causal))
             shape = {"batch": batch, "heads": heads, "seq": seq, "head_dim": head_dim, "causal": causal}
-            yield Case("attention", shape, s.dtype, s.mode, impls, skipped, flops=flops)
+            yield Case("attention", shape, s.dtype, s.mode, impls, skipped, flops=flops, baseline="reference")
 
 
 # ---------------------------------------------------------------------------------------------
