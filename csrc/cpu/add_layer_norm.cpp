@@ -111,7 +111,7 @@ void add_layer_norm_fwd_rows(const scalar_t* x, const scalar_t* res, const float
           dev.end_segment();
           sq.end_segment();
         });
-    const double var = std::max(0.0, (sq.total - dev.total * dev.total * inv_n) * inv_n);
+    const double var = two_pass_variance(sq.total, dev.total, inv_n);
     const float rs = static_cast<float>(1.0 / std::sqrt(var + eps));
     mean[r] = m;
     rstd[r] = rs;

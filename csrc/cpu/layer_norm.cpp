@@ -7,9 +7,9 @@
 // accuracy. All arithmetic is float32 on at::vec::Vectorized<float>, fp16/bf16 widened on load
 // and rounded once on store; row sums are cascaded through a double every kSegment elements.
 // grad_weight/grad_bias are accumulated in the backward's grad_input pass: the rows are cut into
-// at most get_num_threads() fixed chunks, each summing into its own float32 [hidden] buffers
-// (Kahan-compensated), and the buffers are added in chunk order, so there is no race and, for a
-// fixed thread count, the result does not depend on scheduling.
+// chunks fixed by the shape alone (cpu_rows::num_row_chunks), each summing into its own float32
+// [hidden] buffers (Kahan-compensated), and the buffers are added in chunk order, so there is no
+// race and the bits depend neither on scheduling nor on the thread count.
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -81,7 +81,7 @@ void layer_norm_fwd_rows(const scalar_t* x, const float* w, const float* b, int6
           dev.end_segment();
           sq.end_segment();
         });
-    const double var = std::max(0.0, (sq.total - dev.total * dev.total * inv_n) * inv_n);
+    const double var = two_pass_variance(sq.total, dev.total, inv_n);
     const float rs = static_cast<float>(1.0 / std::sqrt(var + eps));
     mean[r] = m;
     rstd[r] = rs;
@@ -244,10 +244,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
   }
   if (!(need_dx || need_dw || need_db)) return {dx, dw, db};
 
-  // Few enough chunks that the partial buffers stay small and their reduction cheap, enough
-  // that every thread has rows to do; a fixed function of the shape and the thread count.
-  const int64_t nchunks =
-      std::min<int64_t>({at::get_num_threads(), rows, std::max<int64_t>(1, rows * hidden / kGrainElems)});
+  // A function of the shape alone (cpu_rows::num_row_chunks, as Add & Norm's), so the bits of
+  // grad_weight/grad_bias do not depend on the thread count.
+  const int64_t nchunks = num_row_chunks(rows, hidden);
   const auto part_options = input.options().dtype(at::kFloat);
   at::Tensor dw_part = need_dw ? at::zeros({nchunks, 2, hidden}, part_options) : at::Tensor();
   at::Tensor db_part = need_db ? at::zeros({nchunks, 2, hidden}, part_options) : at::Tensor();
@@ -264,8 +263,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
     float* dbp = need_db ? db_part.mutable_data_ptr<float>() : nullptr;
     at::parallel_for(0, nchunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       for (int64_t c = chunk_begin; c < chunk_end; ++c) {
-        layer_norm_bwd_rows<scalar_t>(dyp, xp, mp, rp, wp, hidden, c * rows / nchunks, (c + 1) * rows / nchunks,
-                                      dxp, dwp ? dwp + 2 * c * hidden : nullptr, dbp ? dbp + 2 * c * hidden : nullptr);
+        const auto [begin, end] = chunk_rows(c, nchunks, rows);
+        layer_norm_bwd_rows<scalar_t>(dyp, xp, mp, rp, wp, hidden, begin, end, dxp,
+                                      dwp ? dwp + 2 * c * hidden : nullptr, dbp ? dbp + 2 * c * hidden : nullptr);
       }
     });
     if (need_dw) sum_partials(dwp, nchunks, hidden, dw.mutable_data_ptr<scalar_t>());

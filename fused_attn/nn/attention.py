@@ -106,6 +106,7 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
             )
         if is_causal and attn_mask is None:
             raise RuntimeError("FusedMultiheadAttention: is_causal=True needs attn_mask (as torch's): it is a hint")
+        self._check_inputs(query, key, value)
         batched = query.dim() == 3
         if not batched:
             query, key, value = (t.unsqueeze(1) for t in (query, key, value))
@@ -143,6 +144,28 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
         elif self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+    def _check_inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Shapes as torch's MultiheadAttention asserts them, as ValueErrors naming the argument."""
+        if query.dim() not in (2, 3):
+            raise ValueError(
+                f"query must be unbatched 2-D [seq, embed] or batched 3-D, got shape {list(query.shape)}"
+            )
+        for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if t.dim() != query.dim():
+                raise ValueError(f"{name} must have {query.dim()} dims as query has, got shape {list(t.shape)}")
+            if t.shape[-1] != width:
+                raise ValueError(f"{name} must have embedding dim {width}, got shape {list(t.shape)}")
+        if query.dim() == 3:
+            batch_dim = 0 if self.batch_first else 1
+            for name, t in (("key", key), ("value", value)):
+                if t.shape[batch_dim] != query.shape[batch_dim]:
+                    raise ValueError(
+                        f"{name} batch {t.shape[batch_dim]} does not match query batch {query.shape[batch_dim]}"
+                    )
+        seq_dim = 1 if query.dim() == 3 and self.batch_first else 0
+        if key.shape[seq_dim] != value.shape[seq_dim]:
+            raise ValueError(f"value length {value.shape[seq_dim]} does not match key length {key.shape[seq_dim]}")
 
     def _project(self, query, key, value):
         if self._qkv_same_embed_dim:

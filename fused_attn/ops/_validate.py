@@ -43,11 +43,13 @@ def check_dropout_p(p: object) -> float:
 
 
 def check_param(param: object, name: str, input: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
-    """An optional parameter (weight, bias) of ``shape`` on ``input``'s device, cast to its dtype.
+    """An optional parameter (weight, bias) of ``shape`` on ``input``'s device, cast to its dtype
+    and contiguous.
 
     Mixed precision (e.g. float32 parameters with a float16 input, as F.layer_norm accepts): the
     kernels compute in float32 either way, and the cast is differentiable, so the gradient still
-    reaches the parameter in its own dtype.
+    reaches the parameter in its own dtype. The kernels index parameters as dense vectors, so a
+    strided or expanded view (e.g. ``bias.expand(n)``) is copied once here.
     """
     if param is None:
         return None
@@ -55,4 +57,4 @@ def check_param(param: object, name: str, input: torch.Tensor, shape: tuple[int,
     if tuple(param.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(param.shape)}")
     check_same_device(param, name, input, "input")
-    return param if param.dtype == input.dtype else param.to(input.dtype)
+    return param.to(input.dtype).contiguous()

@@ -13,9 +13,10 @@ import torch
 
 from .. import _extension, reference
 from ..backends import Inputs, Support, register_op, select
+from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import register_pair
-from ._validate import check_dropout_p, check_eps, check_param, check_same_device, check_tensor, dtype_name
+from ._validate import check_dropout_p, check_eps, check_param, check_same_device, check_tensor
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -137,23 +138,38 @@ def add_layer_norm(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``layer_norm(residual + dropout(input + input_bias))`` over the last dim, fused.
 
-    ``input`` and ``residual`` share a shape [..., hidden] (any leading dims, any strides),
-    dtype and device; ``weight``, ``bias`` and ``input_bias`` are optional [hidden] vectors.
+    ``input`` and ``residual`` share a shape [..., hidden] (any leading dims, any strides) and a
+    device; ``weight``, ``bias`` and ``input_bias`` are optional [hidden] vectors. As in the
+    unfused expression, ``input``, ``residual`` and ``input_bias`` of different floating dtypes
+    are promoted to a common one (e.g. a bfloat16 sublayer output under autocast added to a
+    float32 residual stream gives a float32 sum and output); ``weight`` and ``bias`` take the
+    sum's dtype.
     ``dropout_p`` drops elements of ``input + input_bias`` (inverted dropout, seeded from torch's
     default generator). With ``return_prenorm`` also returns the sum that was normalised (the
-    residual stream of pre-LN models). Differentiable in every tensor argument.
+    residual stream of pre-LN models). Differentiable in every tensor argument; the backward is
+    deterministic on every backend (vector gradients from partial sums added in a fixed order).
 
-    Raises ``TypeError``/``ValueError`` naming the argument when shapes, dtypes or devices do not
-    match, or ``dropout_p`` is outside [0, 1).
+    Raises ``TypeError``/``ValueError`` naming the argument for a non-floating tensor, shapes or
+    devices that do not match, or ``dropout_p`` outside [0, 1).
+
+    Under ``torch.autocast`` it follows its unfused expression: on CPU nothing is cast (the sum
+    promotes, ``F.layer_norm`` keeps its input's dtype); on CUDA, where ``F.layer_norm`` runs in
+    float32, every floating input is cast to float32, so the output and the pre-norm sum are
+    float32.
     """
+    input, residual, weight, bias, input_bias = autocast_inputs(
+        FLOAT32_ON_CUDA, input, input, residual, weight, bias, input_bias
+    )
     input = check_tensor(input, "input", min_dim=1)
     residual = check_tensor(residual, "residual", min_dim=1)
     if residual.shape != input.shape:
         raise ValueError(f"residual shape {list(residual.shape)} does not match input shape {list(input.shape)}")
-    if residual.dtype != input.dtype:
-        raise TypeError(f"residual dtype {dtype_name(residual.dtype)} does not match input dtype {dtype_name(input.dtype)}")
     check_same_device(residual, "residual", input, "input")
     hidden = input.shape[-1]
+    dtype = torch.promote_types(input.dtype, residual.dtype)
+    if input_bias is not None:
+        dtype = torch.promote_types(dtype, check_tensor(input_bias, "input_bias").dtype)
+    input, residual = input.to(dtype), residual.to(dtype)
     weight = check_param(weight, "weight", input, (hidden,))
     bias = check_param(bias, "bias", input, (hidden,))
     input_bias = check_param(input_bias, "input_bias", input, (hidden,))

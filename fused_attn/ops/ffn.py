@@ -13,6 +13,7 @@ import torch
 
 from .. import _extension, reference
 from ..backends import Inputs, Support, register_op, select
+from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import register_pair
 from ._validate import check_dropout_p, check_param, check_same_device, check_tensor, dtype_name
@@ -295,8 +296,10 @@ def linear_gelu(
     ``input`` [..., in_features] (any leading dims), ``weight`` [out_features, in_features] of
     the input's dtype, ``bias`` [out_features] or None; ``approximate`` "none" (erf) or "tanh".
     The backward applies dGELU inside the gradient GEMMs and reduces the bias gradient in the
-    same pass. Raises ``TypeError``/``ValueError`` naming the argument on mismatches.
+    same pass. Raises ``TypeError``/``ValueError`` naming the argument on mismatches. Under
+    ``torch.autocast`` input, weight and bias are cast to the autocast dtype, as ``F.linear``'s.
     """
+    input, weight, bias = autocast_inputs(LOWER_PRECISION, input, input, weight, bias)
     input = check_tensor(input, "input", min_dim=1)
     weight, bias = _check_linear(input, weight, bias, ("weight", "bias"), input.shape[-1])
     approximate = _check_approximate(approximate)
@@ -323,8 +326,10 @@ def ffn(
     ``input`` [..., model], ``w1`` [hidden, model], ``w2`` [model_out, hidden], biases optional.
     Only the pre-activation is kept for the backward (the activation is recomputed inside the
     GEMM that needs it). ``dropout_p`` drops output elements (seeded from torch's default
-    generator). Raises ``TypeError``/``ValueError`` naming the argument on mismatches.
+    generator). Raises ``TypeError``/``ValueError`` naming the argument on mismatches. Under
+    ``torch.autocast`` every floating tensor is cast to the autocast dtype, as ``F.linear``'s.
     """
+    input, w1, b1, w2, b2 = autocast_inputs(LOWER_PRECISION, input, input, w1, b1, w2, b2)
     input = check_tensor(input, "input", min_dim=1)
     w1, b1 = _check_linear(input, w1, b1, ("w1", "b1"), input.shape[-1])
     w2, b2 = _check_linear(input, w2, b2, ("w2", "b2"), w1.shape[0])

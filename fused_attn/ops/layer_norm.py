@@ -15,6 +15,7 @@ import torch
 
 from .. import _extension, reference
 from ..backends import Inputs, Support, register_op, select
+from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._registry import register_pair
 from ._validate import check_eps, check_param, check_tensor
 
@@ -121,12 +122,17 @@ def layer_norm(
     float32), then scales by ``weight`` and shifts by ``bias`` (both of shape ``normalized_shape``,
     optional). ``input`` may have any leading shape and any strides; float16, bfloat16 and
     float32 run fused, accumulating in float32 (float64 runs the reference implementation).
-    Differentiable in ``input``, ``weight`` and ``bias``.
+    Differentiable in ``input``, ``weight`` and ``bias``; the backward is deterministic on every
+    backend (weight and bias gradients from partial sums added in a fixed order, no atomics).
 
     Raises ``TypeError``/``ValueError`` naming the argument when shapes, dtypes or devices do not
     match, and :class:`~fused_attn.BackendNotSupportedError` when a named ``backend`` cannot serve
     the call.
+
+    Under ``torch.autocast`` it runs in float32 on CUDA (input, weight and bias cast) and in the
+    input's dtype on CPU, as ``F.layer_norm`` does.
     """
+    input, weight, bias = autocast_inputs(FLOAT32_ON_CUDA, input, input, weight, bias)
     input = check_tensor(input, "input", min_dim=1)
     shape = _normalized_shape(normalized_shape)
     if not shape or input.dim() < len(shape) or tuple(input.shape[-len(shape):]) != shape:

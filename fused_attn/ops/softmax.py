@@ -13,6 +13,7 @@ import torch
 
 from .. import _extension, reference
 from ..backends import Inputs, Support, register_op, select
+from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._registry import register_pair
 from ._validate import check_same_device, check_tensor, dtype_name
 
@@ -106,7 +107,11 @@ def softmax(
 
     Raises ``TypeError``/``ValueError`` naming the argument for a bad dim, a mask that does not
     broadcast or has a non-bool, non-floating dtype, a non-finite scale, or a device mismatch.
+
+    Under ``torch.autocast`` it runs in float32 on CUDA and in the input's dtype on CPU, as
+    ``torch.softmax`` does.
     """
+    input, mask = autocast_inputs(FLOAT32_ON_CUDA, input, input, mask)
     input = check_tensor(input, "input", min_dim=1)
     if isinstance(dim, bool) or not isinstance(dim, int) or not -input.dim() <= dim < input.dim():
         raise ValueError(f"dim must be an int in [{-input.dim()}, {input.dim() - 1}] for input of shape {list(input.shape)}, got {dim!r}")

@@ -192,6 +192,15 @@ struct RowSum {
   }
 };
 
+// The biased variance from the corrected two-pass sums (sum of deviations d and of d^2 over n
+// elements, inv_n = 1 / n). Rounding can take it slightly below 0, so it is clamped there, but a
+// NaN (a row holding NaN or +-inf) must stay NaN so that the row normalises to NaN as in torch:
+// std::max(0.0, NaN) would return 0 and turn such a row into +-inf.
+C10_ALWAYS_INLINE double two_pass_variance(double sum_sq, double sum_dev, double inv_n) {
+  const double var = (sum_sq - sum_dev * sum_dev * inv_n) * inv_n;
+  return var < 0.0 ? 0.0 : var;
+}
+
 // Column sums are accumulated per chunk of rows. The chunk count is a function of the shape
 // alone (never of the thread count), so the sums, added in chunk order, are the same bits on
 // any machine with the same vector ISA: at most kMaxChunks chunks, each of at least
