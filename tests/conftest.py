@@ -46,11 +46,22 @@ def backend_params(op: str, *, exclude: tuple[str, ...] = ()) -> list:
     return params
 
 
-def supported_dtypes(backend: str, device: str) -> tuple[torch.dtype, ...]:
-    """Dtypes to test a backend in: under the Triton interpreter bf16 is left to GPU runs."""
+def supported_dtypes(backend: str, device: str, op: str | None = None) -> tuple[torch.dtype, ...]:
+    """Dtypes to test a backend in: those ``op``'s declaration gives it (when ``op`` is named);
+    under the Triton interpreter bf16 is left to GPU runs."""
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
     if backend == "triton" and device == "cpu":
-        return (torch.float32, torch.float16)
-    return (torch.float32, torch.float16, torch.bfloat16)
+        dtypes = (torch.float32, torch.float16)
+    if op is not None:
+        declared = backends.registered_ops()[op].supports[backend].dtypes
+        dtypes = tuple(d for d in dtypes if d in declared)
+    return dtypes
+
+
+def work_dtype(op: str, backend: str, device: str) -> torch.dtype:
+    """The dtype for a test of semantics rather than precision: float32 where ``backend`` serves
+    it, else float16 (e.g. tensor-core-only CUDA kernels)."""
+    return supported_dtypes(backend, device, op)[0]
 
 
 @dataclasses.dataclass

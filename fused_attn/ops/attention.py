@@ -14,18 +14,26 @@ import torch
 
 from .. import _extension, reference
 from ..backends import Inputs, Support, register_op, select
+from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import register_pair
 from ._validate import check_dropout_p, check_same_device, check_tensor, dtype_name
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Head dims a kernel tile holds: padded to a power of two >= 16 and masked, up to 256.
+# Head dims a kernel tile holds: padded (to a power of two >= 16 in Triton; to 32, 64, 96, 128 or 256
+# in CUDA C++) and masked, up to 256.
 HEAD_DIM_LIMITS = {"head_dim": (1, 256), "head_dim_v": (1, 256)}
+# The CUDA C++ kernels multiply on tensor cores (mma.sync with fp16/bf16 operands, cp.async): sm80+,
+# no float32 (which the policy then gives to Triton).
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 SPEC = register_op(
     "scaled_dot_product_attention",
     [
-        Support("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, limits=HEAD_DIM_LIMITS, native_op="attention_fwd"),
+        Support(
+            "cuda", devices=("cuda",), dtypes=CUDA_DTYPES, limits=HEAD_DIM_LIMITS, min_compute_capability=(8, 0),
+            native_op="attention_fwd",
+        ),
         Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES, limits=HEAD_DIM_LIMITS),
         Support("cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, limits=HEAD_DIM_LIMITS, native_op="attention_fwd"),
         Support("reference", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)),
@@ -188,12 +196,19 @@ def scaled_dot_product_attention(
     be combined with ``attn_mask``. ``scale`` defaults to 1/sqrt(D). ``dropout_p`` drops
     attention probabilities with a counter-based RNG seeded from torch's default generator
     (``torch.manual_seed`` reproduces it). A query whose every key is masked gets 0 and zero
-    gradients. float16, bfloat16 and float32 run fused, head dims up to 256.
+    gradients. float16, bfloat16 and float32 run fused, head dims up to 256 (the cuda backend:
+    float16 and bfloat16 on compute capability 8.0+; float32 goes to Triton).
 
     Raises ``TypeError``/``ValueError`` naming the argument for a wrong rank, mismatched
     batch/heads/head_dim/lengths, dtypes or devices, a mask that does not broadcast, ``dropout_p``
     outside [0, 1); :class:`~fused_attn.BackendNotSupportedError` when a named backend cannot serve.
+
+    Under ``torch.autocast`` query, key, value and a floating mask are cast to the autocast dtype,
+    as torch's SDPA casts them. Forward and backward are deterministic (dQ has its own pass, no
+    atomics); the cpu backend's bits depend on the thread count, Triton's on the autotuned tile
+    configuration (README, "Determinism").
     """
+    query, key, value, attn_mask = autocast_inputs(LOWER_PRECISION, query, query, key, value, attn_mask)
     _validate(query, key, value)
     batch, heads, q_len, head_dim = query.shape
     k_len = key.shape[2]
