@@ -7,7 +7,7 @@ from fused_attn import reference
 from fused_attn.backends import BackendNotSupportedError
 from fused_attn.ops.attention import attention_with_keep_mask
 
-from .conftest import assert_parity, backend_params, supported_dtypes
+from .conftest import assert_parity, backend_params, supported_dtypes, work_dtype
 
 OP = "scaled_dot_product_attention"
 BACKENDS = backend_params(OP, exclude=("reference",))
@@ -39,7 +39,7 @@ def _mask(kind, batch, heads, q_len, k_len, device, seed=1):
 
 def _check(backend, device, dtype, *, batch=2, heads=2, q_len=77, k_len=None, head_dim=64, kind="none",
            mask_grad=False, dropout_p=0.0):
-    if dtype not in supported_dtypes(backend, device):
+    if dtype not in supported_dtypes(backend, device, OP):
         pytest.skip(f"{dtype} is not tested on {backend}-{device}")
     k_len = q_len if k_len is None else k_len
     q, k, v = _qkv(batch, heads, q_len, k_len, head_dim, dtype, device)
@@ -99,7 +99,7 @@ def test_parity_causal_cross_lengths(backend_device, lengths, kind):
 def test_parity_float_mask_gradient(backend_device, dtype, mask_shape):
     """A learned bias receives its gradient, summed over the dims it was broadcast along."""
     backend, device = backend_device
-    if dtype not in supported_dtypes(backend, device):
+    if dtype not in supported_dtypes(backend, device, OP):
         pytest.skip(f"{dtype} is not tested on {backend}-{device}")
     q, k, v = _qkv(2, 3, 33, 45, 32, dtype, device)
     shape = (2, 3, 33, 45) if mask_shape == "full" else (1, 1, 33, 45)
@@ -117,41 +117,44 @@ def test_parity_float_mask_gradient(backend_device, dtype, mask_shape):
 @pytest.mark.parametrize("backend_device", BACKENDS)
 def test_custom_scale(backend_device):
     backend, device = backend_device
-    q, k, v = _qkv(1, 2, 30, 30, 16, torch.float32, device)
-    for scale in (0.05, 1.0, 3.0, -0.5):
-        out = fused_attn.scaled_dot_product_attention(q, k, v, scale=scale, backend=backend)
-        torch.testing.assert_close(out, reference.scaled_dot_product_attention(q, k, v, scale=scale), rtol=1e-4, atol=1e-5)
+    q, k, v = _qkv(1, 2, 30, 30, 16, work_dtype(OP, backend, device), device)
+    for scale in (0.05, 1.0, 3.0, -0.5, 8.0):
+        assert_parity(
+            lambda query, key, value: fused_attn.scaled_dot_product_attention(query, key, value, scale=scale, backend=backend),
+            lambda query, key, value: reference.scaled_dot_product_attention(query, key, value, scale=scale),
+            {"query": q, "key": k, "value": v},
+            grad_args=("query", "key", "value"),
+        )
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
 def test_matches_torch_sdpa(backend_device):
+    """torch's own SDPA is the oracle here (run in float64 for the truth)."""
     backend, device = backend_device
-    q, k, v = _qkv(2, 2, 50, 60, 32, torch.float32, device)
-    mask = _mask("bias", 2, 2, 50, 60, device)
-    torch.testing.assert_close(
-        fused_attn.scaled_dot_product_attention(q, k, v, mask, backend=backend),
-        F.scaled_dot_product_attention(q, k, v, mask),
-        rtol=1e-4, atol=1e-5,
-    )
-    torch.testing.assert_close(
-        fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend),
-        F.scaled_dot_product_attention(q, k, v, is_causal=True),
-        rtol=1e-4, atol=1e-5,
-    )
+    dtype = work_dtype(OP, backend, device)
+    q, k, v = _qkv(2, 2, 50, 60, 32, dtype, device)
+    args = {"query": q, "key": k, "value": v, "attn_mask": _mask("bias", 2, 2, 50, 60, device).to(dtype)}
+    grads = ("query", "key", "value")
+    assert_parity(lambda **a: fused_attn.scaled_dot_product_attention(**a, backend=backend),
+                  F.scaled_dot_product_attention, args, grad_args=grads)
+    args["attn_mask"] = None
+    assert_parity(lambda **a: fused_attn.scaled_dot_product_attention(**a, is_causal=True, backend=backend),
+                  lambda **a: F.scaled_dot_product_attention(**a, is_causal=True), args, grad_args=grads)
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("kind", ["bool", "float", "causal-cross"])
 def test_fully_masked_rows_give_zero_and_zero_grads(backend_device, kind):
     backend, device = backend_device
-    q, k, v = _qkv(1, 2, 9, 12, 16, torch.float32, device)
+    dtype = work_dtype(OP, backend, device)
+    q, k, v = _qkv(1, 2, 9, 12, 16, dtype, device)
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
     causal = False
     if kind == "bool":
         mask = torch.ones(1, 2, 9, 12, dtype=torch.bool, device=device)
         mask[:, :, 3] = False
     elif kind == "float":
-        mask = torch.zeros(1, 2, 9, 12, device=device)
+        mask = torch.zeros(1, 2, 9, 12, device=device, dtype=dtype)
         mask[:, :, 3] = float("-inf")
     else:
         # Causal with a padding mask hiding key 0: query 0 sees no key at all.
@@ -165,8 +168,12 @@ def test_fully_masked_rows_give_zero_and_zero_grads(backend_device, kind):
     out.sum().backward()
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
     assert (q.grad[:, :, row] == 0).all()
-    expected = reference.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), mask, is_causal=causal)
-    torch.testing.assert_close(out.detach(), expected, rtol=1e-4, atol=1e-5)
+    assert_parity(
+        lambda **a: fused_attn.scaled_dot_product_attention(**a, is_causal=causal, backend=backend),
+        lambda **a: reference.scaled_dot_product_attention(**a, is_causal=causal),
+        {"query": q, "key": k, "value": v, "attn_mask": mask},
+        grad_args=("query", "key", "value"),
+    )
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
@@ -183,7 +190,7 @@ def test_padding_mask_is_read_through_strides(backend_device, monkeypatch):
         return kernel(q, k, v, mask, *args)
 
     monkeypatch.setitem(attention_op._FWD_OPS, backend, spy)
-    q, k, v = _qkv(2, 4, 16, 16, 16, torch.float32, device)
+    q, k, v = _qkv(2, 4, 16, 16, 16, work_dtype(OP, backend, device), device)
     pad = _mask("padding", 2, 4, 16, 16, device)
     fused_attn.scaled_dot_product_attention(q, k, v, pad, backend=backend)
     mask = seen["mask"]
@@ -196,13 +203,13 @@ def test_padding_mask_is_read_through_strides(backend_device, monkeypatch):
 def test_non_contiguous_layouts(backend_device):
     """[B, L, H, D] projections transposed to [B, H, L, D] are used in place."""
     backend, device = backend_device
-    x = torch.randn(2, 40, 3, 3, 16, device=device)  # [B, L, (q,k,v), H, D]
+    x = torch.randn(2, 40, 3, 3, 16, device=device, dtype=work_dtype(OP, backend, device))  # [B, L, (q,k,v), H, D]
     q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))
     assert not q.is_contiguous()
+    # The same as on contiguous copies, whose parity the tests above check.
     torch.testing.assert_close(
         fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend),
-        reference.scaled_dot_product_attention(q, k, v, is_causal=True),
-        rtol=1e-4, atol=1e-5,
+        fused_attn.scaled_dot_product_attention(*(t.contiguous() for t in (q, k, v)), is_causal=True, backend=backend),
     )
 
 
@@ -210,15 +217,15 @@ def test_non_contiguous_layouts(backend_device):
 # Dropout
 
 
-def _dropout_inputs(device, dtype=torch.float32, q_len=64, k_len=80):
-    return _qkv(2, 3, q_len, k_len, 32, dtype, device)
+def _dropout_inputs(backend, device, q_len=64, k_len=80):
+    return _qkv(2, 3, q_len, k_len, 32, work_dtype(OP, backend, device), device)
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_fraction_matches_p(backend_device, p):
     backend, device = backend_device
-    q, k, v = _dropout_inputs(device, q_len=128, k_len=128)
+    q, k, v = _dropout_inputs(backend, device, q_len=128, k_len=128)
     torch.manual_seed(0)
     _, keep = attention_with_keep_mask(q, k, v, dropout_p=p)
     dropped = 1.0 - keep.float().mean().item()
@@ -231,7 +238,7 @@ def test_dropout_fraction_matches_p(backend_device, p):
 def test_dropout_forward_and_backward_match_reference_with_kernel_mask(backend_device, kind):
     """Forward and backward equal the reference fed the kernel's own keep-mask."""
     backend, device = backend_device
-    q, k, v = _dropout_inputs(device)
+    q, k, v = _dropout_inputs(backend, device)
     mask = _mask(kind, 2, 3, 64, 80, device)
     causal = kind == "causal"
     p = 0.3
@@ -251,7 +258,7 @@ def test_dropout_forward_and_backward_match_reference_with_kernel_mask(backend_d
 @pytest.mark.parametrize("backend_device", BACKENDS)
 def test_dropout_same_seed_same_result_other_seed_differs(backend_device):
     backend, device = backend_device
-    q, k, v = _dropout_inputs(device)
+    q, k, v = _dropout_inputs(backend, device)
 
     def run(seed):
         torch.manual_seed(seed)
@@ -264,7 +271,7 @@ def test_dropout_same_seed_same_result_other_seed_differs(backend_device):
 @pytest.mark.parametrize("backend_device", BACKENDS)
 def test_no_dropout_is_deterministic(backend_device):
     backend, device = backend_device
-    q, k, v = _dropout_inputs(device)
+    q, k, v = _dropout_inputs(backend, device)
     q.requires_grad_(True)
     a = fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend)
     (ga,) = torch.autograd.grad(a.sum(), q)
@@ -310,7 +317,7 @@ def test_bad_input(make_args, kwargs, error, fragment):
 @pytest.mark.parametrize("backend_device", BACKENDS)
 def test_unsupported_head_dim_is_rejected_with_reason(backend_device):
     backend, device = backend_device
-    q = torch.randn(1, 1, 4, 320, device=device)
+    q = torch.randn(1, 1, 4, 320, device=device, dtype=work_dtype(OP, backend, device))
     with pytest.raises(BackendNotSupportedError, match="head_dim=320 exceeds the maximum 256"):
         fused_attn.scaled_dot_product_attention(q, q, q, backend=backend)
 
@@ -319,7 +326,7 @@ def test_unsupported_head_dim_is_rejected_with_reason(backend_device):
 @pytest.mark.parametrize("shape", [(0, 2, 8, 16), (1, 0, 8, 16), (1, 2, 0, 16)])
 def test_empty_inputs(backend_device, shape):
     backend, device = backend_device
-    q = torch.randn(*shape, device=device, requires_grad=True)
+    q = torch.randn(*shape, device=device, dtype=work_dtype(OP, backend, device), requires_grad=True)
     out = fused_attn.scaled_dot_product_attention(q, q, q, backend=backend)
     assert out.shape == shape
     out.sum().backward()
@@ -329,7 +336,7 @@ def test_empty_inputs(backend_device, shape):
 @pytest.mark.parametrize("backend_device", backend_params(OP))
 def test_zero_length_keys_give_zero(backend_device):
     backend, device = backend_device
-    q = torch.randn(1, 2, 5, 16, device=device)
-    kv = torch.randn(1, 2, 0, 16, device=device)
+    q = torch.randn(1, 2, 5, 16, device=device, dtype=work_dtype(OP, backend, device))
+    kv = torch.randn(1, 2, 0, 16, device=device, dtype=q.dtype)
     out = fused_attn.scaled_dot_product_attention(q, kv, kv, backend=backend)
     assert out.shape == (1, 2, 5, 16) and (out == 0).all()

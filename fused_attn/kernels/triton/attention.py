@@ -21,12 +21,31 @@ Dropout: Philox (``tl.rand``) keyed by a 64-bit seed with counter ``(bh * Lq + i
 so the backward regenerates the same keep-mask from the seed alone. ``DROPOUT`` is a constexpr:
 ``dropout_p == 0`` compiles the RNG away.
 
-Backward: ``delta = rowsum(dO * O)`` first; then one kernel per key tile accumulates dK and dV
-over the query tiles (from the diagonal on, when causal) and one kernel per query tile
-accumulates dQ over the key tiles. Each recomputes the probabilities from the saved
-log-sum-exp. Two kernels instead of atomics on dQ: the gradients are deterministic, at the cost
-of computing Q K^T one more time. With a floating mask that requires grad, the dQ kernel also
-writes dScores (the only Lq x Lk buffer, allocated only then), summed to the mask's shape.
+Backward: a per-row pass first; then one kernel per key tile accumulates dK and dV over the
+query tiles (from the diagonal on, when causal) and one kernel per query tile accumulates dQ over
+the key tiles. Each recomputes the probabilities from the saved log-sum-exp. Two kernels instead
+of atomics on dQ: the gradients are deterministic, at the cost of computing Q K^T one more time.
+With a floating mask that requires grad, the dQ kernel also writes dScores (the only Lq x Lk
+buffer, allocated only then), summed to the mask's shape.
+
+Backward precision. P = exp2(s - lse) with the float32 lse is off by up to half an ulp of |lse|
+(plus the roundings of the ln <-> log2 conversions): a relative error common to the whole row of
+P, which adds up coherently in dV = P^T dO, and ``delta = rowsum(dO * O)`` carries the forward's
+rounding rather than this P's, so dS = P (dP - delta) no longer cancels and dS amplifies the
+mismatch by |dP|. With large logits (|lse| ~ 50 at scale 3, head dim 16) float32 gradients
+reached 6.6x the plain float32 implementation's error. For float32 the per-row pass is therefore a
+statistics kernel (``ROW_STATS``, the scheme of the C++ CPU backend): from the very S and dP the
+gradient kernels use (``_query_tile_terms``), ``corr = 1 / sum_j P_ij`` and ``delta = corr *
+sum_j P_ij dP_ij`` (in exact arithmetic 1 and rowsum(dO * O)); the gradient kernels multiply P
+by ``corr``, so P sums to 1 to rounding and dS cancels as in the plain softmax backward. Cost:
+one Q K^T and one dO V^T per tile more (9 tile GEMMs in the backward instead of 7) and one
+multiply per element; the forward is unchanged. For fp16/bf16 the operands' rounding dwarfs this
+error (measured on the test's shapes: at most a quarter of the parity bound without the pass, a
+fifth with it), so the cheap ``rowsum(dO * O)`` kernel serves them. The alternative, a more
+exact lse from the forward (the row max and log2 of the row sum kept apart, so that (s - m) -
+log2(l) is exact where P is large), would be free in the backward but would still leave
+log2(l)'s rounding as a common error, fixes nothing about delta, and changes the custom op's
+outputs.
 """
 
 from __future__ import annotations
@@ -244,21 +263,139 @@ def _attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _probabilities(
-    q, k, offs_m, offs_n, lse, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
+    q, k, offs_m, offs_n, lse, corr, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+    ROW_STATS: tl.constexpr,
 ):
-    """Softmax probabilities of a tile recomputed from the log-sum-exp (``lse`` in log2 units)."""
+    """Softmax probabilities of a tile recomputed from the log-sum-exp (``lse`` in log2 units);
+    with ``ROW_STATS`` renormalised by the row factor ``corr`` of the statistics pass."""
     s = _scores(q, k, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
                 HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT)
-    return tl.math.exp2(s - lse[:, None])
+    p = tl.math.exp2(s - lse[:, None])
+    if ROW_STATS:
+        p = p * corr[:, None]
+    return p
+
+
+@triton.jit
+def _query_tile_terms(
+    q, do, lse, corr, offs_m, start_n, k_base, v_base, mask_base,
+    stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+):
+    """For a query tile and the key tile at ``start_n``: (K tile, P, dP = dO V^T dropped as P was).
+    The statistics pass and the dQ pass share it, so they see the very same P and dP."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    in_keys = offs_n < k_len
+    keys = offs_n[:, None].to(tl.int64)
+    k = tl.load(k_base + keys * stride_kn + offs_d[None, :], mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    v = tl.load(v_base + keys * stride_vn + offs_dv[None, :], mask=in_keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    p = _probabilities(q, k, offs_m, offs_n, lse, corr, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
+                       HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, ROW_STATS)
+    if FP32_DOT:
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+    else:
+        dp = tl.dot(do, tl.trans(v))
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, offs_m, offs_n, q_len, k_len, dropout_p)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    return k, p, dp
+
+
+@triton.jit
+def _attn_bwd_stats_inner(
+    p_sum, pdp_sum, q, do, lse, offs_m, k_base, v_base, mask_base, lo, hi,
+    stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    FP32_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+):
+    """Row sums of P (as recomputed from the lse) and of P * dP over the key tiles [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        _, p, dp = _query_tile_terms(
+            q, do, lse, lse, offs_m, start_n, k_base, v_base, mask_base,
+            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+            HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, False, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+        )
+        p_sum += tl.sum(p, 1)
+        pdp_sum += tl.sum(p * dp, 1)
+    return p_sum, pdp_sum
+
+
+@triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _attn_bwd_stats_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, lse_ptr, corr_ptr, delta_ptr,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom,
+    heads, q_len, k_len, qk_scale, seed, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, LENGTH_BUCKET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Per query row: ``corr = 1 / sum_j P_ij`` and ``delta = corr * sum_j P_ij dP_ij`` with P as
+    the gradient kernels recompute it (0 and 0 for a row that sees no key)."""
+    num_m = tl.cdiv(q_len, BLOCK_M)
+    pid = tl.program_id(0)
+    tile_m = pid % num_m
+    bh = (pid // num_m).to(tl.int64)
+    b = bh // heads
+    h = bh % heads
+    start_m = tile_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    in_queries = offs_m < q_len
+    rows = offs_m[:, None].to(tl.int64)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :],
+                mask=in_queries[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    do = tl.load(dout_ptr + b * stride_dob + h * stride_doh + rows * stride_dom + offs_dv[None, :],
+                 mask=in_queries[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    lse = tl.load(lse_ptr + bh * q_len + offs_m, mask=in_queries, other=float("inf")) * 1.4426950408889634
+    p_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    pdp_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    mask_base = mask_ptr + b * stride_mb + h * stride_mh
+    if IS_CAUSAL:
+        diag_lo = (start_m // BLOCK_N) * BLOCK_N
+        diag_hi = tl.minimum(start_m + BLOCK_M, k_len)
+        p_sum, pdp_sum = _attn_bwd_stats_inner(
+            p_sum, pdp_sum, q, do, lse, offs_m, k_base, v_base, mask_base, 0, tl.minimum(diag_lo, k_len),
+            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+        )
+        p_sum, pdp_sum = _attn_bwd_stats_inner(
+            p_sum, pdp_sum, q, do, lse, offs_m, k_base, v_base, mask_base, diag_lo, diag_hi,
+            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+            HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+        )
+    else:
+        p_sum, pdp_sum = _attn_bwd_stats_inner(
+            p_sum, pdp_sum, q, do, lse, offs_m, k_base, v_base, mask_base, 0, k_len,
+            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+        )
+    sees_keys = p_sum > 0.0
+    safe_sum = tl.where(sees_keys, p_sum, 1.0)
+    tl.store(corr_ptr + bh * q_len + offs_m, tl.where(sees_keys, 1.0 / safe_sum, 0.0), mask=in_queries)
+    tl.store(delta_ptr + bh * q_len + offs_m, tl.where(sees_keys, pdp_sum / safe_sum, 0.0), mask=in_queries)
 
 
 @triton.jit
 def _attn_bwd_dkdv_inner(
-    dk, dv, k, v, offs_n, q_base, do_base, mask_base, lse_base, delta_base, lo, hi,
+    dk, dv, k, v, offs_n, q_base, do_base, mask_base, lse_base, corr_base, delta_base, lo, hi,
     stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
 ):
     """dK and dV of one key tile, accumulated over the query tiles [lo, hi)."""
@@ -272,8 +409,12 @@ def _attn_bwd_dkdv_inner(
         do = tl.load(do_base + rows * stride_dom + offs_dv[None, :], mask=in_queries[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         lse = tl.load(lse_base + offs_m, mask=in_queries, other=float("inf")) * 1.4426950408889634
         delta = tl.load(delta_base + offs_m, mask=in_queries, other=0.0)
-        p = _probabilities(q, k, offs_m, offs_n, lse, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
-                           HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT)
+        if ROW_STATS:
+            corr = tl.load(corr_base + offs_m, mask=in_queries, other=0.0)
+        else:
+            corr = lse
+        p = _probabilities(q, k, offs_m, offs_n, lse, corr, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
+                           HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, ROW_STATS)
         if FP32_DOT:
             dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         else:
@@ -296,35 +437,25 @@ def _attn_bwd_dkdv_inner(
 
 @triton.jit
 def _attn_bwd_dq_inner(
-    dq, q, do, lse, delta, offs_m, k_base, v_base, mask_base, dscores_base, lo, hi,
+    dq, q, do, lse, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, lo, hi,
     stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    FP32_DOT: tl.constexpr, WRITE_DSCORES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr, WRITE_DSCORES: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
 ):
     """dQ of one query tile, accumulated over the key tiles [lo, hi)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     in_queries = offs_m < q_len
     rows = offs_m[:, None].to(tl.int64)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_keys = offs_n < k_len
-        keys = offs_n[:, None].to(tl.int64)
-        k = tl.load(k_base + keys * stride_kn + offs_d[None, :], mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        v = tl.load(v_base + keys * stride_vn + offs_dv[None, :], mask=in_keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        p = _probabilities(q, k, offs_m, offs_n, lse, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
-                           HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT)
-        if FP32_DOT:
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            dp = tl.dot(do, tl.trans(v))
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, q_len, k_len, dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        k, p, dp = _query_tile_terms(
+            q, do, lse, corr, offs_m, start_n, k_base, v_base, mask_base,
+            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+            HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, ROW_STATS, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+        )
         ds = p * (dp - delta[:, None])
         if WRITE_DSCORES:
-            tl.store(dscores_base + rows * k_len + offs_n[None, :], ds, mask=in_queries[:, None] & in_keys[None, :])
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            tl.store(dscores_base + rows * k_len + offs_n[None, :], ds, mask=in_queries[:, None] & (offs_n[None, :] < k_len))
         if FP32_DOT:
             dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
         else:
@@ -335,7 +466,7 @@ def _attn_bwd_dq_inner(
 @triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, lse_ptr, corr_ptr, delta_ptr, dk_ptr, dv_ptr,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -346,7 +477,7 @@ def _attn_bwd_dkdv_kernel(
     heads, q_len, k_len, qk_scale, sm_scale, seed, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, LENGTH_BUCKET: tl.constexpr,
+    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr, LENGTH_BUCKET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     num_n = tl.cdiv(k_len, BLOCK_N)
@@ -371,6 +502,7 @@ def _attn_bwd_dkdv_kernel(
     do_base = dout_ptr + b * stride_dob + h * stride_doh
     mask_base = mask_ptr + b * stride_mb + h * stride_mh
     lse_base = lse_ptr + bh * q_len
+    corr_base = corr_ptr + bh * q_len
     delta_base = delta_ptr + bh * q_len
     if IS_CAUSAL:
         # Query tiles ending before this key tile see none of it and are skipped; those that
@@ -378,20 +510,20 @@ def _attn_bwd_dkdv_kernel(
         lo = (start_n // BLOCK_M) * BLOCK_M
         straddle_hi = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, q_len)
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, offs_n, q_base, do_base, mask_base, lse_base, delta_base, lo, straddle_hi,
+            dk, dv, k, v, offs_n, q_base, do_base, mask_base, lse_base, corr_base, delta_base, lo, straddle_hi,
             stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
-            HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, ROW_STATS, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, offs_n, q_base, do_base, mask_base, lse_base, delta_base, tl.maximum(straddle_hi, lo), q_len,
+            dk, dv, k, v, offs_n, q_base, do_base, mask_base, lse_base, corr_base, delta_base, tl.maximum(straddle_hi, lo), q_len,
             stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, ROW_STATS, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     else:
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, offs_n, q_base, do_base, mask_base, lse_base, delta_base, 0, q_len,
+            dk, dv, k, v, offs_n, q_base, do_base, mask_base, lse_base, corr_base, delta_base, 0, q_len,
             stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, ROW_STATS, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     dk = dk * sm_scale
     tl.store(dk_ptr + b * stride_dkb + h * stride_dkh + keys * stride_dkn + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
@@ -403,7 +535,7 @@ def _attn_bwd_dkdv_kernel(
 @triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, dscores_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, lse_ptr, corr_ptr, delta_ptr, dq_ptr, dscores_ptr,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -413,7 +545,8 @@ def _attn_bwd_dq_kernel(
     heads, q_len, k_len, qk_scale, sm_scale, seed, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, LENGTH_BUCKET: tl.constexpr, WRITE_DSCORES: tl.constexpr,
+    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr, LENGTH_BUCKET: tl.constexpr,
+    WRITE_DSCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     num_m = tl.cdiv(q_len, BLOCK_M)
@@ -434,6 +567,10 @@ def _attn_bwd_dq_kernel(
                  mask=in_queries[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
     lse = tl.load(lse_ptr + bh * q_len + offs_m, mask=in_queries, other=float("inf")) * 1.4426950408889634
     delta = tl.load(delta_ptr + bh * q_len + offs_m, mask=in_queries, other=0.0)
+    if ROW_STATS:
+        corr = tl.load(corr_ptr + bh * q_len + offs_m, mask=in_queries, other=0.0)
+    else:
+        corr = lse
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
@@ -443,20 +580,20 @@ def _attn_bwd_dq_kernel(
         diag_lo = (start_m // BLOCK_N) * BLOCK_N
         diag_hi = tl.minimum(start_m + BLOCK_M, k_len)
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse, delta, offs_m, k_base, v_base, mask_base, dscores_base, 0, tl.minimum(diag_lo, k_len),
+            dq, q, do, lse, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, 0, tl.minimum(diag_lo, k_len),
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, ROW_STATS, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse, delta, offs_m, k_base, v_base, mask_base, dscores_base, diag_lo, diag_hi,
+            dq, q, do, lse, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, diag_lo, diag_hi,
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
-            HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, ROW_STATS, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     else:
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse, delta, offs_m, k_base, v_base, mask_base, dscores_base, 0, k_len,
+            dq, q, do, lse, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, 0, k_len,
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, ROW_STATS, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     dq = dq * sm_scale
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows * stride_dqm + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
@@ -546,26 +683,37 @@ def attention_bwd(
     k_len = k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
-    block_dv = _block_dim(v.shape[-1])
-    pre_block = 16 if triton_interpret_mode() else 64
-    _attn_bwd_preprocess_kernel[(triton.cdiv(q_len, pre_block) * batch * heads,)](
-        out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, q_len,
-        HEAD_DIM_V=v.shape[-1], BLOCK_DV=block_dv, BLOCK_M=pre_block,
-    )
     mask_t, mask_strides, mask_is_bool = _mask_args(mask, q)
     meta = _common_meta(q, v, mask, is_causal, dropout_p)
-    dscores = torch.zeros(batch, heads, q_len, k_len, device=q.device, dtype=torch.float32) if mask_needs_grad else None
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *dout.stride()[:3])
+    # float32 carries the lse's rounding into the gradients above the plain error: renormalise P
+    # with a statistics pass (module docstring). In 16 bits the operands' rounding dwarfs it.
+    row_stats = q.dtype == torch.float32
+    if row_stats:
+        corr = torch.empty_like(lse)
+        _attn_bwd_stats_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]) * batch * heads,)](
+            q, k, v, mask_t, dout, lse, corr, delta, *common,
+            heads, q_len, k_len, scale * LOG2E, seed, dropout_p,
+            MASK_IS_BOOL=mask_is_bool, **meta,
+        )
+    else:
+        corr = lse
+        pre_block = 16 if triton_interpret_mode() else 64
+        _attn_bwd_preprocess_kernel[(triton.cdiv(q_len, pre_block) * batch * heads,)](
+            out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, q_len,
+            HEAD_DIM_V=v.shape[-1], BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=pre_block,
+        )
+    dscores = torch.zeros(batch, heads, q_len, k_len, device=q.device, dtype=torch.float32) if mask_needs_grad else None
     _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(k_len, m["BLOCK_N"]) * batch * heads,)](
-        q, k, v, mask_t, dout, lse, delta, dk, dv,
+        q, k, v, mask_t, dout, lse, corr, delta, dk, dv,
         *common, *dk.stride()[:3], *dv.stride()[:3],
         heads, q_len, k_len, scale * LOG2E, scale, seed, dropout_p,
-        MASK_IS_BOOL=mask_is_bool, **meta,
+        MASK_IS_BOOL=mask_is_bool, ROW_STATS=row_stats, **meta,
     )
     _attn_bwd_dq_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]) * batch * heads,)](
-        q, k, v, mask_t, dout, lse, delta, dq, dscores if dscores is not None else dq,
+        q, k, v, mask_t, dout, lse, corr, delta, dq, dscores if dscores is not None else dq,
         *common, *dq.stride()[:3],
         heads, q_len, k_len, scale * LOG2E, scale, seed, dropout_p,
-        MASK_IS_BOOL=mask_is_bool, WRITE_DSCORES=mask_needs_grad, **meta,
+        MASK_IS_BOOL=mask_is_bool, ROW_STATS=row_stats, WRITE_DSCORES=mask_needs_grad, **meta,
     )
     return dq, dk, dv, dscores
