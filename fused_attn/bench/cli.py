@@ -169,7 +169,7 @@ def _plan(args: argparse.Namespace, device: torch.device) -> list[tuple[str, Set
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     plan = _plan(args, device)
-    repeats = args.repeats or (30 if device.type == "cuda" else 3)
+    repeats = args.repeats or (30 if device.type == "cuda" else 5)
     records: list[dict] = []
     with harness.progress("fused-attn bench") as step:
         for suite, settings in plan:
