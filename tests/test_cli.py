@@ -42,4 +42,4 @@ def test_bench_layer_norm_writes_records(tmp_path, capsys):
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
     skipped = [r for r in records if "skipped" in r]
     assert any(r["impl"] == "cuda" for r in skipped)
-    assert "speedup" in capsys.readouterr().out
+    assert "vs eager" in capsys.readouterr().out
