@@ -145,3 +145,30 @@ def test_empty_rows(backend_device):
     assert out.shape == (0, 4)
     out.sum().backward()
     assert w.grad is not None and (w.grad == 0).all()
+
+
+@pytest.mark.parametrize("op", ["linear_gelu", "ffn"])
+def test_backward_makes_no_zero_gradient_for_the_saved_pre_activation(op):
+    """The pre-activation is an output of the custom op only to be saved: autograd must not
+    allocate a [rows, hidden] zero gradient for it in backward (that would be a whole extra
+    activation-sized buffer at the backward's peak)."""
+    if "cpu" not in fused_attn.available_backends("cpu"):
+        pytest.skip("the cpu backend is not built here")
+    from fused_attn.bench.harness import MemoryMeter
+
+    rows, model, hidden = 256, 128, 512
+    x = torch.randn(rows, model, requires_grad=True)
+    w1, b1 = torch.randn(hidden, model, requires_grad=True), torch.randn(hidden, requires_grad=True)
+    w2, b2 = torch.randn(model, hidden, requires_grad=True), torch.randn(model, requires_grad=True)
+    if op == "linear_gelu":
+        out = fused_attn.linear_gelu(x, w1, b1, backend="cpu")
+    else:
+        out = fused_attn.ffn(x, w1, b1, w2, b2, backend="cpu")
+    grad = torch.randn_like(out)
+    with MemoryMeter("cpu") as meter:
+        out.backward(grad)
+    activation = rows * hidden * 4
+    grads = sum(t.numel() * 4 for t in (x, w1, b1, w2, b2) if t.grad is not None)
+    # grad_pre and (ffn) the hidden gradient are activation-sized; a zero gradient would be a third.
+    budget = grads + (1 if op == "linear_gelu" else 2) * activation + activation // 2
+    assert meter.peak_bytes < budget, (meter.peak_bytes, budget)

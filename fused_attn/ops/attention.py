@@ -99,6 +99,7 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(query, key, value, attn_mask, out, lse, seed)
     ctx.scale, ctx.is_causal, ctx.dropout_p = scale, is_causal, dropout_p
+    ctx.set_materialize_grads(False)  # the lse is an output only to be saved: no zero gradient for it
 
 
 def _autograd_for(bwd_op):

@@ -85,6 +85,8 @@ def _setup_linear_gelu(ctx, inputs, output):
     input, weight, _bias, approximate = inputs
     ctx.save_for_backward(input, weight, output[1])
     ctx.approximate = approximate
+    # The pre-activation is an output only to be saved: no zero gradient of its size is made for it.
+    ctx.set_materialize_grads(False)
 
 
 def _linear_gelu_backward_for(bwd_op):
@@ -186,6 +188,7 @@ def _setup_ffn(ctx, inputs, output):
     input, w1, _b1, w2, _b2, approximate, dropout_p, seed = inputs
     ctx.save_for_backward(input, w1, w2, output[1], seed)
     ctx.approximate, ctx.dropout_p = approximate, dropout_p
+    ctx.set_materialize_grads(False)  # as in _setup_linear_gelu
 
 
 def _ffn_backward_for(bwd_op):

@@ -73,6 +73,7 @@ def _setup_context(ctx, inputs, output):
     input, weight, _bias, _eps = inputs
     _, mean, rstd = output
     ctx.save_for_backward(input, weight, mean, rstd)
+    ctx.set_materialize_grads(False)  # mean and rstd are outputs only to be saved
 
 
 def _autograd_for(bwd_op):
