@@ -80,6 +80,21 @@ def test_measure_orders_times_and_reports_memory():
     assert harness.measure(lambda: None, CPU, repeats=2, memory=False).peak_mem_bytes is None
 
 
+def test_measure_side_by_side_interleaves_rounds_and_reports_failures():
+    calls = []
+
+    def failing():
+        calls.append("bad")
+        raise RuntimeError("this shape is not served\nsecond line")
+
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b"), "bad": failing}
+    timings, failed = harness.measure_side_by_side(fns, CPU, repeats=3, warmup=1)
+    assert set(timings) == {"a", "b"} and failed == {"bad": "RuntimeError: this shape is not served"}
+    # warm-up a, b, bad (fails: left out from then on); three rounds of a, b; one memory call each
+    assert calls == ["a", "b", "bad"] + ["a", "b"] * 3 + ["a", "b"]
+    assert all(t.min_ms <= t.median_ms <= t.max_ms and t.peak_mem_bytes == 0 for t in timings.values())
+
+
 class _Saver(nn.Module):
     """Multiplies by a fresh tensor: autograd saves it (the other operand's gradient needs it)."""
 

@@ -90,17 +90,13 @@ def run_case(case, device: torch.device, repeats: int, step=lambda label: None) 
     """Times every implementation of ``case`` and returns one record per implementation."""
     base = {"suite": case.suite, "device": str(device), "dtype": str(case.dtype).replace("torch.", ""),
             "mode": case.mode, "shape": case.shape}
-    timings, failed = {}, {}
-    for name, fn in case.impls.items():
-        step(f"{case.suite} {case.mode} {shape_text(case.shape)} {name}")
-        try:
-            timings[name] = harness.measure(fn, device, repeats=repeats, warmup=2 if device.type == "cuda" else 1)
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # out of memory, a kernel or a library that refuses the shape
-            failed[name] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    label = f"{case.suite} {case.mode} {shape_text(case.shape)}"
+    timings, failed = harness.measure_side_by_side(
+        case.impls, device, repeats=repeats, warmup=2 if device.type == "cuda" else 1,
+        step=lambda name: step(f"{label} {name}"),
+    )
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     baseline = timings[case.baseline].median_ms if case.baseline in timings else float("nan")
     torch_ms = timings["torch"].median_ms if "torch" in timings else None
     peaks = harness.device_peaks(device)

@@ -6,7 +6,8 @@ work an op does and of the memory it takes.
 
 Time: on CUDA from CUDA events around each call after warm-up (the device synchronised before
 the first and after each one); on CPU from ``time.perf_counter``. Each repeat is timed on its
-own, so the median, min and max are all reported.
+own, so the median, min and max are all reported; the implementations of one case are timed in
+interleaved rounds (:func:`measure_side_by_side`).
 
 Memory is measured, never estimated. On CUDA from the caching allocator's statistics
 (``torch.cuda.max_memory_allocated`` relative to what was allocated before the call). On CPU
@@ -199,41 +200,83 @@ def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[],
     return call
 
 
+def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call: CUDA events around it on a GPU, ``perf_counter`` on a CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _timing(times: list[float], peak: int | None) -> Timing:
+    return Timing(statistics.median(times), min(times), max(times), peak)
+
+
 def measure(
     fn: Callable[[], object], device: torch.device, *, repeats: int, warmup: int = 2, memory: bool = True
 ) -> Timing:
-    """Runs ``fn`` ``warmup`` times, then times ``repeats`` calls one by one.
-
-    With ``memory``, the peak memory of one call is measured too: on CUDA over the timed calls
-    themselves; on CPU in one extra, untimed call under the profiler (whose overhead must not
-    reach the times).
-    """
+    """Runs ``fn`` ``warmup`` times, then times ``repeats`` calls one by one; with ``memory``, the
+    peak memory of one more, untimed call (measuring must not reach the times)."""
     device = torch.device(device)
     for _ in range(warmup):
         fn()
-    times: list[float] = []
-    peak = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        if memory:
-            peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        if memory:
-            peak = peak_memory(fn, device)
-    return Timing(statistics.median(times), min(times), max(times), peak)
+    times = [_timed_call(fn, device) for _ in range(repeats)]
+    return _timing(times, peak_memory(fn, device) if memory else None)
+
+
+def measure_side_by_side(
+    fns: dict[str, Callable[[], object]], device: torch.device, *, repeats: int, warmup: int = 2,
+    step: Callable[[str], None] = lambda label: None,
+) -> tuple[dict[str, Timing], dict[str, str]]:
+    """Times several implementations of one computation in interleaved rounds.
+
+    Each implementation is warmed up, then every round calls each of them once in turn, so a
+    drift of the machine (clock frequency, other load) reaches all of them alike instead of
+    whichever ran last. Then the peak memory of one untimed call each. Returns the timings and,
+    for an implementation that raised (out of memory, a kernel or a library refusing the
+    shape), the one-line reason instead.
+    """
+    device = torch.device(device)
+    failed: dict[str, str] = {}
+
+    def attempt(name: str, action: Callable[[], object]) -> object:
+        try:
+            return action()
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            failed[name] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
+
+    for name, fn in fns.items():
+        step(name)
+        attempt(name, lambda: [fn() for _ in range(warmup)])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if name not in failed:
+                elapsed = attempt(name, lambda: _timed_call(fn, device))
+                if elapsed is not None:
+                    times[name].append(elapsed)
+    timings = {}
+    for name, fn in fns.items():
+        if name not in failed:
+            peak = attempt(name, lambda: peak_memory(fn, device))
+            if name not in failed:
+                timings[name] = _timing(times[name], peak)
+    return timings, failed
 
 
 @contextlib.contextmanager
