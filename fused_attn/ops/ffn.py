@@ -225,7 +225,7 @@ def _composite_ffn_fwd(
     hidden, pre = torch.ops.fused_attn.linear_gelu_fwd(input, w1, b1, approximate)
     out = torch.nn.functional.linear(hidden, w2, b2)
     if dropout_p > 0.0:
-        out = out * _keep_mask(out.shape, seed, dropout_p, out.device) / (1.0 - dropout_p)
+        out = out.mul_(_keep_mask(out.shape, seed, dropout_p, out.device)).div_(1.0 - dropout_p)
     return out, pre
 
 
@@ -243,7 +243,7 @@ def _composite_ffn_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     need_dx, need_dw1, need_db1, need_dw2, need_db2 = output_mask
     if dropout_p > 0.0:
-        grad_out = grad_out * _keep_mask(grad_out.shape, seed, dropout_p, grad_out.device) / (1.0 - dropout_p)
+        grad_out = (grad_out * _keep_mask(grad_out.shape, seed, dropout_p, grad_out.device)).div_(1.0 - dropout_p)
     empty = [input.new_empty(0) for _ in range(5)]
     dw2 = grad_out.t().mm(torch.nn.functional.gelu(pre_activation, approximate=approximate)) if need_dw2 else empty[3]
     db2 = grad_out.sum(0) if need_db2 else empty[4]
