@@ -57,6 +57,12 @@ TORCH_LIBRARY(fused_attn, m) {
   m.def(
       "linear_gelu_bwd(Tensor grad_out, Tensor input, Tensor weight, Tensor pre_activation, str approximate, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // The same, for a caller that owns grad_out (the FFN's hidden gradient, a temporary): grad_out
+  // is scratch space, overwritten with grad_pre where that has grad_out's dtype, which spares a
+  // [rows, out_features] buffer at the backward's peak. Its contents afterwards are unspecified.
+  m.def(
+      "linear_gelu_bwd_scratch(Tensor(a!) grad_out, Tensor input, Tensor weight, Tensor pre_activation, "
+      "str approximate, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
   // Add & Norm over contiguous 2-D [rows, hidden] tensors:
   //   prenorm = residual + dropout(input + input_bias);  output = layer_norm(prenorm) * weight + bias.

@@ -313,12 +313,15 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cpu(const at::Tensor& input, 
   return {out, pre};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cpu(const at::Tensor& grad_out,
-                                                                   const at::Tensor& input,
-                                                                   const at::Tensor& weight,
-                                                                   const at::Tensor& pre_activation,
-                                                                   c10::string_view approximate,
-                                                                   std::array<bool, 3> output_mask) {
+// grad_out_is_scratch: grad_pre is written over grad_out when their dtypes agree (each element
+// of grad_out is read before the same element of grad_pre is stored).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_impl(const at::Tensor& grad_out,
+                                                                    const at::Tensor& input,
+                                                                    const at::Tensor& weight,
+                                                                    const at::Tensor& pre_activation,
+                                                                    c10::string_view approximate,
+                                                                    std::array<bool, 3> output_mask,
+                                                                    bool grad_out_is_scratch) {
   const auto shape = check_rows_input(input, "input");
   const int64_t rows = shape.first, in_features = shape.second;
   const int64_t out_features = check_weight(weight, input, in_features);
@@ -351,8 +354,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cpu(const at::Ten
   const bool need_grad_pre = need_dx || need_dw;
   // grad_pre in the GEMMs' dtype: the storage dtype, or float32 (unrounded) when the GEMMs are.
   const auto gemm_dtype = native ? input.scalar_type() : at::kFloat;
-  at::Tensor grad_pre = need_grad_pre ? at::empty({rows, out_features}, input.options().dtype(gemm_dtype))
-                                      : at::Tensor();
+  at::Tensor grad_pre;
+  if (need_grad_pre) {
+    grad_pre = grad_out_is_scratch && grad_out.scalar_type() == gemm_dtype
+                   ? grad_out
+                   : at::empty({rows, out_features}, input.options().dtype(gemm_dtype));
+  }
   const int64_t nchunks = num_row_chunks(rows, out_features);
   at::Tensor db_part = need_db ? at::zeros({nchunks, 2, out_features}, input.options().dtype(at::kFloat))
                                : at::Tensor();
@@ -395,10 +402,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cpu(const at::Ten
   return {dx, dw, db};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& input,
+                                                                   const at::Tensor& weight,
+                                                                   const at::Tensor& pre_activation,
+                                                                   c10::string_view approximate,
+                                                                   std::array<bool, 3> output_mask) {
+  return linear_gelu_bwd_impl(grad_out, input, weight, pre_activation, approximate, output_mask, false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_scratch_cpu(at::Tensor& grad_out, const at::Tensor& input,
+                                                                           const at::Tensor& weight,
+                                                                           const at::Tensor& pre_activation,
+                                                                           c10::string_view approximate,
+                                                                           std::array<bool, 3> output_mask) {
+  return linear_gelu_bwd_impl(grad_out, input, weight, pre_activation, approximate, output_mask, true);
+}
+
 }  // namespace
 }  // namespace fused_attn
 
 TORCH_LIBRARY_IMPL(fused_attn, CPU, m) {
   m.impl("linear_gelu_fwd", &fused_attn::linear_gelu_fwd_cpu);
   m.impl("linear_gelu_bwd", &fused_attn::linear_gelu_bwd_cpu);
+  m.impl("linear_gelu_bwd_scratch", &fused_attn::linear_gelu_bwd_scratch_cpu);
 }

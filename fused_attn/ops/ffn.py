@@ -249,9 +249,11 @@ def _composite_ffn_bwd(
     db2 = grad_out.sum(0) if need_db2 else empty[4]
     dx, dw1, db1 = empty[:3]
     if need_dx or need_dw1 or need_db1:
-        dx, dw1, db1 = torch.ops.fused_attn.linear_gelu_bwd(
-            grad_out.mm(w2), input, w1, pre_activation, approximate, [need_dx, need_dw1, need_db1]
-        )
+        # The hidden gradient is this function's own temporary: where the backend has the scratch
+        # variant, grad_pre overwrites it instead of taking a buffer of its own.
+        scratch = _extension.has_kernel("linear_gelu_bwd_scratch", input.device.type)
+        bwd = torch.ops.fused_attn.linear_gelu_bwd_scratch if scratch else torch.ops.fused_attn.linear_gelu_bwd
+        dx, dw1, db1 = bwd(grad_out.mm(w2), input, w1, pre_activation, approximate, [need_dx, need_dw1, need_db1])
     return dx, dw1, db1, dw2, db2
 
 
