@@ -86,9 +86,19 @@ def _runner(forward: Callable[[], torch.Tensor], grad: torch.Tensor | None) -> C
     return step
 
 
-def _compiled(forward: Callable[[], torch.Tensor], s: Settings) -> Callable[[], torch.Tensor] | None:
-    """``torch.compile`` of the reference computation (None when the settings leave it out)."""
-    return torch.compile(forward, dynamic=False) if s.compile else None
+_COMPILED: dict[Callable, Callable] = {}
+
+
+def _compiled(s: Settings, reference: Callable, *args, **kwargs) -> Callable[[], torch.Tensor] | None:
+    """``reference(*args, **kwargs)`` through ``torch.compile`` (None when the settings leave it
+    out). Each reference function is compiled once, with dynamic shapes, and serves every case of
+    a sweep: recompiling per shape would spend a GPU sweep's time in the compiler."""
+    if not s.compile:
+        return None
+    if reference not in _COMPILED:
+        _COMPILED[reference] = torch.compile(reference, dynamic=True)
+    compiled = _COMPILED[reference]
+    return lambda: compiled(*args, **kwargs)
 
 
 def _add_optional(impls: dict, skipped: dict, grad: torch.Tensor | None, adapters) -> None:
@@ -131,7 +141,7 @@ def layer_norm_cases(s: Settings) -> Iterator[Case]:
             "reference": _runner(lambda: fused_attn.reference.layer_norm(x, (hidden,), w, b), grad),
             "copy": _copy(moved, x),
         }
-        _add_optional(impls, skipped, grad, [("compiled", _compiled(lambda: fused_attn.reference.layer_norm(x, (hidden,), w, b), s))])
+        _add_optional(impls, skipped, grad, [("compiled", _compiled(s, fused_attn.reference.layer_norm, x, (hidden,), w, b))])
         for name in names:
             impls[name] = _runner(lambda name=name: fused_attn.layer_norm(x, (hidden,), w, b, backend=name), grad)
         _add_optional(impls, skipped, grad, third_party.layer_norm(x, w, b, 1e-5))
@@ -185,8 +195,8 @@ def attention_cases(s: Settings) -> Iterator[Case]:
             flash = _torch_flash(q, k, v, causal)
             if flash is not None and s.dtype != torch.float32:
                 impls["torch-flash"] = _runner(flash, grad)
-            reference = lambda: fused_attn.reference.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
-            _add_optional(impls, skipped, grad, [("compiled", _compiled(reference, s))])
+            compiled = _compiled(s, fused_attn.reference.scaled_dot_product_attention, q, k, v, is_causal=causal)
+            _add_optional(impls, skipped, grad, [("compiled", compiled)])
             for name in names:
                 impls[name] = _runner(
                     lambda name=name: fused_attn.scaled_dot_product_attention(q, k, v, is_causal=causal, backend=name),
@@ -217,7 +227,7 @@ def softmax_cases(s: Settings) -> Iterator[Case]:
             "torch": _runner(lambda: torch.softmax((x * 0.125).masked_fill(~pad, float("-inf")), -1), grad),
             "reference": _runner(lambda: fused_attn.reference.softmax(x, -1, pad, 0.125), grad),
         }
-        _add_optional(impls, skipped, grad, [("compiled", _compiled(lambda: fused_attn.reference.softmax(x, -1, pad, 0.125), s))])
+        _add_optional(impls, skipped, grad, [("compiled", _compiled(s, fused_attn.reference.softmax, x, -1, pad, 0.125))])
         for name in names:
             impls[name] = _runner(lambda name=name: fused_attn.softmax(x, -1, pad, 0.125, backend=name), grad)
         yield Case("softmax", {"batch": batch, "heads": heads, "seq": seq}, s.dtype, s.mode, impls, skipped, min_bytes=moved)
@@ -253,8 +263,8 @@ def ffn_cases(s: Settings) -> Iterator[Case]:
                 "torch": _runner(eager, grad),
                 "reference": _runner(lambda: fused_attn.reference.ffn(x, w1, b1, w2, b2, "none", p), grad),
             }
-            reference = lambda: fused_attn.reference.ffn(x, w1, b1, w2, b2, "none", p)  # noqa: E731
-            _add_optional(impls, skipped, grad, [("compiled", _compiled(reference, s))])
+            compiled = _compiled(s, fused_attn.reference.ffn, x, w1, b1, w2, b2, "none", p)
+            _add_optional(impls, skipped, grad, [("compiled", compiled)])
             for name in names:
                 impls[name] = _runner(
                     lambda name=name: fused_attn.ffn(x, w1, b1, w2, b2, "none", p, backend=name), grad
@@ -284,8 +294,8 @@ def add_layer_norm_cases(s: Settings) -> Iterator[Case]:
             "reference": _runner(lambda: fused_attn.reference.add_layer_norm(x, res, w, b, 1e-5, p, ib), grad),
             "copy": _copy(moved, x),
         }
-        reference = lambda: fused_attn.reference.add_layer_norm(x, res, w, b, 1e-5, p, ib)  # noqa: E731
-        _add_optional(impls, skipped, grad, [("compiled", _compiled(reference, s))])
+        compiled = _compiled(s, fused_attn.reference.add_layer_norm, x, res, w, b, 1e-5, p, ib)
+        _add_optional(impls, skipped, grad, [("compiled", compiled)])
         for name in names:
             impls[name] = _runner(
                 lambda name=name: fused_attn.add_layer_norm(x, res, w, b, 1e-5, p, ib, backend=name), grad
