@@ -326,6 +326,33 @@ def _attn_bwd_stats_inner(
     return p_sum, pdp_sum
 
 
+@triton.jit
+def _query_tile(
+    q_ptr, dout_ptr, lse_ptr, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
+    heads, q_len, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """The query tile a program of the per-query backward kernels (statistics, dQ) owns:
+    (bh, b, h, start_m, offs_m, in_queries, Q tile, dO tile, lse in log2 units)."""
+    num_m = tl.cdiv(q_len, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = (pid // num_m).to(tl.int64)
+    b = bh // heads
+    h = bh % heads
+    start_m = (pid % num_m) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    in_queries = offs_m < q_len
+    rows = offs_m[:, None].to(tl.int64)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :],
+                mask=in_queries[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    do = tl.load(dout_ptr + b * stride_dob + h * stride_doh + rows * stride_dom + offs_dv[None, :],
+                 mask=in_queries[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    lse = tl.load(lse_ptr + bh * q_len + offs_m, mask=in_queries, other=float("inf")) * 1.4426950408889634
+    return bh, b, h, start_m, offs_m, in_queries, q, do, lse
+
+
 @triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _attn_bwd_stats_kernel(
@@ -343,23 +370,10 @@ def _attn_bwd_stats_kernel(
 ):
     """Per query row: ``corr = 1 / sum_j P_ij`` and ``delta = corr * sum_j P_ij dP_ij`` with P as
     the gradient kernels recompute it (0 and 0 for a row that sees no key)."""
-    num_m = tl.cdiv(q_len, BLOCK_M)
-    pid = tl.program_id(0)
-    tile_m = pid % num_m
-    bh = (pid // num_m).to(tl.int64)
-    b = bh // heads
-    h = bh % heads
-    start_m = tile_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    in_queries = offs_m < q_len
-    rows = offs_m[:, None].to(tl.int64)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :],
-                mask=in_queries[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    do = tl.load(dout_ptr + b * stride_dob + h * stride_doh + rows * stride_dom + offs_dv[None, :],
-                 mask=in_queries[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    lse = tl.load(lse_ptr + bh * q_len + offs_m, mask=in_queries, other=float("inf")) * 1.4426950408889634
+    bh, b, h, start_m, offs_m, in_queries, q, do, lse = _query_tile(
+        q_ptr, dout_ptr, lse_ptr, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
+        heads, q_len, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
+    )
     p_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     pdp_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     k_base = k_ptr + b * stride_kb + h * stride_kh
@@ -549,23 +563,10 @@ def _attn_bwd_dq_kernel(
     WRITE_DSCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    num_m = tl.cdiv(q_len, BLOCK_M)
-    pid = tl.program_id(0)
-    tile_m = pid % num_m
-    bh = (pid // num_m).to(tl.int64)
-    b = bh // heads
-    h = bh % heads
-    start_m = tile_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    in_queries = offs_m < q_len
-    rows = offs_m[:, None].to(tl.int64)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :],
-                mask=in_queries[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    do = tl.load(dout_ptr + b * stride_dob + h * stride_doh + rows * stride_dom + offs_dv[None, :],
-                 mask=in_queries[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    lse = tl.load(lse_ptr + bh * q_len + offs_m, mask=in_queries, other=float("inf")) * 1.4426950408889634
+    bh, b, h, start_m, offs_m, in_queries, q, do, lse = _query_tile(
+        q_ptr, dout_ptr, lse_ptr, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
+        heads, q_len, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
+    )
     delta = tl.load(delta_ptr + bh * q_len + offs_m, mask=in_queries, other=0.0)
     if ROW_STATS:
         corr = tl.load(corr_ptr + bh * q_len + offs_m, mask=in_queries, other=0.0)
@@ -596,8 +597,9 @@ def _attn_bwd_dq_kernel(
             HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, ROW_STATS, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     dq = dq * sm_scale
-    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows * stride_dqm + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
-             mask=in_queries[:, None] & (offs_d[None, :] < HEAD_DIM))
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :],
+             dq.to(dq_ptr.dtype.element_ty), mask=in_queries[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
 # ---------------------------------------------------------------------------------------------
