@@ -162,7 +162,7 @@ def _slug(text: str) -> str:
 
 
 def render_markdown(facts: dict, tests: dict, records: list[dict], sanitizer: dict, plots: dict, memory: dict) -> str:
-    from fused_attn.bench.cli import rate_text, shape_text
+    from fused_attn.bench.cli import not_run_counts, rate_text, shape_text
 
     lines = [f"# gpu-check: {facts.get('gpu')}", "", f"Date: {facts['date']}  ", f"torch {facts['torch']}, "
              f"CUDA {facts['torch_cuda']}, Triton {facts['triton']}, fused-attn {facts['fused_attn']}", ""]
@@ -202,11 +202,8 @@ def render_markdown(facts: dict, tests: dict, records: list[dict], sanitizer: di
         lines.append(f"![{suite}]({plot})" if plot.endswith(".png") else f"- {suite}: {plot}")
     lines += ["", "| suite | shape | dtype | mode | impl | median ms | rate | % peak | vs eager | vs torch | peak MiB |",
               "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    not_run: dict[tuple[str, str, str], int] = {}
     for r in records:
         if "skipped" in r:
-            key = (r["suite"], r["impl"], r["skipped"])
-            not_run[key] = not_run.get(key, 0) + 1
             continue
         peak = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r.get("peak_mem_bytes") is not None else "-"
         fraction = f"{100 * r['peak_fraction']:.0f}%" if "peak_fraction" in r else "-"
@@ -214,6 +211,7 @@ def render_markdown(facts: dict, tests: dict, records: list[dict], sanitizer: di
         lines.append(f"| {r['suite']} | {shape_text(r['shape'])} | {r['dtype']} | {r['mode']} | {r['impl']} | "
                      f"{r['median_ms']:.4f} | {rate_text(r)} | {fraction} | {r['speedup_vs_eager']:.2f}x | "
                      f"{vs_torch} | {peak} |")
+    not_run = not_run_counts(records)
     if not_run:
         lines += ["", "Not run:", ""]
         lines += [f"- {suite} `{impl}` ({n} case{'s' * (n > 1)}): {why}" for (suite, impl, why), n in not_run.items()]

@@ -222,11 +222,8 @@ def format_table(records: list[dict]) -> str:
     header = (f"{'suite':<14} {'shape':<28} {'dtype':<8} {'mode':<7} {'impl':<12} {'median ms':>10} {'min ms':>9} "
               f"{'max ms':>9} {'rate':>15} {'% peak':>6} {'vs eager':>8} {'vs torch':>8} {'peak MiB':>9}")
     lines = [header, "-" * len(header)]
-    not_run: dict[tuple[str, str, str], int] = {}
     for r in records:
         if "skipped" in r:
-            key = (r["suite"], r["impl"], r["skipped"])
-            not_run[key] = not_run.get(key, 0) + 1
             continue
         prefix = f"{r['suite']:<14} {shape_text(r['shape']):<28} {r['dtype']:<8} {r['mode']:<7} {r['impl']:<12}"
         peak = f"{r['peak_mem_bytes'] / 2**20:.1f}" if r.get("peak_mem_bytes") is not None else "-"
@@ -239,10 +236,21 @@ def format_table(records: list[dict]) -> str:
     lines.append("vs eager: speed-up against the code a user writes without this package (attention: the explicit "
                  "softmax(QK^T)V `reference`; models: `plain`; others: `torch`); vs torch: against PyTorch's own "
                  "implementation (SDPA, F.layer_norm, ...)")
+    not_run = not_run_counts(records)
     if not_run:
         lines.append("not run:")
-        lines += [f"  {suite} {impl} ({count} case{'s' * (count > 1)}): {why}" for (suite, impl, why), count in not_run.items()]
+        lines += [f"  {suite} {impl} ({n} case{'s' * (n > 1)}): {why}" for (suite, impl, why), n in not_run.items()]
     return "\n".join(lines)
+
+
+def not_run_counts(records: list[dict]) -> dict[tuple[str, str, str], int]:
+    """How many cases each (suite, implementation, reason) was skipped for, in record order."""
+    counts: dict[tuple[str, str, str], int] = {}
+    for r in records:
+        if "skipped" in r:
+            key = (r["suite"], r["impl"], r["skipped"])
+            counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 CSV_FIELDS = ["suite", "impl", "device", "dtype", "mode", "shape", "median_ms", "min_ms", "max_ms", "tflops", "gbps",
