@@ -32,13 +32,7 @@ import torch.nn.functional as F
 
 import fused_attn
 from fused_attn import BackendNotSupportedError, reference
-from fused_attn.nn import (
-    FusedFFN,
-    FusedLayerNorm,
-    FusedMultiheadAttention,
-    FusedTransformerDecoderLayer,
-    FusedTransformerEncoderLayer,
-)
+from fused_attn.nn import FusedFFN, FusedLayerNorm
 
 from .conftest import backend_params
 

@@ -111,7 +111,6 @@ class MemoryMeter:
         self._marks: dict[str, int] = {}
         self._base = 0
         self._profiler = None
-        self._stack: contextlib.ExitStack | None = None
 
     def __enter__(self) -> MemoryMeter:
         if self.device.type == "cuda":
