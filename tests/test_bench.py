@@ -73,11 +73,13 @@ def test_peak_memory_of_a_call_excludes_what_was_live_before():
 
 def test_measure_orders_times_and_reports_memory():
     calls = []
-    t = harness.measure(lambda: calls.append(torch.empty(1024)), CPU, repeats=4, warmup=1)
+    timings, failed = harness.measure_side_by_side({"f": lambda: calls.append(torch.empty(1024))}, CPU, repeats=4,
+                                                   warmup=1)
+    t = timings["f"]
+    assert not failed
     assert len(calls) == 1 + 4 + 1  # warm-up, timed, one profiled
     assert t.min_ms <= t.median_ms <= t.max_ms
     assert t.peak_mem_bytes == 4096
-    assert harness.measure(lambda: None, CPU, repeats=2, memory=False).peak_mem_bytes is None
 
 
 def test_measure_side_by_side_interleaves_rounds_and_reports_failures():

@@ -213,24 +213,6 @@ def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def _timing(times: list[float], peak: int | None) -> Timing:
-    return Timing(statistics.median(times), min(times), max(times), peak)
-
-
-def measure(
-    fn: Callable[[], object], device: torch.device, *, repeats: int, warmup: int = 2, memory: bool = True
-) -> Timing:
-    """Runs ``fn`` ``warmup`` times, then times ``repeats`` calls one by one; with ``memory``, the
-    peak memory of one more, untimed call (measuring must not reach the times)."""
-    device = torch.device(device)
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    times = [_timed_call(fn, device) for _ in range(repeats)]
-    return _timing(times, peak_memory(fn, device) if memory else None)
-
-
 def measure_side_by_side(
     fns: dict[str, Callable[[], object]], device: torch.device, *, repeats: int, warmup: int = 2,
     step: Callable[[str], None] = lambda label: None,
@@ -274,7 +256,7 @@ def measure_side_by_side(
         if name not in failed:
             peak = attempt(name, lambda: peak_memory(fn, device))
             if name not in failed:
-                timings[name] = _timing(times[name], peak)
+                timings[name] = Timing(statistics.median(times[name]), min(times[name]), max(times[name]), peak)
     return timings, failed
 
 
