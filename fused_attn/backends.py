@@ -152,8 +152,13 @@ def registered_ops() -> dict[str, OpSpec]:
 # Machine-level availability
 
 
+# Looked up once at import: triton_version() runs inside every op's backend choice, which
+# torch.compile traces, and Dynamo refuses to trace importlib's module search (torch 2.11).
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_version() -> str | None:
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_FOUND:
         return None
     import triton
 
