@@ -255,6 +255,49 @@ def test_dropout_forward_and_backward_match_reference_with_kernel_mask(backend_d
     assert_parity(fused, plain, {"query": q, "key": k, "value": v}, grad_args=("query", "key", "value"))
 
 
+# The CPU backward has two schedules, chosen by heads against threads (csrc/cpu/attention.cpp,
+# "Backward"): a single head takes the per-head sweep on one thread and the per-block passes on
+# two, whatever the machine's core count.
+CPU_SCHEDULES = pytest.mark.parametrize("threads", [1, 2], ids=["per-head", "per-block"])
+
+
+def _with_threads(threads, fn):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fn()
+    finally:
+        torch.set_num_threads(previous)
+
+
+@CPU_SCHEDULES
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["none", "causal+padding", "bias"])
+def test_cpu_backward_schedules(threads, dtype, kind):
+    _with_threads(threads, lambda: _check(
+        "cpu", "cpu", dtype, batch=1, heads=1, q_len=150, k_len=170, kind=kind, mask_grad=kind == "bias"
+    ))
+
+
+@CPU_SCHEDULES
+def test_cpu_backward_schedules_dropout(threads):
+    if torch.float32 not in supported_dtypes("cpu", "cpu", OP):
+        pytest.skip("the cpu backend is not available")
+    q, k, v = _qkv(1, 1, 150, 170, 32, torch.float32, "cpu")
+    torch.manual_seed(99)
+    _, keep = attention_with_keep_mask(q, k, v, dropout_p=0.3, is_causal=True)
+
+    def fused(query, key, value):
+        torch.manual_seed(99)
+        return fused_attn.scaled_dot_product_attention(query, key, value, dropout_p=0.3, is_causal=True, backend="cpu")
+
+    def plain(query, key, value):
+        return reference.scaled_dot_product_attention(query, key, value, dropout_p=0.3, is_causal=True, dropout_mask=keep)
+
+    _with_threads(threads, lambda: assert_parity(fused, plain, {"query": q, "key": k, "value": v},
+                                                 grad_args=("query", "key", "value")))
+
+
 @pytest.mark.parametrize("backend_device", BACKENDS)
 def test_dropout_same_seed_same_result_other_seed_differs(backend_device):
     backend, device = backend_device

@@ -38,20 +38,23 @@
 // Backward. P is recomputed from the saved log-sum-exp, but the float32 lse is off by up to half
 // an ulp of |lse| (a common relative error of a whole row of P, 5e-7 at |lse| ~ 8), and
 // dS = P (dP - delta) amplifies it, and any mismatch between delta and the dP actually used, by
-// |dP|. So a statistics pass first computes, per query row and from the very S and dP the
-// gradient passes use, corr = 1 / sum_j exp(s_ij - lse_i) and delta = sum_j P_ij dP_ij with the
-// normalised P = exp(s - lse) * corr (in exact arithmetic corr = 1 and delta = rowsum(dO * O)).
-// dS then cancels as in the plain softmax backward, and the gradients stay within the error of
-// the plain implementation (rowsum(dO * O) with the raw P was up to 4x worse on the mask
-// gradient). It costs two of the backward's seven GEMM-equivalents per tile. Then either
-//  * one task per head, when there are enough heads for the threads: a single sweep, key blocks
-//    outer (dK, dV in block buffers), query blocks inner, dQ accumulated over the key blocks in
-//    float32 (the dQ output itself for float32, a per-thread [q_len, head_dim] buffer otherwise:
-//    thread-local accumulation, O(threads x seq)); five GEMMs per tile; or
-//  * as the Triton kernels, when the heads are too few: one task per (head, key block)
-//    accumulating dK, dV over the query blocks (from the diagonal on, when causal), then one per
-//    (head, query block) accumulating dQ over the key blocks: seven GEMMs per tile but all the
-//    parallelism of the blocks, and every accumulator one block.
+// |dP|. So the row statistics come from the very S and dP the gradients use: corr = 1 /
+// sum_j exp(s_ij - lse_i) and delta = sum_j P_ij dP_ij with the normalised P = exp(s - lse) * corr
+// (in exact arithmetic corr = 1 and delta = rowsum(dO * O)). dS then cancels as in the plain
+// softmax backward, and the gradients stay within the error of the plain implementation
+// (rowsum(dO * O) with the raw P was up to 4x worse on the mask gradient, and a float64 lse with
+// rowsum(dO * O) still 9x on a mask gradient that is exactly 0, e.g. a single key). Either
+//  * one task per head, when there are enough heads for the threads: query blocks of 64 rows,
+//    each against all the keys it sees at once (S and dP [64, k_len] in the task's scratch), so
+//    the statistics are two row sums over tiles already formed, then dS, dQ of the block
+//    (complete, written out), and dK += dS^T Q, dV += P^T dO into float32 [k_len, head_dim]
+//    accumulators (the outputs themselves for float32); five GEMMs per tile, statistics included,
+//    each as wide as the key range; scratch O(64 x k_len + k_len x head_dim) per thread; or
+//  * as the Triton kernels, when the heads are too few: a statistics pass per (head, query
+//    block) (two GEMMs per tile), one task per (head, key block) accumulating dK, dV over the
+//    query blocks (from the diagonal on, when causal), then one per (head, query block)
+//    accumulating dQ over the key blocks: nine GEMMs per tile but all the parallelism of the
+//    blocks, and every accumulator one block.
 // Both are deterministic. grad_scores (a floating mask that requires grad) is written by the
 // task that forms dS, zeros where causality skipped a tile.
 //
@@ -449,6 +452,9 @@ struct Carver {
 // sequences or few heads get smaller query blocks, so that every thread has tasks.
 constexpr int64_t kFwdQ = 256, kFwdK = 256;
 constexpr int64_t kBwdQ = 128, kBwdK = 128;
+// The per-head backward's query block: its scores against all keys ([block, k_len] for P and dP)
+// are in scratch at once.
+constexpr int64_t kBwdHeadQ = 64;
 
 int64_t query_block(int64_t preferred, int64_t bh, int64_t q_len) {
   const int64_t threads = at::get_num_threads();
@@ -707,6 +713,32 @@ struct BwdTensors {
   float* dscores;      // [B, H, Lq, Lk] or null
 };
 
+// Adds, per row r of the [mq, nk] tiles p and dp (leading dimension ld), sum_j p to sums[r] and
+// sum_j p * dp to sums[mq + r]: float32 vector sums over each chunk of kBwdK keys, added in double.
+void row_sums(const float* p, const float* dp, int64_t mq, int64_t nk, int64_t ld, double* sums) {
+  for (int64_t r = 0; r < mq; ++r) {
+    const float* prow = p + r * ld;
+    const float* dprow = dp + r * ld;
+    for (int64_t j0 = 0; j0 < nk; j0 += kBwdK) {
+      const int64_t end = std::min(nk, j0 + kBwdK);
+      fVec ps(0.f), pdp(0.f);
+      int64_t j = j0;
+      for (; j + kLanes <= end; j += kLanes) {
+        const fVec pv = fVec::loadu(prow + j);
+        ps += pv;
+        pdp = at::vec::fmadd(pv, fVec::loadu(dprow + j), pdp);
+      }
+      if (j < end) {
+        const fVec pv = fVec::loadu(prow + j, end - j);
+        ps += pv;
+        pdp = at::vec::fmadd(pv, fVec::loadu(dprow + j, end - j), pdp);
+      }
+      sums[r] += reduce_sum(ps);
+      sums[mq + r] += reduce_sum(pdp);
+    }
+  }
+}
+
 // Row statistics of one (bh, query block) task: corr_i = 1 / sum_j exp(s_ij - lse_i) and
 // delta_i = sum_j P_ij dP_ij with P_ij = exp(s_ij - lse_i) * corr_i and dP = dO V^T (dropped as P
 // was). In exact arithmetic corr = 1 and delta = rowsum(dO * O); computed from the very P and dP
@@ -744,25 +776,12 @@ void attn_bwd_stats_task(const AttnProblem& pb, const BwdTensors& bt, const T* q
     masked_scores(pb, b, h, i0, mq, j0, nk, q, ldq, k, ldk, s, block_k);
     probabilities(s, mq, nk, block_k, lse, nullptr);
     gemm(false, true, mq, nk, dv, 1.f, dout, lddo, v, ldv, 0.f, dp, block_k);
-    for (int64_t r = 0; r < mq; ++r) {
-      float* prow = s + r * block_k;
-      float* dprow = dp + r * block_k;
-      if (pb.dropout) apply_dropout(dprow, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, pb.inv_keep);
-      fVec ps(0.f), pdp(0.f);
-      int64_t j = 0;
-      for (; j + kLanes <= nk; j += kLanes) {
-        const fVec pv = fVec::loadu(prow + j);
-        ps += pv;
-        pdp = at::vec::fmadd(pv, fVec::loadu(dprow + j), pdp);
+    if (pb.dropout) {
+      for (int64_t r = 0; r < mq; ++r) {
+        apply_dropout(dp + r * block_k, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, pb.inv_keep);
       }
-      if (j < nk) {
-        const fVec pv = fVec::loadu(prow + j, nk - j);
-        ps += pv;
-        pdp = at::vec::fmadd(pv, fVec::loadu(dprow + j, nk - j), pdp);
-      }
-      sums[r] += reduce_sum(ps);
-      sums[mq + r] += reduce_sum(pdp);
     }
+    row_sums(s, dp, mq, nk, block_k, sums);
   }
   for (int64_t r = 0; r < mq; ++r) {
     const double c = sums[r];
@@ -865,81 +884,113 @@ void attn_bwd_dq_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_pt
   for (int64_t r = 0; r < mq; ++r) from_float(dq + r * d, pb.scale, dqb + (i0 + r) * bt.dq_s[2], d);
 }
 
-// dQ, dK, dV (and grad_scores) of one whole head in a single sweep: the key blocks outer, dK and dV
-// of the key block in block buffers, the query blocks inner, dQ accumulated in float32 over the
-// key blocks in `dq_acc` (leading dimension ld_dq): the dQ output itself for float32, else a
-// [q_len, head_dim] per-thread buffer. Five GEMMs per tile instead of the seven of the two
-// passes; used when there are enough heads to keep every thread busy.
+// dQ, dK, dV (and grad_scores) of one whole head, query blocks outer: a block's scores against
+// every key it sees are formed at once, S = Q_blk K^T and dP = dO_blk V^T ([block_q, k_len] each,
+// in the task's scratch), so the row statistics come from the very P and dP the gradients use
+// before any gradient is formed, with no pass of their own: corr = 1 / sum_j P_ij renormalises
+// P = exp(s - lse) and delta = sum_j P_ij dP_ij (both in double across the row). Then
+// dS = P (dP - delta), dQ_blk = dS K (complete: written out at once), and dK += dS^T Q_blk,
+// dV += P^T dO_blk into float32 head accumulators ([k_len, head_dim]; the dK/dV outputs
+// themselves for float32 with a BLAS-compatible stride). Five GEMMs per tile, each as wide as the
+// whole key range. Scratch O(block_q x k_len + k_len x head_dim) per thread; used when there are
+// enough heads to keep every thread busy.
 template <typename T>
 void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_ptr, const T* k_ptr, const T* v_ptr,
-                        const T* do_ptr, int64_t bh, int64_t block_q, int64_t block_k, float* scratch,
-                        bool dq_in_place, T* dq_out, T* dk_out, T* dv_out) {
+                        const T* do_ptr, int64_t bh, int64_t block_q, float* scratch, bool copy_k, bool copy_v,
+                        bool dkdv_in_place, T* dq_out, T* dk_out, T* dv_out) {
   const int64_t b = bh / pb.heads, h = bh % pb.heads;
-  const int64_t d = pb.d, dv = pb.dv;
+  const int64_t d = pb.d, dv = pb.dv, k_len = pb.k_len;
   Carver carve{scratch};
-  float* kbuf = carve.take(block_k * d);
-  float* vbuf = carve.take(block_k * dv);
+  float* kbuf = carve.take(copy_k ? k_len * d : 0);  // rows_as_float copies exactly when copy_k
+  float* vbuf = carve.take(copy_v ? k_len * dv : 0);
   float* qbuf = carve.take(block_q * d);
   float* dobuf = carve.take(block_q * dv);
-  float* s = carve.take(block_q * block_k);
-  float* dp = carve.take(block_q * block_k);
-  float* dk = carve.take(block_k * d);
-  float* dvacc = carve.take(block_k * dv);
+  float* s = carve.take(block_q * k_len);
+  float* dp = carve.take(block_q * k_len);
+  float* dq = carve.take(block_q * d);
+  double* sums = reinterpret_cast<double*>(carve.take(4 * block_q));  // [mq] sum p, then [mq] sum p * dp
   T* dqb = dq_out + b * bt.dq_s[0] + h * bt.dq_s[1];
-  float* dq_acc;
-  int64_t ld_dq;
-  if (dq_in_place) {
-    dq_acc = reinterpret_cast<float*>(dqb);  // T is float here
-    ld_dq = bt.dq_s[2];
-  } else {
-    dq_acc = carve.take(pb.q_len * d);
-    ld_dq = std::max<int64_t>(d, 1);
-  }
-  for (int64_t i = 0; i < pb.q_len; ++i) std::fill(dq_acc + i * ld_dq, dq_acc + i * ld_dq + d, 0.f);
-
-  const T* qb = q_ptr + b * pb.q_s[0] + h * pb.q_s[1];
-  const T* dob = do_ptr + b * bt.do_s[0] + h * bt.do_s[1];
-  const T* kb = k_ptr + b * pb.k_s[0] + h * pb.k_s[1];
-  const T* vb = v_ptr + b * pb.v_s[0] + h * pb.v_s[1];
-  const float* lse = bt.lse + bh * pb.q_len;
-  const float* corr = bt.corr + bh * pb.q_len;
-  const float* delta = bt.delta + bh * pb.q_len;
-  float* dscores = bt.dscores != nullptr ? bt.dscores + bh * pb.q_len * pb.k_len : nullptr;
   T* dkb = dk_out + b * bt.dk_s[0] + h * bt.dk_s[1];
   T* dvb = dv_out + b * bt.dv_s[0] + h * bt.dv_s[1];
-
-  for (int64_t j0 = 0; j0 < pb.k_len; j0 += block_k) {
-    const int64_t nk = std::min(block_k, pb.k_len - j0);
-    auto [k, ldk] = rows_as_float(kb, pb.k_s[2], j0, nk, d, kbuf);
-    auto [v, ldv] = rows_as_float(vb, pb.v_s[2], j0, nk, dv, vbuf);
-    std::fill(dk, dk + nk * d, 0.f);
-    std::fill(dvacc, dvacc + nk * dv, 0.f);
-    // Causal: queries before the block's first key see none of it (their grad_scores are 0).
-    const int64_t i_begin = pb.causal ? std::min(j0, pb.q_len) : 0;
-    if (dscores != nullptr) {
-      for (int64_t i = 0; i < i_begin; ++i) std::fill(dscores + i * pb.k_len + j0, dscores + i * pb.k_len + j0 + nk, 0.f);
-    }
-    for (int64_t i0 = i_begin; i0 < pb.q_len; i0 += block_q) {
-      const int64_t mq = std::min(block_q, pb.q_len - i0);
-      auto [q, ldq] = rows_as_float(qb, pb.q_s[2], i0, mq, d, qbuf);
-      auto [dout, lddo] = rows_as_float(dob, bt.do_s[2], i0, mq, dv, dobuf);
-      masked_scores(pb, b, h, i0, mq, j0, nk, q, ldq, k, ldk, s, nk);
-      probabilities(s, mq, nk, nk, lse + i0, corr + i0);
-      gemm(false, true, mq, nk, dv, 1.f, dout, lddo, v, ldv, 0.f, dp, nk);
-      score_gradient(pb, bh, i0, mq, j0, nk, s, dp, nk, delta + i0);
-      if (dscores != nullptr) {
-        for (int64_t r = 0; r < mq; ++r) std::memcpy(dscores + (i0 + r) * pb.k_len + j0, dp + r * nk, nk * sizeof(float));
-      }
-      gemm(true, false, nk, dv, mq, 1.f, s, nk, dout, lddo, 1.f, dvacc, dv);
-      gemm(true, false, nk, d, mq, 1.f, dp, nk, q, ldq, 1.f, dk, d);
-      gemm(false, false, mq, d, nk, 1.f, dp, nk, k, ldk, 1.f, dq_acc + i0 * ld_dq, ld_dq);
-    }
-    for (int64_t t = 0; t < nk; ++t) {
-      from_float(dk + t * d, pb.scale, dkb + (j0 + t) * bt.dk_s[2], d);
-      from_float(dvacc + t * dv, 1.f, dvb + (j0 + t) * bt.dv_s[2], dv);
-    }
+  float* dk_acc;
+  float* dv_acc;
+  int64_t ld_dk, ld_dv;
+  if (dkdv_in_place) {  // T is float here
+    dk_acc = reinterpret_cast<float*>(dkb);
+    dv_acc = reinterpret_cast<float*>(dvb);
+    ld_dk = bt.dk_s[2];
+    ld_dv = bt.dv_s[2];
+  } else {
+    dk_acc = carve.take(k_len * d);
+    dv_acc = carve.take(k_len * dv);
+    ld_dk = std::max<int64_t>(d, 1);
+    ld_dv = std::max<int64_t>(dv, 1);
   }
-  for (int64_t i = 0; i < pb.q_len; ++i) from_float(dq_acc + i * ld_dq, pb.scale, dqb + i * bt.dq_s[2], d);
+  for (int64_t j = 0; j < k_len; ++j) {
+    std::fill(dk_acc + j * ld_dk, dk_acc + j * ld_dk + d, 0.f);
+    std::fill(dv_acc + j * ld_dv, dv_acc + j * ld_dv + dv, 0.f);
+  }
+
+  auto [k, ldk] = rows_as_float(k_ptr + b * pb.k_s[0] + h * pb.k_s[1], pb.k_s[2], 0, k_len, d, kbuf);
+  auto [v, ldv] = rows_as_float(v_ptr + b * pb.v_s[0] + h * pb.v_s[1], pb.v_s[2], 0, k_len, dv, vbuf);
+  const T* qb = q_ptr + b * pb.q_s[0] + h * pb.q_s[1];
+  const T* dob = do_ptr + b * bt.do_s[0] + h * bt.do_s[1];
+  const float* lse = bt.lse + bh * pb.q_len;
+  float* dscores = bt.dscores != nullptr ? bt.dscores + bh * pb.q_len * k_len : nullptr;
+
+  for (int64_t i0 = 0; i0 < pb.q_len; i0 += block_q) {
+    const int64_t mq = std::min(block_q, pb.q_len - i0);
+    // Causal: the block's last query sees keys [0, i0 + mq); the others are masked in S.
+    const int64_t nk = pb.causal ? std::min(k_len, i0 + mq) : k_len;
+    if (dscores != nullptr && nk < k_len) {
+      for (int64_t r = 0; r < mq; ++r) std::fill(dscores + (i0 + r) * k_len + nk, dscores + (i0 + r + 1) * k_len, 0.f);
+    }
+    if (nk == 0) {
+      for (int64_t r = 0; r < mq; ++r) std::fill(dqb + (i0 + r) * bt.dq_s[2], dqb + (i0 + r) * bt.dq_s[2] + d, T(0));
+      continue;
+    }
+    auto [q, ldq] = rows_as_float(qb, pb.q_s[2], i0, mq, d, qbuf);
+    auto [dout, lddo] = rows_as_float(dob, bt.do_s[2], i0, mq, dv, dobuf);
+    masked_scores(pb, b, h, i0, mq, 0, nk, q, ldq, k, ldk, s, nk);
+    probabilities(s, mq, nk, nk, lse + i0, nullptr);
+    gemm(false, true, mq, nk, dv, 1.f, dout, lddo, v, ldv, 0.f, dp, nk);
+    if (pb.dropout) {
+      for (int64_t r = 0; r < mq; ++r) {
+        apply_dropout(dp + r * nk, nk, pb.seed, pb.counter(bh, i0 + r, 0), pb.dropout_p, pb.inv_keep);
+      }
+    }
+    std::fill(sums, sums + 2 * mq, 0.0);
+    row_sums(s, dp, mq, nk, nk, sums);
+    for (int64_t r = 0; r < mq; ++r) {
+      float* prow = s + r * nk;
+      float* dprow = dp + r * nk;
+      const double c = sums[r];
+      const float corr = c > 0.0 ? static_cast<float>(1.0 / c) : 0.f;
+      const fVec cv(corr), dl(c > 0.0 ? static_cast<float>(sums[mq + r] / c) : 0.f);
+      // P *= corr; dS = P (dP - delta) over dP (already dropped); P then dropped for dV.
+      int64_t j = 0;
+      for (; j + kLanes <= nk; j += kLanes) {
+        const fVec pv = fVec::loadu(prow + j) * cv;
+        pv.store(prow + j);
+        (pv * (fVec::loadu(dprow + j) - dl)).store(dprow + j);
+      }
+      if (j < nk) {
+        const fVec pv = fVec::loadu(prow + j, nk - j) * cv;
+        pv.store(prow + j, nk - j);
+        (pv * (fVec::loadu(dprow + j, nk - j) - dl)).store(dprow + j, nk - j);
+      }
+      if (pb.dropout) apply_dropout(prow, nk, pb.seed, pb.counter(bh, i0 + r, 0), pb.dropout_p, pb.inv_keep);
+      if (dscores != nullptr) std::memcpy(dscores + (i0 + r) * k_len, dprow, nk * sizeof(float));
+    }
+    gemm(true, false, nk, dv, mq, 1.f, s, nk, dout, lddo, 1.f, dv_acc, ld_dv);
+    gemm(true, false, nk, d, mq, 1.f, dp, nk, q, ldq, 1.f, dk_acc, ld_dk);
+    gemm(false, false, mq, d, nk, 1.f, dp, nk, k, ldk, 0.f, dq, std::max<int64_t>(d, 1));
+    for (int64_t r = 0; r < mq; ++r) from_float(dq + r * d, pb.scale, dqb + (i0 + r) * bt.dq_s[2], d);
+  }
+  for (int64_t j = 0; j < k_len; ++j) {
+    from_float(dk_acc + j * ld_dk, pb.scale, dkb + j * bt.dk_s[2], d);
+    if (!dkdv_in_place) from_float(dv_acc + j * ld_dv, 1.f, dvb + j * bt.dv_s[2], dv);
+  }
 }
 
 void check_like_output(const at::Tensor& t, const char* name, const at::Tensor& query, int64_t dv) {
@@ -992,15 +1043,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   bt.delta = bt.corr + bh_count * pb.q_len;
   bt.dscores = mask_needs_grad ? dscores.mutable_data_ptr<float>() : nullptr;
 
-  // A head per task (one sweep, 5 GEMMs per tile) when the heads alone keep the threads evenly
-  // busy: ceil(heads / threads) sweeps of cost 5 against heads / threads of the two passes' 7.
+  // A head per task (5 GEMMs per tile, statistics included) when the heads alone keep the threads
+  // evenly busy: ceil(heads / threads) heads of cost 5 against heads / threads of the three
+  // passes' 9 (statistics 2, dK/dV 4, dQ 3).
   const int64_t threads = at::get_num_threads();
-  const bool per_head = (bh_count + threads - 1) / threads * threads * 5 <= 7 * bh_count;
-  const bool dq_ld_ok = dq.stride(2) >= std::max<int64_t>(pb.d, 1) && dq.stride(2) <= kBlasMax;
+  const bool per_head = (bh_count + threads - 1) / threads * threads * 5 <= 9 * bh_count;
   const int64_t block_q =
-      std::max<int64_t>(1, std::min(per_head ? kBwdQ : query_block(kBwdQ, bh_count, pb.q_len), pb.q_len));
-  const int64_t block_k =
-      std::max<int64_t>(1, std::min(per_head ? kBwdK : query_block(kBwdK, bh_count, pb.k_len), pb.k_len));
+      std::max<int64_t>(1, std::min(per_head ? kBwdHeadQ : query_block(kBwdQ, bh_count, pb.q_len), pb.q_len));
+  const int64_t block_k = std::max<int64_t>(1, std::min(query_block(kBwdK, bh_count, pb.k_len), pb.k_len));
   const int64_t nq = (pb.q_len + block_q - 1) / block_q;
   const int64_t nk = (pb.k_len + block_k - 1) / block_k;
   const int64_t tile = Carver::round_up(block_q * block_k);
@@ -1015,6 +1065,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const scalar_t* kp = key.const_data_ptr<scalar_t>();
     const scalar_t* vp = value.const_data_ptr<scalar_t>();
     const scalar_t* dop = grad_out.const_data_ptr<scalar_t>();
+    scalar_t* dkp = dk.mutable_data_ptr<scalar_t>();
+    scalar_t* dvp = dv.mutable_data_ptr<scalar_t>();
+    scalar_t* dqp = dq.mutable_data_ptr<scalar_t>();
+    if (per_head) {
+      constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+      const auto blas_ld = [](int64_t stride, int64_t cols) {
+        return stride >= std::max<int64_t>(cols, 1) && stride <= kBlasMax;
+      };
+      const bool in_place = kFloat && blas_ld(dk.stride(2), pb.d) && blas_ld(dv.stride(2), pb.dv);
+      const bool copy_k = !(kFloat && blas_ld(pb.k_s[2], pb.d));
+      const bool copy_v = !(kFloat && blas_ld(pb.v_s[2], pb.dv));
+      const int64_t scratch_head =
+          Carver::round_up(copy_k ? pb.k_len * pb.d : 0) + Carver::round_up(copy_v ? pb.k_len * pb.dv : 0) +
+          Carver::round_up(block_q * pb.d) * 2 + Carver::round_up(block_q * pb.dv) +
+          Carver::round_up(block_q * pb.k_len) * 2 + Carver::round_up(4 * block_q) +
+          (in_place ? 0 : Carver::round_up(pb.k_len * pb.d) + Carver::round_up(pb.k_len * pb.dv));
+      run_tasks(bh_count, scratch_head, [&](int64_t bh, float* buf) {
+        attn_bwd_head_task<scalar_t>(pb, bt, qp, kp, vp, dop, bh, block_q, buf, copy_k, copy_v, in_place, dqp, dkp,
+                                     dvp);
+      });
+      return;
+    }
     // Pass 0: the row statistics (corr, delta) per query block.
     run_tasks(bh_count * nq, scratch_dq, [&](int64_t task, float* buf) {
       const int64_t bh = pb.causal ? task % bh_count : task / nq;
@@ -1022,17 +1094,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
       const int64_t i0 = qi * block_q;
       attn_bwd_stats_task<scalar_t>(pb, bt, qp, kp, vp, dop, bh, i0, std::min(block_q, pb.q_len - i0), block_k, buf);
     });
-    scalar_t* dkp = dk.mutable_data_ptr<scalar_t>();
-    scalar_t* dvp = dv.mutable_data_ptr<scalar_t>();
-    scalar_t* dqp = dq.mutable_data_ptr<scalar_t>();
-    if (per_head) {
-      const bool in_place = std::is_same_v<scalar_t, float> && dq_ld_ok;
-      const int64_t scratch_head = scratch_dkdv + (in_place ? 0 : Carver::round_up(pb.q_len * pb.d));
-      run_tasks(bh_count, scratch_head, [&](int64_t bh, float* buf) {
-        attn_bwd_head_task<scalar_t>(pb, bt, qp, kp, vp, dop, bh, block_q, block_k, buf, in_place, dqp, dkp, dvp);
-      });
-      return;
-    }
     // Pass 1: dK, dV per key block. Causal: the first key blocks are seen by the most queries.
     run_tasks(bh_count * nk, scratch_dkdv, [&](int64_t task, float* buf) {
       const int64_t bh = pb.causal ? task % bh_count : task / nk;
