@@ -83,7 +83,10 @@ def _prune_configs(configs, named_args, **kwargs):
     autotuning off, the first candidate alone (the most often best)."""
     if len(configs) == 1:
         return configs
-    wide = max(named_args["BLOCK_D"], named_args["BLOCK_DV"]) > 128
+    # The autotuner passes the positional arguments as named_args and the keyword ones (the
+    # constexprs, given by name at the launch) as kwargs.
+    args = {**named_args, **kwargs}
+    wide = max(args["BLOCK_D"], args["BLOCK_DV"]) > 128
     wide_tiles = set(_WIDE_TILES)
     kept = [
         c for c in configs

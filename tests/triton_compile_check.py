@@ -1,0 +1,262 @@
+"""Compiles every Triton kernel of the package for a CUDA architecture, on a machine without a GPU.
+
+The interpreter (``TRITON_INTERPRET=1``, how the CPU tests run the kernels) is far more lenient
+than the compiler: type mismatches, launch-argument mistakes and shared-memory overflows only
+show when Triton lowers a kernel to PTX and ptxas assembles it. This script drives the public ops
+(forward and backward, ``backend="triton"``) on CPU tensors through Triton's real JIT path with a
+stand-in driver that reports a CUDA target (``--arch``, e.g. 90 for H100, 80 for A100) and
+compiles each launch instead of running it: every kernel the ops launch, for every
+specialisation those calls produce and every autotune config (``--first-config``: only the one
+used with autotuning off), goes through the full pipeline down to a cubin. Nothing executes, so
+the tensors' contents are meaningless. It reports each kernel's shared memory against the
+architecture's per-block limit: a launch whose configs all exceed it (or whose first config does:
+the one used with autotuning off) is an error.
+
+    python tests/triton_compile_check.py --arch 80,90            # every config, every case
+    python tests/triton_compile_check.py --arch 90 --quick       # a few cases, first configs
+
+Exit status 0 when everything compiled and fits, 1 otherwise. tests/test_triton_compile.py runs
+the quick form; it needs Triton's NVIDIA backend (ptxas ships with the triton wheel), not a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from collections import defaultdict
+from pathlib import Path
+
+# Per-block shared memory (opt-in maximum) by compute capability.
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+def _install_compile_only_runtime(arch: int, records: list[dict]) -> None:
+    """Triton's launch path with a driver that names a CUDA target, compiling instead of launching."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    class CompileOnlyDriver:
+        target = GPUTarget("cuda", arch, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return self.target
+
+        def is_active(self):
+            return True
+
+    jit_run = JITFunction.run
+    state = {"autotuning": False}
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
+        state["name"], state["shared"] = self.fn.__name__, kernel.metadata.shared
+        if not state["autotuning"]:
+            records.append({"kernel": self.fn.__name__, "shared": kernel.metadata.shared, "first": True, "config": "-"})
+        return kernel
+
+    def every_config(self, *args, grid, warmup, **kwargs):
+        self.nargs = dict(zip(self.arg_names, args))
+        state["autotuning"] = True
+        try:
+            for index, config in enumerate(self.prune_configs(kwargs)):
+                self.fn.run(*args, grid=grid, warmup=True, **kwargs, **config.all_kwargs())
+                records.append({"kernel": state["name"], "shared": state["shared"], "first": index == 0,
+                                "config": str(config)})
+        finally:
+            state["autotuning"] = False
+            self.nargs = None
+
+    JITFunction.run = compile_only
+    Autotuner.run = every_config
+    driver.set_active(CompileOnlyDriver())
+    assert triton.__version__
+
+
+def _cases(quick: bool):
+    """(name, callable) pairs driving the public ops forward and backward with backend="triton"."""
+    import torch
+
+    import fused_attn
+    from fused_attn.ops.add_layer_norm import add_layer_norm_keep_mask
+    from fused_attn.ops.attention import attention_with_keep_mask
+    from fused_attn.ops.ffn import ffn_keep_mask
+
+    def t(*shape, dtype, grad=True):
+        return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
+
+    def backward(out, *inputs):
+        inputs = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+        torch.autograd.grad(out, inputs, torch.ones_like(out))
+
+    def attention(dtype, head_dim=64, q_len=128, k_len=None, mask=None, causal=False, dropout=0.0, mask_grad=False):
+        def run():
+            k_len_ = q_len if k_len is None else k_len
+            q, k, v = t(2, 4, q_len, head_dim, dtype=dtype), t(2, 4, k_len_, head_dim, dtype=dtype), t(2, 4, k_len_, head_dim, dtype=dtype)
+            m = None
+            if mask == "padding":
+                m = torch.ones(2, 1, 1, k_len_, dtype=torch.bool)
+            elif mask == "bias":
+                m = t(1, 4, q_len, k_len_, dtype=dtype, grad=mask_grad)
+            out = fused_attn.scaled_dot_product_attention(q, k, v, m, dropout_p=dropout, is_causal=causal, backend="triton")
+            backward(out, q, k, v, m)
+
+        return run
+
+    def softmax(dtype, mask=None, causal=False):
+        def run():
+            x = t(2, 4, 77, 300, dtype=dtype)
+            m = torch.ones(2, 1, 1, 300, dtype=torch.bool) if mask == "bool" else (t(1, 4, 77, 300, dtype=dtype) if mask == "bias" else None)
+            backward(fused_attn.softmax(x, mask=m, scale=0.5, is_causal=causal, backend="triton"), x, m)
+
+        return run
+
+    def layer_norm(dtype, hidden, affine=True):
+        def run():
+            x = t(64, hidden, dtype=dtype)
+            w, b = (t(hidden, dtype=dtype), t(hidden, dtype=dtype)) if affine else (None, None)
+            backward(fused_attn.layer_norm(x, (hidden,), w, b, backend="triton"), x, w, b)
+
+        return run
+
+    def add_layer_norm(dtype, hidden=768, dropout=0.0, input_bias=True, prenorm=False):
+        def run():
+            x, r, w, b = t(64, hidden, dtype=dtype), t(64, hidden, dtype=dtype), t(hidden, dtype=dtype), t(hidden, dtype=dtype)
+            ib = t(hidden, dtype=dtype) if input_bias else None
+            out = fused_attn.add_layer_norm(x, r, w, b, dropout_p=dropout, input_bias=ib, return_prenorm=prenorm, backend="triton")
+            out = out[0] + out[1] if prenorm else out
+            backward(out, x, r, w, b, ib)
+
+        return run
+
+    def linear_gelu(dtype, bias=True, approximate="none"):
+        def run():
+            x, w = t(256, 192, dtype=dtype), t(384, 192, dtype=dtype)
+            b = t(384, dtype=dtype) if bias else None
+            backward(fused_attn.linear_gelu(x, w, b, approximate, backend="triton"), x, w, b)
+
+        return run
+
+    def ffn(dtype, dropout=0.0):
+        def run():
+            x, w1, b1, w2, b2 = t(256, 192, dtype=dtype), t(768, 192, dtype=dtype), t(768, dtype=dtype), t(192, 768, dtype=dtype), t(192, dtype=dtype)
+            backward(fused_attn.ffn(x, w1, b1, w2, b2, dropout_p=dropout, backend="triton"), x, w1, b1, w2, b2)
+
+        return run
+
+    def keep_masks():
+        q = torch.randn(1, 2, 64, 32)
+        attention_with_keep_mask(q, q, q, dropout_p=0.2)
+        ffn_keep_mask(64, 96, 0.2, "cpu", "triton")
+        add_layer_norm_keep_mask((64, 96), 0.2, "cpu")
+
+    f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
+    cases = [
+        ("attention bf16 d64", attention(bf16)),
+        ("attention bf16 d128 causal", attention(bf16, head_dim=128, causal=True)),
+        ("attention fp16 d64 bias-grad", attention(f16, mask="bias", mask_grad=True)),
+        ("attention fp16 d64 causal dropout", attention(f16, causal=True, dropout=0.1)),
+        ("attention fp32 d64", attention(f32)),
+        ("softmax fp16 bool-mask", softmax(f16, mask="bool")),
+        ("layer_norm bf16 768", layer_norm(bf16, 768)),
+        ("add_layer_norm bf16 dropout", add_layer_norm(bf16, dropout=0.1)),
+        ("linear_gelu bf16", linear_gelu(bf16)),
+        ("ffn bf16 dropout", ffn(bf16, dropout=0.1)),
+    ]
+    if quick:
+        return cases
+    for dtype, name in ((f16, "fp16"), (bf16, "bf16"), (f32, "fp32")):
+        cases += [
+            (f"attention {name} d64 padding", attention(dtype, mask="padding")),
+            (f"attention {name} d128 bias", attention(dtype, head_dim=128, mask="bias")),
+            (f"attention {name} d128 bias-grad causal", attention(dtype, head_dim=128, mask="bias", mask_grad=True, causal=True)),
+            (f"attention {name} d256", attention(dtype, head_dim=256)),
+            (f"attention {name} d256 causal dropout", attention(dtype, head_dim=256, causal=True, dropout=0.1)),
+            (f"attention {name} d40 cross 77x200 padding", attention(dtype, head_dim=40, q_len=77, k_len=200, mask="padding")),
+            (f"attention {name} d16 len 1", attention(dtype, head_dim=16, q_len=1)),
+            (f"attention {name} d32 causal 1000", attention(dtype, head_dim=32, q_len=1000, causal=True)),
+            (f"softmax {name}", softmax(dtype)),
+            (f"softmax {name} bias causal", softmax(dtype, mask="bias", causal=True)),
+            (f"layer_norm {name} 1024", layer_norm(dtype, 1024)),
+            (f"layer_norm {name} 16384 no-affine", layer_norm(dtype, 16384, affine=False)),
+            (f"add_layer_norm {name} prenorm", add_layer_norm(dtype, hidden=1000, prenorm=True)),
+            (f"add_layer_norm {name} no input bias dropout", add_layer_norm(dtype, hidden=4096, input_bias=False, dropout=0.2)),
+            (f"linear_gelu {name} tanh no bias", linear_gelu(dtype, bias=False, approximate="tanh")),
+            (f"ffn {name}", ffn(dtype)),
+        ]
+    cases.append(("keep masks", keep_masks))
+    return cases
+
+
+def check(arch: int, quick: bool, first_config: bool) -> int:
+    import fused_attn.backends as backends
+
+    records: list[dict] = []
+    _install_compile_only_runtime(arch, records)
+    # The ops take CPU tensors to Triton only under the interpreter; here they go to the compiler.
+    unavailable = backends.backend_unavailable_reasons
+    backends.backend_unavailable_reasons = lambda b, d: [] if b == "triton" else unavailable(b, d)
+
+    failures = []
+    start = time.time()
+    for name, run in _cases(quick):
+        before = len(records)
+        try:
+            run()
+        except Exception as exc:  # noqa: BLE001 - every failure is reported, then the run fails
+            failures.append(f"{name}: {type(exc).__name__}: {exc}".splitlines()[0][:400])
+            traceback.print_exc()
+        print(f"  sm{arch} {name}: {len(records) - before} kernels compiled", flush=True)
+
+    limit = SHARED_LIMIT.get(arch)
+    by_kernel = defaultdict(list)
+    for record in records:
+        by_kernel[record["kernel"]].append(record)
+    print(f"sm{arch}: {len(records)} compilations in {time.time() - start:.0f} s")
+    for kernel, recs in sorted(by_kernel.items()):
+        over = [r for r in recs if limit is not None and r["shared"] > limit]
+        print(f"  {kernel}: {len(recs)} compiled, shared memory up to {max(r['shared'] for r in recs)} B"
+              + (f", {len(over)} configs above the {limit} B limit (skipped by the autotuner)" if over else ""))
+        for r in over:
+            if r["first"]:
+                failures.append(f"{kernel}: the first config {r['config']} needs {r['shared']} B of shared memory, "
+                                f"above sm{arch}'s {limit} B (it is the one used with autotuning off)")
+    for failure in failures:
+        print("FAILED", failure)
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="90", help="compute capabilities, e.g. 80,90")
+    parser.add_argument("--quick", action="store_true", help="a few cases per op, first configs only")
+    parser.add_argument("--first-config", action="store_true", help="only each kernel's first autotune config")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        parser.error("run without TRITON_INTERPRET=1: this checks the compiler, not the interpreter")
+    if args.quick or args.first_config:
+        os.environ["FUSED_ATTN_TRITON_AUTOTUNE"] = "0"
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    archs = [int(a) for a in args.arch.split(",")]
+    if len(archs) > 1:  # one architecture per process: Triton caches the target per kernel
+        import subprocess
+
+        flags = (["--quick"] if args.quick else []) + (["--first-config"] if args.first_config else [])
+        codes = [subprocess.call([sys.executable, __file__, "--arch", str(a), *flags]) for a in archs]
+        return max(codes)
+    return check(archs[0], args.quick, args.first_config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
