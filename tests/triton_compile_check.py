@@ -12,11 +12,12 @@ the tensors' contents are meaningless. It reports each kernel's shared memory ag
 architecture's per-block limit: a launch whose configs all exceed it (or whose first config does:
 the one used with autotuning off) is an error.
 
-    python tests/triton_compile_check.py --arch 80,90            # every config, every case
-    python tests/triton_compile_check.py --arch 90 --quick       # a few cases, first configs
+    python tests/triton_compile_check.py --arch 80,90 --first-config   # every case, first configs
+    python tests/triton_compile_check.py --arch 80,90 --quick          # a few cases, every config
+    python tests/triton_compile_check.py --arch 90 --quick --first-config
 
 Exit status 0 when everything compiled and fits, 1 otherwise. tests/test_triton_compile.py runs
-the quick form; it needs Triton's NVIDIA backend (ptxas ships with the triton wheel), not a GPU.
+the last form; it needs Triton's NVIDIA backend (ptxas ships with the triton wheel), not a GPU.
 """
 
 from __future__ import annotations
@@ -103,13 +104,16 @@ def _cases(quick: bool):
     def attention(dtype, head_dim=64, q_len=128, k_len=None, mask=None, causal=False, dropout=0.0, mask_grad=False):
         def run():
             k_len_ = q_len if k_len is None else k_len
-            q, k, v = t(2, 4, q_len, head_dim, dtype=dtype), t(2, 4, k_len_, head_dim, dtype=dtype), t(2, 4, k_len_, head_dim, dtype=dtype)
+            q = t(2, 4, q_len, head_dim, dtype=dtype)
+            k, v = t(2, 4, k_len_, head_dim, dtype=dtype), t(2, 4, k_len_, head_dim, dtype=dtype)
             m = None
             if mask == "padding":
                 m = torch.ones(2, 1, 1, k_len_, dtype=torch.bool)
             elif mask == "bias":
                 m = t(1, 4, q_len, k_len_, dtype=dtype, grad=mask_grad)
-            out = fused_attn.scaled_dot_product_attention(q, k, v, m, dropout_p=dropout, is_causal=causal, backend="triton")
+            out = fused_attn.scaled_dot_product_attention(
+                q, k, v, m, dropout_p=dropout, is_causal=causal, backend="triton"
+            )
             backward(out, q, k, v, m)
 
         return run
@@ -117,7 +121,11 @@ def _cases(quick: bool):
     def softmax(dtype, mask=None, causal=False):
         def run():
             x = t(2, 4, 77, 300, dtype=dtype)
-            m = torch.ones(2, 1, 1, 300, dtype=torch.bool) if mask == "bool" else (t(1, 4, 77, 300, dtype=dtype) if mask == "bias" else None)
+            m = None
+            if mask == "bool":
+                m = torch.ones(2, 1, 1, 300, dtype=torch.bool)
+            elif mask == "bias":
+                m = t(1, 4, 77, 300, dtype=dtype)
             backward(fused_attn.softmax(x, mask=m, scale=0.5, is_causal=causal, backend="triton"), x, m)
 
         return run
@@ -132,9 +140,12 @@ def _cases(quick: bool):
 
     def add_layer_norm(dtype, hidden=768, dropout=0.0, input_bias=True, prenorm=False):
         def run():
-            x, r, w, b = t(64, hidden, dtype=dtype), t(64, hidden, dtype=dtype), t(hidden, dtype=dtype), t(hidden, dtype=dtype)
+            x, r = t(64, hidden, dtype=dtype), t(64, hidden, dtype=dtype)
+            w, b = t(hidden, dtype=dtype), t(hidden, dtype=dtype)
             ib = t(hidden, dtype=dtype) if input_bias else None
-            out = fused_attn.add_layer_norm(x, r, w, b, dropout_p=dropout, input_bias=ib, return_prenorm=prenorm, backend="triton")
+            out = fused_attn.add_layer_norm(
+                x, r, w, b, dropout_p=dropout, input_bias=ib, return_prenorm=prenorm, backend="triton"
+            )
             out = out[0] + out[1] if prenorm else out
             backward(out, x, r, w, b, ib)
 
@@ -150,7 +161,8 @@ def _cases(quick: bool):
 
     def ffn(dtype, dropout=0.0):
         def run():
-            x, w1, b1, w2, b2 = t(256, 192, dtype=dtype), t(768, 192, dtype=dtype), t(768, dtype=dtype), t(192, 768, dtype=dtype), t(192, dtype=dtype)
+            x, w1, b1 = t(256, 192, dtype=dtype), t(768, 192, dtype=dtype), t(768, dtype=dtype)
+            w2, b2 = t(192, 768, dtype=dtype), t(192, dtype=dtype)
             backward(fused_attn.ffn(x, w1, b1, w2, b2, dropout_p=dropout, backend="triton"), x, w1, b1, w2, b2)
 
         return run
@@ -180,10 +192,13 @@ def _cases(quick: bool):
         cases += [
             (f"attention {name} d64 padding", attention(dtype, mask="padding")),
             (f"attention {name} d128 bias", attention(dtype, head_dim=128, mask="bias")),
-            (f"attention {name} d128 bias-grad causal", attention(dtype, head_dim=128, mask="bias", mask_grad=True, causal=True)),
+            (f"attention {name} d128 bias-grad causal",
+             attention(dtype, head_dim=128, mask="bias", mask_grad=True, causal=True)),
             (f"attention {name} d256", attention(dtype, head_dim=256)),
-            (f"attention {name} d256 causal dropout", attention(dtype, head_dim=256, causal=True, dropout=0.1)),
-            (f"attention {name} d40 cross 77x200 padding", attention(dtype, head_dim=40, q_len=77, k_len=200, mask="padding")),
+            (f"attention {name} d256 causal dropout",
+             attention(dtype, head_dim=256, causal=True, dropout=0.1)),
+            (f"attention {name} d40 cross 77x200 padding",
+             attention(dtype, head_dim=40, q_len=77, k_len=200, mask="padding")),
             (f"attention {name} d16 len 1", attention(dtype, head_dim=16, q_len=1)),
             (f"attention {name} d32 causal 1000", attention(dtype, head_dim=32, q_len=1000, causal=True)),
             (f"softmax {name}", softmax(dtype)),
@@ -191,7 +206,8 @@ def _cases(quick: bool):
             (f"layer_norm {name} 1024", layer_norm(dtype, 1024)),
             (f"layer_norm {name} 16384 no-affine", layer_norm(dtype, 16384, affine=False)),
             (f"add_layer_norm {name} prenorm", add_layer_norm(dtype, hidden=1000, prenorm=True)),
-            (f"add_layer_norm {name} no input bias dropout", add_layer_norm(dtype, hidden=4096, input_bias=False, dropout=0.2)),
+            (f"add_layer_norm {name} no input bias dropout",
+             add_layer_norm(dtype, hidden=4096, input_bias=False, dropout=0.2)),
             (f"linear_gelu {name} tanh no bias", linear_gelu(dtype, bias=False, approximate="tanh")),
             (f"ffn {name}", ffn(dtype)),
         ]
@@ -240,12 +256,12 @@ def check(arch: int, quick: bool, first_config: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="90", help="compute capabilities, e.g. 80,90")
-    parser.add_argument("--quick", action="store_true", help="a few cases per op, first configs only")
+    parser.add_argument("--quick", action="store_true", help="a few cases per op instead of the whole list")
     parser.add_argument("--first-config", action="store_true", help="only each kernel's first autotune config")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("run without TRITON_INTERPRET=1: this checks the compiler, not the interpreter")
-    if args.quick or args.first_config:
+    if args.first_config:
         os.environ["FUSED_ATTN_TRITON_AUTOTUNE"] = "0"
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     archs = [int(a) for a in args.arch.split(",")]
