@@ -6,7 +6,9 @@
 # nothing they depend on changed.
 # gpu-check: for a GPU machine with no package registry: builds with the python3 found there and
 # what it has installed, runs every test on CUDA and the benchmarks, and writes a report into
-# benchmarks/results/.
+# benchmarks/results/. GPU_CHECK_BUILD=0 skips the build and uses the extension already in place
+# (built for that machine's Python and torch); GPU_CHECK_ARGS go to benchmarks/gpu_check.py
+# (--budget SECONDS, --skip-bench, --suites ..., --tag ...).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -60,8 +62,11 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 
 # Built against the GPU machine's own torch: its headers may warn where CI's do not, so nvcc
 # warnings stay warnings there.
+GPU_CHECK_BUILD ?= 1
 gpu-check:
+ifeq ($(GPU_CHECK_BUILD),1)
 	FUSED_ATTN_WERROR=0 $(PYTHON) setup.py -q build_ext --inplace
+endif
 	$(PYTHON) -m fused_attn info
 	$(PYTHON) benchmarks/gpu_check.py --python $(PYTHON) $(GPU_CHECK_ARGS)
 

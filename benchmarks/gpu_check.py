@@ -11,6 +11,13 @@ With the benchmarks (unless `--skip-memory`), `fused-attn profile-memory` of a B
 seq 4096; each suite's plot and the memory plot are written next to the report as PNGs.
 torch.compile rows are left out unless `--compile` (compiling every case would take the
 machine's whole loan).
+
+Time: `--budget SECONDS` bounds the whole run so that the report is written before a lent
+machine's command limit; each stage gets what is left (a stage that runs out is interrupted
+with SIGINT, so pytest and `fused-attn bench` still report what they finished), and the stages
+come in order of what matters most: the CUDA tests, the sanitizer, then the benchmarks in
+PRIORITY order, then the memory profile. The tests are the ones marked `cuda` (every test on a
+CUDA device; the CPU ones run in CI) unless `--all-tests`.
 """
 
 from __future__ import annotations
@@ -21,39 +28,80 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-# (dtype, mode) pairs of the op-level sweep; each is one `fused-attn bench` run.
-BENCH_RUNS = [("bfloat16", "fwd"), ("bfloat16", "fwd+bwd"), ("float16", "fwd")]
+# (suite, dtype, mode) of the benchmark sweep, one `fused-attn bench` run each, most wanted first:
+# the attention and FFN / Add & Norm targets, the models, then the rest.
+PRIORITY = [
+    ("attention", "bfloat16", "fwd"), ("attention", "bfloat16", "fwd+bwd"), ("ffn", "bfloat16", "fwd+bwd"),
+    ("add_layer_norm", "bfloat16", "fwd+bwd"), ("model", "bfloat16", "fwd+bwd"), ("model", "bfloat16", "fwd"),
+    ("layer_norm", "bfloat16", "fwd+bwd"), ("softmax", "bfloat16", "fwd+bwd"), ("ffn", "bfloat16", "fwd"),
+    ("add_layer_norm", "bfloat16", "fwd"), ("layer_norm", "bfloat16", "fwd"), ("softmax", "bfloat16", "fwd"),
+    ("attention", "float16", "fwd"), ("ffn", "float16", "fwd"),
+]
+# Seconds kept back from a stage's share of the budget for the stages' own wind-down and the report.
+RESERVE = 20
+# A stage given less than this is not started.
+MIN_STAGE = 30
+# After SIGINT, how long a stage may take to write what it has.
+GRACE = 45
+
+
+class Budget:
+    """Wall-clock seconds left for the run (unbounded without --budget)."""
+
+    def __init__(self, seconds: float | None):
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+
+    def share(self, default: int) -> int | None:
+        """A stage's timeout: its default, cut to what is left; None when too little is left to start."""
+        if self.deadline is None:
+            return default
+        left = int(self.deadline - time.monotonic()) - RESERVE - GRACE
+        return min(default, left) if left >= MIN_STAGE else None
 
 
 def _run(cmd: list[str], timeout: int, env: dict | None = None) -> tuple[int, str]:
+    """Runs cmd; past the timeout it gets SIGINT (pytest and the bench CLI then report what they
+    finished) and GRACE seconds more before it is killed. Returns (exit code, 124 on timeout; output)."""
     print("+", " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
     try:
-        proc = subprocess.run(
-            cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-        )
-    except subprocess.TimeoutExpired as exc:
-        out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        return 124, out + f"\n[timed out after {timeout}s]"
-    output = proc.stdout + proc.stderr
+        output, _ = proc.communicate(timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        try:
+            output, _ = proc.communicate(timeout=GRACE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+        output, code = (output or "") + f"\n[interrupted after {timeout}s]", 124
     print(output[-4000:], flush=True)
-    return proc.returncode, output
+    return code, output
 
 
-def run_tests(python: str, tmp: Path) -> dict:
+def run_tests(python: str, tmp: Path, timeout: int, all_tests: bool) -> dict:
     junit = tmp / "junit.xml"
     # One config per Triton kernel: the tests cover many shapes, and autotuning each would spend
     # the run compiling; the benchmarks autotune.
     env = {"TRITON_INTERPRET": "0", "FUSED_ATTN_TRITON_AUTOTUNE": "0"}
-    code, output = _run([python, "-m", "pytest", "tests", "-q", "-rfE", f"--junitxml={junit}"], timeout=1500, env=env)
-    summary = {"exit_code": code, "tail": output[-3000:], "failed_tests": []}
+    select = [] if all_tests else ["-m", "cuda"]
+    code, output = _run([python, "-m", "pytest", "tests", "-q", "-rfE", *select, f"--junitxml={junit}"],
+                        timeout=timeout, env=env)
+    summary = {"exit_code": code, "tail": output[-3000:], "failed_tests": [],
+               "selection": "all tests" if all_tests else "tests marked cuda"}
+    if code == 124:
+        summary["interrupted"] = f"stopped after {timeout}s (--budget)"
     if junit.exists():
         suite = ET.parse(junit).getroot()
         suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
@@ -68,17 +116,23 @@ def run_tests(python: str, tmp: Path) -> dict:
     return summary
 
 
-def run_benchmarks(python: str, tmp: Path, suites: list[str], compile_reference: bool) -> tuple[list[dict], list[str]]:
+def run_benchmarks(python: str, tmp: Path, suites: list[str], compile_reference: bool,
+                   budget: Budget) -> tuple[list[dict], list[str]]:
     records, logs = [], []
-    for (dtype, mode), suite in ((run, suite) for run in BENCH_RUNS for suite in suites):
+    for suite, dtype, mode in (run for run in PRIORITY if run[0] in suites):
+        timeout = budget.share(900)
+        if timeout is None:
+            records.append({"suite": suite, "impl": "all", "dtype": dtype, "mode": mode, "shape": {},
+                            "skipped": f"the {dtype} {mode} run: not started, the --budget was spent"})
+            continue
         path = tmp / f"bench-{suite}-{dtype}-{mode.replace('+', '')}.json"
         code, output = _run(
             [python, "-m", "fused_attn", "bench", "--suite", suite, "--device", "cuda", "--dtype", dtype,
              "--mode", mode, "--json", str(path)] + ([] if compile_reference else ["--no-compile"]),
-            timeout=900,
+            timeout=timeout,
         )
         logs.append(output[-6000:])
-        if code == 0 and path.exists():
+        if path.exists():  # an interrupted run writes the cases it finished
             records += json.loads(path.read_text())
     return records, logs
 
@@ -107,14 +161,14 @@ print("sanitizer workload done")
 """
 
 
-def run_memory_profile(python: str, tmp: Path, plot: Path) -> dict:
+def run_memory_profile(python: str, tmp: Path, plot: Path, timeout: int) -> dict:
     """``fused-attn profile-memory`` of one BERT-base layer at a long sequence, plain vs fused."""
     path = tmp / "memory.json"
     code, output = _run(
         [python, "-m", "fused_attn", "profile-memory", "--model", "bert-base", "--layers", "1", "--batch", "1",
          "--seq", "4096", "--device", "cuda", "--dtype", "bfloat16", "--mode", "fwd+bwd", "--json", str(path),
          "--plot", str(plot)],
-        timeout=600,
+        timeout=timeout,
     )
     if code != 0 or not path.exists():
         return {"failed": output[-3000:]}
@@ -136,7 +190,7 @@ def write_plots(records: list[dict], stem: str) -> dict[str, str]:
     return made
 
 
-def run_sanitizer(python: str) -> dict:
+def run_sanitizer(python: str, budget: Budget) -> dict:
     """memcheck and racecheck of SANITIZER_SCRIPT; {"skipped": why} without compute-sanitizer."""
     cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     tool = shutil.which("compute-sanitizer")
@@ -147,10 +201,14 @@ def run_sanitizer(python: str) -> dict:
         return {"skipped": f"compute-sanitizer not found on PATH or in {cuda_home}/bin"}
     results = {}
     for check in ("memcheck", "racecheck"):
+        timeout = budget.share(900)
+        if timeout is None:
+            results[check] = {"exit_code": None, "summary": "not run: the --budget was spent", "tail": ""}
+            continue
         # Without the caching allocator every tensor is its own allocation, so memcheck sees overruns.
         code, output = _run(
             [tool, "--tool", check, "--error-exitcode", "1", python, "-c", SANITIZER_SCRIPT],
-            timeout=900, env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
+            timeout=timeout, env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
         )
         summary = re.findall(r"ERROR SUMMARY: .*", output)
         results[check] = {"exit_code": code, "summary": summary[-1] if summary else "", "tail": output[-3000:]}
@@ -172,9 +230,11 @@ def render_markdown(facts: dict, tests: dict, records: list[dict], sanitizer: di
     elif "tests" in tests:
         passed = tests["tests"] - tests["failures"] - tests["errors"] - tests["skipped"]
         lines.append(f"{passed} passed, {tests['failures']} failed, {tests['errors']} errors, {tests['skipped']} skipped "
-                     f"(pytest exit code {tests['exit_code']})")
+                     f"(pytest exit code {tests['exit_code']}; {tests.get('selection', 'all tests')})")
     else:
         lines += ["pytest produced no report:", "", "```", tests["tail"], "```"]
+    if tests.get("interrupted"):
+        lines.append(f"(interrupted: {tests['interrupted']}; the counts are of the tests that ran)")
     for failure in tests["failed_tests"]:
         lines.append(f"- FAILED `{failure['test']}`: {failure['message']}")
     lines += ["", "## compute-sanitizer (cuda backend attention and softmax, fwd + bwd)", ""]
@@ -182,8 +242,8 @@ def render_markdown(facts: dict, tests: dict, records: list[dict], sanitizer: di
         lines.append(f"skipped: {sanitizer['skipped']}")
     for check, result in sanitizer.items():
         if check != "skipped":
-            verdict = "clean" if result["exit_code"] == 0 else f"FAILED (exit code {result['exit_code']})"
-            lines.append(f"- {check}: {verdict} {result['summary']}".rstrip())
+            verdict = {0: "clean", None: ""}.get(result["exit_code"], f"FAILED (exit code {result['exit_code']})")
+            lines.append(f"- {check}: {verdict} {result['summary']}".replace(":  ", ": ").rstrip())
     if memory:
         lines += ["", "## Memory: one BERT-base layer, batch 1, seq 4096, bf16, forward + backward", ""]
         if "failed" in memory:
@@ -228,7 +288,11 @@ def main() -> int:
     parser.add_argument("--tag", default="", help="suffix of the report's file name (e.g. tests, bench)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the references (slow)")
     parser.add_argument("--skip-memory", action="store_true", help="no profile-memory run")
+    parser.add_argument("--all-tests", action="store_true", help="every test, not only those marked cuda")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="seconds for the whole run; later stages get what is left (default: no bound)")
     args = parser.parse_args()
+    budget = Budget(args.budget)
 
     sys.path.insert(0, str(ROOT))
     from fused_attn import info
@@ -242,18 +306,26 @@ def main() -> int:
 
     suites = sorted(SUITES) if args.suites == "all" else args.suites.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        tests = {"exit_code": 0, "skipped_run": True, "failed_tests": [], "tail": ""} if args.skip_tests else run_tests(
-            args.python, Path(tmp)
-        )
+        test_timeout = budget.share(1500)
+        if args.skip_tests or test_timeout is None:
+            tests = {"exit_code": 0, "skipped_run": True, "failed_tests": [], "tail": ""}
+        else:
+            tests = run_tests(args.python, Path(tmp), test_timeout, args.all_tests)
         if args.skip_tests or args.skip_sanitizer:
             sanitizer = {"skipped": "--skip-tests" if args.skip_tests else "--skip-sanitizer"}
         else:
-            sanitizer = run_sanitizer(args.python)
-        records, bench_logs = ([], []) if args.skip_bench else run_benchmarks(args.python, Path(tmp), suites, args.compile)
+            sanitizer = run_sanitizer(args.python, budget)
+        records, bench_logs = ([], []) if args.skip_bench else run_benchmarks(
+            args.python, Path(tmp), suites, args.compile, budget)
         RESULTS.mkdir(parents=True, exist_ok=True)
         stem = f"{datetime.date.today().isoformat()}-{_slug(facts['gpu'])}" + (f"-{args.tag}" if args.tag else "")
-        memory = {} if args.skip_bench or args.skip_memory else run_memory_profile(
-            args.python, Path(tmp), RESULTS / f"{stem}-memory.png")
+        memory_timeout = budget.share(600)
+        if args.skip_bench or args.skip_memory:
+            memory = {}
+        elif memory_timeout is None:
+            memory = {"failed": "not run: the --budget was spent"}
+        else:
+            memory = run_memory_profile(args.python, Path(tmp), RESULTS / f"{stem}-memory.png", memory_timeout)
     plots = write_plots(records, stem)
     (RESULTS / f"{stem}.json").write_text(
         json.dumps(
@@ -264,7 +336,7 @@ def main() -> int:
     )
     (RESULTS / f"{stem}.md").write_text(render_markdown(facts, tests, records, sanitizer, plots, memory))
     print(f"gpu-check: wrote {RESULTS / stem}.md and .json")
-    sanitizer_failed = any(r["exit_code"] != 0 for c, r in sanitizer.items() if c != "skipped")
+    sanitizer_failed = any(r["exit_code"] not in (0, None) for c, r in sanitizer.items() if c != "skipped")
     return 0 if tests.get("exit_code") == 0 and not sanitizer_failed else 1
 
 

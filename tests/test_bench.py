@@ -283,3 +283,62 @@ def test_gpu_check_report_renders_tables_plots_and_memory(tmp_path, monkeypatch)
     assert "| attention | B4 H16 L2048 D64 full | bfloat16 | fwd | cuda |" in md and "10%" in md
     assert "| 1.00x | - | 1 |" in md  # no speedup_vs_torch in these records
     assert "attention `xformers` (1 case): not installed" in md
+
+
+def test_bench_interrupted_reports_the_finished_cases(tmp_path, capsys, monkeypatch):
+    """Ctrl-C, or gpu-check's --budget running out (SIGINT), still writes what was measured."""
+    from fused_attn.bench import cli as bench_cli
+
+    real_run_case, calls = bench_cli.run_case, []
+
+    def run_case(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_run_case(*args, **kwargs)
+
+    monkeypatch.setattr(bench_cli, "run_case", run_case)
+    out = tmp_path / "r.json"
+    code, captured = _run(["bench", "--suite", "layer_norm", "--device", "cpu", "--rows", "8", "--hidden", "16,24",
+                           "--repeats", "1", "--no-compile", "--json", str(out)], capsys)
+    assert code == 130 and "interrupted: reporting the" in captured.out
+    records = json.loads(out.read_text())
+    assert records and {r["shape"]["hidden"] for r in records} == {16}
+
+
+def test_gpu_check_stage_runner_interrupts_and_keeps_partial_output():
+    from benchmarks import gpu_check
+
+    child = ("import time\n"
+             "try:\n    print('started', flush=True); time.sleep(60)\n"
+             "except KeyboardInterrupt:\n    print('wrote what it had', flush=True)\n")
+    code, output = gpu_check._run([sys.executable, "-c", child], timeout=2)
+    assert code == 124 and "wrote what it had" in output and "[interrupted after 2s]" in output
+    code, output = gpu_check._run([sys.executable, "-c", "print('quick')"], timeout=30)
+    assert code == 0 and "quick" in output
+
+
+def test_gpu_check_budget_shares_and_skips(tmp_path, monkeypatch):
+    from benchmarks import gpu_check
+
+    assert gpu_check.Budget(None).share(900) == 900
+    assert gpu_check.Budget(10_000).share(900) == 900
+    roomy = gpu_check.Budget(gpu_check.RESERVE + gpu_check.GRACE + 100).share(900)
+    assert 90 <= roomy <= 100
+    spent = gpu_check.Budget(gpu_check.RESERVE + gpu_check.GRACE + gpu_check.MIN_STAGE - 5)
+    assert spent.share(900) is None
+    records, _ = gpu_check.run_benchmarks(sys.executable, tmp_path, ["attention", "ffn"], False, spent)
+    assert [(r["suite"], r["mode"]) for r in records] == [
+        ("attention", "fwd"), ("attention", "fwd+bwd"), ("ffn", "fwd+bwd"), ("ffn", "fwd"), ("attention", "fwd"),
+        ("ffn", "fwd")]
+    assert all("not started, the --budget was spent" in r["skipped"] for r in records)
+    facts = {"gpu": "H200", "date": "today", "torch": "2", "torch_cuda": "13", "triton": "3", "fused_attn": "0"}
+    tests = {"exit_code": 124, "tests": 10, "failures": 0, "errors": 0, "skipped": 2, "tail": "", "failed_tests": [],
+             "selection": "tests marked cuda", "interrupted": "stopped after 300s (--budget)"}
+    sanitizer = {"memcheck": {"exit_code": 0, "summary": "ERROR SUMMARY: 0 errors", "tail": ""},
+                 "racecheck": {"exit_code": None, "summary": "not run: the --budget was spent", "tail": ""}}
+    md = gpu_check.render_markdown(facts, tests, records, sanitizer, {}, {})
+    assert "8 passed, 0 failed" in md and "tests marked cuda" in md and "interrupted: stopped after 300s" in md
+    assert "- memcheck: clean ERROR SUMMARY: 0 errors" in md and "- racecheck: not run: the --budget was spent" in md
+    assert "attention `all` (2 cases): the bfloat16 fwd run: not started" not in md
+    assert "attention `all` (1 case): the bfloat16 fwd run: not started, the --budget was spent" in md

@@ -167,11 +167,16 @@ def run(args: argparse.Namespace) -> int:
     plan = _plan(args, device)
     repeats = args.repeats or (30 if device.type == "cuda" else 5)
     records: list[dict] = []
-    with harness.progress("fused-attn bench") as step:
-        for suite, settings in plan:
-            for case in SUITES[suite](settings):
-                records += run_case(case, device, repeats, step)
-                del case
+    interrupted = False
+    try:
+        with harness.progress("fused-attn bench") as step:
+            for suite, settings in plan:
+                for case in SUITES[suite](settings):
+                    records += run_case(case, device, repeats, step)
+                    del case
+    except KeyboardInterrupt:  # Ctrl-C (or a caller's time limit): report the cases that finished
+        interrupted = True
+        print(f"\ninterrupted: reporting the {len(records)} records measured so far")
     print(format_table(records))
     if args.json:
         with open(args.json, "w") as f:
@@ -185,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
 
         plots.plot_bench(records, args.plot)
         print(f"wrote {args.plot}")
-    return 0
+    return 130 if interrupted else 0
 
 
 # ---------------------------------------------------------------------------------------------
