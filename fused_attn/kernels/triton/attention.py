@@ -54,7 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ...backends import triton_autotune_enabled, triton_interpret_mode
+from ...backends import triton_interpret_mode
+from ._configs import pruner
 
 LOG2E = 1.4426950408889634
 
@@ -78,21 +79,14 @@ def _configs(stage: str) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Wide heads (padded head dims above 128) get the wide tiles, the others the rest; with
-    autotuning off, the first candidate alone (the most often best)."""
-    if len(configs) == 1:
-        return configs
-    # The autotuner passes the positional arguments as named_args and the keyword ones (the
-    # constexprs, given by name at the launch) as kwargs.
-    args = {**named_args, **kwargs}
+def _tiles_for_head_dim(configs, args):
+    """Wide heads (padded head dims above 128) get the wide tiles, the others the rest."""
     wide = max(args["BLOCK_D"], args["BLOCK_DV"]) > 128
     wide_tiles = set(_WIDE_TILES)
-    kept = [
+    return [
         c for c in configs
         if ((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wide_tiles) == wide
     ]
-    return kept if triton_autotune_enabled() else kept[:1]
 
 
 _AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "LENGTH_BUCKET", "HAS_MASK", "DROPOUT"]
@@ -169,7 +163,8 @@ def _attn_fwd_inner(
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_configs("fwd"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
+@triton.autotune(configs=_configs("fwd"), key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": pruner(lambda: _attn_fwd_kernel, _tiles_for_head_dim)})
 @triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr, keep_ptr,
@@ -356,7 +351,8 @@ def _query_tile(
     return bh, b, h, start_m, offs_m, in_queries, q, do, lse
 
 
-@triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
+@triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": pruner(lambda: _attn_bwd_stats_kernel, _tiles_for_head_dim)})
 @triton.jit
 def _attn_bwd_stats_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, lse_ptr, corr_ptr, delta_ptr,
@@ -480,7 +476,8 @@ def _attn_bwd_dq_inner(
     return dq
 
 
-@triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
+@triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": pruner(lambda: _attn_bwd_dkdv_kernel, _tiles_for_head_dim)})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, lse_ptr, corr_ptr, delta_ptr, dk_ptr, dv_ptr,
@@ -549,7 +546,8 @@ def _attn_bwd_dkdv_kernel(
              mask=in_keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
 
 
-@triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
+@triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": pruner(lambda: _attn_bwd_dq_kernel, _tiles_for_head_dim)})
 @triton.jit
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, lse_ptr, corr_ptr, delta_ptr, dq_ptr, dscores_ptr,

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ...backends import triton_autotune_enabled, triton_interpret_mode
+from ...backends import triton_interpret_mode
+from ._configs import pruner
 
 SQRT_HALF = 0.7071067811865476
 INV_SQRT_2PI = 0.3989422804014327
@@ -38,15 +39,14 @@ def _configs() -> list[triton.Config]:
     """Tile shapes from the Triton matmul tutorial's H100/A100 sweep: large 128x128/128x256 tiles
     with 3-4 stages for big GEMMs (the FFN's), smaller ones for skinny shapes; the autotuner
     keys on (M, N, K). Under the interpreter one small tile keeps CPU tests fast; with autotuning
-    off, the first (a safe all-rounder) is used."""
+    off, the first that fits the device's shared memory (the first, where it does: a safe
+    all-rounder) is used."""
     if triton_interpret_mode():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
     shapes = [
         (128, 128, 64, 4, 4), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 32, 4, 4),
         (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4), (32, 64, 32, 5, 2),
     ]
-    if not triton_autotune_enabled():
-        shapes = shapes[:1]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
         for m, n, k, s, w in shapes
@@ -74,7 +74,8 @@ def _gelu_grad(x, APPROX_TANH: tl.constexpr):
     return 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K"])
+@triton.autotune(configs=_configs(), key=["M", "N", "K"],
+                 prune_configs_by={"early_config_prune": pruner(lambda: _gemm_kernel)})
 @triton.jit
 def _gemm_kernel(
     a_ptr, b_ptr, c_ptr, aux_ptr, bias_ptr, pre_ptr, rowsum_ptr,
