@@ -44,6 +44,17 @@ def first_that_fits(kernel: triton.runtime.JITFunction, configs: list[triton.Con
     return configs[:1]
 
 
+def benchmark(kernel_call: Callable[[], None], quantiles: tuple[float, ...]) -> list[float]:
+    """The autotuner's timing of a candidate: Triton's benchmarker; with autotuning off the
+    pruning has left one candidate, so there is nothing to time (the autotuner would otherwise
+    spend ~0.1 s per new shape running it)."""
+    if not triton_autotune_enabled():
+        return [0.0] * len(quantiles)
+    from triton.runtime import driver
+
+    return driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+
+
 def pruner(kernel_of: Callable[[], object], keep: Callable[..., list] | None = None) -> Callable:
     """An ``early_config_prune`` for an autotuned kernel: ``keep(configs, args)`` narrows the
     candidates (args: the launch's positional and keyword arguments by name); with autotuning

@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from ...backends import triton_interpret_mode
-from ._configs import pruner
+from ._configs import benchmark, pruner
 
 LOG2E = 1.4426950408889634
 
@@ -163,7 +163,7 @@ def _attn_fwd_inner(
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_configs("fwd"), key=_AUTOTUNE_KEY,
+@triton.autotune(configs=_configs("fwd"), key=_AUTOTUNE_KEY, do_bench=benchmark,
                  prune_configs_by={"early_config_prune": pruner(lambda: _attn_fwd_kernel, _tiles_for_head_dim)})
 @triton.jit
 def _attn_fwd_kernel(
@@ -351,7 +351,7 @@ def _query_tile(
     return bh, b, h, start_m, offs_m, in_queries, q, do, lse
 
 
-@triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY,
+@triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY, do_bench=benchmark,
                  prune_configs_by={"early_config_prune": pruner(lambda: _attn_bwd_stats_kernel, _tiles_for_head_dim)})
 @triton.jit
 def _attn_bwd_stats_kernel(
@@ -476,7 +476,7 @@ def _attn_bwd_dq_inner(
     return dq
 
 
-@triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY,
+@triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY, do_bench=benchmark,
                  prune_configs_by={"early_config_prune": pruner(lambda: _attn_bwd_dkdv_kernel, _tiles_for_head_dim)})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
@@ -546,7 +546,7 @@ def _attn_bwd_dkdv_kernel(
              mask=in_keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
 
 
-@triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY,
+@triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY, do_bench=benchmark,
                  prune_configs_by={"early_config_prune": pruner(lambda: _attn_bwd_dq_kernel, _tiles_for_head_dim)})
 @triton.jit
 def _attn_bwd_dq_kernel(

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ...backends import triton_interpret_mode
-from ._configs import pruner
+from ._configs import benchmark, pruner
 
 SQRT_HALF = 0.7071067811865476
 INV_SQRT_2PI = 0.3989422804014327
@@ -74,7 +74,7 @@ def _gelu_grad(x, APPROX_TANH: tl.constexpr):
     return 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K"],
+@triton.autotune(configs=_configs(), key=["M", "N", "K"], do_bench=benchmark,
                  prune_configs_by={"early_config_prune": pruner(lambda: _gemm_kernel)})
 @triton.jit
 def _gemm_kernel(
