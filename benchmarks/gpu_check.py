@@ -90,16 +90,26 @@ def _run(cmd: list[str], timeout: int, env: dict | None = None) -> tuple[int, st
     return code, output
 
 
+def test_workers(python: str) -> int:
+    """pytest-xdist workers for the test run: most of its time is Triton compiling kernels, one
+    CPU core per compilation, so a few processes sharing the GPU finish several times sooner."""
+    code = subprocess.run([python, "-c", "import xdist"], capture_output=True).returncode
+    return 0 if code != 0 else max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
 def run_tests(python: str, tmp: Path, timeout: int, all_tests: bool) -> dict:
     junit = tmp / "junit.xml"
     # One config per Triton kernel: the tests cover many shapes, and autotuning each would spend
     # the run compiling; the benchmarks autotune.
     env = {"TRITON_INTERPRET": "0", "FUSED_ATTN_TRITON_AUTOTUNE": "0"}
     select = [] if all_tests else ["-m", "cuda"]
-    code, output = _run([python, "-m", "pytest", "tests", "-q", "-rfE", *select, f"--junitxml={junit}"],
+    workers = test_workers(python)
+    parallel = ["-n", str(workers)] if workers > 1 else []
+    code, output = _run([python, "-m", "pytest", "tests", "-q", "-rfE", *select, *parallel, f"--junitxml={junit}"],
                         timeout=timeout, env=env)
     summary = {"exit_code": code, "tail": output[-3000:], "failed_tests": [],
-               "selection": "all tests" if all_tests else "tests marked cuda"}
+               "selection": ("all tests" if all_tests else "tests marked cuda")
+               + (f", {workers} pytest-xdist workers" if workers > 1 else "")}
     if code == 124:
         summary["interrupted"] = f"stopped after {timeout}s (--budget)"
     if junit.exists():
