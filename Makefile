@@ -6,9 +6,10 @@
 # nothing they depend on changed.
 # gpu-check: for a GPU machine with no package registry: builds with the python3 found there and
 # what it has installed, runs every test on CUDA and the benchmarks, and writes a report into
-# benchmarks/results/. GPU_CHECK_BUILD=0 skips the build and uses the extension already in place
-# (built for that machine's Python and torch); GPU_CHECK_ARGS go to benchmarks/gpu_check.py
-# (--budget SECONDS, --skip-bench, --suites ..., --tag ...).
+# benchmarks/results/. The build is skipped when the extension in place is current for that
+# machine (fused_attn._extension.stale_reason: loads, same torch, CUDA kernels for its GPU, same
+# sources), e.g. built beforehand elsewhere for the same Python and torch; GPU_CHECK_ARGS go to
+# benchmarks/gpu_check.py (--budget SECONDS, --skip-bench, --suites ..., --tag ...).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -62,13 +63,12 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 
 # Built against the GPU machine's own torch: its headers may warn where CI's do not, so nvcc
 # warnings stay warnings there.
-GPU_CHECK_BUILD ?= 1
+STALE_CHECK := from fused_attn import _extension as e; r = e.stale_reason(); print("extension: " + (r or "current, not rebuilt")); raise SystemExit(r is not None)
+
 gpu-check:
-ifeq ($(GPU_CHECK_BUILD),1)
-	FUSED_ATTN_WERROR=0 $(PYTHON) setup.py -q build_ext --inplace
-endif
+	$(PYTHON) -c '$(STALE_CHECK)' || FUSED_ATTN_WERROR=0 $(PYTHON) setup.py -q build_ext --inplace
 	$(PYTHON) -m fused_attn info
 	$(PYTHON) benchmarks/gpu_check.py --python $(PYTHON) $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf build *.egg-info fused_attn/_C*.so fused_attn/_build_info.json $(VENV)/.built $(VENV)/.installed
+	rm -rf build *.egg-info fused_attn/_C*.so fused_attn/_build_info*.json $(VENV)/.built $(VENV)/.installed

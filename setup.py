@@ -7,7 +7,7 @@ visible) and MAX_JOBS the number of parallel compile jobs; FUSED_ATTN_WERROR=0 k
 from failing the build. FUSED_ATTN_CPU_ISA=avx2|generic picks
 the vector width of the CPU kernels (default: avx2 where this CPU has it).
 
-What was built is written to fused_attn/_build_info.json so that `fused-attn info` can report it.
+What was built is written to fused_attn/_build_info.<python tag>.json so that `fused-attn info` can report it.
 FUSED_ATTN_SKIP_EXTENSION=1 installs the Python package alone (the Makefile then builds the
 extension in place, incrementally, with `setup.py build_ext --inplace`).
 """
@@ -15,6 +15,7 @@ extension in place, incrementally, with `setup.py build_ext --inplace`).
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import platform
@@ -26,7 +27,15 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-BUILD_INFO = ROOT / "fused_attn" / "_build_info.json"
+# One record per interpreter: extensions for several Pythons may sit side by side in place.
+BUILD_INFO = ROOT / "fused_attn" / f"_build_info.{sys.implementation.cache_tag}.json"
+
+
+def _sources_digest() -> str | None:
+    spec = importlib.util.spec_from_file_location("_fused_attn_sources", ROOT / "fused_attn" / "_sources.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.sources_digest(ROOT)
 
 
 def _env_flag(name: str) -> bool | None:
@@ -155,6 +164,7 @@ def main() -> None:
         "cpu_isa": isa,
         "sources": sources,
         "python": platform.python_version(),
+        "sources_digest": _sources_digest(),
     }
 
     class BuildExtension(cpp_extension.BuildExtension):

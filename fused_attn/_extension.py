@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-_BUILD_INFO = Path(__file__).with_name("_build_info.json")
+from ._sources import sources_digest
+
+_BUILD_INFO = Path(__file__).with_name(f"_build_info.{sys.implementation.cache_tag}.json")
 
 
 def _load() -> str | None:
@@ -64,3 +67,27 @@ def build_info() -> dict:
         return json.loads(_BUILD_INFO.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def stale_reason() -> str | None:
+    """Why the extension in place should be rebuilt before use here, or None when it need not:
+    it did not load, was built for another torch, lacks the CUDA kernels where a GPU is visible
+    (or code for that GPU's architecture), or its sources changed since (in a source checkout)."""
+    if not loaded():
+        return f"fused_attn._C not loaded: {load_error()}"
+    info = build_info()
+    if not info:
+        return "no build record"
+    if info.get("torch") != torch.__version__:
+        return f"built for torch {info.get('torch')}, this is torch {torch.__version__}"
+    if torch.cuda.is_available():
+        if not cuda_kernels_compiled():
+            return "built without its CUDA kernels, and a GPU is visible"
+        major, minor = torch.cuda.get_device_capability()
+        archs = (info.get("cuda_arch_list") or "").replace(" ", ";").split(";")
+        if archs != [""] and not any(a.split("+")[0] == f"{major}.{minor}" for a in archs):
+            return f"built for CUDA architectures {info.get('cuda_arch_list')}, the GPU is {major}.{minor}"
+    current = sources_digest(Path(__file__).resolve().parent.parent)
+    if current is not None and current != info.get("sources_digest"):
+        return "the sources changed since it was built"
+    return None

@@ -27,6 +27,7 @@ def collect() -> dict:
         "build": build,
         "extension_loaded": _extension.loaded(),
         "extension_error": _extension.load_error(),
+        "extension_stale": _extension.stale_reason(),
         "extension_path": _extension.library_path(),
         "cuda_kernels_compiled": _extension.cuda_kernels_compiled(),
         "triton": backends.triton_version(),
@@ -52,8 +53,8 @@ def render(facts: dict) -> str:
         ]
     else:
         lines.append("  no build record: the extension has not been built in this checkout")
-    if build and build.get("torch") != facts["torch"]:
-        lines.append(f"  WARNING: built against torch {build.get('torch')}, running torch {facts['torch']}")
+    if build and facts.get("extension_stale"):
+        lines.append(f"  REBUILD: {facts['extension_stale']}")
     lines += ["", "this machine:"]
     if facts["extension_loaded"]:
         lines.append(f"  extension         loaded ({facts['extension_path']})")
