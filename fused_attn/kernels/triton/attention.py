@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from ...backends import triton_interpret_mode
-from ._configs import benchmark, pruner
+from ._autotune import benchmark, pruner
 
 LOG2E = 1.4426950408889634
 
@@ -72,7 +72,7 @@ _WIDE_TILES = [(64, 32, 4, 2), (32, 32, 4, 2)]
 
 
 def _configs(stage: str) -> list[triton.Config]:
-    """Every tile config of a stage, the wide-head ones last; ``_prune_configs`` picks per call."""
+    """Every tile config of a stage, the wide-head ones last; ``_tiles_for_head_dim`` picks per call."""
     if triton_interpret_mode():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     tiles = (_FWD_TILES if stage == "fwd" else _BWD_TILES) + _WIDE_TILES

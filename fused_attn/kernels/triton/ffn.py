@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ...backends import triton_interpret_mode
-from ._configs import benchmark, pruner
+from ._autotune import benchmark, pruner
 
 SQRT_HALF = 0.7071067811865476
 INV_SQRT_2PI = 0.3989422804014327

@@ -1,4 +1,4 @@
-"""Config choice with autotuning off (fused_attn/kernels/triton/_configs.py), without a GPU."""
+"""Config choice with autotuning off (fused_attn/kernels/triton/_autotune.py), without a GPU."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from fused_attn.kernels.triton import _configs  # noqa: E402
+from fused_attn.kernels.triton import _autotune  # noqa: E402
 
 
 class FakeKernel:
@@ -27,35 +27,35 @@ CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=4, num_stages=2) for m in (12
 
 def test_first_config_that_fits_the_device(monkeypatch):
     kernel = FakeKernel({128: 300_000, 64: 200_000, 32: 100_000})
-    monkeypatch.setattr(_configs, "shared_memory_limit", lambda: 232_448)
-    chosen = _configs.first_that_fits(kernel, CONFIGS, {"x": "tensor"}, {"HEAD": 64, "grid": None, "warmup": False})
+    monkeypatch.setattr(_autotune, "shared_memory_limit", lambda: 232_448)
+    chosen = _autotune.first_that_fits(kernel, CONFIGS, {"x": "tensor"}, {"HEAD": 64, "grid": None, "warmup": False})
     assert chosen == [CONFIGS[1]]
     assert kernel.compiled == [(("tensor",), 128, 64), (("tensor",), 64, 64)]  # stops at the first that fits
 
 
 def test_first_config_when_none_fits_or_the_limit_is_unknown(monkeypatch):
     kernel = FakeKernel({128: 300_000, 64: 300_000, 32: 300_000})
-    monkeypatch.setattr(_configs, "shared_memory_limit", lambda: 100_000)
-    assert _configs.first_that_fits(kernel, CONFIGS, {}, {"HEAD": 1}) == [CONFIGS[0]]
-    monkeypatch.setattr(_configs, "shared_memory_limit", lambda: None)
-    assert _configs.first_that_fits(kernel, CONFIGS, {}, {"HEAD": 1}) == [CONFIGS[0]]
+    monkeypatch.setattr(_autotune, "shared_memory_limit", lambda: 100_000)
+    assert _autotune.first_that_fits(kernel, CONFIGS, {}, {"HEAD": 1}) == [CONFIGS[0]]
+    monkeypatch.setattr(_autotune, "shared_memory_limit", lambda: None)
+    assert _autotune.first_that_fits(kernel, CONFIGS, {}, {"HEAD": 1}) == [CONFIGS[0]]
 
 
 def test_pruner_keeps_every_candidate_when_autotuning(monkeypatch):
     keep = lambda configs, args: [c for c in configs if c.kwargs["BLOCK_M"] <= args["HEAD"]]  # noqa: E731
     kernel = types.SimpleNamespace(fn=FakeKernel({64: 1, 32: 1}))
-    prune = _configs.pruner(lambda: kernel, keep)
+    prune = _autotune.pruner(lambda: kernel, keep)
     monkeypatch.setenv("FUSED_ATTN_TRITON_AUTOTUNE", "1")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert prune(CONFIGS, {"x": 1}, HEAD=64) == CONFIGS[1:]
     assert kernel.fn.compiled == []
     monkeypatch.setenv("FUSED_ATTN_TRITON_AUTOTUNE", "0")
-    monkeypatch.setattr(_configs, "shared_memory_limit", lambda: 10)
+    monkeypatch.setattr(_autotune, "shared_memory_limit", lambda: 10)
     assert prune(CONFIGS, {"x": 1}, HEAD=64) == [CONFIGS[1]]
 
 
 def test_no_timing_when_autotuning_is_off(monkeypatch):
     calls = []
     monkeypatch.setenv("FUSED_ATTN_TRITON_AUTOTUNE", "0")
-    assert _configs.benchmark(lambda: calls.append(1), quantiles=(0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
+    assert _autotune.benchmark(lambda: calls.append(1), quantiles=(0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
     assert calls == []
