@@ -15,8 +15,9 @@ machine's whole loan).
 Time: `--budget SECONDS` bounds the whole run so that the report is written before a lent
 machine's command limit; each stage gets what is left (a stage that runs out is interrupted
 with SIGINT, so pytest and `fused-attn bench` still report what they finished), and the stages
-come in order of what matters most: the CUDA tests, the sanitizer, then the benchmarks in
-PRIORITY order, then the memory profile. The tests are the ones marked `cuda` (every test on a
+come in order of what matters most: the CUDA tests (at most --tests-share of the budget, half by
+default, unless --skip-bench), the sanitizer, then the benchmarks in PRIORITY order, then the
+memory profile. The tests are the ones marked `cuda` (every test on a
 CUDA device; the CPU ones run in CI) unless `--all-tests`.
 """
 
@@ -59,13 +60,15 @@ class Budget:
     """Wall-clock seconds left for the run (unbounded without --budget)."""
 
     def __init__(self, seconds: float | None):
+        self.seconds = seconds
         self.deadline = None if seconds is None else time.monotonic() + seconds
 
-    def share(self, default: int) -> int | None:
-        """A stage's timeout: its default, cut to what is left; None when too little is left to start."""
+    def share(self, default: int, fraction: float = 1.0) -> int | None:
+        """A stage's timeout: its default, cut to what is left (and to ``fraction`` of the whole
+        budget); None when too little is left to start."""
         if self.deadline is None:
             return default
-        left = int(self.deadline - time.monotonic()) - RESERVE - GRACE
+        left = min(int(self.deadline - time.monotonic()), int(fraction * self.seconds)) - RESERVE - GRACE
         return min(default, left) if left >= MIN_STAGE else None
 
 
@@ -301,6 +304,8 @@ def main() -> int:
     parser.add_argument("--all-tests", action="store_true", help="every test, not only those marked cuda")
     parser.add_argument("--budget", type=int, default=None,
                         help="seconds for the whole run; later stages get what is left (default: no bound)")
+    parser.add_argument("--tests-share", type=float, default=0.5,
+                        help="the part of --budget the tests may take, the rest kept for the benchmarks (default 0.5)")
     args = parser.parse_args()
     budget = Budget(args.budget)
 
@@ -316,7 +321,7 @@ def main() -> int:
 
     suites = sorted(SUITES) if args.suites == "all" else args.suites.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        test_timeout = budget.share(1500)
+        test_timeout = budget.share(1500, args.tests_share if not args.skip_bench else 1.0)
         if args.skip_tests or test_timeout is None:
             tests = {"exit_code": 0, "skipped_run": True, "failed_tests": [], "tail": ""}
         else:

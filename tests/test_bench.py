@@ -323,6 +323,7 @@ def test_gpu_check_budget_shares_and_skips(tmp_path, monkeypatch):
 
     assert gpu_check.Budget(None).share(900) == 900
     assert gpu_check.Budget(10_000).share(900) == 900
+    assert gpu_check.Budget(1000).share(900, 0.5) == 500 - gpu_check.RESERVE - gpu_check.GRACE
     roomy = gpu_check.Budget(gpu_check.RESERVE + gpu_check.GRACE + 100).share(900)
     assert 90 <= roomy <= 100
     spent = gpu_check.Budget(gpu_check.RESERVE + gpu_check.GRACE + gpu_check.MIN_STAGE - 5)
