@@ -10,6 +10,7 @@ no port is needed); the single-process run happens here.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import tempfile
 import traceback
@@ -90,6 +91,13 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             result = f"{type(err).__name__}: {err}"
         if rank == 0:
             torch.save(result, f"{out_dir}/fsdp.pt")
+        # Both ranks past every collective, and no module or pending work of theirs alive, before
+        # the group is torn down: a Gloo worker thread left holding tensors of a finished work
+        # aborts the process at exit (seen as SIGABRT, "terminate called without an active exception").
+        del ddp
+        model = result = None
+        gc.collect()
+        dist.barrier()
     except Exception:
         with open(f"{out_dir}/error-{rank}.txt", "w") as f:
             f.write(traceback.format_exc())
