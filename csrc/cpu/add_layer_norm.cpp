@@ -90,42 +90,9 @@ void add_layer_norm_fwd_rows(const scalar_t* x, const scalar_t* res, const float
         },
         [&] { sum.end_segment(); });
     const float m = static_cast<float>(sum.total * inv_n);
-    const fVec mv(m);
-
-    // Pass 2: deviations from that mean (the corrected two-pass algorithm: their sum takes the
-    // rounding of m out of the variance), var = (sum d^2 - (sum d)^2 / n) / n.
-    RowSum<C, P> dev, sq;
-    for_each_block<B, C>(
-        hidden,
-        [&](int64_t j, int64_t len, int c) C10_ALWAYS_INLINE_ATTRIBUTE {
-          fVec hv[P];
-          load_block(pre + row + j, len, hv);
-          for (int k = 0; k < P; ++k) {
-            fVec d = hv[k] - mv;
-            if (len < B) d = keep_first(d, len - k * kLanes);  // padding would add -m and m^2
-            dev.acc[c][k] += d;
-            sq.acc[c][k] = at::vec::fmadd(d, d, sq.acc[c][k]);
-          }
-        },
-        [&] {
-          dev.end_segment();
-          sq.end_segment();
-        });
-    const double var = two_pass_variance(sq.total, dev.total, inv_n);
-    const float rs = static_cast<float>(1.0 / std::sqrt(var + eps));
     mean[r] = m;
-    rstd[r] = rs;
-
-    // Pass 3: the normalised output.
-    const fVec rsv(rs);
-    for_each_block<B>(hidden, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
-      fVec hv[P], wv[P], bv[P], ov[P];
-      load_block(pre + row + j, len, hv);
-      load_block(w + j, len, wv);
-      load_block(b + j, len, bv);
-      for (int k = 0; k < P; ++k) ov[k] = at::vec::fmadd((hv[k] - mv) * rsv, wv[k], bv[k]);
-      store_block(out + row + j, len, ov);
-    });
+    // Passes 2 and 3 on the cached pre-norm row: the two-pass variance and the output.
+    rstd[r] = normalize_row<P, B, C>(pre + row, hidden, m, inv_n, eps, w, b, out + row);
   }
 }
 

@@ -713,6 +713,52 @@ struct BwdTensors {
   float* dscores;      // [B, H, Lq, Lk] or null
 };
 
+// One [mq, nk] tile of the backward (queries i0.., keys j0.., leading dimension ld): s = P =
+// exp(S - lse) (times corr when not null) and dp = dO V^T, dropped as P was in the forward when
+// drop_dp (the statistics need the dropped dP; score_gradient drops it itself).
+void tile_p_dp(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t mq, int64_t j0, int64_t nk, const float* q,
+               int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv, const float* dout,
+               int64_t lddo, const float* lse, const float* corr, bool drop_dp, float* s, float* dp, int64_t ld) {
+  masked_scores(pb, bh / pb.heads, bh % pb.heads, i0, mq, j0, nk, q, ldq, k, ldk, s, ld);
+  probabilities(s, mq, nk, ld, lse, corr);
+  gemm(false, true, mq, nk, pb.dv, 1.f, dout, lddo, v, ldv, 0.f, dp, ld);
+  if (drop_dp && pb.dropout) {
+    for (int64_t r = 0; r < mq; ++r) {
+      apply_dropout(dp + r * ld, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, pb.inv_keep);
+    }
+  }
+}
+
+// The walk of the statistics and dQ tasks over the key tiles that query block [i0, i0 + mq) of
+// head bh sees (causal: up to its last query), block_k keys at a time: the block's Q and dO rows
+// are loaded once, each tile's K/V rows in turn, and visit(j0, nk, k, ldk) finds tile_p_dp's P
+// and dP in s and dp ([mq, nk], leading dimension block_k). The buffers come from carve.
+template <typename T, typename Visit>
+void for_each_key_tile(const AttnProblem& pb, const BwdTensors& bt, const T* q_ptr, const T* k_ptr, const T* v_ptr,
+                       const T* do_ptr, int64_t bh, int64_t i0, int64_t mq, int64_t block_k, const float* corr,
+                       bool drop_dp, Carver& carve, float* s, float* dp, const Visit& visit) {
+  const int64_t b = bh / pb.heads, h = bh % pb.heads;
+  const int64_t d = pb.d, dv = pb.dv;
+  float* qbuf = carve.take(mq * d);
+  float* dobuf = carve.take(mq * dv);
+  float* kbuf = carve.take(block_k * d);
+  float* vbuf = carve.take(block_k * dv);
+  const T* kb = k_ptr + b * pb.k_s[0] + h * pb.k_s[1];
+  const T* vb = v_ptr + b * pb.v_s[0] + h * pb.v_s[1];
+  auto [q, ldq] = rows_as_float(q_ptr + b * pb.q_s[0] + h * pb.q_s[1], pb.q_s[2], i0, mq, d, qbuf);
+  auto [dout, lddo] = rows_as_float(do_ptr + b * bt.do_s[0] + h * bt.do_s[1], bt.do_s[2], i0, mq, dv, dobuf);
+  const float* lse = bt.lse + bh * pb.q_len + i0;
+
+  const int64_t k_end = pb.causal ? std::min(pb.k_len, i0 + mq) : pb.k_len;
+  for (int64_t j0 = 0; j0 < k_end; j0 += block_k) {
+    const int64_t nk = std::min(block_k, k_end - j0);
+    auto [k, ldk] = rows_as_float(kb, pb.k_s[2], j0, nk, d, kbuf);
+    auto [v, ldv] = rows_as_float(vb, pb.v_s[2], j0, nk, dv, vbuf);
+    tile_p_dp(pb, bh, i0, mq, j0, nk, q, ldq, k, ldk, v, ldv, dout, lddo, lse, corr, drop_dp, s, dp, block_k);
+    visit(j0, nk, k, ldk);
+  }
+}
+
 // Adds, per row r of the [mq, nk] tiles p and dp (leading dimension ld), sum_j p to sums[r] and
 // sum_j p * dp to sums[mq + r]: float32 vector sums over each chunk of kBwdK keys, added in double.
 void row_sums(const float* p, const float* dp, int64_t mq, int64_t nk, int64_t ld, double* sums) {
@@ -750,39 +796,13 @@ template <typename T>
 void attn_bwd_stats_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_ptr, const T* k_ptr,
                          const T* v_ptr, const T* do_ptr, int64_t bh, int64_t i0, int64_t mq, int64_t block_k,
                          float* scratch) {
-  const int64_t b = bh / pb.heads, h = bh % pb.heads;
-  const int64_t d = pb.d, dv = pb.dv;
   Carver carve{scratch};
-  float* qbuf = carve.take(mq * d);
-  float* dobuf = carve.take(mq * dv);
-  float* kbuf = carve.take(block_k * d);
-  float* vbuf = carve.take(block_k * dv);
   float* s = carve.take(mq * block_k);
   float* dp = carve.take(mq * block_k);
   double* sums = reinterpret_cast<double*>(carve.take(4 * mq));  // [mq] sum p, then [mq] sum p * dp
-
-  const T* kb = k_ptr + b * pb.k_s[0] + h * pb.k_s[1];
-  const T* vb = v_ptr + b * pb.v_s[0] + h * pb.v_s[1];
-  auto [q, ldq] = rows_as_float(q_ptr + b * pb.q_s[0] + h * pb.q_s[1], pb.q_s[2], i0, mq, d, qbuf);
-  auto [dout, lddo] = rows_as_float(do_ptr + b * bt.do_s[0] + h * bt.do_s[1], bt.do_s[2], i0, mq, dv, dobuf);
   std::fill(sums, sums + 2 * mq, 0.0);
-  const float* lse = bt.lse + bh * pb.q_len + i0;
-
-  const int64_t k_end = pb.causal ? std::min(pb.k_len, i0 + mq) : pb.k_len;
-  for (int64_t j0 = 0; j0 < k_end; j0 += block_k) {
-    const int64_t nk = std::min(block_k, k_end - j0);
-    auto [k, ldk] = rows_as_float(kb, pb.k_s[2], j0, nk, d, kbuf);
-    auto [v, ldv] = rows_as_float(vb, pb.v_s[2], j0, nk, dv, vbuf);
-    masked_scores(pb, b, h, i0, mq, j0, nk, q, ldq, k, ldk, s, block_k);
-    probabilities(s, mq, nk, block_k, lse, nullptr);
-    gemm(false, true, mq, nk, dv, 1.f, dout, lddo, v, ldv, 0.f, dp, block_k);
-    if (pb.dropout) {
-      for (int64_t r = 0; r < mq; ++r) {
-        apply_dropout(dp + r * block_k, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, pb.inv_keep);
-      }
-    }
-    row_sums(s, dp, mq, nk, block_k, sums);
-  }
+  for_each_key_tile(pb, bt, q_ptr, k_ptr, v_ptr, do_ptr, bh, i0, mq, block_k, nullptr, true, carve, s, dp,
+                    [&](int64_t, int64_t nk, const float*, int64_t) { row_sums(s, dp, mq, nk, block_k, sums); });
   for (int64_t r = 0; r < mq; ++r) {
     const double c = sums[r];
     bt.corr[bh * pb.q_len + i0 + r] = c > 0.0 ? static_cast<float>(1.0 / c) : 0.f;
@@ -822,9 +842,7 @@ void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_
     const int64_t mq = std::min(block_q, pb.q_len - i0);
     auto [q, ldq] = rows_as_float(qb, pb.q_s[2], i0, mq, d, qbuf);
     auto [dout, lddo] = rows_as_float(dob, bt.do_s[2], i0, mq, dv, dobuf);
-    masked_scores(pb, b, h, i0, mq, j0, nk, q, ldq, k, ldk, s, nk);
-    probabilities(s, mq, nk, nk, lse + i0, corr + i0);
-    gemm(false, true, mq, nk, dv, 1.f, dout, lddo, v, ldv, 0.f, dp, nk);
+    tile_p_dp(pb, bh, i0, mq, j0, nk, q, ldq, k, ldk, v, ldv, dout, lddo, lse + i0, corr + i0, false, s, dp, nk);
     score_gradient(pb, bh, i0, mq, j0, nk, s, dp, nk, delta + i0);
     gemm(true, false, nk, dv, mq, 1.f, s, nk, dout, lddo, 1.f, dvacc, dv);
     gemm(true, false, nk, d, mq, 1.f, dp, nk, q, ldq, 1.f, dk, d);
@@ -843,40 +861,27 @@ void attn_bwd_dq_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_pt
                       const T* do_ptr, int64_t bh, int64_t i0, int64_t mq, int64_t block_k, float* scratch,
                       T* dq_out) {
   const int64_t b = bh / pb.heads, h = bh % pb.heads;
-  const int64_t d = pb.d, dv = pb.dv;
+  const int64_t d = pb.d;
   Carver carve{scratch};
-  float* qbuf = carve.take(mq * d);
-  float* dobuf = carve.take(mq * dv);
-  float* kbuf = carve.take(block_k * d);
-  float* vbuf = carve.take(block_k * dv);
   float* s = carve.take(mq * block_k);
   float* dp = carve.take(mq * block_k);
   float* dq = carve.take(mq * d);
-
-  const T* kb = k_ptr + b * pb.k_s[0] + h * pb.k_s[1];
-  const T* vb = v_ptr + b * pb.v_s[0] + h * pb.v_s[1];
-  auto [q, ldq] = rows_as_float(q_ptr + b * pb.q_s[0] + h * pb.q_s[1], pb.q_s[2], i0, mq, d, qbuf);
-  auto [dout, lddo] = rows_as_float(do_ptr + b * bt.do_s[0] + h * bt.do_s[1], bt.do_s[2], i0, mq, dv, dobuf);
   std::fill(dq, dq + mq * d, 0.f);
-  const float* lse = bt.lse + bh * pb.q_len + i0;
   const float* corr = bt.corr + bh * pb.q_len + i0;
   const float* delta = bt.delta + bh * pb.q_len + i0;
   float* dscores = bt.dscores != nullptr ? bt.dscores + (bh * pb.q_len + i0) * pb.k_len : nullptr;
 
+  for_each_key_tile(pb, bt, q_ptr, k_ptr, v_ptr, do_ptr, bh, i0, mq, block_k, corr, false, carve, s, dp,
+                    [&](int64_t j0, int64_t nk, const float* k, int64_t ldk) {
+                      score_gradient(pb, bh, i0, mq, j0, nk, s, dp, block_k, delta);
+                      if (dscores != nullptr) {
+                        for (int64_t r = 0; r < mq; ++r) {
+                          std::memcpy(dscores + r * pb.k_len + j0, dp + r * block_k, nk * sizeof(float));
+                        }
+                      }
+                      gemm(false, false, mq, d, nk, 1.f, dp, block_k, k, ldk, 1.f, dq, d);
+                    });
   const int64_t k_end = pb.causal ? std::min(pb.k_len, i0 + mq) : pb.k_len;
-  for (int64_t j0 = 0; j0 < k_end; j0 += block_k) {
-    const int64_t nk = std::min(block_k, k_end - j0);
-    auto [k, ldk] = rows_as_float(kb, pb.k_s[2], j0, nk, d, kbuf);
-    auto [v, ldv] = rows_as_float(vb, pb.v_s[2], j0, nk, dv, vbuf);
-    masked_scores(pb, b, h, i0, mq, j0, nk, q, ldq, k, ldk, s, block_k);
-    probabilities(s, mq, nk, block_k, lse, corr);
-    gemm(false, true, mq, nk, dv, 1.f, dout, lddo, v, ldv, 0.f, dp, block_k);
-    score_gradient(pb, bh, i0, mq, j0, nk, s, dp, block_k, delta);
-    if (dscores != nullptr) {
-      for (int64_t r = 0; r < mq; ++r) std::memcpy(dscores + r * pb.k_len + j0, dp + r * block_k, nk * sizeof(float));
-    }
-    gemm(false, false, mq, d, nk, 1.f, dp, block_k, k, ldk, 1.f, dq, d);
-  }
   if (dscores != nullptr && k_end < pb.k_len) {
     for (int64_t r = 0; r < mq; ++r) std::fill(dscores + r * pb.k_len + k_end, dscores + (r + 1) * pb.k_len, 0.f);
   }
@@ -951,14 +956,7 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_
     }
     auto [q, ldq] = rows_as_float(qb, pb.q_s[2], i0, mq, d, qbuf);
     auto [dout, lddo] = rows_as_float(dob, bt.do_s[2], i0, mq, dv, dobuf);
-    masked_scores(pb, b, h, i0, mq, 0, nk, q, ldq, k, ldk, s, nk);
-    probabilities(s, mq, nk, nk, lse + i0, nullptr);
-    gemm(false, true, mq, nk, dv, 1.f, dout, lddo, v, ldv, 0.f, dp, nk);
-    if (pb.dropout) {
-      for (int64_t r = 0; r < mq; ++r) {
-        apply_dropout(dp + r * nk, nk, pb.seed, pb.counter(bh, i0 + r, 0), pb.dropout_p, pb.inv_keep);
-      }
-    }
+    tile_p_dp(pb, bh, i0, mq, 0, nk, q, ldq, k, ldk, v, ldv, dout, lddo, lse + i0, nullptr, true, s, dp, nk);
     std::fill(sums, sums + 2 * mq, 0.0);
     row_sums(s, dp, mq, nk, nk, sums);
     for (int64_t r = 0; r < mq; ++r) {

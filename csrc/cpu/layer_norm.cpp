@@ -59,43 +59,8 @@ void layer_norm_fwd_rows(const scalar_t* x, const float* w, const float* b, int6
         },
         [&] { sum.end_segment(); });
     const float m = static_cast<float>(sum.total * inv_n);
-    const fVec mv(m);
-
-    // Deviations from that mean, not E[x^2] - E[x]^2, which cancels catastrophically when
-    // |mean| >> std. Their sum takes the rounding of m itself out of the variance (the
-    // corrected two-pass algorithm): var = (sum d^2 - (sum d)^2 / n) / n.
-    RowSum<C, P> dev, sq;
-    for_each_block<B, C>(
-        hidden,
-        [&](int64_t j, int64_t len, int c) C10_ALWAYS_INLINE_ATTRIBUTE {
-          fVec xv[P];
-          load_block(xr + j, len, xv);
-          for (int k = 0; k < P; ++k) {
-            fVec d = xv[k] - mv;
-            if (len < B) d = keep_first(d, len - k * kLanes);  // padding would add -m and m^2
-            dev.acc[c][k] += d;
-            sq.acc[c][k] = at::vec::fmadd(d, d, sq.acc[c][k]);
-          }
-        },
-        [&] {
-          dev.end_segment();
-          sq.end_segment();
-        });
-    const double var = two_pass_variance(sq.total, dev.total, inv_n);
-    const float rs = static_cast<float>(1.0 / std::sqrt(var + eps));
     mean[r] = m;
-    rstd[r] = rs;
-
-    const fVec rsv(rs);
-    scalar_t* outr = out + r * hidden;
-    for_each_block<B>(hidden, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
-      fVec xv[P], wv[P], bv[P], ov[P];
-      load_block(xr + j, len, xv);
-      load_block(w + j, len, wv);
-      load_block(b + j, len, bv);
-      for (int k = 0; k < P; ++k) ov[k] = at::vec::fmadd((xv[k] - mv) * rsv, wv[k], bv[k]);
-      store_block(outr + j, len, ov);
-    });
+    rstd[r] = normalize_row<P, B, C>(xr, hidden, m, inv_n, eps, w, b, out + r * hidden);
   }
 }
 
@@ -148,40 +113,6 @@ void layer_norm_bwd_rows(const scalar_t* dy, const scalar_t* x, const float* mea
       if (db_part != nullptr) kahan_add_block(db_part + j, db_part + hidden + j, len, dyv);
     });
   }
-}
-
-// out = the column sums of the chunks' compensated partials ([nchunks, 2, hidden]), added in
-// chunk order, still compensated, and rounded to scalar_t once.
-template <typename scalar_t>
-void sum_partials(const float* part, int64_t nchunks, int64_t hidden, scalar_t* out) {
-  constexpr int P = kParts<scalar_t>;
-  constexpr int64_t B = kBlock<scalar_t>;
-  at::parallel_for(0, hidden, std::max<int64_t>(B, kGrainElems / nchunks), [&](int64_t begin, int64_t end) {
-    for_each_block<B>(end - begin, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
-      fVec s[P], c[P], chunk_s[P], chunk_c[P];
-      load_block(part + begin + j, len, s);
-      load_block(part + hidden + begin + j, len, c);
-      for (int64_t chunk = 1; chunk < nchunks; ++chunk) {
-        const float* sums = part + 2 * chunk * hidden + begin + j;
-        load_block(sums, len, chunk_s);
-        load_block(sums + hidden, len, chunk_c);
-        for (int k = 0; k < P; ++k) {
-          kahan_step(s[k], c[k], chunk_s[k]);
-          c[k] += chunk_c[k];  // both compensations are tiny; their sum loses nothing that matters
-        }
-      }
-      for (int k = 0; k < P; ++k) s[k] = s[k] - c[k];
-      store_block(out + begin + j, len, s);
-    });
-  });
-}
-
-// weight/bias as float32 (read once per row, so widened once per call rather than per row); a
-// missing one becomes its identity so the kernels need no separate affine-free variant.
-at::Tensor affine_as_float(const std::optional<at::Tensor>& param, const at::Tensor& input, int64_t hidden,
-                           float identity) {
-  if (param.has_value() && param->defined()) return param->to(at::kFloat);
-  return at::full({hidden}, identity, input.options().dtype(at::kFloat));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& input,
@@ -268,8 +199,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
                                       dwp ? dwp + 2 * c * hidden : nullptr, dbp ? dbp + 2 * c * hidden : nullptr);
       }
     });
-    if (need_dw) sum_partials(dwp, nchunks, hidden, dw.mutable_data_ptr<scalar_t>());
-    if (need_db) sum_partials(dbp, nchunks, hidden, db.mutable_data_ptr<scalar_t>());
+    using Sum = std::pair<const float*, scalar_t*>;
+    sum_partials(std::array<Sum, 2>{Sum{dwp, need_dw ? dw.mutable_data_ptr<scalar_t>() : nullptr},
+                                    Sum{dbp, need_db ? db.mutable_data_ptr<scalar_t>() : nullptr}},
+                 nchunks, hidden);
   }), at::kFloat, at::kHalf, at::kBFloat16);
   return {dx, dw, db};
 }

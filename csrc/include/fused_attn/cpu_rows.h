@@ -8,6 +8,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <array>
 #include <cstdint>
 #include <optional>
@@ -199,6 +200,49 @@ struct RowSum {
 C10_ALWAYS_INLINE double two_pass_variance(double sum_sq, double sum_dev, double inv_n) {
   const double var = (sum_sq - sum_dev * sum_dev * inv_n) * inv_n;
   return var < 0.0 ? 0.0 : var;
+}
+
+// The second and third passes of a LayerNorm forward over one row xr (held in L1/L2 by the
+// first pass, which gave its mean m; inv_n = 1 / hidden, or 0 for an empty row,
+// whose variance is then 0): the variance from deviations d = x - m, not E[x^2] - E[x]^2,
+// which cancels catastrophically when |mean| >> std; their sum takes the rounding of m itself
+// out of the variance (the corrected two-pass algorithm, var = (sum d^2 - (sum d)^2 / n) / n).
+// Then out = (x - m) * rstd * w + b. Returns rstd.
+// Blocks of P float vectors (B elements, C accumulator chains), as the caller's first pass.
+template <int P, int64_t B, int C, typename scalar_t>
+C10_ALWAYS_INLINE float normalize_row(const scalar_t* xr, int64_t hidden, float m, double inv_n, double eps,
+                                      const float* w, const float* b, scalar_t* outr) {
+  const fVec mv(m);
+  RowSum<C, P> dev, sq;
+  for_each_block<B, C>(
+      hidden,
+      [&](int64_t j, int64_t len, int c) C10_ALWAYS_INLINE_ATTRIBUTE {
+        fVec xv[P];
+        load_block(xr + j, len, xv);
+        for (int k = 0; k < P; ++k) {
+          fVec d = xv[k] - mv;
+          if (len < B) d = keep_first(d, len - k * kLanes);  // padding would add -m and m^2
+          dev.acc[c][k] += d;
+          sq.acc[c][k] = at::vec::fmadd(d, d, sq.acc[c][k]);
+        }
+      },
+      [&] {
+        dev.end_segment();
+        sq.end_segment();
+      });
+  const double var = two_pass_variance(sq.total, dev.total, inv_n);
+  const float rs = static_cast<float>(1.0 / std::sqrt(var + eps));
+
+  const fVec rsv(rs);
+  for_each_block<B>(hidden, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
+    fVec xv[P], wv[P], bv[P], ov[P];
+    load_block(xr + j, len, xv);
+    load_block(w + j, len, wv);
+    load_block(b + j, len, bv);
+    for (int k = 0; k < P; ++k) ov[k] = at::vec::fmadd((xv[k] - mv) * rsv, wv[k], bv[k]);
+    store_block(outr + j, len, ov);
+  });
+  return rs;
 }
 
 // Column sums are accumulated per chunk of rows. The chunk count is a function of the shape
