@@ -110,3 +110,32 @@ def test_support_limits_and_features():
     assert any("not a multiple of 8" in r for r in reasons)
     assert any("dropout is not supported" in r for r in reasons)
     assert "head_dim in [16..256]" in support.describe()
+
+
+@pytest.mark.parametrize("head_dim, offered, refused", [
+    (256, 101376, True),   # sm86/sm89/sm120: 99 KB per block
+    (256, 166912, False),  # A100
+    (256, 232448, False),  # H100
+    (160, 101376, True),
+    (128, 101376, False),  # never asks the device
+])
+def test_cuda_attention_wide_heads_need_the_shared_memory(monkeypatch, head_dim, offered, refused):
+    from fused_attn.ops import attention
+
+    class Props:
+        name = "GPU under test"
+        shared_memory_per_block_optin = offered
+
+    def properties(device):
+        assert head_dim > 128, "head dims up to 128 fit every sm80+ GPU: nothing to ask"
+        return Props()
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    inputs = Inputs(torch.device("cuda"), torch.float16, {"head_dim": 64, "head_dim_v": head_dim})
+    reasons = attention._cuda_shared_memory_reasons(inputs)
+    if refused:
+        assert reasons == [f"head dims over 128 need 135168 bytes of shared memory per block; GPU under test offers "
+                           f"{offered}"]
+    else:
+        assert reasons == []
+    assert attention.SPEC.supports["cuda"].check is attention._cuda_shared_memory_reasons

@@ -872,6 +872,32 @@ def add_layer_norm_nan_and_inf(backend, device):
 
 
 @case("add_layer_norm")
+def add_layer_norm_nan_and_inf_that_dropout_drops(backend, device):
+    # As torch's dropout (x * mask / (1 - p)): a NaN or inf that dropout drops still makes its row NaN.
+    p, seed = 0.5, 7
+
+    def fused(**args):
+        torch.manual_seed(seed)
+        return _add_ln(backend)(**args, dropout_p=p)
+
+    ones = torch.ones(ROWS, HIDDEN, device=device)
+    keep = fused(input=ones, residual=torch.zeros_like(ones), weight=None, bias=None, input_bias=None,
+                 return_prenorm=True)[1] != 0
+    assert (~keep).any(dim=1).all(), "every row must drop an element for this test"
+
+    def make():
+        x = randn(ROWS, HIDDEN, seed=1, device=device)
+        for row in range(ROWS):
+            x[row, (~keep[row]).nonzero()[0, 0]] = float("nan") if row % 2 else float("inf")
+        return _aln_args(device, input=x), []
+
+    def plain(**args):
+        return reference.add_layer_norm(**args, dropout_p=p, dropout_mask=keep)
+
+    expect_same(fused, plain, make, grads=False)
+
+
+@case("add_layer_norm")
 def add_layer_norm_aliased_views(backend, device):
     def make_args():
         base = randn(ROWS * HIDDEN, seed=9, device=device, grad=True)
@@ -1087,6 +1113,16 @@ def ffn_nan(backend, device):
         return _ffn_args(device, input=x)
 
     _ffn_same(backend, device, make_args, grads=False)
+
+
+@case("ffn")
+def ffn_nan_under_dropout(backend, device):
+    # A NaN input row is NaN in every output column, dropped ones too, as with torch's dropout.
+    x = randn(4, IN, seed=1, device=device)
+    x[1, 5] = float("nan")
+    out = _ffn(backend)(**_ffn_args(device, input=x), dropout_p=0.5)
+    assert torch.isnan(out[1]).all(), f"row 1: {out[1]}"
+    assert torch.isfinite(out[[0, 2, 3]]).all()
 
 
 @case("ffn")

@@ -115,7 +115,7 @@ __device__ __forceinline__ float gelu(float x) {
   } else {
     const float u = kTanhBeta * (x + kTanhKappa * x * x * x);
     const float e = __expf(-2.f * fabsf(u));
-    const float r = 1.f / (1.f + e);
+    const float r = __frcp_rn(1.f + e);  // correctly rounded under --use_fast_math
     return x * (u >= 0.f ? r : e * r);
   }
 }
@@ -128,7 +128,7 @@ __device__ __forceinline__ float gelu_grad(float x) {
     const float x2 = x * x;
     const float u = kTanhBeta * (x + kTanhKappa * x2 * x);
     const float e = __expf(-2.f * fabsf(u));
-    const float r = 1.f / (1.f + e);
+    const float r = __frcp_rn(1.f + e);  // correctly rounded under --use_fast_math
     const float s = u >= 0.f ? r : e * r;
     const float du = kTanhBeta * (1.f + 3.f * kTanhKappa * x2);
     return s + 2.f * x * (e * r * r) * du;
@@ -229,12 +229,16 @@ void launch_gelu_fwd(const T* pre, T* out, int64_t n, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The row splits of the bias gradient are a function of the shape alone (the column tiles of the widest
+// vector width, whichever width runs), so its bits do not depend on the operands' alignment: each
+// column's sum runs over the same rows in the same order for any VEC.
 template <typename T, int VEC, Gelu kKind>
 void launch_gelu_bwd_vec(const T* grad_out, const T* pre, T* grad_pre, T* grad_bias, int64_t rows, int64_t cols,
                          const at::TensorOptions& float_options, cudaStream_t stream) {
   const int64_t col_tiles = ceil_div(cols, static_cast<int64_t>(kWarpSize) * VEC);
+  const int64_t shape_tiles = ceil_div(cols, static_cast<int64_t>(kWarpSize) * cuda_utils::vec16_width<T>());
   const int64_t wanted_splits =
-      std::clamp<int64_t>(ceil_div(kBiasTargetBlocks, col_tiles), 1, ceil_div(rows, kBiasMinRowsPerSplit));
+      std::clamp<int64_t>(ceil_div(kBiasTargetBlocks, shape_tiles), 1, ceil_div(rows, kBiasMinRowsPerSplit));
   const int64_t rows_per_split = ceil_div(rows, wanted_splits);
   // Recomputed so that no split is empty; at most kBiasTargetBlocks, far below the gridDim.y limit.
   const int64_t splits = ceil_div(rows, rows_per_split);
@@ -505,7 +509,11 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cuda(const at::Tensor& input,
     g.lda = in_features;
     g.b = input.const_data_ptr();
     g.ldb = in_features;
-    g.bias = has_bias ? bias->const_data_ptr() : nullptr;
+    // The epilogue reads the bias with vector loads: a bias that is a view at an odd offset (a slice of
+    // a larger buffer) is copied to a fresh, aligned allocation first.
+    at::Tensor bias_buf;
+    if (has_bias) bias_buf = cuda_utils::is_aligned(bias->const_data_ptr(), 16) ? *bias : bias->clone();
+    g.bias = has_bias ? bias_buf.const_data_ptr() : nullptr;
 
     const bool epilogue_gelu = kind == Gelu::kTanh && input.scalar_type() != at::kFloat &&
                                out_features % kAuxLdMultiple == 0 && cuda_utils::is_aligned(pre.const_data_ptr(), 16);

@@ -125,26 +125,25 @@ __device__ __forceinline__ void load_param_or(const T* p, int64_t c, float fill,
 // ---------------------------------------------------------------------------------------------
 
 // Dropout of add_layer_norm: element e of the [rows, hidden] tensor is kept when uniform(seed, e) >= p
-// (philox.h) and then scaled by `scale` = 1 / (1 - p). Inactive: every multiplier is 1.
+// (philox.h), and v becomes (v * keep) / keep_prob with keep 1 or 0 and keep_prob = 1 - p rounded to
+// float: the CPU and Triton kernels' arithmetic (a correctly rounded division, which --use_fast_math
+// would otherwise approximate), and a multiply rather than a select, so that a dropped inf/NaN gives
+// NaN, as torch's dropout (x * mask / (1 - p)) does. Inactive: v is left as it is.
 struct DropoutArgs {
   uint64_t seed = 0;
   float p = 0.f;
-  float scale = 1.f;
+  float keep_prob = 1.f;
   bool active = false;
 };
 
-// Multipliers of the elements [e, e + VEC): keep ? scale : 0 (a multiplier rather than a select, so
-// that a dropped inf/NaN gives NaN, as the reference's x * mask / (1 - p) does).
+// Applies the dropout to the elements [e, e + VEC) held in v.
 template <int VEC>
-__device__ __forceinline__ void dropout_multipliers(const DropoutArgs& d, int64_t e, float (&m)[VEC]) {
-  if (d.active) {
+__device__ __forceinline__ void apply_dropout(const DropoutArgs& d, int64_t e, float (&v)[VEC]) {
+  if (!d.active) return;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      m[j] = philox::keep(d.seed, static_cast<uint64_t>(e + j), d.p) ? d.scale : 0.f;
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) m[j] = 1.f;
+  for (int j = 0; j < VEC; ++j) {
+    const float keep = philox::keep(d.seed, static_cast<uint64_t>(e + j), d.p) ? 1.f : 0.f;
+    v[j] = __fdiv_rn(v[j] * keep, d.keep_prob);
   }
 }
 
@@ -172,15 +171,17 @@ struct AddBwdArgs {
 template <int VEC, typename T>
 __device__ __forceinline__ void add_prenorm(const T* x, const AddFwdArgs<T>& add, int64_t e, int64_t c,
                                             float (&v)[VEC]) {
-  float xv[VEC], rv[VEC], bv[VEC], keep[VEC];
+  float xv[VEC], rv[VEC], bv[VEC];
   cuda_utils::load_as_float<VEC>(x + e, xv);
   cuda_utils::load_as_float<VEC>(add.residual + e, rv);
   load_param_or<VEC>(add.input_bias, c, 0.f, bv);
-  dropout_multipliers<VEC>(add.dropout, e, keep);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) xv[j] += bv[j];
+  apply_dropout<VEC>(add.dropout, e, xv);
   cuda_utils::AlignedVector<T, VEC> pre;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    pre.val[j] = static_cast<T>(rv[j] + (xv[j] + bv[j]) * keep[j]);
+    pre.val[j] = static_cast<T>(rv[j] + xv[j]);
     v[j] = static_cast<float>(pre.val[j]);
   }
   *reinterpret_cast<cuda_utils::AlignedVector<T, VEC>*>(add.prenorm + e) = pre;
@@ -201,10 +202,7 @@ __device__ __forceinline__ void add_bwd_store(const AddBwdArgs<T>& add, int64_t 
   }
   if (add.grad_residual != nullptr) cuda_utils::store_from_float<VEC>(add.grad_residual + e, dp);
   if (add.grad_input != nullptr) {
-    float keep[VEC];
-    dropout_multipliers<VEC>(add.dropout, e, keep);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) dp[j] *= keep[j];
+    apply_dropout<VEC>(add.dropout, e, dp);
     cuda_utils::store_from_float<VEC>(add.grad_input + e, dp);
   }
 }
@@ -700,11 +698,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
   return {grad_input, grad_weight, grad_bias};
 }
 
-// dropout_p in [0, 1]; the seed (a CPU int64 scalar tensor, csrc/ops.cpp) is required and read only when
+// dropout_p in [0, 1); the seed (a CPU int64 scalar tensor, csrc/ops.cpp) is required and read only when
 // dropout is applied (dropout_p > 0 and `used`).
 DropoutArgs make_dropout(double dropout_p, const std::optional<at::Tensor>& seed, bool used) {
   // Written so that NaN fails too.
-  TORCH_CHECK(dropout_p >= 0 && dropout_p <= 1, "dropout_p must be in [0, 1], got ", dropout_p);
+  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "dropout_p must be in [0, 1), got ", dropout_p);
   DropoutArgs d;
   if (dropout_p == 0 || !used) return d;
   TORCH_CHECK(seed.has_value() && seed->defined(),
@@ -714,8 +712,7 @@ DropoutArgs make_dropout(double dropout_p, const std::optional<at::Tensor>& seed
               " on ", seed->device());
   d.seed = static_cast<uint64_t>(seed->item<int64_t>());
   d.p = static_cast<float>(dropout_p);
-  // With p == 1 every element is dropped and the scale is never applied.
-  d.scale = dropout_p < 1 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 0.f;
+  d.keep_prob = 1.f - d.p;
   d.active = true;
   return d;
 }

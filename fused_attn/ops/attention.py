@@ -26,13 +26,34 @@ HEAD_DIM_LIMITS = {"head_dim": (1, 256), "head_dim_v": (1, 256)}
 # The CUDA C++ kernels multiply on tensor cores (mma.sync with fp16/bf16 operands, cp.async): sm80+,
 # no float32 (which the policy then gives to Triton).
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
+# Shared memory per block that the CUDA C++ kernels need for head dims over 128 (the backward's dK/dV
+# and dQ kernels at padded head dim 256: bwd_dkdv_smem_bytes<256> in csrc/cuda/attention.cu). Up to
+# head dim 128 they need at most 68 KB, which every sm80+ GPU offers; this much only the data-centre
+# parts do (A100 163 KB, H100 227 KB), not sm86/sm89/sm120 (99 KB), where the policy gives such head
+# dims to Triton rather than run a forward whose backward could not.
+CUDA_WIDE_HEAD_SMEM_BYTES = 135168
+
+
+def _cuda_shared_memory_reasons(inputs: Inputs) -> list[str]:
+    head_dim = max(inputs.features.get("head_dim", 0), inputs.features.get("head_dim_v", 0))
+    if head_dim <= 128:
+        return []
+    props = torch.cuda.get_device_properties(inputs.device)
+    offered = getattr(props, "shared_memory_per_block_optin", None)
+    if offered is None or offered >= CUDA_WIDE_HEAD_SMEM_BYTES:
+        return []
+    return [
+        f"head dims over 128 need {CUDA_WIDE_HEAD_SMEM_BYTES} bytes of shared memory per block; "
+        f"{props.name} offers {offered}"
+    ]
+
 
 SPEC = register_op(
     "scaled_dot_product_attention",
     [
         Support(
             "cuda", devices=("cuda",), dtypes=CUDA_DTYPES, limits=HEAD_DIM_LIMITS, min_compute_capability=(8, 0),
-            native_op="attention_fwd",
+            check=_cuda_shared_memory_reasons, native_op="attention_fwd",
         ),
         Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES, limits=HEAD_DIM_LIMITS),
         Support("cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, limits=HEAD_DIM_LIMITS, native_op="attention_fwd"),

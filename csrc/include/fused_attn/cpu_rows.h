@@ -350,20 +350,22 @@ std::pair<float, float> layer_norm_grad_constants(const scalar_t* dyr, const sca
   return {static_cast<float>(g_mean - a * c2), static_cast<float>(c2)};
 }
 
-// Dropout of one kDropBlock block of a row: h[k] = keep ? h[k] / keep_prob : 0, where element t
-// of the block is element `counter + t` of the stream of `seed` and is kept when its uniform is
-// >= p. `p` and `keep_prob` (1 - p, rounded to float as the Triton kernels compute it) are
-// broadcast vectors; the division (not a multiply by the reciprocal) is also theirs.
+// Dropout of one kDropBlock block of a row: h[k] = (h[k] * keep) / keep_prob with keep 1 or 0,
+// where element t of the block is element `counter + t` of the stream of `seed` and is kept when
+// its uniform is >= p. `p` and `keep_prob` (1 - p, rounded to float as the Triton kernels compute
+// it) are broadcast vectors; the division (not a multiply by the reciprocal) is also theirs. A
+// multiply, not a select: a dropped NaN or inf gives NaN, as torch's dropout (x * mask / (1 - p))
+// does, so dropout never hides a non-finite value that the unfused model would show.
 C10_ALWAYS_INLINE void dropout_block(uint64_t seed, uint64_t counter, const fVec& p, const fVec& keep_prob,
                                      fVec (&h)[kDropParts]) {
   alignas(64) float u[kDropBlock];
   for (int64_t i = 0; i < kDropBlock; i += philox::kLanes) {
     philox::uniform_lanes(seed, counter + static_cast<uint64_t>(i), u + i);
   }
-  const fVec zero(0.f);
+  const fVec zero(0.f), one(1.f);
   for (int k = 0; k < kDropParts; ++k) {
-    const fVec keep = fVec::loadu(u + k * kLanes) >= p;  // all-ones lanes where kept
-    h[k] = fVec::blendv(zero, h[k] / keep_prob, keep);
+    const fVec keep = fVec::blendv(zero, one, fVec::loadu(u + k * kLanes) >= p);
+    h[k] = (h[k] * keep) / keep_prob;
   }
 }
 

@@ -112,8 +112,8 @@ def _gemm_kernel(
             a = (a.to(tl.float32) * _gelu_grad(pre, APPROX_TANH)).to(a_ptr.dtype.element_ty)
         elif A_PROLOGUE == 2:
             element = rows * rng_stride_m + ks[None, :].to(tl.int64) * rng_stride_k
-            keep = tl.rand(seed, element) >= dropout_p
-            a = tl.where(keep, a.to(tl.float32) / (1.0 - dropout_p), 0.0).to(a_ptr.dtype.element_ty)
+            keep = (tl.rand(seed, element) >= dropout_p).to(tl.float32)
+            a = (a.to(tl.float32) * keep / (1.0 - dropout_p)).to(a_ptr.dtype.element_ty)
         if ROW_SUMS:
             row_sums += tl.sum(a.to(tl.float32), axis=1)
         b_mask = (ks[:, None] < K) & (offs_n[None, :] < N)
@@ -136,8 +136,8 @@ def _gemm_kernel(
         # The activation is computed from the rounded pre-activation, the value the backward reads.
         acc = _gelu(pre.to(tl.float32), APPROX_TANH)
     elif EPILOGUE == 3:
-        keep = tl.rand(seed, rows * N + cols) >= dropout_p
-        acc = tl.where(keep, acc / (1.0 - dropout_p), 0.0)
+        keep = (tl.rand(seed, rows * N + cols) >= dropout_p).to(tl.float32)
+        acc = acc * keep / (1.0 - dropout_p)
     tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
     if ROW_SUMS:
         if pid_n == 0:
