@@ -28,7 +28,9 @@ TORCH_LIBRARY(fused_attn, m) {
   // Scaled dot-product attention. query [B, H, Lq, D], key [B, H, Lk, D], value [B, H, Lk, Dv],
   // any strides with a unit last-dim stride; attn_mask bool (True = attend) or floating (added to
   // the scores), expanded to [B, H, Lq, Lk]; causal is top-left aligned (query i sees keys j <= i).
-  // Returns (output [B, H, Lq, Dv] contiguous, log-sum-exp [B, H, Lq]).
+  // Returns (output [B, H, Lq, Dv] contiguous, the row statistics its backward reads: on CPU the
+  // log-sum-exp [B, H, Lq] (natural log); on CUDA [B, H, 2, Lq], the row max and log2 of the row sum
+  // in log2 units, kept apart for precision (csrc/cuda/attention.cu)).
   m.def(
       "attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale, bool is_causal, "
       "float dropout_p, Tensor? seed) -> (Tensor, Tensor)");

@@ -177,6 +177,32 @@ def test_fully_masked_rows_give_zero_and_zero_grads(backend_device, kind):
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("value", ["-1e9", "finfo.min"])
+def test_rows_masked_by_huge_finite_bias(backend_device, dtype, value):
+    """A float mask of -1e9 or finfo.min on every key of a row (a common masked_fill value) does
+    not mask the row out: as in PyTorch its probabilities stay uniform, in the forward and in the
+    gradients, whatever the size of the bias next to the scores."""
+    backend, device = backend_device
+    if dtype not in supported_dtypes(backend, device, OP):
+        pytest.skip(f"{dtype} is not tested on {backend}-{device}")
+    # float16 holds no -1e9: a float32 mask with float16 inputs, as a model without autocast has.
+    mask_dtype = torch.float32 if dtype == torch.float16 and value == "-1e9" else dtype
+    big = torch.finfo(mask_dtype).min if value == "finfo.min" else float(value)
+    q, k, v = _qkv(1, 2, 9, 12, 16, dtype, device)
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.randn(1, 2, 9, 12, generator=gen).to(device=device, dtype=mask_dtype)
+    mask[:, :, 3] = big  # every key of query 3
+    mask[:, :, 5, ::2] = big  # half the keys of query 5
+    assert_parity(
+        lambda **a: fused_attn.scaled_dot_product_attention(**a, backend=backend),
+        lambda **a: reference.scaled_dot_product_attention(**a),
+        {"query": q, "key": k, "value": v, "attn_mask": mask},
+        grad_args=("query", "key", "value"),
+    )
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
 def test_padding_mask_is_read_through_strides(backend_device, monkeypatch):
     """The [B, 1, 1, Lk] mask reaches the kernel as a zero-stride view, not an expanded copy."""
     backend, device = backend_device

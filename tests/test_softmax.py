@@ -64,6 +64,16 @@ def test_parity_dims_and_ranks(backend_device, shape, dim):
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_masked_by_finfo_min_stay_uniform(backend_device, dtype):
+    # finfo.min is a bias, not -inf: as in PyTorch a row carrying it everywhere stays a softmax.
+    mask = torch.randn(2, 3, 5, 9)
+    mask[:, :, 1] = torch.finfo(dtype).min
+    mask[:, :, 2, ::3] = torch.finfo(dtype).min
+    _check(*backend_device, dtype, (2, 3, 5, 9), mask=mask)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
 def test_fully_masked_rows_are_zero(backend_device):
     backend, device = backend_device
     x = torch.randn(4, 10, device=device, requires_grad=True)

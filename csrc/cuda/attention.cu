@@ -7,7 +7,7 @@
 // the Triton kernels (fused_attn/ops/attention.py declares this backend fp16/bf16 only, sm >= 8.0).
 //
 // Tiling. Every kernel runs 4 warps (128 threads) and every warp owns 16 rows of its block's tile, so
-// all row statistics (max, sum, lse, delta) live in the registers of the 4 lanes of a quad that hold a
+// all row statistics (max, sum, delta) live in the registers of the 4 lanes of a quad that hold a
 // row's mma fragments and are reduced with two shuffles, never through shared memory.
 //  * forward: one block per (batch*head, 64 queries). Q [64 x D] sits in shared memory; K and V are
 //    streamed through shared memory a key tile at a time (64 keys for D <= 64, 32 above: 40-52 KB of
@@ -16,7 +16,11 @@
 //    (Q) or straight from the S accumulators re-packed to fp16/bf16 (P, the FA2 register reuse), B
 //    operands by ldmatrix (.trans for V). Online softmax in fp32 registers in log2 units (log2(e) folded
 //    into the scale, exp2), the running row sum kept per lane and reduced over the quad once at the end.
-//    Writes O and lse (natural log; +inf for a row that sees no key, whose output is 0).
+//    Writes O and the row statistics [B, H, 2, Lq]: the row max (log2 units; +inf for a row that sees
+//    no key, whose output is 0) and log2 of the row sum, kept apart so that the backward forms
+//    P = exp2((s - max) - log2(sum)) with s - max exact: a single log-sum-exp max + log2(sum) loses
+//    log2(sum) once |max| is large (keys that all carry a bias of -1e9: |max| ~ 1.44e9, float spacing
+//    128), and the backward's P would be 1 instead of 1 / Lk.
 //  * backward, three kernels: delta = rowsum(dO * O) in fp32 (a warp per row); dK/dV with one block per
 //    (batch*head, 64 keys), each warp owning 16 keys, streaming query tiles (64 queries for D <= 64, 32
 //    above) and forming S^T = K Q^T, dP^T = V dO^T directly transposed so that dV += P^T dO and
@@ -106,7 +110,9 @@ using cuda_utils::kFullWarpMask;
 using cuda_utils::kWarpSize;
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
+// Finite float-mask values are clamped here: times log2(e) they stay below FLT_MAX (-inf stays -inf,
+// NaN stays NaN), so a row masked with finfo.min alone averages its values as PyTorch does.
+constexpr float kMaskFloor = -2.35e38f;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // ---------------------------------------------------------------------------------------------
@@ -321,14 +327,17 @@ struct MaskArgs {
   int64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;  // strides (elements) of the mask expanded to 4-D
 };
 
-// The additive value of mask element `offset` in natural units: -inf where a bool mask hides it.
+// The additive value of mask element `offset` in natural units: -inf where a bool mask hides it; finite
+// floating values at least kMaskFloor.
+__device__ __forceinline__ float clamp_bias(float v) { return v < kMaskFloor && v != -kInf ? kMaskFloor : v; }
+
 __device__ __forceinline__ float mask_value(const MaskArgs& m, int64_t offset) {
   switch (m.kind) {
     case kMaskBool: return static_cast<const uint8_t*>(m.data)[offset] != 0 ? 0.f : -kInf;
-    case kMaskFloat: return static_cast<const float*>(m.data)[offset];
-    case kMaskHalf: return __half2float(static_cast<const __half*>(m.data)[offset]);
-    case kMaskBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(m.data)[offset]);
-    case kMaskDouble: return static_cast<float>(static_cast<const double*>(m.data)[offset]);
+    case kMaskFloat: return clamp_bias(static_cast<const float*>(m.data)[offset]);
+    case kMaskHalf: return __half2float(static_cast<const __half*>(m.data)[offset]);  // >= -65504
+    case kMaskBFloat16: return clamp_bias(__bfloat162float(static_cast<const __nv_bfloat16*>(m.data)[offset]));
+    case kMaskDouble: return clamp_bias(static_cast<float>(static_cast<const double*>(m.data)[offset]));
     default: return 0.f;
   }
 }
@@ -352,13 +361,13 @@ struct AttnParams {
 
 struct FwdParams : AttnParams {
   uint16_t* out;  // [B, H, Lq, Dv] contiguous
-  float* lse;     // [B * H * Lq]
+  float* stats;   // [B * H, 2, Lq]: row max (log2 units), log2 of the row sum
 };
 
 struct BwdParams : AttnParams {
   const uint16_t* dout;
   int64_t do_s[3];
-  const float* lse;    // [B * H * Lq], natural log
+  const float* stats;  // [B * H, 2, Lq], as the forward wrote them
   const float* delta;  // [B * H * Lq], rowsum(dO * O)
   uint16_t* dq;
   uint16_t* dk;
@@ -609,7 +618,9 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
     }
     const int i = warp_row0 + (lane >> 2) + half * 8;
     if (blockIdx.y == 0 && (lane & 3) == 0 && i < p.q_len) {
-      p.lse[bh * p.q_len + i] = empty ? kInf : (row_max[half] + log2f(l)) * kLn2;
+      float* stats = p.stats + bh * 2 * p.q_len;
+      stats[i] = empty ? kInf : row_max[half];
+      stats[p.q_len + i] = empty ? 0.f : log2f(l);
     }
   }
   store_strip<T>(o, out, p.dv, warp_row0, p.q_len, col0, p.dv, 1.f);
@@ -671,7 +682,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
   const uint16_t* vg = p.v + b * p.v_s[0] + h * p.v_s[1];
   const uint16_t* dog = p.dout + b * p.do_s[0] + h * p.do_s[1];
   const int64_t mask_base = b * p.mask.s0 + h * p.mask.s1;
-  const float* lse = p.lse + bh * p.q_len;
+  const float* stats = p.stats + bh * 2 * p.q_len;
   const float* delta = p.delta + bh * p.q_len;
 
   // Causal: queries before the block's first key see none of it.
@@ -707,7 +718,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
     const uint16_t* q_tile = s_q + stage * kM * kPitch;
     const uint16_t* do_tile = s_do + stage * kM * kPitch;
 
-    // P^T = exp2(S^T - lse): rows keys, columns queries.
+    // P^T = exp2((S^T - max) - log2(sum)): rows keys, columns queries.
     float pt[kM / 8][4];
     zero(pt);
     warp_gemm_abt<T, kM / 8, kD>(pt, k_addr, kPitch * 2, smem_addr(q_tile), kPitch * 2);
@@ -723,11 +734,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int i = m0 + nb * 8 + (lane & 3) * 2 + e;
-        // Queries past the end: lse +inf gives P = 0 whatever the (zero-filled) scores.
-        const float lse2 = i < p.q_len ? lse[i] * kLog2e : kInf;
+        // Queries past the end: a row max of +inf gives P = 0 whatever the (zero-filled) scores.
+        const float row_max = i < p.q_len ? stats[i] : kInf;
+        const float log2_sum = i < p.q_len ? stats[p.q_len + i] : 0.f;
         dlt[nb][e] = i < p.q_len ? delta[i] : 0.f;
-        pt[nb][e] = exp2f(pt[nb][e] - lse2);
-        pt[nb][e + 2] = exp2f(pt[nb][e + 2] - lse2);
+        pt[nb][e] = exp2f((pt[nb][e] - row_max) - log2_sum);
+        pt[nb][e + 2] = exp2f((pt[nb][e + 2] - row_max) - log2_sum);
       }
     }
 
@@ -810,11 +822,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
   cp_async_commit();
 
   const int warp_row0 = m0 + warp * 16;
-  float lse2[2], dlt[2];
+  float row_max[2], log2_sum[2], dlt[2];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int i = warp_row0 + (lane >> 2) + half * 8;
-    lse2[half] = i < p.q_len ? p.lse[bh * p.q_len + i] * kLog2e : kInf;
+    row_max[half] = i < p.q_len ? p.stats[bh * 2 * p.q_len + i] : kInf;
+    log2_sum[half] = i < p.q_len ? p.stats[(bh * 2 + 1) * p.q_len + i] : 0.f;
     dlt[half] = i < p.q_len ? p.delta[bh * p.q_len + i] : 0.f;
   }
   float dq[kOut / 8][4];
@@ -847,7 +860,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
 #pragma unroll
     for (int nb = 0; nb < kN / 8; ++nb) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) ps[nb][e] = exp2f(ps[nb][e] - lse2[e >> 1]);
+      for (int e = 0; e < 4; ++e) ps[nb][e] = exp2f((ps[nb][e] - row_max[e >> 1]) - log2_sum[e >> 1]);
     }
 
     float dp[kN / 8][4];
@@ -1054,17 +1067,19 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query, c
   const c10::cuda::CUDAGuard guard(query.device());
   const int64_t batch = query.size(0), bh = batch * p.heads;
   at::Tensor out = at::empty({batch, p.heads, p.q_len, p.dv}, query.options());
-  at::Tensor lse = at::empty({batch, p.heads, p.q_len}, query.options().dtype(at::kFloat));
-  if (bh == 0 || p.q_len == 0) return {out, lse};
+  // The row statistics (see the header): [B, H, 2, Lq], the op's second output.
+  at::Tensor stats = at::empty({batch, p.heads, 2, p.q_len}, query.options().dtype(at::kFloat));
+  if (bh == 0 || p.q_len == 0) return {out, stats};
   if (p.k_len == 0) {
     // No key at all: every row is fully masked.
     out.zero_();
-    lse.fill_(std::numeric_limits<float>::infinity());
-    return {out, lse};
+    stats.select(2, 0).fill_(std::numeric_limits<float>::infinity());
+    stats.select(2, 1).zero_();
+    return {out, stats};
   }
   check_device_capability(query);
   p.out = static_cast<uint16_t*>(out.mutable_data_ptr());
-  p.lse = lse.mutable_data_ptr<float>();
+  p.stats = stats.mutable_data_ptr<float>();
   p.num_tiles = (p.q_len + kRowsPerBlock - 1) / kRowsPerBlock;
   const int padded = padded_head_dim(std::max(p.d, p.dv));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -1079,7 +1094,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query, c
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }), at::kHalf, at::kBFloat16);
-  return {out, lse};
+  return {out, stats};
 }
 
 void check_like_output(const at::Tensor& t, const char* name, const at::Tensor& query, int64_t dv) {
@@ -1102,8 +1117,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   static_cast<AttnParams&>(p) = make_params(query, key, value, attn_mask, scale, is_causal, dropout_p, seed);
   check_like_output(grad_out, "grad_out", query, p.dv);
   check_like_output(out, "out", query, p.dv);
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == query.size(0) && lse.size(1) == p.heads && lse.size(2) == p.q_len,
-              "lse must have shape [", query.size(0), ", ", p.heads, ", ", p.q_len, "], got ", lse.sizes());
+  // lse: this backend's forward writes row statistics [B, H, 2, Lq] there (see the header).
+  TORCH_CHECK(lse.dim() == 4 && lse.size(0) == query.size(0) && lse.size(1) == p.heads && lse.size(2) == 2 &&
+                  lse.size(3) == p.q_len,
+              "lse must have shape [", query.size(0), ", ", p.heads, ", 2, ", p.q_len,
+              "] (the cuda forward's row statistics), got ", lse.sizes());
   TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
   TORCH_CHECK(lse.is_contiguous() && lse.device() == query.device(), "lse must be a contiguous tensor on ",
               query.device());
@@ -1135,7 +1153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.dout = static_cast<const uint16_t*>(grad_out.const_data_ptr());
   fill_strides(grad_out, p.do_s);
   p.vec = p.vec && rows_aligned(grad_out, p.dv);
-  p.lse = lse.const_data_ptr<float>();
+  p.stats = lse.const_data_ptr<float>();
   at::Tensor delta = at::empty({bh * p.q_len}, query.options().dtype(at::kFloat));
   p.delta = delta.const_data_ptr<float>();
   p.dq = static_cast<uint16_t*>(dq.mutable_data_ptr());
@@ -1236,7 +1254,7 @@ __device__ __forceinline__ float softmax_score(const SoftmaxFwdParams& p, const 
                                                int j) {
   if (p.causal && j > i) return -kInf;
   float s = load_float(xr, j * p.x_s[3]) * p.scale_log2;
-  if (p.mask.kind != kMaskNone) s += mask_value(p.mask, mask_row + j * p.mask.s3) * kLog2e;
+  if (p.mask.kind != kMaskNone) s += mask_value(p.mask, mask_row + j * p.mask.s3) * kLog2e;  // clamped: finite
   return s;
 }
 

@@ -75,8 +75,8 @@ def _triton_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels.triton import attention as kernels
 
-    out, lse, _ = kernels.attention_fwd(query, key, value, attn_mask, scale, is_causal, dropout_p, seed_int(seed))
-    return out, lse
+    out, stats, _ = kernels.attention_fwd(query, key, value, attn_mask, scale, is_causal, dropout_p, seed_int(seed))
+    return out, stats
 
 
 @torch.library.custom_op("fused_attn::triton_attention_bwd", mutates_args=())
@@ -87,7 +87,7 @@ def _triton_bwd(
     value: torch.Tensor,
     attn_mask: torch.Tensor | None,
     out: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     scale: float,
     is_causal: bool,
     dropout_p: float,
@@ -97,18 +97,32 @@ def _triton_bwd(
     from ..kernels.triton import attention as kernels
 
     dq, dk, dv, dscores = kernels.attention_bwd(
-        grad_out, query, key, value, attn_mask, out, lse, scale, is_causal, dropout_p, seed_int(seed), mask_needs_grad
+        grad_out, query, key, value, attn_mask, out, stats, scale, is_causal, dropout_p, seed_int(seed), mask_needs_grad
     )
     return dq, dk, dv, dscores if dscores is not None else query.new_empty(0)
 
 
-def _fake_fwd(query, key, value, attn_mask, scale, is_causal, dropout_p, seed):
-    batch, heads, q_len, _ = query.shape
-    out = query.new_empty(batch, heads, q_len, value.shape[-1])
-    return out, query.new_empty(batch, heads, q_len, dtype=torch.float32)
+def _fake_fwd_for(stats_shape):
+    def fake_fwd(query, key, value, attn_mask, scale, is_causal, dropout_p, seed):
+        batch, heads, q_len, _ = query.shape
+        out = query.new_empty(batch, heads, q_len, value.shape[-1])
+        return out, query.new_empty(*stats_shape(query), dtype=torch.float32)
+
+    return fake_fwd
 
 
-def _fake_bwd(grad_out, query, key, value, attn_mask, out, lse, scale, is_causal, dropout_p, seed, mask_needs_grad):
+# The row statistics the forward saves for its backward: the Triton and CUDA kernels keep the row
+# max and log2 of the row sum apart, [B, H, 2, Lq] (see fused_attn/kernels/triton/attention.py);
+# the C++ CPU kernel the log-sum-exp [B, H, Lq], which its backward's renormalisation makes exact.
+def _split_stats(query):
+    return (*query.shape[:2], 2, query.shape[2])
+
+
+def _native_stats(query):
+    return query.shape[:3] if query.device.type == "cpu" else _split_stats(query)
+
+
+def _fake_bwd(grad_out, query, key, value, attn_mask, out, stats, scale, is_causal, dropout_p, seed, mask_needs_grad):
     dscores = (
         query.new_empty(*query.shape[:3], key.shape[2], dtype=torch.float32) if mask_needs_grad else query.new_empty(0)
     )
@@ -117,18 +131,18 @@ def _fake_bwd(grad_out, query, key, value, attn_mask, out, lse, scale, is_causal
 
 def _setup_context(ctx, inputs, output):
     query, key, value, attn_mask, scale, is_causal, dropout_p, seed = inputs
-    out, lse = output
-    ctx.save_for_backward(query, key, value, attn_mask, out, lse, seed)
+    out, stats = output
+    ctx.save_for_backward(query, key, value, attn_mask, out, stats, seed)
     ctx.scale, ctx.is_causal, ctx.dropout_p = scale, is_causal, dropout_p
-    ctx.set_materialize_grads(False)  # the lse is an output only to be saved: no zero gradient for it
+    ctx.set_materialize_grads(False)  # the statistics are an output only to be saved: no zero gradient for it
 
 
 def _autograd_for(bwd_op):
-    def backward(ctx, grad_out, _grad_lse):
-        query, key, value, attn_mask, out, lse, seed = ctx.saved_tensors
+    def backward(ctx, grad_out, _grad_stats):
+        query, key, value, attn_mask, out, stats, seed = ctx.saved_tensors
         mask_needs_grad = bool(ctx.needs_input_grad[3])
         dq, dk, dv, dmask = bwd_op(
-            grad_out.contiguous(), query, key, value, attn_mask, out, lse,
+            grad_out.contiguous(), query, key, value, attn_mask, out, stats,
             ctx.scale, ctx.is_causal, ctx.dropout_p, seed, mask_needs_grad,
         )
         return dq, dk, dv, (dmask.to(attn_mask.dtype) if mask_needs_grad else None), None, None, None, None
@@ -136,15 +150,16 @@ def _autograd_for(bwd_op):
     return backward
 
 
-def _register(fwd: str, bwd: str) -> object:
+def _register(fwd: str, bwd: str, stats_shape) -> object:
     return register_pair(
-        fwd, bwd, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, setup_context=_setup_context, backward_for=_autograd_for
+        fwd, bwd, fake_fwd=_fake_fwd_for(stats_shape), fake_bwd=_fake_bwd, setup_context=_setup_context,
+        backward_for=_autograd_for,
     )
 
 
-_FWD_OPS = {"triton": _register("triton_attention_fwd", "triton_attention_bwd")}
+_FWD_OPS = {"triton": _register("triton_attention_fwd", "triton_attention_bwd", _split_stats)}
 if _extension.loaded():
-    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = _register("attention_fwd", "attention_bwd")
+    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = _register("attention_fwd", "attention_bwd", _native_stats)
 
 
 def _expand_mask(attn_mask: object, shape: tuple[int, int, int, int], query: torch.Tensor) -> torch.Tensor | None:

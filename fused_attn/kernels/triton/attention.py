@@ -7,15 +7,17 @@ to the 2^31 grid limit.
 
 Forward: a program owns ``BLOCK_M`` queries and streams ``BLOCK_N`` keys at a time, keeping the
 running row max ``m`` and row sum ``l`` in float32 (online softmax, exp2 with log2(e) folded
-into the scale). It writes the output and the row log-sum-exp (natural log) and nothing of size
-Lq x Lk. Causal attention (top-left aligned: query i sees keys j <= i) stops the key loop at the
+into the scale). It writes the output and the row statistics (the row max and log2 of the row
+sum, below) and nothing of size Lq x Lk. Causal attention (top-left aligned: query i sees keys j <= i) stops the key loop at the
 diagonal, so tiles above it are never loaded; only tiles that straddle it are masked.
 
 Masks are read through their strides: a boolean mask (True = attend) or a floating bias added to
 the scores, broadcast to [B, H, Lq, Lk] by zero strides, so a key-padding mask [B, 1, 1, Lk]
 costs Lk bytes per batch, not Lq x Lk. A query whose every key is masked has ``l == 0``: its
-output is 0 and its log-sum-exp is stored as +inf, which makes every recomputed probability in
-the backward exactly 0 (zero gradients, no NaN).
+output is 0 and its row max is stored as +inf, which makes every recomputed probability in the
+backward exactly 0 (zero gradients, no NaN). Finite bias values are clamped at -2.35e38, which
+times log2(e) stays finite, so a row masked with ``torch.finfo(...).min`` alone averages its
+values as PyTorch does rather than counting as fully masked.
 
 Dropout: Philox (``tl.rand``) keyed by a 64-bit seed with counter ``(bh * Lq + i) * Lk + j``,
 so the backward regenerates the same keep-mask from the seed alone. ``DROPOUT`` is a constexpr:
@@ -23,17 +25,23 @@ so the backward regenerates the same keep-mask from the seed alone. ``DROPOUT`` 
 
 Backward: a per-row pass first; then one kernel per key tile accumulates dK and dV over the
 query tiles (from the diagonal on, when causal) and one kernel per query tile accumulates dQ over
-the key tiles. Each recomputes the probabilities from the saved log-sum-exp. Two kernels instead
+the key tiles. Each recomputes the probabilities from the saved row statistics. Two kernels instead
 of atomics on dQ: the gradients are deterministic, at the cost of computing Q K^T one more time.
 With a floating mask that requires grad, the dQ kernel also writes dScores (the only Lq x Lk
 buffer, allocated only then), summed to the mask's shape.
 
-Backward precision. P = exp2(s - lse) with the float32 lse is off by up to half an ulp of |lse|
-(plus the roundings of the ln <-> log2 conversions): a relative error common to the whole row of
-P, which adds up coherently in dV = P^T dO, and ``delta = rowsum(dO * O)`` carries the forward's
-rounding rather than this P's, so dS = P (dP - delta) no longer cancels and dS amplifies the
-mismatch by |dP|. With large logits (|lse| ~ 50 at scale 3, head dim 16) float32 gradients
-reached 6.6x the plain float32 implementation's error. For float32 the per-row pass is therefore a
+Row statistics. The forward keeps the row max m and log2(l) apart ([B, H, 2, Lq]) and the backward
+forms P = exp2((s - m) - log2(l)): s - m is exact where P matters, whatever the size of the
+scores. A single log-sum-exp m + log2(l) would lose log2(l) altogether once |m| is large: a
+row whose keys all carry a bias of -1e9 has m ~ -1.44e9, where float32's spacing is 128, and
+the backward's P would be 1 for every key instead of 1 / Lk (gradients Lk times too large).
+
+Backward precision. log2(l) is still rounded to float32: a relative error common to the whole
+row of P, which adds up coherently in dV = P^T dO, and ``delta = rowsum(dO * O)`` carries the
+forward's rounding rather than this P's, so dS = P (dP - delta) no longer cancels and dS amplifies the
+mismatch by |dP|. With large logits (a log-sum-exp of ~50 at scale 3, head dim 16; a single
+log-sum-exp is off by half an ulp of its size) float32 gradients reached 6.6x the plain float32
+implementation's error. For float32 the per-row pass is therefore a
 statistics kernel (``ROW_STATS``, the scheme of the C++ CPU backend): from the very S and dP the
 gradient kernels use (``_query_tile_terms``), ``corr = 1 / sum_j P_ij`` and ``delta = corr *
 sum_j P_ij dP_ij`` (in exact arithmetic 1 and rowsum(dO * O)); the gradient kernels multiply P
@@ -41,11 +49,7 @@ by ``corr``, so P sums to 1 to rounding and dS cancels as in the plain softmax b
 one Q K^T and one dO V^T per tile more (9 tile GEMMs in the backward instead of 7) and one
 multiply per element; the forward is unchanged. For fp16/bf16 the operands' rounding dwarfs this
 error (measured on the test's shapes: at most a quarter of the parity bound without the pass, a
-fifth with it), so the cheap ``rowsum(dO * O)`` kernel serves them. The alternative, a more
-exact lse from the forward (the row max and log2 of the row sum kept apart, so that (s - m) -
-log2(l) is exact where P is large), would be free in the backward but would still leave
-log2(l)'s rounding as a common error, fixes nothing about delta, and changes the custom op's
-outputs.
+fifth with it), so the cheap ``rowsum(dO * O)`` kernel serves them.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ import triton.language as tl
 
 from ...backends import triton_interpret_mode
 from ._autotune import benchmark, pruner
+from ._masks import bias_log2
 
 LOG2E = 1.4426950408889634
 
@@ -116,7 +121,7 @@ def _scores(
         if MASK_IS_BOOL:
             valid = valid & (tl.load(m_ptrs, mask=valid, other=0) != 0)
         else:
-            s += tl.load(m_ptrs, mask=valid, other=0.0).to(tl.float32) * 1.4426950408889634
+            s += bias_log2(tl.load(m_ptrs, mask=valid, other=0.0).to(tl.float32))
     if APPLY_CAUSAL:
         valid = valid & (offs_m[:, None] >= offs_n[None, :])
     return tl.where(valid, s, float("-inf"))
@@ -167,7 +172,7 @@ def _attn_fwd_inner(
                  prune_configs_by={"early_config_prune": pruner(lambda: _attn_fwd_kernel, _tiles_for_head_dim)})
 @triton.jit
 def _attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr, keep_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, stats_ptr, keep_ptr,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -230,11 +235,13 @@ def _attn_fwd_kernel(
         )
     empty_row = l_i == 0.0
     out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
-    # Stored in natural-log units (the convention every backend shares); kernels work in log2.
-    lse = tl.where(empty_row, float("inf"), (m_i + tl.math.log2(tl.where(empty_row, 1.0, l_i))) * 0.6931471805599453)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :],
              out.to(out_ptr.dtype.element_ty), mask=in_queries[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.store(lse_ptr + bh * q_len + offs_m, lse, mask=in_queries)
+    # The row statistics for the backward, in log2 units and kept apart (see the module docstring):
+    # the row max (+inf for a row that sees no key, so that its P is 0) and log2 of the row sum.
+    stats = stats_ptr + bh * 2 * q_len
+    tl.store(stats + offs_m, tl.where(empty_row, float("inf"), m_i), mask=in_queries)
+    tl.store(stats + q_len + offs_m, tl.math.log2(tl.where(empty_row, 1.0, l_i)), mask=in_queries)
 
 
 @triton.jit
@@ -261,15 +268,16 @@ def _attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _probabilities(
-    q, k, offs_m, offs_n, lse, corr, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
+    q, k, offs_m, offs_n, row_max, log2_sum, corr, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
     ROW_STATS: tl.constexpr,
 ):
-    """Softmax probabilities of a tile recomputed from the log-sum-exp (``lse`` in log2 units);
-    with ``ROW_STATS`` renormalised by the row factor ``corr`` of the statistics pass."""
+    """Softmax probabilities of a tile recomputed from the forward's row statistics (log2 units),
+    P = exp2((s - row_max) - log2_sum); with ``ROW_STATS`` renormalised by the row factor ``corr``
+    of the statistics pass."""
     s = _scores(q, k, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
                 HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT)
-    p = tl.math.exp2(s - lse[:, None])
+    p = tl.math.exp2((s - row_max[:, None]) - log2_sum[:, None])
     if ROW_STATS:
         p = p * corr[:, None]
     return p
@@ -277,7 +285,7 @@ def _probabilities(
 
 @triton.jit
 def _query_tile_terms(
-    q, do, lse, corr, offs_m, start_n, k_base, v_base, mask_base,
+    q, do, row_max, log2_sum, corr, offs_m, start_n, k_base, v_base, mask_base,
     stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -292,8 +300,8 @@ def _query_tile_terms(
     keys = offs_n[:, None].to(tl.int64)
     k = tl.load(k_base + keys * stride_kn + offs_d[None, :], mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     v = tl.load(v_base + keys * stride_vn + offs_dv[None, :], mask=in_keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    p = _probabilities(q, k, offs_m, offs_n, lse, corr, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
-                       HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, ROW_STATS)
+    p = _probabilities(q, k, offs_m, offs_n, row_max, log2_sum, corr, mask_base, stride_mm, stride_mn, q_len, k_len,
+                       qk_scale, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, ROW_STATS)
     if FP32_DOT:
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
     else:
@@ -306,16 +314,16 @@ def _query_tile_terms(
 
 @triton.jit
 def _attn_bwd_stats_inner(
-    p_sum, pdp_sum, q, do, lse, offs_m, k_base, v_base, mask_base, lo, hi,
+    p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base, lo, hi,
     stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     FP32_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
 ):
-    """Row sums of P (as recomputed from the lse) and of P * dP over the key tiles [lo, hi)."""
+    """Row sums of P (as recomputed from the row statistics) and of P * dP over the key tiles [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         _, p, dp = _query_tile_terms(
-            q, do, lse, lse, offs_m, start_n, k_base, v_base, mask_base,
+            q, do, row_max, log2_sum, row_max, offs_m, start_n, k_base, v_base, mask_base,
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
             HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, False, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
@@ -325,13 +333,21 @@ def _attn_bwd_stats_inner(
 
 
 @triton.jit
+def _row_stats(stats, offs_m, in_queries, q_len):
+    """The forward's statistics of the rows offs_m of one head (``stats`` = its [2, q_len] block)."""
+    row_max = tl.load(stats + offs_m, mask=in_queries, other=float("inf"))
+    log2_sum = tl.load(stats + q_len + offs_m, mask=in_queries, other=0.0)
+    return row_max, log2_sum
+
+
+@triton.jit
 def _query_tile(
-    q_ptr, dout_ptr, lse_ptr, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
+    q_ptr, dout_ptr, stats_ptr, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
     heads, q_len, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """The query tile a program of the per-query backward kernels (statistics, dQ) owns:
-    (bh, b, h, start_m, offs_m, in_queries, Q tile, dO tile, lse in log2 units)."""
+    (bh, b, h, start_m, offs_m, in_queries, Q tile, dO tile, row max, log2 of the row sum)."""
     num_m = tl.cdiv(q_len, BLOCK_M)
     pid = tl.program_id(0)
     bh = (pid // num_m).to(tl.int64)
@@ -347,15 +363,15 @@ def _query_tile(
                 mask=in_queries[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     do = tl.load(dout_ptr + b * stride_dob + h * stride_doh + rows * stride_dom + offs_dv[None, :],
                  mask=in_queries[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    lse = tl.load(lse_ptr + bh * q_len + offs_m, mask=in_queries, other=float("inf")) * 1.4426950408889634
-    return bh, b, h, start_m, offs_m, in_queries, q, do, lse
+    row_max, log2_sum = _row_stats(stats_ptr + bh * 2 * q_len, offs_m, in_queries, q_len)
+    return bh, b, h, start_m, offs_m, in_queries, q, do, row_max, log2_sum
 
 
 @triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY, do_bench=benchmark,
                  prune_configs_by={"early_config_prune": pruner(lambda: _attn_bwd_stats_kernel, _tiles_for_head_dim)})
 @triton.jit
 def _attn_bwd_stats_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, lse_ptr, corr_ptr, delta_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, stats_ptr, corr_ptr, delta_ptr,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -369,8 +385,8 @@ def _attn_bwd_stats_kernel(
 ):
     """Per query row: ``corr = 1 / sum_j P_ij`` and ``delta = corr * sum_j P_ij dP_ij`` with P as
     the gradient kernels recompute it (0 and 0 for a row that sees no key)."""
-    bh, b, h, start_m, offs_m, in_queries, q, do, lse = _query_tile(
-        q_ptr, dout_ptr, lse_ptr, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
+    bh, b, h, start_m, offs_m, in_queries, q, do, row_max, log2_sum = _query_tile(
+        q_ptr, dout_ptr, stats_ptr, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
         heads, q_len, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
     )
     p_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -382,18 +398,18 @@ def _attn_bwd_stats_kernel(
         diag_lo = (start_m // BLOCK_N) * BLOCK_N
         diag_hi = tl.minimum(start_m + BLOCK_M, k_len)
         p_sum, pdp_sum = _attn_bwd_stats_inner(
-            p_sum, pdp_sum, q, do, lse, offs_m, k_base, v_base, mask_base, 0, tl.minimum(diag_lo, k_len),
+            p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base, 0, tl.minimum(diag_lo, k_len),
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
             HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
         p_sum, pdp_sum = _attn_bwd_stats_inner(
-            p_sum, pdp_sum, q, do, lse, offs_m, k_base, v_base, mask_base, diag_lo, diag_hi,
+            p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base, diag_lo, diag_hi,
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
             HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     else:
         p_sum, pdp_sum = _attn_bwd_stats_inner(
-            p_sum, pdp_sum, q, do, lse, offs_m, k_base, v_base, mask_base, 0, k_len,
+            p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base, 0, k_len,
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
             HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
@@ -405,7 +421,7 @@ def _attn_bwd_stats_kernel(
 
 @triton.jit
 def _attn_bwd_dkdv_inner(
-    dk, dv, k, v, offs_n, q_base, do_base, mask_base, lse_base, corr_base, delta_base, lo, hi,
+    dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, lo, hi,
     stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -420,14 +436,14 @@ def _attn_bwd_dkdv_inner(
         rows = offs_m[:, None].to(tl.int64)
         q = tl.load(q_base + rows * stride_qm + offs_d[None, :], mask=in_queries[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
         do = tl.load(do_base + rows * stride_dom + offs_dv[None, :], mask=in_queries[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        lse = tl.load(lse_base + offs_m, mask=in_queries, other=float("inf")) * 1.4426950408889634
+        row_max, log2_sum = _row_stats(stats_base, offs_m, in_queries, q_len)
         delta = tl.load(delta_base + offs_m, mask=in_queries, other=0.0)
         if ROW_STATS:
             corr = tl.load(corr_base + offs_m, mask=in_queries, other=0.0)
         else:
-            corr = lse
-        p = _probabilities(q, k, offs_m, offs_n, lse, corr, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
-                           HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, ROW_STATS)
+            corr = row_max
+        p = _probabilities(q, k, offs_m, offs_n, row_max, log2_sum, corr, mask_base, stride_mm, stride_mn, q_len,
+                           k_len, qk_scale, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, ROW_STATS)
         if FP32_DOT:
             dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         else:
@@ -450,7 +466,7 @@ def _attn_bwd_dkdv_inner(
 
 @triton.jit
 def _attn_bwd_dq_inner(
-    dq, q, do, lse, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, lo, hi,
+    dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, lo, hi,
     stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr, WRITE_DSCORES: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -461,7 +477,7 @@ def _attn_bwd_dq_inner(
     rows = offs_m[:, None].to(tl.int64)
     for start_n in range(lo, hi, BLOCK_N):
         k, p, dp = _query_tile_terms(
-            q, do, lse, corr, offs_m, start_n, k_base, v_base, mask_base,
+            q, do, row_max, log2_sum, corr, offs_m, start_n, k_base, v_base, mask_base,
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
             HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, ROW_STATS, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
@@ -480,7 +496,7 @@ def _attn_bwd_dq_inner(
                  prune_configs_by={"early_config_prune": pruner(lambda: _attn_bwd_dkdv_kernel, _tiles_for_head_dim)})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, lse_ptr, corr_ptr, delta_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, stats_ptr, corr_ptr, delta_ptr, dk_ptr, dv_ptr,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -515,7 +531,7 @@ def _attn_bwd_dkdv_kernel(
     q_base = q_ptr + b * stride_qb + h * stride_qh
     do_base = dout_ptr + b * stride_dob + h * stride_doh
     mask_base = mask_ptr + b * stride_mb + h * stride_mh
-    lse_base = lse_ptr + bh * q_len
+    stats_base = stats_ptr + bh * 2 * q_len
     corr_base = corr_ptr + bh * q_len
     delta_base = delta_ptr + bh * q_len
     if IS_CAUSAL:
@@ -524,18 +540,18 @@ def _attn_bwd_dkdv_kernel(
         lo = (start_n // BLOCK_M) * BLOCK_M
         straddle_hi = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, q_len)
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, offs_n, q_base, do_base, mask_base, lse_base, corr_base, delta_base, lo, straddle_hi,
+            dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, lo, straddle_hi,
             stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
             HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, ROW_STATS, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, offs_n, q_base, do_base, mask_base, lse_base, corr_base, delta_base, tl.maximum(straddle_hi, lo), q_len,
+            dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, tl.maximum(straddle_hi, lo), q_len,
             stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
             HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, ROW_STATS, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     else:
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, offs_n, q_base, do_base, mask_base, lse_base, corr_base, delta_base, 0, q_len,
+            dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, 0, q_len,
             stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
             HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, ROW_STATS, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
@@ -550,7 +566,7 @@ def _attn_bwd_dkdv_kernel(
                  prune_configs_by={"early_config_prune": pruner(lambda: _attn_bwd_dq_kernel, _tiles_for_head_dim)})
 @triton.jit
 def _attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, lse_ptr, corr_ptr, delta_ptr, dq_ptr, dscores_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, stats_ptr, corr_ptr, delta_ptr, dq_ptr, dscores_ptr,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -564,15 +580,15 @@ def _attn_bwd_dq_kernel(
     WRITE_DSCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    bh, b, h, start_m, offs_m, in_queries, q, do, lse = _query_tile(
-        q_ptr, dout_ptr, lse_ptr, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
+    bh, b, h, start_m, offs_m, in_queries, q, do, row_max, log2_sum = _query_tile(
+        q_ptr, dout_ptr, stats_ptr, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
         heads, q_len, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
     )
     delta = tl.load(delta_ptr + bh * q_len + offs_m, mask=in_queries, other=0.0)
     if ROW_STATS:
         corr = tl.load(corr_ptr + bh * q_len + offs_m, mask=in_queries, other=0.0)
     else:
-        corr = lse
+        corr = row_max
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
@@ -582,18 +598,18 @@ def _attn_bwd_dq_kernel(
         diag_lo = (start_m // BLOCK_N) * BLOCK_N
         diag_hi = tl.minimum(start_m + BLOCK_M, k_len)
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, 0, tl.minimum(diag_lo, k_len),
+            dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, 0, tl.minimum(diag_lo, k_len),
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
             HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, ROW_STATS, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, diag_lo, diag_hi,
+            dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, diag_lo, diag_hi,
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
             HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, ROW_STATS, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     else:
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, 0, k_len,
+            dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, 0, k_len,
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
             HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, ROW_STATS, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
@@ -645,7 +661,10 @@ def attention_fwd(
     seed: int,
     return_keep_mask: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Returns (out [B, H, Lq, Dv], lse [B, H, Lq] float32 natural log, keep-mask or None).
+    """Returns (out [B, H, Lq, Dv], stats [B, H, 2, Lq] float32, keep-mask or None).
+
+    ``stats`` holds, per query row, the softmax row max and log2 of the row sum in log2 units
+    (scores times log2 e), kept apart for the backward; a row that sees no key has +inf and 0.
 
     ``mask`` must already be expanded to [B, H, Lq, Lk] (a view; zero strides broadcast).
     ``return_keep_mask`` also returns the dropout keep-mask the kernel drew (for tests).
@@ -653,18 +672,18 @@ def attention_fwd(
     batch, heads, q_len, _ = q.shape
     k_len = k.shape[2]
     out = torch.empty(batch, heads, q_len, v.shape[-1], device=q.device, dtype=q.dtype)
-    lse = torch.empty(batch, heads, q_len, device=q.device, dtype=torch.float32)
+    stats = torch.empty(batch, heads, 2, q_len, device=q.device, dtype=torch.float32)
     write_keep = return_keep_mask and dropout_p > 0.0
     keep = torch.zeros(batch, heads, q_len, k_len, device=q.device, dtype=torch.int8) if write_keep else None
     mask_t, mask_strides, mask_is_bool = _mask_args(mask, q)
     grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
     _attn_fwd_kernel[grid](
-        q, k, v, mask_t, out, lse, keep if keep is not None else out,
+        q, k, v, mask_t, out, stats, keep if keep is not None else out,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
         heads, q_len, k_len, scale * LOG2E, seed, dropout_p,
         MASK_IS_BOOL=mask_is_bool, WRITE_KEEP=write_keep, **_common_meta(q, v, mask, is_causal, dropout_p),
     )
-    return out, lse, (keep.bool() if keep is not None else None)
+    return out, stats, (keep.bool() if keep is not None else None)
 
 
 def attention_bwd(
@@ -674,7 +693,7 @@ def attention_bwd(
     v: torch.Tensor,
     mask: torch.Tensor | None,
     out: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     scale: float,
     is_causal: bool,
     dropout_p: float,
@@ -685,22 +704,22 @@ def attention_bwd(
     batch, heads, q_len, _ = q.shape
     k_len = k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    delta = torch.empty_like(lse)
+    delta = torch.empty(batch, heads, q_len, device=q.device, dtype=torch.float32)
     mask_t, mask_strides, mask_is_bool = _mask_args(mask, q)
     meta = _common_meta(q, v, mask, is_causal, dropout_p)
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *dout.stride()[:3])
-    # float32 carries the lse's rounding into the gradients above the plain error: renormalise P
+    # float32 carries the statistics' rounding into the gradients above the plain error: renormalise P
     # with a statistics pass (module docstring). In 16 bits the operands' rounding dwarfs it.
     row_stats = q.dtype == torch.float32
     if row_stats:
-        corr = torch.empty_like(lse)
+        corr = torch.empty_like(delta)
         _attn_bwd_stats_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]) * batch * heads,)](
-            q, k, v, mask_t, dout, lse, corr, delta, *common,
+            q, k, v, mask_t, dout, stats, corr, delta, *common,
             heads, q_len, k_len, scale * LOG2E, seed, dropout_p,
             MASK_IS_BOOL=mask_is_bool, **meta,
         )
     else:
-        corr = lse
+        corr = delta  # not read
         pre_block = 16 if triton_interpret_mode() else 64
         _attn_bwd_preprocess_kernel[(triton.cdiv(q_len, pre_block) * batch * heads,)](
             out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, q_len,
@@ -708,13 +727,13 @@ def attention_bwd(
         )
     dscores = torch.zeros(batch, heads, q_len, k_len, device=q.device, dtype=torch.float32) if mask_needs_grad else None
     _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(k_len, m["BLOCK_N"]) * batch * heads,)](
-        q, k, v, mask_t, dout, lse, corr, delta, dk, dv,
+        q, k, v, mask_t, dout, stats, corr, delta, dk, dv,
         *common, *dk.stride()[:3], *dv.stride()[:3],
         heads, q_len, k_len, scale * LOG2E, scale, seed, dropout_p,
         MASK_IS_BOOL=mask_is_bool, ROW_STATS=row_stats, **meta,
     )
     _attn_bwd_dq_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]) * batch * heads,)](
-        q, k, v, mask_t, dout, lse, corr, delta, dq, dscores if dscores is not None else dq,
+        q, k, v, mask_t, dout, stats, corr, delta, dq, dscores if dscores is not None else dq,
         *common, *dq.stride()[:3],
         heads, q_len, k_len, scale * LOG2E, scale, seed, dropout_p,
         MASK_IS_BOOL=mask_is_bool, ROW_STATS=row_stats, WRITE_DSCORES=mask_needs_grad, **meta,

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._masks import bias_log2
+
 # Widest row kept in registers; longer rows take the streaming path.
 MAX_SINGLE_BLOCK = 16384
 STREAM_BLOCK = 4096
@@ -37,7 +39,7 @@ def _masked_row(
         if MASK_IS_BOOL:
             valid = valid & (tl.load(m_ptrs, mask=valid, other=0) != 0)
         else:
-            s += tl.load(m_ptrs, mask=valid, other=0.0).to(tl.float32) * 1.4426950408889634
+            s += bias_log2(tl.load(m_ptrs, mask=valid, other=0.0).to(tl.float32))
     if IS_CAUSAL:
         valid = valid & (offs <= row_m)
     return tl.where(valid, s, float("-inf"))
