@@ -59,3 +59,41 @@ def test_no_timing_when_autotuning_is_off(monkeypatch):
     monkeypatch.setenv("FUSED_ATTN_TRITON_AUTOTUNE", "0")
     assert _autotune.benchmark(lambda: calls.append(1), quantiles=(0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
     assert calls == []
+
+
+_SPECIALISATION_CHECK = """
+import inspect
+from fused_attn.kernels.triton import attention, ffn, layer_norm
+
+kernels = [
+    attention._attn_fwd_kernel, attention._attn_bwd_stats_kernel, attention._attn_bwd_dkdv_kernel,
+    attention._attn_bwd_dq_kernel, ffn._gemm_kernel, layer_norm._norm_fwd_kernel, layer_norm._norm_bwd_kernel,
+]
+for kernel in kernels:
+    jit = kernel.fn if hasattr(kernel, "configs") else kernel  # the JITFunction, under an autotuner or not
+    names = list(inspect.signature(jit.fn).parameters)
+    wanted = {"seed", "Q_BUCKET", "K_BUCKET", "M_BUCKET"} & set(names)
+    assert "seed" in wanted, jit.fn.__name__
+    free = {names[i] if isinstance(i, int) else i for i in jit.do_not_specialize}
+    assert wanted <= free, (jit.fn.__name__, sorted(wanted - free))
+assert ffn._gemm_kernel.keys == ["M_BUCKET", "N", "K_BUCKET", "A_PROLOGUE", "B_PROLOGUE", "EPILOGUE"]
+assert {"Q_BUCKET", "K_BUCKET"} <= set(attention._attn_fwd_kernel.keys)
+print("ok")
+"""
+
+
+def test_per_call_values_do_not_specialise_the_compiled_kernels():
+    """A new seed per call, or a new length within a bucket, must reuse the compiled kernel:
+    Triton would otherwise compile a variant for int arguments divisible by 16 (or equal to 1),
+    one call in sixteen paying a compilation. And the GEMM's tuning is keyed by size buckets, not
+    by the exact token count (each new count would time every config again). Checked on the
+    compiled kernels' declarations (the interpreter keeps none), in a process without
+    TRITON_INTERPRET."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _SPECIALISATION_CHECK], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr

@@ -94,7 +94,13 @@ def _tiles_for_head_dim(configs, args):
     ]
 
 
-_AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "LENGTH_BUCKET", "HAS_MASK", "DROPOUT"]
+# The tile choice depends on the head dims, the kind of call and the scale of the lengths: Q_BUCKET and
+# K_BUCKET are the lengths rounded up to a power of two (up to 4096), plain ints the kernels ignore,
+# so a new bucket retunes without recompiling; nor do they, nor the per-call seed, specialise the
+# compiled kernel (do_not_specialize: Triton would otherwise compile a variant for values divisible
+# by 16).
+_AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "Q_BUCKET", "K_BUCKET", "HAS_MASK", "DROPOUT"]
+_NOT_SPECIALIZED = ["seed", "Q_BUCKET", "K_BUCKET"]
 
 
 @triton.jit
@@ -170,7 +176,7 @@ def _attn_fwd_inner(
 
 @triton.autotune(configs=_configs("fwd"), key=_AUTOTUNE_KEY, do_bench=benchmark,
                  prune_configs_by={"early_config_prune": pruner(lambda: _attn_fwd_kernel, _tiles_for_head_dim)})
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, stats_ptr, keep_ptr,
     stride_qb, stride_qh, stride_qm,
@@ -178,10 +184,10 @@ def _attn_fwd_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om,
-    heads, q_len, k_len, qk_scale, seed, dropout_p,
+    heads, q_len, k_len, qk_scale, seed, dropout_p, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-    DROPOUT: tl.constexpr, WRITE_KEEP: tl.constexpr, FP32_DOT: tl.constexpr, LENGTH_BUCKET: tl.constexpr,
+    DROPOUT: tl.constexpr, WRITE_KEEP: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     num_m = tl.cdiv(q_len, BLOCK_M)
@@ -369,7 +375,7 @@ def _query_tile(
 
 @triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY, do_bench=benchmark,
                  prune_configs_by={"early_config_prune": pruner(lambda: _attn_bwd_stats_kernel, _tiles_for_head_dim)})
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _attn_bwd_stats_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, stats_ptr, corr_ptr, delta_ptr,
     stride_qb, stride_qh, stride_qm,
@@ -377,10 +383,10 @@ def _attn_bwd_stats_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom,
-    heads, q_len, k_len, qk_scale, seed, dropout_p,
+    heads, q_len, k_len, qk_scale, seed, dropout_p, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, LENGTH_BUCKET: tl.constexpr,
+    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Per query row: ``corr = 1 / sum_j P_ij`` and ``delta = corr * sum_j P_ij dP_ij`` with P as
@@ -494,7 +500,7 @@ def _attn_bwd_dq_inner(
 
 @triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY, do_bench=benchmark,
                  prune_configs_by={"early_config_prune": pruner(lambda: _attn_bwd_dkdv_kernel, _tiles_for_head_dim)})
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, stats_ptr, corr_ptr, delta_ptr, dk_ptr, dv_ptr,
     stride_qb, stride_qh, stride_qm,
@@ -504,10 +510,10 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    heads, q_len, k_len, qk_scale, sm_scale, seed, dropout_p,
+    heads, q_len, k_len, qk_scale, sm_scale, seed, dropout_p, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr, LENGTH_BUCKET: tl.constexpr,
+    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     num_n = tl.cdiv(k_len, BLOCK_N)
@@ -564,7 +570,7 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY, do_bench=benchmark,
                  prune_configs_by={"early_config_prune": pruner(lambda: _attn_bwd_dq_kernel, _tiles_for_head_dim)})
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, stats_ptr, corr_ptr, delta_ptr, dq_ptr, dscores_ptr,
     stride_qb, stride_qh, stride_qm,
@@ -573,10 +579,10 @@ def _attn_bwd_dq_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
-    heads, q_len, k_len, qk_scale, sm_scale, seed, dropout_p,
+    heads, q_len, k_len, qk_scale, sm_scale, seed, dropout_p, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr, LENGTH_BUCKET: tl.constexpr,
+    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr,
     WRITE_DSCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -629,7 +635,7 @@ def _block_dim(head_dim: int) -> int:
 
 
 def _length_bucket(length: int) -> int:
-    # Retune only when the key length changes scale: short sequences prefer smaller tiles.
+    # Retune only when a length changes scale: short sequences prefer smaller tiles.
     return min(triton.next_power_of_2(max(length, 1)), 4096)
 
 
@@ -646,7 +652,7 @@ def _common_meta(q: torch.Tensor, v: torch.Tensor, mask, is_causal: bool, dropou
     return dict(
         HEAD_DIM=q.shape[-1], HEAD_DIM_V=v.shape[-1], BLOCK_D=_block_dim(q.shape[-1]), BLOCK_DV=_block_dim(v.shape[-1]),
         IS_CAUSAL=is_causal, HAS_MASK=mask is not None, DROPOUT=dropout_p > 0.0,
-        FP32_DOT=q.dtype == torch.float32, LENGTH_BUCKET=_length_bucket(q.shape[2]),
+        FP32_DOT=q.dtype == torch.float32, Q_BUCKET=_length_bucket(q.shape[2]), K_BUCKET=_length_bucket(v.shape[2]),
     )
 
 

@@ -38,7 +38,8 @@ EPILOGUE_NONE, EPILOGUE_BIAS, EPILOGUE_BIAS_GELU, EPILOGUE_BIAS_DROPOUT = 0, 1, 
 def _configs() -> list[triton.Config]:
     """Tile shapes from the Triton matmul tutorial's H100/A100 sweep: large 128x128/128x256 tiles
     with 3-4 stages for big GEMMs (the FFN's), smaller ones for skinny shapes; the autotuner
-    keys on (M, N, K). Under the interpreter one small tile keeps CPU tests fast; with autotuning
+    keys on the shape (the token dimension, M or K, by power-of-two bucket: see gemm) and the
+    prologues and epilogue. Under the interpreter one small tile keeps CPU tests fast; with autotuning
     off, the first that fits the device's shared memory (the first, where it does: a safe
     all-rounder) is used."""
     if triton_interpret_mode():
@@ -74,12 +75,12 @@ def _gelu_grad(x, APPROX_TANH: tl.constexpr):
     return 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K"], do_bench=benchmark,
-                 prune_configs_by={"early_config_prune": pruner(lambda: _gemm_kernel)})
-@triton.jit
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K_BUCKET", "A_PROLOGUE", "B_PROLOGUE", "EPILOGUE"],
+                 do_bench=benchmark, prune_configs_by={"early_config_prune": pruner(lambda: _gemm_kernel)})
+@triton.jit(do_not_specialize=["seed", "M_BUCKET", "K_BUCKET"])
 def _gemm_kernel(
     a_ptr, b_ptr, c_ptr, aux_ptr, bias_ptr, pre_ptr, rowsum_ptr,
-    M, N, K,
+    M, N, K, M_BUCKET, K_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     rng_stride_m, rng_stride_k, seed, dropout_p,
     A_PROLOGUE: tl.constexpr, B_PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, APPROX_TANH: tl.constexpr,
@@ -144,6 +145,10 @@ def _gemm_kernel(
             tl.store(rowsum_ptr + offs_m, row_sums, mask=offs_m < M)
 
 
+def _size_bucket(n: int) -> int:
+    return min(triton.next_power_of_2(max(n, 1)), 16384)
+
+
 def gemm(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -171,10 +176,14 @@ def gemm(
     N = b.shape[1]
     if M == 0 or N == 0:
         return out
+    # The token count is M (forward, input gradient) or K (weight gradients): keyed by power-of-two
+    # bucket, a batch of a new length reuses the tuning of its bucket instead of timing every config
+    # again (N is always a feature size). The buckets are plain ints the kernel ignores.
+    m_bucket, k_bucket = _size_bucket(M), _size_bucket(K)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _gemm_kernel[grid](
         a, b, out, aux, bias, pre, row_sums,
-        M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        M, N, K, m_bucket, k_bucket, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         rng_strides[0], rng_strides[1], seed, dropout_p,
         A_PROLOGUE=a_prologue, B_PROLOGUE=b_prologue, EPILOGUE=epilogue, APPROX_TANH=approximate == "tanh",
         ROW_SUMS=row_sums is not None, FP32_DOT=a.dtype == torch.float32,

@@ -60,7 +60,7 @@ def _prenorm_chunk(
     return h
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed per call must not recompile
 def _norm_fwd_kernel(
     x_ptr, res_ptr, xb_ptr, w_ptr, b_ptr, y_ptr, pre_ptr, mean_ptr, rstd_ptr,
     hidden, eps, seed, dropout_p,
@@ -129,7 +129,7 @@ def _accumulate(partial_ptr, offs, in_row, value, SINGLE_BLOCK: tl.constexpr, ac
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed per call must not recompile
 def _norm_bwd_kernel(
     dy_ptr, dpre_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dinput_ptr,
     dw_partial_ptr, db_partial_ptr, dib_partial_ptr,
