@@ -111,6 +111,13 @@ def _dropout_keep(seed, bh, offs_m, offs_n, q_len, k_len, dropout_p):
 
 
 @triton.jit
+def _keep_factor(keep, dropout_p):
+    """1 / (1 - p) where kept, else 0: a factor to multiply by (as the CPU and CUDA kernels and
+    torch's dropout do), so a NaN or inf that dropout drops stays NaN rather than vanishing."""
+    return tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
+
+
+@triton.jit
 def _scores(
     q, k, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
@@ -163,7 +170,7 @@ def _attn_fwd_inner(
             if WRITE_KEEP:
                 tl.store(dmask_base + offs_m[:, None].to(tl.int64) * stride_dmm + offs_n[None, :], keep.to(tl.int8),
                          mask=(offs_m[:, None] < q_len) & in_keys[None, :])
-            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            p = p * _keep_factor(keep, dropout_p)
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :],
                     mask=in_keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         if FP32_DOT:
@@ -314,7 +321,7 @@ def _query_tile_terms(
         dp = tl.dot(do, tl.trans(v))
     if DROPOUT:
         keep = _dropout_keep(seed, bh, offs_m, offs_n, q_len, k_len, dropout_p)
-        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        dp = dp * _keep_factor(keep, dropout_p)
     return k, p, dp
 
 
@@ -456,8 +463,9 @@ def _attn_bwd_dkdv_inner(
             dp = tl.dot(do, tl.trans(v))
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, q_len, k_len, dropout_p)
-            p_used = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            factor = _keep_factor(keep, dropout_p)
+            p_used = p * factor
+            dp = dp * factor
         else:
             p_used = p
         ds = p * (dp - delta[:, None])
