@@ -64,6 +64,11 @@ void layer_norm_fwd_rows(const scalar_t* x, const float* w, const float* b, int6
   }
 }
 
+// Rows handled together by the backward's second pass: their grad_weight/grad_bias contributions
+// are added in registers and folded into the compensated partials once per group (a compensated
+// update per row would cost four loads and four stores per element on top of the gradient's).
+constexpr int64_t kRowGroup = 4;
+
 // Rows [begin, end) of the backward. dx is null when grad_input is not wanted; dw_part/db_part
 // (this chunk's compensated column sums, [2, hidden] float: sums then compensations; null when
 // not wanted) are accumulated into.
@@ -73,44 +78,51 @@ void layer_norm_bwd_rows(const scalar_t* dy, const scalar_t* x, const float* mea
                          float* dw_part, float* db_part) {
   constexpr int P = kParts<scalar_t>;
   constexpr int64_t B = kBlock<scalar_t>;
-  for (int64_t r = begin; r < end; ++r) {
-    const scalar_t* dyr = dy + r * hidden;
-    const scalar_t* xr = x + r * hidden;
-    const fVec mv(mean[r]);
-    const fVec rsv(rstd[r]);
-
+  for (int64_t first = begin; first < end; first += kRowGroup) {
+    const int64_t rows = std::min(kRowGroup, end - first);
     // Pass 1, for grad_input only: the row means that couple its elements, re-centred on
     // mean(xhat) against the float rounding of the saved mean (see layer_norm_grad_constants).
-    fVec c1(0.f), c2(0.f);
-    if (dx != nullptr) {
-      const auto [k1, k2] = layer_norm_grad_constants(dyr, xr, w, hidden, mean[r], rstd[r]);
-      c1 = fVec(k1);
-      c2 = fVec(k2);
+    fVec mv[kRowGroup], rsv[kRowGroup], c1[kRowGroup], c2[kRowGroup];
+    for (int64_t q = 0; q < rows; ++q) {
+      const int64_t r = first + q;
+      mv[q] = fVec(mean[r]);
+      rsv[q] = fVec(rstd[r]);
+      c1[q] = c2[q] = fVec(0.f);
+      if (dx != nullptr) {
+        const auto [k1, k2] = layer_norm_grad_constants(dy + r * hidden, x + r * hidden, w, hidden, mean[r], rstd[r]);
+        c1[q] = fVec(k1);
+        c2[q] = fVec(k2);
+      }
     }
 
-    // Pass 2: grad_input and this row's share of grad_weight/grad_bias together, on the row
+    // Pass 2: grad_input and the group's share of grad_weight/grad_bias together, on the rows
     // pass 1 left in cache; the parameter gradients need no pass over the input of their own.
-    // Lanes past the row are computed but never stored.
-    scalar_t* dxr = dx != nullptr ? dx + r * hidden : nullptr;
+    // Lanes past the row are computed but never stored, and read as zero from dy, so they add
+    // nothing to the sums.
     for_each_block<B>(hidden, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
-      fVec dyv[P], xv[P], wv[P], xhat[P];
-      load_block(dyr + j, len, dyv);
-      load_block(xr + j, len, xv);
-      for (int k = 0; k < P; ++k) xhat[k] = (xv[k] - mv) * rsv;
-      if (dxr != nullptr) {
-        fVec dxv[P];
-        load_block(w + j, len, wv);
+      fVec wv[P], dw_sum[P], db_sum[P];
+      if (dx != nullptr) load_block(w + j, len, wv);
+      for (int k = 0; k < P; ++k) dw_sum[k] = db_sum[k] = fVec(0.f);
+      for (int64_t q = 0; q < rows; ++q) {
+        const int64_t offset = (first + q) * hidden + j;
+        fVec dyv[P], xv[P], xhat[P];
+        load_block(dy + offset, len, dyv);
+        load_block(x + offset, len, xv);
         for (int k = 0; k < P; ++k) {
-          dxv[k] = (rounded_product(dyv[k], wv[k]) - at::vec::fmadd(xhat[k], c2, c1)) * rsv;
+          xhat[k] = (xv[k] - mv[q]) * rsv[q];
+          dw_sum[k] = at::vec::fmadd(dyv[k], xhat[k], dw_sum[k]);
+          db_sum[k] += dyv[k];
         }
-        store_block(dxr + j, len, dxv);
+        if (dx != nullptr) {
+          fVec dxv[P];
+          for (int k = 0; k < P; ++k) {
+            dxv[k] = (rounded_product(dyv[k], wv[k]) - at::vec::fmadd(xhat[k], c2[q], c1[q])) * rsv[q];
+          }
+          store_block(dx + offset, len, dxv);
+        }
       }
-      if (dw_part != nullptr) {
-        fVec dy_xhat[P];
-        for (int k = 0; k < P; ++k) dy_xhat[k] = dyv[k] * xhat[k];
-        kahan_add_block(dw_part + j, dw_part + hidden + j, len, dy_xhat);
-      }
-      if (db_part != nullptr) kahan_add_block(db_part + j, db_part + hidden + j, len, dyv);
+      if (dw_part != nullptr) kahan_add_block(dw_part + j, dw_part + hidden + j, len, dw_sum);
+      if (db_part != nullptr) kahan_add_block(db_part + j, db_part + hidden + j, len, db_sum);
     });
   }
 }
