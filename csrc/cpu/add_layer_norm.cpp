@@ -96,10 +96,6 @@ void add_layer_norm_fwd_rows(const scalar_t* x, const scalar_t* res, const float
   }
 }
 
-// Rows handled together by the backward's second pass: their column-sum contributions are added
-// in registers and folded into the compensated partials once per group.
-constexpr int64_t kRowGroup = 4;
-
 // Where the backward writes: full-size gradients (null when not wanted) and this chunk's
 // compensated column sums ([2, hidden] float: sums then compensations; null when not wanted).
 template <typename scalar_t>
@@ -122,20 +118,7 @@ void add_layer_norm_bwd_rows(const scalar_t* dy, const scalar_t* dpre_in, const 
   const fVec pv(drop.p), kpv(drop.keep_prob);
   for (int64_t first = begin; first < end; first += kRowGroup) {
     const int64_t rows = std::min(kRowGroup, end - first);
-    fVec mv[kRowGroup], rsv[kRowGroup], c1[kRowGroup], c2[kRowGroup];
-    for (int64_t q = 0; q < rows; ++q) {
-      const int64_t r = first + q;
-      mv[q] = fVec(mean[r]);
-      rsv[q] = fVec(rstd[r]);
-      if (need_dpre) {
-        // Loads only, so it streams the row in at full speed; every store is left to the second
-        // pass, where the group's rows are already in cache.
-        const auto [g_const, gx_const] =
-            layer_norm_grad_constants(dy + r * hidden, x + r * hidden, w, hidden, mean[r], rstd[r]);
-        c1[q] = fVec(g_const);
-        c2[q] = fVec(gx_const);
-      }
-    }
+    const RowGroup g(dy, x, mean, rstd, w, hidden, first, rows, need_dpre);
 
     for_each_block<B>(hidden, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
       fVec wv[P], dw_sum[P], db_sum[P], dib_sum[P];
@@ -147,14 +130,14 @@ void add_layer_norm_bwd_rows(const scalar_t* dy, const scalar_t* dpre_in, const 
         load_block(dy + offset, len, dyv);  // zero past the row, as are the sums it feeds
         load_block(x + offset, len, xv);
         for (int k = 0; k < P; ++k) {
-          xhat[k] = (xv[k] - mv[q]) * rsv[q];
+          xhat[k] = (xv[k] - g.mean[q]) * g.rstd[q];
           dw_sum[k] = at::vec::fmadd(dyv[k], xhat[k], dw_sum[k]);
           db_sum[k] += dyv[k];
         }
         if (!need_dpre) continue;
         fVec d[P];
         for (int k = 0; k < P; ++k) {
-          d[k] = (rounded_product(dyv[k], wv[k]) - at::vec::fmadd(xhat[k], c2[q], c1[q])) * rsv[q];
+          d[k] = (rounded_product(dyv[k], wv[k]) - at::vec::fmadd(xhat[k], g.c2[q], g.c1[q])) * g.rstd[q];
         }
         if (dpre_in != nullptr) {
           fVec extra[P];

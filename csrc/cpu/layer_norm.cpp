@@ -64,11 +64,6 @@ void layer_norm_fwd_rows(const scalar_t* x, const float* w, const float* b, int6
   }
 }
 
-// Rows handled together by the backward's second pass: their grad_weight/grad_bias contributions
-// are added in registers and folded into the compensated partials once per group (a compensated
-// update per row would cost four loads and four stores per element on top of the gradient's).
-constexpr int64_t kRowGroup = 4;
-
 // Rows [begin, end) of the backward. dx is null when grad_input is not wanted; dw_part/db_part
 // (this chunk's compensated column sums, [2, hidden] float: sums then compensations; null when
 // not wanted) are accumulated into.
@@ -82,18 +77,7 @@ void layer_norm_bwd_rows(const scalar_t* dy, const scalar_t* x, const float* mea
     const int64_t rows = std::min(kRowGroup, end - first);
     // Pass 1, for grad_input only: the row means that couple its elements, re-centred on
     // mean(xhat) against the float rounding of the saved mean (see layer_norm_grad_constants).
-    fVec mv[kRowGroup], rsv[kRowGroup], c1[kRowGroup], c2[kRowGroup];
-    for (int64_t q = 0; q < rows; ++q) {
-      const int64_t r = first + q;
-      mv[q] = fVec(mean[r]);
-      rsv[q] = fVec(rstd[r]);
-      c1[q] = c2[q] = fVec(0.f);
-      if (dx != nullptr) {
-        const auto [k1, k2] = layer_norm_grad_constants(dy + r * hidden, x + r * hidden, w, hidden, mean[r], rstd[r]);
-        c1[q] = fVec(k1);
-        c2[q] = fVec(k2);
-      }
-    }
+    const RowGroup g(dy, x, mean, rstd, w, hidden, first, rows, dx != nullptr);
 
     // Pass 2: grad_input and the group's share of grad_weight/grad_bias together, on the rows
     // pass 1 left in cache; the parameter gradients need no pass over the input of their own.
@@ -109,14 +93,14 @@ void layer_norm_bwd_rows(const scalar_t* dy, const scalar_t* x, const float* mea
         load_block(dy + offset, len, dyv);
         load_block(x + offset, len, xv);
         for (int k = 0; k < P; ++k) {
-          xhat[k] = (xv[k] - mv[q]) * rsv[q];
+          xhat[k] = (xv[k] - g.mean[q]) * g.rstd[q];
           dw_sum[k] = at::vec::fmadd(dyv[k], xhat[k], dw_sum[k]);
           db_sum[k] += dyv[k];
         }
         if (dx != nullptr) {
           fVec dxv[P];
           for (int k = 0; k < P; ++k) {
-            dxv[k] = (rounded_product(dyv[k], wv[k]) - at::vec::fmadd(xhat[k], c2[q], c1[q])) * rsv[q];
+            dxv[k] = (rounded_product(dyv[k], wv[k]) - at::vec::fmadd(xhat[k], g.c2[q], g.c1[q])) * g.rstd[q];
           }
           store_block(dx + offset, len, dxv);
         }

@@ -350,6 +350,36 @@ std::pair<float, float> layer_norm_grad_constants(const scalar_t* dyr, const sca
   return {static_cast<float>(g_mean - a * c2), static_cast<float>(c2)};
 }
 
+// Rows a LayerNorm backward handles together in its second pass: their parameter-gradient shares
+// are added in registers and folded into the compensated partials once per group (a compensated
+// update per row would cost four loads and four stores per element on top of the gradient's).
+constexpr int64_t kRowGroup = 4;
+
+// The per-row constants of the rows [first, first + rows) (rows <= kRowGroup) of a LayerNorm
+// backward, broadcast to vectors: the saved mean and rstd, and, when `grad_input` (some input
+// gradient is wanted), layer_norm_grad_constants' c1 and c2 (zero otherwise). Their pass over each
+// row loads only, streaming it into cache for the second pass, which stores.
+struct RowGroup {
+  fVec mean[kRowGroup], rstd[kRowGroup], c1[kRowGroup], c2[kRowGroup];
+
+  template <typename scalar_t>
+  C10_ALWAYS_INLINE RowGroup(const scalar_t* dy, const scalar_t* x, const float* mean_in, const float* rstd_in,
+                             const float* w, int64_t hidden, int64_t first, int64_t rows, bool grad_input) {
+    for (int64_t q = 0; q < rows; ++q) {
+      const int64_t r = first + q;
+      mean[q] = fVec(mean_in[r]);
+      rstd[q] = fVec(rstd_in[r]);
+      c1[q] = c2[q] = fVec(0.f);
+      if (grad_input) {
+        const auto [k1, k2] = layer_norm_grad_constants(dy + r * hidden, x + r * hidden, w, hidden, mean_in[r],
+                                                        rstd_in[r]);
+        c1[q] = fVec(k1);
+        c2[q] = fVec(k2);
+      }
+    }
+  }
+};
+
 // Dropout of one kDropBlock block of a row: h[k] = (h[k] * keep) / keep_prob with keep 1 or 0,
 // where element t of the block is element `counter + t` of the stream of `seed` and is kept when
 // its uniform is >= p. `p` and `keep_prob` (1 - p, rounded to float as the Triton kernels compute

@@ -111,6 +111,15 @@ def _dropout_keep(seed, bh, offs_m, offs_n, q_len, k_len, dropout_p):
 
 
 @triton.jit
+def _mm(a, b, FP32_DOT: tl.constexpr):
+    """a @ b with float32 accumulation; float32 operands multiply in IEEE float32 (the default
+    would round them to TF32 on tensor cores, 10 bits of mantissa, far above the parity bound)."""
+    if FP32_DOT:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
 def _keep_factor(keep, dropout_p):
     """1 / (1 - p) where kept, else 0: a factor to multiply by (as the CPU and CUDA kernels and
     torch's dropout do), so a NaN or inf that dropout drops stays NaN rather than vanishing."""
@@ -123,10 +132,7 @@ def _scores(
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     """Masked scores of a [BLOCK_M, BLOCK_N] tile, scaled to log2 units."""
-    if FP32_DOT:
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        qk = tl.dot(q, tl.trans(k))
+    qk = _mm(q, tl.trans(k), FP32_DOT)
     s = qk * qk_scale
     valid = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
     if HAS_MASK:
@@ -173,10 +179,7 @@ def _attn_fwd_inner(
             p = p * _keep_factor(keep, dropout_p)
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :],
                     mask=in_keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        if FP32_DOT:
-            acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc += tl.dot(p.to(v.dtype), v)
+        acc += _mm(p.to(v.dtype), v, FP32_DOT)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -297,6 +300,25 @@ def _probabilities(
 
 
 @triton.jit
+def _tile_p_dp(
+    q, k, v, do, row_max, log2_sum, corr, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len,
+    qk_scale, seed, bh, dropout_p,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr,
+):
+    """One tile of the backward, whichever side streams: (P, dP = dO V^T dropped as P was, the
+    dropout factor of the tile, 1 without dropout). dS takes the undropped P, dV the dropped."""
+    p = _probabilities(q, k, offs_m, offs_n, row_max, log2_sum, corr, mask_base, stride_mm, stride_mn, q_len, k_len,
+                       qk_scale, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, ROW_STATS)
+    dp = _mm(do, tl.trans(v), FP32_DOT)
+    factor = 1.0
+    if DROPOUT:
+        factor = _keep_factor(_dropout_keep(seed, bh, offs_m, offs_n, q_len, k_len, dropout_p), dropout_p)
+        dp = dp * factor
+    return p, dp, factor
+
+
+@triton.jit
 def _query_tile_terms(
     q, do, row_max, log2_sum, corr, offs_m, start_n, k_base, v_base, mask_base,
     stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
@@ -313,15 +335,10 @@ def _query_tile_terms(
     keys = offs_n[:, None].to(tl.int64)
     k = tl.load(k_base + keys * stride_kn + offs_d[None, :], mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     v = tl.load(v_base + keys * stride_vn + offs_dv[None, :], mask=in_keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    p = _probabilities(q, k, offs_m, offs_n, row_max, log2_sum, corr, mask_base, stride_mm, stride_mn, q_len, k_len,
-                       qk_scale, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, ROW_STATS)
-    if FP32_DOT:
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-    else:
-        dp = tl.dot(do, tl.trans(v))
-    if DROPOUT:
-        keep = _dropout_keep(seed, bh, offs_m, offs_n, q_len, k_len, dropout_p)
-        dp = dp * _keep_factor(keep, dropout_p)
+    p, dp, _ = _tile_p_dp(
+        q, k, v, do, row_max, log2_sum, corr, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len,
+        qk_scale, seed, bh, dropout_p, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, ROW_STATS,
+    )
     return k, p, dp
 
 
@@ -455,26 +472,14 @@ def _attn_bwd_dkdv_inner(
             corr = tl.load(corr_base + offs_m, mask=in_queries, other=0.0)
         else:
             corr = row_max
-        p = _probabilities(q, k, offs_m, offs_n, row_max, log2_sum, corr, mask_base, stride_mm, stride_mn, q_len,
-                           k_len, qk_scale, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, ROW_STATS)
-        if FP32_DOT:
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            dp = tl.dot(do, tl.trans(v))
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, q_len, k_len, dropout_p)
-            factor = _keep_factor(keep, dropout_p)
-            p_used = p * factor
-            dp = dp * factor
-        else:
-            p_used = p
+        p, dp, factor = _tile_p_dp(
+            q, k, v, do, row_max, log2_sum, corr, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len,
+            qk_scale, seed, bh, dropout_p, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, ROW_STATS,
+        )
         ds = p * (dp - delta[:, None])
-        if FP32_DOT:
-            dv += tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision="ieee")
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-        else:
-            dv += tl.dot(tl.trans(p_used.to(do.dtype)), do)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        p_used = p * factor if DROPOUT else p
+        dv += _mm(tl.trans(p_used.to(do.dtype)), do, FP32_DOT)
+        dk += _mm(tl.trans(ds.to(q.dtype)), q, FP32_DOT)
     return dk, dv
 
 
@@ -499,10 +504,7 @@ def _attn_bwd_dq_inner(
         if WRITE_DSCORES:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             tl.store(dscores_base + rows * k_len + offs_n[None, :], ds, mask=in_queries[:, None] & (offs_n[None, :] < k_len))
-        if FP32_DOT:
-            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(k.dtype), k)
+        dq += _mm(ds.to(k.dtype), k, FP32_DOT)
     return dq
 
 
