@@ -79,6 +79,24 @@ def test_parity_head_dims(backend_device, dtype, head_dim, causal):
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dims", [(64, 32), (40, 72), (256, 64), (64, 256)], ids=lambda d: f"d{d[0]}-dv{d[1]}")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_parity_value_head_dim_differs(backend_device, dims, causal):
+    backend, device = backend_device
+    dtype = work_dtype(OP, backend, device)
+    d, dv = dims
+    gen = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(1, 2, 37, d, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
+    v = torch.randn(1, 2, 37, dv, generator=gen).to(device=device, dtype=dtype)
+    assert_parity(
+        lambda **a: fused_attn.scaled_dot_product_attention(**a, is_causal=causal, backend=backend),
+        lambda **a: reference.scaled_dot_product_attention(**a, is_causal=causal),
+        {"query": q, "key": k, "value": v},
+        grad_args=("query", "key", "value"),
+    )
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("seq", [1, 17, 77, 128, 257])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

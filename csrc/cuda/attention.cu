@@ -36,7 +36,8 @@
 //    to 256 (query/key D and value Dv may differ) runs in the smallest that holds max(D, Dv), the
 //    columns past D / Dv loaded as zeros and never stored. Accumulators wider than 128 columns would
 //    not fit in registers, so for 256 the grid has a second dimension of two column halves of the
-//    output (O, dK/dV, dQ): each half recomputes the scores, which are identical bits in both.
+//    output (O, dK/dV, dQ): each half recomputes the scores, which are identical bits in both (the
+//    forward launches the second half only when the value head dim reaches past 128).
 //
 // Shared memory. Row-major tiles with rows padded by 8 elements (16 bytes): the row pitch is then an odd
 // number of 16-byte units for every head dim here, which puts the 8 rows an ldmatrix phase reads into 8
@@ -1089,7 +1090,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query, c
       constexpr int kSmem = fwd_smem_bytes<kD>();
       const auto kernel = attn_fwd_kernel<scalar_t, kD>;
       prepare_smem(kernel, kSmem, kD);
-      const dim3 grid(grid_blocks(bh, p.num_tiles), kD / out_cols(kD));
+      // Output column halves (head dim 256): only as many as the value head dim fills; a half past
+      // it would recompute the scores and store nothing.
+      const int halves = std::max(1, (p.dv + out_cols(kD) - 1) / out_cols(kD));
+      const dim3 grid(grid_blocks(bh, p.num_tiles), halves);
       kernel<<<grid, kThreads, kSmem, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
