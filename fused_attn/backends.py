@@ -58,7 +58,8 @@ class Support:
     ``limits`` bounds integer features (``name -> (min, max)``, either end ``None``);
     ``multiple_of`` requires integer features to be multiples; ``unsupported`` lists boolean
     features the backend cannot do (e.g. ``"dropout"``); ``min_compute_capability`` applies to
-    CUDA devices; ``check`` adds op-specific reasons.
+    CUDA devices; ``check`` adds op-specific reasons, which ``check_doc`` states for
+    ``describe()`` (what ``fused-attn info`` prints).
     """
 
     backend: str
@@ -69,6 +70,7 @@ class Support:
     unsupported: tuple[str, ...] = ()
     min_compute_capability: tuple[int, int] | None = None
     check: Callable[[Inputs], list[str]] | None = None
+    check_doc: str = ""
     # For the cpu and cuda backends: the fused_attn._C op whose kernel must be registered.
     native_op: str | None = None
 
@@ -125,6 +127,8 @@ class Support:
         parts += [f"no {name}" for name in self.unsupported]
         if self.min_compute_capability:
             parts.append("sm>=" + "".join(map(str, self.min_compute_capability)))
+        if self.check_doc:
+            parts.append(self.check_doc)
         return "; ".join(parts)
 
 

@@ -139,3 +139,4 @@ def test_cuda_attention_wide_heads_need_the_shared_memory(monkeypatch, head_dim,
     else:
         assert reasons == []
     assert attention.SPEC.supports["cuda"].check is attention._cuda_shared_memory_reasons
+    assert "head dims over 128 where the GPU has 132 KiB" in attention.SPEC.supports["cuda"].describe()

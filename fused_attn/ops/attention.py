@@ -54,6 +54,7 @@ SPEC = register_op(
         Support(
             "cuda", devices=("cuda",), dtypes=CUDA_DTYPES, limits=HEAD_DIM_LIMITS, min_compute_capability=(8, 0),
             check=_cuda_shared_memory_reasons, native_op="attention_fwd",
+            check_doc="head dims over 128 where the GPU has 132 KiB of shared memory per block",
         ),
         Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES, limits=HEAD_DIM_LIMITS),
         Support("cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, limits=HEAD_DIM_LIMITS, native_op="attention_fwd"),
