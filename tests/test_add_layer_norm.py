@@ -54,6 +54,13 @@ def test_parity(backend_device, dtype, hidden):
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_parity_rows_wider_than_a_block(backend_device, dtype):
+    # 40000 wide: the Triton forward streams the row (stores the pre-norm sum, reads it back twice).
+    _check(*backend_device, dtype, (2, 40000), prenorm=True)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("affine, input_bias", [(False, False), (True, False), (False, True)])
 def test_parity_optional_parameters(backend_device, affine, input_bias):
     _check(*backend_device, torch.float32, (9, 64), affine=affine, input_bias=input_bias)

@@ -218,6 +218,8 @@ def _cases(quick: bool):
             (f"add_layer_norm {name} prenorm", add_layer_norm(dtype, hidden=1000, prenorm=True)),
             (f"add_layer_norm {name} no input bias dropout",
              add_layer_norm(dtype, hidden=4096, input_bias=False, dropout=0.2)),
+            # Rows wider than one block: the forward streams the row three times, the backward twice.
+            (f"add_layer_norm {name} 40000 streamed", add_layer_norm(dtype, hidden=40000, dropout=0.1)),
             (f"linear_gelu {name} tanh no bias", linear_gelu(dtype, bias=False, approximate="tanh")),
             (f"ffn {name}", ffn(dtype)),
         ]

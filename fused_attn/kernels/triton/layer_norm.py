@@ -98,7 +98,11 @@ def _norm_fwd_kernel(
             total += h
         mean = tl.sum(total, axis=0) / hidden
         # The later passes read the pre-norm sum back (the input itself when there is no residual).
+        # Their loads need not map an element to the thread that stored it: a block-wide barrier
+        # orders the stores before them.
         src = pre_ptr if HAS_RESIDUAL else x_ptr
+        if HAS_RESIDUAL:
+            tl.debug_barrier()
         sq = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start in range(0, hidden, BLOCK_N):
             offs = start + cols
