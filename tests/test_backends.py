@@ -140,3 +140,45 @@ def test_cuda_attention_wide_heads_need_the_shared_memory(monkeypatch, head_dim,
         assert reasons == []
     assert attention.SPEC.supports["cuda"].check is attention._cuda_shared_memory_reasons
     assert "head dims over 128 where the GPU has 132 KiB" in attention.SPEC.supports["cuda"].describe()
+
+
+def test_cuda_attention_shared_memory_figure_follows_the_kernels():
+    """CUDA_WIDE_HEAD_SMEM_BYTES is what csrc/cuda/attention.cu's kernels ask for at padded head
+    dim 256, and up to head dim 128 every kernel (and the forward at 256) fits the 99 KiB per
+    block of sm86/sm89/sm120: evaluated from the kernel file's own constexpr formulas, so a change
+    of tile sizes there cannot leave the policy's figure behind."""
+    import pathlib
+    import re
+
+    from fused_attn.ops import attention
+
+    source = (pathlib.Path(__file__).parents[1] / "csrc" / "cuda" / "attention.cu").read_text()
+
+    def constant(name):
+        return re.search(rf"constexpr int {name} = ([^;]+);", source).group(1)
+
+    threads = int(re.match(r"\d+", constant("kThreads")).group(0))
+    rows_per_block = 16 * threads // 32
+    assert constant("kRowsPerBlock") == "16 * kWarps" and constant("kWarps") == "kThreads / kWarpSize"
+
+    def stream_rows(d):
+        body = re.search(r"constexpr int stream_rows\(int head_dim\) \{ return head_dim <= (\d+) \? (\d+) : (\d+); \}",
+                         source).groups()
+        return int(body[1]) if d <= int(body[0]) else int(body[2])
+
+    def out_cols(d):
+        assert "constexpr int out_cols(int head_dim) { return head_dim > 128 ? 128 : head_dim; }" in source
+        return min(d, 128)
+
+    def smem(kernel, d):
+        body = re.search(rf"constexpr int {kernel}\(\) \{{\s*constexpr int (\w+) = stream_rows\(kD\);\s*return ([^;]+);",
+                         source)
+        local, expression = body.groups()
+        names = {"kD": d, local: stream_rows(d), "kRowsPerBlock": rows_per_block, "out_cols": out_cols}
+        return eval(expression, {"__builtins__": {}}, names)
+
+    kernels = ("fwd_smem_bytes", "bwd_dkdv_smem_bytes", "bwd_dq_smem_bytes")
+    assert max(smem(k, 256) for k in kernels) == attention.CUDA_WIDE_HEAD_SMEM_BYTES
+    sm86_per_block = 101376
+    assert all(smem(k, d) <= sm86_per_block for k in kernels for d in (32, 64, 96, 128))
+    assert smem("fwd_smem_bytes", 256) <= sm86_per_block
