@@ -44,6 +44,12 @@ def first_that_fits(kernel: triton.runtime.JITFunction, configs: list[triton.Con
     return configs[:1]
 
 
+def size_bucket(n: int, cap: int) -> int:
+    """``n`` rounded up to a power of two, at most ``cap``: an autotune key that retunes only when
+    a size changes scale (lengths and token counts vary per batch; the best tile does not)."""
+    return min(triton.next_power_of_2(max(n, 1)), cap)
+
+
 def benchmark(kernel_call: Callable[[], None], quantiles: tuple[float, ...]) -> list[float]:
     """The autotuner's timing of a candidate: Triton's benchmarker; with autotuning off the
     pruning has left one candidate, so there is nothing to time (the autotuner would otherwise

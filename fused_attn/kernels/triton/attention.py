@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 
 from ...backends import triton_interpret_mode
-from ._autotune import benchmark, pruner
+from ._autotune import benchmark, pruner, size_bucket
 from ._masks import bias_log2
 
 LOG2E = 1.4426950408889634
@@ -644,11 +644,6 @@ def _block_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _length_bucket(length: int) -> int:
-    # Retune only when a length changes scale: short sequences prefer smaller tiles.
-    return min(triton.next_power_of_2(max(length, 1)), 4096)
-
-
 def _mask_args(mask: torch.Tensor | None, like: torch.Tensor):
     """Pointer and [B, H, Lq, Lk] strides of a mask already expanded (stride 0 = broadcast)."""
     if mask is None:
@@ -662,7 +657,8 @@ def _common_meta(q: torch.Tensor, v: torch.Tensor, mask, is_causal: bool, dropou
     return dict(
         HEAD_DIM=q.shape[-1], HEAD_DIM_V=v.shape[-1], BLOCK_D=_block_dim(q.shape[-1]), BLOCK_DV=_block_dim(v.shape[-1]),
         IS_CAUSAL=is_causal, HAS_MASK=mask is not None, DROPOUT=dropout_p > 0.0,
-        FP32_DOT=q.dtype == torch.float32, Q_BUCKET=_length_bucket(q.shape[2]), K_BUCKET=_length_bucket(v.shape[2]),
+        FP32_DOT=q.dtype == torch.float32, Q_BUCKET=size_bucket(q.shape[2], 4096),
+        K_BUCKET=size_bucket(v.shape[2], 4096),
     )
 
 

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from ...backends import triton_interpret_mode
-from ._autotune import benchmark, pruner
+from ._autotune import benchmark, pruner, size_bucket
+from ._dropout import dropout
 
 SQRT_HALF = 0.7071067811865476
 INV_SQRT_2PI = 0.3989422804014327
@@ -113,8 +114,7 @@ def _gemm_kernel(
             a = (a.to(tl.float32) * _gelu_grad(pre, APPROX_TANH)).to(a_ptr.dtype.element_ty)
         elif A_PROLOGUE == 2:
             element = rows * rng_stride_m + ks[None, :].to(tl.int64) * rng_stride_k
-            keep = (tl.rand(seed, element) >= dropout_p).to(tl.float32)
-            a = (a.to(tl.float32) * keep / (1.0 - dropout_p)).to(a_ptr.dtype.element_ty)
+            a = dropout(a.to(tl.float32), seed, element, dropout_p).to(a_ptr.dtype.element_ty)
         if ROW_SUMS:
             row_sums += tl.sum(a.to(tl.float32), axis=1)
         b_mask = (ks[:, None] < K) & (offs_n[None, :] < N)
@@ -137,16 +137,11 @@ def _gemm_kernel(
         # The activation is computed from the rounded pre-activation, the value the backward reads.
         acc = _gelu(pre.to(tl.float32), APPROX_TANH)
     elif EPILOGUE == 3:
-        keep = (tl.rand(seed, rows * N + cols) >= dropout_p).to(tl.float32)
-        acc = acc * keep / (1.0 - dropout_p)
+        acc = dropout(acc, seed, rows * N + cols, dropout_p)
     tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
     if ROW_SUMS:
         if pid_n == 0:
             tl.store(rowsum_ptr + offs_m, row_sums, mask=offs_m < M)
-
-
-def _size_bucket(n: int) -> int:
-    return min(triton.next_power_of_2(max(n, 1)), 16384)
 
 
 def gemm(
@@ -179,7 +174,7 @@ def gemm(
     # The token count is M (forward, input gradient) or K (weight gradients): keyed by power-of-two
     # bucket, a batch of a new length reuses the tuning of its bucket instead of timing every config
     # again (N is always a feature size). The buckets are plain ints the kernel ignores.
-    m_bucket, k_bucket = _size_bucket(M), _size_bucket(K)
+    m_bucket, k_bucket = size_bucket(M, 16384), size_bucket(K, 16384)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _gemm_kernel[grid](
         a, b, out, aux, bias, pre, row_sums,

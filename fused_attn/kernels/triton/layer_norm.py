@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dropout import dropout
+
 # Widest block kept in registers: 64 KiB of the row per program (the Triton tutorial's bound);
 # past it the kernels stream the row in chunks instead of spilling.
 MAX_FUSED_BYTES = 65536
@@ -52,8 +54,7 @@ def _prenorm_chunk(
     if HAS_INPUT_BIAS:
         h += tl.load(xb_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
     if DROPOUT:
-        keep = (tl.rand(seed, base + offs) >= dropout_p).to(tl.float32)
-        h = h * keep / (1.0 - dropout_p)  # a multiply, as torch's dropout: a dropped NaN stays NaN
+        h = dropout(h, seed, base + offs, dropout_p)
     if HAS_RESIDUAL:
         h += tl.load(res_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
         h = h.to(x_ptr.dtype.element_ty).to(tl.float32)
@@ -193,8 +194,7 @@ def _norm_bwd_kernel(
                     tl.store(dx_ptr + base + offs, dpre.to(dx_ptr.dtype.element_ty), mask=in_row)
                 dinput = dpre
                 if DROPOUT:
-                    keep = (tl.rand(seed, base + offs) >= dropout_p).to(tl.float32)
-                    dinput = dpre * keep / (1.0 - dropout_p)
+                    dinput = dropout(dpre, seed, base + offs, dropout_p)
                 if NEED_DINPUT:
                     tl.store(dinput_ptr + base + offs, dinput.to(dinput_ptr.dtype.element_ty), mask=in_row)
                 if NEED_DIB:
