@@ -785,6 +785,14 @@ void row_sums(const float* p, const float* dp, int64_t mq, int64_t nk, int64_t l
   }
 }
 
+// Row r's (corr, delta) from row_sums' sums (mq rows): 1 / sum_j P_ij and sum_j P_ij dP_ij / sum_j
+// P_ij; both 0 for a row that sees no key.
+std::pair<float, float> corr_and_delta(const double* sums, int64_t mq, int64_t r) {
+  const double c = sums[r];
+  if (!(c > 0.0)) return {0.f, 0.f};
+  return {static_cast<float>(1.0 / c), static_cast<float>(sums[mq + r] / c)};
+}
+
 // Row statistics of one (bh, query block) task: corr_i = 1 / sum_j exp(s_ij - lse_i) and
 // delta_i = sum_j P_ij dP_ij with P_ij = exp(s_ij - lse_i) * corr_i and dP = dO V^T (dropped as P
 // was). In exact arithmetic corr = 1 and delta = rowsum(dO * O); computed from the very P and dP
@@ -804,9 +812,7 @@ void attn_bwd_stats_task(const AttnProblem& pb, const BwdTensors& bt, const T* q
   for_each_key_tile(pb, bt, q_ptr, k_ptr, v_ptr, do_ptr, bh, i0, mq, block_k, nullptr, true, carve, s, dp,
                     [&](int64_t, int64_t nk, const float*, int64_t) { row_sums(s, dp, mq, nk, block_k, sums); });
   for (int64_t r = 0; r < mq; ++r) {
-    const double c = sums[r];
-    bt.corr[bh * pb.q_len + i0 + r] = c > 0.0 ? static_cast<float>(1.0 / c) : 0.f;
-    bt.delta[bh * pb.q_len + i0 + r] = c > 0.0 ? static_cast<float>(sums[mq + r] / c) : 0.f;
+    std::tie(bt.corr[bh * pb.q_len + i0 + r], bt.delta[bh * pb.q_len + i0 + r]) = corr_and_delta(sums, mq, r);
   }
 }
 
@@ -962,9 +968,8 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_
     for (int64_t r = 0; r < mq; ++r) {
       float* prow = s + r * nk;
       float* dprow = dp + r * nk;
-      const double c = sums[r];
-      const float corr = c > 0.0 ? static_cast<float>(1.0 / c) : 0.f;
-      const fVec cv(corr), dl(c > 0.0 ? static_cast<float>(sums[mq + r] / c) : 0.f);
+      const auto [corr, delta] = corr_and_delta(sums, mq, r);
+      const fVec cv(corr), dl(delta);
       // P *= corr; dS = P (dP - delta) over dP (already dropped); P then dropped for dV.
       int64_t j = 0;
       for (; j + kLanes <= nk; j += kLanes) {

@@ -444,6 +444,14 @@ __device__ __forceinline__ void mask_tile(float (&s)[NB][4], const AttnParams& p
   });
 }
 
+// The forward's statistics of query i of head bh, in log2 units: (row max, log2 of the row sum). A query
+// past the end gives (+inf, 0), so its P = exp2((s - max) - log2 sum) is 0 whatever the (zero-filled) scores.
+__device__ __forceinline__ float2 row_stats(const BwdParams& p, int64_t bh, int i) {
+  if (i >= p.q_len) return make_float2(kInf, 0.f);
+  const float* stats = p.stats + bh * 2 * p.q_len;
+  return make_float2(stats[i], stats[p.q_len + i]);
+}
+
 // The dropout factor of element (i, j) of head bh: 1 / (1 - p) where the shared stream keeps it, else 0.
 __device__ __forceinline__ float keep_factor(const AttnParams& p, int64_t bh, int64_t i, int64_t j) {
   const uint64_t counter = static_cast<uint64_t>((bh * p.q_len + i) * p.k_len + j);
@@ -683,7 +691,6 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
   const uint16_t* vg = p.v + b * p.v_s[0] + h * p.v_s[1];
   const uint16_t* dog = p.dout + b * p.do_s[0] + h * p.do_s[1];
   const int64_t mask_base = b * p.mask.s0 + h * p.mask.s1;
-  const float* stats = p.stats + bh * 2 * p.q_len;
   const float* delta = p.delta + bh * p.q_len;
 
   // Causal: queries before the block's first key see none of it.
@@ -735,12 +742,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int i = m0 + nb * 8 + (lane & 3) * 2 + e;
-        // Queries past the end: a row max of +inf gives P = 0 whatever the (zero-filled) scores.
-        const float row_max = i < p.q_len ? stats[i] : kInf;
-        const float log2_sum = i < p.q_len ? stats[p.q_len + i] : 0.f;
+        const float2 st = row_stats(p, bh, i);
         dlt[nb][e] = i < p.q_len ? delta[i] : 0.f;
-        pt[nb][e] = exp2f((pt[nb][e] - row_max) - log2_sum);
-        pt[nb][e + 2] = exp2f((pt[nb][e + 2] - row_max) - log2_sum);
+        pt[nb][e] = exp2f((pt[nb][e] - st.x) - st.y);
+        pt[nb][e + 2] = exp2f((pt[nb][e + 2] - st.x) - st.y);
       }
     }
 
@@ -823,12 +828,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
   cp_async_commit();
 
   const int warp_row0 = m0 + warp * 16;
-  float row_max[2], log2_sum[2], dlt[2];
+  float2 st[2];  // row max, log2 of the row sum
+  float dlt[2];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int i = warp_row0 + (lane >> 2) + half * 8;
-    row_max[half] = i < p.q_len ? p.stats[bh * 2 * p.q_len + i] : kInf;
-    log2_sum[half] = i < p.q_len ? p.stats[(bh * 2 + 1) * p.q_len + i] : 0.f;
+    st[half] = row_stats(p, bh, i);
     dlt[half] = i < p.q_len ? p.delta[bh * p.q_len + i] : 0.f;
   }
   float dq[kOut / 8][4];
@@ -861,7 +866,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
 #pragma unroll
     for (int nb = 0; nb < kN / 8; ++nb) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) ps[nb][e] = exp2f((ps[nb][e] - row_max[e >> 1]) - log2_sum[e >> 1]);
+      for (int e = 0; e < 4; ++e) ps[nb][e] = exp2f((ps[nb][e] - st[e >> 1].x) - st[e >> 1].y);
     }
 
     float dp[kN / 8][4];
