@@ -5,7 +5,9 @@ Modules are converted in place by switching their class to the fused subclass (`
 ``TransformerEncoderLayer`` / ``DecoderLayer`` -> their fused versions): parameters, buffers,
 hooks and ``state_dict`` stay exactly as they were, and :func:`restore` switches them back.
 Models that know how to fuse themselves (the package's reference models, Hugging Face BERT via
-:mod:`fused_attn.integrations.hf`) are handled by their own converters.
+:mod:`fused_attn.integrations.hf`) are handled by their own converters. Such a model switches a
+copy of its config (:func:`own_config`): other models built from the same config object are left
+as they are, and :func:`restore` puts the original object back.
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ class OptimizeReport:
         return "\n".join(lines)
 
 
-def _param_dtype_reason(module: nn.Module) -> str | None:
-    dtypes = {p.dtype for p in module.parameters(recurse=False)}
+def dtype_reason(model: nn.Module) -> str | None:
+    """Why no fused kernel serves ``model``'s parameters (e.g. float64), or None."""
+    dtypes = {p.dtype for p in model.parameters()}
     bad = sorted(str(d).replace("torch.", "") for d in dtypes if d not in KERNEL_DTYPES)
     return f"parameters in {', '.join(bad)}: the fused kernels take float16, bfloat16 and float32" if bad else None
 
@@ -55,20 +58,26 @@ def _attention_reason(module: nn.MultiheadAttention) -> str | None:
     low, high = HEAD_DIM_LIMITS["head_dim"]
     if not low <= module.head_dim <= high:
         return f"head_dim {module.head_dim} outside the fused kernels' [{low}, {high}]"
-    return _param_dtype_reason(module)
+    return dtype_reason(module)
 
 
 # Exact torch.nn class -> (fused subclass, why it cannot be converted or None).
 _SWAPS: dict[type, tuple[type, Callable[[nn.Module], str | None]]] = {
-    nn.LayerNorm: (FusedLayerNorm, _param_dtype_reason),
+    nn.LayerNorm: (FusedLayerNorm, dtype_reason),
     nn.MultiheadAttention: (FusedMultiheadAttention, _attention_reason),
-    nn.TransformerEncoderLayer: (FusedTransformerEncoderLayer, lambda m: _attention_reason(m.self_attn)),
-    nn.TransformerDecoderLayer: (FusedTransformerDecoderLayer, lambda m: _attention_reason(m.self_attn)),
+    nn.TransformerEncoderLayer: (FusedTransformerEncoderLayer, lambda m: _attention_reason(m.self_attn) or dtype_reason(m)),
+    nn.TransformerDecoderLayer: (FusedTransformerDecoderLayer, lambda m: _attention_reason(m.self_attn) or dtype_reason(m)),
 }
 
+_FUSED_TYPES = frozenset(fused for fused, _ in _SWAPS.values())
+
 # Converters for whole models that fuse themselves: (predicate, convert(module, backend) ->
-# list of (path suffix, from, to), restore(module)). The integrations register theirs here.
+# (replaced, kept) rows with paths relative to the module, restore(module)). The integrations
+# register theirs here.
 _MODEL_CONVERTERS: list[tuple[Callable[[nn.Module], bool], Callable, Callable]] = []
+# Notes on models that optimize() only partly fuses: module -> why (or None). Their submodules
+# are still converted one by one.
+_MODEL_NOTES: list[Callable[[nn.Module], str | None]] = []
 
 
 def register_model_converter(matches: Callable[[nn.Module], bool], convert: Callable, restore: Callable) -> None:
@@ -76,7 +85,37 @@ def register_model_converter(matches: Callable[[nn.Module], bool], convert: Call
     _MODEL_CONVERTERS.append((matches, convert, restore))
 
 
-_MODEL_FLAGS = "_fused_attn_original_flags"
+def register_model_note(note: Callable[[nn.Module], str | None]) -> None:
+    """Lets an integration say in the report why a model it recognises is fused only in part."""
+    _MODEL_NOTES.append(note)
+
+
+_ORIGINAL_CONFIG = "_fused_attn_original_config"
+
+
+def own_config(model: nn.Module):
+    """``model``'s config, made the model's own on first use: a deep copy that the model and every
+    submodule holding the same config object now refer to, so that switching it leaves other
+    models built from that object alone. :func:`restore_config` puts the original back."""
+    config = model.config
+    if _ORIGINAL_CONFIG in model.__dict__:
+        return config
+    copied = copy.deepcopy(config)
+    for module in model.modules():
+        if module.__dict__.get("config") is config:
+            module.config = copied
+    model.__dict__[_ORIGINAL_CONFIG] = config
+    return copied
+
+
+def restore_config(model: nn.Module) -> None:
+    original = model.__dict__.pop(_ORIGINAL_CONFIG, None)
+    if original is None:
+        return
+    current = model.config
+    for module in model.modules():
+        if module.__dict__.get("config") is current:
+            module.config = original
 
 
 def _is_package_model(module: nn.Module) -> bool:
@@ -88,20 +127,16 @@ def _is_package_model(module: nn.Module) -> bool:
 
 def _convert_package_model(model: nn.Module, backend: str | None):
     """The package's reference models switch themselves: ``config.fused`` and ``config.backend``."""
-    config = model.config
-    if _MODEL_FLAGS not in model.__dict__:
-        setattr(model, _MODEL_FLAGS, (config.fused, config.backend))
+    name = type(model).__name__
+    reason = dtype_reason(model)
+    if reason is not None:
+        return [], [("", name, reason)]
+    config = own_config(model)
     config.fused, config.backend = True, backend
-    return [("", f"{type(model).__name__}(fused=False)", f"{type(model).__name__}(fused=True)")], []
+    return [("", f"{name}(fused=False)", f"{name}(fused=True)")], []
 
 
-def _restore_package_model(model: nn.Module) -> None:
-    flags = model.__dict__.pop(_MODEL_FLAGS, None)
-    if flags is not None:
-        model.config.fused, model.config.backend = flags
-
-
-register_model_converter(_is_package_model, _convert_package_model, _restore_package_model)
+register_model_converter(_is_package_model, _convert_package_model, restore_config)
 
 
 def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -> OptimizeReport:
@@ -113,7 +148,10 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
     models (when :mod:`transformers` is installed). Weights, ``state_dict`` keys and outputs stay
     the same. Modules that cannot be served (e.g. an unsupported head dim, float64 parameters)
     are kept, with the reason in ``report.kept``. ``backend`` is stored on the fused modules
-    ("auto" leaves the choice to the package's policy). ``inplace=False`` converts a deep copy.
+    ("auto" leaves the choice to the package's policy); optimizing again switches every fused
+    module to the new backend. ``inplace=False`` converts a deep copy. A model that fuses itself
+    through its config (the reference models, Hugging Face BERT) gets a copy of its config, so
+    other models sharing that config object are not switched with it.
     """
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
@@ -125,6 +163,7 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
     report = OptimizeReport(model)
     chosen = None if backend == "auto" else backend
     handled: set[str] = set()
+    noted: set[str] = set()
     for path, module in model.named_modules():
         if any(h == "" or path == h or path.startswith(h + ".") for h in handled):
             continue
@@ -134,6 +173,17 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
             report.replaced += [(_join(path, p), old, new) for p, old, new in replaced]
             report.kept += [(_join(path, p), kind, why) for p, kind, why in kept]
             handled.add(path)
+            continue
+        if not any(n == "" or path.startswith(n + ".") for n in noted):
+            why = next((w for w in (note(module) for note in _MODEL_NOTES) if w is not None), None)
+            if why is not None:
+                report.kept.append((path, type(module).__name__, why))
+                noted.add(path)
+        if type(module) in _FUSED_TYPES:
+            # Already fused (an earlier optimize, or built fused): it takes this call's backend.
+            module.backend = chosen
+            original = module.__dict__.get(ORIGINAL_CLASS, type(module))
+            report.replaced.append((path, original.__name__, type(module).__name__))
             continue
         if isinstance(module, nn.TransformerEncoder) and module.enable_nested_tensor:
             setattr(module, ORIGINAL_CLASS, {"enable_nested_tensor": True, "use_nested_tensor": module.use_nested_tensor})

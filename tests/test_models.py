@@ -484,3 +484,36 @@ def test_hf_bert_same_outputs(head):
         for name, value in (("plain", plain[i]), ("fused", fused_out[i])):
             err = _max_err(value, t)
             assert err <= 3.0 * hf_err + floor, f"{head} output {i}: {name} err {err:.3g}, HF fp32 err {hf_err:.3g}"
+
+
+@pytest.mark.parametrize("problem_type, num_labels, label_kind", [
+    (None, 1, "float"), (None, 3, "int"), (None, 3, "float"),
+    ("regression", 3, "float"), ("single_label_classification", 3, "int"), ("multi_label_classification", 3, "float"),
+])
+def test_sequence_classification_loss_as_hf(problem_type, num_labels, label_kind):
+    """The loss Hugging Face's BertForSequenceClassification takes, by config.problem_type or, when
+    it is None, by num_labels and the labels' dtype."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(13)
+    hf_config = _hf_tiny(transformers, num_labels=num_labels, problem_type=problem_type, num_hidden_layers=1)
+    hf = transformers.BertForSequenceClassification(hf_config).eval()
+    config = BertConfig.from_hf(hf_config)
+    assert config.problem_type == problem_type
+    ours = BertForSequenceClassification(config).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    ids, mask, _ = _bert_batch(config, batch=3, lengths=(12, 5, 9), length=12, seed=13)
+    gen = torch.Generator().manual_seed(14)
+    if label_kind == "int":
+        labels = torch.randint(0, num_labels, (3,), generator=gen)
+    else:
+        labels = torch.rand(3, num_labels, generator=gen).round() if problem_type != "regression" and num_labels > 1 \
+            else torch.randn(3, num_labels, generator=gen)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = ours(ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(loss, expected)
+
+
+def test_problem_type_is_checked():
+    with pytest.raises(ValueError, match="problem_type must be one of"):
+        BertConfig.bert_tiny(problem_type="ranking")

@@ -1,6 +1,9 @@
 """fused_attn.optimize / restore on torch.nn models and Hugging Face BERT."""
 
 import copy
+import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -136,6 +139,124 @@ def test_hf_bert_restore():
     assert model.config._attn_implementation == original
     assert type(model.encoder.layer[0].output).__name__ == "BertOutput"
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).last_hidden_state, before)
+
+
+@pytest.mark.parametrize("how", ["argument", "config"])
+def test_hf_output_attentions_as_eager(how):
+    """output_attentions gives the probabilities (self and cross attention) as the eager
+    implementation does; the fused softmax computes them."""
+    transformers, config = _hf_config(is_decoder=True, add_cross_attention=True,
+                                      output_attentions=how == "config")
+    torch.manual_seed(0)
+    plain = transformers.BertModel(config).eval()
+    plain.set_attn_implementation("eager")
+    fused_model = copy.deepcopy(plain)
+    fused_attn.optimize(fused_model)
+    ids, mask = _batch()
+    memory = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
+    memory_mask = torch.tensor([[1] * 5, [1] * 3 + [0] * 2])
+    kwargs = {"output_attentions": True} if how == "argument" else {}
+
+    def run(model):
+        out = model(input_ids=ids, attention_mask=mask, encoder_hidden_states=memory.to(model.dtype),
+                    encoder_attention_mask=memory_mask, **kwargs)
+        assert len(out.attentions) == len(out.cross_attentions) == config.num_hidden_layers
+        return torch.cat([t.flatten() for t in (out.last_hidden_state, *out.attentions, *out.cross_attentions)])
+
+    assert_model_parity(plain, fused_model, run)
+    assert fused_attn.last_backend("softmax") in ("cpu", "triton")
+
+
+def test_hf_optimized_model_pickles(tmp_path):
+    """torch.save of a whole optimized model, loaded here and in a fresh process."""
+    transformers, config = _hf_config()
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(config).eval()
+    fused_attn.optimize(model)
+    ids, mask = _batch()
+    expected = model(input_ids=ids, attention_mask=mask).logits
+    clone = pickle.loads(pickle.dumps(model))
+    assert type(clone.bert.encoder.layer[0].output) is type(model.bert.encoder.layer[0].output)
+    assert torch.equal(clone(input_ids=ids, attention_mask=mask).logits, expected)
+    torch.save({"model": model, "ids": ids, "mask": mask, "expected": expected}, tmp_path / "model.pt")
+    script = (
+        "import sys, torch\n"
+        f"saved = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False)\n"
+        "out = saved['model'](input_ids=saved['ids'], attention_mask=saved['mask']).logits\n"
+        "assert type(saved['model'].bert.encoder.layer[0].output).__name__ == 'FusedBertOutput'\n"
+        "sys.exit(0 if torch.equal(out, saved['expected']) else 3)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_models_sharing_a_config_are_optimized_and_restored_apart(tmp_path):
+    transformers, config = _hf_config()
+    a, b = transformers.BertModel(config).eval(), transformers.BertModel(config).eval()
+    original = config._attn_implementation
+    fused_attn.optimize(a, backend="reference")
+    assert a.config._attn_implementation == "fused_attn"
+    assert b.config is config and config._attn_implementation == original
+    fused_attn.optimize(b)
+    a.save_pretrained(tmp_path)
+    assert "fused_attn_backend" not in (tmp_path / "config.json").read_text()
+    fused_attn.restore(a)
+    fused_attn.restore(b)
+    assert a.config is config and b.config is config and config._attn_implementation == original
+    assert all(m.__dict__.get("config", config) is config for m in a.modules())
+    assert not any("fused_attn_backend" in m.__dict__ for m in a.modules())
+
+    from fused_attn.models import BertConfig, BertModel
+
+    shared = BertConfig.bert_tiny(vocab_size=50)
+    pa, pb = BertModel(shared), BertModel(shared)
+    fused_attn.optimize(pa, backend="reference")
+    assert pa.config.fused and pa.embeddings.config is pa.config
+    assert not pb.config.fused and not shared.fused and shared.backend is None
+    fused_attn.restore(pa)
+    assert all(m.__dict__.get("config", shared) is shared for m in pa.modules())
+
+
+def test_optimizing_again_switches_every_fused_module_to_the_new_backend():
+    transformers, config = _hf_config()
+    hf = transformers.BertForMaskedLM(config).eval()
+    torch_model = _transformer()
+    for model in (hf, torch_model):
+        fused_attn.optimize(model, backend="cpu")
+        report = fused_attn.optimize(model, backend="reference")
+        assert report.replaced and not report.kept
+    ids, mask = _batch()
+    hf(input_ids=ids, attention_mask=mask)
+    for op in ("scaled_dot_product_attention", "add_layer_norm", "linear_gelu", "layer_norm"):
+        assert fused_attn.last_backend(op) == "reference", op
+    _run_transformer(torch_model)
+    for op in ("scaled_dot_product_attention", "add_layer_norm", "layer_norm"):
+        assert fused_attn.last_backend(op) == "reference", op
+
+
+def test_float64_models_are_kept_with_a_reason():
+    from fused_attn.models import BertConfig, BertModel
+
+    transformers, config = _hf_config()
+    for model in (transformers.BertModel(config).double(), BertModel(BertConfig.bert_tiny(vocab_size=50)).double()):
+        report = fused_attn.optimize(model)
+        assert not report.replaced
+        assert [(path, why) for path, _, why in report.kept] == [
+            ("", "parameters in float64: the fused kernels take float16, bfloat16 and float32")
+        ]
+    assert config._attn_implementation != "fused_attn"
+
+
+def test_other_hf_models_are_reported():
+    """A transformers model outside the BERT family: its LayerNorms are fused, and the report says
+    why its attention and feed-forward blocks are not."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ElectraConfig(vocab_size=120, embedding_size=64, hidden_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, intermediate_size=128, max_position_embeddings=64)
+    model = transformers.ElectraForMaskedLM(config).eval()
+    report = fused_attn.optimize(model)
+    assert [(path, why[:25]) for path, _, why in report.kept] == [("", "model_type 'electra' is n")]
+    assert report.replaced and all(new == "FusedLayerNorm" for _, _, new in report.replaced)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,12 @@
   into :func:`fused_attn.linear_gelu`;
 * converts the remaining ``LayerNorm`` modules (embeddings, prediction heads).
 
-Parameters and ``state_dict`` are untouched; :func:`fused_attn.restore` undoes all of it.
+The switch is made on the model's own copy of its config (other models built from the same
+config object keep theirs); the backend is held by the model's modules, not by the config, so
+``save_pretrained`` writes the config as it was. Parameters and ``state_dict`` are untouched;
+:func:`fused_attn.restore` undoes all of it. An optimized model pickles (``torch.save(model)``)
+and loads in a fresh process. With ``output_attentions`` the probabilities come from
+:func:`fused_attn.softmax` and are returned, as the eager implementation returns them.
 """
 
 from __future__ import annotations
@@ -23,11 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import convert
-from ..ops import add_layer_norm, linear_gelu, scaled_dot_product_attention
+from ..ops import add_layer_norm, linear_gelu, scaled_dot_product_attention, softmax
 
 ATTENTION_NAME = "fused_attn"
-_FUSED_CLASSES: dict[type, type] = {}
-_ORIGINAL_ATTENTION = "_fused_attn_original_attn_implementation"
+FAMILY = ("bert", "roberta", "xlm-roberta", "camembert")
+_FUSED_CLASSES: dict[tuple[type, str], type] = {}
 
 
 def fused_attention_forward(
@@ -41,13 +46,21 @@ def fused_attention_forward(
     is_causal: bool | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' attention-function interface: [B, H, L, D] in, ([B, L, H, D], None) out."""
+    """transformers' attention-function interface: [B, H, L, D] in, ([B, L, H, D], weights) out;
+    the weights ([B, H, L, S], after dropout as eager returns them) only when
+    ``output_attentions`` asks for them, else None."""
     causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
     # As transformers' SDPA path: an explicit mask already carries any causal structure.
     causal = bool(causal and attention_mask is None and query.shape[2] > 1)
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[2] != query.shape[2]:
         attention_mask = attention_mask[:, :, -query.shape[2]:]
-    backend = getattr(module.config, "fused_attn_backend", None) if hasattr(module, "config") else None
+    backend = getattr(module, "fused_attn_backend", None)
+    if kwargs.get("output_attentions") or getattr(getattr(module, "config", None), "output_attentions", False):
+        # The caller wants the probabilities: one fused softmax pass over the scores, then P V.
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        weights = softmax(query @ key.transpose(-1, -2), -1, attention_mask, scale, causal, backend=backend)
+        weights = F.dropout(weights, dropout) if dropout > 0.0 else weights
+        return (weights @ value).transpose(1, 2).contiguous(), weights
     out = scaled_dot_product_attention(query, key, value, attention_mask, dropout, causal, scaling, backend=backend)
     return out.transpose(1, 2).contiguous(), None
 
@@ -83,10 +96,28 @@ def _intermediate_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _fused_class(cls: type, forward) -> type:
-    if cls not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
-    return _FUSED_CLASSES[cls]
+_FORWARDS = {"add_norm": _add_norm_forward, "intermediate": _intermediate_forward}
+
+
+def _reduce_fused(self, protocol):
+    # The fused classes are made at run time, so pickle cannot find them by name: an instance
+    # pickles as (its original class, its kind) and is remade through _fused_class on loading.
+    original, kind = self._fused_attn_of
+    return _new_fused, (original, kind), self.__getstate__()
+
+
+def _new_fused(original: type, kind: str) -> nn.Module:
+    _register()
+    return object.__new__(_fused_class(original, kind))
+
+
+def _fused_class(cls: type, kind: str) -> type:
+    if (cls, kind) not in _FUSED_CLASSES:
+        _FUSED_CLASSES[cls, kind] = type(f"Fused{cls.__name__}", (cls,), {
+            "forward": _FORWARDS[kind], "__module__": __name__, "__reduce_ex__": _reduce_fused,
+            "_fused_attn_of": (cls, kind),
+        })
+    return _FUSED_CLASSES[cls, kind]
 
 
 def _is_add_norm_block(module: nn.Module) -> bool:
@@ -103,61 +134,83 @@ def _is_intermediate_block(module: nn.Module) -> bool:
     return type(module).__name__.endswith("Intermediate") and isinstance(getattr(module, "dense", None), nn.Linear)
 
 
-def _matches(module: nn.Module) -> bool:
+def _pretrained_model_type(module: nn.Module) -> str | None:
+    """The ``model_type`` of a transformers model, None for anything else."""
     if importlib.util.find_spec("transformers") is None:
-        return False
+        return None
     from transformers import PreTrainedModel
 
-    model_type = getattr(getattr(module, "config", None), "model_type", None)
-    return isinstance(module, PreTrainedModel) and model_type in ("bert", "roberta", "xlm-roberta", "camembert")
+    return getattr(module.config, "model_type", None) if isinstance(module, PreTrainedModel) else None
 
 
-def _convert(model: nn.Module, backend: str | None):
-    """Fuses a BERT-family model in place; returns (replaced, kept) rows for the report."""
+def _matches(module: nn.Module) -> bool:
+    return _pretrained_model_type(module) in FAMILY
+
+
+def _note(module: nn.Module) -> str | None:
+    model_type = _pretrained_model_type(module)
+    if model_type is None or model_type in FAMILY:
+        return None
+    return (f"model_type {model_type!r} is not one whose attention and feed-forward blocks fused_attn fuses "
+            f"({', '.join(FAMILY)}): only its LayerNorm modules are converted")
+
+
+def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTENTION_NAME, fused_attention_forward)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def _convert(model: nn.Module, backend: str | None):
+    """Fuses a BERT-family model in place; returns (replaced, kept) rows for the report."""
+    reason = convert.dtype_reason(model)
+    if reason is not None:
+        return [], [("", type(model).__name__, reason)]
+    _register()
     replaced, kept = [], []
-    config = model.config
-    if _ORIGINAL_ATTENTION not in model.__dict__:
-        setattr(model, _ORIGINAL_ATTENTION, config._attn_implementation)
+    original_attention = model.__dict__.get(convert._ORIGINAL_CONFIG, model.config)._attn_implementation
+    config = convert.own_config(model)
     model.set_attn_implementation(ATTENTION_NAME)
-    config.fused_attn_backend = backend
-    replaced.append(("", f"attention {getattr(model, _ORIGINAL_ATTENTION)}", f"attention {ATTENTION_NAME}"))
+    replaced.append(("", f"attention {original_attention}", f"attention {ATTENTION_NAME}"))
     head_dim = config.hidden_size // config.num_attention_heads
     low, high = convert.HEAD_DIM_LIMITS["head_dim"]
     if not low <= head_dim <= high:
         kept.append(("", "attention", f"head_dim {head_dim} outside [{low}, {high}]: the fused op falls back"))
     for path, module in model.named_modules():
-        if type(module) in _FUSED_CLASSES.values():
+        module.fused_attn_backend = backend  # read by fused_attention_forward and the fused blocks
+        if convert.ORIGINAL_CLASS in module.__dict__:
+            # Fused by an earlier optimize: it only takes this call's backend.
+            if isinstance(module, convert.FusedLayerNorm):
+                module.backend = backend
+            replaced.append((path, module.__dict__[convert.ORIGINAL_CLASS].__name__, type(module).__name__))
             continue
         if _is_add_norm_block(module):
-            new_cls = _fused_class(type(module), _add_norm_forward)
+            new_cls = _fused_class(type(module), "add_norm")
         elif _is_intermediate_block(module):
             approximate = _gelu_approximation(getattr(module, "intermediate_act_fn", None))
             if approximate is None:
                 kept.append((path, type(module).__name__, "activation is not a GELU"))
                 continue
             module.fused_attn_approximate = approximate
-            new_cls = _fused_class(type(module), _intermediate_forward)
+            new_cls = _fused_class(type(module), "intermediate")
         elif type(module) is nn.LayerNorm:
             new_cls = convert.FusedLayerNorm
             module.backend = backend
         else:
             continue
         setattr(module, convert.ORIGINAL_CLASS, type(module))
-        module.fused_attn_backend = backend
         replaced.append((path, type(module).__name__, new_cls.__name__))
         module.__class__ = new_cls
     return replaced, kept
 
 
 def _restore(model: nn.Module) -> None:
-    original = model.__dict__.pop(_ORIGINAL_ATTENTION, None)
-    if original is not None:
-        model.set_attn_implementation(original)
+    convert.restore_config(model)
+    for module in model.modules():
+        module.__dict__.pop("fused_attn_backend", None)
 
 
 convert.register_model_converter(_matches, _convert, _restore)
+convert.register_model_note(_note)

@@ -36,6 +36,9 @@ from torch import nn
 from . import _common
 
 
+PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+
+
 @dataclasses.dataclass
 class BertConfig:
     """BERT hyper-parameters (the defaults are bert-base-uncased's, as Hugging Face's BertConfig).
@@ -59,6 +62,7 @@ class BertConfig:
     pad_token_id: int = 0
     initializer_range: float = 0.02
     num_labels: int = 2
+    problem_type: str | None = None
     classifier_dropout: float | None = None
     tie_word_embeddings: bool = True
     fused: bool = False
@@ -70,6 +74,8 @@ class BertConfig:
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
             )
         _common.gelu_approximate(self.hidden_act)
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type must be one of {PROBLEM_TYPES}, got {self.problem_type!r}")
 
     @property
     def head_dim(self) -> int:
@@ -401,9 +407,11 @@ class BertForSequenceClassification(BertPreTrainedModel):
     """BERT with a classifier on the pooled output.
 
     ``forward(...)`` -> :class:`BertHeadOutput` with ``logits`` [B, num_labels] and, given
-    ``labels``, the loss Hugging Face picks: mean squared error when ``num_labels == 1``,
-    cross-entropy for integer labels, binary cross-entropy with logits for float labels
-    (multi-label).
+    ``labels``, the loss Hugging Face picks: by ``config.problem_type`` ("regression": mean
+    squared error, "single_label_classification": cross-entropy, "multi_label_classification":
+    binary cross-entropy with logits), or when it is None, by the labels: regression when
+    ``num_labels == 1``, single-label for integer labels, else multi-label. (Hugging Face also
+    writes the type it inferred into its config; this model infers it on every call.)
     """
 
     def __init__(self, config: BertConfig):
@@ -427,9 +435,15 @@ class BertForSequenceClassification(BertPreTrainedModel):
         logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None:
-            if self.num_labels == 1:
-                loss = F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
-            elif labels.dtype in (torch.long, torch.int):
+            problem = self.config.problem_type
+            if problem is None:
+                integer = labels.dtype in (torch.long, torch.int)
+                problem = PROBLEM_TYPES[1 if self.num_labels == 1 else 2 if integer else 3]
+            if problem == "regression":
+                squeeze = self.num_labels == 1
+                loss = F.mse_loss(logits.squeeze() if squeeze else logits,
+                                  (labels.squeeze() if squeeze else labels).to(logits.dtype))
+            elif problem == "single_label_classification":
                 loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
             else:
                 loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
