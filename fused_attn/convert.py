@@ -26,6 +26,7 @@ from .nn import (
     FusedTransformerDecoderLayer,
     FusedTransformerEncoderLayer,
 )
+from .nn.transformer import unshadow_activation
 from .ops.attention import HEAD_DIM_LIMITS
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -143,8 +144,8 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
     """Swaps fused implementations into ``model`` and returns a report (``report.model`` is the model).
 
     Converts ``torch.nn.LayerNorm``, ``MultiheadAttention``, ``TransformerEncoderLayer`` and
-    ``TransformerDecoderLayer`` (and ``TransformerEncoder``'s nested-tensor fast path, which would
-    bypass them, is turned off), the package's reference models and Hugging Face BERT-family
+    ``TransformerDecoderLayer`` (the fused encoder layer also serves ``TransformerEncoder``'s
+    nested-tensor inference path), the package's reference models and Hugging Face BERT-family
     models (when :mod:`transformers` is installed). Weights, ``state_dict`` keys and outputs stay
     the same. Modules that cannot be served (e.g. an unsupported head dim, float64 parameters)
     are kept, with the reason in ``report.kept``. ``backend`` is stored on the fused modules
@@ -159,7 +160,11 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     from .integrations import hf  # noqa: F401  (registers the Hugging Face converter when available)
 
-    model = model if inplace else copy.deepcopy(model)
+    if not inplace:
+        model = copy.deepcopy(model)
+        for module in model.modules():
+            if isinstance(module, nn.TransformerDecoderLayer):
+                unshadow_activation(module)
     report = OptimizeReport(model)
     chosen = None if backend == "auto" else backend
     handled: set[str] = set()
@@ -185,9 +190,6 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
             original = module.__dict__.get(ORIGINAL_CLASS, type(module))
             report.replaced.append((path, original.__name__, type(module).__name__))
             continue
-        if isinstance(module, nn.TransformerEncoder) and module.enable_nested_tensor:
-            setattr(module, ORIGINAL_CLASS, {"enable_nested_tensor": True, "use_nested_tensor": module.use_nested_tensor})
-            module.enable_nested_tensor = module.use_nested_tensor = False
         swap = _SWAPS.get(type(module))
         if swap is None:
             continue
@@ -213,9 +215,6 @@ def restore(model: nn.Module) -> nn.Module:
             module.__class__ = original
             for attr in ("backend", "fused_attn_backend", "fused_attn_approximate"):
                 module.__dict__.pop(attr, None)
-        elif isinstance(original, dict):
-            for name, value in original.items():
-                setattr(module, name, value)
         for matches, _convert, restore_model in _MODEL_CONVERTERS:
             if matches(module):
                 restore_model(module)

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 import fused_attn
 from fused_attn.nn import (
@@ -194,3 +195,114 @@ def test_module_backend_attribute_is_used():
     ln.backend = "reference"
     ln(torch.randn(2, 8))
     assert fused_attn.last_backend("layer_norm") == "reference"
+
+
+def _encoder_pair(num_layers=2, **kwargs):
+    torch.manual_seed(7)
+    kwargs = {**dict(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True), **kwargs}
+    plain = nn.TransformerEncoder(nn.TransformerEncoderLayer(**kwargs), num_layers).eval()
+    fused = nn.TransformerEncoder(FusedTransformerEncoderLayer(**kwargs), num_layers).eval()
+    fused.load_state_dict(plain.state_dict())
+    return plain, fused
+
+
+def _padded_batch():
+    x = torch.randn(3, 7, 32, generator=torch.Generator().manual_seed(8))
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[1, 4:] = True
+    pad[2, 2:] = True
+    return x, pad
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_encoder_of_fused_layers_in_inference_takes_nested_tensors(activation):
+    """torch.nn.TransformerEncoder hands its layers nested tensors in inference with a padding
+    mask (enable_nested_tensor, the default): the fused layer takes them and the encoder gives
+    torch's output, zeros at the padded positions included."""
+    plain, fused = _encoder_pair(activation=activation)
+    assert fused.use_nested_tensor
+    x, pad = _padded_batch()
+    with torch.no_grad():
+        expected, out = plain(x, src_key_padding_mask=pad), fused(x, src_key_padding_mask=pad)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert (out[pad] == 0).all() and (expected[pad] == 0).all()
+
+
+def test_optimized_encoder_keeps_torchs_inference_output():
+    plain, _ = _encoder_pair()
+    fused = copy.deepcopy(plain)
+    fused_attn.optimize(fused)
+    assert fused.use_nested_tensor == plain.use_nested_tensor
+    x, pad = _padded_batch()
+    with torch.no_grad():
+        expected, out = plain(x, src_key_padding_mask=pad), fused(x, src_key_padding_mask=pad)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert (out[pad] == 0).all() and (expected[pad] == 0).all()
+
+
+@pytest.mark.parametrize("hook", ["prune", "weight_norm", "forward_hook"])
+@pytest.mark.parametrize("layer", ["encoder", "decoder", "ffn"])
+def test_hooks_on_bypassed_submodules_run(hook, layer, recwarn):
+    """Hooks on the linear/norm/dropout submodules that the fused path reads instead of calling
+    (prune and the old weight_norm recompute the weight in one): the layer runs torch's forward,
+    which calls them, says so once, and trains as torch's layer does."""
+    torch.manual_seed(9)
+    kwargs = dict(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0, activation="gelu", batch_first=True)
+    if layer == "ffn":
+        fused = FusedFFN(32, 64, dropout=0.0)
+        plain = copy.deepcopy(fused)
+        plain.__class__ = nn.Module
+        plain.forward = lambda x: plain.linear2(plain.dropout(plain.activation(plain.linear1(x))))
+    else:
+        torch_cls, fused_cls = {"encoder": (nn.TransformerEncoderLayer, FusedTransformerEncoderLayer),
+                                "decoder": (nn.TransformerDecoderLayer, FusedTransformerDecoderLayer)}[layer]
+        plain = torch_cls(**kwargs)
+        fused = fused_cls(**kwargs)
+        fused.load_state_dict(plain.state_dict())
+    calls = []
+    for module in (plain, fused):
+        if hook == "prune":
+            prune.l1_unstructured(module.linear1, "weight", amount=0.3)
+        elif hook == "weight_norm":
+            with pytest.warns(FutureWarning):
+                torch.nn.utils.weight_norm(module.linear1)
+        else:
+            module.linear2.register_forward_hook(lambda m, args, out: calls.append(out.shape))
+    x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(10))
+    memory = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(11))
+    losses = []
+    for module in (plain, fused):
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+        trace = []
+        for _ in range(2):
+            optimizer.zero_grad()
+            out = module(x, memory) if layer == "decoder" else module(x)
+            loss = out.square().sum()
+            loss.backward()
+            optimizer.step()
+            trace.append(loss.item())
+        losses.append(trace)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    if hook == "forward_hook":
+        assert len(calls) == 4
+    assert any(issubclass(w.category, fused_attn.FallbackWarning) for w in recwarn) or \
+        type(fused).__name__ in fused_attn.nn.transformer._warned_hooks
+
+
+def test_observer_hooks_keep_the_fused_path():
+    layer = FusedTransformerEncoderLayer(32, 4, 64, dropout=0.0, activation="gelu", batch_first=True)
+    seen = []
+    layer.linear1.register_forward_hook(fused_attn.nn.transformer.observer(lambda m, a, o: seen.append(1)))
+    fused_attn.backends._last_choice.pop("add_layer_norm", None)
+    layer(torch.randn(2, 6, 32))
+    assert fused_attn.last_backend("add_layer_norm") is not None and not seen
+
+
+def test_optimize_copy_keeps_a_decoder_activation_module():
+    """torch's TransformerDecoderLayer.__setstate__ hides an activation module behind F.relu on a
+    deep copy; optimize(inplace=False) and copies of the fused layer keep the module."""
+    decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(32, 4, 64, batch_first=True,
+                                                               activation=nn.GELU(approximate="tanh")), 1)
+    copied = fused_attn.optimize(decoder, inplace=False).model
+    assert isinstance(copied.layers[0].activation, nn.GELU)
+    assert isinstance(copy.deepcopy(copied).layers[0].activation, nn.GELU)

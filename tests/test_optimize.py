@@ -41,7 +41,6 @@ def test_optimize_torch_transformer_keeps_outputs_weights_and_grads():
     kinds = {new for _, _, new in report.replaced}
     assert {"FusedTransformerEncoderLayer", "FusedTransformerDecoderLayer", "FusedMultiheadAttention", "FusedLayerNorm"} <= kinds
     assert isinstance(fused_model.encoder.layers[0], FusedTransformerEncoderLayer)
-    assert fused_model.encoder.enable_nested_tensor is False
     for k, v in fused_model.state_dict().items():
         assert torch.equal(v, state[k])
     assert_model_parity(plain, fused_model, _run_transformer)

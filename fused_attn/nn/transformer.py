@@ -6,17 +6,68 @@ The layers subclass their ``torch.nn`` counterparts, so constructors, parameter 
 feed-forward uses :func:`fused_attn.linear_gelu` (and :func:`fused_attn.ffn`, which keeps only the
 pre-activation for the backward, when its inner dropout is inactive); another activation runs
 as plain ``linear -> activation -> linear``.
+
+The fused path reads the weights of the layer's linear, norm and dropout submodules instead of
+calling them, so hooks registered on those submodules would not run. A layer whose bypassed
+submodules carry forward or backward hooks (e.g. ``torch.nn.utils.prune`` or the old
+``weight_norm``, which recompute the weight in a pre-hook) runs torch's own forward for the call
+instead, with a :class:`fused_attn.FallbackWarning` once per class; hooks on the attention modules
+and on the layer itself run either way. Hooks marked with :func:`observer` (the package's memory
+profiler) only watch and do not count.
+
+The encoder layer also takes the nested tensors that ``torch.nn.TransformerEncoder`` hands its
+layers in inference with a padding mask, and returns one, so the encoder gives what it gives with
+torch's layers (zeros at the padded positions).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 
+from ..backends import FallbackWarning
 from ..ops import add_layer_norm, ffn, linear_gelu
 from .attention import FusedMultiheadAttention
 from .layer_norm import FusedLayerNorm
+
+
+_OBSERVER = "_fused_attn_observer"
+_warned_hooks: set[str] = set()
+
+
+def observer(hook):
+    """Marks ``hook`` as one that only watches: a fused layer keeps its fused path when the
+    submodules it bypasses carry no other hooks."""
+    setattr(hook, _OBSERVER, True)
+    return hook
+
+
+def _hooks_of(*dicts) -> bool:
+    return any(not getattr(hook, _OBSERVER, False) for d in dicts for hook in d.values())
+
+
+def _bypassed_hooks(layer: nn.Module, called: tuple[str, ...] = ()) -> bool:
+    """Whether a hook would miss a call the fused path does not make: one on a child of ``layer``
+    other than those in ``called`` (which the fused path calls), or a global module hook."""
+    if _hooks_of(_module._global_forward_pre_hooks, _module._global_forward_hooks,
+                 _module._global_backward_pre_hooks, _module._global_backward_hooks):
+        return True
+    return any(
+        _hooks_of(child._forward_pre_hooks, child._forward_hooks, child._backward_pre_hooks, child._backward_hooks)
+        for name, child in layer.named_children() if name not in called
+    )
+
+
+def _warn_hooks(layer: nn.Module) -> None:
+    name = type(layer).__name__
+    if name not in _warned_hooks:
+        _warned_hooks.add(name)
+        warnings.warn(f"{name}: hooks on its linear/norm/dropout submodules run torch's unfused forward, "
+                      "which calls them", FallbackWarning, stacklevel=3)
 
 
 def _gelu_approximation(activation: object) -> str | None:
@@ -82,7 +133,18 @@ class FusedFFN(nn.Module):
         self.activation = activations.get(activation, activation) if isinstance(activation, str) else activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _bypassed_hooks(self):
+            _warn_hooks(self)
+            return self.linear2(self.dropout(self.activation(self.linear1(x))))
         return feed_forward(x, self.linear1, self.dropout, self.linear2, self.activation, self.backend)
+
+
+def unshadow_activation(layer: nn.Module) -> None:
+    """Undoes what ``torch.nn.TransformerDecoderLayer.__setstate__`` does to a layer whose
+    activation is a module (e.g. ``nn.GELU()``) when it is unpickled or deep-copied: it sets a
+    plain ``F.relu`` attribute that hides the module."""
+    if "activation" in layer._modules:
+        layer.__dict__.pop("activation", None)
 
 
 def _fuse_children(layer: nn.Module, attention: tuple[str, ...], norms: tuple[str, ...]) -> None:
@@ -122,6 +184,11 @@ class FusedTransformerEncoderLayer(nn.TransformerEncoderLayer):
         src_key_padding_mask: torch.Tensor | None = None,
         is_causal: bool = False,
     ) -> torch.Tensor:
+        if src.is_nested:
+            return self._forward_nested(src, src_mask, is_causal)
+        if _bypassed_hooks(self, ("self_attn",)):
+            _warn_hooks(self)
+            return super().forward(src, src_mask, src_key_padding_mask, is_causal)
         x = src
         if self.norm_first:
             attended = self._attend(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
@@ -129,6 +196,16 @@ class FusedTransformerEncoderLayer(nn.TransformerEncoderLayer):
             return x + _drop(self._ff(normed), self.dropout2)
         x = _add_norm(self._attend(x, src_mask, src_key_padding_mask, is_causal), x, self.norm1, self.dropout1, self.backend)
         return _add_norm(self._ff(x), x, self.norm2, self.dropout2, self.backend)
+
+    def _forward_nested(self, src: torch.Tensor, src_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        # torch.nn.TransformerEncoder's inference path packs the unpadded sequences into a nested
+        # tensor and drops the padding mask: run them padded, masking the padding again as keys.
+        lengths = [t.shape[0] for t in src.unbind()]
+        padded = src.to_padded_tensor(0.0)
+        positions = torch.arange(padded.shape[1], device=padded.device)
+        padding = positions[None, :] >= torch.tensor(lengths, device=padded.device)[:, None]
+        out = self.forward(padded, src_mask, padding, is_causal)
+        return torch.nested.as_nested_tensor([out[i, :n] for i, n in enumerate(lengths)])
 
 
 class FusedTransformerDecoderLayer(nn.TransformerDecoderLayer):
@@ -139,6 +216,10 @@ class FusedTransformerDecoderLayer(nn.TransformerDecoderLayer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         _fuse_children(self, ("self_attn", "multihead_attn"), ("norm1", "norm2", "norm3"))
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        unshadow_activation(self)
 
     def _ff(self, x):
         return feed_forward(x, self.linear1, self.dropout, self.linear2, self.activation, self.backend)
@@ -154,6 +235,11 @@ class FusedTransformerDecoderLayer(nn.TransformerDecoderLayer):
         tgt_is_causal: bool = False,
         memory_is_causal: bool = False,
     ) -> torch.Tensor:
+        if _bypassed_hooks(self, ("self_attn", "multihead_attn")):
+            _warn_hooks(self)
+            return super().forward(tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask,
+                                   tgt_is_causal, memory_is_causal)
+
         def self_attend(h):
             return self.self_attn(h, h, h, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask,
                                   is_causal=tgt_is_causal, need_weights=False)[0]

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..bench.harness import MemoryMeter
+from ..nn.transformer import observer
 
 
 @dataclasses.dataclass
@@ -75,11 +76,13 @@ def profile_model(
     finished: list[tuple[str, str]] = []
     seen_storages: set[int] = set()
 
+    @observer
     def pre_hook(module: nn.Module, args) -> None:
         label = str(len(finished) + len(running))
         running.append((names[id(module)], label))
         meter.mark(label + ":start")
 
+    @observer
     def post_hook(module: nn.Module, args, output) -> None:
         name, label = running.pop()
         meter.mark(label + ":end")
