@@ -281,8 +281,9 @@ def render_markdown(facts: dict, tests: dict, records: list[dict], sanitizer: di
         peak = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r.get("peak_mem_bytes") is not None else "-"
         fraction = f"{100 * r['peak_fraction']:.0f}%" if "peak_fraction" in r else "-"
         vs_torch = f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else "-"
+        vs_eager = f"{r['speedup_vs_eager']:.2f}x" if r["speedup_vs_eager"] is not None else "-"
         lines.append(f"| {r['suite']} | {shape_text(r['shape'])} | {r['dtype']} | {r['mode']} | {r['impl']} | "
-                     f"{r['median_ms']:.4f} | {rate_text(r)} | {fraction} | {r['speedup_vs_eager']:.2f}x | "
+                     f"{r['median_ms']:.4f} | {rate_text(r)} | {fraction} | {vs_eager} | "
                      f"{vs_torch} | {peak} |")
     not_run = not_run_counts(records)
     if not_run:

@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"fused-attn {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # writing an output (disk full, a path removed meanwhile)
+        print(f"fused-attn {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

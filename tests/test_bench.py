@@ -209,6 +209,14 @@ def test_bench_model_suite_plain_optimized_compiled(tmp_path, capsys):
     (["bench", "--device", "cuda"], "no CUDA device"),
     (["profile-memory", "--seq", "-3"], "expected a positive integer, got -3"),
     (["profile-memory", "--device", "cpu", "--snapshot", "x.pickle"], "--snapshot needs --device cuda"),
+    # Output paths are checked before anything runs.
+    (["bench", "--json", "/nonexistent-folder/r.json"], "folder /nonexistent-folder does not exist"),
+    (["bench", "--csv", "/nonexistent-folder/r.csv"], "folder /nonexistent-folder does not exist"),
+    (["bench", "--json", "/tmp"], "/tmp: is a directory"),
+    (["bench", "--plot", "/tmp"], "/tmp: is a directory"),
+    (["bench", "--plot", "bench.notanext"], "expected a file name ending in .png, .svg, .pdf"),
+    (["profile-memory", "--json", "/nonexistent-folder/p.json"], "folder /nonexistent-folder does not exist"),
+    (["profile-memory", "--plot", "/tmp"], "/tmp: is a directory"),
 ])
 def test_bad_arguments_one_line_error(args, message, capsys):
     if "--device" in args and "cuda" in args and torch.cuda.is_available():
@@ -343,3 +351,59 @@ def test_gpu_check_budget_shares_and_skips(tmp_path, monkeypatch):
     assert "- memcheck: clean ERROR SUMMARY: 0 errors" in md and "- racecheck: not run: the --budget was spent" in md
     assert "attention `all` (2 cases): the bfloat16 fwd run: not started" not in md
     assert "attention `all` (1 case): the bfloat16 fwd run: not started, the --budget was spent" in md
+
+
+def test_bench_survives_a_case_that_does_not_fit_in_memory(tmp_path, capsys, monkeypatch):
+    """Running out of memory setting a case up is a skipped record and the sweep goes on;
+    an eager baseline that failed leaves speedup_vs_eager null (strict JSON), not NaN."""
+    from fused_attn.bench import cli as bench_cli
+    from fused_attn.bench.suites import SUITES
+
+    def layer_norm_cases(settings):
+        yield from real(settings)
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    real = SUITES["layer_norm"]
+    monkeypatch.setitem(SUITES, "layer_norm", layer_norm_cases)
+    real_run_case = bench_cli.run_case
+
+    def run_case(case, *args, **kwargs):
+        case.impls["torch"] = lambda: (_ for _ in ()).throw(RuntimeError("out of memory"))
+        return real_run_case(case, *args, **kwargs)
+
+    monkeypatch.setattr(bench_cli, "run_case", run_case)
+    out = tmp_path / "r.json"
+    code, captured = _run(["bench", "--suite", "all", "--device", "cpu", "--rows", "8", "--hidden", "16",
+                           "--seq", "16", "--repeats", "1", "--no-compile", "--json", str(out)], capsys)
+    assert code == 0, captured.err
+    records = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    skipped = [r for r in records if r["suite"] == "layer_norm" and r["impl"] == "all"]
+    assert len(skipped) == 1 and "ran out of memory" in skipped[0]["skipped"]
+    assert {"softmax", "ffn", "attention"} <= {r["suite"] for r in records if "median_ms" in r}
+    timed = [r for r in records if "median_ms" in r and r["baseline"] == "torch"]
+    assert timed and all(r["speedup_vs_eager"] is None for r in timed)
+
+
+def test_bench_plot_without_timed_records_writes_nothing(tmp_path, capsys, monkeypatch):
+    from fused_attn.bench import cli as bench_cli
+
+    monkeypatch.setattr(bench_cli, "run_case", lambda case, *a, **k: [{"suite": case.suite, "impl": "x", "skipped": "-"}])
+    png = tmp_path / "p.png"
+    code, captured = _run(["bench", "--suite", "layer_norm", "--device", "cpu", "--rows", "8", "--hidden", "16",
+                           "--repeats", "1", "--plot", str(png)], capsys)
+    assert code == 0 and "no timed records to plot" in captured.out and not png.exists()
+
+
+@pytest.mark.parametrize("command", ["bench", "profile-memory"])
+def test_bert_mini_takes_a_layer_count(command, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    args = ["--device", "cpu", "--batch", "1", "--seq", "8", "--layers", "1", "--json", str(out)]
+    if command == "bench":
+        args = ["bench", "--suite", "model", "--models", "bert-mini", "--repeats", "1", "--no-compile", *args]
+    else:
+        args = ["profile-memory", "--model", "bert-mini", "--mode", "fwd", *args]
+    code, captured = _run(args, capsys)
+    assert code == 0, captured.err
+    result = json.loads(out.read_text())
+    layers = result[0]["shape"]["layers"] if command == "bench" else result["layers"]
+    assert layers == 1

@@ -11,6 +11,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import os
 
 import torch
 
@@ -41,6 +42,25 @@ def positive_ints(text: str) -> list[int]:
     if not values:
         raise argparse.ArgumentTypeError("expected comma-separated positive integers")
     return values
+
+
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def check_output(path: str | None, flag: str, suffixes: tuple[str, ...] | None = None) -> None:
+    """Before any work: ``path`` must be a file name that can be written (its folder exists and
+    is writable; not a folder itself) with one of ``suffixes`` when given."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a directory; expected a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"{flag} {path}: not writable")
+    if suffixes and not path.lower().endswith(suffixes):
+        raise UsageError(f"{flag} {path}: expected a file name ending in {', '.join(suffixes)}")
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -97,13 +117,13 @@ def run_case(case, device: torch.device, repeats: int, step=lambda label: None) 
     )
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    baseline = timings[case.baseline].median_ms if case.baseline in timings else float("nan")
+    baseline = timings[case.baseline].median_ms if case.baseline in timings else None
     torch_ms = timings["torch"].median_ms if "torch" in timings else None
     peaks = harness.device_peaks(device)
     records = []
     for name, t in timings.items():
         record = {**base, "impl": name, "median_ms": t.median_ms, "min_ms": t.min_ms, "max_ms": t.max_ms,
-                  "speedup_vs_eager": baseline / t.median_ms, "baseline": case.baseline,
+                  "speedup_vs_eager": None if baseline is None else baseline / t.median_ms, "baseline": case.baseline,
                   "peak_mem_bytes": t.peak_mem_bytes}
         if torch_ms is not None:
             record["speedup_vs_torch"] = torch_ms / t.median_ms
@@ -162,7 +182,34 @@ def _plan(args: argparse.Namespace, device: torch.device) -> list[tuple[str, Set
     return [(suite, dataclasses.replace(base, mode=m)) for suite in suites for m in modes]
 
 
+def _run_suite(suite: str, settings: Settings, device: torch.device, repeats: int, step, records: list[dict]) -> None:
+    """Appends the suite's records to ``records`` case by case (an interrupt keeps those done)."""
+    cases = SUITES[suite](settings)
+    while True:
+        try:
+            case = next(cases)
+        except StopIteration:
+            return
+        except Exception as exc:
+            # Setting a case up (its inputs, its model) ran out of memory: the suite's later, larger
+            # cases would too. Recorded, and the sweep goes on with the next suite.
+            if not harness.is_out_of_memory(exc):
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            why = f"setting up the next case ran out of memory; the rest of the suite was not run: {exc}"
+            records.append({"suite": suite, "impl": "all", "device": str(device),
+                            "dtype": str(settings.dtype).replace("torch.", ""), "mode": settings.mode, "shape": {},
+                            "skipped": " ".join(why.split())[:300]})
+            return
+        records += run_case(case, device, repeats, step)
+        del case
+
+
 def run(args: argparse.Namespace) -> int:
+    for path, flag, suffixes in ((args.json, "--json", None), (args.csv, "--csv", None),
+                                 (args.plot, "--plot", PLOT_SUFFIXES)):
+        check_output(path, flag, suffixes)
     device = resolve_device(args.device)
     plan = _plan(args, device)
     repeats = args.repeats or (30 if device.type == "cuda" else 5)
@@ -171,9 +218,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with harness.progress("fused-attn bench") as step:
             for suite, settings in plan:
-                for case in SUITES[suite](settings):
-                    records += run_case(case, device, repeats, step)
-                    del case
+                _run_suite(suite, settings, device, repeats, step, records)
     except KeyboardInterrupt:  # Ctrl-C (or a caller's time limit): report the cases that finished
         interrupted = True
         print(f"\ninterrupted: reporting the {len(records)} records measured so far")
@@ -188,8 +233,11 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         from . import plots
 
-        plots.plot_bench(records, args.plot)
-        print(f"wrote {args.plot}")
+        if any("skipped" not in r for r in records):
+            plots.plot_bench(records, args.plot)
+            print(f"wrote {args.plot}")
+        else:
+            print(f"--plot {args.plot}: no timed records to plot; nothing written")
     return 130 if interrupted else 0
 
 
@@ -198,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 _SHAPE_KEYS = {"batch": "B", "heads": "H", "seq": "L", "head_dim": "D", "rows": "rows ", "hidden": "N", "tokens": "T",
-               "model": "", "layers": "layers "}
+               "d_model": "M", "model": "", "layers": "layers "}
 
 
 def shape_text(shape: dict) -> str:
@@ -234,9 +282,10 @@ def format_table(records: list[dict]) -> str:
         peak = f"{r['peak_mem_bytes'] / 2**20:.1f}" if r.get("peak_mem_bytes") is not None else "-"
         fraction = f"{100 * r['peak_fraction']:.0f}" if "peak_fraction" in r else "-"
         vs_torch = f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else "-"
+        vs_eager = f"{r['speedup_vs_eager']:.2f}x" if r["speedup_vs_eager"] is not None else "-"
         lines.append(
             f"{prefix} {r['median_ms']:>10.3f} {r['min_ms']:>9.3f} {r['max_ms']:>9.3f} {rate_text(r):>15} {fraction:>6} "
-            f"{r['speedup_vs_eager']:>7.2f}x {vs_torch:>8} {peak:>9}"
+            f"{vs_eager:>8} {vs_torch:>8} {peak:>9}"
         )
     lines.append("vs eager: speed-up against the code a user writes without this package (attention: the explicit "
                  "softmax(QK^T)V `reference`; models: `plain`; others: `torch`); vs torch: against PyTorch's own "

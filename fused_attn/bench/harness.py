@@ -54,15 +54,22 @@ def gbps(moved_bytes: float, ms: float) -> float:
     return moved_bytes / (ms * 1e6)
 
 
-# Dense tensor-core peaks (TFLOP/s) and memory bandwidth (GB/s) of the GPUs whose figures are
-# published (no sparsity); matched against ``torch.cuda.get_device_name``.
+# Published peaks of the GPUs (TFLOP/s, no sparsity; memory bandwidth in GB/s), matched against
+# ``torch.cuda.get_device_name``. float16/bfloat16: dense tensor cores. float32: the FP32 units,
+# not TF32 tensor cores, since neither PyTorch's float32 matmul (by default) nor the package's
+# kernels (IEEE float32 dots) use TF32.
 DEVICE_PEAKS: dict[str, dict[str, float]] = {
-    "H200": {"float16": 989.0, "bfloat16": 989.0, "float32": 494.0, "gbps": 4800.0},
-    "H100 SXM": {"float16": 989.0, "bfloat16": 989.0, "float32": 494.0, "gbps": 3350.0},
-    "H100 PCIe": {"float16": 756.0, "bfloat16": 756.0, "float32": 378.0, "gbps": 2000.0},
-    "H100": {"float16": 989.0, "bfloat16": 989.0, "float32": 494.0, "gbps": 3350.0},
-    "A100": {"float16": 312.0, "bfloat16": 312.0, "float32": 156.0, "gbps": 2039.0},
+    "H200": {"float16": 989.0, "bfloat16": 989.0, "float32": 67.0, "gbps": 4800.0},
+    "H100 SXM": {"float16": 989.0, "bfloat16": 989.0, "float32": 67.0, "gbps": 3350.0},
+    "H100 PCIe": {"float16": 756.0, "bfloat16": 756.0, "float32": 51.0, "gbps": 2000.0},
+    "H100": {"float16": 989.0, "bfloat16": 989.0, "float32": 67.0, "gbps": 3350.0},
+    "A100": {"float16": 312.0, "bfloat16": 312.0, "float32": 19.5, "gbps": 2039.0},
 }
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure (CUDA or CPU), which a sweep reports and survives."""
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(exc)
 
 
 def device_peaks(device: torch.device) -> dict[str, float] | None:

@@ -271,7 +271,7 @@ def ffn_cases(s: Settings) -> Iterator[Case]:
                 )
             if not training:  # apex's module has no dropout: comparable in inference only
                 _add_optional(impls, skipped, grad, third_party.ffn(x, w1, b1, w2, b2))
-            shape = {"tokens": tokens, "model": model, "hidden": hidden}
+            shape = {"tokens": tokens, "d_model": model, "hidden": hidden}
             yield Case("ffn", shape, s.dtype, s.mode, impls, skipped, flops=flops)
 
 

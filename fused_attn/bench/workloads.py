@@ -41,8 +41,8 @@ def _bert_config(name: str, layers: int | None, seq: int):
 
     sizes = {
         "bert-tiny": BertConfig.bert_tiny,
-        "bert-mini": lambda **kw: BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                                             intermediate_size=1024, **kw),
+        "bert-mini": lambda **kw: BertConfig(**{**dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                                      intermediate_size=1024), **kw}),
         "bert-base": BertConfig.bert_base,
         "bert-large": BertConfig.bert_large,
         "hf-bert": BertConfig.bert_base,

@@ -8,8 +8,8 @@ import json
 import torch
 
 from ..bench import workloads
-from ..bench.cli import DTYPES, UsageError, positive_int, resolve_device
-from ..bench.harness import progress
+from ..bench.cli import DTYPES, PLOT_SUFFIXES, UsageError, check_output, positive_int, resolve_device
+from ..bench.harness import is_out_of_memory, progress
 from . import memory
 
 
@@ -63,21 +63,29 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     if args.snapshot and device.type != "cuda":
         raise UsageError("--snapshot needs --device cuda (the snapshot is the CUDA caching allocator's)")
+    for path, flag, suffixes in ((args.json, "--json", None), (args.plot, "--plot", PLOT_SUFFIXES),
+                                 (args.snapshot, "--snapshot", None)):
+        check_output(path, flag, suffixes)
     try:
         workload = workloads.build(args.model, batch=args.batch, seq=args.seq, layers=args.layers, device=device,
                                    dtype=dtype)
+        training = args.mode == "fwd+bwd"
+        plain = workload.model.train(training)
+        fused = workloads.optimized(workload).train(training)
+        if args.snapshot:
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
+        profiles = {}
+        with progress("fused-attn profile-memory", 2) as step:
+            for label, model in (("plain", plain), ("fused", fused)):
+                step(label)
+                profiles[label] = memory.profile_model(model, workload.step, device, training=training)
     except workloads.WorkloadUnavailable as exc:
         raise UsageError(str(exc)) from None
-    training = args.mode == "fwd+bwd"
-    plain = workload.model.train(training)
-    fused = workloads.optimized(workload).train(training)
-    if args.snapshot:
-        torch.cuda.memory._record_memory_history(max_entries=200_000)
-    profiles = {}
-    with progress("fused-attn profile-memory", 2) as step:
-        for label, model in (("plain", plain), ("fused", fused)):
-            step(label)
-            profiles[label] = memory.profile_model(model, workload.step, device, training=training)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise UsageError(f"{args.model} at batch {args.batch}, seq {args.seq} does not fit in memory here: "
+                         f"{' '.join(str(exc).split())[:200]}") from None
     if args.snapshot:
         torch.cuda.memory._dump_snapshot(args.snapshot)
         torch.cuda.memory._record_memory_history(enabled=None)
