@@ -103,6 +103,11 @@ class Support:
         for name in self.unsupported:
             if inputs.features.get(name):
                 reasons.append(f"{name} is not supported")
+        if (self.backend == "triton" and inputs.device.type == "cpu" and inputs.dtype == torch.bfloat16
+                and triton_interpret_mode()):
+            # The interpreter's tl.dot on bfloat16 returns garbage and its float32 -> bfloat16
+            # conversion truncates: bfloat16 Triton runs on GPUs only.
+            reasons.append("bfloat16 is not served on CPU tensors (the Triton interpreter computes it wrongly)")
         if (
             self.min_compute_capability is not None
             and inputs.device.type == "cuda"

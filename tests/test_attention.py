@@ -113,20 +113,23 @@ def test_parity_causal_cross_lengths(backend_device, lengths, kind):
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("mask_shape", ["full", "heads-broadcast"])
+@pytest.mark.parametrize("mask_shape", ["full", "heads-broadcast", "per-query", "scalar"])
 def test_parity_float_mask_gradient(backend_device, dtype, mask_shape):
-    """A learned bias receives its gradient, summed over the dims it was broadcast along."""
+    """A learned bias receives its gradient, summed over the dims it was broadcast along (for a
+    bias constant along the keys the exact gradient is 0: the sum cancels, and must do so as
+    closely as PyTorch's SDPA makes it)."""
     backend, device = backend_device
     if dtype not in supported_dtypes(backend, device, OP):
         pytest.skip(f"{dtype} is not tested on {backend}-{device}")
     q, k, v = _qkv(2, 3, 33, 45, 32, dtype, device)
-    shape = (2, 3, 33, 45) if mask_shape == "full" else (1, 1, 33, 45)
+    shape = {"full": (2, 3, 33, 45), "heads-broadcast": (1, 1, 33, 45), "per-query": (2, 1, 33, 1),
+             "scalar": (1, 1, 1, 1)}[mask_shape]
     bias = torch.randn(*shape, generator=torch.Generator().manual_seed(3)).to(device=device, dtype=dtype)
     assert_parity(
         lambda query, key, value, attn_mask: fused_attn.scaled_dot_product_attention(
             query, key, value, attn_mask, backend=backend
         ),
-        reference.scaled_dot_product_attention,
+        lambda query, key, value, attn_mask: F.scaled_dot_product_attention(query, key, value, attn_mask),
         {"query": q, "key": k, "value": v, "attn_mask": bias},
         grad_args=("query", "key", "value", "attn_mask"),
     )

@@ -182,3 +182,19 @@ def test_cuda_attention_shared_memory_figure_follows_the_kernels():
     sm86_per_block = 101376
     assert all(smem(k, d) <= sm86_per_block for k in kernels for d in (32, 64, 96, 128))
     assert smem("fwd_smem_bytes", 256) <= sm86_per_block
+
+
+@pytest.mark.parametrize("op", ["scaled_dot_product_attention", "linear_gelu", "softmax", "layer_norm"])
+def test_triton_interpreter_does_not_take_bfloat16(op, monkeypatch):
+    """The Triton interpreter computes bfloat16 wrongly (tl.dot returns garbage, conversions
+    truncate): on CPU tensors the triton backend declines bfloat16 with the reason."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    support = backends.registered_ops()[op].supports["triton"]
+    if support.unavailable_reasons(torch.device("cpu")):
+        pytest.skip("triton is not installed")
+    reasons = support.not_supported_reasons(backends.Inputs(torch.device("cpu"), torch.bfloat16, {}))
+    assert reasons == ["bfloat16 is not served on CPU tensors (the Triton interpreter computes it wrongly)"]
+    assert not support.not_supported_reasons(backends.Inputs(torch.device("cpu"), torch.float16, {}))
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    with pytest.raises(backends.BackendNotSupportedError, match="Triton interpreter computes it wrongly"):
+        fused_attn.linear_gelu(x, torch.randn(8, 16, dtype=torch.bfloat16), backend="triton")

@@ -172,6 +172,11 @@ def _expand_mask(attn_mask: object, shape: tuple[int, int, int, int], query: tor
     check_same_device(mask, "attn_mask", query, "query")
     if mask.dim() > 4:
         raise ValueError(f"attn_mask must have at most 4 dimensions, got shape {list(mask.shape)}")
+    if mask.requires_grad and torch.is_grad_enabled() and mask.dtype in (torch.float16, torch.bfloat16):
+        # A learned low-precision bias: its gradient is summed over the dims it broadcasts along.
+        # Given to the kernels in float32 (they read any float mask), the [B, H, Lq, Lk] gradient
+        # is reduced in float32 and rounded once, as the mask's own dtype would round every term.
+        mask = mask.float()
     try:
         # A view with zero strides on the broadcast dims: the kernel reads it in place.
         return mask.expand(shape)
