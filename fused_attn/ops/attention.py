@@ -142,10 +142,17 @@ def _autograd_for(bwd_op):
     def backward(ctx, grad_out, _grad_stats):
         query, key, value, attn_mask, out, stats, seed = ctx.saved_tensors
         mask_needs_grad = bool(ctx.needs_input_grad[3])
+        # A bias constant along the keys (a per-query or scalar bias, read with key stride 0)
+        # shifts every score of a row alike, which softmax ignores: its gradient is exactly 0 (the
+        # row sums of dS cancel; computed, they would leave rounding noise), and no Lq x Lk
+        # buffer is needed for it.
+        shift_only = mask_needs_grad and (attn_mask.shape[3] == 1 or attn_mask.stride(3) == 0)
         dq, dk, dv, dmask = bwd_op(
             grad_out.contiguous(), query, key, value, attn_mask, out, stats,
-            ctx.scale, ctx.is_causal, ctx.dropout_p, seed, mask_needs_grad,
+            ctx.scale, ctx.is_causal, ctx.dropout_p, seed, mask_needs_grad and not shift_only,
         )
+        if shift_only:
+            dmask = attn_mask.new_zeros(()).expand(attn_mask.shape)
         return dq, dk, dv, (dmask.to(attn_mask.dtype) if mask_needs_grad else None), None, None, None, None
 
     return backward
