@@ -113,7 +113,7 @@ def test_parity_causal_cross_lengths(backend_device, lengths, kind):
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("mask_shape", ["full", "heads-broadcast", "per-query", "scalar"])
+@pytest.mark.parametrize("mask_shape", ["full", "heads-broadcast", "per-key", "per-query", "scalar"])
 def test_parity_float_mask_gradient(backend_device, dtype, mask_shape):
     """A learned bias receives its gradient, summed over the dims it was broadcast along (for a
     bias constant along the keys the exact gradient is 0: the sum cancels, and must do so as
@@ -122,7 +122,7 @@ def test_parity_float_mask_gradient(backend_device, dtype, mask_shape):
     if dtype not in supported_dtypes(backend, device, OP):
         pytest.skip(f"{dtype} is not tested on {backend}-{device}")
     q, k, v = _qkv(2, 3, 33, 45, 32, dtype, device)
-    shape = {"full": (2, 3, 33, 45), "heads-broadcast": (1, 1, 33, 45), "per-query": (2, 1, 33, 1),
+    shape = {"full": (2, 3, 33, 45), "heads-broadcast": (1, 1, 33, 45), "per-key": (1, 1, 1, 45), "per-query": (2, 1, 33, 1),
              "scalar": (1, 1, 1, 1)}[mask_shape]
     bias = torch.randn(*shape, generator=torch.Generator().manual_seed(3)).to(device=device, dtype=dtype)
     assert_parity(

@@ -49,11 +49,7 @@ by ``corr``, so P sums to 1 to rounding and dS cancels as in the plain softmax b
 one Q K^T and one dO V^T per tile more (9 tile GEMMs in the backward instead of 7) and one
 multiply per element; the forward is unchanged. For fp16/bf16 the operands' rounding dwarfs this
 error (measured on the test's shapes: at most a quarter of the parity bound without the pass, a
-fifth with it), so the cheap ``rowsum(dO * O)`` kernel serves them, except where a floating mask
-requires grad: its gradient sums dS over the dims the mask broadcasts along, and for a bias that
-is constant along the keys (a per-query or scalar bias) those sums cancel exactly, so delta must
-come from the same P and dP (with fp16 rowsum(dO * O) the gradient of a scalar bias came out
-6.6e-3 where PyTorch's is 3e-6). The statistics pass serves every dtype then.
+fifth with it), so the cheap ``rowsum(dO * O)`` kernel serves them.
 """
 
 from __future__ import annotations
@@ -726,7 +722,7 @@ def attention_bwd(
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *dout.stride()[:3])
     # float32 carries the statistics' rounding into the gradients above the plain error: renormalise P
     # with a statistics pass (module docstring). In 16 bits the operands' rounding dwarfs it.
-    row_stats = q.dtype == torch.float32 or mask_needs_grad
+    row_stats = q.dtype == torch.float32
     if row_stats:
         corr = torch.empty_like(delta)
         _attn_bwd_stats_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]) * batch * heads,)](
