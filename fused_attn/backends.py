@@ -223,8 +223,34 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
 # Selection
 
 _requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("fused_attn_backend", default=None)
-_warned: set[tuple[str, str]] = set()
+_warned: set[str] = set()
 _last_choice: dict[str, str] = {}
+
+
+def warn_once(message: str) -> None:
+    """A :class:`FallbackWarning` with ``message``, once per process and message."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, FallbackWarning, stacklevel=3)
+
+
+def _note_choice(op: str, backend: str, fallback_reason: str) -> None:
+    """Records ``backend`` as the one that served ``op`` (:func:`last_backend`) and, for a fallback
+    to the reference (a non-empty ``fallback_reason``), warns once per op and reason."""
+    _last_choice[op] = backend
+    if fallback_reason:
+        warn_once(f"fused_attn.{op}: running the reference PyTorch implementation ({fallback_reason})")
+
+
+# Under torch.compile these two run after the compiled region rather than being traced (Dynamo's
+# reorderable logging functions): a warning does not break the graph, and the records written
+# at every call add no guard that would recompile the graph when they change.
+try:
+    import torch._dynamo.config as _dynamo_config
+
+    _dynamo_config.reorderable_logging_functions.update({warn_once, _note_choice})
+except (ImportError, AttributeError):  # a torch without the setting: Dynamo traces them as before
+    pass
 
 
 def _validate_name(name: str, source: str) -> str:
@@ -271,7 +297,7 @@ def select(op: str, inputs: Inputs, backend: str | None = None) -> str:
             raise BackendNotSupportedError(
                 f"{op}: backend {wanted!r} cannot serve these inputs: " + "; ".join(reasons)
             )
-        _last_choice[op] = wanted
+        _note_choice(op, wanted, "")
         return wanted
     rejected: list[str] = []
     for name in AUTO_ORDER.get(inputs.device.type, ()):
@@ -280,20 +306,12 @@ def select(op: str, inputs: Inputs, backend: str | None = None) -> str:
             continue
         reasons = support.not_supported_reasons(inputs)
         if not reasons:
-            _last_choice[op] = name
+            _note_choice(op, name, "")
             return name
         rejected.append(f"{name}: " + "; ".join(reasons))
     if "reference" not in spec.supports:
         raise BackendNotSupportedError(f"{op}: no backend can serve these inputs: " + " | ".join(rejected))
-    why = " | ".join(rejected) or f"no fused backend for {inputs.device.type} tensors"
-    if (op, why) not in _warned:
-        _warned.add((op, why))
-        warnings.warn(
-            f"fused_attn.{op}: running the reference PyTorch implementation ({why})",
-            FallbackWarning,
-            stacklevel=3,
-        )
-    _last_choice[op] = "reference"
+    _note_choice(op, "reference", " | ".join(rejected) or f"no fused backend for {inputs.device.type} tensors")
     return "reference"
 
 

@@ -1,37 +1,247 @@
-"""The public ops under torch.compile(fullgraph=True): one graph, same results as eager."""
+"""The public ops, the fused modules and optimize()d models under torch.compile(fullgraph=True):
+one graph (no breaks), forward and backward equal to eager, and with dynamic=True one graph for
+two sequence lengths."""
+
+import copy
+import warnings
 
 import pytest
 import torch
+from torch import nn
+from torch._dynamo.utils import counters
 
 import fused_attn
+from fused_attn.nn import (
+    FusedFFN,
+    FusedLayerNorm,
+    FusedMultiheadAttention,
+    FusedTransformerDecoderLayer,
+    FusedTransformerEncoderLayer,
+)
 
 
-def _compiled_matches_eager(fn, *args):
-    torch._dynamo.reset()
-    eager = fn(*args)
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
-    torch.testing.assert_close(compiled, eager)
-
-
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
-def test_layer_norm_and_attention_compile_without_graph_breaks(backend):
+def _require(backend: str) -> None:
     if backend not in fused_attn.available_backends("cpu"):
         pytest.skip(f"{backend} is not available here")
-    x = torch.randn(4, 32)
-    w, b = torch.randn(32), torch.randn(32)
-    _compiled_matches_eager(lambda x, w, b: fused_attn.layer_norm(x, (32,), w, b, backend=backend), x, w, b)
 
 
-def test_triton_ops_compile_without_graph_breaks():
-    if "triton" not in fused_attn.available_backends("cpu"):
-        pytest.skip("triton is not available on CPU tensors here")
-    q, k, v = (torch.randn(1, 2, 16, 16) for _ in range(3))
-    pad = torch.rand(1, 1, 1, 16) > 0.2
-    _compiled_matches_eager(
-        lambda q, k, v: fused_attn.scaled_dot_product_attention(q, k, v, pad, is_causal=True, backend="triton"), q, k, v
-    )
-    x = torch.randn(8, 16)
-    w1, w2 = torch.randn(32, 16), torch.randn(16, 32)
-    _compiled_matches_eager(lambda x: fused_attn.ffn(x, w1, None, w2, None, backend="triton"), x)
-    _compiled_matches_eager(lambda x: fused_attn.add_layer_norm(x, x * 2, None, None, backend="triton"), x)
-    _compiled_matches_eager(lambda x: fused_attn.softmax(x, -1, None, 0.5, backend="triton"), x)
+def _loss(out):
+    """A fixed random projection of the outputs (a squared sum would be constant for normalised
+    outputs, leaving gradients of rounding noise to compare)."""
+    outs = out if isinstance(out, tuple) else (out,)
+    gen = torch.Generator().manual_seed(123)
+    return sum((o.float() * torch.randn(o.shape, generator=gen)).sum() for o in outs if isinstance(o, torch.Tensor))
+
+
+def _grads(out, inputs):
+    inputs = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    return torch.autograd.grad(_loss(out), inputs) if inputs else ()
+
+
+def _compiled_matches_eager(fn, calls, *, dynamic=False, backend="aot_eager", graphs=1, atol=1e-5):
+    """Runs ``fn`` compiled (fullgraph) and eager on every argument tuple in ``calls``: the same
+    outputs and input gradients, and ``graphs`` graphs compiled for all the calls."""
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(fn, fullgraph=True, backend=backend, dynamic=dynamic)
+    for args in calls:
+        eager_args = [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                      for a in args]
+        expected, got = fn(*eager_args), compiled(*args)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=atol)
+        for g, e in zip(_grads(got, args), _grads(expected, eager_args)):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=atol)
+    assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
+
+
+def _randn(*shape, grad=True, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).requires_grad_(grad)
+
+
+# Each op: a function of a sequence length giving (fn, args), with the fused backend bound.
+def _attention(backend):
+    def make(seq):
+        q, k, v = (_randn(1, 2, seq, 16, seed=i) for i in range(3))
+        bias = _randn(1, 1, seq, seq, seed=3)
+        pad = torch.arange(seq)[None, None, None, :] < seq - 3
+        return (lambda q, k, v, bias, pad: (
+            fused_attn.scaled_dot_product_attention(q, k, v, bias, scale=0.3, backend=backend),
+            fused_attn.scaled_dot_product_attention(q, k, v, pad, is_causal=True, backend=backend),
+        )), (q, k, v, bias, pad)
+    return make
+
+
+def _softmax(backend):
+    def make(seq):
+        x, pad = _randn(2, 3, seq, seq), torch.arange(seq) < seq - 2
+        return (lambda x, pad: fused_attn.softmax(x, -1, pad, backend=backend)), (x, pad)
+    return make
+
+
+def _layer_norm(backend):
+    def make(seq):
+        x, w, b = _randn(2, seq, 32), _randn(32, seed=1), _randn(32, seed=2)
+        return (lambda x, w, b: fused_attn.layer_norm(x, (32,), w, b, 1e-6, backend=backend)), (x, w, b)
+    return make
+
+
+def _add_layer_norm(backend):
+    def make(seq):
+        x, r, w, b, ib = _randn(2, seq, 32), _randn(2, seq, 32, seed=1), _randn(32, seed=2), _randn(32, seed=3), \
+            _randn(32, seed=4)
+        return (lambda x, r, w, b, ib: fused_attn.add_layer_norm(x, r, w, b, 1e-6, input_bias=ib, return_prenorm=True,
+                                                                 backend=backend)), (x, r, w, b, ib)
+    return make
+
+
+def _linear_gelu(backend):
+    def make(seq):
+        x, w, b = _randn(2, seq, 16), _randn(48, 16, seed=1), _randn(48, seed=2)
+        return (lambda x, w, b: fused_attn.linear_gelu(x, w, b, "tanh", backend=backend)), (x, w, b)
+    return make
+
+
+def _ffn(backend):
+    def make(seq):
+        x, w1, b1, w2, b2 = _randn(seq, 16), _randn(48, 16, seed=1), _randn(48, seed=2), _randn(16, 48, seed=3), \
+            _randn(16, seed=4)
+        return (lambda x, w1, b1, w2, b2: fused_attn.ffn(x, w1, b1, w2, b2, backend=backend)), (x, w1, b1, w2, b2)
+    return make
+
+
+OPS = {"attention": _attention, "softmax": _softmax, "layer_norm": _layer_norm, "add_layer_norm": _add_layer_norm,
+       "linear_gelu": _linear_gelu, "ffn": _ffn}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_ops_compile_whole_forward_and_backward(op, backend):
+    _require(backend)
+    fn, args = OPS[op](backend)(12)
+    _compiled_matches_eager(fn, [args])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_ops_compile_one_graph_for_two_lengths(op, backend):
+    """dynamic=True: the lengths (and the float arguments: scale, eps) are symbolic; one graph."""
+    _require(backend)
+    make = OPS[op](backend)
+    fn, first = make(12)
+    _, second = make(20)
+    _compiled_matches_eager(fn, [first, second], dynamic=True)
+
+
+def test_ops_compile_with_inductor():
+    """Inductor (the default backend; it builds C++ here) around the fused ops."""
+    _require("cpu")
+
+    def block(q, x, w, b, w1, w2):
+        a = fused_attn.scaled_dot_product_attention(q, q, q, is_causal=True)
+        h = fused_attn.add_layer_norm(x, a.transpose(1, 2).flatten(2), w, b)
+        return fused_attn.ffn(h, w1, None, w2, None)
+
+    args = (_randn(2, 2, 8, 8), _randn(2, 8, 16, seed=1), _randn(16, seed=2), _randn(16, seed=3),
+            _randn(32, 16, seed=4), _randn(16, 32, seed=5))
+    _compiled_matches_eager(block, [args], backend="inductor", atol=1e-4)
+
+
+def test_fallback_and_eager_calls_do_not_break_or_recompile_the_graph():
+    """A fallback to the reference inside a compiled region warns (once, when the region runs)
+    rather than breaking the graph, and calls made eagerly in between, which update what
+    last_backend reports, do not make the compiled function recompile."""
+    fn = lambda x: fused_attn.layer_norm(x, (8,)) * 2  # noqa: E731
+    x64 = torch.randn(3, 8, dtype=torch.float64)
+    message = "fused_attn.layer_norm: running the reference PyTorch implementation"
+    fused_attn.backends._warned = {m for m in fused_attn.backends._warned if not m.startswith(message)}
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    with pytest.warns(fused_attn.FallbackWarning, match="running the reference"):
+        torch.testing.assert_close(compiled(x64), fn(x64))
+    assert fused_attn.last_backend("layer_norm") == "reference"
+    fused_attn.softmax(torch.randn(2, 4), backend="reference")
+    fused_attn.layer_norm(torch.randn(2, 8), (8,), backend="reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compiled(x64)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules and models
+
+
+def _module_calls(module_kind):
+    torch.manual_seed(0)
+    if module_kind == "layer_norm":
+        module = FusedLayerNorm(32)
+        return module, lambda m, x: m(x), lambda seq: (_randn(2, seq, 32),)
+    if module_kind == "ffn":
+        module = FusedFFN(32, 64, dropout=0.0)
+        return module, lambda m, x: m(x), lambda seq: (_randn(2, seq, 32),)
+    if module_kind.startswith("mha"):
+        module = FusedMultiheadAttention(32, 4, batch_first=True)
+        need_weights = module_kind == "mha-weights"
+        return module, lambda m, x: m(x, x, x, need_weights=need_weights)[0 if not need_weights else slice(None)], \
+            lambda seq: (_randn(2, seq, 32),)
+    if module_kind == "encoder":
+        module = FusedTransformerEncoderLayer(32, 4, 64, dropout=0.0, activation="gelu", batch_first=True)
+        return module, lambda m, x: m(x), lambda seq: (_randn(2, seq, 32),)
+    module = FusedTransformerDecoderLayer(32, 4, 64, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+    return module, lambda m, x, mem: m(x, mem), lambda seq: (_randn(2, seq, 32), _randn(2, seq + 3, 32, seed=1))
+
+
+@pytest.mark.parametrize("module_kind", ["layer_norm", "ffn", "mha", "mha-weights", "encoder", "decoder"])
+def test_fused_modules_compile_whole(module_kind):
+    module, call, inputs = _module_calls(module_kind)
+    _compiled_matches_eager(lambda *args: call(module, *args), [inputs(12), inputs(20)], dynamic=True)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_optimized_reference_bert_compiles_whole(train):
+    from fused_attn.models import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig.bert_tiny(vocab_size=50, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    fused_attn.optimize(model)
+    model.train(train)
+
+    def run(ids, mask):
+        return model(ids, attention_mask=mask).last_hidden_state
+
+    def batch(seq):
+        mask = torch.ones(2, seq, dtype=torch.long)
+        mask[1, seq - 4:] = 0
+        return torch.randint(0, 50, (2, seq), generator=torch.Generator().manual_seed(seq)), mask
+
+    _compiled_matches_eager(run, [batch(12), batch(20)], dynamic=True)
+    params = dict(model.named_parameters())
+    assert all(p.grad is None for p in params.values())  # the checks above differentiate inputs only
+
+
+def test_optimized_hf_bert_compiles_whole_with_gradients():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    plain = transformers.BertModel(config).train()
+    model = copy.deepcopy(plain)
+    fused_attn.optimize(model)
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(lambda m: m(input_ids=ids, attention_mask=mask).last_hidden_state, fullgraph=True,
+                             backend="aot_eager")
+    out, expected = compiled(model), plain(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    _loss(out).backward()
+    _loss(expected).backward()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        if p.grad is None or "attention.self.key.bias" in name:  # unused; exactly 0 (rounding noise only)
+            assert (p.grad is None) == (q.grad is None), name
+            continue
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert counters["stats"]["unique_graphs"] == 1

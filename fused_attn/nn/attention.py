@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backends import warn_once
 from ..ops import scaled_dot_product_attention, softmax
 
-_warned_fallback = False
 
 
 def _keep_mask(mask: torch.Tensor | None, name: str) -> torch.Tensor | None:
@@ -95,12 +94,7 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.bias_k is not None or self.add_zero_attn:
-            global _warned_fallback
-            if not _warned_fallback:
-                _warned_fallback = True
-                warnings.warn(
-                    "FusedMultiheadAttention: add_bias_kv/add_zero_attn run torch's MultiheadAttention", stacklevel=2
-                )
+            warn_once("FusedMultiheadAttention: add_bias_kv/add_zero_attn run torch's MultiheadAttention")
             return super().forward(
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
             )

@@ -22,21 +22,18 @@ torch's layers (zeros at the padded positions).
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
-from ..backends import FallbackWarning
+from ..backends import warn_once
 from ..ops import add_layer_norm, ffn, linear_gelu
 from .attention import FusedMultiheadAttention
 from .layer_norm import FusedLayerNorm
 
 
 _OBSERVER = "_fused_attn_observer"
-_warned_hooks: set[str] = set()
 
 
 def observer(hook):
@@ -63,11 +60,8 @@ def _bypassed_hooks(layer: nn.Module, called: tuple[str, ...] = ()) -> bool:
 
 
 def _warn_hooks(layer: nn.Module) -> None:
-    name = type(layer).__name__
-    if name not in _warned_hooks:
-        _warned_hooks.add(name)
-        warnings.warn(f"{name}: hooks on its linear/norm/dropout submodules run torch's unfused forward, "
-                      "which calls them", FallbackWarning, stacklevel=3)
+    warn_once(f"{type(layer).__name__}: hooks on its linear/norm/dropout submodules run torch's unfused forward, "
+              "which calls them")
 
 
 def _gelu_approximation(activation: object) -> str | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -30,8 +29,15 @@ def check_same_device(value: torch.Tensor, name: str, like: torch.Tensor, like_n
         raise ValueError(f"{name} is on {value.device} but {like_name} is on {like.device}; they must share a device")
 
 
+def is_finite_number(value: object) -> bool:
+    """A real number (not a bool) that is finite. ``v - v == 0`` rather than ``math.isfinite``:
+    under ``torch.compile`` a float argument may be symbolic, which math functions refuse (a graph
+    break); the difference is NaN exactly for inf and NaN, and a symbolic one is taken as finite."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value - value == 0
+
+
 def check_eps(eps: object) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+    if not is_finite_number(eps) or eps < 0:
         raise ValueError(f"eps must be a finite non-negative number, got {eps!r}")
     return float(eps)
 

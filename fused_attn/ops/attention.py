@@ -17,7 +17,7 @@ from ..backends import Inputs, Support, register_op, select
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import register_pair
-from ._validate import check_dropout_p, check_same_device, check_tensor, dtype_name
+from ._validate import check_dropout_p, check_same_device, check_tensor, dtype_name, is_finite_number
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Head dims a kernel tile holds: padded (to a power of two >= 16 in Triton; to 32, 64, 96, 128 or 256
@@ -215,7 +215,7 @@ def _validate(query, key, value) -> None:
 def _check_scale(scale: object, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim else 1.0
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if not is_finite_number(scale):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
     return float(scale)
 

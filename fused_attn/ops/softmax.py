@@ -7,7 +7,6 @@ views and read in place by the kernel.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -15,7 +14,7 @@ from .. import _extension, reference
 from ..backends import Inputs, Support, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._registry import register_pair
-from ._validate import check_same_device, check_tensor, dtype_name
+from ._validate import check_same_device, check_tensor, dtype_name, is_finite_number
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -120,7 +119,7 @@ def softmax(
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     if is_causal and (input.dim() < 2 or dim != input.dim() - 1):
         raise ValueError("is_causal=True needs dim to be the last dim of an input with at least 2 dims")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if not is_finite_number(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     if mask is not None:
         mask = check_tensor(mask, "mask", floating=False)
