@@ -102,7 +102,9 @@ def softmax(
     ``mask`` is bool (True = keep) or floating (added after scaling), broadcastable to
     ``input``'s shape. ``is_causal`` masks element j > i of the last two dims (top-left aligned;
     ``dim`` must then be the last). Slices whose every element is masked give 0 (and zero
-    gradients), not NaN. float16, bfloat16 and float32 run fused with float32 arithmetic.
+    gradients), not NaN. float16, bfloat16 and float32 run fused with float32 arithmetic. The
+    result has ``input``'s dtype whatever the mask's (the probabilities of the scores given; a
+    float32 mask on bfloat16 scores does not promote them as ``input * scale + mask`` would).
 
     Raises ``TypeError``/``ValueError`` naming the argument for a bad dim, a mask that does not
     broadcast or has a non-bool, non-floating dtype, a non-finite scale, or a device mismatch.
