@@ -227,30 +227,32 @@ _warned: set[str] = set()
 _last_choice: dict[str, str] = {}
 
 
-def warn_once(message: str) -> None:
-    """A :class:`FallbackWarning` with ``message``, once per process and message."""
+# Both run for real when torch.compile traces a call (Dynamo runs a function marked
+# assume_constant_result rather than tracing it): a fallback warns when its graph is traced, and
+# last_backend reports the backend a compiled graph was traced with, with no graph break and no
+# guard on these records (an eager call that changes them does not make compiled code recompile).
+_assume_constant = getattr(torch.compiler, "assume_constant_result", lambda fn: fn)
+
+
+@_assume_constant
+def warn_once(message: str, stacklevel: int = 1) -> bool:
+    """A :class:`FallbackWarning` with ``message``, once per process and message;
+    ``stacklevel`` counts from the caller of this function."""
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(message, FallbackWarning, stacklevel=3)
+        warnings.warn(message, FallbackWarning, stacklevel=stacklevel + 1)
+    return True
 
 
-def _note_choice(op: str, backend: str, fallback_reason: str) -> None:
+@_assume_constant
+def _note_choice(op: str, backend: str, fallback_reason: str) -> bool:
     """Records ``backend`` as the one that served ``op`` (:func:`last_backend`) and, for a fallback
-    to the reference (a non-empty ``fallback_reason``), warns once per op and reason."""
+    to the reference (a non-empty ``fallback_reason``), warns once per op and reason at the line
+    that called the op."""
     _last_choice[op] = backend
     if fallback_reason:
-        warn_once(f"fused_attn.{op}: running the reference PyTorch implementation ({fallback_reason})")
-
-
-# Under torch.compile these two run after the compiled region rather than being traced (Dynamo's
-# reorderable logging functions): a warning does not break the graph, and the records written
-# at every call add no guard that would recompile the graph when they change.
-try:
-    import torch._dynamo.config as _dynamo_config
-
-    _dynamo_config.reorderable_logging_functions.update({warn_once, _note_choice})
-except (ImportError, AttributeError):  # a torch without the setting: Dynamo traces them as before
-    pass
+        warn_once(f"fused_attn.{op}: running the reference PyTorch implementation ({fallback_reason})", 4)
+    return True
 
 
 def _validate_name(name: str, source: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -26,7 +27,6 @@ from .nn import (
     FusedTransformerDecoderLayer,
     FusedTransformerEncoderLayer,
 )
-from .nn.transformer import unshadow_activation
 from .ops.attention import HEAD_DIM_LIMITS
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -92,6 +92,7 @@ def register_model_note(note: Callable[[nn.Module], str | None]) -> None:
 
 
 _ORIGINAL_CONFIG = "_fused_attn_original_config"
+_COPIES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> a config copy own_config made
 
 
 def own_config(model: nn.Module):
@@ -99,9 +100,15 @@ def own_config(model: nn.Module):
     submodule holding the same config object now refer to, so that switching it leaves other
     models built from that object alone. :func:`restore_config` puts the original back."""
     config = model.config
-    if _ORIGINAL_CONFIG in model.__dict__:
-        return config
+    if _ORIGINAL_CONFIG in model.__dict__ or _COPIES.get(id(config)) is config:
+        return config  # already this model's own, or its optimized parent's
+    for module in model.modules():
+        # A submodel optimized before: it goes back to the shared config, and copies with the rest.
+        if module is not model and _ORIGINAL_CONFIG in module.__dict__:
+            restore_config(module)
+    config = model.config
     copied = copy.deepcopy(config)
+    _COPIES[id(copied)] = copied
     for module in model.modules():
         if module.__dict__.get("config") is config:
             module.config = copied
@@ -161,10 +168,7 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
     from .integrations import hf  # noqa: F401  (registers the Hugging Face converter when available)
 
     if not inplace:
-        model = copy.deepcopy(model)
-        for module in model.modules():
-            if isinstance(module, nn.TransformerDecoderLayer):
-                unshadow_activation(module)
+        model = _copy_model(model)
     report = OptimizeReport(model)
     chosen = None if backend == "auto" else backend
     handled: set[str] = set()
@@ -219,6 +223,19 @@ def restore(model: nn.Module) -> nn.Module:
             if matches(module):
                 restore_model(module)
     return model
+
+
+def _copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy that computes what ``model`` computes. torch's TransformerDecoderLayer.__setstate__
+    hides an activation held as a module (e.g. nn.GELU()) behind F.relu on every copy: undone
+    where the original layer does not have it hidden (a TransformerDecoder's own layers, copied
+    by torch at construction, do, and keep it)."""
+    copied = copy.deepcopy(model)
+    for original, new in zip(model.modules(), copied.modules()):
+        if (isinstance(original, nn.TransformerDecoderLayer) and "activation" in new._modules
+                and "activation" not in original.__dict__):
+            new.__dict__.pop("activation", None)
+    return copied
 
 
 def _join(prefix: str, suffix: str) -> str:

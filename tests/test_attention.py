@@ -430,3 +430,23 @@ def test_zero_length_keys_give_zero(backend_device):
     kv = torch.randn(1, 2, 0, 16, device=device, dtype=q.dtype)
     out = fused_attn.scaled_dot_product_attention(q, kv, kv, backend=backend)
     assert out.shape == (1, 2, 5, 16) and (out == 0).all()
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_key_constant_bias_gradient_is_zero_and_views_keep_theirs(backend_device):
+    """A bias of key size 1 gets its exact zero gradient; a view the user expanded along the keys
+    is an Lk-wide mask and gets its per-element gradient (the leaf's sum of it is ~0)."""
+    backend, device = backend_device
+    dtype = work_dtype(OP, backend, device)
+    q, k, v = _qkv(2, 3, 17, 9, 16, dtype, device)
+    bias = torch.randn(2, 1, 17, 1, device=device, dtype=dtype, requires_grad=True)
+    out = fused_attn.scaled_dot_product_attention(q, k, v, bias, backend=backend)
+    (grad,) = torch.autograd.grad(out.float().square().sum(), bias)
+    assert torch.equal(grad, torch.zeros_like(bias))
+    wide = bias.expand(2, 3, 17, 9)
+    out = fused_attn.scaled_dot_product_attention(q, k, v, wide, backend=backend)
+    (grad,) = torch.autograd.grad(out.float().square().sum(), wide)
+    expected = torch.autograd.grad(F.scaled_dot_product_attention(q.float(), k.float(), v.float(), wide.float())
+                                   .square().sum(), wide)[0]
+    assert grad.abs().max() > 0.01
+    torch.testing.assert_close(grad.float(), expected, rtol=0.05, atol=0.02)

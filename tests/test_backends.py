@@ -76,8 +76,9 @@ def test_use_backend_rejects_unknown_name():
 def test_auto_falls_back_to_reference_visibly_once():
     x = torch.randn(3, 8, dtype=torch.float64)
     backends._warned.clear()
-    with pytest.warns(FallbackWarning, match="dtype float64"):
+    with pytest.warns(FallbackWarning, match="dtype float64") as record:
         out = fused_attn.layer_norm(x, (8,))
+    assert record[0].filename == __file__  # points at the caller's line
     assert fused_attn.last_backend("layer_norm") == "reference"
     torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, (8,)))
     with warnings.catch_warnings():

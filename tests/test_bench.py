@@ -213,6 +213,7 @@ def test_bench_model_suite_plain_optimized_compiled(tmp_path, capsys):
     (["bench", "--json", "/nonexistent-folder/r.json"], "folder /nonexistent-folder does not exist"),
     (["bench", "--csv", "/nonexistent-folder/r.csv"], "folder /nonexistent-folder does not exist"),
     (["bench", "--json", "/tmp"], "/tmp: is a directory"),
+    (["bench", "--json", "new-folder/"], "new-folder/: is a directory"),
     (["bench", "--plot", "/tmp"], "/tmp: is a directory"),
     (["bench", "--plot", "bench.notanext"], "expected a file name ending in .png, .svg, .pdf"),
     (["profile-memory", "--json", "/nonexistent-folder/p.json"], "folder /nonexistent-folder does not exist"),

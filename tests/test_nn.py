@@ -297,11 +297,14 @@ def test_observer_hooks_keep_the_fused_path():
     assert fused_attn.last_backend("add_layer_norm") is not None and not seen
 
 
-def test_optimize_copy_keeps_a_decoder_activation_module():
-    """torch's TransformerDecoderLayer.__setstate__ hides an activation module behind F.relu on a
-    deep copy; optimize(inplace=False) and copies of the fused layer keep the module."""
-    decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(32, 4, 64, batch_first=True,
-                                                               activation=nn.GELU(approximate="tanh")), 1)
-    copied = fused_attn.optimize(decoder, inplace=False).model
-    assert isinstance(copied.layers[0].activation, nn.GELU)
-    assert isinstance(copy.deepcopy(copied).layers[0].activation, nn.GELU)
+@pytest.mark.parametrize("built", ["layer", "decoder"])
+def test_optimize_copy_computes_what_the_original_computes(built):
+    """torch's TransformerDecoderLayer.__setstate__ hides an activation module (nn.GELU()) behind
+    F.relu on every copy, so a TransformerDecoder (which copies its layer) really runs ReLU while
+    a layer used directly runs GELU: optimize(inplace=False) keeps each as it is."""
+    torch.manual_seed(12)
+    layer = nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True, activation=nn.GELU(approximate="tanh"))
+    model = (layer if built == "layer" else nn.TransformerDecoder(layer, 2)).eval()
+    copied = fused_attn.optimize(model, inplace=False).model
+    tgt, memory = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    torch.testing.assert_close(copied(tgt, memory), model(tgt, memory), rtol=1e-5, atol=1e-5)

@@ -233,6 +233,28 @@ def test_optimizing_again_switches_every_fused_module_to_the_new_backend():
         assert fused_attn.last_backend(op) == "reference", op
 
 
+def test_nested_optimize_and_restore():
+    """optimize() on a model and on its submodel, in either order, with backends; restore() of
+    the outer model gives the original config back everywhere."""
+    from fused_attn.models import BertConfig, BertForMaskedLM
+
+    transformers, hf_config = _hf_config()
+    for model, shared in ((BertForMaskedLM(BertConfig.bert_tiny(vocab_size=50)), None),
+                          (transformers.BertForMaskedLM(hf_config), hf_config)):
+        shared = model.config
+        fused_attn.optimize(model)
+        fused_attn.optimize(model.bert)
+        fused_attn.restore(model)
+        assert model.config is shared and model.bert.config is shared
+        fused_attn.optimize(model.bert, backend="reference")
+        fused_attn.optimize(model, backend="cpu")
+        assert model.bert.config is model.config is not shared
+        backend = getattr(model.config, "backend", None) or model.bert.embeddings.LayerNorm.backend
+        assert backend == "cpu"
+        fused_attn.restore(model)
+        assert all(m.__dict__.get("config", shared) is shared for m in model.modules())
+
+
 def test_float64_models_are_kept_with_a_reason():
     from fused_attn.models import BertConfig, BertModel
 
@@ -256,6 +278,14 @@ def test_other_hf_models_are_reported():
     report = fused_attn.optimize(model)
     assert [(path, why[:25]) for path, _, why in report.kept] == [("", "model_type 'electra' is n")]
     assert report.replaced and all(new == "FusedLayerNorm" for _, _, new in report.replaced)
+
+    encoder = transformers.BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                      intermediate_size=128)
+    decoder = transformers.BertConfig(**{**encoder.to_dict(), "is_decoder": True, "add_cross_attention": True})
+    model = transformers.EncoderDecoderModel(encoder=transformers.BertModel(encoder),
+                                             decoder=transformers.BertLMHeadModel(decoder))
+    report = fused_attn.optimize(model)
+    assert not report.kept and "FusedBertOutput" in {new for _, _, new in report.replaced}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ def check_output(path: str | None, flag: str, suffixes: tuple[str, ...] | None =
     is writable; not a folder itself) with one of ``suffixes`` when given."""
     if path is None:
         return
-    if os.path.isdir(path):
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise UsageError(f"{flag} {path}: is a directory; expected a file name")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):

@@ -149,8 +149,8 @@ def _matches(module: nn.Module) -> bool:
 
 def _note(module: nn.Module) -> str | None:
     model_type = _pretrained_model_type(module)
-    if model_type is None or model_type in FAMILY:
-        return None
+    if model_type is None or model_type in FAMILY or any(_matches(m) for m in module.modules() if m is not module):
+        return None  # not transformers', fused whole, or made of models that are (e.g. encoder-decoder BERTs)
     return (f"model_type {model_type!r} is not one whose attention and feed-forward blocks fused_attn fuses "
             f"({', '.join(FAMILY)}): only its LayerNorm modules are converted")
 

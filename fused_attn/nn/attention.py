@@ -94,7 +94,7 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.bias_k is not None or self.add_zero_attn:
-            warn_once("FusedMultiheadAttention: add_bias_kv/add_zero_attn run torch's MultiheadAttention")
+            warn_once("FusedMultiheadAttention: add_bias_kv/add_zero_attn run torch's MultiheadAttention", 4)
             return super().forward(
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
             )

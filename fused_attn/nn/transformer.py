@@ -61,7 +61,7 @@ def _bypassed_hooks(layer: nn.Module, called: tuple[str, ...] = ()) -> bool:
 
 def _warn_hooks(layer: nn.Module) -> None:
     warn_once(f"{type(layer).__name__}: hooks on its linear/norm/dropout submodules run torch's unfused forward, "
-              "which calls them")
+              "which calls them", 5)
 
 
 def _gelu_approximation(activation: object) -> str | None:
@@ -133,14 +133,6 @@ class FusedFFN(nn.Module):
         return feed_forward(x, self.linear1, self.dropout, self.linear2, self.activation, self.backend)
 
 
-def unshadow_activation(layer: nn.Module) -> None:
-    """Undoes what ``torch.nn.TransformerDecoderLayer.__setstate__`` does to a layer whose
-    activation is a module (e.g. ``nn.GELU()``) when it is unpickled or deep-copied: it sets a
-    plain ``F.relu`` attribute that hides the module."""
-    if "activation" in layer._modules:
-        layer.__dict__.pop("activation", None)
-
-
 def _fuse_children(layer: nn.Module, attention: tuple[str, ...], norms: tuple[str, ...]) -> None:
     """Turns a freshly built torch layer's attention and norms into their fused subclasses in place."""
     for name in attention:
@@ -210,10 +202,6 @@ class FusedTransformerDecoderLayer(nn.TransformerDecoderLayer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         _fuse_children(self, ("self_attn", "multihead_attn"), ("norm1", "norm2", "norm3"))
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        unshadow_activation(self)
 
     def _ff(self, x):
         return feed_forward(x, self.linear1, self.dropout, self.linear2, self.activation, self.backend)

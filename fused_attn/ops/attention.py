@@ -142,17 +142,10 @@ def _autograd_for(bwd_op):
     def backward(ctx, grad_out, _grad_stats):
         query, key, value, attn_mask, out, stats, seed = ctx.saved_tensors
         mask_needs_grad = bool(ctx.needs_input_grad[3])
-        # A bias constant along the keys (a per-query or scalar bias, read with key stride 0)
-        # shifts every score of a row alike, which softmax ignores: its gradient is exactly 0 (the
-        # row sums of dS cancel; computed, they would leave rounding noise), and no Lq x Lk
-        # buffer is needed for it.
-        shift_only = mask_needs_grad and (attn_mask.shape[3] == 1 or attn_mask.stride(3) == 0)
         dq, dk, dv, dmask = bwd_op(
             grad_out.contiguous(), query, key, value, attn_mask, out, stats,
-            ctx.scale, ctx.is_causal, ctx.dropout_p, seed, mask_needs_grad and not shift_only,
+            ctx.scale, ctx.is_causal, ctx.dropout_p, seed, mask_needs_grad,
         )
-        if shift_only:
-            dmask = attn_mask.new_zeros(()).expand(attn_mask.shape)
         return dq, dk, dv, (dmask.to(attn_mask.dtype) if mask_needs_grad else None), None, None, None, None
 
     return backward
@@ -168,6 +161,26 @@ def _register(fwd: str, bwd: str, stats_shape) -> object:
 _FWD_OPS = {"triton": _register("triton_attention_fwd", "triton_attention_bwd", _split_stats)}
 if _extension.loaded():
     _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = _register("attention_fwd", "attention_bwd", _native_stats)
+
+
+class _RowShift(torch.autograd.Function):
+    """``out`` unchanged, and a zero gradient for ``bias``: a bias of key size 1 (per query, per
+    head or a scalar) adds the same value to every score of a row, which softmax ignores, so its
+    gradient is exactly 0. The kernels get it detached: computed, that zero would be a sum of
+    Lk terms that cancel only to rounding, and it would cost an Lq x Lk buffer."""
+
+    @staticmethod
+    def forward(out, bias):
+        return out.view_as(out)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.bias_meta = (inputs[1].shape, inputs[1].dtype, inputs[1].device)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        shape, dtype, device = ctx.bias_meta
+        return grad_out, torch.zeros(shape, dtype=dtype, device=device)
 
 
 def _expand_mask(attn_mask: object, shape: tuple[int, int, int, int], query: torch.Tensor) -> torch.Tensor | None:
@@ -273,13 +286,17 @@ def scaled_dot_product_attention(
         {"head_dim": head_dim, "head_dim_v": value.shape[-1], "dropout": dropout_p > 0, "q_len": q_len, "k_len": k_len},
     )
     chosen = select("scaled_dot_product_attention", inputs, backend)
+    row_shift = mask is not None and mask.requires_grad and (attn_mask.dim() == 0 or attn_mask.shape[-1] == 1)
+    if row_shift:
+        mask = mask.detach()
     if chosen == "reference" or query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
-        return reference.scaled_dot_product_attention(query, key, value, mask, dropout_p, is_causal, scale)
-    out, _ = _FWD_OPS[chosen](
-        _no_last_dim_stride(query), _no_last_dim_stride(key), _no_last_dim_stride(value), mask, scale, is_causal,
-        dropout_p, draw_seed(dropout_p),
-    )
-    return out
+        out = reference.scaled_dot_product_attention(query, key, value, mask, dropout_p, is_causal, scale)
+    else:
+        out, _ = _FWD_OPS[chosen](
+            _no_last_dim_stride(query), _no_last_dim_stride(key), _no_last_dim_stride(value), mask, scale, is_causal,
+            dropout_p, draw_seed(dropout_p),
+        )
+    return _RowShift.apply(out, attn_mask) if row_shift else out
 
 
 def attention_with_keep_mask(
