@@ -197,10 +197,10 @@ def _run_suite(suite: str, settings: Settings, device: torch.device, repeats: in
                 raise
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            why = f"setting up the next case ran out of memory; the rest of the suite was not run: {exc}"
+            why = "setting up the next case ran out of memory; the rest of the suite was not run: "
             records.append({"suite": suite, "impl": "all", "device": str(device),
                             "dtype": str(settings.dtype).replace("torch.", ""), "mode": settings.mode, "shape": {},
-                            "skipped": " ".join(why.split())[:300]})
+                            "skipped": why + harness.one_line_reason(exc)})
             return
         records += run_case(case, device, repeats, step)
         del case

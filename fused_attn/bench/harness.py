@@ -67,6 +67,11 @@ DEVICE_PEAKS: dict[str, dict[str, float]] = {
 }
 
 
+def one_line_reason(exc: BaseException) -> str:
+    """``exc`` as a one-line reason for a table or a record: its type and its message's first line."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is an allocation failure (CUDA or CPU), which a sweep reports and survives."""
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(exc)
@@ -241,7 +246,7 @@ def measure_side_by_side(
         except KeyboardInterrupt:
             raise
         except Exception as exc:
-            failed[name] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+            failed[name] = one_line_reason(exc)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             return None

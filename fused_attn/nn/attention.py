@@ -12,7 +12,6 @@ from ..backends import warn_once
 from ..ops import scaled_dot_product_attention, softmax
 
 
-
 def _keep_mask(mask: torch.Tensor | None, name: str) -> torch.Tensor | None:
     """torch.nn's masks say True = masked out; the fused ops say True = attend. Floats pass."""
     if mask is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -7,7 +7,6 @@ views and read in place by the kernel.
 
 from __future__ import annotations
 
-
 import torch
 
 from .. import _extension, reference

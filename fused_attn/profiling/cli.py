@@ -9,7 +9,7 @@ import torch
 
 from ..bench import workloads
 from ..bench.cli import DTYPES, PLOT_SUFFIXES, UsageError, check_output, positive_int, resolve_device
-from ..bench.harness import is_out_of_memory, progress
+from ..bench.harness import is_out_of_memory, one_line_reason, progress
 from . import memory
 
 
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         if not is_out_of_memory(exc):
             raise
         raise UsageError(f"{args.model} at batch {args.batch}, seq {args.seq} does not fit in memory here: "
-                         f"{' '.join(str(exc).split())[:200]}") from None
+                         f"{one_line_reason(exc)}") from None
     if args.snapshot:
         torch.cuda.memory._dump_snapshot(args.snapshot)
         torch.cuda.memory._record_memory_history(enabled=None)
