@@ -133,7 +133,7 @@ def main() -> None:
     if _env_flag("FUSED_ATTN_WERROR") is not False:
         nvcc_flags.append("-Werror=all-warnings")
 
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [str(ROOT / "csrc" / "include")]
     link_args = ["-fopenmp"]
     if build_cuda:

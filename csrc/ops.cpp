@@ -1,6 +1,7 @@
 // Operator schemas of the fused_attn library: one schema per op, nothing else.
-// Kernels register their implementations with TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda;
-// fake (meta) kernels and autograd formulas are registered from Python (fused_attn/ops).
+// Kernels register their implementations with TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda
+// (csrc/ffn.cpp for the FFN, which composes them); the autograd formulas of the forward ops are
+// in csrc/autograd.cpp; fake (meta) kernels are registered from Python (fused_attn/ops).
 //
 // Conventions shared by every backend:
 //  * Row statistics (mean, rstd, log-sum-exp) are float32; log-sum-exp is in natural-log units,
@@ -65,6 +66,18 @@ TORCH_LIBRARY(fused_attn, m) {
   m.def(
       "linear_gelu_bwd_scratch(Tensor(a!) grad_out, Tensor input, Tensor weight, Tensor pre_activation, "
       "str approximate, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // The position-wise FFN: dropout(linear(gelu(input @ w1^T + b1), w2, b2)) for a contiguous 2-D
+  // input [rows, in_features], w1 [hidden, in_features], w2 [out_features, hidden]. Returns
+  // (output [rows, out_features], pre-activation [rows, hidden]); the backward recomputes the
+  // activation from the pre-activation.
+  m.def(
+      "ffn_fwd(Tensor input, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate, float dropout_p, "
+      "Tensor? seed) -> (Tensor, Tensor)");
+  // Backward: (grad_input, grad_w1, grad_b1, grad_w2, grad_b2) as selected by output_mask.
+  m.def(
+      "ffn_bwd(Tensor grad_out, Tensor input, Tensor w1, Tensor w2, Tensor pre_activation, str approximate, "
+      "float dropout_p, Tensor? seed, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // Add & Norm over contiguous 2-D [rows, hidden] tensors:
   //   prenorm = residual + dropout(input + input_bias);  output = layer_norm(prenorm) * weight + bias.

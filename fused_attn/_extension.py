@@ -50,10 +50,21 @@ def library_path() -> str | None:
     return spec.origin if spec is not None else None
 
 
+# Registrations do not change once the library is loaded: each answer is looked up once (backend
+# choice asks on every call of an op).
+_HAS_KERNEL: dict[tuple[str, str], bool] = {}
+
+
 @torch._dynamo.assume_constant_result
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether the loaded library registered a ``device_type`` ("cpu"/"cuda") kernel for ``fused_attn::op``."""
-    return loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_attn::{op}", device_type.upper())
+    key = (op, device_type)
+    found = _HAS_KERNEL.get(key)
+    if found is None:
+        found = _HAS_KERNEL[key] = loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"fused_attn::{op}", device_type.upper()
+        )
+    return found
 
 
 def cuda_kernels_compiled() -> bool:

@@ -284,10 +284,47 @@ def requested_backend(argument: str | None = None) -> str:
     return "auto"
 
 
+# Eager calls remember each choice: what a backend can serve depends on the call's device, dtype
+# and features, the backend asked for and the Triton interpreter switch, nothing else that changes
+# while a process runs, and the full check costs more host time than a small kernel. Traced
+# calls (torch.compile) take the full path, which leaves no state for Dynamo to guard on.
+_CHOICES: dict[tuple, tuple[str, str | None, str]] = {}
+_CHOICES_MAX = 4096
+
+
+def clear_choices() -> None:
+    """Forgets the remembered backend choices (for code that changes what the machine offers
+    while running, e.g. tests that patch device properties)."""
+    _CHOICES.clear()
+
+
 def select(op: str, inputs: Inputs, backend: str | None = None) -> str:
     """The backend that will run ``op`` on ``inputs``; raises if a named one cannot."""
-    spec = _OPS[op]
     wanted = requested_backend(backend)
+    if torch.compiler.is_compiling():
+        name, fallback_reason = _select(op, inputs, wanted)
+    else:
+        key = (op, wanted, inputs.device, inputs.dtype, triton_interpret_mode(), *inputs.features.items())
+        choice = _CHOICES.get(key)
+        if choice is None:
+            try:
+                choice = _select(op, inputs, wanted)
+            except BackendNotSupportedError as exc:
+                choice = (None, str(exc))
+            if len(_CHOICES) >= _CHOICES_MAX:
+                _CHOICES.clear()
+            _CHOICES[key] = choice
+        name, fallback_reason = choice
+        if name is None:
+            raise BackendNotSupportedError(fallback_reason)
+    _note_choice(op, name, fallback_reason)
+    return name
+
+
+def _select(op: str, inputs: Inputs, wanted: str) -> tuple[str, str]:
+    """(the backend for ``op`` on ``inputs``, and why ``auto`` fell back to the reference, if it
+    did); raises :class:`BackendNotSupportedError` when a named backend cannot serve them."""
+    spec = _OPS[op]
     if wanted != "auto":
         support = spec.supports.get(wanted)
         reasons = (
@@ -299,8 +336,7 @@ def select(op: str, inputs: Inputs, backend: str | None = None) -> str:
             raise BackendNotSupportedError(
                 f"{op}: backend {wanted!r} cannot serve these inputs: " + "; ".join(reasons)
             )
-        _note_choice(op, wanted, "")
-        return wanted
+        return wanted, ""
     rejected: list[str] = []
     for name in AUTO_ORDER.get(inputs.device.type, ()):
         support = spec.supports.get(name)
@@ -308,13 +344,11 @@ def select(op: str, inputs: Inputs, backend: str | None = None) -> str:
             continue
         reasons = support.not_supported_reasons(inputs)
         if not reasons:
-            _note_choice(op, name, "")
-            return name
+            return name, ""
         rejected.append(f"{name}: " + "; ".join(reasons))
     if "reference" not in spec.supports:
         raise BackendNotSupportedError(f"{op}: no backend can serve these inputs: " + " | ".join(rejected))
-    _note_choice(op, "reference", " | ".join(rejected) or f"no fused backend for {inputs.device.type} tensors")
-    return "reference"
+    return "reference", " | ".join(rejected) or f"no fused backend for {inputs.device.type} tensors"
 
 
 def explain(op: str, inputs: Inputs) -> dict[str, list[str]]:

@@ -199,3 +199,43 @@ def test_triton_interpreter_does_not_take_bfloat16(op, monkeypatch):
     x = torch.randn(4, 16, dtype=torch.bfloat16)
     with pytest.raises(backends.BackendNotSupportedError, match="Triton interpreter computes it wrongly"):
         fused_attn.linear_gelu(x, torch.randn(8, 16, dtype=torch.bfloat16), backend="triton")
+
+
+def test_remembered_choices_follow_what_decides_them(monkeypatch):
+    """Eager calls remember their choice per (op, backend asked, device, dtype, features, Triton
+    interpreter switch): every one of those still decides, the second time as the first."""
+    backends.clear_choices()
+    for _ in range(2):
+        assert backends.select("layer_norm", _cpu_inputs()) == "cpu"
+        assert backends.select("layer_norm", _cpu_inputs(), "reference") == "reference"
+        with fused_attn.use_backend("reference"):
+            assert backends.select("layer_norm", _cpu_inputs()) == "reference"
+        assert backends.select("layer_norm", _cpu_inputs(torch.float64)) == "reference"
+        with pytest.raises(BackendNotSupportedError, match="CUDA tensors"):
+            backends.select("layer_norm", _cpu_inputs(), "cuda")
+        with monkeypatch.context() as m:
+            m.setenv(backends.ENV_VAR, "reference")
+            assert backends.select("layer_norm", _cpu_inputs()) == "reference"
+        with monkeypatch.context() as m:
+            m.setenv("TRITON_INTERPRET", "0")
+            with pytest.raises(BackendNotSupportedError, match="TRITON_INTERPRET=1"):
+                backends.select("layer_norm", _cpu_inputs(), "triton")
+        assert backends.select("scaled_dot_product_attention",
+                               Inputs(torch.device("cpu"), torch.float32, {"head_dim": 64})) == "cpu"
+        with pytest.raises(BackendNotSupportedError, match="head_dim=300"):
+            backends.select("scaled_dot_product_attention",
+                            Inputs(torch.device("cpu"), torch.float32, {"head_dim": 300}), "cpu")
+
+
+def test_remembered_fallback_still_records_and_warns_once():
+    backends.clear_choices()
+    backends._warned.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert backends.select("layer_norm", _cpu_inputs(torch.float64)) == "reference"
+            assert backends.last_backend("layer_norm") == "reference"
+            assert backends.select("layer_norm", _cpu_inputs()) == "cpu"
+            assert backends.last_backend("layer_norm") == "cpu"
+    fallbacks = [w for w in caught if issubclass(w.category, FallbackWarning)]
+    assert len(fallbacks) == 1 and "float64" in str(fallbacks[0].message)

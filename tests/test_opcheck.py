@@ -120,7 +120,7 @@ def test_add_layer_norm_ops(prefix, device, dropout_p):
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_linear_gelu_and_ffn_ops(prefix, device, approximate):
     fwd, bwd = _op(prefix, "linear_gelu_fwd"), _op(prefix, "linear_gelu_bwd")
-    ffn_fwd = _op("triton_" if prefix else "composite_", "ffn_fwd")
+    ffn_fwd, ffn_bwd = _op(prefix, "ffn_fwd"), _op(prefix, "ffn_bwd")
     x = torch.randn(12, 16, device=device, requires_grad=True)
     w1, b1 = torch.randn(24, 16, device=device, requires_grad=True), torch.randn(24, device=device, requires_grad=True)
     w2, b2 = torch.randn(16, 24, device=device, requires_grad=True), torch.randn(16, device=device, requires_grad=True)
@@ -132,3 +132,8 @@ def test_linear_gelu_and_ffn_ops(prefix, device, approximate):
     )
     for p, seed in ((0.0, None), (0.2, torch.tensor(5))):
         torch.library.opcheck(ffn_fwd, (x, w1, b1, w2, b2, approximate, p, seed))
+        y, pre = ffn_fwd(x.detach(), w1.detach(), b1.detach(), w2.detach(), b2.detach(), approximate, p, seed)
+        torch.library.opcheck(
+            ffn_bwd,
+            (torch.randn_like(y), x.detach(), w1.detach(), w2.detach(), pre, approximate, p, seed, [True] * 5),
+        )

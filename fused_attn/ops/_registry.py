@@ -18,9 +18,16 @@ def register_pair(
 ) -> object:
     """Registers ``fused_attn::{fwd}`` and ``fused_attn::{bwd}``'s fake kernels and makes the
     forward differentiable through ``backward_for(bwd op)``. Returns the forward op."""
-    torch.library.register_fake(f"fused_attn::{fwd}", fake_fwd)
-    torch.library.register_fake(f"fused_attn::{bwd}", fake_bwd)
+    register_native_pair(fwd, bwd, fake_fwd=fake_fwd, fake_bwd=fake_bwd)
     torch.library.register_autograd(
         f"fused_attn::{fwd}", backward_for(getattr(torch.ops.fused_attn, bwd)), setup_context=setup_context
     )
+    return getattr(torch.ops.fused_attn, fwd)
+
+
+def register_native_pair(fwd: str, bwd: str, *, fake_fwd: Callable, fake_bwd: Callable) -> object:
+    """The fake kernels of a pair of ``fused_attn._C`` ops, whose autograd formula the extension
+    registers in C++ (csrc/autograd.cpp: no trip through Python per call). Returns the forward op."""
+    torch.library.register_fake(f"fused_attn::{fwd}", fake_fwd)
+    torch.library.register_fake(f"fused_attn::{bwd}", fake_bwd)
     return getattr(torch.ops.fused_attn, fwd)

@@ -23,6 +23,17 @@ def check_tensor(value: object, name: str, *, min_dim: int = 0, floating: bool =
     return value
 
 
+def rows(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` as the contiguous 2-D [rows, width] the row-wise kernels take (no reshape call for
+    an input that is one already: each saves host time on every call)."""
+    return (t if t.dim() == 2 and t.shape[1] == width else t.reshape(-1, width)).contiguous()
+
+
+def unrows(out: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A kernel's [rows, width] result viewed with the leading dims of ``shape``."""
+    return out if out.dim() == len(shape) else out.view(*shape[:-1], out.shape[-1])
+
+
 def check_same_device(value: torch.Tensor, name: str, like: torch.Tensor, like_name: str) -> None:
     if value.device != like.device:
         raise ValueError(f"{name} is on {value.device} but {like_name} is on {like.device}; they must share a device")
@@ -59,7 +70,9 @@ def check_param(param: object, name: str, input: torch.Tensor, shape: tuple[int,
     if param is None:
         return None
     param = check_tensor(param, name)
-    if tuple(param.shape) != tuple(shape):
+    if param.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(param.shape)}")
     check_same_device(param, name, input, "input")
-    return param.to(input.dtype).contiguous()
+    if param.dtype != input.dtype:
+        param = param.to(input.dtype)
+    return param.contiguous()

@@ -15,8 +15,8 @@ from .. import _extension, reference
 from ..backends import Inputs, Support, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._random import draw_seed, seed_int
-from ._registry import register_pair
-from ._validate import check_dropout_p, check_eps, check_param, check_same_device, check_tensor
+from ._registry import register_native_pair, register_pair
+from ._validate import check_dropout_p, check_eps, check_param, check_same_device, check_tensor, rows, unrows
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -121,7 +121,7 @@ def _register(fwd: str, bwd: str) -> object:
 
 _FWD_OPS = {"triton": _register("triton_add_layer_norm_fwd", "triton_add_layer_norm_bwd")}
 if _extension.loaded():
-    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = _register("add_layer_norm_fwd", "add_layer_norm_bwd")
+    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = register_native_pair("add_layer_norm_fwd", "add_layer_norm_bwd", fake_fwd=_fake_fwd, fake_bwd=_fake_bwd)
 
 
 def add_layer_norm(
@@ -169,7 +169,10 @@ def add_layer_norm(
     dtype = torch.promote_types(input.dtype, residual.dtype)
     if input_bias is not None:
         dtype = torch.promote_types(dtype, check_tensor(input_bias, "input_bias").dtype)
-    input, residual = input.to(dtype), residual.to(dtype)
+    if input.dtype != dtype:
+        input = input.to(dtype)
+    if residual.dtype != dtype:
+        residual = residual.to(dtype)
     weight = check_param(weight, "weight", input, (hidden,))
     bias = check_param(bias, "bias", input, (hidden,))
     input_bias = check_param(input_bias, "input_bias", input, (hidden,))
@@ -181,11 +184,11 @@ def add_layer_norm(
             input, residual, weight, bias, eps, dropout_p, input_bias, return_prenorm=return_prenorm
         )
     out, prenorm, _, _ = _FWD_OPS[chosen](
-        input.reshape(-1, hidden).contiguous(), residual.reshape(-1, hidden).contiguous(),
+        rows(input, hidden), rows(residual, hidden),
         weight, bias, input_bias, eps, dropout_p, draw_seed(dropout_p),
     )
-    out = out.view(input.shape)
-    return (out, prenorm.view(input.shape)) if return_prenorm else out
+    out = unrows(out, input.shape)
+    return (out, unrows(prenorm, input.shape)) if return_prenorm else out
 
 
 def add_layer_norm_keep_mask(shape: tuple[int, ...], dropout_p: float, device: torch.device | str) -> torch.Tensor:

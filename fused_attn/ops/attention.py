@@ -16,7 +16,7 @@ from .. import _extension, reference
 from ..backends import Inputs, Support, register_op, select
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
-from ._registry import register_pair
+from ._registry import register_native_pair, register_pair
 from ._validate import check_dropout_p, check_same_device, check_tensor, dtype_name, is_finite_number
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -160,7 +160,9 @@ def _register(fwd: str, bwd: str, stats_shape) -> object:
 
 _FWD_OPS = {"triton": _register("triton_attention_fwd", "triton_attention_bwd", _split_stats)}
 if _extension.loaded():
-    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = _register("attention_fwd", "attention_bwd", _native_stats)
+    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = register_native_pair(
+        "attention_fwd", "attention_bwd", fake_fwd=_fake_fwd_for(_native_stats), fake_bwd=_fake_bwd
+    )
 
 
 class _RowShift(torch.autograd.Function):

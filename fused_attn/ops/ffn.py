@@ -15,8 +15,8 @@ from .. import _extension, reference
 from ..backends import Inputs, Support, register_op, select
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
-from ._registry import register_pair
-from ._validate import check_dropout_p, check_param, check_same_device, check_tensor, dtype_name
+from ._registry import register_native_pair, register_pair
+from ._validate import check_dropout_p, check_param, check_same_device, check_tensor, dtype_name, rows, unrows
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 APPROXIMATIONS = ("none", "tanh")
@@ -33,9 +33,9 @@ LINEAR_GELU = register_op(
 FFN = register_op(
     "ffn",
     [
-        Support("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, native_op="linear_gelu_fwd"),
+        Support("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, native_op="ffn_fwd"),
         Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES),
-        Support("cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, native_op="linear_gelu_fwd"),
+        Support("cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, native_op="ffn_fwd"),
         Support("reference", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)),
     ],
 )
@@ -108,7 +108,9 @@ def _register_linear_gelu(fwd: str, bwd: str) -> object:
 
 _LINEAR_GELU_OPS = {"triton": _register_linear_gelu("triton_linear_gelu_fwd", "triton_linear_gelu_bwd")}
 if _extension.loaded():
-    _LINEAR_GELU_OPS["cpu"] = _LINEAR_GELU_OPS["cuda"] = _register_linear_gelu("linear_gelu_fwd", "linear_gelu_bwd")
+    _LINEAR_GELU_OPS["cpu"] = _LINEAR_GELU_OPS["cuda"] = register_native_pair(
+        "linear_gelu_fwd", "linear_gelu_bwd", fake_fwd=_fake_linear_gelu_fwd, fake_bwd=_fake_linear_gelu_bwd
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,62 +203,6 @@ def _ffn_backward_for(bwd_op):
     return backward
 
 
-# The CPU and CUDA backends compose their fused linear_gelu kernels with a library GEMM for the
-# second linear. Dropout there draws its keep-mask from a torch generator seeded with the call's
-# seed, so the backward regenerates it instead of storing it.
-
-
-def _keep_mask(shape, seed: torch.Tensor, dropout_p: float, device: torch.device) -> torch.Tensor:
-    generator = torch.Generator(device=device).manual_seed(int(seed))
-    return torch.rand(shape, generator=generator, device=device) >= dropout_p
-
-
-@torch.library.custom_op("fused_attn::composite_ffn_fwd", mutates_args=())
-def _composite_ffn_fwd(
-    input: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor | None,
-    w2: torch.Tensor,
-    b2: torch.Tensor | None,
-    approximate: str,
-    dropout_p: float,
-    seed: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    hidden, pre = torch.ops.fused_attn.linear_gelu_fwd(input, w1, b1, approximate)
-    out = torch.nn.functional.linear(hidden, w2, b2)
-    if dropout_p > 0.0:
-        out = out.mul_(_keep_mask(out.shape, seed, dropout_p, out.device)).div_(1.0 - dropout_p)
-    return out, pre
-
-
-@torch.library.custom_op("fused_attn::composite_ffn_bwd", mutates_args=())
-def _composite_ffn_bwd(
-    grad_out: torch.Tensor,
-    input: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
-    pre_activation: torch.Tensor,
-    approximate: str,
-    dropout_p: float,
-    seed: torch.Tensor | None,
-    output_mask: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    need_dx, need_dw1, need_db1, need_dw2, need_db2 = output_mask
-    if dropout_p > 0.0:
-        grad_out = (grad_out * _keep_mask(grad_out.shape, seed, dropout_p, grad_out.device)).div_(1.0 - dropout_p)
-    empty = [input.new_empty(0) for _ in range(5)]
-    dw2 = grad_out.t().mm(torch.nn.functional.gelu(pre_activation, approximate=approximate)) if need_dw2 else empty[3]
-    db2 = grad_out.sum(0) if need_db2 else empty[4]
-    dx, dw1, db1 = empty[:3]
-    if need_dx or need_dw1 or need_db1:
-        # The hidden gradient is this function's own temporary: where the backend has the scratch
-        # variant, grad_pre overwrites it instead of taking a buffer of its own.
-        scratch = _extension.has_kernel("linear_gelu_bwd_scratch", input.device.type)
-        bwd = torch.ops.fused_attn.linear_gelu_bwd_scratch if scratch else torch.ops.fused_attn.linear_gelu_bwd
-        dx, dw1, db1 = bwd(grad_out.mm(w2), input, w1, pre_activation, approximate, [need_dx, need_dw1, need_db1])
-    return dx, dw1, db1, dw2, db2
-
-
 def _register_ffn(fwd: str, bwd: str) -> object:
     return register_pair(
         fwd, bwd, fake_fwd=_fake_ffn_fwd, fake_bwd=_fake_ffn_bwd, setup_context=_setup_ffn,
@@ -264,8 +210,22 @@ def _register_ffn(fwd: str, bwd: str) -> object:
     )
 
 
+# The CPU and CUDA backends compose their fused linear_gelu kernels with a library GEMM for the
+# second linear (fused_attn::ffn_fwd/ffn_bwd, csrc/ffn.cpp, autograd in C++). Dropout there draws
+# its keep-mask from a torch generator seeded with the call's seed, so the backward regenerates it
+# instead of storing it; _keep_mask replays that draw.
+
+
+def _keep_mask(shape, seed: torch.Tensor, dropout_p: float, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    return torch.rand(shape, generator=generator, device=device, dtype=torch.float32) >= dropout_p
+
+
 _FFN_OPS = {"triton": _register_ffn("triton_ffn_fwd", "triton_ffn_bwd")}
-_FFN_OPS["cpu"] = _FFN_OPS["cuda"] = _register_ffn("composite_ffn_fwd", "composite_ffn_bwd")
+if _extension.loaded():
+    _FFN_OPS["cpu"] = _FFN_OPS["cuda"] = register_native_pair(
+        "ffn_fwd", "ffn_bwd", fake_fwd=_fake_ffn_fwd, fake_bwd=_fake_ffn_bwd
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,8 +271,8 @@ def linear_gelu(
     chosen = select("linear_gelu", Inputs(input.device, input.dtype, {"in_features": input.shape[-1]}), backend)
     if chosen == "reference" or input.numel() == 0 or weight.numel() == 0:
         return reference.linear_gelu(input, weight, bias, approximate)
-    out, _ = _LINEAR_GELU_OPS[chosen](input.reshape(-1, input.shape[-1]).contiguous(), weight.contiguous(), bias, approximate)
-    return out.view(*input.shape[:-1], weight.shape[0])
+    out, _ = _LINEAR_GELU_OPS[chosen](rows(input, input.shape[-1]), weight.contiguous(), bias, approximate)
+    return unrows(out, input.shape)
 
 
 def ffn(
@@ -344,10 +304,10 @@ def ffn(
     if chosen == "reference" or input.numel() == 0 or w1.numel() == 0 or w2.numel() == 0:
         return reference.ffn(input, w1, b1, w2, b2, approximate, dropout_p)
     out, _ = _FFN_OPS[chosen](
-        input.reshape(-1, input.shape[-1]).contiguous(), w1.contiguous(), b1, w2.contiguous(), b2,
+        rows(input, input.shape[-1]), w1.contiguous(), b1, w2.contiguous(), b2,
         approximate, dropout_p, draw_seed(dropout_p),
     )
-    return out.view(*input.shape[:-1], w2.shape[0])
+    return unrows(out, input.shape)
 
 
 def ffn_keep_mask(rows: int, out_features: int, dropout_p: float, device: torch.device | str, backend: str) -> torch.Tensor:

@@ -16,8 +16,8 @@ import torch
 from .. import _extension, reference
 from ..backends import Inputs, Support, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
-from ._registry import register_pair
-from ._validate import check_eps, check_param, check_tensor
+from ._registry import register_native_pair, register_pair
+from ._validate import check_eps, check_param, check_tensor, rows
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -95,10 +95,12 @@ def _register(fwd: str, bwd: str) -> object:
 
 _FWD_OPS = {"triton": _register("triton_layer_norm_fwd", "triton_layer_norm_bwd")}
 if _extension.loaded():
-    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = _register("layer_norm_fwd", "layer_norm_bwd")
+    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = register_native_pair("layer_norm_fwd", "layer_norm_bwd", fake_fwd=_fake_fwd, fake_bwd=_fake_bwd)
 
 
 def _normalized_shape(normalized_shape: object) -> tuple[int, ...]:
+    if type(normalized_shape) is tuple and all(type(d) is int for d in normalized_shape):
+        return normalized_shape  # the common case, without the abstract-class checks below
     if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
         return (normalized_shape,)
     if isinstance(normalized_shape, (Sequence, torch.Size)) and all(
@@ -148,11 +150,11 @@ def layer_norm(
     chosen = select("layer_norm", inputs, backend)
     if chosen == "reference" or input.numel() == 0:
         return reference.layer_norm(input, shape, weight, bias, eps)
-    flat = input.reshape(-1, hidden).contiguous()
+    flat = rows(input, hidden)
     out, _, _ = _FWD_OPS[chosen](
         flat,
-        None if weight is None else weight.reshape(-1).contiguous(),
-        None if bias is None else bias.reshape(-1).contiguous(),
+        None if weight is None else weight.view(-1),
+        None if bias is None else bias.view(-1),
         eps,
     )
-    return out.view(input.shape)
+    return out if len(shape) == 1 and input.dim() == 2 else out.view(*input.shape)

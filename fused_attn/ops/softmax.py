@@ -12,7 +12,7 @@ import torch
 from .. import _extension, reference
 from ..backends import Inputs, Support, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
-from ._registry import register_pair
+from ._registry import register_native_pair, register_pair
 from ._validate import check_same_device, check_tensor, dtype_name, is_finite_number
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -78,7 +78,7 @@ def _register(fwd: str, bwd: str) -> object:
 
 _FWD_OPS = {"triton": _register("triton_softmax_fwd", "triton_softmax_bwd")}
 if _extension.loaded():
-    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = _register("softmax_fwd", "softmax_bwd")
+    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = register_native_pair("softmax_fwd", "softmax_bwd", fake_fwd=_fake_fwd, fake_bwd=_fake_bwd)
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
@@ -134,7 +134,13 @@ def softmax(
     chosen = select("softmax", Inputs(input.device, input.dtype, {"n_cols": input.shape[dim]}), backend)
     if chosen == "reference" or input.numel() == 0:
         return reference.softmax(input, dim, mask, float(scale), is_causal)
-    x = _as_4d(input.movedim(dim, -1))
-    m = _as_4d(mask.movedim(dim, -1)) if mask is not None else None
-    y = _FWD_OPS[chosen](x, m, float(scale), is_causal)
-    return y.reshape(input.movedim(dim, -1).shape).movedim(-1, dim)
+    last = dim == input.dim() - 1
+    moved = input if last else input.movedim(dim, -1)
+    m = mask if mask is None or last else mask.movedim(dim, -1)
+    if moved.dim() != 4:
+        moved_shape = moved.shape
+        moved, m = _as_4d(moved), (None if m is None else _as_4d(m))
+    y = _FWD_OPS[chosen](moved, m, float(scale), is_causal)
+    if input.dim() != 4:
+        y = y.reshape(moved_shape)
+    return y if last else y.movedim(-1, dim)

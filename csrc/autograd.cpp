@@ -1,0 +1,338 @@
+// Autograd formulas of the fused_attn ops that have CPU and CUDA kernels (schemas in csrc/ops.cpp).
+//
+// They are registered for the Autograd dispatch key here, in C++, rather than from Python with
+// torch.library.register_autograd: a Python formula costs every call a trip through Python's
+// autograd.Function machinery (tens of microseconds), more than a small kernel takes, which makes
+// a fused model slower than eager wherever the host's launch rate bounds it (small batches,
+// inference on a GPU). Each formula forwards to the op below the autograd key, saves what its
+// backward reads, and in backward calls the op's `_bwd` op, asking only for the gradients the
+// graph needs (output_mask). Statistics outputs (mean, rstd, log-sum-exp, pre-activation) are
+// marked non-differentiable: they exist to be saved. Fake kernels stay in Python
+// (fused_attn/ops), so torch.compile traces these ops as single nodes and AOTAutograd traces the
+// backward through these formulas. The Triton ops keep their Python formulas (their kernels are
+// Python anyway).
+#include <array>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+namespace fused_attn {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<Tensor>;
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+OptTensor optional(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+// A gradient the backward returns: the computed one where asked for, else undefined (None).
+Tensor pick(const Tensor& grad, bool wanted) { return wanted ? grad : Tensor(); }
+
+Tensor contiguous(const Tensor& t) { return t.defined() ? t.contiguous() : t; }
+
+bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// The autograd node numbers its input edges over the tensor arguments a call was given (an
+// absent optional tensor has none), so AutogradContext::needs_input_grad takes an edge index.
+// Forward records which of its first arguments were given (a bit per position); this answers
+// needs_input_grad by argument position, as Python's ctx.needs_input_grad does.
+void record_given(AutogradContext* ctx, std::initializer_list<bool> flags) {
+  int64_t bits = 0, position = 0;
+  for (bool flag : flags) bits |= static_cast<int64_t>(flag) << position++;
+  ctx->saved_data["given"] = bits;
+}
+
+template <size_t N>
+std::array<bool, N> needs_grad(AutogradContext* ctx) {
+  const int64_t bits = ctx->saved_data["given"].toInt();
+  std::array<bool, N> needs{};
+  size_t edge = 0;
+  for (size_t i = 0; i < N; ++i) {
+    if (bits >> i & 1) needs[i] = ctx->needs_input_grad(edge++);
+  }
+  return needs;
+}
+
+// ---------------------------------------------------------------------------------------------
+// layer_norm_fwd(input, weight?, bias?, eps) -> (out, mean, rstd)
+
+using LayerNormFwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, double);
+using LayerNormBwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                        const OptTensor&, std::array<bool, 3>);
+
+struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& weight,
+                               const OptTensor& bias, double eps) {
+    static const auto op = find_op<LayerNormFwd>("fused_attn::layer_norm_fwd");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [out, mean, rstd] = op.call(input, weight, bias, eps);
+    ctx->save_for_backward({input, weight.value_or(Tensor()), mean, rstd});
+    record_given(ctx, {true, given(weight), given(bias)});
+    ctx->mark_non_differentiable({mean, rstd});
+    ctx->set_materialize_grads(false);
+    return {out, mean, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<LayerNormBwd>("fused_attn::layer_norm_bwd");
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &input = saved[0], &weight = saved[1], &mean = saved[2], &rstd = saved[3];
+    const std::array<bool, 3> mask = needs_grad<3>(ctx);
+    if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
+    auto [dx, dw, db] = op.call(grads[0].contiguous(), input, mean, rstd, optional(weight), mask);
+    return {pick(dx, mask[0]), pick(dw, mask[1]), pick(db, mask[2]), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_autograd(const Tensor& input, const OptTensor& weight,
+                                                           const OptTensor& bias, double eps) {
+  auto out = LayerNormFunction::apply(input, weight, bias, eps);
+  return {out[0], out[1], out[2]};
+}
+
+// ---------------------------------------------------------------------------------------------
+// add_layer_norm_fwd(input, residual, weight?, bias?, input_bias?, eps, dropout_p, seed?)
+//   -> (out, prenorm, mean, rstd)
+
+using AddLayerNormFwd = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
+                                                                   const OptTensor&, const OptTensor&, double, double,
+                                                                   const OptTensor&);
+using AddLayerNormBwd = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, double,
+    const OptTensor&, std::array<bool, 5>);
+
+struct AddLayerNormFunction : torch::autograd::Function<AddLayerNormFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& residual,
+                               const OptTensor& weight, const OptTensor& bias, const OptTensor& input_bias,
+                               double eps, double dropout_p, const OptTensor& seed) {
+    static const auto op = find_op<AddLayerNormFwd>("fused_attn::add_layer_norm_fwd");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [out, prenorm, mean, rstd] = op.call(input, residual, weight, bias, input_bias, eps, dropout_p, seed);
+    ctx->save_for_backward({prenorm, mean, rstd, weight.value_or(Tensor()), seed.value_or(Tensor())});
+    ctx->saved_data["dropout_p"] = dropout_p;
+    record_given(ctx, {true, true, given(weight), given(bias), given(input_bias)});
+    ctx->mark_non_differentiable({mean, rstd});
+    // Gradients of outputs nobody used arrive undefined instead of materialised zeros.
+    ctx->set_materialize_grads(false);
+    return {out, prenorm, mean, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<AddLayerNormBwd>("fused_attn::add_layer_norm_bwd");
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &prenorm = saved[0], &mean = saved[1], &rstd = saved[2], &weight = saved[3], &seed = saved[4];
+    const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
+    const std::array<bool, 5> mask = needs_grad<5>(ctx);
+    const Tensor grad_out = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(prenorm);
+    // Without dropout the input's gradient is the residual's: computed and written once.
+    const bool shared = dropout_p == 0.0 && mask[0];
+    std::array<bool, 5> asked = mask;
+    if (shared) {
+      asked[0] = false;
+      asked[1] = true;
+    }
+    auto [dx, dres, dw, db, dib] =
+        op.call(grad_out, optional(contiguous(grads[1])), prenorm, mean, rstd, optional(weight), dropout_p,
+                optional(seed), asked);
+    if (shared) dx = dres;
+    return {pick(dx, mask[0]), pick(dres, mask[1]), pick(dw, mask[2]), pick(db, mask[3]), pick(dib, mask[4]),
+            Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_fwd_autograd(
+    const Tensor& input, const Tensor& residual, const OptTensor& weight, const OptTensor& bias,
+    const OptTensor& input_bias, double eps, double dropout_p, const OptTensor& seed) {
+  auto out = AddLayerNormFunction::apply(input, residual, weight, bias, input_bias, eps, dropout_p, seed);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention_fwd(query, key, value, attn_mask?, scale, is_causal, dropout_p, seed?) -> (out, stats)
+
+using AttentionFwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, double,
+                                                bool, double, const OptTensor&);
+using AttentionBwd = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                const Tensor&, const OptTensor&, const Tensor&,
+                                                                const Tensor&, double, bool, double,
+                                                                const OptTensor&, bool);
+
+struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& query, const Tensor& key, const Tensor& value,
+                               const OptTensor& attn_mask, double scale, bool is_causal, double dropout_p,
+                               const OptTensor& seed) {
+    static const auto op = find_op<AttentionFwd>("fused_attn::attention_fwd");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [out, stats] = op.call(query, key, value, attn_mask, scale, is_causal, dropout_p, seed);
+    ctx->save_for_backward({query, key, value, attn_mask.value_or(Tensor()), out, stats, seed.value_or(Tensor())});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["is_causal"] = is_causal;
+    ctx->saved_data["dropout_p"] = dropout_p;
+    record_given(ctx, {true, true, true, given(attn_mask)});
+    ctx->mark_non_differentiable({stats});
+    ctx->set_materialize_grads(false);
+    return {out, stats};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<AttentionBwd>("fused_attn::attention_bwd");
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &query = saved[0], &key = saved[1], &value = saved[2], &mask = saved[3], &out = saved[4],
+                 &stats = saved[5], &seed = saved[6];
+    const std::array<bool, 4> needs = needs_grad<4>(ctx);
+    const bool mask_needs_grad = needs[3];
+    if (!grads[0].defined()) return variable_list(8);
+    auto [dq, dk, dv, dmask] =
+        op.call(grads[0].contiguous(), query, key, value, optional(mask), out, stats,
+                ctx->saved_data["scale"].toDouble(), ctx->saved_data["is_causal"].toBool(),
+                ctx->saved_data["dropout_p"].toDouble(), optional(seed), mask_needs_grad);
+    return {pick(dq, needs[0]), pick(dk, needs[1]), pick(dv, needs[2]),
+            mask_needs_grad ? dmask.to(mask.scalar_type()) : Tensor(),
+            Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> attention_fwd_autograd(const Tensor& query, const Tensor& key, const Tensor& value,
+                                                  const OptTensor& attn_mask, double scale, bool is_causal,
+                                                  double dropout_p, const OptTensor& seed) {
+  auto out = AttentionFunction::apply(query, key, value, attn_mask, scale, is_causal, dropout_p, seed);
+  return {out[0], out[1]};
+}
+
+// ---------------------------------------------------------------------------------------------
+// softmax_fwd(input, mask?, scale, is_causal) -> out
+
+using SoftmaxFwd = Tensor(const Tensor&, const OptTensor&, double, bool);
+using SoftmaxBwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, double, bool);
+
+struct SoftmaxFunction : torch::autograd::Function<SoftmaxFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const OptTensor& mask, double scale,
+                        bool is_causal) {
+    static const auto op = find_op<SoftmaxFwd>("fused_attn::softmax_fwd");
+    at::AutoDispatchBelowADInplaceOrView below;
+    Tensor out = op.call(input, mask, scale, is_causal);
+    ctx->save_for_backward({out});
+    ctx->saved_data["scale"] = scale;
+    record_given(ctx, {true, given(mask)});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<SoftmaxBwd>("fused_attn::softmax_bwd");
+    const Tensor out = ctx->get_saved_variables()[0];
+    const std::array<bool, 2> needs = needs_grad<2>(ctx);
+    auto [dx, dmask] = op.call(grads[0].contiguous(), out, ctx->saved_data["scale"].toDouble(), needs[1]);
+    return {pick(dx, needs[0]), pick(dmask, needs[1]), Tensor(), Tensor()};
+  }
+};
+
+Tensor softmax_fwd_autograd(const Tensor& input, const OptTensor& mask, double scale, bool is_causal) {
+  return SoftmaxFunction::apply(input, mask, scale, is_causal);
+}
+
+// ---------------------------------------------------------------------------------------------
+// linear_gelu_fwd(input, weight, bias?, approximate) -> (out, pre_activation)
+
+using LinearGeluFwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, c10::string_view);
+using LinearGeluBwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                         c10::string_view, std::array<bool, 3>);
+
+struct LinearGeluFunction : torch::autograd::Function<LinearGeluFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& weight, const OptTensor& bias,
+                               c10::string_view approximate) {
+    static const auto op = find_op<LinearGeluFwd>("fused_attn::linear_gelu_fwd");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [out, pre] = op.call(input, weight, bias, approximate);
+    ctx->save_for_backward({input, weight, pre});
+    ctx->saved_data["approximate"] = std::string(approximate);
+    record_given(ctx, {true, true, given(bias)});
+    ctx->mark_non_differentiable({pre});
+    ctx->set_materialize_grads(false);
+    return {out, pre};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<LinearGeluBwd>("fused_attn::linear_gelu_bwd");
+    const auto saved = ctx->get_saved_variables();
+    const std::array<bool, 3> mask = needs_grad<3>(ctx);
+    if (!grads[0].defined()) return variable_list(4);
+    const std::string approximate = ctx->saved_data["approximate"].toStringRef();
+    auto [dx, dw, db] = op.call(grads[0].contiguous(), saved[0], saved[1], saved[2], approximate, mask);
+    return {pick(dx, mask[0]), pick(dw, mask[1]), pick(db, mask[2]), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> linear_gelu_fwd_autograd(const Tensor& input, const Tensor& weight, const OptTensor& bias,
+                                                    c10::string_view approximate) {
+  auto out = LinearGeluFunction::apply(input, weight, bias, approximate);
+  return {out[0], out[1]};
+}
+
+// ---------------------------------------------------------------------------------------------
+// ffn_fwd(input, w1, b1?, w2, b2?, approximate, dropout_p, seed?) -> (out, pre_activation)
+
+using FfnFwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
+                                          const OptTensor&, c10::string_view, double, const OptTensor&);
+using FfnBwd = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                  const Tensor&, const Tensor&, c10::string_view,
+                                                                  double, const OptTensor&, std::array<bool, 5>);
+
+struct FfnFunction : torch::autograd::Function<FfnFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& w1, const OptTensor& b1,
+                               const Tensor& w2, const OptTensor& b2, c10::string_view approximate,
+                               double dropout_p, const OptTensor& seed) {
+    static const auto op = find_op<FfnFwd>("fused_attn::ffn_fwd");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [out, pre] = op.call(input, w1, b1, w2, b2, approximate, dropout_p, seed);
+    ctx->save_for_backward({input, w1, w2, pre, seed.value_or(Tensor())});
+    ctx->saved_data["approximate"] = std::string(approximate);
+    ctx->saved_data["dropout_p"] = dropout_p;
+    record_given(ctx, {true, true, given(b1), true, given(b2)});
+    ctx->mark_non_differentiable({pre});
+    ctx->set_materialize_grads(false);
+    return {out, pre};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<FfnBwd>("fused_attn::ffn_bwd");
+    const auto saved = ctx->get_saved_variables();
+    const std::array<bool, 5> mask = needs_grad<5>(ctx);
+    if (!grads[0].defined()) return variable_list(8);
+    const std::string approximate = ctx->saved_data["approximate"].toStringRef();
+    auto [dx, dw1, db1, dw2, db2] =
+        op.call(grads[0].contiguous(), saved[0], saved[1], saved[2], saved[3], approximate,
+                ctx->saved_data["dropout_p"].toDouble(), optional(saved[4]), mask);
+    return {pick(dx, mask[0]), pick(dw1, mask[1]), pick(db1, mask[2]), pick(dw2, mask[3]), pick(db2, mask[4]),
+            Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> ffn_fwd_autograd(const Tensor& input, const Tensor& w1, const OptTensor& b1,
+                                            const Tensor& w2, const OptTensor& b2, c10::string_view approximate,
+                                            double dropout_p, const OptTensor& seed) {
+  auto out = FfnFunction::apply(input, w1, b1, w2, b2, approximate, dropout_p, seed);
+  return {out[0], out[1]};
+}
+
+}  // namespace
+}  // namespace fused_attn
+
+TORCH_LIBRARY_IMPL(fused_attn, Autograd, m) {
+  m.impl("layer_norm_fwd", &fused_attn::layer_norm_fwd_autograd);
+  m.impl("add_layer_norm_fwd", &fused_attn::add_layer_norm_fwd_autograd);
+  m.impl("attention_fwd", &fused_attn::attention_fwd_autograd);
+  m.impl("softmax_fwd", &fused_attn::softmax_fwd_autograd);
+  m.impl("linear_gelu_fwd", &fused_attn::linear_gelu_fwd_autograd);
+  m.impl("ffn_fwd", &fused_attn::ffn_fwd_autograd);
+}

@@ -1,0 +1,102 @@
+// fused_attn::ffn_fwd / ffn_bwd for CPU and CUDA tensors (schemas in csrc/ops.cpp): the
+// position-wise FFN composed of the backend's fused linear_gelu kernels (csrc/cpu/ffn.cpp,
+// csrc/cuda/ffn.cu) and a library GEMM for the second linear. The same code serves both devices;
+// it calls the kernels through the dispatcher, below the autograd key (its autograd formula is in
+// csrc/autograd.cpp).
+//
+// Dropout after the second linear draws its keep-mask (u >= dropout_p, u uniform in [0, 1) in
+// float32) from a fresh torch generator of the tensors' device seeded with the call's seed, so the
+// backward regenerates it instead of storing it; fused_attn.ops.ffn.ffn_keep_mask replays the draw.
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/detail/CUDAHooksInterface.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/rand.h>
+#include <torch/library.h>
+
+namespace fused_attn {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+using LinearGeluFwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, c10::string_view);
+using LinearGeluBwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                         c10::string_view, std::array<bool, 3>);
+using LinearGeluBwdScratch = std::tuple<Tensor, Tensor, Tensor>(Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                                c10::string_view, std::array<bool, 3>);
+
+c10::OperatorHandle find(const char* name) { return c10::Dispatcher::singleton().findSchemaOrThrow(name, ""); }
+
+Tensor keep_mask(at::IntArrayRef shape, const OptTensor& seed, double dropout_p, const at::Device& device) {
+  TORCH_CHECK(seed.has_value() && seed->defined() && seed->numel() == 1 && seed->scalar_type() == at::kLong &&
+                  seed->device().is_cpu(),
+              "seed must be a CPU int64 scalar tensor when dropout_p > 0");
+  at::Generator generator = device.is_cuda() ? at::detail::getCUDAHooks().getNewGenerator(device.index())
+                                             : at::detail::createCPUGenerator();
+  generator.set_current_seed(static_cast<uint64_t>(seed->item<int64_t>()));
+  return at::rand(shape, generator, at::TensorOptions().dtype(at::kFloat).device(device)).ge_(dropout_p);
+}
+
+std::tuple<Tensor, Tensor> ffn_fwd(const Tensor& input, const Tensor& w1, const OptTensor& b1, const Tensor& w2,
+                                   const OptTensor& b2, c10::string_view approximate, double dropout_p,
+                                   const OptTensor& seed) {
+  static const auto linear_gelu = find("fused_attn::linear_gelu_fwd").typed<LinearGeluFwd>();
+  at::AutoDispatchBelowADInplaceOrView below;
+  auto [hidden, pre] = linear_gelu.call(input, w1, b1, approximate);
+  Tensor out = at::linear(hidden, w2, b2);
+  if (dropout_p > 0.0) out.mul_(keep_mask(out.sizes(), seed, dropout_p, out.device())).div_(1.0 - dropout_p);
+  return {out, pre};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd(const Tensor& grad_out_, const Tensor& input,
+                                                           const Tensor& w1, const Tensor& w2,
+                                                           const Tensor& pre_activation, c10::string_view approximate,
+                                                           double dropout_p, const OptTensor& seed,
+                                                           std::array<bool, 5> output_mask) {
+  static const auto scratch_op = find("fused_attn::linear_gelu_bwd_scratch");
+  static const auto bwd_op = find("fused_attn::linear_gelu_bwd").typed<LinearGeluBwd>();
+  at::AutoDispatchBelowADInplaceOrView below;
+  const auto [need_dx, need_dw1, need_db1, need_dw2, need_db2] = output_mask;
+  Tensor grad_out = grad_out_;
+  if (dropout_p > 0.0) {
+    grad_out = grad_out.mul(keep_mask(grad_out.sizes(), seed, dropout_p, grad_out.device())).div_(1.0 - dropout_p);
+  }
+  auto empty = [&] { return at::empty({0}, input.options()); };
+  Tensor dw2 = need_dw2 ? grad_out.t().mm(at::gelu(pre_activation, approximate)) : empty();
+  Tensor db2 = need_db2 ? grad_out.sum(0) : empty();
+  Tensor dx = empty(), dw1 = empty(), db1 = empty();
+  if (need_dx || need_dw1 || need_db1) {
+    // The hidden gradient is this function's own temporary: where the backend has the scratch
+    // variant, grad_pre overwrites it instead of taking a buffer of its own.
+    Tensor d_hidden = grad_out.mm(w2);
+    const std::array<bool, 3> mask{need_dx, need_dw1, need_db1};
+    const auto key = c10::computeDispatchKey(std::nullopt, std::nullopt, input.device());
+    std::tie(dx, dw1, db1) =
+        scratch_op.hasKernelForDispatchKey(key)
+            ? scratch_op.typed<LinearGeluBwdScratch>().call(d_hidden, input, w1, pre_activation, approximate, mask)
+            : bwd_op.call(d_hidden, input, w1, pre_activation, approximate, mask);
+  }
+  return {dx, dw1, db1, dw2, db2};
+}
+
+}  // namespace
+}  // namespace fused_attn
+
+TORCH_LIBRARY_IMPL(fused_attn, CPU, m) {
+  m.impl("ffn_fwd", &fused_attn::ffn_fwd);
+  m.impl("ffn_bwd", &fused_attn::ffn_bwd);
+}
+
+#ifdef FUSED_ATTN_WITH_CUDA
+TORCH_LIBRARY_IMPL(fused_attn, CUDA, m) {
+  m.impl("ffn_fwd", &fused_attn::ffn_fwd);
+  m.impl("ffn_bwd", &fused_attn::ffn_bwd);
+}
+#endif
