@@ -45,6 +45,27 @@ def test_linear_gelu_parity(backend_device, dtype, approximate, shape):
 
 
 @pytest.mark.parametrize("backend_device", LINEAR_GELU)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_linear_gelu_wide_pre_activation_range(backend_device, approximate):
+    """Pre-activations from -40 to 40, where erf and the GELU's tails saturate (the CPU kernel
+    caps exponents there, to stay clear of subnormal arithmetic), output and gradients."""
+    backend, device = backend_device
+    dtype = supported_dtypes(backend, device, "linear_gelu")[0]
+    gen = torch.Generator().manual_seed(5)
+    pre = torch.linspace(-40, 40, 96)
+    args = {
+        "input": torch.eye(96).to(device=device, dtype=dtype),
+        "weight": (pre[:, None] * torch.ones(96) / 96 + torch.randn(96, 96, generator=gen) * 1e-3).to(device, dtype),
+        "bias": (pre * (95 / 96)).to(device=device, dtype=dtype),
+    }
+    assert_parity(
+        lambda input, weight, bias: fused_attn.linear_gelu(input, weight, bias, approximate, backend=backend),
+        lambda input, weight, bias: reference.linear_gelu(input, weight, bias, approximate),
+        args, grad_args=("input", "weight", "bias"),
+    )
+
+
+@pytest.mark.parametrize("backend_device", LINEAR_GELU)
 def test_linear_gelu_leading_dims_and_no_bias(backend_device):
     backend, device = backend_device
     gen = torch.Generator().manual_seed(1)

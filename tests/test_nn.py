@@ -98,6 +98,37 @@ def test_multihead_attention_cross_kdim_vdim_and_unbatched():
     assert list(fused.state_dict()) == list(plain.state_dict())
 
 
+class _CountLinear(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.nn.functional.linear
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batched", [True, False])
+def test_multihead_attention_projects_shared_inputs_in_one_gemm(batch_first, bias, batched):
+    """Self-attention: one GEMM for Q, K and V (also after the batch_first and unbatched layout
+    changes); memory as key and value: one for K and V. Then the output projection."""
+    torch.manual_seed(3)
+    plain = nn.MultiheadAttention(32, 4, bias=bias, batch_first=batch_first).eval()
+    fused = _as(plain, FusedMultiheadAttention)
+    x, memory = torch.randn(2, 6, 32), torch.randn(2, 9, 32)
+    if not batched:
+        x, memory = x[0], memory[0]
+    elif not batch_first:
+        x, memory = x.transpose(0, 1), memory.transpose(0, 1)
+    for (q, k, v), gemms in (((x, x, x), 2), ((x, memory, memory), 3), ((x, memory, memory.clone()), 4)):
+        with _CountLinear() as counter:
+            out = fused(q, k, v, need_weights=False)[0]
+        assert counter.calls == gemms
+        torch.testing.assert_close(out, plain(q, k, v, need_weights=False)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_multihead_attention_gradients():
     torch.manual_seed(2)
     plain = nn.MultiheadAttention(16, 2, batch_first=True).eval()

@@ -67,6 +67,15 @@ def merge_masks(
     return additive(attn) + additive(pad)
 
 
+def _same_views(query, key, value, view):
+    """``view`` of each, keeping the identities between them: self-attention (query is key is
+    value) is recognised after the layout change and projected by one GEMM, as torch's does."""
+    q = view(query)
+    k = q if key is query else view(key)
+    v = k if value is key else q if value is query else view(value)
+    return q, k, v
+
+
 class FusedMultiheadAttention(nn.MultiheadAttention):
     """:class:`torch.nn.MultiheadAttention` with the attention computed by the fused kernels.
 
@@ -102,11 +111,11 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
         self._check_inputs(query, key, value)
         batched = query.dim() == 3
         if not batched:
-            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+            query, key, value = _same_views(query, key, value, lambda t: t.unsqueeze(1))
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         elif self.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+            query, key, value = _same_views(query, key, value, lambda t: t.transpose(0, 1))
         # From here on [seq, batch, embed], torch.nn's own layout.
         q_len, batch, embed = query.shape
         k_len = key.shape[0]
@@ -162,8 +171,15 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
 
     def _project(self, query, key, value):
         if self._qkv_same_embed_dim:
+            # One GEMM for what shares an input: Q, K and V in self-attention, K and V when the
+            # memory serves as both (cross-attention), as torch's own projection does.
             if query is key and key is value:
                 return F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+            if key is value:
+                w_q, w_kv = self.in_proj_weight.split([self.embed_dim, 2 * self.embed_dim])
+                b_q, b_kv = (self.in_proj_bias.split([self.embed_dim, 2 * self.embed_dim])
+                             if self.in_proj_bias is not None else (None, None))
+                return (F.linear(query, w_q, b_q), *F.linear(key, w_kv, b_kv).chunk(2, dim=-1))
             w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         else:
             w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight

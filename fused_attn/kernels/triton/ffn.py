@@ -56,23 +56,31 @@ def _configs() -> list[triton.Config]:
 
 
 @triton.jit
-def _tanh(x):
-    # tanh from exp: saturates to +-1 without overflow (exp(2x) -> inf gives 1 - 0).
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+def _tanh_parts(u):
+    # (1 + tanh(u), 1 - tanh(u)^2) from one exponential, free of the cancellation 1 + t and
+    # 1 - t * t suffer where tanh(u) is near -1 or 1 (they lost most of their digits for
+    # x < -4 in the tanh GELU): with E = exp(2u) and s = 2 / (E + 1) = 1 - t, 1 + t is 2 - s for
+    # u >= 0 and E * s below, and 1 - t^2 = s * (1 + t). Saturates without overflow (E -> inf
+    # gives s = 0; the E * s branch, NaN there, is not taken).
+    e = tl.exp(2.0 * u)
+    s = 2.0 / (e + 1.0)
+    one_plus_t = tl.where(u >= 0.0, 2.0 - s, e * s)
+    return one_plus_t, s * one_plus_t
 
 
 @triton.jit
 def _gelu(x, APPROX_TANH: tl.constexpr):
     if APPROX_TANH:
-        return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+        one_plus_t, _ = _tanh_parts(0.7978845608028654 * (x + 0.044715 * x * x * x))
+        return 0.5 * x * one_plus_t
     return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
 
 
 @triton.jit
 def _gelu_grad(x, APPROX_TANH: tl.constexpr):
     if APPROX_TANH:
-        t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
-        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+        one_plus_t, one_minus_t2 = _tanh_parts(0.7978845608028654 * (x + 0.044715 * x * x * x))
+        return 0.5 * one_plus_t + 0.5 * x * one_minus_t2 * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
     return 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
 
 
