@@ -6,8 +6,12 @@
 // a fused model slower than eager wherever the host's launch rate bounds it (small batches,
 // inference on a GPU). Each formula forwards to the op below the autograd key, saves what its
 // backward reads, and in backward calls the op's `_bwd` op, asking only for the gradients the
-// graph needs (output_mask). Statistics outputs (mean, rstd, log-sum-exp, pre-activation) are
-// marked non-differentiable: they exist to be saved. Fake kernels stay in Python
+// graph needs (output_mask). The statistics outputs (mean, rstd, log-sum-exp, pre-activation)
+// exist to be saved: materialize_grads is off, so gradients nobody sent them arrive undefined and
+// are ignored (they are not marked non-differentiable, which compiled autograd refuses). The
+// `_bwd` ops are differentiable once only: their Autograd kernel is torch's "not implemented"
+// fallback, so a second derivative (create_graph=True, then backward through the gradients)
+// raises instead of silently giving None or zeros. Fake kernels stay in Python
 // (fused_attn/ops), so torch.compile traces these ops as single nodes and AOTAutograd traces the
 // backward through these formulas. The Triton ops keep their Python formulas (their kernels are
 // Python anyway).
@@ -18,6 +22,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/zeros_like.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -79,7 +84,6 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
     auto [out, mean, rstd] = op.call(input, weight, bias, eps);
     ctx->save_for_backward({input, weight.value_or(Tensor()), mean, rstd});
     record_given(ctx, {true, given(weight), given(bias)});
-    ctx->mark_non_differentiable({mean, rstd});
     ctx->set_materialize_grads(false);
     return {out, mean, rstd};
   }
@@ -122,7 +126,6 @@ struct AddLayerNormFunction : torch::autograd::Function<AddLayerNormFunction> {
     ctx->save_for_backward({prenorm, mean, rstd, weight.value_or(Tensor()), seed.value_or(Tensor())});
     ctx->saved_data["dropout_p"] = dropout_p;
     record_given(ctx, {true, true, given(weight), given(bias), given(input_bias)});
-    ctx->mark_non_differentiable({mean, rstd});
     // Gradients of outputs nobody used arrive undefined instead of materialised zeros.
     ctx->set_materialize_grads(false);
     return {out, prenorm, mean, rstd};
@@ -180,7 +183,6 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
     ctx->saved_data["is_causal"] = is_causal;
     ctx->saved_data["dropout_p"] = dropout_p;
     record_given(ctx, {true, true, true, given(attn_mask)});
-    ctx->mark_non_differentiable({stats});
     ctx->set_materialize_grads(false);
     return {out, stats};
   }
@@ -257,7 +259,6 @@ struct LinearGeluFunction : torch::autograd::Function<LinearGeluFunction> {
     ctx->save_for_backward({input, weight, pre});
     ctx->saved_data["approximate"] = std::string(approximate);
     record_given(ctx, {true, true, given(bias)});
-    ctx->mark_non_differentiable({pre});
     ctx->set_materialize_grads(false);
     return {out, pre};
   }
@@ -299,7 +300,6 @@ struct FfnFunction : torch::autograd::Function<FfnFunction> {
     ctx->saved_data["approximate"] = std::string(approximate);
     ctx->saved_data["dropout_p"] = dropout_p;
     record_given(ctx, {true, true, given(b1), true, given(b2)});
-    ctx->mark_non_differentiable({pre});
     ctx->set_materialize_grads(false);
     return {out, pre};
   }
@@ -335,4 +335,8 @@ TORCH_LIBRARY_IMPL(fused_attn, Autograd, m) {
   m.impl("softmax_fwd", &fused_attn::softmax_fwd_autograd);
   m.impl("linear_gelu_fwd", &fused_attn::linear_gelu_fwd_autograd);
   m.impl("ffn_fwd", &fused_attn::ffn_fwd_autograd);
+  for (const char* bwd : {"layer_norm_bwd", "add_layer_norm_bwd", "attention_bwd", "softmax_bwd", "linear_gelu_bwd",
+                          "ffn_bwd"}) {
+    m.impl(bwd, torch::autograd::autogradNotImplementedFallback());
+  }
 }

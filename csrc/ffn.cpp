@@ -41,7 +41,8 @@ Tensor keep_mask(at::IntArrayRef shape, const OptTensor& seed, double dropout_p,
   at::Generator generator = device.is_cuda() ? at::detail::getCUDAHooks().getNewGenerator(device.index())
                                              : at::detail::createCPUGenerator();
   generator.set_current_seed(static_cast<uint64_t>(seed->item<int64_t>()));
-  return at::rand(shape, generator, at::TensorOptions().dtype(at::kFloat).device(device)).ge_(dropout_p);
+  // A bool mask (what Python's >= gives): multiplying by it keeps the gradient's dtype.
+  return at::rand(shape, generator, at::TensorOptions().dtype(at::kFloat).device(device)).ge(dropout_p);
 }
 
 std::tuple<Tensor, Tensor> ffn_fwd(const Tensor& input, const Tensor& w1, const OptTensor& b1, const Tensor& w2,

@@ -104,16 +104,18 @@ def test_ffn_parity(backend_device, dtype, approximate, shape):
 
 
 @pytest.mark.parametrize("backend_device", FFN)
-def test_ffn_dropout_matches_reference_with_kernel_mask(backend_device):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ffn_dropout_matches_reference_with_kernel_mask(backend_device, dtype):
     backend, device = backend_device
+    _skip_dtype(backend, device, dtype)
     gen = torch.Generator().manual_seed(3)
     rows, model, hidden, p = 48, 32, 64, 0.25
     args = {
-        "input": _randn(2, rows // 2, model, dtype=torch.float32, device=device, gen=gen),
-        "w1": _randn(hidden, model, dtype=torch.float32, device=device, gen=gen, scale=0.2),
-        "b1": _randn(hidden, dtype=torch.float32, device=device, gen=gen),
-        "w2": _randn(model, hidden, dtype=torch.float32, device=device, gen=gen, scale=0.2),
-        "b2": _randn(model, dtype=torch.float32, device=device, gen=gen),
+        "input": _randn(2, rows // 2, model, dtype=dtype, device=device, gen=gen),
+        "w1": _randn(hidden, model, dtype=dtype, device=device, gen=gen, scale=0.2),
+        "b1": _randn(hidden, dtype=dtype, device=device, gen=gen),
+        "w2": _randn(model, hidden, dtype=dtype, device=device, gen=gen, scale=0.2),
+        "b2": _randn(model, dtype=dtype, device=device, gen=gen),
     }
     torch.manual_seed(11)
     keep = ffn_keep_mask(rows, model, p, device, backend).view(2, rows // 2, model)

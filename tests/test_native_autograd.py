@@ -150,3 +150,58 @@ def test_ffn(backend_device, has_b1, has_b2):
             lambda **a: reference.ffn(a["input"], a["w1"], a.get("b1"), a["w2"], a.get("b2")),
             args, grad_args,
         )
+
+
+def _op_calls(backend: str, device: str) -> dict:
+    """name -> (fn of the differentiable tensors, those tensors) for every op, small sizes."""
+    dtype = _dtype(device)
+    gen = torch.Generator().manual_seed(0)
+
+    def t(*shape):
+        return (torch.randn(*shape, generator=gen) / 2).to(device, dtype).requires_grad_()
+
+    x, w, b = t(6, 16), t(16), t(16)
+    q = t(1, 2, 5, 16)
+    return {
+        "layer_norm": (lambda x, w, b: fused_attn.layer_norm(x, (16,), w, b, backend=backend), (x, w, b)),
+        "add_layer_norm": (lambda x, r, w: fused_attn.add_layer_norm(x, r, w, None, backend=backend), (x, t(6, 16), w)),
+        "scaled_dot_product_attention": (
+            lambda q, k, v: fused_attn.scaled_dot_product_attention(q, k, v, backend=backend), (q, t(1, 2, 5, 16), t(1, 2, 5, 16))),
+        "softmax": (lambda s: fused_attn.softmax(s, backend=backend), (t(1, 2, 5, 7),)),
+        "linear_gelu": (lambda x, w: fused_attn.linear_gelu(x, w, backend=backend), (x, t(8, 16))),
+        "ffn": (lambda x, w1, w2: fused_attn.ffn(x, w1, None, w2, None, backend=backend), (x, t(8, 16), t(16, 8))),
+    }
+
+
+NATIVE_OPS = ["layer_norm", "add_layer_norm", "scaled_dot_product_attention", "softmax", "linear_gelu", "ffn"]
+
+
+@pytest.mark.parametrize("op", NATIVE_OPS)
+@pytest.mark.parametrize("backend, device", [("cpu", "cpu"), pytest.param("cuda", "cuda", marks=pytest.mark.cuda)])
+def test_second_derivative_raises(op, backend, device):
+    """The backward kernels are differentiable once: differentiating the gradients raises, rather
+    than giving None or zeros for the second derivative."""
+    if not _native(op):
+        pytest.skip("the extension is not built")
+    fn, inputs = _op_calls(backend, device)[op]
+    grads = torch.autograd.grad(fn(*inputs).float().square().sum(), inputs, create_graph=True)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        torch.autograd.grad(sum(g.float().square().sum() for g in grads), inputs, allow_unused=True)
+
+
+@pytest.mark.parametrize("op", NATIVE_OPS)
+@pytest.mark.parametrize("backend, device", [("cpu", "cpu"), pytest.param("cuda", "cuda", marks=pytest.mark.cuda)])
+def test_compiled_autograd(op, backend, device):
+    """The backward graph runs under compiled autograd and gives eager's gradients."""
+    if not _native(op):
+        pytest.skip("the extension is not built")
+    from torch._dynamo import compiled_autograd
+
+    fn, inputs = _op_calls(backend, device)[op]
+    expected = torch.autograd.grad(fn(*inputs).float().sum(), inputs)
+    torch._dynamo.reset()
+    loss = fn(*inputs).float().sum()
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        loss.backward()
+    for x, g in zip(inputs, expected):
+        torch.testing.assert_close(x.grad, g, rtol=0, atol=0)
