@@ -1,8 +1,9 @@
 """``fused_attn.scaled_dot_product_attention``: fused softmax attention, forward and backward.
 
 Layers, bottom up: the Triton kernels (``fused_attn/kernels/triton/attention.py``) behind the
-custom ops ``fused_attn::triton_attention_fwd/bwd`` (fake kernels and autograd registered here);
-the public function validates, expands the mask to [B, H, Lq, Lk] as a zero-stride view (never a
+custom ops ``fused_attn::triton_attention_fwd/bwd`` (fake kernels and autograd registered here),
+and the extension's ``fused_attn::attention_fwd/bwd`` (CPU and CUDA kernels; fake kernels here,
+autograd in csrc/autograd.cpp); the public function validates, expands the mask to [B, H, Lq, Lk] as a zero-stride view (never a
 copy) and picks the backend.
 """
 
