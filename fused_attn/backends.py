@@ -30,6 +30,10 @@ import torch
 from . import _extension
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
+# The longest dimension (sequence, row width) the Triton and CUDA kernels take: their tile counts
+# and loop counters are 32-bit, so a length within a tile of 2^31 would wrap them (csrc/cuda
+# checks the same bound).
+MAX_EXTENT = 2**31 - 1024
 AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu", "triton")}
 ENV_VAR = "FUSED_ATTN_BACKEND"
 

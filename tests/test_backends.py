@@ -239,3 +239,28 @@ def test_remembered_fallback_still_records_and_warns_once():
             assert backends.last_backend("layer_norm") == "cpu"
     fallbacks = [w for w in caught if issubclass(w.category, FallbackWarning)]
     assert len(fallbacks) == 1 and "float64" in str(fallbacks[0].message)
+
+
+@pytest.mark.parametrize("op, feature", [
+    ("scaled_dot_product_attention", "q_len"), ("scaled_dot_product_attention", "k_len"), ("softmax", "n_cols"),
+    ("layer_norm", "hidden"), ("add_layer_norm", "hidden"), ("linear_gelu", "in_features"), ("ffn", "in_features"),
+])
+def test_gpu_kernels_decline_lengths_that_would_wrap_32_bit_counters(op, feature):
+    """A dimension within a tile of 2^31 would wrap the 32-bit tile counts and loop counters of the
+    Triton (and CUDA) kernels: declared once, so auto passes such calls on and a named backend says why."""
+    base = {"head_dim": 64, "head_dim_v": 64, "q_len": 8, "k_len": 8, "n_cols": 8, "hidden": 8, "in_features": 8}
+    for extent, refused in ((backends.MAX_EXTENT, False), (backends.MAX_EXTENT + 1, True)):
+        inputs = Inputs(torch.device("cuda"), torch.float16, {**base, feature: extent})
+        support = backends.registered_ops()[op].supports["triton"]
+        reasons = [r for r in support.not_supported_reasons(inputs) if feature in r]
+        assert bool(reasons) == refused, reasons
+
+
+def test_triton_gemm_refuses_dims_that_would_wrap():
+    if backends.triton_version() is None:
+        pytest.skip("triton is not installed")
+    from fused_attn.kernels.triton import ffn as kernels
+
+    tall = torch.zeros(1, 1).expand(backends.MAX_EXTENT + 1, 1)  # no memory behind it: refused before any launch
+    with pytest.raises(ValueError, match="dims up to"):
+        kernels.gemm(tall, torch.zeros(1, 1), tall)

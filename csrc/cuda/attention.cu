@@ -915,6 +915,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
 // Padded head dims with instantiated kernels; a head dim runs in the smallest that holds it.
 constexpr int kHeadDims[] = {32, 64, 96, 128, 256};
 constexpr int kMaxHeadDim = 256;
+// The longest sequence or softmax row the kernels take (fused_attn.backends.MAX_EXTENT): 2^31 less
+// 1024, so that int tile counts ((len + tile - 1) / tile) and loop counters cannot wrap.
+constexpr int64_t kMaxExtent = (int64_t{1} << 31) - 1024;
 
 int padded_head_dim(int64_t head_dim) {
   for (int d : kHeadDims) {
@@ -975,10 +978,11 @@ void check_qkv(const at::Tensor& query, const at::Tensor& key, const at::Tensor&
   TORCH_CHECK(query.size(3) <= kMaxHeadDim && value.size(3) <= kMaxHeadDim,
               "attention (cuda backend) serves head dims up to ", kMaxHeadDim, ", got head_dim ", query.size(3),
               " and value head_dim ", value.size(3), "; use backend='triton' or 'reference'");
-  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  TORCH_CHECK(query.size(2) < kIntMax && key.size(2) < kIntMax && query.size(1) < kIntMax,
-              "attention (cuda backend) needs sequence lengths and heads below 2^31, got q_len ", query.size(2),
-              ", k_len ", key.size(2), ", heads ", query.size(1));
+  // Tile counts and loop counters are int: a length within a tile of 2^31 would wrap them
+  // (fused_attn.backends.MAX_EXTENT, the same bound on the Python side).
+  TORCH_CHECK(query.size(2) <= kMaxExtent && key.size(2) <= kMaxExtent && query.size(1) <= kMaxExtent,
+              "attention (cuda backend) takes sequence lengths and heads up to ", kMaxExtent, ", got q_len ",
+              query.size(2), ", k_len ", key.size(2), ", heads ", query.size(1));
 }
 
 MaskArgs make_mask(const std::optional<at::Tensor>& attn_mask, const at::Tensor& query, int64_t k_len) {
@@ -1417,7 +1421,7 @@ at::Tensor softmax_fwd_cuda(const at::Tensor& input, const std::optional<at::Ten
   TORCH_CHECK(is_supported_float(input.scalar_type()), "input must be float32, float16 or bfloat16, got ",
               input.scalar_type());
   TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
-  TORCH_CHECK(input.size(3) < std::numeric_limits<int>::max(), "softmax rows must be shorter than 2^31, got ",
+  TORCH_CHECK(input.size(3) <= kMaxExtent, "softmax rows must be at most ", kMaxExtent, " long, got ",
               input.size(3));
   SoftmaxFwdParams p{};
   if (mask.has_value() && mask->defined()) {
@@ -1473,7 +1477,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_bwd_cuda(const at::Tensor& grad_out, 
   TORCH_CHECK(grad_out.device() == output.device(), "grad_out must be on ", output.device(), ", got ",
               grad_out.device());
   TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
-  TORCH_CHECK(output.size(-1) < std::numeric_limits<int>::max(), "softmax rows must be shorter than 2^31, got ",
+  TORCH_CHECK(output.size(-1) <= kMaxExtent, "softmax rows must be at most ", kMaxExtent, " long, got ",
               output.size(-1));
   const c10::cuda::CUDAGuard guard(output.device());
   // Rows are read contiguously; a strided argument is copied first (the op's own backward always

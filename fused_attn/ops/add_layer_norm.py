@@ -12,7 +12,7 @@ import math
 import torch
 
 from .. import _extension, reference
-from ..backends import Inputs, Support, register_op, select
+from ..backends import MAX_EXTENT, Inputs, Support, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import register_native_pair, register_pair
@@ -24,7 +24,7 @@ SPEC = register_op(
     "add_layer_norm",
     [
         Support("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, native_op="add_layer_norm_fwd"),
-        Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES),
+        Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES, limits={"hidden": (None, MAX_EXTENT)}),
         Support("cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, native_op="add_layer_norm_fwd"),
         Support("reference", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)),
     ],

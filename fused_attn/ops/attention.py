@@ -14,7 +14,7 @@ import math
 import torch
 
 from .. import _extension, reference
-from ..backends import Inputs, Support, register_op, select
+from ..backends import MAX_EXTENT, Inputs, Support, register_op, select
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import register_native_pair, register_pair
@@ -24,6 +24,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Head dims a kernel tile holds: padded (to a power of two >= 16 in Triton; to 32, 64, 96, 128 or 256
 # in CUDA C++) and masked, up to 256.
 HEAD_DIM_LIMITS = {"head_dim": (1, 256), "head_dim_v": (1, 256)}
+GPU_LIMITS = {**HEAD_DIM_LIMITS, "q_len": (None, MAX_EXTENT), "k_len": (None, MAX_EXTENT)}
 # The CUDA C++ kernels multiply on tensor cores (mma.sync with fp16/bf16 operands, cp.async): sm80+,
 # no float32 (which the policy then gives to Triton).
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
@@ -53,11 +54,11 @@ SPEC = register_op(
     "scaled_dot_product_attention",
     [
         Support(
-            "cuda", devices=("cuda",), dtypes=CUDA_DTYPES, limits=HEAD_DIM_LIMITS, min_compute_capability=(8, 0),
+            "cuda", devices=("cuda",), dtypes=CUDA_DTYPES, limits=GPU_LIMITS, min_compute_capability=(8, 0),
             check=_cuda_shared_memory_reasons, native_op="attention_fwd",
             check_doc="head dims over 128 where the GPU has 132 KiB of shared memory per block",
         ),
-        Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES, limits=HEAD_DIM_LIMITS),
+        Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES, limits=GPU_LIMITS),
         Support("cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, limits=HEAD_DIM_LIMITS, native_op="attention_fwd"),
         Support("reference", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)),
     ],

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension, reference
-from ..backends import Inputs, Support, register_op, select
+from ..backends import MAX_EXTENT, Inputs, Support, register_op, select
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import register_native_pair, register_pair
@@ -25,7 +25,7 @@ LINEAR_GELU = register_op(
     "linear_gelu",
     [
         Support("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, native_op="linear_gelu_fwd"),
-        Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES),
+        Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES, limits={"in_features": (None, MAX_EXTENT)}),
         Support("cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, native_op="linear_gelu_fwd"),
         Support("reference", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)),
     ],
@@ -34,7 +34,7 @@ FFN = register_op(
     "ffn",
     [
         Support("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, native_op="ffn_fwd"),
-        Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES),
+        Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES, limits={"in_features": (None, MAX_EXTENT)}),
         Support("cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, native_op="ffn_fwd"),
         Support("reference", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)),
     ],

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _extension, reference
-from ..backends import Inputs, Support, register_op, select
+from ..backends import MAX_EXTENT, Inputs, Support, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._registry import register_native_pair, register_pair
 from ._validate import check_eps, check_param, check_tensor, rows
@@ -25,7 +25,7 @@ SPEC = register_op(
     "layer_norm",
     [
         Support("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, native_op="layer_norm_fwd"),
-        Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES),
+        Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES, limits={"hidden": (None, MAX_EXTENT)}),
         Support("cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, native_op="layer_norm_fwd"),
         Support("reference", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)),
     ],

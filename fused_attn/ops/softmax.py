@@ -10,18 +10,21 @@ from __future__ import annotations
 import torch
 
 from .. import _extension, reference
-from ..backends import Inputs, Support, register_op, select
+from ..backends import MAX_EXTENT, Inputs, Support, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._registry import register_native_pair, register_pair
 from ._validate import check_same_device, check_tensor, dtype_name, is_finite_number
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# Rows up to MAX_EXTENT long (32-bit loop counters in the Triton and CUDA kernels).
+_LIMITS = {"n_cols": (None, MAX_EXTENT)}
+
 SPEC = register_op(
     "softmax",
     [
-        Support("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, native_op="softmax_fwd"),
-        Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES),
+        Support("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, limits=_LIMITS, native_op="softmax_fwd"),
+        Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES, limits=_LIMITS),
         Support("cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, native_op="softmax_fwd"),
         Support("reference", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)),
     ],

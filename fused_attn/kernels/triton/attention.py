@@ -19,8 +19,8 @@ backward exactly 0 (zero gradients, no NaN). Finite bias values are clamped at -
 times log2(e) stays finite, so a row masked with ``torch.finfo(...).min`` alone averages its
 values as PyTorch does rather than counting as fully masked.
 
-Dropout: Philox (``tl.rand``) keyed by a 64-bit seed with counter ``(bh * Lq + i) * Lk + j``,
-so the backward regenerates the same keep-mask from the seed alone. ``DROPOUT`` is a constexpr:
+Dropout: Philox (``_dropout.uniform``, tl.rand's stream) keyed by a 64-bit seed with counter
+``(bh * Lq + i) * Lk + j``, so the backward regenerates the same keep-mask from the seed alone. ``DROPOUT`` is a constexpr:
 ``dropout_p == 0`` compiles the RNG away.
 
 Backward: a per-row pass first; then one kernel per key tile accumulates dK and dV over the
@@ -60,6 +60,7 @@ import triton.language as tl
 
 from ...backends import triton_interpret_mode
 from ._autotune import benchmark, pruner, size_bucket
+from ._dropout import uniform
 from ._masks import bias_log2
 
 LOG2E = 1.4426950408889634
@@ -107,7 +108,7 @@ _NOT_SPECIALIZED = ["seed", "Q_BUCKET", "K_BUCKET"]
 def _dropout_keep(seed, bh, offs_m, offs_n, q_len, k_len, dropout_p):
     """Keep-mask (True = kept) of the elements [offs_m, offs_n] of head ``bh``; same draw in fwd and bwd."""
     counter = (bh * q_len + offs_m[:, None].to(tl.int64)) * k_len + offs_n[None, :]
-    return tl.rand(seed, counter) >= dropout_p
+    return uniform(seed, counter) >= dropout_p
 
 
 @triton.jit

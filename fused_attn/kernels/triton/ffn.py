@@ -14,7 +14,7 @@ One tiled GEMM kernel ``C = A' @ B'`` serves the whole feed-forward block, forwa
 Operands are addressed through strides, so transposes are free. Tiles are visited in groups of
 ``GROUP_M`` rows of tiles so that neighbouring programs share B tiles in L2. Accumulation is
 float32; float32 operands use IEEE products (not TF32), so float32 results match PyTorch's.
-Dropout uses the package's Philox stream (``tl.rand``) at element ``row * ld + col`` of the
+Dropout uses the package's Philox stream (``_dropout.uniform``) at element ``row * ld + col`` of the
 dropped tensor, so forward and backward draw the same mask.
 """
 
@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...backends import triton_interpret_mode
+from ...backends import MAX_EXTENT, triton_interpret_mode
 from ._autotune import benchmark, pruner, size_bucket
 from ._dropout import dropout
 
@@ -180,6 +180,9 @@ def gemm(
     N = b.shape[1]
     if M == 0 or N == 0:
         return out
+    if max(M, N, K) > MAX_EXTENT:
+        # Tile counts and the K loop are 32-bit in the kernel: a dim within a tile of 2^31 wraps them.
+        raise ValueError(f"the Triton FFN GEMM takes dims up to {MAX_EXTENT}, got [{M}, {K}] x [{K}, {N}]")
     # The token count is M (forward, input gradient) or K (weight gradients): keyed by power-of-two
     # bucket, a batch of a new length reuses the tuning of its bucket instead of timing every config
     # again (N is always a feature size). The buckets are plain ints the kernel ignores.

@@ -1,0 +1,69 @@
+"""The dropout stream every backend draws (csrc/ops.cpp): Philox4x32-10 keyed by the 64-bit seed,
+counter (element & 0xffffffff, element >> 32, 0, 0), first output word w taken as int32 and mapped
+to [0, 1) by (w < 0 ? -w - 1 : w) * 4.6566127342e-10. Checked here against a plain-Python
+Philox at elements on both sides of 2^31 and 2^32 (the Triton helper, whatever Triton's own
+tl.rand does with 64-bit counters) and against the C++ CPU kernel's keep-mask."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fused_attn import _extension, backends
+
+M32 = 0xFFFFFFFF
+SEED = 0x123456789ABCDEF
+
+if backends.triton_version() is not None:
+    import triton
+    import triton.language as tl
+
+    from fused_attn.kernels.triton._dropout import uniform
+
+    @triton.jit
+    def _draw(out_ptr, seed, first, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(out_ptr + offs, uniform(seed, first + offs.to(tl.int64)))
+
+
+def _philox_uniform(seed: int, element: int) -> np.float32:
+    c0, c1, c2, c3 = element & M32, (element >> 32) & M32, 0, 0
+    k0, k1 = seed & M32, (seed >> 32) & M32
+    for _ in range(10):
+        p0, p2 = c0, c2
+        c0 = (((0xCD9E8D57 * p2) >> 32) ^ c1 ^ k0) & M32
+        c2 = (((0xD2511F53 * p0) >> 32) ^ c3 ^ k1) & M32
+        c1 = (0xCD9E8D57 * p2) & M32
+        c3 = (0xD2511F53 * p0) & M32
+        k0 = (k0 + 0x9E3779B9) & M32
+        k1 = (k1 + 0xBB67AE85) & M32
+    w = int(np.uint32(c0).view(np.int32))
+    w = -w - 1 if w < 0 else w
+    return np.float32(np.float32(w) * np.float32(4.6566127342e-10))
+
+
+def _triton_device() -> str | None:
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if backends.triton_interpret_mode() and backends.triton_version() else None
+
+
+@pytest.mark.skipif(_triton_device() is None, reason="needs Triton on a GPU or under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("first", [0, 2**31 - 4, 2**32 - 4, 5 * 2**32 + 7, 2**40])
+def test_triton_stream_is_the_documented_philox(first):
+    out = torch.empty(8, device=_triton_device())
+    _draw[(1,)](out, SEED, first, N=8)
+    expected = np.array([_philox_uniform(SEED, first + i) for i in range(8)], dtype=np.float32)
+    np.testing.assert_array_equal(out.cpu().numpy(), expected)
+
+
+@pytest.mark.skipif(not _extension.loaded(), reason="the extension is not built")
+def test_cpu_kernel_keep_mask_is_the_documented_philox():
+    rows, hidden, p = 3, 37, 0.4
+    ones = torch.ones(rows, hidden)
+    seed = torch.tensor(SEED)
+    _, prenorm, _, _ = torch.ops.fused_attn.add_layer_norm_fwd(ones, torch.zeros_like(ones), None, None, None,
+                                                               1e-5, p, seed)
+    expected = np.array([[_philox_uniform(SEED, r * hidden + c) >= p for c in range(hidden)] for r in range(rows)])
+    np.testing.assert_array_equal((prenorm != 0).numpy(), expected)
