@@ -44,7 +44,8 @@ def observer(hook):
 
 
 def _hooks_of(*dicts) -> bool:
-    return any(not getattr(hook, _OBSERVER, False) for d in dicts for hook in d.values())
+    # Empty dicts first: this runs on every forward of a fused layer.
+    return any(d and any(not getattr(hook, _OBSERVER, False) for hook in d.values()) for d in dicts)
 
 
 def _bypassed_hooks(layer: nn.Module, called: tuple[str, ...] = ()) -> bool:
@@ -53,10 +54,13 @@ def _bypassed_hooks(layer: nn.Module, called: tuple[str, ...] = ()) -> bool:
     if _hooks_of(_module._global_forward_pre_hooks, _module._global_forward_hooks,
                  _module._global_backward_pre_hooks, _module._global_backward_hooks):
         return True
-    return any(
-        _hooks_of(child._forward_pre_hooks, child._forward_hooks, child._backward_pre_hooks, child._backward_hooks)
-        for name, child in layer.named_children() if name not in called
-    )
+    for name, child in layer._modules.items():
+        if child is None or name in called:
+            continue
+        hooks = (child._forward_pre_hooks, child._forward_hooks, child._backward_pre_hooks, child._backward_hooks)
+        if (hooks[0] or hooks[1] or hooks[2] or hooks[3]) and _hooks_of(*hooks):
+            return True
+    return False
 
 
 def _warn_hooks(layer: nn.Module) -> None:
