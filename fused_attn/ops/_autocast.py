@@ -41,9 +41,16 @@ def cast(value: object, dtype: torch.dtype | None) -> object:
     return value if value.dtype == torch.float64 else value.to(dtype)
 
 
+# One call answering "is autocast on for any device?" (absent from older torch: then the per-device
+# question is asked). Dynamo is left the per-device path, which it knows.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
 def autocast_inputs(policy: str, like: object, *values: object) -> tuple:
     """``values`` cast for an op of ``policy`` on ``like``'s device (unchanged without autocast,
     or when ``like`` is not a tensor: validation reports that)."""
+    if _any_autocast is not None and not torch.compiler.is_compiling() and not _any_autocast():
+        return values
     if not isinstance(like, torch.Tensor):
         return values
     dtype = autocast_dtype(policy, like.device)

@@ -166,9 +166,9 @@ def add_layer_norm(
         raise ValueError(f"residual shape {list(residual.shape)} does not match input shape {list(input.shape)}")
     check_same_device(residual, "residual", input, "input")
     hidden = input.shape[-1]
-    dtype = torch.promote_types(input.dtype, residual.dtype)
-    if input_bias is not None:
-        dtype = torch.promote_types(dtype, check_tensor(input_bias, "input_bias").dtype)
+    dtype = input.dtype if residual.dtype == input.dtype else torch.promote_types(input.dtype, residual.dtype)
+    if input_bias is not None and check_tensor(input_bias, "input_bias").dtype != dtype:
+        dtype = torch.promote_types(dtype, input_bias.dtype)
     if input.dtype != dtype:
         input = input.to(dtype)
     if residual.dtype != dtype:

@@ -219,7 +219,7 @@ def _validate(query, key, value) -> None:
         if t.dtype != query.dtype:
             raise TypeError(f"{name} dtype {dtype_name(t.dtype)} does not match query dtype {dtype_name(query.dtype)}")
         check_same_device(t, name, query, "query")
-        if t.shape[:2] != query.shape[:2]:
+        if t.shape[0] != query.shape[0] or t.shape[1] != query.shape[1]:
             raise ValueError(
                 f"{name} batch and heads {list(t.shape[:2])} do not match query's {list(query.shape[:2])}"
             )
