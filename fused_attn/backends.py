@@ -305,7 +305,9 @@ def clear_choices() -> None:
 def select(op: str, inputs: Inputs, backend: str | None = None) -> str:
     """The backend that will run ``op`` on ``inputs``; raises if a named one cannot."""
     wanted = requested_backend(backend)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not all(type(v) in (int, bool) for v in inputs.features.values()):
+        # Traced (Dynamo; make_fx and export give symbolic sizes, which are neither hashable nor
+        # fixed): the full path, leaving no state behind.
         name, fallback_reason = _select(op, inputs, wanted)
     else:
         key = (op, wanted, inputs.device, inputs.dtype, triton_interpret_mode(), *inputs.features.items())

@@ -264,3 +264,16 @@ def test_triton_gemm_refuses_dims_that_would_wrap():
     tall = torch.zeros(1, 1).expand(backends.MAX_EXTENT + 1, 1)  # no memory behind it: refused before any launch
     with pytest.raises(ValueError, match="dims up to"):
         kernels.gemm(tall, torch.zeros(1, 1), tall)
+
+
+def test_symbolic_tracing_outside_dynamo_takes_the_full_choice_path():
+    """make_fx (and export) trace with symbolic sizes that Dynamo's is_compiling() does not flag:
+    such a call is not remembered (a symbolic size is neither hashable nor fixed) and traces."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    backends.clear_choices()
+    x = torch.randn(5, 8)
+    for fn in (lambda x: fused_attn.softmax(x, -1), lambda x: fused_attn.linear_gelu(x, torch.ones(4, 8))):
+        graph = make_fx(fn, tracing_mode="symbolic")(torch.randn(3, 8))
+        torch.testing.assert_close(graph(x), fn(x))  # another length than traced
+    assert all(type(value) in (int, bool) for key in backends._CHOICES for _, value in key[5:])

@@ -65,6 +65,28 @@ def test_linear_gelu_wide_pre_activation_range(backend_device, approximate):
     )
 
 
+# Under the Triton interpreter numpy warns where the kernel meets inf (x^3 of the tanh GELU
+# overflowing, inf * 0 in the GEMM); a GPU computes the same values silently.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend_device", LINEAR_GELU)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_linear_gelu_gradient_at_huge_and_infinite_pre_activations(backend_device, approximate):
+    """The gradient is the cdf (1 or 0) far out, not a capped exponential or tanh floor times a
+    power of x, and NaN at +-inf as torch's."""
+    backend, device = backend_device
+    dtype = supported_dtypes(backend, device, "linear_gelu")[0]
+    pre = torch.tensor([13.0, 50.0, 1e11, 1e18, 1e36, -13.0, -1e11, -1e36, float("inf"), float("-inf")])
+    args = {
+        "input": pre[:, None].to(device=device, dtype=dtype),
+        "weight": torch.ones(1, 1, device=device, dtype=dtype),
+    }
+    assert_parity(
+        lambda input, weight: fused_attn.linear_gelu(input, weight, None, approximate, backend=backend),
+        lambda input, weight: reference.linear_gelu(input, weight, None, approximate),
+        args, grad_args=("input",),
+    )
+
+
 @pytest.mark.parametrize("backend_device", LINEAR_GELU)
 def test_linear_gelu_leading_dims_and_no_bias(backend_device):
     backend, device = backend_device

@@ -319,6 +319,16 @@ def test_hooks_on_bypassed_submodules_run(hook, layer, recwarn):
     assert any(m.startswith(f"{type(fused).__name__}: hooks on its") for m in fused_attn.backends._warned)
 
 
+def test_hooks_on_a_called_child_under_a_second_name_keep_the_fused_path(recwarn):
+    layer = FusedTransformerEncoderLayer(16, 4, 32, dropout=0.0).eval()
+    layer.attn_alias = layer.self_attn  # the same module, registered twice
+    calls = []
+    layer.self_attn.register_forward_hook(lambda *args: calls.append(1))
+    layer(torch.randn(3, 2, 16))
+    assert calls == [1]
+    assert not [w for w in recwarn if issubclass(w.category, fused_attn.FallbackWarning)]
+
+
 def test_observer_hooks_keep_the_fused_path():
     layer = FusedTransformerEncoderLayer(32, 4, 64, dropout=0.0, activation="gelu", batch_first=True)
     seen = []

@@ -118,7 +118,9 @@ C10_ALWAYS_INLINE TanhParts tanh_parts(const fVec& u) {
   const fVec e = exp_inline(u + u);
   const fVec s = fVec(2.f) / (e + fVec(1.f));
   const fVec one_plus_t = fVec::blendv(fVec(2.f) - s, e * s, u < fVec(0.f));
-  return {one_plus_t, s * one_plus_t};
+  // Past u = 40, 1 - t^2 (below 1e-34) is 0: exp_inline saturates at e^88, which would leave a
+  // floor of about 1e-38 that the tanh GELU's gradient multiplies by a cube of x.
+  return {one_plus_t, fVec::blendv(s * one_plus_t, fVec(0.f), u > fVec(40.f))};
 }
 
 template <bool kTanh>
@@ -149,12 +151,15 @@ C10_ALWAYS_INLINE fVec gelu_grad(const fVec& x) {
     return left_derivative + right_derivative;
   } else {
     // exp(-x^2 / 2), erf's exponential and the density's, its exponent capped at -80 (|x| > 12.6)
-    // so that neither it nor the products below become subnormal: there the gradient is 1 (x > 0)
-    // or a number below 1e-33 (x < 0) either way.
+    // so that neither it nor the products below become subnormal. Past the cap the density term
+    // x * phi(x) is dropped (its true value is below 1e-33 there; the capped exponential times x
+    // would grow with x): the gradient is then the cdf, 1 or 0 (and NaN at +-inf, as torch's).
     const fVec z = x * fVec(kSqrtHalf);
-    const fVec e = exp_inline(at::vec::maximum((z * z).neg(), fVec(-80.f)));
+    const fVec z2 = z * z;
+    const fVec e = exp_inline(at::vec::maximum(z2.neg(), fVec(-80.f)));
     const fVec cdf = fVec(0.5f) * (fVec(1.f) + erf_with_exp(z, e));
-    return at::vec::fmadd(x, fVec(kInvSqrt2Pi) * e, cdf);
+    const fVec density_e = fVec::blendv(e, fVec(0.f), z2 > fVec(80.f));
+    return at::vec::fmadd(x, fVec(kInvSqrt2Pi) * density_e, cdf);
   }
 }
 

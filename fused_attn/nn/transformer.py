@@ -54,8 +54,10 @@ def _bypassed_hooks(layer: nn.Module, called: tuple[str, ...] = ()) -> bool:
     if _hooks_of(_module._global_forward_pre_hooks, _module._global_forward_hooks,
                  _module._global_backward_pre_hooks, _module._global_backward_hooks):
         return True
+    called_children = [layer._modules.get(name) for name in called]
     for name, child in layer._modules.items():
-        if child is None or name in called:
+        # A called child under another name too (an alias) is called all the same.
+        if child is None or name in called or any(child is c for c in called_children):
             continue
         hooks = (child._forward_pre_hooks, child._forward_hooks, child._backward_pre_hooks, child._backward_hooks)
         if (hooks[0] or hooks[1] or hooks[2] or hooks[3]) and _hooks_of(*hooks):

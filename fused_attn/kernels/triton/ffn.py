@@ -61,12 +61,12 @@ def _tanh_parts(u):
     # 1 - t * t suffer where tanh(u) is near -1 or 1 (they lost most of their digits for
     # x < -4 in the tanh GELU): with E = exp(2u) and s = 2 / (E + 1) = 1 - t, 1 + t is 2 - s for
     # u >= 0 and E * s below, and 1 - t^2 = s * (1 + t). u is capped at 40 inside the exponential
-    # (no overflow, no inf * 0 in the branch not taken): past it 1 + t rounds to 2 and 1 - t^2
-    # is below 1e-34 either way.
+    # (no overflow, no inf * 0 in the branch not taken): past it 1 + t rounds to 2, and 1 - t^2
+    # (below 1e-34) is 0, as the gradient, which multiplies it by a cube of x, needs.
     e = tl.exp(2.0 * tl.minimum(u, 40.0))
     s = 2.0 / (e + 1.0)
     one_plus_t = tl.where(u >= 0.0, 2.0 - s, e * s)
-    return one_plus_t, s * one_plus_t
+    return one_plus_t, tl.where(u > 40.0, 0.0, s * one_plus_t)
 
 
 @triton.jit
