@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 from torch._dynamo.utils import counters
 
 import fused_attn

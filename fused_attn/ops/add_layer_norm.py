@@ -121,7 +121,9 @@ def _register(fwd: str, bwd: str) -> object:
 
 _FWD_OPS = {"triton": _register("triton_add_layer_norm_fwd", "triton_add_layer_norm_bwd")}
 if _extension.loaded():
-    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = register_native_pair("add_layer_norm_fwd", "add_layer_norm_bwd", fake_fwd=_fake_fwd, fake_bwd=_fake_bwd)
+    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = register_native_pair(
+        "add_layer_norm_fwd", "add_layer_norm_bwd", fake_fwd=_fake_fwd, fake_bwd=_fake_bwd
+    )
 
 
 def add_layer_norm(

@@ -3,7 +3,8 @@
 Layers, bottom up: the kernels (``torch.ops.fused_attn.layer_norm_fwd/bwd`` from the C++
 extension for CPU and CUDA tensors; ``torch.ops.fused_attn.triton_layer_norm_fwd/bwd`` wrapping
 the Triton kernels), each forward op with a fake kernel and an autograd formula (in C++ for the
-extension's ops, csrc/autograd.cpp; registered here for the Triton ones); then the public function, which validates, flattens to [rows, hidden] and picks the backend.
+extension's ops, csrc/autograd.cpp; registered here for the Triton ones); then the public
+function, which validates, flattens to [rows, hidden] and picks the backend.
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ def _register(fwd: str, bwd: str) -> object:
 
 _FWD_OPS = {"triton": _register("triton_layer_norm_fwd", "triton_layer_norm_bwd")}
 if _extension.loaded():
-    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = register_native_pair("layer_norm_fwd", "layer_norm_bwd", fake_fwd=_fake_fwd, fake_bwd=_fake_bwd)
+    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = register_native_pair(
+        "layer_norm_fwd", "layer_norm_bwd", fake_fwd=_fake_fwd, fake_bwd=_fake_bwd
+    )
 
 
 def _normalized_shape(normalized_shape: object) -> tuple[int, ...]:

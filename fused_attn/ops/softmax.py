@@ -81,7 +81,9 @@ def _register(fwd: str, bwd: str) -> object:
 
 _FWD_OPS = {"triton": _register("triton_softmax_fwd", "triton_softmax_bwd")}
 if _extension.loaded():
-    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = register_native_pair("softmax_fwd", "softmax_bwd", fake_fwd=_fake_fwd, fake_bwd=_fake_bwd)
+    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = register_native_pair(
+        "softmax_fwd", "softmax_bwd", fake_fwd=_fake_fwd, fake_bwd=_fake_bwd
+    )
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
@@ -140,10 +142,11 @@ def softmax(
     last = dim == input.dim() - 1
     moved = input if last else input.movedim(dim, -1)
     m = mask if mask is None or last else mask.movedim(dim, -1)
-    if moved.dim() != 4:
+    reshaped = moved.dim() != 4
+    if reshaped:
         moved_shape = moved.shape
         moved, m = _as_4d(moved), (None if m is None else _as_4d(m))
     y = _FWD_OPS[chosen](moved, m, float(scale), is_causal)
-    if input.dim() != 4:
+    if reshaped:
         y = y.reshape(moved_shape)
     return y if last else y.movedim(-1, dim)

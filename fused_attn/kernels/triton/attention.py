@@ -20,8 +20,8 @@ times log2(e) stays finite, so a row masked with ``torch.finfo(...).min`` alone 
 values as PyTorch does rather than counting as fully masked.
 
 Dropout: Philox (``_dropout.uniform``, tl.rand's stream) keyed by a 64-bit seed with counter
-``(bh * Lq + i) * Lk + j``, so the backward regenerates the same keep-mask from the seed alone. ``DROPOUT`` is a constexpr:
-``dropout_p == 0`` compiles the RNG away.
+``(bh * Lq + i) * Lk + j``, so the backward regenerates the same keep-mask from the seed alone.
+``DROPOUT`` is a constexpr: ``dropout_p == 0`` compiles the RNG away.
 
 Backward: a per-row pass first; then one kernel per key tile accumulates dK and dV over the
 query tiles (from the diagonal on, when causal) and one kernel per query tile accumulates dQ over
