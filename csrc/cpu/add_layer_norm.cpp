@@ -12,9 +12,9 @@
 //  * Backward: d_pre = LayerNorm backward of grad_out (+ grad_prenorm), which is the residual's
 //    gradient; the input's gradient is d_pre through the same dropout keep-mask, regenerated from
 //    the seed; the input bias's gradient is the column sum of that. A first pass per row (loads
-//    only) gives the row constants; the second writes the gradients and adds the rows' shares
+//    only) gives the row constants; the second writes the gradients and adds the row's share
 //    of grad_weight = sum(dy * xhat), grad_bias = sum(dy) and grad_input_bias to per-chunk
-//    Kahan-compensated float32 partials, added in chunk order afterwards. Chunks are cut by shape
+//    float64 column sums (cpu_rows::ColumnSums), added in chunk order afterwards. Chunks are cut by shape
 //    alone (cpu_rows::num_row_chunks), so the sums do not depend on the thread count.
 // Dropout is the shared Philox stream (fused_attn/philox.h) at element row * hidden + col,
 // drawn 16 counters at a time; an element is kept when its uniform is >= dropout_p (in float)
@@ -97,14 +97,14 @@ void add_layer_norm_fwd_rows(const scalar_t* x, const scalar_t* res, const float
 }
 
 // Where the backward writes: full-size gradients (null when not wanted) and this chunk's
-// compensated column sums ([2, hidden] float: sums then compensations; null when not wanted).
+// float64 column sums (cpu_rows::ColumnSums; null when not wanted).
 template <typename scalar_t>
 struct BwdOut {
   scalar_t* d_input = nullptr;
   scalar_t* d_residual = nullptr;
-  float* dw_part = nullptr;
-  float* db_part = nullptr;
-  float* dib_part = nullptr;
+  double* dw_part = nullptr;
+  double* db_part = nullptr;
+  double* dib_part = nullptr;
 };
 
 // Rows [begin, end) of the backward; x is the pre-norm sum (what was normalised), dpre_in the
@@ -116,28 +116,27 @@ void add_layer_norm_bwd_rows(const scalar_t* dy, const scalar_t* dpre_in, const 
   const bool need_dinput = o.d_input != nullptr || o.dib_part != nullptr;
   const bool need_dpre = need_dinput || o.d_residual != nullptr;
   const fVec pv(drop.p), kpv(drop.keep_prob);
-  for (int64_t first = begin; first < end; first += kRowGroup) {
-    const int64_t rows = std::min(kRowGroup, end - first);
-    const RowGroup g(dy, x, mean, rstd, w, hidden, first, rows, need_dpre);
-
-    for_each_block<B>(hidden, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
-      fVec wv[P], dw_sum[P], db_sum[P], dib_sum[P];
-      load_block(w + j, len, wv);
-      for (int k = 0; k < P; ++k) dw_sum[k] = db_sum[k] = dib_sum[k] = fVec(0.f);
-      for (int64_t q = 0; q < rows; ++q) {
-        const int64_t offset = (first + q) * hidden + j;
+  // Per row, a first pass (loads only) gives the LayerNorm row constants; the second, on the
+  // cached row, writes the gradients and adds the row's share of the sums
+  // (cpu_rows::backward_rows: the order of rows and blocks).
+  backward_rows<3, B>(
+      hidden, begin, end, {o.dw_part, o.db_part, o.dib_part},
+      [&](int64_t r) C10_ALWAYS_INLINE_ATTRIBUTE {
+        return layer_norm_row(dy, x, mean, rstd, w, hidden, r, need_dpre);
+      },
+      [&](int64_t r, int64_t j, int64_t len, LayerNormRow row, auto& sums) C10_ALWAYS_INLINE_ATTRIBUTE {
+        const int64_t offset = r * hidden + j;
         fVec dyv[P], xv[P], xhat[P];
         load_block(dy + offset, len, dyv);  // zero past the row, as are the sums it feeds
         load_block(x + offset, len, xv);
+        for (int k = 0; k < P; ++k) xhat[k] = (xv[k] - row.mean) * row.rstd;
+        if (sums.wanted(0)) sums.add_product(0, dyv, xhat);
+        if (sums.wanted(1)) sums.add(1, dyv);
+        if (!need_dpre) return;
+        fVec wv[P], d[P];
+        load_block(w + j, len, wv);
         for (int k = 0; k < P; ++k) {
-          xhat[k] = (xv[k] - g.mean[q]) * g.rstd[q];
-          dw_sum[k] = at::vec::fmadd(dyv[k], xhat[k], dw_sum[k]);
-          db_sum[k] += dyv[k];
-        }
-        if (!need_dpre) continue;
-        fVec d[P];
-        for (int k = 0; k < P; ++k) {
-          d[k] = (rounded_product(dyv[k], wv[k]) - at::vec::fmadd(xhat[k], g.c2[q], g.c1[q])) * g.rstd[q];
+          d[k] = (rounded_product(dyv[k], wv[k]) - at::vec::fmadd(xhat[k], row.c2, row.c1)) * row.rstd;
         }
         if (dpre_in != nullptr) {
           fVec extra[P];
@@ -146,18 +145,13 @@ void add_layer_norm_bwd_rows(const scalar_t* dy, const scalar_t* dpre_in, const 
         }
         if (o.d_residual != nullptr) store_block(o.d_residual + offset, len, d);
         if (need_dinput) {
-          // Lanes past the row hold garbage here; they are neither stored nor added to the
-          // partials (kahan_add_block writes len elements).
           if constexpr (kDropout) dropout_block(drop.seed, static_cast<uint64_t>(offset), pv, kpv, d);
           if (o.d_input != nullptr) store_block(o.d_input + offset, len, d);
-          for (int k = 0; k < P; ++k) dib_sum[k] += d[k];
+          // Lanes past the row hold garbage here; they are not stored, and land in the
+          // partials' padding.
+          if (sums.wanted(2)) sums.add(2, d);
         }
-      }
-      if (o.dw_part != nullptr) kahan_add_block(o.dw_part + j, o.dw_part + hidden + j, len, dw_sum);
-      if (o.db_part != nullptr) kahan_add_block(o.db_part + j, o.db_part + hidden + j, len, db_sum);
-      if (o.dib_part != nullptr) kahan_add_block(o.dib_part + j, o.dib_part + hidden + j, len, dib_sum);
-    });
-  }
+      });
 }
 
 void check_eps(double eps) {
@@ -274,11 +268,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
   if (!(need_dinput || need_dres || need_dw || need_db || need_dib)) return {dinput, dres, dw, db, dib};
 
   const int64_t nchunks = num_row_chunks(rows, hidden);
-  const auto part_options = options.dtype(at::kFloat);
-  const auto partials = [&](bool needed) {
-    return needed ? at::zeros({nchunks, 2, hidden}, part_options) : at::Tensor();
-  };
-  at::Tensor dw_part = partials(need_dw), db_part = partials(need_db), dib_part = partials(need_dib);
+  const at::Tensor dw_part = column_partials(need_dw, nchunks, hidden, prenorm);
+  const at::Tensor db_part = column_partials(need_db, nchunks, hidden, prenorm);
+  const at::Tensor dib_part = column_partials(need_dib, nchunks, hidden, prenorm);
   const at::Tensor w = affine_as_float(weight, prenorm, hidden, 1.f);
 
   AT_DISPATCH_V2(prenorm.scalar_type(), "add_layer_norm_bwd_cpu", AT_WRAP([&] {
@@ -288,9 +280,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
     const float* mp = mean.const_data_ptr<float>();
     const float* sp = rstd.const_data_ptr<float>();
     const float* wp = w.const_data_ptr<float>();
-    float* dwp = need_dw ? dw_part.mutable_data_ptr<float>() : nullptr;
-    float* dbp = need_db ? db_part.mutable_data_ptr<float>() : nullptr;
-    float* dibp = need_dib ? dib_part.mutable_data_ptr<float>() : nullptr;
+    double* dwp = need_dw ? dw_part.mutable_data_ptr<double>() : nullptr;
+    double* dbp = need_db ? db_part.mutable_data_ptr<double>() : nullptr;
+    double* dibp = need_dib ? dib_part.mutable_data_ptr<double>() : nullptr;
     scalar_t* dinp = need_dinput ? dinput.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* dresp = need_dres ? dres.mutable_data_ptr<scalar_t>() : nullptr;
     dispatch_dropout(drop, [&](auto dropout_tag) {
@@ -298,18 +290,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
       at::parallel_for(0, nchunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
         for (int64_t c = chunk_begin; c < chunk_end; ++c) {
           const auto [begin, end] = chunk_rows(c, nchunks, rows);
-          const int64_t part = 2 * c * hidden;
           BwdOut<scalar_t> o;
           o.d_input = dinp;
           o.d_residual = dresp;
-          o.dw_part = dwp ? dwp + part : nullptr;
-          o.db_part = dbp ? dbp + part : nullptr;
-          o.dib_part = dibp ? dibp + part : nullptr;
+          o.dw_part = chunk_partials(dwp, c, hidden);
+          o.db_part = chunk_partials(dbp, c, hidden);
+          o.dib_part = chunk_partials(dibp, c, hidden);
           add_layer_norm_bwd_rows<scalar_t, kDropout>(dyp, dpp, xp, mp, sp, wp, hidden, drop, begin, end, o);
         }
       });
     });
-    using Sum = std::pair<const float*, scalar_t*>;
+    using Sum = std::pair<const double*, scalar_t*>;
     sum_partials(std::array<Sum, 3>{Sum{dwp, need_dw ? dw.mutable_data_ptr<scalar_t>() : nullptr},
                                     Sum{dbp, need_db ? db.mutable_data_ptr<scalar_t>() : nullptr},
                                     Sum{dibp, need_dib ? dib.mutable_data_ptr<scalar_t>() : nullptr}},

@@ -16,7 +16,7 @@
 // The elementwise arithmetic is float32 on at::vec::Vectorized<float>, with torch's GELU
 // formulas (erf, or tanh for approximate="tanh") evaluated inline (see gelu below). The bias
 // gradient is deterministic: rows are cut into chunks by shape alone
-// (cpu_rows::num_row_chunks), each chunk sums into its own Kahan-compensated float32 buffer,
+// (cpu_rows::num_row_chunks), each chunk sums into its own float64 buffer,
 // and the buffers are added in chunk order, so the bits do not depend on the thread count.
 //
 // fp16/bf16: the GEMMs run in the storage dtype where the CPU multiplies it natively (oneDNN on
@@ -201,37 +201,27 @@ void gelu_fwd_rows(const src_t* src, scalar_t* pre, scalar_t* out, int64_t cols,
   }
 }
 
-// Rows handled together by the backward pass: their bias-gradient contributions are added in
-// registers and folded into the compensated column sums once per group.
-constexpr int64_t kRowGroup = 4;
-
 // Rows [begin, end) of the backward's elementwise pass: grad_pre = dy * gelu'(pre), stored to
 // grad_pre (float32 or scalar_t) when it is not null, and its column sums (unrounded) added to
-// this chunk's compensated sums db_part ([2, cols]: sums, then compensations) when not null.
+// this chunk's float64 sums db_part (cpu_rows::ColumnSums) when not null.
+// The order of rows and blocks is cpu_rows::backward_rows'.
 template <typename scalar_t, typename grad_t, bool kTanh>
 void gelu_bwd_rows(const scalar_t* dy, const scalar_t* pre, int64_t cols, int64_t begin, int64_t end,
-                   grad_t* grad_pre, float* db_part) {
+                   grad_t* grad_pre, double* db_part) {
   constexpr int P = kParts<scalar_t>;
   constexpr int64_t B = kBlock<scalar_t>;
-  for (int64_t first = begin; first < end; first += kRowGroup) {
-    const int64_t rows = std::min(kRowGroup, end - first);
-    for_each_block<B>(cols, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
-      fVec sum[P];
-      for (int k = 0; k < P; ++k) sum[k] = fVec(0.f);
-      for (int64_t q = 0; q < rows; ++q) {
-        const int64_t offset = (first + q) * cols + j;
+  struct NoConstants {};
+  backward_rows<1, B>(
+      cols, begin, end, {db_part}, [](int64_t) { return NoConstants{}; },
+      [&](int64_t r, int64_t j, int64_t len, NoConstants, auto& sums) C10_ALWAYS_INLINE_ATTRIBUTE {
+        const int64_t offset = r * cols + j;
         fVec dyv[P], xv[P], g[P];
         load_block(dy + offset, len, dyv);  // zero past the row: adds nothing to the sums
         load_block(pre + offset, len, xv);
-        for (int k = 0; k < P; ++k) {
-          g[k] = dyv[k] * gelu_grad<kTanh>(xv[k]);
-          sum[k] += g[k];
-        }
+        for (int k = 0; k < P; ++k) g[k] = dyv[k] * gelu_grad<kTanh>(xv[k]);
+        if (sums.wanted(0)) sums.add(0, g);
         if (grad_pre != nullptr) store_block(grad_pre + offset, len, g);
-      }
-      if (db_part != nullptr) kahan_add_block(db_part + j, db_part + cols + j, len, sum);
-    });
-  }
+      });
 }
 
 bool check_approximate(c10::string_view approximate) {
@@ -359,13 +349,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_impl(const at::Te
                    : at::empty({rows, out_features}, input.options().dtype(gemm_dtype));
   }
   const int64_t nchunks = num_row_chunks(rows, out_features);
-  at::Tensor db_part = need_db ? at::zeros({nchunks, 2, out_features}, input.options().dtype(at::kFloat))
-                               : at::Tensor();
+  const at::Tensor db_part = column_partials(need_db, nchunks, out_features, input);
 
   AT_DISPATCH_V2(input.scalar_type(), "linear_gelu_bwd_cpu", AT_WRAP([&] {
     const scalar_t* dyp = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* prep = pre_activation.const_data_ptr<scalar_t>();
-    float* dbp = need_db ? db_part.mutable_data_ptr<float>() : nullptr;
+    double* dbp = need_db ? db_part.mutable_data_ptr<double>() : nullptr;
     dispatch_approximate(tanh, [&](auto tanh_tag) {
       constexpr bool kTanh = decltype(tanh_tag)::value;
       const auto run = [&](auto* gp) {
@@ -374,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_impl(const at::Te
           for (int64_t c = chunk_begin; c < chunk_end; ++c) {
             const auto [begin, end] = chunk_rows(c, nchunks, rows);
             gelu_bwd_rows<scalar_t, grad_t, kTanh>(dyp, prep, out_features, begin, end, gp,
-                                                   dbp ? dbp + 2 * c * out_features : nullptr);
+                                                   chunk_partials(dbp, c, out_features));
           }
         });
       };
@@ -385,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_impl(const at::Te
       }
     });
     if (need_db) {
-      using Sum = std::pair<const float*, scalar_t*>;
+      using Sum = std::pair<const double*, scalar_t*>;
       sum_partials(std::array<Sum, 1>{Sum{dbp, db.mutable_data_ptr<scalar_t>()}}, nchunks, out_features);
     }
   }), at::kFloat, at::kHalf, at::kBFloat16);

@@ -7,9 +7,9 @@
 // accuracy. All arithmetic is float32 on at::vec::Vectorized<float>, fp16/bf16 widened on load
 // and rounded once on store; row sums are cascaded through a double every kSegment elements.
 // grad_weight/grad_bias are accumulated in the backward's grad_input pass: the rows are cut into
-// chunks fixed by the shape alone (cpu_rows::num_row_chunks), each summing into its own float32
-// [hidden] buffers (Kahan-compensated), and the buffers are added in chunk order, so there is no
-// race and the bits depend neither on scheduling nor on the thread count.
+// chunks fixed by the shape alone (cpu_rows::num_row_chunks), each summing into its own float64
+// [hidden] buffers (cpu_rows::ColumnSums), and the buffers are added in chunk order, so there is no race and the bits depend neither on scheduling nor on the
+// thread count.
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -65,50 +65,41 @@ void layer_norm_fwd_rows(const scalar_t* x, const float* w, const float* b, int6
 }
 
 // Rows [begin, end) of the backward. dx is null when grad_input is not wanted; dw_part/db_part
-// (this chunk's compensated column sums, [2, hidden] float: sums then compensations; null when
-// not wanted) are accumulated into.
+// (this chunk's float64 column sums, rows of cpu_rows::column_partials; null when not wanted)
+// are accumulated into. Per row, a first pass (loads only, bringing the row into cache) gives
+// the row constants when grad_input is wanted; the second, on the cached row, writes grad_input
+// and adds the row's share of grad_weight/grad_bias, so the parameter gradients need no pass
+// over the input of their own (cpu_rows::backward_rows: the order of rows and blocks).
 template <typename scalar_t>
 void layer_norm_bwd_rows(const scalar_t* dy, const scalar_t* x, const float* mean, const float* rstd,
                          const float* w, int64_t hidden, int64_t begin, int64_t end, scalar_t* dx,
-                         float* dw_part, float* db_part) {
+                         double* dw_part, double* db_part) {
   constexpr int P = kParts<scalar_t>;
   constexpr int64_t B = kBlock<scalar_t>;
-  for (int64_t first = begin; first < end; first += kRowGroup) {
-    const int64_t rows = std::min(kRowGroup, end - first);
-    // Pass 1, for grad_input only: the row means that couple its elements, re-centred on
-    // mean(xhat) against the float rounding of the saved mean (see layer_norm_grad_constants).
-    const RowGroup g(dy, x, mean, rstd, w, hidden, first, rows, dx != nullptr);
-
-    // Pass 2: grad_input and the group's share of grad_weight/grad_bias together, on the rows
-    // pass 1 left in cache; the parameter gradients need no pass over the input of their own.
-    // Lanes past the row are computed but never stored, and read as zero from dy, so they add
-    // nothing to the sums.
-    for_each_block<B>(hidden, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
-      fVec wv[P], dw_sum[P], db_sum[P];
-      if (dx != nullptr) load_block(w + j, len, wv);
-      for (int k = 0; k < P; ++k) dw_sum[k] = db_sum[k] = fVec(0.f);
-      for (int64_t q = 0; q < rows; ++q) {
-        const int64_t offset = (first + q) * hidden + j;
+  backward_rows<2, B>(
+      hidden, begin, end, {dw_part, db_part},
+      [&](int64_t r) C10_ALWAYS_INLINE_ATTRIBUTE {
+        return layer_norm_row(dy, x, mean, rstd, w, hidden, r, dx != nullptr);
+      },
+      [&](int64_t r, int64_t j, int64_t len, LayerNormRow row, auto& sums) C10_ALWAYS_INLINE_ATTRIBUTE {
+        // Lanes past the row are computed but never stored, and read as zero from dy, so they
+        // add nothing to the sums.
+        const int64_t offset = r * hidden + j;
         fVec dyv[P], xv[P], xhat[P];
         load_block(dy + offset, len, dyv);
         load_block(x + offset, len, xv);
-        for (int k = 0; k < P; ++k) {
-          xhat[k] = (xv[k] - g.mean[q]) * g.rstd[q];
-          dw_sum[k] = at::vec::fmadd(dyv[k], xhat[k], dw_sum[k]);
-          db_sum[k] += dyv[k];
-        }
+        for (int k = 0; k < P; ++k) xhat[k] = (xv[k] - row.mean) * row.rstd;
+        if (sums.wanted(0)) sums.add_product(0, dyv, xhat);
+        if (sums.wanted(1)) sums.add(1, dyv);
         if (dx != nullptr) {
-          fVec dxv[P];
+          fVec wv[P], dxv[P];
+          load_block(w + j, len, wv);
           for (int k = 0; k < P; ++k) {
-            dxv[k] = (rounded_product(dyv[k], wv[k]) - at::vec::fmadd(xhat[k], g.c2[q], g.c1[q])) * g.rstd[q];
+            dxv[k] = (rounded_product(dyv[k], wv[k]) - at::vec::fmadd(xhat[k], row.c2, row.c1)) * row.rstd;
           }
           store_block(dx + offset, len, dxv);
         }
-      }
-      if (dw_part != nullptr) kahan_add_block(dw_part + j, dw_part + hidden + j, len, dw_sum);
-      if (db_part != nullptr) kahan_add_block(db_part + j, db_part + hidden + j, len, db_sum);
-    });
-  }
+      });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& input,
@@ -174,9 +165,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
   // A function of the shape alone (cpu_rows::num_row_chunks, as Add & Norm's), so the bits of
   // grad_weight/grad_bias do not depend on the thread count.
   const int64_t nchunks = num_row_chunks(rows, hidden);
-  const auto part_options = input.options().dtype(at::kFloat);
-  at::Tensor dw_part = need_dw ? at::zeros({nchunks, 2, hidden}, part_options) : at::Tensor();
-  at::Tensor db_part = need_db ? at::zeros({nchunks, 2, hidden}, part_options) : at::Tensor();
+  const at::Tensor dw_part = column_partials(need_dw, nchunks, hidden, input);
+  const at::Tensor db_part = column_partials(need_db, nchunks, hidden, input);
   const at::Tensor w = affine_as_float(weight, input, hidden, 1.f);
 
   AT_DISPATCH_V2(input.scalar_type(), "layer_norm_bwd_cpu", AT_WRAP([&] {
@@ -186,16 +176,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
     const float* rp = rstd.const_data_ptr<float>();
     const float* wp = w.const_data_ptr<float>();
     scalar_t* dxp = need_dx ? dx.mutable_data_ptr<scalar_t>() : nullptr;
-    float* dwp = need_dw ? dw_part.mutable_data_ptr<float>() : nullptr;
-    float* dbp = need_db ? db_part.mutable_data_ptr<float>() : nullptr;
+    double* dwp = need_dw ? dw_part.mutable_data_ptr<double>() : nullptr;
+    double* dbp = need_db ? db_part.mutable_data_ptr<double>() : nullptr;
     at::parallel_for(0, nchunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       for (int64_t c = chunk_begin; c < chunk_end; ++c) {
         const auto [begin, end] = chunk_rows(c, nchunks, rows);
         layer_norm_bwd_rows<scalar_t>(dyp, xp, mp, rp, wp, hidden, begin, end, dxp,
-                                      dwp ? dwp + 2 * c * hidden : nullptr, dbp ? dbp + 2 * c * hidden : nullptr);
+                                      chunk_partials(dwp, c, hidden), chunk_partials(dbp, c, hidden));
       }
     });
-    using Sum = std::pair<const float*, scalar_t*>;
+    using Sum = std::pair<const double*, scalar_t*>;
     sum_partials(std::array<Sum, 2>{Sum{dwp, need_dw ? dw.mutable_data_ptr<scalar_t>() : nullptr},
                                     Sum{dbp, need_db ? db.mutable_data_ptr<scalar_t>() : nullptr}},
                  nchunks, hidden);
