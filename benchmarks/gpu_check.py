@@ -74,10 +74,15 @@ class Budget:
 
 def _run(cmd: list[str], timeout: int, env: dict | None = None) -> tuple[int, str]:
     """Runs cmd; past the timeout it gets SIGINT (pytest and the bench CLI then report what they
-    finished) and GRACE seconds more before it is killed. Returns (exit code, 124 on timeout; output)."""
+    finished) and GRACE seconds more before it is killed. Returns (exit code, 124 on timeout; output).
+    The child starts with SIGINT's default action even where this process ignores it (a shell
+    starts background commands, e.g. `make gpu-check &`, with SIGINT ignored, and Python then
+    installs no KeyboardInterrupt handler): otherwise the interrupt would be lost and the child
+    killed GRACE seconds later with nothing written."""
     print("+", " ".join(cmd), flush=True)
+    reset_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if os.name == "posix" else None
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})}, preexec_fn=reset_sigint)
     try:
         output, _ = proc.communicate(timeout=timeout)
         code = proc.returncode
