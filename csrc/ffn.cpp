@@ -20,6 +20,8 @@
 #include <ATen/ops/rand.h>
 #include <torch/library.h>
 
+#include "fused_attn/checks.h"
+
 namespace fused_attn {
 namespace {
 
@@ -35,12 +37,10 @@ using LinearGeluBwdScratch = std::tuple<Tensor, Tensor, Tensor>(Tensor&, const T
 c10::OperatorHandle find(const char* name) { return c10::Dispatcher::singleton().findSchemaOrThrow(name, ""); }
 
 Tensor keep_mask(at::IntArrayRef shape, const OptTensor& seed, double dropout_p, const at::Device& device) {
-  TORCH_CHECK(seed.has_value() && seed->defined() && seed->numel() == 1 && seed->scalar_type() == at::kLong &&
-                  seed->device().is_cpu(),
-              "seed must be a CPU int64 scalar tensor when dropout_p > 0");
+  const uint64_t key = dropout_seed(seed);
   at::Generator generator = device.is_cuda() ? at::detail::getCUDAHooks().getNewGenerator(device.index())
                                              : at::detail::createCPUGenerator();
-  generator.set_current_seed(static_cast<uint64_t>(seed->item<int64_t>()));
+  generator.set_current_seed(key);
   // A bool mask (what Python's >= gives): multiplying by it keeps the gradient's dtype.
   return at::rand(shape, generator, at::TensorOptions().dtype(at::kFloat).device(device)).ge(dropout_p);
 }

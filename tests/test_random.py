@@ -67,3 +67,38 @@ def test_cpu_kernel_keep_mask_is_the_documented_philox():
                                                                1e-5, p, seed)
     expected = np.array([[_philox_uniform(SEED, r * hidden + c) >= p for c in range(hidden)] for r in range(rows)])
     np.testing.assert_array_equal((prenorm != 0).numpy(), expected)
+
+
+def _native_dropout_calls(device: str) -> dict:
+    """Each native op with dropout, called with dropout_p = 0.1 and a given seed."""
+    ops = torch.ops.fused_attn
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    x = torch.randn(4, 16, device=device, dtype=dtype)
+    q = torch.randn(1, 2, 4, 16, device=device, dtype=dtype)
+    w1, w2 = torch.randn(8, 16, device=device, dtype=dtype), torch.randn(16, 8, device=device, dtype=dtype)
+    return {
+        "attention_fwd": lambda seed: ops.attention_fwd(q, q, q, None, 0.25, False, 0.1, seed),
+        "add_layer_norm_fwd": lambda seed: ops.add_layer_norm_fwd(x, x, None, None, None, 1e-5, 0.1, seed),
+        "ffn_fwd": lambda seed: ops.ffn_fwd(x, w1, None, w2, None, "none", 0.1, seed),
+    }
+
+
+def _native_devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.skipif(not _extension.loaded(), reason="the extension is not built")
+@pytest.mark.parametrize("device", _native_devices())
+@pytest.mark.parametrize("op", ["attention_fwd", "add_layer_norm_fwd", "ffn_fwd"])
+def test_native_ops_check_the_dropout_seed_alike(device, op):
+    # One check (fused_attn/checks.h, dropout_seed) with one message for every op and device.
+    call = _native_dropout_calls(device)[op]
+    call(torch.tensor(7))
+    with pytest.raises(RuntimeError, match=r"seed must be given when dropout_p > 0: a CPU int64 tensor"):
+        call(None)
+    bad = {"Float of shape \\[\\] on cpu": torch.tensor(7.0), "Long of shape \\[2\\] on cpu": torch.tensor([7, 8])}
+    if torch.cuda.is_available():
+        bad["Long of shape \\[\\] on cuda:0"] = torch.tensor(7, device="cuda")
+    for described, seed in bad.items():
+        with pytest.raises(RuntimeError, match="seed must be a CPU int64 tensor with one element, got " + described):
+            call(seed)

@@ -164,11 +164,7 @@ Dropout check_dropout(double dropout_p, const std::optional<at::Tensor>& seed) {
               "dropout_p must be in [0, 1), got ", dropout_p);
   Dropout drop;
   if (dropout_p == 0.0) return drop;
-  TORCH_CHECK(seed.has_value() && seed->defined(), "seed must be given (a CPU int64 scalar tensor) when dropout_p > 0");
-  TORCH_CHECK(seed->device().is_cpu(), "seed must be a CPU tensor, got one on ", seed->device());
-  TORCH_CHECK(seed->scalar_type() == at::kLong, "seed must be int64, got ", seed->scalar_type());
-  TORCH_CHECK(seed->numel() == 1, "seed must be a scalar tensor (one element), got shape ", seed->sizes());
-  drop.seed = static_cast<uint64_t>(seed->item<int64_t>());
+  drop.seed = dropout_seed(seed);
   drop.p = static_cast<float>(dropout_p);
   drop.keep_prob = 1.f - drop.p;
   return drop;

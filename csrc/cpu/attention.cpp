@@ -610,11 +610,7 @@ AttnProblem make_problem(const at::Tensor& query, const at::Tensor& key, const a
   pb.inv_keep = pb.dropout ? 1.f / (1.f - pb.dropout_p) : 1.f;
   pb.seed = 0;
   if (pb.dropout) {
-    TORCH_CHECK(seed.has_value() && seed->defined(), "seed must be given when dropout_p > 0");
-    TORCH_CHECK(seed->numel() == 1 && seed->scalar_type() == at::kLong && seed->device().is_cpu(),
-                "seed must be a CPU int64 scalar tensor, got ", seed->scalar_type(), " of shape ", seed->sizes(),
-                " on ", seed->device());
-    pb.seed = static_cast<uint64_t>(seed->item<int64_t>());
+    pb.seed = dropout_seed(seed);
   }
   return pb;
 }

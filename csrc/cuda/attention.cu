@@ -1050,11 +1050,7 @@ AttnParams make_params(const at::Tensor& query, const at::Tensor& key, const at:
   p.inv_keep = p.dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
   p.seed = 0;
   if (p.dropout) {
-    TORCH_CHECK(seed.has_value() && seed->defined(), "seed must be given when dropout_p > 0");
-    TORCH_CHECK(seed->numel() == 1 && seed->scalar_type() == at::kLong && seed->device().is_cpu(),
-                "seed must be a CPU int64 scalar tensor, got ", seed->scalar_type(), " of shape ", seed->sizes(),
-                " on ", seed->device());
-    p.seed = static_cast<uint64_t>(seed->item<int64_t>());
+    p.seed = dropout_seed(seed);
   }
   return p;
 }

@@ -705,12 +705,7 @@ DropoutArgs make_dropout(double dropout_p, const std::optional<at::Tensor>& seed
   TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "dropout_p must be in [0, 1), got ", dropout_p);
   DropoutArgs d;
   if (dropout_p == 0 || !used) return d;
-  TORCH_CHECK(seed.has_value() && seed->defined(),
-              "seed must be given when dropout_p > 0: a CPU int64 scalar tensor (the dropout stream's key)");
-  TORCH_CHECK(seed->device().is_cpu() && seed->scalar_type() == at::kLong && seed->numel() == 1,
-              "seed must be a CPU int64 tensor with one element, got ", seed->scalar_type(), " ", seed->sizes(),
-              " on ", seed->device());
-  d.seed = static_cast<uint64_t>(seed->item<int64_t>());
+  d.seed = dropout_seed(seed);
   d.p = static_cast<float>(dropout_p);
   d.keep_prob = 1.f - d.p;
   d.active = true;

@@ -2,6 +2,9 @@
 // and what was expected, so that a user who bypasses the Python layer still gets an actionable error.
 #pragma once
 
+#include <cstdint>
+#include <optional>
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -30,6 +33,17 @@ inline void check_affine_param(const std::optional<at::Tensor>& param, const cha
   TORCH_CHECK(p.scalar_type() == like.scalar_type(), name, " must have dtype ", like.scalar_type(),
               " like the input, got ", p.scalar_type());
   TORCH_CHECK(p.device() == like.device(), name, " must be on ", like.device(), ", got ", p.device());
+}
+
+// The key of a call's dropout stream (fused_attn/philox.h), read when dropout applies: the seed
+// argument of every op with dropout_p, a CPU int64 tensor with one element.
+inline uint64_t dropout_seed(const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK(seed.has_value() && seed->defined(),
+              "seed must be given when dropout_p > 0: a CPU int64 tensor with one element (the dropout stream's key)");
+  TORCH_CHECK(seed->device().is_cpu() && seed->scalar_type() == at::kLong && seed->numel() == 1,
+              "seed must be a CPU int64 tensor with one element, got ", seed->scalar_type(), " of shape ",
+              seed->sizes(), " on ", seed->device());
+  return static_cast<uint64_t>(seed->item<int64_t>());
 }
 
 // mean/rstd statistics: float32 vectors of length `rows` on the input's device.
