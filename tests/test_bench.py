@@ -131,6 +131,17 @@ def test_profile_model_per_module_activation_and_saved_bytes():
     assert all(m.saved_bytes == 0 for m in inference.modules)
 
 
+def test_profile_model_has_the_model_row_when_the_step_calls_its_parts():
+    # The Transformer workload's step calls encode and decode, never the model's forward: the
+    # model's row is then the whole step's, with the same figures a forward would have had.
+    x = torch.randn(32, 32)
+    result = memory.profile_model(_Net(), lambda m: m.saver(m.linear(x)), CPU, training=True)
+    rows = {m.name: m for m in result.modules}
+    act = 32 * 32 * 4
+    assert rows["(model)"].calls == 1 and rows["(model)"].type == "_Net"
+    assert rows["(model)"].saved_bytes == 2 * act and rows["(model)"].activation_bytes == 2 * act
+
+
 # ---------------------------------------------------------------------------------------------
 # fused-attn bench
 
