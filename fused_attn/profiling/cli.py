@@ -15,7 +15,8 @@ from . import memory
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=workloads.MODELS, default="bert-base")
-    parser.add_argument("--layers", type=positive_int, default=1, help="encoder layers (default 1)")
+    parser.add_argument("--layers", type=positive_int, default=1,
+                        help="encoder layers; transformer: encoder and decoder layers, each (default 1)")
     parser.add_argument("--batch", type=positive_int, default=1)
     parser.add_argument("--seq", type=positive_int, default=2048)
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if present")
@@ -94,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
         "dtype": str(dtype).replace("torch.", ""), "mode": args.mode,
         **memory.compare(profiles["plain"], profiles["fused"]),
     }
-    print(f"{args.model}, {workload.layers} layer(s), batch {args.batch}, seq {args.seq}, {result['dtype']}, "
+    layers = (f"{args.layers} encoder + {args.layers} decoder layer(s)" if args.model == "transformer"
+              else f"{workload.layers} layer(s)")
+    print(f"{args.model}, {layers}, batch {args.batch}, seq {args.seq}, {result['dtype']}, "
           f"{args.mode}, {device}")
     print(format_table(result))
     if args.json:
