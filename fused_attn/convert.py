@@ -116,6 +116,11 @@ def own_config(model: nn.Module):
     return copied
 
 
+def original_config(model: nn.Module):
+    """The config ``model`` was built with: the one :func:`own_config` replaced, or its current one."""
+    return model.__dict__.get(_ORIGINAL_CONFIG, model.config)
+
+
 def restore_config(model: nn.Module) -> None:
     original = model.__dict__.pop(_ORIGINAL_CONFIG, None)
     if original is None:

@@ -170,7 +170,7 @@ def _convert(model: nn.Module, backend: str | None):
         return [], [("", type(model).__name__, reason)]
     _register()
     replaced, kept = [], []
-    original_attention = model.__dict__.get(convert._ORIGINAL_CONFIG, model.config)._attn_implementation
+    original_attention = convert.original_config(model)._attn_implementation
     config = convert.own_config(model)
     model.set_attn_implementation(ATTENTION_NAME)
     replaced.append(("", f"attention {original_attention}", f"attention {ATTENTION_NAME}"))
