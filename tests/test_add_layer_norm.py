@@ -61,6 +61,13 @@ def test_parity_rows_wider_than_a_block(backend_device, dtype):
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
+def test_parity_many_rows(backend_device):
+    # Parameter gradients summed over 1031 rows: several levels of the CPU kernel's cascaded
+    # column sums (cpu_rows.h, ColumnSums), and a row count that divides nothing evenly.
+    _check(*backend_device, torch.float32, (1031, 48), input_bias=True)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("affine, input_bias", [(False, False), (True, False), (False, True)])
 def test_parity_optional_parameters(backend_device, affine, input_bias):
     _check(*backend_device, torch.float32, (9, 64), affine=affine, input_bias=input_bias)
