@@ -178,14 +178,28 @@ def triton_version() -> str | None:
     return triton.__version__
 
 
+def getenv(name: str) -> str | None:
+    """``os.environ.get(name)``, read in about 0.05 us instead of 0.7 where Python keeps the
+    environment as a bytes dict (POSIX): each op call reads two variables, which are read every
+    time (not cached) so that setting one at run time takes effect at the next call."""
+    data = getattr(os.environ, "_data", None)
+    if os.name != "posix" or type(data) is not dict:
+        return os.environ.get(name)
+    value = data.get(_ENV_KEYS.get(name) or _ENV_KEYS.setdefault(name, os.fsencode(name)))
+    return None if value is None else os.fsdecode(value)
+
+
+_ENV_KEYS: dict[str, bytes] = {}
+
+
 def triton_interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return getenv("TRITON_INTERPRET") == "1"
 
 
 def triton_autotune_enabled() -> bool:
     """Autotuning of the Triton kernels: on, unless FUSED_ATTN_TRITON_AUTOTUNE=0 (one default
     config per kernel: quick to compile, e.g. for test runs over many shapes) or interpreting."""
-    return os.environ.get("FUSED_ATTN_TRITON_AUTOTUNE", "1") != "0" and not triton_interpret_mode()
+    return getenv("FUSED_ATTN_TRITON_AUTOTUNE") != "0" and not triton_interpret_mode()
 
 
 def backend_unavailable_reasons(backend: str, device: torch.device) -> list[str]:
@@ -282,7 +296,7 @@ def requested_backend(argument: str | None = None) -> str:
     context = _requested.get()
     if context is not None:
         return context
-    env = os.environ.get(ENV_VAR)
+    env = getenv(ENV_VAR)
     if env:
         return _validate_name(env, ENV_VAR)
     return "auto"

@@ -154,10 +154,8 @@ def layer_norm(
     if chosen == "reference" or input.numel() == 0:
         return reference.layer_norm(input, shape, weight, bias, eps)
     flat = rows(input, hidden)
-    out, _, _ = _FWD_OPS[chosen](
-        flat,
-        None if weight is None else weight.view(-1),
-        None if bias is None else bias.view(-1),
-        eps,
-    )
+    if len(shape) > 1:  # the kernels take the parameters flat, as the rows
+        weight = None if weight is None else weight.view(-1)
+        bias = None if bias is None else bias.view(-1)
+    out, _, _ = _FWD_OPS[chosen](flat, weight, bias, eps)
     return out if len(shape) == 1 and input.dim() == 2 else out.view(*input.shape)
