@@ -211,22 +211,24 @@ def _expand_mask(attn_mask: object, shape: tuple[int, int, int, int], query: tor
 
 
 def _validate(query, key, value) -> None:
+    shapes = {}
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(t, name)
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [batch, heads, seq, head_dim], got shape {list(t.shape)}")
+        shapes[name] = shape = t.shape  # one torch.Size per tensor: each .shape builds a new one
+        if len(shape) != 4:
+            raise ValueError(f"{name} must be 4-D [batch, heads, seq, head_dim], got shape {list(shape)}")
+    q_shape, dtype = shapes["query"], query.dtype
     for name, t in (("key", key), ("value", value)):
-        if t.dtype != query.dtype:
-            raise TypeError(f"{name} dtype {dtype_name(t.dtype)} does not match query dtype {dtype_name(query.dtype)}")
+        if t.dtype != dtype:
+            raise TypeError(f"{name} dtype {dtype_name(t.dtype)} does not match query dtype {dtype_name(dtype)}")
         check_same_device(t, name, query, "query")
-        if t.shape[0] != query.shape[0] or t.shape[1] != query.shape[1]:
-            raise ValueError(
-                f"{name} batch and heads {list(t.shape[:2])} do not match query's {list(query.shape[:2])}"
-            )
-    if key.shape[-1] != query.shape[-1]:
-        raise ValueError(f"key head_dim {key.shape[-1]} does not match query head_dim {query.shape[-1]}")
-    if value.shape[2] != key.shape[2]:
-        raise ValueError(f"value length {value.shape[2]} does not match key length {key.shape[2]}")
+        shape = shapes[name]
+        if shape[0] != q_shape[0] or shape[1] != q_shape[1]:
+            raise ValueError(f"{name} batch and heads {list(shape[:2])} do not match query's {list(q_shape[:2])}")
+    if shapes["key"][3] != q_shape[3]:
+        raise ValueError(f"key head_dim {shapes['key'][3]} does not match query head_dim {q_shape[3]}")
+    if shapes["value"][2] != shapes["key"][2]:
+        raise ValueError(f"value length {shapes['value'][2]} does not match key length {shapes['key'][2]}")
 
 
 def _check_scale(scale: object, head_dim: int) -> float:
