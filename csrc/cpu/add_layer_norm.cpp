@@ -119,7 +119,7 @@ void add_layer_norm_bwd_rows(const scalar_t* dy, const scalar_t* dpre_in, const 
   // Per row, a first pass (loads only) gives the LayerNorm row constants; the second, on the
   // cached row, writes the gradients and adds the row's share of the sums
   // (cpu_rows::backward_rows: the order of rows and blocks).
-  backward_rows<3, B>(
+  backward_rows<scalar_t, 3, B>(
       hidden, begin, end, {o.dw_part, o.db_part, o.dib_part},
       [&](int64_t r) C10_ALWAYS_INLINE_ATTRIBUTE {
         return layer_norm_row(dy, x, mean, rstd, w, hidden, r, need_dpre);

@@ -211,7 +211,7 @@ void gelu_bwd_rows(const scalar_t* dy, const scalar_t* pre, int64_t cols, int64_
   constexpr int P = kParts<scalar_t>;
   constexpr int64_t B = kBlock<scalar_t>;
   struct NoConstants {};
-  backward_rows<1, B>(
+  backward_rows<scalar_t, 1, B>(
       cols, begin, end, {db_part}, [](int64_t) { return NoConstants{}; },
       [&](int64_t r, int64_t j, int64_t len, NoConstants, auto& sums) C10_ALWAYS_INLINE_ATTRIBUTE {
         const int64_t offset = r * cols + j;

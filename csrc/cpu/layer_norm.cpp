@@ -76,7 +76,7 @@ void layer_norm_bwd_rows(const scalar_t* dy, const scalar_t* x, const float* mea
                          double* dw_part, double* db_part) {
   constexpr int P = kParts<scalar_t>;
   constexpr int64_t B = kBlock<scalar_t>;
-  backward_rows<2, B>(
+  backward_rows<scalar_t, 2, B>(
       hidden, begin, end, {dw_part, db_part},
       [&](int64_t r) C10_ALWAYS_INLINE_ATTRIBUTE {
         return layer_norm_row(dy, x, mean, rstd, w, hidden, r, dx != nullptr);

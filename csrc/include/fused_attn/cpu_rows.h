@@ -283,7 +283,7 @@ C10_ALWAYS_INLINE void add_widened(double* p, const fVec (&v)[P]) {
 }
 
 // S column sums of one chunk of rows, added row by row while a backward pass walks each row
-// once, in memory order (the order backward_rows uses for rows narrower than kGroupedFrom).
+// once, in memory order (the order backward_rows uses for rows shorter than kGroupedFromBytes).
 //
 // The sums cascade, so that float32 rounding never spans more than kFanIn terms: a row's shares
 // are added to a float32 buffer (level 1); every kFanIn rows that buffer is added to a second
@@ -409,8 +409,8 @@ struct RegisterSink {
   }
 };
 
-// Rows of kGroupedFrom elements and more are visited kGroupRows at a time (see backward_rows).
-constexpr int64_t kGroupedFrom = 2048;
+// Rows of kGroupedFromBytes and more are visited kGroupRows at a time (see backward_rows).
+constexpr int64_t kGroupedFromBytes = 4096;
 constexpr int64_t kGroupRows = 4;
 
 // The pass of a row-wise backward over rows [begin, end) of width cols that writes each row's
@@ -419,14 +419,18 @@ constexpr int64_t kGroupRows = 4;
 // before its blocks (a first pass over the row, e.g. for its LayerNorm constants); then
 // body(r, j, len, consts, sink) handles the block of row r at column j, adding to the sums with
 // sink.add(s, v) / sink.add_product(s, a, b) where sink.wanted(s).
-// The order of the visit depends on the width, each the faster where it is used (measured on
-// the LayerNorm backward, float32, 2-core AMD EPYC, against torch's kernel):
-//  * rows narrower than kGroupedFrom one at a time, in memory order, their shares buffered by
-//    ColumnSums: at 4096 x 768 the grouped order ran 1.3-1.6x slower than this (and than torch);
-//  * wider rows in groups of kGroupRows, block by block across the group, their shares summed in
-//    registers and added to the partials once per group: at 1024 x 4096 the row order ran 1.3x
-//    slower (its buffers no longer fit in L1).
-template <int S, int64_t B, typename Setup, typename Body>
+// The order of the visit depends on the row's length in bytes, each the faster where it is used
+// (measured on the LayerNorm, Add & Norm and linear_gelu backwards, 2-core AMD EPYC, against the
+// other order and torch's kernel, in one process each):
+//  * rows shorter than kGroupedFromBytes one at a time, in memory order, their shares buffered by
+//    ColumnSums: at 4096 x 768 float32 (3 KiB rows) the grouped order ran the LayerNorm backward
+//    1.3-1.4x slower than this (1.8x torch's time, against 1.3x), the linear_gelu bias pass
+//    1.3x; at bfloat16 768 and 1024 wide, 1.3-1.5x and 1.2-1.3x;
+//  * longer rows in groups of kGroupRows, block by block across the group, their shares summed in
+//    registers and added to the partials once per group: at 4096 x 1024 float32 (4 KiB rows) the
+//    row order ran the LayerNorm backward 1.1x slower and Add & Norm's (three sums) 1.2-1.3x, its
+//    buffers no longer fitting in L1 beside the rows.
+template <typename scalar_t, int S, int64_t B, typename Setup, typename Body>
 C10_ALWAYS_INLINE void backward_rows(int64_t cols, int64_t begin, int64_t end, const std::array<double*, S>& parts,
                    const Setup& row_setup, const Body& body) {
   // Inlined into the kernel, with flags and constants handed over by value: the vector stores in
@@ -434,7 +438,7 @@ C10_ALWAYS_INLINE void backward_rows(int64_t cols, int64_t begin, int64_t end, c
   // passed to a function that is not inlined) would be reloaded after every store.
   std::array<bool, S> want;
   for (int s = 0; s < S; ++s) want[s] = parts[s] != nullptr;
-  if (cols < kGroupedFrom) {
+  if (cols * static_cast<int64_t>(sizeof(scalar_t)) < kGroupedFromBytes) {
     ColumnSums<S, B> sums(cols, parts);
     for (int64_t r = begin; r < end; ++r) {
       const auto consts = row_setup(r);
@@ -475,12 +479,19 @@ void sum_partials(const std::array<std::pair<const double*, scalar_t*>, N>& sums
   const int64_t stride = padded_cols(cols);
   const int64_t grain = std::max<int64_t>(kColumnPad, 4 * kGrainElems / (nchunks * live));
   at::parallel_for(0, cols, grain, [&](int64_t begin, int64_t end) {
+    // Chunk by chunk over a stretch of columns (contiguous, so the adds vectorise), in chunk order.
+    constexpr int64_t kStretch = 256;
+    double total[kStretch];
     for (const auto& [part, out] : sums) {
       if (part == nullptr) continue;
-      for (int64_t c = begin; c < end; ++c) {
-        double total = part[c];
-        for (int64_t chunk = 1; chunk < nchunks; ++chunk) total += part[chunk * stride + c];
-        out[c] = static_cast<scalar_t>(static_cast<float>(total));
+      for (int64_t first = begin; first < end; first += kStretch) {
+        const int64_t n = std::min(kStretch, end - first);
+        std::copy(part + first, part + first + n, total);
+        for (int64_t chunk = 1; chunk < nchunks; ++chunk) {
+          const double* row = part + chunk * stride + first;
+          for (int64_t c = 0; c < n; ++c) total[c] += row[c];
+        }
+        for (int64_t c = 0; c < n; ++c) out[first + c] = static_cast<scalar_t>(static_cast<float>(total[c]));
       }
     }
   });
