@@ -14,8 +14,8 @@
 //    the seed; the input bias's gradient is the column sum of that. A first pass per row (loads
 //    only) gives the row constants; the second writes the gradients and adds the row's share
 //    of grad_weight = sum(dy * xhat), grad_bias = sum(dy) and grad_input_bias to per-chunk
-//    float64 column sums (cpu_rows::ColumnSums), added in chunk order afterwards. Chunks are cut by shape
-//    alone (cpu_rows::num_row_chunks), so the sums do not depend on the thread count.
+//    float64 column sums (cpu_rows::ColumnSums), added in chunk order afterwards. Chunks are cut
+//    by shape alone (cpu_rows::num_row_chunks), so the sums do not depend on the thread count.
 // Dropout is the shared Philox stream (fused_attn/philox.h) at element row * hidden + col,
 // drawn 16 counters at a time; an element is kept when its uniform is >= dropout_p (in float)
 // and kept values are divided by 1 - dropout_p (in float), exactly as the Triton kernels do, so
@@ -126,18 +126,9 @@ void add_layer_norm_bwd_rows(const scalar_t* dy, const scalar_t* dpre_in, const 
       },
       [&](int64_t r, int64_t j, int64_t len, LayerNormRow row, auto& sums) C10_ALWAYS_INLINE_ATTRIBUTE {
         const int64_t offset = r * hidden + j;
-        fVec dyv[P], xv[P], xhat[P];
-        load_block(dy + offset, len, dyv);  // zero past the row, as are the sums it feeds
-        load_block(x + offset, len, xv);
-        for (int k = 0; k < P; ++k) xhat[k] = (xv[k] - row.mean) * row.rstd;
-        if (sums.wanted(0)) sums.add_product(0, dyv, xhat);
-        if (sums.wanted(1)) sums.add(1, dyv);
+        fVec d[P];
+        layer_norm_grad_block(dy, x, w, offset, j, len, row, sums, need_dpre, d);
         if (!need_dpre) return;
-        fVec wv[P], d[P];
-        load_block(w + j, len, wv);
-        for (int k = 0; k < P; ++k) {
-          d[k] = (rounded_product(dyv[k], wv[k]) - at::vec::fmadd(xhat[k], row.c2, row.c1)) * row.rstd;
-        }
         if (dpre_in != nullptr) {
           fVec extra[P];
           load_block(dpre_in + offset, len, extra);

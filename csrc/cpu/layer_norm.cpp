@@ -8,8 +8,8 @@
 // and rounded once on store; row sums are cascaded through a double every kSegment elements.
 // grad_weight/grad_bias are accumulated in the backward's grad_input pass: the rows are cut into
 // chunks fixed by the shape alone (cpu_rows::num_row_chunks), each summing into its own float64
-// [hidden] buffers (cpu_rows::ColumnSums), and the buffers are added in chunk order, so there is no race and the bits depend neither on scheduling nor on the
-// thread count.
+// [hidden] buffers (cpu_rows::ColumnSums), and the buffers are added in chunk order, so there is
+// no race and the bits depend neither on scheduling nor on the thread count.
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -82,23 +82,10 @@ void layer_norm_bwd_rows(const scalar_t* dy, const scalar_t* x, const float* mea
         return layer_norm_row(dy, x, mean, rstd, w, hidden, r, dx != nullptr);
       },
       [&](int64_t r, int64_t j, int64_t len, LayerNormRow row, auto& sums) C10_ALWAYS_INLINE_ATTRIBUTE {
-        // Lanes past the row are computed but never stored, and read as zero from dy, so they
-        // add nothing to the sums.
         const int64_t offset = r * hidden + j;
-        fVec dyv[P], xv[P], xhat[P];
-        load_block(dy + offset, len, dyv);
-        load_block(x + offset, len, xv);
-        for (int k = 0; k < P; ++k) xhat[k] = (xv[k] - row.mean) * row.rstd;
-        if (sums.wanted(0)) sums.add_product(0, dyv, xhat);
-        if (sums.wanted(1)) sums.add(1, dyv);
-        if (dx != nullptr) {
-          fVec wv[P], dxv[P];
-          load_block(w + j, len, wv);
-          for (int k = 0; k < P; ++k) {
-            dxv[k] = (rounded_product(dyv[k], wv[k]) - at::vec::fmadd(xhat[k], row.c2, row.c1)) * row.rstd;
-          }
-          store_block(dx + offset, len, dxv);
-        }
+        fVec dxv[P];
+        layer_norm_grad_block(dy, x, w, offset, j, len, row, sums, dx != nullptr, dxv);
+        if (dx != nullptr) store_block(dx + offset, len, dxv);  // lanes past the row are not stored
       });
 }
 

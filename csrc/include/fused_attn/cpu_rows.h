@@ -362,7 +362,9 @@ class ColumnSums {
       if (part == nullptr) continue;
       for (int64_t j = 0; j < cols_; j += B) {
         const float* src = level2_.data() + S * j + s * B;
-        for (int64_t i = 0; i < B; ++i) part[j + i] += static_cast<double>(src[i]);
+        fVec v[P];
+        for (int k = 0; k < P; ++k) v[k] = fVec::loadu(src + k * kLanes);
+        add_widened(part + j, v);
       }
     }
     folds_ = 0;
@@ -432,7 +434,7 @@ constexpr int64_t kGroupRows = 4;
 //    buffers no longer fitting in L1 beside the rows.
 template <typename scalar_t, int S, int64_t B, typename Setup, typename Body>
 C10_ALWAYS_INLINE void backward_rows(int64_t cols, int64_t begin, int64_t end, const std::array<double*, S>& parts,
-                   const Setup& row_setup, const Body& body) {
+                                     const Setup& row_setup, const Body& body) {
   // Inlined into the kernel, with flags and constants handed over by value: the vector stores in
   // a body may alias any memory, so values it reached through memory (the captures of a lambda
   // passed to a function that is not inlined) would be reloaded after every store.
@@ -460,7 +462,7 @@ C10_ALWAYS_INLINE void backward_rows(int64_t cols, int64_t begin, int64_t end, c
       RegisterSink<S, B> sink(want);
       for (int64_t q = 0; q < rows; ++q) body(first + q, j, len, consts[q], sink);
       for (int s = 0; s < S; ++s) {
-        if (parts[s] != nullptr) add_widened(parts[s] + j, sink.acc[s]);
+        if (want[s]) add_widened(parts[s] + j, sink.acc[s]);
       }
     });
   }
@@ -569,6 +571,28 @@ C10_ALWAYS_INLINE LayerNormRow layer_norm_row(const scalar_t* dy, const scalar_t
     row.c2 = fVec(c2);
   }
   return row;
+}
+
+// One block of a LayerNorm backward, at column j of a row (offset: the block's first element):
+// adds the row's shares dy * xhat and dy to sums 0 and 1 where wanted and, when grad_input, sets
+// d to the gradient reaching the normalised values, (dy * w - (xhat * c2 + c1)) * rstd. Lanes past
+// the row read as zero from dy, so they add nothing to the sums; d holds garbage there.
+template <int P, typename scalar_t, typename Sink>
+C10_ALWAYS_INLINE void layer_norm_grad_block(const scalar_t* dy, const scalar_t* x, const float* w, int64_t offset,
+                                             int64_t j, int64_t len, const LayerNormRow& row, Sink& sums,
+                                             bool grad_input, fVec (&d)[P]) {
+  fVec dyv[P], xv[P], xhat[P];
+  load_block(dy + offset, len, dyv);
+  load_block(x + offset, len, xv);
+  for (int k = 0; k < P; ++k) xhat[k] = (xv[k] - row.mean) * row.rstd;
+  if (sums.wanted(0)) sums.add_product(0, dyv, xhat);
+  if (sums.wanted(1)) sums.add(1, dyv);
+  if (!grad_input) return;
+  fVec wv[P];
+  load_block(w + j, len, wv);
+  for (int k = 0; k < P; ++k) {
+    d[k] = (rounded_product(dyv[k], wv[k]) - at::vec::fmadd(xhat[k], row.c2, row.c1)) * row.rstd;
+  }
 }
 
 // Dropout of one kDropBlock block of a row: h[k] = (h[k] * keep) / keep_prob with keep 1 or 0,
