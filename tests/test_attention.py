@@ -302,6 +302,44 @@ def test_dropout_forward_and_backward_match_reference_with_kernel_mask(backend_d
     assert_parity(fused, plain, {"query": q, "key": k, "value": v}, grad_args=("query", "key", "value"))
 
 
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_dropout_near_one_does_not_overflow_fp16(backend_device):
+    """p = 1 - 2^-17: a kept probability is scaled by 2^17, beyond fp16's range, though O = P V / (1 - p)
+    is not. Each row holding a kept element attends to that key alone (P = 1), so the true output and
+    gradients are finite and the only rounding is their cast to fp16: within one ulp of their scale."""
+    backend, device = backend_device
+    if torch.float16 not in supported_dtypes(backend, device, OP):
+        pytest.skip(f"float16 is not tested on {backend}-{device}")
+    p, seed = 1.0 - 2.0**-17, 6  # seed 6 keeps 3 of these 256 x 512 elements
+    q, k, v = _qkv(1, 1, 256, 512, 16, torch.float16, device)
+    v = v * 0.05  # |O| up to ~2e4: large in fp16, not out of range
+    torch.manual_seed(seed)
+    _, keep = attention_with_keep_mask(q, k, v, dropout_p=p)
+    kept = keep.nonzero().tolist()
+    assert kept, "the stream no longer keeps an element here: pick another seed"
+    mask = torch.ones(1, 1, 256, 512, dtype=torch.bool, device=device)
+    for b, h, i, j in kept:
+        mask[b, h, i] = False
+        mask[b, h, i, j] = True
+    upstream = torch.randn(1, 1, 256, 16, generator=torch.Generator().manual_seed(2)).to(device) * 0.01
+
+    def run(fn, dtype):
+        args = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*args)
+        out.backward(upstream.to(dtype))
+        return [out] + [a.grad for a in args]
+
+    torch.manual_seed(seed)
+    fused = run(lambda *a: fused_attn.scaled_dot_product_attention(*a, mask, dropout_p=p, backend=backend), torch.float16)
+    truth = run(lambda *a: reference.scaled_dot_product_attention(*a, mask, dropout_p=p, dropout_mask=keep), torch.float64)
+    assert truth[0].abs().max() > 1e4  # kept elements reached the output
+    scale = max(float(t.detach().abs().max()) for t in truth)
+    for name, got, want in zip(("output", "grad query", "grad key", "grad value"), fused, truth):
+        assert torch.isfinite(got).all(), name
+        err = float((got.double() - want).abs().max())
+        assert err <= torch.finfo(torch.float16).eps * scale, (name, err, scale)
+
+
 # The CPU backward has two schedules, chosen by heads against threads (csrc/cpu/attention.cpp,
 # "Backward"): a single head takes the per-head sweep on one thread and the per-block passes on
 # two, whatever the machine's core count.

@@ -61,8 +61,9 @@
 //
 // Dropout regenerates the shared Philox4x32-10 stream (fused_attn/philox.h) per element, counter
 // (bh * Lq + i) * Lk + j, so the forward, both backward kernels and every other backend draw the same
-// keep-mask from the seed: the row sum takes the undropped P, P V takes P * keep / (1 - p); the
-// backward drops dP where P was dropped and dV takes the dropped P.
+// keep-mask from the seed: the row sum takes the undropped P, P V takes P * keep (0 or 1) and O the
+// 1 / (1 - p) in float32 (folded into P before its fp16 cast it would overflow for p > 1 - 1/65504); the
+// backward drops and scales dP where P was dropped and dV takes the kept P, scaled at its store.
 //
 // Limits: sm80+, fp16/bf16, head dims up to 256, sequence lengths below 2^31, batch*heads*tiles below
 // 2^31 blocks.
@@ -452,10 +453,12 @@ __device__ __forceinline__ float2 row_stats(const BwdParams& p, int64_t bh, int 
   return make_float2(stats[i], stats[p.q_len + i]);
 }
 
-// The dropout factor of element (i, j) of head bh: 1 / (1 - p) where the shared stream keeps it, else 0.
-__device__ __forceinline__ float keep_factor(const AttnParams& p, int64_t bh, int64_t i, int64_t j) {
+// Whether the shared stream keeps element (i, j) of head bh, as 1 or 0: a factor to multiply by, so a NaN
+// that dropout drops stays NaN. P takes this 0/1 before its cast to fp16/bf16 and the 1 / (1 - p) of the kept
+// elements is applied in float32, to O and dV once: P / (1 - p) would overflow fp16 for p > 1 - 1/65504.
+__device__ __forceinline__ float kept(const AttnParams& p, int64_t bh, int64_t i, int64_t j) {
   const uint64_t counter = static_cast<uint64_t>((bh * p.q_len + i) * p.k_len + j);
-  return philox::keep(p.seed, counter, p.dropout_p) ? p.inv_keep : 0.f;
+  return philox::keep(p.seed, counter, p.dropout_p) ? 1.f : 0.f;
 }
 
 // Whether a tile of rows [m0, m0 + bm) of queries x [n0, n0 + bn) of keys needs the per-element pass.
@@ -605,7 +608,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
       }
     }
     if (p.dropout) {
-      for_each_element(s, warp_row0, n0, true, [&](float& x, int i, int j, int, int) { x *= keep_factor(p, bh, i, j); });
+      for_each_element(s, warp_row0, n0, true, [&](float& x, int i, int j, int, int) { x *= kept(p, bh, i, j); });
     }
 
     uint32_t pa[kN / 16][4];
@@ -619,7 +622,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
   for (int half = 0; half < 2; ++half) {
     const float l = quad_sum(row_sum[half]);
     const bool empty = l == 0.f;
-    const float inv = empty ? 0.f : 1.f / l;
+    const float inv = empty ? 0.f : p.inv_keep / l;
 #pragma unroll
     for (int nb = 0; nb < kOut / 8; ++nb) {
       o[nb][2 * half] *= inv;
@@ -756,12 +759,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
 
     uint32_t frag[kM / 16][4];
     if (p.dropout) {
-      // dV takes the dropped P; dS the undropped P times the dropped dP.
+      // dV takes the kept P (its 1 / (1 - p) applied at the store); dS the undropped P times the dropped dP.
       float pu[kM / 8][4];
       for_each_element(dpt, warp_key0, m0, false, [&](float& x, int i, int j, int nb, int e) {
-        const float factor = keep_factor(p, bh, i, j);
-        x *= factor;
-        pu[nb][e] = pt[nb][e] * factor;
+        const float keep = kept(p, bh, i, j);
+        x *= keep * p.inv_keep;
+        pu[nb][e] = pt[nb][e] * keep;
       });
       to_a_fragments<T>(pu, frag);
     } else {
@@ -781,7 +784,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
   }
 
   store_strip<T>(dk, p.dk + b * p.dk_s[0] + h * p.dk_s[1], p.dk_s[2], warp_key0, p.k_len, col0, p.d, p.scale);
-  store_strip<T>(dv, p.dv_out + b * p.dv_s[0] + h * p.dv_s[1], p.dv_s[2], warp_key0, p.k_len, col0, p.dv, 1.f);
+  store_strip<T>(dv, p.dv_out + b * p.dv_s[0] + h * p.dv_s[1], p.dv_s[2], warp_key0, p.k_len, col0, p.dv, p.inv_keep);
 }
 
 template <int kD>
@@ -873,7 +876,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
     zero(dp);
     warp_gemm_abt<T, kN / 8, kD>(dp, do_addr, kPitch * 2, smem_addr(v_tile), kPitch * 2);
     if (p.dropout) {
-      for_each_element(dp, warp_row0, n0, true, [&](float& x, int i, int j, int, int) { x *= keep_factor(p, bh, i, j); });
+      for_each_element(dp, warp_row0, n0, true, [&](float& x, int i, int j, int, int) {
+        x *= kept(p, bh, i, j) * p.inv_keep;
+      });
     }
     // dS = P (dP - delta), in place of P.
 #pragma unroll

@@ -21,7 +21,8 @@ values as PyTorch does rather than counting as fully masked.
 
 Dropout: Philox (``_dropout.uniform``, tl.rand's stream) keyed by a 64-bit seed with counter
 ``(bh * Lq + i) * Lk + j``, so the backward regenerates the same keep-mask from the seed alone.
-``DROPOUT`` is a constexpr: ``dropout_p == 0`` compiles the RNG away.
+``DROPOUT`` is a constexpr: ``dropout_p == 0`` compiles the RNG away. P V takes P times the 0/1
+keep-mask; the 1 / (1 - p) is applied to O (and dV) in float32 (see ``_kept``).
 
 Backward: a per-row pass first; then one kernel per key tile accumulates dK and dV over the
 query tiles (from the diagonal on, when causal) and one kernel per query tile accumulates dQ over
@@ -121,10 +122,20 @@ def _mm(a, b, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
-def _keep_factor(keep, dropout_p):
-    """1 / (1 - p) where kept, else 0: a factor to multiply by (as the CPU and CUDA kernels and
-    torch's dropout do), so a NaN or inf that dropout drops stays NaN rather than vanishing."""
-    return tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
+def _kept(keep):
+    """1 where kept, else 0: a factor to multiply by (as torch's dropout does), so a NaN or inf
+    that dropout drops stays NaN rather than vanishing. The 1 / (1 - p) of the kept elements is
+    applied apart, in float32: folded into P before its cast to fp16 it would overflow there
+    for p > 1 - 1/65504 (P * 1e5 is inf in fp16 though the output P V / (1 - p) may be small)."""
+    return tl.where(keep, 1.0, 0.0)
+
+
+@triton.jit
+def _inv_keep(dropout_p, DROPOUT: tl.constexpr):
+    """The dropout scale 1 / (1 - p); 1 without dropout."""
+    if DROPOUT:
+        return 1.0 / (1.0 - dropout_p)
+    return 1.0
 
 
 @triton.jit
@@ -177,7 +188,7 @@ def _attn_fwd_inner(
             if WRITE_KEEP:
                 tl.store(dmask_base + offs_m[:, None].to(tl.int64) * stride_dmm + offs_n[None, :], keep.to(tl.int8),
                          mask=(offs_m[:, None] < q_len) & in_keys[None, :])
-            p = p * _keep_factor(keep, dropout_p)
+            p = p * _kept(keep)
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :],
                     mask=in_keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         acc += _mm(p.to(v.dtype), v, FP32_DOT)
@@ -251,7 +262,7 @@ def _attn_fwd_kernel(
             BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     empty_row = l_i == 0.0
-    out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
+    out = acc * (_inv_keep(dropout_p, DROPOUT) / tl.where(empty_row, 1.0, l_i))[:, None]
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :],
              out.to(out_ptr.dtype.element_ty), mask=in_queries[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     # The row statistics for the backward, in log2 units and kept apart (see the module docstring):
@@ -307,16 +318,17 @@ def _tile_p_dp(
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr,
 ):
-    """One tile of the backward, whichever side streams: (P, dP = dO V^T dropped as P was, the
-    dropout factor of the tile, 1 without dropout). dS takes the undropped P, dV the dropped."""
+    """One tile of the backward, whichever side streams: (P, dP = dO V^T dropped and scaled as P
+    was, the tile's keep-mask as 0/1, 1 without dropout). dS takes the undropped P, dV the kept P
+    (whose 1 / (1 - p) the caller applies to dV once, in float32: see ``_kept``)."""
     p = _probabilities(q, k, offs_m, offs_n, row_max, log2_sum, corr, mask_base, stride_mm, stride_mn, q_len, k_len,
                        qk_scale, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, ROW_STATS)
     dp = _mm(do, tl.trans(v), FP32_DOT)
-    factor = 1.0
+    kept = 1.0
     if DROPOUT:
-        factor = _keep_factor(_dropout_keep(seed, bh, offs_m, offs_n, q_len, k_len, dropout_p), dropout_p)
-        dp = dp * factor
-    return p, dp, factor
+        kept = _kept(_dropout_keep(seed, bh, offs_m, offs_n, q_len, k_len, dropout_p))
+        dp = dp * (kept * _inv_keep(dropout_p, DROPOUT))
+    return p, dp, kept
 
 
 @triton.jit
@@ -473,12 +485,12 @@ def _attn_bwd_dkdv_inner(
             corr = tl.load(corr_base + offs_m, mask=in_queries, other=0.0)
         else:
             corr = row_max
-        p, dp, factor = _tile_p_dp(
+        p, dp, kept = _tile_p_dp(
             q, k, v, do, row_max, log2_sum, corr, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len,
             qk_scale, seed, bh, dropout_p, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, ROW_STATS,
         )
         ds = p * (dp - delta[:, None])
-        p_used = p * factor if DROPOUT else p
+        p_used = p * kept if DROPOUT else p
         dv += _mm(tl.trans(p_used.to(do.dtype)), do, FP32_DOT)
         dk += _mm(tl.trans(ds.to(q.dtype)), q, FP32_DOT)
     return dk, dv
@@ -573,6 +585,7 @@ def _attn_bwd_dkdv_kernel(
             HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, ROW_STATS, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     dk = dk * sm_scale
+    dv = dv * _inv_keep(dropout_p, DROPOUT)
     tl.store(dk_ptr + b * stride_dkb + h * stride_dkh + keys * stride_dkn + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
              mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM))
     tl.store(dv_ptr + b * stride_dvb + h * stride_dvh + keys * stride_dvn + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty),
