@@ -93,6 +93,7 @@ def register_model_note(note: Callable[[nn.Module], str | None]) -> None:
 
 _ORIGINAL_CONFIG = "_fused_attn_original_config"
 _COPIES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> a config copy own_config made
+_ORIGINALS: dict[int, object] = {}  # id of such a copy -> the config it was copied from
 
 
 def own_config(model: nn.Module):
@@ -100,8 +101,15 @@ def own_config(model: nn.Module):
     submodule holding the same config object now refer to, so that switching it leaves other
     models built from that object alone. :func:`restore_config` puts the original back."""
     config = model.config
-    if _ORIGINAL_CONFIG in model.__dict__ or _COPIES.get(id(config)) is config:
-        return config  # already this model's own, or its optimized parent's
+    original = model.__dict__.get(_ORIGINAL_CONFIG)
+    if original is not None:
+        # Already this model's own; a submodel restored on its own since (restore_config) rejoins it.
+        for module in model.modules():
+            if module.__dict__.get("config") is original:
+                module.config = config
+        return config
+    if _COPIES.get(id(config)) is config:
+        return config  # its optimized parent's
     for module in model.modules():
         # A submodel optimized before: it goes back to the shared config, and copies with the rest.
         if module is not model and _ORIGINAL_CONFIG in module.__dict__:
@@ -109,6 +117,8 @@ def own_config(model: nn.Module):
     config = model.config
     copied = copy.deepcopy(config)
     _COPIES[id(copied)] = copied
+    _ORIGINALS[id(copied)] = config
+    weakref.finalize(copied, _ORIGINALS.pop, id(copied), None)
     for module in model.modules():
         if module.__dict__.get("config") is config:
             module.config = copied
@@ -122,10 +132,14 @@ def original_config(model: nn.Module):
 
 
 def restore_config(model: nn.Module) -> None:
+    """Puts back the config :func:`own_config` replaced, on ``model`` and its submodules; on a
+    submodel of an optimized model (which holds its parent's copy), on that submodel alone."""
+    current = model.config
     original = model.__dict__.pop(_ORIGINAL_CONFIG, None)
+    if original is None and _COPIES.get(id(current)) is current:
+        original = _ORIGINALS.get(id(current))
     if original is None:
         return
-    current = model.config
     for module in model.modules():
         if module.__dict__.get("config") is current:
             module.config = original
@@ -222,7 +236,7 @@ def restore(model: nn.Module) -> nn.Module:
         original = module.__dict__.pop(ORIGINAL_CLASS, None)
         if isinstance(original, type):
             module.__class__ = original
-            for attr in ("backend", "fused_attn_backend", "fused_attn_approximate"):
+            for attr in ("backend", "fused_attn_backend", "fused_attn_approximate", "fused_attn_activation"):
                 module.__dict__.pop(attr, None)
         for matches, _convert, restore_model in _MODEL_CONVERTERS:
             if matches(module):

@@ -517,3 +517,28 @@ def test_sequence_classification_loss_as_hf(problem_type, num_labels, label_kind
 def test_problem_type_is_checked():
     with pytest.raises(ValueError, match="problem_type must be one of"):
         BertConfig.bert_tiny(problem_type="ranking")
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_bert_dropout_follows_modules_as_hf(fused):
+    """As in transformers' BERT: the hidden dropout is its nn.Dropout's to switch (frozen in a
+    training model, on in an eval one), the attention probabilities' dropout the attention
+    module's; with every module's mode set alike, training mode drops and eval mode does not."""
+    torch.manual_seed(3)
+    config = dataclasses.replace(BertConfig.bert_tiny(), hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+    model = BertModel(config)
+    model = _fused_copy(model, "cpu" if "cpu" in backends.available_backends("cpu") else "reference") if fused else model
+    ids, mask, types = _bert_batch(config)
+    run = lambda: model(ids, attention_mask=mask, token_type_ids=types).last_hidden_state  # noqa: E731
+    model.eval()
+    expected = run()
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) or type(m).__name__ == "BertSelfAttention":
+            m.eval()
+    torch.testing.assert_close(run(), expected)
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) and m is not model.embeddings.dropout:
+            m.train()
+    assert not torch.equal(run(), expected)

@@ -233,6 +233,99 @@ def test_optimizing_again_switches_every_fused_module_to_the_new_backend():
         assert fused_attn.last_backend(op) == "reference", op
 
 
+def test_hf_dropout_follows_the_dropout_modules():
+    """The fused Add & Norm drops as transformers' blocks do: when their nn.Dropout trains, whatever
+    the block's own mode (frozen dropout in training, Monte Carlo dropout in eval)."""
+    transformers, config = _hf_config(hidden_dropout_prob=0.3)
+    torch.manual_seed(0)
+    plain = transformers.BertModel(config)
+    fused_model = copy.deepcopy(plain)
+    fused_attn.optimize(fused_model)
+    ids, mask = _batch()
+    for model in (plain, fused_model):
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.eval()
+    run = lambda model: model(input_ids=ids, attention_mask=mask).last_hidden_state  # noqa: E731
+    torch.testing.assert_close(run(fused_model), run(plain))
+    for model in (plain, fused_model):
+        model.eval()
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.train()
+        assert not torch.equal(run(model), run(model)), type(model).__name__
+
+
+def test_hf_blocks_with_hooked_submodules_run_unfused():
+    """A hook on a submodule the fused block reads rather than calls (a feature hook, an adapter,
+    torch.nn.utils.prune) makes the block run transformers' forward, with a FallbackWarning; an
+    activation replaced after optimize() is honoured."""
+    import torch.nn.utils.prune as prune
+
+    transformers, config = _hf_config()
+    torch.manual_seed(0)
+    plain = transformers.BertModel(config).eval()
+    fused_model = copy.deepcopy(plain)
+    fused_attn.optimize(fused_model)
+    ids, mask = _batch()
+    run = lambda model: model(input_ids=ids, attention_mask=mask).last_hidden_state  # noqa: E731
+    calls = []
+    for model in (plain, fused_model):
+        model.encoder.layer[0].output.dense.register_forward_hook(lambda mod, args, out: calls.append(1) or out * 0.5)
+        model.encoder.layer[1].intermediate.dense.register_forward_hook(lambda mod, args, out: out + 1.0)
+    expected = run(plain)
+    with pytest.warns(fused_attn.FallbackWarning, match="hooks on its"):
+        torch.testing.assert_close(run(fused_model), expected)
+    assert len(calls) == 2
+
+    for model in (plain, fused_model):
+        prune.l1_unstructured(model.encoder.layer[1].attention.output.dense, "weight", amount=0.5)
+        model.train()
+    for _ in range(2):  # the pruned weight is recomputed on every call, as an optimizer step needs
+        outs = [run(model) for model in (plain, fused_model)]
+        torch.testing.assert_close(outs[1], outs[0])
+        for model, out in zip((plain, fused_model), outs):
+            out.sum().backward()
+            with torch.no_grad():
+                model.encoder.layer[1].attention.output.dense.weight_orig.add_(0.01)
+
+    for model in (plain, fused_model):
+        model.eval()
+        model.encoder.layer[0].intermediate.intermediate_act_fn = nn.SiLU()
+    torch.testing.assert_close(run(fused_model), run(plain))
+
+
+def test_hf_unsupported_head_dim_keeps_the_attention():
+    """A head dim no fused kernel serves leaves the model's attention implementation as it was,
+    whichever backend is asked for; the report says so, and the model still runs."""
+    transformers, config = _hf_config(hidden_size=640, num_attention_heads=2)
+    model = transformers.BertModel(config).eval()
+    original = model.config._attn_implementation
+    ids, mask = _batch()
+    expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    report = fused_attn.optimize(model, backend="cpu")
+    assert model.config._attn_implementation == original
+    assert not any(new.startswith("attention") for _, _, new in report.replaced)
+    assert ("", f"attention {original}", "head_dim 320 outside [1, 256]") in report.kept
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).last_hidden_state, expected)
+
+
+def test_restore_of_a_submodel_restores_its_attention():
+    transformers, config = _hf_config()
+    model = transformers.BertForMaskedLM(config).eval()
+    original = model.config._attn_implementation
+    fused_attn.optimize(model)
+    fused_attn.restore(model.bert)
+    assert model.bert.config._attn_implementation == original
+    assert model.bert.encoder.layer[0].attention.self.config._attn_implementation == original
+    fused_attn.optimize(model)  # the restored submodel rejoins the model's own config
+    assert model.bert.config is model.config and model.config._attn_implementation == "fused_attn"
+    assert config._attn_implementation == original
+    fused_attn.restore(model)
+    assert all(m.__dict__.get("config", config) is config for m in model.modules())
+
+
 def test_nested_optimize_and_restore():
     """optimize() on a model and on its submodel, in either order, with backends; restore() of
     the outer model gives the original config back everywhere."""

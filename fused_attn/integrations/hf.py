@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import convert
+from ..nn.transformer import _bypassed_hooks, _warn_hooks
 from ..ops import add_layer_norm, linear_gelu, scaled_dot_product_attention, softmax
 
 ATTENTION_NAME = "fused_attn"
@@ -65,8 +66,20 @@ def fused_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
+def _unfused(self) -> bool:
+    """Whether this call must run the block's own (transformers') forward: when a hook on one of its
+    submodules, which the fused forward reads rather than calls, would miss the call (prune, a
+    feature hook, an adapter), as for the package's fused layers."""
+    if _bypassed_hooks(self):
+        _warn_hooks(self)
+        return True
+    return False
+
+
 def _add_norm_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-    p = self.dropout.p if self.training else 0.0
+    if _unfused(self):
+        return self._fused_attn_of[0].forward(self, hidden_states, input_tensor)
+    p = self.dropout.p if self.dropout.training else 0.0  # as nn.Dropout decides, not the block
     h = F.linear(hidden_states, self.dense.weight)
     return add_layer_norm(
         h, input_tensor, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps, p, self.dense.bias,
@@ -91,6 +104,13 @@ def _gelu_approximation(activation: object) -> str | None:
 
 
 def _intermediate_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    activation = self.intermediate_act_fn
+    if activation is not getattr(self, "fused_attn_activation", None):
+        # Replaced since optimize(): fused again if it is a GELU too, else transformers' forward.
+        self.fused_attn_approximate = _gelu_approximation(activation)
+        self.fused_attn_activation = activation
+    if self.fused_attn_approximate is None or _unfused(self):
+        return self._fused_attn_of[0].forward(self, hidden_states)
     return linear_gelu(
         hidden_states, self.dense.weight, self.dense.bias, self.fused_attn_approximate, backend=self.fused_attn_backend
     )
@@ -172,12 +192,14 @@ def _convert(model: nn.Module, backend: str | None):
     replaced, kept = [], []
     original_attention = convert.original_config(model)._attn_implementation
     config = convert.own_config(model)
-    model.set_attn_implementation(ATTENTION_NAME)
-    replaced.append(("", f"attention {original_attention}", f"attention {ATTENTION_NAME}"))
     head_dim = config.hidden_size // config.num_attention_heads
     low, high = convert.HEAD_DIM_LIMITS["head_dim"]
-    if not low <= head_dim <= high:
-        kept.append(("", "attention", f"head_dim {head_dim} outside [{low}, {high}]: the fused op falls back"))
+    if low <= head_dim <= high:
+        model.set_attn_implementation(ATTENTION_NAME)
+        replaced.append(("", f"attention {original_attention}", f"attention {ATTENTION_NAME}"))
+    else:
+        # No fused kernel serves it: the model keeps the attention it was built with.
+        kept.append(("", f"attention {original_attention}", f"head_dim {head_dim} outside [{low}, {high}]"))
     for path, module in model.named_modules():
         module.fused_attn_backend = backend  # read by fused_attention_forward and the fused blocks
         if convert.ORIGINAL_CLASS in module.__dict__:
@@ -194,6 +216,7 @@ def _convert(model: nn.Module, backend: str | None):
                 kept.append((path, type(module).__name__, "activation is not a GELU"))
                 continue
             module.fused_attn_approximate = approximate
+            module.fused_attn_activation = module.intermediate_act_fn
             new_cls = _fused_class(type(module), "intermediate")
         elif type(module) is nn.LayerNorm:
             new_cls = convert.FusedLayerNorm

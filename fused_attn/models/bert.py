@@ -121,6 +121,9 @@ class BertHeadOutput:
 
 
 def _dropout_p(module: nn.Module, p: float) -> float:
+    """``p`` while ``module`` trains, else 0. As in transformers' BERT, the attention
+    probabilities' dropout follows the attention module's mode and the hidden dropout its own
+    ``nn.Dropout``'s (so a model trained with its dropout modules in eval mode has none)."""
     return p if module.training else 0.0
 
 
@@ -199,7 +202,7 @@ class BertSelfOutput(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         return _common.add_norm(
-            hidden_states, input_tensor, self.dense, self.LayerNorm, _dropout_p(self, self.dropout.p),
+            hidden_states, input_tensor, self.dense, self.LayerNorm, _dropout_p(self.dropout, self.dropout.p),
             fused=self.config.fused, backend=self.config.backend,
         )
 
