@@ -27,6 +27,7 @@ from .nn import (
     FusedTransformerDecoderLayer,
     FusedTransformerEncoderLayer,
 )
+from .nn.transformer import foreign_child
 from .ops.attention import HEAD_DIM_LIMITS
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -59,15 +60,30 @@ def _attention_reason(module: nn.MultiheadAttention) -> str | None:
     low, high = HEAD_DIM_LIMITS["head_dim"]
     if not low <= module.head_dim <= high:
         return f"head_dim {module.head_dim} outside the fused kernels' [{low}, {high}]"
+    if module.bias_k is not None or module.add_zero_attn:
+        return "add_bias_kv/add_zero_attn: no fused kernel serves them"
     return dtype_reason(module)
+
+
+def _layer_reason(layer: nn.Module) -> str | None:
+    """Why a torch Transformer layer cannot be fused: its attention's reason, a linear/norm/dropout
+    submodule the fused forward would read but not compute as it does (nn.transformer.foreign_child),
+    or its dtype. Attention modules of other classes are called as they are."""
+    for name in ("self_attn", "multihead_attn"):
+        attention = layer._modules.get(name)
+        if isinstance(attention, nn.MultiheadAttention):
+            reason = _attention_reason(attention)
+            if reason is not None:
+                return reason
+    return foreign_child(layer) or dtype_reason(layer)
 
 
 # Exact torch.nn class -> (fused subclass, why it cannot be converted or None).
 _SWAPS: dict[type, tuple[type, Callable[[nn.Module], str | None]]] = {
     nn.LayerNorm: (FusedLayerNorm, dtype_reason),
     nn.MultiheadAttention: (FusedMultiheadAttention, _attention_reason),
-    nn.TransformerEncoderLayer: (FusedTransformerEncoderLayer, lambda m: _attention_reason(m.self_attn) or dtype_reason(m)),
-    nn.TransformerDecoderLayer: (FusedTransformerDecoderLayer, lambda m: _attention_reason(m.self_attn) or dtype_reason(m)),
+    nn.TransformerEncoderLayer: (FusedTransformerEncoderLayer, _layer_reason),
+    nn.TransformerDecoderLayer: (FusedTransformerDecoderLayer, _layer_reason),
 }
 
 _FUSED_TYPES = frozenset(fused for fused, _ in _SWAPS.values())

@@ -349,3 +349,125 @@ def test_optimize_copy_computes_what_the_original_computes(built):
     copied = fused_attn.optimize(model, inplace=False).model
     tgt, memory = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
     torch.testing.assert_close(copied(tgt, memory), model(tgt, memory), rtol=1e-5, atol=1e-5)
+
+
+class _LoRALinear(nn.Linear):
+    """A linear whose forward adds a low-rank term: its weight alone does not say what it computes."""
+
+    def forward(self, x):
+        return super().forward(x) + 0.5 * x[..., :1].expand(*x.shape[:-1], self.out_features)
+
+
+class _RMSLikeNorm(nn.LayerNorm):
+    def forward(self, x):
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class _ShiftedGELU(nn.GELU):
+    def forward(self, x):
+        return super().forward(x) + 0.1
+
+
+_FOREIGN = {
+    "linear1": lambda: _LoRALinear(32, 64),
+    "norm1": lambda: _RMSLikeNorm(32),
+    "norm2": lambda: nn.RMSNorm(32),
+    "dropout1": lambda: nn.Identity(),
+    "activation": lambda: _ShiftedGELU(),
+}
+
+
+@pytest.mark.parametrize("child", sorted(_FOREIGN))
+def test_foreign_submodules_are_computed_as_torch_does(child, recwarn):
+    """A linear/norm/dropout submodule that is not exactly torch's (a LoRA linear, an RMSNorm, an
+    Identity for a dropout): optimize() keeps the layer and says why, a fused layer built directly
+    runs torch's forward with a FallbackWarning; a GELU subclass is called, not taken for GELU."""
+    torch.manual_seed(13)
+    plain = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, activation="gelu", batch_first=True).eval()
+    setattr(plain, child, _FOREIGN[child]())
+    x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(14))
+    expected = plain(x)
+    optimized = copy.deepcopy(plain)
+    report = fused_attn.optimize(optimized)
+    if child == "activation":
+        assert type(optimized) is FusedTransformerEncoderLayer
+    else:
+        assert type(optimized) is nn.TransformerEncoderLayer
+        kind = {"linear1": "Linear", "dropout1": "Dropout"}.get(child, "LayerNorm")
+        assert ("", "TransformerEncoderLayer", f"{child} is {type(getattr(plain, child)).__name__}, not {kind}") \
+            in report.kept
+    torch.testing.assert_close(optimized(x), expected)
+
+    built = FusedTransformerEncoderLayer(32, 4, 64, dropout=0.0, activation="gelu", batch_first=True).eval()
+    built.load_state_dict(plain.state_dict(), strict=False)
+    setattr(built, child, copy.deepcopy(getattr(plain, child)))
+    torch.testing.assert_close(built(x), expected)
+    if child != "activation":
+        assert any(m.startswith(f"FusedTransformerEncoderLayer: {child} is") for m in fused_attn.backends._warned)
+
+
+def test_multihead_attention_is_causal_hint_as_torch():
+    """is_causal replaces attn_mask by causal masking only when neither the weights nor a key
+    padding mask need the mask itself (torch's rule): with either, the given mask applies, even
+    one that is not causal."""
+    torch.manual_seed(15)
+    plain = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    fused = _as(plain, FusedMultiheadAttention)
+    x = torch.randn(2, 5, 16)
+    mask = torch.rand(5, 5, generator=torch.Generator().manual_seed(16)) > 0.5
+    mask.fill_diagonal_(False)  # True = masked, torch's convention; not causal
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 4] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(5).isinf()
+    for kwargs in ({"need_weights": True}, {"need_weights": False, "key_padding_mask": pad},
+                   {"need_weights": True, "key_padding_mask": pad}):
+        for attn_mask in (mask, causal):
+            want = plain(x, x, x, attn_mask=attn_mask, is_causal=True, **kwargs)
+            got = fused(x, x, x, attn_mask=attn_mask, is_causal=True, **kwargs)
+            torch.testing.assert_close(got[0], want[0])
+            if kwargs["need_weights"]:
+                torch.testing.assert_close(got[1], want[1])
+    torch.testing.assert_close(fused(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)[0],
+                               plain(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)[0])
+    torch.testing.assert_close(fused(x, x, x, is_causal=None)[0], plain(x, x, x, is_causal=None)[0])
+
+
+def test_multihead_attention_reads_out_proj_as_torch():
+    """torch's attention reads out_proj's parameters without calling it: a hook on it runs in
+    neither."""
+    plain = nn.MultiheadAttention(16, 2, batch_first=True)
+    fused = _as(plain, FusedMultiheadAttention)
+    calls = []
+    for module in (plain, fused):
+        module.out_proj.register_forward_hook(lambda *args: calls.append(1))
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(fused(x, x, x)[0], plain(x, x, x)[0])
+    assert calls == []
+
+
+def test_nested_inputs_as_torch():
+    """Nested tensors, which torch's MultiheadAttention (in inference) and LayerNorm take, get
+    torch's results."""
+    torch.manual_seed(17)
+    mha = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    norm = nn.LayerNorm(16)
+    nested = torch.nested.nested_tensor([torch.randn(5, 16), torch.randn(3, 16)])
+    with torch.no_grad():
+        for plain, cls, call in ((mha, FusedMultiheadAttention, lambda m: m(nested, nested, nested)[0]),
+                                 (norm, FusedLayerNorm, lambda m: m(nested))):
+            want, got = call(plain), call(_as(plain, cls))
+            for w, g in zip(want.unbind(), got.unbind()):
+                torch.testing.assert_close(g, w)
+    jagged = torch.nested.nested_tensor([torch.randn(5, 16), torch.randn(3, 16)], layout=torch.jagged)
+    for w, g in zip(norm(jagged).unbind(), _as(norm, FusedLayerNorm)(jagged).unbind()):
+        torch.testing.assert_close(g, w)
+
+
+def test_attention_with_bias_kv_or_zero_attn_is_kept():
+    model = nn.Sequential(nn.MultiheadAttention(16, 2, add_bias_kv=True), nn.MultiheadAttention(16, 2, add_zero_attn=True),
+                          nn.TransformerEncoderLayer(16, 2, 32))
+    model[2].self_attn = nn.MultiheadAttention(16, 2, add_bias_kv=True)
+    report = fused_attn.optimize(model)
+    why = "add_bias_kv/add_zero_attn: no fused kernel serves them"
+    assert report.kept == [("0", "MultiheadAttention", why), ("1", "MultiheadAttention", why),
+                           ("2", "TransformerEncoderLayer", why), ("2.self_attn", "MultiheadAttention", why)]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import convert
-from ..nn.transformer import _bypassed_hooks, _warn_hooks
+from ..nn.transformer import _unfused
 from ..ops import add_layer_norm, linear_gelu, scaled_dot_product_attention, softmax
 
 ATTENTION_NAME = "fused_attn"
@@ -64,16 +64,6 @@ def fused_attention_forward(
         return (weights @ value).transpose(1, 2).contiguous(), weights
     out = scaled_dot_product_attention(query, key, value, attention_mask, dropout, causal, scaling, backend=backend)
     return out.transpose(1, 2).contiguous(), None
-
-
-def _unfused(self) -> bool:
-    """Whether this call must run the block's own (transformers') forward: when a hook on one of its
-    submodules, which the fused forward reads rather than calls, would miss the call (prune, a
-    feature hook, an adapter), as for the package's fused layers."""
-    if _bypassed_hooks(self):
-        _warn_hooks(self)
-        return True
-    return False
 
 
 def _add_norm_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,11 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
     ``average_attn_weights=False``); ``need_weights=False`` runs the fused FlashAttention kernel,
     which never materialises them. Differences from torch: a query whose keys are all masked
     gets 0 instead of NaN. ``add_bias_kv`` / ``add_zero_attn`` are served by torch's own
-    implementation (a warning says so once). ``backend`` (attribute) picks the kernel backend.
+    implementation (a warning says so once), and so are nested-tensor inputs (which torch takes
+    in inference). As in torch, ``is_causal`` replaces ``attn_mask`` by causal masking only when
+    neither ``need_weights`` nor a ``key_padding_mask`` needs the mask itself; the output
+    projection reads ``out_proj``'s parameters, as torch's does, rather than calling the module.
+    ``backend`` (attribute) picks the kernel backend.
     """
 
     backend: str | None = None
@@ -106,11 +110,19 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
             return super().forward(
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
             )
+        if query.is_nested or key.is_nested or value.is_nested:
+            return super().forward(
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+            )
+        is_causal = bool(is_causal)  # None and numpy bools too, as torch takes them
         if is_causal and attn_mask is None:
             raise RuntimeError("FusedMultiheadAttention: is_causal=True needs attn_mask (as torch's): it is a hint")
         self._check_inputs(query, key, value)
         batched = query.dim() == 3
         if not batched:
+            if key_padding_mask is not None and key_padding_mask.dim() != 1:
+                raise ValueError("key_padding_mask must be 1-D [key length] for an unbatched (2-D) query, "
+                                 f"got shape {list(key_padding_mask.shape)}")
             query, key, value = _same_views(query, key, value, lambda t: t.unsqueeze(1))
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
@@ -124,7 +136,9 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
         # [seq, batch, heads * head_dim] -> [batch, heads, seq, head_dim] as strided views.
         q, k, v = (t.view(t.shape[0], batch, heads, head_dim).permute(1, 2, 0, 3) for t in (q, k, v))
         # With is_causal the attn_mask is only a hint (torch's convention): the kernel's own causal
-        # masking replaces it.
+        # masking replaces it, unless the weights or a key padding mask need the mask itself (torch
+        # then applies the attn_mask given, and so does this).
+        is_causal = is_causal and key_padding_mask is None and not need_weights
         mask = merge_masks(None if is_causal else attn_mask, key_padding_mask, batch, heads, q_len, k_len, q.dtype)
         dropout_p = self.dropout if self.training else 0.0
         weights = None
@@ -140,7 +154,7 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
         else:
             out = scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal, backend=self.backend)
         out = out.permute(2, 0, 1, 3).reshape(q_len, batch, embed)
-        out = self.out_proj(out)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
         if not batched:
             out = out.squeeze(1)
         elif self.batch_first:

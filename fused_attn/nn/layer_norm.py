@@ -13,10 +13,13 @@ class FusedLayerNorm(nn.LayerNorm):
 
     Same constructor (``normalized_shape, eps, elementwise_affine, bias, device, dtype``),
     parameters, ``state_dict`` keys and ``extra_repr``; ``backend`` (attribute) picks the kernel
-    backend (None: the package's policy).
+    backend (None: the package's policy). Nested tensors (which torch's LayerNorm also takes)
+    go to torch's forward.
     """
 
     backend: str | None = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.is_nested:
+            return super().forward(input)
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, backend=self.backend)

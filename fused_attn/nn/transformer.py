@@ -70,11 +70,51 @@ def _warn_hooks(layer: nn.Module) -> None:
               "which calls them", 5)
 
 
+# The submodules a fused layer reads (weights, eps, p) rather than calls, by name prefix (torch's
+# layers, then transformers' BERT blocks), and the classes whose computation the fused kernels
+# reproduce from what they read.
+_READ_KINDS = (
+    ("linear", (nn.Linear,)), ("norm", (nn.LayerNorm, FusedLayerNorm)), ("dropout", (nn.Dropout,)),
+    ("dense", (nn.Linear,)), ("LayerNorm", (nn.LayerNorm, FusedLayerNorm)),
+)
+_KINDS_OF_NAME: dict[str, tuple[type, ...] | None] = {}
+
+
+def _kinds_of(name: str) -> tuple[type, ...] | None:
+    if name not in _KINDS_OF_NAME:
+        _KINDS_OF_NAME[name] = next((kinds for prefix, kinds in _READ_KINDS if name.startswith(prefix)), None)
+    return _KINDS_OF_NAME[name]
+
+
+def foreign_child(layer: nn.Module) -> str | None:
+    """Why the fused forward cannot stand for ``layer``'s: a linear, norm or dropout submodule that
+    is not exactly the torch class whose computation the fused kernels reproduce (a LoRA linear,
+    an RMSNorm, an Identity in place of a dropout), or None."""
+    for name, child in layer._modules.items():
+        kinds = _kinds_of(name)
+        if kinds is not None and type(child) not in kinds:
+            return f"{name} is {type(child).__name__}, not {kinds[0].__name__}"
+    return None
+
+
+def _unfused(layer: nn.Module, called: tuple[str, ...] = ()) -> bool:
+    """Whether this call must run the unfused forward: hooks the fused one would bypass, or a foreign
+    submodule (both with a FallbackWarning once)."""
+    if _bypassed_hooks(layer, called):
+        _warn_hooks(layer)
+        return True
+    why = foreign_child(layer)
+    if why is not None:
+        warn_once(f"{type(layer).__name__}: {why}: torch's unfused forward serves it", 5)
+        return True
+    return False
+
+
 def _gelu_approximation(activation: object) -> str | None:
     """'none'/'tanh' when ``activation`` is a GELU the fused kernels compute, else None."""
     if activation is F.gelu:
         return "none"
-    if isinstance(activation, nn.GELU):
+    if type(activation) is nn.GELU:  # exactly: a subclass may compute something else
         return activation.approximate
     return None
 
@@ -133,8 +173,7 @@ class FusedFFN(nn.Module):
         self.activation = activations.get(activation, activation) if isinstance(activation, str) else activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _bypassed_hooks(self):
-            _warn_hooks(self)
+        if _unfused(self):
             return self.linear2(self.dropout(self.activation(self.linear1(x))))
         return feed_forward(x, self.linear1, self.dropout, self.linear2, self.activation, self.backend)
 
@@ -178,8 +217,7 @@ class FusedTransformerEncoderLayer(nn.TransformerEncoderLayer):
     ) -> torch.Tensor:
         if src.is_nested:
             return self._forward_nested(src, src_mask, is_causal)
-        if _bypassed_hooks(self, ("self_attn",)):
-            _warn_hooks(self)
+        if _unfused(self, ("self_attn",)):
             return super().forward(src, src_mask, src_key_padding_mask, is_causal)
         x = src
         if self.norm_first:
@@ -223,8 +261,7 @@ class FusedTransformerDecoderLayer(nn.TransformerDecoderLayer):
         tgt_is_causal: bool = False,
         memory_is_causal: bool = False,
     ) -> torch.Tensor:
-        if _bypassed_hooks(self, ("self_attn", "multihead_attn")):
-            _warn_hooks(self)
+        if _unfused(self, ("self_attn", "multihead_attn")):
             return super().forward(tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask,
                                    tgt_is_causal, memory_is_causal)
 
