@@ -432,7 +432,7 @@ def _t(*shape, dtype=torch.float32):
         (lambda: (_t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16)), {"dropout_p": 1.0}, ValueError, "dropout_p must be a number in [0, 1)"),
         (lambda: (_t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16)), {"dropout_p": -0.1}, ValueError, "dropout_p"),
         (lambda: (_t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16)), {"scale": float("nan")}, ValueError, "scale must be a finite number"),
-        (lambda: (_t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16)), {"is_causal": 1}, TypeError, "is_causal must be a bool"),
+        (lambda: (_t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16)), {"is_causal": 1}, TypeError, "is_causal must be a Python bool"),
         (lambda: ("q", _t(1, 2, 8, 16), _t(1, 2, 8, 16)), {}, TypeError, "query must be a torch.Tensor"),
     ],
 )

@@ -380,7 +380,7 @@ def sdpa_dropout_out_of_range(backend, device):
 @case(SDPA)
 def sdpa_is_causal_not_bool(backend, device):
     q, k, v = _qkv(device)
-    expect_error(lambda: _sdpa(backend)(query=q, key=k, value=v, is_causal=1), TypeError, "is_causal must be a bool")
+    expect_error(lambda: _sdpa(backend)(query=q, key=k, value=v, is_causal=1), TypeError, "is_causal must be a Python bool")
 
 
 @case(SDPA)

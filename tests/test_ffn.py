@@ -131,6 +131,30 @@ def test_ffn_parity(backend_device, dtype, approximate, shape):
 
 
 @pytest.mark.parametrize("backend_device", FFN)
+@pytest.mark.parametrize("wanted", ["input", "w1", "b1", "w2", "b2", "input+w2", "w1+b1+w2+b2"])
+def test_ffn_gradients_of_some_inputs(backend_device, wanted):
+    """Frozen weights (an adapter, partial fine-tuning) or a frozen input: the gradients asked for,
+    and none other."""
+    backend, device = backend_device
+    dtype = supported_dtypes(backend, device, "ffn")[0]
+    gen = torch.Generator().manual_seed(3)
+    args = {
+        "input": _randn(9, 16, dtype=dtype, device=device, gen=gen),
+        "w1": _randn(24, 16, dtype=dtype, device=device, gen=gen, scale=0.25),
+        "b1": _randn(24, dtype=dtype, device=device, gen=gen),
+        "w2": _randn(16, 24, dtype=dtype, device=device, gen=gen, scale=0.2),
+        "b2": _randn(16, dtype=dtype, device=device, gen=gen),
+    }
+    wanted = tuple(wanted.split("+"))
+    assert_parity(
+        lambda input, w1, b1, w2, b2: fused_attn.ffn(input, w1, b1, w2, b2, backend=backend),
+        lambda input, w1, b1, w2, b2: reference.ffn(input, w1, b1, w2, b2),
+        args,
+        grad_args=wanted,
+    )
+
+
+@pytest.mark.parametrize("backend_device", FFN)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_ffn_dropout_matches_reference_with_kernel_mask(backend_device, dtype):
     backend, device = backend_device

@@ -285,7 +285,8 @@ def scaled_dot_product_attention(
     scale = _check_scale(scale, head_dim)
     mask = _expand_mask(attn_mask, (batch, heads, q_len, k_len), query)
     if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+        kind = f"{type(is_causal).__module__}.{type(is_causal).__qualname__}"
+        raise TypeError(f"is_causal must be a Python bool, got {is_causal!r} ({kind})")
     inputs = Inputs(
         query.device,
         query.dtype,

@@ -159,7 +159,8 @@ def _triton_ffn_bwd(
         seed=seed_int(seed), dropout_p=dropout_p,
     )
     need_dx, need_dw1, need_db1, need_dw2, need_db2 = output_mask
-    dw2 = db2 = input.new_empty(0)
+    # A gradient not asked for is an empty tensor of its own: outputs of a custom op may not alias.
+    dw2, db2 = input.new_empty(0), input.new_empty(0)
     if need_dw2 or need_db2:
         # dW2 [out, hidden] = dY'^T @ gelu(pre): dropout regenerated on A, GELU recomputed on B.
         sums = torch.empty(out_features, device=input.device, dtype=torch.float32) if need_db2 else None
@@ -168,7 +169,7 @@ def _triton_ffn_bwd(
                      approximate=approximate, rng_strides=(1, out_features), **drop)
         dw2 = dw2_buf if need_dw2 else dw2
         db2 = sums.to(input.dtype) if need_db2 else db2
-    dx = dw1 = db1 = input.new_empty(0)
+    dx, dw1, db1 = input.new_empty(0), input.new_empty(0), input.new_empty(0)
     if need_dx or need_dw1 or need_db1:
         d_hidden = kernels.gemm(grad_out, w2, pre_activation.new_empty(pre_activation.shape),
                                 rng_strides=(out_features, 1), **drop)

@@ -122,7 +122,8 @@ def softmax(
         raise ValueError(f"dim must be an int in [{-input.dim()}, {input.dim() - 1}] for input of shape {list(input.shape)}, got {dim!r}")
     dim = dim % input.dim()
     if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+        kind = f"{type(is_causal).__module__}.{type(is_causal).__qualname__}"
+        raise TypeError(f"is_causal must be a Python bool, got {is_causal!r} ({kind})")
     if is_causal and (input.dim() < 2 or dim != input.dim() - 1):
         raise ValueError("is_causal=True needs dim to be the last dim of an input with at least 2 dims")
     if not is_finite_number(scale):
@@ -149,4 +150,8 @@ def softmax(
     y = _FWD_OPS[chosen](moved, m, float(scale), is_causal)
     if reshaped:
         y = y.reshape(moved_shape)
-    return y if last else y.movedim(-1, dim)
+    if last:
+        return y
+    # torch's softmax keeps the input's layout: a contiguous input gives a contiguous result.
+    y = y.movedim(-1, dim)
+    return y.contiguous() if input.is_contiguous() else y
