@@ -1433,3 +1433,22 @@ def test_a_crash_in_the_child_fails_only_its_case():
     results = run_cases("reference", "cpu", ["zz_crash", "zz_fine"], prelude=prelude)
     assert not results["zz_crash"]["ok"] and "died" in results["zz_crash"]["detail"]
     assert results["zz_fine"]["ok"]
+
+
+def test_numpy_scalars_are_taken_as_torch_takes_them():
+    """Scale, dropout_p, eps, dim and normalized_shape given as NumPy scalars (e.g. computed from
+    a config with NumPy) mean the Python numbers they hold; NumPy NaN and bools are still refused."""
+    np = pytest.importorskip("numpy")
+    x = torch.randn(2, 2, 4, 8)
+    torch.testing.assert_close(fused_attn.scaled_dot_product_attention(x, x, x, scale=np.float32(0.5)),
+                               F.scaled_dot_product_attention(x, x, x, scale=0.5))
+    torch.testing.assert_close(fused_attn.softmax(x, np.int64(1)), torch.softmax(x, 1))
+    torch.testing.assert_close(fused_attn.layer_norm(x, (np.int64(8),), eps=np.float32(1e-3)),
+                               F.layer_norm(x, (8,), eps=float(np.float32(1e-3))))
+    torch.testing.assert_close(fused_attn.add_layer_norm(x, x, None, None, np.float64(1e-5), np.float32(0.0)),
+                               F.layer_norm(x + x, (8,)))
+    for bad in (np.float32("nan"), np.bool_(True)):
+        with pytest.raises(ValueError, match="scale must be a finite number"):
+            fused_attn.scaled_dot_product_attention(x, x, x, scale=bad)
+    with pytest.raises(ValueError, match="dropout_p must be a number in"):
+        fused_attn.scaled_dot_product_attention(x, x, x, dropout_p=np.float64(1.0))

@@ -39,10 +39,19 @@ def check_same_device(value: torch.Tensor, name: str, like: torch.Tensor, like_n
         raise ValueError(f"{name} is on {value.device} but {like_name} is on {like.device}; they must share a device")
 
 
+def python_scalar(value: object) -> object:
+    """A NumPy scalar (np.float32(0.5), np.int64(3), which torch's functions take) as the Python
+    number it holds; anything else as it is."""
+    if type(value) in (int, float, bool) or type(value).__module__ != "numpy" or not hasattr(value, "item"):
+        return value
+    return value.item()
+
+
 def is_finite_number(value: object) -> bool:
-    """A real number (not a bool) that is finite. ``v - v == 0`` rather than ``math.isfinite``:
+    """A real number (not a bool; NumPy's too) that is finite. ``v - v == 0`` rather than ``math.isfinite``:
     under ``torch.compile`` a float argument may be symbolic, which math functions refuse (a graph
     break); the difference is NaN exactly for inf and NaN, and a symbolic one is taken as finite."""
+    value = python_scalar(value)
     return not isinstance(value, bool) and isinstance(value, (int, float)) and value - value == 0
 
 
@@ -53,6 +62,7 @@ def check_eps(eps: object) -> float:
 
 
 def check_dropout_p(p: object) -> float:
+    p = python_scalar(p)
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {p!r}")
     return float(p)

@@ -18,7 +18,7 @@ from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._registry import register_native_pair, register_pair
-from ._validate import check_eps, check_param, check_tensor, rows
+from ._validate import check_eps, check_param, check_tensor, python_scalar, rows
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -104,12 +104,13 @@ if _extension.loaded():
 def _normalized_shape(normalized_shape: object) -> tuple[int, ...]:
     if type(normalized_shape) is tuple and all(type(d) is int for d in normalized_shape):
         return normalized_shape  # the common case, without the abstract-class checks below
+    normalized_shape = python_scalar(normalized_shape)
     if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
         return (normalized_shape,)
-    if isinstance(normalized_shape, (Sequence, torch.Size)) and all(
-        isinstance(d, int) and not isinstance(d, bool) for d in normalized_shape
-    ):
-        return tuple(normalized_shape)
+    if isinstance(normalized_shape, (Sequence, torch.Size)):
+        dims = tuple(python_scalar(d) for d in normalized_shape)
+        if all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+            return dims
     raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
 
 

@@ -13,7 +13,7 @@ from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._registry import register_native_pair, register_pair
-from ._validate import check_same_device, check_tensor, dtype_name, is_finite_number
+from ._validate import check_same_device, check_tensor, dtype_name, is_finite_number, python_scalar
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -118,6 +118,7 @@ def softmax(
     """
     input, mask = autocast_inputs(FLOAT32_ON_CUDA, input, input, mask)
     input = check_tensor(input, "input", min_dim=1)
+    dim = python_scalar(dim)
     if isinstance(dim, bool) or not isinstance(dim, int) or not -input.dim() <= dim < input.dim():
         raise ValueError(f"dim must be an int in [{-input.dim()}, {input.dim() - 1}] for input of shape {list(input.shape)}, got {dim!r}")
     dim = dim % input.dim()
