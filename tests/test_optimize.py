@@ -295,6 +295,18 @@ def test_hf_blocks_with_hooked_submodules_run_unfused():
         model.encoder.layer[0].intermediate.intermediate_act_fn = nn.SiLU()
     torch.testing.assert_close(run(fused_model), run(plain))
 
+    class ScaledLinear(nn.Linear):  # an adapter-like subclass: its weight alone is not what it computes
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    for model in (plain, fused_model):
+        dense = model.encoder.layer[0].output.dense
+        scaled = ScaledLinear(dense.in_features, dense.out_features)
+        scaled.load_state_dict(dense.state_dict())
+        model.encoder.layer[0].output.dense = scaled
+    with pytest.warns(fused_attn.FallbackWarning, match="dense is ScaledLinear, not Linear"):
+        torch.testing.assert_close(run(fused_model), run(plain))
+
 
 def test_hf_unsupported_head_dim_keeps_the_attention():
     """A head dim no fused kernel serves leaves the model's attention implementation as it was,
