@@ -185,11 +185,17 @@ def getenv(name: str) -> str | None:
     data = getattr(os.environ, "_data", None)
     if os.name != "posix" or type(data) is not dict:
         return os.environ.get(name)
-    value = data.get(_ENV_KEYS.get(name) or _ENV_KEYS.setdefault(name, os.fsencode(name)))
+    key = _ENV_KEYS.get(name)
+    value = data.get(key if key is not None else os.fsencode(name))
     return None if value is None else os.fsdecode(value)
 
 
-_ENV_KEYS: dict[str, bytes] = {}
+# The encoded names of the variables the ops read, made once here and never changed: a cache
+# filled on first use would be mutated inside the first torch.compile trace, whose guard on it
+# would then fail and compile the graph a second time.
+_ENV_KEYS: dict[str, bytes] = {
+    name: os.fsencode(name) for name in ("TRITON_INTERPRET", "FUSED_ATTN_TRITON_AUTOTUNE", ENV_VAR)
+}
 
 
 def triton_interpret_mode() -> bool:

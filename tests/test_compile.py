@@ -268,3 +268,25 @@ def test_optimized_bert_inference_runs_in_cuda_graphs():
             out = compiled(ids, mask).clone()
             torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)  # float16, Inductor vs eager glue
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+
+
+def test_first_compile_in_a_fresh_process_traces_once():
+    """No module state of the package changes while the first call is traced (e.g. a cache filled
+    on first use), so the guards of the first graph hold and identical calls do not recompile."""
+    import subprocess
+    import sys
+
+    script = """
+import torch, torch._dynamo
+from torch._dynamo.utils import counters
+from fused_attn.nn import FusedLayerNorm
+torch._dynamo.config.error_on_recompile = True
+compiled = torch.compile(FusedLayerNorm(32), fullgraph=True, backend="aot_eager")
+x = torch.randn(4, 32)
+for _ in range(3):
+    compiled(x)
+print(counters["stats"]["unique_graphs"])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "1"

@@ -542,3 +542,9 @@ def test_bert_dropout_follows_modules_as_hf(fused):
         if isinstance(m, torch.nn.Dropout) and m is not model.embeddings.dropout:
             m.train()
     assert not torch.equal(run(), expected)
+
+
+def test_bert_longer_than_its_position_table_says_so():
+    model = BertModel(BertConfig.bert_tiny(max_position_embeddings=16))
+    with pytest.raises(ValueError, match="input_ids length 20 exceeds max_position_embeddings 16"):
+        model(torch.ones(1, 20, dtype=torch.long))

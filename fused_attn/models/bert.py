@@ -154,6 +154,10 @@ class BertEmbeddings(nn.Module):
     ) -> torch.Tensor:
         length = input_ids.shape[1]
         if position_ids is None:
+            if length > self.config.max_position_embeddings:
+                raise ValueError(
+                    f"input_ids length {length} exceeds max_position_embeddings {self.config.max_position_embeddings}"
+                )
             position_ids = self.position_ids[:, :length]
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
