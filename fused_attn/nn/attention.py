@@ -105,12 +105,10 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.bias_k is not None or self.add_zero_attn:
+        extra_kv = self.bias_k is not None or self.add_zero_attn
+        if extra_kv:
             warn_once("FusedMultiheadAttention: add_bias_kv/add_zero_attn run torch's MultiheadAttention", 4)
-            return super().forward(
-                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
-            )
-        if query.is_nested or key.is_nested or value.is_nested:
+        if extra_kv or query.is_nested or key.is_nested or value.is_nested:
             return super().forward(
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
             )

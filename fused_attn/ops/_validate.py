@@ -61,6 +61,12 @@ def check_eps(eps: object) -> float:
     return float(eps)
 
 
+def check_is_causal(is_causal: object) -> None:
+    if not isinstance(is_causal, bool):
+        kind = f"{type(is_causal).__module__}.{type(is_causal).__qualname__}"
+        raise TypeError(f"is_causal must be a Python bool, got {is_causal!r} ({kind})")
+
+
 def check_dropout_p(p: object) -> float:
     p = python_scalar(p)
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:

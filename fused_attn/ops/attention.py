@@ -18,7 +18,7 @@ from ..backends import MAX_EXTENT, Inputs, Support, register_op, select
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import register_native_pair, register_pair
-from ._validate import check_dropout_p, check_same_device, check_tensor, dtype_name, is_finite_number
+from ._validate import check_dropout_p, check_is_causal, check_same_device, check_tensor, dtype_name, is_finite_number
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Head dims a kernel tile holds: padded (to a power of two >= 16 in Triton; to 32, 64, 96, 128 or 256
@@ -284,9 +284,7 @@ def scaled_dot_product_attention(
     dropout_p = check_dropout_p(dropout_p)
     scale = _check_scale(scale, head_dim)
     mask = _expand_mask(attn_mask, (batch, heads, q_len, k_len), query)
-    if not isinstance(is_causal, bool):
-        kind = f"{type(is_causal).__module__}.{type(is_causal).__qualname__}"
-        raise TypeError(f"is_causal must be a Python bool, got {is_causal!r} ({kind})")
+    check_is_causal(is_causal)
     inputs = Inputs(
         query.device,
         query.dtype,

@@ -13,7 +13,7 @@ from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._registry import register_native_pair, register_pair
-from ._validate import check_same_device, check_tensor, dtype_name, is_finite_number, python_scalar
+from ._validate import check_is_causal, check_same_device, check_tensor, dtype_name, is_finite_number, python_scalar
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -122,9 +122,7 @@ def softmax(
     if isinstance(dim, bool) or not isinstance(dim, int) or not -input.dim() <= dim < input.dim():
         raise ValueError(f"dim must be an int in [{-input.dim()}, {input.dim() - 1}] for input of shape {list(input.shape)}, got {dim!r}")
     dim = dim % input.dim()
-    if not isinstance(is_causal, bool):
-        kind = f"{type(is_causal).__module__}.{type(is_causal).__qualname__}"
-        raise TypeError(f"is_causal must be a Python bool, got {is_causal!r} ({kind})")
+    check_is_causal(is_causal)
     if is_causal and (input.dim() < 2 or dim != input.dim() - 1):
         raise ValueError("is_causal=True needs dim to be the last dim of an input with at least 2 dims")
     if not is_finite_number(scale):
