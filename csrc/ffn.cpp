@@ -7,6 +7,7 @@
 // Dropout after the second linear draws its keep-mask (u >= dropout_p, u uniform in [0, 1) in
 // float32) from a fresh torch generator of the tensors' device seeded with the call's seed, so the
 // backward regenerates it instead of storing it; fused_attn.ops.ffn.ffn_keep_mask replays the draw.
+// Kept values are divided by the keep rate, 1 - dropout_p in float (philox::keep_divisor).
 #include <array>
 #include <optional>
 #include <tuple>
@@ -21,6 +22,7 @@
 #include <torch/library.h>
 
 #include "fused_attn/checks.h"
+#include "fused_attn/philox.h"
 
 namespace fused_attn {
 namespace {
@@ -35,6 +37,8 @@ using LinearGeluBwdScratch = std::tuple<Tensor, Tensor, Tensor>(Tensor&, const T
                                                                 c10::string_view, std::array<bool, 3>);
 
 c10::OperatorHandle find(const char* name) { return c10::Dispatcher::singleton().findSchemaOrThrow(name, ""); }
+
+double keep_divisor(double dropout_p) { return philox::keep_divisor(static_cast<float>(dropout_p)); }
 
 Tensor keep_mask(at::IntArrayRef shape, const OptTensor& seed, double dropout_p, const at::Device& device) {
   const uint64_t key = dropout_seed(seed);
@@ -52,7 +56,7 @@ std::tuple<Tensor, Tensor> ffn_fwd(const Tensor& input, const Tensor& w1, const 
   at::AutoDispatchBelowADInplaceOrView below;
   auto [hidden, pre] = linear_gelu.call(input, w1, b1, approximate);
   Tensor out = at::linear(hidden, w2, b2);
-  if (dropout_p > 0.0) out.mul_(keep_mask(out.sizes(), seed, dropout_p, out.device())).div_(1.0 - dropout_p);
+  if (dropout_p > 0.0) out.mul_(keep_mask(out.sizes(), seed, dropout_p, out.device())).div_(keep_divisor(dropout_p));
   return {out, pre};
 }
 
@@ -67,7 +71,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd(const Tensor& grad_ou
   const auto [need_dx, need_dw1, need_db1, need_dw2, need_db2] = output_mask;
   Tensor grad_out = grad_out_;
   if (dropout_p > 0.0) {
-    grad_out = grad_out.mul(keep_mask(grad_out.sizes(), seed, dropout_p, grad_out.device())).div_(1.0 - dropout_p);
+    const Tensor keep = keep_mask(grad_out.sizes(), seed, dropout_p, grad_out.device());
+    grad_out = grad_out.mul(keep).div_(keep_divisor(dropout_p));
   }
   auto empty = [&] { return at::empty({0}, input.options()); };
   Tensor dw2 = need_dw2 ? grad_out.t().mm(at::gelu(pre_activation, approximate)) : empty();

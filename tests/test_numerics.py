@@ -3,6 +3,7 @@ correct results from several threads at once."""
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,6 +30,47 @@ def test_fp16_scores_of_1e4_do_not_overflow(backend_device):
     expected = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=1.0)
     assert torch.isfinite(out).all()
     assert (out.double() - expected).abs().max() < 1e-2
+
+
+SOFTMAX = backend_params("softmax")
+ATTENTION_ALL = backend_params("scaled_dot_product_attention")
+
+
+@pytest.mark.parametrize("backend_device", SOFTMAX)
+def test_bool_mask_drops_non_finite_scores_in_softmax(backend_device):
+    # A bool mask removes a score whatever it is: inf or NaN where the mask is False leaves the
+    # rest of the row a softmax (an additive -inf would make inf - inf = NaN of the whole row).
+    backend, device = backend_device
+    dtype = work_dtype("softmax", backend, device)
+    x = torch.tensor([[[[0.0, float("inf"), 1.0], [float("nan"), 2.0, float("-inf")]]]], device=device, dtype=dtype)
+    mask = torch.tensor([[True, False, True], [False, True, True]], device=device)
+    x.requires_grad_(True)
+    out = fused_attn.softmax(x, -1, mask, backend=backend)
+    e = torch.tensor([1.0, 1.0]).exp()
+    expected = torch.tensor([[[[1 / (1 + e[0]), 0.0, e[0] / (1 + e[0])], [0.0, 1.0, 0.0]]]])
+    torch.testing.assert_close(out.float().cpu(), expected, atol=2e-3, rtol=0)
+    (grad,) = torch.autograd.grad(out, x, torch.randn_like(out))
+    assert torch.isfinite(grad).all()
+    assert (grad[..., 0, 1] == 0).all() and (grad[..., 1, 0] == 0).all()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under the interpreter
+@pytest.mark.parametrize("backend_device", ATTENTION_ALL)
+def test_bool_mask_drops_non_finite_scores_in_attention(backend_device):
+    # Keys hidden by a bool (key padding) mask may hold inf or NaN: their scores are dropped, so
+    # the output is that of the visible keys alone.
+    backend, device = backend_device
+    dtype = work_dtype("scaled_dot_product_attention", backend, device)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 5, 16, generator=gen) for _ in range(3))
+    keep = torch.tensor([True, True, False, True, False])
+    k[:, :, 2] = float("inf")
+    k[:, :, 4] = float("nan")
+    expected = reference.scaled_dot_product_attention(q.double(), k[:, :, keep].double(), v[:, :, keep].double())
+    q, k, v = (t.to(device, dtype) for t in (q, k, v))
+    out = fused_attn.scaled_dot_product_attention(q, k, v, keep.to(device).view(1, 1, 1, 5), backend=backend)
+    assert torch.isfinite(out).all()
+    assert (out.double().cpu() - expected).abs().max() < 1e-2
 
 
 @pytest.mark.parametrize("backend_device", LAYER_NORM)
@@ -117,3 +159,77 @@ def test_four_threads_at_once_get_correct_results(backend_device):
         t.join(timeout=300)
     assert not any(t.is_alive() for t in threads), "a thread hung"
     assert not errors, errors
+
+
+def _kept_values_are(values: torch.Tensor, unit: float) -> None:
+    """Every non-zero entry of ``values`` is a whole multiple of ``unit`` to float32 rounding."""
+    got = values.detach().double().cpu().flatten()
+    got = got[got != 0]
+    assert got.numel() > 0, "nothing was kept: pick another seed"
+    multiples = (got / unit).round()
+    assert (multiples >= 1).all()
+    rel = float(((got - multiples * unit) / got).abs().max())
+    assert rel < 1e-6, rel
+
+
+# Dropout keeps an element when its uniform draw is >= p as a float32, and divides what it keeps by
+# that keep rate, 1 - float32(p): the expected value of an element is itself (as in torch's CUDA
+# dropout). At p = 0.9999 the keep rate is 1.0001659e-4, 1.66e-4 above 1 - p. A p that rounds to 1
+# in float32 keeps nothing and gives 0 (not 0 / 0).
+DROPOUT_NEAR_ONE = 0.9999
+INV_KEEP = float(1 / (1 - np.float32(DROPOUT_NEAR_ONE)))
+ROUNDS_TO_ONE = 1 - 1e-8
+
+
+@pytest.mark.parametrize("p", [DROPOUT_NEAR_ONE, ROUNDS_TO_ONE])
+@pytest.mark.parametrize("backend_device", ATTENTION)
+def test_attention_dropout_scale_near_one(backend_device, p):
+    backend, device = backend_device
+    dtype = work_dtype("scaled_dot_product_attention", backend, device)
+    # k = 0: every probability is 1/8 exactly; v = 1: O is (kept keys) * 1/8 * scale, dV likewise.
+    q = torch.randn(1, 1, 8192, 8, device=device, dtype=dtype)
+    k = torch.zeros(1, 1, 8, 8, device=device, dtype=dtype)
+    v = torch.ones(1, 1, 8, 8, device=device, dtype=dtype, requires_grad=True)
+    torch.manual_seed(0)
+    out = fused_attn.scaled_dot_product_attention(q, k, v, dropout_p=p, backend=backend)
+    (dv,) = torch.autograd.grad(out, v, torch.ones_like(out))
+    if p == ROUNDS_TO_ONE:
+        assert not out.any() and not dv.any()
+    else:
+        _kept_values_are(out, INV_KEEP / 8)
+        _kept_values_are(dv, INV_KEEP / 8)
+
+
+@pytest.mark.parametrize("p", [DROPOUT_NEAR_ONE, ROUNDS_TO_ONE])
+@pytest.mark.parametrize("backend_device", backend_params("add_layer_norm", exclude=("reference",)))
+def test_add_layer_norm_dropout_scale_near_one(backend_device, p):
+    backend, device = backend_device
+    x = torch.ones(64, 1024, device=device, requires_grad=True)
+    torch.manual_seed(0)
+    out, prenorm = fused_attn.add_layer_norm(
+        x, torch.zeros_like(x), None, None, dropout_p=p, return_prenorm=True, backend=backend
+    )
+    (dx,) = torch.autograd.grad(prenorm, x, torch.ones_like(prenorm))
+    if p == ROUNDS_TO_ONE:
+        assert not prenorm.any() and not out.any() and not dx.any()
+    else:
+        _kept_values_are(prenorm, INV_KEEP)
+        _kept_values_are(dx, INV_KEEP)
+
+
+@pytest.mark.parametrize("p", [DROPOUT_NEAR_ONE, ROUNDS_TO_ONE])
+@pytest.mark.parametrize("backend_device", backend_params("ffn", exclude=("reference",)))
+def test_ffn_dropout_scale_near_one(backend_device, p):
+    backend, device = backend_device
+    x = torch.randn(256, 16, device=device)
+    w1, b1 = torch.randn(32, 16, device=device), torch.zeros(32, device=device)
+    w2 = torch.zeros(256, 32, device=device, requires_grad=True)
+    b2 = torch.ones(256, device=device, requires_grad=True)
+    torch.manual_seed(0)
+    out = fused_attn.ffn(x, w1, b1, w2, b2, "none", p, backend=backend)
+    (db2,) = torch.autograd.grad(out, b2, torch.ones_like(out))
+    if p == ROUNDS_TO_ONE:
+        assert not out.any() and not db2.any()
+    else:
+        _kept_values_are(out, INV_KEEP)
+        _kept_values_are(db2, INV_KEEP)

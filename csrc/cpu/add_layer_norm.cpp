@@ -18,9 +18,9 @@
 //    by shape alone (cpu_rows::num_row_chunks), so the sums do not depend on the thread count.
 // Dropout is the shared Philox stream (fused_attn/philox.h) at element row * hidden + col,
 // drawn 16 counters at a time; an element is kept when its uniform is >= dropout_p (in float)
-// and kept values are divided by 1 - dropout_p (in float), exactly as the Triton kernels do, so
-// every backend drops the same elements for the same seed. All arithmetic is float32 on
-// at::vec::Vectorized<float>, fp16/bf16 widened on load and rounded once on store.
+// and kept values are divided by 1 - dropout_p (in float: philox::keep_divisor), exactly as the
+// Triton kernels do, so every backend drops the same elements for the same seed. All arithmetic is
+// float32 on at::vec::Vectorized<float>, fp16/bf16 widened on load and rounded once on store.
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -157,7 +157,7 @@ Dropout check_dropout(double dropout_p, const std::optional<at::Tensor>& seed) {
   if (dropout_p == 0.0) return drop;
   drop.seed = dropout_seed(seed);
   drop.p = static_cast<float>(dropout_p);
-  drop.keep_prob = 1.f - drop.p;
+  drop.keep_prob = philox::keep_divisor(drop.p);
   return drop;
 }
 

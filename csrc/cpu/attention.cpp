@@ -160,22 +160,32 @@ float row_max(const float* s, int64_t n) {
   return reduce_max(at::vec::maximum(m0, m1));
 }
 
+// Row sums (the softmax normaliser, the backward's sum dy * y) are float vector sums over segments
+// of kSumSegment elements folded into a double: in float alone the error of a 2^20-long softmax row
+// grows to several times torch's. An attention tile (at most 256 keys) is one segment.
+constexpr int64_t kSumSegment = 1024;
+
 // s[j] = exp(s[j] - shift) in place; returns the sum. -inf entries become exactly 0.
 float exp_shift_sum(float* s, int64_t n, float shift) {
   const fVec sh(shift);
-  fVec acc(0.f);
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    const fVec p = exp_vec(fVec::loadu(s + j) - sh);
-    p.store(s + j);
-    acc += p;
+  double total = 0.0;
+  for (int64_t j0 = 0; j0 < n; j0 += kSumSegment) {
+    const int64_t end = std::min(n, j0 + kSumSegment);
+    fVec acc(0.f);
+    int64_t j = j0;
+    for (; j + kLanes <= end; j += kLanes) {
+      const fVec p = exp_vec(fVec::loadu(s + j) - sh);
+      p.store(s + j);
+      acc += p;
+    }
+    if (j < end) {
+      const fVec p = exp_vec(load_or(s + j, end - j, -kInf) - sh);  // padding lanes give exp(-inf) = 0
+      p.store(s + j, end - j);
+      acc += p;
+    }
+    total += reduce_sum(acc);
   }
-  if (j < n) {
-    const fVec p = exp_vec(load_or(s + j, n - j, -kInf) - sh);  // padding lanes give exp(-inf) = 0
-    p.store(s + j, n - j);
-    acc += p;
-  }
-  return reduce_sum(acc);
+  return static_cast<float>(total);
 }
 
 void scale_row(float* x, int64_t n, float factor) {
@@ -232,7 +242,7 @@ void from_float(const float* src, float factor, T* dst, int64_t n) {
   }
 }
 
-// sum_j float(a[j]) * float(b[j]).
+// sum_j float(a[j]) * float(b[j]), by segments (kSumSegment).
 template <typename T>
 float dot_row(const T* a, const T* b, int64_t n, float* tmp_a, float* tmp_b) {
   const float* fa;
@@ -246,17 +256,22 @@ float dot_row(const T* a, const T* b, int64_t n, float* tmp_a, float* tmp_b) {
     fa = tmp_a;
     fb = tmp_b;
   }
-  fVec acc0(0.f), acc1(0.f);
-  int64_t j = 0;
-  for (; j + 2 * kLanes <= n; j += 2 * kLanes) {
-    acc0 = at::vec::fmadd(fVec::loadu(fa + j), fVec::loadu(fb + j), acc0);
-    acc1 = at::vec::fmadd(fVec::loadu(fa + j + kLanes), fVec::loadu(fb + j + kLanes), acc1);
+  double total = 0.0;
+  for (int64_t j0 = 0; j0 < n; j0 += kSumSegment) {
+    const int64_t end = std::min(n, j0 + kSumSegment);
+    fVec acc0(0.f), acc1(0.f);
+    int64_t j = j0;
+    for (; j + 2 * kLanes <= end; j += 2 * kLanes) {
+      acc0 = at::vec::fmadd(fVec::loadu(fa + j), fVec::loadu(fb + j), acc0);
+      acc1 = at::vec::fmadd(fVec::loadu(fa + j + kLanes), fVec::loadu(fb + j + kLanes), acc1);
+    }
+    for (; j < end; j += kLanes) {
+      const int64_t len = std::min(kLanes, end - j);
+      acc0 = at::vec::fmadd(fVec::loadu(fa + j, len), fVec::loadu(fb + j, len), acc0);
+    }
+    total += reduce_sum(acc0 + acc1);
   }
-  for (; j < n; j += kLanes) {
-    const int64_t len = std::min(kLanes, n - j);
-    acc0 = at::vec::fmadd(fVec::loadu(fa + j, len), fVec::loadu(fb + j, len), acc0);
-  }
-  return reduce_sum(acc0 + acc1);
+  return static_cast<float>(total);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -607,7 +622,7 @@ AttnProblem make_problem(const at::Tensor& query, const at::Tensor& key, const a
   pb.causal = is_causal;
   pb.dropout = dropout_p > 0.0;
   pb.dropout_p = static_cast<float>(dropout_p);
-  pb.inv_keep = pb.dropout ? 1.f / (1.f - pb.dropout_p) : 1.f;
+  pb.inv_keep = pb.dropout ? philox::keep_scale(pb.dropout_p) : 1.f;
   pb.seed = 0;
   if (pb.dropout) {
     pb.seed = dropout_seed(seed);

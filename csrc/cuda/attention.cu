@@ -329,19 +329,22 @@ struct MaskArgs {
   int64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;  // strides (elements) of the mask expanded to 4-D
 };
 
-// The additive value of mask element `offset` in natural units: -inf where a bool mask hides it; finite
-// floating values at least kMaskFloor.
+// Score `s` (log2 units) masked by mask element `offset`: -inf where a bool mask hides the key (whatever
+// `s` is, so a NaN or inf score there is dropped, as on the other backends); a floating mask is added
+// (times log2(e)), its finite values clamped to at least kMaskFloor.
 __device__ __forceinline__ float clamp_bias(float v) { return v < kMaskFloor && v != -kInf ? kMaskFloor : v; }
 
-__device__ __forceinline__ float mask_value(const MaskArgs& m, int64_t offset) {
+__device__ __forceinline__ float apply_mask(float s, const MaskArgs& m, int64_t offset) {
+  float bias;
   switch (m.kind) {
-    case kMaskBool: return static_cast<const uint8_t*>(m.data)[offset] != 0 ? 0.f : -kInf;
-    case kMaskFloat: return clamp_bias(static_cast<const float*>(m.data)[offset]);
-    case kMaskHalf: return __half2float(static_cast<const __half*>(m.data)[offset]);  // >= -65504
-    case kMaskBFloat16: return clamp_bias(__bfloat162float(static_cast<const __nv_bfloat16*>(m.data)[offset]));
-    case kMaskDouble: return clamp_bias(static_cast<float>(static_cast<const double*>(m.data)[offset]));
-    default: return 0.f;
+    case kMaskBool: return static_cast<const uint8_t*>(m.data)[offset] != 0 ? s : -kInf;
+    case kMaskFloat: bias = clamp_bias(static_cast<const float*>(m.data)[offset]); break;
+    case kMaskHalf: bias = __half2float(static_cast<const __half*>(m.data)[offset]); break;  // >= -65504
+    case kMaskBFloat16: bias = clamp_bias(__bfloat162float(static_cast<const __nv_bfloat16*>(m.data)[offset])); break;
+    case kMaskDouble: bias = clamp_bias(static_cast<float>(static_cast<const double*>(m.data)[offset])); break;
+    default: return s;
   }
+  return s + bias * kLog2e;
 }
 
 struct AttnParams {
@@ -440,7 +443,7 @@ __device__ __forceinline__ void mask_tile(float (&s)[NB][4], const AttnParams& p
     if (i >= p.q_len || j >= p.k_len || (p.causal && j > i)) {
       x = -kInf;
     } else if (p.mask.kind != kMaskNone) {
-      x += mask_value(p.mask, mask_base + i * p.mask.s2 + j * p.mask.s3) * kLog2e;
+      x = apply_mask(x, p.mask, mask_base + i * p.mask.s2 + j * p.mask.s3);
     }
   });
 }
@@ -1052,7 +1055,7 @@ AttnParams make_params(const at::Tensor& query, const at::Tensor& key, const at:
   p.vec = rows_aligned(query, p.d) && rows_aligned(key, p.d) && rows_aligned(value, p.dv);
   p.dropout = dropout_p > 0.0;
   p.dropout_p = static_cast<float>(dropout_p);
-  p.inv_keep = p.dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  p.inv_keep = p.dropout ? philox::keep_scale(p.dropout_p) : 1.f;
   p.seed = 0;
   if (p.dropout) {
     p.seed = dropout_seed(seed);
@@ -1268,7 +1271,7 @@ __device__ __forceinline__ float softmax_score(const SoftmaxFwdParams& p, const 
                                                int j) {
   if (p.causal && j > i) return -kInf;
   float s = load_float(xr, j * p.x_s[3]) * p.scale_log2;
-  if (p.mask.kind != kMaskNone) s += mask_value(p.mask, mask_row + j * p.mask.s3) * kLog2e;  // clamped: finite
+  if (p.mask.kind != kMaskNone) s = apply_mask(s, p.mask, mask_row + j * p.mask.s3);
   return s;
 }
 

@@ -125,10 +125,10 @@ __device__ __forceinline__ void load_param_or(const T* p, int64_t c, float fill,
 // ---------------------------------------------------------------------------------------------
 
 // Dropout of add_layer_norm: element e of the [rows, hidden] tensor is kept when uniform(seed, e) >= p
-// (philox.h), and v becomes (v * keep) / keep_prob with keep 1 or 0 and keep_prob = 1 - p rounded to
-// float: the CPU and Triton kernels' arithmetic (a correctly rounded division, which --use_fast_math
-// would otherwise approximate), and a multiply rather than a select, so that a dropped inf/NaN gives
-// NaN, as torch's dropout (x * mask / (1 - p)) does. Inactive: v is left as it is.
+// (philox.h), and v becomes (v * keep) / keep_prob with keep 1 or 0 and keep_prob = 1 - p in float
+// (philox::keep_divisor): the CPU and Triton kernels' arithmetic (a correctly rounded division, which
+// --use_fast_math would otherwise approximate), and a multiply rather than a select, so that a dropped
+// inf/NaN gives NaN, as torch's dropout (x * mask / (1 - p)) does. Inactive: v is left as it is.
 struct DropoutArgs {
   uint64_t seed = 0;
   float p = 0.f;
@@ -707,7 +707,7 @@ DropoutArgs make_dropout(double dropout_p, const std::optional<at::Tensor>& seed
   if (dropout_p == 0 || !used) return d;
   d.seed = dropout_seed(seed);
   d.p = static_cast<float>(dropout_p);
-  d.keep_prob = 1.f - d.p;
+  d.keep_prob = philox::keep_divisor(d.p);
   d.active = true;
   return d;
 }

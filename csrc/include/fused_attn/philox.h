@@ -88,6 +88,13 @@ FUSED_ATTN_HOST_DEVICE bool keep(uint64_t seed, uint64_t counter, float p) {
   return uniform(seed, counter) >= p;
 }
 
+// Every backend takes dropout_p as a float32 p (as torch's CUDA dropout does) and divides what it
+// keeps by the keep rate 1 - p (exact in float for p >= 0.5), so the expected value of an element
+// is itself. A dropout_p that rounds to 1 (over 1 - 2^-25) keeps nothing: the divisor is then 1 and
+// the scale 0, so dropped elements give 0 (NaN stays NaN), not 0 / 0.
+FUSED_ATTN_HOST_DEVICE float keep_divisor(float p) { return p < 1.f ? 1.f - p : 1.f; }
+FUSED_ATTN_HOST_DEVICE float keep_scale(float p) { return p < 1.f ? 1.f / (1.f - p) : 0.f; }
+
 #if defined(__AVX2__) && !defined(__CUDACC__)
 namespace detail {
 

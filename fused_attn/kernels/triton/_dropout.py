@@ -3,6 +3,7 @@ per tile of scores and keep the factor for both P and dP: see attention.py)."""
 
 from __future__ import annotations
 
+import numpy as np
 import triton
 import triton.language as tl
 
@@ -22,9 +23,31 @@ def uniform(seed, counter):
 
 
 @triton.jit
-def dropout(x, seed, offsets, dropout_p):
+def dropout(x, seed, offsets, dropout_p, keep_prob):
     """Inverted dropout of float32 ``x`` at the Philox stream's elements ``offsets``: kept values
-    (uniform >= p) are divided by 1 - p, dropped ones multiplied by 0, not replaced by it, so a
-    dropped NaN or inf stays NaN, as in torch's dropout."""
+    (uniform >= p) are divided by ``keep_prob`` (``keep_divisor``), dropped ones multiplied by 0,
+    not replaced by it, so a dropped NaN or inf stays NaN, as in torch's dropout. ``dropout_p``
+    comes from ``as_float32``."""
     keep = (uniform(seed, offsets) >= dropout_p).to(tl.float32)
-    return x * keep / (1.0 - dropout_p)
+    return x * keep / keep_prob
+
+
+# Host side. Every backend takes dropout_p as a float32 p (a float argument reaches a compiled
+# kernel as float32 anyway; the interpreter would keep the double) and divides what it keeps by the
+# keep rate 1 - p in float32, so an element's expected value is itself (fused_attn/philox.h,
+# keep_divisor and keep_scale, the same arithmetic). A p that rounds to 1 keeps nothing: the divisor
+# is then 1 and the scale 0, so the result is 0 rather than 0 / 0.
+
+
+def as_float32(dropout_p: float) -> float:
+    return float(np.float32(dropout_p))
+
+
+def keep_divisor(dropout_p: float) -> float:
+    p = np.float32(dropout_p)
+    return float(np.float32(1) - p) if p < 1 else 1.0
+
+
+def keep_scale(dropout_p: float) -> float:
+    p = np.float32(dropout_p)
+    return float(np.float32(1) / (np.float32(1) - p)) if p < 1 else 0.0

@@ -61,7 +61,7 @@ import triton.language as tl
 
 from ...backends import triton_interpret_mode
 from ._autotune import benchmark, pruner, size_bucket
-from ._dropout import uniform
+from ._dropout import as_float32, keep_scale, uniform
 from ._masks import bias_log2
 
 LOG2E = 1.4426950408889634
@@ -131,10 +131,10 @@ def _kept(keep):
 
 
 @triton.jit
-def _inv_keep(dropout_p, DROPOUT: tl.constexpr):
-    """The dropout scale 1 / (1 - p); 1 without dropout."""
+def _inv_keep(inv_keep, DROPOUT: tl.constexpr):
+    """The dropout scale 1 / (1 - p) (``inv_keep``, from ``_dropout.keep_scale``); 1 without dropout."""
     if DROPOUT:
-        return 1.0 / (1.0 - dropout_p)
+        return inv_keep
     return 1.0
 
 
@@ -206,7 +206,7 @@ def _attn_fwd_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om,
-    heads, q_len, k_len, qk_scale, seed, dropout_p, Q_BUCKET, K_BUCKET,
+    heads, q_len, k_len, qk_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     DROPOUT: tl.constexpr, WRITE_KEEP: tl.constexpr, FP32_DOT: tl.constexpr,
@@ -262,7 +262,7 @@ def _attn_fwd_kernel(
             BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     empty_row = l_i == 0.0
-    out = acc * (_inv_keep(dropout_p, DROPOUT) / tl.where(empty_row, 1.0, l_i))[:, None]
+    out = acc * (_inv_keep(inv_keep, DROPOUT) / tl.where(empty_row, 1.0, l_i))[:, None]
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :],
              out.to(out_ptr.dtype.element_ty), mask=in_queries[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     # The row statistics for the backward, in log2 units and kept apart (see the module docstring):
@@ -314,7 +314,7 @@ def _probabilities(
 @triton.jit
 def _tile_p_dp(
     q, k, v, do, row_max, log2_sum, corr, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len,
-    qk_scale, seed, bh, dropout_p,
+    qk_scale, seed, bh, dropout_p, inv_keep,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr,
 ):
@@ -327,14 +327,14 @@ def _tile_p_dp(
     kept = 1.0
     if DROPOUT:
         kept = _kept(_dropout_keep(seed, bh, offs_m, offs_n, q_len, k_len, dropout_p))
-        dp = dp * (kept * _inv_keep(dropout_p, DROPOUT))
+        dp = dp * (kept * _inv_keep(inv_keep, DROPOUT))
     return p, dp, kept
 
 
 @triton.jit
 def _query_tile_terms(
     q, do, row_max, log2_sum, corr, offs_m, start_n, k_base, v_base, mask_base,
-    stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+    stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -350,7 +350,7 @@ def _query_tile_terms(
     v = tl.load(v_base + keys * stride_vn + offs_dv[None, :], mask=in_keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
     p, dp, _ = _tile_p_dp(
         q, k, v, do, row_max, log2_sum, corr, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len,
-        qk_scale, seed, bh, dropout_p, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, ROW_STATS,
+        qk_scale, seed, bh, dropout_p, inv_keep, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, ROW_STATS,
     )
     return k, p, dp
 
@@ -358,7 +358,7 @@ def _query_tile_terms(
 @triton.jit
 def _attn_bwd_stats_inner(
     p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base, lo, hi,
-    stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+    stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     FP32_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -367,7 +367,7 @@ def _attn_bwd_stats_inner(
     for start_n in range(lo, hi, BLOCK_N):
         _, p, dp = _query_tile_terms(
             q, do, row_max, log2_sum, row_max, offs_m, start_n, k_base, v_base, mask_base,
-            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
             HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, False, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
         p_sum += tl.sum(p, 1)
@@ -420,7 +420,7 @@ def _attn_bwd_stats_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom,
-    heads, q_len, k_len, qk_scale, seed, dropout_p, Q_BUCKET, K_BUCKET,
+    heads, q_len, k_len, qk_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
@@ -442,18 +442,18 @@ def _attn_bwd_stats_kernel(
         diag_hi = tl.minimum(start_m + BLOCK_M, k_len)
         p_sum, pdp_sum = _attn_bwd_stats_inner(
             p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base, 0, tl.minimum(diag_lo, k_len),
-            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
             HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
         p_sum, pdp_sum = _attn_bwd_stats_inner(
             p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base, diag_lo, diag_hi,
-            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
             HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     else:
         p_sum, pdp_sum = _attn_bwd_stats_inner(
             p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base, 0, k_len,
-            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
             HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     sees_keys = p_sum > 0.0
@@ -465,7 +465,7 @@ def _attn_bwd_stats_kernel(
 @triton.jit
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, lo, hi,
-    stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+    stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -487,7 +487,7 @@ def _attn_bwd_dkdv_inner(
             corr = row_max
         p, dp, kept = _tile_p_dp(
             q, k, v, do, row_max, log2_sum, corr, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len,
-            qk_scale, seed, bh, dropout_p, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, ROW_STATS,
+            qk_scale, seed, bh, dropout_p, inv_keep, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, ROW_STATS,
         )
         ds = p * (dp - delta[:, None])
         p_used = p * kept if DROPOUT else p
@@ -499,7 +499,7 @@ def _attn_bwd_dkdv_inner(
 @triton.jit
 def _attn_bwd_dq_inner(
     dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, lo, hi,
-    stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+    stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr, WRITE_DSCORES: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -510,7 +510,7 @@ def _attn_bwd_dq_inner(
     for start_n in range(lo, hi, BLOCK_N):
         k, p, dp = _query_tile_terms(
             q, do, row_max, log2_sum, corr, offs_m, start_n, k_base, v_base, mask_base,
-            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
             HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, ROW_STATS, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
         ds = p * (dp - delta[:, None])
@@ -533,7 +533,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    heads, q_len, k_len, qk_scale, sm_scale, seed, dropout_p, Q_BUCKET, K_BUCKET,
+    heads, q_len, k_len, qk_scale, sm_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr,
@@ -570,22 +570,22 @@ def _attn_bwd_dkdv_kernel(
         straddle_hi = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, q_len)
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, lo, straddle_hi,
-            stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+            stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
             HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, ROW_STATS, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, tl.maximum(straddle_hi, lo), q_len,
-            stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+            stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
             HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, ROW_STATS, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     else:
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, 0, q_len,
-            stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+            stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
             HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, ROW_STATS, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     dk = dk * sm_scale
-    dv = dv * _inv_keep(dropout_p, DROPOUT)
+    dv = dv * _inv_keep(inv_keep, DROPOUT)
     tl.store(dk_ptr + b * stride_dkb + h * stride_dkh + keys * stride_dkn + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
              mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM))
     tl.store(dv_ptr + b * stride_dvb + h * stride_dvh + keys * stride_dvn + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty),
@@ -603,7 +603,7 @@ def _attn_bwd_dq_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
-    heads, q_len, k_len, qk_scale, sm_scale, seed, dropout_p, Q_BUCKET, K_BUCKET,
+    heads, q_len, k_len, qk_scale, sm_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr,
@@ -629,18 +629,18 @@ def _attn_bwd_dq_kernel(
         diag_hi = tl.minimum(start_m + BLOCK_M, k_len)
         dq = _attn_bwd_dq_inner(
             dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, 0, tl.minimum(diag_lo, k_len),
-            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
             HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, ROW_STATS, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
         dq = _attn_bwd_dq_inner(
             dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, diag_lo, diag_hi,
-            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
             HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, ROW_STATS, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     else:
         dq = _attn_bwd_dq_inner(
             dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, 0, k_len,
-            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p,
+            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
             HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, ROW_STATS, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     dq = dq * sm_scale
@@ -706,7 +706,7 @@ def attention_fwd(
     _attn_fwd_kernel[grid](
         q, k, v, mask_t, out, stats, keep if keep is not None else out,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
-        heads, q_len, k_len, scale * LOG2E, seed, dropout_p,
+        heads, q_len, k_len, scale * LOG2E, seed, as_float32(dropout_p), keep_scale(dropout_p),
         MASK_IS_BOOL=mask_is_bool, WRITE_KEEP=write_keep, **_common_meta(q, v, mask, is_causal, dropout_p),
     )
     return out, stats, (keep.bool() if keep is not None else None)
@@ -741,7 +741,7 @@ def attention_bwd(
         corr = torch.empty_like(delta)
         _attn_bwd_stats_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]) * batch * heads,)](
             q, k, v, mask_t, dout, stats, corr, delta, *common,
-            heads, q_len, k_len, scale * LOG2E, seed, dropout_p,
+            heads, q_len, k_len, scale * LOG2E, seed, as_float32(dropout_p), keep_scale(dropout_p),
             MASK_IS_BOOL=mask_is_bool, **meta,
         )
     else:
@@ -755,13 +755,13 @@ def attention_bwd(
     _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(k_len, m["BLOCK_N"]) * batch * heads,)](
         q, k, v, mask_t, dout, stats, corr, delta, dk, dv,
         *common, *dk.stride()[:3], *dv.stride()[:3],
-        heads, q_len, k_len, scale * LOG2E, scale, seed, dropout_p,
+        heads, q_len, k_len, scale * LOG2E, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
         MASK_IS_BOOL=mask_is_bool, ROW_STATS=row_stats, **meta,
     )
     _attn_bwd_dq_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]) * batch * heads,)](
         q, k, v, mask_t, dout, stats, corr, delta, dq, dscores if dscores is not None else dq,
         *common, *dq.stride()[:3],
-        heads, q_len, k_len, scale * LOG2E, scale, seed, dropout_p,
+        heads, q_len, k_len, scale * LOG2E, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
         MASK_IS_BOOL=mask_is_bool, ROW_STATS=row_stats, WRITE_DSCORES=mask_needs_grad, **meta,
     )
     return dq, dk, dv, dscores

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ...backends import MAX_EXTENT, triton_interpret_mode
 from ._autotune import benchmark, pruner, size_bucket
-from ._dropout import dropout
+from ._dropout import as_float32, dropout, keep_divisor
 
 SQRT_HALF = 0.7071067811865476
 INV_SQRT_2PI = 0.3989422804014327
@@ -92,7 +92,7 @@ def _gemm_kernel(
     a_ptr, b_ptr, c_ptr, aux_ptr, bias_ptr, pre_ptr, rowsum_ptr,
     M, N, K, M_BUCKET, K_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    rng_stride_m, rng_stride_k, seed, dropout_p,
+    rng_stride_m, rng_stride_k, seed, dropout_p, keep_prob,
     A_PROLOGUE: tl.constexpr, B_PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, APPROX_TANH: tl.constexpr,
     ROW_SUMS: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -123,7 +123,7 @@ def _gemm_kernel(
             a = (a.to(tl.float32) * _gelu_grad(pre, APPROX_TANH)).to(a_ptr.dtype.element_ty)
         elif A_PROLOGUE == 2:
             element = rows * rng_stride_m + ks[None, :].to(tl.int64) * rng_stride_k
-            a = dropout(a.to(tl.float32), seed, element, dropout_p).to(a_ptr.dtype.element_ty)
+            a = dropout(a.to(tl.float32), seed, element, dropout_p, keep_prob).to(a_ptr.dtype.element_ty)
         if ROW_SUMS:
             row_sums += tl.sum(a.to(tl.float32), axis=1)
         b_mask = (ks[:, None] < K) & (offs_n[None, :] < N)
@@ -146,7 +146,7 @@ def _gemm_kernel(
         # The activation is computed from the rounded pre-activation, the value the backward reads.
         acc = _gelu(pre.to(tl.float32), APPROX_TANH)
     elif EPILOGUE == 3:
-        acc = dropout(acc, seed, rows * N + cols, dropout_p)
+        acc = dropout(acc, seed, rows * N + cols, dropout_p, keep_prob)
     tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
     if ROW_SUMS:
         if pid_n == 0:
@@ -191,7 +191,7 @@ def gemm(
     _gemm_kernel[grid](
         a, b, out, aux, bias, pre, row_sums,
         M, N, K, m_bucket, k_bucket, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        rng_strides[0], rng_strides[1], seed, dropout_p,
+        rng_strides[0], rng_strides[1], seed, as_float32(dropout_p), keep_divisor(dropout_p),
         A_PROLOGUE=a_prologue, B_PROLOGUE=b_prologue, EPILOGUE=epilogue, APPROX_TANH=approximate == "tanh",
         ROW_SUMS=row_sums is not None, FP32_DOT=a.dtype == torch.float32,
     )

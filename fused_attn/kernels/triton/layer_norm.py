@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dropout import dropout
+from ._dropout import as_float32, dropout, keep_divisor
 
 # Widest block kept in registers: 64 KiB of the row per program (the Triton tutorial's bound);
 # past it the kernels stream the row in chunks instead of spilling.
@@ -46,7 +46,7 @@ def _num_warps(block_n: int) -> int:
 
 @triton.jit
 def _prenorm_chunk(
-    x_ptr, res_ptr, xb_ptr, base, offs, in_row, seed, dropout_p,
+    x_ptr, res_ptr, xb_ptr, base, offs, in_row, seed, dropout_p, keep_prob,
     HAS_RESIDUAL: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """``residual + dropout(x + input_bias)`` for one chunk of a row, rounded to the storage dtype."""
@@ -54,7 +54,7 @@ def _prenorm_chunk(
     if HAS_INPUT_BIAS:
         h += tl.load(xb_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
     if DROPOUT:
-        h = dropout(h, seed, base + offs, dropout_p)
+        h = dropout(h, seed, base + offs, dropout_p, keep_prob)
     if HAS_RESIDUAL:
         h += tl.load(res_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
         h = h.to(x_ptr.dtype.element_ty).to(tl.float32)
@@ -64,7 +64,7 @@ def _prenorm_chunk(
 @triton.jit(do_not_specialize=["seed"])  # a new seed per call must not recompile
 def _norm_fwd_kernel(
     x_ptr, res_ptr, xb_ptr, w_ptr, b_ptr, y_ptr, pre_ptr, mean_ptr, rstd_ptr,
-    hidden, eps, seed, dropout_p,
+    hidden, eps, seed, dropout_p, keep_prob,
     HAS_RESIDUAL: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
@@ -74,7 +74,7 @@ def _norm_fwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     if SINGLE_BLOCK:
         in_row = cols < hidden
-        h = _prenorm_chunk(x_ptr, res_ptr, xb_ptr, base, cols, in_row, seed, dropout_p,
+        h = _prenorm_chunk(x_ptr, res_ptr, xb_ptr, base, cols, in_row, seed, dropout_p, keep_prob,
                            HAS_RESIDUAL, HAS_INPUT_BIAS, DROPOUT)
         if HAS_RESIDUAL:
             tl.store(pre_ptr + base + cols, h.to(pre_ptr.dtype.element_ty), mask=in_row)
@@ -92,7 +92,7 @@ def _norm_fwd_kernel(
         for start in range(0, hidden, BLOCK_N):
             offs = start + cols
             in_row = offs < hidden
-            h = _prenorm_chunk(x_ptr, res_ptr, xb_ptr, base, offs, in_row, seed, dropout_p,
+            h = _prenorm_chunk(x_ptr, res_ptr, xb_ptr, base, offs, in_row, seed, dropout_p, keep_prob,
                                HAS_RESIDUAL, HAS_INPUT_BIAS, DROPOUT)
             if HAS_RESIDUAL:
                 tl.store(pre_ptr + base + offs, h.to(pre_ptr.dtype.element_ty), mask=in_row)
@@ -138,7 +138,7 @@ def _accumulate(partial_ptr, offs, in_row, value, SINGLE_BLOCK: tl.constexpr, ac
 def _norm_bwd_kernel(
     dy_ptr, dpre_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dinput_ptr,
     dw_partial_ptr, db_partial_ptr, dib_partial_ptr,
-    rows, hidden, rows_per_program, seed, dropout_p,
+    rows, hidden, rows_per_program, seed, dropout_p, keep_prob,
     HAS_WEIGHT: tl.constexpr, HAS_DPRENORM: tl.constexpr, DROPOUT: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DINPUT: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     NEED_DIB: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
@@ -194,7 +194,7 @@ def _norm_bwd_kernel(
                     tl.store(dx_ptr + base + offs, dpre.to(dx_ptr.dtype.element_ty), mask=in_row)
                 dinput = dpre
                 if DROPOUT:
-                    dinput = dropout(dpre, seed, base + offs, dropout_p)
+                    dinput = dropout(dpre, seed, base + offs, dropout_p, keep_prob)
                 if NEED_DINPUT:
                     tl.store(dinput_ptr + base + offs, dinput.to(dinput_ptr.dtype.element_ty), mask=in_row)
                 if NEED_DIB:
@@ -238,7 +238,8 @@ def norm_fwd(
         return y, prenorm, mean.zero_(), rstd.zero_()
     block_n = _block_n(hidden, x.element_size())
     _norm_fwd_kernel[(rows,)](
-        x, residual, input_bias, weight, bias, y, prenorm, mean, rstd, hidden, eps, seed, dropout_p,
+        x, residual, input_bias, weight, bias, y, prenorm, mean, rstd,
+        hidden, eps, seed, as_float32(dropout_p), keep_divisor(dropout_p),
         HAS_RESIDUAL=residual is not None, HAS_INPUT_BIAS=input_bias is not None, DROPOUT=dropout_p > 0.0,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, SINGLE_BLOCK=block_n >= hidden, num_warps=_num_warps(block_n),
@@ -287,7 +288,7 @@ def norm_bwd(
         _norm_bwd_kernel[(launched,)](
             dy, dprenorm, x, weight, mean, rstd, out["dx"], out["dinput"],
             partial["dweight"], partial["dbias"], partial["dinput_bias"],
-            rows, hidden, rows_per_program, seed, dropout_p,
+            rows, hidden, rows_per_program, seed, as_float32(dropout_p), keep_divisor(dropout_p),
             HAS_WEIGHT=weight is not None, HAS_DPRENORM=dprenorm is not None, DROPOUT=dropout_p > 0.0,
             NEED_DX=need["dx"], NEED_DINPUT=need["dinput"], NEED_DW=need["dweight"], NEED_DB=need["dbias"],
             NEED_DIB=need["dinput_bias"], BLOCK_N=block_n, SINGLE_BLOCK=single, num_warps=_num_warps(block_n),
