@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 import fused_attn
 from fused_attn import reference
+from fused_attn.bench import harness
 
 BATCH, HEADS, HEAD_DIM = 1, 12, 64
 SEQS = (512, 1024, 2048, 4096)
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             times = time_forward(seq, args.reps, args.causal)
             best = {name: min(t) for name, t in times.items()}
             cells = [f"{best[n] * 1e3:7.1f} / {statistics.median(times[n]) * 1e3:7.1f}" for n in IMPLS]
-            flops = 4 * BATCH * HEADS * seq * seq * HEAD_DIM / (2 if args.causal else 1)
+            flops = harness.attention_flops(BATCH, HEADS, seq, seq, HEAD_DIM, causal=args.causal, mode="fwd")
             print(f"{seq:>6} {cells[0]:>17} {cells[1]:>17} {cells[2]:>17} "
                   f"{best['reference'] / best['cpu']:8.2f} {best['torch'] / best['cpu']:9.2f} "
                   f"{flops / best['cpu'] / 1e9:12.1f}")

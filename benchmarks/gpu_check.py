@@ -140,7 +140,7 @@ def run_benchmarks(python: str, tmp: Path, suites: list[str], compile_reference:
     for suite, dtype, mode in (run for run in PRIORITY if run[0] in suites):
         timeout = budget.share(900)
         if timeout is None:
-            records.append({"suite": suite, "impl": "all", "dtype": dtype, "mode": mode, "shape": {},
+            records.append({"suite": suite, "impl": "all", "device": "cuda", "dtype": dtype, "mode": mode, "shape": {},
                             "skipped": f"the {dtype} {mode} run: not started, the --budget was spent"})
             continue
         path = tmp / f"bench-{suite}-{dtype}-{mode.replace('+', '')}.json"
@@ -237,8 +237,23 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
+def parse_suites(text: str) -> list[str]:
+    """``--suites``: ``all`` or comma-separated suite names, each one `fused-attn bench` knows (a
+    misspelt one would otherwise select no run and leave the report silently without it)."""
+    from fused_attn.bench.suites import SUITES
+
+    if text == "all":
+        return sorted(SUITES)
+    suites = [name.strip() for name in text.split(",")]
+    unknown = [name for name in suites if name not in SUITES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown suite {unknown[0]!r}; expected all or some of "
+                                         f"{', '.join(sorted(SUITES))}")
+    return suites
+
+
 def render_markdown(facts: dict, tests: dict, records: list[dict], sanitizer: dict, plots: dict, memory: dict) -> str:
-    from fused_attn.bench.cli import not_run_counts, rate_text, shape_text
+    from fused_attn.bench.cli import EAGER_NOTE, not_run_counts, rate_text, shape_text
 
     lines = [f"# gpu-check: {facts.get('gpu')}", "", f"Date: {facts['date']}  ", f"torch {facts['torch']}, "
              f"CUDA {facts['torch_cuda']}, Triton {facts['triton']}, fused-attn {facts['fused_attn']}", ""]
@@ -272,10 +287,8 @@ def render_markdown(facts: dict, tests: dict, records: list[dict], sanitizer: di
                          f"fused/plain {memory['ratio']:.3f}")
             if memory.get("plot"):
                 lines += ["", f"![memory]({memory['plot']})"]
-    lines += ["", "## Benchmarks", "", "vs eager: speed-up against the code a user writes without this package "
-              "(attention: the explicit softmax(QK^T)V `reference`; models: `plain`; others: `torch`); vs torch: "
-              "against PyTorch's own implementation (SDPA, F.layer_norm, ...). Rates at the median time; % of the "
-              "GPU's published dense peak.", ""]
+    lines += ["", "## Benchmarks", "", f"{EAGER_NOTE}. Rates at the median time; % of the GPU's published dense "
+              "peak.", ""]
     for suite, plot in plots.items():
         lines.append(f"![{suite}]({plot})" if plot.endswith(".png") else f"- {suite}: {plot}")
     lines += ["", "| suite | shape | dtype | mode | impl | median ms | rate | % peak | vs eager | vs torch | peak MiB |",
@@ -303,7 +316,8 @@ def main() -> int:
     parser.add_argument("--skip-tests", action="store_true", help="benchmarks only")
     parser.add_argument("--skip-bench", action="store_true", help="tests only")
     parser.add_argument("--skip-sanitizer", action="store_true", help="no compute-sanitizer run")
-    parser.add_argument("--suites", default="all", help="comma-separated bench suites (default: all)")
+    parser.add_argument("--suites", type=parse_suites, default="all",
+                        help="comma-separated bench suites (default: all)")
     parser.add_argument("--tag", default="", help="suffix of the report's file name (e.g. tests, bench)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the references (slow)")
     parser.add_argument("--skip-memory", action="store_true", help="no profile-memory run")
@@ -312,10 +326,10 @@ def main() -> int:
                         help="seconds for the whole run; later stages get what is left (default: no bound)")
     parser.add_argument("--tests-share", type=float, default=0.5,
                         help="the part of --budget the tests may take, the rest kept for the benchmarks (default 0.5)")
+    sys.path.insert(0, str(ROOT))
     args = parser.parse_args()
     budget = Budget(args.budget)
 
-    sys.path.insert(0, str(ROOT))
     from fused_attn import info
 
     facts = info.collect()
@@ -323,9 +337,7 @@ def main() -> int:
         print("gpu-check: no CUDA GPU is visible", file=sys.stderr)
         return 2
     facts["date"] = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    from fused_attn.bench.suites import SUITES
-
-    suites = sorted(SUITES) if args.suites == "all" else args.suites.split(",")
+    suites = args.suites
     with tempfile.TemporaryDirectory() as tmp:
         test_timeout = budget.share(1500, args.tests_share if not args.skip_bench else 1.0)
         if args.skip_tests or test_timeout is None:

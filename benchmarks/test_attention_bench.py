@@ -1,6 +1,7 @@
-"""Attention: torch SDPA (default and flash backends), the reference and every fused backend,
-side by side per (seq, head_dim, causal, mode). TFLOP/s = 4*B*H*L^2*D (halved causal, x3.5
-with the backward) over the measured time.
+"""Attention: the plain eager form, torch SDPA (default and flash backends), the reference and
+every fused backend, side by side per (seq, head_dim, causal, mode). TFLOP/s = 4*B*H*D per
+(query, key) pair computed (L^2, or L(L+1)/2 causal; x3.5 with the backward) over the measured
+time.
 
     pytest benchmarks/test_attention_bench.py --benchmark-enable --benchmark-group-by=param:seq,param:head_dim,param:causal,param:mode
 """
@@ -16,7 +17,7 @@ GPU = torch.cuda.is_available()
 SEQS = [512, 1024, 2048, 4096, 8192, 16384] if GPU else [512, 1024]
 
 
-@pytest.mark.parametrize("impl", IMPLS + ["torch-flash"])
+@pytest.mark.parametrize("impl", ["eager"] + IMPLS + ["torch-flash"])
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("head_dim", [64, 128])

@@ -4,16 +4,20 @@ No timing is asserted: only that work is counted right, memory is measured right
 commands run end to end and write what they promise.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fused_attn import cli
-from fused_attn.bench import harness
+from fused_attn.bench import harness, suites
+from fused_attn.bench.suites import Settings
 from fused_attn.profiling import memory
 
 CPU = torch.device("cpu")
@@ -27,8 +31,18 @@ RECORD_KEYS = {"suite", "impl", "device", "dtype", "mode", "shape", "median_ms",
 
 def test_attention_flops_usual_count():
     assert harness.attention_flops(2, 3, 5, 7, 11, causal=False, mode="fwd") == 4 * 2 * 3 * 5 * 7 * 11
-    assert harness.attention_flops(2, 3, 5, 7, 11, causal=True, mode="fwd") == 2 * 2 * 3 * 5 * 7 * 11
     assert harness.attention_flops(1, 1, 4, 4, 8, causal=False, mode="fwd+bwd") == 3.5 * 4 * 16 * 8
+
+
+@pytest.mark.parametrize("q_len, k_len", [(5, 7), (7, 5), (6, 6), (1, 4096), (4096, 1), (128, 512)])
+def test_attention_flops_causal_counts_the_pairs_the_mask_keeps(q_len, k_len):
+    """Top-left aligned: query i sees keys 0..i. Not half of Lq*Lk when the lengths differ."""
+    keep = torch.ones(q_len, k_len, dtype=torch.bool).tril()
+    pairs = int(keep.sum())
+    assert harness.causal_pairs(q_len, k_len) == pairs
+    assert harness.attention_flops(2, 3, q_len, k_len, 11, causal=True, mode="fwd") == 4 * 2 * 3 * pairs * 11
+    assert harness.attention_flops(1, 1, q_len, k_len, 8, causal=True, mode="fwd+bwd") == 3.5 * 4 * pairs * 8
+    assert harness.causal_pairs(6, 6) == 6 * 7 // 2
 
 
 def test_ffn_flops_and_rates():
@@ -160,16 +174,16 @@ def test_bench_attention_json_csv_plot(tmp_path, capsys):
     assert code == 0, captured.err
     records = json.loads(out.read_text())
     timed = [r for r in records if "skipped" not in r]
-    assert {r["impl"] for r in timed} >= {"torch", "reference", "cpu"}
+    assert {r["impl"] for r in timed} >= {"eager", "torch", "reference", "cpu"}
     for r in timed:
-        assert RECORD_KEYS <= set(r) and "tflops" in r and r["baseline"] == "reference"
+        assert RECORD_KEYS <= set(r) and "tflops" in r and r["baseline"] == "eager"
         assert r["speedup_vs_torch"] > 0
         assert r["suite"] == "attention" and r["mode"] == "fwd+bwd" and r["shape"]["causal"] is True
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["peak_mem_bytes"] > 0
         assert r["tflops"] == pytest.approx(
             harness.attention_flops(1, 2, r["shape"]["seq"], r["shape"]["seq"], 16, causal=True, mode="fwd+bwd")
             / (r["median_ms"] * 1e9))
-    assert {r["impl"] for r in records if "skipped" in r} >= {"cuda", "flash-attn", "xformers"}
+    assert {r["impl"] for r in records if "skipped" in r} >= {"cuda", "flash-attn", "xformers", "torch-flash"}
     assert all(isinstance(r["skipped"], str) and r["skipped"] for r in records if "skipped" in r)
     assert (tmp_path / "a.csv").read_text().startswith("suite,impl,device")
     assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -352,7 +366,7 @@ def test_gpu_check_budget_shares_and_skips(tmp_path, monkeypatch):
     assert [(r["suite"], r["mode"]) for r in records] == [
         ("attention", "fwd"), ("attention", "fwd+bwd"), ("ffn", "fwd+bwd"), ("ffn", "fwd"), ("attention", "fwd"),
         ("ffn", "fwd")]
-    assert all("not started, the --budget was spent" in r["skipped"] for r in records)
+    assert all("not started, the --budget was spent" in r["skipped"] and r["device"] == "cuda" for r in records)
     facts = {"gpu": "H200", "date": "today", "torch": "2", "torch_cuda": "13", "triton": "3", "fused_attn": "0"}
     tests = {"exit_code": 124, "tests": 10, "failures": 0, "errors": 0, "skipped": 2, "tail": "", "failed_tests": [],
              "selection": "tests marked cuda", "interrupted": "stopped after 300s (--budget)"}
@@ -419,3 +433,221 @@ def test_bert_mini_takes_a_layer_count(command, tmp_path, capsys):
     result = json.loads(out.read_text())
     layers = result[0]["shape"]["layers"] if command == "bench" else result["layers"]
     assert layers == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# What each case times
+
+
+def _settings(mode: str, **sizes) -> Settings:
+    return Settings(device=CPU, dtype=torch.float32, mode=mode, backends=["cpu"], compile=False, **sizes)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_baseline_is_the_plain_eager_form(causal):
+    """The speed-ups are against softmax(QK^T*scale)V as a user writes it; the reference oracle
+    (slower: its guard for fully masked rows) is a row of its own."""
+    case = next(suites.attention_cases(_settings("fwd", batch=1, heads=2, head_dim=8, seqs=[8], causal=[causal])))
+    assert case.baseline == "eager" and {"eager", "reference", "torch"} <= set(case.impls)
+    torch.testing.assert_close(case.impls["eager"](), case.impls["torch"]())
+    torch.testing.assert_close(case.impls["eager"](), case.impls["reference"]())
+
+
+def test_fwd_bwd_calls_do_not_accumulate_into_grad():
+    """Every timed forward + backward call does the same work as the first: accumulating into the
+    inputs' .grad would add an in-place add of every gradient from the second call on."""
+    from torch.profiler import profile
+
+    case = next(suites.layer_norm_cases(_settings("fwd+bwd", rows=8, hiddens=[16])))
+    for name in ("torch", "cpu"):
+        ops = []
+        for _ in range(2):
+            with profile() as prof:
+                case.impls[name]()
+            ops.append(sorted(e.name for e in prof.events() if e.name.startswith("aten::")))
+        assert ops[0] == ops[1], name
+        assert "aten::add_" not in ops[1], name
+
+
+def test_third_party_attention_runs_forward_and_backward(monkeypatch):
+    """flash-attn and xformers take and return [B, L, H, D]; the output comes back as a
+    [B, H, L, D] view, so the case's gradient fits it (heads != seq, so a mix-up shows)."""
+    from fused_attn.bench import cli as bench_cli
+    from fused_attn.bench import third_party
+
+    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+        return out.transpose(1, 2).contiguous()
+
+    missing = third_party._missing
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    monkeypatch.setattr(third_party, "_missing", lambda module, package: None if module == "flash_attn"
+                        else missing(module, package))
+    monkeypatch.setattr(third_party, "_gpu_half", lambda x, library: None)
+    q, k, v = (torch.randn(1, 2, 8, 4, requires_grad=True) for _ in range(3))
+    out = dict(third_party.attention(q, k, v, True))["flash-attn"]()
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    case = next(suites.attention_cases(_settings("fwd+bwd", batch=1, heads=2, head_dim=4, seqs=[8], causal=[True])))
+    records = {r["impl"]: r for r in bench_cli.run_case(case, CPU, repeats=1)}
+    assert "skipped" not in records["flash-attn"], records["flash-attn"]
+    assert records["flash-attn"]["median_ms"] > 0
+
+
+def test_implementations_that_cannot_run_leave_a_reason(monkeypatch):
+    from fused_attn.bench import workloads
+
+    case = next(suites.attention_cases(_settings("fwd", batch=1, heads=1, head_dim=8, seqs=[8], causal=[False])))
+    assert "torch-flash" not in case.impls and "CUDA only" in case.skipped["torch-flash"]
+    case = next(suites.ffn_cases(_settings("fwd+bwd", rows=4, hiddens=[8])))
+    assert "apex" not in case.impls and "inference only" in case.skipped["apex"]
+
+    def unavailable(name, **kwargs):
+        raise workloads.WorkloadUnavailable(f"{name} needs transformers")
+
+    monkeypatch.setattr(workloads, "build", unavailable)
+    for compile, impls in ((True, {"plain", "optimized", "compiled"}), (False, {"plain", "optimized"})):
+        settings = dataclasses.replace(_settings("fwd", models=["hf-bert"], batch=1, seqs=[8]), compile=compile)
+        case = next(suites.model_cases(settings))
+        assert not case.impls and case.skipped == dict.fromkeys(impls, "hf-bert needs transformers")
+
+
+def _parse(*args: str):
+    return cli.build_parser().parse_args(["bench", *args])
+
+
+@pytest.mark.parametrize("mode, plan", [
+    (None, [("model", "fwd"), ("model", "fwd+bwd"), ("attention", "fwd+bwd")]),
+    ("fwd", [("model", "fwd"), ("attention", "fwd")]),
+    ("fwd+bwd", [("model", "fwd+bwd"), ("attention", "fwd+bwd")]),
+    ("both", [("model", "fwd"), ("model", "fwd+bwd"), ("attention", "fwd"), ("attention", "fwd+bwd")]),
+])
+def test_default_cpu_run_follows_mode(mode, plan):
+    from fused_attn.bench import cli as bench_cli
+
+    args = _parse("--device", "cpu", *(["--mode", mode] if mode else []))
+    assert [(suite, s.mode) for suite, s in bench_cli._plan(args, CPU)] == plan
+
+
+def test_default_cpu_run_says_compiled_is_left_out(tmp_path, capsys):
+    out = tmp_path / "d.json"
+    code, captured = _run(["bench", "--device", "cpu", "--mode", "fwd", "--models", "bert-tiny", "--layers", "1",
+                           "--batch", "1", "--seq", "8", "--heads", "1", "--head-dim", "8", "--backends", "cpu",
+                           "--repeats", "1", "--json", str(out)], capsys)
+    assert code == 0, captured.err
+    records = json.loads(out.read_text())
+    assert {(r["suite"], r["mode"]) for r in records} == {("model", "fwd"), ("attention", "fwd")}
+    compiled = {r["suite"]: r["skipped"] for r in records if r["impl"] == "compiled"}
+    assert set(compiled) == {"model", "attention"}
+    assert all("left out of the default CPU run" in why for why in compiled.values())
+    assert "`fused-attn bench --suite attention`" in compiled["attention"]
+    from fused_attn.bench import cli as bench_cli
+
+    no_compile = bench_cli._plan(_parse("--device", "cpu", "--no-compile"), CPU)
+    assert all(s.compile_skipped is None and not s.compile for _, s in no_compile)
+
+
+@pytest.mark.parametrize("args, notes", [
+    (["--suite", "layer_norm", "--seq", "5", "--batch", "2", "--causal", "true", "--rows", "8", "--layers", "2"],
+     [f"note: {flag} has no effect on suite layer_norm (it takes --rows, --hidden and --backends)"
+      for flag in ("--batch", "--seq", "--causal", "--layers")]),
+    (["--suite", "attention", "--hidden", "16", "--rows", "8", "--seq", "8", "--causal", "false"],
+     ["note: --rows has no effect on suite attention (it takes --batch, --heads, --head-dim, --seq, --causal and "
+      "--backends)", "note: --hidden has no effect on suite attention (it takes --batch, --heads, --head-dim, --seq, "
+      "--causal and --backends)"]),
+    (["--suite", "model", "--backends", "cpu", "--heads", "2", "--head-dim", "8", "--hidden", "16", "--seq", "8"],
+     [f"note: {flag} has no effect on suite model (it takes --models, --layers, --batch and --seq)"
+      for flag in ("--heads", "--head-dim", "--backends", "--hidden")]),
+    (["--suite", "softmax", "--models", "bert-tiny", "--head-dim", "8"],
+     [f"note: {flag} has no effect on suite softmax (it takes --batch, --heads, --seq and --backends)"
+      for flag in ("--head-dim", "--models")]),
+    (["--rows", "8"], ["note: --rows has no effect on suites model, attention (none of them takes it)"]),
+    (["--suite", "all", "--seq", "8", "--rows", "8", "--models", "bert-tiny", "--causal", "true"], []),
+    (["--suite", "ffn"], []),
+])
+def test_flags_a_suite_does_not_take_are_noted(args, notes, capsys, monkeypatch):
+    from fused_attn.bench import cli as bench_cli
+
+    ran = []
+    monkeypatch.setattr(bench_cli, "_run_suite", lambda suite, *a: ran.append(suite))
+    code, captured = _run(["bench", "--device", "cpu", *args], capsys)
+    assert code == 0 and ran
+    assert [line for line in captured.out.splitlines() if line.startswith("note:")] == notes
+
+
+TINY = ["bench", "--suite", "layer_norm", "--device", "cpu", "--rows", "8", "--hidden", "8", "--repeats", "1",
+        "--no-compile"]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([*TINY, "--backends", "reference"], "'reference' is not a fused backend"),
+    ([*TINY, "--backends", ","], "expected a comma-separated list without empty items, got ','"),
+    ([*TINY, "--backends", "cpu,"], "expected a comma-separated list without empty items, got 'cpu,'"),
+    ([*TINY, "--hidden", "8,,16"], "expected comma-separated positive integers, got '8,,16'"),
+    ([*TINY, "--json", ""], "--json: empty file name"),
+    ([*TINY, "--csv", ""], "--csv: empty file name"),
+    ([*TINY, "--plot", " "], "--plot: empty file name"),
+    ([*TINY, "--rows", "100000000000000000000"], "up to 2**31 - 1 (2147483647), got 100000000000000000000"),
+    ([*TINY, "--rows", "9223372036854775807"], "up to 2**31 - 1"),
+    (["bench", "--batch", "2147483648"], "up to 2**31 - 1"),
+    (["profile-memory", "--batch", "100000000000000000000"], "up to 2**31 - 1"),
+    (["profile-memory", "--model", "bert-tiny", "--device", "cpu", "--json", ""], "--json: empty file name"),
+])
+def test_bad_lists_paths_and_sizes_one_line_error(args, message, capsys):
+    try:
+        code = cli.main(args)
+    except SystemExit as exc:  # argparse's own checks
+        code = exc.code
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_a_case_whose_sizes_overflow_is_a_skipped_record(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code, captured = _run(["bench", "--suite", "softmax", "--device", "cpu", "--batch", "1", "--heads", "1", "--seq",
+                           "2147483647", "--repeats", "1", "--no-compile", "--backends", "cpu", "--json", str(out)],
+                          capsys)
+    assert code == 0, captured.err
+    (record,) = json.loads(out.read_text())
+    assert record["impl"] == "all" and "sizes are too large to set up" in record["skipped"]
+    assert "overflow" in record["skipped"]
+
+
+@pytest.mark.parametrize("command", ["bench", "profile-memory"])
+def test_plot_without_matplotlib_is_refused_before_any_work(command, tmp_path, capsys, monkeypatch):
+    from fused_attn.bench import cli as bench_cli
+    from fused_attn.bench import workloads
+
+    def work(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(bench_cli, "_run_suite", work)
+    monkeypatch.setattr(workloads, "build", work)
+    args = TINY if command == "bench" else ["profile-memory", "--model", "bert-tiny", "--device", "cpu"]
+    code, captured = _run([*args, "--plot", str(tmp_path / "p.png")], capsys)
+    assert code == 2 and "--plot needs matplotlib" in captured.err
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_gpu_check_suites_must_be_known():
+    import argparse
+
+    from benchmarks import gpu_check
+
+    assert gpu_check.parse_suites("all") == sorted(suites.SUITES)
+    assert gpu_check.parse_suites("attention,ffn") == ["attention", "ffn"]
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown suite 'atention'; expected all or some of "
+                       "add_layer_norm, attention, ffn, layer_norm, model, softmax"):
+        gpu_check.parse_suites("atention,layernorm")
+
+
+def test_profile_memory_sizes_that_overflow_are_a_usage_error(capsys, monkeypatch):
+    from fused_attn.bench import workloads
+
+    def build(*args, **kwargs):
+        raise RuntimeError("Storage size calculation overflowed with sizes=[2147483647, 2147483647]")
+
+    monkeypatch.setattr(workloads, "build", build)
+    code, captured = _run(["profile-memory", "--model", "bert-tiny", "--device", "cpu"], capsys)
+    assert code == 2 and "sizes too large to set up: RuntimeError: Storage size" in captured.err

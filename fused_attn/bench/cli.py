@@ -2,7 +2,8 @@
 
 Without ``--suite`` the run is sized to the device: on a CPU, a small BERT end to end (inference
 and a training step, plain against ``optimize()``d) and the attention's time and memory over
-sequence length; on a GPU, every suite's full sweep.
+sequence length (forward + backward unless ``--mode``), without torch.compile; on a GPU, every
+suite's full sweep. A size or selection flag that no suite of the run takes is noted, not used.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ class UsageError(Exception):
     """A command-line argument that cannot be served; printed as one line, exit status 2."""
 
 
+# The largest size a flag takes, 2**31 - 1 (the int32 limit many kernels index with): far past
+# any size that fits in memory, and it keeps values that cannot even become a tensor size (past
+# int64) a usage error instead of a traceback.
+MAX_SIZE = 2**31 - 1
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -34,14 +41,26 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    if value > MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"expected a positive integer up to 2**31 - 1 ({MAX_SIZE}), got {value}")
     return value
 
 
+def names(text: str) -> list[str]:
+    """The comma-separated items of ``text``, stripped; an empty one (``8,,16``, ``,``) is an error
+    rather than dropped, since it is usually a typo for a value."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list without empty items, got {text!r}")
+    return items
+
+
 def positive_ints(text: str) -> list[int]:
-    values = [positive_int(v) for v in text.split(",") if v.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError("expected comma-separated positive integers")
-    return values
+    try:
+        items = names(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    return [positive_int(v) for v in items]
 
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -52,6 +71,8 @@ def check_output(path: str | None, flag: str, suffixes: tuple[str, ...] | None =
     is writable; not a folder itself) with one of ``suffixes`` when given."""
     if path is None:
         return
+    if not path.strip():
+        raise UsageError(f"{flag}: empty file name")
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise UsageError(f"{flag} {path}: is a directory; expected a file name")
     folder = os.path.dirname(os.path.abspath(path))
@@ -81,9 +102,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--causal", choices=["both", "true", "false"], default="both", help="attention")
     parser.add_argument("--rows", type=positive_int, default=None, help="layer_norm/add_layer_norm/ffn: rows (tokens)")
     parser.add_argument("--hidden", type=positive_ints, default=None, help="layer_norm/add_layer_norm: hidden sizes; ffn: model widths")
-    parser.add_argument("--models", type=str, default=None, help="model suite: comma-separated workloads")
+    parser.add_argument("--models", type=names, default=None, help="model suite: comma-separated workloads")
     parser.add_argument("--layers", type=positive_int, default=None, help="model suite: encoder layers")
-    parser.add_argument("--backends", type=str, default=None, help="comma-separated fused backends to include")
+    parser.add_argument("--backends", type=names, default=None,
+                        help="op suites: comma-separated fused backends to include")
     parser.add_argument("--mode", choices=MODES + ["both"], default=None, help="default: fwd, both for the default run")
     parser.add_argument("--repeats", type=positive_int, default=None, help="timed calls per implementation")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
@@ -144,17 +166,20 @@ def run_case(case, device: torch.device, repeats: int, step=lambda label: None) 
 def _plan(args: argparse.Namespace, device: torch.device) -> list[tuple[str, Settings]]:
     """(suite, settings) pairs to run, in order."""
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    wanted = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
+    wanted = args.backends
     if wanted:
-        known = set(backends.BACKENDS)
+        known = sorted(b for b in backends.BACKENDS if b != "reference")
+        if "reference" in wanted:
+            raise UsageError("--backends: 'reference' is not a fused backend (the package's plain PyTorch oracle, "
+                             f"timed as its own row in every op suite); expected some of {', '.join(known)}")
         unknown = [b for b in wanted if b not in known]
         if unknown:
-            raise UsageError(f"--backends: unknown backend {unknown[0]!r}; expected some of {', '.join(sorted(known))}")
+            raise UsageError(f"--backends: unknown backend {unknown[0]!r}; expected some of {', '.join(known)}")
         for name in wanted:
             reasons = backends.backend_unavailable_reasons(name, device)
             if reasons:
                 raise UsageError(f"--backends: {name!r} cannot run on {device.type} here: {'; '.join(reasons)}")
-    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    models = args.models
     if models:
         from .workloads import MODELS
 
@@ -173,13 +198,59 @@ def _plan(args: argparse.Namespace, device: torch.device) -> list[tuple[str, Set
         modes = [args.mode or "fwd"]
     if args.suite is None and device.type == "cpu":
         # A newcomer's first run on a CPU, in about two minutes: a small BERT end to end, then
-        # how attention's time and memory grow with the sequence (batch 1, BERT-base heads).
-        plan = [("model", dataclasses.replace(base, mode=m, compile=False)) for m in modes]
-        attention = dataclasses.replace(base, mode="fwd+bwd", compile=False, batch=args.batch or 1, heads=args.heads or 12,
+        # how attention's time and memory grow with the sequence (batch 1, BERT-base heads),
+        # forward + backward unless --mode says otherwise. torch.compile is left out for time.
+        def left_out(suite: str) -> str | None:
+            if args.no_compile:
+                return None
+            return ("left out of the default CPU run for time (compiling is slow on a CPU); "
+                    f"`fused-attn bench --suite {suite}` includes it")
+
+        plan = [("model", dataclasses.replace(base, mode=m, compile=False, compile_skipped=left_out("model")))
+                for m in modes]
+        attention = dataclasses.replace(base, compile=False, compile_skipped=left_out("attention"),
+                                        batch=args.batch or 1, heads=args.heads or 12,
                                         seqs=args.seq or [256, 512, 1024, 2048], causal=base.causal or [False])
-        return plan + [("attention", attention)]
+        attention_modes = ["fwd+bwd"] if args.mode is None else modes
+        return plan + [("attention", dataclasses.replace(attention, mode=m)) for m in attention_modes]
     suites = sorted(SUITES) if args.suite in (None, "all") else [args.suite]
     return [(suite, dataclasses.replace(base, mode=m)) for suite in suites for m in modes]
+
+
+# The size and selection flags each suite takes (--dtype, --mode, --repeats and the outputs apply
+# to every suite; --no-compile to all that time torch.compile).
+SUITE_FLAGS: dict[str, tuple[str, ...]] = {
+    "attention": ("--batch", "--heads", "--head-dim", "--seq", "--causal", "--backends"),
+    "softmax": ("--batch", "--heads", "--seq", "--backends"),
+    "layer_norm": ("--rows", "--hidden", "--backends"),
+    "add_layer_norm": ("--rows", "--hidden", "--backends"),
+    "ffn": ("--rows", "--hidden", "--backends"),
+    "model": ("--models", "--layers", "--batch", "--seq"),
+}
+
+
+def _given(args: argparse.Namespace, flag: str) -> bool:
+    value = getattr(args, flag[2:].replace("-", "_"))
+    return value != "both" if flag == "--causal" else value is not None
+
+
+def unused_flag_notes(args: argparse.Namespace, plan: list[tuple[str, Settings]]) -> list[str]:
+    """One line per size or selection flag given that no suite of ``plan`` takes: accepted, so
+    that one command line can serve several suites, but said, since it changes nothing."""
+    suites = list(dict.fromkeys(suite for suite, _ in plan))
+    taken = {flag for suite in suites for flag in SUITE_FLAGS[suite]}
+    flags = dict.fromkeys(flag for suite in SUITE_FLAGS for flag in SUITE_FLAGS[suite])
+    notes = []
+    for flag in flags:
+        if flag in taken or not _given(args, flag):
+            continue
+        if len(suites) == 1:
+            takes = SUITE_FLAGS[suites[0]]
+            takes_text = ", ".join(takes[:-1]) + " and " + takes[-1]
+            notes.append(f"note: {flag} has no effect on suite {suites[0]} (it takes {takes_text})")
+        else:
+            notes.append(f"note: {flag} has no effect on suites {', '.join(suites)} (none of them takes it)")
+    return notes
 
 
 def _run_suite(suite: str, settings: Settings, device: torch.device, repeats: int, step, records: list[dict]) -> None:
@@ -191,13 +262,17 @@ def _run_suite(suite: str, settings: Settings, device: torch.device, repeats: in
         except StopIteration:
             return
         except Exception as exc:
-            # Setting a case up (its inputs, its model) ran out of memory: the suite's later, larger
-            # cases would too. Recorded, and the sweep goes on with the next suite.
-            if not harness.is_out_of_memory(exc):
+            # Setting a case up (its inputs, its model) ran out of memory, or its sizes overflow
+            # the integer types: the suite's later, larger cases would too. Recorded, and the sweep
+            # goes on with the next suite.
+            if harness.is_out_of_memory(exc):
+                why = "setting up the next case ran out of memory; the rest of the suite was not run: "
+            elif harness.is_size_overflow(exc):
+                why = "the next case's sizes are too large to set up; the rest of the suite was not run: "
+            else:
                 raise
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            why = "setting up the next case ran out of memory; the rest of the suite was not run: "
             records.append({"suite": suite, "impl": "all", "device": str(device),
                             "dtype": str(settings.dtype).replace("torch.", ""), "mode": settings.mode, "shape": {},
                             "skipped": why + harness.one_line_reason(exc)})
@@ -210,8 +285,14 @@ def run(args: argparse.Namespace) -> int:
     for path, flag, suffixes in ((args.json, "--json", None), (args.csv, "--csv", None),
                                  (args.plot, "--plot", PLOT_SUFFIXES)):
         check_output(path, flag, suffixes)
+    if args.plot is not None:
+        from . import plots
+
+        plots.require_matplotlib()
     device = resolve_device(args.device)
     plan = _plan(args, device)
+    for note in unused_flag_notes(args, plan):
+        print(note)
     repeats = args.repeats or (30 if device.type == "cuda" else 5)
     records: list[dict] = []
     interrupted = False
@@ -223,14 +304,14 @@ def run(args: argparse.Namespace) -> int:
         interrupted = True
         print(f"\ninterrupted: reporting the {len(records)} records measured so far")
     print(format_table(records))
-    if args.json:
+    if args.json is not None:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=2)
         print(f"wrote {len(records)} records to {args.json}")
-    if args.csv:
+    if args.csv is not None:
         write_csv(records, args.csv)
         print(f"wrote {args.csv}")
-    if args.plot:
+    if args.plot is not None:
         from . import plots
 
         if any("skipped" not in r for r in records):
@@ -270,6 +351,11 @@ def rate_text(record: dict) -> str:
     return "-"
 
 
+EAGER_NOTE = ("vs eager: speed-up against the code a user writes without this package (attention: `eager`, "
+              "softmax(QK^T*scale)V; models: `plain`; others: `torch`); vs torch: against PyTorch's own "
+              "implementation (SDPA, F.layer_norm, ...)")
+
+
 def format_table(records: list[dict]) -> str:
     """One line per record; skipped implementations show their reason."""
     header = (f"{'suite':<14} {'shape':<28} {'dtype':<8} {'mode':<7} {'impl':<12} {'median ms':>10} {'min ms':>9} "
@@ -287,9 +373,7 @@ def format_table(records: list[dict]) -> str:
             f"{prefix} {r['median_ms']:>10.3f} {r['min_ms']:>9.3f} {r['max_ms']:>9.3f} {rate_text(r):>15} {fraction:>6} "
             f"{vs_eager:>8} {vs_torch:>8} {peak:>9}"
         )
-    lines.append("vs eager: speed-up against the code a user writes without this package (attention: the explicit "
-                 "softmax(QK^T)V `reference`; models: `plain`; others: `torch`); vs torch: against PyTorch's own "
-                 "implementation (SDPA, F.layer_norm, ...)")
+    lines.append(EAGER_NOTE)
     not_run = not_run_counts(records)
     if not_run:
         lines.append("not run:")

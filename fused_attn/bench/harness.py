@@ -35,9 +35,19 @@ import torch
 # Work counts
 
 
+def causal_pairs(q_len: int, k_len: int) -> int:
+    """(query, key) pairs a top-left-aligned causal mask keeps: query i sees keys 0..i, so
+    sum over i < Lq of min(i + 1, Lk). Lq(Lq+1)/2 when Lq == Lk, about half of Lq*Lk; far from
+    half when the lengths differ (a single query sees one key)."""
+    full = min(q_len, k_len)
+    return full * (full + 1) // 2 + (q_len - full) * k_len
+
+
 def attention_flops(batch: int, heads: int, q_len: int, k_len: int, head_dim: int, *, causal: bool, mode: str) -> float:
-    """The usual count: forward 4*B*H*Lq*Lk*D (two GEMMs), halved when causal; backward 2.5x forward."""
-    forward = 4.0 * batch * heads * q_len * k_len * head_dim * (0.5 if causal else 1.0)
+    """Forward 4*B*H*D per (query, key) pair computed (two GEMMs): Lq*Lk pairs, or the ones the
+    causal mask keeps (:func:`causal_pairs`); backward 2.5x forward."""
+    pairs = causal_pairs(q_len, k_len) if causal else q_len * k_len
+    forward = 4.0 * batch * heads * pairs * head_dim
     return forward * (3.5 if mode == "fwd+bwd" else 1.0)
 
 
@@ -75,6 +85,14 @@ def one_line_reason(exc: BaseException) -> str:
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is an allocation failure (CUDA or CPU), which a sweep reports and survives."""
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(exc)
+
+
+def is_size_overflow(exc: BaseException) -> bool:
+    """Whether ``exc`` says a size does not fit the integer types (a tensor's element or byte
+    count past int64): the case cannot be set up at all, which a sweep reports and survives."""
+    if isinstance(exc, OverflowError):
+        return True
+    return isinstance(exc, (RuntimeError, ValueError, TypeError)) and "overflow" in str(exc).lower()
 
 
 def device_peaks(device: torch.device) -> dict[str, float] | None:

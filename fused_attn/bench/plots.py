@@ -24,6 +24,12 @@ def _pyplot():
     return plt
 
 
+def require_matplotlib() -> None:
+    """Raises the usage error ``--plot`` gives without matplotlib: called before any work, so that
+    a run is not spent only to find that its plot cannot be drawn."""
+    _pyplot()
+
+
 def _panels(records: list[dict]) -> dict[tuple, list[dict]]:
     panels: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:

@@ -1,16 +1,21 @@
 """Benchmark suites: each yields cases, and for each case the implementations to compare.
 
 An implementation is a name and a zero-argument callable that runs the op once (forward, or
-forward and backward). ``torch`` names PyTorch's own implementation (its fused kernel where it
-has one: ``F.scaled_dot_product_attention``, ``F.layer_norm``); ``reference`` is the package's
-plain PyTorch oracle; each case names its eager baseline, the code a user would write without
-this package (``reference`` for attention, the explicit softmax(QK^T)V; ``torch`` for the
+forward and backward: the gradients of the inputs are computed, not accumulated into ``.grad``,
+so that every call does the same work). ``torch`` names PyTorch's own implementation (its fused
+kernel where it has one: ``F.scaled_dot_product_attention``, ``F.layer_norm``); ``reference`` is
+the package's plain PyTorch oracle (for attention with a guard for fully masked rows that plain
+code does not have, which costs it extra passes over the scores); each case names its eager
+baseline, the code a user would write without this package (``eager`` for attention,
+``softmax(QK^T * scale) @ V`` with a boolean causal mask made once per case; ``torch`` for the
 others, whose eager form is torch's own functions; ``plain`` for models), and speed-ups are
-reported against it and against ``torch``; ``compiled`` is ``torch.compile`` of the reference; ``torch-flash`` is PyTorch's FlashAttention backend where it can run; ``copy`` is a
-device copy of as many bytes as a memory-bound op must move (the bandwidth yardstick); the
-fused backends that can serve the case on this machine follow, then other libraries' kernels
-when installed (:mod:`.third_party`). The ``model`` suite compares whole models: ``plain``
-(the baseline), ``optimized`` (``fused_attn.optimize``) and ``compiled``.
+reported against it and against ``torch``; ``compiled`` is ``torch.compile`` of the reference;
+``torch-flash`` is PyTorch's FlashAttention backend where it can run; ``copy`` is a device copy
+of as many bytes as a memory-bound op must move (the bandwidth yardstick); the fused backends
+that can serve the case on this machine follow, then other libraries' kernels when installed
+(:mod:`.third_party`). The ``model`` suite compares whole models: ``plain`` (the baseline),
+``optimized`` (``fused_attn.optimize``) and ``compiled``. An implementation that cannot run
+in a case is in the case's ``skipped`` with the reason.
 
 Work is counted as FLOPs for attention and the FFN (:func:`.harness.attention_flops`,
 :func:`.harness.ffn_flops`) and as bytes that must cross memory for the memory-bound ops.
@@ -46,6 +51,7 @@ class Settings:
     causal: list[bool] | None = None
     backends: list[str] | None = None
     compile: bool = True  # include torch.compile of the reference (compilation is excluded from the times)
+    compile_skipped: str | None = None  # without compile: why, as a skipped record (None: no record, as --no-compile)
     models: list[str] | None = None  # model suite: which workloads
     layers: int | None = None  # model suite: encoder layers
 
@@ -76,12 +82,39 @@ def _fused_backends(op: str, inputs: backends.Inputs, wanted: list[str] | None) 
     return ok, skipped
 
 
+def _graph_leaves(out: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors whose gradients ``out``'s backward computes: the variables of the
+    ``AccumulateGrad`` nodes its graph reaches (a third-party adapter's own re-laid-out copies
+    included)."""
+    leaves, seen, stack = [], set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        stack.extend(child for child, _ in node.next_functions)
+    return leaves
+
+
 def _runner(forward: Callable[[], torch.Tensor], grad: torch.Tensor | None) -> Callable[[], object]:
+    """``forward`` alone, or with ``grad`` the forward and the backward to every leaf input.
+
+    The gradients are returned by ``torch.autograd.grad`` and dropped instead of accumulated into
+    ``.grad``: accumulation would add a read-modify-write of every input gradient to each call
+    after the first, work the op does not do and the byte counts do not include. The leaves are
+    found once, from the first call's graph; every call uses the same inputs.
+    """
     if grad is None:
         return forward
+    leaves: list[torch.Tensor] = []
 
     def step() -> None:
-        forward().backward(grad)
+        out = forward()
+        if not leaves:
+            leaves.extend(_graph_leaves(out))
+        torch.autograd.grad(out, leaves, grad)
 
     return step
 
@@ -89,12 +122,13 @@ def _runner(forward: Callable[[], torch.Tensor], grad: torch.Tensor | None) -> C
 _COMPILED: dict[Callable, Callable] = {}
 
 
-def _compiled(s: Settings, reference: Callable, *args, **kwargs) -> Callable[[], torch.Tensor] | None:
-    """``reference(*args, **kwargs)`` through ``torch.compile`` (None when the settings leave it
-    out). Each reference function is compiled once, with dynamic shapes, and serves every case of
-    a sweep: recompiling per shape would spend a GPU sweep's time in the compiler."""
+def _compiled(s: Settings, reference: Callable, *args, **kwargs) -> Callable[[], torch.Tensor] | str | None:
+    """``reference(*args, **kwargs)`` through ``torch.compile``; when the settings leave it out,
+    the reason they give (a skipped record) or None (``--no-compile``: no record). Each reference
+    function is compiled once, with dynamic shapes, and serves every case of a sweep: recompiling
+    per shape would spend a GPU sweep's time in the compiler."""
     if not s.compile:
-        return None
+        return s.compile_skipped
     if reference not in _COMPILED:
         _COMPILED[reference] = torch.compile(reference, dynamic=True)
     compiled = _COMPILED[reference]
@@ -157,9 +191,12 @@ ATTENTION_SEQS = {"cpu": [512, 1024, 2048], "cuda": [512, 1024, 2048, 4096, 8192
 ATTENTION_TOKENS = {"cpu": 512, "cuda": 16384}
 
 
-def _torch_flash(q, k, v, causal) -> Callable[[], torch.Tensor] | None:
+def _torch_flash(q, k, v, causal) -> Callable[[], torch.Tensor] | str:
+    """PyTorch's FlashAttention SDPA backend, or why it cannot run (it has no CPU or float32 kernel)."""
     if q.device.type != "cuda":
-        return None
+        return "PyTorch's FlashAttention backend runs on CUDA only"
+    if q.dtype == torch.float32:
+        return "PyTorch's FlashAttention backend takes float16/bfloat16 only"
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def run() -> torch.Tensor:
@@ -181,22 +218,30 @@ def attention_cases(s: Settings) -> Iterator[Case]:
                 for _ in range(3)
             )
             grad = torch.randn_like(q) if training else None
+            # What a user writes: the causal mask is made once, outside the timed call.
+            future = torch.ones(seq, seq, dtype=torch.bool, device=s.device).triu(1) if causal else None
             flops = harness.attention_flops(batch, heads, seq, seq, head_dim, causal=causal, mode=s.mode)
             inputs = backends.Inputs(
                 s.device, s.dtype, {"head_dim": head_dim, "head_dim_v": head_dim, "dropout": False, "q_len": seq, "k_len": seq}
             )
             names, skipped = _fused_backends("scaled_dot_product_attention", inputs, s.backends)
+
+            def eager(future=future, scale=head_dim**-0.5) -> torch.Tensor:
+                scores = q @ k.transpose(-2, -1) * scale
+                if future is not None:
+                    scores = scores.masked_fill(future, float("-inf"))
+                return torch.softmax(scores, -1) @ v
+
             impls: dict[str, Callable[[], object]] = {
+                "eager": _runner(eager, grad),
                 "torch": _runner(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), grad),
                 "reference": _runner(
                     lambda: fused_attn.reference.scaled_dot_product_attention(q, k, v, is_causal=causal), grad
                 ),
             }
-            flash = _torch_flash(q, k, v, causal)
-            if flash is not None and s.dtype != torch.float32:
-                impls["torch-flash"] = _runner(flash, grad)
             compiled = _compiled(s, fused_attn.reference.scaled_dot_product_attention, q, k, v, is_causal=causal)
-            _add_optional(impls, skipped, grad, [("compiled", compiled)])
+            flash = _torch_flash(q, k, v, causal)
+            _add_optional(impls, skipped, grad, [("torch-flash", flash), ("compiled", compiled)])
             for name in names:
                 impls[name] = _runner(
                     lambda name=name: fused_attn.scaled_dot_product_attention(q, k, v, is_causal=causal, backend=name),
@@ -204,7 +249,7 @@ def attention_cases(s: Settings) -> Iterator[Case]:
                 )
             _add_optional(impls, skipped, grad, third_party.attention(q, k, v, causal))
             shape = {"batch": batch, "heads": heads, "seq": seq, "head_dim": head_dim, "causal": causal}
-            yield Case("attention", shape, s.dtype, s.mode, impls, skipped, flops=flops, baseline="reference")
+            yield Case("attention", shape, s.dtype, s.mode, impls, skipped, flops=flops, baseline="eager")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +314,9 @@ def ffn_cases(s: Settings) -> Iterator[Case]:
                 impls[name] = _runner(
                     lambda name=name: fused_attn.ffn(x, w1, b1, w2, b2, "none", p, backend=name), grad
                 )
-            if not training:  # apex's module has no dropout: comparable in inference only
+            if training:
+                skipped["apex"] = "apex's fused dense has no dropout: compared in inference only"
+            else:
                 _add_optional(impls, skipped, grad, third_party.ffn(x, w1, b1, w2, b2))
             shape = {"tokens": tokens, "d_model": model, "hidden": hidden}
             yield Case("ffn", shape, s.dtype, s.mode, impls, skipped, flops=flops)
@@ -355,16 +402,20 @@ def model_cases(s: Settings) -> Iterator[Case]:
             try:
                 w = workloads.build(name, batch=batch, seq=seq, layers=layers, device=s.device, dtype=s.dtype)
             except workloads.WorkloadUnavailable as exc:
-                yield Case("model", shape, s.dtype, s.mode, {}, {"plain": str(exc)}, baseline="plain")
+                names = ["plain", "optimized"] + (["compiled"] if s.compile or s.compile_skipped else [])
+                yield Case("model", shape, s.dtype, s.mode, {}, {impl: str(exc) for impl in names}, baseline="plain")
                 continue
             shape["layers"] = w.layers
             impls = {
                 "plain": _model_step(w.model, w.step, training),
                 "optimized": _model_step(workloads.optimized(w), w.step, training),
             }
+            skipped = {}
             if s.compile:
                 impls["compiled"] = _model_step(torch.compile(w.model), w.step, training)
-            yield Case("model", shape, s.dtype, s.mode, impls, {}, tokens=w.tokens, baseline="plain")
+            elif s.compile_skipped:
+                skipped["compiled"] = s.compile_skipped
+            yield Case("model", shape, s.dtype, s.mode, impls, skipped, tokens=w.tokens, baseline="plain")
 
 
 SUITES: dict[str, Callable[[Settings], Iterator[Case]]] = {

@@ -3,7 +3,8 @@
 Each adapter returns ``(name, forward)`` where ``forward`` is a zero-argument callable computing
 the same thing as the case's baseline, or ``(name, reason)`` when it cannot: the library is not
 installed, or cannot serve the device, dtype or shape. Layout conversions happen here, before
-the timed call, never inside it.
+the timed call, never inside it; an output in another layout is returned as a view in the
+case's (a transpose costs nothing), so that the case's gradient fits it in a backward.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def _gpu_half(x: torch.Tensor, library: str) -> str | None:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> list[Adapter]:
-    """flash-attn and xformers, both taking [batch, seq, heads, head_dim]."""
+    """flash-attn and xformers, both taking and returning [batch, seq, heads, head_dim]; the output
+    is returned as a [batch, heads, seq, head_dim] view, the layout of the case's inputs and of its
+    gradient (whose last dim stays contiguous through the view, as these libraries need)."""
     adapters: list[Adapter] = []
     why = _missing("flash_attn", "flash-attn") or _gpu_half(q, "flash-attn")
     if why:
@@ -42,7 +45,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -
         from flash_attn import flash_attn_func
 
         qt, kt, vt = (t.transpose(1, 2).contiguous().detach().requires_grad_(t.requires_grad) for t in (q, k, v))
-        adapters.append(("flash-attn", lambda: flash_attn_func(qt, kt, vt, causal=causal)))
+        adapters.append(("flash-attn", lambda: flash_attn_func(qt, kt, vt, causal=causal).transpose(1, 2)))
     why = _missing("xformers", "xformers") or (None if q.device.type == "cuda" else "xformers runs on CUDA only")
     if why:
         adapters.append(("xformers", why))
@@ -51,7 +54,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -
 
         qt, kt, vt = (t.transpose(1, 2).contiguous().detach().requires_grad_(t.requires_grad) for t in (q, k, v))
         bias = xops.LowerTriangularMask() if causal else None
-        adapters.append(("xformers", lambda: xops.memory_efficient_attention(qt, kt, vt, attn_bias=bias)))
+        adapters.append(
+            ("xformers", lambda: xops.memory_efficient_attention(qt, kt, vt, attn_bias=bias).transpose(1, 2))
+        )
     return adapters
 
 

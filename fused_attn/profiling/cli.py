@@ -9,7 +9,7 @@ import torch
 
 from ..bench import workloads
 from ..bench.cli import DTYPES, PLOT_SUFFIXES, UsageError, check_output, positive_int, resolve_device
-from ..bench.harness import is_out_of_memory, one_line_reason, progress
+from ..bench.harness import is_out_of_memory, is_size_overflow, one_line_reason, progress
 from . import memory
 
 
@@ -67,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
     for path, flag, suffixes in ((args.json, "--json", None), (args.plot, "--plot", PLOT_SUFFIXES),
                                  (args.snapshot, "--snapshot", None)):
         check_output(path, flag, suffixes)
+    if args.plot is not None:
+        from ..bench import plots
+
+        plots.require_matplotlib()
     try:
         workload = workloads.build(args.model, batch=args.batch, seq=args.seq, layers=args.layers, device=device,
                                    dtype=dtype)
@@ -83,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
     except workloads.WorkloadUnavailable as exc:
         raise UsageError(str(exc)) from None
     except Exception as exc:
+        if is_size_overflow(exc):
+            raise UsageError(f"{args.model} at batch {args.batch}, seq {args.seq}: sizes too large to set up: "
+                             f"{one_line_reason(exc)}") from None
         if not is_out_of_memory(exc):
             raise
         raise UsageError(f"{args.model} at batch {args.batch}, seq {args.seq} does not fit in memory here: "
@@ -100,11 +107,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.model}, {layers}, batch {args.batch}, seq {args.seq}, {result['dtype']}, "
           f"{args.mode}, {device}")
     print(format_table(result))
-    if args.json:
+    if args.json is not None:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
         print(f"wrote {args.json}")
-    if args.plot:
+    if args.plot is not None:
         from ..bench import plots
 
         plots.plot_memory(result, args.plot)
