@@ -127,6 +127,27 @@ def test_hf_bert_optimized_matches_unoptimized(head, hidden_act):
         assert fused_attn.last_backend(op) in ("cpu", "triton")
 
 
+@pytest.mark.parametrize(
+    "hidden_act, fused",
+    [("gelu_pytorch_tanh", True), ("gelu_fast", True), ("gelu_python", True), ("quick_gelu", False), ("relu", False)],
+)
+def test_hf_intermediate_activations(hidden_act, fused):
+    """Each of transformers' exact and tanh GELUs runs in the fused epilogue; other activations
+    keep transformers' intermediate block, with the reason in the report; outputs match either way."""
+    transformers, config = _hf_config(hidden_act=hidden_act)
+    torch.manual_seed(0)
+    plain = transformers.BertModel(config).eval()
+    fused_model = copy.deepcopy(plain)
+    report = fused_attn.optimize(fused_model)
+    replaced = {new for _, _, new in report.replaced}
+    kept = [(path, why) for path, _, why in report.kept if path.endswith("intermediate")]
+    assert ("FusedBertIntermediate" in replaced) == fused
+    assert (kept == []) == fused
+    assert all(why == "activation is not a GELU" for _, why in kept)
+    ids, mask = _batch()
+    assert_model_parity(plain, fused_model, lambda model: model(input_ids=ids, attention_mask=mask).last_hidden_state)
+
+
 def test_hf_bert_restore():
     transformers, config = _hf_config()
     model = transformers.BertModel(config).eval()

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import convert
-from ..nn.transformer import _unfused
+from ..nn.transformer import _gelu_approximation, _unfused
 from ..ops import add_layer_norm, linear_gelu, scaled_dot_product_attention, softmax
 
 ATTENTION_NAME = "fused_attn"
@@ -77,27 +77,24 @@ def _add_norm_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Ten
     )
 
 
-def _gelu_approximation(activation: object) -> str | None:
+def _hf_gelu_approximation(activation: object) -> str | None:
+    """'none'/'tanh' when ``activation`` is one of transformers' GELUs (or torch's) that the fused
+    kernels compute, else None. By exact type, as for torch's: a subclass may compute something else."""
     from transformers import activations
 
-    if isinstance(activation, activations.GELUActivation) or activation is F.gelu:
-        return "none"
-    tanh_kinds = tuple(
-        getattr(activations, name) for name in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation")
-        if hasattr(activations, name)
-    )
-    if isinstance(activation, tanh_kinds):
-        return "tanh"
-    if isinstance(activation, nn.GELU):
-        return activation.approximate
-    return None
+    kinds = {"GELUActivation": "none", "NewGELUActivation": "tanh", "GELUTanh": "tanh", "PytorchGELUTanh": "tanh",
+             "FastGELUActivation": "tanh"}
+    for name, approximate in kinds.items():
+        if type(activation) is getattr(activations, name, None):
+            return approximate
+    return _gelu_approximation(activation)
 
 
 def _intermediate_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     activation = self.intermediate_act_fn
     if activation is not getattr(self, "fused_attn_activation", None):
         # Replaced since optimize(): fused again if it is a GELU too, else transformers' forward.
-        self.fused_attn_approximate = _gelu_approximation(activation)
+        self.fused_attn_approximate = _hf_gelu_approximation(activation)
         self.fused_attn_activation = activation
     if self.fused_attn_approximate is None or _unfused(self):
         return self._fused_attn_of[0].forward(self, hidden_states)
@@ -201,7 +198,7 @@ def _convert(model: nn.Module, backend: str | None):
         if _is_add_norm_block(module):
             new_cls = _fused_class(type(module), "add_norm")
         elif _is_intermediate_block(module):
-            approximate = _gelu_approximation(getattr(module, "intermediate_act_fn", None))
+            approximate = _hf_gelu_approximation(getattr(module, "intermediate_act_fn", None))
             if approximate is None:
                 kept.append((path, type(module).__name__, "activation is not a GELU"))
                 continue
