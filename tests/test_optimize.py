@@ -1,6 +1,7 @@
 """fused_attn.optimize / restore on torch.nn models and Hugging Face BERT."""
 
 import copy
+import warnings
 import pickle
 import subprocess
 import sys
@@ -327,6 +328,49 @@ def test_hf_blocks_with_hooked_submodules_run_unfused():
         model.encoder.layer[0].output.dense = scaled
     with pytest.warns(fused_attn.FallbackWarning, match="dense is ScaledLinear, not Linear"):
         torch.testing.assert_close(run(fused_model), run(plain))
+
+
+def test_parametrized_submodules_stay_fused():
+    """A parametrized linear (weight_norm) is the class it was made from: optimize fuses its torch
+    and Hugging Face layers, the forward reads the parametrized weight with no fallback, and the
+    gradients reach the parametrization's own parameters. An adapter-like Linear subclass in a
+    Hugging Face block keeps the block, with the reason."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, activation="gelu", batch_first=True).eval()
+    weight_norm(layer.linear1)
+    weight_norm(layer.self_attn.out_proj)
+    fused_layer = copy.deepcopy(layer)
+    report = fused_attn.optimize(fused_layer)
+    assert report.kept == [] and ("", "TransformerEncoderLayer", "FusedTransformerEncoderLayer") in report.replaced
+    x = torch.randn(2, 7, 32)
+    assert sum("original" in name for name, _ in layer.named_parameters()) == 4
+    with warnings.catch_warnings():  # parity covers the gradients of the parametrizations' parameters
+        warnings.simplefilter("error", fused_attn.FallbackWarning)
+        assert_model_parity(layer, fused_layer, lambda model: model(x.to(model.linear2.weight.dtype)))
+
+    transformers, config = _hf_config()
+    plain = transformers.BertModel(config).eval()
+    weight_norm(plain.encoder.layer[0].output.dense)
+    weight_norm(plain.encoder.layer[1].intermediate.dense)
+
+    class ScaledLinear(nn.Linear):  # an adapter-like subclass: its weight alone is not what it computes
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    dense = plain.encoder.layer[1].output.dense
+    plain.encoder.layer[1].output.dense = ScaledLinear(dense.in_features, dense.out_features)
+    plain.encoder.layer[1].output.dense.load_state_dict(dense.state_dict())
+    fused_model = copy.deepcopy(plain)
+    report = fused_attn.optimize(fused_model)
+    replaced = {path for path, _, _ in report.replaced}
+    assert {"encoder.layer.0.output", "encoder.layer.1.intermediate"} <= replaced
+    assert ("encoder.layer.1.output", "BertOutput", "dense is ScaledLinear, not Linear") in report.kept
+    ids, mask = _batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fused_attn.FallbackWarning)
+        assert_model_parity(plain, fused_model, lambda model: model(input_ids=ids, attention_mask=mask).last_hidden_state)
 
 
 def test_hf_unsupported_head_dim_keeps_the_attention():

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import convert
-from ..nn.transformer import _gelu_approximation, _unfused
+from ..nn.transformer import _gelu_approximation, _unfused, foreign_child
 from ..ops import add_layer_norm, linear_gelu, scaled_dot_product_attention, softmax
 
 ATTENTION_NAME = "fused_attn"
@@ -194,6 +194,11 @@ def _convert(model: nn.Module, backend: str | None):
             if isinstance(module, convert.FusedLayerNorm):
                 module.backend = backend
             replaced.append((path, module.__dict__[convert.ORIGINAL_CLASS].__name__, type(module).__name__))
+            continue
+        block = _is_add_norm_block(module) or _is_intermediate_block(module)
+        why = foreign_child(module) if block else None
+        if why is not None:
+            kept.append((path, type(module).__name__, why))
             continue
         if _is_add_norm_block(module):
             new_cls = _fused_class(type(module), "add_norm")

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
+from torch.nn.utils import parametrize
 
 from ..backends import warn_once
 from ..ops import add_layer_norm, ffn, linear_gelu
@@ -89,10 +90,17 @@ def _kinds_of(name: str) -> tuple[type, ...] | None:
 def foreign_child(layer: nn.Module) -> str | None:
     """Why the fused forward cannot stand for ``layer``'s: a linear, norm or dropout submodule that
     is not exactly the torch class whose computation the fused kernels reproduce (a LoRA linear,
-    an RMSNorm, an Identity in place of a dropout), or None."""
+    an RMSNorm, an Identity in place of a dropout), or None. A parametrized submodule
+    (``torch.nn.utils.parametrize``, e.g. weight_norm) counts as the class it was made from: its
+    ``weight`` attribute, which the fused forward reads, is the parametrized weight."""
     for name, child in layer._modules.items():
         kinds = _kinds_of(name)
-        if kinds is not None and type(child) not in kinds:
+        if kinds is None:
+            continue
+        cls = type(child)
+        if parametrize.is_parametrized(child):
+            cls = cls.__bases__[0]  # register_parametrization derives one class from the module's own
+        if cls not in kinds:
             return f"{name} is {type(child).__name__}, not {kinds[0].__name__}"
     return None
 
