@@ -236,10 +236,13 @@ def backend_unavailable_reasons(backend: str, device: torch.device) -> list[str]
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:
-    """The backends that can run on ``device`` here (default: CUDA if present, else CPU)."""
+    """The backends that can run on ``device`` here (default: CUDA if present, else CPU); none on a
+    CUDA device when this machine has no usable GPU."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return []
     return [b for b in BACKENDS if not backend_unavailable_reasons(b, device)]
 
 

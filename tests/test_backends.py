@@ -22,6 +22,11 @@ def test_available_backends_on_cpu():
     assert ("triton" in names) == backends.triton_interpret_mode()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_available_backends_on_a_missing_gpu_is_empty():
+    assert fused_attn.available_backends("cuda") == []
+
+
 def test_forcing_cuda_on_cpu_tensor_lists_reasons():
     with pytest.raises(BackendNotSupportedError) as info:
         backends.select("layer_norm", _cpu_inputs(), "cuda")
