@@ -282,6 +282,17 @@ def _note_choice(op: str, backend: str, fallback_reason: str) -> bool:
     return True
 
 
+def runs_reference(op: str, chosen: str, *tensors: torch.Tensor) -> bool:
+    """Whether a call of ``op`` for which :func:`select` chose ``chosen`` runs the reference: when
+    chosen, or when one of ``tensors`` is empty (nothing to compute, so no kernel is launched; the
+    reference gives the empty or zero result, and :func:`last_backend` says 'reference')."""
+    if chosen == "reference":
+        return True
+    if any(t.numel() == 0 for t in tensors):
+        return _note_choice(op, "reference", "")
+    return False
+
+
 def _validate_name(name: str, source: str) -> str:
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"{source}: unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")

@@ -282,3 +282,15 @@ def test_symbolic_tracing_outside_dynamo_takes_the_full_choice_path():
         graph = make_fx(fn, tracing_mode="symbolic")(torch.randn(3, 8))
         torch.testing.assert_close(graph(x), fn(x))  # another length than traced
     assert all(type(value) in (int, bool) for key in backends._CHOICES for _, value in key[5:])
+
+
+def test_empty_inputs_are_served_by_the_reference_and_say_so():
+    """Nothing to compute launches no kernel: the reference gives the empty result, and
+    last_backend names it rather than the backend the policy chose."""
+    fused_attn.layer_norm(torch.randn(4, 8), (8,), backend="cpu")
+    assert fused_attn.last_backend("layer_norm") == "cpu"
+    out = fused_attn.layer_norm(torch.randn(0, 8), (8,), backend="cpu")
+    assert out.shape == (0, 8) and fused_attn.last_backend("layer_norm") == "reference"
+    q = torch.randn(1, 2, 3, 8)
+    out = fused_attn.scaled_dot_product_attention(q, q[:, :, :0], q[:, :, :0], backend="cpu")
+    assert torch.equal(out, torch.zeros_like(q)) and fused_attn.last_backend("scaled_dot_product_attention") == "reference"

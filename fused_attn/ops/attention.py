@@ -14,7 +14,7 @@ import math
 import torch
 
 from .. import _extension, reference
-from ..backends import MAX_EXTENT, Inputs, Support, register_op, select
+from ..backends import MAX_EXTENT, Inputs, Support, register_op, runs_reference, select
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import register_native_pair, register_pair
@@ -294,7 +294,7 @@ def scaled_dot_product_attention(
     row_shift = mask is not None and mask.requires_grad and (attn_mask.dim() == 0 or attn_mask.shape[-1] == 1)
     if row_shift:
         mask = mask.detach()
-    if chosen == "reference" or query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
+    if runs_reference("scaled_dot_product_attention", chosen, query, key, value):
         out = reference.scaled_dot_product_attention(query, key, value, mask, dropout_p, is_causal, scale)
     else:
         out, _ = _FWD_OPS[chosen](

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension, reference
-from ..backends import MAX_EXTENT, Inputs, Support, register_op, select
+from ..backends import MAX_EXTENT, Inputs, Support, register_op, runs_reference, select
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import register_native_pair, register_pair
@@ -270,7 +270,7 @@ def linear_gelu(
     weight, bias = _check_linear(input, weight, bias, ("weight", "bias"), input.shape[-1])
     approximate = _check_approximate(approximate)
     chosen = select("linear_gelu", Inputs(input.device, input.dtype, {"in_features": input.shape[-1]}), backend)
-    if chosen == "reference" or input.numel() == 0 or weight.numel() == 0:
+    if runs_reference("linear_gelu", chosen, input, weight):
         return reference.linear_gelu(input, weight, bias, approximate)
     out, _ = _LINEAR_GELU_OPS[chosen](rows(input, input.shape[-1]), weight.contiguous(), bias, approximate)
     return unrows(out, input.shape)
@@ -302,7 +302,7 @@ def ffn(
     approximate = _check_approximate(approximate)
     dropout_p = check_dropout_p(dropout_p)
     chosen = select("ffn", Inputs(input.device, input.dtype, {"in_features": input.shape[-1]}), backend)
-    if chosen == "reference" or input.numel() == 0 or w1.numel() == 0 or w2.numel() == 0:
+    if runs_reference("ffn", chosen, input, w1, w2):
         return reference.ffn(input, w1, b1, w2, b2, approximate, dropout_p)
     out, _ = _FFN_OPS[chosen](
         rows(input, input.shape[-1]), w1.contiguous(), b1, w2.contiguous(), b2,
