@@ -2,18 +2,18 @@
 
 Meant for a GPU machine without a package registry, after the extension was built in place
 with what is installed there. Writes benchmarks/results/<date>-<gpu>[-tag].md and .json; exits
-non-zero when a test failed (the report is written either way). A machine lent for a few
-minutes per command can split the work: `--skip-bench --tag tests`, then
+non-zero when a test failed (the report is written either way). On a machine that limits each
+command to a few minutes, split the work: `--skip-bench --tag tests`, then
 `--skip-tests --suites attention --tag attention`, and so on. With the tests (unless
 `--skip-sanitizer`), a small attention and softmax forward + backward on the cuda backend also runs
 under compute-sanitizer (memcheck, racecheck); without the tool the report says so and why.
 With the benchmarks (unless `--skip-memory`), `fused-attn profile-memory` of a BERT-base layer at
 seq 4096; each suite's plot and the memory plot are written next to the report as PNGs.
-torch.compile rows are left out unless `--compile` (compiling every case would take the
-machine's whole loan).
+torch.compile rows are left out unless `--compile` (compiling every case takes far longer than
+the rest of the run).
 
-Time: `--budget SECONDS` bounds the whole run so that the report is written before a lent
-machine's command limit; each stage gets what is left (a stage that runs out is interrupted
+Time: `--budget SECONDS` bounds the whole run so that the report is written before a
+per-command time limit; each stage gets what is left (a stage that runs out is interrupted
 with SIGINT, so pytest and `fused-attn bench` still report what they finished), and the stages
 come in order of what matters most: the CUDA tests (at most --tests-share of the budget, half by
 default, unless --skip-bench), the sanitizer, then the benchmarks in PRIORITY order, then the

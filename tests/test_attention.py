@@ -164,6 +164,27 @@ def test_matches_torch_sdpa(backend_device):
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("kv_heads", [(1, 1), (2, 2), (2, 4), (4, 1)], ids=lambda h: f"k{h[0]}-v{h[1]}")
+@pytest.mark.parametrize("kind", ["padding", "causal"])
+def test_grouped_query_attention_matches_torch_sdpa(backend_device, kv_heads, kind):
+    """enable_gqa=True as torch's SDPA: fewer key/value heads than query heads (each a divisor),
+    forward and the gradients summed back into each key/value head, against torch in float64."""
+    backend, device = backend_device
+    dtype = work_dtype(OP, backend, device)
+    gen = torch.Generator().manual_seed(0)
+    make = lambda heads, length: torch.randn(2, heads, length, 32, generator=gen).to(device=device, dtype=dtype)  # noqa: E731
+    args = {"query": make(4, 33), "key": make(kv_heads[0], 47), "value": make(kv_heads[1], 47),
+            "attn_mask": _mask(kind, 2, 4, 33, 47, device)}
+    causal = kind == "causal"
+    assert_parity(
+        lambda **a: fused_attn.scaled_dot_product_attention(**a, is_causal=causal, enable_gqa=True, backend=backend),
+        lambda **a: F.scaled_dot_product_attention(**a, is_causal=causal, enable_gqa=True),
+        args, grad_args=("query", "key", "value"),
+    )
+    assert fused_attn.last_backend(OP) == backend
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("kind", ["bool", "float", "causal-cross"])
 def test_fully_masked_rows_give_zero_and_zero_grads(backend_device, kind):
     backend, device = backend_device
@@ -422,6 +443,16 @@ def _t(*shape, dtype=torch.float32):
         (lambda: (_t(2, 8, 16), _t(2, 8, 16), _t(2, 8, 16)), {}, ValueError, "query must be 4-D [batch, heads, seq, head_dim]"),
         (lambda: (_t(1, 2, 8, 16), _t(1, 2, 8, 16, 1), _t(1, 2, 8, 16)), {}, ValueError, "key must be 4-D"),
         (lambda: (_t(1, 2, 8, 16), _t(2, 2, 8, 16), _t(2, 2, 8, 16)), {}, ValueError, "key batch and heads [2, 2] do not match query's [1, 2]"),
+        (lambda: (_t(1, 4, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16)), {}, ValueError,
+         "key batch and heads [1, 2] do not match query's [1, 4] (grouped-query attention needs enable_gqa=True)"),
+        (lambda: (_t(1, 4, 8, 16), _t(1, 3, 8, 16), _t(1, 3, 8, 16)), {"enable_gqa": True}, ValueError,
+         "key batch and heads [1, 3] do not match query's [1, 4] (with enable_gqa=True, query heads must be a multiple"),
+        (lambda: (_t(1, 4, 8, 16), _t(1, 2, 8, 16), _t(1, 3, 8, 16)), {"enable_gqa": True}, ValueError,
+         "value batch and heads [1, 3] do not match query's [1, 4]"),
+        (lambda: (_t(1, 4, 8, 16), _t(1, 0, 8, 16), _t(1, 0, 8, 16)), {"enable_gqa": True}, ValueError,
+         "key batch and heads [1, 0] do not match query's [1, 4]"),
+        (lambda: (_t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16)), {"enable_gqa": 1}, TypeError,
+         "enable_gqa must be a bool, got int"),
         (lambda: (_t(1, 2, 8, 16), _t(1, 3, 8, 16), _t(1, 3, 8, 16)), {}, ValueError, "key batch and heads"),
         (lambda: (_t(1, 2, 8, 16), _t(1, 2, 8, 32), _t(1, 2, 8, 16)), {}, ValueError, "key head_dim 32 does not match query head_dim 16"),
         (lambda: (_t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 9, 16)), {}, ValueError, "value length 9 does not match key length 8"),

@@ -210,7 +210,7 @@ def _expand_mask(attn_mask: object, shape: tuple[int, int, int, int], query: tor
         ) from None
 
 
-def _validate(query, key, value) -> None:
+def _validate(query, key, value, enable_gqa: bool = False) -> None:
     shapes = {}
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(t, name)
@@ -223,8 +223,14 @@ def _validate(query, key, value) -> None:
             raise TypeError(f"{name} dtype {dtype_name(t.dtype)} does not match query dtype {dtype_name(dtype)}")
         check_same_device(t, name, query, "query")
         shape = shapes[name]
-        if shape[0] != q_shape[0] or shape[1] != q_shape[1]:
-            raise ValueError(f"{name} batch and heads {list(shape[:2])} do not match query's {list(q_shape[:2])}")
+        divides = shape[1] > 0 and q_shape[1] % shape[1] == 0
+        if shape[0] != q_shape[0] or (shape[1] != q_shape[1] and not (enable_gqa and divides)):
+            hint = (" (with enable_gqa=True, query heads must be a multiple of key and value heads)" if enable_gqa
+                    else " (grouped-query attention needs enable_gqa=True)" if shape[0] == q_shape[0] and divides
+                    else "")
+            raise ValueError(
+                f"{name} batch and heads {list(shape[:2])} do not match query's {list(q_shape[:2])}{hint}"
+            )
     if shapes["key"][3] != q_shape[3]:
         raise ValueError(f"key head_dim {shapes['key'][3]} does not match query head_dim {q_shape[3]}")
     if shapes["value"][2] != shapes["key"][2]:
@@ -252,6 +258,7 @@ def scaled_dot_product_attention(
     dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: float | None = None,
+    enable_gqa: bool = False,
     *,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -265,7 +272,11 @@ def scaled_dot_product_attention(
     be combined with ``attn_mask``. ``scale`` defaults to 1/sqrt(D). ``dropout_p`` drops
     attention probabilities with a counter-based RNG seeded from torch's default generator
     (``torch.manual_seed`` reproduces it). A query whose every key is masked gets 0 and zero
-    gradients. float16, bfloat16 and float32 run fused, head dims up to 256 (the cuda backend:
+    gradients. ``enable_gqa=True`` (grouped-query attention, as torch): key and value may have
+    fewer heads than query, each a divisor of query's; query head h reads key/value head
+    h // (H / Hkv). The kernels are given key and value repeated to H heads (a copy of K and V
+    at the query's head count, never of the scores; their gradients are summed back over each
+    group). float16, bfloat16 and float32 run fused, head dims up to 256 (the cuda backend:
     float16 and bfloat16 on compute capability 8.0+; float32 goes to Triton).
 
     Raises ``TypeError``/``ValueError`` naming the argument for a wrong rank, mismatched
@@ -278,8 +289,13 @@ def scaled_dot_product_attention(
     configuration (README, "Determinism").
     """
     query, key, value, attn_mask = autocast_inputs(LOWER_PRECISION, query, query, key, value, attn_mask)
-    _validate(query, key, value)
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+    _validate(query, key, value, enable_gqa)
     batch, heads, q_len, head_dim = query.shape
+    if enable_gqa:
+        # repeat_interleave, not expand: the kernels index key/value by the query's head.
+        key, value = (t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1) for t in (key, value))
     k_len = key.shape[2]
     dropout_p = check_dropout_p(dropout_p)
     scale = _check_scale(scale, head_dim)
