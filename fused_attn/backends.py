@@ -309,12 +309,19 @@ def use_backend(name: str) -> Iterator[None]:
         _requested.reset(token)
 
 
+@_assume_constant
+def _context_backend() -> str:
+    """The name :func:`use_backend` set, or "". Read once per torch.compile trace as a constant, as
+    the environment is (the Dynamo of older torch, e.g. 2.11, cannot trace ``ContextVar.get``)."""
+    return _requested.get() or ""
+
+
 def requested_backend(argument: str | None = None) -> str:
     """The backend asked for: argument, then :func:`use_backend`, then the environment, else auto."""
     if argument is not None:
         return _validate_name(argument, "backend")
-    context = _requested.get()
-    if context is not None:
+    context = _context_backend()
+    if context:
         return context
     env = getenv(ENV_VAR)
     if env:

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import fused_attn
@@ -165,6 +166,18 @@ def test_fallback_and_eager_calls_do_not_break_or_recompile_the_graph():
         warnings.simplefilter("error")
         compiled(x64)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_use_backend_is_read_when_the_graph_is_traced():
+    """use_backend() around the first call of a compiled function picks the backend its graph
+    runs (read once at trace time, as the environment is), with no graph break."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: fused_attn.layer_norm(x, (8,)) * 2, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 8)
+    with fused_attn.use_backend("reference"):
+        out = compiled(x)
+    assert fused_attn.last_backend("layer_norm") == "reference"
+    torch.testing.assert_close(out, F.layer_norm(x, (8,)) * 2)
 
 
 # ---------------------------------------------------------------------------------------------
