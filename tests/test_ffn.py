@@ -72,6 +72,22 @@ def test_linear_gelu_wide_pre_activation_range(backend_device, approximate):
 
 # Under the Triton interpreter numpy warns where the kernel meets inf (x^3 of the tanh GELU
 # overflowing, inf * 0 in the GEMM); a GPU computes the same values silently.
+@pytest.mark.parametrize("backend_device", LINEAR_GELU)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_linear_gelu_over_the_activation_range(backend_device, approximate):
+    """GELU and its gradient on a dense grid of pre-activations from -10 to 10, the negative tail
+    (where 1 + erf is small) included, within the parity bound of torch's own GELU."""
+    backend, device = backend_device
+    dtype = supported_dtypes(backend, device, "linear_gelu")[0]
+    pre = torch.linspace(-10, 10, 4001)
+    args = {"input": pre[:, None].to(device=device, dtype=dtype), "weight": torch.ones(1, 1, device=device, dtype=dtype)}
+    assert_parity(
+        lambda input, weight: fused_attn.linear_gelu(input, weight, None, approximate, backend=backend),
+        lambda input, weight: reference.linear_gelu(input, weight, None, approximate),
+        args, grad_args=("input",),
+    )
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("backend_device", LINEAR_GELU)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])

@@ -131,7 +131,10 @@ __device__ __forceinline__ float gelu_grad(float x) {
     const float r = __frcp_rn(1.f + e);  // correctly rounded under --use_fast_math
     const float s = u >= 0.f ? r : e * r;
     const float du = kTanhBeta * (1.f + 3.f * kTanhKappa * x2);
-    return s + 2.f * x * (e * r * r) * du;
+    const float one_minus_t2_over_4 = e * r * r;
+    // Where 1 - t^2 is 0 so is the second term, also where x * x overflows (|x| > 1.8e19, where
+    // 0 * inf would be NaN); x * 0 keeps torch's NaN at x = +-inf.
+    return s + (one_minus_t2_over_4 > 0.f ? 2.f * x * one_minus_t2_over_4 * du : x * 0.f);
   }
 }
 

@@ -62,7 +62,7 @@ def _tanh_parts(u):
     # x < -4 in the tanh GELU): with E = exp(2u) and s = 2 / (E + 1) = 1 - t, 1 + t is 2 - s for
     # u >= 0 and E * s below, and 1 - t^2 = s * (1 + t). u is capped at 40 inside the exponential
     # (no overflow, no inf * 0 in the branch not taken): past it 1 + t rounds to 2, and 1 - t^2
-    # (below 1e-34) is 0, as the gradient, which multiplies it by a cube of x, needs.
+    # (below 1e-34) is 0, as the gradient, which multiplies it by a square of x, needs.
     e = tl.exp(2.0 * tl.minimum(u, 40.0))
     s = 2.0 / (e + 1.0)
     one_plus_t = tl.where(u >= 0.0, 2.0 - s, e * s)
@@ -81,7 +81,10 @@ def _gelu(x, APPROX_TANH: tl.constexpr):
 def _gelu_grad(x, APPROX_TANH: tl.constexpr):
     if APPROX_TANH:
         one_plus_t, one_minus_t2 = _tanh_parts(0.7978845608028654 * (x + 0.044715 * x * x * x))
-        return 0.5 * one_plus_t + 0.5 * x * one_minus_t2 * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+        # Where 1 - t^2 is 0 the second term is too, even where x * x overflows (|x| > 1.8e19:
+        # 0 * inf would be NaN); x * 0 keeps torch's NaN at x = +-inf.
+        right = 0.5 * x * one_minus_t2 * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+        return 0.5 * one_plus_t + tl.where(one_minus_t2 > 0.0, right, x * 0.0)
     return 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
 
 
