@@ -92,9 +92,16 @@ def test_dropout_matches_reference_with_kernel_mask(backend_device, hidden, pren
 @pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_fraction(backend_device, p):
-    _, device = backend_device
+    """The drop fraction of the backend's own keep-mask, read off the pre-norm sum of ones and a
+    zero residual: keep / (1 - p)."""
+    backend, device = backend_device
     torch.manual_seed(0)
-    keep = add_layer_norm_keep_mask((64, 1024), p, device)
+    ones = torch.ones(64, 1024, device=device)
+    _, prenorm = fused_attn.add_layer_norm(ones, torch.zeros_like(ones), ones[0], ones[0] * 0, 1e-5, p,
+                                           return_prenorm=True, backend=backend)
+    assert fused_attn.last_backend("add_layer_norm") == backend
+    keep = prenorm != 0
+    assert torch.equal(prenorm[keep], torch.full_like(prenorm[keep], 1.0) / torch.tensor(1 - p, dtype=torch.float32))
     assert abs((1 - keep.float().mean().item()) - p) < 0.01
 
 

@@ -33,7 +33,7 @@ from fused_attn.models import (
     TransformerConfig,
 )
 
-from .conftest import ParityReport, _max_err
+from .conftest import ParityReport, _magnitude, _max_err, check_tensor_parity
 
 BERT_OPS = ("layer_norm", "scaled_dot_product_attention", "add_layer_norm", "linear_gelu")
 POST_LN_OPS = ("scaled_dot_product_attention", "add_layer_norm", "linear_gelu")
@@ -88,7 +88,8 @@ def _assert_model_parity(model, run, backend, ops, *, seed=0, factor=3.0) -> lis
 
     truth = run(truth_model)
     gen = torch.Generator().manual_seed(seed)
-    upstream = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in truth]
+    # Rounded to the models' float32 once, so that all three get the same upstream gradient.
+    upstream = [torch.randn(t.shape, generator=gen, dtype=torch.float64).float().double() for t in truth]
     results = {}
     for name, m in (("truth", truth_model), ("plain", model), ("fused", fused_model)):
         outs = truth if name == "truth" else run(m)
@@ -97,13 +98,9 @@ def _assert_model_parity(model, run, backend, ops, *, seed=0, factor=3.0) -> lis
         results[name] = (outs, grads)
     _check_served(backend, ops)
 
-    def magnitude(t: torch.Tensor) -> float:
-        return float(t.detach().abs().max()) if t.numel() else 0.0
-
     true_outs, true_grads = results["truth"]
     assert all(g is not None for g in true_grads.values()), "a parameter received no gradient"
-    scale = max([1.0] + [magnitude(t) for t in true_outs] + [magnitude(g) for g in true_grads.values()])
-    floor = FP32_EPS * scale
+    scale = max([1.0] + [_magnitude(t) for t in true_outs] + [_magnitude(g) for g in true_grads.values()])
     pairs = [(f"output {i}", i) for i in range(len(true_outs))] + [(f"grad {k}", k) for k in true_grads]
     reports, failures = [], []
     for label, key in pairs:
@@ -113,11 +110,10 @@ def _assert_model_parity(model, run, backend, ops, *, seed=0, factor=3.0) -> lis
             truth_v, plain_v, fused_v = true_grads[key], results["plain"][1][key], results["fused"][1][key]
             assert fused_v is not None, f"no gradient reached {key} in the fused model"
         assert fused_v.dtype == torch.float32
-        plain_err, fused_err = _max_err(plain_v, truth_v.detach()), _max_err(fused_v, truth_v.detach())
-        report = ParityReport(label, fused_err, plain_err, factor * plain_err + floor)
-        reports.append(report)
-        if not fused_err <= report.bound:
-            failures.append(str(report))
+        try:
+            reports.append(check_tensor_parity(label, fused_v, plain_v, truth_v, factor=factor, problem_scale=scale))
+        except AssertionError as exc:
+            failures.append(str(exc))
     assert not failures, "fused model outside the parity bound:\n" + "\n".join(failures)
     return reports
 
