@@ -138,6 +138,8 @@ class Support:
             parts.append("sm>=" + "".join(map(str, self.min_compute_capability)))
         if self.check_doc:
             parts.append(self.check_doc)
+        if self.backend == "triton" and "cpu" in self.devices and torch.bfloat16 in self.dtypes:
+            parts.append("bfloat16 on cuda only (the interpreter computes it wrongly)")
         return "; ".join(parts)
 
 
@@ -301,7 +303,9 @@ def _validate_name(name: str, source: str) -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Context manager: ops called inside use ``name`` unless they pass ``backend=`` themselves."""
+    """Context manager: ops called inside use ``name`` ("auto" or one of :data:`BACKENDS`) unless
+    they pass ``backend=`` themselves; a ValueError for any other name. Under torch.compile it is
+    read when a graph is traced, as the environment is."""
     token = _requested.set(_validate_name(name, "use_backend"))
     try:
         yield
@@ -399,7 +403,13 @@ def _select(op: str, inputs: Inputs, wanted: str) -> tuple[str, str]:
 
 
 def explain(op: str, inputs: Inputs) -> dict[str, list[str]]:
-    """Every backend of ``op`` with the reasons it cannot serve ``inputs`` (empty = it can)."""
+    """Every backend of ``op`` with the reasons it cannot serve ``inputs`` (empty = it can).
+
+    A limit is checked only for the features ``inputs.features`` holds, so leaving them out asks
+    about the device and dtype alone. The features the ops pass: scaled_dot_product_attention
+    ``head_dim``, ``head_dim_v``, ``q_len``, ``k_len`` and ``dropout`` (bool); layer_norm and
+    add_layer_norm ``hidden``; softmax ``n_cols``; linear_gelu and ffn ``in_features``.
+    """
     return {name: s.not_supported_reasons(inputs) for name, s in _OPS[op].supports.items()}
 
 

@@ -151,8 +151,12 @@ def add_layer_norm(
     residual stream of pre-LN models). Differentiable in every tensor argument; the backward is
     deterministic on every backend (vector gradients from partial sums added in a fixed order).
 
+    float16, bfloat16 and float32 run fused, statistics in float32 (float64 runs the reference
+    implementation, with a :class:`~fused_attn.FallbackWarning`).
+
     Raises ``TypeError``/``ValueError`` naming the argument for a non-floating tensor, shapes or
-    devices that do not match, or ``dropout_p`` outside [0, 1).
+    devices that do not match, or ``dropout_p`` outside [0, 1);
+    :class:`~fused_attn.BackendNotSupportedError` when a named ``backend`` cannot serve the call.
 
     Under ``torch.autocast`` it follows its unfused expression: on CPU nothing is cast (the sum
     promotes, ``F.layer_norm`` keeps its input's dtype); on CUDA, where ``F.layer_norm`` runs in

@@ -261,9 +261,14 @@ def linear_gelu(
 
     ``input`` [..., in_features] (any leading dims), ``weight`` [out_features, in_features] of
     the input's dtype, ``bias`` [out_features] or None; ``approximate`` "none" (erf) or "tanh".
+    Returns [..., out_features] in the input's dtype. float16, bfloat16 and float32 run fused,
+    accumulating in float32 (float64 runs the reference implementation, with a
+    :class:`~fused_attn.FallbackWarning`); a bias of another floating dtype is cast to the input's.
     The backward applies dGELU inside the gradient GEMMs and reduces the bias gradient in the
-    same pass. Raises ``TypeError``/``ValueError`` naming the argument on mismatches. Under
-    ``torch.autocast`` input, weight and bias are cast to the autocast dtype, as ``F.linear``'s.
+    same pass. Raises ``TypeError``/``ValueError`` naming the argument on mismatched shapes,
+    dtypes or devices, :class:`~fused_attn.BackendNotSupportedError` when a named ``backend``
+    cannot serve the call. Under ``torch.autocast`` input, weight and bias are cast to the
+    autocast dtype, as ``F.linear``'s.
     """
     input, weight, bias = autocast_inputs(LOWER_PRECISION, input, input, weight, bias)
     input = check_tensor(input, "input", min_dim=1)
@@ -289,11 +294,16 @@ def ffn(
 ) -> torch.Tensor:
     """The position-wise feed-forward block ``dropout(linear(gelu(linear(input, w1, b1)), w2, b2))``.
 
-    ``input`` [..., model], ``w1`` [hidden, model], ``w2`` [model_out, hidden], biases optional.
-    Only the pre-activation is kept for the backward (the activation is recomputed inside the
-    GEMM that needs it). ``dropout_p`` drops output elements (seeded from torch's default
-    generator). Raises ``TypeError``/``ValueError`` naming the argument on mismatches. Under
-    ``torch.autocast`` every floating tensor is cast to the autocast dtype, as ``F.linear``'s.
+    ``input`` [..., model], ``w1`` [hidden, model] and ``w2`` [model_out, hidden] of the input's
+    dtype, biases optional (cast to the input's dtype); returns [..., model_out] in the input's
+    dtype. float16, bfloat16 and float32 run fused, accumulating in float32 (float64 runs the
+    reference implementation, with a :class:`~fused_attn.FallbackWarning`). Only the
+    pre-activation is kept for the backward (the activation is recomputed inside the GEMM that
+    needs it). ``dropout_p`` in [0, 1) drops output elements (seeded from torch's default
+    generator; README, "Dropout"). Raises ``TypeError``/``ValueError`` naming the argument on
+    mismatched shapes, dtypes or devices, :class:`~fused_attn.BackendNotSupportedError` when a
+    named ``backend`` cannot serve the call. Under ``torch.autocast`` every floating tensor is
+    cast to the autocast dtype, as ``F.linear``'s.
     """
     input, w1, b1, w2, b2 = autocast_inputs(LOWER_PRECISION, input, input, w1, b1, w2, b2)
     input = check_tensor(input, "input", min_dim=1)

@@ -111,7 +111,9 @@ def softmax(
     float32 mask on bfloat16 scores does not promote them as ``input * scale + mask`` would).
 
     Raises ``TypeError``/``ValueError`` naming the argument for a bad dim, a mask that does not
-    broadcast or has a non-bool, non-floating dtype, a non-finite scale, or a device mismatch.
+    broadcast or has a non-bool, non-floating dtype, a non-finite scale, or a device mismatch;
+    :class:`~fused_attn.BackendNotSupportedError` when a named ``backend`` cannot serve the call
+    (float64 runs the reference implementation, with a :class:`~fused_attn.FallbackWarning`).
 
     Under ``torch.autocast`` it runs in float32 on CUDA and in the input's dtype on CPU, as
     ``torch.softmax`` does.
