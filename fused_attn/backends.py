@@ -55,6 +55,9 @@ class Inputs:
     features: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
+_INTERPRETER_BF16 = "the Triton interpreter computes it wrongly"
+
+
 @dataclasses.dataclass(frozen=True)
 class Support:
     """What one backend of one op can serve.
@@ -107,11 +110,9 @@ class Support:
         for name in self.unsupported:
             if inputs.features.get(name):
                 reasons.append(f"{name} is not supported")
-        if (self.backend == "triton" and inputs.device.type == "cpu" and inputs.dtype == torch.bfloat16
+        if (self._bfloat16_on_cuda_only() and inputs.device.type == "cpu" and inputs.dtype == torch.bfloat16
                 and triton_interpret_mode()):
-            # The interpreter's tl.dot on bfloat16 returns garbage and its float32 -> bfloat16
-            # conversion truncates: bfloat16 Triton runs on GPUs only.
-            reasons.append("bfloat16 is not served on CPU tensors (the Triton interpreter computes it wrongly)")
+            reasons.append(f"bfloat16 is not served on CPU tensors ({_INTERPRETER_BF16})")
         if (
             self.min_compute_capability is not None
             and inputs.device.type == "cuda"
@@ -138,9 +139,14 @@ class Support:
             parts.append("sm>=" + "".join(map(str, self.min_compute_capability)))
         if self.check_doc:
             parts.append(self.check_doc)
-        if self.backend == "triton" and "cpu" in self.devices and torch.bfloat16 in self.dtypes:
-            parts.append("bfloat16 on cuda only (the interpreter computes it wrongly)")
+        if self._bfloat16_on_cuda_only():
+            parts.append(f"bfloat16 on cuda only ({_INTERPRETER_BF16})")
         return "; ".join(parts)
+
+    def _bfloat16_on_cuda_only(self) -> bool:
+        # The interpreter's tl.dot on bfloat16 returns garbage and its float32 -> bfloat16
+        # conversion truncates: bfloat16 Triton runs on GPUs only.
+        return self.backend == "triton" and "cpu" in self.devices and torch.bfloat16 in self.dtypes
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,7 @@ import fused_attn
 from fused_attn import BackendNotSupportedError, reference
 from fused_attn.nn import FusedFFN, FusedLayerNorm
 
-from .conftest import backend_params, check_tensor_parity
+from .conftest import _magnitude, backend_params, check_tensor_parity
 
 # ---------------------------------------------------------------------------------------------
 # Checks, run inside the child
@@ -126,7 +126,7 @@ def expect_same(fused: Callable, plain: Callable, make: Callable, *, grads: bool
                 upstream = _upstream(results[1][0]).double()  # the low-precision sides' upstream, exactly
                 truth += list(torch.autograd.grad(out64, twin[1], upstream, allow_unused=True))
     names = ["output"] + [f"grad {i}" for i in range(len(results[0]) - 1)]
-    scale = max([1.0] + [float(t.abs().nan_to_num(0, 0, 0).max()) for t in truth or [] if t is not None and t.numel()])
+    scale = max([1.0] + [_magnitude(t) for t in truth or [] if t is not None])
     for i, (name, a, b) in enumerate(zip(names, *results)):
         if a is None or b is None:
             assert a is None and b is None, f"{name}: a gradient on one side only (fused {a is not None})"

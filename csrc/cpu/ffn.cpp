@@ -61,7 +61,7 @@ using namespace cpu_rows;
 // GELU and its derivative with the constants of torch's CPU kernels
 // (aten/src/ATen/native/cpu/Activation.cpp), the exponentials evaluated inline (exp_inline)
 // instead of through Sleef's dispatched, out-of-line calls. The exact GELU's normal cdf comes
-// from erfc with a small relative error everywhere (normal_cdf), not from 1 + erf(z) with
+// from erfc with a small relative error everywhere (normal_parts), not from 1 + erf(z) with
 // Abramowitz-Stegun's 7.1.26 erf (absolute error 1.5e-7, as Vectorized<float>::erf): in the
 // negative tail, where 1 + erf(z) is small, that absolute error is a large relative one (GELU at
 // x = -3.7 off by 2.8e-7 on a value of 5e-4). One exponential serves the cdf and, in the

@@ -195,14 +195,14 @@ def _convert(model: nn.Module, backend: str | None):
                 module.backend = backend
             replaced.append((path, module.__dict__[convert.ORIGINAL_CLASS].__name__, type(module).__name__))
             continue
-        block = _is_add_norm_block(module) or _is_intermediate_block(module)
-        why = foreign_child(module) if block else None
+        kind = "add_norm" if _is_add_norm_block(module) else "intermediate" if _is_intermediate_block(module) else None
+        why = foreign_child(module) if kind is not None else None
         if why is not None:
             kept.append((path, type(module).__name__, why))
             continue
-        if _is_add_norm_block(module):
+        if kind == "add_norm":
             new_cls = _fused_class(type(module), "add_norm")
-        elif _is_intermediate_block(module):
+        elif kind == "intermediate":
             approximate = _hf_gelu_approximation(getattr(module, "intermediate_act_fn", None))
             if approximate is None:
                 kept.append((path, type(module).__name__, "activation is not a GELU"))
