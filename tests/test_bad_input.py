@@ -16,6 +16,7 @@ is restarted for the remaining cases. The child reports one JSON line per case.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -23,7 +24,7 @@ import os
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -65,9 +66,9 @@ def _upstream(out: torch.Tensor) -> torch.Tensor:
 
 def _float64_twin(args: dict, leaves: list) -> tuple[dict, list] | None:
     """``args`` and ``leaves`` in float64, the same layouts and views: each leaf copied with its
-    strides, each argument that is a view of a leaf taken as the same view of the leaf's copy (an
-    expanded or overlapping view stays one), other floating tensors converted. None when an
-    argument is computed from the leaves other than by a view of one."""
+    strides, each argument that is a view of a leaf (listed or not) taken as the same view of the
+    leaf's copy (an expanded or overlapping view stays one), other floating tensors converted. None
+    when an argument is computed from the leaves other than by a view of one."""
     twins: dict[int, torch.Tensor] = {}
 
     def twin(leaf: torch.Tensor) -> torch.Tensor:
@@ -77,32 +78,49 @@ def _float64_twin(args: dict, leaves: list) -> tuple[dict, list] | None:
         return twins[id(leaf)]
 
     def is_leaf(t: torch.Tensor) -> bool:
-        return any(t is leaf for leaf in leaves)
+        # a listed leaf, or a leaf of the graph whose gradient is not checked (e.g. the base of an
+        # expanded bias)
+        return t.grad_fn is None or any(t is leaf for leaf in leaves)
 
     out = {}
     for name, value in args.items():
         if isinstance(value, torch.Tensor) and value.is_floating_point():
-            if is_leaf(value):
-                value = twin(value)
-            elif value.grad_fn is not None:
-                base = value._base
-                if base is None or not is_leaf(base):
-                    return None
+            base = value._base
+            if base is not None and is_leaf(base):
                 value = twin(base).as_strided(value.size(), value.stride(), value.storage_offset() - base.storage_offset())
+            elif is_leaf(value):
+                value = twin(value)
             else:
-                value = value.detach().double()
+                return None
         out[name] = value
     return out, [twin(leaf) for leaf in leaves]
 
 
-def expect_same(fused: Callable, plain: Callable, make: Callable, *, grads: bool = True, tol: float = 1e-4) -> None:
+@contextlib.contextmanager
+def _in_float64(modules: tuple[torch.nn.Module, ...]) -> Iterator[None]:
+    """The modules' floating parameters and buffers in float64 for the duration (then back to their
+    dtype: widening and narrowing again gives the same bits)."""
+    dtypes = [next((t.dtype for t in [*m.parameters(), *m.buffers()] if t.is_floating_point()), None) for m in modules]
+    try:
+        for module in modules:
+            module.double()
+        yield
+    finally:
+        for module, dtype in zip(modules, dtypes):
+            if dtype is not None:
+                module.to(dtype)
+
+
+def expect_same(fused: Callable, plain: Callable, make: Callable, *, grads: bool = True, tol: float = 1e-4,
+                modules: tuple[torch.nn.Module, ...] = ()) -> None:
     """``fused(**args)`` equals ``plain(**args)`` (NaN where NaN), as do the gradients of the leaves.
 
     ``make()`` returns ``(args, leaves)``; it is called once per side, so the two graphs are
     independent. ``grads=False`` checks the forward only. Where ``plain`` also runs on the
-    arguments in float64 (not a module with float32 weights), that is the truth, and the values
-    are held to the parity rule of tests/conftest.py (within 3x the error ``plain`` makes in the
-    arguments' precision, plus an ulp); otherwise fused and plain must agree within ``tol``.
+    arguments in float64 (with ``modules``, the modules it calls, in float64 too), that is the
+    truth, and the values are held to the parity rule of tests/conftest.py (within 3x the error
+    ``plain`` makes in the arguments' precision, plus an ulp); otherwise fused and plain must agree
+    within ``tol``.
     """
     results = []
     for fn in (fused, plain):
@@ -116,15 +134,16 @@ def expect_same(fused: Callable, plain: Callable, make: Callable, *, grads: bool
     args, leaves = make()
     twin = _float64_twin(args, leaves if grads else [])
     if twin is not None and results[1][0].is_floating_point() and results[1][0].device.type != "meta":
-        try:
-            out64 = _first(plain(**twin[0]))
-        except (RuntimeError, TypeError, ValueError):
-            out64 = None  # e.g. a module's float32 weights: no float64 truth
-        if out64 is not None and out64.dtype == torch.float64:
-            truth = [out64.detach()]
-            if grads and twin[1]:
-                upstream = _upstream(results[1][0]).double()  # the low-precision sides' upstream, exactly
-                truth += list(torch.autograd.grad(out64, twin[1], upstream, allow_unused=True))
+        with _in_float64(modules):  # the backward too: it reads the modules' parameters
+            try:
+                out64 = _first(plain(**twin[0]))
+            except (RuntimeError, TypeError, ValueError):
+                out64 = None  # e.g. a module with float32 weights not given in `modules`
+            if out64 is not None and out64.dtype == torch.float64:
+                truth = [out64.detach()]
+                if grads and twin[1]:
+                    upstream = _upstream(results[1][0]).double()  # the low-precision sides' upstream, exactly
+                    truth += list(torch.autograd.grad(out64, twin[1], upstream, allow_unused=True))
     names = ["output"] + [f"grad {i}" for i in range(len(results[0]) - 1)]
     scale = max([1.0] + [_magnitude(t) for t in truth or [] if t is not None])
     for i, (name, a, b) in enumerate(zip(names, *results)):
@@ -1216,14 +1235,22 @@ def module_layer_norm_odd_inputs(backend, device):
     torch.manual_seed(0)
     fused, plain = _fused_pair(torch.nn.LayerNorm(E, device=device), backend)
 
-    def make():
+    def make_nan():
         x = randn(3, E, seed=1, device=device)
         x[0, 0] = float("nan")
-        base = randn(4 * E, seed=2, device=device, grad=True)
-        return dict(input=torch.cat([x, base.as_strided((3, E), (3, 1)), base[:E].expand(2, E)])), [base]
+        return dict(input=x), []
 
-    expect_same(fused, plain, make)
-    expect_same(fused, plain, lambda: (dict(input=randn(0, E, device=device, grad=True)), []))
+    def make_overlapping():
+        base = randn(4 * E, seed=2, device=device, grad=True)
+        return dict(input=base.as_strided((3, E), (3, 1))), [base]
+
+    def make_expanded():
+        base = randn(E, seed=3, device=device, grad=True)
+        return dict(input=base.expand(2, E)), [base]
+
+    for make in (make_nan, make_overlapping, make_expanded):
+        expect_same(fused, plain, make, modules=(plain,))
+    expect_same(fused, plain, lambda: (dict(input=randn(0, E, device=device, grad=True)), []), modules=(plain,))
 
 
 def _mha(device, **kwargs):
@@ -1262,7 +1289,7 @@ def module_mha_matches_torch_on_odd_inputs(backend, device):
             x[1, 2, 3] = float("nan")
             return dict(query=x, key=x, value=x), []
 
-        expect_same(run(fused), run(plain), make_nan)
+        expect_same(run(fused), run(plain), make_nan, modules=(plain,))
 
         def make_views():
             base = randn(2 * L * E, seed=2, device=device, grad=True)
@@ -1271,14 +1298,14 @@ def module_mha_matches_torch_on_odd_inputs(backend, device):
             pad = torch.tensor([[False] * L, [False, True, False, True, True]], device=device)
             return dict(query=q, key=kv, value=kv, key_padding_mask=pad), [base]
 
-        expect_same(run(fused), run(plain), make_views)
+        expect_same(run(fused), run(plain), make_views, modules=(plain,))
 
         def make_unbatched():
             x = randn(L, E, seed=3, device=device, grad=True)
             mask = torch.ones(L, L, dtype=torch.bool, device=device).triu(1)
             return dict(query=x, key=x, value=x, attn_mask=mask), [x]
 
-        expect_same(run(fused), run(plain), make_unbatched)
+        expect_same(run(fused), run(plain), make_unbatched, modules=(plain,))
 
 
 @case(SDPA)
@@ -1290,7 +1317,7 @@ def module_mha_float_mask_requires_grad(backend, device):
         mask = randn(L, L, seed=2, device=device, grad=True)
         return dict(query=x, key=x, value=x, attn_mask=mask, need_weights=False), [x, mask]
 
-    expect_same(fused, plain, make)
+    expect_same(fused, plain, make, modules=(plain,))
 
 
 @case(SDPA)
@@ -1301,7 +1328,7 @@ def module_mha_empty(backend, device):
             x = randn(*shape, device=device, grad=True)
             return dict(query=x, key=x, value=x, need_weights=False), [x]
 
-        expect_same(fused, plain, make)
+        expect_same(fused, plain, make, modules=(plain,))
 
 
 @case("ffn")
@@ -1318,12 +1345,16 @@ def module_ffn_bad_and_odd_inputs(backend, device):
     def plain(input):
         return module.linear2(F.gelu(module.linear1(input)))
 
-    def make():
+    def make_overlapping():
         base = randn(3 * E, seed=1, device=device, grad=True)
-        x = torch.cat([base.as_strided((2, E), (1, 1)), base[:E].expand(2, E)])
-        return dict(input=x), [base]
+        return dict(input=base.as_strided((2, E), (1, 1))), [base]
 
-    expect_same(ffn, plain, make)
+    def make_expanded():
+        base = randn(E, seed=2, device=device, grad=True)
+        return dict(input=base.expand(2, E)), [base]
+
+    for make in (make_overlapping, make_expanded):
+        expect_same(ffn, plain, make, modules=(module,))
 
 
 def _encoder(device, **kwargs):
@@ -1353,14 +1384,14 @@ def module_encoder_layer_matches_torch(backend, device):
             pad = torch.tensor([[False] * L, [False, False, True, True, True]], device=device)
             return dict(src=x, src_key_padding_mask=pad), [base]
 
-        expect_same(fused, plain, make)
+        expect_same(fused, plain, make, modules=(plain,))
 
         def make_unbatched_nan():
             x = randn(L, E, seed=2, device=device)
             x[3, 1] = float("nan")
             return dict(src=x), []
 
-        expect_same(fused, plain, make_unbatched_nan)
+        expect_same(fused, plain, make_unbatched_nan, modules=(plain,))
 
 
 @case("add_layer_norm")
@@ -1379,7 +1410,7 @@ def module_decoder_layer_bad_and_odd_input(backend, device):
         causal = torch.ones(L, L, dtype=torch.bool, device=device).triu(1)
         return dict(tgt=t, memory=m, tgt_mask=causal), [t, m]
 
-    expect_same(fused, plain, make)
+    expect_same(fused, plain, make, modules=(plain,))
 
 
 # ---------------------------------------------------------------------------------------------
