@@ -111,6 +111,33 @@ def test_measure_side_by_side_interleaves_rounds_and_reports_failures():
     assert all(t.min_ms <= t.median_ms <= t.max_ms and t.peak_mem_bytes == 0 for t in timings.values())
 
 
+def test_min_time_samples_fast_calls_more_and_keeps_rounds_interleaved(monkeypatch):
+    # A fake clock: each call of "slow" takes 10 ms, of "fast" 1 ms, so the rounds are exact.
+    now = [0.0]
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: now[0])
+    calls = []
+
+    def taking(name, ms):
+        def call():
+            calls.append(name)
+            now[0] += ms / 1e3
+        return call
+
+    fns = {"slow": taking("slow", 10.0), "fast": taking("fast", 1.0)}
+    timings, _ = harness.measure_side_by_side(fns, CPU, repeats=3, warmup=0, min_time_s=0.025)
+    timed = calls[:-2]  # the last two: one memory call each
+    # slow: 3 calls (30 ms >= 25 ms); fast: 25 calls; slow takes part in the first rounds only
+    assert timed == ["slow", "fast"] * 3 + ["fast"] * 22
+    assert timings["slow"].median_ms == pytest.approx(10.0) and timings["fast"].median_ms == pytest.approx(1.0)
+
+    calls.clear()
+    harness.measure_side_by_side(fns, CPU, repeats=2, warmup=0, min_time_s=10.0, max_repeats=7)
+    assert calls[:-2] == ["slow", "fast"] * 7  # capped
+    calls.clear()
+    harness.measure_side_by_side(fns, CPU, repeats=2, warmup=0)
+    assert calls[:-2] == ["slow", "fast"] * 2  # no minimum time: exactly the repeats
+
+
 class _Saver(nn.Module):
     """Multiplies by a fresh tensor: autograd saves it (the other operand's gradient needs it)."""
 
@@ -230,6 +257,9 @@ def test_bench_model_suite_plain_optimized_compiled(tmp_path, capsys):
     (["bench", "--seq", "12,abc"], "expected a positive integer, got 'abc'"),
     (["bench", "--backends", "cuda", "--device", "cpu"], "'cuda' cannot run on cpu here"),
     (["bench", "--backends", "tpu"], "unknown backend 'tpu'"),
+    (["bench", "--min-time", "-1"], "expected a finite number of seconds >= 0, got -1"),
+    (["bench", "--min-time", "inf"], "expected a finite number of seconds >= 0, got inf"),
+    (["bench", "--min-time", "1s"], "expected a number of seconds, got '1s'"),
     (["bench", "--suite", "model", "--models", "gpt"], "unknown model 'gpt'"),
     (["bench", "--device", "cuda"], "no CUDA device"),
     (["profile-memory", "--seq", "-3"], "expected a positive integer, got -3"),

@@ -46,6 +46,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (0.0 <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text}")
+    return value
+
+
 def names(text: str) -> list[str]:
     """The comma-separated items of ``text``, stripped; an empty one (``8,,16``, ``,``) is an error
     rather than dropped, since it is usually a typo for a value."""
@@ -107,7 +117,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", type=names, default=None,
                         help="op suites: comma-separated fused backends to include")
     parser.add_argument("--mode", choices=MODES + ["both"], default=None, help="default: fwd, both for the default run")
-    parser.add_argument("--repeats", type=positive_int, default=None, help="timed calls per implementation")
+    parser.add_argument("--repeats", type=positive_int, default=None,
+                        help="timed calls per implementation (default: 30 on cuda; on a cpu at least 5, "
+                             "more for fast calls, see --min-time)")
+    parser.add_argument("--min-time", type=non_negative_float, default=None,
+                        help="seconds: an implementation is called in further rounds until its timed calls "
+                             "add up to this, at most 200 calls (default 0.25 on a cpu unless --repeats is "
+                             "given, else 0)")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     parser.add_argument("--json", type=str, default=None, help="write the records to this path")
     parser.add_argument("--csv", type=str, default=None, help="write the records to this path as CSV")
@@ -128,14 +144,14 @@ def _peak_fraction(record: dict, peaks: dict[str, float] | None) -> float | None
     return None
 
 
-def run_case(case, device: torch.device, repeats: int, step=lambda label: None) -> list[dict]:
+def run_case(case, device: torch.device, repeats: int, step=lambda label: None, min_time_s: float = 0.0) -> list[dict]:
     """Times every implementation of ``case`` and returns one record per implementation."""
     base = {"suite": case.suite, "device": str(device), "dtype": str(case.dtype).replace("torch.", ""),
             "mode": case.mode, "shape": case.shape}
     label = f"{case.suite} {case.mode} {shape_text(case.shape)}"
     timings, failed = harness.measure_side_by_side(
         case.impls, device, repeats=repeats, warmup=2 if device.type == "cuda" else 1,
-        step=lambda name: step(f"{label} {name}"),
+        step=lambda name: step(f"{label} {name}"), min_time_s=min_time_s,
     )
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -217,7 +233,14 @@ def _plan(args: argparse.Namespace, device: torch.device) -> list[tuple[str, Set
     return [(suite, dataclasses.replace(base, mode=m)) for suite in suites for m in modes]
 
 
-# The size and selection flags each suite takes (--dtype, --mode, --repeats and the outputs apply
+# On a CPU a call of a few milliseconds is slowed by page faults of its fresh output buffers and by
+# what ran just before it: five samples gave medians 2x apart between runs. Sampling each such call
+# for a quarter of a second (at most 200 calls) steadies them for little time; calls of 50 ms and
+# more keep their 5 samples.
+DEFAULT_CPU_MIN_TIME_S = 0.25
+
+
+# The size and selection flags each suite takes (--dtype, --mode, --repeats, --min-time and the outputs apply
 # to every suite; --no-compile to all that time torch.compile).
 SUITE_FLAGS: dict[str, tuple[str, ...]] = {
     "attention": ("--batch", "--heads", "--head-dim", "--seq", "--causal", "--backends"),
@@ -253,7 +276,8 @@ def unused_flag_notes(args: argparse.Namespace, plan: list[tuple[str, Settings]]
     return notes
 
 
-def _run_suite(suite: str, settings: Settings, device: torch.device, repeats: int, step, records: list[dict]) -> None:
+def _run_suite(suite: str, settings: Settings, device: torch.device, repeats: int, step, records: list[dict],
+               min_time_s: float = 0.0) -> None:
     """Appends the suite's records to ``records`` case by case (an interrupt keeps those done)."""
     cases = SUITES[suite](settings)
     while True:
@@ -277,7 +301,7 @@ def _run_suite(suite: str, settings: Settings, device: torch.device, repeats: in
                             "dtype": str(settings.dtype).replace("torch.", ""), "mode": settings.mode, "shape": {},
                             "skipped": why + harness.one_line_reason(exc)})
             return
-        records += run_case(case, device, repeats, step)
+        records += run_case(case, device, repeats, step, min_time_s)
         del case
 
 
@@ -294,12 +318,14 @@ def run(args: argparse.Namespace) -> int:
     for note in unused_flag_notes(args, plan):
         print(note)
     repeats = args.repeats or (30 if device.type == "cuda" else 5)
+    min_time_s = args.min_time if args.min_time is not None else (
+        DEFAULT_CPU_MIN_TIME_S if device.type == "cpu" and args.repeats is None else 0.0)
     records: list[dict] = []
     interrupted = False
     try:
         with harness.progress("fused-attn bench") as step:
             for suite, settings in plan:
-                _run_suite(suite, settings, device, repeats, step, records)
+                _run_suite(suite, settings, device, repeats, step, records, min_time_s)
     except KeyboardInterrupt:  # Ctrl-C (or a caller's time limit): report the cases that finished
         interrupted = True
         print(f"\ninterrupted: reporting the {len(records)} records measured so far")

@@ -245,15 +245,19 @@ def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
 
 def measure_side_by_side(
     fns: dict[str, Callable[[], object]], device: torch.device, *, repeats: int, warmup: int = 2,
-    step: Callable[[str], None] = lambda label: None,
+    step: Callable[[str], None] = lambda label: None, min_time_s: float = 0.0, max_repeats: int = 200,
 ) -> tuple[dict[str, Timing], dict[str, str]]:
     """Times several implementations of one computation in interleaved rounds.
 
     Each implementation is warmed up, then every round calls each of them once in turn, so a
     drift of the machine (clock frequency, other load) reaches all of them alike instead of
-    whichever ran last. Then the peak memory of one untimed call each. Returns the timings and,
-    for an implementation that raised (out of memory, a kernel or a library refusing the
-    shape), the one-line reason instead.
+    whichever ran last. An implementation takes part in a round while it has fewer than
+    ``repeats`` timed calls or, with ``min_time_s``, while its timed calls add up to less than
+    that (at most ``max_repeats`` calls): a fast call gets more samples, so that its median is
+    not at the mercy of a few page faults, and a slow one does not hold up the run. Then the
+    peak memory of one untimed call each. Returns the timings and, for an implementation that
+    raised (out of memory, a kernel or a library refusing the shape), the one-line reason
+    instead.
     """
     device = torch.device(device)
     failed: dict[str, str] = {}
@@ -275,9 +279,16 @@ def measure_side_by_side(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
+
+    def wants_more(name: str) -> bool:
+        done = times[name]
+        if name in failed or len(done) >= max(repeats, max_repeats):
+            return False
+        return len(done) < repeats or sum(done) < min_time_s * 1e3
+
+    while any(wants_more(name) for name in fns):
         for name, fn in fns.items():
-            if name not in failed:
+            if wants_more(name):
                 elapsed = attempt(name, lambda: _timed_call(fn, device))
                 if elapsed is not None:
                     times[name].append(elapsed)
