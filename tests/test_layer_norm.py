@@ -167,6 +167,24 @@ def test_empty_input(backend_device, shape):
     torch.testing.assert_close(w.grad, torch.zeros_like(w))
 
 
+@pytest.mark.parametrize("backend_device", FUSED_BACKENDS)
+@pytest.mark.parametrize("rows", [0, 3])
+def test_kernels_define_empty_row_statistics_as_zero(backend_device, rows):
+    # The row statistics the forward kernels save are the same on every backend, for layer_norm and
+    # add_layer_norm alike, also where a row has no elements (the public functions route such
+    # input to the reference, but the ops are callable on their own).
+    backend, device = backend_device
+    prefix = "triton_" if backend == "triton" else ""
+    x = torch.randn(rows, 0, device=device)
+    empty = torch.empty(0, device=device)
+    _, mean, rstd = getattr(torch.ops.fused_attn, prefix + "layer_norm_fwd")(x, empty, empty, 1e-5)
+    _, _, mean2, rstd2 = getattr(torch.ops.fused_attn, prefix + "add_layer_norm_fwd")(
+        x, x, empty, empty, None, 1e-5, 0.0, None)
+    for stat in (mean, rstd, mean2, rstd2):
+        assert stat.dtype == torch.float32
+        torch.testing.assert_close(stat, torch.zeros(rows, device=device), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "make_args, error, fragment",
     [

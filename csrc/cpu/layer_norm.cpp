@@ -44,8 +44,7 @@ void layer_norm_fwd_rows(const scalar_t* x, const float* w, const float* b, int6
   constexpr int P = kParts<scalar_t>;
   constexpr int64_t B = kBlock<scalar_t>;
   constexpr int C = kChains / P;
-  // With hidden == 0 this makes mean 0 and variance 0 (rstd = 1/sqrt(eps)) instead of 0/0.
-  const double inv_n = hidden > 0 ? 1.0 / static_cast<double>(hidden) : 0.0;
+  const double inv_n = 1.0 / static_cast<double>(hidden);  // hidden > 0: the caller returns early
   for (int64_t r = begin; r < end; ++r) {
     const scalar_t* xr = x + r * hidden;
 
@@ -102,6 +101,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
   at::Tensor out = at::empty({rows, hidden}, input.options());
   at::Tensor mean = at::empty({rows}, input.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({rows}, input.options().dtype(at::kFloat));
+  if (rows == 0 || hidden == 0) {
+    // Nothing to normalise: the statistics of an empty row are defined as zero (every backend).
+    mean.zero_();
+    rstd.zero_();
+    return {out, mean, rstd};
+  }
   const at::Tensor w = affine_as_float(weight, input, hidden, 1.f);
   const at::Tensor b = affine_as_float(bias, input, hidden, 0.f);
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(hidden, 1));

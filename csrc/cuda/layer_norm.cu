@@ -609,9 +609,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Ten
   at::Tensor rstd = at::empty({rows}, input.options().dtype(at::kFloat));
   if (rows == 0) return {out, mean, rstd};
   if (hidden == 0) {
-    // Mean and variance of an empty row taken as 0 (rstd = 1/sqrt(eps)) rather than 0/0, as the CPU kernel does.
+    // Nothing to normalise: the statistics of an empty row are defined as zero (every backend).
     mean.zero_();
-    rstd.fill_(1.0 / std::sqrt(eps));
+    rstd.zero_();
     return {out, mean, rstd};
   }
 
@@ -736,9 +736,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cu
   at::Tensor rstd = at::empty({rows}, input.options().dtype(at::kFloat));
   if (rows == 0) return {out, prenorm, mean, rstd};
   if (hidden == 0) {
-    // As layer_norm_fwd_cuda: an empty row has mean 0 and variance 0.
+    // As layer_norm_fwd_cuda: the statistics of an empty row are defined as zero.
     mean.zero_();
-    rstd.fill_(1.0 / std::sqrt(eps));
+    rstd.zero_();
     return {out, prenorm, mean, rstd};
   }
 

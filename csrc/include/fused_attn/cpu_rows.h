@@ -185,8 +185,7 @@ C10_ALWAYS_INLINE double two_pass_variance(double sum_sq, double sum_dev, double
 }
 
 // The second and third passes of a LayerNorm forward over one row xr (held in L1/L2 by the
-// first pass, which gave its mean m; inv_n = 1 / hidden, or 0 for an empty row,
-// whose variance is then 0): the variance from deviations d = x - m, not E[x^2] - E[x]^2,
+// first pass, which gave its mean m; inv_n = 1 / hidden, hidden > 0): the variance from deviations d = x - m, not E[x^2] - E[x]^2,
 // which cancels catastrophically when |mean| >> std; their sum takes the rounding of m itself
 // out of the variance (the corrected two-pass algorithm, var = (sum d^2 - (sum d)^2 / n) / n).
 // Then out = (x - m) * rstd * w + b. Returns rstd.
