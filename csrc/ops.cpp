@@ -56,6 +56,10 @@ TORCH_LIBRARY(fused_attn, m) {
   // pre-activation), both [rows, out_features] in the input dtype; the pre-activation is what the
   // backward needs.
   m.def("linear_gelu_fwd(Tensor input, Tensor weight, Tensor? bias, str approximate) -> (Tensor, Tensor)");
+  // The output of linear_gelu_fwd alone (the same bits), for calls that need no gradient: no
+  // pre-activation is kept, the GELU is applied over the GEMM's result in place where the backend
+  // can, so it makes one [rows, out_features] tensor instead of two. Not differentiable.
+  m.def("linear_gelu_inference(Tensor input, Tensor weight, Tensor? bias, str approximate) -> Tensor");
   // Backward: (grad_input, grad_weight, grad_bias) as selected by output_mask.
   m.def(
       "linear_gelu_bwd(Tensor grad_out, Tensor input, Tensor weight, Tensor pre_activation, str approximate, "

@@ -227,3 +227,52 @@ def test_autocast_compiles_without_graph_breaks():
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(x)
     assert compiled.dtype == torch.float32
     torch.testing.assert_close(compiled, fn(x))
+
+
+def _native_ops() -> list[str]:
+    """The extension's ops (csrc/ops.cpp), without the Triton ops registered from Python."""
+    from fused_attn import _extension
+
+    if not _extension.loaded():
+        return []
+    names = [n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("fused_attn::")]
+    return sorted(n for n in names if not n.startswith("triton_"))
+
+
+def test_every_native_op_runs_its_kernels_with_autocast_off():
+    # The kernels call ATen (GEMMs): with autocast left on inside them, autocast would recast those
+    # calls (csrc/autocast.cpp).
+    ops = _native_ops()
+    if not ops:
+        pytest.skip("the extension is not built")
+    for key in ("AutocastCPU", "AutocastCUDA"):
+        missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_attn::{op}", key)]
+        assert not missing, f"no {key} kernel: {missing}"
+
+
+@pytest.mark.parametrize("backend_device", backend_params("ffn", exclude=("reference", "triton")))
+def test_native_ops_ignore_an_enclosing_autocast(backend_device):
+    # A float32 call of the raw ops inside an autocast region computes in float32, bit for bit as
+    # outside it: the dtypes are the caller's (the public functions cast under autocast themselves).
+    _, device = backend_device
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    x, w1, b1 = randn(9, 24, device=device), randn(40, 24, device=device, seed=1), randn(40, device=device, seed=2)
+    w2, b2 = randn(24, 40, device=device, seed=3), randn(24, device=device, seed=4)
+    q, k, v = (randn(1, 2, 9, 16, device=device, seed=s) for s in (5, 6, 7))
+    scale = 16 ** -0.5
+    calls = {
+        "linear_gelu_fwd": lambda: torch.ops.fused_attn.linear_gelu_fwd(x, w1, b1, "none"),
+        "linear_gelu_inference": lambda: torch.ops.fused_attn.linear_gelu_inference(x, w1, b1, "none"),
+        "ffn_fwd": lambda: torch.ops.fused_attn.ffn_fwd(x, w1, b1, w2, b2, "none", 0.0, None),
+        "layer_norm_fwd": lambda: torch.ops.fused_attn.layer_norm_fwd(x, b2, b2, 1e-5),
+    }
+    if device == "cpu":  # the cuda attention kernels take 16-bit inputs only
+        calls["attention_fwd"] = lambda: torch.ops.fused_attn.attention_fwd(q, k, v, None, scale, False, 0.0, None)
+    for name, call in calls.items():
+        outside = call()
+        with torch.autocast(device, dtype=dtype):
+            inside = call()
+        for a, b in zip(outside if isinstance(outside, tuple) else (outside,),
+                        inside if isinstance(inside, tuple) else (inside,)):
+            assert b.dtype == a.dtype == torch.float32, name
+            assert torch.equal(a, b), f"{name} computes differently inside an autocast region"

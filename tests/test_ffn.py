@@ -283,3 +283,73 @@ def test_scratch_backward_equals_linear_gelu_bwd_and_consumes_grad_out():
     assert not torch.equal(scratch, grad)  # overwritten with grad_pre
     torch.library.opcheck(torch.ops.fused_attn.linear_gelu_bwd_scratch.default,
                           (grad.clone(), x, w, pre, "tanh", [True, True, True]), test_utils="test_schema")
+
+
+def _ffn_args(rows, model, hidden, dtype, device, *, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "input": _randn(rows, model, dtype=dtype, device=device, gen=gen),
+        "w1": _randn(hidden, model, dtype=dtype, device=device, gen=gen, scale=model ** -0.5),
+        "b1": _randn(hidden, dtype=dtype, device=device, gen=gen) if bias else None,
+        "w2": _randn(model, hidden, dtype=dtype, device=device, gen=gen, scale=hidden ** -0.5),
+        "b2": _randn(model, dtype=dtype, device=device, gen=gen) if bias else None,
+    }
+
+
+def _linear_gelu_of(args):
+    return {"input": args["input"], "weight": args["w1"], "bias": args["b1"]}
+
+
+@pytest.mark.parametrize("backend_device", FFN)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_inference_form_gives_the_same_bits(backend_device, dtype, approximate, bias):
+    # A call that needs no gradient keeps no pre-activation; its output must not change with that.
+    backend, device = backend_device
+    _skip_dtype(backend, device, dtype)
+    args = _ffn_args(37, 24, 72, dtype, device, bias=bias)
+    grad_args = {k: None if v is None else v.clone().requires_grad_() for k, v in args.items()}
+    for op, pick in ((fused_attn.linear_gelu, _linear_gelu_of), (fused_attn.ffn, dict)):
+        with_grad = op(**pick(grad_args), approximate=approximate, backend=backend)
+        assert with_grad.requires_grad
+        with torch.no_grad():
+            no_grad = op(**pick(grad_args), approximate=approximate, backend=backend)
+        with torch.inference_mode():
+            inference = op(**pick(args), approximate=approximate, backend=backend)
+        plain = op(**pick(args), approximate=approximate, backend=backend)  # nothing requires grad
+        for other in (no_grad, inference, plain):
+            assert not other.requires_grad
+            assert torch.equal(other, with_grad.detach()), f"{op.__name__}: the inference form differs"
+
+
+@pytest.mark.parametrize("backend_device", FFN)
+def test_inference_form_keeps_no_pre_activation(backend_device):
+    # Every allocation of the call counted: the inference form makes the output alone (linear_gelu)
+    # or the hidden activation and the output (ffn), where the forward of a call that needs a
+    # gradient also keeps the pre-activation for its backward.
+    from fused_attn.bench.harness import peak_memory
+
+    backend, device = backend_device
+    if backend == "triton" and device == "cpu":
+        pytest.skip("the Triton interpreter releases a launch's tensors at the next launch: the profiler's "
+                    "count is not the call's own (on CUDA the allocator's is)")
+    rows, model, hidden = 64, 32, 256
+    args = _ffn_args(rows, model, hidden, torch.float32, device)
+    grad_args = {k: v.clone().requires_grad_() for k, v in args.items()}
+    hidden_bytes, out_bytes = rows * hidden * 4, rows * model * 4
+    for op, pick, inference_bytes in ((fused_attn.linear_gelu, _linear_gelu_of, hidden_bytes),
+                                      (fused_attn.ffn, dict, hidden_bytes + out_bytes)):
+        with torch.no_grad():
+            assert peak_memory(lambda: op(**pick(args), backend=backend), torch.device(device)) == inference_bytes
+        training = peak_memory(lambda: op(**pick(grad_args), backend=backend), torch.device(device))
+        assert training >= inference_bytes + hidden_bytes
+
+
+def test_inference_op_has_no_gradient():
+    if not fused_attn._extension.has_kernel("linear_gelu_fwd", "cpu"):
+        pytest.skip("the extension's cpu kernels are not built")
+    x = torch.randn(3, 4, requires_grad=True)
+    out = torch.ops.fused_attn.linear_gelu_inference(x, torch.randn(5, 4), None, "none")
+    with pytest.raises(RuntimeError, match="linear_gelu_inference"):
+        out.sum().backward()

@@ -9,7 +9,9 @@
 //    pre-activation (an output anyway); one pass then writes gelu(pre-activation). Where the
 //    GEMM runs widened to float32 (below), that pass also rounds the pre-activation to the
 //    storage dtype and stores it, and the GELU reads the rounded value -- what the backward
-//    reads, as the Triton kernel does;
+//    reads, as the Triton kernel does. The inference form (linear_gelu_inference, for calls
+//    that need no gradient) keeps no pre-activation: the pass writes the GELU over the GEMM's
+//    result in place, one [rows, out_features] tensor instead of two, the same output bits;
 //  * backward: one pass forms grad_pre = grad_out * gelu'(pre) and, in the same pass, the bias
 //    gradient (column sums of grad_pre); then grad_input = grad_pre @ weight and
 //    grad_weight = grad_pre^T @ input are two GEMMs.
@@ -205,8 +207,9 @@ bool native_gemm(at::ScalarType type) {
 }
 
 // Rows [begin, end) of the forward's elementwise pass over src [rows, cols] (the GEMM's result,
-// float32 or the storage dtype): v = src, stored to pre rounded to scalar_t when pre is not null,
-// and out = gelu(v as rounded).
+// float32 or the storage dtype): v = src rounded to scalar_t (stored to pre when src is float32
+// and pre is not null), and out = gelu(v). out may be src itself (in place: each block is loaded
+// before it is stored).
 template <typename scalar_t, typename src_t, bool kTanh>
 void gelu_fwd_rows(const src_t* src, scalar_t* pre, scalar_t* out, int64_t cols, int64_t begin, int64_t end) {
   constexpr int P = kParts<scalar_t>;
@@ -216,8 +219,8 @@ void gelu_fwd_rows(const src_t* src, scalar_t* pre, scalar_t* out, int64_t cols,
     for_each_block<B>(cols, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
       fVec v[P], o[P];
       load_block(src + row + j, len, v);
-      if (pre != nullptr) {
-        store_block(pre + row + j, len, v);
+      if constexpr (!std::is_same_v<src_t, scalar_t>) {
+        if (pre != nullptr) store_block(pre + row + j, len, v);
         round_block<scalar_t>(v);
       }
       for (int k = 0; k < P; ++k) o[k] = gelu<kTanh>(v[k]);
@@ -276,41 +279,48 @@ void dispatch_approximate(bool tanh, const Fn& fn) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cpu(const at::Tensor& input, const at::Tensor& weight,
-                                                       const std::optional<at::Tensor>& bias,
-                                                       c10::string_view approximate) {
+// The forward, with the pre-activation (keep_pre: what the backward reads) or without it
+// (inference: the second tensor is undefined). Without it, where the GEMM runs in the storage
+// dtype, the GELU is applied in place over the GEMM's result, so the call makes one
+// [rows, out_features] tensor instead of two; the output has the same bits either way.
+std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_impl(const at::Tensor& input, const at::Tensor& weight,
+                                                        const std::optional<at::Tensor>& bias,
+                                                        c10::string_view approximate, bool keep_pre) {
   const auto shape = check_rows_input(input, "input");
   const int64_t rows = shape.first, in_features = shape.second;
   const int64_t out_features = check_weight(weight, input, in_features);
   check_affine_param(bias, "bias", input, out_features);
   const bool tanh = check_approximate(approximate);
   const bool has_bias = bias.has_value() && bias->defined();
+  const auto storage = [&] { return at::empty({rows, out_features}, input.options()); };
 
-  at::Tensor out = at::empty({rows, out_features}, input.options());
-  if (rows == 0 || out_features == 0) return {out, at::empty({rows, out_features}, input.options())};
+  if (rows == 0 || out_features == 0) return {storage(), keep_pre ? storage() : at::Tensor()};
 
-  at::Tensor pre;  // the pre-activation, in the storage dtype
-  at::Tensor acc;  // the GEMM's result, read by the pass: pre itself, or float32
+  at::Tensor acc;  // the GEMM's result, read by the pass: the pre-activation itself, or float32
+  at::Tensor pre;  // the pre-activation in the storage dtype, when kept
+  at::Tensor out;
   if (native_gemm(input.scalar_type())) {
     // The bias rides in the GEMM, as in F.linear (the same BLAS call, so the same bits); the
     // pass only applies the GELU.
-    pre = has_bias ? at::addmm(*bias, input, weight.t()) : at::mm(input, weight.t());
-    acc = pre;
+    acc = has_bias ? at::addmm(*bias, input, weight.t()) : at::mm(input, weight.t());
+    pre = keep_pre ? acc : at::Tensor();
+    out = keep_pre ? storage() : acc;
   } else {
-    // Widened to float32 (see above); the pass rounds the pre-activation once and stores it.
+    // Widened to float32 (see above); the pass rounds the pre-activation once (and stores it).
     const at::Tensor input_f = input.to(at::kFloat), weight_f = weight.to(at::kFloat);
     acc = has_bias ? at::addmm(bias->to(at::kFloat), input_f, weight_f.t()) : at::mm(input_f, weight_f.t());
-    pre = at::empty({rows, out_features}, input.options());
+    pre = keep_pre ? storage() : at::Tensor();
+    out = storage();
   }
   const int64_t grain = std::max<int64_t>(1, kGrainElems / 8 / out_features);
 
   AT_DISPATCH_V2(input.scalar_type(), "linear_gelu_fwd_cpu", AT_WRAP([&] {
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    // pre is written when the pass makes it (rounding the float32 result).
-    scalar_t* pp = acc.scalar_type() != input.scalar_type() ? pre.mutable_data_ptr<scalar_t>() : nullptr;
+    // pre is written by the pass when the pass makes it (rounding the float32 result).
+    scalar_t* pp = pre.defined() && !pre.is_same(acc) ? pre.mutable_data_ptr<scalar_t>() : nullptr;
     dispatch_approximate(tanh, [&](auto tanh_tag) {
       constexpr bool kTanh = decltype(tanh_tag)::value;
-      if (acc.scalar_type() == at::kFloat) {
+      if (acc.scalar_type() != input.scalar_type()) {
         const float* src = acc.const_data_ptr<float>();
         at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
           gelu_fwd_rows<scalar_t, float, kTanh>(src, pp, op, out_features, begin, end);
@@ -318,12 +328,23 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cpu(const at::Tensor& input, 
       } else {
         const scalar_t* src = acc.const_data_ptr<scalar_t>();
         at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-          gelu_fwd_rows<scalar_t, scalar_t, kTanh>(src, pp, op, out_features, begin, end);
+          gelu_fwd_rows<scalar_t, scalar_t, kTanh>(src, nullptr, op, out_features, begin, end);
         });
       }
     });
   }), at::kFloat, at::kHalf, at::kBFloat16);
   return {out, pre};
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                                       const std::optional<at::Tensor>& bias,
+                                                       c10::string_view approximate) {
+  return linear_gelu_fwd_impl(input, weight, bias, approximate, /*keep_pre=*/true);
+}
+
+at::Tensor linear_gelu_inference_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias, c10::string_view approximate) {
+  return std::get<0>(linear_gelu_fwd_impl(input, weight, bias, approximate, /*keep_pre=*/false));
 }
 
 // grad_out_is_scratch: grad_pre is written over grad_out when their dtypes agree (each element
@@ -435,6 +456,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_scratch_cpu(at::T
 
 TORCH_LIBRARY_IMPL(fused_attn, CPU, m) {
   m.impl("linear_gelu_fwd", &fused_attn::linear_gelu_fwd_cpu);
+  m.impl("linear_gelu_inference", &fused_attn::linear_gelu_inference_cpu);
   m.impl("linear_gelu_bwd", &fused_attn::linear_gelu_bwd_cpu);
   m.impl("linear_gelu_bwd_scratch", &fused_attn::linear_gelu_bwd_scratch_cpu);
 }

@@ -140,10 +140,10 @@ __device__ __forceinline__ float gelu_grad(float x) {
 
 // out = gelu(pre) over n contiguous elements: VEC-wide grid-stride body, then the n % VEC tail element by
 // element (the tail is shorter than VEC, hence than the grid). pre and out must be 16-byte aligned for
-// VEC > 1.
+// VEC > 1. out may be pre (in place: each thread reads its elements before it writes them), so neither
+// pointer is __restrict__.
 template <typename T, int VEC, Gelu kKind>
-__global__ void __launch_bounds__(kEltThreads)
-    gelu_fwd_kernel(const T* __restrict__ pre, T* __restrict__ out, int64_t n) {
+__global__ void __launch_bounds__(kEltThreads) gelu_fwd_kernel(const T* pre, T* out, int64_t n) {
   const int64_t n_vec = n / VEC;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -475,9 +475,14 @@ void gelu_fwd_dispatch(const at::Tensor& pre, at::Tensor& out, cudaStream_t stre
   }), at::kFloat, at::kHalf, at::kBFloat16);
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cuda(const at::Tensor& input, const at::Tensor& weight,
+// The forward, with the pre-activation (keep_pre: what the backward reads) or without it (inference:
+// the second tensor is undefined). Without it the GEMM writes the output buffer and the GELU is applied
+// there in place, so the call makes one [rows, out_features] tensor instead of two -- except where
+// cuBLASLt's GELU epilogue serves the call, whose auxiliary pre-activation is then a temporary (so
+// that the output has the same bits either way).
+std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_impl(const at::Tensor& input, const at::Tensor& weight,
                                                         const std::optional<at::Tensor>& bias,
-                                                        c10::string_view approximate) {
+                                                        c10::string_view approximate, bool keep_pre) {
   TORCH_CHECK(input.is_cuda(), "input must be a CUDA tensor, got device ", input.device());
   const std::pair<int64_t, int64_t> dims = check_rows_input(input, "input");
   const int64_t rows = dims.first;
@@ -489,8 +494,10 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cuda(const at::Tensor& input,
 
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor out = at::empty({rows, out_features}, input.options());
-  at::Tensor pre = at::empty({rows, out_features}, input.options());
-  if (rows == 0 || out_features == 0) return {out, pre};
+  const auto kept = [&](const at::Tensor& pre) { return keep_pre ? pre : at::Tensor(); };
+  if (rows == 0 || out_features == 0) return {out, kept(at::empty({rows, out_features}, input.options()))};
+  // The GEMM's result: a tensor of its own when it is kept, else the output buffer, GELU'd in place.
+  at::Tensor pre = keep_pre ? at::empty({rows, out_features}, input.options()) : out;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   if (in_features == 0) {
@@ -518,17 +525,18 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cuda(const at::Tensor& input,
     if (has_bias) bias_buf = cuda_utils::is_aligned(bias->const_data_ptr(), 16) ? *bias : bias->clone();
     g.bias = has_bias ? bias_buf.const_data_ptr() : nullptr;
 
-    const bool epilogue_gelu = kind == Gelu::kTanh && input.scalar_type() != at::kFloat &&
-                               out_features % kAuxLdMultiple == 0 && cuda_utils::is_aligned(pre.const_data_ptr(), 16);
-    if (epilogue_gelu) {
-      LtGemm fused = g;
-      fused.d = out.mutable_data_ptr();
-      fused.ldd = out_features;
-      fused.epilogue = has_bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
-      fused.aux = pre.mutable_data_ptr();
-      fused.aux_ld = out_features;
-      // Declined (e.g. no such kernel for this architecture / dtype): the unfused path below.
-      if (run_lt_gemm(fused) == LtOutcome::kDone) return {out, pre};
+    if (kind == Gelu::kTanh && input.scalar_type() != at::kFloat && out_features % kAuxLdMultiple == 0) {
+      const at::Tensor aux = keep_pre ? pre : at::empty({rows, out_features}, input.options());
+      if (cuda_utils::is_aligned(aux.const_data_ptr(), 16)) {
+        LtGemm fused = g;
+        fused.d = out.mutable_data_ptr();
+        fused.ldd = out_features;
+        fused.epilogue = has_bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
+        fused.aux = aux.mutable_data_ptr();
+        fused.aux_ld = out_features;
+        // Declined (e.g. no such kernel for this architecture / dtype): the unfused path below.
+        if (run_lt_gemm(fused) == LtOutcome::kDone) return {out, kept(aux)};
+      }
     }
 
     g.d = pre.mutable_data_ptr();
@@ -548,7 +556,18 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cuda(const at::Tensor& input,
   } else {
     gelu_fwd_dispatch<Gelu::kTanh>(pre, out, stream);
   }
-  return {out, pre};
+  return {out, kept(pre)};
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cuda(const at::Tensor& input, const at::Tensor& weight,
+                                                        const std::optional<at::Tensor>& bias,
+                                                        c10::string_view approximate) {
+  return linear_gelu_fwd_impl(input, weight, bias, approximate, /*keep_pre=*/true);
+}
+
+at::Tensor linear_gelu_inference_cuda(const at::Tensor& input, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias, c10::string_view approximate) {
+  return std::get<0>(linear_gelu_fwd_impl(input, weight, bias, approximate, /*keep_pre=*/false));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cuda(const at::Tensor& grad_out,
@@ -643,5 +662,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cuda(const at::Te
 
 TORCH_LIBRARY_IMPL(fused_attn, CUDA, m) {
   m.impl("linear_gelu_fwd", &fused_attn::linear_gelu_fwd_cuda);
+  m.impl("linear_gelu_inference", &fused_attn::linear_gelu_inference_cuda);
   m.impl("linear_gelu_bwd", &fused_attn::linear_gelu_bwd_cuda);
 }

@@ -4,7 +4,11 @@ block with the bias, GELU and dropout fused into the GEMMs.
 ``ffn`` keeps only the pre-activation ``x @ w1^T + b1`` for its backward (besides its inputs):
 the activation ``gelu(pre)`` is recomputed inside the weight-gradient GEMM that needs it, which
 costs a few flops per element of a GEMM operand and saves storing a second [tokens, hidden]
-tensor, the largest activation of a Transformer layer.
+tensor, the largest activation of a Transformer layer. A call that needs no gradient (under
+``torch.no_grad`` or ``torch.inference_mode``, or with no argument that requires grad) keeps no
+pre-activation at all: the GELU is applied over the GEMM's result in place, so ``linear_gelu``
+makes one [tokens, hidden] tensor instead of two, and so does ``ffn`` without dropout; the
+output has the same bits as with a gradient.
 """
 
 from __future__ import annotations
@@ -68,9 +72,22 @@ def _triton_linear_gelu_bwd(
     return kernels.linear_gelu_bwd(grad_out, input, weight, pre_activation, approximate, output_mask)
 
 
+@torch.library.custom_op("fused_attn::triton_linear_gelu_inference", mutates_args=())
+def _triton_linear_gelu_inference(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str
+) -> torch.Tensor:
+    from ..kernels.triton import ffn as kernels
+
+    return kernels.linear_gelu_inference(input, weight, bias, approximate)
+
+
 def _fake_linear_gelu_fwd(input, weight, bias, approximate):
     out = input.new_empty(input.shape[0], weight.shape[0])
     return out, torch.empty_like(out)
+
+
+def _fake_linear_gelu_inference(input, weight, bias, approximate):
+    return input.new_empty(input.shape[0], weight.shape[0])
 
 
 def _fake_linear_gelu_bwd(grad_out, input, weight, pre_activation, approximate, output_mask):
@@ -107,10 +124,21 @@ def _register_linear_gelu(fwd: str, bwd: str) -> object:
 
 
 _LINEAR_GELU_OPS = {"triton": _register_linear_gelu("triton_linear_gelu_fwd", "triton_linear_gelu_bwd")}
+# Calls that need no gradient take the inference form: the output alone, with the same bits, and no
+# pre-activation kept (the GELU is applied over the GEMM's result in place where the backend can),
+# so the call's peak holds one [rows, out_features] tensor instead of two.
+torch.library.register_fake("fused_attn::triton_linear_gelu_inference", _fake_linear_gelu_inference)
+_LINEAR_GELU_INFERENCE = {"triton": torch.ops.fused_attn.triton_linear_gelu_inference}
 if _extension.loaded():
     _LINEAR_GELU_OPS["cpu"] = _LINEAR_GELU_OPS["cuda"] = register_native_pair(
         "linear_gelu_fwd", "linear_gelu_bwd", fake_fwd=_fake_linear_gelu_fwd, fake_bwd=_fake_linear_gelu_bwd
     )
+    torch.library.register_fake("fused_attn::linear_gelu_inference", _fake_linear_gelu_inference)
+    _LINEAR_GELU_INFERENCE["cpu"] = _LINEAR_GELU_INFERENCE["cuda"] = torch.ops.fused_attn.linear_gelu_inference
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,6 +164,24 @@ def _triton_ffn_fwd(
     epilogue = kernels.EPILOGUE_BIAS_DROPOUT if dropout_p > 0.0 else kernels.EPILOGUE_BIAS
     kernels.gemm(hidden, w2.t(), out, epilogue=epilogue, bias=b2, seed=seed_int(seed), dropout_p=dropout_p)
     return out, pre
+
+
+@torch.library.custom_op("fused_attn::triton_ffn_inference", mutates_args=())
+def _triton_ffn_inference(
+    input: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
+    approximate: str,
+) -> torch.Tensor:
+    """triton_ffn_fwd's output without dropout (the same bits), keeping no pre-activation."""
+    from ..kernels.triton import ffn as kernels
+
+    hidden = kernels.linear_gelu_inference(input, w1, b1, approximate)
+    out = input.new_empty(input.shape[0], w2.shape[0])
+    return kernels.gemm(hidden, w2.t(), out, epilogue=kernels.EPILOGUE_BIAS, bias=b2)
+
+
+@torch.library.register_fake("fused_attn::triton_ffn_inference")
+def _fake_ffn_inference(input, w1, b1, w2, b2, approximate):
+    return input.new_empty(input.shape[0], w2.shape[0])
 
 
 @torch.library.custom_op("fused_attn::triton_ffn_bwd", mutates_args=())
@@ -265,7 +311,8 @@ def linear_gelu(
     accumulating in float32 (float64 runs the reference implementation, with a
     :class:`~fused_attn.FallbackWarning`); a bias of another floating dtype is cast to the input's.
     The backward applies dGELU inside the gradient GEMMs and reduces the bias gradient in the
-    same pass. Raises ``TypeError``/``ValueError`` naming the argument on mismatched shapes,
+    same pass; a call that needs no gradient keeps no pre-activation (the GELU is applied in
+    place over the GEMM's result: half the memory, the same output). Raises ``TypeError``/``ValueError`` naming the argument on mismatched shapes,
     dtypes or devices, :class:`~fused_attn.BackendNotSupportedError` when a named ``backend``
     cannot serve the call. Under ``torch.autocast`` input, weight and bias are cast to the
     autocast dtype, as ``F.linear``'s.
@@ -277,7 +324,11 @@ def linear_gelu(
     chosen = select("linear_gelu", Inputs(input.device, input.dtype, {"in_features": input.shape[-1]}), backend)
     if runs_reference("linear_gelu", chosen, input, weight):
         return reference.linear_gelu(input, weight, bias, approximate)
-    out, _ = _LINEAR_GELU_OPS[chosen](rows(input, input.shape[-1]), weight.contiguous(), bias, approximate)
+    args = (rows(input, input.shape[-1]), weight.contiguous(), bias, approximate)
+    if _needs_grad(input, weight, bias):
+        out, _ = _LINEAR_GELU_OPS[chosen](*args)
+    else:
+        out = _LINEAR_GELU_INFERENCE[chosen](*args)
     return unrows(out, input.shape)
 
 
@@ -299,7 +350,7 @@ def ffn(
     dtype. float16, bfloat16 and float32 run fused, accumulating in float32 (float64 runs the
     reference implementation, with a :class:`~fused_attn.FallbackWarning`). Only the
     pre-activation is kept for the backward (the activation is recomputed inside the GEMM that
-    needs it). ``dropout_p`` in [0, 1) drops output elements (seeded from torch's default
+    needs it), and none when the call needs no gradient and has no dropout. ``dropout_p`` in [0, 1) drops output elements (seeded from torch's default
     generator; README, "Dropout"). Raises ``TypeError``/``ValueError`` naming the argument on
     mismatched shapes, dtypes or devices, :class:`~fused_attn.BackendNotSupportedError` when a
     named ``backend`` cannot serve the call. Under ``torch.autocast`` every floating tensor is
@@ -314,10 +365,16 @@ def ffn(
     chosen = select("ffn", Inputs(input.device, input.dtype, {"in_features": input.shape[-1]}), backend)
     if runs_reference("ffn", chosen, input, w1, w2):
         return reference.ffn(input, w1, b1, w2, b2, approximate, dropout_p)
-    out, _ = _FFN_OPS[chosen](
-        rows(input, input.shape[-1]), w1.contiguous(), b1, w2.contiguous(), b2,
-        approximate, dropout_p, draw_seed(dropout_p),
-    )
+    flat, w1, w2 = rows(input, input.shape[-1]), w1.contiguous(), w2.contiguous()
+    if dropout_p == 0.0 and not _needs_grad(input, w1, b1, w2, b2):
+        # The inference form (see linear_gelu): the same bits as ffn_fwd's output, which is this
+        # composition on the cpu and cuda backends (csrc/ffn.cpp) and triton_ffn_inference's on Triton.
+        if chosen == "triton":
+            out = torch.ops.fused_attn.triton_ffn_inference(flat, w1, b1, w2, b2, approximate)
+        else:
+            out = torch.nn.functional.linear(_LINEAR_GELU_INFERENCE[chosen](flat, w1, b1, approximate), w2, b2)
+    else:
+        out, _ = _FFN_OPS[chosen](flat, w1, b1, w2, b2, approximate, dropout_p, draw_seed(dropout_p))
     return unrows(out, input.shape)
 
 

@@ -2,8 +2,8 @@
 
 One tiled GEMM kernel ``C = A' @ B'`` serves the whole feed-forward block, forward and backward:
 
-* epilogue ``bias``, ``bias + GELU`` (the pre-activation is stored alongside, for the backward)
-  or ``bias + dropout``;
+* epilogue ``bias``, ``bias + GELU`` (the pre-activation is stored alongside, for the backward,
+  unless the call needs no gradient) or ``bias + dropout``;
 * A prologue ``dGELU`` (``A' = A * gelu'(P)``, P the saved pre-activation, read tile by tile) or
   ``dropout`` (``A' = A * keep / (1 - p)``, the keep-mask regenerated from the seed);
 * B prologue ``GELU`` (``B' = gelu(B)``: the backward recomputes the activation from the
@@ -144,9 +144,11 @@ def _gemm_kernel(
         if bias_ptr is not None:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if EPILOGUE == 2:
-        pre = acc.to(pre_ptr.dtype.element_ty)
-        tl.store(pre_ptr + c_offs, pre, mask=c_mask)
-        # The activation is computed from the rounded pre-activation, the value the backward reads.
+        # The activation is computed from the pre-activation rounded to the storage dtype, the value
+        # the backward reads; it is stored for the backward unless pre_ptr is None (inference).
+        pre = acc.to(c_ptr.dtype.element_ty)
+        if pre_ptr is not None:
+            tl.store(pre_ptr + c_offs, pre, mask=c_mask)
         acc = _gelu(pre.to(tl.float32), APPROX_TANH)
     elif EPILOGUE == 3:
         acc = dropout(acc, seed, rows * N + cols, dropout_p, keep_prob)
@@ -210,6 +212,15 @@ def linear_gelu_fwd(
     pre = x.new_empty(rows, out_features)
     gemm(x, weight.t(), out, epilogue=EPILOGUE_BIAS_GELU, bias=bias, pre=pre, approximate=approximate)
     return out, pre
+
+
+def linear_gelu_inference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str
+) -> torch.Tensor:
+    """linear_gelu_fwd's output alone (the same bits), without the pre-activation tensor."""
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    gemm(x, weight.t(), out, epilogue=EPILOGUE_BIAS_GELU, bias=bias, approximate=approximate)
+    return out
 
 
 def linear_gelu_bwd(
