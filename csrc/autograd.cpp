@@ -335,10 +335,10 @@ TORCH_LIBRARY_IMPL(fused_attn, Autograd, m) {
   m.impl("softmax_fwd", &fused_attn::softmax_fwd_autograd);
   m.impl("linear_gelu_fwd", &fused_attn::linear_gelu_fwd_autograd);
   m.impl("ffn_fwd", &fused_attn::ffn_fwd_autograd);
-  // Ops without a derivative (the backwards, and linear_gelu's inference form): a gradient asked
+  // Ops without a derivative (the backwards, and the inference forms): a gradient asked
   // of them raises instead of being silently absent.
   for (const char* op : {"layer_norm_bwd", "add_layer_norm_bwd", "attention_bwd", "softmax_bwd", "linear_gelu_bwd",
-                         "ffn_bwd", "linear_gelu_inference"}) {
+                         "ffn_bwd", "linear_gelu_inference", "add_layer_norm_inference"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }

@@ -105,6 +105,59 @@ def test_dropout_fraction(backend_device, p):
     assert abs((1 - keep.float().mean().item()) - p) < 0.01
 
 
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hidden", [96, 40000], ids=["one-block", "streamed"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_inference_form_gives_the_same_bits(backend_device, dtype, hidden, dropout_p):
+    # A call that needs no gradient and no pre-norm sum keeps no pre-norm tensor (cpu, triton: the sum
+    # is formed in the output, or in registers, and normalised in place); the output must not change,
+    # dropout draw included. 40000 wide: the Triton forward streams the row through the output.
+    backend, device = backend_device
+    if dtype not in supported_dtypes(backend, device):
+        pytest.skip(f"{dtype} is not tested on {backend}-{device}")
+    args = _args((3, hidden), dtype, device)
+    grad_args = {k: v.clone().requires_grad_() for k, v in args.items()}
+
+    def call(a):
+        torch.manual_seed(11)
+        return fused_attn.add_layer_norm(a["input"], a["residual"], a["weight"], a["bias"], 1e-5, dropout_p,
+                                         a["input_bias"], backend=backend)
+
+    with_grad = call(grad_args)
+    assert with_grad.requires_grad
+    with torch.no_grad():
+        no_grad = call(grad_args)
+    with torch.inference_mode():
+        inference = call(args)
+    for other in (no_grad, inference, call(args)):
+        assert not other.requires_grad
+        assert torch.equal(other, with_grad.detach())
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_inference_form_keeps_no_pre_norm_sum(backend_device):
+    # Every allocation counted: without a gradient the cpu backend makes the output and the row
+    # statistics (the CUDA kernels keep their pre-norm tensor; the Triton interpreter's frees are
+    # deferred, see test_ffn).
+    from fused_attn.bench.harness import peak_memory
+
+    backend, device = backend_device
+    if backend != "cpu":
+        pytest.skip("the cpu backend's allocations are counted here")
+    rows, hidden = 64, 256
+    args = _args((rows, hidden), torch.float32, device, input_bias=False)
+    grad_args = {k: None if v is None else v.clone().requires_grad_() for k, v in args.items()}
+
+    def call(a):
+        return fused_attn.add_layer_norm(a["input"], a["residual"], a["weight"], a["bias"], backend=backend)
+
+    out_bytes, stats_bytes = rows * hidden * 4, 2 * rows * 4
+    with torch.no_grad():
+        assert peak_memory(lambda: call(args), torch.device(device)) == out_bytes + stats_bytes
+    assert peak_memory(lambda: call(grad_args), torch.device(device)) == 2 * out_bytes + stats_bytes
+
+
 @pytest.mark.parametrize(
     "make_args, kwargs, error, fragment",
     [

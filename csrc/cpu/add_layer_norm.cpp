@@ -9,6 +9,8 @@
 //    and sums the rounded values -- so the forward normalises exactly what the backward will
 //    read, as the Triton kernel does. Two more passes over the cached pre-norm row give the
 //    variance from deviations (two-pass, accurate when |mean| >> std) and the normalised output.
+//    The inference form (add_layer_norm_inference) forms the sum in the output's row instead and
+//    normalises it in place: no pre-norm tensor;
 //  * Backward: d_pre = LayerNorm backward of grad_out (+ grad_prenorm), which is the residual's
 //    gradient; the input's gradient is d_pre through the same dropout keep-mask, regenerated from
 //    the seed; the input bias's gradient is the column sum of that. A first pass per row (loads
@@ -170,10 +172,13 @@ void dispatch_dropout(const Dropout& drop, const Fn& fn) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cpu(
+// The forward, with the pre-norm sum (keep_pre: what the backward reads) or without it (inference:
+// the second tensor is undefined, and the sum is formed in the output's rows, which are then
+// normalised in place: one [rows, hidden] tensor instead of two, the same output bits).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_impl(
     const at::Tensor& input, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& input_bias, double eps,
-    double dropout_p, const std::optional<at::Tensor>& seed) {
+    double dropout_p, const std::optional<at::Tensor>& seed, bool keep_pre) {
   const auto shape = check_rows_input(input, "input");
   const int64_t rows = shape.first, hidden = shape.second;
   check_same_as(residual, "residual", input, "input");
@@ -184,11 +189,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cp
   const Dropout drop = check_dropout(dropout_p, seed);
 
   at::Tensor out = at::empty({rows, hidden}, input.options());
-  at::Tensor prenorm = at::empty({rows, hidden}, input.options());
+  at::Tensor prenorm = keep_pre ? at::empty({rows, hidden}, input.options()) : out;
+  const at::Tensor kept = keep_pre ? prenorm : at::Tensor();
   if (rows == 0 || hidden == 0) {
     // Nothing to normalise: the statistics of an empty row are defined as zero.
     const auto stats = input.options().dtype(at::kFloat);
-    return {out, prenorm, at::zeros({rows}, stats), at::zeros({rows}, stats)};
+    return {out, kept, at::zeros({rows}, stats), at::zeros({rows}, stats)};
   }
   at::Tensor mean = at::empty({rows}, input.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({rows}, input.options().dtype(at::kFloat));
@@ -216,7 +222,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cp
       });
     });
   }), at::kFloat, at::kHalf, at::kBFloat16);
-  return {out, prenorm, mean, rstd};
+  return {out, kept, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cpu(
+    const at::Tensor& input, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& input_bias, double eps,
+    double dropout_p, const std::optional<at::Tensor>& seed) {
+  return add_layer_norm_fwd_impl(input, residual, weight, bias, input_bias, eps, dropout_p, seed, /*keep_pre=*/true);
+}
+
+at::Tensor add_layer_norm_inference_cpu(const at::Tensor& input, const at::Tensor& residual,
+                                        const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                        const std::optional<at::Tensor>& input_bias, double eps, double dropout_p,
+                                        const std::optional<at::Tensor>& seed) {
+  return std::get<0>(
+      add_layer_norm_fwd_impl(input, residual, weight, bias, input_bias, eps, dropout_p, seed, /*keep_pre=*/false));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cpu(
@@ -301,5 +322,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
 
 TORCH_LIBRARY_IMPL(fused_attn, CPU, m) {
   m.impl("add_layer_norm_fwd", &fused_attn::add_layer_norm_fwd_cpu);
+  m.impl("add_layer_norm_inference", &fused_attn::add_layer_norm_inference_cpu);
   m.impl("add_layer_norm_bwd", &fused_attn::add_layer_norm_bwd_cpu);
 }

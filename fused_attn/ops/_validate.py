@@ -34,6 +34,12 @@ def unrows(out: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return out if out.dim() == len(shape) else out.view(*shape[:-1], out.shape[-1])
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records a call with these arguments; where it does not, the ops that keep
+    tensors for their backward take their inference form instead."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def check_same_device(value: torch.Tensor, name: str, like: torch.Tensor, like_name: str) -> None:
     if value.device != like.device:
         raise ValueError(f"{name} is on {value.device} but {like_name} is on {like.device}; they must share a device")

@@ -2,7 +2,8 @@
 
 ``layer_norm(residual + dropout(input + input_bias))``: the bias add, dropout, residual add and
 normalisation read each input once and write the output (and the pre-norm sum, which the backward
-needs and pre-LN models use as their residual stream) once.
+needs and pre-LN models use as their residual stream) once; a call that needs neither makes the
+output alone where the backend can (cpu, triton).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from ..backends import MAX_EXTENT, Inputs, Support, register_op, runs_reference,
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import register_native_pair, register_pair
-from ._validate import check_dropout_p, check_eps, check_param, check_same_device, check_tensor, rows, unrows
+from ._validate import (
+    check_dropout_p, check_eps, check_param, check_same_device, check_tensor, needs_grad, rows, unrows,
+)
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -47,6 +50,22 @@ def _triton_fwd(
     return kernels.add_layer_norm_fwd(input, residual, weight, bias, input_bias, eps, dropout_p, seed_int(seed))
 
 
+@torch.library.custom_op("fused_attn::triton_add_layer_norm_inference", mutates_args=())
+def _triton_inference(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    input_bias: torch.Tensor | None,
+    eps: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+) -> torch.Tensor:
+    from ..kernels.triton import layer_norm as kernels
+
+    return kernels.add_layer_norm_inference(input, residual, weight, bias, input_bias, eps, dropout_p, seed_int(seed))
+
+
 @torch.library.custom_op("fused_attn::triton_add_layer_norm_bwd", mutates_args=())
 def _triton_bwd(
     grad_out: torch.Tensor,
@@ -69,6 +88,10 @@ def _triton_bwd(
 def _fake_fwd(input, residual, weight, bias, input_bias, eps, dropout_p, seed):
     stats = input.new_empty(input.shape[0], dtype=torch.float32)
     return torch.empty_like(input), torch.empty_like(input), stats, torch.empty_like(stats)
+
+
+def _fake_inference(input, residual, weight, bias, input_bias, eps, dropout_p, seed):
+    return torch.empty_like(input)
 
 
 def _fake_bwd(grad_out, grad_prenorm, prenorm, mean, rstd, weight, dropout_p, seed, output_mask):
@@ -120,10 +143,16 @@ def _register(fwd: str, bwd: str) -> object:
 
 
 _FWD_OPS = {"triton": _register("triton_add_layer_norm_fwd", "triton_add_layer_norm_bwd")}
+# Calls that need no gradient and no pre-norm sum take the inference form where the backend has one:
+# the same output bits, no pre-norm tensor (the CUDA kernels keep theirs).
+torch.library.register_fake("fused_attn::triton_add_layer_norm_inference", _fake_inference)
+_INFERENCE_OPS = {"triton": torch.ops.fused_attn.triton_add_layer_norm_inference}
 if _extension.loaded():
     _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = register_native_pair(
         "add_layer_norm_fwd", "add_layer_norm_bwd", fake_fwd=_fake_fwd, fake_bwd=_fake_bwd
     )
+    torch.library.register_fake("fused_attn::add_layer_norm_inference", _fake_inference)
+    _INFERENCE_OPS["cpu"] = torch.ops.fused_attn.add_layer_norm_inference
 
 
 def add_layer_norm(
@@ -150,6 +179,8 @@ def add_layer_norm(
     default generator). With ``return_prenorm`` also returns the sum that was normalised (the
     residual stream of pre-LN models). Differentiable in every tensor argument; the backward is
     deterministic on every backend (vector gradients from partial sums added in a fixed order).
+    A call that needs neither a gradient nor the pre-norm sum keeps no pre-norm tensor on the cpu
+    and triton backends (the sum is normalised in place; the same output).
 
     float16, bfloat16 and float32 run fused, statistics in float32 (float64 runs the reference
     implementation, with a :class:`~fused_attn.FallbackWarning`).
@@ -189,10 +220,10 @@ def add_layer_norm(
         return reference.add_layer_norm(
             input, residual, weight, bias, eps, dropout_p, input_bias, return_prenorm=return_prenorm
         )
-    out, prenorm, _, _ = _FWD_OPS[chosen](
-        rows(input, hidden), rows(residual, hidden),
-        weight, bias, input_bias, eps, dropout_p, draw_seed(dropout_p),
-    )
+    args = (rows(input, hidden), rows(residual, hidden), weight, bias, input_bias, eps, dropout_p, draw_seed(dropout_p))
+    if not return_prenorm and chosen in _INFERENCE_OPS and not needs_grad(input, residual, weight, bias, input_bias):
+        return unrows(_INFERENCE_OPS[chosen](*args), input.shape)
+    out, prenorm, _, _ = _FWD_OPS[chosen](*args)
     out = unrows(out, input.shape)
     return (out, unrows(prenorm, input.shape)) if return_prenorm else out
 

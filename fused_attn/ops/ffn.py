@@ -20,7 +20,9 @@ from ..backends import MAX_EXTENT, Inputs, Support, register_op, runs_reference,
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import register_native_pair, register_pair
-from ._validate import check_dropout_p, check_param, check_same_device, check_tensor, dtype_name, rows, unrows
+from ._validate import (
+    check_dropout_p, check_param, check_same_device, check_tensor, dtype_name, needs_grad, rows, unrows,
+)
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 APPROXIMATIONS = ("none", "tanh")
@@ -136,9 +138,6 @@ if _extension.loaded():
     torch.library.register_fake("fused_attn::linear_gelu_inference", _fake_linear_gelu_inference)
     _LINEAR_GELU_INFERENCE["cpu"] = _LINEAR_GELU_INFERENCE["cuda"] = torch.ops.fused_attn.linear_gelu_inference
 
-
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +324,7 @@ def linear_gelu(
     if runs_reference("linear_gelu", chosen, input, weight):
         return reference.linear_gelu(input, weight, bias, approximate)
     args = (rows(input, input.shape[-1]), weight.contiguous(), bias, approximate)
-    if _needs_grad(input, weight, bias):
+    if needs_grad(input, weight, bias):
         out, _ = _LINEAR_GELU_OPS[chosen](*args)
     else:
         out = _LINEAR_GELU_INFERENCE[chosen](*args)
@@ -366,7 +365,7 @@ def ffn(
     if runs_reference("ffn", chosen, input, w1, w2):
         return reference.ffn(input, w1, b1, w2, b2, approximate, dropout_p)
     flat, w1, w2 = rows(input, input.shape[-1]), w1.contiguous(), w2.contiguous()
-    if dropout_p == 0.0 and not _needs_grad(input, w1, b1, w2, b2):
+    if dropout_p == 0.0 and not needs_grad(input, w1, b1, w2, b2):
         # The inference form (see linear_gelu): the same bits as ffn_fwd's output, which is this
         # composition on the cpu and cuda backends (csrc/ffn.cpp) and triton_ffn_inference's on Triton.
         if chosen == "triton":

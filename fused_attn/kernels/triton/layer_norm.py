@@ -77,7 +77,8 @@ def _norm_fwd_kernel(
         h = _prenorm_chunk(x_ptr, res_ptr, xb_ptr, base, cols, in_row, seed, dropout_p, keep_prob,
                            HAS_RESIDUAL, HAS_INPUT_BIAS, DROPOUT)
         if HAS_RESIDUAL:
-            tl.store(pre_ptr + base + cols, h.to(pre_ptr.dtype.element_ty), mask=in_row)
+            if pre_ptr is not None:  # None in inference: the row stays in registers
+                tl.store(pre_ptr + base + cols, h.to(pre_ptr.dtype.element_ty), mask=in_row)
         mean = tl.sum(h, axis=0) / hidden
         centred = tl.where(in_row, h - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / hidden + eps)
@@ -100,7 +101,8 @@ def _norm_fwd_kernel(
         mean = tl.sum(total, axis=0) / hidden
         # The later passes read the pre-norm sum back (the input itself when there is no residual).
         # Their loads need not map an element to the thread that stored it: a block-wide barrier
-        # orders the stores before them.
+        # orders the stores before them. In inference pre_ptr is y_ptr: the last pass loads each
+        # chunk before it stores the same chunk, element by element in the same layout.
         src = pre_ptr if HAS_RESIDUAL else x_ptr
         if HAS_RESIDUAL:
             tl.debug_barrier()
@@ -226,23 +228,29 @@ def norm_fwd(
     eps: float,
     dropout_p: float,
     seed: int,
+    keep_prenorm: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """x, residual: contiguous [rows, hidden]. Returns (y, prenorm or None, mean, rstd)."""
+    """x, residual: contiguous [rows, hidden]. Returns (y, prenorm or None, mean, rstd); prenorm is
+    None without a residual, and without ``keep_prenorm`` (inference: the sum is kept in registers
+    or, for rows wider than a block, formed in y's row and normalised there in place)."""
     rows, hidden = x.shape
     y = torch.empty_like(x)
-    prenorm = torch.empty_like(x) if residual is not None else None
+    prenorm = torch.empty_like(x) if residual is not None and keep_prenorm else None
     mean = torch.empty(rows, device=x.device, dtype=torch.float32)
     rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
     if rows == 0 or hidden == 0:
         # Nothing to normalise: statistics of an empty row are defined as zero.
         return y, prenorm, mean.zero_(), rstd.zero_()
     block_n = _block_n(hidden, x.element_size())
+    single_block = block_n >= hidden
+    # Where the kernel stores the sum: the kept tensor, else nowhere (one block) or y as scratch.
+    pre_out = prenorm if prenorm is not None or residual is None or single_block else y
     _norm_fwd_kernel[(rows,)](
-        x, residual, input_bias, weight, bias, y, prenorm, mean, rstd,
+        x, residual, input_bias, weight, bias, y, pre_out, mean, rstd,
         hidden, eps, seed, as_float32(dropout_p), keep_divisor(dropout_p),
         HAS_RESIDUAL=residual is not None, HAS_INPUT_BIAS=input_bias is not None, DROPOUT=dropout_p > 0.0,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, SINGLE_BLOCK=block_n >= hidden, num_warps=_num_warps(block_n),
+        BLOCK_N=block_n, SINGLE_BLOCK=single_block, num_warps=_num_warps(block_n),
     )
     return y, prenorm, mean, rstd
 
@@ -312,6 +320,11 @@ def layer_norm_bwd(dy, x, mean, rstd, weight, output_mask):
 
 def add_layer_norm_fwd(x, residual, weight, bias, input_bias, eps, dropout_p, seed):
     return norm_fwd(x, residual, weight, bias, input_bias, eps, dropout_p, seed)
+
+
+def add_layer_norm_inference(x, residual, weight, bias, input_bias, eps, dropout_p, seed):
+    """add_layer_norm_fwd's output alone (the same bits), without a pre-norm tensor."""
+    return norm_fwd(x, residual, weight, bias, input_bias, eps, dropout_p, seed, keep_prenorm=False)[0]
 
 
 def add_layer_norm_bwd(dy, dprenorm, prenorm, mean, rstd, weight, dropout_p, seed, output_mask):
