@@ -1,4 +1,4 @@
-// fused_attn::ffn_fwd / ffn_bwd for CPU and CUDA tensors (schemas in csrc/ops.cpp): the
+// fused_attn::ffn_fwd / ffn_bwd / ffn_inference for CPU and CUDA tensors (schemas in csrc/ops.cpp): the
 // position-wise FFN composed of the backend's fused linear_gelu kernels (csrc/cpu/ffn.cpp,
 // csrc/cuda/ffn.cu) and a library GEMM for the second linear. The same code serves both devices;
 // it calls the kernels through the dispatcher, below the autograd key (its autograd formula is in
@@ -31,6 +31,7 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
 using LinearGeluFwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, c10::string_view);
+using LinearGeluInference = Tensor(const Tensor&, const Tensor&, const OptTensor&, c10::string_view);
 using LinearGeluBwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                          c10::string_view, std::array<bool, 3>);
 using LinearGeluBwdScratch = std::tuple<Tensor, Tensor, Tensor>(Tensor&, const Tensor&, const Tensor&, const Tensor&,
@@ -58,6 +59,12 @@ std::tuple<Tensor, Tensor> ffn_fwd(const Tensor& input, const Tensor& w1, const 
   Tensor out = at::linear(hidden, w2, b2);
   if (dropout_p > 0.0) out.mul_(keep_mask(out.sizes(), seed, dropout_p, out.device())).div_(keep_divisor(dropout_p));
   return {out, pre};
+}
+
+Tensor ffn_inference(const Tensor& input, const Tensor& w1, const OptTensor& b1, const Tensor& w2, const OptTensor& b2,
+                     c10::string_view approximate) {
+  static const auto linear_gelu = find("fused_attn::linear_gelu_inference").typed<LinearGeluInference>();
+  return at::linear(linear_gelu.call(input, w1, b1, approximate), w2, b2);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd(const Tensor& grad_out_, const Tensor& input,
@@ -97,12 +104,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd(const Tensor& grad_ou
 
 TORCH_LIBRARY_IMPL(fused_attn, CPU, m) {
   m.impl("ffn_fwd", &fused_attn::ffn_fwd);
+  m.impl("ffn_inference", &fused_attn::ffn_inference);
   m.impl("ffn_bwd", &fused_attn::ffn_bwd);
 }
 
 #ifdef FUSED_ATTN_WITH_CUDA
 TORCH_LIBRARY_IMPL(fused_attn, CUDA, m) {
   m.impl("ffn_fwd", &fused_attn::ffn_fwd);
+  m.impl("ffn_inference", &fused_attn::ffn_inference);
   m.impl("ffn_bwd", &fused_attn::ffn_bwd);
 }
 #endif

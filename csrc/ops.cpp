@@ -78,6 +78,9 @@ TORCH_LIBRARY(fused_attn, m) {
   m.def(
       "ffn_fwd(Tensor input, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate, float dropout_p, "
       "Tensor? seed) -> (Tensor, Tensor)");
+  // The output of ffn_fwd without dropout (the same bits), for calls that need no gradient: the first
+  // linear in its inference form (linear_gelu_inference), no pre-activation kept. Not differentiable.
+  m.def("ffn_inference(Tensor input, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate) -> Tensor");
   // Backward: (grad_input, grad_w1, grad_b1, grad_w2, grad_b2) as selected by output_mask.
   m.def(
       "ffn_bwd(Tensor grad_out, Tensor input, Tensor w1, Tensor w2, Tensor pre_activation, str approximate, "

@@ -308,7 +308,9 @@ def test_inference_form_gives_the_same_bits(backend_device, dtype, approximate, 
     # A call that needs no gradient keeps no pre-activation; its output must not change with that.
     backend, device = backend_device
     _skip_dtype(backend, device, dtype)
-    args = _ffn_args(37, 24, 72, dtype, device, bias=bias)
+    # On a GPU, K of several tiles: Triton's autotuner picks among tile configs whose summation orders
+    # differ, so the two forms must share the tuning.
+    args = _ffn_args(*((37, 24, 72) if device == "cpu" else (300, 512, 1024)), dtype, device, bias=bias)
     grad_args = {k: None if v is None else v.clone().requires_grad_() for k, v in args.items()}
     for op, pick in ((fused_attn.linear_gelu, _linear_gelu_of), (fused_attn.ffn, dict)):
         with_grad = op(**pick(grad_args), approximate=approximate, backend=backend)
@@ -340,8 +342,12 @@ def test_inference_form_keeps_no_pre_activation(backend_device):
     hidden_bytes, out_bytes = rows * hidden * 4, rows * model * 4
     for op, pick, inference_bytes in ((fused_attn.linear_gelu, _linear_gelu_of, hidden_bytes),
                                       (fused_attn.ffn, dict, hidden_bytes + out_bytes)):
+        # Each form called once first: what a first call sets up (a library's workspace, autotuning
+        # on a GPU) is not the call's own memory.
         with torch.no_grad():
+            op(**pick(args), backend=backend)
             assert peak_memory(lambda: op(**pick(args), backend=backend), torch.device(device)) == inference_bytes
+        op(**pick(grad_args), backend=backend)
         training = peak_memory(lambda: op(**pick(grad_args), backend=backend), torch.device(device))
         assert training >= inference_bytes + hidden_bytes
 

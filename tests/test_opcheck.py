@@ -136,8 +136,7 @@ def test_linear_gelu_and_ffn_ops(prefix, device, approximate):
     # The inference forms, for calls that need no gradient (so their inputs do not require it).
     detached = (x.detach(), w1.detach(), b1.detach())
     torch.library.opcheck(_op(prefix, "linear_gelu_inference"), (*detached, approximate))
-    if prefix:
-        torch.library.opcheck(_op(prefix, "ffn_inference"), (*detached, w2.detach(), b2.detach(), approximate))
+    torch.library.opcheck(_op(prefix, "ffn_inference"), (*detached, w2.detach(), b2.detach(), approximate))
     for p, seed in ((0.0, None), (0.2, torch.tensor(5))):
         torch.library.opcheck(ffn_fwd, (x, w1, b1, w2, b2, approximate, p, seed))
         y, pre = ffn_fwd(x.detach(), w1.detach(), b1.detach(), w2.detach(), b2.detach(), approximate, p, seed)

@@ -177,6 +177,19 @@ def _cases(quick: bool):
 
         return run
 
+    def inference(dtype):
+        # The inference forms (no gradient): the GEMM epilogue without its pre-activation store, the
+        # Add & Norm forward with its sum in registers (one block) or streamed through the output.
+        def run():
+            x, w1, b1, w2, b2 = (t(*shape, dtype=dtype, grad=False) for shape in ((256, 192), (768, 192), (768,),
+                                                                                  (192, 768), (192,)))
+            fused_attn.ffn(x, w1, b1, w2, b2, backend="triton")
+            for hidden in (768, 40000):
+                r = t(64, hidden, dtype=dtype, grad=False)
+                fused_attn.add_layer_norm(r, r, None, None, backend="triton")
+
+        return run
+
     def keep_masks():
         q = torch.randn(1, 2, 64, 32)
         attention_with_keep_mask(q, q, q, dropout_p=0.2)
@@ -195,6 +208,7 @@ def _cases(quick: bool):
         ("add_layer_norm bf16 dropout", add_layer_norm(bf16, dropout=0.1)),
         ("linear_gelu bf16", linear_gelu(bf16)),
         ("ffn bf16 dropout", ffn(bf16, dropout=0.1)),
+        ("inference bf16", inference(bf16)),
     ]
     if quick:
         return cases
@@ -222,6 +236,7 @@ def _cases(quick: bool):
             (f"add_layer_norm {name} 40000 streamed", add_layer_norm(dtype, hidden=40000, dropout=0.1)),
             (f"linear_gelu {name} tanh no bias", linear_gelu(dtype, bias=False, approximate="tanh")),
             (f"ffn {name}", ffn(dtype)),
+            (f"inference {name}", inference(dtype)),
         ]
     cases.append(("keep masks", keep_masks))
     return cases

@@ -7,8 +7,8 @@ costs a few flops per element of a GEMM operand and saves storing a second [toke
 tensor, the largest activation of a Transformer layer. A call that needs no gradient (under
 ``torch.no_grad`` or ``torch.inference_mode``, or with no argument that requires grad) keeps no
 pre-activation at all: the GELU is applied over the GEMM's result in place, so ``linear_gelu``
-makes one [tokens, hidden] tensor instead of two, and so does ``ffn`` without dropout; the
-output has the same bits as with a gradient.
+makes one [tokens, hidden] tensor fewer (README, "Inference": the paths where it does not), and
+so does ``ffn`` without dropout; the output has the same bits as with a gradient.
 """
 
 from __future__ import annotations
@@ -178,9 +178,11 @@ def _triton_ffn_inference(
     return kernels.gemm(hidden, w2.t(), out, epilogue=kernels.EPILOGUE_BIAS, bias=b2)
 
 
-@torch.library.register_fake("fused_attn::triton_ffn_inference")
 def _fake_ffn_inference(input, w1, b1, w2, b2, approximate):
     return input.new_empty(input.shape[0], w2.shape[0])
+
+
+torch.library.register_fake("fused_attn::triton_ffn_inference", _fake_ffn_inference)
 
 
 @torch.library.custom_op("fused_attn::triton_ffn_bwd", mutates_args=())
@@ -268,10 +270,14 @@ def _keep_mask(shape, seed: torch.Tensor, dropout_p: float, device: torch.device
 
 
 _FFN_OPS = {"triton": _register_ffn("triton_ffn_fwd", "triton_ffn_bwd")}
+# The inference form without dropout (see linear_gelu): the same bits as the ffn_fwd output.
+_FFN_INFERENCE = {"triton": torch.ops.fused_attn.triton_ffn_inference}
 if _extension.loaded():
     _FFN_OPS["cpu"] = _FFN_OPS["cuda"] = register_native_pair(
         "ffn_fwd", "ffn_bwd", fake_fwd=_fake_ffn_fwd, fake_bwd=_fake_ffn_bwd
     )
+    torch.library.register_fake("fused_attn::ffn_inference", _fake_ffn_inference)
+    _FFN_INFERENCE["cpu"] = _FFN_INFERENCE["cuda"] = torch.ops.fused_attn.ffn_inference
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +317,7 @@ def linear_gelu(
     :class:`~fused_attn.FallbackWarning`); a bias of another floating dtype is cast to the input's.
     The backward applies dGELU inside the gradient GEMMs and reduces the bias gradient in the
     same pass; a call that needs no gradient keeps no pre-activation (the GELU is applied in
-    place over the GEMM's result: half the memory, the same output). Raises ``TypeError``/``ValueError`` naming the argument on mismatched shapes,
+    place over the GEMM's result: one [rows, out_features] tensor fewer, the same output). Raises ``TypeError``/``ValueError`` naming the argument on mismatched shapes,
     dtypes or devices, :class:`~fused_attn.BackendNotSupportedError` when a named ``backend``
     cannot serve the call. Under ``torch.autocast`` input, weight and bias are cast to the
     autocast dtype, as ``F.linear``'s.
@@ -366,12 +372,7 @@ def ffn(
         return reference.ffn(input, w1, b1, w2, b2, approximate, dropout_p)
     flat, w1, w2 = rows(input, input.shape[-1]), w1.contiguous(), w2.contiguous()
     if dropout_p == 0.0 and not needs_grad(input, w1, b1, w2, b2):
-        # The inference form (see linear_gelu): the same bits as ffn_fwd's output, which is this
-        # composition on the cpu and cuda backends (csrc/ffn.cpp) and triton_ffn_inference's on Triton.
-        if chosen == "triton":
-            out = torch.ops.fused_attn.triton_ffn_inference(flat, w1, b1, w2, b2, approximate)
-        else:
-            out = torch.nn.functional.linear(_LINEAR_GELU_INFERENCE[chosen](flat, w1, b1, approximate), w2, b2)
+        out = _FFN_INFERENCE[chosen](flat, w1, b1, w2, b2, approximate)
     else:
         out, _ = _FFN_OPS[chosen](flat, w1, b1, w2, b2, approximate, dropout_p, draw_seed(dropout_p))
     return unrows(out, input.shape)

@@ -97,7 +97,7 @@ def _gemm_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     rng_stride_m, rng_stride_k, seed, dropout_p, keep_prob,
     A_PROLOGUE: tl.constexpr, B_PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, APPROX_TANH: tl.constexpr,
-    ROW_SUMS: tl.constexpr, FP32_DOT: tl.constexpr,
+    ROW_SUMS: tl.constexpr, FP32_DOT: tl.constexpr, STORE_PRE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -145,9 +145,9 @@ def _gemm_kernel(
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if EPILOGUE == 2:
         # The activation is computed from the pre-activation rounded to the storage dtype, the value
-        # the backward reads; it is stored for the backward unless pre_ptr is None (inference).
+        # the backward reads; it is stored for the backward unless STORE_PRE is off (inference).
         pre = acc.to(c_ptr.dtype.element_ty)
-        if pre_ptr is not None:
+        if STORE_PRE:
             tl.store(pre_ptr + c_offs, pre, mask=c_mask)
         acc = _gelu(pre.to(tl.float32), APPROX_TANH)
     elif EPILOGUE == 3:
@@ -192,13 +192,19 @@ def gemm(
     # bucket, a batch of a new length reuses the tuning of its bucket instead of timing every config
     # again (N is always a feature size). The buckets are plain ints the kernel ignores.
     m_bucket, k_bucket = size_bucket(M, 16384), size_bucket(K, 16384)
+    # The autotuner keys on every tensor argument's dtype: a call without a pre-activation to store
+    # (inference) passes the output in its place, so that it shares the tuning (the config, hence the
+    # summation order and the bits) of the call that stores one.
+    store_pre = pre is not None
+    if epilogue == EPILOGUE_BIAS_GELU and pre is None:
+        pre = out
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _gemm_kernel[grid](
         a, b, out, aux, bias, pre, row_sums,
         M, N, K, m_bucket, k_bucket, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         rng_strides[0], rng_strides[1], seed, as_float32(dropout_p), keep_divisor(dropout_p),
         A_PROLOGUE=a_prologue, B_PROLOGUE=b_prologue, EPILOGUE=epilogue, APPROX_TANH=approximate == "tanh",
-        ROW_SUMS=row_sums is not None, FP32_DOT=a.dtype == torch.float32,
+        ROW_SUMS=row_sums is not None, FP32_DOT=a.dtype == torch.float32, STORE_PRE=store_pre,
     )
     return out
 
