@@ -139,7 +139,6 @@ if _extension.loaded():
     _LINEAR_GELU_INFERENCE["cpu"] = _LINEAR_GELU_INFERENCE["cuda"] = torch.ops.fused_attn.linear_gelu_inference
 
 
-
 # ---------------------------------------------------------------------------------------------
 # ffn
 
@@ -317,8 +316,9 @@ def linear_gelu(
     :class:`~fused_attn.FallbackWarning`); a bias of another floating dtype is cast to the input's.
     The backward applies dGELU inside the gradient GEMMs and reduces the bias gradient in the
     same pass; a call that needs no gradient keeps no pre-activation (the GELU is applied in
-    place over the GEMM's result: one [rows, out_features] tensor fewer, the same output). Raises ``TypeError``/``ValueError`` naming the argument on mismatched shapes,
-    dtypes or devices, :class:`~fused_attn.BackendNotSupportedError` when a named ``backend``
+    place over the GEMM's result: one [rows, out_features] tensor fewer, the same output).
+    Raises ``TypeError``/``ValueError`` naming the argument on mismatched shapes, dtypes or
+    devices, :class:`~fused_attn.BackendNotSupportedError` when a named ``backend``
     cannot serve the call. Under ``torch.autocast`` input, weight and bias are cast to the
     autocast dtype, as ``F.linear``'s.
     """
@@ -355,11 +355,12 @@ def ffn(
     dtype. float16, bfloat16 and float32 run fused, accumulating in float32 (float64 runs the
     reference implementation, with a :class:`~fused_attn.FallbackWarning`). Only the
     pre-activation is kept for the backward (the activation is recomputed inside the GEMM that
-    needs it), and none when the call needs no gradient and has no dropout. ``dropout_p`` in [0, 1) drops output elements (seeded from torch's default
-    generator; README, "Dropout"). Raises ``TypeError``/``ValueError`` naming the argument on
-    mismatched shapes, dtypes or devices, :class:`~fused_attn.BackendNotSupportedError` when a
-    named ``backend`` cannot serve the call. Under ``torch.autocast`` every floating tensor is
-    cast to the autocast dtype, as ``F.linear``'s.
+    needs it), and none when the call needs no gradient and has no dropout. ``dropout_p`` in
+    [0, 1) drops output elements (seeded from torch's default generator; README, "Dropout").
+    Raises ``TypeError``/``ValueError`` naming the argument on mismatched shapes, dtypes or
+    devices, :class:`~fused_attn.BackendNotSupportedError` when a named ``backend`` cannot serve
+    the call. Under ``torch.autocast`` every floating tensor is cast to the autocast dtype, as
+    ``F.linear``'s.
     """
     input, w1, b1, w2, b2 = autocast_inputs(LOWER_PRECISION, input, input, w1, b1, w2, b2)
     input = check_tensor(input, "input", min_dim=1)
