@@ -94,8 +94,7 @@ TORCH_LIBRARY(fused_attn, m) {
       "float eps, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor)");
   // The output of add_layer_norm_fwd alone (the same bits, the same dropout draw), for calls that need
   // no gradient and no pre-norm sum: the sum is formed in the output and normalised in place, one
-  // [rows, hidden] tensor instead of two. CPU only (the CUDA kernels keep their pre-norm tensor). Not
-  // differentiable.
+  // [rows, hidden] tensor instead of two. Not differentiable.
   m.def(
       "add_layer_norm_inference(Tensor input, Tensor residual, Tensor? weight, Tensor? bias, Tensor? input_bias, "
       "float eps, float dropout_p, Tensor? seed) -> Tensor");

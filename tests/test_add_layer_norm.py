@@ -110,12 +110,11 @@ def test_dropout_fraction(backend_device, p):
 @pytest.mark.parametrize("hidden", [96, 40000], ids=["one-block", "streamed"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_inference_form_gives_the_same_bits(backend_device, dtype, hidden, dropout_p):
-    # A call that needs no gradient and no pre-norm sum keeps no pre-norm tensor (cpu, triton: the sum
-    # is formed in the output, or in registers, and normalised in place); the output must not change,
-    # dropout draw included. 40000 wide: the Triton forward streams the row through the output.
+    # A call that needs no gradient and no pre-norm sum keeps no pre-norm tensor (the sum is formed in
+    # the output, or in registers, and normalised in place); the output must not change, dropout draw
+    # included. 40000 wide: the Triton forward streams the row through the output, the CUDA kernel
+    # takes a block per row and re-reads the sum from the output row.
     backend, device = backend_device
-    if backend == "cuda":
-        pytest.skip("the cuda backend has no inference form of add_layer_norm")
     if dtype not in supported_dtypes(backend, device):
         pytest.skip(f"{dtype} is not tested on {backend}-{device}")
     args = _args((3, hidden), dtype, device)
@@ -139,15 +138,16 @@ def test_inference_form_gives_the_same_bits(backend_device, dtype, hidden, dropo
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
 def test_inference_form_keeps_no_pre_norm_sum(backend_device):
-    # Every allocation counted: without a gradient the cpu backend makes the output and the row
-    # statistics (the CUDA kernels keep their pre-norm tensor; the Triton interpreter's frees are
-    # deferred, see test_ffn).
+    # Every allocation counted: without a gradient the call makes the output and the row statistics
+    # (128 rows: each statistics tensor is 512 bytes, the CUDA allocator's granule, so the counts are
+    # the same on a GPU), with one the pre-norm sum too.
     from fused_attn.bench.harness import peak_memory
 
     backend, device = backend_device
-    if backend != "cpu":
-        pytest.skip("the cpu backend's allocations are counted here")
-    rows, hidden = 64, 256
+    if backend == "triton" and device == "cpu":
+        pytest.skip("the Triton interpreter releases a launch's tensors at the next launch: the profiler's "
+                    "count is not the call's own (on CUDA the allocator's is)")
+    rows, hidden = 128, 256
     args = _args((rows, hidden), torch.float32, device, input_bias=False)
     grad_args = {k: None if v is None else v.clone().requires_grad_() for k, v in args.items()}
 
@@ -158,6 +158,7 @@ def test_inference_form_keeps_no_pre_norm_sum(backend_device):
     with torch.no_grad():
         call(args)
         assert peak_memory(lambda: call(args), torch.device(device)) == out_bytes + stats_bytes
+    call(grad_args)  # what a first call sets up (autotuning on a GPU) is not the call's own memory
     assert peak_memory(lambda: call(grad_args), torch.device(device)) == 2 * out_bytes + stats_bytes
 
 

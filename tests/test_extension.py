@@ -37,3 +37,19 @@ def test_stale_when_the_gpu_architecture_is_missing(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setattr(_extension, "cuda_kernels_compiled", lambda: True)
     assert _extension.stale_reason() == "built for CUDA architectures 7.0, the GPU is 9.0"
+
+
+def _native_ops() -> list[str]:
+    names = [n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("fused_attn::")]
+    return sorted(n for n in names if not n.startswith("triton_"))
+
+
+def test_every_native_op_has_a_kernel_for_each_device_built():
+    # The public functions route a call to an op by device; an op a device lacks would be a
+    # NotImplementedError at the first call there (on a GPU: seen only when one is lent).
+    ops = _native_ops()
+    assert "add_layer_norm_inference" in ops and "attention_bwd" in ops
+    keys = ["CPU"] + (["CUDA"] if _extension.build_info().get("cuda_compiled") else [])
+    for key in keys:
+        missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_attn::{op}", key)]
+        assert not missing, f"no {key} kernel: {missing}"

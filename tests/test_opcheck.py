@@ -108,9 +108,8 @@ def test_add_layer_norm_ops(prefix, device, dropout_p):
     w, b, ib = (torch.randn(40, device=device, requires_grad=True) for _ in range(3))
     seed = torch.tensor(99) if dropout_p else None
     torch.library.opcheck(fwd, (x, res, w, b, ib, 1e-5, dropout_p, seed))
-    if prefix or device == "cpu":  # the inference form: Triton's, and the cpu kernel's
-        detached = [t.detach() for t in (x, res, w, b, ib)]
-        torch.library.opcheck(_op(prefix, "add_layer_norm_inference"), (*detached, 1e-5, dropout_p, seed))
+    detached = [t.detach() for t in (x, res, w, b, ib)]
+    torch.library.opcheck(_op(prefix, "add_layer_norm_inference"), (*detached, 1e-5, dropout_p, seed))
     _, pre, mean, rstd = fwd(x.detach(), res.detach(), w.detach(), b.detach(), ib.detach(), 1e-5, dropout_p, seed)
     dy = torch.randn(6, 40, device=device)
     torch.library.opcheck(

@@ -299,7 +299,8 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_impl(const at::Tensor& input,
   at::Tensor acc;  // the GEMM's result, read by the pass: the pre-activation itself, or float32
   at::Tensor pre;  // the pre-activation in the storage dtype, when kept
   at::Tensor out;
-  if (native_gemm(input.scalar_type())) {
+  const bool widened = !native_gemm(input.scalar_type());
+  if (!widened) {
     // The bias rides in the GEMM, as in F.linear (the same BLAS call, so the same bits); the
     // pass only applies the GELU.
     acc = has_bias ? at::addmm(*bias, input, weight.t()) : at::mm(input, weight.t());
@@ -316,11 +317,12 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_impl(const at::Tensor& input,
 
   AT_DISPATCH_V2(input.scalar_type(), "linear_gelu_fwd_cpu", AT_WRAP([&] {
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    // pre is written by the pass when the pass makes it (rounding the float32 result).
-    scalar_t* pp = pre.defined() && !pre.is_same(acc) ? pre.mutable_data_ptr<scalar_t>() : nullptr;
+    // The pass makes pre where the GEMM ran widened (rounding its float32 result) and pre is kept;
+    // otherwise pre, if kept, is the GEMM's result itself.
+    scalar_t* pp = widened && keep_pre ? pre.mutable_data_ptr<scalar_t>() : nullptr;
     dispatch_approximate(tanh, [&](auto tanh_tag) {
       constexpr bool kTanh = decltype(tanh_tag)::value;
-      if (acc.scalar_type() != input.scalar_type()) {
+      if (widened) {
         const float* src = acc.const_data_ptr<float>();
         at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
           gelu_fwd_rows<scalar_t, float, kTanh>(src, pp, op, out_features, begin, end);

@@ -42,6 +42,8 @@
 // and pre once, writes grad_pre and, when grad_bias is requested, reduces its columns in the same pass
 // (deterministically: float32 partials over fixed row splits, summed in split order by a second small
 // kernel, exactly as the LayerNorm dweight/dbias); then two plain cuBLASLt GEMMs (epilogue DEFAULT).
+// linear_gelu_bwd_scratch (what the FFN's backward calls on its own hidden gradient) writes grad_pre over
+// grad_out instead, sparing a [rows, out_features] buffer at the backward's peak.
 //
 // Fallbacks. If cuBLASLt offers no algorithm for a plain GEMM (an exotic alignment or leading dimension),
 // the GEMM goes to ATen (at::mm_out / at::addmm_out), which always has one; the fused epilogue falls back to
@@ -165,10 +167,12 @@ __global__ void __launch_bounds__(kEltThreads) gelu_fwd_kernel(const T* pre, T* 
 // columns [c, c + VEC) and the rows row_begin + ty, + kBiasRowStripes, ... of its split. With `partial`
 // (grad_bias wanted) the column sums over the split's rows, of the float32 values before their rounding
 // to T, go to partial[split, cols], reduced over the stripes in stripe order. VEC > 1 requires
-// cols % VEC == 0 and 16-byte aligned pointers.
+// cols % VEC == 0 and 16-byte aligned pointers. grad_pre may be grad_out (linear_gelu_bwd_scratch: each
+// thread reads its elements before it writes them, and no element is read twice), so neither pointer is
+// __restrict__.
 template <typename T, int VEC, Gelu kKind>
 __global__ void __launch_bounds__(kWarpSize * kBiasRowStripes)
-    gelu_bwd_kernel(const T* __restrict__ grad_out, const T* __restrict__ pre, T* __restrict__ grad_pre,
+    gelu_bwd_kernel(const T* grad_out, const T* __restrict__ pre, T* grad_pre,
                     float* __restrict__ partial, int64_t rows, int64_t cols, int64_t rows_per_split) {
   // [stripe][j * 32 + tx]: consecutive threads hit consecutive banks on both the write and the read.
   __shared__ float stripe_sums[kBiasRowStripes][kWarpSize * VEC];
@@ -570,11 +574,14 @@ at::Tensor linear_gelu_inference_cuda(const at::Tensor& input, const at::Tensor&
   return std::get<0>(linear_gelu_fwd_impl(input, weight, bias, approximate, /*keep_pre=*/false));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cuda(const at::Tensor& grad_out,
+// grad_out_is_scratch (linear_gelu_bwd_scratch): grad_pre is written over grad_out, a temporary of the
+// caller's (the FFN's hidden gradient), instead of into a [rows, out_features] buffer of its own.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_impl(const at::Tensor& grad_out,
                                                                     const at::Tensor& input, const at::Tensor& weight,
                                                                     const at::Tensor& pre_activation,
                                                                     c10::string_view approximate,
-                                                                    std::array<bool, 3> output_mask) {
+                                                                    std::array<bool, 3> output_mask,
+                                                                    bool grad_out_is_scratch) {
   TORCH_CHECK(input.is_cuda(), "input must be a CUDA tensor, got device ", input.device());
   const std::pair<int64_t, int64_t> dims = check_rows_input(input, "input");
   const int64_t rows = dims.first;
@@ -609,7 +616,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cuda(const at::Te
   if (!need_gemm && !output_mask[2]) return {grad_input, grad_weight, grad_bias};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  at::Tensor grad_pre = need_gemm ? at::empty({rows, out_features}, opts) : at::Tensor();
+  at::Tensor grad_pre;
+  if (need_gemm) grad_pre = grad_out_is_scratch ? grad_out : at::empty({rows, out_features}, opts);
   AT_DISPATCH_V2(input.scalar_type(), "linear_gelu_bwd_cuda", AT_WRAP([&] {
     const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* pre = pre_activation.const_data_ptr<scalar_t>();
@@ -657,6 +665,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cuda(const at::Te
   return {grad_input, grad_weight, grad_bias};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cuda(const at::Tensor& grad_out,
+                                                                    const at::Tensor& input, const at::Tensor& weight,
+                                                                    const at::Tensor& pre_activation,
+                                                                    c10::string_view approximate,
+                                                                    std::array<bool, 3> output_mask) {
+  return linear_gelu_bwd_impl(grad_out, input, weight, pre_activation, approximate, output_mask, false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_scratch_cuda(at::Tensor& grad_out,
+                                                                            const at::Tensor& input,
+                                                                            const at::Tensor& weight,
+                                                                            const at::Tensor& pre_activation,
+                                                                            c10::string_view approximate,
+                                                                            std::array<bool, 3> output_mask) {
+  return linear_gelu_bwd_impl(grad_out, input, weight, pre_activation, approximate, output_mask, true);
+}
+
 }  // namespace
 }  // namespace fused_attn
 
@@ -664,4 +689,5 @@ TORCH_LIBRARY_IMPL(fused_attn, CUDA, m) {
   m.impl("linear_gelu_fwd", &fused_attn::linear_gelu_fwd_cuda);
   m.impl("linear_gelu_inference", &fused_attn::linear_gelu_inference_cuda);
   m.impl("linear_gelu_bwd", &fused_attn::linear_gelu_bwd_cuda);
+  m.impl("linear_gelu_bwd_scratch", &fused_attn::linear_gelu_bwd_scratch_cuda);
 }

@@ -32,7 +32,11 @@
 //     storage type, stores it and keeps the rounded values, so the statistics describe exactly the
 //     prenorm tensor that the backward reads. Warp rows keep it in registers; block rows re-read the
 //     prenorm this same thread stored (each pass visits the thread's own columns) instead of
-//     recomputing it, which would draw the dropout mask three times.
+//     recomputing it, which would draw the dropout mask three times. The inference form
+//     (add_layer_norm_inference: no gradient, no pre-norm sum wanted) passes no prenorm tensor: warp
+//     rows store nothing but the output, block rows form the sum in the output row and normalise it
+//     in place (the same thread reads and then overwrites its own columns), so the output has the
+//     same bits and no [rows, hidden] tensor besides it is made.
 //   * backward: the LayerNorm input gradient is formed from (grad_out, prenorm) as above; the store
 //     adds grad_prenorm, writes grad_residual = d_prenorm and grad_input = d_prenorm * keep / (1 - p).
 //     grad_weight / grad_bias are the plain column sums of (grad_out, prenorm); grad_input_bias is the
@@ -167,9 +171,9 @@ struct AddBwdArgs {
 };
 
 // prenorm = residual + dropout(x + input_bias) for the VEC elements at flat index e (column c): rounded
-// to T, stored, and returned in `v` as the rounded values.
+// to T, stored to dst + e (unless dst is null), and returned in `v` as the rounded values.
 template <int VEC, typename T>
-__device__ __forceinline__ void add_prenorm(const T* x, const AddFwdArgs<T>& add, int64_t e, int64_t c,
+__device__ __forceinline__ void add_prenorm(const T* x, const AddFwdArgs<T>& add, T* dst, int64_t e, int64_t c,
                                             float (&v)[VEC]) {
   float xv[VEC], rv[VEC], bv[VEC];
   cuda_utils::load_as_float<VEC>(x + e, xv);
@@ -184,7 +188,7 @@ __device__ __forceinline__ void add_prenorm(const T* x, const AddFwdArgs<T>& add
     pre.val[j] = static_cast<T>(rv[j] + xv[j]);
     v[j] = static_cast<float>(pre.val[j]);
   }
-  *reinterpret_cast<cuda_utils::AlignedVector<T, VEC>*>(add.prenorm + e) = pre;
+  if (dst != nullptr) *reinterpret_cast<cuda_utils::AlignedVector<T, VEC>*>(dst + e) = pre;
 }
 
 // Stores the backward of add_layer_norm for the VEC elements at flat index e, given d = the LayerNorm
@@ -234,7 +238,7 @@ __global__ void __launch_bounds__(kWarpSize * kWarpRowsPerBlock)
       const int c = (i * kWarpSize + lane) * VEC;
       if (c < hidden) {
         if constexpr (kAdd) {
-          add_prenorm<VEC>(x, add, row * hidden + c, c, v[i]);
+          add_prenorm<VEC>(x, add, add.prenorm, row * hidden + c, c, v[i]);
         } else {
           cuda_utils::load_as_float<VEC>(xr + c, v[i]);
         }
@@ -289,6 +293,9 @@ __global__ void __launch_bounds__(kBlockMaxThreads)
   __shared__ float smem[kWarpSize];
   const int64_t first_col = static_cast<int64_t>(threadIdx.x) * VEC;
   const int64_t col_stride = static_cast<int64_t>(blockDim.x) * VEC;
+  // add_layer_norm's sum goes to prenorm, or in the inference form (no prenorm) to the output row, which
+  // the last pass below overwrites column by column after reading it.
+  T* const sum_dst = kAdd ? (add.prenorm != nullptr ? add.prenorm : y) : nullptr;
   // `row` is uniform across the block, so all threads reach the barriers in block_allreduce_sum.
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const T* xr = x + row * hidden;
@@ -296,7 +303,7 @@ __global__ void __launch_bounds__(kBlockMaxThreads)
     for (int64_t c = first_col; c < hidden; c += col_stride) {
       float xv[VEC];
       if constexpr (kAdd) {
-        add_prenorm<VEC>(x, add, row * hidden + c, c, xv);
+        add_prenorm<VEC>(x, add, sum_dst, row * hidden + c, c, xv);
       } else {
         cuda_utils::load_as_float<VEC>(xr + c, xv);
       }
@@ -305,10 +312,10 @@ __global__ void __launch_bounds__(kBlockMaxThreads)
     }
     cuda_utils::block_allreduce_sum(sum, smem);
     const float mu = sum[0] * inv_hidden;
-    // The passes below re-read the normalised row: x, or for add_layer_norm the prenorm this thread has
+    // The passes below re-read the normalised row: x, or for add_layer_norm the sum this thread has
     // just stored (same columns; block_allreduce_sum's barrier also orders the accesses block-wide).
     const T* nr = xr;
-    if constexpr (kAdd) nr = add.prenorm + row * hidden;
+    if constexpr (kAdd) nr = sum_dst + row * hidden;
 
     float sq[1] = {0.f};
     for (int64_t c = first_col; c < hidden; c += col_stride) {
@@ -712,10 +719,12 @@ DropoutArgs make_dropout(double dropout_p, const std::optional<at::Tensor>& seed
   return d;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cuda(
+// keep_pre: make and return the prenorm tensor (the forward); false for the inference form, whose second
+// result is then an undefined tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_impl(
     const at::Tensor& input, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& input_bias, double eps, double dropout_p,
-    const std::optional<at::Tensor>& seed) {
+    const std::optional<at::Tensor>& seed, bool keep_pre) {
   TORCH_CHECK(input.is_cuda(), "input must be a CUDA tensor, got device ", input.device());
   const std::pair<int64_t, int64_t> dims = check_rows_input(input, "input");
   const int64_t rows = dims.first;
@@ -731,7 +740,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cu
 
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor out = at::empty({rows, hidden}, input.options());
-  at::Tensor prenorm = at::empty({rows, hidden}, input.options());
+  at::Tensor prenorm = keep_pre ? at::empty({rows, hidden}, input.options()) : at::Tensor();
   at::Tensor mean = at::empty({rows}, input.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({rows}, input.options().dtype(at::kFloat));
   if (rows == 0) return {out, prenorm, mean, rstd};
@@ -748,7 +757,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cu
     AddFwdArgs<scalar_t> add;
     add.residual = residual.const_data_ptr<scalar_t>();
     add.input_bias = optional_data<scalar_t>(input_bias);
-    add.prenorm = prenorm.mutable_data_ptr<scalar_t>();
+    add.prenorm = keep_pre ? prenorm.mutable_data_ptr<scalar_t>() : nullptr;
     add.dropout = dropout;
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const scalar_t* w = optional_data<scalar_t>(weight);
@@ -767,6 +776,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cu
     }
   }), at::kFloat, at::kHalf, at::kBFloat16);
   return {out, prenorm, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cuda(
+    const at::Tensor& input, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& input_bias, double eps, double dropout_p,
+    const std::optional<at::Tensor>& seed) {
+  return add_layer_norm_fwd_impl(input, residual, weight, bias, input_bias, eps, dropout_p, seed, /*keep_pre=*/true);
+}
+
+at::Tensor add_layer_norm_inference_cuda(const at::Tensor& input, const at::Tensor& residual,
+                                         const std::optional<at::Tensor>& weight,
+                                         const std::optional<at::Tensor>& bias,
+                                         const std::optional<at::Tensor>& input_bias, double eps, double dropout_p,
+                                         const std::optional<at::Tensor>& seed) {
+  return std::get<0>(
+      add_layer_norm_fwd_impl(input, residual, weight, bias, input_bias, eps, dropout_p, seed, /*keep_pre=*/false));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cuda(
@@ -859,5 +884,6 @@ TORCH_LIBRARY_IMPL(fused_attn, CUDA, m) {
   m.impl("layer_norm_fwd", &fused_attn::layer_norm_fwd_cuda);
   m.impl("layer_norm_bwd", &fused_attn::layer_norm_bwd_cuda);
   m.impl("add_layer_norm_fwd", &fused_attn::add_layer_norm_fwd_cuda);
+  m.impl("add_layer_norm_inference", &fused_attn::add_layer_norm_inference_cuda);
   m.impl("add_layer_norm_bwd", &fused_attn::add_layer_norm_bwd_cuda);
 }

@@ -143,8 +143,8 @@ def _register(fwd: str, bwd: str) -> object:
 
 
 _FWD_OPS = {"triton": _register("triton_add_layer_norm_fwd", "triton_add_layer_norm_bwd")}
-# Calls that need no gradient and no pre-norm sum take the inference form where the backend has one:
-# the same output bits, no pre-norm tensor (the CUDA kernels keep theirs).
+# Calls that need no gradient and no pre-norm sum take the inference form: the same output bits, no
+# pre-norm tensor.
 torch.library.register_fake("fused_attn::triton_add_layer_norm_inference", _fake_inference)
 _INFERENCE_OPS = {"triton": torch.ops.fused_attn.triton_add_layer_norm_inference}
 if _extension.loaded():
@@ -152,7 +152,7 @@ if _extension.loaded():
         "add_layer_norm_fwd", "add_layer_norm_bwd", fake_fwd=_fake_fwd, fake_bwd=_fake_bwd
     )
     torch.library.register_fake("fused_attn::add_layer_norm_inference", _fake_inference)
-    _INFERENCE_OPS["cpu"] = torch.ops.fused_attn.add_layer_norm_inference
+    _INFERENCE_OPS["cpu"] = _INFERENCE_OPS["cuda"] = torch.ops.fused_attn.add_layer_norm_inference
 
 
 def add_layer_norm(
