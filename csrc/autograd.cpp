@@ -338,7 +338,7 @@ TORCH_LIBRARY_IMPL(fused_attn, Autograd, m) {
   // Ops without a derivative (the backwards, and the inference forms): a gradient asked
   // of them raises instead of being silently absent.
   for (const char* op : {"layer_norm_bwd", "add_layer_norm_bwd", "attention_bwd", "softmax_bwd", "linear_gelu_bwd",
-                         "ffn_bwd", "linear_gelu_inference", "add_layer_norm_inference",
+                         "linear_gelu_bwd_scratch", "ffn_bwd", "linear_gelu_inference", "add_layer_norm_inference",
                          "ffn_inference"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }

@@ -23,6 +23,9 @@
 
 #include "fused_attn/checks.h"
 #include "fused_attn/philox.h"
+#ifdef FUSED_ATTN_WITH_CUDA
+#include "fused_attn/ffn_cuda.h"
+#endif
 
 namespace fused_attn {
 namespace {
@@ -86,10 +89,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd(const Tensor& grad_ou
   Tensor db2 = need_db2 ? grad_out.sum(0) : empty();
   Tensor dx = empty(), dw1 = empty(), db1 = empty();
   if (need_dx || need_dw1 || need_db1) {
+    const std::array<bool, 3> mask{need_dx, need_dw1, need_db1};
+#ifdef FUSED_ATTN_WITH_CUDA
+    // On CUDA the GEMM that forms the hidden gradient applies gelu' and reduces grad_b1 in its
+    // epilogue where cuBLASLt serves the call (see csrc/cuda/ffn.cu).
+    if (input.is_cuda()) {
+      if (auto fused = linear_gelu_bwd_from_next_cuda(grad_out, w2, input, w1, pre_activation, approximate, mask)) {
+        std::tie(dx, dw1, db1) = *fused;
+        return {dx, dw1, db1, dw2, db2};
+      }
+    }
+#endif
     // The hidden gradient is this function's own temporary: where the backend has the scratch
     // variant, grad_pre overwrites it instead of taking a buffer of its own.
     Tensor d_hidden = grad_out.mm(w2);
-    const std::array<bool, 3> mask{need_dx, need_dw1, need_db1};
     const auto key = c10::computeDispatchKey(std::nullopt, std::nullopt, input.device());
     std::tie(dx, dw1, db1) =
         scratch_op.hasKernelForDispatchKey(key)

@@ -53,3 +53,11 @@ def test_every_native_op_has_a_kernel_for_each_device_built():
     for key in keys:
         missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_attn::{op}", key)]
         assert not missing, f"no {key} kernel: {missing}"
+
+
+def test_every_native_op_has_an_autograd_kernel():
+    # A formula for the differentiable ops (csrc/autograd.cpp), an error for the others: without
+    # one, autograd would pass a call through and leave its results silently without a gradient.
+    missing = [op for op in _native_ops()
+               if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_attn::{op}", "Autograd")]
+    assert not missing, f"no Autograd kernel: {missing}"

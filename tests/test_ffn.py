@@ -172,6 +172,26 @@ def test_ffn_gradients_of_some_inputs(backend_device, wanted):
 
 @pytest.mark.parametrize("backend_device", FFN)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b1", ["none", "frozen"])
+def test_ffn_parity_without_a_first_bias_gradient(backend_device, dtype, b1):
+    # No b1, or one that needs no gradient: on cuda the tanh GELU in 16 bits then takes cuBLASLt's
+    # DGELU epilogue without its bias reduction (DGELU_BGRAD otherwise, in test_ffn_parity).
+    backend, device = backend_device
+    _skip_dtype(backend, device, dtype)
+    args = _ffn_args(24, 16, 40, dtype, device, seed=5)
+    if b1 == "none":
+        args["b1"] = None
+    grad_args = ("input", "w1", "w2", "b2")
+    assert_parity(
+        lambda input, w1, b1, w2, b2: fused_attn.ffn(input, w1, b1, w2, b2, "tanh", backend=backend),
+        lambda input, w1, b1, w2, b2: reference.ffn(input, w1, b1, w2, b2, "tanh"),
+        args,
+        grad_args=grad_args,
+    )
+
+
+@pytest.mark.parametrize("backend_device", FFN)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_ffn_dropout_matches_reference_with_kernel_mask(backend_device, dtype):
     backend, device = backend_device
     _skip_dtype(backend, device, dtype)
@@ -291,6 +311,29 @@ def test_scratch_backward_equals_linear_gelu_bwd_and_consumes_grad_out(backend_d
     assert not torch.equal(scratch, grad)  # overwritten with grad_pre
     torch.library.opcheck(torch.ops.fused_attn.linear_gelu_bwd_scratch.default,
                           (grad.clone(), x, w, pre, "tanh", [True, True, True]), test_utils="test_schema")
+
+
+@pytest.mark.parametrize("backend_device", [b for b in FFN if b.values[0] == ("cuda", "cuda")])
+def test_cuda_ffn_backward_takes_the_dgelu_epilogue_where_it_applies(backend_device):
+    """With the tanh GELU in 16 bits (hidden % 8 == 0) the hidden gradient's GEMM applies gelu' and
+    reduces b1's gradient in cuBLASLt's DGELU_BGRAD epilogue: the package's own gelu-backward kernel
+    does not run. With the exact GELU, which cuBLASLt lacks, it does."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def gelu_bwd_launches(approximate):
+        args = {k: v.clone().requires_grad_() for k, v in _ffn_args(64, 32, 128, torch.float16, "cuda").items()}
+        out = fused_attn.ffn(**args, approximate=approximate, backend="cuda")
+        grad = torch.randn_like(out)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            out.backward(grad)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events()]
+        if not names:
+            pytest.skip("the profiler records no CUDA kernels here")
+        return sum("gelu_bwd_kernel" in name for name in names)
+
+    assert gelu_bwd_launches("none") > 0
+    assert gelu_bwd_launches("tanh") == 0
 
 
 def _ffn_args(rows, model, hidden, dtype, device, *, bias=True, seed=0):

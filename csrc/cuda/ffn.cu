@@ -8,6 +8,8 @@
 //   forward      out^T [out x rows] = op_T(W^T [in x out]) * X^T [in x rows]      (m = out, n = rows, k = in)
 //   grad_input   dX^T  [in x rows]  = W^T [in x out] * dPre^T [out x rows]         (m = in,  n = rows, k = out)
 //   grad_weight  dW^T  [in x out]   = X^T [in x rows] * op_T(dPre^T [out x rows])  (m = in,  n = out,  k = rows)
+//   FFN hidden   dPre^T [hid x rows] = dgelu(W2^T [hid x model] * dY^T [model x rows], Pre^T)  (m = hid, n = rows,
+//                k = model; W2 is [model, hid] row-major, i.e. [hid x model] column-major, so no transposes)
 // Bias vectors run along m (out_features) in the forward, which is what cuBLASLt's bias epilogues expect.
 //
 // Forward. Two paths, chosen per call:
@@ -36,9 +38,15 @@
 //   compiles to tanh.approx.f32 (about 2^-11 relative error), far outside a float32 parity bound.
 //
 // Backward. grad_pre = grad_out * gelu'(pre) has to be materialised: both GEMMs take it as an operand and
-// cuBLASLt has no prologue fusion. CUBLASLT_EPILOGUE_DGELU_BGRAD does not fit this op: it applies gelu' to
-// the output of a matmul (the one producing the gradient w.r.t. the GELU output, i.e. the next layer's dgrad
-// GEMM), whereas here that gradient arrives as the input grad_out. So one elementwise kernel reads grad_out
+// cuBLASLt has no prologue fusion. CUBLASLT_EPILOGUE_DGELU_BGRAD does not fit linear_gelu_bwd: it applies
+// gelu' to the output of a matmul (the one producing the gradient w.r.t. the GELU output, i.e. the next
+// layer's dgrad GEMM), whereas here that gradient arrives as the input grad_out. It fits the FFN, whose
+// backward makes that matmul itself (grad_hidden = grad_out @ w2): linear_gelu_bwd_from_next_cuda runs it
+// with DGELU_BGRAD (DGELU when the bias gradient is not wanted), pre as the epilogue's auxiliary input, so
+// grad_pre and grad_b1 come out of the GEMM and no elementwise pass is left -- for the calls the forward's
+// epilogue serves (approximate == "tanh", float16/bfloat16, hidden % 8 == 0, as cuBLASLt has only the tanh
+// GELU and requires the aux leading dimension to be a multiple of 8); other calls, or a GEMM cuBLASLt
+// declines, take the unfused path below. Otherwise one elementwise kernel reads grad_out
 // and pre once, writes grad_pre and, when grad_bias is requested, reduces its columns in the same pass
 // (deterministically: float32 partials over fixed row splits, summed in split order by a second small
 // kernel, exactly as the LayerNorm dweight/dbias); then two plain cuBLASLt GEMMs (epilogue DEFAULT).
@@ -73,6 +81,7 @@
 
 #include "fused_attn/checks.h"
 #include "fused_attn/cuda_utils.cuh"
+#include "fused_attn/ffn_cuda.h"
 
 namespace fused_attn {
 namespace {
@@ -351,7 +360,8 @@ struct LtGemm {
   int64_t ldd = 0;
   cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
   const void* bias = nullptr;  // BIAS / GELU_AUX_BIAS: [m]
-  void* aux = nullptr;         // GELU_AUX(_BIAS): [m x n], leading dimension aux_ld
+  void* bias_grad = nullptr;   // DGELU_BGRAD: [m], the row sums of D (an output)
+  void* aux = nullptr;         // GELU_AUX(_BIAS): [m x n] written; DGELU(_BGRAD): read. Leading dimension aux_ld
   int64_t aux_ld = 0;
 };
 
@@ -377,6 +387,10 @@ LtOutcome run_lt_gemm(const LtGemm& g) {
            "cublasLtMatmulDescSetAttribute(EPILOGUE)");
   if (g.bias != nullptr) {
     set_desc(op.get(), CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias, "cublasLtMatmulDescSetAttribute(BIAS_POINTER)");
+  }
+  if (g.bias_grad != nullptr) {
+    set_desc(op.get(), CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias_grad,
+             "cublasLtMatmulDescSetAttribute(BIAS_POINTER)");
   }
   if (g.aux != nullptr) {
     set_desc(op.get(), CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, g.aux,
@@ -574,6 +588,43 @@ at::Tensor linear_gelu_inference_cuda(const at::Tensor& input, const at::Tensor&
   return std::get<0>(linear_gelu_fwd_impl(input, weight, bias, approximate, /*keep_pre=*/false));
 }
 
+// grad_input = grad_pre @ weight and grad_weight = grad_pre^T @ input, each where output_mask asks for it
+// (grad_pre [rows, out_features], input [rows, in_features], in_features > 0).
+void input_weight_grads(const at::Tensor& grad_pre, const at::Tensor& input, const at::Tensor& weight,
+                        std::array<bool, 3> output_mask, at::Tensor& grad_input, at::Tensor& grad_weight) {
+  const int64_t rows = input.size(0), in_features = input.size(1), out_features = weight.size(0);
+  const cudaDataType_t dtype = cuda_data_type(input.scalar_type());
+  if (output_mask[0]) {
+    LtGemm g;
+    g.dtype = dtype;
+    g.m = in_features;
+    g.n = rows;
+    g.k = out_features;
+    g.a = weight.const_data_ptr();
+    g.lda = in_features;
+    g.b = grad_pre.const_data_ptr();
+    g.ldb = out_features;
+    g.d = grad_input.mutable_data_ptr();
+    g.ldd = in_features;
+    lt_gemm_or(g, "grad_input", [&] { at::mm_out(grad_input, grad_pre, weight); });
+  }
+  if (output_mask[1]) {
+    LtGemm g;
+    g.dtype = dtype;
+    g.trans_b = CUBLAS_OP_T;
+    g.m = in_features;
+    g.n = out_features;
+    g.k = rows;
+    g.a = input.const_data_ptr();
+    g.lda = in_features;
+    g.b = grad_pre.const_data_ptr();
+    g.ldb = out_features;
+    g.d = grad_weight.mutable_data_ptr();
+    g.ldd = in_features;
+    lt_gemm_or(g, "grad_weight", [&] { at::mm_out(grad_weight, grad_pre.t(), input); });
+  }
+}
+
 // grad_out_is_scratch (linear_gelu_bwd_scratch): grad_pre is written over grad_out, a temporary of the
 // caller's (the FFN's hidden gradient), instead of into a [rows, out_features] buffer of its own.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_impl(const at::Tensor& grad_out,
@@ -631,37 +682,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_impl(const at::Te
     }
   }), at::kFloat, at::kHalf, at::kBFloat16);
 
-  if (!need_gemm) return {grad_input, grad_weight, grad_bias};  // nothing more, or GEMM outputs that are empty
-  const cudaDataType_t dtype = cuda_data_type(input.scalar_type());
-  if (output_mask[0]) {
-    LtGemm g;
-    g.dtype = dtype;
-    g.m = in_features;
-    g.n = rows;
-    g.k = out_features;
-    g.a = weight.const_data_ptr();
-    g.lda = in_features;
-    g.b = grad_pre.const_data_ptr();
-    g.ldb = out_features;
-    g.d = grad_input.mutable_data_ptr();
-    g.ldd = in_features;
-    lt_gemm_or(g, "grad_input", [&] { at::mm_out(grad_input, grad_pre, weight); });
-  }
-  if (output_mask[1]) {
-    LtGemm g;
-    g.dtype = dtype;
-    g.trans_b = CUBLAS_OP_T;
-    g.m = in_features;
-    g.n = out_features;
-    g.k = rows;
-    g.a = input.const_data_ptr();
-    g.lda = in_features;
-    g.b = grad_pre.const_data_ptr();
-    g.ldb = out_features;
-    g.d = grad_weight.mutable_data_ptr();
-    g.ldd = in_features;
-    lt_gemm_or(g, "grad_weight", [&] { at::mm_out(grad_weight, grad_pre.t(), input); });
-  }
+  if (need_gemm) input_weight_grads(grad_pre, input, weight, output_mask, grad_input, grad_weight);
   return {grad_input, grad_weight, grad_bias};
 }
 
@@ -683,6 +704,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_scratch_cuda(at::
 }
 
 }  // namespace
+
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> linear_gelu_bwd_from_next_cuda(
+    const at::Tensor& grad_next, const at::Tensor& w_next, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& pre_activation, c10::string_view approximate, std::array<bool, 3> output_mask) {
+  if (input.dim() != 2 || weight.dim() != 2) return std::nullopt;
+  const int64_t rows = input.size(0), in_features = input.size(1), hidden = weight.size(0);
+  const bool half = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
+  // Anything but what ffn_fwd's outputs and weights give goes to the other path, whose checks name it.
+  bool operands_fit = input.is_cuda() && input.dim() == 2 && weight.dim() == 2 && weight.size(1) == in_features &&
+                      grad_next.dim() == 2 && grad_next.size(0) == rows && w_next.dim() == 2 &&
+                      w_next.size(0) == grad_next.size(1) && w_next.size(1) == hidden &&
+                      pre_activation.sizes() == at::IntArrayRef({rows, hidden});
+  for (const at::Tensor* t : {&grad_next, &w_next, &input, &weight, &pre_activation}) {
+    operands_fit = operands_fit && t->is_contiguous() && t->scalar_type() == input.scalar_type() &&
+                   t->device() == input.device();
+  }
+  if (std::string_view(approximate.data(), approximate.size()) != "tanh" || !half || !operands_fit ||
+      hidden % kAuxLdMultiple != 0 || rows == 0 || hidden == 0 || in_features == 0 || grad_next.size(1) == 0 ||
+      !cuda_utils::is_aligned(pre_activation.const_data_ptr(), 16)) {
+    return std::nullopt;
+  }
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto opts = input.options();
+  at::Tensor grad_pre = at::empty({rows, hidden}, opts);
+  at::Tensor grad_bias = output_mask[2] ? at::empty({hidden}, opts) : at::empty({0}, opts);
+  // grad_pre^T [hidden x rows] = dgelu(w_next^T [hidden x model] * grad_next^T [model x rows], pre^T), in
+  // the column-major view of the row-major tensors (see Layout); the bias gradient runs along m = hidden.
+  LtGemm g;
+  g.dtype = cuda_data_type(input.scalar_type());
+  g.m = hidden;
+  g.n = rows;
+  g.k = grad_next.size(1);
+  g.a = w_next.const_data_ptr();
+  g.lda = hidden;
+  g.b = grad_next.const_data_ptr();
+  g.ldb = grad_next.size(1);
+  g.d = grad_pre.mutable_data_ptr();
+  g.ldd = hidden;
+  g.epilogue = output_mask[2] ? CUBLASLT_EPILOGUE_DGELU_BGRAD : CUBLASLT_EPILOGUE_DGELU;
+  g.bias_grad = output_mask[2] ? grad_bias.mutable_data_ptr() : nullptr;
+  g.aux = const_cast<void*>(pre_activation.const_data_ptr());  // read, not written, by the DGELU epilogues
+  g.aux_ld = hidden;
+  const LtOutcome outcome = run_lt_gemm(g);
+  if (outcome == LtOutcome::kUnexpected) {
+    TORCH_WARN_ONCE("fused_attn ffn: cuBLASLt rejected the DGELU epilogue GEMM descriptors (m=", g.m, ", n=", g.n,
+                    ", k=", g.k, "); the backward applies gelu' in a pass of its own instead");
+  }
+  if (outcome != LtOutcome::kDone) return std::nullopt;
+  at::Tensor grad_input = output_mask[0] ? at::empty({rows, in_features}, opts) : at::empty({0}, opts);
+  at::Tensor grad_weight = output_mask[1] ? at::empty({hidden, in_features}, opts) : at::empty({0}, opts);
+  input_weight_grads(grad_pre, input, weight, output_mask, grad_input, grad_weight);
+  return std::make_tuple(grad_input, grad_weight, grad_bias);
+}
+
 }  // namespace fused_attn
 
 TORCH_LIBRARY_IMPL(fused_attn, CUDA, m) {

@@ -3,7 +3,7 @@
 ``layer_norm(residual + dropout(input + input_bias))``: the bias add, dropout, residual add and
 normalisation read each input once and write the output (and the pre-norm sum, which the backward
 needs and pre-LN models use as their residual stream) once; a call that needs neither makes the
-output alone where the backend can (cpu, triton).
+output alone.
 """
 
 from __future__ import annotations
@@ -152,7 +152,9 @@ if _extension.loaded():
         "add_layer_norm_fwd", "add_layer_norm_bwd", fake_fwd=_fake_fwd, fake_bwd=_fake_bwd
     )
     torch.library.register_fake("fused_attn::add_layer_norm_inference", _fake_inference)
-    _INFERENCE_OPS["cpu"] = _INFERENCE_OPS["cuda"] = torch.ops.fused_attn.add_layer_norm_inference
+    for _device in ("cpu", "cuda"):
+        if _extension.has_kernel("add_layer_norm_inference", _device):
+            _INFERENCE_OPS[_device] = torch.ops.fused_attn.add_layer_norm_inference
 
 
 def add_layer_norm(
@@ -179,8 +181,8 @@ def add_layer_norm(
     default generator). With ``return_prenorm`` also returns the sum that was normalised (the
     residual stream of pre-LN models). Differentiable in every tensor argument; the backward is
     deterministic on every backend (vector gradients from partial sums added in a fixed order).
-    A call that needs neither a gradient nor the pre-norm sum keeps no pre-norm tensor on the cpu
-    and triton backends (the sum is normalised in place; the same output).
+    A call that needs neither a gradient nor the pre-norm sum keeps no pre-norm tensor (the sum is
+    normalised in place; the same output).
 
     float16, bfloat16 and float32 run fused, statistics in float32 (float64 runs the reference
     implementation, with a :class:`~fused_attn.FallbackWarning`).

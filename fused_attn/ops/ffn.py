@@ -9,6 +9,13 @@ tensor, the largest activation of a Transformer layer. A call that needs no grad
 pre-activation at all: the GELU is applied over the GEMM's result in place, so ``linear_gelu``
 makes one [tokens, hidden] tensor fewer (README, "Inference": the paths where it does not), and
 so does ``ffn`` without dropout; the output has the same bits as with a gradient.
+
+On the ``cuda`` backend the GELU's epilogue fusion is cuBLASLt's where it has one (the tanh GELU in
+float16/bfloat16, hidden size a multiple of 8): the forward GEMM applies bias and GELU and writes
+the pre-activation as its auxiliary output, and in ``ffn``'s backward the GEMM that forms the
+hidden gradient (``grad @ w2``) applies gelu' and reduces ``b1``'s gradient in its epilogue, so
+no elementwise pass is left around either GEMM. Elsewhere one elementwise pass (forward: GELU;
+backward: gelu' and the bias gradient) follows the library GEMM (``csrc/cuda/ffn.cu``).
 """
 
 from __future__ import annotations

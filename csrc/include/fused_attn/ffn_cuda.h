@@ -1,0 +1,24 @@
+// What csrc/ffn.cpp (the FFN op, compiled by the host compiler) calls in csrc/cuda/ffn.cu directly.
+#pragma once
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+namespace fused_attn {
+
+// The backward of linear_gelu(input, weight) given the gradient of the next linear's output, grad_next
+// [rows, model], and that linear's weight w_next [model, hidden]: the gradient reaching the GELU output,
+// grad_next @ w_next, is formed by a cuBLASLt GEMM whose DGELU(_BGRAD) epilogue applies gelu'(pre) and
+// reduces the bias gradient (csrc/cuda/ffn.cu). Returns (grad_input, grad_weight, grad_bias) as
+// linear_gelu_bwd per output_mask, or nullopt when the epilogue does not serve the call (then nothing ran):
+// another GELU or dtype, a hidden size that is not a multiple of 8, or operands that are not contiguous
+// CUDA tensors of one dtype with matching 2-D shapes, which the caller's other path checks and names.
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> linear_gelu_bwd_from_next_cuda(
+    const at::Tensor& grad_next, const at::Tensor& w_next, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& pre_activation, c10::string_view approximate, std::array<bool, 3> output_mask);
+
+}  // namespace fused_attn
