@@ -224,10 +224,11 @@ def _triton_ffn_bwd(
         db2 = sums.to(input.dtype) if need_db2 else db2
     dx, dw1, db1 = input.new_empty(0), input.new_empty(0), input.new_empty(0)
     if need_dx or need_dw1 or need_db1:
-        d_hidden = kernels.gemm(grad_out, w2, pre_activation.new_empty(pre_activation.shape),
+        # dPre = (dY' @ W2) * gelu'(pre), gelu' in the epilogue: once per element, and rounded once.
+        grad_pre = kernels.gemm(grad_out, w2, pre_activation.new_empty(pre_activation.shape),
+                                epilogue=kernels.EPILOGUE_DGELU, aux=pre_activation, approximate=approximate,
                                 rng_strides=(out_features, 1), **drop)
-        dx, dw1, db1 = kernels.linear_gelu_bwd(d_hidden, input, w1, pre_activation, approximate,
-                                               [need_dx, need_dw1, need_db1])
+        dx, dw1, db1 = kernels.linear_grads(grad_pre, input, w1, [need_dx, need_dw1, need_db1])
     return dx, dw1, db1, dw2, db2
 
 

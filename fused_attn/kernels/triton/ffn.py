@@ -3,7 +3,9 @@
 One tiled GEMM kernel ``C = A' @ B'`` serves the whole feed-forward block, forward and backward:
 
 * epilogue ``bias``, ``bias + GELU`` (the pre-activation is stored alongside, for the backward,
-  unless the call needs no gradient) or ``bias + dropout``;
+  unless the call needs no gradient), ``bias + dropout`` or ``dGELU`` (``C = (A' @ B') * gelu'(P)``:
+  the FFN's backward forms the gradient of its pre-activation in the GEMM that makes the hidden
+  gradient, so gelu' is evaluated once per element, not in every tile of the two GEMMs after it);
 * A prologue ``dGELU`` (``A' = A * gelu'(P)``, P the saved pre-activation, read tile by tile) or
   ``dropout`` (``A' = A * keep / (1 - p)``, the keep-mask regenerated from the seed);
 * B prologue ``GELU`` (``B' = gelu(B)``: the backward recomputes the activation from the
@@ -33,7 +35,7 @@ INV_SQRT_2PI = 0.3989422804014327
 SQRT_2_OVER_PI = 0.7978845608028654
 
 PROLOGUE_NONE, PROLOGUE_DGELU, PROLOGUE_DROPOUT, PROLOGUE_GELU = 0, 1, 2, 3
-EPILOGUE_NONE, EPILOGUE_BIAS, EPILOGUE_BIAS_GELU, EPILOGUE_BIAS_DROPOUT = 0, 1, 2, 3
+EPILOGUE_NONE, EPILOGUE_BIAS, EPILOGUE_BIAS_GELU, EPILOGUE_BIAS_DROPOUT, EPILOGUE_DGELU = 0, 1, 2, 3, 4
 
 
 def _configs() -> list[triton.Config]:
@@ -152,6 +154,9 @@ def _gemm_kernel(
         acc = _gelu(pre.to(tl.float32), APPROX_TANH)
     elif EPILOGUE == 3:
         acc = dropout(acc, seed, rows * N + cols, dropout_p, keep_prob)
+    elif EPILOGUE == 4:
+        pre = tl.load(aux_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+        acc = acc * _gelu_grad(pre, APPROX_TANH)
     tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
     if ROW_SUMS:
         if pid_n == 0:
@@ -177,7 +182,8 @@ def gemm(
 ) -> torch.Tensor:
     """``out = epilogue(a' @ b')`` for 2-D views a [M, K], b [K, N], out [M, N] (any strides).
 
-    ``aux`` is the pre-activation read by the dGELU prologue (a's shape and strides);
+    ``aux`` is the pre-activation read by the dGELU prologue (a's shape and strides) or epilogue
+    (out's);
     ``rng_strides`` map (row, col) of ``a`` to the dropout element index for the dropout
     prologue; ``row_sums`` ([M] float32) receives the row sums of ``a'``.
     """
@@ -195,6 +201,8 @@ def gemm(
     # The autotuner keys on every tensor argument's dtype: a call without a pre-activation to store
     # (inference) passes the output in its place, so that it shares the tuning (the config, hence the
     # summation order and the bits) of the call that stores one.
+    if epilogue == EPILOGUE_DGELU and (aux is None or aux.shape != out.shape or aux.stride() != out.stride()):
+        raise ValueError("the dGELU epilogue reads aux at out's offsets: aux must have out's shape and strides")
     store_pre = pre is not None
     if epilogue == EPILOGUE_BIAS_GELU and pre is None:
         pre = out
@@ -240,17 +248,33 @@ def linear_gelu_bwd(
     """Gradients of linear_gelu_fwd. dGELU is applied as the prologue of both gradient GEMMs
     (no grad-pre-activation tensor is written) and the bias gradient is the row sums of the
     weight-gradient GEMM's A operand."""
+    return _input_weight_grads(grad_out, x, weight, output_mask, pre=pre, approximate=approximate)
+
+
+def linear_grads(
+    grad_pre: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, output_mask: list[bool]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_input, grad_weight, grad_bias) of ``x @ weight^T + bias`` given the gradient of its
+    result, as selected by output_mask (the bias gradient from the weight-gradient GEMM's row sums)."""
+    return _input_weight_grads(grad_pre, x, weight, output_mask)
+
+
+def _input_weight_grads(grad, x, weight, output_mask, pre=None, approximate="none"):
+    # grad is the gradient of the GELU's output when pre is given (dGELU applied as each GEMM's
+    # A prologue), else of the pre-activation itself.
+    prologue = PROLOGUE_DGELU if pre is not None else PROLOGUE_NONE
     need_dx, need_dw, need_db = output_mask
     dx = x.new_empty(0)
     dw = x.new_empty(0)
     db = x.new_empty(0)
     if need_dx:
-        dx = gemm(grad_out, weight, torch.empty_like(x), a_prologue=PROLOGUE_DGELU, aux=pre, approximate=approximate)
+        dx = gemm(grad, weight, torch.empty_like(x), a_prologue=prologue, aux=pre, approximate=approximate)
     if need_dw or need_db:
         # dW [out, in] = dPre^T [out, rows] @ x [rows, in]; row sums of dPre^T are the bias gradient.
         sums = torch.empty(weight.shape[0], device=x.device, dtype=torch.float32) if need_db else None
         dw_buf = torch.empty_like(weight) if need_dw else weight.new_empty(weight.shape)
-        gemm(grad_out.t(), x, dw_buf, a_prologue=PROLOGUE_DGELU, aux=pre.t(), row_sums=sums, approximate=approximate)
+        gemm(grad.t(), x, dw_buf, a_prologue=prologue, aux=None if pre is None else pre.t(), row_sums=sums,
+             approximate=approximate)
         if need_dw:
             dw = dw_buf
         if need_db:
