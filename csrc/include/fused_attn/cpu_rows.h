@@ -411,7 +411,7 @@ struct RegisterSink {
 };
 
 // Rows of kGroupedFromBytes and more are visited kGroupRows at a time (see backward_rows).
-constexpr int64_t kGroupedFromBytes = 4096;
+constexpr int64_t kGroupedFromBytes = 8192;
 constexpr int64_t kGroupRows = 4;
 
 // The pass of a row-wise backward over rows [begin, end) of width cols that writes each row's
@@ -420,17 +420,22 @@ constexpr int64_t kGroupRows = 4;
 // before its blocks (a first pass over the row, e.g. for its LayerNorm constants); then
 // body(r, j, len, consts, sink) handles the block of row r at column j, adding to the sums with
 // sink.add(s, v) / sink.add_product(s, a, b) where sink.wanted(s).
-// The order of the visit depends on the row's length in bytes, each the faster where it is used
-// (measured on the LayerNorm, Add & Norm and linear_gelu backwards, 2-core AMD EPYC, against the
-// other order and torch's kernel, in one process each):
+// The order of the visit depends on the row's length in bytes (measured on the LayerNorm, Add & Norm
+// and linear_gelu backwards against the other order and torch's kernel, in one process each):
 //  * rows shorter than kGroupedFromBytes one at a time, in memory order, their shares buffered by
 //    ColumnSums: at 4096 x 768 float32 (3 KiB rows) the grouped order ran the LayerNorm backward
 //    1.3-1.4x slower than this (1.8x torch's time, against 1.3x), the linear_gelu bias pass
-//    1.3x; at bfloat16 768 and 1024 wide, 1.3-1.5x and 1.2-1.3x;
+//    1.3x; at bfloat16 768 and 1024 wide, 1.3-1.5x and 1.2-1.3x (2-core EPYC with AVX-512);
 //  * longer rows in groups of kGroupRows, block by block across the group, their shares summed in
-//    registers and added to the partials once per group: at 4096 x 1024 float32 (4 KiB rows) the
-//    row order ran the LayerNorm backward 1.1x slower and Add & Norm's (three sums) 1.2-1.3x, its
-//    buffers no longer fitting in L1 beside the rows.
+//    registers and added to the partials once per group, for the rows whose buffers no longer fit
+//    the caches beside them. Where that starts depends on the CPU: at 4096 x 1024 float32 (4 KiB
+//    rows) the row order ran the LayerNorm backward 1.1x slower and Add & Norm's (three sums)
+//    1.2-1.3x on the EPYC with AVX-512, but 0.9x and 0.95x the grouped order's time on a 2-core
+//    EPYC without it (interleaved with torch's kernel: 0.98-1.2x its speed against 0.86-1.0x, Add
+//    & Norm 0.90-1.1x against 0.83-1.0x), the kind of machine the package's CPU figures come from;
+//    the threshold sits above BERT-large's 1024 float32 columns for it.
+// A pass that adds to no sum (grad_input alone: frozen LayerNorm parameters) takes the row order at
+// any width, grouping having nothing to keep in registers.
 template <typename scalar_t, int S, int64_t B, typename Setup, typename Body>
 C10_ALWAYS_INLINE void backward_rows(int64_t cols, int64_t begin, int64_t end, const std::array<double*, S>& parts,
                                      const Setup& row_setup, const Body& body) {
@@ -438,8 +443,12 @@ C10_ALWAYS_INLINE void backward_rows(int64_t cols, int64_t begin, int64_t end, c
   // a body may alias any memory, so values it reached through memory (the captures of a lambda
   // passed to a function that is not inlined) would be reloaded after every store.
   std::array<bool, S> want;
-  for (int s = 0; s < S; ++s) want[s] = parts[s] != nullptr;
-  if (cols * static_cast<int64_t>(sizeof(scalar_t)) < kGroupedFromBytes) {
+  bool any_sum = false;
+  for (int s = 0; s < S; ++s) {
+    want[s] = parts[s] != nullptr;
+    any_sum = any_sum || want[s];
+  }
+  if (cols * static_cast<int64_t>(sizeof(scalar_t)) < kGroupedFromBytes || !any_sum) {
     ColumnSums<S, B> sums(cols, parts);
     for (int64_t r = begin; r < end; ++r) {
       const auto consts = row_setup(r);
