@@ -410,3 +410,15 @@ def test_inference_op_has_no_gradient():
     out = torch.ops.fused_attn.linear_gelu_inference(x, torch.randn(5, 4), None, "none")
     with pytest.raises(RuntimeError, match="linear_gelu_inference"):
         out.sum().backward()
+
+
+def test_triton_dgelu_epilogue_rejects_what_it_would_misread():
+    pytest.importorskip("triton")
+    from fused_attn.kernels.triton import ffn as kernels
+
+    a, b = torch.randn(8, 16), torch.randn(16, 24)
+    out = torch.empty(8, 24)
+    with pytest.raises(ValueError, match="aux must have out's shape and strides"):
+        kernels.gemm(a, b, out, epilogue=kernels.EPILOGUE_DGELU, aux=torch.randn(24, 8).t())
+    with pytest.raises(ValueError, match="takes no bias"):
+        kernels.gemm(a, b, out, epilogue=kernels.EPILOGUE_DGELU, aux=torch.randn(8, 24), bias=torch.randn(24))

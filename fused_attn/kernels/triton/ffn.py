@@ -203,6 +203,8 @@ def gemm(
     # summation order and the bits) of the call that stores one.
     if epilogue == EPILOGUE_DGELU and (aux is None or aux.shape != out.shape or aux.stride() != out.stride()):
         raise ValueError("the dGELU epilogue reads aux at out's offsets: aux must have out's shape and strides")
+    if epilogue == EPILOGUE_DGELU and bias is not None:
+        raise ValueError("the dGELU epilogue takes no bias (it would be added before the gelu' product)")
     store_pre = pre is not None
     if epilogue == EPILOGUE_BIAS_GELU and pre is None:
         pre = out
