@@ -385,12 +385,9 @@ LtOutcome run_lt_gemm(const LtGemm& g) {
            "cublasLtMatmulDescSetAttribute(TRANSB)");
   set_desc(op.get(), CUBLASLT_MATMUL_DESC_EPILOGUE, static_cast<uint32_t>(g.epilogue),
            "cublasLtMatmulDescSetAttribute(EPILOGUE)");
-  if (g.bias != nullptr) {
-    set_desc(op.get(), CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias, "cublasLtMatmulDescSetAttribute(BIAS_POINTER)");
-  }
-  if (g.bias_grad != nullptr) {
-    set_desc(op.get(), CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias_grad,
-             "cublasLtMatmulDescSetAttribute(BIAS_POINTER)");
+  // One pointer attribute for both: the bias an epilogue reads, or the bias gradient DGELU_BGRAD writes.
+  if (const void* bias = g.bias != nullptr ? g.bias : g.bias_grad; bias != nullptr) {
+    set_desc(op.get(), CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias, "cublasLtMatmulDescSetAttribute(BIAS_POINTER)");
   }
   if (g.aux != nullptr) {
     set_desc(op.get(), CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, g.aux,

@@ -198,13 +198,13 @@ def gemm(
     # bucket, a batch of a new length reuses the tuning of its bucket instead of timing every config
     # again (N is always a feature size). The buckets are plain ints the kernel ignores.
     m_bucket, k_bucket = size_bucket(M, 16384), size_bucket(K, 16384)
-    # The autotuner keys on every tensor argument's dtype: a call without a pre-activation to store
-    # (inference) passes the output in its place, so that it shares the tuning (the config, hence the
-    # summation order and the bits) of the call that stores one.
     if epilogue == EPILOGUE_DGELU and (aux is None or aux.shape != out.shape or aux.stride() != out.stride()):
         raise ValueError("the dGELU epilogue reads aux at out's offsets: aux must have out's shape and strides")
     if epilogue == EPILOGUE_DGELU and bias is not None:
         raise ValueError("the dGELU epilogue takes no bias (it would be added before the gelu' product)")
+    # The autotuner keys on every tensor argument's dtype: a call without a pre-activation to store
+    # (inference) passes the output in its place, so that it shares the tuning (the config, hence the
+    # summation order and the bits) of the call that stores one.
     store_pre = pre is not None
     if epilogue == EPILOGUE_BIAS_GELU and pre is None:
         pre = out
