@@ -394,6 +394,33 @@ def test_cpu_backward_schedules(threads, dtype, kind):
 
 
 @CPU_SCHEDULES
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("lengths", [(1, 16), (33, 70), (40, 300), (150, 170)], ids=lambda ls: "x".join(map(str, ls)))
+def test_cpu_backward_one_visible_key_gives_exactly_zero_score_gradients(threads, dtype, lengths):
+    # Each causal query sees one key (its own position): P is one-hot, and dS = P (dP - delta) is
+    # zero in exact arithmetic, as the plain softmax backward computes it. The statistics pass and
+    # the gradient passes must form the same S and dP tiles for it to be zero here too (a key tile
+    # cut at the causal edge in one pass and whole in another is a GEMM of another shape).
+    if dtype not in supported_dtypes("cpu", "cpu", OP):
+        pytest.skip("the cpu backend is not available")
+    q_len, k_len = lengths
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, n, 64, generator=gen).to(dtype).requires_grad_() for n in (q_len, k_len, k_len))
+    rows = torch.arange(q_len)
+    visible = torch.zeros(q_len, k_len, dtype=torch.bool)
+    visible[rows, rows.clamp(max=k_len - 1)] = True
+    bias = torch.zeros(q_len, k_len, dtype=dtype).masked_fill(~visible, float("-inf")).requires_grad_()
+
+    def run():
+        out = fused_attn.scaled_dot_product_attention(q, k, v, bias, is_causal=True, backend="cpu")
+        out.backward(torch.randn(out.shape, generator=gen).to(dtype))
+
+    _with_threads(threads, run)
+    for name, grad in (("query", q.grad), ("key", k.grad), ("attn_mask", bias.grad)):
+        assert torch.count_nonzero(grad) == 0, f"grad {name}: max {float(grad.abs().max()):.3g}, expected exact zeros"
+
+
+@CPU_SCHEDULES
 def test_cpu_backward_schedules_dropout(threads):
     if torch.float32 not in supported_dtypes("cpu", "cpu", OP):
         pytest.skip("the cpu backend is not available")

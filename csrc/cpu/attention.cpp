@@ -540,7 +540,7 @@ void attn_fwd_task(const AttnProblem& pb, const T* q_ptr, const T* k_ptr, const 
 
   const int64_t k_end = pb.causal ? std::min(pb.k_len, i0 + mq) : pb.k_len;
   for (int64_t j0 = 0; j0 < k_end; j0 += block_k) {
-    const int64_t nk = std::min(block_k, k_end - j0);
+    const int64_t nk = std::min(block_k, pb.k_len - j0);
     auto [k, ldk] = rows_as_float(kb, pb.k_s[2], j0, nk, d, kbuf);
     masked_scores(pb, b, h, i0, mq, j0, nk, q, ldq, k, ldk, s, block_k);
     for (int64_t r = 0; r < mq; ++r) {
@@ -744,6 +744,11 @@ void tile_p_dp(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t mq, int64_
 // head bh sees (causal: up to its last query), block_k keys at a time: the block's Q and dO rows
 // are loaded once, each tile's K/V rows in turn, and visit(j0, nk, k, ldk) finds tile_p_dp's P
 // and dP in s and dp ([mq, nk], leading dimension block_k). The buffers come from carve.
+// A tile is a whole key block even where causality masks its tail: the dK/dV pass forms the same
+// [mq, nk] tiles with the same GEMMs, so the statistics (and dQ) see the very S and dP that dK/dV
+// see, and a row whose P is one-hot gets a dS of exactly zero in every pass, as in the plain
+// softmax backward (a tile cut at the causal edge is a GEMM of another shape, whose sums BLAS may
+// round differently).
 template <typename T, typename Visit>
 void for_each_key_tile(const AttnProblem& pb, const BwdTensors& bt, const T* q_ptr, const T* k_ptr, const T* v_ptr,
                        const T* do_ptr, int64_t bh, int64_t i0, int64_t mq, int64_t block_k, const float* corr,
@@ -762,7 +767,7 @@ void for_each_key_tile(const AttnProblem& pb, const BwdTensors& bt, const T* q_p
 
   const int64_t k_end = pb.causal ? std::min(pb.k_len, i0 + mq) : pb.k_len;
   for (int64_t j0 = 0; j0 < k_end; j0 += block_k) {
-    const int64_t nk = std::min(block_k, k_end - j0);
+    const int64_t nk = std::min(block_k, pb.k_len - j0);
     auto [k, ldk] = rows_as_float(kb, pb.k_s[2], j0, nk, d, kbuf);
     auto [v, ldv] = rows_as_float(vb, pb.v_s[2], j0, nk, dv, vbuf);
     tile_p_dp(pb, bh, i0, mq, j0, nk, q, ldq, k, ldk, v, ldv, dout, lddo, lse, corr, drop_dp, s, dp, block_k);
@@ -827,11 +832,13 @@ void attn_bwd_stats_task(const AttnProblem& pb, const BwdTensors& bt, const T* q
   }
 }
 
-// dK, dV of one (bh, key block) task, accumulated over the query blocks.
+// dK, dV of one (bh, key block) task, accumulated over the query blocks: the tiles of the
+// statistics pass (the same query blocks, the same [mq, nk] GEMMs, P and dP at leading dimension
+// block_k), so that dS cancels exactly where the statistics say it does (see for_each_key_tile).
 template <typename T>
 void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_ptr, const T* k_ptr, const T* v_ptr,
-                        const T* do_ptr, int64_t bh, int64_t j0, int64_t nk, int64_t block_q, float* scratch, T* dk_out,
-                        T* dv_out) {
+                        const T* do_ptr, int64_t bh, int64_t j0, int64_t nk, int64_t block_q, int64_t block_k,
+                        float* scratch, T* dk_out, T* dv_out) {
   const int64_t b = bh / pb.heads, h = bh % pb.heads;
   const int64_t d = pb.d, dv = pb.dv;
   Carver carve{scratch};
@@ -839,8 +846,8 @@ void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_
   float* vbuf = carve.take(nk * dv);
   float* qbuf = carve.take(block_q * d);
   float* dobuf = carve.take(block_q * dv);
-  float* s = carve.take(block_q * nk);
-  float* dp = carve.take(block_q * nk);
+  float* s = carve.take(block_q * block_k);
+  float* dp = carve.take(block_q * block_k);
   float* dk = carve.take(nk * d);
   float* dvacc = carve.take(nk * dv);
 
@@ -854,15 +861,15 @@ void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_
   const float* corr = bt.corr + bh * pb.q_len;
   const float* delta = bt.delta + bh * pb.q_len;
 
-  // Causal: queries before the block's first key see none of it.
-  for (int64_t i0 = pb.causal ? j0 : 0; i0 < pb.q_len; i0 += block_q) {
+  // Causal: the query blocks before the one holding the block's first key see none of it.
+  for (int64_t i0 = pb.causal ? j0 / block_q * block_q : 0; i0 < pb.q_len; i0 += block_q) {
     const int64_t mq = std::min(block_q, pb.q_len - i0);
     auto [q, ldq] = rows_as_float(qb, pb.q_s[2], i0, mq, d, qbuf);
     auto [dout, lddo] = rows_as_float(dob, bt.do_s[2], i0, mq, dv, dobuf);
-    tile_p_dp(pb, bh, i0, mq, j0, nk, q, ldq, k, ldk, v, ldv, dout, lddo, lse + i0, corr + i0, false, s, dp, nk);
-    score_gradient(pb, bh, i0, mq, j0, nk, s, dp, nk, delta + i0);
-    gemm(true, false, nk, dv, mq, 1.f, s, nk, dout, lddo, 1.f, dvacc, dv);
-    gemm(true, false, nk, d, mq, 1.f, dp, nk, q, ldq, 1.f, dk, d);
+    tile_p_dp(pb, bh, i0, mq, j0, nk, q, ldq, k, ldk, v, ldv, dout, lddo, lse + i0, corr + i0, false, s, dp, block_k);
+    score_gradient(pb, bh, i0, mq, j0, nk, s, dp, block_k, delta + i0);
+    gemm(true, false, nk, dv, mq, 1.f, s, block_k, dout, lddo, 1.f, dvacc, dv);
+    gemm(true, false, nk, d, mq, 1.f, dp, block_k, q, ldq, 1.f, dk, d);
   }
   T* dkb = dk_out + b * bt.dk_s[0] + h * bt.dk_s[1];
   T* dvb = dv_out + b * bt.dv_s[0] + h * bt.dv_s[1];
@@ -898,7 +905,8 @@ void attn_bwd_dq_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_pt
                       }
                       gemm(false, false, mq, d, nk, 1.f, dp, block_k, k, ldk, 1.f, dq, d);
                     });
-  const int64_t k_end = pb.causal ? std::min(pb.k_len, i0 + mq) : pb.k_len;
+  // Causal: the key blocks after the one holding the block's last query were not walked.
+  const int64_t k_end = pb.causal ? std::min(pb.k_len, (i0 + mq + block_k - 1) / block_k * block_k) : pb.k_len;
   if (dscores != nullptr && k_end < pb.k_len) {
     for (int64_t r = 0; r < mq; ++r) std::fill(dscores + r * pb.k_len + k_end, dscores + (r + 1) * pb.k_len, 0.f);
   }
@@ -1113,8 +1121,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
       const int64_t bh = pb.causal ? task % bh_count : task / nk;
       const int64_t kj = pb.causal ? task / bh_count : task % nk;
       const int64_t j0 = kj * block_k;
-      attn_bwd_dkdv_task<scalar_t>(pb, bt, qp, kp, vp, dop, bh, j0, std::min(block_k, pb.k_len - j0), block_q, buf,
-                                   dkp, dvp);
+      attn_bwd_dkdv_task<scalar_t>(pb, bt, qp, kp, vp, dop, bh, j0, std::min(block_k, pb.k_len - j0), block_q,
+                                   block_k, buf, dkp, dvp);
     });
     // Pass 2: dQ (and grad_scores) per query block.
     run_tasks(bh_count * nq, scratch_dq, [&](int64_t task, float* buf) {
