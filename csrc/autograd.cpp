@@ -46,6 +46,11 @@ Tensor pick(const Tensor& grad, bool wanted) { return wanted ? grad : Tensor(); 
 
 Tensor contiguous(const Tensor& t) { return t.defined() ? t.contiguous() : t; }
 
+// The attention kernels read grad_out through its strides and need only a dense last dim: the
+// gradient of heads merged back from the output's layout arrives strided, and stays as it is.
+// (sym_stride: under torch.compile, reading the strides as integers would specialise them all.)
+Tensor unit_last_stride(const Tensor& t) { return t.sym_stride(-1) == 1 ? t : t.contiguous(); }
+
 bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 // The autograd node numbers its input edges over the tensor arguments a call was given (an
@@ -196,7 +201,7 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
     const bool mask_needs_grad = needs[3];
     if (!grads[0].defined()) return variable_list(8);
     auto [dq, dk, dv, dmask] =
-        op.call(grads[0].contiguous(), query, key, value, optional(mask), out, stats,
+        op.call(unit_last_stride(grads[0]), query, key, value, optional(mask), out, stats,
                 ctx->saved_data["scale"].toDouble(), ctx->saved_data["is_causal"].toBool(),
                 ctx->saved_data["dropout_p"].toDouble(), optional(seed), mask_needs_grad);
     return {pick(dq, needs[0]), pick(dk, needs[1]), pick(dv, needs[2]),

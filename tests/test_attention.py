@@ -281,6 +281,42 @@ def test_non_contiguous_layouts(backend_device):
     )
 
 
+# The memory orders of [B, H, L, D] a query arrives in: as made, heads split off a batch-first
+# projection ([B, L, H, D], Hugging Face), off a sequence-first one ([L, B, H, D], torch.nn).
+QUERY_LAYOUTS = {"bhld": (0, 1, 2, 3), "blhd": (0, 2, 1, 3), "lbhd": (2, 0, 1, 3)}
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("layout", list(QUERY_LAYOUTS))
+def test_output_follows_the_query_layout(backend_device, layout):
+    """The output is laid out as the query (as torch's SDPA does), so that merging the heads back
+    (transpose + reshape) is a view, not a copy; values and gradients are those of contiguous
+    inputs, a strided upstream gradient included."""
+    backend, device = backend_device
+    dtype = work_dtype(OP, backend, device)
+    order = QUERY_LAYOUTS[layout]
+    shapes = {"q": (2, 3, 33, 16), "kv": (2, 3, 40, 16)}
+    gen = torch.Generator().manual_seed(0)
+
+    def in_layout(shape):
+        stored = torch.randn([shape[d] for d in order], generator=gen).to(device=device, dtype=dtype)
+        return stored.permute(*(order.index(d) for d in range(4)))
+
+    q, k, v = (in_layout(shapes[n]).requires_grad_() for n in ("q", "kv", "kv"))
+    out = fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend)
+    assert out.permute(*order).is_contiguous(), f"output strides {out.stride()} for a {layout} query"
+    grad = in_layout(shapes["q"])  # as the gradient of the merged heads arrives
+    out.backward(grad)
+
+    dense = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]
+    expected = fused_attn.scaled_dot_product_attention(*dense, is_causal=True, backend=backend)
+    assert expected.is_contiguous()
+    expected.backward(grad.contiguous())
+    assert torch.equal(out, expected)
+    for name, got, want in zip(("query", "key", "value"), (q, k, v), dense):
+        assert torch.equal(got.grad, want.grad), f"grad {name}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Dropout
 

@@ -129,6 +129,36 @@ def test_multihead_attention_projects_shared_inputs_in_one_gemm(batch_first, bia
         torch.testing.assert_close(out, plain(q, k, v, need_weights=False)[0], rtol=1e-5, atol=1e-5)
 
 
+
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("memory", [False, True], ids=["self", "cross"])
+def test_multihead_attention_moves_no_activation(batch_first, memory):
+    """Inputs stay in the caller's layout, the heads are views of the projections, the attention
+    output comes back in the query's layout: nothing is copied or transposed in memory, forward
+    or backward (torch's own module copies the input of a batch_first call and the attention
+    output)."""
+    torch.manual_seed(3)
+    fused = FusedMultiheadAttention(32, 4, batch_first=batch_first)
+    x = torch.randn(2, 6, 32) if batch_first else torch.randn(6, 2, 32)
+    kv = (torch.randn(2, 9, 32) if batch_first else torch.randn(9, 2, 32)) if memory else x
+    x.requires_grad_()
+    grad = torch.randn(x.shape)
+    with _RecordOps() as recorder:
+        out, _ = fused(x, kv, kv, need_weights=False)
+        out.backward(grad)
+    copies = [op for op in recorder.ops if op in ("clone", "copy_", "contiguous", "_to_copy")]
+    assert "attention_fwd" in recorder.ops and not copies, recorder.ops
+
 def test_multihead_attention_gradients():
     torch.manual_seed(2)
     plain = nn.MultiheadAttention(16, 2, batch_first=True).eval()

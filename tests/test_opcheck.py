@@ -64,11 +64,19 @@ def _op(prefix, name):
 @pytest.mark.parametrize("prefix, device", _families("attention"))
 @pytest.mark.parametrize("mask_kind", ["none", "padding", "bias"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_attention_ops(prefix, device, mask_kind, causal):
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+def test_attention_ops(prefix, device, mask_kind, causal, layout):
     fwd, bwd = _op(prefix, "attention_fwd"), _op(prefix, "attention_bwd")
     # The CUDA C++ kernels multiply on tensor cores: float16 (their declaration has no float32).
     dtype = torch.float16 if prefix == "" and device == "cuda" else torch.float32
-    q, k, v = (torch.randn(2, 2, 20, 16, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    # blhd: heads split off a projection's output, whose layout the output follows (the fake
+    # kernel must give the same strides as the kernel).
+    def tensor():
+        if layout == "bhld":
+            return torch.randn(2, 2, 20, 16, device=device, dtype=dtype, requires_grad=True)
+        return torch.randn(2, 20, 2, 16, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
+
+    q, k, v = tensor(), tensor(), tensor()
     mask = None
     if mask_kind == "padding":
         mask = (torch.rand(2, 1, 1, 20, device=device) > 0.2).expand(2, 2, 20, 20)

@@ -149,6 +149,32 @@ def test_hf_intermediate_activations(hidden_act, fused):
     assert_model_parity(plain, fused_model, lambda model: model(input_ids=ids, attention_mask=mask).last_hidden_state)
 
 
+def test_hf_attention_moves_no_activation():
+    """The fused attention gives its output in the layout of transformers' query ([B, L, H, D]
+    memory), so the merge of the heads that follows (transpose + contiguous + reshape) is a view,
+    forward and backward; plain transformers copies it there."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordOps(TorchDispatchMode):
+        ops: list
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    transformers, config = _hf_config(num_hidden_layers=1)
+    model = transformers.BertModel(config)
+    fused_attn.optimize(model)
+    ids, mask = _batch()
+    recorder = RecordOps()
+    recorder.ops = []
+    with recorder:
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        out.backward(torch.ones(out.shape))
+    assert "attention_fwd" in recorder.ops or "triton_attention_fwd" in recorder.ops
+    assert not [op for op in recorder.ops if op in ("clone", "copy_")], recorder.ops
+
+
 def test_hf_bert_restore():
     transformers, config = _hf_config()
     model = transformers.BertModel(config).eval()

@@ -90,6 +90,7 @@
 #include <torch/library.h>
 
 #include "fused_attn/checks.h"
+#include "fused_attn/layout.h"
 #include "fused_attn/philox.h"
 
 #ifndef FUSED_ATTN_NO_SGEMM
@@ -518,7 +519,8 @@ void masked_scores(const AttnProblem& pb, int64_t b, int64_t h, int64_t i0, int6
 // Forward of one (bh, query block) task.
 template <typename T>
 void attn_fwd_task(const AttnProblem& pb, const T* q_ptr, const T* k_ptr, const T* v_ptr, int64_t bh,
-                   int64_t i0, int64_t mq, int64_t block_k, float* scratch, T* out, float* lse) {
+                   int64_t i0, int64_t mq, int64_t block_k, float* scratch, T* out, const int64_t (&o_s)[3],
+                   float* lse) {
   const int64_t b = bh / pb.heads, h = bh % pb.heads;
   const int64_t d = pb.d, dv = pb.dv;
   Carver carve{scratch};
@@ -560,10 +562,11 @@ void attn_fwd_task(const AttnProblem& pb, const T* q_ptr, const T* k_ptr, const 
     auto [v, ldv] = rows_as_float(vb, pb.v_s[2], j0, nk, dv, vbuf);
     gemm(false, false, mq, dv, nk, 1.f, s, block_k, v, ldv, 1.f, acc, dv);
   }
+  T* ob = out + b * o_s[0] + h * o_s[1];
   for (int64_t r = 0; r < mq; ++r) {
     const int64_t i = i0 + r;
     const bool empty = l[r] == 0.f;
-    from_float(acc + r * dv, empty ? 0.f : 1.f / l[r], out + (bh * pb.q_len + i) * dv, dv);
+    from_float(acc + r * dv, empty ? 0.f : 1.f / l[r], ob + i * o_s[2], dv);
     lse[bh * pb.q_len + i] = empty ? kInf : m[r] + std::log(l[r]);
   }
 }
@@ -636,9 +639,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
                                                      bool is_causal, double dropout_p,
                                                      const std::optional<at::Tensor>& seed) {
   const AttnProblem pb = make_problem(query, key, value, attn_mask, scale, is_causal, dropout_p, seed);
-  at::Tensor out = at::empty({pb.batch, pb.heads, pb.q_len, pb.dv}, query.options());
+  at::Tensor out = empty_in_query_layout(query, pb.dv);
   at::Tensor lse = at::empty({pb.batch, pb.heads, pb.q_len}, query.options().dtype(at::kFloat));
   if (pb.bh() == 0 || pb.q_len == 0) return {out, lse};
+  const int64_t o_s[3] = {out.stride(0), out.stride(1), out.stride(2)};
 
   const int64_t wide = std::max(pb.d, pb.dv) > 128 ? 2 : 1;
   const int64_t block_q = std::min(query_block(kFwdQ / wide, pb.bh(), pb.q_len), pb.q_len);
@@ -660,7 +664,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
       const int64_t bh = pb.causal ? task % bh_count : task / nq;
       const int64_t qi = pb.causal ? nq - 1 - task / bh_count : task % nq;
       const int64_t i0 = qi * block_q;
-      attn_fwd_task<scalar_t>(pb, qp, kp, vp, bh, i0, std::min(block_q, pb.q_len - i0), block_k, buf, op, lp);
+      attn_fwd_task<scalar_t>(pb, qp, kp, vp, bh, i0, std::min(block_q, pb.q_len - i0), block_k, buf, op, o_s, lp);
     });
   }), at::kFloat, at::kHalf, at::kBFloat16);
   return {out, lse};

@@ -95,6 +95,7 @@
 
 #include "fused_attn/checks.h"
 #include "fused_attn/cuda_utils.cuh"
+#include "fused_attn/layout.h"
 #include "fused_attn/philox.h"
 
 // The tensor-core, ldmatrix and cp.async instructions need sm80; device code for older targets (only
@@ -365,7 +366,8 @@ struct AttnParams {
 };
 
 struct FwdParams : AttnParams {
-  uint16_t* out;  // [B, H, Lq, Dv] contiguous
+  uint16_t* out;  // [B, H, Lq, Dv] in the query's layout (fused_attn/layout.h): rows of unit stride
+  int64_t o_s[3];
   float* stats;   // [B * H, 2, Lq]: row max (log2 units), log2 of the row sum
 };
 
@@ -620,7 +622,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
     __syncthreads();  // the next iteration refills the other buffer of this stage's pair
   }
 
-  uint16_t* out = p.out + bh * p.q_len * p.dv;
+  uint16_t* out = p.out + (bh / p.heads) * p.o_s[0] + (bh % p.heads) * p.o_s[1];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const float l = quad_sum(row_sum[half]);
@@ -638,7 +640,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
       stats[p.q_len + i] = empty ? 0.f : log2f(l);
     }
   }
-  store_strip<T>(o, out, p.dv, warp_row0, p.q_len, col0, p.dv, 1.f);
+  store_strip<T>(o, out, p.o_s[2], warp_row0, p.q_len, col0, p.dv, 1.f);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1080,7 +1082,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query, c
   static_cast<AttnParams&>(p) = make_params(query, key, value, attn_mask, scale, is_causal, dropout_p, seed);
   const c10::cuda::CUDAGuard guard(query.device());
   const int64_t batch = query.size(0), bh = batch * p.heads;
-  at::Tensor out = at::empty({batch, p.heads, p.q_len, p.dv}, query.options());
+  at::Tensor out = empty_in_query_layout(query, p.dv);
   // The row statistics (see the header): [B, H, 2, Lq], the op's second output.
   at::Tensor stats = at::empty({batch, p.heads, 2, p.q_len}, query.options().dtype(at::kFloat));
   if (bh == 0 || p.q_len == 0) return {out, stats};
@@ -1093,6 +1095,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query, c
   }
   check_device_capability(query);
   p.out = static_cast<uint16_t*>(out.mutable_data_ptr());
+  fill_strides(out, p.o_s);
   p.stats = stats.mutable_data_ptr<float>();
   p.num_tiles = (p.q_len + kRowsPerBlock - 1) / kRowsPerBlock;
   const int padded = padded_head_dim(std::max(p.d, p.dv));

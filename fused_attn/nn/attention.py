@@ -124,15 +124,17 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
             query, key, value = _same_views(query, key, value, lambda t: t.unsqueeze(1))
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif self.batch_first:
-            query, key, value = _same_views(query, key, value, lambda t: t.transpose(0, 1))
-        # From here on [seq, batch, embed], torch.nn's own layout.
-        q_len, batch, embed = query.shape
-        k_len = key.shape[0]
+        # The inputs stay in the caller's layout, [seq, batch, embed] or (batch_first) [batch, seq,
+        # embed]: the projections run on them as they are, the heads are strided views of the
+        # projections, and the attention output comes back in the query's layout, so the heads
+        # merge again, and the output projection lands in the caller's layout, with no copy.
+        seq_dim = 1 if batched and self.batch_first else 0
+        # [.., .., embed] -> [batch, heads, seq, head_dim], and back
+        split_heads, merge_heads = ((0, 2, 1, 3), (0, 2, 1, 3)) if seq_dim == 1 else ((1, 2, 0, 3), (2, 0, 1, 3))
+        q_len, k_len, batch = query.shape[seq_dim], key.shape[seq_dim], query.shape[1 - seq_dim]
         heads, head_dim = self.num_heads, self.head_dim
         q, k, v = self._project(query, key, value)
-        # [seq, batch, heads * head_dim] -> [batch, heads, seq, head_dim] as strided views.
-        q, k, v = (t.view(t.shape[0], batch, heads, head_dim).permute(1, 2, 0, 3) for t in (q, k, v))
+        q, k, v = (t.unflatten(-1, (heads, head_dim)).permute(*split_heads) for t in (q, k, v))
         # With is_causal the attn_mask is only a hint (torch's convention): the kernel's own causal
         # masking replaces it, unless the weights or a key padding mask need the mask itself (torch
         # then applies the attn_mask given, and so does this).
@@ -151,13 +153,9 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
                 weights = weights.squeeze(0)
         else:
             out = scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal, backend=self.backend)
-        out = out.permute(2, 0, 1, 3).reshape(q_len, batch, embed)
+        out = out.permute(*merge_heads).flatten(-2)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
-        if not batched:
-            out = out.squeeze(1)
-        elif self.batch_first:
-            out = out.transpose(0, 1)
-        return out, weights
+        return (out if batched else out.squeeze(1)), weights
 
     def _check_inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """Shapes as torch's MultiheadAttention asserts them, as ValueErrors naming the argument."""

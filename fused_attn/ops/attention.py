@@ -15,6 +15,7 @@ import torch
 
 from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, register_op, runs_reference, select
+from ..kernels.layout import empty_in_query_layout
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import register_native_pair, register_pair
@@ -107,8 +108,7 @@ def _triton_bwd(
 
 def _fake_fwd_for(stats_shape):
     def fake_fwd(query, key, value, attn_mask, scale, is_causal, dropout_p, seed):
-        batch, heads, q_len, _ = query.shape
-        out = query.new_empty(batch, heads, q_len, value.shape[-1])
+        out = empty_in_query_layout(query, value.shape[-1])
         return out, query.new_empty(*stats_shape(query), dtype=torch.float32)
 
     return fake_fwd
@@ -145,7 +145,7 @@ def _autograd_for(bwd_op):
         query, key, value, attn_mask, out, stats, seed = ctx.saved_tensors
         mask_needs_grad = bool(ctx.needs_input_grad[3])
         dq, dk, dv, dmask = bwd_op(
-            grad_out.contiguous(), query, key, value, attn_mask, out, stats,
+            _no_last_dim_stride(grad_out), query, key, value, attn_mask, out, stats,
             ctx.scale, ctx.is_causal, ctx.dropout_p, seed, mask_needs_grad,
         )
         return dq, dk, dv, (dmask.to(attn_mask.dtype) if mask_needs_grad else None), None, None, None, None
@@ -265,7 +265,9 @@ def scaled_dot_product_attention(
     """Fused ``softmax(query @ key^T * scale + mask) @ value``, as torch's SDPA.
 
     Shapes: query [B, H, Lq, D], key [B, H, Lk, D], value [B, H, Lk, Dv] (Lq and Lk may differ:
-    cross-attention); any strides. ``attn_mask``: bool (True = attend) or floating (added to the
+    cross-attention); any strides. The output [B, H, Lq, Dv] is laid out in memory as the query
+    is (as torch's SDPA does): for heads split off a [B, Lq, H * D] projection, merging them
+    back, ``out.transpose(1, 2).reshape(B, Lq, H * Dv)``, is a view, not a copy. ``attn_mask``: bool (True = attend) or floating (added to the
     scores), broadcastable to [B, H, Lq, Lk] and read through its strides (a [B, 1, 1, Lk]
     padding mask is never expanded in memory); a floating mask that requires grad receives its
     gradient. ``is_causal``: query i attends to keys j <= i (top-left aligned, as PyTorch); may

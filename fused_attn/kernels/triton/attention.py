@@ -60,6 +60,7 @@ import triton
 import triton.language as tl
 
 from ...backends import triton_interpret_mode
+from ..layout import empty_in_query_layout
 from ._autotune import benchmark, pruner, size_bucket
 from ._dropout import as_float32, keep_scale, uniform
 from ._masks import bias_log2
@@ -687,7 +688,7 @@ def attention_fwd(
     seed: int,
     return_keep_mask: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Returns (out [B, H, Lq, Dv], stats [B, H, 2, Lq] float32, keep-mask or None).
+    """Returns (out [B, H, Lq, Dv] in the query's layout, stats [B, H, 2, Lq] float32, keep-mask or None).
 
     ``stats`` holds, per query row, the softmax row max and log2 of the row sum in log2 units
     (scores times log2 e), kept apart for the backward; a row that sees no key has +inf and 0.
@@ -697,7 +698,7 @@ def attention_fwd(
     """
     batch, heads, q_len, _ = q.shape
     k_len = k.shape[2]
-    out = torch.empty(batch, heads, q_len, v.shape[-1], device=q.device, dtype=q.dtype)
+    out = empty_in_query_layout(q, v.shape[-1])
     stats = torch.empty(batch, heads, 2, q_len, device=q.device, dtype=torch.float32)
     write_keep = return_keep_mask and dropout_p > 0.0
     keep = torch.zeros(batch, heads, q_len, k_len, device=q.device, dtype=torch.int8) if write_keep else None
