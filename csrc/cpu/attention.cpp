@@ -540,9 +540,10 @@ void attn_fwd_task(const AttnProblem& pb, const T* q_ptr, const T* k_ptr, const 
   std::fill(m, m + mq, -kInf);
   std::fill(l, l + mq, 0.f);
 
+  // Causal: the last tile stops at the block's last query (the backward renormalises its P).
   const int64_t k_end = pb.causal ? std::min(pb.k_len, i0 + mq) : pb.k_len;
   for (int64_t j0 = 0; j0 < k_end; j0 += block_k) {
-    const int64_t nk = std::min(block_k, pb.k_len - j0);
+    const int64_t nk = std::min(block_k, k_end - j0);
     auto [k, ldk] = rows_as_float(kb, pb.k_s[2], j0, nk, d, kbuf);
     masked_scores(pb, b, h, i0, mq, j0, nk, q, ldq, k, ldk, s, block_k);
     for (int64_t r = 0; r < mq; ++r) {
