@@ -366,7 +366,7 @@ struct AttnParams {
 };
 
 struct FwdParams : AttnParams {
-  uint16_t* out;  // [B, H, Lq, Dv] in the query's layout (fused_attn/layout.h): rows of unit stride
+  uint16_t* out;  // [B, H, Lq, Dv] in the query's layout (fused_attn/layout.h), unit stride along Dv
   int64_t o_s[3];
   float* stats;   // [B * H, 2, Lq]: row max (log2 units), log2 of the row sum
 };

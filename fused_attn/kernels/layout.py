@@ -10,7 +10,8 @@ def empty_in_query_layout(query: torch.Tensor, dv: int) -> torch.Tensor:
     """An uninitialised [B, H, Lq, dv] tensor laid out in memory as ``query`` [B, H, Lq, D] is.
 
     Its first three dims nest in the order of query's strides (largest outermost, ties in dim
-    order), the last dim innermost, as torch's SDPA lays out its output: a query viewed from
+    order), the last dim innermost, as torch's SDPA lays out its output for the layouts
+    projections give (torch nests expanded, stride-0 dims elsewhere): a query viewed from
     [B, Lq, H, D] gives an output whose transpose back to [B, Lq, H, dv] is contiguous, so merging
     the heads again copies nothing.
     """

@@ -13,9 +13,10 @@ namespace fused_attn {
 
 // An uninitialised [B, H, Lq, dv] tensor laid out in memory as `query` [B, H, Lq, D] is: its
 // first three dims nested in the order of query's strides (largest outermost, ties in dim order),
-// the last dim innermost, as torch's SDPA lays out its output. A query viewed from [B, Lq, H, D]
-// (heads split off a projection) gives an output whose transpose back to [B, Lq, H, dv] is
-// contiguous, so merging the heads again (transpose + reshape) copies nothing.
+// the last dim innermost, as torch's SDPA lays out its output for the layouts projections give
+// (torch nests expanded, stride-0 dims elsewhere). A query viewed from [B, Lq, H, D] (heads split
+// off a projection) gives an output whose transpose back to [B, Lq, H, dv] is contiguous, so
+// merging the heads again (transpose + reshape) copies nothing.
 inline at::Tensor empty_in_query_layout(const at::Tensor& query, int64_t dv) {
   std::array<int64_t, 3> order{0, 1, 2};
   std::stable_sort(order.begin(), order.end(),
