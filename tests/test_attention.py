@@ -5,7 +5,7 @@ import torch.nn.functional as F
 import fused_attn
 from fused_attn import reference
 from fused_attn.backends import BackendNotSupportedError
-from fused_attn.ops.attention import attention_with_keep_mask
+from fused_attn.ops.attention import NATIVE_GQA, attention_with_keep_mask
 
 from .conftest import assert_parity, backend_params, check_tensor_parity, supported_dtypes, work_dtype
 
@@ -182,6 +182,99 @@ def test_grouped_query_attention_matches_torch_sdpa(backend_device, kv_heads, ki
         args, grad_args=("query", "key", "value"),
     )
     assert fused_attn.last_backend(OP) == backend
+
+
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every op that runs: its name and the shapes of its tensor arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+        self.calls.append((func.overloadpacket.__name__, shapes))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("kind", ["padding", "causal"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_grouped_heads_are_read_in_place(backend_device, kind, dropout_p):
+    """enable_gqa on the cpu and Triton backends: the kernels get key and value with their own head
+    count, not repeated (no op copies them), and give what the same kernel gives for the heads
+    repeated in memory: the same output and dQ bit for bit (dropout included: its stream is keyed
+    by the query head), and each key/value head's dK/dV the sum over its group (summed in float32
+    and rounded once, so within the rounding of the repeated run's per-head terms)."""
+    backend, device = backend_device
+    if backend not in NATIVE_GQA:
+        pytest.skip(f"the {backend} backend is given key and value repeated to the query's heads")
+    dtype = work_dtype(OP, backend, device)
+    gen = torch.Generator().manual_seed(5)
+    make = lambda heads, length, dim: torch.randn(2, heads, length, dim, generator=gen).to(device=device, dtype=dtype)  # noqa: E731
+    q, k, v, grad_out = make(6, 21, 16), make(2, 30, 16), make(2, 30, 24), make(6, 21, 24)
+    mask, causal = _mask(kind, 2, 6, 21, 30, device), kind == "causal"
+
+    def run(key, value):
+        inputs = [t.detach().requires_grad_() for t in (q, key, value)]
+        torch.manual_seed(11)
+        out = fused_attn.scaled_dot_product_attention(*inputs, mask, dropout_p, causal, enable_gqa=True,
+                                                      backend=backend)
+        out.backward(grad_out)
+        assert fused_attn.last_backend(OP) == backend
+        return out.detach(), *(t.grad for t in inputs)
+
+    with _RecordOps() as record:
+        out, dq, dk, dv = run(k, v)
+    kernel_calls = [shapes for name, shapes in record.calls if "attention_fwd" in name or "attention_bwd" in name]
+    assert len(kernel_calls) == 2, record.calls
+    for shapes in kernel_calls:
+        assert (2, 2, 30, 16) in shapes and (2, 2, 30, 24) in shapes, shapes
+    copies = [name for name, _ in record.calls if name in ("repeat_interleave", "index_select", "clone", "copy_", "cat")]
+    assert not copies, copies
+
+    out_r, dq_r, dk_r, dv_r = run(k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1))
+    assert torch.equal(out, out_r)
+    assert torch.equal(dq, dq_r)
+    for name, got, per_head in (("key", dk, dk_r), ("value", dv, dv_r)):
+        per_head = per_head.double().unflatten(1, (2, 3))
+        bound = 3 * torch.finfo(dtype).eps * float(per_head.abs().max())
+        err = float((got.double() - per_head.sum(2)).abs().max())
+        assert err <= bound, (f"grad {name}", err, bound)
+
+
+@pytest.mark.parametrize("heads", [(3, 3), (2, 1), (0, 0)], ids=["indivisible", "key-value-differ", "none"])
+def test_native_cpu_op_rejects_heads_it_cannot_group(heads):
+    """The extension's op, called directly, checks the head counts itself: key and value may have
+    fewer heads than the query only as one shared divisor of its heads."""
+    from fused_attn import _extension
+
+    if not _extension.has_kernel("attention_fwd", "cpu"):
+        pytest.skip("the extension's cpu kernels are not built")
+    q = torch.randn(1, 4, 8, 16)
+    k, v = torch.randn(1, heads[0], 8, 16), torch.randn(1, heads[1], 8, 16)
+    with pytest.raises(RuntimeError, match=r"\(or, grouped, the same divisor of query's heads\), got key"):
+        torch.ops.fused_attn.attention_fwd(q, k, v, None, 0.25, False, 0.0, None)
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["per-head", "per-block"])
+@pytest.mark.parametrize("kind", ["none", "causal+padding"])
+def test_cpu_backward_schedules_grouped_heads(threads, kind):
+    """Both CPU backward schedules with one key/value head read by four query heads (its dK/dV
+    tasks walk the whole group), against the reference in float64."""
+    if torch.float32 not in supported_dtypes("cpu", "cpu", OP):
+        pytest.skip("the cpu backend is not available")
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, heads, n, 32, generator=gen) for heads, n in ((4, 150), (1, 170), (1, 170)))
+    args = {"query": q, "key": k, "value": v, "attn_mask": _mask(kind, 1, 4, 150, 170, "cpu")}
+    causal = kind.startswith("causal")
+    _with_threads(threads, lambda: assert_parity(
+        lambda **a: fused_attn.scaled_dot_product_attention(**a, is_causal=causal, enable_gqa=True, backend="cpu"),
+        lambda **a: reference.scaled_dot_product_attention(
+            a["query"], a["key"].repeat_interleave(4, 1), a["value"].repeat_interleave(4, 1), a["attn_mask"],
+            is_causal=causal),
+        args, grad_args=("query", "key", "value"),
+    ))
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)

@@ -67,6 +67,8 @@ def _attention(backend):
         return (lambda q, k, v, bias, pad: (
             fused_attn.scaled_dot_product_attention(q, k, v, bias, scale=0.3, backend=backend),
             fused_attn.scaled_dot_product_attention(q, k, v, pad, is_causal=True, backend=backend),
+            # grouped-query: one key/value head for the two query heads
+            fused_attn.scaled_dot_product_attention(q, k[:, :1], v[:, 1:], enable_gqa=True, backend=backend),
         )), (q, k, v, bias, pad)
     return make
 

@@ -214,6 +214,33 @@ def test_hf_output_attentions_as_eager(how):
     assert fused_attn.last_backend("softmax") in ("cpu", "triton")
 
 
+@pytest.mark.parametrize("output_attentions", [False, True], ids=["sdpa", "output-attentions"])
+def test_hf_attention_function_takes_grouped_key_value_heads(output_attentions):
+    """The attention function optimize() registers ("fused_attn") serves models that hand it
+    key/value with fewer heads than the query (grouped-query attention, e.g. Llama's
+    num_key_value_heads): the same outputs and gradients as transformers' sdpa (or eager, for
+    output_attentions)."""
+    transformers = pytest.importorskip("transformers")
+    from fused_attn.integrations import hf
+
+    config = transformers.LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    plain = transformers.LlamaModel(config).eval()
+    plain.set_attn_implementation("eager" if output_attentions else "sdpa")
+    fused_model = copy.deepcopy(plain)
+    hf._register()
+    fused_model.set_attn_implementation(hf.ATTENTION_NAME)
+    ids, mask = _batch()
+
+    def run(model):
+        out = model(input_ids=ids, attention_mask=mask, output_attentions=output_attentions)
+        return torch.cat([t.flatten() for t in (out.last_hidden_state, *(out.attentions or ()))])
+
+    assert_model_parity(plain, fused_model, run)
+    assert fused_attn.last_backend("softmax" if output_attentions else "scaled_dot_product_attention") in ("cpu", "triton")
+
+
 def test_hf_optimized_model_pickles(tmp_path):
     """torch.save of a whole optimized model, loaded here and in a fresh process."""
     transformers, config = _hf_config()

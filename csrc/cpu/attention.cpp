@@ -58,6 +58,11 @@
 // Both are deterministic. grad_scores (a floating mask that requires grad) is written by the
 // task that forms dS, zeros where causality skipped a tile.
 //
+// Grouped-query attention (key/value with fewer heads than query, a divisor of its heads): query
+// head h reads key/value head h / (heads / kv_heads) in place, nothing is repeated in memory. The
+// backward's dK/dV tasks own a key/value head and walk every query head of its group, summing
+// their contributions in the float32 accumulators (rounded once).
+//
 // Dropout regenerates the shared Philox stream (fused_attn/philox.h, bit-identical to
 // triton.language.rand): element (bh, i, j) has counter (bh * Lq + i) * Lk + j, sixteen counters
 // at a time. The forward's row sum l takes the undropped P; P V takes P * keep / (1 - p); the
@@ -481,6 +486,9 @@ int64_t query_block(int64_t preferred, int64_t bh, int64_t q_len) {
 
 struct AttnProblem {
   int64_t batch, heads, q_len, k_len, d, dv;
+  // Grouped-query attention: key and value have kv_heads heads, a divisor of heads; query head h
+  // reads key/value head h / group (group = heads / kv_heads; 1 without grouping).
+  int64_t kv_heads, group;
   // Strides (elements) of batch, head, row; the last dim has stride 1.
   int64_t q_s[3], k_s[3], v_s[3];
   MaskView mask;
@@ -491,6 +499,7 @@ struct AttnProblem {
   uint64_t seed;
 
   int64_t bh() const { return batch * heads; }
+  int64_t kv(int64_t h) const { return h / group; }
   uint64_t counter(int64_t bh_index, int64_t i, int64_t j) const {
     return static_cast<uint64_t>((bh_index * q_len + i) * k_len + j);
   }
@@ -533,8 +542,8 @@ void attn_fwd_task(const AttnProblem& pb, const T* q_ptr, const T* k_ptr, const 
   float* l = carve.take(mq);
 
   const T* qb = q_ptr + b * pb.q_s[0] + h * pb.q_s[1];
-  const T* kb = k_ptr + b * pb.k_s[0] + h * pb.k_s[1];
-  const T* vb = v_ptr + b * pb.v_s[0] + h * pb.v_s[1];
+  const T* kb = k_ptr + b * pb.k_s[0] + pb.kv(h) * pb.k_s[1];
+  const T* vb = v_ptr + b * pb.v_s[0] + pb.kv(h) * pb.v_s[1];
   auto [q, ldq] = rows_as_float(qb, pb.q_s[2], i0, mq, d, qbuf);
   std::fill(acc, acc + mq * dv, 0.f);
   std::fill(m, m + mq, -kInf);
@@ -583,10 +592,14 @@ void check_qkv(const at::Tensor& query, const at::Tensor& key, const at::Tensor&
   }
   TORCH_CHECK(is_supported_float(query.scalar_type()), "query must be float32, float16 or bfloat16, got ",
               query.scalar_type());
-  TORCH_CHECK(key.size(0) == query.size(0) && key.size(1) == query.size(1) && value.size(0) == query.size(0) &&
-                  value.size(1) == query.size(1),
-              "key and value must have query's batch and heads ", query.sizes().slice(0, 2), ", got key ",
-              key.sizes(), " and value ", value.sizes());
+  // Grouped-query attention: key and value may have fewer heads than query, the same number, a
+  // divisor of query's.
+  const int64_t kv_heads = key.size(1);
+  TORCH_CHECK(key.size(0) == query.size(0) && value.size(0) == query.size(0) && value.size(1) == kv_heads &&
+                  (kv_heads == query.size(1) || (kv_heads > 0 && query.size(1) % kv_heads == 0)),
+              "key and value must have query's batch and heads ", query.sizes().slice(0, 2),
+              " (or, grouped, the same divisor of query's heads), got key ", key.sizes(), " and value ",
+              value.sizes());
   TORCH_CHECK(key.size(3) == query.size(3), "key head_dim ", key.size(3), " must equal query head_dim ", query.size(3));
   TORCH_CHECK(value.size(2) == key.size(2), "value length ", value.size(2), " must equal key length ", key.size(2));
 }
@@ -614,6 +627,8 @@ AttnProblem make_problem(const at::Tensor& query, const at::Tensor& key, const a
   AttnProblem pb{};
   pb.batch = query.size(0);
   pb.heads = query.size(1);
+  pb.kv_heads = key.size(1);
+  pb.group = pb.kv_heads > 0 ? pb.heads / pb.kv_heads : 1;
   pb.q_len = query.size(2);
   pb.k_len = key.size(2);
   pb.d = query.size(3);
@@ -748,14 +763,15 @@ void tile_p_dp(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t mq, int64_
 // The walk of the statistics and dQ tasks over the key tiles that query block [i0, i0 + mq) of
 // head bh sees (causal: up to its last query), block_k keys at a time: the block's Q and dO rows
 // are loaded once, each tile's K/V rows in turn, and visit(j0, nk, k, ldk) finds tile_p_dp's P
-// and dP in s and dp ([mq, nk], leading dimension block_k). The buffers come from carve.
+// and dP in s and dp ([mq, nk], leading dimension block_k). The buffers come from carve. Returns
+// the end of the keys walked (causal: the end of the key block holding the block's last query).
 // A tile is a whole key block even where causality masks its tail: the dK/dV pass forms the same
 // [mq, nk] tiles with the same GEMMs, so the statistics (and dQ) see the very S and dP that dK/dV
 // see, and a row whose P is one-hot gets a dS of exactly zero in every pass, as in the plain
 // softmax backward (a tile cut at the causal edge is a GEMM of another shape, whose sums BLAS may
 // round differently).
 template <typename T, typename Visit>
-void for_each_key_tile(const AttnProblem& pb, const BwdTensors& bt, const T* q_ptr, const T* k_ptr, const T* v_ptr,
+int64_t for_each_key_tile(const AttnProblem& pb, const BwdTensors& bt, const T* q_ptr, const T* k_ptr, const T* v_ptr,
                        const T* do_ptr, int64_t bh, int64_t i0, int64_t mq, int64_t block_k, const float* corr,
                        bool drop_dp, Carver& carve, float* s, float* dp, const Visit& visit) {
   const int64_t b = bh / pb.heads, h = bh % pb.heads;
@@ -764,20 +780,22 @@ void for_each_key_tile(const AttnProblem& pb, const BwdTensors& bt, const T* q_p
   float* dobuf = carve.take(mq * dv);
   float* kbuf = carve.take(block_k * d);
   float* vbuf = carve.take(block_k * dv);
-  const T* kb = k_ptr + b * pb.k_s[0] + h * pb.k_s[1];
-  const T* vb = v_ptr + b * pb.v_s[0] + h * pb.v_s[1];
+  const T* kb = k_ptr + b * pb.k_s[0] + pb.kv(h) * pb.k_s[1];
+  const T* vb = v_ptr + b * pb.v_s[0] + pb.kv(h) * pb.v_s[1];
   auto [q, ldq] = rows_as_float(q_ptr + b * pb.q_s[0] + h * pb.q_s[1], pb.q_s[2], i0, mq, d, qbuf);
   auto [dout, lddo] = rows_as_float(do_ptr + b * bt.do_s[0] + h * bt.do_s[1], bt.do_s[2], i0, mq, dv, dobuf);
   const float* lse = bt.lse + bh * pb.q_len + i0;
 
   const int64_t k_end = pb.causal ? std::min(pb.k_len, i0 + mq) : pb.k_len;
-  for (int64_t j0 = 0; j0 < k_end; j0 += block_k) {
+  int64_t j0 = 0;
+  for (; j0 < k_end; j0 += block_k) {
     const int64_t nk = std::min(block_k, pb.k_len - j0);
     auto [k, ldk] = rows_as_float(kb, pb.k_s[2], j0, nk, d, kbuf);
     auto [v, ldv] = rows_as_float(vb, pb.v_s[2], j0, nk, dv, vbuf);
     tile_p_dp(pb, bh, i0, mq, j0, nk, q, ldq, k, ldk, v, ldv, dout, lddo, lse, corr, drop_dp, s, dp, block_k);
     visit(j0, nk, k, ldk);
   }
+  return std::min(j0, pb.k_len);
 }
 
 // Adds, per row r of the [mq, nk] tiles p and dp (leading dimension ld), sum_j p to sums[r] and
@@ -837,14 +855,16 @@ void attn_bwd_stats_task(const AttnProblem& pb, const BwdTensors& bt, const T* q
   }
 }
 
-// dK, dV of one (bh, key block) task, accumulated over the query blocks: the tiles of the
+// dK, dV of one (batch, key/value head, key block) task, accumulated over the query blocks of
+// every query head that reads the key/value head (one without grouping): the tiles of the
 // statistics pass (the same query blocks, the same [mq, nk] GEMMs, P and dP at leading dimension
 // block_k), so that dS cancels exactly where the statistics say it does (see for_each_key_tile).
+// A grouped head's gradient is summed over its query heads in float32 and rounded once.
 template <typename T>
 void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_ptr, const T* k_ptr, const T* v_ptr,
-                        const T* do_ptr, int64_t bh, int64_t j0, int64_t nk, int64_t block_q, int64_t block_k,
+                        const T* do_ptr, int64_t bkv, int64_t j0, int64_t nk, int64_t block_q, int64_t block_k,
                         float* scratch, T* dk_out, T* dv_out) {
-  const int64_t b = bh / pb.heads, h = bh % pb.heads;
+  const int64_t b = bkv / pb.kv_heads, hk = bkv % pb.kv_heads;
   const int64_t d = pb.d, dv = pb.dv;
   Carver carve{scratch};
   float* kbuf = carve.take(nk * d);
@@ -856,28 +876,31 @@ void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_
   float* dk = carve.take(nk * d);
   float* dvacc = carve.take(nk * dv);
 
-  const T* qb = q_ptr + b * pb.q_s[0] + h * pb.q_s[1];
-  const T* dob = do_ptr + b * bt.do_s[0] + h * bt.do_s[1];
-  auto [k, ldk] = rows_as_float(k_ptr + b * pb.k_s[0] + h * pb.k_s[1], pb.k_s[2], j0, nk, d, kbuf);
-  auto [v, ldv] = rows_as_float(v_ptr + b * pb.v_s[0] + h * pb.v_s[1], pb.v_s[2], j0, nk, dv, vbuf);
+  auto [k, ldk] = rows_as_float(k_ptr + b * pb.k_s[0] + hk * pb.k_s[1], pb.k_s[2], j0, nk, d, kbuf);
+  auto [v, ldv] = rows_as_float(v_ptr + b * pb.v_s[0] + hk * pb.v_s[1], pb.v_s[2], j0, nk, dv, vbuf);
   std::fill(dk, dk + nk * d, 0.f);
   std::fill(dvacc, dvacc + nk * dv, 0.f);
-  const float* lse = bt.lse + bh * pb.q_len;
-  const float* corr = bt.corr + bh * pb.q_len;
-  const float* delta = bt.delta + bh * pb.q_len;
-
-  // Causal: the query blocks before the one holding the block's first key see none of it.
-  for (int64_t i0 = pb.causal ? j0 / block_q * block_q : 0; i0 < pb.q_len; i0 += block_q) {
-    const int64_t mq = std::min(block_q, pb.q_len - i0);
-    auto [q, ldq] = rows_as_float(qb, pb.q_s[2], i0, mq, d, qbuf);
-    auto [dout, lddo] = rows_as_float(dob, bt.do_s[2], i0, mq, dv, dobuf);
-    tile_p_dp(pb, bh, i0, mq, j0, nk, q, ldq, k, ldk, v, ldv, dout, lddo, lse + i0, corr + i0, false, s, dp, block_k);
-    score_gradient(pb, bh, i0, mq, j0, nk, s, dp, block_k, delta + i0);
-    gemm(true, false, nk, dv, mq, 1.f, s, block_k, dout, lddo, 1.f, dvacc, dv);
-    gemm(true, false, nk, d, mq, 1.f, dp, block_k, q, ldq, 1.f, dk, d);
+  for (int64_t h = hk * pb.group; h < (hk + 1) * pb.group; ++h) {
+    const int64_t bh = b * pb.heads + h;
+    const T* qb = q_ptr + b * pb.q_s[0] + h * pb.q_s[1];
+    const T* dob = do_ptr + b * bt.do_s[0] + h * bt.do_s[1];
+    const float* lse = bt.lse + bh * pb.q_len;
+    const float* corr = bt.corr + bh * pb.q_len;
+    const float* delta = bt.delta + bh * pb.q_len;
+    // Causal: the query blocks before the one holding the block's first key see none of it.
+    for (int64_t i0 = pb.causal ? j0 / block_q * block_q : 0; i0 < pb.q_len; i0 += block_q) {
+      const int64_t mq = std::min(block_q, pb.q_len - i0);
+      auto [q, ldq] = rows_as_float(qb, pb.q_s[2], i0, mq, d, qbuf);
+      auto [dout, lddo] = rows_as_float(dob, bt.do_s[2], i0, mq, dv, dobuf);
+      tile_p_dp(pb, bh, i0, mq, j0, nk, q, ldq, k, ldk, v, ldv, dout, lddo, lse + i0, corr + i0, false, s, dp,
+                block_k);
+      score_gradient(pb, bh, i0, mq, j0, nk, s, dp, block_k, delta + i0);
+      gemm(true, false, nk, dv, mq, 1.f, s, block_k, dout, lddo, 1.f, dvacc, dv);
+      gemm(true, false, nk, d, mq, 1.f, dp, block_k, q, ldq, 1.f, dk, d);
+    }
   }
-  T* dkb = dk_out + b * bt.dk_s[0] + h * bt.dk_s[1];
-  T* dvb = dv_out + b * bt.dv_s[0] + h * bt.dv_s[1];
+  T* dkb = dk_out + b * bt.dk_s[0] + hk * bt.dk_s[1];
+  T* dvb = dv_out + b * bt.dv_s[0] + hk * bt.dv_s[1];
   for (int64_t t = 0; t < nk; ++t) {
     from_float(dk + t * d, pb.scale, dkb + (j0 + t) * bt.dk_s[2], d);
     from_float(dvacc + t * dv, 1.f, dvb + (j0 + t) * bt.dv_s[2], dv);
@@ -900,18 +923,16 @@ void attn_bwd_dq_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_pt
   const float* delta = bt.delta + bh * pb.q_len + i0;
   float* dscores = bt.dscores != nullptr ? bt.dscores + (bh * pb.q_len + i0) * pb.k_len : nullptr;
 
-  for_each_key_tile(pb, bt, q_ptr, k_ptr, v_ptr, do_ptr, bh, i0, mq, block_k, corr, false, carve, s, dp,
-                    [&](int64_t j0, int64_t nk, const float* k, int64_t ldk) {
-                      score_gradient(pb, bh, i0, mq, j0, nk, s, dp, block_k, delta);
-                      if (dscores != nullptr) {
-                        for (int64_t r = 0; r < mq; ++r) {
-                          std::memcpy(dscores + r * pb.k_len + j0, dp + r * block_k, nk * sizeof(float));
-                        }
-                      }
-                      gemm(false, false, mq, d, nk, 1.f, dp, block_k, k, ldk, 1.f, dq, d);
-                    });
+  const auto visit = [&](int64_t j0, int64_t nk, const float* k, int64_t ldk) {
+    score_gradient(pb, bh, i0, mq, j0, nk, s, dp, block_k, delta);
+    if (dscores != nullptr) {
+      for (int64_t r = 0; r < mq; ++r) std::memcpy(dscores + r * pb.k_len + j0, dp + r * block_k, nk * sizeof(float));
+    }
+    gemm(false, false, mq, d, nk, 1.f, dp, block_k, k, ldk, 1.f, dq, d);
+  };
+  const int64_t k_end =
+      for_each_key_tile(pb, bt, q_ptr, k_ptr, v_ptr, do_ptr, bh, i0, mq, block_k, corr, false, carve, s, dp, visit);
   // Causal: the key blocks after the one holding the block's last query were not walked.
-  const int64_t k_end = pb.causal ? std::min(pb.k_len, (i0 + mq + block_k - 1) / block_k * block_k) : pb.k_len;
   if (dscores != nullptr && k_end < pb.k_len) {
     for (int64_t r = 0; r < mq; ++r) std::fill(dscores + r * pb.k_len + k_end, dscores + (r + 1) * pb.k_len, 0.f);
   }
@@ -928,12 +949,14 @@ void attn_bwd_dq_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_pt
 // dV += P^T dO_blk into float32 head accumulators ([k_len, head_dim]; the dK/dV outputs
 // themselves for float32 with a BLAS-compatible stride). Five GEMMs per tile, each as wide as the
 // whole key range. Scratch O(block_q x k_len + k_len x head_dim) per thread; used when there are
-// enough heads to keep every thread busy.
+// enough heads to keep every thread busy. A task owns a key/value head (bkv: batch * kv_heads + its
+// index) and walks every query head that reads it (one without grouping), whose dK/dV it sums in
+// the float32 accumulators.
 template <typename T>
 void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_ptr, const T* k_ptr, const T* v_ptr,
-                        const T* do_ptr, int64_t bh, int64_t block_q, float* scratch, bool copy_k, bool copy_v,
+                        const T* do_ptr, int64_t bkv, int64_t block_q, float* scratch, bool copy_k, bool copy_v,
                         bool dkdv_in_place, T* dq_out, T* dk_out, T* dv_out) {
-  const int64_t b = bh / pb.heads, h = bh % pb.heads;
+  const int64_t b = bkv / pb.kv_heads, hk = bkv % pb.kv_heads;
   const int64_t d = pb.d, dv = pb.dv, k_len = pb.k_len;
   Carver carve{scratch};
   float* kbuf = carve.take(copy_k ? k_len * d : 0);  // rows_as_float copies exactly when copy_k
@@ -944,9 +967,8 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_
   float* dp = carve.take(block_q * k_len);
   float* dq = carve.take(block_q * d);
   double* sums = reinterpret_cast<double*>(carve.take(4 * block_q));  // [mq] sum p, then [mq] sum p * dp
-  T* dqb = dq_out + b * bt.dq_s[0] + h * bt.dq_s[1];
-  T* dkb = dk_out + b * bt.dk_s[0] + h * bt.dk_s[1];
-  T* dvb = dv_out + b * bt.dv_s[0] + h * bt.dv_s[1];
+  T* dkb = dk_out + b * bt.dk_s[0] + hk * bt.dk_s[1];
+  T* dvb = dv_out + b * bt.dv_s[0] + hk * bt.dv_s[1];
   float* dk_acc;
   float* dv_acc;
   int64_t ld_dk, ld_dv;
@@ -966,53 +988,57 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_
     std::fill(dv_acc + j * ld_dv, dv_acc + j * ld_dv + dv, 0.f);
   }
 
-  auto [k, ldk] = rows_as_float(k_ptr + b * pb.k_s[0] + h * pb.k_s[1], pb.k_s[2], 0, k_len, d, kbuf);
-  auto [v, ldv] = rows_as_float(v_ptr + b * pb.v_s[0] + h * pb.v_s[1], pb.v_s[2], 0, k_len, dv, vbuf);
-  const T* qb = q_ptr + b * pb.q_s[0] + h * pb.q_s[1];
-  const T* dob = do_ptr + b * bt.do_s[0] + h * bt.do_s[1];
-  const float* lse = bt.lse + bh * pb.q_len;
-  float* dscores = bt.dscores != nullptr ? bt.dscores + bh * pb.q_len * k_len : nullptr;
+  auto [k, ldk] = rows_as_float(k_ptr + b * pb.k_s[0] + hk * pb.k_s[1], pb.k_s[2], 0, k_len, d, kbuf);
+  auto [v, ldv] = rows_as_float(v_ptr + b * pb.v_s[0] + hk * pb.v_s[1], pb.v_s[2], 0, k_len, dv, vbuf);
+  for (int64_t h = hk * pb.group; h < (hk + 1) * pb.group; ++h) {
+    const int64_t bh = b * pb.heads + h;
+    const T* qb = q_ptr + b * pb.q_s[0] + h * pb.q_s[1];
+    const T* dob = do_ptr + b * bt.do_s[0] + h * bt.do_s[1];
+    T* dqb = dq_out + b * bt.dq_s[0] + h * bt.dq_s[1];
+    const float* lse = bt.lse + bh * pb.q_len;
+    float* dscores = bt.dscores != nullptr ? bt.dscores + bh * pb.q_len * k_len : nullptr;
 
-  for (int64_t i0 = 0; i0 < pb.q_len; i0 += block_q) {
-    const int64_t mq = std::min(block_q, pb.q_len - i0);
-    // Causal: the block's last query sees keys [0, i0 + mq); the others are masked in S.
-    const int64_t nk = pb.causal ? std::min(k_len, i0 + mq) : k_len;
-    if (dscores != nullptr && nk < k_len) {
-      for (int64_t r = 0; r < mq; ++r) std::fill(dscores + (i0 + r) * k_len + nk, dscores + (i0 + r + 1) * k_len, 0.f);
-    }
-    if (nk == 0) {
-      for (int64_t r = 0; r < mq; ++r) std::fill(dqb + (i0 + r) * bt.dq_s[2], dqb + (i0 + r) * bt.dq_s[2] + d, T(0));
-      continue;
-    }
-    auto [q, ldq] = rows_as_float(qb, pb.q_s[2], i0, mq, d, qbuf);
-    auto [dout, lddo] = rows_as_float(dob, bt.do_s[2], i0, mq, dv, dobuf);
-    tile_p_dp(pb, bh, i0, mq, 0, nk, q, ldq, k, ldk, v, ldv, dout, lddo, lse + i0, nullptr, true, s, dp, nk);
-    std::fill(sums, sums + 2 * mq, 0.0);
-    row_sums(s, dp, mq, nk, nk, sums);
-    for (int64_t r = 0; r < mq; ++r) {
-      float* prow = s + r * nk;
-      float* dprow = dp + r * nk;
-      const auto [corr, delta] = corr_and_delta(sums, mq, r);
-      const fVec cv(corr), dl(delta);
-      // P *= corr; dS = P (dP - delta) over dP (already dropped); P then dropped for dV.
-      int64_t j = 0;
-      for (; j + kLanes <= nk; j += kLanes) {
-        const fVec pv = fVec::loadu(prow + j) * cv;
-        pv.store(prow + j);
-        (pv * (fVec::loadu(dprow + j) - dl)).store(dprow + j);
+    for (int64_t i0 = 0; i0 < pb.q_len; i0 += block_q) {
+      const int64_t mq = std::min(block_q, pb.q_len - i0);
+      // Causal: the block's last query sees keys [0, i0 + mq); the others are masked in S.
+      const int64_t nk = pb.causal ? std::min(k_len, i0 + mq) : k_len;
+      if (dscores != nullptr && nk < k_len) {
+        for (int64_t r = 0; r < mq; ++r) std::fill(dscores + (i0 + r) * k_len + nk, dscores + (i0 + r + 1) * k_len, 0.f);
       }
-      if (j < nk) {
-        const fVec pv = fVec::loadu(prow + j, nk - j) * cv;
-        pv.store(prow + j, nk - j);
-        (pv * (fVec::loadu(dprow + j, nk - j) - dl)).store(dprow + j, nk - j);
+      if (nk == 0) {
+        for (int64_t r = 0; r < mq; ++r) std::fill(dqb + (i0 + r) * bt.dq_s[2], dqb + (i0 + r) * bt.dq_s[2] + d, T(0));
+        continue;
       }
-      if (pb.dropout) apply_dropout(prow, nk, pb.seed, pb.counter(bh, i0 + r, 0), pb.dropout_p, pb.inv_keep);
-      if (dscores != nullptr) std::memcpy(dscores + (i0 + r) * k_len, dprow, nk * sizeof(float));
+      auto [q, ldq] = rows_as_float(qb, pb.q_s[2], i0, mq, d, qbuf);
+      auto [dout, lddo] = rows_as_float(dob, bt.do_s[2], i0, mq, dv, dobuf);
+      tile_p_dp(pb, bh, i0, mq, 0, nk, q, ldq, k, ldk, v, ldv, dout, lddo, lse + i0, nullptr, true, s, dp, nk);
+      std::fill(sums, sums + 2 * mq, 0.0);
+      row_sums(s, dp, mq, nk, nk, sums);
+      for (int64_t r = 0; r < mq; ++r) {
+        float* prow = s + r * nk;
+        float* dprow = dp + r * nk;
+        const auto [corr, delta] = corr_and_delta(sums, mq, r);
+        const fVec cv(corr), dl(delta);
+        // P *= corr; dS = P (dP - delta) over dP (already dropped); P then dropped for dV.
+        int64_t j = 0;
+        for (; j + kLanes <= nk; j += kLanes) {
+          const fVec pv = fVec::loadu(prow + j) * cv;
+          pv.store(prow + j);
+          (pv * (fVec::loadu(dprow + j) - dl)).store(dprow + j);
+        }
+        if (j < nk) {
+          const fVec pv = fVec::loadu(prow + j, nk - j) * cv;
+          pv.store(prow + j, nk - j);
+          (pv * (fVec::loadu(dprow + j, nk - j) - dl)).store(dprow + j, nk - j);
+        }
+        if (pb.dropout) apply_dropout(prow, nk, pb.seed, pb.counter(bh, i0 + r, 0), pb.dropout_p, pb.inv_keep);
+        if (dscores != nullptr) std::memcpy(dscores + (i0 + r) * k_len, dprow, nk * sizeof(float));
+      }
+      gemm(true, false, nk, dv, mq, 1.f, s, nk, dout, lddo, 1.f, dv_acc, ld_dv);
+      gemm(true, false, nk, d, mq, 1.f, dp, nk, q, ldq, 1.f, dk_acc, ld_dk);
+      gemm(false, false, mq, d, nk, 1.f, dp, nk, k, ldk, 0.f, dq, std::max<int64_t>(d, 1));
+      for (int64_t r = 0; r < mq; ++r) from_float(dq + r * d, pb.scale, dqb + (i0 + r) * bt.dq_s[2], d);
     }
-    gemm(true, false, nk, dv, mq, 1.f, s, nk, dout, lddo, 1.f, dv_acc, ld_dv);
-    gemm(true, false, nk, d, mq, 1.f, dp, nk, q, ldq, 1.f, dk_acc, ld_dk);
-    gemm(false, false, mq, d, nk, 1.f, dp, nk, k, ldk, 0.f, dq, std::max<int64_t>(d, 1));
-    for (int64_t r = 0; r < mq; ++r) from_float(dq + r * d, pb.scale, dqb + (i0 + r) * bt.dq_s[2], d);
   }
   for (int64_t j = 0; j < k_len; ++j) {
     from_float(dk_acc + j * ld_dk, pb.scale, dkb + j * bt.dk_s[2], d);
@@ -1055,7 +1081,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
                            ? at::empty({pb.batch, pb.heads, pb.q_len, pb.k_len}, query.options().dtype(at::kFloat))
                            : at::empty({0}, query.options());
   const int64_t bh_count = pb.bh();
-  if (bh_count == 0) return {dq, dk, dv, dscores};
+  // No query head (grouped, key/value may still have some): nothing reads key/value.
+  if (bh_count == 0) return {dq, dk.zero_(), dv.zero_(), dscores};
+  const int64_t kv_count = pb.batch * pb.kv_heads;
 
   at::Tensor stats = at::empty({2, bh_count * pb.q_len}, query.options().dtype(at::kFloat));
   BwdTensors bt{};
@@ -1070,14 +1098,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   bt.delta = bt.corr + bh_count * pb.q_len;
   bt.dscores = mask_needs_grad ? dscores.mutable_data_ptr<float>() : nullptr;
 
-  // A head per task (5 GEMMs per tile, statistics included) when the heads alone keep the threads
-  // evenly busy: ceil(heads / threads) heads of cost 5 against heads / threads of the three
-  // passes' 9 (statistics 2, dK/dV 4, dQ 3).
+  // A key/value head per task (5 GEMMs per tile, statistics included) when the heads alone keep
+  // the threads evenly busy: ceil(heads / threads) heads of cost 5 against heads / threads of the
+  // three passes' 9 (statistics 2, dK/dV 4, dQ 3).
   const int64_t threads = at::get_num_threads();
-  const bool per_head = (bh_count + threads - 1) / threads * threads * 5 <= 9 * bh_count;
+  const bool per_head = (kv_count + threads - 1) / threads * threads * 5 <= 9 * kv_count;
   const int64_t block_q =
       std::max<int64_t>(1, std::min(per_head ? kBwdHeadQ : query_block(kBwdQ, bh_count, pb.q_len), pb.q_len));
-  const int64_t block_k = std::max<int64_t>(1, std::min(query_block(kBwdK, bh_count, pb.k_len), pb.k_len));
+  const int64_t block_k = std::max<int64_t>(1, std::min(query_block(kBwdK, kv_count, pb.k_len), pb.k_len));
   const int64_t nq = (pb.q_len + block_q - 1) / block_q;
   const int64_t nk = (pb.k_len + block_k - 1) / block_k;
   const int64_t tile = Carver::round_up(block_q * block_k);
@@ -1108,8 +1136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
           Carver::round_up(block_q * pb.d) * 2 + Carver::round_up(block_q * pb.dv) +
           Carver::round_up(block_q * pb.k_len) * 2 + Carver::round_up(4 * block_q) +
           (in_place ? 0 : Carver::round_up(pb.k_len * pb.d) + Carver::round_up(pb.k_len * pb.dv));
-      run_tasks(bh_count, scratch_head, [&](int64_t bh, float* buf) {
-        attn_bwd_head_task<scalar_t>(pb, bt, qp, kp, vp, dop, bh, block_q, buf, copy_k, copy_v, in_place, dqp, dkp,
+      run_tasks(kv_count, scratch_head, [&](int64_t bkv, float* buf) {
+        attn_bwd_head_task<scalar_t>(pb, bt, qp, kp, vp, dop, bkv, block_q, buf, copy_k, copy_v, in_place, dqp, dkp,
                                      dvp);
       });
       return;
@@ -1121,12 +1149,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
       const int64_t i0 = qi * block_q;
       attn_bwd_stats_task<scalar_t>(pb, bt, qp, kp, vp, dop, bh, i0, std::min(block_q, pb.q_len - i0), block_k, buf);
     });
-    // Pass 1: dK, dV per key block. Causal: the first key blocks are seen by the most queries.
-    run_tasks(bh_count * nk, scratch_dkdv, [&](int64_t task, float* buf) {
-      const int64_t bh = pb.causal ? task % bh_count : task / nk;
-      const int64_t kj = pb.causal ? task / bh_count : task % nk;
+    // Pass 1: dK, dV per (key/value head, key block). Causal: the first key blocks are seen by the
+    // most queries.
+    run_tasks(kv_count * nk, scratch_dkdv, [&](int64_t task, float* buf) {
+      const int64_t bkv = pb.causal ? task % kv_count : task / nk;
+      const int64_t kj = pb.causal ? task / kv_count : task % nk;
       const int64_t j0 = kj * block_k;
-      attn_bwd_dkdv_task<scalar_t>(pb, bt, qp, kp, vp, dop, bh, j0, std::min(block_k, pb.k_len - j0), block_q,
+      attn_bwd_dkdv_task<scalar_t>(pb, bt, qp, kp, vp, dop, bkv, j0, std::min(block_k, pb.k_len - j0), block_q,
                                    block_k, buf, dkp, dvp);
     });
     // Pass 2: dQ (and grad_scores) per query block.

@@ -49,7 +49,8 @@ def fused_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function interface: [B, H, L, D] in, ([B, L, H, D], weights) out;
     the weights ([B, H, L, S], after dropout as eager returns them) only when
-    ``output_attentions`` asks for them, else None."""
+    ``output_attentions`` asks for them, else None. Key and value may have fewer heads than the
+    query (grouped-query models hand them over unrepeated): they go to the kernels as they are."""
     causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
     # As transformers' SDPA path: an explicit mask already carries any causal structure.
     causal = bool(causal and attention_mask is None and query.shape[2] > 1)
@@ -59,10 +60,14 @@ def fused_attention_forward(
     if kwargs.get("output_attentions") or getattr(getattr(module, "config", None), "output_attentions", False):
         # The caller wants the probabilities: one fused softmax pass over the scores, then P V.
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        if key.shape[1] != query.shape[1]:
+            group = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
         weights = softmax(query @ key.transpose(-1, -2), -1, attention_mask, scale, causal, backend=backend)
         weights = F.dropout(weights, dropout) if dropout > 0.0 else weights
         return (weights @ value).transpose(1, 2).contiguous(), weights
-    out = scaled_dot_product_attention(query, key, value, attention_mask, dropout, causal, scaling, backend=backend)
+    out = scaled_dot_product_attention(query, key, value, attention_mask, dropout, causal, scaling,
+                                       enable_gqa=key.shape[1] != query.shape[1], backend=backend)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -22,6 +22,9 @@ from ._registry import register_native_pair, register_pair
 from ._validate import check_dropout_p, check_is_causal, check_same_device, check_tensor, dtype_name, is_finite_number
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Backends whose kernels read grouped key/value heads in place (enable_gqa); the others are given
+# key and value repeated to the query's heads.
+NATIVE_GQA = ("triton", "cpu")
 # Head dims a kernel tile holds: padded (to a power of two >= 16 in Triton; to 32, 64, 96, 128 or 256
 # in CUDA C++) and masked, up to 256.
 HEAD_DIM_LIMITS = {"head_dim": (1, 256), "head_dim_v": (1, 256)}
@@ -264,22 +267,24 @@ def scaled_dot_product_attention(
 ) -> torch.Tensor:
     """Fused ``softmax(query @ key^T * scale + mask) @ value``, as torch's SDPA.
 
-    Shapes: query [B, H, Lq, D], key [B, H, Lk, D], value [B, H, Lk, Dv] (Lq and Lk may differ:
-    cross-attention); any strides. The output [B, H, Lq, Dv] is laid out in memory as the query
-    is (as torch's SDPA does): for heads split off a [B, Lq, H * D] projection, merging them
-    back, ``out.transpose(1, 2).reshape(B, Lq, H * Dv)``, is a view, not a copy. ``attn_mask``: bool (True = attend) or floating (added to the
-    scores), broadcastable to [B, H, Lq, Lk] and read through its strides (a [B, 1, 1, Lk]
-    padding mask is never expanded in memory); a floating mask that requires grad receives its
-    gradient. ``is_causal``: query i attends to keys j <= i (top-left aligned, as PyTorch); may
-    be combined with ``attn_mask``. ``scale`` defaults to 1/sqrt(D). ``dropout_p`` drops
-    attention probabilities with a counter-based RNG seeded from torch's default generator
-    (``torch.manual_seed`` reproduces it). A query whose every key is masked gets 0 and zero
-    gradients. ``enable_gqa=True`` (grouped-query attention, as torch): key and value may have
-    fewer heads than query, each a divisor of query's; query head h reads key/value head
-    h // (H / Hkv). The kernels are given key and value repeated to H heads (a copy of K and V
-    at the query's head count, never of the scores; their gradients are summed back over each
-    group). float16, bfloat16 and float32 run fused, head dims up to 256 (the cuda backend:
-    float16 and bfloat16 on compute capability 8.0+; float32 goes to Triton).
+    Shapes: query [B, H, Lq, D], key [B, Hkv, Lk, D], value [B, Hkv, Lk, Dv] (Hkv = H unless
+    grouped, below) (Lq and Lk may differ: cross-attention); any strides. The output [B, H, Lq, Dv]
+    is laid out in memory as the query is (as torch's SDPA does): for heads split off a [B, Lq, H *
+    D] projection, merging them back, ``out.transpose(1, 2).reshape(B, Lq, H * Dv)``, is a view, not
+    a copy. ``attn_mask``: bool (True = attend) or floating (added to the scores), broadcastable to
+    [B, H, Lq, Lk] and read through its strides (a [B, 1, 1, Lk] padding mask is never expanded in
+    memory); a floating mask that requires grad receives its gradient. ``is_causal``: query i
+    attends to keys j <= i (top-left aligned, as PyTorch); may be combined with ``attn_mask``.
+    ``scale`` defaults to 1/sqrt(D). ``dropout_p`` drops attention probabilities with a
+    counter-based RNG seeded from torch's default generator (``torch.manual_seed`` reproduces it). A
+    query whose every key is masked gets 0 and zero gradients. ``enable_gqa=True`` (grouped-query
+    attention, as torch): key and value may have fewer heads than query, each a divisor of query's;
+    query head h reads key/value head h // (H / Hkv). The cpu and Triton kernels read the grouped
+    key and value in place (nothing is repeated in memory; each key/value head's gradient is summed
+    over its group in float32); the cuda backend, the reference, and key and value with different
+    head counts get them repeated to H heads first (a copy of K and V, never of the scores).
+    float16, bfloat16 and float32 run fused, head dims up to 256 (the cuda backend: float16 and
+    bfloat16 on compute capability 8.0+; float32 goes to Triton).
 
     Raises ``TypeError``/``ValueError`` naming the argument for a wrong rank, mismatched
     batch/heads/head_dim/lengths, dtypes or devices, a mask that does not broadcast, ``dropout_p``
@@ -295,9 +300,6 @@ def scaled_dot_product_attention(
         raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
     _validate(query, key, value, enable_gqa)
     batch, heads, q_len, head_dim = query.shape
-    if enable_gqa:
-        # repeat_interleave, not expand: the kernels index key/value by the query's head.
-        key, value = (t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1) for t in (key, value))
     k_len = key.shape[2]
     dropout_p = check_dropout_p(dropout_p)
     scale = _check_scale(scale, head_dim)
@@ -312,7 +314,13 @@ def scaled_dot_product_attention(
     row_shift = mask is not None and mask.requires_grad and (attn_mask.dim() == 0 or attn_mask.shape[-1] == 1)
     if row_shift:
         mask = mask.detach()
-    if runs_reference("scaled_dot_product_attention", chosen, query, key, value):
+    in_reference = runs_reference("scaled_dot_product_attention", chosen, query, key, value)
+    if enable_gqa and (key.shape[1] != heads or value.shape[1] != heads):
+        if in_reference or chosen not in NATIVE_GQA or key.shape[1] != value.shape[1]:
+            # repeat_interleave, not expand: these index key/value by the query's head.
+            key, value = (t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
+                          for t in (key, value))
+    if in_reference:
         out = reference.scaled_dot_product_attention(query, key, value, mask, dropout_p, is_causal, scale)
     else:
         out, _ = _FWD_OPS[chosen](

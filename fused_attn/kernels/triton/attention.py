@@ -1,9 +1,12 @@
 """Scaled dot-product attention in Triton: FlashAttention-2 forward and backward.
 
-Layout: query [B, H, Lq, D], key [B, H, Lk, D], value [B, H, Lk, Dv], any strides with a unit
-last-dim stride. The grid is one-dimensional, ``pid -> (tile, batch*head)`` with the tile index
-varying fastest, so consecutive programs share one head's K/V in L2 and batch*heads may go up
-to the 2^31 grid limit.
+Layout: query [B, H, Lq, D], key [B, Hkv, Lk, D], value [B, Hkv, Lk, Dv], any strides with a
+unit last-dim stride. Hkv is H, or a divisor of it (grouped-query attention): query head h reads
+key/value head h // (H / Hkv) in place, nothing is repeated in memory, and a program of the dK/dV
+kernel owns a key tile of a key/value head and walks the query heads of its group, summing their
+contributions in its float32 accumulators. The grid is one-dimensional, ``pid -> (tile,
+batch*head)`` with the tile index varying fastest, so consecutive programs share one head's K/V
+in L2 and batch*heads may go up to the 2^31 grid limit.
 
 Forward: a program owns ``BLOCK_M`` queries and streams ``BLOCK_N`` keys at a time, keeping the
 running row max ``m`` and row sum ``l`` in float32 (online softmax, exp2 with log2(e) folded
@@ -207,7 +210,7 @@ def _attn_fwd_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om,
-    heads, q_len, k_len, qk_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
+    heads, kv_group, q_len, k_len, qk_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     DROPOUT: tl.constexpr, WRITE_KEEP: tl.constexpr, FP32_DOT: tl.constexpr,
@@ -227,8 +230,8 @@ def _attn_fwd_kernel(
 
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
                 mask=in_queries[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
+    k_base = k_ptr + b * stride_kb + (h // kv_group) * stride_kh
+    v_base = v_ptr + b * stride_vb + (h // kv_group) * stride_vh
     mask_base = mask_ptr + b * stride_mb + h * stride_mh
     keep_base = keep_ptr + bh * q_len * k_len
 
@@ -421,7 +424,7 @@ def _attn_bwd_stats_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom,
-    heads, q_len, k_len, qk_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
+    heads, kv_group, q_len, k_len, qk_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
@@ -435,8 +438,8 @@ def _attn_bwd_stats_kernel(
     )
     p_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     pdp_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
+    k_base = k_ptr + b * stride_kb + (h // kv_group) * stride_kh
+    v_base = v_ptr + b * stride_vb + (h // kv_group) * stride_vh
     mask_base = mask_ptr + b * stride_mb + h * stride_mh
     if IS_CAUSAL:
         diag_lo = (start_m // BLOCK_N) * BLOCK_N
@@ -534,7 +537,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    heads, q_len, k_len, qk_scale, sm_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
+    heads, kv_heads, q_len, k_len, qk_scale, sm_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr,
@@ -543,53 +546,60 @@ def _attn_bwd_dkdv_kernel(
     num_n = tl.cdiv(k_len, BLOCK_N)
     pid = tl.program_id(0)
     tile_n = pid % num_n
-    bh = (pid // num_n).to(tl.int64)
-    b = bh // heads
-    h = bh % heads
+    # A program owns a key tile of one key/value head and walks the query heads that read it (one
+    # without grouping), so a grouped head's dK/dV is summed in the float32 accumulators.
+    bkv = (pid // num_n).to(tl.int64)
+    b = bkv // kv_heads
+    hk = bkv % kv_heads
+    kv_group = heads // kv_heads
     start_n = tile_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     in_keys = offs_n < k_len
     keys = offs_n[:, None].to(tl.int64)
-    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + keys * stride_kn + offs_d[None, :],
+    k = tl.load(k_ptr + b * stride_kb + hk * stride_kh + keys * stride_kn + offs_d[None, :],
                 mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + keys * stride_vn + offs_dv[None, :],
+    v = tl.load(v_ptr + b * stride_vb + hk * stride_vh + keys * stride_vn + offs_dv[None, :],
                 mask=in_keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    q_base = q_ptr + b * stride_qb + h * stride_qh
-    do_base = dout_ptr + b * stride_dob + h * stride_doh
-    mask_base = mask_ptr + b * stride_mb + h * stride_mh
-    stats_base = stats_ptr + bh * 2 * q_len
-    corr_base = corr_ptr + bh * q_len
-    delta_base = delta_ptr + bh * q_len
-    if IS_CAUSAL:
-        # Query tiles ending before this key tile see none of it and are skipped; those that
-        # straddle the diagonal are masked; the rest see the whole tile.
-        lo = (start_n // BLOCK_M) * BLOCK_M
-        straddle_hi = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, q_len)
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, lo, straddle_hi,
-            stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, ROW_STATS, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
-        )
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, tl.maximum(straddle_hi, lo), q_len,
-            stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, ROW_STATS, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
-        )
-    else:
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, 0, q_len,
-            stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, ROW_STATS, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
-        )
+    # Causal: query tiles ending before this key tile see none of it and are skipped; those that
+    # straddle the diagonal, [lo, straddle_hi), are masked; the rest see the whole tile.
+    lo = (start_n // BLOCK_M) * BLOCK_M
+    straddle_hi = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, q_len)
+    full_lo = tl.maximum(straddle_hi, lo)
+    for g in range(0, kv_group):
+        h = hk * kv_group + g
+        bh = b * heads + h
+        q_base = q_ptr + b * stride_qb + h * stride_qh
+        do_base = dout_ptr + b * stride_dob + h * stride_doh
+        mask_base = mask_ptr + b * stride_mb + h * stride_mh
+        stats_base = stats_ptr + bh * 2 * q_len
+        corr_base = corr_ptr + bh * q_len
+        delta_base = delta_ptr + bh * q_len
+        if IS_CAUSAL:
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, lo, straddle_hi,
+                stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
+                HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, ROW_STATS, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            )
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, full_lo, q_len,
+                stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
+                HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, ROW_STATS, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            )
+        else:
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, 0, q_len,
+                stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
+                HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, ROW_STATS, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            )
     dk = dk * sm_scale
     dv = dv * _inv_keep(inv_keep, DROPOUT)
-    tl.store(dk_ptr + b * stride_dkb + h * stride_dkh + keys * stride_dkn + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
+    tl.store(dk_ptr + b * stride_dkb + hk * stride_dkh + keys * stride_dkn + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
              mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM))
-    tl.store(dv_ptr + b * stride_dvb + h * stride_dvh + keys * stride_dvn + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty),
+    tl.store(dv_ptr + b * stride_dvb + hk * stride_dvh + keys * stride_dvn + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty),
              mask=in_keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
 
 
@@ -604,7 +614,7 @@ def _attn_bwd_dq_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
-    heads, q_len, k_len, qk_scale, sm_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
+    heads, kv_group, q_len, k_len, qk_scale, sm_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr,
@@ -621,8 +631,8 @@ def _attn_bwd_dq_kernel(
     else:
         corr = row_max
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
+    k_base = k_ptr + b * stride_kb + (h // kv_group) * stride_kh
+    v_base = v_ptr + b * stride_vb + (h // kv_group) * stride_vh
     mask_base = mask_ptr + b * stride_mb + h * stride_mh
     dscores_base = dscores_ptr + bh * q_len * k_len
     if IS_CAUSAL:
@@ -657,6 +667,18 @@ def _attn_bwd_dq_kernel(
 def _block_dim(head_dim: int) -> int:
     # tl.dot needs every dimension >= 16; other head dims are padded up to a power of two and masked.
     return max(16, triton.next_power_of_2(head_dim))
+
+
+def _kv_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    """Query heads per key/value head (grouped-query attention; 1 without grouping): query head h
+    reads key/value head h // group. Key and value have the same number of heads, a divisor of query's."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if v.shape[1] != kv_heads or kv_heads == 0 or heads % kv_heads:
+        raise ValueError(
+            f"key and value must have the same number of heads, a divisor of query's {heads}; "
+            f"got key {list(k.shape)} and value {list(v.shape)}"
+        )
+    return heads // kv_heads
 
 
 def _mask_args(mask: torch.Tensor | None, like: torch.Tensor):
@@ -707,7 +729,7 @@ def attention_fwd(
     _attn_fwd_kernel[grid](
         q, k, v, mask_t, out, stats, keep if keep is not None else out,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
-        heads, q_len, k_len, scale * LOG2E, seed, as_float32(dropout_p), keep_scale(dropout_p),
+        heads, _kv_group(q, k, v), q_len, k_len, scale * LOG2E, seed, as_float32(dropout_p), keep_scale(dropout_p),
         MASK_IS_BOOL=mask_is_bool, WRITE_KEEP=write_keep, **_common_meta(q, v, mask, is_causal, dropout_p),
     )
     return out, stats, (keep.bool() if keep is not None else None)
@@ -729,7 +751,7 @@ def attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Returns (dq, dk, dv, dscores); dscores is [B, H, Lq, Lk] float32 when ``mask_needs_grad``."""
     batch, heads, q_len, _ = q.shape
-    k_len = k.shape[2]
+    k_len, kv_heads, kv_group = k.shape[2], k.shape[1], _kv_group(q, k, v)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty(batch, heads, q_len, device=q.device, dtype=torch.float32)
     mask_t, mask_strides, mask_is_bool = _mask_args(mask, q)
@@ -742,7 +764,7 @@ def attention_bwd(
         corr = torch.empty_like(delta)
         _attn_bwd_stats_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]) * batch * heads,)](
             q, k, v, mask_t, dout, stats, corr, delta, *common,
-            heads, q_len, k_len, scale * LOG2E, seed, as_float32(dropout_p), keep_scale(dropout_p),
+            heads, kv_group, q_len, k_len, scale * LOG2E, seed, as_float32(dropout_p), keep_scale(dropout_p),
             MASK_IS_BOOL=mask_is_bool, **meta,
         )
     else:
@@ -753,16 +775,16 @@ def attention_bwd(
             HEAD_DIM_V=v.shape[-1], BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=pre_block,
         )
     dscores = torch.zeros(batch, heads, q_len, k_len, device=q.device, dtype=torch.float32) if mask_needs_grad else None
-    _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(k_len, m["BLOCK_N"]) * batch * heads,)](
+    _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(k_len, m["BLOCK_N"]) * batch * kv_heads,)](
         q, k, v, mask_t, dout, stats, corr, delta, dk, dv,
         *common, *dk.stride()[:3], *dv.stride()[:3],
-        heads, q_len, k_len, scale * LOG2E, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
+        heads, kv_heads, q_len, k_len, scale * LOG2E, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
         MASK_IS_BOOL=mask_is_bool, ROW_STATS=row_stats, **meta,
     )
     _attn_bwd_dq_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]) * batch * heads,)](
         q, k, v, mask_t, dout, stats, corr, delta, dq, dscores if dscores is not None else dq,
         *common, *dq.stride()[:3],
-        heads, q_len, k_len, scale * LOG2E, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
+        heads, kv_group, q_len, k_len, scale * LOG2E, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
         MASK_IS_BOOL=mask_is_bool, ROW_STATS=row_stats, WRITE_DSCORES=mask_needs_grad, **meta,
     )
     return dq, dk, dv, dscores
