@@ -224,8 +224,17 @@ def test_grouped_heads_are_read_in_place(backend_device, kind, dropout_p):
         assert fused_attn.last_backend(OP) == backend
         return out.detach(), *(t.grad for t in inputs)
 
-    with _RecordOps() as record:
-        out, dq, dk, dv = run(k, v)
+    # The cpu backward's schedule follows the thread count and the head counts (grouped and
+    # repeated heads may take different ones, whose dQ rounds differently): two threads, on
+    # which both runs take the per-head schedule, whatever the machine.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with _RecordOps() as record:
+            out, dq, dk, dv = run(k, v)
+        out_r, dq_r, dk_r, dv_r = run(k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1))
+    finally:
+        torch.set_num_threads(previous)
     kernel_calls = [shapes for name, shapes in record.calls if "attention_fwd" in name or "attention_bwd" in name]
     assert len(kernel_calls) == 2, record.calls
     for shapes in kernel_calls:
@@ -233,7 +242,6 @@ def test_grouped_heads_are_read_in_place(backend_device, kind, dropout_p):
     copies = [name for name, _ in record.calls if name in ("repeat_interleave", "index_select", "clone", "copy_", "cat")]
     assert not copies, copies
 
-    out_r, dq_r, dk_r, dv_r = run(k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1))
     assert torch.equal(out, out_r)
     assert torch.equal(dq, dq_r)
     for name, got, per_head in (("key", dk, dk_r), ("value", dv, dv_r)):
@@ -257,24 +265,44 @@ def test_native_cpu_op_rejects_heads_it_cannot_group(heads):
         torch.ops.fused_attn.attention_fwd(q, k, v, None, 0.25, False, 0.0, None)
 
 
-@pytest.mark.parametrize("threads", [1, 2], ids=["per-head", "per-block"])
-@pytest.mark.parametrize("kind", ["none", "causal+padding"])
-def test_cpu_backward_schedules_grouped_heads(threads, kind):
-    """Both CPU backward schedules with one key/value head read by four query heads (its dK/dV
-    tasks walk the whole group), against the reference in float64."""
+# (threads, query heads, key/value heads) that take each schedule of the grouped CPU backward
+# (GroupSplit and attention_bwd_cpu in csrc/cpu/attention.cpp): one task per key/value head and
+# its whole group; the group split across two per-head tasks whose float32 parts are summed after;
+# the split group in the per-block passes.
+GROUPED_SCHEDULES = {"per-head": (1, 4, 1), "per-head-split": (2, 4, 1), "per-block-split": (4, 2, 1)}
+
+
+@pytest.mark.parametrize("schedule", list(GROUPED_SCHEDULES))
+@pytest.mark.parametrize("kind", ["none", "causal+padding", "dropout"])
+def test_cpu_backward_schedules_grouped_heads(schedule, kind):
+    """The CPU backward's schedules with one key/value head read by several query heads, against
+    the reference in float64 (with dropout: given the kernel's own keep-mask)."""
     if torch.float32 not in supported_dtypes("cpu", "cpu", OP):
         pytest.skip("the cpu backend is not available")
+    threads, heads, kv_heads = GROUPED_SCHEDULES[schedule]
     gen = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(1, heads, n, 32, generator=gen) for heads, n in ((4, 150), (1, 170), (1, 170)))
-    args = {"query": q, "key": k, "value": v, "attn_mask": _mask(kind, 1, 4, 150, 170, "cpu")}
-    causal = kind.startswith("causal")
-    _with_threads(threads, lambda: assert_parity(
-        lambda **a: fused_attn.scaled_dot_product_attention(**a, is_causal=causal, enable_gqa=True, backend="cpu"),
-        lambda **a: reference.scaled_dot_product_attention(
-            a["query"], a["key"].repeat_interleave(4, 1), a["value"].repeat_interleave(4, 1), a["attn_mask"],
-            is_causal=causal),
-        args, grad_args=("query", "key", "value"),
-    ))
+    q, k, v = (torch.randn(1, h, n, 32, generator=gen) for h, n in ((heads, 150), (kv_heads, 170), (kv_heads, 170)))
+    mask = None if kind == "dropout" else _mask(kind, 1, heads, 150, 170, "cpu")
+    args = {"query": q, "key": k, "value": v, "attn_mask": mask}
+    causal, p = kind.startswith("causal"), 0.3 if kind == "dropout" else 0.0
+    keep = None
+    if p:
+        torch.manual_seed(7)
+        _, keep = attention_with_keep_mask(q, k.repeat_interleave(heads // kv_heads, 1),
+                                           v.repeat_interleave(heads // kv_heads, 1), dropout_p=p)
+
+    def fused(**a):
+        torch.manual_seed(7)
+        return fused_attn.scaled_dot_product_attention(**a, dropout_p=p, is_causal=causal, enable_gqa=True,
+                                                       backend="cpu")
+
+    def plain(query, key, value, attn_mask):
+        group = heads // kv_heads
+        return reference.scaled_dot_product_attention(
+            query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1), attn_mask, dropout_p=p,
+            is_causal=causal, dropout_mask=keep)
+
+    _with_threads(threads, lambda: assert_parity(fused, plain, args, grad_args=("query", "key", "value")))
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)

@@ -60,8 +60,11 @@
 //
 // Grouped-query attention (key/value with fewer heads than query, a divisor of its heads): query
 // head h reads key/value head h / (heads / kv_heads) in place, nothing is repeated in memory. The
-// backward's dK/dV tasks own a key/value head and walk every query head of its group, summing
-// their contributions in the float32 accumulators (rounded once).
+// backward's dK/dV tasks own a key/value head and walk the query heads of its group, summing
+// their contributions in the float32 accumulators (rounded once). With fewer key/value heads than
+// threads a group is split into chunks of query heads, one task each, whose float32 sums go to
+// slots of their own that a last pass adds in a fixed order (GroupSplit): deterministic, and no
+// thread idles for want of key/value heads.
 //
 // Dropout regenerates the shared Philox stream (fused_attn/philox.h, bit-identical to
 // triton.language.rand): element (bh, i, j) has counter (bh * Lq + i) * Lk + j, sixteen counters
@@ -81,6 +84,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
@@ -628,7 +632,7 @@ AttnProblem make_problem(const at::Tensor& query, const at::Tensor& key, const a
   pb.batch = query.size(0);
   pb.heads = query.size(1);
   pb.kv_heads = key.size(1);
-  pb.group = pb.kv_heads > 0 ? pb.heads / pb.kv_heads : 1;
+  pb.group = pb.kv_heads > 0 ? std::max<int64_t>(1, pb.heads / pb.kv_heads) : 1;
   pb.q_len = query.size(2);
   pb.k_len = key.size(2);
   pb.d = query.size(3);
@@ -856,14 +860,18 @@ void attn_bwd_stats_task(const AttnProblem& pb, const BwdTensors& bt, const T* q
 }
 
 // dK, dV of one (batch, key/value head, key block) task, accumulated over the query blocks of
-// every query head that reads the key/value head (one without grouping): the tiles of the
-// statistics pass (the same query blocks, the same [mq, nk] GEMMs, P and dP at leading dimension
-// block_k), so that dS cancels exactly where the statistics say it does (see for_each_key_tile).
-// A grouped head's gradient is summed over its query heads in float32 and rounded once.
+// the query heads [h_begin, h_end) that read the key/value head (all of its group, or one
+// head without grouping): the tiles of the statistics pass (the same query blocks, the same
+// [mq, nk] GEMMs, P and dP at leading dimension block_k), so that dS cancels exactly where the
+// statistics say it does (see for_each_key_tile). A grouped head's gradient is summed over its
+// query heads in float32 and rounded once; with part_dk/part_dv (a group split across tasks:
+// GroupSplit) the float32 sums go to the rows [j0, j0 + nk) of those [k_len, d] / [k_len, dv]
+// slots instead, unscaled, for reduce_group_parts.
 template <typename T>
 void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_ptr, const T* k_ptr, const T* v_ptr,
-                        const T* do_ptr, int64_t bkv, int64_t j0, int64_t nk, int64_t block_q, int64_t block_k,
-                        float* scratch, T* dk_out, T* dv_out) {
+                        const T* do_ptr, int64_t bkv, int64_t h_begin, int64_t h_end, int64_t j0, int64_t nk,
+                        int64_t block_q, int64_t block_k, float* scratch, float* part_dk, float* part_dv, T* dk_out,
+                        T* dv_out) {
   const int64_t b = bkv / pb.kv_heads, hk = bkv % pb.kv_heads;
   const int64_t d = pb.d, dv = pb.dv;
   Carver carve{scratch};
@@ -873,14 +881,14 @@ void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_
   float* dobuf = carve.take(block_q * dv);
   float* s = carve.take(block_q * block_k);
   float* dp = carve.take(block_q * block_k);
-  float* dk = carve.take(nk * d);
-  float* dvacc = carve.take(nk * dv);
+  float* dk = part_dk != nullptr ? part_dk + j0 * d : carve.take(nk * d);
+  float* dvacc = part_dv != nullptr ? part_dv + j0 * dv : carve.take(nk * dv);
 
   auto [k, ldk] = rows_as_float(k_ptr + b * pb.k_s[0] + hk * pb.k_s[1], pb.k_s[2], j0, nk, d, kbuf);
   auto [v, ldv] = rows_as_float(v_ptr + b * pb.v_s[0] + hk * pb.v_s[1], pb.v_s[2], j0, nk, dv, vbuf);
   std::fill(dk, dk + nk * d, 0.f);
   std::fill(dvacc, dvacc + nk * dv, 0.f);
-  for (int64_t h = hk * pb.group; h < (hk + 1) * pb.group; ++h) {
+  for (int64_t h = h_begin; h < h_end; ++h) {
     const int64_t bh = b * pb.heads + h;
     const T* qb = q_ptr + b * pb.q_s[0] + h * pb.q_s[1];
     const T* dob = do_ptr + b * bt.do_s[0] + h * bt.do_s[1];
@@ -899,6 +907,7 @@ void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_
       gemm(true, false, nk, d, mq, 1.f, dp, block_k, q, ldq, 1.f, dk, d);
     }
   }
+  if (part_dk != nullptr) return;
   T* dkb = dk_out + b * bt.dk_s[0] + hk * bt.dk_s[1];
   T* dvb = dv_out + b * bt.dv_s[0] + hk * bt.dv_s[1];
   for (int64_t t = 0; t < nk; ++t) {
@@ -950,12 +959,15 @@ void attn_bwd_dq_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_pt
 // themselves for float32 with a BLAS-compatible stride). Five GEMMs per tile, each as wide as the
 // whole key range. Scratch O(block_q x k_len + k_len x head_dim) per thread; used when there are
 // enough heads to keep every thread busy. A task owns a key/value head (bkv: batch * kv_heads + its
-// index) and walks every query head that reads it (one without grouping), whose dK/dV it sums in
-// the float32 accumulators.
+// index) and walks the query heads [h_begin, h_end) that read it (its whole group, or one head
+// without grouping), whose dK/dV it sums in the float32 accumulators; with part_dk/part_dv (a
+// group split across tasks: GroupSplit) those are the task's [k_len, d] / [k_len, dv] slots,
+// left unscaled for reduce_group_parts.
 template <typename T>
 void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_ptr, const T* k_ptr, const T* v_ptr,
-                        const T* do_ptr, int64_t bkv, int64_t block_q, float* scratch, bool copy_k, bool copy_v,
-                        bool dkdv_in_place, T* dq_out, T* dk_out, T* dv_out) {
+                        const T* do_ptr, int64_t bkv, int64_t h_begin, int64_t h_end, int64_t block_q, float* scratch,
+                        bool copy_k, bool copy_v, bool dkdv_in_place, float* part_dk, float* part_dv, T* dq_out,
+                        T* dk_out, T* dv_out) {
   const int64_t b = bkv / pb.kv_heads, hk = bkv % pb.kv_heads;
   const int64_t d = pb.d, dv = pb.dv, k_len = pb.k_len;
   Carver carve{scratch};
@@ -972,7 +984,12 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_
   float* dk_acc;
   float* dv_acc;
   int64_t ld_dk, ld_dv;
-  if (dkdv_in_place) {  // T is float here
+  if (part_dk != nullptr) {
+    dk_acc = part_dk;
+    dv_acc = part_dv;
+    ld_dk = std::max<int64_t>(d, 1);
+    ld_dv = std::max<int64_t>(dv, 1);
+  } else if (dkdv_in_place) {  // T is float here
     dk_acc = reinterpret_cast<float*>(dkb);
     dv_acc = reinterpret_cast<float*>(dvb);
     ld_dk = bt.dk_s[2];
@@ -990,7 +1007,7 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_
 
   auto [k, ldk] = rows_as_float(k_ptr + b * pb.k_s[0] + hk * pb.k_s[1], pb.k_s[2], 0, k_len, d, kbuf);
   auto [v, ldv] = rows_as_float(v_ptr + b * pb.v_s[0] + hk * pb.v_s[1], pb.v_s[2], 0, k_len, dv, vbuf);
-  for (int64_t h = hk * pb.group; h < (hk + 1) * pb.group; ++h) {
+  for (int64_t h = h_begin; h < h_end; ++h) {
     const int64_t bh = b * pb.heads + h;
     const T* qb = q_ptr + b * pb.q_s[0] + h * pb.q_s[1];
     const T* dob = do_ptr + b * bt.do_s[0] + h * bt.do_s[1];
@@ -1040,10 +1057,56 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_
       for (int64_t r = 0; r < mq; ++r) from_float(dq + r * d, pb.scale, dqb + (i0 + r) * bt.dq_s[2], d);
     }
   }
+  if (part_dk != nullptr) return;
   for (int64_t j = 0; j < k_len; ++j) {
     from_float(dk_acc + j * ld_dk, pb.scale, dkb + j * bt.dk_s[2], d);
     if (!dkdv_in_place) from_float(dv_acc + j * ld_dv, 1.f, dvb + j * bt.dv_s[2], dv);
   }
+}
+
+// Grouped-query backward with fewer key/value heads than threads: each group's query heads are
+// split into `splits` chunks of `chunk` heads (the last one shorter), one task each, so that the
+// threads stay busy; a chunk sums its dK/dV in a float32 slot of its own ([slots, k_len, d] and
+// [slots, k_len, dv], slot = bkv * splits + chunk index), and reduce_group_parts adds a head's
+// slots in order and rounds once. Without grouping, or with enough key/value heads: one chunk,
+// the whole group, and no slots.
+struct GroupSplit {
+  int64_t splits, chunk;
+  GroupSplit(const AttnProblem& pb, int64_t kv_count, int64_t threads) {
+    const int64_t wanted = std::min(pb.group, std::max<int64_t>(1, (threads + kv_count - 1) / std::max<int64_t>(kv_count, 1)));
+    chunk = (pb.group + wanted - 1) / wanted;
+    splits = (pb.group + chunk - 1) / chunk;  // no empty chunk
+  }
+  // The query heads of slot `slot`'s chunk: [begin, end).
+  std::pair<int64_t, int64_t> heads(const AttnProblem& pb, int64_t slot) const {
+    const int64_t hk = slot / splits % pb.kv_heads;
+    const int64_t begin = hk * pb.group + slot % splits * chunk;
+    return {begin, std::min(begin + chunk, (hk + 1) * pb.group)};
+  }
+};
+
+// dK = scale * sum of the slots, dV = sum of the slots, per key row, rounded once into the outputs.
+template <typename T>
+void reduce_group_parts(const AttnProblem& pb, const BwdTensors& bt, int64_t splits, const float* part_dk,
+                        const float* part_dv, T* dk_out, T* dv_out) {
+  const int64_t d = pb.d, dv = pb.dv, k_len = pb.k_len;
+  at::parallel_for(0, pb.batch * pb.kv_heads * k_len, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(static_cast<size_t>(std::max(d, dv)));
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t bkv = r / k_len, j = r % k_len;
+      const int64_t b = bkv / pb.kv_heads, hk = bkv % pb.kv_heads;
+      for (auto [part, cols, factor, out, st] :
+           {std::tuple<const float*, int64_t, float, T*, const int64_t*>{part_dk, d, pb.scale, dk_out, bt.dk_s},
+            {part_dv, dv, 1.f, dv_out, bt.dv_s}}) {
+        std::fill(row.begin(), row.begin() + cols, 0.f);
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const float* src = part + ((bkv * splits + sp) * k_len + j) * cols;
+          for (int64_t c = 0; c < cols; ++c) row[c] += src[c];
+        }
+        from_float(row.data(), factor, out + b * st[0] + hk * st[1] + j * st[2], cols);
+      }
+    }
+  });
 }
 
 void check_like_output(const at::Tensor& t, const char* name, const at::Tensor& query, int64_t dv) {
@@ -1098,14 +1161,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   bt.delta = bt.corr + bh_count * pb.q_len;
   bt.dscores = mask_needs_grad ? dscores.mutable_data_ptr<float>() : nullptr;
 
-  // A key/value head per task (5 GEMMs per tile, statistics included) when the heads alone keep
-  // the threads evenly busy: ceil(heads / threads) heads of cost 5 against heads / threads of the
-  // three passes' 9 (statistics 2, dK/dV 4, dQ 3).
+  // A (key/value head, chunk of its query heads) per task (5 GEMMs per tile, statistics included)
+  // when those tasks alone keep the threads evenly busy: ceil(tasks / threads) tasks of chunk heads
+  // at cost 5 against heads / threads of the three passes' 9 (statistics 2, dK/dV 4, dQ 3).
+  // Without grouping a chunk is one head and a task one head.
   const int64_t threads = at::get_num_threads();
-  const bool per_head = (kv_count + threads - 1) / threads * threads * 5 <= 9 * kv_count;
+  const GroupSplit split(pb, kv_count, threads);
+  const int64_t slots = kv_count * split.splits;
+  const bool per_head = (slots + threads - 1) / threads * threads * split.chunk * 5 <= 9 * bh_count;
   const int64_t block_q =
       std::max<int64_t>(1, std::min(per_head ? kBwdHeadQ : query_block(kBwdQ, bh_count, pb.q_len), pb.q_len));
-  const int64_t block_k = std::max<int64_t>(1, std::min(query_block(kBwdK, kv_count, pb.k_len), pb.k_len));
+  const int64_t block_k = std::max<int64_t>(1, std::min(query_block(kBwdK, slots, pb.k_len), pb.k_len));
+  // A split group's float32 dK/dV slots (GroupSplit), summed into dK/dV at the end.
+  at::Tensor parts = split.splits > 1
+                         ? at::empty({slots * pb.k_len * (pb.d + pb.dv)}, query.options().dtype(at::kFloat))
+                         : at::Tensor();
+  float* part_dk = parts.defined() ? parts.mutable_data_ptr<float>() : nullptr;
+  float* part_dv = parts.defined() ? part_dk + slots * pb.k_len * pb.d : nullptr;
+  const auto slot_parts = [&](int64_t slot) -> std::pair<float*, float*> {
+    if (part_dk == nullptr) return {nullptr, nullptr};
+    return {part_dk + slot * pb.k_len * pb.d, part_dv + slot * pb.k_len * pb.dv};
+  };
   const int64_t nq = (pb.q_len + block_q - 1) / block_q;
   const int64_t nk = (pb.k_len + block_k - 1) / block_k;
   const int64_t tile = Carver::round_up(block_q * block_k);
@@ -1128,18 +1204,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
       const auto blas_ld = [](int64_t stride, int64_t cols) {
         return stride >= std::max<int64_t>(cols, 1) && stride <= kBlasMax;
       };
-      const bool in_place = kFloat && blas_ld(dk.stride(2), pb.d) && blas_ld(dv.stride(2), pb.dv);
+      const bool in_place =
+          kFloat && split.splits == 1 && blas_ld(dk.stride(2), pb.d) && blas_ld(dv.stride(2), pb.dv);
       const bool copy_k = !(kFloat && blas_ld(pb.k_s[2], pb.d));
       const bool copy_v = !(kFloat && blas_ld(pb.v_s[2], pb.dv));
       const int64_t scratch_head =
           Carver::round_up(copy_k ? pb.k_len * pb.d : 0) + Carver::round_up(copy_v ? pb.k_len * pb.dv : 0) +
           Carver::round_up(block_q * pb.d) * 2 + Carver::round_up(block_q * pb.dv) +
           Carver::round_up(block_q * pb.k_len) * 2 + Carver::round_up(4 * block_q) +
-          (in_place ? 0 : Carver::round_up(pb.k_len * pb.d) + Carver::round_up(pb.k_len * pb.dv));
-      run_tasks(kv_count, scratch_head, [&](int64_t bkv, float* buf) {
-        attn_bwd_head_task<scalar_t>(pb, bt, qp, kp, vp, dop, bkv, block_q, buf, copy_k, copy_v, in_place, dqp, dkp,
-                                     dvp);
+          (in_place || parts.defined() ? 0 : Carver::round_up(pb.k_len * pb.d) + Carver::round_up(pb.k_len * pb.dv));
+      run_tasks(slots, scratch_head, [&](int64_t slot, float* buf) {
+        const auto [h_begin, h_end] = split.heads(pb, slot);
+        const auto [pdk, pdv] = slot_parts(slot);
+        attn_bwd_head_task<scalar_t>(pb, bt, qp, kp, vp, dop, slot / split.splits, h_begin, h_end, block_q, buf,
+                                     copy_k, copy_v, in_place, pdk, pdv, dqp, dkp, dvp);
       });
+      if (parts.defined()) reduce_group_parts(pb, bt, split.splits, part_dk, part_dv, dkp, dvp);
       return;
     }
     // Pass 0: the row statistics (corr, delta) per query block.
@@ -1149,15 +1229,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
       const int64_t i0 = qi * block_q;
       attn_bwd_stats_task<scalar_t>(pb, bt, qp, kp, vp, dop, bh, i0, std::min(block_q, pb.q_len - i0), block_k, buf);
     });
-    // Pass 1: dK, dV per (key/value head, key block). Causal: the first key blocks are seen by the
-    // most queries.
-    run_tasks(kv_count * nk, scratch_dkdv, [&](int64_t task, float* buf) {
-      const int64_t bkv = pb.causal ? task % kv_count : task / nk;
-      const int64_t kj = pb.causal ? task / kv_count : task % nk;
+    // Pass 1: dK, dV per (key/value head, chunk of its query heads, key block). Causal: the first
+    // key blocks are seen by the most queries.
+    run_tasks(slots * nk, scratch_dkdv, [&](int64_t task, float* buf) {
+      const int64_t slot = pb.causal ? task % slots : task / nk;
+      const int64_t kj = pb.causal ? task / slots : task % nk;
       const int64_t j0 = kj * block_k;
-      attn_bwd_dkdv_task<scalar_t>(pb, bt, qp, kp, vp, dop, bkv, j0, std::min(block_k, pb.k_len - j0), block_q,
-                                   block_k, buf, dkp, dvp);
+      const auto [h_begin, h_end] = split.heads(pb, slot);
+      const auto [pdk, pdv] = slot_parts(slot);
+      attn_bwd_dkdv_task<scalar_t>(pb, bt, qp, kp, vp, dop, slot / split.splits, h_begin, h_end, j0,
+                                   std::min(block_k, pb.k_len - j0), block_q, block_k, buf, pdk, pdv, dkp, dvp);
     });
+    if (parts.defined()) reduce_group_parts(pb, bt, split.splits, part_dk, part_dv, dkp, dvp);
     // Pass 2: dQ (and grad_scores) per query block.
     run_tasks(bh_count * nq, scratch_dq, [&](int64_t task, float* buf) {
       const int64_t bh = pb.causal ? task % bh_count : task / nq;

@@ -537,7 +537,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    heads, kv_heads, q_len, k_len, qk_scale, sm_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
+    heads, kv_heads, kv_group, q_len, k_len, qk_scale, sm_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr,
@@ -551,7 +551,6 @@ def _attn_bwd_dkdv_kernel(
     bkv = (pid // num_n).to(tl.int64)
     b = bkv // kv_heads
     hk = bkv % kv_heads
-    kv_group = heads // kv_heads
     start_n = tile_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -673,6 +672,8 @@ def _kv_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
     """Query heads per key/value head (grouped-query attention; 1 without grouping): query head h
     reads key/value head h // group. Key and value have the same number of heads, a divisor of query's."""
     heads, kv_heads = q.shape[1], k.shape[1]
+    if v.shape[1] == kv_heads == heads:
+        return 1
     if v.shape[1] != kv_heads or kv_heads == 0 or heads % kv_heads:
         raise ValueError(
             f"key and value must have the same number of heads, a divisor of query's {heads}; "
@@ -778,7 +779,7 @@ def attention_bwd(
     _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(k_len, m["BLOCK_N"]) * batch * kv_heads,)](
         q, k, v, mask_t, dout, stats, corr, delta, dk, dv,
         *common, *dk.stride()[:3], *dv.stride()[:3],
-        heads, kv_heads, q_len, k_len, scale * LOG2E, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
+        heads, kv_heads, kv_group, q_len, k_len, scale * LOG2E, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
         MASK_IS_BOOL=mask_is_bool, ROW_STATS=row_stats, **meta,
     )
     _attn_bwd_dq_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]) * batch * heads,)](
