@@ -270,6 +270,8 @@ def test_bench_model_suite_plain_optimized_compiled(tmp_path, capsys):
     (["bench", "--json", "/tmp"], "/tmp: is a directory"),
     (["bench", "--json", "new-folder/"], "new-folder/: is a directory"),
     (["bench", "--plot", "/tmp"], "/tmp: is a directory"),
+    (["bench", "--suite", "attention", "--kv-heads", "2"], "--kv-heads 2 needs --heads (a multiple of it)"),
+    (["bench", "--suite", "attention", "--heads", "4", "--kv-heads", "3"], "--kv-heads 3 must divide --heads 4"),
     (["bench", "--plot", "bench.notanext"], "expected a file name ending in .png, .svg, .pdf"),
     (["profile-memory", "--json", "/nonexistent-folder/p.json"], "folder /nonexistent-folder does not exist"),
     (["profile-memory", "--plot", "/tmp"], "/tmp: is a directory"),
@@ -474,13 +476,19 @@ def _settings(mode: str, **sizes) -> Settings:
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_attention_baseline_is_the_plain_eager_form(causal):
+@pytest.mark.parametrize("kv_heads", [None, 1], ids=["mha", "grouped"])
+def test_attention_baseline_is_the_plain_eager_form(causal, kv_heads):
     """The speed-ups are against softmax(QK^T*scale)V as a user writes it; the reference oracle
-    (slower: its guard for fully masked rows) is a row of its own."""
-    case = next(suites.attention_cases(_settings("fwd", batch=1, heads=2, head_dim=8, seqs=[8], causal=[causal])))
+    (slower: its guard for fully masked rows) is a row of its own. With --kv-heads (grouped-query)
+    every implementation computes the same attention, key/value read for both query heads."""
+    settings = _settings("fwd", batch=1, heads=2, kv_heads=kv_heads, head_dim=8, seqs=[8], causal=[causal])
+    case = next(suites.attention_cases(settings))
     assert case.baseline == "eager" and {"eager", "reference", "torch"} <= set(case.impls)
-    torch.testing.assert_close(case.impls["eager"](), case.impls["torch"]())
-    torch.testing.assert_close(case.impls["eager"](), case.impls["reference"]())
+    assert case.shape.get("kv_heads") == kv_heads
+    expected = case.impls["eager"]()
+    for name in ("torch", "reference", "cpu"):
+        if name in case.impls:
+            torch.testing.assert_close(case.impls[name](), expected, msg=name)
 
 
 def test_fwd_bwd_calls_do_not_accumulate_into_grad():
@@ -581,8 +589,8 @@ def test_default_cpu_run_says_compiled_is_left_out(tmp_path, capsys):
      [f"note: {flag} has no effect on suite layer_norm (it takes --rows, --hidden and --backends)"
       for flag in ("--batch", "--seq", "--causal", "--layers")]),
     (["--suite", "attention", "--hidden", "16", "--rows", "8", "--seq", "8", "--causal", "false"],
-     ["note: --rows has no effect on suite attention (it takes --batch, --heads, --head-dim, --seq, --causal and "
-      "--backends)", "note: --hidden has no effect on suite attention (it takes --batch, --heads, --head-dim, --seq, "
+     ["note: --rows has no effect on suite attention (it takes --batch, --heads, --kv-heads, --head-dim, --seq, --causal and "
+      "--backends)", "note: --hidden has no effect on suite attention (it takes --batch, --heads, --kv-heads, --head-dim, --seq, "
       "--causal and --backends)"]),
     (["--suite", "model", "--backends", "cpu", "--heads", "2", "--head-dim", "8", "--hidden", "16", "--seq", "8"],
      [f"note: {flag} has no effect on suite model (it takes --models, --layers, --batch and --seq)"

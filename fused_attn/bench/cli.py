@@ -107,6 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on cpu, bfloat16 on cuda")
     parser.add_argument("--batch", type=positive_int, default=None, help="batch (default: a fixed token count)")
     parser.add_argument("--heads", type=positive_int, default=None, help="attention/softmax: heads")
+    parser.add_argument("--kv-heads", type=positive_int, default=None,
+                        help="attention: key/value heads, a divisor of --heads (grouped-query; default: --heads)")
     parser.add_argument("--head-dim", type=positive_int, default=None, help="attention: head dim (default 64)")
     parser.add_argument("--seq", type=positive_ints, default=None, help="attention/softmax/model: comma-separated lengths")
     parser.add_argument("--causal", choices=["both", "true", "false"], default="both", help="attention")
@@ -195,6 +197,10 @@ def _plan(args: argparse.Namespace, device: torch.device) -> list[tuple[str, Set
             reasons = backends.backend_unavailable_reasons(name, device)
             if reasons:
                 raise UsageError(f"--backends: {name!r} cannot run on {device.type} here: {'; '.join(reasons)}")
+    if args.kv_heads is not None and args.heads is None:
+        raise UsageError(f"--kv-heads {args.kv_heads} needs --heads (a multiple of it)")
+    if args.kv_heads is not None and args.heads % args.kv_heads:
+        raise UsageError(f"--kv-heads {args.kv_heads} must divide --heads {args.heads}")
     models = args.models
     if models:
         from .workloads import MODELS
@@ -203,7 +209,8 @@ def _plan(args: argparse.Namespace, device: torch.device) -> list[tuple[str, Set
         if bad:
             raise UsageError(f"--models: unknown model {bad[0]!r}; expected some of {', '.join(MODELS)}")
     base = Settings(
-        device=device, dtype=dtype, mode="fwd", batch=args.batch, heads=args.heads, head_dim=args.head_dim,
+        device=device, dtype=dtype, mode="fwd", batch=args.batch, heads=args.heads, kv_heads=args.kv_heads,
+        head_dim=args.head_dim,
         seqs=args.seq, rows=args.rows, hiddens=args.hidden,
         causal=None if args.causal == "both" else [args.causal == "true"], backends=wanted,
         compile=not args.no_compile, models=models, layers=args.layers,
@@ -243,7 +250,7 @@ DEFAULT_CPU_MIN_TIME_S = 0.25
 # The size and selection flags each suite takes (--dtype, --mode, --repeats, --min-time and the outputs apply
 # to every suite; --no-compile to all that time torch.compile).
 SUITE_FLAGS: dict[str, tuple[str, ...]] = {
-    "attention": ("--batch", "--heads", "--head-dim", "--seq", "--causal", "--backends"),
+    "attention": ("--batch", "--heads", "--kv-heads", "--head-dim", "--seq", "--causal", "--backends"),
     "softmax": ("--batch", "--heads", "--seq", "--backends"),
     "layer_norm": ("--rows", "--hidden", "--backends"),
     "add_layer_norm": ("--rows", "--hidden", "--backends"),
@@ -352,7 +359,7 @@ def run(args: argparse.Namespace) -> int:
 # Output
 
 
-_SHAPE_KEYS = {"batch": "B", "heads": "H", "seq": "L", "head_dim": "D", "rows": "rows ", "hidden": "N", "tokens": "T",
+_SHAPE_KEYS = {"batch": "B", "heads": "H", "kv_heads": "Hkv", "seq": "L", "head_dim": "D", "rows": "rows ", "hidden": "N", "tokens": "T",
                "d_model": "M", "model": "", "layers": "layers "}
 
 

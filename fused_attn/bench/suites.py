@@ -44,6 +44,7 @@ class Settings:
     mode: str
     batch: int | None = None
     heads: int | None = None
+    kv_heads: int | None = None  # attention: key/value heads (grouped-query), a divisor of heads
     head_dim: int | None = None
     seqs: list[int] | None = None
     rows: int | None = None
@@ -201,21 +202,39 @@ def _torch_flash(q, k, v, causal) -> Callable[[], torch.Tensor] | str:
 
     def run() -> torch.Tensor:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
 
     return run
 
 
+def _repeat_heads(q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Key or value repeated to the query's heads (grouped-query), as code without enable_gqa does."""
+    return t if t.shape[1] == q.shape[1] else t.repeat_interleave(q.shape[1] // t.shape[1], dim=1)
+
+
+def _grouped_reference(q, k, v, is_causal):
+    """The reference for grouped key/value heads: repeated to the query's, then the plain attention."""
+    return fused_attn.reference.scaled_dot_product_attention(q, _repeat_heads(q, k), _repeat_heads(q, v),
+                                                             is_causal=is_causal)
+
+
 def attention_cases(s: Settings) -> Iterator[Case]:
+    """Self-attention over the sequence sweep; with ``kv_heads`` (grouped-query) key and value have
+    fewer heads: implementations that take them as they are (``enable_gqa``, flash-attn) do, the
+    others (eager, the reference, xformers) repeat them inside the timed call."""
     head_dim = s.head_dim or 64
     heads = s.heads or (12 if s.device.type == "cpu" else max(1, 2048 // head_dim))
+    kv_heads = s.kv_heads or heads
+    if heads % kv_heads:
+        raise ValueError(f"kv_heads {kv_heads} must divide heads {heads}")
+    gqa = kv_heads != heads
     training = s.mode == "fwd+bwd"
     for causal in s.causal or [False, True]:
         for seq in s.seqs or ATTENTION_SEQS[s.device.type]:
             batch = s.batch or max(1, ATTENTION_TOKENS[s.device.type] // seq)
             q, k, v = (
-                torch.randn(batch, heads, seq, head_dim, device=s.device, dtype=s.dtype, requires_grad=training)
-                for _ in range(3)
+                torch.randn(batch, n, seq, head_dim, device=s.device, dtype=s.dtype, requires_grad=training)
+                for n in (heads, kv_heads, kv_heads)
             )
             grad = torch.randn_like(q) if training else None
             # What a user writes: the causal mask is made once, outside the timed call.
@@ -227,28 +246,29 @@ def attention_cases(s: Settings) -> Iterator[Case]:
             names, skipped = _fused_backends("scaled_dot_product_attention", inputs, s.backends)
 
             def eager(future=future, scale=head_dim**-0.5) -> torch.Tensor:
-                scores = q @ k.transpose(-2, -1) * scale
+                scores = q @ _repeat_heads(q, k).transpose(-2, -1) * scale
                 if future is not None:
                     scores = scores.masked_fill(future, float("-inf"))
-                return torch.softmax(scores, -1) @ v
+                return torch.softmax(scores, -1) @ _repeat_heads(q, v)
 
             impls: dict[str, Callable[[], object]] = {
                 "eager": _runner(eager, grad),
-                "torch": _runner(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), grad),
-                "reference": _runner(
-                    lambda: fused_attn.reference.scaled_dot_product_attention(q, k, v, is_causal=causal), grad
-                ),
+                "torch": _runner(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa), grad),
+                "reference": _runner(lambda: _grouped_reference(q, k, v, causal), grad),
             }
-            compiled = _compiled(s, fused_attn.reference.scaled_dot_product_attention, q, k, v, is_causal=causal)
+            compiled = _compiled(s, _grouped_reference, q, k, v, causal)
             flash = _torch_flash(q, k, v, causal)
             _add_optional(impls, skipped, grad, [("torch-flash", flash), ("compiled", compiled)])
             for name in names:
                 impls[name] = _runner(
-                    lambda name=name: fused_attn.scaled_dot_product_attention(q, k, v, is_causal=causal, backend=name),
+                    lambda name=name: fused_attn.scaled_dot_product_attention(
+                        q, k, v, is_causal=causal, enable_gqa=gqa, backend=name
+                    ),
                     grad,
                 )
             _add_optional(impls, skipped, grad, third_party.attention(q, k, v, causal))
-            shape = {"batch": batch, "heads": heads, "seq": seq, "head_dim": head_dim, "causal": causal}
+            shape = {"batch": batch, "heads": heads, **({"kv_heads": kv_heads} if gqa else {}), "seq": seq,
+                     "head_dim": head_dim, "causal": causal}
             yield Case("attention", shape, s.dtype, s.mode, impls, skipped, flops=flops, baseline="eager")
 
 

@@ -36,7 +36,9 @@ def _gpu_half(x: torch.Tensor, library: str) -> str | None:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> list[Adapter]:
     """flash-attn and xformers, both taking and returning [batch, seq, heads, head_dim]; the output
     is returned as a [batch, heads, seq, head_dim] view, the layout of the case's inputs and of its
-    gradient (whose last dim stays contiguous through the view, as these libraries need)."""
+    gradient (whose last dim stays contiguous through the view, as these libraries need). Grouped
+    key/value heads (fewer than the query's): flash-attn takes them as they are, xformers repeated
+    inside the call."""
     adapters: list[Adapter] = []
     why = _missing("flash_attn", "flash-attn") or _gpu_half(q, "flash-attn")
     if why:
@@ -54,8 +56,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -
 
         qt, kt, vt = (t.transpose(1, 2).contiguous().detach().requires_grad_(t.requires_grad) for t in (q, k, v))
         bias = xops.LowerTriangularMask() if causal else None
+        group = q.shape[1] // k.shape[1]
+
+        def grouped(t: torch.Tensor) -> torch.Tensor:  # [B, L, Hkv, D] -> [B, L, H, D], repeated
+            return t if group == 1 else t.repeat_interleave(group, dim=2)
+
         adapters.append(
-            ("xformers", lambda: xops.memory_efficient_attention(qt, kt, vt, attn_bias=bias).transpose(1, 2))
+            ("xformers",
+             lambda: xops.memory_efficient_attention(qt, grouped(kt), grouped(vt), attn_bias=bias).transpose(1, 2))
         )
     return adapters
 
