@@ -1020,7 +1020,9 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_
       // Causal: the block's last query sees keys [0, i0 + mq); the others are masked in S.
       const int64_t nk = pb.causal ? std::min(k_len, i0 + mq) : k_len;
       if (dscores != nullptr && nk < k_len) {
-        for (int64_t r = 0; r < mq; ++r) std::fill(dscores + (i0 + r) * k_len + nk, dscores + (i0 + r + 1) * k_len, 0.f);
+        for (int64_t r = 0; r < mq; ++r) {
+          std::fill(dscores + (i0 + r) * k_len + nk, dscores + (i0 + r + 1) * k_len, 0.f);
+        }
       }
       if (nk == 0) {
         for (int64_t r = 0; r < mq; ++r) std::fill(dqb + (i0 + r) * bt.dq_s[2], dqb + (i0 + r) * bt.dq_s[2] + d, T(0));
@@ -1073,7 +1075,8 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_
 struct GroupSplit {
   int64_t splits, chunk;
   GroupSplit(const AttnProblem& pb, int64_t kv_count, int64_t threads) {
-    const int64_t wanted = std::min(pb.group, std::max<int64_t>(1, (threads + kv_count - 1) / std::max<int64_t>(kv_count, 1)));
+    const int64_t per_kv_head = (threads + kv_count - 1) / std::max<int64_t>(kv_count, 1);
+    const int64_t wanted = std::min(pb.group, std::max<int64_t>(1, per_kv_head));
     chunk = (pb.group + wanted - 1) / wanted;
     splits = (pb.group + chunk - 1) / chunk;  // no empty chunk
   }
@@ -1212,7 +1215,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
           Carver::round_up(copy_k ? pb.k_len * pb.d : 0) + Carver::round_up(copy_v ? pb.k_len * pb.dv : 0) +
           Carver::round_up(block_q * pb.d) * 2 + Carver::round_up(block_q * pb.dv) +
           Carver::round_up(block_q * pb.k_len) * 2 + Carver::round_up(4 * block_q) +
-          (in_place || parts.defined() ? 0 : Carver::round_up(pb.k_len * pb.d) + Carver::round_up(pb.k_len * pb.dv));
+          (in_place || parts.defined() ? 0
+                                       : Carver::round_up(pb.k_len * pb.d) + Carver::round_up(pb.k_len * pb.dv));
       run_tasks(slots, scratch_head, [&](int64_t slot, float* buf) {
         const auto [h_begin, h_end] = split.heads(pb, slot);
         const auto [pdk, pdv] = slot_parts(slot);
