@@ -241,6 +241,44 @@ def test_hf_attention_function_takes_grouped_key_value_heads(output_attentions):
     assert fused_attn.last_backend("softmax" if output_attentions else "scaled_dot_product_attention") in ("cpu", "triton")
 
 
+@pytest.mark.parametrize("output_attentions", [False, True], ids=["sdpa", "output-attentions"])
+def test_hf_attention_function_adds_t5_position_bias(output_attentions):
+    """The registered attention function takes the relative position bias that T5 hands it
+    (added to the scores, under the padding and causal masks): T5's outputs and every gradient,
+    the bias embedding's included, as transformers' sdpa (or eager, for output_attentions)."""
+    transformers = pytest.importorskip("transformers")
+    from fused_attn.integrations import hf
+
+    config = transformers.T5Config(vocab_size=120, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, dropout_rate=0.0)
+    torch.manual_seed(0)
+    plain = transformers.T5Model(config).eval()
+    plain.set_attn_implementation("eager" if output_attentions else "sdpa")
+    fused_model = copy.deepcopy(plain)
+    hf._register()
+    fused_model.set_attn_implementation(hf.ATTENTION_NAME)
+    ids, mask = _batch()
+    decoder_ids = ids[:, :7]
+
+    def run(model):
+        out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids,
+                    output_attentions=output_attentions)
+        weights = (*out.encoder_attentions, *out.decoder_attentions, *out.cross_attentions) if output_attentions else ()
+        return torch.cat([t.flatten() for t in (out.last_hidden_state, out.encoder_last_hidden_state, *weights)])
+
+    assert_model_parity(plain, fused_model, run)
+
+
+def test_hf_attention_function_refuses_what_it_does_not_implement():
+    from fused_attn.integrations import hf
+
+    pytest.importorskip("transformers")
+    q = torch.randn(1, 2, 4, 8)
+    for name, value in (("softcap", 30.0), ("s_aux", torch.zeros(2))):
+        with pytest.raises(ValueError, match=f"does not support .*\\({name}\\)"):
+            hf.fused_attention_forward(nn.Module(), q, q, q, None, **{name: value})
+
+
 def test_hf_optimized_model_pickles(tmp_path):
     """torch.save of a whole optimized model, loaded here and in a fresh process."""
     transformers, config = _hf_config()

@@ -36,6 +36,14 @@ FAMILY = ("bert", "roberta", "xlm-roberta", "camembert")
 _FUSED_CLASSES: dict[tuple[type, str], type] = {}
 
 
+# Arguments of transformers' attention interface that change the attention itself and that the
+# fused path does not implement (as transformers' own sdpa path does not): refused, never ignored.
+_UNSUPPORTED_KWARGS = {
+    "softcap": "logit soft-capping",
+    "s_aux": "attention sinks",
+}
+
+
 def fused_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -45,17 +53,32 @@ def fused_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     is_causal: bool | None = None,
+    position_bias: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function interface: [B, H, L, D] in, ([B, L, H, D], weights) out;
     the weights ([B, H, L, S], after dropout as eager returns them) only when
     ``output_attentions`` asks for them, else None. Key and value may have fewer heads than the
-    query (grouped-query models hand them over unrepeated): they go to the kernels as they are."""
+    query (grouped-query models hand them over unrepeated): they go to the kernels as they are.
+    ``position_bias`` (T5's relative attention bias, added to the scores) joins the mask as a
+    floating mask, and receives its gradient; ``softcap`` and ``s_aux`` (sinks) raise a
+    ValueError, as transformers' sdpa path does for the first."""
+    for name, what in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"the fused_attn attention does not support {what} ({name}); use 'eager' for this model")
     causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
     # As transformers' SDPA path: an explicit mask already carries any causal structure.
     causal = bool(causal and attention_mask is None and query.shape[2] > 1)
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[2] != query.shape[2]:
         attention_mask = attention_mask[:, :, -query.shape[2]:]
+    if position_bias is not None:
+        # Added to the scores under the mask: a boolean mask hides keys (-inf), a floating one adds.
+        if attention_mask is None:
+            attention_mask = position_bias
+        elif attention_mask.dtype == torch.bool:
+            attention_mask = position_bias.masked_fill(~attention_mask, float("-inf"))
+        else:
+            attention_mask = position_bias + attention_mask
     backend = getattr(module, "fused_attn_backend", None)
     if kwargs.get("output_attentions") or getattr(getattr(module, "config", None), "output_attentions", False):
         # The caller wants the probabilities: one fused softmax pass over the scores, then P V.
