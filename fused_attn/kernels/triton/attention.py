@@ -4,7 +4,8 @@ Layout: query [B, H, Lq, D], key [B, Hkv, Lk, D], value [B, Hkv, Lk, Dv], any st
 unit last-dim stride. Hkv is H, or a divisor of it (grouped-query attention): query head h reads
 key/value head h // (H / Hkv) in place, nothing is repeated in memory, and a program of the dK/dV
 kernel owns a key tile of a key/value head and walks the query heads of its group, summing their
-contributions in its float32 accumulators. The grid is one-dimensional, ``pid -> (tile,
+contributions in its float32 accumulators (when that leaves too few programs to fill the GPU, the
+group is split into chunks whose float32 sums are added after the kernel: ``_dkdv_splits``). The grid is one-dimensional, ``pid -> (tile,
 batch*head)`` with the tile index varying fastest, so consecutive programs share one head's K/V
 in L2 and batch*heads may go up to the 2^31 grid limit.
 
@@ -537,7 +538,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    heads, kv_heads, kv_group, q_len, k_len, qk_scale, sm_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
+    heads, kv_heads, kv_group, kv_splits, q_len, k_len, qk_scale, sm_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr,
@@ -547,10 +548,18 @@ def _attn_bwd_dkdv_kernel(
     pid = tl.program_id(0)
     tile_n = pid % num_n
     # A program owns a key tile of one key/value head and walks the query heads that read it (one
-    # without grouping), so a grouped head's dK/dV is summed in the float32 accumulators.
-    bkv = (pid // num_n).to(tl.int64)
+    # without grouping), so a grouped head's dK/dV is summed in the float32 accumulators. With
+    # kv_splits > 1 (few programs otherwise: _dkdv_splits) a program walks one chunk of the group
+    # and stores its float32 sum as head hk * kv_splits + split of a buffer the launcher sums.
+    slot = (pid // num_n).to(tl.int64)
+    split = slot % kv_splits
+    bkv = slot // kv_splits
     b = bkv // kv_heads
     hk = bkv % kv_heads
+    chunk = tl.cdiv(kv_group, kv_splits)
+    g_begin = split * chunk
+    g_end = tl.minimum(g_begin + chunk, kv_group)
+    out_h = hk * kv_splits + split
     start_n = tile_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -568,7 +577,7 @@ def _attn_bwd_dkdv_kernel(
     lo = (start_n // BLOCK_M) * BLOCK_M
     straddle_hi = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, q_len)
     full_lo = tl.maximum(straddle_hi, lo)
-    for g in range(0, kv_group):
+    for g in range(g_begin, g_end):
         h = hk * kv_group + g
         bh = b * heads + h
         q_base = q_ptr + b * stride_qb + h * stride_qh
@@ -596,9 +605,9 @@ def _attn_bwd_dkdv_kernel(
             )
     dk = dk * sm_scale
     dv = dv * _inv_keep(inv_keep, DROPOUT)
-    tl.store(dk_ptr + b * stride_dkb + hk * stride_dkh + keys * stride_dkn + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
+    tl.store(dk_ptr + b * stride_dkb + out_h * stride_dkh + keys * stride_dkn + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
              mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM))
-    tl.store(dv_ptr + b * stride_dvb + hk * stride_dvh + keys * stride_dvn + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty),
+    tl.store(dv_ptr + b * stride_dvb + out_h * stride_dvh + keys * stride_dvn + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty),
              mask=in_keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
 
 
@@ -680,6 +689,30 @@ def _kv_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
             f"got key {list(k.shape)} and value {list(v.shape)}"
         )
     return heads // kv_heads
+
+
+# The dK/dV kernel's programs a launch should have at least (per multiprocessor: two), before a
+# key/value head's group of query heads is split across programs. Under the interpreter, on CPU
+# tensors, a stand-in small enough that the tests' grouped shapes take the split path too.
+_PROGRAMS_PER_SM = 2
+_INTERPRETED_PROGRAMS = 4
+
+
+def _dkdv_splits(q: torch.Tensor, batch: int, kv_heads: int, kv_group: int, k_len: int) -> int:
+    """Chunks each key/value head's group of query heads is split into for the dK/dV kernel: 1
+    (a program walks the whole group) unless the key/value heads alone give fewer programs than
+    the device runs at once (multi-query attention at small batch), then as many as fill it, at
+    most one query head each. Counted with 64-key tiles (the autotuner picks the real size)."""
+    if kv_group == 1:
+        return 1
+    programs = batch * kv_heads * triton.cdiv(k_len, 64)
+    if q.device.type == "cuda":
+        target = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(q.device).multi_processor_count
+    else:
+        target = _INTERPRETED_PROGRAMS
+    wanted = min(kv_group, max(1, triton.cdiv(target, max(programs, 1))))
+    chunk = triton.cdiv(kv_group, wanted)
+    return triton.cdiv(kv_group, chunk)  # no empty chunk
 
 
 def _mask_args(mask: torch.Tensor | None, like: torch.Tensor):
@@ -776,12 +809,22 @@ def attention_bwd(
             HEAD_DIM_V=v.shape[-1], BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=pre_block,
         )
     dscores = torch.zeros(batch, heads, q_len, k_len, device=q.device, dtype=torch.float32) if mask_needs_grad else None
-    _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(k_len, m["BLOCK_N"]) * batch * kv_heads,)](
-        q, k, v, mask_t, dout, stats, corr, delta, dk, dv,
-        *common, *dk.stride()[:3], *dv.stride()[:3],
-        heads, kv_heads, kv_group, q_len, k_len, scale * LOG2E, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
+    kv_splits = _dkdv_splits(q, batch, kv_heads, kv_group, k_len)
+    if kv_splits > 1:
+        # Each chunk of a group stores its float32 sum apart; summed over the chunks below, rounded once.
+        dk_parts = torch.empty(batch, kv_heads * kv_splits, k_len, k.shape[-1], device=q.device, dtype=torch.float32)
+        dv_parts = torch.empty(batch, kv_heads * kv_splits, k_len, v.shape[-1], device=q.device, dtype=torch.float32)
+    else:
+        dk_parts, dv_parts = dk, dv
+    _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(k_len, m["BLOCK_N"]) * batch * kv_heads * kv_splits,)](
+        q, k, v, mask_t, dout, stats, corr, delta, dk_parts, dv_parts,
+        *common, *dk_parts.stride()[:3], *dv_parts.stride()[:3],
+        heads, kv_heads, kv_group, kv_splits, q_len, k_len, scale * LOG2E, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
         MASK_IS_BOOL=mask_is_bool, ROW_STATS=row_stats, **meta,
     )
+    if kv_splits > 1:
+        for grad, parts in ((dk, dk_parts), (dv, dv_parts)):
+            grad.copy_(parts.unflatten(1, (kv_heads, kv_splits)).sum(2))
     _attn_bwd_dq_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]) * batch * heads,)](
         q, k, v, mask_t, dout, stats, corr, delta, dq, dscores if dscores is not None else dq,
         *common, *dq.stride()[:3],
