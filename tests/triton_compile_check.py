@@ -111,18 +111,19 @@ def _cases(quick: bool):
         inputs = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
         torch.autograd.grad(out, inputs, torch.ones_like(out))
 
-    def attention(dtype, head_dim=64, q_len=128, k_len=None, mask=None, causal=False, dropout=0.0, mask_grad=False):
+    def attention(dtype, head_dim=64, q_len=128, k_len=None, mask=None, causal=False, dropout=0.0, mask_grad=False,
+                  kv_heads=4):
         def run():
             k_len_ = q_len if k_len is None else k_len
             q = t(2, 4, q_len, head_dim, dtype=dtype)
-            k, v = t(2, 4, k_len_, head_dim, dtype=dtype), t(2, 4, k_len_, head_dim, dtype=dtype)
+            k, v = t(2, kv_heads, k_len_, head_dim, dtype=dtype), t(2, kv_heads, k_len_, head_dim, dtype=dtype)
             m = None
             if mask == "padding":
                 m = torch.ones(2, 1, 1, k_len_, dtype=torch.bool)
             elif mask == "bias":
                 m = t(1, 4, q_len, k_len_, dtype=dtype, grad=mask_grad)
             out = fused_attn.scaled_dot_product_attention(
-                q, k, v, m, dropout_p=dropout, is_causal=causal, backend="triton"
+                q, k, v, m, dropout_p=dropout, is_causal=causal, enable_gqa=kv_heads != 4, backend="triton"
             )
             backward(out, q, k, v, m)
 
@@ -203,6 +204,9 @@ def _cases(quick: bool):
         ("attention fp16 d64 bias-grad", attention(f16, mask="bias", mask_grad=True)),
         ("attention fp16 d64 causal dropout", attention(f16, causal=True, dropout=0.1)),
         ("attention fp32 d64", attention(f32)),
+        ("attention bf16 d64 grouped", attention(bf16, kv_heads=2)),
+        # one key/value head at 64 keys: the dK/dV kernel splits the group (_dkdv_splits)
+        ("attention fp16 d64 grouped split causal", attention(f16, q_len=64, kv_heads=1, causal=True)),
         ("softmax fp16 bool-mask", softmax(f16, mask="bool")),
         ("layer_norm bf16 768", layer_norm(bf16, 768)),
         ("add_layer_norm bf16 dropout", add_layer_norm(bf16, dropout=0.1)),
