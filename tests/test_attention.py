@@ -201,14 +201,13 @@ class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("kind", ["padding", "causal"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["no-dropout", "dropout"])
 def test_grouped_heads_are_read_in_place(backend_device, kind, dropout_p):
-    """enable_gqa on the cpu and Triton backends: the kernels get key and value with their own head
-    count, not repeated (no op copies them), and give what the same kernel gives for the heads
-    repeated in memory: the same output and dQ bit for bit (dropout included: its stream is keyed
-    by the query head), and each key/value head's dK/dV the sum over its group (summed in float32
-    and rounded once, so within the rounding of the repeated run's per-head terms)."""
+    """enable_gqa: the kernels get key and value with their own head count, not repeated (no op
+    copies them), and give what the same kernel gives for the heads repeated in memory: the same
+    output and dQ bit for bit (dropout included: its stream is keyed by the query head), and each
+    key/value head's dK/dV the sum over its group (within the rounding of the repeated run's
+    per-head terms: the cpu and Triton kernels sum in float32 and round once)."""
     backend, device = backend_device
-    if backend not in NATIVE_GQA:
-        pytest.skip(f"the {backend} backend is given key and value repeated to the query's heads")
+    assert backend in NATIVE_GQA
     dtype = work_dtype(OP, backend, device)
     gen = torch.Generator().manual_seed(5)
     make = lambda heads, length, dim: torch.randn(2, heads, length, dim, generator=gen).to(device=device, dtype=dtype)  # noqa: E731

@@ -270,8 +270,9 @@ def test_bench_model_suite_plain_optimized_compiled(tmp_path, capsys):
     (["bench", "--json", "/tmp"], "/tmp: is a directory"),
     (["bench", "--json", "new-folder/"], "new-folder/: is a directory"),
     (["bench", "--plot", "/tmp"], "/tmp: is a directory"),
-    (["bench", "--suite", "attention", "--kv-heads", "2"], "--kv-heads 2 needs --heads (a multiple of it)"),
-    (["bench", "--suite", "attention", "--heads", "4", "--kv-heads", "3"], "--kv-heads 3 must divide --heads 4"),
+    (["bench", "--suite", "attention", "--device", "cpu", "--kv-heads", "5"],
+     "--kv-heads 5 must divide the attention heads, 12 (the default; --heads sets them)"),
+    (["bench", "--suite", "attention", "--heads", "4", "--kv-heads", "3"], "--kv-heads 3 must divide the attention heads, 4"),
     (["bench", "--plot", "bench.notanext"], "expected a file name ending in .png, .svg, .pdf"),
     (["profile-memory", "--json", "/nonexistent-folder/p.json"], "folder /nonexistent-folder does not exist"),
     (["profile-memory", "--plot", "/tmp"], "/tmp: is a directory"),
@@ -595,9 +596,9 @@ def test_default_cpu_run_says_compiled_is_left_out(tmp_path, capsys):
     (["--suite", "model", "--backends", "cpu", "--heads", "2", "--head-dim", "8", "--hidden", "16", "--seq", "8"],
      [f"note: {flag} has no effect on suite model (it takes --models, --layers, --batch and --seq)"
       for flag in ("--heads", "--head-dim", "--backends", "--hidden")]),
-    (["--suite", "softmax", "--models", "bert-tiny", "--head-dim", "8"],
+    (["--suite", "softmax", "--models", "bert-tiny", "--head-dim", "8", "--kv-heads", "5"],
      [f"note: {flag} has no effect on suite softmax (it takes --batch, --heads, --seq and --backends)"
-      for flag in ("--head-dim", "--models")]),
+      for flag in ("--kv-heads", "--head-dim", "--models")]),
     (["--rows", "8"], ["note: --rows has no effect on suites model, attention (none of them takes it)"]),
     (["--suite", "all", "--seq", "8", "--rows", "8", "--models", "bert-tiny", "--causal", "true"], []),
     (["--suite", "ffn"], []),

@@ -1066,17 +1066,17 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_
   }
 }
 
-// Grouped-query backward with fewer key/value heads than threads: each group's query heads are
-// split into `splits` chunks of `chunk` heads (the last one shorter), one task each, so that the
-// threads stay busy; a chunk sums its dK/dV in a float32 slot of its own ([slots, k_len, d] and
-// [slots, k_len, dv], slot = bkv * splits + chunk index), and reduce_group_parts adds a head's
-// slots in order and rounds once. Without grouping, or with enough key/value heads: one chunk,
-// the whole group, and no slots.
+// Grouped-query backward with fewer dK/dV tasks than threads (`units`: the key/value heads, or in
+// the per-block passes their key blocks): each group's query heads are split into `splits` chunks
+// of `chunk` heads (the last one shorter), one task each, so that the threads stay busy; a chunk
+// sums its dK/dV in a float32 slot of its own ([slots, k_len, d] and [slots, k_len, dv], slot =
+// bkv * splits + chunk index), and reduce_group_parts adds a head's slots in order and rounds once.
+// Without grouping, or with units enough: one chunk, the whole group, and no slots.
 struct GroupSplit {
   int64_t splits, chunk;
-  GroupSplit(const AttnProblem& pb, int64_t kv_count, int64_t threads) {
-    const int64_t per_kv_head = (threads + kv_count - 1) / std::max<int64_t>(kv_count, 1);
-    const int64_t wanted = std::min(pb.group, std::max<int64_t>(1, per_kv_head));
+  GroupSplit(const AttnProblem& pb, int64_t units, int64_t threads) {
+    const int64_t per_unit = (threads + units - 1) / std::max<int64_t>(units, 1);
+    const int64_t wanted = std::min(pb.group, std::max<int64_t>(1, per_unit));
     chunk = (pb.group + wanted - 1) / wanted;
     splits = (pb.group + chunk - 1) / chunk;  // no empty chunk
   }
@@ -1169,9 +1169,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   // at cost 5 against heads / threads of the three passes' 9 (statistics 2, dK/dV 4, dQ 3).
   // Without grouping a chunk is one head and a task one head.
   const int64_t threads = at::get_num_threads();
-  const GroupSplit split(pb, kv_count, threads);
+  const GroupSplit head_split(pb, kv_count, threads);
+  const int64_t head_slots = kv_count * head_split.splits;
+  const bool per_head = (head_slots + threads - 1) / threads * threads * head_split.chunk * 5 <= 9 * bh_count;
+  // The per-block passes' dK/dV tasks are (slot, key block) pairs: a group is split there only when
+  // the key/value heads' key blocks alone are too few for the threads.
+  const GroupSplit split = per_head ? head_split : GroupSplit(pb, kv_count * ((pb.k_len + kBwdK - 1) / kBwdK), threads);
   const int64_t slots = kv_count * split.splits;
-  const bool per_head = (slots + threads - 1) / threads * threads * split.chunk * 5 <= 9 * bh_count;
   const int64_t block_q =
       std::max<int64_t>(1, std::min(per_head ? kBwdHeadQ : query_block(kBwdQ, bh_count, pb.q_len), pb.q_len));
   const int64_t block_k = std::max<int64_t>(1, std::min(query_block(kBwdK, slots, pb.k_len), pb.k_len));

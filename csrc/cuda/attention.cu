@@ -59,6 +59,12 @@
 // key, in the dK/dV kernel); only the tiles that straddle the diagonal, cross a sequence end, or have a
 // mask pay the per-element pass.
 //
+// Grouped-query attention (key/value with fewer heads than query, a divisor of its heads): every
+// kernel reads key/value head h / kv_group for query head h in place. The dK/dV kernel keeps its
+// grid over query heads (the parallelism of ungrouped attention, whatever the group size) and
+// stores each query head's dK/dV into [B, H, Lk, D] buffers that the launcher sums over each group,
+// as FlashAttention-2 does.
+//
 // Dropout regenerates the shared Philox4x32-10 stream (fused_attn/philox.h) per element, counter
 // (bh * Lq + i) * Lk + j, so the forward, both backward kernels and every other backend draw the same
 // keep-mask from the seed: the row sum takes the undropped P, P V takes P * keep (0 or 1) and O the
@@ -355,6 +361,7 @@ struct AttnParams {
   int64_t q_s[3], k_s[3], v_s[3];  // strides (elements) of batch, head, row
   MaskArgs mask;
   int heads, q_len, k_len, d, dv;
+  int kv_group;   // query heads per key/value head: query head h reads key/value head h / kv_group
   int num_tiles;  // tiles of the sequence a block owns a tile of (queries, or keys for dK/dV)
   float scale;       // natural-log units
   float scale_log2;  // scale * log2(e)
@@ -544,8 +551,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
   const int m0 = tile * kM;
 
   const uint16_t* qg = p.q + b * p.q_s[0] + h * p.q_s[1];
-  const uint16_t* kg = p.k + b * p.k_s[0] + h * p.k_s[1];
-  const uint16_t* vg = p.v + b * p.v_s[0] + h * p.v_s[1];
+  const uint16_t* kg = p.k + b * p.k_s[0] + (h / p.kv_group) * p.k_s[1];
+  const uint16_t* vg = p.v + b * p.v_s[0] + (h / p.kv_group) * p.v_s[1];
   const int64_t mask_base = b * p.mask.s0 + h * p.mask.s1;
 
   const int n_end = p.causal ? min(p.k_len, m0 + kM) : p.k_len;
@@ -695,8 +702,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
   const int n0 = tile * kN;
 
   const uint16_t* qg = p.q + b * p.q_s[0] + h * p.q_s[1];
-  const uint16_t* kg = p.k + b * p.k_s[0] + h * p.k_s[1];
-  const uint16_t* vg = p.v + b * p.v_s[0] + h * p.v_s[1];
+  const uint16_t* kg = p.k + b * p.k_s[0] + (h / p.kv_group) * p.k_s[1];
+  const uint16_t* vg = p.v + b * p.v_s[0] + (h / p.kv_group) * p.v_s[1];
   const uint16_t* dog = p.dout + b * p.do_s[0] + h * p.do_s[1];
   const int64_t mask_base = b * p.mask.s0 + h * p.mask.s1;
   const float* delta = p.delta + bh * p.q_len;
@@ -820,8 +827,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
   const int m0 = tile * kM;
 
   const uint16_t* qg = p.q + b * p.q_s[0] + h * p.q_s[1];
-  const uint16_t* kg = p.k + b * p.k_s[0] + h * p.k_s[1];
-  const uint16_t* vg = p.v + b * p.v_s[0] + h * p.v_s[1];
+  const uint16_t* kg = p.k + b * p.k_s[0] + (h / p.kv_group) * p.k_s[1];
+  const uint16_t* vg = p.v + b * p.v_s[0] + (h / p.kv_group) * p.v_s[1];
   const uint16_t* dog = p.dout + b * p.do_s[0] + h * p.do_s[1];
   const int64_t mask_base = b * p.mask.s0 + h * p.mask.s1;
   float* dscores = (p.dscores != nullptr && blockIdx.y == 0) ? p.dscores + bh * p.q_len * p.k_len : nullptr;
@@ -979,10 +986,14 @@ void check_qkv(const at::Tensor& query, const at::Tensor& key, const at::Tensor&
   TORCH_CHECK(query.scalar_type() == at::kHalf || query.scalar_type() == at::kBFloat16,
               "attention (cuda backend) takes float16 or bfloat16 inputs (tensor cores), got ", query.scalar_type(),
               "; use backend='triton' or 'auto' for float32");
-  TORCH_CHECK(key.size(0) == query.size(0) && key.size(1) == query.size(1) && value.size(0) == query.size(0) &&
-                  value.size(1) == query.size(1),
-              "key and value must have query's batch and heads ", query.sizes().slice(0, 2), ", got key ",
-              key.sizes(), " and value ", value.sizes());
+  // Grouped-query attention: key and value may have fewer heads than query, the same number, a
+  // divisor of query's.
+  const int64_t kv_heads = key.size(1);
+  TORCH_CHECK(key.size(0) == query.size(0) && value.size(0) == query.size(0) && value.size(1) == kv_heads &&
+                  (kv_heads == query.size(1) || (kv_heads > 0 && query.size(1) % kv_heads == 0)),
+              "key and value must have query's batch and heads ", query.sizes().slice(0, 2),
+              " (or, grouped, the same divisor of query's heads), got key ", key.sizes(), " and value ",
+              value.sizes());
   TORCH_CHECK(key.size(3) == query.size(3), "key head_dim ", key.size(3), " must equal query head_dim ", query.size(3));
   TORCH_CHECK(value.size(2) == key.size(2), "value length ", value.size(2), " must equal key length ", key.size(2));
   TORCH_CHECK(query.size(3) <= kMaxHeadDim && value.size(3) <= kMaxHeadDim,
@@ -1047,6 +1058,7 @@ AttnParams make_params(const at::Tensor& query, const at::Tensor& key, const at:
   fill_strides(value, p.v_s);
   p.mask = make_mask(attn_mask, query, key.size(2));
   p.heads = static_cast<int>(query.size(1));
+  p.kv_group = key.size(1) > 0 ? std::max(1, static_cast<int>(query.size(1) / key.size(1))) : 1;
   p.q_len = static_cast<int>(query.size(2));
   p.k_len = static_cast<int>(key.size(2));
   p.d = static_cast<int>(query.size(3));
@@ -1157,7 +1169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   at::Tensor dscores = mask_needs_grad
                            ? at::zeros({batch, p.heads, p.q_len, p.k_len}, query.options().dtype(at::kFloat))
                            : at::empty({0}, query.options());
-  if (bh == 0) return {dq, dk, dv, dscores};
+  if (bh == 0) return {dq, dk.zero_(), dv.zero_(), dscores};  // grouped: key/value may have heads
   if (p.q_len == 0 || p.k_len == 0) {
     // Sums over no queries (dK, dV) or no keys (dQ).
     dq.zero_();
@@ -1176,12 +1188,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.stats = lse.const_data_ptr<float>();
   at::Tensor delta = at::empty({bh * p.q_len}, query.options().dtype(at::kFloat));
   p.delta = delta.const_data_ptr<float>();
+  // Grouped-query attention: the dK/dV kernel's blocks own a key tile of a query head (reading its
+  // key/value head in place) and store into [B, H, Lk, D] buffers, summed over each group below
+  // (in float32, rounded once: at::sum), as FlashAttention-2 does; without grouping, dK and dV.
+  const bool grouped = p.kv_group > 1;
+  const at::Tensor dk_heads = grouped ? at::empty({batch, p.heads, p.k_len, p.d}, key.options()) : dk;
+  const at::Tensor dv_heads = grouped ? at::empty({batch, p.heads, p.k_len, p.dv}, value.options()) : dv;
   p.dq = static_cast<uint16_t*>(dq.mutable_data_ptr());
-  p.dk = static_cast<uint16_t*>(dk.mutable_data_ptr());
-  p.dv_out = static_cast<uint16_t*>(dv.mutable_data_ptr());
+  p.dk = static_cast<uint16_t*>(dk_heads.mutable_data_ptr());
+  p.dv_out = static_cast<uint16_t*>(dv_heads.mutable_data_ptr());
   fill_strides(dq, p.dq_s);
-  fill_strides(dk, p.dk_s);
-  fill_strides(dv, p.dv_s);
+  fill_strides(dk_heads, p.dk_s);
+  fill_strides(dv_heads, p.dv_s);
   p.dscores = mask_needs_grad ? dscores.mutable_data_ptr<float>() : nullptr;
 
   const int padded = padded_head_dim(std::max(p.d, p.dv));
@@ -1218,6 +1236,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
       }
     });
   }), at::kHalf, at::kBFloat16);
+  if (grouped) {
+    const int64_t kv_heads = key.size(1);
+    dk.copy_(dk_heads.unflatten(1, {kv_heads, p.kv_group}).sum(2));
+    dv.copy_(dv_heads.unflatten(1, {kv_heads, p.kv_group}).sum(2));
+  }
   return {dq, dk, dv, dscores};
 }
 

@@ -18,7 +18,7 @@ import torch
 
 from .. import backends
 from . import harness
-from .suites import SUITES, Settings
+from .suites import SUITES, Settings, attention_heads
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MODES = ["fwd", "fwd+bwd"]
@@ -197,10 +197,6 @@ def _plan(args: argparse.Namespace, device: torch.device) -> list[tuple[str, Set
             reasons = backends.backend_unavailable_reasons(name, device)
             if reasons:
                 raise UsageError(f"--backends: {name!r} cannot run on {device.type} here: {'; '.join(reasons)}")
-    if args.kv_heads is not None and args.heads is None:
-        raise UsageError(f"--kv-heads {args.kv_heads} needs --heads (a multiple of it)")
-    if args.kv_heads is not None and args.heads % args.kv_heads:
-        raise UsageError(f"--kv-heads {args.kv_heads} must divide --heads {args.heads}")
     models = args.models
     if models:
         from .workloads import MODELS
@@ -215,6 +211,11 @@ def _plan(args: argparse.Namespace, device: torch.device) -> list[tuple[str, Set
         causal=None if args.causal == "both" else [args.causal == "true"], backends=wanted,
         compile=not args.no_compile, models=models, layers=args.layers,
     )
+    if args.kv_heads is not None and args.suite in (None, "all", "attention"):
+        heads = args.heads or (12 if args.suite is None and device.type == "cpu" else attention_heads(base))
+        if heads % args.kv_heads:
+            raise UsageError(f"--kv-heads {args.kv_heads} must divide the attention heads, {heads}"
+                             + ("" if args.heads else " (the default; --heads sets them)"))
     if args.mode == "both" or (args.mode is None and args.suite is None):
         modes = MODES
     else:

@@ -218,12 +218,18 @@ def _grouped_reference(q, k, v, is_causal):
                                                              is_causal=is_causal)
 
 
+def attention_heads(s: Settings) -> int:
+    """The attention suite's query heads: ``--heads``, else 12 on a CPU (BERT-base) and a width of
+    2048 (heads x head_dim) on a GPU."""
+    return s.heads or (12 if s.device.type == "cpu" else max(1, 2048 // (s.head_dim or 64)))
+
+
 def attention_cases(s: Settings) -> Iterator[Case]:
     """Self-attention over the sequence sweep; with ``kv_heads`` (grouped-query) key and value have
     fewer heads: implementations that take them as they are (``enable_gqa``, flash-attn) do, the
     others (eager, the reference, xformers) repeat them inside the timed call."""
     head_dim = s.head_dim or 64
-    heads = s.heads or (12 if s.device.type == "cpu" else max(1, 2048 // head_dim))
+    heads = attention_heads(s)
     kv_heads = s.kv_heads or heads
     if heads % kv_heads:
         raise ValueError(f"kv_heads {kv_heads} must divide heads {heads}")

@@ -41,6 +41,7 @@ _FUSED_CLASSES: dict[tuple[type, str], type] = {}
 _UNSUPPORTED_KWARGS = {
     "softcap": "logit soft-capping",
     "s_aux": "attention sinks",
+    "sinks": "attention sinks",
 }
 
 
@@ -61,8 +62,10 @@ def fused_attention_forward(
     ``output_attentions`` asks for them, else None. Key and value may have fewer heads than the
     query (grouped-query models hand them over unrepeated): they go to the kernels as they are.
     ``position_bias`` (T5's relative attention bias, added to the scores) joins the mask as a
-    floating mask, and receives its gradient; ``softcap`` and ``s_aux`` (sinks) raise a
-    ValueError, as transformers' sdpa path does for the first."""
+    floating mask, and receives its gradient (a query whose every key is masked gets 0, as
+    everywhere in this package, where transformers' finite fill averages the bias); ``softcap``
+    and attention sinks (``s_aux``, ``sinks``) raise a ValueError, as transformers' sdpa path does
+    for the first."""
     for name, what in _UNSUPPORTED_KWARGS.items():
         if kwargs.get(name) is not None:
             raise ValueError(f"the fused_attn attention does not support {what} ({name}); use 'eager' for this model")

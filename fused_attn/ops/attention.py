@@ -22,9 +22,9 @@ from ._registry import register_native_pair, register_pair
 from ._validate import check_dropout_p, check_is_causal, check_same_device, check_tensor, dtype_name, is_finite_number
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Backends whose kernels read grouped key/value heads in place (enable_gqa); the others are given
+# Backends whose kernels read grouped key/value heads in place (enable_gqa); the reference is given
 # key and value repeated to the query's heads.
-NATIVE_GQA = ("triton", "cpu")
+NATIVE_GQA = ("triton", "cpu", "cuda")
 # Head dims a kernel tile holds: padded (to a power of two >= 16 in Triton; to 32, 64, 96, 128 or 256
 # in CUDA C++) and masked, up to 256.
 HEAD_DIM_LIMITS = {"head_dim": (1, 256), "head_dim_v": (1, 256)}
@@ -268,7 +268,7 @@ def scaled_dot_product_attention(
     """Fused ``softmax(query @ key^T * scale + mask) @ value``, as torch's SDPA.
 
     Shapes: query [B, H, Lq, D], key [B, Hkv, Lk, D], value [B, Hkv, Lk, Dv] (Hkv = H unless
-    grouped, below) (Lq and Lk may differ: cross-attention); any strides. The output [B, H, Lq, Dv]
+    grouped, below; Lq and Lk may differ: cross-attention); any strides. The output [B, H, Lq, Dv]
     is laid out in memory as the query is (as torch's SDPA does): for heads split off a [B, Lq, H *
     D] projection, merging them back, ``out.transpose(1, 2).reshape(B, Lq, H * Dv)``, is a view, not
     a copy. ``attn_mask``: bool (True = attend) or floating (added to the scores), broadcastable to
@@ -279,12 +279,14 @@ def scaled_dot_product_attention(
     counter-based RNG seeded from torch's default generator (``torch.manual_seed`` reproduces it). A
     query whose every key is masked gets 0 and zero gradients. ``enable_gqa=True`` (grouped-query
     attention, as torch): key and value may have fewer heads than query, each a divisor of query's;
-    query head h reads key/value head h // (H / Hkv). The cpu and Triton kernels read the grouped
-    key and value in place (nothing is repeated in memory; each key/value head's gradient is summed
-    over its group in float32); the cuda backend, the reference, and key and value with different
-    head counts get them repeated to H heads first (a copy of K and V, never of the scores).
-    float16, bfloat16 and float32 run fused, head dims up to 256 (the cuda backend: float16 and
-    bfloat16 on compute capability 8.0+; float32 goes to Triton).
+    query head h reads key/value head h // (H / Hkv). The kernels read the grouped key and value in
+    place (nothing is repeated in memory); each key/value head's gradient is the sum over its group
+    (the cpu and Triton kernels sum in float32 and round once; the cuda backend stores
+    per-query-head dK/dV in a [B, H, Lk, D] buffer of the input dtype and sums it after its kernel).
+    The reference, and key and value with different head counts, get them repeated to H heads first
+    (a copy of K and V, never of the scores). float16, bfloat16 and float32 run fused, head dims up
+    to 256 (the cuda backend: float16 and bfloat16 on compute capability 8.0+; float32 goes to
+    Triton).
 
     Raises ``TypeError``/``ValueError`` naming the argument for a wrong rank, mismatched
     batch/heads/head_dim/lengths, dtypes or devices, a mask that does not broadcast, ``dropout_p``
