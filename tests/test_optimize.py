@@ -214,6 +214,20 @@ def test_hf_output_attentions_as_eager(how):
     assert fused_attn.last_backend("softmax") in ("cpu", "triton")
 
 
+def _with_registered_attention(model_class, config, output_attentions):
+    """A model of another family (random weights) on transformers' sdpa (eager for
+    output_attentions) and a copy switched to the attention function optimize() registers."""
+    from fused_attn.integrations import hf
+
+    torch.manual_seed(0)
+    plain = model_class(config).eval()
+    plain.set_attn_implementation("eager" if output_attentions else "sdpa")
+    fused_model = copy.deepcopy(plain)
+    hf._register()
+    fused_model.set_attn_implementation(hf.ATTENTION_NAME)
+    return plain, fused_model
+
+
 @pytest.mark.parametrize("output_attentions", [False, True], ids=["sdpa", "output-attentions"])
 def test_hf_attention_function_takes_grouped_key_value_heads(output_attentions):
     """The attention function optimize() registers ("fused_attn") serves models that hand it
@@ -221,16 +235,9 @@ def test_hf_attention_function_takes_grouped_key_value_heads(output_attentions):
     num_key_value_heads): the same outputs and gradients as transformers' sdpa (or eager, for
     output_attentions)."""
     transformers = pytest.importorskip("transformers")
-    from fused_attn.integrations import hf
-
     config = transformers.LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    plain = transformers.LlamaModel(config).eval()
-    plain.set_attn_implementation("eager" if output_attentions else "sdpa")
-    fused_model = copy.deepcopy(plain)
-    hf._register()
-    fused_model.set_attn_implementation(hf.ATTENTION_NAME)
+    plain, fused_model = _with_registered_attention(transformers.LlamaModel, config, output_attentions)
     ids, mask = _batch()
 
     def run(model):
@@ -247,16 +254,9 @@ def test_hf_attention_function_adds_t5_position_bias(output_attentions):
     (added to the scores, under the padding and causal masks): T5's outputs and every gradient,
     the bias embedding's included, as transformers' sdpa (or eager, for output_attentions)."""
     transformers = pytest.importorskip("transformers")
-    from fused_attn.integrations import hf
-
     config = transformers.T5Config(vocab_size=120, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                                    relative_attention_num_buckets=8, dropout_rate=0.0)
-    torch.manual_seed(0)
-    plain = transformers.T5Model(config).eval()
-    plain.set_attn_implementation("eager" if output_attentions else "sdpa")
-    fused_model = copy.deepcopy(plain)
-    hf._register()
-    fused_model.set_attn_implementation(hf.ATTENTION_NAME)
+    plain, fused_model = _with_registered_attention(transformers.T5Model, config, output_attentions)
     ids, mask = _batch()
     decoder_ids = ids[:, :7]
 

@@ -596,14 +596,7 @@ void check_qkv(const at::Tensor& query, const at::Tensor& key, const at::Tensor&
   }
   TORCH_CHECK(is_supported_float(query.scalar_type()), "query must be float32, float16 or bfloat16, got ",
               query.scalar_type());
-  // Grouped-query attention: key and value may have fewer heads than query, the same number, a
-  // divisor of query's.
-  const int64_t kv_heads = key.size(1);
-  TORCH_CHECK(key.size(0) == query.size(0) && value.size(0) == query.size(0) && value.size(1) == kv_heads &&
-                  (kv_heads == query.size(1) || (kv_heads > 0 && query.size(1) % kv_heads == 0)),
-              "key and value must have query's batch and heads ", query.sizes().slice(0, 2),
-              " (or, grouped, the same divisor of query's heads), got key ", key.sizes(), " and value ",
-              value.sizes());
+  check_kv_heads(query, key, value);  // grouped-query: fewer key/value heads allowed
   TORCH_CHECK(key.size(3) == query.size(3), "key head_dim ", key.size(3), " must equal query head_dim ", query.size(3));
   TORCH_CHECK(value.size(2) == key.size(2), "value length ", value.size(2), " must equal key length ", key.size(2));
 }

@@ -54,6 +54,17 @@ inline void check_row_stats(const at::Tensor& stat, const char* name, const at::
   TORCH_CHECK(stat.device() == like.device(), name, " must be on ", like.device(), ", got ", stat.device());
 }
 
+// Attention's key and value heads: query's, or (grouped-query attention) one shared divisor of
+// query's heads. Batch and the other dims are checked by the callers.
+inline void check_kv_heads(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value) {
+  const int64_t kv_heads = key.size(1);
+  TORCH_CHECK(key.size(0) == query.size(0) && value.size(0) == query.size(0) && value.size(1) == kv_heads &&
+                  (kv_heads == query.size(1) || (kv_heads > 0 && query.size(1) % kv_heads == 0)),
+              "key and value must have query's batch and heads ", query.sizes().slice(0, 2),
+              " (or, grouped, the same divisor of query's heads), got key ", key.sizes(), " and value ",
+              value.sizes());
+}
+
 inline void check_same_as(const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name) {
   TORCH_CHECK(t.sizes() == like.sizes(), name, " must have the shape of ", like_name, " ", like.sizes(), ", got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must have dtype ", like.scalar_type(), ", got ", t.scalar_type());
