@@ -216,21 +216,20 @@ def test_hf_output_attentions_as_eager(how):
 
 def _with_registered_attention(model_class, config, output_attentions):
     """A model of another family (random weights) on transformers' sdpa (eager for
-    output_attentions) and a copy switched to the attention function optimize() registers."""
+    output_attentions) and a copy switched to the fused attention (register_attention)."""
     from fused_attn.integrations import hf
 
     torch.manual_seed(0)
     plain = model_class(config).eval()
     plain.set_attn_implementation("eager" if output_attentions else "sdpa")
     fused_model = copy.deepcopy(plain)
-    hf._register()
-    fused_model.set_attn_implementation(hf.ATTENTION_NAME)
+    fused_model.set_attn_implementation(hf.register_attention())
     return plain, fused_model
 
 
 @pytest.mark.parametrize("output_attentions", [False, True], ids=["sdpa", "output-attentions"])
 def test_hf_attention_function_takes_grouped_key_value_heads(output_attentions):
-    """The attention function optimize() registers ("fused_attn") serves models that hand it
+    """The fused attention function ("fused_attn", register_attention) serves models that hand it
     key/value with fewer heads than the query (grouped-query attention, e.g. Llama's
     num_key_value_heads): the same outputs and gradients as transformers' sdpa (or eager, for
     output_attentions)."""

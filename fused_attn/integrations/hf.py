@@ -17,6 +17,10 @@ config object keep theirs); the backend is held by the model's modules, not by t
 :func:`fused_attn.restore` undoes all of it. An optimized model pickles (``torch.save(model)``)
 and loads in a fresh process. With ``output_attentions`` the probabilities come from
 :func:`fused_attn.softmax` and are returned, as the eager implementation returns them.
+
+Models of other families keep their attention under ``optimize`` (only their LayerNorms are
+converted); :func:`register_attention` lets any model whose attention goes through transformers'
+attention interface select the fused attention itself.
 """
 
 from __future__ import annotations
@@ -191,6 +195,16 @@ def _note(module: nn.Module) -> str | None:
         return None  # not transformers', fused whole, or made of models that are (e.g. encoder-decoder BERTs)
     return (f"model_type {model_type!r} is not one whose attention and feed-forward blocks fused_attn fuses "
             f"({', '.join(FAMILY)}): only its LayerNorm modules are converted")
+
+
+def register_attention() -> str:
+    """Registers the fused attention with transformers' attention interface (with the sdpa mask
+    function) as ``"fused_attn"`` and returns that name, for models that :func:`fused_attn.optimize`
+    does not convert whole: ``model.set_attn_implementation(register_attention())``. It serves what
+    transformers' sdpa implementation serves, grouped key/value heads and T5's position bias
+    included, and refuses soft-capping and attention sinks (:func:`fused_attention_forward`)."""
+    _register()
+    return ATTENTION_NAME
 
 
 def _register() -> None:
