@@ -84,7 +84,6 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
-#include <vector>
 
 #include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
@@ -1081,25 +1080,25 @@ struct GroupSplit {
   }
 };
 
-// dK = scale * sum of the slots, dV = sum of the slots, per key row, rounded once into the outputs.
+// dK = scale * sum of the slots, dV = sum of the slots, per key row, rounded once into the outputs:
+// each key/value head's later slots are added into its first, in slot order.
 template <typename T>
-void reduce_group_parts(const AttnProblem& pb, const BwdTensors& bt, int64_t splits, const float* part_dk,
-                        const float* part_dv, T* dk_out, T* dv_out) {
+void reduce_group_parts(const AttnProblem& pb, const BwdTensors& bt, int64_t splits, float* part_dk, float* part_dv,
+                        T* dk_out, T* dv_out) {
   const int64_t d = pb.d, dv = pb.dv, k_len = pb.k_len;
   at::parallel_for(0, pb.batch * pb.kv_heads * k_len, 64, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(static_cast<size_t>(std::max(d, dv)));
     for (int64_t r = begin; r < end; ++r) {
       const int64_t bkv = r / k_len, j = r % k_len;
       const int64_t b = bkv / pb.kv_heads, hk = bkv % pb.kv_heads;
       for (auto [part, cols, factor, out, st] :
-           {std::tuple<const float*, int64_t, float, T*, const int64_t*>{part_dk, d, pb.scale, dk_out, bt.dk_s},
+           {std::tuple<float*, int64_t, float, T*, const int64_t*>{part_dk, d, pb.scale, dk_out, bt.dk_s},
             {part_dv, dv, 1.f, dv_out, bt.dv_s}}) {
-        std::fill(row.begin(), row.begin() + cols, 0.f);
-        for (int64_t sp = 0; sp < splits; ++sp) {
-          const float* src = part + ((bkv * splits + sp) * k_len + j) * cols;
-          for (int64_t c = 0; c < cols; ++c) row[c] += src[c];
+        float* sum = part + (bkv * splits * k_len + j) * cols;
+        for (int64_t sp = 1; sp < splits; ++sp) {
+          const float* src = sum + sp * k_len * cols;
+          for (int64_t c = 0; c < cols; ++c) sum[c] += src[c];
         }
-        from_float(row.data(), factor, out + b * st[0] + hk * st[1] + j * st[2], cols);
+        from_float(sum, factor, out + b * st[0] + hk * st[1] + j * st[2], cols);
       }
     }
   });

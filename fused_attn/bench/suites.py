@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import fused_attn
 from fused_attn import backends
 
+from ..ops.attention import repeat_kv_heads
 from . import harness, third_party, workloads
 
 
@@ -207,14 +208,10 @@ def _torch_flash(q, k, v, causal) -> Callable[[], torch.Tensor] | str:
     return run
 
 
-def _repeat_heads(q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Key or value repeated to the query's heads (grouped-query), as code without enable_gqa does."""
-    return t if t.shape[1] == q.shape[1] else t.repeat_interleave(q.shape[1] // t.shape[1], dim=1)
-
-
 def _grouped_reference(q, k, v, is_causal):
     """The reference for grouped key/value heads: repeated to the query's, then the plain attention."""
-    return fused_attn.reference.scaled_dot_product_attention(q, _repeat_heads(q, k), _repeat_heads(q, v),
+    heads = q.shape[1]
+    return fused_attn.reference.scaled_dot_product_attention(q, repeat_kv_heads(k, heads), repeat_kv_heads(v, heads),
                                                              is_causal=is_causal)
 
 
@@ -252,10 +249,10 @@ def attention_cases(s: Settings) -> Iterator[Case]:
             names, skipped = _fused_backends("scaled_dot_product_attention", inputs, s.backends)
 
             def eager(future=future, scale=head_dim**-0.5) -> torch.Tensor:
-                scores = q @ _repeat_heads(q, k).transpose(-2, -1) * scale
+                scores = q @ repeat_kv_heads(k, heads).transpose(-2, -1) * scale
                 if future is not None:
                     scores = scores.masked_fill(future, float("-inf"))
-                return torch.softmax(scores, -1) @ _repeat_heads(q, v)
+                return torch.softmax(scores, -1) @ repeat_kv_heads(v, heads)
 
             impls: dict[str, Callable[[], object]] = {
                 "eager": _runner(eager, grad),

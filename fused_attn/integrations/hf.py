@@ -34,6 +34,7 @@ from torch import nn
 from .. import convert
 from ..nn.transformer import _gelu_approximation, _unfused, foreign_child
 from ..ops import add_layer_norm, linear_gelu, scaled_dot_product_attention, softmax
+from ..ops.attention import repeat_kv_heads
 
 ATTENTION_NAME = "fused_attn"
 FAMILY = ("bert", "roberta", "xlm-roberta", "camembert")
@@ -90,9 +91,7 @@ def fused_attention_forward(
     if kwargs.get("output_attentions") or getattr(getattr(module, "config", None), "output_attentions", False):
         # The caller wants the probabilities: one fused softmax pass over the scores, then P V.
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        if key.shape[1] != query.shape[1]:
-            group = query.shape[1] // key.shape[1]
-            key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+        key, value = repeat_kv_heads(key, query.shape[1]), repeat_kv_heads(value, query.shape[1])
         weights = softmax(query @ key.transpose(-1, -2), -1, attention_mask, scale, causal, backend=backend)
         weights = F.dropout(weights, dropout) if dropout > 0.0 else weights
         return (weights @ value).transpose(1, 2).contiguous(), weights

@@ -240,6 +240,13 @@ def _validate(query, key, value, enable_gqa: bool = False) -> None:
         raise ValueError(f"value length {shapes['value'][2]} does not match key length {shapes['key'][2]}")
 
 
+def repeat_kv_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Key or value [B, Hkv, L, D] of grouped-query attention repeated to ``heads`` heads (head h
+    is t's head h // (heads / Hkv)), a copy; ``t`` itself when it has them already. For code that
+    indexes key/value by the query's head (repeat_interleave, not expand)."""
+    return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
 def _check_scale(scale: object, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim else 1.0
@@ -319,9 +326,7 @@ def scaled_dot_product_attention(
     in_reference = runs_reference("scaled_dot_product_attention", chosen, query, key, value)
     if enable_gqa and (key.shape[1] != heads or value.shape[1] != heads):
         if in_reference or chosen not in NATIVE_GQA or key.shape[1] != value.shape[1]:
-            # repeat_interleave, not expand: these index key/value by the query's head.
-            key, value = (t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
-                          for t in (key, value))
+            key, value = repeat_kv_heads(key, heads), repeat_kv_heads(value, heads)
     if in_reference:
         out = reference.scaled_dot_product_attention(query, key, value, mask, dropout_p, is_causal, scale)
     else:
