@@ -4,7 +4,7 @@ Modules are converted in place by switching their class to the fused subclass (`
 ``FusedLayerNorm``, ``MultiheadAttention`` -> ``FusedMultiheadAttention``,
 ``TransformerEncoderLayer`` / ``DecoderLayer`` -> their fused versions): parameters, buffers,
 hooks and ``state_dict`` stay exactly as they were, and :func:`restore` switches them back.
-Models that know how to fuse themselves (the package's reference models, Hugging Face BERT via
+Models that know how to fuse themselves (the package's reference models, Hugging Face models via
 :mod:`fused_attn.integrations.hf`) are handled by their own converters. Such a model switches a
 copy of its config (:func:`own_config`): other models built from the same config object are left
 as they are, and :func:`restore` puts the original object back.
@@ -92,19 +92,9 @@ _FUSED_TYPES = frozenset(fused for fused, _ in _SWAPS.values())
 # (replaced, kept) rows with paths relative to the module, restore(module)). The integrations
 # register theirs here.
 _MODEL_CONVERTERS: list[tuple[Callable[[nn.Module], bool], Callable, Callable]] = []
-# Notes on models that optimize() only partly fuses: module -> why (or None). Their submodules
-# are still converted one by one.
-_MODEL_NOTES: list[Callable[[nn.Module], str | None]] = []
-
-
 def register_model_converter(matches: Callable[[nn.Module], bool], convert: Callable, restore: Callable) -> None:
-    """Lets a model family (e.g. Hugging Face BERT) take part in :func:`optimize` / :func:`restore`."""
+    """Lets a model family (e.g. Hugging Face models) take part in :func:`optimize` / :func:`restore`."""
     _MODEL_CONVERTERS.append((matches, convert, restore))
-
-
-def register_model_note(note: Callable[[nn.Module], str | None]) -> None:
-    """Lets an integration say in the report why a model it recognises is fused only in part."""
-    _MODEL_NOTES.append(note)
 
 
 _ORIGINAL_CONFIG = "_fused_attn_original_config"
@@ -140,6 +130,11 @@ def own_config(model: nn.Module):
             module.config = copied
     model.__dict__[_ORIGINAL_CONFIG] = config
     return copied
+
+
+def base_config(config: object) -> object:
+    """The config object a copy made by :func:`own_config` was made from; any other config itself."""
+    return _ORIGINALS.get(id(config), config) if _COPIES.get(id(config)) is config else config
 
 
 def original_config(model: nn.Module):
@@ -187,13 +182,15 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
 
     Converts ``torch.nn.LayerNorm``, ``MultiheadAttention``, ``TransformerEncoderLayer`` and
     ``TransformerDecoderLayer`` (the fused encoder layer also serves ``TransformerEncoder``'s
-    nested-tensor inference path), the package's reference models and Hugging Face BERT-family
-    models (when :mod:`transformers` is installed). Weights, ``state_dict`` keys and outputs stay
+    nested-tensor inference path), the package's reference models and Hugging Face models (when
+    :mod:`transformers` is installed: the attention of those whose attention goes through its
+    attention interface, BERT's Add & Norm and GELU blocks wherever a model has them; see
+    :mod:`fused_attn.integrations.hf`). Weights, ``state_dict`` keys and outputs stay
     the same. Modules that cannot be served (e.g. an unsupported head dim, float64 parameters)
     are kept, with the reason in ``report.kept``. ``backend`` is stored on the fused modules
     ("auto" leaves the choice to the package's policy); optimizing again switches every fused
     module to the new backend. ``inplace=False`` converts a deep copy. A model that fuses itself
-    through its config (the reference models, Hugging Face BERT) gets a copy of its config, so
+    through its config (the reference models, Hugging Face models) gets a copy of its config, so
     other models sharing that config object are not switched with it.
     """
     if backend != "auto" and backend not in BACKENDS:
@@ -207,7 +204,6 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
     report = OptimizeReport(model)
     chosen = None if backend == "auto" else backend
     handled: set[str] = set()
-    noted: set[str] = set()
     for path, module in model.named_modules():
         if any(h == "" or path == h or path.startswith(h + ".") for h in handled):
             continue
@@ -218,11 +214,6 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
             report.kept += [(_join(path, p), kind, why) for p, kind, why in kept]
             handled.add(path)
             continue
-        if not any(n == "" or path.startswith(n + ".") for n in noted):
-            why = next((w for w in (note(module) for note in _MODEL_NOTES) if w is not None), None)
-            if why is not None:
-                report.kept.append((path, type(module).__name__, why))
-                noted.add(path)
         if type(module) in _FUSED_TYPES:
             # Already fused (an earlier optimize, or built fused): it takes this call's backend.
             module.backend = chosen

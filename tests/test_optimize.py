@@ -528,24 +528,193 @@ def test_float64_models_are_kept_with_a_reason():
     assert config._attn_implementation != "fused_attn"
 
 
-def test_other_hf_models_are_reported():
-    """A transformers model outside the BERT family: its LayerNorms are fused, and the report says
-    why its attention and feed-forward blocks are not."""
+def _other_family(name):
+    """A small transformers model of another family (random weights, dropout off), its plain
+    copy on sdpa, the call that runs it on a padded batch, and what optimize() must report: the
+    paths whose attention switches to the fused one, and the fused block classes."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.ElectraConfig(vocab_size=120, embedding_size=64, hidden_size=64, num_hidden_layers=1,
-                                        num_attention_heads=4, intermediate_size=128, max_position_embeddings=64)
-    model = transformers.ElectraForMaskedLM(config).eval()
-    report = fused_attn.optimize(model)
-    assert [(path, why[:25]) for path, _, why in report.kept] == [("", "model_type 'electra' is n")]
-    assert report.replaced and all(new == "FusedLayerNorm" for _, _, new in report.replaced)
+    ids, mask = _batch()
+    lm = lambda model: model(input_ids=ids, attention_mask=mask).logits  # noqa: E731
 
+    def seq2seq(model):
+        return model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :7]).last_hidden_state
+
+    if name == "gpt2":
+        config = transformers.GPT2Config(vocab_size=120, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                                         eos_token_id=0)
+        model, run, switched, blocks = transformers.GPT2LMHeadModel(config), lm, [""], set()
+    elif name == "llama":
+        config = transformers.LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        model, run, switched, blocks = transformers.LlamaForCausalLM(config), lm, [""], set()
+    elif name == "mistral":
+        # Grouped heads and a sliding window (shorter than the batch's sequences) in the mask.
+        config = transformers.MistralConfig(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                            sliding_window=4)
+        model, run, switched, blocks = transformers.MistralForCausalLM(config), lm, [""], set()
+    elif name == "distilbert":
+        config = transformers.DistilBertConfig(vocab_size=120, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
+                                               max_position_embeddings=64, dropout=0.0, attention_dropout=0.0)
+        model, switched, blocks = transformers.DistilBertModel(config), [""], set()
+        run = lambda model: model(input_ids=ids, attention_mask=mask).last_hidden_state  # noqa: E731
+    elif name == "vit":
+        config = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=128, image_size=32, patch_size=8, hidden_dropout_prob=0.0,
+                                        attention_probs_dropout_prob=0.0)
+        pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        model, switched, blocks = transformers.ViTModel(config), [""], set()
+        run = lambda model: model(pixel_values=pixels).last_hidden_state  # noqa: E731
+    elif name == "electra":
+        config = transformers.ElectraConfig(vocab_size=120, embedding_size=64, hidden_size=64, num_hidden_layers=1,
+                                            num_attention_heads=4, intermediate_size=128, max_position_embeddings=64,
+                                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        model, run, switched = transformers.ElectraForMaskedLM(config), lm, [""]
+        blocks = {"FusedElectraSelfOutput", "FusedElectraIntermediate", "FusedElectraOutput"}
+    elif name == "bart":
+        config = transformers.BartConfig(vocab_size=120, d_model=64, encoder_layers=1, decoder_layers=1,
+                                         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                                         decoder_ffn_dim=128, max_position_embeddings=64, dropout=0.0,
+                                         attention_dropout=0.0, activation_dropout=0.0)
+        model, switched, blocks = transformers.BartModel(config), [""], set()
+        run = seq2seq
+    elif name == "t5":
+        # A composite model: its two stacks have configs of their own, and are converted apart.
+        config = transformers.T5Config(vocab_size=120, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                       relative_attention_num_buckets=8, dropout_rate=0.0)
+        model, switched, blocks = transformers.T5Model(config), ["decoder", "encoder"], set()
+        run = seq2seq
+    else:
+        raise ValueError(name)
+    torch.manual_seed(0)
+    plain = type(model)(config).eval()
+    plain.set_attn_implementation("sdpa")
+    return plain, run, switched, blocks
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral", "electra", "distilbert", "vit", "bart", "t5"])
+def test_hf_models_of_other_families_run_the_fused_attention(name):
+    """optimize() on transformers models beyond BERT: the attention of every model whose attention
+    goes through transformers' attention interface becomes the fused one (GPT-2's causal and
+    padding masks, Llama's grouped key/value heads, Mistral's sliding window, an encoder with
+    no mask (ViT), BART's cross-attention, T5's position bias
+    in its two separately configured stacks), blocks whose forward is BERT's are fused wherever
+    they are (ELECTRA's), LayerNorms are converted, and the report says when nothing else is of a
+    form the package fuses. Outputs and every parameter gradient match the plain model's;
+    restore() gives the plain model back, config objects included."""
+    from transformers import PreTrainedModel
+
+    plain, run, switched, blocks = _other_family(name)
+    fused_model = copy.deepcopy(plain)
+    configs = {path: m.config for path, m in fused_model.named_modules() if isinstance(m, PreTrainedModel)}
+    report = fused_attn.optimize(fused_model)
+    assert sorted(p for p, old, new in report.replaced if new == "attention fused_attn") == switched
+    assert {new for _, _, new in report.replaced if new.startswith("Fused") and new != "FusedLayerNorm"} == blocks
+    note = "no feed-forward or Add & Norm block computes BERT's"
+    notes = sorted(p for p, _, why in report.kept if why.startswith(note))
+    assert notes == ([] if blocks else switched)
+    assert len(report.kept) == len(notes)
+    for path in switched:
+        assert fused_model.get_submodule(path).config._attn_implementation == "fused_attn"
+    assert_model_parity(plain, fused_model, run)
+    assert fused_attn.last_backend("scaled_dot_product_attention") in ("cpu", "triton")
+
+    fused_attn.restore(fused_model)
+    assert {path: m.config for path, m in fused_model.named_modules() if isinstance(m, PreTrainedModel)} == configs
+    assert all(c._attn_implementation == "sdpa" for c in configs.values())
+    assert [type(m) for m in fused_model.modules()] == [type(m) for m in plain.modules()]
+    assert torch.equal(run(fused_model), run(plain))
+
+
+def test_hf_encoder_decoder_of_berts_is_fused_model_by_model():
+    """An EncoderDecoderModel pairs two BERTs with configs of their own (and gives the decoder's
+    head another config object than its base model): each BERT is fused whole (attention,
+    blocks, LayerNorms), the pair computes what it did, and restore() undoes both."""
+    transformers = pytest.importorskip("transformers")
     encoder = transformers.BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                      intermediate_size=128)
+                                      intermediate_size=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     decoder = transformers.BertConfig(**{**encoder.to_dict(), "is_decoder": True, "add_cross_attention": True})
-    model = transformers.EncoderDecoderModel(encoder=transformers.BertModel(encoder),
-                                             decoder=transformers.BertLMHeadModel(decoder))
-    report = fused_attn.optimize(model)
-    assert not report.kept and "FusedBertOutput" in {new for _, _, new in report.replaced}
+    torch.manual_seed(0)
+    plain = transformers.EncoderDecoderModel(encoder=transformers.BertModel(encoder),
+                                             decoder=transformers.BertLMHeadModel(decoder)).eval()
+    fused_model = copy.deepcopy(plain)
+    report = fused_attn.optimize(fused_model)
+    assert not report.kept
+    assert sorted(p for p, _, new in report.replaced if new == "attention fused_attn") == ["decoder.bert", "encoder"]
+    assert {"FusedBertOutput", "FusedBertSelfOutput", "FusedBertIntermediate"} <= {new for _, _, new in report.replaced}
+    ids, mask = _batch()
+
+    def run(model):
+        return model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :7]).logits
+
+    assert_model_parity(plain, fused_model, run)
+    fused_attn.restore(fused_model)
+    assert fused_model.encoder.config is fused_model.config.encoder
+    assert torch.equal(run(fused_model), run(plain))
+
+
+def test_hf_attention_outside_the_interface_is_kept():
+    """A model whose attention does not go through transformers' attention interface (DeBERTa's
+    disentangled attention) keeps it, with the reason in the report; its BERT-form GELU blocks
+    are still fused, and the model computes what it did."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DebertaConfig(vocab_size=120, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                        intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                        attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    plain = transformers.DebertaModel(config).eval()
+    fused_model = copy.deepcopy(plain)
+    original = fused_model.config._attn_implementation
+    report = fused_attn.optimize(fused_model)
+    assert report.kept == [("", f"attention {original}",
+                            "DebertaModel's attention does not go through transformers' attention interface")]
+    assert [new for _, _, new in report.replaced] == ["FusedDebertaIntermediate"]
+    assert fused_model.config._attn_implementation == original
+    ids, mask = _batch()
+    assert_model_parity(plain, fused_model, lambda model: model(input_ids=ids, attention_mask=mask).last_hidden_state)
+
+
+def test_hf_blocks_are_recognised_by_what_they_compute_not_their_name():
+    """A block with the name and the submodules of BERT's Add & Norm block but another forward
+    (here the residual counted twice) is not taken for one: optimize() leaves it to its own
+    forward, and the model's output is still the plain one."""
+    transformers, config = _hf_config()
+    from transformers.models.bert.modeling_bert import BertOutput
+
+    class DoubledResidualOutput(BertOutput):
+        def forward(self, hidden_states, input_tensor):
+            return self.LayerNorm(self.dropout(self.dense(hidden_states)) + 2 * input_tensor)
+
+    torch.manual_seed(0)
+    plain = transformers.BertModel(config).eval()
+    plain.encoder.layer[0].output.__class__ = DoubledResidualOutput
+    fused_model = copy.deepcopy(plain)
+    report = fused_attn.optimize(fused_model)
+    fused_blocks = [p for p, _, new in report.replaced if new.endswith("Output") and new.startswith("Fused")]
+    assert "encoder.layer.0.output" not in fused_blocks and "encoder.layer.1.output" in fused_blocks
+    assert type(fused_model.encoder.layer[0].output) is DoubledResidualOutput
+    ids, mask = _batch()
+    assert_model_parity(plain, fused_model, lambda model: model(input_ids=ids, attention_mask=mask).last_hidden_state)
+
+
+def test_hf_attention_function_is_causal_where_sdpa_is():
+    """Without an explicit is_causal, the fused attention function decides causality as
+    transformers' sdpa function does: from the module's is_causal, True where it has none, and
+    never with a mask or a single query."""
+    pytest.importorskip("transformers")
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from fused_attn.integrations import hf
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=gen) for _ in range(3))
+    causal_module, plain_module = nn.Module(), nn.Module()
+    plain_module.is_causal = False
+    for module in (nn.Module(), causal_module, plain_module):
+        for mask, query in ((None, q), (torch.ones(1, 1, 5, 5, dtype=torch.bool), q), (None, q[:, :, :1])):
+            expected = sdpa_attention_forward(module, query, k, v, mask)[0]
+            torch.testing.assert_close(hf.fused_attention_forward(module, query, k, v, mask)[0], expected)
 
 
 # ---------------------------------------------------------------------------------------------

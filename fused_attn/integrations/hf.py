@@ -1,31 +1,40 @@
-"""Hugging Face ``transformers``: fused BERT-family models (BERT, RoBERTa and models sharing their blocks).
+"""Hugging Face ``transformers``: fused attention for its models, fused blocks for BERT's.
 
-:func:`fused_attn.optimize` on such a model (when ``transformers`` is installed):
+:func:`fused_attn.optimize` on a transformers model (when ``transformers`` is installed):
 
-* registers :func:`fused_attention_forward` as the attention function ``"fused_attn"`` (with
-  the SDPA-style boolean mask) in transformers' ``AttentionInterface`` and switches the model's
-  ``attn_implementation`` to it;
-* turns each ``*SelfOutput`` / ``*Output`` block (``LayerNorm(dropout(dense(h)) + residual)``)
-  into one GEMM plus one :func:`fused_attn.add_layer_norm` pass (the dense bias rides in it);
-* turns each ``*Intermediate`` block with a GELU (``gelu``, ``gelu_new``, ``gelu_pytorch_tanh``)
-  into :func:`fused_attn.linear_gelu`;
-* converts the remaining ``LayerNorm`` modules (embeddings, prediction heads).
+* if the model's attention goes through transformers' ``AttentionInterface`` (an attention
+  module whose forward looks its function up in ``ALL_ATTENTION_FUNCTIONS``: BERT, RoBERTa,
+  ELECTRA, DistilBERT, ViT, GPT-2, Llama, Mistral, T5, BART, ...), registers
+  :func:`fused_attention_forward` as the attention function ``"fused_attn"`` (with the SDPA-style
+  boolean mask) and switches the model's ``attn_implementation`` to it; a model whose attention
+  does not (DeBERTa, Longformer) keeps it, with a line in the report;
+* turns each block whose forward is BERT's ``BertSelfOutput`` / ``BertOutput`` forward
+  (``LayerNorm(dropout(dense(h)) + residual)``: BERT, RoBERTa, ELECTRA and the many models that
+  copy the block) into one GEMM plus one :func:`fused_attn.add_layer_norm` pass (the dense bias
+  rides in it), and each block whose forward is ``BertIntermediate``'s, with a GELU (``gelu``,
+  ``gelu_new``, ``gelu_pytorch_tanh``), into :func:`fused_attn.linear_gelu`. A block is
+  recognised by its forward's bytecode being BERT's, not by its name, so a block that computes
+  anything else (a pre-LN variant, another activation) is never taken for one;
+* converts the remaining ``torch.nn.LayerNorm`` modules (embeddings, prediction heads, GPT-2's
+  and ViT's pre-norms).
 
-The switch is made on the model's own copy of its config (other models built from the same
-config object keep theirs); the backend is held by the model's modules, not by the config, so
-``save_pretrained`` writes the config as it was. Parameters and ``state_dict`` are untouched;
-:func:`fused_attn.restore` undoes all of it. An optimized model pickles (``torch.save(model)``)
-and loads in a fresh process. With ``output_attentions`` the probabilities come from
-:func:`fused_attn.softmax` and are returned, as the eager implementation returns them.
-
-Models of other families keep their attention under ``optimize`` (only their LayerNorms are
-converted); :func:`register_attention` lets any model whose attention goes through transformers'
-attention interface select the fused attention itself.
+A model is converted as a whole when the transformers models inside it share its config (a task
+head and its base model); a composite one (T5's two stacks, an encoder-decoder pair, a vision
+tower next to a language model) is converted model by model. The switch is made on the model's
+own copy of its config (other models built from the same config object keep theirs); the backend
+is held by the model's modules, not by the config, so ``save_pretrained`` writes the config as it
+was. Parameters and ``state_dict`` are untouched; :func:`fused_attn.restore` undoes all of it.
+An optimized model pickles (``torch.save(model)``) and loads in a fresh process. With
+``output_attentions`` the probabilities come from :func:`fused_attn.softmax` and are returned,
+as the eager implementation returns them. :func:`register_attention` lets a model select the
+fused attention itself, without :func:`fused_attn.optimize`.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import functools
+import inspect
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +46,6 @@ from ..ops import add_layer_norm, linear_gelu, scaled_dot_product_attention, sof
 from ..ops.attention import repeat_kv_heads
 
 ATTENTION_NAME = "fused_attn"
-FAMILY = ("bert", "roberta", "xlm-roberta", "camembert")
 _FUSED_CLASSES: dict[tuple[type, str], type] = {}
 
 
@@ -74,7 +82,7 @@ def fused_attention_forward(
     for name, what in _UNSUPPORTED_KWARGS.items():
         if kwargs.get(name) is not None:
             raise ValueError(f"the fused_attn attention does not support {what} ({name}); use 'eager' for this model")
-    causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal  # sdpa's default
     # As transformers' SDPA path: an explicit mask already carries any causal structure.
     causal = bool(causal and attention_mask is None and query.shape[2] > 1)
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[2] != query.shape[2]:
@@ -161,39 +169,81 @@ def _fused_class(cls: type, kind: str) -> type:
     return _FUSED_CLASSES[cls, kind]
 
 
+def _code_identity(fn: object) -> tuple | None:
+    """What a function computes, as far as its own code says: its bytecode with the names and
+    constants it uses (not its docstring, name or line numbers); None for what has no code."""
+    code = getattr(inspect.unwrap(fn), "__code__", None) if fn is not None else None
+    if code is None:
+        return None
+    doc = getattr(fn, "__doc__", None)
+    consts = tuple(c for c in code.co_consts if not (doc is not None and c is doc))
+    return code.co_code, code.co_names, code.co_varnames, code.co_freevars, code.co_argcount, consts
+
+
+@functools.cache
+def _bert_forward(block: str) -> tuple | None:
+    from transformers.models.bert import modeling_bert
+
+    return _code_identity(getattr(modeling_bert, block).forward)
+
+
 def _is_add_norm_block(module: nn.Module) -> bool:
-    name = type(module).__name__
+    """A block that computes BERT's ``LayerNorm(dropout(dense(h)) + residual)``: BertSelfOutput's
+    forward (BertOutput's is the same code) over torch's Linear, LayerNorm and Dropout."""
     return (
-        name.endswith("Output")
-        and isinstance(getattr(module, "dense", None), nn.Linear)
+        isinstance(getattr(module, "dense", None), nn.Linear)
         and isinstance(getattr(module, "LayerNorm", None), nn.LayerNorm)
         and isinstance(getattr(module, "dropout", None), nn.Dropout)
+        and _code_identity(type(module).forward) == _bert_forward("BertSelfOutput")
     )
 
 
 def _is_intermediate_block(module: nn.Module) -> bool:
-    return type(module).__name__.endswith("Intermediate") and isinstance(getattr(module, "dense", None), nn.Linear)
+    """A block that computes BERT's ``act(dense(h))`` (BertIntermediate's forward)."""
+    return (
+        isinstance(getattr(module, "dense", None), nn.Linear)
+        and _code_identity(type(module).forward) == _bert_forward("BertIntermediate")
+    )
 
 
-def _pretrained_model_type(module: nn.Module) -> str | None:
-    """The ``model_type`` of a transformers model, None for anything else."""
-    if importlib.util.find_spec("transformers") is None:
-        return None
+def _is_pretrained_model(module: nn.Module) -> bool:
+    if "transformers" not in sys.modules:
+        return False  # then no module is one of its models
     from transformers import PreTrainedModel
 
-    return getattr(module.config, "model_type", None) if isinstance(module, PreTrainedModel) else None
+    return isinstance(module, PreTrainedModel)
 
 
 def _matches(module: nn.Module) -> bool:
-    return _pretrained_model_type(module) in FAMILY
+    """A transformers model whose transformers submodels all share its config (a task head and
+    its base model): converted whole. A composite one (submodels with configs of their own, as
+    T5's stacks or an encoder-decoder pair) is not: its submodels are, one by one."""
+    if not _is_pretrained_model(module):
+        return False
+    own = convert.base_config(module.config)
+    return all(convert.base_config(m.config) is own for m in module.modules() if _is_pretrained_model(m))
 
 
-def _note(module: nn.Module) -> str | None:
-    model_type = _pretrained_model_type(module)
-    if model_type is None or model_type in FAMILY or any(_matches(m) for m in module.modules() if m is not module):
-        return None  # not transformers', fused whole, or made of models that are (e.g. encoder-decoder BERTs)
-    return (f"model_type {model_type!r} is not one whose attention and feed-forward blocks fused_attn fuses "
-            f"({', '.join(FAMILY)}): only its LayerNorm modules are converted")
+def _attention_through_interface(model: nn.Module) -> bool:
+    """Whether an attention module of ``model`` looks its function up in transformers'
+    ``ALL_ATTENTION_FUNCTIONS`` (so that ``attn_implementation`` selects what it runs)."""
+    for module in model.modules():
+        code = getattr(inspect.unwrap(getattr(type(module), "forward", None)), "__code__", None)
+        if code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names:
+            return True
+    return False
+
+
+def _head_dim(config: object) -> int | None:
+    """The attention head dim a transformers config declares, None where it declares none."""
+    for name in ("head_dim", "d_kv", "attention_head_size"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        return hidden // heads
+    return None
 
 
 def register_attention() -> str:
@@ -215,7 +265,8 @@ def _register() -> None:
 
 
 def _convert(model: nn.Module, backend: str | None):
-    """Fuses a BERT-family model in place; returns (replaced, kept) rows for the report."""
+    """Fuses a transformers model in place (see the module docstring); returns (replaced, kept) rows
+    for the report."""
     reason = convert.dtype_reason(model)
     if reason is not None:
         return [], [("", type(model).__name__, reason)]
@@ -223,13 +274,19 @@ def _convert(model: nn.Module, backend: str | None):
     replaced, kept = [], []
     original_attention = convert.original_config(model)._attn_implementation
     config = convert.own_config(model)
-    head_dim = config.hidden_size // config.num_attention_heads
+    head_dim = _head_dim(config)
     low, high = convert.HEAD_DIM_LIMITS["head_dim"]
-    if low <= head_dim <= high:
+    # Where no fused kernel serves it, the model keeps the attention it was built with.
+    if not _attention_through_interface(model):
+        if any("Attention" in type(m).__name__ for m in model.modules()):
+            kept.append(("", f"attention {original_attention}",
+                         f"{type(model).__name__}'s attention does not go through transformers' attention interface"))
+    elif head_dim is None:
+        kept.append(("", f"attention {original_attention}", "the config declares no head dim"))
+    elif low <= head_dim <= high:
         model.set_attn_implementation(ATTENTION_NAME)
         replaced.append(("", f"attention {original_attention}", f"attention {ATTENTION_NAME}"))
     else:
-        # No fused kernel serves it: the model keeps the attention it was built with.
         kept.append(("", f"attention {original_attention}", f"head_dim {head_dim} outside [{low}, {high}]"))
     for path, module in model.named_modules():
         module.fused_attn_backend = backend  # read by fused_attention_forward and the fused blocks
@@ -262,6 +319,9 @@ def _convert(model: nn.Module, backend: str | None):
         setattr(module, convert.ORIGINAL_CLASS, type(module))
         replaced.append((path, type(module).__name__, new_cls.__name__))
         module.__class__ = new_cls
+    if not any(new.startswith("Fused") and new != "FusedLayerNorm" for _, _, new in replaced):
+        kept.append(("", type(model).__name__, "no feed-forward or Add & Norm block computes BERT's (the forms "
+                     "fused_attn fuses): attention and LayerNorm modules only"))
     return replaced, kept
 
 
@@ -272,4 +332,3 @@ def _restore(model: nn.Module) -> None:
 
 
 convert.register_model_converter(_matches, _convert, _restore)
-convert.register_model_note(_note)
