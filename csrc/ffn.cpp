@@ -4,25 +4,24 @@
 // it calls the kernels through the dispatcher, below the autograd key (its autograd formula is in
 // csrc/autograd.cpp).
 //
-// Dropout after the second linear draws its keep-mask (u >= dropout_p, u uniform in [0, 1) in
-// float32) from a fresh torch generator of the tensors' device seeded with the call's seed, so the
-// backward regenerates it instead of storing it; fused_attn.ops.ffn.ffn_keep_mask replays the draw.
-// Kept values are divided by the keep rate, 1 - dropout_p in float (philox::keep_divisor).
+// Dropout after the second linear is the package's shared Philox stream (fused_attn/philox.h) at
+// element row * out_features + col of the output, the element the Triton GEMM epilogue draws, so
+// every backend drops the same elements for the same seed; the backward regenerates the mask from the
+// seed instead of storing it. Kept values are divided by the keep rate, 1 - dropout_p in float
+// (philox::keep_divisor). The forward applies it in place on the GEMM's output.
 #include <array>
 #include <optional>
 #include <tuple>
 
-#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/detail/CUDAHooksInterface.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/linear.h>
-#include <ATen/ops/rand.h>
 #include <torch/library.h>
 
 #include "fused_attn/checks.h"
-#include "fused_attn/philox.h"
+#include "fused_attn/ffn_cpu.h"
 #ifdef FUSED_ATTN_WITH_CUDA
 #include "fused_attn/ffn_cuda.h"
 #endif
@@ -42,15 +41,20 @@ using LinearGeluBwdScratch = std::tuple<Tensor, Tensor, Tensor>(Tensor&, const T
 
 c10::OperatorHandle find(const char* name) { return c10::Dispatcher::singleton().findSchemaOrThrow(name, ""); }
 
-double keep_divisor(double dropout_p) { return philox::keep_divisor(static_cast<float>(dropout_p)); }
-
-Tensor keep_mask(at::IntArrayRef shape, const OptTensor& seed, double dropout_p, const at::Device& device) {
+// dropout(x) as described above: in place where x is this function's own (the forward's GEMM output,
+// or a contiguous copy made here), else into a new tensor.
+Tensor dropped(const Tensor& x, const OptTensor& seed, double dropout_p, bool own) {
   const uint64_t key = dropout_seed(seed);
-  at::Generator generator = device.is_cuda() ? at::detail::getCUDAHooks().getNewGenerator(device.index())
-                                             : at::detail::createCPUGenerator();
-  generator.set_current_seed(key);
-  // A bool mask (what Python's >= gives): multiplying by it keeps the gradient's dtype.
-  return at::rand(shape, generator, at::TensorOptions().dtype(at::kFloat).device(device)).ge(dropout_p);
+  const Tensor src = x.contiguous();
+  const Tensor dst = own || !src.is_same(x) ? src : at::empty_like(src);
+#ifdef FUSED_ATTN_WITH_CUDA
+  if (src.is_cuda()) {
+    ffn_dropout_cuda(src, dst, key, dropout_p);
+    return dst;
+  }
+#endif
+  ffn_dropout_cpu(src, dst, key, dropout_p);
+  return dst;
 }
 
 std::tuple<Tensor, Tensor> ffn_fwd(const Tensor& input, const Tensor& w1, const OptTensor& b1, const Tensor& w2,
@@ -60,7 +64,7 @@ std::tuple<Tensor, Tensor> ffn_fwd(const Tensor& input, const Tensor& w1, const 
   at::AutoDispatchBelowADInplaceOrView below;
   auto [hidden, pre] = linear_gelu.call(input, w1, b1, approximate);
   Tensor out = at::linear(hidden, w2, b2);
-  if (dropout_p > 0.0) out.mul_(keep_mask(out.sizes(), seed, dropout_p, out.device())).div_(keep_divisor(dropout_p));
+  if (dropout_p > 0.0) out = dropped(out, seed, dropout_p, /*own=*/true);
   return {out, pre};
 }
 
@@ -79,11 +83,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd(const Tensor& grad_ou
   static const auto bwd_op = find("fused_attn::linear_gelu_bwd").typed<LinearGeluBwd>();
   at::AutoDispatchBelowADInplaceOrView below;
   const auto [need_dx, need_dw1, need_db1, need_dw2, need_db2] = output_mask;
-  Tensor grad_out = grad_out_;
-  if (dropout_p > 0.0) {
-    const Tensor keep = keep_mask(grad_out.sizes(), seed, dropout_p, grad_out.device());
-    grad_out = grad_out.mul(keep).div_(keep_divisor(dropout_p));
-  }
+  const Tensor grad_out = dropout_p > 0.0 ? dropped(grad_out_, seed, dropout_p, /*own=*/false) : grad_out_;
   auto empty = [&] { return at::empty({0}, input.options()); };
   Tensor dw2 = need_dw2 ? grad_out.t().mm(at::gelu(pre_activation, approximate)) : empty();
   Tensor db2 = need_db2 ? grad_out.sum(0) : empty();

@@ -11,6 +11,9 @@ import pytest
 import torch
 
 from fused_attn import _extension, backends
+from fused_attn.ops._random import draw_seed
+
+from .conftest import backend_params
 
 M32 = 0xFFFFFFFF
 SEED = 0x123456789ABCDEF
@@ -67,6 +70,24 @@ def test_cpu_kernel_keep_mask_is_the_documented_philox():
                                                                1e-5, p, seed)
     expected = np.array([[_philox_uniform(SEED, r * hidden + c) >= p for c in range(hidden)] for r in range(rows)])
     np.testing.assert_array_equal((prenorm != 0).numpy(), expected)
+
+
+@pytest.mark.parametrize("backend_device", backend_params("ffn", exclude=("reference",)))
+def test_ffn_keep_mask_is_the_documented_philox_on_every_backend(backend_device):
+    """The FFN drops element row * out_features + col of the shared stream on every backend (the
+    cpu and cuda paths around a library GEMM, the Triton GEMM's epilogue), so one seed drops the
+    same elements everywhere; ffn_keep_mask replays the backend's own kernel."""
+    from fused_attn.ops.ffn import ffn_keep_mask
+
+    backend, device = backend_device
+    rows, out_features, p = 5, 37, 0.4
+    torch.manual_seed(0)
+    seed = int(draw_seed(p))
+    torch.manual_seed(0)
+    keep = ffn_keep_mask(rows, out_features, p, device, backend).cpu()
+    expected = [[_philox_uniform(seed, r * out_features + c) >= p for c in range(out_features)]
+                for r in range(rows)]
+    np.testing.assert_array_equal(keep.numpy(), np.array(expected))
 
 
 def _native_dropout_calls(device: str) -> dict:

@@ -54,6 +54,8 @@
 
 #include "fused_attn/checks.h"
 #include "fused_attn/cpu_rows.h"
+#include "fused_attn/ffn_cpu.h"
+#include "fused_attn/philox.h"
 
 namespace fused_attn {
 namespace {
@@ -454,6 +456,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_scratch_cpu(at::T
 }
 
 }  // namespace
+
+void ffn_dropout_cpu(const at::Tensor& src, const at::Tensor& dst, uint64_t seed, double dropout_p) {
+  TORCH_INTERNAL_ASSERT(src.is_contiguous() && dst.is_contiguous() && src.sizes() == dst.sizes() &&
+                        src.scalar_type() == dst.scalar_type());
+  const float p = static_cast<float>(dropout_p);
+  const fVec pv(p), kpv(philox::keep_divisor(p));
+  const int64_t n = src.numel();
+  const int64_t blocks = (n + kDropBlock - 1) / kDropBlock;
+  AT_DISPATCH_V2(src.scalar_type(), "ffn_dropout_cpu", AT_WRAP([&] {
+    const scalar_t* from = src.const_data_ptr<scalar_t>();
+    scalar_t* to = dst.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, blocks, std::max<int64_t>(1, kGrainElems / kDropBlock), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t j = b * kDropBlock;
+        fVec h[kDropParts];
+        load_block(from + j, n - j, h);
+        dropout_block(seed, static_cast<uint64_t>(j), pv, kpv, h);
+        store_block(to + j, n - j, h);
+      }
+    });
+  }), at::kFloat, at::kHalf, at::kBFloat16);
+}
+
 }  // namespace fused_attn
 
 TORCH_LIBRARY_IMPL(fused_attn, CPU, m) {

@@ -82,6 +82,7 @@
 #include "fused_attn/checks.h"
 #include "fused_attn/cuda_utils.cuh"
 #include "fused_attn/ffn_cuda.h"
+#include "fused_attn/philox.h"
 
 namespace fused_attn {
 namespace {
@@ -231,6 +232,19 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   float total = 0.f;
   for (int64_t s = 0; s < splits; ++s) total += partial[s * cols + c];
   grad_bias[c] = static_cast<T>(total);
+}
+
+// The FFN's dropout (ffn_dropout_cuda): one thread per element, grid-stride; element e of the stream is
+// element e of the contiguous tensor. (v * keep) / keep_prob with a correctly rounded division, as the
+// CPU and Triton kernels compute it.
+template <typename T>
+__global__ void __launch_bounds__(kEltThreads)
+    ffn_dropout_kernel(const T* __restrict__ src, T* dst, int64_t n, uint64_t seed, float p, float keep_prob) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += stride) {
+    const float keep = philox::keep(seed, static_cast<uint64_t>(e), p) ? 1.f : 0.f;
+    dst[e] = static_cast<T>(__fdiv_rn(static_cast<float>(src[e]) * keep, keep_prob));
+  }
 }
 
 template <typename T, Gelu kKind>
@@ -753,6 +767,21 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> linear_gelu_bwd_fr
   at::Tensor grad_weight = output_mask[1] ? at::empty({hidden, in_features}, opts) : at::empty({0}, opts);
   input_weight_grads(grad_pre, input, weight, output_mask, grad_input, grad_weight);
   return std::make_tuple(grad_input, grad_weight, grad_bias);
+}
+
+void ffn_dropout_cuda(const at::Tensor& src, const at::Tensor& dst, uint64_t seed, double dropout_p) {
+  TORCH_INTERNAL_ASSERT(src.is_contiguous() && dst.is_contiguous() && src.sizes() == dst.sizes() &&
+                        src.scalar_type() == dst.scalar_type());
+  const int64_t n = src.numel();
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(src.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const float p = static_cast<float>(dropout_p);
+  AT_DISPATCH_V2(src.scalar_type(), "ffn_dropout_cuda", AT_WRAP([&] {
+    ffn_dropout_kernel<scalar_t><<<grid_size(ceil_div(n, kEltThreads)), kEltThreads, 0, stream>>>(
+        src.const_data_ptr<scalar_t>(), dst.mutable_data_ptr<scalar_t>(), n, seed, p, philox::keep_divisor(p));
+  }), at::kFloat, at::kHalf, at::kBFloat16);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace fused_attn

@@ -266,14 +266,9 @@ def _register_ffn(fwd: str, bwd: str) -> object:
 
 
 # The CPU and CUDA backends compose their fused linear_gelu kernels with a library GEMM for the
-# second linear (fused_attn::ffn_fwd/ffn_bwd, csrc/ffn.cpp, autograd in C++). Dropout there draws
-# its keep-mask from a torch generator seeded with the call's seed, so the backward regenerates it
-# instead of storing it; _keep_mask replays that draw.
-
-
-def _keep_mask(shape, seed: torch.Tensor, dropout_p: float, device: torch.device) -> torch.Tensor:
-    generator = torch.Generator(device=device).manual_seed(int(seed))
-    return torch.rand(shape, generator=generator, device=device, dtype=torch.float32) >= dropout_p
+# second linear (fused_attn::ffn_fwd/ffn_bwd, csrc/ffn.cpp, autograd in C++). Their dropout draws
+# from the package's Philox stream at the element the Triton GEMM epilogue uses (row * out + col),
+# so every backend drops the same elements for the same seed, and the backward regenerates it.
 
 
 _FFN_OPS = {"triton": _register_ffn("triton_ffn_fwd", "triton_ffn_bwd")}
@@ -389,13 +384,17 @@ def ffn(
 
 def ffn_keep_mask(rows: int, out_features: int, dropout_p: float, device: torch.device | str, backend: str) -> torch.Tensor:
     """The dropout keep-mask [rows, out_features] that ``ffn`` on ``backend`` draws after the
-    current RNG state (the seed is drawn as the op draws it), for tests that replay the draw."""
+    current RNG state (the seed is drawn as the op draws it), for tests that replay the draw: the
+    backend's own kernel run on an FFN whose output is gelu(1) everywhere."""
     from ..kernels.triton import ffn as kernels
 
     seed = draw_seed(dropout_p)
-    if backend != "triton":
-        return _keep_mask((rows, out_features), seed, dropout_p, torch.device(device))
     ones = torch.ones(rows, 1, device=device)
+    if backend != "triton":
+        w2 = torch.ones(out_features, 1, device=device)
+        out, _ = torch.ops.fused_attn.ffn_fwd(ones, torch.ones(1, 1, device=device), None, w2, None, "none",
+                                              dropout_p, seed)
+        return out != 0
     out = torch.empty(rows, out_features, device=device)
     kernels.gemm(ones, torch.ones(1, out_features, device=device), out, epilogue=kernels.EPILOGUE_BIAS_DROPOUT,
                  seed=seed_int(seed), dropout_p=dropout_p)
