@@ -210,8 +210,8 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
         converter = next((c for c in _MODEL_CONVERTERS if c[0](module)), None)
         if converter is not None:
             replaced, kept = converter[1](module, chosen)
-            report.replaced += [(_join(path, p), old, new) for p, old, new in replaced]
-            report.kept += [(_join(path, p), kind, why) for p, kind, why in kept]
+            report.replaced += [(join_path(path, p), old, new) for p, old, new in replaced]
+            report.kept += [(join_path(path, p), kind, why) for p, kind, why in kept]
             handled.add(path)
             continue
         if type(module) in _FUSED_TYPES:
@@ -264,5 +264,5 @@ def _copy_model(model: nn.Module) -> nn.Module:
     return copied
 
 
-def _join(prefix: str, suffix: str) -> str:
+def join_path(prefix: str, suffix: str) -> str:
     return ".".join(p for p in (prefix, suffix) if p)

@@ -273,7 +273,7 @@ def test_hf_attention_function_refuses_what_it_does_not_implement():
 
     pytest.importorskip("transformers")
     q = torch.randn(1, 2, 4, 8)
-    for name, value in (("softcap", 30.0), ("s_aux", torch.zeros(2))):
+    for name, value in (("softcap", 30.0), ("s_aux", torch.zeros(2)), ("indices", torch.zeros(1, 4, 2))):
         with pytest.raises(ValueError, match=f"does not support .*\\({name}\\)"):
             hf.fused_attention_forward(nn.Module(), q, q, q, None, **{name: value})
 
@@ -673,6 +673,117 @@ def test_hf_attention_outside_the_interface_is_kept():
     assert fused_model.config._attn_implementation == original
     ids, mask = _batch()
     assert_model_parity(plain, fused_model, lambda model: model(input_ids=ids, attention_mask=mask).last_hidden_state)
+
+
+def _kept_attention(model, reason_fragment):
+    """optimize() keeps ``model``'s attention with a reason containing ``reason_fragment``, and
+    the model computes exactly what it did."""
+    ids, mask = _batch()
+    model.eval()
+    expected = model(input_ids=ids, attention_mask=mask).logits
+    original = model.config._attn_implementation
+    report = fused_attn.optimize(model)
+    rows = [why for path, what, why in report.kept if path == "" and what == f"attention {original}"]
+    assert len(rows) == 1 and reason_fragment in rows[0], report.kept
+    assert not any(new == "attention fused_attn" for _, _, new in report.replaced)
+    assert model.config._attn_implementation == original
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, expected, rtol=0, atol=0)
+
+
+def test_hf_models_transformers_does_not_run_on_sdpa_keep_their_attention():
+    """The fused attention has sdpa's semantics: a model that transformers does not run on sdpa
+    (Gemma 2's logit soft-capping, decoders whose masks are built for eager) keeps its attention,
+    with the reason, instead of failing or attending differently."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Gemma2Config(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       max_position_embeddings=64)
+    torch.manual_seed(0)
+    _kept_attention(transformers.Gemma2ForCausalLM(config), "transformers does not run Gemma2ForCausalLM")
+
+
+def test_hf_attention_handing_over_what_the_fused_function_does_not_implement_is_kept():
+    """DeepSeek-V3.2's sparse attention hands the attention function the top-k key indices
+    (``indices``) on every implementation but eager and sdpa: optimize() keeps it (the fused
+    function would refuse the call, as it refuses soft-capping and sinks)."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DeepseekV32Config"):
+        pytest.skip("this transformers has no DeepSeek-V3.2")
+    config = transformers.DeepseekV32Config(
+        vocab_size=120, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+        first_k_dense_replace=2, index_topk=4, index_head_dim=8, index_n_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    _kept_attention(transformers.DeepseekV32ForCausalLM(config), "hands the attention function indices")
+
+
+def test_hf_head_dim_is_read_from_the_attention_modules():
+    """Multi-head latent attention (DeepSeek-V3) declares a head_dim in its config that is only
+    the rotary slice; the attention runs at qk_nope + qk_rope = 272, which no kernel serves."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DeepseekV3Config(
+        vocab_size=120, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+        qk_nope_head_dim=264, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+        first_k_dense_replace=1, max_position_embeddings=64)
+    torch.manual_seed(0)
+    _kept_attention(transformers.DeepseekV3ForCausalLM(config), "head_dim 272 outside [1, 256]")
+
+
+def test_hf_attention_transformers_does_not_switch_is_reported_kept():
+    """A model class transformers will not switch at run time (one whose source it cannot read,
+    e.g. defined in a notebook) keeps its attention, and the report says so."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.bert.modeling_bert import BertEmbeddings, BertEncoder, BertPreTrainedModel
+
+    source = (
+        "class NotebookBert(BertPreTrainedModel):\n"
+        "    def __init__(self, config):\n"
+        "        super().__init__(config)\n"
+        "        self.embeddings = BertEmbeddings(config)\n"
+        "        self.encoder = BertEncoder(config)\n"
+        "        self.post_init()\n"
+        "    def forward(self, input_ids, attention_mask=None):\n"
+        "        return self.encoder(self.embeddings(input_ids=input_ids)).last_hidden_state\n"
+    )
+    namespace = {"BertPreTrainedModel": BertPreTrainedModel, "BertEmbeddings": BertEmbeddings,
+                 "BertEncoder": BertEncoder, "__name__": "notebook_cell"}
+    exec(compile(source, "<cell>", "exec"), namespace)
+    _, config = _hf_config()
+    torch.manual_seed(0)
+    model = namespace["NotebookBert"](config).eval()
+    ids, _ = _batch()
+    expected = model(ids)
+    report = fused_attn.optimize(model)
+    assert ("", "attention sdpa", "transformers did not switch NotebookBert's attention implementation") in report.kept
+    assert "FusedBertOutput" in {new for _, _, new in report.replaced}
+    torch.testing.assert_close(model(ids), expected)
+
+
+def test_hf_composite_model_own_layers():
+    """A composite model's own layers (outside its separately configured submodels) get their
+    BERT-form blocks fused (GIT's text encoder), and an attention of its own that would need its
+    config switched is kept with a line in the report (Kosmos-2's image-to-text projection)."""
+    transformers = pytest.importorskip("transformers")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=16,
+                  patch_size=8)
+    torch.manual_seed(0)
+    git = transformers.GitModel(transformers.GitConfig(
+        vision_config=vision, vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, max_position_embeddings=64, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0)).eval()
+    report = fused_attn.optimize(git)
+    assert {"FusedGitOutput", "FusedGitSelfOutput", "FusedGitIntermediate"} <= {new for _, _, new in report.replaced}
+    kosmos = transformers.Kosmos2Model(transformers.Kosmos2Config(
+        text_config=dict(vocab_size=120, embed_dim=64, layers=1, attention_heads=4, ffn_dim=128,
+                         max_position_embeddings=64),
+        vision_config=vision, latent_query_num=4)).eval()
+    report = fused_attn.optimize(kosmos)
+    assert [(path, why[:39]) for path, what, why in report.kept if path == "image_to_text_projection.x_attn"] == [
+        ("image_to_text_projection.x_attn", "attention of the composite Kosmos2Model")]
+    fused_attn.restore(kosmos)
+    fused_attn.restore(git)
 
 
 def test_hf_blocks_are_recognised_by_what_they_compute_not_their_name():

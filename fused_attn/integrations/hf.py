@@ -2,37 +2,43 @@
 
 :func:`fused_attn.optimize` on a transformers model (when ``transformers`` is installed):
 
-* if the model's attention goes through transformers' ``AttentionInterface`` (an attention
-  module whose forward looks its function up in ``ALL_ATTENTION_FUNCTIONS``: BERT, RoBERTa,
-  ELECTRA, DistilBERT, ViT, GPT-2, Llama, Mistral, T5, BART, ...), registers
-  :func:`fused_attention_forward` as the attention function ``"fused_attn"`` (with the SDPA-style
-  boolean mask) and switches the model's ``attn_implementation`` to it; a model whose attention
-  does not (DeBERTa, Longformer) keeps it, with a line in the report;
+* registers :func:`fused_attention_forward` as the attention function ``"fused_attn"`` (with
+  sdpa's boolean mask) and switches the model's ``attn_implementation`` to it where that
+  function can stand for what the model runs: its attention modules look their function up in
+  ``ALL_ATTENTION_FUNCTIONS`` (BERT, RoBERTa, ELECTRA, DistilBERT, ViT, GPT-2, Llama, Mistral,
+  T5, BART, ...), transformers runs it on sdpa (whose semantics the fused function has: no
+  soft-capping, no sinks, masks it builds for sdpa), its attention hands the function nothing it
+  refuses (e.g. DeepSeek-V3.2's top-k ``indices``) and its head dims, read from the attention
+  modules, are ones the kernels serve. Otherwise the model keeps its attention, with the reason
+  in the report;
 * turns each block whose forward is BERT's ``BertSelfOutput`` / ``BertOutput`` forward
   (``LayerNorm(dropout(dense(h)) + residual)``: BERT, RoBERTa, ELECTRA and the many models that
   copy the block) into one GEMM plus one :func:`fused_attn.add_layer_norm` pass (the dense bias
   rides in it), and each block whose forward is ``BertIntermediate``'s, with a GELU (``gelu``,
   ``gelu_new``, ``gelu_pytorch_tanh``), into :func:`fused_attn.linear_gelu`. A block is
-  recognised by its forward's bytecode being BERT's, not by its name, so a block that computes
-  anything else (a pre-LN variant, another activation) is never taken for one;
+  recognised by its forward compiling to the code the fused forward stands for
+  (:func:`_bert_add_norm_forward`, :func:`_bert_intermediate_forward`), not by its name, so a
+  block that computes anything else (a pre-LN variant, another activation) is not taken for one;
 * converts the remaining ``torch.nn.LayerNorm`` modules (embeddings, prediction heads, GPT-2's
   and ViT's pre-norms).
 
 A model is converted as a whole when the transformers models inside it share its config (a task
 head and its base model); a composite one (T5's two stacks, an encoder-decoder pair, a vision
-tower next to a language model) is converted model by model. The switch is made on the model's
-own copy of its config (other models built from the same config object keep theirs); the backend
-is held by the model's modules, not by the config, so ``save_pretrained`` writes the config as it
-was. Parameters and ``state_dict`` are untouched; :func:`fused_attn.restore` undoes all of it.
-An optimized model pickles (``torch.save(model)``) and loads in a fresh process. With
-``output_attentions`` the probabilities come from :func:`fused_attn.softmax` and are returned,
-as the eager implementation returns them. :func:`register_attention` lets a model select the
-fused attention itself, without :func:`fused_attn.optimize`.
+tower next to a language model) is converted model by model, and its own layers get their blocks
+and LayerNorms fused (an attention of its own, which would need its config switched, is kept and
+reported). The switch is made on the model's own copy of its config (other models built from the
+same config object keep theirs); the backend is held by the model's modules, not by the config,
+so ``save_pretrained`` writes the config as it was. Parameters and ``state_dict`` are untouched;
+:func:`fused_attn.restore` undoes all of it. An optimized model pickles (``torch.save(model)``)
+and loads in a fresh process. When ``output_attentions`` reaches the attention function, the
+probabilities come from :func:`fused_attn.softmax` and are returned, as the eager implementation
+returns them. :func:`register_attention` lets a model select the fused attention itself, without
+:func:`fused_attn.optimize`.
 """
 
 from __future__ import annotations
 
-import functools
+import dis
 import inspect
 import sys
 
@@ -55,6 +61,8 @@ _UNSUPPORTED_KWARGS = {
     "softcap": "logit soft-capping",
     "s_aux": "attention sinks",
     "sinks": "attention sinks",
+    "indices": "sparse attention over selected keys",
+    "block_indices": "sparse attention over selected key blocks",
 }
 
 
@@ -76,9 +84,9 @@ def fused_attention_forward(
     query (grouped-query models hand them over unrepeated): they go to the kernels as they are.
     ``position_bias`` (T5's relative attention bias, added to the scores) joins the mask as a
     floating mask, and receives its gradient (a query whose every key is masked gets 0, as
-    everywhere in this package, where transformers' finite fill averages the bias); ``softcap``
-    and attention sinks (``s_aux``, ``sinks``) raise a ValueError, as transformers' sdpa path does
-    for the first."""
+    everywhere in this package, where transformers' finite fill averages the bias); ``softcap``,
+    attention sinks (``s_aux``, ``sinks``) and sparse key selections (``indices``,
+    ``block_indices``) raise a ValueError, as transformers' sdpa path does for the first."""
     for name, what in _UNSUPPORTED_KWARGS.items():
         if kwargs.get(name) is not None:
             raise ValueError(f"the fused_attn attention does not support {what} ({name}); use 'eager' for this model")
@@ -170,39 +178,53 @@ def _fused_class(cls: type, kind: str) -> type:
 
 
 def _code_identity(fn: object) -> tuple | None:
-    """What a function computes, as far as its own code says: its bytecode with the names and
-    constants it uses (not its docstring, name or line numbers); None for what has no code."""
+    """What a function computes, as far as its own code says: its instructions with their
+    arguments (names, constants, jump targets), without its name, docstring or line numbers;
+    None for what has no code."""
     code = getattr(inspect.unwrap(fn), "__code__", None) if fn is not None else None
     if code is None:
         return None
-    doc = getattr(fn, "__doc__", None)
-    consts = tuple(c for c in code.co_consts if not (doc is not None and c is doc))
-    return code.co_code, code.co_names, code.co_varnames, code.co_freevars, code.co_argcount, consts
+    return code.co_argcount, tuple((i.opname, repr(i.argval)) for i in dis.get_instructions(code))
 
 
-@functools.cache
-def _bert_forward(block: str) -> tuple | None:
-    from transformers.models.bert import modeling_bert
+# The forwards the fused blocks stand for, in BERT's own words (transformers' BertSelfOutput and
+# BertOutput, BertIntermediate): a block is fused when its forward compiles to the same code as one
+# of these, whatever transformers' BERT does in the installed version.
+def _bert_add_norm_forward(self, hidden_states, input_tensor):
+    hidden_states = self.dense(hidden_states)
+    hidden_states = self.dropout(hidden_states)
+    hidden_states = self.LayerNorm(hidden_states + input_tensor)
+    return hidden_states
 
-    return _code_identity(getattr(modeling_bert, block).forward)
+
+def _bert_intermediate_forward(self, hidden_states):
+    hidden_states = self.dense(hidden_states)
+    hidden_states = self.intermediate_act_fn(hidden_states)
+    return hidden_states
+
+
+_ADD_NORM_CODE = _code_identity(_bert_add_norm_forward)
+_INTERMEDIATE_CODE = _code_identity(_bert_intermediate_forward)
 
 
 def _is_add_norm_block(module: nn.Module) -> bool:
     """A block that computes BERT's ``LayerNorm(dropout(dense(h)) + residual)``: BertSelfOutput's
-    forward (BertOutput's is the same code) over torch's Linear, LayerNorm and Dropout."""
+    forward (BertOutput's is the same code, _bert_add_norm_forward) over torch's Linear, LayerNorm
+    and Dropout."""
     return (
         isinstance(getattr(module, "dense", None), nn.Linear)
         and isinstance(getattr(module, "LayerNorm", None), nn.LayerNorm)
         and isinstance(getattr(module, "dropout", None), nn.Dropout)
-        and _code_identity(type(module).forward) == _bert_forward("BertSelfOutput")
+        and _code_identity(type(module).forward) == _ADD_NORM_CODE
     )
 
 
 def _is_intermediate_block(module: nn.Module) -> bool:
-    """A block that computes BERT's ``act(dense(h))`` (BertIntermediate's forward)."""
+    """A block that computes BERT's ``act(dense(h))`` (BertIntermediate's forward,
+    _bert_intermediate_forward)."""
     return (
         isinstance(getattr(module, "dense", None), nn.Linear)
-        and _code_identity(type(module).forward) == _bert_forward("BertIntermediate")
+        and _code_identity(type(module).forward) == _INTERMEDIATE_CODE
     )
 
 
@@ -215,34 +237,87 @@ def _is_pretrained_model(module: nn.Module) -> bool:
 
 
 def _matches(module: nn.Module) -> bool:
-    """A transformers model whose transformers submodels all share its config (a task head and
-    its base model): converted whole. A composite one (submodels with configs of their own, as
-    T5's stacks or an encoder-decoder pair) is not: its submodels are, one by one."""
-    if not _is_pretrained_model(module):
-        return False
-    own = convert.base_config(module.config)
-    return all(convert.base_config(m.config) is own for m in module.modules() if _is_pretrained_model(m))
+    return _is_pretrained_model(module)
 
 
-def _attention_through_interface(model: nn.Module) -> bool:
-    """Whether an attention module of ``model`` looks its function up in transformers'
-    ``ALL_ATTENTION_FUNCTIONS`` (so that ``attn_implementation`` selects what it runs)."""
-    for module in model.modules():
-        code = getattr(inspect.unwrap(getattr(type(module), "forward", None)), "__code__", None)
-        if code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names:
-            return True
-    return False
+def _parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The transformers submodels of ``model`` with configs of their own (T5's stacks, the halves of
+    an encoder-decoder pair, a vision tower), outermost first: each is converted as a model of its
+    own. Submodels sharing ``model``'s config (a task head's base model) are part of it."""
+    own = convert.base_config(model.config)
+    parts: list[tuple[str, nn.Module]] = []
+    for path, module in model.named_modules():
+        if module is model or any(path.startswith(p + ".") for p, _ in parts):
+            continue
+        if _is_pretrained_model(module) and convert.base_config(module.config) is not own:
+            parts.append((path, module))
+    return parts
 
 
-def _head_dim(config: object) -> int | None:
-    """The attention head dim a transformers config declares, None where it declares none."""
-    for name in ("head_dim", "d_kv", "attention_head_size"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
-    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
-        return hidden // heads
+def _outside(model: nn.Module, parts: list[tuple[str, nn.Module]]):
+    """``model.named_modules()`` without the modules of ``parts``."""
+    for path, module in model.named_modules():
+        if not any(path == p or path.startswith(p + ".") for p, _ in parts):
+            yield path, module
+
+
+def _interface_attention(module: nn.Module) -> object | None:
+    """The code of ``module``'s forward where it looks its attention function up in transformers'
+    ``ALL_ATTENTION_FUNCTIONS`` (so that ``attn_implementation`` selects what it runs), else None."""
+    code = getattr(inspect.unwrap(getattr(type(module), "forward", None)), "__code__", None)
+    return code if code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names else None
+
+
+def _code_strings(code) -> set[str]:
+    """The strings among a code object's constants (keyword argument names included)."""
+    found = set()
+    for const in code.co_consts:
+        for item in const if isinstance(const, tuple) else (const,):
+            if isinstance(item, str):
+                found.add(item)
+    return found
+
+
+def _head_dims(modules: list[nn.Module], config: object) -> set[int]:
+    """The head dims of attention modules, as they declare them (else as the config does)."""
+    dims = set()
+    for module in modules:
+        found = [getattr(module, name, None) for name in ("qk_head_dim", "head_dim", "attention_head_size",
+                                                           "key_value_proj_dim", "v_head_dim")]
+        dims.update(d for d in found if isinstance(d, int) and d > 0)
+    if not dims:
+        for name in ("head_dim", "d_kv", "attention_head_size"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return {value}
+        hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+        if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+            dims.add(hidden // heads)
+    return dims
+
+
+def _attention_reason(model: nn.Module, attention: list[nn.Module], config: object) -> str | None:
+    """Why ``model``'s attention cannot run on the fused function, or None."""
+    name = type(model).__name__
+    if not attention:
+        return f"{name}'s attention does not go through transformers' attention interface"
+    classes = {type(m) for m in model.modules() if _is_pretrained_model(m)}
+    no_sdpa = sorted(c.__name__ for c in classes if not getattr(c, "_supports_sdpa", False))
+    if no_sdpa:
+        # The fused function has sdpa's semantics (and its mask); transformers does not run these
+        # models on sdpa (soft-capping, sinks, masks built for eager only, ...).
+        return f"transformers does not run {', '.join(no_sdpa)} on sdpa, whose semantics the fused attention has"
+    for module in attention:
+        passed = _code_strings(_interface_attention(module)) & set(_UNSUPPORTED_KWARGS)
+        if passed:
+            key = sorted(passed)[0]
+            return f"{type(module).__name__} hands the attention function {key} ({_UNSUPPORTED_KWARGS[key]})"
+    dims = _head_dims(attention, config)
+    low, high = convert.HEAD_DIM_LIMITS["head_dim"]
+    if not dims:
+        return "its attention modules and config declare no head dim"
+    if not all(low <= d <= high for d in dims):
+        return f"head_dim {max(dims) if max(dims) > high else min(dims)} outside [{low}, {high}]"
     return None
 
 
@@ -251,7 +326,8 @@ def register_attention() -> str:
     function) as ``"fused_attn"`` and returns that name, for models that :func:`fused_attn.optimize`
     does not convert whole: ``model.set_attn_implementation(register_attention())``. It serves what
     transformers' sdpa implementation serves, grouped key/value heads and T5's position bias
-    included, and refuses soft-capping and attention sinks (:func:`fused_attention_forward`)."""
+    included, and refuses soft-capping, attention sinks and sparse key selections
+    (:func:`fused_attention_forward`)."""
     _register()
     return ATTENTION_NAME
 
@@ -271,29 +347,46 @@ def _convert(model: nn.Module, backend: str | None):
     if reason is not None:
         return [], [("", type(model).__name__, reason)]
     _register()
+    return _convert_model(model, backend)
+
+
+def _convert_model(model: nn.Module, backend: str | None):
     replaced, kept = [], []
+    parts = _parts(model)
+    for prefix, part in parts:
+        rows = _convert_model(part, backend)
+        replaced += [(convert.join_path(prefix, p), old, new) for p, old, new in rows[0]]
+        kept += [(convert.join_path(prefix, p), what, why) for p, what, why in rows[1]]
+    attention = [m for _, m in _outside(model, parts) if _interface_attention(m) is not None]
     original_attention = convert.original_config(model)._attn_implementation
-    config = convert.own_config(model)
-    head_dim = _head_dim(config)
-    low, high = convert.HEAD_DIM_LIMITS["head_dim"]
-    # Where no fused kernel serves it, the model keeps the attention it was built with.
-    if not _attention_through_interface(model):
-        if any("Attention" in type(m).__name__ for m in model.modules()):
-            kept.append(("", f"attention {original_attention}",
-                         f"{type(model).__name__}'s attention does not go through transformers' attention interface"))
-    elif head_dim is None:
-        kept.append(("", f"attention {original_attention}", "the config declares no head dim"))
-    elif low <= head_dim <= high:
-        model.set_attn_implementation(ATTENTION_NAME)
-        replaced.append(("", f"attention {original_attention}", f"attention {ATTENTION_NAME}"))
-    else:
-        kept.append(("", f"attention {original_attention}", f"head_dim {head_dim} outside [{low}, {high}]"))
-    for path, module in model.named_modules():
+    if parts:
+        # A composite model's own layers follow its own config, which its parts do not share:
+        # switching it would reach into theirs. Its attention modules keep their implementation.
+        for path, module in _outside(model, parts):
+            if _interface_attention(module) is not None:
+                kept.append((path, type(module).__name__,
+                             f"attention of the composite {type(model).__name__} itself: left on {original_attention}"))
+    elif attention or any("Attention" in type(m).__name__ for m in model.modules()):
+        config = convert.own_config(model)
+        # Where the fused function cannot stand for it, the model keeps the attention it was built with.
+        why = _attention_reason(model, attention, config)
+        if why is None:
+            model.set_attn_implementation(ATTENTION_NAME)
+            if config._attn_implementation != ATTENTION_NAME:
+                why = f"transformers did not switch {type(model).__name__}'s attention implementation"
+        if why is None:
+            replaced.append(("", f"attention {original_attention}", f"attention {ATTENTION_NAME}"))
+        else:
+            kept.append(("", f"attention {original_attention}", why))
+    blocks = 0
+    for path, module in _outside(model, parts):
         module.fused_attn_backend = backend  # read by fused_attention_forward and the fused blocks
         if convert.ORIGINAL_CLASS in module.__dict__:
             # Fused by an earlier optimize: it only takes this call's backend.
             if isinstance(module, convert.FusedLayerNorm):
                 module.backend = backend
+            else:
+                blocks += 1
             replaced.append((path, module.__dict__[convert.ORIGINAL_CLASS].__name__, type(module).__name__))
             continue
         kind = "add_norm" if _is_add_norm_block(module) else "intermediate" if _is_intermediate_block(module) else None
@@ -316,12 +409,13 @@ def _convert(model: nn.Module, backend: str | None):
             module.backend = backend
         else:
             continue
+        blocks += kind is not None
         setattr(module, convert.ORIGINAL_CLASS, type(module))
         replaced.append((path, type(module).__name__, new_cls.__name__))
         module.__class__ = new_cls
-    if not any(new.startswith("Fused") and new != "FusedLayerNorm" for _, _, new in replaced):
-        kept.append(("", type(model).__name__, "no feed-forward or Add & Norm block computes BERT's (the forms "
-                     "fused_attn fuses): attention and LayerNorm modules only"))
+    if not parts and not blocks:
+        kept.append(("", type(model).__name__, "no feed-forward or Add & Norm block computes BERT's (the blocks "
+                     "fused_attn fuses besides attention and LayerNorm)"))
     return replaced, kept
 
 
