@@ -13,7 +13,8 @@
 //    by (seed & 0xffffffff, seed >> 32) at counter (e & 0xffffffff, e >> 32, 0, 0), first output
 //    word w taken as int32 and mapped to [0, 1) by (w < 0 ? -w - 1 : w) * 4.6566127342e-10 (the
 //    stream of triton.language.rand). For attention e = (bh * q_len + i) * k_len + j; for
-//    row-wise ops e = row * hidden + col. Every backend draws the same mask from the same seed.
+//    row-wise ops e = row * hidden + col; for the FFN's dropout after its second linear
+//    e = row * out_features + col. Every backend draws the same mask from the same seed.
 //  * An output that was not asked for (output_mask false) comes back as an empty tensor [0].
 #include <torch/library.h>
 

@@ -629,8 +629,9 @@ def test_hf_models_of_other_families_run_the_fused_attention(name):
 
 def test_hf_encoder_decoder_of_berts_is_fused_model_by_model():
     """An EncoderDecoderModel pairs two BERTs with configs of their own (and gives the decoder's
-    head another config object than its base model): each BERT is fused whole (attention,
-    blocks, LayerNorms), the pair computes what it did, and restore() undoes both."""
+    head another config object than its base model): each BERT gets its blocks and LayerNorms
+    fused and, where its layers read the config that gets switched, the fused attention; the pair
+    computes what it did, and restore() undoes both."""
     transformers = pytest.importorskip("transformers")
     encoder = transformers.BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
                                       intermediate_size=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -640,8 +641,13 @@ def test_hf_encoder_decoder_of_berts_is_fused_model_by_model():
                                              decoder=transformers.BertLMHeadModel(decoder)).eval()
     fused_model = copy.deepcopy(plain)
     report = fused_attn.optimize(fused_model)
-    assert not report.kept
-    assert sorted(p for p, _, new in report.replaced if new == "attention fused_attn") == ["decoder.bert", "encoder"]
+    assert [p for p, _, new in report.replaced if new == "attention fused_attn"] == ["decoder.bert"]
+    # The encoder's layers read the config object they were built with, not the one the pair gave
+    # the encoder: switching the encoder's would not reach them, and the report says so.
+    assert [(p, why) for p, _, why in report.kept] == [
+        ("encoder", "its attention modules (encoder.layer.0.attention.self, ...) read another config object than "
+                    "the model's")]
+    assert fused_model.encoder.config._attn_implementation == "sdpa"
     assert {"FusedBertOutput", "FusedBertSelfOutput", "FusedBertIntermediate"} <= {new for _, _, new in report.replaced}
     ids, mask = _batch()
 
@@ -699,7 +705,7 @@ def test_hf_models_transformers_does_not_run_on_sdpa_keep_their_attention():
                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                        max_position_embeddings=64)
     torch.manual_seed(0)
-    _kept_attention(transformers.Gemma2ForCausalLM(config), "transformers does not run Gemma2ForCausalLM")
+    _kept_attention(transformers.Gemma2ForCausalLM(config), "transformers does not run Gemma2Model on sdpa")
 
 
 def test_hf_attention_handing_over_what_the_fused_function_does_not_implement_is_kept():
@@ -784,6 +790,110 @@ def test_hf_composite_model_own_layers():
         ("image_to_text_projection.x_attn", "attention of the composite Kosmos2Model")]
     fused_attn.restore(kosmos)
     fused_attn.restore(git)
+
+
+def test_hf_model_treating_sdpa_apart_keeps_its_attention():
+    """Gemma 4 slices the queries of its KV-shared layers except under the implementation named
+    "sdpa": under any other name (the fused one's) its masks would hide other keys, so it keeps
+    its attention, with the method in the report."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Gemma4TextConfig"):
+        pytest.skip("this transformers has no Gemma 4")
+    config = transformers.Gemma4TextConfig(
+        vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, global_head_dim=16, hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=120, sliding_window=8, num_kv_shared_layers=2,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    _kept_attention(transformers.Gemma4ForCausalLM(config), "runs the model differently on sdpa")
+
+
+def test_hf_attention_chosen_as_another_kernel_is_kept():
+    """A model built with another attention kernel (flex attention) builds its masks in that
+    kernel's form: optimize() leaves its attention alone."""
+    transformers, config = _hf_config()
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(config)
+    model.set_attn_implementation("flex_attention")
+    report = fused_attn.optimize(model)
+    assert ("", "attention flex_attention", "attn_implementation 'flex_attention' was chosen for it") in report.kept
+    assert model.config._attn_implementation == "flex_attention"
+
+
+def test_hf_model_class_without_sdpa_flag_around_a_bert_is_switched():
+    """The sdpa gate looks at the transformers model holding the attention (here a BertModel),
+    not at a user's wrapper class around it, which declares nothing."""
+    transformers, config = _hf_config()
+
+    class Classifier(transformers.PreTrainedModel):
+        config_class = transformers.BertConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.bert = transformers.BertModel(config)
+            self.head = nn.Linear(config.hidden_size, 3)
+            self.post_init()
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.head(self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state)
+
+    torch.manual_seed(0)
+    plain = Classifier(config).eval()
+    fused_model = copy.deepcopy(plain)
+    report = fused_attn.optimize(fused_model)
+    # transformers runs the wrapper, and so the BERT that shares its config, on eager.
+    assert ("", "attention eager", "attention fused_attn") in report.replaced
+    ids, mask = _batch()
+    assert_model_parity(plain, fused_model, lambda model: model(ids, mask))
+
+
+def test_hf_optimized_model_of_another_family_loads_in_a_fresh_process(tmp_path):
+    """A switched model with no fused block (Llama) registers the fused attention again where it
+    is loaded, so torch.load of the whole model runs in a fresh process."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    fused_attn.optimize(model)
+    ids, mask = _batch()
+    expected = model(input_ids=ids, attention_mask=mask).logits
+    torch.save({"model": model, "ids": ids, "mask": mask, "expected": expected}, tmp_path / "model.pt")
+    script = (
+        "import sys, torch\n"
+        f"saved = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False)\n"
+        "assert saved['model'].config._attn_implementation == 'fused_attn'\n"
+        "out = saved['model'](input_ids=saved['ids'], attention_mask=saved['mask']).logits\n"
+        "sys.exit(0 if torch.equal(out, saved['expected']) else 3)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fused_attn.restore(model)
+    assert "_fused_attn_registration" not in model.__dict__
+
+
+def test_hf_decorated_block_forward_is_not_taken_for_bert_s():
+    """A block whose forward has BERT's body under a decorator (here torch.no_grad) computes
+    something else: optimize() leaves it to its own forward."""
+    transformers, config = _hf_config()
+    from transformers.models.bert.modeling_bert import BertIntermediate
+
+    class FrozenIntermediate(BertIntermediate):
+        @torch.no_grad()
+        def forward(self, hidden_states):
+            hidden_states = self.dense(hidden_states)
+            hidden_states = self.intermediate_act_fn(hidden_states)
+            return hidden_states
+
+    torch.manual_seed(0)
+    plain = transformers.BertModel(config).eval()
+    plain.encoder.layer[0].intermediate.__class__ = FrozenIntermediate
+    fused_model = copy.deepcopy(plain)
+    fused_attn.optimize(fused_model)
+    assert type(fused_model.encoder.layer[0].intermediate) is FrozenIntermediate
+    assert type(fused_model.encoder.layer[1].intermediate).__name__ == "FusedBertIntermediate"
+    ids, mask = _batch()
+    assert_model_parity(plain, fused_model, lambda model: model(input_ids=ids, attention_mask=mask).last_hidden_state)
 
 
 def test_hf_blocks_are_recognised_by_what_they_compute_not_their_name():

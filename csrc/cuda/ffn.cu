@@ -235,15 +235,15 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 }
 
 // The FFN's dropout (ffn_dropout_cuda): one thread per element, grid-stride; element e of the stream is
-// element e of the contiguous tensor. (v * keep) / keep_prob with a correctly rounded division, as the
-// CPU and Triton kernels compute it.
+// element e of the contiguous tensor; the arithmetic is cuda_utils::dropout_value's, the CPU and Triton
+// kernels'. src may be dst (the forward drops in place), hence no __restrict__.
 template <typename T>
 __global__ void __launch_bounds__(kEltThreads)
-    ffn_dropout_kernel(const T* __restrict__ src, T* dst, int64_t n, uint64_t seed, float p, float keep_prob) {
+    ffn_dropout_kernel(const T* src, T* dst, int64_t n, uint64_t seed, float p, float keep_prob) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += stride) {
-    const float keep = philox::keep(seed, static_cast<uint64_t>(e), p) ? 1.f : 0.f;
-    dst[e] = static_cast<T>(__fdiv_rn(static_cast<float>(src[e]) * keep, keep_prob));
+    const bool keep = philox::keep(seed, static_cast<uint64_t>(e), p);
+    dst[e] = static_cast<T>(cuda_utils::dropout_value(static_cast<float>(src[e]), keep, keep_prob));
   }
 }
 

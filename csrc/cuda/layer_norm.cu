@@ -130,9 +130,10 @@ __device__ __forceinline__ void load_param_or(const T* p, int64_t c, float fill,
 
 // Dropout of add_layer_norm: element e of the [rows, hidden] tensor is kept when uniform(seed, e) >= p
 // (philox.h), and v becomes (v * keep) / keep_prob with keep 1 or 0 and keep_prob = 1 - p in float
-// (philox::keep_divisor): the CPU and Triton kernels' arithmetic (a correctly rounded division, which
-// --use_fast_math would otherwise approximate), and a multiply rather than a select, so that a dropped
-// inf/NaN gives NaN, as torch's dropout (x * mask / (1 - p)) does. Inactive: v is left as it is.
+// (philox::keep_divisor): the CPU and Triton kernels' arithmetic (cuda_utils::dropout_value: IEEE
+// multiply and correctly rounded division, which --use_fast_math would otherwise approximate and flush
+// to zero), and a multiply rather than a select, so that a dropped inf/NaN gives NaN, as torch's dropout
+// (x * mask / (1 - p)) does. Inactive: v is left as it is.
 struct DropoutArgs {
   uint64_t seed = 0;
   float p = 0.f;
@@ -146,8 +147,7 @@ __device__ __forceinline__ void apply_dropout(const DropoutArgs& d, int64_t e, f
   if (!d.active) return;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    const float keep = philox::keep(d.seed, static_cast<uint64_t>(e + j), d.p) ? 1.f : 0.f;
-    v[j] = __fdiv_rn(v[j] * keep, d.keep_prob);
+    v[j] = cuda_utils::dropout_value(v[j], philox::keep(d.seed, static_cast<uint64_t>(e + j), d.p), d.keep_prob);
   }
 }
 

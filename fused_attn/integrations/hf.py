@@ -6,11 +6,13 @@
   sdpa's boolean mask) and switches the model's ``attn_implementation`` to it where that
   function can stand for what the model runs: its attention modules look their function up in
   ``ALL_ATTENTION_FUNCTIONS`` (BERT, RoBERTa, ELECTRA, DistilBERT, ViT, GPT-2, Llama, Mistral,
-  T5, BART, ...), transformers runs it on sdpa (whose semantics the fused function has: no
-  soft-capping, no sinks, masks it builds for sdpa), its attention hands the function nothing it
-  refuses (e.g. DeepSeek-V3.2's top-k ``indices``) and its head dims, read from the attention
-  modules, are ones the kernels serve. Otherwise the model keeps its attention, with the reason
-  in the report;
+  T5, BART, ...), it runs on sdpa or eager (not on another kernel chosen for it), transformers
+  runs it on sdpa (whose semantics the fused function has: no soft-capping, no sinks, masks it
+  builds for sdpa), its own code does not name sdpa to run differently under it (Gemma 4), its
+  attention hands the function nothing it refuses (e.g. DeepSeek-V3.2's top-k ``indices``), its
+  head dims, read from the attention modules, are ones the kernels serve, and its attention
+  modules read the config that is switched. Otherwise the model keeps its attention, with the
+  reason in the report;
 * turns each block whose forward is BERT's ``BertSelfOutput`` / ``BertOutput`` forward
   (``LayerNorm(dropout(dense(h)) + residual)``: BERT, RoBERTa, ELECTRA and the many models that
   copy the block) into one GEMM plus one :func:`fused_attn.add_layer_norm` pass (the dense bias
@@ -30,7 +32,8 @@ reported). The switch is made on the model's own copy of its config (other model
 same config object keep theirs); the backend is held by the model's modules, not by the config,
 so ``save_pretrained`` writes the config as it was. Parameters and ``state_dict`` are untouched;
 :func:`fused_attn.restore` undoes all of it. An optimized model pickles (``torch.save(model)``)
-and loads in a fresh process. When ``output_attentions`` reaches the attention function, the
+and loads in a fresh process (a switched model carries a marker whose unpickling registers the
+fused attention). When ``output_attentions`` reaches the attention function, the
 probabilities come from :func:`fused_attn.softmax` and are returned, as the eager implementation
 returns them. :func:`register_attention` lets a model select the fused attention itself, without
 :func:`fused_attn.optimize`.
@@ -41,6 +44,7 @@ from __future__ import annotations
 import dis
 import inspect
 import sys
+import types
 
 import torch
 import torch.nn.functional as F
@@ -180,8 +184,9 @@ def _fused_class(cls: type, kind: str) -> type:
 def _code_identity(fn: object) -> tuple | None:
     """What a function computes, as far as its own code says: its instructions with their
     arguments (names, constants, jump targets), without its name, docstring or line numbers;
-    None for what has no code."""
-    code = getattr(inspect.unwrap(fn), "__code__", None) if fn is not None else None
+    None for what has no code of its own (a decorated function, a builtin)."""
+    # Not unwrapped: a decorator (torch.no_grad, a hook) is part of what a forward computes.
+    code = getattr(fn, "__code__", None)
     if code is None:
         return None
     return code.co_argcount, tuple((i.opname, repr(i.argval)) for i in dis.get_instructions(code))
@@ -269,13 +274,47 @@ def _interface_attention(module: nn.Module) -> object | None:
 
 
 def _code_strings(code) -> set[str]:
-    """The strings among a code object's constants (keyword argument names included)."""
+    """The strings among a code object's constants (keyword argument names included), nested
+    functions' included."""
     found = set()
     for const in code.co_consts:
         for item in const if isinstance(const, tuple) else (const,):
             if isinstance(item, str):
                 found.add(item)
+            elif isinstance(item, types.CodeType):
+                found |= _code_strings(item)
     return found
+
+
+def _treats_sdpa_apart(model: nn.Module) -> str | None:
+    """``Class.method`` of a transformers model's own code in ``model`` that names the sdpa
+    implementation (e.g. ``_attn_implementation == "sdpa"``): the model then runs differently
+    under any other name, the fused attention's included. None when there is none."""
+    seen = set()
+    for module in model.modules():
+        cls = type(module)
+        if cls in seen:
+            continue
+        seen.add(cls)
+        for name, fn in inspect.getmembers(cls, inspect.isfunction):
+            if not getattr(fn, "__module__", "").startswith("transformers.models."):
+                continue  # transformers' shared machinery (modeling_utils) names every implementation
+            code = getattr(inspect.unwrap(fn), "__code__", None)
+            if code is not None and "sdpa" in _code_strings(code):
+                return f"{cls.__name__}.{name}"
+    return None
+
+
+def _model_above(model: nn.Module, path: str) -> nn.Module:
+    """The innermost transformers model holding the submodule at ``path`` of ``model``."""
+    owner = model
+    parts = path.split(".") if path else []
+    module = model
+    for part in parts:
+        module = getattr(module, part)
+        if _is_pretrained_model(module):
+            owner = module
+    return owner
 
 
 def _head_dims(modules: list[nn.Module], config: object) -> set[int]:
@@ -296,23 +335,31 @@ def _head_dims(modules: list[nn.Module], config: object) -> set[int]:
     return dims
 
 
-def _attention_reason(model: nn.Module, attention: list[nn.Module], config: object) -> str | None:
+def _attention_reason(model: nn.Module, attention: list[tuple[str, nn.Module]], config: object) -> str | None:
     """Why ``model``'s attention cannot run on the fused function, or None."""
     name = type(model).__name__
     if not attention:
         return f"{name}'s attention does not go through transformers' attention interface"
-    classes = {type(m) for m in model.modules() if _is_pretrained_model(m)}
-    no_sdpa = sorted(c.__name__ for c in classes if not getattr(c, "_supports_sdpa", False))
+    current = config._attn_implementation
+    if current not in ("sdpa", "eager", ATTENTION_NAME):
+        # Another kernel chosen for the model (flex attention, flash attention, ...), whose masks the
+        # model builds in that kernel's own form.
+        return f"attn_implementation {current!r} was chosen for it"
+    owners = {type(_model_above(model, path)) for path, _ in attention}
+    no_sdpa = sorted(c.__name__ for c in owners if not getattr(c, "_supports_sdpa", False))
     if no_sdpa:
         # The fused function has sdpa's semantics (and its mask); transformers does not run these
         # models on sdpa (soft-capping, sinks, masks built for eager only, ...).
         return f"transformers does not run {', '.join(no_sdpa)} on sdpa, whose semantics the fused attention has"
-    for module in attention:
+    for _, module in attention:
         passed = _code_strings(_interface_attention(module)) & set(_UNSUPPORTED_KWARGS)
         if passed:
             key = sorted(passed)[0]
             return f"{type(module).__name__} hands the attention function {key} ({_UNSUPPORTED_KWARGS[key]})"
-    dims = _head_dims(attention, config)
+    apart = _treats_sdpa_apart(model)
+    if apart is not None:
+        return f"{apart} runs the model differently on sdpa than on any other attention implementation"
+    dims = _head_dims([m for _, m in attention], config)
     low, high = convert.HEAD_DIM_LIMITS["head_dim"]
     if not dims:
         return "its attention modules and config declare no head dim"
@@ -328,16 +375,40 @@ def register_attention() -> str:
     transformers' sdpa implementation serves, grouped key/value heads and T5's position bias
     included, and refuses soft-capping, attention sinks and sparse key selections
     (:func:`fused_attention_forward`)."""
-    _register()
+    why = _register()
+    if why is not None:
+        raise RuntimeError(f"cannot register the fused attention: {why}")
     return ATTENTION_NAME
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
+def _register() -> str | None:
+    """Registers the fused attention (and sdpa's mask function) under ATTENTION_NAME; returns why
+    it cannot be, with a transformers that has no attention and mask interfaces, else None."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError as error:
+        return f"this transformers has no attention and mask function interfaces ({error})"
     AttentionInterface.register(ATTENTION_NAME, fused_attention_forward)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    return None
+
+
+class _Registration:
+    """Held by a model switched to the fused attention: pickled with it, it registers the
+    attention function again where the model is loaded (a fresh process has not), before the
+    model runs."""
+
+    def __reduce__(self):
+        return _registered, ()
+
+
+def _registered() -> _Registration:
+    _register()
+    return _Registration()
+
+
+_REGISTRATION = "_fused_attn_registration"
 
 
 def _convert(model: nn.Module, backend: str | None):
@@ -346,18 +417,17 @@ def _convert(model: nn.Module, backend: str | None):
     reason = convert.dtype_reason(model)
     if reason is not None:
         return [], [("", type(model).__name__, reason)]
-    _register()
-    return _convert_model(model, backend)
+    return _convert_model(model, backend, _register())
 
 
-def _convert_model(model: nn.Module, backend: str | None):
+def _convert_model(model: nn.Module, backend: str | None, unregistered: str | None):
     replaced, kept = [], []
     parts = _parts(model)
     for prefix, part in parts:
-        rows = _convert_model(part, backend)
+        rows = _convert_model(part, backend, unregistered)
         replaced += [(convert.join_path(prefix, p), old, new) for p, old, new in rows[0]]
         kept += [(convert.join_path(prefix, p), what, why) for p, what, why in rows[1]]
-    attention = [m for _, m in _outside(model, parts) if _interface_attention(m) is not None]
+    attention = [(p, m) for p, m in _outside(model, parts) if _interface_attention(m) is not None]
     original_attention = convert.original_config(model)._attn_implementation
     if parts:
         # A composite model's own layers follow its own config, which its parts do not share:
@@ -369,12 +439,21 @@ def _convert_model(model: nn.Module, backend: str | None):
     elif attention or any("Attention" in type(m).__name__ for m in model.modules()):
         config = convert.own_config(model)
         # Where the fused function cannot stand for it, the model keeps the attention it was built with.
-        why = _attention_reason(model, attention, config)
+        why = unregistered or _attention_reason(model, attention, config)
         if why is None:
+            previous = config._attn_implementation
             model.set_attn_implementation(ATTENTION_NAME)
+            stale = [p for p, m in attention
+                     if getattr(getattr(m, "config", config), "_attn_implementation", None) != ATTENTION_NAME]
             if config._attn_implementation != ATTENTION_NAME:
                 why = f"transformers did not switch {type(model).__name__}'s attention implementation"
+            elif stale:
+                # e.g. transformers' EncoderDecoderModel gives the encoder a config object of its own
+                # after its layers were built with another one, which they still read.
+                model.set_attn_implementation(previous)
+                why = f"its attention modules ({stale[0]}, ...) read another config object than the model's"
         if why is None:
+            model.__dict__[_REGISTRATION] = _Registration()
             replaced.append(("", f"attention {original_attention}", f"attention {ATTENTION_NAME}"))
         else:
             kept.append(("", f"attention {original_attention}", why))
@@ -423,6 +502,7 @@ def _restore(model: nn.Module) -> None:
     convert.restore_config(model)
     for module in model.modules():
         module.__dict__.pop("fused_attn_backend", None)
+        module.__dict__.pop(_REGISTRATION, None)
 
 
 convert.register_model_converter(_matches, _convert, _restore)

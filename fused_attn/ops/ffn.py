@@ -388,6 +388,8 @@ def ffn_keep_mask(rows: int, out_features: int, dropout_p: float, device: torch.
     backend's own kernel run on an FFN whose output is gelu(1) everywhere."""
     from ..kernels.triton import ffn as kernels
 
+    if backend not in ("cpu", "cuda", "triton"):
+        raise ValueError(f"backend must be 'cpu', 'cuda' or 'triton' (the FFN's kernels), got {backend!r}")
     seed = draw_seed(dropout_p)
     ones = torch.ones(rows, 1, device=device)
     if backend != "triton":

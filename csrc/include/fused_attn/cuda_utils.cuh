@@ -27,6 +27,16 @@ struct alignas(sizeof(T) * N) AlignedVector {
   T val[N];
 };
 
+// Inverted dropout of one value, (v * keep) / keep_prob with keep 0 or 1, in IEEE float arithmetic even
+// under --use_fast_math (whose flush-to-zero would turn subnormal kept values into 0): the bits of the
+// CPU and Triton kernels. A multiply, not a select, so a dropped NaN or inf gives NaN.
+__device__ __forceinline__ float dropout_value(float v, bool keep, float keep_prob) {
+  float kept, out;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(kept) : "f"(v), "f"(keep ? 1.f : 0.f));
+  asm("div.rn.f32 %0, %1, %2;" : "=f"(out) : "f"(kept), "f"(keep_prob));
+  return out;
+}
+
 // Host-side test deciding whether a pointer may take the vector path; nullptr counts as aligned so that
 // absent optional operands do not force the scalar path.
 inline bool is_aligned(const void* ptr, std::size_t alignment) {

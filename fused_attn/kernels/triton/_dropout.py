@@ -29,7 +29,9 @@ def dropout(x, seed, offsets, dropout_p, keep_prob):
     not replaced by it, so a dropped NaN or inf stays NaN, as in torch's dropout. ``dropout_p``
     comes from ``as_float32``."""
     keep = (uniform(seed, offsets) >= dropout_p).to(tl.float32)
-    return x * keep / keep_prob
+    # div_rn: the correctly rounded quotient the C++ kernels compute (a plain / compiles to an
+    # approximate division on GPUs).
+    return tl.math.div_rn(x * keep, keep_prob)
 
 
 # Host side. Every backend takes dropout_p as a float32 p (a float argument reaches a compiled
