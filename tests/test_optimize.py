@@ -645,8 +645,8 @@ def test_hf_encoder_decoder_of_berts_is_fused_model_by_model():
     # The encoder's layers read the config object they were built with, not the one the pair gave
     # the encoder: switching the encoder's would not reach them, and the report says so.
     assert [(p, why) for p, _, why in report.kept] == [
-        ("encoder", "its attention modules (encoder.layer.0.attention.self, ...) read another config object than "
-                    "the model's")]
+        ("encoder", "its attention modules (encoder.layer.0.attention.self) read another config object than the "
+                    "model's")]
     assert fused_model.encoder.config._attn_implementation == "sdpa"
     assert {"FusedBertOutput", "FusedBertSelfOutput", "FusedBertIntermediate"} <= {new for _, _, new in report.replaced}
     ids, mask = _batch()
@@ -808,6 +808,23 @@ def test_hf_model_treating_sdpa_apart_keeps_its_attention():
     _kept_attention(transformers.Gemma4ForCausalLM(config), "runs the model differently on sdpa")
 
 
+def test_hf_user_code_treating_sdpa_apart_keeps_the_attention():
+    """The sdpa check reads the model's own code wherever it comes from (here a user's subclass,
+    as remote code would be), not only transformers' model files."""
+    transformers = pytest.importorskip("transformers")
+
+    class Tuned(transformers.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            if self.config._attn_implementation == "sdpa":
+                kwargs["logits_to_keep"] = 0
+            return super().forward(*args, **kwargs)
+
+    config = transformers.LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    _kept_attention(Tuned(config), "Tuned.forward runs the model differently on sdpa")
+
+
 def test_hf_attention_chosen_as_another_kernel_is_kept():
     """A model built with another attention kernel (flex attention) builds its masks in that
     kernel's form: optimize() leaves its attention alone."""
@@ -849,7 +866,8 @@ def test_hf_model_class_without_sdpa_flag_around_a_bert_is_switched():
 
 def test_hf_optimized_model_of_another_family_loads_in_a_fresh_process(tmp_path):
     """A switched model with no fused block (Llama) registers the fused attention again where it
-    is loaded, so torch.load of the whole model runs in a fresh process."""
+    is loaded, so torch.load of the whole model, or of its backbone alone, runs in a fresh
+    process."""
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -858,18 +876,25 @@ def test_hf_optimized_model_of_another_family_loads_in_a_fresh_process(tmp_path)
     fused_attn.optimize(model)
     ids, mask = _batch()
     expected = model(input_ids=ids, attention_mask=mask).logits
-    torch.save({"model": model, "ids": ids, "mask": mask, "expected": expected}, tmp_path / "model.pt")
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    for name, saved in (("model", model), ("backbone", model.model)):  # the backbone alone, too
+        torch.save({"model": saved}, tmp_path / f"{name}.pt")
+    torch.save({"ids": ids, "mask": mask, "expected": expected, "hidden": hidden}, tmp_path / "data.pt")
     script = (
         "import sys, torch\n"
-        f"saved = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False)\n"
-        "assert saved['model'].config._attn_implementation == 'fused_attn'\n"
-        "out = saved['model'](input_ids=saved['ids'], attention_mask=saved['mask']).logits\n"
-        "sys.exit(0 if torch.equal(out, saved['expected']) else 3)\n"
+        "name = sys.argv[1]\n"
+        f"model = torch.load({str(tmp_path)!r} + f'/{{name}}.pt', weights_only=False)['model']\n"
+        f"data = torch.load({str(tmp_path / 'data.pt')!r})\n"
+        "assert model.config._attn_implementation == 'fused_attn'\n"
+        "out = model(input_ids=data['ids'], attention_mask=data['mask'])\n"
+        "out = out.logits if name == 'model' else out.last_hidden_state\n"
+        "sys.exit(0 if torch.equal(out, data['expected' if name == 'model' else 'hidden']) else 3)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("model", "backbone"):
+        result = subprocess.run([sys.executable, "-c", script, name], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, name + ": " + result.stderr[-3000:]
     fused_attn.restore(model)
-    assert "_fused_attn_registration" not in model.__dict__
+    assert not any("_fused_attn_registration" in m.__dict__ for m in model.modules())
 
 
 def test_hf_decorated_block_forward_is_not_taken_for_bert_s():

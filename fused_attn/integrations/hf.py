@@ -184,7 +184,7 @@ def _fused_class(cls: type, kind: str) -> type:
 def _code_identity(fn: object) -> tuple | None:
     """What a function computes, as far as its own code says: its instructions with their
     arguments (names, constants, jump targets), without its name, docstring or line numbers;
-    None for what has no code of its own (a decorated function, a builtin)."""
+    None for what has no code (a builtin). A decorated function gives its wrapper's code."""
     # Not unwrapped: a decorator (torch.no_grad, a hook) is part of what a forward computes.
     code = getattr(fn, "__code__", None)
     if code is None:
@@ -287,7 +287,8 @@ def _code_strings(code) -> set[str]:
 
 
 def _treats_sdpa_apart(model: nn.Module) -> str | None:
-    """``Class.method`` of a transformers model's own code in ``model`` that names the sdpa
+    """``Class.method`` of a model's own code in ``model`` (transformers' model files, remote code,
+    a user's subclass: anything but torch and transformers' shared machinery) that names the sdpa
     implementation (e.g. ``_attn_implementation == "sdpa"``): the model then runs differently
     under any other name, the fused attention's included. None when there is none."""
     seen = set()
@@ -297,12 +298,27 @@ def _treats_sdpa_apart(model: nn.Module) -> str | None:
             continue
         seen.add(cls)
         for name, fn in inspect.getmembers(cls, inspect.isfunction):
-            if not getattr(fn, "__module__", "").startswith("transformers.models."):
+            where = getattr(fn, "__module__", None) or ""
+            if where.split(".")[0] == "torch" or (where.startswith("transformers.")
+                                                  and not where.startswith("transformers.models.")):
                 continue  # transformers' shared machinery (modeling_utils) names every implementation
             code = getattr(inspect.unwrap(fn), "__code__", None)
             if code is not None and "sdpa" in _code_strings(code):
                 return f"{cls.__name__}.{name}"
     return None
+
+
+def _implementations(model: nn.Module) -> list[tuple[object, object]]:
+    """(config, its _attn_implementation_internal) for every config ``model`` and its modules
+    hold, sub-configs included: what set_attn_implementation may change."""
+    found, queue = {}, [m.config for m in model.modules() if hasattr(m, "config")]
+    while queue:
+        config = queue.pop()
+        if id(config) in found or not hasattr(config, "_attn_implementation_internal"):
+            continue
+        found[id(config)] = (config, config._attn_implementation_internal)
+        queue += [getattr(config, key, None) for key in getattr(config, "sub_configs", {})]
+    return list(found.values())
 
 
 def _model_above(model: nn.Module, path: str) -> nn.Module:
@@ -374,7 +390,8 @@ def register_attention() -> str:
     does not convert whole: ``model.set_attn_implementation(register_attention())``. It serves what
     transformers' sdpa implementation serves, grouped key/value heads and T5's position bias
     included, and refuses soft-capping, attention sinks and sparse key selections
-    (:func:`fused_attention_forward`)."""
+    (:func:`fused_attention_forward`). Raises RuntimeError with a transformers that has no
+    attention and mask function interfaces."""
     why = _register()
     if why is not None:
         raise RuntimeError(f"cannot register the fused attention: {why}")
@@ -441,7 +458,7 @@ def _convert_model(model: nn.Module, backend: str | None, unregistered: str | No
         # Where the fused function cannot stand for it, the model keeps the attention it was built with.
         why = unregistered or _attention_reason(model, attention, config)
         if why is None:
-            previous = config._attn_implementation
+            before = _implementations(model)
             model.set_attn_implementation(ATTENTION_NAME)
             stale = [p for p, m in attention
                      if getattr(getattr(m, "config", config), "_attn_implementation", None) != ATTENTION_NAME]
@@ -450,10 +467,16 @@ def _convert_model(model: nn.Module, backend: str | None, unregistered: str | No
             elif stale:
                 # e.g. transformers' EncoderDecoderModel gives the encoder a config object of its own
                 # after its layers were built with another one, which they still read.
-                model.set_attn_implementation(previous)
-                why = f"its attention modules ({stale[0]}, ...) read another config object than the model's"
+                more = ", ..." if len(stale) > 1 else ""
+                why = f"its attention modules ({stale[0]}{more}) read another config object than the model's"
+            if why is not None:
+                for cfg, value in before:
+                    cfg._attn_implementation_internal = value  # exactly as they were, sub-configs included
         if why is None:
-            model.__dict__[_REGISTRATION] = _Registration()
+            # Pickled with the model or any submodel holding an attention, the marker registers the
+            # fused attention again where it is loaded.
+            for module in [model] + [m for _, m in attention]:
+                module.__dict__[_REGISTRATION] = _Registration()
             replaced.append(("", f"attention {original_attention}", f"attention {ATTENTION_NAME}"))
         else:
             kept.append(("", f"attention {original_attention}", why))
