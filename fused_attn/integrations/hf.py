@@ -449,10 +449,9 @@ def _convert_model(model: nn.Module, backend: str | None, unregistered: str | No
     if parts:
         # A composite model's own layers follow its own config, which its parts do not share:
         # switching it would reach into theirs. Its attention modules keep their implementation.
-        for path, module in _outside(model, parts):
-            if _interface_attention(module) is not None:
-                kept.append((path, type(module).__name__,
-                             f"attention of the composite {type(model).__name__} itself: left on {original_attention}"))
+        for path, module in attention:
+            kept.append((path, type(module).__name__,
+                         f"attention of the composite {type(model).__name__} itself: left on {original_attention}"))
     elif attention or any("Attention" in type(m).__name__ for m in model.modules()):
         config = convert.own_config(model)
         # Where the fused function cannot stand for it, the model keeps the attention it was built with.
