@@ -27,7 +27,8 @@ constexpr const char* kOps[] = {
     "layer_norm_fwd",     "layer_norm_bwd",        "add_layer_norm_fwd", "add_layer_norm_inference",
     "add_layer_norm_bwd", "attention_fwd",         "attention_bwd",      "softmax_fwd",
     "softmax_bwd",        "linear_gelu_fwd",       "linear_gelu_inference", "linear_gelu_bwd",
-    "linear_gelu_bwd_scratch", "ffn_fwd",          "ffn_inference",      "ffn_bwd",
+    "linear_gelu_bwd_scratch", "linear_gelu_bwd_consuming", "ffn_fwd", "ffn_inference", "ffn_bwd",
+    "ffn_bwd_consuming",
 };
 
 void register_for(torch::Library& m) {

@@ -24,6 +24,7 @@
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 namespace fused_attn {
@@ -254,6 +255,26 @@ Tensor softmax_fwd_autograd(const Tensor& input, const OptTensor& mask, double s
 using LinearGeluFwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, c10::string_view);
 using LinearGeluBwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                          c10::string_view, std::array<bool, 3>);
+using LinearGeluBwdConsuming = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                  Tensor&, c10::string_view, std::array<bool, 3>);
+
+// Whether this backward may overwrite the saved pre-activation `pre` (unpacked from the context) with
+// `op` (linear_gelu_bwd_consuming, ffn_bwd_consuming): the graph is freed after this backward (no
+// retain_graph, so nothing reads the saved tensor again); the tensor is a plain dense CPU one, whose
+// kernel `op` has (not a fake, functional or otherwise wrapped tensor, as under torch.compile's
+// tracing, which takes the plain backward op); and its memory is held by two tensors alone, the saved
+// variable's and the unpacked one (an output is saved as a tensor of its own, sharing the storage):
+// the op's second output, which the public ops drop, was let go, and no hook handed the same tensor to
+// anything else (tests/test_ffn.py checks that a caller holding it finds it intact).
+bool may_consume(const Tensor& pre, const c10::OperatorHandle& op) {
+  static const c10::DispatchKeySet plain_cpu{c10::DispatchKey::CPU, c10::DispatchKey::ADInplaceOrView,
+                                             c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutocastCPU};
+  constexpr int64_t kHolders = 2;
+  if (torch::autograd::get_current_graph_task_keep_graph()) return false;
+  if (!pre.defined() || pre.layout() != c10::kStrided || !pre.is_contiguous()) return false;
+  if (!plain_cpu.isSupersetOf(pre.key_set()) || !op.hasKernelForDispatchKey(c10::DispatchKey::CPU)) return false;
+  return pre.storage().use_count() <= kHolders;
+}
 
 struct LinearGeluFunction : torch::autograd::Function<LinearGeluFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& weight, const OptTensor& bias,
@@ -274,7 +295,12 @@ struct LinearGeluFunction : torch::autograd::Function<LinearGeluFunction> {
     const std::array<bool, 3> mask = needs_grad<3>(ctx);
     if (!grads[0].defined()) return variable_list(4);
     const std::string approximate = ctx->saved_data["approximate"].toStringRef();
-    auto [dx, dw, db] = op.call(grads[0].contiguous(), saved[0], saved[1], saved[2], approximate, mask);
+    // grad_pre is formed over the saved pre-activation where nothing reads it again (may_consume).
+    static const auto consuming = find_op<LinearGeluBwdConsuming>("fused_attn::linear_gelu_bwd_consuming");
+    Tensor pre = saved[2];
+    auto [dx, dw, db] = may_consume(pre, consuming)
+                            ? consuming.call(grads[0].contiguous(), saved[0], saved[1], pre, approximate, mask)
+                            : op.call(grads[0].contiguous(), saved[0], saved[1], pre, approximate, mask);
     return {pick(dx, mask[0]), pick(dw, mask[1]), pick(db, mask[2]), Tensor()};
   }
 };
@@ -293,6 +319,11 @@ using FfnFwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Op
 using FfnBwd = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                                   const Tensor&, const Tensor&, c10::string_view,
                                                                   double, const OptTensor&, std::array<bool, 5>);
+
+using FfnBwdConsuming = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&,
+                                                                            const Tensor&, const Tensor&, Tensor&,
+                                                                            c10::string_view, double, const OptTensor&,
+                                                                            std::array<bool, 5>);
 
 struct FfnFunction : torch::autograd::Function<FfnFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& w1, const OptTensor& b1,
@@ -315,9 +346,16 @@ struct FfnFunction : torch::autograd::Function<FfnFunction> {
     const std::array<bool, 5> mask = needs_grad<5>(ctx);
     if (!grads[0].defined()) return variable_list(8);
     const std::string approximate = ctx->saved_data["approximate"].toStringRef();
+    const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
+    Tensor pre = saved[3];
+    // The pre-activation's gradient is formed over the saved pre-activation where nothing reads it again:
+    // the backward's peak then holds one [rows, hidden] tensor instead of two.
+    static const auto consuming = find_op<FfnBwdConsuming>("fused_attn::ffn_bwd_consuming");
     auto [dx, dw1, db1, dw2, db2] =
-        op.call(grads[0].contiguous(), saved[0], saved[1], saved[2], saved[3], approximate,
-                ctx->saved_data["dropout_p"].toDouble(), optional(saved[4]), mask);
+        may_consume(pre, consuming) ? consuming.call(grads[0].contiguous(), saved[0], saved[1], saved[2], pre, approximate,
+                                          dropout_p, optional(saved[4]), mask)
+                         : op.call(grads[0].contiguous(), saved[0], saved[1], saved[2], pre, approximate, dropout_p,
+                                   optional(saved[4]), mask);
     return {pick(dx, mask[0]), pick(dw1, mask[1]), pick(db1, mask[2]), pick(dw2, mask[3]), pick(db2, mask[4]),
             Tensor(), Tensor(), Tensor()};
   }
@@ -343,7 +381,7 @@ TORCH_LIBRARY_IMPL(fused_attn, Autograd, m) {
   // Ops without a derivative (the backwards, and the inference forms): a gradient asked
   // of them raises instead of being silently absent.
   for (const char* op : {"layer_norm_bwd", "add_layer_norm_bwd", "attention_bwd", "softmax_bwd", "linear_gelu_bwd",
-                         "linear_gelu_bwd_scratch", "ffn_bwd", "linear_gelu_inference", "add_layer_norm_inference",
+                         "linear_gelu_bwd_scratch", "linear_gelu_bwd_consuming", "ffn_bwd", "ffn_bwd_consuming", "linear_gelu_inference", "add_layer_norm_inference",
                          "ffn_inference"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }

@@ -1,8 +1,14 @@
-// fused_attn::ffn_fwd / ffn_bwd / ffn_inference for CPU and CUDA tensors (schemas in csrc/ops.cpp): the
-// position-wise FFN composed of the backend's fused linear_gelu kernels (csrc/cpu/ffn.cpp,
-// csrc/cuda/ffn.cu) and a library GEMM for the second linear. The same code serves both devices;
-// it calls the kernels through the dispatcher, below the autograd key (its autograd formula is in
-// csrc/autograd.cpp).
+// fused_attn::ffn_fwd / ffn_bwd / ffn_inference for CPU and CUDA tensors, and ffn_bwd_consuming for CPU
+// ones (schemas in csrc/ops.cpp): the position-wise FFN composed of the backend's fused linear_gelu
+// kernels (csrc/cpu/ffn.cpp, csrc/cuda/ffn.cu) and a library GEMM for the second linear. The forward
+// is the same code for both devices, calling the kernels through the dispatcher below the autograd
+// key (the autograd formula is in csrc/autograd.cpp). The backward differs by device after the
+// dropout: on CUDA, cuBLASLt's DGELU epilogue where it serves the call, else the hidden gradient's
+// GEMM and the scratch form of linear_gelu's backward; on CPU, ffn_hidden_bwd_cpu, which works slab
+// by slab of rows so that neither the hidden gradient nor the recomputed activation exists whole,
+// and, from ffn_bwd_consuming, forms the pre-activation's gradient over the pre-activation. On a CPU
+// without native fp16/bf16 GEMMs, every GEMM of the FFN runs widened to float32 (as linear_gelu's
+// do: torch's portable 16-bit GEMM is tens of times slower).
 //
 // Dropout after the second linear is the package's shared Philox stream (fused_attn/philox.h) at
 // element row * out_features + col of the output, the element the Triton GEMM epilogue draws, so
@@ -63,7 +69,7 @@ std::tuple<Tensor, Tensor> ffn_fwd(const Tensor& input, const Tensor& w1, const 
   static const auto linear_gelu = find("fused_attn::linear_gelu_fwd").typed<LinearGeluFwd>();
   at::AutoDispatchBelowADInplaceOrView below;
   auto [hidden, pre] = linear_gelu.call(input, w1, b1, approximate);
-  Tensor out = at::linear(hidden, w2, b2);
+  Tensor out = input.is_cpu() ? ffn_linear_cpu(hidden, w2, b2) : at::linear(hidden, w2, b2);
   if (dropout_p > 0.0) out = dropped(out, seed, dropout_p, /*own=*/true);
   return {out, pre};
 }
@@ -71,22 +77,34 @@ std::tuple<Tensor, Tensor> ffn_fwd(const Tensor& input, const Tensor& w1, const 
 Tensor ffn_inference(const Tensor& input, const Tensor& w1, const OptTensor& b1, const Tensor& w2, const OptTensor& b2,
                      c10::string_view approximate) {
   static const auto linear_gelu = find("fused_attn::linear_gelu_inference").typed<LinearGeluInference>();
-  return at::linear(linear_gelu.call(input, w1, b1, approximate), w2, b2);
+  const Tensor hidden = linear_gelu.call(input, w1, b1, approximate);
+  return input.is_cpu() ? ffn_linear_cpu(hidden, w2, b2) : at::linear(hidden, w2, b2);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd(const Tensor& grad_out_, const Tensor& input,
-                                                           const Tensor& w1, const Tensor& w2,
-                                                           const Tensor& pre_activation, c10::string_view approximate,
-                                                           double dropout_p, const OptTensor& seed,
-                                                           std::array<bool, 5> output_mask) {
+// consume_pre: pre_activation is this backward's to overwrite (ffn_bwd_consuming): on CPU the gradient
+// of the pre-activation is formed in its buffer where the dtypes allow.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd_impl(const Tensor& grad_out_, const Tensor& input,
+                                                                const Tensor& w1, const Tensor& w2,
+                                                                const Tensor& pre_activation,
+                                                                c10::string_view approximate, double dropout_p,
+                                                                const OptTensor& seed, std::array<bool, 5> output_mask,
+                                                                bool consume_pre) {
   static const auto scratch_op = find("fused_attn::linear_gelu_bwd_scratch");
   static const auto bwd_op = find("fused_attn::linear_gelu_bwd").typed<LinearGeluBwd>();
   at::AutoDispatchBelowADInplaceOrView below;
   const auto [need_dx, need_dw1, need_db1, need_dw2, need_db2] = output_mask;
-  const Tensor grad_out = dropout_p > 0.0 ? dropped(grad_out_, seed, dropout_p, /*own=*/false) : grad_out_;
+  Tensor grad_out = dropout_p > 0.0 ? dropped(grad_out_, seed, dropout_p, /*own=*/false) : grad_out_;
   auto empty = [&] { return at::empty({0}, input.options()); };
-  Tensor dw2 = need_dw2 ? grad_out.t().mm(at::gelu(pre_activation, approximate)) : empty();
   Tensor db2 = need_db2 ? grad_out.sum(0) : empty();
+  if (input.is_cpu()) {
+    // Slab by slab over the rows, GEMMs widened where the dtype's are not native (csrc/cpu/ffn.cpp);
+    // the dropped copy of the gradient, this function's own, is freed there once read.
+    if (!grad_out.is_contiguous()) grad_out = grad_out.contiguous();
+    auto [dx, dw1, db1, dw2] = ffn_hidden_bwd_cpu(std::move(grad_out), input, w1, w2, pre_activation, approximate,
+                                                  {need_dx, need_dw1, need_db1, need_dw2}, consume_pre);
+    return {dx, dw1, db1, dw2, db2};
+  }
+  Tensor dw2 = need_dw2 ? grad_out.t().mm(at::gelu(pre_activation, approximate)) : empty();
   Tensor dx = empty(), dw1 = empty(), db1 = empty();
   if (need_dx || need_dw1 || need_db1) {
     const std::array<bool, 3> mask{need_dx, need_dw1, need_db1};
@@ -100,9 +118,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd(const Tensor& grad_ou
       }
     }
 #endif
+    Tensor d_hidden = grad_out.mm(w2);
     // The hidden gradient is this function's own temporary: where the backend has the scratch
     // variant, grad_pre overwrites it instead of taking a buffer of its own.
-    Tensor d_hidden = grad_out.mm(w2);
     const auto key = c10::computeDispatchKey(std::nullopt, std::nullopt, input.device());
     std::tie(dx, dw1, db1) =
         scratch_op.hasKernelForDispatchKey(key)
@@ -112,6 +130,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd(const Tensor& grad_ou
   return {dx, dw1, db1, dw2, db2};
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd(const Tensor& grad_out, const Tensor& input,
+                                                           const Tensor& w1, const Tensor& w2,
+                                                           const Tensor& pre_activation, c10::string_view approximate,
+                                                           double dropout_p, const OptTensor& seed,
+                                                           std::array<bool, 5> output_mask) {
+  return ffn_bwd_impl(grad_out, input, w1, w2, pre_activation, approximate, dropout_p, seed, output_mask, false);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd_consuming(const Tensor& grad_out, const Tensor& input,
+                                                                     const Tensor& w1, const Tensor& w2,
+                                                                     Tensor& pre_activation,
+                                                                     c10::string_view approximate, double dropout_p,
+                                                                     const OptTensor& seed,
+                                                                     std::array<bool, 5> output_mask) {
+  return ffn_bwd_impl(grad_out, input, w1, w2, pre_activation, approximate, dropout_p, seed, output_mask, true);
+}
+
 }  // namespace
 }  // namespace fused_attn
 
@@ -119,6 +154,7 @@ TORCH_LIBRARY_IMPL(fused_attn, CPU, m) {
   m.impl("ffn_fwd", &fused_attn::ffn_fwd);
   m.impl("ffn_inference", &fused_attn::ffn_inference);
   m.impl("ffn_bwd", &fused_attn::ffn_bwd);
+  m.impl("ffn_bwd_consuming", &fused_attn::ffn_bwd_consuming);
 }
 
 #ifdef FUSED_ATTN_WITH_CUDA

@@ -71,6 +71,13 @@ TORCH_LIBRARY(fused_attn, m) {
   m.def(
       "linear_gelu_bwd_scratch(Tensor(a!) grad_out, Tensor input, Tensor weight, Tensor pre_activation, "
       "str approximate, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // The same, for a caller whose pre_activation nobody reads afterwards (the autograd formula's saved
+  // tensor in a backward that frees its graph): grad_pre is written over pre_activation where it has
+  // pre_activation's dtype, so the backward holds one [rows, out_features] tensor of its own fewer.
+  // pre_activation's contents afterwards are unspecified. CPU only.
+  m.def(
+      "linear_gelu_bwd_consuming(Tensor grad_out, Tensor input, Tensor weight, Tensor(a!) pre_activation, "
+      "str approximate, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
   // The position-wise FFN: dropout(linear(gelu(input @ w1^T + b1), w2, b2)) for a contiguous 2-D
   // input [rows, in_features], w1 [hidden, in_features], w2 [out_features, hidden]. Returns
@@ -86,6 +93,14 @@ TORCH_LIBRARY(fused_attn, m) {
   m.def(
       "ffn_bwd(Tensor grad_out, Tensor input, Tensor w1, Tensor w2, Tensor pre_activation, str approximate, "
       "float dropout_p, Tensor? seed, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The same, for a caller whose pre_activation nobody else reads afterwards (the autograd formula's
+  // saved tensor in a backward that frees its graph): pre_activation is scratch space, overwritten
+  // with the pre-activation's gradient where the dtypes allow, so the backward's peak holds one
+  // [rows, hidden] tensor where ffn_bwd holds two. Its contents afterwards are unspecified. CPU only.
+  m.def(
+      "ffn_bwd_consuming(Tensor grad_out, Tensor input, Tensor w1, Tensor w2, Tensor(a!) pre_activation, "
+      "str approximate, float dropout_p, Tensor? seed, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)");
 
   // Add & Norm over contiguous 2-D [rows, hidden] tensors:
   //   prenorm = residual + dropout(input + input_bias);  output = layer_norm(prenorm) * weight + bias.

@@ -422,3 +422,170 @@ def test_triton_dgelu_epilogue_rejects_what_it_would_misread():
         kernels.gemm(a, b, out, epilogue=kernels.EPILOGUE_DGELU, aux=torch.randn(24, 8).t())
     with pytest.raises(ValueError, match="takes no bias"):
         kernels.gemm(a, b, out, epilogue=kernels.EPILOGUE_DGELU, aux=torch.randn(8, 24), bias=torch.randn(24))
+
+
+CPU_FFN = [b for b in FFN if b.values[0] == ("cpu", "cpu")]
+
+
+@pytest.mark.parametrize("backend_device", CPU_FFN)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_cpu_ffn_backward_in_row_slabs(backend_device, dtype, dropout_p):
+    """The CPU backward forms the hidden gradient and sums dW2 slab by slab of rows (at 8192 hidden
+    units, slabs of 256 rows: 600 rows make three, the last partial): output and every gradient
+    against the reference, the dropout given by the kernel's own keep-mask."""
+    backend, device = backend_device
+    rows, model, hidden = 600, 16, 8192
+    args = _ffn_args(rows, model, hidden, dtype, device, seed=3)
+    torch.manual_seed(11)
+    keep = ffn_keep_mask(rows, model, dropout_p, device, backend)
+
+    def fused(input, w1, b1, w2, b2):
+        torch.manual_seed(11)  # the draw ffn_keep_mask replayed
+        return fused_attn.ffn(input, w1, b1, w2, b2, dropout_p=dropout_p, backend=backend)
+
+    def plain(input, w1, b1, w2, b2):
+        out = reference.ffn(input, w1, b1, w2, b2)
+        return out * keep.to(out.dtype) / (1 - dropout_p)
+
+    assert_parity(fused, plain, args, grad_args=("input", "w1", "b1", "w2", "b2"))
+
+
+@pytest.mark.parametrize("backend_device", CPU_FFN)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_ffn_backward_that_frees_the_graph_gives_the_bits_of_one_that_keeps_it(backend_device, dtype):
+    """A backward that frees its graph writes the pre-activation's gradient over the saved
+    pre-activation; one with retain_graph=True leaves it intact (a second backward gives the same
+    gradients). All three give the same bits."""
+    backend, device = backend_device
+    args = {k: v.requires_grad_() for k, v in _ffn_args(600, 16, 8192, dtype, device, seed=4).items()}
+    params = list(args.values())
+    out = fused_attn.ffn(**args, approximate="tanh", backend=backend)
+    grad = torch.randn_like(out)
+    kept = torch.autograd.grad(out, params, grad, retain_graph=True)
+    again = torch.autograd.grad(out, params, grad, retain_graph=True)
+    freed = torch.autograd.grad(out, params, grad)
+    for a, b, c in zip(kept, again, freed):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_consuming_backward_equals_ffn_bwd_and_declares_that_it_writes_the_pre_activation():
+    if not fused_attn._extension.has_kernel("ffn_fwd", "cpu"):
+        pytest.skip("the extension's cpu kernels are not built")
+    a = _ffn_args(37, 24, 40, torch.float32, "cpu", seed=6)
+    _, pre = torch.ops.fused_attn.ffn_fwd(a["input"], a["w1"], a["b1"], a["w2"], a["b2"], "tanh", 0.0, None)
+    grad = torch.randn(37, 24)
+    call = (a["input"], a["w1"], a["w2"])
+    want = torch.ops.fused_attn.ffn_bwd(grad, *call, pre, "tanh", 0.0, None, [True] * 5)
+    scratch = pre.clone()
+    got = torch.ops.fused_attn.ffn_bwd_consuming(grad, *call, scratch, "tanh", 0.0, None, [True] * 5)
+    assert all(torch.equal(x, y) for x, y in zip(got, want))
+    assert not torch.equal(scratch, pre)  # overwritten with the pre-activation's gradient
+    torch.library.opcheck(torch.ops.fused_attn.ffn_bwd_consuming.default,
+                          (grad, *call, pre.clone(), "tanh", 0.0, None, [True] * 5))
+
+
+def test_cpu_ffn_backward_leaves_a_pre_activation_someone_holds():
+    """The op's second output is the saved pre-activation: a caller that keeps it (the raw op) finds
+    it unchanged after the backward, which then forms the gradient in a buffer of its own."""
+    if not fused_attn._extension.has_kernel("ffn_fwd", "cpu"):
+        pytest.skip("the extension's cpu kernels are not built")
+    args = {k: v.requires_grad_() for k, v in _ffn_args(300, 16, 8192, torch.float32, "cpu", seed=5).items()}
+    out, pre = torch.ops.fused_attn.ffn_fwd(args["input"], args["w1"], args["b1"], args["w2"], args["b2"], "none",
+                                            0.0, None)
+    before = pre.detach().clone()
+    out.backward(torch.randn_like(out))
+    assert torch.equal(pre.detach(), before)
+    want = torch.nn.functional.linear(args["input"], args["w1"], args["b1"]).detach()
+    assert torch.equal(before, want)
+
+
+@pytest.mark.parametrize("backend_device", CPU_FFN)
+def test_cpu_ffn_backward_holds_no_second_hidden_sized_tensor(backend_device):
+    """A backward that frees its graph holds one [rows, hidden] tensor at its peak, the saved
+    pre-activation, over which the pre-activation's gradient is written; the hidden gradient and
+    the recomputed activation exist a slab of rows at a time. (Eager PyTorch holds the
+    pre-activation, the activation and their gradients.) With retain_graph=True, the gradient takes a
+    buffer of its own."""
+    from fused_attn.bench.harness import MemoryMeter
+
+    backend, device = backend_device
+    rows, model, hidden = 2048, 32, 4096  # slabs of 512 rows (8 MiB)
+    activation = rows * hidden * 4
+
+    def backward_peak(retain_graph):
+        args = {k: v.requires_grad_() for k, v in _ffn_args(rows, model, hidden, torch.float32, device).items()}
+        out = fused_attn.ffn(**args, backend=backend)
+        grad = torch.randn_like(out)
+        with MemoryMeter(torch.device(device)) as meter:
+            grads = torch.autograd.grad(out, list(args.values()), grad, retain_graph=retain_graph)
+        return meter.peak_bytes - sum(g.numel() * 4 for g in grads)
+
+    backward_peak(False)  # what a first call sets up (a BLAS workspace) is not the call's own
+    assert backward_peak(False) < activation // 2
+    assert backward_peak(True) > activation
+
+
+@pytest.mark.parametrize("backend_device", CPU_FFN)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_linear_gelu_backward_that_frees_the_graph_gives_the_bits_of_one_that_keeps_it(backend_device, dtype):
+    """linear_gelu's backward writes grad_pre over the saved pre-activation when the graph is freed
+    (linear_gelu_bwd_consuming), into a buffer of its own with retain_graph=True: the same bits."""
+    backend, device = backend_device
+    a = _ffn_args(300, 24, 1000, dtype, device, seed=7)
+    args = {k: v.requires_grad_() for k, v in _linear_gelu_of(a).items()}
+    params = list(args.values())
+    out = fused_attn.linear_gelu(**args, approximate="none", backend=backend)
+    grad = torch.randn_like(out)
+    kept = torch.autograd.grad(out, params, grad, retain_graph=True)
+    again = torch.autograd.grad(out, params, grad, retain_graph=True)
+    freed = torch.autograd.grad(out, params, grad)
+    for a, b, c in zip(kept, again, freed):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_consuming_linear_gelu_backward_equals_linear_gelu_bwd_and_leaves_a_held_pre_activation():
+    if not fused_attn._extension.has_kernel("linear_gelu_fwd", "cpu"):
+        pytest.skip("the extension's cpu kernels are not built")
+    a = _ffn_args(37, 24, 40, torch.float32, "cpu", seed=8)
+    x, w, b = a["input"], a["w1"], a["b1"]
+    _, pre = torch.ops.fused_attn.linear_gelu_fwd(x, w, b, "tanh")
+    grad = torch.randn(37, 40)
+    want = torch.ops.fused_attn.linear_gelu_bwd(grad, x, w, pre, "tanh", [True] * 3)
+    scratch = pre.clone()
+    got = torch.ops.fused_attn.linear_gelu_bwd_consuming(grad, x, w, scratch, "tanh", [True] * 3)
+    assert all(torch.equal(p, q) for p, q in zip(got, want))
+    assert not torch.equal(scratch, pre)  # overwritten with grad_pre
+    torch.library.opcheck(torch.ops.fused_attn.linear_gelu_bwd_consuming.default,
+                          (grad, x, w, pre.clone(), "tanh", [True] * 3))
+    # Through autograd, with the op's second output held by the caller: left as it was.
+    args = [t.clone().requires_grad_() for t in (x, w, b)]
+    out, held = torch.ops.fused_attn.linear_gelu_fwd(*args, "tanh")
+    before = held.detach().clone()
+    out.backward(grad)
+    assert torch.equal(held.detach(), before)
+
+
+@pytest.mark.parametrize("backend_device", CPU_FFN)
+def test_cpu_linear_gelu_backward_writes_grad_pre_over_the_pre_activation(backend_device):
+    """A backward that frees its graph allocates no [rows, out_features] tensor: grad_pre takes the
+    saved pre-activation's memory (eager PyTorch's GELU backward allocates its gradient). With
+    retain_graph=True it takes a buffer of its own."""
+    from fused_attn.bench.harness import MemoryMeter
+
+    backend, device = backend_device
+    rows, in_features, out_features = 1024, 32, 2048
+    activation = rows * out_features * 4
+
+    def backward_peak(retain_graph):
+        a = _ffn_args(rows, in_features, out_features, torch.float32, device)
+        args = {k: v.requires_grad_() for k, v in _linear_gelu_of(a).items()}
+        out = fused_attn.linear_gelu(**args, backend=backend)
+        grad = torch.randn_like(out)
+        with MemoryMeter(torch.device(device)) as meter:
+            grads = torch.autograd.grad(out, list(args.values()), grad, retain_graph=retain_graph)
+        return meter.peak_bytes - sum(g.numel() * 4 for g in grads)
+
+    backward_peak(False)  # what a first call sets up (a BLAS workspace) is not the call's own
+    assert backward_peak(False) < activation // 2
+    assert backward_peak(True) > activation

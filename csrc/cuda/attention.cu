@@ -10,7 +10,7 @@
 // all row statistics (max, sum, delta) live in the registers of the 4 lanes of a quad that hold a
 // row's mma fragments and are reduced with two shuffles, never through shared memory.
 //  * forward: one block per (batch*head, 64 queries). Q [64 x D] sits in shared memory; K and V are
-//    streamed through shared memory a key tile at a time (64 keys for D <= 64, 32 above: 40-52 KB of
+//    streamed through shared memory a key tile at a time (64 keys for D <= 64, 32 above: 25-52 KB of
 //    shared memory per block up to D = 128, so that several blocks share an SM). S = Q K^T and
 //    O += P V are warp-level products on tensor cores: A operands come from shared memory by ldmatrix
 //    (Q) or straight from the S accumulators re-packed to fp16/bf16 (P, the FA2 register reuse), B
@@ -1182,8 +1182,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   at::Tensor delta = at::empty({bh * p.q_len}, query.options().dtype(at::kFloat));
   p.delta = delta.const_data_ptr<float>();
   // Grouped-query attention: the dK/dV kernel's blocks own a key tile of a query head (reading its
-  // key/value head in place) and store into [B, H, Lk, D] buffers, summed over each group below
-  // (in float32, rounded once: at::sum), as FlashAttention-2 does; without grouping, dK and dV.
+  // key/value head in place) and store into [B, H, Lk, D] buffers in the storage dtype, summed over
+  // each group below by at::sum (accumulating in float32, so each query head's share is rounded
+  // once by its store and the sum once more), as FlashAttention-2 does; without grouping, dK and dV.
   const bool grouped = p.kv_group > 1;
   const at::Tensor dk_heads = grouped ? at::empty({batch, p.heads, p.k_len, p.d}, key.options()) : dk;
   const at::Tensor dv_heads = grouped ? at::empty({batch, p.heads, p.k_len, p.dv}, value.options()) : dv;
@@ -1224,7 +1225,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
         prepare_smem(kernel, kSmem, kD);
         BwdParams pq = p;
         pq.num_tiles = q_tiles;
-        kernel<<<dim3(grid_blocks(bh, q_tiles), chunks), kThreads, kSmem, stream>>>(pq);
+        // dQ has the query head dim's columns: a half past them (head dim 256 padded for the value's
+        // alone) would recompute the scores and store nothing, grad_scores being the first half's.
+        const unsigned int dq_chunks = std::max(1, (p.d + out_cols(kD) - 1) / out_cols(kD));
+        kernel<<<dim3(grid_blocks(bh, q_tiles), dq_chunks), kThreads, kSmem, stream>>>(pq);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });

@@ -171,7 +171,8 @@ struct AddBwdArgs {
 };
 
 // prenorm = residual + dropout(x + input_bias) for the VEC elements at flat index e (column c): rounded
-// to T, stored to dst + e (unless dst is null), and returned in `v` as the rounded values.
+// to T, stored to dst + e (unless dst is null), and returned in `v` as the rounded values. The adds are
+// cuda_utils::add_rn (no flush to zero under --use_fast_math), as is the backward's d + grad_prenorm.
 template <int VEC, typename T>
 __device__ __forceinline__ void add_prenorm(const T* x, const AddFwdArgs<T>& add, T* dst, int64_t e, int64_t c,
                                             float (&v)[VEC]) {
@@ -180,12 +181,12 @@ __device__ __forceinline__ void add_prenorm(const T* x, const AddFwdArgs<T>& add
   cuda_utils::load_as_float<VEC>(add.residual + e, rv);
   load_param_or<VEC>(add.input_bias, c, 0.f, bv);
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) xv[j] += bv[j];
+  for (int j = 0; j < VEC; ++j) xv[j] = cuda_utils::add_rn(xv[j], bv[j]);
   apply_dropout<VEC>(add.dropout, e, xv);
   cuda_utils::AlignedVector<T, VEC> pre;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    pre.val[j] = static_cast<T>(rv[j] + xv[j]);
+    pre.val[j] = static_cast<T>(cuda_utils::add_rn(rv[j], xv[j]));
     v[j] = static_cast<float>(pre.val[j]);
   }
   if (dst != nullptr) *reinterpret_cast<cuda_utils::AlignedVector<T, VEC>*>(dst + e) = pre;
@@ -202,7 +203,7 @@ __device__ __forceinline__ void add_bwd_store(const AddBwdArgs<T>& add, int64_t 
     float gp[VEC];
     cuda_utils::load_as_float<VEC>(add.grad_prenorm + e, gp);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) dp[j] += gp[j];
+    for (int j = 0; j < VEC; ++j) dp[j] = cuda_utils::add_rn(dp[j], gp[j]);
   }
   if (add.grad_residual != nullptr) cuda_utils::store_from_float<VEC>(add.grad_residual + e, dp);
   if (add.grad_input != nullptr) {

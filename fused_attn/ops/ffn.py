@@ -143,6 +143,9 @@ if _extension.loaded():
         "linear_gelu_fwd", "linear_gelu_bwd", fake_fwd=_fake_linear_gelu_fwd, fake_bwd=_fake_linear_gelu_bwd
     )
     torch.library.register_fake("fused_attn::linear_gelu_inference", _fake_linear_gelu_inference)
+    # What the CPU autograd formula calls in a backward that frees its graph: linear_gelu_bwd, writing
+    # grad_pre over the saved pre-activation (csrc/autograd.cpp, may_consume).
+    torch.library.register_fake("fused_attn::linear_gelu_bwd_consuming", _fake_linear_gelu_bwd)
     _LINEAR_GELU_INFERENCE["cpu"] = _LINEAR_GELU_INFERENCE["cuda"] = torch.ops.fused_attn.linear_gelu_inference
 
 
@@ -279,6 +282,9 @@ if _extension.loaded():
         "ffn_fwd", "ffn_bwd", fake_fwd=_fake_ffn_fwd, fake_bwd=_fake_ffn_bwd
     )
     torch.library.register_fake("fused_attn::ffn_inference", _fake_ffn_inference)
+    # What the CPU autograd formula calls in a backward that frees its graph: ffn_bwd, writing the
+    # pre-activation's gradient over the saved pre-activation (csrc/autograd.cpp, may_consume).
+    torch.library.register_fake("fused_attn::ffn_bwd_consuming", _fake_ffn_bwd)
     _FFN_INFERENCE["cpu"] = _FFN_INFERENCE["cuda"] = torch.ops.fused_attn.ffn_inference
 
 

@@ -37,6 +37,15 @@ __device__ __forceinline__ float dropout_value(float v, bool keep, float keep_pr
   return out;
 }
 
+// a + b in IEEE float arithmetic even under --use_fast_math, which would flush subnormal operands and
+// sums to zero: for plain sums the kernels return (Add & Norm's pre-norm sum and residual gradient),
+// which then carry the CPU and Triton kernels' bits for subnormal values too.
+__device__ __forceinline__ float add_rn(float a, float b) {
+  float out;
+  asm("add.rn.f32 %0, %1, %2;" : "=f"(out) : "f"(a), "f"(b));
+  return out;
+}
+
 // Host-side test deciding whether a pointer may take the vector path; nullptr counts as aligned so that
 // absent optional operands do not force the scalar path.
 inline bool is_aligned(const void* ptr, std::size_t alignment) {
