@@ -20,14 +20,21 @@
 #include <string>
 #include <tuple>
 
+#include <ATen/SavedTensorHooks.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/graph_task.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 namespace fused_attn {
+
+void mark_written(const at::Tensor& t) {
+  if (t.defined() && !t.is_inference()) torch::autograd::impl::bump_version(t);
+}
+
 namespace {
 
 using at::Tensor;
@@ -258,21 +265,35 @@ using LinearGeluBwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Te
 using LinearGeluBwdConsuming = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                                   Tensor&, c10::string_view, std::array<bool, 3>);
 
-// Whether this backward may overwrite the saved pre-activation `pre` (unpacked from the context) with
-// `op` (linear_gelu_bwd_consuming, ffn_bwd_consuming): the graph is freed after this backward (no
-// retain_graph, so nothing reads the saved tensor again); the tensor is a plain dense CPU one, whose
-// kernel `op` has (not a fake, functional or otherwise wrapped tensor, as under torch.compile's
-// tracing, which takes the plain backward op); and its memory is held by two tensors alone, the saved
-// variable's and the unpacked one (an output is saved as a tensor of its own, sharing the storage):
-// the op's second output, which the public ops drop, was let go, and no hook handed the same tensor to
-// anything else (tests/test_ffn.py checks that a caller holding it finds it intact).
-bool may_consume(const Tensor& pre, const c10::OperatorHandle& op) {
+// Whether a backward may overwrite the saved pre-activation with the consuming form of its op
+// (linear_gelu_bwd_consuming, ffn_bwd_consuming: the gradient written over it instead of a buffer of
+// its own). Nothing may read the tensor afterwards, which the forward and the backward establish
+// together:
+//  * at the forward (remember_pre): no saved-tensor hooks are active (a pack hook receives the op's
+//    output itself and may keep it, e.g. save_on_cpu);
+//  * at the backward (may_consume): the graph is freed after this backward (no retain_graph, so the
+//    saved tensor is not unpacked again); the tensor is a plain dense CPU one whose kernel `op` has
+//    (not a fake, functional or otherwise wrapped tensor, as under torch.compile's tracing, which
+//    takes the plain backward op); it was unpacked from this node's saved output (compiled autograd
+//    swaps in tensors of its own); and its memory is held by two tensors alone, the saved variable's
+//    and the unpacked one (an output is saved as a tensor of its own, sharing the storage), so the
+//    op's second output, which the public ops drop, was let go, and no view or alias of it is left
+//    (tests/test_ffn.py: a caller holding any of them finds it intact).
+void remember_pre(AutogradContext* ctx) {
+  ctx->saved_data["pre_unhooked"] = !at::SavedTensorDefaultHooks::get_hooks().has_value();
+}
+
+bool may_consume(AutogradContext* ctx, const Tensor& pre, const c10::OperatorHandle& op) {
   static const c10::DispatchKeySet plain_cpu{c10::DispatchKey::CPU, c10::DispatchKey::ADInplaceOrView,
                                              c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutocastCPU};
   constexpr int64_t kHolders = 2;
+  if (!ctx->saved_data["pre_unhooked"].toBool()) return false;
   if (torch::autograd::get_current_graph_task_keep_graph()) return false;
   if (!pre.defined() || pre.layout() != c10::kStrided || !pre.is_contiguous()) return false;
   if (!plain_cpu.isSupersetOf(pre.key_set()) || !op.hasKernelForDispatchKey(c10::DispatchKey::CPU)) return false;
+  // Unpacked from this node's own saved output, it carries the node as its grad_fn (a saved tensor
+  // swapped in by other machinery, as compiled autograd's, does not, and is held otherwise).
+  if (pre.grad_fn() == nullptr) return false;
   return pre.storage().use_count() <= kHolders;
 }
 
@@ -283,6 +304,7 @@ struct LinearGeluFunction : torch::autograd::Function<LinearGeluFunction> {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [out, pre] = op.call(input, weight, bias, approximate);
     ctx->save_for_backward({input, weight, pre});
+    remember_pre(ctx);
     ctx->saved_data["approximate"] = std::string(approximate);
     record_given(ctx, {true, true, given(bias)});
     ctx->set_materialize_grads(false);
@@ -298,7 +320,7 @@ struct LinearGeluFunction : torch::autograd::Function<LinearGeluFunction> {
     // grad_pre is formed over the saved pre-activation where nothing reads it again (may_consume).
     static const auto consuming = find_op<LinearGeluBwdConsuming>("fused_attn::linear_gelu_bwd_consuming");
     Tensor pre = saved[2];
-    auto [dx, dw, db] = may_consume(pre, consuming)
+    auto [dx, dw, db] = may_consume(ctx, pre, consuming)
                             ? consuming.call(grads[0].contiguous(), saved[0], saved[1], pre, approximate, mask)
                             : op.call(grads[0].contiguous(), saved[0], saved[1], pre, approximate, mask);
     return {pick(dx, mask[0]), pick(dw, mask[1]), pick(db, mask[2]), Tensor()};
@@ -333,6 +355,7 @@ struct FfnFunction : torch::autograd::Function<FfnFunction> {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [out, pre] = op.call(input, w1, b1, w2, b2, approximate, dropout_p, seed);
     ctx->save_for_backward({input, w1, w2, pre, seed.value_or(Tensor())});
+    remember_pre(ctx);
     ctx->saved_data["approximate"] = std::string(approximate);
     ctx->saved_data["dropout_p"] = dropout_p;
     record_given(ctx, {true, true, given(b1), true, given(b2)});
@@ -352,7 +375,7 @@ struct FfnFunction : torch::autograd::Function<FfnFunction> {
     // the backward's peak then holds one [rows, hidden] tensor instead of two.
     static const auto consuming = find_op<FfnBwdConsuming>("fused_attn::ffn_bwd_consuming");
     auto [dx, dw1, db1, dw2, db2] =
-        may_consume(pre, consuming) ? consuming.call(grads[0].contiguous(), saved[0], saved[1], saved[2], pre, approximate,
+        may_consume(ctx, pre, consuming) ? consuming.call(grads[0].contiguous(), saved[0], saved[1], saved[2], pre, approximate,
                                           dropout_p, optional(saved[4]), mask)
                          : op.call(grads[0].contiguous(), saved[0], saved[1], saved[2], pre, approximate, dropout_p,
                                    optional(saved[4]), mask);

@@ -1,5 +1,5 @@
-// fused_attn::ffn_fwd / ffn_bwd / ffn_inference for CPU and CUDA tensors, and ffn_bwd_consuming for CPU
-// ones (schemas in csrc/ops.cpp): the position-wise FFN composed of the backend's fused linear_gelu
+// fused_attn::ffn_fwd / ffn_bwd / ffn_bwd_consuming / ffn_inference for CPU and CUDA tensors (and
+// linear_gelu_bwd_consuming for CUDA ones; schemas in csrc/ops.cpp): the position-wise FFN composed of the backend's fused linear_gelu
 // kernels (csrc/cpu/ffn.cpp, csrc/cuda/ffn.cu) and a library GEMM for the second linear. The forward
 // is the same code for both devices, calling the kernels through the dispatcher below the autograd
 // key (the autograd formula is in csrc/autograd.cpp). The backward differs by device after the
@@ -144,8 +144,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd_consuming(const Tenso
                                                                      c10::string_view approximate, double dropout_p,
                                                                      const OptTensor& seed,
                                                                      std::array<bool, 5> output_mask) {
-  return ffn_bwd_impl(grad_out, input, w1, w2, pre_activation, approximate, dropout_p, seed, output_mask, true);
+  auto grads = ffn_bwd_impl(grad_out, input, w1, w2, pre_activation, approximate, dropout_p, seed, output_mask, true);
+  mark_written(pre_activation);
+  return grads;
 }
+
+#ifdef FUSED_ATTN_WITH_CUDA
+// The consuming forms on CUDA, whose backward never takes them (csrc/autograd.cpp, may_consume): the
+// plain ones, leaving pre_activation as it is (its contents afterwards are unspecified).
+std::tuple<Tensor, Tensor, Tensor> linear_gelu_bwd_consuming_cuda(const Tensor& grad_out, const Tensor& input,
+                                                                  const Tensor& weight, Tensor& pre_activation,
+                                                                  c10::string_view approximate,
+                                                                  std::array<bool, 3> output_mask) {
+  static const auto bwd_op = find("fused_attn::linear_gelu_bwd").typed<LinearGeluBwd>();
+  at::AutoDispatchBelowADInplaceOrView below;
+  auto grads = bwd_op.call(grad_out, input, weight, pre_activation, approximate, output_mask);
+  mark_written(pre_activation);
+  return grads;
+}
+#endif
 
 }  // namespace
 }  // namespace fused_attn
@@ -162,5 +179,7 @@ TORCH_LIBRARY_IMPL(fused_attn, CUDA, m) {
   m.impl("ffn_fwd", &fused_attn::ffn_fwd);
   m.impl("ffn_inference", &fused_attn::ffn_inference);
   m.impl("ffn_bwd", &fused_attn::ffn_bwd);
+  m.impl("ffn_bwd_consuming", &fused_attn::ffn_bwd_consuming);
+  m.impl("linear_gelu_bwd_consuming", &fused_attn::linear_gelu_bwd_consuming_cuda);
 }
 #endif

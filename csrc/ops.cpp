@@ -74,7 +74,8 @@ TORCH_LIBRARY(fused_attn, m) {
   // The same, for a caller whose pre_activation nobody reads afterwards (the autograd formula's saved
   // tensor in a backward that frees its graph): grad_pre is written over pre_activation where it has
   // pre_activation's dtype, so the backward holds one [rows, out_features] tensor of its own fewer.
-  // pre_activation's contents afterwards are unspecified. CPU only.
+  // pre_activation's contents afterwards are unspecified (on CUDA, where the autograd formula does not
+  // call it, it is linear_gelu_bwd and leaves pre_activation as it is).
   m.def(
       "linear_gelu_bwd_consuming(Tensor grad_out, Tensor input, Tensor weight, Tensor(a!) pre_activation, "
       "str approximate, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
@@ -96,7 +97,8 @@ TORCH_LIBRARY(fused_attn, m) {
   // The same, for a caller whose pre_activation nobody else reads afterwards (the autograd formula's
   // saved tensor in a backward that frees its graph): pre_activation is scratch space, overwritten
   // with the pre-activation's gradient where the dtypes allow, so the backward's peak holds one
-  // [rows, hidden] tensor where ffn_bwd holds two. Its contents afterwards are unspecified. CPU only.
+  // [rows, hidden] tensor where ffn_bwd holds two. Its contents afterwards are unspecified (on CUDA,
+  // where the autograd formula does not call it, it is ffn_bwd and leaves pre_activation as it is).
   m.def(
       "ffn_bwd_consuming(Tensor grad_out, Tensor input, Tensor w1, Tensor w2, Tensor(a!) pre_activation, "
       "str approximate, float dropout_p, Tensor? seed, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, "

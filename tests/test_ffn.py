@@ -589,3 +589,96 @@ def test_cpu_linear_gelu_backward_writes_grad_pre_over_the_pre_activation(backen
     backward_peak(False)  # what a first call sets up (a BLAS workspace) is not the call's own
     assert backward_peak(False) < activation // 2
     assert backward_peak(True) > activation
+
+
+def _raw_forward(op, a):
+    if op == "ffn":
+        return torch.ops.fused_attn.ffn_fwd(a["input"], a["w1"], a["b1"], a["w2"], a["b2"], "none", 0.0, None)
+    return torch.ops.fused_attn.linear_gelu_fwd(a["input"], a["w1"], a["b1"], "none")
+
+
+def _public_forward(op, a):
+    if op == "ffn":
+        return fused_attn.ffn(**a, backend="cpu")
+    return fused_attn.linear_gelu(**_linear_gelu_of(a), backend="cpu")
+
+
+@pytest.mark.parametrize("op", ["linear_gelu", "ffn"])
+def test_cpu_backward_leaves_saved_pre_activations_a_hook_keeps(op):
+    """Under saved-tensor hooks the pre-activation goes to the pack hook, which may keep it (identity
+    hooks, save_on_cpu): the backward then forms the gradient in a buffer of its own, leaving what the
+    hook kept, and what a caller of the raw op holds, as it was."""
+    if not fused_attn._extension.has_kernel("ffn_fwd", "cpu"):
+        pytest.skip("the extension's cpu kernels are not built")
+    kept = []
+
+    def pack(t):
+        kept.append((t, t.detach().clone()))
+        return t
+
+    for hooks in (lambda: torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+                  lambda: torch.autograd.graph.save_on_cpu(pin_memory=False)):
+        a = {k: v.requires_grad_() for k, v in _ffn_args(64, 16, 96, torch.float32, "cpu", seed=9).items()}
+        with hooks():
+            out, pre = _raw_forward(op, a)
+        before = pre.detach().clone()
+        out.backward(torch.ones_like(out))
+        assert torch.equal(pre.detach(), before)
+        with hooks():
+            out = _public_forward(op, a)
+        out.backward(torch.ones_like(out))
+    assert kept and all(torch.equal(t.detach(), copy) for t, copy in kept)
+
+
+@pytest.mark.parametrize("op", ["linear_gelu", "ffn"])
+def test_cpu_backward_leaves_a_held_pre_activation_under_compiled_autograd(op):
+    """Compiled autograd runs the C++ backward as an opaque call, holding the saved tensors otherwise:
+    a raw caller's pre-activation (or a view of it) stays as it was over repeated, cached calls."""
+    if not fused_attn._extension.has_kernel("ffn_fwd", "cpu"):
+        pytest.skip("the extension's cpu kernels are not built")
+    compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd")
+    if not hasattr(compiled_autograd, "_enable"):
+        pytest.skip("this torch has no compiled_autograd._enable")
+    torch._dynamo.reset()
+    compiler = torch.compile(backend="eager")
+    for _ in range(3):
+        a = {k: v.requires_grad_() for k, v in _ffn_args(64, 16, 96, torch.float32, "cpu", seed=10).items()}
+        out, pre = _raw_forward(op, a)
+        view = pre.detach()[:8]
+        before = pre.detach().clone()
+        with compiled_autograd._enable(compiler):
+            out.backward(torch.ones_like(out))
+        assert torch.equal(pre.detach(), before)
+        del pre
+        out, pre = _raw_forward(op, a)
+        view = pre[:8]
+        del pre
+        view_before = view.detach().clone()
+        with compiled_autograd._enable(compiler):
+            out.backward(torch.ones_like(out))
+        assert torch.equal(view.detach(), view_before)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("op", ["linear_gelu_bwd_consuming", "ffn_bwd_consuming", "linear_gelu_bwd_scratch"])
+def test_ops_that_write_an_argument_bump_its_version(op):
+    """A tensor another node saved, overwritten by a raw call of an op that writes it, raises at that
+    node's backward instead of giving a wrong gradient."""
+    if not fused_attn._extension.has_kernel("ffn_fwd", "cpu"):
+        pytest.skip("the extension's cpu kernels are not built")
+    a = _ffn_args(8, 4, 12, torch.float32, "cpu", seed=12)
+    x, w1, w2 = a["input"], a["w1"], a["w2"]
+    _, pre = torch.ops.fused_attn.ffn_fwd(x, w1, None, w2, None, "none", 0.0, None)
+    leaf = torch.randn(8, 12, requires_grad=True)
+    written = pre.clone() if op != "linear_gelu_bwd_scratch" else torch.randn(8, 12)
+    saved_by_mul = leaf * written  # mul saves `written` for its backward
+    version = written._version
+    if op == "ffn_bwd_consuming":
+        torch.ops.fused_attn.ffn_bwd_consuming(torch.randn(8, 4), x, w1, w2, written, "none", 0.0, None, [True] * 5)
+    elif op == "linear_gelu_bwd_consuming":
+        torch.ops.fused_attn.linear_gelu_bwd_consuming(torch.randn(8, 12), x, w1, written, "none", [True] * 3)
+    else:
+        torch.ops.fused_attn.linear_gelu_bwd_scratch(written, x, w1, pre, "none", [True] * 3)
+    assert written._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved_by_mul.sum().backward()

@@ -478,7 +478,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_scratch_cpu(at::T
                                                                            const at::Tensor& pre_activation,
                                                                            c10::string_view approximate,
                                                                            std::array<bool, 3> output_mask) {
-  return linear_gelu_bwd_impl(grad_out, input, weight, pre_activation, approximate, output_mask, Scratch::kGradOut);
+  auto grads = linear_gelu_bwd_impl(grad_out, input, weight, pre_activation, approximate, output_mask,
+                                    Scratch::kGradOut);
+  mark_written(grad_out);
+  return grads;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_consuming_cpu(const at::Tensor& grad_out,
@@ -487,7 +490,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_consuming_cpu(con
                                                                              at::Tensor& pre_activation,
                                                                              c10::string_view approximate,
                                                                              std::array<bool, 3> output_mask) {
-  return linear_gelu_bwd_impl(grad_out, input, weight, pre_activation, approximate, output_mask, Scratch::kPre);
+  auto grads = linear_gelu_bwd_impl(grad_out, input, weight, pre_activation, approximate, output_mask, Scratch::kPre);
+  mark_written(pre_activation);
+  return grads;
 }
 
 }  // namespace

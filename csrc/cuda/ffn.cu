@@ -711,7 +711,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_scratch_cuda(at::
                                                                             const at::Tensor& pre_activation,
                                                                             c10::string_view approximate,
                                                                             std::array<bool, 3> output_mask) {
-  return linear_gelu_bwd_impl(grad_out, input, weight, pre_activation, approximate, output_mask, true);
+  auto grads = linear_gelu_bwd_impl(grad_out, input, weight, pre_activation, approximate, output_mask, true);
+  mark_written(grad_out);
+  return grads;
 }
 
 }  // namespace

@@ -16,6 +16,13 @@ the pre-activation as its auxiliary output, and in ``ffn``'s backward the GEMM t
 hidden gradient (``grad @ w2``) applies gelu' and reduces ``b1``'s gradient in its epilogue, so
 no elementwise pass is left around either GEMM. Elsewhere one elementwise pass (forward: GELU;
 backward: gelu' and the bias gradient) follows the library GEMM (``csrc/cuda/ffn.cu``).
+
+On the ``cpu`` backend a backward that frees its graph (no ``retain_graph``) writes the
+pre-activation's gradient over the saved pre-activation, which nothing reads again, instead of
+into a buffer of its own (``linear_gelu_bwd_consuming`` / ``ffn_bwd_consuming``, chosen in
+``csrc/autograd.cpp``), and ``ffn``'s backward forms the hidden gradient and the recomputed
+activation a slab of rows at a time: its peak holds one [tokens, hidden] tensor where eager
+PyTorch's holds three.
 """
 
 from __future__ import annotations
@@ -325,7 +332,9 @@ def linear_gelu(
     :class:`~fused_attn.FallbackWarning`); a bias of another floating dtype is cast to the input's.
     The backward applies dGELU inside the gradient GEMMs and reduces the bias gradient in the
     same pass; a call that needs no gradient keeps no pre-activation (the GELU is applied in
-    place over the GEMM's result: one [rows, out_features] tensor fewer, the same output).
+    place over the GEMM's result: one [rows, out_features] tensor fewer, the same output). On CPU,
+    a backward that frees the graph writes the pre-activation's gradient over the saved
+    pre-activation instead of a buffer of its own (the same bits).
     Raises ``TypeError``/``ValueError`` naming the argument on mismatched shapes, dtypes or
     devices, :class:`~fused_attn.BackendNotSupportedError` when a named ``backend``
     cannot serve the call. Under ``torch.autocast`` input, weight and bias are cast to the
@@ -364,7 +373,10 @@ def ffn(
     dtype. float16, bfloat16 and float32 run fused, accumulating in float32 (float64 runs the
     reference implementation, with a :class:`~fused_attn.FallbackWarning`). Only the
     pre-activation is kept for the backward (the activation is recomputed inside the GEMM that
-    needs it), and none when the call needs no gradient and has no dropout. ``dropout_p`` in
+    needs it), and none when the call needs no gradient and has no dropout. On CPU the backward
+    forms the hidden gradient a slab of rows at a time and, when it frees the graph, writes the
+    pre-activation's gradient over the saved pre-activation; where the CPU lacks native
+    float16/bfloat16 GEMMs, every GEMM runs on float32 operands (README, "Results"). ``dropout_p`` in
     [0, 1) drops output elements (seeded from torch's default generator; README, "Dropout").
     Raises ``TypeError``/``ValueError`` naming the argument on mismatched shapes, dtypes or
     devices, :class:`~fused_attn.BackendNotSupportedError` when a named ``backend`` cannot serve

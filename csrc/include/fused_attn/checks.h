@@ -72,4 +72,11 @@ inline void check_same_as(const at::Tensor& t, const char* name, const at::Tenso
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+// Bumps the version counter of a tensor an op wrote in place (its schema's Tensor(a!) argument): the
+// autograd fallback those ops have (autogradNotImplementedFallback) dispatches past the
+// ADInplaceOrView key that would, so without this a tensor another node saved and a raw call
+// overwrote would give that node a silently wrong gradient instead of raising. Defined in
+// csrc/autograd.cpp.
+void mark_written(const at::Tensor& t);
+
 }  // namespace fused_attn
