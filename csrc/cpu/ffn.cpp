@@ -544,6 +544,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_hidden_bwd_cpu(
   }
   const bool need_grad_pre = need_dx || need_dw1;
   const bool need_hidden_grad = need_grad_pre || need_db1;
+  if (!need_hidden_grad && !need_dw2) return {empty(), empty(), empty(), empty()};
 
   at::Tensor go = widen(grad_out);
   const at::Tensor w2g = need_hidden_grad ? widen(w2) : at::Tensor();
@@ -581,7 +582,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_hidden_bwd_cpu(
         }
       }
       if (!need_hidden_grad) continue;
-      const at::Tensor d_hidden = at::mm(go_slab, w2g);  // rows [r0, r1) of the hidden gradient, unrounded
+      // Rows [r0, r1) of the hidden gradient: float32 (unrounded) unless the GEMM is a native 16-bit one.
+      const at::Tensor d_hidden = at::mm(go_slab, w2g);
       dispatch_approximate(tanh, [&](auto tanh_tag) {
         constexpr bool kTanh = decltype(tanh_tag)::value;
         const auto run = [&](const auto* dy, auto* gp) {
