@@ -453,20 +453,22 @@ def test_cpu_ffn_backward_in_row_slabs(backend_device, dtype, dropout_p):
 
 @pytest.mark.parametrize("backend_device", CPU_FFN)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cpu_ffn_backward_that_frees_the_graph_gives_the_bits_of_one_that_keeps_it(backend_device, dtype):
+@pytest.mark.parametrize("op", ["linear_gelu", "ffn"])
+def test_cpu_backward_that_frees_the_graph_gives_the_bits_of_one_that_keeps_it(backend_device, dtype, op):
     """A backward that frees its graph writes the pre-activation's gradient over the saved
-    pre-activation; one with retain_graph=True leaves it intact (a second backward gives the same
-    gradients). All three give the same bits."""
+    pre-activation (linear_gelu_bwd_consuming, ffn_bwd_consuming); one with retain_graph=True leaves
+    it intact (a second backward gives the same gradients). All three give the same bits."""
     backend, device = backend_device
-    args = {k: v.requires_grad_() for k, v in _ffn_args(600, 16, 8192, dtype, device, seed=4).items()}
+    a = _ffn_args(*((600, 16, 8192) if op == "ffn" else (300, 24, 1000)), dtype, device, seed=4)
+    args = {k: v.requires_grad_() for k, v in (a if op == "ffn" else _linear_gelu_of(a)).items()}
     params = list(args.values())
-    out = fused_attn.ffn(**args, approximate="tanh", backend=backend)
+    out = getattr(fused_attn, op)(**args, approximate="tanh", backend=backend)
     grad = torch.randn_like(out)
     kept = torch.autograd.grad(out, params, grad, retain_graph=True)
     again = torch.autograd.grad(out, params, grad, retain_graph=True)
     freed = torch.autograd.grad(out, params, grad)
-    for a, b, c in zip(kept, again, freed):
-        assert torch.equal(a, b) and torch.equal(a, c)
+    for k, g, f in zip(kept, again, freed):
+        assert torch.equal(k, g) and torch.equal(k, f)
 
 
 def test_consuming_backward_equals_ffn_bwd_and_declares_that_it_writes_the_pre_activation():
@@ -524,24 +526,6 @@ def test_cpu_ffn_backward_holds_no_second_hidden_sized_tensor(backend_device):
     backward_peak(False)  # what a first call sets up (a BLAS workspace) is not the call's own
     assert backward_peak(False) < activation // 2
     assert backward_peak(True) > activation
-
-
-@pytest.mark.parametrize("backend_device", CPU_FFN)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cpu_linear_gelu_backward_that_frees_the_graph_gives_the_bits_of_one_that_keeps_it(backend_device, dtype):
-    """linear_gelu's backward writes grad_pre over the saved pre-activation when the graph is freed
-    (linear_gelu_bwd_consuming), into a buffer of its own with retain_graph=True: the same bits."""
-    backend, device = backend_device
-    a = _ffn_args(300, 24, 1000, dtype, device, seed=7)
-    args = {k: v.requires_grad_() for k, v in _linear_gelu_of(a).items()}
-    params = list(args.values())
-    out = fused_attn.linear_gelu(**args, approximate="none", backend=backend)
-    grad = torch.randn_like(out)
-    kept = torch.autograd.grad(out, params, grad, retain_graph=True)
-    again = torch.autograd.grad(out, params, grad, retain_graph=True)
-    freed = torch.autograd.grad(out, params, grad)
-    for a, b, c in zip(kept, again, freed):
-        assert torch.equal(a, b) and torch.equal(a, c)
 
 
 def test_consuming_linear_gelu_backward_equals_linear_gelu_bwd_and_leaves_a_held_pre_activation():
