@@ -26,7 +26,6 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/graph_task.h>
-#include <torch/custom_class.h>
 #include <torch/library.h>
 
 namespace fused_attn {
@@ -374,11 +373,12 @@ struct FfnFunction : torch::autograd::Function<FfnFunction> {
     // The pre-activation's gradient is formed over the saved pre-activation where nothing reads it again:
     // the backward's peak then holds one [rows, hidden] tensor instead of two.
     static const auto consuming = find_op<FfnBwdConsuming>("fused_attn::ffn_bwd_consuming");
+    const Tensor grad_out = grads[0].contiguous();
+    const OptTensor seed = optional(saved[4]);
     auto [dx, dw1, db1, dw2, db2] =
-        may_consume(ctx, pre, consuming) ? consuming.call(grads[0].contiguous(), saved[0], saved[1], saved[2], pre, approximate,
-                                          dropout_p, optional(saved[4]), mask)
-                         : op.call(grads[0].contiguous(), saved[0], saved[1], saved[2], pre, approximate, dropout_p,
-                                   optional(saved[4]), mask);
+        may_consume(ctx, pre, consuming)
+            ? consuming.call(grad_out, saved[0], saved[1], saved[2], pre, approximate, dropout_p, seed, mask)
+            : op.call(grad_out, saved[0], saved[1], saved[2], pre, approximate, dropout_p, seed, mask);
     return {pick(dx, mask[0]), pick(dw1, mask[1]), pick(db1, mask[2]), pick(dw2, mask[3]), pick(db2, mask[4]),
             Tensor(), Tensor(), Tensor()};
   }
@@ -404,8 +404,8 @@ TORCH_LIBRARY_IMPL(fused_attn, Autograd, m) {
   // Ops without a derivative (the backwards, and the inference forms): a gradient asked
   // of them raises instead of being silently absent.
   for (const char* op : {"layer_norm_bwd", "add_layer_norm_bwd", "attention_bwd", "softmax_bwd", "linear_gelu_bwd",
-                         "linear_gelu_bwd_scratch", "linear_gelu_bwd_consuming", "ffn_bwd", "ffn_bwd_consuming", "linear_gelu_inference", "add_layer_norm_inference",
-                         "ffn_inference"}) {
+                         "linear_gelu_bwd_scratch", "linear_gelu_bwd_consuming", "ffn_bwd", "ffn_bwd_consuming",
+                         "linear_gelu_inference", "add_layer_norm_inference", "ffn_inference"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }

@@ -1,14 +1,15 @@
 // fused_attn::ffn_fwd / ffn_bwd / ffn_bwd_consuming / ffn_inference for CPU and CUDA tensors (and
-// linear_gelu_bwd_consuming for CUDA ones; schemas in csrc/ops.cpp): the position-wise FFN composed of the backend's fused linear_gelu
-// kernels (csrc/cpu/ffn.cpp, csrc/cuda/ffn.cu) and a library GEMM for the second linear. The forward
-// is the same code for both devices, calling the kernels through the dispatcher below the autograd
-// key (the autograd formula is in csrc/autograd.cpp). The backward differs by device after the
-// dropout: on CUDA, cuBLASLt's DGELU epilogue where it serves the call, else the hidden gradient's
-// GEMM and the scratch form of linear_gelu's backward; on CPU, ffn_hidden_bwd_cpu, which works slab
-// by slab of rows so that neither the hidden gradient nor the recomputed activation exists whole,
-// and, from ffn_bwd_consuming, forms the pre-activation's gradient over the pre-activation. On a CPU
-// without native fp16/bf16 GEMMs, every GEMM of the FFN runs widened to float32 (as linear_gelu's
-// do: torch's portable 16-bit GEMM is tens of times slower).
+// linear_gelu_bwd_consuming for CUDA ones; schemas in csrc/ops.cpp): the position-wise FFN composed
+// of the backend's fused linear_gelu kernels (csrc/cpu/ffn.cpp, csrc/cuda/ffn.cu) and a library
+// GEMM for the second linear. The forward is the same code for both devices, calling the kernels
+// through the dispatcher below the autograd key (the autograd formula is in csrc/autograd.cpp). The
+// backward differs by device after the dropout: on CUDA, cuBLASLt's DGELU epilogue where it serves
+// the call, else the hidden gradient's GEMM and the scratch form of linear_gelu's backward; on CPU,
+// ffn_hidden_bwd_cpu, which works slab by slab of rows so that neither the hidden gradient nor the
+// recomputed activation exists whole, and, from ffn_bwd_consuming, forms the pre-activation's
+// gradient over the pre-activation. On a CPU without native fp16/bf16 GEMMs, every GEMM of the FFN
+// runs widened to float32 (as linear_gelu's do: torch's portable 16-bit GEMM is tens of times
+// slower).
 //
 // Dropout after the second linear is the package's shared Philox stream (fused_attn/philox.h) at
 // element row * out_features + col of the output, the element the Triton GEMM epilogue draws, so

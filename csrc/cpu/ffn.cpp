@@ -33,8 +33,9 @@
 // AVX512-BF16/AMX for bf16, AVX512-FP16/AMX-FP16 for fp16), as torch does; elsewhere torch's
 // reduced-precision GEMM is a slow portable loop, so the operands are widened to float32 and
 // sgemm does the work (on an AVX2 machine without either, BERT-base's FFN forward + backward at
-// 512 tokens took 7.0 s eager in bf16 and 0.16 s here, against 0.13 s in float32). Measured at 2048x768->3072 on an AVX512-BF16 EPYC (no AVX512-FP16):
-// bf16 natively 63 ms vs 148 ms widened; fp16 natively 490-980 ms vs 137-284 ms widened. The
+// 512 tokens took 7.0 s eager in bf16 and 0.16 s here, against 0.13 s in float32). Measured at
+// 2048x768->3072 on an AVX512-BF16 EPYC (no AVX512-FP16): bf16 natively 63 ms vs 148 ms widened;
+// fp16 natively 490-980 ms vs 137-284 ms widened. The
 // widened path is also at least as accurate: products of fp16/bf16 values are exact in float32,
 // the accumulation is float32 either way, the bias is added before the one rounding of the
 // pre-activation, and grad_pre enters the gradient GEMMs unrounded.
@@ -300,6 +301,38 @@ void dispatch_approximate(bool tanh, const Fn& fn) {
   }
 }
 
+// input [rows, in_features] @ weight^T + bias, the operands widened to float32 and the result left
+// there: the GEMM of a dtype this CPU does not multiply natively (see above).
+at::Tensor linear_float32(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const at::Tensor input_f = input.to(at::kFloat), weight_f = weight.to(at::kFloat);
+  return bias.has_value() && bias->defined() ? at::addmm(bias->to(at::kFloat), input_f, weight_f.t())
+                                             : at::mm(input_f, weight_f.t());
+}
+
+// Row chunks [c0, c1) (of nchunks over rows) of the backward's elementwise pass, gelu_bwd_rows per
+// chunk, in parallel: dy holds rows from dy_row0 on; grad_pre is not stored where null, and chunk
+// c's column sums go to chunk_partials(db_part, c, cols) where db_part is not null.
+template <typename scalar_t, typename dy_t, typename grad_t>
+void gelu_bwd_chunks(bool tanh, const dy_t* dy, int64_t dy_row0, const scalar_t* pre, int64_t rows, int64_t cols,
+                     int64_t nchunks, int64_t c0, int64_t c1, grad_t* grad_pre, double* db_part) {
+  dispatch_approximate(tanh, [&](auto tanh_tag) {
+    constexpr bool kTanh = decltype(tanh_tag)::value;
+    at::parallel_for(c0, c1, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+      for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+        const auto [begin, end] = chunk_rows(c, nchunks, rows);
+        gelu_bwd_rows<scalar_t, dy_t, grad_t, kTanh>(dy, dy_row0, pre, cols, begin, end, grad_pre,
+                                                     chunk_partials(db_part, c, cols));
+      }
+    });
+  });
+}
+
+// t's data as T*, or null where t is undefined.
+template <typename T>
+T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+}
+
 // The forward, with the pre-activation (keep_pre: what the backward reads) or without it
 // (inference: the second tensor is undefined). Without it, where the GEMM runs in the storage
 // dtype, the GELU is applied in place over the GEMM's result, so the call makes one
@@ -329,8 +362,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_impl(const at::Tensor& input,
     out = keep_pre ? storage() : acc;
   } else {
     // Widened to float32 (see above); the pass rounds the pre-activation once (and stores it).
-    const at::Tensor input_f = input.to(at::kFloat), weight_f = weight.to(at::kFloat);
-    acc = has_bias ? at::addmm(bias->to(at::kFloat), input_f, weight_f.t()) : at::mm(input_f, weight_f.t());
+    acc = linear_float32(input, weight, bias);
     pre = keep_pre ? storage() : at::Tensor();
     out = storage();
   }
@@ -429,24 +461,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_impl(const at::Te
     const scalar_t* dyp = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* prep = pre_activation.const_data_ptr<scalar_t>();
     double* dbp = need_db ? db_part.mutable_data_ptr<double>() : nullptr;
-    dispatch_approximate(tanh, [&](auto tanh_tag) {
-      constexpr bool kTanh = decltype(tanh_tag)::value;
-      const auto run = [&](auto* gp) {
-        using grad_t = std::remove_pointer_t<decltype(gp)>;
-        at::parallel_for(0, nchunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-          for (int64_t c = chunk_begin; c < chunk_end; ++c) {
-            const auto [begin, end] = chunk_rows(c, nchunks, rows);
-            gelu_bwd_rows<scalar_t, scalar_t, grad_t, kTanh>(dyp, 0, prep, out_features, begin, end, gp,
-                                                             chunk_partials(dbp, c, out_features));
-          }
-        });
-      };
-      if (gemm_dtype == at::kFloat) {
-        run(need_grad_pre ? grad_pre.mutable_data_ptr<float>() : static_cast<float*>(nullptr));
-      } else {
-        run(need_grad_pre ? grad_pre.mutable_data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr));
-      }
-    });
+    if (gemm_dtype == at::kFloat) {
+      gelu_bwd_chunks(tanh, dyp, 0, prep, rows, out_features, nchunks, 0, nchunks, data_or_null<float>(grad_pre), dbp);
+    } else {
+      gelu_bwd_chunks(tanh, dyp, 0, prep, rows, out_features, nchunks, 0, nchunks, data_or_null<scalar_t>(grad_pre),
+                      dbp);
+    }
     if (need_db) {
       using Sum = std::pair<const double*, scalar_t*>;
       sum_partials(std::array<Sum, 1>{Sum{dbp, db.mutable_data_ptr<scalar_t>()}}, nchunks, out_features);
@@ -497,15 +517,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_consuming_cpu(con
 
 }  // namespace
 
-bool cpu_gemm_is_native(at::ScalarType dtype) { return native_gemm(dtype); }
-
 at::Tensor ffn_linear_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   if (native_gemm(input.scalar_type())) return at::linear(input, weight, bias);
-  const bool has_bias = bias.has_value() && bias->defined();
-  const at::Tensor input_f = input.to(at::kFloat), weight_f = weight.to(at::kFloat);
-  const at::Tensor out =
-      has_bias ? at::addmm(bias->to(at::kFloat), input_f, weight_f.t()) : at::mm(input_f, weight_f.t());
-  return out.to(input.scalar_type());
+  return linear_float32(input, weight, bias).to(input.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_hidden_bwd_cpu(
@@ -584,27 +598,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_hidden_bwd_cpu(
       if (!need_hidden_grad) continue;
       // Rows [r0, r1) of the hidden gradient: float32 (unrounded) unless the GEMM is a native 16-bit one.
       const at::Tensor d_hidden = at::mm(go_slab, w2g);
-      dispatch_approximate(tanh, [&](auto tanh_tag) {
-        constexpr bool kTanh = decltype(tanh_tag)::value;
-        const auto run = [&](const auto* dy, auto* gp) {
-          using dy_t = std::remove_cv_t<std::remove_pointer_t<decltype(dy)>>;
-          using grad_t = std::remove_pointer_t<decltype(gp)>;
-          at::parallel_for(c0, c1, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-            for (int64_t c = chunk_begin; c < chunk_end; ++c) {
-              const auto [begin, end] = chunk_rows(c, nchunks, rows);
-              gelu_bwd_rows<scalar_t, dy_t, grad_t, kTanh>(dy, r0, prep, hidden, begin, end, gp,
-                                                           chunk_partials(dbp, c, hidden));
-            }
-          });
-        };
-        if (gemm_dtype == at::kFloat) {
-          run(d_hidden.const_data_ptr<float>(),
-              need_grad_pre ? grad_pre.mutable_data_ptr<float>() : static_cast<float*>(nullptr));
-        } else {
-          run(d_hidden.const_data_ptr<scalar_t>(),
-              need_grad_pre ? grad_pre.mutable_data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr));
-        }
-      });
+      if (gemm_dtype == at::kFloat) {
+        gelu_bwd_chunks(tanh, d_hidden.const_data_ptr<float>(), r0, prep, rows, hidden, nchunks, c0, c1,
+                        data_or_null<float>(grad_pre), dbp);
+      } else {
+        gelu_bwd_chunks(tanh, d_hidden.const_data_ptr<scalar_t>(), r0, prep, rows, hidden, nchunks, c0, c1,
+                        data_or_null<scalar_t>(grad_pre), dbp);
+      }
     }
     if (need_db1) {
       using Sum = std::pair<const double*, scalar_t*>;

@@ -18,10 +18,6 @@ namespace fused_attn {
 // has the CUDA twin (ffn_dropout_cuda, fused_attn/ffn_cuda.h).
 void ffn_dropout_cpu(const at::Tensor& src, const at::Tensor& dst, uint64_t seed, double dropout_p);
 
-// Whether the CPU's BLAS multiplies `dtype` natively (always for float32; fp16/bf16 with the ISA
-// for them); where not, the FFN's GEMMs run on operands widened to float32 (see csrc/cpu/ffn.cpp).
-bool cpu_gemm_is_native(at::ScalarType dtype);
-
 // The FFN's second linear, input @ weight^T + bias, widened to float32 where the dtype's GEMM is not
 // native (the result rounded once to the storage dtype).
 at::Tensor ffn_linear_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
