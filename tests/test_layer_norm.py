@@ -121,6 +121,47 @@ def test_large_mean_small_spread(backend_device):
 
 
 @pytest.mark.parametrize("backend_device", FUSED_BACKENDS)
+@pytest.mark.parametrize("hidden", [768, 1024, 20000])
+@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
+def test_constant_rows_normalise_to_the_bias(backend_device, hidden, op):
+    """A constant row has variance 0, so rstd = 1 / sqrt(eps) (1e6 at BERT's eps of 1e-12): a
+    mean off by its float32 rounding would come out scaled by it, where torch gives the bias.
+    20000 streams the row in chunks in the Triton kernel."""
+    backend, device = backend_device
+    x = torch.tensor([123.4, 0.1, -2.7, 1.0], device=device)[:, None].expand(4, hidden).contiguous()
+    gen = torch.Generator().manual_seed(0)
+    w, b = (torch.randn(hidden, generator=gen).to(device).requires_grad_() for _ in range(2))
+    dy = torch.randn(4, hidden, generator=gen).to(device)
+    for eps in (1e-12, 1e-5):
+        if op == "layer_norm":
+            out = fused_attn.layer_norm(x, (hidden,), w, b, eps, backend=backend)
+        else:
+            out = fused_attn.add_layer_norm(torch.zeros_like(x), x, w, b, eps, backend=backend)
+        assert torch.equal(out, b.detach().expand_as(out)), float((out - b).abs().max())
+        grad_w, grad_b = torch.autograd.grad(out, (w, b), dy)
+        assert torch.equal(grad_w, torch.zeros_like(grad_w))
+        torch.testing.assert_close(grad_b, dy.sum(0))
+
+
+@pytest.mark.parametrize("backend_device", FUSED_BACKENDS)
+@pytest.mark.parametrize("eps", [1e-12, 1e-5])
+def test_nearly_constant_rows(backend_device, eps):
+    """Rows a few float32 ulps wide around 123.4: the rounding of the mean is comparable to the
+    spread, and takes the output and the weight gradient far off unless the statistics remove it
+    (torch's Welford statistics do)."""
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(0)
+    x = (123.4 + 1e-5 * torch.randn(6, 1024, generator=gen)).to(device)
+    w, b = (torch.randn(1024, generator=gen).to(device) for _ in range(2))
+    assert_parity(
+        lambda input, weight, bias: fused_attn.layer_norm(input, (1024,), weight, bias, eps, backend=backend),
+        lambda input, weight, bias: F.layer_norm(input, (1024,), weight, bias, eps),
+        {"input": x, "weight": w, "bias": b},
+        grad_args=("input", "weight", "bias"),
+    )
+
+
+@pytest.mark.parametrize("backend_device", FUSED_BACKENDS)
 def test_mixed_precision_parameters(backend_device):
     """float32 weight/bias with a float16 input, as F.layer_norm accepts; gradients keep their dtype."""
     backend, device = backend_device

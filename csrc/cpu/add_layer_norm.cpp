@@ -91,10 +91,11 @@ void add_layer_norm_fwd_rows(const scalar_t* x, const scalar_t* res, const float
           for (int k = 0; k < P; ++k) sum.acc[c][k] += h[k];
         },
         [&] { sum.end_segment(); });
-    const float m = static_cast<float>(sum.total * inv_n);
-    mean[r] = m;
     // Passes 2 and 3 on the cached pre-norm row: the two-pass variance and the output.
-    rstd[r] = normalize_row<P, B, C>(pre + row, hidden, m, inv_n, eps, w, b, out + row);
+    const RowStats stats =
+        normalize_row<P, B, C>(pre + row, hidden, static_cast<float>(sum.total * inv_n), inv_n, eps, w, b, out + row);
+    mean[r] = stats.mean;
+    rstd[r] = stats.rstd;
   }
 }
 

@@ -57,9 +57,10 @@ void layer_norm_fwd_rows(const scalar_t* x, const float* w, const float* b, int6
           for (int k = 0; k < P; ++k) sum.acc[c][k] += xv[k];
         },
         [&] { sum.end_segment(); });
-    const float m = static_cast<float>(sum.total * inv_n);
-    mean[r] = m;
-    rstd[r] = normalize_row<P, B, C>(xr, hidden, m, inv_n, eps, w, b, out + r * hidden);
+    const RowStats stats =
+        normalize_row<P, B, C>(xr, hidden, static_cast<float>(sum.total * inv_n), inv_n, eps, w, b, out + r * hidden);
+    mean[r] = stats.mean;
+    rstd[r] = stats.rstd;
   }
 }
 

@@ -16,7 +16,8 @@
 // is one 128-bit load/store. Otherwise (odd hidden, offset views) the same kernels run with width 1.
 //
 // Statistics. Two-pass in fp32: mean first, then the mean of squared deviations from it, which does
-// not suffer the cancellation of E[x^2] - E[x]^2. rstd = rsqrt(biased variance + eps), correctly
+// not suffer the cancellation of E[x^2] - E[x]^2, corrected by the deviations' sum (refined_stats:
+// a constant row normalises to exactly the bias). rstd = rsqrt(biased variance + eps), correctly
 // rounded (__frsqrt_rn; it is once per row) rather than the approximate rsqrtf.
 //
 // Backward. grad_input uses the same row mapping: with g = dy * w and xhat = (x - mean) * rstd,
@@ -216,6 +217,25 @@ __device__ __forceinline__ void add_bwd_store(const AddBwdArgs<T>& add, int64_t 
 // Forward
 // ---------------------------------------------------------------------------------------------
 
+struct RowStats {
+  float mean, rstd;
+};
+
+// A row's mean and rstd from its first mean (the sum over n, inv_hidden = 1 / n) and the sums of the
+// deviations d = x - first_mean and of their squares: the corrected two-pass algorithm,
+// var = (sum d^2 - (sum d)^2 / n) / n, which takes the rounding of first_mean out of the variance,
+// and the mean refined to first_mean + sum d / n. Where the variance is tiny this matters: in a
+// constant row every d is the first mean's rounding error, var is 0 and rstd 1 / sqrt(eps), which
+// would scale that error up (to about 1 at BERT's eps of 1e-12); with the refined mean, x - mean
+// is 0 and the row normalises to the bias, as torch's Welford statistics give. The variance is
+// clamped at 0 against rounding, NaN kept (a row holding NaN or inf normalises to NaN).
+__device__ __forceinline__ RowStats refined_stats(float first_mean, float sum_dev, float sum_sq, float inv_hidden,
+                                                  float eps) {
+  float var = (sum_sq - sum_dev * sum_dev * inv_hidden) * inv_hidden;
+  var = var < 0.f ? 0.f : var;
+  return {first_mean + sum_dev * inv_hidden, __frsqrt_rn(var + eps)};
+}
+
 // kAdd: x is add_layer_norm's input and the normalised row is prenorm, formed by add_prenorm.
 template <typename T, int VEC, bool kAdd>
 __global__ void __launch_bounds__(kWarpSize * kWarpRowsPerBlock)
@@ -250,21 +270,24 @@ __global__ void __launch_bounds__(kWarpSize * kWarpRowsPerBlock)
         for (int j = 0; j < VEC; ++j) v[i][j] = 0.f;
       }
     }
-    const float mu = cuda_utils::warp_allreduce_sum(sum) * inv_hidden;
+    const float first_mu = cuda_utils::warp_allreduce_sum(sum) * inv_hidden;
 
-    float sq = 0.f;
+    float dev = 0.f, sq = 0.f;
 #pragma unroll
     for (int i = 0; i < kChunks; ++i) {
       const int c = (i * kWarpSize + lane) * VEC;
       if (c < hidden) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          const float d = v[i][j] - mu;
+          const float d = v[i][j] - first_mu;
+          dev += d;
           sq += d * d;
         }
       }
     }
-    const float rs = __frsqrt_rn(cuda_utils::warp_allreduce_sum(sq) * inv_hidden + eps);
+    const RowStats stats = refined_stats(first_mu, cuda_utils::warp_allreduce_sum(dev),
+                                         cuda_utils::warp_allreduce_sum(sq), inv_hidden, eps);
+    const float mu = stats.mean, rs = stats.rstd;
 
     T* yr = y + row * hidden;
 #pragma unroll
@@ -291,7 +314,7 @@ __global__ void __launch_bounds__(kBlockMaxThreads)
     layer_norm_fwd_block_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
                                 T* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd, int64_t rows,
                                 int64_t hidden, float inv_hidden, float eps, AddFwdArgs<T> add) {
-  __shared__ float smem[kWarpSize];
+  __shared__ float smem[2 * kWarpSize];  // block_allreduce_sum of up to two values
   const int64_t first_col = static_cast<int64_t>(threadIdx.x) * VEC;
   const int64_t col_stride = static_cast<int64_t>(blockDim.x) * VEC;
   // add_layer_norm's sum goes to prenorm, or in the inference form (no prenorm) to the output row, which
@@ -312,24 +335,26 @@ __global__ void __launch_bounds__(kBlockMaxThreads)
       for (int j = 0; j < VEC; ++j) sum[0] += xv[j];
     }
     cuda_utils::block_allreduce_sum(sum, smem);
-    const float mu = sum[0] * inv_hidden;
+    const float first_mu = sum[0] * inv_hidden;
     // The passes below re-read the normalised row: x, or for add_layer_norm the sum this thread has
     // just stored (same columns; block_allreduce_sum's barrier also orders the accesses block-wide).
     const T* nr = xr;
     if constexpr (kAdd) nr = sum_dst + row * hidden;
 
-    float sq[1] = {0.f};
+    float sums[2] = {0.f, 0.f};  // deviations from first_mu, and their squares
     for (int64_t c = first_col; c < hidden; c += col_stride) {
       float xv[VEC];
       cuda_utils::load_as_float<VEC>(nr + c, xv);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const float d = xv[j] - mu;
-        sq[0] += d * d;
+        const float d = xv[j] - first_mu;
+        sums[0] += d;
+        sums[1] += d * d;
       }
     }
-    cuda_utils::block_allreduce_sum(sq, smem);
-    const float rs = __frsqrt_rn(sq[0] * inv_hidden + eps);
+    cuda_utils::block_allreduce_sum(sums, smem);
+    const RowStats stats = refined_stats(first_mu, sums[0], sums[1], inv_hidden, eps);
+    const float mu = stats.mean, rs = stats.rstd;
 
     T* yr = y + row * hidden;
     for (int64_t c = first_col; c < hidden; c += col_stride) {

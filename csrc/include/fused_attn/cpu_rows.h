@@ -184,15 +184,25 @@ C10_ALWAYS_INLINE double two_pass_variance(double sum_sq, double sum_dev, double
   return var < 0.0 ? 0.0 : var;
 }
 
+// A row's statistics, as the LayerNorm forward saves them for its backward.
+struct RowStats {
+  float mean, rstd;
+};
+
 // The second and third passes of a LayerNorm forward over one row xr (held in L1/L2 by the
-// first pass, which gave its mean m; inv_n = 1 / hidden, hidden > 0): the variance from deviations d = x - m, not E[x^2] - E[x]^2,
-// which cancels catastrophically when |mean| >> std; their sum takes the rounding of m itself
-// out of the variance (the corrected two-pass algorithm, var = (sum d^2 - (sum d)^2 / n) / n).
-// Then out = (x - m) * rstd * w + b. Returns rstd.
-// Blocks of P float vectors (B elements, C accumulator chains), as the caller's first pass.
+// first pass, which gave its mean m, rounded to float; inv_n = 1 / hidden, hidden > 0): the
+// variance from deviations d = x - m, not E[x^2] - E[x]^2, which cancels catastrophically when
+// |mean| >> std; their sum takes the rounding of m itself out of the variance (the corrected
+// two-pass algorithm, var = (sum d^2 - (sum d)^2 / n) / n) and out of the mean, which becomes
+// m + sum d / n. Then out = (x - mean) * rstd * w + b. Refining the mean matters where the
+// variance is tiny: in a constant row every d is the rounding error of m, the variance is 0 and
+// rstd 1 / sqrt(eps) (1e6 at BERT's eps of 1e-12), so (x - m) * rstd would be far from 0; with
+// the refined mean, x - mean is 0 and the row normalises to the bias, as in torch. Returns the
+// refined mean and rstd. Blocks of P float vectors (B elements, C accumulator chains), as the
+// caller's first pass.
 template <int P, int64_t B, int C, typename scalar_t>
-C10_ALWAYS_INLINE float normalize_row(const scalar_t* xr, int64_t hidden, float m, double inv_n, double eps,
-                                      const float* w, const float* b, scalar_t* outr) {
+C10_ALWAYS_INLINE RowStats normalize_row(const scalar_t* xr, int64_t hidden, float m, double inv_n, double eps,
+                                         const float* w, const float* b, scalar_t* outr) {
   const fVec mv(m);
   RowSum<C, P> dev, sq;
   for_each_block<B, C>(
@@ -213,17 +223,18 @@ C10_ALWAYS_INLINE float normalize_row(const scalar_t* xr, int64_t hidden, float 
       });
   const double var = two_pass_variance(sq.total, dev.total, inv_n);
   const float rs = static_cast<float>(1.0 / std::sqrt(var + eps));
+  const float mean = static_cast<float>(static_cast<double>(m) + dev.total * inv_n);
 
-  const fVec rsv(rs);
+  const fVec rsv(rs), meanv(mean);
   for_each_block<B>(hidden, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
     fVec xv[P], wv[P], bv[P], ov[P];
     load_block(xr + j, len, xv);
     load_block(w + j, len, wv);
     load_block(b + j, len, bv);
-    for (int k = 0; k < P; ++k) ov[k] = at::vec::fmadd((xv[k] - mv) * rsv, wv[k], bv[k]);
+    for (int k = 0; k < P; ++k) ov[k] = at::vec::fmadd((xv[k] - meanv) * rsv, wv[k], bv[k]);
     store_block(outr + j, len, ov);
   });
-  return rs;
+  return {mean, rs};
 }
 
 // Column sums (grad_weight, grad_bias, ...) are accumulated per chunk of rows, in float64. The

@@ -8,7 +8,8 @@ Forward: one program per row. The pre-norm sum is formed in the same pass that l
 and stored when there is a residual. When the row fits one block (``SINGLE_BLOCK``) it stays in
 registers; wider rows are streamed in ``BLOCK_N`` chunks three times (sum, centred sum of
 squares, normalise), re-reading the pre-norm from L2. Statistics are two-pass in float32 (mean
-first, then the squared deviations), accurate when |mean| >> std.
+first, then the squared deviations), accurate when |mean| >> std, and corrected by the sum of the
+deviations (``_refined_stats``): a constant row normalises to exactly the bias, as in torch.
 
 Backward: ``d_pre = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ grad_prenorm)`` with
 ``g = dy * w``; the input's gradient is ``d_pre`` through the same dropout keep-mask, regenerated
@@ -42,6 +43,20 @@ def _num_warps(block_n: int) -> int:
     # One warp per 256 elements of a row, between 1 and 8 warps: enough loads in flight to
     # cover memory latency without starving occupancy on short rows.
     return min(max(block_n // 256, 1), 8)
+
+
+@triton.jit
+def _refined_stats(mean, sum_dev, sum_sq, hidden, eps):
+    """(mean, rstd) of a row from its float32 mean and the sums of its deviations d = x - mean and
+    of their squares: the corrected two-pass algorithm, var = (sum d^2 - (sum d)^2 / n) / n, which
+    takes the rounding of the mean out of the variance, and the mean itself refined to
+    mean + sum d / n. Where the variance is tiny this matters: in a constant row every d is the
+    mean's rounding error, so var is 0 and rstd 1 / sqrt(eps), which would scale that error up
+    (to about 1 at eps = 1e-12); with the refined mean, x - mean is 0. The variance is clamped at
+    0 against rounding, NaN kept (a row holding NaN or inf normalises to NaN)."""
+    var = (sum_sq - sum_dev * sum_dev / hidden) / hidden
+    var = tl.where(var < 0.0, 0.0, var)
+    return mean + sum_dev / hidden, 1.0 / tl.sqrt(var + eps)
 
 
 @triton.jit
@@ -81,8 +96,8 @@ def _norm_fwd_kernel(
                 tl.store(pre_ptr + base + cols, h.to(pre_ptr.dtype.element_ty), mask=in_row)
         mean = tl.sum(h, axis=0) / hidden
         centred = tl.where(in_row, h - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / hidden + eps)
-        y = centred * rstd
+        mean, rstd = _refined_stats(mean, tl.sum(centred, axis=0), tl.sum(centred * centred, axis=0), hidden, eps)
+        y = tl.where(in_row, h - mean, 0.0) * rstd
         if HAS_WEIGHT:
             y = y * tl.load(w_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
         if HAS_BIAS:
@@ -106,13 +121,15 @@ def _norm_fwd_kernel(
         src = pre_ptr if HAS_RESIDUAL else x_ptr
         if HAS_RESIDUAL:
             tl.debug_barrier()
+        dev = tl.zeros([BLOCK_N], dtype=tl.float32)
         sq = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start in range(0, hidden, BLOCK_N):
             offs = start + cols
             h = tl.load(src + base + offs, mask=offs < hidden, other=0.0).to(tl.float32)
             centred = tl.where(offs < hidden, h - mean, 0.0)
+            dev += centred
             sq += centred * centred
-        rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / hidden + eps)
+        mean, rstd = _refined_stats(mean, tl.sum(dev, axis=0), tl.sum(sq, axis=0), hidden, eps)
         for start in range(0, hidden, BLOCK_N):
             offs = start + cols
             in_row = offs < hidden
