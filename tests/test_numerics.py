@@ -67,6 +67,43 @@ def test_bool_mask_drops_non_finite_scores_in_softmax(backend_device):
     assert (grad[..., 0, 1] == 0).all() and (grad[..., 1, 0] == 0).all()
 
 
+def _dtypes(op, backend, device):
+    return [d for d in (torch.float32, torch.float16) if d in supported_dtypes(backend, device, op)]
+
+
+@pytest.mark.parametrize("backend_device", SOFTMAX)
+def test_softmax_saturates_at_huge_scales(backend_device):
+    """A scale up to float32's largest, or one that takes 16-bit scores past their range, gives
+    the limit softmax (one-hot at the largest scaled score), not NaN from inf - inf or 0 * inf."""
+    backend, device = backend_device
+    for dtype in _dtypes("softmax", backend, device):
+        x = torch.tensor([[0.0, 0.5, -0.5, 0.1]], device=device, dtype=dtype)
+        for scale, hot in ((3e38, 1), (-3e38, 2), (1e5, 1)):
+            expected = torch.zeros(1, 4)
+            expected[0, hot] = 1
+            out = fused_attn.softmax(x, scale=scale, backend=backend)
+            assert torch.equal(out.float().cpu(), expected), (dtype, scale, out)
+
+
+@pytest.mark.parametrize("backend_device", ATTENTION_ALL)
+def test_attention_16_bit_with_float32_bias_beyond_its_range(backend_device):
+    """A float32 bias of -1e9 on every key of a row (a row that PyTorch averages) and one of 7e4 on
+    one key (beyond float16's range) are added to float32 scores: the row averages the values, the
+    other takes the biased key's value."""
+    backend, device = backend_device
+    if torch.float16 not in supported_dtypes(backend, device, "scaled_dot_product_attention"):
+        pytest.skip("float16 not tested here")
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 3, 16, generator=gen).to(device, torch.float16) for _ in range(3))
+    bias = torch.zeros(3, 3, device=device)
+    bias[0, :] = -1e9
+    bias[1, 2] = 7e4
+    out = fused_attn.scaled_dot_product_attention(q, k, v, attn_mask=bias, backend=backend).float().cpu()
+    values = v.float().cpu()[0, 0]
+    torch.testing.assert_close(out[0, 0, 0], values.mean(0), atol=2e-3, rtol=0)
+    torch.testing.assert_close(out[0, 0, 1], values[2], atol=2e-3, rtol=0)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under the interpreter
 @pytest.mark.parametrize("backend_device", ATTENTION_ALL)
 def test_bool_mask_drops_non_finite_scores_in_attention(backend_device):

@@ -10,6 +10,13 @@ def _causal_keep(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()
 
 
+def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the softmax is computed in: float32 for 16-bit inputs, as the kernels compute it
+    (and as Hugging Face's eager attention does), so that a large scale or mask value (e.g.
+    -1e9, beyond float16's range) saturates the softmax instead of overflowing it into inf - inf."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _masked_scores(
     scores: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
 ) -> torch.Tensor:
@@ -50,13 +57,16 @@ def scaled_dot_product_attention(
     query [..., Lq, D], key [..., Lk, D], value [..., Lk, Dv]. A boolean ``attn_mask`` is True
     where attention is allowed, a floating one is added to the scores; it broadcasts to
     [..., Lq, Lk]. ``is_causal`` masks keys after the query's position (top-left aligned).
-    A query whose every key is masked gets a zero output.
+    A query whose every key is masked gets a zero output. For 16-bit inputs the scores are
+    scaled, masked and normalised in float32, and the probabilities rounded to the value's dtype
+    (after dropout) for their product with it.
     """
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+    scores = torch.matmul(query, key.transpose(-2, -1))
+    scores = scores.to(_softmax_dtype(scores.dtype)) * scale
     probs = _safe_softmax(_masked_scores(scores, attn_mask, is_causal), dim=-1)
     probs = apply_dropout(probs, dropout_p, dropout_mask)
-    return torch.matmul(probs, value)
+    return torch.matmul(probs.to(value.dtype), value)
 
 
 def softmax(
@@ -69,7 +79,8 @@ def softmax(
     """``softmax(input * scale + mask, dim)``; a boolean ``mask`` is True where kept.
 
     ``is_causal`` masks the upper triangle of the last two dims (it needs ``dim`` to be the last).
-    Slices whose every element is masked give 0.
+    Slices whose every element is masked give 0. For 16-bit inputs the softmax is computed in
+    float32 and rounded once to the input's dtype.
     """
-    scores = _masked_scores(input * scale, mask, is_causal)
-    return _safe_softmax(scores, dim=dim)
+    scores = _masked_scores(input.to(_softmax_dtype(input.dtype)) * scale, mask, is_causal)
+    return _safe_softmax(scores, dim=dim).to(input.dtype)

@@ -67,9 +67,7 @@ from ...backends import triton_interpret_mode
 from ..layout import empty_in_query_layout
 from ._autotune import benchmark, pruner, size_bucket
 from ._dropout import as_float32, keep_scale, uniform
-from ._masks import bias_log2
-
-LOG2E = 1.4426950408889634
+from ._masks import bias_log2, log2_scale
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M 128 x BLOCK_N 64 is the FA2 sweet spot on
@@ -763,7 +761,7 @@ def attention_fwd(
     _attn_fwd_kernel[grid](
         q, k, v, mask_t, out, stats, keep if keep is not None else out,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
-        heads, _kv_group(q, k, v), q_len, k_len, scale * LOG2E, seed, as_float32(dropout_p), keep_scale(dropout_p),
+        heads, _kv_group(q, k, v), q_len, k_len, log2_scale(scale), seed, as_float32(dropout_p), keep_scale(dropout_p),
         MASK_IS_BOOL=mask_is_bool, WRITE_KEEP=write_keep, **_common_meta(q, v, mask, is_causal, dropout_p),
     )
     return out, stats, (keep.bool() if keep is not None else None)
@@ -798,7 +796,7 @@ def attention_bwd(
         corr = torch.empty_like(delta)
         _attn_bwd_stats_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]) * batch * heads,)](
             q, k, v, mask_t, dout, stats, corr, delta, *common,
-            heads, kv_group, q_len, k_len, scale * LOG2E, seed, as_float32(dropout_p), keep_scale(dropout_p),
+            heads, kv_group, q_len, k_len, log2_scale(scale), seed, as_float32(dropout_p), keep_scale(dropout_p),
             MASK_IS_BOOL=mask_is_bool, **meta,
         )
     else:
@@ -819,7 +817,7 @@ def attention_bwd(
     _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(k_len, m["BLOCK_N"]) * batch * kv_heads * kv_splits,)](
         q, k, v, mask_t, dout, stats, corr, delta, dk_parts, dv_parts,
         *common, *dk_parts.stride()[:3], *dv_parts.stride()[:3],
-        heads, kv_heads, kv_group, kv_splits, q_len, k_len, scale * LOG2E, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
+        heads, kv_heads, kv_group, kv_splits, q_len, k_len, log2_scale(scale), scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
         MASK_IS_BOOL=mask_is_bool, ROW_STATS=row_stats, **meta,
     )
     if kv_splits > 1:
@@ -828,7 +826,7 @@ def attention_bwd(
     _attn_bwd_dq_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]) * batch * heads,)](
         q, k, v, mask_t, dout, stats, corr, delta, dq, dscores if dscores is not None else dq,
         *common, *dq.stride()[:3],
-        heads, kv_group, q_len, k_len, scale * LOG2E, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
+        heads, kv_group, q_len, k_len, log2_scale(scale), scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
         MASK_IS_BOOL=mask_is_bool, ROW_STATS=row_stats, WRITE_DSCORES=mask_needs_grad, **meta,
     )
     return dq, dk, dv, dscores

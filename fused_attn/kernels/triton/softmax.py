@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._masks import bias_log2
+from ._masks import bias_log2, log2_scale
 
 # Widest row kept in registers; longer rows take the streaming path.
 MAX_SINGLE_BLOCK = 16384
@@ -143,7 +143,7 @@ def softmax_fwd(x: torch.Tensor, mask: torch.Tensor | None, scale: float, is_cau
         mask = mask.view(torch.uint8)
     block, single = _block(n_cols)
     _softmax_fwd_kernel[(rows,)](
-        x, mask if mask is not None else x, y, dim_b, dim_m, n_cols, scale * 1.4426950408889634,
+        x, mask if mask is not None else x, y, dim_b, dim_m, n_cols, log2_scale(scale),
         *x.stride(), *(mask.stride() if mask is not None else (0, 0, 0, 0)),
         HAS_MASK=mask is not None, MASK_IS_BOOL=mask is not None and mask.dtype == torch.uint8, IS_CAUSAL=is_causal,
         BLOCK_N=block, SINGLE_BLOCK=single, num_warps=_num_warps(block),
