@@ -56,6 +56,8 @@ class Inputs:
 
 
 _INTERPRETER_BF16 = "the Triton interpreter computes it wrongly"
+# Every fused backend's: a call with a forward-mode tangent on an input (feature "forward_ad").
+_NO_FORWARD_AD = "an input carries a tangent; the fused kernels have no forward derivative"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +124,8 @@ class Support:
             if cc < self.min_compute_capability:
                 need = ".".join(map(str, self.min_compute_capability))
                 reasons.append(f"compute capability {cc[0]}.{cc[1]} is below the required {need}")
+        if self.backend != "reference" and inputs.features.get("forward_ad"):
+            reasons.append(f"forward-mode AD ({_NO_FORWARD_AD})")
         if self.check is not None and not reasons:
             reasons.extend(self.check(inputs))
         return reasons
@@ -141,6 +145,8 @@ class Support:
             parts.append(self.check_doc)
         if self._bfloat16_on_cuda_only():
             parts.append(f"bfloat16 on cuda only ({_INTERPRETER_BF16})")
+        if self.backend != "reference":
+            parts.append("no forward-mode AD")
         return "; ".join(parts)
 
     def _bfloat16_on_cuda_only(self) -> bool:
@@ -290,13 +296,14 @@ def _note_choice(op: str, backend: str, fallback_reason: str) -> bool:
     return True
 
 
-def runs_reference(op: str, chosen: str, *tensors: torch.Tensor) -> bool:
+def runs_reference(op: str, chosen: str, *tensors: torch.Tensor, dropout_p: float = 0.0) -> bool:
     """Whether a call of ``op`` for which :func:`select` chose ``chosen`` runs the reference: when
-    chosen, or when one of ``tensors`` is empty (nothing to compute, so no kernel is launched; the
-    reference gives the empty or zero result, and :func:`last_backend` says 'reference')."""
+    chosen, or when one of ``tensors`` is empty or ``dropout_p`` is 1 (nothing to compute, or
+    everything dropped: no kernel is launched; the reference gives the empty, zero or undropped
+    result, and :func:`last_backend` says 'reference')."""
     if chosen == "reference":
         return True
-    if any(t.numel() == 0 for t in tensors):
+    if dropout_p == 1.0 or any(t.numel() == 0 for t in tensors):
         return _note_choice(op, "reference", "")
     return False
 
@@ -414,7 +421,8 @@ def explain(op: str, inputs: Inputs) -> dict[str, list[str]]:
     A limit is checked only for the features ``inputs.features`` holds, so leaving them out asks
     about the device and dtype alone. The features the ops pass: scaled_dot_product_attention
     ``head_dim``, ``head_dim_v``, ``q_len``, ``k_len`` and ``dropout`` (bool); layer_norm and
-    add_layer_norm ``hidden``; softmax ``n_cols``; linear_gelu and ffn ``in_features``.
+    add_layer_norm ``hidden``; softmax ``n_cols``; linear_gelu and ffn ``in_features``; every op
+    ``forward_ad`` (bool: an input carries a forward-mode tangent), which only the reference serves.
     """
     return {name: s.not_supported_reasons(inputs) for name, s in _OPS[op].supports.items()}
 

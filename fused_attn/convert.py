@@ -28,6 +28,7 @@ from .nn import (
     FusedTransformerEncoderLayer,
 )
 from .nn.transformer import foreign_child
+from .ops._validate import check_bool
 from .ops.attention import HEAD_DIM_LIMITS
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -197,6 +198,7 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_bool(inplace, "inplace")
     from .integrations import hf  # noqa: F401  (registers the Hugging Face converter when available)
 
     if not inplace:

@@ -170,8 +170,10 @@ def test_inference_form_keeps_no_pre_norm_sum(backend_device):
         (lambda: (torch.randn(4, 8), torch.ones(4, 8, dtype=torch.int64), None, None), {}, TypeError, "residual must be a floating tensor"),
         (lambda: (torch.randn(4, 8), torch.randn(4, 8), torch.randn(7), None), {}, ValueError, "weight must have shape [8]"),
         (lambda: (torch.randn(4, 8), torch.randn(4, 8), None, None), {"input_bias": torch.randn(3)}, ValueError, "input_bias must have shape [8]"),
-        (lambda: (torch.randn(4, 8), torch.randn(4, 8), None, None), {"dropout_p": -0.5}, ValueError, "dropout_p must be a number in [0, 1)"),
+        (lambda: (torch.randn(4, 8), torch.randn(4, 8), None, None), {"dropout_p": -0.5}, ValueError, "dropout_p must be a number in [0, 1]"),
         (lambda: (torch.randn(4, 8), torch.randn(4, 8), None, None), {"eps": -1.0}, ValueError, "eps must be a finite non-negative"),
+        (lambda: (torch.randn(4, 8), torch.randn(4, 8), None, None), {"return_prenorm": "no"}, TypeError,
+         "return_prenorm must be a Python bool, got 'no'"),
     ],
 )
 def test_bad_input(make_args, kwargs, error, fragment):

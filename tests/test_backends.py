@@ -294,3 +294,96 @@ def test_empty_inputs_are_served_by_the_reference_and_say_so():
     q = torch.randn(1, 2, 3, 8)
     out = fused_attn.scaled_dot_product_attention(q, q[:, :, :0], q[:, :, :0], backend="cpu")
     assert torch.equal(out, torch.zeros_like(q)) and fused_attn.last_backend("scaled_dot_product_attention") == "reference"
+
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_dropout_of_one_is_answered_by_the_reference(backend):
+    """dropout_p=1 drops everything, as torch's dropout: no kernel runs, no warning, and the
+    result and gradients are the reference's (zeros, or layer_norm(residual) for Add & Norm)."""
+    if backend not in fused_attn.available_backends("cpu"):
+        pytest.skip(f"{backend} is not available here")
+    q, x, r = (torch.randn(*s, requires_grad=True) for s in ((1, 2, 5, 8), (3, 8), (3, 8)))
+    w1, w2 = torch.randn(16, 8, requires_grad=True), torch.randn(8, 16, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = fused_attn.scaled_dot_product_attention(q, q, q, dropout_p=1.0, backend=backend)
+        assert fused_attn.last_backend("scaled_dot_product_attention") == "reference"
+        norm = fused_attn.add_layer_norm(x, r, None, None, dropout_p=1.0, backend=backend)
+        assert fused_attn.last_backend("add_layer_norm") == "reference"
+        ffn = fused_attn.ffn(x, w1, None, w2, None, dropout_p=1.0, backend=backend)
+        assert fused_attn.last_backend("ffn") == "reference"
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(ffn, torch.zeros_like(ffn))
+    torch.testing.assert_close(norm, torch.nn.functional.layer_norm(r, (8,)))
+    (out.sum() + norm.square().sum() + ffn.sum()).backward()
+    for t in (q, x, w1, w2):
+        assert torch.equal(t.grad, torch.zeros_like(t))
+    torch.testing.assert_close(r.grad, torch.autograd.grad(torch.nn.functional.layer_norm(r, (8,)).square().sum(), r)[0])
+
+def _forward_ad_calls(backend):
+    """op -> (fn of the differentiable tensors, primals, tangents), small float32 sizes."""
+    gen = torch.Generator().manual_seed(0)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=gen) / 2
+
+    def pair(*shapes):
+        return tuple(t(*s) for s in shapes), tuple(t(*s) for s in shapes)
+
+    calls = {
+        "layer_norm": (lambda x, w, b: fused_attn.layer_norm(x, (16,), w, b, backend=backend), (6, 16), (16,), (16,)),
+        "add_layer_norm": (lambda x, r, w, b: fused_attn.add_layer_norm(x, r, w, b, backend=backend),
+                           (6, 16), (6, 16), (16,), (16,)),
+        "scaled_dot_product_attention": (
+            lambda q, k, v, m: fused_attn.scaled_dot_product_attention(q, k, v, m, backend=backend),
+            (1, 2, 5, 16), (1, 2, 7, 16), (1, 2, 7, 16), (5, 7)),
+        "softmax": (lambda s, m: fused_attn.softmax(s, mask=m, scale=0.5, backend=backend), (1, 2, 5, 7), (5, 7)),
+        "linear_gelu": (lambda x, w, b: fused_attn.linear_gelu(x, w, b, backend=backend), (6, 16), (8, 16), (8,)),
+        "ffn": (lambda x, w1, b1, w2, b2: fused_attn.ffn(x, w1, b1, w2, b2, backend=backend),
+                (6, 16), (8, 16), (8,), (16, 8), (16,)),
+    }
+    return {op: (fn, *pair(*shapes)) for op, (fn, *shapes) in calls.items()}
+
+
+FORWARD_AD_OPS = ["layer_norm", "add_layer_norm", "scaled_dot_product_attention", "softmax", "linear_gelu", "ffn"]
+
+
+@pytest.mark.parametrize("op", FORWARD_AD_OPS)
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_forward_mode_ad_is_refused_by_a_named_fused_backend(op, backend):
+    """The fused ops have no forward derivative: a tangent on any input must not pass over them
+    silently (a custom op without a forward formula would give a zero or missing tangent)."""
+    if backend not in fused_attn.available_backends("cpu"):
+        pytest.skip(f"{backend} is not available here")
+    fn, primals, tangents = _forward_ad_calls(backend)[op]
+    for i in range(len(primals)):  # a tangent on each argument in turn
+        only = tuple(tan if j == i else torch.zeros_like(tan) for j, tan in enumerate(tangents))
+        with pytest.raises(BackendNotSupportedError, match="forward-mode AD"):
+            torch.func.jvp(fn, primals, only)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level(), pytest.raises(BackendNotSupportedError, match="forward-mode AD"):
+        fn(fwAD.make_dual(primals[0], tangents[0]), *primals[1:])
+    fn(*primals)  # the same call without a tangent is served
+
+
+@pytest.mark.parametrize("op", FORWARD_AD_OPS)
+def test_forward_mode_ad_under_auto_runs_the_reference(op):
+    """auto serves a call with a tangent by the reference (a FallbackWarning says so once), and
+    the tangent is the reference's; the same call without one goes back to the fused kernel."""
+    fn, primals, tangents = _forward_ad_calls(None)[op]
+    plain = _forward_ad_calls("reference")[op][0]
+    expected = torch.func.jvp(plain, primals, tangents)
+    backends._warned.clear()
+    with pytest.warns(FallbackWarning, match="forward-mode AD"):
+        got = torch.func.jvp(fn, primals, tangents)
+    assert fused_attn.last_backend(op) == "reference"
+    torch.testing.assert_close(got, expected)
+    with warnings.catch_warnings():  # torch.func.jacfwd: tangents batched by vmap
+        warnings.simplefilter("ignore", FallbackWarning)
+        jacobian = torch.func.jacfwd(lambda x: fn(x, *primals[1:]))(primals[0])
+    torch.testing.assert_close(
+        jacobian, torch.func.jacfwd(lambda x: plain(x, *primals[1:]))(primals[0])
+    )
+    fn(*primals)
+    assert fused_attn.last_backend(op) != "reference"

@@ -311,6 +311,34 @@ def sdpa_integer_mask(backend, device):
 
 
 @case(SDPA)
+def sdpa_float8_mask(backend, device):
+    q, k, v = _qkv(device)
+    mask = torch.zeros(L, L, device=device).to(torch.float8_e4m3fn)
+    expect_error(
+        lambda: _sdpa(backend)(query=q, key=k, value=v, attn_mask=mask), TypeError,
+        "attn_mask must be a bool or floating tensor (float16, bfloat16, float32 or float64), got float8_e4m3fn",
+    )
+
+
+@case(SDPA)
+def sdpa_sparse_mask(backend, device):
+    q, k, v = _qkv(device)
+    for mask, layout in ((torch.zeros(L, L, device=device).to_sparse(), "sparse_coo"),
+                         (torch.ones(L, L, dtype=torch.bool, device=device).to_sparse_csr(), "sparse_csr")):
+        expect_error(lambda: _sdpa(backend)(query=q, key=k, value=v, attn_mask=mask), TypeError,
+                     f"attn_mask must be a dense (strided) tensor, got layout {layout}")
+
+
+@case(SDPA)
+def sdpa_nested_query(backend, device):
+    pieces = [randn(L, H, D, seed=0, device=device), randn(L + 2, H, D, seed=1, device=device)]
+    for layout in (torch.jagged, torch.strided):
+        q = torch.nested.nested_tensor(pieces, layout=layout).transpose(1, 2)
+        expect_error(lambda: _sdpa(backend)(query=q, key=q, value=q), TypeError,
+                     "query must be a dense (strided) tensor, got a nested tensor")
+
+
+@case(SDPA)
 def sdpa_mask_on_other_device(backend, device):
     q, k, v = _qkv(device)
     mask = torch.zeros(L, L, device="meta")
@@ -444,8 +472,9 @@ def sdpa_scale_not_a_number(backend, device):
 @case(SDPA)
 def sdpa_dropout_out_of_range(backend, device):
     q, k, v = _qkv(device)
-    for p in (1.0, -0.1, 1.5, float("nan"), True):
-        expect_error(lambda: _sdpa(backend)(query=q, key=k, value=v, dropout_p=p), ValueError, "dropout_p must be")
+    for p in (1.0 + 1e-9, -0.1, 1.5, float("nan"), True):
+        expect_error(lambda: _sdpa(backend)(query=q, key=k, value=v, dropout_p=p), ValueError,
+                     "dropout_p must be a number in [0, 1]")
 
 
 @case(SDPA)
@@ -586,6 +615,16 @@ def softmax_integer_mask(backend, device):
 
 
 @case("softmax")
+def softmax_float8_or_sparse_mask(backend, device):
+    x = randn(*SOFTMAX_SHAPE, device=device)
+    mask = torch.zeros(6, device=device).to(torch.float8_e5m2)
+    expect_error(lambda: _softmax(backend)(input=x, mask=mask), TypeError, "mask must be a bool or floating tensor (")
+    mask = torch.zeros(4, 6, device=device).to_sparse_csr()
+    expect_error(lambda: _softmax(backend)(input=x, mask=mask), TypeError,
+                 "mask must be a dense (strided) tensor, got layout sparse_csr")
+
+
+@case("softmax")
 def softmax_mask_on_other_device(backend, device):
     x = randn(*SOFTMAX_SHAPE, device=device)
     expect_error(lambda: _softmax(backend)(input=x, mask=torch.zeros(6, device="meta")), ValueError, "mask is on meta")
@@ -700,6 +739,18 @@ def _ln_same(backend, device, make_args=None, grads=True):
 def layer_norm_normalized_shape_mismatch(backend, device):
     args = _ln_args(device, normalized_shape=(HIDDEN + 1,), weight=None, bias=None)
     expect_error(lambda: _layer_norm(backend)(**args), ValueError, "normalized_shape [9] must equal the trailing dims")
+
+
+@case("layer_norm")
+def layer_norm_sparse_or_nested_input(backend, device):
+    args = _ln_args(device, input=randn(ROWS, HIDDEN, device=device).to_sparse())
+    expect_error(lambda: _layer_norm(backend)(**args), TypeError,
+                 "input must be a dense (strided) tensor, got layout sparse_coo")
+    nested = torch.nested.nested_tensor([randn(2, HIDDEN, device=device), randn(3, HIDDEN, device=device)],
+                                        layout=torch.jagged)
+    args = _ln_args(device, input=nested)
+    expect_error(lambda: _layer_norm(backend)(**args), TypeError,
+                 "input must be a dense (strided) tensor, got a nested tensor")
 
 
 @case("layer_norm")
@@ -901,7 +952,7 @@ def add_layer_norm_vectors_wrong_shape(backend, device):
 @case("add_layer_norm")
 def add_layer_norm_bad_eps_and_dropout(backend, device):
     expect_error(lambda: _add_ln(backend)(**_aln_args(device), eps=-1.0), ValueError, "eps must be")
-    for p in (1.0, -0.5, float("nan"), "0.1"):
+    for p in (1.5, -0.5, float("nan"), "0.1"):
         expect_error(lambda: _add_ln(backend)(**_aln_args(device), dropout_p=p), ValueError, "dropout_p must be")
 
 
@@ -1063,6 +1114,13 @@ def linear_gelu_weight_wrong_shape(backend, device):
 
 
 @case("linear_gelu")
+def linear_gelu_sparse_weight(backend, device):
+    args = _lg_args(device, weight=randn(OUT, IN, device=device).to_sparse())
+    expect_error(lambda: _linear_gelu(backend)(**args), TypeError,
+                 "weight must be a dense (strided) tensor, got layout sparse_coo")
+
+
+@case("linear_gelu")
 def linear_gelu_bias_wrong_shape(backend, device):
     args = _lg_args(device, bias=randn(OUT + 1, device=device))
     expect_error(lambda: _linear_gelu(backend)(**args), ValueError, "bias must have shape [6], got [7]")
@@ -1160,7 +1218,7 @@ def ffn_dtype_and_device_mismatch(backend, device):
 
 @case("ffn")
 def ffn_bad_dropout_and_approximate(backend, device):
-    for p in (1.0, -1e-3, float("inf")):
+    for p in (1.0 + 1e-9, -1e-3, float("inf")):
         expect_error(lambda: _ffn(backend)(**_ffn_args(device), dropout_p=p), ValueError, "dropout_p must be")
     expect_error(lambda: _ffn(backend)(**_ffn_args(device), approximate=None), ValueError, "approximate must be")
 
@@ -1531,4 +1589,4 @@ def test_numpy_scalars_are_taken_as_torch_takes_them():
         with pytest.raises(ValueError, match="scale must be a finite number"):
             fused_attn.scaled_dot_product_attention(x, x, x, scale=bad)
     with pytest.raises(ValueError, match="dropout_p must be a number in"):
-        fused_attn.scaled_dot_product_attention(x, x, x, dropout_p=np.float64(1.0))
+        fused_attn.scaled_dot_product_attention(x, x, x, dropout_p=np.float64(1.5))

@@ -237,7 +237,7 @@ def test_ffn_dropout_fraction(backend_device, p):
         ("linear_gelu", lambda: (torch.randn(4, 8), torch.randn(5, 8), None, "fast"), ValueError, "approximate must be 'none' or 'tanh'"),
         ("linear_gelu", lambda: (torch.randn(4, 8), torch.randn(5, 8, device="meta")), ValueError, "weight is on meta but input is on cpu"),
         ("ffn", lambda: (torch.randn(4, 8), torch.randn(16, 8), None, torch.randn(8, 15), None), ValueError, "w2 must have shape [out_features, 16]"),
-        ("ffn", lambda: (torch.randn(4, 8), torch.randn(16, 8), None, torch.randn(8, 16), None, "none", 1.5), ValueError, "dropout_p must be a number in [0, 1)"),
+        ("ffn", lambda: (torch.randn(4, 8), torch.randn(16, 8), None, torch.randn(8, 16), None, "none", 1.5), ValueError, "dropout_p must be a number in [0, 1]"),
     ],
 )
 def test_bad_input(fn, make_args, error, fragment):

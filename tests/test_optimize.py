@@ -47,6 +47,20 @@ def test_optimize_torch_transformer_keeps_outputs_weights_and_grads():
     assert_model_parity(plain, fused_model, _run_transformer)
 
 
+def test_layers_with_dropout_one_train_as_torch_does():
+    """nn.Dropout takes p=1 (everything dropped): optimize converts such layers, and in training
+    their output and gradients are torch's (the fused ops answer p=1 by the reference)."""
+    torch.manual_seed(0)
+    plain = nn.Transformer(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64,
+                           dropout=1.0, activation="gelu", batch_first=True).train()
+    fused_model = copy.deepcopy(plain)
+    report = fused_attn.optimize(fused_model)
+    assert not report.kept and report.replaced
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fused_attn.FallbackWarning)
+        assert_model_parity(plain, fused_model, _run_transformer)
+
+
 def test_restore_gives_the_original_back():
     model = _transformer()
     classes = {name: type(m) for name, m in model.named_modules()}
@@ -81,6 +95,10 @@ def test_optimize_rejects_bad_arguments():
         fused_attn.optimize(nn.LayerNorm(4), backend="tpu")
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         fused_attn.optimize("bert")
+    model = nn.LayerNorm(4)
+    with pytest.raises(TypeError, match="inplace must be a Python bool, got 'no'"):
+        fused_attn.optimize(model, inplace="no")
+    assert type(model) is nn.LayerNorm
 
 
 def test_optimized_modules_use_the_requested_backend():

@@ -94,7 +94,7 @@ def test_fully_masked_rows_are_zero(backend_device):
     [
         ({"dim": 2}, ValueError, "dim must be an int in [-2, 1]"),
         ({"mask": torch.ones(3, dtype=torch.bool)}, ValueError, "mask of shape [3] does not broadcast to input shape [4, 5]"),
-        ({"mask": torch.ones(4, 5, dtype=torch.int64)}, TypeError, "mask must be a bool or floating tensor, got int64"),
+        ({"mask": torch.ones(4, 5, dtype=torch.int64)}, TypeError, "mask must be a bool or floating tensor (float16, bfloat16, float32 or float64), got int64"),
         ({"scale": float("inf")}, ValueError, "scale must be a finite number"),
         ({"dim": 0, "is_causal": True}, ValueError, "is_causal=True needs dim to be the last dim"),
     ],

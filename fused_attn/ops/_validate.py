@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -14,6 +15,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 def check_tensor(value: object, name: str, *, min_dim: int = 0, floating: bool = True) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided or value.is_nested:
+        # The kernels index dense memory through strides; sparse and nested tensors have none to give.
+        kind = "a nested tensor" if value.is_nested else f"layout {str(value.layout).replace('torch.', '')}"
+        raise TypeError(f"{name} must be a dense (strided) tensor, got {kind}")
     if value.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {list(value.shape)}")
     if floating and value.dtype not in FLOATING:
@@ -21,6 +26,17 @@ def check_tensor(value: object, name: str, *, min_dim: int = 0, floating: bool =
             f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {dtype_name(value.dtype)}"
         )
     return value
+
+
+def check_mask(value: object, name: str) -> torch.Tensor:
+    """A mask: boolean (True = keep) or of a floating dtype the kernels read (added to the scores)."""
+    mask = check_tensor(value, name, floating=False)
+    if mask.dtype != torch.bool and mask.dtype not in FLOATING:
+        raise TypeError(
+            f"{name} must be a bool or floating tensor (float16, bfloat16, float32 or float64), "
+            f"got {dtype_name(mask.dtype)}"
+        )
+    return mask
 
 
 def rows(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -38,6 +54,19 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd records a call with these arguments; where it does not, the ops that keep
     tensors for their backward take their inference form instead."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def forward_ad_feature(*tensors: torch.Tensor | None) -> dict[str, bool]:
+    """``{"forward_ad": True}`` where one of ``tensors`` carries a forward-mode tangent
+    (``torch.func.jvp``/``jacfwd``, ``torch.autograd.forward_ad``), else ``{}``: the backend
+    feature that only the reference serves (the fused ops have no forward derivative, and a
+    custom op without one would pass the tangent over silently). Outside a dual level it costs
+    one comparison."""
+    if forward_ad._current_level < 0:
+        return {}
+    if any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        return {"forward_ad": True}
+    return {}
 
 
 def check_same_device(value: torch.Tensor, name: str, like: torch.Tensor, like_name: str) -> None:
@@ -67,16 +96,19 @@ def check_eps(eps: object) -> float:
     return float(eps)
 
 
-def check_is_causal(is_causal: object) -> None:
-    if not isinstance(is_causal, bool):
-        kind = f"{type(is_causal).__module__}.{type(is_causal).__qualname__}"
-        raise TypeError(f"is_causal must be a Python bool, got {is_causal!r} ({kind})")
+def check_bool(value: object, name: str) -> None:
+    """A flag must be a Python bool: a truthy stand-in (1, "no", a NumPy or tensor bool) is refused
+    rather than read as one."""
+    if not isinstance(value, bool):
+        kind = f"{type(value).__module__}.{type(value).__qualname__}"
+        raise TypeError(f"{name} must be a Python bool, got {value!r} ({kind})")
 
 
 def check_dropout_p(p: object) -> float:
+    """A dropout probability in [0, 1], as torch's dropout takes (1 drops everything)."""
     p = python_scalar(p)
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout_p must be a number in [0, 1), got {p!r}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1], got {p!r}")
     return float(p)
 
 

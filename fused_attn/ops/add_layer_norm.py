@@ -18,7 +18,8 @@ from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import register_native_pair, register_pair
 from ._validate import (
-    check_dropout_p, check_eps, check_param, check_same_device, check_tensor, needs_grad, rows, unrows,
+    check_bool, check_dropout_p, check_eps, check_param, check_same_device, check_tensor, forward_ad_feature, needs_grad,
+    rows, unrows,
 )
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -188,7 +189,8 @@ def add_layer_norm(
     implementation, with a :class:`~fused_attn.FallbackWarning`).
 
     Raises ``TypeError``/``ValueError`` naming the argument for a non-floating tensor, shapes or
-    devices that do not match, or ``dropout_p`` outside [0, 1);
+    devices that do not match, or ``dropout_p`` outside [0, 1] (1 drops the whole sublayer
+    output: the reference's ``layer_norm(residual)``, no kernel);
     :class:`~fused_attn.BackendNotSupportedError` when a named ``backend`` cannot serve the call.
 
     Under ``torch.autocast`` it follows its unfused expression: on CPU nothing is cast (the sum
@@ -200,6 +202,7 @@ def add_layer_norm(
         FLOAT32_ON_CUDA, input, input, residual, weight, bias, input_bias
     )
     input = check_tensor(input, "input", min_dim=1)
+    check_bool(return_prenorm, "return_prenorm")
     residual = check_tensor(residual, "residual", min_dim=1)
     if residual.shape != input.shape:
         raise ValueError(f"residual shape {list(residual.shape)} does not match input shape {list(input.shape)}")
@@ -217,8 +220,9 @@ def add_layer_norm(
     input_bias = check_param(input_bias, "input_bias", input, (hidden,))
     eps = check_eps(eps)
     dropout_p = check_dropout_p(dropout_p)
-    chosen = select("add_layer_norm", Inputs(input.device, input.dtype, {"hidden": hidden}), backend)
-    if runs_reference("add_layer_norm", chosen, input):
+    features = {"hidden": hidden, **forward_ad_feature(input, residual, weight, bias, input_bias)}
+    chosen = select("add_layer_norm", Inputs(input.device, input.dtype, features), backend)
+    if runs_reference("add_layer_norm", chosen, input, dropout_p=dropout_p):
         return reference.add_layer_norm(
             input, residual, weight, bias, eps, dropout_p, input_bias, return_prenorm=return_prenorm
         )

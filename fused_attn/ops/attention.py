@@ -19,7 +19,10 @@ from ..kernels.layout import empty_in_query_layout
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import register_native_pair, register_pair
-from ._validate import check_dropout_p, check_is_causal, check_same_device, check_tensor, dtype_name, is_finite_number
+from ._validate import (
+    check_bool, check_dropout_p, check_mask, check_same_device, check_tensor, dtype_name, forward_ad_feature,
+    is_finite_number,
+)
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Backends whose kernels read grouped key/value heads in place (enable_gqa); the reference is given
@@ -193,9 +196,7 @@ class _RowShift(torch.autograd.Function):
 def _expand_mask(attn_mask: object, shape: tuple[int, int, int, int], query: torch.Tensor) -> torch.Tensor | None:
     if attn_mask is None:
         return None
-    mask = check_tensor(attn_mask, "attn_mask", floating=False)
-    if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise TypeError(f"attn_mask must be a bool or floating tensor, got {dtype_name(mask.dtype)}")
+    mask = check_mask(attn_mask, "attn_mask")
     check_same_device(mask, "attn_mask", query, "query")
     if mask.dim() > 4:
         raise ValueError(f"attn_mask must have at most 4 dimensions, got shape {list(mask.shape)}")
@@ -297,7 +298,8 @@ def scaled_dot_product_attention(
 
     Raises ``TypeError``/``ValueError`` naming the argument for a wrong rank, mismatched
     batch/heads/head_dim/lengths, dtypes or devices, a mask that does not broadcast, ``dropout_p``
-    outside [0, 1); :class:`~fused_attn.BackendNotSupportedError` when a named backend cannot serve.
+    outside [0, 1] (1 drops every probability: the reference's zero output, no kernel);
+    :class:`~fused_attn.BackendNotSupportedError` when a named backend cannot serve.
 
     Under ``torch.autocast`` query, key, value and a floating mask are cast to the autocast dtype,
     as torch's SDPA casts them. Forward and backward are deterministic (dQ has its own pass, no
@@ -305,25 +307,27 @@ def scaled_dot_product_attention(
     configuration (README, "Determinism").
     """
     query, key, value, attn_mask = autocast_inputs(LOWER_PRECISION, query, query, key, value, attn_mask)
-    if not isinstance(enable_gqa, bool):
-        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+    check_bool(enable_gqa, "enable_gqa")
     _validate(query, key, value, enable_gqa)
     batch, heads, q_len, head_dim = query.shape
     k_len = key.shape[2]
     dropout_p = check_dropout_p(dropout_p)
     scale = _check_scale(scale, head_dim)
     mask = _expand_mask(attn_mask, (batch, heads, q_len, k_len), query)
-    check_is_causal(is_causal)
+    check_bool(is_causal, "is_causal")
     inputs = Inputs(
         query.device,
         query.dtype,
-        {"head_dim": head_dim, "head_dim_v": value.shape[-1], "dropout": dropout_p > 0, "q_len": q_len, "k_len": k_len},
+        {
+            "head_dim": head_dim, "head_dim_v": value.shape[-1], "dropout": dropout_p > 0, "q_len": q_len,
+            "k_len": k_len, **forward_ad_feature(query, key, value, mask),
+        },
     )
     chosen = select("scaled_dot_product_attention", inputs, backend)
     row_shift = mask is not None and mask.requires_grad and (attn_mask.dim() == 0 or attn_mask.shape[-1] == 1)
     if row_shift:
         mask = mask.detach()
-    in_reference = runs_reference("scaled_dot_product_attention", chosen, query, key, value)
+    in_reference = runs_reference("scaled_dot_product_attention", chosen, query, key, value, dropout_p=dropout_p)
     if enable_gqa and (key.shape[1] != heads or value.shape[1] != heads):
         if in_reference or chosen not in NATIVE_GQA or key.shape[1] != value.shape[1]:
             key, value = repeat_kv_heads(key, heads), repeat_kv_heads(value, heads)

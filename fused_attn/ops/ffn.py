@@ -35,7 +35,8 @@ from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import register_native_pair, register_pair
 from ._validate import (
-    check_dropout_p, check_param, check_same_device, check_tensor, dtype_name, needs_grad, rows, unrows,
+    check_dropout_p, check_param, check_same_device, check_tensor, dtype_name, forward_ad_feature, needs_grad, rows,
+    unrows,
 )
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -344,7 +345,8 @@ def linear_gelu(
     input = check_tensor(input, "input", min_dim=1)
     weight, bias = _check_linear(input, weight, bias, ("weight", "bias"), input.shape[-1])
     approximate = _check_approximate(approximate)
-    chosen = select("linear_gelu", Inputs(input.device, input.dtype, {"in_features": input.shape[-1]}), backend)
+    features = {"in_features": input.shape[-1], **forward_ad_feature(input, weight, bias)}
+    chosen = select("linear_gelu", Inputs(input.device, input.dtype, features), backend)
     if runs_reference("linear_gelu", chosen, input, weight):
         return reference.linear_gelu(input, weight, bias, approximate)
     args = (rows(input, input.shape[-1]), weight.contiguous(), bias, approximate)
@@ -377,7 +379,8 @@ def ffn(
     forms the hidden gradient a slab of rows at a time and, when it frees the graph, writes the
     pre-activation's gradient over the saved pre-activation; where the CPU lacks native
     float16/bfloat16 GEMMs, every GEMM runs on float32 operands (README, "Results"). ``dropout_p`` in
-    [0, 1) drops output elements (seeded from torch's default generator; README, "Dropout").
+    [0, 1) drops output elements (seeded from torch's default generator; README, "Dropout"); 1 drops
+    them all (the reference's zeros, no kernel).
     Raises ``TypeError``/``ValueError`` naming the argument on mismatched shapes, dtypes or
     devices, :class:`~fused_attn.BackendNotSupportedError` when a named ``backend`` cannot serve
     the call. Under ``torch.autocast`` every floating tensor is cast to the autocast dtype, as
@@ -389,8 +392,9 @@ def ffn(
     w2, b2 = _check_linear(input, w2, b2, ("w2", "b2"), w1.shape[0])
     approximate = _check_approximate(approximate)
     dropout_p = check_dropout_p(dropout_p)
-    chosen = select("ffn", Inputs(input.device, input.dtype, {"in_features": input.shape[-1]}), backend)
-    if runs_reference("ffn", chosen, input, w1, w2):
+    features = {"in_features": input.shape[-1], **forward_ad_feature(input, w1, b1, w2, b2)}
+    chosen = select("ffn", Inputs(input.device, input.dtype, features), backend)
+    if runs_reference("ffn", chosen, input, w1, w2, dropout_p=dropout_p):
         return reference.ffn(input, w1, b1, w2, b2, approximate, dropout_p)
     flat, w1, w2 = rows(input, input.shape[-1]), w1.contiguous(), w2.contiguous()
     if dropout_p == 0.0 and not needs_grad(input, w1, b1, w2, b2):

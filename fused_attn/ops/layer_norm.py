@@ -18,7 +18,7 @@ from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, register_op, runs_reference, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._registry import register_native_pair, register_pair
-from ._validate import check_eps, check_param, check_tensor, python_scalar, rows
+from ._validate import check_eps, check_param, check_tensor, forward_ad_feature, python_scalar, rows
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -150,7 +150,7 @@ def layer_norm(
     bias = check_param(bias, "bias", input, shape)
     eps = check_eps(eps)
     hidden = math.prod(shape)
-    inputs = Inputs(input.device, input.dtype, {"hidden": hidden})
+    inputs = Inputs(input.device, input.dtype, {"hidden": hidden, **forward_ad_feature(input, weight, bias)})
     chosen = select("layer_norm", inputs, backend)
     if runs_reference("layer_norm", chosen, input):
         return reference.layer_norm(input, shape, weight, bias, eps)

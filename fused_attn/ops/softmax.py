@@ -13,7 +13,9 @@ from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, register_op, runs_reference, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._registry import register_native_pair, register_pair
-from ._validate import check_is_causal, check_same_device, check_tensor, dtype_name, is_finite_number, python_scalar
+from ._validate import (
+    check_bool, check_mask, check_same_device, check_tensor, forward_ad_feature, is_finite_number, python_scalar,
+)
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -124,21 +126,20 @@ def softmax(
     if isinstance(dim, bool) or not isinstance(dim, int) or not -input.dim() <= dim < input.dim():
         raise ValueError(f"dim must be an int in [{-input.dim()}, {input.dim() - 1}] for input of shape {list(input.shape)}, got {dim!r}")
     dim = dim % input.dim()
-    check_is_causal(is_causal)
+    check_bool(is_causal, "is_causal")
     if is_causal and (input.dim() < 2 or dim != input.dim() - 1):
         raise ValueError("is_causal=True needs dim to be the last dim of an input with at least 2 dims")
     if not is_finite_number(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     if mask is not None:
-        mask = check_tensor(mask, "mask", floating=False)
-        if mask.dtype != torch.bool and not mask.is_floating_point():
-            raise TypeError(f"mask must be a bool or floating tensor, got {dtype_name(mask.dtype)}")
+        mask = check_mask(mask, "mask")
         check_same_device(mask, "mask", input, "input")
         try:
             mask = mask.expand(input.shape)
         except RuntimeError:
             raise ValueError(f"mask of shape {list(mask.shape)} does not broadcast to input shape {list(input.shape)}") from None
-    chosen = select("softmax", Inputs(input.device, input.dtype, {"n_cols": input.shape[dim]}), backend)
+    features = {"n_cols": input.shape[dim], **forward_ad_feature(input, mask)}
+    chosen = select("softmax", Inputs(input.device, input.dtype, features), backend)
     if runs_reference("softmax", chosen, input):
         return reference.softmax(input, dim, mask, float(scale), is_causal)
     last = dim == input.dim() - 1
