@@ -2,6 +2,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fused_attn
 from fused_attn import backends
@@ -367,13 +368,24 @@ def test_forward_mode_ad_is_refused_by_a_named_fused_backend(op, backend):
     fn(*primals)  # the same call without a tangent is served
 
 
+# What each op computes, in plain torch functions that have forward derivatives (torch's SDPA has
+# none on CPU): the truth for the tangents.
+_EAGER = {
+    "layer_norm": lambda x, w, b: F.layer_norm(x, (16,), w, b),
+    "add_layer_norm": lambda x, r, w, b: F.layer_norm(r + x, (16,), w, b),
+    "scaled_dot_product_attention": lambda q, k, v, m: torch.softmax(q @ k.transpose(-1, -2) / 4 + m, -1) @ v,
+    "softmax": lambda s, m: torch.softmax(s * 0.5 + m, -1),
+    "linear_gelu": lambda x, w, b: F.gelu(F.linear(x, w, b)),
+    "ffn": lambda x, w1, b1, w2, b2: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2),
+}
+
+
 @pytest.mark.parametrize("op", FORWARD_AD_OPS)
 def test_forward_mode_ad_under_auto_runs_the_reference(op):
     """auto serves a call with a tangent by the reference (a FallbackWarning says so once), and
-    the tangent is the reference's; the same call without one goes back to the fused kernel."""
+    the tangent is torch's; the same call without one goes back to the fused kernel."""
     fn, primals, tangents = _forward_ad_calls(None)[op]
-    plain = _forward_ad_calls("reference")[op][0]
-    expected = torch.func.jvp(plain, primals, tangents)
+    expected = torch.func.jvp(_EAGER[op], primals, tangents)
     backends._warned.clear()
     with pytest.warns(FallbackWarning, match="forward-mode AD"):
         got = torch.func.jvp(fn, primals, tangents)
@@ -382,8 +394,22 @@ def test_forward_mode_ad_under_auto_runs_the_reference(op):
     with warnings.catch_warnings():  # torch.func.jacfwd: tangents batched by vmap
         warnings.simplefilter("ignore", FallbackWarning)
         jacobian = torch.func.jacfwd(lambda x: fn(x, *primals[1:]))(primals[0])
-    torch.testing.assert_close(
-        jacobian, torch.func.jacfwd(lambda x: plain(x, *primals[1:]))(primals[0])
-    )
+    torch.testing.assert_close(jacobian, torch.func.jacfwd(lambda x: _EAGER[op](x, *primals[1:]))(primals[0]))
     fn(*primals)
     assert fused_attn.last_backend(op) != "reference"
+
+
+def test_forward_mode_ad_with_a_learned_per_row_bias():
+    """A float mask of key size 1 that requires grad takes its own path (its gradient is exactly 0,
+    softmax ignores it); a tangent on it moves no output either."""
+    import torch.autograd.forward_ad as fwAD
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, tq = (torch.randn(1, 2, 5, 16, generator=gen) for _ in range(4))
+    m, tm = torch.randn(1, 2, 5, 1, generator=gen).requires_grad_(), torch.randn(1, 2, 5, 1, generator=gen)
+    expected = torch.func.jvp(lambda q, m: _EAGER["scaled_dot_product_attention"](q, k, v, m), (q, m.detach()),
+                              (tq, tm))[1]
+    with warnings.catch_warnings(), fwAD.dual_level():
+        warnings.simplefilter("ignore", FallbackWarning)
+        out = fused_attn.scaled_dot_product_attention(fwAD.make_dual(q, tq), k, v, fwAD.make_dual(m, tm))
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, expected)

@@ -120,7 +120,7 @@ def test_large_mean_small_spread(backend_device):
     assert (out.double() - expected).abs().max() <= 3 * torch_err
 
 
-@pytest.mark.parametrize("backend_device", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("hidden", [768, 1024, 20000])
 @pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
 def test_constant_rows_normalise_to_the_bias(backend_device, hidden, op):
@@ -143,7 +143,7 @@ def test_constant_rows_normalise_to_the_bias(backend_device, hidden, op):
         torch.testing.assert_close(grad_b, dy.sum(0))
 
 
-@pytest.mark.parametrize("backend_device", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("eps", [1e-12, 1e-5])
 def test_nearly_constant_rows(backend_device, eps):
     """Rows a few float32 ulps wide around 123.4: the rounding of the mean is comparable to the

@@ -119,6 +119,16 @@ using cuda_utils::kFullWarpMask;
 using cuda_utils::kWarpSize;
 
 constexpr float kLog2e = 1.4426950408889634f;
+
+// The score scale in the kernels' log2 units, scale * log2(e), saturated at float's largest finite
+// value where the scale itself is finite in float: a scale beyond 2.36e38 would otherwise reach the
+// kernels as inf, and a zero score times it as NaN, where the cpu backend (which scales by the scale
+// itself) gives the limit softmax. A scale that float cannot hold stays inf, as on every backend.
+float scale_log2(double scale) {
+  const float s = static_cast<float>(scale);
+  const float v = s * kLog2e;
+  return std::isinf(v) && std::isfinite(s) ? std::copysign(std::numeric_limits<float>::max(), v) : v;
+}
 // Finite float-mask values are clamped here: times log2(e) they stay below FLT_MAX (-inf stays -inf,
 // NaN stays NaN), so a row masked with finfo.min alone averages its values as PyTorch does.
 constexpr float kMaskFloor = -2.35e38f;
@@ -1057,7 +1067,7 @@ AttnParams make_params(const at::Tensor& query, const at::Tensor& key, const at:
   p.d = static_cast<int>(query.size(3));
   p.dv = static_cast<int>(value.size(3));
   p.scale = static_cast<float>(scale);
-  p.scale_log2 = static_cast<float>(scale) * kLog2e;
+  p.scale_log2 = scale_log2(scale);
   p.causal = is_causal;
   p.vec = rows_aligned(query, p.d) && rows_aligned(key, p.d) && rows_aligned(value, p.dv);
   p.dropout = dropout_p > 0.0;
@@ -1481,7 +1491,7 @@ at::Tensor softmax_fwd_cuda(const at::Tensor& input, const std::optional<at::Ten
   p.dim_b = input.size(1);
   p.dim_m = input.size(2);
   p.n = static_cast<int>(n);
-  p.scale_log2 = static_cast<float>(scale) * kLog2e;
+  p.scale_log2 = scale_log2(scale);
   p.causal = is_causal;
   p.y = out.mutable_data_ptr();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

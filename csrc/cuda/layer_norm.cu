@@ -231,8 +231,10 @@ struct RowStats {
 // clamped at 0 against rounding, NaN kept (a row holding NaN or inf normalises to NaN).
 __device__ __forceinline__ RowStats refined_stats(float first_mean, float sum_dev, float sum_sq, float inv_hidden,
                                                   float eps) {
-  float var = (sum_sq - sum_dev * sum_dev * inv_hidden) * inv_hidden;
-  var = var < 0.f ? 0.f : var;
+  float var = (sum_sq - sum_dev * (sum_dev * inv_hidden)) * inv_hidden;
+  // An overflowed sum of squares (|x| past ~1e19) is an infinite variance, not inf - inf: the row
+  // normalises to the bias, as on the cpu backend (whose sums are double).
+  var = var < 0.f ? 0.f : (isinf(sum_sq) ? sum_sq : var);
   return {first_mean + sum_dev * inv_hidden, __frsqrt_rn(var + eps)};
 }
 

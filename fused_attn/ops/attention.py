@@ -192,6 +192,11 @@ class _RowShift(torch.autograd.Function):
         shape, dtype, device = ctx.bias_meta
         return grad_out, torch.zeros(shape, dtype=dtype, device=device)
 
+    @staticmethod
+    def jvp(ctx, out_tangent, bias_tangent):
+        # Forward-mode AD (served by the reference): the bias's tangent moves no output either.
+        return out_tangent.view_as(out_tangent)
+
 
 def _expand_mask(attn_mask: object, shape: tuple[int, int, int, int], query: torch.Tensor) -> torch.Tensor | None:
     if attn_mask is None:

@@ -58,12 +58,13 @@ def scaled_dot_product_attention(
     where attention is allowed, a floating one is added to the scores; it broadcasts to
     [..., Lq, Lk]. ``is_causal`` masks keys after the query's position (top-left aligned).
     A query whose every key is masked gets a zero output. For 16-bit inputs the scores are
-    scaled, masked and normalised in float32, and the probabilities rounded to the value's dtype
-    (after dropout) for their product with it.
+    formed (from the exact products of the 16-bit values), scaled, masked and normalised in
+    float32, and the probabilities rounded to the value's dtype (after dropout) for their product
+    with it.
     """
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    scores = torch.matmul(query, key.transpose(-2, -1))
-    scores = scores.to(_softmax_dtype(scores.dtype)) * scale
+    dtype = _softmax_dtype(query.dtype)
+    scores = torch.matmul(query.to(dtype), key.to(dtype).transpose(-2, -1)) * scale
     probs = _safe_softmax(_masked_scores(scores, attn_mask, is_causal), dim=-1)
     probs = apply_dropout(probs, dropout_p, dropout_mask)
     return torch.matmul(probs.to(value.dtype), value)

@@ -23,6 +23,9 @@ def layer_norm(
     dims = tuple(range(-len(normalized_shape), 0))
     x = input.to(_compute_dtype(input.dtype))
     mean = x.mean(dim=dims, keepdim=True)
+    # Refined by the mean deviation, which takes the mean's own rounding out: in a constant row it
+    # would otherwise be every deviation, scaled by rstd = 1 / sqrt(eps) (1e6 at eps=1e-12).
+    mean = mean + (x - mean).mean(dim=dims, keepdim=True)
     centred = x - mean
     var = (centred * centred).mean(dim=dims, keepdim=True)
     out = centred * torch.rsqrt(var + eps)

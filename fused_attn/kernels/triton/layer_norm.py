@@ -54,8 +54,10 @@ def _refined_stats(mean, sum_dev, sum_sq, hidden, eps):
     mean's rounding error, so var is 0 and rstd 1 / sqrt(eps), which would scale that error up
     (to about 1 at eps = 1e-12); with the refined mean, x - mean is 0. The variance is clamped at
     0 against rounding, NaN kept (a row holding NaN or inf normalises to NaN)."""
-    var = (sum_sq - sum_dev * sum_dev / hidden) / hidden
-    var = tl.where(var < 0.0, 0.0, var)
+    var = (sum_sq - sum_dev * (sum_dev / hidden)) / hidden
+    # An overflowed sum of squares (|x| past ~1e19) is an infinite variance, as before the
+    # correction, not inf - inf: the row normalises to the bias, as on the cpu backend.
+    var = tl.where(var < 0.0, 0.0, tl.where(sum_sq == float("inf"), float("inf"), var))
     return mean + sum_dev / hidden, 1.0 / tl.sqrt(var + eps)
 
 
