@@ -124,7 +124,7 @@ class Support:
             if cc < self.min_compute_capability:
                 need = ".".join(map(str, self.min_compute_capability))
                 reasons.append(f"compute capability {cc[0]}.{cc[1]} is below the required {need}")
-        if self.backend != "reference" and inputs.features.get("forward_ad"):
+        if not self._serves_forward_ad() and inputs.features.get("forward_ad"):
             reasons.append(f"forward-mode AD ({_NO_FORWARD_AD})")
         if self.check is not None and not reasons:
             reasons.extend(self.check(inputs))
@@ -145,9 +145,14 @@ class Support:
             parts.append(self.check_doc)
         if self._bfloat16_on_cuda_only():
             parts.append(f"bfloat16 on cuda only ({_INTERPRETER_BF16})")
-        if self.backend != "reference":
+        if not self._serves_forward_ad():
             parts.append("no forward-mode AD")
         return "; ".join(parts)
+
+    def _serves_forward_ad(self) -> bool:
+        # Only the reference (plain differentiable torch) propagates tangents; a fused op's
+        # autograd.Function has no forward formula.
+        return self.backend == "reference"
 
     def _bfloat16_on_cuda_only(self) -> bool:
         # The interpreter's tl.dot on bfloat16 returns garbage and its float32 -> bfloat16
