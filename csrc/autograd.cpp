@@ -238,6 +238,7 @@ struct SoftmaxFunction : torch::autograd::Function<SoftmaxFunction> {
     Tensor out = op.call(input, mask, scale, is_causal);
     ctx->save_for_backward({out});
     ctx->saved_data["scale"] = scale;
+    if (mask.has_value()) ctx->saved_data["mask_dtype"] = mask->scalar_type();
     record_given(ctx, {true, given(mask)});
     return out;
   }
@@ -247,6 +248,8 @@ struct SoftmaxFunction : torch::autograd::Function<SoftmaxFunction> {
     const Tensor out = ctx->get_saved_variables()[0];
     const std::array<bool, 2> needs = needs_grad<2>(ctx);
     auto [dx, dmask] = op.call(grads[0].contiguous(), out, ctx->saved_data["scale"].toDouble(), needs[1]);
+    // The kernels give the scores' gradient in float32 (as the attention's); the mask gets its own dtype.
+    if (needs[1]) dmask = dmask.to(ctx->saved_data["mask_dtype"].toScalarType());
     return {pick(dx, needs[0]), pick(dmask, needs[1]), Tensor(), Tensor()};
   }
 };

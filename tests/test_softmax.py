@@ -78,6 +78,26 @@ def test_rows_masked_by_finfo_min_stay_uniform(backend_device, dtype):
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
+def test_float32_mask_gradient_on_16_bit_scores_is_float32(backend_device):
+    """The mask's gradient y * (dy - sum(dy * y)) is formed in float32 from the 16-bit y and dy
+    and kept so (as the attention's): a float32 mask (a learned bias) gets no 16-bit rounding of it."""
+    backend, device = backend_device
+    dtype = torch.float16
+    if dtype not in supported_dtypes(backend, device):
+        pytest.skip(f"{dtype} is not tested on {backend}-{device}")
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(3, 5, 37, generator=gen) * 2).to(device=device, dtype=dtype)
+    mask = torch.randn(3, 5, 37, generator=gen).to(device).requires_grad_()
+    dy = torch.randn(3, 5, 37, generator=gen).to(device=device, dtype=dtype)
+    y = fused_attn.softmax(x, mask=mask, backend=backend)
+    y.backward(dy)
+    y32, dy32 = y.detach().float(), dy.float()
+    expected = y32 * (dy32 - (y32 * dy32).sum(-1, keepdim=True))
+    assert mask.grad.dtype == torch.float32
+    torch.testing.assert_close(mask.grad, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
 def test_fully_masked_rows_are_zero(backend_device):
     backend, device = backend_device
     x = torch.randn(4, 10, device=device, requires_grad=True)

@@ -1317,7 +1317,7 @@ at::Tensor softmax_fwd_cpu(const at::Tensor& input, const std::optional<at::Tens
 
 template <typename T>
 void softmax_bwd_rows(const T* dy, const T* y, int64_t n, float scale, int64_t begin, int64_t end, float* buf,
-                      T* dx, T* dscores) {
+                      T* dx, float* dscores) {
   float* fy = buf;
   float* fdy = buf + n;
   for (int64_t row = begin; row < end; ++row) {
@@ -1342,7 +1342,7 @@ void softmax_bwd_rows(const T* dy, const T* y, int64_t n, float scale, int64_t b
     for (; j + kLanes <= n; j += kLanes) (fVec::loadu(py + j) * (fVec::loadu(pdy + j) - dv)).store(g + j);
     if (j < n) (fVec::loadu(py + j, n - j) * (fVec::loadu(pdy + j, n - j) - dv)).store(g + j, n - j);
     from_float(g, scale, dx + row * n, n);
-    if (dscores != nullptr) from_float(g, 1.f, dscores + row * n, n);
+    if (dscores != nullptr) std::copy(g, g + n, dscores + row * n);
   }
 }
 
@@ -1363,7 +1363,10 @@ std::tuple<at::Tensor, at::Tensor> softmax_bwd_cpu(const at::Tensor& grad_out, c
   const at::Tensor y = output.contiguous();
   const at::Tensor dy = grad_out.contiguous();
   at::Tensor dx = at::empty_like(y, at::MemoryFormat::Contiguous);
-  at::Tensor dscores = mask_needs_grad ? at::empty_like(y, at::MemoryFormat::Contiguous) : at::empty({0}, y.options());
+  // The scores' gradient (the mask's, before any broadcast is summed) stays float32, as the
+  // attention's: a float32 mask on 16-bit scores gets float32-accurate gradients.
+  at::Tensor dscores = mask_needs_grad ? at::empty(y.sizes(), y.options().dtype(at::kFloat))
+                                        : at::empty({0}, y.options());
   const int64_t n = y.size(-1);
   const int64_t rows = n == 0 ? 0 : y.numel() / n;
   if (rows == 0) return {dx, dscores};
@@ -1372,7 +1375,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_bwd_cpu(const at::Tensor& grad_out, c
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    scalar_t* dsp = mask_needs_grad ? dscores.mutable_data_ptr<scalar_t>() : nullptr;
+    float* dsp = mask_needs_grad ? dscores.mutable_data_ptr<float>() : nullptr;
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       at::Tensor buf = at::empty({2 * n}, at::TensorOptions().dtype(at::kFloat));
       softmax_bwd_rows<scalar_t>(dyp, yp, n, static_cast<float>(scale), begin, end, buf.mutable_data_ptr<float>(),

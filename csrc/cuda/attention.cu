@@ -1368,7 +1368,7 @@ struct SoftmaxBwdParams {
   const void* dy;
   const void* y;
   void* dx;
-  void* dscores;  // null unless requested
+  float* dscores;  // null unless requested (float32 whatever T: the scores' gradient, as the attention's)
   int64_t rows;
   int n;
   float scale;
@@ -1383,7 +1383,7 @@ __global__ void __launch_bounds__(kGroup == kWarpSize ? 128 : kGroup) softmax_bw
   const T* dy = static_cast<const T*>(p.dy);
   const T* y = static_cast<const T*>(p.y);
   T* dx = static_cast<T*>(p.dx);
-  T* dscores = static_cast<T*>(p.dscores);
+  float* dscores = p.dscores;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlk + threadIdx.x / kGroup; row < p.rows;
        row += static_cast<int64_t>(gridDim.x) * kRowsPerBlk) {
     const int64_t base = row * p.n;
@@ -1404,7 +1404,7 @@ __global__ void __launch_bounds__(kGroup == kWarpSize ? 128 : kGroup) softmax_bw
     auto emit = [&](int j, float yv, float dyv) {
       const float g = yv * (dyv - dot);
       store_float(dx, base + j, g * p.scale);
-      if (dscores != nullptr) store_float(dscores, base + j, g);
+      if (dscores != nullptr) dscores[base + j] = g;
     };
     if constexpr (kCache > 0) {
 #pragma unroll
@@ -1522,7 +1522,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_bwd_cuda(const at::Tensor& grad_out, 
   const at::Tensor y = output.contiguous();
   const at::Tensor dy = grad_out.contiguous();
   at::Tensor dx = at::empty_like(y, at::MemoryFormat::Contiguous);
-  at::Tensor dscores = mask_needs_grad ? at::empty_like(y, at::MemoryFormat::Contiguous) : at::empty({0}, y.options());
+  at::Tensor dscores = mask_needs_grad ? at::empty(y.sizes(), y.options().dtype(at::kFloat))
+                                        : at::empty({0}, y.options());
   const int64_t n = y.size(-1);
   const int64_t rows = n == 0 ? 0 : y.numel() / n;
   if (rows == 0) return {dx, dscores};
@@ -1530,7 +1531,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_bwd_cuda(const at::Tensor& grad_out, 
   p.dy = dy.const_data_ptr();
   p.y = y.const_data_ptr();
   p.dx = dx.mutable_data_ptr();
-  p.dscores = mask_needs_grad ? dscores.mutable_data_ptr() : nullptr;
+  p.dscores = mask_needs_grad ? dscores.mutable_data_ptr<float>() : nullptr;
   p.rows = rows;
   p.n = static_cast<int>(n);
   p.scale = static_cast<float>(scale);

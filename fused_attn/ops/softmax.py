@@ -12,9 +12,9 @@ import torch
 from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, register_op, runs_reference, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
-from ._registry import register_native_pair, register_pair
+from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import (
-    check_bool, check_mask, check_same_device, check_tensor, forward_ad_feature, is_finite_number, python_scalar,
+    check_bool, check_mask, check_same_device, check_tensor, transform_features, is_finite_number, python_scalar,
 )
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -34,6 +34,7 @@ SPEC = register_op(
 
 
 @torch.library.custom_op("fused_attn::triton_softmax_fwd", mutates_args=())
+@interpreter_serialized
 def _triton_fwd(input: torch.Tensor, mask: torch.Tensor | None, scale: float, is_causal: bool) -> torch.Tensor:
     from ..kernels.triton import softmax as kernels
 
@@ -41,10 +42,11 @@ def _triton_fwd(input: torch.Tensor, mask: torch.Tensor | None, scale: float, is
 
 
 @torch.library.custom_op("fused_attn::triton_softmax_bwd", mutates_args=())
+@interpreter_serialized
 def _triton_bwd(
     grad_out: torch.Tensor, output: torch.Tensor, scale: float, mask_needs_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (grad_input, grad of the masked scores, or empty [0] unless ``mask_needs_grad``)."""
+    """Returns (grad_input, grad of the masked scores in float32, or empty [0] unless ``mask_needs_grad``)."""
     from ..kernels.triton import softmax as kernels
 
     dx, dscores = kernels.softmax_bwd(grad_out, output, scale, mask_needs_grad)
@@ -56,13 +58,15 @@ def _fake_fwd(input, mask, scale, is_causal):
 
 
 def _fake_bwd(grad_out, output, scale, mask_needs_grad):
-    return torch.empty_like(output), (torch.empty_like(output) if mask_needs_grad else output.new_empty(0))
+    dscores = output.new_empty(output.shape, dtype=torch.float32) if mask_needs_grad else output.new_empty(0)
+    return torch.empty_like(output), dscores
 
 
 def _setup_context(ctx, inputs, output):
-    _input, _mask, scale, _is_causal = inputs
+    _input, mask, scale, _is_causal = inputs
     ctx.save_for_backward(output)
     ctx.scale = scale
+    ctx.mask_dtype = None if mask is None else mask.dtype
 
 
 def _autograd_for(bwd_op):
@@ -70,7 +74,7 @@ def _autograd_for(bwd_op):
         (output,) = ctx.saved_tensors
         mask_needs_grad = bool(ctx.needs_input_grad[1])
         dx, dscores = bwd_op(grad_out.contiguous(), output, ctx.scale, mask_needs_grad)
-        return dx, (dscores if mask_needs_grad else None), None, None
+        return dx, (dscores.to(ctx.mask_dtype) if mask_needs_grad else None), None, None
 
     return backward
 
@@ -138,7 +142,7 @@ def softmax(
             mask = mask.expand(input.shape)
         except RuntimeError:
             raise ValueError(f"mask of shape {list(mask.shape)} does not broadcast to input shape {list(input.shape)}") from None
-    features = {"n_cols": input.shape[dim], **forward_ad_feature(input, mask)}
+    features = {"n_cols": input.shape[dim], **transform_features(input, mask)}
     chosen = select("softmax", Inputs(input.device, input.dtype, features), backend)
     if runs_reference("softmax", chosen, input):
         return reference.softmax(input, dim, mask, float(scale), is_causal)

@@ -154,11 +154,12 @@ def softmax_fwd(x: torch.Tensor, mask: torch.Tensor | None, scale: float, is_cau
 def softmax_bwd(
     dy: torch.Tensor, y: torch.Tensor, scale: float, scores_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """dy, y: contiguous [..., N]. Returns (dx, d_scores or None); d_scores is the mask's gradient."""
+    """dy, y: contiguous [..., N]. Returns (dx, d_scores or None); d_scores, the mask's gradient, is float32."""
     n_cols = y.shape[-1]
     rows = y.numel() // max(n_cols, 1)
     dx = torch.empty_like(y)
-    dscores = torch.empty_like(y) if scores_grad else None
+    # The scores' gradient (the mask's) is kept in float32, as the attention's.
+    dscores = torch.empty(y.shape, device=y.device, dtype=torch.float32) if scores_grad else None
     if rows and n_cols:
         block, single = _block(n_cols)
         _softmax_bwd_kernel[(rows,)](
