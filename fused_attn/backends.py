@@ -56,8 +56,13 @@ class Inputs:
 
 
 _INTERPRETER_BF16 = "the Triton interpreter computes it wrongly"
-# Every fused backend's: a call with a forward-mode tangent on an input (feature "forward_ad").
-_NO_FORWARD_AD = "an input carries a tangent; the fused kernels have no forward derivative"
+# Every fused backend's (features set by ops._validate.transform_features): only the reference,
+# plain differentiable torch, computes under these.
+_TRANSFORMS = {
+    "forward_ad": "forward-mode AD (an input carries a tangent; the fused kernels have no forward derivative)",
+    "func_transform": "a torch.func grad, vjp, jacrev or jvp transform (the fused ops' autograd formulas do not "
+    "compose with them)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,8 +129,8 @@ class Support:
             if cc < self.min_compute_capability:
                 need = ".".join(map(str, self.min_compute_capability))
                 reasons.append(f"compute capability {cc[0]}.{cc[1]} is below the required {need}")
-        if not self._serves_forward_ad() and inputs.features.get("forward_ad"):
-            reasons.append(f"forward-mode AD ({_NO_FORWARD_AD})")
+        if not self._serves_transforms():
+            reasons += [why for name, why in _TRANSFORMS.items() if inputs.features.get(name)]
         if self.check is not None and not reasons:
             reasons.extend(self.check(inputs))
         return reasons
@@ -145,13 +150,13 @@ class Support:
             parts.append(self.check_doc)
         if self._bfloat16_on_cuda_only():
             parts.append(f"bfloat16 on cuda only ({_INTERPRETER_BF16})")
-        if not self._serves_forward_ad():
-            parts.append("no forward-mode AD")
+        if not self._serves_transforms():
+            parts.append("no forward-mode AD or torch.func.grad")
         return "; ".join(parts)
 
-    def _serves_forward_ad(self) -> bool:
-        # Only the reference (plain differentiable torch) propagates tangents; a fused op's
-        # autograd.Function has no forward formula.
+    def _serves_transforms(self) -> bool:
+        # Only the reference (plain differentiable torch) propagates tangents and composes with
+        # torch.func; a fused op's autograd formula has no forward derivative nor functorch support.
         return self.backend == "reference"
 
     def _bfloat16_on_cuda_only(self) -> bool:
@@ -427,7 +432,8 @@ def explain(op: str, inputs: Inputs) -> dict[str, list[str]]:
     about the device and dtype alone. The features the ops pass: scaled_dot_product_attention
     ``head_dim``, ``head_dim_v``, ``q_len``, ``k_len`` and ``dropout`` (bool); layer_norm and
     add_layer_norm ``hidden``; softmax ``n_cols``; linear_gelu and ffn ``in_features``; every op
-    ``forward_ad`` (bool: an input carries a forward-mode tangent), which only the reference serves.
+    ``forward_ad`` (bool: an input carries a forward-mode tangent) and ``func_transform`` (bool: the
+    call runs under ``torch.func.grad``/``vjp``/``jacrev``/``jvp``), which only the reference serves.
     """
     return {name: s.not_supported_reasons(inputs) for name, s in _OPS[op].supports.items()}
 

@@ -399,6 +399,68 @@ def test_forward_mode_ad_under_auto_runs_the_reference(op):
     assert fused_attn.last_backend(op) != "reference"
 
 
+@pytest.mark.parametrize("op", FORWARD_AD_OPS)
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_func_grad_is_refused_by_a_named_fused_backend(op, backend):
+    """torch.func.grad/vjp wrap tensors that the fused ops' autograd formulas cannot take: a
+    named fused backend says so (not torch's "cannot use C++ torch::autograd::Function ...")."""
+    if backend not in fused_attn.available_backends("cpu"):
+        pytest.skip(f"{backend} is not available here")
+    fn, primals, _ = _forward_ad_calls(backend)[op]
+    with pytest.raises(BackendNotSupportedError, match="torch.func grad, vjp"):
+        torch.func.grad(lambda *a: fn(*a).sum())(*primals)
+    with pytest.raises(BackendNotSupportedError, match="torch.func grad, vjp"):
+        torch.func.vjp(fn, *primals)
+    batched = torch.func.vmap(lambda x: fn(x, *primals[1:]))(primals[0][None])
+    assert torch.equal(batched, fn(*primals)[None])  # vmap alone: served, once per batch element
+
+
+@pytest.mark.parametrize("op", FORWARD_AD_OPS)
+def test_func_grad_under_auto_runs_the_reference(op):
+    """auto serves a call inside torch.func.grad/vjp/jacrev by the reference (a FallbackWarning
+    says so once), with torch's gradients, also per sample under vmap; outside it the fused kernel."""
+    fn, primals, _ = _forward_ad_calls(None)[op]
+    argnums = tuple(range(len(primals)))
+    expected = torch.func.grad(lambda *a: _EAGER[op](*a).square().sum(), argnums)(*primals)
+    backends._warned.clear()
+    with pytest.warns(FallbackWarning, match="torch.func grad, vjp"):
+        got = torch.func.grad(lambda *a: fn(*a).square().sum(), argnums)(*primals)
+    assert fused_attn.last_backend(op) == "reference"
+    torch.testing.assert_close(got, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)
+        jacobian = torch.func.jacrev(lambda x: fn(x, *primals[1:]))(primals[0])
+        batch = torch.stack([primals[0], primals[0].flip(0)])  # per-sample gradients: vmap(grad)
+        per_sample = torch.func.vmap(torch.func.grad(lambda x: fn(x, *primals[1:]).square().sum()))(batch)
+    torch.testing.assert_close(jacobian, torch.func.jacrev(lambda x: _EAGER[op](x, *primals[1:]))(primals[0]))
+    eager_grad = torch.func.grad(lambda x: _EAGER[op](x, *primals[1:]).square().sum())
+    torch.testing.assert_close(per_sample, torch.stack([eager_grad(x) for x in batch]))
+    fn(*primals)
+    assert fused_attn.last_backend(op) != "reference"
+
+
+def test_func_grad_through_an_optimized_layer():
+    """Per-sample parameter gradients (vmap(grad) over functional_call) of an optimize()d encoder
+    layer are torch's: the fused modules' calls go to the reference inside the transform."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    fused = fused_attn.optimize(layer, inplace=False).model
+    x = torch.randn(3, 5, 16)
+
+    def per_sample(module):
+        params = dict(module.named_parameters())
+
+        def loss(p, xi):
+            return torch.func.functional_call(module, p, (xi[None],)).square().sum()
+
+        return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)
+        got = per_sample(fused)
+    torch.testing.assert_close(got, per_sample(layer))
+
+
 def test_forward_mode_ad_with_a_learned_per_row_bias():
     """A float mask of key size 1 that requires grad takes its own path (its gradient is exactly 0,
     softmax ignores it); a tangent on it moves no output either."""

@@ -63,13 +63,15 @@ def _attention(backend):
     def make(seq):
         q, k, v = (_randn(1, 2, seq, 16, seed=i) for i in range(3))
         bias = _randn(1, 1, seq, seq, seed=3)
+        row_bias = _randn(1, 2, seq, 1, seed=4)  # learned, one per query and head: its own gradient path
         pad = torch.arange(seq)[None, None, None, :] < seq - 3
-        return (lambda q, k, v, bias, pad: (
+        return (lambda q, k, v, bias, row_bias, pad: (
             fused_attn.scaled_dot_product_attention(q, k, v, bias, scale=0.3, backend=backend),
             fused_attn.scaled_dot_product_attention(q, k, v, pad, is_causal=True, backend=backend),
             # grouped-query: one key/value head for the two query heads
             fused_attn.scaled_dot_product_attention(q, k[:, :1], v[:, 1:], enable_gqa=True, backend=backend),
-        )), (q, k, v, bias, pad)
+            fused_attn.scaled_dot_product_attention(q, k, v, row_bias, backend=backend),
+        )), (q, k, v, bias, row_bias, pad)
     return make
 
 

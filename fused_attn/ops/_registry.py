@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Callable
 
 import torch
+
+from ..backends import triton_interpret_mode
+
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def interpreter_serialized(fn: Callable) -> Callable:
+    """A Triton op's implementation, run one call at a time under ``TRITON_INTERPRET=1``: the
+    interpreter keeps a launch's grid in process-wide state, so two threads launching at once
+    fail ("x >= grid_dim[0]"). On a GPU, calls run concurrently as any op's. Placed under
+    ``torch.library.custom_op``, which reads the signature through ``functools.wraps``."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if not triton_interpret_mode():
+            return fn(*args, **kwargs)
+        with _INTERPRETER_LOCK:
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def register_pair(

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.autograd.forward_ad as forward_ad
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DIFFERENTIATING = (TransformType.Grad, TransformType.Jvp)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -56,17 +59,29 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def forward_ad_feature(*tensors: torch.Tensor | None) -> dict[str, bool]:
-    """``{"forward_ad": True}`` where one of ``tensors`` carries a forward-mode tangent
-    (``torch.func.jvp``/``jacfwd``, ``torch.autograd.forward_ad``), else ``{}``: the backend
-    feature that only the reference serves (the fused ops have no forward derivative, and a
-    custom op without one would pass the tangent over silently). Outside a dual level it costs
-    one comparison."""
-    if forward_ad._current_level < 0:
-        return {}
-    if any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
-        return {"forward_ad": True}
-    return {}
+def transform_features(*tensors: torch.Tensor | None) -> dict[str, bool]:
+    """The backend features of a call made under automatic differentiation that the fused ops
+    cannot serve, which only the reference (plain differentiable torch) serves:
+
+    - ``forward_ad``: one of ``tensors`` carries a forward-mode tangent (``torch.func.jvp``/
+      ``jacfwd``, ``torch.autograd.forward_ad``). The fused ops have no forward derivative, and a
+      custom op without one would pass the tangent over silently.
+    - ``func_transform``: the call runs inside ``torch.func.grad``/``vjp``/``jacrev``/``jvp``,
+      whose wrapped tensors the fused ops' autograd formulas (C++ autograd functions, and
+      the generated ones of the Triton ops) cannot take. ``torch.func.vmap`` alone is no such
+      transform: the fused ops run under it, once per batch element.
+
+    Outside every transform and dual level it costs two comparisons."""
+    features = {}
+    if forward_ad._current_level >= 0 and any(
+        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors
+    ):
+        features["forward_ad"] = True
+    if torch._C._functorch.maybe_current_level() is not None and any(
+        interpreter.key() in _DIFFERENTIATING for interpreter in retrieve_all_functorch_interpreters()
+    ):
+        features["func_transform"] = True
+    return features
 
 
 def check_same_device(value: torch.Tensor, name: str, like: torch.Tensor, like_name: str) -> None:

@@ -16,9 +16,9 @@ from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, register_op, runs_reference, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._random import draw_seed, seed_int
-from ._registry import register_native_pair, register_pair
+from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import (
-    check_bool, check_dropout_p, check_eps, check_param, check_same_device, check_tensor, forward_ad_feature, needs_grad,
+    check_bool, check_dropout_p, check_eps, check_param, check_same_device, check_tensor, transform_features, needs_grad,
     rows, unrows,
 )
 
@@ -36,6 +36,7 @@ SPEC = register_op(
 
 
 @torch.library.custom_op("fused_attn::triton_add_layer_norm_fwd", mutates_args=())
+@interpreter_serialized
 def _triton_fwd(
     input: torch.Tensor,
     residual: torch.Tensor,
@@ -52,6 +53,7 @@ def _triton_fwd(
 
 
 @torch.library.custom_op("fused_attn::triton_add_layer_norm_inference", mutates_args=())
+@interpreter_serialized
 def _triton_inference(
     input: torch.Tensor,
     residual: torch.Tensor,
@@ -68,6 +70,7 @@ def _triton_inference(
 
 
 @torch.library.custom_op("fused_attn::triton_add_layer_norm_bwd", mutates_args=())
+@interpreter_serialized
 def _triton_bwd(
     grad_out: torch.Tensor,
     grad_prenorm: torch.Tensor | None,
@@ -220,7 +223,7 @@ def add_layer_norm(
     input_bias = check_param(input_bias, "input_bias", input, (hidden,))
     eps = check_eps(eps)
     dropout_p = check_dropout_p(dropout_p)
-    features = {"hidden": hidden, **forward_ad_feature(input, residual, weight, bias, input_bias)}
+    features = {"hidden": hidden, **transform_features(input, residual, weight, bias, input_bias)}
     chosen = select("add_layer_norm", Inputs(input.device, input.dtype, features), backend)
     if runs_reference("add_layer_norm", chosen, input, dropout_p=dropout_p):
         return reference.add_layer_norm(

@@ -18,9 +18,9 @@ from ..backends import MAX_EXTENT, Inputs, Support, register_op, runs_reference,
 from ..kernels.layout import empty_in_query_layout
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
-from ._registry import register_native_pair, register_pair
+from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import (
-    check_bool, check_dropout_p, check_mask, check_same_device, check_tensor, dtype_name, forward_ad_feature,
+    check_bool, check_dropout_p, check_mask, check_same_device, check_tensor, dtype_name, transform_features,
     is_finite_number,
 )
 
@@ -73,6 +73,7 @@ SPEC = register_op(
 
 
 @torch.library.custom_op("fused_attn::triton_attention_fwd", mutates_args=())
+@interpreter_serialized
 def _triton_fwd(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -90,6 +91,7 @@ def _triton_fwd(
 
 
 @torch.library.custom_op("fused_attn::triton_attention_bwd", mutates_args=())
+@interpreter_serialized
 def _triton_bwd(
     grad_out: torch.Tensor,
     query: torch.Tensor,
@@ -177,7 +179,9 @@ class _RowShift(torch.autograd.Function):
     """``out`` unchanged, and a zero gradient for ``bias``: a bias of key size 1 (per query, per
     head or a scalar) adds the same value to every score of a row, which softmax ignores, so its
     gradient is exactly 0. The kernels get it detached: computed, that zero would be a sum of
-    Lk terms that cancel only to rounding, and it would cost an Lq x Lk buffer."""
+    Lk terms that cancel only to rounding, and it would cost an Lq x Lk buffer. (The reference,
+    plain differentiable torch, takes the bias as it is: it also serves forward-mode AD, for which
+    this function has no formula, and Dynamo traces no function that has one.)"""
 
     @staticmethod
     def forward(out, bias):
@@ -191,11 +195,6 @@ class _RowShift(torch.autograd.Function):
     def backward(ctx, grad_out):
         shape, dtype, device = ctx.bias_meta
         return grad_out, torch.zeros(shape, dtype=dtype, device=device)
-
-    @staticmethod
-    def jvp(ctx, out_tangent, bias_tangent):
-        # Forward-mode AD (served by the reference): the bias's tangent moves no output either.
-        return out_tangent.view_as(out_tangent)
 
 
 def _expand_mask(attn_mask: object, shape: tuple[int, int, int, int], query: torch.Tensor) -> torch.Tensor | None:
@@ -325,14 +324,15 @@ def scaled_dot_product_attention(
         query.dtype,
         {
             "head_dim": head_dim, "head_dim_v": value.shape[-1], "dropout": dropout_p > 0, "q_len": q_len,
-            "k_len": k_len, **forward_ad_feature(query, key, value, mask),
+            "k_len": k_len, **transform_features(query, key, value, mask),
         },
     )
     chosen = select("scaled_dot_product_attention", inputs, backend)
-    row_shift = mask is not None and mask.requires_grad and (attn_mask.dim() == 0 or attn_mask.shape[-1] == 1)
+    in_reference = runs_reference("scaled_dot_product_attention", chosen, query, key, value, dropout_p=dropout_p)
+    row_shift = (not in_reference and mask is not None and mask.requires_grad
+                 and (attn_mask.dim() == 0 or attn_mask.shape[-1] == 1))
     if row_shift:
         mask = mask.detach()
-    in_reference = runs_reference("scaled_dot_product_attention", chosen, query, key, value, dropout_p=dropout_p)
     if enable_gqa and (key.shape[1] != heads or value.shape[1] != heads):
         if in_reference or chosen not in NATIVE_GQA or key.shape[1] != value.shape[1]:
             key, value = repeat_kv_heads(key, heads), repeat_kv_heads(value, heads)

@@ -33,9 +33,9 @@ from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, register_op, runs_reference, select
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
-from ._registry import register_native_pair, register_pair
+from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import (
-    check_dropout_p, check_param, check_same_device, check_tensor, dtype_name, forward_ad_feature, needs_grad, rows,
+    check_dropout_p, check_param, check_same_device, check_tensor, dtype_name, transform_features, needs_grad, rows,
     unrows,
 )
 
@@ -67,6 +67,7 @@ FFN = register_op(
 
 
 @torch.library.custom_op("fused_attn::triton_linear_gelu_fwd", mutates_args=())
+@interpreter_serialized
 def _triton_linear_gelu_fwd(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,6 +77,7 @@ def _triton_linear_gelu_fwd(
 
 
 @torch.library.custom_op("fused_attn::triton_linear_gelu_bwd", mutates_args=())
+@interpreter_serialized
 def _triton_linear_gelu_bwd(
     grad_out: torch.Tensor,
     input: torch.Tensor,
@@ -90,6 +92,7 @@ def _triton_linear_gelu_bwd(
 
 
 @torch.library.custom_op("fused_attn::triton_linear_gelu_inference", mutates_args=())
+@interpreter_serialized
 def _triton_linear_gelu_inference(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str
 ) -> torch.Tensor:
@@ -162,6 +165,7 @@ if _extension.loaded():
 
 
 @torch.library.custom_op("fused_attn::triton_ffn_fwd", mutates_args=())
+@interpreter_serialized
 def _triton_ffn_fwd(
     input: torch.Tensor,
     w1: torch.Tensor,
@@ -183,6 +187,7 @@ def _triton_ffn_fwd(
 
 
 @torch.library.custom_op("fused_attn::triton_ffn_inference", mutates_args=())
+@interpreter_serialized
 def _triton_ffn_inference(
     input: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
     approximate: str,
@@ -203,6 +208,7 @@ torch.library.register_fake("fused_attn::triton_ffn_inference", _fake_ffn_infere
 
 
 @torch.library.custom_op("fused_attn::triton_ffn_bwd", mutates_args=())
+@interpreter_serialized
 def _triton_ffn_bwd(
     grad_out: torch.Tensor,
     input: torch.Tensor,
@@ -345,7 +351,7 @@ def linear_gelu(
     input = check_tensor(input, "input", min_dim=1)
     weight, bias = _check_linear(input, weight, bias, ("weight", "bias"), input.shape[-1])
     approximate = _check_approximate(approximate)
-    features = {"in_features": input.shape[-1], **forward_ad_feature(input, weight, bias)}
+    features = {"in_features": input.shape[-1], **transform_features(input, weight, bias)}
     chosen = select("linear_gelu", Inputs(input.device, input.dtype, features), backend)
     if runs_reference("linear_gelu", chosen, input, weight):
         return reference.linear_gelu(input, weight, bias, approximate)
@@ -392,7 +398,7 @@ def ffn(
     w2, b2 = _check_linear(input, w2, b2, ("w2", "b2"), w1.shape[0])
     approximate = _check_approximate(approximate)
     dropout_p = check_dropout_p(dropout_p)
-    features = {"in_features": input.shape[-1], **forward_ad_feature(input, w1, b1, w2, b2)}
+    features = {"in_features": input.shape[-1], **transform_features(input, w1, b1, w2, b2)}
     chosen = select("ffn", Inputs(input.device, input.dtype, features), backend)
     if runs_reference("ffn", chosen, input, w1, w2, dropout_p=dropout_p):
         return reference.ffn(input, w1, b1, w2, b2, approximate, dropout_p)

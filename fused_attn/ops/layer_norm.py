@@ -17,8 +17,8 @@ import torch
 from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, register_op, runs_reference, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
-from ._registry import register_native_pair, register_pair
-from ._validate import check_eps, check_param, check_tensor, forward_ad_feature, python_scalar, rows
+from ._registry import interpreter_serialized, register_native_pair, register_pair
+from ._validate import check_eps, check_param, check_tensor, transform_features, python_scalar, rows
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -34,6 +34,7 @@ SPEC = register_op(
 
 
 @torch.library.custom_op("fused_attn::triton_layer_norm_fwd", mutates_args=())
+@interpreter_serialized
 def _triton_fwd(
     input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -43,6 +44,7 @@ def _triton_fwd(
 
 
 @torch.library.custom_op("fused_attn::triton_layer_norm_bwd", mutates_args=())
+@interpreter_serialized
 def _triton_bwd(
     grad_out: torch.Tensor,
     input: torch.Tensor,
@@ -150,7 +152,7 @@ def layer_norm(
     bias = check_param(bias, "bias", input, shape)
     eps = check_eps(eps)
     hidden = math.prod(shape)
-    inputs = Inputs(input.device, input.dtype, {"hidden": hidden, **forward_ad_feature(input, weight, bias)})
+    inputs = Inputs(input.device, input.dtype, {"hidden": hidden, **transform_features(input, weight, bias)})
     chosen = select("layer_norm", inputs, backend)
     if runs_reference("layer_norm", chosen, input):
         return reference.layer_norm(input, shape, weight, bias, eps)
