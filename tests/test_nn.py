@@ -258,6 +258,43 @@ def test_module_backend_attribute_is_used():
     assert fused_attn.last_backend("layer_norm") == "reference"
 
 
+@pytest.mark.parametrize("cls", [FusedTransformerEncoderLayer, FusedTransformerDecoderLayer])
+def test_layer_backend_attribute_moves_its_attention_and_norms(cls):
+    """``layer.backend`` reaches the fused submodules the layer calls (attention, norms), so one
+    assignment moves every op the layer runs; a deliberately different child setting comes after."""
+    layer = cls(16, 2, 32, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+    children = [m for m in layer.modules() if isinstance(m, (FusedMultiheadAttention, FusedLayerNorm))]
+    assert len(children) == (3 if cls is FusedTransformerEncoderLayer else 5)
+    x = torch.randn(2, 5, 16)
+    for backend in ("cpu", "reference"):
+        if backend not in fused_attn.available_backends("cpu"):
+            continue
+        layer.backend = backend
+        assert all(m.backend == backend for m in children)
+        layer(x) if cls is FusedTransformerEncoderLayer else layer(x, x)
+        for op in ("scaled_dot_product_attention", "layer_norm", "add_layer_norm", "ffn"):
+            assert fused_attn.last_backend(op) == backend, op
+    layer.norm1.backend = None
+    assert layer.backend == "reference" and layer.norm1.backend is None
+
+
+def test_torchscript_is_refused_by_name():
+    """torch.jit.script cannot compile the fused modules' Python dispatch: a TypeError naming the
+    module and what to use instead, for a fused module and for an optimize()d model; restored,
+    the model scripts."""
+    layer = FusedTransformerEncoderLayer(16, 2, 32, batch_first=True)
+    with pytest.warns(FutureWarning), pytest.raises(TypeError, match="FusedTransformerEncoderLayer cannot be "
+                                                                      "compiled by torch.jit.script; use torch.compile"):
+        torch.jit.script(layer)
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    fused_attn.optimize(model)
+    with pytest.warns(FutureWarning), pytest.raises(TypeError, match="FusedLayerNorm cannot be compiled"):
+        torch.jit.script(model)
+    fused_attn.restore(model)
+    with pytest.warns(FutureWarning):
+        torch.jit.script(model)
+
+
 def _encoder_pair(num_layers=2, **kwargs):
     torch.manual_seed(7)
     kwargs = {**dict(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True), **kwargs}
@@ -491,6 +528,10 @@ def test_nested_inputs_as_torch():
     jagged = torch.nested.nested_tensor([torch.randn(5, 16), torch.randn(3, 16)], layout=torch.jagged)
     for w, g in zip(norm(jagged).unbind(), _as(norm, FusedLayerNorm)(jagged).unbind()):
         torch.testing.assert_close(g, w)
+    # A nested tensor holds its sequences along dim 0: a batch_first=False layer refuses it, as torch's.
+    layer = FusedTransformerEncoderLayer(16, 2, 32, batch_first=False).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="nested tensor .* batch_first=False"):
+        layer(nested)
 
 
 def test_attention_with_bias_kv_or_zero_attn_is_kept():

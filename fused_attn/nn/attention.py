@@ -10,6 +10,7 @@ from torch import nn
 
 from ..backends import warn_once
 from ..ops import scaled_dot_product_attention, softmax
+from ._fused import Fused
 
 
 def _keep_mask(mask: torch.Tensor | None, name: str) -> torch.Tensor | None:
@@ -76,7 +77,7 @@ def _same_views(query, key, value, view):
     return q, k, v
 
 
-class FusedMultiheadAttention(nn.MultiheadAttention):
+class FusedMultiheadAttention(Fused, nn.MultiheadAttention):
     """:class:`torch.nn.MultiheadAttention` with the attention computed by the fused kernels.
 
     Same constructor, parameters (``in_proj_weight`` / ``q_proj_weight``..., ``in_proj_bias``,
@@ -91,8 +92,6 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
     projection reads ``out_proj``'s parameters, as torch's does, rather than calling the module.
     ``backend`` (attribute) picks the kernel backend.
     """
-
-    backend: str | None = None
 
     def forward(
         self,

@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from ..ops import layer_norm
+from ._fused import Fused
 
 
-class FusedLayerNorm(nn.LayerNorm):
+class FusedLayerNorm(Fused, nn.LayerNorm):
     """:class:`torch.nn.LayerNorm` computed by :func:`fused_attn.layer_norm`.
 
     Same constructor (``normalized_shape, eps, elementwise_affine, bias, device, dtype``),
@@ -16,8 +17,6 @@ class FusedLayerNorm(nn.LayerNorm):
     backend (None: the package's policy). Nested tensors (which torch's LayerNorm also takes)
     go to torch's forward.
     """
-
-    backend: str | None = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.is_nested:

@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 
 from ..backends import warn_once
 from ..ops import add_layer_norm, ffn, linear_gelu
+from ._fused import Fused, FusedLayer
 from .attention import FusedMultiheadAttention
 from .layer_norm import FusedLayerNorm
 
@@ -151,14 +152,12 @@ def _drop(x: torch.Tensor, dropout: nn.Dropout) -> torch.Tensor:
     return dropout(x) if dropout.training and dropout.p > 0.0 else x
 
 
-class FusedFFN(nn.Module):
+class FusedFFN(Fused, nn.Module):
     """Position-wise feed-forward block ``linear2(dropout(activation(linear1(x))))``.
 
     Parameters ``linear1`` and ``linear2`` as in :class:`torch.nn.TransformerEncoderLayer`.
     ``activation`` is "gelu" (default), "gelu_tanh", "relu" or a callable; GELUs run fused.
     """
-
-    backend: str | None = None
 
     def __init__(
         self,
@@ -194,7 +193,7 @@ def _fuse_children(layer: nn.Module, attention: tuple[str, ...], norms: tuple[st
         getattr(layer, name).__class__ = FusedLayerNorm
 
 
-class FusedTransformerEncoderLayer(nn.TransformerEncoderLayer):
+class FusedTransformerEncoderLayer(FusedLayer, nn.TransformerEncoderLayer):
     """:class:`torch.nn.TransformerEncoderLayer` on the fused kernels (same constructor and weights).
 
     Post-LN: ``norm1(x + dropout1(attn(x)))`` and ``norm2(x + dropout2(ffn(x)))`` are each one
@@ -202,7 +201,7 @@ class FusedTransformerEncoderLayer(nn.TransformerEncoderLayer):
     (add_layer_norm returns both the normalised and the pre-norm sum).
     """
 
-    backend: str | None = None
+    _fused_children = ("self_attn", "norm1", "norm2")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -238,6 +237,11 @@ class FusedTransformerEncoderLayer(nn.TransformerEncoderLayer):
     def _forward_nested(self, src: torch.Tensor, src_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
         # torch.nn.TransformerEncoder's inference path packs the unpadded sequences into a nested
         # tensor and drops the padding mask: run them padded, masking the padding again as keys.
+        if not self.self_attn.batch_first:
+            raise ValueError(
+                "src is a nested tensor (its sequences along dim 0, as batch_first) but this layer has "
+                "batch_first=False; torch's layer does not take one either"
+            )
         lengths = [t.shape[0] for t in src.unbind()]
         padded = src.to_padded_tensor(0.0)
         positions = torch.arange(padded.shape[1], device=padded.device)
@@ -246,10 +250,10 @@ class FusedTransformerEncoderLayer(nn.TransformerEncoderLayer):
         return torch.nested.as_nested_tensor([out[i, :n] for i, n in enumerate(lengths)])
 
 
-class FusedTransformerDecoderLayer(nn.TransformerDecoderLayer):
+class FusedTransformerDecoderLayer(FusedLayer, nn.TransformerDecoderLayer):
     """:class:`torch.nn.TransformerDecoderLayer` on the fused kernels (same constructor and weights)."""
 
-    backend: str | None = None
+    _fused_children = ("self_attn", "multihead_attn", "norm1", "norm2", "norm3")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
