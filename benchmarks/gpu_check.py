@@ -140,8 +140,10 @@ def run_benchmarks(python: str, tmp: Path, suites: list[str], compile_reference:
     for suite, dtype, mode in (run for run in PRIORITY if run[0] in suites):
         timeout = budget.share(900)
         if timeout is None:
-            records.append({"suite": suite, "impl": "all", "device": "cuda", "dtype": dtype, "mode": mode, "shape": {},
-                            "skipped": f"the {dtype} {mode} run: not started, the --budget was spent"})
+            from fused_attn.bench.cli import DTYPES, record
+
+            records.append(record(suite, "all", "cuda", DTYPES[dtype], mode, {},
+                                  skipped=f"the {dtype} {mode} run: not started, the --budget was spent"))
             continue
         path = tmp / f"bench-{suite}-{dtype}-{mode.replace('+', '')}.json"
         code, output = _run(
@@ -294,11 +296,11 @@ def render_markdown(facts: dict, tests: dict, records: list[dict], sanitizer: di
     lines += ["", "| suite | shape | dtype | mode | impl | median ms | rate | % peak | vs eager | vs torch | peak MiB |",
               "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in records:
-        if "skipped" in r:
+        if r.get("skipped"):  # every bench record has the key: null when it ran
             continue
         peak = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r.get("peak_mem_bytes") is not None else "-"
-        fraction = f"{100 * r['peak_fraction']:.0f}%" if "peak_fraction" in r else "-"
-        vs_torch = f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else "-"
+        fraction = f"{100 * r['peak_fraction']:.0f}%" if r.get("peak_fraction") is not None else "-"
+        vs_torch = f"{r['speedup_vs_torch']:.2f}x" if r.get("speedup_vs_torch") is not None else "-"
         vs_eager = f"{r['speedup_vs_eager']:.2f}x" if r["speedup_vs_eager"] is not None else "-"
         lines.append(f"| {r['suite']} | {shape_text(r['shape'])} | {r['dtype']} | {r['mode']} | {r['impl']} | "
                      f"{r['median_ms']:.4f} | {rate_text(r)} | {fraction} | {vs_eager} | "

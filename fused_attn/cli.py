@@ -59,14 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
 
     profile = commands.add_parser("profile-memory", help="peak and per-module memory, plain vs optimize()d",
-                                  description=profile_cli.__doc__)
+                                  description=profile_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     profile_cli.add_arguments(profile)
     profile.set_defaults(func=_profile_memory)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .bench.cli import UsageError
+    from .bench.cli import RunError, UsageError
 
     args = build_parser().parse_args(argv)
     try:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"fused-attn {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # writing an output (disk full, a path removed meanwhile)
+    except (RunError, OSError) as exc:  # nothing measured; writing an output (disk full, a path removed meanwhile)
         print(f"fused-attn {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -4,6 +4,7 @@ No timing is asserted: only that work is counted right, memory is measured right
 commands run end to end and write what they promise.
 """
 
+import csv
 import dataclasses
 import json
 import subprocess
@@ -22,7 +23,9 @@ from fused_attn.profiling import memory
 
 CPU = torch.device("cpu")
 RECORD_KEYS = {"suite", "impl", "device", "dtype", "mode", "shape", "median_ms", "min_ms", "max_ms",
-               "speedup_vs_eager", "peak_mem_bytes"}
+               "speedup_vs_eager", "speedup_vs_torch", "peak_fraction", "baseline", "peak_mem_bytes", "interpreted",
+               "extension_stale", "skipped"}
+TIMING_KEYS = ("median_ms", "min_ms", "max_ms", "speedup_vs_eager", "speedup_vs_torch", "peak_mem_bytes")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +191,10 @@ def test_profile_model_has_the_model_row_when_the_step_calls_its_parts():
 
 
 def _run(args, capsys):
+    """Runs the command line. A bench run keeps to its --repeats (--min-time 0 unless given), so
+    that a test's tiny cases are not each sampled for the CPU default's quarter of a second."""
+    if args[0] == "bench" and "--min-time" not in args:
+        args = [*args, "--min-time", "0"]
     code = cli.main(args)
     return code, capsys.readouterr()
 
@@ -200,7 +207,8 @@ def test_bench_attention_json_csv_plot(tmp_path, capsys):
          "--json", str(out), "--csv", str(tmp_path / "a.csv"), "--plot", str(tmp_path / "a.png")], capsys)
     assert code == 0, captured.err
     records = json.loads(out.read_text())
-    timed = [r for r in records if "skipped" not in r]
+    assert all(set(r) == RECORD_KEYS | {"tflops"} for r in records)  # one schema for every record
+    timed = [r for r in records if r["skipped"] is None]
     assert {r["impl"] for r in timed} >= {"eager", "torch", "reference", "cpu"}
     for r in timed:
         assert RECORD_KEYS <= set(r) and "tflops" in r and r["baseline"] == "eager"
@@ -210,11 +218,16 @@ def test_bench_attention_json_csv_plot(tmp_path, capsys):
         assert r["tflops"] == pytest.approx(
             harness.attention_flops(1, 2, r["shape"]["seq"], r["shape"]["seq"], 16, causal=True, mode="fwd+bwd")
             / (r["median_ms"] * 1e9))
-    assert {r["impl"] for r in records if "skipped" in r} >= {"cuda", "flash-attn", "xformers", "torch-flash"}
-    assert all(isinstance(r["skipped"], str) and r["skipped"] for r in records if "skipped" in r)
-    assert (tmp_path / "a.csv").read_text().startswith("suite,impl,device")
+    skipped = [r for r in records if r["skipped"] is not None]
+    assert {r["impl"] for r in skipped} >= {"cuda", "flash-attn", "xformers", "torch-flash"}
+    assert all(isinstance(r["skipped"], str) and r["skipped"] for r in skipped)
+    assert all(r[key] is None for r in skipped for key in (*TIMING_KEYS, "tflops"))
+    if not torch.cuda.is_available():  # the backend cannot run here at all: that reason alone
+        assert {r["skipped"] for r in skipped if r["impl"] == "cuda"} == {"the cuda backend runs on CUDA tensors, got cpu"}
+    rows = list(csv.DictReader((tmp_path / "a.csv").open()))
+    assert len(rows) == len(records) and all(row["median_ms"] == "" for row in rows if row["skipped"])
     assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "not run:" in captured.out and "TFLOP/s" in captured.out
+    assert "not run:" in captured.out and "FLOP/s" in captured.out
 
 
 @pytest.mark.parametrize("suite, sizes", [
@@ -228,9 +241,10 @@ def test_bench_memory_bound_and_ffn_suites(suite, sizes, tmp_path, capsys):
     code, captured = _run(["bench", "--suite", suite, "--device", "cpu", "--repeats", "1", "--no-compile",
                            "--mode", "fwd+bwd", "--json", str(out), *sizes], capsys)
     assert code == 0, captured.err
-    timed = [r for r in json.loads(out.read_text()) if "skipped" not in r]
-    assert timed and all(RECORD_KEYS <= set(r) for r in timed)
     rate = "tflops" if suite == "ffn" else "gbps"
+    records = json.loads(out.read_text())
+    assert all(set(r) == RECORD_KEYS | {rate} for r in records)
+    timed = [r for r in records if r["skipped"] is None]
     assert all(r[rate] > 0 for r in timed)
     assert {r["impl"] for r in timed} >= {"torch", "reference", "cpu"}
 
@@ -245,7 +259,7 @@ def test_bench_model_suite_plain_optimized_compiled(tmp_path, capsys):
     by_impl = {r["impl"]: r for r in records}
     assert set(by_impl) == {"plain", "optimized", "compiled"}
     for r in by_impl.values():
-        assert "skipped" not in r, r
+        assert r["skipped"] is None, r
         assert r["shape"] == {"model": "bert-tiny", "layers": 1, "batch": 2, "seq": 16}
         assert r["tokens_per_s"] == pytest.approx(32 / (r["median_ms"] * 1e-3))
     assert by_impl["plain"]["speedup_vs_eager"] == 1.0
@@ -438,19 +452,25 @@ def test_bench_survives_a_case_that_does_not_fit_in_memory(tmp_path, capsys, mon
     records = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
     skipped = [r for r in records if r["suite"] == "layer_norm" and r["impl"] == "all"]
     assert len(skipped) == 1 and "ran out of memory" in skipped[0]["skipped"]
-    assert {"softmax", "ffn", "attention"} <= {r["suite"] for r in records if "median_ms" in r}
-    timed = [r for r in records if "median_ms" in r and r["baseline"] == "torch"]
+    assert {"softmax", "ffn", "attention"} <= {r["suite"] for r in records if r["skipped"] is None}
+    timed = [r for r in records if r["skipped"] is None and r["baseline"] == "torch"]
     assert timed and all(r["speedup_vs_eager"] is None for r in timed)
 
 
 def test_bench_plot_without_timed_records_writes_nothing(tmp_path, capsys, monkeypatch):
     from fused_attn.bench import cli as bench_cli
 
-    monkeypatch.setattr(bench_cli, "run_case", lambda case, *a, **k: [{"suite": case.suite, "impl": "x", "skipped": "-"}])
+    def run_case(case, device, *args, **kwargs):
+        return [bench_cli.record(case.suite, "x", device, case.dtype, case.mode, case.shape, skipped="-")]
+
+    monkeypatch.setattr(bench_cli, "run_case", run_case)
     png = tmp_path / "p.png"
     code, captured = _run(["bench", "--suite", "layer_norm", "--device", "cpu", "--rows", "8", "--hidden", "16",
                            "--repeats", "1", "--plot", str(png)], capsys)
-    assert code == 0 and "no timed records to plot" in captured.out and not png.exists()
+    assert "no timed records to plot" in captured.out and not png.exists()
+    # Nothing ran at all: a failure, said in one line after the outputs.
+    assert code == 1 and captured.err.strip() == ('fused-attn bench: error: no implementation ran; the reasons are '
+                                                  'under "not run" above')
 
 
 @pytest.mark.parametrize("command", ["bench", "profile-memory"])
@@ -528,7 +548,7 @@ def test_third_party_attention_runs_forward_and_backward(monkeypatch):
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
     case = next(suites.attention_cases(_settings("fwd+bwd", batch=1, heads=2, head_dim=4, seqs=[8], causal=[True])))
     records = {r["impl"]: r for r in bench_cli.run_case(case, CPU, repeats=1)}
-    assert "skipped" not in records["flash-attn"], records["flash-attn"]
+    assert records["flash-attn"]["skipped"] is None, records["flash-attn"]
     assert records["flash-attn"]["median_ms"] > 0
 
 
@@ -607,10 +627,16 @@ def test_flags_a_suite_does_not_take_are_noted(args, notes, capsys, monkeypatch)
     from fused_attn.bench import cli as bench_cli
 
     ran = []
-    monkeypatch.setattr(bench_cli, "_run_suite", lambda suite, *a: ran.append(suite))
+
+    def run_suite(suite, settings, device, repeats, progress, records, *args):
+        ran.append(suite)
+        records.append(bench_cli.record(suite, "torch", device, settings.dtype, settings.mode, {}, median_ms=1.0,
+                                        min_ms=1.0, max_ms=1.0))
+
+    monkeypatch.setattr(bench_cli, "_run_suite", run_suite)
     code, captured = _run(["bench", "--device", "cpu", *args], capsys)
     assert code == 0 and ran
-    assert [line for line in captured.out.splitlines() if line.startswith("note:")] == notes
+    assert [line for line in captured.out.splitlines() if "has no effect" in line] == notes
 
 
 TINY = ["bench", "--suite", "layer_norm", "--device", "cpu", "--rows", "8", "--hidden", "8", "--repeats", "1",
@@ -640,10 +666,14 @@ def test_a_case_whose_sizes_overflow_is_a_skipped_record(tmp_path, capsys):
     code, captured = _run(["bench", "--suite", "softmax", "--device", "cpu", "--batch", "1", "--heads", "1", "--seq",
                            "2147483647", "--repeats", "1", "--no-compile", "--backends", "cpu", "--json", str(out)],
                           capsys)
-    assert code == 0, captured.err
+    # The one record: the case that could not be set up, with the shape it tried and every key
+    # of a timed record, null. Nothing ran, which is a failure (exit status 1).
+    assert code == 1 and "no implementation ran" in captured.err
     (record,) = json.loads(out.read_text())
     assert record["impl"] == "all" and "sizes are too large to set up" in record["skipped"]
     assert "overflow" in record["skipped"]
+    assert record["shape"] == {"batch": 1, "heads": 1, "seq": 2147483647}
+    assert set(record) == RECORD_KEYS | {"gbps"} and all(record[key] is None for key in (*TIMING_KEYS, "gbps"))
 
 
 @pytest.mark.parametrize("command", ["bench", "profile-memory"])
@@ -684,3 +714,253 @@ def test_profile_memory_sizes_that_overflow_are_a_usage_error(capsys, monkeypatc
     monkeypatch.setattr(workloads, "build", build)
     code, captured = _run(["profile-memory", "--model", "bert-tiny", "--device", "cpu"], capsys)
     assert code == 2 and "sizes too large to set up: RuntimeError: Storage size" in captured.err
+
+
+# ---------------------------------------------------------------------------------------------
+# What the output says about the figures
+
+
+def test_a_stale_extension_is_noted_and_recorded(tmp_path, capsys, monkeypatch):
+    from fused_attn import _extension
+
+    monkeypatch.setattr(_extension, "stale_reason", lambda: "the sources changed since it was built")
+    out = tmp_path / "r.json"
+    code, captured = _run([*TINY, "--backends", "cpu", "--json", str(out)], capsys)
+    assert code == 0, captured.err
+    first = captured.out.splitlines()[0]
+    assert first.startswith("note: the compiled extension should be rebuilt (the sources changed since it was built)")
+    assert {r["extension_stale"] for r in json.loads(out.read_text())} == {"the sources changed since it was built"}
+
+
+def test_triton_under_the_interpreter_is_marked(tmp_path, capsys):
+    from fused_attn import backends
+
+    why = backends.backend_unavailable_reasons("triton", CPU)
+    if why:
+        pytest.skip("; ".join(why))
+    out = tmp_path / "r.json"
+    code, captured = _run(["bench", "--suite", "attention", "--device", "cpu", "--batch", "1", "--heads", "1",
+                           "--head-dim", "16", "--seq", "16", "--causal", "false", "--backends", "triton",
+                           "--repeats", "1", "--no-compile", "--json", str(out)], capsys)
+    assert code == 0, captured.err
+    records = {r["impl"]: r for r in json.loads(out.read_text()) if r["skipped"] is None}
+    assert records["triton"]["interpreted"] is True and records["triton"]["speedup_vs_eager"] > 0
+    assert not any(r["interpreted"] for name, r in records.items() if name != "triton")
+    (row,) = [line for line in captured.out.splitlines() if line.startswith("attention") and " triton*" in line]
+    assert "FLOP/s)" in row and "x)" in row  # rate and speed-ups in parentheses
+    from fused_attn.bench import cli as bench_cli
+
+    assert bench_cli.INTERPRETED_NOTE in captured.out
+
+
+def _timed_record(impl: str, min_ms: float, max_ms: float) -> dict:
+    from fused_attn.bench import cli as bench_cli
+
+    return bench_cli.record("layer_norm", impl, CPU, torch.float32, "fwd", {"rows": 8, "hidden": 16},
+                            median_ms=max_ms / 2, min_ms=min_ms, max_ms=max_ms, gbps=1.0, speedup_vs_eager=1.0)
+
+
+def test_noisy_rows_are_noted_under_the_table():
+    from fused_attn.bench import cli as bench_cli
+
+    table = bench_cli.format_table([_timed_record("torch", 1.0, 2.0), _timed_record("cpu", 0.1, 35.0)])
+    (note,) = [line for line in table.splitlines() if "noisy" in line]
+    assert note.startswith("note: 1 row(s) have noisy timings, max/min over 3x: layer_norm rows 8 N16 fwd cpu (350x)")
+    assert "more --repeats" in note
+    assert "noisy" not in bench_cli.format_table([_timed_record("torch", 1.0, 2.9)])
+
+
+def test_a_busy_machine_is_noted(monkeypatch):
+    from fused_attn.bench import cli as bench_cli
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(bench_cli.os, "getloadavg", lambda: (threads + 0.5, 0.0, 0.0))
+    assert bench_cli.load_notes() == []  # this run's own threads
+    monkeypatch.setattr(bench_cli.os, "getloadavg", lambda: (threads + 4.2, 0.0, 0.0))
+    (note,) = bench_cli.load_notes()
+    assert note.startswith(f"note: other work shared the machine (load average {threads + 4.2:.1f} on ")
+
+
+@pytest.mark.parametrize("flags, device, sampling", [
+    ([], "cpu", (5, 0.25)),
+    (["--repeats", "2"], "cpu", (2, 0.25)),  # --repeats sets the least number; --min-time still applies
+    (["--repeats", "2", "--min-time", "0"], "cpu", (2, 0.0)),  # exactly --repeats
+    (["--min-time", "1"], "cpu", (5, 1.0)),
+    ([], "cuda", (30, 0.0)),
+])
+def test_repeats_is_the_least_number_of_calls_and_min_time_still_applies(flags, device, sampling):
+    from fused_attn.bench import cli as bench_cli
+
+    assert bench_cli.sampling(_parse(*flags), torch.device(device)) == sampling
+
+
+def test_rates_print_in_readable_units():
+    from fused_attn.bench import cli as bench_cli
+
+    assert bench_cli.rate_text({"tflops": 0.0205}) == "20.5 GFLOP/s"
+    assert bench_cli.rate_text({"tflops": 2.62e-05}) == "26.2 MFLOP/s"
+    assert bench_cli.rate_text({"tflops": 989.0}) == "989 TFLOP/s"
+    assert bench_cli.rate_text({"gbps": 0.52, "tflops": None}) == "520 MB/s"
+    assert bench_cli.rate_text({"tokens_per_s": 5791.3}) == "5,791 tok/s"
+    assert bench_cli.rate_text({"gbps": None}) == "-"
+
+
+def test_progress_counts_cases_and_follows_the_timed_rounds(capsys, monkeypatch):
+    from fused_attn.bench import cli as bench_cli
+
+    seen = {}
+
+    class Bar:
+        def __init__(self, total):
+            seen.update(total=total, starts=[], shows=[])
+
+        def start(self, label):
+            seen["starts"].append(label)
+
+        def show(self, label):
+            seen["shows"].append(label)
+
+    import contextlib
+
+    @contextlib.contextmanager
+    def progress(description, total=None, **kwargs):
+        yield Bar(total)
+
+    monkeypatch.setattr(harness, "progress", progress)
+    code, captured = _run([*TINY, "--hidden", "8,16", "--repeats", "2", "--backends", "cpu"], capsys)
+    assert code == 0, captured.err
+    assert seen["total"] == 2 and seen["starts"] == ["layer_norm fwd rows 8 N8", "layer_norm fwd rows 8 N16"]
+    assert {"warm-up torch", "timed round 1", "timed round 2", "peak memory cpu"} <= set(seen["shows"])
+
+
+def test_progress_bar_shows_a_total_on_stderr(capsys):
+    with harness.progress("bench", 2, unit="case", enabled=True) as bar:
+        bar.start("first")
+        bar.show("timed round 3")
+        bar.start("second")
+    err = capsys.readouterr().err
+    assert "0/2 [" in err and "first: timed round 3]" in err and "1/2 [" in err and "second]" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    ([*TINY, "--json", "same.out", "--csv", "same.out"], "--json and --csv name the same file, same.out"),
+    ([*TINY, "--csv", "r.png", "--plot", "./r.png"], "--csv and --plot name the same file, ./r.png"),
+    (["profile-memory", "--model", "bert-tiny", "--device", "cpu", "--json", "m.png", "--plot", "m.png"],
+     "--json and --plot name the same file, m.png"),
+])
+def test_two_outputs_naming_one_file_is_a_usage_error(args, message, capsys):
+    test_bad_arguments_one_line_error(args, message, capsys)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads too large for the memory here
+
+
+def test_a_model_workload_larger_than_memory_is_refused_before_it_is_built(capsys, monkeypatch):
+    from fused_attn.bench import workloads
+
+    def build(*args, **kwargs):
+        raise AssertionError("the workload was built")
+
+    monkeypatch.setattr(workloads, "_padding_mask", build)  # the first allocation
+    code, captured = _run(["profile-memory", "--model", "bert-tiny", "--layers", "1", "--batch", "1000", "--seq",
+                           "1000000", "--device", "cpu"], capsys)
+    lines = captured.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith("fused-attn profile-memory: error: bert-tiny at batch 1000, seq 1000000 needs at least ")
+    assert "inputs 14.9 GiB" in lines[0] and "available on cpu" in lines[0]
+    # The model suite of bench builds the same workloads: refused before any work too.
+    monkeypatch.setattr(harness, "available_bytes", lambda device: 2**20)
+    code, captured = _run(["bench", "--suite", "model", "--models", "bert-tiny", "--batch", "64", "--seq", "64",
+                           "--device", "cpu", "--repeats", "1", "--no-compile"], capsys)
+    assert code == 2 and "bert-tiny at batch 64, seq 64 needs at least" in captured.err
+    assert "more than the 1.0 MiB available on cpu" in captured.err
+
+
+def test_the_workload_estimate_is_a_lower_bound():
+    """Inputs exactly, parameters as counted, activations under what a real forward holds."""
+    from fused_attn.bench import workloads
+
+    w = workloads.build("bert-tiny", batch=2, seq=64, layers=2, device=CPU, dtype=torch.float32, training=True)
+    estimate = workloads.estimate_bytes("bert-tiny", batch=2, seq=64, layers=2, dtype=torch.float32, training=True)
+    assert estimate["inputs"] == 2 * (2 * 64 * 8)  # int64 ids and mask
+    params = sum(p.numel() * p.element_size() for p in w.model.parameters())
+    buffers = sum(b.numel() * 4 for b in w.model.buffers())
+    assert estimate["parameters"] == 3 * params + 2 * buffers  # two models and one model's gradients
+    profile = memory.profile_model(w.model.train(), w.step, CPU, training=True)
+    assert 0 < estimate["activations"] <= profile.forward_peak_bytes
+
+
+def test_transformer_layers_are_per_stack():
+    from fused_attn.bench import workloads
+
+    w = workloads.build("transformer", batch=1, seq=4, layers=1, device=CPU, dtype=torch.float32)
+    assert w.layers == 1 and len(w.model.encoder.layers) == len(w.model.decoder.layers) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# profile-memory: what the step's peak hides
+
+
+def test_memory_meter_peak_until_a_marker():
+    with harness.MemoryMeter(CPU) as meter:
+        a = torch.empty(1 << 18)  # 1 MiB
+        b = torch.empty(1 << 19)  # 2 MiB
+        del a, b
+        meter.mark("forward")
+        c = torch.empty(1 << 20)  # 4 MiB
+        meter.mark("later")
+        del c
+    assert meter.peak_until("forward") == 3 << 20 and meter.at("forward") == 0
+    assert meter.peak_until("later") == meter.peak_bytes == 4 << 20
+
+
+def test_profile_memory_reports_the_forward_peak_and_saved_bytes(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    code, captured = _run(["profile-memory", "--model", "bert-tiny", "--layers", "1", "--batch", "2", "--seq", "32",
+                           "--device", "cpu", "--json", str(out)], capsys)
+    assert code == 0, captured.err
+    result = json.loads(out.read_text())
+    for side in ("plain", "fused"):
+        profile = result[side]
+        model_row = next(m for m in profile["modules"] if m["name"] == "(model)")
+        assert profile["saved_bytes"] == model_row["saved_bytes"] > 0
+        assert 0 < profile["forward_peak_bytes"] <= profile["peak_bytes"]
+    assert result["forward_ratio"] == pytest.approx(result["fused"]["forward_peak_bytes"]
+                                                    / result["plain"]["forward_peak_bytes"])
+    assert result["saved_ratio"] == pytest.approx(result["fused"]["saved_bytes"] / result["plain"]["saved_bytes"])
+    lines = captured.out.splitlines()
+    assert any(line.startswith("peak of the step: plain ") for line in lines)
+    assert any(line.startswith("forward peak: plain ") and "fused/plain" in line for line in lines)
+    assert any(line.startswith("saved for backward: plain ") for line in lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Help
+
+
+def _help(*args: str, capsys) -> str:
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([*args, "--help"])
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+
+def test_bench_help_names_the_choices_and_defaults(capsys):
+    from fused_attn import backends
+    from fused_attn.bench import workloads
+
+    text = _help("bench", capsys=capsys)
+    assert "``" not in text
+    assert f"of {', '.join(workloads.MODELS)}" in text
+    assert f"of {', '.join(sorted(b for b in backends.BACKENDS if b != 'reference'))}" in text
+    assert "heads (default 12;" in text and ".png, .svg or .pdf" in text
+    assert "transformer: encoder and decoder layers, each" in text
+    assert "the least number of timed calls per implementation" in text
+
+
+def test_profile_memory_help_states_its_defaults(capsys):
+    text = _help("profile-memory", capsys=capsys)
+    assert "``" not in text
+    for default in ("--model {", "default: bert-base", "--batch BATCH default: 1", "--seq SEQ default: 2048",
+                    "fwd+bwd: forward and backward of a training step (default)"):
+        assert default in text, default

@@ -1,9 +1,10 @@
-"""``fused-attn bench``: runs suites side by side, prints a table, writes JSON, CSV and a plot.
+"""fused-attn bench: runs suites side by side, prints a table, writes JSON, CSV and a plot.
 
-Without ``--suite`` the run is sized to the device: on a CPU, a small BERT end to end (inference
-and a training step, plain against ``optimize()``d) and the attention's time and memory over
-sequence length (forward + backward unless ``--mode``), without torch.compile; on a GPU, every
-suite's full sweep. A size or selection flag that no suite of the run takes is noted, not used.
+Without --suite the run is sized to the device: on a CPU, a small BERT end to end (inference
+and a training step, plain against optimize()d) and the attention's time and memory over
+sequence length (forward + backward unless --mode), without torch.compile; on a GPU, every
+suite's full sweep in both modes. A size or selection flag that no suite of the run takes is
+noted, not used.
 """
 
 from __future__ import annotations
@@ -16,16 +17,27 @@ import os
 
 import torch
 
-from .. import backends
-from . import harness
-from .suites import SUITES, Settings, attention_heads
+from .. import _extension, backends
+from . import harness, workloads
+from .suites import RATE_KEYS, SHAPES, SUITES, CaseSetupFailed, Settings, attention_heads, model_shapes
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MODES = ["fwd", "fwd+bwd"]
 
+# On a CPU a call of a few milliseconds is slowed by page faults of its fresh output buffers and by
+# what ran just before it: five samples gave medians 2x apart between runs. Sampling each such call
+# for a quarter of a second (at most 200 calls) steadies them for little time; calls of 50 ms and
+# more keep their 5 samples.
+DEFAULT_CPU_MIN_TIME_S = 0.25
+
 
 class UsageError(Exception):
     """A command-line argument that cannot be served; printed as one line, exit status 2."""
+
+
+class RunError(Exception):
+    """The run finished without a result (nothing could be measured); printed as one line after
+    what was written, exit status 1."""
 
 
 # The largest size a flag takes, 2**31 - 1 (the int32 limit many kernels index with): far past
@@ -94,6 +106,19 @@ def check_output(path: str | None, flag: str, suffixes: tuple[str, ...] | None =
         raise UsageError(f"{flag} {path}: expected a file name ending in {', '.join(suffixes)}")
 
 
+def check_outputs(outputs: list[tuple[str | None, str, tuple[str, ...] | None]]) -> None:
+    """:func:`check_output` for each (path, flag, suffixes), and no two flags naming one file
+    (the later output would overwrite the earlier)."""
+    flags: dict[str, str] = {}
+    for path, flag, suffixes in outputs:
+        check_output(path, flag, suffixes)
+        if path is None:
+            continue
+        same = flags.setdefault(os.path.realpath(path), flag)
+        if same != flag:
+            raise UsageError(f"{same} and {flag} name the same file, {path}; give each its own")
+
+
 def resolve_device(name: str | None) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here")
@@ -101,83 +126,118 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    fused = ", ".join(sorted(b for b in backends.BACKENDS if b != "reference"))
     parser.add_argument("--suite", choices=sorted(SUITES) + ["all"], default=None,
                         help="default: sized to the device (see the command's description)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if present")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on cpu, bfloat16 on cuda")
-    parser.add_argument("--batch", type=positive_int, default=None, help="batch (default: a fixed token count)")
-    parser.add_argument("--heads", type=positive_int, default=None, help="attention/softmax: heads")
+    parser.add_argument("--batch", type=positive_int, default=None,
+                        help="attention/softmax/model: batch (default: attention and softmax a fixed token count, "
+                             "batch 1 in the default CPU run; models their own)")
+    parser.add_argument("--heads", type=positive_int, default=None,
+                        help="attention/softmax: heads (default 12; attention on a GPU: 2048 / --head-dim)")
     parser.add_argument("--kv-heads", type=positive_int, default=None,
                         help="attention: key/value heads, a divisor of --heads (grouped-query; default: --heads)")
     parser.add_argument("--head-dim", type=positive_int, default=None, help="attention: head dim (default 64)")
     parser.add_argument("--seq", type=positive_ints, default=None, help="attention/softmax/model: comma-separated lengths")
-    parser.add_argument("--causal", choices=["both", "true", "false"], default="both", help="attention")
+    parser.add_argument("--causal", choices=["both", "true", "false"], default="both",
+                        help="attention (default: both; false in the default CPU run)")
     parser.add_argument("--rows", type=positive_int, default=None, help="layer_norm/add_layer_norm/ffn: rows (tokens)")
     parser.add_argument("--hidden", type=positive_ints, default=None, help="layer_norm/add_layer_norm: hidden sizes; ffn: model widths")
-    parser.add_argument("--models", type=names, default=None, help="model suite: comma-separated workloads")
-    parser.add_argument("--layers", type=positive_int, default=None, help="model suite: encoder layers")
+    parser.add_argument("--models", type=names, default=None,
+                        help=f"model suite: comma-separated workloads, of {', '.join(workloads.MODELS)}")
+    parser.add_argument("--layers", type=positive_int, default=None,
+                        help="model suite: layers (default: each model's own); transformer: encoder and decoder "
+                             "layers, each")
     parser.add_argument("--backends", type=names, default=None,
-                        help="op suites: comma-separated fused backends to include")
-    parser.add_argument("--mode", choices=MODES + ["both"], default=None, help="default: fwd, both for the default run")
+                        help=f"op suites: comma-separated fused backends to include, of {fused} (default: all "
+                             "that run here)")
+    parser.add_argument("--mode", choices=MODES + ["both"], default=None,
+                        help="fwd (inference), fwd+bwd (forward and backward; for models a training step) or both "
+                             "(default: fwd with --suite; without it both, except attention on a CPU: fwd+bwd)")
     parser.add_argument("--repeats", type=positive_int, default=None,
-                        help="timed calls per implementation (default: 30 on cuda; on a cpu at least 5, "
-                             "more for fast calls, see --min-time)")
+                        help="the least number of timed calls per implementation (default 30 on cuda, 5 on a "
+                             "cpu); --min-time can add more")
     parser.add_argument("--min-time", type=non_negative_float, default=None,
-                        help="seconds: an implementation is called in further rounds until its timed calls "
-                             "add up to this, at most 200 calls (default 0.25 on a cpu unless --repeats is "
-                             "given, else 0)")
+                        help="seconds: an implementation with --repeats timed calls that add up to less is called "
+                             "in further rounds until they do, at most 200 calls (or --repeats, if more) "
+                             f"(default {DEFAULT_CPU_MIN_TIME_S} on a cpu, 0 on cuda; 0: exactly --repeats calls)")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     parser.add_argument("--json", type=str, default=None, help="write the records to this path")
     parser.add_argument("--csv", type=str, default=None, help="write the records to this path as CSV")
-    parser.add_argument("--plot", type=str, default=None, help="write a PNG plot (needs matplotlib) to this path")
+    parser.add_argument("--plot", type=str, default=None,
+                        help="write a plot of rate and peak memory to this path: .png, .svg or .pdf "
+                             "(needs matplotlib)")
 
 
 # ---------------------------------------------------------------------------------------------
 # Running
 
 
-def _peak_fraction(record: dict, peaks: dict[str, float] | None) -> float | None:
+def record(suite: str, impl: str, device: torch.device, dtype: torch.dtype, mode: str, shape: dict, *,
+           skipped: str | None = None, extension_stale: str | None = None, **measured) -> dict:
+    """A JSON record: every record has the same keys, those not measured (all of them for an
+    implementation that did not run, whose ``skipped`` says why) null."""
+    return {
+        "suite": suite, "impl": impl, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "mode": mode,
+        "shape": shape, "median_ms": None, "min_ms": None, "max_ms": None, RATE_KEYS[suite]: None,
+        "peak_fraction": None, "speedup_vs_eager": None, "speedup_vs_torch": None, "baseline": None,
+        "peak_mem_bytes": None, "interpreted": impl == "triton" and backends.triton_interpret_mode(),
+        "extension_stale": extension_stale, **measured, "skipped": skipped,
+    }
+
+
+def _rate(case, ms: float) -> float:
+    """The case's rate at ``ms`` a call, in the unit of its suite's :data:`RATE_KEYS` entry."""
+    if case.flops is not None:
+        return harness.tflops(case.flops, ms)
+    if case.min_bytes is not None:
+        return harness.gbps(case.min_bytes, ms)
+    return case.tokens / (ms * 1e-3)
+
+
+def _peak_fraction(rate_key: str, rate: float, dtype: str, peaks: dict[str, float] | None) -> float | None:
     if not peaks:
         return None
-    if "tflops" in record and record["dtype"] in peaks:
-        return record["tflops"] / peaks[record["dtype"]]
-    if "gbps" in record:
-        return record["gbps"] / peaks["gbps"]
+    if rate_key == "tflops" and dtype in peaks:
+        return rate / peaks[dtype]
+    if rate_key == "gbps":
+        return rate / peaks["gbps"]
     return None
 
 
-def run_case(case, device: torch.device, repeats: int, step=lambda label: None, min_time_s: float = 0.0) -> list[dict]:
-    """Times every implementation of ``case`` and returns one record per implementation."""
-    base = {"suite": case.suite, "device": str(device), "dtype": str(case.dtype).replace("torch.", ""),
-            "mode": case.mode, "shape": case.shape}
+def run_case(case, device: torch.device, repeats: int, progress: harness.Progress | None = None,
+             min_time_s: float = 0.0, extension_stale: str | None = None) -> list[dict]:
+    """Times every implementation of ``case`` and returns one record per implementation, those
+    that could not run included."""
     label = f"{case.suite} {case.mode} {shape_text(case.shape)}"
+    if progress is not None:
+        progress.start(label)
     timings, failed = harness.measure_side_by_side(
         case.impls, device, repeats=repeats, warmup=2 if device.type == "cuda" else 1,
-        step=lambda name: step(f"{label} {name}"), min_time_s=min_time_s,
+        status=progress.show if progress is not None else lambda label: None, min_time_s=min_time_s,
     )
     if device.type == "cuda":
         torch.cuda.empty_cache()
     baseline = timings[case.baseline].median_ms if case.baseline in timings else None
     torch_ms = timings["torch"].median_ms if "torch" in timings else None
     peaks = harness.device_peaks(device)
+    rate_key = RATE_KEYS[case.suite]
+    dtype = str(case.dtype).replace("torch.", "")
     records = []
     for name, t in timings.items():
-        record = {**base, "impl": name, "median_ms": t.median_ms, "min_ms": t.min_ms, "max_ms": t.max_ms,
-                  "speedup_vs_eager": None if baseline is None else baseline / t.median_ms, "baseline": case.baseline,
-                  "peak_mem_bytes": t.peak_mem_bytes}
-        if torch_ms is not None:
-            record["speedup_vs_torch"] = torch_ms / t.median_ms
-        if case.flops is not None:
-            record["tflops"] = harness.tflops(case.flops, t.median_ms)
-        if case.min_bytes is not None:
-            record["gbps"] = harness.gbps(case.min_bytes, t.median_ms)
-        if case.tokens is not None:
-            record["tokens_per_s"] = case.tokens / (t.median_ms * 1e-3)
-        fraction = _peak_fraction(record, peaks)
-        if fraction is not None:
-            record["peak_fraction"] = fraction
-        records.append(record)
-    records += [{**base, "impl": name, "skipped": why} for name, why in {**case.skipped, **failed}.items()]
+        rate = _rate(case, t.median_ms)
+        records.append(record(
+            case.suite, name, device, case.dtype, case.mode, case.shape, extension_stale=extension_stale,
+            median_ms=t.median_ms, min_ms=t.min_ms, max_ms=t.max_ms, **{rate_key: rate},
+            peak_fraction=_peak_fraction(rate_key, rate, dtype, peaks),
+            speedup_vs_eager=None if baseline is None else baseline / t.median_ms,
+            speedup_vs_torch=None if torch_ms is None else torch_ms / t.median_ms,
+            baseline=case.baseline, peak_mem_bytes=t.peak_mem_bytes,
+        ))
+    records += [record(case.suite, name, device, case.dtype, case.mode, case.shape, skipped=why,
+                       extension_stale=extension_stale, baseline=case.baseline)
+                for name, why in {**case.skipped, **failed}.items()]
     return records
 
 
@@ -241,11 +301,19 @@ def _plan(args: argparse.Namespace, device: torch.device) -> list[tuple[str, Set
     return [(suite, dataclasses.replace(base, mode=m)) for suite in suites for m in modes]
 
 
-# On a CPU a call of a few milliseconds is slowed by page faults of its fresh output buffers and by
-# what ran just before it: five samples gave medians 2x apart between runs. Sampling each such call
-# for a quarter of a second (at most 200 calls) steadies them for little time; calls of 50 ms and
-# more keep their 5 samples.
-DEFAULT_CPU_MIN_TIME_S = 0.25
+def check_models_fit(plan: list[tuple[str, Settings]]) -> None:
+    """Before any work: every model workload of ``plan`` must fit in the memory available (a lower
+    bound of its bytes; see :func:`.workloads.check_fits`). One that cannot would, at sizes the
+    system still lets it allocate, end with the process killed, without a message."""
+    for suite, settings in plan:
+        if suite != "model":
+            continue
+        for shape in model_shapes(settings):
+            try:
+                workloads.check_fits(shape["model"], batch=shape["batch"], seq=shape["seq"], layers=shape["layers"],
+                                     device=settings.device, dtype=settings.dtype, training=settings.mode == "fwd+bwd")
+            except workloads.WorkloadTooLarge as exc:
+                raise UsageError(f"{exc}; --batch and --seq set the model suite's sizes") from None
 
 
 # The size and selection flags each suite takes (--dtype, --mode, --repeats, --min-time and the outputs apply
@@ -284,8 +352,8 @@ def unused_flag_notes(args: argparse.Namespace, plan: list[tuple[str, Settings]]
     return notes
 
 
-def _run_suite(suite: str, settings: Settings, device: torch.device, repeats: int, step, records: list[dict],
-               min_time_s: float = 0.0) -> None:
+def _run_suite(suite: str, settings: Settings, device: torch.device, repeats: int, progress: harness.Progress,
+               records: list[dict], min_time_s: float = 0.0, extension_stale: str | None = None) -> None:
     """Appends the suite's records to ``records`` case by case (an interrupt keeps those done)."""
     cases = SUITES[suite](settings)
     while True:
@@ -297,47 +365,70 @@ def _run_suite(suite: str, settings: Settings, device: torch.device, repeats: in
             # Setting a case up (its inputs, its model) ran out of memory, or its sizes overflow
             # the integer types: the suite's later, larger cases would too. Recorded, and the sweep
             # goes on with the next suite.
-            if harness.is_out_of_memory(exc):
-                why = "setting up the next case ran out of memory; the rest of the suite was not run: "
-            elif harness.is_size_overflow(exc):
-                why = "the next case's sizes are too large to set up; the rest of the suite was not run: "
+            shape, cause = (exc.shape, exc.cause) if isinstance(exc, CaseSetupFailed) else ({}, exc)
+            if harness.is_out_of_memory(cause):
+                why = "setting up this case ran out of memory; the rest of the suite was not run: "
+            elif harness.is_size_overflow(cause):
+                why = "this case's sizes are too large to set up; the rest of the suite was not run: "
             else:
                 raise
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            records.append({"suite": suite, "impl": "all", "device": str(device),
-                            "dtype": str(settings.dtype).replace("torch.", ""), "mode": settings.mode, "shape": {},
-                            "skipped": why + harness.one_line_reason(exc)})
+            records.append(record(suite, "all", device, settings.dtype, settings.mode, shape,
+                                  skipped=why + harness.one_line_reason(cause), extension_stale=extension_stale))
             return
-        records += run_case(case, device, repeats, step, min_time_s)
+        records += run_case(case, device, repeats, progress, min_time_s, extension_stale)
         del case
 
 
+def sampling(args: argparse.Namespace, device: torch.device) -> tuple[int, float]:
+    """(the least number of timed calls per implementation, the seconds they should add up to):
+    ``--repeats`` and ``--min-time``, each defaulting by device independently of the other."""
+    repeats = args.repeats or (30 if device.type == "cuda" else 5)
+    min_time_s = args.min_time
+    if min_time_s is None:
+        min_time_s = DEFAULT_CPU_MIN_TIME_S if device.type == "cpu" else 0.0
+    return repeats, min_time_s
+
+
+def extension_note(stale: str | None) -> str | None:
+    """The note for a compiled extension that did not load or is out of date, whose figures
+    would otherwise pass for the current sources'."""
+    if stale is None:
+        return None
+    if not _extension.loaded():
+        return f"note: the compiled extension did not load, so its backends (cpu, cuda) are not run: {stale}"
+    return (f"note: the compiled extension should be rebuilt ({stale}): what runs its kernels (the cpu and cuda "
+            "backends, optimized models) is timed as built, not as the sources are now")
+
+
 def run(args: argparse.Namespace) -> int:
-    for path, flag, suffixes in ((args.json, "--json", None), (args.csv, "--csv", None),
-                                 (args.plot, "--plot", PLOT_SUFFIXES)):
-        check_output(path, flag, suffixes)
+    check_outputs([(args.json, "--json", None), (args.csv, "--csv", None), (args.plot, "--plot", PLOT_SUFFIXES)])
     if args.plot is not None:
         from . import plots
 
         plots.require_matplotlib()
     device = resolve_device(args.device)
     plan = _plan(args, device)
-    for note in unused_flag_notes(args, plan):
-        print(note)
-    repeats = args.repeats or (30 if device.type == "cuda" else 5)
-    min_time_s = args.min_time if args.min_time is not None else (
-        DEFAULT_CPU_MIN_TIME_S if device.type == "cpu" and args.repeats is None else 0.0)
+    check_models_fit(plan)
+    stale = _extension.stale_reason()
+    for note in [extension_note(stale), *unused_flag_notes(args, plan)]:
+        if note:
+            print(note)
+    repeats, min_time_s = sampling(args, device)
+    total = sum(len(SHAPES[suite](settings)) for suite, settings in plan)
     records: list[dict] = []
     interrupted = False
     try:
-        with harness.progress("fused-attn bench") as step:
+        with harness.progress("fused-attn bench", total, unit="case") as progress:
             for suite, settings in plan:
-                _run_suite(suite, settings, device, repeats, step, records, min_time_s)
+                _run_suite(suite, settings, device, repeats, progress, records, min_time_s, stale)
     except KeyboardInterrupt:  # Ctrl-C (or a caller's time limit): report the cases that finished
         interrupted = True
         print(f"\ninterrupted: reporting the {len(records)} records measured so far")
     print(format_table(records))
+    for note in load_notes():
+        print(note)
     if args.json is not None:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=2)
@@ -345,15 +436,20 @@ def run(args: argparse.Namespace) -> int:
     if args.csv is not None:
         write_csv(records, args.csv)
         print(f"wrote {args.csv}")
+    ran = any(r["skipped"] is None for r in records)
     if args.plot is not None:
         from . import plots
 
-        if any("skipped" not in r for r in records):
+        if ran:
             plots.plot_bench(records, args.plot)
             print(f"wrote {args.plot}")
         else:
             print(f"--plot {args.plot}: no timed records to plot; nothing written")
-    return 130 if interrupted else 0
+    if interrupted:
+        return 130
+    if not ran:
+        raise RunError("no implementation ran; the reasons are under \"not run\" above")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,39 +471,98 @@ def shape_text(shape: dict) -> str:
     return " ".join(parts)
 
 
-def rate_text(record: dict) -> str:
-    if "tflops" in record:
-        return f"{record['tflops']:.3g} TFLOP/s"
-    if "gbps" in record:
-        return f"{record['gbps']:.3g} GB/s"
-    if "tokens_per_s" in record:
-        return f"{record['tokens_per_s']:.4g} tok/s"
+_SI_PREFIXES = ["", "k", "M", "G", "T", "P"]
+
+
+def _si(value: float, unit: str) -> str:
+    """``value`` (in ``unit``) with the largest SI prefix that leaves it at least 1: 2.05e10 -> 20.5 G."""
+    step = 0
+    while abs(value) >= 1000 and step < len(_SI_PREFIXES) - 1:
+        value /= 1000
+        step += 1
+    return f"{value:.3g} {_SI_PREFIXES[step]}{unit}"
+
+
+def rate_text(r: dict) -> str:
+    """The record's rate in readable units: a CPU's attention runs at GFLOP/s, a GPU's at TFLOP/s."""
+    if r.get("tflops") is not None:
+        return _si(r["tflops"] * 1e12, "FLOP/s")
+    if r.get("gbps") is not None:
+        return _si(r["gbps"] * 1e9, "B/s")
+    if r.get("tokens_per_s") is not None:
+        return f"{r['tokens_per_s']:,.0f} tok/s"
     return "-"
 
 
 EAGER_NOTE = ("vs eager: speed-up against the code a user writes without this package (attention: `eager`, "
               "softmax(QK^T*scale)V; models: `plain`; others: `torch`); vs torch: against PyTorch's own "
               "implementation (SDPA, F.layer_norm, ...)")
+INTERPRETED_NOTE = ("*: run by Triton's interpreter (TRITON_INTERPRET=1): the times, rate and speed-ups (in "
+                    "parentheses) are the Python interpreter's, not the kernel's")
+
+# Above this max/min ratio a row's timings are too spread to trust its median.
+NOISY_RATIO = 3.0
+
+
+def _speedup_text(value: float | None, interpreted: bool) -> str:
+    if value is None:
+        return "-"
+    return f"({value:.2f}x)" if interpreted else f"{value:.2f}x"
+
+
+def noise_note(records: list[dict], listed: int = 4) -> str | None:
+    """A note naming the rows whose slowest timed call took over :data:`NOISY_RATIO` times their
+    fastest: other work on the machine, or too few calls to settle."""
+    noisy = [r for r in records if r["skipped"] is None and r["min_ms"] > 0 and r["max_ms"] / r["min_ms"] > NOISY_RATIO]
+    if not noisy:
+        return None
+    noisy.sort(key=lambda r: -r["max_ms"] / r["min_ms"])
+    rows = ", ".join(f"{r['suite']} {shape_text(r['shape'])} {r['mode']} {r['impl']} ({r['max_ms'] / r['min_ms']:.0f}x)"
+                     for r in noisy[:listed])
+    more = f" and {len(noisy) - listed} more" if len(noisy) > listed else ""
+    return (f"note: {len(noisy)} row(s) have noisy timings, max/min over {NOISY_RATIO:g}x: {rows}{more}; "
+            "their medians are unreliable: rerun on an idle machine with more --repeats or a longer --min-time")
+
+
+def load_notes() -> list[str]:
+    """A note when other work shared the machine during the run, which slows and spreads every
+    timing: the load average, less the threads of this run's own ops, at one CPU or more."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return []
+    own = torch.get_num_threads()
+    if load - own < 1:
+        return []
+    return [f"note: other work shared the machine (load average {load:.1f} on {os.cpu_count()} CPUs, this run "
+            f"using up to {own} threads): the times are slower and noisier than on an idle machine"]
 
 
 def format_table(records: list[dict]) -> str:
-    """One line per record; skipped implementations show their reason."""
+    """One line per timed record, then notes; skipped implementations show their reason."""
     header = (f"{'suite':<14} {'shape':<28} {'dtype':<8} {'mode':<7} {'impl':<12} {'median ms':>10} {'min ms':>9} "
               f"{'max ms':>9} {'rate':>15} {'% peak':>6} {'vs eager':>8} {'vs torch':>8} {'peak MiB':>9}")
     lines = [header, "-" * len(header)]
     for r in records:
-        if "skipped" in r:
+        if r["skipped"] is not None:
             continue
-        prefix = f"{r['suite']:<14} {shape_text(r['shape']):<28} {r['dtype']:<8} {r['mode']:<7} {r['impl']:<12}"
-        peak = f"{r['peak_mem_bytes'] / 2**20:.1f}" if r.get("peak_mem_bytes") is not None else "-"
-        fraction = f"{100 * r['peak_fraction']:.0f}" if "peak_fraction" in r else "-"
-        vs_torch = f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else "-"
-        vs_eager = f"{r['speedup_vs_eager']:.2f}x" if r["speedup_vs_eager"] is not None else "-"
+        impl = r["impl"] + ("*" if r["interpreted"] else "")
+        prefix = f"{r['suite']:<14} {shape_text(r['shape']):<28} {r['dtype']:<8} {r['mode']:<7} {impl:<12}"
+        peak = f"{r['peak_mem_bytes'] / 2**20:.1f}" if r["peak_mem_bytes"] is not None else "-"
+        fraction = f"{100 * r['peak_fraction']:.0f}" if r["peak_fraction"] is not None else "-"
+        rate = f"({rate_text(r)})" if r["interpreted"] else rate_text(r)
+        vs_eager = _speedup_text(r["speedup_vs_eager"], r["interpreted"])
+        vs_torch = _speedup_text(r["speedup_vs_torch"], r["interpreted"])
         lines.append(
-            f"{prefix} {r['median_ms']:>10.3f} {r['min_ms']:>9.3f} {r['max_ms']:>9.3f} {rate_text(r):>15} {fraction:>6} "
+            f"{prefix} {r['median_ms']:>10.3f} {r['min_ms']:>9.3f} {r['max_ms']:>9.3f} {rate:>15} {fraction:>6} "
             f"{vs_eager:>8} {vs_torch:>8} {peak:>9}"
         )
     lines.append(EAGER_NOTE)
+    if any(r["interpreted"] and r["skipped"] is None for r in records):
+        lines.append(INTERPRETED_NOTE)
+    noise = noise_note(records)
+    if noise:
+        lines.append(noise)
     not_run = not_run_counts(records)
     if not_run:
         lines.append("not run:")
@@ -419,17 +574,20 @@ def not_run_counts(records: list[dict]) -> dict[tuple[str, str, str], int]:
     """How many cases each (suite, implementation, reason) was skipped for, in record order."""
     counts: dict[tuple[str, str, str], int] = {}
     for r in records:
-        if "skipped" in r:
+        if r.get("skipped"):
             key = (r["suite"], r["impl"], r["skipped"])
             counts[key] = counts.get(key, 0) + 1
     return counts
 
 
 CSV_FIELDS = ["suite", "impl", "device", "dtype", "mode", "shape", "median_ms", "min_ms", "max_ms", "tflops", "gbps",
-              "tokens_per_s", "peak_fraction", "speedup_vs_eager", "speedup_vs_torch", "baseline", "peak_mem_bytes", "skipped"]
+              "tokens_per_s", "peak_fraction", "speedup_vs_eager", "speedup_vs_torch", "baseline", "peak_mem_bytes",
+              "interpreted", "extension_stale", "skipped"]
 
 
 def write_csv(records: list[dict], path: str) -> None:
+    """The records as CSV: one column per key of any suite (a suite's other rate keys, and the
+    values not measured, empty) and the shape as JSON text."""
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()

@@ -110,6 +110,35 @@ def device_peaks(device: torch.device) -> dict[str, float] | None:
 # Memory
 
 
+def available_bytes(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (None when the system does not say): on a
+    GPU the driver's free memory; on a CPU the kernel's MemAvailable (free memory plus the caches
+    it can drop), else the free physical pages."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def size_text(n: float) -> str:
+    """``n`` bytes in binary units: ``1.5 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
 @contextlib.contextmanager
 def _native_stderr_silenced() -> Iterator[None]:
     """The profiler's tracing library writes progress lines to the process's stderr from C++ at
@@ -130,8 +159,9 @@ class MemoryMeter:
 
     ``with meter: ...`` measures; inside, ``meter.mark(label)`` records the bytes live at that
     moment. Afterwards ``meter.peak_bytes`` is the highest number of bytes live during the region
-    minus those live at its start, and ``meter.at(label)`` the bytes live at a marker, relative to
-    the same start. CUDA reads the allocator's counters; CPU replays the profiler's allocation
+    minus those live at its start, ``meter.at(label)`` the bytes live at a marker and
+    ``meter.peak_until(label)`` the highest number live from the start up to the marker, both
+    relative to the same start. CUDA reads the allocator's counters; CPU replays the profiler's allocation
     events (see the module docstring).
     """
 
@@ -139,6 +169,7 @@ class MemoryMeter:
         self.device = torch.device(device)
         self.peak_bytes = 0
         self._marks: dict[str, int] = {}
+        self._peaks: dict[str, int] = {}
         self._base = 0
         self._profiler = None
 
@@ -159,6 +190,7 @@ class MemoryMeter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self._marks[label] = torch.cuda.memory_allocated(self.device) - self._base
+            self._peaks[label] = torch.cuda.max_memory_allocated(self.device) - self._base
         else:
             with torch.profiler.record_function(_MARK_PREFIX + label):
                 pass
@@ -178,20 +210,26 @@ class MemoryMeter:
         allocations = sorted(
             (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type().name == "CPU"
         )
-        times, live, current, peak = [], [], 0, 0
+        times, live, peaks, current, peak = [], [], [], 0, 0
         for t, nbytes in allocations:
             current += nbytes
             peak = max(peak, current)
             times.append(t)
             live.append(current)
+            peaks.append(peak)
         self.peak_bytes = peak
         for e in events:
             if e.name().startswith(_MARK_PREFIX):
                 i = bisect.bisect_right(times, e.start_ns())
-                self._marks[e.name()[len(_MARK_PREFIX):]] = live[i - 1] if i else 0
+                label = e.name()[len(_MARK_PREFIX):]
+                self._marks[label] = live[i - 1] if i else 0
+                self._peaks[label] = peaks[i - 1] if i else 0
 
     def at(self, label: str) -> int:
         return self._marks[label]
+
+    def peak_until(self, label: str) -> int:
+        return self._peaks[label]
 
 
 _MARK_PREFIX = "fused_attn.memory_mark::"
@@ -245,7 +283,7 @@ def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
 
 def measure_side_by_side(
     fns: dict[str, Callable[[], object]], device: torch.device, *, repeats: int, warmup: int = 2,
-    step: Callable[[str], None] = lambda label: None, min_time_s: float = 0.0, max_repeats: int = 200,
+    status: Callable[[str], None] = lambda label: None, min_time_s: float = 0.0, max_repeats: int = 200,
 ) -> tuple[dict[str, Timing], dict[str, str]]:
     """Times several implementations of one computation in interleaved rounds.
 
@@ -255,9 +293,9 @@ def measure_side_by_side(
     ``repeats`` timed calls or, with ``min_time_s``, while its timed calls add up to less than
     that (at most ``max_repeats`` calls): a fast call gets more samples, so that its median is
     not at the mercy of a few page faults, and a slow one does not hold up the run. Then the
-    peak memory of one untimed call each. Returns the timings and, for an implementation that
-    raised (out of memory, a kernel or a library refusing the shape), the one-line reason
-    instead.
+    peak memory of one untimed call each. ``status(label)`` is told what runs now (for a progress
+    display). Returns the timings and, for an implementation that raised (out of memory, a kernel
+    or a library refusing the shape), the one-line reason instead.
     """
     device = torch.device(device)
     failed: dict[str, str] = {}
@@ -274,7 +312,7 @@ def measure_side_by_side(
             return None
 
     for name, fn in fns.items():
-        step(name)
+        status(f"warm-up {name}")
         attempt(name, lambda: [fn() for _ in range(warmup)])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -286,7 +324,10 @@ def measure_side_by_side(
             return False
         return len(done) < repeats or sum(done) < min_time_s * 1e3
 
+    rounds = 0
     while any(wants_more(name) for name in fns):
+        rounds += 1
+        status(f"timed round {rounds}")  # per round, not per call: a refresh between fast calls would add up
         for name, fn in fns.items():
             if wants_more(name):
                 elapsed = attempt(name, lambda: _timed_call(fn, device))
@@ -295,28 +336,47 @@ def measure_side_by_side(
     timings = {}
     for name, fn in fns.items():
         if name not in failed:
+            status(f"peak memory {name}")
             peak = attempt(name, lambda: peak_memory(fn, device))
             if name not in failed:
                 timings[name] = Timing(statistics.median(times[name]), min(times[name]), max(times[name]), peak)
     return timings, failed
 
 
+class Progress:
+    """A progress bar's handle: ``start(label)`` as each unit of work starts (the previous one
+    counts as done), ``show(label)`` to say what runs within it now."""
+
+    def __init__(self, bar):
+        self._bar = bar
+        self._started = False
+        self._unit = ""
+
+    def start(self, label: str) -> None:
+        if self._started:
+            self._bar.update(1)
+        self._started = True
+        self._unit = label
+        self._bar.set_postfix_str(label)
+
+    def show(self, label: str) -> None:
+        self._bar.set_postfix_str(f"{self._unit}: {label}" if self._unit else label)
+
+    def finish(self) -> None:
+        if self._started:
+            self._bar.update(1)
+            self._started = False
+
+
 @contextlib.contextmanager
-def progress(description: str, total: int | None = None, *, enabled: bool | None = None) -> Iterator[Callable[[str], None]]:
-    """A progress bar on stderr (tqdm; shown only on a terminal unless ``enabled``). Yields
-    ``step(label)``, to call as each unit of work starts: it counts the previous one as done and
-    shows what runs now."""
+def progress(description: str, total: int | None = None, *, unit: str = "run",
+             enabled: bool | None = None) -> Iterator[Progress]:
+    """A progress bar on stderr (tqdm; shown only on a terminal unless ``enabled``) counting
+    ``total`` units of work (a count, percentage and time left when ``total`` is known)."""
     from tqdm import tqdm
 
-    with tqdm(total=total, desc=description, unit="run", leave=False, disable=None if enabled is None else not enabled) as bar:
-        started = [False]
-
-        def step(label: str) -> None:
-            if started[0]:
-                bar.update(1)
-            started[0] = True
-            bar.set_postfix_str(label)
-
-        yield step
-        if started[0]:
-            bar.update(1)
+    disable = None if enabled is None else not enabled  # None: tqdm's own test, shown on a terminal only
+    with tqdm(total=total, desc=description, unit=unit, leave=False, disable=disable) as bar:
+        handle = Progress(bar)
+        yield handle
+        handle.finish()

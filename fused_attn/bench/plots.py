@@ -1,4 +1,4 @@
-"""PNG plots of ``fused-attn bench`` records and ``fused-attn profile-memory`` results (matplotlib)."""
+"""Plots (PNG, SVG or PDF) of ``fused-attn bench`` records and ``fused-attn profile-memory`` results (matplotlib)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def require_matplotlib() -> None:
 def _panels(records: list[dict]) -> dict[tuple, list[dict]]:
     panels: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
-        if "skipped" in r:
+        if r.get("skipped"):
             continue
         x = X_AXIS.get(r["suite"])
         rest = tuple((k, v) for k, v in r["shape"].items() if k not in (x, "batch"))
@@ -71,7 +71,7 @@ def plot_bench(records: list[dict], path: str) -> None:
     fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.4 * len(panels)), squeeze=False)
     for (key, rows), (ax_rate, ax_mem) in zip(panels.items(), axes):
         x_key = X_AXIS[key[0]]
-        metric, label = next(((m, lab) for m, lab in METRICS if m in rows[0]), ("median_ms", "median ms"))
+        metric, label = next(((m, lab) for m, lab in METRICS if rows[0].get(m) is not None), ("median_ms", "median ms"))
         by_impl: dict[str, list[dict]] = defaultdict(list)
         for r in rows:
             by_impl[r["impl"]].append(r)

@@ -17,6 +17,10 @@ that can serve the case on this machine follow, then other libraries' kernels wh
 ``optimized`` (``fused_attn.optimize``) and ``compiled``. An implementation that cannot run
 in a case is in the case's ``skipped`` with the reason.
 
+Each suite lists its cases' shapes first (:data:`SHAPES`: how many cases a run has, known before
+any is set up), then sets each case up in turn; a case whose set-up runs out of memory or whose
+sizes overflow the integer types raises :class:`CaseSetupFailed` with the shape it tried.
+
 Work is counted as FLOPs for attention and the FFN (:func:`.harness.attention_flops`,
 :func:`.harness.ffn_flops`) and as bytes that must cross memory for the memory-bound ops.
 """
@@ -72,13 +76,43 @@ class Case:
     baseline: str = "torch"  # the eager implementation speed-ups are reported against
 
 
+# The rate each suite reports: TFLOP/s for compute-bound ops, GB/s for memory-bound ones, tokens/s for models.
+RATE_KEYS = {"attention": "tflops", "ffn": "tflops", "softmax": "gbps", "layer_norm": "gbps",
+             "add_layer_norm": "gbps", "model": "tokens_per_s"}
+
+
+class CaseSetupFailed(Exception):
+    """Setting up the case of ``shape`` ran out of memory, or its sizes overflow the integer types
+    (the exception is the ``__cause__``)."""
+
+    def __init__(self, shape: dict, cause: BaseException):
+        super().__init__(harness.one_line_reason(cause))
+        self.shape = shape
+        self.cause = cause
+
+
+def _cases(shapes: list[dict], build: Callable[[dict], Case]) -> Iterator[Case]:
+    """``build(shape)`` for each shape in turn; a set-up that runs out of memory or overflows
+    raises :class:`CaseSetupFailed` naming the shape."""
+    for shape in shapes:
+        try:
+            case = build(shape)
+        except Exception as exc:
+            if harness.is_out_of_memory(exc) or harness.is_size_overflow(exc):
+                raise CaseSetupFailed(shape, exc) from exc
+            raise
+        yield case
+
+
 def _fused_backends(op: str, inputs: backends.Inputs, wanted: list[str] | None) -> tuple[list[str], dict[str, str]]:
     ok, skipped = [], {}
     for name, reasons in backends.explain(op, inputs).items():
         if name == "reference" or (wanted and name not in wanted):
             continue
         if reasons:
-            skipped[name] = "; ".join(reasons)
+            # A backend that cannot run on this device at all: that one reason says it (the
+            # device and dtype checks that follow would repeat it).
+            skipped[name] = "; ".join(backends.backend_unavailable_reasons(name, inputs.device) or reasons)
         else:
             ok.append(name)
     return ok, skipped
@@ -161,10 +195,16 @@ LAYER_NORM_ROWS = {"cpu": 4096, "cuda": 16384}
 LAYER_NORM_HIDDEN = {"cpu": [768, 1024, 4096], "cuda": [768, 1024, 4096, 8192]}
 
 
-def layer_norm_cases(s: Settings) -> Iterator[Case]:
+def layer_norm_shapes(s: Settings) -> list[dict]:
     rows = s.rows or LAYER_NORM_ROWS[s.device.type]
+    return [{"rows": rows, "hidden": hidden} for hidden in s.hiddens or LAYER_NORM_HIDDEN[s.device.type]]
+
+
+def layer_norm_cases(s: Settings) -> Iterator[Case]:
     training = s.mode == "fwd+bwd"
-    for hidden in s.hiddens or LAYER_NORM_HIDDEN[s.device.type]:
+
+    def build(shape: dict) -> Case:
+        rows, hidden = shape["rows"], shape["hidden"]
         x = torch.randn(rows, hidden, device=s.device, dtype=s.dtype, requires_grad=training)
         w = torch.randn(hidden, device=s.device, dtype=s.dtype, requires_grad=training)
         b = torch.randn(hidden, device=s.device, dtype=s.dtype, requires_grad=training)
@@ -181,7 +221,9 @@ def layer_norm_cases(s: Settings) -> Iterator[Case]:
         for name in names:
             impls[name] = _runner(lambda name=name: fused_attn.layer_norm(x, (hidden,), w, b, backend=name), grad)
         _add_optional(impls, skipped, grad, third_party.layer_norm(x, w, b, 1e-5))
-        yield Case("layer_norm", {"rows": rows, "hidden": hidden}, s.dtype, s.mode, impls, skipped, min_bytes=moved)
+        return Case("layer_norm", shape, s.dtype, s.mode, impls, skipped, min_bytes=moved)
+
+    return _cases(layer_norm_shapes(s), build)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,58 +263,68 @@ def attention_heads(s: Settings) -> int:
     return s.heads or (12 if s.device.type == "cpu" else max(1, 2048 // (s.head_dim or 64)))
 
 
-def attention_cases(s: Settings) -> Iterator[Case]:
-    """Self-attention over the sequence sweep; with ``kv_heads`` (grouped-query) key and value have
-    fewer heads: implementations that take them as they are (``enable_gqa``, flash-attn) do, the
-    others (eager, the reference, xformers) repeat them inside the timed call."""
+def attention_shapes(s: Settings) -> list[dict]:
     head_dim = s.head_dim or 64
     heads = attention_heads(s)
     kv_heads = s.kv_heads or heads
     if heads % kv_heads:
         raise ValueError(f"kv_heads {kv_heads} must divide heads {heads}")
-    gqa = kv_heads != heads
+    return [
+        {"batch": s.batch or max(1, ATTENTION_TOKENS[s.device.type] // seq), "heads": heads,
+         **({"kv_heads": kv_heads} if kv_heads != heads else {}), "seq": seq, "head_dim": head_dim, "causal": causal}
+        for causal in s.causal or [False, True]
+        for seq in s.seqs or ATTENTION_SEQS[s.device.type]
+    ]
+
+
+def attention_cases(s: Settings) -> Iterator[Case]:
+    """Self-attention over the sequence sweep; with ``kv_heads`` (grouped-query) key and value have
+    fewer heads: implementations that take them as they are (``enable_gqa``, flash-attn) do, the
+    others (eager, the reference, xformers) repeat them inside the timed call."""
     training = s.mode == "fwd+bwd"
-    for causal in s.causal or [False, True]:
-        for seq in s.seqs or ATTENTION_SEQS[s.device.type]:
-            batch = s.batch or max(1, ATTENTION_TOKENS[s.device.type] // seq)
-            q, k, v = (
-                torch.randn(batch, n, seq, head_dim, device=s.device, dtype=s.dtype, requires_grad=training)
-                for n in (heads, kv_heads, kv_heads)
-            )
-            grad = torch.randn_like(q) if training else None
-            # What a user writes: the causal mask is made once, outside the timed call.
-            future = torch.ones(seq, seq, dtype=torch.bool, device=s.device).triu(1) if causal else None
-            flops = harness.attention_flops(batch, heads, seq, seq, head_dim, causal=causal, mode=s.mode)
-            inputs = backends.Inputs(
-                s.device, s.dtype, {"head_dim": head_dim, "head_dim_v": head_dim, "dropout": False, "q_len": seq, "k_len": seq}
-            )
-            names, skipped = _fused_backends("scaled_dot_product_attention", inputs, s.backends)
 
-            def eager(future=future, scale=head_dim**-0.5) -> torch.Tensor:
-                scores = q @ repeat_kv_heads(k, heads).transpose(-2, -1) * scale
-                if future is not None:
-                    scores = scores.masked_fill(future, float("-inf"))
-                return torch.softmax(scores, -1) @ repeat_kv_heads(v, heads)
+    def build(shape: dict) -> Case:
+        batch, heads, seq, head_dim, causal = (shape[key] for key in ("batch", "heads", "seq", "head_dim", "causal"))
+        kv_heads = shape.get("kv_heads", heads)
+        gqa = kv_heads != heads
+        q, k, v = (
+            torch.randn(batch, n, seq, head_dim, device=s.device, dtype=s.dtype, requires_grad=training)
+            for n in (heads, kv_heads, kv_heads)
+        )
+        grad = torch.randn_like(q) if training else None
+        # What a user writes: the causal mask is made once, outside the timed call.
+        future = torch.ones(seq, seq, dtype=torch.bool, device=s.device).triu(1) if causal else None
+        flops = harness.attention_flops(batch, heads, seq, seq, head_dim, causal=causal, mode=s.mode)
+        inputs = backends.Inputs(
+            s.device, s.dtype, {"head_dim": head_dim, "head_dim_v": head_dim, "dropout": False, "q_len": seq, "k_len": seq}
+        )
+        names, skipped = _fused_backends("scaled_dot_product_attention", inputs, s.backends)
 
-            impls: dict[str, Callable[[], object]] = {
-                "eager": _runner(eager, grad),
-                "torch": _runner(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa), grad),
-                "reference": _runner(lambda: _grouped_reference(q, k, v, causal), grad),
-            }
-            compiled = _compiled(s, _grouped_reference, q, k, v, causal)
-            flash = _torch_flash(q, k, v, causal)
-            _add_optional(impls, skipped, grad, [("torch-flash", flash), ("compiled", compiled)])
-            for name in names:
-                impls[name] = _runner(
-                    lambda name=name: fused_attn.scaled_dot_product_attention(
-                        q, k, v, is_causal=causal, enable_gqa=gqa, backend=name
-                    ),
-                    grad,
-                )
-            _add_optional(impls, skipped, grad, third_party.attention(q, k, v, causal))
-            shape = {"batch": batch, "heads": heads, **({"kv_heads": kv_heads} if gqa else {}), "seq": seq,
-                     "head_dim": head_dim, "causal": causal}
-            yield Case("attention", shape, s.dtype, s.mode, impls, skipped, flops=flops, baseline="eager")
+        def eager(scale=head_dim**-0.5) -> torch.Tensor:
+            scores = q @ repeat_kv_heads(k, heads).transpose(-2, -1) * scale
+            if future is not None:
+                scores = scores.masked_fill(future, float("-inf"))
+            return torch.softmax(scores, -1) @ repeat_kv_heads(v, heads)
+
+        impls: dict[str, Callable[[], object]] = {
+            "eager": _runner(eager, grad),
+            "torch": _runner(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa), grad),
+            "reference": _runner(lambda: _grouped_reference(q, k, v, causal), grad),
+        }
+        compiled = _compiled(s, _grouped_reference, q, k, v, causal)
+        flash = _torch_flash(q, k, v, causal)
+        _add_optional(impls, skipped, grad, [("torch-flash", flash), ("compiled", compiled)])
+        for name in names:
+            impls[name] = _runner(
+                lambda name=name: fused_attn.scaled_dot_product_attention(
+                    q, k, v, is_causal=causal, enable_gqa=gqa, backend=name
+                ),
+                grad,
+            )
+        _add_optional(impls, skipped, grad, third_party.attention(q, k, v, causal))
+        return Case("attention", shape, s.dtype, s.mode, impls, skipped, flops=flops, baseline="eager")
+
+    return _cases(attention_shapes(s), build)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,11 +333,16 @@ def attention_cases(s: Settings) -> Iterator[Case]:
 SOFTMAX_SEQS = {"cpu": [128, 512, 1024], "cuda": [512, 1024, 2048, 4096]}
 
 
+def softmax_shapes(s: Settings) -> list[dict]:
+    return [{"batch": s.batch or max(1, (4096 if s.device.type == "cuda" else 256) // seq), "heads": s.heads or 12,
+             "seq": seq} for seq in s.seqs or SOFTMAX_SEQS[s.device.type]]
+
+
 def softmax_cases(s: Settings) -> Iterator[Case]:
-    heads = s.heads or 12
     training = s.mode == "fwd+bwd"
-    for seq in s.seqs or SOFTMAX_SEQS[s.device.type]:
-        batch = s.batch or max(1, (4096 if s.device.type == "cuda" else 256) // seq)
+
+    def build(shape: dict) -> Case:
+        batch, heads, seq = shape["batch"], shape["heads"], shape["seq"]
         x = torch.randn(batch, heads, seq, seq, device=s.device, dtype=s.dtype, requires_grad=training)
         pad = torch.rand(batch, 1, 1, seq, device=s.device) > 0.1
         grad = torch.randn_like(x) if training else None
@@ -298,7 +355,9 @@ def softmax_cases(s: Settings) -> Iterator[Case]:
         _add_optional(impls, skipped, grad, [("compiled", _compiled(s, fused_attn.reference.softmax, x, -1, pad, 0.125))])
         for name in names:
             impls[name] = _runner(lambda name=name: fused_attn.softmax(x, -1, pad, 0.125, backend=name), grad)
-        yield Case("softmax", {"batch": batch, "heads": heads, "seq": seq}, s.dtype, s.mode, impls, skipped, min_bytes=moved)
+        return Case("softmax", shape, s.dtype, s.mode, impls, skipped, min_bytes=moved)
+
+    return _cases(softmax_shapes(s), build)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,48 +368,61 @@ FFN_SHAPES = [(768, 3072), (1024, 4096)]
 FFN_TOKENS = {"cpu": [512, 2048], "cuda": [4096, 8192, 16384, 32768]}
 
 
+def ffn_shapes(s: Settings) -> list[dict]:
+    widths = [(width, 4 * width) for width in s.hiddens] if s.hiddens else FFN_SHAPES
+    return [{"tokens": tokens, "d_model": model, "hidden": hidden}
+            for model, hidden in widths for tokens in ([s.rows] if s.rows else FFN_TOKENS[s.device.type])]
+
+
 def ffn_cases(s: Settings) -> Iterator[Case]:
     training = s.mode == "fwd+bwd"
     p = 0.1 if training else 0.0
-    shapes = [(width, 4 * width) for width in s.hiddens] if s.hiddens else FFN_SHAPES
-    for model, hidden in shapes:
-        for tokens in [s.rows] if s.rows else FFN_TOKENS[s.device.type]:
-            make = lambda *shape, scale=1.0: (torch.randn(*shape, device=s.device) * scale).to(s.dtype).requires_grad_(training)  # noqa: E731
-            x = make(tokens, model)
-            w1, b1 = make(hidden, model, scale=model**-0.5), make(hidden)
-            w2, b2 = make(model, hidden, scale=hidden**-0.5), make(model)
-            grad = torch.randn_like(x) if training else None
-            flops = harness.ffn_flops(tokens, model, hidden, mode=s.mode)
-            names, skipped = _fused_backends("ffn", backends.Inputs(s.device, s.dtype, {"in_features": model}), s.backends)
 
-            def eager() -> torch.Tensor:
-                h = F.gelu(F.linear(x, w1, b1))
-                return F.dropout(F.linear(h, w2, b2), p, training=training)
+    def build(shape: dict) -> Case:
+        tokens, model, hidden = shape["tokens"], shape["d_model"], shape["hidden"]
+        make = lambda *size, scale=1.0: (torch.randn(*size, device=s.device) * scale).to(s.dtype).requires_grad_(training)  # noqa: E731
+        x = make(tokens, model)
+        w1, b1 = make(hidden, model, scale=model**-0.5), make(hidden)
+        w2, b2 = make(model, hidden, scale=hidden**-0.5), make(model)
+        grad = torch.randn_like(x) if training else None
+        flops = harness.ffn_flops(tokens, model, hidden, mode=s.mode)
+        names, skipped = _fused_backends("ffn", backends.Inputs(s.device, s.dtype, {"in_features": model}), s.backends)
 
-            impls: dict[str, Callable[[], object]] = {
-                "torch": _runner(eager, grad),
-                "reference": _runner(lambda: fused_attn.reference.ffn(x, w1, b1, w2, b2, "none", p), grad),
-            }
-            compiled = _compiled(s, fused_attn.reference.ffn, x, w1, b1, w2, b2, "none", p)
-            _add_optional(impls, skipped, grad, [("compiled", compiled)])
-            for name in names:
-                impls[name] = _runner(
-                    lambda name=name: fused_attn.ffn(x, w1, b1, w2, b2, "none", p, backend=name), grad
-                )
-            if training:
-                skipped["apex"] = "apex's fused dense has no dropout: compared in inference only"
-            else:
-                _add_optional(impls, skipped, grad, third_party.ffn(x, w1, b1, w2, b2))
-            shape = {"tokens": tokens, "d_model": model, "hidden": hidden}
-            yield Case("ffn", shape, s.dtype, s.mode, impls, skipped, flops=flops)
+        def eager() -> torch.Tensor:
+            h = F.gelu(F.linear(x, w1, b1))
+            return F.dropout(F.linear(h, w2, b2), p, training=training)
+
+        impls: dict[str, Callable[[], object]] = {
+            "torch": _runner(eager, grad),
+            "reference": _runner(lambda: fused_attn.reference.ffn(x, w1, b1, w2, b2, "none", p), grad),
+        }
+        compiled = _compiled(s, fused_attn.reference.ffn, x, w1, b1, w2, b2, "none", p)
+        _add_optional(impls, skipped, grad, [("compiled", compiled)])
+        for name in names:
+            impls[name] = _runner(
+                lambda name=name: fused_attn.ffn(x, w1, b1, w2, b2, "none", p, backend=name), grad
+            )
+        if training:
+            skipped["apex"] = "apex's fused dense has no dropout: compared in inference only"
+        else:
+            _add_optional(impls, skipped, grad, third_party.ffn(x, w1, b1, w2, b2))
+        return Case("ffn", shape, s.dtype, s.mode, impls, skipped, flops=flops)
+
+    return _cases(ffn_shapes(s), build)
+
+
+def add_layer_norm_shapes(s: Settings) -> list[dict]:
+    rows = s.rows or LAYER_NORM_ROWS[s.device.type]
+    return [{"rows": rows, "hidden": hidden} for hidden in s.hiddens or LAYER_NORM_HIDDEN[s.device.type][:2]]
 
 
 def add_layer_norm_cases(s: Settings) -> Iterator[Case]:
-    rows = s.rows or LAYER_NORM_ROWS[s.device.type]
     training = s.mode == "fwd+bwd"
     p = 0.1 if training else 0.0
-    for hidden in s.hiddens or LAYER_NORM_HIDDEN[s.device.type][:2]:
-        make = lambda *shape: torch.randn(*shape, device=s.device, dtype=s.dtype, requires_grad=training)  # noqa: E731
+
+    def build(shape: dict) -> Case:
+        rows, hidden = shape["rows"], shape["hidden"]
+        make = lambda *size: torch.randn(*size, device=s.device, dtype=s.dtype, requires_grad=training)  # noqa: E731
         x, res = make(rows, hidden), make(rows, hidden)
         w, b, ib = make(hidden), make(hidden), make(hidden)
         grad = torch.randn_like(x) if training else None
@@ -371,7 +443,9 @@ def add_layer_norm_cases(s: Settings) -> Iterator[Case]:
             impls[name] = _runner(
                 lambda name=name: fused_attn.add_layer_norm(x, res, w, b, 1e-5, p, ib, backend=name), grad
             )
-        yield Case("add_layer_norm", {"rows": rows, "hidden": hidden}, s.dtype, s.mode, impls, skipped, min_bytes=moved)
+        return Case("add_layer_norm", shape, s.dtype, s.mode, impls, skipped, min_bytes=moved)
+
+    return _cases(add_layer_norm_shapes(s), build)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,6 +482,14 @@ def _model_step(model: torch.nn.Module, step: Callable, training: bool) -> Calla
     return train
 
 
+def model_shapes(s: Settings) -> list[dict]:
+    """One per (model, seq): ``layers`` None for the model's own count (filled in once it is built;
+    the Transformer's is per stack, encoder and decoder each)."""
+    defaults = [(m, None, 8, 256) for m in s.models] if s.models else MODEL_SHAPES[s.device.type]
+    return [{"model": name, "layers": s.layers or layers, "batch": s.batch or batch, "seq": seq}
+            for name, layers, batch, default_seq in defaults for seq in s.seqs or [default_seq]]
+
+
 def model_cases(s: Settings) -> Iterator[Case]:
     """Reference BERT (and Hugging Face BERT when installed): plain, optimize()d, torch.compile()d.
 
@@ -415,30 +497,27 @@ def model_cases(s: Settings) -> Iterator[Case]:
     forward, backward, SGD update).
     """
     training = s.mode == "fwd+bwd"
-    shapes = MODEL_SHAPES[s.device.type]
-    if s.models:
-        shapes = [(m, None, 8, 256) for m in s.models]
-    for name, layers, batch, seq in shapes:
-        batch, layers = s.batch or batch, s.layers or layers
-        for seq in s.seqs or [seq]:
-            shape = {"model": name, "layers": layers, "batch": batch, "seq": seq}
-            try:
-                w = workloads.build(name, batch=batch, seq=seq, layers=layers, device=s.device, dtype=s.dtype)
-            except workloads.WorkloadUnavailable as exc:
-                names = ["plain", "optimized"] + (["compiled"] if s.compile or s.compile_skipped else [])
-                yield Case("model", shape, s.dtype, s.mode, {}, {impl: str(exc) for impl in names}, baseline="plain")
-                continue
-            shape["layers"] = w.layers
-            impls = {
-                "plain": _model_step(w.model, w.step, training),
-                "optimized": _model_step(workloads.optimized(w), w.step, training),
-            }
-            skipped = {}
-            if s.compile:
-                impls["compiled"] = _model_step(torch.compile(w.model), w.step, training)
-            elif s.compile_skipped:
-                skipped["compiled"] = s.compile_skipped
-            yield Case("model", shape, s.dtype, s.mode, impls, skipped, tokens=w.tokens, baseline="plain")
+
+    def build(shape: dict) -> Case:
+        try:
+            w = workloads.build(shape["model"], batch=shape["batch"], seq=shape["seq"], layers=shape["layers"],
+                                device=s.device, dtype=s.dtype, training=training)
+        except workloads.WorkloadUnavailable as exc:
+            names = ["plain", "optimized"] + (["compiled"] if s.compile or s.compile_skipped else [])
+            return Case("model", shape, s.dtype, s.mode, {}, {impl: str(exc) for impl in names}, baseline="plain")
+        shape = {**shape, "layers": w.layers}
+        impls = {
+            "plain": _model_step(w.model, w.step, training),
+            "optimized": _model_step(workloads.optimized(w), w.step, training),
+        }
+        skipped = {}
+        if s.compile:
+            impls["compiled"] = _model_step(torch.compile(w.model), w.step, training)
+        elif s.compile_skipped:
+            skipped["compiled"] = s.compile_skipped
+        return Case("model", shape, s.dtype, s.mode, impls, skipped, tokens=w.tokens, baseline="plain")
+
+    return _cases(model_shapes(s), build)
 
 
 SUITES: dict[str, Callable[[Settings], Iterator[Case]]] = {
@@ -448,4 +527,14 @@ SUITES: dict[str, Callable[[Settings], Iterator[Case]]] = {
     "layer_norm": layer_norm_cases,
     "model": model_cases,
     "softmax": softmax_cases,
+}
+
+# Each suite's case shapes, in the order its cases run.
+SHAPES: dict[str, Callable[[Settings], list[dict]]] = {
+    "add_layer_norm": add_layer_norm_shapes,
+    "attention": attention_shapes,
+    "ffn": ffn_shapes,
+    "layer_norm": layer_norm_shapes,
+    "model": model_shapes,
+    "softmax": softmax_shapes,
 }

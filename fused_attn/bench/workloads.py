@@ -10,6 +10,7 @@ would dominate both time and memory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import torch
@@ -22,6 +23,10 @@ class WorkloadUnavailable(RuntimeError):
     """The workload cannot be built here (e.g. an optional dependency is missing)."""
 
 
+class WorkloadTooLarge(MemoryError):
+    """The workload's estimated bytes exceed the memory available on its device."""
+
+
 @dataclasses.dataclass
 class Workload:
     name: str
@@ -29,7 +34,7 @@ class Workload:
     step: Callable[[nn.Module], torch.Tensor]
     batch: int
     seq: int
-    layers: int
+    layers: int  # as ``build`` takes it: the Transformer's per stack (encoder and decoder each)
 
     @property
     def tokens(self) -> int:
@@ -53,6 +58,84 @@ def _bert_config(name: str, layers: int | None, seq: int):
     return sizes(**overrides)
 
 
+def _config(name: str, layers: int | None, seq: int):
+    """The model's config: a BERT's, or the Transformer's with ``layers`` in each stack."""
+    if name != "transformer":
+        return _bert_config(name, layers, seq)
+    from ..models import TransformerConfig
+
+    config = TransformerConfig(max_position_embeddings=max(1024, seq))
+    if layers is not None:
+        config.num_encoder_layers = config.num_decoder_layers = layers
+    return config
+
+
+def _model(name: str, config) -> nn.Module:
+    if name == "transformer":
+        from ..models import Transformer
+
+        return Transformer(config)
+    if name == "hf-bert":
+        try:
+            import transformers
+        except ImportError:
+            raise WorkloadUnavailable("hf-bert needs the transformers package (pip install transformers)") from None
+        return transformers.BertModel(transformers.BertConfig(**config.to_hf_kwargs()), add_pooling_layer=False)
+    from ..models import BertModel
+
+    return BertModel(config, add_pooling_layer=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _sizes(name: str, layers: int | None, seq: int) -> tuple[int, int, int, int]:
+    """(parameter elements, buffer elements, hidden width, layers in all) of the model, counted on
+    the meta device (nothing allocated). hf-bert has the reference BERT's sizes: counted on it, so
+    that no transformers import is needed."""
+    config = _config(name, layers, seq)
+    with torch.device("meta"):
+        model = _model("bert-base" if name == "hf-bert" else name, config)
+    width = getattr(config, "hidden_size", None) or config.d_model
+    depth = getattr(config, "num_hidden_layers", None) or config.num_encoder_layers + config.num_decoder_layers
+    return (sum(p.numel() for p in model.parameters()), sum(b.numel() for b in model.buffers()), width, depth)
+
+
+def estimate_bytes(name: str, *, batch: int, seq: int, layers: int | None = None, dtype: torch.dtype,
+                   training: bool) -> dict[str, int]:
+    """A lower bound of the bytes a run of the workload holds at once on its device, by part:
+    ``inputs`` (the int64 token ids and padding mask), ``parameters`` (the model's parameters and
+    buffers, counted on the meta device, for the plain model and its ``optimize()``d copy, which
+    ``fused-attn bench`` and ``profile-memory`` both hold; with ``training`` also one model's
+    gradients) and ``activations`` (two [batch, seq, width] hidden states, the least a forward
+    holds, and with ``training`` one more per layer, saved for backward). The real peak is
+    higher (attention scores, the FFN's hidden layer, workspaces): a size this refuses cannot fit."""
+    params, buffers, width, depth = _sizes(name, layers, seq)
+    element = torch.empty((), dtype=dtype).element_size()
+    hidden = batch * seq * width * element
+    return {
+        "inputs": 2 * batch * seq * 8,
+        "parameters": ((2 + training) * params + 2 * buffers) * element,
+        "activations": (2 + (depth if training else 0)) * hidden,
+    }
+
+
+def check_fits(name: str, *, batch: int, seq: int, layers: int | None = None, device: torch.device,
+               dtype: torch.dtype, training: bool) -> None:
+    """Raises :class:`WorkloadTooLarge` when the workload's lower-bound estimate exceeds the memory
+    available on ``device``: said before anything is allocated, where an attempt could end with
+    the process killed by the system's out-of-memory handler, without a message."""
+    from .harness import available_bytes, size_text
+
+    available = available_bytes(device)
+    if available is None:
+        return
+    parts = estimate_bytes(name, batch=batch, seq=seq, layers=layers, dtype=dtype, training=training)
+    total = sum(parts.values())
+    if total > available:
+        detail = ", ".join(f"{part} {size_text(n)}" for part, n in parts.items())
+        raise WorkloadTooLarge(f"{name} at batch {batch}, seq {seq} needs at least {size_text(total)} ({detail}), "
+                               f"more than the {size_text(available)} available on {torch.device(device).type}")
+
+
 def _padding_mask(batch: int, seq: int, device: torch.device) -> torch.Tensor:
     """1 = token, 0 = padding: every other sequence has its last eighth padded."""
     mask = torch.ones(batch, seq, dtype=torch.long, device=device)
@@ -62,45 +145,34 @@ def _padding_mask(batch: int, seq: int, device: torch.device) -> torch.Tensor:
 
 def build(
     name: str, *, batch: int, seq: int, layers: int | None = None, device: torch.device, dtype: torch.dtype,
-    seed: int = 0,
+    seed: int = 0, training: bool = False,
 ) -> Workload:
-    """The model ``name`` (one of :data:`MODELS`) and its step, on ``device`` in ``dtype``."""
+    """The model ``name`` (one of :data:`MODELS`) and its step, on ``device`` in ``dtype``;
+    ``layers`` for the Transformer is its encoder's and its decoder's, each. Refused
+    (:class:`WorkloadTooLarge`) when it cannot fit (:func:`check_fits`; ``training`` for a
+    training step)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
     if batch < 1 or seq < 1 or (layers is not None and layers < 1):
         raise ValueError(f"batch, seq and layers must be positive, got batch={batch}, seq={seq}, layers={layers}")
+    check_fits(name, batch=batch, seq=seq, layers=layers, device=device, dtype=dtype, training=training)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     device = torch.device(device)
     mask = _padding_mask(batch, seq, device)
+    config = _config(name, layers, seq)
+    model = _model(name, config)
 
     if name == "transformer":
-        from ..models import Transformer, TransformerConfig
-
-        config = TransformerConfig(max_position_embeddings=max(1024, seq))
-        if layers is not None:
-            config.num_encoder_layers = config.num_decoder_layers = layers
-        model = Transformer(config)
         src = torch.randint(1, config.src_vocab_size, (batch, seq), generator=gen).to(device)
         pad = mask == 0
 
         def step(m: nn.Module) -> torch.Tensor:
             return m.decode(src, m.encode(src, pad), pad, pad)
 
-        n_layers = config.num_encoder_layers + config.num_decoder_layers
+        n_layers = config.num_encoder_layers
     else:
-        config = _bert_config(name, layers, seq)
         ids = torch.randint(1, config.vocab_size, (batch, seq), generator=gen).to(device)
-        if name == "hf-bert":
-            try:
-                import transformers
-            except ImportError:
-                raise WorkloadUnavailable("hf-bert needs the transformers package (pip install transformers)") from None
-            model = transformers.BertModel(transformers.BertConfig(**config.to_hf_kwargs()), add_pooling_layer=False)
-        else:
-            from ..models import BertModel
-
-            model = BertModel(config, add_pooling_layer=False)
 
         def step(m: nn.Module) -> torch.Tensor:
             return m(input_ids=ids, attention_mask=mask).last_hidden_state

@@ -1,4 +1,9 @@
-"""``fused-attn profile-memory``: peak and per-module memory of a model, plain vs ``optimize()``d."""
+"""fused-attn profile-memory: peak and per-module memory of a model, plain vs optimize()d.
+
+By default one BERT-base layer at batch 1, seq 2048, forward and backward (a minute on a CPU).
+A workload whose bytes (a lower bound: inputs, parameters, hidden states) exceed the memory
+available is refused before it is built.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +13,24 @@ import json
 import torch
 
 from ..bench import workloads
-from ..bench.cli import DTYPES, PLOT_SUFFIXES, UsageError, check_output, positive_int, resolve_device
+from ..bench.cli import DTYPES, PLOT_SUFFIXES, UsageError, check_outputs, positive_int, resolve_device
 from ..bench.harness import is_out_of_memory, is_size_overflow, one_line_reason, progress
 from . import memory
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=workloads.MODELS, default="bert-base")
+    parser.add_argument("--model", choices=workloads.MODELS, default="bert-base", help="default: %(default)s")
     parser.add_argument("--layers", type=positive_int, default=1,
-                        help="encoder layers; transformer: encoder and decoder layers, each (default 1)")
-    parser.add_argument("--batch", type=positive_int, default=1)
-    parser.add_argument("--seq", type=positive_int, default=2048)
+                        help="encoder layers; transformer: encoder and decoder layers, each (default %(default)s)")
+    parser.add_argument("--batch", type=positive_int, default=1, help="default: %(default)s")
+    parser.add_argument("--seq", type=positive_int, default=2048, help="default: %(default)s")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if present")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on cpu, bfloat16 on cuda")
-    parser.add_argument("--mode", choices=["fwd", "fwd+bwd"], default="fwd+bwd")
+    parser.add_argument("--mode", choices=["fwd", "fwd+bwd"], default="fwd+bwd",
+                        help="fwd: inference; fwd+bwd: forward and backward of a training step (default)")
     parser.add_argument("--json", type=str, default=None, help="write the measurements to this path")
-    parser.add_argument("--plot", type=str, default=None, help="write a bar plot (PNG) to this path")
+    parser.add_argument("--plot", type=str, default=None,
+                        help="write a bar plot to this path: .png, .svg or .pdf (needs matplotlib)")
     parser.add_argument("--snapshot", type=str, default=None,
                         help="CUDA only: write an allocator snapshot (open it at pytorch.org/memory_viz)")
 
@@ -51,12 +58,23 @@ def format_table(result: dict) -> str:
             f"{_mib(p['saved_bytes']):>9} {_mib(f['saved_bytes']):>8}"
         )
     lines.append("-" * (width + 62))
-    ratio = result["ratio"]
-    lines.append(
-        f"peak: plain {_mib(result['plain']['peak_bytes'])} MiB, fused {_mib(result['fused']['peak_bytes'])} MiB, "
-        f"fused/plain {ratio:.3f}" if ratio is not None else "peak: nothing was allocated"
-    )
+    if result["ratio"] is None:
+        lines.append("peak: nothing was allocated")
+        return "\n".join(lines)
+    training = result["mode"] == "fwd+bwd"
+    lines.append(_comparison("peak of the step" if training else "peak", result, "peak_bytes", "ratio"))
+    if training:
+        # The step's peak, reached in backward, holds the parameters' gradients: in a small model
+        # at a short length they hide what fusion saves, which these two show.
+        lines.append(_comparison("forward peak", result, "forward_peak_bytes", "forward_ratio"))
+        lines.append(_comparison("saved for backward", result, "saved_bytes", "saved_ratio"))
     return "\n".join(lines)
+
+
+def _comparison(label: str, result: dict, key: str, ratio_key: str) -> str:
+    ratio = result[ratio_key]
+    return (f"{label}: plain {_mib(result['plain'][key])} MiB, fused {_mib(result['fused'][key])} MiB"
+            + (f", fused/plain {ratio:.3f}" if ratio is not None else ""))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,27 +82,26 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     if args.snapshot and device.type != "cuda":
         raise UsageError("--snapshot needs --device cuda (the snapshot is the CUDA caching allocator's)")
-    for path, flag, suffixes in ((args.json, "--json", None), (args.plot, "--plot", PLOT_SUFFIXES),
-                                 (args.snapshot, "--snapshot", None)):
-        check_output(path, flag, suffixes)
+    check_outputs([(args.json, "--json", None), (args.plot, "--plot", PLOT_SUFFIXES),
+                   (args.snapshot, "--snapshot", None)])
     if args.plot is not None:
         from ..bench import plots
 
         plots.require_matplotlib()
+    training = args.mode == "fwd+bwd"
     try:
         workload = workloads.build(args.model, batch=args.batch, seq=args.seq, layers=args.layers, device=device,
-                                   dtype=dtype)
-        training = args.mode == "fwd+bwd"
+                                   dtype=dtype, training=training)
         plain = workload.model.train(training)
         fused = workloads.optimized(workload).train(training)
         if args.snapshot:
             torch.cuda.memory._record_memory_history(max_entries=200_000)
         profiles = {}
-        with progress("fused-attn profile-memory", 2) as step:
+        with progress("fused-attn profile-memory", 2, unit="model") as bar:
             for label, model in (("plain", plain), ("fused", fused)):
-                step(label)
+                bar.start(label)
                 profiles[label] = memory.profile_model(model, workload.step, device, training=training)
-    except workloads.WorkloadUnavailable as exc:
+    except (workloads.WorkloadUnavailable, workloads.WorkloadTooLarge) as exc:
         raise UsageError(str(exc)) from None
     except Exception as exc:
         if is_size_overflow(exc):
@@ -102,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         "dtype": str(dtype).replace("torch.", ""), "mode": args.mode,
         **memory.compare(profiles["plain"], profiles["fused"]),
     }
-    layers = (f"{args.layers} encoder + {args.layers} decoder layer(s)" if args.model == "transformer"
+    layers = (f"{workload.layers} encoder + {workload.layers} decoder layer(s)" if args.model == "transformer"
               else f"{workload.layers} layer(s)")
     print(f"{args.model}, {layers}, batch {args.batch}, seq {args.seq}, {result['dtype']}, "
           f"{args.mode}, {device}")

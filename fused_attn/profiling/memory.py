@@ -10,7 +10,10 @@ For each module the profiler reports
   counted once, however many views of it are saved, and parameters are not counted;
 
 and for the whole step the peak bytes allocated beyond what was live before it (parameters,
-inputs and the optimizer's state are live before; gradients allocated during backward count).
+inputs and the optimizer's state are live before; gradients allocated during backward count),
+and the forward's own peak (up to the step's output: activations, not gradients; in a small
+model trained at a short length the parameters' gradients can dominate the step's peak, while
+the forward peak and the bytes saved for backward show what fusion saves).
 The model's own row, ``(model)``, is the whole step's, also when the step calls the model's parts
 rather than the model (the Transformer's ``encode`` and ``decode``).
 Bytes come from :class:`fused_attn.bench.harness.MemoryMeter`: CUDA allocator statistics, or on
@@ -45,10 +48,17 @@ class ModuleMemory:
 @dataclasses.dataclass
 class MemoryProfile:
     peak_bytes: int
+    forward_peak_bytes: int
     modules: list[ModuleMemory]
 
+    @property
+    def saved_bytes(self) -> int:
+        """Bytes autograd saved for backward over the whole step (the model's row)."""
+        return next(m.saved_bytes for m in self.modules if m.name == "(model)")
+
     def to_json(self) -> dict:
-        return {"peak_bytes": self.peak_bytes, "modules": [dataclasses.asdict(m) for m in self.modules]}
+        return {"peak_bytes": self.peak_bytes, "forward_peak_bytes": self.forward_peak_bytes,
+                "saved_bytes": self.saved_bytes, "modules": [dataclasses.asdict(m) for m in self.modules]}
 
 
 def profile_model(
@@ -125,13 +135,21 @@ def profile_model(
         row.saved_bytes = sum(
             r.self_saved_bytes for n, r in rows.items() if n == name or not name or n.startswith(name + ".")
         )
-    return MemoryProfile(meter.peak_bytes, [r for r in rows.values() if r.calls])
+    return MemoryProfile(meter.peak_bytes, meter.peak_until("step:end"), [r for r in rows.values() if r.calls])
+
+
+def _ratio(fused: int, plain: int) -> float | None:
+    return fused / plain if plain else None
 
 
 def compare(plain: MemoryProfile, fused: MemoryProfile) -> dict:
-    """The JSON document of ``fused-attn profile-memory``."""
+    """The JSON document of ``fused-attn profile-memory``: both profiles and fused/plain of the
+    step's peak (``ratio``), of the forward's (``forward_ratio``) and of the bytes saved for
+    backward (``saved_ratio``; null in inference, where nothing is saved)."""
     return {
         "plain": plain.to_json(),
         "fused": fused.to_json(),
-        "ratio": fused.peak_bytes / plain.peak_bytes if plain.peak_bytes else None,
+        "ratio": _ratio(fused.peak_bytes, plain.peak_bytes),
+        "forward_ratio": _ratio(fused.forward_peak_bytes, plain.forward_peak_bytes),
+        "saved_ratio": _ratio(fused.saved_bytes, plain.saved_bytes),
     }
