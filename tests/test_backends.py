@@ -461,6 +461,18 @@ def test_func_grad_through_an_optimized_layer():
     torch.testing.assert_close(got, per_sample(layer))
 
 
+def test_learned_per_row_bias_gradient_is_exactly_zero_on_the_reference():
+    """The reference (also what auto runs for float64) gives a key-size-1 bias its exact zero
+    gradient, as the fused backends: not the rounding noise of Lk terms that cancel."""
+    gen = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = (torch.randn(1, 2, 6, 16, generator=gen, dtype=dtype) for _ in range(3))
+        bias = torch.randn(1, 2, 6, 1, generator=gen, dtype=dtype, requires_grad=True)
+        out = fused_attn.scaled_dot_product_attention(q, k, v, bias, backend="reference")
+        (grad,) = torch.autograd.grad(out.square().sum(), bias)
+        assert torch.equal(grad, torch.zeros_like(bias)), dtype
+
+
 def test_forward_mode_ad_with_a_learned_per_row_bias():
     """A float mask of key size 1 that requires grad takes its own path (its gradient is exactly 0,
     softmax ignores it); a tangent on it moves no output either."""

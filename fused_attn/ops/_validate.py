@@ -77,8 +77,12 @@ def transform_features(*tensors: torch.Tensor | None) -> dict[str, bool]:
         t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors
     ):
         features["forward_ad"] = True
-    if torch._C._functorch.maybe_current_level() is not None and any(
-        interpreter.key() in _DIFFERENTIATING for interpreter in retrieve_all_functorch_interpreters()
+    # Dynamo cannot call the interpreter-stack queries while tracing (nor do they tell what the
+    # compiled graph will run under): under torch.compile the check is left out.
+    if (
+        not torch.compiler.is_compiling()
+        and torch._C._functorch.maybe_current_level() is not None
+        and any(interpreter.key() in _DIFFERENTIATING for interpreter in retrieve_all_functorch_interpreters())
     ):
         features["func_transform"] = True
     return features

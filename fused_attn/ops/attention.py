@@ -179,9 +179,9 @@ class _RowShift(torch.autograd.Function):
     """``out`` unchanged, and a zero gradient for ``bias``: a bias of key size 1 (per query, per
     head or a scalar) adds the same value to every score of a row, which softmax ignores, so its
     gradient is exactly 0. The kernels get it detached: computed, that zero would be a sum of
-    Lk terms that cancel only to rounding, and it would cost an Lq x Lk buffer. (The reference,
-    plain differentiable torch, takes the bias as it is: it also serves forward-mode AD, for which
-    this function has no formula, and Dynamo traces no function that has one.)"""
+    Lk terms that cancel only to rounding, and it would cost an Lq x Lk buffer. Under forward-mode
+    AD or a torch.func transform (served by the reference, plain differentiable torch) the bias is
+    taken as it is: this function has no forward formula, as Dynamo traces none that has one."""
 
     @staticmethod
     def forward(out, bias):
@@ -329,7 +329,8 @@ def scaled_dot_product_attention(
     )
     chosen = select("scaled_dot_product_attention", inputs, backend)
     in_reference = runs_reference("scaled_dot_product_attention", chosen, query, key, value, dropout_p=dropout_p)
-    row_shift = (not in_reference and mask is not None and mask.requires_grad
+    transformed = "forward_ad" in inputs.features or "func_transform" in inputs.features
+    row_shift = (not transformed and mask is not None and mask.requires_grad
                  and (attn_mask.dim() == 0 or attn_mask.shape[-1] == 1))
     if row_shift:
         mask = mask.detach()
