@@ -287,10 +287,18 @@ def render_markdown(facts: dict, tests: dict, records: list[dict], sanitizer: di
             plain, fused = memory["plain"]["peak_bytes"], memory["fused"]["peak_bytes"]
             lines.append(f"peak: plain {plain / 2**20:.0f} MiB, fused {fused / 2**20:.0f} MiB, "
                          f"fused/plain {memory['ratio']:.3f}")
+            for key, ratio, what in (("forward_peak_bytes", "forward_ratio", "forward peak"),
+                                     ("saved_bytes", "saved_ratio", "saved for backward")):
+                if memory.get(ratio) is not None:
+                    lines.append(f"{what}: plain {memory['plain'][key] / 2**20:.0f} MiB, fused "
+                                 f"{memory['fused'][key] / 2**20:.0f} MiB, fused/plain {memory[ratio]:.3f}")
             if memory.get("plot"):
                 lines += ["", f"![memory]({memory['plot']})"]
     lines += ["", "## Benchmarks", "", f"{EAGER_NOTE}. Rates at the median time; % of the GPU's published dense "
               "peak.", ""]
+    stale = next((r["extension_stale"] for r in records if r.get("extension_stale")), None)
+    if stale:
+        lines += [f"**The extension was stale when timed** ({stale}): its rows time the build it had.", ""]
     for suite, plot in plots.items():
         lines.append(f"![{suite}]({plot})" if plot.endswith(".png") else f"- {suite}: {plot}")
     lines += ["", "| suite | shape | dtype | mode | impl | median ms | rate | % peak | vs eager | vs torch | peak MiB |",

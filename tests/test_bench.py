@@ -353,14 +353,19 @@ def test_gpu_check_report_renders_tables_plots_and_memory(tmp_path, monkeypatch)
           "shape": shape, "skipped": "not installed (pip install xformers)"}]
     plots = gpu_check.write_plots(records, "stem")
     assert plots == {"attention": "stem-attention.png"} and (tmp_path / "stem-attention.png").exists()
-    memory = {"plain": {"peak_bytes": 4 << 20, "modules": []}, "fused": {"peak_bytes": 1 << 20, "modules": []},
-              "ratio": 0.25, "plot": None}
+    records[0]["extension_stale"] = "the sources changed since it was built"
+    memory = {"plain": {"peak_bytes": 4 << 20, "forward_peak_bytes": 2 << 20, "saved_bytes": 2 << 20, "modules": []},
+              "fused": {"peak_bytes": 1 << 20, "forward_peak_bytes": 1 << 20, "saved_bytes": 1 << 19, "modules": []},
+              "ratio": 0.25, "forward_ratio": 0.5, "saved_ratio": 0.25, "plot": None}
     facts = {"gpu": "H200", "date": "today", "torch": "2", "torch_cuda": "13", "triton": "3", "fused_attn": "0"}
     tests = {"exit_code": 1, "tests": 3, "failures": 1, "errors": 0, "skipped": 1, "tail": "",
              "failed_tests": [{"test": "tests.test_x::test_y", "message": "boom"}]}
     md = gpu_check.render_markdown(facts, tests, records, {"skipped": "--skip-sanitizer"}, plots, memory)
     assert "1 passed, 1 failed" in md and "FAILED `tests.test_x::test_y`: boom" in md
     assert "![attention](stem-attention.png)" in md and "fused/plain 0.250" in md
+    assert "forward peak: plain 2 MiB, fused 1 MiB, fused/plain 0.500" in md
+    assert "saved for backward: plain 2 MiB, fused 0 MiB, fused/plain 0.250" in md
+    assert "extension was stale when timed** (the sources changed since it was built)" in md
     assert "| attention | B4 H16 L2048 D64 full | bfloat16 | fwd | cuda |" in md and "10%" in md
     assert "| 1.00x | - | 1 |" in md  # no speedup_vs_torch in these records
     assert "attention `xformers` (1 case): not installed" in md
