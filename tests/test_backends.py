@@ -399,6 +399,13 @@ def test_forward_mode_ad_under_auto_runs_the_reference(op):
     assert fused_attn.last_backend(op) != "reference"
 
 
+def test_every_transform_feature_has_a_reason():
+    """Each feature transform_features can set is one the backends refuse with a reason of its own."""
+    from fused_attn.ops import _validate
+
+    assert set(backends._TRANSFORMS) == set(_validate.TRANSFORMS)
+
+
 @pytest.mark.parametrize("op", FORWARD_AD_OPS)
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_func_grad_is_refused_by_a_named_fused_backend(op, backend):

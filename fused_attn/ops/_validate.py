@@ -9,6 +9,8 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DIFFERENTIATING = (TransformType.Grad, TransformType.Jvp)
+# The features transform_features sets (backends._TRANSFORMS words why no fused backend serves them).
+TRANSFORMS = ("forward_ad", "func_transform")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -71,12 +73,13 @@ def transform_features(*tensors: torch.Tensor | None) -> dict[str, bool]:
       the generated ones of the Triton ops) cannot take. ``torch.func.vmap`` alone is no such
       transform: the fused ops run under it, once per batch element.
 
-    Outside every transform and dual level it costs two comparisons."""
+    Outside every transform and dual level it costs two comparisons and a query of the
+    interpreter stack's level."""
     features = {}
     if forward_ad._current_level >= 0 and any(
         t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors
     ):
-        features["forward_ad"] = True
+        features[TRANSFORMS[0]] = True
     # Dynamo cannot call the interpreter-stack queries while tracing (nor do they tell what the
     # compiled graph will run under): under torch.compile the check is left out.
     if (
@@ -84,8 +87,14 @@ def transform_features(*tensors: torch.Tensor | None) -> dict[str, bool]:
         and torch._C._functorch.maybe_current_level() is not None
         and any(interpreter.key() in _DIFFERENTIATING for interpreter in retrieve_all_functorch_interpreters())
     ):
-        features["func_transform"] = True
+        features[TRANSFORMS[1]] = True
     return features
+
+
+def under_transform(features: dict) -> bool:
+    """Whether a call's backend features (those of transform_features among them) say it runs
+    under forward-mode AD or a torch.func transform."""
+    return any(features.get(name) for name in TRANSFORMS)
 
 
 def check_same_device(value: torch.Tensor, name: str, like: torch.Tensor, like_name: str) -> None:

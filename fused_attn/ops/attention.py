@@ -20,8 +20,8 @@ from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import (
-    check_bool, check_dropout_p, check_mask, check_same_device, check_tensor, dtype_name, transform_features,
-    is_finite_number,
+    check_bool, check_dropout_p, check_mask, check_same_device, check_tensor, dtype_name, is_finite_number,
+    transform_features, under_transform,
 )
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -329,8 +329,7 @@ def scaled_dot_product_attention(
     )
     chosen = select("scaled_dot_product_attention", inputs, backend)
     in_reference = runs_reference("scaled_dot_product_attention", chosen, query, key, value, dropout_p=dropout_p)
-    transformed = "forward_ad" in inputs.features or "func_transform" in inputs.features
-    row_shift = (not transformed and mask is not None and mask.requires_grad
+    row_shift = (not under_transform(inputs.features) and mask is not None and mask.requires_grad
                  and (attn_mask.dim() == 0 or attn_mask.shape[-1] == 1))
     if row_shift:
         mask = mask.detach()
