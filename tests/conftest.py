@@ -176,6 +176,58 @@ def assert_parity(
     return reports
 
 
+def assert_float32_parameters_unrounded(
+    norm: Callable[..., torch.Tensor],
+    plain: Callable[..., torch.Tensor],
+    inputs: dict[str, torch.Tensor],
+    hidden: int,
+    *,
+    seed: int = 0,
+) -> None:
+    """A norm (``norm(**inputs, weight=, bias=)``; ``plain`` the same in plain torch, run in
+    float64 for the truth) on float16/bfloat16 ``inputs`` with float32
+    weight and bias reads them unrounded and gives their gradients as float32 sums: the output is
+    the float64 truth rounded once to the inputs' dtype (a rare element one ulp off, where float32
+    arithmetic lands on the other side of a rounding boundary), and the weight and bias gradients
+    are float32 within float32 accuracy of the truth. Rounding the parameters to the inputs' dtype
+    first changes about a third of the output; rounding their gradients, the gradients' every digit
+    past the dtype's."""
+    gen = torch.Generator().manual_seed(seed)
+    device = next(iter(inputs.values())).device
+    params = {
+        "weight": (torch.randn(hidden, generator=gen) * 0.3 + 1).to(device),
+        "bias": (torch.randn(hidden, generator=gen) * 0.3).to(device),
+    }
+
+    dtype = next(iter(inputs.values())).dtype
+    # The upstream gradient in the inputs' dtype, the truth's exactly that, widened.
+    upstream = torch.randn(next(iter(inputs.values())).shape, generator=torch.Generator().manual_seed(seed + 1))
+    upstream = upstream.to(device, dtype)
+
+    def run(fn: Callable[..., torch.Tensor], to64: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        args = {k: (v.double() if to64 else v).detach().clone().requires_grad_() for k, v in {**inputs, **params}.items()}
+        out = fn(**args)
+        out.backward(upstream.to(out.dtype))
+        return out, {k: args[k].grad for k in params}
+
+    out, grads = run(norm, False)
+    truth, true_grads = run(plain, True)
+    rounded = truth.to(dtype)
+    assert out.dtype == dtype
+    # One ulp of dtype at each element's magnitude, at least 1 (an output near 0 is the difference of
+    # terms of about that size, |xhat * weight| and |bias|, whose float32 rounding it carries).
+    ulp = rounded.double().abs().clamp(min=1.0) * torch.finfo(dtype).eps
+    off = (out.double() - rounded.double()).abs()
+    assert bool((off <= ulp).all()), f"output more than one ulp from the truth rounded once: {float((off / ulp).max())} ulp"
+    mismatched = float((off > 0).double().mean())
+    assert mismatched <= 0.02, f"{mismatched:.1%} of the output differs from the truth rounded once"
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32, f"grad {name} is {grad.dtype}"
+        scale = float(true_grads[name].abs().max())
+        err = float((grad.double() - true_grads[name]).abs().max())
+        assert err <= 1e-5 * scale, f"grad {name} is off the truth by {err:.3g} (scale {scale:.3g}): not a float32 sum"
+
+
 def assert_model_parity(plain, fused, run, *, factor: float = 3.0) -> None:
     """Whole-model parity: output and every parameter gradient of ``fused`` against a float64
     copy of ``plain`` (the truth), within ``factor`` x the error ``plain`` itself makes (plus one

@@ -5,7 +5,7 @@ import fused_attn
 from fused_attn import reference
 from fused_attn.ops.add_layer_norm import add_layer_norm_keep_mask
 
-from .conftest import assert_parity, backend_params, supported_dtypes
+from .conftest import assert_float32_parameters_unrounded, assert_parity, backend_params, supported_dtypes
 
 BACKENDS = backend_params("add_layer_norm", exclude=("reference",))
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -43,6 +43,42 @@ def _check(backend, device, dtype, shape, *, affine=True, input_bias=True, dropo
         return out[0] + 0.5 * out[1] if prenorm else out
 
     assert_parity(fused, plain, args, grad_args=grads)
+    assert fused_attn.last_backend("add_layer_norm") == backend
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS + [("reference", "cpu")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("hidden", [256, 77, 5000])
+@pytest.mark.parametrize("inference", [False, True], ids=["train", "inference"])
+def test_float32_parameters_are_read_unrounded(backend_device, dtype, hidden, inference):
+    """As LayerNorm's: float32 weight and bias with 16-bit activations are read unrounded, their
+    gradients summed into float32 (the input bias, added before the norm, keeps the activations' dtype)."""
+    backend, device = backend_device
+    if dtype not in supported_dtypes(backend, device):
+        pytest.skip(f"{dtype} is not tested on {backend}-{device}")
+    gen = torch.Generator().manual_seed(1)
+    inputs = {"input": torch.randn(48, hidden, generator=gen).to(device, dtype),
+              "residual": (torch.randn(48, hidden, generator=gen) * 2 + 0.5).to(device, dtype)}
+
+    def norm(input, residual, weight, bias):
+        return fused_attn.add_layer_norm(input, residual, weight, bias, backend=backend)
+
+    if inference:  # the no-grad form (its own kernel path) gives the training form's bits
+        weight = (torch.randn(hidden, generator=gen) * 0.3 + 1).to(device).requires_grad_()
+        bias = (torch.randn(hidden, generator=gen) * 0.3).to(device).requires_grad_()
+        trained = norm(**inputs, weight=weight, bias=bias)
+        with torch.no_grad():
+            inferred = norm(**inputs, weight=weight, bias=bias)
+        assert torch.equal(inferred, trained)
+        with torch.no_grad():  # and the float32 parameters are not rounded on that path either
+            rounded = norm(**inputs, weight=weight.to(dtype), bias=bias.to(dtype))
+        assert not torch.equal(inferred, rounded)
+    else:
+        def plain(input, residual, weight, bias):  # the pre-norm sum is stored, so rounded, in dtype
+            prenorm = (residual + input).to(dtype).to(input.dtype)
+            return torch.nn.functional.layer_norm(prenorm, (hidden,), weight, bias)
+
+        assert_float32_parameters_unrounded(norm, plain, inputs, hidden)
     assert fused_attn.last_backend("add_layer_norm") == backend
 
 

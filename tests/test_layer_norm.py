@@ -3,10 +3,10 @@ import torch
 import torch.nn.functional as F
 
 import fused_attn
-from fused_attn import reference
+from fused_attn import _extension, reference
 from fused_attn.backends import BackendNotSupportedError
 
-from .conftest import assert_parity, backend_params, supported_dtypes
+from .conftest import assert_float32_parameters_unrounded, assert_parity, backend_params, supported_dtypes
 
 BACKENDS = backend_params("layer_norm")
 FUSED_BACKENDS = backend_params("layer_norm", exclude=("reference",))
@@ -184,6 +184,24 @@ def test_mixed_precision_parameters(backend_device):
     )
 
 
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("hidden", [256, 77, 5000])
+def test_float32_parameters_are_read_unrounded(backend_device, dtype, hidden):
+    """Norms kept in float32 with a 16-bit input (and CPU autocast's LayerNorm): the parameters
+    enter the float32 arithmetic as they are, their gradients are summed into float32."""
+    backend, device = backend_device
+    if dtype not in supported_dtypes(backend, device):
+        pytest.skip(f"{dtype} is not tested on {backend}-{device}")
+    x = (torch.randn(48, hidden, generator=torch.Generator().manual_seed(1)) * 2 + 0.5).to(device, dtype)
+    assert_float32_parameters_unrounded(
+        lambda input, weight, bias: fused_attn.layer_norm(input, (hidden,), weight, bias, backend=backend),
+        lambda input, weight, bias: F.layer_norm(input, (hidden,), weight, bias),
+        {"input": x}, hidden,
+    )
+    assert fused_attn.last_backend("layer_norm") == backend
+
+
 @pytest.mark.parametrize("backend_device", FUSED_BACKENDS)
 def test_nan_passes_through_like_reference(backend_device):
     backend, device = backend_device
@@ -254,3 +272,26 @@ def test_forced_backend_that_cannot_serve_raises_with_reasons():
     with pytest.raises(BackendNotSupportedError) as info:
         fused_attn.layer_norm(x, (8,), backend="cpu")
     assert "dtype float64 not in" in str(info.value)
+
+
+@pytest.mark.skipif(not _extension.loaded(), reason="the C++ extension is not built")
+def test_native_ops_take_parameters_in_the_input_dtype_or_float32():
+    """The kernels' own checks: weight and bias share one dtype, the input's or (for a 16-bit
+    input) float32; the public op casts any other mix to the input's dtype before calling them."""
+    fwd = torch.ops.fused_attn.layer_norm_fwd
+    x = torch.randn(3, 8, dtype=torch.float16)
+    w32, w16, wbf = torch.randn(8), torch.randn(8, dtype=torch.float16), torch.randn(8, dtype=torch.bfloat16)
+    out, _, _ = fwd(x, w32, w32, 1e-5)
+    torch.testing.assert_close(out, F.layer_norm(x.float(), (8,), w32, w32).half())
+    with pytest.raises(RuntimeError, match=r"bias must have dtype Float \(the input's, or float32 for weight and bias"):
+        fwd(x, w32, w16, 1e-5)
+    with pytest.raises(RuntimeError, match=r"bias must have dtype Half \(the input's"):
+        fwd(x, w16, w32, 1e-5)
+    with pytest.raises(RuntimeError, match=r"weight must have dtype Half \(the input's"):
+        fwd(x, wbf, None, 1e-5)
+    with pytest.raises(RuntimeError, match=r"weight must have dtype Float \(the input's"):
+        fwd(x.float(), w16, None, 1e-5)
+    # Through the public op every mix is served, the gradients in each parameter's own dtype.
+    w, b = w32.clone().requires_grad_(), w16.clone().requires_grad_()
+    fused_attn.layer_norm(x, (8,), w, b, backend="cpu").float().sum().backward()
+    assert (w.grad.dtype, b.grad.dtype) == (torch.float32, torch.float16)

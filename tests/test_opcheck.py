@@ -28,19 +28,21 @@ CASES = [
 
 
 @pytest.mark.parametrize("backend, device", CASES)
-@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
-def test_layer_norm_ops(backend, device, affine):
+@pytest.mark.parametrize("affine, dtype", [(True, torch.float32), (False, torch.float32), (True, torch.float16)],
+                         ids=["affine", "plain", "float32-params"])
+def test_layer_norm_ops(backend, device, affine, dtype):
+    """float32-params: a float16 input with float32 weight and bias, whose gradients are float32."""
     if device == "unavailable":
         pytest.skip(f"{backend} ops are not available here")
     name = LAYER_NORM_OPS[backend]
     fwd = getattr(torch.ops.fused_attn, f"{name}_fwd").default
     bwd = getattr(torch.ops.fused_attn, f"{name}_bwd").default
-    x = torch.randn(5, 24, device=device, requires_grad=True)
+    x = torch.randn(5, 24, device=device, dtype=dtype, requires_grad=True)
     w = torch.randn(24, device=device, requires_grad=True) if affine else None
     b = torch.randn(24, device=device, requires_grad=True) if affine else None
     torch.library.opcheck(fwd, (x, w, b, 1e-5))
     _, mean, rstd = fwd(x.detach(), None if w is None else w.detach(), None if b is None else b.detach(), 1e-5)
-    dy = torch.randn(5, 24, device=device)
+    dy = torch.randn(5, 24, device=device, dtype=dtype)
     torch.library.opcheck(bwd, (dy, x.detach(), mean, rstd, None if w is None else w.detach(), [True, affine, affine]))
 
 
@@ -114,16 +116,18 @@ def test_softmax_ops(prefix, device, mask_kind):
 
 @pytest.mark.parametrize("prefix, device", _families("add_layer_norm"))
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_add_layer_norm_ops(prefix, device, dropout_p):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16-float32-params"])
+def test_add_layer_norm_ops(prefix, device, dropout_p, dtype):
+    """float16-float32-params: float16 activations (input bias too) with float32 weight and bias."""
     fwd, bwd = _op(prefix, "add_layer_norm_fwd"), _op(prefix, "add_layer_norm_bwd")
-    x, res = (torch.randn(6, 40, device=device, requires_grad=True) for _ in range(2))
-    w, b, ib = (torch.randn(40, device=device, requires_grad=True) for _ in range(3))
+    x, res, ib = (torch.randn(s, device=device, dtype=dtype, requires_grad=True) for s in ((6, 40), (6, 40), 40))
+    w, b = (torch.randn(40, device=device, requires_grad=True) for _ in range(2))
     seed = torch.tensor(99) if dropout_p else None
     torch.library.opcheck(fwd, (x, res, w, b, ib, 1e-5, dropout_p, seed))
     detached = [t.detach() for t in (x, res, w, b, ib)]
     torch.library.opcheck(_op(prefix, "add_layer_norm_inference"), (*detached, 1e-5, dropout_p, seed))
     _, pre, mean, rstd = fwd(x.detach(), res.detach(), w.detach(), b.detach(), ib.detach(), 1e-5, dropout_p, seed)
-    dy = torch.randn(6, 40, device=device)
+    dy = torch.randn(6, 40, device=device, dtype=dtype)
     torch.library.opcheck(
         bwd,
         (dy, torch.randn_like(dy), pre, mean, rstd, w.detach(), dropout_p, seed, [True, True, True, True, True]),

@@ -183,8 +183,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_im
   const auto shape = check_rows_input(input, "input");
   const int64_t rows = shape.first, hidden = shape.second;
   check_same_as(residual, "residual", input, "input");
-  check_affine_param(weight, "weight", input, hidden);
-  check_affine_param(bias, "bias", input, hidden);
+  const at::ScalarType param_dtype = affine_dtype(weight, input);
+  check_affine_param(weight, "weight", input, hidden, param_dtype);
+  check_affine_param(bias, "bias", input, hidden, param_dtype);
   check_affine_param(input_bias, "input_bias", input, hidden);
   check_eps(eps);
   const Dropout drop = check_dropout(dropout_p, seed);
@@ -252,7 +253,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
   if (has_grad_prenorm) check_same_as(*grad_prenorm, "grad_prenorm", prenorm, "prenorm");
   check_row_stats(mean, "mean", prenorm, rows);
   check_row_stats(rstd, "rstd", prenorm, rows);
-  check_affine_param(weight, "weight", prenorm, hidden);
+  const at::ScalarType param_dtype = affine_dtype(weight, prenorm);
+  check_affine_param(weight, "weight", prenorm, hidden, param_dtype);
   const Dropout drop = check_dropout(dropout_p, seed);
   const bool has_weight = weight.has_value() && weight->defined();
   const bool need_dinput = output_mask[0], need_dres = output_mask[1], need_dw = output_mask[2],
@@ -265,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
   at::Tensor dinput = need_dinput ? at::empty({rows, hidden}, options) : at::empty({0}, options);
   at::Tensor dres = need_dres ? at::empty({rows, hidden}, options) : at::empty({0}, options);
   at::Tensor dw = need_dw ? at::empty({hidden}, weight->options()) : at::empty({0}, options);
-  at::Tensor db = need_db ? at::empty({hidden}, options) : at::empty({0}, options);
+  at::Tensor db = need_db ? at::empty({hidden}, options.dtype(param_dtype)) : at::empty({0}, options);
   at::Tensor dib = need_dib ? at::empty({hidden}, options) : at::empty({0}, options);
   if (rows == 0 || hidden == 0) {
     // Nothing was normalised; the parameter gradients are empty sums.
@@ -310,10 +312,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
       });
     });
     using Sum = std::pair<const double*, scalar_t*>;
-    sum_partials(std::array<Sum, 3>{Sum{dwp, need_dw ? dw.mutable_data_ptr<scalar_t>() : nullptr},
-                                    Sum{dbp, need_db ? db.mutable_data_ptr<scalar_t>() : nullptr},
-                                    Sum{dibp, need_dib ? dib.mutable_data_ptr<scalar_t>() : nullptr}},
-                 nchunks, hidden);
+    sum_partials(std::array<Sum, 1>{Sum{dibp, need_dib ? dib.mutable_data_ptr<scalar_t>() : nullptr}}, nchunks, hidden);
+    with_param_type<scalar_t>(param_dtype, [&](auto* tag) {
+      using param_t = std::remove_pointer_t<decltype(tag)>;
+      using ParamSum = std::pair<const double*, param_t*>;
+      sum_partials(std::array<ParamSum, 2>{ParamSum{dwp, need_dw ? dw.mutable_data_ptr<param_t>() : nullptr},
+                                           ParamSum{dbp, need_db ? db.mutable_data_ptr<param_t>() : nullptr}},
+                   nchunks, hidden);
+    });
   }), at::kFloat, at::kHalf, at::kBFloat16);
   return {dinput, dres, dw, db, dib};
 }

@@ -95,8 +95,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
                                                                   double eps) {
   const auto shape = check_rows_input(input, "input");
   const int64_t rows = shape.first, hidden = shape.second;
-  check_affine_param(weight, "weight", input, hidden);
-  check_affine_param(bias, "bias", input, hidden);
+  const at::ScalarType param_dtype = affine_dtype(weight, input);
+  check_affine_param(weight, "weight", input, hidden, param_dtype);
+  check_affine_param(bias, "bias", input, hidden, param_dtype);
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, "eps must be finite and >= 0, got ", eps);
 
   at::Tensor out = at::empty({rows, hidden}, input.options());
@@ -137,7 +138,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
   check_same_as(grad_out, "grad_out", input, "input");
   check_row_stats(mean, "mean", input, rows);
   check_row_stats(rstd, "rstd", input, rows);
-  check_affine_param(weight, "weight", input, hidden);
+  const at::ScalarType param_dtype = affine_dtype(weight, input);
+  check_affine_param(weight, "weight", input, hidden, param_dtype);
   const bool has_weight = weight.has_value() && weight->defined();
   const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];
   TORCH_CHECK(has_weight || !need_dw,
@@ -146,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
   // Unselected gradients are distinct [0] tensors: outputs of an op must not alias each other.
   at::Tensor dx = need_dx ? at::empty({rows, hidden}, input.options()) : at::empty({0}, input.options());
   at::Tensor dw = need_dw ? at::empty({hidden}, weight->options()) : at::empty({0}, input.options());
-  at::Tensor db = need_db ? at::empty({hidden}, input.options()) : at::empty({0}, input.options());
+  at::Tensor db = need_db ? at::empty({hidden}, input.options().dtype(param_dtype)) : at::empty({0}, input.options());
   if (rows == 0 || hidden == 0) {
     // Nothing to normalise; the parameter gradients are empty sums.
     dw.zero_();
@@ -178,10 +180,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
                                       chunk_partials(dwp, c, hidden), chunk_partials(dbp, c, hidden));
       }
     });
-    using Sum = std::pair<const double*, scalar_t*>;
-    sum_partials(std::array<Sum, 2>{Sum{dwp, need_dw ? dw.mutable_data_ptr<scalar_t>() : nullptr},
-                                    Sum{dbp, need_db ? db.mutable_data_ptr<scalar_t>() : nullptr}},
-                 nchunks, hidden);
+    with_param_type<scalar_t>(param_dtype, [&](auto* tag) {
+      using param_t = std::remove_pointer_t<decltype(tag)>;
+      using Sum = std::pair<const double*, param_t*>;
+      sum_partials(std::array<Sum, 2>{Sum{dwp, need_dw ? dw.mutable_data_ptr<param_t>() : nullptr},
+                                      Sum{dbp, need_db ? db.mutable_data_ptr<param_t>() : nullptr}},
+                   nchunks, hidden);
+    });
   }), at::kFloat, at::kHalf, at::kBFloat16);
   return {dx, dw, db};
 }

@@ -11,9 +11,15 @@
 //     traffic is still one read. Row sums are warp shuffles plus one shared-memory exchange.
 //   Both kernels loop over rows with a grid stride, so any row count fits the grid limits.
 //
-// Vector width. When the input, output, weight and bias pointers are 16-byte aligned and hidden is a
-// multiple of 16 / sizeof(T) (4 floats, 8 halves), every row start is 16-byte aligned and each access
-// is one 128-bit load/store. Otherwise (odd hidden, offset views) the same kernels run with width 1.
+// Vector width. When the input and output pointers are 16-byte aligned, the weight and bias pointers
+// aligned to a vector of their own elements, and hidden is a multiple of 16 / sizeof(T) (4 floats,
+// 8 halves), every row start is 16-byte aligned and each access is one 128-bit load/store (two for
+// float32 parameters of a 16-bit input). Otherwise (odd hidden, offset views) the same kernels run
+// with width 1.
+//
+// Parameters. weight and bias (type P) are the input's dtype, or float32 with a float16/bfloat16
+// input (norms kept in float32, checks.h's affine_dtype): read unrounded, their gradients written as
+// float32.
 //
 // Statistics. Two-pass in fp32: mean first, then the mean of squared deviations from it, which does
 // not suffer the cancellation of E[x^2] - E[x]^2, corrected by the deviations' sum (refined_stats:
@@ -63,6 +69,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "fused_attn/checks.h"
 #include "fused_attn/cuda_utils.cuh"
@@ -239,9 +246,9 @@ __device__ __forceinline__ RowStats refined_stats(float first_mean, float sum_de
 }
 
 // kAdd: x is add_layer_norm's input and the normalised row is prenorm, formed by add_prenorm.
-template <typename T, int VEC, bool kAdd>
+template <typename T, typename P, int VEC, bool kAdd>
 __global__ void __launch_bounds__(kWarpSize * kWarpRowsPerBlock)
-    layer_norm_fwd_warp_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+    layer_norm_fwd_warp_kernel(const T* __restrict__ x, const P* __restrict__ w, const P* __restrict__ b,
                                T* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd, int64_t rows,
                                int hidden, float inv_hidden, float eps, AddFwdArgs<T> add) {
   static_assert(kWarpMaxHidden % (kWarpSize * VEC) == 0, "warp row tile must divide kWarpMaxHidden");
@@ -311,9 +318,9 @@ __global__ void __launch_bounds__(kWarpSize * kWarpRowsPerBlock)
   }
 }
 
-template <typename T, int VEC, bool kAdd>
+template <typename T, typename P, int VEC, bool kAdd>
 __global__ void __launch_bounds__(kBlockMaxThreads)
-    layer_norm_fwd_block_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+    layer_norm_fwd_block_kernel(const T* __restrict__ x, const P* __restrict__ w, const P* __restrict__ b,
                                 T* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd, int64_t rows,
                                 int64_t hidden, float inv_hidden, float eps, AddFwdArgs<T> add) {
   __shared__ float smem[2 * kWarpSize];  // block_allreduce_sum of up to two values
@@ -375,16 +382,16 @@ __global__ void __launch_bounds__(kBlockMaxThreads)
   }
 }
 
-template <typename T, int VEC, bool kAdd = false>
-void launch_fwd(const T* x, const T* w, const T* b, T* y, float* mean, float* rstd, int64_t rows, int64_t hidden,
+template <typename T, typename P, int VEC, bool kAdd = false>
+void launch_fwd(const T* x, const P* w, const P* b, T* y, float* mean, float* rstd, int64_t rows, int64_t hidden,
                 float eps, cudaStream_t stream, const AddFwdArgs<T>& add = {}) {
   if (hidden <= kWarpMaxHidden) {
     const dim3 block(kWarpSize, kWarpRowsPerBlock);
-    layer_norm_fwd_warp_kernel<T, VEC, kAdd><<<grid_size(ceil_div(rows, kWarpRowsPerBlock)), block, 0, stream>>>(
+    layer_norm_fwd_warp_kernel<T, P, VEC, kAdd><<<grid_size(ceil_div(rows, kWarpRowsPerBlock)), block, 0, stream>>>(
         x, w, b, y, mean, rstd, rows, static_cast<int>(hidden), reciprocal(hidden), eps, add);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
-    layer_norm_fwd_block_kernel<T, VEC, kAdd><<<grid_size(rows), block_row_threads(hidden, VEC), 0, stream>>>(
+    layer_norm_fwd_block_kernel<T, P, VEC, kAdd><<<grid_size(rows), block_row_threads(hidden, VEC), 0, stream>>>(
         x, w, b, y, mean, rstd, rows, hidden, reciprocal(hidden), eps, add);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -395,11 +402,11 @@ void launch_fwd(const T* x, const T* w, const T* b, T* y, float* mean, float* rs
 // ---------------------------------------------------------------------------------------------
 
 // kAdd: x is prenorm and the gradient goes through add_bwd_store (dx unused, may be null).
-template <typename T, int VEC, bool kAdd>
+template <typename T, typename P, int VEC, bool kAdd>
 __global__ void __launch_bounds__(kWarpSize * kWarpRowsPerBlock)
     layer_norm_bwd_input_warp_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                                      const float* __restrict__ mean, const float* __restrict__ rstd,
-                                     const T* __restrict__ w, T* __restrict__ dx, int64_t rows, int hidden,
+                                     const P* __restrict__ w, T* __restrict__ dx, int64_t rows, int hidden,
                                      float inv_hidden, AddBwdArgs<T> add) {
   static_assert(kWarpMaxHidden % (kWarpSize * VEC) == 0, "warp row tile must divide kWarpMaxHidden");
   constexpr int kChunks = kWarpMaxHidden / (kWarpSize * VEC);
@@ -450,11 +457,11 @@ __global__ void __launch_bounds__(kWarpSize * kWarpRowsPerBlock)
   }
 }
 
-template <typename T, int VEC, bool kAdd>
+template <typename T, typename P, int VEC, bool kAdd>
 __global__ void __launch_bounds__(kBlockMaxThreads)
     layer_norm_bwd_input_block_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                                       const float* __restrict__ mean, const float* __restrict__ rstd,
-                                      const T* __restrict__ w, T* __restrict__ dx, int64_t rows, int64_t hidden,
+                                      const P* __restrict__ w, T* __restrict__ dx, int64_t rows, int64_t hidden,
                                       float inv_hidden, AddBwdArgs<T> add) {
   __shared__ float smem[2 * kWarpSize];
   const int64_t first_col = static_cast<int64_t>(threadIdx.x) * VEC;
@@ -500,17 +507,17 @@ __global__ void __launch_bounds__(kBlockMaxThreads)
   }
 }
 
-template <typename T, int VEC, bool kAdd = false>
-void launch_bwd_input(const T* dy, const T* x, const float* mean, const float* rstd, const T* w, T* dx, int64_t rows,
+template <typename T, typename P, int VEC, bool kAdd = false>
+void launch_bwd_input(const T* dy, const T* x, const float* mean, const float* rstd, const P* w, T* dx, int64_t rows,
                       int64_t hidden, cudaStream_t stream, const AddBwdArgs<T>& add = {}) {
   if (hidden <= kWarpMaxHidden) {
     const dim3 block(kWarpSize, kWarpRowsPerBlock);
-    layer_norm_bwd_input_warp_kernel<T, VEC, kAdd>
+    layer_norm_bwd_input_warp_kernel<T, P, VEC, kAdd>
         <<<grid_size(ceil_div(rows, kWarpRowsPerBlock)), block, 0, stream>>>(
             dy, x, mean, rstd, w, dx, rows, static_cast<int>(hidden), reciprocal(hidden), add);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
-    layer_norm_bwd_input_block_kernel<T, VEC, kAdd><<<grid_size(rows), block_row_threads(hidden, VEC), 0, stream>>>(
+    layer_norm_bwd_input_block_kernel<T, P, VEC, kAdd><<<grid_size(rows), block_row_threads(hidden, VEC), 0, stream>>>(
         dy, x, mean, rstd, w, dx, rows, hidden, reciprocal(hidden), add);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -559,31 +566,33 @@ __global__ void __launch_bounds__(kParamCols * kParamRowStripes)
   }
 }
 
-// One thread per column adds that column's partials in split order (reads coalesced across threads).
-template <typename T>
+// One thread per column adds that column's partials in split order (reads coalesced across threads) and
+// writes the total as G (the parameters' dtype).
+template <typename G>
 __global__ void __launch_bounds__(kFinalizeThreads)
     layer_norm_bwd_param_finalize_kernel(const float* __restrict__ partial_w, const float* __restrict__ partial_b,
-                                         T* __restrict__ grad_w, T* __restrict__ grad_b, int64_t splits,
+                                         G* __restrict__ grad_w, G* __restrict__ grad_b, int64_t splits,
                                          int64_t hidden) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= hidden) return;
   if (partial_w != nullptr) {
     float total = 0.f;
     for (int64_t s = 0; s < splits; ++s) total += partial_w[s * hidden + c];
-    grad_w[c] = static_cast<T>(total);
+    grad_w[c] = static_cast<G>(total);
   }
   if (partial_b != nullptr) {
     float total = 0.f;
     for (int64_t s = 0; s < splits; ++s) total += partial_b[s * hidden + c];
-    grad_b[c] = static_cast<T>(total);
+    grad_b[c] = static_cast<G>(total);
   }
 }
 
 // Column sums over rows > 0 and hidden > 0: grad_w = sum_rows dy * (x - mean) * rstd when grad_w is not
 // null, grad_b = sum_rows dy when grad_b is not null (at least one of them). x, mean and rstd are read
-// only for grad_w, so with grad_w null this is a plain deterministic column sum of dy.
-template <typename T>
-void launch_param_grads(const T* dy, const T* x, const float* mean, const float* rstd, T* grad_w, T* grad_b,
+// only for grad_w, so with grad_w null this is a plain deterministic column sum of dy. The sums are written
+// as G: the parameters' dtype (T, or float for norms kept in float32), T for add_layer_norm's input bias.
+template <typename T, typename G>
+void launch_param_grads(const T* dy, const T* x, const float* mean, const float* rstd, G* grad_w, G* grad_b,
                         int64_t rows, int64_t hidden, const at::TensorOptions& float_options, cudaStream_t stream) {
   const int64_t col_tiles = ceil_div(hidden, kParamCols);
   const int64_t wanted_splits =
@@ -602,7 +611,7 @@ void launch_param_grads(const T* dy, const T* x, const float* mean, const float*
       dy, x, mean, rstd, partial_w_p, partial_b_p, rows, hidden, rows_per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  layer_norm_bwd_param_finalize_kernel<T>
+  layer_norm_bwd_param_finalize_kernel<G>
       <<<static_cast<unsigned>(ceil_div(hidden, kFinalizeThreads)), kFinalizeThreads, 0, stream>>>(
           partial_w_p, partial_b_p, grad_w, grad_b, splits, hidden);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -615,6 +624,13 @@ void launch_param_grads(const T* dy, const T* x, const float* mean, const float*
 template <typename T>
 const T* optional_data(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->const_data_ptr<T>() : nullptr;
+}
+
+// Whether the affine parameters (null: absent) take the vector path of VEC elements per access: aligned to
+// VEC of their own elements, 32 bytes for float32 parameters of a 16-bit input (two 16-byte accesses).
+template <int VEC, typename P>
+bool param_vectors_aligned(const P* w, const P* b = nullptr) {
+  return cuda_utils::is_aligned(w, sizeof(P) * VEC) && cuda_utils::is_aligned(b, sizeof(P) * VEC);
 }
 
 // Keeps hidden, and every grid dimension derived from it, within 32-bit range.
@@ -631,8 +647,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Ten
   const std::pair<int64_t, int64_t> dims = check_rows_input(input, "input");
   const int64_t rows = dims.first;
   const int64_t hidden = dims.second;
-  check_affine_param(weight, "weight", input, hidden);
-  check_affine_param(bias, "bias", input, hidden);
+  const at::ScalarType param_dtype = affine_dtype(weight, input);
+  check_affine_param(weight, "weight", input, hidden, param_dtype);
+  check_affine_param(bias, "bias", input, hidden, param_dtype);
   // Written so that NaN fails too; the upper bound keeps the conversion to float finite.
   TORCH_CHECK(eps >= 0 && eps <= std::numeric_limits<float>::max(), "eps must be finite (as float32) and >= 0, got ",
               eps);
@@ -654,20 +671,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Ten
   // Exactly the dtypes check_rows_input admits: AT_DISPATCH_FLOATING_TYPES_AND2 would also compile
   // unreachable double kernels (twice the build time, and ptxas spills in one of them).
   AT_DISPATCH_V2(input.scalar_type(), "layer_norm_fwd_cuda", AT_WRAP([&] {
-    constexpr int kVec = cuda_utils::vec16_width<scalar_t>();
-    const scalar_t* x = input.const_data_ptr<scalar_t>();
-    const scalar_t* w = optional_data<scalar_t>(weight);
-    const scalar_t* b = optional_data<scalar_t>(bias);
-    scalar_t* y = out.mutable_data_ptr<scalar_t>();
-    float* mean_p = mean.mutable_data_ptr<float>();
-    float* rstd_p = rstd.mutable_data_ptr<float>();
-    const bool vectorize = hidden % kVec == 0 && cuda_utils::is_aligned(x, 16) && cuda_utils::is_aligned(y, 16) &&
-                           cuda_utils::is_aligned(w, 16) && cuda_utils::is_aligned(b, 16);
-    if (vectorize) {
-      launch_fwd<scalar_t, kVec>(x, w, b, y, mean_p, rstd_p, rows, hidden, static_cast<float>(eps), stream);
-    } else {
-      launch_fwd<scalar_t, 1>(x, w, b, y, mean_p, rstd_p, rows, hidden, static_cast<float>(eps), stream);
-    }
+    with_param_type<scalar_t>(param_dtype, [&](auto* tag) {
+      using param_t = std::remove_pointer_t<decltype(tag)>;
+      constexpr int kVec = cuda_utils::vec16_width<scalar_t>();
+      const scalar_t* x = input.const_data_ptr<scalar_t>();
+      const param_t* w = optional_data<param_t>(weight);
+      const param_t* b = optional_data<param_t>(bias);
+      scalar_t* y = out.mutable_data_ptr<scalar_t>();
+      float* mean_p = mean.mutable_data_ptr<float>();
+      float* rstd_p = rstd.mutable_data_ptr<float>();
+      const bool vectorize = hidden % kVec == 0 && cuda_utils::is_aligned(x, 16) && cuda_utils::is_aligned(y, 16) &&
+                             param_vectors_aligned<kVec>(w, b);
+      if (vectorize) {
+        launch_fwd<scalar_t, param_t, kVec>(x, w, b, y, mean_p, rstd_p, rows, hidden, static_cast<float>(eps), stream);
+      } else {
+        launch_fwd<scalar_t, param_t, 1>(x, w, b, y, mean_p, rstd_p, rows, hidden, static_cast<float>(eps), stream);
+      }
+    });
   }), at::kFloat, at::kHalf, at::kBFloat16);
   return {out, mean, rstd};
 }
@@ -684,7 +704,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
   check_same_as(grad_out, "grad_out", input, "input");
   check_row_stats(mean, "mean", input, rows);
   check_row_stats(rstd, "rstd", input, rows);
-  check_affine_param(weight, "weight", input, hidden);
+  const at::ScalarType param_dtype = affine_dtype(weight, input);
+  check_affine_param(weight, "weight", input, hidden, param_dtype);
   const bool has_weight = weight.has_value() && weight->defined();
   TORCH_CHECK(!output_mask[1] || has_weight, "weight must be given when grad_weight is requested (output_mask[1])");
   check_hidden_fits_int(hidden);
@@ -694,7 +715,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
   at::Tensor grad_input =
       output_mask[0] ? at::empty({rows, hidden}, input.options()) : at::empty({0}, input.options());
   at::Tensor grad_weight = output_mask[1] ? at::empty({hidden}, weight->options()) : at::empty({0}, input.options());
-  at::Tensor grad_bias = output_mask[2] ? at::empty({hidden}, input.options()) : at::empty({0}, input.options());
+  at::Tensor grad_bias =
+      output_mask[2] ? at::empty({hidden}, input.options().dtype(param_dtype)) : at::empty({0}, input.options());
   if (hidden == 0) return {grad_input, grad_weight, grad_bias};
   if (rows == 0) {
     // Sums over no rows.
@@ -710,25 +732,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
     const float* mean_p = mean.const_data_ptr<float>();
     const float* rstd_p = rstd.const_data_ptr<float>();
 
-    if (output_mask[0]) {
-      constexpr int kVec = cuda_utils::vec16_width<scalar_t>();
-      const scalar_t* w = optional_data<scalar_t>(weight);
-      scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
-      const bool vectorize = hidden % kVec == 0 && cuda_utils::is_aligned(dy, 16) && cuda_utils::is_aligned(x, 16) &&
-                             cuda_utils::is_aligned(w, 16) && cuda_utils::is_aligned(dx, 16);
-      if (vectorize) {
-        launch_bwd_input<scalar_t, kVec>(dy, x, mean_p, rstd_p, w, dx, rows, hidden, stream);
-      } else {
-        launch_bwd_input<scalar_t, 1>(dy, x, mean_p, rstd_p, w, dx, rows, hidden, stream);
+    with_param_type<scalar_t>(param_dtype, [&](auto* tag) {
+      using param_t = std::remove_pointer_t<decltype(tag)>;
+      if (output_mask[0]) {
+        constexpr int kVec = cuda_utils::vec16_width<scalar_t>();
+        const param_t* w = optional_data<param_t>(weight);
+        scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
+        const bool vectorize = hidden % kVec == 0 && cuda_utils::is_aligned(dy, 16) &&
+                               cuda_utils::is_aligned(x, 16) && param_vectors_aligned<kVec>(w) &&
+                               cuda_utils::is_aligned(dx, 16);
+        if (vectorize) {
+          launch_bwd_input<scalar_t, param_t, kVec>(dy, x, mean_p, rstd_p, w, dx, rows, hidden, stream);
+        } else {
+          launch_bwd_input<scalar_t, param_t, 1>(dy, x, mean_p, rstd_p, w, dx, rows, hidden, stream);
+        }
       }
-    }
 
-    if (output_mask[1] || output_mask[2]) {
-      scalar_t* grad_w_p = output_mask[1] ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr;
-      scalar_t* grad_b_p = output_mask[2] ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
-      launch_param_grads<scalar_t>(dy, x, mean_p, rstd_p, grad_w_p, grad_b_p, rows, hidden,
-                                   input.options().dtype(at::kFloat), stream);
-    }
+      if (output_mask[1] || output_mask[2]) {
+        param_t* grad_w_p = output_mask[1] ? grad_weight.mutable_data_ptr<param_t>() : nullptr;
+        param_t* grad_b_p = output_mask[2] ? grad_bias.mutable_data_ptr<param_t>() : nullptr;
+        launch_param_grads<scalar_t, param_t>(dy, x, mean_p, rstd_p, grad_w_p, grad_b_p, rows, hidden,
+                                              input.options().dtype(at::kFloat), stream);
+      }
+    });
   }), at::kFloat, at::kHalf, at::kBFloat16);
   return {grad_input, grad_weight, grad_bias};
 }
@@ -758,8 +784,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_im
   const int64_t rows = dims.first;
   const int64_t hidden = dims.second;
   check_same_as(residual, "residual", input, "input");
-  check_affine_param(weight, "weight", input, hidden);
-  check_affine_param(bias, "bias", input, hidden);
+  const at::ScalarType param_dtype = affine_dtype(weight, input);
+  check_affine_param(weight, "weight", input, hidden, param_dtype);
+  check_affine_param(bias, "bias", input, hidden, param_dtype);
   check_affine_param(input_bias, "input_bias", input, hidden);
   TORCH_CHECK(eps >= 0 && eps <= std::numeric_limits<float>::max(), "eps must be finite (as float32) and >= 0, got ",
               eps);
@@ -781,27 +808,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_im
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_V2(input.scalar_type(), "add_layer_norm_fwd_cuda", AT_WRAP([&] {
-    constexpr int kVec = cuda_utils::vec16_width<scalar_t>();
-    AddFwdArgs<scalar_t> add;
-    add.residual = residual.const_data_ptr<scalar_t>();
-    add.input_bias = optional_data<scalar_t>(input_bias);
-    add.prenorm = keep_pre ? prenorm.mutable_data_ptr<scalar_t>() : nullptr;
-    add.dropout = dropout;
-    const scalar_t* x = input.const_data_ptr<scalar_t>();
-    const scalar_t* w = optional_data<scalar_t>(weight);
-    const scalar_t* b = optional_data<scalar_t>(bias);
-    scalar_t* y = out.mutable_data_ptr<scalar_t>();
-    float* mean_p = mean.mutable_data_ptr<float>();
-    float* rstd_p = rstd.mutable_data_ptr<float>();
-    const bool vectorize = hidden % kVec == 0 && cuda_utils::is_aligned(x, 16) && cuda_utils::is_aligned(y, 16) &&
-                           cuda_utils::is_aligned(w, 16) && cuda_utils::is_aligned(b, 16) &&
-                           cuda_utils::is_aligned(add.residual, 16) && cuda_utils::is_aligned(add.input_bias, 16) &&
-                           cuda_utils::is_aligned(add.prenorm, 16);
-    if (vectorize) {
-      launch_fwd<scalar_t, kVec, true>(x, w, b, y, mean_p, rstd_p, rows, hidden, static_cast<float>(eps), stream, add);
-    } else {
-      launch_fwd<scalar_t, 1, true>(x, w, b, y, mean_p, rstd_p, rows, hidden, static_cast<float>(eps), stream, add);
-    }
+    with_param_type<scalar_t>(param_dtype, [&](auto* tag) {
+      using param_t = std::remove_pointer_t<decltype(tag)>;
+      constexpr int kVec = cuda_utils::vec16_width<scalar_t>();
+      AddFwdArgs<scalar_t> add;
+      add.residual = residual.const_data_ptr<scalar_t>();
+      add.input_bias = optional_data<scalar_t>(input_bias);
+      add.prenorm = keep_pre ? prenorm.mutable_data_ptr<scalar_t>() : nullptr;
+      add.dropout = dropout;
+      const scalar_t* x = input.const_data_ptr<scalar_t>();
+      const param_t* w = optional_data<param_t>(weight);
+      const param_t* b = optional_data<param_t>(bias);
+      scalar_t* y = out.mutable_data_ptr<scalar_t>();
+      float* mean_p = mean.mutable_data_ptr<float>();
+      float* rstd_p = rstd.mutable_data_ptr<float>();
+      const bool vectorize = hidden % kVec == 0 && cuda_utils::is_aligned(x, 16) && cuda_utils::is_aligned(y, 16) &&
+                             param_vectors_aligned<kVec>(w, b) && cuda_utils::is_aligned(add.residual, 16) &&
+                             cuda_utils::is_aligned(add.input_bias, 16) && cuda_utils::is_aligned(add.prenorm, 16);
+      if (vectorize) {
+        launch_fwd<scalar_t, param_t, kVec, true>(x, w, b, y, mean_p, rstd_p, rows, hidden, static_cast<float>(eps),
+                                                  stream, add);
+      } else {
+        launch_fwd<scalar_t, param_t, 1, true>(x, w, b, y, mean_p, rstd_p, rows, hidden, static_cast<float>(eps),
+                                               stream, add);
+      }
+    });
   }), at::kFloat, at::kHalf, at::kBFloat16);
   return {out, prenorm, mean, rstd};
 }
@@ -835,7 +866,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
   if (has_grad_prenorm) check_same_as(*grad_prenorm, "grad_prenorm", prenorm, "prenorm");
   check_row_stats(mean, "mean", prenorm, rows);
   check_row_stats(rstd, "rstd", prenorm, rows);
-  check_affine_param(weight, "weight", prenorm, hidden);
+  const at::ScalarType param_dtype = affine_dtype(weight, prenorm);
+  check_affine_param(weight, "weight", prenorm, hidden, param_dtype);
   const bool has_weight = weight.has_value() && weight->defined();
   TORCH_CHECK(!output_mask[2] || has_weight, "weight must be given when grad_weight is requested (output_mask[2])");
   const bool want_input = output_mask[0];
@@ -850,7 +882,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
   at::Tensor grad_input = want_input ? at::empty({rows, hidden}, opts) : at::empty({0}, opts);
   at::Tensor grad_residual = want_residual ? at::empty({rows, hidden}, opts) : at::empty({0}, opts);
   at::Tensor grad_weight = output_mask[2] ? at::empty({hidden}, weight->options()) : at::empty({0}, opts);
-  at::Tensor grad_bias = output_mask[3] ? at::empty({hidden}, opts) : at::empty({0}, opts);
+  at::Tensor grad_bias = output_mask[3] ? at::empty({hidden}, opts.dtype(param_dtype)) : at::empty({0}, opts);
   at::Tensor grad_input_bias = want_input_bias ? at::empty({hidden}, opts) : at::empty({0}, opts);
   if (hidden == 0) return {grad_input, grad_residual, grad_weight, grad_bias, grad_input_bias};
   if (rows == 0) {
@@ -872,33 +904,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
     const float* rstd_p = rstd.const_data_ptr<float>();
     scalar_t* input_grad_p = input_grad_buffer.defined() ? input_grad_buffer.mutable_data_ptr<scalar_t>() : nullptr;
 
-    if (want_input || want_residual || want_input_bias) {
-      constexpr int kVec = cuda_utils::vec16_width<scalar_t>();
-      AddBwdArgs<scalar_t> add;
-      add.grad_prenorm = has_grad_prenorm ? grad_prenorm->const_data_ptr<scalar_t>() : nullptr;
-      add.grad_residual = want_residual ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
-      add.grad_input = input_grad_p;
-      add.dropout = dropout;
-      const scalar_t* w = optional_data<scalar_t>(weight);
-      const bool vectorize = hidden % kVec == 0 && cuda_utils::is_aligned(dy, 16) && cuda_utils::is_aligned(x, 16) &&
-                             cuda_utils::is_aligned(w, 16) && cuda_utils::is_aligned(add.grad_prenorm, 16) &&
-                             cuda_utils::is_aligned(add.grad_residual, 16) &&
-                             cuda_utils::is_aligned(add.grad_input, 16);
-      if (vectorize) {
-        launch_bwd_input<scalar_t, kVec, true>(dy, x, mean_p, rstd_p, w, nullptr, rows, hidden, stream, add);
-      } else {
-        launch_bwd_input<scalar_t, 1, true>(dy, x, mean_p, rstd_p, w, nullptr, rows, hidden, stream, add);
-      }
-    }
-
     const auto float_options = opts.dtype(at::kFloat);
-    if (output_mask[2] || output_mask[3]) {
-      scalar_t* grad_w_p = output_mask[2] ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr;
-      scalar_t* grad_b_p = output_mask[3] ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
-      launch_param_grads<scalar_t>(dy, x, mean_p, rstd_p, grad_w_p, grad_b_p, rows, hidden, float_options, stream);
-    }
+    with_param_type<scalar_t>(param_dtype, [&](auto* tag) {
+      using param_t = std::remove_pointer_t<decltype(tag)>;
+      if (want_input || want_residual || want_input_bias) {
+        constexpr int kVec = cuda_utils::vec16_width<scalar_t>();
+        AddBwdArgs<scalar_t> add;
+        add.grad_prenorm = has_grad_prenorm ? grad_prenorm->const_data_ptr<scalar_t>() : nullptr;
+        add.grad_residual = want_residual ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
+        add.grad_input = input_grad_p;
+        add.dropout = dropout;
+        const param_t* w = optional_data<param_t>(weight);
+        const bool vectorize = hidden % kVec == 0 && cuda_utils::is_aligned(dy, 16) &&
+                               cuda_utils::is_aligned(x, 16) && param_vectors_aligned<kVec>(w) &&
+                               cuda_utils::is_aligned(add.grad_prenorm, 16) &&
+                               cuda_utils::is_aligned(add.grad_residual, 16) &&
+                               cuda_utils::is_aligned(add.grad_input, 16);
+        if (vectorize) {
+          launch_bwd_input<scalar_t, param_t, kVec, true>(dy, x, mean_p, rstd_p, w, nullptr, rows, hidden, stream,
+                                                          add);
+        } else {
+          launch_bwd_input<scalar_t, param_t, 1, true>(dy, x, mean_p, rstd_p, w, nullptr, rows, hidden, stream, add);
+        }
+      }
+      if (output_mask[2] || output_mask[3]) {
+        param_t* grad_w_p = output_mask[2] ? grad_weight.mutable_data_ptr<param_t>() : nullptr;
+        param_t* grad_b_p = output_mask[3] ? grad_bias.mutable_data_ptr<param_t>() : nullptr;
+        launch_param_grads<scalar_t, param_t>(dy, x, mean_p, rstd_p, grad_w_p, grad_b_p, rows, hidden, float_options,
+                                              stream);
+      }
+    });
     if (want_input_bias) {
-      launch_param_grads<scalar_t>(input_grad_p, nullptr, nullptr, nullptr, nullptr,
+      launch_param_grads<scalar_t, scalar_t>(input_grad_p, nullptr, nullptr, nullptr, nullptr,
                                    grad_input_bias.mutable_data_ptr<scalar_t>(), rows, hidden, float_options, stream);
     }
   }), at::kFloat, at::kHalf, at::kBFloat16);

@@ -140,14 +140,15 @@ def check_dropout_p(p: object) -> float:
     return float(p)
 
 
-def check_param(param: object, name: str, input: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
-    """An optional parameter (weight, bias) of ``shape`` on ``input``'s device, cast to its dtype
-    and contiguous.
+def check_param(
+    param: object, name: str, input: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype | None = None
+) -> torch.Tensor | None:
+    """An optional parameter (weight, bias) of ``shape`` on ``input``'s device, cast to ``dtype``
+    (default: the input's) and contiguous.
 
-    Mixed precision (e.g. float32 parameters with a float16 input, as F.layer_norm accepts): the
-    kernels compute in float32 either way, and the cast is differentiable, so the gradient still
-    reaches the parameter in its own dtype. The kernels index parameters as dense vectors, so a
-    strided or expanded view (e.g. ``bias.expand(n)``) is copied once here.
+    The cast is differentiable, so the gradient still reaches the parameter in its own dtype. The
+    kernels index parameters as dense vectors, so a strided or expanded view (e.g.
+    ``bias.expand(n)``) is copied once here.
     """
     if param is None:
         return None
@@ -155,6 +156,25 @@ def check_param(param: object, name: str, input: torch.Tensor, shape: tuple[int,
     if param.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(param.shape)}")
     check_same_device(param, name, input, "input")
-    if param.dtype != input.dtype:
-        param = param.to(input.dtype)
+    dtype = input.dtype if dtype is None else dtype
+    if param.dtype != dtype:
+        param = param.to(dtype)
     return param.contiguous()
+
+
+def affine_dtype(input: torch.Tensor, weight: object, bias: object) -> torch.dtype:
+    """The dtype the norms' kernels take their affine parameters (and give their gradients) in.
+
+    float32 for a float16/bfloat16 input whose weight is float32 and whose bias is float32 or
+    absent: the mixed precision of norms kept in float32 (and of CPU autocast, which leaves
+    ``F.layer_norm`` a 16-bit input and float32 parameters). The kernels then read the parameters
+    unrounded and sum their gradients into float32, as ``F.layer_norm`` does on CPU. Any other
+    mix is cast to the input's dtype."""
+    if (
+        input.dtype in (torch.float16, torch.bfloat16)
+        and isinstance(weight, torch.Tensor)
+        and weight.dtype == torch.float32
+        and (bias is None or isinstance(bias, torch.Tensor) and bias.dtype == torch.float32)
+    ):
+        return torch.float32
+    return input.dtype

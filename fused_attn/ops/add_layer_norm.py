@@ -18,8 +18,8 @@ from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import (
-    check_bool, check_dropout_p, check_eps, check_param, check_same_device, check_tensor, transform_features, needs_grad,
-    rows, unrows,
+    affine_dtype, check_bool, check_dropout_p, check_eps, check_param, check_same_device, check_tensor, needs_grad, rows,
+    transform_features, unrows,
 )
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -101,8 +101,10 @@ def _fake_inference(input, residual, weight, bias, input_bias, eps, dropout_p, s
 def _fake_bwd(grad_out, grad_prenorm, prenorm, mean, rstd, weight, dropout_p, seed, output_mask):
     hidden = prenorm.shape[1]
     full = [torch.empty_like(prenorm) if output_mask[i] else prenorm.new_empty(0) for i in (0, 1)]
+    # weight and bias gradients in the parameters' dtype (the weight's; the bias shares it), input_bias's in the input's.
+    param_dtype = prenorm.dtype if weight is None else weight.dtype
     vectors = [
-        prenorm.new_empty(hidden, dtype=weight.dtype if i == 2 and weight is not None else prenorm.dtype)
+        prenorm.new_empty(hidden, dtype=param_dtype if i in (2, 3) else prenorm.dtype)
         if output_mask[i]
         else prenorm.new_empty(0)
         for i in (2, 3, 4)
@@ -180,7 +182,8 @@ def add_layer_norm(
     unfused expression, ``input``, ``residual`` and ``input_bias`` of different floating dtypes
     are promoted to a common one (e.g. a bfloat16 sublayer output under autocast added to a
     float32 residual stream gives a float32 sum and output); ``weight`` and ``bias`` take the
-    sum's dtype.
+    sum's dtype, except that float32 ones with a float16/bfloat16 sum (norms kept in float32)
+    are read unrounded and get float32 gradients.
     ``dropout_p`` drops elements of ``input + input_bias`` (inverted dropout, seeded from torch's
     default generator). With ``return_prenorm`` also returns the sum that was normalised (the
     residual stream of pre-LN models). Differentiable in every tensor argument; the backward is
@@ -218,8 +221,9 @@ def add_layer_norm(
         input = input.to(dtype)
     if residual.dtype != dtype:
         residual = residual.to(dtype)
-    weight = check_param(weight, "weight", input, (hidden,))
-    bias = check_param(bias, "bias", input, (hidden,))
+    param_dtype = affine_dtype(input, weight, bias)
+    weight = check_param(weight, "weight", input, (hidden,), param_dtype)
+    bias = check_param(bias, "bias", input, (hidden,), param_dtype)
     input_bias = check_param(input_bias, "input_bias", input, (hidden,))
     eps = check_eps(eps)
     dropout_p = check_dropout_p(dropout_p)

@@ -18,7 +18,7 @@ from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, register_op, runs_reference, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._registry import interpreter_serialized, register_native_pair, register_pair
-from ._validate import check_eps, check_param, check_tensor, transform_features, python_scalar, rows
+from ._validate import affine_dtype, check_eps, check_param, check_tensor, python_scalar, rows, transform_features
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -68,7 +68,8 @@ def _fake_bwd(grad_out, input, mean, rstd, weight, output_mask):
     hidden = input.shape[1]
     dx = torch.empty_like(input) if output_mask[0] else input.new_empty(0)
     dw = input.new_empty(hidden, dtype=weight.dtype) if output_mask[1] else input.new_empty(0)
-    db = input.new_empty(hidden) if output_mask[2] else input.new_empty(0)
+    # The parameter gradients have the parameters' dtype: the weight's (the bias shares it), else the input's.
+    db = input.new_empty(hidden, dtype=input.dtype if weight is None else weight.dtype) if output_mask[2] else input.new_empty(0)
     return dx, dw, db
 
 
@@ -131,6 +132,8 @@ def layer_norm(
     float32), then scales by ``weight`` and shifts by ``bias`` (both of shape ``normalized_shape``,
     optional). ``input`` may have any leading shape and any strides; float16, bfloat16 and
     float32 run fused, accumulating in float32 (float64 runs the reference implementation).
+    float32 ``weight`` and ``bias`` with a float16/bfloat16 input (norms kept in float32) are read
+    unrounded and get float32 gradients; any other mix is cast to the input's dtype.
     Differentiable in ``input``, ``weight`` and ``bias``; the backward is deterministic on every
     backend (weight and bias gradients from partial sums added in a fixed order, no atomics).
 
@@ -148,8 +151,9 @@ def layer_norm(
         raise ValueError(
             f"normalized_shape {list(shape)} must equal the trailing dims of input, whose shape is {list(input.shape)}"
         )
-    weight = check_param(weight, "weight", input, shape)
-    bias = check_param(bias, "bias", input, shape)
+    param_dtype = affine_dtype(input, weight, bias)
+    weight = check_param(weight, "weight", input, shape, param_dtype)
+    bias = check_param(bias, "bias", input, shape, param_dtype)
     eps = check_eps(eps)
     hidden = math.prod(shape)
     inputs = Inputs(input.device, input.dtype, {"hidden": hidden, **transform_features(input, weight, bias)})

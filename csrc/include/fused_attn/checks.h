@@ -24,14 +24,39 @@ inline std::pair<int64_t, int64_t> check_rows_input(const at::Tensor& input, con
 }
 
 // weight/bias-like optional vector of length `hidden` with the dtype and device of `like`.
-inline void check_affine_param(const std::optional<at::Tensor>& param, const char* name,
-                               const at::Tensor& like, int64_t hidden) {
+// The dtype of the norms' affine parameters (weight and bias, both in it): float32 where the input is
+// float16/bfloat16 and the weight float32 (norms kept in float32: the kernels read them unrounded and
+// give their gradients in float32, as F.layer_norm on CPU does), else the input's.
+inline at::ScalarType affine_dtype(const std::optional<at::Tensor>& weight, const at::Tensor& like) {
+  const bool half = like.scalar_type() == at::kHalf || like.scalar_type() == at::kBFloat16;
+  return half && weight.has_value() && weight->defined() && weight->scalar_type() == at::kFloat
+             ? at::kFloat
+             : like.scalar_type();
+}
+
+// Calls fn with a null pointer of the affine parameters' element type (affine_dtype): float
+// where param_dtype is float32, else scalar_t, the input's.
+template <typename scalar_t, typename Fn>
+void with_param_type(at::ScalarType param_dtype, Fn&& fn) {
+  if (param_dtype == at::kFloat) {
+    fn(static_cast<float*>(nullptr));
+  } else {
+    fn(static_cast<scalar_t*>(nullptr));
+  }
+}
+
+// An optional [hidden] parameter, contiguous, on `like`'s device, of dtype `dtype` (default: like's).
+inline void check_affine_param(const std::optional<at::Tensor>& param, const char* name, const at::Tensor& like,
+                               int64_t hidden, std::optional<at::ScalarType> dtype = std::nullopt) {
   if (!param.has_value() || !param->defined()) return;
   const at::Tensor& p = *param;
   TORCH_CHECK(p.dim() == 1 && p.size(0) == hidden, name, " must have shape [", hidden, "], got ", p.sizes());
   TORCH_CHECK(p.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK(p.scalar_type() == like.scalar_type(), name, " must have dtype ", like.scalar_type(),
-              " like the input, got ", p.scalar_type());
+  const at::ScalarType expected = dtype.value_or(like.scalar_type());
+  TORCH_CHECK(p.scalar_type() == expected, name, " must have dtype ", expected,
+              dtype.has_value() ? " (the input's, or float32 for weight and bias with a float16/bfloat16 input)"
+                                : " like the input",
+              ", got ", p.scalar_type());
   TORCH_CHECK(p.device() == like.device(), name, " must be on ", like.device(), ", got ", p.device());
 }
 

@@ -320,7 +320,9 @@ def norm_bwd(
             NEED_DX=need["dx"], NEED_DINPUT=need["dinput"], NEED_DW=need["dweight"], NEED_DB=need["dbias"],
             NEED_DIB=need["dinput_bias"], BLOCK_N=block_n, SINGLE_BLOCK=single, num_warps=_num_warps(block_n),
         )
-    dtypes = {"dweight": weight.dtype if weight is not None else x.dtype, "dbias": x.dtype, "dinput_bias": x.dtype}
+    # weight and bias in one dtype (the input's, or float32 for a 16-bit input: ops._validate.affine_dtype).
+    param_dtype = x.dtype if weight is None else weight.dtype
+    dtypes = {"dweight": param_dtype, "dbias": param_dtype, "dinput_bias": x.dtype}
     for k, buf in partial.items():
         out[k] = buf[:launched].sum(0).to(dtypes[k]) if buf is not None else x.new_empty(0)
     return out
