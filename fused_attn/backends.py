@@ -77,7 +77,8 @@ class Support:
     """
 
     backend: str
-    devices: tuple[str, ...]
+    # Device types served; None: any device torch runs on (the reference, plain torch).
+    devices: tuple[str, ...] | None
     dtypes: tuple[torch.dtype, ...]
     limits: Mapping[str, tuple[int | None, int | None]] = dataclasses.field(default_factory=dict)
     multiple_of: Mapping[str, int] = dataclasses.field(default_factory=dict)
@@ -97,7 +98,7 @@ class Support:
 
     def not_supported_reasons(self, inputs: Inputs) -> list[str]:
         reasons = self.unavailable_reasons(inputs.device)
-        if inputs.device.type not in self.devices:
+        if not self.serves_device(inputs.device.type):
             reasons.append(f"device {inputs.device.type} not in {self.devices}")
         if inputs.dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
@@ -137,7 +138,7 @@ class Support:
 
     def describe(self) -> str:
         parts = [
-            "devices=" + ",".join(self.devices),
+            "devices=" + ("any" if self.devices is None else ",".join(self.devices)),
             "dtypes=" + ",".join(str(d).replace("torch.", "") for d in self.dtypes),
         ]
         for name, (low, high) in self.limits.items():
@@ -151,8 +152,11 @@ class Support:
         if self._bfloat16_on_cuda_only():
             parts.append(f"bfloat16 on cuda only ({_INTERPRETER_BF16})")
         if not self._serves_transforms():
-            parts.append("no forward-mode AD or torch.func.grad")
+            parts.append("no forward-mode AD or torch.func grad/vjp/jacrev/jvp")
         return "; ".join(parts)
+
+    def serves_device(self, device_type: str) -> bool:
+        return self.devices is None or device_type in self.devices
 
     def _serves_transforms(self) -> bool:
         # Only the reference (plain differentiable torch) propagates tangents and composes with
@@ -162,7 +166,7 @@ class Support:
     def _bfloat16_on_cuda_only(self) -> bool:
         # The interpreter's tl.dot on bfloat16 returns garbage and its float32 -> bfloat16
         # conversion truncates: bfloat16 Triton runs on GPUs only.
-        return self.backend == "triton" and "cpu" in self.devices and torch.bfloat16 in self.dtypes
+        return self.backend == "triton" and self.serves_device("cpu") and torch.bfloat16 in self.dtypes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -431,7 +435,8 @@ def explain(op: str, inputs: Inputs) -> dict[str, list[str]]:
     A limit is checked only for the features ``inputs.features`` holds, so leaving them out asks
     about the device and dtype alone. The features the ops pass: scaled_dot_product_attention
     ``head_dim``, ``head_dim_v``, ``q_len``, ``k_len`` and ``dropout`` (bool); layer_norm and
-    add_layer_norm ``hidden``; softmax ``n_cols``; linear_gelu and ffn ``in_features``; every op
+    add_layer_norm ``hidden``; softmax ``n_cols``; linear_gelu and ffn ``gemm_dim`` (the largest dim
+    of their GEMMs: rows, input, hidden or output features); every op
     ``forward_ad`` (bool: an input carries a forward-mode tangent) and ``func_transform`` (bool: the
     call runs under ``torch.func.grad``/``vjp``/``jacrev``/``jvp``), which only the reference serves.
     """
@@ -439,5 +444,7 @@ def explain(op: str, inputs: Inputs) -> dict[str, list[str]]:
 
 
 def last_backend(op: str) -> str | None:
-    """The backend that served the most recent call of ``op`` in this process (None before any)."""
+    """The backend that served the most recent eager call of ``op`` in this process (None before
+    any). Under ``torch.compile`` it is recorded when a graph is traced: the backend the graph was
+    traced with; running the compiled graph records nothing."""
     return _last_choice.get(op)

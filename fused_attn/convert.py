@@ -33,6 +33,8 @@ from .ops.attention import HEAD_DIM_LIMITS
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ORIGINAL_CLASS = "_fused_attn_original"
+# On a module built fused (not converted by optimize): the backend it had before optimize set one.
+BACKEND_BEFORE = "_fused_attn_backend_before"
 
 
 @dataclasses.dataclass
@@ -217,7 +219,10 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
             handled.add(path)
             continue
         if type(module) in _FUSED_TYPES:
-            # Already fused (an earlier optimize, or built fused): it takes this call's backend.
+            # Already fused (an earlier optimize, or built fused): it takes this call's backend; one
+            # built fused keeps the backend it had for restore to give back.
+            if ORIGINAL_CLASS not in module.__dict__ and BACKEND_BEFORE not in module.__dict__:
+                module.__dict__[BACKEND_BEFORE] = module.backend
             module.backend = chosen
             original = module.__dict__.get(ORIGINAL_CLASS, type(module))
             report.replaced.append((path, original.__name__, type(module).__name__))
@@ -238,10 +243,13 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
 
 
 def restore(model: nn.Module) -> nn.Module:
-    """Undoes :func:`optimize` in place: every converted module gets its original class back."""
+    """Undoes :func:`optimize` in place: every converted module gets its original class back, and
+    a module built fused the backend it had before."""
     from .integrations import hf  # noqa: F401
 
     for module in model.modules():
+        if BACKEND_BEFORE in module.__dict__:
+            module.backend = module.__dict__.pop(BACKEND_BEFORE)
         original = module.__dict__.pop(ORIGINAL_CLASS, None)
         if isinstance(original, type):
             module.__class__ = original

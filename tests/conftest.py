@@ -38,7 +38,7 @@ def backend_params(op: str, *, exclude: tuple[str, ...] = ()) -> list:
     for name, support in backends.registered_ops()[op].supports.items():
         if name in exclude:
             continue
-        for device in support.devices:
+        for device in support.devices or ("cpu", "cuda"):  # any device: tested on these
             marks = [pytest.mark.cuda] if device == "cuda" else []
             if device == "cpu" or HAS_CUDA:
                 reasons = support.unavailable_reasons(torch.device(device))

@@ -1,3 +1,4 @@
+import importlib
 import warnings
 
 import pytest
@@ -249,17 +250,36 @@ def test_remembered_fallback_still_records_and_warns_once():
 
 @pytest.mark.parametrize("op, feature", [
     ("scaled_dot_product_attention", "q_len"), ("scaled_dot_product_attention", "k_len"), ("softmax", "n_cols"),
-    ("layer_norm", "hidden"), ("add_layer_norm", "hidden"), ("linear_gelu", "in_features"), ("ffn", "in_features"),
+    ("layer_norm", "hidden"), ("add_layer_norm", "hidden"), ("linear_gelu", "gemm_dim"), ("ffn", "gemm_dim"),
 ])
-def test_gpu_kernels_decline_lengths_that_would_wrap_32_bit_counters(op, feature):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_kernels_decline_lengths_that_would_wrap_32_bit_counters(op, feature, backend):
     """A dimension within a tile of 2^31 would wrap the 32-bit tile counts and loop counters of the
-    Triton (and CUDA) kernels: declared once, so auto passes such calls on and a named backend says why."""
-    base = {"head_dim": 64, "head_dim_v": 64, "q_len": 8, "k_len": 8, "n_cols": 8, "hidden": 8, "in_features": 8}
+    Triton and CUDA kernels: declared once, so auto passes such calls on and a named backend says why."""
+    base = {"head_dim": 64, "head_dim_v": 64, "q_len": 8, "k_len": 8, "n_cols": 8, "hidden": 8, "gemm_dim": 8}
     for extent, refused in ((backends.MAX_EXTENT, False), (backends.MAX_EXTENT + 1, True)):
         inputs = Inputs(torch.device("cuda"), torch.float16, {**base, feature: extent})
-        support = backends.registered_ops()[op].supports["triton"]
+        support = backends.registered_ops()[op].supports[backend]
         reasons = [r for r in support.not_supported_reasons(inputs) if feature in r]
         assert bool(reasons) == refused, reasons
+
+
+@pytest.mark.parametrize("op", ["linear_gelu", "ffn"])
+def test_gemm_ops_declare_their_largest_dim(op, monkeypatch):
+    """gemm_dim, the feature their limit reads, is the largest of rows, input, hidden and output features."""
+    module = importlib.import_module("fused_attn.ops.ffn")  # the module: fused_attn.ops.ffn is also the function
+    seen = []
+    select = module.select
+    monkeypatch.setattr(module, "select", lambda name, inputs, backend=None: seen.append(inputs.features) or select(name, inputs, backend))
+    x = torch.randn(3, 5, 8)
+    if op == "linear_gelu":
+        fused_attn.linear_gelu(x, torch.randn(20, 8), backend="reference")
+        fused_attn.linear_gelu(x.view(15, 8)[:0], torch.randn(4, 8), backend="reference")
+    else:
+        fused_attn.ffn(x, torch.randn(12, 8), None, torch.randn(8, 12), None, backend="reference")
+        fused_attn.ffn(x, torch.randn(4, 8), None, torch.randn(6, 4), None, backend="reference")
+    expected = {"linear_gelu": [20, 8], "ffn": [15, 15]}[op]
+    assert [features["gemm_dim"] for features in seen] == expected
 
 
 def test_triton_gemm_refuses_dims_that_would_wrap():
@@ -295,6 +315,42 @@ def test_empty_inputs_are_served_by_the_reference_and_say_so():
     q = torch.randn(1, 2, 3, 8)
     out = fused_attn.scaled_dot_product_attention(q, q[:, :, :0], q[:, :, :0], backend="cpu")
     assert torch.equal(out, torch.zeros_like(q)) and fused_attn.last_backend("scaled_dot_product_attention") == "reference"
+    # A zero head dim is empty too: no kernel limit applies to it (no FallbackWarning, no refusal).
+    empty, values = torch.randn(1, 2, 3, 0), torch.randn(1, 2, 3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for v in (empty, values):
+            for backend in (None, "cpu"):
+                out = fused_attn.scaled_dot_product_attention(empty, empty, v, backend=backend)
+                torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(empty, empty, v))
+                assert fused_attn.last_backend("scaled_dot_product_attention") == "reference"
+
+
+def test_the_reference_serves_any_device():
+    """Named, the reference runs wherever torch runs (here meta tensors, for shapes); under auto
+    it serves them too, with a FallbackWarning naming the device."""
+    meta = lambda *shape: torch.randn(*shape, device="meta")  # noqa: E731
+    q, w, b = meta(2, 3, 5, 8), meta(8), meta(8)
+    calls = {
+        "scaled_dot_product_attention": lambda backend: fused_attn.scaled_dot_product_attention(q, q, q, backend=backend),
+        "softmax": lambda backend: fused_attn.softmax(q, backend=backend),
+        "layer_norm": lambda backend: fused_attn.layer_norm(q, (8,), w, b, backend=backend),
+        "add_layer_norm": lambda backend: fused_attn.add_layer_norm(q, q, w, b, backend=backend),
+        "linear_gelu": lambda backend: fused_attn.linear_gelu(q, meta(16, 8), meta(16), backend=backend),
+        "ffn": lambda backend: fused_attn.ffn(q, meta(16, 8), meta(16), meta(8, 16), b, backend=backend),
+    }
+    assert set(calls) == set(backends.registered_ops())
+    for op, call in calls.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = call("reference")
+        assert out.device.type == "meta" and fused_attn.last_backend(op) == "reference"
+        assert backends.registered_ops()[op].supports["reference"].describe().startswith("devices=any;")
+        backends._warned.clear()
+        with pytest.warns(FallbackWarning, match="no fused backend for meta tensors"):
+            assert call(None).shape == out.shape
+        with pytest.raises(BackendNotSupportedError, match="device meta not in"):
+            call("cpu")
 
 
 

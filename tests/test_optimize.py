@@ -71,6 +71,20 @@ def test_restore_gives_the_original_back():
     assert not any(hasattr(m, "backend") for m in model.modules() if not isinstance(m, FusedLayerNorm))
 
 
+def test_restore_gives_a_module_built_fused_its_own_backend_back():
+    """optimize sets its backend on modules built fused too; restore puts back what they had."""
+    built, kept = FusedLayerNorm(8), FusedLayerNorm(8)
+    kept.backend = "cpu"
+    model = nn.Sequential(built, kept, nn.LayerNorm(8))
+    fused_attn.optimize(model, backend="reference")
+    fused_attn.optimize(model, backend="triton")  # a second optimize does not overwrite what was saved
+    assert (built.backend, kept.backend, model[2].backend) == ("triton", "triton", "triton")
+    fused_attn.restore(model)
+    assert (built.backend, kept.backend) == (None, "cpu")
+    assert type(model[2]) is nn.LayerNorm and not hasattr(model[2], "backend")
+    assert not any(k.startswith("_fused_attn") for m in model.modules() for k in m.__dict__)
+
+
 def test_inplace_false_leaves_the_model_alone():
     model = _transformer()
     report = fused_attn.optimize(model, inplace=False)

@@ -27,6 +27,8 @@ PyTorch's holds three.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _extension, reference
@@ -41,23 +43,26 @@ from ._validate import (
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 APPROXIMATIONS = ("none", "tanh")
+# gemm_dim: the largest dim of the op's GEMMs (rows, in/hidden/out features). The Triton GEMM's tile
+# counts and K loop are 32-bit, and cuBLAS takes int dims.
+GEMM_LIMITS = {"gemm_dim": (None, MAX_EXTENT)}
 
 LINEAR_GELU = register_op(
     "linear_gelu",
     [
-        Support("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, native_op="linear_gelu_fwd"),
-        Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES, limits={"in_features": (None, MAX_EXTENT)}),
+        Support("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, limits=GEMM_LIMITS, native_op="linear_gelu_fwd"),
+        Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES, limits=GEMM_LIMITS),
         Support("cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, native_op="linear_gelu_fwd"),
-        Support("reference", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)),
+        Support("reference", devices=None, dtypes=KERNEL_DTYPES + (torch.float64,)),
     ],
 )
 FFN = register_op(
     "ffn",
     [
-        Support("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, native_op="ffn_fwd"),
-        Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES, limits={"in_features": (None, MAX_EXTENT)}),
+        Support("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, limits=GEMM_LIMITS, native_op="ffn_fwd"),
+        Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES, limits=GEMM_LIMITS),
         Support("cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, native_op="ffn_fwd"),
-        Support("reference", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)),
+        Support("reference", devices=None, dtypes=KERNEL_DTYPES + (torch.float64,)),
     ],
 )
 
@@ -306,6 +311,12 @@ if _extension.loaded():
 # Public functions
 
 
+def _gemm_dim(input: torch.Tensor, *weights: torch.Tensor) -> int:
+    """The largest dim of the GEMMs of ``input`` [..., in] through ``weights`` [out, in] in turn."""
+    rows = input.numel() // input.shape[-1] if input.shape[-1] else math.prod(input.shape[:-1])
+    return max(rows, input.shape[-1], *(w.shape[0] for w in weights))
+
+
 def _check_linear(input: torch.Tensor, weight: object, bias: object, names: tuple[str, str], in_features: int):
     weight = check_tensor(weight, names[0])
     if weight.dim() != 2 or weight.shape[1] != in_features:
@@ -351,7 +362,7 @@ def linear_gelu(
     input = check_tensor(input, "input", min_dim=1)
     weight, bias = _check_linear(input, weight, bias, ("weight", "bias"), input.shape[-1])
     approximate = _check_approximate(approximate)
-    features = {"in_features": input.shape[-1], **transform_features(input, weight, bias)}
+    features = {"gemm_dim": _gemm_dim(input, weight), **transform_features(input, weight, bias)}
     chosen = select("linear_gelu", Inputs(input.device, input.dtype, features), backend)
     if runs_reference("linear_gelu", chosen, input, weight):
         return reference.linear_gelu(input, weight, bias, approximate)
@@ -398,7 +409,7 @@ def ffn(
     w2, b2 = _check_linear(input, w2, b2, ("w2", "b2"), w1.shape[0])
     approximate = _check_approximate(approximate)
     dropout_p = check_dropout_p(dropout_p)
-    features = {"in_features": input.shape[-1], **transform_features(input, w1, b1, w2, b2)}
+    features = {"gemm_dim": _gemm_dim(input, w1, w2), **transform_features(input, w1, b1, w2, b2)}
     chosen = select("ffn", Inputs(input.device, input.dtype, features), backend)
     if runs_reference("ffn", chosen, input, w1, w2, dropout_p=dropout_p):
         return reference.ffn(input, w1, b1, w2, b2, approximate, dropout_p)

@@ -25,10 +25,11 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SPEC = register_op(
     "layer_norm",
     [
-        Support("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, native_op="layer_norm_fwd"),
+        Support("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, limits={"hidden": (None, MAX_EXTENT)},
+                native_op="layer_norm_fwd"),
         Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES, limits={"hidden": (None, MAX_EXTENT)}),
         Support("cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, native_op="layer_norm_fwd"),
-        Support("reference", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)),
+        Support("reference", devices=None, dtypes=KERNEL_DTYPES + (torch.float64,)),
     ],
 )
 

@@ -28,7 +28,7 @@ SPEC = register_op(
         Support("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, limits=_LIMITS, native_op="softmax_fwd"),
         Support("triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES, limits=_LIMITS),
         Support("cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, native_op="softmax_fwd"),
-        Support("reference", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)),
+        Support("reference", devices=None, dtypes=KERNEL_DTYPES + (torch.float64,)),
     ],
 )
 
