@@ -104,6 +104,14 @@ def test_parity_many_rows(backend_device):
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_parity_several_row_chunks(backend_device, dtype):
+    # As LayerNorm's: 256 x 768 splits the CPU backward's rows into chunks, whose weight, bias and
+    # input-bias partial sums are then added.
+    _check(*backend_device, dtype, (256, 768), input_bias=True)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("affine, input_bias", [(False, False), (True, False), (False, True)])
 def test_parity_optional_parameters(backend_device, affine, input_bias):
     _check(*backend_device, torch.float32, (9, 64), affine=affine, input_bias=input_bias)

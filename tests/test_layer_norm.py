@@ -63,6 +63,14 @@ def test_many_rows(backend_device):
 
 
 @pytest.mark.parametrize("backend_device", FUSED_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_parity_several_row_chunks(backend_device, dtype):
+    # BERT-base width over 256 rows: the CPU backward splits the rows into chunks (at 32 rows and
+    # 65536 elements and more), whose weight and bias partial sums are then added.
+    _check(*backend_device, dtype, (256,), 768)
+
+
+@pytest.mark.parametrize("backend_device", FUSED_BACKENDS)
 @pytest.mark.parametrize("shape", [(), (2, 3, 4)], ids=["1d", "4d"])
 def test_leading_shapes(backend_device, shape):
     _check(*backend_device, torch.float32, shape, 40)

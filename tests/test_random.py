@@ -90,6 +90,24 @@ def test_ffn_keep_mask_is_the_documented_philox_on_every_backend(backend_device)
     np.testing.assert_array_equal(keep.numpy(), np.array(expected))
 
 
+@pytest.mark.skipif(_triton_device() is None, reason="needs Triton on a GPU or under TRITON_INTERPRET=1")
+def test_triton_attention_keep_mask_is_the_documented_philox():
+    """The attention drops probability (b * H + h, i, j) at element ((b * H + h) * Lq + i) * Lk + j of
+    the stream (query and key lengths differ here, and several heads and batches draw)."""
+    from fused_attn.ops.attention import attention_with_keep_mask
+
+    batch, heads, q_len, k_len, p = 2, 3, 5, 4, 0.4
+    device = _triton_device()
+    q, k = torch.randn(batch, heads, q_len, 16, device=device), torch.randn(batch, heads, k_len, 16, device=device)
+    torch.manual_seed(0)
+    seed = int(draw_seed(p))
+    torch.manual_seed(0)
+    _, keep = attention_with_keep_mask(q, k, k, dropout_p=p)
+    expected = [[[[_philox_uniform(seed, ((b * heads + h) * q_len + i) * k_len + j) >= p for j in range(k_len)]
+                  for i in range(q_len)] for h in range(heads)] for b in range(batch)]
+    np.testing.assert_array_equal(keep.cpu().numpy(), np.array(expected))
+
+
 def _native_dropout_calls(device: str) -> dict:
     """Each native op with dropout, called with dropout_p = 0.1 and a given seed."""
     ops = torch.ops.fused_attn
@@ -123,3 +141,40 @@ def test_native_ops_check_the_dropout_seed_alike(device, op):
     for described, seed in bad.items():
         with pytest.raises(RuntimeError, match="seed must be a CPU int64 tensor with one element, got " + described):
             call(seed)
+
+
+def _dropout_calls(backend: str, device: str) -> dict:
+    """Each public op with dropout_p = 0.5 on ``backend``, on inputs made by ``make(*shape)``."""
+    import fused_attn
+
+    return {
+        "ffn": lambda make: fused_attn.ffn(make(6, 16), make(32, 16), make(32), make(16, 32), make(16),
+                                           dropout_p=0.5, backend=backend),
+        "add_layer_norm": lambda make: fused_attn.add_layer_norm(make(6, 16), make(6, 16), make(16), make(16),
+                                                                 dropout_p=0.5, backend=backend),
+        "scaled_dot_product_attention": lambda make: fused_attn.scaled_dot_product_attention(
+            make(1, 2, 6, 16), make(1, 2, 6, 16), make(1, 2, 6, 16), dropout_p=0.5, backend=backend),
+    }
+
+
+@pytest.mark.parametrize("backend_device", backend_params("ffn", exclude=("reference",)))
+@pytest.mark.parametrize("op", ["ffn", "add_layer_norm", "scaled_dot_product_attention"])
+def test_dropout_applies_alike_with_and_without_autograd(backend_device, op):
+    """A call that records no graph (torch.no_grad, or no input requiring grad) takes the ops'
+    inference forms: they drop the same elements, scaled alike, as the training form."""
+    backend, device = backend_device
+    call = _dropout_calls(backend, device)[op]
+
+    def run(requires_grad: bool, no_grad: bool, seed: int = 0) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(5)
+        make = lambda *shape: torch.randn(*shape, generator=gen).to(device).requires_grad_(requires_grad)  # noqa: E731
+        torch.manual_seed(seed)
+        if no_grad:
+            with torch.no_grad():
+                return call(make)
+        return call(make).detach()
+
+    trained = run(True, False)
+    for requires_grad, no_grad in ((False, False), (True, True), (False, True)):
+        torch.testing.assert_close(run(requires_grad, no_grad), trained, rtol=0, atol=0)
+    assert not torch.equal(run(False, True, seed=1), trained)  # another seed drops other elements

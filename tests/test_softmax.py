@@ -44,7 +44,9 @@ def test_parity_long_rows_stream(backend_device, dtype):
 @pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["padding", "bool4d", "bias", "causal", "causal+padding"])
-def test_parity_masks(backend_device, dtype, kind):
+@pytest.mark.parametrize("scale", [1.0, 0.125])
+def test_parity_masks(backend_device, dtype, kind, scale):
+    """A float mask is added after the scale (softmax(input * scale + mask)): scale 0.125 tells the two apart."""
     gen = torch.Generator().manual_seed(1)
     mask = None
     if kind.endswith("padding"):
@@ -54,13 +56,46 @@ def test_parity_masks(backend_device, dtype, kind):
         mask = torch.rand(2, 3, 17, 33, generator=gen) > 0.5
     elif kind == "bias":
         mask = torch.randn(1, 3, 17, 33, generator=gen)
-    _check(*backend_device, dtype, (2, 3, 17, 33), mask=mask, causal=kind.startswith("causal"), mask_grad=kind == "bias")
+    _check(*backend_device, dtype, (2, 3, 17, 33), mask=mask, scale=scale, causal=kind.startswith("causal"),
+           mask_grad=kind == "bias")
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("kind", ["padding", "causal", "bias"])
+def test_parity_long_rows_stream_with_masks(backend_device, kind):
+    """Rows wider than one block are streamed in chunks: with a mask, whole chunks are masked (a
+    padding row keeping 100 columns; causal rows keeping i + 1; a row masked everywhere)."""
+    n = 20000
+    mask, causal = None, kind == "causal"
+    gen = torch.Generator().manual_seed(2)
+    if kind == "padding":
+        mask = torch.zeros(3, n, dtype=torch.bool)
+        mask[0, :100] = True
+        mask[1, 5000:5100] = True  # chunks masked on both sides
+        mask[1, -3:] = True
+    elif kind == "bias":
+        mask = torch.randn(3, n, generator=gen) * 2
+        mask[0, 100:] = float("-inf")
+    _check(*backend_device, torch.float32, (3, n), mask=mask, scale=0.5, causal=causal, mask_grad=kind == "bias")
+    backend, device = backend_device
+    if kind == "padding":  # a row masked everywhere gives 0, and 0 gradients
+        x = torch.randn(2, n, device=device, requires_grad=True)
+        y = fused_attn.softmax(x, mask=torch.zeros(2, n, dtype=torch.bool, device=device), backend=backend)
+        y.sum().backward()
+        assert (y == 0).all() and (x.grad == 0).all()
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("shape, dim", [((6, 9, 4), 1), ((6, 9, 4), 0), ((5,), 0), ((2, 2, 2, 3, 4, 5), -1)])
 def test_parity_dims_and_ranks(backend_device, shape, dim):
     _check(*backend_device, torch.float32, shape, dim=dim)
+    # A mask along the same dim (moved with the input): bool, and a float one with its gradient,
+    # broadcast along another dim.
+    gen = torch.Generator().manual_seed(4)
+    keep = torch.rand(shape, generator=gen) > 0.3
+    _check(*backend_device, torch.float32, shape, dim=dim, mask=keep, scale=0.5)
+    bias = torch.randn((1,) + shape[1:] if len(shape) > 1 and dim != 0 else shape, generator=gen)
+    _check(*backend_device, torch.float32, shape, dim=dim, mask=bias, scale=0.5, mask_grad=True)
     x = torch.randn(shape, device=backend_device[1])
     want = torch.softmax(x, dim)
     got = fused_attn.softmax(x, dim, backend=backend_device[0])
