@@ -207,6 +207,12 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
         model = _copy_model(model)
     report = OptimizeReport(model)
     chosen = None if backend == "auto" else backend
+    # Modules built fused keep the backend they had, for restore to give back: recorded for all of
+    # them before any is set (a fused layer's backend is also its fused children's).
+    for module in model.modules():
+        if (type(module) in _FUSED_TYPES and ORIGINAL_CLASS not in module.__dict__
+                and BACKEND_BEFORE not in module.__dict__):
+            module.__dict__[BACKEND_BEFORE] = module.backend
     handled: set[str] = set()
     for path, module in model.named_modules():
         if any(h == "" or path == h or path.startswith(h + ".") for h in handled):
@@ -219,10 +225,7 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
             handled.add(path)
             continue
         if type(module) in _FUSED_TYPES:
-            # Already fused (an earlier optimize, or built fused): it takes this call's backend; one
-            # built fused keeps the backend it had for restore to give back.
-            if ORIGINAL_CLASS not in module.__dict__ and BACKEND_BEFORE not in module.__dict__:
-                module.__dict__[BACKEND_BEFORE] = module.backend
+            # Already fused (an earlier optimize, or built fused): it takes this call's backend.
             module.backend = chosen
             original = module.__dict__.get(ORIGINAL_CLASS, type(module))
             report.replaced.append((path, original.__name__, type(module).__name__))

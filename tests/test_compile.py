@@ -307,3 +307,20 @@ print(counters["stats"]["unique_graphs"])
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == "1"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_export_of_an_optimized_layer_with_a_dynamic_sequence_length(backend):
+    """torch.export (non-strict) of an optimize()d encoder layer with a dynamic sequence length:
+    the ops' backend choice reads the sizes without comparing them in ways that would add guards
+    the dynamic range violates; the exported program runs at another length, as eager does."""
+    _require(backend)
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, activation="gelu").eval()
+    fused_attn.optimize(layer, backend=backend)
+    seq = torch.export.Dim("seq", min=2, max=512)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(layer, (torch.randn(2, 10, 32),), dynamic_shapes={"src": {1: seq}})
+    x = torch.randn(2, 37, 32)
+    torch.testing.assert_close(program.module()(x), layer(x))

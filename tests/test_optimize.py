@@ -75,12 +75,17 @@ def test_restore_gives_a_module_built_fused_its_own_backend_back():
     """optimize sets its backend on modules built fused too; restore puts back what they had."""
     built, kept = FusedLayerNorm(8), FusedLayerNorm(8)
     kept.backend = "cpu"
-    model = nn.Sequential(built, kept, nn.LayerNorm(8))
+    layer = FusedTransformerEncoderLayer(8, 2, 16, dropout=0.0)
+    layer.backend = "reference"  # a fused layer's backend is its fused children's too
+    before = {name: m.backend for name, m in layer.named_modules() if hasattr(m, "backend")}
+    assert set(before.values()) == {"reference"} and len(before) == 4
+    model = nn.Sequential(built, kept, nn.LayerNorm(8), layer)
     fused_attn.optimize(model, backend="reference")
     fused_attn.optimize(model, backend="triton")  # a second optimize does not overwrite what was saved
-    assert (built.backend, kept.backend, model[2].backend) == ("triton", "triton", "triton")
+    assert (built.backend, kept.backend, model[2].backend, layer.norm1.backend) == ("triton",) * 4
     fused_attn.restore(model)
     assert (built.backend, kept.backend) == (None, "cpu")
+    assert {name: m.backend for name, m in layer.named_modules() if hasattr(m, "backend")} == before
     assert type(model[2]) is nn.LayerNorm and not hasattr(model[2], "backend")
     assert not any(k.startswith("_fused_attn") for m in model.modules() for k in m.__dict__)
 

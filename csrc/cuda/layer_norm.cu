@@ -11,11 +11,10 @@
 //     traffic is still one read. Row sums are warp shuffles plus one shared-memory exchange.
 //   Both kernels loop over rows with a grid stride, so any row count fits the grid limits.
 //
-// Vector width. When the input and output pointers are 16-byte aligned, the weight and bias pointers
-// aligned to a vector of their own elements, and hidden is a multiple of 16 / sizeof(T) (4 floats,
-// 8 halves), every row start is 16-byte aligned and each access is one 128-bit load/store (two for
-// float32 parameters of a 16-bit input). Otherwise (odd hidden, offset views) the same kernels run
-// with width 1.
+// Vector width. When the input, output, weight and bias pointers are 16-byte aligned and hidden is a
+// multiple of 16 / sizeof(T) (4 floats, 8 halves), every row start is 16-byte aligned and each access
+// is one 128-bit load/store (two for the float32 parameters of a 16-bit input). Otherwise (odd hidden,
+// offset views) the same kernels run with width 1.
 //
 // Parameters. weight and bias (type P) are the input's dtype, or float32 with a float16/bfloat16
 // input (norms kept in float32, checks.h's affine_dtype): read unrounded, their gradients written as
@@ -121,11 +120,26 @@ float reciprocal(int64_t hidden) { return 1.f / static_cast<float>(hidden); }
 // gets exactly 0 rather than rstd times the rounding error of an unrounded product.
 __device__ __forceinline__ float scaled_grad(float dy, float w) { return __fmul_rn(dy, w); }
 
+// Elements of P per access of the parameters in a VEC-wide row access: VEC, or as many as 16 bytes
+// hold (float32 parameters of a 16-bit row: two 16-byte loads for its 8 elements), so that the
+// parameters need no more than 16-byte alignment.
+template <int VEC, typename P>
+constexpr int param_piece() {
+  return VEC < cuda_utils::vec16_width<P>() ? VEC : cuda_utils::vec16_width<P>();
+}
+
 // Loads VEC affine parameters at column c, or `fill` when the parameter is absent (identity).
-template <int VEC, typename T>
-__device__ __forceinline__ void load_param_or(const T* p, int64_t c, float fill, float (&out)[VEC]) {
+template <int VEC, typename P>
+__device__ __forceinline__ void load_param_or(const P* p, int64_t c, float fill, float (&out)[VEC]) {
   if (p != nullptr) {
-    cuda_utils::load_as_float<VEC>(p + c, out);
+    constexpr int kPiece = param_piece<VEC, P>();
+#pragma unroll
+    for (int i = 0; i < VEC; i += kPiece) {
+      float piece[kPiece];
+      cuda_utils::load_as_float<kPiece>(p + c + i, piece);
+#pragma unroll
+      for (int j = 0; j < kPiece; ++j) out[i + j] = piece[j];
+    }
   } else {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) out[j] = fill;
@@ -626,11 +640,12 @@ const T* optional_data(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->const_data_ptr<T>() : nullptr;
 }
 
-// Whether the affine parameters (null: absent) take the vector path of VEC elements per access: aligned to
-// VEC of their own elements, 32 bytes for float32 parameters of a 16-bit input (two 16-byte accesses).
+// Whether the affine parameters (null: absent) take the vector path of VEC elements per access, read in
+// pieces of param_piece<VEC, P>() elements (at most 16 bytes).
 template <int VEC, typename P>
 bool param_vectors_aligned(const P* w, const P* b = nullptr) {
-  return cuda_utils::is_aligned(w, sizeof(P) * VEC) && cuda_utils::is_aligned(b, sizeof(P) * VEC);
+  constexpr std::size_t kBytes = sizeof(P) * param_piece<VEC, P>();
+  return cuda_utils::is_aligned(w, kBytes) && cuda_utils::is_aligned(b, kBytes);
 }
 
 // Keeps hidden, and every grid dimension derived from it, within 32-bit range.

@@ -386,7 +386,7 @@ def ffn_cases(s: Settings) -> Iterator[Case]:
         w2, b2 = make(model, hidden, scale=hidden**-0.5), make(model)
         grad = torch.randn_like(x) if training else None
         flops = harness.ffn_flops(tokens, model, hidden, mode=s.mode)
-        names, skipped = _fused_backends("ffn", backends.Inputs(s.device, s.dtype, {"in_features": model}), s.backends)
+        names, skipped = _fused_backends("ffn", backends.Inputs(s.device, s.dtype, {"gemm_dim": max(tokens, model, hidden)}), s.backends)
 
         def eager() -> torch.Tensor:
             h = F.gelu(F.linear(x, w1, b1))

@@ -312,9 +312,16 @@ if _extension.loaded():
 
 
 def _gemm_dim(input: torch.Tensor, *weights: torch.Tensor) -> int:
-    """The largest dim of the GEMMs of ``input`` [..., in] through ``weights`` [out, in] in turn."""
-    rows = input.numel() // input.shape[-1] if input.shape[-1] else math.prod(input.shape[:-1])
-    return max(rows, input.shape[-1], *(w.shape[0] for w in weights))
+    """The largest dim of the GEMMs of ``input`` [..., in] through ``weights`` [out, in] in turn.
+    ``torch.sym_max``: under torch.export a dynamic dim is symbolic, and comparing it, as ``max``
+    would, adds a guard that a dynamic dim's range violates."""
+    dims = (math.prod(input.shape[:-1]), input.shape[-1], *(w.shape[0] for w in weights))
+    if all(type(dim) is int for dim in dims):
+        return max(dims)  # eager calls: a third of sym_max's host time
+    largest = dims[0]
+    for dim in dims[1:]:
+        largest = torch.sym_max(largest, dim)
+    return largest
 
 
 def _check_linear(input: torch.Tensor, weight: object, bias: object, names: tuple[str, str], in_features: int):
