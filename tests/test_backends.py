@@ -305,6 +305,21 @@ def test_symbolic_tracing_outside_dynamo_takes_the_full_choice_path():
     assert all(type(value) in (int, bool) for key in backends._CHOICES for _, value in key[5:])
 
 
+def test_remembered_choices_follow_the_triton_interpreter_switch(monkeypatch):
+    """The choice cache keys on TRITON_INTERPRET: switching it off at run time makes Triton on CPU
+    tensors refused at the next call, not served from a choice made while it was on."""
+    if backends.triton_version() is None:
+        pytest.skip("triton is not installed")
+    x = torch.randn(4, 8)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fused_attn.softmax(x, backend="triton")
+    assert fused_attn.last_backend("softmax") == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(BackendNotSupportedError, match="only under TRITON_INTERPRET=1"):
+        fused_attn.softmax(x, backend="triton")
+    assert backends.select("softmax", Inputs(x.device, x.dtype, {"n_cols": 8})) != "triton"
+
+
 def test_empty_inputs_are_served_by_the_reference_and_say_so():
     """Nothing to compute launches no kernel: the reference gives the empty result, and
     last_backend names it rather than the backend the policy chose."""

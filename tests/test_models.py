@@ -32,6 +32,7 @@ from fused_attn.models import (
     Transformer,
     TransformerConfig,
 )
+from fused_attn.models.transformer import sinusoidal_positions
 
 from .conftest import ParityReport, _magnitude, _max_err, check_tensor_parity
 
@@ -237,6 +238,23 @@ def _transformer_config(**overrides) -> TransformerConfig:
         dim_feedforward=96, dropout=0.0, max_position_embeddings=32,
     )
     return TransformerConfig(**{**base, **overrides})
+
+
+def test_transformer_embeddings_are_the_standard_ones():
+    """Token embeddings scaled by sqrt(d_model) (unless scale_embedding=False) plus the sinusoidal
+    table of "Attention Is All You Need": PE(p, 2i) = sin(p / 10000^(2i/d)), PE(p, 2i+1) = cos(...)."""
+    d_model, length = 64, 20
+    position = torch.arange(length, dtype=torch.float64)[:, None]
+    angle = position / 10000 ** (torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    table = sinusoidal_positions(length, d_model)
+    torch.testing.assert_close(table[:, 0::2], torch.sin(angle).float())
+    torch.testing.assert_close(table[:, 1::2], torch.cos(angle).float())
+    tokens = torch.randint(1, 61, (2, length), generator=torch.Generator().manual_seed(0))
+    for scale in (True, False):
+        model = Transformer(_transformer_config(positional="sinusoidal", scale_embedding=scale)).eval()
+        embedded = model._embed(tokens, model.src_embed, None)
+        expected = model.src_embed(tokens) * (d_model**0.5 if scale else 1.0) + table
+        torch.testing.assert_close(embedded, expected)
 
 
 @pytest.mark.parametrize("backend", _backend_params())
@@ -463,12 +481,14 @@ def test_hf_bert_same_outputs(head):
     hf64 = copy.deepcopy(hf).double()
     ids, mask, types = _bert_batch(config, length=12, lengths=(12, 7), seed=12)
 
+    positions = torch.arange(3, 3 + ids.shape[1]).expand_as(ids)  # explicit position ids, not 0..L-1
+
     def hf_out(m):
-        out = m(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        out = m(input_ids=ids, attention_mask=mask, token_type_ids=types, position_ids=positions)
         return (out.last_hidden_state, out.pooler_output) if head == "BertModel" else (out.logits,)
 
     def our_out(m):
-        out = m(ids, attention_mask=mask, token_type_ids=types)
+        out = m(ids, attention_mask=mask, token_type_ids=types, position_ids=positions)
         return (out.last_hidden_state, out.pooler_output) if head == "BertModel" else (out.logits,)
 
     with torch.no_grad():

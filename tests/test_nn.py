@@ -94,8 +94,60 @@ def test_multihead_attention_cross_kdim_vdim_and_unbatched():
     fused = _as(plain, FusedMultiheadAttention)
     q, k, v = torch.randn(2, 5, 32), torch.randn(2, 9, 24), torch.randn(2, 9, 16)
     torch.testing.assert_close(fused(q, k, v)[0], plain(q, k, v)[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fused(q[0], k[0], v[0])[0], plain(q[0], k[0], v[0])[0], rtol=1e-5, atol=1e-5)
+    pad = torch.zeros(9, dtype=torch.bool)
+    pad[6:] = True
+    for kwargs in ({}, {"key_padding_mask": pad}, {"average_attn_weights": False}):  # unbatched: weights squeezed
+        out_f, w_f = fused(q[0], k[0], v[0], **kwargs)
+        out_p, w_p = plain(q[0], k[0], v[0], **kwargs)
+        torch.testing.assert_close(out_f, out_p, rtol=1e-5, atol=1e-5)
+        assert w_f.shape == w_p.shape
+        torch.testing.assert_close(w_f, w_p, rtol=1e-5, atol=1e-6)
     assert list(fused.state_dict()) == list(plain.state_dict())
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32], ids=["bool", "float"])
+@pytest.mark.parametrize("padding", [False, True], ids=["", "padding"])
+def test_multihead_attention_three_dimensional_mask_and_per_head_weights(batch_first, mask_dtype, padding):
+    """A [batch * heads, L, S] attn_mask (batch-major, as torch lays it out), alone or with a
+    key_padding_mask; average_attn_weights=False returns the per-head weights [B, H, L, S]."""
+    torch.manual_seed(2)
+    batch, heads, length = 2, 4, 7
+    plain = nn.MultiheadAttention(32, heads, batch_first=batch_first).eval()
+    fused = _as(plain, FusedMultiheadAttention)
+    x = torch.randn(batch, length, 32) if batch_first else torch.randn(length, batch, 32)
+    if mask_dtype == torch.bool:
+        mask = torch.rand(batch * heads, length, length) > 0.5
+        mask |= torch.eye(length, dtype=torch.bool)  # True = masked out: keep the diagonal
+        mask &= ~torch.eye(length, dtype=torch.bool)
+    else:
+        mask = torch.randn(batch * heads, length, length)
+    kwargs = {"attn_mask": mask}
+    if padding:
+        pad = torch.zeros(batch, length, dtype=torch.bool)
+        pad[1, 5:] = True
+        kwargs["key_padding_mask"] = pad
+    for average in (True, False):
+        out_p, w_p = plain(x, x, x, average_attn_weights=average, **kwargs)
+        out_f, w_f = fused(x, x, x, average_attn_weights=average, **kwargs)
+        torch.testing.assert_close(out_f, out_p, rtol=1e-5, atol=1e-5)
+        assert w_f.shape == w_p.shape == ((batch, length, length) if average else (batch, heads, length, length))
+        torch.testing.assert_close(w_f, w_p, rtol=1e-5, atol=1e-6)
+        out_f, _ = fused(x, x, x, need_weights=False, **kwargs)
+        torch.testing.assert_close(out_f, out_p, rtol=1e-5, atol=1e-5)
+
+
+def test_multihead_attention_weights_carry_the_attention_dropout():
+    """need_weights=True (nn.MultiheadAttention's default) in training: the returned weights are
+    the dropped-out probabilities, as torch's (about p of them zero)."""
+    torch.manual_seed(3)
+    fused = FusedMultiheadAttention(16, 4, dropout=0.5, batch_first=True).train()
+    x = torch.randn(4, 32, 16)
+    _, weights = fused(x, x, x, average_attn_weights=False)
+    zeros = float((weights == 0).double().mean())
+    assert abs(zeros - 0.5) < 0.05, zeros
+    kept = weights[weights != 0]
+    assert float(kept.min()) > 0
 
 
 class _CountLinear(torch.overrides.TorchFunctionMode):
@@ -214,6 +266,8 @@ def test_decoder_layer_matches_torch(norm_first):
     causal = nn.Transformer.generate_square_subsequent_mask(6)
     memory_pad = torch.zeros(2, 9, dtype=torch.bool)
     memory_pad[1, 4:] = True
+    tgt_pad = torch.zeros(2, 6, dtype=torch.bool)
+    tgt_pad[1, 3:] = True
 
     class Wrap(nn.Module):
         def __init__(self, layer):
@@ -221,7 +275,8 @@ def test_decoder_layer_matches_torch(norm_first):
             self.layer = layer
 
         def forward(self, tgt, memory):
-            return self.layer(tgt, memory, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=memory_pad)
+            return self.layer(tgt, memory, tgt_mask=causal, tgt_is_causal=True, tgt_key_padding_mask=tgt_pad,
+                              memory_key_padding_mask=memory_pad)
 
     _module_parity(
         Wrap(plain), Wrap(fused), {"tgt": torch.randn(2, 6, 32), "memory": torch.randn(2, 9, 32)},
@@ -384,6 +439,40 @@ def test_hooks_on_bypassed_submodules_run(hook, layer, recwarn):
     if hook == "forward_hook":
         assert len(calls) == 4
     assert any(m.startswith(f"{type(fused).__name__}: hooks on its") for m in fused_attn.backends._warned)
+
+
+def test_global_module_hooks_are_honoured(recwarn):
+    """A hook registered for every module (nn.modules.module.register_module_forward_hook) that
+    changes a Linear's output: the fused layer runs torch's forward, which calls its children, as
+    torch's layer (in training, where torch's own fast path does not skip hooks)."""
+    torch.manual_seed(13)
+    kwargs = dict(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, activation="gelu", batch_first=True)
+    plain = nn.TransformerEncoderLayer(**kwargs).train()
+    fused = FusedTransformerEncoderLayer(**kwargs).train()
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 5, 16)
+    handle = nn.modules.module.register_module_forward_hook(lambda m, a, out: out * 2 if isinstance(m, nn.Linear) else None)
+    try:
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
+    finally:
+        handle.remove()
+
+
+def test_multihead_attention_query_without_keys_gives_zero_with_a_float_mask():
+    """A float attn_mask with a key_padding_mask that masks every key of a sequence: its
+    attention is 0 (the package's rule for fully masked rows), weights and output alike."""
+    torch.manual_seed(14)
+    mha = FusedMultiheadAttention(16, 2, batch_first=True).eval()
+    with torch.no_grad():
+        mha.out_proj.bias.normal_()
+    x = torch.randn(2, 5, 16)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1] = True
+    for need_weights in (True, False):
+        out, weights = mha(x, x, x, attn_mask=torch.randn(5, 5), key_padding_mask=pad, need_weights=need_weights)
+        torch.testing.assert_close(out[1], mha.out_proj.bias.expand(5, 16), rtol=0, atol=0)
+        if need_weights:
+            assert (weights[1] == 0).all()
 
 
 def test_hooks_on_a_called_child_under_a_second_name_keep_the_fused_path(recwarn):

@@ -47,18 +47,26 @@ def test_optimize_torch_transformer_keeps_outputs_weights_and_grads():
     assert_model_parity(plain, fused_model, _run_transformer)
 
 
-def test_layers_with_dropout_one_train_as_torch_does():
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-LN", "pre-LN"])
+def test_layers_with_dropout_one_train_as_torch_does(norm_first):
     """nn.Dropout takes p=1 (everything dropped): optimize converts such layers, and in training
-    their output and gradients are torch's (the fused ops answer p=1 by the reference)."""
+    their output and gradients are torch's (the fused ops answer p=1 by the reference): every
+    dropout of both layer kinds is where torch has it, pre-LN as post-LN."""
     torch.manual_seed(0)
     plain = nn.Transformer(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64,
-                           dropout=1.0, activation="gelu", batch_first=True).train()
+                           dropout=1.0, activation="gelu", batch_first=True, norm_first=norm_first).train()
     fused_model = copy.deepcopy(plain)
     report = fused_attn.optimize(fused_model)
     assert not report.kept and report.replaced
+
+    def run(model):  # the encoder's output too: with p=1 the decoder's cross-attention ignores it
+        torch.manual_seed(2)
+        src = torch.randn(2, 9, 32, dtype=next(model.parameters()).dtype)
+        return torch.cat([model.encoder(src).flatten(), _run_transformer(model).flatten()])
+
     with warnings.catch_warnings():
         warnings.simplefilter("error", fused_attn.FallbackWarning)
-        assert_model_parity(plain, fused_model, _run_transformer)
+        assert_model_parity(plain, fused_model, run)
 
 
 def test_restore_gives_the_original_back():
@@ -249,6 +257,20 @@ def test_hf_output_attentions_as_eager(how):
 
     assert_model_parity(plain, fused_model, run)
     assert fused_attn.last_backend("softmax") in ("cpu", "triton")
+
+
+def test_hf_output_attentions_in_training_carry_the_attention_dropout():
+    """In training, the attentions returned are the dropped-out probabilities the values were
+    weighted with, as transformers' eager attention returns them (about p of them zero)."""
+    transformers, config = _hf_config(attention_probs_dropout_prob=0.5, num_hidden_layers=1)
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).train()
+    fused_attn.optimize(model)
+    ids, _ = _batch()
+    (weights,) = model(input_ids=ids, output_attentions=True).attentions
+    zeros = float((weights == 0).double().mean())
+    assert abs(zeros - 0.5) < 0.05, zeros
+    assert float(weights[weights != 0].min()) > 0
 
 
 def _with_registered_attention(model_class, config, output_attentions):
