@@ -313,13 +313,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
     });
     using Sum = std::pair<const double*, scalar_t*>;
     sum_partials(std::array<Sum, 1>{Sum{dibp, need_dib ? dib.mutable_data_ptr<scalar_t>() : nullptr}}, nchunks, hidden);
-    with_param_type<scalar_t>(param_dtype, [&](auto* tag) {
-      using param_t = std::remove_pointer_t<decltype(tag)>;
-      using ParamSum = std::pair<const double*, param_t*>;
-      sum_partials(std::array<ParamSum, 2>{ParamSum{dwp, need_dw ? dw.mutable_data_ptr<param_t>() : nullptr},
-                                           ParamSum{dbp, need_db ? db.mutable_data_ptr<param_t>() : nullptr}},
-                   nchunks, hidden);
-    });
+    sum_param_partials<scalar_t>(param_dtype, dwp, dw, dbp, db, nchunks, hidden);
   }), at::kFloat, at::kHalf, at::kBFloat16);
   return {dinput, dres, dw, db, dib};
 }

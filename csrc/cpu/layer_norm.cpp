@@ -180,13 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
                                       chunk_partials(dwp, c, hidden), chunk_partials(dbp, c, hidden));
       }
     });
-    with_param_type<scalar_t>(param_dtype, [&](auto* tag) {
-      using param_t = std::remove_pointer_t<decltype(tag)>;
-      using Sum = std::pair<const double*, param_t*>;
-      sum_partials(std::array<Sum, 2>{Sum{dwp, need_dw ? dw.mutable_data_ptr<param_t>() : nullptr},
-                                      Sum{dbp, need_db ? db.mutable_data_ptr<param_t>() : nullptr}},
-                   nchunks, hidden);
-    });
+    sum_param_partials<scalar_t>(param_dtype, dwp, dw, dbp, db, nchunks, hidden);
   }), at::kFloat, at::kHalf, at::kBFloat16);
   return {dx, dw, db};
 }

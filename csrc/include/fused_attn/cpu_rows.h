@@ -24,6 +24,7 @@
 #include <ATen/ops/full.h>
 #include <c10/macros/Macros.h>
 
+#include "fused_attn/checks.h"
 #include "fused_attn/philox.h"
 
 namespace fused_attn {
@@ -515,6 +516,20 @@ void sum_partials(const std::array<std::pair<const double*, scalar_t*>, N>& sums
         for (int64_t c = 0; c < n; ++c) out[first + c] = static_cast<scalar_t>(static_cast<float>(total[c]));
       }
     }
+  });
+}
+
+// grad_weight and grad_bias of a norm from their chunks' partials (null: not wanted), written in the
+// parameters' dtype (checks.h's affine_dtype: float where param_dtype is float32, else scalar_t).
+template <typename scalar_t>
+void sum_param_partials(at::ScalarType param_dtype, const double* dw_part, const at::Tensor& dw, const double* db_part,
+                        const at::Tensor& db, int64_t nchunks, int64_t cols) {
+  with_param_type<scalar_t>(param_dtype, [&](auto* tag) {
+    using param_t = std::remove_pointer_t<decltype(tag)>;
+    using Sum = std::pair<const double*, param_t*>;
+    sum_partials(std::array<Sum, 2>{Sum{dw_part, dw_part != nullptr ? dw.mutable_data_ptr<param_t>() : nullptr},
+                                    Sum{db_part, db_part != nullptr ? db.mutable_data_ptr<param_t>() : nullptr}},
+                 nchunks, cols);
   });
 }
 
