@@ -28,14 +28,10 @@ from typing import Any
 import torch
 
 from . import _extension
+from ._env import ENV_VAR, MAX_EXTENT, getenv, triton_autotune_enabled, triton_interpret_mode
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
-# The longest dimension (sequence, row width) the Triton and CUDA kernels take: their tile counts
-# and loop counters are 32-bit, so a length within a tile of 2^31 would wrap them (csrc/cuda
-# checks the same bound).
-MAX_EXTENT = 2**31 - 1024
 AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu", "triton")}
-ENV_VAR = "FUSED_ATTN_BACKEND"
 
 
 class BackendNotSupportedError(RuntimeError):
@@ -204,36 +200,6 @@ def triton_version() -> str | None:
     import triton
 
     return triton.__version__
-
-
-def getenv(name: str) -> str | None:
-    """``os.environ.get(name)``, read in about 0.05 us instead of 0.7 where Python keeps the
-    environment as a bytes dict (POSIX): each op call reads two variables, which are read every
-    time (not cached) so that setting one at run time takes effect at the next call."""
-    data = getattr(os.environ, "_data", None)
-    if os.name != "posix" or type(data) is not dict:
-        return os.environ.get(name)
-    key = _ENV_KEYS.get(name)
-    value = data.get(key if key is not None else os.fsencode(name))
-    return None if value is None else os.fsdecode(value)
-
-
-# The encoded names of the variables the ops read, made once here and never changed: a cache
-# filled on first use would be mutated inside the first torch.compile trace, whose guard on it
-# would then fail and compile the graph a second time.
-_ENV_KEYS: dict[str, bytes] = {
-    name: os.fsencode(name) for name in ("TRITON_INTERPRET", "FUSED_ATTN_TRITON_AUTOTUNE", ENV_VAR)
-}
-
-
-def triton_interpret_mode() -> bool:
-    return getenv("TRITON_INTERPRET") == "1"
-
-
-def triton_autotune_enabled() -> bool:
-    """Autotuning of the Triton kernels: on, unless FUSED_ATTN_TRITON_AUTOTUNE=0 (one default
-    config per kernel: quick to compile, e.g. for test runs over many shapes) or interpreting."""
-    return getenv("FUSED_ATTN_TRITON_AUTOTUNE") != "0" and not triton_interpret_mode()
 
 
 def backend_unavailable_reasons(backend: str, device: torch.device) -> list[str]:

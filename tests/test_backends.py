@@ -1,4 +1,6 @@
+import ast
 import importlib
+import pathlib
 import warnings
 
 import pytest
@@ -8,6 +10,8 @@ import torch.nn.functional as F
 import fused_attn
 from fused_attn import backends
 from fused_attn.backends import BackendNotSupportedError, FallbackWarning, Inputs
+
+PACKAGE_ROOT = pathlib.Path(fused_attn.__file__).parent
 
 
 def _cpu_inputs(dtype=torch.float32, **features):
@@ -565,3 +569,31 @@ def test_forward_mode_ad_with_a_learned_per_row_bias():
         warnings.simplefilter("ignore", FallbackWarning)
         out = fused_attn.scaled_dot_product_attention(fwAD.make_dual(q, tq), k, v, fwAD.make_dual(m, tm))
         torch.testing.assert_close(fwAD.unpack_dual(out).tangent, expected)
+
+
+def _package_imports(path: pathlib.Path) -> set[str]:
+    """The modules of the package that ``path`` imports, as dotted names under ``fused_attn``."""
+    package = "fused_attn." + ".".join(path.relative_to(PACKAGE_ROOT).with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.rstrip(".").split(".")
+            base = base[: len(base) - node.level + 1]
+            found.add(".".join(base + ([node.module] if node.module else [])))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            found.update(n for n in names if n and n.split(".")[0] == "fused_attn")
+    return found
+
+
+@pytest.mark.parametrize("layer, allowed", [
+    ("kernels", ("fused_attn.kernels", "fused_attn._env")),
+    ("reference", ("fused_attn.reference",)),
+])
+def test_lower_layers_import_nothing_above_them(layer, allowed):
+    """Kernels and references sit at the bottom: the Triton kernels read the environment from
+    ``_env`` (which imports nothing of the package), never the backend policy or the ops."""
+    assert "fused_attn" not in _package_imports(PACKAGE_ROOT / "_env.py")
+    for path in sorted((PACKAGE_ROOT / layer).rglob("*.py")):
+        above = {m for m in _package_imports(path) if not m.startswith(allowed)}
+        assert not above, f"{path.relative_to(PACKAGE_ROOT)} imports {sorted(above)}"

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import triton
 
-from ...backends import triton_autotune_enabled
+from ..._env import triton_autotune_enabled
 
 
 def shared_memory_limit() -> int | None:

@@ -63,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...backends import triton_interpret_mode
+from ..._env import triton_interpret_mode
 from ..layout import empty_in_query_layout
 from ._autotune import benchmark, pruner, size_bucket
 from ._dropout import as_float32, keep_scale, uniform

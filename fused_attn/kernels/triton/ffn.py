@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...backends import MAX_EXTENT, triton_interpret_mode
+from ..._env import MAX_EXTENT, triton_interpret_mode
 from ._autotune import benchmark, pruner, size_bucket
 from ._dropout import as_float32, dropout, keep_divisor
 
