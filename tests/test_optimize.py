@@ -479,6 +479,52 @@ def test_hf_blocks_with_hooked_submodules_run_unfused():
         torch.testing.assert_close(run(fused_model), run(plain))
 
 
+def test_hf_activation_is_not_registered_twice():
+    """optimize() leaves each intermediate block's children as they were: the activation it was set
+    up for is not a second child (in the module tree, and, for an activation with parameters
+    replaced after optimize, as state_dict keys a plain model would not load), before or after
+    restore()."""
+    transformers, config = _hf_config()
+    torch.manual_seed(0)
+    plain = transformers.BertModel(config).eval()
+    fused_model = copy.deepcopy(plain)
+    fused_attn.optimize(fused_model)
+    children = lambda model: [list(m._modules) for m in model.modules()]  # noqa: E731
+    assert children(fused_model) == children(plain)
+    for model in (plain, fused_model):
+        model.encoder.layer[0].intermediate.intermediate_act_fn = nn.PReLU()
+    ids, mask = _batch()
+    run = lambda model: model(input_ids=ids, attention_mask=mask).last_hidden_state  # noqa: E731
+    torch.testing.assert_close(run(fused_model), run(plain))
+    assert list(fused_model.state_dict()) == list(plain.state_dict())
+    copy.deepcopy(plain).load_state_dict(fused_model.state_dict())
+    fused_attn.restore(fused_model)
+    assert children(fused_model) == children(plain)
+
+
+def test_hf_blocks_kept_are_not_reported_missing():
+    """Every BERT block kept for a foreign submodule is listed with its reason, and the report does
+    not also say that the model has no such block; a class named like torch's is named in full."""
+    transformers, config = _hf_config(num_hidden_layers=1)
+
+    class Linear(nn.Linear):  # an adapter named like torch's Linear
+        def forward(self, x):
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    for name, module in list(model.named_modules()):
+        if name.startswith("encoder") and type(getattr(module, "dense", None)) is nn.Linear:
+            dense = Linear(module.dense.in_features, module.dense.out_features)
+            dense.load_state_dict(module.dense.state_dict())
+            module.dense = dense
+    report = fused_attn.optimize(model)
+    why = f"dense is {Linear.__module__}.{Linear.__qualname__}, not torch.nn.modules.linear.Linear"
+    assert sorted(report.kept) == [(f"encoder.layer.0.{p}", cls, why) for p, cls in
+                                   (("attention.output", "BertSelfOutput"), ("intermediate", "BertIntermediate"),
+                                    ("output", "BertOutput"))]
+
+
 def test_parametrized_submodules_stay_fused():
     """A parametrized linear (weight_norm) is the class it was made from: optimize fuses its torch
     and Hugging Face layers, the forward reads the parametrized weight with no fallback, and the

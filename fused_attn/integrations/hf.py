@@ -144,12 +144,19 @@ def _hf_gelu_approximation(activation: object) -> str | None:
     return _gelu_approximation(activation)
 
 
+def _remember_activation(module: nn.Module, activation: object) -> None:
+    """Marks the activation the fused forward was set up for. Kept in the instance's ``__dict__``:
+    assigned as an attribute, a module would become a second child (in ``repr``, ``named_modules``,
+    and, with parameters of its own, as duplicate ``state_dict`` keys)."""
+    module.__dict__["fused_attn_activation"] = activation
+
+
 def _intermediate_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     activation = self.intermediate_act_fn
     if activation is not getattr(self, "fused_attn_activation", None):
         # Replaced since optimize(): fused again if it is a GELU too, else transformers' forward.
         self.fused_attn_approximate = _hf_gelu_approximation(activation)
-        self.fused_attn_activation = activation
+        _remember_activation(self, activation)
     if self.fused_attn_approximate is None or _unfused(self):
         return self._fused_attn_of[0].forward(self, hidden_states)
     return linear_gelu(
@@ -492,6 +499,7 @@ def _convert_model(model: nn.Module, backend: str | None, unregistered: str | No
             continue
         kind = "add_norm" if _is_add_norm_block(module) else "intermediate" if _is_intermediate_block(module) else None
         why = foreign_child(module) if kind is not None else None
+        blocks += kind is not None
         if why is not None:
             kept.append((path, type(module).__name__, why))
             continue
@@ -503,14 +511,13 @@ def _convert_model(model: nn.Module, backend: str | None, unregistered: str | No
                 kept.append((path, type(module).__name__, "activation is not a GELU"))
                 continue
             module.fused_attn_approximate = approximate
-            module.fused_attn_activation = module.intermediate_act_fn
+            _remember_activation(module, module.intermediate_act_fn)
             new_cls = _fused_class(type(module), "intermediate")
         elif type(module) is nn.LayerNorm:
             new_cls = convert.FusedLayerNorm
             module.backend = backend
         else:
             continue
-        blocks += kind is not None
         setattr(module, convert.ORIGINAL_CLASS, type(module))
         replaced.append((path, type(module).__name__, new_cls.__name__))
         module.__class__ = new_cls

@@ -102,7 +102,10 @@ def foreign_child(layer: nn.Module) -> str | None:
         if parametrize.is_parametrized(child):
             cls = cls.__bases__[0]  # register_parametrization derives one class from the module's own
         if cls not in kinds:
-            return f"{name} is {type(child).__name__}, not {kinds[0].__name__}"
+            found, wanted = type(child), kinds[0]
+            if found.__name__ == wanted.__name__:  # e.g. a quantized Linear: name the classes in full
+                return f"{name} is {found.__module__}.{found.__qualname__}, not {wanted.__module__}.{wanted.__qualname__}"
+            return f"{name} is {found.__name__}, not {wanted.__name__}"
     return None
 
 
