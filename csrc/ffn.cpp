@@ -64,12 +64,53 @@ Tensor dropped(const Tensor& x, const OptTensor& seed, double dropout_p, bool ow
   return dst;
 }
 
+// dropout_p of the FFN ops: in [0, 1), as every op with dropout takes it (NaN refused too).
+void check_dropout_p(double dropout_p) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+}
+
+// The second linear: w2 [out_features, hidden] and b2 [out_features] (any strides: they only enter a
+// GEMM), in the input's dtype and on its device. Checked before any GEMM reads them, so that a wrong one
+// is named rather than broadcast, widened or reported by the GEMM in its own words.
+void check_second_linear(const Tensor& w2, const OptTensor& b2, const Tensor& input, int64_t hidden) {
+  TORCH_CHECK(w2.dim() == 2 && w2.size(1) == hidden, "w2 must have shape [out_features, ", hidden,
+              "] (hidden features of w1), got ", w2.sizes());
+  TORCH_CHECK(w2.scalar_type() == input.scalar_type(), "w2 must have dtype ", input.scalar_type(),
+              " like the input, got ", w2.scalar_type());
+  TORCH_CHECK(w2.device() == input.device(), "w2 must be on ", input.device(), ", got ", w2.device());
+  if (!b2.has_value() || !b2->defined()) return;
+  TORCH_CHECK(b2->dim() == 1 && b2->size(0) == w2.size(0), "b2 must have shape [", w2.size(0),
+              "] (out_features of w2), got ", b2->sizes());
+  TORCH_CHECK(b2->scalar_type() == input.scalar_type(), "b2 must have dtype ", input.scalar_type(),
+              " like the input, got ", b2->scalar_type());
+  TORCH_CHECK(b2->device() == input.device(), "b2 must be on ", input.device(), ", got ", b2->device());
+}
+
+// The backward's arguments besides pre_activation (checked by the device's hidden backward), before the
+// dropout reads grad_out.
+void check_ffn_bwd_args(const Tensor& grad_out, const Tensor& input, const Tensor& w1, const Tensor& w2,
+                        double dropout_p) {
+  check_dropout_p(dropout_p);
+  const int64_t rows = check_rows_input(input, "input").first;
+  TORCH_CHECK(w1.dim() == 2, "w1 must be 2-D [hidden, in_features], got ", w1.dim(), " dimensions");
+  check_second_linear(w2, std::nullopt, input, w1.size(0));
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == rows && grad_out.size(1) == w2.size(0),
+              "grad_out must have shape [", rows, ", ", w2.size(0), "] ([rows of input, out_features of w2]), got ",
+              grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "grad_out must have dtype ", input.scalar_type(),
+              " like the input, got ", grad_out.scalar_type());
+  TORCH_CHECK(grad_out.device() == input.device(), "grad_out must be on ", input.device(), ", got ",
+              grad_out.device());
+}
+
 std::tuple<Tensor, Tensor> ffn_fwd(const Tensor& input, const Tensor& w1, const OptTensor& b1, const Tensor& w2,
                                    const OptTensor& b2, c10::string_view approximate, double dropout_p,
                                    const OptTensor& seed) {
   static const auto linear_gelu = find("fused_attn::linear_gelu_fwd").typed<LinearGeluFwd>();
+  check_dropout_p(dropout_p);
   at::AutoDispatchBelowADInplaceOrView below;
   auto [hidden, pre] = linear_gelu.call(input, w1, b1, approximate);
+  check_second_linear(w2, b2, input, hidden.size(1));
   Tensor out = input.is_cpu() ? ffn_linear_cpu(hidden, w2, b2) : at::linear(hidden, w2, b2);
   if (dropout_p > 0.0) out = dropped(out, seed, dropout_p, /*own=*/true);
   return {out, pre};
@@ -79,6 +120,7 @@ Tensor ffn_inference(const Tensor& input, const Tensor& w1, const OptTensor& b1,
                      c10::string_view approximate) {
   static const auto linear_gelu = find("fused_attn::linear_gelu_inference").typed<LinearGeluInference>();
   const Tensor hidden = linear_gelu.call(input, w1, b1, approximate);
+  check_second_linear(w2, b2, input, hidden.size(1));
   return input.is_cpu() ? ffn_linear_cpu(hidden, w2, b2) : at::linear(hidden, w2, b2);
 }
 
@@ -92,6 +134,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd_impl(const Tensor& gr
                                                                 bool consume_pre) {
   static const auto scratch_op = find("fused_attn::linear_gelu_bwd_scratch");
   static const auto bwd_op = find("fused_attn::linear_gelu_bwd").typed<LinearGeluBwd>();
+  check_ffn_bwd_args(grad_out_, input, w1, w2, dropout_p);
   at::AutoDispatchBelowADInplaceOrView below;
   const auto [need_dx, need_dw1, need_db1, need_dw2, need_db2] = output_mask;
   Tensor grad_out = dropout_p > 0.0 ? dropped(grad_out_, seed, dropout_p, /*own=*/false) : grad_out_;

@@ -133,6 +133,30 @@ def test_float32_mask_gradient_on_16_bit_scores_is_float32(backend_device):
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("mask_dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mask_shape", [(1, 1, 37), (6, 8, 1), ()], ids=str)
+def test_16_bit_broadcast_mask_gradient_is_rounded_once(backend_device, mask_dtype, mask_shape):
+    """A learned 16-bit mask broadcast over a float32 input: its gradient is the float32 scores'
+    gradient summed over the broadcast dims and rounded once to the mask's dtype, as torch's
+    softmax(x + mask) gives it (each term was rounded to 16 bits before the sum: a 0-d or per-row
+    mask, whose true gradient is 0, got errors of 1e-3)."""
+    backend, device = backend_device
+    if torch.float32 not in supported_dtypes(backend, device):
+        pytest.skip(f"float32 is not tested on {backend}-{device}")
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(6, 8, 37, generator=gen) * 2).to(device)
+    mask = torch.randn(mask_shape, generator=gen).to(device=device, dtype=mask_dtype).requires_grad_()
+    dy = torch.randn(6, 8, 37, generator=gen).to(device)
+    y = fused_attn.softmax(x, mask=mask, backend=backend)
+    y.backward(dy)
+    y64, dy64 = y.detach().double(), dy.double()
+    full = y64 * (dy64 - (y64 * dy64).sum(-1, keepdim=True))
+    expected = full.sum_to_size(mask_shape).to(mask_dtype)
+    assert mask.grad.dtype == mask_dtype
+    torch.testing.assert_close(mask.grad, expected, rtol=torch.finfo(mask_dtype).eps, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
 def test_fully_masked_rows_are_zero(backend_device):
     backend, device = backend_device
     x = torch.randn(4, 10, device=device, requires_grad=True)

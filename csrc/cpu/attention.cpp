@@ -350,6 +350,11 @@ struct MaskView {
   const char* row(int64_t b, int64_t h, int64_t i) const { return data + (b * sb + h * sh + i * sm) * elem; }
 };
 
+// The mask dtypes the kernels read (MaskKind).
+bool is_mask_dtype(at::ScalarType t) {
+  return t == at::kBool || t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
 MaskView make_mask_view(const std::optional<at::Tensor>& mask) {
   MaskView view;
   if (!mask.has_value() || !mask->defined()) return view;
@@ -585,6 +590,8 @@ void attn_fwd_task(const AttnProblem& pb, const T* q_ptr, const T* k_ptr, const 
 }
 
 void check_qkv(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value) {
+  TORCH_CHECK(is_supported_float(query.scalar_type()), "query must be float32, float16 or bfloat16, got ",
+              query.scalar_type());
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{query, "query"}, {key, "key"}, {value, "value"}}) {
     TORCH_CHECK(t.dim() == 4, name, " must be 4-D [batch, heads, seq, head_dim], got ", t.dim(), " dimensions");
     TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
@@ -593,8 +600,6 @@ void check_qkv(const at::Tensor& query, const at::Tensor& key, const at::Tensor&
     TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name, " must have a unit stride along head_dim, got strides ",
                 t.strides());
   }
-  TORCH_CHECK(is_supported_float(query.scalar_type()), "query must be float32, float16 or bfloat16, got ",
-              query.scalar_type());
   check_kv_heads(query, key, value);  // grouped-query: fewer key/value heads allowed
   TORCH_CHECK(key.size(3) == query.size(3), "key head_dim ", key.size(3), " must equal query head_dim ", query.size(3));
   TORCH_CHECK(value.size(2) == key.size(2), "value length ", value.size(2), " must equal key length ", key.size(2));
@@ -604,8 +609,8 @@ void check_mask(const std::optional<at::Tensor>& attn_mask, const at::Tensor& qu
   if (!attn_mask.has_value() || !attn_mask->defined()) return;
   const at::Tensor& m = *attn_mask;
   TORCH_CHECK(m.device().is_cpu(), "attn_mask must be a CPU tensor, got ", m.device());
-  TORCH_CHECK(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()),
-              "attn_mask must be bool or floating, got ", m.scalar_type());
+  TORCH_CHECK(is_mask_dtype(m.scalar_type()), "attn_mask must be bool, float32, float16, bfloat16 or float64, got ",
+              m.scalar_type());
   TORCH_CHECK(m.dim() == 4 && m.size(0) == query.size(0) && m.size(1) == query.size(1) && m.size(2) == query.size(2) &&
                   m.size(3) == k_len,
               "attn_mask must be expanded to [batch, heads, q_len, k_len] = [", query.size(0), ", ", query.size(1),
@@ -1289,8 +1294,8 @@ at::Tensor softmax_fwd_cpu(const at::Tensor& input, const std::optional<at::Tens
   TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
   if (mask.has_value() && mask->defined()) {
     TORCH_CHECK(mask->device().is_cpu(), "mask must be a CPU tensor, got ", mask->device());
-    TORCH_CHECK(mask->scalar_type() == at::kBool || at::isFloatingType(mask->scalar_type()),
-                "mask must be bool or floating, got ", mask->scalar_type());
+    TORCH_CHECK(is_mask_dtype(mask->scalar_type()), "mask must be bool, float32, float16, bfloat16 or float64, got ",
+                mask->scalar_type());
     TORCH_CHECK(mask->sizes() == input.sizes(), "mask must be expanded to the input's shape ", input.sizes(),
                 ", got ", mask->sizes());
   }

@@ -42,10 +42,12 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
@@ -60,7 +62,6 @@
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/string_view.h>
 #include <torch/library.h>
@@ -402,6 +403,16 @@ at::Tensor linear_gelu_inference_cpu(const at::Tensor& input, const at::Tensor& 
   return std::get<0>(linear_gelu_fwd_impl(input, weight, bias, approximate, /*keep_pre=*/false));
 }
 
+// A tensor the backward writes grad_pre over must share no memory with an operand read after that
+// write (the GEMMs forming the input and weight gradients): they would read gradient values instead.
+void check_not_read_after(const at::Tensor& written, const char* name,
+                          std::initializer_list<std::pair<const at::Tensor&, const char*>> read) {
+  for (const auto& [t, read_name] : read) {
+    TORCH_CHECK(!written.is_alias_of(t), name, " is overwritten with the pre-activation's gradient here, so it must not "
+                "share memory with ", read_name, ", which is read afterwards");
+  }
+}
+
 // Where grad_pre may go besides a buffer of its own, when the dtypes agree: over grad_out (kGradOut,
 // linear_gelu_bwd_scratch) or over pre_activation (kPre, linear_gelu_bwd_consuming). In place is safe:
 // each element of grad_out and pre_activation is read before the same element of grad_pre is stored.
@@ -447,8 +458,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_impl(const at::Te
   at::Tensor grad_pre;
   if (need_grad_pre) {
     if (scratch == Scratch::kGradOut && grad_out.scalar_type() == gemm_dtype) {
+      check_not_read_after(grad_out, "grad_out", {{input, "input"}, {weight, "weight"}});
       grad_pre = grad_out;
     } else if (scratch == Scratch::kPre && pre_activation.scalar_type() == gemm_dtype) {
+      check_not_read_after(pre_activation, "pre_activation", {{input, "input"}, {weight, "weight"}});
       grad_pre = pre_activation;
     } else {
       grad_pre = at::empty({rows, out_features}, input.options().dtype(gemm_dtype));
@@ -528,18 +541,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_hidden_bwd_cpu(
     bool consume_pre) {
   const bool tanh = check_approximate(approximate);
   const auto [need_dx, need_dw1, need_db1, need_dw2] = output_mask;
+  // grad_out and w2 are checked by the caller (csrc/ffn.cpp, before its dropout reads grad_out).
   const auto [rows, in_features] = check_rows_input(input, "input");
   const int64_t hidden = check_weight(w1, input, in_features);
-  TORCH_CHECK(w2.dim() == 2 && w2.size(1) == hidden, "w2 must have shape [out_features, ", hidden,
-              "] (hidden features of w1), got ", w2.sizes());
-  TORCH_CHECK(w2.scalar_type() == input.scalar_type() && w2.device() == input.device(),
-              "w2 must have the input's dtype and device, got ", w2.scalar_type(), " on ", w2.device());
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == rows && grad_out.size(1) == w2.size(0),
-              "grad_out must have shape [", rows, ", ", w2.size(0), "] ([rows of input, out_features of w2]), got ",
-              grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type() && grad_out.device() == input.device(),
-              "grad_out must have the input's dtype and device, got ", grad_out.scalar_type(), " on ",
-              grad_out.device());
   TORCH_CHECK(pre_activation.dim() == 2 && pre_activation.size(0) == rows && pre_activation.size(1) == hidden,
               "pre_activation must have shape [", rows, ", ", hidden, "], got ", pre_activation.sizes());
   TORCH_CHECK(pre_activation.scalar_type() == input.scalar_type() && pre_activation.device() == input.device(),
@@ -553,8 +557,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_hidden_bwd_cpu(
   const auto narrow = [&](const at::Tensor& t) { return t.scalar_type() == dtype ? t : t.to(dtype); };
   if (rows == 0 || hidden == 0) {
     // Empty sums: every gradient is zero.
-    return {need_dx ? at::zeros_like(input) : empty(), need_dw1 ? at::zeros_like(w1) : empty(),
-            need_db1 ? at::zeros({hidden}, input.options()) : empty(), need_dw2 ? at::zeros_like(w2) : empty()};
+    // Contiguous, as the GEMMs' results are (and the fake kernels say), whatever the weights' strides.
+    const auto zeros = [&](const at::Tensor& like) { return at::zeros(like.sizes(), input.options()); };
+    return {need_dx ? zeros(input) : empty(), need_dw1 ? zeros(w1) : empty(),
+            need_db1 ? at::zeros({hidden}, input.options()) : empty(), need_dw2 ? zeros(w2) : empty()};
   }
   const bool need_grad_pre = need_dx || need_dw1;
   const bool need_hidden_grad = need_grad_pre || need_db1;
@@ -564,9 +570,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_hidden_bwd_cpu(
   const at::Tensor w2g = need_hidden_grad ? widen(w2) : at::Tensor();
   at::Tensor grad_pre;
   if (need_grad_pre) {
-    grad_pre = consume_pre && pre_activation.scalar_type() == gemm_dtype
-                   ? pre_activation
-                   : at::empty({rows, hidden}, input.options().dtype(gemm_dtype));
+    const bool over_pre = consume_pre && pre_activation.scalar_type() == gemm_dtype;
+    if (over_pre) check_not_read_after(pre_activation, "pre_activation", {{input, "input"}, {w1, "w1"}, {w2, "w2"}});
+    grad_pre = over_pre ? pre_activation : at::empty({rows, hidden}, input.options().dtype(gemm_dtype));
   }
   at::Tensor dw2 = need_dw2 ? at::empty({w2.size(0), hidden}, input.options().dtype(gemm_dtype)) : at::Tensor();
   at::Tensor db1 = need_db1 ? at::empty({hidden}, input.options()) : empty();

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 from collections.abc import Callable
 
@@ -50,6 +51,30 @@ def register_pair(
 def register_native_pair(fwd: str, bwd: str, *, fake_fwd: Callable, fake_bwd: Callable) -> object:
     """The fake kernels of a pair of ``fused_attn._C`` ops, whose autograd formula the extension
     registers in C++ (csrc/autograd.cpp: no trip through Python per call). Returns the forward op."""
-    torch.library.register_fake(f"fused_attn::{fwd}", fake_fwd)
-    torch.library.register_fake(f"fused_attn::{bwd}", fake_bwd)
+    register_fake(fwd, fake_fwd)
+    register_fake(bwd, fake_bwd)
     return getattr(torch.ops.fused_attn, fwd)
+
+
+def register_fake(op: str, fake: Callable) -> None:
+    """Registers ``fused_attn::{op}``'s fake kernel, which also serves a meta tensor among real ones
+    (the dispatcher sends such a call to it): it refuses tensors on different devices, as every
+    kernel does, instead of describing outputs on the first argument's device. ``seed`` is the one
+    argument that is a CPU tensor with tensors on any device."""
+    names = tuple(inspect.signature(fake).parameters)
+
+    @functools.wraps(fake)
+    def checked(*args, **kwargs):
+        first = None
+        for name, value in (*zip(names, args), *kwargs.items()):
+            if not isinstance(value, torch.Tensor) or name == "seed":
+                continue
+            if first is None:
+                first = (name, value.device)
+            elif value.device != first[1]:
+                raise RuntimeError(
+                    f"fused_attn::{op}: {name} must be on {first[1]} like {first[0]}, got {value.device}"
+                )
+        return fake(*args, **kwargs)
+
+    torch.library.register_fake(f"fused_attn::{op}", checked)

@@ -16,7 +16,7 @@ from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, register_op, runs_reference, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._random import draw_seed, seed_int
-from ._registry import interpreter_serialized, register_native_pair, register_pair
+from ._registry import interpreter_serialized, register_fake, register_native_pair, register_pair
 from ._validate import (
     affine_dtype, check_bool, check_dropout_p, check_eps, check_param, check_same_device, check_tensor, needs_grad, rows,
     transform_features, unrows,
@@ -152,13 +152,13 @@ def _register(fwd: str, bwd: str) -> object:
 _FWD_OPS = {"triton": _register("triton_add_layer_norm_fwd", "triton_add_layer_norm_bwd")}
 # Calls that need no gradient and no pre-norm sum take the inference form: the same output bits, no
 # pre-norm tensor.
-torch.library.register_fake("fused_attn::triton_add_layer_norm_inference", _fake_inference)
+register_fake("triton_add_layer_norm_inference", _fake_inference)
 _INFERENCE_OPS = {"triton": torch.ops.fused_attn.triton_add_layer_norm_inference}
 if _extension.loaded():
     _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = register_native_pair(
         "add_layer_norm_fwd", "add_layer_norm_bwd", fake_fwd=_fake_fwd, fake_bwd=_fake_bwd
     )
-    torch.library.register_fake("fused_attn::add_layer_norm_inference", _fake_inference)
+    register_fake("add_layer_norm_inference", _fake_inference)
     for _device in ("cpu", "cuda"):
         if _extension.has_kernel("add_layer_norm_inference", _device):
             _INFERENCE_OPS[_device] = torch.ops.fused_attn.add_layer_norm_inference

@@ -35,7 +35,7 @@ from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, register_op, runs_reference, select
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
-from ._registry import interpreter_serialized, register_native_pair, register_pair
+from ._registry import interpreter_serialized, register_fake, register_native_pair, register_pair
 from ._validate import (
     check_dropout_p, check_param, check_same_device, check_tensor, dtype_name, transform_features, needs_grad, rows,
     unrows,
@@ -152,16 +152,18 @@ _LINEAR_GELU_OPS = {"triton": _register_linear_gelu("triton_linear_gelu_fwd", "t
 # Calls that need no gradient take the inference form: the output alone, with the same bits, and no
 # pre-activation kept (the GELU is applied over the GEMM's result in place where the backend can),
 # so the call's peak holds one [rows, out_features] tensor instead of two.
-torch.library.register_fake("fused_attn::triton_linear_gelu_inference", _fake_linear_gelu_inference)
+register_fake("triton_linear_gelu_inference", _fake_linear_gelu_inference)
 _LINEAR_GELU_INFERENCE = {"triton": torch.ops.fused_attn.triton_linear_gelu_inference}
 if _extension.loaded():
     _LINEAR_GELU_OPS["cpu"] = _LINEAR_GELU_OPS["cuda"] = register_native_pair(
         "linear_gelu_fwd", "linear_gelu_bwd", fake_fwd=_fake_linear_gelu_fwd, fake_bwd=_fake_linear_gelu_bwd
     )
-    torch.library.register_fake("fused_attn::linear_gelu_inference", _fake_linear_gelu_inference)
+    register_fake("linear_gelu_inference", _fake_linear_gelu_inference)
     # What the CPU autograd formula calls in a backward that frees its graph: linear_gelu_bwd, writing
     # grad_pre over the saved pre-activation (csrc/autograd.cpp, may_consume).
-    torch.library.register_fake("fused_attn::linear_gelu_bwd_consuming", _fake_linear_gelu_bwd)
+    register_fake("linear_gelu_bwd_consuming", _fake_linear_gelu_bwd)
+    # What the FFN's backward calls on the hidden gradient, its own temporary (csrc/ffn.cpp).
+    register_fake("linear_gelu_bwd_scratch", _fake_linear_gelu_bwd)
     _LINEAR_GELU_INFERENCE["cpu"] = _LINEAR_GELU_INFERENCE["cuda"] = torch.ops.fused_attn.linear_gelu_inference
 
 
@@ -209,7 +211,7 @@ def _fake_ffn_inference(input, w1, b1, w2, b2, approximate):
     return input.new_empty(input.shape[0], w2.shape[0])
 
 
-torch.library.register_fake("fused_attn::triton_ffn_inference", _fake_ffn_inference)
+register_fake("triton_ffn_inference", _fake_ffn_inference)
 
 
 @torch.library.custom_op("fused_attn::triton_ffn_bwd", mutates_args=())
@@ -300,10 +302,10 @@ if _extension.loaded():
     _FFN_OPS["cpu"] = _FFN_OPS["cuda"] = register_native_pair(
         "ffn_fwd", "ffn_bwd", fake_fwd=_fake_ffn_fwd, fake_bwd=_fake_ffn_bwd
     )
-    torch.library.register_fake("fused_attn::ffn_inference", _fake_ffn_inference)
+    register_fake("ffn_inference", _fake_ffn_inference)
     # What the CPU autograd formula calls in a backward that frees its graph: ffn_bwd, writing the
     # pre-activation's gradient over the saved pre-activation (csrc/autograd.cpp, may_consume).
-    torch.library.register_fake("fused_attn::ffn_bwd_consuming", _fake_ffn_bwd)
+    register_fake("ffn_bwd_consuming", _fake_ffn_bwd)
     _FFN_INFERENCE["cpu"] = _FFN_INFERENCE["cuda"] = torch.ops.fused_attn.ffn_inference
 
 

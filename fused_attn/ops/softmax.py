@@ -59,7 +59,7 @@ def _fake_fwd(input, mask, scale, is_causal):
 
 def _fake_bwd(grad_out, output, scale, mask_needs_grad):
     dscores = output.new_empty(output.shape, dtype=torch.float32) if mask_needs_grad else output.new_empty(0)
-    return torch.empty_like(output), dscores
+    return output.new_empty(output.shape), dscores  # contiguous, as every backend's
 
 
 def _setup_context(ctx, inputs, output):
@@ -138,6 +138,11 @@ def softmax(
     if mask is not None:
         mask = check_mask(mask, "mask")
         check_same_device(mask, "mask", input, "input")
+        if mask.requires_grad and torch.is_grad_enabled() and mask.dtype in (torch.float16, torch.bfloat16):
+            # A learned low-precision mask, as attention's: given to the kernels in float32, its
+            # gradient is summed over the broadcast dims in float32 and rounded once, instead of
+            # each term being rounded to 16 bits first.
+            mask = mask.float()
         try:
             mask = mask.expand(input.shape)
         except RuntimeError:
