@@ -386,6 +386,10 @@ enum class LtOutcome { kDone, kRefused, kUnexpected };
 // (kUnexpected: INVALID_VALUE or another status from the heuristic query, which for a plain GEMM means a
 // bug here rather than an unsupported case). Any other failure raises, naming the call.
 LtOutcome run_lt_gemm(const LtGemm& g) {
+  // A dimension of 1 (one token, one feature): the heuristic query answers INVALID_VALUE for a matrix
+  // of one row or column, as PyTorch's addmm notes where it keeps such products off cuBLASLt; ATen's
+  // GEMM serves them, with no warning.
+  if (g.m <= 1 || g.n <= 1 || g.k <= 1) return LtOutcome::kRefused;
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
   void* workspace = at::cuda::getCUDABlasLtWorkspace();
   const uint64_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();

@@ -116,8 +116,10 @@ int block_row_threads(int64_t hidden, int vec) {
 float reciprocal(int64_t hidden) { return 1.f / static_cast<float>(hidden); }
 
 // g = dy * w, rounded on its own: __fmul_rn is never contracted into an FMA. dx subtracts mean(g) from
-// the very g values that were averaged, so a row whose g are all equal (always the case for hidden == 1)
-// gets exactly 0 rather than rstd times the rounding error of an unrounded product.
+// the very g values that were averaged, so a row whose g are all equal gets exactly 0 wherever their
+// float32 mean comes out exact (always for hidden == 1) rather than rstd times the rounding error of an
+// unrounded product. (Elsewhere mean(g) may differ from g by its rounding: the CPU backend, whose row
+// constants are double, gives 0 for every such row.)
 __device__ __forceinline__ float scaled_grad(float dy, float w) { return __fmul_rn(dy, w); }
 
 // Elements of P per access of the parameters in a VEC-wide row access: VEC, or as many as 16 bytes
@@ -780,8 +782,9 @@ DropoutArgs make_dropout(double dropout_p, const std::optional<at::Tensor>& seed
   // Written so that NaN fails too.
   TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "dropout_p must be in [0, 1), got ", dropout_p);
   DropoutArgs d;
-  if (dropout_p == 0 || !used) return d;
-  d.seed = dropout_seed(seed);
+  if (dropout_p == 0) return d;
+  d.seed = dropout_seed(seed);  // checked whenever dropout applies, used or not, as on the CPU
+  if (!used) return d;
   d.p = static_cast<float>(dropout_p);
   d.keep_prob = philox::keep_divisor(d.p);
   d.active = true;
