@@ -86,6 +86,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -95,9 +96,12 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <mutex>
 #include <optional>
+#include <set>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "fused_attn/checks.h"
 #include "fused_attn/cuda_utils.cuh"
@@ -965,14 +969,23 @@ void dispatch_head_dim(int padded, const F& f) {
   }
 }
 
-// Raises the kernel's dynamic shared memory limit to `bytes`, after checking that the device has it.
+// Raises the kernel's dynamic shared memory limit to `bytes` (a kernel's own constant), after checking
+// that the device has it: once per kernel and device, since the attribute stays set and the driver call
+// would otherwise cost every launch host time (see the README's "Host time per call").
 template <typename Kernel>
 void prepare_smem(Kernel kernel, int bytes, int head_dim) {
+  static std::mutex lock;
+  static std::set<std::pair<const void*, int>> prepared;
+  const int device = c10::cuda::current_device();
+  const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel), device};
+  const std::lock_guard<std::mutex> guard(lock);
+  if (prepared.count(key) != 0) return;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   TORCH_CHECK(static_cast<size_t>(bytes) <= prop->sharedMemPerBlockOptin, "attention (cuda backend) at head dim ",
               head_dim, " needs ", bytes, " bytes of shared memory per block, but ", prop->name, " offers ",
               prop->sharedMemPerBlockOptin, "; use backend='triton' for this head dim on this GPU");
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  prepared.insert(key);
 }
 
 void check_device_capability(const at::Tensor& t) {
