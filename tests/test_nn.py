@@ -588,6 +588,34 @@ def test_multihead_attention_is_causal_hint_as_torch():
     torch.testing.assert_close(fused(x, x, x, is_causal=None)[0], plain(x, x, x, is_causal=None)[0])
 
 
+def test_multihead_attention_refuses_the_masks_torch_refuses():
+    """Where torch's MultiheadAttention raises on a mask, so does the fused one: a mask given as an
+    is_causal hint is still checked (it was dropped unchecked: an int64 mask, an unbatched 3-D mask
+    of the wrong head count), and a float mask must have the query's dtype (outside autocast)."""
+    torch.manual_seed(17)
+    plain = nn.MultiheadAttention(8, 2).eval()
+    fused = _as(plain, FusedMultiheadAttention)
+    x, unbatched = torch.randn(4, 2, 8), torch.randn(4, 8)
+    causal = nn.Transformer.generate_square_subsequent_mask(4)
+    cases = [
+        (x, {"attn_mask": causal.isinf().long(), "is_causal": True, "need_weights": False}, "attn_mask must be a bool"),
+        (unbatched, {"attn_mask": causal.expand(3, 4, 4), "is_causal": True, "need_weights": False},
+         r"attn_mask must have shape \[4, 4\] or \[2, 4, 4\]"),
+        (x, {"attn_mask": causal.double()}, "attn_mask must be bool or have the query's dtype torch.float32"),
+        (x, {"attn_mask": causal.double(), "need_weights": False}, "attn_mask must be bool or have the query's dtype"),
+        (x, {"key_padding_mask": torch.zeros(2, 4, dtype=torch.float64)},
+         "key_padding_mask must be bool or have the query's dtype"),
+    ]
+    for query, kwargs, message in cases:
+        with pytest.raises(Exception):
+            plain(query, query, query, **kwargs)
+        with pytest.raises((TypeError, ValueError), match=message):
+            fused(query, query, query, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts a float32 mask with the rest, as torch's
+        for module in (plain, fused):
+            module(x, x, x, attn_mask=causal, need_weights=False)
+
+
 def test_multihead_attention_reads_out_proj_as_torch():
     """torch's attention reads out_proj's parameters without calling it: a hook on it runs in
     neither."""

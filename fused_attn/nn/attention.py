@@ -138,7 +138,15 @@ class FusedMultiheadAttention(Fused, nn.MultiheadAttention):
         # masking replaces it, unless the weights or a key padding mask need the mask itself (torch
         # then applies the attn_mask given, and so does this).
         is_causal = is_causal and key_padding_mask is None and not need_weights
-        mask = merge_masks(None if is_causal else attn_mask, key_padding_mask, batch, heads, q_len, k_len, q.dtype)
+        for name, m in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)):
+            # A float mask has the query's dtype, as torch's attention requires (autocast aside, which
+            # casts it with the rest).
+            if (m is not None and m.is_floating_point() and m.dtype != query.dtype
+                    and not torch.is_autocast_enabled(query.device.type)):
+                raise TypeError(f"{name} must be bool or have the query's dtype {query.dtype}, got {m.dtype}")
+        mask = merge_masks(attn_mask, key_padding_mask, batch, heads, q_len, k_len, q.dtype)
+        if is_causal:
+            mask = None  # checked as torch checks it, then replaced by the kernel's causal masking
         dropout_p = self.dropout if self.training else 0.0
         weights = None
         if need_weights:
