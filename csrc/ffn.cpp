@@ -64,26 +64,13 @@ Tensor dropped(const Tensor& x, const OptTensor& seed, double dropout_p, bool ow
   return dst;
 }
 
-// dropout_p of the FFN ops: in [0, 1), as every op with dropout takes it (NaN refused too).
-void check_dropout_p(double dropout_p) {
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
-}
-
 // The second linear: w2 [out_features, hidden] and b2 [out_features] (any strides: they only enter a
 // GEMM), in the input's dtype and on its device. Checked before any GEMM reads them, so that a wrong one
 // is named rather than broadcast, widened or reported by the GEMM in its own words.
 void check_second_linear(const Tensor& w2, const OptTensor& b2, const Tensor& input, int64_t hidden) {
-  TORCH_CHECK(w2.dim() == 2 && w2.size(1) == hidden, "w2 must have shape [out_features, ", hidden,
-              "] (hidden features of w1), got ", w2.sizes());
-  TORCH_CHECK(w2.scalar_type() == input.scalar_type(), "w2 must have dtype ", input.scalar_type(),
-              " like the input, got ", w2.scalar_type());
-  TORCH_CHECK(w2.device() == input.device(), "w2 must be on ", input.device(), ", got ", w2.device());
-  if (!b2.has_value() || !b2->defined()) return;
-  TORCH_CHECK(b2->dim() == 1 && b2->size(0) == w2.size(0), "b2 must have shape [", w2.size(0),
-              "] (out_features of w2), got ", b2->sizes());
-  TORCH_CHECK(b2->scalar_type() == input.scalar_type(), "b2 must have dtype ", input.scalar_type(),
-              " like the input, got ", b2->scalar_type());
-  TORCH_CHECK(b2->device() == input.device(), "b2 must be on ", input.device(), ", got ", b2->device());
+  const int64_t out_features =
+      check_linear_weight(w2, "w2", input, hidden, "hidden features of w1", /*contiguous=*/false);
+  check_affine_param(b2, "b2", input, out_features, std::nullopt, /*contiguous=*/false);
 }
 
 // The backward's arguments besides pre_activation (checked by the device's hidden backward), before the

@@ -69,6 +69,20 @@ def test_ffn_bwd_names_a_grad_out_of_another_dtype():
         ops.ffn_bwd(torch.ones(6, 4), x, w1, w2, pre, "none", 0.0, None, [True] * 5)
 
 
+def test_ffn_bwd_names_w1_and_the_second_linear_takes_any_strides():
+    x, w1, b1, w2, b2 = _ffn_args()
+    _, pre = ops.ffn_fwd(x, w1, b1, w2, b2, "none", 0.0, None)
+    with pytest.raises(RuntimeError, match=r"w1 must have shape \[out_features, 8\] \(in_features of the input\), got \[12, 9\]"):
+        ops.ffn_bwd(torch.randn(6, 5), x, torch.randn(12, 9), w2, pre, "none", 0.0, None, [True] * 5)
+    # w2 and b2 only enter a GEMM: strided views are read as they are.
+    w2_t, b2_s = w2.t().contiguous().t(), torch.stack([b2, b2], 1)[:, 0]
+    assert not w2_t.is_contiguous() and not b2_s.is_contiguous()
+    for op, extra in ((ops.ffn_fwd, ("none", 0.0, None)), (ops.ffn_inference, ("none",))):
+        want, got = op(x, w1, b1, w2, b2, *extra), op(x, w1, b1, w2_t, b2_s, *extra)
+        want, got = (want[0], got[0]) if isinstance(want, tuple) else (want, got)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_in_place_backwards_refuse_an_operand_they_would_overwrite():
     """The backward ops that write the pre-activation's gradient over an argument read input and
     weight afterwards: an argument sharing their memory gave wrong weight/input gradients."""

@@ -154,8 +154,7 @@ void check_eps(double eps) {
 
 // dropout_p in [0, 1), and with it a seed: a CPU int64 scalar tensor. Returns the parameters.
 Dropout check_dropout(double dropout_p, const std::optional<at::Tensor>& seed) {
-  TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p < 1.0,
-              "dropout_p must be in [0, 1), got ", dropout_p);
+  check_dropout_p(dropout_p);
   Dropout drop;
   if (dropout_p == 0.0) return drop;
   drop.seed = dropout_seed(seed);

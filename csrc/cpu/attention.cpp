@@ -624,7 +624,7 @@ AttnProblem make_problem(const at::Tensor& query, const at::Tensor& key, const a
   check_qkv(query, key, value);
   check_mask(attn_mask, query, key.size(2));
   TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  check_dropout_p(dropout_p);
   AttnProblem pb{};
   pb.batch = query.size(0);
   pb.heads = query.size(1);

@@ -281,16 +281,10 @@ bool check_approximate(c10::string_view approximate) {
   return approximate == "tanh";
 }
 
-// weight [out_features, in_features] of the input's dtype and device (any strides: it only
+// A weight [out_features, in_features] of the input's dtype and device (any strides: it only
 // enters GEMMs); returns out_features.
-int64_t check_weight(const at::Tensor& weight, const at::Tensor& input, int64_t in_features) {
-  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D [out_features, in_features], got ", weight.dim(), " dimensions");
-  TORCH_CHECK(weight.size(1) == in_features, "weight must have shape [out_features, ", in_features,
-              "] (in_features of the input), got ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "weight must have dtype ", input.scalar_type(),
-              " like the input, got ", weight.scalar_type());
-  TORCH_CHECK(weight.device() == input.device(), "weight must be on ", input.device(), ", got ", weight.device());
-  return weight.size(0);
+int64_t check_weight(const at::Tensor& weight, const char* name, const at::Tensor& input, int64_t in_features) {
+  return check_linear_weight(weight, name, input, in_features, "in_features of the input", /*contiguous=*/false);
 }
 
 template <typename Fn>
@@ -343,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_impl(const at::Tensor& input,
                                                         c10::string_view approximate, bool keep_pre) {
   const auto shape = check_rows_input(input, "input");
   const int64_t rows = shape.first, in_features = shape.second;
-  const int64_t out_features = check_weight(weight, input, in_features);
+  const int64_t out_features = check_weight(weight, "weight", input, in_features);
   check_affine_param(bias, "bias", input, out_features);
   const bool tanh = check_approximate(approximate);
   const bool has_bias = bias.has_value() && bias->defined();
@@ -427,7 +421,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_impl(const at::Te
                                                                     Scratch scratch) {
   const auto shape = check_rows_input(input, "input");
   const int64_t rows = shape.first, in_features = shape.second;
-  const int64_t out_features = check_weight(weight, input, in_features);
+  const int64_t out_features = check_weight(weight, "weight", input, in_features);
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == rows && grad_out.size(1) == out_features,
               "grad_out must have shape [", rows, ", ", out_features, "] ([rows of input, out_features of weight]), got ",
               grad_out.sizes());
@@ -543,7 +537,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_hidden_bwd_cpu(
   const auto [need_dx, need_dw1, need_db1, need_dw2] = output_mask;
   // grad_out and w2 are checked by the caller (csrc/ffn.cpp, before its dropout reads grad_out).
   const auto [rows, in_features] = check_rows_input(input, "input");
-  const int64_t hidden = check_weight(w1, input, in_features);
+  const int64_t hidden = check_weight(w1, "w1", input, in_features);
   TORCH_CHECK(pre_activation.dim() == 2 && pre_activation.size(0) == rows && pre_activation.size(1) == hidden,
               "pre_activation must have shape [", rows, ", ", hidden, "], got ", pre_activation.sizes());
   TORCH_CHECK(pre_activation.scalar_type() == input.scalar_type() && pre_activation.device() == input.device(),

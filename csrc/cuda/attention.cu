@@ -1064,7 +1064,7 @@ AttnParams make_params(const at::Tensor& query, const at::Tensor& key, const at:
                        const std::optional<at::Tensor>& seed) {
   check_qkv(query, key, value);
   TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  check_dropout_p(dropout_p);
   AttnParams p{};
   p.q = static_cast<const uint16_t*>(query.const_data_ptr());
   p.k = static_cast<const uint16_t*>(key.const_data_ptr());

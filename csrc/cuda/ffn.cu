@@ -491,13 +491,7 @@ Gelu parse_approximate(std::string_view approximate) {
 
 // weight [out_features, in_features], contiguous, with the input's dtype and device; returns out_features.
 int64_t check_weight(const at::Tensor& weight, const at::Tensor& input, int64_t in_features) {
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == in_features, "weight must have shape [out_features, ",
-              in_features, "], got ", weight.sizes());
-  TORCH_CHECK(weight.is_contiguous(), "weight must be contiguous (pass weight.contiguous())");
-  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "weight must have dtype ", input.scalar_type(),
-              " like the input, got ", weight.scalar_type());
-  TORCH_CHECK(weight.device() == input.device(), "weight must be on ", input.device(), ", got ", weight.device());
-  return weight.size(0);
+  return check_linear_weight(weight, "weight", input, in_features, "in_features of the input", /*contiguous=*/true);
 }
 
 template <Gelu kKind>

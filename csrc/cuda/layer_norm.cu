@@ -779,8 +779,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
 // dropout_p in [0, 1); the seed (a CPU int64 scalar tensor, csrc/ops.cpp) is required and read only when
 // dropout is applied (dropout_p > 0 and `used`).
 DropoutArgs make_dropout(double dropout_p, const std::optional<at::Tensor>& seed, bool used) {
-  // Written so that NaN fails too.
-  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "dropout_p must be in [0, 1), got ", dropout_p);
+  check_dropout_p(dropout_p);
   DropoutArgs d;
   if (dropout_p == 0) return d;
   d.seed = dropout_seed(seed);  // checked whenever dropout applies, used or not, as on the CPU

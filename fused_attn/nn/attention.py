@@ -13,14 +13,17 @@ from ..ops import scaled_dot_product_attention, softmax
 from ._fused import Fused
 
 
-def _keep_mask(mask: torch.Tensor | None, name: str) -> torch.Tensor | None:
-    """torch.nn's masks say True = masked out; the fused ops say True = attend. Floats pass."""
+def _keep_mask(mask: torch.Tensor | None, name: str, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """torch.nn's masks say True = masked out; the fused ops say True = attend. Floats pass, of
+    ``dtype`` when one is given (torch's attention requires the query's)."""
     if mask is None:
         return None
     if mask.dtype == torch.bool:
         return ~mask
     if not mask.is_floating_point():
         raise TypeError(f"{name} must be a bool or floating tensor, got {mask.dtype}")
+    if dtype is not None and mask.dtype != dtype:
+        raise TypeError(f"{name} must be bool or have the query's dtype {dtype}, got {mask.dtype}")
     return mask
 
 
@@ -32,14 +35,19 @@ def merge_masks(
     q_len: int,
     k_len: int,
     dtype: torch.dtype,
+    *,
+    exact_dtype: bool = True,
 ) -> torch.Tensor | None:
     """One mask in the fused ops' convention, broadcastable to [batch, heads, q_len, k_len].
 
     ``attn_mask`` is [q_len, k_len] or [batch * heads, q_len, k_len] and ``key_padding_mask``
     [batch, k_len], in torch.nn's convention (bool True = masked, or floats added). A single
     mask stays a broadcast view; two masks are combined (AND of the keeps, or a sum of floats).
+    A float mask must have ``dtype`` (the query's) when ``exact_dtype`` (False under autocast,
+    which casts it with the rest).
     """
-    attn = _keep_mask(attn_mask, "attn_mask")
+    mask_dtype = dtype if exact_dtype else None
+    attn = _keep_mask(attn_mask, "attn_mask", mask_dtype)
     if attn is not None:
         if attn.dim() == 2 and attn.shape == (q_len, k_len):
             attn = attn.view(1, 1, q_len, k_len)
@@ -50,7 +58,7 @@ def merge_masks(
                 f"attn_mask must have shape [{q_len}, {k_len}] or [{batch * heads}, {q_len}, {k_len}], "
                 f"got {list(attn_mask.shape)}"
             )
-    pad = _keep_mask(key_padding_mask, "key_padding_mask")
+    pad = _keep_mask(key_padding_mask, "key_padding_mask", mask_dtype)
     if pad is not None:
         if pad.shape != (batch, k_len):
             raise ValueError(f"key_padding_mask must have shape [{batch}, {k_len}], got {list(pad.shape)}")
@@ -138,13 +146,8 @@ class FusedMultiheadAttention(Fused, nn.MultiheadAttention):
         # masking replaces it, unless the weights or a key padding mask need the mask itself (torch
         # then applies the attn_mask given, and so does this).
         is_causal = is_causal and key_padding_mask is None and not need_weights
-        for name, m in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)):
-            # A float mask has the query's dtype, as torch's attention requires (autocast aside, which
-            # casts it with the rest).
-            if (m is not None and m.is_floating_point() and m.dtype != query.dtype
-                    and not torch.is_autocast_enabled(query.device.type)):
-                raise TypeError(f"{name} must be bool or have the query's dtype {query.dtype}, got {m.dtype}")
-        mask = merge_masks(attn_mask, key_padding_mask, batch, heads, q_len, k_len, q.dtype)
+        mask = merge_masks(attn_mask, key_padding_mask, batch, heads, q_len, k_len, q.dtype,
+                           exact_dtype=not torch.is_autocast_enabled(query.device.type))
         if is_causal:
             mask = None  # checked as torch checks it, then replaced by the kernel's causal masking
         dropout_p = self.dropout if self.training else 0.0

@@ -44,6 +44,29 @@ def check_mask(value: object, name: str) -> torch.Tensor:
     return mask
 
 
+def broadcast_mask(
+    value: object, name: str, like: torch.Tensor, like_name: str, shape: tuple[int, ...], target: str
+) -> torch.Tensor:
+    """``value`` checked as a mask (:func:`check_mask`) on ``like``'s device, as a view broadcast
+    to ``shape`` (zero strides on the broadcast dims: the kernels read it in place); ``target``
+    names ``shape`` in the message when it does not broadcast.
+
+    A learned 16-bit mask (one that requires grad while grad mode is on) is given to the kernels
+    in float32: its gradient, summed over the dims it broadcasts along, is then reduced in float32
+    and rounded once, as the mask's own dtype would round each term.
+    """
+    mask = check_mask(value, name)
+    check_same_device(mask, name, like, like_name)
+    if mask.dim() > len(shape):
+        raise ValueError(f"{name} must have at most {len(shape)} dimensions, got shape {list(mask.shape)}")
+    if mask.requires_grad and torch.is_grad_enabled() and mask.dtype in (torch.float16, torch.bfloat16):
+        mask = mask.float()
+    try:
+        return mask.expand(shape)
+    except RuntimeError:
+        raise ValueError(f"{name} of shape {list(mask.shape)} does not broadcast to {target} {list(shape)}") from None
+
+
 def rows(t: torch.Tensor, width: int) -> torch.Tensor:
     """``t`` as the contiguous 2-D [rows, width] the row-wise kernels take (no reshape call for
     an input that is one already: each saves host time on every call)."""

@@ -20,7 +20,7 @@ from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import (
-    check_bool, check_dropout_p, check_mask, check_same_device, check_tensor, dtype_name, is_finite_number,
+    broadcast_mask, check_bool, check_dropout_p, check_same_device, check_tensor, dtype_name, is_finite_number,
     transform_features, under_transform,
 )
 
@@ -200,22 +200,7 @@ class _RowShift(torch.autograd.Function):
 def _expand_mask(attn_mask: object, shape: tuple[int, int, int, int], query: torch.Tensor) -> torch.Tensor | None:
     if attn_mask is None:
         return None
-    mask = check_mask(attn_mask, "attn_mask")
-    check_same_device(mask, "attn_mask", query, "query")
-    if mask.dim() > 4:
-        raise ValueError(f"attn_mask must have at most 4 dimensions, got shape {list(mask.shape)}")
-    if mask.requires_grad and torch.is_grad_enabled() and mask.dtype in (torch.float16, torch.bfloat16):
-        # A learned low-precision bias: its gradient is summed over the dims it broadcasts along.
-        # Given to the kernels in float32 (they read any float mask), the [B, H, Lq, Lk] gradient
-        # is reduced in float32 and rounded once, as the mask's own dtype would round every term.
-        mask = mask.float()
-    try:
-        # A view with zero strides on the broadcast dims: the kernel reads it in place.
-        return mask.expand(shape)
-    except RuntimeError:
-        raise ValueError(
-            f"attn_mask of shape {list(mask.shape)} does not broadcast to [batch, heads, q_len, k_len] = {list(shape)}"
-        ) from None
+    return broadcast_mask(attn_mask, "attn_mask", query, "query", shape, "[batch, heads, q_len, k_len] =")
 
 
 def _validate(query, key, value, enable_gqa: bool = False) -> None:

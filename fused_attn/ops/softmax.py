@@ -14,7 +14,7 @@ from ..backends import MAX_EXTENT, Inputs, Support, register_op, runs_reference,
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import (
-    check_bool, check_mask, check_same_device, check_tensor, transform_features, is_finite_number, python_scalar,
+    broadcast_mask, check_bool, check_tensor, transform_features, is_finite_number, python_scalar,
 )
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -136,17 +136,7 @@ def softmax(
     if not is_finite_number(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     if mask is not None:
-        mask = check_mask(mask, "mask")
-        check_same_device(mask, "mask", input, "input")
-        if mask.requires_grad and torch.is_grad_enabled() and mask.dtype in (torch.float16, torch.bfloat16):
-            # A learned low-precision mask, as attention's: given to the kernels in float32, its
-            # gradient is summed over the broadcast dims in float32 and rounded once, instead of
-            # each term being rounded to 16 bits first.
-            mask = mask.float()
-        try:
-            mask = mask.expand(input.shape)
-        except RuntimeError:
-            raise ValueError(f"mask of shape {list(mask.shape)} does not broadcast to input shape {list(input.shape)}") from None
+        mask = broadcast_mask(mask, "mask", input, "input", input.shape, "input shape")
     features = {"n_cols": input.shape[dim], **transform_features(input, mask)}
     chosen = select("softmax", Inputs(input.device, input.dtype, features), backend)
     if runs_reference("softmax", chosen, input):

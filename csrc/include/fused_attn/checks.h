@@ -45,19 +45,40 @@ void with_param_type(at::ScalarType param_dtype, Fn&& fn) {
   }
 }
 
-// An optional [hidden] parameter, contiguous, on `like`'s device, of dtype `dtype` (default: like's).
+// An optional [hidden] parameter on `like`'s device, of dtype `dtype` (default: like's), contiguous
+// unless the caller only hands it to a GEMM (`contiguous` false).
 inline void check_affine_param(const std::optional<at::Tensor>& param, const char* name, const at::Tensor& like,
-                               int64_t hidden, std::optional<at::ScalarType> dtype = std::nullopt) {
+                               int64_t hidden, std::optional<at::ScalarType> dtype = std::nullopt,
+                               bool contiguous = true) {
   if (!param.has_value() || !param->defined()) return;
   const at::Tensor& p = *param;
   TORCH_CHECK(p.dim() == 1 && p.size(0) == hidden, name, " must have shape [", hidden, "], got ", p.sizes());
-  TORCH_CHECK(p.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(!contiguous || p.is_contiguous(), name, " must be contiguous");
   const at::ScalarType expected = dtype.value_or(like.scalar_type());
   TORCH_CHECK(p.scalar_type() == expected, name, " must have dtype ", expected,
               dtype.has_value() ? " (the input's, or float32 for weight and bias with a float16/bfloat16 input)"
                                 : " like the input",
               ", got ", p.scalar_type());
   TORCH_CHECK(p.device() == like.device(), name, " must be on ", like.device(), ", got ", p.device());
+}
+
+// A linear layer's weight `name`, [out_features, in_features] with in_features given (`in_what` says
+// whose size it is), of `like`'s dtype and on its device; contiguous when `contiguous` (else any
+// strides: a GEMM reads it). Returns out_features.
+inline int64_t check_linear_weight(const at::Tensor& weight, const char* name, const at::Tensor& like,
+                                   int64_t in_features, const char* in_what, bool contiguous) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == in_features, name, " must have shape [out_features, ",
+              in_features, "] (", in_what, "), got ", weight.sizes());
+  TORCH_CHECK(!contiguous || weight.is_contiguous(), name, " must be contiguous (pass ", name, ".contiguous())");
+  TORCH_CHECK(weight.scalar_type() == like.scalar_type(), name, " must have dtype ", like.scalar_type(),
+              " like the input, got ", weight.scalar_type());
+  TORCH_CHECK(weight.device() == like.device(), name, " must be on ", like.device(), ", got ", weight.device());
+  return weight.size(0);
+}
+
+// dropout_p of every op with dropout: in [0, 1), written so that NaN fails too.
+inline void check_dropout_p(double dropout_p) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
 }
 
 // The key of a call's dropout stream (fused_attn/philox.h), read when dropout applies: the seed
