@@ -266,26 +266,13 @@ def warn_once(message: str, stacklevel: int = 1) -> bool:
 
 
 @_assume_constant
-def _note_choice(op: str, backend: str, fallback_reason: str) -> bool:
+def _note_choice(op: str, backend: str, fallback_reason: str) -> None:
     """Records ``backend`` as the one that served ``op`` (:func:`last_backend`) and, for a fallback
     to the reference (a non-empty ``fallback_reason``), warns once per op and reason at the line
     that called the op."""
     _last_choice[op] = backend
     if fallback_reason:
         warn_once(f"fused_attn.{op}: running the reference PyTorch implementation ({fallback_reason})", 4)
-    return True
-
-
-def runs_reference(op: str, chosen: str, *tensors: torch.Tensor, dropout_p: float = 0.0) -> bool:
-    """Whether a call of ``op`` for which :func:`select` chose ``chosen`` runs the reference: when
-    chosen, or when one of ``tensors`` is empty or ``dropout_p`` is 1 (nothing to compute, or
-    everything dropped: no kernel is launched; the reference gives the empty, zero or undropped
-    result, and :func:`last_backend` says 'reference')."""
-    if chosen == "reference":
-        return True
-    if dropout_p == 1.0 or any(t.numel() == 0 for t in tensors):
-        return _note_choice(op, "reference", "")
-    return False
 
 
 def _validate_name(name: str, source: str) -> str:
@@ -340,8 +327,15 @@ def clear_choices() -> None:
     _CHOICES.clear()
 
 
-def select(op: str, inputs: Inputs, backend: str | None = None) -> str:
-    """The backend that will run ``op`` on ``inputs``; raises if a named one cannot."""
+def select(
+    op: str, inputs: Inputs, backend: str | None = None, *, operands: tuple = (), dropout_p: float = 0.0
+) -> str:
+    """The backend that will run ``op`` on ``inputs``; raises if a named one cannot.
+
+    Given the call's tensors as ``operands`` (and its ``dropout_p``): "reference" when one of them
+    is empty or ``dropout_p`` is 1, after a named backend is checked (nothing to compute, or
+    everything dropped: no kernel is launched, and no fallback is announced; the reference gives
+    the empty, zero or undropped result, and :func:`last_backend` says 'reference')."""
     wanted = requested_backend(backend)
     if torch.compiler.is_compiling() or not all(type(v) in (int, bool) for v in inputs.features.values()):
         # Traced (Dynamo; make_fx and export give symbolic sizes, which are neither hashable nor
@@ -361,6 +355,8 @@ def select(op: str, inputs: Inputs, backend: str | None = None) -> str:
         name, fallback_reason = choice
         if name is None:
             raise BackendNotSupportedError(fallback_reason)
+    if dropout_p == 1.0 or any(t.numel() == 0 for t in operands):
+        name, fallback_reason = "reference", ""
     _note_choice(op, name, fallback_reason)
     return name
 

@@ -27,6 +27,7 @@ from .nn import (
     FusedTransformerDecoderLayer,
     FusedTransformerEncoderLayer,
 )
+from .nn._fused import Fused
 from .nn.transformer import foreign_child
 from .ops._validate import check_bool
 from .ops.attention import HEAD_DIM_LIMITS
@@ -39,16 +40,20 @@ BACKEND_BEFORE = "_fused_attn_backend_before"
 
 @dataclasses.dataclass
 class OptimizeReport:
-    """What :func:`optimize` did: ``replaced`` (path, from, to) and ``kept`` (path, type, why)."""
+    """What :func:`optimize` did: ``replaced`` (path, from, to), ``kept`` (path, type, why), and
+    ``built_fused`` (path, type): fused modules the model was built with, which take the backend."""
 
     model: nn.Module
     replaced: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
     kept: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    built_fused: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"fused_attn.optimize: {len(self.replaced)} replaced, {len(self.kept)} kept as they were"]
+        lines = [f"fused_attn.optimize: {len(self.replaced)} replaced, {len(self.kept)} kept as they were"
+                 + (f", {len(self.built_fused)} built fused" if self.built_fused else "")]
         lines += [f"  replaced {path or '<model>'}: {old} -> {new}" for path, old, new in self.replaced]
         lines += [f"  kept     {path or '<model>'}: {kind} ({why})" for path, kind, why in self.kept]
+        lines += [f"  fused    {path or '<model>'}: {kind} (built fused)" for path, kind in self.built_fused]
         return "\n".join(lines)
 
 
@@ -88,8 +93,6 @@ _SWAPS: dict[type, tuple[type, Callable[[nn.Module], str | None]]] = {
     nn.TransformerEncoderLayer: (FusedTransformerEncoderLayer, _layer_reason),
     nn.TransformerDecoderLayer: (FusedTransformerDecoderLayer, _layer_reason),
 }
-
-_FUSED_TYPES = frozenset(fused for fused, _ in _SWAPS.values())
 
 # Converters for whole models that fuse themselves: (predicate, convert(module, backend) ->
 # (replaced, kept) rows with paths relative to the module, restore(module)). The integrations
@@ -210,7 +213,7 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
     # Modules built fused keep the backend they had, for restore to give back: recorded for all of
     # them before any is set (a fused layer's backend is also its fused children's).
     for module in model.modules():
-        if (type(module) in _FUSED_TYPES and ORIGINAL_CLASS not in module.__dict__
+        if (isinstance(module, Fused) and ORIGINAL_CLASS not in module.__dict__
                 and BACKEND_BEFORE not in module.__dict__):
             module.__dict__[BACKEND_BEFORE] = module.backend
     handled: set[str] = set()
@@ -224,11 +227,14 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
             report.kept += [(join_path(path, p), kind, why) for p, kind, why in kept]
             handled.add(path)
             continue
-        if type(module) in _FUSED_TYPES:
-            # Already fused (an earlier optimize, or built fused): it takes this call's backend.
+        if isinstance(module, Fused):
+            # Already fused (by an earlier optimize, or built fused): it takes this call's backend.
             module.backend = chosen
-            original = module.__dict__.get(ORIGINAL_CLASS, type(module))
-            report.replaced.append((path, original.__name__, type(module).__name__))
+            original = module.__dict__.get(ORIGINAL_CLASS)
+            if original is None:
+                report.built_fused.append((path, type(module).__name__))
+            else:
+                report.replaced.append((path, original.__name__, type(module).__name__))
             continue
         swap = _SWAPS.get(type(module))
         if swap is None:

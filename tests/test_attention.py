@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -475,6 +477,21 @@ def test_output_follows_the_query_layout(backend_device, layout):
     assert torch.equal(out, expected)
     for name, got, want in zip(("query", "key", "value"), (q, k, v), dense):
         assert torch.equal(got.grad, want.grad), f"grad {name}"
+
+
+@pytest.mark.parametrize("layout", list(QUERY_LAYOUTS))
+@pytest.mark.parametrize("dtype, backend", [(torch.float32, "reference"), (torch.float64, None)])
+def test_reference_output_follows_the_query_layout(layout, dtype, backend):
+    """The reference (named, or the float64 fallback) lays its output out as the kernels do."""
+    order = QUERY_LAYOUTS[layout]
+    stored = torch.randn([(2, 3, 9, 8)[d] for d in order], dtype=dtype)
+    q = stored.permute(*(order.index(d) for d in range(4)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fused_attn.FallbackWarning)
+        out = fused_attn.scaled_dot_product_attention(q, q, q, backend=backend)
+    assert fused_attn.last_backend(OP) == "reference"
+    assert out.permute(*order).is_contiguous(), f"output strides {out.stride()} for a {layout} query"
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -274,7 +274,8 @@ def test_gemm_ops_declare_their_largest_dim(op, monkeypatch):
     module = importlib.import_module("fused_attn.ops.ffn")  # the module: fused_attn.ops.ffn is also the function
     seen = []
     select = module.select
-    monkeypatch.setattr(module, "select", lambda name, inputs, backend=None: seen.append(inputs.features) or select(name, inputs, backend))
+    monkeypatch.setattr(module, "select", lambda name, inputs, backend=None, **kw: (
+        seen.append(inputs.features) or select(name, inputs, backend, **kw)))
     x = torch.randn(3, 5, 8)
     if op == "linear_gelu":
         fused_attn.linear_gelu(x, torch.randn(20, 8), backend="reference")
@@ -343,6 +344,18 @@ def test_empty_inputs_are_served_by_the_reference_and_say_so():
                 out = fused_attn.scaled_dot_product_attention(empty, empty, v, backend=backend)
                 torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(empty, empty, v))
                 assert fused_attn.last_backend("scaled_dot_product_attention") == "reference"
+        # Nor does a dtype no kernel serves (float64) announce a fallback when there is nothing to
+        # compute, or everything is dropped.
+        f64 = torch.randn(0, 8, dtype=torch.float64)
+        assert fused_attn.layer_norm(f64, (8,)).shape == (0, 8)
+        assert fused_attn.softmax(f64).shape == (0, 8)
+        q64 = torch.randn(1, 2, 3, 8, dtype=torch.float64)
+        out = fused_attn.scaled_dot_product_attention(q64, q64, q64, dropout_p=1.0)
+        assert torch.equal(out, torch.zeros_like(q64))
+        assert fused_attn.last_backend("scaled_dot_product_attention") == "reference"
+    # A named backend is still held to what it serves.
+    with pytest.raises(BackendNotSupportedError, match="float64"):
+        fused_attn.layer_norm(f64, (8,), backend="cpu")
 
 
 def test_the_reference_serves_any_device():

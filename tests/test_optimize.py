@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import fused_attn
-from fused_attn.nn import FusedLayerNorm, FusedTransformerEncoderLayer
+from fused_attn.nn import FusedFFN, FusedLayerNorm, FusedTransformerEncoderLayer
 
 from .conftest import assert_model_parity
 
@@ -87,12 +87,17 @@ def test_restore_gives_a_module_built_fused_its_own_backend_back():
     layer.backend = "reference"  # a fused layer's backend is its fused children's too
     before = {name: m.backend for name, m in layer.named_modules() if hasattr(m, "backend")}
     assert set(before.values()) == {"reference"} and len(before) == 4
-    model = nn.Sequential(built, kept, nn.LayerNorm(8), layer)
-    fused_attn.optimize(model, backend="reference")
+    ffn = FusedFFN(8, 16)
+    model = nn.Sequential(built, kept, nn.LayerNorm(8), layer, ffn)
+    report = fused_attn.optimize(model, backend="reference")
+    # Reported as built fused, not as replaced by themselves; the converted one as replaced.
+    assert report.replaced == [("2", "LayerNorm", "FusedLayerNorm")]
+    assert [p for p, _ in report.built_fused] == ["0", "1", "3", "3.self_attn", "3.norm1", "3.norm2", "4"]
+    assert "  fused    4: FusedFFN (built fused)" in str(report).splitlines()
     fused_attn.optimize(model, backend="triton")  # a second optimize does not overwrite what was saved
-    assert (built.backend, kept.backend, model[2].backend, layer.norm1.backend) == ("triton",) * 4
+    assert (built.backend, kept.backend, model[2].backend, layer.norm1.backend, ffn.backend) == ("triton",) * 5
     fused_attn.restore(model)
-    assert (built.backend, kept.backend) == (None, "cpu")
+    assert (built.backend, kept.backend, ffn.backend) == (None, "cpu", None)
     assert {name: m.backend for name, m in layer.named_modules() if hasattr(m, "backend")} == before
     assert type(model[2]) is nn.LayerNorm and not hasattr(model[2], "backend")
     assert not any(k.startswith("_fused_attn") for m in model.modules() for k in m.__dict__)
@@ -257,6 +262,24 @@ def test_hf_output_attentions_as_eager(how):
 
     assert_model_parity(plain, fused_model, run)
     assert fused_attn.last_backend("softmax") in ("cpu", "triton")
+
+
+def test_hf_output_attentions_of_a_model_that_does_not_pass_them_on():
+    """GPT-2 removes output_attentions before its layers; transformers records its attention
+    modules' weights, which eager always computes: the optimized model returns them too."""
+    plain = _other_family("gpt2")[0]
+    plain.set_attn_implementation("eager")
+    fused_model = copy.deepcopy(plain)
+    fused_attn.optimize(fused_model)
+    ids, mask = _batch()
+
+    def run(model):
+        out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+        assert len(out.attentions) == model.config.n_layer
+        return torch.cat([t.flatten() for t in (out.logits, *out.attentions)])
+
+    assert_model_parity(plain, fused_model, run)
+    assert len(fused_model(input_ids=ids, attention_mask=mask).attentions or ()) == 0  # not asked: not computed
 
 
 def test_hf_output_attentions_in_training_carry_the_attention_dropout():

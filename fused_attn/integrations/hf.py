@@ -33,7 +33,8 @@ same config object keep theirs); the backend is held by the model's modules, not
 so ``save_pretrained`` writes the config as it was. Parameters and ``state_dict`` are untouched;
 :func:`fused_attn.restore` undoes all of it. An optimized model pickles (``torch.save(model)``)
 and loads in a fresh process (a switched model carries a marker whose unpickling registers the
-fused attention). When ``output_attentions`` reaches the attention function, the
+fused attention). When ``output_attentions`` reaches the attention function, or transformers'
+output capture collects the attention modules' weights (GPT-2 tells the function nothing), the
 probabilities come from :func:`fused_attn.softmax` and are returned, as the eager implementation
 returns them. :func:`register_attention` lets a model select the fused attention itself, without
 :func:`fused_attn.optimize`.
@@ -84,13 +85,13 @@ def fused_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function interface: [B, H, L, D] in, ([B, L, H, D], weights) out;
     the weights ([B, H, L, S], after dropout as eager returns them) only when
-    ``output_attentions`` asks for them, else None. Key and value may have fewer heads than the
+    ``output_attentions`` asks for them (or transformers' output capture collects them), else None. Key and value may have fewer heads than the
     query (grouped-query models hand them over unrepeated): they go to the kernels as they are.
     ``position_bias`` (T5's relative attention bias, added to the scores) joins the mask as a
     floating mask, and receives its gradient (a query whose every key is masked gets 0, as
     everywhere in this package, where transformers' finite fill averages the bias); ``softcap``,
     attention sinks (``s_aux``, ``sinks``) and sparse key selections (``indices``,
-    ``block_indices``) raise a ValueError, as transformers' sdpa path does for the first."""
+    ``block_indices``) raise a ValueError naming them (never ignored)."""
     for name, what in _UNSUPPORTED_KWARGS.items():
         if kwargs.get(name) is not None:
             raise ValueError(f"the fused_attn attention does not support {what} ({name}); use 'eager' for this model")
@@ -108,7 +109,8 @@ def fused_attention_forward(
         else:
             attention_mask = position_bias + attention_mask
     backend = getattr(module, "fused_attn_backend", None)
-    if kwargs.get("output_attentions") or getattr(getattr(module, "config", None), "output_attentions", False):
+    if (kwargs.get("output_attentions") or getattr(getattr(module, "config", None), "output_attentions", False)
+            or _attentions_captured()):
         # The caller wants the probabilities: one fused softmax pass over the scores, then P V.
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         key, value = repeat_kv_heads(key, query.shape[1]), repeat_kv_heads(value, query.shape[1])
@@ -118,6 +120,19 @@ def fused_attention_forward(
     out = scaled_dot_product_attention(query, key, value, attention_mask, dropout, causal, scaling,
                                        enable_gqa=key.shape[1] != query.shape[1], backend=backend)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _attentions_captured() -> bool:
+    """Whether transformers' output capture is collecting attention weights in this call: a model
+    asked for ``output_attentions`` records them from its attention modules' outputs without
+    telling the attention function (GPT-2 removes the argument), and the eager attention, which
+    always returns them, has them recorded."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # a transformers without output capture passes output_attentions on
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and any(key.endswith("attentions") for key in collected)
 
 
 def _add_norm_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:

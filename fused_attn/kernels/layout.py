@@ -15,7 +15,7 @@ def empty_in_query_layout(query: torch.Tensor, dv: int) -> torch.Tensor:
     [B, Lq, H, D] gives an output whose transpose back to [B, Lq, H, dv] is contiguous, so merging
     the heads again copies nothing.
     """
-    order = sorted(range(3), key=lambda d: -query.stride(d))  # stable: ties keep dim order
+    order = _nesting(query)
     strides = [0, 0, 0, 1]
     step = dv
     for d in reversed(order):
@@ -23,3 +23,16 @@ def empty_in_query_layout(query: torch.Tensor, dv: int) -> torch.Tensor:
         step = step * query.shape[d]
     # Allocated with its strides, not as a permuted view: a custom op's output must not be a view.
     return query.new_empty_strided((*query.shape[:3], dv), strides)
+
+
+def as_query_layout(out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """``out`` [B, H, Lq, dv] (the reference's result) laid out as :func:`empty_in_query_layout`
+    lays out the kernels' output: itself when it already is, else a copy."""
+    perm = (*_nesting(query), 3)
+    inverse = tuple(perm.index(d) for d in range(4))
+    return out.permute(perm).contiguous().permute(inverse)
+
+
+def _nesting(query: torch.Tensor) -> list[int]:
+    """query's first three dims, outermost first: by decreasing stride, ties in dim order (stable)."""
+    return sorted(range(3), key=lambda d: -query.stride(d))

@@ -13,7 +13,7 @@ import math
 import torch
 
 from .. import _extension, reference
-from ..backends import MAX_EXTENT, Inputs, Support, register_op, runs_reference, select
+from ..backends import MAX_EXTENT, Inputs, Support, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import interpreter_serialized, register_fake, register_native_pair, register_pair
@@ -229,8 +229,9 @@ def add_layer_norm(
     eps = check_eps(eps)
     dropout_p = check_dropout_p(dropout_p)
     features = {"hidden": hidden, **transform_features(input, residual, weight, bias, input_bias)}
-    chosen = select("add_layer_norm", Inputs(input.device, input.dtype, features), backend)
-    if runs_reference("add_layer_norm", chosen, input, dropout_p=dropout_p):
+    chosen = select("add_layer_norm", Inputs(input.device, input.dtype, features), backend,
+                    operands=(input,), dropout_p=dropout_p)
+    if chosen == "reference":
         return reference.add_layer_norm(
             input, residual, weight, bias, eps, dropout_p, input_bias, return_prenorm=return_prenorm
         )

@@ -14,8 +14,8 @@ import math
 import torch
 
 from .. import _extension, reference
-from ..backends import MAX_EXTENT, Inputs, Support, register_op, runs_reference, select
-from ..kernels.layout import empty_in_query_layout
+from ..backends import MAX_EXTENT, Inputs, Support, register_op, select
+from ..kernels.layout import as_query_layout, empty_in_query_layout
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import interpreter_serialized, register_native_pair, register_pair
@@ -304,15 +304,15 @@ def scaled_dot_product_attention(
     scale = _check_scale(scale, head_dim)
     mask = _expand_mask(attn_mask, (batch, heads, q_len, k_len), query)
     check_bool(is_causal, "is_causal")
-    # An empty input launches no kernel (runs_reference below): the kernels' size limits do not
+    # An empty input launches no kernel (select answers "reference"): the kernels' size limits do not
     # apply to it (a zero head dim, say, is then no reason to warn or refuse).
     empty = query.numel() == 0 or key.numel() == 0 or value.numel() == 0
     sizes = {} if empty else {"head_dim": head_dim, "head_dim_v": value.shape[-1], "q_len": q_len, "k_len": k_len}
     inputs = Inputs(
         query.device, query.dtype, {**sizes, "dropout": dropout_p > 0, **transform_features(query, key, value, mask)}
     )
-    chosen = select("scaled_dot_product_attention", inputs, backend)
-    in_reference = runs_reference("scaled_dot_product_attention", chosen, query, key, value, dropout_p=dropout_p)
+    chosen = select("scaled_dot_product_attention", inputs, backend, operands=(query, key, value), dropout_p=dropout_p)
+    in_reference = chosen == "reference"
     row_shift = (not under_transform(inputs.features) and mask is not None and mask.requires_grad
                  and (attn_mask.dim() == 0 or attn_mask.shape[-1] == 1))
     if row_shift:
@@ -321,7 +321,9 @@ def scaled_dot_product_attention(
         if in_reference or chosen not in NATIVE_GQA or key.shape[1] != value.shape[1]:
             key, value = repeat_kv_heads(key, heads), repeat_kv_heads(value, heads)
     if in_reference:
-        out = reference.scaled_dot_product_attention(query, key, value, mask, dropout_p, is_causal, scale)
+        out = as_query_layout(
+            reference.scaled_dot_product_attention(query, key, value, mask, dropout_p, is_causal, scale), query
+        )
     else:
         out, _ = _FWD_OPS[chosen](
             _no_last_dim_stride(query), _no_last_dim_stride(key), _no_last_dim_stride(value), mask, scale, is_causal,

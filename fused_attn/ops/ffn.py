@@ -32,7 +32,7 @@ import math
 import torch
 
 from .. import _extension, reference
-from ..backends import MAX_EXTENT, Inputs, Support, register_op, runs_reference, select
+from ..backends import MAX_EXTENT, Inputs, Support, register_op, select
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import interpreter_serialized, register_fake, register_native_pair, register_pair
@@ -372,8 +372,8 @@ def linear_gelu(
     weight, bias = _check_linear(input, weight, bias, ("weight", "bias"), input.shape[-1])
     approximate = _check_approximate(approximate)
     features = {"gemm_dim": _gemm_dim(input, weight), **transform_features(input, weight, bias)}
-    chosen = select("linear_gelu", Inputs(input.device, input.dtype, features), backend)
-    if runs_reference("linear_gelu", chosen, input, weight):
+    chosen = select("linear_gelu", Inputs(input.device, input.dtype, features), backend, operands=(input, weight))
+    if chosen == "reference":
         return reference.linear_gelu(input, weight, bias, approximate)
     args = (rows(input, input.shape[-1]), weight.contiguous(), bias, approximate)
     if needs_grad(input, weight, bias):
@@ -419,8 +419,9 @@ def ffn(
     approximate = _check_approximate(approximate)
     dropout_p = check_dropout_p(dropout_p)
     features = {"gemm_dim": _gemm_dim(input, w1, w2), **transform_features(input, w1, b1, w2, b2)}
-    chosen = select("ffn", Inputs(input.device, input.dtype, features), backend)
-    if runs_reference("ffn", chosen, input, w1, w2, dropout_p=dropout_p):
+    chosen = select("ffn", Inputs(input.device, input.dtype, features), backend,
+                    operands=(input, w1, w2), dropout_p=dropout_p)
+    if chosen == "reference":
         return reference.ffn(input, w1, b1, w2, b2, approximate, dropout_p)
     flat, w1, w2 = rows(input, input.shape[-1]), w1.contiguous(), w2.contiguous()
     if dropout_p == 0.0 and not needs_grad(input, w1, b1, w2, b2):

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _extension, reference
-from ..backends import MAX_EXTENT, Inputs, Support, register_op, runs_reference, select
+from ..backends import MAX_EXTENT, Inputs, Support, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import affine_dtype, check_eps, check_param, check_tensor, python_scalar, rows, transform_features
@@ -158,8 +158,8 @@ def layer_norm(
     eps = check_eps(eps)
     hidden = math.prod(shape)
     inputs = Inputs(input.device, input.dtype, {"hidden": hidden, **transform_features(input, weight, bias)})
-    chosen = select("layer_norm", inputs, backend)
-    if runs_reference("layer_norm", chosen, input):
+    chosen = select("layer_norm", inputs, backend, operands=(input,))
+    if chosen == "reference":
         return reference.layer_norm(input, shape, weight, bias, eps)
     flat = rows(input, hidden)
     if len(shape) > 1:  # the kernels take the parameters flat, as the rows

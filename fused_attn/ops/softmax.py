@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension, reference
-from ..backends import MAX_EXTENT, Inputs, Support, register_op, runs_reference, select
+from ..backends import MAX_EXTENT, Inputs, Support, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import (
@@ -138,8 +138,8 @@ def softmax(
     if mask is not None:
         mask = broadcast_mask(mask, "mask", input, "input", input.shape, "input shape")
     features = {"n_cols": input.shape[dim], **transform_features(input, mask)}
-    chosen = select("softmax", Inputs(input.device, input.dtype, features), backend)
-    if runs_reference("softmax", chosen, input):
+    chosen = select("softmax", Inputs(input.device, input.dtype, features), backend, operands=(input,))
+    if chosen == "reference":
         return reference.softmax(input, dim, mask, float(scale), is_causal)
     last = dim == input.dim() - 1
     moved = input if last else input.movedim(dim, -1)
