@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RunError, OSError) as exc:  # nothing measured; writing an output (disk full, a path removed meanwhile)
         print(f"fused-attn {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C where a command has nothing to report yet (bench reports its records)
+        print(f"\nfused-attn {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -247,6 +247,9 @@ def test_bench_memory_bound_and_ffn_suites(suite, sizes, tmp_path, capsys):
     timed = [r for r in records if r["skipped"] is None]
     assert all(r[rate] > 0 for r in timed)
     assert {r["impl"] for r in timed} >= {"torch", "reference", "cpu"}
+    # The bandwidth yardstick computes nothing: it has a rate, no speed-up.
+    for r in timed:
+        assert (r["speedup_vs_eager"] is None) == (r["impl"] == "copy"), r
 
 
 def test_bench_model_suite_plain_optimized_compiled(tmp_path, capsys):
@@ -282,7 +285,16 @@ def test_bench_model_suite_plain_optimized_compiled(tmp_path, capsys):
     (["bench", "--json", "/nonexistent-folder/r.json"], "folder /nonexistent-folder does not exist"),
     (["bench", "--csv", "/nonexistent-folder/r.csv"], "folder /nonexistent-folder does not exist"),
     (["bench", "--json", "/tmp"], "/tmp: is a directory"),
-    (["bench", "--json", "new-folder/"], "new-folder/: is a directory"),
+    (["bench", "--json", "new-folder/"], "new-folder/: names a folder; expected a file name"),
+    # Writable by permission bits (as root), but not a place a file can be made.
+    (["bench", "--json", "/proc/r.json"], "--json /proc/r.json: cannot be written"),
+    (["bench", "--csv", "/sys/r.csv"], "--csv /sys/r.csv: cannot be written"),
+    (["profile-memory", "--json", "/proc/p.json"], "--json /proc/p.json: cannot be written"),
+    # A layer count past any memory is refused from its size estimate, before anything is built.
+    (["profile-memory", "--model", "bert-tiny", "--layers", "2147483647", "--seq", "32"],
+     "needs at least 4679.0 TiB"),
+    (["bench", "--suite", "model", "--models", "bert-tiny", "--layers", "2147483647", "--seq", "32"],
+     "--batch, --seq and --layers set the model suite's sizes"),
     (["bench", "--plot", "/tmp"], "/tmp: is a directory"),
     (["bench", "--suite", "attention", "--device", "cpu", "--kv-heads", "5"],
      "--kv-heads 5 must divide the attention heads, 12 (the default; --heads sets them)"),
@@ -337,6 +349,20 @@ def test_profile_memory_end_to_end(tmp_path, capsys):
     assert "fused/plain" in captured.out
 
 
+def test_profile_memory_table_names_types_in_full():
+    from fused_attn.profiling.cli import format_table
+
+    def side(kind):
+        return {"peak_bytes": 2**20, "forward_peak_bytes": 2**20, "saved_bytes": 0, "modules": [
+            {"name": "encoder.layer.0.output", "type": kind, "activation_bytes": 2**20, "saved_bytes": 0}]}
+
+    result = {"plain": side("BertSelfOutput"), "fused": side("FusedBertSelfOutput"), "mode": "fwd", "ratio": 1.0}
+    table = format_table(result)
+    row = next(line for line in table.splitlines() if line.startswith("encoder.layer.0.output"))
+    assert "BertSelfOutput->FusedBertSelfOutput " in row
+    assert len({len(line) for line in table.splitlines()[:4]}) == 1  # header, rule and row line up
+
+
 def test_gpu_check_report_renders_tables_plots_and_memory(tmp_path, monkeypatch):
     """`make gpu-check` runs where time is scarce: its report writer is exercised here on records
     like the ones a GPU run makes."""
@@ -369,6 +395,18 @@ def test_gpu_check_report_renders_tables_plots_and_memory(tmp_path, monkeypatch)
     assert "| attention | B4 H16 L2048 D64 full | bfloat16 | fwd | cuda |" in md and "10%" in md
     assert "| 1.00x | - | 1 |" in md  # no speedup_vs_torch in these records
     assert "attention `xformers` (1 case): not installed" in md
+
+
+def test_profile_memory_interrupted_says_so_in_one_line(capsys, monkeypatch):
+    from fused_attn.profiling import memory
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(memory, "profile_model", interrupted)
+    code = cli.main(["profile-memory", "--model", "bert-tiny", "--layers", "1", "--seq", "16", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and err == ["fused-attn profile-memory: interrupted"], err
 
 
 def test_bench_interrupted_reports_the_finished_cases(tmp_path, capsys, monkeypatch):

@@ -89,21 +89,31 @@ PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 
 def check_output(path: str | None, flag: str, suffixes: tuple[str, ...] | None = None) -> None:
-    """Before any work: ``path`` must be a file name that can be written (its folder exists and
-    is writable; not a folder itself) with one of ``suffixes`` when given."""
+    """Before any work: ``path`` must be a file name that can be written (its folder exists; not a
+    folder itself; opening it for writing succeeds, which permission bits alone do not tell, e.g.
+    for root or under /proc) with one of ``suffixes`` when given. An existing file is left as it
+    is; a new one is not left behind."""
     if path is None:
         return
     if not path.strip():
         raise UsageError(f"{flag}: empty file name")
-    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+    if os.path.isdir(path):
         raise UsageError(f"{flag} {path}: is a directory; expected a file name")
+    if path.endswith(("/", os.sep)):
+        raise UsageError(f"{flag} {path}: names a folder; expected a file name")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"{flag} {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise UsageError(f"{flag} {path}: not writable")
     if suffixes and not path.lower().endswith(suffixes):
         raise UsageError(f"{flag} {path}: expected a file name ending in {', '.join(suffixes)}")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot be written ({exc.strerror or exc})") from None
+    if not existed:
+        os.remove(path)
 
 
 def check_outputs(outputs: list[tuple[str | None, str, tuple[str, ...] | None]]) -> None:
@@ -206,6 +216,10 @@ def _peak_fraction(rate_key: str, rate: float, dtype: str, peaks: dict[str, floa
     return None
 
 
+# Rows that only measure the machine (a device copy of the bytes a memory-bound op must move).
+YARDSTICKS = frozenset({"copy"})
+
+
 def run_case(case, device: torch.device, repeats: int, progress: harness.Progress | None = None,
              min_time_s: float = 0.0, extension_stale: str | None = None) -> list[dict]:
     """Times every implementation of ``case`` and returns one record per implementation, those
@@ -227,12 +241,13 @@ def run_case(case, device: torch.device, repeats: int, progress: harness.Progres
     records = []
     for name, t in timings.items():
         rate = _rate(case, t.median_ms)
+        compared = name not in YARDSTICKS  # a yardstick computes nothing: no speed-up to claim
         records.append(record(
             case.suite, name, device, case.dtype, case.mode, case.shape, extension_stale=extension_stale,
             median_ms=t.median_ms, min_ms=t.min_ms, max_ms=t.max_ms, **{rate_key: rate},
             peak_fraction=_peak_fraction(rate_key, rate, dtype, peaks),
-            speedup_vs_eager=None if baseline is None else baseline / t.median_ms,
-            speedup_vs_torch=None if torch_ms is None else torch_ms / t.median_ms,
+            speedup_vs_eager=None if baseline is None or not compared else baseline / t.median_ms,
+            speedup_vs_torch=None if torch_ms is None or not compared else torch_ms / t.median_ms,
             baseline=case.baseline, peak_mem_bytes=t.peak_mem_bytes,
         ))
     records += [record(case.suite, name, device, case.dtype, case.mode, case.shape, skipped=why,
@@ -313,7 +328,7 @@ def check_models_fit(plan: list[tuple[str, Settings]]) -> None:
                 workloads.check_fits(shape["model"], batch=shape["batch"], seq=shape["seq"], layers=shape["layers"],
                                      device=settings.device, dtype=settings.dtype, training=settings.mode == "fwd+bwd")
             except workloads.WorkloadTooLarge as exc:
-                raise UsageError(f"{exc}; --batch and --seq set the model suite's sizes") from None
+                raise UsageError(f"{exc}; --batch, --seq and --layers set the model suite's sizes") from None
 
 
 # The size and selection flags each suite takes (--dtype, --mode, --repeats, --min-time and the outputs apply

@@ -47,8 +47,9 @@ def _title(key: tuple) -> str:
     return f"{suite} {mode} {dtype}\n{details}"
 
 
-def _bars(ax_rate, ax_mem, by_impl: dict, metric: str, label: str, key: tuple) -> None:
-    """A panel with a single size: one bar per implementation."""
+def _bars(ax_rate, ax_mem, by_impl: dict, metric: str, label: str, key: tuple, size: str) -> None:
+    """A panel with a single size (``size`` names it: the swept entry and the batch): one bar per
+    implementation."""
     impls = list(by_impl)
     ax_rate.bar(impls, [by_impl[i][0][metric] for i in impls], color="tab:blue")
     ax_rate.set_ylabel(label)
@@ -57,7 +58,7 @@ def _bars(ax_rate, ax_mem, by_impl: dict, metric: str, label: str, key: tuple) -
         ax_mem.bar(impls, [m / 2**20 for m in mem], color="tab:gray")
     ax_mem.set_ylabel("peak memory of the call (MiB)")
     for ax in (ax_rate, ax_mem):
-        ax.set_title(_title(key), fontsize=9)
+        ax.set_title(f"{_title(key)} {size}", fontsize=9)
         ax.grid(True, axis="y", alpha=0.3)
 
 
@@ -76,7 +77,8 @@ def plot_bench(records: list[dict], path: str) -> None:
         for r in rows:
             by_impl[r["impl"]].append(r)
         if len({r["shape"][x_key] for r in rows}) == 1:
-            _bars(ax_rate, ax_mem, by_impl, metric, label, key)
+            size = " ".join(f"{k}={rows[0]['shape'][k]}" for k in (x_key, "batch") if k in rows[0]["shape"])
+            _bars(ax_rate, ax_mem, by_impl, metric, label, key, size)
             continue
         for impl, points in by_impl.items():
             points.sort(key=lambda r: r["shape"][x_key])
@@ -98,30 +100,52 @@ def plot_bench(records: list[dict], path: str) -> None:
 
 
 def plot_memory(result: dict, path: str, *, top: int = 12) -> None:
-    """Peak memory plain vs fused, and the bytes each module saves for backward itself (the
-    modules that save the most, in either model)."""
+    """Left: plain against fused, with fused/plain over each pair: the step's peak and, in
+    training, the forward's peak and the bytes saved for backward. Right: per module (those with
+    the most, in either model), the bytes saved for backward by the module itself in training, or
+    in inference, where nothing is saved, the bytes of its forward still live when it returns."""
     plt = _pyplot()
-    fig, (ax_peak, ax_mod) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 3]})
+    fig, (ax_peak, ax_mod) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [2, 3]})
     mib = 2**20
-    ax_peak.bar(["plain", "fused"], [result["plain"]["peak_bytes"] / mib, result["fused"]["peak_bytes"] / mib],
-                color=["tab:gray", "tab:blue"])
+    training = result.get("mode") == "fwd+bwd"
+    totals = [("peak of the step", "peak_bytes", "ratio"), ("forward peak", "forward_peak_bytes", "forward_ratio"),
+              ("saved for backward", "saved_bytes", "saved_ratio")] if training else [("peak", "peak_bytes", "ratio")]
+    xs = range(len(totals))
+    for offset, label, color in ((-0.2, "plain", "tab:gray"), (0.2, "fused", "tab:blue")):
+        ax_peak.bar([x + offset for x in xs], [result[label][key] / mib for _, key, _ in totals], width=0.4,
+                    label=label, color=color)
+    for x, (_, key, ratio_key) in zip(xs, totals):
+        ratio = result.get(ratio_key)
+        if ratio is not None:
+            top_mib = max(result["plain"][key], result["fused"][key]) / mib
+            ax_peak.annotate(f"{ratio:.2f}x", (x, top_mib), ha="center", va="bottom", fontsize=9)
+    ax_peak.set_xticks(list(xs), [name for name, _, _ in totals], fontsize=9)
     ax_peak.set_ylabel("MiB")
-    ratio = result.get("ratio")
-    ax_peak.set_title(f"peak ({result.get('mode', '')})" + (f"\nfused/plain = {ratio:.2f}" if ratio is not None else ""))
-    saved = {label: {m["name"]: m["self_saved_bytes"] for m in result[label]["modules"]} for label in ("plain", "fused")}
-    names = sorted(set(saved["plain"]) | set(saved["fused"]),
-                   key=lambda n: -max(saved["plain"].get(n, 0), saved["fused"].get(n, 0)))[:top]
-    names = [n for n in names if max(saved["plain"].get(n, 0), saved["fused"].get(n, 0)) > 0]
-    ys = range(len(names))
-    ax_mod.barh([y - 0.2 for y in ys], [saved["plain"].get(n, 0) / mib for n in names], height=0.4, label="plain",
-                color="tab:gray")
-    ax_mod.barh([y + 0.2 for y in ys], [saved["fused"].get(n, 0) / mib for n in names], height=0.4, label="fused",
-                color="tab:blue")
-    ax_mod.set_yticks(list(ys), names, fontsize=8)
-    ax_mod.invert_yaxis()
-    ax_mod.set_xlabel("MiB saved for backward by the module itself")
-    ax_mod.legend()
-    title = f"{result.get('model', '')} L={result.get('seq', '')} B={result.get('batch', '')} {result.get('dtype', '')}"
+    ax_peak.set_title(f"{result.get('mode', '')}: fused/plain over each pair", fontsize=10)
+    ax_peak.set_xlim(-0.75, len(totals) - 0.25)
+    ax_peak.margins(y=0.15)
+    ax_peak.legend(fontsize=8)
+    key, what = (("self_saved_bytes", "MiB saved for backward by the module itself") if training else
+                 ("activation_bytes", "MiB of the module's forward still live when it returns"))
+    per = {label: {m["name"]: m[key] for m in result[label]["modules"] if m["name"] != "(model)"}
+           for label in ("plain", "fused")}
+    names = sorted(set(per["plain"]) | set(per["fused"]),
+                   key=lambda n: -max(per["plain"].get(n, 0), per["fused"].get(n, 0)))[:top]
+    names = [n for n in names if max(per["plain"].get(n, 0), per["fused"].get(n, 0)) > 0]
+    if names:
+        ys = range(len(names))
+        for offset, label, color in ((-0.2, "plain", "tab:gray"), (0.2, "fused", "tab:blue")):
+            ax_mod.barh([y + offset for y in ys], [per[label].get(n, 0) / mib for n in names], height=0.4,
+                        label=label, color=color)
+        ax_mod.set_yticks(list(ys), names, fontsize=8)
+        ax_mod.invert_yaxis()
+        ax_mod.legend(fontsize=8)
+    else:
+        ax_mod.text(0.5, 0.5, "no module holds any", ha="center", va="center", transform=ax_mod.transAxes)
+        ax_mod.set_yticks([])
+    ax_mod.set_xlabel(what)
+    title = (f"{result.get('model', '')}, {result.get('layers', '')} layer(s), seq {result.get('seq', '')}, "
+             f"batch {result.get('batch', '')}, {result.get('dtype', '')}, {result.get('device', '')}")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

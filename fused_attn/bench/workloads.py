@@ -89,14 +89,23 @@ def _model(name: str, config) -> nn.Module:
 @functools.lru_cache(maxsize=None)
 def _sizes(name: str, layers: int | None, seq: int) -> tuple[int, int, int, int]:
     """(parameter elements, buffer elements, hidden width, layers in all) of the model, counted on
-    the meta device (nothing allocated). hf-bert has the reference BERT's sizes: counted on it, so
-    that no transformers import is needed."""
+    the meta device (nothing allocated) for one and two layers (per stack) and extrapolated: a
+    layer count a user mistyped costs no time here. hf-bert has the reference BERT's sizes:
+    counted on it, so that no transformers import is needed."""
     config = _config(name, layers, seq)
-    with torch.device("meta"):
-        model = _model("bert-base" if name == "hf-bert" else name, config)
     width = getattr(config, "hidden_size", None) or config.d_model
-    depth = getattr(config, "num_hidden_layers", None) or config.num_encoder_layers + config.num_decoder_layers
-    return (sum(p.numel() for p in model.parameters()), sum(b.numel() for b in model.buffers()), width, depth)
+    per_stack = getattr(config, "num_hidden_layers", None) or config.num_encoder_layers
+    depth = per_stack if name != "transformer" else 2 * per_stack
+    one, two = _elements(name, 1, seq), _elements(name, 2, seq)
+    params, buffers = (a + (per_stack - 1) * (b - a) for a, b in zip(one, two))
+    return params, buffers, width, depth
+
+
+def _elements(name: str, layers: int, seq: int) -> tuple[int, int]:
+    """(parameter elements, buffer elements) of the model with ``layers`` layers (per stack)."""
+    with torch.device("meta"):
+        model = _model("bert-base" if name == "hf-bert" else name, _config(name, layers, seq))
+    return sum(p.numel() for p in model.parameters()), sum(b.numel() for b in model.buffers())
 
 
 def estimate_bytes(name: str, *, batch: int, seq: int, layers: int | None = None, dtype: torch.dtype,

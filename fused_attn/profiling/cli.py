@@ -43,21 +43,26 @@ def format_table(result: dict) -> str:
     plain = {m["name"]: m for m in result["plain"]["modules"]}
     fused = {m["name"]: m for m in result["fused"]["modules"]}
     names = list(plain) + [n for n in fused if n not in plain]
-    width = max(len(n) for n in names) + 2
-    header = (f"{'module':<{width}} {'type':<24} {'activation MiB':>16} {'saved for bwd MiB':>18}\n"
-              f"{'':<{width}} {'':<24} {'plain':>8} {'fused':>7} {'plain':>9} {'fused':>8}")
-    lines = [header, "-" * (width + 62)]
-    empty = {"activation_bytes": 0, "saved_bytes": 0}
+    kinds = {}
     for name in names:
-        p, f = plain.get(name, empty), fused.get(name, empty)
         kind = (plain.get(name) or fused.get(name))["type"]
         if name in fused and name in plain and fused[name]["type"] != kind:
             kind = f"{kind}->{fused[name]['type']}"
+        kinds[name] = kind
+    width = max(len(n) for n in names) + 2
+    type_width = max(4, *(len(k) for k in kinds.values()))
+    header = (f"{'module':<{width}} {'type':<{type_width}} {'activation MiB':>16} {'saved for bwd MiB':>18}\n"
+              f"{'':<{width}} {'':<{type_width}} {'plain':>8} {'fused':>7} {'plain':>9} {'fused':>8}")
+    rule = "-" * (width + type_width + 37)
+    lines = [header, rule]
+    empty = {"activation_bytes": 0, "saved_bytes": 0}
+    for name in names:
+        p, f = plain.get(name, empty), fused.get(name, empty)
         lines.append(
-            f"{name:<{width}} {kind[:24]:<24} {_mib(p['activation_bytes']):>8} {_mib(f['activation_bytes']):>7} "
-            f"{_mib(p['saved_bytes']):>9} {_mib(f['saved_bytes']):>8}"
+            f"{name:<{width}} {kinds[name]:<{type_width}} {_mib(p['activation_bytes']):>8} "
+            f"{_mib(f['activation_bytes']):>7} {_mib(p['saved_bytes']):>9} {_mib(f['saved_bytes']):>8}"
         )
-    lines.append("-" * (width + 62))
+    lines.append(rule)
     if result["ratio"] is None:
         lines.append("peak: nothing was allocated")
         return "\n".join(lines)
