@@ -794,6 +794,12 @@ def test_triton_under_the_interpreter_is_marked(tmp_path, capsys):
     from fused_attn.bench import cli as bench_cli
 
     assert bench_cli.INTERPRETED_NOTE in captured.out
+    # Not named: not timed (interpreted calls at a default run's sizes take minutes), said why.
+    code, captured = _run(["bench", "--suite", "layer_norm", "--device", "cpu", "--rows", "8", "--hidden", "16",
+                           "--repeats", "1", "--no-compile", "--json", str(out)], capsys)
+    assert code == 0, captured.err
+    (triton,) = [r for r in json.loads(out.read_text()) if r["impl"] == "triton"]
+    assert "name it in --backends to time it anyway" in triton["skipped"]
 
 
 def _timed_record(impl: str, min_ms: float, max_ms: float) -> dict:

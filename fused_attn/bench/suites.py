@@ -104,12 +104,20 @@ def _cases(shapes: list[dict], build: Callable[[dict], Case]) -> Iterator[Case]:
         yield case
 
 
+INTERPRETED_SKIP = ("run by Triton's interpreter here (TRITON_INTERPRET=1), whose times are the Python "
+                    "interpreter's, not a kernel's: name it in --backends to time it anyway")
+
+
 def _fused_backends(op: str, inputs: backends.Inputs, wanted: list[str] | None) -> tuple[list[str], dict[str, str]]:
     ok, skipped = [], {}
     for name, reasons in backends.explain(op, inputs).items():
         if name == "reference" or (wanted and name not in wanted):
             continue
-        if reasons:
+        if not reasons and name == "triton" and not wanted and inputs.device.type == "cpu":
+            # Interpreted (the only way Triton serves CPU tensors): seconds to hours a call at the
+            # default sizes, timing nothing a user's kernel would do.
+            skipped[name] = INTERPRETED_SKIP
+        elif reasons:
             # A backend that cannot run on this device at all: that one reason says it (the
             # device and dtype checks that follow would repeat it).
             skipped[name] = "; ".join(backends.backend_unavailable_reasons(name, inputs.device) or reasons)
