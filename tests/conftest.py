@@ -176,6 +176,29 @@ def assert_parity(
     return reports
 
 
+def assert_elementwise_parity(
+    name: str, value: torch.Tensor, plain_value: torch.Tensor, true_value: torch.Tensor, *, factor: float = 3.0
+) -> None:
+    """Parity element by element, for values spanning many magnitudes (where a bound set by the
+    largest would hide every small one): |fused - truth| <= factor * |plain - truth| (where the
+    plain value is finite) + 2 eps |truth| + the dtype's smallest normal, and NaN or an infinity
+    exactly where the truth has it."""
+    info = torch.finfo(value.dtype)
+    value, plain_value, truth = value.detach().double(), plain_value.detach().double(), true_value.detach().double()
+    assert value.shape == truth.shape, f"{name}: shape {list(value.shape)} != reference shape {list(truth.shape)}"
+    special = ~torch.isfinite(truth)
+    same = (torch.isnan(value) & torch.isnan(truth)) | (value == truth)
+    assert bool(same[special].all()), f"{name}: {value[special & ~same].tolist()} where the truth is {truth[special & ~same].tolist()}"
+    zero = torch.zeros_like(truth)
+    plain_err = torch.where(torch.isfinite(plain_value), (plain_value - truth).abs(), zero)
+    allowed = torch.where(special, zero, factor * plain_err + 2 * info.eps * truth.abs() + info.tiny)
+    err = torch.where(special, zero, (value - truth).abs())
+    bad = ~(err <= allowed)  # NaN fails
+    assert not bool(bad.any()), (
+        f"{name}: err {float(err[bad][0]):.3g} at true value {float(truth[bad][0]):.3g} (allowed {float(allowed[bad][0]):.3g})"
+    )
+
+
 def assert_float32_parameters_unrounded(
     norm: Callable[..., torch.Tensor],
     plain: Callable[..., torch.Tensor],
@@ -228,23 +251,27 @@ def assert_float32_parameters_unrounded(
         assert err <= 1e-5 * scale, f"grad {name} is off the truth by {err:.3g} (scale {scale:.3g}): not a float32 sum"
 
 
-def assert_model_parity(plain, fused, run, *, factor: float = 3.0) -> None:
+def assert_model_parity(plain, fused, run, *, factor: float = 3.0, truth=None, grads: bool = True) -> None:
     """Whole-model parity: output and every parameter gradient of ``fused`` against a float64
     copy of ``plain`` (the truth), within ``factor`` x the error ``plain`` itself makes (plus one
     ulp at the tensor's scale, as :func:`assert_parity`). ``run(model)`` returns the output
-    tensor; the loss is its squared sum."""
+    tensor; the loss is its squared sum. ``truth``: the float64 model, where a copy of ``plain``
+    would not compute what ``plain`` does; ``grads=False``: the output alone, run under no_grad
+    (where inference is what is tested)."""
     import copy
 
-    truth_model = copy.deepcopy(plain).double()
+    truth_model = copy.deepcopy(plain).double() if truth is None else truth
     results = []
     for model in (truth_model, plain, fused):
         model.zero_grad(set_to_none=True)
-        out = run(model)
-        out.double().square().sum().backward()
+        with torch.set_grad_enabled(grads):
+            out = run(model)
+        if grads:
+            out.double().square().sum().backward()
         results.append((out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    (truth, g64), (out_plain, g_plain), (out_fused, g_fused) = results
-    scale = max([1.0, _magnitude(truth)] + [_magnitude(g) for g in g64.values()])
-    check_tensor_parity("output", out_fused, out_plain, truth, factor=factor, problem_scale=scale)
+    (out64, g64), (out_plain, g_plain), (out_fused, g_fused) = results
+    scale = max([1.0, _magnitude(out64)] + [_magnitude(g) for g in g64.values()])
+    check_tensor_parity("output", out_fused, out_plain, out64, factor=factor, problem_scale=scale)
     assert set(g_fused) == set(g_plain), "the fused model's gradients reach other parameters"
     for name, g in g64.items():
         check_tensor_parity(f"grad {name}", g_fused[name], g_plain[name], g, factor=factor, problem_scale=scale)

@@ -16,13 +16,29 @@ from fused_attn.nn import (
     FusedTransformerEncoderLayer,
 )
 
-from .conftest import assert_parity
+from .conftest import assert_model_parity, assert_parity
 
 
 def _as(module: nn.Module, cls: type) -> nn.Module:
     fused = copy.deepcopy(module)
     fused.__class__ = cls
     return fused
+
+
+def _cast(dtype: torch.dtype, value):
+    """A floating tensor (an input, a float mask) in ``dtype``, the model's: float64 for the truth
+    of assert_model_parity; anything else (bool masks, None) as it is; dicts and tuples entrywise,
+    a tensor given twice cast once (self-attention's query, key and value stay one tensor)."""
+    if isinstance(value, dict):
+        return {k: _cast(dtype, v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        cast = {}
+        return type(value)(cast.setdefault(id(v), _cast(dtype, v)) for v in value)
+    return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
 
 
 def _module_parity(plain: nn.Module, fused: nn.Module, inputs: dict, grad_inputs=()):
@@ -79,13 +95,14 @@ def test_multihead_attention_matches_torch(batch_first, need_weights, masks):
         kwargs["is_causal"] = True
     if masks == "float":
         kwargs["attn_mask"] = torch.randn(10, 10)
-    out_p, w_p = plain(x, x, x, **kwargs)
-    out_f, w_f = fused(x, x, x, **kwargs)
-    torch.testing.assert_close(out_f, out_p, rtol=1e-5, atol=1e-5)
-    if need_weights:
-        torch.testing.assert_close(w_f, w_p, rtol=1e-5, atol=1e-6)
-    else:
-        assert w_f is None
+
+    def run(model):
+        x_, kw = _cast(_dtype(model), (x, kwargs))
+        out, weights = model(x_, x_, x_, **kw)
+        assert (weights is not None) == need_weights
+        return torch.cat([out.flatten(), weights.flatten()]) if need_weights else out
+
+    assert_model_parity(plain, fused, run)  # output (and weights) and every parameter gradient
 
 
 def test_multihead_attention_cross_kdim_vdim_and_unbatched():
@@ -93,15 +110,19 @@ def test_multihead_attention_cross_kdim_vdim_and_unbatched():
     plain = nn.MultiheadAttention(32, 4, kdim=24, vdim=16, batch_first=True).eval()
     fused = _as(plain, FusedMultiheadAttention)
     q, k, v = torch.randn(2, 5, 32), torch.randn(2, 9, 24), torch.randn(2, 9, 16)
-    torch.testing.assert_close(fused(q, k, v)[0], plain(q, k, v)[0], rtol=1e-5, atol=1e-5)
+    assert_model_parity(plain, fused, lambda m: m(*_cast(_dtype(m), (q, k, v)))[0])
     pad = torch.zeros(9, dtype=torch.bool)
     pad[6:] = True
     for kwargs in ({}, {"key_padding_mask": pad}, {"average_attn_weights": False}):  # unbatched: weights squeezed
-        out_f, w_f = fused(q[0], k[0], v[0], **kwargs)
-        out_p, w_p = plain(q[0], k[0], v[0], **kwargs)
-        torch.testing.assert_close(out_f, out_p, rtol=1e-5, atol=1e-5)
-        assert w_f.shape == w_p.shape
-        torch.testing.assert_close(w_f, w_p, rtol=1e-5, atol=1e-6)
+        shapes = []
+
+        def run(model):
+            out, weights = model(*_cast(_dtype(model), (q[0], k[0], v[0])), **kwargs)
+            shapes.append(weights.shape)
+            return torch.cat([out.flatten(), weights.flatten()])
+
+        assert_model_parity(plain, fused, run)
+        assert len(set(shapes)) == 1, shapes  # the truth's, torch's, the fused module's
     assert list(fused.state_dict()) == list(plain.state_dict())
 
 
@@ -128,13 +149,18 @@ def test_multihead_attention_three_dimensional_mask_and_per_head_weights(batch_f
         pad[1, 5:] = True
         kwargs["key_padding_mask"] = pad
     for average in (True, False):
-        out_p, w_p = plain(x, x, x, average_attn_weights=average, **kwargs)
-        out_f, w_f = fused(x, x, x, average_attn_weights=average, **kwargs)
-        torch.testing.assert_close(out_f, out_p, rtol=1e-5, atol=1e-5)
-        assert w_f.shape == w_p.shape == ((batch, length, length) if average else (batch, heads, length, length))
-        torch.testing.assert_close(w_f, w_p, rtol=1e-5, atol=1e-6)
-        out_f, _ = fused(x, x, x, need_weights=False, **kwargs)
-        torch.testing.assert_close(out_f, out_p, rtol=1e-5, atol=1e-5)
+        shapes = []
+
+        def run(model):
+            """The output with the weights, the weights, and the output without them (another kernel)."""
+            x_, kw = _cast(_dtype(model), (x, kwargs))
+            out, weights = model(x_, x_, x_, average_attn_weights=average, **kw)
+            shapes.append(weights.shape)
+            out_alone, _ = model(x_, x_, x_, need_weights=False, **kw)
+            return torch.cat([out.flatten(), weights.flatten(), out_alone.flatten()])
+
+        assert_model_parity(plain, fused, run)
+        assert set(shapes) == {(batch, length, length) if average else (batch, heads, length, length)}
 
 
 def test_multihead_attention_weights_carry_the_attention_dropout():
@@ -176,9 +202,9 @@ def test_multihead_attention_projects_shared_inputs_in_one_gemm(batch_first, bia
         x, memory = x.transpose(0, 1), memory.transpose(0, 1)
     for (q, k, v), gemms in (((x, x, x), 2), ((x, memory, memory), 3), ((x, memory, memory.clone()), 4)):
         with _CountLinear() as counter:
-            out = fused(q, k, v, need_weights=False)[0]
+            fused(q, k, v, need_weights=False)
         assert counter.calls == gemms
-        torch.testing.assert_close(out, plain(q, k, v, need_weights=False)[0], rtol=1e-5, atol=1e-5)
+        assert_model_parity(plain, fused, lambda m: m(*_cast(_dtype(m), (q, k, v)), need_weights=False)[0])
 
 
 
@@ -300,8 +326,16 @@ def test_ffn_module(activation):
     module = FusedFFN(16, 48, dropout=0.0, activation=activation).eval()
     x = torch.randn(3, 5, 16)
     act = {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU()}[activation]
-    expected = module.linear2(act(module.linear1(x)))
-    torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
+
+    class PlainFFN(nn.Module):  # torch's modules, with the fused module's parameter names
+        def __init__(self):
+            super().__init__()
+            self.linear1, self.linear2 = copy.deepcopy(module.linear1), copy.deepcopy(module.linear2)
+
+        def forward(self, x):
+            return self.linear2(act(self.linear1(x)))
+
+    assert_model_parity(PlainFFN(), module, lambda m: m(x.to(_dtype(m))))
     with pytest.raises(ValueError, match="activation must be one of"):
         FusedFFN(16, 48, activation="swish")
 
@@ -367,6 +401,20 @@ def _padded_batch():
     return x, pad
 
 
+def _padded_inference_parity(plain, fused):
+    """On the padded batch, in inference (no_grad): parity of the output with torch's (the truth:
+    ``plain`` in float64), zeros at the padded positions in all three."""
+    x, pad = _padded_batch()
+    outs = []
+
+    def run(model):
+        outs.append(model(x.to(_dtype(model)), src_key_padding_mask=pad))
+        return outs[-1]
+
+    assert_model_parity(plain, fused, run, grads=False)
+    assert all((out[pad] == 0).all() for out in outs)
+
+
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_encoder_of_fused_layers_in_inference_takes_nested_tensors(activation):
     """torch.nn.TransformerEncoder hands its layers nested tensors in inference with a padding
@@ -374,11 +422,7 @@ def test_encoder_of_fused_layers_in_inference_takes_nested_tensors(activation):
     torch's output, zeros at the padded positions included."""
     plain, fused = _encoder_pair(activation=activation)
     assert fused.use_nested_tensor
-    x, pad = _padded_batch()
-    with torch.no_grad():
-        expected, out = plain(x, src_key_padding_mask=pad), fused(x, src_key_padding_mask=pad)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert (out[pad] == 0).all() and (expected[pad] == 0).all()
+    _padded_inference_parity(plain, fused)
 
 
 def test_optimized_encoder_keeps_torchs_inference_output():
@@ -386,11 +430,7 @@ def test_optimized_encoder_keeps_torchs_inference_output():
     fused = copy.deepcopy(plain)
     fused_attn.optimize(fused)
     assert fused.use_nested_tensor == plain.use_nested_tensor
-    x, pad = _padded_batch()
-    with torch.no_grad():
-        expected, out = plain(x, src_key_padding_mask=pad), fused(x, src_key_padding_mask=pad)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert (out[pad] == 0).all() and (expected[pad] == 0).all()
+    _padded_inference_parity(plain, fused)
 
 
 @pytest.mark.parametrize("hook", ["prune", "weight_norm", "forward_hook"])
@@ -453,7 +493,7 @@ def test_global_module_hooks_are_honoured(recwarn):
     x = torch.randn(2, 5, 16)
     handle = nn.modules.module.register_module_forward_hook(lambda m, a, out: out * 2 if isinstance(m, nn.Linear) else None)
     try:
-        torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
+        assert_model_parity(plain, fused, lambda m: m(x.to(_dtype(m))))
     finally:
         handle.remove()
 
@@ -500,11 +540,18 @@ def test_optimize_copy_computes_what_the_original_computes(built):
     F.relu on every copy, so a TransformerDecoder (which copies its layer) really runs ReLU while
     a layer used directly runs GELU: optimize(inplace=False) keeps each as it is."""
     torch.manual_seed(12)
-    layer = nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True, activation=nn.GELU(approximate="tanh"))
-    model = (layer if built == "layer" else nn.TransformerDecoder(layer, 2)).eval()
+
+    def build(dtype):
+        layer = nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True,
+                                           activation=nn.GELU(approximate="tanh"), dtype=dtype)
+        return (layer if built == "layer" else nn.TransformerDecoder(layer, 2)).eval()
+
+    model = build(torch.float32)
     copied = fused_attn.optimize(model, inplace=False).model
     tgt, memory = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
-    torch.testing.assert_close(copied(tgt, memory), model(tgt, memory), rtol=1e-5, atol=1e-5)
+    truth = build(torch.float64)  # built as the model was: a copy of it would hide its GELU
+    truth.load_state_dict(model.state_dict())
+    assert_model_parity(model, copied, lambda m: m(*_cast(_dtype(m), (tgt, memory))), truth=truth)
 
 
 class _LoRALinear(nn.Linear):

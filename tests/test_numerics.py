@@ -35,14 +35,16 @@ def test_fp16_scores_of_1e4_do_not_overflow(backend_device):
     expected_grads = torch.autograd.grad(expected, inputs64, upstream.double())
     # torch's own float16 attention errs by 0.09 in the output and 2 in dQ/dK here (its fp16
     # scores and probabilities), which would make the usual factor-of-torch bound vacuous: the
-    # fused results must instead be within a few float16 ulps of each tensor's scale (measured:
-    # output 0.2 ulp; dQ/dK/dV 0.2-0.4 ulp on cpu, 3.7-4.6 on triton, whose fp16 probabilities
-    # and dS feed the tensor-core products).
+    # fused results must instead be within a few float16 ulps of each tensor's scale, per backend
+    # (measured: output 0.2 ulp; dQ/dK/dV 0.2-0.4 ulp on cpu, float32 throughout; up to 1.3 under
+    # the Triton interpreter; 3.7-4.6 from Triton on a GPU, whose fp16 probabilities and dS feed the
+    # tensor-core products, as the cuda kernels' do).
+    allowed = {"cpu": 1.0, "triton": 2.0 if device == "cpu" else 6.0, "cuda": 6.0}[backend]
     for name, got, truth in zip(("output", "grad query", "grad key", "grad value"), (out, *grads),
                                 (expected, *expected_grads)):
         assert torch.isfinite(got).all(), name
         ulps = float((got.double() - truth).abs().max() / (torch.finfo(torch.float16).eps * truth.abs().max()))
-        assert ulps <= 8, f"{name}: {ulps:.2f} float16 ulps"
+        assert ulps <= allowed, f"{name}: {ulps:.2f} float16 ulps (allowed {allowed})"
 
 
 SOFTMAX = backend_params("softmax")
