@@ -138,9 +138,10 @@ def _condition(x: torch.Tensor, f) -> torch.Tensor:
 
 
 # The accuracy the README states for the negative tail, where torch's float32 GELU has no correct
-# digit: the cpu (and cuda) exact GELU from erfc within a few ulps; the tanh approximation on
-# every backend within a few roundings of its argument, magnified by the function's condition
-# number there (|2u| grows as x^3). Triton's exact GELU takes 1 + erf, as torch's does.
+# digit: the cpu exact GELU within a few ulps (normal_parts); the cuda one (erfcf of a rounded
+# x / sqrt(2)) and the tanh approximation on every backend within a few roundings of their
+# argument, magnified by the function's condition number there (about x^2 for the exact GELU,
+# |2u| ~ x^3 for the tanh one). Triton's exact GELU takes 1 + erf, as torch's does.
 @pytest.mark.parametrize("backend_device", LINEAR_GELU)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_gelu_negative_tail_keeps_its_digits(backend_device, approximate):
@@ -155,7 +156,7 @@ def test_gelu_negative_tail_keeps_its_digits(backend_device, approximate):
     for i, name in enumerate(("output", "grad input")):
         want = _true_gelu(x, approximate)[i]
         rel = ((got[i].cpu().double() - want) / want).abs()
-        if approximate == "none":
+        if approximate == "none" and backend == "cpu":
             allowed = torch.full_like(rel, 8 * eps)
         else:
             allowed = 4 * eps * (1 + _condition(x, lambda t, i=i: _true_gelu(t, approximate)[i]))
