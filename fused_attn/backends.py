@@ -27,6 +27,11 @@ from typing import Any
 
 import torch
 
+try:  # an empty operand decided without a guard where its size is data-dependent (unbacked)
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+except ImportError:  # older torch: a plain comparison
+    guard_or_false = bool
+
 from . import _extension
 from ._env import ENV_VAR, MAX_EXTENT, getenv, triton_autotune_enabled, triton_interpret_mode
 
@@ -355,7 +360,7 @@ def select(
         name, fallback_reason = choice
         if name is None:
             raise BackendNotSupportedError(fallback_reason)
-    if dropout_p == 1.0 or any(t.numel() == 0 for t in operands):
+    if dropout_p == 1.0 or any(guard_or_false(t.numel() == 0) for t in operands):
         name, fallback_reason = "reference", ""
     _note_choice(op, name, fallback_reason)
     return name

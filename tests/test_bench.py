@@ -315,6 +315,20 @@ def test_bad_arguments_one_line_error(args, message, capsys):
     assert len(lines) == 1 and message in lines[0], lines
 
 
+def test_output_probe_changes_nothing_on_disk(tmp_path):
+    """Checking an output path up front leaves an existing file's bytes, a dangling link (the run's
+    own open makes its target) and a folder without a new file, as they were."""
+    from fused_attn.bench.cli import check_output
+
+    existing, link, new = tmp_path / "old.json", tmp_path / "link.json", tmp_path / "new.json"
+    existing.write_text("keep")
+    link.symlink_to(tmp_path / "target.json")
+    for path in (existing, link, new):
+        check_output(str(path), "--json")
+    assert existing.read_text() == "keep" and link.is_symlink() and not (tmp_path / "target.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "old.json"]
+
+
 def test_bad_arguments_from_the_shell_no_traceback():
     for args in (["bench", "--seq", "x"], ["bench", "--backends", "tpu"]):
         proc = subprocess.run([sys.executable, "-m", "fused_attn", *args], capture_output=True, text=True, timeout=120)

@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import json
 import os
+import stat
 
 import torch
 
@@ -91,8 +92,7 @@ PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 def check_output(path: str | None, flag: str, suffixes: tuple[str, ...] | None = None) -> None:
     """Before any work: ``path`` must be a file name that can be written (its folder exists; not a
     folder itself; opening it for writing succeeds, which permission bits alone do not tell, e.g.
-    for root or under /proc) with one of ``suffixes`` when given. An existing file is left as it
-    is; a new one is not left behind."""
+    for root or under /proc: :func:`_probe_writable`) with one of ``suffixes`` when given."""
     if path is None:
         return
     if not path.strip():
@@ -106,14 +106,30 @@ def check_output(path: str | None, flag: str, suffixes: tuple[str, ...] | None =
         raise UsageError(f"{flag} {path}: folder {folder} does not exist")
     if suffixes and not path.lower().endswith(suffixes):
         raise UsageError(f"{flag} {path}: expected a file name ending in {', '.join(suffixes)}")
-    existed = os.path.exists(path)
+    _probe_writable(path, flag)
+
+
+def _probe_writable(path: str, flag: str) -> None:
+    """Opens ``path`` for writing without changing what is there: a new file is made exclusively
+    (never through a link) and removed again; an existing regular file is opened for appending;
+    anything else (a device such as /dev/null, a FIFO, a dangling link) is left to the run's own
+    open, which a probe could block on or create."""
     try:
-        with open(path, "ab"):
-            pass
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        try:
+            regular = stat.S_ISREG(os.stat(path).st_mode)
+        except OSError:
+            return
+        if regular:
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+            except OSError as exc:
+                raise UsageError(f"{flag} {path}: cannot be written ({exc.strerror or exc})") from None
+        return
     except OSError as exc:
         raise UsageError(f"{flag} {path}: cannot be written ({exc.strerror or exc})") from None
-    if not existed:
-        os.remove(path)
+    os.remove(path)
 
 
 def check_outputs(outputs: list[tuple[str | None, str, tuple[str, ...] | None]]) -> None:

@@ -85,8 +85,9 @@ def fused_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function interface: [B, H, L, D] in, ([B, L, H, D], weights) out;
     the weights ([B, H, L, S], after dropout as eager returns them) only when
-    ``output_attentions`` asks for them (or transformers' output capture collects them), else None. Key and value may have fewer heads than the
-    query (grouped-query models hand them over unrepeated): they go to the kernels as they are.
+    ``output_attentions`` asks for them (or transformers' output capture collects them), else
+    None. Key and value may have fewer heads than the query (grouped-query models hand them over
+    unrepeated): they go to the kernels as they are.
     ``position_bias`` (T5's relative attention bias, added to the scores) joins the mask as a
     floating mask, and receives its gradient (a query whose every key is masked gets 0, as
     everywhere in this package, where transformers' finite fill averages the bias); ``softcap``,
@@ -127,12 +128,30 @@ def _attentions_captured() -> bool:
     asked for ``output_attentions`` records them from its attention modules' outputs without
     telling the attention function (GPT-2 removes the argument), and the eager attention, which
     always returns them, has them recorded."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # a transformers without output capture passes output_attentions on
+    collector = _output_collector()
+    if collector is None:
         return False
-    collected = _active_collector.get()
+    if torch.compiler.is_compiling():
+        # Dynamo (of older torch) cannot trace ContextVar.get: a model compiled whole keeps its
+        # collector in transformers' compile-time global, read here; a part compiled alone does
+        # not see the capture of an eager caller (as before transformers recorded outputs).
+        collected = collector.global_var if collector.compiling else None
+    else:
+        collected = collector.get()
     return bool(collected) and any(key.endswith("attentions") for key in collected)
+
+
+_COLLECTOR: list = []  # transformers' output-capture collector, or None: looked up once
+
+
+def _output_collector():
+    if not _COLLECTOR:
+        try:
+            from transformers.utils.output_capturing import _active_collector
+        except ImportError:  # a transformers without output capture passes output_attentions on
+            _active_collector = None
+        _COLLECTOR.append(_active_collector if hasattr(_active_collector, "global_var") else None)
+    return _COLLECTOR[0]
 
 
 def _add_norm_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ def empty_in_query_layout(query: torch.Tensor, dv: int) -> torch.Tensor:
 
 def as_query_layout(out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     """``out`` [B, H, Lq, dv] (the reference's result) laid out as :func:`empty_in_query_layout`
-    lays out the kernels' output: itself when it already is, else a copy."""
+    lays out the kernels' output: a view of it when it already is, else a copy."""
     perm = (*_nesting(query), 3)
     inverse = tuple(perm.index(d) for d in range(4))
     return out.permute(perm).contiguous().permute(inverse)

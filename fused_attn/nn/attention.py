@@ -95,9 +95,10 @@ class FusedMultiheadAttention(Fused, nn.MultiheadAttention):
     which never materialises them. Differences from torch: a query whose keys are all masked
     gets 0 where torch's gets NaN (in all but training with ``need_weights=False``, where it
     gets 0 too). ``add_bias_kv`` / ``add_zero_attn`` are served by torch's own implementation (a
-    warning says so once), and so are nested-tensor inputs (which torch takes in inference). As in torch, ``is_causal`` replaces ``attn_mask`` by causal masking only when
-    neither ``need_weights`` nor a ``key_padding_mask`` needs the mask itself; the output
-    projection reads ``out_proj``'s parameters, as torch's does, rather than calling the module.
+    warning says so once), and so are nested-tensor inputs (which torch takes in inference). As
+    in torch, ``is_causal`` replaces ``attn_mask`` by causal masking only when neither
+    ``need_weights`` nor a ``key_padding_mask`` needs the mask itself; the output projection reads
+    ``out_proj``'s parameters, as torch's does, rather than calling the module.
     ``backend`` (attribute) picks the kernel backend.
     """
 
