@@ -14,7 +14,6 @@ import csv
 import dataclasses
 import json
 import os
-import stat
 
 import torch
 
@@ -114,22 +113,20 @@ def _probe_writable(path: str, flag: str) -> None:
     (never through a link) and removed again; an existing regular file is opened for appending;
     anything else (a device such as /dev/null, a FIFO, a dangling link) is left to the run's own
     open, which a probe could block on or create."""
+    created = True
     try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
-    except FileExistsError:
         try:
-            regular = stat.S_ISREG(os.stat(path).st_mode)
-        except OSError:
-            return
-        if regular:
-            try:
-                os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
-            except OSError as exc:
-                raise UsageError(f"{flag} {path}: cannot be written ({exc.strerror or exc})") from None
-        return
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            created = False
+            if not os.path.isfile(path):  # a device, a FIFO, a dangling link
+                return
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
     except OSError as exc:
         raise UsageError(f"{flag} {path}: cannot be written ({exc.strerror or exc})") from None
-    os.remove(path)
+    os.close(fd)
+    if created:
+        os.remove(path)
 
 
 def check_outputs(outputs: list[tuple[str | None, str, tuple[str, ...] | None]]) -> None:
