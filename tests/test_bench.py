@@ -1027,3 +1027,32 @@ def test_profile_memory_help_states_its_defaults(capsys):
     for default in ("--model {", "default: bert-base", "--batch BATCH default: 1", "--seq SEQ default: 2048",
                     "fwd+bwd: forward and backward of a training step (default)"):
         assert default in text, default
+
+
+def test_bench_plot_keeps_equal_lines_apart(tmp_path, monkeypatch):
+    """Two implementations with equal values (eager and reference allocate the same score matrix)
+    are two visible lines: each implementation has its own marker and dash pattern, the same in
+    every panel, and the memory panel has a legend of its own."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from fused_attn.bench import cli as bench_cli
+    from fused_attn.bench import plots
+
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    records = [bench_cli.record("attention", impl, "cpu", "float32", "fwd", {"batch": 1, "heads": 2, "seq": seq},
+                                median_ms=1.0, min_ms=1.0, max_ms=1.0, tflops=0.1, peak_mem_bytes=2**20 * seq)
+               for impl in ("eager", "reference", "cpu") for seq in (16, 32)]
+    plots.plot_bench(records, str(tmp_path / "p.png"))
+    (fig,) = figures
+    ax_rate, ax_mem = fig.axes
+    for ax in (ax_rate, ax_mem):
+        assert [line.get_label() for line in ax.lines] == ["eager", "reference", "cpu"]
+        looks = {(line.get_marker(), line.get_linestyle(), line.get_markersize()) for line in ax.lines}
+        assert len(looks) == 3
+        # The larger markers and wider lines lie under the smaller ones.
+        by_size = sorted(ax.lines, key=lambda line: -line.get_markersize())
+        assert [line.get_zorder() for line in by_size] == sorted(line.get_zorder() for line in ax.lines)
+        assert ax.get_legend() is not None
+    assert [line.get_marker() for line in ax_rate.lines] == [line.get_marker() for line in ax_mem.lines]

@@ -9,6 +9,11 @@ from collections import defaultdict
 X_AXIS = {"attention": "seq", "softmax": "seq", "layer_norm": "hidden", "add_layer_norm": "hidden", "ffn": "tokens",
           "model": "seq"}
 METRICS = [("tflops", "TFLOP/s"), ("gbps", "GB/s"), ("tokens_per_s", "tokens/s")]
+# Line styles per implementation: a colour, a marker and a dash pattern each, so that two
+# implementations with equal values (eager and reference allocate the same score matrix) stay
+# visible as two lines instead of one hiding the other.
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+_DASHES = ["-", "--", "-.", ":"]
 
 
 def _pyplot():
@@ -41,6 +46,17 @@ def _panels(records: list[dict]) -> dict[tuple, list[dict]]:
     return panels
 
 
+def _styles(records: list[dict]) -> dict[str, dict]:
+    """One style per implementation, the same in every panel of a figure: hollow markers and line
+    widths that shrink from one implementation to the next, the smaller drawn over the larger, so
+    that of two equal lines both stay in sight."""
+    impls = list(dict.fromkeys(r["impl"] for r in records if not r.get("skipped")))
+    return {impl: {"color": f"C{i % 10}", "marker": _MARKERS[i % len(_MARKERS)], "markerfacecolor": "none",
+                   "linestyle": _DASHES[i % len(_DASHES)], "markersize": 10 - 2 * (i % 4),
+                   "linewidth": 2.6 - 0.5 * (i % 4), "markeredgewidth": 1.5, "zorder": 2 + 0.1 * (i % 4)}
+            for i, impl in enumerate(impls)}
+
+
 def _title(key: tuple) -> str:
     suite, dtype, mode, rest = key
     details = " ".join(("causal" if v else "full") if isinstance(v, bool) else f"{k}={v}" for k, v in rest)
@@ -69,6 +85,7 @@ def plot_bench(records: list[dict], path: str) -> None:
     panels = _panels(records)
     if not panels:
         raise ValueError("no timed records to plot")
+    styles = _styles(records)
     fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.4 * len(panels)), squeeze=False)
     for (key, rows), (ax_rate, ax_mem) in zip(panels.items(), axes):
         x_key = X_AXIS[key[0]]
@@ -83,9 +100,9 @@ def plot_bench(records: list[dict], path: str) -> None:
         for impl, points in by_impl.items():
             points.sort(key=lambda r: r["shape"][x_key])
             xs = [r["shape"][x_key] for r in points]
-            ax_rate.plot(xs, [r[metric] for r in points], marker="o", label=impl)
+            ax_rate.plot(xs, [r[metric] for r in points], label=impl, **styles[impl])
             if all(r.get("peak_mem_bytes") is not None for r in points):
-                ax_mem.plot(xs, [r["peak_mem_bytes"] / 2**20 for r in points], marker="o", label=impl)
+                ax_mem.plot(xs, [r["peak_mem_bytes"] / 2**20 for r in points], label=impl, **styles[impl])
         for ax, ylabel in ((ax_rate, label), (ax_mem, "peak memory of the call (MiB)")):
             ax.set_xscale("log", base=2)
             ax.set_xlabel(x_key)
@@ -94,6 +111,8 @@ def plot_bench(records: list[dict], path: str) -> None:
             ax.grid(True, alpha=0.3)
         ax_mem.set_yscale("log")
         ax_rate.legend(fontsize=8)
+        if ax_mem.lines:
+            ax_mem.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
