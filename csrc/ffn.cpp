@@ -70,6 +70,8 @@ Tensor dropped(const Tensor& x, const OptTensor& seed, double dropout_p, bool ow
 void check_second_linear(const Tensor& w2, const OptTensor& b2, const Tensor& input, int64_t hidden) {
   const int64_t out_features =
       check_linear_weight(w2, "w2", input, hidden, "hidden features of w1", /*contiguous=*/false);
+  TORCH_CHECK(!b2.has_value() || !b2->defined() || (b2->dim() == 1 && b2->size(0) == out_features),
+              "b2 must have shape [", out_features, "] (out_features of w2), got ", b2->sizes());
   check_affine_param(b2, "b2", input, out_features, std::nullopt, /*contiguous=*/false);
 }
 

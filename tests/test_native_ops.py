@@ -40,10 +40,10 @@ def test_ffn_ops_refuse_dropout_outside_unit_interval(p):
 @pytest.mark.parametrize("w2_shape, b2_shape, dtype, message", [
     ((12,), (5,), torch.float32, r"w2 must have shape \[out_features, 12\]"),
     ((5, 11), (5,), torch.float32, r"w2 must have shape \[out_features, 12\]"),
-    ((5, 12), (1,), torch.float32, r"b2 must have shape \[5\]"),
-    ((5, 12), (1, 5), torch.float32, r"b2 must have shape \[5\]"),
-    ((5, 12), (), torch.float32, r"b2 must have shape \[5\]"),
-    ((5, 12), (6, 5), torch.float32, r"b2 must have shape \[5\]"),
+    ((5, 12), (1,), torch.float32, r"b2 must have shape \[5\] \(out_features of w2\)"),
+    ((5, 12), (1, 5), torch.float32, r"b2 must have shape \[5\] \(out_features of w2\)"),
+    ((5, 12), (), torch.float32, r"b2 must have shape \[5\] \(out_features of w2\)"),
+    ((5, 12), (6, 5), torch.float32, r"b2 must have shape \[5\] \(out_features of w2\)"),
     ((5, 12), (5,), torch.float64, "b2 must have dtype Float"),
 ])
 @pytest.mark.parametrize("op", ["ffn_fwd", "ffn_inference"])
