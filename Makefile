@@ -56,10 +56,12 @@ $(VENV)/.installed: $(VENV)/.deps pyproject.toml
 	FUSED_ATTN_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
+# The marker takes the time the build started, so that a source edited while it ran is built next time.
 $(VENV)/.built: $(VENV)/.installed $(SOURCES)
+	touch $@.started
 	$(PY) setup.py -q build_ext --inplace
 	$(PY) -m fused_attn info
-	touch $@
+	mv $@.started $@
 
 # Built against the GPU machine's own torch: its headers may warn where CI's do not, so nvcc
 # warnings stay warnings there.

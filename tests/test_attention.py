@@ -191,6 +191,70 @@ def test_custom_scale(backend_device):
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim, scale", [(16, 1.0), (2, -1.0)], ids=["d16", "d2-negative-scale"])
+def test_peaked_rows_keep_gradient_parity(backend_device, dtype, head_dim, scale):
+    """Queries and keys of size 3: nearly one-hot rows. A backward whose row terms (delta =
+    rowsum(dO * O), from the output rounded to 16 bits) do not come from the P it recomputes
+    leaves dS = P (dP - delta) uncancelled: triton's float16 dQ and dK were 2-6x the plain error."""
+    backend, device = backend_device
+    if dtype not in supported_dtypes(backend, device, OP):
+        pytest.skip(f"{dtype} is not tested on {backend}-{device}")
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        q, k = (torch.randn(1, 2, 64, head_dim, generator=gen) * 3 for _ in range(2))
+        v = torch.randn(1, 2, 64, head_dim, generator=gen)
+        assert_parity(
+            lambda query, key, value: fused_attn.scaled_dot_product_attention(query, key, value, scale=scale,
+                                                                              backend=backend),
+            lambda query, key, value: reference.scaled_dot_product_attention(query, key, value, scale=scale),
+            {n: t.to(device=device, dtype=dtype) for n, t in zip(("query", "key", "value"), (q, k, v))},
+            grad_args=("query", "key", "value"), seed=seed,
+        )
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("scale", [1e4, 1e30])
+def test_one_hot_rows_give_zero_score_gradients(backend_device, scale):
+    """At a huge scale every row is one-hot: dQ and dK are exactly 0, as the plain backward gives
+    them. The backward's scores, rounded an ulp above the forward's row max, gave exp of ~1e23 (inf,
+    then NaN gradients on cpu), and in float16 triton's dQ was 0.0122 at 1e4 and inf at 1e30."""
+    backend, device = backend_device
+    for dtype in (torch.float32, torch.float16):
+        if dtype not in supported_dtypes(backend, device, OP):
+            continue
+        gen = torch.Generator().manual_seed(5)
+        q, k = torch.randn(1, 2, 33, 16, generator=gen), torch.randn(1, 2, 20, 16, generator=gen)
+        v, up = torch.randn(1, 2, 20, 8, generator=gen), torch.randn(1, 2, 33, 8, generator=gen)
+        q, k, v, up = (t.to(device=device, dtype=dtype) for t in (q, k, v, up))
+        q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+        out = fused_attn.scaled_dot_product_attention(q, k, v, scale=scale, backend=backend)
+        out.backward(up)
+        expected = reference.scaled_dot_product_attention(*(t.detach().double() for t in (q, k, v)), scale=scale)
+        torch.testing.assert_close(out.double(), expected, rtol=0, atol=0)  # one value row each
+        assert torch.equal(q.grad, torch.zeros_like(q)) and torch.equal(k.grad, torch.zeros_like(k)), dtype
+        assert v.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("bias", [3e38, float("inf")], ids=["3e38", "inf"])
+def test_huge_positive_bias_picks_its_key(backend_device, bias):
+    """A bias above 2.36e38 overflowed to inf times log2(e) and the row to inf - inf = NaN on triton
+    and cuda; the plain softmax gives its key all the weight (an infinite bias is NaN there too)."""
+    backend, device = backend_device
+    q, k, v = _qkv(1, 2, 5, 6, 16, work_dtype(OP, backend, device), device)
+    mask = torch.zeros(5, 6, device=device)
+    mask[:, 2] = bias
+    mask[3, 4] = bias  # two keys at the same bias share the weight
+    out = fused_attn.scaled_dot_product_attention(q, k, v, mask, backend=backend)
+    expected = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), mask.double())
+    if bias == float("inf"):
+        assert out.isnan().all() and expected.isnan().all()
+        return
+    torch.testing.assert_close(out, expected.to(out.dtype))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
 def test_matches_torch_sdpa(backend_device):
     """torch's own SDPA is the oracle here (run in float64 for the truth)."""
     backend, device = backend_device
@@ -612,11 +676,14 @@ def test_cpu_backward_schedules(threads, dtype, kind):
 @CPU_SCHEDULES
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("lengths", [(1, 16), (33, 70), (40, 300), (150, 170)], ids=lambda ls: "x".join(map(str, ls)))
-def test_cpu_backward_one_visible_key_gives_exactly_zero_score_gradients(threads, dtype, lengths):
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_cpu_backward_one_visible_key_gives_exactly_zero_score_gradients(threads, dtype, lengths, dropout_p):
     # Each causal query sees one key (its own position): P is one-hot, and dS = P (dP - delta) is
     # zero in exact arithmetic, as the plain softmax backward computes it. The statistics pass and
     # the gradient passes must form the same S and dP tiles for it to be zero here too (a key tile
-    # cut at the causal edge in one pass and whole in another is a GEMM of another shape).
+    # cut at the causal edge in one pass and whole in another is a GEMM of another shape), and the
+    # same dropped dP (dropped in a fused multiply-subtract by one pass, the rounded product by the
+    # other, kept rows were off zero by 1e-6 on the schedules of several threads).
     if dtype not in supported_dtypes("cpu", "cpu", OP):
         pytest.skip("the cpu backend is not available")
     q_len, k_len = lengths
@@ -628,7 +695,9 @@ def test_cpu_backward_one_visible_key_gives_exactly_zero_score_gradients(threads
     bias = torch.zeros(q_len, k_len, dtype=dtype).masked_fill(~visible, float("-inf")).requires_grad_()
 
     def run():
-        out = fused_attn.scaled_dot_product_attention(q, k, v, bias, is_causal=True, backend="cpu")
+        torch.manual_seed(5)
+        out = fused_attn.scaled_dot_product_attention(q, k, v, bias, dropout_p=dropout_p, is_causal=True,
+                                                      backend="cpu")
         out.backward(torch.randn(out.shape, generator=gen).to(dtype))
 
     _with_threads(threads, run)

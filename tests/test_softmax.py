@@ -42,6 +42,41 @@ def test_parity_long_rows_stream(backend_device, dtype):
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
+def test_huge_positive_mask_picks_its_element(backend_device):
+    """A mask value above 2.36e38 overflowed to inf times log2(e) on triton and cuda, and the row
+    to inf - inf = NaN; the plain softmax gives the element all the weight."""
+    backend, device = backend_device
+    if torch.float32 not in supported_dtypes(backend, device):
+        pytest.skip(f"float32 is not tested on {backend}-{device}")
+    x = torch.randn(4, 9).to(device)
+    mask = torch.zeros(4, 9, device=device)
+    mask[:, 3] = 3e38
+    y = fused_attn.softmax(x, mask=mask, backend=backend)
+    torch.testing.assert_close(y, reference.softmax(x, mask=mask), rtol=0, atol=0)
+    assert (y[:, 3] == 1).all()
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("n", [257, 20000], ids=["row-in-registers", "row-streamed"])
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_scores_far_from_zero_keep_their_digits(backend_device, n, scale):
+    """Scores of 1e4 + 0.01 * randn: the row max is subtracted before anything rounds the scores at
+    their magnitude (triton and cuda multiplied every score by log2(e) first: 1e-3 absolute error in
+    the exponent, 2000x torch's in float32)."""
+    backend, device = backend_device
+    if torch.float32 not in supported_dtypes(backend, device):
+        pytest.skip(f"float32 is not tested on {backend}-{device}")
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, n, generator=gen) * 0.01 + 1e4
+    assert_parity(
+        lambda input: fused_attn.softmax(input, scale=scale, backend=backend),
+        lambda input: reference.softmax(input, scale=scale),
+        {"input": x.to(device)},
+        grad_args=("input",),
+    )
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["padding", "bool4d", "bias", "causal", "causal+padding"])
 @pytest.mark.parametrize("scale", [1.0, 0.125])

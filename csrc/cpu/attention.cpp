@@ -696,15 +696,23 @@ void probabilities(float* s, int64_t mq, int64_t nk, int64_t ld_s, const float* 
     float* row = s + r * ld_s;
     const fVec shift(lse[r]);
     const fVec c(corr != nullptr ? corr[r] : 1.f);
+    // s - lse <= 0 in exact arithmetic, but the backward's GEMMs (other shapes than the forward's) may
+    // round a score an ulp above it, which past |s| ~ 1e9 is more than exp takes (exp_vec is for
+    // x <= 0; inf, then NaN gradients, where P is 1): clamped at 0 (minimum keeps a NaN).
+    const fVec zero(0.f);
+    const auto p = [&](fVec x) { return exp_vec(at::vec::minimum(x - shift, zero)) * c; };
     int64_t j = 0;
-    for (; j + kLanes <= nk; j += kLanes) (exp_vec(fVec::loadu(row + j) - shift) * c).store(row + j);
-    if (j < nk) (exp_vec(fVec::loadu(row + j, nk - j) - shift) * c).store(row + j, nk - j);
+    for (; j + kLanes <= nk; j += kLanes) p(fVec::loadu(row + j)).store(row + j);
+    if (j < nk) p(fVec::loadu(row + j, nk - j)).store(row + j, nk - j);
   }
 }
 
-// dS = P * (dP - delta) into dp. With dropout, dP is first dropped where P was (the forward's
-// factor: keep ? 1 / (1 - p) : 0), dS takes the undropped P, and P then becomes the dropped
-// P_used that dV needs.
+// dS = P * (dP - delta) into dp. With dropout, dp holds dP already dropped where P was (the
+// forward's factor keep ? 1 / (1 - p) : 0, applied and stored by tile_p_dp with drop_dp, exactly as
+// the statistics pass stored the dP its delta sums: a product folded in here instead, where -mfma
+// contracts dP * factor - delta into one FMA, is not the rounded dP that delta holds, and dS no
+// longer cancels, e.g. dQ and dK off zero with a single key); dS takes the undropped P, and P then
+// becomes the dropped P_used that dV needs.
 void score_gradient(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t mq, int64_t j0, int64_t nk, float* p,
                     float* dp, int64_t ld_s, const float* delta) {
   for (int64_t r = 0; r < mq; ++r) {
@@ -729,7 +737,7 @@ void score_gradient(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t mq, i
         const int64_t l = std::min(kLanes, len - t);
         const fVec factor = fVec::blendv(zero, inv, fVec::loadu(u + t) >= pv);
         const fVec pval = fVec::loadu(prow + j + t, l);
-        (pval * (fVec::loadu(dprow + j + t, l) * factor - dl)).store(dprow + j + t, l);
+        (pval * (fVec::loadu(dprow + j + t, l) - dl)).store(dprow + j + t, l);
         (pval * factor).store(prow + j + t, l);
       }
     }
@@ -897,7 +905,7 @@ void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_
       const int64_t mq = std::min(block_q, pb.q_len - i0);
       auto [q, ldq] = rows_as_float(qb, pb.q_s[2], i0, mq, d, qbuf);
       auto [dout, lddo] = rows_as_float(dob, bt.do_s[2], i0, mq, dv, dobuf);
-      tile_p_dp(pb, bh, i0, mq, j0, nk, q, ldq, k, ldk, v, ldv, dout, lddo, lse + i0, corr + i0, false, s, dp,
+      tile_p_dp(pb, bh, i0, mq, j0, nk, q, ldq, k, ldk, v, ldv, dout, lddo, lse + i0, corr + i0, true, s, dp,
                 block_k);
       score_gradient(pb, bh, i0, mq, j0, nk, s, dp, block_k, delta + i0);
       gemm(true, false, nk, dv, mq, 1.f, s, block_k, dout, lddo, 1.f, dvacc, dv);
@@ -937,7 +945,7 @@ void attn_bwd_dq_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_pt
     gemm(false, false, mq, d, nk, 1.f, dp, block_k, k, ldk, 1.f, dq, d);
   };
   const int64_t k_end =
-      for_each_key_tile(pb, bt, q_ptr, k_ptr, v_ptr, do_ptr, bh, i0, mq, block_k, corr, false, carve, s, dp, visit);
+      for_each_key_tile(pb, bt, q_ptr, k_ptr, v_ptr, do_ptr, bh, i0, mq, block_k, corr, true, carve, s, dp, visit);
   // Causal: the key blocks after the one holding the block's last query were not walked.
   if (dscores != nullptr && k_end < pb.k_len) {
     for (int64_t r = 0; r < mq; ++r) std::fill(dscores + r * pb.k_len + k_end, dscores + (r + 1) * pb.k_len, 0.f);

@@ -21,14 +21,21 @@
 //    P = exp2((s - max) - log2(sum)) with s - max exact: a single log-sum-exp max + log2(sum) loses
 //    log2(sum) once |max| is large (keys that all carry a bias of -1e9: |max| ~ 1.44e9, float spacing
 //    128), and the backward's P would be 1 instead of 1 / Lk.
-//  * backward, three kernels: delta = rowsum(dO * O) in fp32 (a warp per row); dK/dV with one block per
-//    (batch*head, 64 keys), each warp owning 16 keys, streaming query tiles (64 queries for D <= 64, 32
-//    above) and forming S^T = K Q^T, dP^T = V dO^T directly transposed so that dV += P^T dO and
-//    dK += dS^T Q reuse the accumulators as A operands; dQ with one block per (batch*head, 64 queries)
+//  * backward, three kernels: row statistics, then dK/dV, then dQ. The statistics kernel is the dQ
+//    kernel without its dQ product (a template flag): from the very S and dP the gradient kernels form,
+//    corr = 1 / sum_j P_ij and delta = sum_j P_ij dP_ij / sum_j P_ij (in exact arithmetic 1 and
+//    rowsum(dO * O)), and the gradient kernels take P * corr, so that dS = P (dP - delta) cancels as in
+//    the plain softmax backward. rowsum(dO * O) would carry the rounding of the stored 16-bit output
+//    instead of this P's: with peaked rows (the true dQ near 0) the Triton kernels' dQ and dK reached
+//    2-6x the plain error that way, and 0.01 where the truth and the plain backward are exactly 0.
+//    Cost: 9 tile products instead of 7. dK/dV with one block per (batch*head, 64 keys), each warp
+//    owning 16 keys, streaming query tiles (64 queries for D <= 64, 32 above) and forming S^T = K Q^T,
+//    dP^T = V dO^T directly transposed so that dV += P^T dO and dK += dS^T Q reuse the accumulators as
+//    A operands; dQ with one block per (batch*head, 64 queries)
 //    streaming key tiles as the forward does, dQ += dS K, and, when a floating mask needs its gradient,
 //    dS written to grad_scores (float32, zero-initialised so causally skipped tiles read 0).
 //    dQ is a separate pass rather than fp32 atomics from the dK/dV kernel: it recomputes Q K^T and
-//    dO V^T once more (7 instead of 5 tile products), but every gradient is written by exactly one
+//    dO V^T once more (2 tile products more), but every gradient is written by exactly one
 //    block in a fixed order, so results are bitwise deterministic (the tests demand equal gradients
 //    from equal calls), need no zero-initialised fp32 dQ buffer and no conversion pass, and the dQ
 //    pass is also where grad_scores is formed.
@@ -75,9 +82,10 @@
 // 2^31 blocks.
 //
 // Softmax (softmax(input * scale + mask) over the last dim, any strides, mask through its strides):
-// fp32 math, a warp per row for rows of up to 1024 elements (4 rows per 128-thread block), a 512-thread
-// block per row above; rows of up to 32 (warp) or 8 (block) elements per thread stay in registers,
-// longer ones are re-read for each pass (max, sum, write) instead of being cached. The backward is
+// fp32 math on scores in natural units (the row max subtracted before exp2's factor log2(e)), a warp
+// per row for rows of up to 1024 elements (4 rows per 128-thread block), a 512-thread block per row
+// above; rows of up to 32 (warp) or 8 (block) elements per thread stay in registers, longer ones are
+// re-read for each pass (max, sum, write) instead of being cached. The backward is
 // dx = scale * y * (dy - sum(dy * y)) with the same row mapping; every sum is a fixed butterfly, so
 // both are deterministic.
 #include <ATen/Dispatch_v2.h>
@@ -133,9 +141,10 @@ float scale_log2(double scale) {
   const float v = s * kLog2e;
   return std::isinf(v) && std::isfinite(s) ? std::copysign(std::numeric_limits<float>::max(), v) : v;
 }
-// Finite float-mask values are clamped here: times log2(e) they stay below FLT_MAX (-inf stays -inf,
-// NaN stays NaN), so a row masked with finfo.min alone averages its values as PyTorch does.
-constexpr float kMaskFloor = -2.35e38f;
+// Finite float-mask values are clamped to +-kMaskBound here: times log2(e) they stay below FLT_MAX
+// (+-inf stays, NaN stays NaN), so a row masked with finfo.min alone averages its values as PyTorch
+// does, and a bias above 2.36e38 picks its key instead of turning the row into inf - inf = NaN.
+constexpr float kMaskBound = 2.35e38f;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // ---------------------------------------------------------------------------------------------
@@ -352,20 +361,25 @@ struct MaskArgs {
 
 // Score `s` (log2 units) masked by mask element `offset`: -inf where a bool mask hides the key (whatever
 // `s` is, so a NaN or inf score there is dropped, as on the other backends); a floating mask is added
-// (times log2(e)), its finite values clamped to at least kMaskFloor.
-__device__ __forceinline__ float clamp_bias(float v) { return v < kMaskFloor && v != -kInf ? kMaskFloor : v; }
+// (times log2(e)), its finite values clamped to +-kMaskBound.
+__device__ __forceinline__ float clamp_bias(float v) {
+  return fabsf(v) > kMaskBound && fabsf(v) != kInf ? copysignf(kMaskBound, v) : v;
+}
+
+// Floating mask element `offset` as float, unscaled (natural units).
+__device__ __forceinline__ float float_bias(const MaskArgs& m, int64_t offset) {
+  switch (m.kind) {
+    case kMaskFloat: return static_cast<const float*>(m.data)[offset];
+    case kMaskHalf: return __half2float(static_cast<const __half*>(m.data)[offset]);
+    case kMaskBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(m.data)[offset]);
+    case kMaskDouble: return static_cast<float>(static_cast<const double*>(m.data)[offset]);
+    default: return 0.f;
+  }
+}
 
 __device__ __forceinline__ float apply_mask(float s, const MaskArgs& m, int64_t offset) {
-  float bias;
-  switch (m.kind) {
-    case kMaskBool: return static_cast<const uint8_t*>(m.data)[offset] != 0 ? s : -kInf;
-    case kMaskFloat: bias = clamp_bias(static_cast<const float*>(m.data)[offset]); break;
-    case kMaskHalf: bias = __half2float(static_cast<const __half*>(m.data)[offset]); break;  // >= -65504
-    case kMaskBFloat16: bias = clamp_bias(__bfloat162float(static_cast<const __nv_bfloat16*>(m.data)[offset])); break;
-    case kMaskDouble: bias = clamp_bias(static_cast<float>(static_cast<const double*>(m.data)[offset])); break;
-    default: return s;
-  }
-  return s + bias * kLog2e;
+  if (m.kind == kMaskBool) return static_cast<const uint8_t*>(m.data)[offset] != 0 ? s : -kInf;
+  return m.kind == kMaskNone ? s : s + clamp_bias(float_bias(m, offset)) * kLog2e;
 }
 
 struct AttnParams {
@@ -396,7 +410,8 @@ struct BwdParams : AttnParams {
   const uint16_t* dout;
   int64_t do_s[3];
   const float* stats;  // [B * H, 2, Lq], as the forward wrote them
-  const float* delta;  // [B * H * Lq], rowsum(dO * O)
+  float* corr;         // [B * H * Lq], 1 / sum_j P_ij (0 for a row that sees no key): the statistics kernel's
+  float* delta;        // [B * H * Lq], sum_j P_ij dP_ij with P renormalised by corr
   uint16_t* dq;
   uint16_t* dk;
   uint16_t* dv_out;
@@ -478,6 +493,11 @@ __device__ __forceinline__ float2 row_stats(const BwdParams& p, int64_t bh, int 
   const float* stats = p.stats + bh * 2 * p.q_len;
   return make_float2(stats[i], stats[p.q_len + i]);
 }
+
+// A probability recomputed in the backward, exp2((s - max) - log2(sum)), at most 1: the backward's
+// tile products may round a score an ulp above the forward's row max, which at |s| ~ 1e30 would be
+// exp2 of ~1e23 (inf, then NaN gradients) where P is 1. A NaN exponent stays NaN.
+__device__ __forceinline__ float recomputed_p(float x) { return exp2f(x > 0.f ? 0.f : x); }
 
 // Whether the shared stream keeps element (i, j) of head bh, as 1 or 0: a factor to multiply by, so a NaN
 // that dropout drops stays NaN. P takes this 0/1 before its cast to fp16/bf16 and the 1 / (1 - p) of the kept
@@ -667,27 +687,6 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
 // ---------------------------------------------------------------------------------------------
 // Backward
 
-// delta[row] = sum_c dO[row, c] * O[row, c] in fp32: a warp per row of [B * H * Lq].
-template <typename T>
-__global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(const uint16_t* out, int64_t o_s0, int64_t o_s1,
-                                                                  int64_t o_s2, const uint16_t* dout, int64_t do_s0,
-                                                                  int64_t do_s1, int64_t do_s2, int heads, int q_len,
-                                                                  int dv, int64_t rows, float* delta) {
-  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-  const int64_t warps_total = static_cast<int64_t>(gridDim.x) * kWarps;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize; row < rows;
-       row += warps_total) {
-    const int64_t i = row % q_len, bh = row / q_len;
-    const int64_t b = bh / heads, h = bh % heads;
-    const uint16_t* o_row = out + b * o_s0 + h * o_s1 + i * o_s2;
-    const uint16_t* do_row = dout + b * do_s0 + h * do_s1 + i * do_s2;
-    float acc = 0.f;
-    for (int c = lane; c < dv; c += kWarpSize) acc += Elem<T>::to_float(o_row[c]) * Elem<T>::to_float(do_row[c]);
-    acc = cuda_utils::warp_allreduce_sum(acc);
-    if (lane == 0) delta[row] = acc;
-  }
-}
-
 template <int kD>
 constexpr int bwd_dkdv_smem_bytes() {
   constexpr int kM = stream_rows(kD);
@@ -721,6 +720,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
   const uint16_t* dog = p.dout + b * p.do_s[0] + h * p.do_s[1];
   const int64_t mask_base = b * p.mask.s0 + h * p.mask.s1;
   const float* delta = p.delta + bh * p.q_len;
+  const float* corr = p.corr + bh * p.q_len;
 
   // Causal: queries before the block's first key see none of it.
   const int m_begin = p.causal ? (n0 / kM) * kM : 0;
@@ -755,7 +755,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
     const uint16_t* q_tile = s_q + stage * kM * kPitch;
     const uint16_t* do_tile = s_do + stage * kM * kPitch;
 
-    // P^T = exp2((S^T - max) - log2(sum)): rows keys, columns queries.
+    // P^T = exp2((S^T - max) - log2(sum)) * corr: rows keys, columns queries.
     float pt[kM / 8][4];
     zero(pt);
     warp_gemm_abt<T, kM / 8, kD>(pt, k_addr, kPitch * 2, smem_addr(q_tile), kPitch * 2);
@@ -772,9 +772,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
       for (int e = 0; e < 2; ++e) {
         const int i = m0 + nb * 8 + (lane & 3) * 2 + e;
         const float2 st = row_stats(p, bh, i);
+        const float c = i < p.q_len ? corr[i] : 0.f;
         dlt[nb][e] = i < p.q_len ? delta[i] : 0.f;
-        pt[nb][e] = exp2f((pt[nb][e] - st.x) - st.y);
-        pt[nb][e + 2] = exp2f((pt[nb][e + 2] - st.x) - st.y);
+        pt[nb][e] = recomputed_p((pt[nb][e] - st.x) - st.y) * c;
+        pt[nb][e + 2] = recomputed_p((pt[nb][e + 2] - st.x) - st.y) * c;
       }
     }
 
@@ -819,8 +820,9 @@ constexpr int bwd_dq_smem_bytes() {
   return 2 * (2 * kRowsPerBlock * (kD + 8) + 4 * kN * (kD + 8));
 }
 
-// dQ (and grad_scores) of one (batch*head, 64 queries) block, accumulated over the key tiles.
-template <typename T, int kD>
+// dQ (and grad_scores) of one (batch*head, 64 queries) block, accumulated over the key tiles; with kStats,
+// the row statistics (corr, delta) of the block's queries instead (see the header).
+template <typename T, int kD, bool kStats>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p) {
   constexpr int kM = kRowsPerBlock;
   constexpr int kN = stream_rows(kD);
@@ -845,7 +847,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
   const uint16_t* vg = p.v + b * p.v_s[0] + (h / p.kv_group) * p.v_s[1];
   const uint16_t* dog = p.dout + b * p.do_s[0] + h * p.do_s[1];
   const int64_t mask_base = b * p.mask.s0 + h * p.mask.s1;
-  float* dscores = (p.dscores != nullptr && blockIdx.y == 0) ? p.dscores + bh * p.q_len * p.k_len : nullptr;
+  float* dscores =
+      (!kStats && p.dscores != nullptr && blockIdx.y == 0) ? p.dscores + bh * p.q_len * p.k_len : nullptr;
 
   const int n_end = p.causal ? min(p.k_len, m0 + kM) : p.k_len;
   const int n_tiles = (n_end + kN - 1) / kN;
@@ -858,15 +861,19 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
 
   const int warp_row0 = m0 + warp * 16;
   float2 st[2];  // row max, log2 of the row sum
-  float dlt[2];
+  float dlt[2] = {0.f, 0.f}, cr[2] = {1.f, 1.f};
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int i = warp_row0 + (lane >> 2) + half * 8;
     st[half] = row_stats(p, bh, i);
-    dlt[half] = i < p.q_len ? p.delta[bh * p.q_len + i] : 0.f;
+    if constexpr (!kStats) {
+      dlt[half] = i < p.q_len ? p.delta[bh * p.q_len + i] : 0.f;
+      cr[half] = i < p.q_len ? p.corr[bh * p.q_len + i] : 0.f;
+    }
   }
   float dq[kOut / 8][4];
   zero(dq);
+  float p_sum[2] = {0.f, 0.f}, pdp_sum[2] = {0.f, 0.f};  // this lane's share (kStats)
   const uint32_t q_addr = smem_addr(s_q + warp * 16 * kPitch);
   const uint32_t do_addr = smem_addr(s_do + warp * 16 * kPitch);
 
@@ -895,7 +902,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
 #pragma unroll
     for (int nb = 0; nb < kN / 8; ++nb) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) ps[nb][e] = exp2f((ps[nb][e] - st[e >> 1].x) - st[e >> 1].y);
+      for (int e = 0; e < 4; ++e) ps[nb][e] = recomputed_p((ps[nb][e] - st[e >> 1].x) - st[e >> 1].y) * cr[e >> 1];
     }
 
     float dp[kN / 8][4];
@@ -906,38 +913,62 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
         x *= kept(p, bh, i, j) * p.inv_keep;
       });
     }
-    // dS = P (dP - delta), in place of P.
+    if constexpr (kStats) {
 #pragma unroll
-    for (int nb = 0; nb < kN / 8; ++nb) {
+      for (int nb = 0; nb < kN / 8; ++nb) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) ps[nb][e] *= dp[nb][e] - dlt[e >> 1];
-    }
-    if (dscores != nullptr) {
+        for (int e = 0; e < 4; ++e) {
+          p_sum[e >> 1] += ps[nb][e];
+          pdp_sum[e >> 1] += ps[nb][e] * dp[nb][e];
+        }
+      }
+    } else {
+      // dS = P (dP - delta), in place of P.
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int i = warp_row0 + (lane >> 2) + half * 8;
-        if (i >= p.q_len) continue;
-        float* row = dscores + static_cast<int64_t>(i) * p.k_len;
+      for (int nb = 0; nb < kN / 8; ++nb) {
 #pragma unroll
-        for (int nb = 0; nb < kN / 8; ++nb) {
-          const int j = n0 + nb * 8 + (lane & 3) * 2;
-          float* ptr = row + j;
-          if (j + 1 < p.k_len && (reinterpret_cast<uintptr_t>(ptr) & 7) == 0) {
-            *reinterpret_cast<float2*>(ptr) = make_float2(ps[nb][2 * half], ps[nb][2 * half + 1]);
-          } else {
-            if (j < p.k_len) ptr[0] = ps[nb][2 * half];
-            if (j + 1 < p.k_len) ptr[1] = ps[nb][2 * half + 1];
+        for (int e = 0; e < 4; ++e) ps[nb][e] *= dp[nb][e] - dlt[e >> 1];
+      }
+      if (dscores != nullptr) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int i = warp_row0 + (lane >> 2) + half * 8;
+          if (i >= p.q_len) continue;
+          float* row = dscores + static_cast<int64_t>(i) * p.k_len;
+#pragma unroll
+          for (int nb = 0; nb < kN / 8; ++nb) {
+            const int j = n0 + nb * 8 + (lane & 3) * 2;
+            float* ptr = row + j;
+            if (j + 1 < p.k_len && (reinterpret_cast<uintptr_t>(ptr) & 7) == 0) {
+              *reinterpret_cast<float2*>(ptr) = make_float2(ps[nb][2 * half], ps[nb][2 * half + 1]);
+            } else {
+              if (j < p.k_len) ptr[0] = ps[nb][2 * half];
+              if (j + 1 < p.k_len) ptr[1] = ps[nb][2 * half + 1];
+            }
           }
         }
       }
+      uint32_t frag[kN / 16][4];
+      to_a_fragments<T>(ps, frag);
+      warp_gemm_ab<T, kOut / 8, kN / 16>(dq, frag, smem_addr(k_tile + col0), kPitch * 2);
     }
-    uint32_t frag[kN / 16][4];
-    to_a_fragments<T>(ps, frag);
-    warp_gemm_ab<T, kOut / 8, kN / 16>(dq, frag, smem_addr(k_tile + col0), kPitch * 2);
     __syncthreads();
   }
 
-  store_strip<T>(dq, p.dq + b * p.dq_s[0] + h * p.dq_s[1], p.dq_s[2], warp_row0, p.q_len, col0, p.d, p.scale);
+  if constexpr (kStats) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float l = quad_sum(p_sum[half]);
+      const float pdp = quad_sum(pdp_sum[half]);
+      const int i = warp_row0 + (lane >> 2) + half * 8;
+      if ((lane & 3) == 0 && i < p.q_len) {
+        p.corr[bh * p.q_len + i] = l > 0.f ? 1.f / l : 0.f;
+        p.delta[bh * p.q_len + i] = l > 0.f ? pdp / l : 0.f;
+      }
+    }
+  } else {
+    store_strip<T>(dq, p.dq + b * p.dq_s[0] + h * p.dq_s[1], p.dq_s[2], warp_row0, p.q_len, col0, p.d, p.scale);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1202,8 +1233,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   fill_strides(grad_out, p.do_s);
   p.vec = p.vec && rows_aligned(grad_out, p.dv);
   p.stats = lse.const_data_ptr<float>();
-  at::Tensor delta = at::empty({bh * p.q_len}, query.options().dtype(at::kFloat));
-  p.delta = delta.const_data_ptr<float>();
+  at::Tensor row_terms = at::empty({2, bh * p.q_len}, query.options().dtype(at::kFloat));
+  p.corr = row_terms.mutable_data_ptr<float>();
+  p.delta = p.corr + bh * p.q_len;
   // Grouped-query attention: the dK/dV kernel's blocks own a key tile of a query head (reading its
   // key/value head in place) and store into [B, H, Lk, D] buffers in the storage dtype, summed over
   // each group below by at::sum (accumulating in float32, so each query head's share is rounded
@@ -1224,15 +1256,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   const int k_tiles = (p.k_len + kRowsPerBlock - 1) / kRowsPerBlock;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_V2(query.scalar_type(), "attention_bwd_cuda", AT_WRAP([&] {
-    const int64_t rows = bh * p.q_len;
-    const int64_t delta_blocks = std::min<int64_t>((rows + kWarps - 1) / kWarps, 65536);
-    attn_bwd_delta_kernel<scalar_t><<<static_cast<unsigned int>(delta_blocks), kThreads, 0, stream>>>(
-        static_cast<const uint16_t*>(out.const_data_ptr()), out.stride(0), out.stride(1), out.stride(2), p.dout,
-        p.do_s[0], p.do_s[1], p.do_s[2], p.heads, p.q_len, p.dv, rows, delta.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     dispatch_head_dim(padded, [&](auto head_dim) {
       constexpr int kD = decltype(head_dim)::value;
       const unsigned int chunks = kD / out_cols(kD);
+      BwdParams pq = p;
+      pq.num_tiles = q_tiles;
+      {
+        constexpr int kSmem = bwd_dq_smem_bytes<kD>();
+        const auto kernel = attn_bwd_dq_kernel<scalar_t, kD, true>;
+        prepare_smem(kernel, kSmem, kD);
+        kernel<<<dim3(grid_blocks(bh, q_tiles), 1), kThreads, kSmem, stream>>>(pq);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
       {
         constexpr int kSmem = bwd_dkdv_smem_bytes<kD>();
         const auto kernel = attn_bwd_dkdv_kernel<scalar_t, kD>;
@@ -1244,10 +1279,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
       }
       {
         constexpr int kSmem = bwd_dq_smem_bytes<kD>();
-        const auto kernel = attn_bwd_dq_kernel<scalar_t, kD>;
+        const auto kernel = attn_bwd_dq_kernel<scalar_t, kD, false>;
         prepare_smem(kernel, kSmem, kD);
-        BwdParams pq = p;
-        pq.num_tiles = q_tiles;
         // dQ has the query head dim's columns: a half past them (head dim 256 padded for the value's
         // alone) would recompute the scores and store nothing, grad_scores being the first half's.
         const unsigned int dq_chunks = std::max(1, (p.d + out_cols(kD) - 1) / out_cols(kD));
@@ -1280,7 +1313,7 @@ struct SoftmaxFwdParams {
   MaskArgs mask;
   int64_t rows, dim_b, dim_m;
   int n;
-  float scale_log2;
+  float scale;  // natural units (see softmax_score)
   bool causal;
   void* y;
 };
@@ -1311,14 +1344,18 @@ __device__ __forceinline__ float group_reduce(float v, float* red) {
   return v;
 }
 
-// Masked, scaled score (log2 units) of element j of a row.
+// Masked, scaled score x * scale + mask of element j of a row, in natural units as the cpu kernel and
+// the reference form it: log2 units before the row max is subtracted would round every score at its
+// own magnitude (1e-3 absolute at |score| ~ 1e4: softmax(x + 1e4) 2000x less accurate than torch's).
+// The callers take exp2((s - max) * log2(e)).
 template <typename T>
 __device__ __forceinline__ float softmax_score(const SoftmaxFwdParams& p, const T* xr, int64_t mask_row, int64_t i,
                                                int j) {
   if (p.causal && j > i) return -kInf;
-  float s = load_float(xr, j * p.x_s[3]) * p.scale_log2;
-  if (p.mask.kind != kMaskNone) s = apply_mask(s, p.mask, mask_row + j * p.mask.s3);
-  return s;
+  const float s = load_float(xr, j * p.x_s[3]) * p.scale;
+  const int64_t offset = mask_row + j * p.mask.s3;
+  if (p.mask.kind == kMaskBool) return static_cast<const uint8_t*>(p.mask.data)[offset] != 0 ? s : -kInf;
+  return p.mask.kind == kMaskNone ? s : s + float_bias(p.mask, offset);
 }
 
 template <typename T, int kGroup, int kCache>
@@ -1354,11 +1391,11 @@ __global__ void __launch_bounds__(kGroup == kWarpSize ? 128 : kGroup) softmax_fw
     if constexpr (kCache > 0) {
 #pragma unroll
       for (int c = 0; c < kCache; ++c) {
-        cache[c] = exp2f(cache[c] - shift);
+        cache[c] = exp2f((cache[c] - shift) * kLog2e);
         sum += cache[c];
       }
     } else {
-      for (int j = sub; j < p.n; j += kGroup) sum += exp2f(softmax_score(p, xr, mask_row, i, j) - shift);
+      for (int j = sub; j < p.n; j += kGroup) sum += exp2f((softmax_score(p, xr, mask_row, i, j) - shift) * kLog2e);
     }
     const float total = group_reduce<kGroup, false>(sum, red);
     const float denom = total == 0.f ? 1.f : total;
@@ -1371,7 +1408,7 @@ __global__ void __launch_bounds__(kGroup == kWarpSize ? 128 : kGroup) softmax_fw
       }
     } else {
       for (int j = sub; j < p.n; j += kGroup) {
-        store_float(yr, j, exp2f(softmax_score(p, xr, mask_row, i, j) - shift) / denom);
+        store_float(yr, j, exp2f((softmax_score(p, xr, mask_row, i, j) - shift) * kLog2e) / denom);
       }
     }
   }
@@ -1504,7 +1541,7 @@ at::Tensor softmax_fwd_cuda(const at::Tensor& input, const std::optional<at::Ten
   p.dim_b = input.size(1);
   p.dim_m = input.size(2);
   p.n = static_cast<int>(n);
-  p.scale_log2 = scale_log2(scale);
+  p.scale = static_cast<float>(scale);
   p.causal = is_causal;
   p.y = out.mutable_data_ptr();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

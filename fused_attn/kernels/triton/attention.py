@@ -10,18 +10,23 @@ batch*head)`` with the tile index varying fastest, so consecutive programs share
 in L2 and batch*heads may go up to the 2^31 grid limit.
 
 Forward: a program owns ``BLOCK_M`` queries and streams ``BLOCK_N`` keys at a time, keeping the
-running row max ``m`` and row sum ``l`` in float32 (online softmax, exp2 with log2(e) folded
-into the scale). It writes the output and the row statistics (the row max and log2 of the row
+running row max ``m`` and row sum ``l`` in float32 (online softmax, exp2). It writes the output and the row statistics (the row max and log2 of the row
 sum, below) and nothing of size Lq x Lk. Causal attention (top-left aligned: query i sees keys j <= i) stops the key loop at the
 diagonal, so tiles above it are never loaded; only tiles that straddle it are masked.
+
+Units. Scores ``s = q k^T * scale + mask`` stay in natural units and P = exp2((s - m) * log2(e)):
+only the difference from the row max is taken to log2 units. Folding log2(e) into the scale
+first (one multiply per score less) rounds every score at its own magnitude, an error the plain
+softmax, which subtracts the max exactly, does not make: at head dim 2 with scores of ~18 the
+float32 output reached 3.3x the plain error.
 
 Masks are read through their strides: a boolean mask (True = attend) or a floating bias added to
 the scores, broadcast to [B, H, Lq, Lk] by zero strides, so a key-padding mask [B, 1, 1, Lk]
 costs Lk bytes per batch, not Lq x Lk. A query whose every key is masked has ``l == 0``: its
 output is 0 and its row max is stored as +inf, which makes every recomputed probability in the
-backward exactly 0 (zero gradients, no NaN). Finite bias values are clamped at -2.35e38, which
-times log2(e) stays finite, so a row masked with ``torch.finfo(...).min`` alone averages its
-values as PyTorch does rather than counting as fully masked.
+backward exactly 0 (zero gradients, no NaN). A row masked with ``torch.finfo(...).min`` alone
+stays finite (its differences from the row max are small) and averages its values as PyTorch does
+rather than counting as fully masked.
 
 Dropout: Philox (``_dropout.uniform``, tl.rand's stream) keyed by a 64-bit seed with counter
 ``(bh * Lq + i) * Lk + j``, so the backward regenerates the same keep-mask from the seed alone.
@@ -36,25 +41,25 @@ With a floating mask that requires grad, the dQ kernel also writes dScores (the 
 buffer, allocated only then), summed to the mask's shape.
 
 Row statistics. The forward keeps the row max m and log2(l) apart ([B, H, 2, Lq]) and the backward
-forms P = exp2((s - m) - log2(l)): s - m is exact where P matters, whatever the size of the
-scores. A single log-sum-exp m + log2(l) would lose log2(l) altogether once |m| is large: a
-row whose keys all carry a bias of -1e9 has m ~ -1.44e9, where float32's spacing is 128, and
-the backward's P would be 1 for every key instead of 1 / Lk (gradients Lk times too large).
+forms P = exp2((s - m) * log2(e) - log2(l)): s - m is exact where P matters, whatever the size of
+the scores. A single log-sum-exp would lose log2(l) altogether once |m| is large: a row whose
+keys all carry a bias of -1e9 has m ~ -1e9, where float32's spacing is 64, and the backward's P
+would be 1 for every key instead of 1 / Lk (gradients Lk times too large).
 
 Backward precision. log2(l) is still rounded to float32: a relative error common to the whole
 row of P, which adds up coherently in dV = P^T dO, and ``delta = rowsum(dO * O)`` carries the
-forward's rounding rather than this P's, so dS = P (dP - delta) no longer cancels and dS amplifies the
-mismatch by |dP|. With large logits (a log-sum-exp of ~50 at scale 3, head dim 16; a single
-log-sum-exp is off by half an ulp of its size) float32 gradients reached 6.6x the plain float32
-implementation's error. For float32 the per-row pass is therefore a
-statistics kernel (``ROW_STATS``, the scheme of the C++ CPU backend): from the very S and dP the
-gradient kernels use (``_query_tile_terms``), ``corr = 1 / sum_j P_ij`` and ``delta = corr *
-sum_j P_ij dP_ij`` (in exact arithmetic 1 and rowsum(dO * O)); the gradient kernels multiply P
-by ``corr``, so P sums to 1 to rounding and dS cancels as in the plain softmax backward. Cost:
-one Q K^T and one dO V^T per tile more (9 tile GEMMs in the backward instead of 7) and one
-multiply per element; the forward is unchanged. For fp16/bf16 the operands' rounding dwarfs this
-error (measured on the test's shapes: at most a quarter of the parity bound without the pass, a
-fifth with it), so the cheap ``rowsum(dO * O)`` kernel serves them.
+forward's rounding (in 16 bits, that of the stored output) rather than this P's, so dS = P (dP -
+delta) no longer cancels and dS amplifies the mismatch by |dP|. With large logits (a log-sum-exp
+of ~50 at scale 3, head dim 16) float32 gradients reached 6.6x the plain float32 implementation's
+error; in float16, with peaked rows (inputs of size 3 at head dim 16, or a scale of 1e4, where
+the true dQ is 0 and the plain backward gives exactly 0), dQ and dK reached 2-6x at ordinary
+scales and 0.0122, 0.122, inf at scales 1e4, 1e5, 1e30. So the per-row pass is a statistics
+kernel (``RENORMALISE`` in the helpers, the scheme of the C++ CPU backend), in every dtype: from
+the very S and dP the gradient kernels use (``_query_tile_terms``), ``corr = 1 / sum_j P_ij`` and
+``delta = corr * sum_j P_ij dP_ij`` (in exact arithmetic 1 and rowsum(dO * O)); the gradient
+kernels multiply P by ``corr``, so P sums to 1 to rounding and dS cancels as in the plain softmax
+backward. Cost: one Q K^T and one dO V^T per tile more (9 tile GEMMs in the backward instead of
+the 7 of a ``rowsum(dO * O)`` pass) and one multiply per element; the forward is unchanged.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ from ..._env import triton_interpret_mode
 from ..layout import empty_in_query_layout
 from ._autotune import benchmark, pruner, size_bucket
 from ._dropout import as_float32, keep_scale, uniform
-from ._masks import bias_log2, log2_scale
+from ._masks import LOG2E
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M 128 x BLOCK_N 64 is the FA2 sweet spot on
@@ -146,7 +151,8 @@ def _scores(
     q, k, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
-    """Masked scores of a [BLOCK_M, BLOCK_N] tile, scaled to log2 units."""
+    """Masked scores ``q k^T * scale + mask`` of a [BLOCK_M, BLOCK_N] tile, in natural units (see
+    "Units" in the module docstring)."""
     qk = _mm(q, tl.trans(k), FP32_DOT)
     s = qk * qk_scale
     valid = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
@@ -155,7 +161,7 @@ def _scores(
         if MASK_IS_BOOL:
             valid = valid & (tl.load(m_ptrs, mask=valid, other=0) != 0)
         else:
-            s += bias_log2(tl.load(m_ptrs, mask=valid, other=0.0).to(tl.float32))
+            s += tl.load(m_ptrs, mask=valid, other=0.0).to(tl.float32)
     if APPLY_CAUSAL:
         valid = valid & (offs_m[:, None] >= offs_n[None, :])
     return tl.where(valid, s, float("-inf"))
@@ -182,8 +188,8 @@ def _attn_fwd_inner(
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no visible key so far keeps m = -inf; shift by 0 instead so exp2 gives 0, not NaN.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
+        p = tl.math.exp2((s - m_shift[:, None]) * LOG2E)
+        alpha = tl.math.exp2((m_i - m_shift) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
@@ -268,7 +274,7 @@ def _attn_fwd_kernel(
     out = acc * (_inv_keep(inv_keep, DROPOUT) / tl.where(empty_row, 1.0, l_i))[:, None]
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :],
              out.to(out_ptr.dtype.element_ty), mask=in_queries[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
-    # The row statistics for the backward, in log2 units and kept apart (see the module docstring):
+    # The row statistics for the backward, kept apart (see the module docstring):
     # the row max (+inf for a row that sees no key, so that its P is 0) and log2 of the row sum.
     stats = stats_ptr + bh * 2 * q_len
     tl.store(stats + offs_m, tl.where(empty_row, float("inf"), m_i), mask=in_queries)
@@ -276,40 +282,21 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _attn_bwd_preprocess_kernel(
-    out_ptr, dout_ptr, delta_ptr,
-    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
-    heads, q_len,
-    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    num_m = tl.cdiv(q_len, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = (pid // num_m).to(tl.int64)
-    b = bh // heads
-    h = bh % heads
-    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    inside = (offs_m[:, None] < q_len) & (offs_dv[None, :] < HEAD_DIM_V)
-    rows = offs_m[:, None].to(tl.int64)
-    o = tl.load(out_ptr + b * stride_ob + h * stride_oh + rows * stride_om + offs_dv[None, :], mask=inside, other=0.0)
-    do = tl.load(dout_ptr + b * stride_dob + h * stride_doh + rows * stride_dom + offs_dv[None, :], mask=inside, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(delta_ptr + bh * q_len + offs_m, delta, mask=offs_m < q_len)
-
-
-@triton.jit
 def _probabilities(
     q, k, offs_m, offs_n, row_max, log2_sum, corr, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
-    ROW_STATS: tl.constexpr,
+    RENORMALISE: tl.constexpr,
 ):
     """Softmax probabilities of a tile recomputed from the forward's row statistics (log2 units),
-    P = exp2((s - row_max) - log2_sum); with ``ROW_STATS`` renormalised by the row factor ``corr``
+    P = exp2((s - row_max) * log2(e) - log2_sum); with ``RENORMALISE`` renormalised by the row factor ``corr``
     of the statistics pass."""
     s = _scores(q, k, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
                 HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT)
-    p = tl.math.exp2((s - row_max[:, None]) - log2_sum[:, None])
-    if ROW_STATS:
+    # At most 1: a score recomputed with other tile shapes than the forward's may exceed the row max
+    # by an ulp, which at |s| ~ 1e30 would give exp2 of ~1e23 (inf) where P is 1. NaN stays NaN.
+    p = tl.math.exp2(tl.minimum((s - row_max[:, None]) * LOG2E - log2_sum[:, None], 0.0,
+                                propagate_nan=tl.PropagateNan.ALL))
+    if RENORMALISE:
         p = p * corr[:, None]
     return p
 
@@ -319,13 +306,13 @@ def _tile_p_dp(
     q, k, v, do, row_max, log2_sum, corr, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len,
     qk_scale, seed, bh, dropout_p, inv_keep,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr,
+    FP32_DOT: tl.constexpr, RENORMALISE: tl.constexpr,
 ):
     """One tile of the backward, whichever side streams: (P, dP = dO V^T dropped and scaled as P
     was, the tile's keep-mask as 0/1, 1 without dropout). dS takes the undropped P, dV the kept P
     (whose 1 / (1 - p) the caller applies to dV once, in float32: see ``_kept``)."""
     p = _probabilities(q, k, offs_m, offs_n, row_max, log2_sum, corr, mask_base, stride_mm, stride_mn, q_len, k_len,
-                       qk_scale, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, ROW_STATS)
+                       qk_scale, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, RENORMALISE)
     dp = _mm(do, tl.trans(v), FP32_DOT)
     kept = 1.0
     if DROPOUT:
@@ -339,7 +326,7 @@ def _query_tile_terms(
     q, do, row_max, log2_sum, corr, offs_m, start_n, k_base, v_base, mask_base,
     stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    FP32_DOT: tl.constexpr, RENORMALISE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
 ):
     """For a query tile and the key tile at ``start_n``: (K tile, P, dP = dO V^T dropped as P was).
@@ -353,7 +340,7 @@ def _query_tile_terms(
     v = tl.load(v_base + keys * stride_vn + offs_dv[None, :], mask=in_keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
     p, dp, _ = _tile_p_dp(
         q, k, v, do, row_max, log2_sum, corr, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len,
-        qk_scale, seed, bh, dropout_p, inv_keep, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, ROW_STATS,
+        qk_scale, seed, bh, dropout_p, inv_keep, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, RENORMALISE,
     )
     return k, p, dp
 
@@ -470,7 +457,7 @@ def _attn_bwd_dkdv_inner(
     dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, lo, hi,
     stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
 ):
     """dK and dV of one key tile, accumulated over the query tiles [lo, hi)."""
@@ -484,13 +471,10 @@ def _attn_bwd_dkdv_inner(
         do = tl.load(do_base + rows * stride_dom + offs_dv[None, :], mask=in_queries[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         row_max, log2_sum = _row_stats(stats_base, offs_m, in_queries, q_len)
         delta = tl.load(delta_base + offs_m, mask=in_queries, other=0.0)
-        if ROW_STATS:
-            corr = tl.load(corr_base + offs_m, mask=in_queries, other=0.0)
-        else:
-            corr = row_max
+        corr = tl.load(corr_base + offs_m, mask=in_queries, other=0.0)
         p, dp, kept = _tile_p_dp(
             q, k, v, do, row_max, log2_sum, corr, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len,
-            qk_scale, seed, bh, dropout_p, inv_keep, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, ROW_STATS,
+            qk_scale, seed, bh, dropout_p, inv_keep, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, True,
         )
         ds = p * (dp - delta[:, None])
         p_used = p * kept if DROPOUT else p
@@ -504,7 +488,7 @@ def _attn_bwd_dq_inner(
     dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, lo, hi,
     stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr, WRITE_DSCORES: tl.constexpr, BLOCK_N: tl.constexpr,
+    FP32_DOT: tl.constexpr, WRITE_DSCORES: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
 ):
     """dQ of one query tile, accumulated over the key tiles [lo, hi)."""
@@ -514,7 +498,7 @@ def _attn_bwd_dq_inner(
         k, p, dp = _query_tile_terms(
             q, do, row_max, log2_sum, corr, offs_m, start_n, k_base, v_base, mask_base,
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, ROW_STATS, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, True, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
         ds = p * (dp - delta[:, None])
         if WRITE_DSCORES:
@@ -536,10 +520,10 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    heads, kv_heads, kv_group, kv_splits, q_len, k_len, qk_scale, sm_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
+    heads, kv_heads, kv_group, kv_splits, q_len, k_len, qk_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr,
+    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     num_n = tl.cdiv(k_len, BLOCK_N)
@@ -588,20 +572,20 @@ def _attn_bwd_dkdv_kernel(
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, lo, straddle_hi,
                 stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-                HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, ROW_STATS, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+                HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
             )
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, full_lo, q_len,
                 stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-                HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, ROW_STATS, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+                HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
             )
         else:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, 0, q_len,
                 stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-                HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, ROW_STATS, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+                HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
             )
-    dk = dk * sm_scale
+    dk = dk * qk_scale
     dv = dv * _inv_keep(inv_keep, DROPOUT)
     tl.store(dk_ptr + b * stride_dkb + out_h * stride_dkh + keys * stride_dkn + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
              mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -620,10 +604,10 @@ def _attn_bwd_dq_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
-    heads, kv_group, q_len, k_len, qk_scale, sm_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
+    heads, kv_group, q_len, k_len, qk_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, ROW_STATS: tl.constexpr,
+    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
     WRITE_DSCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -632,10 +616,7 @@ def _attn_bwd_dq_kernel(
         heads, q_len, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
     )
     delta = tl.load(delta_ptr + bh * q_len + offs_m, mask=in_queries, other=0.0)
-    if ROW_STATS:
-        corr = tl.load(corr_ptr + bh * q_len + offs_m, mask=in_queries, other=0.0)
-    else:
-        corr = row_max
+    corr = tl.load(corr_ptr + bh * q_len + offs_m, mask=in_queries, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_base = k_ptr + b * stride_kb + (h // kv_group) * stride_kh
     v_base = v_ptr + b * stride_vb + (h // kv_group) * stride_vh
@@ -647,20 +628,20 @@ def _attn_bwd_dq_kernel(
         dq = _attn_bwd_dq_inner(
             dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, 0, tl.minimum(diag_lo, k_len),
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, ROW_STATS, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
         dq = _attn_bwd_dq_inner(
             dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, diag_lo, diag_hi,
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, ROW_STATS, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     else:
         dq = _attn_bwd_dq_inner(
             dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, 0, k_len,
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, ROW_STATS, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
-    dq = dq * sm_scale
+    dq = dq * qk_scale
     offs_d = tl.arange(0, BLOCK_D)
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :],
              dq.to(dq_ptr.dtype.element_ty), mask=in_queries[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -761,7 +742,7 @@ def attention_fwd(
     _attn_fwd_kernel[grid](
         q, k, v, mask_t, out, stats, keep if keep is not None else out,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
-        heads, _kv_group(q, k, v), q_len, k_len, log2_scale(scale), seed, as_float32(dropout_p), keep_scale(dropout_p),
+        heads, _kv_group(q, k, v), q_len, k_len, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
         MASK_IS_BOOL=mask_is_bool, WRITE_KEEP=write_keep, **_common_meta(q, v, mask, is_causal, dropout_p),
     )
     return out, stats, (keep.bool() if keep is not None else None)
@@ -789,23 +770,13 @@ def attention_bwd(
     mask_t, mask_strides, mask_is_bool = _mask_args(mask, q)
     meta = _common_meta(q, v, mask, is_causal, dropout_p)
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *dout.stride()[:3])
-    # float32 carries the statistics' rounding into the gradients above the plain error: renormalise P
-    # with a statistics pass (module docstring). In 16 bits the operands' rounding dwarfs it.
-    row_stats = q.dtype == torch.float32
-    if row_stats:
-        corr = torch.empty_like(delta)
-        _attn_bwd_stats_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]) * batch * heads,)](
-            q, k, v, mask_t, dout, stats, corr, delta, *common,
-            heads, kv_group, q_len, k_len, log2_scale(scale), seed, as_float32(dropout_p), keep_scale(dropout_p),
-            MASK_IS_BOOL=mask_is_bool, **meta,
-        )
-    else:
-        corr = delta  # not read
-        pre_block = 16 if triton_interpret_mode() else 64
-        _attn_bwd_preprocess_kernel[(triton.cdiv(q_len, pre_block) * batch * heads,)](
-            out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, q_len,
-            HEAD_DIM_V=v.shape[-1], BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=pre_block,
-        )
+    # The row statistics (corr, delta) from the very P and dP the gradient kernels use (module docstring).
+    corr = torch.empty_like(delta)
+    _attn_bwd_stats_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]) * batch * heads,)](
+        q, k, v, mask_t, dout, stats, corr, delta, *common,
+        heads, kv_group, q_len, k_len, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
+        MASK_IS_BOOL=mask_is_bool, **meta,
+    )
     dscores = torch.zeros(batch, heads, q_len, k_len, device=q.device, dtype=torch.float32) if mask_needs_grad else None
     kv_splits = _dkdv_splits(q, batch, kv_heads, kv_group, k_len)
     if kv_splits > 1:
@@ -817,8 +788,8 @@ def attention_bwd(
     _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(k_len, m["BLOCK_N"]) * batch * kv_heads * kv_splits,)](
         q, k, v, mask_t, dout, stats, corr, delta, dk_parts, dv_parts,
         *common, *dk_parts.stride()[:3], *dv_parts.stride()[:3],
-        heads, kv_heads, kv_group, kv_splits, q_len, k_len, log2_scale(scale), scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
-        MASK_IS_BOOL=mask_is_bool, ROW_STATS=row_stats, **meta,
+        heads, kv_heads, kv_group, kv_splits, q_len, k_len, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
+        MASK_IS_BOOL=mask_is_bool, **meta,
     )
     if kv_splits > 1:
         for grad, parts in ((dk, dk_parts), (dv, dv_parts)):
@@ -826,7 +797,7 @@ def attention_bwd(
     _attn_bwd_dq_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]) * batch * heads,)](
         q, k, v, mask_t, dout, stats, corr, delta, dq, dscores if dscores is not None else dq,
         *common, *dq.stride()[:3],
-        heads, kv_group, q_len, k_len, log2_scale(scale), scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
-        MASK_IS_BOOL=mask_is_bool, ROW_STATS=row_stats, WRITE_DSCORES=mask_needs_grad, **meta,
+        heads, kv_group, q_len, k_len, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
+        MASK_IS_BOOL=mask_is_bool, WRITE_DSCORES=mask_needs_grad, **meta,
     )
     return dq, dk, dv, dscores

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._masks import bias_log2, log2_scale
+from ._masks import LOG2E
 
 # Widest row kept in registers; longer rows take the streaming path.
 MAX_SINGLE_BLOCK = 16384
@@ -28,18 +28,21 @@ def _num_warps(block_n: int) -> int:
 
 @triton.jit
 def _masked_row(
-    x_ptr, mask_ptr, offs, row_m, n_cols, scale_log2,
+    x_ptr, mask_ptr, offs, row_m, n_cols, scale,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, stride_xn, stride_mn,
 ):
-    """Scores of a chunk of one row in log2 units, -inf where masked or outside the row."""
+    """Scores ``x * scale + mask`` of a chunk of one row in natural units (as the cpu kernel and the
+    reference form them: converting to log2 units before the row max is subtracted would round
+    every score at its own magnitude, e.g. 1e-3 absolute at |score| ~ 1e4), -inf where masked or
+    outside the row. The callers take exp2((s - max) * log2(e)) of the shifted scores."""
     valid = offs < n_cols
-    s = tl.load(x_ptr + offs.to(tl.int64) * stride_xn, mask=valid, other=0.0).to(tl.float32) * scale_log2
+    s = tl.load(x_ptr + offs.to(tl.int64) * stride_xn, mask=valid, other=0.0).to(tl.float32) * scale
     if HAS_MASK:
         m_ptrs = mask_ptr + offs.to(tl.int64) * stride_mn
         if MASK_IS_BOOL:
             valid = valid & (tl.load(m_ptrs, mask=valid, other=0) != 0)
         else:
-            s += bias_log2(tl.load(m_ptrs, mask=valid, other=0.0).to(tl.float32))
+            s += tl.load(m_ptrs, mask=valid, other=0.0).to(tl.float32)
     if IS_CAUSAL:
         valid = valid & (offs <= row_m)
     return tl.where(valid, s, float("-inf"))
@@ -48,7 +51,7 @@ def _masked_row(
 @triton.jit
 def _softmax_fwd_kernel(
     x_ptr, mask_ptr, y_ptr,
-    dim_b, dim_m, n_cols, scale_log2,
+    dim_b, dim_m, n_cols, scale,
     stride_xa, stride_xb, stride_xm, stride_xn,
     stride_ma, stride_mb, stride_mm, stride_mn,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -64,10 +67,10 @@ def _softmax_fwd_kernel(
     y_row = y_ptr + row * n_cols
     cols = tl.arange(0, BLOCK_N)
     if SINGLE_BLOCK:
-        s = _masked_row(x_row, m_row, cols, row_m, n_cols, scale_log2, HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, stride_xn, stride_mn)
+        s = _masked_row(x_row, m_row, cols, row_m, n_cols, scale, HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, stride_xn, stride_mn)
         row_max = tl.max(s, 0)
         shift = tl.where(row_max == float("-inf"), 0.0, row_max)
-        p = tl.math.exp2(s - shift)
+        p = tl.math.exp2((s - shift) * LOG2E)
         total = tl.sum(p, 0)
         y = p / tl.where(total == 0.0, 1.0, total)
         tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=cols < n_cols)
@@ -75,21 +78,21 @@ def _softmax_fwd_kernel(
         run_max = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
         run_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK_N):
-            s = _masked_row(x_row, m_row, start + cols, row_m, n_cols, scale_log2, HAS_MASK, MASK_IS_BOOL, IS_CAUSAL,
+            s = _masked_row(x_row, m_row, start + cols, row_m, n_cols, scale, HAS_MASK, MASK_IS_BOOL, IS_CAUSAL,
                             stride_xn, stride_mn)
             new_max = tl.maximum(run_max, s)
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            run_sum = run_sum * tl.math.exp2(run_max - shift) + tl.math.exp2(s - shift)
+            run_sum = run_sum * tl.math.exp2((run_max - shift) * LOG2E) + tl.math.exp2((s - shift) * LOG2E)
             run_max = new_max
         row_max = tl.max(run_max, 0)
         shift = tl.where(row_max == float("-inf"), 0.0, row_max)
-        total = tl.sum(run_sum * tl.math.exp2(run_max - shift), 0)
+        total = tl.sum(run_sum * tl.math.exp2((run_max - shift) * LOG2E), 0)
         inv = 1.0 / tl.where(total == 0.0, 1.0, total)
         for start in range(0, n_cols, BLOCK_N):
             offs = start + cols
-            s = _masked_row(x_row, m_row, offs, row_m, n_cols, scale_log2, HAS_MASK, MASK_IS_BOOL, IS_CAUSAL,
+            s = _masked_row(x_row, m_row, offs, row_m, n_cols, scale, HAS_MASK, MASK_IS_BOOL, IS_CAUSAL,
                             stride_xn, stride_mn)
-            tl.store(y_row + offs, (tl.math.exp2(s - shift) * inv).to(y_ptr.dtype.element_ty), mask=offs < n_cols)
+            tl.store(y_row + offs, (tl.math.exp2((s - shift) * LOG2E) * inv).to(y_ptr.dtype.element_ty), mask=offs < n_cols)
 
 
 @triton.jit
@@ -143,7 +146,7 @@ def softmax_fwd(x: torch.Tensor, mask: torch.Tensor | None, scale: float, is_cau
         mask = mask.view(torch.uint8)
     block, single = _block(n_cols)
     _softmax_fwd_kernel[(rows,)](
-        x, mask if mask is not None else x, y, dim_b, dim_m, n_cols, log2_scale(scale),
+        x, mask if mask is not None else x, y, dim_b, dim_m, n_cols, scale,
         *x.stride(), *(mask.stride() if mask is not None else (0, 0, 0, 0)),
         HAS_MASK=mask is not None, MASK_IS_BOOL=mask is not None and mask.dtype == torch.uint8, IS_CAUSAL=is_causal,
         BLOCK_N=block, SINGLE_BLOCK=single, num_warps=_num_warps(block),
