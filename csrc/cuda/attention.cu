@@ -1354,7 +1354,7 @@ __device__ __forceinline__ float softmax_score(const SoftmaxFwdParams& p, const 
   if (p.causal && j > i) return -kInf;
   const float s = load_float(xr, j * p.x_s[3]) * p.scale;
   const int64_t offset = mask_row + j * p.mask.s3;
-  if (p.mask.kind == kMaskBool) return static_cast<const uint8_t*>(p.mask.data)[offset] != 0 ? s : -kInf;
+  if (p.mask.kind == kMaskBool) return apply_mask(s, p.mask, offset);  // s or -inf, in any units
   return p.mask.kind == kMaskNone ? s : s + float_bias(p.mask, offset);
 }
 

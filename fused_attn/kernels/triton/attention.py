@@ -10,9 +10,10 @@ batch*head)`` with the tile index varying fastest, so consecutive programs share
 in L2 and batch*heads may go up to the 2^31 grid limit.
 
 Forward: a program owns ``BLOCK_M`` queries and streams ``BLOCK_N`` keys at a time, keeping the
-running row max ``m`` and row sum ``l`` in float32 (online softmax, exp2). It writes the output and the row statistics (the row max and log2 of the row
-sum, below) and nothing of size Lq x Lk. Causal attention (top-left aligned: query i sees keys j <= i) stops the key loop at the
-diagonal, so tiles above it are never loaded; only tiles that straddle it are masked.
+running row max ``m`` and row sum ``l`` in float32 (online softmax, exp2). It writes the output
+and the row statistics (the row max and log2 of the row sum, below) and nothing of size Lq x Lk.
+Causal attention (top-left aligned: query i sees keys j <= i) stops the key loop at the diagonal,
+so tiles above it are never loaded; only tiles that straddle it are masked.
 
 Units. Scores ``s = q k^T * scale + mask`` stay in natural units and P = exp2((s - m) * log2(e)):
 only the difference from the row max is taken to log2 units. Folding log2(e) into the scale
@@ -72,7 +73,7 @@ from ..._env import triton_interpret_mode
 from ..layout import empty_in_query_layout
 from ._autotune import benchmark, pruner, size_bucket
 from ._dropout import as_float32, keep_scale, uniform
-from ._masks import LOG2E
+from ._units import LOG2E
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M 128 x BLOCK_N 64 is the FA2 sweet spot on
@@ -287,9 +288,9 @@ def _probabilities(
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
     RENORMALISE: tl.constexpr,
 ):
-    """Softmax probabilities of a tile recomputed from the forward's row statistics (log2 units),
-    P = exp2((s - row_max) * log2(e) - log2_sum); with ``RENORMALISE`` renormalised by the row factor ``corr``
-    of the statistics pass."""
+    """Softmax probabilities of a tile recomputed from the forward's row statistics (the row max,
+    log2 of the row sum), P = exp2((s - row_max) * log2(e) - log2_sum); with ``RENORMALISE``
+    renormalised by the row factor ``corr`` of the statistics pass."""
     s = _scores(q, k, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
                 HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT)
     # At most 1: a score recomputed with other tile shapes than the forward's may exceed the row max

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._masks import LOG2E
+from ._units import LOG2E
 
 # Widest row kept in registers; longer rows take the streaming path.
 MAX_SINGLE_BLOCK = 16384
