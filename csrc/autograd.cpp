@@ -180,7 +180,7 @@ using AttentionFwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, co
                                                 bool, double, const OptTensor&);
 using AttentionBwd = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                                 const Tensor&, const OptTensor&, const Tensor&,
-                                                                const Tensor&, double, bool, double,
+                                                                double, bool, double,
                                                                 const OptTensor&, bool);
 
 struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
@@ -190,7 +190,7 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
     static const auto op = find_op<AttentionFwd>("fused_attn::attention_fwd");
     at::AutoDispatchBelowADInplaceOrView below;
     auto [out, stats] = op.call(query, key, value, attn_mask, scale, is_causal, dropout_p, seed);
-    ctx->save_for_backward({query, key, value, attn_mask.value_or(Tensor()), out, stats, seed.value_or(Tensor())});
+    ctx->save_for_backward({query, key, value, attn_mask.value_or(Tensor()), stats, seed.value_or(Tensor())});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["is_causal"] = is_causal;
     ctx->saved_data["dropout_p"] = dropout_p;
@@ -202,13 +202,13 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = find_op<AttentionBwd>("fused_attn::attention_bwd");
     const auto saved = ctx->get_saved_variables();
-    const Tensor &query = saved[0], &key = saved[1], &value = saved[2], &mask = saved[3], &out = saved[4],
-                 &stats = saved[5], &seed = saved[6];
+    const Tensor &query = saved[0], &key = saved[1], &value = saved[2], &mask = saved[3], &stats = saved[4],
+                 &seed = saved[5];
     const std::array<bool, 4> needs = needs_grad<4>(ctx);
     const bool mask_needs_grad = needs[3];
     if (!grads[0].defined()) return variable_list(8);
     auto [dq, dk, dv, dmask] =
-        op.call(unit_last_stride(grads[0]), query, key, value, optional(mask), out, stats,
+        op.call(unit_last_stride(grads[0]), query, key, value, optional(mask), stats,
                 ctx->saved_data["scale"].toDouble(), ctx->saved_data["is_causal"].toBool(),
                 ctx->saved_data["dropout_p"].toDouble(), optional(seed), mask_needs_grad);
     return {pick(dq, needs[0]), pick(dk, needs[1]), pick(dv, needs[2]),

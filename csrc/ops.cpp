@@ -27,12 +27,13 @@ TORCH_LIBRARY(fused_attn, m) {
       "layer_norm_bwd(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
-  // Scaled dot-product attention. query [B, H, Lq, D], key [B, H, Lk, D], value [B, H, Lk, Dv],
-  // any strides with a unit last-dim stride; attn_mask bool (True = attend) or floating (added to
-  // the scores), expanded to [B, H, Lq, Lk]; causal is top-left aligned (query i sees keys j <= i).
-  // Returns (output [B, H, Lq, Dv] contiguous, the row statistics its backward reads: on CPU the
-  // log-sum-exp [B, H, Lq] (natural log); on CUDA [B, H, 2, Lq], the row max and log2 of the row sum
-  // in log2 units, kept apart for precision (csrc/cuda/attention.cu)).
+  // Scaled dot-product attention. query [B, H, Lq, D], key [B, Hkv, Lk, D], value [B, Hkv, Lk, Dv]
+  // (Hkv a divisor of H: grouped-query attention), any strides with a unit last-dim stride; attn_mask
+  // bool (True = attend) or floating (added to the scores), expanded to [B, H, Lq, Lk]; causal is
+  // top-left aligned (query i sees keys j <= i). Returns (output [B, H, Lq, Dv] in the query's layout
+  // (fused_attn/layout.h), the row statistics its backward reads: on CPU the log-sum-exp [B, H, Lq]
+  // (natural log); on CUDA [B, H, 2, Lq], the row max and log2 of the row sum in log2 units, kept
+  // apart for precision (csrc/cuda/attention.cu)). The backward reads the statistics, not the output.
   m.def(
       "attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale, bool is_causal, "
       "float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
@@ -40,7 +41,7 @@ TORCH_LIBRARY(fused_attn, m) {
   // masked scores [B, H, Lq, Lk] float32 (the gradient of a floating mask) when mask_needs_grad,
   // else empty.
   m.def(
-      "attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor out, "
+      "attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
       "Tensor lse, float scale, bool is_causal, float dropout_p, Tensor? seed, bool mask_needs_grad) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
 

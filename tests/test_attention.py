@@ -543,6 +543,25 @@ def test_output_follows_the_query_layout(backend_device, layout):
         assert torch.equal(got.grad, want.grad), f"grad {name}"
 
 
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_backward_keeps_no_output(backend_device):
+    """The backward reads the row statistics, not the output: autograd keeps the inputs, the
+    statistics and the seed, and nothing in the output's memory, so a caller who lets the output
+    go (it was summed, or consumed by an op that keeps no copy) frees it."""
+    backend, device = backend_device
+    dtype = work_dtype(OP, backend, device)
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 24, 24, 16, dtype, device))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1, backend=backend)
+    assert fused_attn.last_backend(OP) == backend
+    storages = {t.untyped_storage().data_ptr() for t in saved}
+    assert {q.data_ptr(), k.data_ptr(), v.data_ptr()} <= storages
+    assert out.untyped_storage().data_ptr() not in storages
+    out.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
 @pytest.mark.parametrize("layout", list(QUERY_LAYOUTS))
 @pytest.mark.parametrize("dtype, backend", [(torch.float32, "reference"), (torch.float64, None)])
 def test_reference_output_follows_the_query_layout(layout, dtype, backend):

@@ -1131,11 +1131,10 @@ void check_like_output(const at::Tensor& t, const char* name, const at::Tensor& 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const std::optional<at::Tensor>& attn_mask, const at::Tensor& out, const at::Tensor& lse, double scale,
-    bool is_causal, double dropout_p, const std::optional<at::Tensor>& seed, bool mask_needs_grad) {
+    const std::optional<at::Tensor>& attn_mask, const at::Tensor& lse, double scale, bool is_causal,
+    double dropout_p, const std::optional<at::Tensor>& seed, bool mask_needs_grad) {
   const AttnProblem pb = make_problem(query, key, value, attn_mask, scale, is_causal, dropout_p, seed);
   check_like_output(grad_out, "grad_out", query, pb.dv);
-  check_like_output(out, "out", query, pb.dv);
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == pb.batch && lse.size(1) == pb.heads && lse.size(2) == pb.q_len,
               "lse must have shape [", pb.batch, ", ", pb.heads, ", ", pb.q_len, "], got ", lse.sizes());
   TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());

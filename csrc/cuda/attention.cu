@@ -1190,12 +1190,11 @@ void check_like_output(const at::Tensor& t, const char* name, const at::Tensor& 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const std::optional<at::Tensor>& attn_mask, const at::Tensor& out, const at::Tensor& lse, double scale,
-    bool is_causal, double dropout_p, const std::optional<at::Tensor>& seed, bool mask_needs_grad) {
+    const std::optional<at::Tensor>& attn_mask, const at::Tensor& lse, double scale, bool is_causal,
+    double dropout_p, const std::optional<at::Tensor>& seed, bool mask_needs_grad) {
   BwdParams p{};
   static_cast<AttnParams&>(p) = make_params(query, key, value, attn_mask, scale, is_causal, dropout_p, seed);
   check_like_output(grad_out, "grad_out", query, p.dv);
-  check_like_output(out, "out", query, p.dv);
   // lse: this backend's forward writes row statistics [B, H, 2, Lq] there (see the header).
   TORCH_CHECK(lse.dim() == 4 && lse.size(0) == query.size(0) && lse.size(1) == p.heads && lse.size(2) == 2 &&
                   lse.size(3) == p.q_len,

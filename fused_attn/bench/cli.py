@@ -485,7 +485,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 _SHAPE_KEYS = {"batch": "B", "heads": "H", "kv_heads": "Hkv", "seq": "L", "head_dim": "D", "rows": "rows ", "hidden": "N", "tokens": "T",
-               "d_model": "M", "model": "", "layers": "layers "}
+               "d_model": "M", "d_ff": "F", "model": "", "layers": "layers "}
 
 
 def shape_text(shape: dict) -> str:

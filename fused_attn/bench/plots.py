@@ -127,8 +127,9 @@ def plot_memory(result: dict, path: str, *, top: int = 12) -> None:
     fig, (ax_peak, ax_mod) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [2, 3]})
     mib = 2**20
     training = result.get("mode") == "fwd+bwd"
-    totals = [("peak of the step", "peak_bytes", "ratio"), ("forward peak", "forward_peak_bytes", "forward_ratio"),
-              ("saved for backward", "saved_bytes", "saved_ratio")] if training else [("peak", "peak_bytes", "ratio")]
+    # Two-line labels: three one-line ones run into each other under the narrow panel.
+    totals = [("peak of\nthe step", "peak_bytes", "ratio"), ("forward\npeak", "forward_peak_bytes", "forward_ratio"),
+              ("saved for\nbackward", "saved_bytes", "saved_ratio")] if training else [("peak", "peak_bytes", "ratio")]
     xs = range(len(totals))
     for offset, label, color in ((-0.2, "plain", "tab:gray"), (0.2, "fused", "tab:blue")):
         ax_peak.bar([x + offset for x in xs], [result[label][key] / mib for _, key, _ in totals], width=0.4,

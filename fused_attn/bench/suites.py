@@ -378,7 +378,7 @@ FFN_TOKENS = {"cpu": [512, 2048], "cuda": [4096, 8192, 16384, 32768]}
 
 def ffn_shapes(s: Settings) -> list[dict]:
     widths = [(width, 4 * width) for width in s.hiddens] if s.hiddens else FFN_SHAPES
-    return [{"tokens": tokens, "d_model": model, "hidden": hidden}
+    return [{"tokens": tokens, "d_model": model, "d_ff": hidden}
             for model, hidden in widths for tokens in ([s.rows] if s.rows else FFN_TOKENS[s.device.type])]
 
 
@@ -387,7 +387,7 @@ def ffn_cases(s: Settings) -> Iterator[Case]:
     p = 0.1 if training else 0.0
 
     def build(shape: dict) -> Case:
-        tokens, model, hidden = shape["tokens"], shape["d_model"], shape["hidden"]
+        tokens, model, hidden = shape["tokens"], shape["d_model"], shape["d_ff"]
         make = lambda *size, scale=1.0: (torch.randn(*size, device=s.device) * scale).to(s.dtype).requires_grad_(training)  # noqa: E731
         x = make(tokens, model)
         w1, b1 = make(hidden, model, scale=model**-0.5), make(hidden)

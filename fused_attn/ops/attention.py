@@ -98,7 +98,6 @@ def _triton_bwd(
     key: torch.Tensor,
     value: torch.Tensor,
     attn_mask: torch.Tensor | None,
-    out: torch.Tensor,
     stats: torch.Tensor,
     scale: float,
     is_causal: bool,
@@ -109,7 +108,7 @@ def _triton_bwd(
     from ..kernels.triton import attention as kernels
 
     dq, dk, dv, dscores = kernels.attention_bwd(
-        grad_out, query, key, value, attn_mask, out, stats, scale, is_causal, dropout_p, seed_int(seed), mask_needs_grad
+        grad_out, query, key, value, attn_mask, stats, scale, is_causal, dropout_p, seed_int(seed), mask_needs_grad
     )
     return dq, dk, dv, dscores if dscores is not None else query.new_empty(0)
 
@@ -133,7 +132,7 @@ def _native_stats(query):
     return query.shape[:3] if query.device.type == "cpu" else _split_stats(query)
 
 
-def _fake_bwd(grad_out, query, key, value, attn_mask, out, stats, scale, is_causal, dropout_p, seed, mask_needs_grad):
+def _fake_bwd(grad_out, query, key, value, attn_mask, stats, scale, is_causal, dropout_p, seed, mask_needs_grad):
     dscores = (
         query.new_empty(*query.shape[:3], key.shape[2], dtype=torch.float32) if mask_needs_grad else query.new_empty(0)
     )
@@ -142,18 +141,18 @@ def _fake_bwd(grad_out, query, key, value, attn_mask, out, stats, scale, is_caus
 
 def _setup_context(ctx, inputs, output):
     query, key, value, attn_mask, scale, is_causal, dropout_p, seed = inputs
-    out, stats = output
-    ctx.save_for_backward(query, key, value, attn_mask, out, stats, seed)
+    # The output is not kept: every backward forms its row terms from the statistics (corr, delta).
+    ctx.save_for_backward(query, key, value, attn_mask, output[1], seed)
     ctx.scale, ctx.is_causal, ctx.dropout_p = scale, is_causal, dropout_p
     ctx.set_materialize_grads(False)  # the statistics are an output only to be saved: no zero gradient for it
 
 
 def _autograd_for(bwd_op):
     def backward(ctx, grad_out, _grad_stats):
-        query, key, value, attn_mask, out, stats, seed = ctx.saved_tensors
+        query, key, value, attn_mask, stats, seed = ctx.saved_tensors
         mask_needs_grad = bool(ctx.needs_input_grad[3])
         dq, dk, dv, dmask = bwd_op(
-            _no_last_dim_stride(grad_out), query, key, value, attn_mask, out, stats,
+            _no_last_dim_stride(grad_out), query, key, value, attn_mask, stats,
             ctx.scale, ctx.is_causal, ctx.dropout_p, seed, mask_needs_grad,
         )
         return dq, dk, dv, (dmask.to(attn_mask.dtype) if mask_needs_grad else None), None, None, None, None

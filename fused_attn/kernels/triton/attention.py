@@ -755,7 +755,6 @@ def attention_bwd(
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor | None,
-    out: torch.Tensor,
     stats: torch.Tensor,
     scale: float,
     is_causal: bool,
@@ -767,12 +766,12 @@ def attention_bwd(
     batch, heads, q_len, _ = q.shape
     k_len, kv_heads, kv_group = k.shape[2], k.shape[1], _kv_group(q, k, v)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    delta = torch.empty(batch, heads, q_len, device=q.device, dtype=torch.float32)
     mask_t, mask_strides, mask_is_bool = _mask_args(mask, q)
     meta = _common_meta(q, v, mask, is_causal, dropout_p)
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *dout.stride()[:3])
-    # The row statistics (corr, delta) from the very P and dP the gradient kernels use (module docstring).
-    corr = torch.empty_like(delta)
+    # The row statistics (corr, delta) from the very P and dP the gradient kernels use (module docstring),
+    # [B * H * Lq] each, in one allocation.
+    corr, delta = torch.empty(2, batch * heads * q_len, device=q.device, dtype=torch.float32).unbind(0)
     _attn_bwd_stats_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]) * batch * heads,)](
         q, k, v, mask_t, dout, stats, corr, delta, *common,
         heads, kv_group, q_len, k_len, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
