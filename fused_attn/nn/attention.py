@@ -93,9 +93,10 @@ class FusedMultiheadAttention(Fused, nn.MultiheadAttention):
     the probabilities with the fused masked softmax and returns them (averaged over heads unless
     ``average_attn_weights=False``); ``need_weights=False`` runs the fused FlashAttention kernel,
     which never materialises them. Differences from torch: a query whose keys are all masked
-    gets 0 where torch's gets NaN (in all but training with ``need_weights=False``, where it
-    gets 0 too). ``add_bias_kv`` / ``add_zero_attn`` are served by torch's own implementation (a
-    warning says so once), and so are nested-tensor inputs (which torch takes in inference). As
+    gets 0 where torch's gets NaN (where torch's computes the weights, ``need_weights=True``, or
+    takes its inference fast path; elsewhere it gets 0 too). ``add_bias_kv`` / ``add_zero_attn``
+    are served by torch's own implementation (a warning says so once), and so are nested-tensor
+    inputs (which torch takes in inference). As
     in torch, ``is_causal`` replaces ``attn_mask`` by causal masking only when neither
     ``need_weights`` nor a ``key_padding_mask`` needs the mask itself; the output projection reads
     ``out_proj``'s parameters, as torch's does, rather than calling the module.
