@@ -820,7 +820,9 @@ def layer_norm_bad_eps(backend, device):
 
 @case("layer_norm")
 def layer_norm_huge_eps(backend, device):
-    _ln_same(backend, device, make_args=lambda: {**_ln_args(device), "eps": 1e30})
+    # 1e39: finite, but not as a float32, which every kernel takes it as (inf: each row gives the bias).
+    for eps in (1e30, 1e39):
+        _ln_same(backend, device, make_args=lambda eps=eps: {**_ln_args(device), "eps": eps})
 
 
 @case("layer_norm")
@@ -957,6 +959,12 @@ def add_layer_norm_bad_eps_and_dropout(backend, device):
     expect_error(lambda: _add_ln(backend)(**_aln_args(device), eps=-1.0), ValueError, "eps must be")
     for p in (1.5, -0.5, float("nan"), "0.1"):
         expect_error(lambda: _add_ln(backend)(**_aln_args(device), dropout_p=p), ValueError, "dropout_p must be")
+
+
+@case("add_layer_norm")
+def add_layer_norm_huge_eps(backend, device):
+    for eps in (1e30, 1e39):  # 1e39: inf as a float32, as every kernel takes it
+        _aln_same(backend, device, make_args=lambda eps=eps: {**_aln_args(device), "eps": eps})
 
 
 @case("add_layer_norm")

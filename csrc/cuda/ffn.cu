@@ -35,7 +35,9 @@
 //         gelu(x) = x s,   gelu'(x) = s + 2 x e r^2 sqrt(2/pi) (1 + 3 * 0.044715 x^2).
 //   Nothing overflows (exp of a non-positive argument), nothing cancels (erfc instead of 1 + erf, the
 //   sigmoid instead of 1 + tanh near tanh = -1), and tanhf is avoided on purpose: under --use_fast_math it
-//   compiles to tanh.approx.f32 (about 2^-11 relative error), far outside a float32 parity bound.
+//   compiles to tanh.approx.f32 (about 2^-11 relative error), far outside a float32 parity bound. For the
+//   same reason the exponentials are the cpu kernels' (exp_nonpositive, gaussian), not __expf, which
+//   --use_fast_math makes of expf.
 //
 // Backward. grad_pre = grad_out * gelu'(pre) has to be materialised: both GEMMs take it as an operand and
 // cuBLASLt has no prologue fusion. CUBLASLT_EPILOGUE_DGELU_BGRAD does not fit linear_gelu_bwd: it applies
@@ -55,7 +57,8 @@
 //
 // Fallbacks. If cuBLASLt offers no algorithm for a plain GEMM (an exotic alignment or leading dimension),
 // the GEMM goes to ATen (at::mm_out / at::addmm_out), which always has one; the fused epilogue falls back to
-// the unfused path. Handle and workspace are PyTorch's (getCurrentCUDABlasLtHandle,
+// the unfused path. Those ATen GEMMs (also the ones of a dimension of 1) follow torch's float32 matmul
+// precision (torch.backends.cuda.matmul.allow_tf32), which is off unless the user turns it on. Handle and workspace are PyTorch's (getCurrentCUDABlasLtHandle,
 // getCUDABlasLtWorkspace), everything runs on the current stream.
 //
 // Degenerate shapes: rows == 0 or out_features == 0 launch nothing; in_features == 0 gives
@@ -120,13 +123,44 @@ constexpr float kInvSqrt2Pi = 0.39894228040143268f;  // 1 / sqrt(2 pi)
 constexpr float kTanhBeta = 0.79788456080286536f;    // sqrt(2 / pi)
 constexpr float kTanhKappa = 0.044715f;
 
+// exp(x) for x <= 0 to about 1 ulp, as the cpu kernels' exp_inline (Cephes expf): x = n ln2 + r with
+// |r| <= ln2 / 2 (ln2 in two parts, so r is exact), e^r by a degree-6 polynomial, times 2^n built in the
+// exponent bits. Under --use_fast_math expf is __expf, whose error grows with the argument (2 + 1.17 |x|
+// ulp: 14 ulp at the x = -11 that the tanh GELU reaches at x = -4). Arguments below log(FLT_MIN) give 0
+// (the kernels flush subnormals anyway), -inf gives 0, NaN stays NaN.
+__device__ __forceinline__ float exp_nonpositive(float x) {
+  constexpr float kMinArg = -87.33654475f;  // log(FLT_MIN)
+  if (!(x >= kMinArg)) return x != x ? x : 0.f;
+  const float n = rintf(x * 1.44269504088896341f);
+  float r = fmaf(n, -0.693359375f, x);
+  r = fmaf(n, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = fmaf(p, r, 1.3981999507e-3f);
+  p = fmaf(p, r, 8.3334519073e-3f);
+  p = fmaf(p, r, 4.1665795894e-2f);
+  p = fmaf(p, r, 1.6666665459e-1f);
+  p = fmaf(p, r, 5.0000001201e-1f);
+  const float y = fmaf(p, r * r, r + 1.f);
+  return y * __int_as_float((static_cast<int>(n) + 127) << 23);
+}
+
+// exp(-x^2 / 2) with its argument exact, as the cpu kernel's: x^2 = hi + lo by an FMA, exp(-hi / 2)
+// times 1 - lo / 2 (|lo| is below half an ulp of x^2, whose rounding would otherwise cost up to 40 ulp
+// of the result near x = 13). Past x^2 / 2 = 80 it is 0 (also for x = +-inf, where lo would be inf);
+// NaN stays NaN.
+__device__ __forceinline__ float gaussian(float x) {
+  const float hi = x * x;
+  const float lo = fmaf(x, x, -hi);
+  return 0.5f * hi > 80.f ? 0.f : exp_nonpositive(-0.5f * hi) * fmaf(-0.5f, lo, 1.f);
+}
+
 template <Gelu kKind>
 __device__ __forceinline__ float gelu(float x) {
   if constexpr (kKind == Gelu::kErf) {
     return 0.5f * x * erfcf(-x * kSqrtHalf);
   } else {
     const float u = kTanhBeta * (x + kTanhKappa * x * x * x);
-    const float e = __expf(-2.f * fabsf(u));
+    const float e = exp_nonpositive(-2.f * fabsf(u));
     const float r = __frcp_rn(1.f + e);  // correctly rounded under --use_fast_math
     return x * (u >= 0.f ? r : e * r);
   }
@@ -135,11 +169,11 @@ __device__ __forceinline__ float gelu(float x) {
 template <Gelu kKind>
 __device__ __forceinline__ float gelu_grad(float x) {
   if constexpr (kKind == Gelu::kErf) {
-    return 0.5f * erfcf(-x * kSqrtHalf) + x * kInvSqrt2Pi * __expf(-0.5f * x * x);
+    return 0.5f * erfcf(-x * kSqrtHalf) + x * kInvSqrt2Pi * gaussian(x);
   } else {
     const float x2 = x * x;
     const float u = kTanhBeta * (x + kTanhKappa * x2 * x);
-    const float e = __expf(-2.f * fabsf(u));
+    const float e = exp_nonpositive(-2.f * fabsf(u));
     const float r = __frcp_rn(1.f + e);  // correctly rounded under --use_fast_math
     const float s = u >= 0.f ? r : e * r;
     const float du = kTanhBeta * (1.f + 3.f * kTanhKappa * x2);
@@ -677,6 +711,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_impl(const at::Te
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   at::Tensor grad_pre;
+  if (need_gemm && grad_out_is_scratch) {
+    // The GEMMs read input and weight after grad_pre is written over grad_out: memory shared with
+    // either would give them gradient values (the CPU kernel's check_not_read_after, same message).
+    const auto check_not_read_after = [&](const at::Tensor& read, const char* name) {
+      TORCH_CHECK(!grad_out.is_alias_of(read), "grad_out is overwritten with the pre-activation's gradient here, so "
+                  "it must not share memory with ", name, ", which is read afterwards");
+    };
+    check_not_read_after(input, "input");
+    check_not_read_after(weight, "weight");
+  }
   if (need_gemm) grad_pre = grad_out_is_scratch ? grad_out : at::empty({rows, out_features}, opts);
   AT_DISPATCH_V2(input.scalar_type(), "linear_gelu_bwd_cuda", AT_WRAP([&] {
     const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();

@@ -650,38 +650,68 @@ bool param_vectors_aligned(const P* w, const P* b = nullptr) {
   return cuda_utils::is_aligned(w, kBytes) && cuda_utils::is_aligned(b, kBytes);
 }
 
+// eps as every other backend takes it: finite and >= 0 (written so that NaN fails too). The kernels
+// take it as a float, where one beyond float32's range becomes inf, as in torch's CUDA LayerNorm and
+// the Triton kernels: rstd is then 0 and the row normalises to the bias.
+void check_eps(double eps) {
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "eps must be finite and >= 0, got ", eps);
+}
+
+float eps_as_float(double eps) {
+  return eps > std::numeric_limits<float>::max() ? std::numeric_limits<float>::infinity() : static_cast<float>(eps);
+}
+
 // Keeps hidden, and every grid dimension derived from it, within 32-bit range.
 void check_hidden_fits_int(int64_t hidden) {
   TORCH_CHECK(hidden <= std::numeric_limits<int32_t>::max(), "input must have fewer than 2^31 columns, got ",
               hidden);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& input,
-                                                                    const std::optional<at::Tensor>& weight,
-                                                                    const std::optional<at::Tensor>& bias,
-                                                                    double eps) {
+// dropout_p in [0, 1); the seed (a CPU int64 scalar tensor, csrc/ops.cpp) is required and read only when
+// dropout is applied (dropout_p > 0 and `used`).
+DropoutArgs make_dropout(double dropout_p, const std::optional<at::Tensor>& seed, bool used) {
+  check_dropout_p(dropout_p);
+  DropoutArgs d;
+  if (dropout_p == 0) return d;
+  d.seed = dropout_seed(seed);  // checked whenever dropout applies, used or not, as on the CPU
+  if (!used) return d;
+  d.p = static_cast<float>(dropout_p);
+  d.keep_prob = philox::keep_divisor(d.p);
+  d.active = true;
+  return d;
+}
+
+// The forward of layer_norm (residual null) and of add_layer_norm: checks, outputs, one launch.
+// keep_pre: make and return the prenorm tensor (add_layer_norm's forward); false for layer_norm and for
+// add_layer_norm's inference form, whose second result is then an undefined tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_impl(
+    const at::Tensor& input, const at::Tensor* residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& input_bias, double eps, double dropout_p,
+    const std::optional<at::Tensor>& seed, bool keep_pre) {
   TORCH_CHECK(input.is_cuda(), "input must be a CUDA tensor, got device ", input.device());
   const std::pair<int64_t, int64_t> dims = check_rows_input(input, "input");
   const int64_t rows = dims.first;
   const int64_t hidden = dims.second;
+  if (residual != nullptr) check_same_as(*residual, "residual", input, "input");
   const at::ScalarType param_dtype = affine_dtype(weight, input);
   check_affine_param(weight, "weight", input, hidden, param_dtype);
   check_affine_param(bias, "bias", input, hidden, param_dtype);
-  // Written so that NaN fails too; the upper bound keeps the conversion to float finite.
-  TORCH_CHECK(eps >= 0 && eps <= std::numeric_limits<float>::max(), "eps must be finite (as float32) and >= 0, got ",
-              eps);
+  check_affine_param(input_bias, "input_bias", input, hidden);
+  check_eps(eps);
+  const DropoutArgs dropout = make_dropout(dropout_p, seed, /*used=*/true);
   check_hidden_fits_int(hidden);
 
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor out = at::empty({rows, hidden}, input.options());
+  at::Tensor prenorm = keep_pre ? at::empty({rows, hidden}, input.options()) : at::Tensor();
   at::Tensor mean = at::empty({rows}, input.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({rows}, input.options().dtype(at::kFloat));
-  if (rows == 0) return {out, mean, rstd};
+  if (rows == 0) return {out, prenorm, mean, rstd};
   if (hidden == 0) {
     // Nothing to normalise: the statistics of an empty row are defined as zero (every backend).
     mean.zero_();
     rstd.zero_();
-    return {out, mean, rstd};
+    return {out, prenorm, mean, rstd};
   }
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -691,22 +721,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Ten
     with_param_type<scalar_t>(param_dtype, [&](auto* tag) {
       using param_t = std::remove_pointer_t<decltype(tag)>;
       constexpr int kVec = cuda_utils::vec16_width<scalar_t>();
+      AddFwdArgs<scalar_t> add;
+      add.residual = residual != nullptr ? residual->const_data_ptr<scalar_t>() : nullptr;
+      add.input_bias = optional_data<scalar_t>(input_bias);
+      add.prenorm = keep_pre ? prenorm.mutable_data_ptr<scalar_t>() : nullptr;
+      add.dropout = dropout;
       const scalar_t* x = input.const_data_ptr<scalar_t>();
       const param_t* w = optional_data<param_t>(weight);
       const param_t* b = optional_data<param_t>(bias);
       scalar_t* y = out.mutable_data_ptr<scalar_t>();
       float* mean_p = mean.mutable_data_ptr<float>();
       float* rstd_p = rstd.mutable_data_ptr<float>();
+      const float eps_f = eps_as_float(eps);
+      // Null pointers count as aligned.
       const bool vectorize = hidden % kVec == 0 && cuda_utils::is_aligned(x, 16) && cuda_utils::is_aligned(y, 16) &&
-                             param_vectors_aligned<kVec>(w, b);
-      if (vectorize) {
-        launch_fwd<scalar_t, param_t, kVec>(x, w, b, y, mean_p, rstd_p, rows, hidden, static_cast<float>(eps), stream);
+                             param_vectors_aligned<kVec>(w, b) && cuda_utils::is_aligned(add.residual, 16) &&
+                             cuda_utils::is_aligned(add.input_bias, 16) && cuda_utils::is_aligned(add.prenorm, 16);
+      const auto launch = [&](auto vec, auto with_add) {
+        launch_fwd<scalar_t, param_t, decltype(vec)::value, decltype(with_add)::value>(
+            x, w, b, y, mean_p, rstd_p, rows, hidden, eps_f, stream, add);
+      };
+      using Plain = std::false_type;
+      using Add = std::true_type;
+      using Vec = std::integral_constant<int, kVec>;
+      using Scalar = std::integral_constant<int, 1>;
+      if (residual == nullptr) {
+        vectorize ? launch(Vec{}, Plain{}) : launch(Scalar{}, Plain{});
       } else {
-        launch_fwd<scalar_t, param_t, 1>(x, w, b, y, mean_p, rstd_p, rows, hidden, static_cast<float>(eps), stream);
+        vectorize ? launch(Vec{}, Add{}) : launch(Scalar{}, Add{});
       }
     });
   }), at::kFloat, at::kHalf, at::kBFloat16);
-  return {out, mean, rstd};
+  return {out, prenorm, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& input,
+                                                                    const std::optional<at::Tensor>& weight,
+                                                                    const std::optional<at::Tensor>& bias,
+                                                                    double eps) {
+  const auto result =
+      norm_fwd_impl(input, nullptr, weight, bias, std::nullopt, eps, 0.0, std::nullopt, /*keep_pre=*/false);
+  return {std::get<0>(result), std::get<2>(result), std::get<3>(result)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Tensor& grad_out,
@@ -776,89 +831,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
   return {grad_input, grad_weight, grad_bias};
 }
 
-// dropout_p in [0, 1); the seed (a CPU int64 scalar tensor, csrc/ops.cpp) is required and read only when
-// dropout is applied (dropout_p > 0 and `used`).
-DropoutArgs make_dropout(double dropout_p, const std::optional<at::Tensor>& seed, bool used) {
-  check_dropout_p(dropout_p);
-  DropoutArgs d;
-  if (dropout_p == 0) return d;
-  d.seed = dropout_seed(seed);  // checked whenever dropout applies, used or not, as on the CPU
-  if (!used) return d;
-  d.p = static_cast<float>(dropout_p);
-  d.keep_prob = philox::keep_divisor(d.p);
-  d.active = true;
-  return d;
-}
-
-// keep_pre: make and return the prenorm tensor (the forward); false for the inference form, whose second
-// result is then an undefined tensor.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_impl(
-    const at::Tensor& input, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& input_bias, double eps, double dropout_p,
-    const std::optional<at::Tensor>& seed, bool keep_pre) {
-  TORCH_CHECK(input.is_cuda(), "input must be a CUDA tensor, got device ", input.device());
-  const std::pair<int64_t, int64_t> dims = check_rows_input(input, "input");
-  const int64_t rows = dims.first;
-  const int64_t hidden = dims.second;
-  check_same_as(residual, "residual", input, "input");
-  const at::ScalarType param_dtype = affine_dtype(weight, input);
-  check_affine_param(weight, "weight", input, hidden, param_dtype);
-  check_affine_param(bias, "bias", input, hidden, param_dtype);
-  check_affine_param(input_bias, "input_bias", input, hidden);
-  TORCH_CHECK(eps >= 0 && eps <= std::numeric_limits<float>::max(), "eps must be finite (as float32) and >= 0, got ",
-              eps);
-  const DropoutArgs dropout = make_dropout(dropout_p, seed, /*used=*/true);
-  check_hidden_fits_int(hidden);
-
-  const c10::cuda::CUDAGuard guard(input.device());
-  at::Tensor out = at::empty({rows, hidden}, input.options());
-  at::Tensor prenorm = keep_pre ? at::empty({rows, hidden}, input.options()) : at::Tensor();
-  at::Tensor mean = at::empty({rows}, input.options().dtype(at::kFloat));
-  at::Tensor rstd = at::empty({rows}, input.options().dtype(at::kFloat));
-  if (rows == 0) return {out, prenorm, mean, rstd};
-  if (hidden == 0) {
-    // As layer_norm_fwd_cuda: the statistics of an empty row are defined as zero.
-    mean.zero_();
-    rstd.zero_();
-    return {out, prenorm, mean, rstd};
-  }
-
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_V2(input.scalar_type(), "add_layer_norm_fwd_cuda", AT_WRAP([&] {
-    with_param_type<scalar_t>(param_dtype, [&](auto* tag) {
-      using param_t = std::remove_pointer_t<decltype(tag)>;
-      constexpr int kVec = cuda_utils::vec16_width<scalar_t>();
-      AddFwdArgs<scalar_t> add;
-      add.residual = residual.const_data_ptr<scalar_t>();
-      add.input_bias = optional_data<scalar_t>(input_bias);
-      add.prenorm = keep_pre ? prenorm.mutable_data_ptr<scalar_t>() : nullptr;
-      add.dropout = dropout;
-      const scalar_t* x = input.const_data_ptr<scalar_t>();
-      const param_t* w = optional_data<param_t>(weight);
-      const param_t* b = optional_data<param_t>(bias);
-      scalar_t* y = out.mutable_data_ptr<scalar_t>();
-      float* mean_p = mean.mutable_data_ptr<float>();
-      float* rstd_p = rstd.mutable_data_ptr<float>();
-      const bool vectorize = hidden % kVec == 0 && cuda_utils::is_aligned(x, 16) && cuda_utils::is_aligned(y, 16) &&
-                             param_vectors_aligned<kVec>(w, b) && cuda_utils::is_aligned(add.residual, 16) &&
-                             cuda_utils::is_aligned(add.input_bias, 16) && cuda_utils::is_aligned(add.prenorm, 16);
-      if (vectorize) {
-        launch_fwd<scalar_t, param_t, kVec, true>(x, w, b, y, mean_p, rstd_p, rows, hidden, static_cast<float>(eps),
-                                                  stream, add);
-      } else {
-        launch_fwd<scalar_t, param_t, 1, true>(x, w, b, y, mean_p, rstd_p, rows, hidden, static_cast<float>(eps),
-                                               stream, add);
-      }
-    });
-  }), at::kFloat, at::kHalf, at::kBFloat16);
-  return {out, prenorm, mean, rstd};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cuda(
     const at::Tensor& input, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& input_bias, double eps, double dropout_p,
     const std::optional<at::Tensor>& seed) {
-  return add_layer_norm_fwd_impl(input, residual, weight, bias, input_bias, eps, dropout_p, seed, /*keep_pre=*/true);
+  return norm_fwd_impl(input, &residual, weight, bias, input_bias, eps, dropout_p, seed, /*keep_pre=*/true);
 }
 
 at::Tensor add_layer_norm_inference_cuda(const at::Tensor& input, const at::Tensor& residual,
@@ -867,7 +844,7 @@ at::Tensor add_layer_norm_inference_cuda(const at::Tensor& input, const at::Tens
                                          const std::optional<at::Tensor>& input_bias, double eps, double dropout_p,
                                          const std::optional<at::Tensor>& seed) {
   return std::get<0>(
-      add_layer_norm_fwd_impl(input, residual, weight, bias, input_bias, eps, dropout_p, seed, /*keep_pre=*/false));
+      norm_fwd_impl(input, &residual, weight, bias, input_bias, eps, dropout_p, seed, /*keep_pre=*/false));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cuda(
