@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .backends import BACKENDS
 from .nn import (
@@ -93,6 +94,28 @@ _SWAPS: dict[type, tuple[type, Callable[[nn.Module], str | None]]] = {
     nn.TransformerEncoderLayer: (FusedTransformerEncoderLayer, _layer_reason),
     nn.TransformerDecoderLayer: (FusedTransformerDecoderLayer, _layer_reason),
 }
+
+
+def own_class(module: nn.Module) -> type:
+    """``module``'s class, or for a module parametrized by ``torch.nn.utils.parametrize`` (which
+    gives it a class derived from its own, holding the parametrized tensors' properties) the class
+    it was made from."""
+    cls = type(module)
+    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
+
+
+def set_class(module: nn.Module, cls: type) -> None:
+    """Switches ``module`` to ``cls``. A parametrized module keeps its parametrizations: when ``cls``
+    does not hold their properties (it is not the class parametrize derived), the module gets a class
+    derived from ``cls`` with what parametrize put on the class it derived, as parametrize itself
+    would have made it (``remove_parametrizations`` then leaves ``cls``)."""
+    if parametrize.is_parametrized(module) and not all(
+            isinstance(getattr(cls, name, None), property) for name in module.parametrizations):
+        derived = next(c for c in type(module).__mro__ if any(name in vars(c) for name in module.parametrizations))
+        members = {k: v for k, v in vars(derived).items() if k not in ("__dict__", "__weakref__")}
+        cls = type(f"Parametrized{cls.__name__}", (cls,), members)
+    module.__class__ = cls
+
 
 # Converters for whole models that fuse themselves: (predicate, convert(module, backend) ->
 # (replaced, kept) rows with paths relative to the module, restore(module)). The integrations
@@ -236,7 +259,7 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
             else:
                 report.replaced.append((path, original.__name__, type(module).__name__))
             continue
-        swap = _SWAPS.get(type(module))
+        swap = _SWAPS.get(own_class(module))
         if swap is None:
             continue
         fused_cls, reason_of = swap
@@ -244,8 +267,8 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
         if reason is not None:
             report.kept.append((path, type(module).__name__, reason))
             continue
-        setattr(module, ORIGINAL_CLASS, type(module))
-        module.__class__ = fused_cls
+        setattr(module, ORIGINAL_CLASS, own_class(module))
+        set_class(module, fused_cls)
         module.backend = chosen
         report.replaced.append((path, getattr(module, ORIGINAL_CLASS).__name__, fused_cls.__name__))
     return report
@@ -261,7 +284,7 @@ def restore(model: nn.Module) -> nn.Module:
             module.backend = module.__dict__.pop(BACKEND_BEFORE)
         original = module.__dict__.pop(ORIGINAL_CLASS, None)
         if isinstance(original, type):
-            module.__class__ = original
+            set_class(module, original)
             for attr in ("backend", "fused_attn_backend", "fused_attn_approximate", "fused_attn_activation"):
                 module.__dict__.pop(attr, None)
         for matches, _convert, restore_model in _MODEL_CONVERTERS:

@@ -560,6 +560,60 @@ def test_bert_dropout_follows_modules_as_hf(fused):
     assert not torch.equal(run(), expected)
 
 
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-LN", "pre-LN"])
+def test_hooks_on_linear_layers_the_fused_path_reads_are_kept(norm_first, recwarn):
+    """The fused path of the reference models reads the weights of linear layers the plain path
+    calls (BERT's dense layers, the Transformer's out_proj and FFN): once optimized, a model whose
+    such layers carry hooks (a forward hook for features, torch.nn.utils.prune's weight pre-hook)
+    runs them unfused, with a FallbackWarning, so the hooks fire as in the plain model, and a
+    pruned model trains as the plain one (the fused path read the weight pruning computed once,
+    and its second backward raised)."""
+    from torch.nn.utils import prune
+
+    def bert(fused):
+        torch.manual_seed(0)
+        model = BertForMaskedLM(_bert_config(num_hidden_layers=1))
+        prune.l1_unstructured(model.bert.encoder.layer[0].intermediate.dense, "weight", 0.5)
+        if fused:
+            fused_attn.optimize(model, backend="cpu" if "cpu" in backends.available_backends("cpu") else "reference")
+        return model
+
+    def transformer(fused):
+        torch.manual_seed(0)
+        model = Transformer(_transformer_config(norm_first=norm_first))
+        prune.l1_unstructured(model.encoder.layers[0].linear2, "weight", 0.5)
+        if fused:
+            fused_attn.optimize(model, backend="cpu" if "cpu" in backends.available_backends("cpu") else "reference")
+        return model
+
+    ids, mask, types = _bert_batch(_bert_config())
+    src, tgt, src_pad, tgt_pad, labels = _transformer_batch(_transformer_config())
+    steps = {
+        bert: lambda model: model(ids, attention_mask=mask, token_type_ids=types, labels=ids).loss,
+        transformer: lambda model: model(src, tgt, src_pad, tgt_pad, labels=labels).loss,
+    }
+    for build, loss_of in steps.items():
+        losses, fired = [], []
+        for fused in (False, True):
+            model = build(fused)
+            hooked = {name: m for name, m in model.named_modules()
+                      if name.endswith(("output.dense", "out_proj", "linear1", "linear2"))}
+            for name, m in hooked.items():
+                m.register_forward_hook(lambda module, args, out, name=name: fired.append((fused, name)))
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            for _ in range(2):
+                optimizer.zero_grad()
+                loss = loss_of(model)
+                loss.backward()
+                optimizer.step()
+                losses.append((fused, loss.item()))
+        assert sorted(name for fused, name in fired if fused) == sorted(name for fused, name in fired if not fused)
+        assert {name for _, name in fired} == set(hooked)
+        plain, fused_losses = ([loss for f, loss in losses if f == which] for which in (False, True))
+        torch.testing.assert_close(fused_losses, plain, rtol=1e-5, atol=1e-6)
+    assert any("hooks on a linear layer" in m for m in fused_attn.backends._warned)
+
+
 def test_bert_longer_than_its_position_table_says_so():
     model = BertModel(BertConfig.bert_tiny(max_position_embeddings=16))
     with pytest.raises(ValueError, match="input_ids length 20 exceeds max_position_embeddings 16"):

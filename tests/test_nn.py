@@ -1,6 +1,7 @@
 """Drop-in modules against their torch.nn counterparts: same state_dict, same outputs and gradients."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -382,6 +383,38 @@ def test_torchscript_is_refused_by_name():
     fused_attn.restore(model)
     with pytest.warns(FutureWarning):
         torch.jit.script(model)
+
+
+@pytest.mark.parametrize("module", ["layer_norm", "attention", "encoder", "ffn"])
+def test_torch_jit_trace_is_refused_by_name(module):
+    """torch.jit.trace hands the ops their sizes as tensors (which failed inside torch with an
+    AssertionError, "Expected bool, got <class 'torch.Tensor'>") and would record one backend's
+    op for the traced grad mode: every fused op refuses it with a TypeError saying what to use
+    instead, whatever the backend; restored, an optimize()d model traces."""
+    x = torch.randn(2, 5, 16)
+    fused, args = {
+        "layer_norm": (FusedLayerNorm(16), (x,)),
+        "attention": (FusedMultiheadAttention(16, 2, batch_first=True), (x, x, x)),
+        "encoder": (FusedTransformerEncoderLayer(16, 2, 32, dropout=0.0, activation="gelu", batch_first=True), (x,)),
+        "ffn": (FusedFFN(16, 32, dropout=0.0), (x,)),
+    }[module]
+    for backend in (None, "reference"):
+        fused.backend = backend
+        with warnings.catch_warnings(), pytest.raises(TypeError, match="torch.jit.trace cannot record the fused_attn "
+                                                                          "ops .* use torch.compile or torch.export"):
+            warnings.simplefilter("ignore")
+            torch.jit.trace(fused, args)
+    # In training: torch's own layer traces alike with and without grad only off its inference fast path.
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True))
+    fused_attn.optimize(model)
+    with warnings.catch_warnings(), pytest.raises(TypeError, match="torch.jit.trace cannot record"):
+        warnings.simplefilter("ignore")
+        torch.jit.trace(model, (x,))
+    fused_attn.restore(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (x,))
+    torch.testing.assert_close(traced(x), model(x))
 
 
 def _encoder_pair(num_layers=2, **kwargs):

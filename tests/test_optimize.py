@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import fused_attn
-from fused_attn.nn import FusedFFN, FusedLayerNorm, FusedTransformerEncoderLayer
+from fused_attn.nn import FusedFFN, FusedLayerNorm, FusedMultiheadAttention, FusedTransformerEncoderLayer
 
 from .conftest import assert_model_parity
 
@@ -589,6 +589,61 @@ def test_parametrized_submodules_stay_fused():
     with warnings.catch_warnings():
         warnings.simplefilter("error", fused_attn.FallbackWarning)
         assert_model_parity(plain, fused_model, lambda model: model(input_ids=ids, attention_mask=mask).last_hidden_state)
+
+
+def test_parametrized_modules_are_converted_and_restored_with_their_parametrizations():
+    """A MultiheadAttention or LayerNorm parametrized itself (parametrize gives it a class of its
+    own) is converted, not skipped unreported: it computes what it computed, with its
+    parametrization, and restore gives it back parametrized, also when the parametrization was
+    registered after optimize (restore used to reset the class and lose the parametrized tensors).
+    A parametrized LayerNorm of a Hugging Face model is converted too."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import orthogonal, weight_norm
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.MultiheadAttention(16, 2, batch_first=True), nn.LayerNorm(16))
+    weight_norm(plain[0], "in_proj_weight")
+    orthogonal(plain[0].out_proj)
+    weight_norm(plain[1])
+    fused_model = copy.deepcopy(plain)
+    report = fused_attn.optimize(fused_model)
+    assert report.kept == []
+    assert report.replaced == [("0", "MultiheadAttention", "FusedMultiheadAttention"),
+                               ("1", "LayerNorm", "FusedLayerNorm")]
+    assert isinstance(fused_model[0], FusedMultiheadAttention) and isinstance(fused_model[1], FusedLayerNorm)
+    assert all(parametrize.is_parametrized(m) for m in fused_model)
+    x = torch.randn(2, 5, 16)
+
+    def run(model):
+        h = x.to(model[1].weight.dtype)
+        return model[1](model[0](h, h, h, need_weights=False)[0])
+
+    assert_model_parity(plain, fused_model, run)
+    fused_attn.restore(fused_model)
+    assert [fused_attn.convert.own_class(m) for m in fused_model] == [nn.MultiheadAttention, nn.LayerNorm]
+    torch.testing.assert_close(run(fused_model), run(plain), rtol=0, atol=0)
+
+    # Parametrized after optimize: restore keeps the parametrization; removing it leaves the class.
+    model = nn.Sequential(nn.MultiheadAttention(16, 2, batch_first=True), nn.LayerNorm(16))
+    fused_attn.optimize(model)
+    weight_norm(model[0], "in_proj_weight")
+    weight_norm(model[1])
+    expected = run(model)
+    fused_attn.restore(model)
+    assert [fused_attn.convert.own_class(m) for m in model] == [nn.MultiheadAttention, nn.LayerNorm]
+    torch.testing.assert_close(run(model), expected)
+    parametrize.remove_parametrizations(model[1], "weight")
+    assert type(model[1]) is nn.LayerNorm and model[1](x).shape == x.shape
+
+    transformers, config = _hf_config()
+    hf = transformers.BertModel(config).eval()
+    weight_norm(hf.embeddings.LayerNorm)
+    report = fused_attn.optimize(hf)
+    assert ("embeddings.LayerNorm", "LayerNorm", "FusedLayerNorm") in report.replaced
+    assert isinstance(hf.embeddings.LayerNorm, FusedLayerNorm) and parametrize.is_parametrized(hf.embeddings.LayerNorm)
+    fused_attn.restore(hf)
+    assert fused_attn.convert.own_class(hf.embeddings.LayerNorm) is nn.LayerNorm
+    assert parametrize.is_parametrized(hf.embeddings.LayerNorm, "weight")
 
 
 def test_hf_unsupported_head_dim_keeps_the_attention():

@@ -537,8 +537,9 @@ def _convert_model(model: nn.Module, backend: str | None, unregistered: str | No
         if why is not None:
             kept.append((path, type(module).__name__, why))
             continue
+        original = convert.own_class(module)  # a parametrized module keeps its parametrizations
         if kind == "add_norm":
-            new_cls = _fused_class(type(module), "add_norm")
+            new_cls = _fused_class(original, "add_norm")
         elif kind == "intermediate":
             approximate = _hf_gelu_approximation(getattr(module, "intermediate_act_fn", None))
             if approximate is None:
@@ -546,15 +547,15 @@ def _convert_model(model: nn.Module, backend: str | None, unregistered: str | No
                 continue
             module.fused_attn_approximate = approximate
             _remember_activation(module, module.intermediate_act_fn)
-            new_cls = _fused_class(type(module), "intermediate")
-        elif type(module) is nn.LayerNorm:
+            new_cls = _fused_class(original, "intermediate")
+        elif original is nn.LayerNorm:
             new_cls = convert.FusedLayerNorm
             module.backend = backend
         else:
             continue
-        setattr(module, convert.ORIGINAL_CLASS, type(module))
-        replaced.append((path, type(module).__name__, new_cls.__name__))
-        module.__class__ = new_cls
+        setattr(module, convert.ORIGINAL_CLASS, original)
+        replaced.append((path, original.__name__, new_cls.__name__))
+        convert.set_class(module, new_cls)
     if not parts and not blocks:
         kept.append(("", type(model).__name__, "no feed-forward or Add & Norm block computes BERT's (the blocks "
                      "fused_attn fuses besides attention and LayerNorm)"))

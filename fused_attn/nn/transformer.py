@@ -50,20 +50,39 @@ def _hooks_of(*dicts) -> bool:
     return any(d and any(not getattr(hook, _OBSERVER, False) for hook in d.values()) for d in dicts)
 
 
+def _global_hooks() -> bool:
+    return _hooks_of(_module._global_forward_pre_hooks, _module._global_forward_hooks,
+                     _module._global_backward_pre_hooks, _module._global_backward_hooks)
+
+
+def _own_hooks(module: nn.Module) -> bool:
+    hooks = (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks, module._backward_hooks)
+    return bool(hooks[0] or hooks[1] or hooks[2] or hooks[3]) and _hooks_of(*hooks)
+
+
 def _bypassed_hooks(layer: nn.Module, called: tuple[str, ...] = ()) -> bool:
     """Whether a hook would miss a call the fused path does not make: one on a child of ``layer``
     other than those in ``called`` (which the fused path calls), or a global module hook."""
-    if _hooks_of(_module._global_forward_pre_hooks, _module._global_forward_hooks,
-                 _module._global_backward_pre_hooks, _module._global_backward_hooks):
+    if _global_hooks():
         return True
     called_children = [layer._modules.get(name) for name in called]
     for name, child in layer._modules.items():
         # A called child under another name too (an alias) is called all the same.
         if child is None or name in called or any(child is c for c in called_children):
             continue
-        hooks = (child._forward_pre_hooks, child._forward_hooks, child._backward_pre_hooks, child._backward_hooks)
-        if (hooks[0] or hooks[1] or hooks[2] or hooks[3]) and _hooks_of(*hooks):
+        if _own_hooks(child):
             return True
+    return False
+
+
+def hooked(*modules: nn.Module) -> bool:
+    """Whether a hook would miss the call of one of ``modules`` (linear layers an unfused forward
+    calls and a fused one only reads the weights of): one on them, or a global module hook; a
+    FallbackWarning says so once. For the reference models' fused path."""
+    if _global_hooks() or any(_own_hooks(m) for m in modules):
+        warn_once("fused_attn reference model: hooks on a linear layer its fused path reads run the unfused "
+                  "path, which calls it", 3)
+        return True
     return False
 
 

@@ -97,7 +97,15 @@ def transform_features(*tensors: torch.Tensor | None) -> dict[str, bool]:
       transform: the fused ops run under it, once per batch element.
 
     Outside every transform and dual level it costs two comparisons and a query of the
-    interpreter stack's level."""
+    interpreter stack's level. Under ``torch.jit.trace`` it raises a TypeError saying so: the
+    tracer hands the ops their sizes as tensors, and would record one backend's op, chosen for
+    the traced call's grad mode and shapes, in place of the dispatch."""
+    if not torch.compiler.is_compiling() and torch._C._is_tracing():  # Dynamo cannot call the query
+        raise TypeError(
+            "torch.jit.trace cannot record the fused_attn ops (their dispatch, argument checks and backend "
+            "choice, is Python run at each call); use torch.compile or torch.export, which capture them whole "
+            "(fused_attn.restore(model) gives back the torch.nn modules, for TorchScript)"
+        )
     features = {}
     if forward_ad._current_level >= 0 and any(
         t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors

@@ -371,7 +371,7 @@ def linear_gelu(
     input = check_tensor(input, "input", min_dim=1)
     weight, bias = _check_linear(input, weight, bias, ("weight", "bias"), input.shape[-1])
     approximate = _check_approximate(approximate)
-    features = {"gemm_dim": _gemm_dim(input, weight), **transform_features(input, weight, bias)}
+    features = {**transform_features(input, weight, bias), "gemm_dim": _gemm_dim(input, weight)}
     chosen = select("linear_gelu", Inputs(input.device, input.dtype, features), backend, operands=(input, weight))
     if chosen == "reference":
         return reference.linear_gelu(input, weight, bias, approximate)
@@ -418,7 +418,7 @@ def ffn(
     w2, b2 = _check_linear(input, w2, b2, ("w2", "b2"), w1.shape[0])
     approximate = _check_approximate(approximate)
     dropout_p = check_dropout_p(dropout_p)
-    features = {"gemm_dim": _gemm_dim(input, w1, w2), **transform_features(input, w1, b1, w2, b2)}
+    features = {**transform_features(input, w1, b1, w2, b2), "gemm_dim": _gemm_dim(input, w1, w2)}
     chosen = select("ffn", Inputs(input.device, input.dtype, features), backend,
                     operands=(input, w1, w2), dropout_p=dropout_p)
     if chosen == "reference":
