@@ -23,18 +23,18 @@ import torch
 
 import fused_attn
 
-from .conftest import HAS_CUDA
+from .conftest import HAS_CUDA, work_dtype
 
 CALLS, WARM_UP = 10_000, 500
 RSS_SLACK_BYTES = 8 * 2**20
 
 
-def _ops(device: str):
+def _ops(device: str, dtype: torch.dtype = torch.float32):
     """op name -> (inputs that require grad, fn(*inputs) -> output), each output >= 1 KiB."""
     gen = torch.Generator().manual_seed(0)
 
     def leaves(*shapes):
-        return [torch.randn(s, generator=gen).to(device).requires_grad_(True) for s in shapes]
+        return [torch.randn(s, generator=gen).to(device, dtype).requires_grad_(True) for s in shapes]
 
     pad = (torch.arange(16) < 12).view(1, 1, 1, 16).to(device)
     return {
@@ -64,7 +64,8 @@ def _ops(device: str):
 
 
 def _calls(op: str, backend: str, device: str, n: int) -> None:
-    inputs, fn = _ops(device)[op]
+    # In a dtype the backend serves (the cuda attention takes 16-bit inputs only).
+    inputs, fn = _ops(device, work_dtype(op, backend, device))[op]
     for _ in range(n):
         out = fn(backend, *inputs)
         torch.autograd.grad(out, inputs, torch.ones_like(out))

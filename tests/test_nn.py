@@ -312,10 +312,22 @@ def test_decoder_layer_matches_torch(norm_first):
 
 
 def test_fused_layers_train_with_dropout():
+    """In training the fused layer drops: its output differs from eval mode's and from one call to the
+    next, is reproduced under the same seed, and every parameter gets a finite gradient. (Where it
+    drops is torch's: test_optimize's tests with dropout 1.)"""
     torch.manual_seed(5)
     layer = FusedTransformerEncoderLayer(32, 4, 64, dropout=0.2, activation="gelu", batch_first=True).train()
     x = torch.randn(2, 10, 32, requires_grad=True)
+    with torch.no_grad():
+        undropped = layer.eval()(x)
+        layer.train()
+        torch.manual_seed(6)
+        first = layer(x)
+        assert not torch.equal(first, layer(x))
+        assert not torch.allclose(first, undropped)
+    torch.manual_seed(6)
     out = layer(x)
+    assert torch.equal(out, first)
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
     assert all(p.grad is not None for p in layer.parameters())

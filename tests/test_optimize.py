@@ -445,10 +445,56 @@ def test_hf_dropout_follows_the_dropout_modules():
     torch.testing.assert_close(run(fused_model), run(plain))
     for model in (plain, fused_model):
         model.eval()
+        expected = run(model)
+        # The blocks' dropouts alone (the embeddings' would make the runs differ whatever the
+        # fused Add & Norm does): the output is no longer the undropped one.
         for m in model.modules():
-            if isinstance(m, nn.Dropout):
+            if isinstance(m, nn.Dropout) and m is not model.embeddings.dropout:
                 m.train()
-        assert not torch.equal(run(model), run(model)), type(model).__name__
+        assert not torch.equal(run(model), expected), type(model).__name__
+
+
+@pytest.mark.parametrize("where", ["add_norm", "attention"])
+def test_hf_training_dropouts_reach_the_fused_ops(where):
+    """In training, the fused Add & Norm drops its input where transformers' BertSelfOutput and
+    BertOutput do, and the fused attention its probabilities (the dropout transformers hands the
+    attention function). With p = 1 each such dropout zeroes what it drops (the block then gives
+    LayerNorm of the residual, the attention 0): output and every parameter gradient are
+    transformers' (conftest parity). With p = 0.3 and every other dropout off, the output is not
+    the undropped one, and the same seed draws it again."""
+    transformers, config = _hf_config()
+    torch.manual_seed(0)
+    plain = transformers.BertModel(config)
+    fused_model = copy.deepcopy(plain)
+    fused_attn.optimize(fused_model)
+    ids, mask = _batch()
+
+    def dropouts(model):
+        for layer in model.encoder.layer:
+            if where == "add_norm":
+                yield from (layer.attention.output.dropout, layer.output.dropout)
+            else:
+                yield layer.attention.self.dropout
+
+    def run(model):
+        torch.manual_seed(1)
+        return model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    for model in (plain, fused_model):
+        model.train()
+        for m in dropouts(model):
+            m.p = 1.0
+    assert_model_parity(plain, fused_model, run)
+    fused_model.eval()
+    expected = run(fused_model)
+    fused_model.train()
+    for m in dropouts(fused_model):
+        m.p = 0.3
+    dropped = run(fused_model)
+    assert not torch.equal(dropped, expected)
+    assert torch.equal(run(fused_model), dropped)
+    assert fused_attn.last_backend("add_layer_norm" if where == "add_norm" else "scaled_dot_product_attention") \
+        in ("cpu", "triton")
 
 
 def test_hf_blocks_with_hooked_submodules_run_unfused():
