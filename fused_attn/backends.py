@@ -31,6 +31,10 @@ try:  # an empty operand decided without a guard where its size is data-dependen
     from torch.fx.experimental.symbolic_shapes import guard_or_false
 except ImportError:  # older torch: a plain comparison
     guard_or_false = bool
+try:  # a symbolic size against a backend's limit, decided without a guard (below, _beyond)
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+except ImportError:  # older torch: a plain comparison
+    statically_known_true = bool
 
 from . import _extension
 from ._env import ENV_VAR, MAX_EXTENT, getenv, triton_autotune_enabled, triton_interpret_mode
@@ -108,9 +112,9 @@ class Support:
             value = inputs.features.get(name)
             if value is None:
                 continue
-            if low is not None and value < low:
+            if low is not None and _beyond(value < low):
                 reasons.append(f"{name}={value} is below the minimum {low}")
-            if high is not None and value > high:
+            if high is not None and _beyond(value > high):
                 reasons.append(f"{name}={value} exceeds the maximum {high}")
         for name, factor in self.multiple_of.items():
             value = inputs.features.get(name)
@@ -168,6 +172,15 @@ class Support:
         # The interpreter's tl.dot on bfloat16 returns garbage and its float32 -> bfloat16
         # conversion truncates: bfloat16 Triton runs on GPUs only.
         return self.backend == "triton" and self.serves_device("cpu") and torch.bfloat16 in self.dtypes
+
+
+def _beyond(comparison: object) -> bool:
+    """Whether a feature is beyond a limit: for a size that is a plain int, the comparison itself;
+    for a symbolic one (a dynamic dim under torch.compile or torch.export), only when every size
+    its range allows is. Comparing it outright would add a guard (e.g. ``seq <= MAX_EXTENT``) that
+    torch.export refuses for a ``Dim`` without a max, as a constraint violation; the kernels check
+    their extents themselves when they run (csrc/cuda, the Triton launchers)."""
+    return statically_known_true(comparison)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,7 +303,9 @@ def _validate_name(name: str, source: str) -> str:
 def use_backend(name: str) -> Iterator[None]:
     """Context manager: ops called inside use ``name`` ("auto" or one of :data:`BACKENDS`) unless
     they pass ``backend=`` themselves; a ValueError for any other name. Under torch.compile it is
-    read when a graph is traced, as the environment is."""
+    read when a graph is traced, as the environment is; enter it around the compiled call, not
+    inside the compiled function (Dynamo cannot trace the context variable's change: inside, pass
+    ``backend=`` instead)."""
     token = _requested.set(_validate_name(name, "use_backend"))
     try:
         yield

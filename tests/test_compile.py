@@ -321,3 +321,29 @@ def test_export_of_an_optimized_layer_with_a_dynamic_sequence_length(backend):
         program = torch.export.export(layer, (torch.randn(2, 10, 32),), dynamic_shapes={"src": {1: seq}})
     x = torch.randn(2, 37, 32)
     torch.testing.assert_close(program.module()(x), layer(x))
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_export_with_a_sequence_dim_without_a_max(backend, strict):
+    """torch.export with ``Dim("seq")`` (no max) of the attention and the softmax: the backend
+    choice checks the lengths against the kernels' limits (MAX_EXTENT on triton and cuda) without
+    a guard, which the unbounded dim would violate (a constraint violation before); the program
+    then runs at another length, as eager does."""
+    _require(backend)
+
+    class Block(torch.nn.Module):
+        def forward(self, q, pad):
+            a = fused_attn.scaled_dot_product_attention(q, q, q, pad[:, None, None, :], backend=backend)
+            return fused_attn.softmax(a @ q.transpose(-2, -1), -1, is_causal=True, backend=backend)
+
+    def inputs(seq):
+        pad = torch.ones(2, seq, dtype=torch.bool)
+        pad[1, seq - 2:] = False
+        return _randn(2, 2, seq, 8, grad=False), pad
+
+    seq = torch.export.Dim("seq")
+    block = Block()
+    program = torch.export.export(block, inputs(6), dynamic_shapes=({2: seq}, {1: seq}), strict=strict)
+    args = inputs(9)
+    torch.testing.assert_close(program.module()(*args), block(*args))

@@ -69,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._env import triton_interpret_mode
+from ..._env import MAX_EXTENT, triton_interpret_mode
 from ..layout import empty_in_query_layout
 from ._autotune import benchmark, pruner, size_bucket
 from ._dropout import as_float32, keep_scale, uniform
@@ -734,6 +734,12 @@ def attention_fwd(
     """
     batch, heads, q_len, _ = q.shape
     k_len = k.shape[2]
+    if max(q_len, k_len) > MAX_EXTENT:
+        # Tile counts and loop counters are 32-bit in the kernels: a length within a tile of 2^31 wraps them.
+        # (The backend choice rejects such lengths; a graph traced for a dynamic length meets them here.)
+        raise ValueError(
+            f"the Triton attention kernels take lengths up to {MAX_EXTENT}, got q_len {q_len}, k_len {k_len}"
+        )
     out = empty_in_query_layout(q, v.shape[-1])
     stats = torch.empty(batch, heads, 2, q_len, device=q.device, dtype=torch.float32)
     write_keep = return_keep_mask and dropout_p > 0.0

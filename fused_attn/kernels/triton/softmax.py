@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._env import MAX_EXTENT
 from ._units import LOG2E
 
 # Widest row kept in registers; longer rows take the streaming path.
@@ -142,6 +143,10 @@ def softmax_fwd(x: torch.Tensor, mask: torch.Tensor | None, scale: float, is_cau
     rows = dim_a * dim_b * dim_m
     if rows == 0 or n_cols == 0:
         return y
+    if n_cols > MAX_EXTENT:
+        # The row loop is 32-bit in the kernel (the backend choice rejects such rows; a graph traced for a
+        # dynamic row length meets them here).
+        raise ValueError(f"the Triton softmax kernel takes rows up to {MAX_EXTENT} long, got {n_cols}")
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     block, single = _block(n_cols)
