@@ -15,6 +15,9 @@ within ``factor`` ulps of each such true element instead of being let off.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 
 import pytest
@@ -23,6 +26,17 @@ import torch
 from fused_attn import backends
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    """The suite compiles into an Inductor cache of its own. torch.compile's on-disk caches
+    (Inductor's FX graphs and AOTAutograd's, under ``TORCHINDUCTOR_CACHE_DIR``) key a graph on
+    the ops it calls, not on the Python formulas registered as their autograd: a cache left by
+    another version of this package would serve that version's backward, and the tests would
+    check a cache instead of the code."""
+    directory = tempfile.mkdtemp(prefix="fused_attn_inductor_")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = directory
+    config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))
 
 
 def pytest_collection_modifyitems(config, items):
