@@ -7,6 +7,7 @@ commands run end to end and write what they promise.
 import csv
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import types
@@ -141,6 +142,22 @@ def test_min_time_samples_fast_calls_more_and_keeps_rounds_interleaved(monkeypat
     assert calls[:-2] == ["slow", "fast"] * 2  # no minimum time: exactly the repeats
 
 
+def test_timings_report_the_median_not_the_mean(monkeypatch):
+    """median_ms is the median of the timed calls: one slow call among three (1, 1 and 10 ms on a
+    fake clock) leaves it at 1 ms, where the mean would be 4 ms."""
+    now = [0.0]
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: now[0])
+    durations = iter([1.0, 1.0, 10.0])
+
+    def call():
+        now[0] += next(durations, 0.0) / 1e3  # the memory call after the timed ones takes 0 ms
+
+    timings, failed = harness.measure_side_by_side({"f": call}, CPU, repeats=3, warmup=0)
+    t = timings["f"]
+    assert not failed
+    assert (t.min_ms, t.median_ms, t.max_ms) == (pytest.approx(1.0), pytest.approx(1.0), pytest.approx(10.0))
+
+
 class _Saver(nn.Module):
     """Multiplies by a fresh tensor: autograd saves it (the other operand's gradient needs it)."""
 
@@ -173,6 +190,26 @@ def test_profile_model_per_module_activation_and_saved_bytes():
     assert result.peak_bytes >= 3 * act  # forward live set; the backward adds gradients
     inference = memory.profile_model(_Net(), lambda m: m(x), CPU, training=False)
     assert all(m.saved_bytes == 0 for m in inference.modules)
+
+
+class _Squarer(nn.Module):
+    """x * x: autograd saves x twice (as either operand's other factor), one storage."""
+
+    def forward(self, x):
+        return x * x
+
+
+def test_profile_model_counts_a_storage_saved_twice_once():
+    """A tensor saved for backward twice (both operands of a product) is one storage: its bytes
+    count once, in the module that saved it and in the model's total."""
+    x = torch.randn(32, 32)
+    model = nn.Sequential(nn.Linear(32, 32, bias=False), _Squarer())
+    result = memory.profile_model(model, lambda m: m(x), CPU, training=True)
+    rows = {m.name: m for m in result.modules}
+    act = 32 * 32 * 4
+    assert rows["0"].self_saved_bytes == act  # x (the weight is a parameter: not counted)
+    assert rows["1"].self_saved_bytes == act  # the linear's output, saved as both factors
+    assert rows["(model)"].saved_bytes == result.saved_bytes == 2 * act
 
 
 def test_profile_model_has_the_model_row_when_the_step_calls_its_parts():
@@ -250,6 +287,44 @@ def test_bench_memory_bound_and_ffn_suites(suite, sizes, tmp_path, capsys):
     # The bandwidth yardstick computes nothing: it has a rate, no speed-up.
     for r in timed:
         assert (r["speedup_vs_eager"] is None) == (r["impl"] == "copy"), r
+
+
+def test_bench_speedups_are_the_baseline_time_over_the_implementation_time(tmp_path, capsys):
+    """speedup_vs_eager is the baseline's median over the implementation's (above 1: faster than the
+    baseline), speedup_vs_torch torch's median over it; the baseline itself is at exactly 1."""
+    out = tmp_path / "r.json"
+    code, captured = _run(["bench", "--suite", "layer_norm", "--device", "cpu", "--repeats", "3", "--no-compile",
+                           "--mode", "fwd+bwd", "--rows", "16", "--hidden", "40", "--json", str(out)], capsys)
+    assert code == 0, captured.err
+    timed = {r["impl"]: r for r in json.loads(out.read_text()) if r["skipped"] is None}
+    baseline = timed[next(iter(timed.values()))["baseline"]]["median_ms"]
+    torch_ms = timed["torch"]["median_ms"]
+    compared = [r for name, r in timed.items() if name != "copy"]
+    assert {r["impl"] for r in compared} >= {"torch", "reference", "cpu"}
+    for r in compared:
+        assert r["speedup_vs_eager"] == pytest.approx(baseline / r["median_ms"]), r
+        assert r["speedup_vs_torch"] == pytest.approx(torch_ms / r["median_ms"]), r
+    assert timed[compared[0]["baseline"]]["speedup_vs_eager"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("suite, sizes, moved", [
+    # fwd+bwd: the forward reads x and writes y, the backward reads dy and x (the output for softmax)
+    # and writes dx; Add & Norm's reads the residual too and writes the pre-norm sum and two gradients.
+    ("softmax", ["--batch", "1", "--heads", "2", "--seq", "24"], 1 * 2 * 24 * 24 * 4 * 5),
+    ("layer_norm", ["--rows", "16", "--hidden", "40"], 16 * 40 * 4 * 5),
+    ("add_layer_norm", ["--rows", "16", "--hidden", "40"], 16 * 40 * 4 * 8),
+])
+def test_bench_gbps_counts_the_bytes_the_op_must_move(suite, sizes, moved, tmp_path, capsys):
+    """A memory-bound suite's GB/s is the bytes its op must move (float32: 4 bytes an element) over
+    the median time, for every implementation, the copy yardstick included."""
+    out = tmp_path / "r.json"
+    code, captured = _run(["bench", "--suite", suite, "--device", "cpu", "--repeats", "1", "--no-compile",
+                           "--mode", "fwd+bwd", "--dtype", "float32", "--json", str(out), *sizes], capsys)
+    assert code == 0, captured.err
+    timed = [r for r in json.loads(out.read_text()) if r["skipped"] is None]
+    assert {r["impl"] for r in timed} >= {"torch", "reference", "cpu"}
+    for r in timed:
+        assert r["gbps"] == pytest.approx(moved / (r["median_ms"] * 1e6)), r
 
 
 def test_bench_model_suite_plain_optimized_compiled(tmp_path, capsys):
@@ -1056,3 +1131,68 @@ def test_bench_plot_keeps_equal_lines_apart(tmp_path, monkeypatch):
         assert [line.get_zorder() for line in by_size] == sorted(line.get_zorder() for line in ax.lines)
         assert ax.get_legend() is not None
     assert [line.get_marker() for line in ax_rate.lines] == [line.get_marker() for line in ax_mem.lines]
+
+
+@pytest.mark.parametrize("flags, causal", [
+    ([], [False]),
+    (["--causal", "both"], [False, True]),
+    (["--causal", "true"], [True]),
+])
+def test_default_cpu_run_takes_an_explicit_causal_both(flags, causal):
+    """The default CPU run times attention without a causal mask unless --causal is given; an
+    explicit --causal both gives both (it was taken for the default and gave only the full mask)."""
+    from fused_attn.bench import cli as bench_cli
+
+    plan = bench_cli._plan(_parse("--device", "cpu", "--seq", "8", *flags), CPU)
+    (attention,) = [s for suite, s in plan if suite == "attention"]
+    assert sorted({shape["causal"] for shape in suites.attention_shapes(attention)}) == causal
+
+
+def test_an_explicit_causal_both_is_noted_where_no_suite_takes_it(capsys, monkeypatch):
+    """--causal both given to a suite without attention changes nothing, and is said so, as any
+    other value of it is."""
+    test_flags_a_suite_does_not_take_are_noted(
+        ["--suite", "ffn", "--causal", "both"],
+        ["note: --causal has no effect on suite ffn (it takes --rows, --hidden and --backends)"], capsys, monkeypatch)
+
+
+@pytest.mark.parametrize("args, message", [
+    ([*TINY, "--hidden", "8,16,8"], "--hidden: 8 is repeated in '8,16,8'; expected each value once"),
+    ([*TINY, "--hidden", "8,08"], "--hidden: 8 is repeated in '8,08'; expected each value once"),
+    (["bench", "--suite", "attention", "--seq", "16, 16"], "--seq: 16 is repeated in '16, 16'; expected each value once"),
+    (["bench", "--suite", "model", "--models", "bert-tiny,bert-tiny"],
+     "--models: bert-tiny is repeated in 'bert-tiny,bert-tiny'; expected each value once"),
+    ([*TINY, "--backends", "cpu,cpu"], "--backends: cpu is repeated in 'cpu,cpu'; expected each value once"),
+])
+def test_a_repeated_list_item_is_a_usage_error(args, message, capsys):
+    """A value given twice in a list flag would run the same cases twice, as records that cannot be
+    told apart (and a plot line doubling back on itself): refused like an empty item, usually a
+    typo for another value."""
+    test_bad_arguments_one_line_error(args, message, capsys)
+
+
+def test_hard_linked_outputs_are_one_file(tmp_path, capsys):
+    """Two output flags naming one file through a hard link are refused as two spellings of a path
+    are: the CSV would otherwise overwrite the JSON, exit status 0."""
+    json_path, csv_path = tmp_path / "r.json", tmp_path / "r.csv"
+    json_path.write_text("")
+    csv_path.hardlink_to(json_path)
+    test_bad_arguments_one_line_error([*TINY, "--json", str(json_path), "--csv", str(csv_path)],
+                                      f"--json and --csv name the same file, {csv_path}", capsys)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_an_output_that_cannot_be_written_names_its_flag_and_the_others_are_written(tmp_path, capsys):
+    """An output whose write fails after the run (a full disk: /dev/full) is named, flag and path,
+    in the one-line error, exit status 1; the other outputs are still written."""
+    out = tmp_path / "r.csv"
+    code, captured = _run([*TINY, "--json", "/dev/full", "--csv", str(out)], capsys)
+    lines = captured.err.strip().splitlines()
+    assert code == 1 and lines == ["fused-attn bench: error: --json /dev/full: could not be written "
+                                   "(No space left on device)"], lines
+    assert out.exists() and f"wrote {out}" in captured.out
+    code = cli.main(["profile-memory", "--model", "bert-tiny", "--layers", "1", "--seq", "8", "--device", "cpu",
+                     "--json", "/dev/full"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and lines == ["fused-attn profile-memory: error: --json /dev/full: could not be written "
+                                   "(No space left on device)"], lines

@@ -68,21 +68,31 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-def names(text: str) -> list[str]:
-    """The comma-separated items of ``text``, stripped; an empty one (``8,,16``, ``,``) is an error
-    rather than dropped, since it is usually a typo for a value."""
+def _items(text: str, expected: str) -> list[str]:
     items = [item.strip() for item in text.split(",")]
     if not all(items):
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list without empty items, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return items
 
 
+def _once(items: list, text: str) -> list:
+    """``items`` when none of them repeats: a repeated one would run (or select) the same cases
+    twice, as records that cannot be told apart, and is usually a typo for another value."""
+    for i, item in enumerate(items):
+        if item in items[:i]:
+            raise argparse.ArgumentTypeError(f"{item} is repeated in {text!r}; expected each value once")
+    return items
+
+
+def names(text: str) -> list[str]:
+    """The comma-separated items of ``text``, stripped; an empty one (``8,,16``, ``,``) or a repeated
+    one is an error rather than dropped, since it is usually a typo for a value."""
+    return _once(_items(text, "a comma-separated list without empty items"), text)
+
+
 def positive_ints(text: str) -> list[int]:
-    try:
-        items = names(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
-    return [positive_int(v) for v in items]
+    items = _items(text, "comma-separated positive integers")
+    return _once([positive_int(v) for v in items], text)
 
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -138,6 +148,9 @@ def check_outputs(outputs: list[tuple[str | None, str, tuple[str, ...] | None]])
         if path is None:
             continue
         same = flags.setdefault(os.path.realpath(path), flag)
+        if same == flag and os.path.exists(path):  # another name of an existing file (a hard link)
+            same = next((f for p, f in flags.items() if f != flag and os.path.exists(p) and os.path.samefile(p, path)),
+                        flag)
         if same != flag:
             raise UsageError(f"{same} and {flag} name the same file, {path}; give each its own")
 
@@ -163,7 +176,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attention: key/value heads, a divisor of --heads (grouped-query; default: --heads)")
     parser.add_argument("--head-dim", type=positive_int, default=None, help="attention: head dim (default 64)")
     parser.add_argument("--seq", type=positive_ints, default=None, help="attention/softmax/model: comma-separated lengths")
-    parser.add_argument("--causal", choices=["both", "true", "false"], default="both",
+    parser.add_argument("--causal", choices=["both", "true", "false"], default=None,
                         help="attention (default: both; false in the default CPU run)")
     parser.add_argument("--rows", type=positive_int, default=None, help="layer_norm/add_layer_norm/ffn: rows (tokens)")
     parser.add_argument("--hidden", type=positive_ints, default=None, help="layer_norm/add_layer_norm: hidden sizes; ffn: model widths")
@@ -296,7 +309,7 @@ def _plan(args: argparse.Namespace, device: torch.device) -> list[tuple[str, Set
         device=device, dtype=dtype, mode="fwd", batch=args.batch, heads=args.heads, kv_heads=args.kv_heads,
         head_dim=args.head_dim,
         seqs=args.seq, rows=args.rows, hiddens=args.hidden,
-        causal=None if args.causal == "both" else [args.causal == "true"], backends=wanted,
+        causal=None if args.causal in (None, "both") else [args.causal == "true"], backends=wanted,
         compile=not args.no_compile, models=models, layers=args.layers,
     )
     if args.kv_heads is not None and args.suite in (None, "all", "attention"):
@@ -322,7 +335,8 @@ def _plan(args: argparse.Namespace, device: torch.device) -> list[tuple[str, Set
                 for m in modes]
         attention = dataclasses.replace(base, compile=False, compile_skipped=left_out("attention"),
                                         batch=args.batch or 1, heads=args.heads or 12,
-                                        seqs=args.seq or [256, 512, 1024, 2048], causal=base.causal or [False])
+                                        seqs=args.seq or [256, 512, 1024, 2048],
+                                        causal=base.causal or ([False] if args.causal is None else None))
         attention_modes = ["fwd+bwd"] if args.mode is None else modes
         return plan + [("attention", dataclasses.replace(attention, mode=m)) for m in attention_modes]
     suites = sorted(SUITES) if args.suite in (None, "all") else [args.suite]
@@ -357,8 +371,7 @@ SUITE_FLAGS: dict[str, tuple[str, ...]] = {
 
 
 def _given(args: argparse.Namespace, flag: str) -> bool:
-    value = getattr(args, flag[2:].replace("-", "_"))
-    return value != "both" if flag == "--causal" else value is not None
+    return getattr(args, flag[2:].replace("-", "_")) is not None
 
 
 def unused_flag_notes(args: argparse.Namespace, plan: list[tuple[str, Settings]]) -> list[str]:
@@ -457,22 +470,21 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(records))
     for note in load_notes():
         print(note)
-    if args.json is not None:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=2)
+    failed: list[str] = []
+    if args.json is not None and written("--json", args.json, lambda: write_json(records, args.json), failed):
         print(f"wrote {len(records)} records to {args.json}")
-    if args.csv is not None:
-        write_csv(records, args.csv)
+    if args.csv is not None and written("--csv", args.csv, lambda: write_csv(records, args.csv), failed):
         print(f"wrote {args.csv}")
     ran = any(r["skipped"] is None for r in records)
     if args.plot is not None:
         from . import plots
 
-        if ran:
-            plots.plot_bench(records, args.plot)
-            print(f"wrote {args.plot}")
-        else:
+        if not ran:
             print(f"--plot {args.plot}: no timed records to plot; nothing written")
+        elif written("--plot", args.plot, lambda: plots.plot_bench(records, args.plot), failed):
+            print(f"wrote {args.plot}")
+    if failed:
+        raise OSError("; ".join(failed))
     if interrupted:
         return 130
     if not ran:
@@ -606,6 +618,23 @@ def not_run_counts(records: list[dict]) -> dict[tuple[str, str, str], int]:
             key = (r["suite"], r["impl"], r["skipped"])
             counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+def written(flag: str, path: str, write, failed: list[str]) -> bool:
+    """Whether ``write()`` wrote the output of ``flag``: one that fails after the run (a full disk,
+    a path removed meanwhile) adds its flag, path and reason to ``failed`` and leaves the other
+    outputs to be written, the measurements being in them too."""
+    try:
+        write()
+    except OSError as exc:
+        failed.append(f"{flag} {path}: could not be written ({exc.strerror or exc})")
+        return False
+    return True
+
+
+def write_json(records: list[dict], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(records, f, indent=2)
 
 
 CSV_FIELDS = ["suite", "impl", "device", "dtype", "mode", "shape", "median_ms", "min_ms", "max_ms", "tflops", "gbps",

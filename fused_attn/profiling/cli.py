@@ -13,7 +13,7 @@ import json
 import torch
 
 from ..bench import workloads
-from ..bench.cli import DTYPES, PLOT_SUFFIXES, UsageError, check_outputs, positive_int, resolve_device
+from ..bench.cli import DTYPES, PLOT_SUFFIXES, UsageError, check_outputs, positive_int, resolve_device, written
 from ..bench.harness import is_out_of_memory, is_size_overflow, one_line_reason, progress
 from . import memory
 
@@ -129,15 +129,21 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.model}, {layers}, batch {args.batch}, seq {args.seq}, {result['dtype']}, "
           f"{args.mode}, {device}")
     print(format_table(result))
-    if args.json is not None:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    failed: list[str] = []
+    if args.json is not None and written("--json", args.json, lambda: _write_json(result, args.json), failed):
         print(f"wrote {args.json}")
     if args.plot is not None:
         from ..bench import plots
 
-        plots.plot_memory(result, args.plot)
-        print(f"wrote {args.plot}")
+        if written("--plot", args.plot, lambda: plots.plot_memory(result, args.plot), failed):
+            print(f"wrote {args.plot}")
     if args.snapshot:
         print(f"wrote {args.snapshot}")
+    if failed:
+        raise OSError("; ".join(failed))
     return 0
+
+
+def _write_json(result: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
