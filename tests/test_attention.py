@@ -577,6 +577,40 @@ def test_reference_output_follows_the_query_layout(layout, dtype, backend):
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q))
 
 
+@pytest.mark.parametrize("kind", ["bool", "float", "causal-cross"])
+def test_cpu_forward_log_sum_exp_of_a_row_that_sees_no_key_is_inf(kind):
+    """The native CPU forward's second output, the log-sum-exp the backward reads, is +inf for a row
+    that sees no key (the contract in csrc/cpu/attention.cpp: every probability the backward
+    recomputes there is exp(-inf - inf) = 0) and logsumexp of the scaled, masked scores elsewhere.
+    The public op cannot tell: with s = -inf on such a row, any finite lse gives P = 0 as well."""
+    if torch.float32 not in supported_dtypes("cpu", "cpu", OP):
+        pytest.skip("the cpu backend is not available")
+    q, k, v = _qkv(1, 2, 9, 12, 16, torch.float32, "cpu")
+    causal, row = False, 3
+    if kind == "bool":
+        mask = torch.ones(1, 2, 9, 12, dtype=torch.bool)
+        mask[:, :, 3] = False
+    elif kind == "float":
+        mask = torch.randn(1, 2, 9, 12, generator=torch.Generator().manual_seed(3))
+        mask[:, :, 3] = float("-inf")
+    else:
+        # Causal with a padding mask hiding key 0: query 0 sees no key at all.
+        mask = torch.ones(1, 1, 1, 12, dtype=torch.bool)
+        mask[..., 0] = False
+        mask = mask.expand(1, 2, 9, 12)
+        causal, row = True, 0
+    scale = 0.25
+    _, lse = torch.ops.fused_attn.attention_fwd(q, k, v, mask, scale, causal, 0.0, None)
+    scores = scale * q.double() @ k.double().transpose(-1, -2)
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
+    if causal:
+        scores = scores.masked_fill(torch.ones(9, 12, dtype=torch.bool).triu(1), float("-inf"))
+    want = torch.logsumexp(scores, dim=-1)
+    assert torch.isneginf(want[:, :, row]).all() and torch.isfinite(want[:, :, row + 1:]).all()
+    want[:, :, row] = float("inf")
+    torch.testing.assert_close(lse.double(), want, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Dropout
 

@@ -111,6 +111,16 @@ def test_inplace_false_leaves_the_model_alone():
     assert_model_parity(model, report.model, _run_transformer)
 
 
+def test_modules_kept_are_not_reported_as_replaced():
+    """report.replaced lists exactly the modules converted: those kept (an unsupported head dim,
+    float64 parameters) are in report.kept alone, and the summary line counts them so."""
+    model = nn.Sequential(nn.MultiheadAttention(640, 2), nn.LayerNorm(8).double(), nn.LayerNorm(8))
+    report = fused_attn.optimize(model, backend="reference")
+    assert report.replaced == [("2", "LayerNorm", "FusedLayerNorm")]
+    assert [(path, kind) for path, kind, _ in report.kept] == [("0", "MultiheadAttention"), ("1", "LayerNorm")]
+    assert str(report).splitlines()[0] == "fused_attn.optimize: 1 replaced, 2 kept as they were"
+
+
 def test_unsupported_modules_are_kept_with_a_reason():
     model = nn.Sequential(nn.MultiheadAttention(640, 2), nn.LayerNorm(8).double(), nn.LayerNorm(8))
     report = fused_attn.optimize(model, backend="reference")
@@ -236,6 +246,18 @@ def test_hf_bert_restore():
     assert model.config._attn_implementation == original
     assert type(model.encoder.layer[0].output).__name__ == "BertOutput"
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).last_hidden_state, before)
+
+
+def test_hf_bert_restore_leaves_no_attribute_optimize_set():
+    """restore() takes off every attribute optimize() put on a Hugging Face model's modules (the
+    fused blocks' backend, GELU approximation and activation record, the original-class marker):
+    each module is left with the attributes it had before."""
+    transformers, config = _hf_config()
+    model = transformers.BertModel(config).eval()
+    before = {name: set(vars(m)) for name, m in model.named_modules()}
+    fused_attn.optimize(model)
+    fused_attn.restore(model)
+    assert {name: set(vars(m)) for name, m in model.named_modules()} == before
 
 
 @pytest.mark.parametrize("how", ["argument", "config"])

@@ -72,6 +72,37 @@ def test_cpu_kernel_keep_mask_is_the_documented_philox():
     np.testing.assert_array_equal((prenorm != 0).numpy(), expected)
 
 
+@pytest.mark.skipif(not _extension.loaded(), reason="the extension is not built")
+def test_cpu_kernels_keep_an_element_whose_uniform_is_exactly_p():
+    """The keep test is inclusive (uniform >= p) in every CPU kernel that drops: with p set to the
+    uniform of element 0 exactly, the attention's forward, both of its backward schedules and Add &
+    Norm keep that element, and with the next float32 above it they drop it. (A strict > differs
+    from >= only where a uniform equals p, which no random draw of these tests ever hits.)"""
+    u = _philox_uniform(SEED, 0)
+    assert 0 < u < 1
+    seed = torch.tensor(SEED)
+    # Equal scores over 4 keys and the identity for V: output [0, j] is keep[0, j] / (4 (1 - p)), and
+    # with an upstream gradient of ones dV[j] is the dropped probability P[0, j] in every column.
+    q, k = torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 4, 4)
+    v = torch.eye(4).view(1, 1, 4, 4)
+    ones = torch.ones(1, 37)
+    previous = torch.get_num_threads()
+    for p, kept in ((float(u), True), (float(np.nextafter(u, np.float32(1))), False)):
+        out, lse = torch.ops.fused_attn.attention_fwd(q, k, v, None, 1.0, False, p, seed)
+        assert bool(out[0, 0, 0, 0] != 0) == kept, (p, out)
+        for threads in (1, 2):  # one head: the per-head backward on one thread, the per-block passes on two
+            torch.set_num_threads(threads)
+            try:
+                _, _, dv, _ = torch.ops.fused_attn.attention_bwd(torch.ones_like(out), q, k, v, None, lse, 1.0,
+                                                                 False, p, seed, False)
+            finally:
+                torch.set_num_threads(previous)
+            assert bool((dv[0, 0, 0] != 0).all()) == kept, (p, threads, dv)
+        _, prenorm, _, _ = torch.ops.fused_attn.add_layer_norm_fwd(ones, torch.zeros_like(ones), None, None, None,
+                                                                   1e-5, p, seed)
+        assert bool(prenorm[0, 0] != 0) == kept, (p, prenorm)
+
+
 @pytest.mark.parametrize("backend_device", backend_params("ffn", exclude=("reference",)))
 def test_ffn_keep_mask_is_the_documented_philox_on_every_backend(backend_device):
     """The FFN drops element row * out_features + col of the shared stream on every backend (the
