@@ -357,7 +357,13 @@ def select(
     everything dropped: no kernel is launched, and no fallback is announced; the reference gives
     the empty, zero or undropped result, and :func:`last_backend` says 'reference')."""
     wanted = requested_backend(backend)
-    if torch.compiler.is_compiling() or not all(type(v) in (int, bool) for v in inputs.features.values()):
+    traced = torch.compiler.is_compiling()
+    if not traced:  # a loop, not all() of a generator: this runs on every eager call
+        for value in inputs.features.values():
+            if type(value) is not int and type(value) is not bool:
+                traced = True
+                break
+    if traced:
         # Traced (Dynamo; make_fx and export give symbolic sizes, which are neither hashable nor
         # fixed): the full path, leaving no state behind.
         name, fallback_reason = _select(op, inputs, wanted)
@@ -375,7 +381,13 @@ def select(
         name, fallback_reason = choice
         if name is None:
             raise BackendNotSupportedError(fallback_reason)
-    if dropout_p == 1.0 or any(guard_or_false(t.numel() == 0) for t in operands):
+    empty = dropout_p == 1.0
+    for t in operands:
+        if empty:
+            break
+        numel = t.numel()
+        empty = numel == 0 if type(numel) is int else guard_or_false(numel == 0)
+    if empty:
         name, fallback_reason = "reference", ""
     _note_choice(op, name, fallback_reason)
     return name
