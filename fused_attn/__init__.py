@@ -17,6 +17,10 @@ from .ops import add_layer_norm, ffn, layer_norm, linear_gelu, scaled_dot_produc
 
 __version__ = "0.1.0"
 
+from ._compile_cache import tag_compile_caches  # noqa: E402 (needs __version__)
+
+tag_compile_caches()
+
 __all__ = [
     "add_layer_norm",
     "BackendNotSupportedError",

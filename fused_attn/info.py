@@ -32,6 +32,7 @@ def collect() -> dict:
         "cuda_kernels_compiled": _extension.cuda_kernels_compiled(),
         "triton": backends.triton_version(),
         "triton_interpret": backends.triton_interpret_mode(),
+        "compile_cache_tag": getattr(getattr(torch.compiler, "config", None), "cache_key_tag", None),
         "gpu": gpu_name(),
         "available_backends": {
             "cpu": backends.available_backends("cpu"),
@@ -65,6 +66,7 @@ def render(facts: dict) -> str:
         f"  GPU               {facts['gpu'] or 'none'}",
         f"  Triton            {facts['triton'] or 'not installed'}"
         + (f" (interpreter mode: {yes[facts['triton_interpret']]})" if facts["triton"] else ""),
+        f"  compile cache tag {facts.get('compile_cache_tag') or 'none (this torch has no cache key tag)'}",
     ]
     for device, names in facts["available_backends"].items():
         lines.append(f"  backends ({device}) {' ' * (6 - len(device))}{', '.join(names)}")

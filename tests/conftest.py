@@ -31,9 +31,9 @@ HAS_CUDA = torch.cuda.is_available()
 def pytest_configure(config):
     """The suite compiles into an Inductor cache of its own. torch.compile's on-disk caches
     (Inductor's FX graphs and AOTAutograd's, under ``TORCHINDUCTOR_CACHE_DIR``) key a graph on
-    the ops it calls, not on the Python formulas registered as their autograd: a cache left by
-    another version of this package would serve that version's backward, and the tests would
-    check a cache instead of the code."""
+    the ops it calls, not on the code behind them: the package's cache key tag
+    (fused_attn._compile_cache) keeps another version's graphs apart, and a fresh directory also
+    keeps the tests from checking a cache instead of the code where torch has no such tag."""
     directory = tempfile.mkdtemp(prefix="fused_attn_inductor_")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = directory
     config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))

@@ -18,11 +18,14 @@ def test_info_json_facts():
     assert facts["extension_loaded"], facts["extension_error"]
     assert facts["build"].get("torch") == facts["torch"]
     assert "cpu" in facts["available_backends"]["cpu"]
+    from fused_attn import _compile_cache
+    assert _compile_cache.identity() in facts["compile_cache_tag"].split("+")
 
 
 def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "fused_attn", "info"], capture_output=True, text=True, check=True)
     assert "fused-attn" in out.stdout
+    assert "compile cache tag fused_attn-" in out.stdout
 
 
 def test_bench_layer_norm_writes_records(tmp_path, capsys):

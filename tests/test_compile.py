@@ -347,3 +347,56 @@ def test_export_with_a_sequence_dim_without_a_max(backend, strict):
     program = torch.export.export(block, inputs(6), dynamic_shapes=({2: seq}, {1: seq}), strict=strict)
     args = inputs(9)
     torch.testing.assert_close(program.module()(*args), block(*args))
+
+
+_CACHED_COMPILE = """
+import sys, torch
+import fused_attn
+from torch._dynamo.utils import counters
+if sys.argv[1] != "-":  # the tag another version of the package would set
+    torch.compiler.config.cache_key_tag = sys.argv[1]
+q = torch.randn(1, 2, 8, 8, requires_grad=True)
+out = torch.compile(lambda q: fused_attn.scaled_dot_product_attention(q, q, q, is_causal=True), fullgraph=True)(q)
+out.sum().backward()
+print(torch.compiler.config.cache_key_tag, counters["aot_autograd"]["autograd_cache_hit"])
+"""
+
+
+def test_compile_caches_are_keyed_on_the_package(tmp_path):
+    """Importing the package adds its identity (its Python sources and its extension's) to torch's
+    compile cache key tag, after a tag the user set: a graph cached by another version of the
+    package, whose backward may differ, is compiled afresh instead of being reused."""
+    import os
+    import subprocess
+    import sys
+
+    from fused_attn import _compile_cache
+
+    _require("cpu")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"), "TORCH_COMPILE_CACHE_KEY_TAG": "mine"}
+
+    def run(tag: str) -> tuple[str, int]:
+        done = subprocess.run([sys.executable, "-c", _CACHED_COMPILE, tag], capture_output=True, text=True,
+                              timeout=600, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        used, hits = done.stdout.split()[-2:]
+        return used, int(hits)
+
+    ours = f"mine+{_compile_cache.identity()}"
+    assert run("-") == (ours, 0)  # fills the cache
+    assert run("-") == (ours, 1)  # the same package: served from the cache
+    other = "mine+fused_attn-0.1.0-0000000000000000"
+    assert run(other) == (other, 0)  # another version's tag: compiled afresh
+
+
+def test_package_identity_follows_its_sources(tmp_path):
+    from fused_attn import _compile_cache
+
+    (tmp_path / "ops").mkdir()
+    (tmp_path / "ops" / "a.py").write_text("x = 1\n")
+    first = _compile_cache.identity(tmp_path, "digest")
+    assert first == _compile_cache.identity(tmp_path, "digest")
+    assert first != _compile_cache.identity(tmp_path, "another extension")
+    (tmp_path / "ops" / "a.py").write_text("x = 2\n")
+    assert first != _compile_cache.identity(tmp_path, "digest")
+    assert _compile_cache.identity() in torch.compiler.config.cache_key_tag.split("+")
