@@ -257,7 +257,7 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
             if original is None:
                 report.built_fused.append((path, type(module).__name__))
             else:
-                report.replaced.append((path, original.__name__, type(module).__name__))
+                report.replaced.append((path, original.__name__, own_class(module).__name__))
             continue
         swap = _SWAPS.get(own_class(module))
         if swap is None:
@@ -265,7 +265,7 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
         fused_cls, reason_of = swap
         reason = reason_of(module)
         if reason is not None:
-            report.kept.append((path, type(module).__name__, reason))
+            report.kept.append((path, own_class(module).__name__, reason))
             continue
         setattr(module, ORIGINAL_CLASS, own_class(module))
         set_class(module, fused_cls)

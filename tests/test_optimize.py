@@ -714,6 +714,23 @@ def test_parametrized_modules_are_converted_and_restored_with_their_parametrizat
     assert parametrize.is_parametrized(hf.embeddings.LayerNorm, "weight")
 
 
+def test_parametrized_modules_are_reported_by_their_own_class():
+    """The report names a parametrized module by the class it was made from, as the first
+    optimize does ("LayerNorm -> FusedLayerNorm"): when it is kept (float64 parameters) and when a
+    second optimize switches its backend, not by the class torch.nn.utils.parametrize derived
+    ("ParametrizedLayerNorm", "ParametrizedFusedLayerNorm")."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model = nn.Sequential(nn.LayerNorm(16), nn.LayerNorm(16).double())
+    for norm in model:
+        weight_norm(norm)
+    first = fused_attn.optimize(model, backend="reference")
+    assert first.replaced == [("0", "LayerNorm", "FusedLayerNorm")]
+    assert [(path, kind) for path, kind, _ in first.kept] == [("1", "LayerNorm")]
+    again = fused_attn.optimize(model, backend="reference")
+    assert again.replaced == first.replaced
+
+
 def test_hf_unsupported_head_dim_keeps_the_attention():
     """A head dim no fused kernel serves leaves the model's attention implementation as it was,
     whichever backend is asked for; the report says so, and the model still runs."""

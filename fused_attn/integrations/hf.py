@@ -529,7 +529,8 @@ def _convert_model(model: nn.Module, backend: str | None, unregistered: str | No
                 module.backend = backend
             else:
                 blocks += 1
-            replaced.append((path, module.__dict__[convert.ORIGINAL_CLASS].__name__, type(module).__name__))
+            replaced.append((path, module.__dict__[convert.ORIGINAL_CLASS].__name__,
+                             convert.own_class(module).__name__))
             continue
         kind = "add_norm" if _is_add_norm_block(module) else "intermediate" if _is_intermediate_block(module) else None
         why = foreign_child(module) if kind is not None else None
