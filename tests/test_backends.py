@@ -297,6 +297,27 @@ def test_triton_gemm_refuses_dims_that_would_wrap():
         kernels.gemm(tall, torch.zeros(1, 1), tall)
 
 
+def test_triton_launchers_refuse_extents_that_would_wrap():
+    """What the backend choice declines (a traced graph with a dynamic size can still bring it) the
+    launchers refuse before any launch or allocation."""
+    if backends.triton_version() is None:
+        pytest.skip("triton is not installed")
+    from fused_attn.kernels.triton import attention, layer_norm, softmax
+
+    wide = torch.zeros(1, 1).expand(1, backends.MAX_EXTENT + 1)  # no memory behind it
+    with pytest.raises(ValueError, match="LayerNorm kernels take rows up to"):
+        layer_norm.norm_fwd(wide, None, None, None, None, 1e-5, 0.0, 0)
+    with pytest.raises(ValueError, match="LayerNorm kernels take rows up to"):
+        layer_norm.norm_bwd(wide, None, wide, torch.zeros(1), torch.ones(1), None, 0.0, 0,
+                            dict(dx=True, dinput=False, dweight=False, dbias=False, dinput_bias=False))
+    with pytest.raises(ValueError, match="softmax kernel takes rows up to"):
+        softmax.softmax_fwd(wide[None, None], None, 1.0, False)
+    long = torch.zeros(1, 1, 1, 16).expand(1, 1, backends.MAX_EXTENT + 1, 16)
+    q = torch.zeros(1, 1, 1, 16)
+    with pytest.raises(ValueError, match="take lengths up to"):
+        attention.attention_fwd(q, long, long, None, 1.0, False, 0.0, 0)
+
+
 def test_symbolic_tracing_outside_dynamo_takes_the_full_choice_path():
     """make_fx (and export) trace with symbolic sizes that Dynamo's is_compiling() does not flag:
     such a call is not remembered (a symbolic size is neither hashable nor fixed) and traces."""

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._env import MAX_EXTENT
 from ._dropout import as_float32, dropout, keep_divisor
 
 # Widest block kept in registers: 64 KiB of the row per program (the Triton tutorial's bound);
@@ -32,6 +33,13 @@ from ._dropout import as_float32, dropout, keep_divisor
 MAX_FUSED_BYTES = 65536
 # The backward holds x, dy, w and up to three accumulators per element: a narrower cap avoids spills.
 MAX_BWD_BLOCK = 4096
+
+
+def _check_hidden(hidden: int) -> None:
+    if hidden > MAX_EXTENT:
+        # The column offsets are 32-bit in the kernels (the backend choice rejects such rows; a graph
+        # traced for a dynamic hidden size meets them here).
+        raise ValueError(f"the Triton LayerNorm kernels take rows up to {MAX_EXTENT} long, got hidden {hidden}")
 
 
 def _block_n(hidden: int, element_size: int, cap: int | None = None) -> int:
@@ -253,6 +261,7 @@ def norm_fwd(
     None without a residual, and without ``keep_prenorm`` (inference: the sum is kept in registers
     or, for rows wider than a block, formed in y's row and normalised there in place)."""
     rows, hidden = x.shape
+    _check_hidden(hidden)
     y = torch.empty_like(x)
     prenorm = torch.empty_like(x) if residual is not None and keep_prenorm else None
     mean = torch.empty(rows, device=x.device, dtype=torch.float32)
@@ -298,6 +307,7 @@ def norm_bwd(
     where ``x`` is what was normalised. Unselected ones are empty [0] tensors (distinct objects:
     outputs of a custom op must not alias)."""
     rows, hidden = x.shape
+    _check_hidden(hidden)
     if need["dweight"] and weight is None:
         raise ValueError("the weight gradient was requested but weight is None")
     programs = _num_bwd_programs(rows, x.device)

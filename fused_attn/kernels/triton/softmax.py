@@ -139,14 +139,14 @@ def _block(n_cols: int) -> tuple[int, bool]:
 def softmax_fwd(x: torch.Tensor, mask: torch.Tensor | None, scale: float, is_causal: bool) -> torch.Tensor:
     """x: [A, B, M, N] with any strides; mask: None or expanded to x's shape. Returns y contiguous."""
     dim_a, dim_b, dim_m, n_cols = x.shape
+    if n_cols > MAX_EXTENT:
+        # The row loop is 32-bit in the kernel (the backend choice rejects such rows; a graph traced for a
+        # dynamic row length meets them here), refused before the output is allocated.
+        raise ValueError(f"the Triton softmax kernel takes rows up to {MAX_EXTENT} long, got {n_cols}")
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     rows = dim_a * dim_b * dim_m
     if rows == 0 or n_cols == 0:
         return y
-    if n_cols > MAX_EXTENT:
-        # The row loop is 32-bit in the kernel (the backend choice rejects such rows; a graph traced for a
-        # dynamic row length meets them here).
-        raise ValueError(f"the Triton softmax kernel takes rows up to {MAX_EXTENT} long, got {n_cols}")
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     block, single = _block(n_cols)
