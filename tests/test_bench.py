@@ -1196,3 +1196,16 @@ def test_an_output_that_cannot_be_written_names_its_flag_and_the_others_are_writ
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and lines == ["fused-attn profile-memory: error: --json /dev/full: could not be written "
                                    "(No space left on device)"], lines
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_snapshot_that_cannot_be_written_names_its_flag_and_the_json_is_written(tmp_path, capsys):
+    out = tmp_path / "mem.json"
+    code = cli.main(["profile-memory", "--model", "bert-tiny", "--layers", "1", "--seq", "8", "--device", "cuda",
+                     "--snapshot", "/dev/full", "--json", str(out)])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 1 and lines == ["fused-attn profile-memory: error: --snapshot /dev/full: could not be written "
+                                   "(No space left on device)"], lines
+    assert out.exists() and f"wrote {out}" in captured.out

@@ -632,9 +632,10 @@ def written(flag: str, path: str, write, failed: list[str]) -> bool:
     return True
 
 
-def write_json(records: list[dict], path: str) -> None:
+def write_json(records: list[dict] | dict, path: str) -> None:
     with open(path, "w") as f:
         json.dump(records, f, indent=2)
+        f.write("\n")
 
 
 CSV_FIELDS = ["suite", "impl", "device", "dtype", "mode", "shape", "median_ms", "min_ms", "max_ms", "tflops", "gbps",

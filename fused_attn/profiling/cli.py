@@ -8,12 +8,20 @@ available is refused before it is built.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from ..bench import workloads
-from ..bench.cli import DTYPES, PLOT_SUFFIXES, UsageError, check_outputs, positive_int, resolve_device, written
+from ..bench.cli import (
+    DTYPES,
+    PLOT_SUFFIXES,
+    UsageError,
+    check_outputs,
+    positive_int,
+    resolve_device,
+    write_json,
+    written,
+)
 from ..bench.harness import is_out_of_memory, is_size_overflow, one_line_reason, progress
 from . import memory
 
@@ -116,9 +124,14 @@ def run(args: argparse.Namespace) -> int:
             raise
         raise UsageError(f"{args.model} at batch {args.batch}, seq {args.seq} does not fit in memory here: "
                          f"{one_line_reason(exc)}") from None
+    failed: list[str] = []
+    snapshot_written = False
     if args.snapshot:
-        torch.cuda.memory._dump_snapshot(args.snapshot)
-        torch.cuda.memory._record_memory_history(enabled=None)
+        try:
+            snapshot_written = written("--snapshot", args.snapshot,
+                                       lambda: torch.cuda.memory._dump_snapshot(args.snapshot), failed)
+        finally:
+            torch.cuda.memory._record_memory_history(enabled=None)
     result = {
         "model": args.model, "layers": workload.layers, "batch": args.batch, "seq": args.seq, "device": str(device),
         "dtype": str(dtype).replace("torch.", ""), "mode": args.mode,
@@ -129,21 +142,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.model}, {layers}, batch {args.batch}, seq {args.seq}, {result['dtype']}, "
           f"{args.mode}, {device}")
     print(format_table(result))
-    failed: list[str] = []
-    if args.json is not None and written("--json", args.json, lambda: _write_json(result, args.json), failed):
+    if args.json is not None and written("--json", args.json, lambda: write_json(result, args.json), failed):
         print(f"wrote {args.json}")
     if args.plot is not None:
         from ..bench import plots
 
         if written("--plot", args.plot, lambda: plots.plot_memory(result, args.plot), failed):
             print(f"wrote {args.plot}")
-    if args.snapshot:
+    if snapshot_written:
         print(f"wrote {args.snapshot}")
     if failed:
         raise OSError("; ".join(failed))
     return 0
-
-
-def _write_json(result: dict, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
