@@ -24,8 +24,9 @@ def test_use_example_runs():
     scope: dict = {}
     exec(compile(_block("fused_attn.layer_norm("), "README.md", "exec"), scope)
     x, w, b = scope["x"], scope["w"], scope["b"]
-    # y is the reference backend's float32 result: torch's up to float32 rounding
-    torch.testing.assert_close(scope["y"], torch.nn.functional.layer_norm(x, (768,), w, b, eps=1e-12),
+    # float32 results of the fused and the reference backend: torch's up to float32 rounding
+    torch.testing.assert_close(scope["y"], torch.nn.functional.layer_norm(x, (768,), w, b, eps=1e-12))
+    torch.testing.assert_close(scope["y_ref"], torch.nn.functional.layer_norm(x, (768,), w, b),
                                rtol=1e-5, atol=1e-4)
 
 
