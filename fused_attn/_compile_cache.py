@@ -35,11 +35,23 @@ def identity(package: Path = _PACKAGE, extension_digest: str | None = None) -> s
     return f"fused_attn-{__version__}-{digest.hexdigest()[:16]}"
 
 
+def _config():
+    """torch's compiler config, or None where this torch has no cache key tag."""
+    config = getattr(torch.compiler, "config", None)
+    return config if hasattr(config, "cache_key_tag") else None
+
+
+def current_tag() -> str | None:
+    """The cache key tag in effect (None where this torch has none)."""
+    config = _config()
+    return None if config is None else config.cache_key_tag
+
+
 def tag_compile_caches() -> str | None:
     """Adds :func:`identity` to ``torch.compiler.config.cache_key_tag`` (once) and returns the tag
     now in effect; None where this torch has no such tag."""
-    config = getattr(torch.compiler, "config", None)
-    if config is None or not hasattr(config, "cache_key_tag"):
+    config = _config()
+    if config is None:
         return None
     tag = identity()
     current = config.cache_key_tag

@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-from . import __version__, _extension, backends
+from . import __version__, _compile_cache, _extension, backends
 
 
 def gpu_name() -> str | None:
@@ -32,7 +32,7 @@ def collect() -> dict:
         "cuda_kernels_compiled": _extension.cuda_kernels_compiled(),
         "triton": backends.triton_version(),
         "triton_interpret": backends.triton_interpret_mode(),
-        "compile_cache_tag": getattr(getattr(torch.compiler, "config", None), "cache_key_tag", None),
+        "compile_cache_tag": _compile_cache.current_tag(),
         "gpu": gpu_name(),
         "available_backends": {
             "cpu": backends.available_backends("cpu"),
