@@ -197,3 +197,54 @@ def test_hf_bert_random_configs(case):
         return model(input_ids=ids, attention_mask=keep, token_type_ids=types).last_hidden_state
 
     _check(context, plain, "attention fused_attn", run)
+
+
+@pytest.mark.parametrize("case", range(CASES // 2))
+@pytest.mark.parametrize("model", ["bert", "transformer"])
+def test_reference_model_random_configs(model, case):
+    """The package's reference BERT and encoder-decoder Transformer from random configs,
+    optimize()d: outputs and every parameter gradient, with random padding."""
+    from fused_attn.models import BertConfig, BertModel, Transformer, TransformerConfig
+
+    seed = (9000 if model == "bert" else 9500) + case
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    heads = rng.randint(1, 4)
+    width = heads * rng.choice((16,) if heads == 1 else (8, 16))
+    batch = rng.randint(1, 3)
+
+    def tokens(length: int) -> torch.Tensor:
+        return torch.randint(1, 40, (batch, length), generator=gen)
+
+    def padded(length: int) -> torch.Tensor:  # True = padding, a prefix of at least one token kept
+        kept = [rng.randint(1, length) for _ in range(batch)]
+        return torch.tensor([[j >= n for j in range(length)] for n in kept])
+
+    if model == "bert":
+        config = BertConfig(
+            vocab_size=40, hidden_size=width, num_attention_heads=heads, num_hidden_layers=rng.randint(1, 2),
+            intermediate_size=rng.randint(1, 80), hidden_act=rng.choice(("gelu", "gelu_new")),
+            layer_norm_eps=rng.choice((1e-12, 1e-5)), max_position_embeddings=32,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        )
+        ids = tokens(rng.randint(1, 16))
+        pad = padded(ids.shape[1])
+        plain, swapped_in = BertModel(config), "BertModel(fused=True)"
+
+        def run(m):
+            return m(ids, attention_mask=(~pad).long()).last_hidden_state
+    else:
+        config = TransformerConfig(
+            src_vocab_size=40, d_model=width, nhead=heads, num_encoder_layers=rng.randint(1, 2),
+            num_decoder_layers=rng.randint(1, 2), dim_feedforward=rng.randint(1, 80), dropout=0.0,
+            activation=rng.choice(("gelu", "gelu_tanh")), norm_first=rng.random() < 0.5,
+            positional=rng.choice(("sinusoidal", "learned")), max_position_embeddings=32,
+        )
+        src, tgt = tokens(rng.randint(1, 12)), tokens(rng.randint(1, 12))
+        src_pad, tgt_pad = padded(src.shape[1]), padded(tgt.shape[1])
+        plain, swapped_in = Transformer(config), "Transformer(fused=True)"
+
+        def run(m):
+            return m(src, tgt, src_key_padding_mask=src_pad, tgt_key_padding_mask=tgt_pad).logits
+
+    _check(f"seed {seed}: {config}", plain, swapped_in, run)
