@@ -18,10 +18,27 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_attn
+from fused_attn import backends
 
 from .conftest import assert_model_parity
 
 CASES = 32
+# Widths (model, feed-forward) of at least this many features. A parameter gradient is judged by its
+# largest error against 3x the plain module's largest: over a handful of entries, each a sum of many
+# rounded terms, the plain error can be far below one rounding of the result by the luck of
+# cancellation (a one-entry bias gradient 0.03 ulp off), which no other honest order of the sum meets.
+MIN_WIDTH = 16
+# The Triton backend (under the interpreter here) meets the first of the cases.
+TRITON_CASES = 6
+
+
+def _cases(count: int) -> list:
+    """(backend, case) parameters: every case on the auto backend, the first TRITON_CASES also on Triton."""
+    params = [pytest.param("auto", case, id=f"auto-{case}") for case in range(count)]
+    reasons = backends.backend_unavailable_reasons("triton", torch.device("cpu"))
+    marks = [pytest.mark.skip(reason="; ".join(reasons))] if reasons else []
+    params += [pytest.param("triton", case, id=f"triton-{case}", marks=marks) for case in range(TRITON_CASES)]
+    return params
 
 
 def _cast(value, dtype: torch.dtype):
@@ -56,23 +73,26 @@ def _attn_mask(gen: torch.Generator, shape: tuple[int, ...], kind: str, mask_kin
     return torch.randn(shape, generator=gen)
 
 
-def _check(context: str, plain: nn.Module, swapped_in: str, run) -> None:
-    """optimize() on a copy of ``plain``, which must report ``swapped_in`` among what it put in, then parity."""
+def _check(context: str, backend: str, plain: nn.Module, swapped_in: str, run) -> None:
+    """optimize() on a copy of ``plain``, which must report ``swapped_in`` among what it put in, then
+    parity, the fused ops run on ``backend``."""
     fused = copy.deepcopy(plain)
     report = fused_attn.optimize(fused)
     assert swapped_in in {new for _, _, new in report.replaced}, f"{context}: {report}"
     try:
-        assert_model_parity(plain, fused, run)
+        with fused_attn.use_backend(backend):
+            assert_model_parity(plain, fused, run)
     except AssertionError as exc:
         raise AssertionError(f"{context}: {exc}") from None
 
 
-@pytest.mark.parametrize("case", range(CASES))
-def test_multihead_attention_random_configs(case):
+@pytest.mark.parametrize("backend, case", _cases(CASES))
+def test_multihead_attention_random_configs(backend, case):
     seed = 5000 + case
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    heads, head_dim = rng.randint(1, 4), rng.choice((4, 8, 12, 16))
+    heads = rng.randint(1, 4)
+    head_dim = rng.choice((16,) if heads == 1 else (8, 12, 16))
     embed = heads * head_dim
     cross = rng.random() < 0.5
     kdim, vdim = (rng.randint(3, 20), rng.randint(3, 20)) if cross and rng.random() < 0.5 else (None, None)
@@ -111,22 +131,20 @@ def test_multihead_attention_random_configs(case):
                              attn_mask=_cast(attn_mask, dtype), average_attn_weights=average, is_causal=is_causal)
         return torch.cat([out.flatten(), weights.flatten()]) if need_weights else out
 
-    _check(context, plain, "FusedMultiheadAttention", run)
+    _check(context, backend, plain, "FusedMultiheadAttention", run)
 
 
-@pytest.mark.parametrize("case", range(CASES))
+@pytest.mark.parametrize("backend, case", _cases(CASES))
 @pytest.mark.parametrize("layer", ["encoder", "decoder"])
-def test_transformer_layer_random_configs(layer, case):
+def test_transformer_layer_random_configs(layer, backend, case):
     seed = (6000 if layer == "encoder" else 7000) + case
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    # At least 16 features: a parameter gradient of a handful of column sums would be judged by the
-    # luck of one rounding in the plain module's own error (the bound is 3x its largest).
     heads = rng.randint(1, 4)
     d_model = heads * rng.choice((16,) if heads == 1 else (8, 16))
     activation = rng.choice(("relu", "gelu", F.relu, F.gelu))
     options = {
-        "dim_feedforward": rng.randint(1, 80), "dropout": 0.0, "activation": activation,
+        "dim_feedforward": rng.randint(MIN_WIDTH, 80), "dropout": 0.0, "activation": activation,
         "layer_norm_eps": rng.choice((1e-5, 1e-6, 1e-12)), "batch_first": rng.random() < 0.5,
         "norm_first": rng.random() < 0.5, "bias": rng.random() < 0.8,
     }
@@ -166,11 +184,12 @@ def test_transformer_layer_random_configs(layer, case):
                          memory_mask=_cast(memory_mask, dtype), tgt_key_padding_mask=_cast(self_padding, dtype),
                          memory_key_padding_mask=_cast(memory_padding, dtype), tgt_is_causal=self_causal)
 
-    _check(context, plain, "FusedTransformerEncoderLayer" if layer == "encoder" else "FusedTransformerDecoderLayer", run)
+    swapped_in = "FusedTransformerEncoderLayer" if layer == "encoder" else "FusedTransformerDecoderLayer"
+    _check(context, backend, plain, swapped_in, run)
 
 
-@pytest.mark.parametrize("case", range(CASES // 2))
-def test_hf_bert_random_configs(case):
+@pytest.mark.parametrize("backend, case", _cases(CASES // 2))
+def test_hf_bert_random_configs(backend, case):
     """Hugging Face BERT built from a random config, optimize()d: the encoder's output and every
     parameter gradient, with random padding and token types."""
     transformers = pytest.importorskip("transformers")
@@ -180,7 +199,7 @@ def test_hf_bert_random_configs(case):
     heads = rng.randint(1, 4)
     config = transformers.BertConfig(
         vocab_size=50, hidden_size=heads * rng.choice((16,) if heads == 1 else (8, 16)), num_attention_heads=heads,
-        num_hidden_layers=rng.randint(1, 2), intermediate_size=rng.randint(1, 80),
+        num_hidden_layers=rng.randint(1, 2), intermediate_size=rng.randint(MIN_WIDTH, 80),
         hidden_act=rng.choice(("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")),
         layer_norm_eps=rng.choice((1e-12, 1e-5)), max_position_embeddings=32,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
@@ -196,12 +215,12 @@ def test_hf_bert_random_configs(case):
     def run(model):
         return model(input_ids=ids, attention_mask=keep, token_type_ids=types).last_hidden_state
 
-    _check(context, plain, "attention fused_attn", run)
+    _check(context, backend, plain, "attention fused_attn", run)
 
 
-@pytest.mark.parametrize("case", range(CASES // 2))
+@pytest.mark.parametrize("backend, case", _cases(CASES // 2))
 @pytest.mark.parametrize("model", ["bert", "transformer"])
-def test_reference_model_random_configs(model, case):
+def test_reference_model_random_configs(model, backend, case):
     """The package's reference BERT and encoder-decoder Transformer from random configs,
     optimize()d: outputs and every parameter gradient, with random padding."""
     from fused_attn.models import BertConfig, BertModel, Transformer, TransformerConfig
@@ -223,7 +242,7 @@ def test_reference_model_random_configs(model, case):
     if model == "bert":
         config = BertConfig(
             vocab_size=40, hidden_size=width, num_attention_heads=heads, num_hidden_layers=rng.randint(1, 2),
-            intermediate_size=rng.randint(1, 80), hidden_act=rng.choice(("gelu", "gelu_new")),
+            intermediate_size=rng.randint(MIN_WIDTH, 80), hidden_act=rng.choice(("gelu", "gelu_new")),
             layer_norm_eps=rng.choice((1e-12, 1e-5)), max_position_embeddings=32,
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         )
@@ -236,7 +255,7 @@ def test_reference_model_random_configs(model, case):
     else:
         config = TransformerConfig(
             src_vocab_size=40, d_model=width, nhead=heads, num_encoder_layers=rng.randint(1, 2),
-            num_decoder_layers=rng.randint(1, 2), dim_feedforward=rng.randint(1, 80), dropout=0.0,
+            num_decoder_layers=rng.randint(1, 2), dim_feedforward=rng.randint(MIN_WIDTH, 80), dropout=0.0,
             activation=rng.choice(("gelu", "gelu_tanh")), norm_first=rng.random() < 0.5,
             positional=rng.choice(("sinusoidal", "learned")), max_position_embeddings=32,
         )
@@ -247,4 +266,4 @@ def test_reference_model_random_configs(model, case):
         def run(m):
             return m(src, tgt, src_key_padding_mask=src_pad, tgt_key_padding_mask=tgt_pad).logits
 
-    _check(f"seed {seed}: {config}", plain, swapped_in, run)
+    _check(f"seed {seed}: {config}", backend, plain, swapped_in, run)
