@@ -251,38 +251,6 @@ void from_float(const float* src, float factor, T* dst, int64_t n) {
   }
 }
 
-// sum_j float(a[j]) * float(b[j]), by segments (kSumSegment).
-template <typename T>
-float dot_row(const T* a, const T* b, int64_t n, float* tmp_a, float* tmp_b) {
-  const float* fa;
-  const float* fb;
-  if constexpr (std::is_same_v<T, float>) {
-    fa = a;
-    fb = b;
-  } else {
-    to_float(a, tmp_a, n);
-    to_float(b, tmp_b, n);
-    fa = tmp_a;
-    fb = tmp_b;
-  }
-  double total = 0.0;
-  for (int64_t j0 = 0; j0 < n; j0 += kSumSegment) {
-    const int64_t end = std::min(n, j0 + kSumSegment);
-    fVec acc0(0.f), acc1(0.f);
-    int64_t j = j0;
-    for (; j + 2 * kLanes <= end; j += 2 * kLanes) {
-      acc0 = at::vec::fmadd(fVec::loadu(fa + j), fVec::loadu(fb + j), acc0);
-      acc1 = at::vec::fmadd(fVec::loadu(fa + j + kLanes), fVec::loadu(fb + j + kLanes), acc1);
-    }
-    for (; j < end; j += kLanes) {
-      const int64_t len = std::min(kLanes, end - j);
-      acc0 = at::vec::fmadd(fVec::loadu(fa + j, len), fVec::loadu(fb + j, len), acc0);
-    }
-    total += reduce_sum(acc0 + acc1);
-  }
-  return static_cast<float>(total);
-}
-
 // ---------------------------------------------------------------------------------------------
 // GEMM on row-major float32 matrices: C[m, n] = alpha * op(A) op(B) + beta * C, where op(A) is
 // m x k (A stored k x m when trans_a) and op(B) is k x n (B stored n x k when trans_b).
@@ -1327,6 +1295,30 @@ at::Tensor softmax_fwd_cpu(const at::Tensor& input, const std::optional<at::Tens
   return out;
 }
 
+// The softmax backward's row term sum_j y_j dy_j / sum_j y_j: the dot of the saved probabilities with
+// dy, over their own sum (segments as the row sums above; 0 for a row without weight, one fully
+// masked). Divided by the sum, dy_k - term = sum_j y_j (dy_k - dy_j) / sum_j y_j exactly, so where a
+// row puts (nearly) all its weight on one element the difference no longer cancels the stored
+// probabilities' rounding into it: their sum misses 1 by it, which dy_k - sum_j y_j dy_j takes at dy's
+// scale (float16: 5e-4 |dy| where the true difference is (1 - y_k) |dy|, 50x the reference's error on
+// peaked rows), and which this term divides out. Float32 gains the same way, at its own rounding.
+float softmax_row_term(const float* y, const float* dy, int64_t n) {
+  double dot = 0.0, total = 0.0;
+  for (int64_t j0 = 0; j0 < n; j0 += kSumSegment) {
+    const int64_t end = std::min(n, j0 + kSumSegment);
+    fVec dot_acc(0.f), sum_acc(0.f);
+    for (int64_t j = j0; j < end; j += kLanes) {
+      const int64_t len = std::min(kLanes, end - j);
+      const fVec yv = fVec::loadu(y + j, len);  // lanes past len read as 0
+      dot_acc = at::vec::fmadd(yv, fVec::loadu(dy + j, len), dot_acc);
+      sum_acc += yv;
+    }
+    dot += reduce_sum(dot_acc);
+    total += reduce_sum(sum_acc);
+  }
+  return total > 0.0 ? static_cast<float>(dot / total) : 0.f;
+}
+
 template <typename T>
 void softmax_bwd_rows(const T* dy, const T* y, int64_t n, float scale, int64_t begin, int64_t end, float* buf,
                       T* dx, float* dscores) {
@@ -1346,7 +1338,7 @@ void softmax_bwd_rows(const T* dy, const T* y, int64_t n, float scale, int64_t b
       py = fy;
       pdy = fdy;
     }
-    const float dot = dot_row(py, pdy, n, nullptr, nullptr);
+    const float dot = softmax_row_term(py, pdy, n);
     // g = y * (dy - dot), into the float buffer (fy is free once read: g overwrites it in place).
     float* g = fy;
     const fVec dv(dot);

@@ -1437,7 +1437,7 @@ __global__ void __launch_bounds__(kGroup == kWarpSize ? 128 : kGroup) softmax_bw
        row += static_cast<int64_t>(gridDim.x) * kRowsPerBlk) {
     const int64_t base = row * p.n;
     float cy[kCache > 0 ? kCache : 1], cdy[kCache > 0 ? kCache : 1];
-    float dot = 0.f;
+    float dot = 0.f, total = 0.f;
     if constexpr (kCache > 0) {
 #pragma unroll
       for (int c = 0; c < kCache; ++c) {
@@ -1445,11 +1445,22 @@ __global__ void __launch_bounds__(kGroup == kWarpSize ? 128 : kGroup) softmax_bw
         cy[c] = j < p.n ? load_float(y, base + j) : 0.f;
         cdy[c] = j < p.n ? load_float(dy, base + j) : 0.f;
         dot += cy[c] * cdy[c];
+        total += cy[c];
       }
     } else {
-      for (int j = sub; j < p.n; j += kGroup) dot += load_float(y, base + j) * load_float(dy, base + j);
+      for (int j = sub; j < p.n; j += kGroup) {
+        const float yv = load_float(y, base + j);
+        dot += yv * load_float(dy, base + j);
+        total += yv;
+      }
     }
     dot = group_reduce<kGroup, false>(dot, red);
+    total = group_reduce<kGroup, false>(total, red);
+    // The row term over the probabilities' own sum (0 for a row without weight): where a row puts
+    // nearly all its weight on one element, dy - sum(y dy) would cancel the stored probabilities'
+    // rounding into it at dy's scale (their sum misses 1 by it), which the division removes
+    // (softmax_row_term in csrc/cpu/attention.cpp says more).
+    dot = total > 0.f ? __fdiv_rn(dot, total) : 0.f;
     auto emit = [&](int j, float yv, float dyv) {
       const float g = yv * (dyv - dot);
       store_float(dx, base + j, g * p.scale);

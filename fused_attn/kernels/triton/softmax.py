@@ -97,6 +97,15 @@ def _softmax_fwd_kernel(
 
 
 @triton.jit
+def _row_term(dot, total):
+    """The backward's row term: sum(y * dy) over the probabilities' own sum (0 for a row without
+    weight). Where a row puts nearly all its weight on one element, dy - sum(y * dy) would cancel
+    the stored probabilities' rounding into it at dy's scale (their sum misses 1 by it); divided by
+    their sum it does not (see softmax_row_term in csrc/cpu/attention.cpp)."""
+    return tl.where(total > 0.0, dot / tl.where(total > 0.0, total, 1.0), 0.0)
+
+
+@triton.jit
 def _softmax_bwd_kernel(
     dy_ptr, y_ptr, dx_ptr, dscores_ptr, n_cols, scale,
     WRITE_DSCORES: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
@@ -107,19 +116,21 @@ def _softmax_bwd_kernel(
         inside = cols < n_cols
         y = tl.load(y_ptr + row + cols, mask=inside, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + row + cols, mask=inside, other=0.0).to(tl.float32)
-        g = y * (dy - tl.sum(dy * y, 0))
+        g = y * (dy - _row_term(tl.sum(dy * y, 0), tl.sum(y, 0)))
         tl.store(dx_ptr + row + cols, (g * scale).to(dx_ptr.dtype.element_ty), mask=inside)
         if WRITE_DSCORES:
             tl.store(dscores_ptr + row + cols, g.to(dscores_ptr.dtype.element_ty), mask=inside)
     else:
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc_y = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK_N):
             offs = start + cols
             inside = offs < n_cols
             y = tl.load(y_ptr + row + offs, mask=inside, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + row + offs, mask=inside, other=0.0).to(tl.float32)
             acc += dy * y
-        dot = tl.sum(acc, 0)
+            acc_y += y
+        dot = _row_term(tl.sum(acc, 0), tl.sum(acc_y, 0))
         for start in range(0, n_cols, BLOCK_N):
             offs = start + cols
             inside = offs < n_cols
