@@ -62,6 +62,28 @@ def test_backward_of_peaked_rows(backend_device, dtype, n):
     )
 
 
+@pytest.mark.parametrize("backend_device", backend_params("softmax"))
+@pytest.mark.parametrize("mask_shape, dim", [((1,), -1), ((), -1), ((4, 1), -1), ((1, 6), 0), ((6,), 0), ((4, 6), -1)])
+def test_mask_constant_along_dim_gets_exact_zero_gradient(backend_device, mask_shape, dim):
+    """A learned mask of size 1 along dim shifts whole slices, which softmax ignores: its gradient
+    is exactly 0 on every backend (a computed one is a sum cancelling only to rounding), and the
+    input's gradient is the plain one; a mask that varies along dim gets its gradient."""
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 6, generator=gen).to(device).requires_grad_()
+    mask = torch.randn(mask_shape, generator=gen).to(device).requires_grad_()
+    dy = torch.randn(4, 6, generator=gen).to(device)
+    fused_attn.softmax(x, dim, mask, backend=backend).backward(dy)
+    x_ref = x.detach().clone().requires_grad_()
+    torch.softmax(x_ref + mask.detach(), dim).backward(dy)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    aligned = dim % 2 - 2 + len(mask_shape)  # the mask's dim that broadcasts along the input's dim
+    if aligned < 0 or mask_shape[aligned] == 1:
+        assert torch.equal(mask.grad, torch.zeros_like(mask))
+    else:
+        assert mask.grad.abs().max() > 0.1
+
+
 @pytest.mark.parametrize("backend_device", BACKENDS)
 def test_huge_positive_mask_picks_its_element(backend_device):
     """A mask value above 2.36e38 overflowed to inf times log2(e) on triton and cuda, and the row

@@ -174,10 +174,10 @@ if _extension.loaded():
     )
 
 
-class _RowShift(torch.autograd.Function):
+class RowShift(torch.autograd.Function):
     """``out`` unchanged, and a zero gradient for ``bias``: a bias of key size 1 (per query, per
     head or a scalar) adds the same value to every score of a row, which softmax ignores, so its
-    gradient is exactly 0. The kernels get it detached: computed, that zero would be a sum of
+    gradient is exactly 0 (``fused_attn.softmax`` applies it too, to a mask of size 1 along ``dim``). The kernels get it detached: computed, that zero would be a sum of
     Lk terms that cancel only to rounding, and it would cost an Lq x Lk buffer. Under forward-mode
     AD or a torch.func transform (served by the reference, plain differentiable torch) the bias is
     taken as it is: this function has no forward formula, as Dynamo traces none that has one."""
@@ -328,7 +328,7 @@ def scaled_dot_product_attention(
             _no_last_dim_stride(query), _no_last_dim_stride(key), _no_last_dim_stride(value), mask, scale, is_causal,
             dropout_p, draw_seed(dropout_p),
         )
-    return _RowShift.apply(out, attn_mask) if row_shift else out
+    return RowShift.apply(out, attn_mask) if row_shift else out
 
 
 def attention_with_keep_mask(

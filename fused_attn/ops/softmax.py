@@ -12,9 +12,10 @@ import torch
 from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
+from .attention import RowShift
 from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import (
-    broadcast_mask, check_bool, check_tensor, transform_features, is_finite_number, python_scalar,
+    broadcast_mask, check_bool, check_tensor, transform_features, is_finite_number, python_scalar, under_transform,
 )
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -114,7 +115,9 @@ def softmax(
     ``dim`` must then be the last). Slices whose every element is masked give 0 (and zero
     gradients), not NaN. float16, bfloat16 and float32 run fused with float32 arithmetic. The
     result has ``input``'s dtype whatever the mask's (the probabilities of the scores given; a
-    float32 mask on bfloat16 scores does not promote them as ``input * scale + mask`` would).
+    float32 mask on bfloat16 scores does not promote them as ``input * scale + mask`` would). A
+    floating mask of size 1 along ``dim`` shifts whole slices, which softmax ignores: its gradient is
+    exactly 0 on every backend.
 
     Raises ``TypeError``/``ValueError`` naming the argument for a bad dim, a mask that does not
     broadcast or has a non-bool, non-floating dtype, a non-finite scale, or a device mismatch;
@@ -135,12 +138,21 @@ def softmax(
         raise ValueError("is_causal=True needs dim to be the last dim of an input with at least 2 dims")
     if not is_finite_number(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
+    given = mask
     if mask is not None:
         mask = broadcast_mask(mask, "mask", input, "input", input.shape, "input shape")
     features = {"n_cols": input.shape[dim], **transform_features(input, mask)}
     chosen = select("softmax", Inputs(input.device, input.dtype, features), backend, operands=(input,))
+    # A learned mask of size 1 along dim shifts whole slices, which softmax ignores: its gradient is
+    # exactly 0 (RowShift), not a sum of terms cancelling to rounding in a float32 buffer of the
+    # input's size.
+    row_shift = (mask is not None and mask.requires_grad and not under_transform(features)
+                 and (dim - input.dim() + given.dim() < 0 or given.shape[dim - input.dim() + given.dim()] == 1))
+    if row_shift:
+        mask = mask.detach()
     if chosen == "reference":
-        return reference.softmax(input, dim, mask, float(scale), is_causal)
+        out = reference.softmax(input, dim, mask, float(scale), is_causal)
+        return RowShift.apply(out, given) if row_shift else out
     last = dim == input.dim() - 1
     moved = input if last else input.movedim(dim, -1)
     m = mask if mask is None or last else mask.movedim(dim, -1)
@@ -151,8 +163,8 @@ def softmax(
     y = _FWD_OPS[chosen](moved, m, float(scale), is_causal)
     if reshaped:
         y = y.reshape(moved_shape)
-    if last:
-        return y
-    # torch's softmax keeps the input's layout: a contiguous input gives a contiguous result.
-    y = y.movedim(-1, dim)
-    return y.contiguous() if input.is_contiguous() else y
+    if not last:
+        # torch's softmax keeps the input's layout: a contiguous input gives a contiguous result.
+        y = y.movedim(-1, dim)
+        y = y.contiguous() if input.is_contiguous() else y
+    return RowShift.apply(y, given) if row_shift else y
