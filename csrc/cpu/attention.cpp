@@ -1295,6 +1295,43 @@ at::Tensor softmax_fwd_cpu(const at::Tensor& input, const std::optional<at::Tens
   return out;
 }
 
+// Two float vectors' worth (kWide elements) of T, widened: the softmax backward reads its 16-bit
+// rows this way, with no float copy of the row in between.
+constexpr int64_t kWide = 2 * kLanes;
+
+template <typename T>
+std::pair<fVec, fVec> load_wide(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return {fVec::loadu(p), fVec::loadu(p + kLanes)};
+  } else {
+    static_assert(at::vec::Vectorized<T>::size() == kWide, "an fp16/bf16 vector must widen to two float vectors");
+    auto [a, b] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
+    return {a, b};
+  }
+}
+
+// The first count (< kWide) elements; the lanes past them read as 0.
+template <typename T>
+std::pair<fVec, fVec> load_wide(const T* p, int64_t count) {
+  if constexpr (std::is_same_v<T, float>) {
+    return {fVec::loadu(p, std::min(count, kLanes)), fVec::loadu(p + kLanes, std::max<int64_t>(count - kLanes, 0))};
+  } else {
+    auto [a, b] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, count));
+    return {a, b};
+  }
+}
+
+// Stores a, b (count elements of them, all kWide by default) as T, each rounded once.
+template <typename T>
+void store_wide(T* p, const fVec& a, const fVec& b, int64_t count = kWide) {
+  if constexpr (std::is_same_v<T, float>) {
+    a.store(p, std::min(count, kLanes));
+    if (count > kLanes) b.store(p + kLanes, count - kLanes);
+  } else {
+    at::vec::convert_from_float<T>(a, b).store(p, count);
+  }
+}
+
 // The softmax backward's row term sum_j y_j dy_j / sum_j y_j: the dot of the saved probabilities with
 // dy, over their own sum (segments as the row sums above; 0 for a row without weight, one fully
 // masked). Divided by the sum, dy_k - term = sum_j y_j (dy_k - dy_j) / sum_j y_j exactly, so where a
@@ -1302,51 +1339,47 @@ at::Tensor softmax_fwd_cpu(const at::Tensor& input, const std::optional<at::Tens
 // probabilities' rounding into it: their sum misses 1 by it, which dy_k - sum_j y_j dy_j takes at dy's
 // scale (float16: 5e-4 |dy| where the true difference is (1 - y_k) |dy|, 50x the reference's error on
 // peaked rows), and which this term divides out. Float32 gains the same way, at its own rounding.
-float softmax_row_term(const float* y, const float* dy, int64_t n) {
+template <typename T>
+float softmax_row_term(const T* y, const T* dy, int64_t n) {
   double dot = 0.0, total = 0.0;
   for (int64_t j0 = 0; j0 < n; j0 += kSumSegment) {
     const int64_t end = std::min(n, j0 + kSumSegment);
-    fVec dot_acc(0.f), sum_acc(0.f);
-    for (int64_t j = j0; j < end; j += kLanes) {
-      const int64_t len = std::min(kLanes, end - j);
-      const fVec yv = fVec::loadu(y + j, len);  // lanes past len read as 0
-      dot_acc = at::vec::fmadd(yv, fVec::loadu(dy + j, len), dot_acc);
-      sum_acc += yv;
-    }
-    dot += reduce_sum(dot_acc);
-    total += reduce_sum(sum_acc);
+    fVec dot_a(0.f), dot_b(0.f), sum_a(0.f), sum_b(0.f);
+    auto add = [&](const std::pair<fVec, fVec>& yv, const std::pair<fVec, fVec>& dyv) {
+      dot_a = at::vec::fmadd(yv.first, dyv.first, dot_a);
+      dot_b = at::vec::fmadd(yv.second, dyv.second, dot_b);
+      sum_a += yv.first;
+      sum_b += yv.second;
+    };
+    int64_t j = j0;
+    for (; j + kWide <= end; j += kWide) add(load_wide(y + j), load_wide(dy + j));
+    if (j < end) add(load_wide(y + j, end - j), load_wide(dy + j, end - j));
+    dot += reduce_sum(dot_a + dot_b);
+    total += reduce_sum(sum_a + sum_b);
   }
   return total > 0.0 ? static_cast<float>(dot / total) : 0.f;
 }
 
+// Rows [begin, end) of dx = scale * y * (dy - term), in two passes over y and dy (the term, then the
+// gradient) with no row buffer; dscores (float32, when not null) gets y * (dy - term) unscaled.
 template <typename T>
-void softmax_bwd_rows(const T* dy, const T* y, int64_t n, float scale, int64_t begin, int64_t end, float* buf,
-                      T* dx, float* dscores) {
-  float* fy = buf;
-  float* fdy = buf + n;
+void softmax_bwd_rows(const T* dy, const T* y, int64_t n, float scale, int64_t begin, int64_t end, T* dx,
+                      float* dscores) {
+  const fVec f(scale);
   for (int64_t row = begin; row < end; ++row) {
     const T* yr = y + row * n;
     const T* dyr = dy + row * n;
-    const float* py;
-    const float* pdy;
-    if constexpr (std::is_same_v<T, float>) {
-      py = yr;
-      pdy = dyr;
-    } else {
-      to_float(yr, fy, n);
-      to_float(dyr, fdy, n);
-      py = fy;
-      pdy = fdy;
-    }
-    const float dot = softmax_row_term(py, pdy, n);
-    // g = y * (dy - dot), into the float buffer (fy is free once read: g overwrites it in place).
-    float* g = fy;
-    const fVec dv(dot);
+    T* dxr = dx + row * n;
+    float* dsr = dscores == nullptr ? nullptr : dscores + row * n;
+    const fVec dv(softmax_row_term(yr, dyr, n));
+    auto grad = [&](int64_t j, int64_t count, const std::pair<fVec, fVec>& yv, const std::pair<fVec, fVec>& dyv) {
+      const fVec ga = yv.first * (dyv.first - dv), gb = yv.second * (dyv.second - dv);
+      store_wide(dxr + j, ga * f, gb * f, count);
+      if (dsr != nullptr) store_wide(dsr + j, ga, gb, count);
+    };
     int64_t j = 0;
-    for (; j + kLanes <= n; j += kLanes) (fVec::loadu(py + j) * (fVec::loadu(pdy + j) - dv)).store(g + j);
-    if (j < n) (fVec::loadu(py + j, n - j) * (fVec::loadu(pdy + j, n - j) - dv)).store(g + j, n - j);
-    from_float(g, scale, dx + row * n, n);
-    if (dscores != nullptr) std::copy(g, g + n, dscores + row * n);
+    for (; j + kWide <= n; j += kWide) grad(j, kWide, load_wide(yr + j), load_wide(dyr + j));
+    if (j < n) grad(j, n - j, load_wide(yr + j, n - j), load_wide(dyr + j, n - j));
   }
 }
 
@@ -1381,9 +1414,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_bwd_cpu(const at::Tensor& grad_out, c
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
     float* dsp = mask_needs_grad ? dscores.mutable_data_ptr<float>() : nullptr;
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      at::Tensor buf = at::empty({2 * n}, at::TensorOptions().dtype(at::kFloat));
-      softmax_bwd_rows<scalar_t>(dyp, yp, n, static_cast<float>(scale), begin, end, buf.mutable_data_ptr<float>(),
-                                 dxp, dsp);
+      softmax_bwd_rows<scalar_t>(dyp, yp, n, static_cast<float>(scale), begin, end, dxp, dsp);
     });
   }), at::kFloat, at::kHalf, at::kBFloat16);
   return {dx, dscores};

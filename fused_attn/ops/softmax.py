@@ -146,8 +146,9 @@ def softmax(
     # A learned mask of size 1 along dim shifts whole slices, which softmax ignores: its gradient is
     # exactly 0 (RowShift), not a sum of terms cancelling to rounding in a float32 buffer of the
     # input's size.
+    given_dim = dim - input.dim() + (given.dim() if given is not None else 0)  # dim in the mask as given
     row_shift = (mask is not None and mask.requires_grad and not under_transform(features)
-                 and (dim - input.dim() + given.dim() < 0 or given.shape[dim - input.dim() + given.dim()] == 1))
+                 and (given_dim < 0 or given.shape[given_dim] == 1))
     if row_shift:
         mask = mask.detach()
     if chosen == "reference":
