@@ -98,6 +98,7 @@
 #include <torch/library.h>
 
 #include "fused_attn/checks.h"
+#include "fused_attn/cpu_rows.h"
 #include "fused_attn/layout.h"
 #include "fused_attn/philox.h"
 
@@ -1295,43 +1296,6 @@ at::Tensor softmax_fwd_cpu(const at::Tensor& input, const std::optional<at::Tens
   return out;
 }
 
-// Two float vectors' worth (kWide elements) of T, widened: the softmax backward reads its 16-bit
-// rows this way, with no float copy of the row in between.
-constexpr int64_t kWide = 2 * kLanes;
-
-template <typename T>
-std::pair<fVec, fVec> load_wide(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return {fVec::loadu(p), fVec::loadu(p + kLanes)};
-  } else {
-    static_assert(at::vec::Vectorized<T>::size() == kWide, "an fp16/bf16 vector must widen to two float vectors");
-    auto [a, b] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
-    return {a, b};
-  }
-}
-
-// The first count (< kWide) elements; the lanes past them read as 0.
-template <typename T>
-std::pair<fVec, fVec> load_wide(const T* p, int64_t count) {
-  if constexpr (std::is_same_v<T, float>) {
-    return {fVec::loadu(p, std::min(count, kLanes)), fVec::loadu(p + kLanes, std::max<int64_t>(count - kLanes, 0))};
-  } else {
-    auto [a, b] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, count));
-    return {a, b};
-  }
-}
-
-// Stores a, b (count elements of them, all kWide by default) as T, each rounded once.
-template <typename T>
-void store_wide(T* p, const fVec& a, const fVec& b, int64_t count = kWide) {
-  if constexpr (std::is_same_v<T, float>) {
-    a.store(p, std::min(count, kLanes));
-    if (count > kLanes) b.store(p + kLanes, count - kLanes);
-  } else {
-    at::vec::convert_from_float<T>(a, b).store(p, count);
-  }
-}
-
 // The softmax backward's row term sum_j y_j dy_j / sum_j y_j: the dot of the saved probabilities with
 // dy, over their own sum (segments as the row sums above; 0 for a row without weight, one fully
 // masked). Divided by the sum, dy_k - term = sum_j y_j (dy_k - dy_j) / sum_j y_j exactly, so where a
@@ -1341,45 +1305,54 @@ void store_wide(T* p, const fVec& a, const fVec& b, int64_t count = kWide) {
 // peaked rows), and which this term divides out. Float32 gains the same way, at its own rounding.
 template <typename T>
 float softmax_row_term(const T* y, const T* dy, int64_t n) {
-  double dot = 0.0, total = 0.0;
-  for (int64_t j0 = 0; j0 < n; j0 += kSumSegment) {
-    const int64_t end = std::min(n, j0 + kSumSegment);
-    fVec dot_a(0.f), dot_b(0.f), sum_a(0.f), sum_b(0.f);
-    auto add = [&](const std::pair<fVec, fVec>& yv, const std::pair<fVec, fVec>& dyv) {
-      dot_a = at::vec::fmadd(yv.first, dyv.first, dot_a);
-      dot_b = at::vec::fmadd(yv.second, dyv.second, dot_b);
-      sum_a += yv.first;
-      sum_b += yv.second;
-    };
-    int64_t j = j0;
-    for (; j + kWide <= end; j += kWide) add(load_wide(y + j), load_wide(dy + j));
-    if (j < end) add(load_wide(y + j, end - j), load_wide(dy + j, end - j));
-    dot += reduce_sum(dot_a + dot_b);
-    total += reduce_sum(sum_a + sum_b);
-  }
-  return total > 0.0 ? static_cast<float>(dot / total) : 0.f;
+  namespace cr = cpu_rows;
+  constexpr int P = cr::kParts<T>;
+  constexpr int C = cr::kChainsFor<P>;
+  cr::RowSum<C, P> dot, total;
+  cr::for_each_block<cr::kBlock<T>, C>(
+      n,
+      [&](int64_t j, int64_t len, int c) C10_ALWAYS_INLINE_ATTRIBUTE {
+        fVec yv[P], dyv[P];
+        cr::load_block<P>(y + j, len, yv);
+        cr::load_block<P>(dy + j, len, dyv);
+        for (int k = 0; k < P; ++k) {
+          dot.acc[c][k] = at::vec::fmadd(yv[k], dyv[k], dot.acc[c][k]);
+          total.acc[c][k] += yv[k];
+        }
+      },
+      [&] {
+        dot.end_segment();
+        total.end_segment();
+      });
+  return total.total > 0.0 ? static_cast<float>(dot.total / total.total) : 0.f;
 }
 
 // Rows [begin, end) of dx = scale * y * (dy - term), in two passes over y and dy (the term, then the
-// gradient) with no row buffer; dscores (float32, when not null) gets y * (dy - term) unscaled.
+// gradient) read as T and widened in registers, with no row buffer; dscores (float32, when not
+// null) gets y * (dy - term) unscaled.
 template <typename T>
 void softmax_bwd_rows(const T* dy, const T* y, int64_t n, float scale, int64_t begin, int64_t end, T* dx,
                       float* dscores) {
+  namespace cr = cpu_rows;
+  constexpr int P = cr::kParts<T>;
   const fVec f(scale);
   for (int64_t row = begin; row < end; ++row) {
     const T* yr = y + row * n;
     const T* dyr = dy + row * n;
     T* dxr = dx + row * n;
     float* dsr = dscores == nullptr ? nullptr : dscores + row * n;
-    const fVec dv(softmax_row_term(yr, dyr, n));
-    auto grad = [&](int64_t j, int64_t count, const std::pair<fVec, fVec>& yv, const std::pair<fVec, fVec>& dyv) {
-      const fVec ga = yv.first * (dyv.first - dv), gb = yv.second * (dyv.second - dv);
-      store_wide(dxr + j, ga * f, gb * f, count);
-      if (dsr != nullptr) store_wide(dsr + j, ga, gb, count);
-    };
-    int64_t j = 0;
-    for (; j + kWide <= n; j += kWide) grad(j, kWide, load_wide(yr + j), load_wide(dyr + j));
-    if (j < n) grad(j, n - j, load_wide(yr + j, n - j), load_wide(dyr + j, n - j));
+    const fVec term(softmax_row_term(yr, dyr, n));
+    cr::for_each_block<cr::kBlock<T>>(n, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
+      fVec yv[P], dyv[P], g[P], gx[P];
+      cr::load_block<P>(yr + j, len, yv);
+      cr::load_block<P>(dyr + j, len, dyv);
+      for (int k = 0; k < P; ++k) {
+        g[k] = yv[k] * (dyv[k] - term);
+        gx[k] = g[k] * f;
+      }
+      cr::store_block<P>(dxr + j, len, gx);
+      if (dsr != nullptr) cr::store_block<P>(dsr + j, len, g);
+    });
   }
 }
 

@@ -22,6 +22,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 #include <c10/macros/Macros.h>
 
 #include "fused_attn/checks.h"
