@@ -380,20 +380,24 @@ def test_layer_backend_attribute_moves_its_attention_and_norms(cls):
     assert layer.backend == "reference" and layer.norm1.backend is None
 
 
+_JIT_DEPRECATED = (FutureWarning, DeprecationWarning)
+
+
 def test_torchscript_is_refused_by_name():
     """torch.jit.script cannot compile the fused modules' Python dispatch: a TypeError naming the
     module and what to use instead, for a fused module and for an optimize()d model; restored,
-    the model scripts."""
+    the model scripts. (torch deprecates torch.jit.script with a FutureWarning, before 2.12 a
+    DeprecationWarning.)"""
     layer = FusedTransformerEncoderLayer(16, 2, 32, batch_first=True)
-    with pytest.warns(FutureWarning), pytest.raises(TypeError, match="FusedTransformerEncoderLayer cannot be "
+    with pytest.warns(_JIT_DEPRECATED), pytest.raises(TypeError, match="FusedTransformerEncoderLayer cannot be "
                                                                       "compiled by torch.jit.script; use torch.compile"):
         torch.jit.script(layer)
     model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
     fused_attn.optimize(model)
-    with pytest.warns(FutureWarning), pytest.raises(TypeError, match="FusedLayerNorm cannot be compiled"):
+    with pytest.warns(_JIT_DEPRECATED), pytest.raises(TypeError, match="FusedLayerNorm cannot be compiled"):
         torch.jit.script(model)
     fused_attn.restore(model)
-    with pytest.warns(FutureWarning):
+    with pytest.warns(_JIT_DEPRECATED):
         torch.jit.script(model)
 
 
