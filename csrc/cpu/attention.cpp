@@ -114,8 +114,8 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 namespace fused_attn {
 namespace {
 
-using fVec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = fVec::size();
+using cpu_rows::fVec;
+using cpu_rows::kLanes;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // ---------------------------------------------------------------------------------------------
@@ -171,16 +171,16 @@ float row_max(const float* s, int64_t n) {
 }
 
 // Row sums (the softmax normaliser, the backward's sum dy * y) are float vector sums over segments
-// of kSumSegment elements folded into a double: in float alone the error of a 2^20-long softmax row
-// grows to several times torch's. An attention tile (at most 256 keys) is one segment.
-constexpr int64_t kSumSegment = 1024;
+// of cpu_rows::kSegment elements folded into a double: in float alone the error of a 2^20-long
+// softmax row grows to several times torch's. An attention tile (at most 256 keys) is one segment.
+using cpu_rows::kSegment;
 
 // s[j] = exp(s[j] - shift) in place; returns the sum. -inf entries become exactly 0.
 float exp_shift_sum(float* s, int64_t n, float shift) {
   const fVec sh(shift);
   double total = 0.0;
-  for (int64_t j0 = 0; j0 < n; j0 += kSumSegment) {
-    const int64_t end = std::min(n, j0 + kSumSegment);
+  for (int64_t j0 = 0; j0 < n; j0 += kSegment) {
+    const int64_t end = std::min(n, j0 + kSegment);
     fVec acc(0.f);
     int64_t j = j0;
     for (; j + kLanes <= end; j += kLanes) {
