@@ -211,45 +211,26 @@ void to_float(const T* src, float* dst, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     if (n > 0) std::memcpy(dst, src, n * sizeof(float));
   } else {
-    using tVec = at::vec::Vectorized<T>;
-    constexpr int64_t W = tVec::size();
-    static_assert(W == 2 * kLanes, "an fp16/bf16 vector must widen to exactly two float vectors");
-    int64_t j = 0;
-    for (; j + W <= n; j += W) {
-      auto [a, b] = at::vec::convert_to_float<T>(tVec::loadu(src + j));
-      a.store(dst + j);
-      b.store(dst + j + kLanes);
-    }
-    if (j < n) {
-      const int64_t len = n - j;
-      auto [a, b] = at::vec::convert_to_float<T>(tVec::loadu(src + j, len));
-      a.store(dst + j, std::min(len, kLanes));
-      if (len > kLanes) b.store(dst + j + kLanes, len - kLanes);
-    }
+    constexpr int P = cpu_rows::kParts<T>;
+    cpu_rows::for_each_block<cpu_rows::kBlock<T>>(n, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
+      fVec v[P];
+      cpu_rows::load_block<P>(src + j, len, v);
+      cpu_rows::store_block<P>(dst + j, len, v);
+    });
   }
 }
 
 // dst[0, n) = src * factor, rounded to T once.
 template <typename T>
 void from_float(const float* src, float factor, T* dst, int64_t n) {
+  constexpr int P = cpu_rows::kParts<T>;
   const fVec f(factor);
-  if constexpr (std::is_same_v<T, float>) {
-    int64_t j = 0;
-    for (; j + kLanes <= n; j += kLanes) (fVec::loadu(src + j) * f).store(dst + j);
-    if (j < n) (fVec::loadu(src + j, n - j) * f).store(dst + j, n - j);
-  } else {
-    constexpr int64_t W = 2 * kLanes;
-    int64_t j = 0;
-    for (; j + W <= n; j += W) {
-      at::vec::convert_from_float<T>(fVec::loadu(src + j) * f, fVec::loadu(src + j + kLanes) * f).store(dst + j);
-    }
-    if (j < n) {
-      const int64_t len = n - j;
-      const fVec a = fVec::loadu(src + j, std::min(len, kLanes)) * f;
-      const fVec b = fVec::loadu(src + j + kLanes, std::max<int64_t>(len - kLanes, 0)) * f;
-      at::vec::convert_from_float<T>(a, b).store(dst + j, len);
-    }
-  }
+  cpu_rows::for_each_block<cpu_rows::kBlock<T>>(n, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
+    fVec v[P];
+    cpu_rows::load_block<P>(src + j, len, v);
+    for (auto& x : v) x = x * f;
+    cpu_rows::store_block<P>(dst + j, len, v);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
