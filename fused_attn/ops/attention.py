@@ -177,8 +177,9 @@ if _extension.loaded():
 class RowShift(torch.autograd.Function):
     """``out`` unchanged, and a zero gradient for ``bias``: a bias of key size 1 (per query, per
     head or a scalar) adds the same value to every score of a row, which softmax ignores, so its
-    gradient is exactly 0 (``fused_attn.softmax`` applies it too, to a mask of size 1 along ``dim``). The kernels get it detached: computed, that zero would be a sum of
-    Lk terms that cancel only to rounding, and it would cost an Lq x Lk buffer. Under forward-mode
+    gradient is exactly 0 (``fused_attn.softmax`` applies it too, to a mask of size 1 along
+    ``dim``). The kernels get it detached: computed, that zero would be a sum of Lk terms that
+    cancel only to rounding, and it would cost an Lq x Lk buffer. Under forward-mode
     AD or a torch.func transform (served by the reference, plain differentiable torch) the bias is
     taken as it is: this function has no forward formula, as Dynamo traces none that has one."""
 

@@ -12,11 +12,11 @@ import torch
 from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
-from .attention import RowShift
 from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import (
     broadcast_mask, check_bool, check_tensor, transform_features, is_finite_number, python_scalar, under_transform,
 )
+from .attention import RowShift
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
