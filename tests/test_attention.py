@@ -702,6 +702,48 @@ def test_dropout_near_one_does_not_overflow_fp16(backend_device):
         assert err <= torch.finfo(torch.float16).eps * scale, (name, err, scale)
 
 
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_dropout_near_one_score_gradients_do_not_overflow_fp16(backend_device):
+    """p = 1 - 2^-17 with the weight split: each row holding a kept element attends to that key and
+    one dropped key, with equal probabilities 1/2. dP of the kept key is dO . v / (1 - p) = 2^19 and
+    dS = P (dP - delta) = +-2^17, beyond fp16, though dQ, dK (small q and k) and dV are not: the
+    1 / (1 - p) belongs on the float32 gradients, not on the fp16 dS the tile products take."""
+    backend, device = backend_device
+    if torch.float16 not in supported_dtypes(backend, device, OP):
+        pytest.skip(f"float16 is not tested on {backend}-{device}")
+    p, seed = 1.0 - 2.0**-17, 6  # seed 6 keeps 3 of these 256 x 512 elements (see the test above)
+    q, k, _ = _qkv(1, 1, 256, 512, 16, torch.float16, device)
+    q, k = q * 0.01, k * 0.01  # scores ~1e-5: P = 1/2 to fp16's precision
+    v = torch.full((1, 1, 512, 16), 0.5, dtype=torch.float16, device=device)
+    torch.manual_seed(seed)
+    _, keep = attention_with_keep_mask(q, k, v, dropout_p=p)
+    kept = keep.nonzero().tolist()
+    assert kept, "the stream no longer keeps an element here: pick another seed"
+    mask = torch.ones(1, 1, 256, 512, dtype=torch.bool, device=device)
+    for b, h, i, j in kept:
+        other = (j + 1) % 512
+        assert not keep[b, h, i, other], "the other key of a row must be dropped: pick another seed"
+        mask[b, h, i] = False
+        mask[b, h, i, j] = mask[b, h, i, other] = True
+    upstream = torch.full((1, 1, 256, 16), 0.5, device=device)  # dO . v = 4 on every row
+
+    def run(fn, dtype):
+        args = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*args)
+        out.backward(upstream.to(dtype))
+        return [out] + [a.grad for a in args]
+
+    torch.manual_seed(seed)
+    fused = run(lambda *a: fused_attn.scaled_dot_product_attention(*a, mask, dropout_p=p, backend=backend), torch.float16)
+    truth = run(lambda *a: reference.scaled_dot_product_attention(*a, mask, dropout_p=p, dropout_mask=keep), torch.float64)
+    for name, got, want in zip(("output", "grad query", "grad key", "grad value"), fused, truth):
+        scale = float(want.abs().max())
+        assert 0 < scale < 6e4, (name, scale)  # nonzero and within fp16's range
+        assert torch.isfinite(got).all(), name
+        err = float((got.double() - want).abs().max())
+        assert err <= 2 * torch.finfo(torch.float16).eps * scale, (name, err, scale)
+
+
 # The CPU backward has two schedules, chosen by heads against threads (csrc/cpu/attention.cpp,
 # "Backward"): a single head takes the per-head sweep on one thread and the per-block passes on
 # two, whatever the machine's core count.

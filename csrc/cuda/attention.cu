@@ -76,7 +76,10 @@
 // (bh * Lq + i) * Lk + j, so the forward, both backward kernels and every other backend draw the same
 // keep-mask from the seed: the row sum takes the undropped P, P V takes P * keep (0 or 1) and O the
 // 1 / (1 - p) in float32 (folded into P before its fp16 cast it would overflow for p > 1 - 1/65504); the
-// backward drops and scales dP where P was dropped and dV takes the kept P, scaled at its store.
+// backward drops dP where P was dropped (delta then is in the same unscaled units) and dV takes the kept
+// P; the 1 / (1 - p) is applied at the stores of dV, dK, dQ and grad_scores, so dS = P (dP - delta), the
+// fp16/bf16 operand of the dK and dQ products, stays at the scale of dO V^T (scaled, it would overflow
+// fp16 for p near 1 where the gradients do not).
 //
 // Limits: sm80+, fp16/bf16, head dims up to 256, sequence lengths below 2^31, batch*heads*tiles below
 // 2^31 blocks.
@@ -491,7 +494,7 @@ __device__ __forceinline__ void mask_tile(float (&s)[NB][4], const AttnParams& p
 __device__ __forceinline__ float2 row_stats(const BwdParams& p, int64_t bh, int i) {
   if (i >= p.q_len) return make_float2(kInf, 0.f);
   const float* stats = p.stats + bh * 2 * p.q_len;
-  return make_float2(stats[i], stats[p.q_len + i]);
+  return make_float2(stats[i], stats[static_cast<int64_t>(p.q_len) + i]);
 }
 
 // A probability recomputed in the backward, exp2((s - max) - log2(sum)), at most 1: the backward's
@@ -501,7 +504,8 @@ __device__ __forceinline__ float recomputed_p(float x) { return exp2f(x > 0.f ? 
 
 // Whether the shared stream keeps element (i, j) of head bh, as 1 or 0: a factor to multiply by, so a NaN
 // that dropout drops stays NaN. P takes this 0/1 before its cast to fp16/bf16 and the 1 / (1 - p) of the kept
-// elements is applied in float32, to O and dV once: P / (1 - p) would overflow fp16 for p > 1 - 1/65504.
+// elements is applied in float32, to O (and in the backward to the gradients) once: P / (1 - p) would overflow
+// fp16 for p > 1 - 1/65504.
 __device__ __forceinline__ float kept(const AttnParams& p, int64_t bh, int64_t i, int64_t j) {
   const uint64_t counter = static_cast<uint64_t>((bh * p.q_len + i) * p.k_len + j);
   return philox::keep(p.seed, counter, p.dropout_p) ? 1.f : 0.f;
@@ -678,7 +682,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
     if (blockIdx.y == 0 && (lane & 3) == 0 && i < p.q_len) {
       float* stats = p.stats + bh * 2 * p.q_len;
       stats[i] = empty ? kInf : row_max[half];
-      stats[p.q_len + i] = empty ? 0.f : log2f(l);
+      stats[static_cast<int64_t>(p.q_len) + i] = empty ? 0.f : log2f(l);
     }
   }
   store_strip<T>(o, out, p.o_s[2], warp_row0, p.q_len, col0, p.dv, 1.f);
@@ -786,11 +790,11 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
 
     uint32_t frag[kM / 16][4];
     if (p.dropout) {
-      // dV takes the kept P (its 1 / (1 - p) applied at the store); dS the undropped P times the dropped dP.
+      // dV takes the kept P, dS the undropped P times the dropped dP (1 / (1 - p) applied at the stores).
       float pu[kM / 8][4];
       for_each_element(dpt, warp_key0, m0, false, [&](float& x, int i, int j, int nb, int e) {
         const float keep = kept(p, bh, i, j);
-        x *= keep * p.inv_keep;
+        x *= keep;
         pu[nb][e] = pt[nb][e] * keep;
       });
       to_a_fragments<T>(pu, frag);
@@ -810,7 +814,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
     __syncthreads();
   }
 
-  store_strip<T>(dk, p.dk + b * p.dk_s[0] + h * p.dk_s[1], p.dk_s[2], warp_key0, p.k_len, col0, p.d, p.scale);
+  store_strip<T>(dk, p.dk + b * p.dk_s[0] + h * p.dk_s[1], p.dk_s[2], warp_key0, p.k_len, col0, p.d,
+                 p.scale * p.inv_keep);
   store_strip<T>(dv, p.dv_out + b * p.dv_s[0] + h * p.dv_s[1], p.dv_s[2], warp_key0, p.k_len, col0, p.dv, p.inv_keep);
 }
 
@@ -910,7 +915,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
     warp_gemm_abt<T, kN / 8, kD>(dp, do_addr, kPitch * 2, smem_addr(v_tile), kPitch * 2);
     if (p.dropout) {
       for_each_element(dp, warp_row0, n0, true, [&](float& x, int i, int j, int, int) {
-        x *= kept(p, bh, i, j) * p.inv_keep;
+        x *= kept(p, bh, i, j);
       });
     }
     if constexpr (kStats) {
@@ -939,11 +944,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
           for (int nb = 0; nb < kN / 8; ++nb) {
             const int j = n0 + nb * 8 + (lane & 3) * 2;
             float* ptr = row + j;
+            const float x0 = ps[nb][2 * half] * p.inv_keep, x1 = ps[nb][2 * half + 1] * p.inv_keep;
             if (j + 1 < p.k_len && (reinterpret_cast<uintptr_t>(ptr) & 7) == 0) {
-              *reinterpret_cast<float2*>(ptr) = make_float2(ps[nb][2 * half], ps[nb][2 * half + 1]);
+              *reinterpret_cast<float2*>(ptr) = make_float2(x0, x1);
             } else {
-              if (j < p.k_len) ptr[0] = ps[nb][2 * half];
-              if (j + 1 < p.k_len) ptr[1] = ps[nb][2 * half + 1];
+              if (j < p.k_len) ptr[0] = x0;
+              if (j + 1 < p.k_len) ptr[1] = x1;
             }
           }
         }
@@ -967,7 +973,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
       }
     }
   } else {
-    store_strip<T>(dq, p.dq + b * p.dq_s[0] + h * p.dq_s[1], p.dq_s[2], warp_row0, p.q_len, col0, p.d, p.scale);
+    store_strip<T>(dq, p.dq + b * p.dq_s[0] + h * p.dq_s[1], p.dq_s[2], warp_row0, p.q_len, col0, p.d,
+                   p.scale * p.inv_keep);
   }
 }
 

@@ -203,9 +203,11 @@ __device__ __forceinline__ void add_prenorm(const T* x, const AddFwdArgs<T>& add
   float xv[VEC], rv[VEC], bv[VEC];
   cuda_utils::load_as_float<VEC>(x + e, xv);
   cuda_utils::load_as_float<VEC>(add.residual + e, rv);
-  load_param_or<VEC>(add.input_bias, c, 0.f, bv);
+  if (add.input_bias != nullptr) {  // not x + 0, which would turn an input of -0 into +0 (the cpu op keeps -0)
+    load_param_or<VEC>(add.input_bias, c, 0.f, bv);
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) xv[j] = cuda_utils::add_rn(xv[j], bv[j]);
+    for (int j = 0; j < VEC; ++j) xv[j] = cuda_utils::add_rn(xv[j], bv[j]);
+  }
   apply_dropout<VEC>(add.dropout, e, xv);
   cuda_utils::AlignedVector<T, VEC> pre;
 #pragma unroll

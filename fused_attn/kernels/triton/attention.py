@@ -32,7 +32,8 @@ rather than counting as fully masked.
 Dropout: Philox (``_dropout.uniform``, tl.rand's stream) keyed by a 64-bit seed with counter
 ``(bh * Lq + i) * Lk + j``, so the backward regenerates the same keep-mask from the seed alone.
 ``DROPOUT`` is a constexpr: ``dropout_p == 0`` compiles the RNG away. P V takes P times the 0/1
-keep-mask; the 1 / (1 - p) is applied to O (and dV) in float32 (see ``_kept``).
+keep-mask; the 1 / (1 - p) is applied in float32 to O, and in the backward to dV, dK, dQ and
+the score gradient (see ``_kept`` and ``_tile_p_dp``).
 
 Backward: a per-row pass first; then one kernel per key tile accumulates dK and dV over the
 query tiles (from the diagonal on, when causal) and one kernel per query tile accumulates dQ over
@@ -57,7 +58,8 @@ the true dQ is 0 and the plain backward gives exactly 0), dQ and dK reached 2-6x
 scales and 0.0122, 0.122, inf at scales 1e4, 1e5, 1e30. So the per-row pass is a statistics
 kernel (``RENORMALISE`` in the helpers, the scheme of the C++ CPU backend), in every dtype: from
 the very S and dP the gradient kernels use (``_query_tile_terms``), ``corr = 1 / sum_j P_ij`` and
-``delta = corr * sum_j P_ij dP_ij`` (in exact arithmetic 1 and rowsum(dO * O)); the gradient
+``delta = corr * sum_j P_ij dP_ij`` (in exact arithmetic 1 and rowsum(dO * O), times 1 - p with
+dropout, whose dP is not scaled: see ``_tile_p_dp``); the gradient
 kernels multiply P by ``corr``, so P sums to 1 to rounding and dS cancels as in the plain softmax
 backward. Cost: one Q K^T and one dO V^T per tile more (9 tile GEMMs in the backward instead of
 the 7 of a ``rowsum(dO * O)`` pass) and one multiply per element; the forward is unchanged.
@@ -309,16 +311,19 @@ def _tile_p_dp(
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     FP32_DOT: tl.constexpr, RENORMALISE: tl.constexpr,
 ):
-    """One tile of the backward, whichever side streams: (P, dP = dO V^T dropped and scaled as P
-    was, the tile's keep-mask as 0/1, 1 without dropout). dS takes the undropped P, dV the kept P
-    (whose 1 / (1 - p) the caller applies to dV once, in float32: see ``_kept``)."""
+    """One tile of the backward, whichever side streams: (P, dP = dO V^T dropped as P was, the
+    tile's keep-mask as 0/1, 1 without dropout). dS takes the undropped P, dV the kept P. Neither
+    dP nor dV carries the 1 / (1 - p) (see ``_kept``): the callers apply it in float32 to dV, dK,
+    dQ and the score gradient, so that dS = P (dP - delta), the fp16/bf16 operand of the dK and
+    dQ products, stays at the scale of dO V^T (scaled, it would overflow fp16 for p near 1 where
+    the gradients themselves do not)."""
     p = _probabilities(q, k, offs_m, offs_n, row_max, log2_sum, corr, mask_base, stride_mm, stride_mn, q_len, k_len,
                        qk_scale, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, RENORMALISE)
     dp = _mm(do, tl.trans(v), FP32_DOT)
     kept = 1.0
     if DROPOUT:
         kept = _kept(_dropout_keep(seed, bh, offs_m, offs_n, q_len, k_len, dropout_p))
-        dp = dp * (kept * _inv_keep(inv_keep, DROPOUT))
+        dp = dp * kept
     return p, dp, kept
 
 
@@ -504,7 +509,8 @@ def _attn_bwd_dq_inner(
         ds = p * (dp - delta[:, None])
         if WRITE_DSCORES:
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            tl.store(dscores_base + rows * k_len + offs_n[None, :], ds, mask=in_queries[:, None] & (offs_n[None, :] < k_len))
+            tl.store(dscores_base + rows * k_len + offs_n[None, :], ds * _inv_keep(inv_keep, DROPOUT),
+                     mask=in_queries[:, None] & (offs_n[None, :] < k_len))
         dq += _mm(ds.to(k.dtype), k, FP32_DOT)
     return dq
 
@@ -586,7 +592,7 @@ def _attn_bwd_dkdv_kernel(
                 stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
                 HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
             )
-    dk = dk * qk_scale
+    dk = dk * (qk_scale * _inv_keep(inv_keep, DROPOUT))
     dv = dv * _inv_keep(inv_keep, DROPOUT)
     tl.store(dk_ptr + b * stride_dkb + out_h * stride_dkh + keys * stride_dkn + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
              mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -642,7 +648,7 @@ def _attn_bwd_dq_kernel(
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
             HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
-    dq = dq * qk_scale
+    dq = dq * (qk_scale * _inv_keep(inv_keep, DROPOUT))
     offs_d = tl.arange(0, BLOCK_D)
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :],
              dq.to(dq_ptr.dtype.element_ty), mask=in_queries[:, None] & (offs_d[None, :] < HEAD_DIM))
