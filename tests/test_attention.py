@@ -643,25 +643,33 @@ def test_dropout_fraction_matches_p(backend_device, p):
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
-@pytest.mark.parametrize("kind", ["none", "causal", "padding"])
+@pytest.mark.parametrize("kind", ["none", "causal", "padding", "bias"])
 def test_dropout_forward_and_backward_match_reference_with_kernel_mask(backend_device, kind):
-    """Forward and backward equal the reference fed the kernel's own keep-mask."""
+    """Forward and backward equal the reference fed the kernel's own keep-mask (with a learned bias,
+    its gradient too)."""
     backend, device = backend_device
     q, k, v = _dropout_inputs(backend, device)
     mask = _mask(kind, 2, 3, 64, 80, device)
+    if kind == "bias":
+        mask = mask.to(q.dtype)
     causal = kind == "causal"
     p = 0.3
     torch.manual_seed(1234)
     _, keep = attention_with_keep_mask(q, k, v, mask, dropout_p=p, is_causal=causal)
 
-    def fused(query, key, value):
+    def fused(query, key, value, attn_mask):
         torch.manual_seed(1234)  # the op draws the same seed as the keep-mask call above
-        return fused_attn.scaled_dot_product_attention(query, key, value, mask, dropout_p=p, is_causal=causal, backend=backend)
+        return fused_attn.scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p=p, is_causal=causal, backend=backend
+        )
 
-    def plain(query, key, value):
-        return reference.scaled_dot_product_attention(query, key, value, mask, dropout_p=p, is_causal=causal, dropout_mask=keep)
+    def plain(query, key, value, attn_mask):
+        return reference.scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p=p, is_causal=causal, dropout_mask=keep
+        )
 
-    assert_parity(fused, plain, {"query": q, "key": k, "value": v}, grad_args=("query", "key", "value"))
+    grads = ("query", "key", "value") + (("attn_mask",) if kind == "bias" else ())
+    assert_parity(fused, plain, {"query": q, "key": k, "value": v, "attn_mask": mask}, grad_args=grads)
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
