@@ -672,26 +672,28 @@ def test_dropout_forward_and_backward_match_reference_with_kernel_mask(backend_d
     assert_parity(fused, plain, {"query": q, "key": k, "value": v, "attn_mask": mask}, grad_args=grads)
 
 
-@pytest.mark.parametrize("backend_device", BACKENDS)
-def test_dropout_near_one_does_not_overflow_fp16(backend_device):
-    """p = 1 - 2^-17: a kept probability is scaled by 2^17, beyond fp16's range, though O = P V / (1 - p)
-    is not. Each row holding a kept element attends to that key alone (P = 1), so the true output and
-    gradients are finite and the only rounding is their cast to fp16: within one ulp of their scale."""
-    backend, device = backend_device
+# p = 1 - 2^-17: a kept element is scaled by 2^17, beyond fp16's range. Seed 6 keeps 3 of 256 x 512
+# elements.
+NEAR_ONE_P, NEAR_ONE_SEED = 1.0 - 2.0**-17, 6
+
+
+def _dropout_near_one(backend, device, q, k, v, upstream, partner=None):
+    """[output, grad query, grad key, grad value] of the fp16 op at p = NEAR_ONE_P and their float64
+    truth (the reference fed the kernel's keep-mask), where each row holding a kept element attends
+    to that key alone, or also to ``partner(key)``, which must be dropped; other rows see every key."""
     if torch.float16 not in supported_dtypes(backend, device, OP):
         pytest.skip(f"float16 is not tested on {backend}-{device}")
-    p, seed = 1.0 - 2.0**-17, 6  # seed 6 keeps 3 of these 256 x 512 elements
-    q, k, v = _qkv(1, 1, 256, 512, 16, torch.float16, device)
-    v = v * 0.05  # |O| up to ~2e4: large in fp16, not out of range
-    torch.manual_seed(seed)
-    _, keep = attention_with_keep_mask(q, k, v, dropout_p=p)
+    torch.manual_seed(NEAR_ONE_SEED)
+    _, keep = attention_with_keep_mask(q, k, v, dropout_p=NEAR_ONE_P)
     kept = keep.nonzero().tolist()
     assert kept, "the stream no longer keeps an element here: pick another seed"
-    mask = torch.ones(1, 1, 256, 512, dtype=torch.bool, device=device)
+    mask = torch.ones(keep.shape, dtype=torch.bool, device=device)
     for b, h, i, j in kept:
         mask[b, h, i] = False
         mask[b, h, i, j] = True
-    upstream = torch.randn(1, 1, 256, 16, generator=torch.Generator().manual_seed(2)).to(device) * 0.01
+        if partner is not None:
+            assert not keep[b, h, i, partner(j)], "the other key of a row must be dropped: pick another seed"
+            mask[b, h, i, partner(j)] = True
 
     def run(fn, dtype):
         args = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
@@ -699,11 +701,26 @@ def test_dropout_near_one_does_not_overflow_fp16(backend_device):
         out.backward(upstream.to(dtype))
         return [out] + [a.grad for a in args]
 
-    torch.manual_seed(seed)
-    fused = run(lambda *a: fused_attn.scaled_dot_product_attention(*a, mask, dropout_p=p, backend=backend), torch.float16)
-    truth = run(lambda *a: reference.scaled_dot_product_attention(*a, mask, dropout_p=p, dropout_mask=keep), torch.float64)
+    torch.manual_seed(NEAR_ONE_SEED)
+    fused = run(lambda *a: fused_attn.scaled_dot_product_attention(
+        *a, mask, dropout_p=NEAR_ONE_P, backend=backend), torch.float16)
+    truth = run(lambda *a: reference.scaled_dot_product_attention(
+        *a, mask, dropout_p=NEAR_ONE_P, dropout_mask=keep), torch.float64)
+    return fused, [t.detach() for t in truth]
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_dropout_near_one_does_not_overflow_fp16(backend_device):
+    """A kept probability is scaled by 2^17, beyond fp16's range, though O = P V / (1 - p) is not. Each
+    row holding a kept element attends to that key alone (P = 1), so the true output and gradients
+    are finite and the only rounding is their cast to fp16: within one ulp of their scale."""
+    backend, device = backend_device
+    q, k, v = _qkv(1, 1, 256, 512, 16, torch.float16, device)
+    v = v * 0.05  # |O| up to ~2e4: large in fp16, not out of range
+    upstream = torch.randn(1, 1, 256, 16, generator=torch.Generator().manual_seed(2)).to(device) * 0.01
+    fused, truth = _dropout_near_one(backend, device, q, k, v, upstream)
     assert truth[0].abs().max() > 1e4  # kept elements reached the output
-    scale = max(float(t.detach().abs().max()) for t in truth)
+    scale = max(float(t.abs().max()) for t in truth)
     for name, got, want in zip(("output", "grad query", "grad key", "grad value"), fused, truth):
         assert torch.isfinite(got).all(), name
         err = float((got.double() - want).abs().max())
@@ -712,38 +729,16 @@ def test_dropout_near_one_does_not_overflow_fp16(backend_device):
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
 def test_dropout_near_one_score_gradients_do_not_overflow_fp16(backend_device):
-    """p = 1 - 2^-17 with the weight split: each row holding a kept element attends to that key and
-    one dropped key, with equal probabilities 1/2. dP of the kept key is dO . v / (1 - p) = 2^19 and
-    dS = P (dP - delta) = +-2^17, beyond fp16, though dQ, dK (small q and k) and dV are not: the
-    1 / (1 - p) belongs on the float32 gradients, not on the fp16 dS the tile products take."""
+    """The weight split: each row holding a kept element attends to that key and one dropped key,
+    with equal probabilities 1/2. dP of the kept key is dO . v / (1 - p) = 2^19 and dS = P (dP -
+    delta) = +-2^17, beyond fp16, though dQ, dK (small q and k) and dV are not: the 1 / (1 - p)
+    belongs on the float32 gradients, not on the fp16 dS the tile products take."""
     backend, device = backend_device
-    if torch.float16 not in supported_dtypes(backend, device, OP):
-        pytest.skip(f"float16 is not tested on {backend}-{device}")
-    p, seed = 1.0 - 2.0**-17, 6  # seed 6 keeps 3 of these 256 x 512 elements (see the test above)
     q, k, _ = _qkv(1, 1, 256, 512, 16, torch.float16, device)
     q, k = q * 0.01, k * 0.01  # scores ~1e-5: P = 1/2 to fp16's precision
     v = torch.full((1, 1, 512, 16), 0.5, dtype=torch.float16, device=device)
-    torch.manual_seed(seed)
-    _, keep = attention_with_keep_mask(q, k, v, dropout_p=p)
-    kept = keep.nonzero().tolist()
-    assert kept, "the stream no longer keeps an element here: pick another seed"
-    mask = torch.ones(1, 1, 256, 512, dtype=torch.bool, device=device)
-    for b, h, i, j in kept:
-        other = (j + 1) % 512
-        assert not keep[b, h, i, other], "the other key of a row must be dropped: pick another seed"
-        mask[b, h, i] = False
-        mask[b, h, i, j] = mask[b, h, i, other] = True
     upstream = torch.full((1, 1, 256, 16), 0.5, device=device)  # dO . v = 4 on every row
-
-    def run(fn, dtype):
-        args = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        out = fn(*args)
-        out.backward(upstream.to(dtype))
-        return [out] + [a.grad for a in args]
-
-    torch.manual_seed(seed)
-    fused = run(lambda *a: fused_attn.scaled_dot_product_attention(*a, mask, dropout_p=p, backend=backend), torch.float16)
-    truth = run(lambda *a: reference.scaled_dot_product_attention(*a, mask, dropout_p=p, dropout_mask=keep), torch.float64)
+    fused, truth = _dropout_near_one(backend, device, q, k, v, upstream, partner=lambda j: (j + 1) % 512)
     for name, got, want in zip(("output", "grad query", "grad key", "grad value"), fused, truth):
         scale = float(want.abs().max())
         assert 0 < scale < 6e4, (name, scale)  # nonzero and within fp16's range
