@@ -318,6 +318,32 @@ def test_empty_rows(backend_device):
 NATIVE = [b for b in backend_params("ffn") if b.values[0][0] in ("cpu", "cuda")]
 
 
+@pytest.mark.parametrize("backend_device", FFN)
+def test_raw_backward_ops_with_an_empty_inner_dim_give_the_bias_gradients(backend_device):
+    """The custom ops themselves (the public functions send empty operands to the reference): with
+    no input features (linear_gelu) or no hidden units (ffn) a GEMM has nothing to multiply, yet the
+    bias gradient is still the column sum of the gradient it follows; the weight gradients are
+    zeros of the weights' shapes."""
+    backend, device = backend_device
+    ops = torch.ops.fused_attn
+    prefix = "triton_" if backend == "triton" else ""
+    gen = torch.Generator().manual_seed(0)
+    grad, pre = (torch.randn(5, 3, generator=gen).to(device) for _ in range(2))
+    x, w = torch.randn(5, 0, device=device), torch.randn(3, 0, device=device)
+    dx, dw, db = getattr(ops, prefix + "linear_gelu_bwd")(grad, x, w, pre, "none", [True, True, True])
+    pre64 = pre.double().requires_grad_()
+    torch.nn.functional.gelu(pre64).backward(grad.double())
+    torch.testing.assert_close(db.double(), pre64.grad.sum(0), rtol=1e-6, atol=1e-6)
+    assert dx.shape == (5, 0) and dw.shape == (3, 0)
+
+    grad_out, x = torch.randn(5, 4, generator=gen).to(device), torch.randn(5, 3, generator=gen).to(device)
+    w1, w2, pre = torch.randn(0, 3, device=device), torch.randn(4, 0, device=device), torch.randn(5, 0, device=device)
+    dx, dw1, db1, dw2, db2 = getattr(ops, prefix + "ffn_bwd")(grad_out, x, w1, w2, pre, "none", 0.0, None, [True] * 5)
+    torch.testing.assert_close(db2.double(), grad_out.double().sum(0), rtol=1e-6, atol=1e-6)
+    assert torch.equal(dx, torch.zeros_like(x))
+    assert dw1.shape == (0, 3) and db1.shape == (0,) and dw2.shape == (4, 0)
+
+
 @pytest.mark.parametrize("backend_device", NATIVE)
 @pytest.mark.parametrize("op", ["linear_gelu", "ffn"])
 def test_backward_makes_no_zero_gradient_for_the_saved_pre_activation(op, backend_device):

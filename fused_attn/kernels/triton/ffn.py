@@ -104,7 +104,7 @@ def _gemm_kernel(
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
+    num_n = tl.maximum(tl.cdiv(N, BLOCK_N), 1)  # N == 0: one column of programs, for the row sums
     group = GROUP_M * num_n
     first_m = (pid // group) * GROUP_M
     group_rows = tl.minimum(num_m - first_m, GROUP_M)
@@ -189,8 +189,8 @@ def gemm(
     """
     M, K = a.shape
     N = b.shape[1]
-    if M == 0 or N == 0:
-        return out
+    if M == 0 or (N == 0 and row_sums is None):
+        return out  # with N == 0 the kernel still runs for the row sums (the bias gradient)
     if max(M, N, K) > MAX_EXTENT:
         # Tile counts and the K loop are 32-bit in the kernel: a dim within a tile of 2^31 wraps them.
         raise ValueError(f"the Triton FFN GEMM takes dims up to {MAX_EXTENT}, got [{M}, {K}] x [{K}, {N}]")
@@ -208,7 +208,7 @@ def gemm(
     store_pre = pre is not None
     if epilogue == EPILOGUE_BIAS_GELU and pre is None:
         pre = out
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * max(triton.cdiv(N, meta["BLOCK_N"]), 1),)  # noqa: E731
     _gemm_kernel[grid](
         a, b, out, aux, bias, pre, row_sums,
         M, N, K, m_bucket, k_bucket, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
