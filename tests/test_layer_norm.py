@@ -155,6 +155,23 @@ def test_constant_rows_normalise_to_the_bias(backend_device, hidden, op):
         torch.testing.assert_close(grad_b, dy.sum(0))
 
 
+@pytest.mark.parametrize("backend_device", FUSED_BACKENDS)
+@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
+def test_subnormal_variance_without_eps(backend_device, op):
+    """eps = 0 and rows of size 1e-20: the variance (~1e-40) is subnormal in float32, and rstd
+    (~1e20) is finite. A flush to zero on the way (GPU fast-math squares, sums or square root)
+    would make it inf and the output inf or NaN where torch gives values of order 1."""
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 96, generator=gen) * 1e-20).to(device)
+    want = F.layer_norm(x.double(), (96,), eps=0.0)
+    if op == "layer_norm":
+        out = fused_attn.layer_norm(x, (96,), eps=0.0, backend=backend)
+    else:
+        out = fused_attn.add_layer_norm(x, torch.zeros_like(x), None, None, eps=0.0, backend=backend)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("eps", [1e-12, 1e-5])
 def test_nearly_constant_rows(backend_device, eps):

@@ -22,8 +22,11 @@
 //
 // Statistics. Two-pass in fp32: mean first, then the mean of squared deviations from it, which does
 // not suffer the cancellation of E[x^2] - E[x]^2, corrected by the deviations' sum (refined_stats:
-// a constant row normalises to exactly the bias). rstd = rsqrt(biased variance + eps), correctly
-// rounded (__frsqrt_rn; it is once per row) rather than the approximate rsqrtf.
+// a constant row normalises to exactly the bias). The variance and rstd = 1 / sqrt(biased variance +
+// eps) are formed in double from the float32 sums, once per row, as the cpu kernels do: correctly
+// rounded, and free of --use_fast_math's flush to zero, which would turn a subnormal variance (a row
+// whose deviations are below 1e-19) into 0 and, at eps = 0, rstd into inf (the squares and their
+// sums are formed with cuda_utils::fma_rn / add_rn for the same reason).
 //
 // Backward. grad_input uses the same row mapping: with g = dy * w and xhat = (x - mean) * rstd,
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)). grad_weight = sum_rows dy * xhat and
@@ -256,11 +259,12 @@ struct RowStats {
 // clamped at 0 against rounding, NaN kept (a row holding NaN or inf normalises to NaN).
 __device__ __forceinline__ RowStats refined_stats(float first_mean, float sum_dev, float sum_sq, float inv_hidden,
                                                   float eps) {
-  float var = (sum_sq - sum_dev * (sum_dev * inv_hidden)) * inv_hidden;
+  const double dev = sum_dev, inv_n = inv_hidden;
+  double var = (static_cast<double>(sum_sq) - dev * (dev * inv_n)) * inv_n;
   // An overflowed sum of squares (|x| past ~1e19) is an infinite variance, not inf - inf: the row
   // normalises to the bias, as on the cpu backend (whose sums are double).
-  var = var < 0.f ? 0.f : (isinf(sum_sq) ? sum_sq : var);
-  return {first_mean + sum_dev * inv_hidden, __frsqrt_rn(var + eps)};
+  var = var < 0.0 ? 0.0 : (isinf(sum_sq) ? static_cast<double>(sum_sq) : var);
+  return {first_mean + sum_dev * inv_hidden, static_cast<float>(1.0 / sqrt(var + static_cast<double>(eps)))};
 }
 
 // kAdd: x is add_layer_norm's input and the normalised row is prenorm, formed by add_prenorm.
@@ -308,7 +312,7 @@ __global__ void __launch_bounds__(kWarpSize * kWarpRowsPerBlock)
         for (int j = 0; j < VEC; ++j) {
           const float d = v[i][j] - first_mu;
           dev += d;
-          sq += d * d;
+          sq = cuda_utils::fma_rn(d, d, sq);
         }
       }
     }
@@ -376,7 +380,7 @@ __global__ void __launch_bounds__(kBlockMaxThreads)
       for (int j = 0; j < VEC; ++j) {
         const float d = xv[j] - first_mu;
         sums[0] += d;
-        sums[1] += d * d;
+        sums[1] = cuda_utils::fma_rn(d, d, sums[1]);
       }
     }
     cuda_utils::block_allreduce_sum(sums, smem);

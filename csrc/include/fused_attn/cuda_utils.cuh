@@ -46,6 +46,14 @@ __device__ __forceinline__ float add_rn(float a, float b) {
   return out;
 }
 
+// a * b + c in IEEE float arithmetic even under --use_fast_math: a square whose value is subnormal (a
+// deviation below 1e-19) is kept, not flushed to zero (LayerNorm's sum of squared deviations).
+__device__ __forceinline__ float fma_rn(float a, float b, float c) {
+  float out;
+  asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(out) : "f"(a), "f"(b), "f"(c));
+  return out;
+}
+
 // Host-side test deciding whether a pointer may take the vector path; nullptr counts as aligned so that
 // absent optional operands do not force the scalar path.
 inline bool is_aligned(const void* ptr, std::size_t alignment) {
@@ -72,7 +80,8 @@ __device__ __forceinline__ void store_from_float(T* p, const float (&in)[N]) {
 // Sum over the 32 lanes of a fully active warp; every lane returns the same value.
 __device__ __forceinline__ float warp_allreduce_sum(float v) {
 #pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullWarpMask, v, offset);
+  // add_rn: subnormal partial sums are kept (a flush to zero would lose a row of tiny squares).
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v = add_rn(v, __shfl_xor_sync(kFullWarpMask, v, offset));
   return v;
 }
 

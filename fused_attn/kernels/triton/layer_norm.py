@@ -66,7 +66,10 @@ def _refined_stats(mean, sum_dev, sum_sq, hidden, eps):
     # An overflowed sum of squares (|x| past ~1e19) is an infinite variance, as before the
     # correction, not inf - inf: the row normalises to the bias, as on the cpu backend.
     var = tl.where(var < 0.0, 0.0, tl.where(sum_sq == float("inf"), float("inf"), var))
-    return mean + sum_dev / hidden, 1.0 / tl.sqrt(var + eps)
+    # sqrt_rn and div_rn: a plain tl.sqrt compiles to sqrt.approx.ftz.f32, which flushes a
+    # subnormal variance (a row whose deviations are below 1e-19) to 0, so at eps = 0 rstd would be
+    # inf; and 1.0 / x to an approximate division. Once per row, so the exact forms cost nothing.
+    return mean + sum_dev / hidden, tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
 
 
 @triton.jit
