@@ -8,9 +8,10 @@ import os
 
 ENV_VAR = "FUSED_ATTN_BACKEND"
 # The longest dimension (sequence, row width) the Triton and CUDA kernels take: their tile counts
-# and loop counters are 32-bit, so a length within a tile of 2^31 would wrap them (csrc/cuda
-# checks the same bound).
-MAX_EXTENT = 2**31 - 1024
+# and loop counters are 32-bit, so a length within a loop step of 2^31 would wrap them. The largest
+# step is the Triton LayerNorm's streamed block (64 KiB: 32768 16-bit elements) and softmax's
+# (4096); csrc/cuda checks its own, looser bound (2^31 - 1024: its steps are at most a tile).
+MAX_EXTENT = 2**31 - 2**16
 
 
 def getenv(name: str) -> str | None:

@@ -984,8 +984,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
 // Padded head dims with instantiated kernels; a head dim runs in the smallest that holds it.
 constexpr int kHeadDims[] = {32, 64, 96, 128, 256};
 constexpr int kMaxHeadDim = 256;
-// The longest sequence or softmax row the kernels take (fused_attn.backends.MAX_EXTENT): 2^31 less
-// 1024, so that int tile counts ((len + tile - 1) / tile) and loop counters cannot wrap.
+// The longest sequence or softmax row the kernels take: 2^31 less 1024, so that int tile counts
+// ((len + tile - 1) / tile) and loop counters cannot wrap (fused_attn.backends.MAX_EXTENT, the
+// policy's bound, is lower: it also covers the Triton kernels' longer loop steps).
 constexpr int64_t kMaxExtent = (int64_t{1} << 31) - 1024;
 
 int padded_head_dim(int64_t head_dim) {

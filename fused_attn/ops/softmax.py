@@ -20,7 +20,8 @@ from .attention import RowShift
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Rows up to MAX_EXTENT long (32-bit loop counters in the Triton and CUDA kernels).
+# Rows up to MAX_EXTENT long (32-bit loop counters in the Triton and CUDA kernels; the Triton
+# kernel streams long rows 4096 elements a step).
 _LIMITS = {"n_cols": (None, MAX_EXTENT)}
 
 SPEC = register_op(

@@ -112,7 +112,12 @@ def _tiles_for_head_dim(configs, args):
 # so a new bucket retunes without recompiling; nor do they, nor the per-call seed, specialise the
 # compiled kernel (do_not_specialize: Triton would otherwise compile a variant for values divisible
 # by 16).
-_AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "Q_BUCKET", "K_BUCKET", "HAS_MASK", "DROPOUT"]
+# Every constexpr that changes a kernel's shared memory or code is in the key (a name a kernel does
+# not take is skipped): the dQ kernel writing the score gradient needs more shared memory than
+# without, and with float32 inputs the argument dtypes Triton adds to the key do not tell them apart,
+# so a tile config chosen without it could be reused where it no longer fits (sm80, head dim 128).
+_AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "Q_BUCKET", "K_BUCKET", "HAS_MASK", "MASK_IS_BOOL", "DROPOUT",
+                 "WRITE_DSCORES", "WRITE_KEEP"]
 _NOT_SPECIALIZED = ["seed", "Q_BUCKET", "K_BUCKET"]
 
 
