@@ -318,6 +318,54 @@ def test_triton_launchers_refuse_extents_that_would_wrap():
         attention.attention_fwd(q, long, long, None, 1.0, False, 0.0, 0)
 
 
+def test_triton_row_kernels_launch_in_chunks_past_the_grid_limit(monkeypatch):
+    """The softmax and LayerNorm kernels have a program per row and take their first row as an argument:
+    past the grid limit they are launched once per chunk of rows. With chunks of 3 rows the results
+    are those of one launch, bit for bit (a chunk that ignored its first row would leave rows unset)."""
+    if backends.triton_version() is None or not backends.triton_interpret_mode():
+        pytest.skip("needs triton and TRITON_INTERPRET=1")
+    from fused_attn.kernels.triton import _grid, layer_norm, softmax
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 2, 11, generator=gen).transpose(1, 2)  # 20 strided rows
+    mask = torch.randn(1, 2, 5, 11, generator=gen)
+    long = torch.randn(1, 1, 4, 16385, generator=gen)  # streamed in blocks
+    dy = torch.randn(2, 2, 5, 11, generator=gen)
+    h, res = torch.randn(7, 24, generator=gen), torch.randn(7, 24, generator=gen)
+    w, b, xb = torch.randn(24, generator=gen), torch.randn(24, generator=gen), torch.randn(24, generator=gen)
+
+    def run():
+        y = softmax.softmax_fwd(x, mask.expand(x.shape), 0.5, True)
+        streamed = softmax.softmax_fwd(long, None, 1.0, False)
+        grads = softmax.softmax_bwd(dy, y, 0.5, True)
+        norm = layer_norm.norm_fwd(h, res, w, b, xb, 1e-5, 0.25, 7)
+        return [y, streamed, *grads, *[t for t in norm if t is not None]]
+
+    whole = run()
+    monkeypatch.setattr(_grid, "ROW_CHUNK", 3)
+    assert list(_grid.row_chunks(20)) == [(0, 3), (3, 3), (6, 3), (9, 3), (12, 3), (15, 3), (18, 2)]
+    for chunked, expected in zip(run(), whole):
+        assert torch.equal(chunked, expected)
+
+
+def test_triton_attention_refuses_grids_past_the_launch_limit():
+    """2^31 one-row heads would need more programs than a launch takes: refused with the reason,
+    before any allocation (the expanded inputs below have no memory behind them)."""
+    if backends.triton_version() is None:
+        pytest.skip("triton is not installed")
+    from fused_attn.kernels.triton import attention
+
+    q = torch.zeros(1, 1, 1, 16).expand(2**31, 1, 1, 16)
+    with pytest.raises(ValueError, match=r"batch \* heads = 2147483648 .* split the batch"):
+        attention.attention_fwd(q, q, q, None, 1.0, False, 0.0, 0)
+    stats = torch.zeros(1, 1, 2, 1).expand(2**31, 1, 2, 1)
+    with pytest.raises(ValueError, match=r"batch \* heads = 2147483648 .* split the batch"):
+        attention.attention_bwd(q, q, q, q, None, stats, 1.0, False, 0.0, 0, False)
+    attention._check_extents(2**26, 1, 992, 1)  # 31 tiles of 32 rows per head: 2^31 - 2^26 programs
+    with pytest.raises(ValueError, match="split the batch"):
+        attention._check_extents(2**26, 1, 993, 1)  # 32 tiles: 2^31
+
+
 def test_symbolic_tracing_outside_dynamo_takes_the_full_choice_path():
     """make_fx (and export) trace with symbolic sizes that Dynamo's is_compiling() does not flag:
     such a call is not remembered (a symbolic size is neither hashable nor fixed) and traces."""

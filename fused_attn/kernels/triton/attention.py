@@ -7,7 +7,8 @@ kernel owns a key tile of a key/value head and walks the query heads of its grou
 contributions in its float32 accumulators (when that leaves too few programs to fill the GPU, the
 group is split into chunks whose float32 sums are added after the kernel: ``_dkdv_splits``). The grid is one-dimensional, ``pid -> (tile,
 batch*head)`` with the tile index varying fastest, so consecutive programs share one head's K/V
-in L2 and batch*heads may go up to the 2^31 grid limit.
+in L2; batch*heads times the tiles of the longer length must stay within the 2^31 - 1 programs a launch
+takes (``_check_extents``: only an input far beyond a GPU's memory, or of 2^31 one-row heads, nears it).
 
 Forward: a program owns ``BLOCK_M`` queries and streams ``BLOCK_N`` keys at a time, keeping the
 running row max ``m`` and row sum ``l`` in float32 (online softmax, exp2). It writes the output
@@ -75,6 +76,7 @@ from ..._env import MAX_EXTENT, triton_interpret_mode
 from ..layout import empty_in_query_layout
 from ._autotune import benchmark, pruner, size_bucket
 from ._dropout import as_float32, keep_scale, uniform
+from ._grid import MAX_GRID
 from ._units import LOG2E
 
 
@@ -745,12 +747,7 @@ def attention_fwd(
     """
     batch, heads, q_len, _ = q.shape
     k_len = k.shape[2]
-    if max(q_len, k_len) > MAX_EXTENT:
-        # Tile counts and loop counters are 32-bit in the kernels: a length within a tile of 2^31 wraps them.
-        # (The backend choice rejects such lengths; a graph traced for a dynamic length meets them here.)
-        raise ValueError(
-            f"the Triton attention kernels take lengths up to {MAX_EXTENT}, got q_len {q_len}, k_len {k_len}"
-        )
+    _check_extents(batch, heads, q_len, k_len)
     out = empty_in_query_layout(q, v.shape[-1])
     stats = torch.empty(batch, heads, 2, q_len, device=q.device, dtype=torch.float32)
     write_keep = return_keep_mask and dropout_p > 0.0
@@ -764,6 +761,25 @@ def attention_fwd(
         MASK_IS_BOOL=mask_is_bool, WRITE_KEEP=write_keep, **_common_meta(q, v, mask, is_causal, dropout_p),
     )
     return out, stats, (keep.bool() if keep is not None else None)
+
+
+def _check_extents(batch: int, heads: int, q_len: int, k_len: int) -> None:
+    """Refuses, before any allocation or launch, what the kernels cannot index or launch."""
+    if max(q_len, k_len) > MAX_EXTENT:
+        # Tile counts and loop counters are 32-bit in the kernels: a length within a tile of 2^31 wraps them.
+        # (The backend choice rejects such lengths; a graph traced for a dynamic length meets them here.)
+        raise ValueError(
+            f"the Triton attention kernels take lengths up to {MAX_EXTENT}, got q_len {q_len}, k_len {k_len}"
+        )
+    # Each kernel's one-dimensional grid has a program per (tile, batch * head): counted with the smallest
+    # tile any config has (32 rows), so that no tile choice of the autotuner can exceed it.
+    programs = batch * heads * triton.cdiv(max(q_len, k_len, 1), 32)
+    if programs > MAX_GRID:
+        raise ValueError(
+            f"the Triton attention kernels launch a program per 32 rows of each of batch * heads = {batch * heads} "
+            f"heads ({programs} for length {max(q_len, k_len)}), more than the {MAX_GRID} a launch takes: "
+            "split the batch"
+        )
 
 
 def attention_bwd(
@@ -782,6 +798,7 @@ def attention_bwd(
     """Returns (dq, dk, dv, dscores); dscores is [B, H, Lq, Lk] float32 when ``mask_needs_grad``."""
     batch, heads, q_len, _ = q.shape
     k_len, kv_heads, kv_group = k.shape[2], k.shape[1], _kv_group(q, k, v)
+    _check_extents(batch, heads, q_len, k_len)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     mask_t, mask_strides, mask_is_bool = _mask_args(mask, q)
     meta = _common_meta(q, v, mask, is_causal, dropout_p)

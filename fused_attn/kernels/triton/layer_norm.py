@@ -3,7 +3,7 @@
 One kernel pair serves both ops: plain LayerNorm is Add & Norm with the residual, input bias and
 dropout compiled away (constexpr flags), so the two cannot drift apart.
 
-Forward: one program per row. The pre-norm sum is formed in the same pass that loads the row
+Forward: one program per row (launched in chunks of rows past the grid limit: ``_grid``). The pre-norm sum is formed in the same pass that loads the row
 (rounded to the storage dtype, so the forward normalises exactly what the backward will read)
 and stored when there is a residual. When the row fits one block (``SINGLE_BLOCK``) it stays in
 registers; wider rows are streamed in ``BLOCK_N`` chunks three times (sum, centred sum of
@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ..._env import MAX_EXTENT
+from ._grid import row_chunks
 from ._dropout import as_float32, dropout, keep_divisor
 
 # Widest block kept in registers: 64 KiB of the row per program (the Triton tutorial's bound);
@@ -92,12 +93,12 @@ def _prenorm_chunk(
 @triton.jit(do_not_specialize=["seed"])  # a new seed per call must not recompile
 def _norm_fwd_kernel(
     x_ptr, res_ptr, xb_ptr, w_ptr, b_ptr, y_ptr, pre_ptr, mean_ptr, rstd_ptr,
-    hidden, eps, seed, dropout_p, keep_prob,
+    first_row, hidden, eps, seed, dropout_p, keep_prob,
     HAS_RESIDUAL: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64) + first_row
     base = row * hidden
     cols = tl.arange(0, BLOCK_N)
     if SINGLE_BLOCK:
@@ -276,13 +277,14 @@ def norm_fwd(
     single_block = block_n >= hidden
     # Where the kernel stores the sum: the kept tensor, else nowhere (one block) or y as scratch.
     pre_out = prenorm if prenorm is not None or residual is None or single_block else y
-    _norm_fwd_kernel[(rows,)](
-        x, residual, input_bias, weight, bias, y, pre_out, mean, rstd,
-        hidden, eps, seed, as_float32(dropout_p), keep_divisor(dropout_p),
-        HAS_RESIDUAL=residual is not None, HAS_INPUT_BIAS=input_bias is not None, DROPOUT=dropout_p > 0.0,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, SINGLE_BLOCK=single_block, num_warps=_num_warps(block_n),
-    )
+    for first, count in row_chunks(rows):
+        _norm_fwd_kernel[(count,)](
+            x, residual, input_bias, weight, bias, y, pre_out, mean, rstd,
+            first, hidden, eps, seed, as_float32(dropout_p), keep_divisor(dropout_p),
+            HAS_RESIDUAL=residual is not None, HAS_INPUT_BIAS=input_bias is not None, DROPOUT=dropout_p > 0.0,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            BLOCK_N=block_n, SINGLE_BLOCK=single_block, num_warps=_num_warps(block_n),
+        )
     return y, prenorm, mean, rstd
 
 

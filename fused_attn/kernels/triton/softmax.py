@@ -3,7 +3,7 @@
 Input viewed as [A, B, M, N] (leading dims folded into A and B) with any strides; the mask is
 read through its own [A, B, M, N] strides (zero = broadcast), boolean (True = keep) or floating
 (added after scaling). ``is_causal`` masks column j > row i of the last two dims (top-left).
-One program per row: a row that fits one block is read once and kept in registers; longer rows
+One program per row (launched in chunks of rows past the grid limit: ``_grid``): a row that fits one block is read once and kept in registers; longer rows
 are streamed twice (online max and sum, then normalise). Rows whose every element is masked
 give 0. The backward is ``dx = scale * y * (dy - sum(dy * y))``, one program per row, and can
 also write the gradient of the (pre-scale) scores for a floating mask that requires grad.
@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ..._env import MAX_EXTENT
+from ._grid import row_chunks
 from ._units import LOG2E
 
 # Widest row kept in registers; longer rows take the streaming path.
@@ -52,13 +53,13 @@ def _masked_row(
 @triton.jit
 def _softmax_fwd_kernel(
     x_ptr, mask_ptr, y_ptr,
-    dim_b, dim_m, n_cols, scale,
+    first_row, dim_b, dim_m, n_cols, scale,
     stride_xa, stride_xb, stride_xm, stride_xn,
     stride_ma, stride_mb, stride_mm, stride_mn,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
     BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64) + first_row
     row_m = row % dim_m
     ab = row // dim_m
     a = ab // dim_b
@@ -107,10 +108,10 @@ def _row_term(dot, total):
 
 @triton.jit
 def _softmax_bwd_kernel(
-    dy_ptr, y_ptr, dx_ptr, dscores_ptr, n_cols, scale,
+    dy_ptr, y_ptr, dx_ptr, dscores_ptr, first_row, n_cols, scale,
     WRITE_DSCORES: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64) * n_cols
+    row = (tl.program_id(0).to(tl.int64) + first_row) * n_cols
     cols = tl.arange(0, BLOCK_N)
     if SINGLE_BLOCK:
         inside = cols < n_cols
@@ -161,12 +162,13 @@ def softmax_fwd(x: torch.Tensor, mask: torch.Tensor | None, scale: float, is_cau
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     block, single = _block(n_cols)
-    _softmax_fwd_kernel[(rows,)](
-        x, mask if mask is not None else x, y, dim_b, dim_m, n_cols, scale,
-        *x.stride(), *(mask.stride() if mask is not None else (0, 0, 0, 0)),
-        HAS_MASK=mask is not None, MASK_IS_BOOL=mask is not None and mask.dtype == torch.uint8, IS_CAUSAL=is_causal,
-        BLOCK_N=block, SINGLE_BLOCK=single, num_warps=_num_warps(block),
-    )
+    for first, count in row_chunks(rows):
+        _softmax_fwd_kernel[(count,)](
+            x, mask if mask is not None else x, y, first, dim_b, dim_m, n_cols, scale,
+            *x.stride(), *(mask.stride() if mask is not None else (0, 0, 0, 0)),
+            HAS_MASK=mask is not None, MASK_IS_BOOL=mask is not None and mask.dtype == torch.uint8,
+            IS_CAUSAL=is_causal, BLOCK_N=block, SINGLE_BLOCK=single, num_warps=_num_warps(block),
+        )
     return y
 
 
@@ -181,8 +183,9 @@ def softmax_bwd(
     dscores = torch.empty(y.shape, device=y.device, dtype=torch.float32) if scores_grad else None
     if rows and n_cols:
         block, single = _block(n_cols)
-        _softmax_bwd_kernel[(rows,)](
-            dy, y, dx, dscores if dscores is not None else dx, n_cols, scale,
-            WRITE_DSCORES=scores_grad, BLOCK_N=block, SINGLE_BLOCK=single, num_warps=_num_warps(block),
-        )
+        for first, count in row_chunks(rows):
+            _softmax_bwd_kernel[(count,)](
+                dy, y, dx, dscores if dscores is not None else dx, first, n_cols, scale,
+                WRITE_DSCORES=scores_grad, BLOCK_N=block, SINGLE_BLOCK=single, num_warps=_num_warps(block),
+            )
     return dx, dscores

@@ -1,0 +1,22 @@
+"""How many programs one Triton launch takes, and launching one program per row beyond it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+# A launch's first grid dimension takes at most 2^31 - 1 programs (CUDA's limit; Triton's launcher
+# passes it as a 32-bit int). The kernels with one program per row (softmax, LayerNorm forward) take
+# their first row as an argument and are launched once per chunk of this many rows, so a tensor of
+# 2^31 rows or more (4 GiB of 16-bit rows of width 1 upwards: within an H100's memory) runs in a few
+# launches instead of failing to launch. A power of two, so that a chunk's first row keeps the
+# divisibility Triton specialises integer arguments on, and only the rare row counts past 2^31 see a
+# second specialisation (a 64-bit first row).
+ROW_CHUNK = 2**30
+MAX_GRID = 2**31 - 1
+
+
+def row_chunks(rows: int) -> Iterator[tuple[int, int]]:
+    """(first row, rows) of each launch covering ``rows`` rows, one program per row."""
+    chunk = ROW_CHUNK
+    for first in range(0, rows, chunk):
+        yield first, min(chunk, rows - first)
