@@ -20,7 +20,6 @@ import contextlib
 import contextvars
 import dataclasses
 import importlib.util
-import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -37,7 +36,7 @@ except ImportError:  # older torch: a plain comparison
     statically_known_true = bool
 
 from . import _extension
-from ._env import ENV_VAR, MAX_EXTENT, getenv, triton_autotune_enabled, triton_interpret_mode
+from ._env import ENV_VAR, MAX_EXTENT, getenv, triton_interpret_mode
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu", "triton")}

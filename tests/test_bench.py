@@ -944,8 +944,6 @@ def test_rates_print_in_readable_units():
 
 
 def test_progress_counts_cases_and_follows_the_timed_rounds(capsys, monkeypatch):
-    from fused_attn.bench import cli as bench_cli
-
     seen = {}
 
     class Bar:

@@ -1013,7 +1013,7 @@ def test_hf_head_dim_is_read_from_the_attention_modules():
 def test_hf_attention_transformers_does_not_switch_is_reported_kept():
     """A model class transformers will not switch at run time (one whose source it cannot read,
     e.g. defined in a notebook) keeps its attention, and the report says so."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.bert.modeling_bert import BertEmbeddings, BertEncoder, BertPreTrainedModel
 
     source = (
