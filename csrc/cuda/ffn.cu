@@ -63,8 +63,11 @@
 // Fallbacks. If cuBLASLt offers no algorithm for a plain GEMM (an exotic alignment or leading dimension),
 // the GEMM goes to ATen (at::mm_out / at::addmm_out), which always has one; the fused epilogue falls back to
 // the unfused path. Those ATen GEMMs (also the ones of a dimension of 1) follow torch's float32 matmul
-// precision (torch.backends.cuda.matmul.allow_tf32), which is off unless the user turns it on. Handle and workspace are PyTorch's (getCurrentCUDABlasLtHandle,
-// getCUDABlasLtWorkspace), everything runs on the current stream.
+// precision (torch.backends.cuda.matmul.allow_tf32), which is off unless the user turns it on, and in
+// float16/bfloat16 torch's allow_{fp16,bf16}_reduced_precision_reduction (on by default), under which
+// cuBLAS may reduce split-K sums in the 16-bit type, as F.linear does, unlike the cuBLASLt GEMMs above.
+// Handle and workspace are PyTorch's (getCurrentCUDABlasLtHandle, getCUDABlasLtWorkspace), everything
+// runs on the current stream.
 //
 // Degenerate shapes: rows == 0 or out_features == 0 launch nothing; in_features == 0 gives
 // pre = bias (or 0) without a GEMM; the backward fills the sums over no rows with zeros.
@@ -430,8 +433,9 @@ LtOutcome run_lt_gemm(const LtGemm& g) {
   // GEMM serves them, with no warning.
   if (g.m <= 1 || g.n <= 1 || g.k <= 1) return LtOutcome::kRefused;
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
-  void* workspace = at::cuda::getCUDABlasLtWorkspace();
+  // The size before the buffer, in PyTorch's own order: the buffer is sized from it.
   const uint64_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
+  void* workspace = at::cuda::getCUDABlasLtWorkspace();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   MatmulDesc op;
