@@ -672,7 +672,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
   for (int half = 0; half < 2; ++half) {
     const float l = quad_sum(row_sum[half]);
     const bool empty = l == 0.f;
-    const float inv = empty ? 0.f : p.inv_keep / l;
+    const float inv = empty ? 0.f : __fdiv_rn(p.inv_keep, l);
 #pragma unroll
     for (int nb = 0; nb < kOut / 8; ++nb) {
       o[nb][2 * half] *= inv;
@@ -968,8 +968,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
       const float pdp = quad_sum(pdp_sum[half]);
       const int i = warp_row0 + (lane >> 2) + half * 8;
       if ((lane & 3) == 0 && i < p.q_len) {
-        p.corr[bh * p.q_len + i] = l > 0.f ? 1.f / l : 0.f;
-        p.delta[bh * p.q_len + i] = l > 0.f ? pdp / l : 0.f;
+        // Correctly rounded: under --use_fast_math a / is approximate (2 ulp), and dS = P corr (dP - delta)
+        // cancels at the scale of delta, which would pass such errors into dQ and dK.
+        p.corr[bh * p.q_len + i] = l > 0.f ? __fdiv_rn(1.f, l) : 0.f;
+        p.delta[bh * p.q_len + i] = l > 0.f ? __fdiv_rn(pdp, l) : 0.f;
       }
     }
   } else {
@@ -1411,11 +1413,11 @@ __global__ void __launch_bounds__(kGroup == kWarpSize ? 128 : kGroup) softmax_fw
 #pragma unroll
       for (int c = 0; c < kCache; ++c) {
         const int j = sub + c * kGroup;
-        if (j < p.n) store_float(yr, j, cache[c] / denom);
+        if (j < p.n) store_float(yr, j, __fdiv_rn(cache[c], denom));
       }
     } else {
       for (int j = sub; j < p.n; j += kGroup) {
-        store_float(yr, j, exp2f((softmax_score(p, xr, mask_row, i, j) - shift) * kLog2e) / denom);
+        store_float(yr, j, __fdiv_rn(exp2f((softmax_score(p, xr, mask_row, i, j) - shift) * kLog2e), denom));
       }
     }
   }

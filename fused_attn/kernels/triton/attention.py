@@ -281,7 +281,7 @@ def _attn_fwd_kernel(
             BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     empty_row = l_i == 0.0
-    out = acc * (_inv_keep(inv_keep, DROPOUT) / tl.where(empty_row, 1.0, l_i))[:, None]
+    out = acc * tl.math.div_rn(_inv_keep(inv_keep, DROPOUT), tl.where(empty_row, 1.0, l_i))[:, None]
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :],
              out.to(out_ptr.dtype.element_ty), mask=in_queries[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     # The row statistics for the backward, kept apart (see the module docstring):
@@ -461,8 +461,11 @@ def _attn_bwd_stats_kernel(
         )
     sees_keys = p_sum > 0.0
     safe_sum = tl.where(sees_keys, p_sum, 1.0)
-    tl.store(corr_ptr + bh * q_len + offs_m, tl.where(sees_keys, 1.0 / safe_sum, 0.0), mask=in_queries)
-    tl.store(delta_ptr + bh * q_len + offs_m, tl.where(sees_keys, pdp_sum / safe_sum, 0.0), mask=in_queries)
+    # Correctly rounded (div_rn; a plain / compiles to the 2-ulp div.full.f32): dS = P corr (dP - delta)
+    # cancels at the scale of delta, where these errors would pass straight into dQ and dK.
+    tl.store(corr_ptr + bh * q_len + offs_m, tl.where(sees_keys, tl.math.div_rn(1.0, safe_sum), 0.0), mask=in_queries)
+    tl.store(delta_ptr + bh * q_len + offs_m, tl.where(sees_keys, tl.math.div_rn(pdp_sum, safe_sum), 0.0),
+             mask=in_queries)
 
 
 @triton.jit

@@ -66,7 +66,7 @@ def _tanh_parts(u):
     # (no overflow, no inf * 0 in the branch not taken): past it 1 + t rounds to 2, and 1 - t^2
     # (below 1e-34) is 0, as the gradient, which multiplies it by a square of x, needs.
     e = tl.exp(2.0 * tl.minimum(u, 40.0))
-    s = 2.0 / (e + 1.0)
+    s = tl.math.div_rn(2.0, e + 1.0)
     one_plus_t = tl.where(u >= 0.0, 2.0 - s, e * s)
     return one_plus_t, tl.where(u > 40.0, 0.0, s * one_plus_t)
 

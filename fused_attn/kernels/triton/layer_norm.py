@@ -63,14 +63,16 @@ def _refined_stats(mean, sum_dev, sum_sq, hidden, eps):
     mean's rounding error, so var is 0 and rstd 1 / sqrt(eps), which would scale that error up
     (to about 1 at eps = 1e-12); with the refined mean, x - mean is 0. The variance is clamped at
     0 against rounding, NaN kept (a row holding NaN or inf normalises to NaN)."""
-    var = (sum_sq - sum_dev * (sum_dev / hidden)) / hidden
+    n = tl.cast(hidden, tl.float32)
+    var = tl.math.div_rn(sum_sq - sum_dev * tl.math.div_rn(sum_dev, n), n)
     # An overflowed sum of squares (|x| past ~1e19) is an infinite variance, as before the
     # correction, not inf - inf: the row normalises to the bias, as on the cpu backend.
     var = tl.where(var < 0.0, 0.0, tl.where(sum_sq == float("inf"), float("inf"), var))
-    # sqrt_rn and div_rn: a plain tl.sqrt compiles to sqrt.approx.ftz.f32, which flushes a
-    # subnormal variance (a row whose deviations are below 1e-19) to 0, so at eps = 0 rstd would be
-    # inf; and 1.0 / x to an approximate division. Once per row, so the exact forms cost nothing.
-    return mean + sum_dev / hidden, tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+    # sqrt_rn and div_rn (as for every mean of these kernels): a plain tl.sqrt compiles to
+    # sqrt.approx.ftz.f32, which flushes a subnormal variance (a row whose deviations are below 1e-19)
+    # to 0, so at eps = 0 rstd would be inf; and / to div.full.f32, within 2 ulp. Once per row, so the
+    # exact forms cost nothing.
+    return mean + tl.math.div_rn(sum_dev, n), tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
 
 
 @triton.jit
@@ -108,7 +110,7 @@ def _norm_fwd_kernel(
         if HAS_RESIDUAL:
             if pre_ptr is not None:  # None in inference: the row stays in registers
                 tl.store(pre_ptr + base + cols, h.to(pre_ptr.dtype.element_ty), mask=in_row)
-        mean = tl.sum(h, axis=0) / hidden
+        mean = tl.math.div_rn(tl.sum(h, axis=0), tl.cast(hidden, tl.float32))
         centred = tl.where(in_row, h - mean, 0.0)
         mean, rstd = _refined_stats(mean, tl.sum(centred, axis=0), tl.sum(centred * centred, axis=0), hidden, eps)
         y = tl.where(in_row, h - mean, 0.0) * rstd
@@ -127,7 +129,7 @@ def _norm_fwd_kernel(
             if HAS_RESIDUAL:
                 tl.store(pre_ptr + base + offs, h.to(pre_ptr.dtype.element_ty), mask=in_row)
             total += h
-        mean = tl.sum(total, axis=0) / hidden
+        mean = tl.math.div_rn(tl.sum(total, axis=0), tl.cast(hidden, tl.float32))
         # The later passes read the pre-norm sum back (the input itself when there is no residual).
         # Their loads need not map an element to the thread that stored it: a block-wide barrier
         # orders the stores before them. In inference pre_ptr is y_ptr: the last pass loads each
@@ -208,8 +210,8 @@ def _norm_bwd_kernel(
                     g = g * tl.load(w_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
                 sum_g += g
                 sum_gx += g * tl.where(in_row, (x - mean) * rstd, 0.0)
-            mean_g = tl.sum(sum_g, axis=0) / hidden
-            mean_gx = tl.sum(sum_gx, axis=0) / hidden
+            mean_g = tl.math.div_rn(tl.sum(sum_g, axis=0), tl.cast(hidden, tl.float32))
+            mean_gx = tl.math.div_rn(tl.sum(sum_gx, axis=0), tl.cast(hidden, tl.float32))
         for start in range(0, hidden, BLOCK_N):
             offs = start + cols
             in_row = offs < hidden

@@ -5,7 +5,8 @@ read through its own [A, B, M, N] strides (zero = broadcast), boolean (True = ke
 (added after scaling). ``is_causal`` masks column j > row i of the last two dims (top-left).
 One program per row (launched in chunks of rows past the grid limit: ``_grid``): a row that fits one block is read once and kept in registers; longer rows
 are streamed twice (online max and sum, then normalise). Rows whose every element is masked
-give 0. The backward is ``dx = scale * y * (dy - sum(dy * y))``, one program per row, and can
+give 0. Divisions are correctly rounded (``div_rn``: a plain ``/`` compiles to the approximate
+``div.full.f32``, 2 ulp, which would spend most of float32's parity margin against torch's softmax). The backward is ``dx = scale * y * (dy - sum(dy * y))``, one program per row, and can
 also write the gradient of the (pre-scale) scores for a floating mask that requires grad.
 """
 
@@ -74,7 +75,7 @@ def _softmax_fwd_kernel(
         shift = tl.where(row_max == float("-inf"), 0.0, row_max)
         p = tl.math.exp2((s - shift) * LOG2E)
         total = tl.sum(p, 0)
-        y = p / tl.where(total == 0.0, 1.0, total)
+        y = tl.math.div_rn(p, tl.where(total == 0.0, 1.0, total))
         tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=cols < n_cols)
     else:
         run_max = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
@@ -89,12 +90,13 @@ def _softmax_fwd_kernel(
         row_max = tl.max(run_max, 0)
         shift = tl.where(row_max == float("-inf"), 0.0, row_max)
         total = tl.sum(run_sum * tl.math.exp2((run_max - shift) * LOG2E), 0)
-        inv = 1.0 / tl.where(total == 0.0, 1.0, total)
+        total = tl.where(total == 0.0, 1.0, total)
         for start in range(0, n_cols, BLOCK_N):
             offs = start + cols
             s = _masked_row(x_row, m_row, offs, row_m, n_cols, scale, HAS_MASK, MASK_IS_BOOL, IS_CAUSAL,
                             stride_xn, stride_mn)
-            tl.store(y_row + offs, (tl.math.exp2((s - shift) * LOG2E) * inv).to(y_ptr.dtype.element_ty), mask=offs < n_cols)
+            y = tl.math.div_rn(tl.math.exp2((s - shift) * LOG2E), total)
+            tl.store(y_row + offs, y.to(y_ptr.dtype.element_ty), mask=offs < n_cols)
 
 
 @triton.jit
@@ -103,7 +105,7 @@ def _row_term(dot, total):
     weight). Where a row puts nearly all its weight on one element, dy - sum(y * dy) would cancel
     the stored probabilities' rounding into it at dy's scale (their sum misses 1 by it); divided by
     their sum it does not (see softmax_row_term in csrc/cpu/attention.cpp)."""
-    return tl.where(total > 0.0, dot / tl.where(total > 0.0, total, 1.0), 0.0)
+    return tl.where(total > 0.0, tl.math.div_rn(dot, tl.where(total > 0.0, total, 1.0)), 0.0)
 
 
 @triton.jit
