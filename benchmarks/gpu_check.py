@@ -157,26 +157,55 @@ def run_benchmarks(python: str, tmp: Path, suites: list[str], compile_reference:
     return records, logs
 
 
-# Small cases that reach every code path of the CUDA attention and softmax kernels: cross lengths with
-# partial tiles, causal + bool mask, a float mask with its gradient, dropout, an unaligned head dim
-# (element copies instead of cp.async), the split head dim 256; softmax in a warp and a block per row.
+# Small cases that reach every code path of the CUDA kernels: attention with cross lengths and partial
+# tiles, a single query and key, causal + bool mask, a float mask with its gradient, dropout, grouped
+# key/value heads, an unaligned head dim (element copies instead of cp.async), a padded one (72 in
+# tiles of 96), the split head dim 256 with value head dims apart from the query's, and operands at
+# storage offset 1 (every vector path declined); softmax in a warp and a block per row; LayerNorm,
+# Add & Norm and the FFN at widths that vectorise, aligned and not. The script's first lines name the
+# device and backend (a test runs it on the cpu backend).
 SANITIZER_SCRIPT = """
 import torch, fused_attn
 from fused_attn import _extension
-assert _extension.has_kernel("attention_fwd", "cuda"), "fused_attn._C has no CUDA attention kernel"
+DEVICE, BACKEND = "cuda", "cuda"
+assert _extension.has_kernel("attention_fwd", BACKEND), f"fused_attn._C has no {BACKEND} attention kernel"
 torch.manual_seed(0)
-def attention(q_len, k_len, head_dim, dtype, **kw):
-    q, k, v = (torch.randn(1, 2, n, head_dim, device="cuda", dtype=dtype, requires_grad=True) for n in (q_len, k_len, k_len))
-    mask = kw.pop("mask", None)
-    fused_attn.scaled_dot_product_attention(q, k, v, mask, backend="cuda", **kw).sum().backward()
-attention(70, 45, 64, torch.float16, mask=torch.rand(1, 1, 70, 45, device="cuda") > 0.2, is_causal=True)
-attention(33, 80, 40, torch.bfloat16, mask=torch.randn(1, 2, 33, 80, device="cuda", dtype=torch.bfloat16, requires_grad=True))
+def tensor(*shape, dtype=torch.float32, shift=False, grad=True):
+    t = torch.randn(*shape, device=DEVICE, dtype=dtype)
+    if shift:  # the same values one element past the allocation's (16-byte aligned) start
+        t = torch.empty(t.numel() + 1, device=DEVICE, dtype=dtype)[1:].view(t.shape).copy_(t).detach()
+        assert t.data_ptr() % 16
+    return t.requires_grad_(grad)
+def attention(q_len, k_len, head_dim, dtype, head_dim_v=None, kv_heads=2, shift=False, **kw):
+    q = tensor(1, 2 * kw.pop("group", 1), q_len, head_dim, dtype=dtype, shift=shift)
+    k = tensor(1, kv_heads, k_len, head_dim, dtype=dtype, shift=shift)
+    v = tensor(1, kv_heads, k_len, head_dim_v or head_dim, dtype=dtype, shift=shift)
+    fused_attn.scaled_dot_product_attention(q, k, v, backend=BACKEND, **kw).sum().backward()
+attention(70, 45, 64, torch.float16, attn_mask=torch.rand(1, 1, 70, 45, device=DEVICE) > 0.2, is_causal=True)
+attention(33, 80, 40, torch.bfloat16, attn_mask=tensor(1, 2, 33, 80, dtype=torch.bfloat16))
 attention(64, 64, 20, torch.float16, dropout_p=0.3)
+attention(1, 1, 72, torch.float16)
+attention(130, 33, 64, torch.bfloat16, group=2, enable_gqa=True, is_causal=True)
 attention(17, 17, 256, torch.bfloat16, is_causal=True)
+attention(33, 40, 64, torch.float16, head_dim_v=200)
+attention(40, 33, 200, torch.bfloat16, head_dim_v=64)
+attention(65, 33, 64, torch.float16, shift=True, attn_mask=tensor(1, 2, 65, 33, dtype=torch.float16, shift=True))
 for n in (77, 3000, 5000):
-    x = torch.randn(2, 3, 5, n, device="cuda", requires_grad=True)
-    fused_attn.softmax(x, mask=torch.rand(n, device="cuda") > 0.1, scale=0.5, backend="cuda").sum().backward()
-torch.cuda.synchronize()
+    x = tensor(2, 3, 5, n)
+    fused_attn.softmax(x, mask=torch.rand(n, device=DEVICE) > 0.1, scale=0.5, backend=BACKEND).sum().backward()
+fused_attn.softmax(tensor(3, 40, dtype=torch.float16, shift=True), backend=BACKEND).sum().backward()
+for dtype in (torch.float16, torch.float32):
+    for shift in (False, True):
+        x, r = tensor(5, 64, dtype=dtype, shift=shift), tensor(5, 64, dtype=dtype, shift=shift)
+        w, b = tensor(64, dtype=dtype, shift=shift), tensor(64, dtype=dtype, shift=shift)
+        fused_attn.layer_norm(x, (64,), w, b, backend=BACKEND).sum().backward()
+        fused_attn.add_layer_norm(x, r, w, b, dropout_p=0.1, input_bias=b, backend=BACKEND).sum().backward()
+        w1, b1 = tensor(48, 64, dtype=dtype, shift=shift), tensor(48, dtype=dtype, shift=shift)
+        w2, b2 = tensor(64, 48, dtype=dtype, shift=shift), tensor(64, dtype=dtype, shift=shift)
+        fused_attn.linear_gelu(x, w1, b1, "tanh", backend=BACKEND).sum().backward()
+        fused_attn.ffn(x, w1, b1, w2, b2, dropout_p=0.1, backend=BACKEND).sum().backward()
+if DEVICE == "cuda":
+    torch.cuda.synchronize()
 print("sanitizer workload done")
 """
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fused_attn import cli
+from fused_attn import _extension, cli
 from fused_attn.bench import harness, suites
 from fused_attn.bench.suites import Settings
 from fused_attn.profiling import memory
@@ -556,6 +556,19 @@ def test_gpu_check_budget_shares_and_skips(tmp_path, monkeypatch):
     assert "- memcheck: clean ERROR SUMMARY: 0 errors" in md and "- racecheck: not run: the --budget was spent" in md
     assert "attention `all` (2 cases): the bfloat16 fwd run: not started" not in md
     assert "attention `all` (1 case): the bfloat16 fwd run: not started, the --budget was spent" in md
+
+
+def test_sanitizer_workload_runs_on_the_cpu_backend(capsys):
+    """The compute-sanitizer script of make gpu-check, with its device and backend set to cpu, runs
+    every case it holds (a misspelt argument would otherwise show only on the GPU, as a failed run)."""
+    from benchmarks import gpu_check
+
+    if not _extension.has_kernel("attention_fwd", "cpu"):
+        pytest.skip("the extension's cpu kernels are not built")
+    head = 'DEVICE, BACKEND = "cuda", "cuda"'
+    assert head in gpu_check.SANITIZER_SCRIPT
+    exec(gpu_check.SANITIZER_SCRIPT.replace(head, 'DEVICE, BACKEND = "cpu", "cpu"'), {})
+    assert "sanitizer workload done" in capsys.readouterr().out
 
 
 def test_bench_survives_a_case_that_does_not_fit_in_memory(tmp_path, capsys, monkeypatch):
