@@ -3,13 +3,15 @@
 One kernel pair serves both ops: plain LayerNorm is Add & Norm with the residual, input bias and
 dropout compiled away (constexpr flags), so the two cannot drift apart.
 
-Forward: one program per row (launched in chunks of rows past the grid limit: ``_grid``). The pre-norm sum is formed in the same pass that loads the row
-(rounded to the storage dtype, so the forward normalises exactly what the backward will read)
-and stored when there is a residual. When the row fits one block (``SINGLE_BLOCK``) it stays in
-registers; wider rows are streamed in ``BLOCK_N`` chunks three times (sum, centred sum of
-squares, normalise), re-reading the pre-norm from L2. Statistics are two-pass in float32 (mean
-first, then the squared deviations), accurate when |mean| >> std, and corrected by the sum of the
-deviations (``_refined_stats``): a constant row normalises to exactly the bias, as in torch.
+Forward: one program per row (launched in chunks of rows past the grid limit: ``_grid``). The
+pre-norm sum is formed in the same pass that loads the row (rounded to the storage dtype, so the
+forward normalises exactly what the backward will read) and stored when there is a residual. When
+the row fits one block (``SINGLE_BLOCK``) it stays in registers; wider rows are streamed in
+``BLOCK_N`` chunks three times (sum, centred sum of squares, normalise), re-reading the pre-norm
+from L2. Statistics are two-pass in float32 (mean first, then the squared deviations), accurate when
+|mean| >> std, and corrected by the sum of the deviations (``_refined_stats``): a constant row
+normalises to exactly the bias, as in torch.
+
 
 Backward: ``d_pre = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ grad_prenorm)`` with
 ``g = dy * w``; the input's gradient is ``d_pre`` through the same dropout keep-mask, regenerated
@@ -26,8 +28,8 @@ import triton
 import triton.language as tl
 
 from ..._env import MAX_EXTENT
-from ._grid import row_chunks
 from ._dropout import as_float32, dropout, keep_divisor
+from ._grid import row_chunks
 
 # Widest block kept in registers: 64 KiB of the row per program (the Triton tutorial's bound);
 # past it the kernels stream the row in chunks instead of spilling.

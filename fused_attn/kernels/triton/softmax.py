@@ -1,13 +1,15 @@
 """Scaled, masked softmax over the last dim in Triton, forward and backward.
 
-Input viewed as [A, B, M, N] (leading dims folded into A and B) with any strides; the mask is
-read through its own [A, B, M, N] strides (zero = broadcast), boolean (True = keep) or floating
-(added after scaling). ``is_causal`` masks column j > row i of the last two dims (top-left).
-One program per row (launched in chunks of rows past the grid limit: ``_grid``): a row that fits one block is read once and kept in registers; longer rows
-are streamed twice (online max and sum, then normalise). Rows whose every element is masked
-give 0. Divisions are correctly rounded (``div_rn``: a plain ``/`` compiles to the approximate
-``div.full.f32``, 2 ulp, which would spend most of float32's parity margin against torch's softmax). The backward is ``dx = scale * y * (dy - sum(dy * y))``, one program per row, and can
-also write the gradient of the (pre-scale) scores for a floating mask that requires grad.
+Input viewed as [A, B, M, N] (leading dims folded into A and B) with any strides; the mask is read
+through its own [A, B, M, N] strides (zero = broadcast), boolean (True = keep) or floating (added
+after scaling). ``is_causal`` masks column j > row i of the last two dims (top-left). One program
+per row (launched in chunks of rows past the grid limit: ``_grid``): a row that fits one block is
+read once and kept in registers; longer rows are streamed twice (online max and sum, then
+normalise). Rows whose every element is masked give 0. Divisions are correctly rounded (``div_rn``:
+a plain ``/`` compiles to the approximate ``div.full.f32``, 2 ulp, which would spend most of
+float32's parity margin against torch's softmax). The backward is
+``dx = scale * y * (dy - sum(dy * y))``, one program per row, and can also write the gradient of
+the (pre-scale) scores for a floating mask that requires grad.
 """
 
 from __future__ import annotations
