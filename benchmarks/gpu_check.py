@@ -5,8 +5,8 @@ with what is installed there. Writes benchmarks/results/<date>-<gpu>[-tag].md an
 non-zero when a test failed (the report is written either way). On a machine that limits each
 command to a few minutes, split the work: `--skip-bench --tag tests`, then
 `--skip-tests --suites attention --tag attention`, and so on. With the tests (unless
-`--skip-sanitizer`), a small attention and softmax forward + backward on the cuda backend also runs
-under compute-sanitizer (memcheck, racecheck); without the tool the report says so and why.
+`--skip-sanitizer`), small forward + backward calls of every op on the cuda backend (SANITIZER_SCRIPT)
+also run under compute-sanitizer (memcheck, racecheck); without the tool the report says so and why.
 With the benchmarks (unless `--skip-memory`), `fused-attn profile-memory` of a BERT-base layer at
 seq 4096; each suite's plot and the memory plot are written next to the report as PNGs.
 torch.compile rows are left out unless `--compile` (compiling every case takes far longer than
