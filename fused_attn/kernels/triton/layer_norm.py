@@ -12,7 +12,6 @@ from L2. Statistics are two-pass in float32 (mean first, then the squared deviat
 |mean| >> std, and corrected by the sum of the deviations (``_refined_stats``): a constant row
 normalises to exactly the bias, as in torch.
 
-
 Backward: ``d_pre = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ grad_prenorm)`` with
 ``g = dy * w``; the input's gradient is ``d_pre`` through the same dropout keep-mask, regenerated
 from the seed (Philox, element ``row * hidden + col``). Each program owns a contiguous run of
@@ -57,6 +56,13 @@ def _num_warps(block_n: int) -> int:
 
 
 @triton.jit
+def _per_element(total, hidden):
+    """``total / hidden`` correctly rounded (div_rn: a plain / compiles to div.full.f32, within 2 ulp):
+    every mean of these kernels. Once per row, so the exact form costs nothing."""
+    return tl.math.div_rn(total, tl.cast(hidden, tl.float32))
+
+
+@triton.jit
 def _refined_stats(mean, sum_dev, sum_sq, hidden, eps):
     """(mean, rstd) of a row from its float32 mean and the sums of its deviations d = x - mean and
     of their squares: the corrected two-pass algorithm, var = (sum d^2 - (sum d)^2 / n) / n, which
@@ -65,16 +71,14 @@ def _refined_stats(mean, sum_dev, sum_sq, hidden, eps):
     mean's rounding error, so var is 0 and rstd 1 / sqrt(eps), which would scale that error up
     (to about 1 at eps = 1e-12); with the refined mean, x - mean is 0. The variance is clamped at
     0 against rounding, NaN kept (a row holding NaN or inf normalises to NaN)."""
-    n = tl.cast(hidden, tl.float32)
-    var = tl.math.div_rn(sum_sq - sum_dev * tl.math.div_rn(sum_dev, n), n)
+    var = _per_element(sum_sq - sum_dev * _per_element(sum_dev, hidden), hidden)
     # An overflowed sum of squares (|x| past ~1e19) is an infinite variance, as before the
     # correction, not inf - inf: the row normalises to the bias, as on the cpu backend.
     var = tl.where(var < 0.0, 0.0, tl.where(sum_sq == float("inf"), float("inf"), var))
-    # sqrt_rn and div_rn (as for every mean of these kernels): a plain tl.sqrt compiles to
-    # sqrt.approx.ftz.f32, which flushes a subnormal variance (a row whose deviations are below 1e-19)
-    # to 0, so at eps = 0 rstd would be inf; and / to div.full.f32, within 2 ulp. Once per row, so the
-    # exact forms cost nothing.
-    return mean + tl.math.div_rn(sum_dev, n), tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+    # sqrt_rn and div_rn: a plain tl.sqrt compiles to sqrt.approx.ftz.f32, which flushes a subnormal
+    # variance (a row whose deviations are below 1e-19) to 0, so at eps = 0 rstd would be inf; and / to
+    # div.full.f32. Once per row, so the exact forms cost nothing.
+    return mean + _per_element(sum_dev, hidden), tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
 
 
 @triton.jit
@@ -112,7 +116,7 @@ def _norm_fwd_kernel(
         if HAS_RESIDUAL:
             if pre_ptr is not None:  # None in inference: the row stays in registers
                 tl.store(pre_ptr + base + cols, h.to(pre_ptr.dtype.element_ty), mask=in_row)
-        mean = tl.math.div_rn(tl.sum(h, axis=0), tl.cast(hidden, tl.float32))
+        mean = _per_element(tl.sum(h, axis=0), hidden)
         centred = tl.where(in_row, h - mean, 0.0)
         mean, rstd = _refined_stats(mean, tl.sum(centred, axis=0), tl.sum(centred * centred, axis=0), hidden, eps)
         y = tl.where(in_row, h - mean, 0.0) * rstd
@@ -131,7 +135,7 @@ def _norm_fwd_kernel(
             if HAS_RESIDUAL:
                 tl.store(pre_ptr + base + offs, h.to(pre_ptr.dtype.element_ty), mask=in_row)
             total += h
-        mean = tl.math.div_rn(tl.sum(total, axis=0), tl.cast(hidden, tl.float32))
+        mean = _per_element(tl.sum(total, axis=0), hidden)
         # The later passes read the pre-norm sum back (the input itself when there is no residual).
         # Their loads need not map an element to the thread that stored it: a block-wide barrier
         # orders the stores before them. In inference pre_ptr is y_ptr: the last pass loads each
@@ -212,8 +216,8 @@ def _norm_bwd_kernel(
                     g = g * tl.load(w_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
                 sum_g += g
                 sum_gx += g * tl.where(in_row, (x - mean) * rstd, 0.0)
-            mean_g = tl.math.div_rn(tl.sum(sum_g, axis=0), tl.cast(hidden, tl.float32))
-            mean_gx = tl.math.div_rn(tl.sum(sum_gx, axis=0), tl.cast(hidden, tl.float32))
+            mean_g = _per_element(tl.sum(sum_g, axis=0), hidden)
+            mean_gx = _per_element(tl.sum(sum_gx, axis=0), hidden)
         for start in range(0, hidden, BLOCK_N):
             offs = start + cols
             in_row = offs < hidden
