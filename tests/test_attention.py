@@ -87,31 +87,6 @@ def test_upstream_gradient_with_a_strided_last_dim(backend_device):
     )
 
 
-_TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.mark.parametrize("tiles", [(64, 32), (32, 64), (64, 64)], ids=lambda t: f"{t[0]}x{t[1]}")
-@pytest.mark.parametrize("kind, lengths", [
-    ("causal", (77, 77)), ("causal+padding", (50, 77)), ("causal", (77, 50)), ("bias", (77, 45)),
-])
-def test_triton_tile_shapes(tiles, kind, lengths, monkeypatch):
-    """Every Triton kernel with one tile shape pinned (query tile x key tile): the causal loops'
-    bounds and diagonal tiles where the two differ, which the interpreter's single 32 x 32 config
-    and the autotuner's one pick per shape would otherwise leave unexercised."""
-    if "triton" not in fused_attn.available_backends(_TRITON_DEVICE):
-        pytest.skip("triton is not available here")
-    import triton
-
-    from fused_attn.kernels.triton import attention as kernels
-
-    pinned = [triton.Config({"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]}, num_warps=4, num_stages=1)]
-    for kernel in (kernels._attn_fwd_kernel, kernels._attn_bwd_stats_kernel, kernels._attn_bwd_dkdv_kernel,
-                   kernels._attn_bwd_dq_kernel):
-        monkeypatch.setattr(kernel, "configs", pinned)
-    _check("triton", _TRITON_DEVICE, torch.float32, batch=1, q_len=lengths[0], k_len=lengths[1], head_dim=32,
-           kind=kind, mask_grad=kind == "bias")
-
-
 @pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [8, 16, 40, 64, 128, 256])

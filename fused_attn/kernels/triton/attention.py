@@ -91,9 +91,11 @@ _BWD_TILES = [(64, 64, 4, 2), (64, 64, 8, 3), (32, 64, 4, 2), (64, 32, 4, 3), (1
 _WIDE_TILES = [(64, 32, 4, 2), (32, 32, 4, 2)]
 
 
-def _configs(stage: str) -> list[triton.Config]:
-    """Every tile config of a stage, the wide-head ones last; ``_tiles_for_head_dim`` picks per call."""
-    if triton_interpret_mode():
+def _configs(stage: str, interpret: bool | None = None) -> list[triton.Config]:
+    """Every tile config of a stage, the wide-head ones last; ``_tiles_for_head_dim`` picks per call.
+    Under the interpreter (``interpret``, default: whether this process runs it), one small tile.
+    tests/test_triton_gpu_tiles.py runs each of the GPU's."""
+    if triton_interpret_mode() if interpret is None else interpret:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     tiles = (_FWD_TILES if stage == "fwd" else _BWD_TILES) + _WIDE_TILES
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]

@@ -38,22 +38,26 @@ PROLOGUE_NONE, PROLOGUE_DGELU, PROLOGUE_DROPOUT, PROLOGUE_GELU = 0, 1, 2, 3
 EPILOGUE_NONE, EPILOGUE_BIAS, EPILOGUE_BIAS_GELU, EPILOGUE_BIAS_DROPOUT, EPILOGUE_DGELU = 0, 1, 2, 3, 4
 
 
-def _configs() -> list[triton.Config]:
-    """Tile shapes from the Triton matmul tutorial's H100/A100 sweep: large 128x128/128x256 tiles
-    with 3-4 stages for big GEMMs (the FFN's), smaller ones for skinny shapes; the autotuner
-    keys on the shape (the token dimension, M or K, by power-of-two bucket: see gemm) and the
-    prologues and epilogue. Under the interpreter one small tile keeps CPU tests fast; with autotuning
-    off, the first that fits the device's shared memory (the first, where it does: a safe
-    all-rounder) is used."""
-    if triton_interpret_mode():
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): tile shapes from the Triton matmul tutorial's
+# H100/A100 sweep, large 128x128/128x256 tiles with 3-4 stages for big GEMMs (the FFN's), smaller
+# ones for skinny shapes. tests/test_triton_gpu_tiles.py runs each of them.
+GEMM_TILES = [
+    (128, 128, 64, 4, 4), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 32, 4, 4),
+    (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4), (32, 64, 32, 5, 2),
+]
+
+
+def _configs(interpret: bool | None = None) -> list[triton.Config]:
+    """The GPU's candidates (:data:`GEMM_TILES`); the autotuner keys on the shape (the token
+    dimension, M or K, by power-of-two bucket: see gemm) and the prologues and epilogue. Under the
+    interpreter (``interpret``, default: whether this process runs it) one small tile keeps CPU
+    tests fast; with autotuning off, the first that fits the device's shared memory (the first,
+    where it does: a safe all-rounder) is used."""
+    if triton_interpret_mode() if interpret is None else interpret:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    shapes = [
-        (128, 128, 64, 4, 4), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 32, 4, 4),
-        (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4), (32, 64, 32, 5, 2),
-    ]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
-        for m, n, k, s, w in shapes
+        for m, n, k, s, w in GEMM_TILES
     ]
 
 
