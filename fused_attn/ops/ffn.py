@@ -317,13 +317,17 @@ def _gemm_dim(input: torch.Tensor, *weights: torch.Tensor) -> int:
     """The largest dim of the GEMMs of ``input`` [..., in] through ``weights`` [out, in] in turn.
     ``torch.sym_max``: under torch.export a dynamic dim is symbolic, and comparing it, as ``max``
     would, adds a guard that a dynamic dim's range violates."""
-    dims = (math.prod(input.shape[:-1]), input.shape[-1], *(w.shape[0] for w in weights))
-    if all(type(dim) is int for dim in dims):
-        return max(dims)  # eager calls: a third of sym_max's host time
-    largest = dims[0]
-    for dim in dims[1:]:
-        largest = torch.sym_max(largest, dim)
-    return largest
+    shape = input.shape
+    dims = [math.prod(shape[:-1]), shape[-1]]
+    for w in weights:
+        dims.append(w.shape[0])
+    for dim in dims:  # a loop, not all() of a generator: this runs on every eager call
+        if type(dim) is not int:
+            largest = dims[0]
+            for other in dims[1:]:
+                largest = torch.sym_max(largest, other)
+            return largest
+    return max(dims)  # eager calls: a third of sym_max's host time
 
 
 def _check_linear(input: torch.Tensor, weight: object, bias: object, names: tuple[str, str], in_features: int):
