@@ -76,11 +76,48 @@ def _tanh_parts(u):
 
 
 @triton.jit
+def _normal_parts(x):
+    # (Phi(x), exp(-x^2 / 2)): the normal cdf from erfc, to a few ulps relative everywhere, where
+    # 1 + erf(x / sqrt(2)) loses the negative tail to cancellation (no correct digit below x = -5),
+    # and the density's exponential, both from one exponential: the scheme and fit of the cpu
+    # kernels' normal_parts (csrc/cpu/ffn.cpp, whose comment gives the fit's error). With
+    # a = |x| / sqrt(2) and t = 1 / (1 + a / 2), erfc(a) = t exp(-a^2) Q(t), Q of degree 10;
+    # Phi = erfc(a) / 2 below 0 and 1 - erfc(a) / 2 above, neither of which cancels.
+    # exp(-x^2 / 2) takes x^2 as hi + lo (an FMA gives lo exactly on a GPU; the interpreter's fma
+    # rounds twice, leaving lo 0): exp(-hi / 2) (1 - lo / 2).
+    # Past x^2 / 2 = 80 (|x| > 12.6, and +-inf, whose lo is NaN) Phi is 0 or 1 and the density 0;
+    # NaN stays NaN.
+    hi = x * x
+    lo = tl.fma(x, x, -hi)
+    half_hi = 0.5 * hi
+    far = half_hi > 80.0
+    t = tl.math.div_rn(1.0, 0.5 * (tl.abs(x) * 0.7071067811865476) + 1.0)
+    q = 4.4421880653e-02
+    q = q * t - 2.4077914772e-01
+    q = q * t + 5.0639544593e-01
+    q = q * t - 4.6980807459e-01
+    q = q * t + 1.4271501741e-01
+    q = q * t - 6.3891630889e-02
+    q = q * t + 9.4748864838e-02
+    q = q * t + 1.7510703235e-01
+    q = q * t + 2.4690276794e-01
+    q = q * t + 2.8209305768e-01
+    q = q * t + 2.8209480229e-01
+    density = tl.exp(-tl.where(far, 80.0, half_hi)) * (1.0 - 0.5 * lo)
+    half_erfc = 0.5 * t * density * q
+    negative = x < 0.0
+    cdf = tl.where(negative, half_erfc, 1.0 - half_erfc)
+    cdf = tl.where(far, tl.where(negative, 0.0, 1.0), cdf)
+    return cdf, tl.where(far, 0.0, density)
+
+
+@triton.jit
 def _gelu(x, APPROX_TANH: tl.constexpr):
     if APPROX_TANH:
         one_plus_t, _ = _tanh_parts(0.7978845608028654 * (x + 0.044715 * x * x * x))
         return 0.5 * x * one_plus_t
-    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    cdf, _ = _normal_parts(x)
+    return x * cdf
 
 
 @triton.jit
@@ -91,7 +128,8 @@ def _gelu_grad(x, APPROX_TANH: tl.constexpr):
         # 0 * inf would be NaN); x * 0 keeps torch's NaN at x = +-inf.
         right = 0.5 * x * one_minus_t2 * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
         return 0.5 * one_plus_t + tl.where(one_minus_t2 > 0.0, right, x * 0.0)
-    return 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+    cdf, density = _normal_parts(x)
+    return cdf + x * (density * 0.3989422804014327)
 
 
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K_BUCKET", "A_PROLOGUE", "B_PROLOGUE", "EPILOGUE"],
