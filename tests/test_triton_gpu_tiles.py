@@ -22,6 +22,8 @@ from fused_attn.ops.attention import attention_with_keep_mask
 from fused_attn.ops.ffn import ffn_keep_mask
 
 from .conftest import assert_parity
+from .test_attention import _qkv
+from .test_ffn import _ffn_args
 
 triton = pytest.importorskip("triton")
 
@@ -65,12 +67,6 @@ def _pin_attention(monkeypatch, fwd, bwd) -> None:
         monkeypatch.setattr(kernel, "configs", [bwd])
 
 
-def _qkv(q_len, k_len, head_dim, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    make = lambda length: torch.randn(1, 2, length, head_dim, generator=gen).to(DEVICE, DTYPE)  # noqa: E731
-    return make(q_len), make(k_len), make(k_len)
-
-
 def _mask(kind, q_len, k_len):
     gen = torch.Generator().manual_seed(1)
     if kind == "causal+padding":
@@ -97,7 +93,7 @@ def test_the_lists_hold_the_configurations_the_kernels_are_given():
 def test_attention_every_tile_configuration(fwd, bwd, head_dim, kind, lengths, monkeypatch):
     _triton_or_skip()
     _pin_attention(monkeypatch, fwd, bwd)
-    q, k, v = _qkv(*lengths, head_dim)
+    q, k, v = _qkv(1, 2, *lengths, head_dim, DTYPE, DEVICE)
     causal = kind.startswith("causal")
     grads = ("query", "key", "value") + (("attn_mask",) if kind == "bias" else ())
     assert_parity(
@@ -118,7 +114,7 @@ def test_attention_dropout_every_tile_configuration(fwd, bwd, head_dim, monkeypa
     (tiles wholly above the diagonal are skipped, and how many are depends on the tile), and the
     backward regenerates it."""
     _triton_or_skip()
-    q, k, v = _qkv(150, 170, head_dim, seed=3)
+    q, k, v = _qkv(1, 2, 150, 170, head_dim, DTYPE, DEVICE, seed=3)
     p = 0.3
     torch.manual_seed(5)
     _, default_keep = attention_with_keep_mask(q, k, v, dropout_p=p, is_causal=True)
@@ -146,18 +142,12 @@ def _gemm_configs() -> list:
     return [pytest.param(c, id=_config_id(c)) for c in ffn_kernels._configs(interpret=False)]
 
 
-def _ffn_args(config, seed):
+def _tile_ffn_args(config, seed):
     """Sizes a third to a half beyond the larger of the tile's M and N, so that every GEMM of the
     FFN (whose dims trade roles between forward and backward) has two tiles or more along each
     dim, the last partial, and K runs several BLOCK_K steps and a remainder."""
     size = max(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"])
-    rows, model, hidden = size * 4 // 3 + 7, size * 5 // 4 + 3, size * 3 // 2 + 5
-    gen = torch.Generator().manual_seed(seed)
-    make = lambda *shape, scale=1.0: (torch.randn(*shape, generator=gen) * scale).to(DEVICE, DTYPE)  # noqa: E731
-    return {
-        "input": make(rows, model), "w1": make(hidden, model, scale=model ** -0.5), "b1": make(hidden),
-        "w2": make(model, hidden, scale=hidden ** -0.5), "b2": make(model),
-    }
+    return _ffn_args(size * 4 // 3 + 7, size * 5 // 4 + 3, size * 3 // 2 + 5, DTYPE, DEVICE, seed=seed)
 
 
 @pytest.mark.parametrize("config", _gemm_configs())
@@ -170,7 +160,7 @@ def test_ffn_every_tile_configuration(config, approximate, monkeypatch):
     assert_parity(
         lambda input, w1, b1, w2, b2: fused_attn.ffn(input, w1, b1, w2, b2, approximate, backend="triton"),
         lambda input, w1, b1, w2, b2: reference.ffn(input, w1, b1, w2, b2, approximate),
-        _ffn_args(config, seed=0),
+        _tile_ffn_args(config, seed=0),
         grad_args=("input", "w1", "b1", "w2", "b2"),
     )
     assert fused_attn.last_backend("ffn") == "triton"
@@ -180,7 +170,7 @@ def test_ffn_every_tile_configuration(config, approximate, monkeypatch):
 def test_ffn_dropout_every_tile_configuration(config, monkeypatch):
     """The dropout epilogue and its backward's prologue regenerate one keep-mask, the unpinned kernel's."""
     _triton_or_skip()
-    args = _ffn_args(config, seed=1)
+    args = _tile_ffn_args(config, seed=1)
     rows, model, p = args["input"].shape[0], args["w2"].shape[0], 0.25
     torch.manual_seed(9)
     default_keep = ffn_keep_mask(rows, model, p, DEVICE, "triton")

@@ -323,11 +323,13 @@ def _gemm_dim(input: torch.Tensor, *weights: torch.Tensor) -> int:
         dims.append(w.shape[0])
     for dim in dims:  # a loop, not all() of a generator: this runs on every eager call
         if type(dim) is not int:
-            largest = dims[0]
-            for other in dims[1:]:
-                largest = torch.sym_max(largest, other)
-            return largest
-    return max(dims)  # eager calls: a third of sym_max's host time
+            break
+    else:
+        return max(dims)  # eager calls: a third of sym_max's host time
+    largest = dims[0]
+    for dim in dims[1:]:
+        largest = torch.sym_max(largest, dim)
+    return largest
 
 
 def _check_linear(input: torch.Tensor, weight: object, bias: object, names: tuple[str, str], in_features: int):
