@@ -1,7 +1,8 @@
 """Loads the compiled extension ``fused_attn._C`` and remembers why, if it could not.
 
-The extension holds only operator registrations (no Python module init), so it is loaded with
-``torch.ops.load_library``; its ops then live under ``torch.ops.fused_attn``.
+The extension registers its operators when loaded (``torch.ops.load_library``; they then live
+under ``torch.ops.fused_attn``); it is also a Python module, whose functions are the public ops'
+C++ entry for the plain call (csrc/fast.cpp, used by fused_attn.backends and fused_attn/ops).
 """
 
 from __future__ import annotations
@@ -35,6 +36,25 @@ def _load() -> str | None:
 
 # Loaded once, at import: later queries read a constant (also while torch.compile traces).
 _LOAD_ERROR = _load()
+
+
+def _fast_module() -> object | None:
+    """The library's Python module (csrc/fast.cpp: the public functions' C++ entry for the plain
+    call), imported from the file just loaded; None without it (e.g. a library built before it)."""
+    if _LOAD_ERROR is not None:
+        return None
+    try:
+        module = importlib.import_module("fused_attn._C")
+    except ImportError:
+        return None
+    return module if hasattr(module, "approve") else None
+
+
+_FAST = _fast_module()
+
+
+def fast_module() -> object | None:
+    return _FAST
 
 
 def loaded() -> bool:

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 try:  # an empty operand decided without a guard where its size is data-dependent (unbacked)
     from torch.fx.experimental.symbolic_shapes import guard_or_false
@@ -338,12 +339,42 @@ def requested_backend(argument: str | None = None) -> str:
 # calls (torch.compile) take the full path, which leaves no state for Dynamo to guard on.
 _CHOICES: dict[tuple, tuple[str, str | None, str]] = {}
 _CHOICES_MAX = 4096
+# The extension's C++ entry for the plain call (csrc/fast.cpp): each public op hands it its
+# arguments first (fast_entry, fast_path_open); it serves a call only with the extension's kernel
+# that this policy approved for the call's op, device, dtype and features (_approve), and records
+# it in _last_choice as a call served here would be.
+_FAST = _extension.fast_module()
+if _FAST is not None:
+    _FAST.bind(_last_choice)
 
 
 def clear_choices() -> None:
     """Forgets the remembered backend choices (for code that changes what the machine offers
     while running, e.g. tests that patch device properties)."""
     _CHOICES.clear()
+    if _FAST is not None:
+        _FAST.clear()
+
+
+def fast_entry(op: str) -> Callable | None:
+    """The C++ entry of public op ``op`` for the plain call: it takes the public function's
+    arguments (without ``backend``) and returns the result, or None for a call it leaves to the
+    Python path (anything but a plain call of an approved kind); None without the extension."""
+    return getattr(_FAST, op, None)
+
+
+def fast_path_open() -> bool:
+    """Whether a call may try the C++ entry, as far as Python's own state tells: not while
+    torch.compile or torch.export traces (which capture the Python path), inside
+    :func:`use_backend`, or under forward-mode AD. The entry checks the rest itself (modes,
+    transforms, the tracer, autocast, the environment's backend)."""
+    return not torch.compiler.is_compiling() and _requested.get() is None and _forward_ad._current_level < 0
+
+
+def _approve(op: str, inputs: Inputs, name: str) -> None:
+    """Tells the C++ entry that ``auto`` runs ``op`` on such inputs with the extension's kernel."""
+    if _FAST is not None and name in ("cpu", "cuda") and not any(inputs.features.get(t) for t in _TRANSFORMS):
+        _FAST.approve(op, inputs.device, inputs.dtype, tuple(inputs.features.values()))
 
 
 def select(
@@ -377,6 +408,8 @@ def select(
             if len(_CHOICES) >= _CHOICES_MAX:
                 _CHOICES.clear()
             _CHOICES[key] = choice
+            if wanted == "auto":
+                _approve(op, inputs, choice[0])
         name, fallback_reason = choice
         if name is None:
             raise BackendNotSupportedError(fallback_reason)

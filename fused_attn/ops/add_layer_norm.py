@@ -13,7 +13,7 @@ import math
 import torch
 
 from .. import _extension, reference
-from ..backends import MAX_EXTENT, Inputs, Support, register_op, select
+from ..backends import MAX_EXTENT, Inputs, Support, fast_entry, fast_path_open, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import interpreter_serialized, register_fake, register_native_pair, register_pair
@@ -163,6 +163,9 @@ if _extension.loaded():
         if _extension.has_kernel("add_layer_norm_inference", _device):
             _INFERENCE_OPS[_device] = torch.ops.fused_attn.add_layer_norm_inference
 
+# The C++ entry for the plain call (fused_attn.backends.fast_entry; csrc/fast.cpp), or None.
+_FAST = fast_entry("add_layer_norm")
+
 
 def add_layer_norm(
     input: torch.Tensor,
@@ -205,6 +208,10 @@ def add_layer_norm(
     float32, every floating input is cast to float32, so the output and the pre-norm sum are
     float32.
     """
+    if backend is None and _FAST is not None and fast_path_open():
+        out = _FAST(input, residual, weight, bias, eps, dropout_p, input_bias, return_prenorm)
+        if out is not None:
+            return out
     input, residual, weight, bias, input_bias = autocast_inputs(
         FLOAT32_ON_CUDA, input, input, residual, weight, bias, input_bias
     )

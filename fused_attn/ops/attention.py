@@ -14,7 +14,7 @@ import math
 import torch
 
 from .. import _extension, reference
-from ..backends import MAX_EXTENT, Inputs, Support, register_op, select
+from ..backends import MAX_EXTENT, Inputs, Support, fast_entry, fast_path_open, register_op, select
 from ..kernels.layout import as_query_layout, empty_in_query_layout
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
@@ -173,6 +173,9 @@ if _extension.loaded():
         "attention_fwd", "attention_bwd", fake_fwd=_fake_fwd_for(_native_stats), fake_bwd=_fake_bwd
     )
 
+# The C++ entry for the plain call (fused_attn.backends.fast_entry; csrc/fast.cpp), or None.
+_FAST = fast_entry("scaled_dot_product_attention")
+
 
 class RowShift(torch.autograd.Function):
     """``out`` unchanged, and a zero gradient for ``bias``: a bias of key size 1 (per query, per
@@ -295,6 +298,10 @@ def scaled_dot_product_attention(
     atomics); the cpu backend's bits depend on the thread count, Triton's on the autotuned tile
     configuration (README, "Determinism").
     """
+    if backend is None and _FAST is not None and fast_path_open():
+        out = _FAST(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        if out is not None:
+            return out
     query, key, value, attn_mask = autocast_inputs(LOWER_PRECISION, query, query, key, value, attn_mask)
     check_bool(enable_gqa, "enable_gqa")
     _validate(query, key, value, enable_gqa)

@@ -32,7 +32,7 @@ import math
 import torch
 
 from .. import _extension, reference
-from ..backends import MAX_EXTENT, Inputs, Support, register_op, select
+from ..backends import MAX_EXTENT, Inputs, Support, fast_entry, fast_path_open, register_op, select
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import interpreter_serialized, register_fake, register_native_pair, register_pair
@@ -312,6 +312,10 @@ if _extension.loaded():
 # ---------------------------------------------------------------------------------------------
 # Public functions
 
+# Their C++ entries for the plain call (fused_attn.backends.fast_entry; csrc/fast.cpp), or None.
+_FAST_LINEAR_GELU = fast_entry("linear_gelu")
+_FAST_FFN = fast_entry("ffn")
+
 
 def _gemm_dim(input: torch.Tensor, *weights: torch.Tensor) -> int:
     """The largest dim of the GEMMs of ``input`` [..., in] through ``weights`` [out, in] in turn.
@@ -373,6 +377,10 @@ def linear_gelu(
     cannot serve the call. Under ``torch.autocast`` input, weight and bias are cast to the
     autocast dtype, as ``F.linear``'s.
     """
+    if backend is None and _FAST_LINEAR_GELU is not None and fast_path_open():
+        out = _FAST_LINEAR_GELU(input, weight, bias, approximate)
+        if out is not None:
+            return out
     input, weight, bias = autocast_inputs(LOWER_PRECISION, input, input, weight, bias)
     input = check_tensor(input, "input", min_dim=1)
     weight, bias = _check_linear(input, weight, bias, ("weight", "bias"), input.shape[-1])
@@ -418,6 +426,10 @@ def ffn(
     the call. Under ``torch.autocast`` every floating tensor is cast to the autocast dtype, as
     ``F.linear``'s.
     """
+    if backend is None and _FAST_FFN is not None and fast_path_open():
+        out = _FAST_FFN(input, w1, b1, w2, b2, approximate, dropout_p)
+        if out is not None:
+            return out
     input, w1, b1, w2, b2 = autocast_inputs(LOWER_PRECISION, input, input, w1, b1, w2, b2)
     input = check_tensor(input, "input", min_dim=1)
     w1, b1 = _check_linear(input, w1, b1, ("w1", "b1"), input.shape[-1])

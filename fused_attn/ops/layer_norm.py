@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _extension, reference
-from ..backends import MAX_EXTENT, Inputs, Support, register_op, select
+from ..backends import MAX_EXTENT, Inputs, Support, fast_entry, fast_path_open, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import affine_dtype, check_eps, check_param, check_tensor, python_scalar, rows, transform_features
@@ -105,6 +105,10 @@ if _extension.loaded():
     )
 
 
+# The C++ entry for the plain call (fused_attn.backends.fast_entry; csrc/fast.cpp), or None.
+_FAST = fast_entry("layer_norm")
+
+
 def _normalized_shape(normalized_shape: object) -> tuple[int, ...]:
     if type(normalized_shape) is tuple and all(type(d) is int for d in normalized_shape):
         return normalized_shape  # the common case, without the abstract-class checks below
@@ -145,6 +149,10 @@ def layer_norm(
     Under ``torch.autocast`` it runs in float32 on CUDA (input, weight and bias cast) and in the
     input's dtype on CPU, as ``F.layer_norm`` does.
     """
+    if backend is None and _FAST is not None and fast_path_open():
+        out = _FAST(input, normalized_shape, weight, bias, eps)
+        if out is not None:
+            return out
     input, weight, bias = autocast_inputs(FLOAT32_ON_CUDA, input, input, weight, bias)
     input = check_tensor(input, "input", min_dim=1)
     shape = _normalized_shape(normalized_shape)

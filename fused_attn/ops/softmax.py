@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension, reference
-from ..backends import MAX_EXTENT, Inputs, Support, register_op, select
+from ..backends import MAX_EXTENT, Inputs, Support, fast_entry, fast_path_open, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import (
@@ -93,6 +93,9 @@ if _extension.loaded():
         "softmax_fwd", "softmax_bwd", fake_fwd=_fake_fwd, fake_bwd=_fake_bwd
     )
 
+# The C++ entry for the plain call (fused_attn.backends.fast_entry; csrc/fast.cpp), or None.
+_FAST = fast_entry("softmax")
+
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
     if t.dim() <= 4:
@@ -128,6 +131,10 @@ def softmax(
     Under ``torch.autocast`` it runs in float32 on CUDA and in the input's dtype on CPU, as
     ``torch.softmax`` does.
     """
+    if backend is None and _FAST is not None and fast_path_open():
+        out = _FAST(input, dim, mask, scale, is_causal)
+        if out is not None:
+            return out
     input, mask = autocast_inputs(FLOAT32_ON_CUDA, input, input, mask)
     input = check_tensor(input, "input", min_dim=1)
     dim = python_scalar(dim)
