@@ -254,10 +254,18 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-bool has_kernel(const char* name, const Tensor& like) {
-  const auto op = c10::Dispatcher::singleton().findSchema({name, ""});
-  return op.has_value() &&
-         op->hasKernelForDispatchKey(like.is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU);
+// Whether the extension registered add_layer_norm's inference form for ``like``'s device (asked once
+// per device type: registrations do not change once the library is loaded).
+bool has_add_layer_norm_inference(const Tensor& like) {
+  static const bool registered[2] = {
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fused_attn::add_layer_norm_inference", "")
+          .hasKernelForDispatchKey(c10::DispatchKey::CPU),
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fused_attn::add_layer_norm_inference", "")
+          .hasKernelForDispatchKey(c10::DispatchKey::CUDA),
+  };
+  return registered[like.is_cuda() ? 1 : 0];
 }
 
 // Drops the GIL while an op runs (taken back on every exit, exceptions included).
@@ -372,7 +380,7 @@ PyObject* add_layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   static const auto fwd = find_op<Fwd>("fused_attn::add_layer_norm_fwd");
   static const auto inference = find_op<Inference>("fused_attn::add_layer_norm_inference");
   const OptTensor in{*input}, res{*residual};
-  const bool inference_form = !return_prenorm && has_kernel("fused_attn::add_layer_norm_inference", *input) &&
+  const bool inference_form = !return_prenorm && has_add_layer_norm_inference(*input) &&
                               !needs_grad({&in, &res, &weight, &bias, &input_bias});
   Tensor out, prenorm;
   {
@@ -673,7 +681,7 @@ PyMethodDef methods[] = {
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "fused_attn._C",
                           "The fused ops' entry for the plain call (the ops themselves: torch.ops.fused_attn).",
-                          -1, methods};
+                          -1, methods, nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace
 }  // namespace fused_attn
