@@ -30,6 +30,7 @@ def collect() -> dict:
         "extension_stale": _extension.stale_reason(),
         "extension_path": _extension.library_path(),
         "cuda_kernels_compiled": _extension.cuda_kernels_compiled(),
+        "plain_call_entry": _extension.fast_module() is not None,
         "triton": backends.triton_version(),
         "triton_interpret": backends.triton_interpret_mode(),
         "compile_cache_tag": _compile_cache.current_tag(),
@@ -63,6 +64,8 @@ def render(facts: dict) -> str:
         lines.append(f"  extension         NOT loaded: {facts['extension_error']}")
     lines += [
         f"  CUDA kernels      {'registered' if facts['cuda_kernels_compiled'] else 'not registered'}",
+        "  plain-call entry  "
+        + ("C++ (fused_attn._C)" if facts.get("plain_call_entry") else "none: every call takes the Python path"),
         f"  GPU               {facts['gpu'] or 'none'}",
         f"  Triton            {facts['triton'] or 'not installed'}"
         + (f" (interpreter mode: {yes[facts['triton_interpret']]})" if facts["triton"] else ""),

@@ -9,6 +9,7 @@ def test_info_reports_build_and_machine(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "extension         loaded" in out
+    assert "plain-call entry  C++" in out
     assert "CUDA kernels" in out and "Triton" in out and "GPU" in out
     assert "layer_norm" in out
 
@@ -16,6 +17,7 @@ def test_info_reports_build_and_machine(capsys):
 def test_info_json_facts():
     facts = info.collect()
     assert facts["extension_loaded"], facts["extension_error"]
+    assert facts["plain_call_entry"], "the extension loads but has no C++ entry: a build from older sources"
     assert facts["build"].get("torch") == facts["torch"]
     assert "cpu" in facts["available_backends"]["cpu"]
     from fused_attn import _compile_cache
