@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fused_attn import _extension, cli
+import fused_attn
+from fused_attn import _extension, backends, cli
 from fused_attn.bench import harness, suites
 from fused_attn.bench.suites import Settings
 from fused_attn.profiling import memory
@@ -671,6 +672,26 @@ def test_fwd_bwd_calls_do_not_accumulate_into_grad():
             ops.append(sorted(e.name for e in prof.events() if e.name.startswith("aten::")))
         assert ops[0] == ops[1], name
         assert "aten::add_" not in ops[1], name
+
+
+@pytest.mark.parametrize("suite, op, sizes", [
+    ("layer_norm", "layer_norm", {"rows": 8, "hiddens": [16]}),
+    ("add_layer_norm", "add_layer_norm", {"rows": 8, "hiddens": [16]}),
+    ("softmax", "softmax", {"batch": 1, "heads": 2, "seqs": [8]}),
+    ("ffn", "ffn", {"rows": 8, "hiddens": [16]}),
+    ("attention", "scaled_dot_product_attention", {"batch": 1, "heads": 2, "head_dim": 8, "seqs": [8]}),
+])
+def test_the_backend_auto_picks_is_timed_as_a_users_call(suite, op, sizes):
+    """The fused backend the policy picks is called with no backend named, as a user calls the op,
+    so the plain call's C++ entry serves it (its host time is what a user gets); a backend named
+    on purpose takes the Python path."""
+    if backends.fast_entry(op) is None:
+        pytest.skip("fused_attn._C is not loaded, or has no C++ entry")
+    case = next(suites.SUITES[suite](_settings("fwd", **sizes)))
+    before = backends._FAST.served()[op]
+    case.impls["cpu"]()
+    assert backends._FAST.served()[op] == before + 1
+    assert fused_attn.last_backend(op) == "cpu"
 
 
 def test_third_party_attention_runs_forward_and_backward(monkeypatch):

@@ -13,7 +13,8 @@ reported against it and against ``torch``; ``compiled`` is ``torch.compile`` of 
 ``torch-flash`` is PyTorch's FlashAttention backend where it can run; ``copy`` is a device copy
 of as many bytes as a memory-bound op must move (the bandwidth yardstick); the fused backends
 that can serve the case on this machine follow, then other libraries' kernels when installed
-(:mod:`.third_party`). The ``model`` suite compares whole models: ``plain`` (the baseline),
+(:mod:`.third_party`); the one the policy picks for the case is called as a user calls it, with no
+backend named (:func:`_fused_runners`). The ``model`` suite compares whole models: ``plain`` (the baseline),
 ``optimized`` (``fused_attn.optimize``) and ``compiled``. An implementation that cannot run
 in a case is in the case's ``skipped`` with the reason.
 
@@ -126,6 +127,22 @@ def _fused_backends(op: str, inputs: backends.Inputs, wanted: list[str] | None) 
     return ok, skipped
 
 
+def _fused_runners(
+    op: str, names: list[str], grad: torch.Tensor | None, call: Callable[[str | None], torch.Tensor]
+) -> dict[str, Callable[[], object]]:
+    """A runner per fused backend in ``names`` of ``call(backend)``, which calls ``op``. The backend
+    the policy picks for the call itself is timed as a user's call reaches it, with no backend
+    named (so that the plain call's C++ entry serves it where it serves a user's: its host time
+    counts as theirs); the others are named (the Python path). One untimed call, without
+    gradient, asks the policy (``last_backend``)."""
+    if not names:
+        return {}
+    with torch.no_grad():
+        call(None)
+    chosen = backends.last_backend(op)
+    return {name: _runner(lambda backend=None if name == chosen else name: call(backend), grad) for name in names}
+
+
 def _graph_leaves(out: torch.Tensor) -> list[torch.Tensor]:
     """The leaf tensors whose gradients ``out``'s backward computes: the variables of the
     ``AccumulateGrad`` nodes its graph reaches (a third-party adapter's own re-laid-out copies
@@ -226,8 +243,8 @@ def layer_norm_cases(s: Settings) -> Iterator[Case]:
             "copy": _copy(moved, x),
         }
         _add_optional(impls, skipped, grad, [("compiled", _compiled(s, fused_attn.reference.layer_norm, x, (hidden,), w, b))])
-        for name in names:
-            impls[name] = _runner(lambda name=name: fused_attn.layer_norm(x, (hidden,), w, b, backend=name), grad)
+        impls.update(_fused_runners("layer_norm", names, grad,
+                                    lambda backend: fused_attn.layer_norm(x, (hidden,), w, b, backend=backend)))
         _add_optional(impls, skipped, grad, third_party.layer_norm(x, w, b, 1e-5))
         return Case("layer_norm", shape, s.dtype, s.mode, impls, skipped, min_bytes=moved)
 
@@ -322,13 +339,12 @@ def attention_cases(s: Settings) -> Iterator[Case]:
         compiled = _compiled(s, _grouped_reference, q, k, v, causal)
         flash = _torch_flash(q, k, v, causal)
         _add_optional(impls, skipped, grad, [("torch-flash", flash), ("compiled", compiled)])
-        for name in names:
-            impls[name] = _runner(
-                lambda name=name: fused_attn.scaled_dot_product_attention(
-                    q, k, v, is_causal=causal, enable_gqa=gqa, backend=name
-                ),
-                grad,
-            )
+        impls.update(_fused_runners(
+            "scaled_dot_product_attention", names, grad,
+            lambda backend: fused_attn.scaled_dot_product_attention(
+                q, k, v, is_causal=causal, enable_gqa=gqa, backend=backend
+            ),
+        ))
         _add_optional(impls, skipped, grad, third_party.attention(q, k, v, causal))
         return Case("attention", shape, s.dtype, s.mode, impls, skipped, flops=flops, baseline="eager")
 
@@ -361,8 +377,8 @@ def softmax_cases(s: Settings) -> Iterator[Case]:
             "reference": _runner(lambda: fused_attn.reference.softmax(x, -1, pad, 0.125), grad),
         }
         _add_optional(impls, skipped, grad, [("compiled", _compiled(s, fused_attn.reference.softmax, x, -1, pad, 0.125))])
-        for name in names:
-            impls[name] = _runner(lambda name=name: fused_attn.softmax(x, -1, pad, 0.125, backend=name), grad)
+        impls.update(_fused_runners("softmax", names, grad,
+                                    lambda backend: fused_attn.softmax(x, -1, pad, 0.125, backend=backend)))
         return Case("softmax", shape, s.dtype, s.mode, impls, skipped, min_bytes=moved)
 
     return _cases(softmax_shapes(s), build)
@@ -406,10 +422,8 @@ def ffn_cases(s: Settings) -> Iterator[Case]:
         }
         compiled = _compiled(s, fused_attn.reference.ffn, x, w1, b1, w2, b2, "none", p)
         _add_optional(impls, skipped, grad, [("compiled", compiled)])
-        for name in names:
-            impls[name] = _runner(
-                lambda name=name: fused_attn.ffn(x, w1, b1, w2, b2, "none", p, backend=name), grad
-            )
+        impls.update(_fused_runners("ffn", names, grad,
+                                    lambda backend: fused_attn.ffn(x, w1, b1, w2, b2, "none", p, backend=backend)))
         if training:
             skipped["apex"] = "apex's fused dense has no dropout: compared in inference only"
         else:
@@ -447,10 +461,10 @@ def add_layer_norm_cases(s: Settings) -> Iterator[Case]:
         }
         compiled = _compiled(s, fused_attn.reference.add_layer_norm, x, res, w, b, 1e-5, p, ib)
         _add_optional(impls, skipped, grad, [("compiled", compiled)])
-        for name in names:
-            impls[name] = _runner(
-                lambda name=name: fused_attn.add_layer_norm(x, res, w, b, 1e-5, p, ib, backend=name), grad
-            )
+        impls.update(_fused_runners(
+            "add_layer_norm", names, grad,
+            lambda backend: fused_attn.add_layer_norm(x, res, w, b, 1e-5, p, ib, backend=backend),
+        ))
         return Case("add_layer_norm", shape, s.dtype, s.mode, impls, skipped, min_bytes=moved)
 
     return _cases(add_layer_norm_shapes(s), build)
