@@ -154,6 +154,13 @@ bool kernel_dtype(const Tensor& t) {
   return dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
 }
 
+// The first tensor of a call: plain, of a kernel dtype, with a dim to work along and something to compute
+// (an empty call is the reference's, launching no kernel).
+const Tensor* kernel_input(PyObject* obj) {
+  const Tensor* t = plain_tensor(obj);
+  return t != nullptr && kernel_dtype(*t) && t->dim() >= 1 && t->numel() > 0 ? t : nullptr;
+}
+
 // A Python float or int (not a bool, not a NumPy scalar: those take the Python path), as float().
 bool number(PyObject* obj, double* out) {
   if (PyFloat_CheckExact(obj)) {
@@ -290,15 +297,25 @@ bool arity(Py_ssize_t nargs, Py_ssize_t expected, const char* name) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The ops (arguments in the public functions' order, without backend=)
+// The ops (arguments in the public functions' order, without backend=): each serves a plain call
+// and returns its result, else None (fall_through).
+
+// The Python function around an op's ``Serve``: its argument count, the state every call checks
+// first, and C++ errors turned into Python exceptions (torch's: an out-of-memory error is
+// torch.OutOfMemoryError, as from any op).
+template <Op op, Py_ssize_t Arity, PyObject* (*Serve)(PyObject* const*)>
+PyObject* entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (!arity(nargs, Arity, kOpNames[op])) return nullptr;
+  if (!plain_state()) return fall_through();
+  return Serve(args);
+  END_HANDLE_TH_ERRORS
+}
 
 // layer_norm(input, normalized_shape, weight, bias, eps)
-PyObject* layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
-  if (!arity(nargs, 5, "layer_norm")) return nullptr;
-  if (!plain_state()) return fall_through();
-  const Tensor* input = plain_tensor(args[0]);
-  if (input == nullptr || !kernel_dtype(*input) || input->dim() < 1 || input->numel() == 0) return fall_through();
+PyObject* layer_norm(PyObject* const* args) {
+  const Tensor* input = kernel_input(args[0]);
+  if (input == nullptr) return fall_through();
   std::vector<int64_t> shape;
   PyObject* dims = args[1];
   if (PyLong_CheckExact(dims)) {
@@ -345,18 +362,13 @@ PyObject* layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     if (!(shape.size() == 1 && input->dim() == 2)) out = out.view(input->sizes());
   }
   return done(kLayerNorm, *input, std::move(out));
-  END_HANDLE_TH_ERRORS
 }
 
 // add_layer_norm(input, residual, weight, bias, eps, dropout_p, input_bias, return_prenorm)
-PyObject* add_layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
-  if (!arity(nargs, 8, "add_layer_norm")) return nullptr;
-  if (!plain_state()) return fall_through();
-  const Tensor* input = plain_tensor(args[0]);
+PyObject* add_layer_norm(PyObject* const* args) {
+  const Tensor* input = kernel_input(args[0]);
   const Tensor* residual = plain_tensor(args[1]);
-  if (input == nullptr || residual == nullptr || !kernel_dtype(*input) || input->dim() < 1 ||
-      input->numel() == 0 || residual->scalar_type() != input->scalar_type() ||
+  if (input == nullptr || residual == nullptr || residual->scalar_type() != input->scalar_type() ||
       residual->device() != input->device() || residual->sizes() != input->sizes()) {
     return fall_through();
   }
@@ -407,17 +419,12 @@ PyObject* add_layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_DECREF(first);
   Py_DECREF(second);
   return pair;
-  END_HANDLE_TH_ERRORS
 }
 
 // softmax(input, dim, mask, scale, is_causal): the softmax dim the last of at most 4.
-PyObject* softmax(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
-  if (!arity(nargs, 5, "softmax")) return nullptr;
-  if (!plain_state()) return fall_through();
-  const Tensor* input = plain_tensor(args[0]);
-  if (input == nullptr || !kernel_dtype(*input) || input->dim() < 1 || input->dim() > 4 || input->numel() == 0 ||
-      !PyLong_CheckExact(args[1])) {
+PyObject* softmax(PyObject* const* args) {
+  const Tensor* input = kernel_input(args[0]);
+  if (input == nullptr || input->dim() > 4 || !PyLong_CheckExact(args[1])) {
     return fall_through();
   }
   const long dim = PyLong_AsLong(args[1]);
@@ -447,14 +454,10 @@ PyObject* softmax(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     }
   }
   return done(kSoftmax, *input, std::move(out));
-  END_HANDLE_TH_ERRORS
 }
 
 // scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-PyObject* scaled_dot_product_attention(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
-  if (!arity(nargs, 8, "scaled_dot_product_attention")) return nullptr;
-  if (!plain_state()) return fall_through();
+PyObject* scaled_dot_product_attention(PyObject* const* args) {
   const Tensor* q = plain_tensor(args[0]);
   const Tensor* k = plain_tensor(args[1]);
   const Tensor* v = plain_tensor(args[2]);
@@ -492,7 +495,6 @@ PyObject* scaled_dot_product_attention(PyObject*, PyObject* const* args, Py_ssiz
                               causal, p, draw_seed(p)));
   }
   return done(kAttention, *q, std::move(out));
-  END_HANDLE_TH_ERRORS
 }
 
 // A linear layer's weight [out, in_features] and optional bias [out] in the input's dtype and on its device.
@@ -520,12 +522,9 @@ bool approximation(PyObject* obj, std::string_view* out) {
 }
 
 // linear_gelu(input, weight, bias, approximate)
-PyObject* linear_gelu(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
-  if (!arity(nargs, 4, "linear_gelu")) return nullptr;
-  if (!plain_state()) return fall_through();
-  const Tensor* input = plain_tensor(args[0]);
-  if (input == nullptr || !kernel_dtype(*input) || input->dim() < 1 || input->numel() == 0) return fall_through();
+PyObject* linear_gelu(PyObject* const* args) {
+  const Tensor* input = kernel_input(args[0]);
+  if (input == nullptr) return fall_through();
   const int64_t in_features = input->size(-1);
   Tensor weight;
   OptTensor bias;
@@ -550,16 +549,12 @@ PyObject* linear_gelu(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     out = unrows(out, input->sizes());
   }
   return done(kLinearGelu, *input, std::move(out));
-  END_HANDLE_TH_ERRORS
 }
 
 // ffn(input, w1, b1, w2, b2, approximate, dropout_p)
-PyObject* ffn(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
-  if (!arity(nargs, 7, "ffn")) return nullptr;
-  if (!plain_state()) return fall_through();
-  const Tensor* input = plain_tensor(args[0]);
-  if (input == nullptr || !kernel_dtype(*input) || input->dim() < 1 || input->numel() == 0) return fall_through();
+PyObject* ffn(PyObject* const* args) {
+  const Tensor* input = kernel_input(args[0]);
+  if (input == nullptr) return fall_through();
   const int64_t in_features = input->size(-1);
   Tensor w1, w2;
   OptTensor b1, b2;
@@ -590,7 +585,6 @@ PyObject* ffn(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     out = unrows(out, input->sizes());
   }
   return done(kFfn, *input, std::move(out));
-  END_HANDLE_TH_ERRORS
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -660,17 +654,19 @@ PyObject* bind(PyObject*, PyObject* dict) {
   Py_RETURN_NONE;
 }
 
-#define FAST_ENTRY(name, doc) {#name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(name)), \
-                               METH_FASTCALL, doc}
+#define FAST_ENTRY(op, arity, name) {#name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>( \
+                                       entry<op, arity, name>)), METH_FASTCALL,                           \
+                                       "fused_attn." #name " for the plain call, else None"}
 
 PyMethodDef methods[] = {
-    FAST_ENTRY(layer_norm, "fused_attn.layer_norm for the plain call, else None"),
-    FAST_ENTRY(add_layer_norm, "fused_attn.add_layer_norm for the plain call, else None"),
-    FAST_ENTRY(softmax, "fused_attn.softmax for the plain call, else None"),
-    FAST_ENTRY(scaled_dot_product_attention, "fused_attn.scaled_dot_product_attention for the plain call, else None"),
-    FAST_ENTRY(linear_gelu, "fused_attn.linear_gelu for the plain call, else None"),
-    FAST_ENTRY(ffn, "fused_attn.ffn for the plain call, else None"),
-    FAST_ENTRY(approve, "approve(op, device, dtype, features): the policy chose this extension's kernels"),
+    FAST_ENTRY(kLayerNorm, 5, layer_norm),
+    FAST_ENTRY(kAddLayerNorm, 8, add_layer_norm),
+    FAST_ENTRY(kSoftmax, 5, softmax),
+    FAST_ENTRY(kAttention, 8, scaled_dot_product_attention),
+    FAST_ENTRY(kLinearGelu, 4, linear_gelu),
+    FAST_ENTRY(kFfn, 7, ffn),
+    {"approve", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(approve)), METH_FASTCALL,
+     "approve(op, device, dtype, features): the policy chose this extension's kernels"},
     {"clear", clear, METH_NOARGS, "forgets every approval"},
     {"served", served_calls, METH_NOARGS, "{op: calls served here}"},
     {"bind", bind, METH_O, "bind(last_choice): the dict that records the backend of each op's last call"},

@@ -102,14 +102,6 @@ LAYER_NORM_CASES = {
 }
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", LAYER_NORM_CASES)
-def test_layer_norm(case, dtype, device):
-    check_served("layer_norm", fused_attn.layer_norm, lambda g: LAYER_NORM_CASES[case](g, device, dtype),
-                 device=device)
-
-
 def _add_norm_args(g, d, t, *, grad, shape=(2, 5, 64), input_bias=True, params=True):
     hidden = shape[-1]
     x, res = _tensor(g, shape, d, t, grad=grad), _tensor(g, shape, d, t, grad=grad)
@@ -131,14 +123,6 @@ ADD_NORM_CASES = {
 }
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("case", ADD_NORM_CASES)
-def test_add_layer_norm(case, dtype, device):
-    check_served("add_layer_norm", fused_attn.add_layer_norm, lambda g: ADD_NORM_CASES[case](g, device, dtype),
-                 device=device)
-
-
 SOFTMAX_CASES = {
     "4d-bool-mask": lambda g, d, t: ((_tensor(g, (2, 3, 5, 7), d, t, grad=True), -1,
                                       torch.rand(2, 1, 1, 7, generator=g).to(d) > 0.3, 0.5), {}),
@@ -147,13 +131,6 @@ SOFTMAX_CASES = {
     "3d-inference": lambda g, d, t: ((_tensor(g, (2, 5, 9), d, t), 2), {"is_causal": True}),
     "1d": lambda g, d, t: ((_tensor(g, (11,), d, t, grad=True),), {}),
 }
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("case", SOFTMAX_CASES)
-def test_softmax(case, dtype, device):
-    check_served("softmax", fused_attn.softmax, lambda g: SOFTMAX_CASES[case](g, device, dtype), device=device)
 
 
 def _qkv(g, d, t, *, q_len=5, k_len=5, heads=3, kv_heads=None, dim=16, dim_v=None, grad=True, batch=2):
@@ -186,14 +163,6 @@ ATTENTION_CASES = {
 }
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("case", ATTENTION_CASES)
-def test_scaled_dot_product_attention(case, dtype, device):
-    check_served("scaled_dot_product_attention", fused_attn.scaled_dot_product_attention,
-                 lambda g: ATTENTION_CASES[case](g, device, dtype), device=device)
-
-
 LINEAR_GELU_CASES = {
     "3d": lambda g, d, t: ((_tensor(g, (2, 5, 32), d, t, grad=True), _tensor(g, (48, 32), d, t, grad=True),
                             _tensor(g, 48, d, t, grad=True)), {}),
@@ -204,14 +173,6 @@ LINEAR_GELU_CASES = {
     "strided-weight": lambda g, d, t: ((_tensor(g, (3, 16), d, t, grad=True),
                                         _tensor(g, (16, 20), d, t).t().requires_grad_()), {}),
 }
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", LINEAR_GELU_CASES)
-def test_linear_gelu(case, dtype, device):
-    check_served("linear_gelu", fused_attn.linear_gelu, lambda g: LINEAR_GELU_CASES[case](g, device, dtype),
-                 device=device)
 
 
 def _ffn_args(g, d, t, *, grad, rows=(2, 5), model=32, hidden=64, out=24, biases=True):
@@ -229,11 +190,24 @@ FFN_CASES = {
 }
 
 
+# op -> (its public function, its cases, the 16-bit dtype run besides float32)
+OPS = {
+    "layer_norm": (fused_attn.layer_norm, LAYER_NORM_CASES, torch.bfloat16),
+    "add_layer_norm": (fused_attn.add_layer_norm, ADD_NORM_CASES, torch.float16),
+    "softmax": (fused_attn.softmax, SOFTMAX_CASES, torch.float16),
+    "scaled_dot_product_attention": (fused_attn.scaled_dot_product_attention, ATTENTION_CASES, torch.float16),
+    "linear_gelu": (fused_attn.linear_gelu, LINEAR_GELU_CASES, torch.bfloat16),
+    "ffn": (fused_attn.ffn, FFN_CASES, torch.float16),
+}
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("case", FFN_CASES)
-def test_ffn(case, dtype, device):
-    check_served("ffn", fused_attn.ffn, lambda g: FFN_CASES[case](g, device, dtype), device=device)
+@pytest.mark.parametrize("dtype", ["float32", "16-bit"])
+@pytest.mark.parametrize("op, case", [(op, case) for op, (_, cases, _) in OPS.items() for case in cases])
+def test_plain_calls_are_served_with_the_same_bits(op, case, dtype, device):
+    fn, cases, half = OPS[op]
+    dtype = torch.float32 if dtype == "float32" else half
+    check_served(op, fn, lambda g: cases[case](g, device, dtype), device=device)
 
 
 def test_served_calls_record_their_backend_and_forget_with_the_choices():
@@ -412,3 +386,8 @@ def test_cuda_float32_attention_is_left_to_triton():
         fused_attn.scaled_dot_product_attention(q, q, q)
     assert fused_attn.last_backend("scaled_dot_product_attention") != "cuda"
     assert _served("scaled_dot_product_attention") == before
+
+
+def test_entry_checks_its_argument_count():
+    with pytest.raises(TypeError, match="fused_attn._C.layer_norm takes 5 arguments, got 2"):
+        backends.fast_entry("layer_norm")(torch.ones(2), 2)
