@@ -3,8 +3,9 @@
 Layers, bottom up: the Triton kernels (``fused_attn/kernels/triton/attention.py``) behind the
 custom ops ``fused_attn::triton_attention_fwd/bwd`` (fake kernels and autograd registered here),
 and the extension's ``fused_attn::attention_fwd/bwd`` (CPU and CUDA kernels; fake kernels here,
-autograd in csrc/autograd.cpp); the public function validates, expands the mask to
-[B, H, Lq, Lk] as a zero-stride view (never a copy) and picks the backend.
+autograd in csrc/autograd.cpp); the public function offers a plain call to the extension's C++
+entry (csrc/fast.cpp) and otherwise validates, expands the mask to [B, H, Lq, Lk] as a zero-stride
+view (never a copy) and picks the backend.
 """
 
 from __future__ import annotations

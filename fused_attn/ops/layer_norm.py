@@ -4,7 +4,8 @@ Layers, bottom up: the kernels (``torch.ops.fused_attn.layer_norm_fwd/bwd`` from
 extension for CPU and CUDA tensors; ``torch.ops.fused_attn.triton_layer_norm_fwd/bwd`` wrapping
 the Triton kernels), each forward op with a fake kernel and an autograd formula (in C++ for the
 extension's ops, csrc/autograd.cpp; registered here for the Triton ones); then the public
-function, which validates, flattens to [rows, hidden] and picks the backend.
+function, which offers a plain call to the extension's C++ entry (csrc/fast.cpp) and otherwise
+validates, flattens to [rows, hidden] and picks the backend.
 """
 
 from __future__ import annotations
