@@ -391,3 +391,24 @@ def test_cuda_float32_attention_is_left_to_triton():
 def test_entry_checks_its_argument_count():
     with pytest.raises(TypeError, match="fused_attn._C.layer_norm takes 5 arguments, got 2"):
         backends.fast_entry("layer_norm")(torch.ones(2), 2)
+
+
+def test_served_calls_run_python_hooks_and_anomaly_mode():
+    """The entry drops the GIL while an op runs; what the op calls back into Python (saved-tensor
+    hooks, anomaly mode's traceback of the node) takes it back."""
+    x, w = torch.randn(4, 16, requires_grad=True), torch.randn(16, requires_grad=True)
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t
+
+    backends.clear_choices()
+    before = _served("layer_norm")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anomaly mode says it is slow
+        with torch.autograd.detect_anomaly():
+            for _ in range(2):
+                fused_attn.layer_norm(x, (16,), w).sum().backward()
+    assert _served("layer_norm") == before + 1
+    assert len(packed) == 8  # input, weight, mean, rstd, in each call
