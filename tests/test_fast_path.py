@@ -412,3 +412,114 @@ def test_served_calls_run_python_hooks_and_anomaly_mode():
                 fused_attn.layer_norm(x, (16,), w).sum().backward()
     assert _served("layer_norm") == before + 1
     assert len(packed) == 8  # input, weight, mean, rstd, in each call
+
+
+# ---------------------------------------------------------------------------------------------
+# Random calls, valid or not: the second call (the entry's, where the first approved) gives the
+# first call's bits, or the same error
+
+
+def _random_attention_call(rng: np.random.Generator):
+    batch, kv_heads, group = (int(v) for v in rng.integers(1, 4, size=3))
+    heads = kv_heads * group
+    q_len, k_len = (int(v) for v in rng.integers(1, 12, size=2))
+    dim, dim_v = int(rng.choice([8, 16, 24])), int(rng.choice([8, 16]))
+    gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+
+    def t(*shape):
+        return torch.randn(*shape, generator=gen).requires_grad_(bool(rng.random() < 0.7))
+
+    q = t(batch, heads, q_len, dim)
+    if rng.random() < 0.3:  # heads split off a [B, L, H * D] projection
+        q = torch.randn(batch, q_len, heads, dim, generator=gen).transpose(1, 2)
+    k, v = t(batch, kv_heads, k_len, dim), t(batch, kv_heads, k_len, dim_v)
+    if rng.random() < 0.1:  # a mismatch the Python path names
+        k = t(batch, kv_heads, k_len, dim + 8)
+    full = (batch, heads, q_len, k_len)
+    mask = None
+    if rng.random() < 0.6:
+        rank = int(rng.integers(0, 5))
+        shape = [d if rng.random() < 0.5 else 1 for d in full[4 - rank:]]
+        if rng.random() < 0.1 and rank:  # one that does not broadcast
+            shape[-1] = k_len + 1
+        mask = (torch.rand(tuple(shape), generator=gen) > 0.3 if rng.random() < 0.5
+                else torch.randn(tuple(shape), generator=gen).to(rng.choice([torch.float32, torch.float64])))
+    kwargs = {
+        "attn_mask": mask,
+        "dropout_p": float(rng.choice([0.0, 0.0, 0.2])),
+        "is_causal": bool(rng.random() < 0.4),
+        "scale": None if rng.random() < 0.5 else float(rng.uniform(0.1, 2.0)),
+        "enable_gqa": group > 1 or bool(rng.random() < 0.2),
+    }
+    return (q, k, v), kwargs
+
+
+def _random_norm_call(rng: np.random.Generator):
+    gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+    lead = [int(v) for v in rng.integers(1, 5, size=int(rng.integers(0, 3)))]
+    trailing = [int(v) for v in rng.integers(1, 40, size=int(rng.integers(1, 3)))]
+    grad = bool(rng.random() < 0.7)
+    x = torch.randn(*lead, *trailing, generator=gen).requires_grad_(grad)
+    w = torch.randn(*trailing, generator=gen).requires_grad_(grad) if rng.random() < 0.8 else None
+    b = torch.randn(*trailing, generator=gen) if rng.random() < 0.8 else None
+    if rng.random() < 0.1 and w is not None:
+        w = torch.randn(trailing[-1] + 1, generator=gen)
+    shape = trailing if rng.random() < 0.5 else tuple(trailing)
+    return (x, shape, w, b), {"eps": float(rng.choice([1e-5, 1e-6, 0.0]))}
+
+
+def _random_softmax_call(rng: np.random.Generator):
+    gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+    shape = [int(v) for v in rng.integers(1, 7, size=int(rng.integers(1, 5)))]
+    x = torch.randn(*shape, generator=gen).requires_grad_(bool(rng.random() < 0.7))
+    mask = None
+    if rng.random() < 0.6:
+        rank = int(rng.integers(0, len(shape) + 1))
+        mshape = [d if rng.random() < 0.5 else 1 for d in shape[len(shape) - rank:]]
+        mask = (torch.rand(tuple(mshape), generator=gen) > 0.3 if rng.random() < 0.5
+                else torch.randn(tuple(mshape), generator=gen))
+    causal = len(shape) >= 2 and bool(rng.random() < 0.3)
+    return (x, -1, mask, float(rng.uniform(0.2, 2.0)), causal), {}
+
+
+RANDOM_CALLS = {
+    "scaled_dot_product_attention": (fused_attn.scaled_dot_product_attention, _random_attention_call),
+    "layer_norm": (fused_attn.layer_norm, _random_norm_call),
+    "softmax": (fused_attn.softmax, _random_softmax_call),
+}
+
+
+def _outcome(fn, args, kwargs):
+    torch.manual_seed(99)
+    try:
+        out = fn(*args, **kwargs)
+    except (TypeError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    leaves = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(out, leaves, torch.ones_like(out), allow_unused=True) if leaves else ()
+    return out, out.stride(), grads
+
+
+@pytest.mark.parametrize("op", RANDOM_CALLS)
+def test_random_calls_give_the_python_paths_bits_or_error(op):
+    fn, make = RANDOM_CALLS[op]
+    rng = np.random.default_rng(2026)
+    served = 0
+    for _ in range(120):
+        args, kwargs = make(rng)
+        backends.clear_choices()
+        before = _served(op)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", backends.FallbackWarning)
+            first = _outcome(fn, args, kwargs)
+            second = _outcome(fn, args, kwargs)
+        served += _served(op) - before
+        if isinstance(first, str):
+            assert second == first
+            continue
+        assert not isinstance(second, str), second
+        assert first[1] == second[1]
+        assert torch.equal(first[0], second[0])
+        for a, b in zip(first[2], second[2]):
+            assert (a is None and b is None) or torch.equal(a, b)
+    assert served >= 60, served  # most random calls are plain
