@@ -7,8 +7,10 @@ command to a few minutes, split the work: `--skip-bench --tag tests`, then
 `--skip-tests --suites attention --tag attention`, and so on. With the tests (unless
 `--skip-sanitizer`), small forward + backward calls of every op on the cuda backend (SANITIZER_SCRIPT)
 also run under compute-sanitizer (memcheck, racecheck); without the tool the report says so and why.
-With the benchmarks (unless `--skip-memory`), `fused-attn profile-memory` of a BERT-base layer at
-seq 4096; each suite's plot and the memory plot are written next to the report as PNGs.
+With the benchmarks, first `benchmarks/host_time.py` on the GPU (each op's tiny calls through the
+plain call's C++ entry, the Python path and torch's own functions: the host time per call), and
+(unless `--skip-memory`) at the end `fused-attn profile-memory` of a BERT-base layer at seq 4096;
+each suite's plot and the memory plot are written next to the report as PNGs.
 torch.compile rows are left out unless `--compile` (compiling every case takes far longer than
 the rest of the run).
 
@@ -16,8 +18,8 @@ Time: `--budget SECONDS` bounds the whole run so that the report is written befo
 per-command time limit; each stage gets what is left (a stage that runs out is interrupted
 with SIGINT, so pytest and `fused-attn bench` still report what they finished), and the stages
 come in order of what matters most: the CUDA tests (at most --tests-share of the budget, half by
-default, unless --skip-bench), the sanitizer, then the benchmarks in PRIORITY order, then the
-memory profile. The tests are the ones marked `cuda` (every test on a
+default, unless --skip-bench), the sanitizer, the host time per call, then the benchmarks in
+PRIORITY order, then the memory profile. The tests are the ones marked `cuda` (every test on a
 CUDA device; the CPU ones run in CI) unless `--all-tests`.
 """
 
@@ -210,6 +212,21 @@ print("sanitizer workload done")
 """
 
 
+def run_host_time(python: str, tmp: Path, timeout: int) -> dict:
+    """``benchmarks/host_time.py`` on the GPU: tiny calls of every op through the plain call's C++
+    entry, through the Python path and as torch's own functions, without and with autograd
+    recording (where launches bound a model, this is its time per op)."""
+    path = tmp / "host-time.json"
+    code, output = _run(
+        [python, str(ROOT / "benchmarks" / "host_time.py"), "--device", "cuda", "--both", "--calls", "1000",
+         "--repeats", "10", "--json", str(path)],
+        timeout=timeout,
+    )
+    if code != 0 or not path.exists():
+        return {"failed": output[-3000:]}
+    return {"records": json.loads(path.read_text())}
+
+
 def run_memory_profile(python: str, tmp: Path, plot: Path, timeout: int) -> dict:
     """``fused-attn profile-memory`` of one BERT-base layer at a long sequence, plain vs fused."""
     path = tmp / "memory.json"
@@ -283,7 +300,8 @@ def parse_suites(text: str) -> list[str]:
     return suites
 
 
-def render_markdown(facts: dict, tests: dict, records: list[dict], sanitizer: dict, plots: dict, memory: dict) -> str:
+def render_markdown(facts: dict, tests: dict, records: list[dict], sanitizer: dict, plots: dict, memory: dict,
+                    host_time: dict | None = None) -> str:
     from fused_attn.bench.cli import EAGER_NOTE, not_run_counts, rate_text, shape_text
 
     lines = [f"# gpu-check: {facts.get('gpu')}", "", f"Date: {facts['date']}  ", f"torch {facts['torch']}, "
@@ -308,6 +326,21 @@ def render_markdown(facts: dict, tests: dict, records: list[dict], sanitizer: di
         if check != "skipped":
             verdict = {0: "clean", None: ""}.get(result["exit_code"], f"FAILED (exit code {result['exit_code']})")
             lines.append(f"- {check}: {verdict} {result['summary']}".replace(":  ", ": ").rstrip())
+    if host_time:
+        lines += ["", "## Host time per call (tiny calls, microseconds; no gradient / autograd recording)", ""]
+        if "failed" in host_time:
+            lines += ["benchmarks/host_time.py failed:", "", "```", host_time["failed"], "```"]
+        else:
+            by_op: dict[str, dict[bool, dict]] = {}
+            for r in host_time["records"]:
+                by_op.setdefault(r["op"], {})[r["grad"]] = r
+            lines += ["| op | C++ entry | Python path | torch | entry / torch |", "| --- | ---: | ---: | ---: | ---: |"]
+            for op, modes in by_op.items():
+                cells = [" / ".join(f"{modes[g][key]:.1f}" for g in (False, True) if g in modes)
+                         for key in ("entry_us", "python_us", "torch_us")]
+                ratio = " / ".join(f"{modes[g]['entry_us'] / modes[g]['torch_us']:.2f}" for g in (False, True)
+                                   if g in modes)
+                lines.append(f"| {op} | {' | '.join(cells)} | {ratio} |")
     if memory:
         lines += ["", "## Memory: one BERT-base layer, batch 1, seq 4096, bf16, forward + backward", ""]
         if "failed" in memory:
@@ -387,6 +420,13 @@ def main() -> int:
             sanitizer = {"skipped": "--skip-tests" if args.skip_tests else "--skip-sanitizer"}
         else:
             sanitizer = run_sanitizer(args.python, budget)
+        host_timeout = budget.share(150)
+        if args.skip_bench:
+            host_time = {}
+        elif host_timeout is None:
+            host_time = {"failed": "not run: the --budget was spent"}
+        else:
+            host_time = run_host_time(args.python, Path(tmp), host_timeout)
         records, bench_logs = ([], []) if args.skip_bench else run_benchmarks(
             args.python, Path(tmp), suites, args.compile, budget)
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -401,12 +441,12 @@ def main() -> int:
     plots = write_plots(records, stem)
     (RESULTS / f"{stem}.json").write_text(
         json.dumps(
-            {"facts": facts, "tests": tests, "sanitizer": sanitizer, "benchmarks": records, "memory": memory,
-             "plots": plots, "bench_logs": bench_logs},
+            {"facts": facts, "tests": tests, "sanitizer": sanitizer, "host_time": host_time, "benchmarks": records,
+             "memory": memory, "plots": plots, "bench_logs": bench_logs},
             indent=2, default=str,
         )
     )
-    (RESULTS / f"{stem}.md").write_text(render_markdown(facts, tests, records, sanitizer, plots, memory))
+    (RESULTS / f"{stem}.md").write_text(render_markdown(facts, tests, records, sanitizer, plots, memory, host_time))
     print(f"gpu-check: wrote {RESULTS / stem}.md and .json")
     sanitizer_failed = any(r["exit_code"] not in (0, None) for c, r in sanitizer.items() if c != "skipped")
     return 0 if tests.get("exit_code") == 0 and not sanitizer_failed else 1

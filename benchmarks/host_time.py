@@ -6,21 +6,25 @@ calls, reported in microseconds per call (median over the rounds):
 
 - ``entry``: the op called as a user calls it (no backend named), served by the extension's C++
   entry for the plain call (csrc/fast.cpp) once the first call has approved its kind;
-- ``python``: the same op with ``backend="cpu"`` named, which takes the Python path (validation and
-  backend choice in Python) to the same kernel;
+- ``python``: the same op with the device's own backend named (``backend="cpu"`` or ``"cuda"``),
+  which takes the Python path (validation and backend choice in Python) to the same kernel;
 - ``torch``: PyTorch's own functions for the same work.
 
 Without ``--grad`` the inputs need no gradient (the ops' inference forms); with it they do, and
-autograd records each call (no backward is run). One thread by default (``--threads``), since
-the work of such calls is too small to share.
+autograd records each call (no backward is run). One CPU thread by default (``--threads``), since
+the work of such calls is too small to share. On a GPU (``--device cuda``, float16 by default)
+the loop's time is taken with CUDA events: where launches bound it, as here, that is the host's
+time per call; ``make gpu-check`` reports it.
 
     python benchmarks/host_time.py            # the README's table, columns without gradient
     python benchmarks/host_time.py --grad     # the same while autograd records
+    python benchmarks/host_time.py --device cuda --both --json host.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 
 import torch
@@ -30,12 +34,13 @@ import fused_attn
 from fused_attn.bench import harness
 
 
-def cases(grad: bool) -> dict[str, tuple[Callable[..., object], Callable[[], object]]]:
+def cases(grad: bool, device: torch.device, dtype: torch.dtype) -> dict[str, tuple[Callable[..., object],
+                                                                                   Callable[[], object]]]:
     """op label -> (the fused call taking ``backend=``, PyTorch's own functions for the same work)."""
     gen = torch.Generator().manual_seed(0)
 
     def t(*shape):
-        return torch.randn(*shape, generator=gen).requires_grad_(grad)
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(grad)
 
     x, r, w, b = t(4, 64), t(4, 64), t(64), t(64)
     q, s4 = t(1, 2, 8, 16), t(1, 1, 4, 64)
@@ -62,31 +67,55 @@ def looped(fn: Callable[[], object], calls: int) -> Callable[[], None]:
     return run
 
 
+def measure(device: torch.device, dtype: torch.dtype, grad: bool, *, calls: int, repeats: int) -> list[dict]:
+    """One record per op: microseconds per call of the entry, the Python path (the device's own
+    backend named) and torch's functions, timed side by side."""
+    records = []
+    for name, (fused, plain) in cases(grad, device, dtype).items():
+        fns = {
+            "entry": looped(fused, calls),
+            "python": looped(lambda fused=fused: fused(backend=device.type), calls),
+            "torch": looped(plain, calls),
+        }
+        timings, failed = harness.measure_side_by_side(fns, device, repeats=repeats)
+        if failed:
+            raise SystemExit(f"{name}: {failed}")
+        us = {impl: timing.median_ms * 1e3 / calls for impl, timing in timings.items()}
+        records.append({"op": name, "grad": grad, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
+                        **{f"{impl}_us": value for impl, value in us.items()}})
+    return records
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grad", action="store_true", help="inputs that require grad (autograd records each call)")
+    parser.add_argument("--both", action="store_true", help="without and then with --grad")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="default: float32 on cpu, float16 on cuda (the dtypes the cuda backend serves)")
     parser.add_argument("--calls", type=int, default=2000, help="calls per timed unit")
     parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads")
+    parser.add_argument("--json", default=None, help="write the records here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
-    print(f"microseconds per call, {'with' if args.grad else 'without'} autograd recording, "
-          f"{args.threads} thread(s), median of {args.repeats} interleaved loops of {args.calls}")
-    print(f"{'op':<30} {'entry':>8} {'python':>8} {'torch':>8}  entry/torch")
-    for name, (fused, plain) in cases(args.grad).items():
-        fns = {
-            "entry": looped(fused, args.calls),
-            "python": looped(lambda fused=fused: fused(backend="cpu"), args.calls),
-            "torch": looped(plain, args.calls),
-        }
-        timings, failed = harness.measure_side_by_side(fns, device, repeats=args.repeats)
-        if failed:
-            raise SystemExit(f"{name}: {failed}")
-        us = {impl: timing.median_ms * 1e3 / args.calls for impl, timing in timings.items()}
-        print(f"{name:<30} {us['entry']:8.1f} {us['python']:8.1f} {us['torch']:8.1f}  {us['entry'] / us['torch']:.2f}")
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    records = []
+    for grad in ([False, True] if args.both else [args.grad]):
+        print(f"microseconds per call on {device.type} ({str(dtype).replace('torch.', '')}), "
+              f"{'with' if grad else 'without'} autograd recording, {args.threads} CPU thread(s), "
+              f"median of {args.repeats} interleaved loops of {args.calls}")
+        print(f"{'op':<30} {'entry':>8} {'python':>8} {'torch':>8}  entry/torch")
+        for r in measure(device, dtype, grad, calls=args.calls, repeats=args.repeats):
+            records.append(r)
+            print(f"{r['op']:<30} {r['entry_us']:8.1f} {r['python_us']:8.1f} {r['torch_us']:8.1f}  "
+                  f"{r['entry_us'] / r['torch_us']:.2f}")
     if fused_attn.backends.fast_entry("layer_norm") is None:
         print("note: the extension has no C++ entry here (fused-attn info): 'entry' took the Python path")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=2)
 
 
 if __name__ == "__main__":

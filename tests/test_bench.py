@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -476,7 +477,10 @@ def test_gpu_check_report_renders_tables_plots_and_memory(tmp_path, monkeypatch)
     facts = {"gpu": "H200", "date": "today", "torch": "2", "torch_cuda": "13", "triton": "3", "fused_attn": "0"}
     tests = {"exit_code": 1, "tests": 3, "failures": 1, "errors": 0, "skipped": 1, "tail": "",
              "failed_tests": [{"test": "tests.test_x::test_y", "message": "boom"}]}
-    md = gpu_check.render_markdown(facts, tests, records, {"skipped": "--skip-sanitizer"}, plots, memory)
+    host_time = {"records": [{"op": "layer_norm", "grad": grad, "entry_us": 10.0 + grad, "python_us": 40.0,
+                              "torch_us": 8.0} for grad in (False, True)]}
+    md = gpu_check.render_markdown(facts, tests, records, {"skipped": "--skip-sanitizer"}, plots, memory, host_time)
+    assert "| layer_norm | 10.0 / 11.0 | 40.0 / 40.0 | 8.0 / 8.0 | 1.25 / 1.38 |" in md
     assert "1 passed, 1 failed" in md and "FAILED `tests.test_x::test_y`: boom" in md
     assert "![attention](stem-attention.png)" in md and "fused/plain 0.250" in md
     assert "forward peak: plain 2 MiB, fused 1 MiB, fused/plain 0.500" in md
@@ -518,6 +522,17 @@ def test_bench_interrupted_reports_the_finished_cases(tmp_path, capsys, monkeypa
     assert code == 130 and "interrupted: reporting the" in captured.out
     records = json.loads(out.read_text())
     assert records and {r["shape"]["hidden"] for r in records} == {16}
+
+
+def test_host_time_script_writes_its_records(tmp_path):
+    """benchmarks/host_time.py, which gpu-check runs on the GPU, end to end on tiny counts."""
+    path = tmp_path / "host.json"
+    subprocess.run([sys.executable, "benchmarks/host_time.py", "--both", "--calls", "2", "--repeats", "1",
+                    "--json", str(path)], cwd=Path(__file__).resolve().parent.parent, check=True,
+                   capture_output=True, text=True)
+    records = json.loads(path.read_text())
+    assert len(records) == 14 and {r["grad"] for r in records} == {False, True}
+    assert all(r["entry_us"] > 0 and r["python_us"] > 0 and r["torch_us"] > 0 for r in records)
 
 
 def test_gpu_check_stage_runner_interrupts_and_keeps_partial_output():
