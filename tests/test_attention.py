@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import fused_attn
 from fused_attn import reference
 from fused_attn.backends import BackendNotSupportedError
-from fused_attn.ops.attention import NATIVE_GQA, attention_with_keep_mask
+from fused_attn.ops.attention import NATIVE_GQA, attention_with_keep_mask, repeat_kv_heads
 
 from .conftest import assert_parity, backend_params, check_tensor_parity, supported_dtypes, work_dtype
 
@@ -732,7 +732,7 @@ def _with_threads(threads, fn):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        fn()
+        return fn()
     finally:
         torch.set_num_threads(previous)
 
@@ -795,6 +795,151 @@ def test_cpu_backward_schedules_dropout(threads):
 
     _with_threads(threads, lambda: assert_parity(fused, plain, {"query": q, "key": k, "value": v},
                                                  grad_args=("query", "key", "value")))
+
+
+# Boolean masks that hide whole key tiles from whole query blocks, which the cpu kernels do not
+# form (csrc/cpu/attention.cpp, KeySpans): 3 sequences x 150 queries x 300 keys (two forward key
+# tiles of 256, three backward ones of 128; query blocks of 64 to 256).
+def _key_range_mask(kind: str) -> torch.Tensor:
+    keys = torch.arange(300)
+    if kind == "padding":  # all keys; a short prefix; left padding (the first 200 keys hidden)
+        return torch.stack([keys < 300, keys < 37, keys >= 200]).view(3, 1, 1, 300)
+    if kind == "window":  # query i sees the keys within 30 of 2 i: a band, per query
+        band = (keys[None, :] - 2 * torch.arange(150)[:, None]).abs() <= 30
+        return band.view(1, 1, 150, 300).expand(3, 1, 150, 300)
+    if kind == "empty-rows":  # padding, and queries 64..149 of the second sequence see no key at all
+        keep = _key_range_mask("padding").expand(3, 1, 150, 300).clone()
+        keep[1, :, 64:] = False
+        return keep
+    raise ValueError(kind)
+
+
+# One thread takes the per-head backward, eight the per-block passes (3 heads in all).
+KEY_RANGE_SCHEDULES = pytest.mark.parametrize("threads", [1, 8], ids=["per-head", "per-block"])
+
+
+@KEY_RANGE_SCHEDULES
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("kind, causal", [("padding", False), ("padding", True), ("window", False),
+                                          ("empty-rows", False), ("empty-rows", True)])
+def test_cpu_masked_key_ranges(threads, dtype, kind, causal):
+    if dtype not in supported_dtypes("cpu", "cpu", OP):
+        pytest.skip("the cpu backend is not available")
+    q = torch.randn(3, 1, 150, 32, generator=torch.Generator().manual_seed(3)).to(dtype)
+    k, v = _qkv(3, 1, 300, 300, 32, dtype, "cpu")[1:]
+    args = {"query": q, "key": k, "value": v, "attn_mask": _key_range_mask(kind)}
+    _with_threads(threads, lambda: assert_parity(
+        lambda **a: fused_attn.scaled_dot_product_attention(**a, is_causal=causal, backend="cpu"),
+        lambda **a: reference.scaled_dot_product_attention(**a, is_causal=causal),
+        args, grad_args=("query", "key", "value")))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["mha", "grouped"])
+def test_padding_masks_that_hide_whole_key_tiles(backend_device, dtype, causal, kv_heads):
+    """Key padding masks (the same for every query) that hide whole key tiles, which the cpu and
+    triton kernels leave out of every pass (KeySpans; _key_range): left and right padding, a
+    sequence that sees no key, grouped key/value heads."""
+    backend, device = backend_device
+    if dtype not in supported_dtypes(backend, device, OP):
+        pytest.skip(f"{dtype} is not tested on {backend}-{device}")
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(4, 2, 70, 16, generator=gen).to(device=device, dtype=dtype)
+    k, v = (torch.randn(4, kv_heads, 300, 16, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
+    keys = torch.arange(300)
+    mask = torch.stack([keys < 300, keys < 37, keys >= 200, keys < 0]).view(4, 1, 1, 300).to(device)
+    assert_parity(
+        lambda **a: fused_attn.scaled_dot_product_attention(**a, is_causal=causal, enable_gqa=True, backend=backend),
+        lambda **a: reference.scaled_dot_product_attention(
+            a["query"], repeat_kv_heads(a["key"], 2), repeat_kv_heads(a["value"], 2), a["attn_mask"], is_causal=causal),
+        {"query": q, "key": k, "value": v, "attn_mask": mask}, grad_args=("query", "key", "value"))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_padding_mask_ranges_past_the_first_thousand_keys(backend_device):
+    """The triton kernels scan a padding mask 1024 keys at a time for the range they walk: ranges
+    that start, end or lie past the first 1024 keys, causal too."""
+    backend, device = backend_device
+    dtype = work_dtype(OP, backend, device)
+    q, k, v = _qkv(3, 1, 9, 1500, 16, dtype, device)
+    keys = torch.arange(1500)
+    mask = torch.stack([(keys >= 1100) & (keys < 1300), keys < 1030, keys >= 1023]).view(3, 1, 1, 1500).to(device)
+    for causal in (False, True):
+        assert_parity(
+            lambda **a: fused_attn.scaled_dot_product_attention(**a, is_causal=causal, backend=backend),
+            lambda **a: reference.scaled_dot_product_attention(**a, is_causal=causal),
+            {"query": q, "key": k, "value": v, "attn_mask": mask}, grad_args=("query", "key", "value"))
+
+
+@pytest.mark.parametrize("backend_device", [p for p in BACKENDS if p.values[0][0] in ("cpu", "triton")])
+def test_key_tiles_hidden_from_a_whole_sequence_are_not_read(backend_device):
+    """The cpu and triton kernels do not read the key tiles a padding mask hides from every query
+    of a sequence (tiles of up to 128 keys): a NaN in their keys or values reaches neither the
+    output nor a gradient, where a kernel that multiplies it by a zero probability spreads it."""
+    backend, device = backend_device
+    q, k, v = _qkv(3, 2, 70, 300, 16, work_dtype(OP, backend, device), device)
+    keys = torch.arange(300)
+    mask = torch.stack([keys < 300, keys < 37, keys >= 200]).view(3, 1, 1, 300).to(device)
+    k[1, :, 260], v[1, :, 256:], k[2, :, 3], v[2, :, :64] = (float("nan"),) * 4
+    results = []
+    for inputs in ((q, k, v), (q, k.nan_to_num(0.0), v.nan_to_num(0.0))):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = fused_attn.scaled_dot_product_attention(*leaves, mask, backend=backend)
+        out.backward(torch.ones_like(out))
+        results.append([out] + [t.grad for t in leaves])
+    for name, got, want in zip(("output", "grad query", "grad key", "grad value"), *results):
+        assert not torch.isnan(got).any(), name
+        assert torch.equal(got, want), name
+
+
+@KEY_RANGE_SCHEDULES
+def test_cpu_masked_key_ranges_dropout(threads):
+    """The dropout draw of an element is its own wherever the walk of the keys starts."""
+    if torch.float32 not in supported_dtypes("cpu", "cpu", OP):
+        pytest.skip("the cpu backend is not available")
+    q, k, v = _qkv(3, 1, 150, 300, 16, torch.float32, "cpu")
+    mask = _key_range_mask("padding")
+    torch.manual_seed(7)
+    _, keep = attention_with_keep_mask(q, k, v, mask, dropout_p=0.3)
+
+    def fused(query, key, value):
+        torch.manual_seed(7)
+        return fused_attn.scaled_dot_product_attention(query, key, value, mask, dropout_p=0.3, backend="cpu")
+
+    def plain(query, key, value):
+        return reference.scaled_dot_product_attention(query, key, value, mask, dropout_p=0.3, dropout_mask=keep)
+
+    _with_threads(threads, lambda: assert_parity(fused, plain, {"query": q, "key": k, "value": v},
+                                                 grad_args=("query", "key", "value")))
+
+
+@KEY_RANGE_SCHEDULES
+def test_cpu_keys_hidden_from_a_whole_sequence_are_not_read(threads):
+    """Keys a padding mask hides from every query of a sequence are never read (as the tiles above
+    the causal diagonal): a NaN among their values or keys reaches neither the output nor a
+    gradient, where a kernel that multiplies it by a zero probability would spread it."""
+    if torch.float32 not in supported_dtypes("cpu", "cpu", OP):
+        pytest.skip("the cpu backend is not available")
+    q, k, v = _qkv(3, 1, 150, 300, 16, torch.float32, "cpu")
+    k[1, :, 250], v[1, :, 40:], v[2, :, 7] = float("nan"), float("nan"), float("nan")
+    mask = _key_range_mask("padding")
+    args = {"query": q, "key": k, "value": v}
+    clean = {name: t.nan_to_num(0.0) for name, t in args.items()}
+    results = []
+    for inputs in (args, clean):
+        leaves = {name: t.clone().requires_grad_() for name, t in inputs.items()}
+        out = _with_threads(threads, lambda: fused_attn.scaled_dot_product_attention(**leaves, attn_mask=mask,
+                                                                                    backend="cpu"))
+        out.backward(torch.ones_like(out))
+        results.append([out] + [leaves[name].grad for name in ("query", "key", "value")])
+    for name, got, want in zip(("output", "grad query", "grad key", "grad value"), *results):
+        hidden = {"grad key": (1, 250), "grad value": (1, slice(40, None))}.get(name)
+        if hidden is not None:  # a hidden key's own gradient is 0 either way
+            assert torch.count_nonzero(got[hidden[0], :, hidden[1]]) == 0, name
+        assert torch.equal(got.nan_to_num(0.0), want), name
+        assert not torch.isnan(got).any(), name
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)

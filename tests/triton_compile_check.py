@@ -202,6 +202,8 @@ def _cases(quick: bool):
         ("attention bf16 d64", attention(bf16)),
         ("attention bf16 d128 causal", attention(bf16, head_dim=128, causal=True)),
         ("attention fp16 d64 bias-grad", attention(f16, mask="bias", mask_grad=True)),
+        # a key padding mask: the kernels walk only the key tiles it leaves (KEY_RANGE)
+        ("attention bf16 d64 padding causal grouped", attention(bf16, mask="padding", causal=True, kv_heads=2)),
         ("attention fp16 d64 causal dropout", attention(f16, causal=True, dropout=0.1)),
         ("attention fp32 d64", attention(f32)),
         ("attention bf16 d64 grouped", attention(bf16, kv_heads=2)),

@@ -11,9 +11,10 @@
 // thread (the scores tile, float32 copies of the Q/K/V blocks where needed, the accumulator), i.e.
 // O(threads x block), however long the sequences. Causal attention (top-left: query i sees keys
 // j <= i) ends a task's key loop at its last query, so tiles above the diagonal are never
-// computed; only the tiles that straddle it are masked. A row that sees no key has l == 0: its
-// output is 0 and its log-sum-exp +inf, so every probability the backward recomputes is exactly
-// 0 (zero gradients, no NaN).
+// computed; only the tiles that straddle it are masked. Likewise a task walks only the keys a
+// boolean mask lets some query of its block see (KeySpans: a padded tail is never computed). A
+// row that sees no key has l == 0: its output is 0 and its log-sum-exp +inf, so every
+// probability the backward recomputes is exactly 0 (zero gradients, no NaN).
 //
 // Arithmetic is in natural-log units (the Triton kernels fold log2(e) into the scale; the same
 // in exact arithmetic): scores are rounded once as s = scale * q.k (+ mask), and the exponential
@@ -84,6 +85,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
@@ -375,6 +377,64 @@ C10_ALWAYS_INLINE void apply_causal(float* s, int64_t n, int64_t i, int64_t j0) 
   for (int64_t t = std::max<int64_t>(0, i + 1 - j0); t < n; ++t) s[t] = -kInf;
 }
 
+// The keys a boolean mask lets each query see, as the smallest range [lo, hi) holding them (lo =
+// k_len, hi = 0 for a row that sees none): one entry per distinct mask row, rows repeated by
+// broadcasting (zero strides) sharing one, so a [B, 1, 1, Lk] padding mask is B entries, found by
+// one scan of the mask. The kernels walk only the keys inside a block's range (the union of its
+// rows'): the key tiles a padding mask hides from a whole block of queries are never formed (the
+// padded tail of a sequence, like the tiles above the causal diagonal). Such tiles contribute
+// exactly nothing where they are formed (P = 0, the running max unchanged), so the results are
+// the same; only keys wholly hidden are not read at all (a NaN among their values stays out, as it
+// does above the diagonal). Floating masks are walked whole: an added -1e4 still leaves a weight.
+struct KeySpans {
+  bool active = false;
+  int64_t k_len = 0;
+  int64_t nb = 1, nh = 1, nm = 1;  // distinct mask rows per batch, head and query index
+  std::vector<int64_t> lo_hi;      // [nb * nh * nm][2]
+
+  static KeySpans of(const MaskView& mask, int64_t batch, int64_t heads, int64_t q_len, int64_t k_len) {
+    KeySpans ks;
+    if (mask.kind != MaskKind::kBool || k_len == 0) return ks;
+    ks.active = true;
+    ks.k_len = k_len;
+    ks.nb = mask.sb != 0 ? batch : 1;
+    ks.nh = mask.sh != 0 ? heads : 1;
+    ks.nm = mask.sm != 0 ? q_len : 1;
+    ks.lo_hi.resize(2 * ks.nb * ks.nh * ks.nm);
+    const int64_t rows = ks.nb * ks.nh * ks.nm;
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / k_len), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t i = row % ks.nm, h = row / ks.nm % ks.nh, b = row / (ks.nm * ks.nh);
+        const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.row(b, h, i));
+        int64_t lo = 0, hi = k_len;
+        while (lo < k_len && m[lo * mask.sn] == 0) ++lo;
+        while (hi > lo && m[(hi - 1) * mask.sn] == 0) --hi;
+        ks.lo_hi[2 * row] = lo < hi ? lo : k_len;
+        ks.lo_hi[2 * row + 1] = lo < hi ? hi : 0;
+      }
+    });
+    return ks;
+  }
+
+  // The keys [lo, hi) that queries [i0, i0 + mq) of head (b, h) may see below end (lo >= hi: none).
+  std::pair<int64_t, int64_t> range(int64_t b, int64_t h, int64_t i0, int64_t mq, int64_t end) const {
+    if (!active) return {0, end};
+    const int64_t* row = lo_hi.data() + 2 * (((nb > 1 ? b : 0) * nh + (nh > 1 ? h : 0)) * nm + (nm > 1 ? i0 : 0));
+    int64_t lo = k_len, hi = 0;
+    for (int64_t r = 0; r < (nm > 1 ? mq : 1); ++r) {
+      lo = std::min(lo, row[2 * r]);
+      hi = std::max(hi, row[2 * r + 1]);
+    }
+    return {lo, std::min(hi, end)};
+  }
+
+  // Whether the tile of keys [j0, j0 + nk) holds a key those queries may see below end.
+  bool sees(int64_t b, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nk, int64_t end) const {
+    const auto [lo, hi] = range(b, h, i0, mq, end);
+    return j0 < hi && lo < j0 + nk;
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Dropout: x[t] = keep(counter + t) ? x[t] * inv_keep : 0 for t in [0, n).
 void apply_dropout(float* x, int64_t n, uint64_t seed, uint64_t counter, float p, float inv_keep) {
@@ -450,6 +510,7 @@ struct AttnProblem {
   // Strides (elements) of batch, head, row; the last dim has stride 1.
   int64_t q_s[3], k_s[3], v_s[3];
   MaskView mask;
+  KeySpans keys;  // a boolean mask's key ranges (inactive otherwise)
   float scale;
   bool causal;
   bool dropout;
@@ -457,6 +518,8 @@ struct AttnProblem {
   uint64_t seed;
 
   int64_t bh() const { return batch * heads; }
+  // The end of the keys queries [i0, i0 + mq) may see: causal, up to the last of them.
+  int64_t key_end(int64_t i0, int64_t mq) const { return causal ? std::min(k_len, i0 + mq) : k_len; }
   int64_t kv(int64_t h) const { return h / group; }
   uint64_t counter(int64_t bh_index, int64_t i, int64_t j) const {
     return static_cast<uint64_t>((bh_index * q_len + i) * k_len + j);
@@ -507,9 +570,10 @@ void attn_fwd_task(const AttnProblem& pb, const T* q_ptr, const T* k_ptr, const 
   std::fill(m, m + mq, -kInf);
   std::fill(l, l + mq, 0.f);
 
-  // Causal: the last tile stops at the block's last query (the backward renormalises its P).
-  const int64_t k_end = pb.causal ? std::min(pb.k_len, i0 + mq) : pb.k_len;
-  for (int64_t j0 = 0; j0 < k_end; j0 += block_k) {
+  // Causal: the last tile stops at the block's last query (the backward renormalises its P); a
+  // boolean mask's range of keys the block sees cuts the walk further (KeySpans).
+  const auto [k_begin, k_end] = pb.keys.range(b, h, i0, mq, pb.key_end(i0, mq));
+  for (int64_t j0 = k_begin; j0 < k_end; j0 += block_k) {
     const int64_t nk = std::min(block_k, k_end - j0);
     auto [k, ldk] = rows_as_float(kb, pb.k_s[2], j0, nk, d, kbuf);
     masked_scores(pb, b, h, i0, mq, j0, nk, q, ldq, k, ldk, s, block_k);
@@ -588,6 +652,7 @@ AttnProblem make_problem(const at::Tensor& query, const at::Tensor& key, const a
   fill_strides(key, pb.k_s);
   fill_strides(value, pb.v_s);
   pb.mask = make_mask_view(attn_mask);
+  pb.keys = KeySpans::of(pb.mask, pb.batch, pb.heads, pb.q_len, pb.k_len);
   pb.scale = static_cast<float>(scale);
   pb.causal = is_causal;
   pb.dropout = dropout_p > 0.0;
@@ -745,10 +810,11 @@ int64_t for_each_key_tile(const AttnProblem& pb, const BwdTensors& bt, const T* 
   auto [dout, lddo] = rows_as_float(do_ptr + b * bt.do_s[0] + h * bt.do_s[1], bt.do_s[2], i0, mq, dv, dobuf);
   const float* lse = bt.lse + bh * pb.q_len + i0;
 
-  const int64_t k_end = pb.causal ? std::min(pb.k_len, i0 + mq) : pb.k_len;
+  const int64_t k_end = pb.key_end(i0, mq);
   int64_t j0 = 0;
   for (; j0 < k_end; j0 += block_k) {
     const int64_t nk = std::min(block_k, pb.k_len - j0);
+    if (!pb.keys.sees(b, h, i0, mq, j0, nk, k_end)) continue;  // the dK/dV pass skips it too
     auto [k, ldk] = rows_as_float(kb, pb.k_s[2], j0, nk, d, kbuf);
     auto [v, ldv] = rows_as_float(vb, pb.v_s[2], j0, nk, dv, vbuf);
     tile_p_dp(pb, bh, i0, mq, j0, nk, q, ldq, k, ldk, v, ldv, dout, lddo, lse, corr, drop_dp, s, dp, block_k);
@@ -853,6 +919,8 @@ void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_
     // Causal: the query blocks before the one holding the block's first key see none of it.
     for (int64_t i0 = pb.causal ? j0 / block_q * block_q : 0; i0 < pb.q_len; i0 += block_q) {
       const int64_t mq = std::min(block_q, pb.q_len - i0);
+      // A tile the other passes skip (for_each_key_tile): P = 0 there, so dK and dV get nothing.
+      if (!pb.keys.sees(b, h, i0, mq, j0, nk, pb.key_end(i0, mq))) continue;
       auto [q, ldq] = rows_as_float(qb, pb.q_s[2], i0, mq, d, qbuf);
       auto [dout, lddo] = rows_as_float(dob, bt.do_s[2], i0, mq, dv, dobuf);
       tile_p_dp(pb, bh, i0, mq, j0, nk, q, ldq, k, ldk, v, ldv, dout, lddo, lse + i0, corr + i0, true, s, dp,
@@ -972,11 +1040,16 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_
 
     for (int64_t i0 = 0; i0 < pb.q_len; i0 += block_q) {
       const int64_t mq = std::min(block_q, pb.q_len - i0);
-      // Causal: the block's last query sees keys [0, i0 + mq); the others are masked in S.
-      const int64_t nk = pb.causal ? std::min(k_len, i0 + mq) : k_len;
-      if (dscores != nullptr && nk < k_len) {
+      // Causal: the block's last query sees keys [0, i0 + mq); the others are masked in S. A
+      // boolean mask's range of keys the block sees (KeySpans) cuts it to [j0, j0 + nk).
+      const auto [j0, k_end] = pb.keys.range(b, h, i0, mq, pb.key_end(i0, mq));
+      const int64_t nk = std::max<int64_t>(k_end - j0, 0);
+      if (dscores != nullptr && nk < k_len) {  // zeros outside [j0, k_end), everywhere when nk == 0
+        const int64_t seen_begin = nk ? j0 : k_len, seen_end = nk ? k_end : k_len;
         for (int64_t r = 0; r < mq; ++r) {
-          std::fill(dscores + (i0 + r) * k_len + nk, dscores + (i0 + r + 1) * k_len, 0.f);
+          float* row = dscores + (i0 + r) * k_len;
+          std::fill(row, row + seen_begin, 0.f);
+          std::fill(row + seen_end, row + k_len, 0.f);
         }
       }
       if (nk == 0) {
@@ -985,7 +1058,9 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_
       }
       auto [q, ldq] = rows_as_float(qb, pb.q_s[2], i0, mq, d, qbuf);
       auto [dout, lddo] = rows_as_float(dob, bt.do_s[2], i0, mq, dv, dobuf);
-      tile_p_dp(pb, bh, i0, mq, 0, nk, q, ldq, k, ldk, v, ldv, dout, lddo, lse + i0, nullptr, true, s, dp, nk);
+      const float* kt = k + j0 * ldk;
+      const float* vt = v + j0 * ldv;
+      tile_p_dp(pb, bh, i0, mq, j0, nk, q, ldq, kt, ldk, vt, ldv, dout, lddo, lse + i0, nullptr, true, s, dp, nk);
       std::fill(sums, sums + 2 * mq, 0.0);
       row_sums(s, dp, mq, nk, nk, sums);
       for (int64_t r = 0; r < mq; ++r) {
@@ -1005,12 +1080,12 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_
           pv.store(prow + j, nk - j);
           (pv * (fVec::loadu(dprow + j, nk - j) - dl)).store(dprow + j, nk - j);
         }
-        if (pb.dropout) apply_dropout(prow, nk, pb.seed, pb.counter(bh, i0 + r, 0), pb.dropout_p, pb.inv_keep);
-        if (dscores != nullptr) std::memcpy(dscores + (i0 + r) * k_len, dprow, nk * sizeof(float));
+        if (pb.dropout) apply_dropout(prow, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, pb.inv_keep);
+        if (dscores != nullptr) std::memcpy(dscores + (i0 + r) * k_len + j0, dprow, nk * sizeof(float));
       }
-      gemm(true, false, nk, dv, mq, 1.f, s, nk, dout, lddo, 1.f, dv_acc, ld_dv);
-      gemm(true, false, nk, d, mq, 1.f, dp, nk, q, ldq, 1.f, dk_acc, ld_dk);
-      gemm(false, false, mq, d, nk, 1.f, dp, nk, k, ldk, 0.f, dq, std::max<int64_t>(d, 1));
+      gemm(true, false, nk, dv, mq, 1.f, s, nk, dout, lddo, 1.f, dv_acc + j0 * ld_dv, ld_dv);
+      gemm(true, false, nk, d, mq, 1.f, dp, nk, q, ldq, 1.f, dk_acc + j0 * ld_dk, ld_dk);
+      gemm(false, false, mq, d, nk, 1.f, dp, nk, kt, ldk, 0.f, dq, std::max<int64_t>(d, 1));
       for (int64_t r = 0; r < mq; ++r) from_float(dq + r * d, pb.scale, dqb + (i0 + r) * bt.dq_s[2], d);
     }
   }

@@ -14,7 +14,9 @@ Forward: a program owns ``BLOCK_M`` queries and streams ``BLOCK_N`` keys at a ti
 running row max ``m`` and row sum ``l`` in float32 (online softmax, exp2). It writes the output
 and the row statistics (the row max and log2 of the row sum, below) and nothing of size Lq x Lk.
 Causal attention (top-left aligned: query i sees keys j <= i) stops the key loop at the diagonal,
-so tiles above it are never loaded; only tiles that straddle it are masked.
+so tiles above it are never loaded; only tiles that straddle it are masked. A boolean mask the
+same for every query of a head (a key padding mask; ``KEY_RANGE``) cuts every pass's walk to the
+key tiles holding a key it lets be seen (``_key_range``), so a padded tail is never loaded either.
 
 Units. Scores ``s = q k^T * scale + mask`` stay in natural units and P = exp2((s - m) * log2(e)):
 only the difference from the row max is taken to log2 units. Folding log2(e) into the scale
@@ -120,8 +122,8 @@ def _tiles_for_head_dim(configs, args):
 # not take is skipped): the dQ kernel writing the score gradient needs more shared memory than
 # without, and with float32 inputs the argument dtypes Triton adds to the key do not tell them apart,
 # so a tile config chosen without it could be reused where it no longer fits (sm80, head dim 128).
-_AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "Q_BUCKET", "K_BUCKET", "HAS_MASK", "MASK_IS_BOOL", "DROPOUT",
-                 "WRITE_DSCORES", "WRITE_KEEP"]
+_AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "Q_BUCKET", "K_BUCKET", "HAS_MASK", "MASK_IS_BOOL", "KEY_RANGE",
+                 "DROPOUT", "WRITE_DSCORES", "WRITE_KEEP"]
 _NOT_SPECIALIZED = ["seed", "Q_BUCKET", "K_BUCKET"]
 
 
@@ -180,6 +182,24 @@ def _scores(
 
 
 @triton.jit
+def _key_range(mask_base, stride_mn, k_len, BLOCK_N: tl.constexpr):
+    """For a boolean mask that is the same for every query of a head (a key padding mask: a zero
+    query stride; KEY_RANGE), the key tiles that hold a key it lets be seen: [lo, hi), lo the
+    first such key rounded down to a tile, hi one past the last (lo >= hi: none). The kernels
+    walk only these, so a sequence's padded tail costs nothing, like the tiles above the causal
+    diagonal; the tiles left out would only add probabilities of exactly 0. The mask row is read
+    1024 keys at a time: a few steps before the main loop, whatever the tile."""
+    first = tl.zeros([], dtype=tl.int32) + k_len  # tensors, whatever k_len's specialisation
+    last = tl.zeros([], dtype=tl.int32)
+    for start in range(0, k_len, 1024):
+        offs = start + tl.arange(0, 1024)
+        seen = tl.load(mask_base + offs.to(tl.int64) * stride_mn, mask=offs < k_len, other=0) != 0
+        first = tl.minimum(first, tl.min(tl.where(seen, offs, k_len), 0))
+        last = tl.maximum(last, tl.max(tl.where(seen, offs + 1, 0), 0))
+    return (first // BLOCK_N) * BLOCK_N, last
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc, m_i, l_i, q, k_base, v_base, offs_m, mask_base, dmask_base,
     lo, hi, stride_kn, stride_vn, stride_mm, stride_mn, stride_dmm,
@@ -229,7 +249,7 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_om,
     heads, kv_group, q_len, k_len, qk_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_RANGE: tl.constexpr,
     DROPOUT: tl.constexpr, WRITE_KEEP: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -255,6 +275,10 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    lo = 0
+    hi = k_len
+    if KEY_RANGE:
+        lo, hi = _key_range(mask_base, stride_mn, k_len, BLOCK_N)
     if IS_CAUSAL:
         # Key tiles wholly left of this query tile's first row need no causal mask; the tiles up
         # to its last row straddle the diagonal; tiles beyond it are skipped altogether.
@@ -262,14 +286,14 @@ def _attn_fwd_kernel(
         diag_hi = tl.minimum(start_m + BLOCK_M, k_len)
         acc, m_i, l_i = _attn_fwd_inner(
             acc, m_i, l_i, q, k_base, v_base, offs_m, mask_base, keep_base,
-            0, tl.minimum(diag_lo, k_len), stride_kn, stride_vn, stride_mm, stride_mn, k_len,
+            lo, tl.minimum(diag_lo, hi), stride_kn, stride_vn, stride_mm, stride_mn, k_len,
             q_len, k_len, qk_scale, seed, bh, dropout_p,
             HAS_MASK, MASK_IS_BOOL, False, DROPOUT, WRITE_KEEP, FP32_DOT,
             BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
         acc, m_i, l_i = _attn_fwd_inner(
             acc, m_i, l_i, q, k_base, v_base, offs_m, mask_base, keep_base,
-            diag_lo, diag_hi, stride_kn, stride_vn, stride_mm, stride_mn, k_len,
+            tl.maximum(diag_lo, lo), tl.minimum(diag_hi, hi), stride_kn, stride_vn, stride_mm, stride_mn, k_len,
             q_len, k_len, qk_scale, seed, bh, dropout_p,
             HAS_MASK, MASK_IS_BOOL, True, DROPOUT, WRITE_KEEP, FP32_DOT,
             BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
@@ -277,7 +301,7 @@ def _attn_fwd_kernel(
     else:
         acc, m_i, l_i = _attn_fwd_inner(
             acc, m_i, l_i, q, k_base, v_base, offs_m, mask_base, keep_base,
-            0, k_len, stride_kn, stride_vn, stride_mm, stride_mn, k_len,
+            lo, hi, stride_kn, stride_vn, stride_mm, stride_mn, k_len,
             q_len, k_len, qk_scale, seed, bh, dropout_p,
             HAS_MASK, MASK_IS_BOOL, False, DROPOUT, WRITE_KEEP, FP32_DOT,
             BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
@@ -427,7 +451,7 @@ def _attn_bwd_stats_kernel(
     stride_dob, stride_doh, stride_dom,
     heads, kv_group, q_len, k_len, qk_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_RANGE: tl.constexpr,
     DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -442,22 +466,27 @@ def _attn_bwd_stats_kernel(
     k_base = k_ptr + b * stride_kb + (h // kv_group) * stride_kh
     v_base = v_ptr + b * stride_vb + (h // kv_group) * stride_vh
     mask_base = mask_ptr + b * stride_mb + h * stride_mh
+    lo = 0
+    hi = k_len
+    if KEY_RANGE:
+        lo, hi = _key_range(mask_base, stride_mn, k_len, BLOCK_N)
     if IS_CAUSAL:
         diag_lo = (start_m // BLOCK_N) * BLOCK_N
         diag_hi = tl.minimum(start_m + BLOCK_M, k_len)
         p_sum, pdp_sum = _attn_bwd_stats_inner(
-            p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base, 0, tl.minimum(diag_lo, k_len),
+            p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base, lo, tl.minimum(diag_lo, hi),
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
             HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
         p_sum, pdp_sum = _attn_bwd_stats_inner(
-            p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base, diag_lo, diag_hi,
+            p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base,
+            tl.maximum(diag_lo, lo), tl.minimum(diag_hi, hi),
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
             HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     else:
         p_sum, pdp_sum = _attn_bwd_stats_inner(
-            p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base, 0, k_len,
+            p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base, lo, hi,
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
             HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
@@ -541,7 +570,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     heads, kv_heads, kv_group, kv_splits, q_len, k_len, qk_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_RANGE: tl.constexpr,
     DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -587,20 +616,27 @@ def _attn_bwd_dkdv_kernel(
         stats_base = stats_ptr + bh * 2 * q_len
         corr_base = corr_ptr + bh * q_len
         delta_base = delta_ptr + bh * q_len
+        straddle_end = straddle_hi
+        q_end = q_len
+        if KEY_RANGE:  # a key tile the head's (query-independent) mask hides wholly gets nothing: skipped
+            seen = tl.load(mask_base + offs_n.to(tl.int64) * stride_mn, mask=in_keys, other=0) != 0
+            any_seen = tl.max(seen.to(tl.int32), 0) > 0
+            straddle_end = tl.where(any_seen, straddle_hi, lo)
+            q_end = tl.where(any_seen, q_len, 0)
         if IS_CAUSAL:
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, lo, straddle_hi,
+                dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, lo, straddle_end,
                 stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
                 HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
             )
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, full_lo, q_len,
+                dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, full_lo, q_end,
                 stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
                 HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
             )
         else:
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, 0, q_len,
+                dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, 0, q_end,
                 stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
                 HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
             )
@@ -625,7 +661,7 @@ def _attn_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm,
     heads, kv_group, q_len, k_len, qk_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_RANGE: tl.constexpr,
     DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
     WRITE_DSCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -641,22 +677,28 @@ def _attn_bwd_dq_kernel(
     v_base = v_ptr + b * stride_vb + (h // kv_group) * stride_vh
     mask_base = mask_ptr + b * stride_mb + h * stride_mh
     dscores_base = dscores_ptr + bh * q_len * k_len
+    lo = 0
+    hi = k_len
+    if KEY_RANGE:
+        lo, hi = _key_range(mask_base, stride_mn, k_len, BLOCK_N)
     if IS_CAUSAL:
         diag_lo = (start_m // BLOCK_N) * BLOCK_N
         diag_hi = tl.minimum(start_m + BLOCK_M, k_len)
         dq = _attn_bwd_dq_inner(
-            dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, 0, tl.minimum(diag_lo, k_len),
+            dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base,
+            lo, tl.minimum(diag_lo, hi),
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
             HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
         dq = _attn_bwd_dq_inner(
-            dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, diag_lo, diag_hi,
+            dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base,
+            tl.maximum(diag_lo, lo), tl.minimum(diag_hi, hi),
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
             HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     else:
         dq = _attn_bwd_dq_inner(
-            dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, 0, k_len,
+            dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, lo, hi,
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
             HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
@@ -723,9 +765,11 @@ def _mask_args(mask: torch.Tensor | None, like: torch.Tensor):
 
 
 def _common_meta(q: torch.Tensor, v: torch.Tensor, mask, is_causal: bool, dropout_p: float) -> dict:
+    # KEY_RANGE (_key_range): a boolean mask the same for every query of a head, e.g. a key padding mask.
+    key_range = mask is not None and mask.dtype == torch.bool and (mask.stride(2) == 0 or mask.shape[2] == 1)
     return dict(
         HEAD_DIM=q.shape[-1], HEAD_DIM_V=v.shape[-1], BLOCK_D=_block_dim(q.shape[-1]), BLOCK_DV=_block_dim(v.shape[-1]),
-        IS_CAUSAL=is_causal, HAS_MASK=mask is not None, DROPOUT=dropout_p > 0.0,
+        IS_CAUSAL=is_causal, HAS_MASK=mask is not None, KEY_RANGE=key_range, DROPOUT=dropout_p > 0.0,
         FP32_DOT=q.dtype == torch.float32, Q_BUCKET=size_bucket(q.shape[2], 4096),
         K_BUCKET=size_bucket(v.shape[2], 4096),
     )
