@@ -25,13 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import fused_attn
-from fused_attn.bench import harness
+if __package__ in (None, ""):  # run as a script: the package may be built in place in the repository, not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import fused_attn  # noqa: E402
+from fused_attn.bench import harness  # noqa: E402
 
 
 def cases(grad: bool, device: torch.device, dtype: torch.dtype) -> dict[str, tuple[Callable[..., object],

@@ -376,6 +376,9 @@ def test_bench_model_suite_plain_optimized_compiled(tmp_path, capsys):
     (["bench", "--suite", "attention", "--device", "cpu", "--kv-heads", "5"],
      "--kv-heads 5 must divide the attention heads, 12 (the default; --heads sets them)"),
     (["bench", "--suite", "attention", "--heads", "4", "--kv-heads", "3"], "--kv-heads 3 must divide the attention heads, 4"),
+    (["bench", "--suite", "attention", "--padding", "1"], "--padding: expected a fraction of the keys in [0, 1), got 1"),
+    (["bench", "--suite", "attention", "--padding", "half"],
+     "--padding: expected a fraction of the keys in [0, 1), got 'half'"),
     (["bench", "--plot", "bench.notanext"], "expected a file name ending in .png, .svg, .pdf"),
     (["profile-memory", "--json", "/nonexistent-folder/p.json"], "folder /nonexistent-folder does not exist"),
     (["profile-memory", "--plot", "/tmp"], "/tmp: is a directory"),
@@ -535,6 +538,33 @@ def test_host_time_script_writes_its_records(tmp_path):
     assert all(r["entry_us"] > 0 and r["python_us"] > 0 and r["torch_us"] > 0 for r in records)
 
 
+@pytest.mark.parametrize("how", ["module", "script"])
+def test_host_time_runs_where_the_package_is_built_in_place_not_installed(tmp_path, how):
+    """gpu-check's host-time stage on a machine where the package is built in the repository, not
+    installed: a Python that reads no site .pth files (so no editable install), torch from its
+    site-packages on PYTHONPATH."""
+    import site
+
+    from benchmarks import gpu_check
+
+    python = tmp_path / "bare-python"
+    python.write_text(f'#!/bin/sh\nPYTHONPATH={os.pathsep.join(site.getsitepackages())} exec {sys.executable} -S "$@"\n')
+    python.chmod(0o755)
+    root = Path(__file__).resolve().parent.parent
+    probe = subprocess.run([str(python), "-c", "import fused_attn"], cwd=tmp_path, capture_output=True, text=True)
+    assert probe.returncode != 0 and "No module named 'fused_attn'" in probe.stderr  # not installed for it
+    if how == "module":
+        result = gpu_check.run_host_time(str(python), tmp_path, timeout=300, device="cpu", calls=2, repeats=1)
+        assert "failed" not in result, result.get("failed")
+        records = result["records"]
+    else:
+        path = tmp_path / "host.json"
+        subprocess.run([str(python), str(root / "benchmarks" / "host_time.py"), "--calls", "2", "--repeats", "1",
+                        "--json", str(path)], cwd=tmp_path, check=True, capture_output=True, text=True)
+        records = json.loads(path.read_text())
+    assert len(records) == (14 if how == "module" else 7)
+
+
 def test_gpu_check_stage_runner_interrupts_and_keeps_partial_output():
     from benchmarks import gpu_check
 
@@ -585,6 +615,37 @@ def test_sanitizer_workload_runs_on_the_cpu_backend(capsys):
     assert head in gpu_check.SANITIZER_SCRIPT
     exec(gpu_check.SANITIZER_SCRIPT.replace(head, 'DEVICE, BACKEND = "cpu", "cpu"'), {})
     assert "sanitizer workload done" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("outputs, expected", [
+    ({"memcheck": (0, "========= ERROR SUMMARY: 0 errors"), "racecheck": (1, "========= ERROR SUMMARY: 3 errors")},
+     ["- memcheck: clean ERROR SUMMARY: 0 errors", "- racecheck: FAILED (exit code 1) ERROR SUMMARY: 3 errors"]),
+    ({"memcheck": (1, "========= Error: Device not supported\n========= Target application returned an error")},
+     ["skipped: compute-sanitizer refused the device: ========= Error: Device not supported"]),
+    ({"memcheck": (0, "========= ERROR SUMMARY: 0 errors"), "racecheck": (255, "fatal: cannot start\n\n")},
+     ["- memcheck: clean", "- racecheck: FAILED (exit code 255) fatal: cannot start"]),
+])
+def test_sanitizer_outcomes_in_the_report(outputs, expected, monkeypatch, tmp_path):
+    """Each check's verdict reaches the report; a tool that refuses the device is a skip with its
+    line (the other check is not tried), and a failure without a summary shows the tool's last line."""
+    from benchmarks import gpu_check
+
+    tool = tmp_path / "compute-sanitizer"
+    tool.write_text("")
+    calls = []
+
+    def fake_run(cmd, timeout, env=None):
+        calls.append(cmd[2])
+        return outputs[cmd[2]]
+
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: str(tool))
+    monkeypatch.setattr(gpu_check, "_run", fake_run)
+    result = gpu_check.run_sanitizer(sys.executable, gpu_check.Budget(None))
+    assert calls == list(outputs)
+    md = gpu_check.render_markdown({"gpu": "H200", "date": "today", "torch": "2", "torch_cuda": "13", "triton": "3",
+                                    "fused_attn": "0"}, {"skipped_run": True, "failed_tests": []}, [], result, {}, {})
+    for line in expected:
+        assert line in md
 
 
 def test_bench_survives_a_case_that_does_not_fit_in_memory(tmp_path, capsys, monkeypatch):
@@ -671,6 +732,30 @@ def test_attention_baseline_is_the_plain_eager_form(causal, kv_heads):
     for name in ("torch", "reference", "cpu"):
         if name in case.impls:
             torch.testing.assert_close(case.impls[name](), expected, msg=name)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_with_padding_computes_the_same_attention_everywhere(causal):
+    """--padding: every implementation gets the same [B, 1, 1, L] key padding mask (torch's SDPA the
+    mask and causality combined, as it takes no mask with is_causal); the eager form is the check,
+    and differs from the unpadded case's. Kernels whose calls here take no mask are skipped."""
+    cases = []
+    for padding in (0.3, None):
+        torch.manual_seed(0)
+        settings = _settings("fwd", batch=2, heads=2, head_dim=8, seqs=[10], causal=[causal], padding=padding)
+        cases.append(next(suites.attention_cases(settings)))
+    padded, full = cases
+    assert padded.shape["padding"] == 0.3 and "padding" not in full.shape
+    assert padded.skipped["torch-flash"] == "PyTorch's FlashAttention backend takes no mask"
+    expected = padded.impls["eager"]()
+    assert not torch.allclose(expected, full.impls["eager"]())
+    for name in ("torch", "reference", "cpu"):
+        if name in padded.impls:
+            torch.testing.assert_close(padded.impls[name](), expected, msg=name)
+    training = next(suites.attention_cases(_settings("fwd+bwd", batch=2, heads=2, head_dim=8, seqs=[10],
+                                                     causal=[causal], padding=0.3)))
+    for name in ("eager", "torch", "cpu"):
+        training.impls[name]()  # the backward runs through the mask
 
 
 def test_fwd_bwd_calls_do_not_accumulate_into_grad():
@@ -791,11 +876,10 @@ def test_default_cpu_run_says_compiled_is_left_out(tmp_path, capsys):
      [f"note: {flag} has no effect on suite layer_norm (it takes --rows, --hidden and --backends)"
       for flag in ("--batch", "--seq", "--causal", "--layers")]),
     (["--suite", "attention", "--hidden", "16", "--rows", "8", "--seq", "8", "--causal", "false"],
-     ["note: --rows has no effect on suite attention (it takes --batch, --heads, --kv-heads, --head-dim, --seq, --causal and "
-      "--backends)", "note: --hidden has no effect on suite attention (it takes --batch, --heads, --kv-heads, --head-dim, --seq, "
-      "--causal and --backends)"]),
+     [f"note: {flag} has no effect on suite attention (it takes --batch, --heads, --kv-heads, --head-dim, --seq, "
+      "--causal, --padding and --backends)" for flag in ("--rows", "--hidden")]),
     (["--suite", "model", "--backends", "cpu", "--heads", "2", "--head-dim", "8", "--hidden", "16", "--seq", "8"],
-     [f"note: {flag} has no effect on suite model (it takes --models, --layers, --batch and --seq)"
+     [f"note: {flag} has no effect on suite model (it takes --models, --layers, --batch, --seq and --padding)"
       for flag in ("--heads", "--head-dim", "--backends", "--hidden")]),
     (["--suite", "softmax", "--models", "bert-tiny", "--head-dim", "8", "--kv-heads", "5"],
      [f"note: {flag} has no effect on suite softmax (it takes --batch, --heads, --seq and --backends)"
@@ -1074,6 +1158,23 @@ def test_the_workload_estimate_is_a_lower_bound():
     assert estimate["parameters"] == 3 * params + 2 * buffers  # two models and one model's gradients
     profile = memory.profile_model(w.model.train(), w.step, CPU, training=True)
     assert 0 < estimate["activations"] <= profile.forward_peak_bytes
+
+
+@pytest.mark.parametrize("padding, kept", [(None, [16, 14, 16]), (0.0, [16, 16, 16]), (0.5, [8, 8, 8]),
+                                           (0.99, [1, 1, 1])])
+def test_model_suite_padding(padding, kept, monkeypatch):
+    """--padding for the model suite: every sequence's last fraction is padding (one token kept at
+    least); without it the last eighth of every other sequence. The case's shape says it."""
+    from fused_attn.bench import workloads
+
+    masks = []
+    real = workloads._padding_mask
+    monkeypatch.setattr(workloads, "_padding_mask", lambda *a: masks.append(real(*a)) or masks[-1])
+    settings = _settings("fwd", models=["bert-tiny"], batch=3, seqs=[16], layers=1, padding=padding)
+    case = next(suites.model_cases(settings))
+    assert case.shape.get("padding") == padding
+    assert masks[0].sum(1).tolist() == kept
+    case.impls["optimized"]()
 
 
 def test_transformer_layers_are_per_stack():

@@ -51,6 +51,7 @@ class Settings:
     batch: int | None = None
     heads: int | None = None
     kv_heads: int | None = None  # attention: key/value heads (grouped-query), a divisor of heads
+    padding: float | None = None  # attention, model: the fraction of each sequence that is padding
     head_dim: int | None = None
     seqs: list[int] | None = None
     rows: int | None = None
@@ -275,11 +276,11 @@ def _torch_flash(q, k, v, causal) -> Callable[[], torch.Tensor] | str:
     return run
 
 
-def _grouped_reference(q, k, v, is_causal):
+def _grouped_reference(q, k, v, is_causal, mask=None):
     """The reference for grouped key/value heads: repeated to the query's, then the plain attention."""
     heads = q.shape[1]
     return fused_attn.reference.scaled_dot_product_attention(q, repeat_kv_heads(k, heads), repeat_kv_heads(v, heads),
-                                                             is_causal=is_causal)
+                                                             mask, is_causal=is_causal)
 
 
 def attention_heads(s: Settings) -> int:
@@ -296,7 +297,8 @@ def attention_shapes(s: Settings) -> list[dict]:
         raise ValueError(f"kv_heads {kv_heads} must divide heads {heads}")
     return [
         {"batch": s.batch or max(1, ATTENTION_TOKENS[s.device.type] // seq), "heads": heads,
-         **({"kv_heads": kv_heads} if kv_heads != heads else {}), "seq": seq, "head_dim": head_dim, "causal": causal}
+         **({"kv_heads": kv_heads} if kv_heads != heads else {}), "seq": seq, "head_dim": head_dim, "causal": causal,
+         **({"padding": s.padding} if s.padding else {})}
         for causal in s.causal or [False, True]
         for seq in s.seqs or ATTENTION_SEQS[s.device.type]
     ]
@@ -319,6 +321,14 @@ def attention_cases(s: Settings) -> Iterator[Case]:
         grad = torch.randn_like(q) if training else None
         # What a user writes: the causal mask is made once, outside the timed call.
         future = torch.ones(seq, seq, dtype=torch.bool, device=s.device).triu(1) if causal else None
+        # --padding: every sequence's last keys are padding, hidden by a [B, 1, 1, L] boolean mask
+        # (True = attend), as a tokenizer's attention mask gives it; torch's SDPA takes no mask
+        # with is_causal, so it gets the two combined (also made once).
+        mask = sdpa_mask = None
+        if shape.get("padding"):
+            mask = torch.ones(batch, 1, 1, seq, dtype=torch.bool, device=s.device)
+            mask[..., max(1, seq - round(shape["padding"] * seq)):] = False
+            sdpa_mask = mask & ~future if causal else mask
         flops = harness.attention_flops(batch, heads, seq, seq, head_dim, causal=causal, mode=s.mode)
         inputs = backends.Inputs(
             s.device, s.dtype, {"head_dim": head_dim, "head_dim_v": head_dim, "dropout": False, "q_len": seq, "k_len": seq}
@@ -329,23 +339,30 @@ def attention_cases(s: Settings) -> Iterator[Case]:
             scores = q @ repeat_kv_heads(k, heads).transpose(-2, -1) * scale
             if future is not None:
                 scores = scores.masked_fill(future, float("-inf"))
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
             return torch.softmax(scores, -1) @ repeat_kv_heads(v, heads)
 
         impls: dict[str, Callable[[], object]] = {
             "eager": _runner(eager, grad),
-            "torch": _runner(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa), grad),
-            "reference": _runner(lambda: _grouped_reference(q, k, v, causal), grad),
+            "torch": _runner(lambda: F.scaled_dot_product_attention(
+                q, k, v, sdpa_mask, is_causal=causal and mask is None, enable_gqa=gqa), grad),
+            "reference": _runner(lambda: _grouped_reference(q, k, v, causal, mask), grad),
         }
-        compiled = _compiled(s, _grouped_reference, q, k, v, causal)
-        flash = _torch_flash(q, k, v, causal)
+        compiled = _compiled(s, _grouped_reference, q, k, v, causal, mask)
+        flash = _torch_flash(q, k, v, causal) if mask is None else "PyTorch's FlashAttention backend takes no mask"
         _add_optional(impls, skipped, grad, [("torch-flash", flash), ("compiled", compiled)])
         impls.update(_fused_runners(
             "scaled_dot_product_attention", names, grad,
             lambda backend: fused_attn.scaled_dot_product_attention(
-                q, k, v, is_causal=causal, enable_gqa=gqa, backend=backend
+                q, k, v, mask, is_causal=causal, enable_gqa=gqa, backend=backend
             ),
         ))
-        _add_optional(impls, skipped, grad, third_party.attention(q, k, v, causal))
+        others = third_party.attention(q, k, v, causal)
+        if mask is not None:  # their dense calls take no mask (flash-attn's padded batches go through varlen)
+            others = [(name, fn if isinstance(fn, str) else "--padding: its call here takes no mask")
+                      for name, fn in others]
+        _add_optional(impls, skipped, grad, others)
         return Case("attention", shape, s.dtype, s.mode, impls, skipped, flops=flops, baseline="eager")
 
     return _cases(attention_shapes(s), build)
@@ -508,7 +525,8 @@ def model_shapes(s: Settings) -> list[dict]:
     """One per (model, seq): ``layers`` None for the model's own count (filled in once it is built;
     the Transformer's is per stack, encoder and decoder each)."""
     defaults = [(m, None, 8, 256) for m in s.models] if s.models else MODEL_SHAPES[s.device.type]
-    return [{"model": name, "layers": s.layers or layers, "batch": s.batch or batch, "seq": seq}
+    return [{"model": name, "layers": s.layers or layers, "batch": s.batch or batch, "seq": seq,
+             **({"padding": s.padding} if s.padding is not None else {})}
             for name, layers, batch, default_seq in defaults for seq in s.seqs or [default_seq]]
 
 
@@ -523,7 +541,7 @@ def model_cases(s: Settings) -> Iterator[Case]:
     def build(shape: dict) -> Case:
         try:
             w = workloads.build(shape["model"], batch=shape["batch"], seq=shape["seq"], layers=shape["layers"],
-                                device=s.device, dtype=s.dtype, training=training)
+                                device=s.device, dtype=s.dtype, training=training, padding=shape.get("padding"))
         except workloads.WorkloadUnavailable as exc:
             names = ["plain", "optimized"] + (["compiled"] if s.compile or s.compile_skipped else [])
             return Case("model", shape, s.dtype, s.mode, {}, {impl: str(exc) for impl in names}, baseline="plain")

@@ -145,19 +145,24 @@ def check_fits(name: str, *, batch: int, seq: int, layers: int | None = None, de
                                f"more than the {size_text(available)} available on {torch.device(device).type}")
 
 
-def _padding_mask(batch: int, seq: int, device: torch.device) -> torch.Tensor:
-    """1 = token, 0 = padding: every other sequence has its last eighth padded."""
+def _padding_mask(batch: int, seq: int, device: torch.device, padding: float | None = None) -> torch.Tensor:
+    """1 = token, 0 = padding: every other sequence has its last eighth padded; with ``padding``,
+    every sequence its last fraction ``padding`` (at least one token kept)."""
     mask = torch.ones(batch, seq, dtype=torch.long, device=device)
-    mask[1::2, seq - seq // 8:] = 0
+    if padding is None:
+        mask[1::2, seq - seq // 8:] = 0
+    else:
+        mask[:, max(1, seq - round(padding * seq)):] = 0
     return mask
 
 
 def build(
     name: str, *, batch: int, seq: int, layers: int | None = None, device: torch.device, dtype: torch.dtype,
-    seed: int = 0, training: bool = False,
+    seed: int = 0, training: bool = False, padding: float | None = None,
 ) -> Workload:
     """The model ``name`` (one of :data:`MODELS`) and its step, on ``device`` in ``dtype``;
-    ``layers`` for the Transformer is its encoder's and its decoder's, each. Refused
+    ``layers`` for the Transformer is its encoder's and its decoder's, each; ``padding`` the
+    fraction of every sequence that is padding (default: the last eighth of every other). Refused
     (:class:`WorkloadTooLarge`) when it cannot fit (:func:`check_fits`; ``training`` for a
     training step)."""
     if name not in MODELS:
@@ -168,7 +173,7 @@ def build(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     device = torch.device(device)
-    mask = _padding_mask(batch, seq, device)
+    mask = _padding_mask(batch, seq, device, padding)
     config = _config(name, layers, seq)
     model = _model(name, config)
 
