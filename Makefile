@@ -29,7 +29,7 @@ endif
 
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/include/fused_attn/*)
 
-.PHONY: test bench build venv gpu-check info clean
+.PHONY: test bench build venv gpu-check gpu-prebuild info clean
 
 test: $(VENV)/.built
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
@@ -71,6 +71,28 @@ gpu-check:
 	$(PYTHON) -c '$(STALE_CHECK)' || FUSED_ATTN_WERROR=0 $(PYTHON) setup.py -q build_ext --inplace
 	$(PYTHON) -m fused_attn info
 	$(PYTHON) benchmarks/gpu_check.py --python $(PYTHON) $(GPU_CHECK_ARGS)
+
+# gpu-prebuild: the extension built here for a GPU machine's Python and torch, so that
+# `make gpu-check` there finds it current and spends none of its time building: a virtualenv of
+# GPU_PYTHON with GPU_TORCH (a CUDA build from the registry, several GB), then the extension built
+# in place for GPU_ARCH alone. The Python tag is part of the files' names
+# (_C.cpython-312-*.so, _build_info.cpython-312.json), so this build sits beside the local one;
+# a GPU_PYTHON of the local venv's version is refused, since it would replace the local build.
+GPU_PYTHON ?= python3.12
+GPU_TORCH ?= torch==2.11.0
+GPU_ARCH ?= 9.0
+GPU_VENV ?= .venv-gpu
+GPU_PY := $(GPU_VENV)/bin/python
+TAG := import sys; print(sys.implementation.cache_tag)
+
+gpu-prebuild:
+	test -x $(GPU_PY) || $(GPU_PYTHON) -m venv $(GPU_VENV)
+	@if [ -x $(PY) ] && [ "$$($(PY) -c '$(TAG)')" = "$$($(GPU_PY) -c '$(TAG)')" ]; then \
+		echo "gpu-prebuild: $(GPU_PYTHON) is the local venv's Python version; its build would replace the local one" >&2; \
+		exit 2; fi
+	$(GPU_PY) -m pip install -q $(GPU_TORCH) ninja pybind11 numpy wheel "setuptools<82"
+	TORCH_CUDA_ARCH_LIST="$(GPU_ARCH)" FUSED_ATTN_WERROR=0 $(GPU_PY) setup.py -q build_ext --inplace
+	$(GPU_PY) -c 'from fused_attn import _extension as e; print("built for the GPU machine:", e.stale_reason() or "current")'
 
 clean:
 	rm -rf build *.egg-info fused_attn/_C*.so fused_attn/_build_info*.json $(VENV)/.built $(VENV)/.installed

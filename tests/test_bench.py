@@ -548,7 +548,8 @@ def test_host_time_runs_where_the_package_is_built_in_place_not_installed(tmp_pa
     from benchmarks import gpu_check
 
     python = tmp_path / "bare-python"
-    python.write_text(f'#!/bin/sh\nPYTHONPATH={os.pathsep.join(site.getsitepackages())} exec {sys.executable} -S "$@"\n')
+    paths = os.pathsep.join(site.getsitepackages())
+    python.write_text(f'#!/bin/sh\nPYTHONPATH={paths} exec {sys.executable} -S "$@"\n')
     python.chmod(0o755)
     root = Path(__file__).resolve().parent.parent
     probe = subprocess.run([str(python), "-c", "import fused_attn"], cwd=tmp_path, capture_output=True, text=True)

@@ -237,6 +237,46 @@ def test_hf_attention_moves_no_activation():
     assert not [op for op in recorder.ops if op in ("clone", "copy_")], recorder.ops
 
 
+def test_hf_mask_the_same_for_every_query_reaches_the_kernels_as_one_row_per_sequence(monkeypatch):
+    """transformers builds BERT's padding mask as a whole [B, 1, L, L] tensor; the fused attention's
+    mask function hands it on broadcast over the queries (stride 0), one row per sequence, with the
+    same values, so the kernels read B x L mask values and walk only the keys it leaves. Masks whose
+    rows differ (causal + padding) are handed on as built."""
+    transformers, config = _hf_config()
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        bidirectional_mask_function,
+        causal_mask_function,
+        sdpa_mask,
+    )
+
+    from fused_attn.integrations import hf
+
+    plain = transformers.BertModel(config).eval()
+    fused_model = copy.deepcopy(plain)
+    fused_attn.optimize(fused_model, backend="triton")  # its kernels skip the padded key tiles of such a mask
+    masks = []
+
+    def spy(*args, **kwargs):
+        masks.append(args[3])
+        return fused_attn.scaled_dot_product_attention(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "scaled_dot_product_attention", spy)
+    ids, pad = _batch()
+    assert_model_parity(plain, fused_model, lambda model: model(input_ids=ids, attention_mask=pad).last_hidden_state)
+    assert masks and all(m.shape == (2, 1, 12, 12) and m.stride(2) == 0 for m in masks)
+    assert torch.equal(masks[0], pad.bool()[:, None, None, :].expand(2, 1, 12, 12))
+    assert fused_attn.last_backend("scaled_dot_product_attention") == "triton"
+
+    build = ALL_MASK_ATTENTION_FUNCTIONS[hf.ATTENTION_NAME]
+    for function, broadcast in ((bidirectional_mask_function, True), (causal_mask_function, False)):
+        kwargs = dict(batch_size=2, q_length=12, kv_length=12, mask_function=function, attention_mask=pad.bool(),
+                      allow_is_causal_skip=False)
+        got, want = build(**kwargs), sdpa_mask(**kwargs)
+        assert torch.equal(got, want) and (got.stride(2) == 0) == broadcast
+    assert build(batch_size=2, q_length=12, kv_length=12, mask_function=causal_mask_function) is None
+
+
 def test_hf_bert_restore():
     transformers, config = _hf_config()
     model = transformers.BertModel(config).eval()

@@ -43,9 +43,11 @@ returns them. :func:`register_attention` lets a model select the fused attention
 from __future__ import annotations
 
 import dis
+import functools
 import inspect
 import sys
 import types
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -448,8 +450,30 @@ def _register() -> str | None:
     except ImportError as error:
         return f"this transformers has no attention and mask function interfaces ({error})"
     AttentionInterface.register(ATTENTION_NAME, fused_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTENTION_NAME, _query_broadcast(sdpa_mask))
     return None
+
+
+def _query_broadcast(mask_function: Callable) -> Callable:
+    """sdpa's mask function, but a boolean mask that is the same for every query (an encoder's
+    padding mask, which transformers builds as a whole [B, 1, Lq, Lk] tensor) comes out as one
+    row per sequence broadcast over the queries (stride 0): the kernels read the mask through its
+    strides, so they read Lk values per sequence instead of Lq x Lk, and the triton kernels walk
+    only the key tiles the row leaves (as for a [B, 1, 1, Lk] padding mask). Masks whose rows
+    differ (causal, sliding window, packed sequences) are returned as built. One comparison of the
+    built mask per forward (transformers builds it once for all layers), skipped under tracing."""
+
+    @functools.wraps(mask_function)
+    def build(*args, **kwargs):
+        mask = mask_function(*args, **kwargs)
+        if (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[2] > 1
+                and mask.stride(2) != 0 and not torch.compiler.is_compiling()):
+            first = mask[:, :, :1]
+            if torch.equal(mask, first.expand_as(mask)):
+                return first.expand_as(mask)
+        return mask
+
+    return build
 
 
 class _Registration:
