@@ -117,6 +117,17 @@ def check_tensor_parity(
     factor: float, problem_scale: float,
 ) -> ParityReport:
     """One tensor's parity (see the module docstring); returns its report, raises AssertionError."""
+    report = tensor_errors(name, value, plain_value, true_value, factor=factor, problem_scale=problem_scale)
+    assert report.fused_err <= report.bound, str(report)
+    return report
+
+
+def tensor_errors(
+    name: str, value: torch.Tensor, plain_value: torch.Tensor, true_value: torch.Tensor, *,
+    factor: float, problem_scale: float,
+) -> ParityReport:
+    """:func:`check_tensor_parity`'s report without its final judgment (where the plain
+    implementation overflows, the fused one is judged here already)."""
     value, plain_value, true_value = value.detach(), plain_value.detach(), true_value.detach().double()
     eps = torch.finfo(value.dtype).eps
     own = _magnitude(true_value)
@@ -133,9 +144,7 @@ def check_tensor_parity(
         # The rest is judged against what the plain implementation does where it works.
         value, plain_value = (torch.where(plain_broken, true_value, t.double()) for t in (value, plain_value))
     fused_err, plain_err = _max_err(value, true_value), _max_err(plain_value, true_value)
-    report = ParityReport(name, fused_err, plain_err, factor * plain_err + floor)
-    assert fused_err <= report.bound, str(report)
-    return report
+    return ParityReport(name, fused_err, plain_err, factor * plain_err + floor)
 
 
 def assert_parity(
@@ -265,13 +274,55 @@ def assert_float32_parameters_unrounded(
         assert err <= 1e-5 * scale, f"grad {name} is off the truth by {err:.3g} (scale {scale:.3g}): not a float32 sum"
 
 
-def assert_model_parity(plain, fused, run, *, factor: float = 3.0, truth=None, grads: bool = True) -> None:
+def assert_model_parity(plain, fused, run, *, factor: float = 3.0, truth=None, grads: bool = True,
+                        draws: int = 1) -> None:
     """Whole-model parity: output and every parameter gradient of ``fused`` against a float64
     copy of ``plain`` (the truth), within ``factor`` x the error ``plain`` itself makes (plus one
     ulp at the tensor's scale, as :func:`assert_parity`). ``run(model)`` returns the output
     tensor; the loss is its squared sum. ``truth``: the float64 model, where a copy of ``plain``
     would not compute what ``plain`` does; ``grads=False``: the output alone, run under no_grad
-    (where inference is what is tested)."""
+    (where inference is what is tested).
+
+    ``draws``: how many problems are judged together: the given one and ``draws - 1`` more, made
+    by multiplying every parameter of both models by the same random factors 1 + 1e-6 N(0, 1)
+    (the truth computed afresh for each); each tensor is judged by its largest error over them,
+    fused against plain. Where a gradient comes from a few cancelling terms (small random models),
+    the plain implementation's error on one problem can be a lucky draw far below its usual one
+    (a decoder's key projection fed by one two-key softmax row: 2.3 ulp, where 30 such draws gave
+    it a median of 6 and a maximum of 21, and the fused model 8.5 and 18), which no other honest
+    order of the sums meets; its largest over a few problems is its error level."""
+    import copy
+
+    if draws > 1 and truth is not None:
+        raise ValueError("draws > 1 computes its own truth for each problem; truth must be None")
+    reports: dict[str, ParityReport] = {}
+    for draw in range(draws):
+        models = (plain, fused)
+        if draw:
+            gen = torch.Generator().manual_seed(draw)
+            noise = {n: 1 + 1e-6 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
+                     for n, p in plain.named_parameters()}
+            models = tuple(_perturbed(copy.deepcopy(m), noise) for m in models)
+        for report in _model_parity_reports(*models, run, factor=factor, truth=truth, grads=grads):
+            seen = reports.get(report.name)
+            reports[report.name] = report if seen is None else ParityReport(
+                report.name, max(seen.fused_err, report.fused_err), max(seen.plain_err, report.plain_err),
+                max(seen.bound, report.bound))
+    for report in reports.values():
+        assert report.fused_err <= report.bound, str(report)
+
+
+def _perturbed(model, noise: dict[str, torch.Tensor]):
+    """``model`` with each parameter multiplied by ``noise`` of its name (in place; returned)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            assert name in noise, f"the fused model has a parameter the plain one has not: {name}"
+            param.mul_(noise[name].to(param.dtype))
+    return model
+
+
+def _model_parity_reports(plain, fused, run, *, factor: float, truth, grads: bool) -> list[ParityReport]:
+    """:func:`assert_model_parity`'s reports of one problem (output first, then each gradient)."""
     import copy
 
     truth_model = copy.deepcopy(plain).double() if truth is None else truth
@@ -285,7 +336,9 @@ def assert_model_parity(plain, fused, run, *, factor: float = 3.0, truth=None, g
         results.append((out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (out64, g64), (out_plain, g_plain), (out_fused, g_fused) = results
     scale = max([1.0, _magnitude(out64)] + [_magnitude(g) for g in g64.values()])
-    check_tensor_parity("output", out_fused, out_plain, out64, factor=factor, problem_scale=scale)
+    reports = [tensor_errors("output", out_fused, out_plain, out64, factor=factor, problem_scale=scale)]
     assert set(g_fused) == set(g_plain), "the fused model's gradients reach other parameters"
     for name, g in g64.items():
-        check_tensor_parity(f"grad {name}", g_fused[name], g_plain[name], g, factor=factor, problem_scale=scale)
+        reports.append(tensor_errors(f"grad {name}", g_fused[name], g_plain[name], g, factor=factor,
+                                     problem_scale=scale))
+    return reports

@@ -4,7 +4,8 @@ heads, kdim/vdim, bias, batch_first, norm_first, activation) and call options (b
 self or cross attention, boolean or float masks of each shape torch takes, causal hints,
 need_weights and per-head weights) that the grids of tests/test_nn.py and tests/test_optimize.py
 do not cross. Output and every parameter gradient against the original in float64
-(tests/conftest.py's assert_model_parity); each failure names its seed and configuration. Every
+(tests/conftest.py's assert_model_parity, over the case and two perturbed copies of it); each
+failure names its seed and configuration. Every
 row keeps at least one key (its first), where torch's modules give NaN and the fused ones 0."""
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ CASES = 32
 # rounded terms, the plain error can be far below one rounding of the result by the luck of
 # cancellation (a one-entry bias gradient 0.03 ulp off), which no other honest order of the sum meets.
 MIN_WIDTH = 16
+# Problems judged together per case (assert_model_parity's draws): the case's own and two with every
+# parameter perturbed by about 1e-6, so that a gradient's plain error is not one lucky draw.
+DRAWS = 3
 # The Triton backend (under the interpreter here) meets the first of the cases.
 TRITON_CASES = 6
 
@@ -81,7 +85,7 @@ def _check(context: str, backend: str, plain: nn.Module, swapped_in: str, run) -
     assert swapped_in in {new for _, _, new in report.replaced}, f"{context}: {report}"
     try:
         with fused_attn.use_backend(backend):
-            assert_model_parity(plain, fused, run)
+            assert_model_parity(plain, fused, run, draws=DRAWS)
     except AssertionError as exc:
         raise AssertionError(f"{context}: {exc}") from None
 
@@ -267,3 +271,23 @@ def test_reference_model_random_configs(model, backend, case):
             return m(src, tgt, src_key_padding_mask=src_pad, tgt_key_padding_mask=tgt_pad).logits
 
     _check(f"seed {seed}: {config}", backend, plain, swapped_in, run)
+
+
+def test_parity_over_draws_still_fails_a_less_accurate_model():
+    """assert_model_parity with draws: a model that computes what the plain one does passes; one
+    whose output carries an error about 100x the plain rounding (1e-5 relative) fails on every
+    draw's largest error; a truth of one's own is refused (each draw needs its own)."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    x = torch.randn(8, 16)
+
+    def run(model):
+        return model(x.to(next(model.parameters()).dtype))
+
+    assert_model_parity(plain, copy.deepcopy(plain), run, draws=3)
+    worse = copy.deepcopy(plain)
+    worse[2].register_forward_hook(lambda module, args, out: out * (1 + 1e-5 * torch.randn(out.shape)).to(out.dtype))
+    with pytest.raises(AssertionError, match="output: fused err"):
+        assert_model_parity(plain, worse, run, draws=3)
+    with pytest.raises(ValueError, match="truth must be None"):
+        assert_model_parity(plain, copy.deepcopy(plain), run, draws=2, truth=copy.deepcopy(plain).double())
