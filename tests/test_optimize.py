@@ -237,44 +237,87 @@ def test_hf_attention_moves_no_activation():
     assert not [op for op in recorder.ops if op in ("clone", "copy_")], recorder.ops
 
 
+def _spy_attention(monkeypatch) -> list:
+    """Records (mask, is_causal) of every call the fused attention function makes to the kernels."""
+    from fused_attn.integrations import hf
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append((args[3], args[5]))
+        return fused_attn.scaled_dot_product_attention(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "scaled_dot_product_attention", spy)
+    return calls
+
+
 def test_hf_mask_the_same_for_every_query_reaches_the_kernels_as_one_row_per_sequence(monkeypatch):
     """transformers builds BERT's padding mask as a whole [B, 1, L, L] tensor; the fused attention's
     mask function hands it on broadcast over the queries (stride 0), one row per sequence, with the
-    same values, so the kernels read B x L mask values and walk only the keys it leaves. Masks whose
-    rows differ (causal + padding) are handed on as built."""
+    same values, so the kernels read B x L mask values and walk only the keys it leaves."""
     transformers, config = _hf_config()
-    from transformers.masking_utils import (
-        ALL_MASK_ATTENTION_FUNCTIONS,
-        bidirectional_mask_function,
-        causal_mask_function,
-        sdpa_mask,
-    )
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, bidirectional_mask_function, sdpa_mask
 
     from fused_attn.integrations import hf
 
     plain = transformers.BertModel(config).eval()
     fused_model = copy.deepcopy(plain)
     fused_attn.optimize(fused_model, backend="triton")  # its kernels skip the padded key tiles of such a mask
-    masks = []
-
-    def spy(*args, **kwargs):
-        masks.append(args[3])
-        return fused_attn.scaled_dot_product_attention(*args, **kwargs)
-
-    monkeypatch.setattr(hf, "scaled_dot_product_attention", spy)
+    calls = _spy_attention(monkeypatch)
     ids, pad = _batch()
     assert_model_parity(plain, fused_model, lambda model: model(input_ids=ids, attention_mask=pad).last_hidden_state)
-    assert masks and all(m.shape == (2, 1, 12, 12) and m.stride(2) == 0 for m in masks)
-    assert torch.equal(masks[0], pad.bool()[:, None, None, :].expand(2, 1, 12, 12))
+    assert calls and all(m.shape == (2, 1, 12, 12) and m.stride(2) == 0 and not causal for m, causal in calls)
+    assert torch.equal(calls[0][0], pad.bool()[:, None, None, :].expand(2, 1, 12, 12))
     assert fused_attn.last_backend("scaled_dot_product_attention") == "triton"
 
     build = ALL_MASK_ATTENTION_FUNCTIONS[hf.ATTENTION_NAME]
-    for function, broadcast in ((bidirectional_mask_function, True), (causal_mask_function, False)):
-        kwargs = dict(batch_size=2, q_length=12, kv_length=12, mask_function=function, attention_mask=pad.bool(),
-                      allow_is_causal_skip=False)
+    kwargs = dict(batch_size=2, q_length=12, kv_length=12, mask_function=bidirectional_mask_function,
+                  attention_mask=pad.bool(), allow_is_causal_skip=False)
+    got, want = build(**kwargs), sdpa_mask(**kwargs)
+    assert torch.equal(got, want) and got.stride(2) == 0
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_hf_decoder_padding_mask_reaches_the_kernels_as_causal_and_one_row(monkeypatch, padding):
+    """A decoder's padded batch: transformers builds causal x padding as a whole [B, 1, L, L] mask;
+    the fused attention gives the kernels is_causal and the padding row instead (the same
+    attention), so they skip the key tiles above the diagonal. Masks that are not of that form
+    (a sliding window, queries offset by a cache) go as built."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        and_masks,
+        causal_mask_function,
+        sdpa_mask,
+        sliding_window_overlay,
+    )
+
+    from fused_attn.integrations import hf
+
+    config = transformers.GPT2Config(vocab_size=120, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    plain = transformers.GPT2Model(config).eval()
+    fused_model = copy.deepcopy(plain)
+    fused_attn.optimize(fused_model)
+    calls = _spy_attention(monkeypatch)
+    ids, pad = _batch()
+    if padding == "left":
+        pad = pad.flip(-1)
+    assert_model_parity(plain, fused_model, lambda model: model(input_ids=ids, attention_mask=pad).last_hidden_state)
+    assert calls and all(causal and m.shape == (2, 1, 12, 12) and m.stride(2) == 0 for m, causal in calls)
+    assert torch.equal(calls[0][0], pad.bool()[:, None, None, :].expand(2, 1, 12, 12))
+
+    build = ALL_MASK_ATTENTION_FUNCTIONS[hf.ATTENTION_NAME]
+    for kwargs in (dict(q_length=12, kv_length=12, mask_function=causal_mask_function),
+                   dict(q_length=12, kv_length=12, mask_function=and_masks(causal_mask_function,
+                                                                           sliding_window_overlay(4))),
+                   dict(q_length=6, kv_length=12, q_offset=6, mask_function=causal_mask_function)):
+        kwargs.update(batch_size=2, attention_mask=pad.bool(), allow_is_causal_skip=False)
         got, want = build(**kwargs), sdpa_mask(**kwargs)
-        assert torch.equal(got, want) and (got.stride(2) == 0) == broadcast
-    assert build(batch_size=2, q_length=12, kv_length=12, mask_function=causal_mask_function) is None
+        assert torch.equal(got, want) and got.stride(2) != 0
+        row = getattr(got, hf._CAUSAL_ROW, None)
+        assert (row is not None) == (kwargs["mask_function"] is causal_mask_function and kwargs["q_length"] == 12)
 
 
 def test_hf_bert_restore():

@@ -101,6 +101,10 @@ def fused_attention_forward(
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal  # sdpa's default
     # As transformers' SDPA path: an explicit mask already carries any causal structure.
     causal = bool(causal and attention_mask is None and query.shape[2] > 1)
+    row = getattr(attention_mask, _CAUSAL_ROW, None)
+    if row is not None and row.shape[2] == query.shape[2] == key.shape[2]:
+        # The mask is causal within one padding row (_compact_masks): the same with is_causal.
+        attention_mask, causal = row, True
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[2] != query.shape[2]:
         attention_mask = attention_mask[:, :, -query.shape[2]:]
     if position_bias is not None:
@@ -450,27 +454,43 @@ def _register() -> str | None:
     except ImportError as error:
         return f"this transformers has no attention and mask function interfaces ({error})"
     AttentionInterface.register(ATTENTION_NAME, fused_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, _query_broadcast(sdpa_mask))
+    AttentionMaskInterface.register(ATTENTION_NAME, _compact_masks(sdpa_mask))
     return None
 
 
-def _query_broadcast(mask_function: Callable) -> Callable:
-    """sdpa's mask function, but a boolean mask that is the same for every query (an encoder's
-    padding mask, which transformers builds as a whole [B, 1, Lq, Lk] tensor) comes out as one
-    row per sequence broadcast over the queries (stride 0): the kernels read the mask through its
-    strides, so they read Lk values per sequence instead of Lq x Lk, and the triton kernels walk
-    only the key tiles the row leaves (as for a [B, 1, 1, Lk] padding mask). Masks whose rows
-    differ (causal, sliding window, packed sequences) are returned as built. One comparison of the
-    built mask per forward (transformers builds it once for all layers), skipped under tracing."""
+# The attribute of a mask built by the fused attention's mask function that is causal (top-left)
+# within one key padding row: that row broadcast over the queries (see _compact_masks).
+_CAUSAL_ROW = "_fused_attn_causal_padding_row"
+
+
+def _compact_masks(mask_function: Callable) -> Callable:
+    """sdpa's mask function, with the two masks transformers builds whole for padded batches handed
+    to the kernels in the form they skip work for. A boolean mask that is the same for every query
+    (an encoder's padding mask, built as a whole [B, 1, Lq, Lk] tensor) comes out as one row per
+    sequence broadcast over the queries (stride 0): the kernels read Lk mask values per sequence
+    instead of Lq x Lk, and the triton kernels walk only the key tiles the row leaves (as for a
+    [B, 1, 1, Lk] padding mask). A mask that is top-left causal within one padding row (a decoder's
+    padded batch, Lq = Lk) is returned as built, carrying that row (attribute ``_CAUSAL_ROW``), which
+    the fused attention takes with ``is_causal`` instead: the kernels then skip the key tiles above
+    the diagonal, as they do without a mask. Other masks (sliding windows, packed sequences, a
+    cache's offset queries) are returned as built. One or two comparisons of the built mask per
+    forward (transformers builds it once for all layers), none under tracing."""
 
     @functools.wraps(mask_function)
     def build(*args, **kwargs):
         mask = mask_function(*args, **kwargs)
-        if (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[2] > 1
-                and mask.stride(2) != 0 and not torch.compiler.is_compiling()):
-            first = mask[:, :, :1]
-            if torch.equal(mask, first.expand_as(mask)):
-                return first.expand_as(mask)
+        if (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[2] < 2
+                or mask.stride(2) == 0 or torch.compiler.is_compiling()):
+            return mask
+        first = mask[:, :, :1]
+        if torch.equal(mask, first.expand_as(mask)):
+            return first.expand_as(mask)
+        q_len, k_len = mask.shape[2:]
+        if q_len == k_len:
+            last = mask[:, :, -1:]
+            causal = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril()
+            if torch.equal(mask, last & causal):
+                setattr(mask, _CAUSAL_ROW, last.expand_as(mask))
         return mask
 
     return build
