@@ -102,8 +102,8 @@ def fused_attention_forward(
     # As transformers' SDPA path: an explicit mask already carries any causal structure.
     causal = bool(causal and attention_mask is None and query.shape[2] > 1)
     row = getattr(attention_mask, _CAUSAL_ROW, None)
-    if row is not None and row.shape[2] == query.shape[2] == key.shape[2]:
-        # The mask is causal within one padding row (_compact_masks): the same with is_causal.
+    if row is not None and query.shape[2] == key.shape[2] == row.shape[-1]:
+        # The mask is causal within one padding row ([B, 1, 1, Lk], _compact_masks): the same with is_causal.
         attention_mask, causal = row, True
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[2] != query.shape[2]:
         attention_mask = attention_mask[:, :, -query.shape[2]:]
@@ -470,11 +470,12 @@ def _compact_masks(mask_function: Callable) -> Callable:
     sequence broadcast over the queries (stride 0): the kernels read Lk mask values per sequence
     instead of Lq x Lk, and the triton kernels walk only the key tiles the row leaves (as for a
     [B, 1, 1, Lk] padding mask). A mask that is top-left causal within one padding row (a decoder's
-    padded batch, Lq = Lk) is returned as built, carrying that row (attribute ``_CAUSAL_ROW``), which
-    the fused attention takes with ``is_causal`` instead: the kernels then skip the key tiles above
-    the diagonal, as they do without a mask. Other masks (sliding windows, packed sequences, a
-    cache's offset queries) are returned as built. One or two comparisons of the built mask per
-    forward (transformers builds it once for all layers), none under tracing."""
+    padded batch, Lq = Lk) is returned as built, carrying a copy of that row ([B, 1, 1, Lk],
+    attribute ``_CAUSAL_ROW``), which the fused attention takes with ``is_causal`` instead: the
+    kernels then skip the key tiles above the diagonal, as they do without a mask. Other masks
+    (sliding windows, packed sequences, a cache's offset queries) are returned as built. One or
+    two comparisons of the built mask per forward (transformers builds it once for all layers),
+    none under tracing."""
 
     @functools.wraps(mask_function)
     def build(*args, **kwargs):
@@ -490,7 +491,8 @@ def _compact_masks(mask_function: Callable) -> Callable:
             last = mask[:, :, -1:]
             causal = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril()
             if torch.equal(mask, last & causal):
-                setattr(mask, _CAUSAL_ROW, last.expand_as(mask))
+                # A copy, not a view: a view would hold the mask it hangs on (a cycle, freed late).
+                setattr(mask, _CAUSAL_ROW, last.clone())
         return mask
 
     return build
