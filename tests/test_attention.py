@@ -839,9 +839,9 @@ def test_cpu_masked_key_ranges(threads, dtype, kind, causal):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["mha", "grouped"])
 def test_padding_masks_that_hide_whole_key_tiles(backend_device, dtype, causal, kv_heads):
-    """Key padding masks (the same for every query) that hide whole key tiles, which the cpu and
-    triton kernels leave out of every pass (KeySpans; _key_range): left and right padding, a
-    sequence that sees no key, grouped key/value heads."""
+    """Key padding masks (the same for every query) that hide whole key tiles, which every kernel
+    leaves out of every pass (cpu KeySpans, triton _key_range, cuda key_span_kernel): left and
+    right padding, a sequence that sees no key, grouped key/value heads."""
     backend, device = backend_device
     if dtype not in supported_dtypes(backend, device, OP):
         pytest.skip(f"{dtype} is not tested on {backend}-{device}")
@@ -873,11 +873,11 @@ def test_padding_mask_ranges_past_the_first_thousand_keys(backend_device):
             {"query": q, "key": k, "value": v, "attn_mask": mask}, grad_args=("query", "key", "value"))
 
 
-@pytest.mark.parametrize("backend_device", [p for p in BACKENDS if p.values[0][0] in ("cpu", "triton")])
+@pytest.mark.parametrize("backend_device", BACKENDS)
 def test_key_tiles_hidden_from_a_whole_sequence_are_not_read(backend_device):
-    """The cpu and triton kernels do not read the key tiles a padding mask hides from every query
-    of a sequence (tiles of up to 128 keys): a NaN in their keys or values reaches neither the
-    output nor a gradient, where a kernel that multiplies it by a zero probability spreads it."""
+    """The kernels do not read the key tiles a padding mask hides from every query of a sequence
+    (tiles of up to 128 keys): a NaN in their keys or values reaches neither the output nor a
+    gradient, where a kernel that multiplies it by a zero probability spreads it."""
     backend, device = backend_device
     q, k, v = _qkv(3, 2, 70, 300, 16, work_dtype(OP, backend, device), device)
     keys = torch.arange(300)

@@ -64,7 +64,11 @@
 // = attend) or any floating dtype (added to the scores). Causal is top-left (query i sees keys j <= i):
 // key tiles past a query tile's last row are never visited (and query tiles before a key tile's first
 // key, in the dK/dV kernel); only the tiles that straddle the diagonal, cross a sequence end, or have a
-// mask pay the per-element pass.
+// mask pay the per-element pass. A bool mask that is the same for every query of a head (a key padding
+// mask, [B, 1, 1, Lk] or [B, H, 1, Lk]) is scanned once per call by key_span_kernel for each head's first
+// and last visible key; the forward and dQ kernels walk only the key tiles between them and the dK/dV
+// kernel's blocks of keys outside them store zeros without loading anything, so a padded batch costs
+// what its sequences' lengths cost (the cpu and triton backends do the same).
 //
 // Grouped-query attention (key/value with fewer heads than query, a divisor of its heads): every
 // kernel reads key/value head h / kv_group for query head h in place. The dK/dV kernel keeps its
@@ -398,6 +402,9 @@ struct AttnParams {
   float scale_log2;  // scale * log2(e)
   bool causal;
   bool vec;  // every row of Q, K, V (and dO) 16-byte aligned: cp.async path
+  // [B * H] of (first key seen, one past the last key seen) of a bool mask that is the same for every
+  // query of a head (key_span_kernel; first >= last: none), or null: the kernels walk only those keys.
+  const int2* key_span;
   bool dropout;
   float dropout_p, inv_keep;
   uint64_t seed;
@@ -511,6 +518,20 @@ __device__ __forceinline__ float kept(const AttnParams& p, int64_t bh, int64_t i
   return philox::keep(p.seed, counter, p.dropout_p) ? 1.f : 0.f;
 }
 
+// The key tiles [t_lo, t_hi) of kN keys a query block of head bh walks, keys below `n_end` (the causal
+// limit or the sequence end): all of them, or those holding a key of the head's span (AttnParams::key_span).
+template <int kN>
+__device__ __forceinline__ int2 key_tiles(const AttnParams& p, int64_t bh, int n_end) {
+  int lo = 0, hi = n_end;
+  if (p.key_span != nullptr) {
+    const int2 span = p.key_span[bh];
+    lo = span.x;
+    hi = min(hi, span.y);
+  }
+  if (lo >= hi) return make_int2(0, 0);
+  return make_int2(lo / kN, (hi + kN - 1) / kN);
+}
+
 // Whether a tile of rows [m0, m0 + bm) of queries x [n0, n0 + bn) of keys needs the per-element pass.
 __device__ __forceinline__ bool tile_needs_mask(const AttnParams& p, int m0, int bm, int n0, int bn) {
   return p.mask.kind != kMaskNone || m0 + bm > p.q_len || n0 + bn > p.k_len || (p.causal && n0 + bn - 1 > m0);
@@ -593,12 +614,14 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
   const uint16_t* vg = p.v + b * p.v_s[0] + (h / p.kv_group) * p.v_s[1];
   const int64_t mask_base = b * p.mask.s0 + h * p.mask.s1;
 
-  const int n_end = p.causal ? min(p.k_len, m0 + kM) : p.k_len;
-  const int n_tiles = (n_end + kN - 1) / kN;
+  const int2 tiles = key_tiles<kN>(p, bh, p.causal ? min(p.k_len, m0 + kM) : p.k_len);
 
-  load_tile<kM, kD, kPitch>(s_q, qg, p.q_s[2], m0, p.q_len, 0, p.d, p.vec);
-  load_tile<kN, kD, kPitch>(s_k, kg, p.k_s[2], 0, p.k_len, 0, p.d, p.vec);
-  load_tile<kN, kOut, kVPitch>(s_v, vg, p.v_s[2], 0, p.k_len, col0, p.dv, p.vec);
+  // With no key tile (a padding mask that hides every key) nothing is loaded: the rows are empty.
+  if (tiles.x < tiles.y) {
+    load_tile<kM, kD, kPitch>(s_q, qg, p.q_s[2], m0, p.q_len, 0, p.d, p.vec);
+    load_tile<kN, kD, kPitch>(s_k, kg, p.k_s[2], tiles.x * kN, p.k_len, 0, p.d, p.vec);
+    load_tile<kN, kOut, kVPitch>(s_v, vg, p.v_s[2], tiles.x * kN, p.k_len, col0, p.dv, p.vec);
+  }
   cp_async_commit();
 
   float o[kOut / 8][4];
@@ -608,10 +631,10 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
   const uint32_t q_addr = smem_addr(s_q + warp * 16 * kPitch);
   const int warp_row0 = m0 + warp * 16;
 
-  for (int t = 0; t < n_tiles; ++t) {
-    const int stage = t & 1;
+  for (int t = tiles.x; t < tiles.y; ++t) {
+    const int stage = (t - tiles.x) & 1;
     const int n0 = t * kN;
-    if (t + 1 < n_tiles) {
+    if (t + 1 < tiles.y) {
       load_tile<kN, kD, kPitch>(s_k + (stage ^ 1) * kN * kPitch, kg, p.k_s[2], n0 + kN, p.k_len, 0, p.d, p.vec);
       load_tile<kN, kOut, kVPitch>(s_v + (stage ^ 1) * kN * kVPitch, vg, p.v_s[2], n0 + kN, p.k_len, col0, p.dv,
                                    p.vec);
@@ -726,11 +749,18 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
   const float* delta = p.delta + bh * p.q_len;
   const float* corr = p.corr + bh * p.q_len;
 
-  // Causal: queries before the block's first key see none of it.
+  // Causal: queries before the block's first key see none of it. Keys outside the head's span
+  // (AttnParams::key_span) are seen by no query.
   const int m_begin = p.causal ? (n0 / kM) * kM : 0;
-  const int m_tiles = m_begin < p.q_len ? (p.q_len - m_begin + kM - 1) / kM : 0;
+  bool seen = m_begin < p.q_len;
+  if (p.key_span != nullptr) {
+    const int2 span = p.key_span[bh];
+    seen = seen && n0 < span.y && n0 + kN > span.x;
+  }
+  const int m_tiles = seen ? (p.q_len - m_begin + kM - 1) / kM : 0;
 
-  // With no query tile (causal, keys past the last query) nothing is loaded and zeros are stored.
+  // With no query tile (causal, keys past the last query; keys no query sees) nothing is loaded and
+  // zeros are stored.
   if (m_tiles > 0) {
     load_tile<kN, kD, kPitch>(s_k, kg, p.k_s[2], n0, p.k_len, 0, p.d, p.vec);
     load_tile<kN, kD, kPitch>(s_v, vg, p.v_s[2], n0, p.k_len, 0, p.dv, p.vec);
@@ -855,13 +885,15 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
   float* dscores =
       (!kStats && p.dscores != nullptr && blockIdx.y == 0) ? p.dscores + bh * p.q_len * p.k_len : nullptr;
 
-  const int n_end = p.causal ? min(p.k_len, m0 + kM) : p.k_len;
-  const int n_tiles = (n_end + kN - 1) / kN;
+  const int2 tiles = key_tiles<kN>(p, bh, p.causal ? min(p.k_len, m0 + kM) : p.k_len);
 
-  load_tile<kM, kD, kPitch>(s_q, qg, p.q_s[2], m0, p.q_len, 0, p.d, p.vec);
-  load_tile<kM, kD, kPitch>(s_do, dog, p.do_s[2], m0, p.q_len, 0, p.dv, p.vec);
-  load_tile<kN, kD, kPitch>(s_k, kg, p.k_s[2], 0, p.k_len, 0, p.d, p.vec);
-  load_tile<kN, kD, kPitch>(s_v, vg, p.v_s[2], 0, p.k_len, 0, p.dv, p.vec);
+  // With no key tile nothing is loaded: dQ is 0, corr and delta 0 (and grad_scores keeps its zeros).
+  if (tiles.x < tiles.y) {
+    load_tile<kM, kD, kPitch>(s_q, qg, p.q_s[2], m0, p.q_len, 0, p.d, p.vec);
+    load_tile<kM, kD, kPitch>(s_do, dog, p.do_s[2], m0, p.q_len, 0, p.dv, p.vec);
+    load_tile<kN, kD, kPitch>(s_k, kg, p.k_s[2], tiles.x * kN, p.k_len, 0, p.d, p.vec);
+    load_tile<kN, kD, kPitch>(s_v, vg, p.v_s[2], tiles.x * kN, p.k_len, 0, p.dv, p.vec);
+  }
   cp_async_commit();
 
   const int warp_row0 = m0 + warp * 16;
@@ -882,10 +914,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
   const uint32_t q_addr = smem_addr(s_q + warp * 16 * kPitch);
   const uint32_t do_addr = smem_addr(s_do + warp * 16 * kPitch);
 
-  for (int t = 0; t < n_tiles; ++t) {
-    const int stage = t & 1;
+  for (int t = tiles.x; t < tiles.y; ++t) {
+    const int stage = (t - tiles.x) & 1;
     const int n0 = t * kN;
-    if (t + 1 < n_tiles) {
+    if (t + 1 < tiles.y) {
       load_tile<kN, kD, kPitch>(s_k + (stage ^ 1) * kN * kPitch, kg, p.k_s[2], n0 + kN, p.k_len, 0, p.d, p.vec);
       load_tile<kN, kD, kPitch>(s_v + (stage ^ 1) * kN * kPitch, vg, p.v_s[2], n0 + kN, p.k_len, 0, p.dv, p.vec);
     }
@@ -977,6 +1009,41 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
   } else {
     store_strip<T>(dq, p.dq + b * p.dq_s[0] + h * p.dq_s[1], p.dq_s[2], warp_row0, p.q_len, col0, p.d,
                    p.scale * p.inv_keep);
+  }
+}
+
+// The key span of head bh of a bool mask that is the same for every query of a head (its mask row
+// through the strides): (first key seen, one past the last; (k_len, 0) if none), one block per head.
+__global__ void __launch_bounds__(kThreads) key_span_kernel(const AttnParams p, int2* spans) {
+  __shared__ int s_first[kWarps], s_last[kWarps];
+  const int64_t bh = blockIdx.x;
+  const uint8_t* row =
+      static_cast<const uint8_t*>(p.mask.data) + (bh / p.heads) * p.mask.s0 + (bh % p.heads) * p.mask.s1;
+  int first = p.k_len, last = 0;
+#pragma unroll 4
+  for (int j = static_cast<int>(threadIdx.x); j < p.k_len; j += kThreads) {
+    if (row[j * p.mask.s3] != 0) {
+      first = min(first, j);
+      last = j + 1;  // increasing along this thread's keys
+    }
+  }
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    first = min(first, __shfl_xor_sync(kFullWarpMask, first, offset));
+    last = max(last, __shfl_xor_sync(kFullWarpMask, last, offset));
+  }
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  if (threadIdx.x % kWarpSize == 0) {
+    s_first[warp] = first;
+    s_last[warp] = last;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kWarps; ++w) {
+      first = min(first, s_first[w]);
+      last = max(last, s_last[w]);
+    }
+    spans[bh] = make_int2(first, last);
   }
 }
 
@@ -1142,6 +1209,22 @@ unsigned int grid_blocks(int64_t bh, int64_t tiles) {
   return static_cast<unsigned int>(blocks);
 }
 
+// A bool mask that is the same for every query of a head (a key padding mask: zero query stride, or a
+// single query) gets its key spans (AttnParams::key_span), so that every kernel walks only the key tiles
+// holding a key the mask lets be seen, as the cpu and triton kernels do: a padded tail (or head) costs
+// nothing, like the tiles above the causal diagonal, where the whole mask would have every tile visited
+// and masked element by element. Returns the spans' buffer (kept alive by the caller), or an undefined
+// tensor when the mask is another kind.
+at::Tensor key_spans(AttnParams& p, int64_t bh, const at::Tensor& query, cudaStream_t stream) {
+  if (p.mask.kind != kMaskBool || (p.mask.s2 != 0 && p.q_len != 1)) return {};
+  at::Tensor spans = at::empty({bh, 2}, query.options().dtype(at::kInt));
+  int2* out = reinterpret_cast<int2*>(spans.mutable_data_ptr<int>());
+  key_span_kernel<<<grid_blocks(bh, 1), kThreads, 0, stream>>>(p, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  p.key_span = out;
+  return spans;
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query, const at::Tensor& key,
                                                       const at::Tensor& value,
                                                       const std::optional<at::Tensor>& attn_mask, double scale,
@@ -1169,6 +1252,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query, c
   p.num_tiles = (p.q_len + kRowsPerBlock - 1) / kRowsPerBlock;
   const int padded = padded_head_dim(std::max(p.d, p.dv));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor spans = key_spans(p, bh, query, stream);
   AT_DISPATCH_V2(query.scalar_type(), "attention_fwd_cuda", AT_WRAP([&] {
     dispatch_head_dim(padded, [&](auto head_dim) {
       constexpr int kD = decltype(head_dim)::value;
@@ -1264,6 +1348,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   const int q_tiles = (p.q_len + kRowsPerBlock - 1) / kRowsPerBlock;
   const int k_tiles = (p.k_len + kRowsPerBlock - 1) / kRowsPerBlock;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor spans = key_spans(p, bh, query, stream);
   AT_DISPATCH_V2(query.scalar_type(), "attention_bwd_cuda", AT_WRAP([&] {
     dispatch_head_dim(padded, [&](auto head_dim) {
       constexpr int kD = decltype(head_dim)::value;
