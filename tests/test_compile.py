@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch._dynamo.utils import counters
 
 import fused_attn
@@ -198,6 +199,16 @@ def _module_calls(module_kind):
     if module_kind == "ffn":
         module = FusedFFN(32, 64, dropout=0.0)
         return module, lambda m, x: m(x), lambda seq: (_randn(2, seq, 32),)
+    if module_kind == "mha-causal-padding":  # the causal hint with a key padding mask: torch's rule
+        module = FusedMultiheadAttention(32, 4, batch_first=True)
+
+        def call(m, x):
+            seq = x.shape[1]
+            pad = (torch.arange(seq) >= seq - 3).expand(2, seq)
+            causal = nn.Transformer.generate_square_subsequent_mask(seq)
+            return m(x, x, x, key_padding_mask=pad, attn_mask=causal, is_causal=True, need_weights=False)[0]
+
+        return module, call, lambda seq: (_randn(2, seq, 32),)
     if module_kind.startswith("mha"):
         module = FusedMultiheadAttention(32, 4, batch_first=True)
         need_weights = module_kind == "mha-weights"
@@ -210,7 +221,8 @@ def _module_calls(module_kind):
     return module, lambda m, x, mem: m(x, mem), lambda seq: (_randn(2, seq, 32), _randn(2, seq + 3, 32, seed=1))
 
 
-@pytest.mark.parametrize("module_kind", ["layer_norm", "ffn", "mha", "mha-weights", "encoder", "decoder"])
+@pytest.mark.parametrize("module_kind", ["layer_norm", "ffn", "mha", "mha-weights", "mha-causal-padding", "encoder",
+                                         "decoder"])
 def test_fused_modules_compile_whole(module_kind):
     module, call, inputs = _module_calls(module_kind)
     _compiled_matches_eager(lambda *args: call(module, *args), [inputs(12), inputs(20)], dynamic=True)

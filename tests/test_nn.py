@@ -684,6 +684,63 @@ def test_multihead_attention_is_causal_hint_as_torch():
     torch.testing.assert_close(fused(x, x, x, is_causal=None)[0], plain(x, x, x, is_causal=None)[0])
 
 
+def test_multihead_attention_runs_a_causal_hint_causally_with_padding(monkeypatch):
+    """With is_causal and a key padding mask (or the weights), torch applies the attn_mask given;
+    the fused module gives the same result, but when the mask is the causal mask (float from
+    generate_square_subsequent_mask, or bool) it runs the kernels' causal masking with the
+    padding mask alone ([B, 1, 1, Lk], never merged): checked once per mask and version, so a
+    mask changed in place is checked again, and a mask that needs its gradient applies as given."""
+    from fused_attn.nn import attention as mha_module
+
+    calls = []
+    for name in ("scaled_dot_product_attention", "softmax"):
+        op = getattr(mha_module, name)
+
+        def spy(*args, _op=op, _name=name, **kwargs):
+            mask = args[3] if _name == "scaled_dot_product_attention" else args[2]
+            causal = args[5] if _name == "scaled_dot_product_attention" else args[4]
+            calls.append((None if mask is None else tuple(mask.shape), causal))
+            return _op(*args, **kwargs)
+
+        monkeypatch.setattr(mha_module, name, spy)
+    torch.manual_seed(21)
+    plain = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    fused = _as(plain, FusedMultiheadAttention)
+    x = torch.randn(3, 6, 16)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    pad[2, 0] = True  # left padding: query 0 of sequence 2 sees no key (torch: NaN, fused: 0)
+    float_causal = nn.Transformer.generate_square_subsequent_mask(6)
+    for attn_mask in (float_causal, float_causal.isinf()):
+        for kwargs in ({"need_weights": False, "key_padding_mask": pad}, {"need_weights": True},
+                       {"need_weights": True, "key_padding_mask": pad, "average_attn_weights": False}):
+            calls.clear()
+            want = plain(x, x, x, attn_mask=attn_mask, is_causal=True, **kwargs)
+            got = fused(x, x, x, attn_mask=attn_mask, is_causal=True, **kwargs)
+            padded = "key_padding_mask" in kwargs
+            assert calls == [((3, 1, 1, 6) if padded else None, True)], (attn_mask.dtype, kwargs)
+            seen = ~torch.isnan(want[0])
+            torch.testing.assert_close(got[0][seen], want[0][seen])
+            assert torch.equal(got[0][~seen], torch.zeros_like(got[0][~seen]))
+            if kwargs["need_weights"]:
+                torch.testing.assert_close(got[1].nan_to_num(0.0), want[1].nan_to_num(0.0))
+    # Changed in place after a call, the mask is checked again and applies as given.
+    mask = float_causal.clone()
+    fused(x, x, x, attn_mask=mask, key_padding_mask=pad, is_causal=True, need_weights=False)
+    mask[5, 0] = float("-inf")
+    calls.clear()
+    got = fused(x, x, x, attn_mask=mask, key_padding_mask=pad, is_causal=True, need_weights=False)[0]
+    assert calls == [((3, 1, 6, 6), False)]
+    want = plain(x, x, x, attn_mask=mask, key_padding_mask=pad, is_causal=True, need_weights=False)[0]
+    torch.testing.assert_close(got[1], want[1])
+    # A causal mask that requires grad gets its gradient, as from torch's.
+    learned = [float_causal.clone().requires_grad_() for _ in range(2)]
+    for module, m in zip((plain, fused), learned):
+        out = module(x, x, x, attn_mask=m, key_padding_mask=pad, is_causal=True, need_weights=False)[0]
+        out[:2].sum().backward()
+    torch.testing.assert_close(learned[1].grad, learned[0].grad)
+
+
 def test_multihead_attention_refuses_the_masks_torch_refuses():
     """Where torch's MultiheadAttention raises on a mask, so does the fused one: a mask given as an
     is_causal hint is still checked (it was dropped unchecked: an int64 mask, an unbatched 3-D mask

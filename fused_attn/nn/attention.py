@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,36 @@ def merge_masks(
     return additive(attn) + additive(pad)
 
 
+# Masks found causal or not (_is_causal_mask), by id, with a weak reference and the version they had.
+_causal_checks: dict[int, tuple[weakref.ref, int, bool]] = {}
+
+
+def _is_causal_mask(attn_mask: torch.Tensor, q_len: int, k_len: int) -> bool:
+    """Whether ``attn_mask`` (torch.nn's convention, [q_len, k_len] or [batch * heads, q_len,
+    k_len]) is the top-left causal mask: True above the diagonal (bool), or -inf above it and 0
+    elsewhere (``nn.Transformer.generate_square_subsequent_mask``). The answer is kept per mask
+    tensor and version, so a mask handed to every layer of a model, call after call, is compared
+    once (on a GPU the comparison waits for the device, as torch's own
+    ``TransformerDecoder`` check does). Not checked (False: the mask applies as given) while
+    torch.compile traces or a CUDA graph is captured, where no value can be read."""
+    if torch.compiler.is_compiling() or (attn_mask.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return False
+    versioned = not attn_mask.is_inference()  # inference tensors have no version counter
+    seen = _causal_checks.get(id(attn_mask))
+    if versioned and seen is not None and seen[0]() is attn_mask and seen[1] == attn_mask._version:
+        return seen[2]
+    hidden = torch.ones(q_len, k_len, dtype=torch.bool, device=attn_mask.device).triu_(1)
+    if attn_mask.dtype == torch.bool:
+        causal = torch.equal(attn_mask, hidden.expand_as(attn_mask))
+    else:
+        causal = bool(torch.where(hidden, attn_mask == float("-inf"), attn_mask == 0).all())
+    if versioned:
+        if len(_causal_checks) >= 16:
+            _causal_checks.clear()
+        _causal_checks[id(attn_mask)] = (weakref.ref(attn_mask), attn_mask._version, causal)
+    return causal
+
+
 def _same_views(query, key, value, view):
     """``view`` of each, keeping the identities between them: self-attention (query is key is
     value) is recognised after the layout change and projected by one GEMM, as torch's does."""
@@ -96,10 +127,14 @@ class FusedMultiheadAttention(Fused, nn.MultiheadAttention):
     gets 0 where torch's gets NaN (where torch's computes the weights, ``need_weights=True``, or
     takes its inference fast path; elsewhere it gets 0 too). ``add_bias_kv`` / ``add_zero_attn``
     are served by torch's own implementation (a warning says so once), and so are nested-tensor
-    inputs (which torch takes in inference). As
-    in torch, ``is_causal`` replaces ``attn_mask`` by causal masking only when neither
-    ``need_weights`` nor a ``key_padding_mask`` needs the mask itself; the output projection reads
-    ``out_proj``'s parameters, as torch's does, rather than calling the module.
+    inputs (which torch takes in inference). As in torch, ``is_causal`` replaces ``attn_mask`` by
+    causal masking when neither ``need_weights`` nor a ``key_padding_mask`` needs the mask itself;
+    where one does, torch applies the ``attn_mask`` given, and so does this module unless the mask
+    is the causal mask itself (checked once per mask tensor and version; not while torch.compile
+    traces or a CUDA graph is captured), which then runs as causal masking with the key padding
+    mask alone: the same result, with the tiles above the diagonal skipped and no merged mask
+    built. The output projection reads ``out_proj``'s parameters, as torch's does, rather than
+    calling the module.
     ``backend`` (attribute) picks the kernel backend.
     """
 
@@ -145,13 +180,20 @@ class FusedMultiheadAttention(Fused, nn.MultiheadAttention):
         q, k, v = self._project(query, key, value)
         q, k, v = (t.unflatten(-1, (heads, head_dim)).permute(*split_heads) for t in (q, k, v))
         # With is_causal the attn_mask is only a hint (torch's convention): the kernel's own causal
-        # masking replaces it, unless the weights or a key padding mask need the mask itself (torch
-        # then applies the attn_mask given, and so does this).
-        is_causal = is_causal and key_padding_mask is None and not need_weights
-        mask = merge_masks(attn_mask, key_padding_mask, batch, heads, q_len, k_len, q.dtype,
-                           exact_dtype=not torch.is_autocast_enabled(query.device.type))
+        # masking replaces it. Where the weights or a key padding mask need the mask itself, torch
+        # applies the attn_mask given; so does this, unless the mask is the causal one
+        # (_is_causal_mask), whose causal masking (skipping the tiles above the diagonal) with the
+        # key padding mask alone gives the same result without the merged [B, 1, Lq, Lk] mask.
+        exact_dtype = not torch.is_autocast_enabled(query.device.type)
+        mask = merge_masks(attn_mask, None if is_causal else key_padding_mask, batch, heads, q_len, k_len, q.dtype,
+                           exact_dtype=exact_dtype)  # with is_causal: attn_mask checked as torch checks it
+        if is_causal and (key_padding_mask is not None or need_weights):
+            is_causal = not attn_mask.requires_grad and _is_causal_mask(attn_mask, q_len, k_len)
+            if not is_causal:
+                mask = merge_masks(attn_mask, key_padding_mask, batch, heads, q_len, k_len, q.dtype,
+                                   exact_dtype=exact_dtype)
         if is_causal:
-            mask = None  # checked as torch checks it, then replaced by the kernel's causal masking
+            mask = merge_masks(None, key_padding_mask, batch, heads, q_len, k_len, q.dtype, exact_dtype=exact_dtype)
         dropout_p = self.dropout if self.training else 0.0
         weights = None
         if need_weights:
