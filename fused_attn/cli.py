@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 
 
 class _Parser(argparse.ArgumentParser):
@@ -16,6 +17,14 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help lines wrapped at spaces only: a name such as ``nn-transformer`` or ``bert-tiny`` is never
+    split at its hyphen."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -43,7 +52,7 @@ def _profile_memory(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fused-attn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="fused-attn", description=__doc__, formatter_class=_Formatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     info = commands.add_parser("info", help="how the package was built and what this machine offers")
@@ -54,12 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .profiling import cli as profile_cli
 
     bench = commands.add_parser("bench", help="time fused ops and models against PyTorch, side by side",
-                                description=bench_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                description=bench_cli.__doc__, formatter_class=_Formatter)
     bench_cli.add_arguments(bench)
     bench.set_defaults(func=_bench)
 
     profile = commands.add_parser("profile-memory", help="peak and per-module memory, plain vs optimize()d",
-                                  description=profile_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                  description=profile_cli.__doc__, formatter_class=_Formatter)
     profile_cli.add_arguments(profile)
     profile.set_defaults(func=_profile_memory)
     return parser

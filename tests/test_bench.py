@@ -1178,11 +1178,33 @@ def test_model_suite_padding(padding, kept, monkeypatch):
     case.impls["optimized"]()
 
 
-def test_transformer_layers_are_per_stack():
+@pytest.mark.parametrize("name", ["transformer", "nn-transformer"])
+def test_transformer_layers_are_per_stack(name):
     from fused_attn.bench import workloads
 
-    w = workloads.build("transformer", batch=1, seq=4, layers=1, device=CPU, dtype=torch.float32)
+    w = workloads.build(name, batch=1, seq=4, layers=1, device=CPU, dtype=torch.float32)
     assert w.layers == 1 and len(w.model.encoder.layers) == len(w.model.decoder.layers) == 1
+
+
+def test_nn_transformer_workload_runs_its_decoder_causally(monkeypatch):
+    """torch.nn.Transformer fed the causal mask as generate_square_subsequent_mask makes it, with
+    padding: optimized, its decoder's self-attention reaches the kernels as is_causal with the
+    [B, 1, 1, L] padding mask (the mask recognised as causal), and the step's output is the plain
+    model's."""
+    from fused_attn.bench import workloads
+    from fused_attn.nn import attention as mha_module
+
+    w = workloads.build("nn-transformer", batch=2, seq=16, layers=1, device=CPU, dtype=torch.float32)
+    w.model.eval()
+    fused = workloads.optimized(w)
+    calls = []
+    op = mha_module.scaled_dot_product_attention
+    monkeypatch.setattr(mha_module, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append((tuple(a[3].shape), a[5])) or op(*a, **k))
+    with torch.no_grad():
+        want, got = w.step(w.model), w.step(fused)
+    assert calls == [((2, 1, 1, 16), False), ((2, 1, 1, 16), True), ((2, 1, 1, 16), False)]  # enc, self, cross
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -198,8 +198,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", type=names, default=None,
                         help=f"model suite: comma-separated workloads, of {', '.join(workloads.MODELS)}")
     parser.add_argument("--layers", type=positive_int, default=None,
-                        help="model suite: layers (default: each model's own); transformer: encoder and decoder "
-                             "layers, each")
+                        help="model suite: layers (default: each model's own); transformer and nn-transformer: "
+                             "encoder and decoder layers, each")
     parser.add_argument("--backends", type=names, default=None,
                         help=f"op suites: comma-separated fused backends to include, of {fused} (default: all "
                              "that run here)")

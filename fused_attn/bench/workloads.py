@@ -1,10 +1,12 @@
-"""Whole models to measure: the package's reference BERT and Transformer, and Hugging Face BERT.
+"""Whole models to measure: the package's reference BERT and Transformer, Hugging Face BERT, and
+``torch.nn.Transformer`` (``nn-transformer``: the reference Transformer's sizes, fed embeddings).
 
 :func:`build` returns a model with random weights (built from a config; nothing is downloaded)
-and a ``step(model)`` that runs it on fixed random token ids with a padding mask and returns its
-last hidden state. The vocabulary projection of a language-model head is left out on purpose:
-it is the same dense layer with or without fusion and, at long sequence lengths, its logits
-would dominate both time and memory.
+and a ``step(model)`` that runs it on fixed random token ids (embeddings for ``nn-transformer``,
+whose decoder gets the causal mask as ``nn.Transformer.generate_square_subsequent_mask`` makes
+it) with a padding mask and returns its last hidden state. The vocabulary projection of a
+language-model head is left out on purpose: it is the same dense layer with or without fusion
+and, at long sequence lengths, its logits would dominate both time and memory.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-MODELS = ("bert-tiny", "bert-mini", "bert-base", "bert-large", "transformer", "hf-bert")
+MODELS = ("bert-tiny", "bert-mini", "bert-base", "bert-large", "transformer", "nn-transformer", "hf-bert")
+# Encoder-decoder models: ``layers`` counts each stack's.
+SEQ2SEQ = ("transformer", "nn-transformer")
 
 
 class WorkloadUnavailable(RuntimeError):
@@ -60,7 +64,7 @@ def _bert_config(name: str, layers: int | None, seq: int):
 
 def _config(name: str, layers: int | None, seq: int):
     """The model's config: a BERT's, or the Transformer's with ``layers`` in each stack."""
-    if name != "transformer":
+    if name not in SEQ2SEQ:
         return _bert_config(name, layers, seq)
     from ..models import TransformerConfig
 
@@ -71,6 +75,10 @@ def _config(name: str, layers: int | None, seq: int):
 
 
 def _model(name: str, config) -> nn.Module:
+    if name == "nn-transformer":
+        return nn.Transformer(config.d_model, config.nhead, config.num_encoder_layers, config.num_decoder_layers,
+                              config.dim_feedforward, config.dropout, activation=config.activation,
+                              layer_norm_eps=config.layer_norm_eps, batch_first=True, norm_first=config.norm_first)
     if name == "transformer":
         from ..models import Transformer
 
@@ -95,7 +103,7 @@ def _sizes(name: str, layers: int | None, seq: int) -> tuple[int, int, int, int]
     config = _config(name, layers, seq)
     width = getattr(config, "hidden_size", None) or config.d_model
     per_stack = getattr(config, "num_hidden_layers", None) or config.num_encoder_layers
-    depth = per_stack if name != "transformer" else 2 * per_stack
+    depth = 2 * per_stack if name in SEQ2SEQ else per_stack
     one, two = _elements(name, 1, seq), _elements(name, 2, seq)
     params, buffers = (a + (per_stack - 1) * (b - a) for a, b in zip(one, two))
     return params, buffers, width, depth
@@ -183,6 +191,16 @@ def build(
 
         def step(m: nn.Module) -> torch.Tensor:
             return m.decode(src, m.encode(src, pad), pad, pad)
+
+        n_layers = config.num_encoder_layers
+    elif name == "nn-transformer":
+        src = torch.randn(batch, seq, config.d_model, generator=gen).to(device=device, dtype=dtype)
+        pad = mask == 0
+        causal = nn.Transformer.generate_square_subsequent_mask(seq, device=device, dtype=dtype)
+
+        def step(m: nn.Module) -> torch.Tensor:
+            return m(src, src, tgt_mask=causal, src_key_padding_mask=pad, tgt_key_padding_mask=pad,
+                     memory_key_padding_mask=pad)
 
         n_layers = config.num_encoder_layers
     else:

@@ -29,7 +29,8 @@ from . import memory
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=workloads.MODELS, default="bert-base", help="default: %(default)s")
     parser.add_argument("--layers", type=positive_int, default=1,
-                        help="encoder layers; transformer: encoder and decoder layers, each (default %(default)s)")
+                        help="encoder layers; transformer and nn-transformer: encoder and decoder layers, each "
+                             "(default %(default)s)")
     parser.add_argument("--batch", type=positive_int, default=1, help="default: %(default)s")
     parser.add_argument("--seq", type=positive_int, default=2048, help="default: %(default)s")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if present")
@@ -137,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         "dtype": str(dtype).replace("torch.", ""), "mode": args.mode,
         **memory.compare(profiles["plain"], profiles["fused"]),
     }
-    layers = (f"{workload.layers} encoder + {workload.layers} decoder layer(s)" if args.model == "transformer"
+    layers = (f"{workload.layers} encoder + {workload.layers} decoder layer(s)" if args.model in workloads.SEQ2SEQ
               else f"{workload.layers} layer(s)")
     print(f"{args.model}, {layers}, batch {args.batch}, seq {args.seq}, {result['dtype']}, "
           f"{args.mode}, {device}")
