@@ -14,6 +14,7 @@ within ``factor`` ulps of each such true element instead of being let off.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import shutil
@@ -291,8 +292,6 @@ def assert_model_parity(plain, fused, run, *, factor: float = 3.0, truth=None, g
     (a decoder's key projection fed by one two-key softmax row: 2.3 ulp, where 30 such draws gave
     it a median of 6 and a maximum of 21, and the fused model 8.5 and 18), which no other honest
     order of the sums meets; its largest over a few problems is its error level."""
-    import copy
-
     if draws > 1 and truth is not None:
         raise ValueError("draws > 1 computes its own truth for each problem; truth must be None")
     reports: dict[str, ParityReport] = {}
@@ -323,8 +322,6 @@ def _perturbed(model, noise: dict[str, torch.Tensor]):
 
 def _model_parity_reports(plain, fused, run, *, factor: float, truth, grads: bool) -> list[ParityReport]:
     """:func:`assert_model_parity`'s reports of one problem (output first, then each gradient)."""
-    import copy
-
     truth_model = copy.deepcopy(plain).double() if truth is None else truth
     results = []
     for model in (truth_model, plain, fused):

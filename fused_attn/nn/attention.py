@@ -185,15 +185,12 @@ class FusedMultiheadAttention(Fused, nn.MultiheadAttention):
         # (_is_causal_mask), whose causal masking (skipping the tiles above the diagonal) with the
         # key padding mask alone gives the same result without the merged [B, 1, Lq, Lk] mask.
         exact_dtype = not torch.is_autocast_enabled(query.device.type)
-        mask = merge_masks(attn_mask, None if is_causal else key_padding_mask, batch, heads, q_len, k_len, q.dtype,
-                           exact_dtype=exact_dtype)  # with is_causal: attn_mask checked as torch checks it
-        if is_causal and (key_padding_mask is not None or need_weights):
-            is_causal = not attn_mask.requires_grad and _is_causal_mask(attn_mask, q_len, k_len)
-            if not is_causal:
-                mask = merge_masks(attn_mask, key_padding_mask, batch, heads, q_len, k_len, q.dtype,
-                                   exact_dtype=exact_dtype)
         if is_causal:
-            mask = merge_masks(None, key_padding_mask, batch, heads, q_len, k_len, q.dtype, exact_dtype=exact_dtype)
+            merge_masks(attn_mask, None, batch, heads, q_len, k_len, q.dtype, exact_dtype=exact_dtype)  # checked
+            if key_padding_mask is not None or need_weights:
+                is_causal = not attn_mask.requires_grad and _is_causal_mask(attn_mask, q_len, k_len)
+        mask = merge_masks(None if is_causal else attn_mask, key_padding_mask, batch, heads, q_len, k_len, q.dtype,
+                           exact_dtype=exact_dtype)
         dropout_p = self.dropout if self.training else 0.0
         weights = None
         if need_weights:
