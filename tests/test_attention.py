@@ -245,6 +245,51 @@ def test_matches_torch_sdpa(backend_device):
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("variant", ["upper_left", "lower_right"])
+@pytest.mark.parametrize("lengths", [(17, 77), (77, 17), (33, 33), (1, 40)], ids=lambda n: f"q{n[0]}-k{n[1]}")
+def test_causal_bias_matches_torch_sdpa(backend_device, variant, lengths):
+    """torch's CausalBias objects (causal_upper_left / causal_lower_right) as attn_mask give what
+    torch's SDPA gives for them, forward and backward, as a plain tensor."""
+    from torch.nn.attention import bias as torch_bias
+
+    backend, device = backend_device
+    dtype = work_dtype(OP, backend, device)
+    q_len, k_len = lengths
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns of NaN rows for lower_right with Lq > Lk
+        causal = getattr(torch_bias, f"causal_{variant}")(q_len, k_len)
+    q, k, v = _qkv(2, 2, q_len, k_len, 32, dtype, device)
+    out = fused_attn.scaled_dot_product_attention(q, k, v, causal, backend=backend)
+    assert type(out) is torch.Tensor
+    assert fused_attn.last_backend(OP) == backend
+
+    def truth(**a):
+        # torch's own SDPA, rows it leaves NaN (a query that sees no key) read as 0
+        return torch.nan_to_num(F.scaled_dot_product_attention(**a, attn_mask=causal), nan=0.0)
+
+    assert_parity(lambda **a: fused_attn.scaled_dot_product_attention(**a, attn_mask=causal, backend=backend),
+                  truth, {"query": q, "key": k, "value": v}, grad_args=("query", "key", "value"))
+    if variant == "lower_right" and q_len > k_len:
+        # Query i sees keys j <= i + Lk - Lq: the first Lq - Lk queries see none and get 0.
+        assert (out[:, :, : q_len - k_len] == 0).all()
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_causal_bias_is_checked_against_the_inputs(backend_device):
+    from torch.nn.attention.bias import causal_lower_right
+
+    backend, device = backend_device
+    q, k, v = _qkv(1, 2, 5, 9, 16, work_dtype(OP, backend, device), device)
+    sdpa = lambda *a, **kw: fused_attn.scaled_dot_product_attention(*a, **kw, backend=backend)  # noqa: E731
+    with pytest.raises(ValueError, match=r"attn_mask is a CausalBias for 5 queries and 8 keys; query has 5 and key 9"):
+        sdpa(q, k, v, causal_lower_right(5, 8))
+    with pytest.raises(ValueError, match="is_causal must be False when attn_mask is a CausalBias"):
+        sdpa(q, k, v, causal_lower_right(5, 9), is_causal=True)
+    with pytest.raises(ValueError, match="query must be 4-D"):
+        sdpa(q[0], k, v, causal_lower_right(5, 9))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("kv_heads", [(1, 1), (2, 2), (2, 4), (4, 1)], ids=lambda h: f"k{h[0]}-v{h[1]}")
 @pytest.mark.parametrize("kind", ["padding", "causal"])
 def test_grouped_query_attention_matches_torch_sdpa(backend_device, kv_heads, kind):

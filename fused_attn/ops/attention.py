@@ -20,6 +20,10 @@ from ..kernels.layout import as_query_layout, empty_in_query_layout
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import interpreter_serialized, register_native_pair, register_pair
+try:  # torch's causal variants for attn_mask (torch.nn.attention.bias.causal_upper_left / causal_lower_right)
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+except ImportError:  # pragma: no cover - torch without them
+    CausalBias = CausalVariant = None
 from ._validate import (
     broadcast_mask, check_bool, check_dropout_p, check_same_device, check_tensor, dtype_name, is_finite_number,
     transform_features, under_transform,
@@ -207,6 +211,31 @@ def _expand_mask(attn_mask: object, shape: tuple[int, int, int, int], query: tor
     return broadcast_mask(attn_mask, "attn_mask", query, "query", shape, "[batch, heads, q_len, k_len] =")
 
 
+def _from_causal_bias(bias, query, key, value, is_causal: object, enable_gqa: bool):
+    """The ``(attn_mask, is_causal)`` that gives what a :class:`torch.nn.attention.bias.CausalBias`
+    asks for, checked against the inputs (torch's SDPA takes one without comparing its lengths).
+    Top-left alignment, and bottom-right where the lengths are equal (the same mask), is the causal
+    flag: the kernels skip the tiles above the diagonal. Bottom-right with Lq != Lk (query i sees
+    keys j <= i + Lk - Lq, as in decoding with a key/value cache) is a [Lq, Lk] boolean mask read
+    with zero batch and head strides: with Lq < Lk it hides at most the last Lq x Lq triangle, so
+    little is left to skip."""
+    if is_causal is True:
+        raise ValueError("is_causal must be False when attn_mask is a CausalBias (the bias is the causal mask)")
+    _validate(query, key, value, enable_gqa)
+    q_len, k_len = query.shape[2], key.shape[2]
+    if (bias.seq_len_q, bias.seq_len_kv) != (q_len, k_len):
+        raise ValueError(
+            f"attn_mask is a CausalBias for {bias.seq_len_q} queries and {bias.seq_len_kv} keys; "
+            f"query has {q_len} and key {k_len}"
+        )
+    if bias.variant == CausalVariant.UPPER_LEFT or q_len == k_len:
+        return None, True
+    if bias.variant != CausalVariant.LOWER_RIGHT:
+        raise ValueError(f"attn_mask is a CausalBias of unknown variant {bias.variant!r}")
+    keep = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device)
+    return keep.tril_(k_len - q_len), False
+
+
 def _validate(query, key, value, enable_gqa: bool = False) -> None:
     shapes = {}
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -276,6 +305,9 @@ def scaled_dot_product_attention(
     [B, H, Lq, Lk] and read through its strides (a [B, 1, 1, Lk] padding mask is never expanded in
     memory); a floating mask that requires grad receives its gradient. ``is_causal``: query i
     attends to keys j <= i (top-left aligned, as PyTorch); may be combined with ``attn_mask``.
+    ``attn_mask`` may instead be torch's ``causal_upper_left(Lq, Lk)`` or ``causal_lower_right(Lq,
+    Lk)`` (``torch.nn.attention.bias``; is_causal False): the lower-right one lets query i see keys
+    j <= i + Lk - Lq (the last query sees every key, as when decoding with a key/value cache).
     ``scale`` defaults to 1/sqrt(D). ``dropout_p`` drops attention probabilities with a
     counter-based RNG seeded from torch's default generator (``torch.manual_seed`` reproduces it). A
     query whose every key is masked gets 0 and zero gradients. ``enable_gqa=True`` (grouped-query
@@ -299,6 +331,8 @@ def scaled_dot_product_attention(
     atomics); the cpu backend's bits depend on the thread count, Triton's on the autotuned tile
     configuration (README, "Determinism").
     """
+    if CausalBias is not None and isinstance(attn_mask, CausalBias):
+        attn_mask, is_causal = _from_causal_bias(attn_mask, query, key, value, is_causal, enable_gqa)
     if backend is None and _FAST is not None and fast_path_open():
         out = _FAST(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if out is not None:
