@@ -65,6 +65,8 @@ _SPECIALISATION_CHECK = """
 import inspect
 from fused_attn.kernels.triton import attention, ffn, layer_norm
 
+CODE_FLAGS = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_MASK", "MASK_IS_BOOL", "KEY_RANGE", "DROPOUT", "WRITE_KEEP",
+              "WRITE_DSCORES"]
 kernels = [
     attention._attn_fwd_kernel, attention._attn_bwd_stats_kernel, attention._attn_bwd_dkdv_kernel,
     attention._attn_bwd_dq_kernel, ffn._gemm_kernel, layer_norm._norm_fwd_kernel, layer_norm._norm_bwd_kernel,
@@ -76,8 +78,16 @@ for kernel in kernels:
     assert "seed" in wanted, jit.fn.__name__
     free = {names[i] if isinstance(i, int) else i for i in jit.do_not_specialize}
     assert wanted <= free, (jit.fn.__name__, sorted(wanted - free))
+    if hasattr(kernel, "configs"):
+        # A tuning key names arguments of its kernel only (Triton 3.9 refuses any other name), and
+        # every flag that changes the attention kernels' code or shared memory that the kernel takes.
+        assert set(kernel.keys) <= set(names), (jit.fn.__name__, sorted(set(kernel.keys) - set(names)))
+        if jit.fn.__name__.startswith("_attn"):
+            missing = set(CODE_FLAGS) & set(names) - set(kernel.keys)
+            assert not missing, (jit.fn.__name__, sorted(missing))
 assert ffn._gemm_kernel.keys == ["M_BUCKET", "N", "K_BUCKET", "A_PROLOGUE", "B_PROLOGUE", "EPILOGUE"]
 assert {"Q_BUCKET", "K_BUCKET"} <= set(attention._attn_fwd_kernel.keys)
+assert "WRITE_DSCORES" in attention._attn_bwd_dq_kernel.keys and "WRITE_KEEP" in attention._attn_fwd_kernel.keys
 print("ok")
 """
 

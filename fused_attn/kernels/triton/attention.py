@@ -118,12 +118,13 @@ def _tiles_for_head_dim(configs, args):
 # so a new bucket retunes without recompiling; nor do they, nor the per-call seed, specialise the
 # compiled kernel (do_not_specialize: Triton would otherwise compile a variant for values divisible
 # by 16).
-# Every constexpr that changes a kernel's shared memory or code is in the key (a name a kernel does
-# not take is skipped): the dQ kernel writing the score gradient needs more shared memory than
-# without, and with float32 inputs the argument dtypes Triton adds to the key do not tell them apart,
-# so a tile config chosen without it could be reused where it no longer fits (sm80, head dim 128).
+# Every constexpr that changes a kernel's shared memory or code is in its key: the dQ kernel writing
+# the score gradient needs more shared memory than without, and with float32 inputs the argument
+# dtypes Triton adds to the key do not tell them apart, so a tile config chosen without it could be
+# reused where it no longer fits (sm80, head dim 128). A key names only its kernel's arguments
+# (Triton 3.9 refuses any other name; earlier versions skipped it).
 _AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "Q_BUCKET", "K_BUCKET", "HAS_MASK", "MASK_IS_BOOL", "KEY_RANGE",
-                 "DROPOUT", "WRITE_DSCORES", "WRITE_KEEP"]
+                 "DROPOUT"]
 _NOT_SPECIALIZED = ["seed", "Q_BUCKET", "K_BUCKET"]
 
 
@@ -237,7 +238,7 @@ def _attn_fwd_inner(
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_configs("fwd"), key=_AUTOTUNE_KEY, do_bench=benchmark,
+@triton.autotune(configs=_configs("fwd"), key=_AUTOTUNE_KEY + ["WRITE_KEEP"], do_bench=benchmark,
                  prune_configs_by={"early_config_prune": pruner(lambda: _attn_fwd_kernel, _tiles_for_head_dim)})
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _attn_fwd_kernel(
@@ -648,7 +649,7 @@ def _attn_bwd_dkdv_kernel(
              mask=in_keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
 
 
-@triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY, do_bench=benchmark,
+@triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY + ["WRITE_DSCORES"], do_bench=benchmark,
                  prune_configs_by={"early_config_prune": pruner(lambda: _attn_bwd_dq_kernel, _tiles_for_head_dim)})
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _attn_bwd_dq_kernel(
