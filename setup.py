@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import site
 import sys
 import time
@@ -49,15 +50,28 @@ def _env_flag(name: str) -> bool | None:
     raise SystemExit(f"{name} must be 0 or 1, got {value!r}")
 
 
-def _cuda_library_includes() -> list[str]:
-    """Include folders of the CUDA library wheels (nvidia/*/include), e.g. cuBLAS in nvidia/cu13."""
+def _cuda_library_includes(cuda_home: str) -> list[str]:
+    """A folder of the headers that the CUDA library wheels (nvidia/*/include) have and the toolkit
+    at ``cuda_home`` lacks, e.g. cuBLAS from nvidia/cu13, linked one by one.
+
+    The wheels also carry the CUDA runtime's own headers at the CUDA version torch was built with;
+    nvcc needs its toolkit's (cccl stops with "CUDA compiler and CUDA toolkit headers are
+    incompatible" when torch's CUDA is newer than nvcc's, e.g. torch 2.15's 13.2 with nvcc 13.0),
+    so the wheels' folders themselves are not put on the include path.
+    """
     roots = list(site.getsitepackages()) + [site.getusersitepackages()] + sys.path
-    found: list[str] = []
-    for root in roots:
+    toolkit = Path(cuda_home) / "include"
+    folder = ROOT / "build" / "cuda-library-include"
+    if folder.is_dir():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for root in dict.fromkeys(roots):
         for inc in sorted(glob.glob(os.path.join(root, "nvidia", "*", "include"))):
-            if os.path.isdir(inc) and inc not in found:
-                found.append(inc)
-    return found
+            for entry in sorted(Path(inc).iterdir()):
+                link = folder / entry.name
+                if not (toolkit / entry.name).exists() and not link.is_symlink():
+                    link.symlink_to(entry.resolve())
+    return [str(folder)]
 
 
 def _cublaslt_link_args(cuda_home: str, cuda_version: str | None) -> list[str]:
@@ -138,7 +152,7 @@ def main() -> None:
     link_args = ["-fopenmp"]
     if build_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        include_dirs += _cuda_library_includes()
+        include_dirs += _cuda_library_includes(cuda_home)
         link_args += _cublaslt_link_args(cuda_home, torch.version.cuda)
         cxx_flags.append("-DFUSED_ATTN_WITH_CUDA")
         nvcc_flags.append("-DFUSED_ATTN_WITH_CUDA")

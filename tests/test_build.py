@@ -1,0 +1,48 @@
+"""setup.py's choice of CUDA include folders (no compiler is run)."""
+
+from __future__ import annotations
+
+import importlib.util
+import site
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup_module():
+    spec = importlib.util.spec_from_file_location("fused_attn_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cuda_library_headers_never_shadow_the_toolkits(tmp_path, monkeypatch):
+    """Only the headers of the CUDA library wheels that the toolkit lacks (cuBLAS, NCCL, ...) go on
+    the include path: the wheels' own copies of the CUDA runtime headers, at the CUDA version torch
+    was built with, must not replace nvcc's (torch 2.15's CUDA 13.2 headers stop nvcc 13.0)."""
+    setup = _setup_module()
+    toolkit = tmp_path / "cuda"
+    (toolkit / "include" / "cccl").mkdir(parents=True)
+    (toolkit / "include" / "cuda_runtime.h").write_text("toolkit")
+    wheels = tmp_path / "site-packages"
+    cu13 = wheels / "nvidia" / "cu13" / "include"
+    (cu13 / "cccl").mkdir(parents=True)
+    for name in ("cuda_runtime.h", "cublasLt.h"):
+        (cu13 / name).write_text("wheel")
+    nccl = wheels / "nvidia" / "nccl" / "include"
+    nccl.mkdir(parents=True)
+    (nccl / "nccl.h").write_text("wheel")
+    monkeypatch.setattr(setup, "ROOT", tmp_path / "source")
+    monkeypatch.setattr(site, "getsitepackages", lambda: [str(wheels)])
+    monkeypatch.setattr(site, "getusersitepackages", lambda: str(tmp_path / "user"))
+    monkeypatch.setattr(sys, "path", [str(wheels)])
+
+    [folder] = setup._cuda_library_includes(str(toolkit))
+    assert sorted(p.name for p in Path(folder).iterdir()) == ["cublasLt.h", "nccl.h"]
+    assert (Path(folder) / "cublasLt.h").read_text() == "wheel"
+
+    # Each build links the folder anew: a header gone from the wheels is gone from it.
+    (cu13 / "cublasLt.h").unlink()
+    [folder] = setup._cuda_library_includes(str(toolkit))
+    assert sorted(p.name for p in Path(folder).iterdir()) == ["nccl.h"]
