@@ -15,7 +15,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
-DEPS := $(TORCH_SPEC) triton pytest pytest-benchmark ninja pybind11 numpy tqdm setuptools wheel transformers matplotlib
+DEPS := $(TORCH_SPEC) triton pytest pytest-benchmark ninja pybind11 numpy tqdm "setuptools>=77" wheel transformers matplotlib
 
 NPROC := $(shell nproc 2>/dev/null || echo 2)
 export MAX_JOBS ?= $(NPROC)
@@ -90,7 +90,7 @@ gpu-prebuild:
 	@if [ -x $(PY) ] && [ "$$($(PY) -c '$(TAG)')" = "$$($(GPU_PY) -c '$(TAG)')" ]; then \
 		echo "gpu-prebuild: $(GPU_PYTHON) is the local venv's Python version; its build would replace the local one" >&2; \
 		exit 2; fi
-	$(GPU_PY) -m pip install -q $(GPU_TORCH) ninja pybind11 numpy wheel "setuptools<82"
+	$(GPU_PY) -m pip install -q $(GPU_TORCH) ninja pybind11 numpy wheel "setuptools>=77,<82"
 	TORCH_CUDA_ARCH_LIST="$(GPU_ARCH)" FUSED_ATTN_WERROR=0 $(GPU_PY) setup.py -q build_ext --inplace
 	$(GPU_PY) -c 'from fused_attn import _extension as e; print("built for the GPU machine:", e.stale_reason() or "current")'
 
