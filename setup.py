@@ -113,9 +113,21 @@ def _cpu_isa() -> str:
     return "avx2" if {"avx2", "fma", "f16c"} <= set(flags) else "generic"
 
 
+# The oldest torch the extension compiles against and the suite passes on (the C++ sources use
+# c10 and ATen interfaces that torch 2.4, say, lacks); pyproject.toml asks for the same.
+MIN_TORCH = (2, 11)
+
+
 def main() -> None:
     import torch
     from torch.utils import cpp_extension
+
+    release = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if release < MIN_TORCH:
+        raise SystemExit(
+            f"fused-attn needs torch >= {'.'.join(map(str, MIN_TORCH))} to build its extension; "
+            f"this is torch {torch.__version__}"
+        )
 
     cuda_home = cpp_extension.CUDA_HOME
     cuda_possible = torch.version.cuda is not None and cuda_home is not None

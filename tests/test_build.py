@@ -7,6 +7,9 @@ import site
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,3 +49,15 @@ def test_cuda_library_headers_never_shadow_the_toolkits(tmp_path, monkeypatch):
     (cu13 / "cublasLt.h").unlink()
     [folder] = setup._cuda_library_includes(str(toolkit))
     assert sorted(p.name for p in Path(folder).iterdir()) == ["nccl.h"]
+
+
+def test_an_older_torch_is_refused_by_name(monkeypatch):
+    """The extension's sources need torch 2.11's c10/ATen interfaces: an older torch gets one line
+    naming both versions instead of a page of compiler errors."""
+    setup = _setup_module()
+    monkeypatch.setattr(torch, "__version__", "2.4.1+cu121")
+    with pytest.raises(SystemExit, match=r"fused-attn needs torch >= 2\.11 to build its extension; this is torch 2\.4\.1"):
+        setup.main()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    floor = ".".join(map(str, setup.MIN_TORCH))
+    assert pyproject.count(f'"torch>={floor}"') == 2  # the build's requirements and the package's
