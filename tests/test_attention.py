@@ -285,6 +285,8 @@ def test_causal_bias_is_checked_against_the_inputs(backend_device):
         sdpa(q, k, v, causal_lower_right(5, 8))
     with pytest.raises(ValueError, match="is_causal must be False when attn_mask is a CausalBias"):
         sdpa(q, k, v, causal_lower_right(5, 9), is_causal=True)
+    with pytest.raises(TypeError, match="is_causal must be a Python bool"):
+        sdpa(q, k, v, causal_lower_right(5, 9), is_causal=1)
     with pytest.raises(ValueError, match="query must be 4-D"):
         sdpa(q[0], k, v, causal_lower_right(5, 9))
 

@@ -219,7 +219,8 @@ def _from_causal_bias(bias, query, key, value, is_causal: object, enable_gqa: bo
     keys j <= i + Lk - Lq, as in decoding with a key/value cache) is a [Lq, Lk] boolean mask read
     with zero batch and head strides: with Lq < Lk it hides at most the last Lq x Lq triangle, so
     little is left to skip."""
-    if is_causal is True:
+    check_bool(is_causal, "is_causal")
+    if is_causal:
         raise ValueError("is_causal must be False when attn_mask is a CausalBias (the bias is the causal mask)")
     _validate(query, key, value, enable_gqa)
     q_len, k_len = query.shape[2], key.shape[2]
