@@ -10,7 +10,9 @@ specialisation those calls produce and every autotune config (``--first-config``
 chosen with autotuning off), goes through the full pipeline down to a cubin. Nothing executes,
 so the tensors' contents are meaningless. It reports each kernel's shared memory against the
 architecture's per-block limit: a launch none of whose configs fits (with ``--first-config``:
-whose chosen config does not fit) is an error.
+whose chosen config does not fit) is an error, and so is a kernel compiled without floating-point
+contraction (Triton's default is turned off here, so a launch that does not pass the package's
+``LAUNCH_OPTIONS`` shows).
 
     python tests/triton_compile_check.py --arch 80,90 --first-config   # every case, chosen configs
     python tests/triton_compile_check.py --arch 80,90 --quick          # a few cases, every config
@@ -32,6 +34,10 @@ from pathlib import Path
 
 # Per-block shared memory (opt-in maximum) by compute capability.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+# Kernels that compiled without floating-point contraction (see main: a launch without LAUNCH_OPTIONS).
+unfused: set[str] = set()
 
 
 def _install_compile_only_runtime(arch: int, records: list[dict]) -> None:
@@ -69,6 +75,9 @@ def _install_compile_only_runtime(arch: int, records: list[dict]) -> None:
     def compile_only(self, *args, grid, warmup, **kwargs):
         kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
         state["name"], state["shared"] = self.fn.__name__, kernel.metadata.shared
+        if not kernel.metadata.enable_fp_fusion:
+            # main() turns Triton's default off: only a launch passing LAUNCH_OPTIONS compiles with it.
+            unfused.add(self.fn.__name__)
         if not state["autotuning"]:
             state["launch"] += 1
             records.append({"kernel": self.fn.__name__, "shared": kernel.metadata.shared, "launch": state["launch"],
@@ -286,6 +295,8 @@ def check(arch: int, quick: bool, only: str | None = None) -> int:
             if limit is not None and all(r["shared"] > limit for r in configs):
                 needs = ", ".join(f"{r['config']}: {r['shared']} B" for r in configs)
                 failures.append(f"{kernel}: no config fits sm{arch}'s {limit} B of shared memory ({needs})")
+    for kernel in sorted(unfused):
+        failures.append(f"{kernel}: compiled without enable_fp_fusion (its launch does not pass LAUNCH_OPTIONS)")
     for failure in failures:
         print("FAILED", failure)
     return 1 if failures else 0
@@ -303,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("run without TRITON_INTERPRET=1: this checks the compiler, not the interpreter")
     if args.first_config:
         os.environ["FUSED_ATTN_TRITON_AUTOTUNE"] = "0"
+    # Every launch asks for its compiler options (fused_attn/kernels/triton/_options.py); with
+    # Triton's own default turned off, one that does not shows as compiled without contraction.
+    os.environ["TRITON_DEFAULT_FP_FUSION"] = "0"
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     archs = [int(a) for a in args.arch.split(",")]
     if len(archs) > 1:  # one architecture per process: Triton caches the target per kernel

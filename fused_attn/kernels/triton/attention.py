@@ -79,6 +79,7 @@ from ..layout import empty_in_query_layout
 from ._autotune import benchmark, pruner, size_bucket
 from ._dropout import as_float32, keep_scale, uniform
 from ._grid import MAX_GRID
+from ._options import LAUNCH_OPTIONS
 from ._units import LOG2E
 
 
@@ -809,6 +810,7 @@ def attention_fwd(
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
         heads, _kv_group(q, k, v), q_len, k_len, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
         MASK_IS_BOOL=mask_is_bool, WRITE_KEEP=write_keep, **_common_meta(q, v, mask, is_causal, dropout_p),
+        **LAUNCH_OPTIONS,
     )
     return out, stats, (keep.bool() if keep is not None else None)
 
@@ -860,6 +862,7 @@ def attention_bwd(
         q, k, v, mask_t, dout, stats, corr, delta, *common,
         heads, kv_group, q_len, k_len, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
         MASK_IS_BOOL=mask_is_bool, **meta,
+        **LAUNCH_OPTIONS,
     )
     dscores = torch.zeros(batch, heads, q_len, k_len, device=q.device, dtype=torch.float32) if mask_needs_grad else None
     kv_splits = _dkdv_splits(q, batch, kv_heads, kv_group, k_len)
@@ -874,6 +877,7 @@ def attention_bwd(
         *common, *dk_parts.stride()[:3], *dv_parts.stride()[:3],
         heads, kv_heads, kv_group, kv_splits, q_len, k_len, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
         MASK_IS_BOOL=mask_is_bool, **meta,
+        **LAUNCH_OPTIONS,
     )
     if kv_splits > 1:
         for grad, parts in ((dk, dk_parts), (dv, dv_parts)):
@@ -883,5 +887,6 @@ def attention_bwd(
         *common, *dq.stride()[:3],
         heads, kv_group, q_len, k_len, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
         MASK_IS_BOOL=mask_is_bool, WRITE_DSCORES=mask_needs_grad, **meta,
+        **LAUNCH_OPTIONS,
     )
     return dq, dk, dv, dscores

@@ -29,6 +29,7 @@ import triton.language as tl
 from ..._env import MAX_EXTENT, triton_interpret_mode
 from ._autotune import benchmark, pruner, size_bucket
 from ._dropout import as_float32, dropout, keep_divisor
+from ._options import LAUNCH_OPTIONS
 
 SQRT_HALF = 0.7071067811865476
 INV_SQRT_2PI = 0.3989422804014327
@@ -257,6 +258,7 @@ def gemm(
         rng_strides[0], rng_strides[1], seed, as_float32(dropout_p), keep_divisor(dropout_p),
         A_PROLOGUE=a_prologue, B_PROLOGUE=b_prologue, EPILOGUE=epilogue, APPROX_TANH=approximate == "tanh",
         ROW_SUMS=row_sums is not None, FP32_DOT=a.dtype == torch.float32, STORE_PRE=store_pre,
+        **LAUNCH_OPTIONS,
     )
     return out
 

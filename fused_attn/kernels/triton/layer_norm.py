@@ -29,6 +29,7 @@ import triton.language as tl
 from ..._env import MAX_EXTENT
 from ._dropout import as_float32, dropout, keep_divisor
 from ._grid import row_chunks
+from ._options import LAUNCH_OPTIONS
 
 # Widest block kept in registers: 64 KiB of the row per program (the Triton tutorial's bound);
 # past it the kernels stream the row in chunks instead of spilling.
@@ -292,6 +293,7 @@ def norm_fwd(
             HAS_RESIDUAL=residual is not None, HAS_INPUT_BIAS=input_bias is not None, DROPOUT=dropout_p > 0.0,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             BLOCK_N=block_n, SINGLE_BLOCK=single_block, num_warps=_num_warps(block_n),
+            **LAUNCH_OPTIONS,
         )
     return y, prenorm, mean, rstd
 
@@ -342,6 +344,7 @@ def norm_bwd(
             HAS_WEIGHT=weight is not None, HAS_DPRENORM=dprenorm is not None, DROPOUT=dropout_p > 0.0,
             NEED_DX=need["dx"], NEED_DINPUT=need["dinput"], NEED_DW=need["dweight"], NEED_DB=need["dbias"],
             NEED_DIB=need["dinput_bias"], BLOCK_N=block_n, SINGLE_BLOCK=single, num_warps=_num_warps(block_n),
+            **LAUNCH_OPTIONS,
         )
     # weight and bias in one dtype (the input's, or float32 for a 16-bit input: ops._validate.affine_dtype).
     param_dtype = x.dtype if weight is None else weight.dtype

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from ..._env import MAX_EXTENT
 from ._grid import row_chunks
+from ._options import LAUNCH_OPTIONS
 from ._units import LOG2E
 
 # Widest row kept in registers; longer rows take the streaming path.
@@ -172,6 +173,7 @@ def softmax_fwd(x: torch.Tensor, mask: torch.Tensor | None, scale: float, is_cau
             *x.stride(), *(mask.stride() if mask is not None else (0, 0, 0, 0)),
             HAS_MASK=mask is not None, MASK_IS_BOOL=mask is not None and mask.dtype == torch.uint8,
             IS_CAUSAL=is_causal, BLOCK_N=block, SINGLE_BLOCK=single, num_warps=_num_warps(block),
+            **LAUNCH_OPTIONS,
         )
     return y
 
@@ -191,5 +193,6 @@ def softmax_bwd(
             _softmax_bwd_kernel[(count,)](
                 dy, y, dx, dscores if dscores is not None else dx, first, n_cols, scale,
                 WRITE_DSCORES=scores_grad, BLOCK_N=block, SINGLE_BLOCK=single, num_warps=_num_warps(block),
+                **LAUNCH_OPTIONS,
             )
     return dx, dscores
