@@ -440,6 +440,46 @@ def test_hf_attention_function_takes_grouped_key_value_heads(output_attentions):
     assert fused_attn.last_backend("softmax" if output_attentions else "scaled_dot_product_attention") in ("cpu", "triton")
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_optimized_decoder_generates_with_its_key_value_cache(family):
+    """Decoding with transformers' key/value cache through the fused attention: greedy generate()
+    on a left-padded batch gives the same tokens as the plain model, and a chunk of 4 tokens fed
+    after a cached prefix of 5 (its queries see the whole prefix and, causally, each other: a
+    bottom-right causal mask) gives the plain model's logits."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "llama":
+        config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                          bos_token_id=1, eos_token_id=2)
+        plain = transformers.LlamaForCausalLM(config).eval()
+    else:
+        config = transformers.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                         bos_token_id=1, eos_token_id=2)
+        plain = transformers.GPT2LMHeadModel(config).eval()
+    fused_model = fused_attn.optimize(plain, inplace=False).model
+    assert fused_model.config._attn_implementation == "fused_attn"
+    ids = torch.randint(3, 100, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        tokens = [m.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+                  for m in (plain, fused_model)]
+        assert torch.equal(tokens[0], tokens[1])
+        assert fused_attn.last_backend("scaled_dot_product_attention") in ("cpu", "triton")
+        x = torch.randint(3, 100, (2, 9))
+        logits = []
+        # The cache's keyword: ``cache`` in newer transformers, ``past_key_values`` before (5.17).
+        keyword = "cache" if "cache" in inspect.signature(plain.forward).parameters else "past_key_values"
+        for m in (plain, fused_model):
+            cache = {keyword: transformers.DynamicCache(), "use_cache": True}
+            m(x[:, :5], **cache)
+            logits.append(m(x[:, 5:], **cache).logits)
+        whole = plain(x).logits[:, 5:]
+    torch.testing.assert_close(logits[0], whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("output_attentions", [False, True], ids=["sdpa", "output-attentions"])
 def test_hf_attention_function_adds_t5_position_bias(output_attentions):
     """The registered attention function takes the relative position bias that T5 hands it
