@@ -57,6 +57,7 @@ from .. import convert
 from ..nn.transformer import _gelu_approximation, _unfused, foreign_child
 from ..ops import add_layer_norm, linear_gelu, scaled_dot_product_attention, softmax
 from ..ops.attention import repeat_kv_heads
+from ..reference.attention import causal_keep
 
 ATTENTION_NAME = "fused_attn"
 _FUSED_CLASSES: dict[tuple[type, str], type] = {}
@@ -489,8 +490,7 @@ def _compact_masks(mask_function: Callable) -> Callable:
         q_len, k_len = mask.shape[2:]
         if q_len == k_len:
             last = mask[:, :, -1:]
-            causal = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril()
-            if torch.equal(mask, last & causal):
+            if torch.equal(mask, last & causal_keep(q_len, k_len, mask.device)):
                 # A copy, not a view: a view would hold the mask it hangs on (a cycle, freed late).
                 setattr(mask, _CAUSAL_ROW, last.clone())
         return mask

@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import ops as fused_ops
 from ..nn.transformer import hooked
+from ..reference.attention import causal_keep
 
 # Activation names (Hugging Face spellings included) -> the ``approximate`` of torch's GELU.
 GELU_APPROXIMATIONS = {
@@ -67,8 +68,7 @@ def plain_attention(
         scores = scores.masked_fill(~keep, float("-inf"))
     if is_causal:
         q_len, k_len = scores.shape[-2:]
-        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
+        scores = scores.masked_fill(~causal_keep(q_len, k_len, scores.device), float("-inf"))
     fully_masked = torch.isneginf(scores).all(dim=-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(fully_masked, 0.0), dim=-1).masked_fill(fully_masked, 0.0)
     if dropout_p > 0.0:

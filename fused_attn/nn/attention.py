@@ -11,6 +11,7 @@ from torch import nn
 
 from ..backends import warn_once
 from ..ops import scaled_dot_product_attention, softmax
+from ..reference.attention import causal_keep
 from ._fused import Fused
 
 
@@ -95,7 +96,7 @@ def _is_causal_mask(attn_mask: torch.Tensor, q_len: int, k_len: int) -> bool:
     seen = _causal_checks.get(id(attn_mask))
     if versioned and seen is not None and seen[0]() is attn_mask and seen[1] == attn_mask._version:
         return seen[2]
-    hidden = torch.ones(q_len, k_len, dtype=torch.bool, device=attn_mask.device).triu_(1)
+    hidden = ~causal_keep(q_len, k_len, attn_mask.device)
     if attn_mask.dtype == torch.bool:
         causal = torch.equal(attn_mask, hidden.expand_as(attn_mask))
     else:

@@ -17,6 +17,7 @@ import torch
 from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, fast_entry, fast_path_open, register_op, select
 from ..kernels.layout import as_query_layout, empty_in_query_layout
+from ..reference.attention import causal_keep
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import interpreter_serialized, register_native_pair, register_pair
@@ -233,8 +234,7 @@ def _from_causal_bias(bias, query, key, value, is_causal: object, enable_gqa: bo
         return None, True
     if bias.variant != CausalVariant.LOWER_RIGHT:
         raise ValueError(f"attn_mask is a CausalBias of unknown variant {bias.variant!r}")
-    keep = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device)
-    return keep.tril_(k_len - q_len), False
+    return causal_keep(q_len, k_len, query.device, diagonal=k_len - q_len), False
 
 
 def _validate(query, key, value, enable_gqa: bool = False) -> None:

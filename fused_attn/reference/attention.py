@@ -5,9 +5,11 @@ import torch
 from ._dropout import apply_dropout
 
 
-def _causal_keep(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
-    # Top-left aligned, as torch.nn.functional.scaled_dot_product_attention: query i sees keys j <= i.
-    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()
+def causal_keep(q_len: int, k_len: int, device: torch.device, diagonal: int = 0) -> torch.Tensor:
+    """The [q_len, k_len] bool mask (True = attend) in which query i sees keys j <= i + diagonal:
+    top-left aligned for 0, as torch.nn.functional.scaled_dot_product_attention's is_causal;
+    bottom-right for k_len - q_len."""
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril_(diagonal)
 
 
 def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -26,7 +28,7 @@ def _masked_scores(
         else:
             scores = scores + mask.to(scores.dtype)
     if is_causal:
-        scores = scores.masked_fill(~_causal_keep(*scores.shape[-2:], scores.device), float("-inf"))
+        scores = scores.masked_fill(~causal_keep(*scores.shape[-2:], scores.device), float("-inf"))
     return scores
 
 
