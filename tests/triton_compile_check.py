@@ -36,10 +36,6 @@ from pathlib import Path
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 
-# Kernels that compiled without floating-point contraction (see main: a launch without LAUNCH_OPTIONS).
-unfused: set[str] = set()
-
-
 def _install_compile_only_runtime(arch: int, records: list[dict]) -> None:
     """Triton's launch path with a driver that names a CUDA target, compiling instead of launching."""
     import triton
@@ -74,14 +70,13 @@ def _install_compile_only_runtime(arch: int, records: list[dict]) -> None:
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
-        state["name"], state["shared"] = self.fn.__name__, kernel.metadata.shared
-        if not kernel.metadata.enable_fp_fusion:
-            # main() turns Triton's default off: only a launch passing LAUNCH_OPTIONS compiles with it.
-            unfused.add(self.fn.__name__)
+        # main() turns Triton's default off: only a launch passing LAUNCH_OPTIONS compiles with contraction.
+        state["name"], state["shared"], state["fused"] = (
+            self.fn.__name__, kernel.metadata.shared, kernel.metadata.enable_fp_fusion)
         if not state["autotuning"]:
             state["launch"] += 1
             records.append({"kernel": self.fn.__name__, "shared": kernel.metadata.shared, "launch": state["launch"],
-                            "config": "-"})
+                            "config": "-", "fused": state["fused"]})
         return kernel
 
     def every_config(self, *args, grid, warmup, **kwargs):
@@ -93,7 +88,7 @@ def _install_compile_only_runtime(arch: int, records: list[dict]) -> None:
             for config in self.prune_configs({"grid": grid, "warmup": warmup, **kwargs}):
                 self.fn.run(*args, grid=grid, warmup=True, **kwargs, **config.all_kwargs())
                 records.append({"kernel": state["name"], "shared": state["shared"], "launch": state["launch"],
-                                "config": str(config)})
+                                "config": str(config), "fused": state["fused"]})
         finally:
             state["autotuning"] = False
             self.nargs = None
@@ -295,7 +290,7 @@ def check(arch: int, quick: bool, only: str | None = None) -> int:
             if limit is not None and all(r["shared"] > limit for r in configs):
                 needs = ", ".join(f"{r['config']}: {r['shared']} B" for r in configs)
                 failures.append(f"{kernel}: no config fits sm{arch}'s {limit} B of shared memory ({needs})")
-    for kernel in sorted(unfused):
+    for kernel in sorted({r["kernel"] for r in records if not r["fused"]}):
         failures.append(f"{kernel}: compiled without enable_fp_fusion (its launch does not pass LAUNCH_OPTIONS)")
     for failure in failures:
         print("FAILED", failure)
