@@ -146,10 +146,21 @@ def test_parity_float_mask_gradient(backend_device, dtype, mask_shape):
         lambda query, key, value, attn_mask: fused_attn.scaled_dot_product_attention(
             query, key, value, attn_mask, backend=backend
         ),
-        lambda query, key, value, attn_mask: F.scaled_dot_product_attention(query, key, value, attn_mask),
+        lambda query, key, value, attn_mask: F.scaled_dot_product_attention(
+            query, key, value, _keys_materialised(attn_mask, key)
+        ),
         {"query": q, "key": k, "value": v, "attn_mask": bias},
         grad_args=("query", "key", "value", "attn_mask"),
     )
+
+
+def _keys_materialised(attn_mask, key):
+    """The plain call's mask with a broadcast key dim written out: torch's SDPA on CUDA (its
+    memory-efficient kernel) refuses a bias whose last dim has stride 0 ("(*bias): last dimension
+    must be contiguous"), which the fused op takes as it is. Its gradient is summed back by autograd."""
+    if attn_mask.shape[-1] != 1:
+        return attn_mask
+    return attn_mask.expand(*attn_mask.shape[:-1], key.shape[-2]).contiguous()
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
