@@ -1054,16 +1054,45 @@ def test_a_busy_machine_is_noted(monkeypatch):
 
 
 @pytest.mark.parametrize("flags, device, sampling", [
-    ([], "cpu", (5, 0.25)),
-    (["--repeats", "2"], "cpu", (2, 0.25)),  # --repeats sets the least number; --min-time still applies
-    (["--repeats", "2", "--min-time", "0"], "cpu", (2, 0.0)),  # exactly --repeats
-    (["--min-time", "1"], "cpu", (5, 1.0)),
-    ([], "cuda", (30, 0.0)),
+    ([], "cpu", (5, 0.25, None)),
+    (["--repeats", "2"], "cpu", (2, 0.25, None)),  # --repeats sets the least number; --min-time still applies
+    (["--repeats", "2", "--min-time", "0"], "cpu", (2, 0.0, None)),  # exactly --repeats
+    (["--min-time", "1"], "cpu", (5, 1.0, None)),
+    ([], "cuda", (30, 0.0, 2.0)),
+    (["--max-time", "0"], "cuda", (30, 0.0, None)),  # every repeat, however slow
+    (["--max-time", "0.5"], "cpu", (5, 0.25, 0.5)),
 ])
 def test_repeats_is_the_least_number_of_calls_and_min_time_still_applies(flags, device, sampling):
     from fused_attn.bench import cli as bench_cli
 
     assert bench_cli.sampling(_parse(*flags), torch.device(device)) == sampling
+
+
+def test_max_time_stops_a_slow_implementation_at_five_calls():
+    """A slow implementation stops at CAPPED_REPEATS calls once they add up past max_time_s; a fast
+    one beside it keeps every repeat, and without the cap the slow one does too."""
+    import time as time_module
+
+    from fused_attn.bench import harness
+
+    calls = {"slow": 0, "fast": 0}
+
+    def slow():
+        calls["slow"] += 1
+        time_module.sleep(0.02)
+
+    def fast():
+        calls["fast"] += 1
+
+    def timed_calls(**kwargs):
+        calls.update(slow=0, fast=0)
+        harness.measure_side_by_side({"slow": slow, "fast": fast}, torch.device("cpu"), repeats=12, warmup=1,
+                                     **kwargs)
+        return calls["slow"] - 2, calls["fast"] - 2  # less the warm-up and the peak-memory call
+
+    assert timed_calls(max_time_s=0.05) == (harness.CAPPED_REPEATS, 12)
+    assert timed_calls(max_time_s=10.0) == (12, 12)
+    assert timed_calls() == (12, 12)
 
 
 def test_rates_print_in_readable_units():

@@ -29,6 +29,11 @@ MODES = ["fwd", "fwd+bwd"]
 # for a quarter of a second (at most 200 calls) steadies them for little time; calls of 50 ms and
 # more keep their 5 samples.
 DEFAULT_CPU_MIN_TIME_S = 0.25
+# On a GPU the baselines that materialise the scores (eager attention, the float32 reference) take
+# 0.1-0.3 s per call at long sequences, 10-100x the kernels: 30 samples of each were most of a
+# sweep's time on an H200. Past 2 s of timed calls they stop at 5 samples (their max / min spread
+# there was under 1%); a kernel's row keeps all 30.
+DEFAULT_CUDA_MAX_TIME_S = 2.0
 
 
 class UsageError(Exception):
@@ -213,6 +218,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds: an implementation with --repeats timed calls that add up to less is called "
                              "in further rounds until they do, at most 200 calls (or --repeats, if more) "
                              f"(default {DEFAULT_CPU_MIN_TIME_S} on a cpu, 0 on cuda; 0: exactly --repeats calls)")
+    parser.add_argument("--max-time", type=non_negative_float, default=None,
+                        help="seconds: an implementation whose timed calls add up to more stops at 5 of them (or "
+                             f"--repeats, if fewer) (default {DEFAULT_CUDA_MAX_TIME_S:g} on cuda, 0 on a cpu; 0: no "
+                             "limit)")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     parser.add_argument("--json", type=str, default=None, help="write the records to this path")
     parser.add_argument("--csv", type=str, default=None, help="write the records to this path as CSV")
@@ -262,7 +271,8 @@ YARDSTICKS = frozenset({"copy"})
 
 
 def run_case(case, device: torch.device, repeats: int, progress: harness.Progress | None = None,
-             min_time_s: float = 0.0, extension_stale: str | None = None) -> list[dict]:
+             min_time_s: float = 0.0, extension_stale: str | None = None,
+             max_time_s: float | None = None) -> list[dict]:
     """Times every implementation of ``case`` and returns one record per implementation, those
     that could not run included."""
     label = f"{case.suite} {case.mode} {shape_text(case.shape)}"
@@ -271,6 +281,7 @@ def run_case(case, device: torch.device, repeats: int, progress: harness.Progres
     timings, failed = harness.measure_side_by_side(
         case.impls, device, repeats=repeats, warmup=2 if device.type == "cuda" else 1,
         status=progress.show if progress is not None else lambda label: None, min_time_s=min_time_s,
+        max_time_s=max_time_s,
     )
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -409,7 +420,8 @@ def unused_flag_notes(args: argparse.Namespace, plan: list[tuple[str, Settings]]
 
 
 def _run_suite(suite: str, settings: Settings, device: torch.device, repeats: int, progress: harness.Progress,
-               records: list[dict], min_time_s: float = 0.0, extension_stale: str | None = None) -> None:
+               records: list[dict], min_time_s: float = 0.0, extension_stale: str | None = None,
+               max_time_s: float | None = None) -> None:
     """Appends the suite's records to ``records`` case by case (an interrupt keeps those done)."""
     cases = SUITES[suite](settings)
     while True:
@@ -433,18 +445,22 @@ def _run_suite(suite: str, settings: Settings, device: torch.device, repeats: in
             records.append(record(suite, "all", device, settings.dtype, settings.mode, shape,
                                   skipped=why + harness.one_line_reason(cause), extension_stale=extension_stale))
             return
-        records += run_case(case, device, repeats, progress, min_time_s, extension_stale)
+        records += run_case(case, device, repeats, progress, min_time_s, extension_stale, max_time_s)
         del case
 
 
-def sampling(args: argparse.Namespace, device: torch.device) -> tuple[int, float]:
-    """(the least number of timed calls per implementation, the seconds they should add up to):
-    ``--repeats`` and ``--min-time``, each defaulting by device independently of the other."""
+def sampling(args: argparse.Namespace, device: torch.device) -> tuple[int, float, float | None]:
+    """(the least number of timed calls per implementation, the seconds they should add up to, the
+    seconds past which a slow implementation stops at 5 calls or None): ``--repeats``,
+    ``--min-time`` and ``--max-time``, each defaulting by device independently of the others."""
     repeats = args.repeats or (30 if device.type == "cuda" else 5)
     min_time_s = args.min_time
     if min_time_s is None:
         min_time_s = DEFAULT_CPU_MIN_TIME_S if device.type == "cpu" else 0.0
-    return repeats, min_time_s
+    max_time_s = args.max_time
+    if max_time_s is None:
+        max_time_s = DEFAULT_CUDA_MAX_TIME_S if device.type == "cuda" else 0.0
+    return repeats, min_time_s, max_time_s or None
 
 
 def extension_note(stale: str | None) -> str | None:
@@ -471,14 +487,14 @@ def run(args: argparse.Namespace) -> int:
     for note in [extension_note(stale), *unused_flag_notes(args, plan)]:
         if note:
             print(note)
-    repeats, min_time_s = sampling(args, device)
+    repeats, min_time_s, max_time_s = sampling(args, device)
     total = sum(len(SHAPES[suite](settings)) for suite, settings in plan)
     records: list[dict] = []
     interrupted = False
     try:
         with harness.progress("fused-attn bench", total, unit="case") as progress:
             for suite, settings in plan:
-                _run_suite(suite, settings, device, repeats, progress, records, min_time_s, stale)
+                _run_suite(suite, settings, device, repeats, progress, records, min_time_s, stale, max_time_s)
     except KeyboardInterrupt:  # Ctrl-C (or a caller's time limit): report the cases that finished
         interrupted = True
         print(f"\ninterrupted: reporting the {len(records)} records measured so far")

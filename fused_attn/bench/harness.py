@@ -281,9 +281,14 @@ def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+# The fewest timed calls of an implementation that ``max_time_s`` stops early.
+CAPPED_REPEATS = 5
+
+
 def measure_side_by_side(
     fns: dict[str, Callable[[], object]], device: torch.device, *, repeats: int, warmup: int = 2,
     status: Callable[[str], None] = lambda label: None, min_time_s: float = 0.0, max_repeats: int = 200,
+    max_time_s: float | None = None,
 ) -> tuple[dict[str, Timing], dict[str, str]]:
     """Times several implementations of one computation in interleaved rounds.
 
@@ -292,7 +297,11 @@ def measure_side_by_side(
     whichever ran last. An implementation takes part in a round while it has fewer than
     ``repeats`` timed calls or, with ``min_time_s``, while its timed calls add up to less than
     that (at most ``max_repeats`` calls): a fast call gets more samples, so that its median is
-    not at the mercy of a few page faults, and a slow one does not hold up the run. Then the
+    not at the mercy of a few page faults, and a slow one does not hold up the run. With
+    ``max_time_s``, an implementation whose timed calls add up to more than that stops once it
+    has ``CAPPED_REPEATS`` of them (or ``repeats``, if fewer): a baseline that takes a tenth of
+    a second per call (eager attention at long sequences) gets 5 samples, not 30, whose median
+    is as steady, and the kernels' own rows keep every repeat. Then the
     peak memory of one untimed call each. ``status(label)`` is told what runs now (for a progress
     display). Returns the timings and, for an implementation that raised (out of memory, a kernel
     or a library refusing the shape), the one-line reason instead.
@@ -321,6 +330,8 @@ def measure_side_by_side(
     def wants_more(name: str) -> bool:
         done = times[name]
         if name in failed or len(done) >= max(repeats, max_repeats):
+            return False
+        if max_time_s and len(done) >= min(repeats, CAPPED_REPEATS) and sum(done) >= max_time_s * 1e3:
             return False
         return len(done) < repeats or sum(done) < min_time_s * 1e3
 
