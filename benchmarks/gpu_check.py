@@ -4,7 +4,9 @@ Meant for a GPU machine without a package registry, after the extension was buil
 with what is installed there. Writes benchmarks/results/<date>-<gpu>[-tag].md and .json; exits
 non-zero when a test failed (the report is written either way). On a machine that limits each
 command to a few minutes, split the work: `--skip-bench --tag tests`, then
-`--skip-tests --suites attention --tag attention`, and so on. With the tests (unless
+`--skip-tests --suites attention --tag attention`, and so on; or, where the budget stopped the
+tests, `--resume <that report>.json` runs only those that did not pass there (the report records
+each passed test's id, the slowest tests and each stage's wall time). With the tests (unless
 `--skip-sanitizer`), small forward + backward calls of every op on the cuda backend (SANITIZER_SCRIPT)
 also run under compute-sanitizer (memcheck, racecheck); without the tool the report says so and why.
 With the benchmarks, first `benchmarks/host_time.py` on the GPU (each op's tiny calls through the
@@ -41,14 +43,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-# (suite, dtype, mode) of the benchmark sweep, one `fused-attn bench` run each, most wanted first:
-# the attention and FFN / Add & Norm targets, the models, then the rest.
+# (suite, dtype, mode, further `fused-attn bench` flags) of the benchmark sweep, one run each, most
+# wanted first: the attention (head dims 64 and 128) and FFN / Add & Norm targets, the models, then
+# the rest.
+D128 = ("--head-dim", "128", "--seq", "1024,4096,16384")
 PRIORITY = [
-    ("attention", "bfloat16", "fwd"), ("attention", "bfloat16", "fwd+bwd"), ("ffn", "bfloat16", "fwd+bwd"),
-    ("add_layer_norm", "bfloat16", "fwd+bwd"), ("model", "bfloat16", "fwd+bwd"), ("model", "bfloat16", "fwd"),
-    ("layer_norm", "bfloat16", "fwd+bwd"), ("softmax", "bfloat16", "fwd+bwd"), ("ffn", "bfloat16", "fwd"),
-    ("add_layer_norm", "bfloat16", "fwd"), ("layer_norm", "bfloat16", "fwd"), ("softmax", "bfloat16", "fwd"),
-    ("attention", "float16", "fwd"), ("ffn", "float16", "fwd"),
+    ("attention", "bfloat16", "fwd", ()), ("attention", "bfloat16", "fwd+bwd", ()),
+    ("attention", "bfloat16", "fwd", D128), ("attention", "bfloat16", "fwd+bwd", D128),
+    ("ffn", "bfloat16", "fwd+bwd", ()), ("add_layer_norm", "bfloat16", "fwd+bwd", ()),
+    ("model", "bfloat16", "fwd+bwd", ()), ("model", "bfloat16", "fwd", ()),
+    ("layer_norm", "bfloat16", "fwd+bwd", ()), ("softmax", "bfloat16", "fwd+bwd", ()), ("ffn", "bfloat16", "fwd", ()),
+    ("add_layer_norm", "bfloat16", "fwd", ()), ("layer_norm", "bfloat16", "fwd", ()), ("softmax", "bfloat16", "fwd", ()),
+    ("attention", "float16", "fwd", ()), ("ffn", "float16", "fwd", ()),
 ]
 # Seconds kept back from a stage's share of the budget for the stages' own wind-down and the report.
 RESERVE = 20
@@ -102,17 +108,36 @@ def _run(cmd: list[str], timeout: int, env: dict | None = None) -> tuple[int, st
 
 def test_workers(python: str) -> int:
     """pytest-xdist workers for the test run: most of its time is Triton compiling kernels, one
-    CPU core per compilation, so a few processes sharing the GPU finish several times sooner."""
+    CPU core per compilation, so processes sharing the GPU finish several times sooner: one per
+    core but two (the GPU work of the tests is small; 8 workers on the H200's 16 cores ran 519
+    tests in 200 s)."""
     code = subprocess.run([python, "-c", "import xdist"], capture_output=True).returncode
-    return 0 if code != 0 else max(1, min(8, (os.cpu_count() or 2) // 2))
+    return 0 if code != 0 else max(1, min(14, (os.cpu_count() or 2) - 2))
 
 
-def run_tests(python: str, tmp: Path, timeout: int, all_tests: bool) -> dict:
+def node_id(classname: str, name: str) -> str:
+    """A junit testcase's pytest node id: ``tests.test_x`` + ``test_y[p]`` -> ``tests/test_x.py::test_y[p]``
+    (the suite's tests are module-level functions)."""
+    return f"{classname.replace('.', '/')}.py::{name}"
+
+
+def passed_in(reports: list[Path]) -> set[str]:
+    """The node ids of the tests that passed in earlier reports' runs (``--resume``)."""
+    passed = set()
+    for report in reports:
+        passed.update(json.loads(Path(report).read_text())["tests"].get("passed_ids", []))
+    return passed
+
+
+def run_tests(python: str, tmp: Path, timeout: int, all_tests: bool, resume: list[Path] | None = None) -> dict:
     junit = tmp / "junit.xml"
     # One config per Triton kernel: the tests cover many shapes, and autotuning each would spend
     # the run compiling; the benchmarks autotune.
     env = {"TRITON_INTERPRET": "0", "FUSED_ATTN_TRITON_AUTOTUNE": "0"}
     select = [] if all_tests else ["-m", "cuda"]
+    done = sorted(passed_in(resume)) if resume else []
+    for test in done:
+        select += ["--deselect", test]
     workers = test_workers(python)
     parallel = ["-n", str(workers)] if workers > 1 else []
     code, output = _run([python, "-m", "pytest", "tests", "-q", "-rfE", *select, *parallel, f"--junitxml={junit}"],
@@ -120,6 +145,8 @@ def run_tests(python: str, tmp: Path, timeout: int, all_tests: bool) -> dict:
     summary = {"exit_code": code, "tail": output[-3000:], "failed_tests": [],
                "selection": ("all tests" if all_tests else "tests marked cuda")
                + (f", {workers} pytest-xdist workers" if workers > 1 else "")}
+    if resume:
+        summary["resumed"] = {"reports": [Path(r).name for r in resume], "not_rerun": len(done)}
     if code == 124:
         summary["interrupted"] = f"stopped after {timeout}s (--budget)"
     if junit.exists():
@@ -127,32 +154,42 @@ def run_tests(python: str, tmp: Path, timeout: int, all_tests: bool) -> dict:
         suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
         for key in ("tests", "failures", "errors", "skipped"):
             summary[key] = int(suite.get(key, 0))
+        durations, passed = [], []
         for case in suite.iter("testcase"):
+            test = node_id(case.get("classname"), case.get("name"))
+            durations.append((float(case.get("time") or 0.0), test))
             problem = case.find("failure") if case.find("failure") is not None else case.find("error")
             if problem is not None:
-                summary["failed_tests"].append(
-                    {"test": f"{case.get('classname')}::{case.get('name')}", "message": (problem.get("message") or "")[:500]}
-                )
+                summary["failed_tests"].append({"test": test, "message": (problem.get("message") or "")[:500]})
+            elif case.find("skipped") is None:
+                passed.append(test)
+        # What a later run with --resume leaves out, and where this one's time went.
+        summary["passed_ids"] = sorted(passed)
+        summary["slowest"] = [{"test": test, "seconds": round(t, 1)} for t, test in sorted(durations, reverse=True)[:10]]
     return summary
 
 
 def run_benchmarks(python: str, tmp: Path, suites: list[str], compile_reference: bool,
-                   budget: Budget) -> tuple[list[dict], list[str]]:
+                   budget: Budget, stages: dict) -> tuple[list[dict], list[str]]:
     records, logs = [], []
-    for suite, dtype, mode in (run for run in PRIORITY if run[0] in suites):
+    for suite, dtype, mode, flags in (run for run in PRIORITY if run[0] in suites):
+        label = " ".join([suite, dtype, mode, *flags])
         timeout = budget.share(900)
         if timeout is None:
             from fused_attn.bench.cli import DTYPES, record
 
             records.append(record(suite, "all", "cuda", DTYPES[dtype], mode, {},
-                                  skipped=f"the {dtype} {mode} run: not started, the --budget was spent"))
+                                  skipped=f"the {' '.join([dtype, mode, *flags])} run: not started, the --budget "
+                                          "was spent"))
             continue
-        path = tmp / f"bench-{suite}-{dtype}-{mode.replace('+', '')}.json"
+        path = tmp / f"bench-{_slug(label)}.json"
+        started = time.monotonic()
         code, output = _run(
             [python, "-m", "fused_attn", "bench", "--suite", suite, "--device", "cuda", "--dtype", dtype,
-             "--mode", mode, "--json", str(path)] + ([] if compile_reference else ["--no-compile"]),
+             "--mode", mode, *flags, "--json", str(path)] + ([] if compile_reference else ["--no-compile"]),
             timeout=timeout,
         )
+        stages[f"bench {label}"] = round(time.monotonic() - started)
         logs.append(output[-6000:])
         if path.exists():  # an interrupted run writes the cases it finished
             records += json.loads(path.read_text())
@@ -313,11 +350,13 @@ def parse_suites(text: str) -> list[str]:
 
 
 def render_markdown(facts: dict, tests: dict, records: list[dict], sanitizer: dict, plots: dict, memory: dict,
-                    host_time: dict | None = None) -> str:
+                    host_time: dict | None = None, stages: dict | None = None) -> str:
     from fused_attn.bench.cli import EAGER_NOTE, not_run_counts, rate_text, shape_text
 
     lines = [f"# gpu-check: {facts.get('gpu')}", "", f"Date: {facts['date']}  ", f"torch {facts['torch']}, "
              f"CUDA {facts['torch_cuda']}, Triton {facts['triton']}, fused-attn {facts['fused_attn']}", ""]
+    if stages:
+        lines += ["Wall time per stage: " + ", ".join(f"{stage} {seconds} s" for stage, seconds in stages.items()), ""]
     lines += ["## Tests", ""]
     if tests.get("skipped_run"):
         lines.append("not run in this report")
@@ -329,8 +368,13 @@ def render_markdown(facts: dict, tests: dict, records: list[dict], sanitizer: di
         lines += ["pytest produced no report:", "", "```", tests["tail"], "```"]
     if tests.get("interrupted"):
         lines.append(f"(interrupted: {tests['interrupted']}; the counts are of the tests that ran)")
+    if tests.get("resumed"):
+        lines.append(f"(resumed: {tests['resumed']['not_rerun']} tests that passed in "
+                     f"{', '.join(tests['resumed']['reports'])} were not run again)")
     for failure in tests["failed_tests"]:
         lines.append(f"- FAILED `{failure['test']}`: {failure['message']}")
+    if tests.get("slowest"):
+        lines.append("- slowest: " + ", ".join(f"`{t['test']}` {t['seconds']} s" for t in tests["slowest"][:5]))
     lines += ["", "## compute-sanitizer (small calls of every op on the cuda backend, fwd + bwd)", ""]
     if "skipped" in sanitizer:
         lines.append(f"skipped: {sanitizer['skipped']}")
@@ -408,6 +452,9 @@ def main() -> int:
     parser.add_argument("--all-tests", action="store_true", help="every test, not only those marked cuda")
     parser.add_argument("--budget", type=int, default=None,
                         help="seconds for the whole run; later stages get what is left (default: no bound)")
+    parser.add_argument("--resume", type=Path, nargs="+", default=None, metavar="REPORT",
+                        help="earlier reports' .json: the tests that passed there are not run again (the report "
+                             "says how many), e.g. after a run that --budget stopped")
     parser.add_argument("--tests-share", type=float, default=0.5,
                         help="the part of --budget the tests may take, the rest kept for the benchmarks (default 0.5)")
     sys.path.insert(0, str(ROOT))
@@ -422,25 +469,34 @@ def main() -> int:
         return 2
     facts["date"] = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     suites = args.suites
+    stages: dict[str, int] = {}  # wall seconds of each stage run, in order
+
+    def timed(stage: str, action):
+        started = time.monotonic()
+        try:
+            return action()
+        finally:
+            stages[stage] = round(time.monotonic() - started)
+
     with tempfile.TemporaryDirectory() as tmp:
         test_timeout = budget.share(1500, args.tests_share if not args.skip_bench else 1.0)
         if args.skip_tests or test_timeout is None:
             tests = {"exit_code": 0, "skipped_run": True, "failed_tests": [], "tail": ""}
         else:
-            tests = run_tests(args.python, Path(tmp), test_timeout, args.all_tests)
+            tests = timed("tests", lambda: run_tests(args.python, Path(tmp), test_timeout, args.all_tests, args.resume))
         if args.skip_tests or args.skip_sanitizer:
             sanitizer = {"skipped": "--skip-tests" if args.skip_tests else "--skip-sanitizer"}
         else:
-            sanitizer = run_sanitizer(args.python, budget)
+            sanitizer = timed("sanitizer", lambda: run_sanitizer(args.python, budget))
         host_timeout = budget.share(150)
         if args.skip_bench:
             host_time = {}
         elif host_timeout is None:
             host_time = {"failed": "not run: the --budget was spent"}
         else:
-            host_time = run_host_time(args.python, Path(tmp), host_timeout)
+            host_time = timed("host time", lambda: run_host_time(args.python, Path(tmp), host_timeout))
         records, bench_logs = ([], []) if args.skip_bench else run_benchmarks(
-            args.python, Path(tmp), suites, args.compile, budget)
+            args.python, Path(tmp), suites, args.compile, budget, stages)
         RESULTS.mkdir(parents=True, exist_ok=True)
         stem = f"{datetime.date.today().isoformat()}-{_slug(facts['gpu'])}" + (f"-{args.tag}" if args.tag else "")
         memory_timeout = budget.share(600)
@@ -449,16 +505,18 @@ def main() -> int:
         elif memory_timeout is None:
             memory = {"failed": "not run: the --budget was spent"}
         else:
-            memory = run_memory_profile(args.python, Path(tmp), RESULTS / f"{stem}-memory.png", memory_timeout)
+            memory = timed("memory profile", lambda: run_memory_profile(
+                args.python, Path(tmp), RESULTS / f"{stem}-memory.png", memory_timeout))
     plots = write_plots(records, stem)
     (RESULTS / f"{stem}.json").write_text(
         json.dumps(
             {"facts": facts, "tests": tests, "sanitizer": sanitizer, "host_time": host_time, "benchmarks": records,
-             "memory": memory, "plots": plots, "bench_logs": bench_logs},
+             "memory": memory, "plots": plots, "bench_logs": bench_logs, "stages": stages},
             indent=2, default=str,
         )
     )
-    (RESULTS / f"{stem}.md").write_text(render_markdown(facts, tests, records, sanitizer, plots, memory, host_time))
+    (RESULTS / f"{stem}.md").write_text(render_markdown(facts, tests, records, sanitizer, plots, memory, host_time,
+                                                        stages))
     print(f"gpu-check: wrote {RESULTS / stem}.md and .json")
     sanitizer_failed = any(r["exit_code"] not in (0, None) for c, r in sanitizer.items() if c != "skipped")
     return 0 if tests.get("exit_code") == 0 and not sanitizer_failed else 1

@@ -588,10 +588,13 @@ def test_gpu_check_budget_shares_and_skips(tmp_path, monkeypatch):
     assert 90 <= roomy <= 100
     spent = gpu_check.Budget(gpu_check.RESERVE + gpu_check.GRACE + gpu_check.MIN_STAGE - 5)
     assert spent.share(900) is None
-    records, _ = gpu_check.run_benchmarks(sys.executable, tmp_path, ["attention", "ffn"], False, spent)
+    stages = {}
+    records, _ = gpu_check.run_benchmarks(sys.executable, tmp_path, ["attention", "ffn"], False, spent, stages)
     assert [(r["suite"], r["mode"]) for r in records] == [
-        ("attention", "fwd"), ("attention", "fwd+bwd"), ("ffn", "fwd+bwd"), ("ffn", "fwd"), ("attention", "fwd"),
-        ("ffn", "fwd")]
+        ("attention", "fwd"), ("attention", "fwd+bwd"), ("attention", "fwd"), ("attention", "fwd+bwd"),
+        ("ffn", "fwd+bwd"), ("ffn", "fwd"), ("attention", "fwd"), ("ffn", "fwd")]
+    assert "the bfloat16 fwd --head-dim 128 --seq 1024,4096,16384 run: not started" in records[2]["skipped"]
+    assert stages == {}  # nothing ran
     assert all("not started, the --budget was spent" in r["skipped"] and r["device"] == "cuda" for r in records)
     facts = {"gpu": "H200", "date": "today", "torch": "2", "torch_cuda": "13", "triton": "3", "fused_attn": "0"}
     tests = {"exit_code": 124, "tests": 10, "failures": 0, "errors": 0, "skipped": 2, "tail": "", "failed_tests": [],
@@ -603,6 +606,44 @@ def test_gpu_check_budget_shares_and_skips(tmp_path, monkeypatch):
     assert "- memcheck: clean ERROR SUMMARY: 0 errors" in md and "- racecheck: not run: the --budget was spent" in md
     assert "attention `all` (2 cases): the bfloat16 fwd run: not started" not in md
     assert "attention `all` (1 case): the bfloat16 fwd run: not started, the --budget was spent" in md
+
+
+def test_gpu_check_tests_resume_where_an_earlier_report_stopped(tmp_path, monkeypatch):
+    """--resume: the tests an earlier report records as passed are deselected; the new report
+    records its own passed ids (failed and skipped ones are not), the slowest tests and how many
+    were left out."""
+    from benchmarks import gpu_check
+
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"tests": {"passed_ids": ["tests/test_a.py::test_x[cuda]", "tests/test_b.py::test_y"]}}))
+    junit = """<?xml version="1.0"?><testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">
+    <testcase classname="tests.test_c" name="test_z[p-cuda]" time="4.5"/>
+    <testcase classname="tests.test_c" name="test_w" time="0.5"><failure message="boom"/></testcase>
+    <testcase classname="tests.test_d" name="test_v" time="0.0"><skipped message="no"/></testcase>
+    </testsuite></testsuites>"""
+    commands = []
+
+    def fake_run(cmd, timeout, env=None):
+        commands.append(cmd)
+        Path(next(a for a in cmd if a.startswith("--junitxml=")).split("=", 1)[1]).write_text(junit)
+        return 1, "1 failed"
+
+    monkeypatch.setattr(gpu_check, "_run", fake_run)
+    summary = gpu_check.run_tests(sys.executable, tmp_path, 60, False, [earlier])
+    (cmd,) = commands
+    deselected = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--deselect"]
+    assert deselected == ["tests/test_a.py::test_x[cuda]", "tests/test_b.py::test_y"]
+    assert summary["passed_ids"] == ["tests/test_c.py::test_z[p-cuda]"]
+    assert summary["failed_tests"] == [{"test": "tests/test_c.py::test_w", "message": "boom"}]
+    assert summary["slowest"][0] == {"test": "tests/test_c.py::test_z[p-cuda]", "seconds": 4.5}
+    assert summary["resumed"] == {"reports": ["earlier.json"], "not_rerun": 2}
+    facts = {"gpu": "H200", "date": "today", "torch": "2", "torch_cuda": "13", "triton": "3", "fused_attn": "0"}
+    md = gpu_check.render_markdown(facts, summary, [], {"skipped": "--skip-sanitizer"}, {}, {},
+                                   stages={"tests": 61, "bench attention bfloat16 fwd": 100})
+    assert "1 passed, 1 failed, 0 errors, 1 skipped" in md
+    assert "(resumed: 2 tests that passed in earlier.json were not run again)" in md
+    assert "slowest: `tests/test_c.py::test_z[p-cuda]` 4.5 s" in md
+    assert "Wall time per stage: tests 61 s, bench attention bfloat16 fwd 100 s" in md
 
 
 def test_sanitizer_workload_runs_on_the_cpu_backend(capsys):
