@@ -198,7 +198,8 @@ def run_benchmarks(python: str, tmp: Path, suites: list[str], compile_reference:
 
 # Small cases that reach every code path of the CUDA kernels: attention with cross lengths and partial
 # tiles, a single query and key, causal + bool mask, key padding masks (the key spans: a middle range
-# with dropout, none seen), a float mask with its gradient, dropout, grouped key/value heads, an
+# with dropout, none seen), a float mask with its gradient, dropout, grouped key/value heads (132 query
+# heads of 200 rows: enough 128-row blocks for the forward's two strips per warp on an H100/H200), an
 # unaligned head dim (element copies instead of cp.async), a padded one (72 in tiles of 96), the split
 # head dim 256 with value head dims apart from the query's, and operands at storage offset 1 (every
 # vector path declined); softmax in a warp and a block per row; LayerNorm, Add & Norm and the FFN at
@@ -233,6 +234,7 @@ attention(65, 33, 64, torch.float16, shift=True, attn_mask=tensor(1, 2, 65, 33, 
 keys = torch.arange(200, device=DEVICE)
 attention(100, 200, 64, torch.float16, attn_mask=((keys >= 70) & (keys < 150)).view(1, 1, 1, 200), dropout_p=0.1)
 attention(20, 130, 96, torch.bfloat16, attn_mask=torch.zeros(1, 1, 1, 130, dtype=torch.bool, device=DEVICE))
+attention(200, 200, 64, torch.float16, group=66, enable_gqa=True, is_causal=True)
 for n in (77, 3000, 5000):
     x = tensor(2, 3, 5, n)
     fused_attn.softmax(x, mask=torch.rand(n, device=DEVICE) > 0.1, scale=0.5, backend=BACKEND).sum().backward()

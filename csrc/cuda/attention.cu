@@ -6,12 +6,15 @@
 // accumulation, inline PTX; sm80 and newer). fp32 inputs are not served here: the policy sends them to
 // the Triton kernels (fused_attn/ops/attention.py declares this backend fp16/bf16 only, sm >= 8.0).
 //
-// Tiling. Every kernel runs 4 warps (128 threads) and every warp owns 16 rows of its block's tile, so
-// all row statistics (max, sum, delta) live in the registers of the 4 lanes of a quad that hold a
-// row's mma fragments and are reduced with two shuffles, never through shared memory.
-//  * forward: one block per (batch*head, 64 queries). Q [64 x D] sits in shared memory; K and V are
-//    streamed through shared memory a key tile at a time (64 keys for D <= 64, 32 above: 25-52 KB of
-//    shared memory per block up to D = 128, so that several blocks share an SM). S = Q K^T and
+// Tiling. Every kernel runs 4 warps (128 threads) and every warp owns 16-row strips of its block's
+// tile, one (32 in the forward, see fwd_strips), so all row statistics (max, sum, delta) live in the
+// registers of the 4 lanes of a quad that hold a row's mma fragments and are reduced with two shuffles,
+// never through shared memory.
+//  * forward: one block per (batch*head, 128 queries: two strips per warp, which read each K and V
+//    fragment once for both; 64 where the queries are few, and above head dim 128). Q [128 x D] sits in
+//    shared memory; K and V are streamed through shared memory a key tile at a time (64 keys for
+//    D <= 64, 32 above: 30-70 KB of shared memory per block up to D = 128). Causal: a warp skips the
+//    products of a key tile wholly past its last row (the block's other warps may need it). S = Q K^T and
 //    O += P V are warp-level products on tensor cores: A operands come from shared memory by ldmatrix
 //    (Q) or straight from the S accumulators re-packed to fp16/bf16 (P, the FA2 register reuse), B
 //    operands by ldmatrix (.trans for V). Online softmax in fp32 registers in log2 units (log2(e) folded
@@ -48,7 +51,7 @@
 //
 // Shared memory. Row-major tiles with rows padded by 8 elements (16 bytes): the row pitch is then an odd
 // number of 16-byte units for every head dim here, which puts the 8 rows an ldmatrix phase reads into 8
-// distinct 16-byte bank groups (conflict-free), and every row stays 16-byte aligned for cp.async. Forward: Q [64][D+8], K [2][BN][D+8],
+// distinct 16-byte bank groups (conflict-free), and every row stays 16-byte aligned for cp.async. Forward: Q [BM][D+8] (BM 128 or 64), K [2][BN][D+8],
 // V [2][BN][Dc+8] (Dc: the column half of V a block needs). dK/dV: K, V [64][D+8], Q, dO [2][BM][D+8].
 // dQ: Q, dO [64][D+8], K, V [2][BN][D+8]. Up to D = 128 no kernel needs more than 70 KB; at D = 256 the
 // backward takes 135 KB: fine on sm80 and sm90, beyond the 99 KB of sm86/sm89, where the launcher
@@ -110,10 +113,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <mutex>
 #include <optional>
 #include <set>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -287,11 +292,13 @@ __device__ __forceinline__ void cp_async_wait_all_but_one() {
 // of columns [8 nb, 8 nb + 8): lane l holds rows l / 4 (elements 0, 1) and l / 4 + 8 (2, 3), columns
 // 2 * (l % 4) + {0, 1}.
 
-// acc += A B^T. A: 16 rows of a shared row-major tile at a_base (pitch a_pitch bytes), kK columns;
-// B: NB * 8 rows of a shared row-major tile at b_base ([n][k], pitch b_pitch), kK columns.
-template <typename T, int NB, int kK>
-__device__ __forceinline__ void warp_gemm_abt(float (&acc)[NB][4], uint32_t a_base, int a_pitch, uint32_t b_base,
-                                              int b_pitch) {
+// acc[mt] += A_mt B^T for MT strips of 16 rows (A_mt: rows 16 mt .. 16 mt + 15 of a shared row-major
+// tile at a_base, pitch a_pitch bytes, kK columns); B: NB * 8 rows of a shared row-major tile at b_base
+// ([n][k], pitch b_pitch), kK columns. Each B fragment is loaded once for all MT strips: a warp that
+// owns two strips reads the streamed tile from shared memory half as often per product.
+template <typename T, int MT, int NB, int kK>
+__device__ __forceinline__ void strips_gemm_abt(float (&acc)[MT][NB][4], uint32_t a_base, int a_pitch,
+                                                uint32_t b_base, int b_pitch) {
   static_assert(NB % 2 == 0 && kK % 16 == 0, "tile shapes must be whole mma steps");
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   // A: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15).
@@ -300,23 +307,35 @@ __device__ __forceinline__ void warp_gemm_abt(float (&acc)[NB][4], uint32_t a_ba
   const uint32_t b_addr = b_base + ((lane & 7) + ((lane >> 4) << 3)) * b_pitch + ((lane >> 3) & 1) * 16;
 #pragma unroll
   for (int k = 0; k < kK / 16; ++k) {
-    uint32_t a[4];
-    ldmatrix_x4(a, a_addr + k * 32);
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], a_addr + mt * 16 * a_pitch + k * 32);
 #pragma unroll
     for (int nb = 0; nb < NB; nb += 2) {
       uint32_t b[4];
       ldmatrix_x4(b, b_addr + nb * 8 * b_pitch + k * 32);
-      Elem<T>::mma(acc[nb], a, b[0], b[1]);
-      Elem<T>::mma(acc[nb + 1], a, b[2], b[3]);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        Elem<T>::mma(acc[mt][nb], a[mt], b[0], b[1]);
+        Elem<T>::mma(acc[mt][nb + 1], a[mt], b[2], b[3]);
+      }
     }
   }
 }
 
-// acc += A B. A: KB k-steps of register fragments (see to_a_fragments); B: a shared row-major tile at
-// b_base ([k][n], pitch b_pitch), KB * 16 rows, NB * 8 columns, read transposed by ldmatrix.trans.
-template <typename T, int NB, int KB>
-__device__ __forceinline__ void warp_gemm_ab(float (&acc)[NB][4], const uint32_t (&a)[KB][4], uint32_t b_base,
-                                             int b_pitch) {
+// acc += A B^T for one 16-row strip (strips_gemm_abt with MT = 1).
+template <typename T, int NB, int kK>
+__device__ __forceinline__ void warp_gemm_abt(float (&acc)[NB][4], uint32_t a_base, int a_pitch, uint32_t b_base,
+                                              int b_pitch) {
+  strips_gemm_abt<T, 1, NB, kK>(reinterpret_cast<float (&)[1][NB][4]>(acc), a_base, a_pitch, b_base, b_pitch);
+}
+
+// acc[mt] += A_mt B for MT strips. A_mt: KB k-steps of register fragments (see to_a_fragments); B: a
+// shared row-major tile at b_base ([k][n], pitch b_pitch), KB * 16 rows, NB * 8 columns, read transposed
+// by ldmatrix.trans once for all MT strips.
+template <typename T, int MT, int NB, int KB>
+__device__ __forceinline__ void strips_gemm_ab(float (&acc)[MT][NB][4], const uint32_t (&a)[MT][KB][4],
+                                               uint32_t b_base, int b_pitch) {
   static_assert(NB % 2 == 0, "tile shapes must be whole mma steps");
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   // Matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15).
@@ -327,10 +346,21 @@ __device__ __forceinline__ void warp_gemm_ab(float (&acc)[NB][4], const uint32_t
     for (int nb = 0; nb < NB; nb += 2) {
       uint32_t b[4];
       ldmatrix_x4_trans(b, b_addr + kb * 16 * b_pitch + nb * 16);
-      Elem<T>::mma(acc[nb], a[kb], b[0], b[1]);
-      Elem<T>::mma(acc[nb + 1], a[kb], b[2], b[3]);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        Elem<T>::mma(acc[mt][nb], a[mt][kb], b[0], b[1]);
+        Elem<T>::mma(acc[mt][nb + 1], a[mt][kb], b[2], b[3]);
+      }
     }
   }
+}
+
+// acc += A B for one 16-row strip (strips_gemm_ab with MT = 1).
+template <typename T, int NB, int KB>
+__device__ __forceinline__ void warp_gemm_ab(float (&acc)[NB][4], const uint32_t (&a)[KB][4], uint32_t b_base,
+                                             int b_pitch) {
+  strips_gemm_ab<T, 1, NB, KB>(reinterpret_cast<float (&)[1][NB][4]>(acc),
+                               reinterpret_cast<const uint32_t (&)[1][KB][4]>(a), b_base, b_pitch);
 }
 
 // The 16 x (8 NB) accumulator rounded to T as A operands of NB / 2 k-steps: columns 16 kb .. 16 kb + 15
@@ -582,15 +612,19 @@ __device__ __forceinline__ float quad_sum(float x) {
 // ---------------------------------------------------------------------------------------------
 // Forward
 
-template <int kD>
+// The forward's query rows per block: each warp owns kMT strips of 16 rows.
+template <int kMT>
+constexpr int fwd_rows() { return 16 * kWarps * kMT; }
+
+template <int kD, int kMT>
 constexpr int fwd_smem_bytes() {
   constexpr int kN = stream_rows(kD);
-  return 2 * (kRowsPerBlock * (kD + 8) + 2 * kN * (kD + 8) + 2 * kN * (out_cols(kD) + 8));
+  return 2 * (fwd_rows<kMT>() * (kD + 8) + 2 * kN * (kD + 8) + 2 * kN * (out_cols(kD) + 8));
 }
 
-template <typename T, int kD>
+template <typename T, int kD, int kMT>
 __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
-  constexpr int kM = kRowsPerBlock;
+  constexpr int kM = fwd_rows<kMT>();
   constexpr int kN = stream_rows(kD);
   constexpr int kOut = out_cols(kD);
   constexpr int kPitch = kD + 8;
@@ -624,12 +658,17 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
   }
   cp_async_commit();
 
-  float o[kOut / 8][4];
-  zero(o);
-  float row_max[2] = {-kInf, -kInf};
-  float row_sum[2] = {0.f, 0.f};  // this lane's share; summed over the quad at the end
-  const uint32_t q_addr = smem_addr(s_q + warp * 16 * kPitch);
-  const int warp_row0 = m0 + warp * 16;
+  // This warp's strips: rows warp_row0 + 16 mt + (lane / 4) + 8 half.
+  float o[kMT][kOut / 8][4];
+  float row_max[kMT][2], row_sum[kMT][2];  // row_sum: this lane's share; summed over the quad at the end
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+    zero(o[mt]);
+    row_max[mt][0] = row_max[mt][1] = -kInf;
+    row_sum[mt][0] = row_sum[mt][1] = 0.f;
+  }
+  const int warp_row0 = m0 + warp * 16 * kMT;
+  const uint32_t q_addr = smem_addr(s_q + warp * 16 * kMT * kPitch);
 
   for (int t = tiles.x; t < tiles.y; ++t) {
     const int stage = (t - tiles.x) & 1;
@@ -643,72 +682,87 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
     cp_async_wait_all_but_one();
     __syncthreads();
 
-    float s[kN / 8][4];
-    zero(s);
-    warp_gemm_abt<T, kN / 8, kD>(s, q_addr, kPitch * 2, smem_addr(s_k + stage * kN * kPitch), kPitch * 2);
+    // Causal: a key tile wholly past this warp's last row would only add probabilities of exactly 0
+    // (its rows' max and sums stay as they are), so the warp skips its products; the block's other
+    // warps, whose rows reach the tile, still need it loaded and the barriers kept.
+    if (!p.causal || n0 <= warp_row0 + 16 * kMT - 1) {
+      float s[kMT][kN / 8][4];
 #pragma unroll
-    for (int nb = 0; nb < kN / 8; ++nb) {
+      for (int mt = 0; mt < kMT; ++mt) zero(s[mt]);
+      strips_gemm_abt<T, kMT, kN / 8, kD>(s, q_addr, kPitch * 2, smem_addr(s_k + stage * kN * kPitch), kPitch * 2);
+      const bool masked = tile_needs_mask(p, m0, kM, n0, kN);
+      uint32_t pa[kMT][kN / 16][4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[nb][e] *= p.scale_log2;
-    }
-    if (tile_needs_mask(p, m0, kM, n0, kN)) mask_tile(s, p, mask_base, warp_row0, n0, true);
+      for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+        for (int nb = 0; nb < kN / 8; ++nb) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mt][nb][e] *= p.scale_log2;
+        }
+        const int strip_row0 = warp_row0 + 16 * mt;
+        if (masked) mask_tile(s[mt], p, mask_base, strip_row0, n0, true);
 
-    // Online softmax: rescale what was accumulated by exp2(old max - new max).
-    float shift[2];
+        // Online softmax: rescale what was accumulated by exp2(old max - new max).
+        float shift[2];
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      float mx = row_max[half];
+        for (int half = 0; half < 2; ++half) {
+          float mx = row_max[mt][half];
 #pragma unroll
-      for (int nb = 0; nb < kN / 8; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * half], s[nb][2 * half + 1]));
-      mx = quad_max(mx);
-      // A row with no visible key so far keeps max -inf; shifting by 0 makes exp2 give 0, not NaN.
-      shift[half] = mx == -kInf ? 0.f : mx;
-      const float alpha = exp2f(row_max[half] - shift[half]);
-      row_max[half] = mx;
-      row_sum[half] *= alpha;
+          for (int nb = 0; nb < kN / 8; ++nb) mx = fmaxf(mx, fmaxf(s[mt][nb][2 * half], s[mt][nb][2 * half + 1]));
+          mx = quad_max(mx);
+          // A row with no visible key so far keeps max -inf; shifting by 0 makes exp2 give 0, not NaN.
+          shift[half] = mx == -kInf ? 0.f : mx;
+          const float alpha = exp2f(row_max[mt][half] - shift[half]);
+          row_max[mt][half] = mx;
+          row_sum[mt][half] *= alpha;
 #pragma unroll
-      for (int nb = 0; nb < kOut / 8; ++nb) {
-        o[nb][2 * half] *= alpha;
-        o[nb][2 * half + 1] *= alpha;
+          for (int nb = 0; nb < kOut / 8; ++nb) {
+            o[mt][nb][2 * half] *= alpha;
+            o[mt][nb][2 * half + 1] *= alpha;
+          }
+        }
+#pragma unroll
+        for (int nb = 0; nb < kN / 8; ++nb) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            s[mt][nb][e] = exp2f(s[mt][nb][e] - shift[e >> 1]);
+            row_sum[mt][e >> 1] += s[mt][nb][e];
+          }
+        }
+        if (p.dropout) {
+          for_each_element(s[mt], strip_row0, n0, true,
+                           [&](float& x, int i, int j, int, int) { x *= kept(p, bh, i, j); });
+        }
+        to_a_fragments<T>(s[mt], pa[mt]);
       }
+      strips_gemm_ab<T, kMT, kOut / 8, kN / 16>(o, pa, smem_addr(s_v + stage * kN * kVPitch), kVPitch * 2);
     }
-#pragma unroll
-    for (int nb = 0; nb < kN / 8; ++nb) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[nb][e] = exp2f(s[nb][e] - shift[e >> 1]);
-        row_sum[e >> 1] += s[nb][e];
-      }
-    }
-    if (p.dropout) {
-      for_each_element(s, warp_row0, n0, true, [&](float& x, int i, int j, int, int) { x *= kept(p, bh, i, j); });
-    }
-
-    uint32_t pa[kN / 16][4];
-    to_a_fragments<T>(s, pa);
-    warp_gemm_ab<T, kOut / 8, kN / 16>(o, pa, smem_addr(s_v + stage * kN * kVPitch), kVPitch * 2);
     __syncthreads();  // the next iteration refills the other buffer of this stage's pair
   }
 
   uint16_t* out = p.out + (bh / p.heads) * p.o_s[0] + (bh % p.heads) * p.o_s[1];
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const float l = quad_sum(row_sum[half]);
-    const bool empty = l == 0.f;
-    const float inv = empty ? 0.f : __fdiv_rn(p.inv_keep, l);
+  for (int mt = 0; mt < kMT; ++mt) {
+    const int strip_row0 = warp_row0 + 16 * mt;
 #pragma unroll
-    for (int nb = 0; nb < kOut / 8; ++nb) {
-      o[nb][2 * half] *= inv;
-      o[nb][2 * half + 1] *= inv;
+    for (int half = 0; half < 2; ++half) {
+      const float l = quad_sum(row_sum[mt][half]);
+      const bool empty = l == 0.f;
+      const float inv = empty ? 0.f : __fdiv_rn(p.inv_keep, l);
+#pragma unroll
+      for (int nb = 0; nb < kOut / 8; ++nb) {
+        o[mt][nb][2 * half] *= inv;
+        o[mt][nb][2 * half + 1] *= inv;
+      }
+      const int i = strip_row0 + (lane >> 2) + half * 8;
+      if (blockIdx.y == 0 && (lane & 3) == 0 && i < p.q_len) {
+        float* stats = p.stats + bh * 2 * p.q_len;
+        stats[i] = empty ? kInf : row_max[mt][half];
+        stats[static_cast<int64_t>(p.q_len) + i] = empty ? 0.f : log2f(l);
+      }
     }
-    const int i = warp_row0 + (lane >> 2) + half * 8;
-    if (blockIdx.y == 0 && (lane & 3) == 0 && i < p.q_len) {
-      float* stats = p.stats + bh * 2 * p.q_len;
-      stats[i] = empty ? kInf : row_max[half];
-      stats[static_cast<int64_t>(p.q_len) + i] = empty ? 0.f : log2f(l);
-    }
+    store_strip<T>(o[mt], out, p.o_s[2], strip_row0, p.q_len, col0, p.dv, 1.f);
   }
-  store_strip<T>(o, out, p.o_s[2], warp_row0, p.q_len, col0, p.dv, 1.f);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1225,6 +1279,33 @@ at::Tensor key_spans(AttnParams& p, int64_t bh, const at::Tensor& query, cudaStr
   return spans;
 }
 
+// Two 16-row strips per warp (128 query rows per block) up to this padded head dim; above it the output
+// accumulators (128 columns) twice over would not fit the registers.
+constexpr int kMaxTwoStripHeadDim = 128;
+
+// The forward's 16-row strips per warp, 1 or 2. Two halve the shared-memory reads of K and V per tile
+// product: with one, a warp reads the whole K and V tiles for each 16 rows, 2.25x the bytes per product
+// of FlashAttention-2's 32 rows per warp, and at long sequences the forward ran at 0.70-0.76x its speed
+// on an H200, as shared memory's bandwidth (128 bytes per clock per multiprocessor) predicts for that
+// traffic against the tensor cores' rate. One strip where the queries are few (a block of 128 rows
+// would mostly compute padding, as in decoding) or 128-row blocks would leave multiprocessors idle.
+// FUSED_ATTN_CUDA_FWD_ROWS=64 or 128 pins the choice (128 only up to head dim 128), e.g. to time both;
+// the results are the same bits either way (the same products per row, in the same order).
+int fwd_strips(int padded, int64_t bh, int q_len) {
+  static const int pinned = [] {
+    const char* env = std::getenv("FUSED_ATTN_CUDA_FWD_ROWS");
+    if (env == nullptr || *env == '\0') return 0;
+    const std::string value(env);
+    TORCH_CHECK(value == "64" || value == "128", "FUSED_ATTN_CUDA_FWD_ROWS must be 64 or 128, got '", value, "'");
+    return value == "64" ? 1 : 2;
+  }();
+  if (padded > kMaxTwoStripHeadDim) return 1;
+  if (pinned != 0) return pinned;
+  if (q_len <= 16 * kWarps) return 1;
+  const int64_t blocks = bh * ((q_len + 32 * kWarps - 1) / (32 * kWarps));
+  return blocks >= at::cuda::getCurrentDeviceProperties()->multiProcessorCount ? 2 : 1;
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query, const at::Tensor& key,
                                                       const at::Tensor& value,
                                                       const std::optional<at::Tensor>& attn_mask, double scale,
@@ -1249,22 +1330,33 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query, c
   p.out = static_cast<uint16_t*>(out.mutable_data_ptr());
   fill_strides(out, p.o_s);
   p.stats = stats.mutable_data_ptr<float>();
-  p.num_tiles = (p.q_len + kRowsPerBlock - 1) / kRowsPerBlock;
   const int padded = padded_head_dim(std::max(p.d, p.dv));
+  const int strips = fwd_strips(padded, bh, p.q_len);
+  p.num_tiles = (p.q_len + 16 * kWarps * strips - 1) / (16 * kWarps * strips);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor spans = key_spans(p, bh, query, stream);
   AT_DISPATCH_V2(query.scalar_type(), "attention_fwd_cuda", AT_WRAP([&] {
     dispatch_head_dim(padded, [&](auto head_dim) {
       constexpr int kD = decltype(head_dim)::value;
-      constexpr int kSmem = fwd_smem_bytes<kD>();
-      const auto kernel = attn_fwd_kernel<scalar_t, kD>;
-      prepare_smem(kernel, kSmem, kD);
-      // Output column halves (head dim 256): only as many as the value head dim fills; a half past
-      // it would recompute the scores and store nothing.
-      const int halves = std::max(1, (p.dv + out_cols(kD) - 1) / out_cols(kD));
-      const dim3 grid(grid_blocks(bh, p.num_tiles), halves);
-      kernel<<<grid, kThreads, kSmem, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const auto launch = [&](auto mt) {
+        constexpr int kMT = decltype(mt)::value;
+        constexpr int kSmem = fwd_smem_bytes<kD, kMT>();
+        const auto kernel = attn_fwd_kernel<scalar_t, kD, kMT>;
+        prepare_smem(kernel, kSmem, kD);
+        // Output column halves (head dim 256): only as many as the value head dim fills; a half past
+        // it would recompute the scores and store nothing.
+        const int halves = std::max(1, (p.dv + out_cols(kD) - 1) / out_cols(kD));
+        const dim3 grid(grid_blocks(bh, p.num_tiles), halves);
+        kernel<<<grid, kThreads, kSmem, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if constexpr (kD <= kMaxTwoStripHeadDim) {
+        if (strips == 2) {
+          launch(std::integral_constant<int, 2>{});
+          return;
+        }
+      }
+      launch(std::integral_constant<int, 1>{});
     });
   }), at::kHalf, at::kBFloat16);
   return {out, stats};
