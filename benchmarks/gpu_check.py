@@ -43,12 +43,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-# (suite, dtype, mode, further `fused-attn bench` flags) of the benchmark sweep, one run each, most
-# wanted first: the attention (head dims 64 and 128) and FFN / Add & Norm targets, the models, then
-# the rest.
+# (suite, dtype, mode, further `fused-attn bench` flags[, environment]) of the benchmark sweep, one run
+# each, most wanted first: the attention (head dims 64 and 128) and FFN / Add & Norm targets, the models,
+# then the rest. A run with an environment of its own (a layout pinned for comparison) keeps only its
+# fused backends' rows, named with that environment.
 D128 = ("--head-dim", "128", "--seq", "1024,4096,16384")
+ONE_STRIP = {"FUSED_ATTN_CUDA_FWD_ROWS": "64"}  # the cuda forward's one-strip layout, beside the default
 PRIORITY = [
     ("attention", "bfloat16", "fwd", ()), ("attention", "bfloat16", "fwd+bwd", ()),
+    ("attention", "bfloat16", "fwd", ("--backends", "cuda", "--seq", "1024,4096,16384"), ONE_STRIP),
     ("attention", "bfloat16", "fwd", D128), ("attention", "bfloat16", "fwd+bwd", D128),
     ("ffn", "bfloat16", "fwd+bwd", ()), ("add_layer_norm", "bfloat16", "fwd+bwd", ()),
     ("model", "bfloat16", "fwd+bwd", ()), ("model", "bfloat16", "fwd", ()),
@@ -172,27 +175,34 @@ def run_tests(python: str, tmp: Path, timeout: int, all_tests: bool, resume: lis
 def run_benchmarks(python: str, tmp: Path, suites: list[str], compile_reference: bool,
                    budget: Budget, stages: dict) -> tuple[list[dict], list[str]]:
     records, logs = [], []
-    for suite, dtype, mode, flags in (run for run in PRIORITY if run[0] in suites):
-        label = " ".join([suite, dtype, mode, *flags])
+    for suite, dtype, mode, flags, *env in (run for run in PRIORITY if run[0] in suites):
+        env = env[0] if env else {}
+        pinned = " ".join(f"{key}={value}" for key, value in env.items())
+        label = " ".join([suite, dtype, mode, *flags, *([pinned] if pinned else [])])
         timeout = budget.share(900)
         if timeout is None:
             from fused_attn.bench.cli import DTYPES, record
 
             records.append(record(suite, "all", "cuda", DTYPES[dtype], mode, {},
-                                  skipped=f"the {' '.join([dtype, mode, *flags])} run: not started, the --budget "
-                                          "was spent"))
+                                  skipped=f"the {label.split(' ', 1)[1]} run: not started, the --budget was spent"))
             continue
         path = tmp / f"bench-{_slug(label)}.json"
         started = time.monotonic()
         code, output = _run(
             [python, "-m", "fused_attn", "bench", "--suite", suite, "--device", "cuda", "--dtype", dtype,
              "--mode", mode, *flags, "--json", str(path)] + ([] if compile_reference else ["--no-compile"]),
-            timeout=timeout,
+            timeout=timeout, env=env or None,
         )
         stages[f"bench {label}"] = round(time.monotonic() - started)
         logs.append(output[-6000:])
         if path.exists():  # an interrupted run writes the cases it finished
-            records += json.loads(path.read_text())
+            run_records = json.loads(path.read_text())
+            if env:
+                from fused_attn.backends import AUTO_ORDER
+
+                fused = {name for order in AUTO_ORDER.values() for name in order}
+                run_records = [{**r, "impl": f"{r['impl']} [{pinned}]"} for r in run_records if r["impl"] in fused]
+            records += run_records
     return records, logs
 
 
