@@ -156,9 +156,10 @@ def test_cuda_attention_wide_heads_need_the_shared_memory(monkeypatch, head_dim,
 
 def test_cuda_attention_shared_memory_figure_follows_the_kernels():
     """CUDA_WIDE_HEAD_SMEM_BYTES is what csrc/cuda/attention.cu's kernels ask for at padded head
-    dim 256, and up to head dim 128 every kernel (and the forward at 256) fits the 99 KiB per
-    block of sm86/sm89/sm120: evaluated from the kernel file's own constexpr formulas, so a change
-    of tile sizes there cannot leave the policy's figure behind."""
+    dim 256, and up to head dim 128 every kernel (the forward with one strip per warp or two, and
+    the forward at 256) fits the 99 KiB per block of sm86/sm89/sm120: evaluated from the kernel
+    file's own constexpr formulas, so a change of tile sizes there cannot leave the policy's figure
+    behind."""
     import pathlib
     import re
 
@@ -182,17 +183,25 @@ def test_cuda_attention_shared_memory_figure_follows_the_kernels():
         assert "constexpr int out_cols(int head_dim) { return head_dim > 128 ? 128 : head_dim; }" in source
         return min(d, 128)
 
-    def smem(kernel, d):
+    # The forward's rows per block: 16 per strip per warp, one strip or two (fwd_strips), two only up
+    # to kMaxTwoStripHeadDim.
+    assert "constexpr int fwd_rows() { return 16 * kWarps * kMT; }" in source
+    two_strip_max = int(constant("kMaxTwoStripHeadDim"))
+
+    def smem(kernel, d, strips=1):
         body = re.search(rf"constexpr int {kernel}\(\) \{{\s*constexpr int (\w+) = stream_rows\(kD\);\s*return ([^;]+);",
                          source)
         local, expression = body.groups()
-        names = {"kD": d, local: stream_rows(d), "kRowsPerBlock": rows_per_block, "out_cols": out_cols}
+        expression = expression.replace("fwd_rows<kMT>()", "(kRowsPerBlock * kMT)")
+        names = {"kD": d, local: stream_rows(d), "kRowsPerBlock": rows_per_block, "out_cols": out_cols, "kMT": strips}
         return eval(expression, {"__builtins__": {}}, names)
 
     kernels = ("fwd_smem_bytes", "bwd_dkdv_smem_bytes", "bwd_dq_smem_bytes")
     assert max(smem(k, 256) for k in kernels) == attention.CUDA_WIDE_HEAD_SMEM_BYTES
+    assert two_strip_max == 128 and smem("fwd_smem_bytes", 128, strips=2) < attention.CUDA_WIDE_HEAD_SMEM_BYTES
     sm86_per_block = 101376
     assert all(smem(k, d) <= sm86_per_block for k in kernels for d in (32, 64, 96, 128))
+    assert all(smem("fwd_smem_bytes", d, strips=2) <= sm86_per_block for d in (32, 64, 96, 128))
     assert smem("fwd_smem_bytes", 256) <= sm86_per_block
 
 
