@@ -48,10 +48,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 # then the rest. A run with an environment of its own (a layout pinned for comparison) keeps only its
 # fused backends' rows, named with that environment.
 D128 = ("--head-dim", "128", "--seq", "1024,4096,16384")
-ONE_STRIP = {"FUSED_ATTN_CUDA_FWD_ROWS": "64"}  # the cuda forward's one-strip layout, beside the default
+# The cuda kernels' one-strip layout of query rows (64 per block), beside the default's.
+ONE_STRIP = {"FUSED_ATTN_CUDA_QUERY_ROWS": "64"}
+CUDA_ONLY = ("--backends", "cuda", "--seq", "1024,4096,16384")
 PRIORITY = [
     ("attention", "bfloat16", "fwd", ()), ("attention", "bfloat16", "fwd+bwd", ()),
-    ("attention", "bfloat16", "fwd", ("--backends", "cuda", "--seq", "1024,4096,16384"), ONE_STRIP),
+    ("attention", "bfloat16", "fwd", CUDA_ONLY, ONE_STRIP), ("attention", "bfloat16", "fwd+bwd", CUDA_ONLY, ONE_STRIP),
     ("attention", "bfloat16", "fwd", D128), ("attention", "bfloat16", "fwd+bwd", D128),
     ("ffn", "bfloat16", "fwd+bwd", ()), ("add_layer_norm", "bfloat16", "fwd+bwd", ()),
     ("model", "bfloat16", "fwd+bwd", ()), ("model", "bfloat16", "fwd", ()),

@@ -156,8 +156,8 @@ def test_cuda_attention_wide_heads_need_the_shared_memory(monkeypatch, head_dim,
 
 def test_cuda_attention_shared_memory_figure_follows_the_kernels():
     """CUDA_WIDE_HEAD_SMEM_BYTES is what csrc/cuda/attention.cu's kernels ask for at padded head
-    dim 256, and up to head dim 128 every kernel (the forward with one strip per warp or two, and
-    the forward at 256) fits the 99 KiB per block of sm86/sm89/sm120: evaluated from the kernel
+    dim 256, and up to head dim 128 every kernel (with one strip per warp or, where the forward and
+    the dQ kernels take them, two; and the forward at 256) fits the 99 KiB per block of sm86/sm89/sm120: evaluated from the kernel
     file's own constexpr formulas, so a change of tile sizes there cannot leave the policy's figure
     behind."""
     import pathlib
@@ -188,20 +188,28 @@ def test_cuda_attention_shared_memory_figure_follows_the_kernels():
     assert "constexpr int fwd_rows() { return 16 * kWarps * kMT; }" in source
     two_strip_max = int(constant("kMaxTwoStripHeadDim"))
 
+    # The dQ kernels stream half as many keys with two strips (two only up to kMaxTwoStripDqHeadDim).
+    assert ("constexpr int dq_stream_rows() { return kMT == 1 ? stream_rows(kD) : stream_rows(kD) / 2; }"
+            in source)
+    two_strip_dq_max = int(constant("kMaxTwoStripDqHeadDim"))
+
     def smem(kernel, d, strips=1):
-        body = re.search(rf"constexpr int {kernel}\(\) \{{\s*constexpr int (\w+) = stream_rows\(kD\);\s*return ([^;]+);",
-                         source)
-        local, expression = body.groups()
+        body = re.search(rf"constexpr int {kernel}\(\) \{{\s*constexpr int (\w+) = "
+                         rf"(stream_rows\(kD\)|dq_stream_rows<kD, kMT>\(\));\s*return ([^;]+);", source)
+        local, initial, expression = body.groups()
+        streamed = stream_rows(d) if initial == "stream_rows(kD)" or strips == 1 else stream_rows(d) // 2
         expression = expression.replace("fwd_rows<kMT>()", "(kRowsPerBlock * kMT)")
-        names = {"kD": d, local: stream_rows(d), "kRowsPerBlock": rows_per_block, "out_cols": out_cols, "kMT": strips}
+        names = {"kD": d, local: streamed, "kRowsPerBlock": rows_per_block, "out_cols": out_cols, "kMT": strips}
         return eval(expression, {"__builtins__": {}}, names)
 
     kernels = ("fwd_smem_bytes", "bwd_dkdv_smem_bytes", "bwd_dq_smem_bytes")
     assert max(smem(k, 256) for k in kernels) == attention.CUDA_WIDE_HEAD_SMEM_BYTES
     assert two_strip_max == 128 and smem("fwd_smem_bytes", 128, strips=2) < attention.CUDA_WIDE_HEAD_SMEM_BYTES
+    assert two_strip_dq_max == 64
     sm86_per_block = 101376
     assert all(smem(k, d) <= sm86_per_block for k in kernels for d in (32, 64, 96, 128))
     assert all(smem("fwd_smem_bytes", d, strips=2) <= sm86_per_block for d in (32, 64, 96, 128))
+    assert all(smem("bwd_dq_smem_bytes", d, strips=2) <= sm86_per_block for d in (32, 64))
     assert smem("fwd_smem_bytes", 256) <= sm86_per_block
 
 

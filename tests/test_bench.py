@@ -591,11 +591,12 @@ def test_gpu_check_budget_shares_and_skips(tmp_path, monkeypatch):
     stages = {}
     records, _ = gpu_check.run_benchmarks(sys.executable, tmp_path, ["attention", "ffn"], False, spent, stages)
     assert [(r["suite"], r["mode"]) for r in records] == [
-        ("attention", "fwd"), ("attention", "fwd+bwd"), ("attention", "fwd"), ("attention", "fwd"),
-        ("attention", "fwd+bwd"), ("ffn", "fwd+bwd"), ("ffn", "fwd"), ("attention", "fwd"), ("ffn", "fwd")]
-    assert ("the bfloat16 fwd --backends cuda --seq 1024,4096,16384 FUSED_ATTN_CUDA_FWD_ROWS=64 run: not started"
+        ("attention", "fwd"), ("attention", "fwd+bwd"), ("attention", "fwd"), ("attention", "fwd+bwd"),
+        ("attention", "fwd"), ("attention", "fwd+bwd"), ("ffn", "fwd+bwd"), ("ffn", "fwd"), ("attention", "fwd"),
+        ("ffn", "fwd")]
+    assert ("the bfloat16 fwd --backends cuda --seq 1024,4096,16384 FUSED_ATTN_CUDA_QUERY_ROWS=64 run: not started"
             in records[2]["skipped"])
-    assert "the bfloat16 fwd --head-dim 128 --seq 1024,4096,16384 run: not started" in records[3]["skipped"]
+    assert "the bfloat16 fwd --head-dim 128 --seq 1024,4096,16384 run: not started" in records[4]["skipped"]
     assert stages == {}  # nothing ran
     assert all("not started, the --budget was spent" in r["skipped"] and r["device"] == "cuda" for r in records)
     facts = {"gpu": "H200", "date": "today", "torch": "2", "torch_cuda": "13", "triton": "3", "fused_attn": "0"}
@@ -627,16 +628,16 @@ def test_gpu_check_run_with_its_own_environment_keeps_its_fused_rows_renamed(tmp
     monkeypatch.setattr(gpu_check, "_run", fake_run)
     monkeypatch.setattr(gpu_check, "PRIORITY", [
         ("attention", "bfloat16", "fwd", ()),
-        ("attention", "bfloat16", "fwd", ("--backends", "cuda"), {"FUSED_ATTN_CUDA_FWD_ROWS": "64"})])
+        ("attention", "bfloat16", "fwd", ("--backends", "cuda"), {"FUSED_ATTN_CUDA_QUERY_ROWS": "64"})])
     stages = {}
     records, _ = gpu_check.run_benchmarks(sys.executable, tmp_path, ["attention"], False, gpu_check.Budget(None),
                                           stages)
-    assert [env for _, env in calls] == [None, {"FUSED_ATTN_CUDA_FWD_ROWS": "64"}]
+    assert [env for _, env in calls] == [None, {"FUSED_ATTN_CUDA_QUERY_ROWS": "64"}]
     assert "--backends" in calls[1][0]
     assert [r["impl"] for r in records] == ["eager", "torch", "torch-flash", "cuda", "triton",
-                                            "cuda [FUSED_ATTN_CUDA_FWD_ROWS=64]", "triton [FUSED_ATTN_CUDA_FWD_ROWS=64]"]
+                                            "cuda [FUSED_ATTN_CUDA_QUERY_ROWS=64]", "triton [FUSED_ATTN_CUDA_QUERY_ROWS=64]"]
     assert list(stages) == ["bench attention bfloat16 fwd",
-                            "bench attention bfloat16 fwd --backends cuda FUSED_ATTN_CUDA_FWD_ROWS=64"]
+                            "bench attention bfloat16 fwd --backends cuda FUSED_ATTN_CUDA_QUERY_ROWS=64"]
 
 
 def test_gpu_check_tests_resume_where_an_earlier_report_stopped(tmp_path, monkeypatch):

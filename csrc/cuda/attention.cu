@@ -7,7 +7,7 @@
 // the Triton kernels (fused_attn/ops/attention.py declares this backend fp16/bf16 only, sm >= 8.0).
 //
 // Tiling. Every kernel runs 4 warps (128 threads) and every warp owns 16-row strips of its block's
-// tile, one (32 in the forward, see fwd_strips), so all row statistics (max, sum, delta) live in the
+// tile, one or two (the forward's and the dQ kernels', see query_strips), so all row statistics (max, sum, delta) live in the
 // registers of the 4 lanes of a quad that hold a row's mma fragments and are reduced with two shuffles,
 // never through shared memory.
 //  * forward: one block per (batch*head, 128 queries: two strips per warp, which read each K and V
@@ -34,8 +34,9 @@
 //    Cost: 9 tile products instead of 7. dK/dV with one block per (batch*head, 64 keys), each warp
 //    owning 16 keys, streaming query tiles (64 queries for D <= 64, 32 above) and forming S^T = K Q^T,
 //    dP^T = V dO^T directly transposed so that dV += P^T dO and dK += dS^T Q reuse the accumulators as
-//    A operands; dQ with one block per (batch*head, 64 queries)
-//    streaming key tiles as the forward does, dQ += dS K, and, when a floating mask needs its gradient,
+//    A operands; dQ (and the statistics) with one block per (batch*head, 128 or 64 queries, as the
+//    forward's, up to D = 64; 64 above) streaming key tiles as the forward does (32 keys with two
+//    strips per warp), dQ += dS K, and, when a floating mask needs its gradient,
 //    dS written to grad_scores (float32, zero-initialised so causally skipped tiles read 0).
 //    dQ is a separate pass rather than fp32 atomics from the dK/dV kernel: it recomputes Q K^T and
 //    dO V^T once more (2 tile products more), but every gradient is written by exactly one
@@ -903,18 +904,27 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
   store_strip<T>(dv, p.dv_out + b * p.dv_s[0] + h * p.dv_s[1], p.dv_s[2], warp_key0, p.k_len, col0, p.dv, p.inv_keep);
 }
 
-template <int kD>
+// Keys per streamed tile of the dQ kernel: the forward's length with one strip per warp, half of it with
+// two, so that the two strips' score and dP tiles take the registers one strip's took.
+template <int kD, int kMT>
+constexpr int dq_stream_rows() { return kMT == 1 ? stream_rows(kD) : stream_rows(kD) / 2; }
+
+template <int kD, int kMT>
 constexpr int bwd_dq_smem_bytes() {
-  constexpr int kN = stream_rows(kD);
-  return 2 * (2 * kRowsPerBlock * (kD + 8) + 4 * kN * (kD + 8));
+  constexpr int kN = dq_stream_rows<kD, kMT>();
+  return 2 * (2 * fwd_rows<kMT>() * (kD + 8) + 4 * kN * (kD + 8));
 }
 
-// dQ (and grad_scores) of one (batch*head, 64 queries) block, accumulated over the key tiles; with kStats,
-// the row statistics (corr, delta) of the block's queries instead (see the header).
-template <typename T, int kD, bool kStats>
+// dQ (and grad_scores) of one (batch*head, 64 or 128 queries: kMT strips of 16 rows per warp, as the
+// forward's) block, accumulated over the key tiles; with kStats, the row statistics (corr, delta) of the
+// block's queries instead (see the header). Two strips halve the shared-memory reads of K and V per tile
+// product, as in the forward; the keys are then streamed 32 at a time, and every sum (over a row's keys,
+// and dQ's over the key tiles' mma steps) takes its terms in the same order as with one strip, so the
+// results are the same bits.
+template <typename T, int kD, bool kStats, int kMT>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p) {
-  constexpr int kM = kRowsPerBlock;
-  constexpr int kN = stream_rows(kD);
+  constexpr int kM = fwd_rows<kMT>();
+  constexpr int kN = dq_stream_rows<kD, kMT>();
   constexpr int kOut = out_cols(kD);
   constexpr int kPitch = kD + 8;
   extern __shared__ uint4 smem_raw[];
@@ -950,23 +960,30 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
   }
   cp_async_commit();
 
-  const int warp_row0 = m0 + warp * 16;
-  float2 st[2];  // row max, log2 of the row sum
-  float dlt[2] = {0.f, 0.f}, cr[2] = {1.f, 1.f};
+  // This warp's strips: rows warp_row0 + 16 mt + (lane / 4) + 8 half.
+  const int warp_row0 = m0 + warp * 16 * kMT;
+  float2 st[kMT][2];  // row max, log2 of the row sum
+  float dlt[kMT][2], cr[kMT][2];
+  float dq[kMT][kOut / 8][4];
+  float p_sum[kMT][2], pdp_sum[kMT][2];  // this lane's share (kStats)
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int i = warp_row0 + (lane >> 2) + half * 8;
-    st[half] = row_stats(p, bh, i);
-    if constexpr (!kStats) {
-      dlt[half] = i < p.q_len ? p.delta[bh * p.q_len + i] : 0.f;
-      cr[half] = i < p.q_len ? p.corr[bh * p.q_len + i] : 0.f;
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int i = warp_row0 + 16 * mt + (lane >> 2) + half * 8;
+      st[mt][half] = row_stats(p, bh, i);
+      dlt[mt][half] = 0.f;
+      cr[mt][half] = 1.f;
+      if constexpr (!kStats) {
+        dlt[mt][half] = i < p.q_len ? p.delta[bh * p.q_len + i] : 0.f;
+        cr[mt][half] = i < p.q_len ? p.corr[bh * p.q_len + i] : 0.f;
+      }
+      p_sum[mt][half] = pdp_sum[mt][half] = 0.f;
     }
+    zero(dq[mt]);
   }
-  float dq[kOut / 8][4];
-  zero(dq);
-  float p_sum[2] = {0.f, 0.f}, pdp_sum[2] = {0.f, 0.f};  // this lane's share (kStats)
-  const uint32_t q_addr = smem_addr(s_q + warp * 16 * kPitch);
-  const uint32_t do_addr = smem_addr(s_do + warp * 16 * kPitch);
+  const uint32_t q_addr = smem_addr(s_q + warp * 16 * kMT * kPitch);
+  const uint32_t do_addr = smem_addr(s_do + warp * 16 * kMT * kPitch);
 
   for (int t = tiles.x; t < tiles.y; ++t) {
     const int stage = (t - tiles.x) & 1;
@@ -981,88 +998,111 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
     const uint16_t* k_tile = s_k + stage * kN * kPitch;
     const uint16_t* v_tile = s_v + stage * kN * kPitch;
 
-    float ps[kN / 8][4];
-    zero(ps);
-    warp_gemm_abt<T, kN / 8, kD>(ps, q_addr, kPitch * 2, smem_addr(k_tile), kPitch * 2);
+    // Causal: a key tile wholly past this warp's last row has P = 0 for all its rows (dS 0, nothing to
+    // add to the sums or to dQ; grad_scores keeps its zeros there), so the warp skips it, as the forward.
+    if (!p.causal || n0 <= warp_row0 + 16 * kMT - 1) {
+      float ps[kMT][kN / 8][4];
 #pragma unroll
-    for (int nb = 0; nb < kN / 8; ++nb) {
+      for (int mt = 0; mt < kMT; ++mt) zero(ps[mt]);
+      strips_gemm_abt<T, kMT, kN / 8, kD>(ps, q_addr, kPitch * 2, smem_addr(k_tile), kPitch * 2);
+      const bool masked = tile_needs_mask(p, m0, kM, n0, kN);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) ps[nb][e] *= p.scale_log2;
-    }
-    if (tile_needs_mask(p, m0, kM, n0, kN)) mask_tile(ps, p, mask_base, warp_row0, n0, true);
+      for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-    for (int nb = 0; nb < kN / 8; ++nb) {
+        for (int nb = 0; nb < kN / 8; ++nb) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) ps[nb][e] = recomputed_p((ps[nb][e] - st[e >> 1].x) - st[e >> 1].y) * cr[e >> 1];
-    }
-
-    float dp[kN / 8][4];
-    zero(dp);
-    warp_gemm_abt<T, kN / 8, kD>(dp, do_addr, kPitch * 2, smem_addr(v_tile), kPitch * 2);
-    if (p.dropout) {
-      for_each_element(dp, warp_row0, n0, true, [&](float& x, int i, int j, int, int) {
-        x *= kept(p, bh, i, j);
-      });
-    }
-    if constexpr (kStats) {
-#pragma unroll
-      for (int nb = 0; nb < kN / 8; ++nb) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          p_sum[e >> 1] += ps[nb][e];
-          pdp_sum[e >> 1] += ps[nb][e] * dp[nb][e];
+          for (int e = 0; e < 4; ++e) ps[mt][nb][e] *= p.scale_log2;
         }
-      }
-    } else {
-      // dS = P (dP - delta), in place of P.
+        if (masked) mask_tile(ps[mt], p, mask_base, warp_row0 + 16 * mt, n0, true);
 #pragma unroll
-      for (int nb = 0; nb < kN / 8; ++nb) {
+        for (int nb = 0; nb < kN / 8; ++nb) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) ps[nb][e] *= dp[nb][e] - dlt[e >> 1];
-      }
-      if (dscores != nullptr) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int i = warp_row0 + (lane >> 2) + half * 8;
-          if (i >= p.q_len) continue;
-          float* row = dscores + static_cast<int64_t>(i) * p.k_len;
-#pragma unroll
-          for (int nb = 0; nb < kN / 8; ++nb) {
-            const int j = n0 + nb * 8 + (lane & 3) * 2;
-            float* ptr = row + j;
-            const float x0 = ps[nb][2 * half] * p.inv_keep, x1 = ps[nb][2 * half + 1] * p.inv_keep;
-            if (j + 1 < p.k_len && (reinterpret_cast<uintptr_t>(ptr) & 7) == 0) {
-              *reinterpret_cast<float2*>(ptr) = make_float2(x0, x1);
-            } else {
-              if (j < p.k_len) ptr[0] = x0;
-              if (j + 1 < p.k_len) ptr[1] = x1;
-            }
+          for (int e = 0; e < 4; ++e) {
+            ps[mt][nb][e] =
+                recomputed_p((ps[mt][nb][e] - st[mt][e >> 1].x) - st[mt][e >> 1].y) * cr[mt][e >> 1];
           }
         }
       }
-      uint32_t frag[kN / 16][4];
-      to_a_fragments<T>(ps, frag);
-      warp_gemm_ab<T, kOut / 8, kN / 16>(dq, frag, smem_addr(k_tile + col0), kPitch * 2);
+
+      float dp[kMT][kN / 8][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) zero(dp[mt]);
+      strips_gemm_abt<T, kMT, kN / 8, kD>(dp, do_addr, kPitch * 2, smem_addr(v_tile), kPitch * 2);
+      uint32_t frag[kMT][kN / 16][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        const int strip_row0 = warp_row0 + 16 * mt;
+        if (p.dropout) {
+          for_each_element(dp[mt], strip_row0, n0, true, [&](float& x, int i, int j, int, int) {
+            x *= kept(p, bh, i, j);
+          });
+        }
+        if constexpr (kStats) {
+#pragma unroll
+          for (int nb = 0; nb < kN / 8; ++nb) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              p_sum[mt][e >> 1] += ps[mt][nb][e];
+              pdp_sum[mt][e >> 1] += ps[mt][nb][e] * dp[mt][nb][e];
+            }
+          }
+        } else {
+          // dS = P (dP - delta), in place of P.
+#pragma unroll
+          for (int nb = 0; nb < kN / 8; ++nb) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) ps[mt][nb][e] *= dp[mt][nb][e] - dlt[mt][e >> 1];
+          }
+          if (dscores != nullptr) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              const int i = strip_row0 + (lane >> 2) + half * 8;
+              if (i >= p.q_len) continue;
+              float* row = dscores + static_cast<int64_t>(i) * p.k_len;
+#pragma unroll
+              for (int nb = 0; nb < kN / 8; ++nb) {
+                const int j = n0 + nb * 8 + (lane & 3) * 2;
+                float* ptr = row + j;
+                const float x0 = ps[mt][nb][2 * half] * p.inv_keep, x1 = ps[mt][nb][2 * half + 1] * p.inv_keep;
+                if (j + 1 < p.k_len && (reinterpret_cast<uintptr_t>(ptr) & 7) == 0) {
+                  *reinterpret_cast<float2*>(ptr) = make_float2(x0, x1);
+                } else {
+                  if (j < p.k_len) ptr[0] = x0;
+                  if (j + 1 < p.k_len) ptr[1] = x1;
+                }
+              }
+            }
+          }
+          to_a_fragments<T>(ps[mt], frag[mt]);
+        }
+      }
+      if constexpr (!kStats) {
+        strips_gemm_ab<T, kMT, kOut / 8, kN / 16>(dq, frag, smem_addr(k_tile + col0), kPitch * 2);
+      }
     }
     __syncthreads();
   }
 
-  if constexpr (kStats) {
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const float l = quad_sum(p_sum[half]);
-      const float pdp = quad_sum(pdp_sum[half]);
-      const int i = warp_row0 + (lane >> 2) + half * 8;
-      if ((lane & 3) == 0 && i < p.q_len) {
-        // Correctly rounded: under --use_fast_math a / is approximate (2 ulp), and dS = P corr (dP - delta)
-        // cancels at the scale of delta, which would pass such errors into dQ and dK.
-        p.corr[bh * p.q_len + i] = l > 0.f ? __fdiv_rn(1.f, l) : 0.f;
-        p.delta[bh * p.q_len + i] = l > 0.f ? __fdiv_rn(pdp, l) : 0.f;
+  for (int mt = 0; mt < kMT; ++mt) {
+    const int strip_row0 = warp_row0 + 16 * mt;
+    if constexpr (kStats) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const float l = quad_sum(p_sum[mt][half]);
+        const float pdp = quad_sum(pdp_sum[mt][half]);
+        const int i = strip_row0 + (lane >> 2) + half * 8;
+        if ((lane & 3) == 0 && i < p.q_len) {
+          // Correctly rounded: under --use_fast_math a / is approximate (2 ulp), and dS = P corr (dP - delta)
+          // cancels at the scale of delta, which would pass such errors into dQ and dK.
+          p.corr[bh * p.q_len + i] = l > 0.f ? __fdiv_rn(1.f, l) : 0.f;
+          p.delta[bh * p.q_len + i] = l > 0.f ? __fdiv_rn(pdp, l) : 0.f;
+        }
       }
+    } else {
+      store_strip<T>(dq[mt], p.dq + b * p.dq_s[0] + h * p.dq_s[1], p.dq_s[2], strip_row0, p.q_len, col0, p.d,
+                     p.scale * p.inv_keep);
     }
-  } else {
-    store_strip<T>(dq, p.dq + b * p.dq_s[0] + h * p.dq_s[1], p.dq_s[2], warp_row0, p.q_len, col0, p.d,
-                   p.scale * p.inv_keep);
   }
 }
 
@@ -1279,24 +1319,27 @@ at::Tensor key_spans(AttnParams& p, int64_t bh, const at::Tensor& query, cudaStr
   return spans;
 }
 
-// Two 16-row strips per warp (128 query rows per block) up to this padded head dim; above it the output
-// accumulators (128 columns) twice over would not fit the registers.
+// Two 16-row strips per warp (128 query rows per block) up to this padded head dim in the forward, and up
+// to kMaxTwoStripDqHeadDim in the statistics and dQ kernels; above them the output accumulators (up to 128
+// columns) twice over would not fit the registers beside the score tiles.
 constexpr int kMaxTwoStripHeadDim = 128;
+constexpr int kMaxTwoStripDqHeadDim = 64;
 
-// The forward's 16-row strips per warp, 1 or 2. Two halve the shared-memory reads of K and V per tile
-// product: with one, a warp reads the whole K and V tiles for each 16 rows, 2.25x the bytes per product
-// of FlashAttention-2's 32 rows per warp, and at long sequences the forward ran at 0.70-0.76x its speed
-// on an H200, as shared memory's bandwidth (128 bytes per clock per multiprocessor) predicts for that
-// traffic against the tensor cores' rate. One strip where the queries are few (a block of 128 rows
-// would mostly compute padding, as in decoding) or 128-row blocks would leave multiprocessors idle.
-// FUSED_ATTN_CUDA_FWD_ROWS=64 or 128 pins the choice (128 only up to head dim 128), e.g. to time both;
-// the results are the same bits either way (the same products per row, in the same order).
-int fwd_strips(int padded, int64_t bh, int q_len) {
+// The 16-row strips per warp, 1 or 2, of the kernels whose blocks own query rows (the forward; the
+// statistics and dQ kernels up to kMaxTwoStripDqHeadDim). Two halve the shared-memory reads of K and V
+// per tile product: with one, a warp reads the whole K and V tiles for each 16 rows, 2.25x the bytes per
+// product of FlashAttention-2's 32 rows per warp, and at long sequences the forward ran at 0.70-0.76x
+// its speed on an H200, as shared memory's bandwidth (128 bytes per clock per multiprocessor) predicts
+// for that traffic against the tensor cores' rate. One strip where the queries are few (a block of 128
+// rows would mostly compute padding, as in decoding) or 128-row blocks would leave multiprocessors
+// idle. FUSED_ATTN_CUDA_QUERY_ROWS=64 or 128 pins the choice (128 only up to those head dims), e.g. to
+// time both; the results are the same bits either way (the same products per row, in the same order).
+int query_strips(int padded, int64_t bh, int q_len) {
   static const int pinned = [] {
-    const char* env = std::getenv("FUSED_ATTN_CUDA_FWD_ROWS");
+    const char* env = std::getenv("FUSED_ATTN_CUDA_QUERY_ROWS");
     if (env == nullptr || *env == '\0') return 0;
     const std::string value(env);
-    TORCH_CHECK(value == "64" || value == "128", "FUSED_ATTN_CUDA_FWD_ROWS must be 64 or 128, got '", value, "'");
+    TORCH_CHECK(value == "64" || value == "128", "FUSED_ATTN_CUDA_QUERY_ROWS must be 64 or 128, got '", value, "'");
     return value == "64" ? 1 : 2;
   }();
   if (padded > kMaxTwoStripHeadDim) return 1;
@@ -1331,7 +1374,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query, c
   fill_strides(out, p.o_s);
   p.stats = stats.mutable_data_ptr<float>();
   const int padded = padded_head_dim(std::max(p.d, p.dv));
-  const int strips = fwd_strips(padded, bh, p.q_len);
+  const int strips = query_strips(padded, bh, p.q_len);
   p.num_tiles = (p.q_len + 16 * kWarps * strips - 1) / (16 * kWarps * strips);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor spans = key_spans(p, bh, query, stream);
@@ -1437,7 +1480,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.dscores = mask_needs_grad ? dscores.mutable_data_ptr<float>() : nullptr;
 
   const int padded = padded_head_dim(std::max(p.d, p.dv));
-  const int q_tiles = (p.q_len + kRowsPerBlock - 1) / kRowsPerBlock;
+  // The statistics and dQ kernels' query rows per block: as the forward's (query_strips), up to
+  // kMaxTwoStripDqHeadDim.
+  const int dq_strips = padded <= kMaxTwoStripDqHeadDim ? query_strips(padded, bh, p.q_len) : 1;
+  const int q_tiles = (p.q_len + 16 * kWarps * dq_strips - 1) / (16 * kWarps * dq_strips);
   const int k_tiles = (p.k_len + kRowsPerBlock - 1) / kRowsPerBlock;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor spans = key_spans(p, bh, query, stream);
@@ -1447,13 +1493,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
       const unsigned int chunks = kD / out_cols(kD);
       BwdParams pq = p;
       pq.num_tiles = q_tiles;
-      {
-        constexpr int kSmem = bwd_dq_smem_bytes<kD>();
-        const auto kernel = attn_bwd_dq_kernel<scalar_t, kD, true>;
-        prepare_smem(kernel, kSmem, kD);
-        kernel<<<dim3(grid_blocks(bh, q_tiles), 1), kThreads, kSmem, stream>>>(pq);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+      // The statistics kernel (kStats) or the dQ kernel, with dq_strips strips per warp.
+      const auto launch_dq = [&](auto stats, unsigned int column_chunks) {
+        constexpr bool kStats = decltype(stats)::value;
+        const auto launch = [&](auto mt) {
+          constexpr int kMT = decltype(mt)::value;
+          constexpr int kSmem = bwd_dq_smem_bytes<kD, kMT>();
+          const auto kernel = attn_bwd_dq_kernel<scalar_t, kD, kStats, kMT>;
+          prepare_smem(kernel, kSmem, kD);
+          kernel<<<dim3(grid_blocks(bh, q_tiles), column_chunks), kThreads, kSmem, stream>>>(pq);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        if constexpr (kD <= kMaxTwoStripDqHeadDim) {
+          if (dq_strips == 2) {
+            launch(std::integral_constant<int, 2>{});
+            return;
+          }
+        }
+        launch(std::integral_constant<int, 1>{});
+      };
+      launch_dq(std::true_type{}, 1);
       {
         constexpr int kSmem = bwd_dkdv_smem_bytes<kD>();
         const auto kernel = attn_bwd_dkdv_kernel<scalar_t, kD>;
@@ -1463,16 +1522,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
         kernel<<<dim3(grid_blocks(bh, k_tiles), chunks), kThreads, kSmem, stream>>>(pk);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      {
-        constexpr int kSmem = bwd_dq_smem_bytes<kD>();
-        const auto kernel = attn_bwd_dq_kernel<scalar_t, kD, false>;
-        prepare_smem(kernel, kSmem, kD);
-        // dQ has the query head dim's columns: a half past them (head dim 256 padded for the value's
-        // alone) would recompute the scores and store nothing, grad_scores being the first half's.
-        const unsigned int dq_chunks = std::max(1, (p.d + out_cols(kD) - 1) / out_cols(kD));
-        kernel<<<dim3(grid_blocks(bh, q_tiles), dq_chunks), kThreads, kSmem, stream>>>(pq);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+      // dQ has the query head dim's columns: a half past them (head dim 256 padded for the value's
+      // alone) would recompute the scores and store nothing, grad_scores being the first half's.
+      launch_dq(std::false_type{}, static_cast<unsigned int>(std::max(1, (p.d + out_cols(kD) - 1) / out_cols(kD))));
     });
   }), at::kHalf, at::kBFloat16);
   if (grouped) {
