@@ -31,8 +31,9 @@ MODES = ["fwd", "fwd+bwd"]
 DEFAULT_CPU_MIN_TIME_S = 0.25
 # On a GPU the baselines that materialise the scores (eager attention, the float32 reference) take
 # 0.1-0.3 s per call at long sequences, 10-100x the kernels: 30 samples of each were most of a
-# sweep's time on an H200. Past 2 s of timed calls they stop at 5 samples (their max / min spread
-# there was under 1%); a kernel's row keeps all 30.
+# sweep's time on an H200. Past 2 s of timed calls they stop at 5 samples (their 30 spread less than
+# 1% around the median but for one outlier of 6%, which a median of 5 also leaves out); a kernel's row
+# keeps all 30.
 DEFAULT_CUDA_MAX_TIME_S = 2.0
 
 
