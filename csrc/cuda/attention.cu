@@ -527,6 +527,12 @@ __device__ __forceinline__ void mask_tile(float (&s)[NB][4], const AttnParams& p
   });
 }
 
+// A tile product's score in log2 units, rounded on its own (__fmul_rn is never contracted): a product
+// the compiler fused into the next subtraction (an FMA, the product unrounded) where a tile takes the
+// unmasked path, but not where the per-element mask pass stands between them, would make a score's
+// bits depend on which tiles need that pass, and so on the tiling (the one or two strips per warp).
+__device__ __forceinline__ float scaled_score(float qk, const AttnParams& p) { return __fmul_rn(qk, p.scale_log2); }
+
 // The forward's statistics of query i of head bh, in log2 units: (row max, log2 of the row sum). A query
 // past the end gives (+inf, 0), so its P = exp2((s - max) - log2 sum) is 0 whatever the (zero-filled) scores.
 __device__ __forceinline__ float2 row_stats(const BwdParams& p, int64_t bh, int i) {
@@ -698,7 +704,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
 #pragma unroll
         for (int nb = 0; nb < kN / 8; ++nb) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) s[mt][nb][e] *= p.scale_log2;
+          for (int e = 0; e < 4; ++e) s[mt][nb][e] = scaled_score(s[mt][nb][e], p);
         }
         const int strip_row0 = warp_row0 + 16 * mt;
         if (masked) mask_tile(s[mt], p, mask_base, strip_row0, n0, true);
@@ -851,7 +857,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
 #pragma unroll
     for (int nb = 0; nb < kM / 8; ++nb) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) pt[nb][e] *= p.scale_log2;
+      for (int e = 0; e < 4; ++e) pt[nb][e] = scaled_score(pt[nb][e], p);
     }
     if (tile_needs_mask(p, m0, kM, n0, kN)) mask_tile(pt, p, mask_base, warp_key0, m0, false);
     float dlt[kM / 8][2];
@@ -1011,7 +1017,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
 #pragma unroll
         for (int nb = 0; nb < kN / 8; ++nb) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) ps[mt][nb][e] *= p.scale_log2;
+          for (int e = 0; e < 4; ++e) ps[mt][nb][e] = scaled_score(ps[mt][nb][e], p);
         }
         if (masked) mask_tile(ps[mt], p, mask_base, warp_row0 + 16 * mt, n0, true);
 #pragma unroll
