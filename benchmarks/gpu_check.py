@@ -22,7 +22,8 @@ with SIGINT, so pytest and `fused-attn bench` still report what they finished), 
 come in order of what matters most: the CUDA tests (at most --tests-share of the budget, half by
 default, unless --skip-bench), the sanitizer, the host time per call, then the benchmarks in
 PRIORITY order, then the memory profile. The tests are the ones marked `cuda` (every test on a
-CUDA device; the CPU ones run in CI) unless `--all-tests`.
+CUDA device; the CPU ones run in CI) unless `--all-tests`, the kernels' parity files first
+(FIRST_TESTS), so that a budget that stops them cuts the rest.
 """
 
 from __future__ import annotations
@@ -134,6 +135,19 @@ def passed_in(reports: list[Path]) -> set[str]:
     return passed
 
 
+# Test files run first (pytest takes files in the order given; a budget that stops the run cuts the
+# last): the CUDA kernels' own parity, then the rest in name order.
+FIRST_TESTS = ["test_cuda_query_strips.py", "test_attention.py", "test_add_layer_norm.py", "test_layer_norm.py",
+               "test_ffn.py", "test_softmax.py"]
+
+
+def ordered_test_files() -> list[str]:
+    """tests/test_*.py, FIRST_TESTS first, as paths relative to the repository's root."""
+    names = sorted(path.name for path in (ROOT / "tests").glob("test_*.py"))
+    first = [name for name in FIRST_TESTS if name in names]
+    return [f"tests/{name}" for name in first + [name for name in names if name not in first]]
+
+
 def run_tests(python: str, tmp: Path, timeout: int, all_tests: bool, resume: list[Path] | None = None) -> dict:
     junit = tmp / "junit.xml"
     # One config per Triton kernel: the tests cover many shapes, and autotuning each would spend
@@ -145,8 +159,8 @@ def run_tests(python: str, tmp: Path, timeout: int, all_tests: bool, resume: lis
         select += ["--deselect", test]
     workers = test_workers(python)
     parallel = ["-n", str(workers)] if workers > 1 else []
-    code, output = _run([python, "-m", "pytest", "tests", "-q", "-rfE", *select, *parallel, f"--junitxml={junit}"],
-                        timeout=timeout, env=env)
+    code, output = _run([python, "-m", "pytest", *ordered_test_files(), "-q", "-rfE", *select, *parallel,
+                         f"--junitxml={junit}"], timeout=timeout, env=env)
     summary = {"exit_code": code, "tail": output[-3000:], "failed_tests": [],
                "selection": ("all tests" if all_tests else "tests marked cuda")
                + (f", {workers} pytest-xdist workers" if workers > 1 else "")}

@@ -663,6 +663,9 @@ def test_gpu_check_tests_resume_where_an_earlier_report_stopped(tmp_path, monkey
     monkeypatch.setattr(gpu_check, "_run", fake_run)
     summary = gpu_check.run_tests(sys.executable, tmp_path, 60, False, [earlier])
     (cmd,) = commands
+    files = [arg for arg in cmd if arg.startswith("tests/") and arg.endswith(".py")]
+    assert files[:2] == ["tests/test_cuda_query_strips.py", "tests/test_attention.py"]  # the kernels' parity first
+    assert sorted(files) == sorted(f"tests/{p.name}" for p in (Path(gpu_check.ROOT) / "tests").glob("test_*.py"))
     deselected = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--deselect"]
     assert deselected == ["tests/test_a.py::test_x[cuda]", "tests/test_b.py::test_y"]
     assert summary["passed_ids"] == ["tests/test_c.py::test_z[p-cuda]"]
