@@ -1355,6 +1355,19 @@ int query_strips(int padded, int64_t bh, int q_len) {
   return blocks >= at::cuda::getCurrentDeviceProperties()->multiProcessorCount ? 2 : 1;
 }
 
+// launch(std::integral_constant<int, kMT>) with kMT = `strips` (1 or 2); a kernel of two strips is
+// instantiated only for padded head dims up to kMaxD.
+template <int kD, int kMaxD, typename F>
+void dispatch_strips(int strips, const F& launch) {
+  if constexpr (kD <= kMaxD) {
+    if (strips == 2) {
+      launch(std::integral_constant<int, 2>{});
+      return;
+    }
+  }
+  launch(std::integral_constant<int, 1>{});
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query, const at::Tensor& key,
                                                       const at::Tensor& value,
                                                       const std::optional<at::Tensor>& attn_mask, double scale,
@@ -1399,13 +1412,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query, c
         kernel<<<grid, kThreads, kSmem, stream>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      if constexpr (kD <= kMaxTwoStripHeadDim) {
-        if (strips == 2) {
-          launch(std::integral_constant<int, 2>{});
-          return;
-        }
-      }
-      launch(std::integral_constant<int, 1>{});
+      dispatch_strips<kD, kMaxTwoStripHeadDim>(strips, launch);
     });
   }), at::kHalf, at::kBFloat16);
   return {out, stats};
@@ -1510,13 +1517,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
           kernel<<<dim3(grid_blocks(bh, q_tiles), column_chunks), kThreads, kSmem, stream>>>(pq);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         };
-        if constexpr (kD <= kMaxTwoStripDqHeadDim) {
-          if (dq_strips == 2) {
-            launch(std::integral_constant<int, 2>{});
-            return;
-          }
-        }
-        launch(std::integral_constant<int, 1>{});
+        dispatch_strips<kD, kMaxTwoStripDqHeadDim>(dq_strips, launch);
       };
       launch_dq(std::true_type{}, 1);
       {
