@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,8 +185,18 @@ def run_tests(python: str, tmp: Path, timeout: int, all_tests: bool, resume: lis
                 passed.append(test)
         # What a later run with --resume leaves out, and where this one's time went.
         summary["passed_ids"] = sorted(passed)
-        summary["slowest"] = [{"test": test, "seconds": round(t, 1)} for t, test in sorted(durations, reverse=True)[:10]]
+        summary["slowest"] = [{"test": test, "seconds": round(t, 1)}
+                              for t, test in sorted(durations, reverse=True)[:10]]
     return summary
+
+
+def timed(stages: dict[str, int], stage: str, action: Callable[[], object]):
+    """``action()``, its wall time (whole seconds) recorded in ``stages`` under ``stage``, also when it raises."""
+    started = time.monotonic()
+    try:
+        return action()
+    finally:
+        stages[stage] = round(time.monotonic() - started)
 
 
 def run_benchmarks(python: str, tmp: Path, suites: list[str], compile_reference: bool,
@@ -194,22 +205,20 @@ def run_benchmarks(python: str, tmp: Path, suites: list[str], compile_reference:
     for suite, dtype, mode, flags, *env in (run for run in PRIORITY if run[0] in suites):
         env = env[0] if env else {}
         pinned = " ".join(f"{key}={value}" for key, value in env.items())
-        label = " ".join([suite, dtype, mode, *flags, *([pinned] if pinned else [])])
+        run = " ".join([dtype, mode, *flags, *([pinned] if pinned else [])])
         timeout = budget.share(900)
         if timeout is None:
             from fused_attn.bench.cli import DTYPES, record
 
             records.append(record(suite, "all", "cuda", DTYPES[dtype], mode, {},
-                                  skipped=f"the {label.split(' ', 1)[1]} run: not started, the --budget was spent"))
+                                  skipped=f"the {run} run: not started, the --budget was spent"))
             continue
-        path = tmp / f"bench-{_slug(label)}.json"
-        started = time.monotonic()
-        code, output = _run(
+        path = tmp / f"bench-{_slug(f'{suite} {run}')}.json"
+        code, output = timed(stages, f"bench {suite} {run}", lambda: _run(
             [python, "-m", "fused_attn", "bench", "--suite", suite, "--device", "cuda", "--dtype", dtype,
              "--mode", mode, *flags, "--json", str(path)] + ([] if compile_reference else ["--no-compile"]),
             timeout=timeout, env=env or None,
-        )
-        stages[f"bench {label}"] = round(time.monotonic() - started)
+        ))
         logs.append(output[-6000:])
         if path.exists():  # an interrupted run writes the cases it finished
             run_records = json.loads(path.read_text())
@@ -498,31 +507,24 @@ def main() -> int:
     facts["date"] = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     suites = args.suites
     stages: dict[str, int] = {}  # wall seconds of each stage run, in order
-
-    def timed(stage: str, action):
-        started = time.monotonic()
-        try:
-            return action()
-        finally:
-            stages[stage] = round(time.monotonic() - started)
-
     with tempfile.TemporaryDirectory() as tmp:
         test_timeout = budget.share(1500, args.tests_share if not args.skip_bench else 1.0)
         if args.skip_tests or test_timeout is None:
             tests = {"exit_code": 0, "skipped_run": True, "failed_tests": [], "tail": ""}
         else:
-            tests = timed("tests", lambda: run_tests(args.python, Path(tmp), test_timeout, args.all_tests, args.resume))
+            tests = timed(stages, "tests",
+                          lambda: run_tests(args.python, Path(tmp), test_timeout, args.all_tests, args.resume))
         if args.skip_tests or args.skip_sanitizer:
             sanitizer = {"skipped": "--skip-tests" if args.skip_tests else "--skip-sanitizer"}
         else:
-            sanitizer = timed("sanitizer", lambda: run_sanitizer(args.python, budget))
+            sanitizer = timed(stages, "sanitizer", lambda: run_sanitizer(args.python, budget))
         host_timeout = budget.share(150)
         if args.skip_bench:
             host_time = {}
         elif host_timeout is None:
             host_time = {"failed": "not run: the --budget was spent"}
         else:
-            host_time = timed("host time", lambda: run_host_time(args.python, Path(tmp), host_timeout))
+            host_time = timed(stages, "host time", lambda: run_host_time(args.python, Path(tmp), host_timeout))
         records, bench_logs = ([], []) if args.skip_bench else run_benchmarks(
             args.python, Path(tmp), suites, args.compile, budget, stages)
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -533,7 +535,7 @@ def main() -> int:
         elif memory_timeout is None:
             memory = {"failed": "not run: the --budget was spent"}
         else:
-            memory = timed("memory profile", lambda: run_memory_profile(
+            memory = timed(stages, "memory profile", lambda: run_memory_profile(
                 args.python, Path(tmp), RESULTS / f"{stem}-memory.png", memory_timeout))
     plots = write_plots(records, stem)
     (RESULTS / f"{stem}.json").write_text(

@@ -185,7 +185,7 @@ def test_cuda_attention_shared_memory_figure_follows_the_kernels():
 
     # The forward's rows per block: 16 per strip per warp, one strip or two (fwd_strips), two only up
     # to kMaxTwoStripHeadDim.
-    assert "constexpr int fwd_rows() { return 16 * kWarps * kMT; }" in source
+    assert "constexpr int query_rows(int strips) { return kRowsPerBlock * strips; }" in source
     two_strip_max = int(constant("kMaxTwoStripHeadDim"))
 
     # The dQ kernels stream half as many keys with two strips (two only up to kMaxTwoStripDqHeadDim).
@@ -198,7 +198,7 @@ def test_cuda_attention_shared_memory_figure_follows_the_kernels():
                          rf"(stream_rows\(kD\)|dq_stream_rows<kD, kMT>\(\));\s*return ([^;]+);", source)
         local, initial, expression = body.groups()
         streamed = stream_rows(d) if initial == "stream_rows(kD)" or strips == 1 else stream_rows(d) // 2
-        expression = expression.replace("fwd_rows<kMT>()", "(kRowsPerBlock * kMT)")
+        expression = expression.replace("query_rows(kMT)", "(kRowsPerBlock * kMT)")
         names = {"kD": d, local: streamed, "kRowsPerBlock": rows_per_block, "out_cols": out_cols, "kMT": strips}
         return eval(expression, {"__builtins__": {}}, names)
 

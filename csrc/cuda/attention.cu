@@ -7,9 +7,9 @@
 // the Triton kernels (fused_attn/ops/attention.py declares this backend fp16/bf16 only, sm >= 8.0).
 //
 // Tiling. Every kernel runs 4 warps (128 threads) and every warp owns 16-row strips of its block's
-// tile, one or two (the forward's and the dQ kernels', see query_strips), so all row statistics (max, sum, delta) live in the
-// registers of the 4 lanes of a quad that hold a row's mma fragments and are reduced with two shuffles,
-// never through shared memory.
+// tile, one or two (the forward's and the dQ kernels', see query_strips), so all row statistics (max,
+// sum, delta) live in the registers of the 4 lanes of a quad that hold a row's mma fragments and are
+// reduced with two shuffles, never through shared memory.
 //  * forward: one block per (batch*head, 128 queries: two strips per warp, which read each K and V
 //    fragment once for both; 64 where the queries are few, and above head dim 128). Q [128 x D] sits in
 //    shared memory; K and V are streamed through shared memory a key tile at a time (64 keys for
@@ -52,11 +52,12 @@
 //
 // Shared memory. Row-major tiles with rows padded by 8 elements (16 bytes): the row pitch is then an odd
 // number of 16-byte units for every head dim here, which puts the 8 rows an ldmatrix phase reads into 8
-// distinct 16-byte bank groups (conflict-free), and every row stays 16-byte aligned for cp.async. Forward: Q [BM][D+8] (BM 128 or 64), K [2][BN][D+8],
-// V [2][BN][Dc+8] (Dc: the column half of V a block needs). dK/dV: K, V [64][D+8], Q, dO [2][BM][D+8].
-// dQ: Q, dO [64][D+8], K, V [2][BN][D+8]. Up to D = 128 no kernel needs more than 70 KB; at D = 256 the
-// backward takes 135 KB: fine on sm80 and sm90, beyond the 99 KB of sm86/sm89, where the launcher
-// refuses with a message naming the triton backend.
+// distinct 16-byte bank groups (conflict-free), and every row stays 16-byte aligned for cp.async.
+// Forward: Q [BM][D+8] (BM 128 or 64), K [2][BN][D+8], V [2][BN][Dc+8] (Dc: the column half of V a
+// block needs). dK/dV: K, V [64][D+8], Q, dO [2][BM][D+8]. dQ: Q, dO [BM][D+8], K, V [2][BN][D+8].
+// Up to D = 128 no kernel needs more than 70 KB; at D = 256 the backward takes 135 KB: fine on sm80
+// and sm90, beyond the 99 KB of sm86/sm89, where the launcher refuses with a message naming the
+// triton backend.
 //
 // Pipeline. Double buffering with cp.async (16-byte copies, zero-filling rows past the sequence end
 // and columns past the head dim): the copy of tile t + 1 is issued before tile t is computed, one
@@ -463,6 +464,9 @@ struct BwdParams : AttnParams {
 constexpr int kThreads = 128;  // 4 warps, 16 rows each
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kRowsPerBlock = 16 * kWarps;
+// Query rows per block of the kernels whose warps own `strips` 16-row strips of queries (the forward,
+// the statistics and dQ kernels; see query_strips).
+constexpr int query_rows(int strips) { return kRowsPerBlock * strips; }
 
 // Output columns a block accumulates: the whole padded head dim up to 128, else halves of it.
 constexpr int out_cols(int head_dim) { return head_dim > 128 ? 128 : head_dim; }
@@ -619,19 +623,15 @@ __device__ __forceinline__ float quad_sum(float x) {
 // ---------------------------------------------------------------------------------------------
 // Forward
 
-// The forward's query rows per block: each warp owns kMT strips of 16 rows.
-template <int kMT>
-constexpr int fwd_rows() { return 16 * kWarps * kMT; }
-
 template <int kD, int kMT>
 constexpr int fwd_smem_bytes() {
   constexpr int kN = stream_rows(kD);
-  return 2 * (fwd_rows<kMT>() * (kD + 8) + 2 * kN * (kD + 8) + 2 * kN * (out_cols(kD) + 8));
+  return 2 * (query_rows(kMT) * (kD + 8) + 2 * kN * (kD + 8) + 2 * kN * (out_cols(kD) + 8));
 }
 
 template <typename T, int kD, int kMT>
 __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
-  constexpr int kM = fwd_rows<kMT>();
+  constexpr int kM = query_rows(kMT);
   constexpr int kN = stream_rows(kD);
   constexpr int kOut = out_cols(kD);
   constexpr int kPitch = kD + 8;
@@ -918,7 +918,7 @@ constexpr int dq_stream_rows() { return kMT == 1 ? stream_rows(kD) : stream_rows
 template <int kD, int kMT>
 constexpr int bwd_dq_smem_bytes() {
   constexpr int kN = dq_stream_rows<kD, kMT>();
-  return 2 * (2 * fwd_rows<kMT>() * (kD + 8) + 4 * kN * (kD + 8));
+  return 2 * (2 * query_rows(kMT) * (kD + 8) + 4 * kN * (kD + 8));
 }
 
 // dQ (and grad_scores) of one (batch*head, 64 or 128 queries: kMT strips of 16 rows per warp, as the
@@ -929,7 +929,7 @@ constexpr int bwd_dq_smem_bytes() {
 // results are the same bits.
 template <typename T, int kD, bool kStats, int kMT>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p) {
-  constexpr int kM = fwd_rows<kMT>();
+  constexpr int kM = query_rows(kMT);
   constexpr int kN = dq_stream_rows<kD, kMT>();
   constexpr int kOut = out_cols(kD);
   constexpr int kPitch = kD + 8;
@@ -1350,8 +1350,8 @@ int query_strips(int padded, int64_t bh, int q_len) {
   }();
   if (padded > kMaxTwoStripHeadDim) return 1;
   if (pinned != 0) return pinned;
-  if (q_len <= 16 * kWarps) return 1;
-  const int64_t blocks = bh * ((q_len + 32 * kWarps - 1) / (32 * kWarps));
+  if (q_len <= query_rows(1)) return 1;
+  const int64_t blocks = bh * ((q_len + query_rows(2) - 1) / query_rows(2));
   return blocks >= at::cuda::getCurrentDeviceProperties()->multiProcessorCount ? 2 : 1;
 }
 
@@ -1394,7 +1394,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query, c
   p.stats = stats.mutable_data_ptr<float>();
   const int padded = padded_head_dim(std::max(p.d, p.dv));
   const int strips = query_strips(padded, bh, p.q_len);
-  p.num_tiles = (p.q_len + 16 * kWarps * strips - 1) / (16 * kWarps * strips);
+  p.num_tiles = (p.q_len + query_rows(strips) - 1) / query_rows(strips);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor spans = key_spans(p, bh, query, stream);
   AT_DISPATCH_V2(query.scalar_type(), "attention_fwd_cuda", AT_WRAP([&] {
@@ -1496,7 +1496,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   // The statistics and dQ kernels' query rows per block: as the forward's (query_strips), up to
   // kMaxTwoStripDqHeadDim.
   const int dq_strips = padded <= kMaxTwoStripDqHeadDim ? query_strips(padded, bh, p.q_len) : 1;
-  const int q_tiles = (p.q_len + 16 * kWarps * dq_strips - 1) / (16 * kWarps * dq_strips);
+  const int q_tiles = (p.q_len + query_rows(dq_strips) - 1) / query_rows(dq_strips);
   const int k_tiles = (p.k_len + kRowsPerBlock - 1) / kRowsPerBlock;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor spans = key_spans(p, bh, query, stream);
