@@ -66,7 +66,7 @@ import inspect
 from fused_attn.kernels.triton import attention, ffn, layer_norm
 
 CODE_FLAGS = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_MASK", "MASK_IS_BOOL", "KEY_RANGE", "DROPOUT", "WRITE_KEEP",
-              "WRITE_DSCORES"]
+              "WRITE_DSCORES", "KEY_BOUNDS"]
 kernels = [
     attention._attn_fwd_kernel, attention._attn_bwd_stats_kernel, attention._attn_bwd_dkdv_kernel,
     attention._attn_bwd_dq_kernel, ffn._gemm_kernel, layer_norm._norm_fwd_kernel, layer_norm._norm_bwd_kernel,
@@ -107,3 +107,17 @@ def test_per_call_values_do_not_specialise_the_compiled_kernels():
     proc = subprocess.run([sys.executable, "-c", _SPECIALISATION_CHECK], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+
+
+def test_key_tiles_skip_the_bounds_pass_only_where_no_tile_reaches_past_the_keys():
+    """KEY_BOUNDS is fixed before the autotuner picks a tile: a length that any config's BLOCK_N
+    (the GPU's or the interpreter's) does not divide must keep the per-element key bounds."""
+    from fused_attn.kernels.triton import attention
+
+    blocks = {c.kwargs["BLOCK_N"] for interpret in (False, True) for c in attention._configs("fwd", interpret)}
+    blocks |= {c.kwargs["BLOCK_N"] for interpret in (False, True) for c in attention._configs("bwd", interpret)}
+    assert {32, 64, 128} <= blocks
+    for k_len in range(1, 1100):
+        reaches_past = any(k_len % n for n in blocks)
+        assert attention._key_bounds(k_len) or not reaches_past, k_len
+    assert not attention._key_bounds(512) and attention._key_bounds(77) and attention._key_bounds(192)

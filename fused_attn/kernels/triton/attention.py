@@ -24,6 +24,14 @@ first (one multiply per score less) rounds every score at its own magnitude, an 
 softmax, which subtracts the max exactly, does not make: at head dim 2 with scores of ~18 the
 float32 output reached 3.3x the plain error.
 
+Tile bounds. Only the tiles that need it pay a per-element pass (``_scores``): those with a mask,
+those on the causal diagonal, and, in the kernels that stream key tiles (forward, statistics,
+dQ), every tile when k_len is not a multiple of the largest BLOCK_N of any config (``KEY_BOUNDS``,
+fixed before the autotuner picks a tile). Elsewhere nothing is masked, and nothing needs it: a
+query row past q_len has Q = 0 and dO = 0, its output and statistics are never stored, and in
+the backward its row max reads as +inf, so its P is 0; a key past k_len in the dK/dV kernel's
+tile only produces dK and dV rows that are never stored.
+
 Masks are read through their strides: a boolean mask (True = attend) or a floating bias added to
 the scores, broadcast to [B, H, Lq, Lk] by zero strides, so a key-padding mask [B, 1, 1, Lk]
 costs Lk bytes per batch, not Lq x Lk. A query whose every key is masked has ``l == 0``: its
@@ -92,6 +100,9 @@ _BWD_TILES = [(64, 64, 4, 2), (64, 64, 8, 3), (32, 64, 4, 2), (64, 32, 4, 3), (1
 # Head dims above 128 (tiles of 256 columns): Q, K and V tiles of 64 x 256 in 16 bits are 32 KiB
 # each per stage, so only small tiles with 2 stages fit in shared memory.
 _WIDE_TILES = [(64, 32, 4, 2), (32, 32, 4, 2)]
+
+
+_LARGEST_BLOCK_N = max(n for _, n, _, _ in _FWD_TILES + _BWD_TILES + _WIDE_TILES)
 
 
 def _configs(stage: str, interpret: bool | None = None) -> list[triton.Config]:
@@ -166,21 +177,26 @@ def _inv_keep(inv_keep, DROPOUT: tl.constexpr):
 def _scores(
     q, k, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+    KEY_BOUNDS: tl.constexpr,
 ):
     """Masked scores ``q k^T * scale + mask`` of a [BLOCK_M, BLOCK_N] tile, in natural units (see
-    "Units" in the module docstring)."""
+    "Units" in the module docstring). Without a mask, a causal diagonal or ``KEY_BOUNDS`` (keys
+    past k_len in the tile) the scores are returned as they are, with no per-element pass (see
+    "Tile bounds" in the module docstring)."""
     qk = _mm(q, tl.trans(k), FP32_DOT)
     s = qk * qk_scale
-    valid = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
-    if HAS_MASK:
-        m_ptrs = mask_base + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :].to(tl.int64) * stride_mn
-        if MASK_IS_BOOL:
-            valid = valid & (tl.load(m_ptrs, mask=valid, other=0) != 0)
-        else:
-            s += tl.load(m_ptrs, mask=valid, other=0.0).to(tl.float32)
-    if APPLY_CAUSAL:
-        valid = valid & (offs_m[:, None] >= offs_n[None, :])
-    return tl.where(valid, s, float("-inf"))
+    if HAS_MASK or APPLY_CAUSAL or KEY_BOUNDS:
+        valid = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
+        if HAS_MASK:
+            m_ptrs = mask_base + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :].to(tl.int64) * stride_mn
+            if MASK_IS_BOOL:
+                valid = valid & (tl.load(m_ptrs, mask=valid, other=0) != 0)
+            else:
+                s += tl.load(m_ptrs, mask=valid, other=0.0).to(tl.float32)
+        if APPLY_CAUSAL:
+            valid = valid & (offs_m[:, None] >= offs_n[None, :])
+        s = tl.where(valid, s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -207,7 +223,7 @@ def _attn_fwd_inner(
     lo, hi, stride_kn, stride_vn, stride_mm, stride_mn, stride_dmm,
     q_len, k_len, qk_scale, seed, bh, dropout_p,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
-    DROPOUT: tl.constexpr, WRITE_KEEP: tl.constexpr, FP32_DOT: tl.constexpr,
+    DROPOUT: tl.constexpr, WRITE_KEEP: tl.constexpr, FP32_DOT: tl.constexpr, KEY_BOUNDS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
 ):
     offs_d = tl.arange(0, BLOCK_D)
@@ -218,7 +234,7 @@ def _attn_fwd_inner(
         k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
                     mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
         s = _scores(q, k, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
-                    HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT)
+                    HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, KEY_BOUNDS)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no visible key so far keeps m = -inf; shift by 0 instead so exp2 gives 0, not NaN.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -239,7 +255,7 @@ def _attn_fwd_inner(
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_configs("fwd"), key=_AUTOTUNE_KEY + ["WRITE_KEEP"], do_bench=benchmark,
+@triton.autotune(configs=_configs("fwd"), key=_AUTOTUNE_KEY + ["KEY_BOUNDS", "WRITE_KEEP"], do_bench=benchmark,
                  prune_configs_by={"early_config_prune": pruner(lambda: _attn_fwd_kernel, _tiles_for_head_dim)})
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _attn_fwd_kernel(
@@ -252,7 +268,7 @@ def _attn_fwd_kernel(
     heads, kv_group, q_len, k_len, qk_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_RANGE: tl.constexpr,
-    DROPOUT: tl.constexpr, WRITE_KEEP: tl.constexpr, FP32_DOT: tl.constexpr,
+    DROPOUT: tl.constexpr, WRITE_KEEP: tl.constexpr, FP32_DOT: tl.constexpr, KEY_BOUNDS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     num_m = tl.cdiv(q_len, BLOCK_M)
@@ -290,14 +306,14 @@ def _attn_fwd_kernel(
             acc, m_i, l_i, q, k_base, v_base, offs_m, mask_base, keep_base,
             lo, tl.minimum(diag_lo, hi), stride_kn, stride_vn, stride_mm, stride_mn, k_len,
             q_len, k_len, qk_scale, seed, bh, dropout_p,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, WRITE_KEEP, FP32_DOT,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, WRITE_KEEP, FP32_DOT, KEY_BOUNDS,
             BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
         acc, m_i, l_i = _attn_fwd_inner(
             acc, m_i, l_i, q, k_base, v_base, offs_m, mask_base, keep_base,
             tl.maximum(diag_lo, lo), tl.minimum(diag_hi, hi), stride_kn, stride_vn, stride_mm, stride_mn, k_len,
             q_len, k_len, qk_scale, seed, bh, dropout_p,
-            HAS_MASK, MASK_IS_BOOL, True, DROPOUT, WRITE_KEEP, FP32_DOT,
+            HAS_MASK, MASK_IS_BOOL, True, DROPOUT, WRITE_KEEP, FP32_DOT, KEY_BOUNDS,
             BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     else:
@@ -305,7 +321,7 @@ def _attn_fwd_kernel(
             acc, m_i, l_i, q, k_base, v_base, offs_m, mask_base, keep_base,
             lo, hi, stride_kn, stride_vn, stride_mm, stride_mn, k_len,
             q_len, k_len, qk_scale, seed, bh, dropout_p,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, WRITE_KEEP, FP32_DOT,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, WRITE_KEEP, FP32_DOT, KEY_BOUNDS,
             BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     empty_row = l_i == 0.0
@@ -323,13 +339,13 @@ def _attn_fwd_kernel(
 def _probabilities(
     q, k, offs_m, offs_n, row_max, log2_sum, corr, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
-    RENORMALISE: tl.constexpr,
+    RENORMALISE: tl.constexpr, KEY_BOUNDS: tl.constexpr,
 ):
     """Softmax probabilities of a tile recomputed from the forward's row statistics (the row max,
     log2 of the row sum), P = exp2((s - row_max) * log2(e) - log2_sum); with ``RENORMALISE``
     renormalised by the row factor ``corr`` of the statistics pass."""
     s = _scores(q, k, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
-                HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT)
+                HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, KEY_BOUNDS)
     # At most 1: a score recomputed with other tile shapes than the forward's may exceed the row max
     # by an ulp, which at |s| ~ 1e30 would give exp2 of ~1e23 (inf) where P is 1. NaN stays NaN.
     p = tl.math.exp2(tl.minimum((s - row_max[:, None]) * LOG2E - log2_sum[:, None], 0.0,
@@ -344,7 +360,7 @@ def _tile_p_dp(
     q, k, v, do, row_max, log2_sum, corr, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len,
     qk_scale, seed, bh, dropout_p, inv_keep,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    FP32_DOT: tl.constexpr, RENORMALISE: tl.constexpr,
+    FP32_DOT: tl.constexpr, RENORMALISE: tl.constexpr, KEY_BOUNDS: tl.constexpr,
 ):
     """One tile of the backward, whichever side streams: (P, dP = dO V^T dropped as P was, the
     tile's keep-mask as 0/1, 1 without dropout). dS takes the undropped P, dV the kept P. Neither
@@ -353,7 +369,7 @@ def _tile_p_dp(
     dQ products, stays at the scale of dO V^T (scaled, it would overflow fp16 for p near 1 where
     the gradients themselves do not)."""
     p = _probabilities(q, k, offs_m, offs_n, row_max, log2_sum, corr, mask_base, stride_mm, stride_mn, q_len, k_len,
-                       qk_scale, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, RENORMALISE)
+                       qk_scale, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, RENORMALISE, KEY_BOUNDS)
     dp = _mm(do, tl.trans(v), FP32_DOT)
     kept = 1.0
     if DROPOUT:
@@ -367,8 +383,8 @@ def _query_tile_terms(
     q, do, row_max, log2_sum, corr, offs_m, start_n, k_base, v_base, mask_base,
     stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    FP32_DOT: tl.constexpr, RENORMALISE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    FP32_DOT: tl.constexpr, RENORMALISE: tl.constexpr, KEY_BOUNDS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
 ):
     """For a query tile and the key tile at ``start_n``: (K tile, P, dP = dO V^T dropped as P was).
     The statistics pass and the dQ pass share it, so they see the very same P and dP."""
@@ -382,6 +398,7 @@ def _query_tile_terms(
     p, dp, _ = _tile_p_dp(
         q, k, v, do, row_max, log2_sum, corr, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len,
         qk_scale, seed, bh, dropout_p, inv_keep, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, RENORMALISE,
+        KEY_BOUNDS,
     )
     return k, p, dp
 
@@ -391,15 +408,16 @@ def _attn_bwd_stats_inner(
     p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base, lo, hi,
     stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    FP32_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    FP32_DOT: tl.constexpr, KEY_BOUNDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
 ):
     """Row sums of P (as recomputed from the row statistics) and of P * dP over the key tiles [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         _, p, dp = _query_tile_terms(
             q, do, row_max, log2_sum, row_max, offs_m, start_n, k_base, v_base, mask_base,
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, False, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, False, KEY_BOUNDS, BLOCK_N, BLOCK_D, BLOCK_DV,
+            HEAD_DIM, HEAD_DIM_V,
         )
         p_sum += tl.sum(p, 1)
         pdp_sum += tl.sum(p * dp, 1)
@@ -441,7 +459,7 @@ def _query_tile(
     return bh, b, h, start_m, offs_m, in_queries, q, do, row_max, log2_sum
 
 
-@triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY, do_bench=benchmark,
+@triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY + ["KEY_BOUNDS"], do_bench=benchmark,
                  prune_configs_by={"early_config_prune": pruner(lambda: _attn_bwd_stats_kernel, _tiles_for_head_dim)})
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _attn_bwd_stats_kernel(
@@ -454,7 +472,7 @@ def _attn_bwd_stats_kernel(
     heads, kv_group, q_len, k_len, qk_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_RANGE: tl.constexpr,
-    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
+    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, KEY_BOUNDS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Per query row: ``corr = 1 / sum_j P_ij`` and ``delta = corr * sum_j P_ij dP_ij`` with P as
@@ -478,19 +496,19 @@ def _attn_bwd_stats_kernel(
         p_sum, pdp_sum = _attn_bwd_stats_inner(
             p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base, lo, tl.minimum(diag_lo, hi),
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, KEY_BOUNDS, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
         p_sum, pdp_sum = _attn_bwd_stats_inner(
             p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base,
             tl.maximum(diag_lo, lo), tl.minimum(diag_hi, hi),
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, KEY_BOUNDS, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     else:
         p_sum, pdp_sum = _attn_bwd_stats_inner(
             p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base, lo, hi,
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, KEY_BOUNDS, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     sees_keys = p_sum > 0.0
     safe_sum = tl.where(sees_keys, p_sum, 1.0)
@@ -523,7 +541,7 @@ def _attn_bwd_dkdv_inner(
         corr = tl.load(corr_base + offs_m, mask=in_queries, other=0.0)
         p, dp, kept = _tile_p_dp(
             q, k, v, do, row_max, log2_sum, corr, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len,
-            qk_scale, seed, bh, dropout_p, inv_keep, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, True,
+            qk_scale, seed, bh, dropout_p, inv_keep, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, True, False,
         )
         ds = p * (dp - delta[:, None])
         p_used = p * kept if DROPOUT else p
@@ -537,7 +555,7 @@ def _attn_bwd_dq_inner(
     dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, lo, hi,
     stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    FP32_DOT: tl.constexpr, WRITE_DSCORES: tl.constexpr, BLOCK_N: tl.constexpr,
+    FP32_DOT: tl.constexpr, KEY_BOUNDS: tl.constexpr, WRITE_DSCORES: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
 ):
     """dQ of one query tile, accumulated over the key tiles [lo, hi)."""
@@ -547,7 +565,8 @@ def _attn_bwd_dq_inner(
         k, p, dp = _query_tile_terms(
             q, do, row_max, log2_sum, corr, offs_m, start_n, k_base, v_base, mask_base,
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, True, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, True, KEY_BOUNDS, BLOCK_N, BLOCK_D, BLOCK_DV,
+            HEAD_DIM, HEAD_DIM_V,
         )
         ds = p * (dp - delta[:, None])
         if WRITE_DSCORES:
@@ -650,7 +669,7 @@ def _attn_bwd_dkdv_kernel(
              mask=in_keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
 
 
-@triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY + ["WRITE_DSCORES"], do_bench=benchmark,
+@triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY + ["KEY_BOUNDS", "WRITE_DSCORES"], do_bench=benchmark,
                  prune_configs_by={"early_config_prune": pruner(lambda: _attn_bwd_dq_kernel, _tiles_for_head_dim)})
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _attn_bwd_dq_kernel(
@@ -664,7 +683,7 @@ def _attn_bwd_dq_kernel(
     heads, kv_group, q_len, k_len, qk_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_RANGE: tl.constexpr,
-    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
+    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, KEY_BOUNDS: tl.constexpr,
     WRITE_DSCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -690,19 +709,22 @@ def _attn_bwd_dq_kernel(
             dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base,
             lo, tl.minimum(diag_lo, hi),
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, KEY_BOUNDS, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV,
+            HEAD_DIM, HEAD_DIM_V,
         )
         dq = _attn_bwd_dq_inner(
             dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base,
             tl.maximum(diag_lo, lo), tl.minimum(diag_hi, hi),
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, KEY_BOUNDS, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV,
+            HEAD_DIM, HEAD_DIM_V,
         )
     else:
         dq = _attn_bwd_dq_inner(
             dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, lo, hi,
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, KEY_BOUNDS, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV,
+            HEAD_DIM, HEAD_DIM_V,
         )
     dq = dq * (qk_scale * _inv_keep(inv_keep, DROPOUT))
     offs_d = tl.arange(0, BLOCK_D)
@@ -766,6 +788,13 @@ def _mask_args(mask: torch.Tensor | None, like: torch.Tensor):
     return mask, tuple(mask.stride()), mask.dtype == torch.uint8
 
 
+def _key_bounds(k_len: int) -> bool:
+    """KEY_BOUNDS of the kernels that stream key tiles (forward, statistics, dQ): whether a key
+    tile may reach past k_len, i.e. k_len is not a multiple of every config's BLOCK_N (the
+    autotuner picks the tile after this is fixed). Where it may not, tiles skip the bounds pass."""
+    return k_len % _LARGEST_BLOCK_N != 0
+
+
 def _common_meta(q: torch.Tensor, v: torch.Tensor, mask, is_causal: bool, dropout_p: float) -> dict:
     # KEY_RANGE (_key_range): a boolean mask the same for every query of a head, e.g. a key padding mask.
     key_range = mask is not None and mask.dtype == torch.bool and (mask.stride(2) == 0 or mask.shape[2] == 1)
@@ -809,7 +838,8 @@ def attention_fwd(
         q, k, v, mask_t, out, stats, keep if keep is not None else out,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
         heads, _kv_group(q, k, v), q_len, k_len, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
-        MASK_IS_BOOL=mask_is_bool, WRITE_KEEP=write_keep, **_common_meta(q, v, mask, is_causal, dropout_p),
+        MASK_IS_BOOL=mask_is_bool, WRITE_KEEP=write_keep, KEY_BOUNDS=_key_bounds(k_len),
+        **_common_meta(q, v, mask, is_causal, dropout_p),
         **LAUNCH_OPTIONS,
     )
     return out, stats, (keep.bool() if keep is not None else None)
@@ -861,7 +891,7 @@ def attention_bwd(
     _attn_bwd_stats_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]) * batch * heads,)](
         q, k, v, mask_t, dout, stats, corr, delta, *common,
         heads, kv_group, q_len, k_len, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
-        MASK_IS_BOOL=mask_is_bool, **meta,
+        MASK_IS_BOOL=mask_is_bool, KEY_BOUNDS=_key_bounds(k_len), **meta,
         **LAUNCH_OPTIONS,
     )
     dscores = torch.zeros(batch, heads, q_len, k_len, device=q.device, dtype=torch.float32) if mask_needs_grad else None
@@ -886,7 +916,7 @@ def attention_bwd(
         q, k, v, mask_t, dout, stats, corr, delta, dq, dscores if dscores is not None else dq,
         *common, *dq.stride()[:3],
         heads, kv_group, q_len, k_len, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
-        MASK_IS_BOOL=mask_is_bool, WRITE_DSCORES=mask_needs_grad, **meta,
+        MASK_IS_BOOL=mask_is_bool, KEY_BOUNDS=_key_bounds(k_len), WRITE_DSCORES=mask_needs_grad, **meta,
         **LAUNCH_OPTIONS,
     )
     return dq, dk, dv, dscores
