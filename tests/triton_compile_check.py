@@ -12,7 +12,8 @@ so the tensors' contents are meaningless. It reports each kernel's shared memory
 architecture's per-block limit: a launch none of whose configs fits (with ``--first-config``:
 whose chosen config does not fit) is an error, and so is a kernel compiled without floating-point
 contraction (Triton's default is turned off here, so a launch that does not pass the package's
-``LAUNCH_OPTIONS`` shows).
+``LAUNCH_OPTIONS`` shows), and so is a kernel of ``ROUNDED_PRODUCTS`` whose PTX has no explicitly
+rounded product (``mul.rn.f32``), which contraction could otherwise fuse into an FMA.
 
     python tests/triton_compile_check.py --arch 80,90 --first-config   # every case, chosen configs
     python tests/triton_compile_check.py --arch 80,90 --quick          # a few cases, every config
@@ -31,6 +32,12 @@ import time
 import traceback
 from collections import defaultdict
 from pathlib import Path
+
+# Kernels with a product that contraction must not fuse into an FMA (fused_attn/kernels/triton/_rounding.py),
+# which their PTX then shows as an explicitly rounded mul.rn.f32.
+ROUNDED_PRODUCTS = {name: "the scaled scores" for name in (
+    "_attn_fwd_kernel", "_attn_bwd_stats_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")}
+ROUNDED_PRODUCTS["_norm_bwd_kernel"] = "g = dy * w"
 
 # Per-block shared memory (opt-in maximum) by compute capability.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -73,10 +80,11 @@ def _install_compile_only_runtime(arch: int, records: list[dict]) -> None:
         # main() turns Triton's default off: only a launch passing LAUNCH_OPTIONS compiles with contraction.
         state["name"], state["shared"], state["fused"] = (
             self.fn.__name__, kernel.metadata.shared, kernel.metadata.enable_fp_fusion)
+        state["rounded"] = "mul.rn.f32" in kernel.asm["ptx"]
         if not state["autotuning"]:
             state["launch"] += 1
             records.append({"kernel": self.fn.__name__, "shared": kernel.metadata.shared, "launch": state["launch"],
-                            "config": "-", "fused": state["fused"]})
+                            "config": "-", "fused": state["fused"], "rounded": state["rounded"]})
         return kernel
 
     def every_config(self, *args, grid, warmup, **kwargs):
@@ -88,7 +96,7 @@ def _install_compile_only_runtime(arch: int, records: list[dict]) -> None:
             for config in self.prune_configs({"grid": grid, "warmup": warmup, **kwargs}):
                 self.fn.run(*args, grid=grid, warmup=True, **kwargs, **config.all_kwargs())
                 records.append({"kernel": state["name"], "shared": state["shared"], "launch": state["launch"],
-                                "config": str(config), "fused": state["fused"]})
+                                "config": str(config), "fused": state["fused"], "rounded": state["rounded"]})
         finally:
             state["autotuning"] = False
             self.nargs = None
@@ -292,6 +300,9 @@ def check(arch: int, quick: bool, only: str | None = None) -> int:
                 failures.append(f"{kernel}: no config fits sm{arch}'s {limit} B of shared memory ({needs})")
     for kernel in sorted({r["kernel"] for r in records if not r["fused"]}):
         failures.append(f"{kernel}: compiled without enable_fp_fusion (its launch does not pass LAUNCH_OPTIONS)")
+    for kernel in sorted({r["kernel"] for r in records if r["kernel"] in ROUNDED_PRODUCTS and not r["rounded"]}):
+        failures.append(f"{kernel}: no mul.rn.f32 in its PTX ({ROUNDED_PRODUCTS[kernel]}: a product to round on its "
+                        "own, fused_attn/kernels/triton/_rounding.py)")
     for failure in failures:
         print("FAILED", failure)
     return 1 if failures else 0

@@ -88,6 +88,7 @@ from ._autotune import benchmark, pruner, size_bucket
 from ._dropout import as_float32, keep_scale, uniform
 from ._grid import MAX_GRID
 from ._options import LAUNCH_OPTIONS
+from ._rounding import rounded_product
 from ._units import LOG2E
 
 
@@ -184,7 +185,9 @@ def _scores(
     past k_len in the tile) the scores are returned as they are, with no per-element pass (see
     "Tile bounds" in the module docstring)."""
     qk = _mm(q, tl.trans(k), FP32_DOT)
-    s = qk * qk_scale
+    # Rounded on its own: the callers subtract the row max from these very scores, which must give
+    # exactly 0 at the max (a product contracted into that subtraction would not; _rounding).
+    s = rounded_product(qk, qk_scale)
     if HAS_MASK or APPLY_CAUSAL or KEY_BOUNDS:
         valid = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
         if HAS_MASK:

@@ -13,7 +13,10 @@ from L2. Statistics are two-pass in float32 (mean first, then the squared deviat
 normalises to exactly the bias, as in torch.
 
 Backward: ``d_pre = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ grad_prenorm)`` with
-``g = dy * w`` rounded on its own (``_rounded_product``); the input's gradient is ``d_pre``
+``g = dy * w`` rounded on its own (``rounded_product``: contracted into ``g - mean(g)`` as one FMA,
+the product left its rounding error where torch's difference cancels exactly, e.g. a width-1 row,
+whose input gradient is exactly 0, got about rstd * ulp(g) in float32 on an H200); the input's
+gradient is ``d_pre``
 through the same dropout keep-mask, regenerated from the seed (Philox, element
 ``row * hidden + col``). Each program owns a contiguous run of
 rows and accumulates ``dw = sum(dy * xhat)``, ``db = sum(dy)`` and the input bias's gradient in
@@ -27,10 +30,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._env import MAX_EXTENT, triton_interpret_mode
+from ..._env import MAX_EXTENT
 from ._dropout import as_float32, dropout, keep_divisor
 from ._grid import row_chunks
 from ._options import LAUNCH_OPTIONS
+from ._rounding import rounded_product
 
 # Widest block kept in registers: 64 KiB of the row per program (the Triton tutorial's bound);
 # past it the kernels stream the row in chunks instead of spilling.
@@ -55,27 +59,6 @@ def _num_warps(block_n: int) -> int:
     # One warp per 256 elements of a row, between 1 and 8 warps: enough loads in flight to
     # cover memory latency without starving occupancy on short rows.
     return min(max(block_n // 256, 1), 8)
-
-
-# Whether g = dy * w is formed by a PTX mul.rn.f32 (compiled kernels) or a plain product (the
-# interpreter, which runs no PTX and evaluates through numpy, never contracting). Read when this
-# module is imported, as the triton.jit decorators below read TRITON_INTERPRET.
-_ROUND_PRODUCT = tl.constexpr(not triton_interpret_mode())
-
-
-@triton.jit
-def _rounded_product(a, b):
-    """``a * b`` (float32) rounded on its own. The backward subtracts mean(g) from g: contracted
-    into that subtraction (one FMA, the product unrounded) a plain product leaves g's rounding error
-    where torch's g - mean(g) cancels exactly, e.g. a width-1 row, whose input gradient is exactly 0,
-    got about rstd * ulp(g) instead (float32, eps = 1e-5, on an H200). An instruction with an
-    explicit rounding mode is never contracted; mul.rn.f32 also keeps subnormals, as torch's product
-    and the cuda backend's __fmul_rn do (libdevice's mul_rn compiles to mul.rn.ftz.f32 here)."""
-    if _ROUND_PRODUCT:
-        return tl.inline_asm_elementwise(
-            "mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        return a * b
 
 
 @triton.jit
@@ -236,7 +219,7 @@ def _norm_bwd_kernel(
                 x = tl.load(x_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
                 g = tl.load(dy_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
                 if HAS_WEIGHT:
-                    g = _rounded_product(g, tl.load(w_ptr + offs, mask=in_row, other=0.0).to(tl.float32))
+                    g = rounded_product(g, tl.load(w_ptr + offs, mask=in_row, other=0.0).to(tl.float32))
                 sum_g += g
                 sum_gx += g * tl.where(in_row, (x - mean) * rstd, 0.0)
             mean_g = _per_element(tl.sum(sum_g, axis=0), hidden)
@@ -250,7 +233,7 @@ def _norm_bwd_kernel(
             if NEED_DPRE:
                 g = dy
                 if HAS_WEIGHT:
-                    g = _rounded_product(dy, tl.load(w_ptr + offs, mask=in_row, other=0.0).to(tl.float32))
+                    g = rounded_product(dy, tl.load(w_ptr + offs, mask=in_row, other=0.0).to(tl.float32))
                 dpre = (g - mean_g - xhat * mean_gx) * rstd
                 if HAS_DPRENORM:
                     dpre += tl.load(dpre_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
