@@ -32,6 +32,15 @@ query row past q_len has Q = 0 and dO = 0, its output and statistics are never s
 the backward its row max reads as +inf, so its P is 0; a key past k_len in the dK/dV kernel's
 tile only produces dK and dV rows that are never stored.
 
+Transposed tiles. The dK/dV kernel needs P^T and dS^T as the A operands of dV += P^T dO and
+dK += dS^T Q. Up to head dim 64 it forms the tile transposed, S^T = K Q^T and dP^T = V dO^T
+(``_scores`` and ``_tile_p_dp`` take either orientation), so the products take them as they
+come; a tile formed queries x keys and then transposed goes through shared memory, which in the
+sm90 code (d64, bfloat16, 64 x 64 tiles) cost every query tile three barriers more and a wait
+after each of its wgmma instructions. The transposed tile's row statistics (row max, log2 sum, corr, delta) vary along its
+columns, 16 of them per thread instead of 2: 50 registers more, which above head dim 64 (wider
+dK and dV accumulators) spill in the first configs, so wider heads keep the queries x keys tile.
+
 Masks are read through their strides: a boolean mask (True = attend) or a floating bias added to
 the scores, broadcast to [B, H, Lq, Lk] by zero strides, so a key-padding mask [B, 1, 1, Lk]
 costs Lk bytes per batch, not Lq x Lk. A query whose every key is masked has ``l == 0``: its
@@ -142,9 +151,11 @@ _NOT_SPECIALIZED = ["seed", "Q_BUCKET", "K_BUCKET"]
 
 
 @triton.jit
-def _dropout_keep(seed, bh, offs_m, offs_n, q_len, k_len, dropout_p):
-    """Keep-mask (True = kept) of the elements [offs_m, offs_n] of head ``bh``; same draw in fwd and bwd."""
-    counter = (bh * q_len + offs_m[:, None].to(tl.int64)) * k_len + offs_n[None, :]
+def _dropout_keep(seed, bh, q_idx, k_idx, q_len, k_len, dropout_p):
+    """Keep-mask (True = kept) of the elements (query q_idx, key k_idx) of head ``bh``, the index
+    tensors broadcast to the tile's shape (either orientation, see ``_scores``); same draw in the
+    forward and both backward kernels."""
+    counter = (bh * q_len + q_idx.to(tl.int64)) * k_len + k_idx
     return uniform(seed, counter) >= dropout_p
 
 
@@ -176,28 +187,31 @@ def _inv_keep(inv_keep, DROPOUT: tl.constexpr):
 
 @triton.jit
 def _scores(
-    q, k, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
+    a, b, q_idx, k_idx, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
     KEY_BOUNDS: tl.constexpr,
 ):
-    """Masked scores ``q k^T * scale + mask`` of a [BLOCK_M, BLOCK_N] tile, in natural units (see
-    "Units" in the module docstring). Without a mask, a causal diagonal or ``KEY_BOUNDS`` (keys
-    past k_len in the tile) the scores are returned as they are, with no per-element pass (see
-    "Tile bounds" in the module docstring)."""
-    qk = _mm(q, tl.trans(k), FP32_DOT)
+    """Masked scores ``a b^T * scale + mask`` of a tile, in natural units (see "Units" in the module
+    docstring), in either orientation: queries x keys (a = Q tile, b = K tile, q_idx = the query
+    indices as a column [BLOCK_M, 1], k_idx = the key indices as a row [1, BLOCK_N]) or keys x
+    queries (a = K, b = Q, k_idx a column, q_idx a row: the transpose, which the dK/dV kernel
+    forms so that P^T and dS^T are its products' A operands as they are, with no transpose).
+    Without a mask, a causal diagonal or ``KEY_BOUNDS`` (keys past k_len in the tile) the scores
+    are returned as they are, with no per-element pass (see "Tile bounds" in the module docstring)."""
+    qk = _mm(a, tl.trans(b), FP32_DOT)
     # Rounded on its own: the callers subtract the row max from these very scores, which must give
     # exactly 0 at the max (a product contracted into that subtraction would not; _rounding).
     s = rounded_product(qk, qk_scale)
     if HAS_MASK or APPLY_CAUSAL or KEY_BOUNDS:
-        valid = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
+        valid = (q_idx < q_len) & (k_idx < k_len)
         if HAS_MASK:
-            m_ptrs = mask_base + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :].to(tl.int64) * stride_mn
+            m_ptrs = mask_base + q_idx.to(tl.int64) * stride_mm + k_idx.to(tl.int64) * stride_mn
             if MASK_IS_BOOL:
                 valid = valid & (tl.load(m_ptrs, mask=valid, other=0) != 0)
             else:
                 s += tl.load(m_ptrs, mask=valid, other=0.0).to(tl.float32)
         if APPLY_CAUSAL:
-            valid = valid & (offs_m[:, None] >= offs_n[None, :])
+            valid = valid & (q_idx >= k_idx)
         s = tl.where(valid, s, float("-inf"))
     return s
 
@@ -236,7 +250,7 @@ def _attn_fwd_inner(
         in_keys = offs_n < k_len
         k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
                     mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        s = _scores(q, k, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
+        s = _scores(q, k, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
                     HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, KEY_BOUNDS)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no visible key so far keeps m = -inf; shift by 0 instead so exp2 gives 0, not NaN.
@@ -246,7 +260,7 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, q_len, k_len, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], q_len, k_len, dropout_p)
             if WRITE_KEEP:
                 tl.store(dmask_base + offs_m[:, None].to(tl.int64) * stride_dmm + offs_n[None, :], keep.to(tl.int8),
                          mask=(offs_m[:, None] < q_len) & in_keys[None, :])
@@ -340,43 +354,45 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _probabilities(
-    q, k, offs_m, offs_n, row_max, log2_sum, corr, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
+    a, b, q_idx, k_idx, row_max, log2_sum, corr, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
     RENORMALISE: tl.constexpr, KEY_BOUNDS: tl.constexpr,
 ):
-    """Softmax probabilities of a tile recomputed from the forward's row statistics (the row max,
-    log2 of the row sum), P = exp2((s - row_max) * log2(e) - log2_sum); with ``RENORMALISE``
+    """Softmax probabilities of a tile (oriented as ``_scores``: scores a b^T) recomputed from the
+    forward's row statistics (the row max, log2 of the row sum, shaped to broadcast along the
+    tile's key dimension), P = exp2((s - row_max) * log2(e) - log2_sum); with ``RENORMALISE``
     renormalised by the row factor ``corr`` of the statistics pass."""
-    s = _scores(q, k, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
+    s = _scores(a, b, q_idx, k_idx, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
                 HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, KEY_BOUNDS)
     # At most 1: a score recomputed with other tile shapes than the forward's may exceed the row max
     # by an ulp, which at |s| ~ 1e30 would give exp2 of ~1e23 (inf) where P is 1. NaN stays NaN.
-    p = tl.math.exp2(tl.minimum((s - row_max[:, None]) * LOG2E - log2_sum[:, None], 0.0,
-                                propagate_nan=tl.PropagateNan.ALL))
+    p = tl.math.exp2(tl.minimum((s - row_max) * LOG2E - log2_sum, 0.0, propagate_nan=tl.PropagateNan.ALL))
     if RENORMALISE:
-        p = p * corr[:, None]
+        p = p * corr
     return p
 
 
 @triton.jit
 def _tile_p_dp(
-    q, k, v, do, row_max, log2_sum, corr, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len,
+    a, b, c, d, row_max, log2_sum, corr, q_idx, k_idx, mask_base, stride_mm, stride_mn, q_len, k_len,
     qk_scale, seed, bh, dropout_p, inv_keep,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     FP32_DOT: tl.constexpr, RENORMALISE: tl.constexpr, KEY_BOUNDS: tl.constexpr,
 ):
-    """One tile of the backward, whichever side streams: (P, dP = dO V^T dropped as P was, the
-    tile's keep-mask as 0/1, 1 without dropout). dS takes the undropped P, dV the kept P. Neither
+    """One tile of the backward, whichever side streams, in either orientation (``_scores``):
+    queries x keys from (a, b, c, d) = (Q, K, dO, V), keys x queries (the transposes) from
+    (K, Q, V, dO). Returns (P, dP = c d^T dropped as P was, the tile's keep-mask as 0/1, 1 without
+    dropout). dS takes the undropped P, dV the kept P. Neither
     dP nor dV carries the 1 / (1 - p) (see ``_kept``): the callers apply it in float32 to dV, dK,
     dQ and the score gradient, so that dS = P (dP - delta), the fp16/bf16 operand of the dK and
     dQ products, stays at the scale of dO V^T (scaled, it would overflow fp16 for p near 1 where
     the gradients themselves do not)."""
-    p = _probabilities(q, k, offs_m, offs_n, row_max, log2_sum, corr, mask_base, stride_mm, stride_mn, q_len, k_len,
+    p = _probabilities(a, b, q_idx, k_idx, row_max, log2_sum, corr, mask_base, stride_mm, stride_mn, q_len, k_len,
                        qk_scale, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, RENORMALISE, KEY_BOUNDS)
-    dp = _mm(do, tl.trans(v), FP32_DOT)
+    dp = _mm(c, tl.trans(d), FP32_DOT)
     kept = 1.0
     if DROPOUT:
-        kept = _kept(_dropout_keep(seed, bh, offs_m, offs_n, q_len, k_len, dropout_p))
+        kept = _kept(_dropout_keep(seed, bh, q_idx, k_idx, q_len, k_len, dropout_p))
         dp = dp * kept
     return p, dp, kept
 
@@ -399,7 +415,8 @@ def _query_tile_terms(
     k = tl.load(k_base + keys * stride_kn + offs_d[None, :], mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     v = tl.load(v_base + keys * stride_vn + offs_dv[None, :], mask=in_keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
     p, dp, _ = _tile_p_dp(
-        q, k, v, do, row_max, log2_sum, corr, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len,
+        q, k, do, v, row_max[:, None], log2_sum[:, None], corr[:, None], offs_m[:, None], offs_n[None, :],
+        mask_base, stride_mm, stride_mn, q_len, k_len,
         qk_scale, seed, bh, dropout_p, inv_keep, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, RENORMALISE,
         KEY_BOUNDS,
     )
@@ -542,14 +559,28 @@ def _attn_bwd_dkdv_inner(
         row_max, log2_sum = _row_stats(stats_base, offs_m, in_queries, q_len)
         delta = tl.load(delta_base + offs_m, mask=in_queries, other=0.0)
         corr = tl.load(corr_base + offs_m, mask=in_queries, other=0.0)
-        p, dp, kept = _tile_p_dp(
-            q, k, v, do, row_max, log2_sum, corr, offs_m, offs_n, mask_base, stride_mm, stride_mn, q_len, k_len,
-            qk_scale, seed, bh, dropout_p, inv_keep, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, True, False,
-        )
-        ds = p * (dp - delta[:, None])
-        p_used = p * kept if DROPOUT else p
-        dv += _mm(tl.trans(p_used.to(do.dtype)), do, FP32_DOT)
-        dk += _mm(tl.trans(ds.to(q.dtype)), q, FP32_DOT)
+        if BLOCK_D <= 64 and BLOCK_DV <= 64:
+            # The tile transposed, keys x queries ("Transposed tiles" in the module docstring): P^T
+            # and dS^T are the A operands of dV += P^T dO and dK += dS^T Q as they come.
+            p_t, dp_t, kept_t = _tile_p_dp(
+                k, q, v, do, row_max[None, :], log2_sum[None, :], corr[None, :], offs_m[None, :], offs_n[:, None],
+                mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
+                HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, True, False,
+            )
+            ds_t = p_t * (dp_t - delta[None, :])
+            p_used = p_t * kept_t if DROPOUT else p_t
+            dv += _mm(p_used.to(do.dtype), do, FP32_DOT)
+            dk += _mm(ds_t.to(q.dtype), q, FP32_DOT)
+        else:
+            p, dp, kept = _tile_p_dp(
+                q, k, do, v, row_max[:, None], log2_sum[:, None], corr[:, None], offs_m[:, None], offs_n[None, :],
+                mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
+                HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, True, False,
+            )
+            ds = p * (dp - delta[:, None])
+            p_used = p * kept if DROPOUT else p
+            dv += _mm(tl.trans(p_used.to(do.dtype)), do, FP32_DOT)
+            dk += _mm(tl.trans(ds.to(q.dtype)), q, FP32_DOT)
     return dk, dv
 
 
