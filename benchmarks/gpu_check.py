@@ -427,13 +427,16 @@ def render_markdown(facts: dict, tests: dict, records: list[dict], sanitizer: di
             by_op: dict[str, dict[bool, dict]] = {}
             for r in host_time["records"]:
                 by_op.setdefault(r["op"], {})[r["grad"]] = r
-            lines += ["| op | C++ entry | Python path | torch | entry / torch |", "| --- | ---: | ---: | ---: | ---: |"]
+            lines += ["| op | C++ entry | Python path | torch | entry / torch | triton backend |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: |"]
             for op, modes in by_op.items():
-                cells = [" / ".join(f"{modes[g][key]:.1f}" for g in (False, True) if g in modes)
-                         for key in ("entry_us", "python_us", "torch_us")]
+                cells = [" / ".join(f"{modes[g][key]:.1f}" for g in (False, True) if g in modes and key in modes[g])
+                         or "-" for key in ("entry_us", "python_us", "torch_us")]
                 ratio = " / ".join(f"{modes[g]['entry_us'] / modes[g]['torch_us']:.2f}" for g in (False, True)
                                    if g in modes)
-                lines.append(f"| {op} | {' | '.join(cells)} | {ratio} |")
+                triton_cell = " / ".join(f"{modes[g]['triton_us']:.1f}" for g in (False, True)
+                                         if g in modes and "triton_us" in modes[g]) or "-"
+                lines.append(f"| {op} | {' | '.join(cells)} | {ratio} | {triton_cell} |")
     if memory:
         lines += ["", "## Memory: one BERT-base layer, batch 1, seq 4096, bf16, forward + backward", ""]
         if "failed" in memory:

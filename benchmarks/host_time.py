@@ -8,7 +8,11 @@ calls, reported in microseconds per call (median over the rounds):
   entry for the plain call (csrc/fast.cpp) once the first call has approved its kind;
 - ``python``: the same op with the device's own backend named (``backend="cpu"`` or ``"cuda"``),
   which takes the Python path (validation and backend choice in Python) to the same kernel;
-- ``torch``: PyTorch's own functions for the same work.
+- ``torch``: PyTorch's own functions for the same work;
+- on a GPU, ``triton``: the op with ``backend="triton"`` (the Python path to the Triton kernels:
+  validation, the ``torch.library`` custom op, Triton's launcher and autotuner lookup). Its
+  kernels are as small as the others', so the column is the host's cost of that path, which a
+  benchmark that times single calls with CUDA events counts in the call's time.
 
 Without ``--grad`` the inputs need no gradient (the ops' inference forms); with it they do, and
 autograd records each call (no backward is run). One CPU thread by default (``--threads``), since
@@ -81,6 +85,8 @@ def measure(device: torch.device, dtype: torch.dtype, grad: bool, *, calls: int,
             "python": looped(lambda fused=fused: fused(backend=device.type), calls),
             "torch": looped(plain, calls),
         }
+        if device.type == "cuda" and fused_attn.backends.backend_unavailable_reasons("triton", device) == []:
+            fns["triton"] = looped(lambda fused=fused: fused(backend="triton"), calls)
         timings, failed = harness.measure_side_by_side(fns, device, repeats=repeats)
         if failed:
             raise SystemExit(f"{name}: {failed}")
@@ -110,11 +116,12 @@ def main() -> None:
         print(f"microseconds per call on {device.type} ({str(dtype).replace('torch.', '')}), "
               f"{'with' if grad else 'without'} autograd recording, {args.threads} CPU thread(s), "
               f"median of {args.repeats} interleaved loops of {args.calls}")
-        print(f"{'op':<30} {'entry':>8} {'python':>8} {'torch':>8}  entry/torch")
+        print(f"{'op':<30} {'entry':>8} {'python':>8} {'torch':>8}  entry/torch  triton")
         for r in measure(device, dtype, grad, calls=args.calls, repeats=args.repeats):
             records.append(r)
+            triton_us = f"{r['triton_us']:8.1f}" if "triton_us" in r else ""
             print(f"{r['op']:<30} {r['entry_us']:8.1f} {r['python_us']:8.1f} {r['torch_us']:8.1f}  "
-                  f"{r['entry_us'] / r['torch_us']:.2f}")
+                  f"{r['entry_us'] / r['torch_us']:11.2f}  {triton_us}")
     if fused_attn.backends.fast_entry("layer_norm") is None:
         print("note: the extension has no C++ entry here (fused-attn info): 'entry' took the Python path")
     if args.json:

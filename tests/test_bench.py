@@ -481,9 +481,11 @@ def test_gpu_check_report_renders_tables_plots_and_memory(tmp_path, monkeypatch)
     tests = {"exit_code": 1, "tests": 3, "failures": 1, "errors": 0, "skipped": 1, "tail": "",
              "failed_tests": [{"test": "tests.test_x::test_y", "message": "boom"}]}
     host_time = {"records": [{"op": "layer_norm", "grad": grad, "entry_us": 10.0 + grad, "python_us": 40.0,
-                              "torch_us": 8.0} for grad in (False, True)]}
+                              "torch_us": 8.0, "triton_us": 90.0 + grad} for grad in (False, True)]}
+    host_time["records"].append({"op": "softmax", "grad": False, "entry_us": 5.0, "python_us": 9.0, "torch_us": 5.0})
     md = gpu_check.render_markdown(facts, tests, records, {"skipped": "--skip-sanitizer"}, plots, memory, host_time)
-    assert "| layer_norm | 10.0 / 11.0 | 40.0 / 40.0 | 8.0 / 8.0 | 1.25 / 1.38 |" in md
+    assert "| layer_norm | 10.0 / 11.0 | 40.0 / 40.0 | 8.0 / 8.0 | 1.25 / 1.38 | 90.0 / 91.0 |" in md
+    assert "| softmax | 5.0 | 9.0 | 5.0 | 1.00 | - |" in md  # no triton column (a machine without triton)
     assert "1 passed, 1 failed" in md and "FAILED `tests.test_x::test_y`: boom" in md
     assert "![attention](stem-attention.png)" in md and "fused/plain 0.250" in md
     assert "forward peak: plain 2 MiB, fused 1 MiB, fused/plain 0.500" in md
