@@ -121,3 +121,13 @@ def test_key_tiles_skip_the_bounds_pass_only_where_no_tile_reaches_past_the_keys
         reaches_past = any(k_len % n for n in blocks)
         assert attention._key_bounds(k_len) or not reaches_past, k_len
     assert not attention._key_bounds(512) and attention._key_bounds(77) and attention._key_bounds(192)
+
+
+def test_host_sizes_match_tritons():
+    """The launchers' plain-int cdiv and next_power_of_2 (fused_attn/kernels/triton/_grid.py) give
+    what Triton's constexpr functions of the same names give."""
+    from fused_attn.kernels.triton._grid import cdiv, next_power_of_2
+
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 300) for b in range(1, 70))
+    assert all(next_power_of_2(n) == triton.next_power_of_2(n) for n in range(1, 5000))
+    assert cdiv(2**40 + 1, 2**20) == 2**20 + 1 and next_power_of_2(2**31 - 1) == 2**31

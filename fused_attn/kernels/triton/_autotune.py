@@ -15,6 +15,7 @@ from collections.abc import Callable
 import triton
 
 from ..._env import triton_autotune_enabled
+from ._grid import next_power_of_2
 
 
 def shared_memory_limit() -> int | None:
@@ -47,7 +48,7 @@ def first_that_fits(kernel: triton.runtime.JITFunction, configs: list[triton.Con
 def size_bucket(n: int, cap: int) -> int:
     """``n`` rounded up to a power of two, at most ``cap``: an autotune key that retunes only when
     a size changes scale (lengths and token counts vary per batch; the best tile does not)."""
-    return min(triton.next_power_of_2(max(n, 1)), cap)
+    return min(next_power_of_2(max(n, 1)), cap)
 
 
 def benchmark(kernel_call: Callable[[], None], quantiles: tuple[float, ...]) -> list[float]:

@@ -20,3 +20,16 @@ def row_chunks(rows: int) -> Iterator[tuple[int, int]]:
     chunk = ROW_CHUNK
     for first in range(0, rows, chunk):
         yield first, min(chunk, rows - first)
+
+
+# Host-side sizes of a launch. Triton's triton.cdiv and triton.next_power_of_2 are constexpr
+# functions, whose every call from Python unwraps its arguments (a few microseconds each in Triton
+# 3.8; a launch computes several): these plain-int twins keep that off each call's host time.
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints a >= 0, b > 0."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()

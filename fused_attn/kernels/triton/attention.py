@@ -95,7 +95,7 @@ from ..._env import MAX_EXTENT, triton_interpret_mode
 from ..layout import empty_in_query_layout
 from ._autotune import benchmark, pruner, size_bucket
 from ._dropout import as_float32, keep_scale, uniform
-from ._grid import MAX_GRID
+from ._grid import MAX_GRID, cdiv, next_power_of_2
 from ._options import LAUNCH_OPTIONS
 from ._rounding import rounded_product
 from ._units import LOG2E
@@ -772,7 +772,7 @@ def _attn_bwd_dq_kernel(
 
 def _block_dim(head_dim: int) -> int:
     # tl.dot needs every dimension >= 16; other head dims are padded up to a power of two and masked.
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def _kv_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
@@ -803,14 +803,14 @@ def _dkdv_splits(q: torch.Tensor, batch: int, kv_heads: int, kv_group: int, k_le
     most one query head each. Counted with 64-key tiles (the autotuner picks the real size)."""
     if kv_group == 1:
         return 1
-    programs = batch * kv_heads * triton.cdiv(k_len, 64)
+    programs = batch * kv_heads * cdiv(k_len, 64)
     if q.device.type == "cuda":
         target = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(q.device).multi_processor_count
     else:
         target = _INTERPRETED_PROGRAMS
-    wanted = min(kv_group, max(1, triton.cdiv(target, max(programs, 1))))
-    chunk = triton.cdiv(kv_group, wanted)
-    return triton.cdiv(kv_group, chunk)  # no empty chunk
+    wanted = min(kv_group, max(1, cdiv(target, max(programs, 1))))
+    chunk = cdiv(kv_group, wanted)
+    return cdiv(kv_group, chunk)  # no empty chunk
 
 
 def _mask_args(mask: torch.Tensor | None, like: torch.Tensor):
@@ -867,7 +867,7 @@ def attention_fwd(
     write_keep = return_keep_mask and dropout_p > 0.0
     keep = torch.zeros(batch, heads, q_len, k_len, device=q.device, dtype=torch.int8) if write_keep else None
     mask_t, mask_strides, mask_is_bool = _mask_args(mask, q)
-    grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
+    grid = lambda meta: (cdiv(q_len, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
     _attn_fwd_kernel[grid](
         q, k, v, mask_t, out, stats, keep if keep is not None else out,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
@@ -889,7 +889,7 @@ def _check_extents(batch: int, heads: int, q_len: int, k_len: int) -> None:
         )
     # Each kernel's one-dimensional grid has a program per (tile, batch * head): counted with the smallest
     # tile any config has (32 rows), so that no tile choice of the autotuner can exceed it.
-    programs = batch * heads * triton.cdiv(max(q_len, k_len, 1), 32)
+    programs = batch * heads * cdiv(max(q_len, k_len, 1), 32)
     if programs > MAX_GRID:
         raise ValueError(
             f"the Triton attention kernels launch a program per 32 rows of each of batch * heads = {batch * heads} "
@@ -922,7 +922,7 @@ def attention_bwd(
     # The row statistics (corr, delta) from the very P and dP the gradient kernels use (module docstring),
     # [B * H * Lq] each, in one allocation.
     corr, delta = torch.empty(2, batch * heads * q_len, device=q.device, dtype=torch.float32).unbind(0)
-    _attn_bwd_stats_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]) * batch * heads,)](
+    _attn_bwd_stats_kernel[lambda m: (cdiv(q_len, m["BLOCK_M"]) * batch * heads,)](
         q, k, v, mask_t, dout, stats, corr, delta, *common,
         heads, kv_group, q_len, k_len, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
         MASK_IS_BOOL=mask_is_bool, KEY_BOUNDS=_key_bounds(k_len), **meta,
@@ -936,7 +936,7 @@ def attention_bwd(
         dv_parts = torch.empty(batch, kv_heads * kv_splits, k_len, v.shape[-1], device=q.device, dtype=torch.float32)
     else:
         dk_parts, dv_parts = dk, dv
-    _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(k_len, m["BLOCK_N"]) * batch * kv_heads * kv_splits,)](
+    _attn_bwd_dkdv_kernel[lambda m: (cdiv(k_len, m["BLOCK_N"]) * batch * kv_heads * kv_splits,)](
         q, k, v, mask_t, dout, stats, corr, delta, dk_parts, dv_parts,
         *common, *dk_parts.stride()[:3], *dv_parts.stride()[:3],
         heads, kv_heads, kv_group, kv_splits, q_len, k_len, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
@@ -946,7 +946,7 @@ def attention_bwd(
     if kv_splits > 1:
         for grad, parts in ((dk, dk_parts), (dv, dv_parts)):
             grad.copy_(parts.unflatten(1, (kv_heads, kv_splits)).sum(2))
-    _attn_bwd_dq_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]) * batch * heads,)](
+    _attn_bwd_dq_kernel[lambda m: (cdiv(q_len, m["BLOCK_M"]) * batch * heads,)](
         q, k, v, mask_t, dout, stats, corr, delta, dq, dscores if dscores is not None else dq,
         *common, *dq.stride()[:3],
         heads, kv_group, q_len, k_len, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),

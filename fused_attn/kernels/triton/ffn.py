@@ -29,6 +29,7 @@ import triton.language as tl
 from ..._env import MAX_EXTENT, triton_interpret_mode
 from ._autotune import benchmark, pruner, size_bucket
 from ._dropout import as_float32, dropout, keep_divisor
+from ._grid import cdiv
 from ._options import LAUNCH_OPTIONS
 
 SQRT_HALF = 0.7071067811865476
@@ -251,7 +252,7 @@ def gemm(
     store_pre = pre is not None
     if epilogue == EPILOGUE_BIAS_GELU and pre is None:
         pre = out
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * max(triton.cdiv(N, meta["BLOCK_N"]), 1),)  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * max(cdiv(N, meta["BLOCK_N"]), 1),)  # noqa: E731
     _gemm_kernel[grid](
         a, b, out, aux, bias, pre, row_sums,
         M, N, K, m_bucket, k_bucket, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),

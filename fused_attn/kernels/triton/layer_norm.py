@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ..._env import MAX_EXTENT
 from ._dropout import as_float32, dropout, keep_divisor
-from ._grid import row_chunks
+from ._grid import cdiv, next_power_of_2, row_chunks
 from ._options import LAUNCH_OPTIONS
 from ._rounding import rounded_product
 
@@ -51,7 +51,7 @@ def _check_hidden(hidden: int) -> None:
 
 
 def _block_n(hidden: int, element_size: int, cap: int | None = None) -> int:
-    block = min(triton.next_power_of_2(max(hidden, 1)), MAX_FUSED_BYTES // element_size)
+    block = min(next_power_of_2(max(hidden, 1)), MAX_FUSED_BYTES // element_size)
     return min(block, cap) if cap else block
 
 
@@ -339,8 +339,8 @@ def norm_bwd(
         for k in ("dweight", "dbias", "dinput_bias")
     }
     out = {k: torch.empty_like(x) if need[k] else x.new_empty(0) for k in ("dx", "dinput")}
-    rows_per_program = triton.cdiv(max(rows, 1), programs)
-    launched = triton.cdiv(rows, rows_per_program)
+    rows_per_program = cdiv(max(rows, 1), programs)
+    launched = cdiv(rows, rows_per_program)
     if launched > 0 and hidden > 0 and any(need.values()):
         _norm_bwd_kernel[(launched,)](
             dy, dprenorm, x, weight, mean, rstd, out["dx"], out["dinput"],

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..._env import MAX_EXTENT
-from ._grid import row_chunks
+from ._grid import next_power_of_2, row_chunks
 from ._options import LAUNCH_OPTIONS
 from ._units import LOG2E
 
@@ -149,7 +149,7 @@ def _softmax_bwd_kernel(
 
 
 def _block(n_cols: int) -> tuple[int, bool]:
-    block = triton.next_power_of_2(max(n_cols, 1))
+    block = next_power_of_2(max(n_cols, 1))
     return (block, True) if block <= MAX_SINGLE_BLOCK else (STREAM_BLOCK, False)
 
 
