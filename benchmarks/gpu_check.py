@@ -138,8 +138,10 @@ def passed_in(reports: list[Path]) -> set[str]:
 
 # Test files run first (pytest takes files in the order given; a budget that stops the run cuts the
 # last): the CUDA kernels' own parity, then the rest in name order.
-FIRST_TESTS = ["test_cuda_query_strips.py", "test_attention.py", "test_add_layer_norm.py", "test_layer_norm.py",
-               "test_ffn.py", "test_softmax.py"]
+# The kernels' parity first: the two-strip bitwise check, attention, every Triton tile config (the
+# attention tests run one per kernel), the other ops, then the numerics at extreme scales.
+FIRST_TESTS = ["test_cuda_query_strips.py", "test_attention.py", "test_triton_gpu_tiles.py", "test_add_layer_norm.py",
+               "test_layer_norm.py", "test_ffn.py", "test_softmax.py", "test_numerics.py"]
 
 
 def ordered_test_files() -> list[str]:
