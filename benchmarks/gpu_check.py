@@ -137,9 +137,9 @@ def passed_in(reports: list[Path]) -> set[str]:
 
 
 # Test files run first (pytest takes files in the order given; a budget that stops the run cuts the
-# last): the CUDA kernels' own parity, then the rest in name order.
-# The kernels' parity first: the two-strip bitwise check, attention, every Triton tile config (the
-# attention tests run one per kernel), the other ops, then the numerics at extreme scales.
+# last), then the rest in name order: the kernels' parity (the two-strip bitwise check, attention,
+# every Triton tile config, which the attention tests run one per kernel, the other ops), then the
+# numerics at extreme scales.
 FIRST_TESTS = ["test_cuda_query_strips.py", "test_attention.py", "test_triton_gpu_tiles.py", "test_add_layer_norm.py",
                "test_layer_norm.py", "test_ffn.py", "test_softmax.py", "test_numerics.py"]
 
@@ -432,13 +432,12 @@ def render_markdown(facts: dict, tests: dict, records: list[dict], sanitizer: di
             lines += ["| op | C++ entry | Python path | torch | entry / torch | triton backend |",
                       "| --- | ---: | ---: | ---: | ---: | ---: |"]
             for op, modes in by_op.items():
-                cells = [" / ".join(f"{modes[g][key]:.1f}" for g in (False, True) if g in modes and key in modes[g])
-                         or "-" for key in ("entry_us", "python_us", "torch_us")]
+                entry, python, torch_, triton_ = (
+                    " / ".join(f"{modes[g][key]:.1f}" for g in (False, True) if g in modes and key in modes[g]) or "-"
+                    for key in ("entry_us", "python_us", "torch_us", "triton_us"))
                 ratio = " / ".join(f"{modes[g]['entry_us'] / modes[g]['torch_us']:.2f}" for g in (False, True)
                                    if g in modes)
-                triton_cell = " / ".join(f"{modes[g]['triton_us']:.1f}" for g in (False, True)
-                                         if g in modes and "triton_us" in modes[g]) or "-"
-                lines.append(f"| {op} | {' | '.join(cells)} | {ratio} | {triton_cell} |")
+                lines.append(f"| {op} | {entry} | {python} | {torch_} | {ratio} | {triton_} |")
     if memory:
         lines += ["", "## Memory: one BERT-base layer, batch 1, seq 4096, bf16, forward + backward", ""]
         if "failed" in memory:

@@ -231,11 +231,6 @@ C10_ALWAYS_INLINE fVec gelu_grad(const fVec& x) {
 
 // Whether this CPU multiplies T natively (where torch's GEMM for T goes to oneDNN's fast
 // kernels); float32 always.
-bool native_gemm(at::ScalarType type);
-
-// The 16-bit dtypes whose GELU passes are torch's kernels (see the header).
-bool torch_gelu(at::ScalarType type) { return type != at::kFloat && native_gemm(type); }
-
 bool native_gemm(at::ScalarType type) {
   static const std::array<bool, 2> reduced = [] {
     const auto caps = at::cpu::get_cpu_capabilities();
@@ -249,6 +244,9 @@ bool native_gemm(at::ScalarType type) {
   if (type == at::kHalf) return reduced[1];
   return true;
 }
+
+// The 16-bit dtypes whose GELU passes are torch's kernels (see the header).
+bool torch_gelu(at::ScalarType type) { return type != at::kFloat && native_gemm(type); }
 
 // Rows [begin, end) of the forward's elementwise pass over src [rows, cols] (the GEMM's result,
 // float32 or the storage dtype): v = src rounded to scalar_t (stored to pre when src is float32
@@ -598,7 +596,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_hidden_bwd_cpu(
   at::Tensor db1 = need_db1 ? at::empty({hidden}, input.options()) : empty();
   const int64_t nchunks = num_row_chunks(rows, hidden);
   const bool by_torch = torch_gelu(dtype);  // the pass is torch's GELU gradient (see the header)
-  const at::Tensor db_part = column_partials(need_db1 && !by_torch, nchunks, hidden, input);
+  const bool db_by_pass = need_db1 && !by_torch;  // else torch's column sum, or none
+  const at::Tensor db_part = column_partials(db_by_pass, nchunks, hidden, input);
   // Slabs of whole chunks (the bias gradient's partial sums keep their chunks, hence their bits);
   // GEMMs in a 16-bit dtype take the whole batch at once, so that dW2 is not summed in it.
   const int64_t slab_min_rows =
@@ -606,7 +605,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_hidden_bwd_cpu(
 
   AT_DISPATCH_V2(dtype, "ffn_hidden_bwd_cpu", AT_WRAP([&] {
     const scalar_t* prep = pre_activation.const_data_ptr<scalar_t>();
-    double* dbp = need_db1 && !by_torch ? db_part.mutable_data_ptr<double>() : nullptr;
+    double* dbp = db_by_pass ? db_part.mutable_data_ptr<double>() : nullptr;
     for (int64_t c0 = 0, c1 = 0; c0 < nchunks; c0 = c1) {
       const int64_t r0 = chunk_rows(c0, nchunks, rows).first;
       int64_t r1 = r0;
@@ -636,7 +635,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_hidden_bwd_cpu(
                         data_or_null<float>(grad_pre), dbp);
       }
     }
-    if (need_db1 && !by_torch) {
+    if (db_by_pass) {
       using Sum = std::pair<const double*, scalar_t*>;
       sum_partials(std::array<Sum, 1>{Sum{dbp, db1.mutable_data_ptr<scalar_t>()}}, nchunks, hidden);
     }
