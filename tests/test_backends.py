@@ -157,9 +157,9 @@ def test_cuda_attention_wide_heads_need_the_shared_memory(monkeypatch, head_dim,
 def test_cuda_attention_shared_memory_figure_follows_the_kernels():
     """CUDA_WIDE_HEAD_SMEM_BYTES is what csrc/cuda/attention.cu's kernels ask for at padded head
     dim 256, and up to head dim 128 every kernel (with one strip per warp or, where the forward and
-    the dQ kernels take them, two; and the forward at 256) fits the 99 KiB per block of sm86/sm89/sm120: evaluated from the kernel
-    file's own constexpr formulas, so a change of tile sizes there cannot leave the policy's figure
-    behind."""
+    the dQ kernels take them, two; and the forward at 256) fits the 99 KiB per block of
+    sm86/sm89/sm120: evaluated from the kernel file's own constexpr formulas, so a change of tile
+    sizes there cannot leave the policy's figure behind."""
     import pathlib
     import re
 
@@ -183,7 +183,7 @@ def test_cuda_attention_shared_memory_figure_follows_the_kernels():
         assert "constexpr int out_cols(int head_dim) { return head_dim > 128 ? 128 : head_dim; }" in source
         return min(d, 128)
 
-    # The forward's rows per block: 16 per strip per warp, one strip or two (fwd_strips), two only up
+    # The forward's rows per block: 16 per strip per warp, one strip or two (query_strips), two only up
     # to kMaxTwoStripHeadDim.
     assert "constexpr int query_rows(int strips) { return kRowsPerBlock * strips; }" in source
     two_strip_max = int(constant("kMaxTwoStripHeadDim"))
