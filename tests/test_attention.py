@@ -113,6 +113,57 @@ def test_parity_value_head_dim_differs(backend_device, dims, causal):
     )
 
 
+# 16-bit shapes around the edges of the tiles the kernels pack (the CPU backend multiplies 16-bit
+# inputs natively where the CPU's tile unit takes them, on chunks of 64 keys x 64 features): key
+# lengths at and around a chunk, a padding mask that hides the first keys (a walk that starts
+# before its first visible key), value head dims that end inside a chunk, grouped key/value heads
+# and a query read through a packed-QKV view.
+EDGE_SHAPES = {
+    "k1": dict(q_len=5, k_len=1),
+    "k63": dict(q_len=70, k_len=63),
+    "k65-left-pad": dict(q_len=33, k_len=65, left_pad=40),
+    "k300-left-pad": dict(q_len=129, k_len=300, left_pad=70, causal=True),
+    "d40-dv72": dict(q_len=50, k_len=97, head_dim=40, v_dim=72),
+    "gqa": dict(q_len=40, k_len=130, heads=4, kv_heads=2),
+    "packed-qkv": dict(q_len=77, k_len=77, packed=True),
+}
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", list(EDGE_SHAPES), ids=str)
+def test_parity_16bit_tile_edges(backend_device, dtype, shape):
+    backend, device = backend_device
+    if dtype not in supported_dtypes(backend, device, OP):
+        pytest.skip(f"{dtype} is not tested on {backend}-{device}")
+    c = {"heads": 2, "kv_heads": None, "head_dim": 64, "v_dim": None, "left_pad": 0, "causal": False,
+         "packed": False} | EDGE_SHAPES[shape]
+    heads, d = c["heads"], c["head_dim"]
+    kv_heads, dv = c["kv_heads"] or heads, c["v_dim"] or d
+    gen = torch.Generator().manual_seed(11)
+    make = lambda h, n, dim: torch.randn(2, h, n, dim, generator=gen).to(device=device, dtype=dtype)  # noqa: E731
+    if c["packed"]:  # [B, L, 3, H, D] projections viewed as [B, H, L, D]: rows 3 * H * D apart
+        qkv = torch.randn(2, c["q_len"], 3, heads, d, generator=gen).to(device=device, dtype=dtype)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    else:
+        q, k, v = make(heads, c["q_len"], d), make(kv_heads, c["k_len"], d), make(kv_heads, c["k_len"], dv)
+    mask = None
+    if c["left_pad"]:
+        mask = torch.ones(2, 1, 1, c["k_len"], dtype=torch.bool, device=device)
+        mask[0, ..., : c["left_pad"]] = False
+    assert_parity(
+        lambda **a: fused_attn.scaled_dot_product_attention(
+            **a, is_causal=c["causal"], enable_gqa=kv_heads != heads, backend=backend
+        ),
+        lambda query, key, value, attn_mask: reference.scaled_dot_product_attention(
+            query, repeat_kv_heads(key, heads), repeat_kv_heads(value, heads), attn_mask, is_causal=c["causal"]
+        ),
+        {"query": q, "key": k, "value": v, "attn_mask": mask},
+        grad_args=("query", "key", "value"),
+    )
+    assert fused_attn.last_backend(OP) == backend
+
+
 @pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("seq", [1, 17, 77, 128, 257])

@@ -29,7 +29,12 @@
 // slower at these tile sizes (measured on 2 cores at head dim 64). Inside at::parallel_for MKL
 // runs single-threaded per call. float32 inputs with a BLAS-compatible row stride are handed to
 // sgemm in place; fp16/bf16 blocks are widened into per-thread float32 buffers once per block,
-// so all arithmetic and accumulation is float32 and every output is rounded once.
+// so all arithmetic and accumulation is float32 and every output is rounded once. Except in the
+// forward on CPUs whose tile unit multiplies the 16-bit dtype (AMX: bfloat16 on AMX-BF16, float16
+// on AMX-FP16): there its two products run on the 16-bit values through oneDNN's brgemm
+// micro-kernels (torch's cpublas::brgemm, K and V packed once per call), float32 accumulated, P
+// rounded to the input dtype for P V as in eager attention (see native_products). The backward
+// stays widened.
 //
 // Parallelism: tasks are handed out from an atomic counter to at::parallel_for workers, each
 // with its own scratch, and no two tasks write the same output element, so the results are
@@ -92,6 +97,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -285,6 +291,46 @@ std::pair<const float*, int64_t> rows_as_float(const T* base, int64_t stride, in
   }
   for (int64_t r = 0; r < n; ++r) to_float(base + (r0 + r) * stride, buf + r * cols, cols);
   return {buf, std::max<int64_t>(cols, 1)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// 16-bit products on the CPU's tile unit. Where oneDNN's brgemm micro-kernels take T packed for
+// the tile unit (AMX: cpublas::could_pack(T), bfloat16 on AMX-BF16 CPUs, float16 on AMX-FP16
+// ones), the forward's products run on T itself with float32 accumulation instead of on widened
+// float32 copies: S = Q K^T on the inputs as they are (each product exact in float32, as in the
+// widened sgemm; then scaled, a second rounding where sgemm's alpha folds the scale in), and P V
+// with P rounded to T, as eager attention, SDPA and the GPU kernels do (the row sum l takes the
+// unrounded P). cpublas::brgemm is C[M, N] (+)= A[M, K] B[K, N], all row-major, B packed: K and
+// V are packed once per call (pack_keys), kTileKeys keys x kTileCols columns a chunk, the
+// largest B the packing takes (64 columns), K as K^T chunks [head_dim, 64 keys] and V as chunks
+// [64 keys, 64 features], zero-filled past the last key and feature, so every product of P V is
+// a whole chunk (K = 64, P's columns past the tile's keys zero) and only the scores' last chunk
+// is narrower. The packed copies are the size of K and V; nothing of size Lq x Lk exists.
+constexpr int64_t kTileKeys = 64, kTileCols = 64;
+
+// Whether the forward of attention on T (head dim d) multiplies T natively (see above).
+bool native_products(at::ScalarType type, int64_t d) {
+  return type != at::kFloat && d % 2 == 0 && at::native::cpublas::could_pack(type);
+}
+
+// K and V of every (batch, key/value head) packed for brgemm (pack_keys): key chunk c of head
+// bkv is k_packed + (bkv * chunks + c) * k_chunk (K^T, head_dim x 64), feature chunk f of its V
+// is v_packed + ((bkv * chunks + c) * v_cols + f) * v_chunk (64 x 64).
+template <typename T>
+struct PackedKV {
+  at::Tensor storage;
+  const T* k_packed = nullptr;
+  const T* v_packed = nullptr;
+  int64_t chunks = 0, v_cols = 0, k_chunk = 0, v_chunk = kTileKeys * kTileCols;
+
+  const T* k(int64_t bkv, int64_t c) const { return k_packed + (bkv * chunks + c) * k_chunk; }
+  const T* v(int64_t bkv, int64_t c, int64_t f) const { return v_packed + ((bkv * chunks + c) * v_cols + f) * v_chunk; }
+};
+
+// C[m, n] (+)= A[m, k] B (B one packed chunk, leading dimension kTileCols), float32 C.
+template <typename T>
+void brgemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, bool add, float* c, int64_t ldc) {
+  at::native::cpublas::brgemm(m, n, k, lda, kTileCols, ldc, add, a, b, c, /*is_vnni=*/true);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -532,17 +578,104 @@ void fill_strides(const at::Tensor& t, int64_t (&s)[3]) {
   s[2] = t.stride(2);
 }
 
-// Scores of the tile (rows [i0, i0 + mq), keys [j0, j0 + nk)) of head (b, h), masked: s = scale *
-// Q K^T (+ mask), -inf where the mask or causality hides the key. S has leading dimension ld_s.
-void masked_scores(const AttnProblem& pb, int64_t b, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nk,
-                   const float* q, int64_t ldq, const float* k, int64_t ldk, float* s, int64_t ld_s) {
-  gemm(false, true, mq, nk, pb.d, pb.scale, q, ldq, k, ldk, 0.f, s, ld_s);
+// Packs K and V for the forward's 16-bit products (PackedKV), one (key/value head, key chunk) per
+// task: the chunk is gathered into a zero-padded staging block, K transposed, then packed.
+template <typename T>
+PackedKV<T> pack_keys(const AttnProblem& pb, const T* k_ptr, const T* v_ptr) {
+  constexpr auto kType = c10::CppTypeToScalarType<T>::value;
+  PackedKV<T> kv;
+  const int64_t d = pb.d, dv = pb.dv, groups = pb.batch * pb.kv_heads;
+  kv.chunks = (pb.k_len + kTileKeys - 1) / kTileKeys;
+  kv.v_cols = (dv + kTileCols - 1) / kTileCols;
+  kv.k_chunk = d * kTileKeys;
+  const int64_t tasks = groups * kv.chunks;
+  kv.storage = at::empty({tasks * (kv.k_chunk + kv.v_cols * kv.v_chunk)}, at::TensorOptions().dtype(kType));
+  T* k_out = kv.storage.template mutable_data_ptr<T>();
+  T* v_out = k_out + tasks * kv.k_chunk;
+  kv.k_packed = k_out;
+  kv.v_packed = v_out;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> stage(std::max(kv.k_chunk, kv.v_chunk));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bkv = task / kv.chunks, j0 = task % kv.chunks * kTileKeys;
+      const int64_t b = bkv / pb.kv_heads, hk = bkv % pb.kv_heads;
+      const int64_t n = std::min(kTileKeys, pb.k_len - j0);
+      const T* kb = k_ptr + b * pb.k_s[0] + hk * pb.k_s[1] + j0 * pb.k_s[2];
+      const T* vb = v_ptr + b * pb.v_s[0] + hk * pb.v_s[1] + j0 * pb.v_s[2];
+      for (int64_t t = 0; t < kTileKeys; ++t) {
+        for (int64_t f = 0; f < d; ++f) stage[f * kTileKeys + t] = t < n ? kb[t * pb.k_s[2] + f] : T(0);
+      }
+      at::native::cpublas::pack(d, kTileKeys, kTileKeys, kTileKeys, kType, kType, stage.data(),
+                                k_out + task * kv.k_chunk);
+      for (int64_t f0 = 0; f0 < kv.v_cols * kTileCols; f0 += kTileCols) {
+        const int64_t w = std::min(kTileCols, dv - f0);
+        for (int64_t t = 0; t < kTileKeys; ++t) {
+          T* row = stage.data() + t * kTileCols;
+          if (t < n) std::copy(vb + t * pb.v_s[2] + f0, vb + t * pb.v_s[2] + f0 + w, row);
+          std::fill(row + (t < n ? w : 0), row + kTileCols, T(0));
+        }
+        at::native::cpublas::pack(kTileKeys, kTileCols, kTileCols, kTileCols, kType, kType, stage.data(),
+                                  v_out + (task * kv.v_cols + f0 / kTileCols) * kv.v_chunk);
+      }
+    }
+  });
+  return kv;
+}
+
+// The mask and causality applied to the scores of the tile (rows [i0, i0 + mq), keys [j0, j0 + nk))
+// of head (b, h), in place: s += mask, -inf where the mask or causality hides the key. S has
+// leading dimension ld_s.
+void mask_tile(const AttnProblem& pb, int64_t b, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nk, float* s,
+               int64_t ld_s) {
   const bool straddles = pb.causal && j0 + nk - 1 > i0;
   if (pb.mask.kind == MaskKind::kNone && !straddles) return;
   for (int64_t r = 0; r < mq; ++r) {
     float* row = s + r * ld_s;
     if (pb.mask.kind != MaskKind::kNone) apply_mask(row, nk, pb.mask, pb.mask.row(b, h, i0 + r), j0);
     if (straddles) apply_causal(row, nk, i0 + r, j0);
+  }
+}
+
+// Scores of that tile, masked: s = scale * Q K^T (+ mask), -inf where the mask or causality hides
+// the key.
+void masked_scores(const AttnProblem& pb, int64_t b, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nk,
+                   const float* q, int64_t ldq, const float* k, int64_t ldk, float* s, int64_t ld_s) {
+  gemm(false, true, mq, nk, pb.d, pb.scale, q, ldq, k, ldk, 0.f, s, ld_s);
+  mask_tile(pb, b, h, i0, mq, j0, nk, s, ld_s);
+}
+
+// The forward's online-softmax step for the scores tile s ([mq, nk], leading dimension ld_s) of
+// queries i0.. and keys j0.. of head bh: the running max m and sum l, the accumulator acc ([mq,
+// dv]) rescaled where the max grew, and s = P, dropped as the forward drops it, for acc += P V.
+void online_softmax(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t mq, int64_t j0, int64_t nk, float* s,
+                    int64_t ld_s, float* m, float* l, float* acc) {
+  for (int64_t r = 0; r < mq; ++r) {
+    float* row = s + r * ld_s;
+    const float m_new = std::max(m[r], row_max(row, nk));
+    // A row with no visible key so far keeps m = -inf; shift by 0 so that exp gives 0, not NaN.
+    const float shift = m_new == -kInf ? 0.f : m_new;
+    const float row_sum = exp_shift_sum(row, nk, shift);
+    const float alpha = std::exp(m[r] - shift);
+    if (alpha != 1.f) scale_row(acc + r * pb.dv, pb.dv, alpha);
+    l[r] = l[r] * alpha + row_sum;
+    m[r] = m_new;
+    if (pb.dropout) {
+      apply_dropout(row, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, pb.inv_keep);
+    }
+  }
+}
+
+// The forward's last step for queries [i0, i0 + mq) of head bh: out = acc / l (0 for a row that
+// saw no key) and the log-sum-exp m + log l (+inf for such a row).
+template <typename T>
+void store_forward_rows(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t mq, const float* m, const float* l,
+                        const float* acc, T* out, const int64_t (&o_s)[3], float* lse) {
+  T* ob = out + bh / pb.heads * o_s[0] + bh % pb.heads * o_s[1];
+  for (int64_t r = 0; r < mq; ++r) {
+    const int64_t i = i0 + r;
+    const bool empty = l[r] == 0.f;
+    from_float(acc + r * pb.dv, empty ? 0.f : 1.f / l[r], ob + i * o_s[2], pb.dv);
+    lse[bh * pb.q_len + i] = empty ? kInf : m[r] + std::log(l[r]);
   }
 }
 
@@ -577,30 +710,59 @@ void attn_fwd_task(const AttnProblem& pb, const T* q_ptr, const T* k_ptr, const 
     const int64_t nk = std::min(block_k, k_end - j0);
     auto [k, ldk] = rows_as_float(kb, pb.k_s[2], j0, nk, d, kbuf);
     masked_scores(pb, b, h, i0, mq, j0, nk, q, ldq, k, ldk, s, block_k);
-    for (int64_t r = 0; r < mq; ++r) {
-      float* row = s + r * block_k;
-      const float m_new = std::max(m[r], row_max(row, nk));
-      // A row with no visible key so far keeps m = -inf; shift by 0 so that exp gives 0, not NaN.
-      const float shift = m_new == -kInf ? 0.f : m_new;
-      const float row_sum = exp_shift_sum(row, nk, shift);
-      const float alpha = std::exp(m[r] - shift);
-      if (alpha != 1.f) scale_row(acc + r * dv, dv, alpha);
-      l[r] = l[r] * alpha + row_sum;
-      m[r] = m_new;
-      if (pb.dropout) {
-        apply_dropout(row, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, pb.inv_keep);
-      }
-    }
+    online_softmax(pb, bh, i0, mq, j0, nk, s, block_k, m, l, acc);
     auto [v, ldv] = rows_as_float(vb, pb.v_s[2], j0, nk, dv, vbuf);
     gemm(false, false, mq, dv, nk, 1.f, s, block_k, v, ldv, 1.f, acc, dv);
   }
-  T* ob = out + b * o_s[0] + h * o_s[1];
-  for (int64_t r = 0; r < mq; ++r) {
-    const int64_t i = i0 + r;
-    const bool empty = l[r] == 0.f;
-    from_float(acc + r * dv, empty ? 0.f : 1.f / l[r], ob + i * o_s[2], dv);
-    lse[bh * pb.q_len + i] = empty ? kInf : m[r] + std::log(l[r]);
+  store_forward_rows(pb, bh, i0, mq, m, l, acc, out, o_s, lse);
+}
+
+// Forward of one (bh, query block) task with 16-bit products (native_products): Q read in place
+// (row stride ldq), K and V from their packed chunks (kv). Tiles start on a chunk boundary: keys
+// before a boolean mask's range that this walks are hidden by the mask. block_k is a multiple of
+// kTileKeys; p holds the tile's P rounded to T, zero past its keys to the chunk's end.
+template <typename T>
+void attn_fwd_task_native(const AttnProblem& pb, const PackedKV<T>& kv, const T* q_ptr, int64_t ldq, int64_t bh,
+                          int64_t i0, int64_t mq, int64_t block_k, float* scratch, T* out, const int64_t (&o_s)[3],
+                          float* lse) {
+  const int64_t b = bh / pb.heads, h = bh % pb.heads;
+  const int64_t dv = pb.dv, bkv = b * pb.kv_heads + pb.kv(h);
+  Carver carve{scratch};
+  float* s = carve.take(mq * block_k);
+  float* acc = carve.take(mq * dv);
+  float* m = carve.take(mq);
+  float* l = carve.take(mq);
+  T* p = reinterpret_cast<T*>(carve.take((mq * block_k * sizeof(T) + sizeof(float) - 1) / sizeof(float)));
+  const T* q = q_ptr + b * pb.q_s[0] + h * pb.q_s[1] + i0 * pb.q_s[2];
+  std::fill(acc, acc + mq * dv, 0.f);
+  std::fill(m, m + mq, -kInf);
+  std::fill(l, l + mq, 0.f);
+
+  const auto [k_begin, k_end] = pb.keys.range(b, h, i0, mq, pb.key_end(i0, mq));
+  for (int64_t j0 = k_begin / kTileKeys * kTileKeys; j0 < k_end; j0 += block_k) {
+    const int64_t nk = std::min(block_k, k_end - j0);
+    const int64_t c0 = j0 / kTileKeys, chunks = (nk + kTileKeys - 1) / kTileKeys;
+    for (int64_t c = 0; c < chunks; ++c) {
+      brgemm(mq, std::min(kTileKeys, nk - c * kTileKeys), pb.d, q, ldq, kv.k(bkv, c0 + c), false, s + c * kTileKeys,
+             block_k);
+    }
+    for (int64_t r = 0; r < mq; ++r) scale_row(s + r * block_k, nk, pb.scale);
+    mask_tile(pb, b, h, i0, mq, j0, nk, s, block_k);
+    online_softmax(pb, bh, i0, mq, j0, nk, s, block_k, m, l, acc);
+    for (int64_t r = 0; r < mq; ++r) {
+      T* prow = p + r * block_k;
+      from_float(s + r * block_k, 1.f, prow, nk);
+      std::fill(prow + nk, prow + chunks * kTileKeys, T(0));
+    }
+    for (int64_t c = 0; c < chunks; ++c) {
+      for (int64_t f = 0; f < kv.v_cols; ++f) {
+        brgemm(mq, std::min(kTileCols, dv - f * kTileCols), kTileKeys, p + c * kTileKeys, block_k, kv.v(bkv, c0 + c, f),
+               true, acc + f * kTileCols, dv);
+      }
+    }
   }
+  at::native::cpublas::brgemm_release(true);
+  store_forward_rows(pb, bh, i0, mq, m, l, acc, out, o_s, lse);
 }
 
 void check_qkv(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value) {
@@ -683,6 +845,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
   const int64_t scratch = Carver::round_up(block_q * pb.d) + Carver::round_up(block_k * pb.d) +
                           Carver::round_up(block_k * pb.dv) + Carver::round_up(block_q * block_k) +
                           Carver::round_up(block_q * pb.dv) + 2 * Carver::round_up(block_q);
+  // 16-bit products (native_products) read Q's rows in place: a leading dimension of at least
+  // head_dim (any, for a single row).
+  const int64_t ldq = pb.q_len > 1 ? pb.q_s[2] : pb.d;
+  const bool native = native_products(query.scalar_type(), pb.d) && ldq >= pb.d && pb.k_len > 0;
+  const int64_t native_k = (block_k + kTileKeys - 1) / kTileKeys * kTileKeys;
+  const int64_t native_scratch = Carver::round_up(block_q * native_k) + Carver::round_up(block_q * pb.dv) +
+                                 2 * Carver::round_up(block_q) + Carver::round_up((block_q * native_k + 1) / 2);
   AT_DISPATCH_V2(query.scalar_type(), "attention_fwd_cpu", AT_WRAP([&] {
     const scalar_t* qp = query.const_data_ptr<scalar_t>();
     const scalar_t* kp = key.const_data_ptr<scalar_t>();
@@ -690,12 +859,24 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     float* lp = lse.mutable_data_ptr<float>();
     const int64_t bh_count = pb.bh();
-    run_tasks(bh_count * nq, scratch, [&](int64_t task, float* buf) {
-      // Causal: the last query blocks see the most keys, so they go first; otherwise a head's
-      // blocks run consecutively (its K/V stay in cache).
+    // Causal: the last query blocks see the most keys, so they go first; otherwise a head's
+    // blocks run consecutively (its K/V stay in cache).
+    const auto block_of = [&](int64_t task) {
       const int64_t bh = pb.causal ? task % bh_count : task / nq;
       const int64_t qi = pb.causal ? nq - 1 - task / bh_count : task % nq;
-      const int64_t i0 = qi * block_q;
+      return std::pair<int64_t, int64_t>{bh, qi * block_q};
+    };
+    if (native) {  // never float32
+      const PackedKV<scalar_t> kv = pack_keys(pb, kp, vp);
+      run_tasks(bh_count * nq, native_scratch, [&](int64_t task, float* buf) {
+        const auto [bh, i0] = block_of(task);
+        attn_fwd_task_native<scalar_t>(pb, kv, qp, ldq, bh, i0, std::min(block_q, pb.q_len - i0), native_k, buf, op,
+                                       o_s, lp);
+      });
+      return;
+    }
+    run_tasks(bh_count * nq, scratch, [&](int64_t task, float* buf) {
+      const auto [bh, i0] = block_of(task);
       attn_fwd_task<scalar_t>(pb, qp, kp, vp, bh, i0, std::min(block_q, pb.q_len - i0), block_k, buf, op, o_s, lp);
     });
   }), at::kFloat, at::kHalf, at::kBFloat16);
