@@ -847,7 +847,7 @@ def _with_threads(threads, fn):
 
 
 @CPU_SCHEDULES
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["none", "causal+padding", "bias"])
 def test_cpu_backward_schedules(threads, dtype, kind):
     _with_threads(threads, lambda: _check(
@@ -856,7 +856,7 @@ def test_cpu_backward_schedules(threads, dtype, kind):
 
 
 @CPU_SCHEDULES
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("lengths", [(1, 16), (33, 70), (40, 300), (150, 170)], ids=lambda ls: "x".join(map(str, ls)))
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["no-dropout", "dropout"])
 def test_cpu_backward_one_visible_key_gives_exactly_zero_score_gradients(threads, dtype, lengths, dropout_p):
@@ -928,7 +928,7 @@ KEY_RANGE_SCHEDULES = pytest.mark.parametrize("threads", [1, 8], ids=["per-head"
 
 
 @KEY_RANGE_SCHEDULES
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind, causal", [("padding", False), ("padding", True), ("window", False),
                                           ("empty-rows", False), ("empty-rows", True)])
 def test_cpu_masked_key_ranges(threads, dtype, kind, causal):
@@ -1025,22 +1025,28 @@ def test_cpu_masked_key_ranges_dropout(threads):
 
 
 @KEY_RANGE_SCHEDULES
-def test_cpu_keys_hidden_from_a_whole_sequence_are_not_read(threads):
-    """Keys a padding mask hides from every query of a sequence are never read (as the tiles above
-    the causal diagonal): a NaN among their values or keys reaches neither the output nor a
-    gradient, where a kernel that multiplies it by a zero probability would spread it."""
-    if torch.float32 not in supported_dtypes("cpu", "cpu", OP):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_cpu_keys_hidden_from_a_whole_sequence_are_not_read(threads, dtype, causal):
+    """Keys a padding mask hides from every query of a sequence are never read, nor those past the
+    causal diagonal: a NaN among their values or keys reaches neither the output nor a gradient,
+    where a kernel that multiplies it by a zero probability would spread it. Some share a chunk of
+    64 keys with seen ones (bfloat16 packs keys by the chunk where the CPU multiplies it
+    natively): left padding up to key 200, causal ends at 150."""
+    if dtype not in supported_dtypes("cpu", "cpu", OP):
         pytest.skip("the cpu backend is not available")
-    q, k, v = _qkv(3, 1, 150, 300, 16, torch.float32, "cpu")
-    k[1, :, 250], v[1, :, 40:], v[2, :, 7] = float("nan"), float("nan"), float("nan")
+    q, k, v = _qkv(3, 1, 150, 300, 16, dtype, "cpu")
+    k[1, :, 250], v[1, :, 40:], v[2, :, 7], v[2, :, 195] = (float("nan"),) * 4
+    if causal:  # the first sequence sees every key but the queries end at 150
+        v[0, :, 160], k[0, :, 170] = float("nan"), float("nan")
     mask = _key_range_mask("padding")
     args = {"query": q, "key": k, "value": v}
     clean = {name: t.nan_to_num(0.0) for name, t in args.items()}
     results = []
     for inputs in (args, clean):
         leaves = {name: t.clone().requires_grad_() for name, t in inputs.items()}
-        out = _with_threads(threads, lambda: fused_attn.scaled_dot_product_attention(**leaves, attn_mask=mask,
-                                                                                    backend="cpu"))
+        out = _with_threads(threads, lambda: fused_attn.scaled_dot_product_attention(
+            **leaves, attn_mask=mask, is_causal=causal, backend="cpu"))
         out.backward(torch.ones_like(out))
         results.append([out] + [leaves[name].grad for name in ("query", "key", "value")])
     for name, got, want in zip(("output", "grad query", "grad key", "grad value"), *results):

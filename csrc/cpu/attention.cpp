@@ -578,6 +578,25 @@ void fill_strides(const at::Tensor& t, int64_t (&s)[3]) {
   s[2] = t.stride(2);
 }
 
+// Packs the value rows [lo, hi) of a chunk of keys (vb: its first key's row, rows ld apart; the
+// other rows of the chunk zero) for brgemm: the packed [64 keys, 64 features] blocks of its
+// features at out, kTileKeys x kTileCols elements each (stage: as many elements of scratch).
+template <typename T>
+void pack_value_chunk(const T* vb, int64_t ld, int64_t lo, int64_t hi, int64_t dv, T* stage, T* out) {
+  constexpr auto kType = c10::CppTypeToScalarType<T>::value;
+  for (int64_t f0 = 0; f0 < dv; f0 += kTileCols) {
+    const int64_t w = std::min(kTileCols, dv - f0);
+    for (int64_t t = 0; t < kTileKeys; ++t) {
+      T* row = stage + t * kTileCols;
+      const bool kept = t >= lo && t < hi;
+      if (kept) std::copy(vb + t * ld + f0, vb + t * ld + f0 + w, row);
+      std::fill(row + (kept ? w : 0), row + kTileCols, T(0));
+    }
+    at::native::cpublas::pack(kTileKeys, kTileCols, kTileCols, kTileCols, kType, kType, stage,
+                              out + f0 / kTileCols * kTileKeys * kTileCols);
+  }
+}
+
 // Packs K and V for the forward's 16-bit products (PackedKV), one (key/value head, key chunk) per
 // task: the chunk is gathered into a zero-padded staging block, K transposed, then packed.
 template <typename T>
@@ -607,16 +626,7 @@ PackedKV<T> pack_keys(const AttnProblem& pb, const T* k_ptr, const T* v_ptr) {
       }
       at::native::cpublas::pack(d, kTileKeys, kTileKeys, kTileKeys, kType, kType, stage.data(),
                                 k_out + task * kv.k_chunk);
-      for (int64_t f0 = 0; f0 < kv.v_cols * kTileCols; f0 += kTileCols) {
-        const int64_t w = std::min(kTileCols, dv - f0);
-        for (int64_t t = 0; t < kTileKeys; ++t) {
-          T* row = stage.data() + t * kTileCols;
-          if (t < n) std::copy(vb + t * pb.v_s[2] + f0, vb + t * pb.v_s[2] + f0 + w, row);
-          std::fill(row + (t < n ? w : 0), row + kTileCols, T(0));
-        }
-        at::native::cpublas::pack(kTileKeys, kTileCols, kTileCols, kTileCols, kType, kType, stage.data(),
-                                  v_out + (task * kv.v_cols + f0 / kTileCols) * kv.v_chunk);
-      }
+      pack_value_chunk(vb, pb.v_s[2], 0, n, dv, stage.data(), v_out + task * kv.v_cols * kv.v_chunk);
     }
   });
   return kv;
@@ -722,17 +732,25 @@ void attn_fwd_task(const AttnProblem& pb, const T* q_ptr, const T* k_ptr, const 
 // before a boolean mask's range that this walks are hidden by the mask. block_k is a multiple of
 // kTileKeys; p holds the tile's P rounded to T, zero past its keys to the chunk's end.
 template <typename T>
-void attn_fwd_task_native(const AttnProblem& pb, const PackedKV<T>& kv, const T* q_ptr, int64_t ldq, int64_t bh,
-                          int64_t i0, int64_t mq, int64_t block_k, float* scratch, T* out, const int64_t (&o_s)[3],
-                          float* lse) {
+void attn_fwd_task_native(const AttnProblem& pb, const PackedKV<T>& kv, const T* q_ptr, const T* v_ptr, int64_t ldq,
+                          int64_t bh, int64_t i0, int64_t mq, int64_t block_k, float* scratch, T* out,
+                          const int64_t (&o_s)[3], float* lse) {
   const int64_t b = bh / pb.heads, h = bh % pb.heads;
   const int64_t dv = pb.dv, bkv = b * pb.kv_heads + pb.kv(h);
+  const auto take = [](Carver& c, int64_t elems) {
+    return reinterpret_cast<T*>(c.take((elems * static_cast<int64_t>(sizeof(T)) + 3) / 4));
+  };
   Carver carve{scratch};
   float* s = carve.take(mq * block_k);
   float* acc = carve.take(mq * dv);
   float* m = carve.take(mq);
   float* l = carve.take(mq);
-  T* p = reinterpret_cast<T*>(carve.take((mq * block_k * sizeof(T) + sizeof(float) - 1) / sizeof(float)));
+  T* p = take(carve, mq * block_k);
+  // A value chunk that holds keys this block does not see (before a boolean mask's first key it
+  // sees, or past its causal end) is packed again with those rows zero: a zero probability times
+  // a NaN or inf among them would still spread it, and keys past the walk's ends are not read.
+  T* stage = take(carve, kTileKeys * kTileCols);
+  T* edge = take(carve, kv.v_cols * kv.v_chunk);
   const T* q = q_ptr + b * pb.q_s[0] + h * pb.q_s[1] + i0 * pb.q_s[2];
   std::fill(acc, acc + mq * dv, 0.f);
   std::fill(m, m + mq, -kInf);
@@ -755,9 +773,18 @@ void attn_fwd_task_native(const AttnProblem& pb, const PackedKV<T>& kv, const T*
       std::fill(prow + nk, prow + chunks * kTileKeys, T(0));
     }
     for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t first = (c0 + c) * kTileKeys;
+      const int64_t keys = std::min(kTileKeys, pb.k_len - first);  // the chunk's rows that are keys
+      const int64_t lo = std::max<int64_t>(k_begin - first, 0), hi = std::min(k_end - first, keys);
+      const bool partial = lo > 0 || hi < keys;
+      if (partial) {
+        const T* vb = v_ptr + b * pb.v_s[0] + pb.kv(h) * pb.v_s[1] + first * pb.v_s[2];
+        pack_value_chunk(vb, pb.v_s[2], lo, hi, dv, stage, edge);
+      }
       for (int64_t f = 0; f < kv.v_cols; ++f) {
-        brgemm(mq, std::min(kTileCols, dv - f * kTileCols), kTileKeys, p + c * kTileKeys, block_k, kv.v(bkv, c0 + c, f),
-               true, acc + f * kTileCols, dv);
+        const T* vc = partial ? edge + f * kv.v_chunk : kv.v(bkv, c0 + c, f);
+        brgemm(mq, std::min(kTileCols, dv - f * kTileCols), kTileKeys, p + c * kTileKeys, block_k, vc, true,
+               acc + f * kTileCols, dv);
       }
     }
   }
@@ -850,8 +877,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
   const int64_t ldq = pb.q_len > 1 ? pb.q_s[2] : pb.d;
   const bool native = native_products(query.scalar_type(), pb.d) && ldq >= pb.d && pb.k_len > 0;
   const int64_t native_k = (block_k + kTileKeys - 1) / kTileKeys * kTileKeys;
+  const int64_t v_cols = (pb.dv + kTileCols - 1) / kTileCols;
   const int64_t native_scratch = Carver::round_up(block_q * native_k) + Carver::round_up(block_q * pb.dv) +
-                                 2 * Carver::round_up(block_q) + Carver::round_up((block_q * native_k + 1) / 2);
+                                 2 * Carver::round_up(block_q) + Carver::round_up((block_q * native_k + 1) / 2) +
+                                 Carver::round_up(kTileKeys * kTileCols / 2) +
+                                 Carver::round_up(v_cols * kTileKeys * kTileCols / 2);
   AT_DISPATCH_V2(query.scalar_type(), "attention_fwd_cpu", AT_WRAP([&] {
     const scalar_t* qp = query.const_data_ptr<scalar_t>();
     const scalar_t* kp = key.const_data_ptr<scalar_t>();
@@ -870,8 +900,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
       const PackedKV<scalar_t> kv = pack_keys(pb, kp, vp);
       run_tasks(bh_count * nq, native_scratch, [&](int64_t task, float* buf) {
         const auto [bh, i0] = block_of(task);
-        attn_fwd_task_native<scalar_t>(pb, kv, qp, ldq, bh, i0, std::min(block_q, pb.q_len - i0), native_k, buf, op,
-                                       o_s, lp);
+        attn_fwd_task_native<scalar_t>(pb, kv, qp, vp, ldq, bh, i0, std::min(block_q, pb.q_len - i0), native_k, buf,
+                                       op, o_s, lp);
       });
       return;
     }
