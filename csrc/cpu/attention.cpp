@@ -33,8 +33,9 @@
 // forward on CPUs whose tile unit multiplies the 16-bit dtype (AMX: bfloat16 on AMX-BF16, float16
 // on AMX-FP16): there its two products run on the 16-bit values through oneDNN's brgemm
 // micro-kernels (torch's cpublas::brgemm, K and V packed once per call), float32 accumulated, P
-// rounded to the input dtype for P V as in eager attention (see native_products). The backward
-// stays widened.
+// rounded to the input dtype for P V as in eager attention (see native_products); in the backward
+// the products of 16-bit inputs alone, S = Q K^T and dP = dO V^T, do too (BwdNative), while those
+// with P or dS stay widened (those are formed in float32, and stay so).
 //
 // Parallelism: tasks are handed out from an atomic counter to at::parallel_for workers, each
 // with its own scratch, and no two tasks write the same output element, so the results are
@@ -314,14 +315,16 @@ bool native_products(at::ScalarType type, int64_t d) {
 }
 
 // K and V of every (batch, key/value head) packed for brgemm (pack_keys): key chunk c of head
-// bkv is k_packed + (bkv * chunks + c) * k_chunk (K^T, head_dim x 64), feature chunk f of its V
-// is v_packed + ((bkv * chunks + c) * v_cols + f) * v_chunk (64 x 64).
+// bkv is k_packed + (bkv * chunks + c) * k_chunk (K^T, head_dim x 64). For the forward's P V,
+// feature chunk f of its V is v_packed + ((bkv * chunks + c) * v_cols + f) * v_chunk (64 x 64);
+// for the backward's dO V^T, its V^T is v_packed + (bkv * chunks + c) * v_chunk (value head dim
+// x 64, v_cols 1).
 template <typename T>
 struct PackedKV {
   at::Tensor storage;
   const T* k_packed = nullptr;
   const T* v_packed = nullptr;
-  int64_t chunks = 0, v_cols = 0, k_chunk = 0, v_chunk = kTileKeys * kTileCols;
+  int64_t chunks = 0, v_cols = 0, k_chunk = 0, v_chunk = 0;
 
   const T* k(int64_t bkv, int64_t c) const { return k_packed + (bkv * chunks + c) * k_chunk; }
   const T* v(int64_t bkv, int64_t c, int64_t f) const { return v_packed + ((bkv * chunks + c) * v_cols + f) * v_chunk; }
@@ -597,18 +600,31 @@ void pack_value_chunk(const T* vb, int64_t ld, int64_t lo, int64_t hi, int64_t d
   }
 }
 
-// Packs K and V for the forward's 16-bit products (PackedKV), one (key/value head, key chunk) per
-// task: the chunk is gathered into a zero-padded staging block, K transposed, then packed.
+// Packs the first n rows of a chunk of keys (rows: its first key's row, rows ld apart, dim
+// features, even) transposed for brgemm: [dim, 64 keys], zero past n (stage: as many elements).
 template <typename T>
-PackedKV<T> pack_keys(const AttnProblem& pb, const T* k_ptr, const T* v_ptr) {
+void pack_transposed_chunk(const T* rows, int64_t ld, int64_t n, int64_t dim, T* stage, T* out) {
   constexpr auto kType = c10::CppTypeToScalarType<T>::value;
+  for (int64_t t = 0; t < kTileKeys; ++t) {
+    for (int64_t f = 0; f < dim; ++f) stage[f * kTileKeys + t] = t < n ? rows[t * ld + f] : T(0);
+  }
+  at::native::cpublas::pack(dim, kTileKeys, kTileKeys, kTileKeys, kType, kType, stage, out);
+}
+
+// Packs K and V for the 16-bit products (PackedKV; V^T for the backward, V for the forward), one
+// (key/value head, key chunk) per task: the chunk is gathered into a zero-padded staging block
+// (transposed but for the forward's V), then packed.
+template <typename T>
+PackedKV<T> pack_keys(const AttnProblem& pb, const T* k_ptr, const T* v_ptr, bool backward) {
   PackedKV<T> kv;
   const int64_t d = pb.d, dv = pb.dv, groups = pb.batch * pb.kv_heads;
   kv.chunks = (pb.k_len + kTileKeys - 1) / kTileKeys;
-  kv.v_cols = (dv + kTileCols - 1) / kTileCols;
+  kv.v_cols = backward ? 1 : (dv + kTileCols - 1) / kTileCols;
   kv.k_chunk = d * kTileKeys;
+  kv.v_chunk = backward ? dv * kTileKeys : kTileKeys * kTileCols;
   const int64_t tasks = groups * kv.chunks;
-  kv.storage = at::empty({tasks * (kv.k_chunk + kv.v_cols * kv.v_chunk)}, at::TensorOptions().dtype(kType));
+  kv.storage = at::empty({tasks * (kv.k_chunk + kv.v_cols * kv.v_chunk)},
+                         at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
   T* k_out = kv.storage.template mutable_data_ptr<T>();
   T* v_out = k_out + tasks * kv.k_chunk;
   kv.k_packed = k_out;
@@ -621,12 +637,12 @@ PackedKV<T> pack_keys(const AttnProblem& pb, const T* k_ptr, const T* v_ptr) {
       const int64_t n = std::min(kTileKeys, pb.k_len - j0);
       const T* kb = k_ptr + b * pb.k_s[0] + hk * pb.k_s[1] + j0 * pb.k_s[2];
       const T* vb = v_ptr + b * pb.v_s[0] + hk * pb.v_s[1] + j0 * pb.v_s[2];
-      for (int64_t t = 0; t < kTileKeys; ++t) {
-        for (int64_t f = 0; f < d; ++f) stage[f * kTileKeys + t] = t < n ? kb[t * pb.k_s[2] + f] : T(0);
+      pack_transposed_chunk(kb, pb.k_s[2], n, d, stage.data(), k_out + task * kv.k_chunk);
+      if (backward) {
+        pack_transposed_chunk(vb, pb.v_s[2], n, dv, stage.data(), v_out + task * kv.v_chunk);
+      } else {
+        pack_value_chunk(vb, pb.v_s[2], 0, n, dv, stage.data(), v_out + task * kv.v_cols * kv.v_chunk);
       }
-      at::native::cpublas::pack(d, kTileKeys, kTileKeys, kTileKeys, kType, kType, stage.data(),
-                                k_out + task * kv.k_chunk);
-      pack_value_chunk(vb, pb.v_s[2], 0, n, dv, stage.data(), v_out + task * kv.v_cols * kv.v_chunk);
     }
   });
   return kv;
@@ -897,7 +913,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
       return std::pair<int64_t, int64_t>{bh, qi * block_q};
     };
     if (native) {  // never float32
-      const PackedKV<scalar_t> kv = pack_keys(pb, kp, vp);
+      const PackedKV<scalar_t> kv = pack_keys(pb, kp, vp, /*backward=*/false);
       run_tasks(bh_count * nq, native_scratch, [&](int64_t task, float* buf) {
         const auto [bh, i0] = block_of(task);
         attn_fwd_task_native<scalar_t>(pb, kv, qp, vp, ldq, bh, i0, std::min(block_q, pb.q_len - i0), native_k, buf,
@@ -979,15 +995,60 @@ struct BwdTensors {
   float* dscores;      // [B, H, Lq, Lk] or null
 };
 
+// The backward's 16-bit products (native_products, and an even value head dim): S = Q K^T and
+// dP = dO V^T of a tile whose keys start on a chunk (j0 a multiple of kTileKeys) run on the
+// 16-bit inputs as the forward's S does, Q and dO read in place (rows ldq / lddo apart), K and V
+// from their packed chunks (kv: K^T, V^T); the other products (dQ, dK, dV, whose operands P and
+// dS are formed in float32) stay widened. Whether a tile is native depends on its keys alone, so
+// the statistics pass and the gradient passes form the very same S and dP for it. kv null: none.
+template <typename T>
+struct BwdNative {
+  const PackedKV<T>* kv = nullptr;
+  const T* q = nullptr;
+  const T* dout = nullptr;
+  int64_t q_s[3] = {}, do_s[3] = {};
+  int64_t ldq = 0, lddo = 0;
+
+  bool tile(int64_t j0) const { return kv != nullptr && j0 % kTileKeys == 0; }
+  const T* q_rows(int64_t b, int64_t h, int64_t i0) const { return q + b * q_s[0] + h * q_s[1] + i0 * q_s[2]; }
+  const T* dout_rows(int64_t b, int64_t h, int64_t i0) const {
+    return dout + b * do_s[0] + h * do_s[1] + i0 * do_s[2];
+  }
+};
+
 // One [mq, nk] tile of the backward (queries i0.., keys j0.., leading dimension ld): s = P =
 // exp(S - lse) (times corr when not null) and dp = dO V^T, dropped as P was in the forward when
-// drop_dp (the statistics need the dropped dP; score_gradient drops it itself).
-void tile_p_dp(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t mq, int64_t j0, int64_t nk, const float* q,
-               int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv, const float* dout,
-               int64_t lddo, const float* lse, const float* corr, bool drop_dp, float* s, float* dp, int64_t ld) {
-  masked_scores(pb, bh / pb.heads, bh % pb.heads, i0, mq, j0, nk, q, ldq, k, ldk, s, ld);
+// drop_dp (the statistics need the dropped dP; score_gradient drops it itself). The products on
+// the float32 operands q, k, v, dout, or on the 16-bit ones where nat.tile(j0).
+template <typename T>
+void tile_p_dp(const AttnProblem& pb, const BwdNative<T>& nat, int64_t bh, int64_t i0, int64_t mq, int64_t j0,
+               int64_t nk, const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
+               const float* dout, int64_t lddo, const float* lse, const float* corr, bool drop_dp, float* s,
+               float* dp, int64_t ld) {
+  const int64_t b = bh / pb.heads, h = bh % pb.heads;
+  if (nat.tile(j0)) {
+    const int64_t bkv = b * pb.kv_heads + pb.kv(h), c0 = j0 / kTileKeys;
+    for (int64_t c = 0; c * kTileKeys < nk; ++c) {
+      const int64_t n = std::min(kTileKeys, nk - c * kTileKeys);
+      brgemm(mq, n, pb.d, nat.q_rows(b, h, i0), nat.ldq, nat.kv->k(bkv, c0 + c), false, s + c * kTileKeys, ld);
+    }
+    for (int64_t r = 0; r < mq; ++r) scale_row(s + r * ld, nk, pb.scale);
+    mask_tile(pb, b, h, i0, mq, j0, nk, s, ld);
+  } else {
+    masked_scores(pb, b, h, i0, mq, j0, nk, q, ldq, k, ldk, s, ld);
+  }
   probabilities(s, mq, nk, ld, lse, corr);
-  gemm(false, true, mq, nk, pb.dv, 1.f, dout, lddo, v, ldv, 0.f, dp, ld);
+  if (nat.tile(j0)) {
+    const int64_t bkv = b * pb.kv_heads + pb.kv(h), c0 = j0 / kTileKeys;
+    for (int64_t c = 0; c * kTileKeys < nk; ++c) {
+      const int64_t n = std::min(kTileKeys, nk - c * kTileKeys);
+      brgemm(mq, n, pb.dv, nat.dout_rows(b, h, i0), nat.lddo, nat.kv->v(bkv, c0 + c, 0), false, dp + c * kTileKeys,
+             ld);
+    }
+    at::native::cpublas::brgemm_release(true);
+  } else {
+    gemm(false, true, mq, nk, pb.dv, 1.f, dout, lddo, v, ldv, 0.f, dp, ld);
+  }
   if (drop_dp && pb.dropout) {
     for (int64_t r = 0; r < mq; ++r) {
       apply_dropout(dp + r * ld, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, pb.inv_keep);
@@ -1006,7 +1067,7 @@ void tile_p_dp(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t mq, int64_
 // softmax backward (a tile cut at the causal edge is a GEMM of another shape, whose sums BLAS may
 // round differently).
 template <typename T, typename Visit>
-int64_t for_each_key_tile(const AttnProblem& pb, const BwdTensors& bt, const T* q_ptr, const T* k_ptr, const T* v_ptr,
+int64_t for_each_key_tile(const AttnProblem& pb, const BwdTensors& bt, const BwdNative<T>& nat, const T* q_ptr, const T* k_ptr, const T* v_ptr,
                        const T* do_ptr, int64_t bh, int64_t i0, int64_t mq, int64_t block_k, const float* corr,
                        bool drop_dp, Carver& carve, float* s, float* dp, const Visit& visit) {
   const int64_t b = bh / pb.heads, h = bh % pb.heads;
@@ -1028,7 +1089,7 @@ int64_t for_each_key_tile(const AttnProblem& pb, const BwdTensors& bt, const T* 
     if (!pb.keys.sees(b, h, i0, mq, j0, nk, k_end)) continue;  // the dK/dV pass skips it too
     auto [k, ldk] = rows_as_float(kb, pb.k_s[2], j0, nk, d, kbuf);
     auto [v, ldv] = rows_as_float(vb, pb.v_s[2], j0, nk, dv, vbuf);
-    tile_p_dp(pb, bh, i0, mq, j0, nk, q, ldq, k, ldk, v, ldv, dout, lddo, lse, corr, drop_dp, s, dp, block_k);
+    tile_p_dp(pb, nat, bh, i0, mq, j0, nk, q, ldq, k, ldk, v, ldv, dout, lddo, lse, corr, drop_dp, s, dp, block_k);
     visit(j0, nk, k, ldk);
   }
   return std::min(j0, pb.k_len);
@@ -1076,7 +1137,7 @@ std::pair<float, float> corr_and_delta(const double* sums, int64_t mq, int64_t r
 // the whole row of P, 5e-7 at |lse| ~ 8), and rowsum(dO * O) carries the forward's rounding
 // instead of this P's, and dS amplifies either by |dP| (see the header comment).
 template <typename T>
-void attn_bwd_stats_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_ptr, const T* k_ptr,
+void attn_bwd_stats_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNative<T>& nat, const T* q_ptr, const T* k_ptr,
                          const T* v_ptr, const T* do_ptr, int64_t bh, int64_t i0, int64_t mq, int64_t block_k,
                          float* scratch) {
   Carver carve{scratch};
@@ -1084,7 +1145,7 @@ void attn_bwd_stats_task(const AttnProblem& pb, const BwdTensors& bt, const T* q
   float* dp = carve.take(mq * block_k);
   double* sums = reinterpret_cast<double*>(carve.take(4 * mq));  // [mq] sum p, then [mq] sum p * dp
   std::fill(sums, sums + 2 * mq, 0.0);
-  for_each_key_tile(pb, bt, q_ptr, k_ptr, v_ptr, do_ptr, bh, i0, mq, block_k, nullptr, true, carve, s, dp,
+  for_each_key_tile(pb, bt, nat, q_ptr, k_ptr, v_ptr, do_ptr, bh, i0, mq, block_k, nullptr, true, carve, s, dp,
                     [&](int64_t, int64_t nk, const float*, int64_t) { row_sums(s, dp, mq, nk, block_k, sums); });
   for (int64_t r = 0; r < mq; ++r) {
     std::tie(bt.corr[bh * pb.q_len + i0 + r], bt.delta[bh * pb.q_len + i0 + r]) = corr_and_delta(sums, mq, r);
@@ -1100,7 +1161,7 @@ void attn_bwd_stats_task(const AttnProblem& pb, const BwdTensors& bt, const T* q
 // GroupSplit) the float32 sums go to the rows [j0, j0 + nk) of those [k_len, d] / [k_len, dv]
 // slots instead, unscaled, for reduce_group_parts.
 template <typename T>
-void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_ptr, const T* k_ptr, const T* v_ptr,
+void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNative<T>& nat, const T* q_ptr, const T* k_ptr, const T* v_ptr,
                         const T* do_ptr, int64_t bkv, int64_t h_begin, int64_t h_end, int64_t j0, int64_t nk,
                         int64_t block_q, int64_t block_k, float* scratch, float* part_dk, float* part_dv, T* dk_out,
                         T* dv_out) {
@@ -1134,7 +1195,7 @@ void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_
       if (!pb.keys.sees(b, h, i0, mq, j0, nk, pb.key_end(i0, mq))) continue;
       auto [q, ldq] = rows_as_float(qb, pb.q_s[2], i0, mq, d, qbuf);
       auto [dout, lddo] = rows_as_float(dob, bt.do_s[2], i0, mq, dv, dobuf);
-      tile_p_dp(pb, bh, i0, mq, j0, nk, q, ldq, k, ldk, v, ldv, dout, lddo, lse + i0, corr + i0, true, s, dp,
+      tile_p_dp(pb, nat, bh, i0, mq, j0, nk, q, ldq, k, ldk, v, ldv, dout, lddo, lse + i0, corr + i0, true, s, dp,
                 block_k);
       score_gradient(pb, bh, i0, mq, j0, nk, s, dp, block_k, delta + i0);
       gemm(true, false, nk, dv, mq, 1.f, s, block_k, dout, lddo, 1.f, dvacc, dv);
@@ -1152,7 +1213,7 @@ void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_
 
 // dQ (and grad_scores) of one (bh, query block) task, accumulated over the key blocks.
 template <typename T>
-void attn_bwd_dq_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_ptr, const T* k_ptr, const T* v_ptr,
+void attn_bwd_dq_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNative<T>& nat, const T* q_ptr, const T* k_ptr, const T* v_ptr,
                       const T* do_ptr, int64_t bh, int64_t i0, int64_t mq, int64_t block_k, float* scratch,
                       T* dq_out) {
   const int64_t b = bh / pb.heads, h = bh % pb.heads;
@@ -1174,7 +1235,7 @@ void attn_bwd_dq_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_pt
     gemm(false, false, mq, d, nk, 1.f, dp, block_k, k, ldk, 1.f, dq, d);
   };
   const int64_t k_end =
-      for_each_key_tile(pb, bt, q_ptr, k_ptr, v_ptr, do_ptr, bh, i0, mq, block_k, corr, true, carve, s, dp, visit);
+      for_each_key_tile(pb, bt, nat, q_ptr, k_ptr, v_ptr, do_ptr, bh, i0, mq, block_k, corr, true, carve, s, dp, visit);
   // Causal: the key blocks after the one holding the block's last query were not walked.
   if (dscores != nullptr && k_end < pb.k_len) {
     for (int64_t r = 0; r < mq; ++r) std::fill(dscores + r * pb.k_len + k_end, dscores + (r + 1) * pb.k_len, 0.f);
@@ -1198,7 +1259,7 @@ void attn_bwd_dq_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_pt
 // group split across tasks: GroupSplit) those are the task's [k_len, d] / [k_len, dv] slots,
 // left unscaled for reduce_group_parts.
 template <typename T>
-void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_ptr, const T* k_ptr, const T* v_ptr,
+void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNative<T>& nat, const T* q_ptr, const T* k_ptr, const T* v_ptr,
                         const T* do_ptr, int64_t bkv, int64_t h_begin, int64_t h_end, int64_t block_q, float* scratch,
                         bool copy_k, bool copy_v, bool dkdv_in_place, float* part_dk, float* part_dv, T* dq_out,
                         T* dk_out, T* dv_out) {
@@ -1271,7 +1332,7 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const T* q_
       auto [dout, lddo] = rows_as_float(dob, bt.do_s[2], i0, mq, dv, dobuf);
       const float* kt = k + j0 * ldk;
       const float* vt = v + j0 * ldv;
-      tile_p_dp(pb, bh, i0, mq, j0, nk, q, ldq, kt, ldk, vt, ldv, dout, lddo, lse + i0, nullptr, true, s, dp, nk);
+      tile_p_dp(pb, nat, bh, i0, mq, j0, nk, q, ldq, kt, ldk, vt, ldv, dout, lddo, lse + i0, nullptr, true, s, dp, nk);
       std::fill(sums, sums + 2 * mq, 0.0);
       row_sums(s, dp, mq, nk, nk, sums);
       for (int64_t r = 0; r < mq; ++r) {
@@ -1446,6 +1507,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     scalar_t* dkp = dk.mutable_data_ptr<scalar_t>();
     scalar_t* dvp = dv.mutable_data_ptr<scalar_t>();
     scalar_t* dqp = dq.mutable_data_ptr<scalar_t>();
+    // 16-bit S and dP (BwdNative): Q and dO rows read in place need leading dimensions of at least
+    // their head dims (any, for a single row).
+    BwdNative<scalar_t> nat;
+    PackedKV<scalar_t> kv;
+    const int64_t ldq16 = pb.q_len > 1 ? pb.q_s[2] : pb.d, lddo16 = pb.q_len > 1 ? bt.do_s[2] : pb.dv;
+    if (native_products(query.scalar_type(), pb.d) && pb.dv % 2 == 0 && pb.k_len > 0 && ldq16 >= pb.d &&
+        lddo16 >= pb.dv) {
+      kv = pack_keys(pb, kp, vp, /*backward=*/true);
+      nat.kv = &kv;
+      nat.q = qp;
+      nat.dout = dop;
+      for (int i = 0; i < 3; ++i) {
+        nat.q_s[i] = pb.q_s[i];
+        nat.do_s[i] = bt.do_s[i];
+      }
+      nat.ldq = ldq16;
+      nat.lddo = lddo16;
+    }
     if (per_head) {
       constexpr bool kFloat = std::is_same_v<scalar_t, float>;
       const auto blas_ld = [](int64_t stride, int64_t cols) {
@@ -1464,7 +1543,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
       run_tasks(slots, scratch_head, [&](int64_t slot, float* buf) {
         const auto [h_begin, h_end] = split.heads(pb, slot);
         const auto [pdk, pdv] = slot_parts(slot);
-        attn_bwd_head_task<scalar_t>(pb, bt, qp, kp, vp, dop, slot / split.splits, h_begin, h_end, block_q, buf,
+        attn_bwd_head_task<scalar_t>(pb, bt, nat, qp, kp, vp, dop, slot / split.splits, h_begin, h_end, block_q, buf,
                                      copy_k, copy_v, in_place, pdk, pdv, dqp, dkp, dvp);
       });
       if (parts.defined()) reduce_group_parts(pb, bt, split.splits, part_dk, part_dv, dkp, dvp);
@@ -1475,7 +1554,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
       const int64_t bh = pb.causal ? task % bh_count : task / nq;
       const int64_t qi = pb.causal ? nq - 1 - task / bh_count : task % nq;
       const int64_t i0 = qi * block_q;
-      attn_bwd_stats_task<scalar_t>(pb, bt, qp, kp, vp, dop, bh, i0, std::min(block_q, pb.q_len - i0), block_k, buf);
+      attn_bwd_stats_task<scalar_t>(pb, bt, nat, qp, kp, vp, dop, bh, i0, std::min(block_q, pb.q_len - i0), block_k, buf);
     });
     // Pass 1: dK, dV per (key/value head, chunk of its query heads, key block). Causal: the first
     // key blocks are seen by the most queries.
@@ -1485,7 +1564,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
       const int64_t j0 = kj * block_k;
       const auto [h_begin, h_end] = split.heads(pb, slot);
       const auto [pdk, pdv] = slot_parts(slot);
-      attn_bwd_dkdv_task<scalar_t>(pb, bt, qp, kp, vp, dop, slot / split.splits, h_begin, h_end, j0,
+      attn_bwd_dkdv_task<scalar_t>(pb, bt, nat, qp, kp, vp, dop, slot / split.splits, h_begin, h_end, j0,
                                    std::min(block_k, pb.k_len - j0), block_q, block_k, buf, pdk, pdv, dkp, dvp);
     });
     if (parts.defined()) reduce_group_parts(pb, bt, split.splits, part_dk, part_dv, dkp, dvp);
@@ -1494,7 +1573,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
       const int64_t bh = pb.causal ? task % bh_count : task / nq;
       const int64_t qi = pb.causal ? nq - 1 - task / bh_count : task % nq;
       const int64_t i0 = qi * block_q;
-      attn_bwd_dq_task<scalar_t>(pb, bt, qp, kp, vp, dop, bh, i0, std::min(block_q, pb.q_len - i0), block_k, buf, dqp);
+      attn_bwd_dq_task<scalar_t>(pb, bt, nat, qp, kp, vp, dop, bh, i0, std::min(block_q, pb.q_len - i0), block_k, buf, dqp);
     });
   }), at::kFloat, at::kHalf, at::kBFloat16);
   return {dq, dk, dv, dscores};
