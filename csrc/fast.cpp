@@ -44,6 +44,8 @@
 #include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/csrc/python_headers.h>
 
+#include "fused_attn/cpu_tiles.h"
+
 namespace fused_attn {
 namespace {
 
@@ -643,6 +645,24 @@ PyObject* served_calls(PyObject*, PyObject*) {
   return counts;
 }
 
+// cpu_tile_dtypes(): the names of the dtypes whose products the CPU kernels run on the CPU's
+// tile unit (cpu_tile_products), now (oneDNN may be turned off between calls).
+PyObject* cpu_tile_dtypes(PyObject*, PyObject*) {
+  PyObject* names = PyList_New(0);
+  if (names == nullptr) return nullptr;
+  for (const auto& [type, name] : {std::pair{at::kBFloat16, "bfloat16"}, std::pair{at::kHalf, "float16"}}) {
+    if (!cpu_tile_products(type)) continue;
+    PyObject* s = PyUnicode_FromString(name);
+    if (s == nullptr || PyList_Append(names, s) < 0) {
+      Py_XDECREF(s);
+      Py_DECREF(names);
+      return nullptr;
+    }
+    Py_DECREF(s);
+  }
+  return names;
+}
+
 // bind(last_choice): the dict fused_attn.last_backend reads, which each served call updates.
 PyObject* bind(PyObject*, PyObject* dict) {
   if (!PyDict_CheckExact(dict)) {
@@ -670,6 +690,8 @@ PyMethodDef methods[] = {
     {"clear", clear, METH_NOARGS, "forgets every approval"},
     {"served", served_calls, METH_NOARGS, "{op: calls served here}"},
     {"bind", bind, METH_O, "bind(last_choice): the dict that records the backend of each op's last call"},
+    {"cpu_tile_dtypes", cpu_tile_dtypes, METH_NOARGS,
+     "the dtypes whose products the CPU kernels run on the CPU's tile unit (AMX)"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -57,6 +57,13 @@ def fast_module() -> object | None:
     return _FAST
 
 
+def cpu_tile_dtypes() -> list[str]:
+    """The dtypes whose products the CPU kernels run on the CPU's tile unit (AMX: attention's
+    products of 16-bit inputs; README, CPU figures), as this machine and torch's oneDNN setting
+    (``torch.backends.mkldnn.enabled``) allow now; empty without the extension."""
+    return list(_FAST.cpu_tile_dtypes()) if _FAST is not None else []
+
+
 def loaded() -> bool:
     return _LOAD_ERROR is None
 

@@ -31,6 +31,7 @@ def collect() -> dict:
         "extension_path": _extension.library_path(),
         "cuda_kernels_compiled": _extension.cuda_kernels_compiled(),
         "plain_call_entry": _extension.fast_module() is not None,
+        "cpu_tile_dtypes": _extension.cpu_tile_dtypes(),
         "triton": backends.triton_version(),
         "triton_interpret": backends.triton_interpret_mode(),
         "compile_cache_tag": _compile_cache.current_tag(),
@@ -66,6 +67,9 @@ def render(facts: dict) -> str:
         f"  CUDA kernels      {'registered' if facts['cuda_kernels_compiled'] else 'not registered'}",
         "  plain-call entry  "
         + ("C++ (fused_attn._C)" if facts.get("plain_call_entry") else "none: every call takes the Python path"),
+        "  CPU tile unit     "
+        + (f"{', '.join(facts['cpu_tile_dtypes'])} products of the attention kernels run on it"
+           if facts["cpu_tile_dtypes"] else "not used (no AMX for 16-bit products, or oneDNN off)"),
         f"  GPU               {facts['gpu'] or 'none'}",
         f"  Triton            {facts['triton'] or 'not installed'}"
         + (f" (interpreter mode: {yes[facts['triton_interpret']]})" if facts["triton"] else ""),

@@ -164,6 +164,30 @@ def test_parity_16bit_tile_edges(backend_device, dtype, shape):
     assert fused_attn.last_backend(OP) == backend
 
 
+def test_cpu_16bit_products_on_the_tile_unit():
+    """Where the CPU's tile unit multiplies bfloat16 (AMX), the cpu kernels' products of bfloat16
+    inputs run there (fused_attn._extension.cpu_tile_dtypes); with oneDNN turned off they run on
+    float32 copies. Both pass parity, and they are two paths (P is rounded to bfloat16 for P V on
+    the tile unit only)."""
+    from fused_attn import _extension
+    if "bfloat16" not in _extension.cpu_tile_dtypes():
+        pytest.skip("this CPU's tile unit does not multiply bfloat16 (no AMX-BF16), or oneDNN is off")
+    q, k, v = _qkv(2, 2, 77, 200, 64, torch.bfloat16, "cpu")
+    mask = _mask("padding", 2, 2, 77, 200, "cpu")
+    outputs = []
+    for enabled in (True, False):
+        with torch.backends.mkldnn.flags(enabled=enabled):
+            assert ("bfloat16" in _extension.cpu_tile_dtypes()) == enabled
+            assert_parity(
+                lambda **a: fused_attn.scaled_dot_product_attention(**a, is_causal=True, backend="cpu"),
+                lambda **a: reference.scaled_dot_product_attention(**a, is_causal=True),
+                {"query": q, "key": k, "value": v, "attn_mask": mask},
+                grad_args=("query", "key", "value"),
+            )
+            outputs.append(fused_attn.scaled_dot_product_attention(q, k, v, mask, is_causal=True, backend="cpu"))
+    assert not torch.equal(*outputs)
+
+
 @pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("seq", [1, 17, 77, 128, 257])

@@ -24,6 +24,22 @@ def test_info_json_facts():
     assert _compile_cache.identity() in facts["compile_cache_tag"].split("+")
 
 
+def test_info_reports_the_cpu_tile_unit(capsys):
+    """Which 16-bit products the CPU kernels run on the tile unit (AMX) is a query, and follows
+    torch's oneDNN switch."""
+    import torch
+
+    from fused_attn import _extension
+    dtypes = _extension.cpu_tile_dtypes()
+    assert set(dtypes) <= {"bfloat16", "float16"}
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU tile unit" in out
+    assert (", ".join(dtypes) in out) if dtypes else "not used" in out
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert _extension.cpu_tile_dtypes() == []
+
+
 def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "fused_attn", "info"], capture_output=True, text=True, check=True)
     assert "fused-attn" in out.stdout

@@ -108,6 +108,7 @@
 
 #include "fused_attn/checks.h"
 #include "fused_attn/cpu_rows.h"
+#include "fused_attn/cpu_tiles.h"
 #include "fused_attn/layout.h"
 #include "fused_attn/philox.h"
 
@@ -309,10 +310,9 @@ std::pair<const float*, int64_t> rows_as_float(const T* base, int64_t stride, in
 // is narrower. The packed copies are the size of K and V; nothing of size Lq x Lk exists.
 constexpr int64_t kTileKeys = 64, kTileCols = 64;
 
-// Whether the forward of attention on T (head dim d) multiplies T natively (see above).
-bool native_products(at::ScalarType type, int64_t d) {
-  return type != at::kFloat && d % 2 == 0 && at::native::cpublas::could_pack(type);
-}
+// Whether attention on T (head dim d) multiplies T natively (see above; the tile unit's pairs of
+// values need an even head dim).
+bool native_products(at::ScalarType type, int64_t d) { return d % 2 == 0 && cpu_tile_products(type); }
 
 // K and V of every (batch, key/value head) packed for brgemm (pack_keys): key chunk c of head
 // bkv is k_packed + (bkv * chunks + c) * k_chunk (K^T, head_dim x 64). For the forward's P V,
