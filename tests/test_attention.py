@@ -912,10 +912,11 @@ def test_cpu_backward_one_visible_key_gives_exactly_zero_score_gradients(threads
 
 
 @CPU_SCHEDULES
-def test_cpu_backward_schedules_dropout(threads):
-    if torch.float32 not in supported_dtypes("cpu", "cpu", OP):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_backward_schedules_dropout(threads, dtype):
+    if dtype not in supported_dtypes("cpu", "cpu", OP):
         pytest.skip("the cpu backend is not available")
-    q, k, v = _qkv(1, 1, 150, 170, 32, torch.float32, "cpu")
+    q, k, v = _qkv(1, 1, 150, 170, 32, dtype, "cpu")
     torch.manual_seed(99)
     _, keep = attention_with_keep_mask(q, k, v, dropout_p=0.3, is_causal=True)
 
@@ -1028,11 +1029,13 @@ def test_key_tiles_hidden_from_a_whole_sequence_are_not_read(backend_device):
 
 
 @KEY_RANGE_SCHEDULES
-def test_cpu_masked_key_ranges_dropout(threads):
-    """The dropout draw of an element is its own wherever the walk of the keys starts."""
-    if torch.float32 not in supported_dtypes("cpu", "cpu", OP):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_masked_key_ranges_dropout(threads, dtype):
+    """The dropout draw of an element is its own wherever the walk of the keys starts (in bfloat16
+    on a CPU with AMX, a walk that starts before its first visible key, on a chunk boundary)."""
+    if dtype not in supported_dtypes("cpu", "cpu", OP):
         pytest.skip("the cpu backend is not available")
-    q, k, v = _qkv(3, 1, 150, 300, 16, torch.float32, "cpu")
+    q, k, v = _qkv(3, 1, 150, 300, 16, dtype, "cpu")
     mask = _key_range_mask("padding")
     torch.manual_seed(7)
     _, keep = attention_with_keep_mask(q, k, v, mask, dropout_p=0.3)
