@@ -1067,9 +1067,10 @@ void tile_p_dp(const AttnProblem& pb, const BwdNative<T>& nat, int64_t bh, int64
 // softmax backward (a tile cut at the causal edge is a GEMM of another shape, whose sums BLAS may
 // round differently).
 template <typename T, typename Visit>
-int64_t for_each_key_tile(const AttnProblem& pb, const BwdTensors& bt, const BwdNative<T>& nat, const T* q_ptr, const T* k_ptr, const T* v_ptr,
-                       const T* do_ptr, int64_t bh, int64_t i0, int64_t mq, int64_t block_k, const float* corr,
-                       bool drop_dp, Carver& carve, float* s, float* dp, const Visit& visit) {
+int64_t for_each_key_tile(const AttnProblem& pb, const BwdTensors& bt, const BwdNative<T>& nat, const T* q_ptr,
+                          const T* k_ptr, const T* v_ptr, const T* do_ptr, int64_t bh, int64_t i0, int64_t mq,
+                          int64_t block_k, const float* corr, bool drop_dp, Carver& carve, float* s, float* dp,
+                          const Visit& visit) {
   const int64_t b = bh / pb.heads, h = bh % pb.heads;
   const int64_t d = pb.d, dv = pb.dv;
   float* qbuf = carve.take(mq * d);
@@ -1137,9 +1138,9 @@ std::pair<float, float> corr_and_delta(const double* sums, int64_t mq, int64_t r
 // the whole row of P, 5e-7 at |lse| ~ 8), and rowsum(dO * O) carries the forward's rounding
 // instead of this P's, and dS amplifies either by |dP| (see the header comment).
 template <typename T>
-void attn_bwd_stats_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNative<T>& nat, const T* q_ptr, const T* k_ptr,
-                         const T* v_ptr, const T* do_ptr, int64_t bh, int64_t i0, int64_t mq, int64_t block_k,
-                         float* scratch) {
+void attn_bwd_stats_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNative<T>& nat, const T* q_ptr,
+                         const T* k_ptr, const T* v_ptr, const T* do_ptr, int64_t bh, int64_t i0, int64_t mq,
+                         int64_t block_k, float* scratch) {
   Carver carve{scratch};
   float* s = carve.take(mq * block_k);
   float* dp = carve.take(mq * block_k);
@@ -1161,10 +1162,10 @@ void attn_bwd_stats_task(const AttnProblem& pb, const BwdTensors& bt, const BwdN
 // GroupSplit) the float32 sums go to the rows [j0, j0 + nk) of those [k_len, d] / [k_len, dv]
 // slots instead, unscaled, for reduce_group_parts.
 template <typename T>
-void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNative<T>& nat, const T* q_ptr, const T* k_ptr, const T* v_ptr,
-                        const T* do_ptr, int64_t bkv, int64_t h_begin, int64_t h_end, int64_t j0, int64_t nk,
-                        int64_t block_q, int64_t block_k, float* scratch, float* part_dk, float* part_dv, T* dk_out,
-                        T* dv_out) {
+void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNative<T>& nat, const T* q_ptr,
+                        const T* k_ptr, const T* v_ptr, const T* do_ptr, int64_t bkv, int64_t h_begin,
+                        int64_t h_end, int64_t j0, int64_t nk, int64_t block_q, int64_t block_k, float* scratch,
+                        float* part_dk, float* part_dv, T* dk_out, T* dv_out) {
   const int64_t b = bkv / pb.kv_heads, hk = bkv % pb.kv_heads;
   const int64_t d = pb.d, dv = pb.dv;
   Carver carve{scratch};
@@ -1213,9 +1214,9 @@ void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
 
 // dQ (and grad_scores) of one (bh, query block) task, accumulated over the key blocks.
 template <typename T>
-void attn_bwd_dq_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNative<T>& nat, const T* q_ptr, const T* k_ptr, const T* v_ptr,
-                      const T* do_ptr, int64_t bh, int64_t i0, int64_t mq, int64_t block_k, float* scratch,
-                      T* dq_out) {
+void attn_bwd_dq_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNative<T>& nat, const T* q_ptr,
+                      const T* k_ptr, const T* v_ptr, const T* do_ptr, int64_t bh, int64_t i0, int64_t mq,
+                      int64_t block_k, float* scratch, T* dq_out) {
   const int64_t b = bh / pb.heads, h = bh % pb.heads;
   const int64_t d = pb.d;
   Carver carve{scratch};
@@ -1259,10 +1260,10 @@ void attn_bwd_dq_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNati
 // group split across tasks: GroupSplit) those are the task's [k_len, d] / [k_len, dv] slots,
 // left unscaled for reduce_group_parts.
 template <typename T>
-void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNative<T>& nat, const T* q_ptr, const T* k_ptr, const T* v_ptr,
-                        const T* do_ptr, int64_t bkv, int64_t h_begin, int64_t h_end, int64_t block_q, float* scratch,
-                        bool copy_k, bool copy_v, bool dkdv_in_place, float* part_dk, float* part_dv, T* dq_out,
-                        T* dk_out, T* dv_out) {
+void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNative<T>& nat, const T* q_ptr,
+                        const T* k_ptr, const T* v_ptr, const T* do_ptr, int64_t bkv, int64_t h_begin,
+                        int64_t h_end, int64_t block_q, float* scratch, bool copy_k, bool copy_v, bool dkdv_in_place,
+                        float* part_dk, float* part_dv, T* dq_out, T* dk_out, T* dv_out) {
   const int64_t b = bkv / pb.kv_heads, hk = bkv % pb.kv_heads;
   const int64_t d = pb.d, dv = pb.dv, k_len = pb.k_len;
   Carver carve{scratch};
@@ -1554,7 +1555,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
       const int64_t bh = pb.causal ? task % bh_count : task / nq;
       const int64_t qi = pb.causal ? nq - 1 - task / bh_count : task % nq;
       const int64_t i0 = qi * block_q;
-      attn_bwd_stats_task<scalar_t>(pb, bt, nat, qp, kp, vp, dop, bh, i0, std::min(block_q, pb.q_len - i0), block_k, buf);
+      attn_bwd_stats_task<scalar_t>(pb, bt, nat, qp, kp, vp, dop, bh, i0, std::min(block_q, pb.q_len - i0), block_k,
+                                    buf);
     });
     // Pass 1: dK, dV per (key/value head, chunk of its query heads, key block). Causal: the first
     // key blocks are seen by the most queries.
@@ -1573,7 +1575,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
       const int64_t bh = pb.causal ? task % bh_count : task / nq;
       const int64_t qi = pb.causal ? nq - 1 - task / bh_count : task % nq;
       const int64_t i0 = qi * block_q;
-      attn_bwd_dq_task<scalar_t>(pb, bt, nat, qp, kp, vp, dop, bh, i0, std::min(block_q, pb.q_len - i0), block_k, buf, dqp);
+      attn_bwd_dq_task<scalar_t>(pb, bt, nat, qp, kp, vp, dop, bh, i0, std::min(block_q, pb.q_len - i0), block_k, buf,
+                                 dqp);
     });
   }), at::kFloat, at::kHalf, at::kBFloat16);
   return {dq, dk, dv, dscores};
