@@ -336,6 +336,24 @@ void brgemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b
   at::native::cpublas::brgemm(m, n, k, lda, kTileCols, ldc, add, a, b, c, /*is_vnni=*/true);
 }
 
+// C[m, nk] = A[m, k] B^T for the keys of one tile, B^T's columns packed kTileKeys keys a chunk:
+// chunk(c) holds the tile's keys [c * kTileKeys, ...), the last chunk's columns cut at nk.
+template <typename T, typename Chunk>
+void products_by_key_chunk(int64_t m, int64_t nk, int64_t k, const T* a, int64_t lda, const Chunk& chunk, float* c,
+                           int64_t ldc) {
+  for (int64_t c0 = 0; c0 < nk; c0 += kTileKeys) {
+    brgemm(m, std::min(kTileKeys, nk - c0), k, a, lda, chunk(c0 / kTileKeys), false, c + c0, ldc);
+  }
+}
+
+// The leading dimension with which brgemm reads the rows [i, i + rows) of a [len, cols] operand in
+// place (row stride `stride`): any for a single row, else the stride; 0 where rows overlap (a
+// stride below cols: not read in place).
+int64_t in_place_ld(int64_t len, int64_t stride, int64_t cols) {
+  const int64_t ld = len > 1 ? stride : cols;
+  return ld >= cols ? ld : 0;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Masks
 
@@ -670,6 +688,18 @@ void masked_scores(const AttnProblem& pb, int64_t b, int64_t h, int64_t i0, int6
   mask_tile(pb, b, h, i0, mq, j0, nk, s, ld_s);
 }
 
+// The same with 16-bit products (native_products): Q's rows q (ldq apart) times the packed K^T
+// chunks of key/value head bkv from the tile's first key j0 (a multiple of kTileKeys), then
+// scaled and masked.
+template <typename T>
+void masked_scores_16(const AttnProblem& pb, const PackedKV<T>& kv, int64_t b, int64_t h, int64_t i0, int64_t mq,
+                      int64_t j0, int64_t nk, const T* q, int64_t ldq, float* s, int64_t ld_s) {
+  const int64_t bkv = b * pb.kv_heads + pb.kv(h), c0 = j0 / kTileKeys;
+  products_by_key_chunk(mq, nk, pb.d, q, ldq, [&](int64_t c) { return kv.k(bkv, c0 + c); }, s, ld_s);
+  for (int64_t r = 0; r < mq; ++r) scale_row(s + r * ld_s, nk, pb.scale);
+  mask_tile(pb, b, h, i0, mq, j0, nk, s, ld_s);
+}
+
 // The forward's online-softmax step for the scores tile s ([mq, nk], leading dimension ld_s) of
 // queries i0.. and keys j0.. of head bh: the running max m and sum l, the accumulator acc ([mq,
 // dv]) rescaled where the max grew, and s = P, dropped as the forward drops it, for acc += P V.
@@ -776,12 +806,7 @@ void attn_fwd_task_native(const AttnProblem& pb, const PackedKV<T>& kv, const T*
   for (int64_t j0 = k_begin / kTileKeys * kTileKeys; j0 < k_end; j0 += block_k) {
     const int64_t nk = std::min(block_k, k_end - j0);
     const int64_t c0 = j0 / kTileKeys, chunks = (nk + kTileKeys - 1) / kTileKeys;
-    for (int64_t c = 0; c < chunks; ++c) {
-      brgemm(mq, std::min(kTileKeys, nk - c * kTileKeys), pb.d, q, ldq, kv.k(bkv, c0 + c), false, s + c * kTileKeys,
-             block_k);
-    }
-    for (int64_t r = 0; r < mq; ++r) scale_row(s + r * block_k, nk, pb.scale);
-    mask_tile(pb, b, h, i0, mq, j0, nk, s, block_k);
+    masked_scores_16(pb, kv, b, h, i0, mq, j0, nk, q, ldq, s, block_k);
     online_softmax(pb, bh, i0, mq, j0, nk, s, block_k, m, l, acc);
     for (int64_t r = 0; r < mq; ++r) {
       T* prow = p + r * block_k;
@@ -888,10 +913,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
   const int64_t scratch = Carver::round_up(block_q * pb.d) + Carver::round_up(block_k * pb.d) +
                           Carver::round_up(block_k * pb.dv) + Carver::round_up(block_q * block_k) +
                           Carver::round_up(block_q * pb.dv) + 2 * Carver::round_up(block_q);
-  // 16-bit products (native_products) read Q's rows in place: a leading dimension of at least
-  // head_dim (any, for a single row).
-  const int64_t ldq = pb.q_len > 1 ? pb.q_s[2] : pb.d;
-  const bool native = native_products(query.scalar_type(), pb.d) && ldq >= pb.d && pb.k_len > 0;
+  // 16-bit products (native_products) read Q's rows in place (in_place_ld).
+  const int64_t ldq = in_place_ld(pb.q_len, pb.q_s[2], pb.d);
+  const bool native = native_products(query.scalar_type(), pb.d) && ldq > 0 && pb.k_len > 0;
   const int64_t native_k = (block_k + kTileKeys - 1) / kTileKeys * kTileKeys;
   const int64_t v_cols = (pb.dv + kTileCols - 1) / kTileCols;
   const int64_t native_scratch = Carver::round_up(block_q * native_k) + Carver::round_up(block_q * pb.dv) +
@@ -1026,25 +1050,17 @@ void tile_p_dp(const AttnProblem& pb, const BwdNative<T>& nat, int64_t bh, int64
                const float* dout, int64_t lddo, const float* lse, const float* corr, bool drop_dp, float* s,
                float* dp, int64_t ld) {
   const int64_t b = bh / pb.heads, h = bh % pb.heads;
-  if (nat.tile(j0)) {
-    const int64_t bkv = b * pb.kv_heads + pb.kv(h), c0 = j0 / kTileKeys;
-    for (int64_t c = 0; c * kTileKeys < nk; ++c) {
-      const int64_t n = std::min(kTileKeys, nk - c * kTileKeys);
-      brgemm(mq, n, pb.d, nat.q_rows(b, h, i0), nat.ldq, nat.kv->k(bkv, c0 + c), false, s + c * kTileKeys, ld);
-    }
-    for (int64_t r = 0; r < mq; ++r) scale_row(s + r * ld, nk, pb.scale);
-    mask_tile(pb, b, h, i0, mq, j0, nk, s, ld);
+  const bool native = nat.tile(j0);
+  if (native) {
+    masked_scores_16(pb, *nat.kv, b, h, i0, mq, j0, nk, nat.q_rows(b, h, i0), nat.ldq, s, ld);
   } else {
     masked_scores(pb, b, h, i0, mq, j0, nk, q, ldq, k, ldk, s, ld);
   }
   probabilities(s, mq, nk, ld, lse, corr);
-  if (nat.tile(j0)) {
+  if (native) {
     const int64_t bkv = b * pb.kv_heads + pb.kv(h), c0 = j0 / kTileKeys;
-    for (int64_t c = 0; c * kTileKeys < nk; ++c) {
-      const int64_t n = std::min(kTileKeys, nk - c * kTileKeys);
-      brgemm(mq, n, pb.dv, nat.dout_rows(b, h, i0), nat.lddo, nat.kv->v(bkv, c0 + c, 0), false, dp + c * kTileKeys,
-             ld);
-    }
+    products_by_key_chunk(mq, nk, pb.dv, nat.dout_rows(b, h, i0), nat.lddo,
+                          [&](int64_t c) { return nat.kv->v(bkv, c0 + c, 0); }, dp, ld);
     at::native::cpublas::brgemm_release(true);
   } else {
     gemm(false, true, mq, nk, pb.dv, 1.f, dout, lddo, v, ldv, 0.f, dp, ld);
@@ -1508,13 +1524,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     scalar_t* dkp = dk.mutable_data_ptr<scalar_t>();
     scalar_t* dvp = dv.mutable_data_ptr<scalar_t>();
     scalar_t* dqp = dq.mutable_data_ptr<scalar_t>();
-    // 16-bit S and dP (BwdNative): Q and dO rows read in place need leading dimensions of at least
-    // their head dims (any, for a single row).
+    // 16-bit S and dP (BwdNative): Q and dO rows read in place (in_place_ld).
     BwdNative<scalar_t> nat;
     PackedKV<scalar_t> kv;
-    const int64_t ldq16 = pb.q_len > 1 ? pb.q_s[2] : pb.d, lddo16 = pb.q_len > 1 ? bt.do_s[2] : pb.dv;
-    if (native_products(query.scalar_type(), pb.d) && pb.dv % 2 == 0 && pb.k_len > 0 && ldq16 >= pb.d &&
-        lddo16 >= pb.dv) {
+    const int64_t ldq16 = in_place_ld(pb.q_len, pb.q_s[2], pb.d), lddo16 = in_place_ld(pb.q_len, bt.do_s[2], pb.dv);
+    if (native_products(query.scalar_type(), pb.d) && pb.dv % 2 == 0 && pb.k_len > 0 && ldq16 > 0 && lddo16 > 0) {
       kv = pack_keys(pb, kp, vp, /*backward=*/true);
       nat.kv = &kv;
       nat.q = qp;
