@@ -1040,6 +1040,10 @@ struct BwdNative {
   }
 };
 
+// The (pointer, leading dimension) of a float32 operand that a tile of 16-bit products does not
+// read, in place of its widened copy.
+constexpr std::pair<const float*, int64_t> kNotWidened{nullptr, 0};
+
 // One [mq, nk] tile of the backward (queries i0.., keys j0.., leading dimension ld): s = P =
 // exp(S - lse) (times corr when not null) and dp = dO V^T, dropped as P was in the forward when
 // drop_dp (the statistics need the dropped dP; score_gradient drops it itself). The products on
@@ -1104,8 +1108,9 @@ int64_t for_each_key_tile(const AttnProblem& pb, const BwdTensors& bt, const Bwd
   for (; j0 < k_end; j0 += block_k) {
     const int64_t nk = std::min(block_k, pb.k_len - j0);
     if (!pb.keys.sees(b, h, i0, mq, j0, nk, k_end)) continue;  // the dK/dV pass skips it too
-    auto [k, ldk] = rows_as_float(kb, pb.k_s[2], j0, nk, d, kbuf);
-    auto [v, ldv] = rows_as_float(vb, pb.v_s[2], j0, nk, dv, vbuf);
+    auto [k, ldk] = rows_as_float(kb, pb.k_s[2], j0, nk, d, kbuf);  // dQ's product needs it either way
+    // V only for a widened dP (BwdNative: a 16-bit one reads the packed V^T).
+    auto [v, ldv] = nat.tile(j0) ? kNotWidened : rows_as_float(vb, pb.v_s[2], j0, nk, dv, vbuf);
     tile_p_dp(pb, nat, bh, i0, mq, j0, nk, q, ldq, k, ldk, v, ldv, dout, lddo, lse, corr, drop_dp, s, dp, block_k);
     visit(j0, nk, k, ldk);
   }
@@ -1194,8 +1199,12 @@ void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
   float* dk = part_dk != nullptr ? part_dk + j0 * d : carve.take(nk * d);
   float* dvacc = part_dv != nullptr ? part_dv + j0 * dv : carve.take(nk * dv);
 
-  auto [k, ldk] = rows_as_float(k_ptr + b * pb.k_s[0] + hk * pb.k_s[1], pb.k_s[2], j0, nk, d, kbuf);
-  auto [v, ldv] = rows_as_float(v_ptr + b * pb.v_s[0] + hk * pb.v_s[1], pb.v_s[2], j0, nk, dv, vbuf);
+  // K and V serve S and dP alone here: not widened where those are 16-bit products (BwdNative).
+  const bool widened = !nat.tile(j0);
+  auto [k, ldk] =
+      widened ? rows_as_float(k_ptr + b * pb.k_s[0] + hk * pb.k_s[1], pb.k_s[2], j0, nk, d, kbuf) : kNotWidened;
+  auto [v, ldv] =
+      widened ? rows_as_float(v_ptr + b * pb.v_s[0] + hk * pb.v_s[1], pb.v_s[2], j0, nk, dv, vbuf) : kNotWidened;
   std::fill(dk, dk + nk * d, 0.f);
   std::fill(dvacc, dvacc + nk * dv, 0.f);
   for (int64_t h = h_begin; h < h_end; ++h) {
