@@ -167,8 +167,9 @@ def test_parity_16bit_tile_edges(backend_device, dtype, shape):
 def test_cpu_16bit_products_on_the_tile_unit():
     """Where the CPU's tile unit multiplies bfloat16 (AMX), the cpu kernels' products of bfloat16
     inputs run there (fused_attn._extension.cpu_tile_dtypes); with oneDNN turned off they run on
-    float32 copies. Both pass parity, and they are two paths (P is rounded to bfloat16 for P V on
-    the tile unit only)."""
+    float32 copies. Both pass parity, forward and backward (whose dV, dK and dQ products take P and
+    dS rounded to bfloat16 on the tile unit), and they are two paths (P is rounded to bfloat16 for
+    P V on the tile unit only)."""
     from fused_attn import _extension
     if "bfloat16" not in _extension.cpu_tile_dtypes():
         pytest.skip("this CPU's tile unit does not multiply bfloat16 (no AMX-BF16), or oneDNN is off")
@@ -487,14 +488,17 @@ GROUPED_SCHEDULES = {"per-head": (1, 4, 1), "per-head-split": (2, 4, 1), "per-bl
 
 @pytest.mark.parametrize("schedule", list(GROUPED_SCHEDULES))
 @pytest.mark.parametrize("kind", ["none", "causal+padding", "dropout"])
-def test_cpu_backward_schedules_grouped_heads(schedule, kind):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_backward_schedules_grouped_heads(schedule, kind, dtype):
     """The CPU backward's schedules with one key/value head read by several query heads, against
-    the reference in float64 (with dropout: given the kernel's own keep-mask)."""
-    if torch.float32 not in supported_dtypes("cpu", "cpu", OP):
+    the reference in float64 (with dropout: given the kernel's own keep-mask). In bfloat16 on a
+    CPU with AMX the products run on the tile unit, whose dK/dV sums are transposed."""
+    if dtype not in supported_dtypes("cpu", "cpu", OP):
         pytest.skip("the cpu backend is not available")
     threads, heads, kv_heads = GROUPED_SCHEDULES[schedule]
     gen = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(1, h, n, 32, generator=gen) for h, n in ((heads, 150), (kv_heads, 170), (kv_heads, 170)))
+    q, k, v = (torch.randn(1, h, n, 32, generator=gen).to(dtype)
+               for h, n in ((heads, 150), (kv_heads, 170), (kv_heads, 170)))
     mask = None if kind == "dropout" else _mask(kind, 1, heads, 150, 170, "cpu")
     args = {"query": q, "key": k, "value": v, "attn_mask": mask}
     causal, p = kind.startswith("causal"), 0.3 if kind == "dropout" else 0.0

@@ -34,8 +34,8 @@
 // on AMX-FP16): there its two products run on the 16-bit values through oneDNN's brgemm
 // micro-kernels (torch's cpublas::brgemm, K and V packed once per call), float32 accumulated, P
 // rounded to the input dtype for P V as in eager attention (see native_products); in the backward
-// the products of 16-bit inputs alone, S = Q K^T and dP = dO V^T, do too (BwdNative), while those
-// with P or dS stay widened (those are formed in float32, and stay so).
+// all five do (BwdNative): S = Q K^T and dP = dO V^T on the inputs, and dV, dK, dQ with P and dS
+// (formed in float32) rounded to the dtype, as eager attention's backward rounds them (Bwd16Buffers).
 //
 // Parallelism: tasks are handed out from an atomic counter to at::parallel_for workers, each
 // with its own scratch, and no two tasks write the same output element, so the results are
@@ -55,7 +55,8 @@
 //    each against all the keys it sees at once (S and dP [64, k_len] in the task's scratch), so
 //    the statistics are two row sums over tiles already formed, then dS, dQ of the block
 //    (complete, written out), and dK += dS^T Q, dV += P^T dO into float32 [k_len, head_dim]
-//    accumulators (the outputs themselves for float32); five GEMMs per tile, statistics included,
+//    accumulators (the outputs themselves for float32; [head_dim, k_len] where the products run
+//    on the tile unit, Bwd16Buffers); five GEMMs per tile, statistics included,
 //    each as wide as the key range; scratch O(64 x k_len + k_len x head_dim) per thread; or
 //  * as the Triton kernels, when the heads are too few: a statistics pass per (head, query
 //    block) (two GEMMs per tile), one task per (head, key block) accumulating dK, dV over the
@@ -318,16 +319,21 @@ bool native_products(at::ScalarType type, int64_t d) { return d % 2 == 0 && cpu_
 // bkv is k_packed + (bkv * chunks + c) * k_chunk (K^T, head_dim x 64). For the forward's P V,
 // feature chunk f of its V is v_packed + ((bkv * chunks + c) * v_cols + f) * v_chunk (64 x 64);
 // for the backward's dO V^T, its V^T is v_packed + (bkv * chunks + c) * v_chunk (value head dim
-// x 64, v_cols 1).
+// x 64, v_cols 1), and for its dQ = dS K, K's rows are packed as the forward's V is: feature
+// chunk f at kr_packed + ((bkv * chunks + c) * kr_cols + f) * kTileKeys * kTileCols.
 template <typename T>
 struct PackedKV {
   at::Tensor storage;
   const T* k_packed = nullptr;
   const T* v_packed = nullptr;
-  int64_t chunks = 0, v_cols = 0, k_chunk = 0, v_chunk = 0;
+  const T* kr_packed = nullptr;
+  int64_t chunks = 0, v_cols = 0, k_chunk = 0, v_chunk = 0, kr_cols = 0;
 
   const T* k(int64_t bkv, int64_t c) const { return k_packed + (bkv * chunks + c) * k_chunk; }
   const T* v(int64_t bkv, int64_t c, int64_t f) const { return v_packed + ((bkv * chunks + c) * v_cols + f) * v_chunk; }
+  const T* kr(int64_t bkv, int64_t c, int64_t f) const {
+    return kr_packed + ((bkv * chunks + c) * kr_cols + f) * kTileKeys * kTileCols;
+  }
 };
 
 // C[m, n] (+)= A[m, k] B (B one packed chunk, leading dimension kTileCols), float32 C.
@@ -536,13 +542,24 @@ void run_tasks(int64_t num_tasks, int64_t scratch_floats, const F& fn) {
   });
 }
 
-// Carves consecutive 64-byte aligned float buffers out of a worker's scratch.
+// Carves consecutive 64-byte aligned float buffers out of a worker's scratch (take_as: n elements
+// of a 2- or 4-byte type, floats_for<U>(n) of the scratch each).
 struct Carver {
   float* cur;
   static constexpr int64_t round_up(int64_t n) { return (n + 15) / 16 * 16; }
+  template <typename U>
+  static constexpr int64_t floats_for(int64_t n) {
+    return round_up((n * static_cast<int64_t>(sizeof(U)) + 3) / 4);
+  }
   float* take(int64_t n) {
     float* p = cur;
     cur += round_up(n);
+    return p;
+  }
+  template <typename U>
+  U* take_as(int64_t n) {
+    U* p = reinterpret_cast<U*>(cur);
+    cur += floats_for<U>(n);
     return p;
   }
 };
@@ -629,26 +646,30 @@ void pack_transposed_chunk(const T* rows, int64_t ld, int64_t n, int64_t dim, T*
   at::native::cpublas::pack(dim, kTileKeys, kTileKeys, kTileKeys, kType, kType, stage, out);
 }
 
-// Packs K and V for the 16-bit products (PackedKV; V^T for the backward, V for the forward), one
-// (key/value head, key chunk) per task: the chunk is gathered into a zero-padded staging block
-// (transposed but for the forward's V), then packed.
+// Packs K and V for the 16-bit products (PackedKV; V^T and K's rows too for the backward, V for
+// the forward), one (key/value head, key chunk) per task: the chunk is gathered into a
+// zero-padded staging block (transposed but for V in the forward and K's rows), then packed.
 template <typename T>
 PackedKV<T> pack_keys(const AttnProblem& pb, const T* k_ptr, const T* v_ptr, bool backward) {
   PackedKV<T> kv;
   const int64_t d = pb.d, dv = pb.dv, groups = pb.batch * pb.kv_heads;
   kv.chunks = (pb.k_len + kTileKeys - 1) / kTileKeys;
   kv.v_cols = backward ? 1 : (dv + kTileCols - 1) / kTileCols;
+  kv.kr_cols = backward ? (d + kTileCols - 1) / kTileCols : 0;
   kv.k_chunk = d * kTileKeys;
   kv.v_chunk = backward ? dv * kTileKeys : kTileKeys * kTileCols;
+  const int64_t kr_chunk = kv.kr_cols * kTileKeys * kTileCols;
   const int64_t tasks = groups * kv.chunks;
-  kv.storage = at::empty({tasks * (kv.k_chunk + kv.v_cols * kv.v_chunk)},
+  kv.storage = at::empty({tasks * (kv.k_chunk + kv.v_cols * kv.v_chunk + kr_chunk)},
                          at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
   T* k_out = kv.storage.template mutable_data_ptr<T>();
   T* v_out = k_out + tasks * kv.k_chunk;
+  T* kr_out = v_out + tasks * kv.v_cols * kv.v_chunk;
   kv.k_packed = k_out;
   kv.v_packed = v_out;
+  kv.kr_packed = kr_out;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> stage(std::max(kv.k_chunk, kv.v_chunk));
+    std::vector<T> stage(std::max({kv.k_chunk, kv.v_chunk, kTileKeys * kTileCols}));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bkv = task / kv.chunks, j0 = task % kv.chunks * kTileKeys;
       const int64_t b = bkv / pb.kv_heads, hk = bkv % pb.kv_heads;
@@ -658,6 +679,7 @@ PackedKV<T> pack_keys(const AttnProblem& pb, const T* k_ptr, const T* v_ptr, boo
       pack_transposed_chunk(kb, pb.k_s[2], n, d, stage.data(), k_out + task * kv.k_chunk);
       if (backward) {
         pack_transposed_chunk(vb, pb.v_s[2], n, dv, stage.data(), v_out + task * kv.v_chunk);
+        pack_value_chunk(kb, pb.k_s[2], 0, n, d, stage.data(), kr_out + task * kr_chunk);
       } else {
         pack_value_chunk(vb, pb.v_s[2], 0, n, dv, stage.data(), v_out + task * kv.v_cols * kv.v_chunk);
       }
@@ -783,20 +805,17 @@ void attn_fwd_task_native(const AttnProblem& pb, const PackedKV<T>& kv, const T*
                           const int64_t (&o_s)[3], float* lse) {
   const int64_t b = bh / pb.heads, h = bh % pb.heads;
   const int64_t dv = pb.dv, bkv = b * pb.kv_heads + pb.kv(h);
-  const auto take = [](Carver& c, int64_t elems) {
-    return reinterpret_cast<T*>(c.take((elems * static_cast<int64_t>(sizeof(T)) + 3) / 4));
-  };
   Carver carve{scratch};
   float* s = carve.take(mq * block_k);
   float* acc = carve.take(mq * dv);
   float* m = carve.take(mq);
   float* l = carve.take(mq);
-  T* p = take(carve, mq * block_k);
+  T* p = carve.take_as<T>(mq * block_k);
   // A value chunk that holds keys this block does not see (before a boolean mask's first key it
   // sees, or past its causal end) is packed again with those rows zero: a zero probability times
   // a NaN or inf among them would still spread it, and keys past the walk's ends are not read.
-  T* stage = take(carve, kTileKeys * kTileCols);
-  T* edge = take(carve, kv.v_cols * kv.v_chunk);
+  T* stage = carve.take_as<T>(kTileKeys * kTileCols);
+  T* edge = carve.take_as<T>(kv.v_cols * kv.v_chunk);
   const T* q = q_ptr + b * pb.q_s[0] + h * pb.q_s[1] + i0 * pb.q_s[2];
   std::fill(acc, acc + mq * dv, 0.f);
   std::fill(m, m + mq, -kInf);
@@ -919,9 +938,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
   const int64_t native_k = (block_k + kTileKeys - 1) / kTileKeys * kTileKeys;
   const int64_t v_cols = (pb.dv + kTileCols - 1) / kTileCols;
   const int64_t native_scratch = Carver::round_up(block_q * native_k) + Carver::round_up(block_q * pb.dv) +
-                                 2 * Carver::round_up(block_q) + Carver::round_up((block_q * native_k + 1) / 2) +
-                                 Carver::round_up(kTileKeys * kTileCols / 2) +
-                                 Carver::round_up(v_cols * kTileKeys * kTileCols / 2);
+                                 2 * Carver::round_up(block_q) + Carver::floats_for<at::Half>(block_q * native_k) +
+                                 Carver::floats_for<at::Half>(kTileKeys * kTileCols) +
+                                 Carver::floats_for<at::Half>(v_cols * kTileKeys * kTileCols);
   AT_DISPATCH_V2(query.scalar_type(), "attention_fwd_cpu", AT_WRAP([&] {
     const scalar_t* qp = query.const_data_ptr<scalar_t>();
     const scalar_t* kp = key.const_data_ptr<scalar_t>();
@@ -1022,9 +1041,9 @@ struct BwdTensors {
 // The backward's 16-bit products (native_products, and an even value head dim): S = Q K^T and
 // dP = dO V^T of a tile whose keys start on a chunk (j0 a multiple of kTileKeys) run on the
 // 16-bit inputs as the forward's S does, Q and dO read in place (rows ldq / lddo apart), K and V
-// from their packed chunks (kv: K^T, V^T); the other products (dQ, dK, dV, whose operands P and
-// dS are formed in float32) stay widened. Whether a tile is native depends on its keys alone, so
-// the statistics pass and the gradient passes form the very same S and dP for it. kv null: none.
+// from their packed chunks (kv: K^T, V^T), and so do the tile's dV, dK and dQ products
+// (Bwd16Buffers). Whether a tile is native depends on its keys alone, so the statistics pass and
+// the gradient passes form the very same S and dP for it. kv null: none.
 template <typename T>
 struct BwdNative {
   const PackedKV<T>* kv = nullptr;
@@ -1043,6 +1062,129 @@ struct BwdNative {
 // The (pointer, leading dimension) of a float32 operand that a tile of 16-bit products does not
 // read, in place of its widened copy.
 constexpr std::pair<const float*, int64_t> kNotWidened{nullptr, 0};
+
+// The backward's products with P and dS on the tile unit, for the tiles whose S and dP are 16-bit
+// products (BwdNative::tile): P (dropped) and dS are rounded to T, as eager attention's backward
+// rounds them and as the GPU kernels do, and then
+//  * dV^T += dO^T P and dK^T += Q^T dS, per chunk of 64 keys: the rounded P or dS chunk
+//    [mq, 64] packed as B, the query block's dO^T or Q^T [head dim, mq] as A, so the dK/dV
+//    accumulators of a task that takes these products are transposed ([head dim, keys]), and
+//    its widened tiles' sgemm writes them so too;
+//  * dQ += dS K with K's rows packed once per call (PackedKV::kr); a chunk that holds keys past
+//    the tile's end (which the widened product does not read either) is packed again with those
+//    rows zero, so that a NaN or inf among them stays out.
+// The query block's rows are padded to an even count (the tile unit multiplies pairs) with zero
+// rows in A and B. Bwd16Buffers holds a task's buffers for them (cols: the widest tile's keys,
+// rounded up to a chunk).
+template <typename T>
+struct Bwd16Buffers {
+  T* qt = nullptr;      // [d, rows]: the query block's Q^T
+  T* dot = nullptr;     // [dv, rows]: its dO^T
+  T* p16 = nullptr;     // [rows, cols]: P rounded, zero past the tile's rows and keys
+  T* ds16 = nullptr;    // [rows, cols]: dS rounded, likewise
+  T* packed = nullptr;  // [rows, 64]: one packed chunk of either
+  T* stage = nullptr;   // [64, 64] and [64 keys, d] (kr_cols chunks): K's rows packed again
+  T* edge = nullptr;
+  float* row = nullptr;  // [max(d, dv)]: store_transposed's row
+
+  static int64_t even(int64_t n) { return n + (n & 1); }
+  static int64_t floats(const AttnProblem& pb, int64_t block_q, int64_t cols) {
+    const int64_t rows = even(block_q), kr_cols = (pb.d + kTileCols - 1) / kTileCols;
+    return Carver::floats_for<T>(pb.d * rows) + Carver::floats_for<T>(pb.dv * rows) +
+           2 * Carver::floats_for<T>(rows * cols) + Carver::floats_for<T>(rows * kTileCols) +
+           Carver::floats_for<T>(kTileKeys * kTileCols) + Carver::floats_for<T>(kr_cols * kTileKeys * kTileCols) +
+           Carver::round_up(std::max(pb.d, pb.dv));
+  }
+  Bwd16Buffers() = default;
+  Bwd16Buffers(Carver& carve, const AttnProblem& pb, int64_t block_q, int64_t cols) {
+    const int64_t rows = even(block_q), kr_cols = (pb.d + kTileCols - 1) / kTileCols;
+    qt = carve.take_as<T>(pb.d * rows);
+    dot = carve.take_as<T>(pb.dv * rows);
+    p16 = carve.take_as<T>(rows * cols);
+    ds16 = carve.take_as<T>(rows * cols);
+    packed = carve.take_as<T>(rows * kTileCols);
+    stage = carve.take_as<T>(kTileKeys * kTileCols);
+    edge = carve.take_as<T>(kr_cols * kTileKeys * kTileCols);
+    row = carve.take(std::max(pb.d, pb.dv));
+  }
+};
+
+// The rounded width of a tile of nk keys in Bwd16Buffers' p16/ds16: whole chunks.
+int64_t chunk_cols(int64_t nk) { return (nk + kTileKeys - 1) / kTileKeys * kTileKeys; }
+
+// dst[c, r] = src[r, c] for the rows [0, n) of src (ld apart, cols wide); dst is [cols, rows],
+// zero in the columns [n, rows).
+template <typename T>
+void transpose_rows(const T* src, int64_t ld, int64_t n, int64_t cols, int64_t rows, T* dst) {
+  for (int64_t c = 0; c < cols; ++c) {
+    T* out = dst + c * rows;
+    for (int64_t r = 0; r < n; ++r) out[r] = src[r * ld + c];
+    std::fill(out + n, out + rows, T(0));
+  }
+}
+
+// The [mq, nk] float32 tile src (leading dimension ld) rounded to T into dst [rows, cols], zero
+// past nk and mq.
+template <typename T>
+void round_tile(const float* src, int64_t ld, int64_t mq, int64_t nk, int64_t rows, int64_t cols, T* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* out = dst + r * cols;
+    const int64_t n = r < mq ? nk : 0;
+    if (n > 0) from_float(src + r * ld, 1.f, out, n);
+    std::fill(out + n, out + cols, T(0));
+  }
+}
+
+// dV^T[:, 0..nk) += dO^T P and dK^T[:, 0..nk) += Q^T dS for one tile (see Bwd16Buffers; w.qt,
+// w.dot, w.p16 and w.ds16 filled, `rows` rows, p16/ds16 cols wide), into the transposed float32
+// accumulators dkt [d, ...] and dvt [dv, ...] at their tile's first column (leading dimension
+// ld_t).
+template <typename T>
+void tile_dkdv_16(int64_t d, int64_t dv, int64_t nk, int64_t rows, int64_t cols, const Bwd16Buffers<T>& w,
+                  float* dkt, float* dvt, int64_t ld_t) {
+  constexpr auto kType = c10::CppTypeToScalarType<T>::value;
+  for (int64_t c0 = 0; c0 < nk; c0 += kTileKeys) {
+    const int64_t n = std::min(kTileKeys, nk - c0);
+    at::native::cpublas::pack(rows, kTileCols, cols, kTileCols, kType, kType, w.p16 + c0, w.packed);
+    brgemm(dv, n, rows, w.dot, rows, w.packed, true, dvt + c0, ld_t);
+    at::native::cpublas::pack(rows, kTileCols, cols, kTileCols, kType, kType, w.ds16 + c0, w.packed);
+    brgemm(d, n, rows, w.qt, rows, w.packed, true, dkt + c0, ld_t);
+  }
+  at::native::cpublas::brgemm_release(true);
+}
+
+// dq [mq, d] += dS K for the tile of keys [j0, j0 + nk) (j0 a multiple of kTileKeys) of key/value
+// head (b, hk): dS rounded in w.ds16 (cols wide), K's rows from their packed chunks, the last one
+// packed again from k_rows (the head's first key row, rows ld_k apart) where it holds keys past
+// the tile's end.
+template <typename T>
+void tile_dq_16(const AttnProblem& pb, const PackedKV<T>& kv, int64_t bkv, const T* k_rows, int64_t ld_k, int64_t j0,
+                int64_t nk, int64_t mq, int64_t cols, const Bwd16Buffers<T>& w, float* dq) {
+  const int64_t d = pb.d;
+  for (int64_t c0 = 0; c0 < nk; c0 += kTileKeys) {
+    const int64_t first = j0 + c0;
+    const int64_t keys = std::min(kTileKeys, pb.k_len - first), hi = std::min(kTileKeys, nk - c0);
+    const bool partial = hi < keys;
+    if (partial) pack_value_chunk(k_rows + first * ld_k, ld_k, 0, hi, d, w.stage, w.edge);
+    for (int64_t f = 0; f < kv.kr_cols; ++f) {
+      const T* kc = partial ? w.edge + f * kTileKeys * kTileCols : kv.kr(bkv, first / kTileKeys, f);
+      brgemm(mq, std::min(kTileCols, d - f * kTileCols), kTileKeys, w.ds16 + c0, cols, kc, true, dq + f * kTileCols,
+             d);
+    }
+  }
+  at::native::cpublas::brgemm_release(true);
+}
+
+// out rows [0, n) (rows out_ld apart) = factor * the transposed accumulator acc_t [cols, ...]
+// (leading dimension ld_t) rounded once, a row at a time through row ([cols] floats).
+template <typename U>
+void store_transposed(const float* acc_t, int64_t ld_t, int64_t n, int64_t cols, float factor, U* out, int64_t out_ld,
+                      float* row) {
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t c = 0; c < cols; ++c) row[c] = acc_t[c * ld_t + j];
+    from_float(row, factor, out + j * out_ld, cols);
+  }
+}
 
 // One [mq, nk] tile of the backward (queries i0.., keys j0.., leading dimension ld): s = P =
 // exp(S - lse) (times corr when not null) and dp = dO V^T, dropped as P was in the forward when
@@ -1099,8 +1241,8 @@ int64_t for_each_key_tile(const AttnProblem& pb, const BwdTensors& bt, const Bwd
   float* vbuf = carve.take(block_k * dv);
   const T* kb = k_ptr + b * pb.k_s[0] + pb.kv(h) * pb.k_s[1];
   const T* vb = v_ptr + b * pb.v_s[0] + pb.kv(h) * pb.v_s[1];
-  auto [q, ldq] = rows_as_float(q_ptr + b * pb.q_s[0] + h * pb.q_s[1], pb.q_s[2], i0, mq, d, qbuf);
-  auto [dout, lddo] = rows_as_float(do_ptr + b * bt.do_s[0] + h * bt.do_s[1], bt.do_s[2], i0, mq, dv, dobuf);
+  // Q and dO are widened for the first widened tile (a 16-bit one reads them in place).
+  std::pair<const float*, int64_t> q = kNotWidened, dout = kNotWidened;
   const float* lse = bt.lse + bh * pb.q_len + i0;
 
   const int64_t k_end = pb.key_end(i0, mq);
@@ -1108,10 +1250,17 @@ int64_t for_each_key_tile(const AttnProblem& pb, const BwdTensors& bt, const Bwd
   for (; j0 < k_end; j0 += block_k) {
     const int64_t nk = std::min(block_k, pb.k_len - j0);
     if (!pb.keys.sees(b, h, i0, mq, j0, nk, k_end)) continue;  // the dK/dV pass skips it too
-    auto [k, ldk] = rows_as_float(kb, pb.k_s[2], j0, nk, d, kbuf);  // dQ's product needs it either way
-    // V only for a widened dP (BwdNative: a 16-bit one reads the packed V^T).
-    auto [v, ldv] = nat.tile(j0) ? kNotWidened : rows_as_float(vb, pb.v_s[2], j0, nk, dv, vbuf);
-    tile_p_dp(pb, nat, bh, i0, mq, j0, nk, q, ldq, k, ldk, v, ldv, dout, lddo, lse, corr, drop_dp, s, dp, block_k);
+    // K (dQ's product needs it too) and V only for a widened tile: a 16-bit one reads the packed
+    // K^T, V^T and K rows (BwdNative, tile_dq_16).
+    const bool widened = !nat.tile(j0);
+    if (widened && q.first == nullptr) {
+      q = rows_as_float(q_ptr + b * pb.q_s[0] + h * pb.q_s[1], pb.q_s[2], i0, mq, d, qbuf);
+      dout = rows_as_float(do_ptr + b * bt.do_s[0] + h * bt.do_s[1], bt.do_s[2], i0, mq, dv, dobuf);
+    }
+    auto [k, ldk] = widened ? rows_as_float(kb, pb.k_s[2], j0, nk, d, kbuf) : kNotWidened;
+    auto [v, ldv] = widened ? rows_as_float(vb, pb.v_s[2], j0, nk, dv, vbuf) : kNotWidened;
+    tile_p_dp(pb, nat, bh, i0, mq, j0, nk, q.first, q.second, k, ldk, v, ldv, dout.first, dout.second, lse, corr,
+              drop_dp, s, dp, block_k);
     visit(j0, nk, k, ldk);
   }
   return std::min(j0, pb.k_len);
@@ -1189,6 +1338,9 @@ void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
                         float* part_dk, float* part_dv, T* dk_out, T* dv_out) {
   const int64_t b = bkv / pb.kv_heads, hk = bkv % pb.kv_heads;
   const int64_t d = pb.d, dv = pb.dv;
+  // A 16-bit tile (BwdNative): every product on the tile unit (Bwd16Buffers), Q and dO read in
+  // place, dK^T and dV^T accumulated in scratch ([d, nk], [dv, nk]) and stored transposed.
+  const bool native = nat.tile(j0);
   Carver carve{scratch};
   float* kbuf = carve.take(nk * d);
   float* vbuf = carve.take(nk * dv);
@@ -1196,15 +1348,16 @@ void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
   float* dobuf = carve.take(block_q * dv);
   float* s = carve.take(block_q * block_k);
   float* dp = carve.take(block_q * block_k);
-  float* dk = part_dk != nullptr ? part_dk + j0 * d : carve.take(nk * d);
-  float* dvacc = part_dv != nullptr ? part_dv + j0 * dv : carve.take(nk * dv);
+  float* dk = part_dk != nullptr && !native ? part_dk + j0 * d : carve.take(nk * d);
+  float* dvacc = part_dv != nullptr && !native ? part_dv + j0 * dv : carve.take(nk * dv);
+  const int64_t cols = chunk_cols(nk);
+  const Bwd16Buffers<T> w = native ? Bwd16Buffers<T>(carve, pb, block_q, cols) : Bwd16Buffers<T>();
 
-  // K and V serve S and dP alone here: not widened where those are 16-bit products (BwdNative).
-  const bool widened = !nat.tile(j0);
+  // K and V serve S and dP alone here: not widened where those are 16-bit products.
   auto [k, ldk] =
-      widened ? rows_as_float(k_ptr + b * pb.k_s[0] + hk * pb.k_s[1], pb.k_s[2], j0, nk, d, kbuf) : kNotWidened;
+      native ? kNotWidened : rows_as_float(k_ptr + b * pb.k_s[0] + hk * pb.k_s[1], pb.k_s[2], j0, nk, d, kbuf);
   auto [v, ldv] =
-      widened ? rows_as_float(v_ptr + b * pb.v_s[0] + hk * pb.v_s[1], pb.v_s[2], j0, nk, dv, vbuf) : kNotWidened;
+      native ? kNotWidened : rows_as_float(v_ptr + b * pb.v_s[0] + hk * pb.v_s[1], pb.v_s[2], j0, nk, dv, vbuf);
   std::fill(dk, dk + nk * d, 0.f);
   std::fill(dvacc, dvacc + nk * dv, 0.f);
   for (int64_t h = h_begin; h < h_end; ++h) {
@@ -1219,14 +1372,36 @@ void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
       const int64_t mq = std::min(block_q, pb.q_len - i0);
       // A tile the other passes skip (for_each_key_tile): P = 0 there, so dK and dV get nothing.
       if (!pb.keys.sees(b, h, i0, mq, j0, nk, pb.key_end(i0, mq))) continue;
-      auto [q, ldq] = rows_as_float(qb, pb.q_s[2], i0, mq, d, qbuf);
-      auto [dout, lddo] = rows_as_float(dob, bt.do_s[2], i0, mq, dv, dobuf);
+      auto [q, ldq] = native ? kNotWidened : rows_as_float(qb, pb.q_s[2], i0, mq, d, qbuf);
+      auto [dout, lddo] = native ? kNotWidened : rows_as_float(dob, bt.do_s[2], i0, mq, dv, dobuf);
       tile_p_dp(pb, nat, bh, i0, mq, j0, nk, q, ldq, k, ldk, v, ldv, dout, lddo, lse + i0, corr + i0, true, s, dp,
                 block_k);
       score_gradient(pb, bh, i0, mq, j0, nk, s, dp, block_k, delta + i0);
-      gemm(true, false, nk, dv, mq, 1.f, s, block_k, dout, lddo, 1.f, dvacc, dv);
-      gemm(true, false, nk, d, mq, 1.f, dp, block_k, q, ldq, 1.f, dk, d);
+      if (native) {
+        const int64_t rows = Bwd16Buffers<T>::even(mq);
+        transpose_rows(nat.q_rows(b, h, i0), nat.ldq, mq, d, rows, w.qt);
+        transpose_rows(nat.dout_rows(b, h, i0), nat.lddo, mq, dv, rows, w.dot);
+        round_tile(s, block_k, mq, nk, rows, cols, w.p16);
+        round_tile(dp, block_k, mq, nk, rows, cols, w.ds16);
+        tile_dkdv_16(d, dv, nk, rows, cols, w, dk, dvacc, nk);
+      } else {
+        gemm(true, false, nk, dv, mq, 1.f, s, block_k, dout, lddo, 1.f, dvacc, dv);
+        gemm(true, false, nk, d, mq, 1.f, dp, block_k, q, ldq, 1.f, dk, d);
+      }
     }
+  }
+  if (native) {  // dk, dvacc are [d, nk], [dv, nk]
+    float* row = w.row;
+    if (part_dk != nullptr) {
+      store_transposed(dk, nk, nk, d, 1.f, part_dk + j0 * d, d, row);
+      store_transposed(dvacc, nk, nk, dv, 1.f, part_dv + j0 * dv, dv, row);
+    } else {
+      store_transposed(dk, nk, nk, d, pb.scale, dk_out + b * bt.dk_s[0] + hk * bt.dk_s[1] + j0 * bt.dk_s[2],
+                       bt.dk_s[2], row);
+      store_transposed(dvacc, nk, nk, dv, 1.f, dv_out + b * bt.dv_s[0] + hk * bt.dv_s[1] + j0 * bt.dv_s[2],
+                       bt.dv_s[2], row);
+    }
+    return;
   }
   if (part_dk != nullptr) return;
   T* dkb = dk_out + b * bt.dk_s[0] + hk * bt.dk_s[1];
@@ -1243,7 +1418,7 @@ void attn_bwd_dq_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNati
                       const T* k_ptr, const T* v_ptr, const T* do_ptr, int64_t bh, int64_t i0, int64_t mq,
                       int64_t block_k, float* scratch, T* dq_out) {
   const int64_t b = bh / pb.heads, h = bh % pb.heads;
-  const int64_t d = pb.d;
+  const int64_t d = pb.d, bkv = b * pb.kv_heads + pb.kv(h);
   Carver carve{scratch};
   float* s = carve.take(mq * block_k);
   float* dp = carve.take(mq * block_k);
@@ -1252,13 +1427,21 @@ void attn_bwd_dq_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNati
   const float* corr = bt.corr + bh * pb.q_len + i0;
   const float* delta = bt.delta + bh * pb.q_len + i0;
   float* dscores = bt.dscores != nullptr ? bt.dscores + (bh * pb.q_len + i0) * pb.k_len : nullptr;
+  const int64_t cols = chunk_cols(block_k);
+  const Bwd16Buffers<T> w = nat.kv != nullptr ? Bwd16Buffers<T>(carve, pb, mq, cols) : Bwd16Buffers<T>();
+  const T* k_rows = k_ptr + b * pb.k_s[0] + pb.kv(h) * pb.k_s[1];
 
   const auto visit = [&](int64_t j0, int64_t nk, const float* k, int64_t ldk) {
     score_gradient(pb, bh, i0, mq, j0, nk, s, dp, block_k, delta);
     if (dscores != nullptr) {
       for (int64_t r = 0; r < mq; ++r) std::memcpy(dscores + r * pb.k_len + j0, dp + r * block_k, nk * sizeof(float));
     }
-    gemm(false, false, mq, d, nk, 1.f, dp, block_k, k, ldk, 1.f, dq, d);
+    if (nat.tile(j0)) {
+      round_tile(dp, block_k, mq, nk, mq, cols, w.ds16);
+      tile_dq_16(pb, *nat.kv, bkv, k_rows, pb.k_s[2], j0, nk, mq, cols, w, dq);
+    } else {
+      gemm(false, false, mq, d, nk, 1.f, dp, block_k, k, ldk, 1.f, dq, d);
+    }
   };
   const int64_t k_end =
       for_each_key_tile(pb, bt, nat, q_ptr, k_ptr, v_ptr, do_ptr, bh, i0, mq, block_k, corr, true, carve, s, dp, visit);
@@ -1291,9 +1474,14 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
                         float* part_dk, float* part_dv, T* dq_out, T* dk_out, T* dv_out) {
   const int64_t b = bkv / pb.kv_heads, hk = bkv % pb.kv_heads;
   const int64_t d = pb.d, dv = pb.dv, k_len = pb.k_len;
+  // With 16-bit products (BwdNative) the dK/dV accumulators are transposed ([d, k_len], [dv,
+  // k_len]; Bwd16Buffers) for every tile, and K and V are widened only where a tile may start off
+  // a chunk (a boolean mask's key ranges).
+  const bool t16 = nat.kv != nullptr;
+  const bool widen_kv = !t16 || pb.keys.active;
   Carver carve{scratch};
-  float* kbuf = carve.take(copy_k ? k_len * d : 0);  // rows_as_float copies exactly when copy_k
-  float* vbuf = carve.take(copy_v ? k_len * dv : 0);
+  float* kbuf = carve.take(copy_k && widen_kv ? k_len * d : 0);  // rows_as_float copies exactly when copy_k
+  float* vbuf = carve.take(copy_v && widen_kv ? k_len * dv : 0);
   float* qbuf = carve.take(block_q * d);
   float* dobuf = carve.take(block_q * dv);
   float* s = carve.take(block_q * k_len);
@@ -1305,7 +1493,11 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
   float* dk_acc;
   float* dv_acc;
   int64_t ld_dk, ld_dv;
-  if (part_dk != nullptr) {
+  if (t16) {
+    dk_acc = carve.take(d * k_len);
+    dv_acc = carve.take(dv * k_len);
+    ld_dk = ld_dv = k_len;
+  } else if (part_dk != nullptr) {
     dk_acc = part_dk;
     dv_acc = part_dv;
     ld_dk = std::max<int64_t>(d, 1);
@@ -1321,13 +1513,21 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
     ld_dk = std::max<int64_t>(d, 1);
     ld_dv = std::max<int64_t>(dv, 1);
   }
-  for (int64_t j = 0; j < k_len; ++j) {
-    std::fill(dk_acc + j * ld_dk, dk_acc + j * ld_dk + d, 0.f);
-    std::fill(dv_acc + j * ld_dv, dv_acc + j * ld_dv + dv, 0.f);
+  const Bwd16Buffers<T> w = t16 ? Bwd16Buffers<T>(carve, pb, block_q, chunk_cols(k_len)) : Bwd16Buffers<T>();
+  if (t16) {
+    std::fill(dk_acc, dk_acc + d * k_len, 0.f);
+    std::fill(dv_acc, dv_acc + dv * k_len, 0.f);
+  } else {
+    for (int64_t j = 0; j < k_len; ++j) {
+      std::fill(dk_acc + j * ld_dk, dk_acc + j * ld_dk + d, 0.f);
+      std::fill(dv_acc + j * ld_dv, dv_acc + j * ld_dv + dv, 0.f);
+    }
   }
 
-  auto [k, ldk] = rows_as_float(k_ptr + b * pb.k_s[0] + hk * pb.k_s[1], pb.k_s[2], 0, k_len, d, kbuf);
-  auto [v, ldv] = rows_as_float(v_ptr + b * pb.v_s[0] + hk * pb.v_s[1], pb.v_s[2], 0, k_len, dv, vbuf);
+  const T* k_rows = k_ptr + b * pb.k_s[0] + hk * pb.k_s[1];
+  auto [k, ldk] = widen_kv ? rows_as_float(k_rows, pb.k_s[2], 0, k_len, d, kbuf) : kNotWidened;
+  auto [v, ldv] =
+      widen_kv ? rows_as_float(v_ptr + b * pb.v_s[0] + hk * pb.v_s[1], pb.v_s[2], 0, k_len, dv, vbuf) : kNotWidened;
   for (int64_t h = h_begin; h < h_end; ++h) {
     const int64_t bh = b * pb.heads + h;
     const T* qb = q_ptr + b * pb.q_s[0] + h * pb.q_s[1];
@@ -1354,10 +1554,11 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
         for (int64_t r = 0; r < mq; ++r) std::fill(dqb + (i0 + r) * bt.dq_s[2], dqb + (i0 + r) * bt.dq_s[2] + d, T(0));
         continue;
       }
-      auto [q, ldq] = rows_as_float(qb, pb.q_s[2], i0, mq, d, qbuf);
-      auto [dout, lddo] = rows_as_float(dob, bt.do_s[2], i0, mq, dv, dobuf);
-      const float* kt = k + j0 * ldk;
-      const float* vt = v + j0 * ldv;
+      const bool native = nat.tile(j0);
+      auto [q, ldq] = native ? kNotWidened : rows_as_float(qb, pb.q_s[2], i0, mq, d, qbuf);
+      auto [dout, lddo] = native ? kNotWidened : rows_as_float(dob, bt.do_s[2], i0, mq, dv, dobuf);
+      const float* kt = native ? nullptr : k + j0 * ldk;
+      const float* vt = native ? nullptr : v + j0 * ldv;
       tile_p_dp(pb, nat, bh, i0, mq, j0, nk, q, ldq, kt, ldk, vt, ldv, dout, lddo, lse + i0, nullptr, true, s, dp, nk);
       std::fill(sums, sums + 2 * mq, 0.0);
       row_sums(s, dp, mq, nk, nk, sums);
@@ -1381,11 +1582,37 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
         if (pb.dropout) apply_dropout(prow, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, pb.inv_keep);
         if (dscores != nullptr) std::memcpy(dscores + (i0 + r) * k_len + j0, dprow, nk * sizeof(float));
       }
-      gemm(true, false, nk, dv, mq, 1.f, s, nk, dout, lddo, 1.f, dv_acc + j0 * ld_dv, ld_dv);
-      gemm(true, false, nk, d, mq, 1.f, dp, nk, q, ldq, 1.f, dk_acc + j0 * ld_dk, ld_dk);
-      gemm(false, false, mq, d, nk, 1.f, dp, nk, kt, ldk, 0.f, dq, std::max<int64_t>(d, 1));
+      if (native) {
+        const int64_t rows = Bwd16Buffers<T>::even(mq), cols = chunk_cols(nk);
+        transpose_rows(nat.q_rows(b, h, i0), nat.ldq, mq, d, rows, w.qt);
+        transpose_rows(nat.dout_rows(b, h, i0), nat.lddo, mq, dv, rows, w.dot);
+        round_tile(s, nk, mq, nk, rows, cols, w.p16);
+        round_tile(dp, nk, mq, nk, rows, cols, w.ds16);
+        tile_dkdv_16(d, dv, nk, rows, cols, w, dk_acc + j0, dv_acc + j0, k_len);
+        std::fill(dq, dq + mq * d, 0.f);
+        tile_dq_16(pb, *nat.kv, bkv, k_rows, pb.k_s[2], j0, nk, mq, cols, w, dq);
+      } else {
+        if (t16) {  // transposed accumulators: dV^T += dO^T P, dK^T += Q^T dS
+          gemm(true, false, dv, nk, mq, 1.f, dout, lddo, s, nk, 1.f, dv_acc + j0, ld_dv);
+          gemm(true, false, d, nk, mq, 1.f, q, ldq, dp, nk, 1.f, dk_acc + j0, ld_dk);
+        } else {
+          gemm(true, false, nk, dv, mq, 1.f, s, nk, dout, lddo, 1.f, dv_acc + j0 * ld_dv, ld_dv);
+          gemm(true, false, nk, d, mq, 1.f, dp, nk, q, ldq, 1.f, dk_acc + j0 * ld_dk, ld_dk);
+        }
+        gemm(false, false, mq, d, nk, 1.f, dp, nk, kt, ldk, 0.f, dq, std::max<int64_t>(d, 1));
+      }
       for (int64_t r = 0; r < mq; ++r) from_float(dq + r * d, pb.scale, dqb + (i0 + r) * bt.dq_s[2], d);
     }
+  }
+  if (t16) {
+    if (part_dk != nullptr) {
+      store_transposed(dk_acc, k_len, k_len, d, 1.f, part_dk, std::max<int64_t>(d, 1), w.row);
+      store_transposed(dv_acc, k_len, k_len, dv, 1.f, part_dv, std::max<int64_t>(dv, 1), w.row);
+    } else {
+      store_transposed(dk_acc, k_len, k_len, d, pb.scale, dkb, bt.dk_s[2], w.row);
+      store_transposed(dv_acc, k_len, k_len, dv, 1.f, dvb, bt.dv_s[2], w.row);
+    }
+    return;
   }
   if (part_dk != nullptr) return;
   for (int64_t j = 0; j < k_len; ++j) {
@@ -1533,7 +1760,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     scalar_t* dkp = dk.mutable_data_ptr<scalar_t>();
     scalar_t* dvp = dv.mutable_data_ptr<scalar_t>();
     scalar_t* dqp = dq.mutable_data_ptr<scalar_t>();
-    // 16-bit S and dP (BwdNative): Q and dO rows read in place (in_place_ld).
+    // 16-bit products (BwdNative): Q and dO rows read in place (in_place_ld).
     BwdNative<scalar_t> nat;
     PackedKV<scalar_t> kv;
     const int64_t ldq16 = in_place_ld(pb.q_len, pb.q_s[2], pb.d), lddo16 = in_place_ld(pb.q_len, bt.do_s[2], pb.dv);
@@ -1562,8 +1789,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
           Carver::round_up(copy_k ? pb.k_len * pb.d : 0) + Carver::round_up(copy_v ? pb.k_len * pb.dv : 0) +
           Carver::round_up(block_q * pb.d) * 2 + Carver::round_up(block_q * pb.dv) +
           Carver::round_up(block_q * pb.k_len) * 2 + Carver::round_up(4 * block_q) +
-          (in_place || parts.defined() ? 0
-                                       : Carver::round_up(pb.k_len * pb.d) + Carver::round_up(pb.k_len * pb.dv));
+          (in_place || (parts.defined() && nat.kv == nullptr)
+               ? 0
+               : Carver::round_up(pb.k_len * pb.d) + Carver::round_up(pb.k_len * pb.dv)) +
+          (nat.kv != nullptr ? Bwd16Buffers<scalar_t>::floats(pb, block_q, chunk_cols(pb.k_len)) : 0);
       run_tasks(slots, scratch_head, [&](int64_t slot, float* buf) {
         const auto [h_begin, h_end] = split.heads(pb, slot);
         const auto [pdk, pdv] = slot_parts(slot);
@@ -1573,6 +1802,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
       if (parts.defined()) reduce_group_parts(pb, bt, split.splits, part_dk, part_dv, dkp, dvp);
       return;
     }
+    const int64_t scratch_16 =
+        nat.kv != nullptr ? Bwd16Buffers<scalar_t>::floats(pb, block_q, chunk_cols(block_k)) : 0;
     // Pass 0: the row statistics (corr, delta) per query block.
     run_tasks(bh_count * nq, scratch_dq, [&](int64_t task, float* buf) {
       const int64_t bh = pb.causal ? task % bh_count : task / nq;
@@ -1583,7 +1814,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     });
     // Pass 1: dK, dV per (key/value head, chunk of its query heads, key block). Causal: the first
     // key blocks are seen by the most queries.
-    run_tasks(slots * nk, scratch_dkdv, [&](int64_t task, float* buf) {
+    run_tasks(slots * nk, scratch_dkdv + scratch_16, [&](int64_t task, float* buf) {
       const int64_t slot = pb.causal ? task % slots : task / nk;
       const int64_t kj = pb.causal ? task / slots : task % nk;
       const int64_t j0 = kj * block_k;
@@ -1594,7 +1825,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     });
     if (parts.defined()) reduce_group_parts(pb, bt, split.splits, part_dk, part_dv, dkp, dvp);
     // Pass 2: dQ (and grad_scores) per query block.
-    run_tasks(bh_count * nq, scratch_dq, [&](int64_t task, float* buf) {
+    run_tasks(bh_count * nq, scratch_dq + scratch_16, [&](int64_t task, float* buf) {
       const int64_t bh = pb.causal ? task % bh_count : task / nq;
       const int64_t qi = pb.causal ? nq - 1 - task / bh_count : task % nq;
       const int64_t i0 = qi * block_q;
