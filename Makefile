@@ -27,7 +27,7 @@ ifeq ($(HAS_GPU),0)
 TEST_ENV := TRITON_INTERPRET=1
 endif
 
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/include/fused_attn/*)
+SOURCES := setup.py fused_attn/_cpu_isa.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/include/fused_attn/*)
 
 .PHONY: test bench build venv gpu-check gpu-prebuild info clean
 

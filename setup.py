@@ -4,8 +4,8 @@ The C++ CPU kernels (csrc/cpu) are always compiled. The CUDA kernels (csrc/cuda)
 when a CUDA toolkit and a CUDA build of torch are both present; FUSED_ATTN_BUILD_CUDA=0/1 forces
 either way. TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "8.0;9.0" when no GPU is
 visible) and MAX_JOBS the number of parallel compile jobs; FUSED_ATTN_WERROR=0 keeps nvcc warnings
-from failing the build. FUSED_ATTN_CPU_ISA=avx2|generic picks
-the vector width of the CPU kernels (default: avx2 where this CPU has it).
+from failing the build. FUSED_ATTN_CPU_ISA=avx512|avx2|generic picks
+the vector width of the CPU kernels (default: the widest this CPU runs; fused_attn/_cpu_isa.py).
 
 What was built is written to fused_attn/_build_info.<python tag>.json so that `fused-attn info` can report it.
 FUSED_ATTN_SKIP_EXTENSION=1 installs the Python package alone (the Makefile then builds the
@@ -32,11 +32,16 @@ ROOT = Path(__file__).resolve().parent
 BUILD_INFO = ROOT / "fused_attn" / f"_build_info.{sys.implementation.cache_tag}.json"
 
 
-def _sources_digest() -> str | None:
-    spec = importlib.util.spec_from_file_location("_fused_attn_sources", ROOT / "fused_attn" / "_sources.py")
+def _package_module(name: str):
+    """fused_attn/<name>.py loaded on its own (standard library only), before the package can be imported."""
+    spec = importlib.util.spec_from_file_location(f"_fused_attn{name}", ROOT / "fused_attn" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.sources_digest(ROOT)
+    return module
+
+
+def _sources_digest() -> str | None:
+    return _package_module("_sources").sources_digest(ROOT)
 
 
 def _env_flag(name: str) -> bool | None:
@@ -99,18 +104,13 @@ def _cublaslt_link_args(cuda_home: str, cuda_version: str | None) -> list[str]:
 
 
 def _cpu_isa() -> str:
+    isa_module = _package_module("_cpu_isa")
     requested = os.environ.get("FUSED_ATTN_CPU_ISA", "").lower()
-    if requested in ("avx2", "generic"):
-        return requested
     if requested:
-        raise SystemExit(f"FUSED_ATTN_CPU_ISA must be avx2 or generic, got {requested!r}")
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return "generic"
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return "generic"
-    return "avx2" if {"avx2", "fma", "f16c"} <= set(flags) else "generic"
+        if requested not in isa_module.ISA_FLAGS:
+            raise SystemExit(f"FUSED_ATTN_CPU_ISA must be one of {', '.join(isa_module.ISA_FLAGS)}, got {requested!r}")
+        return requested
+    return isa_module.best_isa()
 
 
 # The oldest torch the extension compiles against and the suite passes on (the C++ sources use
@@ -143,9 +143,7 @@ def main() -> None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
     isa = _cpu_isa()
-    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
-    if isa == "avx2":
-        cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", *_package_module("_cpu_isa").COMPILE_FLAGS[isa]]
     nvcc_flags = [
         "-O3",
         "--use_fast_math",

@@ -14,9 +14,18 @@ from pathlib import Path
 
 import torch
 
+from ._cpu_isa import missing_flags
 from ._sources import sources_digest
 
 _BUILD_INFO = Path(__file__).with_name(f"_build_info.{sys.implementation.cache_tag}.json")
+
+
+def build_info() -> dict:
+    """The facts setup.py recorded about the build, or {} when it has not run."""
+    try:
+        return json.loads(_BUILD_INFO.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _load() -> str | None:
@@ -27,6 +36,14 @@ def _load() -> str | None:
         return f"{type(exc).__name__}: {exc}"
     if spec is None or spec.origin is None:
         return "the extension is not built (run `make build` or `pip install --no-build-isolation -e .`)"
+    # A library built for instructions this CPU lacks would die of SIGILL in its first kernel.
+    isa = build_info().get("cpu_isa")
+    lacking = missing_flags(isa) if isa else []
+    if lacking:
+        return (
+            f"{spec.origin} was built for the {isa} instruction set, which this CPU lacks "
+            f"({', '.join(lacking)}): rebuild it here (`make build`), or build with FUSED_ATTN_CPU_ISA=avx2 or generic"
+        )
     try:
         torch.ops.load_library(spec.origin)
     except OSError as exc:
@@ -97,14 +114,6 @@ def has_kernel(op: str, device_type: str) -> bool:
 def cuda_kernels_compiled() -> bool:
     """True when the loaded library registered CUDA kernels (asked of the dispatcher itself)."""
     return has_kernel("layer_norm_fwd", "cuda")
-
-
-def build_info() -> dict:
-    """The facts setup.py recorded about the build, or {} when it has not run."""
-    try:
-        return json.loads(_BUILD_INFO.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def stale_reason() -> str | None:

@@ -9,12 +9,14 @@ from pathlib import Path
 
 
 def sources_digest(root: Path) -> str | None:
-    """sha256 over setup.py and every file under csrc/ (paths and contents, in sorted order);
-    None where ``root`` is not a source checkout (e.g. an installed wheel)."""
+    """sha256 over setup.py, the compile flags' module (fused_attn/_cpu_isa.py) and every file
+    under csrc/ (paths and contents, in sorted order); None where ``root`` is not a source
+    checkout (e.g. an installed wheel)."""
     csrc = root / "csrc"
     if not csrc.is_dir():
         return None
     digest = hashlib.sha256()
-    for path in [root / "setup.py", *sorted(p for p in csrc.rglob("*") if p.is_file())]:
+    build_files = [root / "setup.py", root / "fused_attn" / "_cpu_isa.py"]
+    for path in [*build_files, *sorted(p for p in csrc.rglob("*") if p.is_file())]:
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()

@@ -39,6 +39,40 @@ def test_stale_when_the_gpu_architecture_is_missing(monkeypatch):
     assert _extension.stale_reason() == "built for CUDA architectures 7.0, the GPU is 9.0"
 
 
+def test_the_build_takes_the_widest_instruction_set_this_cpu_runs():
+    # setup.py's default (FUSED_ATTN_CPU_ISA unset, as make builds it); the extension loaded, so
+    # the set it was built for is one this CPU runs.
+    from fused_attn import _cpu_isa
+
+    isa = _extension.build_info()["cpu_isa"]
+    assert _cpu_isa.missing_flags(isa) == []
+    assert isa == _cpu_isa.best_isa()
+
+
+@pytest.mark.parametrize("flags, isa", [
+    ({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "sse4_2"}, "avx512"),
+    ({"avx2", "fma", "f16c", "avx512f"}, "avx2"),  # AVX-512 without BW/VL/DQ (Knights Landing)
+    ({"avx2", "fma"}, "generic"),
+    (set(), "generic"),
+])
+def test_cpu_instruction_set_by_flags(flags, isa):
+    from fused_attn import _cpu_isa
+
+    assert _cpu_isa.best_isa(flags) == isa
+    assert _cpu_isa.missing_flags(isa, flags) == []
+
+
+def test_a_library_built_for_instructions_this_cpu_lacks_is_not_loaded(monkeypatch):
+    # Loading it would work; its first kernel would die of SIGILL. The loader says why instead,
+    # and the package runs without it (stale_reason, and with it make, then rebuild it here).
+    info = {**_extension.build_info(), "cpu_isa": "avx512"}
+    monkeypatch.setattr(_extension, "build_info", lambda: info)
+    monkeypatch.setattr(_extension, "missing_flags", lambda isa: ["avx512bw", "avx512vl"])
+    reason = _extension._load()
+    assert "built for the avx512 instruction set, which this CPU lacks (avx512bw, avx512vl)" in reason
+    assert "FUSED_ATTN_CPU_ISA=avx2" in reason
+
+
 def _native_ops() -> list[str]:
     names = [n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("fused_attn::")]
     return sorted(n for n in names if not n.startswith("triton_"))

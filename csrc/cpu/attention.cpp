@@ -140,7 +140,7 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // rounding of x * log2(e) costs |x| * 2^-24 relative, at most 0.4 ulp of the largest results
 // (those with |x| <= 1); large |x| give tiny results.
 C10_ALWAYS_INLINE fVec exp_vec(const fVec& x) {
-  // On AVX2 clamp keeps a NaN (vmaxps/vminps return their second operand, t, for a NaN).
+  // On AVX2 and AVX-512 clamp keeps a NaN (vmaxps/vminps return their second operand, t, for a NaN).
   const fVec t = at::vec::clamp(x * fVec(1.44269504088896341f), fVec(-127.f), fVec(127.f));
   const fVec n = t.round();
   const fVec f = t - n;

@@ -286,6 +286,12 @@ C10_ALWAYS_INLINE void add_widened(double* p, const fVec (&v)[P]) {
     double* q = p + k * kLanes;
     _mm256_storeu_pd(q, _mm256_add_pd(_mm256_loadu_pd(q), _mm256_cvtps_pd(_mm256_castps256_ps128(x))));
     _mm256_storeu_pd(q + 4, _mm256_add_pd(_mm256_loadu_pd(q + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1))));
+#elif defined(CPU_CAPABILITY_AVX512) && !defined(_MSC_VER)
+    static_assert(kLanes == 16, "AVX-512 float vectors hold 16 lanes");
+    const __m512 x = v[k];
+    double* q = p + k * kLanes;
+    _mm512_storeu_pd(q, _mm512_add_pd(_mm512_loadu_pd(q), _mm512_cvtps_pd(_mm512_castps512_ps256(x))));
+    _mm512_storeu_pd(q + 8, _mm512_add_pd(_mm512_loadu_pd(q + 8), _mm512_cvtps_pd(_mm512_extractf32x8_ps(x, 1))));
 #else
     alignas(64) float t[kLanes];
     v[k].store(t);
