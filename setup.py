@@ -5,7 +5,7 @@ when a CUDA toolkit and a CUDA build of torch are both present; FUSED_ATTN_BUILD
 either way. TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "8.0;9.0" when no GPU is
 visible) and MAX_JOBS the number of parallel compile jobs; FUSED_ATTN_WERROR=0 keeps nvcc warnings
 from failing the build. FUSED_ATTN_CPU_ISA=avx512|avx2|generic picks
-the vector width of the CPU kernels (default: the widest this CPU runs; fused_attn/_cpu_isa.py).
+the vector width of the CPU kernels (default: avx2 where this CPU has it; fused_attn/_cpu_isa.py).
 
 What was built is written to fused_attn/_build_info.<python tag>.json so that `fused-attn info` can report it.
 FUSED_ATTN_SKIP_EXTENSION=1 installs the Python package alone (the Makefile then builds the
@@ -110,7 +110,7 @@ def _cpu_isa() -> str:
         if requested not in isa_module.ISA_FLAGS:
             raise SystemExit(f"FUSED_ATTN_CPU_ISA must be one of {', '.join(isa_module.ISA_FLAGS)}, got {requested!r}")
         return requested
-    return isa_module.best_isa()
+    return isa_module.default_isa()
 
 
 # The oldest torch the extension compiles against and the suite passes on (the C++ sources use

@@ -39,27 +39,31 @@ def test_stale_when_the_gpu_architecture_is_missing(monkeypatch):
     assert _extension.stale_reason() == "built for CUDA architectures 7.0, the GPU is 9.0"
 
 
-def test_the_build_takes_the_widest_instruction_set_this_cpu_runs():
-    # setup.py's default (FUSED_ATTN_CPU_ISA unset, as make builds it); the extension loaded, so
-    # the set it was built for is one this CPU runs.
+def test_the_build_takes_an_instruction_set_this_cpu_runs():
+    # As make builds it (FUSED_ATTN_CPU_ISA unset: the default); the extension loaded, so the set
+    # it was built for is one this CPU runs.
     from fused_attn import _cpu_isa
 
     isa = _extension.build_info()["cpu_isa"]
     assert _cpu_isa.missing_flags(isa) == []
-    assert isa == _cpu_isa.best_isa()
+    assert isa == _cpu_isa.default_isa()
 
 
-@pytest.mark.parametrize("flags, isa", [
-    ({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "sse4_2"}, "avx512"),
-    ({"avx2", "fma", "f16c", "avx512f"}, "avx2"),  # AVX-512 without BW/VL/DQ (Knights Landing)
-    ({"avx2", "fma"}, "generic"),
-    (set(), "generic"),
+AVX512_CPU = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "sse4_2"}
+
+
+@pytest.mark.parametrize("flags, default, lacking_avx512", [
+    (AVX512_CPU, "avx2", []),  # AVX-512 is opt-in
+    ({"avx2", "fma", "f16c", "avx512f"}, "avx2", ["avx512bw", "avx512vl", "avx512dq"]),
+    ({"avx2", "fma"}, "generic", ["avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c"]),
+    (set(), "generic", ["avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"]),
 ])
-def test_cpu_instruction_set_by_flags(flags, isa):
+def test_cpu_instruction_set_by_flags(flags, default, lacking_avx512):
     from fused_attn import _cpu_isa
 
-    assert _cpu_isa.best_isa(flags) == isa
-    assert _cpu_isa.missing_flags(isa, flags) == []
+    assert _cpu_isa.default_isa(flags) == default
+    assert _cpu_isa.missing_flags(default, flags) == []
+    assert _cpu_isa.missing_flags("avx512", flags) == lacking_avx512
 
 
 def test_a_library_built_for_instructions_this_cpu_lacks_is_not_loaded(monkeypatch):

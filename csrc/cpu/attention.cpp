@@ -209,36 +209,6 @@ float exp_shift_sum(float* s, int64_t n, float shift) {
   return static_cast<float>(total);
 }
 
-// The forward's exponentials of one row of raw (unscaled) scores, for the 16-bit products:
-// p[j] = exp(scale * s[j] - shift) (one FMA, then exp_vec) rounded to T, zero from n to cols, in
-// one pass; returns the sum of the unrounded exponentials (float vector sums folded into a double
-// per segment, as exp_shift_sum). A -inf score gives exactly 0 (scale > 0).
-template <typename T>
-float exp_scaled_to(const float* s, int64_t n, float scale, float shift, T* p, int64_t cols) {
-  constexpr int P = cpu_rows::kParts<T>;
-  const fVec sc(scale), neg_shift(-shift);
-  double total = 0.0;
-  fVec acc(0.f);
-  cpu_rows::for_each_block<cpu_rows::kBlock<T>, 1>(
-      n,
-      [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
-        fVec v[P];
-        cpu_rows::load_block<P>(s + j, len, v);
-        for (int k = 0; k < P; ++k) {
-          // Lanes past the row's end read 0: kept out of the sum (their stores are skipped).
-          v[k] = cpu_rows::keep_first(exp_vec(at::vec::fmadd(v[k], sc, neg_shift)), len - k * kLanes);
-          acc += v[k];
-        }
-        cpu_rows::store_block<P>(p + j, len, v);
-      },
-      [&] {
-        total += reduce_sum(acc);
-        acc = fVec(0.f);
-      });
-  std::fill(p + n, p + cols, T(0));
-  return static_cast<float>(total);
-}
-
 void scale_row(float* x, int64_t n, float factor) {
   const fVec f(factor);
   int64_t j = 0;
@@ -851,36 +821,16 @@ void attn_fwd_task_native(const AttnProblem& pb, const PackedKV<T>& kv, const T*
   std::fill(m, m + mq, -kInf);
   std::fill(l, l + mq, 0.f);
 
-  // Without dropout or a floating mask, and with a positive scale, P goes from the raw scores
-  // to T in one pass per row (exp_scaled_to: max(scale * s) = scale * max(s) as rounded, a hidden
-  // key's -inf stays -inf), instead of scaling, exponentiating and rounding in three.
-  const bool raw_rows = !pb.dropout && std::isfinite(pb.scale) && pb.scale > 0.f &&
-                        (pb.mask.kind == MaskKind::kNone || pb.mask.kind == MaskKind::kBool);
   const auto [k_begin, k_end] = pb.keys.range(b, h, i0, mq, pb.key_end(i0, mq));
   for (int64_t j0 = k_begin / kTileKeys * kTileKeys; j0 < k_end; j0 += block_k) {
     const int64_t nk = std::min(block_k, k_end - j0);
     const int64_t c0 = j0 / kTileKeys, chunks = (nk + kTileKeys - 1) / kTileKeys;
-    if (raw_rows) {
-      products_by_key_chunk(mq, nk, pb.d, q, ldq, [&](int64_t c) { return kv.k(bkv, c0 + c); }, s, block_k);
-      mask_tile(pb, b, h, i0, mq, j0, nk, s, block_k);
-      for (int64_t r = 0; r < mq; ++r) {
-        const float m_new = std::max(m[r], pb.scale * row_max(s + r * block_k, nk));
-        const float shift = m_new == -kInf ? 0.f : m_new;  // as online_softmax
-        const float row_sum =
-            exp_scaled_to(s + r * block_k, nk, pb.scale, shift, p + r * block_k, chunks * kTileKeys);
-        const float alpha = std::exp(m[r] - shift);
-        if (alpha != 1.f) scale_row(acc + r * dv, dv, alpha);
-        l[r] = l[r] * alpha + row_sum;
-        m[r] = m_new;
-      }
-    } else {
-      masked_scores_16(pb, kv, b, h, i0, mq, j0, nk, q, ldq, s, block_k);
-      online_softmax(pb, bh, i0, mq, j0, nk, s, block_k, m, l, acc);
-      for (int64_t r = 0; r < mq; ++r) {
-        T* prow = p + r * block_k;
-        from_float(s + r * block_k, 1.f, prow, nk);
-        std::fill(prow + nk, prow + chunks * kTileKeys, T(0));
-      }
+    masked_scores_16(pb, kv, b, h, i0, mq, j0, nk, q, ldq, s, block_k);
+    online_softmax(pb, bh, i0, mq, j0, nk, s, block_k, m, l, acc);
+    for (int64_t r = 0; r < mq; ++r) {
+      T* prow = p + r * block_k;
+      from_float(s + r * block_k, 1.f, prow, nk);
+      std::fill(prow + nk, prow + chunks * kTileKeys, T(0));
     }
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t first = (c0 + c) * kTileKeys;
