@@ -524,6 +524,29 @@ void apply_dropout(float* x, int64_t n, uint64_t seed, uint64_t counter, float p
   }
 }
 
+// factor[t] = keep(counter + t) ? inv_keep : 0 for t in [0, n): apply_dropout's factors, kept
+// where one backward tile drops both dP and P (Philox is most of the cost of dropout: drawn
+// once per element and tile, not once per use).
+void dropout_factors(float* factor, int64_t n, uint64_t seed, uint64_t counter, float p, float inv_keep) {
+  const fVec pv(p), inv(inv_keep), zero(0.f);
+  alignas(64) float u[philox::kLanes];
+  for (int64_t j = 0; j < n; j += philox::kLanes) {
+    philox::uniform_lanes(seed, counter + static_cast<uint64_t>(j), u);
+    const int64_t len = std::min<int64_t>(philox::kLanes, n - j);
+    for (int64_t t = 0; t < len; t += kLanes) {
+      const int64_t l = std::min(kLanes, len - t);
+      fVec::blendv(zero, inv, fVec::loadu(u + t) >= pv).store(factor + j + t, l);
+    }
+  }
+}
+
+// x[t] *= factor[t] for t in [0, n).
+void scale_by(float* x, const float* factor, int64_t n) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) (fVec::loadu(x + j) * fVec::loadu(factor + j)).store(x + j);
+  if (j < n) (fVec::loadu(x + j, n - j) * fVec::loadu(factor + j, n - j)).store(x + j, n - j);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Task scheduling
 
@@ -997,14 +1020,15 @@ void probabilities(float* s, int64_t mq, int64_t nk, int64_t ld_s, const float* 
 // the statistics pass stored the dP its delta sums: a product folded in here instead, where -mfma
 // contracts dP * factor - delta into one FMA, is not the rounded dP that delta holds, and dS no
 // longer cancels, e.g. dQ and dK off zero with a single key); dS takes the undropped P, and P then
-// becomes the dropped P_used that dV needs.
-void score_gradient(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t mq, int64_t j0, int64_t nk, float* p,
-                    float* dp, int64_t ld_s, const float* delta) {
+// becomes the dropped P_used that dV needs, by the tile's factors (tile_p_dp's, leading dimension
+// ld_s; null without dropout).
+void score_gradient(int64_t mq, int64_t nk, float* p, float* dp, int64_t ld_s, const float* delta,
+                    const float* factors) {
   for (int64_t r = 0; r < mq; ++r) {
     float* prow = p + r * ld_s;
     float* dprow = dp + r * ld_s;
     const fVec dl(delta[r]);
-    if (!pb.dropout) {
+    if (factors == nullptr) {
       int64_t j = 0;
       for (; j + kLanes <= nk; j += kLanes) {
         (fVec::loadu(prow + j) * (fVec::loadu(dprow + j) - dl)).store(dprow + j);
@@ -1012,19 +1036,12 @@ void score_gradient(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t mq, i
       if (j < nk) (fVec::loadu(prow + j, nk - j) * (fVec::loadu(dprow + j, nk - j) - dl)).store(dprow + j, nk - j);
       continue;
     }
-    const fVec pv(pb.dropout_p), inv(pb.inv_keep), zero(0.f);
-    alignas(64) float u[philox::kLanes];
-    const uint64_t counter = pb.counter(bh, i0 + r, j0);
-    for (int64_t j = 0; j < nk; j += philox::kLanes) {
-      philox::uniform_lanes(pb.seed, counter + static_cast<uint64_t>(j), u);
-      const int64_t len = std::min<int64_t>(philox::kLanes, nk - j);
-      for (int64_t t = 0; t < len; t += kLanes) {
-        const int64_t l = std::min(kLanes, len - t);
-        const fVec factor = fVec::blendv(zero, inv, fVec::loadu(u + t) >= pv);
-        const fVec pval = fVec::loadu(prow + j + t, l);
-        (pval * (fVec::loadu(dprow + j + t, l) - dl)).store(dprow + j + t, l);
-        (pval * factor).store(prow + j + t, l);
-      }
+    const float* frow = factors + r * ld_s;
+    for (int64_t j = 0; j < nk; j += kLanes) {
+      const int64_t l = std::min(kLanes, nk - j);
+      const fVec pval = fVec::loadu(prow + j, l);
+      (pval * (fVec::loadu(dprow + j, l) - dl)).store(dprow + j, l);
+      (pval * fVec::loadu(frow + j, l)).store(prow + j, l);
     }
   }
 }
@@ -1188,13 +1205,14 @@ void store_transposed(const float* acc_t, int64_t ld_t, int64_t n, int64_t cols,
 
 // One [mq, nk] tile of the backward (queries i0.., keys j0.., leading dimension ld): s = P =
 // exp(S - lse) (times corr when not null) and dp = dO V^T, dropped as P was in the forward when
-// drop_dp (the statistics need the dropped dP; score_gradient drops it itself). The products on
-// the float32 operands q, k, v, dout, or on the 16-bit ones where nat.tile(j0).
+// drop_dp, by the dropout factors, which go to `factors` (leading dimension ld) for P's drop
+// where not null. The products on the float32 operands q, k, v, dout, or on the 16-bit ones where
+// nat.tile(j0).
 template <typename T>
 void tile_p_dp(const AttnProblem& pb, const BwdNative<T>& nat, int64_t bh, int64_t i0, int64_t mq, int64_t j0,
                int64_t nk, const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
                const float* dout, int64_t lddo, const float* lse, const float* corr, bool drop_dp, float* s,
-               float* dp, int64_t ld) {
+               float* dp, int64_t ld, float* factors = nullptr) {
   const int64_t b = bh / pb.heads, h = bh % pb.heads;
   const bool native = nat.tile(j0);
   if (native) {
@@ -1213,7 +1231,12 @@ void tile_p_dp(const AttnProblem& pb, const BwdNative<T>& nat, int64_t bh, int64
   }
   if (drop_dp && pb.dropout) {
     for (int64_t r = 0; r < mq; ++r) {
-      apply_dropout(dp + r * ld, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, pb.inv_keep);
+      if (factors == nullptr) {
+        apply_dropout(dp + r * ld, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, pb.inv_keep);
+        continue;
+      }
+      dropout_factors(factors + r * ld, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, pb.inv_keep);
+      scale_by(dp + r * ld, factors + r * ld, nk);
     }
   }
 }
@@ -1232,7 +1255,7 @@ template <typename T, typename Visit>
 int64_t for_each_key_tile(const AttnProblem& pb, const BwdTensors& bt, const BwdNative<T>& nat, const T* q_ptr,
                           const T* k_ptr, const T* v_ptr, const T* do_ptr, int64_t bh, int64_t i0, int64_t mq,
                           int64_t block_k, const float* corr, bool drop_dp, Carver& carve, float* s, float* dp,
-                          const Visit& visit) {
+                          float* factors, const Visit& visit) {
   const int64_t b = bh / pb.heads, h = bh % pb.heads;
   const int64_t d = pb.d, dv = pb.dv;
   float* qbuf = carve.take(mq * d);
@@ -1260,7 +1283,7 @@ int64_t for_each_key_tile(const AttnProblem& pb, const BwdTensors& bt, const Bwd
     auto [k, ldk] = widened ? rows_as_float(kb, pb.k_s[2], j0, nk, d, kbuf) : kNotWidened;
     auto [v, ldv] = widened ? rows_as_float(vb, pb.v_s[2], j0, nk, dv, vbuf) : kNotWidened;
     tile_p_dp(pb, nat, bh, i0, mq, j0, nk, q.first, q.second, k, ldk, v, ldv, dout.first, dout.second, lse, corr,
-              drop_dp, s, dp, block_k);
+              drop_dp, s, dp, block_k, factors);
     visit(j0, nk, k, ldk);
   }
   return std::min(j0, pb.k_len);
@@ -1316,7 +1339,7 @@ void attn_bwd_stats_task(const AttnProblem& pb, const BwdTensors& bt, const BwdN
   float* dp = carve.take(mq * block_k);
   double* sums = reinterpret_cast<double*>(carve.take(4 * mq));  // [mq] sum p, then [mq] sum p * dp
   std::fill(sums, sums + 2 * mq, 0.0);
-  for_each_key_tile(pb, bt, nat, q_ptr, k_ptr, v_ptr, do_ptr, bh, i0, mq, block_k, nullptr, true, carve, s, dp,
+  for_each_key_tile(pb, bt, nat, q_ptr, k_ptr, v_ptr, do_ptr, bh, i0, mq, block_k, nullptr, true, carve, s, dp, nullptr,
                     [&](int64_t, int64_t nk, const float*, int64_t) { row_sums(s, dp, mq, nk, block_k, sums); });
   for (int64_t r = 0; r < mq; ++r) {
     std::tie(bt.corr[bh * pb.q_len + i0 + r], bt.delta[bh * pb.q_len + i0 + r]) = corr_and_delta(sums, mq, r);
@@ -1348,6 +1371,7 @@ void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
   float* dobuf = carve.take(block_q * dv);
   float* s = carve.take(block_q * block_k);
   float* dp = carve.take(block_q * block_k);
+  float* factors = pb.dropout ? carve.take(block_q * block_k) : nullptr;  // tile_p_dp's, for P's drop
   float* dk = part_dk != nullptr && !native ? part_dk + j0 * d : carve.take(nk * d);
   float* dvacc = part_dv != nullptr && !native ? part_dv + j0 * dv : carve.take(nk * dv);
   const int64_t cols = chunk_cols(nk);
@@ -1375,8 +1399,8 @@ void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
       auto [q, ldq] = native ? kNotWidened : rows_as_float(qb, pb.q_s[2], i0, mq, d, qbuf);
       auto [dout, lddo] = native ? kNotWidened : rows_as_float(dob, bt.do_s[2], i0, mq, dv, dobuf);
       tile_p_dp(pb, nat, bh, i0, mq, j0, nk, q, ldq, k, ldk, v, ldv, dout, lddo, lse + i0, corr + i0, true, s, dp,
-                block_k);
-      score_gradient(pb, bh, i0, mq, j0, nk, s, dp, block_k, delta + i0);
+                block_k, factors);
+      score_gradient(mq, nk, s, dp, block_k, delta + i0, factors);
       if (native) {
         const int64_t rows = Bwd16Buffers<T>::even(mq);
         transpose_rows(nat.q_rows(b, h, i0), nat.ldq, mq, d, rows, w.qt);
@@ -1423,6 +1447,7 @@ void attn_bwd_dq_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNati
   float* s = carve.take(mq * block_k);
   float* dp = carve.take(mq * block_k);
   float* dq = carve.take(mq * d);
+  float* factors = pb.dropout ? carve.take(mq * block_k) : nullptr;  // tile_p_dp's, for P's drop
   std::fill(dq, dq + mq * d, 0.f);
   const float* corr = bt.corr + bh * pb.q_len + i0;
   const float* delta = bt.delta + bh * pb.q_len + i0;
@@ -1432,7 +1457,7 @@ void attn_bwd_dq_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNati
   const T* k_rows = k_ptr + b * pb.k_s[0] + pb.kv(h) * pb.k_s[1];
 
   const auto visit = [&](int64_t j0, int64_t nk, const float* k, int64_t ldk) {
-    score_gradient(pb, bh, i0, mq, j0, nk, s, dp, block_k, delta);
+    score_gradient(mq, nk, s, dp, block_k, delta, factors);
     if (dscores != nullptr) {
       for (int64_t r = 0; r < mq; ++r) std::memcpy(dscores + r * pb.k_len + j0, dp + r * block_k, nk * sizeof(float));
     }
@@ -1443,8 +1468,8 @@ void attn_bwd_dq_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNati
       gemm(false, false, mq, d, nk, 1.f, dp, block_k, k, ldk, 1.f, dq, d);
     }
   };
-  const int64_t k_end =
-      for_each_key_tile(pb, bt, nat, q_ptr, k_ptr, v_ptr, do_ptr, bh, i0, mq, block_k, corr, true, carve, s, dp, visit);
+  const int64_t k_end = for_each_key_tile(pb, bt, nat, q_ptr, k_ptr, v_ptr, do_ptr, bh, i0, mq, block_k, corr, true,
+                                          carve, s, dp, factors, visit);
   // Causal: the key blocks after the one holding the block's last query were not walked.
   if (dscores != nullptr && k_end < pb.k_len) {
     for (int64_t r = 0; r < mq; ++r) std::fill(dscores + r * pb.k_len + k_end, dscores + (r + 1) * pb.k_len, 0.f);
@@ -1487,6 +1512,7 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
   float* s = carve.take(block_q * k_len);
   float* dp = carve.take(block_q * k_len);
   float* dq = carve.take(block_q * d);
+  float* factors = pb.dropout ? carve.take(block_q * k_len) : nullptr;  // tile_p_dp's, for P's drop
   double* sums = reinterpret_cast<double*>(carve.take(4 * block_q));  // [mq] sum p, then [mq] sum p * dp
   T* dkb = dk_out + b * bt.dk_s[0] + hk * bt.dk_s[1];
   T* dvb = dv_out + b * bt.dv_s[0] + hk * bt.dv_s[1];
@@ -1559,7 +1585,8 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
       auto [dout, lddo] = native ? kNotWidened : rows_as_float(dob, bt.do_s[2], i0, mq, dv, dobuf);
       const float* kt = native ? nullptr : k + j0 * ldk;
       const float* vt = native ? nullptr : v + j0 * ldv;
-      tile_p_dp(pb, nat, bh, i0, mq, j0, nk, q, ldq, kt, ldk, vt, ldv, dout, lddo, lse + i0, nullptr, true, s, dp, nk);
+      tile_p_dp(pb, nat, bh, i0, mq, j0, nk, q, ldq, kt, ldk, vt, ldv, dout, lddo, lse + i0, nullptr, true, s, dp, nk,
+                factors);
       std::fill(sums, sums + 2 * mq, 0.0);
       row_sums(s, dp, mq, nk, nk, sums);
       for (int64_t r = 0; r < mq; ++r) {
@@ -1579,7 +1606,7 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
           pv.store(prow + j, nk - j);
           (pv * (fVec::loadu(dprow + j, nk - j) - dl)).store(dprow + j, nk - j);
         }
-        if (pb.dropout) apply_dropout(prow, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, pb.inv_keep);
+        if (pb.dropout) scale_by(prow, factors + r * nk, nk);
         if (dscores != nullptr) std::memcpy(dscores + (i0 + r) * k_len + j0, dprow, nk * sizeof(float));
       }
       if (native) {
@@ -1745,11 +1772,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   };
   const int64_t nq = (pb.q_len + block_q - 1) / block_q;
   const int64_t nk = (pb.k_len + block_k - 1) / block_k;
+  // P and dP tiles, and the dropout factors (tile_p_dp's, for P's drop) with dropout.
   const int64_t tile = Carver::round_up(block_q * block_k);
+  const int64_t tiles = (pb.dropout ? 3 : 2) * tile;
   const int64_t scratch_dkdv = Carver::round_up(block_k * pb.d) * 2 + Carver::round_up(block_k * pb.dv) * 2 +
-                               Carver::round_up(block_q * pb.d) + Carver::round_up(block_q * pb.dv) + 2 * tile;
+                               Carver::round_up(block_q * pb.d) + Carver::round_up(block_q * pb.dv) + tiles;
   const int64_t scratch_dq = Carver::round_up(block_q * pb.d) * 2 + Carver::round_up(block_q * pb.dv) +
-                             Carver::round_up(block_k * pb.d) + Carver::round_up(block_k * pb.dv) + 2 * tile +
+                             Carver::round_up(block_k * pb.d) + Carver::round_up(block_k * pb.dv) + tiles +
                              Carver::round_up(4 * block_q);
 
   AT_DISPATCH_V2(query.scalar_type(), "attention_bwd_cpu", AT_WRAP([&] {
@@ -1788,7 +1817,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
       const int64_t scratch_head =
           Carver::round_up(copy_k ? pb.k_len * pb.d : 0) + Carver::round_up(copy_v ? pb.k_len * pb.dv : 0) +
           Carver::round_up(block_q * pb.d) * 2 + Carver::round_up(block_q * pb.dv) +
-          Carver::round_up(block_q * pb.k_len) * 2 + Carver::round_up(4 * block_q) +
+          Carver::round_up(block_q * pb.k_len) * (pb.dropout ? 3 : 2) + Carver::round_up(4 * block_q) +
           (in_place || (parts.defined() && nat.kv == nullptr)
                ? 0
                : Carver::round_up(pb.k_len * pb.d) + Carver::round_up(pb.k_len * pb.dv)) +
