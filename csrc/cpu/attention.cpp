@@ -509,35 +509,35 @@ struct KeySpans {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Dropout: x[t] = keep(counter + t) ? x[t] * inv_keep : 0 for t in [0, n).
-void apply_dropout(float* x, int64_t n, uint64_t seed, uint64_t counter, float p, float inv_keep) {
+// Dropout: fn(t, len, factor) over [0, n) in vectors of up to kLanes elements, factor[lane] =
+// keep(counter + t + lane) ? inv_keep : 0 (Philox drawn philox::kLanes counters at a time).
+template <typename Fn>
+C10_ALWAYS_INLINE void for_each_dropout_factor(int64_t n, uint64_t seed, uint64_t counter, float p, float inv_keep,
+                                               const Fn& fn) {
   const fVec pv(p), inv(inv_keep), zero(0.f);
   alignas(64) float u[philox::kLanes];
   for (int64_t j = 0; j < n; j += philox::kLanes) {
     philox::uniform_lanes(seed, counter + static_cast<uint64_t>(j), u);
     const int64_t len = std::min<int64_t>(philox::kLanes, n - j);
     for (int64_t t = 0; t < len; t += kLanes) {
-      const int64_t l = std::min(kLanes, len - t);
-      const fVec factor = fVec::blendv(zero, inv, fVec::loadu(u + t) >= pv);
-      (fVec::loadu(x + j + t, l) * factor).store(x + j + t, l);
+      fn(j + t, std::min(kLanes, len - t), fVec::blendv(zero, inv, fVec::loadu(u + t) >= pv));
     }
   }
+}
+
+// x[t] = keep(counter + t) ? x[t] * inv_keep : 0 for t in [0, n).
+void apply_dropout(float* x, int64_t n, uint64_t seed, uint64_t counter, float p, float inv_keep) {
+  for_each_dropout_factor(n, seed, counter, p, inv_keep, [&](int64_t t, int64_t l, const fVec& factor) {
+    (fVec::loadu(x + t, l) * factor).store(x + t, l);
+  });
 }
 
 // factor[t] = keep(counter + t) ? inv_keep : 0 for t in [0, n): apply_dropout's factors, kept
 // where one backward tile drops both dP and P (Philox is most of the cost of dropout: drawn
 // once per element and tile, not once per use).
 void dropout_factors(float* factor, int64_t n, uint64_t seed, uint64_t counter, float p, float inv_keep) {
-  const fVec pv(p), inv(inv_keep), zero(0.f);
-  alignas(64) float u[philox::kLanes];
-  for (int64_t j = 0; j < n; j += philox::kLanes) {
-    philox::uniform_lanes(seed, counter + static_cast<uint64_t>(j), u);
-    const int64_t len = std::min<int64_t>(philox::kLanes, n - j);
-    for (int64_t t = 0; t < len; t += kLanes) {
-      const int64_t l = std::min(kLanes, len - t);
-      fVec::blendv(zero, inv, fVec::loadu(u + t) >= pv).store(factor + j + t, l);
-    }
-  }
+  for_each_dropout_factor(n, seed, counter, p, inv_keep,
+                          [&](int64_t t, int64_t l, const fVec& f) { f.store(factor + t, l); });
 }
 
 // x[t] *= factor[t] for t in [0, n).
