@@ -9,10 +9,11 @@
 //  * Masks arrive expanded to the full logical shape as views: a stride of 0 is a broadcast dim,
 //    so kernels index them through their strides and never materialise them.
 //  * Dropout takes `seed`, a CPU int64 scalar tensor (None when dropout_p == 0). Element e of a
-//    call's random stream keeps its value when u(e) >= dropout_p, where u is Philox4x32-10 keyed
-//    by (seed & 0xffffffff, seed >> 32) at counter (e & 0xffffffff, e >> 32, 0, 0), first output
-//    word w taken as int32 and mapped to [0, 1) by (w < 0 ? -w - 1 : w) * 4.6566127342e-10 (the
-//    stream of triton.language.rand). For attention e = (bh * q_len + i) * k_len + j; for
+//    call's random stream keeps its value when u(e) >= dropout_p, where u(e) is output word e % 4
+//    of Philox4x32-10 keyed by (seed & 0xffffffff, seed >> 32) at counter c = e / 4, counter words
+//    (c & 0xffffffff, c >> 32, 0, 0) (the four words of triton.language.randint4x), the word w
+//    taken as int32 and mapped to [0, 1) by (w < 0 ? -w - 1 : w) * 4.6566127342e-10
+//    (fused_attn/philox.h). For attention e = (bh * q_len + i) * k_len + j; for
 //    row-wise ops e = row * hidden + col; for the FFN's dropout after its second linear
 //    e = row * out_features + col. Every backend draws the same mask from the same seed.
 //  * An output that was not asked for (output_mask false) comes back as an empty tensor [0].

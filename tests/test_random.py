@@ -1,10 +1,14 @@
-"""The dropout stream every backend draws (csrc/ops.cpp): Philox4x32-10 keyed by the 64-bit seed,
-counter (element & 0xffffffff, element >> 32, 0, 0), first output word w taken as int32 and mapped
-to [0, 1) by (w < 0 ? -w - 1 : w) * 4.6566127342e-10. Checked here against a plain-Python
-Philox at elements on both sides of 2^31 and 2^32 (the Triton helper, whatever Triton's own
-tl.rand does with 64-bit counters) and against the C++ CPU kernel's keep-mask."""
+"""The dropout stream every backend draws (csrc/ops.cpp): element e takes word e % 4 of
+Philox4x32-10 keyed by the 64-bit seed at counter c = e // 4 (counter words c & 0xffffffff,
+c >> 32, 0, 0), the word w taken as int32 and mapped to [0, 1) by (w < 0 ? -w - 1 : w) *
+4.6566127342e-10. Checked here against a plain-Python Philox at elements on both sides of 2^31,
+2^32, 2^33 and 2^34 (the Triton helper, whatever Triton's own tl.randint4x does with 64-bit
+counters) and against the C++ CPU kernels' keep-masks (runs that start anywhere within a counter's
+four words)."""
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pytest
@@ -31,7 +35,8 @@ if backends.triton_version() is not None:
 
 
 def _philox_uniform(seed: int, element: int) -> np.float32:
-    c0, c1, c2, c3 = element & M32, (element >> 32) & M32, 0, 0
+    counter = element >> 2
+    c0, c1, c2, c3 = counter & M32, (counter >> 32) & M32, 0, 0
     k0, k1 = seed & M32, (seed >> 32) & M32
     for _ in range(10):
         p0, p2 = c0, c2
@@ -41,7 +46,7 @@ def _philox_uniform(seed: int, element: int) -> np.float32:
         c3 = (0xD2511F53 * p0) & M32
         k0 = (k0 + 0x9E3779B9) & M32
         k1 = (k1 + 0xBB67AE85) & M32
-    w = int(np.uint32(c0).view(np.int32))
+    w = int(np.uint32((c0, c1, c2, c3)[element & 3]).view(np.int32))
     w = -w - 1 if w < 0 else w
     return np.float32(np.float32(w) * np.float32(4.6566127342e-10))
 
@@ -53,7 +58,7 @@ def _triton_device() -> str | None:
 
 
 @pytest.mark.skipif(_triton_device() is None, reason="needs Triton on a GPU or under TRITON_INTERPRET=1")
-@pytest.mark.parametrize("first", [0, 2**31 - 4, 2**32 - 4, 5 * 2**32 + 7, 2**40])
+@pytest.mark.parametrize("first", [0, 3, 2**31 - 4, 2**32 - 4, 2**33 - 5, 2**34 - 6, 5 * 2**32 + 7, 2**40])
 def test_triton_stream_is_the_documented_philox(first):
     out = torch.empty(8, device=_triton_device())
     _draw[(1,)](out, SEED, first, N=8)
@@ -70,6 +75,39 @@ def test_cpu_kernel_keep_mask_is_the_documented_philox():
                                                                1e-5, p, seed)
     expected = np.array([[_philox_uniform(SEED, r * hidden + c) >= p for c in range(hidden)] for r in range(rows)])
     np.testing.assert_array_equal((prenorm != 0).numpy(), expected)
+
+
+@pytest.mark.skipif(not _extension.loaded(), reason="the extension is not built")
+def test_cpu_attention_keep_mask_is_the_documented_philox():
+    """The cpu attention drops probability (b * H + h, i, j) at element ((b * H + h) * Lq + i) * Lk + j
+    of the stream, in its forward and in both backward schedules. Equal scores and V = I make the
+    output row i keep[i] / (Lk (1 - p)), and with an upstream gradient of ones dV[j] is the sum of
+    the dropped probabilities of key j. Lk = 77 starts rows inside a counter's words, and 150
+    keys run past one chunk of the draw."""
+    q_len, p = 5, 0.4
+    seed = torch.tensor(SEED)
+    previous = torch.get_num_threads()
+    # Six heads take the per-head backward; one head on two threads the per-block passes.
+    for (batch, heads), k_len in itertools.product(((2, 3), (1, 1)), (77, 150)):
+        q, k = torch.zeros(batch, heads, q_len, 16), torch.zeros(batch, heads, k_len, 16)
+        v = torch.eye(k_len).expand(batch, heads, k_len, k_len).contiguous()
+        out, lse = torch.ops.fused_attn.attention_fwd(q, k, v, None, 1.0, False, p, seed)
+        keep = np.array([[[[_philox_uniform(SEED, ((b * heads + h) * q_len + i) * k_len + j) >= p
+                            for j in range(k_len)] for i in range(q_len)] for h in range(heads)]
+                          for b in range(batch)])
+        np.testing.assert_array_equal((out != 0).numpy(), keep)
+        scale = np.float32(1) / (np.float32(1) - np.float32(p)) / k_len
+        expected_dv = torch.from_numpy(keep.sum(axis=2).astype(np.float32) * scale)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            try:
+                _, _, dv, _ = torch.ops.fused_attn.attention_bwd(torch.ones_like(out), q, k, v, None, lse, 1.0,
+                                                                 False, p, seed, False)
+            finally:
+                torch.set_num_threads(previous)
+            # dV[j, c] is sum_i P[i, j] dO[i, c]: the same in every column c.
+            torch.testing.assert_close(dv[..., 0], expected_dv, rtol=1e-6, atol=0)
+            assert bool((dv == dv[..., :1]).all())
 
 
 @pytest.mark.skipif(not _extension.loaded(), reason="the extension is not built")

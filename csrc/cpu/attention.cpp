@@ -74,9 +74,9 @@
 // slots of their own that a last pass adds in a fixed order (GroupSplit): deterministic, and no
 // thread idles for want of key/value heads.
 //
-// Dropout regenerates the shared Philox stream (fused_attn/philox.h, bit-identical to
-// triton.language.rand): element (bh, i, j) has counter (bh * Lq + i) * Lk + j, sixteen counters
-// at a time. The forward's row sum l takes the undropped P; P V takes P * keep / (1 - p); the
+// Dropout regenerates the shared Philox stream (fused_attn/philox.h; the Triton kernels draw the
+// same bits): element (bh, i, j) is element (bh * Lq + i) * Lk + j of the stream, four elements
+// per Philox counter, drawn a chunk of a row at a time (philox::uniforms). The forward's row sum l takes the undropped P; P V takes P * keep / (1 - p); the
 // backward drops dP where P was dropped.
 //
 // Softmax: rows are independent, split across threads with at::parallel_for. A row is read once
@@ -510,15 +510,16 @@ struct KeySpans {
 
 // ---------------------------------------------------------------------------------------------
 // Dropout: fn(t, len, factor) over [0, n) in vectors of up to kLanes elements, factor[lane] =
-// keep(counter + t + lane) ? inv_keep : 0 (Philox drawn philox::kLanes counters at a time).
+// keep(counter + t + lane) ? inv_keep : 0 (the uniforms drawn a chunk at a time: philox::uniforms).
 template <typename Fn>
 C10_ALWAYS_INLINE void for_each_dropout_factor(int64_t n, uint64_t seed, uint64_t counter, float p, float inv_keep,
                                                const Fn& fn) {
+  constexpr int64_t kChunk = 4 * philox::kGroupElements;
   const fVec pv(p), inv(inv_keep), zero(0.f);
-  alignas(64) float u[philox::kLanes];
-  for (int64_t j = 0; j < n; j += philox::kLanes) {
-    philox::uniform_lanes(seed, counter + static_cast<uint64_t>(j), u);
-    const int64_t len = std::min<int64_t>(philox::kLanes, n - j);
+  alignas(64) float u[kChunk];
+  for (int64_t j = 0; j < n; j += kChunk) {
+    const int64_t len = std::min<int64_t>(kChunk, n - j);
+    philox::uniforms(seed, counter + static_cast<uint64_t>(j), len, u);
     for (int64_t t = 0; t < len; t += kLanes) {
       fn(j + t, std::min(kLanes, len - t), fVec::blendv(zero, inv, fVec::loadu(u + t) >= pv));
     }
@@ -1203,6 +1204,38 @@ void store_transposed(const float* acc_t, int64_t ld_t, int64_t n, int64_t cols,
   }
 }
 
+// dV^T += dO^T P and dK^T += Q^T dS for the tile of query block (b, h, i0.., mq rows) on the tile
+// unit: the block's Q and dO transposed, and P (s) and dS (ds), [mq, nk] float32 at leading
+// dimension ld, rounded into w (cols wide), then tile_dkdv_16 into dkt/dvt (leading dimension ld_t).
+template <typename T>
+void dkdv_products_16(const AttnProblem& pb, const BwdNative<T>& nat, int64_t b, int64_t h, int64_t i0, int64_t mq,
+                      const float* s, const float* ds, int64_t ld, int64_t nk, int64_t cols, const Bwd16Buffers<T>& w,
+                      float* dkt, float* dvt, int64_t ld_t) {
+  const int64_t rows = Bwd16Buffers<T>::even(mq);
+  transpose_rows(nat.q_rows(b, h, i0), nat.ldq, mq, pb.d, rows, w.qt);
+  transpose_rows(nat.dout_rows(b, h, i0), nat.lddo, mq, pb.dv, rows, w.dot);
+  round_tile(s, ld, mq, nk, rows, cols, w.p16);
+  round_tile(ds, ld, mq, nk, rows, cols, w.ds16);
+  tile_dkdv_16(pb.d, pb.dv, nk, rows, cols, w, dkt, dvt, ld_t);
+}
+
+// dK and dV of n keys from the transposed float32 accumulators dkt [d, ...] and dvt [dv, ...]
+// (leading dimension ld_t): unscaled into a split group's slots part_dk/part_dv (rows d / dv
+// apart) where given, else into the outputs' rows (dk_ld / dv_ld apart), dK times the scale.
+template <typename T>
+void store_dkdv_transposed(const AttnProblem& pb, const float* dkt, const float* dvt, int64_t ld_t, int64_t n,
+                           float* part_dk, float* part_dv, T* dk_out, int64_t dk_ld, T* dv_out, int64_t dv_ld,
+                           float* row) {
+  const int64_t d = pb.d, dv = pb.dv;
+  if (part_dk != nullptr) {
+    store_transposed(dkt, ld_t, n, d, 1.f, part_dk, std::max<int64_t>(d, 1), row);
+    store_transposed(dvt, ld_t, n, dv, 1.f, part_dv, std::max<int64_t>(dv, 1), row);
+  } else {
+    store_transposed(dkt, ld_t, n, d, pb.scale, dk_out, dk_ld, row);
+    store_transposed(dvt, ld_t, n, dv, 1.f, dv_out, dv_ld, row);
+  }
+}
+
 // One [mq, nk] tile of the backward (queries i0.., keys j0.., leading dimension ld): s = P =
 // exp(S - lse) (times corr when not null) and dp = dO V^T, dropped as P was in the forward when
 // drop_dp, by the dropout factors, which go to `factors` (leading dimension ld) for P's drop
@@ -1402,12 +1435,7 @@ void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
                 block_k, factors);
       score_gradient(mq, nk, s, dp, block_k, delta + i0, factors);
       if (native) {
-        const int64_t rows = Bwd16Buffers<T>::even(mq);
-        transpose_rows(nat.q_rows(b, h, i0), nat.ldq, mq, d, rows, w.qt);
-        transpose_rows(nat.dout_rows(b, h, i0), nat.lddo, mq, dv, rows, w.dot);
-        round_tile(s, block_k, mq, nk, rows, cols, w.p16);
-        round_tile(dp, block_k, mq, nk, rows, cols, w.ds16);
-        tile_dkdv_16(d, dv, nk, rows, cols, w, dk, dvacc, nk);
+        dkdv_products_16(pb, nat, b, h, i0, mq, s, dp, block_k, nk, cols, w, dk, dvacc, nk);
       } else {
         gemm(true, false, nk, dv, mq, 1.f, s, block_k, dout, lddo, 1.f, dvacc, dv);
         gemm(true, false, nk, d, mq, 1.f, dp, block_k, q, ldq, 1.f, dk, d);
@@ -1415,16 +1443,11 @@ void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
     }
   }
   if (native) {  // dk, dvacc are [d, nk], [dv, nk]
-    float* row = w.row;
-    if (part_dk != nullptr) {
-      store_transposed(dk, nk, nk, d, 1.f, part_dk + j0 * d, d, row);
-      store_transposed(dvacc, nk, nk, dv, 1.f, part_dv + j0 * dv, dv, row);
-    } else {
-      store_transposed(dk, nk, nk, d, pb.scale, dk_out + b * bt.dk_s[0] + hk * bt.dk_s[1] + j0 * bt.dk_s[2],
-                       bt.dk_s[2], row);
-      store_transposed(dvacc, nk, nk, dv, 1.f, dv_out + b * bt.dv_s[0] + hk * bt.dv_s[1] + j0 * bt.dv_s[2],
-                       bt.dv_s[2], row);
-    }
+    const bool split = part_dk != nullptr;
+    store_dkdv_transposed(pb, dk, dvacc, nk, nk, split ? part_dk + j0 * d : nullptr, split ? part_dv + j0 * dv : nullptr,
+                          split ? nullptr : dk_out + b * bt.dk_s[0] + hk * bt.dk_s[1] + j0 * bt.dk_s[2], bt.dk_s[2],
+                          split ? nullptr : dv_out + b * bt.dv_s[0] + hk * bt.dv_s[1] + j0 * bt.dv_s[2], bt.dv_s[2],
+                          w.row);
     return;
   }
   if (part_dk != nullptr) return;
@@ -1610,12 +1633,8 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
         if (dscores != nullptr) std::memcpy(dscores + (i0 + r) * k_len + j0, dprow, nk * sizeof(float));
       }
       if (native) {
-        const int64_t rows = Bwd16Buffers<T>::even(mq), cols = chunk_cols(nk);
-        transpose_rows(nat.q_rows(b, h, i0), nat.ldq, mq, d, rows, w.qt);
-        transpose_rows(nat.dout_rows(b, h, i0), nat.lddo, mq, dv, rows, w.dot);
-        round_tile(s, nk, mq, nk, rows, cols, w.p16);
-        round_tile(dp, nk, mq, nk, rows, cols, w.ds16);
-        tile_dkdv_16(d, dv, nk, rows, cols, w, dk_acc + j0, dv_acc + j0, k_len);
+        const int64_t cols = chunk_cols(nk);
+        dkdv_products_16(pb, nat, b, h, i0, mq, s, dp, nk, nk, cols, w, dk_acc + j0, dv_acc + j0, k_len);
         std::fill(dq, dq + mq * d, 0.f);
         tile_dq_16(pb, *nat.kv, bkv, k_rows, pb.k_s[2], j0, nk, mq, cols, w, dq);
       } else {
@@ -1632,13 +1651,7 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
     }
   }
   if (t16) {
-    if (part_dk != nullptr) {
-      store_transposed(dk_acc, k_len, k_len, d, 1.f, part_dk, std::max<int64_t>(d, 1), w.row);
-      store_transposed(dv_acc, k_len, k_len, dv, 1.f, part_dv, std::max<int64_t>(dv, 1), w.row);
-    } else {
-      store_transposed(dk_acc, k_len, k_len, d, pb.scale, dkb, bt.dk_s[2], w.row);
-      store_transposed(dv_acc, k_len, k_len, dv, 1.f, dvb, bt.dv_s[2], w.row);
-    }
+    store_dkdv_transposed(pb, dk_acc, dv_acc, k_len, k_len, part_dk, part_dv, dkb, bt.dk_s[2], dvb, bt.dv_s[2], w.row);
     return;
   }
   if (part_dk != nullptr) return;

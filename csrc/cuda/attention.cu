@@ -81,7 +81,7 @@
 // stores each query head's dK/dV into [B, H, Lk, D] buffers that the launcher sums over each group,
 // as FlashAttention-2 does.
 //
-// Dropout regenerates the shared Philox4x32-10 stream (fused_attn/philox.h) per element, counter
+// Dropout regenerates the shared Philox4x32-10 stream (fused_attn/philox.h) per element, element
 // (bh * Lq + i) * Lk + j, so the forward, both backward kernels and every other backend draw the same
 // keep-mask from the seed: the row sum takes the undropped P, P V takes P * keep (0 or 1) and O the
 // 1 / (1 - p) in float32 (folded into P before its fp16 cast it would overflow for p > 1 - 1/65504); the

@@ -47,13 +47,13 @@ static_assert(at::vec::Vectorized<at::Half>::size() == 2 * kLanes &&
                   at::vec::Vectorized<at::BFloat16>::size() == 2 * kLanes,
               "an fp16/bf16 vector must widen to exactly two float vectors");
 
-// Blocks that draw dropout: float vectors enough for a whole number of Philox lane groups
-// (philox::kLanes counters) and of fp16/bf16 vectors (two float vectors), whatever the dtype, so
-// every dtype shares one loop.
-constexpr int kDropParts = static_cast<int>(std::max<int64_t>(2, philox::kLanes / kLanes));
+// Blocks that draw dropout: float vectors enough for a group of Philox counters
+// (philox::kGroupElements elements) and a whole number of fp16/bf16 vectors (two float vectors),
+// whatever the dtype, so every dtype shares one loop.
+constexpr int kDropParts = static_cast<int>(std::max<int64_t>(2, philox::kGroupElements / kLanes));
 constexpr int64_t kDropBlock = kDropParts * kLanes;
-static_assert(kDropBlock % philox::kLanes == 0 && kDropParts % 2 == 0,
-              "a dropout block must hold whole Philox lane groups and whole fp16/bf16 vectors");
+static_assert(kDropBlock % philox::kGroupElements == 0 && kDropParts % 2 == 0,
+              "a dropout block must hold a whole group of Philox counters and whole fp16/bf16 vectors");
 
 // Independent accumulator chains per reduction: an add/FMA takes several cycles, so a single
 // chain would leave the FP units idle waiting on its own result.
@@ -645,9 +645,7 @@ C10_ALWAYS_INLINE void layer_norm_grad_block(const scalar_t* dy, const scalar_t*
 C10_ALWAYS_INLINE void dropout_block(uint64_t seed, uint64_t counter, const fVec& p, const fVec& keep_prob,
                                      fVec (&h)[kDropParts]) {
   alignas(64) float u[kDropBlock];
-  for (int64_t i = 0; i < kDropBlock; i += philox::kLanes) {
-    philox::uniform_lanes(seed, counter + static_cast<uint64_t>(i), u + i);
-  }
+  philox::uniforms(seed, counter, kDropBlock, u);
   const fVec zero(0.f), one(1.f);
   for (int k = 0; k < kDropParts; ++k) {
     const fVec keep = fVec::blendv(zero, one, fVec::loadu(u + k * kLanes) >= p);

@@ -1,23 +1,27 @@
-// The dropout random stream every backend shares (see csrc/ops.cpp): Philox4x32-10 exactly as
-// triton.language.rand computes it, so that a C++ kernel and a Triton kernel given the same seed
-// drop the same elements.
+// The dropout random stream every backend shares (see csrc/ops.cpp): Philox4x32-10 as
+// triton.language.randint4x computes it, all four output words used, so that a C++ kernel and a
+// Triton kernel given the same seed drop the same elements.
 //
-// Element e of a call's stream (a 64-bit counter: for attention e = (bh * q_len + i) * k_len + j)
-// runs 10 Philox rounds on the state (e & 0xffffffff, e >> 32, 0, 0) with the key
-// (seed & 0xffffffff, seed >> 32), bumping the key by the Weyl constants after every round. Only
-// the first output word is used: read as int32 w, it maps to [0, 1) as
+// Element e of a call's stream (a 64-bit index: for attention e = (bh * q_len + i) * k_len + j)
+// takes word e % 4 of Philox counter c = e / 4: 10 Philox rounds on the state
+// (c & 0xffffffff, c >> 32, 0, 0) with the key (seed & 0xffffffff, seed >> 32), bumping the key by
+// the Weyl constants after every round; the four words of the final state (in that order) are
+// the elements 4c .. 4c + 3. A word, read as int32 w, maps to [0, 1) as
 // float(w < 0 ? -w - 1 : w) * 4.6566127342e-10f (int -> float rounded to nearest, then one float
 // multiply; the constant is the largest that keeps INT32_MAX * scale below 1 in float). The
 // element is kept when that value is >= dropout_p (compared in float, as Triton does with a float
-// kernel argument).
+// kernel argument). One evaluation of Philox gives four consecutive elements: dropout costs a
+// quarter of what a stream of one word per counter (triton.language.rand's) costs on a CPU.
 //
 // Header-only and usable from host and device code (__host__ __device__ under nvcc). The scalar
-// functions here are the definition; CPU kernels evaluate 16 consecutive counters at once with
-// uniform_lanes (explicit AVX2 when the compiler targets it, a plain loop over lanes otherwise;
+// functions here are the definition; CPU kernels draw runs of consecutive elements with
+// `uniforms` (8 counters per AVX2 vector when the compiler targets it, a plain loop otherwise;
 // both give the scalar functions' bits).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__AVX2__) && !defined(__CUDACC__)
 #include <immintrin.h>
@@ -41,6 +45,8 @@ constexpr uint32_t kKeyB = 0xBB67AE85u;
 constexpr int kRounds = 10;
 // int32 -> [0, 1) scale of triton.language.random.uint_to_uniform_float.
 constexpr float kUniformScale = 4.6566127342e-10f;
+// Elements per counter: the four output words.
+constexpr int kWords = 4;
 
 FUSED_ATTN_HOST_DEVICE uint32_t mulhi(uint32_t a, uint32_t b) {
 #ifdef __CUDA_ARCH__
@@ -50,11 +56,13 @@ FUSED_ATTN_HOST_DEVICE uint32_t mulhi(uint32_t a, uint32_t b) {
 #endif
 }
 
-// The first output word of Philox4x32-10 for `counter` under `seed`.
-FUSED_ATTN_HOST_DEVICE uint32_t first_word(uint64_t seed, uint64_t counter) {
-  uint32_t c0 = static_cast<uint32_t>(counter);
-  uint32_t c1 = static_cast<uint32_t>(counter >> 32);
-  uint32_t c2 = 0, c3 = 0;
+// The four output words (c0, c1, c2, c3) of Philox4x32-10 for `counter` under `seed`.
+FUSED_ATTN_HOST_DEVICE void counter_words(uint64_t seed, uint64_t counter, uint32_t& c0, uint32_t& c1, uint32_t& c2,
+                                          uint32_t& c3) {
+  c0 = static_cast<uint32_t>(counter);
+  c1 = static_cast<uint32_t>(counter >> 32);
+  c2 = 0;
+  c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed);
   uint32_t k1 = static_cast<uint32_t>(seed >> 32);
 #ifdef __CUDA_ARCH__
@@ -69,7 +77,15 @@ FUSED_ATTN_HOST_DEVICE uint32_t first_word(uint64_t seed, uint64_t counter) {
     k0 += kKeyA;
     k1 += kKeyB;
   }
-  return c0;
+}
+
+// The word of element `element` of the stream of `seed`: word element % 4 of counter element / 4
+// (selected without indexing, which would put the words in local memory on a GPU).
+FUSED_ATTN_HOST_DEVICE uint32_t element_word(uint64_t seed, uint64_t element) {
+  uint32_t c0, c1, c2, c3;
+  counter_words(seed, element >> 2, c0, c1, c2, c3);
+  const uint32_t w = static_cast<uint32_t>(element & 3u);
+  return w == 0 ? c0 : w == 1 ? c1 : w == 2 ? c2 : c3;
 }
 
 // The word as a float in [0, 1), as triton.language.rand maps it.
@@ -79,13 +95,13 @@ FUSED_ATTN_HOST_DEVICE float to_uniform(uint32_t word) {
   return static_cast<float>(folded) * kUniformScale;
 }
 
-FUSED_ATTN_HOST_DEVICE float uniform(uint64_t seed, uint64_t counter) {
-  return to_uniform(first_word(seed, counter));
+FUSED_ATTN_HOST_DEVICE float uniform(uint64_t seed, uint64_t element) {
+  return to_uniform(element_word(seed, element));
 }
 
-// Whether dropout keeps element `counter` of the stream of `seed` at drop probability p.
-FUSED_ATTN_HOST_DEVICE bool keep(uint64_t seed, uint64_t counter, float p) {
-  return uniform(seed, counter) >= p;
+// Whether dropout keeps element `element` of the stream of `seed` at drop probability p.
+FUSED_ATTN_HOST_DEVICE bool keep(uint64_t seed, uint64_t element, float p) {
+  return uniform(seed, element) >= p;
 }
 
 // Every backend takes dropout_p as a float32 p (as torch's CUDA dropout does) and divides what it
@@ -95,7 +111,12 @@ FUSED_ATTN_HOST_DEVICE bool keep(uint64_t seed, uint64_t counter, float p) {
 FUSED_ATTN_HOST_DEVICE float keep_divisor(float p) { return p < 1.f ? 1.f - p : 1.f; }
 FUSED_ATTN_HOST_DEVICE float keep_scale(float p) { return p < 1.f ? 1.f / (1.f - p) : 0.f; }
 
-#if defined(__AVX2__) && !defined(__CUDACC__)
+#ifndef __CUDACC__
+// Counters per group of the CPU draw, and the elements they give.
+constexpr int kGroupCounters = 8;
+constexpr int kGroupElements = kWords * kGroupCounters;
+
+#ifdef __AVX2__
 namespace detail {
 
 // (hi, lo) 32-bit halves of the 8 products x[t] * k (vpmuludq multiplies the even 32-bit lanes;
@@ -107,19 +128,20 @@ inline void mul_hi_lo(__m256i x, __m256i k, __m256i& hi, __m256i& lo) {
   lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
 }
 
-// Philox4x32-10 first words of the 2 x 8 counters (c0[g], c1[g]) with key (k0, k1), in place in
-// c0; AVX2 (compilers do not vectorise the widening multiplies of the plain loop). The two groups
-// are independent chains, interleaved so that one's multiplies cover the other's latency.
-inline void first_words16(__m256i (&c0)[2], __m256i (&c1)[2], uint32_t k0, uint32_t k1) {
+// Philox4x32-10 of G groups of 8 counters, in place: c0 and c1 hold the counters' low and high
+// words, and on return c0..c3 the four output words. The groups are independent chains,
+// interleaved so that one's multiplies cover the other's latency.
+template <int G>
+inline void rounds(__m256i (&c0)[G], __m256i (&c1)[G], __m256i (&c2)[G], __m256i (&c3)[G], uint32_t k0,
+                   uint32_t k1) {
   const __m256i round_a = _mm256_set1_epi32(static_cast<int>(kRoundA));
   const __m256i round_b = _mm256_set1_epi32(static_cast<int>(kRoundB));
   const __m256i key_a = _mm256_set1_epi32(static_cast<int>(kKeyA));
   const __m256i key_b = _mm256_set1_epi32(static_cast<int>(kKeyB));
   __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0)), key1 = _mm256_set1_epi32(static_cast<int>(k1));
-  __m256i c2[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-  __m256i c3[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+  for (int g = 0; g < G; ++g) c2[g] = c3[g] = _mm256_setzero_si256();
   for (int round = 0; round < kRounds; ++round) {
-    for (int g = 0; g < 2; ++g) {
+    for (int g = 0; g < G; ++g) {
       __m256i hi_b, lo_b, hi_a, lo_a;
       mul_hi_lo(c2[g], round_b, hi_b, lo_b);
       mul_hi_lo(c0[g], round_a, hi_a, lo_a);
@@ -133,53 +155,90 @@ inline void first_words16(__m256i (&c0)[2], __m256i (&c1)[2], uint32_t k0, uint3
   }
 }
 
+// to_uniform of 8 words, lane by lane: w < 0 ? ~w : w (xor with the sign mask), to float, times
+// the scale; returned as integer bits for the transpose.
+inline __m256i uniform_bits(__m256i w) {
+  const __m256i folded = _mm256_xor_si256(w, _mm256_srai_epi32(w, 31));
+  return _mm256_castps_si256(_mm256_mul_ps(_mm256_cvtepi32_ps(folded), _mm256_set1_ps(kUniformScale)));
+}
+
+// out[4 t + k] = the uniform of word k of counter t, for the 8 counters of w0..w3 (word k of
+// counter t in lane t of wk): a 4 x 8 transpose into element order.
+inline void store_elements(__m256i w0, __m256i w1, __m256i w2, __m256i w3, float* out) {
+  const __m256i a = uniform_bits(w0), b = uniform_bits(w1), c = uniform_bits(w2), d = uniform_bits(w3);
+  const __m256i ab_lo = _mm256_unpacklo_epi32(a, b), ab_hi = _mm256_unpackhi_epi32(a, b);  // counters 0,1|4,5 and 2,3|6,7
+  const __m256i cd_lo = _mm256_unpacklo_epi32(c, d), cd_hi = _mm256_unpackhi_epi32(c, d);
+  const __m256i t04 = _mm256_unpacklo_epi64(ab_lo, cd_lo), t15 = _mm256_unpackhi_epi64(ab_lo, cd_lo);
+  const __m256i t26 = _mm256_unpacklo_epi64(ab_hi, cd_hi), t37 = _mm256_unpackhi_epi64(ab_hi, cd_hi);
+  auto* dst = reinterpret_cast<__m256i*>(out);
+  _mm256_storeu_si256(dst + 0, _mm256_permute2x128_si256(t04, t15, 0x20));  // counters 0, 1
+  _mm256_storeu_si256(dst + 1, _mm256_permute2x128_si256(t26, t37, 0x20));  // 2, 3
+  _mm256_storeu_si256(dst + 2, _mm256_permute2x128_si256(t04, t15, 0x31));  // 4, 5
+  _mm256_storeu_si256(dst + 3, _mm256_permute2x128_si256(t26, t37, 0x31));  // 6, 7
+}
+
 }  // namespace detail
 #endif
 
-// out[t] = uniform(seed, counter + t) for t in [0, kLanes): one lane per counter, every round
-// applied to all lanes before the next (explicit AVX2 where the compiler targets it).
-constexpr int kLanes = 16;
-inline void uniform_lanes(uint64_t seed, uint64_t counter, float* out) {
-  uint32_t c0[kLanes], c1[kLanes];
-  for (int t = 0; t < kLanes; ++t) {
-    const uint64_t e = counter + static_cast<uint64_t>(t);
-    c0[t] = static_cast<uint32_t>(e);
-    c1[t] = static_cast<uint32_t>(e >> 32);
-  }
+// out[t] = uniform(seed, 4 * counter + t) for t in [0, 32 G): the words of G groups of 8
+// consecutive counters from `counter`, in element order.
+template <int G>
+__attribute__((always_inline)) inline void counter_uniforms(uint64_t seed, uint64_t counter, float* out) {
   const uint32_t k0 = static_cast<uint32_t>(seed);
   const uint32_t k1 = static_cast<uint32_t>(seed >> 32);
-#if defined(__AVX2__) && !defined(__CUDACC__)
-  static_assert(kLanes == 16, "two groups of 8 AVX2 lanes");
-  __m256i w[2], hi[2];
-  for (int g = 0; g < 2; ++g) {
-    w[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c0 + 8 * g));
-    hi[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c1 + 8 * g));
+#ifdef __AVX2__
+  __m256i c0[G], c1[G], c2[G], c3[G];
+  // Counter words in registers (scalar stores read back as one vector would stall the load):
+  // low = low(counter) + lane, high = high(counter) + the carry of that add (an unsigned
+  // compare: both sides' sign bits flipped for the signed one AVX2 has).
+  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i base_lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter)));
+  const __m256i base_hi = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter >> 32)));
+  for (int g = 0; g < G; ++g) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i lo = _mm256_add_epi32(base_lo, _mm256_add_epi32(lane, _mm256_set1_epi32(g * kGroupCounters)));
+    const __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(base_lo, sign), _mm256_xor_si256(lo, sign));
+    c0[g] = lo;
+    c1[g] = _mm256_sub_epi32(base_hi, carry);  // carry is -1 where the low word wrapped
   }
-  detail::first_words16(w, hi, k0, k1);
-  const __m256 scale = _mm256_set1_ps(kUniformScale);
-  for (int g = 0; g < 2; ++g) {
-    // to_uniform: w < 0 ? ~w : w (xor with the sign mask), to float, times the scale.
-    const __m256i folded = _mm256_xor_si256(w[g], _mm256_srai_epi32(w[g], 31));
-    _mm256_storeu_ps(out + 8 * g, _mm256_mul_ps(_mm256_cvtepi32_ps(folded), scale));
-  }
+  detail::rounds<G>(c0, c1, c2, c3, k0, k1);
+  for (int g = 0; g < G; ++g) detail::store_elements(c0[g], c1[g], c2[g], c3[g], out + g * kGroupElements);
 #else
-  uint32_t c2[kLanes] = {}, c3[kLanes] = {};
-  uint32_t key0 = k0, key1 = k1;
-  for (int round = 0; round < kRounds; ++round) {
-    for (int t = 0; t < kLanes; ++t) {
-      const uint64_t b = static_cast<uint64_t>(kRoundB) * c2[t];
-      const uint64_t a = static_cast<uint64_t>(kRoundA) * c0[t];
-      c0[t] = static_cast<uint32_t>(b >> 32) ^ c1[t] ^ key0;
-      c2[t] = static_cast<uint32_t>(a >> 32) ^ c3[t] ^ key1;
-      c1[t] = static_cast<uint32_t>(b);
-      c3[t] = static_cast<uint32_t>(a);
-    }
-    key0 += kKeyA;
-    key1 += kKeyB;
+  (void)k0;
+  (void)k1;
+  for (int t = 0; t < G * kGroupCounters; ++t) {
+    uint32_t w[kWords];
+    counter_words(seed, counter + static_cast<uint64_t>(t), w[0], w[1], w[2], w[3]);
+    for (int k = 0; k < kWords; ++k) out[kWords * t + k] = to_uniform(w[k]);
   }
-  for (int t = 0; t < kLanes; ++t) out[t] = to_uniform(c0[t]);
 #endif
 }
+
+// out[t] = uniform(seed, first + t) for t in [0, n): whole counters drawn 16 or 8 at a time, the
+// ones that straddle the run's ends through a buffer.
+__attribute__((always_inline)) inline void uniforms(uint64_t seed, uint64_t first, int64_t n, float* out) {
+  uint64_t counter = first / kWords;
+  int64_t pos = -static_cast<int64_t>(first % kWords);  // where counter's first word lands in out
+  while (pos < n) {
+    if (pos >= 0 && n - pos >= 2 * kGroupElements) {
+      counter_uniforms<2>(seed, counter, out + pos);
+      counter += 2 * kGroupCounters;
+      pos += 2 * kGroupElements;
+      continue;
+    }
+    if (pos >= 0 && n - pos >= kGroupElements) {
+      counter_uniforms<1>(seed, counter, out + pos);
+    } else {
+      alignas(32) float part[kGroupElements];
+      counter_uniforms<1>(seed, counter, part);
+      const int64_t lo = std::max<int64_t>(pos, 0), hi = std::min<int64_t>(n, pos + kGroupElements);
+      std::memcpy(out + lo, part + (lo - pos), static_cast<size_t>(hi - lo) * sizeof(float));
+    }
+    counter += kGroupCounters;
+    pos += kGroupElements;
+  }
+}
+#endif  // __CUDACC__
 
 }  // namespace philox
 }  // namespace fused_attn

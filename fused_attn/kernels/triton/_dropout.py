@@ -10,15 +10,20 @@ import triton.language as tl
 
 @triton.jit
 def uniform(seed, counter):
-    """The package's Philox stream (csrc/ops.cpp) at element ``counter``: Philox4x32-10 keyed by
-    the 64-bit seed, counter words (low and high 32 bits of the element, 0, 0), the first output
-    word mapped to [0, 1). The split into two 32-bit words is made here: tl.rand makes it only
-    from Triton 3.4 on (before, a 64-bit counter took Philox's 64-bit variant, another stream)."""
+    """The package's Philox stream (csrc/ops.cpp) at element ``counter``: word ``counter % 4`` of
+    Philox4x32-10 keyed by the 64-bit seed at counter ``counter // 4`` (counter words: its low and
+    high 32 bits, 0, 0; tl.randint4x's four words), mapped to [0, 1). The split into two 32-bit
+    words is made here: tl.randint4x makes it only from Triton 3.4 on (before, a 64-bit counter
+    took Philox's 64-bit variant, another stream). Each element evaluates its counter's Philox
+    rounds and keeps one word; the CPU kernels use all four of a counter's words."""
     element = counter.to(tl.int64)
-    low = element.to(tl.uint32)
-    high = (element >> 32).to(tl.uint32)
+    group = element >> 2
+    low = group.to(tl.uint32)
+    high = (group >> 32).to(tl.uint32)
     zero = low * 0
-    word, _, _, _ = tl.random.philox(seed, low, high, zero, zero)
+    w0, w1, w2, w3 = tl.random.philox(seed, low, high, zero, zero)
+    which = element & 3
+    word = tl.where(which == 0, w0, tl.where(which == 1, w1, tl.where(which == 2, w2, w3)))
     return tl.random.uint_to_uniform_float(word)
 
 

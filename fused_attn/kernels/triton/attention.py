@@ -49,7 +49,7 @@ backward exactly 0 (zero gradients, no NaN). A row masked with ``torch.finfo(...
 stays finite (its differences from the row max are small) and averages its values as PyTorch does
 rather than counting as fully masked.
 
-Dropout: Philox (``_dropout.uniform``, tl.rand's stream) keyed by a 64-bit seed with counter
+Dropout: Philox (``_dropout.uniform``, the package's stream) keyed by a 64-bit seed at element
 ``(bh * Lq + i) * Lk + j``, so the backward regenerates the same keep-mask from the seed alone.
 ``DROPOUT`` is a constexpr: ``dropout_p == 0`` compiles the RNG away. P V takes P times the 0/1
 keep-mask; the 1 / (1 - p) is applied in float32 to O, and in the backward to dV, dK, dQ and
