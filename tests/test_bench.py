@@ -20,6 +20,7 @@ from torch import nn
 
 import fused_attn
 from fused_attn import _extension, backends, cli
+from fused_attn.bench import cli as bench_cli
 from fused_attn.bench import harness, suites
 from fused_attn.bench.suites import Settings
 from fused_attn.profiling import memory
@@ -379,6 +380,7 @@ def test_bench_model_suite_plain_optimized_compiled(tmp_path, capsys):
     (["bench", "--suite", "attention", "--padding", "1"], "--padding: expected a fraction of the keys in [0, 1), got 1"),
     (["bench", "--suite", "attention", "--padding", "half"],
      "--padding: expected a fraction of the keys in [0, 1), got 'half'"),
+    (["bench", "--suite", "attention", "--dropout", "1"], "--dropout: expected a dropout probability in [0, 1), got 1"),
     (["bench", "--plot", "bench.notanext"], "expected a file name ending in .png, .svg, .pdf"),
     (["profile-memory", "--json", "/nonexistent-folder/p.json"], "folder /nonexistent-folder does not exist"),
     (["profile-memory", "--plot", "/tmp"], "/tmp: is a directory"),
@@ -837,6 +839,31 @@ def test_attention_with_padding_computes_the_same_attention_everywhere(causal):
         training.impls[name]()  # the backward runs through the mask
 
 
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_attention_with_dropout_drops_in_every_implementation(mode):
+    """--dropout: every implementation drops the probabilities at that rate, scaled by 1 / (1 - p):
+    its output differs from the undropped one, and its projection on it is about the undropped
+    output's own (unscaled, it would be half as large at p = 0.5)."""
+    cases = []
+    for dropout in (0.5, None):
+        torch.manual_seed(0)
+        cases.append(next(suites.attention_cases(_settings(mode, batch=2, heads=2, head_dim=16, seqs=[64],
+                                                           causal=[False], dropout=dropout))))
+    dropped, full = cases
+    assert dropped.shape["dropout"] == 0.5 and "dropout" not in full.shape
+    assert bench_cli.shape_text(dropped.shape) == "B2 H2 L64 D16 full dropout 0.5"
+    expected = full.impls["eager"]()
+    names = [name for name in ("eager", "torch", "reference", "cpu") if name in dropped.impls]
+    assert {"eager", "torch", "reference"} <= set(names)
+    for name in names:
+        out = dropped.impls[name]()
+        if mode == "fwd+bwd":
+            continue  # a training call returns its gradients; that it runs is the check
+        assert not torch.allclose(out, expected), name
+        ratio = float((out * expected).sum() / (expected * expected).sum())
+        assert 0.85 < ratio < 1.15, (name, ratio)
+
+
 def test_fwd_bwd_calls_do_not_accumulate_into_grad():
     """Every timed forward + backward call does the same work as the first: accumulating into the
     inputs' .grad would add an in-place add of every gradient from the second call on."""
@@ -956,7 +983,7 @@ def test_default_cpu_run_says_compiled_is_left_out(tmp_path, capsys):
       for flag in ("--batch", "--seq", "--causal", "--layers")]),
     (["--suite", "attention", "--hidden", "16", "--rows", "8", "--seq", "8", "--causal", "false"],
      [f"note: {flag} has no effect on suite attention (it takes --batch, --heads, --kv-heads, --head-dim, --seq, "
-      "--causal, --padding and --backends)" for flag in ("--rows", "--hidden")]),
+      "--causal, --padding, --dropout and --backends)" for flag in ("--rows", "--hidden")]),
     (["--suite", "model", "--backends", "cpu", "--heads", "2", "--head-dim", "8", "--hidden", "16", "--seq", "8"],
      [f"note: {flag} has no effect on suite model (it takes --models, --layers, --batch, --seq and --padding)"
       for flag in ("--heads", "--head-dim", "--backends", "--hidden")]),

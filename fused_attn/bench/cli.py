@@ -84,6 +84,16 @@ def padding_fraction(text: str) -> float:
     return value
 
 
+def dropout_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a dropout probability in [0, 1), got {text!r}") from None
+    if not (0.0 <= value < 1.0):
+        raise argparse.ArgumentTypeError(f"expected a dropout probability in [0, 1), got {text}")
+    return value
+
+
 def _items(text: str, expected: str) -> list[str]:
     items = [item.strip() for item in text.split(",")]
     if not all(items):
@@ -199,6 +209,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "sequence's keys (its tail), as a padded batch has; TFLOP/s still count every score. "
                              "model: this fraction of every sequence is padding (default: the last eighth of "
                              "every other sequence)")
+    parser.add_argument("--dropout", type=dropout_rate, default=None,
+                        help="attention: every implementation drops the attention probabilities at this rate "
+                             "(dropout_p), as in training, in either --mode (default: none)")
     parser.add_argument("--rows", type=positive_int, default=None, help="layer_norm/add_layer_norm/ffn: rows (tokens)")
     parser.add_argument("--hidden", type=positive_ints, default=None, help="layer_norm/add_layer_norm: hidden sizes; ffn: model widths")
     parser.add_argument("--models", type=names, default=None,
@@ -334,7 +347,7 @@ def _plan(args: argparse.Namespace, device: torch.device) -> list[tuple[str, Set
             raise UsageError(f"--models: unknown model {bad[0]!r}; expected some of {', '.join(MODELS)}")
     base = Settings(
         device=device, dtype=dtype, mode="fwd", batch=args.batch, heads=args.heads, kv_heads=args.kv_heads,
-        head_dim=args.head_dim, padding=args.padding,
+        head_dim=args.head_dim, padding=args.padding, dropout=args.dropout,
         seqs=args.seq, rows=args.rows, hiddens=args.hidden,
         causal=None if args.causal in (None, "both") else [args.causal == "true"], backends=wanted,
         compile=not args.no_compile, models=models, layers=args.layers,
@@ -388,7 +401,8 @@ def check_models_fit(plan: list[tuple[str, Settings]]) -> None:
 # The size and selection flags each suite takes (--dtype, --mode, --repeats, --min-time and the outputs apply
 # to every suite; --no-compile to all that time torch.compile).
 SUITE_FLAGS: dict[str, tuple[str, ...]] = {
-    "attention": ("--batch", "--heads", "--kv-heads", "--head-dim", "--seq", "--causal", "--padding", "--backends"),
+    "attention": ("--batch", "--heads", "--kv-heads", "--head-dim", "--seq", "--causal", "--padding", "--dropout",
+                  "--backends"),
     "softmax": ("--batch", "--heads", "--seq", "--backends"),
     "layer_norm": ("--rows", "--hidden", "--backends"),
     "add_layer_norm": ("--rows", "--hidden", "--backends"),
@@ -530,7 +544,7 @@ def run(args: argparse.Namespace) -> int:
 
 _SHAPE_KEYS = {"batch": "B", "heads": "H", "kv_heads": "Hkv", "seq": "L", "head_dim": "D", "rows": "rows ", "hidden": "N", "tokens": "T",
                "d_model": "M", "d_ff": "F", "model": "", "layers": "layers ",
-               "padding": "padding "}
+               "padding": "padding ", "dropout": "dropout "}
 
 
 def shape_text(shape: dict) -> str:

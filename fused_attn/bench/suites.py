@@ -52,6 +52,7 @@ class Settings:
     heads: int | None = None
     kv_heads: int | None = None  # attention: key/value heads (grouped-query), a divisor of heads
     padding: float | None = None  # attention, model: the fraction of each sequence that is padding
+    dropout: float | None = None  # attention: dropout_p of every implementation (None or 0: none)
     head_dim: int | None = None
     seqs: list[int] | None = None
     rows: int | None = None
@@ -261,7 +262,7 @@ ATTENTION_SEQS = {"cpu": [512, 1024, 2048], "cuda": [512, 1024, 2048, 4096, 8192
 ATTENTION_TOKENS = {"cpu": 512, "cuda": 16384}
 
 
-def _torch_flash(q, k, v, causal) -> Callable[[], torch.Tensor] | str:
+def _torch_flash(q, k, v, causal, dropout_p=0.0) -> Callable[[], torch.Tensor] | str:
     """PyTorch's FlashAttention SDPA backend, or why it cannot run (it has no CPU or float32 kernel)."""
     if q.device.type != "cuda":
         return "PyTorch's FlashAttention backend runs on CUDA only"
@@ -271,16 +272,17 @@ def _torch_flash(q, k, v, causal) -> Callable[[], torch.Tensor] | str:
 
     def run() -> torch.Tensor:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal,
+                                                  enable_gqa=k.shape[1] != q.shape[1])
 
     return run
 
 
-def _grouped_reference(q, k, v, is_causal, mask=None):
+def _grouped_reference(q, k, v, is_causal, mask=None, dropout_p=0.0):
     """The reference for grouped key/value heads: repeated to the query's, then the plain attention."""
     heads = q.shape[1]
     return fused_attn.reference.scaled_dot_product_attention(q, repeat_kv_heads(k, heads), repeat_kv_heads(v, heads),
-                                                             mask, is_causal=is_causal)
+                                                             mask, dropout_p=dropout_p, is_causal=is_causal)
 
 
 def attention_heads(s: Settings) -> int:
@@ -298,7 +300,7 @@ def attention_shapes(s: Settings) -> list[dict]:
     return [
         {"batch": s.batch or max(1, ATTENTION_TOKENS[s.device.type] // seq), "heads": heads,
          **({"kv_heads": kv_heads} if kv_heads != heads else {}), "seq": seq, "head_dim": head_dim, "causal": causal,
-         **({"padding": s.padding} if s.padding else {})}
+         **({"padding": s.padding} if s.padding else {}), **({"dropout": s.dropout} if s.dropout else {})}
         for causal in s.causal or [False, True]
         for seq in s.seqs or ATTENTION_SEQS[s.device.type]
     ]
@@ -307,12 +309,15 @@ def attention_shapes(s: Settings) -> list[dict]:
 def attention_cases(s: Settings) -> Iterator[Case]:
     """Self-attention over the sequence sweep; with ``kv_heads`` (grouped-query) key and value have
     fewer heads: implementations that take them as they are (``enable_gqa``, flash-attn) do, the
-    others (eager, the reference, xformers) repeat them inside the timed call."""
+    others (eager, the reference, xformers) repeat them inside the timed call. With ``dropout``
+    every implementation drops probabilities at that rate, in either mode (a training step's
+    forward; eager as ``F.dropout`` of the probabilities), each from its own random stream."""
     training = s.mode == "fwd+bwd"
 
     def build(shape: dict) -> Case:
         batch, heads, seq, head_dim, causal = (shape[key] for key in ("batch", "heads", "seq", "head_dim", "causal"))
         kv_heads = shape.get("kv_heads", heads)
+        p = shape.get("dropout", 0.0)
         gqa = kv_heads != heads
         q, k, v = (
             torch.randn(batch, n, seq, head_dim, device=s.device, dtype=s.dtype, requires_grad=training)
@@ -331,7 +336,7 @@ def attention_cases(s: Settings) -> Iterator[Case]:
             sdpa_mask = mask & ~future if causal else mask
         flops = harness.attention_flops(batch, heads, seq, seq, head_dim, causal=causal, mode=s.mode)
         inputs = backends.Inputs(
-            s.device, s.dtype, {"head_dim": head_dim, "head_dim_v": head_dim, "dropout": False, "q_len": seq, "k_len": seq}
+            s.device, s.dtype, {"head_dim": head_dim, "head_dim_v": head_dim, "dropout": p > 0, "q_len": seq, "k_len": seq}
         )
         names, skipped = _fused_backends("scaled_dot_product_attention", inputs, s.backends)
 
@@ -341,24 +346,25 @@ def attention_cases(s: Settings) -> Iterator[Case]:
                 scores = scores.masked_fill(future, float("-inf"))
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
-            return torch.softmax(scores, -1) @ repeat_kv_heads(v, heads)
+            probs = torch.softmax(scores, -1)
+            return (F.dropout(probs, p) if p else probs) @ repeat_kv_heads(v, heads)
 
         impls: dict[str, Callable[[], object]] = {
             "eager": _runner(eager, grad),
             "torch": _runner(lambda: F.scaled_dot_product_attention(
-                q, k, v, sdpa_mask, is_causal=causal and mask is None, enable_gqa=gqa), grad),
-            "reference": _runner(lambda: _grouped_reference(q, k, v, causal, mask), grad),
+                q, k, v, sdpa_mask, dropout_p=p, is_causal=causal and mask is None, enable_gqa=gqa), grad),
+            "reference": _runner(lambda: _grouped_reference(q, k, v, causal, mask, p), grad),
         }
-        compiled = _compiled(s, _grouped_reference, q, k, v, causal, mask)
-        flash = _torch_flash(q, k, v, causal) if mask is None else "PyTorch's FlashAttention backend takes no mask"
+        compiled = _compiled(s, _grouped_reference, q, k, v, causal, mask, p)
+        flash = _torch_flash(q, k, v, causal, p) if mask is None else "PyTorch's FlashAttention backend takes no mask"
         _add_optional(impls, skipped, grad, [("torch-flash", flash), ("compiled", compiled)])
         impls.update(_fused_runners(
             "scaled_dot_product_attention", names, grad,
             lambda backend: fused_attn.scaled_dot_product_attention(
-                q, k, v, mask, is_causal=causal, enable_gqa=gqa, backend=backend
+                q, k, v, mask, dropout_p=p, is_causal=causal, enable_gqa=gqa, backend=backend
             ),
         ))
-        others = third_party.attention(q, k, v, causal)
+        others = third_party.attention(q, k, v, causal, p)
         if mask is not None:  # their dense calls take no mask (flash-attn's padded batches go through varlen)
             others = [(name, fn if isinstance(fn, str) else "--padding: its call here takes no mask")
                       for name, fn in others]

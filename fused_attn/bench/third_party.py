@@ -33,7 +33,7 @@ def _gpu_half(x: torch.Tensor, library: str) -> str | None:
     return None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> list[Adapter]:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float = 0.0) -> list[Adapter]:
     """flash-attn and xformers, both taking and returning [batch, seq, heads, head_dim]; the output
     is returned as a [batch, heads, seq, head_dim] view, the layout of the case's inputs and of its
     gradient (whose last dim stays contiguous through the view, as these libraries need). Grouped
@@ -47,7 +47,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -
         from flash_attn import flash_attn_func
 
         qt, kt, vt = (t.transpose(1, 2).contiguous().detach().requires_grad_(t.requires_grad) for t in (q, k, v))
-        adapters.append(("flash-attn", lambda: flash_attn_func(qt, kt, vt, causal=causal).transpose(1, 2)))
+        adapters.append(("flash-attn",
+                         lambda: flash_attn_func(qt, kt, vt, dropout_p=dropout_p, causal=causal).transpose(1, 2)))
     why = _missing("xformers", "xformers") or (None if q.device.type == "cuda" else "xformers runs on CUDA only")
     if why:
         adapters.append(("xformers", why))
@@ -63,7 +64,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -
 
         adapters.append(
             ("xformers",
-             lambda: xops.memory_efficient_attention(qt, grouped(kt), grouped(vt), attn_bias=bias).transpose(1, 2))
+             lambda: xops.memory_efficient_attention(qt, grouped(kt), grouped(vt), attn_bias=bias,
+                                                     p=dropout_p).transpose(1, 2))
         )
     return adapters
 
