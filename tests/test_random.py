@@ -77,6 +77,18 @@ def test_cpu_kernel_keep_mask_is_the_documented_philox():
     np.testing.assert_array_equal((prenorm != 0).numpy(), expected)
 
 
+def _attention_dv(out, q, k, v, lse, p, seed, threads):
+    """dV of the cpu attention's backward (scale 1, no mask) for an upstream gradient of ones, run
+    on ``threads`` threads (which, with the heads, picks its schedule)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return torch.ops.fused_attn.attention_bwd(torch.ones_like(out), q, k, v, None, lse, 1.0, False, p, seed,
+                                                  False)[2]
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.skipif(not _extension.loaded(), reason="the extension is not built")
 def test_cpu_attention_keep_mask_is_the_documented_philox():
     """The cpu attention drops probability (b * H + h, i, j) at element ((b * H + h) * Lq + i) * Lk + j
@@ -86,7 +98,6 @@ def test_cpu_attention_keep_mask_is_the_documented_philox():
     keys run past one chunk of the draw."""
     q_len, p = 5, 0.4
     seed = torch.tensor(SEED)
-    previous = torch.get_num_threads()
     # Six heads take the per-head backward; one head on two threads the per-block passes.
     for (batch, heads), k_len in itertools.product(((2, 3), (1, 1)), (77, 150)):
         q, k = torch.zeros(batch, heads, q_len, 16), torch.zeros(batch, heads, k_len, 16)
@@ -99,12 +110,7 @@ def test_cpu_attention_keep_mask_is_the_documented_philox():
         scale = np.float32(1) / (np.float32(1) - np.float32(p)) / k_len
         expected_dv = torch.from_numpy(keep.sum(axis=2).astype(np.float32) * scale)
         for threads in (1, 2):
-            torch.set_num_threads(threads)
-            try:
-                _, _, dv, _ = torch.ops.fused_attn.attention_bwd(torch.ones_like(out), q, k, v, None, lse, 1.0,
-                                                                 False, p, seed, False)
-            finally:
-                torch.set_num_threads(previous)
+            dv = _attention_dv(out, q, k, v, lse, p, seed, threads)
             # dV[j, c] is sum_i P[i, j] dO[i, c]: the same in every column c.
             torch.testing.assert_close(dv[..., 0], expected_dv, rtol=1e-6, atol=0)
             assert bool((dv == dv[..., :1]).all())
@@ -124,17 +130,11 @@ def test_cpu_kernels_keep_an_element_whose_uniform_is_exactly_p():
     q, k = torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 4, 4)
     v = torch.eye(4).view(1, 1, 4, 4)
     ones = torch.ones(1, 37)
-    previous = torch.get_num_threads()
     for p, kept in ((float(u), True), (float(np.nextafter(u, np.float32(1))), False)):
         out, lse = torch.ops.fused_attn.attention_fwd(q, k, v, None, 1.0, False, p, seed)
         assert bool(out[0, 0, 0, 0] != 0) == kept, (p, out)
         for threads in (1, 2):  # one head: the per-head backward on one thread, the per-block passes on two
-            torch.set_num_threads(threads)
-            try:
-                _, _, dv, _ = torch.ops.fused_attn.attention_bwd(torch.ones_like(out), q, k, v, None, lse, 1.0,
-                                                                 False, p, seed, False)
-            finally:
-                torch.set_num_threads(previous)
+            dv = _attention_dv(out, q, k, v, lse, p, seed, threads)
             assert bool((dv[0, 0, 0] != 0).all()) == kept, (p, threads, dv)
         _, prenorm, _, _ = torch.ops.fused_attn.add_layer_norm_fwd(ones, torch.zeros_like(ones), None, None, None,
                                                                    1e-5, p, seed)

@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -74,24 +75,23 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-def padding_fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction of the keys in [0, 1), got {text!r}") from None
-    if not (0.0 <= value < 1.0):
-        raise argparse.ArgumentTypeError(f"expected a fraction of the keys in [0, 1), got {text}")
-    return value
+def _unit_interval(what: str) -> Callable[[str], float]:
+    """An argument type: a number in [0, 1), described as ``what`` in the error."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} in [0, 1), got {text!r}") from None
+        if not (0.0 <= value < 1.0):
+            raise argparse.ArgumentTypeError(f"expected {what} in [0, 1), got {text}")
+        return value
+
+    return parse
 
 
-def dropout_rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a dropout probability in [0, 1), got {text!r}") from None
-    if not (0.0 <= value < 1.0):
-        raise argparse.ArgumentTypeError(f"expected a dropout probability in [0, 1), got {text}")
-    return value
+padding_fraction = _unit_interval("a fraction of the keys")
+dropout_rate = _unit_interval("a dropout probability")
 
 
 def _items(text: str, expected: str) -> list[str]:
