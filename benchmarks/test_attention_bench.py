@@ -24,3 +24,12 @@ SEQS = [512, 1024, 2048, 4096, 8192, 16384] if GPU else [512, 1024]
 @pytest.mark.parametrize("seq", SEQS)
 def test_attention(timed, settings, seq, head_dim, causal, mode, impl):
     run_case(timed, attention_cases, settings(mode, seqs=[seq], head_dim=head_dim, causal=[causal]), impl)
+
+
+@pytest.mark.parametrize("impl", ["eager"] + IMPLS + ["torch-flash"])
+@pytest.mark.parametrize("seq", SEQS[:2])
+def test_attention_training_with_dropout(timed, settings, seq, impl):
+    """A training step's attention (forward + backward) with BERT's dropout of 0.1: the fused
+    backends draw the keep-mask in their tiles; eager drops the probabilities it stores, and
+    PyTorch's SDPA takes the kernel its backends have for dropout (on a CPU, the math path)."""
+    run_case(timed, attention_cases, settings("fwd+bwd", seqs=[seq], head_dim=64, causal=[False], dropout=0.1), impl)
