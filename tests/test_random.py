@@ -162,10 +162,11 @@ def test_ffn_keep_mask_is_the_documented_philox_on_every_backend(backend_device)
 @pytest.mark.skipif(_triton_device() is None, reason="needs Triton on a GPU or under TRITON_INTERPRET=1")
 def test_triton_attention_keep_mask_is_the_documented_philox():
     """The attention drops probability (b * H + h, i, j) at element ((b * H + h) * Lq + i) * Lk + j of
-    the stream (query and key lengths differ here, and several heads and batches draw)."""
+    the stream (query and key lengths differ here, several heads and batches draw, and rows of 7
+    keys start anywhere within a Philox counter's four words)."""
     from fused_attn.ops.attention import attention_with_keep_mask
 
-    batch, heads, q_len, k_len, p = 2, 3, 5, 4, 0.4
+    batch, heads, q_len, k_len, p = 2, 3, 5, 7, 0.4
     device = _triton_device()
     q, k = torch.randn(batch, heads, q_len, 16, device=device), torch.randn(batch, heads, k_len, 16, device=device)
     torch.manual_seed(0)
