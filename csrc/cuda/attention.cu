@@ -88,7 +88,10 @@
 // backward drops dP where P was dropped (delta then is in the same unscaled units) and dV takes the kept
 // P; the 1 / (1 - p) is applied at the stores of dV, dK, dQ and grad_scores, so dS = P (dP - delta), the
 // fp16/bf16 operand of the dK and dQ products, stays at the scale of dO V^T (scaled, it would overflow
-// fp16 for p near 1 where the gradients do not).
+// fp16 for p near 1 where the gradients do not). Where a thread's accumulator holds two adjacent keys of
+// a query (the forward's and the dQ kernel's tiles), one Philox evaluation gives both keys' words when
+// their elements share a counter (kept_pair: always for an even Lk); the dK/dV kernel's transposed tiles
+// hold no such pairs and draw per element.
 //
 // Limits: sm80+, fp16/bf16, head dims up to 256, sequence lengths below 2^31, batch*heads*tiles below
 // 2^31 blocks.
@@ -517,6 +520,21 @@ __device__ __forceinline__ void for_each_element(float (&acc)[NB][4], int row0, 
   }
 }
 
+// Calls f(x0, x1, i, j) for every pair of adjacent elements of a warp's 16 x (8 NB) accumulator tile
+// whose rows (queries) start at row0 and columns (keys) at col0: x0 at (i, j), x1 at (i, j + 1), j even
+// when col0 is.
+template <int NB, typename F>
+__device__ __forceinline__ void for_each_pair(float (&acc)[NB][4], int row0, int col0, const F& f) {
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      f(acc[nb][2 * half], acc[nb][2 * half + 1], row0 + (lane >> 2) + half * 8, col0 + nb * 8 + (lane & 3) * 2);
+    }
+  }
+}
+
 // Scores of a tile in log2 units, masked in place: -inf outside the sequences, where causality hides
 // the key, or where a bool mask does; a floating mask is added (times log2(e)).
 template <int NB>
@@ -557,6 +575,19 @@ __device__ __forceinline__ float recomputed_p(float x) { return exp2f(x > 0.f ? 
 __device__ __forceinline__ float kept(const AttnParams& p, int64_t bh, int64_t i, int64_t j) {
   const uint64_t counter = static_cast<uint64_t>((bh * p.q_len + i) * p.k_len + j);
   return philox::keep(p.seed, counter, p.dropout_p) ? 1.f : 0.f;
+}
+
+// kept() of the keys j and j + 1 of query i (j even: a thread's two adjacent accumulator columns).
+// Their stream elements e and e + 1 share Philox counter e / 4 when e is even (words e % 4 and
+// e % 4 + 1), which holds for every j when k_len is even: one evaluation of the rounds serves both.
+__device__ __forceinline__ float2 kept_pair(const AttnParams& p, int64_t bh, int64_t i, int64_t j) {
+  const uint64_t e = static_cast<uint64_t>((bh * p.q_len + i) * p.k_len + j);
+  if (e & 1u) return make_float2(kept(p, bh, i, j), kept(p, bh, i, j + 1));
+  uint32_t w0, w1, w2, w3;
+  philox::counter_words(p.seed, e >> 2, w0, w1, w2, w3);
+  const bool upper = (e & 2u) != 0;
+  return make_float2(philox::to_uniform(upper ? w2 : w0) >= p.dropout_p ? 1.f : 0.f,
+                     philox::to_uniform(upper ? w3 : w1) >= p.dropout_p ? 1.f : 0.f);
 }
 
 // The key tiles [t_lo, t_hi) of kN keys a query block of head bh walks, keys below `n_end` (the causal
@@ -737,8 +768,11 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
           }
         }
         if (p.dropout) {
-          for_each_element(s[mt], strip_row0, n0, true,
-                           [&](float& x, int i, int j, int, int) { x *= kept(p, bh, i, j); });
+          for_each_pair(s[mt], strip_row0, n0, [&](float& x0, float& x1, int i, int j) {
+            const float2 keep = kept_pair(p, bh, i, j);
+            x0 *= keep.x;
+            x1 *= keep.y;
+          });
         }
         to_a_fragments<T>(s[mt], pa[mt]);
       }
@@ -1039,8 +1073,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
       for (int mt = 0; mt < kMT; ++mt) {
         const int strip_row0 = warp_row0 + 16 * mt;
         if (p.dropout) {
-          for_each_element(dp[mt], strip_row0, n0, true, [&](float& x, int i, int j, int, int) {
-            x *= kept(p, bh, i, j);
+          for_each_pair(dp[mt], strip_row0, n0, [&](float& x0, float& x1, int i, int j) {
+            const float2 keep = kept_pair(p, bh, i, j);
+            x0 *= keep.x;
+            x1 *= keep.y;
           });
         }
         if constexpr (kStats) {

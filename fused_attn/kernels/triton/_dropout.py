@@ -22,7 +22,7 @@ def uniform(seed, counter):
     high = (group >> 32).to(tl.uint32)
     zero = low * 0
     w0, w1, w2, w3 = tl.random.philox(seed, low, high, zero, zero)
-    which = element & 3
+    which = (element.to(tl.uint32) & 3).to(tl.int32)  # the word, compared in 32 bits (not 64)
     word = tl.where(which == 0, w0, tl.where(which == 1, w1, tl.where(which == 2, w2, w3)))
     return tl.random.uint_to_uniform_float(word)
 
