@@ -76,8 +76,8 @@
 //
 // Dropout regenerates the shared Philox stream (fused_attn/philox.h; the Triton kernels draw the
 // same bits): element (bh, i, j) is element (bh * Lq + i) * Lk + j of the stream, four elements
-// per Philox counter, drawn a chunk of a row at a time (philox::uniforms). The forward's row sum l takes the undropped P; P V takes P * keep / (1 - p); the
-// backward drops dP where P was dropped.
+// per Philox counter, drawn a chunk of a row at a time (philox::uniforms). The forward's row sum l
+// takes the undropped P; P V takes P * keep / (1 - p); the backward drops dP where P was dropped.
 //
 // Softmax: rows are independent, split across threads with at::parallel_for. A row is read once
 // (any strides; scale, mask and causality applied on the way) into a float32 row buffer (the
@@ -1444,7 +1444,8 @@ void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
   }
   if (native) {  // dk, dvacc are [d, nk], [dv, nk]
     const bool split = part_dk != nullptr;
-    store_dkdv_transposed(pb, dk, dvacc, nk, nk, split ? part_dk + j0 * d : nullptr, split ? part_dv + j0 * dv : nullptr,
+    store_dkdv_transposed(pb, dk, dvacc, nk, nk, split ? part_dk + j0 * d : nullptr,
+                          split ? part_dv + j0 * dv : nullptr,
                           split ? nullptr : dk_out + b * bt.dk_s[0] + hk * bt.dk_s[1] + j0 * bt.dk_s[2], bt.dk_s[2],
                           split ? nullptr : dv_out + b * bt.dv_s[0] + hk * bt.dv_s[1] + j0 * bt.dv_s[2], bt.dv_s[2],
                           w.row);

@@ -336,7 +336,8 @@ def attention_cases(s: Settings) -> Iterator[Case]:
             sdpa_mask = mask & ~future if causal else mask
         flops = harness.attention_flops(batch, heads, seq, seq, head_dim, causal=causal, mode=s.mode)
         inputs = backends.Inputs(
-            s.device, s.dtype, {"head_dim": head_dim, "head_dim_v": head_dim, "dropout": p > 0, "q_len": seq, "k_len": seq}
+            s.device, s.dtype,
+            {"head_dim": head_dim, "head_dim_v": head_dim, "dropout": p > 0, "q_len": seq, "k_len": seq},
         )
         names, skipped = _fused_backends("scaled_dot_product_attention", inputs, s.backends)
 

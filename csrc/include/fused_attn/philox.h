@@ -166,7 +166,8 @@ inline __m256i uniform_bits(__m256i w) {
 // counter t in lane t of wk): a 4 x 8 transpose into element order.
 inline void store_elements(__m256i w0, __m256i w1, __m256i w2, __m256i w3, float* out) {
   const __m256i a = uniform_bits(w0), b = uniform_bits(w1), c = uniform_bits(w2), d = uniform_bits(w3);
-  const __m256i ab_lo = _mm256_unpacklo_epi32(a, b), ab_hi = _mm256_unpackhi_epi32(a, b);  // counters 0,1|4,5 and 2,3|6,7
+  // ab_lo: words 0, 1 of counters 0, 1 | 4, 5; ab_hi: of counters 2, 3 | 6, 7 (cd_* words 2, 3).
+  const __m256i ab_lo = _mm256_unpacklo_epi32(a, b), ab_hi = _mm256_unpackhi_epi32(a, b);
   const __m256i cd_lo = _mm256_unpacklo_epi32(c, d), cd_hi = _mm256_unpackhi_epi32(c, d);
   const __m256i t04 = _mm256_unpacklo_epi64(ab_lo, cd_lo), t15 = _mm256_unpackhi_epi64(ab_lo, cd_lo);
   const __m256i t26 = _mm256_unpacklo_epi64(ab_hi, cd_hi), t37 = _mm256_unpackhi_epi64(ab_hi, cd_hi);
