@@ -53,10 +53,13 @@ D128 = ("--head-dim", "128", "--seq", "1024,4096,16384")
 # The cuda kernels' one-strip layout of query rows (64 per block), beside the default's.
 ONE_STRIP = {"FUSED_ATTN_CUDA_QUERY_ROWS": "64"}
 CUDA_ONLY = ("--backends", "cuda", "--seq", "1024,4096,16384")
+# A training step's attention with BERT's dropout, against PyTorch's kernels with theirs.
+DROPOUT = ("--dropout", "0.1", "--causal", "false", "--seq", "1024,4096")
 PRIORITY = [
     ("attention", "bfloat16", "fwd", ()), ("attention", "bfloat16", "fwd+bwd", ()),
     ("attention", "bfloat16", "fwd", CUDA_ONLY, ONE_STRIP), ("attention", "bfloat16", "fwd+bwd", CUDA_ONLY, ONE_STRIP),
     ("attention", "bfloat16", "fwd", D128), ("attention", "bfloat16", "fwd+bwd", D128),
+    ("attention", "bfloat16", "fwd+bwd", DROPOUT),
     ("ffn", "bfloat16", "fwd+bwd", ()), ("add_layer_norm", "bfloat16", "fwd+bwd", ()),
     ("model", "bfloat16", "fwd+bwd", ()), ("model", "bfloat16", "fwd", ()),
     ("layer_norm", "bfloat16", "fwd+bwd", ()), ("softmax", "bfloat16", "fwd+bwd", ()), ("ffn", "bfloat16", "fwd", ()),
