@@ -596,11 +596,12 @@ def test_gpu_check_budget_shares_and_skips(tmp_path, monkeypatch):
     records, _ = gpu_check.run_benchmarks(sys.executable, tmp_path, ["attention", "ffn"], False, spent, stages)
     assert [(r["suite"], r["mode"]) for r in records] == [
         ("attention", "fwd"), ("attention", "fwd+bwd"), ("attention", "fwd"), ("attention", "fwd+bwd"),
-        ("attention", "fwd"), ("attention", "fwd+bwd"), ("ffn", "fwd+bwd"), ("ffn", "fwd"), ("attention", "fwd"),
-        ("ffn", "fwd")]
+        ("attention", "fwd"), ("attention", "fwd+bwd"), ("attention", "fwd+bwd"), ("ffn", "fwd+bwd"), ("ffn", "fwd"),
+        ("attention", "fwd"), ("ffn", "fwd")]
     assert ("the bfloat16 fwd --backends cuda --seq 1024,4096,16384 FUSED_ATTN_CUDA_QUERY_ROWS=64 run: not started"
             in records[2]["skipped"])
     assert "the bfloat16 fwd --head-dim 128 --seq 1024,4096,16384 run: not started" in records[4]["skipped"]
+    assert "the bfloat16 fwd+bwd --dropout 0.1 --causal false --seq 1024,4096 run: not started" in records[6]["skipped"]
     assert stages == {}  # nothing ran
     assert all("not started, the --budget was spent" in r["skipped"] and r["device"] == "cuda" for r in records)
     facts = {"gpu": "H200", "date": "today", "torch": "2", "torch_cuda": "13", "triton": "3", "fused_attn": "0"}
