@@ -261,7 +261,7 @@ inline std::pair<int64_t, int64_t> chunk_rows(int64_t chunk, int64_t nchunks, in
 
 // A chunk's row of partial sums holds whole blocks of any kernel's (a multiple of kColumnPad
 // columns), so a block that runs past the last column adds its padding lanes there, unmasked.
-constexpr int64_t kColumnPad = 64;
+constexpr int64_t kColumnPad = 128;  // AVX-512 dropout blocks are 128 wide
 inline int64_t padded_cols(int64_t cols) {
   return (cols + kColumnPad - 1) / kColumnPad * kColumnPad;
 }

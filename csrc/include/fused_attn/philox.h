@@ -15,8 +15,8 @@
 //
 // Header-only and usable from host and device code (__host__ __device__ under nvcc). The scalar
 // functions here are the definition; CPU kernels draw runs of consecutive elements with
-// `uniforms` (8 counters per AVX2 vector when the compiler targets it, a plain loop otherwise;
-// both give the scalar functions' bits).
+// `uniforms` (16 counters per AVX-512 vector or 8 per AVX2 one when the compiler targets them, a
+// plain loop otherwise; all give the scalar functions' bits).
 #pragma once
 
 #include <algorithm>
@@ -112,46 +112,75 @@ FUSED_ATTN_HOST_DEVICE float keep_divisor(float p) { return p < 1.f ? 1.f - p : 
 FUSED_ATTN_HOST_DEVICE float keep_scale(float p) { return p < 1.f ? 1.f / (1.f - p) : 0.f; }
 
 #ifndef __CUDACC__
-// Counters per group of the CPU draw, and the elements they give.
-constexpr int kGroupCounters = 8;
-constexpr int kGroupElements = kWords * kGroupCounters;
+#if defined(__AVX512F__)
+namespace detail {
+
+// 32-bit integer lanes of one vector: what the Philox rounds need of AVX-512 (16 lanes) or AVX2 (8).
+struct Lanes512 {
+  using V = __m512i;
+  static constexpr int kCount = 16;
+  static V set1(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
+  static V zero() { return _mm512_setzero_si512(); }
+  static V add(V a, V b) { return _mm512_add_epi32(a, b); }
+  static V xor_(V a, V b) { return _mm512_xor_si512(a, b); }
+  static V mul_even(V a, V b) { return _mm512_mul_epu32(a, b); }
+  static V srli64(V a) { return _mm512_srli_epi64(a, 32); }
+  static V slli64(V a) { return _mm512_slli_epi64(a, 32); }
+  static V odd_from(V even_src, V odd_src) { return _mm512_mask_blend_epi32(0xAAAA, even_src, odd_src); }
+};
+
+}  // namespace detail
+#endif
 
 #ifdef __AVX2__
 namespace detail {
 
-// (hi, lo) 32-bit halves of the 8 products x[t] * k (vpmuludq multiplies the even 32-bit lanes;
+struct Lanes256 {
+  using V = __m256i;
+  static constexpr int kCount = 8;
+  static V set1(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
+  static V zero() { return _mm256_setzero_si256(); }
+  static V add(V a, V b) { return _mm256_add_epi32(a, b); }
+  static V xor_(V a, V b) { return _mm256_xor_si256(a, b); }
+  static V mul_even(V a, V b) { return _mm256_mul_epu32(a, b); }
+  static V srli64(V a) { return _mm256_srli_epi64(a, 32); }
+  static V slli64(V a) { return _mm256_slli_epi64(a, 32); }
+  static V odd_from(V even_src, V odd_src) { return _mm256_blend_epi32(even_src, odd_src, 0xAA); }
+};
+
+// (hi, lo) 32-bit halves of the products x[t] * k (vpmuludq multiplies the even 32-bit lanes;
 // the odd lanes are shifted down for a second multiply, and the halves blended back in place).
-inline void mul_hi_lo(__m256i x, __m256i k, __m256i& hi, __m256i& lo) {
-  const __m256i even = _mm256_mul_epu32(x, k);
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), k);
-  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+template <typename L>
+inline void mul_hi_lo(typename L::V x, typename L::V k, typename L::V& hi, typename L::V& lo) {
+  const typename L::V even = L::mul_even(x, k);
+  const typename L::V odd = L::mul_even(L::srli64(x), k);
+  hi = L::odd_from(L::srli64(even), odd);
+  lo = L::odd_from(even, L::slli64(odd));
 }
 
-// Philox4x32-10 of G groups of 8 counters, in place: c0 and c1 hold the counters' low and high
-// words, and on return c0..c3 the four output words. The groups are independent chains,
+// Philox4x32-10 of G vectors of counters, in place: c0 and c1 hold the counters' low and high
+// words, and on return c0..c3 the four output words. The vectors are independent chains,
 // interleaved so that one's multiplies cover the other's latency.
-template <int G>
-inline void rounds(__m256i (&c0)[G], __m256i (&c1)[G], __m256i (&c2)[G], __m256i (&c3)[G], uint32_t k0,
-                   uint32_t k1) {
-  const __m256i round_a = _mm256_set1_epi32(static_cast<int>(kRoundA));
-  const __m256i round_b = _mm256_set1_epi32(static_cast<int>(kRoundB));
-  const __m256i key_a = _mm256_set1_epi32(static_cast<int>(kKeyA));
-  const __m256i key_b = _mm256_set1_epi32(static_cast<int>(kKeyB));
-  __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0)), key1 = _mm256_set1_epi32(static_cast<int>(k1));
-  for (int g = 0; g < G; ++g) c2[g] = c3[g] = _mm256_setzero_si256();
+template <typename L, int G>
+inline void rounds(typename L::V (&c0)[G], typename L::V (&c1)[G], typename L::V (&c2)[G], typename L::V (&c3)[G],
+                   uint32_t k0, uint32_t k1) {
+  using V = typename L::V;
+  const V round_a = L::set1(kRoundA), round_b = L::set1(kRoundB);
+  const V key_a = L::set1(kKeyA), key_b = L::set1(kKeyB);
+  V key0 = L::set1(k0), key1 = L::set1(k1);
+  for (int g = 0; g < G; ++g) c2[g] = c3[g] = L::zero();
   for (int round = 0; round < kRounds; ++round) {
     for (int g = 0; g < G; ++g) {
-      __m256i hi_b, lo_b, hi_a, lo_a;
-      mul_hi_lo(c2[g], round_b, hi_b, lo_b);
-      mul_hi_lo(c0[g], round_a, hi_a, lo_a);
-      c0[g] = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1[g]), key0);
-      c2[g] = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3[g]), key1);
+      V hi_b, lo_b, hi_a, lo_a;
+      mul_hi_lo<L>(c2[g], round_b, hi_b, lo_b);
+      mul_hi_lo<L>(c0[g], round_a, hi_a, lo_a);
+      c0[g] = L::xor_(L::xor_(hi_b, c1[g]), key0);
+      c2[g] = L::xor_(L::xor_(hi_a, c3[g]), key1);
       c1[g] = lo_b;
       c3[g] = lo_a;
     }
-    key0 = _mm256_add_epi32(key0, key_a);
-    key1 = _mm256_add_epi32(key1, key_b);
+    key0 = L::add(key0, key_a);
+    key1 = L::add(key1, key_b);
   }
 }
 
@@ -178,31 +207,73 @@ inline void store_elements(__m256i w0, __m256i w1, __m256i w2, __m256i w3, float
   _mm256_storeu_si256(dst + 3, _mm256_permute2x128_si256(t26, t37, 0x31));  // 6, 7
 }
 
-}  // namespace detail
+#ifdef __AVX512F__
+// The same for 16 counters: the unpacks give, in each 128-bit lane L, counters 4 L .. 4 L + 3
+// (t0: 4 L, t1: 4 L + 1, ...); two rounds of 128-bit shuffles gather each counter quadruple.
+inline void store_elements(__m512i w0, __m512i w1, __m512i w2, __m512i w3, float* out) {
+  auto bits = [](__m512i w) {
+    const __m512i folded = _mm512_xor_si512(w, _mm512_srai_epi32(w, 31));
+    return _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(folded), _mm512_set1_ps(kUniformScale)));
+  };
+  const __m512i a = bits(w0), b = bits(w1), c = bits(w2), d = bits(w3);
+  const __m512i ab_lo = _mm512_unpacklo_epi32(a, b), ab_hi = _mm512_unpackhi_epi32(a, b);
+  const __m512i cd_lo = _mm512_unpacklo_epi32(c, d), cd_hi = _mm512_unpackhi_epi32(c, d);
+  const __m512i t0 = _mm512_unpacklo_epi64(ab_lo, cd_lo), t1 = _mm512_unpackhi_epi64(ab_lo, cd_lo);
+  const __m512i t2 = _mm512_unpacklo_epi64(ab_hi, cd_hi), t3 = _mm512_unpackhi_epi64(ab_hi, cd_hi);
+  const __m512i x01 = _mm512_shuffle_i32x4(t0, t1, 0x44), x23 = _mm512_shuffle_i32x4(t2, t3, 0x44);  // lanes 0, 1
+  const __m512i y01 = _mm512_shuffle_i32x4(t0, t1, 0xEE), y23 = _mm512_shuffle_i32x4(t2, t3, 0xEE);  // lanes 2, 3
+  _mm512_storeu_si512(out, _mm512_shuffle_i32x4(x01, x23, 0x88));       // counters 0..3
+  _mm512_storeu_si512(out + 16, _mm512_shuffle_i32x4(x01, x23, 0xDD));  // 4..7
+  _mm512_storeu_si512(out + 32, _mm512_shuffle_i32x4(y01, y23, 0x88));  // 8..11
+  _mm512_storeu_si512(out + 48, _mm512_shuffle_i32x4(y01, y23, 0xDD));  // 12..15
+}
+
+// Counters counter + lane + offset (lanes 0..15): low and high words, the carry of the low add by
+// an unsigned compare.
+inline void counter_vector(uint64_t counter, uint32_t offset, __m512i& lo, __m512i& hi) {
+  const __m512i base_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter)));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  lo = _mm512_add_epi32(base_lo, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(offset))));
+  const __m512i base_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter >> 32)));
+  hi = _mm512_mask_add_epi32(base_hi, _mm512_cmplt_epu32_mask(lo, base_lo), base_hi, _mm512_set1_epi32(1));
+}
+using Lanes = Lanes512;
+#else
+// Counters counter + lane + offset (lanes 0..7): low and high words, the carry of the low add by
+// an unsigned compare (both sides' sign bits flipped for the signed one AVX2 has). Built in
+// registers: scalar stores read back as one vector would stall the load.
+inline void counter_vector(uint64_t counter, uint32_t offset, __m256i& lo, __m256i& hi) {
+  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i base_lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter)));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  lo = _mm256_add_epi32(base_lo, _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(offset))));
+  const __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(base_lo, sign), _mm256_xor_si256(lo, sign));
+  const __m256i base_hi = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter >> 32)));
+  hi = _mm256_sub_epi32(base_hi, carry);  // carry is -1 where the low word wrapped
+}
+using Lanes = Lanes256;
 #endif
 
-// out[t] = uniform(seed, 4 * counter + t) for t in [0, 32 G): the words of G groups of 8
-// consecutive counters from `counter`, in element order.
+}  // namespace detail
+// Counters per group of the CPU draw (one vector of them: 16 with AVX-512, 8 with AVX2), and the
+// elements they give.
+constexpr int kGroupCounters = detail::Lanes::kCount;
+#else
+constexpr int kGroupCounters = 8;
+#endif
+constexpr int kGroupElements = kWords * kGroupCounters;
+
+// out[t] = uniform(seed, 4 * counter + t) for t in [0, kGroupElements G): the words of G groups of
+// kGroupCounters consecutive counters from `counter`, in element order.
 template <int G>
 __attribute__((always_inline)) inline void counter_uniforms(uint64_t seed, uint64_t counter, float* out) {
   const uint32_t k0 = static_cast<uint32_t>(seed);
   const uint32_t k1 = static_cast<uint32_t>(seed >> 32);
 #ifdef __AVX2__
-  __m256i c0[G], c1[G], c2[G], c3[G];
-  // Counter words in registers (scalar stores read back as one vector would stall the load):
-  // low = low(counter) + lane, high = high(counter) + the carry of that add (an unsigned
-  // compare: both sides' sign bits flipped for the signed one AVX2 has).
-  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
-  const __m256i base_lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter)));
-  const __m256i base_hi = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter >> 32)));
-  for (int g = 0; g < G; ++g) {
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i lo = _mm256_add_epi32(base_lo, _mm256_add_epi32(lane, _mm256_set1_epi32(g * kGroupCounters)));
-    const __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(base_lo, sign), _mm256_xor_si256(lo, sign));
-    c0[g] = lo;
-    c1[g] = _mm256_sub_epi32(base_hi, carry);  // carry is -1 where the low word wrapped
-  }
-  detail::rounds<G>(c0, c1, c2, c3, k0, k1);
+  using L = detail::Lanes;
+  typename L::V c0[G], c1[G], c2[G], c3[G];
+  for (int g = 0; g < G; ++g) detail::counter_vector(counter, g * kGroupCounters, c0[g], c1[g]);
+  detail::rounds<L, G>(c0, c1, c2, c3, k0, k1);
   for (int g = 0; g < G; ++g) detail::store_elements(c0[g], c1[g], c2[g], c3[g], out + g * kGroupElements);
 #else
   (void)k0;
@@ -230,7 +301,7 @@ __attribute__((always_inline)) inline void uniforms(uint64_t seed, uint64_t firs
     if (pos >= 0 && n - pos >= kGroupElements) {
       counter_uniforms<1>(seed, counter, out + pos);
     } else {
-      alignas(32) float part[kGroupElements];
+      alignas(64) float part[kGroupElements];
       counter_uniforms<1>(seed, counter, part);
       const int64_t lo = std::max<int64_t>(pos, 0), hi = std::min<int64_t>(n, pos + kGroupElements);
       std::memcpy(out + lo, part + (lo - pos), static_cast<size_t>(hi - lo) * sizeof(float));
