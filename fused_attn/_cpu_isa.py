@@ -5,8 +5,7 @@ only: setup.py loads this file on its own, before the package can be imported.
 
 - ``avx512``: torch's AVX-512 set (F, BW, VL, DQ) with AVX2/FMA/F16C: 16 float32 lanes. Opt-in
   (FUSED_ATTN_CPU_ISA=avx512): on an AMX Xeon it made the bfloat16 attention forward about 20%
-  faster and a whole model's training step even, but Add & Norm's backward slower (README, CPU
-  figures);
+  faster and whole models 3-7% (README, CPU figures);
 - ``avx2``: AVX2, FMA and F16C: 8 float32 lanes; the default where the CPU has it;
 - ``generic``: whatever the compiler targets by default (at::vec's portable loops).
 """
