@@ -168,14 +168,15 @@ struct DropoutArgs {
   bool active = false;
 };
 
-// Applies the dropout to the elements [e, e + VEC) held in v.
+// Applies the dropout to the elements [e, e + VEC) held in v (philox::keep_run: one Philox evaluation
+// per four elements where e is a multiple of 4, as it is when hidden is).
 template <int VEC>
 __device__ __forceinline__ void apply_dropout(const DropoutArgs& d, int64_t e, float (&v)[VEC]) {
   if (!d.active) return;
+  bool keep[VEC];
+  philox::keep_run(d.seed, static_cast<uint64_t>(e), d.p, keep);
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    v[j] = cuda_utils::dropout_value(v[j], philox::keep(d.seed, static_cast<uint64_t>(e + j), d.p), d.keep_prob);
-  }
+  for (int j = 0; j < VEC; ++j) v[j] = cuda_utils::dropout_value(v[j], keep[j], d.keep_prob);
 }
 
 // Extra operands of the forward kernels when kAdd (ignored otherwise). All [rows, hidden] row-major

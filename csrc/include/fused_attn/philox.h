@@ -104,6 +104,24 @@ FUSED_ATTN_HOST_DEVICE bool keep(uint64_t seed, uint64_t element, float p) {
   return uniform(seed, element) >= p;
 }
 
+// keep[j] = keep(seed, first + j, p) for j in [0, N): one evaluation of the rounds per counter the
+// run touches (N / 4 of them for a run that starts at a multiple of 4), not one per element. For a
+// GPU thread's run of consecutive elements; the words are selected without indexing.
+template <int N>
+FUSED_ATTN_HOST_DEVICE void keep_run(uint64_t seed, uint64_t first, float p, bool (&keep)[N]) {
+  uint32_t w0, w1, w2, w3;
+  counter_words(seed, first >> 2, w0, w1, w2, w3);
+#ifdef __CUDA_ARCH__
+#pragma unroll
+#endif
+  for (int j = 0; j < N; ++j) {
+    const uint64_t e = first + static_cast<uint64_t>(j);
+    const uint32_t which = static_cast<uint32_t>(e & 3u);
+    if (j > 0 && which == 0) counter_words(seed, e >> 2, w0, w1, w2, w3);
+    keep[j] = to_uniform(which == 0 ? w0 : which == 1 ? w1 : which == 2 ? w2 : w3) >= p;
+  }
+}
+
 // Every backend takes dropout_p as a float32 p (as torch's CUDA dropout does) and divides what it
 // keeps by the keep rate 1 - p (exact in float for p >= 0.5), so the expected value of an element
 // is itself. A dropout_p that rounds to 1 (over 1 - 2^-25) keeps nothing: the divisor is then 1 and
