@@ -276,16 +276,24 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   grad_bias[c] = static_cast<T>(total);
 }
 
-// The FFN's dropout (ffn_dropout_cuda): one thread per element, grid-stride; element e of the stream is
-// element e of the contiguous tensor; the arithmetic is cuda_utils::dropout_value's, the CPU and Triton
-// kernels'. src may be dst (the forward drops in place), hence no __restrict__.
+// The FFN's dropout (ffn_dropout_cuda): one thread per four elements (one Philox counter's words,
+// philox::keep_run), grid-stride; element e of the stream is element e of the contiguous tensor; the
+// arithmetic is cuda_utils::dropout_value's, the CPU and Triton kernels'. src may be dst (the forward
+// drops in place), hence no __restrict__.
+constexpr int64_t kDropRun = philox::kWords;
 template <typename T>
 __global__ void __launch_bounds__(kEltThreads)
     ffn_dropout_kernel(const T* src, T* dst, int64_t n, uint64_t seed, float p, float keep_prob) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += stride) {
-    const bool keep = philox::keep(seed, static_cast<uint64_t>(e), p);
-    dst[e] = static_cast<T>(cuda_utils::dropout_value(static_cast<float>(src[e]), keep, keep_prob));
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * kDropRun;
+  for (int64_t e = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kDropRun; e < n; e += stride) {
+    bool keep[kDropRun];
+    philox::keep_run(seed, static_cast<uint64_t>(e), p, keep);
+#pragma unroll
+    for (int j = 0; j < kDropRun; ++j) {
+      if (e + j < n) {
+        dst[e + j] = static_cast<T>(cuda_utils::dropout_value(static_cast<float>(src[e + j]), keep[j], keep_prob));
+      }
+    }
   }
 }
 
@@ -831,7 +839,7 @@ void ffn_dropout_cuda(const at::Tensor& src, const at::Tensor& dst, uint64_t see
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const float p = static_cast<float>(dropout_p);
   AT_DISPATCH_V2(src.scalar_type(), "ffn_dropout_cuda", AT_WRAP([&] {
-    ffn_dropout_kernel<scalar_t><<<grid_size(ceil_div(n, kEltThreads)), kEltThreads, 0, stream>>>(
+    ffn_dropout_kernel<scalar_t><<<grid_size(ceil_div(ceil_div(n, kDropRun), kEltThreads)), kEltThreads, 0, stream>>>(
         src.const_data_ptr<scalar_t>(), dst.mutable_data_ptr<scalar_t>(), n, seed, p, philox::keep_divisor(p));
   }), at::kFloat, at::kHalf, at::kBFloat16);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
