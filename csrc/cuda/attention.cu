@@ -577,17 +577,13 @@ __device__ __forceinline__ float kept(const AttnParams& p, int64_t bh, int64_t i
   return philox::keep(p.seed, counter, p.dropout_p) ? 1.f : 0.f;
 }
 
-// kept() of the keys j and j + 1 of query i (j even: a thread's two adjacent accumulator columns).
-// Their stream elements e and e + 1 share Philox counter e / 4 when e is even (words e % 4 and
-// e % 4 + 1), which holds for every j when k_len is even: one evaluation of the rounds serves both.
+// kept() of the keys j and j + 1 of query i (j even: a thread's two adjacent accumulator columns), with
+// one evaluation of the Philox rounds where their stream elements share a counter (philox::keep_run:
+// always for an even k_len).
 __device__ __forceinline__ float2 kept_pair(const AttnParams& p, int64_t bh, int64_t i, int64_t j) {
-  const uint64_t e = static_cast<uint64_t>((bh * p.q_len + i) * p.k_len + j);
-  if (e & 1u) return make_float2(kept(p, bh, i, j), kept(p, bh, i, j + 1));
-  uint32_t w0, w1, w2, w3;
-  philox::counter_words(p.seed, e >> 2, w0, w1, w2, w3);
-  const bool upper = (e & 2u) != 0;
-  return make_float2(philox::to_uniform(upper ? w2 : w0) >= p.dropout_p ? 1.f : 0.f,
-                     philox::to_uniform(upper ? w3 : w1) >= p.dropout_p ? 1.f : 0.f);
+  bool keep[2];
+  philox::keep_run(p.seed, static_cast<uint64_t>((bh * p.q_len + i) * p.k_len + j), p.dropout_p, keep);
+  return make_float2(keep[0] ? 1.f : 0.f, keep[1] ? 1.f : 0.f);
 }
 
 // The key tiles [t_lo, t_hi) of kN keys a query block of head bh walks, keys below `n_end` (the causal

@@ -79,13 +79,17 @@ FUSED_ATTN_HOST_DEVICE void counter_words(uint64_t seed, uint64_t counter, uint3
   }
 }
 
-// The word of element `element` of the stream of `seed`: word element % 4 of counter element / 4
-// (selected without indexing, which would put the words in local memory on a GPU).
+// Word `which` (0..3) of a counter's words, selected without indexing (an array indexed at run
+// time would put the words in local memory on a GPU).
+FUSED_ATTN_HOST_DEVICE uint32_t select_word(uint32_t which, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
+  return which == 0 ? c0 : which == 1 ? c1 : which == 2 ? c2 : c3;
+}
+
+// The word of element `element` of the stream of `seed`: word element % 4 of counter element / 4.
 FUSED_ATTN_HOST_DEVICE uint32_t element_word(uint64_t seed, uint64_t element) {
   uint32_t c0, c1, c2, c3;
   counter_words(seed, element >> 2, c0, c1, c2, c3);
-  const uint32_t w = static_cast<uint32_t>(element & 3u);
-  return w == 0 ? c0 : w == 1 ? c1 : w == 2 ? c2 : c3;
+  return select_word(static_cast<uint32_t>(element & 3u), c0, c1, c2, c3);
 }
 
 // The word as a float in [0, 1), as triton.language.rand maps it.
@@ -106,7 +110,7 @@ FUSED_ATTN_HOST_DEVICE bool keep(uint64_t seed, uint64_t element, float p) {
 
 // keep[j] = keep(seed, first + j, p) for j in [0, N): one evaluation of the rounds per counter the
 // run touches (N / 4 of them for a run that starts at a multiple of 4), not one per element. For a
-// GPU thread's run of consecutive elements; the words are selected without indexing.
+// GPU thread's run of consecutive elements.
 template <int N>
 FUSED_ATTN_HOST_DEVICE void keep_run(uint64_t seed, uint64_t first, float p, bool (&keep)[N]) {
   uint32_t w0, w1, w2, w3;
@@ -118,7 +122,7 @@ FUSED_ATTN_HOST_DEVICE void keep_run(uint64_t seed, uint64_t first, float p, boo
     const uint64_t e = first + static_cast<uint64_t>(j);
     const uint32_t which = static_cast<uint32_t>(e & 3u);
     if (j > 0 && which == 0) counter_words(seed, e >> 2, w0, w1, w2, w3);
-    keep[j] = to_uniform(which == 0 ? w0 : which == 1 ? w1 : which == 2 ? w2 : w3) >= p;
+    keep[j] = to_uniform(select_word(which, w0, w1, w2, w3)) >= p;
   }
 }
 
@@ -130,29 +134,11 @@ FUSED_ATTN_HOST_DEVICE float keep_divisor(float p) { return p < 1.f ? 1.f - p : 
 FUSED_ATTN_HOST_DEVICE float keep_scale(float p) { return p < 1.f ? 1.f / (1.f - p) : 0.f; }
 
 #ifndef __CUDACC__
-#if defined(__AVX512F__)
-namespace detail {
-
-// 32-bit integer lanes of one vector: what the Philox rounds need of AVX-512 (16 lanes) or AVX2 (8).
-struct Lanes512 {
-  using V = __m512i;
-  static constexpr int kCount = 16;
-  static V set1(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
-  static V zero() { return _mm512_setzero_si512(); }
-  static V add(V a, V b) { return _mm512_add_epi32(a, b); }
-  static V xor_(V a, V b) { return _mm512_xor_si512(a, b); }
-  static V mul_even(V a, V b) { return _mm512_mul_epu32(a, b); }
-  static V srli64(V a) { return _mm512_srli_epi64(a, 32); }
-  static V slli64(V a) { return _mm512_slli_epi64(a, 32); }
-  static V odd_from(V even_src, V odd_src) { return _mm512_mask_blend_epi32(0xAAAA, even_src, odd_src); }
-};
-
-}  // namespace detail
-#endif
-
 #ifdef __AVX2__
 namespace detail {
 
+// 32-bit integer lanes of one vector: what the Philox rounds need of AVX2 (8 lanes) or AVX-512 (16,
+// Lanes512 below).
 struct Lanes256 {
   using V = __m256i;
   static constexpr int kCount = 8;
@@ -202,8 +188,8 @@ inline void rounds(typename L::V (&c0)[G], typename L::V (&c1)[G], typename L::V
   }
 }
 
-// to_uniform of 8 words, lane by lane: w < 0 ? ~w : w (xor with the sign mask), to float, times
-// the scale; returned as integer bits for the transpose.
+// to_uniform of a vector's words, lane by lane: w < 0 ? ~w : w (xor with the sign mask), to float,
+// times the scale; returned as integer bits for the transpose.
 inline __m256i uniform_bits(__m256i w) {
   const __m256i folded = _mm256_xor_si256(w, _mm256_srai_epi32(w, 31));
   return _mm256_castps_si256(_mm256_mul_ps(_mm256_cvtepi32_ps(folded), _mm256_set1_ps(kUniformScale)));
@@ -226,14 +212,28 @@ inline void store_elements(__m256i w0, __m256i w1, __m256i w2, __m256i w3, float
 }
 
 #ifdef __AVX512F__
-// The same for 16 counters: the unpacks give, in each 128-bit lane L, counters 4 L .. 4 L + 3
+struct Lanes512 {
+  using V = __m512i;
+  static constexpr int kCount = 16;
+  static V set1(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
+  static V zero() { return _mm512_setzero_si512(); }
+  static V add(V a, V b) { return _mm512_add_epi32(a, b); }
+  static V xor_(V a, V b) { return _mm512_xor_si512(a, b); }
+  static V mul_even(V a, V b) { return _mm512_mul_epu32(a, b); }
+  static V srli64(V a) { return _mm512_srli_epi64(a, 32); }
+  static V slli64(V a) { return _mm512_slli_epi64(a, 32); }
+  static V odd_from(V even_src, V odd_src) { return _mm512_mask_blend_epi32(0xAAAA, even_src, odd_src); }
+};
+
+inline __m512i uniform_bits(__m512i w) {
+  const __m512i folded = _mm512_xor_si512(w, _mm512_srai_epi32(w, 31));
+  return _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(folded), _mm512_set1_ps(kUniformScale)));
+}
+
+// store_elements for 16 counters: the unpacks give, in each 128-bit lane L, counters 4 L .. 4 L + 3
 // (t0: 4 L, t1: 4 L + 1, ...); two rounds of 128-bit shuffles gather each counter quadruple.
 inline void store_elements(__m512i w0, __m512i w1, __m512i w2, __m512i w3, float* out) {
-  auto bits = [](__m512i w) {
-    const __m512i folded = _mm512_xor_si512(w, _mm512_srai_epi32(w, 31));
-    return _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(folded), _mm512_set1_ps(kUniformScale)));
-  };
-  const __m512i a = bits(w0), b = bits(w1), c = bits(w2), d = bits(w3);
+  const __m512i a = uniform_bits(w0), b = uniform_bits(w1), c = uniform_bits(w2), d = uniform_bits(w3);
   const __m512i ab_lo = _mm512_unpacklo_epi32(a, b), ab_hi = _mm512_unpackhi_epi32(a, b);
   const __m512i cd_lo = _mm512_unpacklo_epi32(c, d), cd_hi = _mm512_unpackhi_epi32(c, d);
   const __m512i t0 = _mm512_unpacklo_epi64(ab_lo, cd_lo), t1 = _mm512_unpackhi_epi64(ab_lo, cd_lo);
