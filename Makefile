@@ -81,9 +81,6 @@ gpu-check:
 GPU_PYTHON ?= python3.12
 GPU_TORCH ?= torch==2.11.0
 GPU_ARCH ?= 9.0
-# The GPU machine's CPU is not this one: AVX2 runs on every x86-64 host of such GPUs (a library
-# built for a set its CPU lacks is not loaded there, and make gpu-check would rebuild it).
-GPU_CPU_ISA ?= avx2
 GPU_VENV ?= .venv-gpu
 GPU_PY := $(GPU_VENV)/bin/python
 TAG := import sys; print(sys.implementation.cache_tag)
@@ -94,7 +91,7 @@ gpu-prebuild:
 		echo "gpu-prebuild: $(GPU_PYTHON) is the local venv's Python version; its build would replace the local one" >&2; \
 		exit 2; fi
 	$(GPU_PY) -m pip install -q $(GPU_TORCH) ninja pybind11 numpy wheel "setuptools>=77,<82"
-	TORCH_CUDA_ARCH_LIST="$(GPU_ARCH)" FUSED_ATTN_WERROR=0 FUSED_ATTN_CPU_ISA=$(GPU_CPU_ISA) $(GPU_PY) setup.py -q build_ext --inplace
+	TORCH_CUDA_ARCH_LIST="$(GPU_ARCH)" FUSED_ATTN_WERROR=0 $(GPU_PY) setup.py -q build_ext --inplace
 	$(GPU_PY) -c 'from fused_attn import _extension as e; print("built for the GPU machine:", e.stale_reason() or "current")'
 
 clean:

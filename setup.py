@@ -1,11 +1,15 @@
-"""Builds the fused_attn._C extension.
+"""Builds the extension: fused_attn._C (the op schemas, autograd, autocast, the plain-call entry and
+the CUDA kernels) and the C++ CPU kernels, once per vector instruction set, each a library of its
+own (fused_attn._C_cpu_avx512, _C_cpu_avx2, ...), of which fused_attn._extension loads the widest
+this CPU runs (fused_attn/_cpu_isa.py).
 
-The C++ CPU kernels (csrc/cpu) are always compiled. The CUDA kernels (csrc/cuda) are compiled
-when a CUDA toolkit and a CUDA build of torch are both present; FUSED_ATTN_BUILD_CUDA=0/1 forces
-either way. TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "8.0;9.0" when no GPU is
-visible) and MAX_JOBS the number of parallel compile jobs; FUSED_ATTN_WERROR=0 keeps nvcc warnings
-from failing the build. FUSED_ATTN_CPU_ISA=avx512|avx2|generic picks
-the vector width of the CPU kernels (default: avx2 where this CPU has it; fused_attn/_cpu_isa.py).
+The CPU kernels (csrc/cpu, and csrc/ffn.cpp's CPU half) are always compiled, for the sets
+FUSED_ATTN_BUILD_CPU_ISAS names (a comma list of avx512, avx2, generic; default avx512,avx2 on
+x86-64, generic elsewhere). The CUDA kernels (csrc/cuda) are compiled when a CUDA toolkit and a
+CUDA build of torch are both present; FUSED_ATTN_BUILD_CUDA=0/1 forces either way.
+TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "8.0;9.0" when no GPU is visible) and
+MAX_JOBS the number of parallel compile jobs; FUSED_ATTN_WERROR=0 keeps nvcc warnings from
+failing the build.
 
 What was built is written to fused_attn/_build_info.<python tag>.json so that `fused-attn info` can report it.
 FUSED_ATTN_SKIP_EXTENSION=1 installs the Python package alone (the Makefile then builds the
@@ -103,14 +107,11 @@ def _cublaslt_link_args(cuda_home: str, cuda_version: str | None) -> list[str]:
     return ["-lcublasLt"]  # let the linker search its default paths (and fail naming the library if absent)
 
 
-def _cpu_isa() -> str:
-    isa_module = _package_module("_cpu_isa")
-    requested = os.environ.get("FUSED_ATTN_CPU_ISA", "").lower()
-    if requested:
-        if requested not in isa_module.ISA_FLAGS:
-            raise SystemExit(f"FUSED_ATTN_CPU_ISA must be one of {', '.join(isa_module.ISA_FLAGS)}, got {requested!r}")
-        return requested
-    return isa_module.default_isa()
+def _cpu_isas() -> list[str]:
+    try:
+        return _package_module("_cpu_isa").build_sets()
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 # The oldest torch the extension compiles against and the suite passes on (the C++ sources use
@@ -142,8 +143,8 @@ def main() -> None:
     if build_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
-    isa = _cpu_isa()
-    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", *_package_module("_cpu_isa").COMPILE_FLAGS[isa]]
+    isas = _cpu_isas()
+    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     nvcc_flags = [
         "-O3",
         "--use_fast_math",
@@ -157,11 +158,26 @@ def main() -> None:
     if _env_flag("FUSED_ATTN_WERROR") is not False:
         nvcc_flags.append("-Werror=all-warnings")
 
-    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # csrc/ffn.cpp is the FFN op of both devices: its CPU half goes with the CPU kernels, its CUDA
+    # half (where CUDA is built) with the CUDA kernels.
+    sources = [s for s in sorted(glob.glob("csrc/*.cpp")) if s != "csrc/ffn.cpp"]
+    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/ffn.cpp"]
     include_dirs = [str(ROOT / "csrc" / "include")]
     link_args = ["-fopenmp"]
+    isa_flags = _package_module("_cpu_isa").COMPILE_FLAGS
+    cpu_extensions = [
+        cpp_extension.CppExtension(
+            name=f"fused_attn._C_cpu_{isa}",
+            sources=cpu_sources,
+            include_dirs=list(include_dirs),
+            extra_compile_args=[*cxx_flags, *isa_flags[isa], "-DFUSED_ATTN_CPU_KERNELS"],
+            extra_link_args=list(link_args),
+            py_limited_api=False,
+        )
+        for isa in isas
+    ]
     if build_cuda:
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += ["csrc/ffn.cpp"] + sorted(glob.glob("csrc/cuda/*.cu"))
         include_dirs += _cuda_library_includes(cuda_home)
         link_args += _cublaslt_link_args(cuda_home, torch.version.cuda)
         cxx_flags.append("-DFUSED_ATTN_WITH_CUDA")
@@ -185,24 +201,41 @@ def main() -> None:
         "cuda_home": cuda_home,
         "cuda_compiled": build_cuda,
         "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if build_cuda else None,
-        "cpu_isa": isa,
+        "cpu_isas": isas,
         "sources": sources,
+        "cpu_sources": cpu_sources,
         "python": platform.python_version(),
         "sources_digest": _sources_digest(),
     }
 
     class BuildExtension(cpp_extension.BuildExtension):
-        """Records what was built next to the extension, once the build has succeeded."""
+        """Builds each library in a folder of its own (the CPU kernel libraries compile the same
+        sources with other flags), removes CPU kernel libraries of sets not built this time (they
+        would be of older sources), and records what was built next to the extension once the
+        build has succeeded."""
+
+        def build_extension(self, ext) -> None:
+            build_temp = self.build_temp
+            self.build_temp = os.path.join(build_temp, ext.name.rpartition(".")[2])
+            try:
+                super().build_extension(ext)
+            finally:
+                self.build_temp = build_temp
 
         def run(self) -> None:
             super().run()
             facts["built_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
             package_dir = Path(self.get_ext_fullpath(extension.name)).parent
+            built = {Path(self.get_ext_fullpath(ext.name)).name for ext in cpu_extensions}
+            suffix = Path(self.get_ext_fullpath(extension.name)).name.partition(".")[2]
+            for old in package_dir.glob(f"_C_cpu_*.{suffix}"):
+                if old.name not in built:
+                    old.unlink()
             (package_dir / BUILD_INFO.name).write_text(json.dumps(facts, indent=2) + "\n")
 
     skip = _env_flag("FUSED_ATTN_SKIP_EXTENSION")
     setup(
-        ext_modules=[] if skip else [extension],
+        ext_modules=[] if skip else [extension, *cpu_extensions],
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     )
 

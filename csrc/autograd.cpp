@@ -29,11 +29,6 @@
 #include <torch/library.h>
 
 namespace fused_attn {
-
-void mark_written(const at::Tensor& t) {
-  if (t.defined() && !t.is_inference()) torch::autograd::impl::bump_version(t);
-}
-
 namespace {
 
 using at::Tensor;

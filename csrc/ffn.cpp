@@ -16,6 +16,10 @@
 // every backend drops the same elements for the same seed; the backward regenerates the mask from the
 // seed instead of storing it. Kept values are divided by the keep rate, 1 - dropout_p in float
 // (philox::keep_divisor). The forward applies it in place on the GEMM's output.
+//
+// The file is compiled twice: into each CPU kernel library (fused_attn/_C_cpu_<set>, with
+// FUSED_ATTN_CPU_KERNELS: the CPU registrations, beside csrc/cpu/ffn.cpp's kernels) and, where CUDA
+// is built, into fused_attn._C (with FUSED_ATTN_WITH_CUDA: the CUDA registrations).
 #include <array>
 #include <optional>
 #include <tuple>
@@ -28,7 +32,9 @@
 #include <torch/library.h>
 
 #include "fused_attn/checks.h"
+#ifdef FUSED_ATTN_CPU_KERNELS
 #include "fused_attn/ffn_cpu.h"
+#endif
 #ifdef FUSED_ATTN_WITH_CUDA
 #include "fused_attn/ffn_cuda.h"
 #endif
@@ -54,14 +60,21 @@ Tensor dropped(const Tensor& x, const OptTensor& seed, double dropout_p, bool ow
   const uint64_t key = dropout_seed(seed);
   const Tensor src = x.contiguous();
   const Tensor dst = own || !src.is_same(x) ? src : at::empty_like(src);
-#ifdef FUSED_ATTN_WITH_CUDA
-  if (src.is_cuda()) {
-    ffn_dropout_cuda(src, dst, key, dropout_p);
-    return dst;
-  }
-#endif
+#ifdef FUSED_ATTN_CPU_KERNELS
   ffn_dropout_cpu(src, dst, key, dropout_p);
+#else
+  ffn_dropout_cuda(src, dst, key, dropout_p);
+#endif
   return dst;
+}
+
+// The second linear's GEMM, on CPU widened to float32 where the dtype's is not native.
+Tensor second_linear(const Tensor& hidden, const Tensor& w2, const OptTensor& b2) {
+#ifdef FUSED_ATTN_CPU_KERNELS
+  return ffn_linear_cpu(hidden, w2, b2);
+#else
+  return at::linear(hidden, w2, b2);
+#endif
 }
 
 // The second linear: w2 [out_features, hidden] and b2 [out_features] (any strides: they only enter a
@@ -100,7 +113,7 @@ std::tuple<Tensor, Tensor> ffn_fwd(const Tensor& input, const Tensor& w1, const 
   at::AutoDispatchBelowADInplaceOrView below;
   auto [hidden, pre] = linear_gelu.call(input, w1, b1, approximate);
   check_second_linear(w2, b2, input, hidden.size(1));
-  Tensor out = input.is_cpu() ? ffn_linear_cpu(hidden, w2, b2) : at::linear(hidden, w2, b2);
+  Tensor out = second_linear(hidden, w2, b2);
   if (dropout_p > 0.0) out = dropped(out, seed, dropout_p, /*own=*/true);
   return {out, pre};
 }
@@ -110,7 +123,7 @@ Tensor ffn_inference(const Tensor& input, const Tensor& w1, const OptTensor& b1,
   static const auto linear_gelu = find("fused_attn::linear_gelu_inference").typed<LinearGeluInference>();
   const Tensor hidden = linear_gelu.call(input, w1, b1, approximate);
   check_second_linear(w2, b2, input, hidden.size(1));
-  return input.is_cpu() ? ffn_linear_cpu(hidden, w2, b2) : at::linear(hidden, w2, b2);
+  return second_linear(hidden, w2, b2);
 }
 
 // consume_pre: pre_activation is this backward's to overwrite (ffn_bwd_consuming): on CPU the gradient
@@ -121,36 +134,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd_impl(const Tensor& gr
                                                                 c10::string_view approximate, double dropout_p,
                                                                 const OptTensor& seed, std::array<bool, 5> output_mask,
                                                                 bool consume_pre) {
-  static const auto scratch_op = find("fused_attn::linear_gelu_bwd_scratch");
-  static const auto bwd_op = find("fused_attn::linear_gelu_bwd").typed<LinearGeluBwd>();
   check_ffn_bwd_args(grad_out_, input, w1, w2, dropout_p);
   at::AutoDispatchBelowADInplaceOrView below;
   const auto [need_dx, need_dw1, need_db1, need_dw2, need_db2] = output_mask;
   Tensor grad_out = dropout_p > 0.0 ? dropped(grad_out_, seed, dropout_p, /*own=*/false) : grad_out_;
   auto empty = [&] { return at::empty({0}, input.options()); };
   Tensor db2 = need_db2 ? grad_out.sum(0) : empty();
-  if (input.is_cpu()) {
-    // Slab by slab over the rows, GEMMs widened where the dtype's are not native (csrc/cpu/ffn.cpp);
-    // the dropped copy of the gradient, this function's own, is freed there once read.
-    if (!grad_out.is_contiguous()) grad_out = grad_out.contiguous();
-    auto [dx, dw1, db1, dw2] = ffn_hidden_bwd_cpu(std::move(grad_out), input, w1, w2, pre_activation, approximate,
-                                                  {need_dx, need_dw1, need_db1, need_dw2}, consume_pre);
-    return {dx, dw1, db1, dw2, db2};
-  }
+#ifdef FUSED_ATTN_CPU_KERNELS
+  // Slab by slab over the rows, GEMMs widened where the dtype's are not native (csrc/cpu/ffn.cpp);
+  // the dropped copy of the gradient, this function's own, is freed there once read.
+  if (!grad_out.is_contiguous()) grad_out = grad_out.contiguous();
+  auto [dx, dw1, db1, dw2] = ffn_hidden_bwd_cpu(std::move(grad_out), input, w1, w2, pre_activation, approximate,
+                                                {need_dx, need_dw1, need_db1, need_dw2}, consume_pre);
+  return {dx, dw1, db1, dw2, db2};
+#else
+  static const auto scratch_op = find("fused_attn::linear_gelu_bwd_scratch");
+  static const auto bwd_op = find("fused_attn::linear_gelu_bwd").typed<LinearGeluBwd>();
   Tensor dw2 = need_dw2 ? grad_out.t().mm(at::gelu(pre_activation, approximate)) : empty();
   Tensor dx = empty(), dw1 = empty(), db1 = empty();
   if (need_dx || need_dw1 || need_db1) {
     const std::array<bool, 3> mask{need_dx, need_dw1, need_db1};
-#ifdef FUSED_ATTN_WITH_CUDA
     // On CUDA the GEMM that forms the hidden gradient applies gelu' and reduces grad_b1 in its
     // epilogue where cuBLASLt serves the call (see csrc/cuda/ffn.cu).
-    if (input.is_cuda()) {
-      if (auto fused = linear_gelu_bwd_from_next_cuda(grad_out, w2, input, w1, pre_activation, approximate, mask)) {
-        std::tie(dx, dw1, db1) = *fused;
-        return {dx, dw1, db1, dw2, db2};
-      }
+    if (auto fused = linear_gelu_bwd_from_next_cuda(grad_out, w2, input, w1, pre_activation, approximate, mask)) {
+      std::tie(dx, dw1, db1) = *fused;
+      return {dx, dw1, db1, dw2, db2};
     }
-#endif
     Tensor d_hidden = grad_out.mm(w2);
     // The hidden gradient is this function's own temporary: where the backend has the scratch
     // variant, grad_pre overwrites it instead of taking a buffer of its own.
@@ -161,6 +170,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd_impl(const Tensor& gr
             : bwd_op.call(d_hidden, input, w1, pre_activation, approximate, mask);
   }
   return {dx, dw1, db1, dw2, db2};
+#endif
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd(const Tensor& grad_out, const Tensor& input,
@@ -200,14 +210,14 @@ std::tuple<Tensor, Tensor, Tensor> linear_gelu_bwd_consuming_cuda(const Tensor& 
 }  // namespace
 }  // namespace fused_attn
 
+#ifdef FUSED_ATTN_CPU_KERNELS
 TORCH_LIBRARY_IMPL(fused_attn, CPU, m) {
   m.impl("ffn_fwd", &fused_attn::ffn_fwd);
   m.impl("ffn_inference", &fused_attn::ffn_inference);
   m.impl("ffn_bwd", &fused_attn::ffn_bwd);
   m.impl("ffn_bwd_consuming", &fused_attn::ffn_bwd_consuming);
 }
-
-#ifdef FUSED_ATTN_WITH_CUDA
+#else
 TORCH_LIBRARY_IMPL(fused_attn, CUDA, m) {
   m.impl("ffn_fwd", &fused_attn::ffn_fwd);
   m.impl("ffn_inference", &fused_attn::ffn_inference);

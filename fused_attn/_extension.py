@@ -1,20 +1,25 @@
-"""Loads the compiled extension ``fused_attn._C`` and remembers why, if it could not.
+"""Loads the compiled extension and remembers why, if it could not.
 
-The extension registers its operators when loaded (``torch.ops.load_library``; they then live
-under ``torch.ops.fused_attn``); it is also a Python module, whose functions are the public ops'
-C++ entry for the plain call (csrc/fast.cpp, used by fused_attn.backends and fused_attn/ops).
+``fused_attn._C`` registers the operators (``torch.ops.load_library``; they then live under
+``torch.ops.fused_attn``), their autograd and autocast kernels and the CUDA kernels; it is also a
+Python module, whose functions are the public ops' C++ entry for the plain call (csrc/fast.cpp,
+used by fused_attn.backends and fused_attn/ops). The CPU kernels are built once per vector
+instruction set (``fused_attn._C_cpu_<set>``, fused_attn/_cpu_isa.py) and one of them is loaded
+after it: the widest this CPU runs, or the one FUSED_ATTN_CPU_ISA names (``cpu_isa()`` says which,
+``cpu_kernels_error()`` why none).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 
-from ._cpu_isa import missing_flags
+from . import _cpu_isa
 from ._sources import sources_digest
 
 _BUILD_INFO = Path(__file__).with_name(f"_build_info.{sys.implementation.cache_tag}.json")
@@ -28,31 +33,47 @@ def build_info() -> dict:
         return {}
 
 
+def _find(name: str) -> str | None:
+    try:
+        spec = importlib.util.find_spec(f"fused_attn.{name}")
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec is not None else None
+
+
 def _load() -> str | None:
-    """Loads the library; returns None on success, else the reason it failed."""
-    try:
-        spec = importlib.util.find_spec("fused_attn._C")
-    except (ImportError, ValueError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    if spec is None or spec.origin is None:
+    """Loads fused_attn._C; returns None on success, else the reason it failed."""
+    origin = _find("_C")
+    if origin is None:
         return "the extension is not built (run `make build` or `pip install --no-build-isolation -e .`)"
-    # A library built for instructions this CPU lacks would die of SIGILL in its first kernel.
-    isa = build_info().get("cpu_isa")
-    lacking = missing_flags(isa) if isa else []
-    if lacking:
-        return (
-            f"{spec.origin} was built for the {isa} instruction set, which this CPU lacks "
-            f"({', '.join(lacking)}): rebuild it here (`make build`), or build with FUSED_ATTN_CPU_ISA=avx2 or generic"
-        )
     try:
-        torch.ops.load_library(spec.origin)
+        torch.ops.load_library(origin)
     except OSError as exc:
-        return f"{spec.origin} failed to load: {exc}"
+        return f"{origin} failed to load: {exc}"
     return None
+
+
+def _load_cpu_kernels(environ=os.environ) -> tuple[str | None, str | None]:
+    """Loads one library of CPU kernels, after fused_attn._C: (the set loaded, None) on success,
+    else (None, the reason). Never one built for instructions this CPU lacks: it would die of
+    SIGILL in its first kernel, not raise."""
+    if _LOAD_ERROR is not None:
+        return None, f"fused_attn._C not loaded: {_LOAD_ERROR}"
+    built = [isa for isa in build_info().get("cpu_isas", []) if _find(f"_C_cpu_{isa}") is not None]
+    isa, why = _cpu_isa.choose(built, requested=environ.get(_cpu_isa.RUN_ENV))
+    if isa is None:
+        return None, why
+    origin = _find(f"_C_cpu_{isa}")
+    try:
+        torch.ops.load_library(origin)
+    except OSError as exc:
+        return None, f"{origin} failed to load: {exc}"
+    return isa, None
 
 
 # Loaded once, at import: later queries read a constant (also while torch.compile traces).
 _LOAD_ERROR = _load()
+_CPU_ISA, _CPU_ERROR = _load_cpu_kernels()
 
 
 def _fast_module() -> object | None:
@@ -90,8 +111,21 @@ def load_error() -> str | None:
 
 
 def library_path() -> str | None:
-    spec = importlib.util.find_spec("fused_attn._C")
-    return spec.origin if spec is not None else None
+    return _find("_C")
+
+
+def cpu_isa() -> str | None:
+    """The instruction set of the CPU kernels loaded (``avx512``, ``avx2``, ``generic``), or None."""
+    return _CPU_ISA
+
+
+def cpu_kernels_error() -> str | None:
+    """Why no CPU kernels are loaded (None when they are)."""
+    return _CPU_ERROR
+
+
+def cpu_library_path() -> str | None:
+    return _find(f"_C_cpu_{_CPU_ISA}") if _CPU_ISA else None
 
 
 # Registrations do not change once the library is loaded: each answer is looked up once (backend
@@ -118,8 +152,9 @@ def cuda_kernels_compiled() -> bool:
 
 def stale_reason() -> str | None:
     """Why the extension in place should be rebuilt before use here, or None when it need not:
-    it did not load, was built for another torch, lacks the CUDA kernels where a GPU is visible
-    (or code for that GPU's architecture), or its sources changed since (in a source checkout)."""
+    it did not load, was built for another torch, has no CPU kernels this CPU runs, lacks the CUDA
+    kernels where a GPU is visible (or code for that GPU's architecture), or its sources changed
+    since (in a source checkout)."""
     if not loaded():
         return f"fused_attn._C not loaded: {load_error()}"
     info = build_info()
@@ -127,6 +162,9 @@ def stale_reason() -> str | None:
         return "no build record"
     if info.get("torch") != torch.__version__:
         return f"built for torch {info.get('torch')}, this is torch {torch.__version__}"
+    built = [isa for isa in info.get("cpu_isas", []) if _find(f"_C_cpu_{isa}") is not None]
+    if _cpu_isa.choose(built)[0] is None:
+        return f"no CPU kernels this CPU runs: {_cpu_isa.choose(built)[1]}"
     if torch.cuda.is_available():
         if not cuda_kernels_compiled():
             return "built without its CUDA kernels, and a GPU is visible"

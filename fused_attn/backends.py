@@ -227,7 +227,10 @@ def backend_unavailable_reasons(backend: str, device: torch.device) -> list[str]
     if backend == "cpu":
         if device.type != "cpu":
             return [f"the cpu backend runs on CPU tensors, got {device.type}"]
-        return [] if _extension.loaded() else [f"fused_attn._C not loaded: {_extension.load_error()}"]
+        if not _extension.loaded():
+            return [f"fused_attn._C not loaded: {_extension.load_error()}"]
+        error = _extension.cpu_kernels_error()
+        return [f"no CPU kernels loaded: {error}"] if error else []
     if backend == "cuda":
         if device.type != "cuda":
             return [f"the cuda backend runs on CUDA tensors, got {device.type}"]

@@ -30,6 +30,9 @@ def collect() -> dict:
         "extension_stale": _extension.stale_reason(),
         "extension_path": _extension.library_path(),
         "cuda_kernels_compiled": _extension.cuda_kernels_compiled(),
+        "cpu_isa": _extension.cpu_isa(),
+        "cpu_kernels_error": _extension.cpu_kernels_error(),
+        "cpu_library_path": _extension.cpu_library_path(),
         "plain_call_entry": _extension.fast_module() is not None,
         "cpu_tile_dtypes": _extension.cpu_tile_dtypes(),
         "triton": backends.triton_version(),
@@ -51,7 +54,8 @@ def render(facts: dict) -> str:
         lines += [
             f"  built with torch  {build.get('torch')} (CUDA {build.get('torch_cuda')}) at {build.get('built_at')}",
             f"  CUDA kernels      {'compiled for ' + str(build.get('cuda_arch_list')) if build.get('cuda_compiled') else 'not compiled'}",
-            f"  CPU vector ISA    {build.get('cpu_isa')}",
+            f"  CPU kernels       built for {', '.join(build.get('cpu_isas') or [build.get('cpu_isa') or 'none'])}"
+            f" from {', '.join(build.get('cpu_sources', [])) or 'the sources below'}",
             f"  sources           {', '.join(build.get('sources', []))}",
         ]
     else:
@@ -63,6 +67,10 @@ def render(facts: dict) -> str:
         lines.append(f"  extension         loaded ({facts['extension_path']})")
     else:
         lines.append(f"  extension         NOT loaded: {facts['extension_error']}")
+    if facts.get("cpu_isa"):
+        lines.append(f"  CPU kernels       {facts['cpu_isa']} ({facts['cpu_library_path']}; FUSED_ATTN_CPU_ISA picks another)")
+    else:
+        lines.append(f"  CPU kernels       NOT loaded: {facts.get('cpu_kernels_error')}")
     lines += [
         f"  CUDA kernels      {'registered' if facts['cuda_kernels_compiled'] else 'not registered'}",
         "  plain-call entry  "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -39,42 +41,82 @@ def test_stale_when_the_gpu_architecture_is_missing(monkeypatch):
     assert _extension.stale_reason() == "built for CUDA architectures 7.0, the GPU is 9.0"
 
 
-def test_the_build_takes_an_instruction_set_this_cpu_runs():
-    # As make builds it (FUSED_ATTN_CPU_ISA unset: the default); the extension loaded, so the set
-    # it was built for is one this CPU runs.
+def test_the_cpu_kernels_loaded_are_the_widest_set_built_that_this_cpu_runs():
+    # As make builds it (FUSED_ATTN_BUILD_CPU_ISAS unset: the default sets) and the package loads
+    # it (FUSED_ATTN_CPU_ISA unset, or naming the set loaded).
     from fused_attn import _cpu_isa
 
-    isa = _extension.build_info()["cpu_isa"]
-    assert _cpu_isa.missing_flags(isa) == []
-    assert isa == _cpu_isa.default_isa()
+    built = _extension.build_info()["cpu_isas"]
+    assert built == _cpu_isa.default_build()
+    isa = _extension.cpu_isa()
+    assert isa in built and _cpu_isa.missing_flags(isa) == []
+    assert _extension.cpu_kernels_error() is None
+    if not os.environ.get("FUSED_ATTN_CPU_ISA"):
+        assert isa == next(i for i in _cpu_isa.ISA_FLAGS if i in built and not _cpu_isa.missing_flags(i))
 
 
 AVX512_CPU = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "sse4_2"}
+AVX2_CPU = {"avx2", "fma", "f16c", "avx512f", "sse4_2"}  # AVX-512 F alone is not torch's AVX-512 set
 
 
-@pytest.mark.parametrize("flags, default, lacking_avx512", [
-    (AVX512_CPU, "avx2", []),  # AVX-512 is opt-in
-    ({"avx2", "fma", "f16c", "avx512f"}, "avx2", ["avx512bw", "avx512vl", "avx512dq"]),
-    ({"avx2", "fma"}, "generic", ["avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c"]),
-    (set(), "generic", ["avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"]),
+@pytest.mark.parametrize("flags, machine, built, chosen", [
+    (AVX512_CPU, "x86_64", ["avx512", "avx2"], "avx512"),
+    (AVX2_CPU, "x86_64", ["avx512", "avx2"], "avx2"),
+    ({"avx2", "fma"}, "x86_64", ["avx512", "avx2", "generic"], "generic"),  # no F16C
+    (set(), "x86_64", ["avx512", "avx2", "generic"], "generic"),
+    (None, "aarch64", ["generic"], "generic"),
 ])
-def test_cpu_instruction_set_by_flags(flags, default, lacking_avx512):
+def test_the_sets_built_and_the_one_loaded_by_cpu(flags, machine, built, chosen):
     from fused_attn import _cpu_isa
 
-    assert _cpu_isa.default_isa(flags) == default
-    assert _cpu_isa.missing_flags(default, flags) == []
-    assert _cpu_isa.missing_flags("avx512", flags) == lacking_avx512
+    # Both x86-64 sets whatever the building CPU has (the library may run on another CPU).
+    assert _cpu_isa.default_build(flags, machine) == built
+    assert _cpu_isa.choose(built, flags) == (chosen, "the widest set built that this CPU runs")
 
 
-def test_a_library_built_for_instructions_this_cpu_lacks_is_not_loaded(monkeypatch):
-    # Loading it would work; its first kernel would die of SIGILL. The loader says why instead,
-    # and the package runs without it (stale_reason, and with it make, then rebuild it here).
-    info = {**_extension.build_info(), "cpu_isa": "avx512"}
+@pytest.mark.parametrize("built, requested, chosen, reason", [
+    (["avx512", "avx2"], "AVX2", "avx2", "FUSED_ATTN_CPU_ISA=avx2"),
+    (["avx512", "avx2"], "generic", None,
+     "FUSED_ATTN_CPU_ISA=generic, but the CPU kernels were built for avx512, avx2 "
+     "(build it with FUSED_ATTN_BUILD_CPU_ISAS=avx512,avx2,generic)"),
+    (["avx512", "avx2"], "sse", None, "FUSED_ATTN_CPU_ISA must be one of avx512, avx2, generic, got 'sse'"),
+    (["avx512"], None, None,
+     "the CPU kernels were built for avx512, none of which this CPU runs (avx512 needs avx512bw, avx512vl, "
+     "avx512dq): rebuild with FUSED_ATTN_BUILD_CPU_ISAS=generic"),
+    (["avx512", "avx2"], "avx512", None, "FUSED_ATTN_CPU_ISA=avx512, but this CPU lacks avx512bw, avx512vl, avx512dq"),
+])
+def test_the_set_requested_at_run_time(built, requested, chosen, reason):
+    from fused_attn import _cpu_isa
+
+    assert _cpu_isa.choose(built, AVX2_CPU, requested) == (chosen, reason)
+
+
+@pytest.mark.parametrize("text, sets", [("avx2", ["avx2"]), (" avx2, AVX512 ", ["avx512", "avx2"]), ("", None),
+                                        ("avx2,neon", None)])
+def test_the_sets_requested_at_build_time(text, sets):
+    from fused_attn import _cpu_isa
+
+    if sets is None and text:
+        with pytest.raises(ValueError, match=r"FUSED_ATTN_BUILD_CPU_ISAS must name sets among avx512, avx2, generic"):
+            _cpu_isa.build_sets({"FUSED_ATTN_BUILD_CPU_ISAS": text})
+    else:
+        assert _cpu_isa.build_sets({"FUSED_ATTN_BUILD_CPU_ISAS": text}) == (sets or _cpu_isa.default_build())
+
+
+def test_cpu_kernels_for_instructions_this_cpu_lacks_are_not_loaded(monkeypatch):
+    # Loading such a library would work; its first kernel would die of SIGILL. The loader says why
+    # instead, and the package runs without CPU kernels (the cpu backend unavailable, with that reason).
+    from fused_attn import _cpu_isa
+
+    info = {**_extension.build_info(), "cpu_isas": ["avx512"]}
     monkeypatch.setattr(_extension, "build_info", lambda: info)
-    monkeypatch.setattr(_extension, "missing_flags", lambda isa: ["avx512bw", "avx512vl"])
-    reason = _extension._load()
-    assert "built for the avx512 instruction set, which this CPU lacks (avx512bw, avx512vl)" in reason
-    assert "FUSED_ATTN_CPU_ISA=avx2" in reason
+    monkeypatch.setattr(_cpu_isa, "cpu_flags", lambda: AVX2_CPU)
+    assert _extension._load_cpu_kernels({}) == (
+        None,
+        "the CPU kernels were built for avx512, none of which this CPU runs (avx512 needs avx512bw, avx512vl, "
+        "avx512dq): rebuild with FUSED_ATTN_BUILD_CPU_ISAS=generic",
+    )
+    assert _extension.stale_reason().startswith("no CPU kernels this CPU runs: the CPU kernels were built for avx512")
 
 
 def _native_ops() -> list[str]:

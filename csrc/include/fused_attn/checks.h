@@ -121,8 +121,11 @@ inline void check_same_as(const at::Tensor& t, const char* name, const at::Tenso
 // Bumps the version counter of a tensor an op wrote in place (its schema's Tensor(a!) argument): the
 // autograd fallback those ops have (autogradNotImplementedFallback) dispatches past the
 // ADInplaceOrView key that would, so without this a tensor another node saved and a raw call
-// overwrote would give that node a silently wrong gradient instead of raising. Defined in
-// csrc/autograd.cpp.
-void mark_written(const at::Tensor& t);
+// overwrote would give that node a silently wrong gradient instead of raising. (What
+// torch::autograd::impl::bump_version does, inline: the CPU kernels' libraries link no autograd
+// code. An inference tensor has no version counter.)
+inline void mark_written(const at::Tensor& t) {
+  if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+}
 
 }  // namespace fused_attn
