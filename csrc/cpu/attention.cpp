@@ -19,7 +19,10 @@
 // Arithmetic is in natural-log units (the Triton kernels fold log2(e) into the scale; the same
 // in exact arithmetic): scores are rounded once as s = scale * q.k (+ mask), and the exponential
 // sees s - max (or s - lse), whose rounding error is small exactly where the probabilities are
-// large. exp is inlined Vectorized<float> code (about 1.5 ulp; exactly 0 for -inf).
+// large. exp is inlined Vectorized<float> code (about 1.5 ulp; exactly 0 for -inf); where P is
+// rounded to 16 bits next (the forward with 16-bit products) a shorter polynomial (2.9e-6
+// relative) in a single pass that also scales and rounds (exp_to, online_softmax_16): with the
+// products on the tile unit, the exponentials are the forward's largest cost.
 //
 // The GEMM-shaped products (Q K^T, P V; in the backward also dO V^T, P^T dO, dS^T Q, dS K) go
 // to the BLAS sgemm that libtorch_cpu links (MKL in the official wheels; LP64 Fortran ABI),
@@ -139,17 +142,31 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // included) comes out exactly 0, which the masking relies on, with no compare or blend. The
 // rounding of x * log2(e) costs |x| * 2^-24 relative, at most 0.4 ulp of the largest results
 // (those with |x| <= 1); large |x| give tiny results.
+// exp_vec<true> is for values rounded to 16 bits next (the 16-bit forward's P, exp_to): degree 4
+// (relative error 2.9e-6 before rounding: 1/700 of bfloat16's half ulp, 1/170 of float16's), and
+// t clamped from below only (its callers' x never exceeds 88, so t stays below 127).
+template <bool kFor16Bit = false>
 C10_ALWAYS_INLINE fVec exp_vec(const fVec& x) {
   // On AVX2 and AVX-512 clamp keeps a NaN (vmaxps/vminps return their second operand, t, for a NaN).
-  const fVec t = at::vec::clamp(x * fVec(1.44269504088896341f), fVec(-127.f), fVec(127.f));
+  const fVec scaled = x * fVec(1.44269504088896341f);
+  const fVec t = kFor16Bit ? at::vec::clamp_min(scaled, fVec(-127.f))
+                           : at::vec::clamp(scaled, fVec(-127.f), fVec(127.f));
   const fVec n = t.round();
   const fVec f = t - n;
-  fVec p(1.5337791410274804e-4f);
-  p = at::vec::fmadd(p, f, fVec(1.3399862218648195e-3f));
-  p = at::vec::fmadd(p, f, fVec(9.618518874049187e-3f));
-  p = at::vec::fmadd(p, f, fVec(5.550329014658928e-2f));
-  p = at::vec::fmadd(p, f, fVec(2.4022646248340607e-1f));
-  p = at::vec::fmadd(p, f, fVec(6.931471824645996e-1f));
+  fVec p;
+  if constexpr (kFor16Bit) {
+    p = fVec(9.582847356796265e-3f);
+    p = at::vec::fmadd(p, f, fVec(5.590643733739853e-2f));
+    p = at::vec::fmadd(p, f, fVec(2.4024099111557007e-1f));
+    p = at::vec::fmadd(p, f, fVec(6.931241750717163e-1f));
+  } else {
+    p = fVec(1.5337791410274804e-4f);
+    p = at::vec::fmadd(p, f, fVec(1.3399862218648195e-3f));
+    p = at::vec::fmadd(p, f, fVec(9.618518874049187e-3f));
+    p = at::vec::fmadd(p, f, fVec(5.550329014658928e-2f));
+    p = at::vec::fmadd(p, f, fVec(2.4022646248340607e-1f));
+    p = at::vec::fmadd(p, f, fVec(6.931471824645996e-1f));
+  }
   p = at::vec::fmadd(p, f, fVec(1.f));
   // 2^n as bits, (n + 127) << 23, formed in float (exact: an integer below 2^31) then converted.
   const fVec bits = at::vec::fmadd(n, fVec(8388608.f), fVec(1065353216.f));
@@ -170,12 +187,15 @@ float reduce_sum(const fVec& v) {
   return at::vec::vec_reduce_all<float>([](const fVec& a, const fVec& b) { return a + b; }, v);
 }
 
+// The largest of s[0, n). A NaN among them need not come out (the vector max keeps its second
+// operand where either is NaN, without the compare that would carry it): the callers' exponentials
+// spread it (exp(NaN) is NaN, and with it the row sum and every output of the row).
 float row_max(const float* s, int64_t n) {
   fVec m0(-kInf), m1(-kInf);
   int64_t j = 0;
   for (; j + 2 * kLanes <= n; j += 2 * kLanes) {
-    m0 = at::vec::maximum(m0, fVec::loadu(s + j));
-    m1 = at::vec::maximum(m1, fVec::loadu(s + j + kLanes));
+    m0 = at::vec::clamp_min(fVec::loadu(s + j), m0);
+    m1 = at::vec::clamp_min(fVec::loadu(s + j + kLanes), m1);
   }
   for (; j < n; j += kLanes) m0 = at::vec::maximum(m0, load_or(s + j, n - j, -kInf));
   return reduce_max(at::vec::maximum(m0, m1));
@@ -243,6 +263,70 @@ void from_float(const float* src, float factor, T* dst, int64_t n) {
     cpu_rows::store_block<P>(dst + j, len, v);
   });
 }
+
+// One block of exp_to: v = exp(f * s - sh) over the block's len elements (lanes past them read
+// -inf, so 0), added into acc.
+template <int P>
+C10_ALWAYS_INLINE void exp_block(const float* s, int64_t len, const fVec& f, const fVec& sh, fVec (&v)[P],
+                                 fVec (&acc)[P]) {
+  for (int k = 0; k < P; ++k) {
+    v[k] = exp_vec<true>(at::vec::fmsub(load_or(s + k * kLanes, len - k * kLanes, -kInf), f, sh));
+    acc[k] += v[k];
+  }
+}
+
+template <int P>
+float sum_of(const fVec (&acc)[P]) {
+  fVec total = acc[0];
+  for (int k = 1; k < P; ++k) total += acc[k];
+  return reduce_sum(total);
+}
+
+// p[0, n) = exp(factor * s - shift) rounded to T once, zero on [n, padded); returns the sum of
+// the unrounded values. One pass: the 16-bit forward's scaling (factor = scale where the scores
+// are raw), exponentials and rounding (see online_softmax_16).
+template <typename T>
+float exp_to(const float* s, int64_t n, float factor, float shift, T* p, int64_t padded) {
+  constexpr int P = cpu_rows::kParts<T>;
+  const fVec f(factor), sh(shift);
+  fVec acc[P];
+  for (auto& a : acc) a = fVec(0.f);
+  cpu_rows::for_each_block<cpu_rows::kBlock<T>>(n, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
+    fVec v[P];
+    exp_block<P>(s + j, len, f, sh, v, acc);
+    cpu_rows::store_block<P>(p + j, len, v);
+  });
+  if (padded > n) std::fill(p + n, p + padded, T(0));
+  return sum_of<P>(acc);
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// exp_to for bfloat16 with AVX512-BF16's conversion, which rounds 32 floats to bfloat16 in one
+// instruction where at::vec's portable rounding takes a dozen (and was a third of exp_to's time).
+// Every CPU whose tile unit multiplies bfloat16 (AMX-BF16, the only caller's condition) has it;
+// checked anyway (has_avx512_bf16). It rounds to nearest even as at::vec does, but flushes
+// results below bfloat16's smallest normal (1.2e-38) to zero: no probability that can matter.
+bool has_avx512_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+__attribute__((target("avx512bf16"))) float exp_to_bf16(const float* s, int64_t n, float factor, float shift,
+                                                         c10::BFloat16* p, int64_t padded) {
+  constexpr int P = 2;
+  const fVec f(factor), sh(shift);
+  fVec acc[P] = {fVec(0.f), fVec(0.f)};
+  for (int64_t j = 0; j < n; j += P * kLanes) {  // (a lambda would not take the function's target)
+    const int64_t len = std::min<int64_t>(P * kLanes, n - j);
+    fVec v[P];
+    exp_block<P>(s + j, len, f, sh, v, acc);
+    const __m512i bits = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v[1], v[0]));
+    _mm512_mask_storeu_epi16(p + j, len == P * kLanes ? ~__mmask32(0) : (__mmask32(1) << len) - 1, bits);
+  }
+  if (padded > n) std::fill(p + n, p + padded, c10::BFloat16(0.f));
+  return sum_of<P>(acc);
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // GEMM on row-major float32 matrices: C[m, n] = alpha * op(A) op(B) + beta * C, where op(A) is
@@ -736,14 +820,23 @@ void masked_scores(const AttnProblem& pb, int64_t b, int64_t h, int64_t i0, int6
 
 // The same with 16-bit products (native_products): Q's rows q (ldq apart) times the packed K^T
 // chunks of key/value head bkv from the tile's first key j0 (a multiple of kTileKeys), then
-// scaled and masked.
+// scaled and masked; or, where `raw` is true, left unscaled (see online_softmax_16).
 template <typename T>
 void masked_scores_16(const AttnProblem& pb, const PackedKV<T>& kv, int64_t b, int64_t h, int64_t i0, int64_t mq,
-                      int64_t j0, int64_t nk, const T* q, int64_t ldq, float* s, int64_t ld_s) {
+                      int64_t j0, int64_t nk, const T* q, int64_t ldq, float* s, int64_t ld_s, bool raw = false) {
   const int64_t bkv = b * pb.kv_heads + pb.kv(h), c0 = j0 / kTileKeys;
   products_by_key_chunk(mq, nk, pb.d, q, ldq, [&](int64_t c) { return kv.k(bkv, c0 + c); }, s, ld_s);
+  if (raw) return;
   for (int64_t r = 0; r < mq; ++r) scale_row(s + r * ld_s, nk, pb.scale);
   mask_tile(pb, b, h, i0, mq, j0, nk, s, ld_s);
+}
+
+// Whether the forward's tile of queries [i0, i0 + mq) and keys [j0, j0 + nk) may keep its scores
+// raw for online_softmax_16: nothing to add or hide in it (no mask, not across the causal
+// diagonal), no dropout, and a positive scale (so that the largest scaled score is the scaled
+// largest raw one: rounding is monotonic).
+bool raw_scores_tile(const AttnProblem& pb, int64_t i0, int64_t j0, int64_t nk) {
+  return pb.mask.kind == MaskKind::kNone && !(pb.causal && j0 + nk - 1 > i0) && !pb.dropout && pb.scale > 0.f;
 }
 
 // The forward's online-softmax step for the scores tile s ([mq, nk], leading dimension ld_s) of
@@ -764,6 +857,46 @@ void online_softmax(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t mq, i
     if (pb.dropout) {
       apply_dropout(row, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, pb.inv_keep);
     }
+  }
+}
+
+// online_softmax for the 16-bit forward, which takes P rounded to T (p, leading dimension ld_p,
+// zero from nk to `padded`): without dropout, the exponentials, their sum and the rounding are one
+// pass (exp_to), and where `raw` the scale too (s then holds the raw products; the row max is
+// taken of them and scaled once), so that a row is read twice instead of four times. The values
+// are those of the separate passes: s * scale is rounded either way (exp_to's FMA rounds
+// s * scale - shift once, where the passes rounded s * scale and then the difference), and the
+// max of the rounded products is the rounded max.
+template <typename T>
+void online_softmax_16(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t mq, int64_t j0, int64_t nk, float* s,
+                       int64_t ld_s, bool raw, T* p, int64_t ld_p, int64_t padded, float* m, float* l, float* acc) {
+  if (pb.dropout) {
+    online_softmax(pb, bh, i0, mq, j0, nk, s, ld_s, m, l, acc);
+    for (int64_t r = 0; r < mq; ++r) {
+      from_float(s + r * ld_s, 1.f, p + r * ld_p, nk);
+      std::fill(p + r * ld_p + nk, p + r * ld_p + padded, T(0));
+    }
+    return;
+  }
+  const float factor = raw ? pb.scale : 1.f;
+  for (int64_t r = 0; r < mq; ++r) {
+    const float* row = s + r * ld_s;
+    const float m_new = std::max(m[r], row_max(row, nk) * factor);
+    const float shift = m_new == -kInf ? 0.f : m_new;  // as online_softmax
+    float row_sum;
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      row_sum = has_avx512_bf16() ? exp_to_bf16(row, nk, factor, shift, p + r * ld_p, padded)
+                                  : exp_to(row, nk, factor, shift, p + r * ld_p, padded);
+    } else
+#endif
+    {
+      row_sum = exp_to(row, nk, factor, shift, p + r * ld_p, padded);
+    }
+    const float alpha = std::exp(m[r] - shift);
+    if (alpha != 1.f) scale_row(acc + r * pb.dv, pb.dv, alpha);
+    l[r] = l[r] * alpha + row_sum;
+    m[r] = m_new;
   }
 }
 
@@ -849,13 +982,9 @@ void attn_fwd_task_native(const AttnProblem& pb, const PackedKV<T>& kv, const T*
   for (int64_t j0 = k_begin / kTileKeys * kTileKeys; j0 < k_end; j0 += block_k) {
     const int64_t nk = std::min(block_k, k_end - j0);
     const int64_t c0 = j0 / kTileKeys, chunks = (nk + kTileKeys - 1) / kTileKeys;
-    masked_scores_16(pb, kv, b, h, i0, mq, j0, nk, q, ldq, s, block_k);
-    online_softmax(pb, bh, i0, mq, j0, nk, s, block_k, m, l, acc);
-    for (int64_t r = 0; r < mq; ++r) {
-      T* prow = p + r * block_k;
-      from_float(s + r * block_k, 1.f, prow, nk);
-      std::fill(prow + nk, prow + chunks * kTileKeys, T(0));
-    }
+    const bool raw = raw_scores_tile(pb, i0, j0, nk);
+    masked_scores_16(pb, kv, b, h, i0, mq, j0, nk, q, ldq, s, block_k, raw);
+    online_softmax_16(pb, bh, i0, mq, j0, nk, s, block_k, raw, p, block_k, chunks * kTileKeys, m, l, acc);
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t first = (c0 + c) * kTileKeys;
       const int64_t keys = std::min(kTileKeys, pb.k_len - first);  // the chunk's rows that are keys
