@@ -40,11 +40,10 @@
 // the accumulation is float32 either way, the bias is added before the one rounding of the
 // pre-activation, and grad_pre enters the gradient GEMMs unrounded.
 // Where the 16-bit GEMMs run natively (torch_gelu), the GELU and its gradient are torch's own
-// kernels instead of this file's passes: native 16-bit GEMMs exist only on AVX-512 CPUs, where
-// torch dispatches its elementwise kernels to AVX-512 while this extension is built for AVX2 by
-// default (FUSED_ATTN_CPU_ISA=avx512 is not measured against torch's GELU yet), and
-// its exact-GELU pass took 0.97 ms over 512 x 3072 bf16 on an AMX Xeon against 0.33 ms for
-// torch's (the FFN's forward then ran at 0.87x eager). What eager computes, with its accuracy:
+// kernels instead of this file's passes: on an AMX Xeon the AVX2 set's exact-GELU pass took 0.97 ms
+// over 512 x 3072 bf16 against 0.33 ms for torch's (the FFN's forward then ran at 0.87x eager), and
+// the AVX-512 set's still leaves the FFN's forward at 0.83-0.87x eager against 0.93-0.98x with
+// torch's (README, CPU figures). What eager computes, with its accuracy:
 // torch's 1 + erf loses the far negative tail (x < -4.5, |GELU| < 1.6e-5) to cancellation, which
 // normal_parts below does not; the bias gradient is the column sum of the 16-bit grad_pre, as
 // F.linear's backward forms it.
