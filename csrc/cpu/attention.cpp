@@ -20,9 +20,10 @@
 // in exact arithmetic): scores are rounded once as s = scale * q.k (+ mask), and the exponential
 // sees s - max (or s - lse), whose rounding error is small exactly where the probabilities are
 // large. exp is inlined Vectorized<float> code (about 1.5 ulp; exactly 0 for -inf); where P is
-// rounded to 16 bits next (the forward with 16-bit products) a shorter polynomial (2.9e-6
-// relative) in a single pass that also scales and rounds (exp_to, online_softmax_16): with the
-// products on the tile unit, the exponentials are the forward's largest cost.
+// rounded to 16 bits next (the products on the tile unit) a shorter polynomial (2.9e-6 relative),
+// with the scale taken in the same FMA as the shift where a tile has nothing to mask, and in the
+// forward in a single pass that also rounds (exp_to, online_softmax_16): with the products on the
+// tile unit, the exponentials are the forward's largest cost.
 //
 // The GEMM-shaped products (Q K^T, P V; in the backward also dO V^T, P^T dO, dS^T Q, dS K) go
 // to the BLAS sgemm that libtorch_cpu links (MKL in the official wheels; LP64 Fortran ABI),
@@ -311,6 +312,13 @@ bool has_avx512_bf16() {
   return has;
 }
 
+// dst[0, len) = lo, hi (16 values each) rounded to bfloat16; len <= 32.
+__attribute__((target("avx512bf16"))) C10_ALWAYS_INLINE void store_bf16(c10::BFloat16* dst, int64_t len,
+                                                                         const fVec& lo, const fVec& hi) {
+  const __m512i bits = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+  _mm512_mask_storeu_epi16(dst, len == 2 * kLanes ? ~__mmask32(0) : (__mmask32(1) << len) - 1, bits);
+}
+
 __attribute__((target("avx512bf16"))) float exp_to_bf16(const float* s, int64_t n, float factor, float shift,
                                                          c10::BFloat16* p, int64_t padded) {
   constexpr int P = 2;
@@ -320,11 +328,19 @@ __attribute__((target("avx512bf16"))) float exp_to_bf16(const float* s, int64_t 
     const int64_t len = std::min<int64_t>(P * kLanes, n - j);
     fVec v[P];
     exp_block<P>(s + j, len, f, sh, v, acc);
-    const __m512i bits = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v[1], v[0]));
-    _mm512_mask_storeu_epi16(p + j, len == P * kLanes ? ~__mmask32(0) : (__mmask32(1) << len) - 1, bits);
+    store_bf16(p + j, len, v[0], v[1]);
   }
   if (padded > n) std::fill(p + n, p + padded, c10::BFloat16(0.f));
   return sum_of<P>(acc);
+}
+
+// dst[0, n) = src rounded to bfloat16 (the backward's P and dS for the tile unit: round_tile).
+__attribute__((target("avx512bf16"))) void round_bf16(const float* src, int64_t n, c10::BFloat16* dst) {
+  for (int64_t j = 0; j < n; j += 2 * kLanes) {
+    const int64_t len = std::min<int64_t>(2 * kLanes, n - j);
+    store_bf16(dst + j, len, fVec::loadu(src + j, std::clamp<int64_t>(len, 0, kLanes)),
+               fVec::loadu(src + j + kLanes, std::clamp<int64_t>(len - kLanes, 0, kLanes)));
+  }
 }
 #endif
 
@@ -831,12 +847,13 @@ void masked_scores_16(const AttnProblem& pb, const PackedKV<T>& kv, int64_t b, i
   mask_tile(pb, b, h, i0, mq, j0, nk, s, ld_s);
 }
 
-// Whether the forward's tile of queries [i0, i0 + mq) and keys [j0, j0 + nk) may keep its scores
-// raw for online_softmax_16: nothing to add or hide in it (no mask, not across the causal
-// diagonal), no dropout, and a positive scale (so that the largest scaled score is the scaled
-// largest raw one: rounding is monotonic).
-bool raw_scores_tile(const AttnProblem& pb, int64_t i0, int64_t j0, int64_t nk) {
-  return pb.mask.kind == MaskKind::kNone && !(pb.causal && j0 + nk - 1 > i0) && !pb.dropout && pb.scale > 0.f;
+// Whether the tile of queries from i0 and keys [j0, j0 + nk) has nothing to add or hide (no mask,
+// not across the causal diagonal), so that its scores may stay raw products, the scale folded into
+// the pass that takes their exponentials: the backward's probabilities, and the forward's
+// online_softmax_16 where, besides, the scale is positive (the largest scaled score is then the
+// scaled largest raw one: rounding is monotonic) and there is no dropout.
+bool unmasked_tile(const AttnProblem& pb, int64_t i0, int64_t j0, int64_t nk) {
+  return pb.mask.kind == MaskKind::kNone && !(pb.causal && j0 + nk - 1 > i0);
 }
 
 // The forward's online-softmax step for the scores tile s ([mq, nk], leading dimension ld_s) of
@@ -982,7 +999,7 @@ void attn_fwd_task_native(const AttnProblem& pb, const PackedKV<T>& kv, const T*
   for (int64_t j0 = k_begin / kTileKeys * kTileKeys; j0 < k_end; j0 += block_k) {
     const int64_t nk = std::min(block_k, k_end - j0);
     const int64_t c0 = j0 / kTileKeys, chunks = (nk + kTileKeys - 1) / kTileKeys;
-    const bool raw = raw_scores_tile(pb, i0, j0, nk);
+    const bool raw = unmasked_tile(pb, i0, j0, nk) && pb.scale > 0.f && !pb.dropout;
     masked_scores_16(pb, kv, b, h, i0, mq, j0, nk, q, ldq, s, block_k, raw);
     online_softmax_16(pb, bh, i0, mq, j0, nk, s, block_k, raw, p, block_k, chunks * kTileKeys, m, l, acc);
     for (int64_t c = 0; c < chunks; ++c) {
@@ -1127,18 +1144,30 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
 
 // --- backward
 
-// Probabilities of a tile from the log-sum-exp: s[r, t] = exp(s[r, t] - lse[r]) * corr[r] in place
-// (corr: the row normaliser of the statistics pass; null for 1).
-void probabilities(float* s, int64_t mq, int64_t nk, int64_t ld_s, const float* lse, const float* corr) {
+// Probabilities of a tile from the log-sum-exp: s[r, t] = exp(factor * s[r, t] - lse[r]) * corr[r]
+// in place (corr: the row normaliser of the statistics pass; null for 1). kFor16Bit: a tile whose
+// P and dS are rounded to 16 bits next (the tile unit's products): exp_vec<true>, and factor may
+// be the scale (the scores raw, unmasked_tile), taken in one FMA with the shift.
+template <bool kFor16Bit = false>
+void probabilities(float* s, int64_t mq, int64_t nk, int64_t ld_s, const float* lse, const float* corr,
+                   float factor = 1.f) {
+  const fVec f(factor);
   for (int64_t r = 0; r < mq; ++r) {
     float* row = s + r * ld_s;
     const fVec shift(lse[r]);
     const fVec c(corr != nullptr ? corr[r] : 1.f);
     // s - lse <= 0 in exact arithmetic, but the backward's GEMMs (other shapes than the forward's) may
     // round a score an ulp above it, which past |s| ~ 1e9 is more than exp takes (exp_vec is for
-    // x <= 0; inf, then NaN gradients, where P is 1): clamped at 0 (minimum keeps a NaN).
+    // x <= 0; inf, then NaN gradients, where P is 1): clamped at 0 (minimum keeps a NaN, and so does
+    // clamp_max: vminps returns its second operand, x, for a NaN).
     const fVec zero(0.f);
-    const auto p = [&](fVec x) { return exp_vec(at::vec::minimum(x - shift, zero)) * c; };
+    const auto p = [&](fVec x) C10_ALWAYS_INLINE_ATTRIBUTE {
+      if constexpr (kFor16Bit) {
+        return exp_vec<true>(at::vec::clamp_max(at::vec::fmsub(x, f, shift), zero)) * c;
+      } else {
+        return exp_vec(at::vec::minimum(x - shift, zero)) * c;
+      }
+    };
     int64_t j = 0;
     for (; j + kLanes <= nk; j += kLanes) p(fVec::loadu(row + j)).store(row + j);
     if (j < nk) p(fVec::loadu(row + j, nk - j)).store(row + j, nk - j);
@@ -1277,7 +1306,18 @@ void round_tile(const float* src, int64_t ld, int64_t mq, int64_t nk, int64_t ro
   for (int64_t r = 0; r < rows; ++r) {
     T* out = dst + r * cols;
     const int64_t n = r < mq ? nk : 0;
-    if (n > 0) from_float(src + r * ld, 1.f, out, n);
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (n > 0 && has_avx512_bf16()) {
+        round_bf16(src + r * ld, n, out);
+      } else if (n > 0) {
+        from_float(src + r * ld, 1.f, out, n);
+      }
+    } else
+#endif
+    if (n > 0) {
+      from_float(src + r * ld, 1.f, out, n);
+    }
     std::fill(out + n, out + cols, T(0));
   }
 }
@@ -1378,11 +1418,13 @@ void tile_p_dp(const AttnProblem& pb, const BwdNative<T>& nat, int64_t bh, int64
   const int64_t b = bh / pb.heads, h = bh % pb.heads;
   const bool native = nat.tile(j0);
   if (native) {
-    masked_scores_16(pb, *nat.kv, b, h, i0, mq, j0, nk, nat.q_rows(b, h, i0), nat.ldq, s, ld);
+    const bool raw = unmasked_tile(pb, i0, j0, nk);
+    masked_scores_16(pb, *nat.kv, b, h, i0, mq, j0, nk, nat.q_rows(b, h, i0), nat.ldq, s, ld, raw);
+    probabilities<true>(s, mq, nk, ld, lse, corr, raw ? pb.scale : 1.f);
   } else {
     masked_scores(pb, b, h, i0, mq, j0, nk, q, ldq, k, ldk, s, ld);
+    probabilities(s, mq, nk, ld, lse, corr);
   }
-  probabilities(s, mq, nk, ld, lse, corr);
   if (native) {
     const int64_t bkv = b * pb.kv_heads + pb.kv(h), c0 = j0 / kTileKeys;
     products_by_key_chunk(mq, nk, pb.dv, nat.dout_rows(b, h, i0), nat.lddo,
