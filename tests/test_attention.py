@@ -189,6 +189,46 @@ def test_cpu_16bit_products_on_the_tile_unit():
     assert not torch.equal(*outputs)
 
 
+@pytest.mark.parametrize("scale, grads", [(None, True), (-0.7, True), (0.0, True), (1e29, False)],
+                         ids=["default", "negative", "zero", "huge"])
+@pytest.mark.parametrize("kind", ["none", "causal"])
+def test_cpu_16bit_tiles_scales(scale, grads, kind):
+    """On the tile unit the forward takes an unmasked tile's scores raw, the scale folded into the
+    one pass that takes the exponentials (the row max the scaled largest raw score), where the scale
+    is positive; other scales, and tiles a mask or the diagonal crosses, are scaled first; the
+    backward folds any scale into an unmasked tile's probabilities. Parity either way (scores of
+    1e29 and more: a one-hot softmax, nothing overflowing)."""
+    from fused_attn import _extension
+    if "bfloat16" not in _extension.cpu_tile_dtypes():
+        pytest.skip("this CPU's tile unit does not multiply bfloat16 (no AMX-BF16), or oneDNN is off")
+    q, k, v = _qkv(2, 2, 300, 300, 64, torch.bfloat16, "cpu")
+    options = {"is_causal": kind == "causal", "scale": scale}
+    assert_parity(
+        lambda **a: fused_attn.scaled_dot_product_attention(**a, **options, backend="cpu"),
+        lambda **a: reference.scaled_dot_product_attention(**a, **options),
+        {"query": q, "key": k, "value": v},
+        grad_args=("query", "key", "value") if grads else (),
+    )
+
+
+def test_cpu_16bit_tiles_nan_query_row():
+    """A NaN in a query makes its row NaN (through the exponentials: the one-pass forward's row max
+    keeps no NaN bookkeeping) and leaves the other rows as they are."""
+    from fused_attn import _extension
+    if "bfloat16" not in _extension.cpu_tile_dtypes():
+        pytest.skip("this CPU's tile unit does not multiply bfloat16 (no AMX-BF16), or oneDNN is off")
+    q, k, v = _qkv(1, 2, 300, 300, 64, torch.bfloat16, "cpu")
+    q[0, 1, 7, 5] = float("nan")
+    out = fused_attn.scaled_dot_product_attention(q, k, v, backend="cpu")
+    assert torch.isnan(out[0, 1, 7]).all()
+    rest = torch.ones(300, dtype=torch.bool)
+    rest[7] = False
+    assert not torch.isnan(out[0, 0]).any() and not torch.isnan(out[0, 1, rest]).any()
+    clean = q.clone()
+    clean[0, 1, 7] = 0
+    assert torch.equal(out[0, 1, rest], fused_attn.scaled_dot_product_attention(clean, k, v, backend="cpu")[0, 1, rest])
+
+
 @pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("seq", [1, 17, 77, 128, 257])

@@ -21,9 +21,9 @@
 // sees s - max (or s - lse), whose rounding error is small exactly where the probabilities are
 // large. exp is inlined Vectorized<float> code (about 1.5 ulp; exactly 0 for -inf); where P is
 // rounded to 16 bits next (the products on the tile unit) a shorter polynomial (2.9e-6 relative),
-// with the scale taken in the same FMA as the shift where a tile has nothing to mask, and in the
-// forward in a single pass that also rounds (exp_to, online_softmax_16): with the products on the
-// tile unit, the exponentials are the forward's largest cost.
+// with the scale applied in the same pass where a tile has nothing to mask, and in the forward in
+// a single pass that also rounds (exp_to, online_softmax_16): with the products on the tile unit,
+// the exponentials are the forward's largest cost.
 //
 // The GEMM-shaped products (Q K^T, P V; in the backward also dO V^T, P^T dO, dS^T Q, dS K) go
 // to the BLAS sgemm that libtorch_cpu links (MKL in the official wheels; LP64 Fortran ABI),
@@ -266,12 +266,14 @@ void from_float(const float* src, float factor, T* dst, int64_t n) {
 }
 
 // One block of exp_to: v = exp(f * s - sh) over the block's len elements (lanes past them read
-// -inf, so 0), added into acc.
+// -inf, so 0), added into acc. f * s is rounded before the shift is subtracted, as a scaled score
+// is: the shift is the largest of them, so every difference is <= 0 (one FMA would leave the
+// product's rounding error in it, as large as 2^-24 |f s|: past |f s| ~ 1e8 no longer small).
 template <int P>
 C10_ALWAYS_INLINE void exp_block(const float* s, int64_t len, const fVec& f, const fVec& sh, fVec (&v)[P],
                                  fVec (&acc)[P]) {
   for (int k = 0; k < P; ++k) {
-    v[k] = exp_vec<true>(at::vec::fmsub(load_or(s + k * kLanes, len - k * kLanes, -kInf), f, sh));
+    v[k] = exp_vec<true>(cpu_rows::rounded_product(load_or(s + k * kLanes, len - k * kLanes, -kInf), f) - sh);
     acc[k] += v[k];
   }
 }
@@ -881,9 +883,8 @@ void online_softmax(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t mq, i
 // zero from nk to `padded`): without dropout, the exponentials, their sum and the rounding are one
 // pass (exp_to), and where `raw` the scale too (s then holds the raw products; the row max is
 // taken of them and scaled once), so that a row is read twice instead of four times. The values
-// are those of the separate passes: s * scale is rounded either way (exp_to's FMA rounds
-// s * scale - shift once, where the passes rounded s * scale and then the difference), and the
-// max of the rounded products is the rounded max.
+// are those of the separate passes: s * scale is rounded either way, then the shift subtracted,
+// and the max of the rounded products is the rounded max.
 template <typename T>
 void online_softmax_16(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t mq, int64_t j0, int64_t nk, float* s,
                        int64_t ld_s, bool raw, T* p, int64_t ld_p, int64_t padded, float* m, float* l, float* acc) {
@@ -1147,7 +1148,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
 // Probabilities of a tile from the log-sum-exp: s[r, t] = exp(factor * s[r, t] - lse[r]) * corr[r]
 // in place (corr: the row normaliser of the statistics pass; null for 1). kFor16Bit: a tile whose
 // P and dS are rounded to 16 bits next (the tile unit's products): exp_vec<true>, and factor may
-// be the scale (the scores raw, unmasked_tile), taken in one FMA with the shift.
+// be the scale (the scores raw, unmasked_tile), the product rounded as a scaled score is (see
+// exp_block).
 template <bool kFor16Bit = false>
 void probabilities(float* s, int64_t mq, int64_t nk, int64_t ld_s, const float* lse, const float* corr,
                    float factor = 1.f) {
@@ -1163,7 +1165,7 @@ void probabilities(float* s, int64_t mq, int64_t nk, int64_t ld_s, const float* 
     const fVec zero(0.f);
     const auto p = [&](fVec x) C10_ALWAYS_INLINE_ATTRIBUTE {
       if constexpr (kFor16Bit) {
-        return exp_vec<true>(at::vec::clamp_max(at::vec::fmsub(x, f, shift), zero)) * c;
+        return exp_vec<true>(at::vec::clamp_max(cpu_rows::rounded_product(x, f) - shift, zero)) * c;
       } else {
         return exp_vec(at::vec::minimum(x - shift, zero)) * c;
       }
