@@ -285,11 +285,20 @@ float sum_of(const fVec (&acc)[P]) {
   return reduce_sum(total);
 }
 
-// p[0, n) = exp(factor * s - shift) rounded to T once, zero on [n, padded); returns the sum of
-// the unrounded values. One pass: the 16-bit forward's scaling (factor = scale where the scores
-// are raw), exponentials and rounding (see online_softmax_16).
+// v *= drop over the block's len elements (dropout's factors, keep ? 1 / (1 - p) : 0), where
+// drop is not null.
+template <int P>
+C10_ALWAYS_INLINE void drop_block(const float* drop, int64_t len, fVec (&v)[P]) {
+  if (drop == nullptr) return;
+  for (int k = 0; k < P; ++k) v[k] = v[k] * load_or(drop + k * kLanes, len - k * kLanes, 0.f);
+}
+
+// p[0, n) = exp(factor * s - shift), times drop[0, n) where not null, rounded to T once, zero on
+// [n, padded); returns the sum of the undropped unrounded values. One pass: the 16-bit forward's
+// scaling (factor = scale where the scores are raw), exponentials, dropout and rounding (see
+// online_softmax_16).
 template <typename T>
-float exp_to(const float* s, int64_t n, float factor, float shift, T* p, int64_t padded) {
+float exp_to(const float* s, int64_t n, float factor, float shift, const float* drop, T* p, int64_t padded) {
   constexpr int P = cpu_rows::kParts<T>;
   const fVec f(factor), sh(shift);
   fVec acc[P];
@@ -297,6 +306,7 @@ float exp_to(const float* s, int64_t n, float factor, float shift, T* p, int64_t
   cpu_rows::for_each_block<cpu_rows::kBlock<T>>(n, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
     fVec v[P];
     exp_block<P>(s + j, len, f, sh, v, acc);
+    drop_block<P>(drop == nullptr ? nullptr : drop + j, len, v);
     cpu_rows::store_block<P>(p + j, len, v);
   });
   if (padded > n) std::fill(p + n, p + padded, T(0));
@@ -322,7 +332,7 @@ __attribute__((target("avx512bf16"))) C10_ALWAYS_INLINE void store_bf16(c10::BFl
 }
 
 __attribute__((target("avx512bf16"))) float exp_to_bf16(const float* s, int64_t n, float factor, float shift,
-                                                         c10::BFloat16* p, int64_t padded) {
+                                                         const float* drop, c10::BFloat16* p, int64_t padded) {
   constexpr int P = 2;
   const fVec f(factor), sh(shift);
   fVec acc[P] = {fVec(0.f), fVec(0.f)};
@@ -330,6 +340,7 @@ __attribute__((target("avx512bf16"))) float exp_to_bf16(const float* s, int64_t 
     const int64_t len = std::min<int64_t>(P * kLanes, n - j);
     fVec v[P];
     exp_block<P>(s + j, len, f, sh, v, acc);
+    drop_block<P>(drop == nullptr ? nullptr : drop + j, len, v);
     store_bf16(p + j, len, v[0], v[1]);
   }
   if (padded > n) std::fill(p + n, p + padded, c10::BFloat16(0.f));
@@ -853,7 +864,7 @@ void masked_scores_16(const AttnProblem& pb, const PackedKV<T>& kv, int64_t b, i
 // not across the causal diagonal), so that its scores may stay raw products, the scale folded into
 // the pass that takes their exponentials: the backward's probabilities, and the forward's
 // online_softmax_16 where, besides, the scale is positive (the largest scaled score is then the
-// scaled largest raw one: rounding is monotonic) and there is no dropout.
+// scaled largest raw one: rounding is monotonic).
 bool unmasked_tile(const AttnProblem& pb, int64_t i0, int64_t j0, int64_t nk) {
   return pb.mask.kind == MaskKind::kNone && !(pb.causal && j0 + nk - 1 > i0);
 }
@@ -880,36 +891,35 @@ void online_softmax(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t mq, i
 }
 
 // online_softmax for the 16-bit forward, which takes P rounded to T (p, leading dimension ld_p,
-// zero from nk to `padded`): without dropout, the exponentials, their sum and the rounding are one
-// pass (exp_to), and where `raw` the scale too (s then holds the raw products; the row max is
-// taken of them and scaled once), so that a row is read twice instead of four times. The values
-// are those of the separate passes: s * scale is rounded either way, then the shift subtracted,
-// and the max of the rounded products is the rounded max.
+// zero from nk to `padded`): the exponentials, their sum, the dropout (its factors drawn first
+// into drop, [nk] scratch) and the rounding are one pass (exp_to), and where `raw` the scale too
+// (s then holds the raw products; the row max is taken of them and scaled once), so that a row is
+// read twice instead of four or five times. The values are those of the separate passes: s *
+// scale is rounded either way, then the shift subtracted, the max of the rounded products is the
+// rounded max, and P is dropped before its one rounding.
 template <typename T>
 void online_softmax_16(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t mq, int64_t j0, int64_t nk, float* s,
-                       int64_t ld_s, bool raw, T* p, int64_t ld_p, int64_t padded, float* m, float* l, float* acc) {
-  if (pb.dropout) {
-    online_softmax(pb, bh, i0, mq, j0, nk, s, ld_s, m, l, acc);
-    for (int64_t r = 0; r < mq; ++r) {
-      from_float(s + r * ld_s, 1.f, p + r * ld_p, nk);
-      std::fill(p + r * ld_p + nk, p + r * ld_p + padded, T(0));
-    }
-    return;
-  }
+                       int64_t ld_s, bool raw, T* p, int64_t ld_p, int64_t padded, float* drop, float* m, float* l,
+                       float* acc) {
   const float factor = raw ? pb.scale : 1.f;
   for (int64_t r = 0; r < mq; ++r) {
     const float* row = s + r * ld_s;
     const float m_new = std::max(m[r], row_max(row, nk) * factor);
     const float shift = m_new == -kInf ? 0.f : m_new;  // as online_softmax
+    const float* keep = nullptr;
+    if (pb.dropout) {
+      dropout_factors(drop, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, pb.inv_keep);
+      keep = drop;
+    }
     float row_sum;
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      row_sum = has_avx512_bf16() ? exp_to_bf16(row, nk, factor, shift, p + r * ld_p, padded)
-                                  : exp_to(row, nk, factor, shift, p + r * ld_p, padded);
+      row_sum = has_avx512_bf16() ? exp_to_bf16(row, nk, factor, shift, keep, p + r * ld_p, padded)
+                                  : exp_to(row, nk, factor, shift, keep, p + r * ld_p, padded);
     } else
 #endif
     {
-      row_sum = exp_to(row, nk, factor, shift, p + r * ld_p, padded);
+      row_sum = exp_to(row, nk, factor, shift, keep, p + r * ld_p, padded);
     }
     const float alpha = std::exp(m[r] - shift);
     if (alpha != 1.f) scale_row(acc + r * pb.dv, pb.dv, alpha);
@@ -986,6 +996,7 @@ void attn_fwd_task_native(const AttnProblem& pb, const PackedKV<T>& kv, const T*
   float* m = carve.take(mq);
   float* l = carve.take(mq);
   T* p = carve.take_as<T>(mq * block_k);
+  float* drop = carve.take(block_k);  // a row's dropout factors (online_softmax_16)
   // A value chunk that holds keys this block does not see (before a boolean mask's first key it
   // sees, or past its causal end) is packed again with those rows zero: a zero probability times
   // a NaN or inf among them would still spread it, and keys past the walk's ends are not read.
@@ -1000,9 +1011,9 @@ void attn_fwd_task_native(const AttnProblem& pb, const PackedKV<T>& kv, const T*
   for (int64_t j0 = k_begin / kTileKeys * kTileKeys; j0 < k_end; j0 += block_k) {
     const int64_t nk = std::min(block_k, k_end - j0);
     const int64_t c0 = j0 / kTileKeys, chunks = (nk + kTileKeys - 1) / kTileKeys;
-    const bool raw = unmasked_tile(pb, i0, j0, nk) && pb.scale > 0.f && !pb.dropout;
+    const bool raw = unmasked_tile(pb, i0, j0, nk) && pb.scale > 0.f;
     masked_scores_16(pb, kv, b, h, i0, mq, j0, nk, q, ldq, s, block_k, raw);
-    online_softmax_16(pb, bh, i0, mq, j0, nk, s, block_k, raw, p, block_k, chunks * kTileKeys, m, l, acc);
+    online_softmax_16(pb, bh, i0, mq, j0, nk, s, block_k, raw, p, block_k, chunks * kTileKeys, drop, m, l, acc);
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t first = (c0 + c) * kTileKeys;
       const int64_t keys = std::min(kTileKeys, pb.k_len - first);  // the chunk's rows that are keys
@@ -1110,6 +1121,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
   const int64_t v_cols = (pb.dv + kTileCols - 1) / kTileCols;
   const int64_t native_scratch = Carver::round_up(block_q * native_k) + Carver::round_up(block_q * pb.dv) +
                                  2 * Carver::round_up(block_q) + Carver::floats_for<at::Half>(block_q * native_k) +
+                                 Carver::round_up(native_k) +
                                  Carver::floats_for<at::Half>(kTileKeys * kTileCols) +
                                  Carver::floats_for<at::Half>(v_cols * kTileKeys * kTileCols);
   AT_DISPATCH_V2(query.scalar_type(), "attention_fwd_cpu", AT_WRAP([&] {
