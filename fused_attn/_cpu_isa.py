@@ -99,13 +99,15 @@ def choose(built: list[str], flags: set[str] | None = None, requested: str | Non
     ``requested`` names (FUSED_ATTN_CPU_ISA) if given, else the widest it runs. Returns (set, why)
     or (None, the reason none can be loaded)."""
     flags = cpu_flags() if flags is None else flags
+    if not built:
+        return None, "no CPU kernel library is built (run `make build` or `pip install --no-build-isolation -e .`)"
     runnable = [isa for isa in ISA_FLAGS if isa in built and not missing_flags(isa, flags)]
     if requested:
         name = requested.strip().lower()
         if name not in ISA_FLAGS:
             return None, f"{RUN_ENV} must be one of {', '.join(ISA_FLAGS)}, got {requested!r}"
         if name not in built:
-            return None, (f"{RUN_ENV}={name}, but the CPU kernels were built for {', '.join(built) or 'no set'} "
+            return None, (f"{RUN_ENV}={name}, but the CPU kernels were built for {', '.join(built)} "
                           f"(build it with {BUILD_ENV}={','.join(sorted({name, *built}, key=list(ISA_FLAGS).index))})")
         lacking = missing_flags(name, flags)
         if lacking:
@@ -114,6 +116,6 @@ def choose(built: list[str], flags: set[str] | None = None, requested: str | Non
     if not runnable:
         lacking = {isa: missing_flags(isa, flags) for isa in built}
         detail = "; ".join(f"{isa} needs {', '.join(flags_)}" for isa, flags_ in lacking.items())
-        return None, (f"the CPU kernels were built for {', '.join(built) or 'no set'}, none of which this CPU runs "
+        return None, (f"the CPU kernels were built for {', '.join(built)}, none of which this CPU runs "
                       f"({detail}): rebuild with {BUILD_ENV}=generic")
     return runnable[0], "the widest set built that this CPU runs"

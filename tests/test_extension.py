@@ -84,6 +84,7 @@ def test_the_sets_built_and_the_one_loaded_by_cpu(flags, machine, built, chosen)
      "the CPU kernels were built for avx512, none of which this CPU runs (avx512 needs avx512bw, avx512vl, "
      "avx512dq): rebuild with FUSED_ATTN_BUILD_CPU_ISAS=generic"),
     (["avx512", "avx2"], "avx512", None, "FUSED_ATTN_CPU_ISA=avx512, but this CPU lacks avx512bw, avx512vl, avx512dq"),
+    ([], None, None, "no CPU kernel library is built (run `make build` or `pip install --no-build-isolation -e .`)"),
 ])
 def test_the_set_requested_at_run_time(built, requested, chosen, reason):
     from fused_attn import _cpu_isa
