@@ -33,7 +33,7 @@ COMPILE_FLAGS: dict[str, list[str]] = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-Wno-maybe-uninitialized", "-Wno-uninitialized"],
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
-    "generic": [],
+    "generic": ["-Wno-psabi"],  # GCC's notes on passing at::vec's portable 32-byte vectors by value
 }
 
 # Build-time: FUSED_ATTN_BUILD_CPU_ISAS=avx2,avx512 (a comma list) names the sets to build.

@@ -162,9 +162,24 @@ struct NormalParts {
   fVec density;  // exp(-x^2 / 2)
 };
 
+// x * x - hi exactly, for hi = x * x rounded: one FMA where at::vec's fmsub is fused (AVX2,
+// AVX-512, NEON), else Dekker's product (x split into halves whose products are exact in float)
+// for the portable loops of the generic set on x86, whose fmsub rounds twice (and left the
+// GELU's far negative tail off by 2e-6 relative).
+C10_ALWAYS_INLINE fVec square_residual(const fVec& x, const fVec& hi) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512) || defined(__aarch64__)
+  return at::vec::fmsub(x, x, hi);
+#else
+  const fVec c = x * fVec(4097.f);  // 2^12 + 1: splits a 24-bit significand into two 12-bit halves
+  const fVec xh = c - (c - x);
+  const fVec xl = x - xh;
+  return ((xh * xh - hi) + fVec(2.f) * xh * xl) + xl * xl;
+#endif
+}
+
 C10_ALWAYS_INLINE NormalParts normal_parts(const fVec& x) {
   const fVec hi = x * x;
-  const fVec lo = at::vec::fmsub(x, x, hi);  // x^2 - hi, exactly
+  const fVec lo = square_residual(x, hi);  // x^2 - hi, exactly
   const fVec half_hi = fVec(0.5f) * hi;
   const fVec a = x.abs() * fVec(kSqrtHalf);
   const fVec t = fVec(1.f) / at::vec::fmadd(fVec(0.5f), a, fVec(1.f));
