@@ -143,9 +143,9 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // included) comes out exactly 0, which the masking relies on, with no compare or blend. The
 // rounding of x * log2(e) costs |x| * 2^-24 relative, at most 0.4 ulp of the largest results
 // (those with |x| <= 1); large |x| give tiny results.
-// exp_vec<true> is for values rounded to 16 bits next (the 16-bit forward's P, exp_to): degree 4
-// (relative error 2.9e-6 before rounding: 1/700 of bfloat16's half ulp, 1/170 of float16's), and
-// t clamped from below only (its callers' x never exceeds 88, so t stays below 127).
+// exp_vec<true> is for values rounded to 16 bits next (P of the tiles on the tile unit: exp_to,
+// probabilities<true>): degree 4 (relative error 2.9e-6 before rounding: 1/700 of bfloat16's half
+// ulp, 1/170 of float16's), and t clamped from below only (its callers' x is <= 0).
 template <bool kFor16Bit = false>
 C10_ALWAYS_INLINE fVec exp_vec(const fVec& x) {
   // On AVX2 and AVX-512 clamp keeps a NaN (vmaxps/vminps return their second operand, t, for a NaN).
