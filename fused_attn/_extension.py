@@ -53,17 +53,23 @@ def _load() -> str | None:
     return None
 
 
+def _built_cpu_sets(info: dict) -> dict[str, str]:
+    """The CPU kernel libraries the build record ``info`` lists and that are in place: set -> path."""
+    paths = {isa: _find(f"_C_cpu_{isa}") for isa in info.get("cpu_isas", [])}
+    return {isa: path for isa, path in paths.items() if path is not None}
+
+
 def _load_cpu_kernels(environ=os.environ) -> tuple[str | None, str | None]:
     """Loads one library of CPU kernels, after fused_attn._C: (the set loaded, None) on success,
     else (None, the reason). Never one built for instructions this CPU lacks: it would die of
     SIGILL in its first kernel, not raise."""
     if _LOAD_ERROR is not None:
         return None, f"fused_attn._C not loaded: {_LOAD_ERROR}"
-    built = [isa for isa in build_info().get("cpu_isas", []) if _find(f"_C_cpu_{isa}") is not None]
-    isa, why = _cpu_isa.choose(built, requested=environ.get(_cpu_isa.RUN_ENV))
+    built = _built_cpu_sets(build_info())
+    isa, why = _cpu_isa.choose(list(built), requested=environ.get(_cpu_isa.RUN_ENV))
     if isa is None:
         return None, why
-    origin = _find(f"_C_cpu_{isa}")
+    origin = built[isa]
     try:
         torch.ops.load_library(origin)
     except OSError as exc:
@@ -162,9 +168,9 @@ def stale_reason() -> str | None:
         return "no build record"
     if info.get("torch") != torch.__version__:
         return f"built for torch {info.get('torch')}, this is torch {torch.__version__}"
-    built = [isa for isa in info.get("cpu_isas", []) if _find(f"_C_cpu_{isa}") is not None]
-    if _cpu_isa.choose(built)[0] is None:
-        return f"no CPU kernels this CPU runs: {_cpu_isa.choose(built)[1]}"
+    isa, why = _cpu_isa.choose(list(_built_cpu_sets(info)))
+    if isa is None:
+        return f"no CPU kernels this CPU runs: {why}"
     if torch.cuda.is_available():
         if not cuda_kernels_compiled():
             return "built without its CUDA kernels, and a GPU is visible"

@@ -293,31 +293,11 @@ C10_ALWAYS_INLINE void drop_block(const float* drop, int64_t len, fVec (&v)[P]) 
   for (int k = 0; k < P; ++k) v[k] = v[k] * load_or(drop + k * kLanes, len - k * kLanes, 0.f);
 }
 
-// p[0, n) = exp(factor * s - shift), times drop[0, n) where not null, rounded to T once, zero on
-// [n, padded); returns the sum of the undropped unrounded values. One pass: the 16-bit forward's
-// scaling (factor = scale where the scores are raw), exponentials, dropout and rounding (see
-// online_softmax_16).
-template <typename T>
-float exp_to(const float* s, int64_t n, float factor, float shift, const float* drop, T* p, int64_t padded) {
-  constexpr int P = cpu_rows::kParts<T>;
-  const fVec f(factor), sh(shift);
-  fVec acc[P];
-  for (auto& a : acc) a = fVec(0.f);
-  cpu_rows::for_each_block<cpu_rows::kBlock<T>>(n, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
-    fVec v[P];
-    exp_block<P>(s + j, len, f, sh, v, acc);
-    drop_block<P>(drop == nullptr ? nullptr : drop + j, len, v);
-    cpu_rows::store_block<P>(p + j, len, v);
-  });
-  if (padded > n) std::fill(p + n, p + padded, T(0));
-  return sum_of<P>(acc);
-}
-
 #if defined(CPU_CAPABILITY_AVX512)
-// exp_to for bfloat16 with AVX512-BF16's conversion, which rounds 32 floats to bfloat16 in one
-// instruction where at::vec's portable rounding takes a dozen (and was a third of exp_to's time).
-// Every CPU whose tile unit multiplies bfloat16 (AMX-BF16, the only caller's condition) has it;
-// checked anyway (has_avx512_bf16). It rounds to nearest even as at::vec does, but flushes
+// exp_to and round_row for bfloat16 with AVX512-BF16's conversion, which rounds 32 floats to
+// bfloat16 in one instruction where at::vec's portable rounding takes a dozen (and was a third of
+// exp_to's time). Every CPU whose tile unit multiplies bfloat16 (AMX-BF16, the callers' condition)
+// has it; checked anyway (has_avx512_bf16). It rounds to nearest even as at::vec does, but flushes
 // results below bfloat16's smallest normal (1.2e-38) to zero: no probability that can matter.
 bool has_avx512_bf16() {
   static const bool has = __builtin_cpu_supports("avx512bf16");
@@ -347,7 +327,7 @@ __attribute__((target("avx512bf16"))) float exp_to_bf16(const float* s, int64_t 
   return sum_of<P>(acc);
 }
 
-// dst[0, n) = src rounded to bfloat16 (the backward's P and dS for the tile unit: round_tile).
+// round_row's form for bfloat16.
 __attribute__((target("avx512bf16"))) void round_bf16(const float* src, int64_t n, c10::BFloat16* dst) {
   for (int64_t j = 0; j < n; j += 2 * kLanes) {
     const int64_t len = std::min<int64_t>(2 * kLanes, n - j);
@@ -356,6 +336,42 @@ __attribute__((target("avx512bf16"))) void round_bf16(const float* src, int64_t 
   }
 }
 #endif
+
+// p[0, n) = exp(factor * s - shift), times drop[0, n) where not null, rounded to T once, zero on
+// [n, padded); returns the sum of the undropped unrounded values. One pass: the 16-bit forward's
+// scaling (factor = scale where the scores are raw), exponentials, dropout and rounding (see
+// online_softmax_16).
+template <typename T>
+float exp_to(const float* s, int64_t n, float factor, float shift, const float* drop, T* p, int64_t padded) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (has_avx512_bf16()) return exp_to_bf16(s, n, factor, shift, drop, p, padded);
+  }
+#endif
+  constexpr int P = cpu_rows::kParts<T>;
+  const fVec f(factor), sh(shift);
+  fVec acc[P];
+  for (auto& a : acc) a = fVec(0.f);
+  cpu_rows::for_each_block<cpu_rows::kBlock<T>>(n, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
+    fVec v[P];
+    exp_block<P>(s + j, len, f, sh, v, acc);
+    drop_block<P>(drop == nullptr ? nullptr : drop + j, len, v);
+    cpu_rows::store_block<P>(p + j, len, v);
+  });
+  if (padded > n) std::fill(p + n, p + padded, T(0));
+  return sum_of<P>(acc);
+}
+
+// dst[0, n) = src rounded to T once (the backward's P and dS for the tile unit: round_tile).
+template <typename T>
+void round_row(const float* src, int64_t n, T* dst) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (has_avx512_bf16()) return round_bf16(src, n, dst);
+  }
+#endif
+  from_float(src, 1.f, dst, n);
+}
 
 // ---------------------------------------------------------------------------------------------
 // GEMM on row-major float32 matrices: C[m, n] = alpha * op(A) op(B) + beta * C, where op(A) is
@@ -906,21 +922,9 @@ void online_softmax_16(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t mq
     const float* row = s + r * ld_s;
     const float m_new = std::max(m[r], row_max(row, nk) * factor);
     const float shift = m_new == -kInf ? 0.f : m_new;  // as online_softmax
-    const float* keep = nullptr;
-    if (pb.dropout) {
-      dropout_factors(drop, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, pb.inv_keep);
-      keep = drop;
-    }
-    float row_sum;
-#if defined(CPU_CAPABILITY_AVX512)
-    if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      row_sum = has_avx512_bf16() ? exp_to_bf16(row, nk, factor, shift, keep, p + r * ld_p, padded)
-                                  : exp_to(row, nk, factor, shift, keep, p + r * ld_p, padded);
-    } else
-#endif
-    {
-      row_sum = exp_to(row, nk, factor, shift, keep, p + r * ld_p, padded);
-    }
+    const float* keep = pb.dropout ? drop : nullptr;
+    if (keep) dropout_factors(drop, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, pb.inv_keep);
+    const float row_sum = exp_to(row, nk, factor, shift, keep, p + r * ld_p, padded);
     const float alpha = std::exp(m[r] - shift);
     if (alpha != 1.f) scale_row(acc + r * pb.dv, pb.dv, alpha);
     l[r] = l[r] * alpha + row_sum;
@@ -1320,18 +1324,7 @@ void round_tile(const float* src, int64_t ld, int64_t mq, int64_t nk, int64_t ro
   for (int64_t r = 0; r < rows; ++r) {
     T* out = dst + r * cols;
     const int64_t n = r < mq ? nk : 0;
-#if defined(CPU_CAPABILITY_AVX512)
-    if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      if (n > 0 && has_avx512_bf16()) {
-        round_bf16(src + r * ld, n, out);
-      } else if (n > 0) {
-        from_float(src + r * ld, 1.f, out, n);
-      }
-    } else
-#endif
-    if (n > 0) {
-      from_float(src + r * ld, 1.f, out, n);
-    }
+    if (n > 0) round_row(src + r * ld, n, out);
     std::fill(out + n, out + cols, T(0));
   }
 }
