@@ -3,18 +3,23 @@ Philox4x32-10 keyed by the 64-bit seed at counter c = e // 4 (counter words c & 
 c >> 32, 0, 0), the word w taken as int32 and mapped to [0, 1) by (w < 0 ? -w - 1 : w) *
 4.6566127342e-10. Checked here against a plain-Python Philox at elements on both sides of 2^31,
 2^32, 2^33 and 2^34 (the Triton helper, whatever Triton's own tl.randint4x does with 64-bit
-counters) and against the C++ CPU kernels' keep-masks (runs that start anywhere within a counter's
-four words)."""
+counters), against the C++ CPU kernels' keep-masks (runs that start anywhere within a counter's
+four words), and the CPU kernels' vector draw against the scalar definition in every instruction
+set this CPU runs."""
 
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from fused_attn import _extension, backends
+from fused_attn import _cpu_isa, _extension, backends
 from fused_attn.ops._random import draw_seed
 
 from .conftest import backend_params
@@ -64,6 +69,31 @@ def test_triton_stream_is_the_documented_philox(first):
     _draw[(1,)](out, SEED, first, N=8)
     expected = np.array([_philox_uniform(SEED, first + i) for i in range(8)], dtype=np.float32)
     np.testing.assert_array_equal(out.cpu().numpy(), expected)
+
+
+_CXX = shutil.which(os.environ.get("CXX", "c++"))
+_RUNNABLE_SETS = [isa for isa in _cpu_isa.ISA_FLAGS if not _cpu_isa.missing_flags(isa)]
+_FIRSTS = [0, 3, 2**31 - 4, 2**34 - 6, 2**34 - 130, 5 * 2**32 + 7, 2**40]
+
+
+@pytest.mark.skipif(_CXX is None, reason="needs a C++ compiler")
+@pytest.mark.parametrize("isa", _RUNNABLE_SETS)
+def test_cpu_vector_draw_is_the_scalar_definition(isa, tmp_path):
+    """philox::uniforms, compiled with each CPU kernel set's flags (AVX-512: 8 counters per vector
+    as 64-bit lanes; AVX2: 8 as 32-bit lanes; generic: a loop), gives philox::uniform's bits for runs
+    of every length up to 300 from offsets whose counters cross 2^32 inside a run (2^34 - 130: a
+    batch of counters carries into the high word), and writes nothing past a run; the scalar values
+    are the documented Philox. Element offsets this large need tensors of 64 GiB in the kernels."""
+    root = Path(__file__).resolve().parent.parent
+    exe = tmp_path / "philox_uniforms"
+    subprocess.run([_CXX, "-O2", "-std=c++17", *_cpu_isa.COMPILE_FLAGS[isa], "-I", str(root / "csrc" / "include"),
+                    str(root / "tests" / "cpp" / "philox_uniforms.cpp"), "-o", str(exe)],
+                   check=True, capture_output=True)
+    run = subprocess.run([str(exe), *map(str, _FIRSTS)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    values = np.array(run.stdout.split(), dtype=np.float32).reshape(len(_FIRSTS), 8)
+    expected = np.array([[_philox_uniform(SEED, first + i) for i in range(8)] for first in _FIRSTS], dtype=np.float32)
+    np.testing.assert_array_equal(values, expected)
 
 
 @pytest.mark.skipif(not _extension.loaded(), reason="the extension is not built")

@@ -19,7 +19,7 @@
 //    float64 column sums (cpu_rows::ColumnSums), added in chunk order afterwards. Chunks are cut
 //    by shape alone (cpu_rows::num_row_chunks), so the sums do not depend on the thread count.
 // Dropout is the shared Philox stream (fused_attn/philox.h) at element row * hidden + col,
-// drawn 16 counters at a time; an element is kept when its uniform is >= dropout_p (in float)
+// drawn a batch of counters at a time (philox::uniforms); an element is kept when its uniform is >= dropout_p (in float)
 // and kept values are divided by 1 - dropout_p (in float: philox::keep_divisor), exactly as the
 // Triton kernels do, so every backend drops the same elements for the same seed. All arithmetic is
 // float32 on at::vec::Vectorized<float>, fp16/bf16 widened on load and rounded once on store.

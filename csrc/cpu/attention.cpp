@@ -643,7 +643,7 @@ struct KeySpans {
 template <typename Fn>
 C10_ALWAYS_INLINE void for_each_dropout_factor(int64_t n, uint64_t seed, uint64_t counter, float p, float inv_keep,
                                                const Fn& fn) {
-  constexpr int64_t kChunk = 4 * philox::kGroupElements;
+  constexpr int64_t kChunk = 2 * philox::kBatchElements;
   const fVec pv(p), inv(inv_keep), zero(0.f);
   alignas(64) float u[kChunk];
   for (int64_t j = 0; j < n; j += kChunk) {

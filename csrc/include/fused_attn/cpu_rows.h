@@ -47,14 +47,14 @@ static_assert(at::vec::Vectorized<at::Half>::size() == 2 * kLanes &&
                   at::vec::Vectorized<at::BFloat16>::size() == 2 * kLanes,
               "an fp16/bf16 vector must widen to exactly two float vectors");
 
-// Blocks that draw dropout: float vectors enough for two groups of Philox counters (2 x
-// philox::kGroupElements elements, drawn as two independent chains whose latencies overlap: a
-// block of one group waits on its chain) and a whole number of fp16/bf16 vectors (two float
+// Blocks that draw dropout: float vectors enough for one batch of Philox counter groups
+// (philox::kBatchElements elements, drawn as independent chains whose latencies overlap: a block
+// of fewer groups waits on its chains) and a whole number of fp16/bf16 vectors (two float
 // vectors), whatever the dtype, so every dtype shares one loop.
-constexpr int kDropParts = static_cast<int>(std::max<int64_t>(2, 2 * philox::kGroupElements / kLanes));
+constexpr int kDropParts = static_cast<int>(std::max<int64_t>(2, philox::kBatchElements / kLanes));
 constexpr int64_t kDropBlock = kDropParts * kLanes;
-static_assert(kDropBlock % (2 * philox::kGroupElements) == 0 && kDropParts % 2 == 0,
-              "a dropout block must hold two whole groups of Philox counters and whole fp16/bf16 vectors");
+static_assert(kDropBlock % philox::kBatchElements == 0 && kDropParts % 2 == 0,
+              "a dropout block must hold a whole batch of Philox counters and whole fp16/bf16 vectors");
 
 // Independent accumulator chains per reduction: an add/FMA takes several cycles, so a single
 // chain would leave the FP units idle waiting on its own result.

@@ -15,8 +15,8 @@
 //
 // Header-only and usable from host and device code (__host__ __device__ under nvcc). The scalar
 // functions here are the definition; CPU kernels draw runs of consecutive elements with
-// `uniforms` (16 counters per AVX-512 vector or 8 per AVX2 one when the compiler targets them, a
-// plain loop otherwise; all give the scalar functions' bits).
+// `uniforms` (8 counters per AVX-512 or AVX2 vector when the compiler targets them, a plain loop
+// otherwise; all give the scalar functions' bits).
 #pragma once
 
 #include <algorithm>
@@ -137,11 +137,55 @@ FUSED_ATTN_HOST_DEVICE float keep_scale(float p) { return p < 1.f ? 1.f / (1.f -
 #ifdef __AVX2__
 namespace detail {
 
-// 32-bit integer lanes of one vector: what the Philox rounds need of AVX2 (8 lanes) or AVX-512 (16,
-// Lanes512 below).
+#ifdef __AVX512F__
+// AVX-512: each 32-bit word of a counter's state sits in the low half of a 64-bit lane (8 counters
+// per vector), so one vpmuludq gives a product's high and low words at once, and a 32-bit swap
+// within each lane (vpshufd, another port than the multiplies) brings the high word down; the
+// upper halves hold leftovers that no multiply reads and the final blend drops. A round is two
+// multiplies, two swaps and two three-way XORs (vpternlogq) per vector: a quarter fewer cycles
+// than 16 counters per vector with the products' halves shifted and blended back into 32-bit lanes,
+// whose shifts shared the one port that multiplies.
+template <int G>
+inline void wide_rounds(__m512i (&c0)[G], __m512i (&c1)[G], __m512i (&c2)[G], __m512i (&c3)[G], uint32_t k0,
+                        uint32_t k1) {
+  const __m512i round_a = _mm512_set1_epi64(kRoundA), round_b = _mm512_set1_epi64(kRoundB);
+  for (int g = 0; g < G; ++g) c2[g] = c3[g] = _mm512_setzero_si512();
+  for (int round = 0; round < kRounds; ++round) {
+    const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0)), key1 = _mm512_set1_epi32(static_cast<int>(k1));
+    for (int g = 0; g < G; ++g) {
+      const __m512i prod_b = _mm512_mul_epu32(c2[g], round_b), prod_a = _mm512_mul_epu32(c0[g], round_a);
+      // 0x96: a ^ b ^ c. The swapped product's low half is its high word.
+      c0[g] = _mm512_ternarylogic_epi64(_mm512_shuffle_epi32(prod_b, _MM_PERM_CDAB), c1[g], key0, 0x96);
+      c2[g] = _mm512_ternarylogic_epi64(_mm512_shuffle_epi32(prod_a, _MM_PERM_CDAB), c3[g], key1, 0x96);
+      c1[g] = prod_b;
+      c3[g] = prod_a;
+    }
+    k0 += kKeyA;
+    k1 += kKeyB;
+  }
+}
+
+// to_uniform of a vector's words, lane by lane: w < 0 ? ~w : w (xor with the sign mask), to float,
+// times the scale; returned as integer bits.
+inline __m512i uniform_bits(__m512i w) {
+  const __m512i folded = _mm512_xor_si512(w, _mm512_srai_epi32(w, 31));
+  return _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(folded), _mm512_set1_ps(kUniformScale)));
+}
+
+// out[4 t + k] = the uniform of word k of counter t, for the 8 counters of wide-lane w0..w3: each
+// counter's words paired into 64-bit lanes ([w0 w1], [w2 w3]), then the pairs interleaved.
+inline void store_wide(__m512i w0, __m512i w1, __m512i w2, __m512i w3, float* out) {
+  const __m512i w01 = _mm512_mask_blend_epi32(0xAAAA, w0, _mm512_slli_epi64(w1, 32));
+  const __m512i w23 = _mm512_mask_blend_epi32(0xAAAA, w2, _mm512_slli_epi64(w3, 32));
+  const __m512i first = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), last = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+  _mm512_storeu_si512(out, uniform_bits(_mm512_permutex2var_epi64(w01, first, w23)));      // counters 0..3
+  _mm512_storeu_si512(out + 16, uniform_bits(_mm512_permutex2var_epi64(w01, last, w23)));  // 4..7
+}
+#else
+// AVX2: 32-bit integer lanes, 8 counters per vector (64-bit lanes, as AVX-512 takes them, are no
+// faster here: without three-way XORs their extra instructions cancel the saved shifts).
 struct Lanes256 {
   using V = __m256i;
-  static constexpr int kCount = 8;
   static V set1(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
   static V zero() { return _mm256_setzero_si256(); }
   static V add(V a, V b) { return _mm256_add_epi32(a, b); }
@@ -211,52 +255,6 @@ inline void store_elements(__m256i w0, __m256i w1, __m256i w2, __m256i w3, float
   _mm256_storeu_si256(dst + 3, _mm256_permute2x128_si256(t26, t37, 0x31));  // 6, 7
 }
 
-#ifdef __AVX512F__
-struct Lanes512 {
-  using V = __m512i;
-  static constexpr int kCount = 16;
-  static V set1(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
-  static V zero() { return _mm512_setzero_si512(); }
-  static V add(V a, V b) { return _mm512_add_epi32(a, b); }
-  static V xor_(V a, V b) { return _mm512_xor_si512(a, b); }
-  static V mul_even(V a, V b) { return _mm512_mul_epu32(a, b); }
-  static V srli64(V a) { return _mm512_srli_epi64(a, 32); }
-  static V slli64(V a) { return _mm512_slli_epi64(a, 32); }
-  static V odd_from(V even_src, V odd_src) { return _mm512_mask_blend_epi32(0xAAAA, even_src, odd_src); }
-};
-
-inline __m512i uniform_bits(__m512i w) {
-  const __m512i folded = _mm512_xor_si512(w, _mm512_srai_epi32(w, 31));
-  return _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(folded), _mm512_set1_ps(kUniformScale)));
-}
-
-// store_elements for 16 counters: the unpacks give, in each 128-bit lane L, counters 4 L .. 4 L + 3
-// (t0: 4 L, t1: 4 L + 1, ...); two rounds of 128-bit shuffles gather each counter quadruple.
-inline void store_elements(__m512i w0, __m512i w1, __m512i w2, __m512i w3, float* out) {
-  const __m512i a = uniform_bits(w0), b = uniform_bits(w1), c = uniform_bits(w2), d = uniform_bits(w3);
-  const __m512i ab_lo = _mm512_unpacklo_epi32(a, b), ab_hi = _mm512_unpackhi_epi32(a, b);
-  const __m512i cd_lo = _mm512_unpacklo_epi32(c, d), cd_hi = _mm512_unpackhi_epi32(c, d);
-  const __m512i t0 = _mm512_unpacklo_epi64(ab_lo, cd_lo), t1 = _mm512_unpackhi_epi64(ab_lo, cd_lo);
-  const __m512i t2 = _mm512_unpacklo_epi64(ab_hi, cd_hi), t3 = _mm512_unpackhi_epi64(ab_hi, cd_hi);
-  const __m512i x01 = _mm512_shuffle_i32x4(t0, t1, 0x44), x23 = _mm512_shuffle_i32x4(t2, t3, 0x44);  // lanes 0, 1
-  const __m512i y01 = _mm512_shuffle_i32x4(t0, t1, 0xEE), y23 = _mm512_shuffle_i32x4(t2, t3, 0xEE);  // lanes 2, 3
-  _mm512_storeu_si512(out, _mm512_shuffle_i32x4(x01, x23, 0x88));       // counters 0..3
-  _mm512_storeu_si512(out + 16, _mm512_shuffle_i32x4(x01, x23, 0xDD));  // 4..7
-  _mm512_storeu_si512(out + 32, _mm512_shuffle_i32x4(y01, y23, 0x88));  // 8..11
-  _mm512_storeu_si512(out + 48, _mm512_shuffle_i32x4(y01, y23, 0xDD));  // 12..15
-}
-
-// Counters counter + lane + offset (lanes 0..15): low and high words, the carry of the low add by
-// an unsigned compare.
-inline void counter_vector(uint64_t counter, uint32_t offset, __m512i& lo, __m512i& hi) {
-  const __m512i base_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter)));
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  lo = _mm512_add_epi32(base_lo, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(offset))));
-  const __m512i base_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter >> 32)));
-  hi = _mm512_mask_add_epi32(base_hi, _mm512_cmplt_epu32_mask(lo, base_lo), base_hi, _mm512_set1_epi32(1));
-}
-using Lanes = Lanes512;
-#else
 // Counters counter + lane + offset (lanes 0..7): low and high words, the carry of the low add by
 // an unsigned compare (both sides' sign bits flipped for the signed one AVX2 has). Built in
 // registers: scalar stores read back as one vector would stall the load.
@@ -269,17 +267,21 @@ inline void counter_vector(uint64_t counter, uint32_t offset, __m256i& lo, __m25
   const __m256i base_hi = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter >> 32)));
   hi = _mm256_sub_epi32(base_hi, carry);  // carry is -1 where the low word wrapped
 }
-using Lanes = Lanes256;
-#endif
+#endif  // __AVX512F__
 
 }  // namespace detail
-// Counters per group of the CPU draw (one vector of them: 16 with AVX-512, 8 with AVX2), and the
-// elements they give.
-constexpr int kGroupCounters = detail::Lanes::kCount;
-#else
+#endif  // __AVX2__
+
+// Counters per group of the CPU draw (one vector of them) and the elements they give; the draw
+// runs fastest kBatchGroups groups at a time (independent chains, whose latencies overlap).
 constexpr int kGroupCounters = 8;
-#endif
 constexpr int kGroupElements = kWords * kGroupCounters;
+#ifdef __AVX512F__
+constexpr int kBatchGroups = 4;
+#else
+constexpr int kBatchGroups = 2;
+#endif
+constexpr int kBatchElements = kBatchGroups * kGroupElements;
 
 // out[t] = uniform(seed, 4 * counter + t) for t in [0, kGroupElements G): the words of G groups of
 // kGroupCounters consecutive counters from `counter`, in element order.
@@ -287,8 +289,17 @@ template <int G>
 __attribute__((always_inline)) inline void counter_uniforms(uint64_t seed, uint64_t counter, float* out) {
   const uint32_t k0 = static_cast<uint32_t>(seed);
   const uint32_t k1 = static_cast<uint32_t>(seed >> 32);
-#ifdef __AVX2__
-  using L = detail::Lanes;
+#if defined(__AVX512F__)
+  __m512i c0[G], c1[G], c2[G], c3[G];
+  const __m512i lane = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int g = 0; g < G; ++g) {
+    c0[g] = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(counter + g * kGroupCounters)), lane);
+    c1[g] = _mm512_srli_epi64(c0[g], 32);  // c0's upper half is its high word: no multiply reads it
+  }
+  detail::wide_rounds<G>(c0, c1, c2, c3, k0, k1);
+  for (int g = 0; g < G; ++g) detail::store_wide(c0[g], c1[g], c2[g], c3[g], out + g * kGroupElements);
+#elif defined(__AVX2__)
+  using L = detail::Lanes256;
   typename L::V c0[G], c1[G], c2[G], c3[G];
   for (int g = 0; g < G; ++g) detail::counter_vector(counter, g * kGroupCounters, c0[g], c1[g]);
   detail::rounds<L, G>(c0, c1, c2, c3, k0, k1);
@@ -304,16 +315,16 @@ __attribute__((always_inline)) inline void counter_uniforms(uint64_t seed, uint6
 #endif
 }
 
-// out[t] = uniform(seed, first + t) for t in [0, n): whole counters drawn 16 or 8 at a time, the
-// ones that straddle the run's ends through a buffer.
+// out[t] = uniform(seed, first + t) for t in [0, n): whole counters drawn kBatchGroups groups at a
+// time, then a group at a time; the groups that straddle the run's ends through a buffer.
 __attribute__((always_inline)) inline void uniforms(uint64_t seed, uint64_t first, int64_t n, float* out) {
   uint64_t counter = first / kWords;
   int64_t pos = -static_cast<int64_t>(first % kWords);  // where counter's first word lands in out
   while (pos < n) {
-    if (pos >= 0 && n - pos >= 2 * kGroupElements) {
-      counter_uniforms<2>(seed, counter, out + pos);
-      counter += 2 * kGroupCounters;
-      pos += 2 * kGroupElements;
+    if (pos >= 0 && n - pos >= kBatchElements) {
+      counter_uniforms<kBatchGroups>(seed, counter, out + pos);
+      counter += kBatchGroups * kGroupCounters;
+      pos += kBatchElements;
       continue;
     }
     if (pos >= 0 && n - pos >= kGroupElements) {
