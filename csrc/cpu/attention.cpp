@@ -446,10 +446,13 @@ bool native_products(at::ScalarType type, int64_t d) { return d % 2 == 0 && cpu_
 
 // K and V of every (batch, key/value head) packed for brgemm (pack_keys): key chunk c of head
 // bkv is k_packed + (bkv * chunks + c) * k_chunk (K^T, head_dim x 64). For the forward's P V,
-// feature chunk f of its V is v_packed + ((bkv * chunks + c) * v_cols + f) * v_chunk (64 x 64);
-// for the backward's dO V^T, its V^T is v_packed + (bkv * chunks + c) * v_chunk (value head dim
-// x 64, v_cols 1), and for its dQ = dS K, K's rows are packed as the forward's V is: feature
-// chunk f at kr_packed + ((bkv * chunks + c) * kr_cols + f) * kTileKeys * kTileCols.
+// feature chunk f of key chunk c of its V is v_packed + ((bkv * v_cols + f) * chunks + c) * v_chunk
+// (64 x 64): a feature column's chunks are consecutive, and the packed (VNNI) layout of 64-row
+// blocks laid end to end is that of their rows together, so a run of chunks is one operand of
+// brgemm, K = its keys (keys_product). For the backward's dO V^T, its V^T is v_packed + (bkv *
+// chunks + c) * v_chunk (value head dim x 64, v_cols 1), and for its dQ = dS K, K's rows are
+// packed as the forward's V is: kr_packed + ((bkv * kr_cols + f) * chunks + c) * kTileKeys *
+// kTileCols.
 template <typename T>
 struct PackedKV {
   at::Tensor storage;
@@ -459,9 +462,9 @@ struct PackedKV {
   int64_t chunks = 0, v_cols = 0, k_chunk = 0, v_chunk = 0, kr_cols = 0;
 
   const T* k(int64_t bkv, int64_t c) const { return k_packed + (bkv * chunks + c) * k_chunk; }
-  const T* v(int64_t bkv, int64_t c, int64_t f) const { return v_packed + ((bkv * chunks + c) * v_cols + f) * v_chunk; }
+  const T* v(int64_t bkv, int64_t c, int64_t f) const { return v_packed + ((bkv * v_cols + f) * chunks + c) * v_chunk; }
   const T* kr(int64_t bkv, int64_t c, int64_t f) const {
-    return kr_packed + ((bkv * chunks + c) * kr_cols + f) * kTileKeys * kTileCols;
+    return kr_packed + ((bkv * kr_cols + f) * chunks + c) * kTileKeys * kTileCols;
   }
 };
 
@@ -771,9 +774,10 @@ void fill_strides(const at::Tensor& t, int64_t (&s)[3]) {
 
 // Packs the value rows [lo, hi) of a chunk of keys (vb: its first key's row, rows ld apart; the
 // other rows of the chunk zero) for brgemm: the packed [64 keys, 64 features] blocks of its
-// features at out, kTileKeys x kTileCols elements each (stage: as many elements of scratch).
+// features at out, out_step elements apart (stage: kTileKeys x kTileCols elements of scratch).
 template <typename T>
-void pack_value_chunk(const T* vb, int64_t ld, int64_t lo, int64_t hi, int64_t dv, T* stage, T* out) {
+void pack_value_chunk(const T* vb, int64_t ld, int64_t lo, int64_t hi, int64_t dv, T* stage, T* out,
+                      int64_t out_step = kTileKeys * kTileCols) {
   constexpr auto kType = c10::CppTypeToScalarType<T>::value;
   for (int64_t f0 = 0; f0 < dv; f0 += kTileCols) {
     const int64_t w = std::min(kTileCols, dv - f0);
@@ -784,7 +788,7 @@ void pack_value_chunk(const T* vb, int64_t ld, int64_t lo, int64_t hi, int64_t d
       std::fill(row + (kept ? w : 0), row + kTileCols, T(0));
     }
     at::native::cpublas::pack(kTileKeys, kTileCols, kTileCols, kTileCols, kType, kType, stage,
-                              out + f0 / kTileCols * kTileKeys * kTileCols);
+                              out + f0 / kTileCols * out_step);
   }
 }
 
@@ -830,11 +834,14 @@ PackedKV<T> pack_keys(const AttnProblem& pb, const T* k_ptr, const T* v_ptr, boo
       const T* kb = k_ptr + b * pb.k_s[0] + hk * pb.k_s[1] + j0 * pb.k_s[2];
       const T* vb = v_ptr + b * pb.v_s[0] + hk * pb.v_s[1] + j0 * pb.v_s[2];
       pack_transposed_chunk(kb, pb.k_s[2], n, d, stage.data(), k_out + task * kv.k_chunk);
+      const int64_t c = task % kv.chunks, step = kv.chunks * kTileKeys * kTileCols;  // PackedKV's v and kr
       if (backward) {
         pack_transposed_chunk(vb, pb.v_s[2], n, dv, stage.data(), v_out + task * kv.v_chunk);
-        pack_value_chunk(kb, pb.k_s[2], 0, n, d, stage.data(), kr_out + task * kr_chunk);
+        pack_value_chunk(kb, pb.k_s[2], 0, n, d, stage.data(), kr_out + bkv * kr_chunk * kv.chunks + c * kTileKeys * kTileCols,
+                         step);
       } else {
-        pack_value_chunk(vb, pb.v_s[2], 0, n, dv, stage.data(), v_out + task * kv.v_cols * kv.v_chunk);
+        pack_value_chunk(vb, pb.v_s[2], 0, n, dv, stage.data(),
+                         v_out + bkv * kv.v_cols * kv.v_chunk * kv.chunks + c * kv.v_chunk, step);
       }
     }
   });
@@ -1018,20 +1025,34 @@ void attn_fwd_task_native(const AttnProblem& pb, const PackedKV<T>& kv, const T*
     const bool raw = unmasked_tile(pb, i0, j0, nk) && pb.scale > 0.f;
     masked_scores_16(pb, kv, b, h, i0, mq, j0, nk, q, ldq, s, block_k, raw);
     online_softmax_16(pb, bh, i0, mq, j0, nk, s, block_k, raw, p, block_k, chunks * kTileKeys, drop, m, l, acc);
-    for (int64_t c = 0; c < chunks; ++c) {
+    // acc += P V: a run of whole chunks as one product per feature column (K = its keys, acc read
+    // and written once per tile instead of once per chunk), a chunk that holds keys the walk does
+    // not see packed again (edge) and multiplied on its own.
+    const auto partial = [&](int64_t c) {
       const int64_t first = (c0 + c) * kTileKeys;
       const int64_t keys = std::min(kTileKeys, pb.k_len - first);  // the chunk's rows that are keys
-      const int64_t lo = std::max<int64_t>(k_begin - first, 0), hi = std::min(k_end - first, keys);
-      const bool partial = lo > 0 || hi < keys;
-      if (partial) {
-        const T* vb = v_ptr + b * pb.v_s[0] + pb.kv(h) * pb.v_s[1] + first * pb.v_s[2];
-        pack_value_chunk(vb, pb.v_s[2], lo, hi, dv, stage, edge);
+      return k_begin > first || k_end - first < keys;
+    };
+    for (int64_t c = 0; c < chunks;) {
+      int64_t run = c;
+      while (run < chunks && !partial(run)) ++run;
+      if (run > c) {
+        for (int64_t f = 0; f < kv.v_cols; ++f) {
+          brgemm(mq, std::min(kTileCols, dv - f * kTileCols), (run - c) * kTileKeys, p + c * kTileKeys, block_k,
+                 kv.v(bkv, c0 + c, f), true, acc + f * kTileCols, dv);
+        }
+        c = run;
+        continue;
       }
+      const int64_t first = (c0 + c) * kTileKeys;
+      const int64_t lo = std::max<int64_t>(k_begin - first, 0), hi = std::min(k_end - first, kTileKeys);
+      const T* vb = v_ptr + b * pb.v_s[0] + pb.kv(h) * pb.v_s[1] + first * pb.v_s[2];
+      pack_value_chunk(vb, pb.v_s[2], lo, hi, dv, stage, edge);
       for (int64_t f = 0; f < kv.v_cols; ++f) {
-        const T* vc = partial ? edge + f * kv.v_chunk : kv.v(bkv, c0 + c, f);
-        brgemm(mq, std::min(kTileCols, dv - f * kTileCols), kTileKeys, p + c * kTileKeys, block_k, vc, true,
-               acc + f * kTileCols, dv);
+        brgemm(mq, std::min(kTileCols, dv - f * kTileCols), kTileKeys, p + c * kTileKeys, block_k,
+               edge + f * kv.v_chunk, true, acc + f * kTileCols, dv);
       }
+      ++c;
     }
   }
   at::native::cpublas::brgemm_release(true);
@@ -1355,15 +1376,23 @@ template <typename T>
 void tile_dq_16(const AttnProblem& pb, const PackedKV<T>& kv, int64_t bkv, const T* k_rows, int64_t ld_k, int64_t j0,
                 int64_t nk, int64_t mq, int64_t cols, const Bwd16Buffers<T>& w, float* dq) {
   const int64_t d = pb.d;
-  for (int64_t c0 = 0; c0 < nk; c0 += kTileKeys) {
-    const int64_t first = j0 + c0;
-    const int64_t keys = std::min(kTileKeys, pb.k_len - first), hi = std::min(kTileKeys, nk - c0);
-    const bool partial = hi < keys;
-    if (partial) pack_value_chunk(k_rows + first * ld_k, ld_k, 0, hi, d, w.stage, w.edge);
+  // The whole chunks as one product per feature column (K = their keys; PackedKV's kr), then a
+  // last chunk that holds keys past the tile's end, packed again with those rows zero.
+  const int64_t whole = std::min(nk / kTileKeys * kTileKeys, pb.k_len - j0);
+  const int64_t last = whole < nk ? std::min(kTileKeys, pb.k_len - j0 - whole) : 0;
+  const bool partial = whole < nk && nk - whole < last;
+  const int64_t run = partial ? whole : (nk + kTileKeys - 1) / kTileKeys * kTileKeys;
+  if (run > 0) {
     for (int64_t f = 0; f < kv.kr_cols; ++f) {
-      const T* kc = partial ? w.edge + f * kTileKeys * kTileCols : kv.kr(bkv, first / kTileKeys, f);
-      brgemm(mq, std::min(kTileCols, d - f * kTileCols), kTileKeys, w.ds16 + c0, cols, kc, true, dq + f * kTileCols,
-             d);
+      brgemm(mq, std::min(kTileCols, d - f * kTileCols), run, w.ds16, cols, kv.kr(bkv, j0 / kTileKeys, f), true,
+             dq + f * kTileCols, d);
+    }
+  }
+  if (partial) {
+    pack_value_chunk(k_rows + (j0 + whole) * ld_k, ld_k, 0, nk - whole, d, w.stage, w.edge);
+    for (int64_t f = 0; f < kv.kr_cols; ++f) {
+      brgemm(mq, std::min(kTileCols, d - f * kTileCols), kTileKeys, w.ds16 + whole, cols,
+             w.edge + f * kTileKeys * kTileCols, true, dq + f * kTileCols, d);
     }
   }
   at::native::cpublas::brgemm_release(true);
