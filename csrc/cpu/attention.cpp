@@ -1350,6 +1350,43 @@ void round_tile(const float* src, int64_t ld, int64_t mq, int64_t nk, int64_t ro
   }
 }
 
+// One chunk of keys of a rounded tile (src: [rows, kTileKeys] of T, rows ld apart, rows even) as
+// brgemm's packed B operand: the VNNI layout [rows / 2][kTileKeys][2], rows r and r + 1
+// interleaved, which is what cpublas::pack writes for the tile unit; here without its per-call
+// lookup of a packing kernel.
+template <typename T>
+void pack_pairs(const T* src, int64_t ld, int64_t rows, T* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (sizeof(T) == 2) {  // the 16-bit dtypes, the only ones the tile unit takes
+    static_assert(kTileKeys == 64, "two 512-bit vectors of 16-bit values a chunk row");
+    // Output element 2 t + k is element t (+ 16 for the second half) of row r + k: index t + 32 k.
+    alignas(64) static constexpr int16_t kFirst[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    alignas(64) static constexpr int16_t kSecond[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23,
+                                                        55, 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62,
+                                                        31, 63};
+    const __m512i first = _mm512_load_si512(kFirst), second = _mm512_load_si512(kSecond);
+    for (int64_t r = 0; r < rows; r += 2) {
+      const T* a = src + r * ld;
+      const T* b = a + ld;
+      T* o = out + r * kTileKeys;
+      for (int64_t h = 0; h < kTileKeys; h += 32) {
+        const __m512i x = _mm512_loadu_si512(a + h), y = _mm512_loadu_si512(b + h);
+        _mm512_storeu_si512(o + 2 * h, _mm512_permutex2var_epi16(x, first, y));
+        _mm512_storeu_si512(o + 2 * h + 32, _mm512_permutex2var_epi16(x, second, y));
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < rows; r += 2) {
+    for (int64_t t = 0; t < kTileKeys; ++t) {
+      out[r * kTileKeys + 2 * t] = src[r * ld + t];
+      out[r * kTileKeys + 2 * t + 1] = src[(r + 1) * ld + t];
+    }
+  }
+}
+
 // dV^T[:, 0..nk) += dO^T P and dK^T[:, 0..nk) += Q^T dS for one tile (see Bwd16Buffers; w.qt,
 // w.dot, w.p16 and w.ds16 filled, `rows` rows, p16/ds16 cols wide), into the transposed float32
 // accumulators dkt [d, ...] and dvt [dv, ...] at their tile's first column (leading dimension
@@ -1357,12 +1394,11 @@ void round_tile(const float* src, int64_t ld, int64_t mq, int64_t nk, int64_t ro
 template <typename T>
 void tile_dkdv_16(int64_t d, int64_t dv, int64_t nk, int64_t rows, int64_t cols, const Bwd16Buffers<T>& w,
                   float* dkt, float* dvt, int64_t ld_t) {
-  constexpr auto kType = c10::CppTypeToScalarType<T>::value;
   for (int64_t c0 = 0; c0 < nk; c0 += kTileKeys) {
     const int64_t n = std::min(kTileKeys, nk - c0);
-    at::native::cpublas::pack(rows, kTileCols, cols, kTileCols, kType, kType, w.p16 + c0, w.packed);
+    pack_pairs(w.p16 + c0, cols, rows, w.packed);
     brgemm(dv, n, rows, w.dot, rows, w.packed, true, dvt + c0, ld_t);
-    at::native::cpublas::pack(rows, kTileCols, cols, kTileCols, kType, kType, w.ds16 + c0, w.packed);
+    pack_pairs(w.ds16 + c0, cols, rows, w.packed);
     brgemm(d, n, rows, w.qt, rows, w.packed, true, dkt + c0, ld_t);
   }
   at::native::cpublas::brgemm_release(true);
