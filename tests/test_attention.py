@@ -339,6 +339,27 @@ def test_one_hot_rows_give_zero_score_gradients(backend_device, scale):
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
+def test_dropout_at_a_huge_scale_keeps_zero_gradients_zero(backend_device):
+    """dQ and dK take the scale and the dropout's 1 / (1 - p) at their stores: applied one after the
+    other, not as their product, which overflows (1e38 x 10) where both are finite, so that a zero
+    gradient (one-hot rows, as above) stayed 0 and did not become 0 x inf = NaN (triton and cuda)."""
+    backend, device = backend_device
+    for dtype in (torch.float32, torch.float16):
+        if dtype not in supported_dtypes(backend, device, OP):
+            continue
+        gen = torch.Generator().manual_seed(7)
+        # Small enough that the scaled scores stay finite (|q.k| < 3.4): one-hot rows all the same.
+        q, k = torch.randn(1, 2, 33, 16, generator=gen) * 0.2, torch.randn(1, 2, 20, 16, generator=gen) * 0.2
+        v, up = torch.randn(1, 2, 20, 8, generator=gen), torch.randn(1, 2, 33, 8, generator=gen)
+        q, k, v, up = (t.to(device=device, dtype=dtype) for t in (q, k, v, up))
+        q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+        out = fused_attn.scaled_dot_product_attention(q, k, v, scale=1e38, dropout_p=0.9, backend=backend)
+        out.backward(up)
+        assert torch.equal(q.grad, torch.zeros_like(q)) and torch.equal(k.grad, torch.zeros_like(k)), dtype
+        assert out.isfinite().all() and v.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("bias", [3e38, float("inf")], ids=["3e38", "inf"])
 def test_huge_positive_bias_picks_its_key(backend_device, bias):
     """A bias above 2.36e38 overflowed to inf times log2(e) and the row to inf - inf = NaN on triton

@@ -85,14 +85,39 @@ def test_the_lists_hold_the_configurations_the_kernels_are_given():
 
 
 # Lengths of 170 and 130 cover a 128-row query tile and a partial one; 100 and 150 keys a partial
-# key tile of every width; causal with fewer keys than queries and the reverse.
+# key tile of every width; causal with fewer keys than queries and the reverse. 256 and 128 keys are
+# whole tiles of every width: the kernels then skip the keys' bounds (KEY_BOUNDS false) while the
+# 200 or 256 queries still end in a partial tile or not.
+_ATTENTION_CASES = [
+    pytest.param("causal", (170, 170), id="causal"),
+    pytest.param("causal+padding", (130, 170), id="causal+padding"),
+    pytest.param("causal", (170, 100), id="causal-fewer-keys"),
+    pytest.param("bias", (170, 150), id="bias"),
+    pytest.param("full", (200, 256), id="full-whole-key-tiles"),
+    pytest.param("causal", (256, 128), id="causal-whole-key-tiles"),
+]
+
+
 @pytest.mark.parametrize("fwd, bwd, head_dim", _attention_pairs())
-@pytest.mark.parametrize("kind, lengths", [
-    ("causal", (170, 170)), ("causal+padding", (130, 170)), ("causal", (170, 100)), ("bias", (170, 150)),
-], ids=["causal", "causal+padding", "causal-fewer-keys", "bias"])
+@pytest.mark.parametrize("kind, lengths", _ATTENTION_CASES)
 def test_attention_every_tile_configuration(fwd, bwd, head_dim, kind, lengths, monkeypatch):
     _triton_or_skip()
     _pin_attention(monkeypatch, fwd, bwd)
+    _check_attention(head_dim, kind, lengths)
+
+
+@pytest.mark.parametrize("fwd, bwd", [pytest.param(*p.values[:2], id=p.id.removesuffix("-d40"))
+                                      for p in _attention_pairs() if p.values[2] == 40])
+@pytest.mark.parametrize("kind, lengths", [c for c in _ATTENTION_CASES if c.id in ("bias", "full-whole-key-tiles")])
+def test_attention_narrow_tiles_at_head_dim_96(fwd, bwd, kind, lengths, monkeypatch):
+    """The narrow tiles again at a head dim of 96 (padded to 128), where the dK/dV kernel forms its
+    tiles queries x keys rather than transposed (up to 64)."""
+    _triton_or_skip()
+    _pin_attention(monkeypatch, fwd, bwd)
+    _check_attention(96, kind, lengths)
+
+
+def _check_attention(head_dim, kind, lengths):
     q, k, v = _qkv(1, 2, *lengths, head_dim, DTYPE, DEVICE)
     causal = kind.startswith("causal")
     grads = ("query", "key", "value") + (("attn_mask",) if kind == "bias" else ())

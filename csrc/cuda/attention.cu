@@ -618,11 +618,13 @@ __device__ __forceinline__ void store_pair(uint16_t* row_ptr, int c, int ncols, 
   }
 }
 
-// Writes a warp's 16-row accumulator strip, times `factor`, to rows row0.. (< nrows) of a strided
-// matrix, columns col0.. (< ncols).
+// Writes a warp's 16-row accumulator strip, times `factor` and then times `then`, to rows row0..
+// (< nrows) of a strided matrix, columns col0.. (< ncols). Two factors one after the other, not
+// their product, which overflows where both are finite (dK, dQ: the dropout's 1 / (1 - p), then a
+// huge scale) and would turn a zero gradient into 0 x inf = NaN.
 template <typename T, int NB>
 __device__ __forceinline__ void store_strip(const float (&acc)[NB][4], uint16_t* base, int64_t ld, int row0,
-                                            int nrows, int col0, int ncols, float factor) {
+                                            int nrows, int col0, int ncols, float factor, float then = 1.f) {
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
@@ -631,8 +633,8 @@ __device__ __forceinline__ void store_strip(const float (&acc)[NB][4], uint16_t*
     uint16_t* row_ptr = base + static_cast<int64_t>(r) * ld;
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) {
-      store_pair<T>(row_ptr, col0 + nb * 8 + (lane & 3) * 2, ncols, acc[nb][2 * half] * factor,
-                    acc[nb][2 * half + 1] * factor);
+      store_pair<T>(row_ptr, col0 + nb * 8 + (lane & 3) * 2, ncols, acc[nb][2 * half] * factor * then,
+                    acc[nb][2 * half + 1] * factor * then);
     }
   }
 }
@@ -935,8 +937,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
     __syncthreads();
   }
 
-  store_strip<T>(dk, p.dk + b * p.dk_s[0] + h * p.dk_s[1], p.dk_s[2], warp_key0, p.k_len, col0, p.d,
-                 p.scale * p.inv_keep);
+  store_strip<T>(dk, p.dk + b * p.dk_s[0] + h * p.dk_s[1], p.dk_s[2], warp_key0, p.k_len, col0, p.d, p.inv_keep,
+                 p.scale);
   store_strip<T>(dv, p.dv_out + b * p.dv_s[0] + h * p.dv_s[1], p.dv_s[2], warp_key0, p.k_len, col0, p.dv, p.inv_keep);
 }
 
@@ -1139,7 +1141,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
       }
     } else {
       store_strip<T>(dq[mt], p.dq + b * p.dq_s[0] + h * p.dq_s[1], p.dq_s[2], strip_row0, p.q_len, col0, p.d,
-                     p.scale * p.inv_keep);
+                     p.inv_keep, p.scale);
     }
   }
 }
@@ -1388,7 +1390,8 @@ int query_strips(int padded, int64_t bh, int q_len) {
 }
 
 // launch(std::integral_constant<int, kMT>) with kMT = `strips` (1 or 2); a kernel of two strips is
-// instantiated only for padded head dims up to kMaxD.
+// instantiated only for padded head dims up to kMaxD. The callers size their grids from `strips`,
+// so two strips asked of a wider head dim are an error, never a one-strip launch on that grid.
 template <int kD, int kMaxD, typename F>
 void dispatch_strips(int strips, const F& launch) {
   if constexpr (kD <= kMaxD) {
@@ -1397,6 +1400,8 @@ void dispatch_strips(int strips, const F& launch) {
       return;
     }
   }
+  TORCH_CHECK(strips == 1, "fused_attn: internal error: ", strips, " query strips per warp asked of padded head dim ",
+              kD, " (at most ", kMaxD, " takes two)");
   launch(std::integral_constant<int, 1>{});
 }
 

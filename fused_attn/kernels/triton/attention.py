@@ -695,7 +695,8 @@ def _attn_bwd_dkdv_kernel(
                 stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
                 HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
             )
-    dk = dk * (qk_scale * _inv_keep(inv_keep, DROPOUT))
+    # One factor after the other: their product overflows where both are finite (a huge scale).
+    dk = dk * _inv_keep(inv_keep, DROPOUT) * qk_scale
     dv = dv * _inv_keep(inv_keep, DROPOUT)
     tl.store(dk_ptr + b * stride_dkb + out_h * stride_dkh + keys * stride_dkn + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
              mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -760,7 +761,7 @@ def _attn_bwd_dq_kernel(
             HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, KEY_BOUNDS, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV,
             HEAD_DIM, HEAD_DIM_V,
         )
-    dq = dq * (qk_scale * _inv_keep(inv_keep, DROPOUT))
+    dq = dq * _inv_keep(inv_keep, DROPOUT) * qk_scale  # as dK's: one factor after the other
     offs_d = tl.arange(0, BLOCK_D)
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :],
              dq.to(dq_ptr.dtype.element_ty), mask=in_queries[:, None] & (offs_d[None, :] < HEAD_DIM))
