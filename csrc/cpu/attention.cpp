@@ -449,10 +449,10 @@ bool native_products(at::ScalarType type, int64_t d) { return d % 2 == 0 && cpu_
 // feature chunk f of key chunk c of its V is v_packed + ((bkv * v_cols + f) * chunks + c) * v_chunk
 // (64 x 64): a feature column's chunks are consecutive, and the packed (VNNI) layout of 64-row
 // blocks laid end to end is that of their rows together, so a run of chunks is one operand of
-// brgemm, K = its keys (keys_product). For the backward's dO V^T, its V^T is v_packed + (bkv *
-// chunks + c) * v_chunk (value head dim x 64, v_cols 1), and for its dQ = dS K, K's rows are
-// packed as the forward's V is: kr_packed + ((bkv * kr_cols + f) * chunks + c) * kTileKeys *
-// kTileCols.
+// brgemm, K = its keys (attn_fwd_task_native, tile_dq_16). For the backward's dO V^T, its V^T is
+// v_packed + (bkv * chunks + c) * v_chunk (value head dim x 64, v_cols 1), and for its dQ = dS K,
+// K's rows are packed as the forward's V is: kr_packed + ((bkv * kr_cols + f) * chunks + c) *
+// kTileKeys * kTileCols.
 template <typename T>
 struct PackedKV {
   at::Tensor storage;
@@ -834,14 +834,13 @@ PackedKV<T> pack_keys(const AttnProblem& pb, const T* k_ptr, const T* v_ptr, boo
       const T* kb = k_ptr + b * pb.k_s[0] + hk * pb.k_s[1] + j0 * pb.k_s[2];
       const T* vb = v_ptr + b * pb.v_s[0] + hk * pb.v_s[1] + j0 * pb.v_s[2];
       pack_transposed_chunk(kb, pb.k_s[2], n, d, stage.data(), k_out + task * kv.k_chunk);
-      const int64_t c = task % kv.chunks, step = kv.chunks * kTileKeys * kTileCols;  // PackedKV's v and kr
+      // A chunk's feature columns are a column's run of chunks apart (PackedKV::v, kr).
+      const int64_t c = task % kv.chunks, step = kv.chunks * kTileKeys * kTileCols;
       if (backward) {
         pack_transposed_chunk(vb, pb.v_s[2], n, dv, stage.data(), v_out + task * kv.v_chunk);
-        pack_value_chunk(kb, pb.k_s[2], 0, n, d, stage.data(), kr_out + bkv * kr_chunk * kv.chunks + c * kTileKeys * kTileCols,
-                         step);
+        pack_value_chunk(kb, pb.k_s[2], 0, n, d, stage.data(), kr_out + (kv.kr(bkv, c, 0) - kv.kr_packed), step);
       } else {
-        pack_value_chunk(vb, pb.v_s[2], 0, n, dv, stage.data(),
-                         v_out + bkv * kv.v_cols * kv.v_chunk * kv.chunks + c * kv.v_chunk, step);
+        pack_value_chunk(vb, pb.v_s[2], 0, n, dv, stage.data(), v_out + (kv.v(bkv, c, 0) - kv.v_packed), step);
       }
     }
   });

@@ -177,7 +177,8 @@ inline __m512i uniform_bits(__m512i w) {
 inline void store_wide(__m512i w0, __m512i w1, __m512i w2, __m512i w3, float* out) {
   const __m512i w01 = _mm512_mask_blend_epi32(0xAAAA, w0, _mm512_slli_epi64(w1, 32));
   const __m512i w23 = _mm512_mask_blend_epi32(0xAAAA, w2, _mm512_slli_epi64(w3, 32));
-  const __m512i first = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), last = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+  const __m512i first = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
+  const __m512i last = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
   _mm512_storeu_si512(out, uniform_bits(_mm512_permutex2var_epi64(w01, first, w23)));      // counters 0..3
   _mm512_storeu_si512(out + 16, uniform_bits(_mm512_permutex2var_epi64(w01, last, w23)));  // 4..7
 }
