@@ -772,13 +772,49 @@ void fill_strides(const at::Tensor& t, int64_t (&s)[3]) {
   s[2] = t.stride(2);
 }
 
+// A [rows, 64] block of T (src, rows ld apart, rows even) as brgemm's packed B operand: the VNNI
+// layout [rows / 2][64][2], rows r and r + 1 interleaved, which is what cpublas::pack writes for
+// the tile unit; here without its per-call lookup of a packing kernel. Every packing of the
+// attention's operands goes through it (pack_value_chunk; the backward's P and dS chunks).
+template <typename T>
+void pack_pairs(const T* src, int64_t ld, int64_t rows, T* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (sizeof(T) == 2) {  // the 16-bit dtypes, the only ones the tile unit takes
+    static_assert(kTileKeys == 64 && kTileCols == 64, "two 512-bit vectors of 16-bit values a row");
+    // Output element 2 t + k is element t (+ 16 for the second half) of row r + k: index t + 32 k.
+    alignas(64) static constexpr int16_t kFirst[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    alignas(64) static constexpr int16_t kSecond[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23,
+                                                        55, 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62,
+                                                        31, 63};
+    const __m512i first = _mm512_load_si512(kFirst), second = _mm512_load_si512(kSecond);
+    for (int64_t r = 0; r < rows; r += 2) {
+      const T* a = src + r * ld;
+      const T* b = a + ld;
+      T* o = out + r * kTileKeys;
+      for (int64_t h = 0; h < kTileKeys; h += 32) {
+        const __m512i x = _mm512_loadu_si512(a + h), y = _mm512_loadu_si512(b + h);
+        _mm512_storeu_si512(o + 2 * h, _mm512_permutex2var_epi16(x, first, y));
+        _mm512_storeu_si512(o + 2 * h + 32, _mm512_permutex2var_epi16(x, second, y));
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < rows; r += 2) {
+    for (int64_t t = 0; t < kTileKeys; ++t) {
+      out[r * kTileKeys + 2 * t] = src[r * ld + t];
+      out[r * kTileKeys + 2 * t + 1] = src[(r + 1) * ld + t];
+    }
+  }
+}
+
 // Packs the value rows [lo, hi) of a chunk of keys (vb: its first key's row, rows ld apart; the
 // other rows of the chunk zero) for brgemm: the packed [64 keys, 64 features] blocks of its
 // features at out, out_step elements apart (stage: kTileKeys x kTileCols elements of scratch).
 template <typename T>
 void pack_value_chunk(const T* vb, int64_t ld, int64_t lo, int64_t hi, int64_t dv, T* stage, T* out,
                       int64_t out_step = kTileKeys * kTileCols) {
-  constexpr auto kType = c10::CppTypeToScalarType<T>::value;
   for (int64_t f0 = 0; f0 < dv; f0 += kTileCols) {
     const int64_t w = std::min(kTileCols, dv - f0);
     for (int64_t t = 0; t < kTileKeys; ++t) {
@@ -787,25 +823,29 @@ void pack_value_chunk(const T* vb, int64_t ld, int64_t lo, int64_t hi, int64_t d
       if (kept) std::copy(vb + t * ld + f0, vb + t * ld + f0 + w, row);
       std::fill(row + (kept ? w : 0), row + kTileCols, T(0));
     }
-    at::native::cpublas::pack(kTileKeys, kTileCols, kTileCols, kTileCols, kType, kType, stage,
-                              out + f0 / kTileCols * out_step);
+    pack_pairs(stage, kTileCols, kTileKeys, out + f0 / kTileCols * out_step);
   }
 }
 
 // Packs the first n rows of a chunk of keys (rows: its first key's row, rows ld apart, dim
-// features, even) transposed for brgemm: [dim, 64 keys], zero past n (stage: as many elements).
+// features, even) transposed for brgemm: [dim, 64 keys] in pack_pairs' layout, zero past n.
+// Features f and f + 1 (f even) of key t are the packed pair (f / 2, t): the layout is the
+// transpose of the rows read as pairs, written here without a transposed copy first.
 template <typename T>
-void pack_transposed_chunk(const T* rows, int64_t ld, int64_t n, int64_t dim, T* stage, T* out) {
-  constexpr auto kType = c10::CppTypeToScalarType<T>::value;
-  for (int64_t t = 0; t < kTileKeys; ++t) {
-    for (int64_t f = 0; f < dim; ++f) stage[f * kTileKeys + t] = t < n ? rows[t * ld + f] : T(0);
+void pack_transposed_chunk(const T* rows, int64_t ld, int64_t n, int64_t dim, T* out) {
+  for (int64_t f = 0; f < dim; f += 2) {
+    T* pairs = out + f * kTileKeys;
+    for (int64_t t = 0; t < n; ++t) {
+      pairs[2 * t] = rows[t * ld + f];
+      pairs[2 * t + 1] = rows[t * ld + f + 1];
+    }
+    std::fill(pairs + 2 * n, pairs + 2 * kTileKeys, T(0));
   }
-  at::native::cpublas::pack(dim, kTileKeys, kTileKeys, kTileKeys, kType, kType, stage, out);
 }
 
 // Packs K and V for the 16-bit products (PackedKV; V^T and K's rows too for the backward, V for
-// the forward), one (key/value head, key chunk) per task: the chunk is gathered into a
-// zero-padded staging block (transposed but for V in the forward and K's rows), then packed.
+// the forward), one (key/value head, key chunk) per task: K^T and V^T straight from the rows
+// (pack_transposed_chunk), V's and K's rows through a zero-padded staging block (pack_value_chunk).
 template <typename T>
 PackedKV<T> pack_keys(const AttnProblem& pb, const T* k_ptr, const T* v_ptr, bool backward) {
   PackedKV<T> kv;
@@ -826,18 +866,18 @@ PackedKV<T> pack_keys(const AttnProblem& pb, const T* k_ptr, const T* v_ptr, boo
   kv.v_packed = v_out;
   kv.kr_packed = kr_out;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> stage(std::max({kv.k_chunk, kv.v_chunk, kTileKeys * kTileCols}));
+    std::vector<T> stage(kTileKeys * kTileCols);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bkv = task / kv.chunks, j0 = task % kv.chunks * kTileKeys;
       const int64_t b = bkv / pb.kv_heads, hk = bkv % pb.kv_heads;
       const int64_t n = std::min(kTileKeys, pb.k_len - j0);
       const T* kb = k_ptr + b * pb.k_s[0] + hk * pb.k_s[1] + j0 * pb.k_s[2];
       const T* vb = v_ptr + b * pb.v_s[0] + hk * pb.v_s[1] + j0 * pb.v_s[2];
-      pack_transposed_chunk(kb, pb.k_s[2], n, d, stage.data(), k_out + task * kv.k_chunk);
+      pack_transposed_chunk(kb, pb.k_s[2], n, d, k_out + task * kv.k_chunk);
       // A chunk's feature columns are a column's run of chunks apart (PackedKV::v, kr).
       const int64_t c = task % kv.chunks, step = kv.chunks * kTileKeys * kTileCols;
       if (backward) {
-        pack_transposed_chunk(vb, pb.v_s[2], n, dv, stage.data(), v_out + task * kv.v_chunk);
+        pack_transposed_chunk(vb, pb.v_s[2], n, dv, v_out + task * kv.v_chunk);
         pack_value_chunk(kb, pb.k_s[2], 0, n, d, stage.data(), kr_out + (kv.kr(bkv, c, 0) - kv.kr_packed), step);
       } else {
         pack_value_chunk(vb, pb.v_s[2], 0, n, dv, stage.data(), v_out + (kv.v(bkv, c, 0) - kv.v_packed), step);
@@ -1346,43 +1386,6 @@ void round_tile(const float* src, int64_t ld, int64_t mq, int64_t nk, int64_t ro
     const int64_t n = r < mq ? nk : 0;
     if (n > 0) round_row(src + r * ld, n, out);
     std::fill(out + n, out + cols, T(0));
-  }
-}
-
-// One chunk of keys of a rounded tile (src: [rows, kTileKeys] of T, rows ld apart, rows even) as
-// brgemm's packed B operand: the VNNI layout [rows / 2][kTileKeys][2], rows r and r + 1
-// interleaved, which is what cpublas::pack writes for the tile unit; here without its per-call
-// lookup of a packing kernel.
-template <typename T>
-void pack_pairs(const T* src, int64_t ld, int64_t rows, T* out) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (sizeof(T) == 2) {  // the 16-bit dtypes, the only ones the tile unit takes
-    static_assert(kTileKeys == 64, "two 512-bit vectors of 16-bit values a chunk row");
-    // Output element 2 t + k is element t (+ 16 for the second half) of row r + k: index t + 32 k.
-    alignas(64) static constexpr int16_t kFirst[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                                       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-    alignas(64) static constexpr int16_t kSecond[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23,
-                                                        55, 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62,
-                                                        31, 63};
-    const __m512i first = _mm512_load_si512(kFirst), second = _mm512_load_si512(kSecond);
-    for (int64_t r = 0; r < rows; r += 2) {
-      const T* a = src + r * ld;
-      const T* b = a + ld;
-      T* o = out + r * kTileKeys;
-      for (int64_t h = 0; h < kTileKeys; h += 32) {
-        const __m512i x = _mm512_loadu_si512(a + h), y = _mm512_loadu_si512(b + h);
-        _mm512_storeu_si512(o + 2 * h, _mm512_permutex2var_epi16(x, first, y));
-        _mm512_storeu_si512(o + 2 * h + 32, _mm512_permutex2var_epi16(x, second, y));
-      }
-    }
-    return;
-  }
-#endif
-  for (int64_t r = 0; r < rows; r += 2) {
-    for (int64_t t = 0; t < kTileKeys; ++t) {
-      out[r * kTileKeys + 2 * t] = src[r * ld + t];
-      out[r * kTileKeys + 2 * t + 1] = src[(r + 1) * ld + t];
-    }
   }
 }
 
