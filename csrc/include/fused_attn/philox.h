@@ -185,51 +185,38 @@ inline void store_wide(__m512i w0, __m512i w1, __m512i w2, __m512i w3, float* ou
 #else
 // AVX2: 32-bit integer lanes, 8 counters per vector (64-bit lanes, as AVX-512 takes them, are no
 // faster here: without three-way XORs their extra instructions cancel the saved shifts).
-struct Lanes256 {
-  using V = __m256i;
-  static V set1(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
-  static V zero() { return _mm256_setzero_si256(); }
-  static V add(V a, V b) { return _mm256_add_epi32(a, b); }
-  static V xor_(V a, V b) { return _mm256_xor_si256(a, b); }
-  static V mul_even(V a, V b) { return _mm256_mul_epu32(a, b); }
-  static V srli64(V a) { return _mm256_srli_epi64(a, 32); }
-  static V slli64(V a) { return _mm256_slli_epi64(a, 32); }
-  static V odd_from(V even_src, V odd_src) { return _mm256_blend_epi32(even_src, odd_src, 0xAA); }
-};
 
 // (hi, lo) 32-bit halves of the products x[t] * k (vpmuludq multiplies the even 32-bit lanes;
 // the odd lanes are shifted down for a second multiply, and the halves blended back in place).
-template <typename L>
-inline void mul_hi_lo(typename L::V x, typename L::V k, typename L::V& hi, typename L::V& lo) {
-  const typename L::V even = L::mul_even(x, k);
-  const typename L::V odd = L::mul_even(L::srli64(x), k);
-  hi = L::odd_from(L::srli64(even), odd);
-  lo = L::odd_from(even, L::slli64(odd));
+inline void mul_hi_lo(__m256i x, __m256i k, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(x, k);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), k);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
 }
 
 // Philox4x32-10 of G vectors of counters, in place: c0 and c1 hold the counters' low and high
 // words, and on return c0..c3 the four output words. The vectors are independent chains,
 // interleaved so that one's multiplies cover the other's latency.
-template <typename L, int G>
-inline void rounds(typename L::V (&c0)[G], typename L::V (&c1)[G], typename L::V (&c2)[G], typename L::V (&c3)[G],
-                   uint32_t k0, uint32_t k1) {
-  using V = typename L::V;
-  const V round_a = L::set1(kRoundA), round_b = L::set1(kRoundB);
-  const V key_a = L::set1(kKeyA), key_b = L::set1(kKeyB);
-  V key0 = L::set1(k0), key1 = L::set1(k1);
-  for (int g = 0; g < G; ++g) c2[g] = c3[g] = L::zero();
+template <int G>
+inline void rounds(__m256i (&c0)[G], __m256i (&c1)[G], __m256i (&c2)[G], __m256i (&c3)[G], uint32_t k0,
+                   uint32_t k1) {
+  const __m256i round_a = _mm256_set1_epi32(static_cast<int>(kRoundA));
+  const __m256i round_b = _mm256_set1_epi32(static_cast<int>(kRoundB));
+  for (int g = 0; g < G; ++g) c2[g] = c3[g] = _mm256_setzero_si256();
   for (int round = 0; round < kRounds; ++round) {
+    const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0)), key1 = _mm256_set1_epi32(static_cast<int>(k1));
     for (int g = 0; g < G; ++g) {
-      V hi_b, lo_b, hi_a, lo_a;
-      mul_hi_lo<L>(c2[g], round_b, hi_b, lo_b);
-      mul_hi_lo<L>(c0[g], round_a, hi_a, lo_a);
-      c0[g] = L::xor_(L::xor_(hi_b, c1[g]), key0);
-      c2[g] = L::xor_(L::xor_(hi_a, c3[g]), key1);
+      __m256i hi_b, lo_b, hi_a, lo_a;
+      mul_hi_lo(c2[g], round_b, hi_b, lo_b);
+      mul_hi_lo(c0[g], round_a, hi_a, lo_a);
+      c0[g] = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1[g]), key0);
+      c2[g] = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3[g]), key1);
       c1[g] = lo_b;
       c3[g] = lo_a;
     }
-    key0 = L::add(key0, key_a);
-    key1 = L::add(key1, key_b);
+    k0 += kKeyA;
+    k1 += kKeyB;
   }
 }
 
@@ -300,10 +287,9 @@ __attribute__((always_inline)) inline void counter_uniforms(uint64_t seed, uint6
   detail::wide_rounds<G>(c0, c1, c2, c3, k0, k1);
   for (int g = 0; g < G; ++g) detail::store_wide(c0[g], c1[g], c2[g], c3[g], out + g * kGroupElements);
 #elif defined(__AVX2__)
-  using L = detail::Lanes256;
-  typename L::V c0[G], c1[G], c2[G], c3[G];
+  __m256i c0[G], c1[G], c2[G], c3[G];
   for (int g = 0; g < G; ++g) detail::counter_vector(counter, g * kGroupCounters, c0[g], c1[g]);
-  detail::rounds<L, G>(c0, c1, c2, c3, k0, k1);
+  detail::rounds<G>(c0, c1, c2, c3, k0, k1);
   for (int g = 0; g < G; ++g) detail::store_elements(c0[g], c1[g], c2[g], c3[g], out + g * kGroupElements);
 #else
   (void)k0;
