@@ -122,10 +122,27 @@ C10_ALWAYS_INLINE fVec exp_in_range(const fVec& x) {
   p = at::vec::fmadd(p, r, fVec(1.6666665459e-1f));
   p = at::vec::fmadd(p, r, fVec(5.0000001201e-1f));
   const fVec y = at::vec::fmadd(p, r * r, r + fVec(1.f));
+#if defined(CPU_CAPABILITY_AVX512)
+  return fVec(_mm512_scalef_ps(y, n));  // y * 2^n in one instruction, the same bits
+#else
   using iVec = at::vec::Vectorized<int32_t>;
   const iVec biased = at::vec::convert_to_int_of_same_size(n) + iVec(127);
   const fVec scale = at::vec::cast<float>(biased << iVec(23));
   return y * scale;
+#endif
+}
+
+// 1 / d for d >= 1. With AVX-512, vrcp14ps (relative error below 2^-14) and one Newton step,
+// r + r (1 - d r): within an ulp or so, where vdivps's 512-bit form occupies its port for 10
+// cycles a vector, as much as the rest of normal_parts' arithmetic on it. d = +inf gives NaN,
+// which normal_parts' callers never read (its far lanes are blended away).
+C10_ALWAYS_INLINE fVec reciprocal(const fVec& d) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 r = _mm512_rcp14_ps(d);
+  return fVec(_mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(1.f)), r));
+#else
+  return fVec(1.f) / d;
+#endif
 }
 
 // exp(x) for any x: arguments above 88 give e^88 (only tanh_parts reads such arguments, and its
@@ -182,20 +199,30 @@ C10_ALWAYS_INLINE NormalParts normal_parts(const fVec& x) {
   const fVec lo = square_residual(x, hi);  // x^2 - hi, exactly
   const fVec half_hi = fVec(0.5f) * hi;
   const fVec a = x.abs() * fVec(kSqrtHalf);
-  const fVec t = fVec(1.f) / at::vec::fmadd(fVec(0.5f), a, fVec(1.f));
+  const fVec t = reciprocal(at::vec::fmadd(fVec(0.5f), a, fVec(1.f)));
   const fVec t2 = t * t;
   const fVec t4 = t2 * t2;
   const auto pair = [&](int k) { return at::vec::fmadd(fVec(kErfcFit[k + 1]), t, fVec(kErfcFit[k])); };
   const fVec low = at::vec::fmadd(at::vec::fmadd(pair(6), t2, pair(4)), t4, at::vec::fmadd(pair(2), t2, pair(0)));
   const fVec q = at::vec::fmadd(at::vec::fmadd(fVec(kErfcFit[10]), t2, pair(8)), t4 * t4, low);
-  const fVec far = half_hi > fVec(80.f);  // also x = +-inf; false for NaN
   const fVec density =
       exp_in_range(at::vec::clamp_max(half_hi, fVec(80.f)).neg()) * at::vec::fnmadd(fVec(0.5f), lo, fVec(1.f));
   const fVec half_erfc = fVec(0.5f) * t * density * q;
+#if defined(CPU_CAPABILITY_AVX512)
+  // The same selections on mask registers (at::vec's comparisons give vectors, which each blend
+  // turns back into a mask). far: past x^2 / 2 = 80, also x = +-inf; false for NaN.
+  const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+  const __mmask16 far_lanes = _mm512_cmp_ps_mask(half_hi, _mm512_set1_ps(80.f), _CMP_GT_OQ);
+  const __m512 cdf = _mm512_mask_blend_ps(negative, _mm512_sub_ps(_mm512_set1_ps(1.f), half_erfc), half_erfc);
+  const __m512 far_cdf = _mm512_mask_blend_ps(negative, _mm512_set1_ps(1.f), _mm512_setzero_ps());
+  return {fVec(_mm512_mask_blend_ps(far_lanes, cdf, far_cdf)), fVec(_mm512_maskz_mov_ps(~far_lanes, density))};
+#else
+  const fVec far = half_hi > fVec(80.f);  // also x = +-inf; false for NaN
   const fVec negative = x < fVec(0.f);
   const fVec cdf = fVec::blendv(fVec(1.f) - half_erfc, half_erfc, negative);
   const fVec far_cdf = fVec::blendv(fVec(1.f), fVec(0.f), negative);
   return {fVec::blendv(cdf, far_cdf, far), fVec::blendv(density, fVec(0.f), far)};
+#endif
 }
 
 // For the tanh approximation, with t = tanh(u) = 1 - s, s = 2 / (E + 1), E = exp(2u) (the
