@@ -1,6 +1,9 @@
 """Numerics every backend must keep: no fp16 overflow on large scores, bit-identical repeats,
 correct results from several threads at once."""
 
+import ctypes
+import ctypes.util
+import platform
 import threading
 
 import numpy as np
@@ -286,3 +289,68 @@ def test_ffn_dropout_scale_near_one(backend_device, p):
     else:
         _kept_values_are(out, INV_KEEP)
         _kept_values_are(db2, INV_KEEP)
+
+
+# glibc's <fenv.h> on x86-64: the underflow flag, in both the x87 and the SSE status words.
+_FE_UNDERFLOW = 0x10
+
+
+def _libm():
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+    except OSError:
+        return None
+
+
+@pytest.mark.skipif(_libm() is None, reason="reads the x86-64 floating-point status flags through glibc")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_masked_exponentials_raise_no_underflow(dtype):
+    """Masked scores (-inf: causal tiles' hidden half, a boolean mask, a ragged tile's padding lanes)
+    become exact zeros, and the GELU's far negative tail 0, without any float result below the
+    normal range: such a result sets the underflow flag and, while flush-to-zero is off (torch's
+    default), costs a microcode assist per vector lane. An AVX-512 exponential that let -inf
+    underflow made the causal attention forward slower than the full one. On one thread, so that
+    the kernels run, forward and backward, on the thread whose flags are read."""
+    if dtype not in supported_dtypes("cpu", "cpu", "scaled_dot_product_attention"):
+        pytest.skip("the cpu backend is not available")
+    libm = _libm()
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 150, 64, generator=gen).to(dtype).requires_grad_() for _ in range(3))
+    mask = torch.rand(2, 1, 150, 150, generator=gen) > 0.3
+    x = torch.randn(2, 3, 100, 70, generator=gen).to(dtype).requires_grad_()
+
+    def attention(**kwargs):
+        out = fused_attn.scaled_dot_product_attention(q, k, v, backend="cpu", **kwargs)
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+    def softmax(**kwargs):
+        y = fused_attn.softmax(x, backend="cpu", **kwargs)
+        torch.autograd.grad(y, x, torch.ones_like(y))
+
+    pre = torch.linspace(-30, 5, 701).to(dtype)[:, None].requires_grad_()
+
+    def gelu():  # the far negative tail, where Phi and the density fall below 1e-35 and then to 0
+        for approximate in ("none", "tanh"):
+            y = fused_attn.linear_gelu(pre, torch.ones(1, 1, dtype=dtype), None, approximate, backend="cpu")
+            torch.autograd.grad(y, pre, torch.ones_like(y))
+
+    calls = {
+        "causal attention": lambda: attention(is_causal=True),
+        "masked attention": lambda: attention(attn_mask=mask),
+        "causal softmax": lambda: softmax(is_causal=True),
+        "masked softmax": lambda: softmax(mask=mask[..., :100, :70]),
+    }
+    if dtype == torch.float32:  # the package's own GELU pass (16-bit ones may run torch's: see GELU)
+        calls["gelu"] = gelu
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, call in calls.items():
+            call()  # first calls (lazy set-up) outside the window the flags are read in
+            libm.feclearexcept(_FE_UNDERFLOW)
+            call()
+            assert libm.fetestexcept(_FE_UNDERFLOW) == 0, f"{name} ({dtype}): a float result underflowed"
+    finally:
+        torch.set_num_threads(threads)
