@@ -416,7 +416,6 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_impl(const at::Tensor& input,
 
   if (rows == 0 || out_features == 0) return {storage(), keep_pre ? storage() : at::Tensor()};
 
-  at::Tensor bias_f;  // the bias as float32 (contiguous) where the pass adds it
   at::Tensor acc;  // the GEMM's result, read by the pass: the pre-activation itself, or float32
   at::Tensor pre;  // the pre-activation in the storage dtype, when kept
   at::Tensor out;
@@ -434,10 +433,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_impl(const at::Tensor& input,
     // bias is a broadcast copy into the output that the GEMM then reads back, two more passes over
     // [rows, out_features] memory (measured below).
     acc = at::mm(input, weight.t());
-    if (has_bias) {
-      bias_f = bias->scalar_type() == at::kFloat ? bias->contiguous() : bias->to(at::kFloat).contiguous();
-      pass_bias = bias_f.const_data_ptr<float>();
-    }
+    if (has_bias) pass_bias = bias->const_data_ptr<float>();  // float32 and contiguous (checked above)
     pre = keep_pre ? acc : at::Tensor();
     out = keep_pre ? storage() : acc;
   } else {
