@@ -996,6 +996,32 @@ def test_cpu_backward_schedules_dropout(threads, dtype):
                                                  grad_args=("query", "key", "value")))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_backward_memory_does_not_grow_with_heads(dtype):
+    # The CPU backward's memory beyond the gradients it returns is its threads' scratch and a few
+    # floats per query row: with more heads than threads (one task per head) it holds no copy of
+    # K or V, also where bfloat16's products run on the tile unit (K and V packed per head, in
+    # the task's scratch). Doubling the heads adds at most the per-row statistics (8 bytes a row
+    # against K's 128 here), nowhere near a copy of the added K.
+    if dtype not in supported_dtypes("cpu", "cpu", OP):
+        pytest.skip("the cpu backend is not available")
+    from fused_attn.bench.harness import peak_memory
+
+    def extra(heads):
+        gen = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(1, heads, 512, 64, generator=gen).to(dtype).requires_grad_() for _ in range(3))
+        out = fused_attn.scaled_dot_product_attention(q, k, v, backend="cpu")
+        grad = torch.randn(out.shape, generator=gen).to(dtype)
+        peak = peak_memory(lambda: torch.autograd.grad(out, (q, k, v), grad), torch.device("cpu"))
+        return peak - 3 * q.numel() * q.element_size()
+
+    small, large = _with_threads(2, lambda: (extra(24), extra(48)))
+    added_k = 24 * 512 * 64 * torch.empty((), dtype=dtype).element_size()
+    assert large - small < added_k / 4, (
+        f"backward beyond its gradients: {small} bytes at 24 heads, {large} at 48 (K of 24 heads: {added_k})"
+    )
+
+
 # Boolean masks that hide whole key tiles from whole query blocks, which the cpu kernels do not
 # form (csrc/cpu/attention.cpp, KeySpans): 3 sequences x 150 queries x 300 keys (two forward key
 # tiles of 256, three backward ones of 128; query blocks of 64 to 256).

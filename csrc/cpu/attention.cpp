@@ -36,7 +36,7 @@
 // so all arithmetic and accumulation is float32 and every output is rounded once. Except in the
 // forward on CPUs whose tile unit multiplies the 16-bit dtype (AMX: bfloat16 on AMX-BF16, float16
 // on AMX-FP16): there its two products run on the 16-bit values through oneDNN's brgemm
-// micro-kernels (torch's cpublas::brgemm, K and V packed once per call), float32 accumulated, P
+// micro-kernels (torch's cpublas::brgemm, K and V packed once per head), float32 accumulated, P
 // rounded to the input dtype for P V as in eager attention (see native_products); in the backward
 // all five do (BwdNative): S = Q K^T and dP = dO V^T on the inputs, and dV, dK, dQ with P and dS
 // (formed in float32) rounded to the dtype, as eager attention's backward rounds them (Bwd16Buffers).
@@ -81,7 +81,14 @@
 // Dropout regenerates the shared Philox stream (fused_attn/philox.h; the Triton kernels draw the
 // same bits): element (bh, i, j) is element (bh * Lq + i) * Lk + j of the stream, four elements
 // per Philox counter, drawn a chunk of a row at a time (philox::uniforms). The forward's row sum l
-// takes the undropped P; P V takes P * keep / (1 - p); the backward drops dP where P was dropped.
+// takes the undropped P; P V takes P * keep, and 1 / (1 - p) joins 1 / l where the output is
+// rounded (as the CUDA kernels do): a kept probability times 1 / (1 - p) can lie beyond float16's
+// range (p > 1 - 2^-16) where the output does not, and the tile unit's P V takes P rounded to the
+// input dtype. Likewise in the backward: dV = (P * keep)^T dO / (1 - p) and, with dP dropped as
+// dP * keep, dS = P (dP - delta) / (1 - p), whose 1 / (1 - p) joins the scale where dQ and dK are
+// rounded (first 1 / (1 - p), then the scale: their product may overflow where neither does, and
+// a zero gradient would become NaN), and is applied where dV and a mask's gradient are written: dS
+// itself can lie beyond float16's range where they do not, and is rounded for the tile unit too.
 //
 // Softmax: rows are independent, split across threads with at::parallel_for. A row is read once
 // (any strides; scale, mask and causality applied on the way) into a float32 row buffer (the
@@ -288,15 +295,17 @@ void to_float(const T* src, float* dst, int64_t n) {
   }
 }
 
-// dst[0, n) = src * factor, rounded to T once.
+// dst[0, n) = src * factor (then times `then`: the two one after the other, whose product may
+// overflow where each is finite), rounded to T once.
 template <typename T>
-void from_float(const float* src, float factor, T* dst, int64_t n) {
+void from_float(const float* src, float factor, T* dst, int64_t n, float then = 1.f) {
   constexpr int P = cpu_rows::kParts<T>;
-  const fVec f(factor);
+  const fVec f(factor), g(then);
+  const bool twice = then != 1.f;
   cpu_rows::for_each_block<cpu_rows::kBlock<T>>(n, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
     fVec v[P];
     cpu_rows::load_block<P>(src + j, len, v);
-    for (auto& x : v) x = x * f;
+    for (auto& x : v) x = twice ? x * f * g : x * f;
     cpu_rows::store_block<P>(dst + j, len, v);
   });
 }
@@ -469,11 +478,14 @@ std::pair<const float*, int64_t> rows_as_float(const T* base, int64_t stride, in
 // widened sgemm; then scaled, a second rounding where sgemm's alpha folds the scale in), and P V
 // with P rounded to T, as eager attention, SDPA and the GPU kernels do (the row sum l takes the
 // unrounded P). cpublas::brgemm is C[M, N] (+)= A[M, K] B[K, N], all row-major, B packed: K and
-// V are packed once per call (pack_keys), kTileKeys keys x kTileCols columns a chunk, the
+// V are packed once per head (pack_key_chunk), kTileKeys keys x kTileCols columns a chunk, the
 // largest B the packing takes (64 columns), K as K^T chunks [head_dim, 64 keys] and V as chunks
 // [64 keys, 64 features], zero-filled past the last key and feature, so every product of P V is
 // a whole chunk (K = 64, P's columns past the tile's keys zero) and only the scores' last chunk
-// is narrower. The packed copies are the size of K and V; nothing of size Lq x Lk exists.
+// is narrower. The forward packs all of K and V at the start of a call (pack_keys: its tasks,
+// blocks of queries, share a head's keys); the backward's per-head tasks each pack their own
+// head into their scratch (attn_bwd_head_task: no packed copy of the whole of K and V), its
+// per-block passes the whole call's. Nothing of size Lq x Lk exists.
 constexpr int64_t kTileKeys = 64, kTileCols = 64;
 
 // Whether attention on T (head dim d) multiplies T natively (see above; the tile unit's pairs of
@@ -488,19 +500,43 @@ bool native_products(at::ScalarType type, int64_t d) { return d % 2 == 0 && cpu_
 // brgemm, K = its keys (attn_fwd_task_native, tile_dq_16). For the backward's dO V^T, its V^T is
 // v_packed + (bkv * chunks + c) * v_chunk (value head dim x 64, v_cols 1), and for its dQ = dS K,
 // K's rows are packed as the forward's V is: kr_packed + ((bkv * kr_cols + f) * chunks + c) *
-// kTileKeys * kTileCols.
+// kTileKeys * kTileCols. A copy may hold the heads [first, first + heads) alone (bkv counted from
+// first): the backward's per-head tasks pack their own head into their scratch
+// (attn_bwd_head_task), so that no packed copy of the whole of K and V exists there.
 template <typename T>
 struct PackedKV {
   at::Tensor storage;
-  const T* k_packed = nullptr;
-  const T* v_packed = nullptr;
-  const T* kr_packed = nullptr;
+  T* k_packed = nullptr;
+  T* v_packed = nullptr;
+  T* kr_packed = nullptr;
   int64_t chunks = 0, v_cols = 0, k_chunk = 0, v_chunk = 0, kr_cols = 0;
+  int64_t first = 0, heads = 0;
 
-  const T* k(int64_t bkv, int64_t c) const { return k_packed + (bkv * chunks + c) * k_chunk; }
-  const T* v(int64_t bkv, int64_t c, int64_t f) const { return v_packed + ((bkv * v_cols + f) * chunks + c) * v_chunk; }
-  const T* kr(int64_t bkv, int64_t c, int64_t f) const {
-    return kr_packed + ((bkv * kr_cols + f) * chunks + c) * kTileKeys * kTileCols;
+  // The layout for `heads` heads from `first` (no storage yet: place() sets the pointers).
+  PackedKV(int64_t k_len, int64_t d, int64_t dv, bool backward, int64_t first_head, int64_t num_heads)
+      : chunks((k_len + kTileKeys - 1) / kTileKeys),
+        v_cols(backward ? 1 : (dv + kTileCols - 1) / kTileCols),
+        k_chunk(d * kTileKeys),
+        v_chunk(backward ? dv * kTileKeys : kTileKeys * kTileCols),
+        kr_cols(backward ? (d + kTileCols - 1) / kTileCols : 0),
+        first(first_head),
+        heads(num_heads) {}
+  PackedKV() = default;
+  // Elements of T that the packed heads take.
+  int64_t elements() const { return heads * chunks * (k_chunk + v_cols * v_chunk + kr_cols * kTileKeys * kTileCols); }
+  // The packed K^T, V (V^T) and K rows laid out from `out` on (elements() of T).
+  void place(T* out) {
+    k_packed = out;
+    v_packed = out + heads * chunks * k_chunk;
+    kr_packed = v_packed + heads * chunks * v_cols * v_chunk;
+  }
+
+  T* k(int64_t bkv, int64_t c) const { return k_packed + ((bkv - first) * chunks + c) * k_chunk; }
+  T* v(int64_t bkv, int64_t c, int64_t f) const {
+    return v_packed + (((bkv - first) * v_cols + f) * chunks + c) * v_chunk;
+  }
+  T* kr(int64_t bkv, int64_t c, int64_t f) const {
+    return kr_packed + (((bkv - first) * kr_cols + f) * chunks + c) * kTileKeys * kTileCols;
   }
 };
 
@@ -694,7 +730,7 @@ C10_ALWAYS_INLINE void for_each_dropout_factor(int64_t n, uint64_t seed, uint64_
   }
 }
 
-// x[t] = keep(counter + t) ? x[t] * inv_keep : 0 for t in [0, n).
+// x[t] = keep(counter + t) ? x[t] * inv_keep : 0 for t in [0, n) (inv_keep 1: P's drop).
 void apply_dropout(float* x, int64_t n, uint64_t seed, uint64_t counter, float p, float inv_keep) {
   for_each_dropout_factor(n, seed, counter, p, inv_keep, [&](int64_t t, int64_t l, const fVec& factor) {
     (fVec::loadu(x + t, l) * factor).store(x + t, l);
@@ -714,6 +750,18 @@ void scale_by(float* x, const float* factor, int64_t n) {
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) (fVec::loadu(x + j) * fVec::loadu(factor + j)).store(x + j);
   if (j < n) (fVec::loadu(x + j, n - j) * fVec::loadu(factor + j, n - j)).store(x + j, n - j);
+}
+
+// dst[t] = src[t] * c for t in [0, n) (a copy where c is 1).
+void copy_scaled(float* dst, const float* src, int64_t n, float c) {
+  if (c == 1.f) {
+    std::memcpy(dst, src, n * sizeof(float));
+    return;
+  }
+  const fVec cv(c);
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) (fVec::loadu(src + j) * cv).store(dst + j);
+  if (j < n) (fVec::loadu(src + j, n - j) * cv).store(dst + j, n - j);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -790,7 +838,7 @@ struct AttnProblem {
   float scale;
   bool causal;
   bool dropout;
-  float dropout_p, inv_keep;
+  float dropout_p, inv_keep;  // inv_keep = 1 / (1 - p), 1 without dropout
   uint64_t seed;
 
   int64_t bh() const { return batch * heads; }
@@ -879,45 +927,38 @@ void pack_transposed_chunk(const T* rows, int64_t ld, int64_t n, int64_t dim, T*
   }
 }
 
-// Packs K and V for the 16-bit products (PackedKV; V^T and K's rows too for the backward, V for
-// the forward), one (key/value head, key chunk) per task: K^T and V^T straight from the rows
-// (pack_transposed_chunk), V's and K's rows through a zero-padded staging block (pack_value_chunk).
+// Packs key chunk c of head bkv (one of kv's) for the 16-bit products (PackedKV; V^T and K's
+// rows too for the backward, V for the forward): K^T and V^T straight from the rows
+// (pack_transposed_chunk), V's and K's rows through a zero-padded staging block (pack_value_chunk,
+// stage [kTileKeys, kTileCols]).
+template <typename T>
+void pack_key_chunk(const AttnProblem& pb, const PackedKV<T>& kv, const T* k_ptr, const T* v_ptr, bool backward,
+                    int64_t bkv, int64_t c, T* stage) {
+  const int64_t b = bkv / pb.kv_heads, hk = bkv % pb.kv_heads, j0 = c * kTileKeys;
+  const int64_t n = std::min(kTileKeys, pb.k_len - j0);
+  const T* kb = k_ptr + b * pb.k_s[0] + hk * pb.k_s[1] + j0 * pb.k_s[2];
+  const T* vb = v_ptr + b * pb.v_s[0] + hk * pb.v_s[1] + j0 * pb.v_s[2];
+  pack_transposed_chunk(kb, pb.k_s[2], n, pb.d, kv.k(bkv, c));
+  // A chunk's feature columns are a column's run of chunks apart (PackedKV::v, kr).
+  const int64_t step = kv.chunks * kTileKeys * kTileCols;
+  if (backward) {
+    pack_transposed_chunk(vb, pb.v_s[2], n, pb.dv, kv.v(bkv, c, 0));
+    pack_value_chunk(kb, pb.k_s[2], 0, n, pb.d, stage, kv.kr(bkv, c, 0), step);
+  } else {
+    pack_value_chunk(vb, pb.v_s[2], 0, n, pb.dv, stage, kv.v(bkv, c, 0), step);
+  }
+}
+
+// K and V of every (batch, key/value head) packed, one (head, key chunk) per task.
 template <typename T>
 PackedKV<T> pack_keys(const AttnProblem& pb, const T* k_ptr, const T* v_ptr, bool backward) {
-  PackedKV<T> kv;
-  const int64_t d = pb.d, dv = pb.dv, groups = pb.batch * pb.kv_heads;
-  kv.chunks = (pb.k_len + kTileKeys - 1) / kTileKeys;
-  kv.v_cols = backward ? 1 : (dv + kTileCols - 1) / kTileCols;
-  kv.kr_cols = backward ? (d + kTileCols - 1) / kTileCols : 0;
-  kv.k_chunk = d * kTileKeys;
-  kv.v_chunk = backward ? dv * kTileKeys : kTileKeys * kTileCols;
-  const int64_t kr_chunk = kv.kr_cols * kTileKeys * kTileCols;
-  const int64_t tasks = groups * kv.chunks;
-  kv.storage = at::empty({tasks * (kv.k_chunk + kv.v_cols * kv.v_chunk + kr_chunk)},
-                         at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-  T* k_out = kv.storage.template mutable_data_ptr<T>();
-  T* v_out = k_out + tasks * kv.k_chunk;
-  T* kr_out = v_out + tasks * kv.v_cols * kv.v_chunk;
-  kv.k_packed = k_out;
-  kv.v_packed = v_out;
-  kv.kr_packed = kr_out;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  PackedKV<T> kv(pb.k_len, pb.d, pb.dv, backward, 0, pb.batch * pb.kv_heads);
+  kv.storage = at::empty({kv.elements()}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  kv.place(kv.storage.template mutable_data_ptr<T>());
+  at::parallel_for(0, kv.heads * kv.chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> stage(kTileKeys * kTileCols);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bkv = task / kv.chunks, j0 = task % kv.chunks * kTileKeys;
-      const int64_t b = bkv / pb.kv_heads, hk = bkv % pb.kv_heads;
-      const int64_t n = std::min(kTileKeys, pb.k_len - j0);
-      const T* kb = k_ptr + b * pb.k_s[0] + hk * pb.k_s[1] + j0 * pb.k_s[2];
-      const T* vb = v_ptr + b * pb.v_s[0] + hk * pb.v_s[1] + j0 * pb.v_s[2];
-      pack_transposed_chunk(kb, pb.k_s[2], n, d, k_out + task * kv.k_chunk);
-      // A chunk's feature columns are a column's run of chunks apart (PackedKV::v, kr).
-      const int64_t c = task % kv.chunks, step = kv.chunks * kTileKeys * kTileCols;
-      if (backward) {
-        pack_transposed_chunk(vb, pb.v_s[2], n, dv, v_out + task * kv.v_chunk);
-        pack_value_chunk(kb, pb.k_s[2], 0, n, d, stage.data(), kr_out + (kv.kr(bkv, c, 0) - kv.kr_packed), step);
-      } else {
-        pack_value_chunk(vb, pb.v_s[2], 0, n, dv, stage.data(), v_out + (kv.v(bkv, c, 0) - kv.v_packed), step);
-      }
+      pack_key_chunk(pb, kv, k_ptr, v_ptr, backward, task / kv.chunks, task % kv.chunks, stage.data());
     }
   });
   return kv;
@@ -983,7 +1024,7 @@ void online_softmax(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t mq, i
     l[r] = l[r] * alpha + row_sum;
     m[r] = m_new;
     if (pb.dropout) {
-      apply_dropout(row, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, pb.inv_keep);
+      apply_dropout(row, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, 1.f);  // 1 / (1 - p) at the store
     }
   }
 }
@@ -1005,7 +1046,7 @@ void online_softmax_16(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t mq
     const float m_new = std::max(m[r], row_max(row, nk) * factor);
     const float shift = m_new == -kInf ? 0.f : m_new;  // as online_softmax
     const float* keep = pb.dropout ? drop : nullptr;
-    if (keep) dropout_factors(drop, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, pb.inv_keep);
+    if (keep) dropout_factors(drop, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, 1.f);
     const float row_sum = exp_to(row, nk, factor, shift, keep, p + r * ld_p, padded);
     const float alpha = std::exp(m[r] - shift);
     if (alpha != 1.f) scale_row(acc + r * pb.dv, pb.dv, alpha);
@@ -1014,8 +1055,8 @@ void online_softmax_16(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t mq
   }
 }
 
-// The forward's last step for queries [i0, i0 + mq) of head bh: out = acc / l (0 for a row that
-// saw no key) and the log-sum-exp m + log l (+inf for such a row).
+// The forward's last step for queries [i0, i0 + mq) of head bh: out = acc / l, times 1 / (1 - p)
+// with dropout (0 for a row that saw no key), and the log-sum-exp m + log l (+inf for such a row).
 template <typename T>
 void store_forward_rows(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t mq, const float* m, const float* l,
                         const float* acc, T* out, const int64_t (&o_s)[3], float* lse) {
@@ -1023,7 +1064,7 @@ void store_forward_rows(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t m
   for (int64_t r = 0; r < mq; ++r) {
     const int64_t i = i0 + r;
     const bool empty = l[r] == 0.f;
-    from_float(acc + r * pb.dv, empty ? 0.f : 1.f / l[r], ob + i * o_s[2], pb.dv);
+    from_float(acc + r * pb.dv, empty ? 0.f : pb.inv_keep / l[r], ob + i * o_s[2], pb.dv);
     lse[bh * pb.q_len + i] = empty ? kInf : m[r] + std::log(l[r]);
   }
 }
@@ -1360,7 +1401,7 @@ constexpr std::pair<const float*, int64_t> kNotWidened{nullptr, 0};
 //    [mq, 64] packed as B, the query block's dO^T or Q^T [head dim, mq] as A, so the dK/dV
 //    accumulators of a task that takes these products are transposed ([head dim, keys]), and
 //    its widened tiles' sgemm writes them so too;
-//  * dQ += dS K with K's rows packed once per call (PackedKV::kr); a chunk that holds keys past
+//  * dQ += dS K with K's rows packed once per head (PackedKV::kr); a chunk that holds keys past
 //    the tile's end (which the widened product does not read either) is packed again with those
 //    rows zero, so that a NaN or inf among them stays out.
 // The query block's rows are padded to an even count (the tile unit multiplies pairs) with zero
@@ -1472,14 +1513,15 @@ void tile_dq_16(const AttnProblem& pb, const PackedKV<T>& kv, int64_t bkv, const
   at::native::cpublas::brgemm_release(true);
 }
 
-// out rows [0, n) (rows out_ld apart) = factor * the transposed accumulator acc_t [cols, ...]
-// (leading dimension ld_t) rounded once, a row at a time through row ([cols] floats).
+// out rows [0, n) (rows out_ld apart) = the transposed accumulator acc_t [cols, ...] (leading
+// dimension ld_t) times factor, then `then` (from_float), rounded once, a row at a time through
+// row ([cols] floats).
 template <typename U>
-void store_transposed(const float* acc_t, int64_t ld_t, int64_t n, int64_t cols, float factor, U* out, int64_t out_ld,
-                      float* row) {
+void store_transposed(const float* acc_t, int64_t ld_t, int64_t n, int64_t cols, float factor, float then, U* out,
+                      int64_t out_ld, float* row) {
   for (int64_t j = 0; j < n; ++j) {
     for (int64_t c = 0; c < cols; ++c) row[c] = acc_t[c * ld_t + j];
-    from_float(row, factor, out + j * out_ld, cols);
+    from_float(row, factor, out + j * out_ld, cols, then);
   }
 }
 
@@ -1500,18 +1542,19 @@ void dkdv_products_16(const AttnProblem& pb, const BwdNative<T>& nat, int64_t b,
 
 // dK and dV of n keys from the transposed float32 accumulators dkt [d, ...] and dvt [dv, ...]
 // (leading dimension ld_t): unscaled into a split group's slots part_dk/part_dv (rows d / dv
-// apart) where given, else into the outputs' rows (dk_ld / dv_ld apart), dK times the scale.
+// apart) where given, else into the outputs' rows (dk_ld / dv_ld apart), dK times dropout's
+// 1 / (1 - p) and then the scale, dV times 1 / (1 - p).
 template <typename T>
 void store_dkdv_transposed(const AttnProblem& pb, const float* dkt, const float* dvt, int64_t ld_t, int64_t n,
                            float* part_dk, float* part_dv, T* dk_out, int64_t dk_ld, T* dv_out, int64_t dv_ld,
                            float* row) {
   const int64_t d = pb.d, dv = pb.dv;
   if (part_dk != nullptr) {
-    store_transposed(dkt, ld_t, n, d, 1.f, part_dk, std::max<int64_t>(d, 1), row);
-    store_transposed(dvt, ld_t, n, dv, 1.f, part_dv, std::max<int64_t>(dv, 1), row);
+    store_transposed(dkt, ld_t, n, d, 1.f, 1.f, part_dk, std::max<int64_t>(d, 1), row);
+    store_transposed(dvt, ld_t, n, dv, 1.f, 1.f, part_dv, std::max<int64_t>(dv, 1), row);
   } else {
-    store_transposed(dkt, ld_t, n, d, pb.scale, dk_out, dk_ld, row);
-    store_transposed(dvt, ld_t, n, dv, 1.f, dv_out, dv_ld, row);
+    store_transposed(dkt, ld_t, n, d, pb.inv_keep, pb.scale, dk_out, dk_ld, row);
+    store_transposed(dvt, ld_t, n, dv, pb.inv_keep, 1.f, dv_out, dv_ld, row);
   }
 }
 
@@ -1546,10 +1589,10 @@ void tile_p_dp(const AttnProblem& pb, const BwdNative<T>& nat, int64_t bh, int64
   if (drop_dp && pb.dropout) {
     for (int64_t r = 0; r < mq; ++r) {
       if (factors == nullptr) {
-        apply_dropout(dp + r * ld, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, pb.inv_keep);
+        apply_dropout(dp + r * ld, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, 1.f);
         continue;
       }
-      dropout_factors(factors + r * ld, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, pb.inv_keep);
+      dropout_factors(factors + r * ld, nk, pb.seed, pb.counter(bh, i0 + r, j0), pb.dropout_p, 1.f);
       scale_by(dp + r * ld, factors + r * ld, nk);
     }
   }
@@ -1736,8 +1779,8 @@ void attn_bwd_dkdv_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
   T* dkb = dk_out + b * bt.dk_s[0] + hk * bt.dk_s[1];
   T* dvb = dv_out + b * bt.dv_s[0] + hk * bt.dv_s[1];
   for (int64_t t = 0; t < nk; ++t) {
-    from_float(dk + t * d, pb.scale, dkb + (j0 + t) * bt.dk_s[2], d);
-    from_float(dvacc + t * dv, 1.f, dvb + (j0 + t) * bt.dv_s[2], dv);
+    from_float(dk + t * d, pb.inv_keep, dkb + (j0 + t) * bt.dk_s[2], d, pb.scale);
+    from_float(dvacc + t * dv, pb.inv_keep, dvb + (j0 + t) * bt.dv_s[2], dv);
   }
 }
 
@@ -1764,7 +1807,7 @@ void attn_bwd_dq_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNati
   const auto visit = [&](int64_t j0, int64_t nk, const float* k, int64_t ldk) {
     score_gradient(mq, nk, s, dp, block_k, delta, factors);
     if (dscores != nullptr) {
-      for (int64_t r = 0; r < mq; ++r) std::memcpy(dscores + r * pb.k_len + j0, dp + r * block_k, nk * sizeof(float));
+      for (int64_t r = 0; r < mq; ++r) copy_scaled(dscores + r * pb.k_len + j0, dp + r * block_k, nk, pb.inv_keep);
     }
     if (nat.tile(j0)) {
       round_tile(dp, block_k, mq, nk, mq, cols, w.ds16);
@@ -1780,7 +1823,7 @@ void attn_bwd_dq_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNati
     for (int64_t r = 0; r < mq; ++r) std::fill(dscores + r * pb.k_len + k_end, dscores + (r + 1) * pb.k_len, 0.f);
   }
   T* dqb = dq_out + b * bt.dq_s[0] + h * bt.dq_s[1];
-  for (int64_t r = 0; r < mq; ++r) from_float(dq + r * d, pb.scale, dqb + (i0 + r) * bt.dq_s[2], d);
+  for (int64_t r = 0; r < mq; ++r) from_float(dq + r * d, pb.inv_keep, dqb + (i0 + r) * bt.dq_s[2], d, pb.scale);
 }
 
 // dQ, dK, dV (and grad_scores) of one whole head, query blocks outer: a block's scores against
@@ -1798,7 +1841,7 @@ void attn_bwd_dq_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNati
 // group split across tasks: GroupSplit) those are the task's [k_len, d] / [k_len, dv] slots,
 // left unscaled for reduce_group_parts.
 template <typename T>
-void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNative<T>& nat, const T* q_ptr,
+void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNative<T>& call_nat, const T* q_ptr,
                         const T* k_ptr, const T* v_ptr, const T* do_ptr, int64_t bkv, int64_t h_begin,
                         int64_t h_end, int64_t block_q, float* scratch, bool copy_k, bool copy_v, bool dkdv_in_place,
                         float* part_dk, float* part_dv, T* dq_out, T* dk_out, T* dv_out) {
@@ -1807,9 +1850,18 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
   // With 16-bit products (BwdNative) the dK/dV accumulators are transposed ([d, k_len], [dv,
   // k_len]; Bwd16Buffers) for every tile, and K and V are widened only where a tile may start off
   // a chunk (a boolean mask's key ranges).
-  const bool t16 = nat.kv != nullptr;
+  const bool t16 = call_nat.kv != nullptr;
   const bool widen_kv = !t16 || pb.keys.active;
   Carver carve{scratch};
+  // K and V packed for the 16-bit products: this task's head alone, into its scratch, where the
+  // call packed none (call_nat.kv a layout without storage; attention_bwd_cpu).
+  BwdNative<T> nat = call_nat;
+  PackedKV<T> own;
+  if (t16 && call_nat.kv->k_packed == nullptr) {
+    own = PackedKV<T>(k_len, d, dv, /*backward=*/true, bkv, 1);
+    own.place(carve.take_as<T>(own.elements()));
+    nat.kv = &own;
+  }
   float* kbuf = carve.take(copy_k && widen_kv ? k_len * d : 0);  // rows_as_float copies exactly when copy_k
   float* vbuf = carve.take(copy_v && widen_kv ? k_len * dv : 0);
   float* qbuf = carve.take(block_q * d);
@@ -1845,6 +1897,9 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
     ld_dv = std::max<int64_t>(dv, 1);
   }
   const Bwd16Buffers<T> w = t16 ? Bwd16Buffers<T>(carve, pb, block_q, chunk_cols(k_len)) : Bwd16Buffers<T>();
+  if (nat.kv == &own) {
+    for (int64_t c = 0; c < own.chunks; ++c) pack_key_chunk(pb, own, k_ptr, v_ptr, true, bkv, c, w.stage);
+  }
   if (t16) {
     std::fill(dk_acc, dk_acc + d * k_len, 0.f);
     std::fill(dv_acc, dv_acc + dv * k_len, 0.f);
@@ -1912,7 +1967,7 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
           (pv * (fVec::loadu(dprow + j, nk - j) - dl)).store(dprow + j, nk - j);
         }
         if (pb.dropout) scale_by(prow, factors + r * nk, nk);
-        if (dscores != nullptr) std::memcpy(dscores + (i0 + r) * k_len + j0, dprow, nk * sizeof(float));
+        if (dscores != nullptr) copy_scaled(dscores + (i0 + r) * k_len + j0, dprow, nk, pb.inv_keep);
       }
       if (native) {
         const int64_t cols = chunk_cols(nk);
@@ -1929,7 +1984,7 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
         }
         gemm(false, false, mq, d, nk, 1.f, dp, nk, kt, ldk, 0.f, dq, std::max<int64_t>(d, 1));
       }
-      for (int64_t r = 0; r < mq; ++r) from_float(dq + r * d, pb.scale, dqb + (i0 + r) * bt.dq_s[2], d);
+      for (int64_t r = 0; r < mq; ++r) from_float(dq + r * d, pb.inv_keep, dqb + (i0 + r) * bt.dq_s[2], d, pb.scale);
     }
   }
   if (t16) {
@@ -1938,8 +1993,12 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
   }
   if (part_dk != nullptr) return;
   for (int64_t j = 0; j < k_len; ++j) {
-    from_float(dk_acc + j * ld_dk, pb.scale, dkb + j * bt.dk_s[2], d);
-    if (!dkdv_in_place) from_float(dv_acc + j * ld_dv, 1.f, dvb + j * bt.dv_s[2], dv);
+    from_float(dk_acc + j * ld_dk, pb.inv_keep, dkb + j * bt.dk_s[2], d, pb.scale);
+    if (!dkdv_in_place) {
+      from_float(dv_acc + j * ld_dv, pb.inv_keep, dvb + j * bt.dv_s[2], dv);
+    } else if (pb.dropout) {
+      scale_row(dv_acc + j * ld_dv, dv, pb.inv_keep);  // dV is its float32 accumulator: scaled in place
+    }
   }
 }
 
@@ -1965,8 +2024,8 @@ struct GroupSplit {
   }
 };
 
-// dK = scale * sum of the slots, dV = sum of the slots, per key row, rounded once into the outputs:
-// each key/value head's later slots are added into its first, in slot order.
+// dK = sum of the slots / (1 - p) * scale, dV = sum of the slots / (1 - p), per key row, rounded
+// once into the outputs: each key/value head's later slots are added into its first, in slot order.
 template <typename T>
 void reduce_group_parts(const AttnProblem& pb, const BwdTensors& bt, int64_t splits, float* part_dk, float* part_dv,
                         T* dk_out, T* dv_out) {
@@ -1975,7 +2034,7 @@ void reduce_group_parts(const AttnProblem& pb, const BwdTensors& bt, int64_t spl
     for (int64_t r = begin; r < end; ++r) {
       const int64_t bkv = r / k_len, j = r % k_len;
       const int64_t b = bkv / pb.kv_heads, hk = bkv % pb.kv_heads;
-      for (auto [part, cols, factor, out, st] :
+      for (auto [part, cols, then, out, st] :
            {std::tuple<float*, int64_t, float, T*, const int64_t*>{part_dk, d, pb.scale, dk_out, bt.dk_s},
             {part_dv, dv, 1.f, dv_out, bt.dv_s}}) {
         float* sum = part + (bkv * splits * k_len + j) * cols;
@@ -1983,7 +2042,7 @@ void reduce_group_parts(const AttnProblem& pb, const BwdTensors& bt, int64_t spl
           const float* src = sum + sp * k_len * cols;
           for (int64_t c = 0; c < cols; ++c) sum[c] += src[c];
         }
-        from_float(sum, factor, out + b * st[0] + hk * st[1] + j * st[2], cols);
+        from_float(sum, pb.inv_keep, out + b * st[0] + hk * st[1] + j * st[2], cols, then);
       }
     }
   });
@@ -2089,7 +2148,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     PackedKV<scalar_t> kv;
     const int64_t ldq16 = in_place_ld(pb.q_len, pb.q_s[2], pb.d), lddo16 = in_place_ld(pb.q_len, bt.do_s[2], pb.dv);
     if (native_products(query.scalar_type(), pb.d) && pb.dv % 2 == 0 && pb.k_len > 0 && ldq16 > 0 && lddo16 > 0) {
-      kv = pack_keys(pb, kp, vp, /*backward=*/true);
+      // The per-head tasks pack their own head (attn_bwd_head_task): K and V are then never
+      // packed whole (at 2048 keys, 12 heads of 64, 9 MiB of bfloat16 less at the backward's peak).
+      kv = per_head ? PackedKV<scalar_t>(pb.k_len, pb.d, pb.dv, /*backward=*/true, 0, 1)
+                    : pack_keys(pb, kp, vp, /*backward=*/true);
       nat.kv = &kv;
       nat.q = qp;
       nat.dout = dop;
@@ -2116,7 +2178,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
           (in_place || (parts.defined() && nat.kv == nullptr)
                ? 0
                : Carver::round_up(pb.k_len * pb.d) + Carver::round_up(pb.k_len * pb.dv)) +
-          (nat.kv != nullptr ? Bwd16Buffers<scalar_t>::floats(pb, block_q, chunk_cols(pb.k_len)) : 0);
+          (nat.kv != nullptr ? Bwd16Buffers<scalar_t>::floats(pb, block_q, chunk_cols(pb.k_len)) +
+                                   Carver::floats_for<scalar_t>(kv.elements())
+                             : 0);
       run_tasks(slots, scratch_head, [&](int64_t slot, float* buf) {
         const auto [h_begin, h_end] = split.heads(pb, slot);
         const auto [pdk, pdv] = slot_parts(slot);
