@@ -36,7 +36,7 @@
 // so all arithmetic and accumulation is float32 and every output is rounded once. Except in the
 // forward on CPUs whose tile unit multiplies the 16-bit dtype (AMX: bfloat16 on AMX-BF16, float16
 // on AMX-FP16): there its two products run on the 16-bit values through oneDNN's brgemm
-// micro-kernels (torch's cpublas::brgemm, K and V packed once per head), float32 accumulated, P
+// micro-kernels (torch's cpublas::brgemm, K and V packed for them), float32 accumulated, P
 // rounded to the input dtype for P V as in eager attention (see native_products); in the backward
 // all five do (BwdNative): S = Q K^T and dP = dO V^T on the inputs, and dV, dK, dQ with P and dS
 // (formed in float32) rounded to the dtype, as eager attention's backward rounds them (Bwd16Buffers).
@@ -51,7 +51,8 @@
 // dS = P (dP - delta) amplifies it, and any mismatch between delta and the dP actually used, by
 // |dP|. So the row statistics come from the very S and dP the gradients use: corr = 1 /
 // sum_j exp(s_ij - lse_i) and delta = sum_j P_ij dP_ij with the normalised P = exp(s - lse) * corr
-// (in exact arithmetic corr = 1 and delta = rowsum(dO * O)). dS then cancels as in the plain
+// (in exact arithmetic corr = 1 and delta = rowsum(dO * O), times 1 - p with dropout, whose
+// 1 / (1 - p) the backward applies at its stores: see "Dropout"). dS then cancels as in the plain
 // softmax backward, and the gradients stay within the error of the plain implementation
 // (rowsum(dO * O) with the raw P was up to 4x worse on the mask gradient, and a float64 lse with
 // rowsum(dO * O) still 9x on a mask gradient that is exactly 0, e.g. a single key). Either
@@ -330,7 +331,7 @@ float sum_of(const fVec (&acc)[P]) {
   return reduce_sum(total);
 }
 
-// v *= drop over the block's len elements (dropout's factors, keep ? 1 / (1 - p) : 0), where
+// v *= drop over the block's len elements (dropout's factors, keep ? 1 : 0), where
 // drop is not null.
 template <int P>
 C10_ALWAYS_INLINE void drop_block(const float* drop, int64_t len, fVec (&v)[P]) {
@@ -478,13 +479,14 @@ std::pair<const float*, int64_t> rows_as_float(const T* base, int64_t stride, in
 // widened sgemm; then scaled, a second rounding where sgemm's alpha folds the scale in), and P V
 // with P rounded to T, as eager attention, SDPA and the GPU kernels do (the row sum l takes the
 // unrounded P). cpublas::brgemm is C[M, N] (+)= A[M, K] B[K, N], all row-major, B packed: K and
-// V are packed once per head (pack_key_chunk), kTileKeys keys x kTileCols columns a chunk, the
+// V are packed by key chunk (pack_key_chunk), kTileKeys keys x kTileCols columns a chunk, the
 // largest B the packing takes (64 columns), K as K^T chunks [head_dim, 64 keys] and V as chunks
 // [64 keys, 64 features], zero-filled past the last key and feature, so every product of P V is
 // a whole chunk (K = 64, P's columns past the tile's keys zero) and only the scores' last chunk
 // is narrower. The forward packs all of K and V at the start of a call (pack_keys: its tasks,
 // blocks of queries, share a head's keys); the backward's per-head tasks each pack their own
-// head into their scratch (attn_bwd_head_task: no packed copy of the whole of K and V), its
+// head into their scratch (attn_bwd_head_task: no packed copy of the whole of K and V; a group
+// of query heads split across tasks, GroupSplit, packs its key/value head once per task), its
 // per-block passes the whole call's. Nothing of size Lq x Lk exists.
 constexpr int64_t kTileKeys = 64, kTileCols = 64;
 
@@ -1330,7 +1332,7 @@ void probabilities(float* s, int64_t mq, int64_t nk, int64_t ld_s, const float* 
 }
 
 // dS = P * (dP - delta) into dp. With dropout, dp holds dP already dropped where P was (the
-// forward's factor keep ? 1 / (1 - p) : 0, applied and stored by tile_p_dp with drop_dp, exactly as
+// forward's factor keep ? 1 : 0, applied and stored by tile_p_dp with drop_dp, exactly as
 // the statistics pass stored the dP its delta sums: a product folded in here instead, where -mfma
 // contracts dP * factor - delta into one FMA, is not the rounded dP that delta holds, and dS no
 // longer cancels, e.g. dQ and dK off zero with a single key); dS takes the undropped P, and P then
@@ -1401,7 +1403,7 @@ constexpr std::pair<const float*, int64_t> kNotWidened{nullptr, 0};
 //    [mq, 64] packed as B, the query block's dO^T or Q^T [head dim, mq] as A, so the dK/dV
 //    accumulators of a task that takes these products are transposed ([head dim, keys]), and
 //    its widened tiles' sgemm writes them so too;
-//  * dQ += dS K with K's rows packed once per head (PackedKV::kr); a chunk that holds keys past
+//  * dQ += dS K with K's rows packed with K^T (PackedKV::kr); a chunk that holds keys past
 //    the tile's end (which the widened product does not read either) is packed again with those
 //    rows zero, so that a NaN or inf among them stays out.
 // The query block's rows are padded to an even count (the tile unit multiplies pairs) with zero
@@ -1682,11 +1684,12 @@ std::pair<float, float> corr_and_delta(const double* sums, int64_t mq, int64_t r
 
 // Row statistics of one (bh, query block) task: corr_i = 1 / sum_j exp(s_ij - lse_i) and
 // delta_i = sum_j P_ij dP_ij with P_ij = exp(s_ij - lse_i) * corr_i and dP = dO V^T (dropped as P
-// was). In exact arithmetic corr = 1 and delta = rowsum(dO * O); computed from the very P and dP
-// the gradient passes use, they make dS = P (dP - delta) cancel as the plain softmax backward
-// does: the float32 log-sum-exp is off by up to half an ulp of |lse| (a common relative error of
-// the whole row of P, 5e-7 at |lse| ~ 8), and rowsum(dO * O) carries the forward's rounding
-// instead of this P's, and dS amplifies either by |dP| (see the header comment).
+// was). In exact arithmetic corr = 1 and delta = rowsum(dO * O) (times 1 - p with dropout);
+// computed from the very P and dP the gradient passes use, they make dS = P (dP - delta) cancel
+// as the plain softmax backward does: the float32 log-sum-exp is off by up to half an ulp of
+// |lse| (a common relative error of the whole row of P, 5e-7 at |lse| ~ 8), and rowsum(dO * O)
+// carries the forward's rounding instead of this P's, and dS amplifies either by |dP| (see the
+// header comment).
 template <typename T>
 void attn_bwd_stats_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNative<T>& nat, const T* q_ptr,
                          const T* k_ptr, const T* v_ptr, const T* do_ptr, int64_t bh, int64_t i0, int64_t mq,
