@@ -308,6 +308,7 @@ void gelu_fwd_rows(const src_t* src, const float* bias, scalar_t* pre, scalar_t*
     const int64_t row = r * cols;
     for_each_block<B>(cols, [&](int64_t j, int64_t len, int) C10_ALWAYS_INLINE_ATTRIBUTE {
       fVec v[P], o[P];
+      prefetch_ahead(src + row + j);
       load_block(src + row + j, len, v);
       if (bias != nullptr) {
         fVec b[P];
@@ -338,6 +339,8 @@ void gelu_bwd_rows(const dy_t* dy, int64_t dy_row0, const scalar_t* pre, int64_t
       [&](int64_t r, int64_t j, int64_t len, NoConstants, auto& sums) C10_ALWAYS_INLINE_ATTRIBUTE {
         const int64_t offset = r * cols + j;
         fVec dyv[P], xv[P], g[P];
+        prefetch_ahead(dy + (r - dy_row0) * cols + j);
+        prefetch_ahead(pre + offset);
         load_block(dy + (r - dy_row0) * cols + j, len, dyv);  // zero past the row: adds nothing to the sums
         load_block(pre + offset, len, xv);
         for (int k = 0; k < P; ++k) g[k] = dyv[k] * gelu_grad<kTanh>(xv[k]);

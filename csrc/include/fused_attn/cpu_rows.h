@@ -37,6 +37,21 @@ constexpr int64_t kLanes = fVec::size();
 // Elements below which a task is not worth handing to another thread (ATen's GRAIN_SIZE).
 constexpr int64_t kGrainElems = 32768;
 
+// Software prefetch for passes whose arithmetic per element is long (the GELU and its gradient):
+// a vector of such a pass fills the out-of-order window with dozens of instructions, so few of its
+// loads are in flight at once, and over a buffer that is not in cache (a GEMM's result beyond the
+// last level, 25 MB at 2048 x 3072 float32) the pass waited on memory: linear_gelu's float32 pass
+// at 2048 x 768 -> 3072 took 9.8-10.0 ms on one core of an AVX-512 Xeon (1.6 ns an element,
+// against 0.77 in cache). Asking for the line kPrefetchBytes ahead of each load: 3.5-4.0 ms (4.0-4.7
+// -> 1.8-2.9 ms on two, linear_gelu 30.2-30.7 -> 26.8-28.1 ms); 512 bytes ahead gave about half
+// of that, 2 and 8 KiB the same. A prefetch past the end of a buffer is harmless: it does not fault.
+constexpr int64_t kPrefetchBytes = 4096;
+
+template <typename T>
+C10_ALWAYS_INLINE void prefetch_ahead(const T* p) {
+  __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes);
+}
+
 // A block is what one vector load of scalar_t covers: a single float vector for float32, two
 // for fp16/bf16, whose Vectorized holds twice as many (half-width) lanes.
 template <typename scalar_t>
