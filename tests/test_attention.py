@@ -164,21 +164,35 @@ def test_parity_16bit_tile_edges(backend_device, dtype, shape):
     assert fused_attn.last_backend(OP) == backend
 
 
-def test_cpu_16bit_products_on_the_tile_unit():
-    """Where the CPU's tile unit multiplies bfloat16 (AMX), the cpu kernels' products of bfloat16
-    inputs run there (fused_attn._extension.cpu_tile_dtypes); with oneDNN turned off they run on
-    float32 copies. Both pass parity, forward and backward (whose dV, dK and dQ products take P and
-    dS rounded to bfloat16 on the tile unit), and they are two paths (P is rounded to bfloat16 for
-    P V on the tile unit only)."""
+TILE_DTYPES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+
+
+def _skip_unless_on_tile_unit(dtype):
+    """The dtype's name in fused_attn._extension.cpu_tile_dtypes(), or a skip where this CPU's tile
+    unit does not multiply it."""
     from fused_attn import _extension
-    if "bfloat16" not in _extension.cpu_tile_dtypes():
-        pytest.skip("this CPU's tile unit does not multiply bfloat16 (no AMX-BF16), or oneDNN is off")
-    q, k, v = _qkv(2, 2, 77, 200, 64, torch.bfloat16, "cpu")
+    name = str(dtype).removeprefix("torch.")
+    if name not in _extension.cpu_tile_dtypes():
+        pytest.skip(f"this CPU's tile unit does not multiply {name} (no AMX for it), or oneDNN is off")
+    return name
+
+
+@TILE_DTYPES
+def test_cpu_16bit_products_on_the_tile_unit(dtype):
+    """Where the CPU's tile unit multiplies the dtype (AMX-BF16 for bfloat16, AMX-FP16 for
+    float16), the cpu kernels' products of such inputs run there
+    (fused_attn._extension.cpu_tile_dtypes); with oneDNN turned off they run on float32 copies.
+    Both pass parity, forward and backward (whose dV, dK and dQ products take P and dS rounded to
+    the dtype on the tile unit), and they are two paths (P is rounded to the dtype for P V on the
+    tile unit only)."""
+    from fused_attn import _extension
+    name = _skip_unless_on_tile_unit(dtype)
+    q, k, v = _qkv(2, 2, 77, 200, 64, dtype, "cpu")
     mask = _mask("padding", 2, 2, 77, 200, "cpu")
     outputs = []
     for enabled in (True, False):
         with torch.backends.mkldnn.flags(enabled=enabled):
-            assert ("bfloat16" in _extension.cpu_tile_dtypes()) == enabled
+            assert (name in _extension.cpu_tile_dtypes()) == enabled
             assert_parity(
                 lambda **a: fused_attn.scaled_dot_product_attention(**a, is_causal=True, backend="cpu"),
                 lambda **a: reference.scaled_dot_product_attention(**a, is_causal=True),
@@ -192,16 +206,15 @@ def test_cpu_16bit_products_on_the_tile_unit():
 @pytest.mark.parametrize("scale, grads", [(None, True), (-0.7, True), (0.0, True), (1e29, False)],
                          ids=["default", "negative", "zero", "huge"])
 @pytest.mark.parametrize("kind", ["none", "causal"])
-def test_cpu_16bit_tiles_scales(scale, grads, kind):
+@TILE_DTYPES
+def test_cpu_16bit_tiles_scales(scale, grads, kind, dtype):
     """On the tile unit the forward takes an unmasked tile's scores raw, the scale folded into the
     one pass that takes the exponentials (the row max the scaled largest raw score), where the scale
     is positive; other scales, and tiles a mask or the diagonal crosses, are scaled first; the
     backward folds any scale into an unmasked tile's probabilities. Parity either way (scores of
     1e29 and more: a one-hot softmax, nothing overflowing)."""
-    from fused_attn import _extension
-    if "bfloat16" not in _extension.cpu_tile_dtypes():
-        pytest.skip("this CPU's tile unit does not multiply bfloat16 (no AMX-BF16), or oneDNN is off")
-    q, k, v = _qkv(2, 2, 300, 300, 64, torch.bfloat16, "cpu")
+    _skip_unless_on_tile_unit(dtype)
+    q, k, v = _qkv(2, 2, 300, 300, 64, dtype, "cpu")
     options = {"is_causal": kind == "causal", "scale": scale}
     assert_parity(
         lambda **a: fused_attn.scaled_dot_product_attention(**a, **options, backend="cpu"),
@@ -211,13 +224,12 @@ def test_cpu_16bit_tiles_scales(scale, grads, kind):
     )
 
 
-def test_cpu_16bit_tiles_nan_query_row():
+@TILE_DTYPES
+def test_cpu_16bit_tiles_nan_query_row(dtype):
     """A NaN in a query makes its row NaN (through the exponentials: the one-pass forward's row max
     keeps no NaN bookkeeping) and leaves the other rows as they are."""
-    from fused_attn import _extension
-    if "bfloat16" not in _extension.cpu_tile_dtypes():
-        pytest.skip("this CPU's tile unit does not multiply bfloat16 (no AMX-BF16), or oneDNN is off")
-    q, k, v = _qkv(1, 2, 300, 300, 64, torch.bfloat16, "cpu")
+    _skip_unless_on_tile_unit(dtype)
+    q, k, v = _qkv(1, 2, 300, 300, 64, dtype, "cpu")
     q[0, 1, 7, 5] = float("nan")
     out = fused_attn.scaled_dot_product_attention(q, k, v, backend="cpu")
     assert torch.isnan(out[0, 1, 7]).all()
