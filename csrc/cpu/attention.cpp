@@ -754,18 +754,6 @@ void scale_by(float* x, const float* factor, int64_t n) {
   if (j < n) (fVec::loadu(x + j, n - j) * fVec::loadu(factor + j, n - j)).store(x + j, n - j);
 }
 
-// dst[t] = src[t] * c for t in [0, n) (a copy where c is 1).
-void copy_scaled(float* dst, const float* src, int64_t n, float c) {
-  if (c == 1.f) {
-    std::memcpy(dst, src, n * sizeof(float));
-    return;
-  }
-  const fVec cv(c);
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) (fVec::loadu(src + j) * cv).store(dst + j);
-  if (j < n) (fVec::loadu(src + j, n - j) * cv).store(dst + j, n - j);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Task scheduling
 
@@ -1810,7 +1798,7 @@ void attn_bwd_dq_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNati
   const auto visit = [&](int64_t j0, int64_t nk, const float* k, int64_t ldk) {
     score_gradient(mq, nk, s, dp, block_k, delta, factors);
     if (dscores != nullptr) {
-      for (int64_t r = 0; r < mq; ++r) copy_scaled(dscores + r * pb.k_len + j0, dp + r * block_k, nk, pb.inv_keep);
+      for (int64_t r = 0; r < mq; ++r) from_float(dp + r * block_k, pb.inv_keep, dscores + r * pb.k_len + j0, nk);
     }
     if (nat.tile(j0)) {
       round_tile(dp, block_k, mq, nk, mq, cols, w.ds16);
@@ -1970,7 +1958,7 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
           (pv * (fVec::loadu(dprow + j, nk - j) - dl)).store(dprow + j, nk - j);
         }
         if (pb.dropout) scale_by(prow, factors + r * nk, nk);
-        if (dscores != nullptr) copy_scaled(dscores + (i0 + r) * k_len + j0, dprow, nk, pb.inv_keep);
+        if (dscores != nullptr) from_float(dprow, pb.inv_keep, dscores + (i0 + r) * k_len + j0, nk);
       }
       if (native) {
         const int64_t cols = chunk_cols(nk);
@@ -1997,11 +1985,7 @@ void attn_bwd_head_task(const AttnProblem& pb, const BwdTensors& bt, const BwdNa
   if (part_dk != nullptr) return;
   for (int64_t j = 0; j < k_len; ++j) {
     from_float(dk_acc + j * ld_dk, pb.inv_keep, dkb + j * bt.dk_s[2], d, pb.scale);
-    if (!dkdv_in_place) {
-      from_float(dv_acc + j * ld_dv, pb.inv_keep, dvb + j * bt.dv_s[2], dv);
-    } else if (pb.dropout) {
-      scale_row(dv_acc + j * ld_dv, dv, pb.inv_keep);  // dV is its float32 accumulator: scaled in place
-    }
+    from_float(dv_acc + j * ld_dv, pb.inv_keep, dvb + j * bt.dv_s[2], dv);  // in place where dkdv_in_place
   }
 }
 
