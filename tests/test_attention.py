@@ -241,6 +241,39 @@ def test_cpu_16bit_tiles_nan_query_row(dtype):
     assert torch.equal(out[0, 1, rest], fused_attn.scaled_dot_product_attention(clean, k, v, backend="cpu")[0, 1, rest])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("q_len", [1, 3, 4, 5])
+@pytest.mark.parametrize("k_len", [1, 300])
+@pytest.mark.parametrize("kind", ["none", "padding", "bias", "causal"])
+def test_cpu_few_queries(dtype, q_len, k_len, kind):
+    """A call with at most four queries (a decoding step against a cache of keys) takes the cpu
+    kernels' row-by-row products instead of GEMMs (few_query_scores, one to four rows at a time;
+    five queries take the GEMMs): parity, forward and backward, every dtype, masks and causality."""
+    _check("cpu", "cpu", dtype, q_len=q_len, k_len=k_len, kind=kind, mask_grad=kind == "bias")
+
+
+@pytest.mark.parametrize("dims", [(8, 8), (40, 72), (136, 64)], ids=lambda d: f"d{d[0]}-dv{d[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_few_queries_head_dims_strides_and_groups(dims, dtype):
+    """The few-query products over head dims that are not a whole number of their 64-column blocks
+    (and value head dims that differ), key and value rows read in place through a row stride past
+    the head dim (views into a wider tensor), and grouped-query heads (two query heads a key/value
+    head)."""
+    d, dv = dims
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 3, d, generator=gen).to(dtype)
+    k = torch.randn(2, 2, 130, d + 24, generator=gen).to(dtype)[..., :d]
+    v = torch.randn(2, 2, 130, dv + 8, generator=gen).to(dtype)[..., :dv]
+    mask = _mask("padding", 2, 4, 3, 130, "cpu")
+    assert_parity(
+        lambda **a: fused_attn.scaled_dot_product_attention(**a, enable_gqa=True, backend="cpu"),
+        lambda **a: reference.scaled_dot_product_attention(
+            a["query"], repeat_kv_heads(a["key"], 4), repeat_kv_heads(a["value"], 4), a["attn_mask"]),
+        {"query": q, "key": k, "value": v, "attn_mask": mask},
+        grad_args=("query", "key", "value"),
+    )
+
+
 @pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("seq", [1, 17, 77, 128, 257])

@@ -816,6 +816,23 @@ def test_attention_baseline_is_the_plain_eager_form(causal, kv_heads):
             torch.testing.assert_close(case.impls[name](), expected, msg=name)
 
 
+def test_attention_with_fewer_queries_than_keys():
+    """--queries: that many queries per sequence against its --seq keys (a decoding step against a
+    cache): every implementation computes the same attention, the rates count Lq x Lk pairs, and
+    causality is off by default."""
+    settings = _settings("fwd", batch=2, heads=2, head_dim=8, seqs=[40], queries=3)
+    cases = list(suites.attention_cases(settings))
+    assert [case.shape["causal"] for case in cases] == [False]
+    case = cases[0]
+    assert case.shape["queries"] == 3 and case.shape["seq"] == 40
+    assert case.flops == harness.attention_flops(2, 2, 3, 40, 8, causal=False, mode="fwd")
+    expected = case.impls["eager"]()
+    assert expected.shape == (2, 2, 3, 8)
+    for name in ("torch", "reference", "cpu"):
+        torch.testing.assert_close(case.impls[name](), expected, msg=name)
+    assert bench_cli.shape_text(case.shape).startswith("B2 H2 Lq3 L40")
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_with_padding_computes_the_same_attention_everywhere(causal):
     """--padding: every implementation gets the same [B, 1, 1, L] key padding mask (torch's SDPA the
@@ -983,7 +1000,7 @@ def test_default_cpu_run_says_compiled_is_left_out(tmp_path, capsys):
      [f"note: {flag} has no effect on suite layer_norm (it takes --rows, --hidden and --backends)"
       for flag in ("--batch", "--seq", "--causal", "--layers")]),
     (["--suite", "attention", "--hidden", "16", "--rows", "8", "--seq", "8", "--causal", "false"],
-     [f"note: {flag} has no effect on suite attention (it takes --batch, --heads, --kv-heads, --head-dim, --seq, "
+     [f"note: {flag} has no effect on suite attention (it takes --batch, --heads, --kv-heads, --queries, --head-dim, --seq, "
       "--causal, --padding, --dropout and --backends)" for flag in ("--rows", "--hidden")]),
     (["--suite", "model", "--backends", "cpu", "--heads", "2", "--head-dim", "8", "--hidden", "16", "--seq", "8"],
      [f"note: {flag} has no effect on suite model (it takes --models, --layers, --batch, --seq and --padding)"

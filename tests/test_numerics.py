@@ -111,13 +111,15 @@ def test_attention_16_bit_with_float32_bias_beyond_its_range(backend_device):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under the interpreter
 @pytest.mark.parametrize("backend_device", ATTENTION_ALL)
-def test_bool_mask_drops_non_finite_scores_in_attention(backend_device):
+@pytest.mark.parametrize("q_len", [5, 2])
+def test_bool_mask_drops_non_finite_scores_in_attention(backend_device, q_len):
     # Keys hidden by a bool (key padding) mask may hold inf or NaN: their scores are dropped, so
-    # the output is that of the visible keys alone.
+    # the output is that of the visible keys alone (with two queries, the cpu kernels' few-query
+    # products).
     backend, device = backend_device
     dtype = work_dtype("scaled_dot_product_attention", backend, device)
     gen = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(1, 2, 5, 16, generator=gen) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, length, 16, generator=gen) for length in (q_len, 5, 5))
     keep = torch.tensor([True, True, False, True, False])
     k[:, :, 2] = float("inf")
     k[:, :, 4] = float("nan")

@@ -40,6 +40,9 @@
 // rounded to the input dtype for P V as in eager attention (see native_products); in the backward
 // all five do (BwdNative): S = Q K^T and dP = dO V^T on the inputs, and dV, dK, dQ with P and dS
 // (formed in float32) rounded to the dtype, as eager attention's backward rounds them (Bwd16Buffers).
+// A forward of at most four queries a sequence (kFewQueries: a decoding step against a cache of
+// keys) takes neither GEMM: its products run row by row on the K and V rows as they are, widened
+// in registers (few_query_scores, few_query_values), for every dtype.
 //
 // Parallelism: tasks are handed out from an atomic counter to at::parallel_for workers, each
 // with its own scratch, and no two tasks write the same output element, so the results are
@@ -1059,10 +1062,117 @@ void store_forward_rows(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t m
   }
 }
 
+// A forward whose queries are few (at most kFewQueries a call: a decoding step's query against
+// its cache of keys) takes its products row by row instead: with one to four rows, a GEMM's
+// packing and blocking (the tile unit's packed K and V, or the float32 copies of K and V that
+// sgemm reads) cost more than the products, which read each key and value row once. These
+// kernels read the rows in place as T, widened in registers: a query row's score against a key
+// is its dot product (float32, the lanes summed at the end), and the accumulator rows stay in
+// registers over a tile's keys, a block of kFewCols columns at a time.
+constexpr int64_t kFewQueries = 4;
+constexpr int64_t kFewRows = 4;
+constexpr int kFewParts = 4;
+constexpr int64_t kFewCols = kFewParts * kLanes;
+
+// s[0, n) = scale * the sums of the lanes of a[0, n) (n <= 4): one reduction tree for four
+// vectors, their lanes paired within each 128-bit lane and then across them (with AVX-512 or
+// AVX2), about a quarter of the instructions of four separate sums.
+C10_ALWAYS_INLINE void store_scaled_sums4(const fVec (&a)[4], int64_t n, float scale, float* s) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+  const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+  const __m512d d0 = _mm512_castps_pd(t0), d1 = _mm512_castps_pd(t1);
+  const __m512 u = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(d0, d1)),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(d0, d1)));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(u), _mm512_extractf32x8_ps(u, 1));
+  const __m128 sums = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)), _mm_set1_ps(scale));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 t0 = _mm256_add_ps(_mm256_unpacklo_ps(a[0], a[1]), _mm256_unpackhi_ps(a[0], a[1]));
+  const __m256 t1 = _mm256_add_ps(_mm256_unpacklo_ps(a[2], a[3]), _mm256_unpackhi_ps(a[2], a[3]));
+  const __m256d d0 = _mm256_castps_pd(t0), d1 = _mm256_castps_pd(t1);
+  const __m256 u = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(d0, d1)),
+                                 _mm256_castpd_ps(_mm256_unpackhi_pd(d0, d1)));
+  const __m128 sums = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)), _mm_set1_ps(scale));
+#endif
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if (n == 4) {
+    _mm_storeu_ps(s, sums);
+    return;
+  }
+  alignas(16) float out[4];
+  _mm_store_ps(out, sums);
+  std::copy(out, out + n, s);
+#else
+  for (int64_t g = 0; g < n; ++g) s[g] = scale * reduce_sum(a[g]);
+#endif
+}
+
+// s[r, j] = scale * q_r . k_j for the R query rows of q (float32, ldq apart) and the keys [0, nk)
+// of k (rows of T, ldk apart), d wide: four keys at a time, their lanes summed together
+// (store_scaled_sums4; a last group of fewer keys sums zeros in the others' place).
+template <int R, typename T>
+void few_query_scores(int64_t nk, int64_t d, const float* q, int64_t ldq, const T* k, int64_t ldk, float scale,
+                      float* s, int64_t ld_s) {
+  constexpr int G = 4;
+  for (int64_t j = 0; j < nk; j += G) {
+    const int64_t keys = std::min<int64_t>(G, nk - j);
+    fVec acc[R][G];
+    for (int r = 0; r < R; ++r) {
+      for (auto& a : acc[r]) a = fVec(0.f);
+    }
+    for (int64_t t = 0; t < d; t += kFewCols) {
+      for (int64_t g = 0; g < keys; ++g) {
+        fVec kv[kFewParts];
+        cpu_rows::load_block<kFewParts>(k + (j + g) * ldk + t, d - t, kv);
+        for (int r = 0; r < R; ++r) {
+          fVec qv[kFewParts];
+          cpu_rows::load_block<kFewParts>(q + r * ldq + t, d - t, qv);
+          for (int c = 0; c < kFewParts; ++c) acc[r][g] = at::vec::fmadd(qv[c], kv[c], acc[r][g]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) store_scaled_sums4(acc[r], keys, scale, s + r * ld_s + j);
+  }
+}
+
+// acc[r, :] += sum_j p[r, j] v_j for the R rows of p (ld_p apart) and the keys [0, nk) of v (rows
+// of T, ldv apart), dv wide (acc's rows dv apart).
+template <int R, typename T>
+void few_query_values(int64_t nk, int64_t dv, const float* p, int64_t ld_p, const T* v, int64_t ldv, float* acc) {
+  for (int64_t c0 = 0; c0 < dv; c0 += kFewCols) {
+    fVec a[R][kFewParts];
+    for (int r = 0; r < R; ++r) cpu_rows::load_block<kFewParts>(acc + r * dv + c0, dv - c0, a[r]);
+    for (int64_t j = 0; j < nk; ++j) {
+      fVec vv[kFewParts];
+      cpu_rows::load_block<kFewParts>(v + j * ldv + c0, dv - c0, vv);
+      for (int r = 0; r < R; ++r) {
+        const fVec pr(p[r * ld_p + j]);
+        for (int c = 0; c < kFewParts; ++c) a[r][c] = at::vec::fmadd(pr, vv[c], a[r][c]);
+      }
+    }
+    for (int r = 0; r < R; ++r) cpu_rows::store_block<kFewParts>(acc + r * dv + c0, dv - c0, a[r]);
+  }
+}
+
+// fn(r0, std::integral_constant<int, R>{}) for the rows [r0, r0 + R) of [0, rows), kFewRows at a
+// time (R <= kFewRows: the products' accumulators in registers).
+template <typename Fn>
+void for_few_rows(int64_t rows, const Fn& fn) {
+  static_assert(kFewRows == 4, "one case a row count");
+  for (int64_t r0 = 0; r0 < rows; r0 += kFewRows) {
+    switch (std::min(kFewRows, rows - r0)) {
+      case 1: fn(r0, std::integral_constant<int, 1>{}); break;
+      case 2: fn(r0, std::integral_constant<int, 2>{}); break;
+      case 3: fn(r0, std::integral_constant<int, 3>{}); break;
+      default: fn(r0, std::integral_constant<int, 4>{}); break;
+    }
+  }
+}
+
 // Forward of one (bh, query block) task.
 template <typename T>
 void attn_fwd_task(const AttnProblem& pb, const T* q_ptr, const T* k_ptr, const T* v_ptr, int64_t bh,
-                   int64_t i0, int64_t mq, int64_t block_k, float* scratch, T* out, const int64_t (&o_s)[3],
+                   int64_t i0, int64_t mq, int64_t block_k, bool few, float* scratch, T* out, const int64_t (&o_s)[3],
                    float* lse) {
   const int64_t b = bh / pb.heads, h = bh % pb.heads;
   const int64_t d = pb.d, dv = pb.dv;
@@ -1086,6 +1196,23 @@ void attn_fwd_task(const AttnProblem& pb, const T* q_ptr, const T* k_ptr, const 
   // Causal: the last tile stops at the block's last query (the backward renormalises its P); a
   // boolean mask's range of keys the block sees cuts the walk further (KeySpans).
   const auto [k_begin, k_end] = pb.keys.range(b, h, i0, mq, pb.key_end(i0, mq));
+  if (few) {
+    for (int64_t j0 = k_begin; j0 < k_end; j0 += block_k) {
+      const int64_t nk = std::min(block_k, k_end - j0);
+      const T* kt = kb + j0 * pb.k_s[2];
+      const T* vt = vb + j0 * pb.v_s[2];
+      for_few_rows(mq, [&](int64_t r0, auto rows) {
+        few_query_scores<rows>(nk, d, q + r0 * ldq, ldq, kt, pb.k_s[2], pb.scale, s + r0 * block_k, block_k);
+      });
+      mask_tile(pb, b, h, i0, mq, j0, nk, s, block_k);
+      online_softmax(pb, bh, i0, mq, j0, nk, s, block_k, m, l, acc);
+      for_few_rows(mq, [&](int64_t r0, auto rows) {
+        few_query_values<rows>(nk, dv, s + r0 * block_k, block_k, vt, pb.v_s[2], acc + r0 * dv);
+      });
+    }
+    store_forward_rows(pb, bh, i0, mq, m, l, acc, out, o_s, lse);
+    return;
+  }
   for (int64_t j0 = k_begin; j0 < k_end; j0 += block_k) {
     const int64_t nk = std::min(block_k, k_end - j0);
     auto [k, ldk] = rows_as_float(kb, pb.k_s[2], j0, nk, d, kbuf);
@@ -1247,7 +1374,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
                           Carver::round_up(block_q * pb.dv) + 2 * Carver::round_up(block_q);
   // 16-bit products (native_products) read Q's rows in place (in_place_ld).
   const int64_t ldq = in_place_ld(pb.q_len, pb.q_s[2], pb.d);
-  const bool native = native_products(query.scalar_type(), pb.d) && ldq > 0 && pb.k_len > 0;
+  // Few queries (kFewQueries): their products row by row, for every dtype (few_query_scores).
+  const bool few = pb.q_len <= kFewQueries;
+  const bool native = !few && native_products(query.scalar_type(), pb.d) && ldq > 0 && pb.k_len > 0;
   const int64_t native_k = (block_k + kTileKeys - 1) / kTileKeys * kTileKeys;
   const int64_t v_cols = (pb.dv + kTileCols - 1) / kTileCols;
   const int64_t native_scratch = Carver::round_up(block_q * native_k) + Carver::round_up(block_q * pb.dv) +
@@ -1280,7 +1409,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
     }
     run_tasks(bh_count * nq, scratch, [&](int64_t task, float* buf) {
       const auto [bh, i0] = block_of(task);
-      attn_fwd_task<scalar_t>(pb, qp, kp, vp, bh, i0, std::min(block_q, pb.q_len - i0), block_k, buf, op, o_s, lp);
+      attn_fwd_task<scalar_t>(pb, qp, kp, vp, bh, i0, std::min(block_q, pb.q_len - i0), block_k, few, buf, op, o_s,
+                              lp);
     });
   }), at::kFloat, at::kHalf, at::kBFloat16);
   return {out, lse};

@@ -200,6 +200,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attention/softmax: heads (default 12; attention on a GPU: 2048 / --head-dim)")
     parser.add_argument("--kv-heads", type=positive_int, default=None,
                         help="attention: key/value heads, a divisor of --heads (grouped-query; default: --heads)")
+    parser.add_argument("--queries", type=positive_int, default=None,
+                        help="attention: queries per sequence against its --seq keys, as a decoding step with a "
+                             "cache of keys has (default: --seq, self-attention; causal off unless --causal)")
     parser.add_argument("--head-dim", type=positive_int, default=None, help="attention: head dim (default 64)")
     parser.add_argument("--seq", type=positive_ints, default=None, help="attention/softmax/model: comma-separated lengths")
     parser.add_argument("--causal", choices=["both", "true", "false"], default=None,
@@ -347,7 +350,7 @@ def _plan(args: argparse.Namespace, device: torch.device) -> list[tuple[str, Set
             raise UsageError(f"--models: unknown model {bad[0]!r}; expected some of {', '.join(MODELS)}")
     base = Settings(
         device=device, dtype=dtype, mode="fwd", batch=args.batch, heads=args.heads, kv_heads=args.kv_heads,
-        head_dim=args.head_dim, padding=args.padding, dropout=args.dropout,
+        queries=args.queries, head_dim=args.head_dim, padding=args.padding, dropout=args.dropout,
         seqs=args.seq, rows=args.rows, hiddens=args.hidden,
         causal=None if args.causal in (None, "both") else [args.causal == "true"], backends=wanted,
         compile=not args.no_compile, models=models, layers=args.layers,
@@ -401,7 +404,7 @@ def check_models_fit(plan: list[tuple[str, Settings]]) -> None:
 # The size and selection flags each suite takes (--dtype, --mode, --repeats, --min-time and the outputs apply
 # to every suite; --no-compile to all that time torch.compile).
 SUITE_FLAGS: dict[str, tuple[str, ...]] = {
-    "attention": ("--batch", "--heads", "--kv-heads", "--head-dim", "--seq", "--causal", "--padding", "--dropout",
+    "attention": ("--batch", "--heads", "--kv-heads", "--queries", "--head-dim", "--seq", "--causal", "--padding", "--dropout",
                   "--backends"),
     "softmax": ("--batch", "--heads", "--seq", "--backends"),
     "layer_norm": ("--rows", "--hidden", "--backends"),
@@ -542,7 +545,7 @@ def run(args: argparse.Namespace) -> int:
 # Output
 
 
-_SHAPE_KEYS = {"batch": "B", "heads": "H", "kv_heads": "Hkv", "seq": "L", "head_dim": "D", "rows": "rows ", "hidden": "N", "tokens": "T",
+_SHAPE_KEYS = {"batch": "B", "heads": "H", "kv_heads": "Hkv", "queries": "Lq", "seq": "L", "head_dim": "D", "rows": "rows ", "hidden": "N", "tokens": "T",
                "d_model": "M", "d_ff": "F", "model": "", "layers": "layers ",
                "padding": "padding ", "dropout": "dropout "}
 

@@ -51,6 +51,7 @@ class Settings:
     batch: int | None = None
     heads: int | None = None
     kv_heads: int | None = None  # attention: key/value heads (grouped-query), a divisor of heads
+    queries: int | None = None  # attention: queries per sequence against its seq keys (None: seq, self-attention)
     padding: float | None = None  # attention, model: the fraction of each sequence that is padding
     dropout: float | None = None  # attention: dropout_p of every implementation (None or 0: none)
     head_dim: int | None = None
@@ -299,15 +300,17 @@ def attention_shapes(s: Settings) -> list[dict]:
         raise ValueError(f"kv_heads {kv_heads} must divide heads {heads}")
     return [
         {"batch": s.batch or max(1, ATTENTION_TOKENS[s.device.type] // seq), "heads": heads,
-         **({"kv_heads": kv_heads} if kv_heads != heads else {}), "seq": seq, "head_dim": head_dim, "causal": causal,
+         **({"kv_heads": kv_heads} if kv_heads != heads else {}), **({"queries": s.queries} if s.queries else {}),
+         "seq": seq, "head_dim": head_dim, "causal": causal,
          **({"padding": s.padding} if s.padding else {}), **({"dropout": s.dropout} if s.dropout else {})}
-        for causal in s.causal or [False, True]
+        for causal in s.causal or ([False] if s.queries else [False, True])
         for seq in s.seqs or ATTENTION_SEQS[s.device.type]
     ]
 
 
 def attention_cases(s: Settings) -> Iterator[Case]:
-    """Self-attention over the sequence sweep; with ``kv_heads`` (grouped-query) key and value have
+    """Self-attention over the sequence sweep, or with ``queries`` that many queries per sequence
+    against its keys (a decoding step's queries against a cache); with ``kv_heads`` (grouped-query) key and value have
     fewer heads: implementations that take them as they are (``enable_gqa``, flash-attn) do, the
     others (eager, the reference, xformers) repeat them inside the timed call. With ``dropout``
     every implementation drops probabilities at that rate, in either mode (a training step's
@@ -319,13 +322,14 @@ def attention_cases(s: Settings) -> Iterator[Case]:
         kv_heads = shape.get("kv_heads", heads)
         p = shape.get("dropout", 0.0)
         gqa = kv_heads != heads
+        q_len = shape.get("queries", seq)
         q, k, v = (
-            torch.randn(batch, n, seq, head_dim, device=s.device, dtype=s.dtype, requires_grad=training)
-            for n in (heads, kv_heads, kv_heads)
+            torch.randn(batch, n, length, head_dim, device=s.device, dtype=s.dtype, requires_grad=training)
+            for n, length in ((heads, q_len), (kv_heads, seq), (kv_heads, seq))
         )
         grad = torch.randn_like(q) if training else None
         # What a user writes: the causal mask is made once, outside the timed call.
-        future = torch.ones(seq, seq, dtype=torch.bool, device=s.device).triu(1) if causal else None
+        future = torch.ones(q_len, seq, dtype=torch.bool, device=s.device).triu(1) if causal else None
         # --padding: every sequence's last keys are padding, hidden by a [B, 1, 1, L] boolean mask
         # (True = attend), as a tokenizer's attention mask gives it; torch's SDPA takes no mask
         # with is_causal, so it gets the two combined (also made once).
@@ -334,10 +338,10 @@ def attention_cases(s: Settings) -> Iterator[Case]:
             mask = torch.ones(batch, 1, 1, seq, dtype=torch.bool, device=s.device)
             mask[..., max(1, seq - round(shape["padding"] * seq)):] = False
             sdpa_mask = mask & ~future if causal else mask
-        flops = harness.attention_flops(batch, heads, seq, seq, head_dim, causal=causal, mode=s.mode)
+        flops = harness.attention_flops(batch, heads, q_len, seq, head_dim, causal=causal, mode=s.mode)
         inputs = backends.Inputs(
             s.device, s.dtype,
-            {"head_dim": head_dim, "head_dim_v": head_dim, "dropout": p > 0, "q_len": seq, "k_len": seq},
+            {"head_dim": head_dim, "head_dim_v": head_dim, "dropout": p > 0, "q_len": q_len, "k_len": seq},
         )
         names, skipped = _fused_backends("scaled_dot_product_attention", inputs, s.backends)
 
