@@ -252,6 +252,27 @@ def test_cpu_few_queries(dtype, q_len, k_len, kind):
     _check("cpu", "cpu", dtype, q_len=q_len, k_len=k_len, kind=kind, mask_grad=kind == "bias")
 
 
+def test_cpu_few_queries_with_dropout_and_leading_keys_masked():
+    """The few-query products with dropout (parity with the reference fed the kernel's keep-mask)
+    under a boolean mask that hides each sequence's first keys, so that the walk over the keys
+    starts past them (KeySpans)."""
+    q, k, v = _qkv(2, 3, 2, 150, 64, torch.float32, "cpu", seed=4)
+    mask = torch.ones(2, 1, 1, 150, dtype=torch.bool)
+    mask[0, ..., :70] = False
+    mask[1, ..., :3] = False
+    p = 0.3
+    torch.manual_seed(77)
+    _, keep = attention_with_keep_mask(q, k, v, mask, dropout_p=p)
+
+    def fused(query, key, value):
+        torch.manual_seed(77)
+        return fused_attn.scaled_dot_product_attention(query, key, value, mask, dropout_p=p, backend="cpu")
+
+    assert_parity(fused, lambda query, key, value: reference.scaled_dot_product_attention(
+        query, key, value, mask, dropout_p=p, dropout_mask=keep), {"query": q, "key": k, "value": v},
+        grad_args=("query", "key", "value"))
+
+
 @pytest.mark.parametrize("dims", [(8, 8), (40, 72), (136, 64)], ids=lambda d: f"d{d[0]}-dv{d[1]}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_few_queries_head_dims_strides_and_groups(dims, dtype):

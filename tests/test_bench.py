@@ -833,6 +833,25 @@ def test_attention_with_fewer_queries_than_keys():
     assert bench_cli.shape_text(case.shape).startswith("B2 H2 Lq3 L40")
 
 
+@pytest.mark.parametrize("causal, expected", [(None, [False]), ("both", [False, True]), ("true", [True])])
+def test_attention_queries_take_causal_as_asked(causal, expected):
+    """--queries: causality is off unless --causal asks for it (both: a causal case too, top-left
+    aligned as everywhere); there, PyTorch's FlashAttention backend (which refuses is_causal for
+    fewer queries than keys) is listed as not run."""
+    flags = ["--suite", "attention", "--device", "cpu", "--queries", "2", "--seq", "6", "--heads", "2",
+             "--head-dim", "8", "--batch", "1"] + (["--causal", causal] if causal else [])
+    ((suite, settings),) = bench_cli._plan(_parse(*flags), CPU)
+    settings = dataclasses.replace(settings, backends=["cpu"], compile=False)
+    cases = list(suites.attention_cases(settings))
+    assert [case.shape["causal"] for case in cases] == expected
+    for case in cases:
+        expected_out = case.impls["eager"]()
+        for name in ("torch", "reference", "cpu"):
+            torch.testing.assert_close(case.impls[name](), expected_out, msg=name)
+        if case.shape["causal"]:
+            assert "torch-flash" not in case.impls
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_with_padding_computes_the_same_attention_everywhere(causal):
     """--padding: every implementation gets the same [B, 1, 1, L] key padding mask (torch's SDPA the

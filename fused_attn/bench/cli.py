@@ -352,7 +352,7 @@ def _plan(args: argparse.Namespace, device: torch.device) -> list[tuple[str, Set
         device=device, dtype=dtype, mode="fwd", batch=args.batch, heads=args.heads, kv_heads=args.kv_heads,
         queries=args.queries, head_dim=args.head_dim, padding=args.padding, dropout=args.dropout,
         seqs=args.seq, rows=args.rows, hiddens=args.hidden,
-        causal=None if args.causal in (None, "both") else [args.causal == "true"], backends=wanted,
+        causal={None: None, "both": [False, True], "true": [True], "false": [False]}[args.causal], backends=wanted,
         compile=not args.no_compile, models=models, layers=args.layers,
     )
     if args.kv_heads is not None and args.suite in (None, "all", "attention"):
