@@ -1070,7 +1070,6 @@ void store_forward_rows(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t m
 // is its dot product (float32, the lanes summed at the end), and the accumulator rows stay in
 // registers over a tile's keys, a block of kFewCols columns at a time.
 constexpr int64_t kFewQueries = 4;
-constexpr int64_t kFewRows = 4;
 constexpr int kFewParts = 4;
 constexpr int64_t kFewCols = kFewParts * kLanes;
 
@@ -1154,18 +1153,16 @@ void few_query_values(int64_t nk, int64_t dv, const float* p, int64_t ld_p, cons
   }
 }
 
-// fn(r0, std::integral_constant<int, R>{}) for the rows [r0, r0 + R) of [0, rows), kFewRows at a
-// time (R <= kFewRows: the products' accumulators in registers).
+// fn(std::integral_constant<int, R>{}) for R = rows, 1 <= rows <= kFewQueries (the products'
+// accumulators in registers).
 template <typename Fn>
-void for_few_rows(int64_t rows, const Fn& fn) {
-  static_assert(kFewRows == 4, "one case a row count");
-  for (int64_t r0 = 0; r0 < rows; r0 += kFewRows) {
-    switch (std::min(kFewRows, rows - r0)) {
-      case 1: fn(r0, std::integral_constant<int, 1>{}); break;
-      case 2: fn(r0, std::integral_constant<int, 2>{}); break;
-      case 3: fn(r0, std::integral_constant<int, 3>{}); break;
-      default: fn(r0, std::integral_constant<int, 4>{}); break;
-    }
+void with_few_rows(int64_t rows, const Fn& fn) {
+  static_assert(kFewQueries == 4, "one case a row count");
+  switch (rows) {
+    case 1: return fn(std::integral_constant<int, 1>{});
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 3: return fn(std::integral_constant<int, 3>{});
+    default: return fn(std::integral_constant<int, 4>{});
   }
 }
 
@@ -1196,20 +1193,16 @@ void attn_fwd_task(const AttnProblem& pb, const T* q_ptr, const T* k_ptr, const 
   // Causal: the last tile stops at the block's last query (the backward renormalises its P); a
   // boolean mask's range of keys the block sees cuts the walk further (KeySpans).
   const auto [k_begin, k_end] = pb.keys.range(b, h, i0, mq, pb.key_end(i0, mq));
-  if (few) {
-    for (int64_t j0 = k_begin; j0 < k_end; j0 += block_k) {
-      const int64_t nk = std::min(block_k, k_end - j0);
-      const T* kt = kb + j0 * pb.k_s[2];
-      const T* vt = vb + j0 * pb.v_s[2];
-      for_few_rows(mq, [&](int64_t r0, auto rows) {
-        few_query_scores<rows>(nk, d, q + r0 * ldq, ldq, kt, pb.k_s[2], pb.scale, s + r0 * block_k, block_k);
-      });
-      mask_tile(pb, b, h, i0, mq, j0, nk, s, block_k);
-      online_softmax(pb, bh, i0, mq, j0, nk, s, block_k, m, l, acc);
-      for_few_rows(mq, [&](int64_t r0, auto rows) {
-        few_query_values<rows>(nk, dv, s + r0 * block_k, block_k, vt, pb.v_s[2], acc + r0 * dv);
-      });
-    }
+  if (few) {  // mq <= kFewQueries
+    with_few_rows(mq, [&](auto rows) {
+      for (int64_t j0 = k_begin; j0 < k_end; j0 += block_k) {
+        const int64_t nk = std::min(block_k, k_end - j0);
+        few_query_scores<rows>(nk, d, q, ldq, kb + j0 * pb.k_s[2], pb.k_s[2], pb.scale, s, block_k);
+        mask_tile(pb, b, h, i0, mq, j0, nk, s, block_k);
+        online_softmax(pb, bh, i0, mq, j0, nk, s, block_k, m, l, acc);
+        few_query_values<rows>(nk, dv, s, block_k, vb + j0 * pb.v_s[2], pb.v_s[2], acc);
+      }
+    });
     store_forward_rows(pb, bh, i0, mq, m, l, acc, out, o_s, lse);
     return;
   }
