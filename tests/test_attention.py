@@ -252,6 +252,44 @@ def test_cpu_few_queries(dtype, q_len, k_len, kind):
     _check("cpu", "cpu", dtype, q_len=q_len, k_len=k_len, kind=kind, mask_grad=kind == "bias")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group, q_len", [(4, 1), (2, 2)], ids=["g4-q1", "g2-q2"])
+@pytest.mark.parametrize("kind", ["none", "padding", "bool4d", "head_bias", "causal", "dropout"])
+def test_cpu_few_queries_of_a_grouped_query_group(dtype, group, q_len, kind):
+    """Few queries with grouped-query heads whose rows fit the few-query products (group x queries
+    <= 4): a key/value head's group of query heads takes one task (2 x 2 key/value heads: as many
+    tasks as up to 4 threads), each key and value row read once for the group; each head's rows keep
+    their own mask rows (a boolean mask or a learned bias differing per head, with its gradient),
+    causality and dropout stream."""
+    batch, kv_heads, k_len = 2, 2, 140
+    heads = kv_heads * group
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(batch, heads, q_len, 64, generator=gen).to(dtype)
+    k, v = (torch.randn(batch, kv_heads, k_len, 64, generator=gen).to(dtype) for _ in range(2))
+    mask = None
+    if kind in ("padding", "bool4d"):
+        mask = _mask(kind, batch, heads, q_len, k_len, "cpu")
+    elif kind == "head_bias":
+        mask = (torch.randn(batch, heads, q_len, k_len, generator=gen) * 2).to(dtype)
+    causal, p = kind == "causal", 0.3 if kind == "dropout" else 0.0
+    keep = None
+    if p:
+        torch.manual_seed(5)
+        _, keep = attention_with_keep_mask(q, repeat_kv_heads(k, heads), repeat_kv_heads(v, heads), dropout_p=p)
+
+    def fused(query, key, value, attn_mask):
+        torch.manual_seed(5)
+        return fused_attn.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p=p, is_causal=causal,
+                                                       enable_gqa=True, backend="cpu")
+
+    def plain(query, key, value, attn_mask):
+        return reference.scaled_dot_product_attention(query, repeat_kv_heads(key, heads), repeat_kv_heads(value, heads),
+                                                      attn_mask, dropout_p=p, is_causal=causal, dropout_mask=keep)
+
+    grads = ("query", "key", "value") + (("attn_mask",) if kind == "head_bias" else ())
+    assert_parity(fused, plain, {"query": q, "key": k, "value": v, "attn_mask": mask}, grad_args=grads)
+
+
 def test_cpu_few_queries_with_dropout_and_leading_keys_masked():
     """The few-query products with dropout (parity with the reference fed the kernel's keep-mask)
     under a boolean mask that hides each sequence's first keys, so that the walk over the keys

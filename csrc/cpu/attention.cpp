@@ -1169,7 +1169,7 @@ void with_few_rows(int64_t rows, const Fn& fn) {
 // Forward of one (bh, query block) task.
 template <typename T>
 void attn_fwd_task(const AttnProblem& pb, const T* q_ptr, const T* k_ptr, const T* v_ptr, int64_t bh,
-                   int64_t i0, int64_t mq, int64_t block_k, bool few, float* scratch, T* out, const int64_t (&o_s)[3],
+                   int64_t i0, int64_t mq, int64_t block_k, float* scratch, T* out, const int64_t (&o_s)[3],
                    float* lse) {
   const int64_t b = bh / pb.heads, h = bh % pb.heads;
   const int64_t d = pb.d, dv = pb.dv;
@@ -1193,19 +1193,6 @@ void attn_fwd_task(const AttnProblem& pb, const T* q_ptr, const T* k_ptr, const 
   // Causal: the last tile stops at the block's last query (the backward renormalises its P); a
   // boolean mask's range of keys the block sees cuts the walk further (KeySpans).
   const auto [k_begin, k_end] = pb.keys.range(b, h, i0, mq, pb.key_end(i0, mq));
-  if (few) {  // mq <= kFewQueries
-    with_few_rows(mq, [&](auto rows) {
-      for (int64_t j0 = k_begin; j0 < k_end; j0 += block_k) {
-        const int64_t nk = std::min(block_k, k_end - j0);
-        few_query_scores<rows>(nk, d, q, ldq, kb + j0 * pb.k_s[2], pb.k_s[2], pb.scale, s, block_k);
-        mask_tile(pb, b, h, i0, mq, j0, nk, s, block_k);
-        online_softmax(pb, bh, i0, mq, j0, nk, s, block_k, m, l, acc);
-        few_query_values<rows>(nk, dv, s, block_k, vb + j0 * pb.v_s[2], pb.v_s[2], acc);
-      }
-    });
-    store_forward_rows(pb, bh, i0, mq, m, l, acc, out, o_s, lse);
-    return;
-  }
   for (int64_t j0 = k_begin; j0 < k_end; j0 += block_k) {
     const int64_t nk = std::min(block_k, k_end - j0);
     auto [k, ldk] = rows_as_float(kb, pb.k_s[2], j0, nk, d, kbuf);
@@ -1215,6 +1202,56 @@ void attn_fwd_task(const AttnProblem& pb, const T* q_ptr, const T* k_ptr, const 
     gemm(false, false, mq, dv, nk, 1.f, s, block_k, v, ldv, 1.f, acc, dv);
   }
   store_forward_rows(pb, bh, i0, mq, m, l, acc, out, o_s, lse);
+}
+
+// Forward of a task of few queries (kFewQueries): all the queries of `heads` consecutive query
+// heads from bh, which share a key/value head (one head, or a grouped-query group whose rows fit
+// the products: few_query_scores), their rows in one block (head by head), so that each key and
+// value row is read once for them all. Each head's rows are masked and normalised as their own
+// task's would be, with the same arithmetic a row; the walk covers the keys any of them sees, so
+// where a boolean mask hides different keys from different heads of the group, a head's tiles
+// may start elsewhere than in a task of its own (its results then differ in rounding).
+template <typename T>
+void attn_fwd_task_few(const AttnProblem& pb, const T* q_ptr, const T* k_ptr, const T* v_ptr, int64_t bh,
+                       int64_t heads, int64_t block_k, float* scratch, T* out, const int64_t (&o_s)[3], float* lse) {
+  const int64_t b = bh / pb.heads, h0 = bh % pb.heads, mq = pb.q_len, rows = heads * mq;
+  const int64_t d = pb.d, dv = pb.dv;
+  Carver carve{scratch};
+  float* q = carve.take(rows * d);
+  float* s = carve.take(rows * block_k);
+  float* acc = carve.take(rows * dv);
+  float* m = carve.take(rows);
+  float* l = carve.take(rows);
+  int64_t k_begin = pb.k_len, k_end = 0;
+  for (int64_t g = 0; g < heads; ++g) {
+    const T* qh = q_ptr + b * pb.q_s[0] + (h0 + g) * pb.q_s[1];
+    for (int64_t i = 0; i < mq; ++i) to_float(qh + i * pb.q_s[2], q + (g * mq + i) * d, d);
+    const auto [lo, hi] = pb.keys.range(b, h0 + g, 0, mq, pb.key_end(0, mq));
+    if (lo < hi) {
+      k_begin = std::min(k_begin, lo);
+      k_end = std::max(k_end, hi);
+    }
+  }
+  std::fill(acc, acc + rows * dv, 0.f);
+  std::fill(m, m + rows, -kInf);
+  std::fill(l, l + rows, 0.f);
+  const T* kb = k_ptr + b * pb.k_s[0] + pb.kv(h0) * pb.k_s[1];
+  const T* vb = v_ptr + b * pb.v_s[0] + pb.kv(h0) * pb.v_s[1];
+  with_few_rows(rows, [&](auto r) {
+    for (int64_t j0 = k_begin; j0 < k_end; j0 += block_k) {
+      const int64_t nk = std::min(block_k, k_end - j0);
+      few_query_scores<r>(nk, d, q, d, kb + j0 * pb.k_s[2], pb.k_s[2], pb.scale, s, block_k);
+      for (int64_t g = 0; g < heads; ++g) {
+        float* sg = s + g * mq * block_k;
+        mask_tile(pb, b, h0 + g, 0, mq, j0, nk, sg, block_k);
+        online_softmax(pb, bh + g, 0, mq, j0, nk, sg, block_k, m + g * mq, l + g * mq, acc + g * mq * dv);
+      }
+      few_query_values<r>(nk, dv, s, block_k, vb + j0 * pb.v_s[2], pb.v_s[2], acc);
+    }
+  });
+  for (int64_t g = 0; g < heads; ++g) {
+    store_forward_rows(pb, bh + g, 0, mq, m + g * mq, l + g * mq, acc + g * mq * dv, out, o_s, lse);
+  }
 }
 
 // Forward of one (bh, query block) task with 16-bit products (native_products): Q read in place
@@ -1391,6 +1428,19 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
       const int64_t qi = pb.causal ? nq - 1 - task / bh_count : task % nq;
       return std::pair<int64_t, int64_t>{bh, qi * block_q};
     };
+    if (few) {
+      // A grouped-query group in one task where its rows fit the products and the tasks still
+      // are at least as many as the threads.
+      const bool grouped = pb.group > 1 && pb.group * pb.q_len <= kFewQueries &&
+                           pb.batch * pb.kv_heads >= at::get_num_threads();
+      const int64_t heads = grouped ? pb.group : 1, rows = heads * pb.q_len;
+      const int64_t few_scratch = Carver::round_up(rows * pb.d) + Carver::round_up(rows * block_k) +
+                                  Carver::round_up(rows * pb.dv) + 2 * Carver::round_up(rows);
+      run_tasks(bh_count / heads, few_scratch, [&](int64_t task, float* buf) {
+        attn_fwd_task_few<scalar_t>(pb, qp, kp, vp, task * heads, heads, block_k, buf, op, o_s, lp);
+      });
+      return;
+    }
     if (native) {  // never float32
       const PackedKV<scalar_t> kv = pack_keys(pb, kp, vp, /*backward=*/false);
       run_tasks(bh_count * nq, native_scratch, [&](int64_t task, float* buf) {
@@ -1402,8 +1452,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
     }
     run_tasks(bh_count * nq, scratch, [&](int64_t task, float* buf) {
       const auto [bh, i0] = block_of(task);
-      attn_fwd_task<scalar_t>(pb, qp, kp, vp, bh, i0, std::min(block_q, pb.q_len - i0), block_k, few, buf, op, o_s,
-                              lp);
+      attn_fwd_task<scalar_t>(pb, qp, kp, vp, bh, i0, std::min(block_q, pb.q_len - i0), block_k, buf, op, o_s, lp);
     });
   }), at::kFloat, at::kHalf, at::kBFloat16);
   return {out, lse};
