@@ -361,12 +361,13 @@ def attention_cases(s: Settings) -> Iterator[Case]:
             "reference": _runner(lambda: _grouped_reference(q, k, v, causal, mask, p), grad),
         }
         compiled = _compiled(s, _grouped_reference, q, k, v, causal, mask, p)
-        # Causal with fewer queries than keys: PyTorch's FlashAttention backend refuses it, and
-        # flash-attn aligns its causal mask to the last key (the others align it to the first).
-        square = not causal or q_len == seq
+        # Whether every implementation's causality is the same: with fewer queries than keys,
+        # PyTorch's FlashAttention backend refuses is_causal, and flash-attn aligns its causal mask
+        # to the last key (the others align it to the first).
+        causal_agrees = not causal or q_len == seq
         if mask is not None:
             flash = "PyTorch's FlashAttention backend takes no mask"
-        elif not square:
+        elif not causal_agrees:
             flash = "PyTorch's FlashAttention backend takes is_causal only for as many queries as keys"
         else:
             flash = _torch_flash(q, k, v, causal, p)
@@ -378,7 +379,7 @@ def attention_cases(s: Settings) -> Iterator[Case]:
             ),
         ))
         others = third_party.attention(q, k, v, causal, p)
-        if not square:
+        if not causal_agrees:
             others = [(name, fn if isinstance(fn, str) or name != "flash-attn"
                        else "--queries with --causal: its causal mask is aligned to the last key") for name, fn in others]
         if mask is not None:  # their dense calls take no mask (flash-attn's padded batches go through varlen)
