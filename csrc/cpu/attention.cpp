@@ -486,11 +486,12 @@ std::pair<const float*, int64_t> rows_as_float(const T* base, int64_t stride, in
 // largest B the packing takes (64 columns), K as K^T chunks [head_dim, 64 keys] and V as chunks
 // [64 keys, 64 features], zero-filled past the last key and feature, so every product of P V is
 // a whole chunk (K = 64, P's columns past the tile's keys zero) and only the scores' last chunk
-// is narrower. The forward packs all of K and V at the start of a call (pack_keys: its tasks,
-// blocks of queries, share a head's keys); the backward's per-head tasks each pack their own
-// head into their scratch (attn_bwd_head_task: no packed copy of the whole of K and V; a group
-// of query heads split across tasks, GroupSplit, packs its key/value head once per task), its
-// per-block passes the whole call's. Nothing of size Lq x Lk exists.
+// is narrower. The forward packs all of K and V at the start of a call where its tasks (blocks of
+// queries, grouped-query heads) share a head's keys (pack_keys), and otherwise packs each tile in
+// its task just before its products, from cache (attn_fwd_task_native); the backward's per-head
+// tasks each pack their own head into their scratch (attn_bwd_head_task: no packed copy of the
+// whole of K and V; a group of query heads split across tasks, GroupSplit, packs its key/value
+// head once per task), its per-block passes the whole call's. Nothing of size Lq x Lk exists.
 constexpr int64_t kTileKeys = 64, kTileCols = 64;
 
 // Whether attention on T (head dim d) multiplies T natively (see above; the tile unit's pairs of
@@ -506,8 +507,10 @@ bool native_products(at::ScalarType type, int64_t d) { return d % 2 == 0 && cpu_
 // v_packed + (bkv * chunks + c) * v_chunk (value head dim x 64, v_cols 1), and for its dQ = dS K,
 // K's rows are packed as the forward's V is: kr_packed + ((bkv * kr_cols + f) * chunks + c) *
 // kTileKeys * kTileCols. A copy may hold the heads [first, first + heads) alone (bkv counted from
-// first): the backward's per-head tasks pack their own head into their scratch
-// (attn_bwd_head_task), so that no packed copy of the whole of K and V exists there.
+// first), and of their keys the chunks [chunk0, chunk0 + chunks): the backward's per-head tasks
+// pack their own head into their scratch (attn_bwd_head_task), and a forward whose packed chunks
+// would each be read once packs a tile at a time in its tasks (attn_fwd_task_native), so that no
+// packed copy of the whole of K and V exists there.
 template <typename T>
 struct PackedKV {
   at::Tensor storage;
@@ -516,6 +519,8 @@ struct PackedKV {
   T* kr_packed = nullptr;
   int64_t chunks = 0, v_cols = 0, k_chunk = 0, v_chunk = 0, kr_cols = 0;
   int64_t first = 0, heads = 0;
+  // The first key chunk held (a copy of one tile's chunks: attn_fwd_task_native's own packing).
+  int64_t chunk0 = 0;
 
   // The layout for `heads` heads from `first` (no storage yet: place() sets the pointers).
   PackedKV(int64_t k_len, int64_t d, int64_t dv, bool backward, int64_t first_head, int64_t num_heads)
@@ -536,12 +541,12 @@ struct PackedKV {
     kr_packed = v_packed + heads * chunks * v_cols * v_chunk;
   }
 
-  T* k(int64_t bkv, int64_t c) const { return k_packed + ((bkv - first) * chunks + c) * k_chunk; }
+  T* k(int64_t bkv, int64_t c) const { return k_packed + ((bkv - first) * chunks + c - chunk0) * k_chunk; }
   T* v(int64_t bkv, int64_t c, int64_t f) const {
-    return v_packed + (((bkv - first) * v_cols + f) * chunks + c) * v_chunk;
+    return v_packed + (((bkv - first) * v_cols + f) * chunks + c - chunk0) * v_chunk;
   }
   T* kr(int64_t bkv, int64_t c, int64_t f) const {
-    return kr_packed + (((bkv - first) * kr_cols + f) * chunks + c) * kTileKeys * kTileCols;
+    return kr_packed + (((bkv - first) * kr_cols + f) * chunks + c - chunk0) * kTileKeys * kTileCols;
   }
 };
 
@@ -904,12 +909,63 @@ void pack_value_chunk(const T* vb, int64_t ld, int64_t lo, int64_t hi, int64_t d
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// The 16 x 16 matrix of 32-bit elements in r (a row a vector) transposed in place: pairs of rows
+// interleaved (32-bit, then 64-bit), which leaves column 4 L + k of rows 4 g..4 g + 3 in 128-bit
+// lane L of vector 4 g + k, then those lanes gathered across vectors in two rounds of
+// _mm512_shuffle_i32x4.
+C10_ALWAYS_INLINE void transpose16_epi32(__m512i (&r)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    // Lanes 0 and 2 (x0, y0), 1 and 3 (x1, y1) of vectors k, 4 + k (x) and 8 + k, 12 + k (y).
+    const __m512i x0 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0x88), x1 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0xDD);
+    const __m512i y0 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0x88);
+    const __m512i y1 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0xDD);
+    t[k] = _mm512_shuffle_i32x4(x0, y0, 0x88);       // column k: lane 0 of each
+    t[4 + k] = _mm512_shuffle_i32x4(x1, y1, 0x88);   // column 4 + k: lane 1
+    t[8 + k] = _mm512_shuffle_i32x4(x0, y0, 0xDD);   // column 8 + k: lane 2
+    t[12 + k] = _mm512_shuffle_i32x4(x1, y1, 0xDD);  // column 12 + k: lane 3
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+#endif
+
 // Packs the first n rows of a chunk of keys (rows: its first key's row, rows ld apart, dim
 // features, even) transposed for brgemm: [dim, 64 keys] in pack_pairs' layout, zero past n.
 // Features f and f + 1 (f even) of key t are the packed pair (f / 2, t): the layout is the
 // transpose of the rows read as pairs, written here without a transposed copy first.
 template <typename T>
 void pack_transposed_chunk(const T* rows, int64_t ld, int64_t n, int64_t dim, T* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (sizeof(T) == 2) {
+    // Blocks of 16 keys x 16 pairs read as 32-bit elements and transposed in registers
+    // (transpose16_epi32); the pairs past dim masked off, the keys past n zero.
+    static_assert(kTileKeys % 16 == 0, "blocks of 16 keys");
+    for (int64_t f0 = 0; f0 < dim; f0 += 32) {
+      const int pairs = static_cast<int>(std::min<int64_t>(16, (dim - f0) / 2));
+      const __mmask16 cols = static_cast<__mmask16>((1u << pairs) - 1);
+      for (int64_t t0 = 0; t0 < kTileKeys; t0 += 16) {
+        __m512i r[16];
+        for (int i = 0; i < 16; ++i) {
+          r[i] = t0 + i < n ? _mm512_maskz_loadu_epi32(cols, rows + (t0 + i) * ld + f0) : _mm512_setzero_si512();
+        }
+        if (t0 < n) transpose16_epi32(r);
+        for (int c = 0; c < pairs; ++c) _mm512_storeu_si512(out + (f0 + 2 * c) * kTileKeys + 2 * t0, r[c]);
+      }
+    }
+    return;
+  }
+#endif
   for (int64_t f = 0; f < dim; f += 2) {
     T* pairs = out + f * kTileKeys;
     for (int64_t t = 0; t < n; ++t) {
@@ -1255,16 +1311,23 @@ void attn_fwd_task_few(const AttnProblem& pb, const T* q_ptr, const T* k_ptr, co
 }
 
 // Forward of one (bh, query block) task with 16-bit products (native_products): Q read in place
-// (row stride ldq), K and V from their packed chunks (kv). Tiles start on a chunk boundary: keys
-// before a boolean mask's range that this walks are hidden by the mask. block_k is a multiple of
-// kTileKeys; p holds the tile's P rounded to T, zero past its keys to the chunk's end.
+// (row stride ldq), K and V from their packed chunks: the call's (kv), or, where kv holds none
+// (kv.k_packed null: each packed chunk would be read by one task alone), a tile's chunks packed
+// here just before its products, so that they are read back from cache instead of memory.
+// Tiles start on a chunk boundary: keys before a boolean mask's range that this walks are hidden
+// by the mask. block_k is a multiple of kTileKeys; p holds the tile's P rounded to T, zero past
+// its keys to the chunk's end.
 template <typename T>
-void attn_fwd_task_native(const AttnProblem& pb, const PackedKV<T>& kv, const T* q_ptr, const T* v_ptr, int64_t ldq,
-                          int64_t bh, int64_t i0, int64_t mq, int64_t block_k, float* scratch, T* out,
-                          const int64_t (&o_s)[3], float* lse) {
+void attn_fwd_task_native(const AttnProblem& pb, const PackedKV<T>& call_kv, const T* q_ptr, const T* k_ptr,
+                          const T* v_ptr, int64_t ldq, int64_t bh, int64_t i0, int64_t mq, int64_t block_k,
+                          float* scratch, T* out, const int64_t (&o_s)[3], float* lse) {
   const int64_t b = bh / pb.heads, h = bh % pb.heads;
   const int64_t dv = pb.dv, bkv = b * pb.kv_heads + pb.kv(h);
   Carver carve{scratch};
+  const bool own = call_kv.k_packed == nullptr;
+  PackedKV<T> tile_kv(block_k, pb.d, dv, /*backward=*/false, bkv, 1);
+  if (own) tile_kv.place(carve.take_as<T>(tile_kv.elements()));
+  const PackedKV<T>& kv = own ? tile_kv : call_kv;
   float* s = carve.take(mq * block_k);
   float* acc = carve.take(mq * dv);
   float* m = carve.take(mq);
@@ -1285,6 +1348,10 @@ void attn_fwd_task_native(const AttnProblem& pb, const PackedKV<T>& kv, const T*
   for (int64_t j0 = k_begin / kTileKeys * kTileKeys; j0 < k_end; j0 += block_k) {
     const int64_t nk = std::min(block_k, k_end - j0);
     const int64_t c0 = j0 / kTileKeys, chunks = (nk + kTileKeys - 1) / kTileKeys;
+    if (own) {
+      tile_kv.chunk0 = c0;
+      for (int64_t c = c0; c < c0 + chunks; ++c) pack_key_chunk(pb, tile_kv, k_ptr, v_ptr, false, bkv, c, stage);
+    }
     const bool raw = unmasked_tile(pb, i0, j0, nk) && pb.scale > 0.f;
     masked_scores_16(pb, kv, b, h, i0, mq, j0, nk, q, ldq, s, block_k, raw);
     online_softmax_16(pb, bh, i0, mq, j0, nk, s, block_k, raw, p, block_k, chunks * kTileKeys, drop, m, l, acc);
@@ -1442,11 +1509,16 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
       return;
     }
     if (native) {  // never float32
-      const PackedKV<scalar_t> kv = pack_keys(pb, kp, vp, /*backward=*/false);
-      run_tasks(bh_count * nq, native_scratch, [&](int64_t task, float* buf) {
+      // K and V packed once for the call where more than one task reads a head's chunks (query
+      // blocks, grouped-query heads); else each task packs its tiles (attn_fwd_task_native).
+      const bool shared = nq > 1 || pb.group > 1;
+      const PackedKV<scalar_t> kv = shared ? pack_keys(pb, kp, vp, /*backward=*/false) : PackedKV<scalar_t>();
+      const int64_t own_scratch =
+          shared ? 0 : Carver::floats_for<scalar_t>(PackedKV<scalar_t>(native_k, pb.d, pb.dv, false, 0, 1).elements());
+      run_tasks(bh_count * nq, native_scratch + own_scratch, [&](int64_t task, float* buf) {
         const auto [bh, i0] = block_of(task);
-        attn_fwd_task_native<scalar_t>(pb, kv, qp, vp, ldq, bh, i0, std::min(block_q, pb.q_len - i0), native_k, buf,
-                                       op, o_s, lp);
+        attn_fwd_task_native<scalar_t>(pb, kv, qp, kp, vp, ldq, bh, i0, std::min(block_q, pb.q_len - i0), native_k,
+                                       buf, op, o_s, lp);
       });
       return;
     }
