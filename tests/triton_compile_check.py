@@ -34,10 +34,11 @@ from collections import defaultdict
 from pathlib import Path
 
 # Kernels with a product that contraction must not fuse into an FMA (fused_attn/kernels/triton/_rounding.py),
-# which their PTX then shows as an explicitly rounded mul.rn.f32.
-ROUNDED_PRODUCTS = {name: "the scaled scores" for name in (
+# which their PTX then shows as an explicitly rounded mul.rn.f32; with the constexpr flag of the launch
+# without which the kernel has no such product (None: every launch has it).
+ROUNDED_PRODUCTS = {name: ("the scaled scores", None) for name in (
     "_attn_fwd_kernel", "_attn_bwd_stats_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")}
-ROUNDED_PRODUCTS["_norm_bwd_kernel"] = "g = dy * w"
+ROUNDED_PRODUCTS["_norm_bwd_kernel"] = ("g = dy * w", "HAS_WEIGHT")  # no weight: g = dy, no product
 
 # Per-block shared memory (opt-in maximum) by compute capability.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -81,10 +82,13 @@ def _install_compile_only_runtime(arch: int, records: list[dict]) -> None:
         state["name"], state["shared"], state["fused"] = (
             self.fn.__name__, kernel.metadata.shared, kernel.metadata.enable_fp_fusion)
         state["rounded"] = "mul.rn.f32" in kernel.asm["ptx"]
+        product = ROUNDED_PRODUCTS.get(self.fn.__name__)
+        state["to_round"] = product is not None and (product[1] is None or bool(kwargs.get(product[1], True)))
         if not state["autotuning"]:
             state["launch"] += 1
             records.append({"kernel": self.fn.__name__, "shared": kernel.metadata.shared, "launch": state["launch"],
-                            "config": "-", "fused": state["fused"], "rounded": state["rounded"]})
+                            "config": "-", "fused": state["fused"], "rounded": state["rounded"],
+                            "to_round": state["to_round"]})
         return kernel
 
     def every_config(self, *args, grid, warmup, **kwargs):
@@ -96,7 +100,8 @@ def _install_compile_only_runtime(arch: int, records: list[dict]) -> None:
             for config in self.prune_configs({"grid": grid, "warmup": warmup, **kwargs}):
                 self.fn.run(*args, grid=grid, warmup=True, **kwargs, **config.all_kwargs())
                 records.append({"kernel": state["name"], "shared": state["shared"], "launch": state["launch"],
-                                "config": str(config), "fused": state["fused"], "rounded": state["rounded"]})
+                                "config": str(config), "fused": state["fused"], "rounded": state["rounded"],
+                                "to_round": state["to_round"]})
         finally:
             state["autotuning"] = False
             self.nargs = None
@@ -300,9 +305,9 @@ def check(arch: int, quick: bool, only: str | None = None) -> int:
                 failures.append(f"{kernel}: no config fits sm{arch}'s {limit} B of shared memory ({needs})")
     for kernel in sorted({r["kernel"] for r in records if not r["fused"]}):
         failures.append(f"{kernel}: compiled without enable_fp_fusion (its launch does not pass LAUNCH_OPTIONS)")
-    for kernel in sorted({r["kernel"] for r in records if r["kernel"] in ROUNDED_PRODUCTS and not r["rounded"]}):
-        failures.append(f"{kernel}: no mul.rn.f32 in its PTX ({ROUNDED_PRODUCTS[kernel]}: a product to round on its "
-                        "own, fused_attn/kernels/triton/_rounding.py)")
+    for kernel in sorted({r["kernel"] for r in records if r["to_round"] and not r["rounded"]}):
+        failures.append(f"{kernel}: no mul.rn.f32 in its PTX ({ROUNDED_PRODUCTS[kernel][0]}: a product to round on "
+                        "its own, fused_attn/kernels/triton/_rounding.py)")
     for failure in failures:
         print("FAILED", failure)
     return 1 if failures else 0
