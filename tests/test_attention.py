@@ -1126,26 +1126,28 @@ def test_cpu_backward_memory_does_not_grow_with_heads(dtype):
     )
 
 
+@pytest.mark.parametrize("length", [256, 1024], ids=["one-block", "four-blocks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cpu_forward_memory_does_not_grow_with_heads(dtype):
-    # Each head's queries one block (256, with more heads than threads): no two of the forward's
-    # tasks read the same keys, so where bfloat16's products run on the tile unit each task packs
-    # K and V a tile at a time in its scratch, and no packed copy of the whole of K and V exists
-    # (float32 widens blocks in its scratch too). Doubling the heads adds the output (subtracted)
-    # and the row log-sum-exp (4 bytes a row against K's 128), nowhere near a copy of the added K.
+def test_cpu_forward_memory_does_not_grow_with_heads(dtype, length):
+    # With more heads than threads, where bfloat16's products run on the tile unit, no packed
+    # copy of the whole of K and V exists: with each head's queries one block (256), each task
+    # packs K and V a tile at a time; with several blocks (1024), a task per head packs its head
+    # once into its scratch and walks its blocks (float32 widens blocks in its scratch). Doubling
+    # the heads adds the output (subtracted) and the row log-sum-exp (4 bytes a row against K's
+    # 128), nowhere near a copy of the added K.
     if dtype not in supported_dtypes("cpu", "cpu", OP):
         pytest.skip("the cpu backend is not available")
     from fused_attn.bench.harness import peak_memory
 
     def extra(heads):
         gen = torch.Generator().manual_seed(3)
-        q, k, v = (torch.randn(1, heads, 256, 64, generator=gen).to(dtype) for _ in range(3))
+        q, k, v = (torch.randn(1, heads, length, 64, generator=gen).to(dtype) for _ in range(3))
         peak = peak_memory(lambda: fused_attn.scaled_dot_product_attention(q, k, v, backend="cpu"),
                            torch.device("cpu"))
         return peak - q.numel() * q.element_size()
 
     small, large = _with_threads(2, lambda: (extra(24), extra(48)))
-    added_k = 24 * 256 * 64 * torch.empty((), dtype=dtype).element_size()
+    added_k = 24 * length * 64 * torch.empty((), dtype=dtype).element_size()
     assert large - small < added_k / 4, (
         f"forward beyond its output: {small} bytes at 24 heads, {large} at 48 (K of 24 heads: {added_k})"
     )

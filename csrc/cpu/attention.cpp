@@ -486,9 +486,11 @@ std::pair<const float*, int64_t> rows_as_float(const T* base, int64_t stride, in
 // largest B the packing takes (64 columns), K as K^T chunks [head_dim, 64 keys] and V as chunks
 // [64 keys, 64 features], zero-filled past the last key and feature, so every product of P V is
 // a whole chunk (K = 64, P's columns past the tile's keys zero) and only the scores' last chunk
-// is narrower. The forward packs all of K and V at the start of a call where its tasks (blocks of
-// queries, grouped-query heads) share a head's keys (pack_keys), and otherwise packs each tile in
-// its task just before its products, from cache (attn_fwd_task_native); the backward's per-head
+// is narrower. The forward packs K and V once for the tasks that read them: where a head's keys
+// are read once, each task packs its tiles just before their products (attn_fwd_task_native);
+// where they are read again (query blocks, a group's query heads), a task per key/value head packs
+// its head into its scratch and walks all of its blocks, or, with too few heads to share out
+// among the threads, the call packs all of K and V first (pack_keys); the backward's per-head
 // tasks each pack their own head into their scratch (attn_bwd_head_task: no packed copy of the
 // whole of K and V; a group of query heads split across tasks, GroupSplit, packs its key/value
 // head once per task), its per-block passes the whole call's. Nothing of size Lq x Lk exists.
@@ -508,9 +510,10 @@ bool native_products(at::ScalarType type, int64_t d) { return d % 2 == 0 && cpu_
 // K's rows are packed as the forward's V is: kr_packed + ((bkv * kr_cols + f) * chunks + c) *
 // kTileKeys * kTileCols. A copy may hold the heads [first, first + heads) alone (bkv counted from
 // first), and of their keys the chunks [chunk0, chunk0 + chunks): the backward's per-head tasks
-// pack their own head into their scratch (attn_bwd_head_task), and a forward whose packed chunks
-// would each be read once packs a tile at a time in its tasks (attn_fwd_task_native), so that no
-// packed copy of the whole of K and V exists there.
+// and the forward's per-key/value-head tasks pack their own head into their scratch
+// (attn_bwd_head_task, attention_fwd_cpu), and a forward whose packed chunks would each be read
+// once packs a tile at a time in its tasks (attn_fwd_task_native), so that no packed copy of the
+// whole of K and V exists there.
 template <typename T>
 struct PackedKV {
   at::Tensor storage;
@@ -1311,9 +1314,10 @@ void attn_fwd_task_few(const AttnProblem& pb, const T* q_ptr, const T* k_ptr, co
 }
 
 // Forward of one (bh, query block) task with 16-bit products (native_products): Q read in place
-// (row stride ldq), K and V from their packed chunks: the call's (kv), or, where kv holds none
-// (kv.k_packed null: each packed chunk would be read by one task alone), a tile's chunks packed
-// here just before its products, so that they are read back from cache instead of memory.
+// (row stride ldq), K and V from their packed chunks: those given (call_kv: the call's, or the
+// key/value head's of a task per head), or, where call_kv holds none (k_packed null: each packed
+// chunk would be read by this task alone, once), a tile's chunks packed here just before its
+// products, so that they are read back from cache instead of memory.
 // Tiles start on a chunk boundary: keys before a boolean mask's range that this walks are hidden
 // by the mask. block_k is a multiple of kTileKeys; p holds the tile's P rounded to T, zero past
 // its keys to the chunk's end.
@@ -1387,6 +1391,40 @@ void attn_fwd_task_native(const AttnProblem& pb, const PackedKV<T>& call_kv, con
   }
   at::native::cpublas::brgemm_release(true);
   store_forward_rows(pb, bh, i0, mq, m, l, acc, out, o_s, lse);
+}
+
+// The scratch of attn_fwd_head_task_native before attn_fwd_task_native's: the packed head and a
+// staging block.
+template <typename T>
+int64_t head_pack_floats(const AttnProblem& pb) {
+  return Carver::floats_for<T>(PackedKV<T>(pb.k_len, pb.d, pb.dv, /*backward=*/false, 0, 1).elements()) +
+         Carver::floats_for<T>(kTileKeys * kTileCols);
+}
+
+// Forward of every query block of the query heads that read key/value head bkv (its group, or its
+// one head) with 16-bit products: the keys any of their queries sees packed once into the task's
+// scratch (head_pack_floats), then each block as attn_fwd_task_native reading that copy.
+template <typename T>
+void attn_fwd_head_task_native(const AttnProblem& pb, const T* q_ptr, const T* k_ptr, const T* v_ptr, int64_t ldq,
+                               int64_t bkv, int64_t block_q, int64_t block_k, float* scratch, T* out,
+                               const int64_t (&o_s)[3], float* lse) {
+  const int64_t b = bkv / pb.kv_heads, h0 = bkv % pb.kv_heads * pb.group;
+  Carver carve{scratch};
+  PackedKV<T> kv(pb.k_len, pb.d, pb.dv, /*backward=*/false, bkv, 1);
+  kv.place(carve.take_as<T>(kv.elements()));
+  T* stage = carve.take_as<T>(kTileKeys * kTileCols);
+  int64_t lo = pb.k_len, hi = 0;
+  for (int64_t g = 0; g < pb.group; ++g) {
+    const auto [begin, end] = pb.keys.range(b, h0 + g, 0, pb.q_len, pb.key_end(0, pb.q_len));
+    if (begin < end) lo = std::min(lo, begin), hi = std::max(hi, end);
+  }
+  for (int64_t c = lo / kTileKeys; c * kTileKeys < hi; ++c) pack_key_chunk(pb, kv, k_ptr, v_ptr, false, bkv, c, stage);
+  for (int64_t g = 0; g < pb.group; ++g) {
+    for (int64_t i0 = 0; i0 < pb.q_len; i0 += block_q) {
+      attn_fwd_task_native<T>(pb, kv, q_ptr, k_ptr, v_ptr, ldq, b * pb.heads + h0 + g, i0,
+                              std::min(block_q, pb.q_len - i0), block_k, carve.cur, out, o_s, lse);
+    }
+  }
 }
 
 void check_qkv(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value) {
@@ -1509,9 +1547,21 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
       return;
     }
     if (native) {  // never float32
-      // K and V packed once for the call where more than one task reads a head's chunks (query
-      // blocks, grouped-query heads); else each task packs its tiles (attn_fwd_task_native).
-      const bool shared = nq > 1 || pb.group > 1;
+      // K and V packed for the tile unit once for the tasks that read them. Where a head's chunks
+      // are read once (its queries one block, no grouped-query sharing), each task packs its
+      // tiles (attn_fwd_task_native). Where they are read more often (query blocks, a group's
+      // heads) and the key/value heads are enough to share out among the threads, a task per
+      // key/value head packs the keys its queries see into its scratch and walks all of its
+      // query blocks. Otherwise the call packs all of K and V first (pack_keys).
+      const int64_t kv_count = pb.batch * pb.kv_heads;
+      const bool once = nq == 1 && pb.group == 1;
+      if (!once && kv_count >= 2 * at::get_num_threads()) {
+        run_tasks(kv_count, head_pack_floats<scalar_t>(pb) + native_scratch, [&](int64_t bkv, float* buf) {
+          attn_fwd_head_task_native<scalar_t>(pb, qp, kp, vp, ldq, bkv, block_q, native_k, buf, op, o_s, lp);
+        });
+        return;
+      }
+      const bool shared = !once;
       const PackedKV<scalar_t> kv = shared ? pack_keys(pb, kp, vp, /*backward=*/false) : PackedKV<scalar_t>();
       const int64_t own_scratch =
           shared ? 0 : Carver::floats_for<scalar_t>(PackedKV<scalar_t>(native_k, pb.d, pb.dv, false, 0, 1).elements());
