@@ -902,6 +902,10 @@ void pack_value_chunk(const T* vb, int64_t ld, int64_t lo, int64_t hi, int64_t d
                       int64_t out_step = kTileKeys * kTileCols) {
   for (int64_t f0 = 0; f0 < dv; f0 += kTileCols) {
     const int64_t w = std::min(kTileCols, dv - f0);
+    if (lo == 0 && hi == kTileKeys && w == kTileCols) {  // a whole block: packed from its rows
+      pack_pairs(vb + f0, ld, kTileKeys, out + f0 / kTileCols * out_step);
+      continue;
+    }
     for (int64_t t = 0; t < kTileKeys; ++t) {
       T* row = stage + t * kTileCols;
       const bool kept = t >= lo && t < hi;
