@@ -985,8 +985,9 @@ void pack_transposed_chunk(const T* rows, int64_t ld, int64_t n, int64_t dim, T*
 
 // Packs key chunk c of head bkv (one of kv's) for the 16-bit products (PackedKV; V^T and K's
 // rows too for the backward, V for the forward): K^T and V^T straight from the rows
-// (pack_transposed_chunk), V's and K's rows through a zero-padded staging block (pack_value_chunk,
-// stage [kTileKeys, kTileCols]).
+// (pack_transposed_chunk), V's and K's rows interleaved in pairs (pack_value_chunk: straight from
+// the rows, or, for a chunk cut by the keys' end or a width under kTileCols, through a
+// zero-padded staging block, stage [kTileKeys, kTileCols]).
 template <typename T>
 void pack_key_chunk(const AttnProblem& pb, const PackedKV<T>& kv, const T* k_ptr, const T* v_ptr, bool backward,
                     int64_t bkv, int64_t c, T* stage) {
@@ -1344,7 +1345,8 @@ void attn_fwd_task_native(const AttnProblem& pb, const PackedKV<T>& call_kv, con
   float* drop = carve.take(block_k);  // a row's dropout factors (online_softmax_16)
   // A value chunk that holds keys this block does not see (before a boolean mask's first key it
   // sees, or past its causal end) is packed again with those rows zero: a zero probability times
-  // a NaN or inf among them would still spread it, and keys past the walk's ends are not read.
+  // a NaN or inf among them would still spread it (a packed copy may hold them: chunks are packed
+  // whole), and keys past the walk's ends take no part in a product.
   T* stage = carve.take_as<T>(kTileKeys * kTileCols);
   T* edge = carve.take_as<T>(kv.v_cols * kv.v_chunk);
   const T* q = q_ptr + b * pb.q_s[0] + h * pb.q_s[1] + i0 * pb.q_s[2];
@@ -1735,6 +1737,32 @@ int64_t chunk_cols(int64_t nk) { return (nk + kTileKeys - 1) / kTileKeys * kTile
 // zero in the columns [n, rows).
 template <typename T>
 void transpose_rows(const T* src, int64_t ld, int64_t n, int64_t cols, int64_t rows, T* dst) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (sizeof(T) == 2) {
+    // 32 rows x 16 columns at a time: rows 2 i and 2 i + 1 widened into the halves of 32-bit
+    // pairs (vector i: column c's pair at lane c), the 16 x 16 pairs transposed (transpose16_epi32),
+    // so that vector c holds column c of the 32 rows in order; rows past n read as zero.
+    for (int64_t r0 = 0; r0 < rows; r0 += 32) {
+      const int64_t block = std::min<int64_t>(32, rows - r0);
+      const __mmask32 out_rows = block == 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << block) - 1);
+      for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+        const int width = static_cast<int>(std::min<int64_t>(16, cols - c0));
+        const __mmask16 in_cols = static_cast<__mmask16>((1u << width) - 1);
+        const auto row = [&](int64_t r) {
+          return r < n ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in_cols, src + r * ld + c0))
+                       : _mm512_setzero_si512();
+        };
+        __m512i v[16];
+        for (int i = 0; i < 16; ++i) {
+          v[i] = _mm512_or_si512(row(r0 + 2 * i), _mm512_slli_epi32(row(r0 + 2 * i + 1), 16));
+        }
+        transpose16_epi32(v);
+        for (int c = 0; c < width; ++c) _mm512_mask_storeu_epi16(dst + (c0 + c) * rows + r0, out_rows, v[c]);
+      }
+    }
+    return;
+  }
+#endif
   for (int64_t c = 0; c < cols; ++c) {
     T* out = dst + c * rows;
     for (int64_t r = 0; r < n; ++r) out[r] = src[r * ld + c];
