@@ -1268,6 +1268,17 @@ void attn_fwd_task(const AttnProblem& pb, const T* q_ptr, const T* k_ptr, const 
   store_forward_rows(pb, bh, i0, mq, m, l, acc, out, o_s, lse);
 }
 
+// The keys [lo, hi) that any query of the query heads [h0, h0 + heads) of sequence b sees (their
+// mask rows' ranges, KeySpans, and causality): lo = k_len, hi = 0 where none sees a key.
+std::pair<int64_t, int64_t> heads_key_range(const AttnProblem& pb, int64_t b, int64_t h0, int64_t heads) {
+  int64_t lo = pb.k_len, hi = 0;
+  for (int64_t g = 0; g < heads; ++g) {
+    const auto [begin, end] = pb.keys.range(b, h0 + g, 0, pb.q_len, pb.key_end(0, pb.q_len));
+    if (begin < end) lo = std::min(lo, begin), hi = std::max(hi, end);
+  }
+  return {lo, hi};
+}
+
 // Forward of a task of few queries (kFewQueries): all the queries of `heads` consecutive query
 // heads from bh, which share a key/value head (one head, or a grouped-query group whose rows fit
 // the products: few_query_scores), their rows in one block (head by head), so that each key and
@@ -1286,16 +1297,11 @@ void attn_fwd_task_few(const AttnProblem& pb, const T* q_ptr, const T* k_ptr, co
   float* acc = carve.take(rows * dv);
   float* m = carve.take(rows);
   float* l = carve.take(rows);
-  int64_t k_begin = pb.k_len, k_end = 0;
   for (int64_t g = 0; g < heads; ++g) {
     const T* qh = q_ptr + b * pb.q_s[0] + (h0 + g) * pb.q_s[1];
     for (int64_t i = 0; i < mq; ++i) to_float(qh + i * pb.q_s[2], q + (g * mq + i) * d, d);
-    const auto [lo, hi] = pb.keys.range(b, h0 + g, 0, mq, pb.key_end(0, mq));
-    if (lo < hi) {
-      k_begin = std::min(k_begin, lo);
-      k_end = std::max(k_end, hi);
-    }
   }
+  const auto [k_begin, k_end] = heads_key_range(pb, b, h0, heads);
   std::fill(acc, acc + rows * dv, 0.f);
   std::fill(m, m + rows, -kInf);
   std::fill(l, l + rows, 0.f);
@@ -1399,17 +1405,17 @@ void attn_fwd_task_native(const AttnProblem& pb, const PackedKV<T>& call_kv, con
   store_forward_rows(pb, bh, i0, mq, m, l, acc, out, o_s, lse);
 }
 
-// The scratch of attn_fwd_head_task_native before attn_fwd_task_native's: the packed head and a
-// staging block.
+// The scratch (floats) of one head's K and V packed for the forward, `keys` keys of it: a tile's
+// (attn_fwd_task_native's own packing) or a whole head's (attn_fwd_head_task_native).
 template <typename T>
-int64_t head_pack_floats(const AttnProblem& pb) {
-  return Carver::floats_for<T>(PackedKV<T>(pb.k_len, pb.d, pb.dv, /*backward=*/false, 0, 1).elements()) +
-         Carver::floats_for<T>(kTileKeys * kTileCols);
+int64_t packed_head_floats(const AttnProblem& pb, int64_t keys) {
+  return Carver::floats_for<T>(PackedKV<T>(keys, pb.d, pb.dv, /*backward=*/false, 0, 1).elements());
 }
 
 // Forward of every query block of the query heads that read key/value head bkv (its group, or its
 // one head) with 16-bit products: the keys any of their queries sees packed once into the task's
-// scratch (head_pack_floats), then each block as attn_fwd_task_native reading that copy.
+// scratch (packed_head_floats of k_len keys, then a staging block), then each block as
+// attn_fwd_task_native reading that copy.
 template <typename T>
 void attn_fwd_head_task_native(const AttnProblem& pb, const T* q_ptr, const T* k_ptr, const T* v_ptr, int64_t ldq,
                                int64_t bkv, int64_t block_q, int64_t block_k, float* scratch, T* out,
@@ -1419,11 +1425,7 @@ void attn_fwd_head_task_native(const AttnProblem& pb, const T* q_ptr, const T* k
   PackedKV<T> kv(pb.k_len, pb.d, pb.dv, /*backward=*/false, bkv, 1);
   kv.place(carve.take_as<T>(kv.elements()));
   T* stage = carve.take_as<T>(kTileKeys * kTileCols);
-  int64_t lo = pb.k_len, hi = 0;
-  for (int64_t g = 0; g < pb.group; ++g) {
-    const auto [begin, end] = pb.keys.range(b, h0 + g, 0, pb.q_len, pb.key_end(0, pb.q_len));
-    if (begin < end) lo = std::min(lo, begin), hi = std::max(hi, end);
-  }
+  const auto [lo, hi] = heads_key_range(pb, b, h0, pb.group);
   for (int64_t c = lo / kTileKeys; c * kTileKeys < hi; ++c) pack_key_chunk(pb, kv, k_ptr, v_ptr, false, bkv, c, stage);
   for (int64_t g = 0; g < pb.group; ++g) {
     for (int64_t i0 = 0; i0 < pb.q_len; i0 += block_q) {
@@ -1562,15 +1564,15 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
       const int64_t kv_count = pb.batch * pb.kv_heads;
       const bool once = nq == 1 && pb.group == 1;
       if (!once && kv_count >= 2 * at::get_num_threads()) {
-        run_tasks(kv_count, head_pack_floats<scalar_t>(pb) + native_scratch, [&](int64_t bkv, float* buf) {
+        const int64_t head_scratch =
+            packed_head_floats<scalar_t>(pb, pb.k_len) + Carver::floats_for<scalar_t>(kTileKeys * kTileCols);
+        run_tasks(kv_count, head_scratch + native_scratch, [&](int64_t bkv, float* buf) {
           attn_fwd_head_task_native<scalar_t>(pb, qp, kp, vp, ldq, bkv, block_q, native_k, buf, op, o_s, lp);
         });
         return;
       }
-      const bool shared = !once;
-      const PackedKV<scalar_t> kv = shared ? pack_keys(pb, kp, vp, /*backward=*/false) : PackedKV<scalar_t>();
-      const int64_t own_scratch =
-          shared ? 0 : Carver::floats_for<scalar_t>(PackedKV<scalar_t>(native_k, pb.d, pb.dv, false, 0, 1).elements());
+      const PackedKV<scalar_t> kv = once ? PackedKV<scalar_t>() : pack_keys(pb, kp, vp, /*backward=*/false);
+      const int64_t own_scratch = once ? packed_head_floats<scalar_t>(pb, native_k) : 0;
       run_tasks(bh_count * nq, native_scratch + own_scratch, [&](int64_t task, float* buf) {
         const auto [bh, i0] = block_of(task);
         attn_fwd_task_native<scalar_t>(pb, kv, qp, kp, vp, ldq, bh, i0, std::min(block_q, pb.q_len - i0), native_k,
