@@ -253,13 +253,13 @@ def test_cpu_few_queries(dtype, q_len, k_len, kind):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("group, q_len", [(4, 1), (2, 2)], ids=["g4-q1", "g2-q2"])
+@pytest.mark.parametrize("group, q_len", [(4, 1), (2, 2), (6, 1), (4, 3)], ids=["g4-q1", "g2-q2", "g6-q1", "g4-q3"])
 @pytest.mark.parametrize("kind", ["none", "padding", "bool4d", "head_bias", "causal", "dropout"])
 def test_cpu_few_queries_of_a_grouped_query_group(dtype, group, q_len, kind):
-    """Few queries with grouped-query heads whose rows fit the few-query products (group x queries
-    <= 4): a key/value head's group of query heads takes one task (2 x 2 key/value heads: as many
-    tasks as up to 4 threads), each key and value row read once for the group; each head's rows keep
-    their own mask rows (a boolean mask or a learned bias differing per head, with its gradient),
+    """Few queries with grouped-query heads: a key/value head's group of query heads takes one task
+    (2 x 2 key/value heads, two threads), each key and value row read once for the group, its rows
+    four at a time (six and twelve rows: more than one group of them); each head's rows keep their
+    own mask rows (a boolean mask or a learned bias differing per head, with its gradient),
     causality and dropout stream."""
     batch, kv_heads, k_len = 2, 2, 140
     heads = kv_heads * group
@@ -287,7 +287,30 @@ def test_cpu_few_queries_of_a_grouped_query_group(dtype, group, q_len, kind):
                                                       attn_mask, dropout_p=p, is_causal=causal, dropout_mask=keep)
 
     grads = ("query", "key", "value") + (("attn_mask",) if kind == "head_bias" else ())
-    assert_parity(fused, plain, {"query": q, "key": k, "value": v, "attn_mask": mask}, grad_args=grads)
+    _with_threads(2, lambda: assert_parity(fused, plain, {"query": q, "key": k, "value": v, "attn_mask": mask},
+                                           grad_args=grads))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("threads", [1, 2, 3], ids=["t1", "t2", "t3"])
+def test_cpu_few_queries_of_one_key_value_head_split_among_threads(dtype, threads):
+    """One sequence, one key/value head (multi-query attention) read by six query heads: its group
+    is split into as few tasks as keep every thread busy (one task of six heads on one thread, two
+    of three on two, three of two on three), every split giving the one-task result."""
+    gen = torch.Generator().manual_seed(21)
+    q = torch.randn(1, 6, 1, 64, generator=gen).to(dtype)
+    k, v = (torch.randn(1, 1, 300, 64, generator=gen).to(dtype) for _ in range(2))
+    mask = _mask("padding", 1, 6, 1, 300, "cpu")
+
+    def fused(query, key, value):
+        return fused_attn.scaled_dot_product_attention(query, key, value, mask, enable_gqa=True, backend="cpu")
+
+    _with_threads(threads, lambda: assert_parity(
+        fused, lambda query, key, value: reference.scaled_dot_product_attention(
+            query, repeat_kv_heads(key, 6), repeat_kv_heads(value, 6), mask),
+        {"query": q, "key": k, "value": v}, grad_args=("query", "key", "value")))
+    one_task = _with_threads(1, lambda: fused(q, k, v))
+    assert torch.equal(_with_threads(threads, lambda: fused(q, k, v)), one_task)
 
 
 def test_cpu_few_queries_with_dropout_and_leading_keys_masked():

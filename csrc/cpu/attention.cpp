@@ -42,7 +42,9 @@
 // (formed in float32) rounded to the dtype, as eager attention's backward rounds them (Bwd16Buffers).
 // A forward of at most four queries a sequence (kFewQueries: a decoding step against a cache of
 // keys) takes neither GEMM: its products run row by row on the K and V rows as they are, widened
-// in registers (few_query_scores, few_query_values), for every dtype.
+// in registers (few_query_scores, few_query_values) or, bfloat16 on AVX512-BF16, multiplied in
+// pairs as they are (few_query_scores_bf16), for every dtype; a grouped-query group's heads share
+// a task, which reads each key and value row once for them all.
 //
 // Parallelism: tasks are handed out from an atomic counter to at::parallel_for workers, each
 // with its own scratch, and no two tasks write the same output element, so the results are
@@ -1126,14 +1128,20 @@ void store_forward_rows(const AttnProblem& pb, int64_t bh, int64_t i0, int64_t m
   }
 }
 
-// A forward whose queries are few (at most kFewQueries a call: a decoding step's query against
-// its cache of keys) takes its products row by row instead: with one to four rows, a GEMM's
-// packing and blocking (the tile unit's packed K and V, or the float32 copies of K and V that
-// sgemm reads) cost more than the products, which read each key and value row once. These
-// kernels read the rows in place as T, widened in registers: a query row's score against a key
-// is its dot product (float32, the lanes summed at the end), and the accumulator rows stay in
-// registers over a tile's keys, a block of kFewCols columns at a time.
+// A forward whose queries are few (at most kFewQueries a sequence: a decoding step's query
+// against its cache of keys) takes its products row by row instead: with one to four rows, a
+// GEMM's packing and blocking (the tile unit's packed K and V, or the float32 copies of K and V
+// that sgemm reads) cost more than the products, which read each key and value row once. These
+// kernels read the rows in place as T, widened in registers (bfloat16 on AVX512-BF16: as they
+// are, few_query_scores_bf16): a query row's score against a key is its dot product (float32,
+// the lanes summed at the end), and the accumulator rows stay in registers over a tile's keys, a
+// block of kFewCols columns at a time, kFewRows rows at a time. A task may hold more rows than
+// that, the queries of a grouped-query group's heads (attn_fwd_task_few): its further groups of
+// rows read the tile's key and value rows from cache. Beyond four queries a sequence the products'
+// cost, which grows with the rows, passes the packing's, which does not (measured on 2 cores at
+// head dim 64, 1024 and 4096 keys: 6 and 8 queries 1.0-1.6x slower row by row in every dtype).
 constexpr int64_t kFewQueries = 4;
+constexpr int64_t kFewRows = 4;
 constexpr int kFewParts = 4;
 constexpr int64_t kFewCols = kFewParts * kLanes;
 
@@ -1217,17 +1225,156 @@ void few_query_values(int64_t nk, int64_t dv, const float* p, int64_t ld_p, cons
   }
 }
 
-// fn(std::integral_constant<int, R>{}) for R = rows, 1 <= rows <= kFewQueries (the products'
-// accumulators in registers).
-template <typename Fn>
-void with_few_rows(int64_t rows, const Fn& fn) {
-  static_assert(kFewQueries == 4, "one case a row count");
-  switch (rows) {
-    case 1: return fn(std::integral_constant<int, 1>{});
-    case 2: return fn(std::integral_constant<int, 2>{});
-    case 3: return fn(std::integral_constant<int, 3>{});
-    default: return fn(std::integral_constant<int, 4>{});
+#if defined(CPU_CAPABILITY_AVX512)
+// The same two products for bfloat16 on AVX512-BF16 (has_avx512_bf16): vdpbf16ps multiplies
+// pairs of bfloat16 values and adds both products to a float32 lane (each product exact, each
+// sum rounded, as the widened FMAs' are), so the rows are read as they are, 32 values a vector,
+// with no widening: half the instructions of the float32 form a key. Denormal bfloat16 inputs
+// (below 1.2e-38) count as zero.
+
+// The 32-bit write mask of the first n (may exceed 32 or be <= 0) 16-bit lanes of a vector.
+C10_ALWAYS_INLINE __mmask32 lanes16(int64_t n) {
+  return n >= 32 ? ~__mmask32(0) : n <= 0 ? __mmask32(0) : (__mmask32(1) << n) - 1;
+}
+
+// few_query_scores for bfloat16 query rows q (ldq apart): the pairs run along the head dim.
+template <int R>
+__attribute__((target("avx512bf16"))) void few_query_scores_bf16(int64_t nk, int64_t d, const c10::BFloat16* q,
+                                                                  int64_t ldq, const c10::BFloat16* k, int64_t ldk,
+                                                                  float scale, float* s, int64_t ld_s) {
+  constexpr int G = 4;
+  for (int64_t j = 0; j < nk; j += G) {
+    const int64_t keys = std::min<int64_t>(G, nk - j);
+    const c10::BFloat16* kr[G];  // a last group of fewer keys repeats its last (its sums are not stored)
+    for (int g = 0; g < G; ++g) kr[g] = k + (j + std::min<int64_t>(g, keys - 1)) * ldk;
+    __m512 acc[R][G];
+    for (int r = 0; r < R; ++r) {
+      for (auto& a : acc[r]) a = _mm512_setzero_ps();
+    }
+    for (int64_t t = 0; t < d; t += 32) {
+      const __mmask32 mask = lanes16(d - t);  // past the head dim both sides read 0
+      __m512bh qv[R];
+      for (int r = 0; r < R; ++r) qv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, q + r * ldq + t);
+      for (int g = 0; g < G; ++g) {
+        const __m512bh kv = (__m512bh)_mm512_maskz_loadu_epi16(mask, kr[g] + t);
+        for (int r = 0; r < R; ++r) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], qv[r], kv);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const fVec a[G] = {acc[r][0], acc[r][1], acc[r][2], acc[r][3]};
+      store_scaled_sums4(a, keys, scale, s + r * ld_s + j);
+    }
   }
+}
+
+// few_query_values for P rounded to bfloat16 (p, rows ld_p apart, zero from nk to the next even
+// key): keys j and j + 1 paired, their value rows interleaved (vpunpck{l,h}wd, within each
+// 128-bit lane: features 8 L + 0..3 in the low half's lanes 4 L.., 8 L + 4..7 in the high's), times
+// the pair (p_rj, p_rj+1) in every lane. The accumulators stay in that order over the tile,
+// brought from and back to acc's by one permutation each (kLo / kHi, kF0 / kF1).
+template <int R>
+__attribute__((target("avx512bf16"))) void few_query_values_bf16(int64_t nk, int64_t dv, const c10::BFloat16* p,
+                                                                  int64_t ld_p, const c10::BFloat16* v, int64_t ldv,
+                                                                  float* acc) {
+  constexpr int C = 2;  // 32-feature vectors a pass: 2 C accumulators a row
+  // lane 4 L + t of the low half holds feature 8 L + t, of the high half 8 L + 4 + t (indices into
+  // features [0, 16) ++ [16, 32) of acc: 16 + i selects the second vector).
+  alignas(64) static constexpr int32_t kLo[16] = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+  alignas(64) static constexpr int32_t kHi[16] = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+  // and back: feature f = 8 L + u of [0, 32) is lane 4 L + u (u < 4) of the low half or lane
+  // 4 L + u - 4 of the high one (16 + ...).
+  alignas(64) static constexpr int32_t kF0[16] = {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23};
+  alignas(64) static constexpr int32_t kF1[16] = {8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+  const __m512i lo_idx = _mm512_load_si512(kLo), hi_idx = _mm512_load_si512(kHi);
+  const __m512i f0_idx = _mm512_load_si512(kF0), f1_idx = _mm512_load_si512(kF1);
+  for (int64_t c0 = 0; c0 < dv; c0 += 32 * C) {
+    __m512 lo[R][C], hi[R][C];
+    for (int r = 0; r < R; ++r) {
+      for (int c = 0; c < C; ++c) {
+        const int64_t f = c0 + 32 * c;
+        const float* a = acc + r * dv + f;
+        const __m512 a0 = _mm512_maskz_loadu_ps(lanes16(dv - f), a);
+        const __m512 a1 = _mm512_maskz_loadu_ps(lanes16(dv - f - 16), a + 16);
+        lo[r][c] = _mm512_permutex2var_ps(a0, lo_idx, a1);
+        hi[r][c] = _mm512_permutex2var_ps(a0, hi_idx, a1);
+      }
+    }
+    __mmask32 mask[C];
+    for (int c = 0; c < C; ++c) mask[c] = lanes16(dv - c0 - 32 * c);
+    for (int64_t j = 0; j < nk; j += 2) {
+      const c10::BFloat16* v0 = v + j * ldv + c0;
+      const bool pair = j + 1 < nk;  // a last odd key pairs with zeros (its p is 0 too: a NaN in the
+                                     // row past the keys must not reach the sum)
+      __m512i w0[C], w1[C];
+      for (int c = 0; c < C; ++c) {
+        w0[c] = _mm512_maskz_loadu_epi16(mask[c], v0 + 32 * c);
+        w1[c] = _mm512_maskz_loadu_epi16(pair ? mask[c] : 0, v0 + ldv + 32 * c);
+      }
+      for (int c = 0; c < C; ++c) {
+        const __m512bh l = (__m512bh)_mm512_unpacklo_epi16(w0[c], w1[c]);
+        const __m512bh h = (__m512bh)_mm512_unpackhi_epi16(w0[c], w1[c]);
+        for (int r = 0; r < R; ++r) {
+          int32_t pp;
+          std::memcpy(&pp, p + r * ld_p + j, sizeof(pp));
+          const __m512bh pv = (__m512bh)_mm512_set1_epi32(pp);
+          lo[r][c] = _mm512_dpbf16_ps(lo[r][c], pv, l);
+          hi[r][c] = _mm512_dpbf16_ps(hi[r][c], pv, h);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int c = 0; c < C; ++c) {
+        const int64_t f = c0 + 32 * c;
+        float* a = acc + r * dv + f;
+        _mm512_mask_storeu_ps(a, lanes16(dv - f), _mm512_permutex2var_ps(lo[r][c], f0_idx, hi[r][c]));
+        _mm512_mask_storeu_ps(a + 16, lanes16(dv - f - 16), _mm512_permutex2var_ps(lo[r][c], f1_idx, hi[r][c]));
+      }
+    }
+  }
+}
+#endif
+
+// fn(r0, std::integral_constant<int, R>{}) for the rows [r0, r0 + R) of [0, rows), four at a time
+// (the products' accumulators in registers), so that a tile's key and value rows are read from
+// memory once and from cache by the other groups.
+template <typename Fn>
+void for_few_rows(int64_t rows, const Fn& fn) {
+  static_assert(kFewRows == 4, "one case a row count");
+  for (int64_t r0 = 0; r0 < rows; r0 += kFewRows) {
+    switch (std::min(kFewRows, rows - r0)) {
+      case 1: fn(r0, std::integral_constant<int, 1>{}); break;
+      case 2: fn(r0, std::integral_constant<int, 2>{}); break;
+      case 3: fn(r0, std::integral_constant<int, 3>{}); break;
+      default: fn(r0, std::integral_constant<int, 4>{}); break;
+    }
+  }
+}
+
+// Whether the few-query products of T run on bfloat16 pairs (few_query_scores_dot16), and those
+// products: the bfloat16 kernels where built (the AVX-512 set), never called elsewhere.
+template <typename T>
+bool few_query_dot16() {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return has_avx512_bf16();
+#endif
+  return false;
+}
+
+template <int R, typename T>
+void few_query_scores_dot16(int64_t nk, int64_t d, const T* q, const T* k, int64_t ldk, float scale, float* s,
+                            int64_t ld_s) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return few_query_scores_bf16<R>(nk, d, q, d, k, ldk, scale, s, ld_s);
+#endif
+  TORCH_INTERNAL_ASSERT(false, "few_query_scores_dot16: bfloat16 with AVX512-BF16 only");
+}
+
+template <int R, typename T>
+void few_query_values_dot16(int64_t nk, int64_t dv, const T* p, int64_t ld_p, const T* v, int64_t ldv, float* acc) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return few_query_values_bf16<R>(nk, dv, p, ld_p, v, ldv, acc);
+#endif
+  TORCH_INTERNAL_ASSERT(false, "few_query_values_dot16: bfloat16 with AVX512-BF16 only");
 }
 
 // Forward of one (bh, query block) task.
@@ -1280,9 +1427,9 @@ std::pair<int64_t, int64_t> heads_key_range(const AttnProblem& pb, int64_t b, in
 }
 
 // Forward of a task of few queries (kFewQueries): all the queries of `heads` consecutive query
-// heads from bh, which share a key/value head (one head, or a grouped-query group whose rows fit
-// the products: few_query_scores), their rows in one block (head by head), so that each key and
-// value row is read once for them all. Each head's rows are masked and normalised as their own
+// heads from bh, which share a key/value head (one head, or a grouped-query group or part of one),
+// their rows in one block (head by head), so that each key and value row is read from memory once
+// for them all. Each head's rows are masked and normalised as their own
 // task's would be, with the same arithmetic a row; the walk covers the keys any of them sees, so
 // where a boolean mask hides different keys from different heads of the group, a head's tiles
 // may start elsewhere than in a task of its own (its results then differ in rounding).
@@ -1291,15 +1438,31 @@ void attn_fwd_task_few(const AttnProblem& pb, const T* q_ptr, const T* k_ptr, co
                        int64_t heads, int64_t block_k, float* scratch, T* out, const int64_t (&o_s)[3], float* lse) {
   const int64_t b = bh / pb.heads, h0 = bh % pb.heads, mq = pb.q_len, rows = heads * mq;
   const int64_t d = pb.d, dv = pb.dv;
+  // bfloat16 on AVX512-BF16: the products on the rows as they are (few_query_scores_bf16), P
+  // rounded to bfloat16 for P V as eager attention and the tile unit's P V round it, its rows
+  // padded to an even length with zeros (pairs of keys).
+  const bool dot16 = few_query_dot16<T>();
+  const int64_t ld_p = (block_k + 1) / 2 * 2;
   Carver carve{scratch};
-  float* q = carve.take(rows * d);
   float* s = carve.take(rows * block_k);
   float* acc = carve.take(rows * dv);
   float* m = carve.take(rows);
   float* l = carve.take(rows);
-  for (int64_t g = 0; g < heads; ++g) {
+  float* q = dot16 ? nullptr : carve.take(rows * d);
+  T* q16 = dot16 ? carve.take_as<T>(rows * d) : nullptr;
+  T* p = dot16 ? carve.take_as<T>(rows * ld_p) : nullptr;
+  float* drop = dot16 ? carve.take(block_k) : nullptr;  // a row's dropout factors (online_softmax_16)
+  for (int64_t g = 0; g < heads; ++g) {  // the query rows, head by head
     const T* qh = q_ptr + b * pb.q_s[0] + (h0 + g) * pb.q_s[1];
-    for (int64_t i = 0; i < mq; ++i) to_float(qh + i * pb.q_s[2], q + (g * mq + i) * d, d);
+    for (int64_t i = 0; i < mq; ++i) {
+      const T* src = qh + i * pb.q_s[2];
+      const int64_t row = (g * mq + i) * d;
+      if (dot16) {
+        std::copy(src, src + d, q16 + row);
+      } else {
+        to_float(src, q + row, d);
+      }
+    }
   }
   const auto [k_begin, k_end] = heads_key_range(pb, b, h0, heads);
   std::fill(acc, acc + rows * dv, 0.f);
@@ -1307,18 +1470,31 @@ void attn_fwd_task_few(const AttnProblem& pb, const T* q_ptr, const T* k_ptr, co
   std::fill(l, l + rows, 0.f);
   const T* kb = k_ptr + b * pb.k_s[0] + pb.kv(h0) * pb.k_s[1];
   const T* vb = v_ptr + b * pb.v_s[0] + pb.kv(h0) * pb.v_s[1];
-  with_few_rows(rows, [&](auto r) {
-    for (int64_t j0 = k_begin; j0 < k_end; j0 += block_k) {
-      const int64_t nk = std::min(block_k, k_end - j0);
-      few_query_scores<r>(nk, d, q, d, kb + j0 * pb.k_s[2], pb.k_s[2], pb.scale, s, block_k);
-      for (int64_t g = 0; g < heads; ++g) {
-        float* sg = s + g * mq * block_k;
-        mask_tile(pb, b, h0 + g, 0, mq, j0, nk, sg, block_k);
-        online_softmax(pb, bh + g, 0, mq, j0, nk, sg, block_k, m + g * mq, l + g * mq, acc + g * mq * dv);
+  for (int64_t j0 = k_begin; j0 < k_end; j0 += block_k) {
+    const int64_t nk = std::min(block_k, k_end - j0);
+    const T* kt = kb + j0 * pb.k_s[2];
+    const T* vt = vb + j0 * pb.v_s[2];
+    for_few_rows(rows, [&](int64_t r0, auto r) {
+      float* sr = s + r0 * block_k;
+      if (dot16) return few_query_scores_dot16<r>(nk, d, q16 + r0 * d, kt, pb.k_s[2], pb.scale, sr, block_k);
+      few_query_scores<r>(nk, d, q + r0 * d, d, kt, pb.k_s[2], pb.scale, sr, block_k);
+    });
+    for (int64_t g = 0; g < heads; ++g) {
+      const int64_t at = g * mq;
+      float* sg = s + at * block_k;
+      mask_tile(pb, b, h0 + g, 0, mq, j0, nk, sg, block_k);
+      if (dot16) {
+        online_softmax_16(pb, bh + g, 0, mq, j0, nk, sg, block_k, /*raw=*/false, p + at * ld_p, ld_p,
+                          (nk + 1) / 2 * 2, drop, m + at, l + at, acc + at * dv);
+      } else {
+        online_softmax(pb, bh + g, 0, mq, j0, nk, sg, block_k, m + at, l + at, acc + at * dv);
       }
-      few_query_values<r>(nk, dv, s, block_k, vb + j0 * pb.v_s[2], pb.v_s[2], acc);
     }
-  });
+    for_few_rows(rows, [&](int64_t r0, auto r) {
+      if (dot16) return few_query_values_dot16<r>(nk, dv, p + r0 * ld_p, ld_p, vt, pb.v_s[2], acc + r0 * dv);
+      few_query_values<r>(nk, dv, s + r0 * block_k, block_k, vt, pb.v_s[2], acc + r0 * dv);
+    });
+  }
   for (int64_t g = 0; g < heads; ++g) {
     store_forward_rows(pb, bh + g, 0, mq, m + g * mq, l + g * mq, acc + g * mq * dv, out, o_s, lse);
   }
@@ -1542,13 +1718,21 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
       return std::pair<int64_t, int64_t>{bh, qi * block_q};
     };
     if (few) {
-      // A grouped-query group in one task where its rows fit the products and the tasks still
-      // are at least as many as the threads.
-      const bool grouped = pb.group > 1 && pb.group * pb.q_len <= kFewQueries &&
-                           pb.batch * pb.kv_heads >= at::get_num_threads();
-      const int64_t heads = grouped ? pb.group : 1, rows = heads * pb.q_len;
+      // A grouped-query group's heads in one task, or in as few tasks as keep the threads busy:
+      // the most heads a task (a divisor of the group) that leave at least as many tasks as
+      // threads and the last round of tasks at most a fifth idle. Their rows cost the same in
+      // any task; their key and value rows are read from memory once a task.
+      const int64_t threads = at::get_num_threads(), kv_count = pb.batch * pb.kv_heads;
+      const auto balanced = [&](int64_t heads) {
+        const int64_t tasks = kv_count * (pb.group / heads);
+        return tasks >= threads && 4 * ((tasks + threads - 1) / threads * threads) <= 5 * tasks;
+      };
+      int64_t heads = pb.group;
+      while (heads > 1 && (pb.group % heads != 0 || !balanced(heads))) --heads;
+      const int64_t rows = heads * pb.q_len;
       const int64_t few_scratch = Carver::round_up(rows * pb.d) + Carver::round_up(rows * block_k) +
-                                  Carver::round_up(rows * pb.dv) + 2 * Carver::round_up(rows);
+                                  Carver::round_up(rows * pb.dv) + 2 * Carver::round_up(rows) +
+                                  Carver::floats_for<at::Half>(rows * (block_k + 1)) + Carver::round_up(block_k);
       run_tasks(bh_count / heads, few_scratch, [&](int64_t task, float* buf) {
         attn_fwd_task_few<scalar_t>(pb, qp, kp, vp, task * heads, heads, block_k, buf, op, o_s, lp);
       });
