@@ -43,8 +43,10 @@
 // A forward of at most four queries a sequence (kFewQueries: a decoding step against a cache of
 // keys) takes neither GEMM: its products run row by row on the K and V rows as they are, widened
 // in registers (few_query_scores, few_query_values) or, bfloat16 on AVX512-BF16, multiplied in
-// pairs as they are (few_query_scores_bf16), for every dtype; a grouped-query group's heads share
-// a task, which reads each key and value row once for them all.
+// pairs as they are with P rounded to bfloat16 for P V (few_query_scores_bf16,
+// few_query_values_bf16), for every dtype; a grouped-query group's heads (or a part of the group,
+// where its key/value heads are fewer than the threads) share a task, which reads each key and
+// value row from memory once for them all.
 //
 // Parallelism: tasks are handed out from an atomic counter to at::parallel_for workers, each
 // with its own scratch, and no two tasks write the same output element, so the results are
@@ -1230,7 +1232,7 @@ void few_query_values(int64_t nk, int64_t dv, const float* p, int64_t ld_p, cons
 // pairs of bfloat16 values and adds both products to a float32 lane (each product exact, each
 // sum rounded, as the widened FMAs' are), so the rows are read as they are, 32 values a vector,
 // with no widening: half the instructions of the float32 form a key. Denormal bfloat16 inputs
-// (below 1.2e-38) count as zero.
+// and float32 sums (below 1.2e-38) count as zero.
 
 // The 32-bit write mask of the first n (may exceed 32 or be <= 0) 16-bit lanes of a vector.
 C10_ALWAYS_INLINE __mmask32 lanes16(int64_t n) {
@@ -1720,7 +1722,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
     if (few) {
       // A grouped-query group's heads in one task, or in as few tasks as keep the threads busy:
       // the most heads a task (a divisor of the group) that leave at least as many tasks as
-      // threads and the last round of tasks at most a fifth idle. Their rows cost the same in
+      // threads and at most a fifth of the threads' turns idle (rounds of tasks x threads <= 5/4
+      // tasks). Their rows cost the same in
       // any task; their key and value rows are read from memory once a task.
       const int64_t threads = at::get_num_threads(), kv_count = pb.batch * pb.kv_heads;
       const auto balanced = [&](int64_t heads) {
@@ -1870,6 +1873,9 @@ struct BwdNative {
 // read, in place of its widened copy.
 constexpr std::pair<const float*, int64_t> kNotWidened{nullptr, 0};
 
+// The rows store_transposed writes out at once (a 16 x 16 transposition's).
+constexpr int64_t kStoreRows = 16;
+
 // The backward's products with P and dS on the tile unit, for the tiles whose S and dP are 16-bit
 // products (BwdNative::tile): P (dropped) and dS are rounded to T, as eager attention's backward
 // rounds them and as the GPU kernels do, and then
@@ -1892,7 +1898,7 @@ struct Bwd16Buffers {
   T* packed = nullptr;  // [rows, 64]: one packed chunk of either
   T* stage = nullptr;   // [64, 64] and [64 keys, d] (kr_cols chunks): K's rows packed again
   T* edge = nullptr;
-  float* row = nullptr;  // [max(d, dv)]: store_transposed's row
+  float* row = nullptr;  // [kStoreRows, max(d, dv)]: store_transposed's rows
 
   static int64_t even(int64_t n) { return n + (n & 1); }
   static int64_t floats(const AttnProblem& pb, int64_t block_q, int64_t cols) {
@@ -1900,7 +1906,7 @@ struct Bwd16Buffers {
     return Carver::floats_for<T>(pb.d * rows) + Carver::floats_for<T>(pb.dv * rows) +
            2 * Carver::floats_for<T>(rows * cols) + Carver::floats_for<T>(rows * kTileCols) +
            Carver::floats_for<T>(kTileKeys * kTileCols) + Carver::floats_for<T>(kr_cols * kTileKeys * kTileCols) +
-           Carver::round_up(std::max(pb.d, pb.dv));
+           Carver::round_up(kStoreRows * std::max(pb.d, pb.dv));
   }
   Bwd16Buffers() = default;
   Bwd16Buffers(Carver& carve, const AttnProblem& pb, int64_t block_q, int64_t cols) {
@@ -1912,7 +1918,7 @@ struct Bwd16Buffers {
     packed = carve.take_as<T>(rows * kTileCols);
     stage = carve.take_as<T>(kTileKeys * kTileCols);
     edge = carve.take_as<T>(kr_cols * kTileKeys * kTileCols);
-    row = carve.take(std::max(pb.d, pb.dv));
+    row = carve.take(kStoreRows * std::max(pb.d, pb.dv));
   }
 };
 
@@ -2016,14 +2022,32 @@ void tile_dq_16(const AttnProblem& pb, const PackedKV<T>& kv, int64_t bkv, const
 }
 
 // out rows [0, n) (rows out_ld apart) = the transposed accumulator acc_t [cols, ...] (leading
-// dimension ld_t) times factor, then `then` (from_float), rounded once, a row at a time through
-// row ([cols] floats).
+// dimension ld_t) times factor, then `then` (from_float), rounded once: kStoreRows rows at a time
+// through row ([kStoreRows, cols] floats), with AVX-512 gathered by 16 x 16 transpositions
+// (transpose16_epi32), else element by element.
 template <typename U>
 void store_transposed(const float* acc_t, int64_t ld_t, int64_t n, int64_t cols, float factor, float then, U* out,
                       int64_t out_ld, float* row) {
-  for (int64_t j = 0; j < n; ++j) {
-    for (int64_t c = 0; c < cols; ++c) row[c] = acc_t[c * ld_t + j];
-    from_float(row, factor, out + j * out_ld, cols, then);
+  for (int64_t j0 = 0; j0 < n; j0 += kStoreRows) {
+    const int64_t rows = std::min(kStoreRows, n - j0);
+#if defined(CPU_CAPABILITY_AVX512)
+    const __mmask16 keys = static_cast<__mmask16>((1u << rows) - 1);
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      const int64_t width = std::min<int64_t>(16, cols - c0);
+      __m512i r[16];
+      for (int64_t c = 0; c < 16; ++c) {  // columns past cols read as zero, and are not stored
+        r[c] = c < width ? _mm512_maskz_loadu_epi32(keys, acc_t + (c0 + c) * ld_t + j0) : _mm512_setzero_si512();
+      }
+      transpose16_epi32(r);
+      const __mmask16 stored = static_cast<__mmask16>((1u << width) - 1);
+      for (int64_t t = 0; t < rows; ++t) _mm512_mask_storeu_epi32(row + t * cols + c0, stored, r[t]);
+    }
+#else
+    for (int64_t t = 0; t < rows; ++t) {
+      for (int64_t c = 0; c < cols; ++c) row[t * cols + c] = acc_t[c * ld_t + j0 + t];
+    }
+#endif
+    for (int64_t t = 0; t < rows; ++t) from_float(row + t * cols, factor, out + (j0 + t) * out_ld, cols, then);
   }
 }
 
