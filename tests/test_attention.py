@@ -243,12 +243,13 @@ def test_cpu_16bit_tiles_nan_query_row(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("q_len", [1, 3, 4, 5])
-@pytest.mark.parametrize("k_len", [1, 300])
+@pytest.mark.parametrize("k_len", [1, 77, 300])
 @pytest.mark.parametrize("kind", ["none", "padding", "bias", "causal"])
 def test_cpu_few_queries(dtype, q_len, k_len, kind):
     """A call with at most four queries (a decoding step against a cache of keys) takes the cpu
     kernels' row-by-row products instead of GEMMs (few_query_scores, one to four rows at a time;
-    five queries take the GEMMs): parity, forward and backward, every dtype, masks and causality."""
+    five queries take the GEMMs): parity, forward and backward, every dtype, masks and causality,
+    odd key counts (bfloat16's P V pairs keys: a last key on its own)."""
     _check("cpu", "cpu", dtype, q_len=q_len, k_len=k_len, kind=kind, mask_grad=kind == "bias")
 
 
