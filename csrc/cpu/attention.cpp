@@ -347,6 +347,12 @@ C10_ALWAYS_INLINE void drop_block(const float* drop, int64_t len, fVec (&v)[P]) 
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
+// The write mask of a vector's first n lanes (n may exceed 32 or be <= 0): 32 bits for 16-bit
+// lanes, its low 16 (a __mmask16) for 32-bit ones.
+C10_ALWAYS_INLINE __mmask32 first_lanes(int64_t n) {
+  return n >= 32 ? ~__mmask32(0) : n <= 0 ? __mmask32(0) : (__mmask32(1) << n) - 1;
+}
+
 // exp_to and round_row for bfloat16 with AVX512-BF16's conversion, which rounds 32 floats to
 // bfloat16 in one instruction where at::vec's portable rounding takes a dozen (and was a third of
 // exp_to's time). Every CPU whose tile unit multiplies bfloat16 (AMX-BF16, the callers' condition)
@@ -361,7 +367,7 @@ bool has_avx512_bf16() {
 __attribute__((target("avx512bf16"))) C10_ALWAYS_INLINE void store_bf16(c10::BFloat16* dst, int64_t len,
                                                                          const fVec& lo, const fVec& hi) {
   const __m512i bits = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-  _mm512_mask_storeu_epi16(dst, len == 2 * kLanes ? ~__mmask32(0) : (__mmask32(1) << len) - 1, bits);
+  _mm512_mask_storeu_epi16(dst, first_lanes(len), bits);
 }
 
 __attribute__((target("avx512bf16"))) float exp_to_bf16(const float* s, int64_t n, float factor, float shift,
@@ -964,7 +970,7 @@ void pack_transposed_chunk(const T* rows, int64_t ld, int64_t n, int64_t dim, T*
     static_assert(kTileKeys % 16 == 0, "blocks of 16 keys");
     for (int64_t f0 = 0; f0 < dim; f0 += 32) {
       const int pairs = static_cast<int>(std::min<int64_t>(16, (dim - f0) / 2));
-      const __mmask16 cols = static_cast<__mmask16>((1u << pairs) - 1);
+      const __mmask16 cols = first_lanes(pairs);
       for (int64_t t0 = 0; t0 < kTileKeys; t0 += 16) {
         __m512i r[16];
         for (int i = 0; i < 16; ++i) {
@@ -1234,11 +1240,6 @@ void few_query_values(int64_t nk, int64_t dv, const float* p, int64_t ld_p, cons
 // with no widening: half the instructions of the float32 form a key. Denormal bfloat16 inputs
 // and float32 sums (below 1.2e-38) count as zero.
 
-// The 32-bit write mask of the first n (may exceed 32 or be <= 0) 16-bit lanes of a vector.
-C10_ALWAYS_INLINE __mmask32 lanes16(int64_t n) {
-  return n >= 32 ? ~__mmask32(0) : n <= 0 ? __mmask32(0) : (__mmask32(1) << n) - 1;
-}
-
 // few_query_scores for bfloat16 query rows q (ldq apart): the pairs run along the head dim.
 template <int R>
 __attribute__((target("avx512bf16"))) void few_query_scores_bf16(int64_t nk, int64_t d, const c10::BFloat16* q,
@@ -1254,7 +1255,7 @@ __attribute__((target("avx512bf16"))) void few_query_scores_bf16(int64_t nk, int
       for (auto& a : acc[r]) a = _mm512_setzero_ps();
     }
     for (int64_t t = 0; t < d; t += 32) {
-      const __mmask32 mask = lanes16(d - t);  // past the head dim both sides read 0
+      const __mmask32 mask = first_lanes(d - t);  // past the head dim both sides read 0
       __m512bh qv[R];
       for (int r = 0; r < R; ++r) qv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, q + r * ldq + t);
       for (int g = 0; g < G; ++g) {
@@ -1295,14 +1296,14 @@ __attribute__((target("avx512bf16"))) void few_query_values_bf16(int64_t nk, int
       for (int c = 0; c < C; ++c) {
         const int64_t f = c0 + 32 * c;
         const float* a = acc + r * dv + f;
-        const __m512 a0 = _mm512_maskz_loadu_ps(lanes16(dv - f), a);
-        const __m512 a1 = _mm512_maskz_loadu_ps(lanes16(dv - f - 16), a + 16);
+        const __m512 a0 = _mm512_maskz_loadu_ps(first_lanes(dv - f), a);
+        const __m512 a1 = _mm512_maskz_loadu_ps(first_lanes(dv - f - 16), a + 16);
         lo[r][c] = _mm512_permutex2var_ps(a0, lo_idx, a1);
         hi[r][c] = _mm512_permutex2var_ps(a0, hi_idx, a1);
       }
     }
     __mmask32 mask[C];
-    for (int c = 0; c < C; ++c) mask[c] = lanes16(dv - c0 - 32 * c);
+    for (int c = 0; c < C; ++c) mask[c] = first_lanes(dv - c0 - 32 * c);
     for (int64_t j = 0; j < nk; j += 2) {
       const c10::BFloat16* v0 = v + j * ldv + c0;
       const bool pair = j + 1 < nk;  // a last odd key pairs with zeros (its p is 0 too: a NaN in the
@@ -1328,8 +1329,8 @@ __attribute__((target("avx512bf16"))) void few_query_values_bf16(int64_t nk, int
       for (int c = 0; c < C; ++c) {
         const int64_t f = c0 + 32 * c;
         float* a = acc + r * dv + f;
-        _mm512_mask_storeu_ps(a, lanes16(dv - f), _mm512_permutex2var_ps(lo[r][c], f0_idx, hi[r][c]));
-        _mm512_mask_storeu_ps(a + 16, lanes16(dv - f - 16), _mm512_permutex2var_ps(lo[r][c], f1_idx, hi[r][c]));
+        _mm512_mask_storeu_ps(a, first_lanes(dv - f), _mm512_permutex2var_ps(lo[r][c], f0_idx, hi[r][c]));
+        _mm512_mask_storeu_ps(a + 16, first_lanes(dv - f - 16), _mm512_permutex2var_ps(lo[r][c], f1_idx, hi[r][c]));
       }
     }
   }
@@ -1431,8 +1432,8 @@ std::pair<int64_t, int64_t> heads_key_range(const AttnProblem& pb, int64_t b, in
 // Forward of a task of few queries (kFewQueries): all the queries of `heads` consecutive query
 // heads from bh, which share a key/value head (one head, or a grouped-query group or part of one),
 // their rows in one block (head by head), so that each key and value row is read from memory once
-// for them all. Each head's rows are masked and normalised as their own
-// task's would be, with the same arithmetic a row; the walk covers the keys any of them sees, so
+// for them all. Each head's rows are masked and normalised as their own task's would be, with the
+// same arithmetic a row; the walk covers the keys any of them sees, so
 // where a boolean mask hides different keys from different heads of the group, a head's tiles
 // may start elsewhere than in a task of its own (its results then differ in rounding).
 template <typename T>
@@ -1723,8 +1724,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
       // A grouped-query group's heads in one task, or in as few tasks as keep the threads busy:
       // the most heads a task (a divisor of the group) that leave at least as many tasks as
       // threads and at most a fifth of the threads' turns idle (rounds of tasks x threads <= 5/4
-      // tasks). Their rows cost the same in
-      // any task; their key and value rows are read from memory once a task.
+      // tasks). Their rows cost the same in any task; their key and value rows are read from
+      // memory once a task.
       const int64_t threads = at::get_num_threads(), kv_count = pb.batch * pb.kv_heads;
       const auto balanced = [&](int64_t heads) {
         const int64_t tasks = kv_count * (pb.group / heads);
@@ -1936,10 +1937,10 @@ void transpose_rows(const T* src, int64_t ld, int64_t n, int64_t cols, int64_t r
     // so that vector c holds column c of the 32 rows in order; rows past n read as zero.
     for (int64_t r0 = 0; r0 < rows; r0 += 32) {
       const int64_t block = std::min<int64_t>(32, rows - r0);
-      const __mmask32 out_rows = block == 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << block) - 1);
+      const __mmask32 out_rows = first_lanes(block);
       for (int64_t c0 = 0; c0 < cols; c0 += 16) {
         const int width = static_cast<int>(std::min<int64_t>(16, cols - c0));
-        const __mmask16 in_cols = static_cast<__mmask16>((1u << width) - 1);
+        const __mmask16 in_cols = first_lanes(width);
         const auto row = [&](int64_t r) {
           return r < n ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in_cols, src + r * ld + c0))
                        : _mm512_setzero_si512();
@@ -2031,7 +2032,7 @@ void store_transposed(const float* acc_t, int64_t ld_t, int64_t n, int64_t cols,
   for (int64_t j0 = 0; j0 < n; j0 += kStoreRows) {
     const int64_t rows = std::min(kStoreRows, n - j0);
 #if defined(CPU_CAPABILITY_AVX512)
-    const __mmask16 keys = static_cast<__mmask16>((1u << rows) - 1);
+    const __mmask16 keys = first_lanes(rows);
     for (int64_t c0 = 0; c0 < cols; c0 += 16) {
       const int64_t width = std::min<int64_t>(16, cols - c0);
       __m512i r[16];
@@ -2039,7 +2040,7 @@ void store_transposed(const float* acc_t, int64_t ld_t, int64_t n, int64_t cols,
         r[c] = c < width ? _mm512_maskz_loadu_epi32(keys, acc_t + (c0 + c) * ld_t + j0) : _mm512_setzero_si512();
       }
       transpose16_epi32(r);
-      const __mmask16 stored = static_cast<__mmask16>((1u << width) - 1);
+      const __mmask16 stored = first_lanes(width);
       for (int64_t t = 0; t < rows; ++t) _mm512_mask_storeu_epi32(row + t * cols + c0, stored, r[t]);
     }
 #else
