@@ -166,6 +166,27 @@ def test_gelu_negative_tail_keeps_its_digits(backend_device, approximate):
 
 
 @pytest.mark.parametrize("backend_device", LINEAR_GELU)
+def test_exact_gelu_near_zero_as_accurate_as_torch(backend_device):
+    """Where most pre-activations fall, |x| <= 1, the float32 exact GELU is not less accurate,
+    value by value in ulps, than torch's own: within twice torch's worst error on the grid."""
+    backend, device = backend_device
+    if torch.float32 not in supported_dtypes(backend, device, "linear_gelu"):
+        pytest.skip(f"{backend} has no float32 linear_gelu")
+    pre = torch.linspace(-1, 1, 20001, dtype=torch.float32)
+    pre = pre[pre != 0]
+    got = fused_attn.linear_gelu(pre[:, None].to(device), torch.ones(1, 1, device=device), None, "none",
+                                 backend=backend).flatten().cpu()
+    plain = torch.nn.functional.gelu(pre)
+    want = _true_gelu(pre, "none")[0]
+    ulp = torch.nextafter(want.float().abs(), torch.tensor(math.inf)).double() - want.float().abs().double()
+    fused_ulps, plain_ulps = ((v.double() - want).abs() / ulp for v in (got, plain))
+    worst = int(fused_ulps.argmax())
+    assert fused_ulps[worst] <= 2 * plain_ulps.max(), (
+        f"GELU at x={float(pre[worst]):.6g}: {float(fused_ulps[worst]):.2f} ulps, torch's worst {float(plain_ulps.max()):.2f}"
+    )
+
+
+@pytest.mark.parametrize("backend_device", LINEAR_GELU)
 def test_linear_gelu_leading_dims_and_no_bias(backend_device):
     backend, device = backend_device
     gen = torch.Generator().manual_seed(1)

@@ -172,7 +172,18 @@ C10_ALWAYS_INLINE fVec exp_inline(const fVec& x) {
 // 1 - lo/2 (|lo| is below half an ulp of x^2). Past x^2 / 2 = 80 (|x| > 12.6) Phi is 0 or 1 and
 // the density 0: the true values (below 1e-35) would be subnormal, which costs a microcode
 // assist per lane. NaN stays NaN; x = +-inf gives Phi 1 or 0 and density 0, so GELU(-inf) and
-// both gradients at +-inf are NaN (inf * 0), as torch's.
+// both gradients at +-inf are NaN (inf * 0), as torch's. Near 0 the erfc route's few ulps
+// (Phi = 1 - erfc(a) / 2 takes erfc's relative error at the size of 1/2) left the GELU up to 5.6
+// ulps off on [-0.75, 0.75], where torch's 1 + erf stays within 1.8, and where most
+// pre-activations fall: there, for |x| <= 1, Phi(x) = 1/2 + x R(x^2), R a degree-5 polynomial
+// fitted (relative minimax on Chebyshev nodes) to (Phi(x) - 1/2) / x: relative error 7e-10,
+// the GELU within 1.9 ulps on (-0.7, 1] and 2.7 on [-1, -0.7] evaluated in float (x R is at most
+// twice Phi there, so R's rounding is not amplified further). Its six FMAs cost about a tenth of
+// the exact GELU's time over a row in cache (256 x 3072 on an AMX Xeon: 0.31 -> 0.35 ms) and
+// 3% over 4096 x 3072 beyond the cache (13.9 -> 14.4 ms, interleaved runs).
+constexpr float kPhiNearZeroFit[6] = {
+    3.98942292e-01f, -6.64903596e-02f, 9.97332297e-03f, -1.18632999e-03f, 1.13486363e-04f, -7.65420646e-06f,
+};
 constexpr float kErfcFit[11] = {
     2.8209480229e-01f, 2.8209305768e-01f, 2.4690276794e-01f, 1.7510703235e-01f, 9.4748864838e-02f,
     -6.3891630889e-02f, 1.4271501741e-01f, -4.6980807459e-01f, 5.0639544593e-01f, -2.4077914772e-01f,
@@ -213,18 +224,23 @@ C10_ALWAYS_INLINE NormalParts normal_parts(const fVec& x) {
   const fVec density =
       exp_in_range(at::vec::clamp_max(half_hi, fVec(80.f)).neg()) * at::vec::fnmadd(fVec(0.5f), lo, fVec(1.f));
   const fVec half_erfc = fVec(0.5f) * t * density * q;
+  fVec r(kPhiNearZeroFit[5]);
+  for (int k = 4; k >= 0; --k) r = at::vec::fmadd(r, hi, fVec(kPhiNearZeroFit[k]));
+  const fVec near_cdf = at::vec::fmadd(x, r, fVec(0.5f));
 #if defined(CPU_CAPABILITY_AVX512)
   // The same selections on mask registers (at::vec's comparisons give vectors, which each blend
   // turns back into a mask). far: past x^2 / 2 = 80, also x = +-inf; false for NaN.
   const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
   const __mmask16 far_lanes = _mm512_cmp_ps_mask(half_hi, _mm512_set1_ps(80.f), _CMP_GT_OQ);
-  const __m512 cdf = _mm512_mask_blend_ps(negative, _mm512_sub_ps(_mm512_set1_ps(1.f), half_erfc), half_erfc);
+  const __mmask16 near_lanes = _mm512_cmp_ps_mask(hi, _mm512_set1_ps(1.f), _CMP_LE_OQ);
+  const __m512 cdf = _mm512_mask_blend_ps(
+      near_lanes, _mm512_mask_blend_ps(negative, _mm512_sub_ps(_mm512_set1_ps(1.f), half_erfc), half_erfc), near_cdf);
   const __m512 far_cdf = _mm512_mask_blend_ps(negative, _mm512_set1_ps(1.f), _mm512_setzero_ps());
   return {fVec(_mm512_mask_blend_ps(far_lanes, cdf, far_cdf)), fVec(_mm512_maskz_mov_ps(~far_lanes, density))};
 #else
   const fVec far = half_hi > fVec(80.f);  // also x = +-inf; false for NaN
   const fVec negative = x < fVec(0.f);
-  const fVec cdf = fVec::blendv(fVec(1.f) - half_erfc, half_erfc, negative);
+  const fVec cdf = fVec::blendv(fVec::blendv(fVec(1.f) - half_erfc, half_erfc, negative), near_cdf, hi <= fVec(1.f));
   const fVec far_cdf = fVec::blendv(fVec(1.f), fVec(0.f), negative);
   return {fVec::blendv(cdf, far_cdf, far), fVec::blendv(density, fVec(0.f), far)};
 #endif
