@@ -25,7 +25,8 @@ def check_tensor(value: object, name: str, *, min_dim: int = 0, floating: bool =
         kind = "a nested tensor" if value.is_nested else f"layout {str(value.layout).replace('torch.', '')}"
         raise TypeError(f"{name} must be a dense (strided) tensor, got {kind}")
     if value.dim() < min_dim:
-        raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {list(value.shape)}")
+        dims = "dimension" if min_dim == 1 else "dimensions"
+        raise ValueError(f"{name} must have at least {min_dim} {dims}, got shape {list(value.shape)}")
     if floating and value.dtype not in FLOATING:
         raise TypeError(
             f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {dtype_name(value.dtype)}"
