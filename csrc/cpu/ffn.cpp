@@ -159,35 +159,30 @@ C10_ALWAYS_INLINE fVec exp_inline(const fVec& x) {
 }
 
 // The standard normal cdf Phi(x) and exp(-x^2 / 2) (the density without its 1 / sqrt(2 pi)),
-// to a few ulps relative, from one exponential. With a = |x| / sqrt(2) and t = 1 / (1 + a/2),
-// erfc(a) = t exp(-a^2) Q(t), Q a degree-10 polynomial fitted (weighted least squares on
-// Chebyshev nodes) to erfc(a) exp(a^2) / t over t in (0, 1], i.e. every a >= 0: relative error
-// 4e-8, 2e-7 evaluated in float (by Estrin's scheme: a dependency chain of 5 FMAs, not 10). On
-// one AVX2 core the exact GELU over a row in cache costs about 1.2 ns an element: 0.9x the
-// 7.1.26 formula evaluated the same way (Vectorized<float>::erf, its exponential an out-of-line
-// Sleef call) and 1.35x torch's own F.gelu (0.9 ns); in the FFN it is lost in the GEMMs.
-// Phi(x) = erfc(a) / 2 for x < 0 and
-// 1 - erfc(a) / 2 above, neither of which cancels. exp(-a^2) = exp(-x^2 / 2) keeps its large
+// to a few ulps relative, from one exponential. For |x| <= 1, where most pre-activations fall,
+// Phi(x) = 1/2 + x R(x^2), R a degree-5 polynomial fitted (relative minimax on Chebyshev nodes)
+// to (Phi(x) - 1/2) / x: relative error 7e-10, the GELU within 1.9 ulps on (-0.7, 1] and 2.7 on
+// [-1, -0.7] evaluated in float (x R is at most twice Phi there, so R's rounding is not
+// amplified further), where torch's 1 + erf stays within 2.2 (the erfc route below, taking
+// erfc's relative error at the size of 1/2 in 1 - erfc / 2, was up to 5.8 ulps off there).
+// Beyond, with a = |x| / sqrt(2) and t = 1 / (1 + a/2), erfc(a) = t exp(-a^2) Q(t), Q a degree-8
+// polynomial fitted the same way to erfc(a) exp(a^2) / t over t in [0.18, 0.739], i.e. |x| from 1
+// to 12.6: relative error 4e-9, about an ulp evaluated in float (by Estrin's scheme: a dependency
+// chain of 4 FMAs, not 8); Phi(x) = erfc(a) / 2 for x < 0 and 1 - erfc(a) / 2 above, neither of
+// which cancels. (Q's earlier degree-10 fit over every t in (0, 1] took the whole exact GELU
+// 1.2 ns an element on one AVX2 core, 1.35x torch's own F.gelu; in the FFN it is lost in the
+// GEMMs.) exp(-a^2) = exp(-x^2 / 2) keeps its large
 // argument exact: x^2 = hi + lo by an FMA (halving is exact), exp(-hi/2) (hi/2 a float) times
 // 1 - lo/2 (|lo| is below half an ulp of x^2). Past x^2 / 2 = 80 (|x| > 12.6) Phi is 0 or 1 and
 // the density 0: the true values (below 1e-35) would be subnormal, which costs a microcode
 // assist per lane. NaN stays NaN; x = +-inf gives Phi 1 or 0 and density 0, so GELU(-inf) and
-// both gradients at +-inf are NaN (inf * 0), as torch's. Near 0 the erfc route's few ulps
-// (Phi = 1 - erfc(a) / 2 takes erfc's relative error at the size of 1/2) left the GELU up to 5.6
-// ulps off on [-0.75, 0.75], where torch's 1 + erf stays within 1.8, and where most
-// pre-activations fall: there, for |x| <= 1, Phi(x) = 1/2 + x R(x^2), R a degree-5 polynomial
-// fitted (relative minimax on Chebyshev nodes) to (Phi(x) - 1/2) / x: relative error 7e-10,
-// the GELU within 1.9 ulps on (-0.7, 1] and 2.7 on [-1, -0.7] evaluated in float (x R is at most
-// twice Phi there, so R's rounding is not amplified further). Its six FMAs cost about a tenth of
-// the exact GELU's time over a row in cache (256 x 3072 on an AMX Xeon: 0.31 -> 0.35 ms) and
-// 3% over 4096 x 3072 beyond the cache (13.9 -> 14.4 ms, interleaved runs).
+// both gradients at +-inf are NaN (inf * 0), as torch's.
 constexpr float kPhiNearZeroFit[6] = {
     3.98942292e-01f, -6.64903596e-02f, 9.97332297e-03f, -1.18632999e-03f, 1.13486363e-04f, -7.65420646e-06f,
 };
-constexpr float kErfcFit[11] = {
-    2.8209480229e-01f, 2.8209305768e-01f, 2.4690276794e-01f, 1.7510703235e-01f, 9.4748864838e-02f,
-    -6.3891630889e-02f, 1.4271501741e-01f, -4.6980807459e-01f, 5.0639544593e-01f, -2.4077914772e-01f,
-    4.4421880653e-02f,
+constexpr float kErfcFit[9] = {
+    2.8207594156e-01f, 2.8257668018e-01f, 2.4153253436e-01f, 2.0911949873e-01f, -4.1489291936e-02f,
+    2.9719007015e-01f, -4.9919107556e-01f, 2.8627005219e-01f, -5.8046389371e-02f,
 };
 
 struct NormalParts {
@@ -220,7 +215,7 @@ C10_ALWAYS_INLINE NormalParts normal_parts(const fVec& x) {
   const fVec t4 = t2 * t2;
   const auto pair = [&](int k) { return at::vec::fmadd(fVec(kErfcFit[k + 1]), t, fVec(kErfcFit[k])); };
   const fVec low = at::vec::fmadd(at::vec::fmadd(pair(6), t2, pair(4)), t4, at::vec::fmadd(pair(2), t2, pair(0)));
-  const fVec q = at::vec::fmadd(at::vec::fmadd(fVec(kErfcFit[10]), t2, pair(8)), t4 * t4, low);
+  const fVec q = at::vec::fmadd(fVec(kErfcFit[8]), t4 * t4, low);
   const fVec density =
       exp_in_range(at::vec::clamp_max(half_hi, fVec(80.f)).neg()) * at::vec::fnmadd(fVec(0.5f), lo, fVec(1.f));
   const fVec half_erfc = fVec(0.5f) * t * density * q;

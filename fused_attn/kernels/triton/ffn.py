@@ -83,8 +83,9 @@ def _normal_parts(x):
     # 1 + erf(x / sqrt(2)) loses the negative tail to cancellation (no correct digit below x = -5),
     # and the density's exponential, both from one exponential: the scheme and fit of the cpu
     # kernels' normal_parts (csrc/cpu/ffn.cpp, whose comment gives the fit's error). With
-    # a = |x| / sqrt(2) and t = 1 / (1 + a / 2), erfc(a) = t exp(-a^2) Q(t), Q of degree 10;
-    # Phi = erfc(a) / 2 below 0 and 1 - erfc(a) / 2 above, neither of which cancels.
+    # a = |x| / sqrt(2) and t = 1 / (1 + a / 2), erfc(a) = t exp(-a^2) Q(t), Q of degree 8 fitted
+    # for |x| in [1, 12.6]; Phi = erfc(a) / 2 below 0 and 1 - erfc(a) / 2 above, neither of which
+    # cancels; for |x| <= 1, 1/2 + x R(x^2).
     # exp(-x^2 / 2) takes x^2 as hi + lo (an FMA gives lo exactly on a GPU; the interpreter's fma
     # rounds twice, leaving lo 0): exp(-hi / 2) (1 - lo / 2).
     # Past x^2 / 2 = 80 (|x| > 12.6, and +-inf, whose lo is NaN) Phi is 0 or 1 and the density 0;
@@ -94,23 +95,20 @@ def _normal_parts(x):
     half_hi = 0.5 * hi
     far = half_hi > 80.0
     t = tl.math.div_rn(1.0, 0.5 * (tl.abs(x) * 0.7071067811865476) + 1.0)
-    q = 4.4421880653e-02
-    q = q * t - 2.4077914772e-01
-    q = q * t + 5.0639544593e-01
-    q = q * t - 4.6980807459e-01
-    q = q * t + 1.4271501741e-01
-    q = q * t - 6.3891630889e-02
-    q = q * t + 9.4748864838e-02
-    q = q * t + 1.7510703235e-01
-    q = q * t + 2.4690276794e-01
-    q = q * t + 2.8209305768e-01
-    q = q * t + 2.8209480229e-01
+    q = -5.8046389371e-02
+    q = q * t + 2.8627005219e-01
+    q = q * t - 4.9919107556e-01
+    q = q * t + 2.9719007015e-01
+    q = q * t - 4.1489291936e-02
+    q = q * t + 2.0911949873e-01
+    q = q * t + 2.4153253436e-01
+    q = q * t + 2.8257668018e-01
+    q = q * t + 2.8207594156e-01
     density = tl.exp(-tl.where(far, 80.0, half_hi)) * (1.0 - 0.5 * lo)
     half_erfc = 0.5 * t * density * q
     negative = x < 0.0
     cdf = tl.where(negative, half_erfc, 1.0 - half_erfc)
-    # For |x| <= 1, Phi = 1/2 + x R(x^2): the cpu kernels' fit (normal_parts), where 1 - erfc / 2
-    # carries erfc's relative error at the size of 1/2.
+    # |x| <= 1: Phi = 1/2 + x R(x^2).
     r = -7.65420646e-06
     r = r * hi + 1.13486363e-04
     r = r * hi - 1.18632999e-03
