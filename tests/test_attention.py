@@ -407,17 +407,23 @@ def _keys_materialised(attn_mask, key):
     return attn_mask.expand(*attn_mask.shape[:-1], key.shape[-2]).contiguous()
 
 
+def _scale_parity(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, seed: int = 0) -> None:
+    """Parity of attention at ``scale``, forward and the three input gradients."""
+    assert_parity(
+        lambda query, key, value: fused_attn.scaled_dot_product_attention(query, key, value, scale=scale,
+                                                                          backend=backend),
+        lambda query, key, value: reference.scaled_dot_product_attention(query, key, value, scale=scale),
+        {"query": q, "key": k, "value": v},
+        grad_args=("query", "key", "value"), seed=seed,
+    )
+
+
 @pytest.mark.parametrize("backend_device", BACKENDS)
 def test_custom_scale(backend_device):
     backend, device = backend_device
     q, k, v = _qkv(1, 2, 30, 30, 16, work_dtype(OP, backend, device), device)
     for scale in (0.05, 1.0, 3.0, -0.5, 8.0):
-        assert_parity(
-            lambda query, key, value: fused_attn.scaled_dot_product_attention(query, key, value, scale=scale, backend=backend),
-            lambda query, key, value: reference.scaled_dot_product_attention(query, key, value, scale=scale),
-            {"query": q, "key": k, "value": v},
-            grad_args=("query", "key", "value"),
-        )
+        _scale_parity(backend, q, k, v, scale)
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
@@ -434,13 +440,7 @@ def test_peaked_rows_keep_gradient_parity(backend_device, dtype, head_dim, scale
         gen = torch.Generator().manual_seed(seed)
         q, k = (torch.randn(1, 2, 64, head_dim, generator=gen) * 3 for _ in range(2))
         v = torch.randn(1, 2, 64, head_dim, generator=gen)
-        assert_parity(
-            lambda query, key, value: fused_attn.scaled_dot_product_attention(query, key, value, scale=scale,
-                                                                              backend=backend),
-            lambda query, key, value: reference.scaled_dot_product_attention(query, key, value, scale=scale),
-            {n: t.to(device=device, dtype=dtype) for n, t in zip(("query", "key", "value"), (q, k, v))},
-            grad_args=("query", "key", "value"), seed=seed,
-        )
+        _scale_parity(backend, *(t.to(device=device, dtype=dtype) for t in (q, k, v)), scale, seed=seed)
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
@@ -457,13 +457,7 @@ def test_peaked_rows_float32_delta_keeps_its_digits(backend_device, q_len):
         gen = torch.Generator().manual_seed(seed)
         q = torch.randn(1, 2, q_len, 80, generator=gen)
         k, v = torch.randn(1, 2, 22, 80, generator=gen), torch.randn(1, 2, 22, 80, generator=gen)
-        assert_parity(
-            lambda query, key, value: fused_attn.scaled_dot_product_attention(query, key, value, scale=0.69,
-                                                                              backend=backend),
-            lambda query, key, value: reference.scaled_dot_product_attention(query, key, value, scale=0.69),
-            {n: t.to(device) for n, t in zip(("query", "key", "value"), (q, k, v))},
-            grad_args=("query", "key", "value"),
-        )
+        _scale_parity(backend, q.to(device), k.to(device), v.to(device), 0.69)
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)

@@ -146,6 +146,7 @@ namespace {
 
 using cpu_rows::fVec;
 using cpu_rows::kLanes;
+using cpu_rows::WideDot;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // ---------------------------------------------------------------------------------------------
@@ -2173,50 +2174,15 @@ int64_t for_each_key_tile(const AttnProblem& pb, const BwdTensors& bt, const Bwd
   return std::min(j0, pb.k_len);
 }
 
-// sum_i a_i b_i over pairs of float vectors, each product exact in float64 (24-bit significands
-// multiply into 48 bits) and summed there. For the statistics' delta = sum_j P_ij dP_ij: a row
-// whose P is peaked has delta ~ dP at its largest P, and dS = P (dP - delta) keeps only their
-// difference, so the sum's rounding in float32 (several ulps of |delta|, from the lanes' partial
-// sums and their reduction) is the error dS then carries: at 2 queries x 22 keys, head dim 80,
-// scale 0.69, float32 dQ reached 6x the plain implementation's error (delta summed in float32 as
-// torch's softmax backward sums it); summed here, the rounding of delta to float32 is what is left.
-struct WideDot {
-#if defined(CPU_CAPABILITY_AVX512) && !defined(_MSC_VER)
-  __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
-  C10_ALWAYS_INLINE void add(const fVec& a, const fVec& b) {
-    const __m512 x = a, y = b;
-    lo = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(x)), _mm512_cvtps_pd(_mm512_castps512_ps256(y)), lo);
-    hi = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(x, 1)), _mm512_cvtps_pd(_mm512_extractf32x8_ps(y, 1)),
-                         hi);
-  }
-  double sum() const { return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi)); }
-#elif defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
-  __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
-  C10_ALWAYS_INLINE void add(const fVec& a, const fVec& b) {
-    const __m256 x = a, y = b;
-    lo = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)), _mm256_cvtps_pd(_mm256_castps256_ps128(y)), lo);
-    hi = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(y, 1)), hi);
-  }
-  double sum() const {
-    alignas(32) double t[4];
-    _mm256_store_pd(t, _mm256_add_pd(lo, hi));
-    return (t[0] + t[1]) + (t[2] + t[3]);
-  }
-#else
-  double total = 0.0;
-  void add(const fVec& a, const fVec& b) {
-    alignas(64) float x[kLanes], y[kLanes];
-    a.store(x);
-    b.store(y);
-    for (int64_t i = 0; i < kLanes; ++i) total += static_cast<double>(x[i]) * static_cast<double>(y[i]);
-  }
-  double sum() const { return total; }
-#endif
-};
-
 // Adds, per row r of the [mq, nk] tiles p and dp (leading dimension ld), sum_j p to sums[r] and
 // sum_j p * dp to sums[mq + r]: the former a float32 vector sum over each chunk of kBwdK keys,
-// added in double, the latter a WideDot.
+// added in double, the latter (the statistics' delta) a WideDot, each product exact and summed in
+// float64: a row whose P is peaked has delta ~ dP at its largest P, and dS = P (dP - delta) keeps
+// only their difference, so the sum's rounding in float32 (several ulps of |delta|, from the
+// lanes' partial sums and their reduction) is the error dS then carries: at 2 queries x 22 keys,
+// head dim 80, scale 0.69, float32 dQ reached 6x the plain implementation's error (delta summed
+// in float32 as torch's softmax backward sums it); summed so, the rounding of delta to float32 is
+// what is left.
 void row_sums(const float* p, const float* dp, int64_t mq, int64_t nk, int64_t ld, double* sums) {
   for (int64_t r = 0; r < mq; ++r) {
     const float* prow = p + r * ld;

@@ -292,29 +292,87 @@ inline double* chunk_partials(double* partials, int64_t chunk, int64_t cols) {
   return partials == nullptr ? nullptr : partials + chunk * padded_cols(cols);
 }
 
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+static_assert(kLanes == 8, "AVX2 float vectors hold 8 lanes");
+using dHalf = __m256d;  // half a float vector's lanes, widened to float64
+struct Widened {
+  dHalf lo, hi;  // a float vector's low half and high half
+};
+// v's lanes widened to float64.
+C10_ALWAYS_INLINE Widened widened(const fVec& v) {
+  const __m256 x = v;
+  return {_mm256_cvtps_pd(_mm256_castps256_ps128(x)), _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1))};
+}
+C10_ALWAYS_INLINE dHalf load_half(const double* p) { return _mm256_loadu_pd(p); }
+C10_ALWAYS_INLINE void store_half(double* p, dHalf v) { _mm256_storeu_pd(p, v); }
+C10_ALWAYS_INLINE dHalf add_halves(dHalf a, dHalf b) { return _mm256_add_pd(a, b); }
+C10_ALWAYS_INLINE dHalf fmadd_halves(dHalf a, dHalf b, dHalf c) { return _mm256_fmadd_pd(a, b, c); }
+C10_ALWAYS_INLINE dHalf zero_half() { return _mm256_setzero_pd(); }
+#define FUSED_ATTN_WIDE_HALVES 1
+#elif defined(CPU_CAPABILITY_AVX512) && !defined(_MSC_VER)
+static_assert(kLanes == 16, "AVX-512 float vectors hold 16 lanes");
+using dHalf = __m512d;
+struct Widened {
+  dHalf lo, hi;
+};
+C10_ALWAYS_INLINE Widened widened(const fVec& v) {
+  const __m512 x = v;
+  return {_mm512_cvtps_pd(_mm512_castps512_ps256(x)), _mm512_cvtps_pd(_mm512_extractf32x8_ps(x, 1))};
+}
+C10_ALWAYS_INLINE dHalf load_half(const double* p) { return _mm512_loadu_pd(p); }
+C10_ALWAYS_INLINE void store_half(double* p, dHalf v) { _mm512_storeu_pd(p, v); }
+C10_ALWAYS_INLINE dHalf add_halves(dHalf a, dHalf b) { return _mm512_add_pd(a, b); }
+C10_ALWAYS_INLINE dHalf fmadd_halves(dHalf a, dHalf b, dHalf c) { return _mm512_fmadd_pd(a, b, c); }
+C10_ALWAYS_INLINE dHalf zero_half() { return _mm512_setzero_pd(); }
+#define FUSED_ATTN_WIDE_HALVES 1
+#endif
+
 // p[0, P * kLanes) += v, widened to float64.
 template <int P>
 C10_ALWAYS_INLINE void add_widened(double* p, const fVec (&v)[P]) {
   for (int k = 0; k < P; ++k) {
-#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
-    static_assert(kLanes == 8, "AVX2 float vectors hold 8 lanes");
-    const __m256 x = v[k];
     double* q = p + k * kLanes;
-    _mm256_storeu_pd(q, _mm256_add_pd(_mm256_loadu_pd(q), _mm256_cvtps_pd(_mm256_castps256_ps128(x))));
-    _mm256_storeu_pd(q + 4, _mm256_add_pd(_mm256_loadu_pd(q + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1))));
-#elif defined(CPU_CAPABILITY_AVX512) && !defined(_MSC_VER)
-    static_assert(kLanes == 16, "AVX-512 float vectors hold 16 lanes");
-    const __m512 x = v[k];
-    double* q = p + k * kLanes;
-    _mm512_storeu_pd(q, _mm512_add_pd(_mm512_loadu_pd(q), _mm512_cvtps_pd(_mm512_castps512_ps256(x))));
-    _mm512_storeu_pd(q + 8, _mm512_add_pd(_mm512_loadu_pd(q + 8), _mm512_cvtps_pd(_mm512_extractf32x8_ps(x, 1))));
+#ifdef FUSED_ATTN_WIDE_HALVES
+    const auto [lo, hi] = widened(v[k]);
+    store_half(q, add_halves(load_half(q), lo));
+    store_half(q + kLanes / 2, add_halves(load_half(q + kLanes / 2), hi));
 #else
     alignas(64) float t[kLanes];
     v[k].store(t);
-    for (int64_t i = 0; i < kLanes; ++i) p[k * kLanes + i] += static_cast<double>(t[i]);
+    for (int64_t i = 0; i < kLanes; ++i) q[i] += static_cast<double>(t[i]);
 #endif
   }
 }
+
+// sum_i a_i b_i over pairs of float vectors, each product exact in float64 (24-bit significands
+// multiply into 48 bits) and summed there.
+struct WideDot {
+#ifdef FUSED_ATTN_WIDE_HALVES
+  dHalf lo = zero_half(), hi = zero_half();
+  C10_ALWAYS_INLINE void add(const fVec& a, const fVec& b) {
+    const auto [a_lo, a_hi] = widened(a);
+    const auto [b_lo, b_hi] = widened(b);
+    lo = fmadd_halves(a_lo, b_lo, lo);
+    hi = fmadd_halves(a_hi, b_hi, hi);
+  }
+  double sum() const {
+    alignas(64) double t[kLanes / 2];
+    store_half(t, add_halves(lo, hi));
+    double total = 0.0;
+    for (int64_t i = 0; i < kLanes / 2; ++i) total += t[i];
+    return total;
+  }
+#else
+  double total = 0.0;
+  void add(const fVec& a, const fVec& b) {
+    alignas(64) float x[kLanes], y[kLanes];
+    a.store(x);
+    b.store(y);
+    for (int64_t i = 0; i < kLanes; ++i) total += static_cast<double>(x[i]) * static_cast<double>(y[i]);
+  }
+  double sum() const { return total; }
+#endif
+};
 
 // S column sums of one chunk of rows, added row by row while a backward pass walks each row
 // once, in memory order (the order backward_rows uses for rows shorter than kGroupedFromBytes).
