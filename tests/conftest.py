@@ -45,6 +45,29 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_cuda)
+    if os.environ.get("FUSED_ATTN_TEST_ORDER") == "spread":
+        items[:] = [items[i] for i in spread_order([item.nodeid for item in items])]
+
+
+def spread_order(node_ids: list[str]) -> list[int]:
+    """Indices of ``node_ids`` in the order FUSED_ATTN_TEST_ORDER=spread runs them (``make gpu-check``,
+    whose time limit may stop a run part way): in rounds, round k taking the k-th case of every test
+    function, the functions in their collection order, so that a run stopped early has tried every
+    function; each function's cases taken in bit-reversed order of their index (0, n/2, n/4, 3n/4,
+    ...), so that its first rounds sample its whole parameter grid (dtypes, backends, shapes) rather
+    than its first few points."""
+    cases: dict[str, list[int]] = {}
+    for index, node_id in enumerate(node_ids):
+        cases.setdefault(node_id.split("[", 1)[0], []).append(index)
+    rounds: list[list[int]] = []
+    for indices in cases.values():
+        bits = max(len(indices) - 1, 0).bit_length()
+        spread = sorted(range(len(indices)), key=lambda i: int(f"{i:0{bits}b}"[::-1] or "0", 2))
+        for k, i in enumerate(spread):
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(indices[i])
+    return [index for round_ in rounds for index in round_]
 
 
 def backend_params(op: str, *, exclude: tuple[str, ...] = ()) -> list:

@@ -660,14 +660,18 @@ def test_gpu_check_tests_resume_where_an_earlier_report_stopped(tmp_path, monkey
     </testsuite></testsuites>"""
     commands = []
 
+    environments = []
+
     def fake_run(cmd, timeout, env=None):
         commands.append(cmd)
+        environments.append(env)
         Path(next(a for a in cmd if a.startswith("--junitxml=")).split("=", 1)[1]).write_text(junit)
         return 1, "1 failed"
 
     monkeypatch.setattr(gpu_check, "_run", fake_run)
     summary = gpu_check.run_tests(sys.executable, tmp_path, 60, False, [earlier])
     (cmd,) = commands
+    assert environments == [{"TRITON_INTERPRET": "0", "FUSED_ATTN_TRITON_AUTOTUNE": "0", "FUSED_ATTN_TEST_ORDER": "spread"}]
     files = [arg for arg in cmd if arg.startswith("tests/") and arg.endswith(".py")]
     assert files[:2] == ["tests/test_cuda_query_strips.py", "tests/test_attention.py"]  # the kernels' parity first
     assert sorted(files) == sorted(f"tests/{p.name}" for p in (Path(gpu_check.ROOT) / "tests").glob("test_*.py"))
@@ -684,6 +688,38 @@ def test_gpu_check_tests_resume_where_an_earlier_report_stopped(tmp_path, monkey
     assert "(resumed: 2 tests that passed in earlier.json were not run again)" in md
     assert "slowest: `tests/test_c.py::test_z[p-cuda]` 4.5 s" in md
     assert "Wall time per stage: tests 61 s, bench attention bfloat16 fwd 100 s" in md
+
+
+def test_spread_order_tries_every_test_function_first_and_samples_each_grid():
+    """FUSED_ATTN_TEST_ORDER=spread (make gpu-check's test run): round k takes the k-th case of every
+    function in collection order, each function's cases in bit-reversed order of their index."""
+    from .conftest import spread_order
+
+    ids = [f"tests/test_a.py::test_f[{i}]" for i in range(8)] + ["tests/test_a.py::test_g"]
+    ids += [f"tests/test_b.py::test_h[{i}-cuda]" for i in range(3)]
+    order = [ids[i] for i in spread_order(ids)]
+    assert sorted(order) == sorted(ids)
+    assert order[:3] == ["tests/test_a.py::test_f[0]", "tests/test_a.py::test_g", "tests/test_b.py::test_h[0-cuda]"]
+    assert [i for i in order if "test_f" in i] == [f"tests/test_a.py::test_f[{i}]" for i in (0, 4, 2, 6, 1, 5, 3, 7)]
+    assert [i for i in order if "test_h" in i] == [f"tests/test_b.py::test_h[{i}-cuda]" for i in (0, 2, 1)]
+    assert spread_order([]) == []
+
+
+def test_spread_order_reorders_a_collection(tmp_path):
+    """The collection hook applies it: a run of a parametrised file under FUSED_ATTN_TEST_ORDER=spread
+    takes the functions' first cases first."""
+    (tmp_path / "conftest.py").write_text(
+        "from tests.conftest import pytest_collection_modifyitems  # noqa: F401\n")
+    (tmp_path / "test_x.py").write_text(
+        "import pytest\n"
+        "@pytest.mark.parametrize('i', range(4))\n"
+        "def test_f(i): pass\n"
+        "def test_g(): pass\n")
+    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+                         env={**os.environ, "FUSED_ATTN_TEST_ORDER": "spread"})
+    collected = [line.split("::", 1)[1] for line in run.stdout.splitlines() if "::" in line]
+    assert collected == ["test_f[0]", "test_g", "test_f[2]", "test_f[1]", "test_f[3]"], run.stdout + run.stderr
 
 
 def test_sanitizer_workload_runs_on_the_cpu_backend(capsys):
