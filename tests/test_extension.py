@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,30 @@ pytestmark = pytest.mark.skipif(not _extension.loaded(), reason="fused_attn._C i
 def test_the_extension_built_by_make_is_current():
     assert _extension.stale_reason() is None
     assert _extension.build_info()["sources_digest"]
+
+
+def _elf_section_names(path: str) -> set[str]:
+    """The section names of a 64-bit little-endian ELF file (what `readelf -S` lists)."""
+    data = Path(path).read_bytes()
+    assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1, path
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    names = headers[shstrndx][4]  # sh_offset of the section-name string table
+    return {data[names + h[0]:data.index(b"\0", names + h[0])].decode() for h in headers}
+
+
+def test_the_libraries_carry_debug_info_only_when_asked():
+    """The C++ code is built without debug info (-g0 after Python's -g) unless FUSED_ATTN_DEBUG_INFO=1
+    asked for it, as the build record says."""
+    wanted = _extension.build_info().get("debug_info")
+    if wanted is None:
+        pytest.skip("built before the build record said whether it kept debug info")
+    libraries = [p for p in (_extension.library_path(), _extension.cpu_library_path()) if p]
+    for path in libraries:
+        sections = _elf_section_names(path)
+        assert ".text" in sections
+        assert (".debug_info" in sections) == wanted, path
 
 
 @pytest.mark.parametrize("change, reason", [
