@@ -134,12 +134,21 @@ def cpu_library_path() -> str | None:
     return _find(f"_C_cpu_{_CPU_ISA}") if _CPU_ISA else None
 
 
+def assume_constant(fn):
+    """``torch.compiler.assume_constant_result(fn)`` (Dynamo runs ``fn`` while tracing and takes its
+    result as a constant) without importing torch._dynamo, which the decorator does and which would
+    add half a second to the package's import: the mark it sets, set here (tests/test_compile.py
+    checks that the decorator still sets just that)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # Registrations do not change once the library is loaded: each answer is looked up once (backend
 # choice asks on every call of an op).
 _HAS_KERNEL: dict[tuple[str, str], bool] = {}
 
 
-@torch._dynamo.assume_constant_result
+@assume_constant
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether the loaded library registered a ``device_type`` ("cpu"/"cuda") kernel for ``fused_attn::op``."""
     key = (op, device_type)
@@ -149,6 +158,7 @@ def has_kernel(op: str, device_type: str) -> bool:
             f"fused_attn::{op}", device_type.upper()
         )
     return found
+
 
 
 def cuda_kernels_compiled() -> bool:

@@ -27,15 +27,6 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
-try:  # an empty operand decided without a guard where its size is data-dependent (unbacked)
-    from torch.fx.experimental.symbolic_shapes import guard_or_false
-except ImportError:  # older torch: a plain comparison
-    guard_or_false = bool
-try:  # a symbolic size against a backend's limit, decided without a guard (below, _beyond)
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-except ImportError:  # older torch: a plain comparison
-    statically_known_true = bool
-
 from . import _extension
 from ._env import ENV_VAR, MAX_EXTENT, getenv, triton_interpret_mode
 
@@ -180,7 +171,24 @@ def _beyond(comparison: object) -> bool:
     its range allows is. Comparing it outright would add a guard (e.g. ``seq <= MAX_EXTENT``) that
     torch.export refuses for a ``Dim`` without a max, as a constraint violation; the kernels check
     their extents themselves when they run (csrc/cuda, the Triton launchers)."""
+    if type(comparison) is bool and not torch.compiler.is_compiling():
+        return comparison
+    # Imported here, where torch.compile or torch.export has imported it (at the package's import
+    # it would add sympy's quarter of a second); Dynamo, which may take a symbolic comparison for a
+    # bool, traces this call with its own rule.
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
     return statically_known_true(comparison)
+
+
+def _empty(numel: object) -> bool:
+    """Whether an operand of ``numel`` elements is empty; for a data-dependent (unbacked) size,
+    decided without a guard (False unless known)."""
+    if type(numel) is int:
+        return numel == 0
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+    return guard_or_false(numel == 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,7 +281,7 @@ _last_choice: dict[str, str] = {}
 # assume_constant_result rather than tracing it): a fallback warns when its graph is traced, and
 # last_backend reports the backend a compiled graph was traced with, with no graph break and no
 # guard on these records (an eager call that changes them does not make compiled code recompile).
-_assume_constant = getattr(torch.compiler, "assume_constant_result", lambda fn: fn)
+_assume_constant = _extension.assume_constant
 
 
 @_assume_constant
@@ -420,8 +428,7 @@ def select(
     for t in operands:
         if empty:
             break
-        numel = t.numel()
-        empty = numel == 0 if type(numel) is int else guard_or_false(numel == 0)
+        empty = _empty(t.numel())
     if empty:
         name, fallback_reason = "reference", ""
     _note_choice(op, name, fallback_reason)

@@ -175,6 +175,26 @@ def test_fallback_and_eager_calls_do_not_break_or_recompile_the_graph():
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
+def test_the_package_marks_constants_as_torch_s_decorator_does():
+    """fused_attn._extension.assume_constant sets by hand the mark that
+    torch.compiler.assume_constant_result sets (so that importing the package need not import
+    torch._dynamo): the same attributes on the function, and the functions the backend choice
+    runs while a graph is traced carry it."""
+    from fused_attn import _extension, backends
+
+    def by_torch():
+        pass
+
+    def by_package():
+        pass
+
+    torch.compiler.assume_constant_result(by_torch)
+    _extension.assume_constant(by_package)
+    assert vars(by_torch) == vars(by_package) == {"_dynamo_marked_constant": True}
+    for fn in (_extension.has_kernel, backends.warn_once):
+        assert vars(fn).get("_dynamo_marked_constant") is True, fn.__name__
+
+
 def test_use_backend_is_read_when_the_graph_is_traced():
     """use_backend() around the first call of a compiled function picks the backend its graph
     runs (read once at trace time, as the environment is), with no graph break."""

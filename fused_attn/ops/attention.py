@@ -21,10 +21,6 @@ from ..reference.attention import causal_keep
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import interpreter_serialized, register_native_pair, register_pair
-try:  # torch's causal variants for attn_mask (torch.nn.attention.bias.causal_upper_left / causal_lower_right)
-    from torch.nn.attention.bias import CausalBias, CausalVariant
-except ImportError:  # pragma: no cover - torch without them
-    CausalBias = CausalVariant = None
 from ._validate import (
     broadcast_mask, check_bool, check_dropout_p, check_same_device, check_tensor, dtype_name, is_finite_number,
     transform_features, under_transform,
@@ -212,6 +208,18 @@ def _expand_mask(attn_mask: object, shape: tuple[int, int, int, int], query: tor
     return broadcast_mask(attn_mask, "attn_mask", query, "query", shape, "[batch, heads, q_len, k_len] =")
 
 
+def _is_causal_bias(attn_mask: object) -> bool:
+    """Whether ``attn_mask`` is one of torch's causal variants (torch.nn.attention.bias:
+    causal_upper_left / causal_lower_right), asked without importing that module for a plain tensor
+    or None (the call's first test): it imports torch._dynamo, half a second at the package's
+    import. A user who made one has imported it."""
+    try:
+        from torch.nn.attention.bias import CausalBias
+    except ImportError:  # pragma: no cover - torch without them
+        return False
+    return isinstance(attn_mask, CausalBias)
+
+
 def _from_causal_bias(bias, query, key, value, is_causal: object, enable_gqa: bool):
     """The ``(attn_mask, is_causal)`` that gives what a :class:`torch.nn.attention.bias.CausalBias`
     asks for, checked against the inputs (torch's SDPA takes one without comparing its lengths).
@@ -230,6 +238,8 @@ def _from_causal_bias(bias, query, key, value, is_causal: object, enable_gqa: bo
             f"attn_mask is a CausalBias for {bias.seq_len_q} queries and {bias.seq_len_kv} keys; "
             f"query has {q_len} and key {k_len}"
         )
+    from torch.nn.attention.bias import CausalVariant
+
     if bias.variant == CausalVariant.UPPER_LEFT or q_len == k_len:
         return None, True
     if bias.variant != CausalVariant.LOWER_RIGHT:
@@ -332,7 +342,7 @@ def scaled_dot_product_attention(
     atomics); the cpu backend's bits depend on the thread count, Triton's on the autotuned tile
     configuration (README, "Determinism").
     """
-    if CausalBias is not None and isinstance(attn_mask, CausalBias):
+    if attn_mask is not None and type(attn_mask) is not torch.Tensor and _is_causal_bias(attn_mask):
         attn_mask, is_causal = _from_causal_bias(attn_mask, query, key, value, is_causal, enable_gqa)
     if backend is None and _FAST is not None and fast_path_open():
         out = _FAST(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
