@@ -181,14 +181,23 @@ def _beyond(comparison: object) -> bool:
     return statically_known_true(comparison)
 
 
-def _empty(numel: object) -> bool:
-    """Whether an operand of ``numel`` elements is empty; for a data-dependent (unbacked) size,
-    decided without a guard (False unless known)."""
-    if type(numel) is int:
-        return numel == 0
-    from torch.fx.experimental.symbolic_shapes import guard_or_false
+def is_empty(*tensors: torch.Tensor) -> bool:
+    """Whether any of ``tensors`` has no elements; for a data-dependent (unbacked) size, e.g. rows
+    picked by a boolean mask under torch.compile, decided without a guard (not empty unless known).
+    Under Dynamo, which takes a symbolic size for an int, always by guard_or_false: ``numel == 0``
+    there guards on the data, which fails a full graph."""
+    compiling = torch.compiler.is_compiling()
+    for t in tensors:
+        numel = t.numel()
+        if type(numel) is int and not compiling:
+            if numel == 0:
+                return True
+            continue
+        from torch.fx.experimental.symbolic_shapes import guard_or_false
 
-    return guard_or_false(numel == 0)
+        if guard_or_false(numel == 0):
+            return True
+    return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -424,11 +433,7 @@ def select(
         name, fallback_reason = choice
         if name is None:
             raise BackendNotSupportedError(fallback_reason)
-    empty = dropout_p == 1.0
-    for t in operands:
-        if empty:
-            break
-        empty = _empty(t.numel())
+    empty = dropout_p == 1.0 or is_empty(*operands)
     if empty:
         name, fallback_reason = "reference", ""
     _note_choice(op, name, fallback_reason)

@@ -130,6 +130,27 @@ def test_ops_compile_whole_forward_and_backward(op, backend):
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("op", list(OPS))
+def test_ops_compile_whole_with_a_data_dependent_length(op, backend):
+    """Rows picked by a mask (``nonzero``: a length known only from the data, an unbacked size)
+    reach each op in a full graph, forward and backward: the backend choice asks whether an operand
+    is empty without guarding on the data (a guard there fails the graph)."""
+    _require(backend)
+    fn, args = OPS[op](backend)(12)
+    # The operands whose rows (dim -2) are picked: the queries (and the masks' query rows), the
+    # rows of a norm or FFN (and the residual's).
+    picked = {"attention": (0, 3, 4), "add_layer_norm": (0, 1)}.get(op, (0,))
+
+    def on_picked_rows(keep, *args):
+        rows = keep.nonzero().squeeze(1)
+        return fn(*(a.index_select(-2, rows) if i in picked else a for i, a in enumerate(args)))
+
+    keep = torch.arange(12) % 3 != 0
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        _compiled_matches_eager(on_picked_rows, [(keep, *args)])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("op", list(OPS))
 def test_ops_compile_one_graph_for_two_lengths(op, backend):
     """dynamic=True: the lengths (and the float arguments: scale, eps) are symbolic; one graph."""
     _require(backend)

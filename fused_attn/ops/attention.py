@@ -15,7 +15,7 @@ import math
 import torch
 
 from .. import _extension, reference
-from ..backends import MAX_EXTENT, Inputs, Support, fast_entry, fast_path_open, register_op, select
+from ..backends import MAX_EXTENT, Inputs, Support, fast_entry, fast_path_open, is_empty, register_op, select
 from ..kernels.layout import as_query_layout, empty_in_query_layout
 from ..reference.attention import causal_keep
 from ._autocast import LOWER_PRECISION, autocast_inputs
@@ -359,7 +359,7 @@ def scaled_dot_product_attention(
     check_bool(is_causal, "is_causal")
     # An empty input launches no kernel (select answers "reference"): the kernels' size limits do not
     # apply to it (a zero head dim, say, is then no reason to warn or refuse).
-    empty = query.numel() == 0 or key.numel() == 0 or value.numel() == 0
+    empty = is_empty(query, key, value)
     sizes = {} if empty else {"head_dim": head_dim, "head_dim_v": value.shape[-1], "q_len": q_len, "k_len": k_len}
     inputs = Inputs(
         query.device, query.dtype, {**sizes, "dropout": dropout_p > 0, **transform_features(query, key, value, mask)}
