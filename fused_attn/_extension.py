@@ -160,7 +160,6 @@ def has_kernel(op: str, device_type: str) -> bool:
     return found
 
 
-
 def cuda_kernels_compiled() -> bool:
     """True when the loaded library registered CUDA kernels (asked of the dispatcher itself)."""
     return has_kernel("layer_norm_fwd", "cuda")
