@@ -648,6 +648,40 @@ def test_hf_training_dropouts_reach_the_fused_ops(where):
         in ("cpu", "triton")
 
 
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_hf_gradient_checkpointing_recomputes_the_same_dropout(backend, reentrant):
+    """Activation checkpointing (transformers' gradient_checkpointing_enable, torch.utils.checkpoint
+    underneath) runs each layer's forward again in the backward: the fused ops draw their dropout
+    seeds from torch's generator, whose state the checkpoint saves and restores, so the second
+    forward drops what the first dropped, and the loss and every gradient are those of the same
+    step without checkpointing, with every dropout on."""
+    if backend not in fused_attn.available_backends("cpu"):
+        pytest.skip(f"{backend} is not available here")
+    transformers, config = _hf_config(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
+    torch.manual_seed(0)
+    plain = transformers.BertForMaskedLM(config)
+    ids, mask = _batch()
+
+    def step(checkpointing, train=True):
+        model = copy.deepcopy(plain).train(train)
+        fused_attn.optimize(model, backend=backend)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        torch.manual_seed(1)
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        assert fused_attn.last_backend("scaled_dot_product_attention") == backend
+        return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+    loss, grads = step(False)
+    assert not torch.equal(loss, step(False, train=False)[0])  # the dropouts drop
+    loss_checkpointed, grads_checkpointed = step(True)
+    assert torch.equal(loss_checkpointed, loss)
+    for name, grad in grads.items():
+        assert torch.equal(grads_checkpointed[name], grad), name
+
+
 def test_hf_blocks_with_hooked_submodules_run_unfused():
     """A hook on a submodule the fused block reads rather than calls (a feature hook, an adapter,
     torch.nn.utils.prune) makes the block run transformers' forward, with a FallbackWarning; an
