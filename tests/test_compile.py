@@ -313,6 +313,31 @@ def test_optimized_hf_bert_compiles_whole_with_gradients():
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_optimized_hf_bert_compiles_once_for_every_batch_and_length(monkeypatch):
+    """An optimize()d Hugging Face BERT under torch.compile(dynamic=True): one graph for training
+    steps of three batch sizes and lengths. Nothing the fused attention looks up once (transformers'
+    output collector) is filled while the first call is traced, which would change it under that
+    trace's guard and recompile at the next call."""
+    transformers = pytest.importorskip("transformers")
+    from fused_attn.integrations import hf
+
+    monkeypatch.setattr(hf, "_COLLECTOR", [])  # as in a process that has not run the attention yet
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64)
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(config).train()
+    fused_attn.optimize(model)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, dynamic=True, fullgraph=True, backend="aot_eager")
+    for batch, length in ((2, 12), (3, 17), (5, 30)):
+        ids = torch.randint(0, 50, (batch, length), generator=torch.Generator().manual_seed(batch))
+        mask = torch.ones(batch, length, dtype=torch.long)
+        mask[-1, length // 2:] = 0
+        compiled(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
 @pytest.mark.cuda
 def test_optimized_bert_inference_runs_in_cuda_graphs():
     """torch.compile(mode="reduce-overhead") captures an optimize()d BERT's inference in a CUDA

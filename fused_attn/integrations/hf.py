@@ -456,6 +456,9 @@ def _register() -> str | None:
         return f"this transformers has no attention and mask function interfaces ({error})"
     AttentionInterface.register(ATTENTION_NAME, fused_attention_forward)
     AttentionMaskInterface.register(ATTENTION_NAME, _compact_masks(sdpa_mask))
+    # Looked up now, not in the first call: filled inside a torch.compile trace, the record would
+    # change under the trace's guard on it, and the compiled model would recompile at its next call.
+    _output_collector()
     return None
 
 
