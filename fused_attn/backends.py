@@ -189,7 +189,7 @@ def is_empty(*tensors: torch.Tensor) -> bool:
     compiling = torch.compiler.is_compiling()
     for t in tensors:
         numel = t.numel()
-        if type(numel) is int and not compiling:
+        if not compiling and not isinstance(numel, torch.SymInt):  # an int (a tensor under torch.jit.trace)
             if numel == 0:
                 return True
             continue

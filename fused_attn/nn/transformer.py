@@ -101,9 +101,19 @@ _READ_KINDS = (
 _KINDS_OF_NAME: dict[str, tuple[type, ...] | None] = {}
 
 
+def _read_kinds(name: str) -> tuple[type, ...] | None:
+    """The classes a submodule named ``name`` must be, or None for a name the fused forward does not read."""
+    return next((kinds for prefix, kinds in _READ_KINDS if name.startswith(prefix)), None)
+
+
 def _kinds_of(name: str) -> tuple[type, ...] | None:
+    """``_read_kinds(name)``, remembered per name in eager calls. While torch.compile traces, looked
+    up without the record: filled inside a trace, it would change under that trace's guard on it,
+    and the compiled layer would recompile at its next call."""
+    if torch.compiler.is_compiling():
+        return _read_kinds(name)
     if name not in _KINDS_OF_NAME:
-        _KINDS_OF_NAME[name] = next((kinds for prefix, kinds in _READ_KINDS if name.startswith(prefix)), None)
+        _KINDS_OF_NAME[name] = _read_kinds(name)
     return _KINDS_OF_NAME[name]
 
 
