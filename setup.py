@@ -150,7 +150,8 @@ def main() -> None:
     # the template-heavy kernels was 95% of the libraries (the AVX-512 CPU kernels 26.8 MB against
     # 1.5 MB without it) and a third of their compile time (csrc/cpu/attention.cpp 23.5 s -> 16.3 s
     # with -g0), and it changes no instruction.
-    if not _env_flag("FUSED_ATTN_DEBUG_INFO"):
+    debug_info = bool(_env_flag("FUSED_ATTN_DEBUG_INFO"))
+    if not debug_info:
         cxx_flags.append("-g0")
     nvcc_flags = [
         "-O3",
@@ -213,7 +214,7 @@ def main() -> None:
         "cpu_sources": cpu_sources,
         "python": platform.python_version(),
         "sources_digest": _sources_digest(),
-        "debug_info": bool(_env_flag("FUSED_ATTN_DEBUG_INFO")),
+        "debug_info": debug_info,
     }
 
     class BuildExtension(cpp_extension.BuildExtension):
