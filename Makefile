@@ -15,7 +15,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
-DEPS := $(TORCH_SPEC) triton pytest pytest-benchmark ninja pybind11 numpy tqdm "setuptools>=77" wheel transformers matplotlib
+DEPS := $(TORCH_SPEC) triton pytest pytest-benchmark ninja pybind11 numpy tqdm "setuptools>=77" wheel transformers matplotlib onnx onnxscript onnxruntime
 
 NPROC := $(shell nproc 2>/dev/null || echo 2)
 export MAX_JOBS ?= $(NPROC)

@@ -58,6 +58,7 @@ _TRANSFORMS = {
     "forward_ad": "forward-mode AD (an input carries a tangent; the fused kernels have no forward derivative)",
     "func_transform": "a torch.func grad, vjp, jacrev or jvp transform (the fused ops' autograd formulas do not "
     "compose with them)",
+    "onnx_export": "ONNX export (the fused kernels are no ONNX operators; the reference's plain ops are exported)",
 }
 
 
@@ -148,7 +149,7 @@ class Support:
         if self._bfloat16_on_cuda_only():
             parts.append(f"bfloat16 on cuda only ({_INTERPRETER_BF16})")
         if not self._serves_transforms():
-            parts.append("no forward-mode AD or torch.func grad/vjp/jacrev/jvp")
+            parts.append("no forward-mode AD, torch.func grad/vjp/jacrev/jvp or ONNX export")
         return "; ".join(parts)
 
     def serves_device(self, device_type: str) -> bool:

@@ -8,9 +8,11 @@ public ops of :mod:`fused_attn` (looked up on :mod:`fused_attn.ops` at call time
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
+import torch.utils._pytree as pytree
 import torch.nn.functional as F
 from torch import nn
 
@@ -25,6 +27,16 @@ GELU_APPROXIMATIONS = {
     "gelu_pytorch_tanh": "tanh",
     "gelu_tanh": "tanh",
 }
+
+
+def model_output(cls: type) -> type:
+    """A model's output: a dataclass that is also a pytree node (its fields the children, as
+    Hugging Face's ``ModelOutput``), so that ``torch.export`` takes a model returning it whole,
+    ``torch.export.save`` writes it by name, and pytree-walking tools (``torch.utils.checkpoint``,
+    ``torch.func``, DDP's output handling) see its tensors."""
+    cls = dataclasses.dataclass(cls)
+    pytree.register_dataclass(cls, serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+    return cls
 
 
 def gelu_approximate(activation: str) -> str:
@@ -69,7 +81,7 @@ def plain_attention(
     if is_causal:
         q_len, k_len = scores.shape[-2:]
         scores = scores.masked_fill(~causal_keep(q_len, k_len, scores.device), float("-inf"))
-    fully_masked = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    fully_masked = (scores == float("-inf")).all(dim=-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(fully_masked, 0.0), dim=-1).masked_fill(fully_masked, 0.0)
     if dropout_p > 0.0:
         probs = F.dropout(probs, dropout_p, training=True)

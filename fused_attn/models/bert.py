@@ -108,13 +108,13 @@ class BertConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("fused", "backend")}
 
 
-@dataclasses.dataclass
+@_common.model_output
 class BertModelOutput:
     last_hidden_state: torch.Tensor
     pooler_output: torch.Tensor | None = None
 
 
-@dataclasses.dataclass
+@_common.model_output
 class BertHeadOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None

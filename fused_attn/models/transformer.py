@@ -84,7 +84,7 @@ class TransformerConfig:
         return self.dropout if self.attention_dropout is None else self.attention_dropout
 
 
-@dataclasses.dataclass
+@_common.model_output
 class TransformerOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.autograd.forward_ad as forward_ad
 from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
+from .._extension import assume_constant
+
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DIFFERENTIATING = (TransformType.Grad, TransformType.Jvp)
 # The features transform_features sets (backends._TRANSFORMS words why no fused backend serves them).
-TRANSFORMS = ("forward_ad", "func_transform")
+TRANSFORMS = ("forward_ad", "func_transform", "onnx_export")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -96,18 +100,17 @@ def transform_features(*tensors: torch.Tensor | None) -> dict[str, bool]:
       whose wrapped tensors the fused ops' autograd formulas (C++ autograd functions, and
       the generated ones of the Triton ops) cannot take. ``torch.func.vmap`` alone is no such
       transform: the fused ops run under it, once per batch element.
+    - ``onnx_export``: the call is traced by ``torch.onnx.export``'s exporter (``dynamo=True``, the
+      default). The fused kernels are no ONNX operators: the reference's plain ops, the same
+      computation, are exported, and ONNX runtimes apply their own fusions to them.
 
     Outside every transform and dual level it costs two comparisons and a query of the
-    interpreter stack's level. Under ``torch.jit.trace`` it raises a TypeError saying so: the
-    tracer hands the ops their sizes as tensors, and would record one backend's op, chosen for
-    the traced call's grad mode and shapes, in place of the dispatch."""
-    if not torch.compiler.is_compiling() and torch._C._is_tracing():  # Dynamo cannot call the query
-        raise TypeError(
-            "torch.jit.trace cannot record the fused_attn ops (their dispatch, argument checks and backend "
-            "choice, is Python run at each call); use torch.compile or torch.export, which capture them whole "
-            "(fused_attn.restore(model) gives back the torch.nn modules, for TorchScript)"
-        )
+    interpreter stack's level. Under ``torch.jit.trace`` (and so ``torch.onnx.export(...,
+    dynamo=False)``) it raises a TypeError saying so (:func:`refuse_jit_trace`)."""
+    refuse_jit_trace()
     features = {}
+    if onnx_exporting():
+        features[TRANSFORMS[2]] = True
     if forward_ad._current_level >= 0 and any(
         t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors
     ):
@@ -123,9 +126,36 @@ def transform_features(*tensors: torch.Tensor | None) -> dict[str, bool]:
     return features
 
 
+def refuse_jit_trace() -> None:
+    """Raises a TypeError under ``torch.jit.trace``: the tracer hands the ops their sizes as
+    tensors, and would record one backend's op, chosen for the traced call's grad mode and shapes,
+    in place of the dispatch."""
+    if torch.compiler.is_compiling() or not torch._C._is_tracing():  # Dynamo cannot call the query
+        return
+    if onnx_exporting():
+        raise TypeError(
+            "torch.onnx.export(..., dynamo=False) records the model with torch.jit.trace, which cannot record the "
+            "fused_attn ops; export with dynamo=True (the default), which exports their plain-PyTorch computation, "
+            "or call fused_attn.restore(model) first"
+        )
+    raise TypeError(
+        "torch.jit.trace cannot record the fused_attn ops (their dispatch, argument checks and backend "
+        "choice, is Python run at each call); use torch.compile or torch.export, which capture them whole "
+        "(fused_attn.restore(model) gives back the torch.nn modules, for TorchScript)"
+    )
+
+
+@assume_constant
+def onnx_exporting() -> bool:
+    """Whether ``torch.onnx.export`` is running (False while torch.onnx is not even imported); a
+    constant to Dynamo, which the exporter may trace with."""
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
 def under_transform(features: dict) -> bool:
     """Whether a call's backend features (those of transform_features among them) say it runs
-    under forward-mode AD or a torch.func transform."""
+    under forward-mode AD, a torch.func transform or the ONNX exporter."""
     return any(features.get(name) for name in TRANSFORMS)
 
 
@@ -160,6 +190,8 @@ def check_bool(value: object, name: str) -> None:
     """A flag must be a Python bool: a truthy stand-in (1, "no", a NumPy or tensor bool) is refused
     rather than read as one."""
     if not isinstance(value, bool):
+        if isinstance(value, torch.Tensor):
+            refuse_jit_trace()  # a flag computed from sizes, which the tracer gives as tensors
         kind = f"{type(value).__module__}.{type(value).__qualname__}"
         raise TypeError(f"{name} must be a Python bool, got {value!r} ({kind})")
 

@@ -38,7 +38,8 @@ def _safe_softmax(scores: torch.Tensor, dim: int) -> torch.Tensor:
     The -inf rows are replaced before the softmax, not after, so that no NaN ever enters the
     graph (NaN * 0 in the backward would still be NaN).
     """
-    fully_masked = torch.isneginf(scores).all(dim=dim, keepdim=True)
+    # == -inf rather than isneginf: the same test, which both ONNX exporters translate.
+    fully_masked = (scores == float("-inf")).all(dim=dim, keepdim=True)
     probs = torch.softmax(scores.masked_fill(fully_masked, 0.0), dim=dim)
     return probs.masked_fill(fully_masked, 0.0)
 
