@@ -614,6 +614,39 @@ def test_hooks_on_linear_layers_the_fused_path_reads_are_kept(norm_first, recwar
     assert any("hooks on a linear layer" in m for m in fused_attn.backends._warned)
 
 
+@pytest.mark.parametrize("order", ["quantize-then-optimize", "optimize-then-quantize"])
+def test_dynamically_quantized_linears_run_unfused(order, monkeypatch):
+    """torch.ao.quantization.quantize_dynamic swaps the linear layers for int8 ones, whose weight is
+    a method: the fused path of the reference models, which reads the dense layers' weights, calls
+    them instead (a FallbackWarning names the class), and the quantized model, optimized before
+    or after, gives the plain quantized model's outputs (it raised a TypeError before)."""
+    monkeypatch.setattr(backends, "_warned", set())
+    ids, mask, types = _bert_batch(_bert_config())
+    src, tgt, src_pad, tgt_pad, _ = _transformer_batch(_transformer_config())
+    cases = [
+        (lambda: BertModel(_bert_config()), lambda m: m(ids, attention_mask=mask, token_type_ids=types).last_hidden_state),
+        (lambda: Transformer(_transformer_config(norm_first=True)), lambda m: m(src, tgt, src_pad, tgt_pad).logits),
+    ]
+
+    def quantize(model):
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+    for build, run in cases:
+        torch.manual_seed(0)
+        plain = build().eval()
+        model = copy.deepcopy(plain)
+        if order == "quantize-then-optimize":
+            model = quantize(model)
+            fused_attn.optimize(model)
+        else:
+            fused_attn.optimize(model)
+            model = quantize(model)
+        assert model.config.fused
+        with torch.no_grad():
+            torch.testing.assert_close(run(model), run(quantize(plain)))
+    assert any("a linear layer is torch.ao.nn.quantized.dynamic" in m for m in backends._warned), backends._warned
+
+
 def test_bert_longer_than_its_position_table_says_so():
     model = BertModel(BertConfig.bert_tiny(max_position_embeddings=16))
     with pytest.raises(ValueError, match="input_ids length 20 exceeds max_position_embeddings 16"):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops as fused_ops
-from ..nn.transformer import hooked
+from ..nn.transformer import must_call
 from ..reference.attention import causal_keep
 
 # Activation names (Hugging Face spellings included) -> the ``approximate`` of torch's GELU.
@@ -120,9 +120,11 @@ def layer_norm(x: torch.Tensor, norm: nn.LayerNorm, *, fused: bool, backend: str
 def linear_gelu(
     x: torch.Tensor, dense: nn.Linear, approximate: str, *, fused: bool, backend: str | None
 ) -> torch.Tensor:
-    """``gelu(dense(x))``; fused, it reads ``dense``'s weights, unless hooks on it (e.g.
-    ``torch.nn.utils.prune``'s) need the call: then the plain path, with a FallbackWarning once."""
-    if fused and not hooked(dense):
+    """``gelu(dense(x))``; fused, it reads ``dense``'s weights, unless ``dense`` must be called
+    (:func:`~fused_attn.nn.transformer.must_call`: hooks on it, e.g. ``torch.nn.utils.prune``'s,
+    or a linear other than ``nn.Linear``, e.g. a dynamically quantized one): then the plain path,
+    with a FallbackWarning once."""
+    if fused and not must_call(dense):
         return fused_ops.linear_gelu(x, dense.weight, dense.bias, approximate, backend=backend)
     return F.gelu(dense(x), approximate=approximate)
 
@@ -141,10 +143,10 @@ def add_norm(
     """``norm(residual + dropout(dense(x)))`` (and the pre-norm sum with ``return_prenorm``).
 
     Fused: the GEMM runs without its bias, and fused_attn.add_layer_norm adds the bias, applies
-    the dropout, adds the residual and normalises in one pass; unless hooks on ``dense`` need its
-    call (:func:`linear_gelu`).
+    the dropout, adds the residual and normalises in one pass; unless ``dense`` must be called
+    (:func:`linear_gelu`).
     """
-    if fused and not hooked(dense):
+    if fused and not must_call(dense):
         return fused_ops.add_layer_norm(
             F.linear(x, dense.weight), residual, norm.weight, norm.bias, norm.eps, dropout_p,
             input_bias=dense.bias, return_prenorm=return_prenorm, backend=backend,

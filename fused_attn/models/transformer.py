@@ -169,7 +169,7 @@ class _Layer(nn.Module):
 
     def _ffn_pre_ln(self, normed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + dropout(linear2(gelu(linear1(normed))))."""
-        if self.config.fused and not _common.hooked(self.linear1, self.linear2):
+        if self.config.fused and not _common.must_call(self.linear1, self.linear2):
             return residual + fused_ops.ffn(
                 normed, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
                 self.approximate, self._p, backend=self.config.backend,

@@ -75,14 +75,20 @@ def _bypassed_hooks(layer: nn.Module, called: tuple[str, ...] = ()) -> bool:
     return False
 
 
-def hooked(*modules: nn.Module) -> bool:
-    """Whether a hook would miss the call of one of ``modules`` (linear layers an unfused forward
-    calls and a fused one only reads the weights of): one on them, or a global module hook; a
-    FallbackWarning says so once. For the reference models' fused path."""
-    if _global_hooks() or any(_own_hooks(m) for m in modules):
+def must_call(*linears: nn.Module) -> bool:
+    """Whether the reference models' fused path must call ``linears`` rather than read their
+    weights: a hook would miss the call (one on them, or a global module hook), or one is not a
+    ``torch.nn.Linear`` (a dynamically quantized linear, whose ``weight`` is a method, a LoRA
+    wrapper), whose computation the fused kernels do not reproduce. A FallbackWarning says so once."""
+    if _global_hooks() or any(_own_hooks(m) for m in linears):
         warn_once("fused_attn reference model: hooks on a linear layer its fused path reads run the unfused "
                   "path, which calls it", 3)
         return True
+    for linear in linears:
+        why = _foreign(linear, (nn.Linear,))
+        if why is not None:
+            warn_once(f"fused_attn reference model: a linear layer is {why}: the unfused path calls it", 3)
+            return True
     return False
 
 
@@ -127,15 +133,24 @@ def foreign_child(layer: nn.Module) -> str | None:
         kinds = _kinds_of(name)
         if kinds is None:
             continue
-        cls = type(child)
-        if parametrize.is_parametrized(child):
-            cls = cls.__bases__[0]  # register_parametrization derives one class from the module's own
-        if cls not in kinds:
-            found, wanted = type(child), kinds[0]
-            if found.__name__ == wanted.__name__:  # e.g. a quantized Linear: name the classes in full
-                return f"{name} is {found.__module__}.{found.__qualname__}, not {wanted.__module__}.{wanted.__qualname__}"
-            return f"{name} is {found.__name__}, not {wanted.__name__}"
+        why = _foreign(child, kinds)
+        if why is not None:
+            return f"{name} is {why}"
     return None
+
+
+def _foreign(module: nn.Module, kinds: tuple[type, ...]) -> str | None:
+    """How ``module`` is not exactly one of ``kinds`` ("RMSNorm, not LayerNorm"), or None. A
+    parametrized module counts as the class it was made from."""
+    cls = type(module)
+    if parametrize.is_parametrized(module):
+        cls = cls.__bases__[0]  # register_parametrization derives one class from the module's own
+    if cls in kinds:
+        return None
+    found, wanted = type(module), kinds[0]
+    if found.__name__ == wanted.__name__:  # e.g. a quantized Linear: name the classes in full
+        return f"{found.__module__}.{found.__qualname__}, not {wanted.__module__}.{wanted.__qualname__}"
+    return f"{found.__name__}, not {wanted.__name__}"
 
 
 def _unfused(layer: nn.Module, called: tuple[str, ...] = ()) -> bool:
