@@ -202,3 +202,19 @@ def test_torchscript_onnx_exporter_is_refused_with_the_way_out(tmp_path):
         torch.onnx.export(model, _bert_inputs(), str(tmp_path / "m.onnx"), dynamo=False)
     fused_attn.restore(model)
     torch.onnx.export(model, _bert_inputs(), str(tmp_path / "m.onnx"), dynamo=False)
+
+
+def test_optimized_model_compiles_ahead_of_time_with_aotinductor(tmp_path):
+    """AOTInductor compiles an exported optimize()d BERT into a package whose C++ runtime calls the
+    extension's ops (registered where fused_attn is imported) and gives the eager output."""
+    if not _extension.loaded():
+        pytest.skip("the package's C++ extension is not built here")
+    model = _LastHidden(_model("bert"))
+    fused_attn.optimize(model, backend="cpu")
+    args = _bert_inputs()
+    program = torch.export.export(model, args)
+    assert any(str(n.target).startswith("fused_attn.") for n in program.graph.nodes)
+    path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "bert.pt2"))
+    runner = torch._inductor.aoti_load_package(path)
+    with torch.no_grad():
+        torch.testing.assert_close(runner(*args), model(*args))
