@@ -21,6 +21,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import fused_attn
 from fused_attn import backends
 from fused_attn.models import BertConfig, BertModel
+from fused_attn.ops import _validate
 
 from .conftest import HAS_CUDA
 
@@ -209,3 +210,27 @@ def test_export_whole_graph_on_cuda_tensors(fake_cuda):
     graph = torch.export.export(Block(), args).graph
     targets = [str(n.target) for n in graph.nodes if n.op == "call_function" and "fused_attn" in str(n.target)]
     assert len(targets) == 3, targets
+
+
+@pytest.mark.parametrize("case", ["attention", "add_layer_norm", "ffn"])
+def test_dropout_while_a_cuda_graph_is_captured_runs_the_reference(fake_cuda, monkeypatch, case):
+    """While a CUDA graph is captured, a call with dropout runs the reference (torch's dropout,
+    which advances its generator at every replay) under ``auto``, with a FallbackWarning naming
+    the capture, and a named fused backend refuses it: the fused kernels draw their seed on the
+    host, so a captured graph would replay one dropout mask. Calls without dropout stay fused."""
+    if HAS_CUDA:
+        pytest.skip("on a GPU, tests/test_random.py captures a real graph")
+    op, make = CASES[case]
+    monkeypatch.setattr(_validate, "cuda_graph_capturing", lambda: True)
+    monkeypatch.setattr(backends, "_warned", set())
+    backends.clear_choices()
+    with pytest.warns(backends.FallbackWarning, match="dropout while a CUDA graph is captured"):
+        make(None, torch.float16)
+    assert backends.last_backend(op) == "reference"
+    for name in GPU_BACKENDS:
+        if usable(op, name, torch.float16):
+            with pytest.raises(fused_attn.BackendNotSupportedError, match="dropout while a CUDA graph is captured"):
+                make(name, torch.float16)
+    monkeypatch.setattr(_validate, "cuda_graph_capturing", lambda: False)
+    make(None, torch.float16)
+    assert backends.last_backend(op) == expected_auto(op, torch.float16)

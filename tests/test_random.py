@@ -13,12 +13,14 @@ import itertools
 import os
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import fused_attn
 from fused_attn import _cpu_isa, _extension, backends
 from fused_attn.ops._random import draw_seed
 
@@ -278,3 +280,48 @@ def test_dropout_applies_alike_with_and_without_autograd(backend_device, op):
     for requires_grad, no_grad in ((False, False), (True, True), (False, True)):
         torch.testing.assert_close(run(requires_grad, no_grad), trained, rtol=0, atol=0)
     assert not torch.equal(run(False, True, seed=1), trained)  # another seed drops other elements
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("op", ["scaled_dot_product_attention", "add_layer_norm", "ffn"])
+def test_dropout_in_a_captured_cuda_graph_changes_with_each_replay(op):
+    """A CUDA graph captured around a call with dropout draws a new mask at every replay: while
+    captured, the call runs the reference, whose torch dropout advances the CUDA generator at each
+    replay (a fused kernel's host-drawn seed would be frozen into the graph). Eager calls before
+    and after the capture run fused."""
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=gen).to("cuda", torch.float16)
+
+    if op == "scaled_dot_product_attention":
+        q = randn(2, 4, 64, 64)
+        call = lambda: fused_attn.scaled_dot_product_attention(q, q, q, dropout_p=0.5)  # noqa: E731
+    elif op == "add_layer_norm":
+        x, r, w, b = randn(64, 256), randn(64, 256), randn(256), randn(256)
+        call = lambda: fused_attn.add_layer_norm(x, r, w, b, 1e-5, 0.5)  # noqa: E731
+    else:
+        x, w1, b1, w2, b2 = randn(64, 64), randn(128, 64) * 0.1, randn(128), randn(64, 128) * 0.1, randn(64)
+        call = lambda: fused_attn.ffn(x, w1, b1, w2, b2, dropout_p=0.5)  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph asks
+        for _ in range(2):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    assert backends.last_backend(op) != "reference"
+    graph = torch.cuda.CUDAGraph()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", backends.FallbackWarning)
+        with torch.cuda.graph(graph):
+            out = call()
+    assert backends.last_backend(op) == "reference"
+    graph.replay()
+    first = out.clone()
+    graph.replay()
+    second = out.clone()
+    assert not torch.equal(first, second)
+    assert torch.isfinite(first).all() and torch.isfinite(second).all()
+    call()
+    assert backends.last_backend(op) != "reference"

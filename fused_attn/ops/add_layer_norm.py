@@ -19,7 +19,7 @@ from ._random import draw_seed, seed_int
 from ._registry import interpreter_serialized, register_fake, register_native_pair, register_pair
 from ._validate import (
     affine_dtype, check_bool, check_dropout_p, check_eps, check_param, check_same_device, check_tensor, needs_grad, rows,
-    transform_features, unrows,
+    dropout_in_capture, transform_features, unrows,
 )
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -208,7 +208,7 @@ def add_layer_norm(
     float32, every floating input is cast to float32, so the output and the pre-norm sum are
     float32.
     """
-    if backend is None and _FAST is not None and fast_path_open():
+    if backend is None and _FAST is not None and fast_path_open() and not dropout_in_capture(input, dropout_p):
         out = _FAST(input, residual, weight, bias, eps, dropout_p, input_bias, return_prenorm)
         if out is not None:
             return out
@@ -235,7 +235,7 @@ def add_layer_norm(
     input_bias = check_param(input_bias, "input_bias", input, (hidden,))
     eps = check_eps(eps)
     dropout_p = check_dropout_p(dropout_p)
-    features = {"hidden": hidden, **transform_features(input, residual, weight, bias, input_bias)}
+    features = {"hidden": hidden, **transform_features(input, residual, weight, bias, input_bias, dropout_p=dropout_p)}
     chosen = select("add_layer_norm", Inputs(input.device, input.dtype, features), backend,
                     operands=(input,), dropout_p=dropout_p)
     if chosen == "reference":

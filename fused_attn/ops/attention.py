@@ -23,7 +23,7 @@ from ._random import draw_seed, seed_int
 from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import (
     broadcast_mask, check_bool, check_dropout_p, check_same_device, check_tensor, dtype_name, is_finite_number,
-    transform_features, under_transform,
+    dropout_in_capture, transform_features, under_transform,
 )
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -344,7 +344,7 @@ def scaled_dot_product_attention(
     """
     if attn_mask is not None and type(attn_mask) is not torch.Tensor and _is_causal_bias(attn_mask):
         attn_mask, is_causal = _from_causal_bias(attn_mask, query, key, value, is_causal, enable_gqa)
-    if backend is None and _FAST is not None and fast_path_open():
+    if backend is None and _FAST is not None and fast_path_open() and not dropout_in_capture(query, dropout_p):
         out = _FAST(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if out is not None:
             return out
@@ -362,7 +362,7 @@ def scaled_dot_product_attention(
     empty = is_empty(query, key, value)
     sizes = {} if empty else {"head_dim": head_dim, "head_dim_v": value.shape[-1], "q_len": q_len, "k_len": k_len}
     inputs = Inputs(
-        query.device, query.dtype, {**sizes, "dropout": dropout_p > 0, **transform_features(query, key, value, mask)}
+        query.device, query.dtype, {**sizes, "dropout": dropout_p > 0, **transform_features(query, key, value, mask, dropout_p=dropout_p)}
     )
     chosen = select("scaled_dot_product_attention", inputs, backend, operands=(query, key, value), dropout_p=dropout_p)
     in_reference = chosen == "reference"

@@ -37,8 +37,8 @@ from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
 from ._registry import interpreter_serialized, register_fake, register_native_pair, register_pair
 from ._validate import (
-    check_dropout_p, check_param, check_same_device, check_tensor, dtype_name, transform_features, needs_grad, rows,
-    unrows,
+    check_dropout_p, check_param, check_same_device, check_tensor, dropout_in_capture, dtype_name, transform_features,
+    needs_grad, rows, unrows,
 )
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -426,7 +426,7 @@ def ffn(
     the call. Under ``torch.autocast`` every floating tensor is cast to the autocast dtype, as
     ``F.linear``'s.
     """
-    if backend is None and _FAST_FFN is not None and fast_path_open():
+    if backend is None and _FAST_FFN is not None and fast_path_open() and not dropout_in_capture(input, dropout_p):
         out = _FAST_FFN(input, w1, b1, w2, b2, approximate, dropout_p)
         if out is not None:
             return out
@@ -436,7 +436,7 @@ def ffn(
     w2, b2 = _check_linear(input, w2, b2, ("w2", "b2"), w1.shape[0])
     approximate = _check_approximate(approximate)
     dropout_p = check_dropout_p(dropout_p)
-    features = {**transform_features(input, w1, b1, w2, b2), "gemm_dim": _gemm_dim(input, w1, w2)}
+    features = {**transform_features(input, w1, b1, w2, b2, dropout_p=dropout_p), "gemm_dim": _gemm_dim(input, w1, w2)}
     chosen = select("ffn", Inputs(input.device, input.dtype, features), backend,
                     operands=(input, w1, w2), dropout_p=dropout_p)
     if chosen == "reference":
