@@ -511,6 +511,34 @@ def test_hf_attention_function_refuses_what_it_does_not_implement():
             hf.fused_attention_forward(nn.Module(), q, q, q, None, **{name: value})
 
 
+@pytest.mark.parametrize("output_attentions", [False, True], ids=["fused", "weights"])
+def test_hf_attention_function_takes_a_head_mask_per_head(output_attentions):
+    """transformers before 5 pass ``model(head_mask=...)`` to the attention function, which eager
+    attention multiplies the probabilities by: one factor per head (and batch row) scales that
+    head's output, the weights returned with output_attentions included, with its gradient; a
+    head mask that varies over queries or keys raises, naming the shape."""
+    from fused_attn.integrations import hf
+
+    pytest.importorskip("transformers")
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=gen) for _ in range(3))
+    pad = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    pad[1, ..., 3:] = False
+    for shape in ((1, 3, 1, 1), (2, 3, 1, 1)):
+        head_mask = torch.rand(shape, generator=gen).requires_grad_()
+        out, weights = hf.fused_attention_forward(nn.Module(), q, k, v, pad, head_mask=head_mask,
+                                                  output_attentions=output_attentions)
+        probs = torch.softmax((q @ k.transpose(-1, -2) * 8 ** -0.5).masked_fill(~pad, float("-inf")), -1) * head_mask
+        torch.testing.assert_close(out, (probs @ v).transpose(1, 2))
+        if output_attentions:
+            torch.testing.assert_close(weights, probs)
+        (grad,) = torch.autograd.grad(out.sum(), head_mask)
+        (expected,) = torch.autograd.grad((probs @ v).sum(), head_mask)
+        torch.testing.assert_close(grad, expected)
+    with pytest.raises(ValueError, match=r"head_mask of one factor per head .* got shape \[1, 3, 5, 5\]"):
+        hf.fused_attention_forward(nn.Module(), q, k, v, None, head_mask=torch.ones(1, 3, 5, 5))
+
+
 def test_hf_optimized_model_pickles(tmp_path):
     """torch.save of a whole optimized model, loaded here and in a fresh process."""
     transformers, config = _hf_config()

@@ -93,7 +93,11 @@ def fused_attention_forward(
     unrepeated): they go to the kernels as they are.
     ``position_bias`` (T5's relative attention bias, added to the scores) joins the mask as a
     floating mask, and receives its gradient (a query whose every key is masked gets 0, as
-    everywhere in this package, where transformers' finite fill averages the bias); ``softcap``,
+    everywhere in this package, where transformers' finite fill averages the bias). ``head_mask``
+    (transformers before 5 pass the one of ``model(head_mask=...)``, which eager attention
+    multiplies the probabilities by) is taken where it is one factor per head (its last two dims
+    1, as ``get_head_mask`` makes it): ``(P m) V = m (P V)``, so the output is scaled; any other
+    raises a ValueError, as do ``softcap``,
     attention sinks (``s_aux``, ``sinks``) and sparse key selections (``indices``,
     ``block_indices``) raise a ValueError naming them (never ignored)."""
     for name, what in _UNSUPPORTED_KWARGS.items():
@@ -116,6 +120,12 @@ def fused_attention_forward(
             attention_mask = position_bias.masked_fill(~attention_mask, float("-inf"))
         else:
             attention_mask = position_bias + attention_mask
+    head_mask = kwargs.get("head_mask")
+    if head_mask is not None and (head_mask.dim() < 2 or head_mask.shape[-2:] != (1, 1)):
+        raise ValueError(
+            f"the fused_attn attention takes a head_mask of one factor per head (its last two dims 1), got shape "
+            f"{list(head_mask.shape)}; use 'eager' for this model"
+        )
     backend = getattr(module, "fused_attn_backend", None)
     if (kwargs.get("output_attentions") or getattr(getattr(module, "config", None), "output_attentions", False)
             or _attentions_captured()):
@@ -124,9 +134,11 @@ def fused_attention_forward(
         key, value = repeat_kv_heads(key, query.shape[1]), repeat_kv_heads(value, query.shape[1])
         weights = softmax(query @ key.transpose(-1, -2), -1, attention_mask, scale, causal, backend=backend)
         weights = F.dropout(weights, dropout) if dropout > 0.0 else weights
+        weights = weights if head_mask is None else weights * head_mask
         return (weights @ value).transpose(1, 2).contiguous(), weights
     out = scaled_dot_product_attention(query, key, value, attention_mask, dropout, causal, scaling,
                                        enable_gqa=key.shape[1] != query.shape[1], backend=backend)
+    out = out if head_mask is None else out * head_mask
     return out.transpose(1, 2).contiguous(), None
 
 
