@@ -102,7 +102,7 @@ def transform_features(*tensors: torch.Tensor | None, dropout_p: float = 0.0) ->
       transform: the fused ops run under it, once per batch element.
     - ``onnx_export``: the call is traced by ``torch.onnx.export``'s exporter (``dynamo=True``, the
       default). The fused kernels are no ONNX operators: the reference's plain ops, the same
-      computation, are exported, and ONNX runtimes apply their own fusions to them.
+      computation, are exported.
     - ``dropout_in_capture``: ``dropout_p > 0`` while a CUDA graph is being captured
       (:func:`dropout_in_capture`; ``tensors[0]`` is the call's first input).
 
