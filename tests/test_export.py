@@ -135,10 +135,10 @@ def _model(kind: str) -> torch.nn.Module:
 def _graph_ops(path) -> set[tuple[str, str]]:
     import onnx
 
-    graph = onnx.load(str(path)).graph
-    ops = {(node.domain, node.op_type) for node in graph.node}
+    model = onnx.load(str(path))
+    ops = {(node.domain, node.op_type) for node in model.graph.node}
     # The exporter may keep a part as a local function: its body counts as the graph's.
-    for function in onnx.load(str(path)).functions:
+    for function in model.functions:
         ops |= {(node.domain, node.op_type) for node in function.node}
     return ops
 
