@@ -89,6 +89,19 @@ def test_reference_models_export_with_their_output_classes(model, optimized, tmp
     assert bool(fused_nodes) == optimized
 
 
+def test_reference_model_outputs_pass_through_torch_func():
+    """torch.func.vjp of functional_call takes the model's output class (a pytree), as it takes
+    tensors: gradients of every parameter come back."""
+    model = BertModel(_bert_config()).eval()
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    args = _bert_inputs()
+    out, vjp = torch.func.vjp(lambda p: torch.func.functional_call(model, p, args), params)
+    assert type(out) is BertModelOutput
+    (grads,) = vjp(BertModelOutput(torch.ones_like(out.last_hidden_state), torch.ones_like(out.pooler_output)))
+    assert grads.keys() == params.keys()
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
 # ---------------------------------------------------------------------------------------------
 # ONNX
 

@@ -32,8 +32,8 @@ GELU_APPROXIMATIONS = {
 def model_output(cls: type) -> type:
     """A model's output: a dataclass that is also a pytree node (its fields the children, as
     Hugging Face's ``ModelOutput``), so that ``torch.export`` takes a model returning it whole,
-    ``torch.export.save`` writes it by name, and pytree-walking tools (``torch.utils.checkpoint``,
-    ``torch.func``, DDP's output handling) see its tensors."""
+    ``torch.export.save`` writes it by name, and ``torch.func`` transforms (``vjp``, ``jacrev``
+    of ``functional_call``), which take only tensors and pytrees of them, take it."""
     cls = dataclasses.dataclass(cls)
     pytree.register_dataclass(cls, serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
     return cls
