@@ -402,14 +402,16 @@ def _approve(op: str, inputs: Inputs, name: str) -> None:
 
 
 def select(
-    op: str, inputs: Inputs, backend: str | None = None, *, operands: tuple = (), dropout_p: float = 0.0
+    op: str, inputs: Inputs, backend: str | None = None, *, operands: tuple = (), dropout_p: float = 0.0,
+    empty: bool = False,
 ) -> str:
     """The backend that will run ``op`` on ``inputs``; raises if a named one cannot.
 
     Given the call's tensors as ``operands`` (and its ``dropout_p``): "reference" when one of them
     is empty or ``dropout_p`` is 1, after a named backend is checked (nothing to compute, or
     everything dropped: no kernel is launched, and no fallback is announced; the reference gives
-    the empty, zero or undropped result, and :func:`last_backend` says 'reference')."""
+    the empty, zero or undropped result, and :func:`last_backend` says 'reference'). ``empty``:
+    the caller has found an operand empty itself (by :func:`is_empty`), instead of passing them."""
     wanted = requested_backend(backend)
     traced = torch.compiler.is_compiling()
     if not traced:  # a loop, not all() of a generator: this runs on every eager call
@@ -437,8 +439,7 @@ def select(
         name, fallback_reason = choice
         if name is None:
             raise BackendNotSupportedError(fallback_reason)
-    empty = dropout_p == 1.0 or is_empty(*operands)
-    if empty:
+    if empty or dropout_p == 1.0 or is_empty(*operands):
         name, fallback_reason = "reference", ""
     _note_choice(op, name, fallback_reason)
     return name

@@ -361,10 +361,9 @@ def scaled_dot_product_attention(
     # apply to it (a zero head dim, say, is then no reason to warn or refuse).
     empty = is_empty(query, key, value)
     sizes = {} if empty else {"head_dim": head_dim, "head_dim_v": value.shape[-1], "q_len": q_len, "k_len": k_len}
-    inputs = Inputs(
-        query.device, query.dtype, {**sizes, "dropout": dropout_p > 0, **transform_features(query, key, value, mask, dropout_p=dropout_p)}
-    )
-    chosen = select("scaled_dot_product_attention", inputs, backend, operands=(query, key, value), dropout_p=dropout_p)
+    features = {**sizes, "dropout": dropout_p > 0, **transform_features(query, key, value, mask, dropout_p=dropout_p)}
+    inputs = Inputs(query.device, query.dtype, features)
+    chosen = select("scaled_dot_product_attention", inputs, backend, dropout_p=dropout_p, empty=empty)
     in_reference = chosen == "reference"
     row_shift = (not under_transform(inputs.features) and mask is not None and mask.requires_grad
                  and (attn_mask.dim() == 0 or attn_mask.shape[-1] == 1))
