@@ -391,6 +391,39 @@ def test_legacy_position_ids_key_loads():
     model.load_state_dict(sd, strict=True)
 
 
+
+@pytest.mark.parametrize("build", ["bert", "transformer"])
+def test_built_on_the_meta_device_then_loaded_gives_the_same_outputs(build):
+    """PyTorch's way to build a large model without allocating it twice: on the meta device, then
+    to_empty() + load_state_dict(). Nothing the forward reads may be left out of the state_dict
+    (a non-persistent buffer would come back uninitialised): the loaded model matches the one the
+    weights came from, plain and optimize()d."""
+    torch.manual_seed(0)
+    if build == "bert":
+        config = _bert_config()
+        source = BertForMaskedLM(config).eval()
+        with torch.device("meta"):
+            built = BertForMaskedLM(config)
+        ids, attention_mask, token_type_ids = _bert_batch(config)
+        run = lambda m: m(ids, attention_mask, token_type_ids).logits  # noqa: E731
+    else:
+        config = _transformer_config(positional="sinusoidal")
+        source = Transformer(config).eval()
+        with torch.device("meta"):
+            built = Transformer(config)
+        src, tgt, src_pad, tgt_pad, _ = _transformer_batch(config)
+        run = lambda m: m(src, tgt, src_pad, tgt_pad).logits  # noqa: E731
+    built.to_empty(device="cpu")
+    with torch.no_grad():  # what to_empty() may leave, made certain: a buffer load_state_dict skips
+        for buffer in built.buffers():
+            buffer.fill_(7)
+    built.load_state_dict(source.state_dict(), strict=True)
+    built.eval()
+    expected = run(source)
+    torch.testing.assert_close(run(built), expected, rtol=0, atol=0)
+    fused_attn.optimize(built)
+    torch.testing.assert_close(run(built), run(fused_attn.optimize(source).model))
+
 # ---------------------------------------------------------------------------------------------
 # Training: plain vs fused from the same init give the same loss curve
 

@@ -2,9 +2,11 @@
 
 ``BertModel``, ``BertForMaskedLM`` and ``BertForSequenceClassification`` have exactly the
 ``state_dict`` keys of ``transformers``' classes of the same names (``embeddings.word_embeddings``,
-``encoder.layer.N.attention.self.query``, ``cls.predictions.decoder``, ...; the buffers
-``embeddings.position_ids``/``token_type_ids`` are not persistent, as in transformers >= 4.31,
-and an older checkpoint that still holds them loads with ``strict=True``), so a Hugging Face
+``encoder.layer.N.attention.self.query``, ``cls.predictions.decoder``, ...; transformers'
+buffers ``embeddings.position_ids``/``token_type_ids`` are in neither (not persistent since
+transformers 4.31; here made for each call, so that a model built on the meta device and loaded
+with ``to_empty()`` + ``load_state_dict()`` reads nothing uninitialised), and an older checkpoint
+that still holds them loads with ``strict=True``), so a Hugging Face
 state_dict loads with ``strict=True`` and gives the same outputs, and ours loads into theirs.
 
 ``config.fused`` switches, at call time, to the fused ops of :mod:`fused_attn` (each called
@@ -136,9 +138,6 @@ class BertEmbeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.register_buffer(
-            "position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False
-        )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints of transformers < 4.31 still hold these buffers; they are constants.
@@ -158,7 +157,9 @@ class BertEmbeddings(nn.Module):
                 raise ValueError(
                     f"input_ids length {length} exceeds max_position_embeddings {self.config.max_position_embeddings}"
                 )
-            position_ids = self.position_ids[:, :length]
+            # Made for each call, not a buffer as in transformers: a model built on the meta device
+            # and loaded with to_empty() + load_state_dict() has no uninitialised buffer to read.
+            position_ids = torch.arange(length, device=input_ids.device)[None]
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         embeddings = (

@@ -91,14 +91,14 @@ class TransformerOutput:
     encoder_last_hidden_state: torch.Tensor | None = None
 
 
-def sinusoidal_positions(length: int, d_model: int) -> torch.Tensor:
-    """[length, d_model]: sin on even channels, cos on odd ones, wavelengths 2*pi .. 10000*2*pi."""
-    position = torch.arange(length, dtype=torch.float64)[:, None]
-    inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / d_model))
-    table = torch.zeros(length, d_model, dtype=torch.float64)
-    table[:, 0::2] = torch.sin(position * inv_freq)
-    table[:, 1::2] = torch.cos(position * inv_freq)[:, : d_model // 2]
-    return table.float()
+def sinusoidal_positions(length: int, d_model: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """[length, d_model] float32: sin on even channels, cos on odd ones, wavelengths 2*pi ..
+    10000*2*pi; computed in float64 (float32 on MPS, which has no float64) on ``device``."""
+    dtype = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64
+    position = torch.arange(length, dtype=dtype, device=device)[:, None]
+    inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=dtype, device=device) * (-math.log(10000.0) / d_model))
+    angles = position * inv_freq
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)[:, :d_model].float()
 
 
 class MultiHeadAttention(nn.Module):
@@ -277,8 +277,6 @@ class Transformer(nn.Module):
         if config.positional == "learned":
             self.src_pos_embed = nn.Embedding(config.max_position_embeddings, d)
             self.tgt_pos_embed = nn.Embedding(config.max_position_embeddings, d)
-        else:
-            self.register_buffer("pos_table", sinusoidal_positions(config.max_position_embeddings, d), persistent=False)
         self.embed_dropout = nn.Dropout(config.dropout)
         self.encoder = TransformerEncoder(config)
         self.decoder = TransformerDecoder(config)
@@ -310,8 +308,9 @@ class Transformer(nn.Module):
             x = x * math.sqrt(self.config.d_model)
         if pos_table is not None:
             x = x + pos_table.weight[:length]
-        else:
-            x = x + self.pos_table[:length].to(x.dtype)
+        else:  # computed for each call rather than held in a buffer, which a model built on the meta
+            # device and loaded with to_empty() + load_state_dict() would leave uninitialised
+            x = x + sinusoidal_positions(length, self.config.d_model, x.device).to(x.dtype)
         return self.embed_dropout(x)
 
     def encode(self, src: torch.Tensor, src_key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
