@@ -40,12 +40,29 @@ def register_pair(
     backward_for: Callable[[object], Callable],
 ) -> object:
     """Registers ``fused_attn::{fwd}`` and ``fused_attn::{bwd}``'s fake kernels and makes the
-    forward differentiable through ``backward_for(bwd op)``. Returns the forward op."""
+    forward differentiable through ``backward_for(bwd op)``; the backward op is differentiable
+    once, as the extension's are: a second derivative raises, saying so. Returns the forward op."""
     register_native_pair(fwd, bwd, fake_fwd=fake_fwd, fake_bwd=fake_bwd)
     torch.library.register_autograd(
         f"fused_attn::{fwd}", backward_for(getattr(torch.ops.fused_attn, bwd)), setup_context=setup_context
     )
+    torch.library.register_autograd(f"fused_attn::{bwd}", _no_second_derivative(bwd))
     return getattr(torch.ops.fused_attn, fwd)
+
+
+def _no_second_derivative(bwd: str) -> Callable:
+    """The autograd formula of a backward op: its kernels have no derivative, so differentiating
+    the gradients it gave (create_graph=True, then a backward through them) raises here, with what
+    to do instead, rather than with torch's advice to register a formula."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"derivative for fused_attn::{bwd} is not implemented: the fused kernels' backward passes are "
+            "differentiable once, so a second-order gradient (create_graph=True, then a backward through the "
+            "gradients) cannot go through them; call the op with backend='reference', or fused_attn.restore(model)"
+        )
+
+    return backward
 
 
 def register_native_pair(fwd: str, bwd: str, *, fake_fwd: Callable, fake_bwd: Callable) -> object:
