@@ -9,22 +9,25 @@
 // graph needs (output_mask). The statistics outputs (mean, rstd, log-sum-exp, pre-activation)
 // exist to be saved: materialize_grads is off, so gradients nobody sent them arrive undefined and
 // are ignored (they are not marked non-differentiable, which compiled autograd refuses). The
-// `_bwd` ops are differentiable once only: their Autograd kernel is torch's "not implemented"
-// fallback, so a second derivative (create_graph=True, then backward through the gradients)
-// raises instead of silently giving None or zeros. Fake kernels stay in Python
+// `_bwd` ops are differentiable once only: their Autograd kernel (no_derivative, as torch's
+// "not implemented" fallback) makes a second derivative (create_graph=True, then backward through
+// the gradients) raise instead of silently giving None or zeros. Fake kernels stay in Python
 // (fused_attn/ops), so torch.compile traces these ops as single nodes and AOTAutograd traces the
 // backward through these formulas. The Triton ops keep their Python formulas (their kernels are
 // Python anyway).
 #include <array>
+#include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include <ATen/SavedTensorHooks.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/zeros_like.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
@@ -389,6 +392,51 @@ std::tuple<Tensor, Tensor> ffn_fwd_autograd(const Tensor& input, const Tensor& w
   return {out[0], out[1]};
 }
 
+// ---------------------------------------------------------------------------------------------
+// The autograd kernel of the ops without a derivative (the backwards and the inference forms).
+// As torch's autogradNotImplementedFallback, for functional ops: with grad mode on and an input
+// that requires grad (a backward run with create_graph=True), the outputs take an Error node,
+// which raises when a second backward reaches it; its message says what to do instead. The node
+// is held by shared_ptr up to torch 2.11 and by intrusive_ptr later: Edge::function says which.
+
+using NodePtr = decltype(torch::autograd::Edge::function);
+
+template <typename Ptr = NodePtr, typename Node = torch::autograd::Error>
+Ptr error_node(std::string message) {
+  if constexpr (std::is_same_v<Ptr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<Node>(std::move(message));
+  } else {
+    return c10::make_intrusive<Node>(std::move(message));
+  }
+}
+
+void no_derivative(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& schema = op.schema();
+  torch::autograd::edge_list edges;
+  if (at::GradMode::is_enabled()) {
+    for (auto it = stack->end() - static_cast<std::ptrdiff_t>(schema.arguments().size()); it != stack->end(); ++it) {
+      if (it->isTensor() && it->toTensor().defined() && it->toTensor().requires_grad()) {
+        edges.push_back(torch::autograd::impl::gradient_edge(it->toTensor()));
+      }
+    }
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView below;  // the kernel's own ATen calls record nothing either
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  if (edges.empty()) return;
+  auto node = error_node("derivative for " + schema.name() +
+                         " is not implemented: the fused kernels' backward passes are differentiable once, so a "
+                         "second-order gradient (create_graph=True, then a backward through the gradients) cannot "
+                         "go through them; call the op with backend='reference', or fused_attn.restore(model)");
+  node->set_next_edges(std::move(edges));
+  for (auto it = stack->end() - static_cast<std::ptrdiff_t>(schema.returns().size()); it != stack->end(); ++it) {
+    if (it->isTensor() && torch::autograd::isDifferentiableType(it->toTensor().scalar_type())) {
+      torch::autograd::set_history(it->toTensor(), node);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace fused_attn
 
@@ -404,6 +452,6 @@ TORCH_LIBRARY_IMPL(fused_attn, Autograd, m) {
   for (const char* op : {"layer_norm_bwd", "add_layer_norm_bwd", "attention_bwd", "softmax_bwd", "linear_gelu_bwd",
                          "linear_gelu_bwd_scratch", "linear_gelu_bwd_consuming", "ffn_bwd", "ffn_bwd_consuming",
                          "linear_gelu_inference", "add_layer_norm_inference", "ffn_inference"}) {
-    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&fused_attn::no_derivative>());
   }
 }
