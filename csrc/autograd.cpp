@@ -425,10 +425,17 @@ void no_derivative(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torc
     op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
   }
   if (edges.empty()) return;
-  auto node = error_node("derivative for " + schema.name() +
-                         " is not implemented: the fused kernels' backward passes are differentiable once, so a "
-                         "second-order gradient (create_graph=True, then a backward through the gradients) cannot "
-                         "go through them; call the op with backend='reference', or fused_attn.restore(model)");
+  const std::string& name = schema.name();
+  const std::string suffix = "_inference";
+  const bool inference =
+      name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+  auto node = error_node(
+      "derivative for " + name + " is not implemented: " +
+      (inference ? "it is the forward without what a backward reads, which fused_attn's ops call only when no "
+                   "gradient is asked for"
+                 : "the fused kernels' backward passes are differentiable once, so a second-order gradient "
+                   "(create_graph=True, then a backward through the gradients) cannot go through them; call the op "
+                   "with backend='reference', or fused_attn.restore(model)"));
   node->set_next_edges(std::move(edges));
   for (auto it = stack->end() - static_cast<std::ptrdiff_t>(schema.returns().size()); it != stack->end(); ++it) {
     if (it->isTensor() && torch::autograd::isDifferentiableType(it->toTensor().scalar_type())) {

@@ -197,6 +197,17 @@ def test_second_derivative_raises(op, backend_device):
     assert all(g is not None for g in torch.autograd.grad(sum(g.float().square().sum() for g in grads), inputs))
 
 
+def test_inference_forms_have_no_derivative():
+    """The inference forms (called by the ops only when no gradient is asked for) give outputs
+    whose backward raises, saying what they are, if called directly with inputs that need one."""
+    if not _native("linear_gelu"):
+        pytest.skip("the extension is not built")
+    x = torch.randn(4, 16, requires_grad=True)
+    out = torch.ops.fused_attn.linear_gelu_inference(x, torch.randn(8, 16), None, "none")
+    with pytest.raises(RuntimeError, match="linear_gelu_inference is not implemented: it is the forward without"):
+        out.sum().backward()
+
+
 @pytest.mark.parametrize("op", NATIVE_OPS)
 @pytest.mark.parametrize("backend, device", [("cpu", "cpu"), pytest.param("cuda", "cuda", marks=pytest.mark.cuda)])
 def test_compiled_autograd(op, backend, device):
