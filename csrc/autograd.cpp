@@ -396,7 +396,8 @@ std::tuple<Tensor, Tensor> ffn_fwd_autograd(const Tensor& input, const Tensor& w
 // The autograd kernel of the ops without a derivative (the backwards and the inference forms).
 // As torch's autogradNotImplementedFallback, for functional ops: with grad mode on and an input
 // that requires grad (a backward run with create_graph=True), the outputs take an Error node,
-// which raises when a second backward reaches it; its message says what to do instead. The node
+// which raises when a second backward reaches it; its message says what to do instead. An input
+// with a forward-mode tangent raises at once. The node
 // is held by shared_ptr up to torch 2.11 and by intrusive_ptr later: Edge::function says which.
 
 using NodePtr = decltype(torch::autograd::Edge::function);
@@ -413,11 +414,14 @@ Ptr error_node(std::string message) {
 void no_derivative(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   const auto& schema = op.schema();
   torch::autograd::edge_list edges;
-  if (at::GradMode::is_enabled()) {
-    for (auto it = stack->end() - static_cast<std::ptrdiff_t>(schema.arguments().size()); it != stack->end(); ++it) {
-      if (it->isTensor() && it->toTensor().defined() && it->toTensor().requires_grad()) {
-        edges.push_back(torch::autograd::impl::gradient_edge(it->toTensor()));
-      }
+  for (auto it = stack->end() - static_cast<std::ptrdiff_t>(schema.arguments().size()); it != stack->end(); ++it) {
+    if (!it->isTensor() || !it->toTensor().defined()) continue;
+    // A forward-mode tangent (forward-over-reverse, e.g. a Hessian-vector product) would be dropped.
+    TORCH_CHECK_NOT_IMPLEMENTED(!torch::autograd::isFwGradDefined(it->toTensor()), "Trying to use forward AD with ",
+                                schema.name(), " that does not support it: the fused kernels have no forward ",
+                                "derivative; call the op with backend='reference', or fused_attn.restore(model)");
+    if (at::GradMode::is_enabled() && it->toTensor().requires_grad()) {
+      edges.push_back(torch::autograd::impl::gradient_edge(it->toTensor()));
     }
   }
   {

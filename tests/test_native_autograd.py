@@ -14,6 +14,7 @@ import itertools
 
 import pytest
 import torch
+from torch.autograd import forward_ad
 
 import fused_attn
 from fused_attn import reference
@@ -195,6 +196,29 @@ def test_second_derivative_raises(op, backend_device):
     fn, inputs = _op_calls("reference", device)[op]
     grads = torch.autograd.grad(fn(*inputs).float().square().sum(), inputs, create_graph=True)
     assert all(g is not None for g in torch.autograd.grad(sum(g.float().square().sum() for g in grads), inputs))
+
+
+@pytest.mark.parametrize("op, backend_device", [
+    pytest.param(op, *p.values, marks=p.marks, id=f"{op}-{p.id}")
+    for op in NATIVE_OPS for p in backend_params(op, exclude=("reference",))])
+def test_forward_over_reverse_raises(op, backend_device):
+    """A forward-mode tangent on the gradient sent into a fused backward (forward-over-reverse, as
+    a Hessian-vector product computes) raises, naming the backward op, instead of being dropped
+    from the gradients the backward kernels give; the reference carries it."""
+    backend, device = backend_device
+    if backend != "triton" and not _native(op):
+        pytest.skip("the extension is not built")
+    for name in (backend, "reference"):
+        fn, inputs = _op_calls(name, device)[op]
+        out = fn(*inputs)
+        with forward_ad.dual_level():
+            grad_out = forward_ad.make_dual(torch.ones_like(out), torch.ones_like(out))
+            if name == "reference":
+                grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+                assert any(forward_ad.unpack_dual(g).tangent is not None for g in grads if g is not None)
+                continue
+            with pytest.raises(NotImplementedError, match=r"forward AD with fused_attn::\w*_bwd\w* .*backend='reference'"):
+                torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
 
 
 def test_inference_forms_have_no_derivative():

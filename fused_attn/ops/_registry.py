@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 
 import torch
+from torch.autograd import forward_ad
 
 from ..backends import triton_interpret_mode
 
@@ -43,9 +44,23 @@ def register_pair(
     forward differentiable through ``backward_for(bwd op)``; the backward op is differentiable
     once, as the extension's are: a second derivative raises, saying so. Returns the forward op."""
     register_native_pair(fwd, bwd, fake_fwd=fake_fwd, fake_bwd=fake_bwd)
-    torch.library.register_autograd(
-        f"fused_attn::{fwd}", backward_for(getattr(torch.ops.fused_attn, bwd)), setup_context=setup_context
-    )
+    formula = backward_for(getattr(torch.ops.fused_attn, bwd))
+
+    @functools.wraps(formula)
+    def backward(ctx, *grads):
+        # A forward-mode tangent on a gradient (forward-over-reverse, e.g. a Hessian-vector
+        # product) would be dropped by the backward kernels: refused, as the extension's ops do.
+        # (Tangents on the forward's inputs never get here: the op runs its reference for them.)
+        if forward_ad._current_level >= 0 and any(
+            isinstance(g, torch.Tensor) and forward_ad.unpack_dual(g).tangent is not None for g in grads
+        ):
+            raise NotImplementedError(
+                f"Trying to use forward AD with fused_attn::{bwd} that does not support it: the fused kernels have "
+                "no forward derivative; call the op with backend='reference', or fused_attn.restore(model)"
+            )
+        return formula(ctx, *grads)
+
+    torch.library.register_autograd(f"fused_attn::{fwd}", backward, setup_context=setup_context)
     torch.library.register_autograd(f"fused_attn::{bwd}", _no_second_derivative(bwd))
     return getattr(torch.ops.fused_attn, fwd)
 
