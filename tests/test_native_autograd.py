@@ -175,11 +175,12 @@ def _op_calls(backend: str, device: str) -> dict:
 
 
 NATIVE_OPS = ["layer_norm", "add_layer_norm", "scaled_dot_product_attention", "softmax", "linear_gelu", "ffn"]
+# Each op with each fused backend (cpu, cuda, triton), on the devices it declares.
+FUSED_CALLS = [pytest.param(op, *p.values, marks=p.marks, id=f"{op}-{p.id}")
+               for op in NATIVE_OPS for p in backend_params(op, exclude=("reference",))]
 
 
-@pytest.mark.parametrize("op, backend_device", [
-    pytest.param(op, *p.values, marks=p.marks, id=f"{op}-{p.id}")
-    for op in NATIVE_OPS for p in backend_params(op, exclude=("reference",))])
+@pytest.mark.parametrize("op, backend_device", FUSED_CALLS)
 def test_second_derivative_raises(op, backend_device):
     """The backward kernels are differentiable once: differentiating the gradients raises, rather
     than giving None or zeros for the second derivative, with a message that names the backward
@@ -198,9 +199,7 @@ def test_second_derivative_raises(op, backend_device):
     assert all(g is not None for g in torch.autograd.grad(sum(g.float().square().sum() for g in grads), inputs))
 
 
-@pytest.mark.parametrize("op, backend_device", [
-    pytest.param(op, *p.values, marks=p.marks, id=f"{op}-{p.id}")
-    for op in NATIVE_OPS for p in backend_params(op, exclude=("reference",))])
+@pytest.mark.parametrize("op, backend_device", FUSED_CALLS)
 def test_forward_over_reverse_raises(op, backend_device):
     """A forward-mode tangent on the gradient sent into a fused backward (forward-over-reverse, as
     a Hessian-vector product computes) raises, naming the backward op, instead of being dropped
@@ -208,17 +207,18 @@ def test_forward_over_reverse_raises(op, backend_device):
     backend, device = backend_device
     if backend != "triton" and not _native(op):
         pytest.skip("the extension is not built")
-    for name in (backend, "reference"):
+
+    def backward_with_tangent(name):
         fn, inputs = _op_calls(name, device)[op]
         out = fn(*inputs)
         with forward_ad.dual_level():
             grad_out = forward_ad.make_dual(torch.ones_like(out), torch.ones_like(out))
-            if name == "reference":
-                grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
-                assert any(forward_ad.unpack_dual(g).tangent is not None for g in grads if g is not None)
-                continue
-            with pytest.raises(NotImplementedError, match=r"forward AD with fused_attn::\w*_bwd\w* .*backend='reference'"):
-                torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+            grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+            return [forward_ad.unpack_dual(g).tangent for g in grads if g is not None]
+
+    with pytest.raises(NotImplementedError, match=r"forward AD with fused_attn::\w*_bwd\w* .*backend='reference'"):
+        backward_with_tangent(backend)
+    assert any(tangent is not None for tangent in backward_with_tangent("reference"))
 
 
 def test_inference_forms_have_no_derivative():
