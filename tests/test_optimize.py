@@ -443,9 +443,10 @@ def test_hf_attention_function_takes_grouped_key_value_heads(output_attentions):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_optimized_decoder_generates_with_its_key_value_cache(family):
     """Decoding with transformers' key/value cache through the fused attention: greedy generate()
-    on a left-padded batch gives the same tokens as the plain model, and a chunk of 4 tokens fed
-    after a cached prefix of 5 (its queries see the whole prefix and, causally, each other: a
-    bottom-right causal mask) gives the plain model's logits."""
+    on a left-padded batch gives the same tokens and scores as the plain model (dynamic and
+    static cache), and a chunk of 4 tokens fed after a cached prefix of 5 (its queries see the
+    whole prefix and, causally, each other: a bottom-right causal mask) gives the plain model's
+    logits."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     if family == "llama":
@@ -463,9 +464,14 @@ def test_optimized_decoder_generates_with_its_key_value_cache(family):
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     with torch.no_grad():
-        tokens = [m.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-                  for m in (plain, fused_model)]
-        assert torch.equal(tokens[0], tokens[1])
+        # Also with the static cache: keys and values in a buffer of fixed length, the slots not
+        # yet filled masked out, so each step's key length is the buffer's.
+        for cache_implementation in (None, "static"):
+            options = {"cache_implementation": cache_implementation} if cache_implementation else {}
+            runs = [m.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                               output_scores=True, return_dict_in_generate=True, **options) for m in (plain, fused_model)]
+            assert torch.equal(runs[0].sequences, runs[1].sequences), cache_implementation
+            torch.testing.assert_close(torch.stack(runs[1].scores), torch.stack(runs[0].scores), rtol=1e-5, atol=1e-5)
         assert fused_attn.last_backend("scaled_dot_product_attention") in ("cpu", "triton")
         x = torch.randint(3, 100, (2, 9))
         logits = []
