@@ -51,9 +51,7 @@ def register_pair(
         # A forward-mode tangent on a gradient (forward-over-reverse, e.g. a Hessian-vector
         # product) would be dropped by the backward kernels: refused, as the extension's ops do.
         # (Tangents on the forward's inputs never get here: the op runs its reference for them.)
-        if forward_ad._current_level >= 0 and any(
-            isinstance(g, torch.Tensor) and forward_ad.unpack_dual(g).tangent is not None for g in grads
-        ):
+        if any(isinstance(g, torch.Tensor) and forward_ad.unpack_dual(g).tangent is not None for g in grads):
             raise NotImplementedError(
                 f"Trying to use forward AD with fused_attn::{bwd} that does not support it: the fused kernels have "
                 "no forward derivative; call the op with backend='reference', or fused_attn.restore(model)"
