@@ -179,7 +179,9 @@ struct Elem<at::Half> {
     return static_cast<uint32_t>(from_float(lo)) | (static_cast<uint32_t>(from_float(hi)) << 16);
   }
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if FUSED_ATTN_SM80
+#if defined(FUSED_ATTN_CUDA_EMULATION)
+    cuda_emu::mma_m16n8k16(d, a, b0, b1, /*bf16=*/false);
+#elif FUSED_ATTN_SM80
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
@@ -203,7 +205,9 @@ struct Elem<at::BFloat16> {
     return static_cast<uint32_t>(from_float(lo)) | (static_cast<uint32_t>(from_float(hi)) << 16);
   }
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if FUSED_ATTN_SM80
+#if defined(FUSED_ATTN_CUDA_EMULATION)
+    cuda_emu::mma_m16n8k16(d, a, b0, b1, /*bf16=*/true);
+#elif FUSED_ATTN_SM80
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
@@ -235,7 +239,9 @@ __device__ __forceinline__ void store_float(T* p, int64_t i, float x) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// PTX wrappers: shared-memory matrix loads, asynchronous copies.
+// PTX wrappers: shared-memory matrix loads, asynchronous copies. Every inline PTX instruction of the
+// kernels is in one of these wrappers (and Elem<T>::mma): compiled with FUSED_ATTN_CUDA_EMULATION they
+// call the host emulator of tests/cuda_emu instead, which runs these kernels on a CPU in the tests.
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -245,7 +251,9 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 // element (l / 4, 2 * (l % 4) + {0, 1}) of each matrix in r[0..3] (.trans: element (2 * (l % 4) + {0, 1},
 // l / 4), i.e. of the transposed matrix).
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-#if FUSED_ATTN_SM80
+#if defined(FUSED_ATTN_CUDA_EMULATION)
+  cuda_emu::ldmatrix_x4(r, addr, /*trans=*/false);
+#elif FUSED_ATTN_SM80
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
@@ -256,7 +264,9 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
 }
 
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-#if FUSED_ATTN_SM80
+#if defined(FUSED_ATTN_CUDA_EMULATION)
+  cuda_emu::ldmatrix_x4(r, addr, /*trans=*/true);
+#elif FUSED_ATTN_SM80
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
@@ -268,7 +278,9 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
 
 // 16 bytes global -> shared, bypassing L1; valid == false writes 16 zero bytes (src is not read).
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-#if FUSED_ATTN_SM80
+#if defined(FUSED_ATTN_CUDA_EMULATION)
+  cuda_emu::cp_async_16(dst, src, valid ? 16 : 0);
+#elif FUSED_ATTN_SM80
   const int src_bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 #else
@@ -280,14 +292,18 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool 
 }
 
 __device__ __forceinline__ void cp_async_commit() {
-#if FUSED_ATTN_SM80
+#if defined(FUSED_ATTN_CUDA_EMULATION)
+  cuda_emu::cp_async_commit();
+#elif FUSED_ATTN_SM80
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 
 // Waits until at most one commit group (the most recent) is still in flight.
 __device__ __forceinline__ void cp_async_wait_all_but_one() {
-#if FUSED_ATTN_SM80
+#if defined(FUSED_ATTN_CUDA_EMULATION)
+  cuda_emu::cp_async_wait(1);
+#elif FUSED_ATTN_SM80
   asm volatile("cp.async.wait_group 1;\n" ::: "memory");
 #endif
 }

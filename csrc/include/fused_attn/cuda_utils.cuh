@@ -31,27 +31,39 @@ struct alignas(sizeof(T) * N) AlignedVector {
 // under --use_fast_math (whose flush-to-zero would turn subnormal kept values into 0): the bits of the
 // CPU and Triton kernels. A multiply, not a select, so a dropped NaN or inf gives NaN.
 __device__ __forceinline__ float dropout_value(float v, bool keep, float keep_prob) {
+#if defined(FUSED_ATTN_CUDA_EMULATION)
+  return (v * (keep ? 1.f : 0.f)) / keep_prob;
+#else
   float kept, out;
   asm("mul.rn.f32 %0, %1, %2;" : "=f"(kept) : "f"(v), "f"(keep ? 1.f : 0.f));
   asm("div.rn.f32 %0, %1, %2;" : "=f"(out) : "f"(kept), "f"(keep_prob));
   return out;
+#endif
 }
 
 // a + b in IEEE float arithmetic even under --use_fast_math, which would flush subnormal operands and
 // sums to zero: for plain sums the kernels return (Add & Norm's pre-norm sum and residual gradient),
 // which then carry the CPU and Triton kernels' bits for subnormal values too.
 __device__ __forceinline__ float add_rn(float a, float b) {
+#if defined(FUSED_ATTN_CUDA_EMULATION)
+  return a + b;
+#else
   float out;
   asm("add.rn.f32 %0, %1, %2;" : "=f"(out) : "f"(a), "f"(b));
   return out;
+#endif
 }
 
 // a * b + c in IEEE float arithmetic even under --use_fast_math: a square whose value is subnormal (a
 // deviation below 1e-19) is kept, not flushed to zero (LayerNorm's sum of squared deviations).
 __device__ __forceinline__ float fma_rn(float a, float b, float c) {
+#if defined(FUSED_ATTN_CUDA_EMULATION)
+  return std::fma(a, b, c);
+#else
   float out;
   asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(out) : "f"(a), "f"(b), "f"(c));
   return out;
+#endif
 }
 
 // Host-side test deciding whether a pointer may take the vector path; nullptr counts as aligned so that

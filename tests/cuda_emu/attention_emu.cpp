@@ -1,0 +1,58 @@
+// csrc/cuda/attention.cu compiled for the host emulator (tests/cuda_emu/cuda_emu.h) and registered as the
+// fused_attn_emu ops, with the CUDA kernels' schemas, on CPU tensors: attention_fwd, attention_bwd,
+// softmax_fwd, softmax_bwd, configure(multiprocessors, copies_at_wait, schedule_seed), and self_test(case):
+// kernels with the faults the emulator reports (0 divergent warp, 1 deadlock, 2 shared memory out of range).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "cuda_emu.h"
+// The kernels' source as tests/cuda_emu/emu_build.py rewrote it (<<<...>>> launches, extern __shared__).
+#include "attention_emulated.inc"
+
+namespace {
+
+void configure(int64_t multiprocessors, bool copies_at_wait, int64_t schedule_seed) {
+  TORCH_CHECK(multiprocessors > 0, "multiprocessors must be positive, got ", multiprocessors);
+  cuda_emu::multiprocessors = static_cast<int>(multiprocessors);
+  cuda_emu::copies_at_wait = copies_at_wait;
+  cuda_emu::schedule_seed = static_cast<uint64_t>(schedule_seed);
+}
+
+__global__ void faulty_kernel(int fault, int* out) {
+  const int t = static_cast<int>(threadIdx.x);
+  if (fault == 0) {  // half the lanes at a shuffle, the other half at a tensor-core product
+    if (t % 2 == 0) {
+      out[t] = __shfl_xor_sync(0xffffffffu, t, 1);
+    } else {
+      float d[4] = {0.f, 0.f, 0.f, 0.f};
+      const uint32_t a[4] = {0, 0, 0, 0};
+      cuda_emu::mma_m16n8k16(d, a, 0, 0, false);
+    }
+  } else if (fault == 1) {  // a barrier half the block never reaches
+    if (t % 2 == 0) {
+      __syncthreads();
+    } else {
+      out[t] = __shfl_xor_sync(0xffffffffu, t, 1);
+    }
+  } else {
+    uint32_t r[4];
+    cuda_emu::ldmatrix_x4(r, 1024 + 16 * static_cast<uint32_t>(t), false);
+    out[t] = static_cast<int>(r[0]);
+  }
+}
+
+void self_test(int64_t fault) {
+  at::Tensor out = at::zeros({128}, at::kInt);
+  ::cuda_emu::launch(faulty_kernel, 1u, 128u, 1024)(static_cast<int>(fault), out.mutable_data_ptr<int>());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fused_attn_emu, m) {
+  m.def("attention_fwd", &fused_attn::attention_fwd_cuda);
+  m.def("attention_bwd", &fused_attn::attention_bwd_cuda);
+  m.def("softmax_fwd", &fused_attn::softmax_fwd_cuda);
+  m.def("softmax_bwd", &fused_attn::softmax_bwd_cuda);
+  m.def("configure", &configure);
+  m.def("self_test", &self_test);
+}

@@ -1,0 +1,78 @@
+"""Builds csrc/cuda/attention.cu for the host emulator (tests/cuda_emu/cuda_emu.h) as the
+``fused_attn_emu`` ops (tests/test_cuda_emulated.py).
+
+The kernels' source is compiled as C++ after three rewrites, each of which must apply exactly as
+often as listed (else the source has changed shape and this build says so): ``kernel<<<grid, block,
+smem, stream>>>(args)`` becomes ``::cuda_emu::launch(kernel, grid, block, smem, stream)(args)``,
+``extern __shared__ T name[];`` a pointer to the block's emulated dynamic shared memory, and the
+tensor device checks accept the CPU tensors the emulated kernels read. The CUDA registration block is
+left out (the emulated ops register under their own namespace).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+SOURCE = ROOT / "csrc" / "cuda" / "attention.cu"
+
+LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)<<<(.*?)>>>\(")
+SHARED = re.compile(r"extern __shared__ (\w+) (\w+)\[\];")
+REGISTRATION = re.compile(r"TORCH_LIBRARY_IMPL\(fused_attn, CUDA, m\) \{.*?\n\}\n", re.S)
+REWRITES = (
+    (LAUNCH, r"::cuda_emu::launch(\1, \2)(", 6),
+    (SHARED, r"\1* \2 = ::cuda_emu::dynamic_smem<\1>();", 3),
+    (re.compile(r"\.is_cuda\(\)"), ".is_cpu()", 3),
+    (REGISTRATION, "", 1),
+)
+
+
+def cuda_include() -> Path | None:
+    """The CUDA toolkit's include directory (cuda_fp16.h, cuda_bf16.h, vector types), if any."""
+    for base in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if base and (Path(base) / "include" / "cuda_bf16.h").is_file():
+            return Path(base) / "include"
+    nvcc = shutil.which("nvcc")
+    if nvcc and (Path(nvcc).resolve().parents[1] / "include" / "cuda_bf16.h").is_file():
+        return Path(nvcc).resolve().parents[1] / "include"
+    return None
+
+
+def rewrite(source: str) -> str:
+    for pattern, replacement, count in REWRITES:
+        source, n = pattern.subn(replacement, source)
+        if n != count:
+            raise RuntimeError(f"cuda emulator build: {pattern.pattern!r} matched {n} times in {SOURCE}, expected {count}")
+    return source
+
+
+def build(build_dir: Path, verbose: bool = False) -> None:
+    """Compiles (or reuses, when nothing changed) the emulated kernels and loads their ops."""
+    include = cuda_include()
+    if include is None:
+        raise RuntimeError("the CUDA toolkit's headers (cuda_bf16.h) were not found; set CUDA_HOME")
+    from torch.utils import cpp_extension
+
+    build_dir.mkdir(parents=True, exist_ok=True)
+    generated = build_dir / "attention_emulated.inc"
+    text = rewrite(SOURCE.read_text())
+    if not generated.is_file() or generated.read_text() != text:
+        generated.write_text(text)
+    cpp_extension.load(
+        name="fused_attn_emu",
+        sources=[str(HERE / "attention_emu.cpp")],
+        extra_include_paths=[str(HERE / "include"), str(build_dir), str(ROOT / "csrc" / "include"), str(include)],
+        extra_cflags=["-O2", "-DFUSED_ATTN_CUDA_EMULATION", "-Wno-unknown-pragmas",
+                      "-Wno-unused-function", "-Wno-attributes"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=verbose,
+    )
+    if not hasattr(torch.ops.fused_attn_emu, "attention_fwd"):
+        raise RuntimeError("the emulated kernels were built but their ops did not register")

@@ -1,0 +1,338 @@
+"""The CUDA attention and softmax kernels (csrc/cuda/attention.cu) run here, without a GPU, under the
+host emulator of tests/cuda_emu: every CUDA thread a fiber, the tensor-core products, ldmatrix loads,
+warp shuffles, cp.async copies and barriers computed from their PTX definitions (cuda_emu.h). The
+kernels' own code runs unchanged (only their inline-PTX wrappers call the emulator), launched by their
+own host code on CPU tensors, so parity here checks the tiling, the fragment bookkeeping, masks,
+causal skipping, key spans, grouped heads, dropout, the backward's row statistics and the launchers'
+choices, on every push. It does not check what only the hardware decides (timing, register and shared
+memory limits, the real accumulation order of the tensor cores): the GPU runs (`make gpu-check`) do.
+
+Each case is judged as the GPU parity tests judge the cuda backend (tests/conftest.py: assert_parity),
+and the emulator turns undefined behaviour into errors (divergent warp instructions, deadlocks, shared
+memory out of range), so a failure names the kernel's fault. Besides parity: the results are the same
+bits with either timing of the asynchronous copies, any order of the threads, and both query-row
+layouts (64 and 128 rows per block).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from pathlib import Path
+
+import pytest
+import torch
+
+from fused_attn import reference
+from fused_attn.ops._random import draw_seed
+from fused_attn.ops.attention import attention_with_keep_mask
+
+from .conftest import assert_parity
+from .cuda_emu import emu_build
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+# The emulated device for the parity tests: an H100's 132 multiprocessors, asynchronous copies landing
+# only at the wait that covers them, and warps run one at a time as far ahead as the barriers allow.
+PARITY_CONFIG = (132, True, 1)
+
+
+@pytest.fixture(scope="module")
+def emu():
+    if platform.system() != "Linux":
+        pytest.skip("the CUDA emulator runs on Linux")
+    if emu_build.cuda_include() is None:
+        pytest.skip("the CUDA toolkit's headers are not installed (set CUDA_HOME)")
+    emu_build.build(ROOT / "build" / "cuda_emu")
+    ops = torch.ops.fused_attn_emu
+    ops.configure(*PARITY_CONFIG)
+    yield ops
+
+
+class _Attention(torch.autograd.Function):
+    """The emulated kernels as an autograd function, as fused_attn/ops/attention.py wires the native ops."""
+
+    @staticmethod
+    def forward(ctx, ops, query, key, value, mask, scale, causal, dropout_p, seed):
+        out, stats = ops.attention_fwd(query, key, value, mask, scale, causal, dropout_p, seed)
+        ctx.save_for_backward(query, key, value, mask, stats, seed)
+        ctx.args = (ops, scale, causal, dropout_p)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, mask, stats, seed = ctx.saved_tensors
+        ops, scale, causal, dropout_p = ctx.args
+        needs_mask = bool(ctx.needs_input_grad[4])
+        dq, dk, dv, dmask = ops.attention_bwd(
+            grad_out.contiguous(), query, key, value, mask, stats, scale, causal, dropout_p, seed, needs_mask
+        )
+        return None, dq, dk, dv, (dmask.to(mask.dtype) if needs_mask else None), None, None, None, None
+
+
+def attention(ops, query, key, value, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0, seed=None):
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(*query.shape[:3], key.shape[2])
+    return _Attention.apply(ops, query, key, value, attn_mask, scale, is_causal, dropout_p, seed)
+
+
+def _inputs(batch, heads, q_len, k_len, d, dtype, *, kv_heads=None, dv=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    kv_heads = heads if kv_heads is None else kv_heads
+    q = torch.randn(batch, heads, q_len, d, generator=gen).to(dtype)
+    k = torch.randn(batch, kv_heads, k_len, d, generator=gen).to(dtype)
+    v = torch.randn(batch, kv_heads, k_len, d if dv is None else dv, generator=gen).to(dtype)
+    return q, k, v
+
+
+def _mask(kind, batch, heads, q_len, k_len, dtype, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    if kind in ("none", "causal"):
+        return None
+    if kind in ("padding", "causal+padding", "left-padding"):
+        lengths = torch.randint(1, k_len + 1, (batch,), generator=gen)
+        keep = torch.arange(k_len)[None, :] < lengths[:, None]
+        if kind == "left-padding":
+            keep = keep.flip(-1)
+        return keep.view(batch, 1, 1, k_len)
+    if kind == "bool4d":
+        keep = torch.rand(batch, heads, q_len, k_len, generator=gen) > 0.3
+        keep[..., 0] = True
+        return keep
+    if kind == "bias":
+        return (torch.randn(batch, 1, q_len, k_len, generator=gen) * 2).to(dtype)
+    raise ValueError(kind)
+
+
+def _repeat(t, heads):
+    return t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
+def _parity(ops, q, k, v, mask=None, causal=False, scale=None, mask_grad=False):
+    args = {"query": q, "key": k, "value": v, "attn_mask": mask}
+    heads = q.shape[1]
+    assert_parity(
+        lambda query, key, value, attn_mask: attention(ops, query, key, value, attn_mask, causal, scale),
+        lambda query, key, value, attn_mask: reference.scaled_dot_product_attention(
+            query, _repeat(key, heads), _repeat(value, heads), attn_mask, is_causal=causal, scale=scale
+        ),
+        args,
+        grad_args=("query", "key", "value") + (("attn_mask",) if mask_grad else ()),
+    )
+
+
+@DTYPES
+@pytest.mark.parametrize("kind", ["none", "padding", "left-padding", "bool4d", "bias", "causal", "causal+padding"])
+@pytest.mark.parametrize("lengths", [(77, 77), (77, 128), (130, 61)], ids=["self", "cross", "cross-short"])
+def test_parity_masks(emu, dtype, kind, lengths):
+    q, k, v = _inputs(2, 2, *lengths, 64, dtype)
+    _parity(emu, q, k, v, _mask(kind, 2, 2, *lengths, dtype), causal=kind.startswith("causal"),
+            mask_grad=kind == "bias")
+
+
+@DTYPES
+@pytest.mark.parametrize("head_dim", [8, 16, 40, 64, 96, 128, 200, 256])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_parity_head_dims(emu, dtype, head_dim, causal):
+    q, k, v = _inputs(1, 2, 70, 70, head_dim, dtype)
+    _parity(emu, q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("dims", [(64, 32), (40, 72), (256, 64), (64, 256), (128, 200)], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_parity_value_head_dim_differs(emu, dims, causal):
+    q, k, v = _inputs(1, 2, 37, 45, dims[0], torch.float16, dv=dims[1])
+    _parity(emu, q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("seq", [1, 2, 17, 63, 64, 65, 128, 257])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_parity_sequence_lengths(emu, seq, causal):
+    q, k, v = _inputs(2, 3, seq, seq, 64, torch.float16)
+    _parity(emu, q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("lengths", [(1, 100), (100, 1), (33, 200), (200, 33)], ids=str)
+@pytest.mark.parametrize("kind", ["causal", "causal+padding"])
+def test_parity_causal_cross_lengths(emu, lengths, kind):
+    q, k, v = _inputs(2, 2, *lengths, 32, torch.bfloat16)
+    _parity(emu, q, k, v, _mask(kind, 2, 2, *lengths, torch.bfloat16), causal=True)
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 3, 50, 90), (1, 3, 50, 90), (2, 1, 1, 90), (50, 90)], ids=str)
+def test_parity_float_mask_gradient(emu, mask_shape):
+    q, k, v = _inputs(2, 3, 50, 90, 64, torch.float16)
+    bias = (torch.randn(mask_shape, generator=torch.Generator().manual_seed(3)) * 2).to(torch.float16)
+    _parity(emu, q, k, v, bias, mask_grad=True)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+@pytest.mark.parametrize("kind", ["none", "causal", "padding"])
+def test_parity_grouped_query_heads(emu, kv_heads, kind):
+    q, k, v = _inputs(2, 4, 40, 130, 64, torch.float16, kv_heads=kv_heads)
+    _parity(emu, q, k, v, _mask(kind, 2, 4, 40, 130, torch.float16), causal=kind == "causal")
+
+
+def test_parity_strided_unaligned_views(emu):
+    """Rows not 16-byte aligned (head dim 40 read from a packed QKV buffer at odd offsets) take the
+    element-copy path; a [B, L, H, D] layout is read through its strides."""
+    gen = torch.Generator().manual_seed(7)
+    packed = torch.randn(2, 51, 3 * 3 * 36 + 1, generator=gen).to(torch.float16)
+    q, k, v = (packed[..., 1 + i * 108: 1 + (i + 1) * 108].unflatten(-1, (3, 36)).transpose(1, 2) for i in range(3))
+    _parity(emu, q, k, v, causal=True)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _inputs(2, 3, 70, 70, 64, torch.float16))
+    _parity(emu, q, k, v, _mask("padding", 2, 3, 70, 70, torch.float16))
+
+
+@pytest.mark.parametrize("kind", ["bool4d", "padding", "causal-bias"])
+def test_fully_masked_rows_give_zero_and_zero_grads(emu, kind):
+    q, k, v = _inputs(2, 2, 40, 70, 64, torch.float16)
+    if kind == "bool4d":
+        mask = torch.rand(2, 2, 40, 70, generator=torch.Generator().manual_seed(2)) > 0.5
+        mask[:, :, 5] = False
+    elif kind == "padding":
+        mask = torch.ones(2, 1, 1, 70, dtype=torch.bool)
+        mask[1] = False
+    else:
+        mask = torch.zeros(2, 2, 40, 70, dtype=torch.float16)
+        mask[:, :, 7] = float("-inf")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = attention(emu, q, k, v, mask)
+    out.backward(torch.randn_like(out))
+    rows = (mask if mask.dtype == torch.bool else mask == 0).expand(2, 2, 40, 70).any(-1)
+    assert torch.equal(out[~rows], torch.zeros_like(out[~rows]))
+    assert torch.equal(q.grad[~rows], torch.zeros_like(q.grad[~rows]))
+    assert bool(torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all())
+    _parity(emu, *(t.detach() for t in (q, k, v)), mask)
+
+
+@pytest.mark.parametrize("value", [-1e4, -1e9, float("-inf")], ids=str)
+def test_rows_masked_by_a_huge_bias(emu, value):
+    q, k, v = _inputs(1, 2, 33, 70, 64, torch.float16)
+    bias = torch.zeros(1, 2, 33, 70)
+    bias[..., 10:] = value
+    _parity(emu, q, k, v, bias)
+
+
+@pytest.mark.parametrize("scale", [0.05, 3.0])
+def test_peaked_rows_and_custom_scale(emu, scale):
+    q, k, v = _inputs(1, 2, 65, 65, 64, torch.bfloat16)
+    _parity(emu, q * 4, k * 4, v, scale=scale)
+
+
+@pytest.mark.parametrize("kind", ["none", "causal", "padding", "bias"])
+def test_dropout_matches_the_reference_fed_the_shared_keep_mask(emu, kind):
+    """Every backend draws the same keep-mask from the seed (csrc/include/fused_attn/philox.h): the
+    emulated kernels' forward and backward equal the reference fed the Triton kernel's mask."""
+    q, k, v = _inputs(2, 3, 64, 80, 32, torch.float16)
+    mask = _mask(kind, 2, 3, 64, 80, torch.float16)
+    causal, p = kind == "causal", 0.3
+    torch.manual_seed(1234)
+    _, keep = attention_with_keep_mask(q, k, v, mask, dropout_p=p, is_causal=causal)
+    torch.manual_seed(1234)
+    seed = draw_seed(p)
+    assert_parity(
+        lambda query, key, value, attn_mask: attention(emu, query, key, value, attn_mask, causal, None, p, seed),
+        lambda query, key, value, attn_mask: reference.scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p=p, is_causal=causal, dropout_mask=keep
+        ),
+        {"query": q, "key": k, "value": v, "attn_mask": mask},
+        grad_args=("query", "key", "value") + (("attn_mask",) if kind == "bias" else ()),
+    )
+
+
+def _run_all(ops, q, k, v, mask, causal, dropout_p=0.0):
+    seed = torch.tensor(99) if dropout_p > 0 else None
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    mask = None if mask is None else mask.detach().requires_grad_(mask.is_floating_point())
+    out = attention(ops, q, k, v, mask, causal, None, dropout_p, seed)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.dtype))
+    return [out, q.grad, k.grad, v.grad] + ([mask.grad] if mask is not None and mask.is_floating_point() else [])
+
+
+CONFIG_CASES = {
+    "d64-causal": dict(q_len=200, k_len=200, d=64, kind="causal"),
+    "d128-padding-dropout": dict(q_len=150, k_len=97, d=128, kind="padding", dropout_p=0.2),
+    "d32-bias": dict(q_len=130, k_len=70, d=32, kind="bias"),
+    "d256": dict(q_len=70, k_len=70, d=256, kind="none"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES), ids=str)
+def test_same_bits_for_every_schedule_copy_timing_and_row_layout(emu, case):
+    """Copies performed when issued or at their wait, threads resumed in shuffled orders, and 64 or 128
+    query rows per block (the launchers pick 128 when the blocks fill the device: one multiprocessor
+    here) give bitwise the same outputs and gradients."""
+    c = dict(CONFIG_CASES[case])
+    kind, dropout_p = c.pop("kind"), c.pop("dropout_p", 0.0)
+    q, k, v = _inputs(2, 2, c["q_len"], c["k_len"], c["d"], torch.float16)
+    mask = _mask(kind, 2, 2, c["q_len"], c["k_len"], torch.float16)
+    runs = []
+    try:
+        for multiprocessors, at_wait, order_seed in [(10**6, False, 0), (10**6, True, 7), (1, False, 3), (1, True, 0)]:
+            emu.configure(multiprocessors, at_wait, order_seed)
+            runs.append(_run_all(emu, q, k, v, mask, kind == "causal", dropout_p))
+    finally:
+        emu.configure(*PARITY_CONFIG)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+# Softmax: softmax(input * scale + mask) over the last dim, a warp per row up to 1024 elements, a block
+# per row above, rows cached in registers up to 32 / 8 elements per thread.
+
+class _Softmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ops, x, mask, scale, causal):
+        y = ops.softmax_fwd(x, mask, scale, causal)
+        ctx.save_for_backward(y)
+        ctx.args = (ops, scale)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (y,) = ctx.saved_tensors
+        ops, scale = ctx.args
+        needs_mask = bool(ctx.needs_input_grad[2])
+        dx, dmask = ops.softmax_bwd(grad_out.contiguous(), y, scale, needs_mask)
+        return None, dx, (dmask if needs_mask else None), None, None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n", [1, 7, 32, 100, 256, 1000, 1025, 3000])
+@pytest.mark.parametrize("kind", ["none", "bool", "bias", "causal"])
+def test_softmax_parity(emu, dtype, n, kind):
+    gen = torch.Generator().manual_seed(n)
+    x = (torch.randn(2, 2, 5, n, generator=gen) * 3).to(dtype)
+    mask = None
+    if kind == "bool":
+        mask = torch.rand(2, 1, 5, n, generator=gen) > 0.3
+        mask[..., 0] = True
+    elif kind == "bias":
+        mask = torch.randn(1, 2, 5, n, generator=gen).to(dtype)
+    causal = kind == "causal"
+    assert_parity(
+        lambda input, mask: _Softmax.apply(emu, input, None if mask is None else mask.expand_as(input), 0.7, causal),
+        lambda input, mask: reference.softmax(input, mask=mask, scale=0.7, is_causal=causal),
+        {"input": x, "mask": mask},
+        grad_args=("input",) + (("mask",) if kind == "bias" else ()),
+    )
+
+
+def test_softmax_fully_masked_rows_are_zero(emu):
+    x = torch.randn(1, 1, 4, 50).to(torch.float16).requires_grad_()
+    mask = torch.ones(1, 1, 4, 50, dtype=torch.bool)
+    mask[0, 0, 2] = False
+    y = _Softmax.apply(emu, x, mask, 1.0, False)
+    y.backward(torch.randn_like(y))
+    assert torch.equal(y[0, 0, 2], torch.zeros(50, dtype=torch.float16))
+    assert torch.equal(x.grad[0, 0, 2], torch.zeros(50, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("fault, message", [(0, "divergent warp"), (1, "deadlock"), (2, "past the 1024 bytes")])
+def test_emulator_reports_undefined_behaviour(emu, fault, message):
+    """What the hardware leaves undefined is an error of the launch here, not a hang or a guess."""
+    with pytest.raises(RuntimeError, match=message):
+        emu.self_test(fault)
