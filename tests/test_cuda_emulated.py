@@ -1,10 +1,11 @@
-"""The CUDA attention and softmax kernels (csrc/cuda/attention.cu) run here, without a GPU, under the
-host emulator of tests/cuda_emu: every CUDA thread a fiber, the tensor-core products, ldmatrix loads,
-warp shuffles, cp.async copies and barriers computed from their PTX definitions (cuda_emu.h). The
-kernels' own code runs unchanged (only their inline-PTX wrappers call the emulator), launched by their
-own host code on CPU tensors, so parity here checks the tiling, the fragment bookkeeping, masks,
-causal skipping, key spans, grouped heads, dropout, the backward's row statistics and the launchers'
-choices, on every push. It does not check what only the hardware decides (timing, register and shared
+"""The CUDA attention, softmax, LayerNorm and Add & Norm kernels (csrc/cuda/attention.cu, layer_norm.cu)
+run here, without a GPU, under the host emulator of tests/cuda_emu: every CUDA thread a fiber, the
+tensor-core products, ldmatrix loads, warp shuffles, cp.async copies and barriers computed from their
+PTX definitions (cuda_emu.h). The kernels' own code runs unchanged (only their inline-PTX wrappers call
+the emulator), launched by their own host code on CPU tensors, so parity here checks the tiling, the
+fragment bookkeeping, masks, causal skipping, key spans, grouped heads, dropout, the backward's row
+statistics, the row mappings, vector paths and parameter-gradient splits, and the launchers' choices,
+on every push. It does not check what only the hardware decides (timing, register and shared
 memory limits, the real accumulation order of the tensor cores): the GPU runs (`make gpu-check`) do.
 
 Each case is judged as the GPU parity tests judge the cuda backend (tests/conftest.py: assert_parity),
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import math
 import platform
+import warnings
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ import torch
 
 from fused_attn import reference
 from fused_attn.ops._random import draw_seed
+from fused_attn.ops.add_layer_norm import add_layer_norm_keep_mask
 from fused_attn.ops.attention import attention_with_keep_mask
 
 from .conftest import assert_parity
@@ -336,3 +339,125 @@ def test_emulator_reports_undefined_behaviour(emu, fault, message):
     """What the hardware leaves undefined is an error of the launch here, not a hang or a guess."""
     with pytest.raises(RuntimeError, match=message):
         emu.self_test(fault)
+
+
+# LayerNorm and Add & Norm (csrc/cuda/layer_norm.cu): a warp per row up to hidden 1024, a block per row
+# above; vector access where every pointer is 16-byte aligned; parameter gradients by column partials
+# over row splits, then a finalize kernel.
+
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ops, x, weight, bias, eps):
+        y, mean, rstd = ops.layer_norm_fwd(x, weight, bias, eps)
+        ctx.save_for_backward(x, mean, rstd, weight)
+        ctx.ops = ops
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, mean, rstd, weight = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[1:4])
+        grads = ctx.ops.layer_norm_bwd(grad_out.contiguous(), x, mean, rstd, weight, needs)
+        return None, *(g if need else None for g, need in zip(grads, needs)), None
+
+
+class _AddLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ops, x, residual, weight, bias, input_bias, eps, dropout_p, seed):
+        out, prenorm, mean, rstd = ops.add_layer_norm_fwd(x, residual, weight, bias, input_bias, eps, dropout_p, seed)
+        assert torch.equal(out, ops.add_layer_norm_inference(x, residual, weight, bias, input_bias, eps, dropout_p, seed))
+        ctx.save_for_backward(prenorm, mean, rstd, weight, seed)
+        ctx.args = (ops, dropout_p)
+        return out, prenorm
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_prenorm):
+        prenorm, mean, rstd, weight, seed = ctx.saved_tensors
+        ops, dropout_p = ctx.args
+        needs = list(ctx.needs_input_grad[1:6])
+        grads = ops.add_layer_norm_bwd(
+            grad_out.contiguous(), None if grad_prenorm is None else grad_prenorm.contiguous(), prenorm, mean, rstd,
+            weight, dropout_p, seed, needs,
+        )
+        return None, *(g if need else None for g, need in zip(grads, needs)), None, None, None
+
+
+def _rows(rows, hidden, dtype, seed=0, misaligned=False):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, hidden, generator=gen) * 2 + 0.5).to(dtype)
+    if misaligned:  # contiguous, but one element past a 16-byte boundary: the scalar path
+        buffer = torch.empty(rows * hidden + 1, dtype=dtype)
+        buffer[1:] = x.flatten()
+        x = buffer[1:].view(rows, hidden)
+    return x
+
+
+def _params(hidden, dtype, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype), (0.1 * torch.randn(hidden, generator=gen)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("hidden", [1, 7, 64, 100, 768, 1024, 1025, 4000])
+@pytest.mark.parametrize("params", ["same", "float32", "none"])
+def test_layer_norm_parity(emu, dtype, hidden, params):
+    x = _rows(37, hidden, dtype)
+    w, b = _params(hidden, dtype if params == "same" else torch.float32)
+    if params == "none":
+        w = b = None
+    assert_parity(
+        lambda input, weight, bias: _LayerNorm.apply(emu, input, weight, bias, 1e-5),
+        lambda input, weight, bias: reference.layer_norm(input, (hidden,), weight, bias, 1e-5),
+        {"input": x, "weight": w, "bias": b},
+        grad_args=("input",) + (("weight", "bias") if w is not None else ()),
+    )
+
+
+@pytest.mark.parametrize("shape", [(3000, 40), (700, 1536), (5, 8)], ids=str)
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+def test_layer_norm_parity_row_splits_and_alignment(emu, shape, misaligned):
+    x = _rows(*shape, torch.float16, misaligned=misaligned)
+    w, b = _params(shape[1], torch.float16)
+    assert_parity(
+        lambda input, weight, bias: _LayerNorm.apply(emu, input, weight, bias, 1e-5),
+        lambda input, weight, bias: reference.layer_norm(input, (shape[1],), weight, bias, 1e-5),
+        {"input": x, "weight": w, "bias": b},
+        grad_args=("input", "weight", "bias"),
+    )
+
+
+def test_layer_norm_constant_rows_give_the_bias(emu):
+    x = torch.full((4, 300), 3.25, dtype=torch.float16)
+    w, b = _params(300, torch.float16)
+    y, _, _ = emu.layer_norm_fwd(x, w, b, 1e-5)
+    assert torch.equal(y, b.expand(4, 300))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("hidden", [8, 768, 1030])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("prenorm_grad", [False, True], ids=["post-ln", "pre-ln"])
+def test_add_layer_norm_parity(emu, dtype, hidden, dropout_p, prenorm_grad):
+    """Forward, the pre-norm sum, and every gradient, with the dropout keep-mask every backend draws from
+    the seed (replayed from the Triton kernel's draw); the inference form gives the forward's bits."""
+    x, residual = _rows(21, hidden, dtype, seed=2), _rows(21, hidden, dtype, seed=3)
+    w, b = _params(hidden, torch.float32 if dtype != torch.float32 else dtype)
+    input_bias = _params(hidden, dtype, seed=4)[1]
+    torch.manual_seed(77)
+    with warnings.catch_warnings():  # the interpreter's numpy on the mask-drawing call's zero variance
+        warnings.simplefilter("ignore", RuntimeWarning)
+        keep = add_layer_norm_keep_mask((21, hidden), dropout_p, "cpu") if dropout_p > 0 else None
+    torch.manual_seed(77)
+    seed = draw_seed(dropout_p)
+
+    def fused(input, residual, weight, bias, input_bias):
+        out, prenorm = _AddLayerNorm.apply(emu, input, residual, weight, bias, input_bias, 1e-5, dropout_p, seed)
+        return out + prenorm if prenorm_grad else out
+
+    def plain(input, residual, weight, bias, input_bias):
+        out, prenorm = reference.add_layer_norm(input, residual, weight, bias, 1e-5, dropout_p, input_bias,
+                                                return_prenorm=True, dropout_mask=keep)
+        return out + prenorm if prenorm_grad else out
+
+    assert_parity(fused, plain, {"input": x, "residual": residual, "weight": w, "bias": b, "input_bias": input_bias},
+                  grad_args=("input", "residual", "weight", "bias", "input_bias"))

@@ -48,7 +48,7 @@ void self_test(int64_t fault) {
 
 }  // namespace
 
-TORCH_LIBRARY(fused_attn_emu, m) {
+TORCH_LIBRARY_FRAGMENT(fused_attn_emu, m) {
   m.def("attention_fwd", &fused_attn::attention_fwd_cuda);
   m.def("attention_bwd", &fused_attn::attention_bwd_cuda);
   m.def("softmax_fwd", &fused_attn::softmax_fwd_cuda);

@@ -72,11 +72,12 @@ namespace cuda_emu {
 
 #if defined(__x86_64__)
 // Saves the callee-saved registers on the current stack, stores the stack pointer in *from and
-// continues on the stack `to` (System V x86-64).
+// continues on the stack `to` (System V x86-64). Weak: every translation unit that includes this header
+// defines it.
 extern "C" void cuda_emu_switch(void** from, void* to);
 asm(R"(
 .text
-.globl cuda_emu_switch
+.weak cuda_emu_switch
 .type cuda_emu_switch,@function
 cuda_emu_switch:
   pushq %rbp
@@ -581,5 +582,8 @@ inline unsigned __umulhi(unsigned a, unsigned b) {
   return static_cast<unsigned>((static_cast<uint64_t>(a) * b) >> 32);
 }
 inline size_t __cvta_generic_to_shared(const void* p) { return ::cuda_emu::smem_offset(p); }
+using std::isfinite;
+using std::isinf;
+using std::isnan;
 using std::max;
 using std::min;

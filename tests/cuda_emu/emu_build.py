@@ -1,7 +1,7 @@
-"""Builds csrc/cuda/attention.cu for the host emulator (tests/cuda_emu/cuda_emu.h) as the
-``fused_attn_emu`` ops (tests/test_cuda_emulated.py).
+"""Builds csrc/cuda/attention.cu and layer_norm.cu for the host emulator (tests/cuda_emu/cuda_emu.h)
+as the ``fused_attn_emu`` ops (tests/test_cuda_emulated.py).
 
-The kernels' source is compiled as C++ after three rewrites, each of which must apply exactly as
+Each kernel file's source is compiled as C++ after three rewrites, each of which must apply exactly as
 often as listed (else the source has changed shape and this build says so): ``kernel<<<grid, block,
 smem, stream>>>(args)`` becomes ``::cuda_emu::launch(kernel, grid, block, smem, stream)(args)``,
 ``extern __shared__ T name[];`` a pointer to the block's emulated dynamic shared memory, and the
@@ -20,17 +20,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-SOURCE = ROOT / "csrc" / "cuda" / "attention.cu"
 
-LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)<<<(.*?)>>>\(")
+LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\(")
 SHARED = re.compile(r"extern __shared__ (\w+) (\w+)\[\];")
 REGISTRATION = re.compile(r"TORCH_LIBRARY_IMPL\(fused_attn, CUDA, m\) \{.*?\n\}\n", re.S)
-REWRITES = (
-    (LAUNCH, r"::cuda_emu::launch(\1, \2)(", 6),
-    (SHARED, r"\1* \2 = ::cuda_emu::dynamic_smem<\1>();", 3),
-    (re.compile(r"\.is_cuda\(\)"), ".is_cpu()", 3),
-    (REGISTRATION, "", 1),
-)
+IS_CUDA = re.compile(r"\.is_cuda\(\)")
+# Each kernel file: its launches, extern __shared__ declarations and device checks, as counted in it.
+SOURCES = {"attention": (6, 3, 3), "layer_norm": (6, 0, 3)}
 
 
 def cuda_include() -> Path | None:
@@ -44,11 +40,19 @@ def cuda_include() -> Path | None:
     return None
 
 
-def rewrite(source: str) -> str:
-    for pattern, replacement, count in REWRITES:
+def rewrite(name: str, source: str) -> str:
+    launches, shared, checks = SOURCES[name]
+    rewrites = (
+        (LAUNCH, r"::cuda_emu::launch(\1, \2)(", launches),
+        (SHARED, r"\1* \2 = ::cuda_emu::dynamic_smem<\1>();", shared),
+        (IS_CUDA, ".is_cpu()", checks),
+        (REGISTRATION, "", 1),
+    )
+    for pattern, replacement, count in rewrites:
         source, n = pattern.subn(replacement, source)
         if n != count:
-            raise RuntimeError(f"cuda emulator build: {pattern.pattern!r} matched {n} times in {SOURCE}, expected {count}")
+            raise RuntimeError(f"cuda emulator build: {pattern.pattern!r} matched {n} times in csrc/cuda/{name}.cu, "
+                               f"expected {count}")
     return source
 
 
@@ -60,19 +64,20 @@ def build(build_dir: Path, verbose: bool = False) -> None:
     from torch.utils import cpp_extension
 
     build_dir.mkdir(parents=True, exist_ok=True)
-    generated = build_dir / "attention_emulated.inc"
-    text = rewrite(SOURCE.read_text())
-    if not generated.is_file() or generated.read_text() != text:
-        generated.write_text(text)
+    for name in SOURCES:
+        generated = build_dir / f"{name}_emulated.inc"
+        text = rewrite(name, (ROOT / "csrc" / "cuda" / f"{name}.cu").read_text())
+        if not generated.is_file() or generated.read_text() != text:
+            generated.write_text(text)
     cpp_extension.load(
         name="fused_attn_emu",
-        sources=[str(HERE / "attention_emu.cpp")],
+        sources=[str(HERE / f"{name}_emu.cpp") for name in SOURCES],
         extra_include_paths=[str(HERE / "include"), str(build_dir), str(ROOT / "csrc" / "include"), str(include)],
-        extra_cflags=["-O2", "-DFUSED_ATTN_CUDA_EMULATION", "-Wno-unknown-pragmas",
-                      "-Wno-unused-function", "-Wno-attributes"],
+        extra_cflags=["-O2", "-DFUSED_ATTN_CUDA_EMULATION", "-Wno-unknown-pragmas", "-Wno-unused-function",
+                      "-Wno-attributes"],
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=verbose,
     )
-    if not hasattr(torch.ops.fused_attn_emu, "attention_fwd"):
+    if not hasattr(torch.ops.fused_attn_emu, "layer_norm_fwd"):
         raise RuntimeError("the emulated kernels were built but their ops did not register")
