@@ -1,11 +1,11 @@
-"""The CUDA attention, softmax, LayerNorm and Add & Norm kernels (csrc/cuda/attention.cu, layer_norm.cu)
-run here, without a GPU, under the host emulator of tests/cuda_emu: every CUDA thread a fiber, the
+"""The CUDA kernels (csrc/cuda/attention.cu, layer_norm.cu, ffn.cu; the latter's cuBLASLt calls served
+by tests/cuda_emu/cublaslt_emu.h) run here, without a GPU, under the host emulator of tests/cuda_emu: every CUDA thread a fiber, the
 tensor-core products, ldmatrix loads, warp shuffles, cp.async copies and barriers computed from their
 PTX definitions (cuda_emu.h). The kernels' own code runs unchanged (only their inline-PTX wrappers call
 the emulator), launched by their own host code on CPU tensors, so parity here checks the tiling, the
 fragment bookkeeping, masks, causal skipping, key spans, grouped heads, dropout, the backward's row
-statistics, the row mappings, vector paths and parameter-gradient splits, and the launchers' choices,
-on every push. It does not check what only the hardware decides (timing, register and shared
+statistics, the row mappings, vector paths and parameter-gradient splits, the GEMM descriptors'
+layouts and epilogues, and the launchers' choices, on every push. It does not check what only the hardware decides (timing, register and shared
 memory limits, the real accumulation order of the tensor cores): the GPU runs (`make gpu-check`) do.
 
 Each case is judged as the GPU parity tests judge the cuda backend (tests/conftest.py: assert_parity),
@@ -29,8 +29,9 @@ from fused_attn import reference
 from fused_attn.ops._random import draw_seed
 from fused_attn.ops.add_layer_norm import add_layer_norm_keep_mask
 from fused_attn.ops.attention import attention_with_keep_mask
+from fused_attn.ops.ffn import ffn_keep_mask
 
-from .conftest import assert_parity
+from .conftest import assert_parity, check_tensor_parity
 from .cuda_emu import emu_build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +45,8 @@ PARITY_CONFIG = (132, True, 1)
 def emu():
     if platform.system() != "Linux":
         pytest.skip("the CUDA emulator runs on Linux")
-    if emu_build.cuda_include() is None:
-        pytest.skip("the CUDA toolkit's headers are not installed (set CUDA_HOME)")
+    if emu_build.cuda_include() is None or emu_build.cublas_include() is None:
+        pytest.skip("the CUDA toolkit's and cuBLAS's headers are not installed (set CUDA_HOME)")
     emu_build.build(ROOT / "build" / "cuda_emu")
     ops = torch.ops.fused_attn_emu
     ops.configure(*PARITY_CONFIG)
@@ -461,3 +462,97 @@ def test_add_layer_norm_parity(emu, dtype, hidden, dropout_p, prenorm_grad):
 
     assert_parity(fused, plain, {"input": x, "residual": residual, "weight": w, "bias": b, "input_bias": input_bias},
                   grad_args=("input", "residual", "weight", "bias", "input_bias"))
+
+
+# FFN (csrc/cuda/ffn.cu): cuBLASLt GEMMs (served by tests/cuda_emu/cublaslt_emu.h, which refuses operand
+# shapes and leading dimensions that do not fit together) with their bias and GELU epilogues, the GELU
+# kernels, the bias-gradient reduction, the FFN backward's DGELU epilogue and the FFN's dropout kernel.
+
+class _LinearGelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ops, x, weight, bias, approximate):
+        out, pre = ops.linear_gelu_fwd(x, weight, bias, approximate)
+        assert torch.equal(out, ops.linear_gelu_inference(x, weight, bias, approximate))
+        ctx.save_for_backward(x, weight, pre)
+        ctx.args = (ops, approximate)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, pre = ctx.saved_tensors
+        ops, approximate = ctx.args
+        needs = list(ctx.needs_input_grad[1:4])
+        grads = ops.linear_gelu_bwd(grad_out.contiguous(), x, weight, pre, approximate, needs)
+        scratch = grad_out.clone().contiguous()
+        for a, b in zip(grads, ops.linear_gelu_bwd_scratch(scratch, x, weight, pre, approximate, needs)):
+            assert (a is None and b is None) or torch.equal(a, b)
+        return None, *(g if need else None for g, need in zip(grads, needs)), None
+
+
+LINEAR_SHAPES = {"bert-ish": (40, 96, 128), "odd": (37, 50, 77), "one-row": (1, 64, 32), "one-feature": (9, 1, 24)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape", list(LINEAR_SHAPES), ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_linear_gelu_parity(emu, dtype, approximate, shape, bias):
+    """Forward (the fused GELU epilogue where it serves: tanh, 16-bit, out_features % 8 == 0; else the
+    bias epilogue and the GELU kernel), the inference form's bits, and the gradients (the GELU-gradient
+    kernel with its bias-gradient reduction, two GEMMs), with grad_out as scratch giving the same bits."""
+    rows, inp, out = LINEAR_SHAPES[shape]
+    gen = torch.Generator().manual_seed(rows + out)
+    x = torch.randn(rows, inp, generator=gen).to(dtype)
+    w = (torch.randn(out, inp, generator=gen) / math.sqrt(inp)).to(dtype)
+    b = (torch.randn(out, generator=gen) * 0.5).to(dtype) if bias else None
+    assert_parity(
+        lambda input, weight, bias: _LinearGelu.apply(emu, input, weight, bias, approximate),
+        lambda input, weight, bias: reference.linear_gelu(input, weight, bias, approximate),
+        {"input": x, "weight": w, "bias": b},
+        grad_args=("input", "weight") + (("bias",) if bias else ()),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("hidden", [128, 36])
+def test_ffn_backward_through_the_next_linear(emu, dtype, hidden):
+    """The FFN's first-layer backward from the second layer's gradient: cuBLASLt's DGELU(_BGRAD) epilogue
+    (tanh, 16-bit, hidden % 8 == 0) forms grad_pre and grad_b1 in the GEMM; other calls are declined."""
+    rows, model = 33, 48
+    gen = torch.Generator().manual_seed(hidden)
+    x = torch.randn(rows, model, generator=gen).to(dtype)
+    w1 = (torch.randn(hidden, model, generator=gen) / math.sqrt(model)).to(dtype)
+    b1 = (torch.randn(hidden, generator=gen) * 0.5).to(dtype)
+    w2 = (torch.randn(model, hidden, generator=gen) / math.sqrt(hidden)).to(dtype)
+    grad_next = torch.randn(rows, model, generator=gen).to(dtype)
+    _, pre = emu.linear_gelu_fwd(x, w1, b1, "tanh")
+    dx, dw1, db1, served = emu.linear_gelu_bwd_from_next(grad_next, w2, x, w1, pre, "tanh", [True, True, True])
+    assert served == (hidden % 8 == 0)
+    if not served:
+        return
+
+    def first_layer(input, weight, bias):  # the gradients of sum(grad_next * (gelu(x w1^T + b1) w2^T))
+        return reference.linear_gelu(input, weight, bias, "tanh") @ w2.to(input.dtype).t()
+
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, w1, b1))
+    first_layer(x64, w64, b64).backward(grad_next.double())
+    for name, fused, truth in [("dx", dx, x64.grad), ("dw1", dw1, w64.grad), ("db1", db1, b64.grad)]:
+        plain = [t.detach().clone().requires_grad_() for t in (x, w1, b1)]
+        first_layer(*plain).backward(grad_next)
+        plain_grad = plain[["dx", "dw1", "db1"].index(name)].grad
+        check_tensor_parity(name, fused, plain_grad, truth, factor=3.0, problem_scale=float(truth.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(7, 77), (64, 256)], ids=str)
+def test_ffn_dropout_draws_the_cpu_kernels_mask(emu, dtype, shape):
+    p = 0.3
+    torch.manual_seed(11)
+    keep = ffn_keep_mask(*shape, p, "cpu", "cpu")
+    torch.manual_seed(11)
+    seed = int(draw_seed(p))
+    src = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    dst = torch.empty_like(src)
+    emu.ffn_dropout(src, dst, seed, p)
+    assert torch.equal(dst != 0, keep & (src != 0))
+    assert torch.equal(dst[keep], (src.float()[keep] / (1 - p)).to(dtype))

@@ -1,5 +1,6 @@
-"""Builds csrc/cuda/attention.cu and layer_norm.cu for the host emulator (tests/cuda_emu/cuda_emu.h)
-as the ``fused_attn_emu`` ops (tests/test_cuda_emulated.py).
+"""Builds csrc/cuda/attention.cu, layer_norm.cu and ffn.cu for the host emulator
+(tests/cuda_emu/cuda_emu.h; ffn.cu's cuBLASLt calls served by cublaslt_emu.h) as the ``fused_attn_emu``
+ops (tests/test_cuda_emulated.py).
 
 Each kernel file's source is compiled as C++ after three rewrites, each of which must apply exactly as
 often as listed (else the source has changed shape and this build says so): ``kernel<<<grid, block,
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -26,7 +28,19 @@ SHARED = re.compile(r"extern __shared__ (\w+) (\w+)\[\];")
 REGISTRATION = re.compile(r"TORCH_LIBRARY_IMPL\(fused_attn, CUDA, m\) \{.*?\n\}\n", re.S)
 IS_CUDA = re.compile(r"\.is_cuda\(\)")
 # Each kernel file: its launches, extern __shared__ declarations and device checks, as counted in it.
-SOURCES = {"attention": (6, 3, 3), "layer_norm": (6, 0, 3)}
+SOURCES = {"attention": (6, 3, 3), "layer_norm": (6, 0, 3), "ffn": (5, 0, 3)}
+
+
+def cublas_include() -> Path | None:
+    """The cuBLAS headers' directory (cublasLt.h): the CUDA toolkit's, or the one PyTorch's CUDA wheels
+    install under site-packages/nvidia."""
+    toolkit = cuda_include()
+    if toolkit is not None and (toolkit / "cublasLt.h").is_file():
+        return toolkit
+    for base in map(Path, sys.path):
+        for header in sorted(base.glob("nvidia/*/include/cublasLt.h")) + sorted(base.glob("nvidia/cublas/include/cublasLt.h")):
+            return header.parent
+    return None
 
 
 def cuda_include() -> Path | None:
@@ -58,9 +72,10 @@ def rewrite(name: str, source: str) -> str:
 
 def build(build_dir: Path, verbose: bool = False) -> None:
     """Compiles (or reuses, when nothing changed) the emulated kernels and loads their ops."""
-    include = cuda_include()
-    if include is None:
-        raise RuntimeError("the CUDA toolkit's headers (cuda_bf16.h) were not found; set CUDA_HOME")
+    include, cublas = cuda_include(), cublas_include()
+    if include is None or cublas is None:
+        raise RuntimeError("the CUDA toolkit's headers (cuda_bf16.h) or cuBLAS's (cublasLt.h) were not found; "
+                           "set CUDA_HOME")
     from torch.utils import cpp_extension
 
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -72,8 +87,9 @@ def build(build_dir: Path, verbose: bool = False) -> None:
     cpp_extension.load(
         name="fused_attn_emu",
         sources=[str(HERE / f"{name}_emu.cpp") for name in SOURCES],
-        extra_include_paths=[str(HERE / "include"), str(build_dir), str(ROOT / "csrc" / "include"), str(include)],
-        extra_cflags=["-O2", "-DFUSED_ATTN_CUDA_EMULATION", "-Wno-unknown-pragmas", "-Wno-unused-function",
+        extra_include_paths=[str(HERE / "include"), str(build_dir), str(ROOT / "csrc" / "include"), str(include),
+                            str(cublas)],
+        extra_cflags=["-O2", "-fvisibility=hidden", "-DFUSED_ATTN_CUDA_EMULATION", "-Wno-unknown-pragmas", "-Wno-unused-function",
                       "-Wno-attributes"],
         build_directory=str(build_dir),
         is_python_module=False,
