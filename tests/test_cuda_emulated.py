@@ -1,18 +1,19 @@
-"""The CUDA kernels (csrc/cuda/attention.cu, layer_norm.cu, ffn.cu; the latter's cuBLASLt calls served
-by tests/cuda_emu/cublaslt_emu.h) run here, without a GPU, under the host emulator of tests/cuda_emu: every CUDA thread a fiber, the
-tensor-core products, ldmatrix loads, warp shuffles, cp.async copies and barriers computed from their
-PTX definitions (cuda_emu.h). The kernels' own code runs unchanged (only their inline-PTX wrappers call
-the emulator), launched by their own host code on CPU tensors, so parity here checks the tiling, the
-fragment bookkeeping, masks, causal skipping, key spans, grouped heads, dropout, the backward's row
-statistics, the row mappings, vector paths and parameter-gradient splits, the GEMM descriptors'
-layouts and epilogues, and the launchers' choices, on every push. It does not check what only the hardware decides (timing, register and shared
-memory limits, the real accumulation order of the tensor cores): the GPU runs (`make gpu-check`) do.
+"""The CUDA kernels (csrc/cuda/attention.cu, layer_norm.cu, ffn.cu) run here, without a GPU, under the
+host emulator of tests/cuda_emu: every CUDA thread a fiber, the tensor-core products, ldmatrix loads,
+warp shuffles, cp.async copies and barriers computed from their PTX definitions (cuda_emu.h), ffn.cu's
+cuBLASLt calls served as cuBLASLt documents them (cublaslt_emu.h). The kernels' own code runs unchanged
+(only their inline-PTX wrappers call the emulator), launched by their own host code on CPU tensors, so
+parity here checks the tiling, the fragment bookkeeping, masks, causal skipping, key spans, grouped
+heads, dropout, the backward's row statistics, the row mappings, vector paths and parameter-gradient
+splits, the GEMM descriptors' layouts and epilogues, and the launchers' choices, on every push. It does
+not check what only the hardware decides (timing, register and shared-memory limits, the tensor cores'
+own accumulation order, cuBLASLt's own kernels): the GPU runs (`make gpu-check`) do.
 
 Each case is judged as the GPU parity tests judge the cuda backend (tests/conftest.py: assert_parity),
 and the emulator turns undefined behaviour into errors (divergent warp instructions, deadlocks, shared
-memory out of range), so a failure names the kernel's fault. Besides parity: the results are the same
-bits with either timing of the asynchronous copies, any order of the threads, and both query-row
-layouts (64 and 128 rows per block).
+memory out of range, GEMM descriptors cuBLASLt would reject), so a failure names the kernel's fault.
+Besides parity: the results are the same bits with either timing of the asynchronous copies, any order
+of the threads, and both query-row layouts (64 and 128 rows per block).
 """
 
 from __future__ import annotations
@@ -366,7 +367,8 @@ class _AddLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ops, x, residual, weight, bias, input_bias, eps, dropout_p, seed):
         out, prenorm, mean, rstd = ops.add_layer_norm_fwd(x, residual, weight, bias, input_bias, eps, dropout_p, seed)
-        assert torch.equal(out, ops.add_layer_norm_inference(x, residual, weight, bias, input_bias, eps, dropout_p, seed))
+        inference = ops.add_layer_norm_inference(x, residual, weight, bias, input_bias, eps, dropout_p, seed)
+        assert torch.equal(out, inference)
         ctx.save_for_backward(prenorm, mean, rstd, weight, seed)
         ctx.args = (ops, dropout_p)
         return out, prenorm
@@ -395,7 +397,8 @@ def _rows(rows, hidden, dtype, seed=0, misaligned=False):
 
 def _params(hidden, dtype, seed=1):
     gen = torch.Generator().manual_seed(seed)
-    return (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype), (0.1 * torch.randn(hidden, generator=gen)).to(dtype)
+    weight, bias = 1 + 0.1 * torch.randn(hidden, generator=gen), 0.1 * torch.randn(hidden, generator=gen)
+    return weight.to(dtype), bias.to(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)

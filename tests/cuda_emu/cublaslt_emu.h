@@ -100,8 +100,9 @@ inline cublasStatus_t validate(const MatmulDesc& op, const Layout& a, const Layo
   if (e != CUBLASLT_EPILOGUE_DEFAULT && !needs_bias && !needs_aux) return CUBLAS_STATUS_NOT_SUPPORTED;
   if (needs_bias && op.bias == nullptr) return invalid("a bias epilogue without BIAS_POINTER");
   if (needs_aux && (op.aux == nullptr || op.aux_ld % 8 != 0 || op.aux_ld < static_cast<int64_t>(m))) {
-    return invalid("an auxiliary matrix with pointer set " + std::to_string(op.aux != nullptr) + " and leading dimension " +
-                   std::to_string(op.aux_ld) + " (a multiple of 8, at least " + std::to_string(m) + ")");
+    return invalid(std::string("an auxiliary matrix ") + (op.aux == nullptr ? "without a pointer" : "with a pointer") +
+                   " and leading dimension " + std::to_string(op.aux_ld) + " (a multiple of 8, at least " +
+                   std::to_string(m) + ")");
   }
   return CUBLAS_STATUS_SUCCESS;
 }
@@ -184,10 +185,12 @@ cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t pref) 
   return CUBLAS_STATUS_SUCCESS;
 }
 
-cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t, cublasLtMatmulPreferenceAttributes_t attr,
-                                                           const void*, size_t size) {
+cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t,
+                                                    cublasLtMatmulPreferenceAttributes_t attr, const void*,
+                                                    size_t size) {
   switch (attr) {
-    case CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES: return size == sizeof(uint64_t) ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_INVALID_VALUE;
+    case CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES:
+      return size == sizeof(uint64_t) ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_INVALID_VALUE;
     case CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK:
     case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES:
     case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES:
@@ -199,15 +202,15 @@ cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t, 
 }
 
 cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t a,
-                                                     cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c,
-                                                     cublasLtMatrixLayout_t d, cublasLtMatmulPreference_t, int requested,
-                                                     cublasLtMatmulHeuristicResult_t results[], int* returned) {
+                                              cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c,
+                                              cublasLtMatrixLayout_t d, cublasLtMatmulPreference_t, int requested,
+                                              cublasLtMatmulHeuristicResult_t results[], int* returned) {
   using cuda_emu::lt::Layout;
   *returned = 0;
   if (requested < 1) return CUBLAS_STATUS_INVALID_VALUE;
-  const cublasStatus_t status =
-      cuda_emu::lt::validate(*reinterpret_cast<cuda_emu::lt::MatmulDesc*>(op), *reinterpret_cast<Layout*>(a),
-                             *reinterpret_cast<Layout*>(b), *reinterpret_cast<Layout*>(c), *reinterpret_cast<Layout*>(d));
+  const cublasStatus_t status = cuda_emu::lt::validate(
+      *reinterpret_cast<cuda_emu::lt::MatmulDesc*>(op), *reinterpret_cast<Layout*>(a), *reinterpret_cast<Layout*>(b),
+      *reinterpret_cast<Layout*>(c), *reinterpret_cast<Layout*>(d));
   if (status != CUBLAS_STATUS_SUCCESS) return status;
   std::memset(&results[0], 0, sizeof(results[0]));
   results[0].state = CUBLAS_STATUS_SUCCESS;
@@ -264,7 +267,9 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t desc, const
     for (int64_t i = 0; i < m; ++i) store(D, d.type, i + j * d.ld, result[static_cast<size_t>(i + j * m)]);
   }
   if (e == CUBLASLT_EPILOGUE_DGELU_BGRAD) {
-    for (int64_t i = 0; i < m; ++i) store(const_cast<void*>(op.bias), d.type, i, static_cast<float>(bias_grad[static_cast<size_t>(i)]));
+    for (int64_t i = 0; i < m; ++i) {
+      store(const_cast<void*>(op.bias), d.type, i, static_cast<float>(bias_grad[static_cast<size_t>(i)]));
+    }
   }
   return CUBLAS_STATUS_SUCCESS;
 }

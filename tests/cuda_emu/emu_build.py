@@ -38,7 +38,7 @@ def cublas_include() -> Path | None:
     if toolkit is not None and (toolkit / "cublasLt.h").is_file():
         return toolkit
     for base in map(Path, sys.path):
-        for header in sorted(base.glob("nvidia/*/include/cublasLt.h")) + sorted(base.glob("nvidia/cublas/include/cublasLt.h")):
+        for header in sorted(base.glob("nvidia/*/include/cublasLt.h")):
             return header.parent
     return None
 
@@ -89,8 +89,8 @@ def build(build_dir: Path, verbose: bool = False) -> None:
         sources=[str(HERE / f"{name}_emu.cpp") for name in SOURCES],
         extra_include_paths=[str(HERE / "include"), str(build_dir), str(ROOT / "csrc" / "include"), str(include),
                             str(cublas)],
-        extra_cflags=["-O2", "-fvisibility=hidden", "-DFUSED_ATTN_CUDA_EMULATION", "-Wno-unknown-pragmas", "-Wno-unused-function",
-                      "-Wno-attributes"],
+        extra_cflags=["-O2", "-fvisibility=hidden", "-DFUSED_ATTN_CUDA_EMULATION", "-Wno-unknown-pragmas",
+                      "-Wno-unused-function", "-Wno-attributes"],
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=verbose,
