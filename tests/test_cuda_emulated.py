@@ -559,3 +559,16 @@ def test_ffn_dropout_draws_the_cpu_kernels_mask(emu, dtype, shape):
     emu.ffn_dropout(src, dst, seed, p)
     assert torch.equal(dst != 0, keep & (src != 0))
     assert torch.equal(dst[keep], (src.float()[keep] / (1 - p)).to(dtype))
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 256])
+def test_attention_ldmatrix_reads_are_free_of_bank_conflicts(emu, head_dim):
+    """csrc/cuda/attention.cu pads shared-memory rows by 16 bytes so that the eight rows of every ldmatrix
+    phase fall in eight distinct bank groups: forward and backward, at every padded head dim, take no
+    extra wavefronts (a performance property the emulator can count without a GPU)."""
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 150, 150, head_dim, torch.float16))
+    emu.take_bank_conflicts()
+    attention(emu, q, k, v, is_causal=True).sum().backward()
+    phases, extra = emu.take_bank_conflicts()
+    assert phases > 0
+    assert extra == 0, f"{extra} extra wavefronts over {phases} ldmatrix phases"

@@ -10,7 +10,8 @@
 //    and C (16 x 8) by the ISA's fragment layout (lane l: group l / 4, thread-in-group l % 4), D = A B + C
 //    with exact products summed in double and rounded once to float;
 //  * ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8 m .. 8 m + 7 give the row addresses of
-//    matrix m; lane l receives element (l / 4, 2 (l % 4) + {0, 1}) of each, or of its transpose;
+//    matrix m; lane l receives element (l / 4, 2 (l % 4) + {0, 1}) of each, or of its transpose; its
+//    shared-memory bank conflicts are counted (ldmatrix_extra_wavefronts);
 //  * __shfl_xor_sync: lane l receives lane (l ^ mask)'s value;
 //  * cp.async.cg.shared.global with commit_group / wait_group: copies in commit groups, performed either
 //    when issued or at the latest moment the ISA allows (the wait that covers their group), chosen per
@@ -163,6 +164,10 @@ inline thread_local Runtime rt;
 inline bool copies_at_wait = false;  // cp.async timing: false = when issued, true = at the covering wait
 inline uint64_t schedule_seed = 0;
 inline int multiprocessors = 132;
+// Shared-memory bank conflicts of ldmatrix: each of its four phases reads eight 16-byte rows, one
+// wavefront when they fall in eight distinct groups of four 4-byte banks, one more per row sharing a group.
+inline int64_t ldmatrix_phases = 0;
+inline int64_t ldmatrix_extra_wavefronts = 0;
 
 struct Abort {};  // unwinds a fiber whose launch has failed
 
@@ -340,7 +345,13 @@ inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr, bool trans) {
     if (w.lanes != kWarp) fail("ldmatrix in a partial warp");
     uint16_t m[4][8][8];
     for (int mat = 0; mat < 4; ++mat) {
-      for (int row = 0; row < 8; ++row) std::memcpy(m[mat][row], smem_at(w.in[mat * 8 + row][0], 16, 16), 16);
+      int rows_in_group[8] = {};
+      for (int row = 0; row < 8; ++row) {
+        std::memcpy(m[mat][row], smem_at(w.in[mat * 8 + row][0], 16, 16), 16);
+        rows_in_group[(w.in[mat * 8 + row][0] / 16) % 8] += 1;
+      }
+      ldmatrix_phases += 1;
+      ldmatrix_extra_wavefronts += *std::max_element(rows_in_group, rows_in_group + 8) - 1;
     }
     for (int l = 0; l < kWarp; ++l) {
       const int a = l / 4, b = 2 * (l % 4);
