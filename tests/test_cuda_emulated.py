@@ -13,13 +13,17 @@ Each case is judged as the GPU parity tests judge the cuda backend (tests/confte
 and the emulator turns undefined behaviour into errors (divergent warp instructions, deadlocks, shared
 memory out of range, GEMM descriptors cuBLASLt would reject), so a failure names the kernel's fault.
 Besides parity: the results are the same bits with either timing of the asynchronous copies, any order
-of the threads, and both query-row layouts (64 and 128 rows per block).
+of the threads, and both query-row layouts (64 and 128 rows per block); ldmatrix reads are free of bank
+conflicts; and under AddressSanitizer no kernel touches memory outside its tensors.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import platform
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -572,3 +576,17 @@ def test_attention_ldmatrix_reads_are_free_of_bank_conflicts(emu, head_dim):
     phases, extra = emu.take_bank_conflicts()
     assert phases > 0
     assert extra == 0, f"{extra} extra wavefronts over {phases} ldmatrix phases"
+
+
+def test_memcheck_no_access_outside_any_tensor(emu, tmp_path):
+    """The kernels built with AddressSanitizer (tests/cuda_emu/memcheck.py, in a process of its own with
+    the runtime preloaded) over cases that reach every load path: no read or write outside a tensor's
+    allocation (the emulator's counterpart of compute-sanitizer's memcheck)."""
+    runtime = emu_build.asan_runtime()
+    if runtime is None:
+        pytest.skip("GCC's AddressSanitizer runtime is not installed")
+    env = dict(os.environ, LD_PRELOAD=str(runtime), ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1")
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "cuda_emu" / "memcheck.py")], env=env,
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0 and "AddressSanitizer" not in result.stderr, result.stderr[-6000:]
+    assert int(result.stdout.split()[-1]) >= 90

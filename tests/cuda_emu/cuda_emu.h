@@ -52,6 +52,10 @@
 #if !defined(__x86_64__)
 #include <ucontext.h>
 #endif
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 #undef __global__
 #undef __device__
@@ -109,7 +113,9 @@ struct Fiber {
 #else
   ucontext_t ctx;
 #endif
-  char* stack = nullptr;
+  // The stack's lowest address and size (the scheduler's as AddressSanitizer reports it).
+  const void* stack = nullptr;
+  size_t stack_size = 0;
 };
 
 enum class Op { None, Shfl, Mma, Ldmatrix, LdmatrixTrans };
@@ -171,11 +177,22 @@ inline int64_t ldmatrix_extra_wavefronts = 0;
 
 struct Abort {};  // unwinds a fiber whose launch has failed
 
-inline void switch_fiber(Fiber& from, Fiber& to) {
+// Under AddressSanitizer (the emulator's memcheck build) every switch is announced to it, so that it
+// tracks which stack is current; `dying`: `from` is never resumed.
+inline void switch_fiber(Fiber& from, Fiber& to, bool dying = false) {
+#if defined(__SANITIZE_ADDRESS__)
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(dying ? nullptr : &fake_stack, to.stack, to.stack_size);
+#else
+  (void)dying;
+#endif
 #if defined(__x86_64__)
   cuda_emu_switch(&from.sp, to.sp);
 #else
   swapcontext(&from.ctx, &to.ctx);
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
 #endif
 }
 
@@ -199,6 +216,9 @@ inline void fail(const std::string& what) {
 inline void complete_copies(Thread& t, size_t keep);
 
 inline void fiber_main() {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(nullptr, &rt.scheduler.stack, &rt.scheduler.stack_size);
+#endif
   Thread& t = *rt.thread;
   try {
     rt.body();
@@ -209,7 +229,7 @@ inline void fiber_main() {
   t.done = true;
   rt.block->live -= 1;
   rt.block->progress = true;
-  switch_fiber(t.fiber, rt.scheduler);
+  switch_fiber(t.fiber, rt.scheduler, /*dying=*/true);
   std::abort();  // a finished fiber is never resumed
 }
 
@@ -219,6 +239,11 @@ inline void fiber_entry() { fiber_main(); }
 
 inline void start_fiber(Fiber& f, char* stack) {
   f.stack = stack;
+  f.stack_size = kStackBytes;
+#if defined(__SANITIZE_ADDRESS__)
+  // A reused stack still carries the redzones of the frames of the fiber that ran on it last.
+  __asan_unpoison_memory_region(stack, kStackBytes);
+#endif
 #if defined(__x86_64__)
   // The initial frame cuda_emu_switch pops: six callee-saved registers, then fiber_main as the return
   // address, above it a dummy return address so that fiber_main starts with the ABI's alignment.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -70,8 +71,20 @@ def rewrite(name: str, source: str) -> str:
     return source
 
 
-def build(build_dir: Path, verbose: bool = False) -> None:
-    """Compiles (or reuses, when nothing changed) the emulated kernels and loads their ops."""
+def asan_runtime() -> Path | None:
+    """GCC's AddressSanitizer runtime (to preload into a process that loads the memcheck build), if any."""
+    try:
+        out = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    path = Path(out.stdout.strip())
+    return path if path.is_absolute() and path.exists() else None
+
+
+def build(build_dir: Path, verbose: bool = False, memcheck: bool = False) -> None:
+    """Compiles (or reuses, when nothing changed) the emulated kernels and loads their ops. ``memcheck``:
+    the build instrumented by AddressSanitizer (its own module name; the process must have preloaded
+    asan_runtime()), in which a read or write past any tensor's allocation is reported."""
     include, cublas = cuda_include(), cublas_include()
     if include is None or cublas is None:
         raise RuntimeError("the CUDA toolkit's headers (cuda_bf16.h) or cuBLAS's (cublasLt.h) were not found; "
@@ -84,13 +97,15 @@ def build(build_dir: Path, verbose: bool = False) -> None:
         text = rewrite(name, (ROOT / "csrc" / "cuda" / f"{name}.cu").read_text())
         if not generated.is_file() or generated.read_text() != text:
             generated.write_text(text)
+    sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if memcheck else []
     cpp_extension.load(
-        name="fused_attn_emu",
+        name="fused_attn_emu_memcheck" if memcheck else "fused_attn_emu",
         sources=[str(HERE / f"{name}_emu.cpp") for name in SOURCES],
         extra_include_paths=[str(HERE / "include"), str(build_dir), str(ROOT / "csrc" / "include"), str(include),
                             str(cublas)],
         extra_cflags=["-O2", "-fvisibility=hidden", "-DFUSED_ATTN_CUDA_EMULATION", "-Wno-unknown-pragmas",
-                      "-Wno-unused-function", "-Wno-attributes"],
+                      "-Wno-unused-function", "-Wno-attributes", *sanitize],
+        extra_ldflags=sanitize,
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=verbose,
