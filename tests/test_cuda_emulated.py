@@ -38,6 +38,8 @@ from fused_attn.ops.ffn import ffn_keep_mask
 
 from .conftest import assert_parity, check_tensor_parity
 from .cuda_emu import emu_build
+from .test_random_configs import _attention_case, _layout
+from .test_random_configs import _parity as random_configs_parity
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -590,3 +592,25 @@ def test_memcheck_no_access_outside_any_tensor(emu, tmp_path):
                             capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0 and "AddressSanitizer" not in result.stderr, result.stderr[-6000:]
     assert int(result.stdout.split()[-1]) >= 90
+
+
+@pytest.mark.parametrize("case", range(24))
+def test_attention_random_configs(emu, case):
+    """tests/test_random_configs.py's seeded attention cases (grouped heads, cross lengths, broadcast and
+    learned masks, custom scales, transposed / padded / strided layouts, fully masked rows) with the
+    cuda backend's dtypes, on the emulated kernels, strided last dims made contiguous as the op does."""
+    config, args = _attention_case(1000 + case, "cuda", "cpu")
+    heads = config["shape"][1]
+    options = {"is_causal": config["is_causal"], "scale": config["scale"]}
+
+    def fused(query, key, value, attn_mask=None):
+        q, k, v = (_layout(t, kind) for t, kind in zip((query, key, value), config["layouts"]))
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        return attention(emu, q, k, v, attn_mask, options["is_causal"], options["scale"])
+
+    def plain(query, key, value, attn_mask=None):
+        return reference.scaled_dot_product_attention(query, _repeat(key, heads), _repeat(value, heads), attn_mask,
+                                                      **options)
+
+    grads = ("query", "key", "value") + (("attn_mask",) if config["mask"] == "learned_bias" else ())
+    random_configs_parity(f"seed {1000 + case}: {config}", fused, plain, args, grads)
