@@ -614,3 +614,53 @@ def test_attention_random_configs(emu, case):
 
     grads = ("query", "key", "value") + (("attn_mask",) if config["mask"] == "learned_bias" else ())
     random_configs_parity(f"seed {1000 + case}: {config}", fused, plain, args, grads)
+
+
+class _FFN(torch.autograd.Function):
+    """csrc/ffn.cpp as built for CUDA over the emulated kernels, wired as csrc/autograd.cpp wires ffn."""
+
+    @staticmethod
+    def forward(ctx, ops, x, w1, b1, w2, b2, approximate, dropout_p, seed):
+        out, pre = ops.ffn_fwd(x, w1, b1, w2, b2, approximate, dropout_p, seed)
+        if dropout_p == 0.0:
+            assert torch.equal(out, ops.ffn_inference(x, w1, b1, w2, b2, approximate))
+        ctx.save_for_backward(x, w1, w2, pre, seed)
+        ctx.args = (ops, approximate, dropout_p)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w1, w2, pre, seed = ctx.saved_tensors
+        ops, approximate, dropout_p = ctx.args
+        needs = list(ctx.needs_input_grad[1:6])
+        grads = ops.ffn_bwd(grad_out.contiguous(), x, w1, w2, pre, approximate, dropout_p, seed, needs)
+        return None, *(g if need else None for g, need in zip(grads, needs)), None, None, None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("hidden", [128, 36])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_ffn_parity(emu, dtype, approximate, hidden, dropout_p):
+    """The whole FFN on the CUDA path: forward (its inference form's bits), the backward's dropout of the
+    gradient, the DGELU-epilogue GEMM where it serves (tanh, 16-bit, hidden % 8 == 0) and the hidden
+    gradient's GEMM with linear_gelu's backward elsewhere; every gradient, with the CPU kernels' keep-mask."""
+    rows, model = 29, 48
+    gen = torch.Generator().manual_seed(hidden + rows)
+    x = torch.randn(rows, model, generator=gen).to(dtype)
+    w1 = (torch.randn(hidden, model, generator=gen) / math.sqrt(model)).to(dtype)
+    b1 = (torch.randn(hidden, generator=gen) * 0.5).to(dtype)
+    w2 = (torch.randn(model, hidden, generator=gen) / math.sqrt(hidden)).to(dtype)
+    b2 = (torch.randn(model, generator=gen) * 0.5).to(dtype)
+    keep, seed = None, None
+    if dropout_p > 0:
+        torch.manual_seed(21)
+        keep = ffn_keep_mask(rows, model, dropout_p, "cpu", "cpu")
+        torch.manual_seed(21)
+        seed = draw_seed(dropout_p)
+    assert_parity(
+        lambda input, w1, b1, w2, b2: _FFN.apply(emu, input, w1, b1, w2, b2, approximate, dropout_p, seed),
+        lambda input, w1, b1, w2, b2: reference.ffn(input, w1, b1, w2, b2, approximate, dropout_p, dropout_mask=keep),
+        {"input": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2},
+        grad_args=("input", "w1", "b1", "w2", "b2"),
+    )

@@ -1,6 +1,6 @@
 """Builds csrc/cuda/attention.cu, layer_norm.cu and ffn.cu for the host emulator
-(tests/cuda_emu/cuda_emu.h; ffn.cu's cuBLASLt calls served by cublaslt_emu.h) as the ``fused_attn_emu``
-ops (tests/test_cuda_emulated.py).
+(tests/cuda_emu/cuda_emu.h; ffn.cu's cuBLASLt calls served by cublaslt_emu.h), and csrc/ffn.cpp as built
+for CUDA, as the ``fused_attn_emu`` ops (tests/test_cuda_emulated.py).
 
 Each kernel file's source is compiled as C++ after three rewrites, each of which must apply exactly as
 often as listed (else the source has changed shape and this build says so): ``kernel<<<grid, block,
@@ -28,8 +28,12 @@ LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\(")
 SHARED = re.compile(r"extern __shared__ (\w+) (\w+)\[\];")
 REGISTRATION = re.compile(r"TORCH_LIBRARY_IMPL\(fused_attn, CUDA, m\) \{.*?\n\}\n", re.S)
 IS_CUDA = re.compile(r"\.is_cuda\(\)")
-# Each kernel file: its launches, extern __shared__ declarations and device checks, as counted in it.
-SOURCES = {"attention": (6, 3, 3), "layer_norm": (6, 0, 3), "ffn": (5, 0, 3)}
+LOOKUP = re.compile(r'find\("fused_attn::')
+# Each source (under csrc/): its launches, extern __shared__ declarations, device checks and dispatcher
+# lookups, as counted in it; each is compiled by tests/cuda_emu/<name>_emu.cpp (ffn_host: csrc/ffn.cpp as
+# built for CUDA, looking up the emulated ops).
+SOURCES = {"attention": ("cuda/attention.cu", 6, 3, 3, 0), "layer_norm": ("cuda/layer_norm.cu", 6, 0, 3, 0),
+           "ffn": ("cuda/ffn.cu", 5, 0, 3, 0), "ffn_host": ("ffn.cpp", 0, 0, 0, 5)}
 
 
 def cublas_include() -> Path | None:
@@ -56,17 +60,18 @@ def cuda_include() -> Path | None:
 
 
 def rewrite(name: str, source: str) -> str:
-    launches, shared, checks = SOURCES[name]
+    path, launches, shared, checks, lookups = SOURCES[name]
     rewrites = (
         (LAUNCH, r"::cuda_emu::launch(\1, \2)(", launches),
         (SHARED, r"\1* \2 = ::cuda_emu::dynamic_smem<\1>();", shared),
         (IS_CUDA, ".is_cpu()", checks),
+        (LOOKUP, 'find("fused_attn_emu::', lookups),
         (REGISTRATION, "", 1),
     )
     for pattern, replacement, count in rewrites:
         source, n = pattern.subn(replacement, source)
         if n != count:
-            raise RuntimeError(f"cuda emulator build: {pattern.pattern!r} matched {n} times in csrc/cuda/{name}.cu, "
+            raise RuntimeError(f"cuda emulator build: {pattern.pattern!r} matched {n} times in csrc/{path}, "
                                f"expected {count}")
     return source
 
@@ -94,7 +99,7 @@ def build(build_dir: Path, verbose: bool = False, memcheck: bool = False) -> Non
     build_dir.mkdir(parents=True, exist_ok=True)
     for name in SOURCES:
         generated = build_dir / f"{name}_emulated.inc"
-        text = rewrite(name, (ROOT / "csrc" / "cuda" / f"{name}.cu").read_text())
+        text = rewrite(name, (ROOT / "csrc" / SOURCES[name][0]).read_text())
         if not generated.is_file() or generated.read_text() != text:
             generated.write_text(text)
     sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if memcheck else []
