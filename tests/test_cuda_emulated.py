@@ -14,7 +14,8 @@ and the emulator turns undefined behaviour into errors (divergent warp instructi
 memory out of range, GEMM descriptors cuBLASLt would reject), so a failure names the kernel's fault.
 Besides parity: the results are the same bits with either timing of the asynchronous copies, any order
 of the threads, and both query-row layouts (64 and 128 rows per block); ldmatrix reads are free of bank
-conflicts; and under AddressSanitizer no kernel touches memory outside its tensors.
+conflicts; the tensor-core products counted show causal and padded work skipped; and under
+AddressSanitizer no kernel touches memory outside its tensors.
 """
 
 from __future__ import annotations
@@ -573,9 +574,9 @@ def test_attention_ldmatrix_reads_are_free_of_bank_conflicts(emu, head_dim):
     phase fall in eight distinct bank groups: forward and backward, at every padded head dim, take no
     extra wavefronts (a performance property the emulator can count without a GPU)."""
     q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 150, 150, head_dim, torch.float16))
-    emu.take_bank_conflicts()
+    emu.take_counters()
     attention(emu, q, k, v, is_causal=True).sum().backward()
-    phases, extra = emu.take_bank_conflicts()
+    phases, extra, _ = emu.take_counters()
     assert phases > 0
     assert extra == 0, f"{extra} extra wavefronts over {phases} ldmatrix phases"
 
@@ -664,3 +665,29 @@ def test_ffn_parity(emu, dtype, approximate, hidden, dropout_p):
         {"input": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2},
         grad_args=("input", "w1", "b1", "w2", "b2"),
     )
+
+
+def _products(emu, q, k, v, mask=None, causal=False, dropout_p=0.0, backward=False):
+    """Tensor-core products of one call (forward, or forward and backward)."""
+    q, k, v = (t.detach().requires_grad_(backward) for t in (q, k, v))
+    emu.take_counters()
+    out = attention(emu, q, k, v, mask, causal, None, dropout_p, torch.tensor(3) if dropout_p > 0 else None)
+    if backward:
+        out.sum().backward()
+    return emu.take_counters()[2]
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+def test_attention_work_skips_what_no_query_sees(emu, backward):
+    """The work the kernels do, counted in tensor-core products: causal attention skips the key tiles past
+    each warp's rows (about half the products of full attention at 512 x 512, not a masked full pass); a
+    key padding mask that hides half the keys halves them (the key spans); dropout adds no product."""
+    q, k, v = _inputs(1, 1, 512, 512, 64, torch.float16)
+    full = _products(emu, q, k, v, backward=backward)
+    causal = _products(emu, q, k, v, causal=True, backward=backward)
+    half_keys = (torch.arange(512) < 256).view(1, 1, 1, 512)
+    padded = _products(emu, q, k, v, half_keys, backward=backward)
+    dropped = _products(emu, q, k, v, dropout_p=0.1, backward=backward)
+    assert 0.45 < causal / full < 0.6, (causal, full)
+    assert 0.45 < padded / full < 0.55, (padded, full)
+    assert dropped == full

@@ -1,7 +1,7 @@
 // csrc/cuda/attention.cu compiled for the host emulator (tests/cuda_emu/cuda_emu.h) and registered as the
 // fused_attn_emu ops, with the CUDA kernels' schemas, on CPU tensors: attention_fwd, attention_bwd,
 // softmax_fwd, softmax_bwd, configure(multiprocessors, copies_at_wait, schedule_seed),
-// take_bank_conflicts() (ldmatrix phases and their extra wavefronts so far), and self_test(case):
+// take_counters() (ldmatrix phases, their extra wavefronts, tensor-core products so far), and self_test(case):
 // kernels with the faults the emulator reports (0 divergent warp, 1 deadlock, 2 shared memory out of range).
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -42,10 +42,11 @@ __global__ void faulty_kernel(int fault, int* out) {
   }
 }
 
-// (ldmatrix phases, extra wavefronts their bank conflicts cost) since the last call.
-std::tuple<int64_t, int64_t> take_bank_conflicts() {
-  const std::tuple<int64_t, int64_t> counts{cuda_emu::ldmatrix_phases, cuda_emu::ldmatrix_extra_wavefronts};
-  cuda_emu::ldmatrix_phases = cuda_emu::ldmatrix_extra_wavefronts = 0;
+// (ldmatrix phases, extra wavefronts their bank conflicts cost, tensor-core products) since the last call.
+std::tuple<int64_t, int64_t, int64_t> take_counters() {
+  const std::tuple<int64_t, int64_t, int64_t> counts{cuda_emu::ldmatrix_phases, cuda_emu::ldmatrix_extra_wavefronts,
+                                                     cuda_emu::mma_count};
+  cuda_emu::ldmatrix_phases = cuda_emu::ldmatrix_extra_wavefronts = cuda_emu::mma_count = 0;
   return counts;
 }
 
@@ -63,5 +64,5 @@ TORCH_LIBRARY_FRAGMENT(fused_attn_emu, m) {
   m.def("softmax_bwd", &fused_attn::softmax_bwd_cuda);
   m.def("configure", &configure);
   m.def("self_test", &self_test);
-  m.def("take_bank_conflicts", &take_bank_conflicts);
+  m.def("take_counters", &take_counters);
 }

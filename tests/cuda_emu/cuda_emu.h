@@ -174,6 +174,8 @@ inline int multiprocessors = 132;
 // wavefront when they fall in eight distinct groups of four 4-byte banks, one more per row sharing a group.
 inline int64_t ldmatrix_phases = 0;
 inline int64_t ldmatrix_extra_wavefronts = 0;
+// Tensor-core products (warp instructions): the work a launch did, to compare configurations by.
+inline int64_t mma_count = 0;
 
 struct Abort {};  // unwinds a fiber whose launch has failed
 
@@ -436,6 +438,7 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uin
   uint32_t out[4];
   warp_collective(Op::Mma, in, 10, out, 4, [bf16](Warp& w) {
     if (w.lanes != kWarp) fail("mma.sync in a partial warp");
+    mma_count += 1;
     double A[16][16], B[16][8];
     float C[16][8];
     auto lo = [&](uint32_t r) { return static_cast<double>(half_bits_to_float(static_cast<uint16_t>(r), bf16)); };
