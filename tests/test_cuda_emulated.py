@@ -11,7 +11,8 @@ own accumulation order, cuBLASLt's own kernels): the GPU runs (`make gpu-check`)
 
 Each case is judged as the GPU parity tests judge the cuda backend (tests/conftest.py: assert_parity),
 and the emulator turns undefined behaviour into errors (divergent warp instructions, deadlocks, shared
-memory out of range, GEMM descriptors cuBLASLt would reject), so a failure names the kernel's fault.
+memory out of range, shared-memory races between warps, GEMM descriptors cuBLASLt would reject), so a
+failure names the kernel's fault.
 Besides parity: the results are the same bits with either timing of the asynchronous copies, any order
 of the threads, and both query-row layouts (64 and 128 rows per block); ldmatrix reads are free of bank
 conflicts; the tensor-core products counted show causal and padded work skipped; and under
@@ -343,7 +344,8 @@ def test_softmax_fully_masked_rows_are_zero(emu):
     assert torch.equal(x.grad[0, 0, 2], torch.zeros(50, dtype=torch.float16))
 
 
-@pytest.mark.parametrize("fault, message", [(0, "divergent warp"), (1, "deadlock"), (2, "past the 1024 bytes")])
+@pytest.mark.parametrize("fault, message", [(0, "divergent warp"), (1, "deadlock"), (2, "past the 1024 bytes"),
+                                            (3, "shared-memory race")])
 def test_emulator_reports_undefined_behaviour(emu, fault, message):
     """What the hardware leaves undefined is an error of the launch here, not a hang or a guess."""
     with pytest.raises(RuntimeError, match=message):

@@ -2,7 +2,8 @@
 // fused_attn_emu ops, with the CUDA kernels' schemas, on CPU tensors: attention_fwd, attention_bwd,
 // softmax_fwd, softmax_bwd, configure(multiprocessors, copies_at_wait, schedule_seed),
 // take_counters() (ldmatrix phases, their extra wavefronts, tensor-core products so far), and self_test(case):
-// kernels with the faults the emulator reports (0 divergent warp, 1 deadlock, 2 shared memory out of range).
+// kernels with the faults the emulator reports (0 divergent warp, 1 deadlock, 2 shared memory out of range,
+// 3 a shared-memory race).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -35,10 +36,21 @@ __global__ void faulty_kernel(int fault, int* out) {
     } else {
       out[t] = __shfl_xor_sync(0xffffffffu, t, 1);
     }
-  } else {
+  } else if (fault == 2) {  // rows past the dynamic shared memory
     uint32_t r[4];
     cuda_emu::ldmatrix_x4(r, 1024 + 16 * static_cast<uint32_t>(t), false);
     out[t] = static_cast<int>(r[0]);
+  } else {  // warp 0 copies rows in, warp 1 reads them after warp 0's wait but with no barrier
+    static const uint16_t source[8 * 64] = {};
+    if (t < 32) {
+      cuda_emu::cp_async_16(16 * static_cast<uint32_t>(t), source + 8 * t, 16);
+      cuda_emu::cp_async_commit();
+      cuda_emu::cp_async_wait(0);
+    } else if (t < 64) {
+      uint32_t r[4];
+      cuda_emu::ldmatrix_x4(r, 16 * static_cast<uint32_t>(t - 32), false);
+      out[t] = static_cast<int>(r[0]);
+    }
   }
 }
 

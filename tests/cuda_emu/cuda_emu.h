@@ -21,7 +21,9 @@
 // What the hardware would leave undefined is reported as an error of the launch instead: lanes of one warp
 // at different warp-synchronous instructions (divergence), a barrier or warp instruction that can never
 // complete (deadlock), a shuffle whose mask is not the full warp, shared-memory addresses outside the
-// block's dynamic shared memory or misaligned, __trap. Dynamic shared memory starts filled with 0xff
+// block's dynamic shared memory or misaligned, __trap, and races on dynamic shared memory between warps
+// (check_copy_race, check_read_race: an asynchronous copy and another warp's ldmatrix read of its bytes
+// with no barrier between them; plain C++ accesses to shared memory are not seen). Dynamic shared memory starts filled with 0xff
 // bytes (NaN as fp16/bf16/fp32), so a read of a byte no copy wrote shows in the results. The threads of
 // a block are resumed either round-robin (the warps in step) or a warp at a time, each running as far
 // ahead as the barriers let it, in an order drawn from a seed (run_block), so that a race between warps
@@ -130,6 +132,8 @@ struct Thread {
     uint32_t dst;
     const void* src;
     int bytes;
+    uint64_t issued;  // the barrier epoch it was issued in
+    bool performed;
   };
   std::vector<Copy> open_group;
   std::vector<std::vector<Copy>> in_flight;
@@ -144,11 +148,23 @@ struct Warp {
   uint32_t out[kWarp][4];
 };
 
+// The race check's record of a 16-byte chunk of dynamic shared memory, in barrier epochs (the count of
+// completed __syncthreads): the last asynchronous copy into it (the epochs it may have landed in, from
+// its issue to the wait that completed it, and its warp), and the warps that read it (ldmatrix) in the
+// latest epoch that read it.
+struct Chunk {
+  uint64_t write_from = 0, write_to = 0;
+  int writer = -1;
+  uint64_t read_epoch = ~uint64_t{0};
+  uint64_t readers = 0;
+};
+
 struct Block {
   uint3 idx{};
   dim3 grid{1, 1, 1};
   dim3 dim{1, 1, 1};
   std::vector<uint8_t> smem;
+  std::vector<Chunk> chunks;
   std::vector<Thread> threads;
   std::vector<Warp> warps;
   int barrier_arrived = 0;
@@ -366,6 +382,40 @@ inline uint8_t* smem_at(uint32_t offset, int bytes, int align) {
   return rt.block->smem.data() + offset;
 }
 
+inline int warp_index() { return rt.thread->linear / kWarp; }
+
+// Race check, at the wait that completes a copy: the copy may have landed in any epoch from its issue
+// to now, so another warp's read of the chunk in that window is unordered with it.
+inline void check_copy_race(const Thread::Copy& c) {
+  Block& b = *rt.block;
+  Chunk& chunk = b.chunks[c.dst / 16];
+  const int w = warp_index();
+  if (chunk.read_epoch != ~uint64_t{0} && chunk.read_epoch >= c.issued && (chunk.readers & ~(uint64_t{1} << w)) != 0) {
+    fail("shared-memory race: an asynchronous copy into byte " + std::to_string(c.dst) +
+         " may land while another warp reads it (no barrier between the read and the copy's issue)");
+  }
+  chunk.write_from = c.issued;
+  chunk.write_to = b.barrier_generation;
+  chunk.writer = w;
+}
+
+// Race check of an ldmatrix row read by warp w: a copy by another warp completed in this epoch has no
+// barrier between it and this read.
+inline void check_read_race(uint32_t offset, int w) {
+  Block& b = *rt.block;
+  Chunk& chunk = b.chunks[offset / 16];
+  const uint64_t epoch = b.barrier_generation;
+  if (chunk.writer >= 0 && chunk.writer != w && chunk.write_to >= epoch) {
+    fail("shared-memory race: ldmatrix reads byte " + std::to_string(offset) +
+         " that another warp's asynchronous copy wrote with no barrier after its wait");
+  }
+  if (chunk.read_epoch != epoch) {
+    chunk.read_epoch = epoch;
+    chunk.readers = 0;
+  }
+  chunk.readers |= uint64_t{1} << w;
+}
+
 inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr, bool trans) {
   uint32_t in[1] = {addr};
   warp_collective(trans ? Op::LdmatrixTrans : Op::Ldmatrix, in, 1, r, 4, [trans](Warp& w) {
@@ -375,6 +425,7 @@ inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr, bool trans) {
       int rows_in_group[8] = {};
       for (int row = 0; row < 8; ++row) {
         std::memcpy(m[mat][row], smem_at(w.in[mat * 8 + row][0], 16, 16), 16);
+        check_read_race(w.in[mat * 8 + row][0], warp_index());
         rows_in_group[(w.in[mat * 8 + row][0] / 16) % 8] += 1;
       }
       ldmatrix_phases += 1;
@@ -391,21 +442,20 @@ inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr, bool trans) {
   });
 }
 
-inline void perform(const Thread::Copy& c) {
+inline void perform(Thread::Copy& c) {
+  if (c.performed) return;
   uint8_t* dst = smem_at(c.dst, 16, 16);
   std::memset(dst, 0, 16);
   if (c.bytes > 0) std::memcpy(dst, c.src, static_cast<size_t>(c.bytes));
+  c.performed = true;
 }
 
 inline void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
   smem_at(dst, 16, 16);  // checked when issued
   if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0) fail("cp.async from a misaligned global address");
-  const Thread::Copy c{dst, src, src_bytes};
-  if (copies_at_wait) {
-    rt.thread->open_group.push_back(c);
-  } else {
-    perform(c);
-  }
+  Thread::Copy c{dst, src, src_bytes, rt.block->barrier_generation, false};
+  if (!copies_at_wait) perform(c);
+  rt.thread->open_group.push_back(c);
 }
 
 inline void cp_async_commit() {
@@ -417,7 +467,10 @@ inline void cp_async_commit() {
 // Completes every committed group but the `keep` most recent.
 inline void complete_copies(Thread& t, size_t keep) {
   while (t.in_flight.size() > keep) {
-    for (const auto& c : t.in_flight.front()) perform(c);
+    for (auto& c : t.in_flight.front()) {
+      perform(c);
+      check_copy_race(c);
+    }
     t.in_flight.erase(t.in_flight.begin());
   }
 }
@@ -579,6 +632,7 @@ struct Launch {
         for (unsigned x = 0; x < grid.x; ++x) {
           b.idx = uint3{x, y, z};
           b.smem.assign(smem, 0xff);
+          b.chunks.assign((smem + 15) / 16, Chunk{});
           b.error.clear();
           b.barrier_arrived = 0;
           run_block(b, body, order_rng);
