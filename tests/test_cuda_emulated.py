@@ -137,7 +137,8 @@ def _parity(ops, q, k, v, mask=None, causal=False, scale=None, mask_grad=False):
 
 @DTYPES
 @pytest.mark.parametrize("kind", ["none", "padding", "left-padding", "bool4d", "bias", "causal", "causal+padding"])
-@pytest.mark.parametrize("lengths", [(77, 77), (77, 128), (130, 61)], ids=["self", "cross", "cross-short"])
+@pytest.mark.parametrize("lengths", [(77, 77), (77, 128), (130, 61), (150, 257)],
+                         ids=["self", "cross", "cross-short", "long"])
 def test_parity_masks(emu, dtype, kind, lengths):
     q, k, v = _inputs(2, 2, *lengths, 64, dtype)
     _parity(emu, q, k, v, _mask(kind, 2, 2, *lengths, dtype), causal=kind.startswith("causal"),
