@@ -694,3 +694,35 @@ def test_attention_work_skips_what_no_query_sees(emu, backward):
     assert 0.45 < causal / full < 0.6, (causal, full)
     assert 0.45 < padded / full < 0.55, (padded, full)
     assert dropped == full
+
+
+def test_launchers_refuse_devices_that_cannot_run_them(emu):
+    """Below compute capability 8.0 (no mma.sync / cp.async) the attention launchers refuse with the way
+    out; on a GPU with sm86's 99 KB of shared memory per block the head-dim-256 backward (135 KB) is refused
+    by name, checked when its kernel is first prepared (once per process: here, a process of its own)."""
+    q, k, v = _inputs(1, 1, 40, 40, 256, torch.float16)
+    try:
+        emu.set_device(7, 5, 64 * 1024)
+        with pytest.raises(RuntimeError, match=r"needs compute capability 8.0 or newer .* got 7.5 .*backend='triton'"):
+            emu.attention_fwd(q, k, v, None, 0.0625, False, 0.0, None)
+    finally:
+        emu.set_device(9, 0, 227 * 1024)
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+from tests.cuda_emu import emu_build
+emu_build.build(Path({str(ROOT / "build" / "cuda_emu")!r}))
+ops = torch.ops.fused_attn_emu
+ops.set_device(8, 6, 99 * 1024)
+q, k, v = (torch.randn(1, 1, 40, 256).half() for _ in range(3))
+out, stats = ops.attention_fwd(q, k, v, None, 0.0625, False, 0.0, None)
+try:
+    ops.attention_bwd(torch.ones_like(out), q, k, v, None, stats, 0.0625, False, 0.0, None, False)
+except RuntimeError as e:
+    print(str(e).splitlines()[0])
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "head dim 256 needs" in result.stdout and "emulated sm86 offers 101376" in result.stdout, result.stdout
+    assert "backend='triton'" in result.stdout

@@ -1,9 +1,11 @@
-// The emulator's stand-in for ATen/cuda/CUDAContext.h (tests/cuda_emu/cuda_emu.h): one emulated sm90
-// device whose properties the kernels' launchers read, and a null stream.
+// The emulator's stand-in for ATen/cuda/CUDAContext.h (tests/cuda_emu/cuda_emu.h): one emulated device
+// (an H100's properties unless set_device says otherwise) whose properties the kernels' launchers read,
+// and a null stream.
 #pragma once
 
 #include <driver_types.h>
 
+#include <cstdio>
 #include <cstring>
 
 #include "../../../cuda_emu.h"
@@ -13,12 +15,13 @@ namespace at::cuda {
 inline const cudaDeviceProp* getDeviceProperties(int /*device*/) {
   static thread_local cudaDeviceProp prop;
   std::memset(&prop, 0, sizeof(prop));
-  std::strncpy(prop.name, "emulated sm90", sizeof(prop.name) - 1);
-  prop.major = 9;
-  prop.minor = 0;
+  std::snprintf(prop.name, sizeof(prop.name), "emulated sm%d%d", ::cuda_emu::capability_major,
+                ::cuda_emu::capability_minor);
+  prop.major = ::cuda_emu::capability_major;
+  prop.minor = ::cuda_emu::capability_minor;
   prop.multiProcessorCount = ::cuda_emu::multiprocessors;
   prop.sharedMemPerBlock = 48 * 1024;
-  prop.sharedMemPerBlockOptin = 227 * 1024;
+  prop.sharedMemPerBlockOptin = ::cuda_emu::shared_memory_per_block;
   prop.maxThreadsPerBlock = 1024;
   prop.warpSize = 32;
   return &prop;
