@@ -1,5 +1,5 @@
-// A host emulator for the CUDA kernels of csrc/cuda/attention.cu, so that their logic runs on a machine
-// without a GPU (tests/test_cuda_emulated.py; built by tests/cuda_emu/emu_build.py).
+// A host emulator for the CUDA kernels of csrc/cuda (attention.cu, layer_norm.cu, ffn.cu), so that their
+// logic runs on a machine without a GPU (tests/test_cuda_emulated.py; built by tests/cuda_emu/emu_build.py).
 //
 // Every CUDA thread of a block is a fiber (its own stack, switched cooperatively on one OS thread), so
 // the kernels run unchanged as C++: a thread runs until it reaches a barrier or a warp-synchronous
@@ -8,7 +8,7 @@
 // 32 lanes of the warp have given their operands:
 //  * mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: the fragments assembled into A (16 x 16), B (16 x 8)
 //    and C (16 x 8) by the ISA's fragment layout (lane l: group l / 4, thread-in-group l % 4), D = A B + C
-//    with exact products summed in double and rounded once to float;
+//    with exact products summed in double and rounded once to float; each counted (mma_count);
 //  * ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8 m .. 8 m + 7 give the row addresses of
 //    matrix m; lane l receives element (l / 4, 2 (l % 4) + {0, 1}) of each, or of its transpose; its
 //    shared-memory bank conflicts are counted (ldmatrix_extra_wavefronts);
@@ -18,20 +18,21 @@
 //    launch (configure): a tile read before its wait reads stale bytes in the second timing, and a
 //    buffer refilled while another warp still reads it is overwritten early in the first;
 //  * __syncthreads: a barrier over the block's threads that have not exited.
-// What the hardware would leave undefined is reported as an error of the launch instead: lanes of one warp
-// at different warp-synchronous instructions (divergence), a barrier or warp instruction that can never
-// complete (deadlock), a shuffle whose mask is not the full warp, shared-memory addresses outside the
-// block's dynamic shared memory or misaligned, __trap, and races on dynamic shared memory between warps
-// (check_copy_race, check_read_race: an asynchronous copy and another warp's ldmatrix read of its bytes
-// with no barrier between them; plain C++ accesses to shared memory are not seen). Dynamic shared memory starts filled with 0xff
-// bytes (NaN as fp16/bf16/fp32), so a read of a byte no copy wrote shows in the results. The threads of
-// a block are resumed either round-robin (the warps in step) or a warp at a time, each running as far
-// ahead as the barriers let it, in an order drawn from a seed (run_block), so that a race between warps
-// shows as a difference between schedules.
+// What the hardware would leave undefined is reported as an error of the launch instead: lanes of one
+// warp at different warp-synchronous instructions (divergence), a barrier or warp instruction that can
+// never complete (deadlock), a shuffle whose mask is not the full warp, shared-memory addresses outside
+// the block's dynamic shared memory or misaligned, __trap, and races on dynamic shared memory between
+// warps (check_copy_race, check_read_race: an asynchronous copy and another warp's ldmatrix read of its
+// bytes with no barrier between them; plain C++ accesses to shared memory are not seen). Dynamic shared
+// memory starts filled with 0xff bytes (NaN as fp16/bf16/fp32), so a read of a byte no copy wrote shows
+// in the results. The threads of a block are resumed either round-robin (the warps in step) or a warp at
+// a time, each running as far ahead as the barriers let it, in an order drawn from a seed (run_block),
+// so that a race between warps also shows as a difference between schedules. Built with
+// AddressSanitizer (emu_build.build(memcheck=True)), every fiber switch is announced to it.
 //
 // Device code sees threadIdx / blockIdx / blockDim / gridDim, __shared__ arrays (static thread_local: one
-// block runs at a time per OS thread) and extern __shared__ memory (tests/cuda_emu/emu_build.py rewrites the
-// declaration into a dynamic_smem() call, and each <<<...>>> launch into launch()). The inline-PTX
+// block runs at a time per OS thread) and extern __shared__ memory (tests/cuda_emu/emu_build.py rewrites
+// the declaration into a dynamic_smem() call, and each <<<...>>> launch into launch()). The inline-PTX
 // wrappers of the kernels call the functions below where FUSED_ATTN_CUDA_EMULATION is defined.
 #pragma once
 
@@ -83,7 +84,7 @@ namespace cuda_emu {
 // defines it.
 extern "C" void cuda_emu_switch(void** from, void* to);
 asm(R"(
-.text
+.pushsection .text
 .weak cuda_emu_switch
 .type cuda_emu_switch,@function
 cuda_emu_switch:
@@ -103,6 +104,7 @@ cuda_emu_switch:
   popq %rbp
   ret
 .size cuda_emu_switch, .-cuda_emu_switch
+.popsection
 )");
 #endif
 

@@ -21,12 +21,16 @@ def tensor(*shape, dtype=torch.float16, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
+# (batch, heads, key/value heads, q_len, k_len, head dim, value head dim)
+ATTENTION_SHAPES = [(1, 2, 2, 1, 1, 8, 8), (2, 3, 3, 17, 77, 40, 40), (1, 4, 2, 130, 65, 64, 64),
+                    (1, 2, 1, 70, 70, 96, 96), (1, 1, 1, 37, 45, 256, 64), (1, 2, 2, 33, 200, 128, 200)]
+
+
 def attention_cases():
-    for b, h, hkv, lq, lk, d, dv in [(1, 2, 2, 1, 1, 8, 8), (2, 3, 3, 17, 77, 40, 40), (1, 4, 2, 130, 65, 64, 64),
-                                     (1, 2, 1, 70, 70, 96, 96), (1, 1, 1, 37, 45, 256, 64), (1, 2, 2, 33, 200, 128, 200)]:
+    for b, h, hkv, lq, lk, d, dv in ATTENTION_SHAPES:
         for dtype in (torch.float16, torch.bfloat16):
-            q, k, v = tensor(b, h, lq, d, dtype=dtype), tensor(b, hkv, lk, d, dtype=dtype, seed=1), \
-                tensor(b, hkv, lk, dv, dtype=dtype, seed=2)
+            q = tensor(b, h, lq, d, dtype=dtype)
+            k, v = tensor(b, hkv, lk, d, dtype=dtype, seed=1), tensor(b, hkv, lk, dv, dtype=dtype, seed=2)
             padding = (torch.arange(lk) < max(1, lk // 2)).view(1, 1, 1, lk).expand(b, h, lq, lk)
             bias = tensor(lq, lk, dtype=dtype, seed=3).expand(b, h, lq, lk)
             for mask, causal, p in [(None, False, 0.0), (None, True, 0.0), (padding, False, 0.2), (bias, True, 0.0)]:
