@@ -726,3 +726,36 @@ except RuntimeError as e:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "head dim 256 needs" in result.stdout and "emulated sm86 offers 101376" in result.stdout, result.stdout
     assert "backend='triton'" in result.stdout
+
+
+def test_norm_and_ffn_kernels_give_the_same_bits_under_every_schedule(emu):
+    """LayerNorm (warp and block rows), Add & Norm with dropout and the FFN give bitwise the same outputs
+    and gradients whatever the device's multiprocessor count, the copies' timing and the threads' order
+    (their splits are fixed by the shape: csrc/cuda/layer_norm.cu, "Determinism")."""
+    def run():
+        results = []
+        for hidden in (96, 1500):
+            x = _rows(300, hidden, torch.float16, seed=hidden)
+            w, b = _params(hidden, torch.float32)
+            y, mean, rstd = emu.layer_norm_fwd(x, w, b, 1e-5)
+            results += [y, *emu.layer_norm_bwd(torch.ones_like(y), x, mean, rstd, w, [True, True, True])]
+            out, pre, mean, rstd = emu.add_layer_norm_fwd(x, x.flip(0), w, b, None, 1e-5, 0.1, torch.tensor(4))
+            results += [out, *emu.add_layer_norm_bwd(torch.ones_like(out), None, pre, mean, rstd, w, 0.1,
+                                                     torch.tensor(4), [True, True, True, True, False])[:4]]
+        x, w1, w2 = _rows(70, 48, torch.float16), _rows(64, 48, torch.float16, seed=1), _rows(48, 64, torch.float16, 2)
+        out, pre = emu.ffn_fwd(x, w1, None, w2, None, "tanh", 0.1, torch.tensor(6))
+        results += [out, *emu.ffn_bwd(torch.ones_like(out), x, w1, w2, pre, "tanh", 0.1, torch.tensor(6),
+                                      [True, True, False, True, False])]
+        return [t for t in results if t is not None and t.numel() > 0]
+
+    runs = []
+    try:
+        for config in [(132, False, 0), (1, True, 5), (10**6, True, 9)]:
+            emu.configure(*config)
+            runs.append(run())
+    finally:
+        emu.configure(*PARITY_CONFIG)
+    for other in runs[1:]:
+        assert len(other) == len(runs[0])
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
