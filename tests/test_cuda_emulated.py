@@ -256,6 +256,28 @@ def test_dropout_matches_the_reference_fed_the_shared_keep_mask(emu, kind):
     )
 
 
+@pytest.mark.parametrize("case", range(24))
+def test_attention_random_configs(emu, case):
+    """tests/test_random_configs.py's seeded attention cases (grouped heads, cross lengths, broadcast and
+    learned masks, custom scales, transposed / padded / strided layouts, fully masked rows) with the
+    cuda backend's dtypes, on the emulated kernels, strided last dims made contiguous as the op does."""
+    config, args = _attention_case(1000 + case, "cuda", "cpu")
+    heads = config["shape"][1]
+    options = {"is_causal": config["is_causal"], "scale": config["scale"]}
+
+    def fused(query, key, value, attn_mask=None):
+        q, k, v = (_layout(t, kind) for t, kind in zip((query, key, value), config["layouts"]))
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        return attention(emu, q, k, v, attn_mask, options["is_causal"], options["scale"])
+
+    def plain(query, key, value, attn_mask=None):
+        return reference.scaled_dot_product_attention(query, _repeat(key, heads), _repeat(value, heads), attn_mask,
+                                                      **options)
+
+    grads = ("query", "key", "value") + (("attn_mask",) if config["mask"] == "learned_bias" else ())
+    random_configs_parity(f"seed {1000 + case}: {config}", fused, plain, args, grads)
+
+
 def _run_all(ops, q, k, v, mask, causal, dropout_p=0.0):
     seed = torch.tensor(99) if dropout_p > 0 else None
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
@@ -292,6 +314,77 @@ def test_same_bits_for_every_schedule_copy_timing_and_row_layout(emu, case):
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 256])
+def test_attention_ldmatrix_reads_are_free_of_bank_conflicts(emu, head_dim):
+    """csrc/cuda/attention.cu pads shared-memory rows by 16 bytes so that the eight rows of every ldmatrix
+    phase fall in eight distinct bank groups: forward and backward, at every padded head dim, take no
+    extra wavefronts (a performance property the emulator can count without a GPU)."""
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 150, 150, head_dim, torch.float16))
+    emu.take_counters()
+    attention(emu, q, k, v, is_causal=True).sum().backward()
+    phases, extra, _ = emu.take_counters()
+    assert phases > 0
+    assert extra == 0, f"{extra} extra wavefronts over {phases} ldmatrix phases"
+
+
+def _products(emu, q, k, v, mask=None, causal=False, dropout_p=0.0, backward=False):
+    """Tensor-core products of one call (forward, or forward and backward)."""
+    q, k, v = (t.detach().requires_grad_(backward) for t in (q, k, v))
+    emu.take_counters()
+    out = attention(emu, q, k, v, mask, causal, None, dropout_p, torch.tensor(3) if dropout_p > 0 else None)
+    if backward:
+        out.sum().backward()
+    return emu.take_counters()[2]
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+def test_attention_work_skips_what_no_query_sees(emu, backward):
+    """The work the kernels do, counted in tensor-core products: causal attention skips the key tiles past
+    each warp's rows (about half the products of full attention at 512 x 512, not a masked full pass); a
+    key padding mask that hides half the keys halves them (the key spans); dropout adds no product."""
+    q, k, v = _inputs(1, 1, 512, 512, 64, torch.float16)
+    full = _products(emu, q, k, v, backward=backward)
+    causal = _products(emu, q, k, v, causal=True, backward=backward)
+    half_keys = (torch.arange(512) < 256).view(1, 1, 1, 512)
+    padded = _products(emu, q, k, v, half_keys, backward=backward)
+    dropped = _products(emu, q, k, v, dropout_p=0.1, backward=backward)
+    assert 0.45 < causal / full < 0.6, (causal, full)
+    assert 0.45 < padded / full < 0.55, (padded, full)
+    assert dropped == full
+
+
+def test_launchers_refuse_devices_that_cannot_run_them(emu):
+    """Below compute capability 8.0 (no mma.sync / cp.async) the attention launchers refuse with the way
+    out; on a GPU with sm86's 99 KB of shared memory per block the head-dim-256 backward (135 KB) is refused
+    by name, checked when its kernel is first prepared (once per process: here, a process of its own)."""
+    q, k, v = _inputs(1, 1, 40, 40, 256, torch.float16)
+    try:
+        emu.set_device(7, 5, 64 * 1024)
+        with pytest.raises(RuntimeError, match=r"needs compute capability 8.0 or newer .* got 7.5 .*backend='triton'"):
+            emu.attention_fwd(q, k, v, None, 0.0625, False, 0.0, None)
+    finally:
+        emu.set_device(9, 0, 227 * 1024)
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+from tests.cuda_emu import emu_build
+emu_build.build(Path({str(ROOT / "build" / "cuda_emu")!r}))
+ops = torch.ops.fused_attn_emu
+ops.set_device(8, 6, 99 * 1024)
+q, k, v = (torch.randn(1, 1, 40, 256).half() for _ in range(3))
+out, stats = ops.attention_fwd(q, k, v, None, 0.0625, False, 0.0, None)
+try:
+    ops.attention_bwd(torch.ones_like(out), q, k, v, None, stats, 0.0625, False, 0.0, None, False)
+except RuntimeError as e:
+    print(str(e).splitlines()[0])
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "head dim 256 needs" in result.stdout and "emulated sm86 offers 101376" in result.stdout, result.stdout
+    assert "backend='triton'" in result.stdout
 
 
 # Softmax: softmax(input * scale + mask) over the last dim, a warp per row up to 1024 elements, a block
@@ -343,14 +436,6 @@ def test_softmax_fully_masked_rows_are_zero(emu):
     y.backward(torch.randn_like(y))
     assert torch.equal(y[0, 0, 2], torch.zeros(50, dtype=torch.float16))
     assert torch.equal(x.grad[0, 0, 2], torch.zeros(50, dtype=torch.float16))
-
-
-@pytest.mark.parametrize("fault, message", [(0, "divergent warp"), (1, "deadlock"), (2, "past the 1024 bytes"),
-                                            (3, "shared-memory race")])
-def test_emulator_reports_undefined_behaviour(emu, fault, message):
-    """What the hardware leaves undefined is an error of the launch here, not a hang or a guess."""
-    with pytest.raises(RuntimeError, match=message):
-        emu.self_test(fault)
 
 
 # LayerNorm and Add & Norm (csrc/cuda/layer_norm.cu): a warp per row up to hidden 1024, a block per row
@@ -571,55 +656,6 @@ def test_ffn_dropout_draws_the_cpu_kernels_mask(emu, dtype, shape):
     assert torch.equal(dst[keep], (src.float()[keep] / (1 - p)).to(dtype))
 
 
-@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 256])
-def test_attention_ldmatrix_reads_are_free_of_bank_conflicts(emu, head_dim):
-    """csrc/cuda/attention.cu pads shared-memory rows by 16 bytes so that the eight rows of every ldmatrix
-    phase fall in eight distinct bank groups: forward and backward, at every padded head dim, take no
-    extra wavefronts (a performance property the emulator can count without a GPU)."""
-    q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 150, 150, head_dim, torch.float16))
-    emu.take_counters()
-    attention(emu, q, k, v, is_causal=True).sum().backward()
-    phases, extra, _ = emu.take_counters()
-    assert phases > 0
-    assert extra == 0, f"{extra} extra wavefronts over {phases} ldmatrix phases"
-
-
-def test_memcheck_no_access_outside_any_tensor(emu, tmp_path):
-    """The kernels built with AddressSanitizer (tests/cuda_emu/memcheck.py, in a process of its own with
-    the runtime preloaded) over cases that reach every load path: no read or write outside a tensor's
-    allocation (the emulator's counterpart of compute-sanitizer's memcheck)."""
-    runtime = emu_build.asan_runtime()
-    if runtime is None:
-        pytest.skip("GCC's AddressSanitizer runtime is not installed")
-    env = dict(os.environ, LD_PRELOAD=str(runtime), ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1")
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "cuda_emu" / "memcheck.py")], env=env,
-                            capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0 and "AddressSanitizer" not in result.stderr, result.stderr[-6000:]
-    assert int(result.stdout.split()[-1]) >= 90
-
-
-@pytest.mark.parametrize("case", range(24))
-def test_attention_random_configs(emu, case):
-    """tests/test_random_configs.py's seeded attention cases (grouped heads, cross lengths, broadcast and
-    learned masks, custom scales, transposed / padded / strided layouts, fully masked rows) with the
-    cuda backend's dtypes, on the emulated kernels, strided last dims made contiguous as the op does."""
-    config, args = _attention_case(1000 + case, "cuda", "cpu")
-    heads = config["shape"][1]
-    options = {"is_causal": config["is_causal"], "scale": config["scale"]}
-
-    def fused(query, key, value, attn_mask=None):
-        q, k, v = (_layout(t, kind) for t, kind in zip((query, key, value), config["layouts"]))
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        return attention(emu, q, k, v, attn_mask, options["is_causal"], options["scale"])
-
-    def plain(query, key, value, attn_mask=None):
-        return reference.scaled_dot_product_attention(query, _repeat(key, heads), _repeat(value, heads), attn_mask,
-                                                      **options)
-
-    grads = ("query", "key", "value") + (("attn_mask",) if config["mask"] == "learned_bias" else ())
-    random_configs_parity(f"seed {1000 + case}: {config}", fused, plain, args, grads)
-
-
 class _FFN(torch.autograd.Function):
     """csrc/ffn.cpp as built for CUDA over the emulated kernels, wired as csrc/autograd.cpp wires ffn."""
 
@@ -670,64 +706,6 @@ def test_ffn_parity(emu, dtype, approximate, hidden, dropout_p):
     )
 
 
-def _products(emu, q, k, v, mask=None, causal=False, dropout_p=0.0, backward=False):
-    """Tensor-core products of one call (forward, or forward and backward)."""
-    q, k, v = (t.detach().requires_grad_(backward) for t in (q, k, v))
-    emu.take_counters()
-    out = attention(emu, q, k, v, mask, causal, None, dropout_p, torch.tensor(3) if dropout_p > 0 else None)
-    if backward:
-        out.sum().backward()
-    return emu.take_counters()[2]
-
-
-@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
-def test_attention_work_skips_what_no_query_sees(emu, backward):
-    """The work the kernels do, counted in tensor-core products: causal attention skips the key tiles past
-    each warp's rows (about half the products of full attention at 512 x 512, not a masked full pass); a
-    key padding mask that hides half the keys halves them (the key spans); dropout adds no product."""
-    q, k, v = _inputs(1, 1, 512, 512, 64, torch.float16)
-    full = _products(emu, q, k, v, backward=backward)
-    causal = _products(emu, q, k, v, causal=True, backward=backward)
-    half_keys = (torch.arange(512) < 256).view(1, 1, 1, 512)
-    padded = _products(emu, q, k, v, half_keys, backward=backward)
-    dropped = _products(emu, q, k, v, dropout_p=0.1, backward=backward)
-    assert 0.45 < causal / full < 0.6, (causal, full)
-    assert 0.45 < padded / full < 0.55, (padded, full)
-    assert dropped == full
-
-
-def test_launchers_refuse_devices_that_cannot_run_them(emu):
-    """Below compute capability 8.0 (no mma.sync / cp.async) the attention launchers refuse with the way
-    out; on a GPU with sm86's 99 KB of shared memory per block the head-dim-256 backward (135 KB) is refused
-    by name, checked when its kernel is first prepared (once per process: here, a process of its own)."""
-    q, k, v = _inputs(1, 1, 40, 40, 256, torch.float16)
-    try:
-        emu.set_device(7, 5, 64 * 1024)
-        with pytest.raises(RuntimeError, match=r"needs compute capability 8.0 or newer .* got 7.5 .*backend='triton'"):
-            emu.attention_fwd(q, k, v, None, 0.0625, False, 0.0, None)
-    finally:
-        emu.set_device(9, 0, 227 * 1024)
-    script = f"""
-import sys, torch
-sys.path.insert(0, {str(ROOT)!r})
-from pathlib import Path
-from tests.cuda_emu import emu_build
-emu_build.build(Path({str(ROOT / "build" / "cuda_emu")!r}))
-ops = torch.ops.fused_attn_emu
-ops.set_device(8, 6, 99 * 1024)
-q, k, v = (torch.randn(1, 1, 40, 256).half() for _ in range(3))
-out, stats = ops.attention_fwd(q, k, v, None, 0.0625, False, 0.0, None)
-try:
-    ops.attention_bwd(torch.ones_like(out), q, k, v, None, stats, 0.0625, False, 0.0, None, False)
-except RuntimeError as e:
-    print(str(e).splitlines()[0])
-"""
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "head dim 256 needs" in result.stdout and "emulated sm86 offers 101376" in result.stdout, result.stdout
-    assert "backend='triton'" in result.stdout
-
-
 def test_norm_and_ffn_kernels_give_the_same_bits_under_every_schedule(emu):
     """LayerNorm (warp and block rows), Add & Norm with dropout and the FFN give bitwise the same outputs
     and gradients whatever the device's multiprocessor count, the copies' timing and the threads' order
@@ -759,3 +737,27 @@ def test_norm_and_ffn_kernels_give_the_same_bits_under_every_schedule(emu):
         assert len(other) == len(runs[0])
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
+
+
+# The emulator's own checks: undefined behaviour reported, and the AddressSanitizer build.
+
+@pytest.mark.parametrize("fault, message", [(0, "divergent warp"), (1, "deadlock"), (2, "past the 1024 bytes"),
+                                            (3, "shared-memory race")])
+def test_emulator_reports_undefined_behaviour(emu, fault, message):
+    """What the hardware leaves undefined is an error of the launch here, not a hang or a guess."""
+    with pytest.raises(RuntimeError, match=message):
+        emu.self_test(fault)
+
+
+def test_memcheck_no_access_outside_any_tensor(emu):
+    """The kernels built with AddressSanitizer (tests/cuda_emu/memcheck.py, in a process of its own with
+    the runtime preloaded) over cases that reach every load path: no read or write outside a tensor's
+    allocation (the emulator's counterpart of compute-sanitizer's memcheck)."""
+    runtime = emu_build.asan_runtime()
+    if runtime is None:
+        pytest.skip("GCC's AddressSanitizer runtime is not installed")
+    env = dict(os.environ, LD_PRELOAD=str(runtime), ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1")
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "cuda_emu" / "memcheck.py")], env=env,
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0 and "AddressSanitizer" not in result.stderr, result.stderr[-6000:]
+    assert int(result.stdout.split()[-1]) >= 90
