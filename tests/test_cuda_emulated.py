@@ -6,8 +6,9 @@ cuBLASLt calls served as cuBLASLt documents them (cublaslt_emu.h). The kernels' 
 parity here checks the tiling, the fragment bookkeeping, masks, causal skipping, key spans, grouped
 heads, dropout, the backward's row statistics, the row mappings, vector paths and parameter-gradient
 splits, the GEMM descriptors' layouts and epilogues, and the launchers' choices, on every push. It does
-not check what only the hardware decides (timing, register and shared-memory limits, the tensor cores'
-own accumulation order, cuBLASLt's own kernels): the GPU runs (`make gpu-check`) do.
+not check what only the hardware and nvcc decide (timing, register and shared-memory limits, the tensor
+cores' own accumulation order, --use_fast_math's approximate exponentials and flush-to-zero, which the
+host's IEEE arithmetic does not imitate, cuBLASLt's own kernels): the GPU runs (`make gpu-check`) do.
 
 Each case is judged as the GPU parity tests judge the cuda backend (tests/conftest.py: assert_parity),
 and the emulator turns undefined behaviour into errors (divergent warp instructions, deadlocks, shared
