@@ -119,6 +119,27 @@ def _mask(kind, batch, heads, q_len, k_len, dtype, seed=1):
     raise ValueError(kind)
 
 
+def _requested(grads, needs):
+    """The gradients an autograd function returns for its inputs: those asked for, None for the rest."""
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def _same_bits_under(emu, configs, run):
+    """run()'s tensors under each emulator configuration (multiprocessors, copies at their wait,
+    schedule seed) must be bitwise the same; the parity configuration is restored afterwards."""
+    runs = []
+    try:
+        for config in configs:
+            emu.configure(*config)
+            runs.append(run())
+    finally:
+        emu.configure(*PARITY_CONFIG)
+    for other in runs[1:]:
+        assert len(other) == len(runs[0])
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
 def _repeat(t, heads):
     return t.repeat_interleave(heads // t.shape[1], dim=1)
 
@@ -305,16 +326,8 @@ def test_same_bits_for_every_schedule_copy_timing_and_row_layout(emu, case):
     kind, dropout_p = c.pop("kind"), c.pop("dropout_p", 0.0)
     q, k, v = _inputs(2, 2, c["q_len"], c["k_len"], c["d"], torch.float16)
     mask = _mask(kind, 2, 2, c["q_len"], c["k_len"], torch.float16)
-    runs = []
-    try:
-        for multiprocessors, at_wait, order_seed in [(10**6, False, 0), (10**6, True, 7), (1, False, 3), (1, True, 0)]:
-            emu.configure(multiprocessors, at_wait, order_seed)
-            runs.append(_run_all(emu, q, k, v, mask, kind == "causal", dropout_p))
-    finally:
-        emu.configure(*PARITY_CONFIG)
-    for other in runs[1:]:
-        for a, b in zip(runs[0], other):
-            assert torch.equal(a, b)
+    _same_bits_under(emu, [(10**6, False, 0), (10**6, True, 7), (1, False, 3), (1, True, 0)],
+                     lambda: _run_all(emu, q, k, v, mask, kind == "causal", dropout_p))
 
 
 @pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 256])
@@ -456,7 +469,7 @@ class _LayerNorm(torch.autograd.Function):
         x, mean, rstd, weight = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[1:4])
         grads = ctx.ops.layer_norm_bwd(grad_out.contiguous(), x, mean, rstd, weight, needs)
-        return None, *(g if need else None for g, need in zip(grads, needs)), None
+        return None, *_requested(grads, needs), None
 
 
 class _AddLayerNorm(torch.autograd.Function):
@@ -478,7 +491,7 @@ class _AddLayerNorm(torch.autograd.Function):
             grad_out.contiguous(), None if grad_prenorm is None else grad_prenorm.contiguous(), prenorm, mean, rstd,
             weight, dropout_p, seed, needs,
         )
-        return None, *(g if need else None for g, need in zip(grads, needs)), None, None, None
+        return None, *_requested(grads, needs), None, None, None
 
 
 def _rows(rows, hidden, dtype, seed=0, misaligned=False):
@@ -585,7 +598,7 @@ class _LinearGelu(torch.autograd.Function):
         scratch = grad_out.clone().contiguous()
         for a, b in zip(grads, ops.linear_gelu_bwd_scratch(scratch, x, weight, pre, approximate, needs)):
             assert (a is None and b is None) or torch.equal(a, b)
-        return None, *(g if need else None for g, need in zip(grads, needs)), None
+        return None, *_requested(grads, needs), None
 
 
 LINEAR_SHAPES = {"bert-ish": (40, 96, 128), "odd": (37, 50, 77), "one-row": (1, 64, 32), "one-feature": (9, 1, 24)}
@@ -675,7 +688,7 @@ class _FFN(torch.autograd.Function):
         ops, approximate, dropout_p = ctx.args
         needs = list(ctx.needs_input_grad[1:6])
         grads = ops.ffn_bwd(grad_out.contiguous(), x, w1, w2, pre, approximate, dropout_p, seed, needs)
-        return None, *(g if need else None for g, need in zip(grads, needs)), None, None, None
+        return None, *_requested(grads, needs), None, None, None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -727,17 +740,7 @@ def test_norm_and_ffn_kernels_give_the_same_bits_under_every_schedule(emu):
                                       [True, True, False, True, False])]
         return [t for t in results if t is not None and t.numel() > 0]
 
-    runs = []
-    try:
-        for config in [(132, False, 0), (1, True, 5), (10**6, True, 9)]:
-            emu.configure(*config)
-            runs.append(run())
-    finally:
-        emu.configure(*PARITY_CONFIG)
-    for other in runs[1:]:
-        assert len(other) == len(runs[0])
-        for a, b in zip(runs[0], other):
-            assert torch.equal(a, b)
+    _same_bits_under(emu, [(132, False, 0), (1, True, 5), (10**6, True, 9)], run)
 
 
 # The emulator's own checks: undefined behaviour reported, and the AddressSanitizer build.

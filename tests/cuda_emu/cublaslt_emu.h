@@ -23,6 +23,8 @@
 #include <string>
 #include <vector>
 
+#include "cuda_emu.h"  // half_bits_to_float
+
 namespace cuda_emu::lt {
 
 struct MatmulDesc {
@@ -43,11 +45,10 @@ struct Layout {
 };
 
 inline float load(const void* p, cudaDataType_t t, int64_t i) {
-  switch (t) {
-    case CUDA_R_16F: return __half2float(__ushort_as_half(static_cast<const uint16_t*>(p)[i]));
-    case CUDA_R_16BF: return __bfloat162float(__ushort_as_bfloat16(static_cast<const uint16_t*>(p)[i]));
-    default: return static_cast<const float*>(p)[i];
+  if (t == CUDA_R_16F || t == CUDA_R_16BF) {
+    return half_bits_to_float(static_cast<const uint16_t*>(p)[i], /*bf16=*/t == CUDA_R_16BF);
   }
+  return static_cast<const float*>(p)[i];
 }
 
 inline void store(void* p, cudaDataType_t t, int64_t i, float v) {

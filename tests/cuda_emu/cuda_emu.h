@@ -151,11 +151,10 @@ struct Warp {
 };
 
 // The race check's record of a 16-byte chunk of dynamic shared memory, in barrier epochs (the count of
-// completed __syncthreads): the last asynchronous copy into it (the epochs it may have landed in, from
-// its issue to the wait that completed it, and its warp), and the warps that read it (ldmatrix) in the
-// latest epoch that read it.
+// completed __syncthreads): the last asynchronous copy into it (the epoch of the wait that completed it,
+// and its warp), and the warps that read it (ldmatrix) in the latest epoch that read it.
 struct Chunk {
-  uint64_t write_from = 0, write_to = 0;
+  uint64_t write_to = 0;
   int writer = -1;
   uint64_t read_epoch = ~uint64_t{0};
   uint64_t readers = 0;
@@ -236,8 +235,6 @@ inline void fail(const std::string& what) {
   throw Abort{};
 }
 
-inline void complete_copies(Thread& t, size_t keep);
-
 inline void fiber_main() {
 #if defined(__SANITIZE_ADDRESS__)
   __sanitizer_finish_switch_fiber(nullptr, &rt.scheduler.stack, &rt.scheduler.stack_size);
@@ -305,7 +302,8 @@ struct Index {
 };
 
 inline int lane() { return rt.thread->linear % kWarp; }
-inline Warp& warp() { return rt.block->warps[rt.thread->linear / kWarp]; }
+inline int warp_index() { return rt.thread->linear / kWarp; }
+inline Warp& warp() { return rt.block->warps[static_cast<size_t>(warp_index())]; }
 
 // ---------------------------------------------------------------------------------------------
 // Synchronisation.
@@ -387,8 +385,6 @@ inline uint8_t* smem_at(uint32_t offset, int bytes, int align) {
   return rt.block->smem.data() + offset;
 }
 
-inline int warp_index() { return rt.thread->linear / kWarp; }
-
 // Race check, at the wait that completes a copy: the copy may have landed in any epoch from its issue
 // to now, so another warp's read of the chunk in that window is unordered with it.
 inline void check_copy_race(const Thread::Copy& c) {
@@ -399,7 +395,6 @@ inline void check_copy_race(const Thread::Copy& c) {
     fail("shared-memory race: an asynchronous copy into byte " + std::to_string(c.dst) +
          " may land while another warp reads it (no barrier between the read and the copy's issue)");
   }
-  chunk.write_from = c.issued;
   chunk.write_to = b.barrier_generation;
   chunk.writer = w;
 }
