@@ -8,19 +8,22 @@
 // backward reads, and in backward calls the op's `_bwd` op, asking only for the gradients the
 // graph needs (output_mask). The statistics outputs (mean, rstd, log-sum-exp, pre-activation)
 // exist to be saved: materialize_grads is off, so gradients nobody sent them arrive undefined and
-// are ignored (they are not marked non-differentiable, which compiled autograd refuses). The
-// `_bwd` ops are differentiable once only: their Autograd kernel (no_derivative, as torch's
-// "not implemented" fallback) makes a second derivative (create_graph=True, then backward through
-// the gradients) raise instead of silently giving None or zeros. Fake kernels stay in Python
+// are ignored (they are not marked non-differentiable, which compiled autograd refuses). A
+// backward that must give gradients with a derivative (create_graph=True) takes the op's reference
+// instead (differentiable_backward below). The `_bwd` ops themselves have no derivative: their
+// Autograd kernel (no_derivative, as torch's "not implemented" fallback) makes differentiating what
+// one gave when called directly raise instead of silently giving None or zeros. Fake kernels stay in Python
 // (fused_attn/ops), so torch.compile traces these ops as single nodes and AOTAutograd traces the
 // backward through these formulas. The Triton ops keep their Python formulas (their kernels are
 // Python anyway).
+#include <algorithm>
 #include <array>
 #include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include <ATen/SavedTensorHooks.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -80,6 +83,39 @@ std::array<bool, N> needs_grad(AutogradContext* ctx) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Second-order autograd. The `_bwd` kernels' gradients have no derivative. A backward that needs one
+// (run with create_graph=True, so grad mode is on inside it, or given a gradient that carries a
+// forward-mode tangent) returns instead the gradients of the op's plain-torch reference, recomputed
+// from what the forward saved and differentiated with a graph: fused_attn::differentiable_backward,
+// a CompositeImplicitAutograd op defined in Python (fused_attn/ops/_second_order.py), so autograd
+// records what it runs. Every other backward calls the kernels.
+
+bool differentiable_wanted(const variable_list& grads) {
+  if (at::GradMode::is_enabled()) return true;
+  return std::any_of(grads.begin(), grads.end(),
+                     [](const Tensor& g) { return g.defined() && torch::autograd::isFwGradDefined(g); });
+}
+
+using DifferentiableBwd = std::vector<Tensor>(c10::string_view, const c10::List<OptTensor>&, c10::ArrayRef<double>,
+                                              c10::IntArrayRef);
+
+// The gradients of the first N tensor arguments (the rest of the `arguments` slots undefined) by the
+// formula `op` of fused_attn/ops/_second_order.py, given the tensors it takes (undefined: None).
+template <size_t N>
+variable_list differentiable_backward(const char* op, std::initializer_list<Tensor> tensors,
+                                      std::vector<double> scalars, const std::array<bool, N>& needs,
+                                      size_t arguments) {
+  static const auto handle = find_op<DifferentiableBwd>("fused_attn::differentiable_backward");
+  c10::List<OptTensor> given_tensors;
+  for (const Tensor& t : tensors) given_tensors.push_back(optional(t));
+  const std::vector<int64_t> flags(needs.begin(), needs.end());
+  const std::vector<Tensor> grads = handle.call(op, given_tensors, scalars, flags);
+  variable_list out(arguments);
+  for (size_t i = 0; i < N; ++i) out[i] = pick(grads[i], needs[i]);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
 // layer_norm_fwd(input, weight?, bias?, eps) -> (out, mean, rstd)
 
 using LayerNormFwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, double);
@@ -93,6 +129,7 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [out, mean, rstd] = op.call(input, weight, bias, eps);
     ctx->save_for_backward({input, weight.value_or(Tensor()), mean, rstd});
+    ctx->saved_data["eps"] = eps;
     record_given(ctx, {true, given(weight), given(bias)});
     ctx->set_materialize_grads(false);
     return {out, mean, rstd};
@@ -104,6 +141,10 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
     const Tensor &input = saved[0], &weight = saved[1], &mean = saved[2], &rstd = saved[3];
     const std::array<bool, 3> mask = needs_grad<3>(ctx);
     if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
+    if (differentiable_wanted(grads)) {
+      return differentiable_backward("layer_norm", {grads[0], input, weight}, {ctx->saved_data["eps"].toDouble()},
+                                     mask, 4);
+    }
     auto [dx, dw, db] = op.call(grads[0].contiguous(), input, mean, rstd, optional(weight), mask);
     return {pick(dx, mask[0]), pick(dw, mask[1]), pick(db, mask[2]), Tensor()};
   }
@@ -135,6 +176,7 @@ struct AddLayerNormFunction : torch::autograd::Function<AddLayerNormFunction> {
     auto [out, prenorm, mean, rstd] = op.call(input, residual, weight, bias, input_bias, eps, dropout_p, seed);
     ctx->save_for_backward({prenorm, mean, rstd, weight.value_or(Tensor()), seed.value_or(Tensor())});
     ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["eps"] = eps;
     record_given(ctx, {true, true, given(weight), given(bias), given(input_bias)});
     // Gradients of outputs nobody used arrive undefined instead of materialised zeros.
     ctx->set_materialize_grads(false);
@@ -147,6 +189,10 @@ struct AddLayerNormFunction : torch::autograd::Function<AddLayerNormFunction> {
     const Tensor &prenorm = saved[0], &mean = saved[1], &rstd = saved[2], &weight = saved[3], &seed = saved[4];
     const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
     const std::array<bool, 5> mask = needs_grad<5>(ctx);
+    if (differentiable_wanted(grads)) {
+      return differentiable_backward("add_layer_norm", {grads[0], grads[1], prenorm, weight, seed},
+                                     {ctx->saved_data["eps"].toDouble(), dropout_p}, mask, 8);
+    }
     const Tensor grad_out = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(prenorm);
     // Without dropout the input's gradient is the residual's: computed and written once.
     const bool shared = dropout_p == 0.0 && mask[0];
@@ -205,6 +251,15 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
     const std::array<bool, 4> needs = needs_grad<4>(ctx);
     const bool mask_needs_grad = needs[3];
     if (!grads[0].defined()) return variable_list(8);
+    if (differentiable_wanted(grads)) {
+      auto out = differentiable_backward(
+          "attention", {grads[0], query, key, value, mask, seed},
+          {ctx->saved_data["scale"].toDouble(), ctx->saved_data["is_causal"].toBool() ? 1.0 : 0.0,
+           ctx->saved_data["dropout_p"].toDouble()},
+          needs, 8);
+      if (mask_needs_grad) out[3] = out[3].to(mask.scalar_type());
+      return out;
+    }
     auto [dq, dk, dv, dmask] =
         op.call(unit_last_stride(grads[0]), query, key, value, optional(mask), stats,
                 ctx->saved_data["scale"].toDouble(), ctx->saved_data["is_causal"].toBool(),
@@ -245,6 +300,11 @@ struct SoftmaxFunction : torch::autograd::Function<SoftmaxFunction> {
     static const auto op = find_op<SoftmaxBwd>("fused_attn::softmax_bwd");
     const Tensor out = ctx->get_saved_variables()[0];
     const std::array<bool, 2> needs = needs_grad<2>(ctx);
+    if (differentiable_wanted(grads)) {
+      auto grad = differentiable_backward("softmax", {grads[0], out}, {ctx->saved_data["scale"].toDouble()}, needs, 4);
+      if (needs[1]) grad[1] = grad[1].to(ctx->saved_data["mask_dtype"].toScalarType());
+      return grad;
+    }
     auto [dx, dmask] = op.call(grads[0].contiguous(), out, ctx->saved_data["scale"].toDouble(), needs[1]);
     // The kernels give the scores' gradient in float32 (as the attention's); the mask gets its own dtype.
     if (needs[1]) dmask = dmask.to(ctx->saved_data["mask_dtype"].toScalarType());
@@ -303,7 +363,7 @@ struct LinearGeluFunction : torch::autograd::Function<LinearGeluFunction> {
     static const auto op = find_op<LinearGeluFwd>("fused_attn::linear_gelu_fwd");
     at::AutoDispatchBelowADInplaceOrView below;
     auto [out, pre] = op.call(input, weight, bias, approximate);
-    ctx->save_for_backward({input, weight, pre});
+    ctx->save_for_backward({input, weight, pre, bias.value_or(Tensor())});
     remember_pre(ctx);
     ctx->saved_data["approximate"] = std::string(approximate);
     record_given(ctx, {true, true, given(bias)});
@@ -317,6 +377,10 @@ struct LinearGeluFunction : torch::autograd::Function<LinearGeluFunction> {
     const std::array<bool, 3> mask = needs_grad<3>(ctx);
     if (!grads[0].defined()) return variable_list(4);
     const std::string approximate = ctx->saved_data["approximate"].toStringRef();
+    if (differentiable_wanted(grads)) {
+      return differentiable_backward("linear_gelu", {grads[0], saved[0], saved[1], saved[3]},
+                                     {approximate == "tanh" ? 1.0 : 0.0}, mask, 4);
+    }
     // grad_pre is formed over the saved pre-activation where nothing reads it again (may_consume).
     static const auto consuming = find_op<LinearGeluBwdConsuming>("fused_attn::linear_gelu_bwd_consuming");
     Tensor pre = saved[2];
@@ -354,7 +418,7 @@ struct FfnFunction : torch::autograd::Function<FfnFunction> {
     static const auto op = find_op<FfnFwd>("fused_attn::ffn_fwd");
     at::AutoDispatchBelowADInplaceOrView below;
     auto [out, pre] = op.call(input, w1, b1, w2, b2, approximate, dropout_p, seed);
-    ctx->save_for_backward({input, w1, w2, pre, seed.value_or(Tensor())});
+    ctx->save_for_backward({input, w1, w2, pre, seed.value_or(Tensor()), b1.value_or(Tensor())});
     remember_pre(ctx);
     ctx->saved_data["approximate"] = std::string(approximate);
     ctx->saved_data["dropout_p"] = dropout_p;
@@ -370,6 +434,10 @@ struct FfnFunction : torch::autograd::Function<FfnFunction> {
     if (!grads[0].defined()) return variable_list(8);
     const std::string approximate = ctx->saved_data["approximate"].toStringRef();
     const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
+    if (differentiable_wanted(grads)) {
+      return differentiable_backward("ffn", {grads[0], saved[0], saved[1], saved[5], saved[2], saved[4]},
+                                     {approximate == "tanh" ? 1.0 : 0.0, dropout_p}, mask, 8);
+    }
     Tensor pre = saved[3];
     // The pre-activation's gradient is formed over the saved pre-activation where nothing reads it again:
     // the backward's peak then holds one [rows, hidden] tensor instead of two.
@@ -437,9 +505,9 @@ void no_derivative(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torc
       "derivative for " + name + " is not implemented: " +
       (inference ? "it is the forward without what a backward reads, which fused_attn's ops call only when no "
                    "gradient is asked for"
-                 : "the fused kernels' backward passes are differentiable once, so a second-order gradient "
-                   "(create_graph=True, then a backward through the gradients) cannot go through them; call the op "
-                   "with backend='reference', or fused_attn.restore(model)"));
+                 : "it is the kernels' backward, whose gradients have no derivative of their own; the fused ops' "
+                   "own backward gives differentiable gradients (create_graph=True), or call the op with "
+                   "backend='reference'"));
   node->set_next_edges(std::move(edges));
   for (auto it = stack->end() - static_cast<std::ptrdiff_t>(schema.returns().size()); it != stack->end(); ++it) {
     if (it->isTensor() && torch::autograd::isDifferentiableType(it->toTensor().scalar_type())) {

@@ -194,6 +194,27 @@ def test_bert_masked_lm_parity(backend):
 
 
 @pytest.mark.parametrize("backend", _backend_params())
+def test_bert_gradient_penalty_parity(backend):
+    """A loss plus the squared norm of its own parameter gradients (create_graph=True, then a
+    backward through them: the second-order path of every fused op the model runs) gives the
+    plain model's value and parameter gradients."""
+    _require(backend, BERT_OPS)
+    torch.manual_seed(3)
+    config = _bert_config(num_hidden_layers=1)
+    model = BertForMaskedLM(config)
+    _init_non_trivial(model, seed=3)
+    ids, mask, types = _bert_batch(config, batch=2, lengths=(10, 6), length=10, seed=3)
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def run(m):
+        loss = m(ids, attention_mask=mask, token_type_ids=types, labels=labels).loss
+        grads = torch.autograd.grad(loss, list(m.parameters()), create_graph=True)
+        return (loss + 0.1 * sum(g.square().sum() for g in grads),)
+
+    _assert_model_parity(model, run, backend, BERT_OPS)
+
+
+@pytest.mark.parametrize("backend", _backend_params())
 def test_bert_sequence_classification_parity(backend):
     _require(backend, BERT_OPS)
     torch.manual_seed(2)

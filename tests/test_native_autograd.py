@@ -175,50 +175,25 @@ def _op_calls(backend: str, device: str) -> dict:
 
 
 NATIVE_OPS = ["layer_norm", "add_layer_norm", "scaled_dot_product_attention", "softmax", "linear_gelu", "ffn"]
-# Each op with each fused backend (cpu, cuda, triton), on the devices it declares.
-FUSED_CALLS = [pytest.param(op, *p.values, marks=p.marks, id=f"{op}-{p.id}")
-               for op in NATIVE_OPS for p in backend_params(op, exclude=("reference",))]
 
 
-@pytest.mark.parametrize("op, backend_device", FUSED_CALLS)
-def test_second_derivative_raises(op, backend_device):
-    """The backward kernels are differentiable once: differentiating the gradients raises, rather
-    than giving None or zeros for the second derivative, with a message that names the backward
-    op and says what to do instead (not torch's advice to register a formula). The reference
-    backend gives the second derivative."""
-    backend, device = backend_device
-    if backend != "triton" and not _native(op):
+def test_backward_ops_called_directly_have_no_derivative():
+    """A `_bwd` op called directly (not through the ops' autograd formulas, which give
+    differentiable gradients where a graph is asked for: tests/test_second_order.py) gives
+    gradients whose derivative raises, naming the op and what to do instead, rather than being
+    silently None or zero; a forward-mode tangent on its incoming gradient raises at once."""
+    if not _native("layer_norm"):
         pytest.skip("the extension is not built")
-    fn, inputs = _op_calls(backend, device)[op]
-    grads = torch.autograd.grad(fn(*inputs).float().square().sum(), inputs, create_graph=True)
-    second = r"derivative for fused_attn::\w*_bwd\w* is not implemented: .*second-order.*backend='reference'"
-    with pytest.raises(RuntimeError, match=second):
-        torch.autograd.grad(sum(g.float().square().sum() for g in grads), inputs, allow_unused=True)
-    fn, inputs = _op_calls("reference", device)[op]
-    grads = torch.autograd.grad(fn(*inputs).float().square().sum(), inputs, create_graph=True)
-    assert all(g is not None for g in torch.autograd.grad(sum(g.float().square().sum() for g in grads), inputs))
-
-
-@pytest.mark.parametrize("op, backend_device", FUSED_CALLS)
-def test_forward_over_reverse_raises(op, backend_device):
-    """A forward-mode tangent on the gradient sent into a fused backward (forward-over-reverse, as
-    a Hessian-vector product computes) raises, naming the backward op, instead of being dropped
-    from the gradients the backward kernels give; the reference carries it."""
-    backend, device = backend_device
-    if backend != "triton" and not _native(op):
-        pytest.skip("the extension is not built")
-
-    def backward_with_tangent(name):
-        fn, inputs = _op_calls(name, device)[op]
-        out = fn(*inputs)
-        with forward_ad.dual_level():
-            grad_out = forward_ad.make_dual(torch.ones_like(out), torch.ones_like(out))
-            grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
-            return [forward_ad.unpack_dual(g).tangent for g in grads if g is not None]
-
-    with pytest.raises(NotImplementedError, match=r"forward AD with fused_attn::\w*_bwd\w* .*backend='reference'"):
-        backward_with_tangent(backend)
-    assert any(tangent is not None for tangent in backward_with_tangent("reference"))
+    x, w = torch.randn(4, 16, requires_grad=True), torch.randn(16, requires_grad=True)
+    _, mean, rstd = torch.ops.fused_attn.layer_norm_fwd(x.detach(), w.detach(), None, 1e-5)
+    dx, _, _ = torch.ops.fused_attn.layer_norm_bwd(torch.ones(4, 16), x, mean, rstd, w, [True, True, False])
+    with pytest.raises(RuntimeError, match=r"layer_norm_bwd is not implemented: it is the kernels' backward.*"
+                                           r"create_graph=True.*backend='reference'"):
+        dx.sum().backward()
+    with forward_ad.dual_level():
+        grad_out = forward_ad.make_dual(torch.ones(4, 16), torch.ones(4, 16))
+        with pytest.raises(NotImplementedError, match="forward AD with fused_attn::layer_norm_bwd"):
+            torch.ops.fused_attn.layer_norm_bwd(grad_out, x, mean, rstd, w, [True, True, False])
 
 
 def test_inference_forms_have_no_derivative():

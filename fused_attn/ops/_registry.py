@@ -8,9 +8,9 @@ import threading
 from collections.abc import Callable
 
 import torch
-from torch.autograd import forward_ad
 
 from ..backends import triton_interpret_mode
+from . import _second_order
 
 _INTERPRETER_LOCK = threading.Lock()
 
@@ -39,23 +39,21 @@ def register_pair(
     fake_bwd: Callable,
     setup_context: Callable,
     backward_for: Callable[[object], Callable],
+    second_order: Callable,
 ) -> object:
     """Registers ``fused_attn::{fwd}`` and ``fused_attn::{bwd}``'s fake kernels and makes the
-    forward differentiable through ``backward_for(bwd op)``; the backward op is differentiable
-    once, as the extension's are: a second derivative raises, saying so. Returns the forward op."""
+    forward differentiable through ``backward_for(bwd op)``, or, where the backward must give
+    gradients autograd can differentiate again (``_second_order.wanted``: create_graph=True, or a
+    forward-mode tangent on the incoming gradient), through ``second_order(ctx, *grads)`` (the op's
+    reference recomputed, ``_second_order``), as the extension's ops do. The backward op itself has
+    no derivative: called directly, differentiating its outputs raises. Returns the forward op."""
     register_native_pair(fwd, bwd, fake_fwd=fake_fwd, fake_bwd=fake_bwd)
     formula = backward_for(getattr(torch.ops.fused_attn, bwd))
 
     @functools.wraps(formula)
     def backward(ctx, *grads):
-        # A forward-mode tangent on a gradient (forward-over-reverse, e.g. a Hessian-vector
-        # product) would be dropped by the backward kernels: refused, as the extension's ops do.
-        # (Tangents on the forward's inputs never get here: the op runs its reference for them.)
-        if any(isinstance(g, torch.Tensor) and forward_ad.unpack_dual(g).tangent is not None for g in grads):
-            raise NotImplementedError(
-                f"Trying to use forward AD with fused_attn::{bwd} that does not support it: the fused kernels have "
-                "no forward derivative; call the op with backend='reference', or fused_attn.restore(model)"
-            )
+        if _second_order.wanted(grads):
+            return second_order(ctx, *grads)
         return formula(ctx, *grads)
 
     torch.library.register_autograd(f"fused_attn::{fwd}", backward, setup_context=setup_context)
@@ -65,14 +63,15 @@ def register_pair(
 
 def _no_second_derivative(bwd: str) -> Callable:
     """The autograd formula of a backward op: its kernels have no derivative, so differentiating
-    the gradients it gave (create_graph=True, then a backward through them) raises here, with what
-    to do instead, rather than with torch's advice to register a formula."""
+    the gradients it gave when called directly raises here, with what to do instead, rather than
+    with torch's advice to register a formula. (The public ops never need it: their backward
+    takes the differentiable path when a graph is asked for.)"""
 
     def backward(ctx, *grads):
         raise RuntimeError(
-            f"derivative for fused_attn::{bwd} is not implemented: the fused kernels' backward passes are "
-            "differentiable once, so a second-order gradient (create_graph=True, then a backward through the "
-            "gradients) cannot go through them; call the op with backend='reference', or fused_attn.restore(model)"
+            f"derivative for fused_attn::{bwd} is not implemented: it is the kernels' backward, whose gradients "
+            "have no derivative of their own; the fused ops' own backward gives differentiable gradients "
+            "(create_graph=True), or call the op with backend='reference'"
         )
 
     return backward

@@ -16,6 +16,7 @@ from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, fast_entry, fast_path_open, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._random import draw_seed, seed_int
+from . import _second_order as _second_order_grads
 from ._registry import interpreter_serialized, register_fake, register_native_pair, register_pair
 from ._validate import (
     affine_dtype, check_bool, check_dropout_p, check_eps, check_param, check_same_device, check_tensor, needs_grad, rows,
@@ -114,10 +115,10 @@ def _fake_bwd(grad_out, grad_prenorm, prenorm, mean, rstd, weight, dropout_p, se
 
 
 def _setup_context(ctx, inputs, output):
-    _input, _residual, weight, _bias, _input_bias, _eps, dropout_p, seed = inputs
+    _input, _residual, weight, _bias, _input_bias, eps, dropout_p, seed = inputs
     _out, prenorm, mean, rstd = output
     ctx.save_for_backward(prenorm, mean, rstd, weight, seed)
-    ctx.dropout_p = dropout_p
+    ctx.dropout_p, ctx.eps = dropout_p, eps
     # Gradients of outputs nobody used arrive as None instead of materialised zeros.
     ctx.set_materialize_grads(False)
 
@@ -143,9 +144,18 @@ def _autograd_for(bwd_op):
     return backward
 
 
+def _second_order(ctx, grad_out, grad_prenorm, _grad_mean, _grad_rstd):
+    prenorm, _, _, weight, seed = ctx.saved_tensors
+    grads = _second_order_grads.add_layer_norm(
+        (grad_out, grad_prenorm, prenorm, weight, seed), (ctx.eps, ctx.dropout_p), ctx.needs_input_grad[:5]
+    )
+    return (*grads, None, None, None)
+
+
 def _register(fwd: str, bwd: str) -> object:
     return register_pair(
-        fwd, bwd, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, setup_context=_setup_context, backward_for=_autograd_for
+        fwd, bwd, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, setup_context=_setup_context, backward_for=_autograd_for,
+        second_order=_second_order,
     )
 
 

@@ -20,6 +20,7 @@ from ..kernels.layout import as_query_layout, empty_in_query_layout
 from ..reference.attention import causal_keep
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
+from . import _second_order as _second_order_grads
 from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import (
     broadcast_mask, check_bool, check_dropout_p, check_same_device, check_tensor, dtype_name, is_finite_number,
@@ -162,10 +163,20 @@ def _autograd_for(bwd_op):
     return backward
 
 
+def _second_order(ctx, grad_out, _grad_stats):
+    query, key, value, attn_mask, _, seed = ctx.saved_tensors
+    grads = _second_order_grads.attention(
+        (grad_out, query, key, value, attn_mask, seed), (ctx.scale, ctx.is_causal, ctx.dropout_p),
+        ctx.needs_input_grad[:4],
+    )
+    dmask = grads[3]
+    return (*grads[:3], None if dmask is None else dmask.to(attn_mask.dtype), None, None, None, None)
+
+
 def _register(fwd: str, bwd: str, stats_shape) -> object:
     return register_pair(
         fwd, bwd, fake_fwd=_fake_fwd_for(stats_shape), fake_bwd=_fake_bwd, setup_context=_setup_context,
-        backward_for=_autograd_for,
+        backward_for=_autograd_for, second_order=_second_order,
     )
 
 

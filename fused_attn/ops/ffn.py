@@ -35,6 +35,7 @@ from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, fast_entry, fast_path_open, register_op, select
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, seed_int
+from . import _second_order as _second_order_grads
 from ._registry import interpreter_serialized, register_fake, register_native_pair, register_pair
 from ._validate import (
     check_dropout_p, check_param, check_same_device, check_tensor, dropout_in_capture, dtype_name, transform_features,
@@ -124,8 +125,8 @@ def _fake_linear_gelu_bwd(grad_out, input, weight, pre_activation, approximate, 
 
 
 def _setup_linear_gelu(ctx, inputs, output):
-    input, weight, _bias, approximate = inputs
-    ctx.save_for_backward(input, weight, output[1])
+    input, weight, bias, approximate = inputs
+    ctx.save_for_backward(input, weight, output[1], bias)  # the bias for the second-order path alone
     ctx.approximate = approximate
     # The pre-activation is an output only to be saved: no zero gradient of its size is made for it.
     ctx.set_materialize_grads(False)
@@ -133,7 +134,7 @@ def _setup_linear_gelu(ctx, inputs, output):
 
 def _linear_gelu_backward_for(bwd_op):
     def backward(ctx, grad_out, _grad_pre):
-        input, weight, pre = ctx.saved_tensors
+        input, weight, pre, _ = ctx.saved_tensors
         mask = list(ctx.needs_input_grad[:3])
         grads = bwd_op(grad_out.contiguous(), input, weight, pre, ctx.approximate, mask)
         return (*(g if m else None for g, m in zip(grads, mask)), None)
@@ -141,10 +142,19 @@ def _linear_gelu_backward_for(bwd_op):
     return backward
 
 
+def _linear_gelu_second_order(ctx, grad_out, _grad_pre):
+    input, weight, _, bias = ctx.saved_tensors
+    grads = _second_order_grads.linear_gelu(
+        (grad_out, input, weight, bias), (ctx.approximate == "tanh",), ctx.needs_input_grad[:3]
+    )
+    return (*grads, None)
+
+
 def _register_linear_gelu(fwd: str, bwd: str) -> object:
     return register_pair(
         fwd, bwd, fake_fwd=_fake_linear_gelu_fwd, fake_bwd=_fake_linear_gelu_bwd,
         setup_context=_setup_linear_gelu, backward_for=_linear_gelu_backward_for,
+        second_order=_linear_gelu_second_order,
     )
 
 
@@ -266,15 +276,15 @@ def _fake_ffn_bwd(grad_out, input, w1, w2, pre_activation, approximate, dropout_
 
 
 def _setup_ffn(ctx, inputs, output):
-    input, w1, _b1, w2, _b2, approximate, dropout_p, seed = inputs
-    ctx.save_for_backward(input, w1, w2, output[1], seed)
+    input, w1, b1, w2, _b2, approximate, dropout_p, seed = inputs
+    ctx.save_for_backward(input, w1, w2, output[1], seed, b1)  # b1 for the second-order path alone
     ctx.approximate, ctx.dropout_p = approximate, dropout_p
     ctx.set_materialize_grads(False)  # as in _setup_linear_gelu
 
 
 def _ffn_backward_for(bwd_op):
     def backward(ctx, grad_out, _grad_pre):
-        input, w1, w2, pre, seed = ctx.saved_tensors
+        input, w1, w2, pre, seed, _ = ctx.saved_tensors
         mask = list(ctx.needs_input_grad[:5])
         grads = bwd_op(grad_out.contiguous(), input, w1, w2, pre, ctx.approximate, ctx.dropout_p, seed, mask)
         return (*(g if m else None for g, m in zip(grads, mask)), None, None, None)
@@ -282,10 +292,18 @@ def _ffn_backward_for(bwd_op):
     return backward
 
 
+def _ffn_second_order(ctx, grad_out, _grad_pre):
+    input, w1, w2, _, seed, b1 = ctx.saved_tensors
+    grads = _second_order_grads.ffn(
+        (grad_out, input, w1, b1, w2, seed), (ctx.approximate == "tanh", ctx.dropout_p), ctx.needs_input_grad[:5]
+    )
+    return (*grads, None, None, None)
+
+
 def _register_ffn(fwd: str, bwd: str) -> object:
     return register_pair(
         fwd, bwd, fake_fwd=_fake_ffn_fwd, fake_bwd=_fake_ffn_bwd, setup_context=_setup_ffn,
-        backward_for=_ffn_backward_for,
+        backward_for=_ffn_backward_for, second_order=_ffn_second_order,
     )
 
 

@@ -18,6 +18,7 @@ import torch
 from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, fast_entry, fast_path_open, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
+from . import _second_order as _second_order_grads
 from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import affine_dtype, check_eps, check_param, check_tensor, python_scalar, rows, transform_features
 
@@ -76,9 +77,10 @@ def _fake_bwd(grad_out, input, mean, rstd, weight, output_mask):
 
 
 def _setup_context(ctx, inputs, output):
-    input, weight, _bias, _eps = inputs
+    input, weight, _bias, eps = inputs
     _, mean, rstd = output
     ctx.save_for_backward(input, weight, mean, rstd)
+    ctx.eps = eps
     ctx.set_materialize_grads(False)  # mean and rstd are outputs only to be saved
 
 
@@ -93,9 +95,17 @@ def _autograd_for(bwd_op):
     return backward
 
 
+def _second_order(ctx, grad_out, _grad_mean, _grad_rstd):
+    input, weight, _, _ = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None
+    return (*_second_order_grads.layer_norm((grad_out, input, weight), (ctx.eps,), ctx.needs_input_grad[:3]), None)
+
+
 def _register(fwd: str, bwd: str) -> object:
     return register_pair(
-        fwd, bwd, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, setup_context=_setup_context, backward_for=_autograd_for
+        fwd, bwd, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, setup_context=_setup_context, backward_for=_autograd_for,
+        second_order=_second_order,
     )
 
 

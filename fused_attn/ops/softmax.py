@@ -12,6 +12,7 @@ import torch
 from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, fast_entry, fast_path_open, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
+from . import _second_order as _second_order_grads
 from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import (
     broadcast_mask, check_bool, check_tensor, transform_features, is_finite_number, python_scalar, under_transform,
@@ -81,9 +82,16 @@ def _autograd_for(bwd_op):
     return backward
 
 
+def _second_order(ctx, grad_out):
+    (output,) = ctx.saved_tensors
+    dx, dscores = _second_order_grads.softmax((grad_out, output), (ctx.scale,), ctx.needs_input_grad[:2])
+    return dx, (None if dscores is None else dscores.to(ctx.mask_dtype)), None, None
+
+
 def _register(fwd: str, bwd: str) -> object:
     return register_pair(
-        fwd, bwd, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, setup_context=_setup_context, backward_for=_autograd_for
+        fwd, bwd, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, setup_context=_setup_context, backward_for=_autograd_for,
+        second_order=_second_order,
     )
 
 
