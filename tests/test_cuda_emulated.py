@@ -401,6 +401,32 @@ except RuntimeError as e:
     assert "backend='triton'" in result.stdout
 
 
+def test_launchers_refuse_dropout_while_a_cuda_graph_is_captured(emu):
+    """Every launcher with dropout refuses while the stream is captured into a CUDA graph (the seed
+    comes from the host: every replay would drop the elements of the capture), saying what to do;
+    calls without dropout are captured as ever."""
+    q, k, v = _inputs(1, 1, 20, 20, 32, torch.float16)
+    x, w = torch.randn(8, 64).half(), torch.ones(64).half()
+    seed = torch.tensor(3)
+    refused = {
+        "attention": lambda: emu.attention_fwd(q, k, v, None, 0.2, False, 0.1, seed),
+        "add_layer_norm": lambda: emu.add_layer_norm_fwd(x, x, w, None, None, 1e-5, 0.1, seed),
+        "ffn": lambda: emu.ffn_fwd(x, torch.randn(16, 64).half(), None, torch.randn(8, 16).half(), None, "none", 0.1,
+                                   seed),
+    }
+    try:
+        emu.set_capturing(True)
+        for op, call in refused.items():
+            with pytest.raises(RuntimeError, match=rf"fused_attn::{op}: dropout while a CUDA graph is being captured"
+                                                   r".*backend='reference'"):
+                call()
+        emu.attention_fwd(q, k, v, None, 0.2, False, 0.0, None)
+        emu.add_layer_norm_fwd(x, x, w, None, None, 1e-5, 0.0, None)
+    finally:
+        emu.set_capturing(False)
+    emu.attention_fwd(q, k, v, None, 0.2, False, 0.1, seed)
+
+
 # Softmax: softmax(input * scale + mask) over the last dim, a warp per row up to 1024 elements, a block
 # per row above, rows cached in registers up to 32 / 8 elements per thread.
 

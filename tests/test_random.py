@@ -325,3 +325,29 @@ def test_dropout_in_a_captured_cuda_graph_changes_with_each_replay(op):
     assert torch.isfinite(first).all() and torch.isfinite(second).all()
     call()
     assert backends.last_backend(op) != "reference"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("op", ["attention", "add_layer_norm", "ffn"])
+@pytest.mark.parametrize("triton", [False, True], ids=["native", "triton"])
+def test_fused_dropout_ops_refuse_a_cuda_graph_capture(op, triton):
+    """Called directly (as a torch.compile'd function calls them) while a CUDA graph is captured,
+    the fused ops with dropout refuse, naming themselves and the way out, instead of freezing the
+    host-drawn seed of the capture into every replay (csrc/include/fused_attn/cuda_utils.cuh,
+    fused_attn/ops/_random.py kernel_seed)."""
+    ops, seed = torch.ops.fused_attn, torch.tensor(7)
+    prefix = "triton_" if triton else ""
+    x = torch.randn(64, 64, device="cuda", dtype=torch.float16)
+    calls = {
+        "attention": lambda: getattr(ops, f"{prefix}attention_fwd")(
+            x.view(1, 1, 64, 64), x.view(1, 1, 64, 64), x.view(1, 1, 64, 64), None, 0.125, False, 0.5, seed),
+        "add_layer_norm": lambda: getattr(ops, f"{prefix}add_layer_norm_fwd")(x, x, None, None, None, 1e-5, 0.5, seed),
+        "ffn": lambda: getattr(ops, f"{prefix}ffn_fwd")(x, x, None, x, None, "none", 0.5, seed),
+    }
+    calls[op]()  # outside a capture it runs
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match=r"dropout while a CUDA graph is being captured.*backend='reference'"):
+        with torch.cuda.graph(graph):
+            calls[op]()

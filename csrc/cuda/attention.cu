@@ -1347,6 +1347,7 @@ AttnParams make_params(const at::Tensor& query, const at::Tensor& key, const at:
   p.seed = 0;
   if (p.dropout) {
     p.seed = dropout_seed(seed);
+    cuda_utils::check_dropout_not_captured("fused_attn::attention");
   }
   return p;
 }

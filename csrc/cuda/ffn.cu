@@ -851,6 +851,7 @@ void ffn_dropout_cuda(const at::Tensor& src, const at::Tensor& dst, uint64_t see
   const int64_t n = src.numel();
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(src.device());
+  cuda_utils::check_dropout_not_captured("fused_attn::ffn");
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const float p = static_cast<float>(dropout_p);
   AT_DISPATCH_V2(src.scalar_type(), "ffn_dropout_cuda", AT_WRAP([&] {

@@ -681,6 +681,7 @@ DropoutArgs make_dropout(double dropout_p, const std::optional<at::Tensor>& seed
   DropoutArgs d;
   if (dropout_p == 0) return d;
   d.seed = dropout_seed(seed);  // checked whenever dropout applies, used or not, as on the CPU
+  cuda_utils::check_dropout_not_captured("fused_attn::add_layer_norm");
   if (!used) return d;
   d.p = static_cast<float>(dropout_p);
   d.keep_prob = philox::keep_divisor(d.p);

@@ -13,3 +13,21 @@ def draw_seed(dropout_p: float) -> torch.Tensor | None:
 
 def seed_int(seed: torch.Tensor | None) -> int:
     return int(seed) if seed is not None else 0
+
+
+def kernel_seed(seed: torch.Tensor | None, like: torch.Tensor, op: str) -> int:
+    """``seed`` as the Triton kernels take it (0 without dropout). Refused while a CUDA graph is
+    being captured, as the CUDA launchers refuse it (csrc/include/fused_attn/cuda_utils.cuh): the
+    kernels take the seed from the host at each call, so every replay would drop the elements of
+    the capture. The public ops called eagerly run their reference then; a direct op call or a
+    torch.compile'd function captured afterwards reaches this."""
+    if seed is None:
+        return 0
+    if like.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"{op}: dropout while a CUDA graph is being captured: the fused kernels take their dropout seed from "
+            "the host at each call, so every replay would drop the elements of the capture; fused_attn's ops "
+            "called eagerly run their reference then, a compiled function cannot: give its ops with dropout "
+            "backend='reference', or capture without dropout"
+        )
+    return int(seed)

@@ -15,7 +15,7 @@ import torch
 from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, fast_entry, fast_path_open, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
-from ._random import draw_seed, seed_int
+from ._random import draw_seed, kernel_seed, seed_int
 from . import _second_order as _second_order_grads
 from ._registry import interpreter_serialized, register_fake, register_native_pair, register_pair
 from ._validate import (
@@ -37,6 +37,10 @@ SPEC = register_op(
 )
 
 
+# The op named by the Triton ops' errors (kernel_seed).
+_TRITON_OP = "fused_attn::triton_add_layer_norm"
+
+
 @torch.library.custom_op("fused_attn::triton_add_layer_norm_fwd", mutates_args=())
 @interpreter_serialized
 def _triton_fwd(
@@ -51,7 +55,9 @@ def _triton_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels.triton import layer_norm as kernels
 
-    return kernels.add_layer_norm_fwd(input, residual, weight, bias, input_bias, eps, dropout_p, seed_int(seed))
+    return kernels.add_layer_norm_fwd(
+        input, residual, weight, bias, input_bias, eps, dropout_p, kernel_seed(seed, input, _TRITON_OP)
+    )
 
 
 @torch.library.custom_op("fused_attn::triton_add_layer_norm_inference", mutates_args=())
@@ -68,7 +74,9 @@ def _triton_inference(
 ) -> torch.Tensor:
     from ..kernels.triton import layer_norm as kernels
 
-    return kernels.add_layer_norm_inference(input, residual, weight, bias, input_bias, eps, dropout_p, seed_int(seed))
+    return kernels.add_layer_norm_inference(
+        input, residual, weight, bias, input_bias, eps, dropout_p, kernel_seed(seed, input, _TRITON_OP)
+    )
 
 
 @torch.library.custom_op("fused_attn::triton_add_layer_norm_bwd", mutates_args=())
@@ -87,7 +95,8 @@ def _triton_bwd(
     from ..kernels.triton import layer_norm as kernels
 
     return kernels.add_layer_norm_bwd(
-        grad_out, grad_prenorm, prenorm, mean, rstd, weight, dropout_p, seed_int(seed), output_mask
+        grad_out, grad_prenorm, prenorm, mean, rstd, weight, dropout_p, kernel_seed(seed, prenorm, _TRITON_OP),
+        output_mask,
     )
 
 

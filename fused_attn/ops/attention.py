@@ -19,7 +19,7 @@ from ..backends import MAX_EXTENT, Inputs, Support, fast_entry, fast_path_open, 
 from ..kernels.layout import as_query_layout, empty_in_query_layout
 from ..reference.attention import causal_keep
 from ._autocast import LOWER_PRECISION, autocast_inputs
-from ._random import draw_seed, seed_int
+from ._random import draw_seed, kernel_seed, seed_int
 from . import _second_order as _second_order_grads
 from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import (
@@ -75,6 +75,10 @@ SPEC = register_op(
 )
 
 
+# The op named by the Triton ops' errors (kernel_seed).
+_TRITON_OP = "fused_attn::triton_attention"
+
+
 @torch.library.custom_op("fused_attn::triton_attention_fwd", mutates_args=())
 @interpreter_serialized
 def _triton_fwd(
@@ -89,7 +93,9 @@ def _triton_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels.triton import attention as kernels
 
-    out, stats, _ = kernels.attention_fwd(query, key, value, attn_mask, scale, is_causal, dropout_p, seed_int(seed))
+    out, stats, _ = kernels.attention_fwd(
+        query, key, value, attn_mask, scale, is_causal, dropout_p, kernel_seed(seed, query, _TRITON_OP)
+    )
     return out, stats
 
 
@@ -111,7 +117,8 @@ def _triton_bwd(
     from ..kernels.triton import attention as kernels
 
     dq, dk, dv, dscores = kernels.attention_bwd(
-        grad_out, query, key, value, attn_mask, stats, scale, is_causal, dropout_p, seed_int(seed), mask_needs_grad
+        grad_out, query, key, value, attn_mask, stats, scale, is_causal, dropout_p,
+        kernel_seed(seed, query, _TRITON_OP), mask_needs_grad,
     )
     return dq, dk, dv, dscores if dscores is not None else query.new_empty(0)
 

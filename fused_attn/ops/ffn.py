@@ -34,7 +34,7 @@ import torch
 from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, fast_entry, fast_path_open, register_op, select
 from ._autocast import LOWER_PRECISION, autocast_inputs
-from ._random import draw_seed, seed_int
+from ._random import draw_seed, kernel_seed, seed_int
 from . import _second_order as _second_order_grads
 from ._registry import interpreter_serialized, register_fake, register_native_pair, register_pair
 from ._validate import (
@@ -181,6 +181,10 @@ if _extension.loaded():
 # ffn
 
 
+# The op named by the Triton ops' errors (kernel_seed).
+_TRITON_FFN = "fused_attn::triton_ffn"
+
+
 @torch.library.custom_op("fused_attn::triton_ffn_fwd", mutates_args=())
 @interpreter_serialized
 def _triton_ffn_fwd(
@@ -199,7 +203,8 @@ def _triton_ffn_fwd(
     hidden, pre = kernels.linear_gelu_fwd(input, w1, b1, approximate)
     out = input.new_empty(input.shape[0], w2.shape[0])
     epilogue = kernels.EPILOGUE_BIAS_DROPOUT if dropout_p > 0.0 else kernels.EPILOGUE_BIAS
-    kernels.gemm(hidden, w2.t(), out, epilogue=epilogue, bias=b2, seed=seed_int(seed), dropout_p=dropout_p)
+    kernels.gemm(hidden, w2.t(), out, epilogue=epilogue, bias=b2, seed=kernel_seed(seed, input, _TRITON_FFN),
+                 dropout_p=dropout_p)
     return out, pre
 
 
@@ -243,7 +248,7 @@ def _triton_ffn_bwd(
     rows, out_features = grad_out.shape
     drop = dict(
         a_prologue=kernels.PROLOGUE_DROPOUT if dropout_p > 0.0 else kernels.PROLOGUE_NONE,
-        seed=seed_int(seed), dropout_p=dropout_p,
+        seed=kernel_seed(seed, input, _TRITON_FFN), dropout_p=dropout_p,
     )
     need_dx, need_dw1, need_db1, need_dw2, need_db2 = output_mask
     # A gradient not asked for is an empty tensor of its own: outputs of a custom op may not alias.

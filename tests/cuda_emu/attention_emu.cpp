@@ -1,7 +1,8 @@
 // csrc/cuda/attention.cu compiled for the host emulator (tests/cuda_emu/cuda_emu.h) and registered as the
 // fused_attn_emu ops, with the CUDA kernels' schemas, on CPU tensors: attention_fwd, attention_bwd,
 // softmax_fwd, softmax_bwd, configure(multiprocessors, copies_at_wait, schedule_seed),
-// set_device(major, minor, shared_memory_per_block) (the emulated device's properties),
+// set_device(major, minor, shared_memory_per_block) (the emulated device's properties), set_capturing(flag)
+// (whether the stream is being captured into a CUDA graph),
 // take_counters() (ldmatrix phases, their extra wavefronts, tensor-core products so far), and self_test(case):
 // kernels with the faults the emulator reports (0 divergent warp, 1 deadlock, 2 shared memory out of range,
 // 3 a shared-memory race).
@@ -61,6 +62,8 @@ void set_device(int64_t major, int64_t minor, int64_t shared_memory_per_block) {
   cuda_emu::shared_memory_per_block = static_cast<size_t>(shared_memory_per_block);
 }
 
+void set_capturing(bool capturing) { cuda_emu::capturing = capturing; }
+
 // (ldmatrix phases, extra wavefronts their bank conflicts cost, tensor-core products) since the last call.
 std::tuple<int64_t, int64_t, int64_t> take_counters() {
   const std::tuple<int64_t, int64_t, int64_t> counts{cuda_emu::ldmatrix_phases, cuda_emu::ldmatrix_extra_wavefronts,
@@ -83,6 +86,7 @@ TORCH_LIBRARY_FRAGMENT(fused_attn_emu, m) {
   m.def("softmax_bwd", &fused_attn::softmax_bwd_cuda);
   m.def("configure", &configure);
   m.def("set_device", &set_device);
+  m.def("set_capturing", &set_capturing);
   m.def("self_test", &self_test);
   m.def("take_counters", &take_counters);
 }

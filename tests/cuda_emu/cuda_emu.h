@@ -190,6 +190,8 @@ inline int multiprocessors = 132;
 // The emulated device's compute capability and shared memory per block (opt-in): an H100's by default.
 inline int capability_major = 9, capability_minor = 0;
 inline size_t shared_memory_per_block = 227 * 1024;
+// Whether the current stream is being captured into a CUDA graph (c10::cuda's capture status query).
+inline bool capturing = false;
 // Shared-memory bank conflicts of ldmatrix: each of its four phases reads eight 16-byte rows, one
 // wavefront when they fall in eight distinct groups of four 4-byte banks, one more per row sharing a group.
 inline int64_t ldmatrix_phases = 0;

@@ -1,5 +1,5 @@
 // Device helpers shared by the CUDA kernels: 16-byte vector access to global memory and
-// deterministic warp/block sums.
+// deterministic warp/block sums; and the launchers' check that no dropout is captured in a CUDA graph.
 //
 // The sums use a fixed xor-butterfly order, so for a given launch configuration they are bitwise
 // reproducible from run to run, and every lane of a warp (every thread of a block) ends up with the
@@ -9,7 +9,24 @@
 #include <cstddef>
 #include <cstdint>
 
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/util/Exception.h>
+
 namespace fused_attn::cuda_utils {
+
+// The kernels take their dropout seed from the host at each call (a CPU int64 tensor, csrc/ops.cpp).
+// Launched while a CUDA graph is captured, a call would be replayed with the seed of the capture, the
+// same dropped elements at every replay, where torch's dropout draws anew each time; its backward would
+// regenerate that seed's mask whatever forward it follows. Refused, in every launcher with dropout.
+// fused_attn's public ops, called eagerly, run their reference while a graph is captured; what can
+// reach this is a direct op call, or a torch.compile'd function captured afterwards.
+inline void check_dropout_not_captured(const char* op) {
+  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None, op,
+              ": dropout while a CUDA graph is being captured: the fused kernels take their dropout seed from the "
+              "host at each call, so every replay would drop the elements of the capture; fused_attn's ops called "
+              "eagerly run their reference then, a compiled function cannot: give its ops with dropout "
+              "backend='reference', or capture without dropout");
+}
 
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullWarpMask = 0xffffffffu;
