@@ -70,6 +70,15 @@ def spread_order(node_ids: list[str]) -> list[int]:
     return [index for round_ in rounds for index in round_]
 
 
+def native_ops() -> list[str]:
+    """The extension's ops (csrc/ops.cpp), which need a kernel per device, an autograd kernel and an
+    autocast one: the fused_attn ops other than the Triton ops and the composite ones registered
+    from Python (fused_attn/ops/_second_order.py's, which decompose into torch ops)."""
+    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fused_attn::")]
+    composite = {n for n in names if torch._C._dispatch_has_kernel_for_dispatch_key(n, "CompositeImplicitAutograd")}
+    return sorted(n.split("::", 1)[1] for n in names if n not in composite and not n.startswith("fused_attn::triton_"))
+
+
 def backend_params(op: str, *, exclude: tuple[str, ...] = ()) -> list:
     """(backend, device) pairs for ``op``, from its own declarations; unavailable ones skip with why."""
     params = []

@@ -13,7 +13,7 @@ from torch import nn
 
 import fused_attn
 
-from .conftest import assert_model_parity, assert_parity, backend_params, supported_dtypes
+from .conftest import assert_model_parity, assert_parity, backend_params, native_ops, supported_dtypes
 
 # CPU autocast runs in bfloat16 (its float16 support is partial); CUDA in both.
 AUTOCAST_DTYPES = {"cpu": (torch.bfloat16,), "cuda": (torch.float16, torch.bfloat16)}
@@ -230,13 +230,9 @@ def test_autocast_compiles_without_graph_breaks():
 
 
 def _native_ops() -> list[str]:
-    """The extension's ops (csrc/ops.cpp), without the Triton ops registered from Python."""
     from fused_attn import _extension
 
-    if not _extension.loaded():
-        return []
-    names = [n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("fused_attn::")]
-    return sorted(n for n in names if not n.startswith("triton_"))
+    return native_ops() if _extension.loaded() else []
 
 
 def test_every_native_op_runs_its_kernels_with_autocast_off():

@@ -11,6 +11,8 @@ import torch
 
 from fused_attn import _extension
 
+from .conftest import native_ops
+
 pytestmark = pytest.mark.skipif(not _extension.loaded(), reason="fused_attn._C is not built here")
 
 
@@ -146,15 +148,10 @@ def test_cpu_kernels_for_instructions_this_cpu_lacks_are_not_loaded(monkeypatch)
     assert _extension.stale_reason().startswith("no CPU kernels this CPU runs: the CPU kernels were built for avx512")
 
 
-def _native_ops() -> list[str]:
-    names = [n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("fused_attn::")]
-    return sorted(n for n in names if not n.startswith("triton_"))
-
-
 def test_every_native_op_has_a_kernel_for_each_device_built():
     # The public functions route a call to an op by device; an op a device lacks would be a
     # NotImplementedError at the first call there (on a GPU: seen only when one is lent).
-    ops = _native_ops()
+    ops = native_ops()
     assert "add_layer_norm_inference" in ops and "attention_bwd" in ops
     keys = ["CPU"] + (["CUDA"] if _extension.build_info().get("cuda_compiled") else [])
     for key in keys:
@@ -165,6 +162,6 @@ def test_every_native_op_has_a_kernel_for_each_device_built():
 def test_every_native_op_has_an_autograd_kernel():
     # A formula for the differentiable ops (csrc/autograd.cpp), an error for the others: without
     # one, autograd would pass a call through and leave its results silently without a gradient.
-    missing = [op for op in _native_ops()
+    missing = [op for op in native_ops()
                if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_attn::{op}", "Autograd")]
     assert not missing, f"no Autograd kernel: {missing}"
