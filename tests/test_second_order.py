@@ -11,12 +11,14 @@ plain backward still runs the kernels, and the shared dropout stream in plain to
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch.autograd import forward_ad
 
 import fused_attn
-from fused_attn import reference
+from fused_attn import backends, reference
 from fused_attn.ops import _second_order
 from fused_attn.ops._random import draw_seed
 from fused_attn.ops.attention import attention_with_keep_mask, repeat_kv_heads
@@ -169,6 +171,25 @@ def test_forward_over_reverse(name, backend_device):
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(tangent, want, atol=tol * max(1.0, want.abs().max().item()), rtol=tol,
                                    msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("name, backend_device",
+                         [c for c in CASES if c.values[0] in ("layer_norm", "attention-grouped")])
+def test_second_order_backward_says_so_once(name, backend_device, monkeypatch):
+    """The first backward per op and process that takes the second-order path says so (a
+    FallbackWarning naming the op): it runs the reference's gradients, at plain speed and memory."""
+    backend, device = backend_device
+    monkeypatch.setattr(backends, "_warned", set())
+    fused, _, args, names = _case(name, backend, device, supported_dtypes(backend, device, OPS[name])[0])
+    leaves = {k: v.requires_grad_(k in names) for k, v in args.items()}
+    for warns in (True, False):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.autograd.grad(fused(**leaves).square().sum(), [leaves[n] for n in names], create_graph=True)
+        said = [w for w in caught
+                if issubclass(w.category, backends.FallbackWarning) and "create_graph" in str(w.message)]
+        assert len(said) == warns, [str(w.message) for w in caught]
+        assert not said or f"fused_attn.{OPS[name]}:" in str(said[0].message)
 
 
 def _refuse_second_order(monkeypatch) -> None:

@@ -24,9 +24,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
+import functools
+
 import torch
 
 from .. import reference
+from ..backends import warn_once
 from ..reference._dropout import apply_dropout
 from ..reference._philox import keep_mask
 
@@ -41,6 +44,22 @@ def _recomputing(device: torch.device) -> Iterator[None]:
     backward called under autocast recomputes in the dtypes the forward computed in."""
     with torch.enable_grad(), torch.autocast(device.type, enabled=False):
         yield
+
+
+def _noted(op: str) -> Callable:
+    """A formula that says once per process (a FallbackWarning) that ``op``'s backward ran it, the
+    reference's gradients, instead of the fused kernels'."""
+
+    def wrap(formula: Callable) -> Callable:
+        @functools.wraps(formula)
+        def noted(*args):
+            warn_once(f"fused_attn.{op}: a backward with create_graph=True (or a forward-mode tangent on its incoming "
+                      "gradient) runs the reference's differentiable gradients, not the fused backward kernels")
+            return formula(*args)
+
+        return noted
+
+    return wrap
 
 
 def _grads(output: torch.Tensor, grad_output: torch.Tensor, inputs: Tensors, needs: Sequence[bool]) -> Grads:
@@ -60,6 +79,7 @@ def _rows_sum(t: torch.Tensor) -> torch.Tensor:
     return t.float().sum(0)
 
 
+@_noted("scaled_dot_product_attention")
 def attention(tensors: Tensors, scalars: Sequence[float], needs: Sequence[bool]) -> Grads:
     """scaled_dot_product_attention: tensors (grad_out, query, key, value, attn_mask, seed), scalars
     (scale, is_causal, dropout_p); gradients of query, key, value, attn_mask."""
@@ -77,6 +97,7 @@ def attention(tensors: Tensors, scalars: Sequence[float], needs: Sequence[bool])
         return _grads(out, grad_out, (query, key, value, attn_mask), needs)
 
 
+@_noted("softmax")
 def softmax(tensors: Tensors, scalars: Sequence[float], needs: Sequence[bool]) -> Grads:
     """softmax over the last dim: tensors (grad_out, output), scalars (scale,); gradients of the
     input and (float32) of the mask. In closed form on the saved output, through which autograd
@@ -105,6 +126,7 @@ def _layer_norm_grads(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     return grad_x.to(x.dtype), ((g * x_hat).sum(0) if need_weight else None)
 
 
+@_noted("layer_norm")
 def layer_norm(tensors: Tensors, scalars: Sequence[float], needs: Sequence[bool]) -> Grads:
     """layer_norm over the rows of a 2-D input: tensors (grad_out, input, weight), scalars (eps,);
     gradients of input, weight, bias."""
@@ -114,6 +136,7 @@ def layer_norm(tensors: Tensors, scalars: Sequence[float], needs: Sequence[bool]
     return [grad_input if needs[0] else None, grad_weight, _rows_sum(grad_out) if needs[2] else None]
 
 
+@_noted("add_layer_norm")
 def add_layer_norm(tensors: Tensors, scalars: Sequence[float], needs: Sequence[bool]) -> Grads:
     """layer_norm(residual + dropout(input + input_bias)): tensors (grad_out, grad_prenorm, prenorm,
     weight, seed), scalars (eps, dropout_p); gradients of input, residual, weight, bias, input_bias.
@@ -137,6 +160,7 @@ def add_layer_norm(tensors: Tensors, scalars: Sequence[float], needs: Sequence[b
     ]
 
 
+@_noted("linear_gelu")
 def linear_gelu(tensors: Tensors, scalars: Sequence[float], needs: Sequence[bool]) -> Grads:
     """gelu(input @ weight.T + bias): tensors (grad_out, input, weight, bias), scalars (tanh,), 1 for
     the tanh approximation; gradients of input, weight, bias."""
@@ -146,6 +170,7 @@ def linear_gelu(tensors: Tensors, scalars: Sequence[float], needs: Sequence[bool
         return _grads(out, grad_out, (input, weight, bias), needs)
 
 
+@_noted("ffn")
 def ffn(tensors: Tensors, scalars: Sequence[float], needs: Sequence[bool]) -> Grads:
     """dropout(linear(gelu(linear(input, w1, b1)), w2, b2)): tensors (grad_out, input, w1, b1, w2,
     seed), scalars (tanh, dropout_p); gradients of input, w1, b1, w2, b2 (b2's depends on no
