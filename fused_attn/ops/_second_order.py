@@ -5,12 +5,13 @@ that must give more, one run with ``create_graph=True`` (gradient penalties, dou
 Hessian-vector products, second-order meta-learning) or one whose incoming gradient carries a
 forward-mode tangent (forward-over-reverse), takes this path instead, in every op's autograd
 formula (csrc/autograd.cpp for the cpu and cuda kernels, ``_registry.register_pair`` for the
-Triton ones): the op's plain-torch reference is recomputed from what the forward saved and
-differentiated with ``create_graph=True``, so the gradients carry a graph that autograd
-differentiates to any order. They are the reference backend's gradients; the forward's output
-stays the kernel's. Such a backward costs what the reference's costs (attention's holds its
-``[Lq, Lk]`` probabilities); every other backward is the kernels'. With dropout the reference is
-given the keep-mask the kernels drew, regenerated from the call's seed (``reference._philox``).
+Triton ones): the gradients of the op's plain-torch reference, formed from what the forward saved
+with a graph (attention, linear_gelu and ffn by autograd through their recomputed reference, the
+norms and softmax in closed form), which autograd differentiates to any order. They are the
+reference backend's gradients; the forward's output stays the kernel's. Such a backward costs what
+the reference's costs (attention's holds its ``[Lq, Lk]`` probabilities), and says so once per op
+(a FallbackWarning); every other backward is the kernels'. With dropout the reference is given
+the keep-mask the kernels drew, regenerated from the call's seed (``reference._philox``).
 
 Each formula takes ``(tensors, scalars, needs)``: the tensors the op's autograd formula holds (the
 incoming gradient first), its scalar arguments, and which of the forward's tensor arguments want a
@@ -22,9 +23,8 @@ autograd records what it runs).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
-
 import functools
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
