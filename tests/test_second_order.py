@@ -141,6 +141,13 @@ def _first_order(fn, names: tuple[str, ...]):
     return gradients
 
 
+def _leaf_case(name: str, backend: str, device: str):
+    """Case ``name`` in the first dtype the backend takes, its differentiated arguments leaves that
+    require grad: (fused fn, plain fn, args, differentiated names)."""
+    fused, plain, args, names = _case(name, backend, device, supported_dtypes(backend, device, OPS[name])[0])
+    return fused, plain, {k: v.requires_grad_(k in names) for k, v in args.items()}, names
+
+
 @pytest.mark.parametrize("name, backend_device", CASES)
 def test_second_order_parity(name, backend_device):
     backend, device = backend_device
@@ -155,12 +162,10 @@ def test_forward_over_reverse(name, backend_device):
     """A forward-mode tangent on the gradient sent into the backward (forward-over-reverse, as
     Hessian-vector products by jvp of a gradient compute) comes out on the gradients: the
     gradients are linear in the incoming gradient, so the tangent is the gradient of the tangent."""
-    backend, device = backend_device
-    dtype = supported_dtypes(backend, device, OPS[name])[0]
-    fused, plain, args, names = _case(name, backend, device, dtype)
-    leaves = {k: v.requires_grad_(k in names) for k, v in args.items()}
+    fused, plain, leaves, names = _leaf_case(name, *backend_device)
     out = fused(**leaves)
-    direction = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(device, dtype)
+    dtype = out.dtype
+    direction = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(out.device, dtype)
     with forward_ad.dual_level():
         grad_out = forward_ad.make_dual(torch.ones_like(out), direction)
         grads = torch.autograd.grad(out, [leaves[n] for n in names], grad_out, retain_graph=True)
@@ -178,10 +183,8 @@ def test_forward_over_reverse(name, backend_device):
 def test_second_order_backward_says_so_once(name, backend_device, monkeypatch):
     """The first backward per op and process that takes the second-order path says so (a
     FallbackWarning naming the op): it runs the reference's gradients, at plain speed and memory."""
-    backend, device = backend_device
     monkeypatch.setattr(backends, "_warned", set())
-    fused, _, args, names = _case(name, backend, device, supported_dtypes(backend, device, OPS[name])[0])
-    leaves = {k: v.requires_grad_(k in names) for k, v in args.items()}
+    fused, _, leaves, names = _leaf_case(name, *backend_device)
     for warns in (True, False):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -205,10 +208,8 @@ def _refuse_second_order(monkeypatch) -> None:
 def test_plain_backward_runs_the_kernels(name, backend_device, monkeypatch):
     """Without create_graph (and without tangents) no second-order formula runs: the backward is
     the kernels'."""
-    backend, device = backend_device
     _refuse_second_order(monkeypatch)
-    fused, _, args, names = _case(name, backend, device, supported_dtypes(backend, device, OPS[name])[0])
-    leaves = {k: v.requires_grad_(k in names) for k, v in args.items()}
+    fused, _, leaves, names = _leaf_case(name, *backend_device)
     grads = torch.autograd.grad(fused(**leaves).square().sum(), [leaves[n] for n in names])
     assert all(g is not None for g in grads)
     with pytest.raises(AssertionError, match="second-order formula ran"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ._validate import cuda_graph_capturing
+
 
 def draw_seed(dropout_p: float) -> torch.Tensor | None:
     """A CPU int64 scalar from torch's default generator, so that ``torch.manual_seed``
@@ -23,7 +25,7 @@ def kernel_seed(seed: torch.Tensor | None, like: torch.Tensor, op: str) -> int:
     torch.compile'd function captured afterwards reaches this."""
     if seed is None:
         return 0
-    if like.is_cuda and torch.cuda.is_current_stream_capturing():
+    if like.is_cuda and cuda_graph_capturing():
         raise RuntimeError(
             f"{op}: dropout while a CUDA graph is being captured: the fused kernels take their dropout seed from "
             "the host at each call, so every replay would drop the elements of the capture; fused_attn's ops "
