@@ -252,10 +252,10 @@ Tensor unrows(const Tensor& out, c10::IntArrayRef shape) {
 Tensor unit_last_stride(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 // The dropout seed, as fused_attn.ops._random.draw_seed draws it (the same draw from torch's
-// default generator); none without dropout.
-OptTensor draw_seed(double p) {
+// default generator of like's device, on that device); none without dropout.
+OptTensor draw_seed(double p, const Tensor& like) {
   if (p <= 0.0) return std::nullopt;
-  return at::randint(0, int64_t{1} << 62, {}, at::TensorOptions().dtype(at::kLong));
+  return at::randint(0, int64_t{1} << 62, {}, at::TensorOptions().dtype(at::kLong).device(like.device()));
 }
 
 template <typename Signature>
@@ -399,7 +399,7 @@ PyObject* add_layer_norm(PyObject* const* args) {
   Tensor out, prenorm;
   {
     NoGil no_gil;
-    const OptTensor seed = draw_seed(p);
+    const OptTensor seed = draw_seed(p, *input);
     const Tensor x = rows(*input, hidden), r = rows(*residual, hidden);
     if (inference_form) {
       out = inference.call(x, r, weight, bias, input_bias, eps, p, seed);
@@ -494,7 +494,7 @@ PyObject* scaled_dot_product_attention(PyObject* const* args) {
   {
     NoGil no_gil;
     out = std::get<0>(op.call(unit_last_stride(*q), unit_last_stride(*k), unit_last_stride(*v), mask, scale,
-                              causal, p, draw_seed(p)));
+                              causal, p, draw_seed(p, *q)));
   }
   return done(kAttention, *q, std::move(out));
 }
@@ -583,7 +583,7 @@ PyObject* ffn(PyObject* const* args) {
     const Tensor x = rows(*input, in_features), w1c = w1.contiguous(), w2c = w2.contiguous();
     const c10::string_view approx(approximate.data(), approximate.size());
     out = inference_form ? inference.call(x, w1c, b1, w2c, b2, approx)
-                         : std::get<0>(fwd.call(x, w1c, b1, w2c, b2, approx, p, draw_seed(p)));
+                         : std::get<0>(fwd.call(x, w1c, b1, w2c, b2, approx, p, draw_seed(p, *input)));
     out = unrows(out, input->sizes());
   }
   return done(kFfn, *input, std::move(out));

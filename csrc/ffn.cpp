@@ -57,13 +57,12 @@ c10::OperatorHandle find(const char* name) { return c10::Dispatcher::singleton()
 // dropout(x) as described above: in place where x is this function's own (the forward's GEMM output,
 // or a contiguous copy made here), else into a new tensor.
 Tensor dropped(const Tensor& x, const OptTensor& seed, double dropout_p, bool own) {
-  const uint64_t key = dropout_seed(seed);
   const Tensor src = x.contiguous();
   const Tensor dst = own || !src.is_same(x) ? src : at::empty_like(src);
 #ifdef FUSED_ATTN_CPU_KERNELS
-  ffn_dropout_cpu(src, dst, key, dropout_p);
+  ffn_dropout_cpu(src, dst, dropout_seed(seed), dropout_p);
 #else
-  ffn_dropout_cuda(src, dst, key, dropout_p);
+  ffn_dropout_cuda(src, dst, seed, dropout_p);
 #endif
   return dst;
 }

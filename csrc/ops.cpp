@@ -8,7 +8,10 @@
 //    +inf for a row whose every element is masked (so recomputed probabilities are exactly 0).
 //  * Masks arrive expanded to the full logical shape as views: a stride of 0 is a broadcast dim,
 //    so kernels index them through their strides and never materialise them.
-//  * Dropout takes `seed`, a CPU int64 scalar tensor (None when dropout_p == 0). Element e of a
+//  * Dropout takes `seed`, an int64 tensor with one element (None when dropout_p == 0): on the CPU for
+//    the cpu kernels; on the inputs' device for the CUDA and Triton kernels, which read it when they run
+//    (so a captured CUDA graph replays with each replay's seed), or on the CPU outside a capture
+//    (cuda_utils::kernel_seed, fused_attn/ops/_random.py). Element e of a
 //    call's random stream keeps its value when u(e) >= dropout_p, where u(e) is output word e % 4
 //    of Philox4x32-10 keyed by (seed & 0xffffffff, seed >> 32) at counter c = e / 4, counter words
 //    (c & 0xffffffff, c >> 32, 0, 0) (the four words of triton.language.randint4x), the word w

@@ -59,8 +59,6 @@ _TRANSFORMS = {
     "func_transform": "a torch.func grad, vjp, jacrev or jvp transform (the fused ops' autograd formulas do not "
     "compose with them)",
     "onnx_export": "ONNX export (the fused kernels are no ONNX operators; the reference's plain ops are exported)",
-    "dropout_in_capture": "dropout while a CUDA graph is captured (the fused kernels' seed is drawn on the host at "
-    "each call, so the graph would replay one dropout mask; torch's dropout advances with each replay)",
 }
 
 
@@ -484,9 +482,8 @@ def explain(op: str, inputs: Inputs) -> dict[str, list[str]]:
     add_layer_norm ``hidden``; softmax ``n_cols``; linear_gelu and ffn ``gemm_dim`` (the largest dim
     of their GEMMs: rows, input, hidden or output features); every op
     ``forward_ad`` (bool: an input carries a forward-mode tangent), ``func_transform`` (bool: the
-    call runs under ``torch.func.grad``/``vjp``/``jacrev``/``jvp``), ``onnx_export`` (bool: traced
-    by ``torch.onnx.export``) and ``dropout_in_capture`` (bool: dropout while a CUDA graph is
-    captured), which only the reference serves.
+    call runs under ``torch.func.grad``/``vjp``/``jacrev``/``jvp``) and ``onnx_export`` (bool: traced
+    by ``torch.onnx.export``), which only the reference serves.
     """
     return {name: s.not_supported_reasons(inputs) for name, s in _OPS[op].supports.items()}
 

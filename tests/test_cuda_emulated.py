@@ -267,7 +267,7 @@ def test_dropout_matches_the_reference_fed_the_shared_keep_mask(emu, kind):
     torch.manual_seed(1234)
     _, keep = attention_with_keep_mask(q, k, v, mask, dropout_p=p, is_causal=causal)
     torch.manual_seed(1234)
-    seed = draw_seed(p)
+    seed = draw_seed(p, q)
     assert_parity(
         lambda query, key, value, attn_mask: attention(emu, query, key, value, attn_mask, causal, None, p, seed),
         lambda query, key, value, attn_mask: reference.scaled_dot_product_attention(
@@ -401,30 +401,31 @@ except RuntimeError as e:
     assert "backend='triton'" in result.stdout
 
 
-def test_launchers_refuse_dropout_while_a_cuda_graph_is_captured(emu):
-    """Every launcher with dropout refuses while the stream is captured into a CUDA graph (the seed
-    comes from the host: every replay would drop the elements of the capture), saying what to do;
-    calls without dropout are captured as ever."""
+def test_launchers_take_a_device_seed_while_a_cuda_graph_is_captured(emu):
+    """Every launcher with dropout takes a seed on the inputs' device while the stream is captured
+    into a CUDA graph, the kernels reading it when they run (here, where the emulated device's
+    memory is the host's, a CPU seed is one): the same results as outside the capture, and a new
+    seed in that memory drops other elements. (A seed on the CPU for CUDA inputs, refused then,
+    takes a GPU: tests/test_random.py.)"""
     q, k, v = _inputs(1, 1, 20, 20, 32, torch.float16)
     x, w = torch.randn(8, 64).half(), torch.ones(64).half()
+    w1, w2 = torch.randn(16, 64).half(), torch.randn(8, 16).half()
     seed = torch.tensor(3)
-    refused = {
-        "attention": lambda: emu.attention_fwd(q, k, v, None, 0.2, False, 0.1, seed),
-        "add_layer_norm": lambda: emu.add_layer_norm_fwd(x, x, w, None, None, 1e-5, 0.1, seed),
-        "ffn": lambda: emu.ffn_fwd(x, torch.randn(16, 64).half(), None, torch.randn(8, 16).half(), None, "none", 0.1,
-                                   seed),
+    calls = {
+        "attention": lambda: emu.attention_fwd(q, k, v, None, 0.2, False, 0.1, seed)[0],
+        "add_layer_norm": lambda: emu.add_layer_norm_fwd(x, x, w, None, None, 1e-5, 0.1, seed)[0],
+        "ffn": lambda: emu.ffn_fwd(x, w1, None, w2, None, "none", 0.1, seed)[0],
     }
+    expected = {op: call() for op, call in calls.items()}
     try:
         emu.set_capturing(True)
-        for op, call in refused.items():
-            with pytest.raises(RuntimeError, match=rf"fused_attn::{op}: dropout while a CUDA graph is being captured"
-                                                   r".*backend='reference'"):
-                call()
-        emu.attention_fwd(q, k, v, None, 0.2, False, 0.0, None)
-        emu.add_layer_norm_fwd(x, x, w, None, None, 1e-5, 0.0, None)
+        for op, call in calls.items():
+            assert torch.equal(call(), expected[op]), op
+        seed.fill_(4)
+        for op, call in calls.items():
+            assert not torch.equal(call(), expected[op]), op
     finally:
         emu.set_capturing(False)
-    emu.attention_fwd(q, k, v, None, 0.2, False, 0.1, seed)
 
 
 # Softmax: softmax(input * scale + mask) over the last dim, a warp per row up to 1024 elements, a block
@@ -587,7 +588,7 @@ def test_add_layer_norm_parity(emu, dtype, hidden, dropout_p, prenorm_grad):
         warnings.simplefilter("ignore", RuntimeWarning)
         keep = add_layer_norm_keep_mask((21, hidden), dropout_p, "cpu") if dropout_p > 0 else None
     torch.manual_seed(77)
-    seed = draw_seed(dropout_p)
+    seed = draw_seed(dropout_p, torch.empty(0))
 
     def fused(input, residual, weight, bias, input_bias):
         out, prenorm = _AddLayerNorm.apply(emu, input, residual, weight, bias, input_bias, 1e-5, dropout_p, seed)
@@ -688,7 +689,7 @@ def test_ffn_dropout_draws_the_cpu_kernels_mask(emu, dtype, shape):
     torch.manual_seed(11)
     keep = ffn_keep_mask(*shape, p, "cpu", "cpu")
     torch.manual_seed(11)
-    seed = int(draw_seed(p))
+    seed = draw_seed(p, torch.empty(0))
     src = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(dtype)
     dst = torch.empty_like(src)
     emu.ffn_dropout(src, dst, seed, p)
@@ -737,7 +738,7 @@ def test_ffn_parity(emu, dtype, approximate, hidden, dropout_p):
         torch.manual_seed(21)
         keep = ffn_keep_mask(rows, model, dropout_p, "cpu", "cpu")
         torch.manual_seed(21)
-        seed = draw_seed(dropout_p)
+        seed = draw_seed(dropout_p, torch.empty(0))
     assert_parity(
         lambda input, w1, b1, w2, b2: _FFN.apply(emu, input, w1, b1, w2, b2, approximate, dropout_p, seed),
         lambda input, w1, b1, w2, b2: reference.ffn(input, w1, b1, w2, b2, approximate, dropout_p, dropout_mask=keep),

@@ -12,6 +12,8 @@ stood in for (with ``is_available`` True throughout, some fake ops would initial
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import fused_attn
 from fused_attn import backends
 from fused_attn.models import BertConfig, BertModel
-from fused_attn.ops import _validate
+from fused_attn.ops import _random, _validate
 
 from .conftest import HAS_CUDA
 
@@ -213,24 +215,27 @@ def test_export_whole_graph_on_cuda_tensors(fake_cuda):
 
 
 @pytest.mark.parametrize("case", ["attention", "add_layer_norm", "ffn"])
-def test_dropout_while_a_cuda_graph_is_captured_runs_the_reference(fake_cuda, monkeypatch, case):
-    """While a CUDA graph is captured, a call with dropout runs the reference (torch's dropout,
-    which advances its generator at every replay) under ``auto``, with a FallbackWarning naming
-    the capture, and a named fused backend refuses it: the fused kernels draw their seed on the
-    host, so a captured graph would replay one dropout mask. Calls without dropout stay fused."""
+def test_dropout_while_a_cuda_graph_is_captured_runs_fused_with_a_seed_on_the_device(fake_cuda, monkeypatch, case):
+    """A call with dropout while a CUDA graph is captured runs fused, with no warning, on every
+    fused backend: its seed is drawn on the inputs' device (a draw a graph replays anew, read by
+    the kernels when they run; tests/test_random.py replays a real graph on a GPU)."""
+    import importlib
+
     if HAS_CUDA:
         pytest.skip("on a GPU, tests/test_random.py captures a real graph")
     op, make = CASES[case]
+    module = importlib.import_module(f"fused_attn.ops.{'attention' if case == 'attention' else case}")
+    drawn = []
+    monkeypatch.setattr(module, "draw_seed", lambda p, like: drawn.append(_random.draw_seed(p, like)) or drawn[-1])
     monkeypatch.setattr(_validate, "cuda_graph_capturing", lambda: True)
     monkeypatch.setattr(backends, "_warned", set())
     backends.clear_choices()
-    with pytest.warns(backends.FallbackWarning, match="dropout while a CUDA graph is captured"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", backends.FallbackWarning)
         make(None, torch.float16)
-    assert backends.last_backend(op) == "reference"
-    for name in GPU_BACKENDS:
-        if usable(op, name, torch.float16):
-            with pytest.raises(fused_attn.BackendNotSupportedError, match="dropout while a CUDA graph is captured"):
+        assert backends.last_backend(op) == expected_auto(op, torch.float16)
+        for name in GPU_BACKENDS:
+            if usable(op, name, torch.float16):
                 make(name, torch.float16)
-    monkeypatch.setattr(_validate, "cuda_graph_capturing", lambda: False)
-    make(None, torch.float16)
-    assert backends.last_backend(op) == expected_auto(op, torch.float16)
+                assert backends.last_backend(op) == name
+    assert drawn and all(seed.device.type == "cuda" and seed.dtype == torch.int64 for seed in drawn)

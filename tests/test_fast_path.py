@@ -583,27 +583,3 @@ def test_random_calls_give_the_python_paths_bits_or_error(op):
             assert (a is None and b is None) or torch.equal(a, b)
     assert served >= 60, served  # most random calls are plain
 
-
-@pytest.mark.parametrize("op", ["add_layer_norm", "scaled_dot_product_attention", "ffn"])
-def test_dropout_in_cuda_graph_capture_takes_the_python_path(op, monkeypatch):
-    """A call with dropout while a CUDA graph is captured is left to the Python path even where
-    its kind was approved (the policy then runs the reference, whose torch dropout a graph replays
-    correctly; tests/test_fake_cuda.py): here the capture query is stood in for on CPU tensors."""
-    import importlib
-
-    fn, cases, _ = OPS[op]
-    make = cases["dropout"]
-    args, kwargs = make(torch.Generator().manual_seed(0), "cpu", torch.float32)
-    backends.clear_choices()
-    fn(*args, **kwargs)
-    before = _served(op)
-    fn(*args, **kwargs)
-    assert _served(op) == before + 1  # approved: served by the C++ entry
-    capturing = lambda like, p: p > 0  # noqa: E731
-    for name in ("_validate", "add_layer_norm", "attention", "ffn"):
-        monkeypatch.setattr(importlib.import_module(f"fused_attn.ops.{name}"), "dropout_in_capture", capturing)
-    monkeypatch.setattr(backends, "_warned", set())
-    with pytest.warns(backends.FallbackWarning, match="dropout while a CUDA graph is captured"):
-        fn(*args, **kwargs)
-    assert _served(op) == before + 1
-    assert backends.last_backend(op) == "reference"

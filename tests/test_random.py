@@ -183,7 +183,7 @@ def test_ffn_keep_mask_is_the_documented_philox_on_every_backend(backend_device)
     backend, device = backend_device
     rows, out_features, p = 5, 37, 0.4
     torch.manual_seed(0)
-    seed = int(draw_seed(p))
+    seed = int(draw_seed(p, torch.empty(0, device=device)))
     torch.manual_seed(0)
     keep = ffn_keep_mask(rows, out_features, p, device, backend).cpu()
     expected = [[_philox_uniform(seed, r * out_features + c) >= p for c in range(out_features)]
@@ -202,7 +202,7 @@ def test_triton_attention_keep_mask_is_the_documented_philox():
     device = _triton_device()
     q, k = torch.randn(batch, heads, q_len, 16, device=device), torch.randn(batch, heads, k_len, 16, device=device)
     torch.manual_seed(0)
-    seed = int(draw_seed(p))
+    seed = int(draw_seed(p, q))
     torch.manual_seed(0)
     _, keep = attention_with_keep_mask(q, k, k, dropout_p=p)
     expected = [[[[_philox_uniform(seed, ((b * heads + h) * q_len + i) * k_len + j) >= p for j in range(k_len)]
@@ -232,16 +232,50 @@ def _native_devices() -> list[str]:
 @pytest.mark.parametrize("device", _native_devices())
 @pytest.mark.parametrize("op", ["attention_fwd", "add_layer_norm_fwd", "ffn_fwd"])
 def test_native_ops_check_the_dropout_seed_alike(device, op):
-    # One check (fused_attn/checks.h, dropout_seed) with one message for every op and device.
+    # One check (fused_attn/checks.h, checked_seed) with one message for every op and device; the cpu
+    # kernels take the seed on the CPU, the CUDA kernels on the inputs' device (read when they run) or,
+    # outside a graph capture, on the CPU, with the same result.
     call = _native_dropout_calls(device)[op]
-    call(torch.tensor(7))
-    with pytest.raises(RuntimeError, match=r"seed must be given when dropout_p > 0: a CPU int64 tensor"):
+    out = call(torch.tensor(7))[0]
+    with pytest.raises(RuntimeError, match=r"seed must be given when dropout_p > 0: an int64 tensor with one element"):
         call(None)
-    bad = {"Float of shape \\[\\] on cpu": torch.tensor(7.0), "Long of shape \\[2\\] on cpu": torch.tensor([7, 8])}
-    if torch.cuda.is_available():
-        bad["Long of shape \\[\\] on cuda:0"] = torch.tensor(7, device="cuda")
+    bad = {"Float of shape \\[\\]": torch.tensor(7.0), "Long of shape \\[2\\]": torch.tensor([7, 8])}
     for described, seed in bad.items():
-        with pytest.raises(RuntimeError, match="seed must be a CPU int64 tensor with one element, got " + described):
+        with pytest.raises(RuntimeError, match="seed must be an int64 tensor with one element, got " + described):
+            call(seed)
+    if device == "cuda":
+        assert torch.equal(call(torch.tensor(7, device="cuda"))[0], out)
+    elif torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="seed must be on the CPU, the inputs' device, got cuda:0"):
+            call(torch.tensor(7, device="cuda"))
+
+
+@pytest.mark.skipif(_triton_device() is None, reason="needs Triton on a GPU or under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("op", ["attention_fwd", "add_layer_norm_fwd", "ffn_fwd"])
+def test_triton_ops_check_the_dropout_seed_as_the_native_ones(op):
+    """The Triton ops take the seed as the CUDA kernels do (fused_attn/ops/_random.py kernel_seed):
+    required with dropout, an int64 tensor with one element, on the inputs' device or copied there
+    from the CPU (the same result); without dropout it is not read."""
+    device = _triton_device()
+    ops = torch.ops.fused_attn
+    x = torch.randn(4, 16, device=device, dtype=torch.float32)
+    q = torch.randn(1, 2, 4, 16, device=device, dtype=torch.float32)
+    w1, w2 = torch.randn(8, 16, device=device), torch.randn(16, 8, device=device)
+    calls = {
+        "attention_fwd": lambda seed, p=0.1: ops.triton_attention_fwd(q, q, q, None, 0.25, False, p, seed),
+        "add_layer_norm_fwd": lambda seed, p=0.1: ops.triton_add_layer_norm_fwd(x, x, None, None, None, 1e-5, p, seed),
+        "ffn_fwd": lambda seed, p=0.1: ops.triton_ffn_fwd(x, w1, None, w2, None, "none", p, seed),
+    }
+    call = calls[op]
+    out = call(torch.tensor(7, device=device))[0]
+    assert torch.equal(call(torch.tensor(7))[0], out)
+    assert not torch.equal(call(torch.tensor(8, device=device))[0], out)
+    assert torch.equal(call(None, 0.0)[0], call(torch.tensor(7.0), 0.0)[0])  # no dropout: no seed read
+    with pytest.raises(ValueError, match=rf"triton_\w+: seed must be given when dropout_p > 0: an int64 tensor"):
+        call(None)
+    for described, seed in {r"torch.float32 of shape \(\)": torch.tensor(7.0),
+                            r"torch.int64 of shape \(2,\)": torch.tensor([7, 8])}.items():
+        with pytest.raises(ValueError, match="seed must be an int64 tensor with one element, got " + described):
             call(seed)
 
 
@@ -282,72 +316,128 @@ def test_dropout_applies_alike_with_and_without_autograd(backend_device, op):
     assert not torch.equal(run(False, True, seed=1), trained)  # another seed drops other elements
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("op", ["scaled_dot_product_attention", "add_layer_norm", "ffn"])
-def test_dropout_in_a_captured_cuda_graph_changes_with_each_replay(op):
-    """A CUDA graph captured around a call with dropout draws a new mask at every replay: while
-    captured, the call runs the reference, whose torch dropout advances the CUDA generator at each
-    replay (a fused kernel's host-drawn seed would be frozen into the graph). Eager calls before
-    and after the capture run fused."""
+def _captured_dropout_call(op: str, backend: str | None):
+    """(inputs that require grad, a call of the public ``op`` with dropout 0.5 on ``backend``)."""
     gen = torch.Generator().manual_seed(0)
 
-    def randn(*shape):
-        return torch.randn(shape, generator=gen).to("cuda", torch.float16)
+    def randn(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen) * scale).to("cuda", torch.float16).requires_grad_()
 
     if op == "scaled_dot_product_attention":
         q = randn(2, 4, 64, 64)
-        call = lambda: fused_attn.scaled_dot_product_attention(q, q, q, dropout_p=0.5)  # noqa: E731
-    elif op == "add_layer_norm":
+        return [q], lambda: fused_attn.scaled_dot_product_attention(q, q, q, dropout_p=0.5, backend=backend)
+    if op == "add_layer_norm":
         x, r, w, b = randn(64, 256), randn(64, 256), randn(256), randn(256)
-        call = lambda: fused_attn.add_layer_norm(x, r, w, b, 1e-5, 0.5)  # noqa: E731
-    else:
-        x, w1, b1, w2, b2 = randn(64, 64), randn(128, 64) * 0.1, randn(128), randn(64, 128) * 0.1, randn(64)
-        call = lambda: fused_attn.ffn(x, w1, b1, w2, b2, dropout_p=0.5)  # noqa: E731
+        return [x, w], lambda: fused_attn.add_layer_norm(x, r, w, b, 1e-5, 0.5, backend=backend)
+    x, w1, b1, w2, b2 = randn(64, 64), randn(128, 64, scale=0.1), randn(128), randn(64, 128, scale=0.1), randn(64)
+    return [x, w1], lambda: fused_attn.ffn(x, w1, b1, w2, b2, dropout_p=0.5, backend=backend)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("op", ["scaled_dot_product_attention", "add_layer_norm", "ffn"])
+@pytest.mark.parametrize("backend", [None, "cuda", "triton"])
+def test_dropout_in_a_captured_cuda_graph_draws_anew_at_each_replay(op, backend):
+    """A CUDA graph captured around a fused call with dropout, forward and backward, draws a new
+    mask at every replay: the seed is drawn on the device by torch's graph-safe generator and read
+    by the kernels when they run. After the same torch.manual_seed a replay gives the eager call's
+    bits (the same draw), and its gradients are those of the mask its forward drew."""
+    if backend is not None and backends.explain(op, backends.Inputs(torch.device("cuda"), torch.float16))[backend]:
+        pytest.skip(f"the {backend} backend cannot serve {op} here")
+    leaves, call = _captured_dropout_call(op, backend)
+    grad_out = torch.randn(call().shape, generator=torch.Generator().manual_seed(1)).to("cuda", torch.float16)
+
+    def step():
+        out = call()
+        return (out, *torch.autograd.grad(out, leaves, grad_out))
+
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph asks
-        for _ in range(2):
-            call()
+    with torch.cuda.stream(side):  # warm-up (and autotuning) off the default stream, as torch.cuda.graph asks
+        for _ in range(3):
+            step()
     torch.cuda.current_stream().wait_stream(side)
-    assert backends.last_backend(op) != "reference"
+    fused = backends.last_backend(op)
+    assert fused != "reference"
     graph = torch.cuda.CUDAGraph()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", backends.FallbackWarning)
+        warnings.simplefilter("error", backends.FallbackWarning)
         with torch.cuda.graph(graph):
-            out = call()
-    assert backends.last_backend(op) == "reference"
+            captured = step()
+    assert backends.last_backend(op) == fused
+    torch.manual_seed(123)
     graph.replay()
-    first = out.clone()
+    first = [t.clone() for t in captured]
     graph.replay()
-    second = out.clone()
-    assert not torch.equal(first, second)
-    assert torch.isfinite(first).all() and torch.isfinite(second).all()
-    call()
-    assert backends.last_backend(op) != "reference"
+    second = [t.clone() for t in captured]
+    torch.manual_seed(123)
+    eager = step()
+    assert not torch.equal(first[0], second[0])  # a new mask at the second replay
+    assert all(torch.isfinite(t).all() for t in first + second)
+    assert torch.equal(first[0], eager[0])
+    for replayed, expected in zip(first[1:], eager[1:]):
+        torch.testing.assert_close(replayed, expected)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("op", ["attention", "add_layer_norm", "ffn"])
 @pytest.mark.parametrize("triton", [False, True], ids=["native", "triton"])
-def test_fused_dropout_ops_refuse_a_cuda_graph_capture(op, triton):
-    """Called directly (as a torch.compile'd function calls them) while a CUDA graph is captured,
-    the fused ops with dropout refuse, naming themselves and the way out, instead of freezing the
-    host-drawn seed of the capture into every replay (csrc/include/fused_attn/cuda_utils.cuh,
-    fused_attn/ops/_random.py kernel_seed)."""
-    ops, seed = torch.ops.fused_attn, torch.tensor(7)
+def test_fused_dropout_ops_take_a_device_seed_in_a_cuda_graph_capture_and_refuse_a_cpu_one(op, triton):
+    """Called directly while a CUDA graph is captured, the fused ops with dropout take a seed on the
+    device (read when the kernels run) and refuse one on the CPU, naming themselves and the way out,
+    instead of freezing its value into every replay (cuda_utils::kernel_seed in
+    csrc/include/fused_attn/cuda_utils.cuh, fused_attn/ops/_random.py kernel_seed). Outside a capture
+    a CPU seed gives the device seed's result."""
+    ops = torch.ops.fused_attn
     prefix = "triton_" if triton else ""
     x = torch.randn(64, 64, device="cuda", dtype=torch.float16)
+    q = x.view(1, 1, 64, 64)
     calls = {
-        "attention": lambda: getattr(ops, f"{prefix}attention_fwd")(
-            x.view(1, 1, 64, 64), x.view(1, 1, 64, 64), x.view(1, 1, 64, 64), None, 0.125, False, 0.5, seed),
-        "add_layer_norm": lambda: getattr(ops, f"{prefix}add_layer_norm_fwd")(x, x, None, None, None, 1e-5, 0.5, seed),
-        "ffn": lambda: getattr(ops, f"{prefix}ffn_fwd")(x, x, None, x, None, "none", 0.5, seed),
+        "attention": lambda seed: getattr(ops, f"{prefix}attention_fwd")(q, q, q, None, 0.125, False, 0.5, seed),
+        "add_layer_norm": lambda seed: getattr(ops, f"{prefix}add_layer_norm_fwd")(x, x, None, None, None, 1e-5, 0.5,
+                                                                                   seed),
+        "ffn": lambda seed: getattr(ops, f"{prefix}ffn_fwd")(x, x, None, x, None, "none", 0.5, seed),
     }
-    calls[op]()  # outside a capture it runs
+    cpu_seed, device_seed = torch.tensor(7), torch.tensor(7, device="cuda")
+    expected = calls[op](cpu_seed)[0].clone()
+    assert torch.equal(calls[op](device_seed)[0], expected)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match=r"dropout while a CUDA graph is being captured.*backend='reference'"):
-        with torch.cuda.graph(graph):
-            calls[op]()
+    with torch.cuda.graph(graph):
+        captured = calls[op](device_seed)[0]
+    graph.replay()
+    assert torch.equal(captured, expected)
+    device_seed.fill_(8)  # what a replayed draw does: the kernels read the new seed
+    graph.replay()
+    assert not torch.equal(captured, expected)
+    with pytest.raises(RuntimeError, match=r"a CPU seed while a CUDA graph is being captured.*on the inputs' device"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            calls[op](cpu_seed)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_model_with_dropout_compiled_with_cuda_graphs_draws_anew_at_each_call():
+    """torch.compile(mode="reduce-overhead") captures a fused BERT's training step, dropout
+    included, in CUDA graphs (no skip), and each call drops other elements."""
+    from torch._dynamo.utils import counters
+
+    from fused_attn.models import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig.bert_tiny(fused=True)).cuda().half().train()
+    ids = torch.randint(0, 1000, (2, 64), device="cuda")
+
+    def step(input_ids):
+        hidden = model(input_ids).last_hidden_state
+        grads = torch.autograd.grad(hidden.float().square().mean(), [p for p in model.parameters() if p.requires_grad])
+        return hidden, grads[0]
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(step, mode="reduce-overhead")
+    outs = [[t.clone() for t in compiled(ids)] for _ in range(4)]
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert not torch.equal(outs[2][0], outs[3][0])
+    assert all(torch.isfinite(t).all() for out in outs for t in out)

@@ -36,7 +36,7 @@ def _replayed_keep(dropout_p: float, shape: tuple[int, ...], device: str) -> tor
     if not dropout_p:
         return None
     torch.manual_seed(DRAW_SEED)
-    return keep_mask(int(draw_seed(dropout_p)), shape, dropout_p, device)
+    return keep_mask(draw_seed(dropout_p, torch.empty(0, device=device)), shape, dropout_p, device)
 
 
 def _case(name: str, backend: str, device: str, dtype: torch.dtype):

@@ -458,7 +458,7 @@ struct AttnParams {
   const int2* key_span;
   bool dropout;
   float dropout_p, inv_keep;
-  uint64_t seed;
+  cuda_utils::DropoutSeed seed;  // read once per tile that drops (DropoutSeed::load)
 };
 
 struct FwdParams : AttnParams {
@@ -588,17 +588,17 @@ __device__ __forceinline__ float recomputed_p(float x) { return exp2f(x > 0.f ? 
 // that dropout drops stays NaN. P takes this 0/1 before its cast to fp16/bf16 and the 1 / (1 - p) of the kept
 // elements is applied in float32, to O (and in the backward to the gradients) once: P / (1 - p) would overflow
 // fp16 for p > 1 - 1/65504.
-__device__ __forceinline__ float kept(const AttnParams& p, int64_t bh, int64_t i, int64_t j) {
+__device__ __forceinline__ float kept(const AttnParams& p, uint64_t seed, int64_t bh, int64_t i, int64_t j) {
   const uint64_t counter = static_cast<uint64_t>((bh * p.q_len + i) * p.k_len + j);
-  return philox::keep(p.seed, counter, p.dropout_p) ? 1.f : 0.f;
+  return philox::keep(seed, counter, p.dropout_p) ? 1.f : 0.f;
 }
 
 // kept() of the keys j and j + 1 of query i (j even: a thread's two adjacent accumulator columns), with
 // one evaluation of the Philox rounds where their stream elements share a counter (philox::keep_run:
 // always for an even k_len).
-__device__ __forceinline__ float2 kept_pair(const AttnParams& p, int64_t bh, int64_t i, int64_t j) {
+__device__ __forceinline__ float2 kept_pair(const AttnParams& p, uint64_t seed, int64_t bh, int64_t i, int64_t j) {
   bool keep[2];
-  philox::keep_run(p.seed, static_cast<uint64_t>((bh * p.q_len + i) * p.k_len + j), p.dropout_p, keep);
+  philox::keep_run(seed, static_cast<uint64_t>((bh * p.q_len + i) * p.k_len + j), p.dropout_p, keep);
   return make_float2(keep[0] ? 1.f : 0.f, keep[1] ? 1.f : 0.f);
 }
 
@@ -782,8 +782,9 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
           }
         }
         if (p.dropout) {
+          const uint64_t seed = p.seed.load();
           for_each_pair(s[mt], strip_row0, n0, [&](float& x0, float& x1, int i, int j) {
-            const float2 keep = kept_pair(p, bh, i, j);
+            const float2 keep = kept_pair(p, seed, bh, i, j);
             x0 *= keep.x;
             x1 *= keep.y;
           });
@@ -931,8 +932,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
     if (p.dropout) {
       // dV takes the kept P, dS the undropped P times the dropped dP (1 / (1 - p) applied at the stores).
       float pu[kM / 8][4];
+      const uint64_t seed = p.seed.load();
       for_each_element(dpt, warp_key0, m0, false, [&](float& x, int i, int j, int nb, int e) {
-        const float keep = kept(p, bh, i, j);
+        const float keep = kept(p, seed, bh, i, j);
         x *= keep;
         pu[nb][e] = pt[nb][e] * keep;
       });
@@ -1087,8 +1089,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
       for (int mt = 0; mt < kMT; ++mt) {
         const int strip_row0 = warp_row0 + 16 * mt;
         if (p.dropout) {
+          const uint64_t seed = p.seed.load();
           for_each_pair(dp[mt], strip_row0, n0, [&](float& x0, float& x1, int i, int j) {
-            const float2 keep = kept_pair(p, bh, i, j);
+            const float2 keep = kept_pair(p, seed, bh, i, j);
             x0 *= keep.x;
             x1 *= keep.y;
           });
@@ -1344,11 +1347,7 @@ AttnParams make_params(const at::Tensor& query, const at::Tensor& key, const at:
   p.dropout = dropout_p > 0.0;
   p.dropout_p = static_cast<float>(dropout_p);
   p.inv_keep = p.dropout ? philox::keep_scale(p.dropout_p) : 1.f;
-  p.seed = 0;
-  if (p.dropout) {
-    p.seed = dropout_seed(seed);
-    cuda_utils::check_dropout_not_captured("fused_attn::attention");
-  }
+  if (p.dropout) p.seed = cuda_utils::kernel_seed(seed, query, "fused_attn::attention");
   return p;
 }
 

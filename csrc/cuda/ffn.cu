@@ -298,7 +298,8 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 constexpr int64_t kDropRun = philox::kWords;
 template <typename T>
 __global__ void __launch_bounds__(kEltThreads)
-    ffn_dropout_kernel(const T* src, T* dst, int64_t n, uint64_t seed, float p, float keep_prob) {
+    ffn_dropout_kernel(const T* src, T* dst, int64_t n, cuda_utils::DropoutSeed seed_arg, float p, float keep_prob) {
+  const uint64_t seed = seed_arg.load();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * kDropRun;
   for (int64_t e = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kDropRun; e < n; e += stride) {
     bool keep[kDropRun];
@@ -845,18 +846,19 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> linear_gelu_bwd_fr
   return std::make_tuple(grad_input, grad_weight, grad_bias);
 }
 
-void ffn_dropout_cuda(const at::Tensor& src, const at::Tensor& dst, uint64_t seed, double dropout_p) {
+void ffn_dropout_cuda(const at::Tensor& src, const at::Tensor& dst, const std::optional<at::Tensor>& seed,
+                      double dropout_p) {
   TORCH_INTERNAL_ASSERT(src.is_contiguous() && dst.is_contiguous() && src.sizes() == dst.sizes() &&
                         src.scalar_type() == dst.scalar_type());
+  const cuda_utils::DropoutSeed key = cuda_utils::kernel_seed(seed, src, "fused_attn::ffn");
   const int64_t n = src.numel();
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(src.device());
-  cuda_utils::check_dropout_not_captured("fused_attn::ffn");
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const float p = static_cast<float>(dropout_p);
   AT_DISPATCH_V2(src.scalar_type(), "ffn_dropout_cuda", AT_WRAP([&] {
     ffn_dropout_kernel<scalar_t><<<grid_size(ceil_div(ceil_div(n, kDropRun), kEltThreads)), kEltThreads, 0, stream>>>(
-        src.const_data_ptr<scalar_t>(), dst.mutable_data_ptr<scalar_t>(), n, seed, p, philox::keep_divisor(p));
+        src.const_data_ptr<scalar_t>(), dst.mutable_data_ptr<scalar_t>(), n, key, p, philox::keep_divisor(p));
   }), at::kFloat, at::kHalf, at::kBFloat16);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -162,7 +162,7 @@ __device__ __forceinline__ void load_param_or(const P* p, int64_t c, float fill,
 // to zero), and a multiply rather than a select, so that a dropped inf/NaN gives NaN, as torch's dropout
 // (x * mask / (1 - p)) does. Inactive: v is left as it is.
 struct DropoutArgs {
-  uint64_t seed = 0;
+  cuda_utils::DropoutSeed seed;
   float p = 0.f;
   float keep_prob = 1.f;
   bool active = false;
@@ -174,7 +174,7 @@ template <int VEC>
 __device__ __forceinline__ void apply_dropout(const DropoutArgs& d, int64_t e, float (&v)[VEC]) {
   if (!d.active) return;
   bool keep[VEC];
-  philox::keep_run(d.seed, static_cast<uint64_t>(e), d.p, keep);
+  philox::keep_run(d.seed.load(), static_cast<uint64_t>(e), d.p, keep);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) v[j] = cuda_utils::dropout_value(v[j], keep[j], d.keep_prob);
 }
@@ -674,14 +674,14 @@ void check_hidden_fits_int(int64_t hidden) {
               hidden);
 }
 
-// dropout_p in [0, 1); the seed (a CPU int64 scalar tensor, csrc/ops.cpp) is required and read only when
-// dropout is applied (dropout_p > 0 and `used`).
-DropoutArgs make_dropout(double dropout_p, const std::optional<at::Tensor>& seed, bool used) {
+// dropout_p in [0, 1); the seed (cuda_utils::kernel_seed) is required and checked whenever dropout_p > 0,
+// as on the CPU, and read by the kernels only when dropout is applied (`used`).
+DropoutArgs make_dropout(double dropout_p, const std::optional<at::Tensor>& seed, const at::Tensor& like,
+                         bool used) {
   check_dropout_p(dropout_p);
   DropoutArgs d;
   if (dropout_p == 0) return d;
-  d.seed = dropout_seed(seed);  // checked whenever dropout applies, used or not, as on the CPU
-  cuda_utils::check_dropout_not_captured("fused_attn::add_layer_norm");
+  d.seed = cuda_utils::kernel_seed(seed, like, "fused_attn::add_layer_norm");
   if (!used) return d;
   d.p = static_cast<float>(dropout_p);
   d.keep_prob = philox::keep_divisor(d.p);
@@ -706,7 +706,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_impl(
   check_affine_param(bias, "bias", input, hidden, param_dtype);
   check_affine_param(input_bias, "input_bias", input, hidden);
   check_eps(eps);
-  const DropoutArgs dropout = make_dropout(dropout_p, seed, /*used=*/true);
+  const DropoutArgs dropout = make_dropout(dropout_p, seed, input, /*used=*/true);
   check_hidden_fits_int(hidden);
 
   const c10::cuda::CUDAGuard guard(input.device());
@@ -875,7 +875,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
   const bool want_input = output_mask[0];
   const bool want_residual = output_mask[1];
   const bool want_input_bias = output_mask[4];
-  const DropoutArgs dropout = make_dropout(dropout_p, seed, /*used=*/want_input || want_input_bias);
+  const DropoutArgs dropout = make_dropout(dropout_p, seed, prenorm, /*used=*/want_input || want_input_bias);
   check_hidden_fits_int(hidden);
 
   const c10::cuda::CUDAGuard guard(prenorm.device());

@@ -1,4 +1,5 @@
-"""Dropout seeds: one per call, drawn where the op is called, passed to the kernels as an input."""
+"""Dropout seeds: one per call, drawn where the op is called on the inputs' device, passed to the
+kernels as an input they read when they run."""
 
 from __future__ import annotations
 
@@ -7,29 +8,34 @@ import torch
 from ._validate import cuda_graph_capturing
 
 
-def draw_seed(dropout_p: float) -> torch.Tensor | None:
-    """A CPU int64 scalar from torch's default generator, so that ``torch.manual_seed``
-    reproduces the draw; None without dropout."""
-    return torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else None
+def draw_seed(dropout_p: float, like: torch.Tensor) -> torch.Tensor | None:
+    """An int64 scalar on ``like``'s device from that device's default generator (so that
+    ``torch.manual_seed`` reproduces the draw); None without dropout. On a GPU the draw is a kernel
+    of torch's, which a CUDA graph captures and replays with a new value each time (torch's
+    generators are graph-safe); the fused kernels read the seed from device memory, so each replay
+    drops other elements and its backward regenerates that replay's mask."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=like.device) if dropout_p > 0.0 else None
 
 
-def seed_int(seed: torch.Tensor | None) -> int:
-    return int(seed) if seed is not None else 0
-
-
-def kernel_seed(seed: torch.Tensor | None, like: torch.Tensor, op: str) -> int:
-    """``seed`` as the Triton kernels take it (0 without dropout). Refused while a CUDA graph is
-    being captured, as the CUDA launchers refuse it (csrc/include/fused_attn/cuda_utils.cuh): the
-    kernels take the seed from the host at each call, so every replay would drop the elements of
-    the capture. The public ops called eagerly run their reference then; a direct op call or a
-    torch.compile'd function captured afterwards reaches this."""
+def kernel_seed(seed: torch.Tensor | None, dropout_p: float, like: torch.Tensor, op: str) -> torch.Tensor | None:
+    """``seed`` as the Triton kernels take it: None without dropout, else an int64 tensor with one
+    element on ``like``'s device, as the CUDA launchers take it (cuda_utils::kernel_seed in
+    csrc/include/fused_attn/cuda_utils.cuh, with the same checks). A seed elsewhere (a direct op call
+    with a CPU seed) is copied there, except while a CUDA graph is being captured: the copy's value
+    would be frozen into every replay, so that is refused, naming ``op``."""
+    if dropout_p <= 0.0:
+        return None
     if seed is None:
-        return 0
+        raise ValueError(f"{op}: seed must be given when dropout_p > 0: an int64 tensor with one element (the "
+                         "dropout stream's key)")
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError(f"{op}: seed must be an int64 tensor with one element, got {seed.dtype} of shape "
+                         f"{tuple(seed.shape)}")
+    if seed.device == like.device:
+        return seed
     if like.is_cuda and cuda_graph_capturing():
         raise RuntimeError(
-            f"{op}: dropout while a CUDA graph is being captured: the fused kernels take their dropout seed from "
-            "the host at each call, so every replay would drop the elements of the capture; fused_attn's ops "
-            "called eagerly run their reference then, a compiled function cannot: give its ops with dropout "
-            "backend='reference', or capture without dropout"
+            f"{op}: a CPU seed while a CUDA graph is being captured: every replay would drop the elements of the "
+            "capture; give the seed on the inputs' device (fused_attn's ops draw it there)"
         )
-    return int(seed)
+    return seed.to(like.device)

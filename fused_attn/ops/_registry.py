@@ -89,7 +89,7 @@ def register_fake(op: str, fake: Callable) -> None:
     """Registers ``fused_attn::{op}``'s fake kernel, which also serves a meta tensor among real ones
     (the dispatcher sends such a call to it): it refuses tensors on different devices, as every
     kernel does, instead of describing outputs on the first argument's device. ``seed`` is the one
-    argument that is a CPU tensor with tensors on any device."""
+    argument that may be on the CPU with tensors on another device (a direct call's)."""
     names = tuple(inspect.signature(fake).parameters)
 
     @functools.wraps(fake)

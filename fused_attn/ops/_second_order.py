@@ -72,7 +72,7 @@ def _grads(output: torch.Tensor, grad_output: torch.Tensor, inputs: Tensors, nee
 
 
 def _keep(seed: torch.Tensor | None, shape: tuple[int, ...], dropout_p: float, device: torch.device):
-    return keep_mask(int(seed), shape, dropout_p, device) if dropout_p > 0.0 else None
+    return keep_mask(seed, shape, dropout_p, device) if dropout_p > 0.0 else None
 
 
 def _rows_sum(t: torch.Tensor) -> torch.Tensor:

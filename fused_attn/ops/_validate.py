@@ -14,7 +14,7 @@ from .._extension import assume_constant
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DIFFERENTIATING = (TransformType.Grad, TransformType.Jvp)
 # The features transform_features sets (backends._TRANSFORMS words why no fused backend serves them).
-TRANSFORMS = ("forward_ad", "func_transform", "onnx_export", "dropout_in_capture")
+TRANSFORMS = ("forward_ad", "func_transform", "onnx_export")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -89,7 +89,7 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def transform_features(*tensors: torch.Tensor | None, dropout_p: float = 0.0) -> dict[str, bool]:
+def transform_features(*tensors: torch.Tensor | None) -> dict[str, bool]:
     """The backend features of a call that the fused ops cannot serve, which only the reference
     (plain differentiable torch) serves:
 
@@ -103,8 +103,6 @@ def transform_features(*tensors: torch.Tensor | None, dropout_p: float = 0.0) ->
     - ``onnx_export``: the call is traced by ``torch.onnx.export``'s exporter (``dynamo=True``, the
       default). The fused kernels are no ONNX operators: the reference's plain ops, the same
       computation, are exported.
-    - ``dropout_in_capture``: ``dropout_p > 0`` while a CUDA graph is being captured
-      (:func:`dropout_in_capture`; ``tensors[0]`` is the call's first input).
 
     Outside every transform and dual level it costs two comparisons and a query of the
     interpreter stack's level. Under ``torch.jit.trace`` (and so ``torch.onnx.export(...,
@@ -125,25 +123,7 @@ def transform_features(*tensors: torch.Tensor | None, dropout_p: float = 0.0) ->
         and any(interpreter.key() in _DIFFERENTIATING for interpreter in retrieve_all_functorch_interpreters())
     ):
         features[TRANSFORMS[1]] = True
-    if dropout_p and dropout_in_capture(tensors[0], dropout_p):
-        features[TRANSFORMS[3]] = True
     return features
-
-
-def dropout_in_capture(like: torch.Tensor, dropout_p: object) -> bool:
-    """Whether a call with dropout (``dropout_p > 0``, a Python number) on CUDA tensors runs while
-    a CUDA graph is being captured on the current stream (``torch.cuda.graph``,
-    ``make_graphed_callables``). The fused kernels take their dropout seed from the host, drawn at
-    each call: captured, the graph would replay the one mask of the capture at every replay, where
-    torch's dropout (the reference's) advances its generator with each replay. Not asked while
-    torch.compile traces (nothing is captured then)."""
-    return (
-        type(dropout_p) in (float, int)
-        and dropout_p > 0
-        and like.is_cuda
-        and not torch.compiler.is_compiling()
-        and cuda_graph_capturing()
-    )
 
 
 def cuda_graph_capturing() -> bool:

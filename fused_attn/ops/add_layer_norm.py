@@ -15,12 +15,12 @@ import torch
 from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, fast_entry, fast_path_open, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
-from ._random import draw_seed, kernel_seed, seed_int
+from ._random import draw_seed, kernel_seed
 from . import _second_order as _second_order_grads
 from ._registry import interpreter_serialized, register_fake, register_native_pair, register_pair
 from ._validate import (
     affine_dtype, check_bool, check_dropout_p, check_eps, check_param, check_same_device, check_tensor, needs_grad, rows,
-    dropout_in_capture, transform_features, unrows,
+    transform_features, unrows,
 )
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -56,7 +56,7 @@ def _triton_fwd(
     from ..kernels.triton import layer_norm as kernels
 
     return kernels.add_layer_norm_fwd(
-        input, residual, weight, bias, input_bias, eps, dropout_p, kernel_seed(seed, input, _TRITON_OP)
+        input, residual, weight, bias, input_bias, eps, dropout_p, kernel_seed(seed, dropout_p, input, _TRITON_OP)
     )
 
 
@@ -75,7 +75,7 @@ def _triton_inference(
     from ..kernels.triton import layer_norm as kernels
 
     return kernels.add_layer_norm_inference(
-        input, residual, weight, bias, input_bias, eps, dropout_p, kernel_seed(seed, input, _TRITON_OP)
+        input, residual, weight, bias, input_bias, eps, dropout_p, kernel_seed(seed, dropout_p, input, _TRITON_OP)
     )
 
 
@@ -95,8 +95,8 @@ def _triton_bwd(
     from ..kernels.triton import layer_norm as kernels
 
     return kernels.add_layer_norm_bwd(
-        grad_out, grad_prenorm, prenorm, mean, rstd, weight, dropout_p, kernel_seed(seed, prenorm, _TRITON_OP),
-        output_mask,
+        grad_out, grad_prenorm, prenorm, mean, rstd, weight, dropout_p,
+        kernel_seed(seed, dropout_p, prenorm, _TRITON_OP), output_mask,
     )
 
 
@@ -227,7 +227,7 @@ def add_layer_norm(
     float32, every floating input is cast to float32, so the output and the pre-norm sum are
     float32.
     """
-    if backend is None and _FAST is not None and fast_path_open() and not dropout_in_capture(input, dropout_p):
+    if backend is None and _FAST is not None and fast_path_open():
         out = _FAST(input, residual, weight, bias, eps, dropout_p, input_bias, return_prenorm)
         if out is not None:
             return out
@@ -254,14 +254,15 @@ def add_layer_norm(
     input_bias = check_param(input_bias, "input_bias", input, (hidden,))
     eps = check_eps(eps)
     dropout_p = check_dropout_p(dropout_p)
-    features = {"hidden": hidden, **transform_features(input, residual, weight, bias, input_bias, dropout_p=dropout_p)}
+    features = {"hidden": hidden, **transform_features(input, residual, weight, bias, input_bias)}
     chosen = select("add_layer_norm", Inputs(input.device, input.dtype, features), backend,
                     operands=(input,), dropout_p=dropout_p)
     if chosen == "reference":
         return reference.add_layer_norm(
             input, residual, weight, bias, eps, dropout_p, input_bias, return_prenorm=return_prenorm
         )
-    args = (rows(input, hidden), rows(residual, hidden), weight, bias, input_bias, eps, dropout_p, draw_seed(dropout_p))
+    args = (rows(input, hidden), rows(residual, hidden), weight, bias, input_bias, eps, dropout_p,
+            draw_seed(dropout_p, input))
     if not return_prenorm and chosen in _INFERENCE_OPS and not needs_grad(input, residual, weight, bias, input_bias):
         return unrows(_INFERENCE_OPS[chosen](*args), input.shape)
     out, prenorm, _, _ = _FWD_OPS[chosen](*args)
@@ -275,6 +276,6 @@ def add_layer_norm_keep_mask(shape: tuple[int, ...], dropout_p: float, device: t
     from ..kernels.triton import layer_norm as kernels
 
     ones = torch.ones(math.prod(shape[:-1]), shape[-1], device=device)
-    seed = seed_int(draw_seed(dropout_p))
+    seed = draw_seed(dropout_p, ones)
     _, prenorm, _, _ = kernels.add_layer_norm_fwd(ones, torch.zeros_like(ones), None, None, None, 0.0, dropout_p, seed)
     return (prenorm != 0).view(shape)

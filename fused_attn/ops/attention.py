@@ -19,12 +19,12 @@ from ..backends import MAX_EXTENT, Inputs, Support, fast_entry, fast_path_open, 
 from ..kernels.layout import as_query_layout, empty_in_query_layout
 from ..reference.attention import causal_keep
 from ._autocast import LOWER_PRECISION, autocast_inputs
-from ._random import draw_seed, kernel_seed, seed_int
+from ._random import draw_seed, kernel_seed
 from . import _second_order as _second_order_grads
 from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import (
     broadcast_mask, check_bool, check_dropout_p, check_same_device, check_tensor, dtype_name, is_finite_number,
-    dropout_in_capture, transform_features, under_transform,
+    transform_features, under_transform,
 )
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -94,7 +94,7 @@ def _triton_fwd(
     from ..kernels.triton import attention as kernels
 
     out, stats, _ = kernels.attention_fwd(
-        query, key, value, attn_mask, scale, is_causal, dropout_p, kernel_seed(seed, query, _TRITON_OP)
+        query, key, value, attn_mask, scale, is_causal, dropout_p, kernel_seed(seed, dropout_p, query, _TRITON_OP)
     )
     return out, stats
 
@@ -118,7 +118,7 @@ def _triton_bwd(
 
     dq, dk, dv, dscores = kernels.attention_bwd(
         grad_out, query, key, value, attn_mask, stats, scale, is_causal, dropout_p,
-        kernel_seed(seed, query, _TRITON_OP), mask_needs_grad,
+        kernel_seed(seed, dropout_p, query, _TRITON_OP), mask_needs_grad,
     )
     return dq, dk, dv, dscores if dscores is not None else query.new_empty(0)
 
@@ -362,7 +362,7 @@ def scaled_dot_product_attention(
     """
     if attn_mask is not None and type(attn_mask) is not torch.Tensor and _is_causal_bias(attn_mask):
         attn_mask, is_causal = _from_causal_bias(attn_mask, query, key, value, is_causal, enable_gqa)
-    if backend is None and _FAST is not None and fast_path_open() and not dropout_in_capture(query, dropout_p):
+    if backend is None and _FAST is not None and fast_path_open():
         out = _FAST(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if out is not None:
             return out
@@ -379,7 +379,7 @@ def scaled_dot_product_attention(
     # apply to it (a zero head dim, say, is then no reason to warn or refuse).
     empty = is_empty(query, key, value)
     sizes = {} if empty else {"head_dim": head_dim, "head_dim_v": value.shape[-1], "q_len": q_len, "k_len": k_len}
-    features = {**sizes, "dropout": dropout_p > 0, **transform_features(query, key, value, mask, dropout_p=dropout_p)}
+    features = {**sizes, "dropout": dropout_p > 0, **transform_features(query, key, value, mask)}
     inputs = Inputs(query.device, query.dtype, features)
     chosen = select("scaled_dot_product_attention", inputs, backend, dropout_p=dropout_p, empty=empty)
     in_reference = chosen == "reference"
@@ -397,7 +397,7 @@ def scaled_dot_product_attention(
     else:
         out, _ = _FWD_OPS[chosen](
             _no_last_dim_stride(query), _no_last_dim_stride(key), _no_last_dim_stride(value), mask, scale, is_causal,
-            dropout_p, draw_seed(dropout_p),
+            dropout_p, draw_seed(dropout_p, query),
         )
     return RowShift.apply(out, attn_mask) if row_shift else out
 
@@ -421,6 +421,6 @@ def attention_with_keep_mask(
     _validate(query, key, value)
     scale = _check_scale(scale, query.shape[-1])
     mask = _expand_mask(attn_mask, (*query.shape[:3], key.shape[2]), query)
-    seed = seed_int(draw_seed(dropout_p))
+    seed = draw_seed(dropout_p, query)
     out, _, keep = kernels.attention_fwd(query, key, value, mask, scale, is_causal, dropout_p, seed, return_keep_mask=True)
     return out, keep

@@ -34,11 +34,11 @@ import torch
 from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, fast_entry, fast_path_open, register_op, select
 from ._autocast import LOWER_PRECISION, autocast_inputs
-from ._random import draw_seed, kernel_seed, seed_int
+from ._random import draw_seed, kernel_seed
 from . import _second_order as _second_order_grads
 from ._registry import interpreter_serialized, register_fake, register_native_pair, register_pair
 from ._validate import (
-    check_dropout_p, check_param, check_same_device, check_tensor, dropout_in_capture, dtype_name, transform_features,
+    check_dropout_p, check_param, check_same_device, check_tensor, dtype_name, transform_features,
     needs_grad, rows, unrows,
 )
 
@@ -203,7 +203,7 @@ def _triton_ffn_fwd(
     hidden, pre = kernels.linear_gelu_fwd(input, w1, b1, approximate)
     out = input.new_empty(input.shape[0], w2.shape[0])
     epilogue = kernels.EPILOGUE_BIAS_DROPOUT if dropout_p > 0.0 else kernels.EPILOGUE_BIAS
-    kernels.gemm(hidden, w2.t(), out, epilogue=epilogue, bias=b2, seed=kernel_seed(seed, input, _TRITON_FFN),
+    kernels.gemm(hidden, w2.t(), out, epilogue=epilogue, bias=b2, seed=kernel_seed(seed, dropout_p, input, _TRITON_FFN),
                  dropout_p=dropout_p)
     return out, pre
 
@@ -248,7 +248,7 @@ def _triton_ffn_bwd(
     rows, out_features = grad_out.shape
     drop = dict(
         a_prologue=kernels.PROLOGUE_DROPOUT if dropout_p > 0.0 else kernels.PROLOGUE_NONE,
-        seed=kernel_seed(seed, input, _TRITON_FFN), dropout_p=dropout_p,
+        seed=kernel_seed(seed, dropout_p, input, _TRITON_FFN), dropout_p=dropout_p,
     )
     need_dx, need_dw1, need_db1, need_dw2, need_db2 = output_mask
     # A gradient not asked for is an empty tensor of its own: outputs of a custom op may not alias.
@@ -449,7 +449,7 @@ def ffn(
     the call. Under ``torch.autocast`` every floating tensor is cast to the autocast dtype, as
     ``F.linear``'s.
     """
-    if backend is None and _FAST_FFN is not None and fast_path_open() and not dropout_in_capture(input, dropout_p):
+    if backend is None and _FAST_FFN is not None and fast_path_open():
         out = _FAST_FFN(input, w1, b1, w2, b2, approximate, dropout_p)
         if out is not None:
             return out
@@ -459,7 +459,7 @@ def ffn(
     w2, b2 = _check_linear(input, w2, b2, ("w2", "b2"), w1.shape[0])
     approximate = _check_approximate(approximate)
     dropout_p = check_dropout_p(dropout_p)
-    features = {**transform_features(input, w1, b1, w2, b2, dropout_p=dropout_p), "gemm_dim": _gemm_dim(input, w1, w2)}
+    features = {**transform_features(input, w1, b1, w2, b2), "gemm_dim": _gemm_dim(input, w1, w2)}
     chosen = select("ffn", Inputs(input.device, input.dtype, features), backend,
                     operands=(input, w1, w2), dropout_p=dropout_p)
     if chosen == "reference":
@@ -468,7 +468,7 @@ def ffn(
     if dropout_p == 0.0 and not needs_grad(input, w1, b1, w2, b2):
         out = _FFN_INFERENCE[chosen](flat, w1, b1, w2, b2, approximate)
     else:
-        out, _ = _FFN_OPS[chosen](flat, w1, b1, w2, b2, approximate, dropout_p, draw_seed(dropout_p))
+        out, _ = _FFN_OPS[chosen](flat, w1, b1, w2, b2, approximate, dropout_p, draw_seed(dropout_p, flat))
     return unrows(out, input.shape)
 
 
@@ -480,8 +480,8 @@ def ffn_keep_mask(rows: int, out_features: int, dropout_p: float, device: torch.
 
     if backend not in ("cpu", "cuda", "triton"):
         raise ValueError(f"backend must be 'cpu', 'cuda' or 'triton' (the FFN's kernels), got {backend!r}")
-    seed = draw_seed(dropout_p)
     ones = torch.ones(rows, 1, device=device)
+    seed = draw_seed(dropout_p, ones)
     if backend != "triton":
         w2 = torch.ones(out_features, 1, device=device)
         out, _ = torch.ops.fused_attn.ffn_fwd(ones, torch.ones(1, 1, device=device), None, w2, None, "none",
@@ -489,5 +489,5 @@ def ffn_keep_mask(rows: int, out_features: int, dropout_p: float, device: torch.
         return out != 0
     out = torch.empty(rows, out_features, device=device)
     kernels.gemm(ones, torch.ones(1, out_features, device=device), out, epilogue=kernels.EPILOGUE_BIAS_DROPOUT,
-                 seed=seed_int(seed), dropout_p=dropout_p)
+                 seed=seed, dropout_p=dropout_p)
     return out != 0

@@ -28,8 +28,9 @@ def _mul_hi_lo(constant: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return (p_hi + (p_lo >> 16)) >> 16, (((p_hi & 0xFFFF) << 16) + p_lo) & _LOW32
 
 
-def _counter_words(seed: int, counters: torch.Tensor) -> list[torch.Tensor]:
-    """The four output words of Philox4x32-10 for each of ``counters`` (int64) under ``seed``."""
+def _counter_words(seed: int | torch.Tensor, counters: torch.Tensor) -> list[torch.Tensor]:
+    """The four output words of Philox4x32-10 for each of ``counters`` (int64) under ``seed`` (a
+    Python int in [0, 2^64), or an int64 tensor on the counters' device: its two's-complement bits)."""
     c0, c1 = counters & _LOW32, (counters >> 32) & _LOW32
     c2, c3 = torch.zeros_like(counters), torch.zeros_like(counters)
     k0, k1 = seed & _LOW32, (seed >> 32) & _LOW32
@@ -41,9 +42,14 @@ def _counter_words(seed: int, counters: torch.Tensor) -> list[torch.Tensor]:
     return [c0, c1, c2, c3]
 
 
-def uniforms(seed: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Elements ``0 .. numel - 1`` of the stream of ``seed`` as float32 uniforms in [0, 1)."""
-    seed %= 2**64  # the kernels read the int64 seed as unsigned
+def uniforms(seed: int | torch.Tensor, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Elements ``0 .. numel - 1`` of the stream of ``seed`` as float32 uniforms in [0, 1). ``seed``
+    is an int or the int64 tensor with one element the ops pass (read where it lies: on a GPU,
+    without a copy to the host)."""
+    if isinstance(seed, torch.Tensor):
+        seed = seed.to(device=device, dtype=torch.int64).reshape(())
+    else:
+        seed %= 2**64  # the kernels read the int64 seed as unsigned
     counters = torch.arange(math.ceil(numel / 4), dtype=torch.int64, device=device)
     words = torch.stack(_counter_words(seed, counters), dim=-1).flatten()[:numel]
     # As int32: w < 0 folds to -w - 1 (~w), i.e. 2^32 - 1 - word.
@@ -51,7 +57,7 @@ def uniforms(seed: int, numel: int, device: torch.device | str = "cpu") -> torch
     return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=device)
 
 
-def keep_mask(seed: int, shape: tuple[int, ...], dropout_p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+def keep_mask(seed: int | torch.Tensor, shape: tuple[int, ...], dropout_p: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """The keep-mask (True = kept) of a call with dropout ``dropout_p`` whose elements, in the
     row-major order of ``shape``, are the first of the stream of ``seed``: attention's
     ``[batch, heads, q_len, k_len]`` scores, Add & Norm's and the FFN's ``[rows, features]``

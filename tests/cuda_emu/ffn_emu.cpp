@@ -23,8 +23,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> linear_gelu_bwd_from_next(
   return {std::get<0>(*result), std::get<1>(*result), std::get<2>(*result), true};
 }
 
-void ffn_dropout(const at::Tensor& src, const at::Tensor& dst, int64_t seed, double dropout_p) {
-  fused_attn::ffn_dropout_cuda(src, dst, static_cast<uint64_t>(seed), dropout_p);
+void ffn_dropout(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& seed, double dropout_p) {
+  fused_attn::ffn_dropout_cuda(src, dst, seed, dropout_p);
 }
 
 }  // namespace

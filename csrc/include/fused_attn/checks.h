@@ -81,15 +81,22 @@ inline void check_dropout_p(double dropout_p) {
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
 }
 
-// The key of a call's dropout stream (fused_attn/philox.h), read when dropout applies: the seed
-// argument of every op with dropout_p, a CPU int64 tensor with one element.
-inline uint64_t dropout_seed(const std::optional<at::Tensor>& seed) {
+// The seed argument of every op with dropout_p, checked alike on every device when dropout applies: an
+// int64 tensor with one element, the key of the call's dropout stream (fused_attn/philox.h).
+inline const at::Tensor& checked_seed(const std::optional<at::Tensor>& seed) {
   TORCH_CHECK(seed.has_value() && seed->defined(),
-              "seed must be given when dropout_p > 0: a CPU int64 tensor with one element (the dropout stream's key)");
-  TORCH_CHECK(seed->device().is_cpu() && seed->scalar_type() == at::kLong && seed->numel() == 1,
-              "seed must be a CPU int64 tensor with one element, got ", seed->scalar_type(), " of shape ",
-              seed->sizes(), " on ", seed->device());
-  return static_cast<uint64_t>(seed->item<int64_t>());
+              "seed must be given when dropout_p > 0: an int64 tensor with one element (the dropout stream's key)");
+  TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1,
+              "seed must be an int64 tensor with one element, got ", seed->scalar_type(), " of shape ", seed->sizes());
+  return *seed;
+}
+
+// The seed's value for the cpu kernels, which take it on the CPU, as their inputs (the CUDA kernels
+// take theirs through cuda_utils::kernel_seed).
+inline uint64_t dropout_seed(const std::optional<at::Tensor>& seed) {
+  const at::Tensor& s = checked_seed(seed);
+  TORCH_CHECK(s.device().is_cpu(), "seed must be on the CPU, the inputs' device, got ", s.device());
+  return static_cast<uint64_t>(s.item<int64_t>());
 }
 
 // mean/rstd statistics: float32 vectors of length `rows` on the input's device.

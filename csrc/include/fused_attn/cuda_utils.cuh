@@ -1,5 +1,5 @@
 // Device helpers shared by the CUDA kernels: 16-byte vector access to global memory and
-// deterministic warp/block sums; and the launchers' check that no dropout is captured in a CUDA graph.
+// deterministic warp/block sums; and the dropout seed as the kernels take it.
 //
 // The sums use a fixed xor-butterfly order, so for a given launch configuration they are bitwise
 // reproducible from run to run, and every lane of a warp (every thread of a block) ends up with the
@@ -8,24 +8,45 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/util/Exception.h>
 
+#include "fused_attn/checks.h"
+
 namespace fused_attn::cuda_utils {
 
-// The kernels take their dropout seed from the host at each call (a CPU int64 tensor, csrc/ops.cpp).
-// Launched while a CUDA graph is captured, a call would be replayed with the seed of the capture, the
-// same dropped elements at every replay, where torch's dropout draws anew each time; its backward would
-// regenerate that seed's mask whatever forward it follows. Refused, in every launcher with dropout.
-// fused_attn's public ops, called eagerly, run their reference while a graph is captured; what can
-// reach this is a direct op call, or a torch.compile'd function captured afterwards.
-inline void check_dropout_not_captured(const char* op) {
+// The key of a call's dropout stream as the CUDA kernels take it. fused_attn's ops draw the seed on
+// the inputs' device (fused_attn/ops/_random.py), and a kernel loads it from device memory when it runs:
+// a CUDA graph captured around the call (torch.cuda.graph, torch.compile's mode="reduce-overhead")
+// replays the draw, which torch's generator makes anew at every replay, and the kernels read each
+// replay's seed, the backward the one its forward read. A seed on the CPU (a direct op call) is passed
+// by value; captured, that value would be frozen into every replay, so it is refused then.
+struct DropoutSeed {
+  const int64_t* device = nullptr;  // the seed in device memory, or null: `value`
+  uint64_t value = 0;
+  __device__ __forceinline__ uint64_t load() const {
+    return device != nullptr ? static_cast<uint64_t>(*device) : value;
+  }
+};
+
+// `seed` (checked_seed, on like's device or on the CPU) as the kernels of `op` take it.
+inline DropoutSeed kernel_seed(const std::optional<at::Tensor>& seed, const at::Tensor& like, const char* op) {
+  const at::Tensor& given = checked_seed(seed);
+  DropoutSeed s;
+  if (given.device() == like.device()) {
+    s.device = given.const_data_ptr<int64_t>();
+    return s;
+  }
+  TORCH_CHECK(given.device().is_cpu(), "seed must be on the inputs' device (", like.device(), ") or the CPU, got ",
+              given.device());
   TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None, op,
-              ": dropout while a CUDA graph is being captured: the fused kernels take their dropout seed from the "
-              "host at each call, so every replay would drop the elements of the capture; fused_attn's ops called "
-              "eagerly run their reference then, a compiled function cannot: give its ops with dropout "
-              "backend='reference', or capture without dropout");
+              ": a CPU seed while a CUDA graph is being captured: every replay would drop the elements of the "
+              "capture; give the seed on the inputs' device (fused_attn's ops draw it there)");
+  s.value = static_cast<uint64_t>(given.item<int64_t>());
+  return s;
 }
 
 constexpr int kWarpSize = 32;

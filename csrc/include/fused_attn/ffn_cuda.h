@@ -22,7 +22,10 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> linear_gelu_bwd_fr
     const at::Tensor& grad_next, const at::Tensor& w_next, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& pre_activation, c10::string_view approximate, std::array<bool, 3> output_mask);
 
-// The FFN's dropout on CUDA tensors: ffn_dropout_cpu's contract (fused_attn/ffn_cpu.h), the same bits.
-void ffn_dropout_cuda(const at::Tensor& src, const at::Tensor& dst, uint64_t seed, double dropout_p);
+// The FFN's dropout on CUDA tensors: ffn_dropout_cpu's contract (fused_attn/ffn_cpu.h), the same bits; the
+// seed as the CUDA kernels take it (cuda_utils::kernel_seed: on src's device, or on the CPU outside a
+// CUDA graph capture).
+void ffn_dropout_cuda(const at::Tensor& src, const at::Tensor& dst, const std::optional<at::Tensor>& seed,
+                      double dropout_p);
 
 }  // namespace fused_attn

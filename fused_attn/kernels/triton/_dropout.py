@@ -4,6 +4,7 @@ per tile of scores and keep the factor for both P and dP: see attention.py)."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 import triton
 import triton.language as tl
 
@@ -28,6 +29,17 @@ def uniform(seed, counter):
 
 
 @triton.jit
+def load_seed(seed_ptr, DROPOUT: tl.constexpr):
+    """The call's seed, read from device memory when the kernel runs (``seed_pointer``), where it
+    drops; 0 (never used) where it does not. Read at run time, not passed by value at launch, so a
+    CUDA graph that captured the call replays it with the seed each replay draws."""
+    if DROPOUT:
+        return tl.load(seed_ptr)
+    else:
+        return 0
+
+
+@triton.jit
 def dropout(x, seed, offsets, dropout_p, keep_prob):
     """Inverted dropout of float32 ``x`` at the Philox stream's elements ``offsets``: kept values
     (uniform >= p) are divided by ``keep_prob`` (``keep_divisor``), dropped ones multiplied by 0,
@@ -39,7 +51,23 @@ def dropout(x, seed, offsets, dropout_p, keep_prob):
     return tl.math.div_rn(x * keep, keep_prob)
 
 
-# Host side. Every backend takes dropout_p as a float32 p (a float argument reaches a compiled
+# Host side.
+
+
+def seed_pointer(seed: torch.Tensor | int | None, dropout_p: float, like: torch.Tensor) -> torch.Tensor:
+    """The seed argument of the kernels: an int64 tensor on ``like``'s device holding the seed
+    (fused_attn.ops._random.kernel_seed checks what the ops pass; an int is for direct calls), or,
+    without dropout, ``like`` itself, which the kernels never read then."""
+    if dropout_p <= 0.0:
+        return like
+    if seed is None:
+        raise ValueError("seed must be given when dropout_p > 0")
+    if isinstance(seed, torch.Tensor):
+        return seed.to(device=like.device, dtype=torch.int64)
+    return torch.tensor((seed + 2**63) % 2**64 - 2**63, dtype=torch.int64, device=like.device)  # as int64 bits
+
+
+# Every backend takes dropout_p as a float32 p (a float argument reaches a compiled
 # kernel as float32 anyway; the interpreter would keep the double) and divides what it keeps by the
 # keep rate 1 - p in float32, so an element's expected value is itself (fused_attn/philox.h,
 # keep_divisor and keep_scale, the same arithmetic). A p that rounds to 1 keeps nothing: the divisor

@@ -94,7 +94,7 @@ import triton.language as tl
 from ..._env import MAX_EXTENT, triton_interpret_mode
 from ..layout import empty_in_query_layout
 from ._autotune import benchmark, pruner, size_bucket
-from ._dropout import as_float32, keep_scale, uniform
+from ._dropout import as_float32, keep_scale, load_seed, seed_pointer, uniform
 from ._grid import MAX_GRID, cdiv, next_power_of_2
 from ._options import LAUNCH_OPTIONS
 from ._rounding import rounded_product
@@ -147,7 +147,7 @@ def _tiles_for_head_dim(configs, args):
 # (Triton 3.9 refuses any other name; earlier versions skipped it).
 _AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "Q_BUCKET", "K_BUCKET", "HAS_MASK", "MASK_IS_BOOL", "KEY_RANGE",
                  "DROPOUT"]
-_NOT_SPECIALIZED = ["seed", "Q_BUCKET", "K_BUCKET"]
+_NOT_SPECIALIZED = ["seed_ptr", "Q_BUCKET", "K_BUCKET"]
 
 
 @triton.jit
@@ -282,12 +282,13 @@ def _attn_fwd_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om,
-    heads, kv_group, q_len, k_len, qk_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
+    heads, kv_group, q_len, k_len, qk_scale, seed_ptr, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_RANGE: tl.constexpr,
     DROPOUT: tl.constexpr, WRITE_KEEP: tl.constexpr, FP32_DOT: tl.constexpr, KEY_BOUNDS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    seed = load_seed(seed_ptr, DROPOUT)
     num_m = tl.cdiv(q_len, BLOCK_M)
     pid = tl.program_id(0)
     tile_m = pid % num_m
@@ -489,7 +490,7 @@ def _attn_bwd_stats_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom,
-    heads, kv_group, q_len, k_len, qk_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
+    heads, kv_group, q_len, k_len, qk_scale, seed_ptr, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_RANGE: tl.constexpr,
     DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, KEY_BOUNDS: tl.constexpr,
@@ -497,6 +498,7 @@ def _attn_bwd_stats_kernel(
 ):
     """Per query row: ``corr = 1 / sum_j P_ij`` and ``delta = corr * sum_j P_ij dP_ij`` with P as
     the gradient kernels recompute it (0 and 0 for a row that sees no key)."""
+    seed = load_seed(seed_ptr, DROPOUT)
     bh, b, h, start_m, offs_m, in_queries, q, do, row_max, log2_sum = _query_tile(
         q_ptr, dout_ptr, stats_ptr, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
         heads, q_len, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
@@ -623,12 +625,13 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    heads, kv_heads, kv_group, kv_splits, q_len, k_len, qk_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
+    heads, kv_heads, kv_group, kv_splits, q_len, k_len, qk_scale, seed_ptr, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_RANGE: tl.constexpr,
     DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    seed = load_seed(seed_ptr, DROPOUT)
     num_n = tl.cdiv(k_len, BLOCK_N)
     pid = tl.program_id(0)
     tile_n = pid % num_n
@@ -715,13 +718,14 @@ def _attn_bwd_dq_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
-    heads, kv_group, q_len, k_len, qk_scale, seed, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
+    heads, kv_group, q_len, k_len, qk_scale, seed_ptr, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_RANGE: tl.constexpr,
     DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, KEY_BOUNDS: tl.constexpr,
     WRITE_DSCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    seed = load_seed(seed_ptr, DROPOUT)
     bh, b, h, start_m, offs_m, in_queries, q, do, row_max, log2_sum = _query_tile(
         q_ptr, dout_ptr, stats_ptr, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
         heads, q_len, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
@@ -849,7 +853,7 @@ def attention_fwd(
     scale: float,
     is_causal: bool,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | int | None,
     return_keep_mask: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Returns (out [B, H, Lq, Dv] in the query's layout, stats [B, H, 2, Lq] float32, keep-mask or None).
@@ -868,11 +872,12 @@ def attention_fwd(
     write_keep = return_keep_mask and dropout_p > 0.0
     keep = torch.zeros(batch, heads, q_len, k_len, device=q.device, dtype=torch.int8) if write_keep else None
     mask_t, mask_strides, mask_is_bool = _mask_args(mask, q)
+    seed_ptr = seed_pointer(seed, dropout_p, q)
     grid = lambda meta: (cdiv(q_len, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
     _attn_fwd_kernel[grid](
         q, k, v, mask_t, out, stats, keep if keep is not None else out,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
-        heads, _kv_group(q, k, v), q_len, k_len, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
+        heads, _kv_group(q, k, v), q_len, k_len, scale, seed_ptr, as_float32(dropout_p), keep_scale(dropout_p),
         MASK_IS_BOOL=mask_is_bool, WRITE_KEEP=write_keep, KEY_BOUNDS=_key_bounds(k_len),
         **_common_meta(q, v, mask, is_causal, dropout_p),
         **LAUNCH_OPTIONS,
@@ -909,7 +914,7 @@ def attention_bwd(
     scale: float,
     is_causal: bool,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | int | None,
     mask_needs_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Returns (dq, dk, dv, dscores); dscores is [B, H, Lq, Lk] float32 when ``mask_needs_grad``."""
@@ -918,6 +923,7 @@ def attention_bwd(
     _check_extents(batch, heads, q_len, k_len)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     mask_t, mask_strides, mask_is_bool = _mask_args(mask, q)
+    seed_ptr = seed_pointer(seed, dropout_p, q)
     meta = _common_meta(q, v, mask, is_causal, dropout_p)
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *dout.stride()[:3])
     # The row statistics (corr, delta) from the very P and dP the gradient kernels use (module docstring),
@@ -925,7 +931,7 @@ def attention_bwd(
     corr, delta = torch.empty(2, batch * heads * q_len, device=q.device, dtype=torch.float32).unbind(0)
     _attn_bwd_stats_kernel[lambda m: (cdiv(q_len, m["BLOCK_M"]) * batch * heads,)](
         q, k, v, mask_t, dout, stats, corr, delta, *common,
-        heads, kv_group, q_len, k_len, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
+        heads, kv_group, q_len, k_len, scale, seed_ptr, as_float32(dropout_p), keep_scale(dropout_p),
         MASK_IS_BOOL=mask_is_bool, KEY_BOUNDS=_key_bounds(k_len), **meta,
         **LAUNCH_OPTIONS,
     )
@@ -940,7 +946,7 @@ def attention_bwd(
     _attn_bwd_dkdv_kernel[lambda m: (cdiv(k_len, m["BLOCK_N"]) * batch * kv_heads * kv_splits,)](
         q, k, v, mask_t, dout, stats, corr, delta, dk_parts, dv_parts,
         *common, *dk_parts.stride()[:3], *dv_parts.stride()[:3],
-        heads, kv_heads, kv_group, kv_splits, q_len, k_len, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
+        heads, kv_heads, kv_group, kv_splits, q_len, k_len, scale, seed_ptr, as_float32(dropout_p), keep_scale(dropout_p),
         MASK_IS_BOOL=mask_is_bool, **meta,
         **LAUNCH_OPTIONS,
     )
@@ -950,7 +956,7 @@ def attention_bwd(
     _attn_bwd_dq_kernel[lambda m: (cdiv(q_len, m["BLOCK_M"]) * batch * heads,)](
         q, k, v, mask_t, dout, stats, corr, delta, dq, dscores if dscores is not None else dq,
         *common, *dq.stride()[:3],
-        heads, kv_group, q_len, k_len, scale, seed, as_float32(dropout_p), keep_scale(dropout_p),
+        heads, kv_group, q_len, k_len, scale, seed_ptr, as_float32(dropout_p), keep_scale(dropout_p),
         MASK_IS_BOOL=mask_is_bool, KEY_BOUNDS=_key_bounds(k_len), WRITE_DSCORES=mask_needs_grad, **meta,
         **LAUNCH_OPTIONS,
     )

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ..._env import MAX_EXTENT, triton_interpret_mode
 from ._autotune import benchmark, pruner, size_bucket
-from ._dropout import as_float32, dropout, keep_divisor
+from ._dropout import as_float32, dropout, keep_divisor, load_seed, seed_pointer
 from ._grid import cdiv
 from ._options import LAUNCH_OPTIONS
 
@@ -143,16 +143,18 @@ def _gelu_grad(x, APPROX_TANH: tl.constexpr):
 
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K_BUCKET", "A_PROLOGUE", "B_PROLOGUE", "EPILOGUE"],
                  do_bench=benchmark, prune_configs_by={"early_config_prune": pruner(lambda: _gemm_kernel)})
-@triton.jit(do_not_specialize=["seed", "M_BUCKET", "K_BUCKET"])
+@triton.jit(do_not_specialize=["seed_ptr", "M_BUCKET", "K_BUCKET"])
 def _gemm_kernel(
     a_ptr, b_ptr, c_ptr, aux_ptr, bias_ptr, pre_ptr, rowsum_ptr,
     M, N, K, M_BUCKET, K_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    rng_stride_m, rng_stride_k, seed, dropout_p, keep_prob,
+    rng_stride_m, rng_stride_k, seed_ptr, dropout_p, keep_prob,
     A_PROLOGUE: tl.constexpr, B_PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, APPROX_TANH: tl.constexpr,
     ROW_SUMS: tl.constexpr, FP32_DOT: tl.constexpr, STORE_PRE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    DROPOUT: tl.constexpr = A_PROLOGUE == 2 or EPILOGUE == 3
+    seed = load_seed(seed_ptr, DROPOUT)
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.maximum(tl.cdiv(N, BLOCK_N), 1)  # N == 0: one column of programs, for the row sums
@@ -227,7 +229,7 @@ def gemm(
     pre: torch.Tensor | None = None,
     row_sums: torch.Tensor | None = None,
     approximate: str = "none",
-    seed: int = 0,
+    seed: torch.Tensor | int | None = None,
     dropout_p: float = 0.0,
     rng_strides: tuple[int, int] = (0, 0),
 ) -> torch.Tensor:
@@ -263,7 +265,7 @@ def gemm(
     _gemm_kernel[grid](
         a, b, out, aux, bias, pre, row_sums,
         M, N, K, m_bucket, k_bucket, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        rng_strides[0], rng_strides[1], seed, as_float32(dropout_p), keep_divisor(dropout_p),
+        rng_strides[0], rng_strides[1], seed_pointer(seed, dropout_p, out), as_float32(dropout_p), keep_divisor(dropout_p),
         A_PROLOGUE=a_prologue, B_PROLOGUE=b_prologue, EPILOGUE=epilogue, APPROX_TANH=approximate == "tanh",
         ROW_SUMS=row_sums is not None, FP32_DOT=a.dtype == torch.float32, STORE_PRE=store_pre,
         **LAUNCH_OPTIONS,

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ..._env import MAX_EXTENT
-from ._dropout import as_float32, dropout, keep_divisor
+from ._dropout import as_float32, dropout, keep_divisor, load_seed, seed_pointer
 from ._grid import cdiv, next_power_of_2, row_chunks
 from ._options import LAUNCH_OPTIONS
 from ._rounding import rounded_product
@@ -104,14 +104,15 @@ def _prenorm_chunk(
     return h
 
 
-@triton.jit(do_not_specialize=["seed"])  # a new seed per call must not recompile
+@triton.jit(do_not_specialize=["seed_ptr"])  # nor must the address of each call's seed
 def _norm_fwd_kernel(
     x_ptr, res_ptr, xb_ptr, w_ptr, b_ptr, y_ptr, pre_ptr, mean_ptr, rstd_ptr,
-    first_row, hidden, eps, seed, dropout_p, keep_prob,
+    first_row, hidden, eps, seed_ptr, dropout_p, keep_prob,
     HAS_RESIDUAL: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
+    seed = load_seed(seed_ptr, DROPOUT)
     row = tl.program_id(0).to(tl.int64) + first_row
     base = row * hidden
     cols = tl.arange(0, BLOCK_N)
@@ -181,17 +182,18 @@ def _accumulate(partial_ptr, offs, in_row, value, SINGLE_BLOCK: tl.constexpr, ac
     return acc
 
 
-@triton.jit(do_not_specialize=["seed"])  # a new seed per call must not recompile
+@triton.jit(do_not_specialize=["seed_ptr"])  # nor must the address of each call's seed
 def _norm_bwd_kernel(
     dy_ptr, dpre_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dinput_ptr,
     dw_partial_ptr, db_partial_ptr, dib_partial_ptr,
-    rows, hidden, rows_per_program, seed, dropout_p, keep_prob,
+    rows, hidden, rows_per_program, seed_ptr, dropout_p, keep_prob,
     HAS_WEIGHT: tl.constexpr, HAS_DPRENORM: tl.constexpr, DROPOUT: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DINPUT: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     NEED_DIB: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
     """``x`` is what was normalised (the pre-norm sum for Add & Norm); ``dx`` its gradient and
     ``dinput`` the gradient through the dropout in front of it."""
+    seed = load_seed(seed_ptr, DROPOUT)
     pid = tl.program_id(0).to(tl.int64)
     row_start = pid * rows_per_program
     num_rows = tl.minimum(row_start + rows_per_program, rows) - row_start
@@ -272,7 +274,7 @@ def norm_fwd(
     input_bias: torch.Tensor | None,
     eps: float,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | int | None,
     keep_prenorm: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """x, residual: contiguous [rows, hidden]. Returns (y, prenorm or None, mean, rstd); prenorm is
@@ -291,10 +293,11 @@ def norm_fwd(
     single_block = block_n >= hidden
     # Where the kernel stores the sum: the kept tensor, else nowhere (one block) or y as scratch.
     pre_out = prenorm if prenorm is not None or residual is None or single_block else y
+    seed_ptr = seed_pointer(seed, dropout_p, x)
     for first, count in row_chunks(rows):
         _norm_fwd_kernel[(count,)](
             x, residual, input_bias, weight, bias, y, pre_out, mean, rstd,
-            first, hidden, eps, seed, as_float32(dropout_p), keep_divisor(dropout_p),
+            first, hidden, eps, seed_ptr, as_float32(dropout_p), keep_divisor(dropout_p),
             HAS_RESIDUAL=residual is not None, HAS_INPUT_BIAS=input_bias is not None, DROPOUT=dropout_p > 0.0,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             BLOCK_N=block_n, SINGLE_BLOCK=single_block, num_warps=_num_warps(block_n),
@@ -320,7 +323,7 @@ def norm_bwd(
     rstd: torch.Tensor,
     weight: torch.Tensor | None,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | int | None,
     need: dict[str, bool],
 ) -> dict[str, torch.Tensor]:
     """Gradients selected by ``need`` (keys dx, dinput, dweight, dbias, dinput_bias) of norm_fwd,
@@ -345,7 +348,7 @@ def norm_bwd(
         _norm_bwd_kernel[(launched,)](
             dy, dprenorm, x, weight, mean, rstd, out["dx"], out["dinput"],
             partial["dweight"], partial["dbias"], partial["dinput_bias"],
-            rows, hidden, rows_per_program, seed, as_float32(dropout_p), keep_divisor(dropout_p),
+            rows, hidden, rows_per_program, seed_pointer(seed, dropout_p, x), as_float32(dropout_p), keep_divisor(dropout_p),
             HAS_WEIGHT=weight is not None, HAS_DPRENORM=dprenorm is not None, DROPOUT=dropout_p > 0.0,
             NEED_DX=need["dx"], NEED_DINPUT=need["dinput"], NEED_DW=need["dweight"], NEED_DB=need["dbias"],
             NEED_DIB=need["dinput_bias"], BLOCK_N=block_n, SINGLE_BLOCK=single, num_warps=_num_warps(block_n),
