@@ -74,8 +74,8 @@ kernels = [
 for kernel in kernels:
     jit = kernel.fn if hasattr(kernel, "configs") else kernel  # the JITFunction, under an autotuner or not
     names = list(inspect.signature(jit.fn).parameters)
-    wanted = {"seed", "Q_BUCKET", "K_BUCKET", "M_BUCKET"} & set(names)
-    assert "seed" in wanted, jit.fn.__name__
+    wanted = {"seed_ptr", "Q_BUCKET", "K_BUCKET", "M_BUCKET"} & set(names)
+    assert "seed_ptr" in wanted, jit.fn.__name__
     free = {names[i] if isinstance(i, int) else i for i in jit.do_not_specialize}
     assert wanted <= free, (jit.fn.__name__, sorted(wanted - free))
     if hasattr(kernel, "configs"):
@@ -95,7 +95,8 @@ print("ok")
 def test_per_call_values_do_not_specialise_the_compiled_kernels():
     """A new seed per call, or a new length within a bucket, must reuse the compiled kernel:
     Triton would otherwise compile a variant for int arguments divisible by 16 (or equal to 1),
-    one call in sixteen paying a compilation. And the GEMM's tuning is keyed by size buckets, not
+    one call in sixteen paying a compilation, and for a seed tensor's address aligned to 16 bytes
+    or not. And the GEMM's tuning is keyed by size buckets, not
     by the exact token count (each new count would time every config again). Checked on the
     compiled kernels' declarations (the interpreter keeps none), in a process without
     TRITON_INTERPRET."""
