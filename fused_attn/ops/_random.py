@@ -33,6 +33,8 @@ def kernel_seed(seed: torch.Tensor | None, dropout_p: float, like: torch.Tensor,
                          f"{tuple(seed.shape)}")
     if seed.device == like.device:
         return seed
+    if seed.device.type != "cpu":
+        raise ValueError(f"{op}: seed must be on the inputs' device ({like.device}) or the CPU, got {seed.device}")
     if like.is_cuda and cuda_graph_capturing():
         raise RuntimeError(
             f"{op}: a CPU seed while a CUDA graph is being captured: every replay would drop the elements of the "

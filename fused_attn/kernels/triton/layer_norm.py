@@ -348,7 +348,8 @@ def norm_bwd(
         _norm_bwd_kernel[(launched,)](
             dy, dprenorm, x, weight, mean, rstd, out["dx"], out["dinput"],
             partial["dweight"], partial["dbias"], partial["dinput_bias"],
-            rows, hidden, rows_per_program, seed_pointer(seed, dropout_p, x), as_float32(dropout_p), keep_divisor(dropout_p),
+            rows, hidden, rows_per_program, seed_pointer(seed, dropout_p, x), as_float32(dropout_p),
+            keep_divisor(dropout_p),
             HAS_WEIGHT=weight is not None, HAS_DPRENORM=dprenorm is not None, DROPOUT=dropout_p > 0.0,
             NEED_DX=need["dx"], NEED_DINPUT=need["dinput"], NEED_DW=need["dweight"], NEED_DB=need["dbias"],
             NEED_DIB=need["dinput_bias"], BLOCK_N=block_n, SINGLE_BLOCK=single, num_warps=_num_warps(block_n),
