@@ -420,7 +420,8 @@ def test_fused_dropout_ops_take_a_device_seed_in_a_cuda_graph_capture_and_refuse
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_model_with_dropout_compiled_with_cuda_graphs_draws_anew_at_each_call():
     """torch.compile(mode="reduce-overhead") captures a fused BERT's training step, dropout
-    included, in CUDA graphs (no skip), and each call drops other elements."""
+    included, in CUDA graphs, forward and backward, with no skip (a seed drawn on the host made
+    Inductor skip the graphs: a CPU tensor), and each step drops other elements."""
     from torch._dynamo.utils import counters
 
     from fused_attn.models import BertConfig, BertModel
@@ -428,16 +429,16 @@ def test_a_model_with_dropout_compiled_with_cuda_graphs_draws_anew_at_each_call(
     torch.manual_seed(0)
     model = BertModel(BertConfig.bert_tiny(fused=True)).cuda().half().train()
     ids = torch.randint(0, 1000, (2, 64), device="cuda")
-
-    def step(input_ids):
-        hidden = model(input_ids).last_hidden_state
-        grads = torch.autograd.grad(hidden.float().square().mean(), [p for p in model.parameters() if p.requires_grad])
-        return hidden, grads[0]
-
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(step, mode="reduce-overhead")
-    outs = [[t.clone() for t in compiled(ids)] for _ in range(4)]
-    assert counters["inductor"]["cudagraph_skips"] == 0
-    assert not torch.equal(outs[2][0], outs[3][0])
-    assert all(torch.isfinite(t).all() for out in outs for t in out)
+    compiled = torch.compile(model, mode="reduce-overhead")
+    steps = []
+    for _ in range(4):
+        torch.compiler.cudagraph_mark_step_begin()
+        hidden = compiled(ids).last_hidden_state
+        hidden.float().square().mean().backward()
+        steps.append((hidden.detach().clone(), model.embeddings.word_embeddings.weight.grad.clone()))
+        model.zero_grad(set_to_none=False)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert not torch.equal(steps[2][0], steps[3][0]) and not torch.equal(steps[2][1], steps[3][1])
+    assert all(torch.isfinite(t).all() for step in steps for t in step)
