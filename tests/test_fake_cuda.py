@@ -23,7 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import fused_attn
 from fused_attn import backends
 from fused_attn.models import BertConfig, BertModel
-from fused_attn.ops import _random, _validate
+from fused_attn.ops import _random
 
 from .conftest import HAS_CUDA
 
@@ -215,10 +215,10 @@ def test_export_whole_graph_on_cuda_tensors(fake_cuda):
 
 
 @pytest.mark.parametrize("case", ["attention", "add_layer_norm", "ffn"])
-def test_dropout_while_a_cuda_graph_is_captured_runs_fused_with_a_seed_on_the_device(fake_cuda, monkeypatch, case):
-    """A call with dropout while a CUDA graph is captured runs fused, with no warning, on every
-    fused backend: its seed is drawn on the inputs' device (a draw a graph replays anew, read by
-    the kernels when they run; tests/test_random.py replays a real graph on a GPU)."""
+def test_dropout_draws_its_seed_on_the_inputs_device(fake_cuda, monkeypatch, case):
+    """A call with dropout on CUDA tensors draws its seed on their device (a draw that a captured
+    CUDA graph replays anew, read by the kernels when they run: tests/test_random.py replays a real
+    graph on a GPU) and runs fused on every fused backend, with no fallback."""
     import importlib
 
     if HAS_CUDA:
@@ -227,7 +227,6 @@ def test_dropout_while_a_cuda_graph_is_captured_runs_fused_with_a_seed_on_the_de
     module = importlib.import_module(f"fused_attn.ops.{'attention' if case == 'attention' else case}")
     drawn = []
     monkeypatch.setattr(module, "draw_seed", lambda p, like: drawn.append(_random.draw_seed(p, like)) or drawn[-1])
-    monkeypatch.setattr(_validate, "cuda_graph_capturing", lambda: True)
     monkeypatch.setattr(backends, "_warned", set())
     backends.clear_choices()
     with warnings.catch_warnings():

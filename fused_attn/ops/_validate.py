@@ -161,8 +161,7 @@ def onnx_exporting() -> bool:
 
 def under_transform(features: dict) -> bool:
     """Whether a call's backend features (those of transform_features among them) say it runs
-    under forward-mode AD, a torch.func transform or the ONNX exporter, or drops out while a CUDA
-    graph is captured."""
+    under forward-mode AD, a torch.func transform or the ONNX exporter."""
     return any(features.get(name) for name in TRANSFORMS)
 
 
