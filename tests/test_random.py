@@ -210,17 +210,20 @@ def test_triton_attention_keep_mask_is_the_documented_philox():
     np.testing.assert_array_equal(keep.cpu().numpy(), np.array(expected))
 
 
-def _native_dropout_calls(device: str) -> dict:
-    """Each native op with dropout, called with dropout_p = 0.1 and a given seed."""
+def _dropout_op_calls(device: str, prefix: str = "") -> dict:
+    """Each fused op with dropout (the native ones, or with ``prefix="triton_"`` the Triton ones),
+    called as ``call(seed, dropout_p=0.1)`` on small inputs (float32 on the CPU, float16 on CUDA)."""
     ops = torch.ops.fused_attn
     dtype = torch.float32 if device == "cpu" else torch.float16
     x = torch.randn(4, 16, device=device, dtype=dtype)
     q = torch.randn(1, 2, 4, 16, device=device, dtype=dtype)
     w1, w2 = torch.randn(8, 16, device=device, dtype=dtype), torch.randn(16, 8, device=device, dtype=dtype)
+    attention, add_layer_norm, ffn = (getattr(ops, prefix + name) for name in
+                                      ("attention_fwd", "add_layer_norm_fwd", "ffn_fwd"))
     return {
-        "attention_fwd": lambda seed: ops.attention_fwd(q, q, q, None, 0.25, False, 0.1, seed),
-        "add_layer_norm_fwd": lambda seed: ops.add_layer_norm_fwd(x, x, None, None, None, 1e-5, 0.1, seed),
-        "ffn_fwd": lambda seed: ops.ffn_fwd(x, w1, None, w2, None, "none", 0.1, seed),
+        "attention_fwd": lambda seed, p=0.1: attention(q, q, q, None, 0.25, False, p, seed),
+        "add_layer_norm_fwd": lambda seed, p=0.1: add_layer_norm(x, x, None, None, None, 1e-5, p, seed),
+        "ffn_fwd": lambda seed, p=0.1: ffn(x, w1, None, w2, None, "none", p, seed),
     }
 
 
@@ -235,7 +238,7 @@ def test_native_ops_check_the_dropout_seed_alike(device, op):
     # One check (fused_attn/checks.h, checked_seed) with one message for every op and device; the cpu
     # kernels take the seed on the CPU, the CUDA kernels on the inputs' device (read when they run) or,
     # outside a graph capture, on the CPU, with the same result.
-    call = _native_dropout_calls(device)[op]
+    call = _dropout_op_calls(device)[op]
     out = call(torch.tensor(7))[0]
     with pytest.raises(RuntimeError, match=r"seed must be given when dropout_p > 0: an int64 tensor with one element"):
         call(None)
@@ -257,16 +260,7 @@ def test_triton_ops_check_the_dropout_seed_as_the_native_ones(op):
     required with dropout, an int64 tensor with one element, on the inputs' device or copied there
     from the CPU (the same result); without dropout it is not read."""
     device = _triton_device()
-    ops = torch.ops.fused_attn
-    x = torch.randn(4, 16, device=device, dtype=torch.float32)
-    q = torch.randn(1, 2, 4, 16, device=device, dtype=torch.float32)
-    w1, w2 = torch.randn(8, 16, device=device), torch.randn(16, 8, device=device)
-    calls = {
-        "attention_fwd": lambda seed, p=0.1: ops.triton_attention_fwd(q, q, q, None, 0.25, False, p, seed),
-        "add_layer_norm_fwd": lambda seed, p=0.1: ops.triton_add_layer_norm_fwd(x, x, None, None, None, 1e-5, p, seed),
-        "ffn_fwd": lambda seed, p=0.1: ops.triton_ffn_fwd(x, w1, None, w2, None, "none", p, seed),
-    }
-    call = calls[op]
+    call = _dropout_op_calls(device, "triton_")[op]
     out = call(torch.tensor(7, device=device))[0]
     assert torch.equal(call(torch.tensor(7))[0], out)
     assert not torch.equal(call(torch.tensor(8, device=device))[0], out)
@@ -381,7 +375,7 @@ def test_dropout_in_a_captured_cuda_graph_draws_anew_at_each_replay(op, backend)
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("op", ["attention", "add_layer_norm", "ffn"])
+@pytest.mark.parametrize("op", ["attention_fwd", "add_layer_norm_fwd", "ffn_fwd"])
 @pytest.mark.parametrize("triton", [False, True], ids=["native", "triton"])
 def test_fused_dropout_ops_take_a_device_seed_in_a_cuda_graph_capture_and_refuse_a_cpu_one(op, triton):
     """Called directly while a CUDA graph is captured, the fused ops with dropout take a seed on the
@@ -389,23 +383,15 @@ def test_fused_dropout_ops_take_a_device_seed_in_a_cuda_graph_capture_and_refuse
     instead of freezing its value into every replay (cuda_utils::kernel_seed in
     csrc/include/fused_attn/cuda_utils.cuh, fused_attn/ops/_random.py kernel_seed). Outside a capture
     a CPU seed gives the device seed's result."""
-    ops = torch.ops.fused_attn
-    prefix = "triton_" if triton else ""
-    x = torch.randn(64, 64, device="cuda", dtype=torch.float16)
-    q = x.view(1, 1, 64, 64)
-    calls = {
-        "attention": lambda seed: getattr(ops, f"{prefix}attention_fwd")(q, q, q, None, 0.125, False, 0.5, seed),
-        "add_layer_norm": lambda seed: getattr(ops, f"{prefix}add_layer_norm_fwd")(x, x, None, None, None, 1e-5, 0.5,
-                                                                                   seed),
-        "ffn": lambda seed: getattr(ops, f"{prefix}ffn_fwd")(x, x, None, x, None, "none", 0.5, seed),
-    }
+    dropped = _dropout_op_calls("cuda", "triton_" if triton else "")[op]
+    call = lambda seed: dropped(seed, 0.5)  # noqa: E731
     cpu_seed, device_seed = torch.tensor(7), torch.tensor(7, device="cuda")
-    expected = calls[op](cpu_seed)[0].clone()
-    assert torch.equal(calls[op](device_seed)[0], expected)
+    expected = call(cpu_seed)[0].clone()
+    assert torch.equal(call(device_seed)[0], expected)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = calls[op](device_seed)[0]
+        captured = call(device_seed)[0]
     graph.replay()
     assert torch.equal(captured, expected)
     device_seed.fill_(8)  # what a replayed draw does: the kernels read the new seed
@@ -413,7 +399,7 @@ def test_fused_dropout_ops_take_a_device_seed_in_a_cuda_graph_capture_and_refuse
     assert not torch.equal(captured, expected)
     with pytest.raises(RuntimeError, match=r"a CPU seed while a CUDA graph is being captured.*on the inputs' device"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
-            calls[op](cpu_seed)
+            call(cpu_seed)
 
 
 @pytest.mark.cuda
