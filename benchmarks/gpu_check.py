@@ -52,8 +52,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 # then the rest. A run with an environment of its own (a layout pinned for comparison) keeps only its
 # fused backends' rows, named with that environment.
 D128 = ("--head-dim", "128", "--seq", "1024,4096,16384")
-# The cuda kernels' one-strip layout of query rows (64 per block), beside the default's.
-ONE_STRIP = {"FUSED_ATTN_CUDA_QUERY_ROWS": "64"}
+# The cuda kernels' one-strip layout (64 rows per block), beside the default's.
+ONE_STRIP = {"FUSED_ATTN_CUDA_BLOCK_ROWS": "64"}
 CUDA_ONLY = ("--backends", "cuda", "--seq", "1024,4096,16384")
 # A training step's attention with BERT's dropout, against PyTorch's kernels with theirs.
 DROPOUT = ("--dropout", "0.1", "--causal", "false", "--seq", "1024,4096")
@@ -145,7 +145,7 @@ def passed_in(reports: list[Path]) -> set[str]:
 # then the rest in name order: the kernels' parity (the two-strip bitwise check, attention, every
 # Triton tile config, which the attention tests run one per kernel, the other ops), then the
 # numerics at extreme scales.
-FIRST_TESTS = ["test_cuda_query_strips.py", "test_attention.py", "test_triton_gpu_tiles.py", "test_add_layer_norm.py",
+FIRST_TESTS = ["test_cuda_block_strips.py", "test_attention.py", "test_triton_gpu_tiles.py", "test_add_layer_norm.py",
                "test_layer_norm.py", "test_ffn.py", "test_softmax.py", "test_numerics.py"]
 
 
@@ -243,7 +243,8 @@ def run_benchmarks(python: str, tmp: Path, suites: list[str], compile_reference:
 # Small cases that reach every code path of the CUDA kernels: attention with cross lengths and partial
 # tiles, a single query and key, causal + bool mask, key padding masks (the key spans: a middle range
 # with dropout, none seen), a float mask with its gradient, dropout, grouped key/value heads (132 query
-# heads of 200 rows: enough 128-row blocks for the forward's two strips per warp on an H100/H200), an
+# heads of 200 rows, with dropout: enough 128-row blocks for every kernel's two strips per warp on an
+# H100/H200), an
 # unaligned head dim (element copies instead of cp.async), a padded one (72 in tiles of 96), the split
 # head dim 256 with value head dims apart from the query's, and operands at storage offset 1 (every
 # vector path declined); softmax in a warp and a block per row; LayerNorm, Add & Norm and the FFN at
@@ -278,7 +279,7 @@ attention(65, 33, 64, torch.float16, shift=True, attn_mask=tensor(1, 2, 65, 33, 
 keys = torch.arange(200, device=DEVICE)
 attention(100, 200, 64, torch.float16, attn_mask=((keys >= 70) & (keys < 150)).view(1, 1, 1, 200), dropout_p=0.1)
 attention(20, 130, 96, torch.bfloat16, attn_mask=torch.zeros(1, 1, 1, 130, dtype=torch.bool, device=DEVICE))
-attention(200, 200, 64, torch.float16, group=66, enable_gqa=True, is_causal=True)
+attention(200, 200, 64, torch.float16, group=66, enable_gqa=True, is_causal=True, dropout_p=0.1)
 for n in (77, 3000, 5000):
     x = tensor(2, 3, 5, n)
     fused_attn.softmax(x, mask=torch.rand(n, device=DEVICE) > 0.1, scale=0.5, backend=BACKEND).sum().backward()

@@ -158,8 +158,8 @@ def test_cuda_attention_wide_heads_need_the_shared_memory(monkeypatch, head_dim,
 
 def test_cuda_attention_shared_memory_figure_follows_the_kernels():
     """CUDA_WIDE_HEAD_SMEM_BYTES is what csrc/cuda/attention.cu's kernels ask for at padded head
-    dim 256, and up to head dim 128 every kernel (with one strip per warp or, where the forward and
-    the dQ kernels take them, two; and the forward at 256) fits the 99 KiB per block of
+    dim 256, and up to head dim 128 every kernel (with one strip per warp or, where the kernels take
+    them, two; and the forward at 256) fits the 99 KiB per block of
     sm86/sm89/sm120: evaluated from the kernel file's own constexpr formulas, so a change of tile
     sizes there cannot leave the policy's figure behind."""
     import pathlib
@@ -185,33 +185,33 @@ def test_cuda_attention_shared_memory_figure_follows_the_kernels():
         assert "constexpr int out_cols(int head_dim) { return head_dim > 128 ? 128 : head_dim; }" in source
         return min(d, 128)
 
-    # The forward's rows per block: 16 per strip per warp, one strip or two (query_strips), two only up
-    # to kMaxTwoStripHeadDim.
-    assert "constexpr int query_rows(int strips) { return kRowsPerBlock * strips; }" in source
+    # Rows per block: 16 per strip per warp, one strip or two (block_strips), two only up to
+    # kMaxTwoStripHeadDim in the forward and kMaxTwoStripBwdHeadDim in the backward.
+    assert "constexpr int block_rows(int strips) { return kRowsPerBlock * strips; }" in source
     two_strip_max = int(constant("kMaxTwoStripHeadDim"))
 
-    # The dQ kernels stream half as many keys with two strips (two only up to kMaxTwoStripDqHeadDim).
-    assert ("constexpr int dq_stream_rows() { return kMT == 1 ? stream_rows(kD) : stream_rows(kD) / 2; }"
+    # The backward's kernels stream half as many rows with two strips.
+    assert ("constexpr int strip_stream_rows() { return kStrips == 1 ? stream_rows(kD) : stream_rows(kD) / 2; }"
             in source)
-    two_strip_dq_max = int(constant("kMaxTwoStripDqHeadDim"))
+    two_strip_bwd_max = int(constant("kMaxTwoStripBwdHeadDim"))
 
     def smem(kernel, d, strips=1):
         body = re.search(rf"constexpr int {kernel}\(\) \{{\s*constexpr int (\w+) = "
-                         rf"(stream_rows\(kD\)|dq_stream_rows<kD, kMT>\(\));\s*return ([^;]+);", source)
-        local, initial, expression = body.groups()
+                         rf"(stream_rows\(kD\)|strip_stream_rows<kD, (kMT|kNT)>\(\));\s*return ([^;]+);", source)
+        local, initial, strips_name, expression = body.groups()
         streamed = stream_rows(d) if initial == "stream_rows(kD)" or strips == 1 else stream_rows(d) // 2
-        expression = expression.replace("query_rows(kMT)", "(kRowsPerBlock * kMT)")
-        names = {"kD": d, local: streamed, "kRowsPerBlock": rows_per_block, "out_cols": out_cols, "kMT": strips}
+        expression = expression.replace(f"block_rows({strips_name or 'kMT'})", "(kRowsPerBlock * strips)")
+        names = {"kD": d, local: streamed, "kRowsPerBlock": rows_per_block, "out_cols": out_cols, "strips": strips}
         return eval(expression, {"__builtins__": {}}, names)
 
     kernels = ("fwd_smem_bytes", "bwd_dkdv_smem_bytes", "bwd_dq_smem_bytes")
     assert max(smem(k, 256) for k in kernels) == attention.CUDA_WIDE_HEAD_SMEM_BYTES
     assert two_strip_max == 128 and smem("fwd_smem_bytes", 128, strips=2) < attention.CUDA_WIDE_HEAD_SMEM_BYTES
-    assert two_strip_dq_max == 64
+    assert two_strip_bwd_max == 64
     sm86_per_block = 101376
     assert all(smem(k, d) <= sm86_per_block for k in kernels for d in (32, 64, 96, 128))
     assert all(smem("fwd_smem_bytes", d, strips=2) <= sm86_per_block for d in (32, 64, 96, 128))
-    assert all(smem("bwd_dq_smem_bytes", d, strips=2) <= sm86_per_block for d in (32, 64))
+    assert all(smem(k, d, strips=2) <= sm86_per_block for k in kernels[1:] for d in (32, 64))
     assert smem("fwd_smem_bytes", 256) <= sm86_per_block
 
 

@@ -598,7 +598,7 @@ def test_gpu_check_budget_shares_and_skips(tmp_path, monkeypatch):
         ("attention", "fwd"), ("attention", "fwd+bwd"), ("attention", "fwd"), ("attention", "fwd+bwd"),
         ("attention", "fwd"), ("attention", "fwd+bwd"), ("attention", "fwd+bwd"), ("ffn", "fwd+bwd"), ("ffn", "fwd"),
         ("attention", "fwd"), ("ffn", "fwd")]
-    assert ("the bfloat16 fwd --backends cuda --seq 1024,4096,16384 FUSED_ATTN_CUDA_QUERY_ROWS=64 run: not started"
+    assert ("the bfloat16 fwd --backends cuda --seq 1024,4096,16384 FUSED_ATTN_CUDA_BLOCK_ROWS=64 run: not started"
             in records[2]["skipped"])
     assert "the bfloat16 fwd --head-dim 128 --seq 1024,4096,16384 run: not started" in records[4]["skipped"]
     assert "the bfloat16 fwd+bwd --dropout 0.1 --causal false --seq 1024,4096 run: not started" in records[6]["skipped"]
@@ -633,16 +633,16 @@ def test_gpu_check_run_with_its_own_environment_keeps_its_fused_rows_renamed(tmp
     monkeypatch.setattr(gpu_check, "_run", fake_run)
     monkeypatch.setattr(gpu_check, "PRIORITY", [
         ("attention", "bfloat16", "fwd", ()),
-        ("attention", "bfloat16", "fwd", ("--backends", "cuda"), {"FUSED_ATTN_CUDA_QUERY_ROWS": "64"})])
+        ("attention", "bfloat16", "fwd", ("--backends", "cuda"), {"FUSED_ATTN_CUDA_BLOCK_ROWS": "64"})])
     stages = {}
     records, _ = gpu_check.run_benchmarks(sys.executable, tmp_path, ["attention"], False, gpu_check.Budget(None),
                                           stages)
-    assert [env for _, env in calls] == [None, {"FUSED_ATTN_CUDA_QUERY_ROWS": "64"}]
+    assert [env for _, env in calls] == [None, {"FUSED_ATTN_CUDA_BLOCK_ROWS": "64"}]
     assert "--backends" in calls[1][0]
     assert [r["impl"] for r in records] == ["eager", "torch", "torch-flash", "cuda", "triton",
-                                            "cuda [FUSED_ATTN_CUDA_QUERY_ROWS=64]", "triton [FUSED_ATTN_CUDA_QUERY_ROWS=64]"]
+                                            "cuda [FUSED_ATTN_CUDA_BLOCK_ROWS=64]", "triton [FUSED_ATTN_CUDA_BLOCK_ROWS=64]"]
     assert list(stages) == ["bench attention bfloat16 fwd",
-                            "bench attention bfloat16 fwd --backends cuda FUSED_ATTN_CUDA_QUERY_ROWS=64"]
+                            "bench attention bfloat16 fwd --backends cuda FUSED_ATTN_CUDA_BLOCK_ROWS=64"]
 
 
 def test_gpu_check_tests_resume_where_an_earlier_report_stopped(tmp_path, monkeypatch):
@@ -673,7 +673,7 @@ def test_gpu_check_tests_resume_where_an_earlier_report_stopped(tmp_path, monkey
     (cmd,) = commands
     assert environments == [{"TRITON_INTERPRET": "0", "FUSED_ATTN_TRITON_AUTOTUNE": "0", "FUSED_ATTN_TEST_ORDER": "spread"}]
     files = [arg for arg in cmd if arg.startswith("tests/") and arg.endswith(".py")]
-    assert files[:2] == ["tests/test_cuda_query_strips.py", "tests/test_attention.py"]  # the kernels' parity first
+    assert files[:2] == ["tests/test_cuda_block_strips.py", "tests/test_attention.py"]  # the kernels' parity first
     assert sorted(files) == sorted(f"tests/{p.name}" for p in (Path(gpu_check.ROOT) / "tests").glob("test_*.py"))
     deselected = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--deselect"]
     assert deselected == ["tests/test_a.py::test_x[cuda]", "tests/test_b.py::test_y"]

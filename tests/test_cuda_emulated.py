@@ -15,8 +15,9 @@ and the emulator turns undefined behaviour into errors (divergent warp instructi
 memory out of range, shared-memory races between warps, GEMM descriptors cuBLASLt would reject), so a
 failure names the kernel's fault.
 Besides parity: the results are the same bits with either timing of the asynchronous copies, any order
-of the threads, and both query-row layouts (64 and 128 rows per block); ldmatrix reads are free of bank
-conflicts; the tensor-core products counted show causal and padded work skipped; and under
+of the threads, and both row layouts (64 and 128 rows per block); ldmatrix reads are free of bank
+conflicts, and fewer per product with 128 rows; the tensor-core products counted show causal and
+padded work skipped; and under
 AddressSanitizer no kernel touches memory outside its tensors.
 """
 
@@ -312,6 +313,7 @@ def _run_all(ops, q, k, v, mask, causal, dropout_p=0.0):
 CONFIG_CASES = {
     "d64-causal": dict(q_len=200, k_len=200, d=64, kind="causal"),
     "d128-padding-dropout": dict(q_len=150, k_len=97, d=128, kind="padding", dropout_p=0.2),
+    "d40-padding-dropout": dict(q_len=90, k_len=150, d=40, kind="padding", dropout_p=0.2),
     "d32-bias": dict(q_len=130, k_len=70, d=32, kind="bias"),
     "d256": dict(q_len=70, k_len=70, d=256, kind="none"),
 }
@@ -320,8 +322,8 @@ CONFIG_CASES = {
 @pytest.mark.parametrize("case", list(CONFIG_CASES), ids=str)
 def test_same_bits_for_every_schedule_copy_timing_and_row_layout(emu, case):
     """Copies performed when issued or at their wait, threads resumed in shuffled orders, and 64 or 128
-    query rows per block (the launchers pick 128 when the blocks fill the device: one multiprocessor
-    here) give bitwise the same outputs and gradients."""
+    rows per block (queries; keys in dK/dV: the launchers pick 128 when the blocks fill the device, one
+    multiprocessor here, up to head dim 64 in the backward) give bitwise the same outputs and gradients."""
     c = dict(CONFIG_CASES[case])
     kind, dropout_p = c.pop("kind"), c.pop("dropout_p", 0.0)
     q, k, v = _inputs(2, 2, c["q_len"], c["k_len"], c["d"], torch.float16)
@@ -341,6 +343,33 @@ def test_attention_ldmatrix_reads_are_free_of_bank_conflicts(emu, head_dim):
     phases, extra, _ = emu.take_counters()
     assert phases > 0
     assert extra == 0, f"{extra} extra wavefronts over {phases} ldmatrix phases"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_two_strips_per_warp_cut_shared_memory_reads(emu, causal):
+    """With two 16-row strips per warp (128 rows per block: the launchers' choice when the blocks fill
+    the device, here one multiprocessor) each fragment of the streamed tiles read from shared memory
+    serves 32 rows instead of 16: the forward's K and V, the statistics and dQ kernels' K and V, the
+    dK/dV kernel's Q and dO. Counted in ldmatrix phases at head dim 64, for the same tensor-core
+    products (fewer under causality, where a warp skips the tiles past its own rows)."""
+    q, k, v = _inputs(1, 2, 256, 256, 64, torch.float16)
+    counts = {}
+    try:
+        for multiprocessors in (10**6, 1):
+            emu.configure(multiprocessors, True, 1)
+            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+            emu.take_counters()
+            out = attention(emu, qq, kk, vv, None, causal)
+            forward = emu.take_counters()
+            out.sum().backward()
+            counts[multiprocessors] = (forward, emu.take_counters())
+    finally:
+        emu.configure(*PARITY_CONFIG)
+    (fwd_one, bwd_one), (fwd_two, bwd_two) = counts[10**6], counts[1]
+    assert fwd_two[0] < 0.6 * fwd_one[0], (fwd_one, fwd_two)
+    assert bwd_two[0] < (0.7 if causal else 0.75) * bwd_one[0], (bwd_one, bwd_two)
+    assert fwd_two[2] == fwd_one[2] if not causal else fwd_two[2] <= fwd_one[2]
+    assert bwd_two[2] == bwd_one[2] if not causal else bwd_two[2] < bwd_one[2]
 
 
 def _products(emu, q, k, v, mask=None, causal=False, dropout_p=0.0, backward=False):

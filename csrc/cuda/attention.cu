@@ -7,9 +7,9 @@
 // the Triton kernels (fused_attn/ops/attention.py declares this backend fp16/bf16 only, sm >= 8.0).
 //
 // Tiling. Every kernel runs 4 warps (128 threads) and every warp owns 16-row strips of its block's
-// tile, one or two (the forward's and the dQ kernels', see query_strips), so all row statistics (max,
-// sum, delta) live in the registers of the 4 lanes of a quad that hold a row's mma fragments and are
-// reduced with two shuffles, never through shared memory.
+// tile, one or two (see block_strips), so all row statistics (max, sum, delta) live in the registers of
+// the 4 lanes of a quad that hold a row's mma fragments and are reduced with two shuffles, never
+// through shared memory.
 //  * forward: one block per (batch*head, 128 queries: two strips per warp, which read each K and V
 //    fragment once for both; 64 where the queries are few, and above head dim 128). Q [128 x D] sits in
 //    shared memory; K and V are streamed through shared memory a key tile at a time (64 keys for
@@ -31,13 +31,14 @@
 //    the plain softmax backward. rowsum(dO * O) would carry the rounding of the stored 16-bit output
 //    instead of this P's: with peaked rows (the true dQ near 0) the Triton kernels' dQ and dK reached
 //    2-6x the plain error that way, and 0.01 where the truth and the plain backward are exactly 0.
-//    Cost: 9 tile products instead of 7. dK/dV with one block per (batch*head, 64 keys), each warp
-//    owning 16 keys, streaming query tiles (64 queries for D <= 64, 32 above) and forming S^T = K Q^T,
+//    Cost: 9 tile products instead of 7. dK/dV with one block per (batch*head, 128 or 64 keys: two
+//    strips of 16 keys per warp, or one, chosen as the forward's up to D = 64; 64 above), streaming
+//    query tiles (64 queries for D <= 64, 32 above; half that with two strips) and forming S^T = K Q^T,
 //    dP^T = V dO^T directly transposed so that dV += P^T dO and dK += dS^T Q reuse the accumulators as
-//    A operands; dQ (and the statistics) with one block per (batch*head, 128 or 64 queries, as the
-//    forward's, up to D = 64; 64 above) streaming key tiles as the forward does (32 keys with two
-//    strips per warp), dQ += dS K, and, when a floating mask needs its gradient,
-//    dS written to grad_scores (float32, zero-initialised so causally skipped tiles read 0).
+//    A operands; dQ (and the statistics) with one block per (batch*head, 128 or 64 queries, likewise)
+//    streaming key tiles as the forward does (32 keys with two strips per warp), dQ += dS K, and, when
+//    a floating mask needs its gradient, dS written to grad_scores (float32, zero-initialised so
+//    causally skipped tiles read 0).
 //    dQ is a separate pass rather than fp32 atomics from the dK/dV kernel: it recomputes Q K^T and
 //    dO V^T once more (2 tile products more), but every gradient is written by exactly one
 //    block in a fixed order, so results are bitwise deterministic (the tests demand equal gradients
@@ -54,7 +55,8 @@
 // number of 16-byte units for every head dim here, which puts the 8 rows an ldmatrix phase reads into 8
 // distinct 16-byte bank groups (conflict-free), and every row stays 16-byte aligned for cp.async.
 // Forward: Q [BM][D+8] (BM 128 or 64), K [2][BN][D+8], V [2][BN][Dc+8] (Dc: the column half of V a
-// block needs). dK/dV: K, V [64][D+8], Q, dO [2][BM][D+8]. dQ: Q, dO [BM][D+8], K, V [2][BN][D+8].
+// block needs). dK/dV: K, V [BN][D+8] (BN 128 or 64), Q, dO [2][BM][D+8]. dQ: Q, dO [BM][D+8], K, V
+// [2][BN][D+8].
 // Up to D = 128 no kernel needs more than 70 KB; at D = 256 the backward takes 135 KB: fine on sm80
 // and sm90, beyond the 99 KB of sm86/sm89, where the launcher refuses with a message naming the
 // triton backend.
@@ -483,9 +485,9 @@ struct BwdParams : AttnParams {
 constexpr int kThreads = 128;  // 4 warps, 16 rows each
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kRowsPerBlock = 16 * kWarps;
-// Query rows per block of the kernels whose warps own `strips` 16-row strips of queries (the forward,
-// the statistics and dQ kernels; see query_strips).
-constexpr int query_rows(int strips) { return kRowsPerBlock * strips; }
+// Rows per block of the kernels whose warps own `strips` 16-row strips of a sequence (queries in the
+// forward, the statistics and dQ kernels; keys in dK/dV; see block_strips).
+constexpr int block_rows(int strips) { return kRowsPerBlock * strips; }
 
 // Output columns a block accumulates: the whole padded head dim up to 128, else halves of it.
 constexpr int out_cols(int head_dim) { return head_dim > 128 ? 128 : head_dim; }
@@ -671,12 +673,12 @@ __device__ __forceinline__ float quad_sum(float x) {
 template <int kD, int kMT>
 constexpr int fwd_smem_bytes() {
   constexpr int kN = stream_rows(kD);
-  return 2 * (query_rows(kMT) * (kD + 8) + 2 * kN * (kD + 8) + 2 * kN * (out_cols(kD) + 8));
+  return 2 * (block_rows(kMT) * (kD + 8) + 2 * kN * (kD + 8) + 2 * kN * (out_cols(kD) + 8));
 }
 
 template <typename T, int kD, int kMT>
 __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
-  constexpr int kM = query_rows(kMT);
+  constexpr int kM = block_rows(kMT);
   constexpr int kN = stream_rows(kD);
   constexpr int kOut = out_cols(kD);
   constexpr int kPitch = kD + 8;
@@ -824,17 +826,27 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
 // ---------------------------------------------------------------------------------------------
 // Backward
 
-template <int kD>
+// Rows per streamed tile of the backward kernels whose warps own kStrips 16-row strips (keys in the
+// statistics and dQ kernels, queries in dK/dV): stream_rows with one strip per warp, half of it with two,
+// so that the two strips' score and dP tiles take the registers one strip's took.
+template <int kD, int kStrips>
+constexpr int strip_stream_rows() { return kStrips == 1 ? stream_rows(kD) : stream_rows(kD) / 2; }
+
+template <int kD, int kNT>
 constexpr int bwd_dkdv_smem_bytes() {
-  constexpr int kM = stream_rows(kD);
-  return 2 * (2 * kRowsPerBlock * (kD + 8) + 4 * kM * (kD + 8));
+  constexpr int kM = strip_stream_rows<kD, kNT>();
+  return 2 * (2 * block_rows(kNT) * (kD + 8) + 4 * kM * (kD + 8));
 }
 
-// dK, dV of one (batch*head, 64 keys) block: each warp owns 16 keys and accumulates over the query tiles.
-template <typename T, int kD>
+// dK, dV of one (batch*head, 64 or 128 keys: kNT strips of 16 keys per warp) block, accumulated over the
+// query tiles. Two strips read each Q and dO fragment from shared memory once for both, halving those
+// reads per tile product as in the forward; the queries are then streamed 32 at a time. A key's sums take
+// their terms (16-query mma steps) in the same order either way, and a warp skips, under causality, only
+// query tiles wholly before its first key, whose terms are exact zeros, so the results are the same bits.
+template <typename T, int kD, int kNT>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams p) {
-  constexpr int kN = kRowsPerBlock;  // keys per block
-  constexpr int kM = stream_rows(kD);  // queries per streamed tile
+  constexpr int kN = block_rows(kNT);  // keys per block
+  constexpr int kM = strip_stream_rows<kD, kNT>();  // queries per streamed tile
   constexpr int kOut = out_cols(kD);
   constexpr int kPitch = kD + 8;
   extern __shared__ uint4 smem_raw[];
@@ -879,12 +891,16 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
   }
   cp_async_commit();
 
-  float dk[kOut / 8][4], dv[kOut / 8][4];
-  zero(dk);
-  zero(dv);
-  const int warp_key0 = n0 + warp * 16;
-  const uint32_t k_addr = smem_addr(s_k + warp * 16 * kPitch);
-  const uint32_t v_addr = smem_addr(s_v + warp * 16 * kPitch);
+  // This warp's strips: keys warp_key0 + 16 nt + (lane / 4) + 8 half.
+  float dk[kNT][kOut / 8][4], dv[kNT][kOut / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+    zero(dk[nt]);
+    zero(dv[nt]);
+  }
+  const int warp_key0 = n0 + warp * 16 * kNT;
+  const uint32_t k_addr = smem_addr(s_k + warp * 16 * kNT * kPitch);
+  const uint32_t v_addr = smem_addr(s_v + warp * 16 * kNT * kPitch);
 
   for (int t = 0; t < m_tiles; ++t) {
     const int stage = t & 1;
@@ -899,76 +915,92 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
     const uint16_t* q_tile = s_q + stage * kM * kPitch;
     const uint16_t* do_tile = s_do + stage * kM * kPitch;
 
-    // P^T = exp2((S^T - max) - log2(sum)) * corr: rows keys, columns queries.
-    float pt[kM / 8][4];
-    zero(pt);
-    warp_gemm_abt<T, kM / 8, kD>(pt, k_addr, kPitch * 2, smem_addr(q_tile), kPitch * 2);
+    // Causal: a query tile wholly before this warp's first key has P = 0 for all the warp's keys, so the
+    // warp skips its products; the block's other warps, whose keys it reaches, still need it loaded and
+    // the barriers kept.
+    if (!p.causal || m0 + kM - 1 >= warp_key0) {
+      // P^T = exp2((S^T - max) - log2(sum)) * corr: rows keys, columns queries.
+      float pt[kNT][kM / 8][4];
 #pragma unroll
-    for (int nb = 0; nb < kM / 8; ++nb) {
+      for (int nt = 0; nt < kNT; ++nt) zero(pt[nt]);
+      strips_gemm_abt<T, kNT, kM / 8, kD>(pt, k_addr, kPitch * 2, smem_addr(q_tile), kPitch * 2);
+      const bool masked = tile_needs_mask(p, m0, kM, n0, kN);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) pt[nb][e] = scaled_score(pt[nb][e], p);
-    }
-    if (tile_needs_mask(p, m0, kM, n0, kN)) mask_tile(pt, p, mask_base, warp_key0, m0, false);
-    float dlt[kM / 8][2];
+      for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
-    for (int nb = 0; nb < kM / 8; ++nb) {
+        for (int nb = 0; nb < kM / 8; ++nb) {
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int i = m0 + nb * 8 + (lane & 3) * 2 + e;
-        const float2 st = row_stats(p, bh, i);
-        const float c = i < p.q_len ? corr[i] : 0.f;
-        dlt[nb][e] = i < p.q_len ? delta[i] : 0.f;
-        pt[nb][e] = recomputed_p((pt[nb][e] - st.x) - st.y) * c;
-        pt[nb][e + 2] = recomputed_p((pt[nb][e + 2] - st.x) - st.y) * c;
+          for (int e = 0; e < 4; ++e) pt[nt][nb][e] = scaled_score(pt[nt][nb][e], p);
+        }
+        if (masked) mask_tile(pt[nt], p, mask_base, warp_key0 + 16 * nt, m0, false);
       }
-    }
-
-    // dP^T = V dO^T.
-    float dpt[kM / 8][4];
-    zero(dpt);
-    warp_gemm_abt<T, kM / 8, kD>(dpt, v_addr, kPitch * 2, smem_addr(do_tile), kPitch * 2);
-
-    uint32_t frag[kM / 16][4];
-    if (p.dropout) {
-      // dV takes the kept P, dS the undropped P times the dropped dP (1 / (1 - p) applied at the stores).
-      float pu[kM / 8][4];
-      const uint64_t seed = p.seed.load();
-      for_each_element(dpt, warp_key0, m0, false, [&](float& x, int i, int j, int nb, int e) {
-        const float keep = kept(p, seed, bh, i, j);
-        x *= keep;
-        pu[nb][e] = pt[nb][e] * keep;
-      });
-      to_a_fragments<T>(pu, frag);
-    } else {
-      to_a_fragments<T>(pt, frag);
-    }
-    warp_gemm_ab<T, kOut / 8, kM / 16>(dv, frag, smem_addr(do_tile + col0), kPitch * 2);
-
-    // dS^T = P^T (dP^T - delta).
+      // A column's (query's) statistics, the same for every strip.
+      float dlt[kM / 8][2];
 #pragma unroll
-    for (int nb = 0; nb < kM / 8; ++nb) {
+      for (int nb = 0; nb < kM / 8; ++nb) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) pt[nb][e] *= dpt[nb][e] - dlt[nb][e & 1];
+        for (int e = 0; e < 2; ++e) {
+          const int i = m0 + nb * 8 + (lane & 3) * 2 + e;
+          const float2 st = row_stats(p, bh, i);
+          const float c = i < p.q_len ? corr[i] : 0.f;
+          dlt[nb][e] = i < p.q_len ? delta[i] : 0.f;
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt) {
+            pt[nt][nb][e] = recomputed_p((pt[nt][nb][e] - st.x) - st.y) * c;
+            pt[nt][nb][e + 2] = recomputed_p((pt[nt][nb][e + 2] - st.x) - st.y) * c;
+          }
+        }
+      }
+
+      // dP^T = V dO^T.
+      float dpt[kNT][kM / 8][4];
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) zero(dpt[nt]);
+      strips_gemm_abt<T, kNT, kM / 8, kD>(dpt, v_addr, kPitch * 2, smem_addr(do_tile), kPitch * 2);
+
+      // dS^T = P^T (dP^T - delta), formed in dP^T's registers. With dropout, dP takes the keep-mask first,
+      // dS the undropped P, and dV the kept P (1 / (1 - p) applied at the stores).
+      uint32_t frag[kNT][kM / 16][4];
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+        if (p.dropout) {
+          const uint64_t seed = p.seed.load();
+          for_each_element(dpt[nt], warp_key0 + 16 * nt, m0, false, [&](float& x, int i, int j, int nb, int e) {
+            const float keep = kept(p, seed, bh, i, j);
+            x = pt[nt][nb][e] * (x * keep - dlt[nb][e & 1]);
+            pt[nt][nb][e] *= keep;
+          });
+        } else {
+#pragma unroll
+          for (int nb = 0; nb < kM / 8; ++nb) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dpt[nt][nb][e] = pt[nt][nb][e] * (dpt[nt][nb][e] - dlt[nb][e & 1]);
+          }
+        }
+        to_a_fragments<T>(pt[nt], frag[nt]);
+      }
+      strips_gemm_ab<T, kNT, kOut / 8, kM / 16>(dv, frag, smem_addr(do_tile + col0), kPitch * 2);
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) to_a_fragments<T>(dpt[nt], frag[nt]);
+      strips_gemm_ab<T, kNT, kOut / 8, kM / 16>(dk, frag, smem_addr(q_tile + col0), kPitch * 2);
     }
-    to_a_fragments<T>(pt, frag);
-    warp_gemm_ab<T, kOut / 8, kM / 16>(dk, frag, smem_addr(q_tile + col0), kPitch * 2);
     __syncthreads();
   }
 
-  store_strip<T>(dk, p.dk + b * p.dk_s[0] + h * p.dk_s[1], p.dk_s[2], warp_key0, p.k_len, col0, p.d, p.inv_keep,
-                 p.scale);
-  store_strip<T>(dv, p.dv_out + b * p.dv_s[0] + h * p.dv_s[1], p.dv_s[2], warp_key0, p.k_len, col0, p.dv, p.inv_keep);
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+    const int strip_key0 = warp_key0 + 16 * nt;
+    store_strip<T>(dk[nt], p.dk + b * p.dk_s[0] + h * p.dk_s[1], p.dk_s[2], strip_key0, p.k_len, col0, p.d,
+                   p.inv_keep, p.scale);
+    store_strip<T>(dv[nt], p.dv_out + b * p.dv_s[0] + h * p.dv_s[1], p.dv_s[2], strip_key0, p.k_len, col0, p.dv,
+                   p.inv_keep);
+  }
 }
-
-// Keys per streamed tile of the dQ kernel: the forward's length with one strip per warp, half of it with
-// two, so that the two strips' score and dP tiles take the registers one strip's took.
-template <int kD, int kMT>
-constexpr int dq_stream_rows() { return kMT == 1 ? stream_rows(kD) : stream_rows(kD) / 2; }
 
 template <int kD, int kMT>
 constexpr int bwd_dq_smem_bytes() {
-  constexpr int kN = dq_stream_rows<kD, kMT>();
-  return 2 * (2 * query_rows(kMT) * (kD + 8) + 4 * kN * (kD + 8));
+  constexpr int kN = strip_stream_rows<kD, kMT>();
+  return 2 * (2 * block_rows(kMT) * (kD + 8) + 4 * kN * (kD + 8));
 }
 
 // dQ (and grad_scores) of one (batch*head, 64 or 128 queries: kMT strips of 16 rows per warp, as the
@@ -979,8 +1011,8 @@ constexpr int bwd_dq_smem_bytes() {
 // results are the same bits.
 template <typename T, int kD, bool kStats, int kMT>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p) {
-  constexpr int kM = query_rows(kMT);
-  constexpr int kN = dq_stream_rows<kD, kMT>();
+  constexpr int kM = block_rows(kMT);
+  constexpr int kN = strip_stream_rows<kD, kMT>();
   constexpr int kOut = out_cols(kD);
   constexpr int kPitch = kD + 8;
   extern __shared__ uint4 smem_raw[];
@@ -1375,33 +1407,33 @@ at::Tensor key_spans(AttnParams& p, int64_t bh, const at::Tensor& query, cudaStr
   return spans;
 }
 
-// Two 16-row strips per warp (128 query rows per block) up to this padded head dim in the forward, and up
-// to kMaxTwoStripDqHeadDim in the statistics and dQ kernels; above them the output accumulators (up to 128
-// columns) twice over would not fit the registers beside the score tiles.
+// Two 16-row strips per warp (128 rows per block) up to this padded head dim in the forward, and up to
+// kMaxTwoStripBwdHeadDim in the backward's kernels; above them the output accumulators (up to 128
+// columns, two of them in dK/dV) twice over would not fit the registers beside the score tiles.
 constexpr int kMaxTwoStripHeadDim = 128;
-constexpr int kMaxTwoStripDqHeadDim = 64;
+constexpr int kMaxTwoStripBwdHeadDim = 64;
 
-// The 16-row strips per warp, 1 or 2, of the kernels whose blocks own query rows (the forward; the
-// statistics and dQ kernels up to kMaxTwoStripDqHeadDim). Two halve the shared-memory reads of K and V
-// per tile product: with one, a warp reads the whole K and V tiles for each 16 rows, 2.25x the bytes per
-// product of FlashAttention-2's 32 rows per warp, and at long sequences the forward ran at 0.70-0.76x
-// its speed on an H200, as shared memory's bandwidth (128 bytes per clock per multiprocessor) predicts
-// for that traffic against the tensor cores' rate. One strip where the queries are few (a block of 128
-// rows would mostly compute padding, as in decoding) or 128-row blocks would leave multiprocessors
-// idle. FUSED_ATTN_CUDA_QUERY_ROWS=64 or 128 pins the choice (128 only up to those head dims), e.g. to
+// The 16-row strips per warp, 1 or 2, of a kernel whose blocks own rows of a sequence `len` long (queries
+// in the forward, the statistics and dQ kernels; keys in dK/dV). Two halve the shared-memory reads of the
+// streamed tiles per tile product: with one, a warp reads the whole streamed tiles for each 16 rows, 2.25x
+// the bytes per product of FlashAttention-2's 32 rows per warp, and at long sequences the forward ran at
+// 0.70-0.76x its speed on an H200, as shared memory's bandwidth (128 bytes per clock per multiprocessor)
+// predicts for that traffic against the tensor cores' rate. One strip where the rows are few (a block of
+// 128 rows would mostly compute padding, as in decoding) or 128-row blocks would leave multiprocessors
+// idle. FUSED_ATTN_CUDA_BLOCK_ROWS=64 or 128 pins the choice (128 only up to those head dims), e.g. to
 // time both; the results are the same bits either way (the same products per row, in the same order).
-int query_strips(int padded, int64_t bh, int q_len) {
+int block_strips(int padded, int64_t bh, int len) {
   static const int pinned = [] {
-    const char* env = std::getenv("FUSED_ATTN_CUDA_QUERY_ROWS");
+    const char* env = std::getenv("FUSED_ATTN_CUDA_BLOCK_ROWS");
     if (env == nullptr || *env == '\0') return 0;
     const std::string value(env);
-    TORCH_CHECK(value == "64" || value == "128", "FUSED_ATTN_CUDA_QUERY_ROWS must be 64 or 128, got '", value, "'");
+    TORCH_CHECK(value == "64" || value == "128", "FUSED_ATTN_CUDA_BLOCK_ROWS must be 64 or 128, got '", value, "'");
     return value == "64" ? 1 : 2;
   }();
   if (padded > kMaxTwoStripHeadDim) return 1;
   if (pinned != 0) return pinned;
-  if (q_len <= query_rows(1)) return 1;
-  const int64_t blocks = bh * ((q_len + query_rows(2) - 1) / query_rows(2));
+  if (len <= block_rows(1)) return 1;
+  const int64_t blocks = bh * ((len + block_rows(2) - 1) / block_rows(2));
   return blocks >= at::cuda::getCurrentDeviceProperties()->multiProcessorCount ? 2 : 1;
 }
 
@@ -1446,8 +1478,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query, c
   fill_strides(out, p.o_s);
   p.stats = stats.mutable_data_ptr<float>();
   const int padded = padded_head_dim(std::max(p.d, p.dv));
-  const int strips = query_strips(padded, bh, p.q_len);
-  p.num_tiles = (p.q_len + query_rows(strips) - 1) / query_rows(strips);
+  const int strips = block_strips(padded, bh, p.q_len);
+  p.num_tiles = (p.q_len + block_rows(strips) - 1) / block_rows(strips);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor spans = key_spans(p, bh, query, stream);
   AT_DISPATCH_V2(query.scalar_type(), "attention_fwd_cuda", AT_WRAP([&] {
@@ -1546,11 +1578,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.dscores = mask_needs_grad ? dscores.mutable_data_ptr<float>() : nullptr;
 
   const int padded = padded_head_dim(std::max(p.d, p.dv));
-  // The statistics and dQ kernels' query rows per block: as the forward's (query_strips), up to
-  // kMaxTwoStripDqHeadDim.
-  const int dq_strips = padded <= kMaxTwoStripDqHeadDim ? query_strips(padded, bh, p.q_len) : 1;
-  const int q_tiles = (p.q_len + query_rows(dq_strips) - 1) / query_rows(dq_strips);
-  const int k_tiles = (p.k_len + kRowsPerBlock - 1) / kRowsPerBlock;
+  // The rows per block of the statistics and dQ kernels (queries) and of dK/dV (keys): as the forward's
+  // (block_strips), up to kMaxTwoStripBwdHeadDim.
+  const bool two_strips = padded <= kMaxTwoStripBwdHeadDim;
+  const int dq_strips = two_strips ? block_strips(padded, bh, p.q_len) : 1;
+  const int dkdv_strips = two_strips ? block_strips(padded, bh, p.k_len) : 1;
+  const int q_tiles = (p.q_len + block_rows(dq_strips) - 1) / block_rows(dq_strips);
+  const int k_tiles = (p.k_len + block_rows(dkdv_strips) - 1) / block_rows(dkdv_strips);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor spans = key_spans(p, bh, query, stream);
   AT_DISPATCH_V2(query.scalar_type(), "attention_bwd_cuda", AT_WRAP([&] {
@@ -1570,17 +1604,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
           kernel<<<dim3(grid_blocks(bh, q_tiles), column_chunks), kThreads, kSmem, stream>>>(pq);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         };
-        dispatch_strips<kD, kMaxTwoStripDqHeadDim>(dq_strips, launch);
+        dispatch_strips<kD, kMaxTwoStripBwdHeadDim>(dq_strips, launch);
       };
       launch_dq(std::true_type{}, 1);
       {
-        constexpr int kSmem = bwd_dkdv_smem_bytes<kD>();
-        const auto kernel = attn_bwd_dkdv_kernel<scalar_t, kD>;
-        prepare_smem(kernel, kSmem, kD);
         BwdParams pk = p;
         pk.num_tiles = k_tiles;
-        kernel<<<dim3(grid_blocks(bh, k_tiles), chunks), kThreads, kSmem, stream>>>(pk);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const auto launch = [&](auto nt) {
+          constexpr int kNT = decltype(nt)::value;
+          constexpr int kSmem = bwd_dkdv_smem_bytes<kD, kNT>();
+          const auto kernel = attn_bwd_dkdv_kernel<scalar_t, kD, kNT>;
+          prepare_smem(kernel, kSmem, kD);
+          kernel<<<dim3(grid_blocks(bh, k_tiles), chunks), kThreads, kSmem, stream>>>(pk);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        dispatch_strips<kD, kMaxTwoStripBwdHeadDim>(dkdv_strips, launch);
       }
       // dQ has the query head dim's columns: a half past them (head dim 256 padded for the value's
       // alone) would recompute the scores and store nothing, grad_scores being the first half's.

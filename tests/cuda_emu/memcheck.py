@@ -44,7 +44,7 @@ def attention_cases():
 def main() -> None:
     emu_build.build(ROOT / "build" / "cuda_emu_memcheck", memcheck=True)
     ops = torch.ops.fused_attn_emu
-    ops.configure(1, True, 1)  # one multiprocessor: the 128-row blocks wherever the queries reach them
+    ops.configure(1, True, 1)  # one multiprocessor: the 128-row blocks wherever the rows reach them
     cases = 0
     for q, k, v, mask, causal, p in attention_cases():
         seed = torch.tensor(5) if p > 0 else None

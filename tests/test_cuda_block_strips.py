@@ -1,9 +1,9 @@
-"""The cuda kernels' two layouts of query rows, 64 per block (one 16-row strip per warp) and 128 (two),
-give the same bits (csrc/cuda/attention.cu: query_strips): the forward's, and up to head dim 64 the
-backward's statistics and dQ kernels'.
+"""The cuda kernels' two layouts of rows, 64 per block (one 16-row strip per warp) and 128 (two), give
+the same bits (csrc/cuda/attention.cu: block_strips): the forward's, and up to head dim 64 the
+backward's statistics and dQ kernels' (rows of queries) and dK/dV kernel's (rows of keys).
 
-The launchers pick 128 where the queries are many enough to fill the GPU, so the parity tests'
-small shapes run the 64-row layout; here ``FUSED_ATTN_CUDA_QUERY_ROWS`` (read once per process) pins
+The launchers pick 128 where the rows are many enough to fill the GPU, so the parity tests' small
+shapes run the 64-row layout; here ``FUSED_ATTN_CUDA_BLOCK_ROWS`` (read once per process) pins
 each in its own process over cases that reach every branch of those kernels (partial query and key
 tiles, causal with its per-warp skip of tiles past a warp's rows, cross lengths, bool and float
 masks with the float mask's gradient, key padding spans, dropout, grouped heads, head dims up to
@@ -58,7 +58,7 @@ torch.save(out, sys.argv[1])
 
 def _forward_outputs(tmp_path: Path, rows: str) -> list:
     path = tmp_path / f"rows{rows}.pt"
-    env = {**os.environ, "FUSED_ATTN_CUDA_QUERY_ROWS": rows}
+    env = {**os.environ, "FUSED_ATTN_CUDA_BLOCK_ROWS": rows}
     subprocess.run([sys.executable, "-c", SCRIPT, str(path)], env=env, check=True, timeout=600,
                    cwd=Path(__file__).resolve().parent.parent)
     return torch.load(path)
@@ -90,6 +90,6 @@ def test_a_pinned_layout_other_than_64_or_128_is_refused(tmp_path):
             "q = torch.randn(1, 1, 8, 64, device='cuda', dtype=torch.float16)\n"
             "try:\n    fused_attn.scaled_dot_product_attention(q, q, q, backend='cuda')\n"
             "except RuntimeError as e:\n    print(str(e).splitlines()[0])\n")
-    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FUSED_ATTN_CUDA_QUERY_ROWS": "96"},
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FUSED_ATTN_CUDA_BLOCK_ROWS": "96"},
                             capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)
-    assert "FUSED_ATTN_CUDA_QUERY_ROWS must be 64 or 128, got '96'" in result.stdout, result.stdout + result.stderr
+    assert "FUSED_ATTN_CUDA_BLOCK_ROWS must be 64 or 128, got '96'" in result.stdout, result.stdout + result.stderr
