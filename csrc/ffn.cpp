@@ -109,6 +109,8 @@ std::tuple<Tensor, Tensor> ffn_fwd(const Tensor& input, const Tensor& w1, const 
                                    const OptTensor& seed) {
   static const auto linear_gelu = find("fused_attn::linear_gelu_fwd").typed<LinearGeluFwd>();
   check_dropout_p(dropout_p);
+  // The dropout's seed comes last, after both GEMMs: checked before them.
+  if (dropout_p > 0.0) check_seed_device(checked_seed(seed), input);
   at::AutoDispatchBelowADInplaceOrView below;
   auto [hidden, pre] = linear_gelu.call(input, w1, b1, approximate);
   check_second_linear(w2, b2, input, hidden.size(1));

@@ -253,6 +253,20 @@ def test_native_ops_check_the_dropout_seed_alike(device, op):
             call(torch.tensor(7, device="cuda"))
 
 
+@pytest.mark.skipif(not _extension.loaded(), reason="the extension is not built")
+@pytest.mark.parametrize("device", _native_devices())
+def test_native_ffn_checks_its_seed_before_its_gemms(device):
+    """The FFN's dropout comes after both GEMMs; its seed is checked before them: a call without one
+    is refused for the seed, not after the work (here, not for a w2 the second GEMM would refuse)."""
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    x, w1 = torch.randn(4, 16, device=device, dtype=dtype), torch.randn(8, 16, device=device, dtype=dtype)
+    w2 = torch.randn(16, 5, device=device, dtype=dtype)
+    with pytest.raises(RuntimeError, match="seed must be given when dropout_p > 0"):
+        torch.ops.fused_attn.ffn_fwd(x, w1, None, w2, None, "none", 0.1, None)
+    with pytest.raises(RuntimeError, match="w2 must have shape"):
+        torch.ops.fused_attn.ffn_fwd(x, w1, None, w2, None, "none", 0.1, torch.tensor(7))
+
+
 @pytest.mark.skipif(_triton_device() is None, reason="needs Triton on a GPU or under TRITON_INTERPRET=1")
 @pytest.mark.parametrize("op", ["attention_fwd", "add_layer_norm_fwd", "ffn_fwd"])
 def test_triton_ops_check_the_dropout_seed_as_the_native_ones(op):

@@ -91,6 +91,17 @@ inline const at::Tensor& checked_seed(const std::optional<at::Tensor>& seed) {
   return *seed;
 }
 
+// The device a (checked) seed may be on for inputs on like's: the CPU, where CPU inputs are; for CUDA
+// inputs, theirs (read by the kernels) or the CPU (taken by value).
+inline void check_seed_device(const at::Tensor& seed, const at::Tensor& like) {
+  if (like.device().is_cpu()) {
+    TORCH_CHECK(seed.device().is_cpu(), "seed must be on the CPU, the inputs' device, got ", seed.device());
+  } else {
+    TORCH_CHECK(seed.device().is_cpu() || seed.device() == like.device(), "seed must be on the inputs' device (",
+                like.device(), ") or the CPU, got ", seed.device());
+  }
+}
+
 // The seed's value for the cpu kernels, which take it on the CPU, as their inputs (the CUDA kernels
 // take theirs through cuda_utils::kernel_seed).
 inline uint64_t dropout_seed(const std::optional<at::Tensor>& seed) {

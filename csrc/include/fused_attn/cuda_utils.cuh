@@ -35,13 +35,12 @@ struct DropoutSeed {
 // `seed` (checked_seed, on like's device or on the CPU) as the kernels of `op` take it.
 inline DropoutSeed kernel_seed(const std::optional<at::Tensor>& seed, const at::Tensor& like, const char* op) {
   const at::Tensor& given = checked_seed(seed);
+  check_seed_device(given, like);
   DropoutSeed s;
   if (given.device() == like.device()) {
     s.device = given.const_data_ptr<int64_t>();
     return s;
   }
-  TORCH_CHECK(given.device().is_cpu(), "seed must be on the inputs' device (", like.device(), ") or the CPU, got ",
-              given.device());
   TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None, op,
               ": a CPU seed while a CUDA graph is being captured: every replay would drop the elements of the "
               "capture; give the seed on the inputs' device (fused_attn's ops draw it there)");
