@@ -57,8 +57,11 @@ ONE_STRIP = {"FUSED_ATTN_CUDA_BLOCK_ROWS": "64"}
 CUDA_ONLY = ("--backends", "cuda", "--seq", "1024,4096,16384")
 # A training step's attention with BERT's dropout, against PyTorch's kernels with theirs.
 DROPOUT = ("--dropout", "0.1", "--causal", "false", "--seq", "1024,4096")
+# Where the attention's time goes, kernel by kernel, at one length (a report section of its own).
+KERNELS = ("--seq", "4096", "--kernels")
 PRIORITY = [
     ("attention", "bfloat16", "fwd", ()), ("attention", "bfloat16", "fwd+bwd", ()),
+    ("attention", "bfloat16", "fwd+bwd", KERNELS),
     ("attention", "bfloat16", "fwd", CUDA_ONLY, ONE_STRIP), ("attention", "bfloat16", "fwd+bwd", CUDA_ONLY, ONE_STRIP),
     ("attention", "bfloat16", "fwd", D128), ("attention", "bfloat16", "fwd+bwd", D128),
     ("attention", "bfloat16", "fwd+bwd", DROPOUT),
@@ -332,10 +335,17 @@ def run_memory_profile(python: str, tmp: Path, plot: Path, timeout: int) -> dict
     return {**json.loads(path.read_text()), "plot": plot.name if plot.exists() else None}
 
 
+def profiled(record: dict) -> bool:
+    """Whether a benchmark record is of a --kernels run: reported in its own section, not in the
+    tables and plots of the sweep (whose lengths it repeats)."""
+    return record.get("kernels") is not None
+
+
 def write_plots(records: list[dict], stem: str) -> dict[str, str]:
     """One PNG per suite next to the report: {suite: file name, or why there is none}."""
     from fused_attn.bench import plots
 
+    records = [r for r in records if not profiled(r)]
     made = {}
     for suite in sorted({r["suite"] for r in records}):
         path = RESULTS / f"{stem}-{suite}.png"
@@ -398,7 +408,7 @@ def parse_suites(text: str) -> list[str]:
 
 def render_markdown(facts: dict, tests: dict, records: list[dict], sanitizer: dict, plots: dict, memory: dict,
                     host_time: dict | None = None, stages: dict | None = None) -> str:
-    from fused_attn.bench.cli import EAGER_NOTE, not_run_counts, rate_text, shape_text
+    from fused_attn.bench.cli import EAGER_NOTE, KERNELS_NOTE, kernel_text, not_run_counts, rate_text, shape_text
 
     lines = [f"# gpu-check: {facts.get('gpu')}", "", f"Date: {facts['date']}  ", f"torch {facts['torch']}, "
              f"CUDA {facts['torch_cuda']}, Triton {facts['triton']}, fused-attn {facts['fused_attn']}", ""]
@@ -471,7 +481,7 @@ def render_markdown(facts: dict, tests: dict, records: list[dict], sanitizer: di
     lines += ["", "| suite | shape | dtype | mode | impl | median ms | rate | % peak | vs eager | vs torch | peak MiB |",
               "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in records:
-        if r.get("skipped"):  # every bench record has the key: null when it ran
+        if r.get("skipped") or profiled(r):  # every bench record has the key: null when it ran
             continue
         peak = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r.get("peak_mem_bytes") is not None else "-"
         fraction = f"{100 * r['peak_fraction']:.0f}%" if r.get("peak_fraction") is not None else "-"
@@ -480,6 +490,12 @@ def render_markdown(facts: dict, tests: dict, records: list[dict], sanitizer: di
         lines.append(f"| {r['suite']} | {shape_text(r['shape'])} | {r['dtype']} | {r['mode']} | {r['impl']} | "
                      f"{r['median_ms']:.4f} | {rate_text(r)} | {fraction} | {vs_eager} | "
                      f"{vs_torch} | {peak} |")
+    kernel_rows = [r for r in records if not r.get("skipped") and profiled(r)]
+    if kernel_rows:
+        lines += ["", f"### {KERNELS_NOTE[0].upper()}{KERNELS_NOTE[1:]}", "",
+                  "| shape | mode | impl | median ms | kernels (ms) |", "| --- | --- | --- | ---: | --- |"]
+        lines += [f"| {shape_text(r['shape'])} | {r['mode']} | {r['impl']} | {r['median_ms']:.4f} | "
+                  f"{kernel_text(r['kernels'])} |" for r in kernel_rows]
     not_run = not_run_counts(records)
     if not_run:
         lines += ["", "Not run:", ""]

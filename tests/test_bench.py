@@ -28,7 +28,7 @@ from fused_attn.profiling import memory
 CPU = torch.device("cpu")
 RECORD_KEYS = {"suite", "impl", "device", "dtype", "mode", "shape", "median_ms", "min_ms", "max_ms",
                "speedup_vs_eager", "speedup_vs_torch", "peak_fraction", "baseline", "peak_mem_bytes", "interpreted",
-               "extension_stale", "skipped"}
+               "extension_stale", "kernels", "skipped"}
 TIMING_KEYS = ("median_ms", "min_ms", "max_ms", "speedup_vs_eager", "speedup_vs_torch", "peak_mem_bytes")
 
 
@@ -270,6 +270,42 @@ def test_bench_attention_json_csv_plot(tmp_path, capsys):
     assert "not run:" in captured.out and "FLOP/s" in captured.out
 
 
+def test_bench_kernels_says_where_each_implementations_time_goes(tmp_path, capsys):
+    """--kernels: one more call of each timed implementation, profiled; on a CPU each op's own time,
+    summed per name (the fused backend's time in its own ops, eager's in its GEMMs), in the JSON and
+    as a section of the table. Without the flag the records' kernels are null."""
+    out = tmp_path / "k.json"
+    code, captured = _run(
+        ["bench", "--suite", "attention", "--device", "cpu", "--batch", "1", "--heads", "2", "--head-dim", "16",
+         "--seq", "64", "--causal", "false", "--mode", "fwd+bwd", "--repeats", "1", "--no-compile", "--kernels",
+         "--json", str(out)], capsys)
+    assert code == 0, captured.err
+    timed = {r["impl"]: r for r in json.loads(out.read_text()) if r["skipped"] is None}
+    for r in timed.values():
+        kernels = r["kernels"]
+        assert set(kernels) == {"total_ms", "top"} and 0 < len(kernels["top"]) <= 7
+        assert kernels["total_ms"] == pytest.approx(sum(k["ms"] for k in kernels["top"]))
+        assert all(k["ms"] >= 0 and k["calls"] >= 1 for k in kernels["top"])
+    names = lambda impl: [k["name"] for k in timed[impl]["kernels"]["top"]]  # noqa: E731
+    assert {"fused_attn::attention_fwd", "fused_attn::attention_bwd"} <= set(names("cpu"))
+    assert "aten::bmm" in names("eager") and not any(n.startswith("fused_attn::") for n in names("eager"))
+    section = captured.out.split("where the time goes")[1]
+    assert "attention B1 H2 L64 D16 full fwd+bwd cpu: " in section and "fused_attn::attention_bwd " in section
+    _run(["bench", "--suite", "attention", "--device", "cpu", "--batch", "1", "--heads", "2", "--head-dim", "16",
+          "--seq", "64", "--causal", "false", "--mode", "fwd", "--repeats", "1", "--no-compile", "--json", str(out)],
+         capsys)
+    assert all(r["kernels"] is None for r in json.loads(out.read_text()))
+
+
+def test_kernel_names_are_shortened_to_what_tells_them_apart():
+    name = harness.kernel_name
+    assert name("void fused_attn::(anonymous namespace)::attn_bwd_dkdv_kernel<c10::BFloat16, 64, 2>"
+                "(fused_attn::(anonymous namespace)::BwdParams)") == "attn_bwd_dkdv_kernel<BFloat16, 64, 2>"
+    assert name("aten::mm") == "aten::mm" and name("fused_attn::attention_bwd") == "fused_attn::attention_bwd"
+    assert name("_attn_fwd_kernel") == "_attn_fwd_kernel" and name("Memcpy DtoD (Device -> Device)") == "Memcpy DtoD"
+    assert len(name("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute")) == 64
+
+
 @pytest.mark.parametrize("suite, sizes", [
     ("softmax", ["--batch", "1", "--heads", "2", "--seq", "24"]),
     ("layer_norm", ["--rows", "16", "--hidden", "40"]),
@@ -473,6 +509,13 @@ def test_gpu_check_report_renders_tables_plots_and_memory(tmp_path, monkeypatch)
         for impl, ms in (("torch", 1.0), ("cuda", 0.8)) for seq in (1024, 2048)
     ] + [{"suite": "attention", "impl": "xformers", "device": "cuda", "dtype": "bfloat16", "mode": "fwd",
           "shape": shape, "skipped": "not installed (pip install xformers)"}]
+    # A --kernels run's record: its own section, out of the sweep's table and plots.
+    kernels = {"total_ms": 3.5, "top": [{"name": "attn_bwd_dkdv_kernel<BFloat16, 64, 2>", "ms": 2.0, "calls": 1},
+                                        {"name": "attn_bwd_dq_kernel<BFloat16, 64, false, 2>", "ms": 1.5, "calls": 2}]}
+    records.append({**records[2], "shape": {**shape, "seq": 4096}, "mode": "fwd+bwd", "median_ms": 3.6,
+                    "kernels": kernels})
+    records.append({**records[2], "shape": {**shape, "seq": 4096}, "mode": "fwd+bwd", "impl": "triton",
+                    "kernels": {"skipped": "RuntimeError: CUPTI unavailable"}})
     plots = gpu_check.write_plots(records, "stem")
     assert plots == {"attention": "stem-attention.png"} and (tmp_path / "stem-attention.png").exists()
     records[0]["extension_stale"] = "the sources changed since it was built"
@@ -496,6 +539,10 @@ def test_gpu_check_report_renders_tables_plots_and_memory(tmp_path, monkeypatch)
     assert "| attention | B4 H16 L2048 D64 full | bfloat16 | fwd | cuda |" in md and "10%" in md
     assert "| 1.00x | - | 1 |" in md  # no speedup_vs_torch in these records
     assert "attention `xformers` (1 case): not installed" in md
+    assert "B4 H16 L4096" not in md.split("### Where the time goes")[0]
+    assert ("| B4 H16 L4096 D64 full | fwd+bwd | cuda | 3.6000 | 3.500 ms: attn_bwd_dkdv_kernel<BFloat16, 64, 2> "
+            "2.000; attn_bwd_dq_kernel<BFloat16, 64, false, 2> 1.500 (2 calls) |") in md
+    assert "| triton | 0.8000 | not profiled: RuntimeError: CUPTI unavailable |" in md
 
 
 def test_profile_memory_interrupted_says_so_in_one_line(capsys, monkeypatch):
@@ -595,13 +642,14 @@ def test_gpu_check_budget_shares_and_skips(tmp_path, monkeypatch):
     stages = {}
     records, _ = gpu_check.run_benchmarks(sys.executable, tmp_path, ["attention", "ffn"], False, spent, stages)
     assert [(r["suite"], r["mode"]) for r in records] == [
-        ("attention", "fwd"), ("attention", "fwd+bwd"), ("attention", "fwd"), ("attention", "fwd+bwd"),
-        ("attention", "fwd"), ("attention", "fwd+bwd"), ("attention", "fwd+bwd"), ("ffn", "fwd+bwd"), ("ffn", "fwd"),
-        ("attention", "fwd"), ("ffn", "fwd")]
+        ("attention", "fwd"), ("attention", "fwd+bwd"), ("attention", "fwd+bwd"), ("attention", "fwd"),
+        ("attention", "fwd+bwd"), ("attention", "fwd"), ("attention", "fwd+bwd"), ("attention", "fwd+bwd"),
+        ("ffn", "fwd+bwd"), ("ffn", "fwd"), ("attention", "fwd"), ("ffn", "fwd")]
+    assert "the bfloat16 fwd+bwd --seq 4096 --kernels run: not started" in records[2]["skipped"]
     assert ("the bfloat16 fwd --backends cuda --seq 1024,4096,16384 FUSED_ATTN_CUDA_BLOCK_ROWS=64 run: not started"
-            in records[2]["skipped"])
-    assert "the bfloat16 fwd --head-dim 128 --seq 1024,4096,16384 run: not started" in records[4]["skipped"]
-    assert "the bfloat16 fwd+bwd --dropout 0.1 --causal false --seq 1024,4096 run: not started" in records[6]["skipped"]
+            in records[3]["skipped"])
+    assert "the bfloat16 fwd --head-dim 128 --seq 1024,4096,16384 run: not started" in records[5]["skipped"]
+    assert "the bfloat16 fwd+bwd --dropout 0.1 --causal false --seq 1024,4096 run: not started" in records[7]["skipped"]
     assert stages == {}  # nothing ran
     assert all("not started, the --budget was spent" in r["skipped"] and r["device"] == "cuda" for r in records)
     facts = {"gpu": "H200", "date": "today", "torch": "2", "torch_cuda": "13", "triton": "3", "fused_attn": "0"}

@@ -240,6 +240,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"--repeats, if fewer) (default {DEFAULT_CUDA_MAX_TIME_S:g} on cuda, 0 on a cpu; 0: no "
                              "limit)")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    parser.add_argument("--kernels", action="store_true",
+                        help="after timing, profile one more call of each implementation and list where its time "
+                             "goes: the device kernels on cuda, each op's own time on a cpu")
     parser.add_argument("--json", type=str, default=None, help="write the records to this path")
     parser.add_argument("--csv", type=str, default=None, help="write the records to this path as CSV")
     parser.add_argument("--plot", type=str, default=None,
@@ -260,7 +263,7 @@ def record(suite: str, impl: str, device: torch.device, dtype: torch.dtype, mode
         "shape": shape, "median_ms": None, "min_ms": None, "max_ms": None, RATE_KEYS[suite]: None,
         "peak_fraction": None, "speedup_vs_eager": None, "speedup_vs_torch": None, "baseline": None,
         "peak_mem_bytes": None, "interpreted": impl == "triton" and backends.triton_interpret_mode(),
-        "extension_stale": extension_stale, **measured, "skipped": skipped,
+        "extension_stale": extension_stale, "kernels": None, **measured, "skipped": skipped,
     }
 
 
@@ -287,11 +290,22 @@ def _peak_fraction(rate_key: str, rate: float, dtype: str, peaks: dict[str, floa
 YARDSTICKS = frozenset({"copy"})
 
 
+def _kernel_times(fn, device: torch.device) -> dict:
+    """:func:`harness.kernel_times` of one call, or ``{"skipped": reason}`` where profiling it failed."""
+    try:
+        return harness.kernel_times(fn, device)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        return {"skipped": harness.one_line_reason(exc)}
+
+
 def run_case(case, device: torch.device, repeats: int, progress: harness.Progress | None = None,
              min_time_s: float = 0.0, extension_stale: str | None = None,
-             max_time_s: float | None = None) -> list[dict]:
+             max_time_s: float | None = None, kernels: bool = False) -> list[dict]:
     """Times every implementation of ``case`` and returns one record per implementation, those
-    that could not run included."""
+    that could not run included; with ``kernels``, each timed one's record also says where the time
+    of one more (profiled) call went."""
     label = f"{case.suite} {case.mode} {shape_text(case.shape)}"
     if progress is not None:
         progress.start(label)
@@ -319,6 +333,10 @@ def run_case(case, device: torch.device, repeats: int, progress: harness.Progres
             speedup_vs_torch=None if torch_ms is None or not compared else torch_ms / t.median_ms,
             baseline=case.baseline, peak_mem_bytes=t.peak_mem_bytes,
         ))
+        if kernels:
+            if progress is not None:
+                progress.show(f"kernels {name}")
+            records[-1]["kernels"] = _kernel_times(case.impls[name], device)
     records += [record(case.suite, name, device, case.dtype, case.mode, case.shape, skipped=why,
                        extension_stale=extension_stale, baseline=case.baseline)
                 for name, why in {**case.skipped, **failed}.items()]
@@ -439,7 +457,7 @@ def unused_flag_notes(args: argparse.Namespace, plan: list[tuple[str, Settings]]
 
 def _run_suite(suite: str, settings: Settings, device: torch.device, repeats: int, progress: harness.Progress,
                records: list[dict], min_time_s: float = 0.0, extension_stale: str | None = None,
-               max_time_s: float | None = None) -> None:
+               max_time_s: float | None = None, kernels: bool = False) -> None:
     """Appends the suite's records to ``records`` case by case (an interrupt keeps those done)."""
     cases = SUITES[suite](settings)
     while True:
@@ -463,7 +481,7 @@ def _run_suite(suite: str, settings: Settings, device: torch.device, repeats: in
             records.append(record(suite, "all", device, settings.dtype, settings.mode, shape,
                                   skipped=why + harness.one_line_reason(cause), extension_stale=extension_stale))
             return
-        records += run_case(case, device, repeats, progress, min_time_s, extension_stale, max_time_s)
+        records += run_case(case, device, repeats, progress, min_time_s, extension_stale, max_time_s, kernels)
         del case
 
 
@@ -512,7 +530,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         with harness.progress("fused-attn bench", total, unit="case") as progress:
             for suite, settings in plan:
-                _run_suite(suite, settings, device, repeats, progress, records, min_time_s, stale, max_time_s)
+                _run_suite(suite, settings, device, repeats, progress, records, min_time_s, stale, max_time_s,
+                           args.kernels)
     except KeyboardInterrupt:  # Ctrl-C (or a caller's time limit): report the cases that finished
         interrupted = True
         print(f"\ninterrupted: reporting the {len(records)} records measured so far")
@@ -648,6 +667,7 @@ def format_table(records: list[dict]) -> str:
             f"{vs_eager:>8} {vs_torch:>8} {peak:>9}"
         )
     lines.append(EAGER_NOTE)
+    lines += kernel_lines(records)
     if any(r["interpreted"] and r["skipped"] is None for r in records):
         lines.append(INTERPRETED_NOTE)
     noise = noise_note(records)
@@ -658,6 +678,29 @@ def format_table(records: list[dict]) -> str:
         lines.append("not run:")
         lines += [f"  {suite} {impl} ({n} case{'s' * (n > 1)}): {why}" for (suite, impl, why), n in not_run.items()]
     return "\n".join(lines)
+
+
+KERNELS_NOTE = ("where the time goes (--kernels: one more call of each, profiled; on cuda the device kernels' "
+                "time, on a cpu each op's own time)")
+
+
+def kernel_text(kernels: dict) -> str:
+    """One record's ``kernels`` as text: the total, then each name's time (and calls, where more than one)."""
+    if "skipped" in kernels:
+        return f"not profiled: {kernels['skipped']}"
+    parts = [f"{k['name']} {k['ms']:.3f}" + (f" ({k['calls']} calls)" if k["calls"] > 1 else "") for k in kernels["top"]]
+    return f"{kernels['total_ms']:.3f} ms: " + "; ".join(parts)
+
+
+def kernel_lines(records: list[dict]) -> list[str]:
+    """The --kernels section of the table: a line per profiled record."""
+    profiled = [r for r in records if r["skipped"] is None and r.get("kernels") is not None]
+    if not profiled:
+        return []
+    lines = [KERNELS_NOTE + ":"]
+    for r in profiled:
+        lines.append(f"  {r['suite']} {shape_text(r['shape'])} {r['mode']} {r['impl']}: {kernel_text(r['kernels'])}")
+    return lines
 
 
 def not_run_counts(records: list[dict]) -> dict[tuple[str, str, str], int]:

@@ -24,6 +24,7 @@ import bisect
 import contextlib
 import dataclasses
 import os
+import re
 import statistics
 import sys
 import time
@@ -240,6 +241,66 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
     with MemoryMeter(device) as meter:
         fn()
     return meter.peak_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the time goes
+
+
+def kernel_name(name: str, width: int = 64) -> str:
+    """A kernel's (or op's) name, short enough for a table: a C++ kernel's signature loses its
+    return type, namespaces and parameter list but keeps its template arguments
+    (``attn_bwd_dkdv_kernel<BFloat16, 64, 2>``), and anything longer than ``width`` is cut."""
+    name = name.strip()
+    signature = name.startswith("void ") or "<" in name or "(anonymous namespace)" in name
+    if name.startswith("void "):
+        name = name[len("void "):]
+    name = name.replace("(anonymous namespace)::", "")
+    depth = 0
+    for i, ch in enumerate(name):
+        depth += {"<": 1, ">": -1}.get(ch, 0)
+        if ch == "(" and depth == 0 and i > 0:
+            name = name[:i].rstrip()
+            break
+    if signature:  # an op's name (aten::mm, fused_attn::attention_bwd) keeps its namespace
+        name = re.sub(r"\b\w+::", "", name)
+    return name if len(name) <= width else name[:width - 3] + "..."
+
+
+def kernel_times(fn: Callable[[], object], device: torch.device, top: int = 6) -> dict:
+    """Where one call of ``fn`` spends its time, from PyTorch's profiler: on CUDA each device
+    kernel's (and copy's) time on the GPU, on CPU each op's own time (``self`` CPU time: the ops
+    nested in it counted apart), summed per name. Returns ``{"total_ms": ..., "top": [{"name",
+    "ms", "calls"}, ...]}``, the ``top`` names by time, the rest summed into one ``other`` entry."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    call = synchronized(fn, device)
+    if cuda:
+        torch.cuda.synchronize(device)
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        call()
+    totals: dict[str, list[float]] = {}
+    for event in prof.events():
+        if cuda:
+            if event.device_type != DeviceType.CUDA:
+                continue
+            us = event.time_range.elapsed_us()
+        else:
+            if event.device_type != DeviceType.CPU:
+                continue
+            us = event.self_cpu_time_total
+        entry = totals.setdefault(kernel_name(event.name), [0.0, 0])
+        entry[0] += us / 1e3
+        entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])
+    listed = [{"name": name, "ms": ms, "calls": calls} for name, (ms, calls) in ranked[:top]]
+    rest = ranked[top:]
+    if rest:
+        listed.append({"name": "other", "ms": sum(ms for _, (ms, _) in rest), "calls": sum(n for _, (_, n) in rest)})
+    return {"total_ms": sum(ms for ms, _ in totals.values()), "top": listed}
 
 
 # ---------------------------------------------------------------------------------------------
