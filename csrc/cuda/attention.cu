@@ -315,42 +315,57 @@ __device__ __forceinline__ void cp_async_wait_all_but_one() {
 // of columns [8 nb, 8 nb + 8): lane l holds rows l / 4 (elements 0, 1) and l / 4 + 8 (2, 3), columns
 // 2 * (l % 4) + {0, 1}.
 
-// acc[mt] += A_mt B^T for MT strips of 16 rows (A_mt: rows 16 mt .. 16 mt + 15 of a shared row-major
-// tile at a_base, pitch a_pitch bytes, kK columns); B: NB * 8 rows of a shared row-major tile at b_base
-// ([n][k], pitch b_pitch), kK columns. Each B fragment is loaded once for all MT strips: a warp that
-// owns two strips reads the streamed tile from shared memory half as often per product.
+// The A fragments of MT 16-row strips (rows 16 mt .. 16 mt + 15 of a shared row-major tile at a_base,
+// pitch a_pitch bytes, kK columns), a[mt][k] the k-th 16 columns: matrices (rows 0-7, k 0-7), (rows
+// 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15).
+template <int MT, int kK>
+__device__ __forceinline__ void load_a_strips(uint32_t (&a)[MT][kK / 16][4], uint32_t a_base, int a_pitch) {
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const uint32_t a_addr = a_base + (lane & 15) * a_pitch + (lane >> 4) * 16;
+#pragma unroll
+  for (int k = 0; k < kK / 16; ++k) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt][k], a_addr + mt * 16 * a_pitch + k * 32);
+  }
+}
+
+// acc[mt] += A_mt B^T for MT strips of 16 rows, A_mt's fragments in registers (load_a_strips); B: NB * 8
+// rows of a shared row-major tile at b_base ([n][k], pitch b_pitch), kK columns. Each B fragment is loaded
+// once for all MT strips: a warp that owns two strips reads the streamed tile from shared memory half as
+// often per product.
 template <typename T, int MT, int NB, int kK>
-__device__ __forceinline__ void strips_gemm_abt(float (&acc)[MT][NB][4], uint32_t a_base, int a_pitch,
+__device__ __forceinline__ void strips_gemm_abt(float (&acc)[MT][NB][4], const uint32_t (&a)[MT][kK / 16][4],
                                                 uint32_t b_base, int b_pitch) {
   static_assert(NB % 2 == 0 && kK % 16 == 0, "tile shapes must be whole mma steps");
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-  // A: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15).
-  const uint32_t a_addr = a_base + (lane & 15) * a_pitch + (lane >> 4) * 16;
   // B: matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
   const uint32_t b_addr = b_base + ((lane & 7) + ((lane >> 4) << 3)) * b_pitch + ((lane >> 3) & 1) * 16;
 #pragma unroll
   for (int k = 0; k < kK / 16; ++k) {
-    uint32_t a[MT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], a_addr + mt * 16 * a_pitch + k * 32);
 #pragma unroll
     for (int nb = 0; nb < NB; nb += 2) {
       uint32_t b[4];
       ldmatrix_x4(b, b_addr + nb * 8 * b_pitch + k * 32);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        Elem<T>::mma(acc[mt][nb], a[mt], b[0], b[1]);
-        Elem<T>::mma(acc[mt][nb + 1], a[mt], b[2], b[3]);
+        Elem<T>::mma(acc[mt][nb], a[mt][k], b[0], b[1]);
+        Elem<T>::mma(acc[mt][nb + 1], a[mt][k], b[2], b[3]);
       }
     }
   }
 }
 
-// acc += A B^T for one 16-row strip (strips_gemm_abt with MT = 1).
-template <typename T, int NB, int kK>
-__device__ __forceinline__ void warp_gemm_abt(float (&acc)[NB][4], uint32_t a_base, int a_pitch, uint32_t b_base,
-                                              int b_pitch) {
-  strips_gemm_abt<T, 1, NB, kK>(reinterpret_cast<float (&)[1][NB][4]>(acc), a_base, a_pitch, b_base, b_pitch);
+// strips_gemm_abt with A_mt read from a shared row-major tile at a_base (pitch a_pitch bytes), one k-step's
+// fragments at a time: the same products in the same order.
+template <typename T, int MT, int NB, int kK>
+__device__ __forceinline__ void strips_gemm_abt(float (&acc)[MT][NB][4], uint32_t a_base, int a_pitch,
+                                                uint32_t b_base, int b_pitch) {
+#pragma unroll
+  for (int k = 0; k < kK / 16; ++k) {
+    uint32_t a[MT][1][4];
+    load_a_strips<MT, 16>(a, a_base + k * 32, a_pitch);
+    strips_gemm_abt<T, MT, NB, 16>(acc, a, b_base + k * 32, b_pitch);
+  }
 }
 
 // acc[mt] += A_mt B for MT strips. A_mt: KB k-steps of register fragments (see to_a_fragments); B: a
@@ -376,14 +391,6 @@ __device__ __forceinline__ void strips_gemm_ab(float (&acc)[MT][NB][4], const ui
       }
     }
   }
-}
-
-// acc += A B for one 16-row strip (strips_gemm_ab with MT = 1).
-template <typename T, int NB, int KB>
-__device__ __forceinline__ void warp_gemm_ab(float (&acc)[NB][4], const uint32_t (&a)[KB][4], uint32_t b_base,
-                                             int b_pitch) {
-  strips_gemm_ab<T, 1, NB, KB>(reinterpret_cast<float (&)[1][NB][4]>(acc),
-                               reinterpret_cast<const uint32_t (&)[1][KB][4]>(a), b_base, b_pitch);
 }
 
 // The 16 x (8 NB) accumulator rounded to T as A operands of NB / 2 k-steps: columns 16 kb .. 16 kb + 15
@@ -1072,6 +1079,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
   }
   const uint32_t q_addr = smem_addr(s_q + warp * 16 * kMT * kPitch);
   const uint32_t do_addr = smem_addr(s_do + warp * 16 * kMT * kPitch);
+  // The statistics kernel, which has no dQ accumulators, keeps its strips' Q and dO fragments in registers
+  // across the key tiles up to head dim 64 (kHeldA): of each tile it reads only K and V from shared memory,
+  // half of what it would read otherwise. The same products in the same order either way.
+  constexpr bool kHeldA = kStats && kD <= 64;
+  uint32_t q_frag[kHeldA ? kMT : 1][kHeldA ? kD / 16 : 1][4];
+  uint32_t do_frag[kHeldA ? kMT : 1][kHeldA ? kD / 16 : 1][4];
 
   for (int t = tiles.x; t < tiles.y; ++t) {
     const int stage = (t - tiles.x) & 1;
@@ -1085,6 +1098,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
     __syncthreads();
     const uint16_t* k_tile = s_k + stage * kN * kPitch;
     const uint16_t* v_tile = s_v + stage * kN * kPitch;
+    if constexpr (kHeldA) {
+      if (t == tiles.x) {  // Q and dO came with the first key tile
+        load_a_strips<kMT, kD>(q_frag, q_addr, kPitch * 2);
+        load_a_strips<kMT, kD>(do_frag, do_addr, kPitch * 2);
+      }
+    }
 
     // Causal: a key tile wholly past this warp's last row has P = 0 for all its rows (dS 0, nothing to
     // add to the sums or to dQ; grad_scores keeps its zeros there), so the warp skips it, as the forward.
@@ -1092,7 +1111,11 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
       float ps[kMT][kN / 8][4];
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) zero(ps[mt]);
-      strips_gemm_abt<T, kMT, kN / 8, kD>(ps, q_addr, kPitch * 2, smem_addr(k_tile), kPitch * 2);
+      if constexpr (kHeldA) {
+        strips_gemm_abt<T, kMT, kN / 8, kD>(ps, q_frag, smem_addr(k_tile), kPitch * 2);
+      } else {
+        strips_gemm_abt<T, kMT, kN / 8, kD>(ps, q_addr, kPitch * 2, smem_addr(k_tile), kPitch * 2);
+      }
       const bool masked = tile_needs_mask(p, m0, kM, n0, kN);
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
@@ -1115,7 +1138,11 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
       float dp[kMT][kN / 8][4];
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) zero(dp[mt]);
-      strips_gemm_abt<T, kMT, kN / 8, kD>(dp, do_addr, kPitch * 2, smem_addr(v_tile), kPitch * 2);
+      if constexpr (kHeldA) {
+        strips_gemm_abt<T, kMT, kN / 8, kD>(dp, do_frag, smem_addr(v_tile), kPitch * 2);
+      } else {
+        strips_gemm_abt<T, kMT, kN / 8, kD>(dp, do_addr, kPitch * 2, smem_addr(v_tile), kPitch * 2);
+      }
       uint32_t frag[kMT][kN / 16][4];
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
