@@ -16,8 +16,9 @@
 //    D <= 64, 32 above: 30-70 KB of shared memory per block up to D = 128). Causal: a warp skips the
 //    products of a key tile wholly past its last row (the block's other warps may need it). S = Q K^T and
 //    O += P V are warp-level products on tensor cores: A operands come from shared memory by ldmatrix
-//    (Q) or straight from the S accumulators re-packed to fp16/bf16 (P, the FA2 register reuse), B
-//    operands by ldmatrix (.trans for V). Online softmax in fp32 registers in log2 units (log2(e) folded
+//    (Q; up to D = 64 loaded once and kept in registers for all key tiles) or straight from the S
+//    accumulators re-packed to fp16/bf16 (P, the FA2 register reuse), B operands by ldmatrix (.trans
+//    for V). Online softmax in fp32 registers in log2 units (log2(e) folded
 //    into the scale, exp2), the running row sum kept per lane and reduced over the quad once at the end.
 //    Writes O and the row statistics [B, H, 2, Lq]: the row max (log2 units; +inf for a row that sees
 //    no key, whose output is 0) and log2 of the row sum, kept apart so that the backward forms
@@ -730,6 +731,9 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
   }
   const int warp_row0 = m0 + warp * 16 * kMT;
   const uint32_t q_addr = smem_addr(s_q + warp * 16 * kMT * kPitch);
+  // Up to head dim 64 the strips' Q fragments stay in registers across the key tiles (kHeldQ).
+  constexpr bool kHeldQ = kD <= 64;
+  uint32_t q_frag[kHeldQ ? kMT : 1][kHeldQ ? kD / 16 : 1][4];
 
   for (int t = tiles.x; t < tiles.y; ++t) {
     const int stage = (t - tiles.x) & 1;
@@ -742,6 +746,9 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
     cp_async_commit();
     cp_async_wait_all_but_one();
     __syncthreads();
+    if constexpr (kHeldQ) {
+      if (t == tiles.x) load_a_strips<kMT, kD>(q_frag, q_addr, kPitch * 2);  // Q came with the first key tile
+    }
 
     // Causal: a key tile wholly past this warp's last row would only add probabilities of exactly 0
     // (its rows' max and sums stay as they are), so the warp skips its products; the block's other
@@ -750,7 +757,11 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
       float s[kMT][kN / 8][4];
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) zero(s[mt]);
-      strips_gemm_abt<T, kMT, kN / 8, kD>(s, q_addr, kPitch * 2, smem_addr(s_k + stage * kN * kPitch), kPitch * 2);
+      if constexpr (kHeldQ) {
+        strips_gemm_abt<T, kMT, kN / 8, kD>(s, q_frag, smem_addr(s_k + stage * kN * kPitch), kPitch * 2);
+      } else {
+        strips_gemm_abt<T, kMT, kN / 8, kD>(s, q_addr, kPitch * 2, smem_addr(s_k + stage * kN * kPitch), kPitch * 2);
+      }
       const bool masked = tile_needs_mask(p, m0, kM, n0, kN);
       uint32_t pa[kMT][kN / 16][4];
 #pragma unroll
