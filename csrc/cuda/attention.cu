@@ -39,9 +39,8 @@
 //    A operands; dQ (and the statistics) with one block per (batch*head, 128 or 64 queries, likewise)
 //    streaming key tiles as the forward does (32 keys with two strips per warp; the statistics kernel,
 //    which has no dQ accumulators, keeps its Q and dO fragments in registers up to D = 64, as the
-//    forward its Q), dQ += dS K, and, when
-//    a floating mask needs its gradient, dS written to grad_scores (float32, zero-initialised so
-//    causally skipped tiles read 0).
+//    forward its Q), dQ += dS K, and, when a floating mask needs its gradient, dS written to
+//    grad_scores (float32, zero-initialised so causally skipped tiles read 0).
 //    dQ is a separate pass rather than fp32 atomics from the dK/dV kernel: it recomputes Q K^T and
 //    dO V^T once more (2 tile products more), but every gradient is written by exactly one
 //    block in a fixed order, so results are bitwise deterministic (the tests demand equal gradients
