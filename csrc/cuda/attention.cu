@@ -37,10 +37,9 @@
 //    query tiles (64 queries for D <= 64, 32 above; half that with two strips) and forming S^T = K Q^T,
 //    dP^T = V dO^T directly transposed so that dV += P^T dO and dK += dS^T Q reuse the accumulators as
 //    A operands; dQ (and the statistics) with one block per (batch*head, 128 or 64 queries, likewise)
-//    streaming key tiles as the forward does (32 keys with two strips per warp; the statistics kernel,
-//    which has no dQ accumulators, keeps its Q and dO fragments in registers up to D = 64, as the
-//    forward its Q), dQ += dS K, and, when a floating mask needs its gradient, dS written to
-//    grad_scores (float32, zero-initialised so causally skipped tiles read 0).
+//    streaming key tiles as the forward does (32 keys with two strips per warp; Q and dO fragments kept
+//    in registers up to D = 64, as the forward's Q), dQ += dS K, and, when a floating mask needs its
+//    gradient, dS written to grad_scores (float32, zero-initialised so causally skipped tiles read 0).
 //    dQ is a separate pass rather than fp32 atomics from the dK/dV kernel: it recomputes Q K^T and
 //    dO V^T once more (2 tile products more), but every gradient is written by exactly one
 //    block in a fixed order, so results are bitwise deterministic (the tests demand equal gradients
@@ -1091,10 +1090,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
   }
   const uint32_t q_addr = smem_addr(s_q + warp * 16 * kMT * kPitch);
   const uint32_t do_addr = smem_addr(s_do + warp * 16 * kMT * kPitch);
-  // The statistics kernel, which has no dQ accumulators, keeps its strips' Q and dO fragments in registers
-  // across the key tiles up to head dim 64 (kHeldA): of each tile it reads only K and V from shared memory,
-  // half of what it would read otherwise. The same products in the same order either way.
-  constexpr bool kHeldA = kStats && kD <= 64;
+  // Up to head dim 64 the strips' Q and dO fragments stay in registers across the key tiles (kHeldA): of
+  // each tile only K and V are read from shared memory (with two strips, 24 ldmatrix of 40 per warp in the
+  // dQ kernel, 16 of 32 in the statistics kernel). The same products in the same order either way.
+  constexpr bool kHeldA = kD <= 64;
   uint32_t q_frag[kHeldA ? kMT : 1][kHeldA ? kD / 16 : 1][4];
   uint32_t do_frag[kHeldA ? kMT : 1][kHeldA ? kD / 16 : 1][4];
 
