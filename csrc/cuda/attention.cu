@@ -36,7 +36,8 @@
 //    strips of 16 keys per warp, or one, chosen as the forward's up to D = 64; 64 above), streaming
 //    query tiles (64 queries for D <= 64, 32 above; half that with two strips) and forming S^T = K Q^T,
 //    dP^T = V dO^T directly transposed so that dV += P^T dO and dK += dS^T Q reuse the accumulators as
-//    A operands; dQ (and the statistics) with one block per (batch*head, 128 or 64 queries, likewise)
+//    A operands (K and V fragments kept in registers where they fit beside dK and dV: one strip up to
+//    D = 64, two up to 32); dQ (and the statistics) with one block per (batch*head, 128 or 64 queries, likewise)
 //    streaming key tiles as the forward does (32 keys with two strips per warp; Q and dO fragments kept
 //    in registers up to D = 64, as the forward's Q), dQ += dS K, and, when a floating mask needs its
 //    gradient, dS written to grad_scores (float32, zero-initialised so causally skipped tiles read 0).
@@ -919,6 +920,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
   const int warp_key0 = n0 + warp * 16 * kNT;
   const uint32_t k_addr = smem_addr(s_k + warp * 16 * kNT * kPitch);
   const uint32_t v_addr = smem_addr(s_v + warp * 16 * kNT * kPitch);
+  // The strips' K and V fragments stay in registers across the query tiles (kHeldA) where they fit beside
+  // the dK and dV accumulators: one strip up to head dim 64, two up to 32 (two at 64 spill hundreds of
+  // bytes).
+  constexpr bool kHeldA = kD * kNT <= 64;
+  uint32_t k_frag[kHeldA ? kNT : 1][kHeldA ? kD / 16 : 1][4];
+  uint32_t v_frag[kHeldA ? kNT : 1][kHeldA ? kD / 16 : 1][4];
 
   for (int t = 0; t < m_tiles; ++t) {
     const int stage = t & 1;
@@ -932,6 +939,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
     __syncthreads();
     const uint16_t* q_tile = s_q + stage * kM * kPitch;
     const uint16_t* do_tile = s_do + stage * kM * kPitch;
+    if constexpr (kHeldA) {
+      if (t == 0) {  // K and V came with the first query tile
+        load_a_strips<kNT, kD>(k_frag, k_addr, kPitch * 2);
+        load_a_strips<kNT, kD>(v_frag, v_addr, kPitch * 2);
+      }
+    }
 
     // Causal: a query tile wholly before this warp's first key has P = 0 for all the warp's keys, so the
     // warp skips its products; the block's other warps, whose keys it reaches, still need it loaded and
@@ -941,7 +954,11 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
       float pt[kNT][kM / 8][4];
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) zero(pt[nt]);
-      strips_gemm_abt<T, kNT, kM / 8, kD>(pt, k_addr, kPitch * 2, smem_addr(q_tile), kPitch * 2);
+      if constexpr (kHeldA) {
+        strips_gemm_abt<T, kNT, kM / 8, kD>(pt, k_frag, smem_addr(q_tile), kPitch * 2);
+      } else {
+        strips_gemm_abt<T, kNT, kM / 8, kD>(pt, k_addr, kPitch * 2, smem_addr(q_tile), kPitch * 2);
+      }
       const bool masked = tile_needs_mask(p, m0, kM, n0, kN);
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
@@ -974,7 +991,11 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
       float dpt[kNT][kM / 8][4];
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) zero(dpt[nt]);
-      strips_gemm_abt<T, kNT, kM / 8, kD>(dpt, v_addr, kPitch * 2, smem_addr(do_tile), kPitch * 2);
+      if constexpr (kHeldA) {
+        strips_gemm_abt<T, kNT, kM / 8, kD>(dpt, v_frag, smem_addr(do_tile), kPitch * 2);
+      } else {
+        strips_gemm_abt<T, kNT, kM / 8, kD>(dpt, v_addr, kPitch * 2, smem_addr(do_tile), kPitch * 2);
+      }
 
       // dS^T = P^T (dP^T - delta), formed in dP^T's registers. With dropout, dP takes the keep-mask first,
       // dS the undropped P, and dV the kept P (1 / (1 - p) applied at the stores).
