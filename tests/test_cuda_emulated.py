@@ -351,7 +351,10 @@ def test_two_strips_per_warp_cut_shared_memory_reads(emu, causal):
     the device, here one multiprocessor) each fragment of the streamed tiles read from shared memory
     serves 32 rows instead of 16: the forward's K and V, the statistics and dQ kernels' K and V, the
     dK/dV kernel's Q and dO. Counted in ldmatrix phases at head dim 64, for the same tensor-core
-    products (fewer under causality, where a warp skips the tiles past its own rows)."""
+    products (fewer under causality, where a warp skips the tiles past its own rows). With two strips,
+    and the fragments of a warp's own rows held in registers (the forward's Q, the statistics and dQ
+    kernels' Q and dO), a tensor-core product takes about one phase in the forward and 1.3 in the
+    backward."""
     q, k, v = _inputs(1, 2, 256, 256, 64, torch.float16)
     counts = {}
     try:
@@ -370,6 +373,7 @@ def test_two_strips_per_warp_cut_shared_memory_reads(emu, causal):
     assert bwd_two[0] < (0.7 if causal else 0.75) * bwd_one[0], (bwd_one, bwd_two)
     assert fwd_two[2] == fwd_one[2] if not causal else fwd_two[2] <= fwd_one[2]
     assert bwd_two[2] == bwd_one[2] if not causal else bwd_two[2] < bwd_one[2]
+    assert fwd_two[0] <= 1.1 * fwd_two[2] and bwd_two[0] <= 1.35 * bwd_two[2], (fwd_two, bwd_two)
 
 
 def _products(emu, q, k, v, mask=None, causal=False, dropout_p=0.0, backward=False):
