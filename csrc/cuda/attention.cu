@@ -370,6 +370,33 @@ __device__ __forceinline__ void strips_gemm_abt(float (&acc)[MT][NB][4], uint32_
   }
 }
 
+// The A operand of a warp's own strips (rows 16 mt .. of a shared row-major tile at `base`, pitch `pitch`
+// bytes, kK columns) in the products of a loop over streamed tiles: with kHeld its fragments are loaded
+// once (load(), after the tile has landed) and kept in registers for every product, else re-read from
+// shared memory at each. The same products in the same order either way.
+template <int MT, int kK, bool kHeld>
+struct StripsA {
+  uint32_t base;
+  int pitch;
+  uint32_t frag[kHeld ? MT : 1][kHeld ? kK / 16 : 1][4];  // set by load()
+
+  __device__ __forceinline__ StripsA(uint32_t base_, int pitch_) : base(base_), pitch(pitch_) {}
+
+  __device__ __forceinline__ void load() {
+    if constexpr (kHeld) load_a_strips<MT, kK>(frag, base, pitch);
+  }
+};
+
+template <typename T, int MT, int NB, int kK, bool kHeld>
+__device__ __forceinline__ void strips_gemm_abt(float (&acc)[MT][NB][4], const StripsA<MT, kK, kHeld>& a,
+                                                uint32_t b_base, int b_pitch) {
+  if constexpr (kHeld) {
+    strips_gemm_abt<T, MT, NB, kK>(acc, a.frag, b_base, b_pitch);
+  } else {
+    strips_gemm_abt<T, MT, NB, kK>(acc, a.base, a.pitch, b_base, b_pitch);
+  }
+}
+
 // acc[mt] += A_mt B for MT strips. A_mt: KB k-steps of register fragments (see to_a_fragments); B: a
 // shared row-major tile at b_base ([k][n], pitch b_pitch), KB * 16 rows, NB * 8 columns, read transposed
 // by ldmatrix.trans once for all MT strips.
@@ -731,10 +758,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
     row_sum[mt][0] = row_sum[mt][1] = 0.f;
   }
   const int warp_row0 = m0 + warp * 16 * kMT;
-  const uint32_t q_addr = smem_addr(s_q + warp * 16 * kMT * kPitch);
-  // Up to head dim 64 the strips' Q fragments stay in registers across the key tiles (kHeldQ).
-  constexpr bool kHeldQ = kD <= 64;
-  uint32_t q_frag[kHeldQ ? kMT : 1][kHeldQ ? kD / 16 : 1][4];
+  // Up to head dim 64 the strips' Q fragments stay in registers across the key tiles.
+  StripsA<kMT, kD, kD <= 64> qa{smem_addr(s_q + warp * 16 * kMT * kPitch), kPitch * 2};
 
   for (int t = tiles.x; t < tiles.y; ++t) {
     const int stage = (t - tiles.x) & 1;
@@ -747,9 +772,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
     cp_async_commit();
     cp_async_wait_all_but_one();
     __syncthreads();
-    if constexpr (kHeldQ) {
-      if (t == tiles.x) load_a_strips<kMT, kD>(q_frag, q_addr, kPitch * 2);  // Q came with the first key tile
-    }
+    if (t == tiles.x) qa.load();  // Q came with the first key tile
 
     // Causal: a key tile wholly past this warp's last row would only add probabilities of exactly 0
     // (its rows' max and sums stay as they are), so the warp skips its products; the block's other
@@ -758,11 +781,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
       float s[kMT][kN / 8][4];
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) zero(s[mt]);
-      if constexpr (kHeldQ) {
-        strips_gemm_abt<T, kMT, kN / 8, kD>(s, q_frag, smem_addr(s_k + stage * kN * kPitch), kPitch * 2);
-      } else {
-        strips_gemm_abt<T, kMT, kN / 8, kD>(s, q_addr, kPitch * 2, smem_addr(s_k + stage * kN * kPitch), kPitch * 2);
-      }
+      strips_gemm_abt<T, kMT, kN / 8, kD>(s, qa, smem_addr(s_k + stage * kN * kPitch), kPitch * 2);
       const bool masked = tile_needs_mask(p, m0, kM, n0, kN);
       uint32_t pa[kMT][kN / 16][4];
 #pragma unroll
@@ -918,14 +937,11 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
     zero(dv[nt]);
   }
   const int warp_key0 = n0 + warp * 16 * kNT;
-  const uint32_t k_addr = smem_addr(s_k + warp * 16 * kNT * kPitch);
-  const uint32_t v_addr = smem_addr(s_v + warp * 16 * kNT * kPitch);
-  // The strips' K and V fragments stay in registers across the query tiles (kHeldA) where they fit beside
-  // the dK and dV accumulators: one strip up to head dim 64, two up to 32 (two at 64 spill hundreds of
-  // bytes).
-  constexpr bool kHeldA = kD * kNT <= 64;
-  uint32_t k_frag[kHeldA ? kNT : 1][kHeldA ? kD / 16 : 1][4];
-  uint32_t v_frag[kHeldA ? kNT : 1][kHeldA ? kD / 16 : 1][4];
+  // The strips' K and V fragments stay in registers across the query tiles where they fit beside the dK
+  // and dV accumulators: one strip up to head dim 64, two up to 32 (two at 64 spill hundreds of bytes).
+  constexpr bool kHeld = kD * kNT <= 64;
+  StripsA<kNT, kD, kHeld> ka{smem_addr(s_k + warp * 16 * kNT * kPitch), kPitch * 2};
+  StripsA<kNT, kD, kHeld> va{smem_addr(s_v + warp * 16 * kNT * kPitch), kPitch * 2};
 
   for (int t = 0; t < m_tiles; ++t) {
     const int stage = t & 1;
@@ -939,11 +955,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
     __syncthreads();
     const uint16_t* q_tile = s_q + stage * kM * kPitch;
     const uint16_t* do_tile = s_do + stage * kM * kPitch;
-    if constexpr (kHeldA) {
-      if (t == 0) {  // K and V came with the first query tile
-        load_a_strips<kNT, kD>(k_frag, k_addr, kPitch * 2);
-        load_a_strips<kNT, kD>(v_frag, v_addr, kPitch * 2);
-      }
+    if (t == 0) {  // K and V came with the first query tile
+      ka.load();
+      va.load();
     }
 
     // Causal: a query tile wholly before this warp's first key has P = 0 for all the warp's keys, so the
@@ -954,11 +968,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
       float pt[kNT][kM / 8][4];
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) zero(pt[nt]);
-      if constexpr (kHeldA) {
-        strips_gemm_abt<T, kNT, kM / 8, kD>(pt, k_frag, smem_addr(q_tile), kPitch * 2);
-      } else {
-        strips_gemm_abt<T, kNT, kM / 8, kD>(pt, k_addr, kPitch * 2, smem_addr(q_tile), kPitch * 2);
-      }
+      strips_gemm_abt<T, kNT, kM / 8, kD>(pt, ka, smem_addr(q_tile), kPitch * 2);
       const bool masked = tile_needs_mask(p, m0, kM, n0, kN);
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
@@ -991,11 +1001,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
       float dpt[kNT][kM / 8][4];
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) zero(dpt[nt]);
-      if constexpr (kHeldA) {
-        strips_gemm_abt<T, kNT, kM / 8, kD>(dpt, v_frag, smem_addr(do_tile), kPitch * 2);
-      } else {
-        strips_gemm_abt<T, kNT, kM / 8, kD>(dpt, v_addr, kPitch * 2, smem_addr(do_tile), kPitch * 2);
-      }
+      strips_gemm_abt<T, kNT, kM / 8, kD>(dpt, va, smem_addr(do_tile), kPitch * 2);
 
       // dS^T = P^T (dP^T - delta), formed in dP^T's registers. With dropout, dP takes the keep-mask first,
       // dS the undropped P, and dV the kept P (1 / (1 - p) applied at the stores).
@@ -1109,14 +1115,11 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
     }
     zero(dq[mt]);
   }
-  const uint32_t q_addr = smem_addr(s_q + warp * 16 * kMT * kPitch);
-  const uint32_t do_addr = smem_addr(s_do + warp * 16 * kMT * kPitch);
-  // Up to head dim 64 the strips' Q and dO fragments stay in registers across the key tiles (kHeldA): of
-  // each tile only K and V are read from shared memory (with two strips, 24 ldmatrix of 40 per warp in the
-  // dQ kernel, 16 of 32 in the statistics kernel). The same products in the same order either way.
-  constexpr bool kHeldA = kD <= 64;
-  uint32_t q_frag[kHeldA ? kMT : 1][kHeldA ? kD / 16 : 1][4];
-  uint32_t do_frag[kHeldA ? kMT : 1][kHeldA ? kD / 16 : 1][4];
+  // Up to head dim 64 the strips' Q and dO fragments stay in registers across the key tiles: of each tile
+  // only K and V are read from shared memory (with two strips, 24 ldmatrix of 40 per warp in the dQ kernel,
+  // 16 of 32 in the statistics kernel).
+  StripsA<kMT, kD, kD <= 64> qa{smem_addr(s_q + warp * 16 * kMT * kPitch), kPitch * 2};
+  StripsA<kMT, kD, kD <= 64> doa{smem_addr(s_do + warp * 16 * kMT * kPitch), kPitch * 2};
 
   for (int t = tiles.x; t < tiles.y; ++t) {
     const int stage = (t - tiles.x) & 1;
@@ -1130,11 +1133,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
     __syncthreads();
     const uint16_t* k_tile = s_k + stage * kN * kPitch;
     const uint16_t* v_tile = s_v + stage * kN * kPitch;
-    if constexpr (kHeldA) {
-      if (t == tiles.x) {  // Q and dO came with the first key tile
-        load_a_strips<kMT, kD>(q_frag, q_addr, kPitch * 2);
-        load_a_strips<kMT, kD>(do_frag, do_addr, kPitch * 2);
-      }
+    if (t == tiles.x) {  // Q and dO came with the first key tile
+      qa.load();
+      doa.load();
     }
 
     // Causal: a key tile wholly past this warp's last row has P = 0 for all its rows (dS 0, nothing to
@@ -1143,11 +1144,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
       float ps[kMT][kN / 8][4];
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) zero(ps[mt]);
-      if constexpr (kHeldA) {
-        strips_gemm_abt<T, kMT, kN / 8, kD>(ps, q_frag, smem_addr(k_tile), kPitch * 2);
-      } else {
-        strips_gemm_abt<T, kMT, kN / 8, kD>(ps, q_addr, kPitch * 2, smem_addr(k_tile), kPitch * 2);
-      }
+      strips_gemm_abt<T, kMT, kN / 8, kD>(ps, qa, smem_addr(k_tile), kPitch * 2);
       const bool masked = tile_needs_mask(p, m0, kM, n0, kN);
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
@@ -1170,11 +1167,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
       float dp[kMT][kN / 8][4];
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) zero(dp[mt]);
-      if constexpr (kHeldA) {
-        strips_gemm_abt<T, kMT, kN / 8, kD>(dp, do_frag, smem_addr(v_tile), kPitch * 2);
-      } else {
-        strips_gemm_abt<T, kMT, kN / 8, kD>(dp, do_addr, kPitch * 2, smem_addr(v_tile), kPitch * 2);
-      }
+      strips_gemm_abt<T, kMT, kN / 8, kD>(dp, doa, smem_addr(v_tile), kPitch * 2);
       uint32_t frag[kMT][kN / 16][4];
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
