@@ -297,6 +297,45 @@ def test_bench_kernels_says_where_each_implementations_time_goes(tmp_path, capsy
     assert all(r["kernels"] is None for r in json.loads(out.read_text()))
 
 
+def test_kernel_times_on_a_gpu_sum_the_device_kernels_by_name(monkeypatch):
+    """The CUDA side of --kernels, with the profiler's own event type standing in for a GPU's trace:
+    device kernels' durations summed per shortened name, the CPU ops beside them left out, names past
+    the top ones summed into 'other'."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    def event(i, name, us, device_type=DeviceType.CUDA):
+        return FunctionEvent(id=i, name=name, thread=0, start_us=100 * i, end_us=100 * i + us, device_type=device_type)
+
+    kernel = "void fused_attn::(anonymous namespace)::attn_bwd_dq_kernel<c10::BFloat16, 64, true, 2>(BwdParams)"
+    events = [event(1, "aten::empty", 500, DeviceType.CPU), event(2, kernel, 30), event(3, kernel, 20),
+              event(4, "_attn_fwd_kernel", 40)] + [event(5 + i, f"k{i}", 1) for i in range(7)]
+
+    class Profile:
+        def __init__(self, activities):
+            assert activities == [torch.profiler.ProfilerActivity.CUDA]
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def events(self):
+            return events
+
+    monkeypatch.setattr(torch.profiler, "profile", Profile)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    calls = []
+    result = harness.kernel_times(lambda: calls.append(1), torch.device("cuda"), top=3)
+    assert calls == [1]
+    assert result["top"][:3] == [{"name": "attn_bwd_dq_kernel<BFloat16, 64, true, 2>", "ms": 0.05, "calls": 2},
+                                 {"name": "_attn_fwd_kernel", "ms": 0.04, "calls": 1},
+                                 {"name": "k0", "ms": 0.001, "calls": 1}]
+    assert result["top"][3]["name"] == "other" and result["top"][3]["calls"] == 6
+    assert result["total_ms"] == pytest.approx(0.097)
+
+
 def test_kernel_names_are_shortened_to_what_tells_them_apart():
     name = harness.kernel_name
     assert name("void fused_attn::(anonymous namespace)::attn_bwd_dkdv_kernel<c10::BFloat16, 64, 2>"
