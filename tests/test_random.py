@@ -253,18 +253,36 @@ def test_native_ops_check_the_dropout_seed_alike(device, op):
             call(torch.tensor(7, device="cuda"))
 
 
+def _ffn_args(device):
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    x, w1 = torch.randn(4, 16, device=device, dtype=dtype), torch.randn(8, 16, device=device, dtype=dtype)
+    return x, w1, torch.randn(16, 5, device=device, dtype=dtype)  # w2's inner size is not w1's 8
+
+
 @pytest.mark.skipif(not _extension.loaded(), reason="the extension is not built")
 @pytest.mark.parametrize("device", _native_devices())
 def test_native_ffn_checks_its_seed_before_its_gemms(device):
     """The FFN's dropout comes after both GEMMs; its seed is checked before them: a call without one
     is refused for the seed, not after the work (here, not for a w2 the second GEMM would refuse)."""
-    dtype = torch.float32 if device == "cpu" else torch.float16
-    x, w1 = torch.randn(4, 16, device=device, dtype=dtype), torch.randn(8, 16, device=device, dtype=dtype)
-    w2 = torch.randn(16, 5, device=device, dtype=dtype)
+    x, w1, w2 = _ffn_args(device)
     with pytest.raises(RuntimeError, match="seed must be given when dropout_p > 0"):
         torch.ops.fused_attn.ffn_fwd(x, w1, None, w2, None, "none", 0.1, None)
     with pytest.raises(RuntimeError, match="w2 must have shape"):
         torch.ops.fused_attn.ffn_fwd(x, w1, None, w2, None, "none", 0.1, torch.tensor(7))
+
+
+@pytest.mark.skipif(_triton_device() is None, reason="needs Triton on a GPU or under TRITON_INTERPRET=1")
+def test_triton_ffn_checks_its_seed_before_its_gemms(monkeypatch):
+    """The Triton FFN alike: a call without a seed is refused before its first GEMM runs."""
+    from fused_attn.kernels.triton import ffn as kernels
+
+    def first_gemm(*args, **kwargs):
+        raise AssertionError("the first GEMM ran before the seed was checked")
+
+    monkeypatch.setattr(kernels, "linear_gelu_fwd", first_gemm)
+    x, w1, _ = _ffn_args(_triton_device())
+    with pytest.raises(ValueError, match="seed must be given when dropout_p > 0"):
+        torch.ops.fused_attn.triton_ffn_fwd(x, w1, None, w1.t().contiguous(), None, "none", 0.1, None)
 
 
 @pytest.mark.skipif(_triton_device() is None, reason="needs Triton on a GPU or under TRITON_INTERPRET=1")

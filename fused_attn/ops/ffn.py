@@ -200,11 +200,11 @@ def _triton_ffn_fwd(
     """Returns (output [rows, out], pre-activation [rows, hidden])."""
     from ..kernels.triton import ffn as kernels
 
+    seed = kernel_seed(seed, dropout_p, input, _TRITON_FFN)  # checked before the GEMMs; the dropout comes last
     hidden, pre = kernels.linear_gelu_fwd(input, w1, b1, approximate)
     out = input.new_empty(input.shape[0], w2.shape[0])
     epilogue = kernels.EPILOGUE_BIAS_DROPOUT if dropout_p > 0.0 else kernels.EPILOGUE_BIAS
-    kernels.gemm(hidden, w2.t(), out, epilogue=epilogue, bias=b2, seed=kernel_seed(seed, dropout_p, input, _TRITON_FFN),
-                 dropout_p=dropout_p)
+    kernels.gemm(hidden, w2.t(), out, epilogue=epilogue, bias=b2, seed=seed, dropout_p=dropout_p)
     return out, pre
 
 
