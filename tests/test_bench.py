@@ -297,6 +297,25 @@ def test_bench_kernels_says_where_each_implementations_time_goes(tmp_path, capsy
     assert all(r["kernels"] is None for r in json.loads(out.read_text()))
 
 
+@pytest.mark.cuda
+def test_bench_kernels_on_a_gpu_lists_each_backends_attention_kernels(tmp_path, capsys):
+    """--kernels on a GPU, as gpu-check runs it: the device kernels of one profiled call by name, the
+    cuda backend's forward, statistics, dK/dV and dQ kernels and the Triton backend's apart."""
+    out = tmp_path / "k.json"
+    code, captured = _run(["bench", "--suite", "attention", "--device", "cuda", "--batch", "1", "--heads", "2",
+                           "--seq", "256", "--causal", "false", "--mode", "fwd+bwd", "--repeats", "2", "--no-compile",
+                           "--backends", "cuda,triton", "--kernels", "--json", str(out)], capsys)
+    assert code == 0, captured.err
+    timed = {r["impl"]: r for r in json.loads(out.read_text()) if r["skipped"] is None}
+    names = {impl: [k["name"] for k in r["kernels"]["top"]] for impl, r in timed.items()}
+    for impl, kernels in (("cuda", ("attn_fwd_kernel<", "attn_bwd_dkdv_kernel<", "attn_bwd_dq_kernel<")),
+                          ("triton", ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"))):
+        for kernel in kernels:
+            assert any(name.startswith(kernel) for name in names[impl]), (impl, kernel, names[impl])
+    assert sum(name.startswith("attn_bwd_dq_kernel<") for name in names["cuda"]) == 2  # statistics and dQ
+    assert all(r["kernels"]["total_ms"] > 0 for r in timed.values())
+
+
 def test_kernel_times_on_a_gpu_sum_the_device_kernels_by_name(monkeypatch):
     """The CUDA side of --kernels, with the profiler's own event type standing in for a GPU's trace:
     device kernels' durations summed per shortened name, the CPU ops beside them left out, names past
