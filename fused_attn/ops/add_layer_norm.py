@@ -16,7 +16,7 @@ from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, fast_entry, fast_path_open, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from ._random import draw_seed, kernel_seed
-from . import _second_order as _second_order_grads
+from . import _op_checks as checks, _second_order as _second_order_grads
 from ._registry import interpreter_serialized, register_fake, register_native_pair, register_pair
 from ._validate import (
     affine_dtype, check_bool, check_dropout_p, check_eps, check_param, check_same_device, check_tensor, needs_grad, rows,
@@ -55,6 +55,7 @@ def _triton_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels.triton import layer_norm as kernels
 
+    checks.add_norm_inputs(input, residual, weight, bias, input_bias, eps, dropout_p)
     return kernels.add_layer_norm_fwd(
         input, residual, weight, bias, input_bias, eps, dropout_p, kernel_seed(seed, dropout_p, input, _TRITON_OP)
     )
@@ -74,6 +75,7 @@ def _triton_inference(
 ) -> torch.Tensor:
     from ..kernels.triton import layer_norm as kernels
 
+    checks.add_norm_inputs(input, residual, weight, bias, input_bias, eps, dropout_p)
     return kernels.add_layer_norm_inference(
         input, residual, weight, bias, input_bias, eps, dropout_p, kernel_seed(seed, dropout_p, input, _TRITON_OP)
     )
@@ -94,6 +96,10 @@ def _triton_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels.triton import layer_norm as kernels
 
+    checks.norm_grads(grad_out, prenorm, "prenorm", mean, rstd, weight, output_mask, weight_grad=2)
+    if grad_prenorm is not None:
+        checks.same_as(grad_prenorm, "grad_prenorm", prenorm, "prenorm")
+    checks.dropout_p(dropout_p)
     return kernels.add_layer_norm_bwd(
         grad_out, grad_prenorm, prenorm, mean, rstd, weight, dropout_p,
         kernel_seed(seed, dropout_p, prenorm, _TRITON_OP), output_mask,

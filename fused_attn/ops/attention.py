@@ -20,7 +20,7 @@ from ..kernels.layout import as_query_layout, empty_in_query_layout
 from ..reference.attention import causal_keep
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, kernel_seed
-from . import _second_order as _second_order_grads
+from . import _op_checks as checks, _second_order as _second_order_grads
 from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import (
     broadcast_mask, check_bool, check_dropout_p, check_same_device, check_tensor, dtype_name, is_finite_number,
@@ -93,6 +93,7 @@ def _triton_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels.triton import attention as kernels
 
+    checks.attention_inputs(query, key, value, attn_mask, scale, dropout_p)
     out, stats, _ = kernels.attention_fwd(
         query, key, value, attn_mask, scale, is_causal, dropout_p, kernel_seed(seed, dropout_p, query, _TRITON_OP)
     )
@@ -116,6 +117,8 @@ def _triton_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels.triton import attention as kernels
 
+    checks.attention_inputs(query, key, value, attn_mask, scale, dropout_p)
+    checks.attention_grads(grad_out, query, value, attn_mask, stats, mask_needs_grad)
     dq, dk, dv, dscores = kernels.attention_bwd(
         grad_out, query, key, value, attn_mask, stats, scale, is_causal, dropout_p,
         kernel_seed(seed, dropout_p, query, _TRITON_OP), mask_needs_grad,

@@ -35,7 +35,7 @@ from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, fast_entry, fast_path_open, register_op, select
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, kernel_seed
-from . import _second_order as _second_order_grads
+from . import _op_checks as checks, _second_order as _second_order_grads
 from ._registry import interpreter_serialized, register_fake, register_native_pair, register_pair
 from ._validate import (
     check_dropout_p, check_param, check_same_device, check_tensor, dtype_name, transform_features,
@@ -79,6 +79,7 @@ def _triton_linear_gelu_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels.triton import ffn as kernels
 
+    _check_linear_gelu(input, weight, bias, approximate)
     return kernels.linear_gelu_fwd(input, weight, bias, approximate)
 
 
@@ -94,6 +95,12 @@ def _triton_linear_gelu_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels.triton import ffn as kernels
 
+    rows, in_features = checks.rows_input(input, "input")
+    out_features = checks.linear_weight(weight, "weight", input, in_features, "in_features of the input")
+    checks.linear_grad_out(grad_out, input, rows, out_features, "weight")
+    checks.same_as(pre_activation, "pre_activation", grad_out, "grad_out")
+    checks.approximate(approximate)
+    checks.output_mask(output_mask, 3)
     return kernels.linear_gelu_bwd(grad_out, input, weight, pre_activation, approximate, output_mask)
 
 
@@ -104,7 +111,15 @@ def _triton_linear_gelu_inference(
 ) -> torch.Tensor:
     from ..kernels.triton import ffn as kernels
 
+    _check_linear_gelu(input, weight, bias, approximate)
     return kernels.linear_gelu_inference(input, weight, bias, approximate)
+
+
+def _check_linear_gelu(input, weight, bias, approximate):
+    in_features = checks.rows_input(input, "input")[1]
+    out_features = checks.linear_weight(weight, "weight", input, in_features, "in_features of the input")
+    checks.affine_param(bias, "bias", input, out_features)
+    checks.approximate(approximate)
 
 
 def _fake_linear_gelu_fwd(input, weight, bias, approximate):
@@ -200,6 +215,9 @@ def _triton_ffn_fwd(
     """Returns (output [rows, out], pre-activation [rows, hidden])."""
     from ..kernels.triton import ffn as kernels
 
+    checks.ffn_weights(input, w1, b1, w2, b2)
+    checks.approximate(approximate)
+    checks.dropout_p(dropout_p)
     seed = kernel_seed(seed, dropout_p, input, _TRITON_FFN)  # checked before the GEMMs; the dropout comes last
     hidden, pre = kernels.linear_gelu_fwd(input, w1, b1, approximate)
     out = input.new_empty(input.shape[0], w2.shape[0])
@@ -217,6 +235,8 @@ def _triton_ffn_inference(
     """triton_ffn_fwd's output without dropout (the same bits), keeping no pre-activation."""
     from ..kernels.triton import ffn as kernels
 
+    checks.ffn_weights(input, w1, b1, w2, b2)
+    checks.approximate(approximate)
     hidden = kernels.linear_gelu_inference(input, w1, b1, approximate)
     out = input.new_empty(input.shape[0], w2.shape[0])
     return kernels.gemm(hidden, w2.t(), out, epilogue=kernels.EPILOGUE_BIAS, bias=b2)
@@ -245,7 +265,14 @@ def _triton_ffn_bwd(
     """Returns (d_input, d_w1, d_b1, d_w2, d_b2) as selected by output_mask."""
     from ..kernels.triton import ffn as kernels
 
-    rows, out_features = grad_out.shape
+    rows, in_features = checks.rows_input(input, "input")
+    hidden = checks.linear_weight(w1, "w1", input, in_features, "in_features of the input")
+    out_features = checks.linear_weight(w2, "w2", input, hidden, "hidden features of w1")
+    checks.linear_grad_out(grad_out, input, rows, out_features, "w2")
+    checks.pre_activation(pre_activation, input, rows, hidden)
+    checks.approximate(approximate)
+    checks.dropout_p(dropout_p)
+    checks.output_mask(output_mask, 5)
     drop = dict(
         a_prologue=kernels.PROLOGUE_DROPOUT if dropout_p > 0.0 else kernels.PROLOGUE_NONE,
         seed=kernel_seed(seed, dropout_p, input, _TRITON_FFN), dropout_p=dropout_p,

@@ -18,7 +18,7 @@ import torch
 from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, fast_entry, fast_path_open, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
-from . import _second_order as _second_order_grads
+from . import _op_checks as checks, _second_order as _second_order_grads
 from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import affine_dtype, check_eps, check_param, check_tensor, python_scalar, rows, transform_features
 
@@ -43,6 +43,9 @@ def _triton_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels.triton import layer_norm as kernels
 
+    hidden = checks.rows_input(input, "input")[1]
+    checks.norm_params(input, weight, bias, hidden)
+    checks.eps(eps)
     return kernels.layer_norm_fwd(input, weight, bias, eps)
 
 
@@ -58,6 +61,7 @@ def _triton_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels.triton import layer_norm as kernels
 
+    checks.norm_grads(grad_out, input, "input", mean, rstd, weight, output_mask, weight_grad=1)
     return kernels.layer_norm_bwd(grad_out, input, mean, rstd, weight, output_mask)
 
 

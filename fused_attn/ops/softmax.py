@@ -12,7 +12,7 @@ import torch
 from .. import _extension, reference
 from ..backends import MAX_EXTENT, Inputs, Support, fast_entry, fast_path_open, register_op, select
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
-from . import _second_order as _second_order_grads
+from . import _op_checks as checks, _second_order as _second_order_grads
 from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import (
     broadcast_mask, check_bool, check_tensor, transform_features, is_finite_number, python_scalar, under_transform,
@@ -41,6 +41,7 @@ SPEC = register_op(
 def _triton_fwd(input: torch.Tensor, mask: torch.Tensor | None, scale: float, is_causal: bool) -> torch.Tensor:
     from ..kernels.triton import softmax as kernels
 
+    checks.softmax_input(input, mask, scale)
     return kernels.softmax_fwd(input, mask, scale, is_causal)
 
 
@@ -52,7 +53,10 @@ def _triton_bwd(
     """Returns (grad_input, grad of the masked scores in float32, or empty [0] unless ``mask_needs_grad``)."""
     from ..kernels.triton import softmax as kernels
 
-    dx, dscores = kernels.softmax_bwd(grad_out, output, scale, mask_needs_grad)
+    checks.softmax_grads(grad_out, output, scale)
+    # The kernel reads rows contiguously: a strided argument is copied first (the op's own backward
+    # passes contiguous tensors).
+    dx, dscores = kernels.softmax_bwd(grad_out.contiguous(), output.contiguous(), scale, mask_needs_grad)
     return dx, dscores if dscores is not None else output.new_empty(0)
 
 
