@@ -609,6 +609,28 @@ __device__ __forceinline__ void mask_tile(float (&s)[NB][4], const AttnParams& p
 // bits depend on which tiles need that pass, and so on the tiling (the one or two strips per warp).
 __device__ __forceinline__ float scaled_score(float qk, const AttnParams& p) { return __fmul_rn(qk, p.scale_log2); }
 
+// The scores of a warp's MT strips of 16 rows against a streamed tile (NB * 8 rows at b_base, pitch
+// b_pitch bytes): S = A B^T in log2 units (scaled_score), masked (mask_tile) where the tile needs it. The
+// strips' rows start at row0: queries, the tile's rows keys from col0 (rows_are_queries), or the reverse
+// (dK/dV's transposed scores).
+template <typename T, int MT, int NB, int kK, bool kHeld>
+__device__ __forceinline__ void strip_scores(float (&s)[MT][NB][4], const StripsA<MT, kK, kHeld>& a, uint32_t b_base,
+                                             int b_pitch, const AttnParams& p, bool masked, int64_t mask_base,
+                                             int row0, int col0, bool rows_are_queries) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) zero(s[mt]);
+  strips_gemm_abt<T, MT, NB, kK>(s, a, b_base, b_pitch);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[mt][nb][e] = scaled_score(s[mt][nb][e], p);
+    }
+    if (masked) mask_tile(s[mt], p, mask_base, row0 + 16 * mt, col0, rows_are_queries);
+  }
+}
+
 // The forward's statistics of query i of head bh, in log2 units: (row max, log2 of the row sum). A query
 // past the end gives (+inf, 0), so its P = exp2((s - max) - log2 sum) is 0 whatever the (zero-filled) scores.
 __device__ __forceinline__ float2 row_stats(const BwdParams& p, int64_t bh, int i) {
@@ -779,21 +801,11 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
     // warps, whose rows reach the tile, still need it loaded and the barriers kept.
     if (!p.causal || n0 <= warp_row0 + 16 * kMT - 1) {
       float s[kMT][kN / 8][4];
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) zero(s[mt]);
-      strips_gemm_abt<T, kMT, kN / 8, kD>(s, qa, smem_addr(s_k + stage * kN * kPitch), kPitch * 2);
-      const bool masked = tile_needs_mask(p, m0, kM, n0, kN);
+      strip_scores<T>(s, qa, smem_addr(s_k + stage * kN * kPitch), kPitch * 2, p, tile_needs_mask(p, m0, kM, n0, kN),
+                      mask_base, warp_row0, n0, true);
       uint32_t pa[kMT][kN / 16][4];
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-        for (int nb = 0; nb < kN / 8; ++nb) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[mt][nb][e] = scaled_score(s[mt][nb][e], p);
-        }
-        const int strip_row0 = warp_row0 + 16 * mt;
-        if (masked) mask_tile(s[mt], p, mask_base, strip_row0, n0, true);
-
         // Online softmax: rescale what was accumulated by exp2(old max - new max).
         float shift[2];
 #pragma unroll
@@ -823,7 +835,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
         }
         if (p.dropout) {
           const uint64_t seed = p.seed.load();
-          for_each_pair(s[mt], strip_row0, n0, [&](float& x0, float& x1, int i, int j) {
+          for_each_pair(s[mt], warp_row0 + 16 * mt, n0, [&](float& x0, float& x1, int i, int j) {
             const float2 keep = kept_pair(p, seed, bh, i, j);
             x0 *= keep.x;
             x1 *= keep.y;
@@ -966,19 +978,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
     if (!p.causal || m0 + kM - 1 >= warp_key0) {
       // P^T = exp2((S^T - max) - log2(sum)) * corr: rows keys, columns queries.
       float pt[kNT][kM / 8][4];
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) zero(pt[nt]);
-      strips_gemm_abt<T, kNT, kM / 8, kD>(pt, ka, smem_addr(q_tile), kPitch * 2);
-      const bool masked = tile_needs_mask(p, m0, kM, n0, kN);
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-        for (int nb = 0; nb < kM / 8; ++nb) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) pt[nt][nb][e] = scaled_score(pt[nt][nb][e], p);
-        }
-        if (masked) mask_tile(pt[nt], p, mask_base, warp_key0 + 16 * nt, m0, false);
-      }
+      strip_scores<T>(pt, ka, smem_addr(q_tile), kPitch * 2, p, tile_needs_mask(p, m0, kM, n0, kN), mask_base,
+                      warp_key0, m0, false);
       // A column's (query's) statistics, the same for every strip.
       float dlt[kM / 8][2];
 #pragma unroll
@@ -1142,18 +1143,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
     // add to the sums or to dQ; grad_scores keeps its zeros there), so the warp skips it, as the forward.
     if (!p.causal || n0 <= warp_row0 + 16 * kMT - 1) {
       float ps[kMT][kN / 8][4];
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) zero(ps[mt]);
-      strips_gemm_abt<T, kMT, kN / 8, kD>(ps, qa, smem_addr(k_tile), kPitch * 2);
-      const bool masked = tile_needs_mask(p, m0, kM, n0, kN);
+      strip_scores<T>(ps, qa, smem_addr(k_tile), kPitch * 2, p, tile_needs_mask(p, m0, kM, n0, kN), mask_base,
+                      warp_row0, n0, true);
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-        for (int nb = 0; nb < kN / 8; ++nb) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) ps[mt][nb][e] = scaled_score(ps[mt][nb][e], p);
-        }
-        if (masked) mask_tile(ps[mt], p, mask_base, warp_row0 + 16 * mt, n0, true);
 #pragma unroll
         for (int nb = 0; nb < kN / 8; ++nb) {
 #pragma unroll
