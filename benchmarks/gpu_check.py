@@ -247,12 +247,11 @@ def run_benchmarks(python: str, tmp: Path, suites: list[str], compile_reference:
 # tiles, a single query and key, causal + bool mask, key padding masks (the key spans: a middle range
 # with dropout, none seen), a float mask with its gradient, dropout, grouped key/value heads (132 query
 # heads of 200 rows, with dropout: enough 128-row blocks for every kernel's two strips per warp on an
-# H100/H200), an
-# unaligned head dim (element copies instead of cp.async), a padded one (72 in tiles of 96), the split
-# head dim 256 with value head dims apart from the query's, and operands at storage offset 1 (every
-# vector path declined); softmax in a warp and a block per row; LayerNorm, Add & Norm and the FFN at
-# widths that vectorise, aligned and not. The script's first lines name the device and backend (a test
-# runs it on the cpu backend).
+# H100/H200), an unaligned head dim (element copies instead of cp.async), a padded one (72 in tiles of
+# 96), the split head dim 256 with value head dims apart from the query's, and operands at storage
+# offset 1 (every vector path declined); softmax in a warp and a block per row; LayerNorm, Add & Norm
+# and the FFN at widths that vectorise, aligned and not. The script's first lines name the device and
+# backend (a test runs it on the cpu backend).
 SANITIZER_SCRIPT = """
 import torch, fused_attn
 from fused_attn import _extension
