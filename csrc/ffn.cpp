@@ -60,7 +60,7 @@ Tensor dropped(const Tensor& x, const OptTensor& seed, double dropout_p, bool ow
   const Tensor src = x.contiguous();
   const Tensor dst = own || !src.is_same(x) ? src : at::empty_like(src);
 #ifdef FUSED_ATTN_CPU_KERNELS
-  ffn_dropout_cpu(src, dst, dropout_seed(seed), dropout_p);
+  ffn_dropout_cpu(src, dst, dropout_seed(seed, x), dropout_p);
 #else
   ffn_dropout_cuda(src, dst, seed, dropout_p);
 #endif

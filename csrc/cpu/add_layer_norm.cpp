@@ -161,11 +161,11 @@ void check_eps(double eps) {
 }
 
 // dropout_p in [0, 1), and with it a seed: a CPU int64 scalar tensor. Returns the parameters.
-Dropout check_dropout(double dropout_p, const std::optional<at::Tensor>& seed) {
+Dropout check_dropout(double dropout_p, const std::optional<at::Tensor>& seed, const at::Tensor& like) {
   check_dropout_p(dropout_p);
   Dropout drop;
   if (dropout_p == 0.0) return drop;
-  drop.seed = dropout_seed(seed);
+  drop.seed = dropout_seed(seed, like);
   drop.p = static_cast<float>(dropout_p);
   drop.keep_prob = philox::keep_divisor(drop.p);
   return drop;
@@ -195,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_im
   check_affine_param(bias, "bias", input, hidden, param_dtype);
   check_affine_param(input_bias, "input_bias", input, hidden);
   check_eps(eps);
-  const Dropout drop = check_dropout(dropout_p, seed);
+  const Dropout drop = check_dropout(dropout_p, seed, input);
 
   at::Tensor out = at::empty({rows, hidden}, input.options());
   at::Tensor prenorm = keep_pre ? at::empty({rows, hidden}, input.options()) : out;
@@ -262,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
   check_row_stats(rstd, "rstd", prenorm, rows);
   const at::ScalarType param_dtype = affine_dtype(weight, prenorm);
   check_affine_param(weight, "weight", prenorm, hidden, param_dtype);
-  const Dropout drop = check_dropout(dropout_p, seed);
+  const Dropout drop = check_dropout(dropout_p, seed, prenorm);
   const bool has_weight = weight.has_value() && weight->defined();
   const bool need_dinput = output_mask[0], need_dres = output_mask[1], need_dw = output_mask[2],
              need_db = output_mask[3], need_dib = output_mask[4];

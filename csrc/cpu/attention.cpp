@@ -1672,7 +1672,7 @@ AttnProblem make_problem(const at::Tensor& query, const at::Tensor& key, const a
   pb.inv_keep = pb.dropout ? philox::keep_scale(pb.dropout_p) : 1.f;
   pb.seed = 0;
   if (pb.dropout) {
-    pb.seed = dropout_seed(seed);
+    pb.seed = dropout_seed(seed, query);
   }
   return pb;
 }

@@ -102,11 +102,11 @@ inline void check_seed_device(const at::Tensor& seed, const at::Tensor& like) {
   }
 }
 
-// The seed's value for the cpu kernels, which take it on the CPU, as their inputs (the CUDA kernels
-// take theirs through cuda_utils::kernel_seed).
-inline uint64_t dropout_seed(const std::optional<at::Tensor>& seed) {
+// The seed's value for the cpu kernels, which take it on the CPU, as their inputs (like, a CPU tensor;
+// the CUDA kernels take theirs through cuda_utils::kernel_seed).
+inline uint64_t dropout_seed(const std::optional<at::Tensor>& seed, const at::Tensor& like) {
   const at::Tensor& s = checked_seed(seed);
-  TORCH_CHECK(s.device().is_cpu(), "seed must be on the CPU, the inputs' device, got ", s.device());
+  check_seed_device(s, like);
   return static_cast<uint64_t>(s.item<int64_t>());
 }
 
