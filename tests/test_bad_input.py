@@ -9,9 +9,9 @@ the cases are written in float32, so a backend that does not take float32 (the C
 attention) is skipped here and covered by its own op's tests. Modules are swept on the backends
 of the op their forward is built on.
 
-The cases run in a child process per (backend, device): a crash in native code (a segfault, an
-abort) then fails the case that was running instead of killing the test session, and the child
-is restarted for the remaining cases. The child reports one JSON line per case.
+The cases run in a child process per (backend, device) (tests/isolated.py): a crash in native code
+(a segfault, an abort) then fails the case that was running instead of killing the test session,
+and a new child takes the remaining cases.
 """
 
 from __future__ import annotations
@@ -19,13 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import json
-import os
-import subprocess
-import sys
-import traceback
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -35,7 +29,9 @@ import fused_attn
 from fused_attn import BackendNotSupportedError, reference
 from fused_attn.nn import FusedFFN, FusedLayerNorm
 
+from . import isolated
 from .conftest import _magnitude, backend_params, check_tensor_parity
+from .isolated import report_cases
 
 # ---------------------------------------------------------------------------------------------
 # Checks, run inside the child
@@ -1486,53 +1482,17 @@ def module_decoder_layer_bad_and_odd_input(backend, device):
 # ---------------------------------------------------------------------------------------------
 # The child process and the tests
 
-REPO = Path(__file__).resolve().parents[1]
-CHILD_TIMEOUT_S = 300
-
 
 def run_child(backend: str, device: str, names: list[str]) -> None:
-    """Runs the named cases, printing one JSON line before (``start``) and after each."""
+    """Runs the named cases (tests/isolated.py's child side)."""
     torch.manual_seed(0)
-    for name in names:
-        print(json.dumps({"start": name}), flush=True)
-        try:
-            CASES[name][1](backend, device)
-            result = {"case": name, "ok": True}
-        except Exception as err:  # noqa: BLE001 - reported to the parent, which fails the test
-            detail = "".join(traceback.format_exception_only(type(err), err)).strip()
-            frames = traceback.extract_tb(err.__traceback__)
-            where = next((f"{f.name}:{f.lineno}" for f in reversed(frames) if f.filename == __file__), "")
-            result = {"case": name, "ok": False, "detail": f"{detail} (at {where})"}
-        print(json.dumps(result), flush=True)
+    report_cases(lambda name: CASES[name][1](backend, device), names, __file__)
 
 
 def run_cases(backend: str, device: str, names: list[str], prelude: str = "") -> dict[str, dict]:
-    """Runs ``names`` in child processes (``prelude``: code run in the child first); a child that
-    dies fails the case it was in and a new child takes the remaining ones."""
-    pending, results = list(names), {}
-    while pending:
-        code = f"{prelude}\nfrom tests.test_bad_input import run_child\nrun_child({backend!r}, {device!r}, {pending!r})"
-        try:
-            proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                                  timeout=CHILD_TIMEOUT_S, env=dict(os.environ))
-            stdout, returncode, stderr = proc.stdout, proc.returncode, proc.stderr
-        except subprocess.TimeoutExpired as timeout:
-            stdout = timeout.stdout.decode() if isinstance(timeout.stdout, bytes) else (timeout.stdout or "")
-            returncode, stderr = f"timed out after {CHILD_TIMEOUT_S} s", ""
-        started = None
-        for line in stdout.splitlines():
-            record = json.loads(line) if line.startswith("{") else {}
-            if "start" in record:
-                started = record["start"]
-            elif "case" in record:
-                results[record["case"]], started = record, None
-        if started is None and any(n not in results for n in pending):
-            started = next(n for n in pending if n not in results)  # died before its first case
-        if started is not None:
-            results[started] = {"case": started, "ok": False,
-                                "detail": f"the child process died (exit {returncode}) in this case: {stderr[-3000:]}"}
-        pending = [n for n in pending if n not in results]
-    return results
+    """Runs ``names`` in child processes (``prelude``: code run in the child first)."""
+    child = f"from tests.test_bad_input import run_child\nrun_child({backend!r}, {device!r}, names)"
+    return isolated.run_cases(child, names, prelude)
 
 
 @functools.cache

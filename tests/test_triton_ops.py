@@ -1,11 +1,15 @@
 """The Triton custom ops called directly (``torch.ops.fused_attn.triton_*``), as a user composing
 them or a graph compiler does: each malformed argument raises a RuntimeError naming it, before any
 kernel runs, where the kernels would read out of bounds or compute silently wrong; and the
-extension's op of the same signature refuses the same call. (Through the public ops the arguments
-are validated first: tests/test_bad_input.py.)
+extension's op of the same signature refuses the same call. The calls run in a child process
+(tests/isolated.py), so that one that crashes fails its case. (Through the public ops the
+arguments are validated first: tests/test_bad_input.py.)
 """
 
 from __future__ import annotations
+
+import functools
+import re
 
 import pytest
 import torch
@@ -13,6 +17,8 @@ import torch
 import fused_attn  # noqa: F401  (registers the ops)
 from fused_attn import _extension
 from fused_attn._env import triton_interpret_mode
+
+from . import isolated
 
 pytestmark = pytest.mark.skipif(not triton_interpret_mode(), reason="the Triton ops run on the CPU under TRITON_INTERPRET=1")
 ops = torch.ops.fused_attn
@@ -236,7 +242,8 @@ def _all_ops():
 
 
 OPS = _all_ops()
-CASES = [(op, i) for op, (_, bad) in OPS.items() for i in range(len(bad))]
+# Case names: "{op}-ok" the well-formed call, "{op}-{i}" its i-th malformed one.
+CASES = {f"{op}-ok": (op, None) for op in OPS} | {f"{op}-{i}": (op, i) for op, (_, bad) in OPS.items() for i in range(len(bad))}
 
 
 def _native_args(op: str, args: dict) -> dict | None:
@@ -250,30 +257,59 @@ def _native_args(op: str, args: dict) -> dict | None:
     return {**{k: v for k, v in args.items() if k != "stats"}, "lse": torch.zeros(2, 4, 8)}
 
 
+def _refused(call, message: str | None) -> None:
+    try:
+        call()
+    except RuntimeError as err:
+        if message is not None and not re.search(message, str(err)):
+            raise AssertionError(f"the message {str(err)!r} does not match {message!r}") from None
+        return
+    raise AssertionError("no RuntimeError was raised")
+
+
+def check_case(name: str) -> None:
+    """One case, run in a child process (tests/isolated.py): the well-formed call runs (the
+    malformed ones differ from it in one argument each); a malformed one is refused, naming the
+    argument, by the Triton op and by the extension's op."""
+    op, index = CASES[name]
+    args, bad = OPS[op]
+    if index is not None:
+        arg, value, message = bad[index]
+        args = {**args, arg: value}
+    native = _native_args(op, args) if _extension.loaded() else None
+    if index is None:
+        getattr(ops, f"triton_{op}")(**args)
+        if native is not None:
+            getattr(ops, op)(**native)
+        return
+    _refused(lambda: getattr(ops, f"triton_{op}")(**args), message)
+    if native is not None:
+        _refused(lambda: getattr(ops, op)(**native), None)
+
+
+@functools.cache
+def _results() -> dict[str, dict]:
+    child = f"from tests.test_triton_ops import check_case\nfrom tests.isolated import report_cases\n" \
+            f"report_cases(check_case, names, {__file__!r})"
+    return isolated.run_cases(child, list(CASES))
+
+
 def test_every_triton_op_has_its_cases():
     triton_ops = {name.removeprefix("triton_") for name in dir(ops) if name.startswith("triton_")}
     assert triton_ops == set(OPS)
 
 
-@pytest.mark.parametrize("op", sorted(OPS))
-def test_the_well_formed_call_runs(op):
-    """The malformed calls below differ from this one in one argument each."""
-    args, _ = OPS[op]
-    getattr(ops, f"triton_{op}")(**args)
-    if _extension.loaded() and (native := _native_args(op, args)) is not None:
-        getattr(ops, op)(**native)
+def _case_id(name: str) -> str:
+    op, index = CASES[name]
+    return name if index is None else f"{op}-{OPS[op][1][index][0]}-{index}"
 
 
-@pytest.mark.parametrize("op, index", CASES, ids=[f"{op}-{OPS[op][1][i][0]}-{i}" for op, i in CASES])
-def test_a_malformed_argument_is_named(op, index):
-    args, bad = OPS[op]
-    name, value, message = bad[index]
-    call = {**args, name: value}
-    with pytest.raises(RuntimeError, match=message):
-        getattr(ops, f"triton_{op}")(**call)
-    if _extension.loaded() and (native := _native_args(op, call)) is not None:
-        with pytest.raises(RuntimeError):
-            getattr(ops, op)(**native)
+@pytest.mark.parametrize("name", list(CASES), ids=[_case_id(n) for n in CASES])
+def test_direct_call(name):
+    """Each case in a child process: an op that crashed (as the malformed calls did, reading out of
+    bounds) fails its case instead of the session."""
+    result = _results()[name]
+    assert result["ok"], result["detail"]
 
 
 @pytest.mark.parametrize("op, count", [("layer_norm_bwd", 3), ("linear_gelu_bwd", 3), ("ffn_bwd", 5),
