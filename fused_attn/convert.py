@@ -30,10 +30,9 @@ from .nn import (
 )
 from .nn._fused import Fused
 from .nn.transformer import foreign_child
-from .ops._validate import check_bool
+from .ops._validate import KERNEL_DTYPES, check_bool
 from .ops.attention import HEAD_DIM_LIMITS
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ORIGINAL_CLASS = "_fused_attn_original"
 # On a module built fused (not converted by optimize): the backend it had before optimize set one.
 BACKEND_BEFORE = "_fused_attn_backend_before"

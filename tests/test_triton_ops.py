@@ -320,9 +320,13 @@ def test_output_mask_has_one_entry_per_gradient(op, count):
         getattr(ops, f"triton_{op}")(**{**args, "output_mask": [True, True]})
 
 
-def test_head_dims_over_256_are_refused():
+def test_head_dims_outside_the_declared_limits_are_refused():
+    """The limits the backend declares (ops.attention.GPU_LIMITS: 1 to 256), checked by the op too."""
+    empty = _randn(1, 1, 4, 0)
+    with pytest.raises(RuntimeError, match="serve head dims 1 to 256, got head_dim 0 and value head_dim 0"):
+        ops.triton_attention_fwd(empty, empty, empty, None, 0.1, False, 0.0, None)
     q = _randn(1, 1, 4, 264)
-    with pytest.raises(RuntimeError, match="the Triton attention kernels serve head dims up to 256, got head_dim 264"):
+    with pytest.raises(RuntimeError, match="the Triton attention kernels serve head dims 1 to 256, got head_dim 264"):
         ops.triton_attention_fwd(q, q, q, None, 0.1, False, 0.0, None)
     with pytest.raises(RuntimeError, match="value head_dim 300"):
         ops.triton_attention_fwd(q[..., :8], q[..., :8], _randn(1, 1, 4, 300), None, 0.1, False, 0.0, None)

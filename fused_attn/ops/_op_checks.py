@@ -16,16 +16,13 @@ import math
 import torch
 
 from ..backends import triton_interpret_mode
-from ._validate import FLOATING, dtype_name
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The largest head dim the Triton attention kernels tile (ops.attention.HEAD_DIM_LIMITS).
-MAX_HEAD_DIM = 256
+from ._validate import FLOATING, KERNEL_DTYPES, dtype_name
 
 
-def require(ok: bool, *message: object) -> None:
-    if not ok:
-        raise RuntimeError("".join(str(part) for part in message))
+def fail(*message: object) -> None:
+    """Raises the RuntimeError of a failed check (called only then: the message's parts, shapes and
+    dtype names, are formed only for an error, the checks themselves are plain comparisons)."""
+    raise RuntimeError("".join(str(part) for part in message))
 
 
 def _shape(t: torch.Tensor) -> list[int]:
@@ -34,29 +31,35 @@ def _shape(t: torch.Tensor) -> list[int]:
 
 def kernel_device(t: torch.Tensor, name: str) -> None:
     """A tensor the Triton kernels can read: on a GPU, or on the CPU under ``TRITON_INTERPRET=1``."""
-    require(t.is_cuda or (t.device.type == "cpu" and triton_interpret_mode()), name,
-            " must be a CUDA tensor (the Triton kernels run on the CPU only under TRITON_INTERPRET=1), got ", t.device)
+    if not t.is_cuda and (t.device.type != "cpu" or not triton_interpret_mode()):
+        fail(name, " must be a CUDA tensor (the Triton kernels run on the CPU only under TRITON_INTERPRET=1), got ",
+             t.device)
 
 
 def supported_float(t: torch.Tensor, name: str) -> None:
-    require(t.dtype in KERNEL_DTYPES, name, " must be float32, float16 or bfloat16, got ", dtype_name(t.dtype))
+    if t.dtype not in KERNEL_DTYPES:
+        fail(name, " must be float32, float16 or bfloat16, got ", dtype_name(t.dtype))
 
 
 def rows_input(t: torch.Tensor, name: str) -> tuple[int, int]:
     """A [rows, hidden] row-major input; returns (rows, hidden)."""
-    require(t.dim() == 2, name, " must be 2-D [rows, hidden], got ", t.dim(), " dimensions")
-    require(t.is_contiguous(), name, " must be contiguous")
+    if t.dim() != 2:
+        fail(name, " must be 2-D [rows, hidden], got ", t.dim(), " dimensions")
+    if not t.is_contiguous():
+        fail(name, " must be contiguous")
     supported_float(t, name)
     kernel_device(t, name)
     return t.shape[0], t.shape[1]
 
 
 def on_device_of(t: torch.Tensor, name: str, like: torch.Tensor) -> None:
-    require(t.device == like.device, name, " must be on ", like.device, ", got ", t.device)
+    if t.device != like.device:
+        fail(name, " must be on ", like.device, ", got ", t.device)
 
 
 def dtype_of(t: torch.Tensor, name: str, dtype: torch.dtype, why: str = " like the input") -> None:
-    require(t.dtype == dtype, name, " must have dtype ", dtype_name(dtype), why, ", got ", dtype_name(t.dtype))
+    if t.dtype != dtype:
+        fail(name, " must have dtype ", dtype_name(dtype), why, ", got ", dtype_name(t.dtype))
 
 
 def affine_dtype(weight: torch.Tensor | None, like: torch.Tensor) -> torch.dtype:
@@ -74,9 +77,10 @@ def affine_param(
     ``what`` says whose size ``hidden`` is."""
     if param is None:
         return
-    require(param.dim() == 1 and param.shape[0] == hidden, name, " must have shape [", hidden, "]", what, ", got ",
-            _shape(param))
-    require(param.is_contiguous(), name, " must be contiguous")
+    if param.shape != (hidden,):
+        fail(name, " must have shape [", hidden, "]", what, ", got ", _shape(param))
+    if not param.is_contiguous():
+        fail(name, " must be contiguous")
     if dtype is None:
         dtype_of(param, name, like.dtype)
     else:
@@ -87,87 +91,107 @@ def affine_param(
 def linear_weight(weight: torch.Tensor, name: str, like: torch.Tensor, in_features: int, in_what: str) -> int:
     """A linear layer's weight [out_features, in_features] (any strides: a GEMM reads it) of ``like``'s
     dtype and device; ``in_what`` says whose size in_features is. Returns out_features."""
-    require(weight.dim() == 2 and weight.shape[1] == in_features, name, " must have shape [out_features, ",
-            in_features, "] (", in_what, "), got ", _shape(weight))
+    if weight.dim() != 2 or weight.shape[1] != in_features:
+        fail(name, " must have shape [out_features, ", in_features, "] (", in_what, "), got ", _shape(weight))
     dtype_of(weight, name, like.dtype)
     on_device_of(weight, name, like)
     return weight.shape[0]
 
 
 def same_as(t: torch.Tensor, name: str, like: torch.Tensor, like_name: str) -> None:
-    require(t.shape == like.shape, name, " must have the shape of ", like_name, " ", _shape(like), ", got ", _shape(t))
+    if t.shape != like.shape:
+        fail(name, " must have the shape of ", like_name, " ", _shape(like), ", got ", _shape(t))
     dtype_of(t, name, like.dtype, "")
     on_device_of(t, name, like)
-    require(t.is_contiguous(), name, " must be contiguous")
+    if not t.is_contiguous():
+        fail(name, " must be contiguous")
 
 
 def row_stats(stat: torch.Tensor, name: str, like: torch.Tensor, rows: int) -> None:
     """mean/rstd statistics: contiguous float32 [rows] on the input's device."""
-    require(stat.dim() == 1 and stat.shape[0] == rows, name, " must have shape [", rows, "], got ", _shape(stat))
-    require(stat.dtype == torch.float32, name, " must be float32, got ", dtype_name(stat.dtype))
-    require(stat.is_contiguous(), name, " must be contiguous")
+    if stat.shape != (rows,):
+        fail(name, " must have shape [", rows, "], got ", _shape(stat))
+    if stat.dtype != torch.float32:
+        fail(name, " must be float32, got ", dtype_name(stat.dtype))
+    if not stat.is_contiguous():
+        fail(name, " must be contiguous")
     on_device_of(stat, name, like)
 
 
 def output_mask(mask: list[bool], count: int) -> None:
-    require(len(mask) == count, "output_mask must have ", count, " entries, got ", len(mask))
+    if len(mask) != count:
+        fail("output_mask must have ", count, " entries, got ", len(mask))
 
 
 def eps(value: float) -> None:
-    require(math.isfinite(value) and value >= 0, "eps must be finite and >= 0, got ", value)
+    if not (math.isfinite(value) and value >= 0):
+        fail("eps must be finite and >= 0, got ", value)
 
 
 def finite_scale(scale: float) -> None:
-    require(math.isfinite(scale), "scale must be finite, got ", scale)
+    if not math.isfinite(scale):
+        fail("scale must be finite, got ", scale)
 
 
 def dropout_p(p: float) -> None:
-    require(0.0 <= p < 1.0, "dropout_p must be in [0, 1), got ", p)  # NaN fails too
+    if not 0.0 <= p < 1.0:  # NaN fails too
+        fail("dropout_p must be in [0, 1), got ", p)
 
 
 def approximate(value: str) -> None:
-    require(value in ("none", "tanh"), 'approximate must be "none" or "tanh", got "', value, '"')
+    if value not in ("none", "tanh"):
+        fail('approximate must be "none" or "tanh", got "', value, '"')
 
 
 def mask_dtype(mask: torch.Tensor, name: str) -> None:
-    require(mask.dtype == torch.bool or mask.dtype in FLOATING, name,
-            " must be bool, float32, float16, bfloat16 or float64, got ", dtype_name(mask.dtype))
+    if mask.dtype != torch.bool and mask.dtype not in FLOATING:
+        fail(name, " must be bool, float32, float16, bfloat16 or float64, got ", dtype_name(mask.dtype))
+
+
+def unit_last_stride(t: torch.Tensor, name: str, dim_name: str) -> None:
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        fail(name, " must have a unit stride along ", dim_name, ", got strides ", list(t.stride()))
 
 
 # ---------------------------------------------------------------------------------------------
 # Per op family
 
 
-def attention_inputs(query, key, value, attn_mask, scale, dropout) -> None:
+def attention_inputs(query, key, value, attn_mask, scale, dropout, head_dims: dict) -> None:
     """query [B, H, Lq, D], key [B, Hkv, Lk, D], value [B, Hkv, Lk, Dv] (Hkv = H or a divisor: grouped)
-    of one dtype and device with a unit stride along the head dim, head dims up to 256; attn_mask
-    expanded to [B, H, Lq, Lk]; scale finite; dropout_p in [0, 1)."""
+    of one dtype and device with a unit stride along the head dim, D and Dv within ``head_dims`` (the
+    backend's declared limits, ``{"head_dim": (low, high), "head_dim_v": ...}``); attn_mask expanded
+    to [B, H, Lq, Lk]; scale finite; dropout_p in [0, 1)."""
     supported_float(query, "query")
     for t, name in ((query, "query"), (key, "key"), (value, "value")):
-        require(t.dim() == 4, name, " must be 4-D [batch, heads, seq, head_dim], got ", t.dim(), " dimensions")
+        if t.dim() != 4:
+            fail(name, " must be 4-D [batch, heads, seq, head_dim], got ", t.dim(), " dimensions")
         kernel_device(t, name)
-        require(t.device == query.device, name, " must be on ", query.device, " like query, got ", t.device)
+        if t.device != query.device:
+            fail(name, " must be on ", query.device, " like query, got ", t.device)
         dtype_of(t, name, query.dtype, " like query")
-        require(t.shape[-1] <= 1 or t.stride(-1) == 1, name, " must have a unit stride along head_dim, got strides ",
-                list(t.stride()))
-    kv_heads = key.shape[1]
-    require(
-        key.shape[0] == query.shape[0] and value.shape[0] == query.shape[0] and value.shape[1] == kv_heads
-        and (kv_heads == query.shape[1] or (kv_heads > 0 and query.shape[1] % kv_heads == 0)),
-        "key and value must have query's batch and heads ", _shape(query)[:2],
-        " (or, grouped, the same divisor of query's heads), got key ", _shape(key), " and value ", _shape(value),
-    )
-    require(key.shape[3] == query.shape[3], "key head_dim ", key.shape[3], " must equal query head_dim ", query.shape[3])
-    require(value.shape[2] == key.shape[2], "value length ", value.shape[2], " must equal key length ", key.shape[2])
-    require(query.shape[3] <= MAX_HEAD_DIM and value.shape[3] <= MAX_HEAD_DIM,
-            "the Triton attention kernels serve head dims up to ", MAX_HEAD_DIM, ", got head_dim ", query.shape[3],
-            " and value head_dim ", value.shape[3])
+        unit_last_stride(t, name, "head_dim")
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    grouped = kv_heads == heads or (kv_heads > 0 and heads % kv_heads == 0)
+    if key.shape[0] != batch or value.shape[0] != batch or value.shape[1] != kv_heads or not grouped:
+        fail("key and value must have query's batch and heads ", [batch, heads],
+             " (or, grouped, the same divisor of query's heads), got key ", _shape(key), " and value ", _shape(value))
+    if key.shape[3] != head_dim:
+        fail("key head_dim ", key.shape[3], " must equal query head_dim ", head_dim)
+    if value.shape[2] != k_len:
+        fail("value length ", value.shape[2], " must equal key length ", k_len)
+    for feature, size in (("head_dim", head_dim), ("head_dim_v", value.shape[3])):
+        low, high = head_dims[feature]
+        if not low <= size <= high:
+            fail("the Triton attention kernels serve head dims ", low, " to ", high, ", got head_dim ", head_dim,
+                 " and value head_dim ", value.shape[3])
     if attn_mask is not None:
         on_device_of(attn_mask, "attn_mask", query)
         mask_dtype(attn_mask, "attn_mask")
-        expected = [*query.shape[:3], key.shape[2]]
-        require(_shape(attn_mask) == expected, "attn_mask must be expanded to [batch, heads, q_len, k_len] = ",
-                expected, ", got ", _shape(attn_mask))
+        if attn_mask.shape != (batch, heads, q_len, k_len):
+            fail("attn_mask must be expanded to [batch, heads, q_len, k_len] = ", [batch, heads, q_len, k_len],
+                 ", got ", _shape(attn_mask))
     finite_scale(scale)
     dropout_p(dropout)
 
@@ -175,41 +199,44 @@ def attention_inputs(query, key, value, attn_mask, scale, dropout) -> None:
 def attention_grads(grad_out, query, value, attn_mask, stats, mask_needs_grad) -> None:
     """The backward's own arguments besides attention_inputs': grad_out shaped as the output;
     the forward's row statistics [B, H, 2, Lq] float32."""
-    expected = [*query.shape[:3], value.shape[3]]
-    require(grad_out.dim() == 4 and _shape(grad_out) == expected, "grad_out must have shape ", expected, ", got ",
-            _shape(grad_out))
+    batch, heads, q_len, _ = query.shape
+    if grad_out.shape != (batch, heads, q_len, value.shape[3]):
+        fail("grad_out must have shape ", [batch, heads, q_len, value.shape[3]], ", got ", _shape(grad_out))
     dtype_of(grad_out, "grad_out", query.dtype, "")
     on_device_of(grad_out, "grad_out", query)
-    require(grad_out.shape[-1] <= 1 or grad_out.stride(-1) == 1,
-            "grad_out must have a unit stride along its last dim, got strides ", list(grad_out.stride()))
-    expected = [*query.shape[:2], 2, query.shape[2]]
-    require(_shape(stats) == expected, "stats must have shape ", expected, " (the Triton forward's row statistics), got ",
-            _shape(stats))
-    require(stats.dtype == torch.float32, "stats must be float32, got ", dtype_name(stats.dtype))
-    require(stats.is_contiguous() and stats.device == query.device, "stats must be a contiguous tensor on ",
-            query.device)
-    require(not mask_needs_grad or attn_mask is not None, "mask_needs_grad is true but attn_mask is None")
+    unit_last_stride(grad_out, "grad_out", "its last dim")
+    if stats.shape != (batch, heads, 2, q_len):
+        fail("stats must have shape ", [batch, heads, 2, q_len], " (the Triton forward's row statistics), got ",
+             _shape(stats))
+    if stats.dtype != torch.float32:
+        fail("stats must be float32, got ", dtype_name(stats.dtype))
+    if not stats.is_contiguous() or stats.device != query.device:
+        fail("stats must be a contiguous tensor on ", query.device)
+    if mask_needs_grad and attn_mask is None:
+        fail("mask_needs_grad is true but attn_mask is None")
 
 
 def softmax_input(input, mask, scale) -> None:
     """input [A, B, M, N] (any strides); mask expanded to its shape."""
-    require(input.dim() == 4, "input must be 4-D [A, B, M, N], got ", input.dim(), " dimensions")
+    if input.dim() != 4:
+        fail("input must be 4-D [A, B, M, N], got ", input.dim(), " dimensions")
     kernel_device(input, "input")
     supported_float(input, "input")
     finite_scale(scale)
     if mask is not None:
         on_device_of(mask, "mask", input)
         mask_dtype(mask, "mask")
-        require(mask.shape == input.shape, "mask must be expanded to the input's shape ", _shape(input), ", got ",
-                _shape(mask))
+        if mask.shape != input.shape:
+            fail("mask must be expanded to the input's shape ", _shape(input), ", got ", _shape(mask))
 
 
 def softmax_grads(grad_out, output, scale) -> None:
-    require(output.dim() >= 1, "output must have at least 1 dimension")
+    if output.dim() < 1:
+        fail("output must have at least 1 dimension")
     kernel_device(output, "output")
     supported_float(output, "output")
-    require(grad_out.shape == output.shape, "grad_out must have the shape of output ", _shape(output), ", got ",
-            _shape(grad_out))
+    if grad_out.shape != output.shape:
+        fail("grad_out must have the shape of output ", _shape(output), ", got ", _shape(grad_out))
     dtype_of(grad_out, "grad_out", output.dtype, "")
     on_device_of(grad_out, "grad_out", output)
     finite_scale(scale)
@@ -231,8 +258,8 @@ def norm_grads(grad_out, input, input_name, mean, rstd, weight, mask, weight_gra
     row_stats(rstd, "rstd", input, rows)
     affine_param(weight, "weight", input, hidden, affine_dtype(weight, input))
     output_mask(mask, 3 if weight_grad == 1 else 5)
-    require(weight is not None or not mask[weight_grad], "output_mask[", weight_grad,
-            "] asks for grad_weight, which requires a weight, but weight is None")
+    if weight is None and mask[weight_grad]:
+        fail("output_mask[", weight_grad, "] asks for grad_weight, which requires a weight, but weight is None")
     return hidden
 
 
@@ -250,19 +277,22 @@ def add_norm_inputs(input, residual, weight, bias, input_bias, eps_value, p) -> 
 def linear_grad_out(grad_out, input, rows, out_features, whose) -> None:
     """The gradient of a linear layer's output: contiguous [rows, out_features] of the input's dtype
     and device; ``whose`` names out_features' owner."""
-    require(grad_out.dim() == 2 and _shape(grad_out) == [rows, out_features], "grad_out must have shape [", rows, ", ",
-            out_features, "] ([rows of input, out_features of ", whose, "]), got ", _shape(grad_out))
+    if grad_out.shape != (rows, out_features):
+        fail("grad_out must have shape [", rows, ", ", out_features, "] ([rows of input, out_features of ", whose,
+             "]), got ", _shape(grad_out))
     dtype_of(grad_out, "grad_out", input.dtype)
     on_device_of(grad_out, "grad_out", input)
-    require(grad_out.is_contiguous(), "grad_out must be contiguous")
+    if not grad_out.is_contiguous():
+        fail("grad_out must be contiguous")
 
 
 def pre_activation(pre, input, rows, hidden) -> None:
-    require(_shape(pre) == [rows, hidden], "pre_activation must have shape [", rows, ", ", hidden, "], got ",
-            _shape(pre))
+    if pre.shape != (rows, hidden):
+        fail("pre_activation must have shape [", rows, ", ", hidden, "], got ", _shape(pre))
     dtype_of(pre, "pre_activation", input.dtype)
     on_device_of(pre, "pre_activation", input)
-    require(pre.is_contiguous(), "pre_activation must be contiguous")
+    if not pre.is_contiguous():
+        fail("pre_activation must be contiguous")
 
 
 def ffn_weights(input, w1, b1, w2, b2) -> tuple[int, int, int]:

@@ -12,6 +12,8 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from .._extension import assume_constant
 
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The dtypes the fused kernels of every op take (float64 runs the reference).
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DIFFERENTIATING = (TransformType.Grad, TransformType.Jvp)
 # The features transform_features sets (backends._TRANSFORMS words why no fused backend serves them).
 TRANSFORMS = ("forward_ad", "func_transform", "onnx_export")

@@ -19,11 +19,10 @@ from ._random import draw_seed, kernel_seed
 from . import _op_checks as checks, _second_order as _second_order_grads
 from ._registry import interpreter_serialized, register_fake, register_native_pair, register_pair
 from ._validate import (
-    affine_dtype, check_bool, check_dropout_p, check_eps, check_param, check_same_device, check_tensor, needs_grad, rows,
+    KERNEL_DTYPES, affine_dtype, check_bool, check_dropout_p, check_eps, check_param, check_same_device, check_tensor, needs_grad, rows,
     transform_features, unrows,
 )
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 SPEC = register_op(
     "add_layer_norm",

@@ -23,11 +23,10 @@ from ._random import draw_seed, kernel_seed
 from . import _op_checks as checks, _second_order as _second_order_grads
 from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import (
-    broadcast_mask, check_bool, check_dropout_p, check_same_device, check_tensor, dtype_name, is_finite_number,
+    KERNEL_DTYPES, broadcast_mask, check_bool, check_dropout_p, check_same_device, check_tensor, dtype_name, is_finite_number,
     transform_features, under_transform,
 )
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Backends whose kernels read grouped key/value heads in place (enable_gqa); the reference is given
 # key and value repeated to the query's heads.
 NATIVE_GQA = ("triton", "cpu", "cuda")
@@ -93,7 +92,7 @@ def _triton_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels.triton import attention as kernels
 
-    checks.attention_inputs(query, key, value, attn_mask, scale, dropout_p)
+    checks.attention_inputs(query, key, value, attn_mask, scale, dropout_p, GPU_LIMITS)
     out, stats, _ = kernels.attention_fwd(
         query, key, value, attn_mask, scale, is_causal, dropout_p, kernel_seed(seed, dropout_p, query, _TRITON_OP)
     )
@@ -117,7 +116,7 @@ def _triton_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels.triton import attention as kernels
 
-    checks.attention_inputs(query, key, value, attn_mask, scale, dropout_p)
+    checks.attention_inputs(query, key, value, attn_mask, scale, dropout_p, GPU_LIMITS)
     checks.attention_grads(grad_out, query, value, attn_mask, stats, mask_needs_grad)
     dq, dk, dv, dscores = kernels.attention_bwd(
         grad_out, query, key, value, attn_mask, stats, scale, is_causal, dropout_p,

@@ -38,11 +38,10 @@ from ._random import draw_seed, kernel_seed
 from . import _op_checks as checks, _second_order as _second_order_grads
 from ._registry import interpreter_serialized, register_fake, register_native_pair, register_pair
 from ._validate import (
-    check_dropout_p, check_param, check_same_device, check_tensor, dtype_name, transform_features,
+    KERNEL_DTYPES, check_dropout_p, check_param, check_same_device, check_tensor, dtype_name, transform_features,
     needs_grad, rows, unrows,
 )
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 APPROXIMATIONS = ("none", "tanh")
 # gemm_dim: the largest dim of the op's GEMMs (rows, in/hidden/out features). The Triton GEMM's tile
 # counts and K loop are 32-bit, and cuBLAS takes int dims.

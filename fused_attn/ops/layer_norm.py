@@ -20,9 +20,10 @@ from ..backends import MAX_EXTENT, Inputs, Support, fast_entry, fast_path_open, 
 from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from . import _op_checks as checks, _second_order as _second_order_grads
 from ._registry import interpreter_serialized, register_native_pair, register_pair
-from ._validate import affine_dtype, check_eps, check_param, check_tensor, python_scalar, rows, transform_features
+from ._validate import (
+    KERNEL_DTYPES, affine_dtype, check_eps, check_param, check_tensor, python_scalar, rows, transform_features,
+)
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 SPEC = register_op(
     "layer_norm",
