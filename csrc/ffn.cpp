@@ -76,9 +76,28 @@ Tensor second_linear(const Tensor& hidden, const Tensor& w2, const OptTensor& b2
 #endif
 }
 
+// Whether linear_gelu's kernels take a weight of any strides (the CPU GEMMs) or only a contiguous one
+// (cuBLASLt's operand, csrc/cuda/ffn.cu).
+#ifdef FUSED_ATTN_CPU_KERNELS
+constexpr bool kContiguousW1 = false;
+#else
+constexpr bool kContiguousW1 = true;
+#endif
+
+// The first linear: the input [rows, in_features], w1 [hidden, in_features] and b1 [hidden], checked
+// under their own names (linear_gelu, which checks them again, calls them weight and bias). Returns hidden.
+int64_t check_first_linear(const Tensor& input, const Tensor& w1, const OptTensor& b1) {
+  const int64_t in_features = check_rows_input(input, "input").second;
+  const int64_t hidden = check_linear_weight(w1, "w1", input, in_features, "in_features of the input", kContiguousW1);
+  TORCH_CHECK(!b1.has_value() || !b1->defined() || (b1->dim() == 1 && b1->size(0) == hidden), "b1 must have shape [",
+              hidden, "] (hidden features of w1), got ", b1->sizes());
+  check_affine_param(b1, "b1", input, hidden);
+  return hidden;
+}
+
 // The second linear: w2 [out_features, hidden] and b2 [out_features] (any strides: they only enter a
-// GEMM), in the input's dtype and on its device. Checked before any GEMM reads them, so that a wrong one
-// is named rather than broadcast, widened or reported by the GEMM in its own words.
+// GEMM), in the input's dtype and on its device. Checked with the first before any GEMM, so that a wrong
+// one is named rather than broadcast, widened or reported by the GEMM in its own words.
 void check_second_linear(const Tensor& w2, const OptTensor& b2, const Tensor& input, int64_t hidden) {
   const int64_t out_features =
       check_linear_weight(w2, "w2", input, hidden, "hidden features of w1", /*contiguous=*/false);
@@ -111,9 +130,9 @@ std::tuple<Tensor, Tensor> ffn_fwd(const Tensor& input, const Tensor& w1, const 
   check_dropout_p(dropout_p);
   // The dropout's seed comes last, after both GEMMs: checked before them.
   if (dropout_p > 0.0) check_seed_device(checked_seed(seed), input);
+  check_second_linear(w2, b2, input, check_first_linear(input, w1, b1));
   at::AutoDispatchBelowADInplaceOrView below;
   auto [hidden, pre] = linear_gelu.call(input, w1, b1, approximate);
-  check_second_linear(w2, b2, input, hidden.size(1));
   Tensor out = second_linear(hidden, w2, b2);
   if (dropout_p > 0.0) out = dropped(out, seed, dropout_p, /*own=*/true);
   return {out, pre};
@@ -122,8 +141,8 @@ std::tuple<Tensor, Tensor> ffn_fwd(const Tensor& input, const Tensor& w1, const 
 Tensor ffn_inference(const Tensor& input, const Tensor& w1, const OptTensor& b1, const Tensor& w2, const OptTensor& b2,
                      c10::string_view approximate) {
   static const auto linear_gelu = find("fused_attn::linear_gelu_inference").typed<LinearGeluInference>();
+  check_second_linear(w2, b2, input, check_first_linear(input, w1, b1));
   const Tensor hidden = linear_gelu.call(input, w1, b1, approximate);
-  check_second_linear(w2, b2, input, hidden.size(1));
   return second_linear(hidden, w2, b2);
 }
 
