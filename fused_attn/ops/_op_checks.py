@@ -138,9 +138,9 @@ def dropout_p(p: float) -> None:
         fail("dropout_p must be in [0, 1), got ", p)
 
 
-def approximate(value: str) -> None:
-    if value not in ("none", "tanh"):
-        fail('approximate must be "none" or "tanh", got "', value, '"')
+def approximate(value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        fail("approximate must be ", " or ".join(f'"{a}"' for a in allowed), ', got "', value, '"')
 
 
 def mask_dtype(mask: torch.Tensor, name: str) -> None:

@@ -19,8 +19,8 @@ from ._random import draw_seed, kernel_seed
 from . import _op_checks as checks, _second_order as _second_order_grads
 from ._registry import interpreter_serialized, register_fake, register_native_pair, register_pair
 from ._validate import (
-    KERNEL_DTYPES, affine_dtype, check_bool, check_dropout_p, check_eps, check_param, check_same_device, check_tensor, needs_grad, rows,
-    transform_features, unrows,
+    KERNEL_DTYPES, affine_dtype, check_bool, check_dropout_p, check_eps, check_param, check_same_device, check_tensor,
+    needs_grad, rows, transform_features, unrows,
 )
 
 

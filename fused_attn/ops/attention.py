@@ -23,8 +23,8 @@ from ._random import draw_seed, kernel_seed
 from . import _op_checks as checks, _second_order as _second_order_grads
 from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import (
-    KERNEL_DTYPES, broadcast_mask, check_bool, check_dropout_p, check_same_device, check_tensor, dtype_name, is_finite_number,
-    transform_features, under_transform,
+    KERNEL_DTYPES, broadcast_mask, check_bool, check_dropout_p, check_same_device, check_tensor, dtype_name,
+    is_finite_number, transform_features, under_transform,
 )
 
 # Backends whose kernels read grouped key/value heads in place (enable_gqa); the reference is given

@@ -98,7 +98,7 @@ def _triton_linear_gelu_bwd(
     out_features = checks.linear_weight(weight, "weight", input, in_features, "in_features of the input")
     checks.linear_grad_out(grad_out, input, rows, out_features, "weight")
     checks.same_as(pre_activation, "pre_activation", grad_out, "grad_out")
-    checks.approximate(approximate)
+    checks.approximate(approximate, APPROXIMATIONS)
     checks.output_mask(output_mask, 3)
     return kernels.linear_gelu_bwd(grad_out, input, weight, pre_activation, approximate, output_mask)
 
@@ -118,7 +118,7 @@ def _check_linear_gelu(input, weight, bias, approximate):
     in_features = checks.rows_input(input, "input")[1]
     out_features = checks.linear_weight(weight, "weight", input, in_features, "in_features of the input")
     checks.affine_param(bias, "bias", input, out_features)
-    checks.approximate(approximate)
+    checks.approximate(approximate, APPROXIMATIONS)
 
 
 def _fake_linear_gelu_fwd(input, weight, bias, approximate):
@@ -215,7 +215,7 @@ def _triton_ffn_fwd(
     from ..kernels.triton import ffn as kernels
 
     checks.ffn_weights(input, w1, b1, w2, b2)
-    checks.approximate(approximate)
+    checks.approximate(approximate, APPROXIMATIONS)
     checks.dropout_p(dropout_p)
     seed = kernel_seed(seed, dropout_p, input, _TRITON_FFN)  # checked before the GEMMs; the dropout comes last
     hidden, pre = kernels.linear_gelu_fwd(input, w1, b1, approximate)
@@ -235,7 +235,7 @@ def _triton_ffn_inference(
     from ..kernels.triton import ffn as kernels
 
     checks.ffn_weights(input, w1, b1, w2, b2)
-    checks.approximate(approximate)
+    checks.approximate(approximate, APPROXIMATIONS)
     hidden = kernels.linear_gelu_inference(input, w1, b1, approximate)
     out = input.new_empty(input.shape[0], w2.shape[0])
     return kernels.gemm(hidden, w2.t(), out, epilogue=kernels.EPILOGUE_BIAS, bias=b2)
@@ -269,7 +269,7 @@ def _triton_ffn_bwd(
     out_features = checks.linear_weight(w2, "w2", input, hidden, "hidden features of w1")
     checks.linear_grad_out(grad_out, input, rows, out_features, "w2")
     checks.pre_activation(pre_activation, input, rows, hidden)
-    checks.approximate(approximate)
+    checks.approximate(approximate, APPROXIMATIONS)
     checks.dropout_p(dropout_p)
     checks.output_mask(output_mask, 5)
     drop = dict(

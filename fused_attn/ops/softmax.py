@@ -15,7 +15,8 @@ from ._autocast import FLOAT32_ON_CUDA, autocast_inputs
 from . import _op_checks as checks, _second_order as _second_order_grads
 from ._registry import interpreter_serialized, register_native_pair, register_pair
 from ._validate import (
-    KERNEL_DTYPES, broadcast_mask, check_bool, check_tensor, transform_features, is_finite_number, python_scalar, under_transform,
+    KERNEL_DTYPES, broadcast_mask, check_bool, check_tensor, transform_features, is_finite_number, python_scalar,
+    under_transform,
 )
 from .attention import RowShift
 
