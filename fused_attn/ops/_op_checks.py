@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ..backends import triton_interpret_mode
+from .. import backends
 from ._validate import FLOATING, KERNEL_DTYPES, dtype_name
 
 
@@ -30,10 +30,10 @@ def _shape(t: torch.Tensor) -> list[int]:
 
 
 def kernel_device(t: torch.Tensor, name: str) -> None:
-    """A tensor the Triton kernels can read: on a GPU, or on the CPU under ``TRITON_INTERPRET=1``."""
-    if not t.is_cuda and (t.device.type != "cpu" or not triton_interpret_mode()):
-        fail(name, " must be a CUDA tensor (the Triton kernels run on the CPU only under TRITON_INTERPRET=1), got ",
-             t.device)
+    """A tensor the Triton kernels can read: on a GPU, or where the backend's declaration says they
+    run (``backends.backend_unavailable_reasons``: the CPU under ``TRITON_INTERPRET=1``)."""
+    if not t.is_cuda and (reasons := backends.backend_unavailable_reasons("triton", t.device)):
+        fail(name, " is on ", t.device, ", where the Triton kernels do not run: ", reasons[0])
 
 
 def supported_float(t: torch.Tensor, name: str) -> None:
