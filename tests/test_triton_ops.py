@@ -267,24 +267,31 @@ def _refused(call, message: str) -> None:
     raise AssertionError("no RuntimeError was raised")
 
 
+# The extension's forms of a backward that write over an argument (csrc/ops.cpp), the same checks.
+NATIVE_VARIANTS = {"linear_gelu_bwd": ("linear_gelu_bwd_scratch", "linear_gelu_bwd_consuming"),
+                   "ffn_bwd": ("ffn_bwd_consuming",)}
+
+
 def check_case(name: str) -> None:
     """One case, run in a child process (tests/isolated.py): the well-formed call runs (the
     malformed ones differ from it in one argument each); a malformed one is refused, naming the
-    argument, by the Triton op (in the words given) and by the extension's op (in its own)."""
+    argument, by the Triton op (in the words given) and by the extension's ops of the same
+    signature (in their own)."""
     op, index = CASES[name]
     args, bad = OPS[op]
     if index is not None:
         arg, value, message = bad[index]
         args = {**args, arg: value}
     native = _native_args(op, args) if _extension.loaded() else None
+    native_ops = () if native is None else (op, *NATIVE_VARIANTS.get(op, ()))
     if index is None:
         getattr(ops, f"triton_{op}")(**args)
-        if native is not None:
-            getattr(ops, op)(**native)
+        for native_op in native_ops:  # on copies: the variants write over grad_out or pre_activation
+            getattr(ops, native_op)(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in native.items()})
         return
     _refused(lambda: getattr(ops, f"triton_{op}")(**args), message)
-    if native is not None:
-        _refused(lambda: getattr(ops, op)(**native), re.escape(arg))
+    for native_op in native_ops:
+        _refused(lambda: getattr(ops, native_op)(**native), re.escape(arg))
 
 
 @functools.cache
