@@ -1,8 +1,8 @@
 """The Triton custom ops called directly (``torch.ops.fused_attn.triton_*``), as a user composing
 them or a graph compiler does: each malformed argument raises a RuntimeError naming it, before any
 kernel runs, where the kernels would read out of bounds or compute silently wrong; and the
-extension's op of the same signature refuses the same call. The calls run in a child process
-(tests/isolated.py), so that one that crashes fails its case. (Through the public ops the
+extension's op of the same signature refuses the same call. The sweep's calls run in a child
+process (tests/isolated.py), so that one that crashes fails its case. (Through the public ops the
 arguments are validated first: tests/test_bad_input.py.)
 """
 
@@ -20,17 +20,18 @@ from fused_attn._env import triton_interpret_mode
 
 from . import isolated
 
-pytestmark = pytest.mark.skipif(not triton_interpret_mode(), reason="the Triton ops run on the CPU under TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(not triton_interpret_mode(),
+                                reason="the Triton ops run on the CPU under TRITON_INTERPRET=1")
 ops = torch.ops.fused_attn
 SEED = torch.tensor([7])
 T3, T5 = [True] * 3, [True] * 5
 
 
+_GEN = torch.Generator().manual_seed(0)
+
+
 def _randn(*shape, dtype=torch.float32):
     return torch.randn(*shape, generator=_GEN, dtype=dtype)
-
-
-_GEN = torch.Generator().manual_seed(0)
 
 
 def _stats(rows):
@@ -151,14 +152,16 @@ def _softmax():
         "softmax_fwd": (dict(input=x, mask=_randn(2, 3, 4, 5) > 0, scale=0.5, is_causal=True), [
             ("input", _randn(3, 4, 5), r"input must be 4-D \[A, B, M, N\], got 3 dimensions"),
             ("input", x.double(), "input must be float32, float16 or bfloat16, got float64"),
-            ("mask", _randn(2, 3, 4) > 0, r"mask must be expanded to the input's shape \[2, 3, 4, 5\], got \[2, 3, 4\]"),
+            ("mask", _randn(2, 3, 4) > 0,
+             r"mask must be expanded to the input's shape \[2, 3, 4, 5\], got \[2, 3, 4\]"),
             ("mask", torch.ones(1, 1, 1, 5, dtype=torch.bool), r"mask must be expanded to the input's shape"),
             ("mask", torch.zeros(2, 3, 4, 5, dtype=torch.int64),
              "mask must be bool, float32, float16, bfloat16 or float64, got int64"),
             ("scale", float("nan"), "scale must be finite, got nan"),
         ]),
         "softmax_bwd": (dict(grad_out=_randn(2, 3, 4, 5), output=y, scale=0.5, mask_needs_grad=True), [
-            ("grad_out", _randn(2, 3, 4, 6), r"grad_out must have the shape of output \[2, 3, 4, 5\], got \[2, 3, 4, 6\]"),
+            ("grad_out", _randn(2, 3, 4, 6),
+             r"grad_out must have the shape of output \[2, 3, 4, 5\], got \[2, 3, 4, 6\]"),
             ("grad_out", _randn(2, 3, 4, 5, dtype=torch.float16), "grad_out must have dtype float32, got float16"),
             ("output", torch.tensor(1.0), "output must have at least 1 dimension"),
             ("output", y.double(), "output must be float32, float16 or bfloat16, got float64"),
@@ -174,7 +177,8 @@ def _linear_gelu():
         ("input", _randn(6, 8, 1), r"input must be 2-D \[rows, hidden\]"),
         ("input", _randn(8, 6).t(), "input must be contiguous"),
         ("input", x.double(), "input must be float32, float16 or bfloat16, got float64"),
-        ("weight", _randn(12, 7), r"weight must have shape \[out_features, 8\] \(in_features of the input\), got \[12, 7\]"),
+        ("weight", _randn(12, 7),
+         r"weight must have shape \[out_features, 8\] \(in_features of the input\), got \[12, 7\]"),
         ("weight", _randn(8), r"weight must have shape \[out_features, 8\]"),
         ("weight", w.half(), "weight must have dtype float32 like the input, got float16"),
         ("bias", _randn(11), r"bias must have shape \[12\], got \[11\]"),
@@ -187,11 +191,14 @@ def _linear_gelu():
         "linear_gelu_fwd": (fwd, bad_fwd),
         "linear_gelu_inference": (fwd, bad_fwd),
         "linear_gelu_bwd": (bwd, [
-            ("grad_out", _randn(6, 11), r"grad_out must have shape \[6, 12\] \(\[rows of input, out_features of weight\]\)"),
+            ("grad_out", _randn(6, 11),
+             r"grad_out must have shape \[6, 12\] \(\[rows of input, out_features of weight\]\)"),
             ("grad_out", _randn(12, 6).t(), "grad_out must be contiguous"),
             ("grad_out", _randn(6, 12, dtype=torch.float16), "grad_out must have dtype float32 like the input"),
-            ("pre_activation", _randn(6, 11), r"pre_activation must have the shape of grad_out \[6, 12\], got \[6, 11\]"),
-            ("pre_activation", _randn(6, 12, dtype=torch.float16), "pre_activation must have dtype float32, got float16"),
+            ("pre_activation", _randn(6, 11),
+             r"pre_activation must have the shape of grad_out \[6, 12\], got \[6, 11\]"),
+            ("pre_activation", _randn(6, 12, dtype=torch.float16),
+             "pre_activation must have dtype float32, got float16"),
             ("weight", _randn(12, 7), r"weight must have shape \[out_features, 8\]"),
             ("input", _randn(6), r"input must be 2-D \[rows, hidden\]"),
             ("approximate", "", 'approximate must be "none" or "tanh", got ""'),
@@ -243,7 +250,9 @@ def _all_ops():
 
 OPS = _all_ops()
 # Case names: "{op}-ok" the well-formed call, "{op}-{i}" its i-th malformed one.
-CASES = {f"{op}-ok": (op, None) for op in OPS} | {f"{op}-{i}": (op, i) for op, (_, bad) in OPS.items() for i in range(len(bad))}
+CASES = {f"{op}-ok": (op, None) for op in OPS} | {
+    f"{op}-{i}": (op, i) for op, (_, bad) in OPS.items() for i in range(len(bad))
+}
 
 
 def _native_args(op: str, args: dict) -> dict | None:
