@@ -38,6 +38,15 @@ def _stats(rows):
     return torch.zeros(rows), torch.ones(rows)
 
 
+# The malformed dropout seeds of an op whose well-formed call has dropout.
+def _bad_seeds():
+    return [
+        ("seed", None, r"seed must be given when dropout_p > 0: an int64 tensor with one element"),
+        ("seed", torch.tensor([7.0]), r"seed must be an int64 tensor with one element, got float32 of shape \[1\]"),
+        ("seed", torch.tensor([7, 8]), r"seed must be an int64 tensor with one element, got int64 of shape \[2\]"),
+    ]
+
+
 # Per op: the well-formed call's arguments by name (in schema order), and malformed ones, each
 # (argument, bad value, the Triton op's message). Values are built lazily (_GEN is shared).
 def _layer_norm():
@@ -87,6 +96,7 @@ def _add_layer_norm():
         ("eps", float("inf"), "eps must be finite and >= 0"),
         ("dropout_p", 1.0, r"dropout_p must be in \[0, 1\), got 1.0"),
         ("dropout_p", float("nan"), r"dropout_p must be in \[0, 1\), got nan"),
+        *_bad_seeds(),
     ]
     bwd = dict(grad_out=_randn(4, 16), grad_prenorm=_randn(4, 16), prenorm=x, mean=mean, rstd=rstd, weight=_randn(16),
                dropout_p=0.25, seed=SEED, output_mask=T5)
@@ -101,6 +111,7 @@ def _add_layer_norm():
             ("weight", _randn(8), r"weight must have shape \[16\]"),
             ("weight", None, r"output_mask\[2\] asks for grad_weight"),
             ("dropout_p", -0.5, r"dropout_p must be in \[0, 1\)"),
+            *_bad_seeds(),
         ]),
     }
 
@@ -126,6 +137,7 @@ def _attention():
          "attn_mask must be bool, float32, float16, bfloat16 or float64, got int32"),
         ("scale", float("inf"), "scale must be finite, got inf"),
         ("dropout_p", 1.0, r"dropout_p must be in \[0, 1\)"),
+        *_bad_seeds(),
     ]
     bwd = dict(grad_out=_randn(2, 4, 8, 8), **{n: fwd[n] for n in ("query", "key", "value", "attn_mask")},
                stats=torch.zeros(2, 4, 2, 8), scale=0.25, is_causal=True, dropout_p=0.25, seed=SEED,
@@ -225,7 +237,7 @@ def _ffn():
                dropout_p=0.25, seed=SEED, output_mask=T5)
     return {
         "ffn_fwd": ({**inference, "dropout_p": 0.25, "seed": SEED},
-                    [*bad, ("dropout_p", 1.5, r"dropout_p must be in \[0, 1\), got 1.5")]),
+                    [*bad, ("dropout_p", 1.5, r"dropout_p must be in \[0, 1\), got 1.5"), *_bad_seeds()]),
         "ffn_inference": (inference, bad),
         "ffn_bwd": (bwd, [
             ("grad_out", _randn(6, 4), r"grad_out must have shape \[6, 5\] \(\[rows of input, out_features of w2\]\)"),
@@ -237,6 +249,7 @@ def _ffn():
             ("w2", _randn(5, 11), r"w2 must have shape \[out_features, 12\] \(hidden features of w1\)"),
             ("input", _randn(8, 6).t(), "input must be contiguous"),
             ("dropout_p", 1.0, r"dropout_p must be in \[0, 1\)"),
+            *_bad_seeds(),
         ]),
     }
 

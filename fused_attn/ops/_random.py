@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import cuda_graph_capturing
+from ._validate import cuda_graph_capturing, dtype_name
 
 
 def draw_seed(dropout_p: float, like: torch.Tensor) -> torch.Tensor | None:
@@ -20,21 +20,22 @@ def draw_seed(dropout_p: float, like: torch.Tensor) -> torch.Tensor | None:
 def kernel_seed(seed: torch.Tensor | None, dropout_p: float, like: torch.Tensor, op: str) -> torch.Tensor | None:
     """``seed`` as the Triton kernels take it: None without dropout, else an int64 tensor with one
     element on ``like``'s device, as the CUDA launchers take it (cuda_utils::kernel_seed in
-    csrc/include/fused_attn/cuda_utils.cuh, with the same checks). A seed elsewhere (a direct op call
-    with a CPU seed) is copied there, except while a CUDA graph is being captured: the copy's value
-    would be frozen into every replay, so that is refused, naming ``op``."""
+    csrc/include/fused_attn/cuda_utils.cuh, with the same checks, raising a RuntimeError as theirs
+    and the Triton ops' other checks do, naming ``op``). A seed elsewhere (a direct op call with a CPU
+    seed) is copied there, except while a CUDA graph is being captured: the copy's value would be
+    frozen into every replay, so that is refused."""
     if dropout_p <= 0.0:
         return None
     if seed is None:
-        raise ValueError(f"{op}: seed must be given when dropout_p > 0: an int64 tensor with one element (the "
-                         "dropout stream's key)")
+        raise RuntimeError(f"{op}: seed must be given when dropout_p > 0: an int64 tensor with one element (the "
+                           "dropout stream's key)")
     if seed.dtype != torch.int64 or seed.numel() != 1:
-        raise ValueError(f"{op}: seed must be an int64 tensor with one element, got {seed.dtype} of shape "
-                         f"{tuple(seed.shape)}")
+        raise RuntimeError(f"{op}: seed must be an int64 tensor with one element, got {dtype_name(seed.dtype)} of "
+                           f"shape {list(seed.shape)}")
     if seed.device == like.device:
         return seed
     if seed.device.type != "cpu":
-        raise ValueError(f"{op}: seed must be on the inputs' device ({like.device}) or the CPU, got {seed.device}")
+        raise RuntimeError(f"{op}: seed must be on the inputs' device ({like.device}) or the CPU, got {seed.device}")
     if like.is_cuda and cuda_graph_capturing():
         raise RuntimeError(
             f"{op}: a CPU seed while a CUDA graph is being captured: every replay would drop the elements of the "
