@@ -16,7 +16,7 @@ import math
 import torch
 
 from .. import backends
-from ._validate import FLOATING, KERNEL_DTYPES, dtype_name
+from ._validate import FLOATING, KERNEL_DTYPES, affine_dtype, dtype_name
 
 
 def fail(*message: object) -> None:
@@ -60,13 +60,6 @@ def on_device_of(t: torch.Tensor, name: str, like: torch.Tensor) -> None:
 def dtype_of(t: torch.Tensor, name: str, dtype: torch.dtype, why: str = " like the input") -> None:
     if t.dtype != dtype:
         fail(name, " must have dtype ", dtype_name(dtype), why, ", got ", dtype_name(t.dtype))
-
-
-def affine_dtype(weight: torch.Tensor | None, like: torch.Tensor) -> torch.dtype:
-    """The norms' parameter dtype: float32 for a 16-bit input with a float32 weight, else the input's
-    (``_validate.affine_dtype``, the public op's rule)."""
-    half = like.dtype in (torch.float16, torch.bfloat16)
-    return torch.float32 if half and weight is not None and weight.dtype == torch.float32 else like.dtype
 
 
 def affine_param(
@@ -243,8 +236,8 @@ def softmax_grads(grad_out, output, scale) -> None:
 
 
 def norm_params(input, weight, bias, hidden) -> None:
-    """The norms' weight and bias, [hidden] in affine_dtype."""
-    dtype = affine_dtype(weight, input)
+    """The norms' weight and bias, [hidden] in the dtype the kernels take them in (affine_dtype)."""
+    dtype = affine_dtype(input, weight, bias)
     affine_param(weight, "weight", input, hidden, dtype)
     affine_param(bias, "bias", input, hidden, dtype)
 
@@ -256,7 +249,7 @@ def norm_grads(grad_out, input, input_name, mean, rstd, weight, mask, weight_gra
     same_as(grad_out, "grad_out", input, input_name)
     row_stats(mean, "mean", input, rows)
     row_stats(rstd, "rstd", input, rows)
-    affine_param(weight, "weight", input, hidden, affine_dtype(weight, input))
+    affine_param(weight, "weight", input, hidden, affine_dtype(input, weight, None))
     output_mask(mask, 3 if weight_grad == 1 else 5)
     if weight is None and mask[weight_grad]:
         fail("output_mask[", weight_grad, "] asks for grad_weight, which requires a weight, but weight is None")
