@@ -89,9 +89,7 @@ constexpr bool kContiguousW1 = true;
 int64_t check_first_linear(const Tensor& input, const Tensor& w1, const OptTensor& b1) {
   const int64_t in_features = check_rows_input(input, "input").second;
   const int64_t hidden = check_linear_weight(w1, "w1", input, in_features, "in_features of the input", kContiguousW1);
-  TORCH_CHECK(!b1.has_value() || !b1->defined() || (b1->dim() == 1 && b1->size(0) == hidden), "b1 must have shape [",
-              hidden, "] (hidden features of w1), got ", b1->sizes());
-  check_affine_param(b1, "b1", input, hidden);
+  check_affine_param(b1, "b1", input, hidden, std::nullopt, /*contiguous=*/true, "hidden features of w1");
   return hidden;
 }
 
@@ -101,9 +99,7 @@ int64_t check_first_linear(const Tensor& input, const Tensor& w1, const OptTenso
 void check_second_linear(const Tensor& w2, const OptTensor& b2, const Tensor& input, int64_t hidden) {
   const int64_t out_features =
       check_linear_weight(w2, "w2", input, hidden, "hidden features of w1", /*contiguous=*/false);
-  TORCH_CHECK(!b2.has_value() || !b2->defined() || (b2->dim() == 1 && b2->size(0) == out_features),
-              "b2 must have shape [", out_features, "] (out_features of w2), got ", b2->sizes());
-  check_affine_param(b2, "b2", input, out_features, std::nullopt, /*contiguous=*/false);
+  check_affine_param(b2, "b2", input, out_features, std::nullopt, /*contiguous=*/false, "out_features of w2");
 }
 
 // The backward's arguments besides pre_activation (checked by the device's hidden backward), before the

@@ -46,13 +46,15 @@ void with_param_type(at::ScalarType param_dtype, Fn&& fn) {
 }
 
 // An optional [hidden] parameter on `like`'s device, of dtype `dtype` (default: like's), contiguous
-// unless the caller only hands it to a GEMM (`contiguous` false).
+// unless the caller only hands it to a GEMM (`contiguous` false); `what`, if given, says whose size
+// hidden is.
 inline void check_affine_param(const std::optional<at::Tensor>& param, const char* name, const at::Tensor& like,
                                int64_t hidden, std::optional<at::ScalarType> dtype = std::nullopt,
-                               bool contiguous = true) {
+                               bool contiguous = true, const char* what = nullptr) {
   if (!param.has_value() || !param->defined()) return;
   const at::Tensor& p = *param;
-  TORCH_CHECK(p.dim() == 1 && p.size(0) == hidden, name, " must have shape [", hidden, "], got ", p.sizes());
+  TORCH_CHECK(p.dim() == 1 && p.size(0) == hidden, name, " must have shape [", hidden, "]", what ? " (" : "",
+              what ? what : "", what ? ")" : "", ", got ", p.sizes());
   TORCH_CHECK(!contiguous || p.is_contiguous(), name, " must be contiguous");
   const at::ScalarType expected = dtype.value_or(like.scalar_type());
   TORCH_CHECK(p.scalar_type() == expected, name, " must have dtype ", expected,
