@@ -288,12 +288,20 @@ def pre_activation(pre, input, rows, hidden) -> None:
         fail("pre_activation must be contiguous")
 
 
+def linear_input(input, weight, bias, names=("weight", "bias"), bias_what: str = "") -> tuple[int, int]:
+    """A first linear layer's input [rows, in_features], weight [out_features, in_features] and
+    optional bias [out_features] (``bias_what`` says whose size that is), the weight and bias called
+    ``names``; returns (rows, out_features)."""
+    rows, in_features = rows_input(input, "input")
+    out_features = linear_weight(weight, names[0], input, in_features, "in_features of the input")
+    affine_param(bias, names[1], input, out_features, what=bias_what)
+    return rows, out_features
+
+
 def ffn_weights(input, w1, b1, w2, b2) -> tuple[int, int, int]:
     """input [rows, in], w1 [hidden, in], b1 [hidden], w2 [out, hidden], b2 [out]; returns
     (rows, hidden, out)."""
-    rows, in_features = rows_input(input, "input")
-    hidden = linear_weight(w1, "w1", input, in_features, "in_features of the input")
-    affine_param(b1, "b1", input, hidden, what=" (hidden features of w1)")
+    rows, hidden = linear_input(input, w1, b1, ("w1", "b1"), " (hidden features of w1)")
     out_features = linear_weight(w2, "w2", input, hidden, "hidden features of w1")
     affine_param(b2, "b2", input, out_features, what=" (out_features of w2)")
     return rows, hidden, out_features

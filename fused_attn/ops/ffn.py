@@ -94,8 +94,7 @@ def _triton_linear_gelu_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels.triton import ffn as kernels
 
-    rows, in_features = checks.rows_input(input, "input")
-    out_features = checks.linear_weight(weight, "weight", input, in_features, "in_features of the input")
+    rows, out_features = checks.linear_input(input, weight, None)
     checks.linear_grad_out(grad_out, input, rows, out_features, "weight")
     checks.same_as(pre_activation, "pre_activation", grad_out, "grad_out")
     checks.approximate(approximate, APPROXIMATIONS)
@@ -115,9 +114,7 @@ def _triton_linear_gelu_inference(
 
 
 def _check_linear_gelu(input, weight, bias, approximate):
-    in_features = checks.rows_input(input, "input")[1]
-    out_features = checks.linear_weight(weight, "weight", input, in_features, "in_features of the input")
-    checks.affine_param(bias, "bias", input, out_features)
+    checks.linear_input(input, weight, bias)
     checks.approximate(approximate, APPROXIMATIONS)
 
 
@@ -264,8 +261,7 @@ def _triton_ffn_bwd(
     """Returns (d_input, d_w1, d_b1, d_w2, d_b2) as selected by output_mask."""
     from ..kernels.triton import ffn as kernels
 
-    rows, in_features = checks.rows_input(input, "input")
-    hidden = checks.linear_weight(w1, "w1", input, in_features, "in_features of the input")
+    rows, hidden = checks.linear_input(input, w1, None, ("w1", "b1"))
     out_features = checks.linear_weight(w2, "w2", input, hidden, "hidden features of w1")
     checks.linear_grad_out(grad_out, input, rows, out_features, "w2")
     checks.pre_activation(pre_activation, input, rows, hidden)
