@@ -3,7 +3,8 @@ host emulator of tests/cuda_emu: every CUDA thread a fiber, the tensor-core prod
 warp shuffles, cp.async copies and barriers computed from their PTX definitions (cuda_emu.h), ffn.cu's
 cuBLASLt calls served as cuBLASLt documents them (cublaslt_emu.h). The kernels' own code runs unchanged
 (only their inline-PTX wrappers call the emulator), launched by their own host code on CPU tensors, so
-parity here checks the tiling, the fragment bookkeeping, masks, causal skipping, key spans, grouped
+parity here (on grids of shapes, and on every op's seeded random cases of tests/test_random_configs.py)
+checks the tiling, the fragment bookkeeping, masks, causal skipping, key spans, grouped
 heads, dropout, the backward's row statistics, the row mappings, vector paths and parameter-gradient
 splits, the GEMM descriptors' layouts and epilogues, and the launchers' choices, on every push. It does
 not check what only the hardware and nvcc decide (timing, register and shared-memory limits, the tensor
@@ -36,13 +37,15 @@ import torch
 
 from fused_attn import reference
 from fused_attn.ops._random import draw_seed
+from fused_attn.ops._validate import broadcast_mask, rows
 from fused_attn.ops.add_layer_norm import add_layer_norm_keep_mask
 from fused_attn.ops.attention import attention_with_keep_mask
 from fused_attn.ops.ffn import ffn_keep_mask
+from fused_attn.ops.softmax import _as_4d
 
 from .conftest import assert_parity, check_tensor_parity
 from .cuda_emu import emu_build
-from .test_random_configs import _attention_case, _layout
+from .test_random_configs import _add_layer_norm_result, _attention_case, _ffn_case, _layout, _norm_case, _softmax_case
 from .test_random_configs import _parity as random_configs_parity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +53,8 @@ DTYPES = pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=s
 # The emulated device for the parity tests: an H100's 132 multiprocessors, asynchronous copies landing
 # only at the wait that covers them, and warps run one at a time as far ahead as the barriers allow.
 PARITY_CONFIG = (132, True, 1)
+# Seeded cases per op drawn by tests/test_random_configs.py's generators.
+RANDOM_CASES = 24
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +284,7 @@ def test_dropout_matches_the_reference_fed_the_shared_keep_mask(emu, kind):
     )
 
 
-@pytest.mark.parametrize("case", range(24))
+@pytest.mark.parametrize("case", range(RANDOM_CASES))
 def test_attention_random_configs(emu, case):
     """tests/test_random_configs.py's seeded attention cases (grouped heads, cross lengths, broadcast and
     learned masks, custom scales, transposed / padded / strided layouts, fully masked rows) with the
@@ -512,6 +517,34 @@ def test_softmax_fully_masked_rows_are_zero(emu):
     assert torch.equal(x.grad[0, 0, 2], torch.zeros(50, dtype=torch.float16))
 
 
+@pytest.mark.parametrize("case", range(RANDOM_CASES))
+def test_softmax_random_configs(emu, case):
+    """tests/test_random_configs.py's seeded softmax cases (ranks 1 to 5, any dim, broadcast and learned
+    masks, causal rows, custom scales, strided layouts) with the cuda backend's dtypes, on the emulated
+    kernels, given the input as the op gives it: the softmax dim moved last, viewed as 4-D, the mask a
+    broadcast view."""
+    context, args, grads, options = _softmax_case(2000 + case, "cuda", "cpu")
+    dim, scale, is_causal = options["dim"] % args["input"].dim(), options["scale"], options["is_causal"]
+    mask = args.get("mask")
+    if mask is not None and (dim < args["input"].dim() - mask.dim() or mask.shape[dim - args["input"].dim()] == 1):
+        # A learned mask constant along dim shifts whole slices: the op gives it an exact zero gradient
+        # without the kernels (RowShift; tests/test_random_configs.py checks it).
+        grads = ("input",)
+
+    def fused(input, mask=None):
+        x = _layout(input, options["layout"])
+        if mask is not None:
+            mask = _as_4d(broadcast_mask(mask, "mask", x, "input", x.shape, "input shape").movedim(dim, -1))
+        moved = x.movedim(dim, -1)
+        y = _Softmax.apply(emu, _as_4d(moved), mask, scale, is_causal)
+        return y.reshape(moved.shape).movedim(-1, dim)
+
+    def plain(input, mask=None):
+        return reference.softmax(input, dim, mask, scale, is_causal)
+
+    random_configs_parity(context, fused, plain, args, grads)
+
+
 # LayerNorm and Add & Norm (csrc/cuda/layer_norm.cu): a warp per row up to hidden 1024, a block per row
 # above; vector access where every pointer is 16-byte aligned; parameter gradients by column partials
 # over row splits, then a finalize kernel.
@@ -634,6 +667,42 @@ def test_add_layer_norm_parity(emu, dtype, hidden, dropout_p, prenorm_grad):
 
     assert_parity(fused, plain, {"input": x, "residual": residual, "weight": w, "bias": b, "input_bias": input_bias},
                   grad_args=("input", "residual", "weight", "bias", "input_bias"))
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
+@pytest.mark.parametrize("case", range(RANDOM_CASES))
+def test_norm_random_configs(emu, op, case):
+    """tests/test_random_configs.py's seeded layer_norm and add_layer_norm cases (leading dims, one or two
+    normalized dims from 1 to 700 wide, float32 parameters of a 16-bit input, eps, input bias, the
+    pre-norm sum's gradient, strided layouts) with the cuda backend's dtypes, on the emulated kernels,
+    given the rows as the op gives them."""
+    context, args, options = _norm_case(op, "cuda", "cpu", 3000 + case)
+    hidden, eps = math.prod(options["normalized_shape"]), options["eps"]
+    as_rows = lambda t: rows(t, hidden)  # noqa: E731
+
+    if op == "layer_norm":
+        def fused(input, weight=None, bias=None):
+            flat = [None if p is None else p.reshape(hidden) for p in (weight, bias)]
+            out = _LayerNorm.apply(emu, as_rows(_layout(input, options["layout"])), *flat, eps)
+            return out.reshape(input.shape)
+
+        def plain(input, weight=None, bias=None):
+            return reference.layer_norm(input, options["normalized_shape"], weight, bias, eps)
+    else:
+        prenorm = options["prenorm"]
+
+        def fused(input, residual, weight, bias, input_bias=None):
+            x = as_rows(_layout(input, options["layout"]))
+            out = _AddLayerNorm.apply(emu, x, as_rows(residual), weight, bias, input_bias, eps, 0.0, None)
+            out = tuple(t.reshape(input.shape) for t in out)
+            return _add_layer_norm_result(out if prenorm else out[0], prenorm)
+
+        def plain(input, residual, weight, bias, input_bias=None):
+            out = reference.add_layer_norm(input, residual, weight, bias, eps, input_bias=input_bias,
+                                           return_prenorm=prenorm)
+            return _add_layer_norm_result(out, prenorm)
+
+    random_configs_parity(context, fused, plain, args, tuple(args))
 
 
 # FFN (csrc/cuda/ffn.cu): cuBLASLt GEMMs (served by tests/cuda_emu/cublaslt_emu.h, which refuses operand
@@ -778,6 +847,39 @@ def test_ffn_parity(emu, dtype, approximate, hidden, dropout_p):
         {"input": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2},
         grad_args=("input", "w1", "b1", "w2", "b2"),
     )
+
+
+@pytest.mark.parametrize("op", ["linear_gelu", "ffn"])
+@pytest.mark.parametrize("case", range(RANDOM_CASES))
+def test_ffn_random_configs(emu, op, case):
+    """tests/test_random_configs.py's seeded linear_gelu and FFN cases (1 to 130 features on each side,
+    with and without biases, both GELUs, strided layouts) in float16 and bfloat16, on the emulated
+    kernels and GEMMs, given the rows as the op gives them. float32 stays on the grids above: a random
+    case of one row or one feature is judged by the rounding of a few sums on either side, and in
+    about 2 float32 cases in 100 the plain sums' happen to be small enough for the fused ones' (no
+    larger than usual) to exceed 3x theirs; its GEMMs and GELU kernels are the 16-bit ones' templates."""
+    context, args, options = _ffn_case(op, "cuda", "cpu", 4000 + case, dtypes=(torch.float16, torch.bfloat16))
+    approximate = options["approximate"]
+
+    def as_rows(input):
+        return rows(_layout(input, options["layout"]), input.shape[-1])
+
+    if op == "linear_gelu":
+        def fused(input, w1, b1=None):
+            out = _LinearGelu.apply(emu, as_rows(input), w1, b1, approximate)
+            return out.reshape(*input.shape[:-1], w1.shape[0])
+
+        def plain(input, w1, b1=None):
+            return reference.linear_gelu(input, w1, b1, approximate)
+    else:
+        def fused(input, w1, w2, b1=None, b2=None):
+            out = _FFN.apply(emu, as_rows(input), w1, b1, w2, b2, approximate, 0.0, None)
+            return out.reshape(*input.shape[:-1], w2.shape[0])
+
+        def plain(input, w1, w2, b1=None, b2=None):
+            return reference.ffn(input, w1, b1, w2, b2, approximate)
+
+    random_configs_parity(context, fused, plain, args, tuple(args))
 
 
 def test_norm_and_ffn_kernels_give_the_same_bits_under_every_schedule(emu):

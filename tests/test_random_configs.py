@@ -48,8 +48,9 @@ def _parity(context: str, fused, plain, args: dict, grads: tuple[str, ...]) -> N
         raise AssertionError(f"{context}: {exc}") from None
 
 
-def _dtype(rng: random.Random, backend: str, device: str, op: str) -> torch.dtype:
-    return rng.choice(supported_dtypes(backend, device, op))
+def _dtype(rng: random.Random, backend: str, device: str, op: str, among: tuple[torch.dtype, ...] | None = None) -> torch.dtype:
+    """A dtype the backend serves for op (of ``among``, where given)."""
+    return rng.choice([d for d in supported_dtypes(backend, device, op) if among is None or d in among])
 
 
 def _attention_case(seed: int, backend: str, device: str) -> tuple[dict, dict]:
@@ -121,11 +122,9 @@ def _broadcast_shape(rng: random.Random, shape: tuple[int, ...]) -> tuple[int, .
     return tuple(1 if rng.random() < 0.4 else n for n in kept)
 
 
-@pytest.mark.parametrize("case", range(CASES))
-@pytest.mark.parametrize("backend_device", backend_params("softmax", exclude=("reference",)))
-def test_softmax_random_configs(backend_device, case):
-    backend, device = backend_device
-    seed = 2000 + case
+def _softmax_case(seed: int, backend: str, device: str) -> tuple[str, dict, tuple[str, ...], dict]:
+    """A seeded softmax case: (its description, the arguments, those differentiated, the options
+    dim, scale, is_causal and layout)."""
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     rank = rng.randint(1, 5)
     sizes = [rng.choice((1, rng.randint(2, 9), rng.randint(10, 300))) for _ in range(rank)]
@@ -145,16 +144,25 @@ def test_softmax_random_configs(backend_device, case):
         mask = (torch.rand(mask_shape, generator=gen) > 0.3 if mask_kind == "bool"
                 else torch.randn(mask_shape, generator=gen))
         args["mask"] = mask.to(device=device, dtype=torch.bool if mask_kind == "bool" else dtype)
+    grads = ("input",) + (("mask",) if mask_kind == "learned" else ())
+    context = f"seed {seed}: shape {shape}, dim {dim}, causal {is_causal}, {dtype}, mask {mask_kind} " \
+              f"{list(args['mask'].shape) if 'mask' in args else ''}, layout {layout}, scale {scale}"
+    return context, args, grads, {"dim": dim, "scale": scale, "is_causal": is_causal, "layout": layout}
+
+
+@pytest.mark.parametrize("case", range(CASES))
+@pytest.mark.parametrize("backend_device", backend_params("softmax", exclude=("reference",)))
+def test_softmax_random_configs(backend_device, case):
+    backend, device = backend_device
+    context, args, grads, options = _softmax_case(2000 + case, backend, device)
+    dim, scale, is_causal = options["dim"], options["scale"], options["is_causal"]
 
     def fused(input, mask=None):
-        return fused_attn.softmax(_layout(input, layout), dim, mask, scale, is_causal, backend=backend)
+        return fused_attn.softmax(_layout(input, options["layout"]), dim, mask, scale, is_causal, backend=backend)
 
     def plain(input, mask=None):
         return reference.softmax(input, dim, mask, scale, is_causal)
 
-    grads = ("input",) + (("mask",) if mask_kind == "learned" else ())
-    context = f"seed {seed}: shape {shape}, dim {dim}, causal {is_causal}, {dtype}, mask {mask_kind} " \
-              f"{list(args['mask'].shape) if 'mask' in args else ''}, layout {layout}, scale {scale}"
     _parity(context, fused, plain, args, grads)
 
 
@@ -170,7 +178,10 @@ def test_add_layer_norm_random_configs(backend_device, case):
     _check_norm_case("add_layer_norm", *backend_device, 3000 + case)
 
 
-def _check_norm_case(op: str, backend: str, device: str, seed: int) -> None:
+def _norm_case(op: str, backend: str, device: str, seed: int) -> tuple[str, dict, dict]:
+    """A seeded layer_norm or add_layer_norm case: (its description, the arguments, all of them
+    differentiated, the options normalized_shape, eps, layout and, for add_layer_norm, prenorm: whether
+    the pre-norm sum is returned too)."""
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     norm_dims = rng.choice((1, 1, 1, 2))
     norm_shape = tuple(rng.choice((1, rng.randint(2, 64), rng.randint(65, 700))) for _ in range(norm_dims))
@@ -191,14 +202,8 @@ def _check_norm_case(op: str, backend: str, device: str, seed: int) -> None:
         args["weight"] = make(norm_shape, param_dtype) * 0.5 + 1
     if affine == "both":
         args["bias"] = make(norm_shape, param_dtype)
-    grads = tuple(args)
-    if op == "layer_norm":
-        def fused(input, weight=None, bias=None):
-            return fused_attn.layer_norm(_layout(input, layout), norm_shape, weight, bias, eps, backend=backend)
-
-        def plain(input, weight=None, bias=None):
-            return reference.layer_norm(input, norm_shape, weight, bias, eps)
-    else:
+    options = {"normalized_shape": norm_shape, "eps": eps, "layout": layout}
+    if op == "add_layer_norm":
         hidden = math.prod(norm_shape)
         if len(norm_shape) > 1:  # add_layer_norm normalises the last dim
             shape = shape[:-len(norm_shape)] + (hidden,)
@@ -207,20 +212,38 @@ def _check_norm_case(op: str, backend: str, device: str, seed: int) -> None:
         with_bias = rng.random() < 0.5
         if with_bias:
             args["input_bias"] = make((hidden,), dtype)
-        prenorm = rng.random() < 0.5
-        grads = tuple(args)
-        context += f", input_bias {with_bias}, return_prenorm {prenorm}"
+        options["prenorm"] = rng.random() < 0.5
+        context += f", input_bias {with_bias}, return_prenorm {options['prenorm']}"
+    return context, args, options
+
+
+def _add_layer_norm_result(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor], prenorm: bool) -> torch.Tensor:
+    """add_layer_norm's result as one tensor: with the pre-norm sum, both flattened and joined."""
+    return torch.cat([out[0].flatten(), out[1].flatten()]) if prenorm else out
+
+
+def _check_norm_case(op: str, backend: str, device: str, seed: int) -> None:
+    context, args, options = _norm_case(op, backend, device, seed)
+    norm_shape, eps, layout = options["normalized_shape"], options["eps"], options["layout"]
+    if op == "layer_norm":
+        def fused(input, weight=None, bias=None):
+            return fused_attn.layer_norm(_layout(input, layout), norm_shape, weight, bias, eps, backend=backend)
+
+        def plain(input, weight=None, bias=None):
+            return reference.layer_norm(input, norm_shape, weight, bias, eps)
+    else:
+        prenorm = options["prenorm"]
 
         def fused(input, residual, weight, bias, input_bias=None):
             out = fused_attn.add_layer_norm(_layout(input, layout), residual, weight, bias, eps,
                                             input_bias=input_bias, return_prenorm=prenorm, backend=backend)
-            return torch.cat([out[0].flatten(), out[1].flatten()]) if prenorm else out
+            return _add_layer_norm_result(out, prenorm)
 
         def plain(input, residual, weight, bias, input_bias=None):
             out = reference.add_layer_norm(input, residual, weight, bias, eps, input_bias=input_bias,
                                            return_prenorm=prenorm)
-            return torch.cat([out[0].flatten(), out[1].flatten()]) if prenorm else out
-    _parity(context, fused, plain, args, grads)
+            return _add_layer_norm_result(out, prenorm)
+    _parity(context, fused, plain, args, tuple(args))
 
 
 @pytest.mark.parametrize("case", range(CASES))
@@ -235,11 +258,15 @@ def test_ffn_random_configs(backend_device, case):
     _check_ffn_case("ffn", *backend_device, 4000 + case)
 
 
-def _check_ffn_case(op: str, backend: str, device: str, seed: int) -> None:
+def _ffn_case(
+    op: str, backend: str, device: str, seed: int, dtypes: tuple[torch.dtype, ...] | None = None
+) -> tuple[str, dict, dict]:
+    """A seeded linear_gelu or ffn case (in one of ``dtypes``, where given): (its description, the
+    arguments, all of them differentiated, the options approximate and layout)."""
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     leading = tuple(rng.choice((1, rng.randint(2, 40))) for _ in range(rng.randint(1, 3)))
     in_features, hidden, out_features = (rng.choice((1, rng.randint(2, 24), rng.randint(25, 130))) for _ in range(3))
-    dtype = _dtype(rng, backend, device, op)
+    dtype = _dtype(rng, backend, device, op, dtypes)
     approximate = rng.choice(("none", "tanh"))
     layout = rng.choice(LAYOUTS)
     biases = rng.random() < 0.7
@@ -253,6 +280,12 @@ def _check_ffn_case(op: str, backend: str, device: str, seed: int) -> None:
         args["w2"] = make(out_features, hidden)
         if biases:
             args["b2"] = make(out_features)
+    return context, args, {"approximate": approximate, "layout": layout}
+
+
+def _check_ffn_case(op: str, backend: str, device: str, seed: int) -> None:
+    context, args, options = _ffn_case(op, backend, device, seed)
+    approximate, layout = options["approximate"], options["layout"]
     if op == "linear_gelu":
         def fused(input, w1, b1=None):
             return fused_attn.linear_gelu(_layout(input, layout), w1, b1, approximate, backend=backend)
