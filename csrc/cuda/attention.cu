@@ -370,6 +370,15 @@ __device__ __forceinline__ void strips_gemm_abt(float (&acc)[MT][NB][4], uint32_
   }
 }
 
+template <int NB>
+__device__ __forceinline__ void zero(float (&acc)[NB][4]) {
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nb][e] = 0.f;
+  }
+}
+
 // The A operand of a warp's own strips (rows 16 mt .. of a shared row-major tile at `base`, pitch `pitch`
 // bytes, kK columns) in the products of a loop over streamed tiles: with kHeld its fragments are loaded
 // once (load(), after the tile has landed) and kept in registers for every product, else re-read from
@@ -387,9 +396,13 @@ struct StripsA {
   }
 };
 
+// S = A B^T for a warp's strips (A held or re-read, see StripsA) against NB * 8 rows of a streamed tile at
+// b_base (pitch b_pitch bytes), into acc (zeroed first).
 template <typename T, int MT, int NB, int kK, bool kHeld>
-__device__ __forceinline__ void strips_gemm_abt(float (&acc)[MT][NB][4], const StripsA<MT, kK, kHeld>& a,
-                                                uint32_t b_base, int b_pitch) {
+__device__ __forceinline__ void strips_product(float (&acc)[MT][NB][4], const StripsA<MT, kK, kHeld>& a,
+                                               uint32_t b_base, int b_pitch) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) zero(acc[mt]);
   if constexpr (kHeld) {
     strips_gemm_abt<T, MT, NB, kK>(acc, a.frag, b_base, b_pitch);
   } else {
@@ -432,15 +445,6 @@ __device__ __forceinline__ void to_a_fragments(const float (&acc)[NB][4], uint32
     a[kb][1] = Elem<T>::pack(acc[2 * kb][2], acc[2 * kb][3]);
     a[kb][2] = Elem<T>::pack(acc[2 * kb + 1][0], acc[2 * kb + 1][1]);
     a[kb][3] = Elem<T>::pack(acc[2 * kb + 1][2], acc[2 * kb + 1][3]);
-  }
-}
-
-template <int NB>
-__device__ __forceinline__ void zero(float (&acc)[NB][4]) {
-#pragma unroll
-  for (int nb = 0; nb < NB; ++nb) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[nb][e] = 0.f;
   }
 }
 
@@ -617,9 +621,7 @@ template <typename T, int MT, int NB, int kK, bool kHeld>
 __device__ __forceinline__ void strip_scores(float (&s)[MT][NB][4], const StripsA<MT, kK, kHeld>& a, uint32_t b_base,
                                              int b_pitch, const AttnParams& p, bool masked, int64_t mask_base,
                                              int row0, int col0, bool rows_are_queries) {
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) zero(s[mt]);
-  strips_gemm_abt<T, MT, NB, kK>(s, a, b_base, b_pitch);
+  strips_product<T, MT, NB, kK>(s, a, b_base, b_pitch);
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -1000,9 +1002,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
 
       // dP^T = V dO^T.
       float dpt[kNT][kM / 8][4];
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) zero(dpt[nt]);
-      strips_gemm_abt<T, kNT, kM / 8, kD>(dpt, va, smem_addr(do_tile), kPitch * 2);
+      strips_product<T, kNT, kM / 8, kD>(dpt, va, smem_addr(do_tile), kPitch * 2);
 
       // dS^T = P^T (dP^T - delta), formed in dP^T's registers. With dropout, dP takes the keep-mask first,
       // dS the undropped P, and dV the kept P (1 / (1 - p) applied at the stores).
@@ -1158,9 +1158,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
       }
 
       float dp[kMT][kN / 8][4];
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) zero(dp[mt]);
-      strips_gemm_abt<T, kMT, kN / 8, kD>(dp, doa, smem_addr(v_tile), kPitch * 2);
+      strips_product<T, kMT, kN / 8, kD>(dp, doa, smem_addr(v_tile), kPitch * 2);
       uint32_t frag[kMT][kN / 16][4];
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
