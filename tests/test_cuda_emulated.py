@@ -853,12 +853,9 @@ def test_ffn_parity(emu, dtype, approximate, hidden, dropout_p):
 @pytest.mark.parametrize("case", range(RANDOM_CASES))
 def test_ffn_random_configs(emu, op, case):
     """tests/test_random_configs.py's seeded linear_gelu and FFN cases (1 to 130 features on each side,
-    with and without biases, both GELUs, strided layouts) in float16 and bfloat16, on the emulated
-    kernels and GEMMs, given the rows as the op gives them. float32 stays on the grids above: a random
-    case of one row or one feature is judged by the rounding of a few sums on either side, and in
-    about 2 float32 cases in 100 the plain sums' happen to be small enough for the fused ones' (no
-    larger than usual) to exceed 3x theirs; its GEMMs and GELU kernels are the 16-bit ones' templates."""
-    context, args, options = _ffn_case(op, "cuda", "cpu", 4000 + case, dtypes=(torch.float16, torch.bfloat16))
+    with and without biases, both GELUs, strided layouts) with the cuda backend's dtypes, on the emulated
+    kernels and GEMMs, given the rows as the op gives them."""
+    context, args, options = _ffn_case(op, "cuda", "cpu", 4000 + case)
     approximate = options["approximate"]
 
     def as_rows(input):

@@ -19,6 +19,9 @@ from fused_attn.ops.attention import repeat_kv_heads
 from .conftest import assert_parity, backend_params, supported_dtypes
 
 CASES = 12
+# Problems judged together per case (assert_parity's draws): a case of one row or one feature is a
+# handful of sums, whose plain error on one draw can be a lucky one far below its usual level.
+DRAWS = 3
 # Slices (rows) at most in a softmax case.
 MAX_ROWS = 512
 
@@ -41,16 +44,16 @@ LAYOUTS = ("contiguous", "transposed", "padded_rows", "strided")
 
 
 def _parity(context: str, fused, plain, args: dict, grads: tuple[str, ...]) -> None:
-    """assert_parity, its failure prefixed with the case (seed and configuration)."""
+    """assert_parity over the case and DRAWS - 1 perturbed copies of it, its failure prefixed with the
+    case (seed and configuration)."""
     try:
-        assert_parity(fused, plain, args, grad_args=grads)
+        assert_parity(fused, plain, args, grad_args=grads, draws=DRAWS)
     except AssertionError as exc:
         raise AssertionError(f"{context}: {exc}") from None
 
 
-def _dtype(rng: random.Random, backend: str, device: str, op: str, among: tuple[torch.dtype, ...] | None = None) -> torch.dtype:
-    """A dtype the backend serves for op (of ``among``, where given)."""
-    return rng.choice([d for d in supported_dtypes(backend, device, op) if among is None or d in among])
+def _dtype(rng: random.Random, backend: str, device: str, op: str) -> torch.dtype:
+    return rng.choice(supported_dtypes(backend, device, op))
 
 
 def _attention_case(seed: int, backend: str, device: str) -> tuple[dict, dict]:
@@ -258,15 +261,13 @@ def test_ffn_random_configs(backend_device, case):
     _check_ffn_case("ffn", *backend_device, 4000 + case)
 
 
-def _ffn_case(
-    op: str, backend: str, device: str, seed: int, dtypes: tuple[torch.dtype, ...] | None = None
-) -> tuple[str, dict, dict]:
-    """A seeded linear_gelu or ffn case (in one of ``dtypes``, where given): (its description, the
-    arguments, all of them differentiated, the options approximate and layout)."""
+def _ffn_case(op: str, backend: str, device: str, seed: int) -> tuple[str, dict, dict]:
+    """A seeded linear_gelu or ffn case: (its description, the arguments, all of them differentiated,
+    the options approximate and layout)."""
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     leading = tuple(rng.choice((1, rng.randint(2, 40))) for _ in range(rng.randint(1, 3)))
     in_features, hidden, out_features = (rng.choice((1, rng.randint(2, 24), rng.randint(25, 130))) for _ in range(3))
-    dtype = _dtype(rng, backend, device, op, dtypes)
+    dtype = _dtype(rng, backend, device, op)
     approximate = rng.choice(("none", "tanh"))
     layout = rng.choice(LAYOUTS)
     biases = rng.random() < 0.7
