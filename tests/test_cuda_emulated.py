@@ -45,7 +45,9 @@ from fused_attn.ops.softmax import _as_4d
 
 from .conftest import assert_parity, check_tensor_parity
 from .cuda_emu import emu_build
-from .test_random_configs import _add_layer_norm_result, _attention_case, _ffn_case, _layout, _norm_case, _softmax_case
+from .test_random_configs import (
+    _add_layer_norm_result, _attention_case, _attention_dropout_case, _ffn_case, _layout, _norm_case, _softmax_case,
+)
 from .test_random_configs import _parity as random_configs_parity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,20 +292,38 @@ def test_attention_random_configs(emu, case):
     learned masks, custom scales, transposed / padded / strided layouts, fully masked rows) with the
     cuda backend's dtypes, on the emulated kernels, strided last dims made contiguous as the op does."""
     config, args = _attention_case(1000 + case, "cuda", "cpu")
+    _check_emulated_attention_case(emu, f"seed {1000 + case}: {config}", config, args)
+
+
+@pytest.mark.parametrize("case", range(RANDOM_CASES))
+def test_attention_dropout_random_configs(emu, case):
+    """The seeded attention cases with dropout: the emulated kernels' output and gradients are those of
+    the reference fed the keep-mask every backend draws from the op's seed."""
+    seed = 5000 + case
+    config, args, dropout_p, keep = _attention_dropout_case(seed, "cuda", "cpu")
+    _check_emulated_attention_case(emu, f"seed {seed}, dropout_p {dropout_p}: {config}", config, args, dropout_p,
+                                   keep, seed)
+
+
+def _check_emulated_attention_case(emu, context: str, config: dict, args: dict, dropout_p: float = 0.0,
+                                   keep: torch.Tensor | None = None, seed: int = 0) -> None:
     heads = config["shape"][1]
     options = {"is_causal": config["is_causal"], "scale": config["scale"]}
+    if dropout_p:
+        torch.manual_seed(seed)
+    kernel_seed = draw_seed(dropout_p, torch.empty(0))  # the op's seed: the one keep was drawn from
 
     def fused(query, key, value, attn_mask=None):
         q, k, v = (_layout(t, kind) for t, kind in zip((query, key, value), config["layouts"]))
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        return attention(emu, q, k, v, attn_mask, options["is_causal"], options["scale"])
+        return attention(emu, q, k, v, attn_mask, options["is_causal"], options["scale"], dropout_p, kernel_seed)
 
     def plain(query, key, value, attn_mask=None):
         return reference.scaled_dot_product_attention(query, _repeat(key, heads), _repeat(value, heads), attn_mask,
-                                                      **options)
+                                                      dropout_p, **options, dropout_mask=keep)
 
     grads = ("query", "key", "value") + (("attn_mask",) if config["mask"] == "learned_bias" else ())
-    random_configs_parity(f"seed {1000 + case}: {config}", fused, plain, args, grads)
+    random_configs_parity(context, fused, plain, args, grads)
 
 
 def _run_all(ops, q, k, v, mask, causal, dropout_p=0.0):

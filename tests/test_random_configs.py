@@ -14,7 +14,7 @@ import torch
 
 import fused_attn
 from fused_attn import reference
-from fused_attn.ops.attention import repeat_kv_heads
+from fused_attn.ops.attention import attention_with_keep_mask, repeat_kv_heads
 
 from .conftest import assert_parity, backend_params, supported_dtypes
 
@@ -22,6 +22,8 @@ CASES = 12
 # Problems judged together per case (assert_parity's draws): a case of one row or one feature is a
 # handful of sums, whose plain error on one draw can be a lucky one far below its usual level.
 DRAWS = 3
+# Attention cases with dropout per backend (the interpreter's attention is the costly part).
+DROPOUT_CASES = 6
 # Slices (rows) at most in a softmax case.
 MAX_ROWS = 512
 
@@ -102,21 +104,59 @@ def _attention_case(seed: int, backend: str, device: str) -> tuple[dict, dict]:
 def test_attention_random_configs(backend_device, case):
     backend, device = backend_device
     config, args = _attention_case(1000 + case, backend, device)
+    _check_attention_case(f"seed {1000 + case}: {config}", config, args, backend)
+
+
+def _attention_dropout_case(seed: int, backend: str, device: str) -> tuple[dict, dict, float, torch.Tensor]:
+    """_attention_case(seed) with a dropout_p, and the keep-mask [B, H, Lq, Lk] the op draws after
+    ``torch.manual_seed(seed)`` (every backend draws the same one from the op's seed; the Triton
+    forward returns it, here in float32: the mask depends on the seed and the positions alone)."""
+    config, args = _attention_case(seed, backend, device)
+    dropout_p = random.Random(-seed).choice((0.1, 0.3, 0.6))
     heads = config["shape"][1]
-    options = {"is_causal": config["is_causal"], "scale": config["scale"]}
+    query, key, value = args["query"], repeat_kv_heads(args["key"], heads), repeat_kv_heads(args["value"], heads)
+    mask = args.get("attn_mask")
+    mask = mask.float() if mask is not None and mask.is_floating_point() else mask
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        _, keep = attention_with_keep_mask(query.float(), key.float(), value.float(), mask, dropout_p,
+                                           config["is_causal"], config["scale"])
+    return config, args, dropout_p, keep
+
+
+@pytest.mark.parametrize("case", range(DROPOUT_CASES))
+@pytest.mark.parametrize("backend_device", backend_params("scaled_dot_product_attention", exclude=("reference",)))
+def test_attention_dropout_random_configs(backend_device, case):
+    """The seeded attention cases with dropout: output and gradients those of the reference fed the
+    keep-mask the kernels draw."""
+    backend, device = backend_device
+    seed = 5000 + case
+    config, args, dropout_p, keep = _attention_dropout_case(seed, backend, device)
+    _check_attention_case(f"seed {seed}, dropout_p {dropout_p}: {config}", config, args, backend, dropout_p, keep,
+                          seed)
+
+
+def _check_attention_case(context: str, config: dict, args: dict, backend: str, dropout_p: float = 0.0,
+                          keep: torch.Tensor | None = None, seed: int = 0) -> None:
+    """The case's parity on ``backend``; with dropout, the op's seed drawn after ``torch.manual_seed(seed)``
+    and the reference fed ``keep``."""
+    heads = config["shape"][1]
+    options = {"dropout_p": dropout_p, "is_causal": config["is_causal"], "scale": config["scale"]}
 
     def fused(query, key, value, attn_mask=None):
         q, k, v = (_layout(t, kind) for t, kind in zip((query, key, value), config["layouts"]))
+        if dropout_p:
+            torch.manual_seed(seed)
         return fused_attn.scaled_dot_product_attention(
             q, k, v, attn_mask, **options, enable_gqa=config["enable_gqa"], backend=backend
         )
 
     def plain(query, key, value, attn_mask=None):
         key, value = repeat_kv_heads(key, heads), repeat_kv_heads(value, heads)
-        return reference.scaled_dot_product_attention(query, key, value, attn_mask, **options)
+        return reference.scaled_dot_product_attention(query, key, value, attn_mask, **options, dropout_mask=keep)
 
     grads = ("query", "key", "value") + (("attn_mask",) if config["mask"] == "learned_bias" else ())
-    _parity(f"seed {1000 + case}: {config}", fused, plain, args, grads)
+    _parity(context, fused, plain, args, grads)
 
 
 def _broadcast_shape(rng: random.Random, shape: tuple[int, ...]) -> tuple[int, ...]:
