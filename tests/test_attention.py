@@ -1017,14 +1017,14 @@ def _dropout_near_one(backend, device, q, k, v, upstream, partner=None):
         args = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
         out = fn(*args)
         out.backward(upstream.to(dtype))
-        return [out] + [a.grad for a in args]
+        return [out.detach()] + [a.grad for a in args]
 
     torch.manual_seed(NEAR_ONE_SEED)
     fused = run(lambda *a: fused_attn.scaled_dot_product_attention(
         *a, mask, dropout_p=NEAR_ONE_P, backend=backend), torch.float16)
     truth = run(lambda *a: reference.scaled_dot_product_attention(
         *a, mask, dropout_p=NEAR_ONE_P, dropout_mask=keep), torch.float64)
-    return fused, [t.detach() for t in truth]
+    return fused, truth
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
