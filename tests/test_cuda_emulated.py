@@ -307,6 +307,8 @@ def test_attention_dropout_random_configs(emu, case):
 
 def _check_emulated_attention_case(emu, context: str, config: dict, args: dict, dropout_p: float = 0.0,
                                    keep: torch.Tensor | None = None, seed: int = 0) -> None:
+    """The case's parity on the emulated kernels, given the inputs as the op gives them; with dropout,
+    the op's seed drawn after ``torch.manual_seed(seed)`` and the reference fed ``keep``."""
     heads = config["shape"][1]
     options = {"is_causal": config["is_causal"], "scale": config["scale"]}
     if dropout_p:
