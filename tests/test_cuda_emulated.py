@@ -41,7 +41,7 @@ from fused_attn.ops._validate import broadcast_mask, rows
 from fused_attn.ops.add_layer_norm import add_layer_norm_keep_mask
 from fused_attn.ops.attention import attention_with_keep_mask
 from fused_attn.ops.ffn import ffn_keep_mask
-from fused_attn.ops.softmax import _as_4d
+from fused_attn.ops.softmax import _as_4d, _shifts_whole_slices
 
 from .conftest import assert_parity, check_tensor_parity
 from .cuda_emu import emu_build
@@ -547,8 +547,7 @@ def test_softmax_random_configs(emu, case):
     broadcast view."""
     context, args, grads, options = _softmax_case(2000 + case, "cuda", "cpu")
     dim, scale, is_causal = options["dim"] % args["input"].dim(), options["scale"], options["is_causal"]
-    mask = args.get("mask")
-    if mask is not None and (dim < args["input"].dim() - mask.dim() or mask.shape[dim - args["input"].dim()] == 1):
+    if "mask" in args and _shifts_whole_slices(args["mask"], dim, args["input"].dim()):
         # A learned mask constant along dim shifts whole slices: the op gives it an exact zero gradient
         # without the kernels (RowShift; tests/test_random_configs.py checks it).
         grads = ("input",)

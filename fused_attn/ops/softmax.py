@@ -115,6 +115,13 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, 1, *t.shape[-2:])
 
 
+def _shifts_whole_slices(mask: torch.Tensor, dim: int, rank: int) -> bool:
+    """Whether ``mask`` (as given, broadcasting to a rank-``rank`` input) is constant along the
+    softmax dim ``dim`` (non-negative): it then shifts whole slices, which softmax ignores."""
+    given_dim = dim - rank + mask.dim()  # dim in the mask as given
+    return given_dim < 0 or mask.shape[given_dim] == 1
+
+
 def softmax(
     input: torch.Tensor,
     dim: int = -1,
@@ -166,9 +173,8 @@ def softmax(
     # A learned mask of size 1 along dim shifts whole slices, which softmax ignores: its gradient is
     # exactly 0 (RowShift), not a sum of terms cancelling to rounding in a float32 buffer of the
     # input's size.
-    given_dim = dim - input.dim() + (given.dim() if given is not None else 0)  # dim in the mask as given
     row_shift = (mask is not None and mask.requires_grad and not under_transform(features)
-                 and (given_dim < 0 or given.shape[given_dim] == 1))
+                 and _shifts_whole_slices(given, dim, input.dim()))
     if row_shift:
         mask = mask.detach()
     if chosen == "reference":
