@@ -67,11 +67,11 @@ def affine_param(
     what: str = "",
 ) -> None:
     """An optional contiguous [hidden] vector on ``like``'s device, of ``dtype`` (default: like's);
-    ``what`` says whose size ``hidden`` is."""
+    ``what``, if given, says whose size ``hidden`` is (in parentheses after it, as checks.h does)."""
     if param is None:
         return
     if param.shape != (hidden,):
-        fail(name, " must have shape [", hidden, "]", what, ", got ", _shape(param))
+        fail(name, " must have shape [", hidden, "]", f" ({what})" if what else "", ", got ", _shape(param))
     if not param.is_contiguous():
         fail(name, " must be contiguous")
     if dtype is None:
@@ -301,7 +301,7 @@ def linear_input(input, weight, bias, names=("weight", "bias"), bias_what: str =
 def ffn_weights(input, w1, b1, w2, b2) -> tuple[int, int, int]:
     """input [rows, in], w1 [hidden, in], b1 [hidden], w2 [out, hidden], b2 [out]; returns
     (rows, hidden, out)."""
-    rows, hidden = linear_input(input, w1, b1, ("w1", "b1"), " (hidden features of w1)")
+    rows, hidden = linear_input(input, w1, b1, ("w1", "b1"), "hidden features of w1")
     out_features = linear_weight(w2, "w2", input, hidden, "hidden features of w1")
-    affine_param(b2, "b2", input, out_features, what=" (out_features of w2)")
+    affine_param(b2, "b2", input, out_features, what="out_features of w2")
     return rows, hidden, out_features
