@@ -18,11 +18,18 @@ so tiles above it are never loaded; only tiles that straddle it are masked. A bo
 same for every query of a head (a key padding mask; ``KEY_RANGE``) cuts every pass's walk to the
 key tiles holding a key it lets be seen (``_key_range``), so a padded tail is never loaded either.
 
-Units. Scores ``s = q k^T * scale + mask`` stay in natural units and P = exp2((s - m) * log2(e)):
-only the difference from the row max is taken to log2 units. Folding log2(e) into the scale
-first (one multiply per score less) rounds every score at its own magnitude, an error the plain
-softmax, which subtracts the max exactly, does not make: at head dim 2 with scores of ~18 the
-float32 output reached 3.3x the plain error.
+Units. Only a score's difference from the row max is taken to log2 units for exp2. Folding
+log2(e) into the scale first (s' = q k^T * (scale * log2 e), then s' - max s') rounds every score
+at its own magnitude, an error the plain softmax, which subtracts the max exactly, does not make:
+at head dim 2 with scores of ~18 the float32 output reached 3.3x the plain error. Where no
+floating mask is added and the scale is positive (``RAW_SCORES``, ``_raw_scores``), the forward
+keeps the raw products and their row max: P = exp2((qk - max qk) * (scale * log2 e)), one multiply
+by a constant per score where natural scores take two (the scale's, rounded on its own, and
+log2(e)'s), and no product rounded at its own magnitude: the difference is exact near the max.
+Rounding is monotonic, so round(max(qk) * scale) is the largest scaled score, the row max stored
+for the backward. With a floating mask (added to natural scores), a negative or extreme scale,
+and in every backward kernel, scores ``s = q k^T * scale + mask`` are natural and
+P = exp2((s - m) * log2(e)).
 
 Tile bounds. Only the tiles that need it pay a per-element pass (``_scores``): those with a mask,
 those on the causal diagonal, and, in the kernels that stream key tiles (forward, statistics,
@@ -189,7 +196,7 @@ def _inv_keep(inv_keep, DROPOUT: tl.constexpr):
 def _scores(
     a, b, q_idx, k_idx, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
-    KEY_BOUNDS: tl.constexpr,
+    KEY_BOUNDS: tl.constexpr, RAW: tl.constexpr = False,
 ):
     """Masked scores ``a b^T * scale + mask`` of a tile, in natural units (see "Units" in the module
     docstring), in either orientation: queries x keys (a = Q tile, b = K tile, q_idx = the query
@@ -197,11 +204,14 @@ def _scores(
     queries (a = K, b = Q, k_idx a column, q_idx a row: the transpose, which the dK/dV kernel
     forms so that P^T and dS^T are its products' A operands as they are, with no transpose).
     Without a mask, a causal diagonal or ``KEY_BOUNDS`` (keys past k_len in the tile) the scores
-    are returned as they are, with no per-element pass (see "Tile bounds" in the module docstring)."""
-    qk = _mm(a, tl.trans(b), FP32_DOT)
-    # Rounded on its own: the callers subtract the row max from these very scores, which must give
-    # exactly 0 at the max (a product contracted into that subtraction would not; _rounding).
-    s = rounded_product(qk, qk_scale)
+    are returned as they are, with no per-element pass (see "Tile bounds" in the module docstring).
+    ``RAW`` (no floating mask, a positive scale: "Units" in the module docstring) leaves the
+    products unscaled."""
+    s = _mm(a, tl.trans(b), FP32_DOT)
+    if not RAW:
+        # Rounded on its own: the callers subtract the row max from these very scores, which must give
+        # exactly 0 at the max (a product contracted into that subtraction would not; _rounding).
+        s = rounded_product(s, qk_scale)
     if HAS_MASK or APPLY_CAUSAL or KEY_BOUNDS:
         valid = (q_idx < q_len) & (k_idx < k_len)
         if HAS_MASK:
@@ -241,22 +251,41 @@ def _attn_fwd_inner(
     q_len, k_len, qk_scale, seed, bh, dropout_p,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr, WRITE_KEEP: tl.constexpr, FP32_DOT: tl.constexpr, KEY_BOUNDS: tl.constexpr,
+    RAW_SCORES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
 ):
+    # Units of s and the row max m: raw products, whose differences scale * log2(e) takes to log2
+    # units in one multiply, or natural scores (see "Units" in the module docstring).
+    if RAW_SCORES:
+        to_log2 = qk_scale * LOG2E
+    else:
+        to_log2 = LOG2E
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    # The K and V tile pointers advance by a tile per step (one 64-bit add each) rather than being
+    # formed from the key indices again. Without KEY_BOUNDS every tile lies within k_len (see "Tile
+    # bounds" in the module docstring), so the loads take no per-key predicate.
+    first_keys = (lo + tl.arange(0, BLOCK_N))[:, None].to(tl.int64)
+    k_ptrs = k_base + first_keys * stride_kn + offs_d[None, :]
+    v_ptrs = v_base + first_keys * stride_vn + offs_dv[None, :]
+    k_step = tl.full([], BLOCK_N, tl.int64) * stride_kn
+    v_step = tl.full([], BLOCK_N, tl.int64) * stride_vn
+    k_dims = (offs_d < HEAD_DIM)[None, :]
+    v_dims = (offs_dv < HEAD_DIM_V)[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_keys = offs_n < k_len
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
-                    mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        if KEY_BOUNDS:
+            k = tl.load(k_ptrs, mask=in_keys[:, None] & k_dims, other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=k_dims, other=0.0)
         s = _scores(q, k, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
-                    HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, KEY_BOUNDS)
+                    HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, KEY_BOUNDS, RAW_SCORES)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no visible key so far keeps m = -inf; shift by 0 instead so exp2 gives 0, not NaN.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2((s - m_shift[:, None]) * LOG2E)
-        alpha = tl.math.exp2((m_i - m_shift) * LOG2E)
+        p = tl.math.exp2((s - m_shift[:, None]) * to_log2)
+        alpha = tl.math.exp2((m_i - m_shift) * to_log2)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
@@ -265,10 +294,14 @@ def _attn_fwd_inner(
                 tl.store(dmask_base + offs_m[:, None].to(tl.int64) * stride_dmm + offs_n[None, :], keep.to(tl.int8),
                          mask=(offs_m[:, None] < q_len) & in_keys[None, :])
             p = p * _kept(keep)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :],
-                    mask=in_keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        if KEY_BOUNDS:
+            v = tl.load(v_ptrs, mask=in_keys[:, None] & v_dims, other=0.0)
+        else:
+            v = tl.load(v_ptrs, mask=v_dims, other=0.0)
         acc += _mm(p.to(v.dtype), v, FP32_DOT)
         m_i = m_new
+        k_ptrs += k_step
+        v_ptrs += v_step
     return acc, m_i, l_i
 
 
@@ -286,7 +319,7 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_RANGE: tl.constexpr,
     DROPOUT: tl.constexpr, WRITE_KEEP: tl.constexpr, FP32_DOT: tl.constexpr, KEY_BOUNDS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    RAW_SCORES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     seed = load_seed(seed_ptr, DROPOUT)
     num_m = tl.cdiv(q_len, BLOCK_M)
@@ -324,14 +357,14 @@ def _attn_fwd_kernel(
             acc, m_i, l_i, q, k_base, v_base, offs_m, mask_base, keep_base,
             lo, tl.minimum(diag_lo, hi), stride_kn, stride_vn, stride_mm, stride_mn, k_len,
             q_len, k_len, qk_scale, seed, bh, dropout_p,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, WRITE_KEEP, FP32_DOT, KEY_BOUNDS,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, WRITE_KEEP, FP32_DOT, KEY_BOUNDS, RAW_SCORES,
             BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
         acc, m_i, l_i = _attn_fwd_inner(
             acc, m_i, l_i, q, k_base, v_base, offs_m, mask_base, keep_base,
             tl.maximum(diag_lo, lo), tl.minimum(diag_hi, hi), stride_kn, stride_vn, stride_mm, stride_mn, k_len,
             q_len, k_len, qk_scale, seed, bh, dropout_p,
-            HAS_MASK, MASK_IS_BOOL, True, DROPOUT, WRITE_KEEP, FP32_DOT, KEY_BOUNDS,
+            HAS_MASK, MASK_IS_BOOL, True, DROPOUT, WRITE_KEEP, FP32_DOT, KEY_BOUNDS, RAW_SCORES,
             BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     else:
@@ -339,15 +372,19 @@ def _attn_fwd_kernel(
             acc, m_i, l_i, q, k_base, v_base, offs_m, mask_base, keep_base,
             lo, hi, stride_kn, stride_vn, stride_mm, stride_mn, k_len,
             q_len, k_len, qk_scale, seed, bh, dropout_p,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, WRITE_KEEP, FP32_DOT, KEY_BOUNDS,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, WRITE_KEEP, FP32_DOT, KEY_BOUNDS, RAW_SCORES,
             BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     empty_row = l_i == 0.0
     out = acc * tl.math.div_rn(_inv_keep(inv_keep, DROPOUT), tl.where(empty_row, 1.0, l_i))[:, None]
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :],
              out.to(out_ptr.dtype.element_ty), mask=in_queries[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
-    # The row statistics for the backward, kept apart (see the module docstring):
-    # the row max (+inf for a row that sees no key, so that its P is 0) and log2 of the row sum.
+    # The row statistics for the backward, kept apart (see the module docstring): the row max
+    # (+inf for a row that sees no key, so that its P is 0) as the largest scaled score, which the
+    # backward's scores take exactly where they equal the forward's (rounding is monotonic), and
+    # log2 of the row sum.
+    if RAW_SCORES:
+        m_i = rounded_product(m_i, qk_scale)
     stats = stats_ptr + bh * 2 * q_len
     tl.store(stats + offs_m, tl.where(empty_row, float("inf"), m_i), mask=in_queries)
     tl.store(stats + q_len + offs_m, tl.math.log2(tl.where(empty_row, 1.0, l_i)), mask=in_queries)
@@ -834,6 +871,14 @@ def _key_bounds(k_len: int) -> bool:
     return k_len % _LARGEST_BLOCK_N != 0
 
 
+def _raw_scores(mask: torch.Tensor | None, scale: float) -> bool:
+    """RAW_SCORES of the forward ("Units" in the module docstring): no floating mask, and a
+    positive scale within [2^-100, 2^100], so that scale * log2(e) is finite and normal, and a
+    difference of products beyond float32's range (which gives 0, not the exact exp2) is one whose
+    exp2 underflows anyway."""
+    return (mask is None or mask.dtype == torch.bool) and 2.0**-100 <= scale <= 2.0**100
+
+
 def _common_meta(q: torch.Tensor, v: torch.Tensor, mask, is_causal: bool, dropout_p: float) -> dict:
     # KEY_RANGE (_key_range): a boolean mask the same for every query of a head, e.g. a key padding mask.
     key_range = mask is not None and mask.dtype == torch.bool and (mask.stride(2) == 0 or mask.shape[2] == 1)
@@ -858,8 +903,8 @@ def attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Returns (out [B, H, Lq, Dv] in the query's layout, stats [B, H, 2, Lq] float32, keep-mask or None).
 
-    ``stats`` holds, per query row, the softmax row max and log2 of the row sum in log2 units
-    (scores times log2 e), kept apart for the backward; a row that sees no key has +inf and 0.
+    ``stats`` holds, per query row, the largest score (scaled, masked) and log2 of the row sum of
+    exp(score - that max), kept apart for the backward; a row that sees no key has +inf and 0.
 
     ``mask`` must already be expanded to [B, H, Lq, Lk] (a view; zero strides broadcast).
     ``return_keep_mask`` also returns the dropout keep-mask the kernel drew (for tests).
@@ -879,7 +924,7 @@ def attention_fwd(
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
         heads, _kv_group(q, k, v), q_len, k_len, scale, seed_ptr, as_float32(dropout_p), keep_scale(dropout_p),
         MASK_IS_BOOL=mask_is_bool, WRITE_KEEP=write_keep, KEY_BOUNDS=_key_bounds(k_len),
-        **_common_meta(q, v, mask, is_causal, dropout_p),
+        RAW_SCORES=_raw_scores(mask, scale), **_common_meta(q, v, mask, is_causal, dropout_p),
         **LAUNCH_OPTIONS,
     )
     return out, stats, (keep.bool() if keep is not None else None)
