@@ -66,7 +66,7 @@ import inspect
 from fused_attn.kernels.triton import attention, ffn, layer_norm
 
 CODE_FLAGS = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_MASK", "MASK_IS_BOOL", "KEY_RANGE", "DROPOUT", "WRITE_KEEP",
-              "WRITE_DSCORES", "KEY_BOUNDS"]
+              "WRITE_DSCORES", "KEY_BOUNDS", "RAW_SCORES"]
 kernels = [
     attention._attn_fwd_kernel, attention._attn_bwd_stats_kernel, attention._attn_bwd_dkdv_kernel,
     attention._attn_bwd_dq_kernel, ffn._gemm_kernel, layer_norm._norm_fwd_kernel, layer_norm._norm_bwd_kernel,

@@ -34,11 +34,11 @@ from collections import defaultdict
 from pathlib import Path
 
 # Kernels with a product that contraction must not fuse into an FMA (fused_attn/kernels/triton/_rounding.py),
-# which their PTX then shows as an explicitly rounded mul.rn.f32; with the constexpr flag of the launch
-# without which the kernel has no such product (None: every launch has it).
-ROUNDED_PRODUCTS = {name: ("the scaled scores", None) for name in (
-    "_attn_fwd_kernel", "_attn_bwd_stats_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")}
-ROUNDED_PRODUCTS["_norm_bwd_kernel"] = ("g = dy * w", "HAS_WEIGHT")  # no weight: g = dy, no product
+# which their PTX then shows as an explicitly rounded mul.rn.f32; with the test of a launch's constexpr
+# arguments that says whether it has such a product.
+ROUNDED_PRODUCTS = {name: ("the scaled scores", lambda flags: not flags.get("RAW_SCORES", False)) for name in (
+    "_attn_fwd_kernel", "_attn_bwd_stats_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")}  # raw: unscaled
+ROUNDED_PRODUCTS["_norm_bwd_kernel"] = ("g = dy * w", lambda flags: flags.get("HAS_WEIGHT", True))  # g = dy without
 
 # Per-block shared memory (opt-in maximum) by compute capability.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -83,7 +83,7 @@ def _install_compile_only_runtime(arch: int, records: list[dict]) -> None:
             self.fn.__name__, kernel.metadata.shared, kernel.metadata.enable_fp_fusion)
         state["rounded"] = "mul.rn.f32" in kernel.asm["ptx"]
         product = ROUNDED_PRODUCTS.get(self.fn.__name__)
-        state["to_round"] = product is not None and (product[1] is None or bool(kwargs.get(product[1], True)))
+        state["to_round"] = product is not None and bool(product[1](kwargs))
         if not state["autotuning"]:
             state["launch"] += 1
             records.append({"kernel": self.fn.__name__, "shared": kernel.metadata.shared, "launch": state["launch"],

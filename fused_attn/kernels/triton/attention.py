@@ -26,10 +26,9 @@ floating mask is added and the scale is positive (``RAW_SCORES``, ``_raw_scores`
 keeps the raw products and their row max: P = exp2((qk - max qk) * (scale * log2 e)), one multiply
 by a constant per score where natural scores take two (the scale's, rounded on its own, and
 log2(e)'s), and no product rounded at its own magnitude: the difference is exact near the max.
-Rounding is monotonic, so round(max(qk) * scale) is the largest scaled score, the row max stored
-for the backward. With a floating mask (added to natural scores), a negative or extreme scale,
-and in every backward kernel, scores ``s = q k^T * scale + mask`` are natural and
-P = exp2((s - m) * log2(e)).
+The row max stored for the backward is then the raw one, and the backward kernels recompute P in
+the same units. With a floating mask (added to natural scores) or a negative or extreme scale,
+scores ``s = q k^T * scale + mask`` are natural and P = exp2((s - m) * log2(e)).
 
 Tile bounds. Only the tiles that need it pay a per-element pass (``_scores``): those with a mask,
 those on the causal diagonal, and, in the kernels that stream key tiles (forward, statistics,
@@ -153,7 +152,7 @@ def _tiles_for_head_dim(configs, args):
 # reused where it no longer fits (sm80, head dim 128). A key names only its kernel's arguments
 # (Triton 3.9 refuses any other name; earlier versions skipped it).
 _AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "Q_BUCKET", "K_BUCKET", "HAS_MASK", "MASK_IS_BOOL", "KEY_RANGE",
-                 "DROPOUT"]
+                 "DROPOUT", "RAW_SCORES"]
 _NOT_SPECIALIZED = ["seed_ptr", "Q_BUCKET", "K_BUCKET"]
 
 
@@ -193,10 +192,20 @@ def _inv_keep(inv_keep, DROPOUT: tl.constexpr):
 
 
 @triton.jit
+def _to_log2(qk_scale, RAW_SCORES: tl.constexpr):
+    """The factor that takes a difference of scores to log2 units: scale * log2(e) for raw products
+    (``RAW_SCORES``), log2(e) for natural scores ("Units" in the module docstring)."""
+    if RAW_SCORES:
+        return qk_scale * LOG2E
+    else:
+        return LOG2E
+
+
+@triton.jit
 def _scores(
     a, b, q_idx, k_idx, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
-    KEY_BOUNDS: tl.constexpr, RAW: tl.constexpr = False,
+    KEY_BOUNDS: tl.constexpr, RAW: tl.constexpr,
 ):
     """Masked scores ``a b^T * scale + mask`` of a tile, in natural units (see "Units" in the module
     docstring), in either orientation: queries x keys (a = Q tile, b = K tile, q_idx = the query
@@ -245,6 +254,32 @@ def _key_range(mask_base, stride_mn, k_len, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _tile_pointers(a_base, b_base, first, stride_a, stride_b, ROWS: tl.constexpr, A_BLOCK: tl.constexpr,
+                   B_BLOCK: tl.constexpr):
+    """Pointers to the rows [first, first + ROWS) of two tensors streamed side by side (the
+    forward's K and V), and the 64-bit steps that take them a tile on: the loop advances them by one
+    add each rather than forming them from the row indices again. (The backward kernels form theirs
+    from the indices: the loop-carried pointers cost them up to 90 registers in sm90 code, a block
+    per SM fewer in a quarter of their configurations, where the forward's occupancy is unchanged.)"""
+    rows = (first + tl.arange(0, ROWS))[:, None].to(tl.int64)
+    a_ptrs = a_base + rows * stride_a + tl.arange(0, A_BLOCK)[None, :]
+    b_ptrs = b_base + rows * stride_b + tl.arange(0, B_BLOCK)[None, :]
+    return a_ptrs, b_ptrs, tl.full([], ROWS, tl.int64) * stride_a, tl.full([], ROWS, tl.int64) * stride_b
+
+
+@triton.jit
+def _load_tile(ptrs, rows, length, WIDTH: tl.constexpr, BLOCK: tl.constexpr, ROW_BOUNDS: tl.constexpr):
+    """The tile at ``ptrs``: rows ``rows``, ``WIDTH`` of its ``BLOCK`` columns,
+    zero past ``length`` and WIDTH. Without ``ROW_BOUNDS`` (the key tiles where KEY_BOUNDS is
+    off: "Tile bounds" in the module docstring) every row lies within length: no per-row predicate."""
+    columns = (tl.arange(0, BLOCK) < WIDTH)[None, :]
+    if ROW_BOUNDS:
+        return tl.load(ptrs, mask=(rows < length)[:, None] & columns, other=0.0)
+    else:
+        return tl.load(ptrs, mask=columns, other=0.0)
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc, m_i, l_i, q, k_base, v_base, offs_m, mask_base, dmask_base,
     lo, hi, stride_kn, stride_vn, stride_mm, stride_mn, stride_dmm,
@@ -254,31 +289,11 @@ def _attn_fwd_inner(
     RAW_SCORES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
 ):
-    # Units of s and the row max m: raw products, whose differences scale * log2(e) takes to log2
-    # units in one multiply, or natural scores (see "Units" in the module docstring).
-    if RAW_SCORES:
-        to_log2 = qk_scale * LOG2E
-    else:
-        to_log2 = LOG2E
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    # The K and V tile pointers advance by a tile per step (one 64-bit add each) rather than being
-    # formed from the key indices again. Without KEY_BOUNDS every tile lies within k_len (see "Tile
-    # bounds" in the module docstring), so the loads take no per-key predicate.
-    first_keys = (lo + tl.arange(0, BLOCK_N))[:, None].to(tl.int64)
-    k_ptrs = k_base + first_keys * stride_kn + offs_d[None, :]
-    v_ptrs = v_base + first_keys * stride_vn + offs_dv[None, :]
-    k_step = tl.full([], BLOCK_N, tl.int64) * stride_kn
-    v_step = tl.full([], BLOCK_N, tl.int64) * stride_vn
-    k_dims = (offs_d < HEAD_DIM)[None, :]
-    v_dims = (offs_dv < HEAD_DIM_V)[None, :]
+    to_log2 = _to_log2(qk_scale, RAW_SCORES)
+    k_ptrs, v_ptrs, k_step, v_step = _tile_pointers(k_base, v_base, lo, stride_kn, stride_vn, BLOCK_N, BLOCK_D, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_keys = offs_n < k_len
-        if KEY_BOUNDS:
-            k = tl.load(k_ptrs, mask=in_keys[:, None] & k_dims, other=0.0)
-        else:
-            k = tl.load(k_ptrs, mask=k_dims, other=0.0)
+        k = _load_tile(k_ptrs, offs_n, k_len, HEAD_DIM, BLOCK_D, KEY_BOUNDS)
         s = _scores(q, k, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
                     HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, KEY_BOUNDS, RAW_SCORES)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -292,12 +307,9 @@ def _attn_fwd_inner(
             keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], q_len, k_len, dropout_p)
             if WRITE_KEEP:
                 tl.store(dmask_base + offs_m[:, None].to(tl.int64) * stride_dmm + offs_n[None, :], keep.to(tl.int8),
-                         mask=(offs_m[:, None] < q_len) & in_keys[None, :])
+                         mask=(offs_m[:, None] < q_len) & (offs_n[None, :] < k_len))
             p = p * _kept(keep)
-        if KEY_BOUNDS:
-            v = tl.load(v_ptrs, mask=in_keys[:, None] & v_dims, other=0.0)
-        else:
-            v = tl.load(v_ptrs, mask=v_dims, other=0.0)
+        v = _load_tile(v_ptrs, offs_n, k_len, HEAD_DIM_V, BLOCK_DV, KEY_BOUNDS)
         acc += _mm(p.to(v.dtype), v, FP32_DOT)
         m_i = m_new
         k_ptrs += k_step
@@ -379,12 +391,8 @@ def _attn_fwd_kernel(
     out = acc * tl.math.div_rn(_inv_keep(inv_keep, DROPOUT), tl.where(empty_row, 1.0, l_i))[:, None]
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :],
              out.to(out_ptr.dtype.element_ty), mask=in_queries[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
-    # The row statistics for the backward, kept apart (see the module docstring): the row max
-    # (+inf for a row that sees no key, so that its P is 0) as the largest scaled score, which the
-    # backward's scores take exactly where they equal the forward's (rounding is monotonic), and
-    # log2 of the row sum.
-    if RAW_SCORES:
-        m_i = rounded_product(m_i, qk_scale)
+    # The row statistics for the backward, kept apart (see the module docstring): the row max in
+    # the units of the scores (+inf for a row that sees no key, so that its P is 0) and log2 of the row sum.
     stats = stats_ptr + bh * 2 * q_len
     tl.store(stats + offs_m, tl.where(empty_row, float("inf"), m_i), mask=in_queries)
     tl.store(stats + q_len + offs_m, tl.math.log2(tl.where(empty_row, 1.0, l_i)), mask=in_queries)
@@ -394,17 +402,19 @@ def _attn_fwd_kernel(
 def _probabilities(
     a, b, q_idx, k_idx, row_max, log2_sum, corr, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
-    RENORMALISE: tl.constexpr, KEY_BOUNDS: tl.constexpr,
+    RENORMALISE: tl.constexpr, KEY_BOUNDS: tl.constexpr, RAW_SCORES: tl.constexpr,
 ):
     """Softmax probabilities of a tile (oriented as ``_scores``: scores a b^T) recomputed from the
     forward's row statistics (the row max, log2 of the row sum, shaped to broadcast along the
-    tile's key dimension), P = exp2((s - row_max) * log2(e) - log2_sum); with ``RENORMALISE``
-    renormalised by the row factor ``corr`` of the statistics pass."""
+    tile's key dimension), P = exp2((s - row_max) * log2(e) - log2_sum), or with ``RAW_SCORES``
+    P = exp2((qk - row_max) * scale * log2(e) - log2_sum) ("Units" in the module docstring); with
+    ``RENORMALISE`` renormalised by the row factor ``corr`` of the statistics pass."""
     s = _scores(a, b, q_idx, k_idx, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
-                HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, KEY_BOUNDS)
+                HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, KEY_BOUNDS, RAW_SCORES)
     # At most 1: a score recomputed with other tile shapes than the forward's may exceed the row max
     # by an ulp, which at |s| ~ 1e30 would give exp2 of ~1e23 (inf) where P is 1. NaN stays NaN.
-    p = tl.math.exp2(tl.minimum((s - row_max) * LOG2E - log2_sum, 0.0, propagate_nan=tl.PropagateNan.ALL))
+    p = tl.math.exp2(tl.minimum((s - row_max) * _to_log2(qk_scale, RAW_SCORES) - log2_sum, 0.0,
+                                propagate_nan=tl.PropagateNan.ALL))
     if RENORMALISE:
         p = p * corr
     return p
@@ -415,7 +425,7 @@ def _tile_p_dp(
     a, b, c, d, row_max, log2_sum, corr, q_idx, k_idx, mask_base, stride_mm, stride_mn, q_len, k_len,
     qk_scale, seed, bh, dropout_p, inv_keep,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    FP32_DOT: tl.constexpr, RENORMALISE: tl.constexpr, KEY_BOUNDS: tl.constexpr,
+    FP32_DOT: tl.constexpr, RENORMALISE: tl.constexpr, KEY_BOUNDS: tl.constexpr, RAW_SCORES: tl.constexpr,
 ):
     """One tile of the backward, whichever side streams, in either orientation (``_scores``):
     queries x keys from (a, b, c, d) = (Q, K, dO, V), keys x queries (the transposes) from
@@ -426,7 +436,7 @@ def _tile_p_dp(
     dQ products, stays at the scale of dO V^T (scaled, it would overflow fp16 for p near 1 where
     the gradients themselves do not)."""
     p = _probabilities(a, b, q_idx, k_idx, row_max, log2_sum, corr, mask_base, stride_mm, stride_mn, q_len, k_len,
-                       qk_scale, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, RENORMALISE, KEY_BOUNDS)
+                       qk_scale, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, RENORMALISE, KEY_BOUNDS, RAW_SCORES)
     dp = _mm(c, tl.trans(d), FP32_DOT)
     kept = 1.0
     if DROPOUT:
@@ -440,23 +450,23 @@ def _query_tile_terms(
     q, do, row_max, log2_sum, corr, offs_m, start_n, k_base, v_base, mask_base,
     stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    FP32_DOT: tl.constexpr, RENORMALISE: tl.constexpr, KEY_BOUNDS: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    FP32_DOT: tl.constexpr, RENORMALISE: tl.constexpr, KEY_BOUNDS: tl.constexpr, RAW_SCORES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
 ):
     """For a query tile and the key tile at ``start_n``: (K tile, P, dP = dO V^T dropped as P was).
     The statistics pass and the dQ pass share it, so they see the very same P and dP."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    in_keys = offs_n < k_len
     keys = offs_n[:, None].to(tl.int64)
-    k = tl.load(k_base + keys * stride_kn + offs_d[None, :], mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    v = tl.load(v_base + keys * stride_vn + offs_dv[None, :], mask=in_keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    k = _load_tile(k_base + keys * stride_kn + tl.arange(0, BLOCK_D)[None, :], offs_n, k_len, HEAD_DIM, BLOCK_D,
+                   KEY_BOUNDS)
+    v = _load_tile(v_base + keys * stride_vn + tl.arange(0, BLOCK_DV)[None, :], offs_n, k_len, HEAD_DIM_V, BLOCK_DV,
+                   KEY_BOUNDS)
     p, dp, _ = _tile_p_dp(
         q, k, do, v, row_max[:, None], log2_sum[:, None], corr[:, None], offs_m[:, None], offs_n[None, :],
         mask_base, stride_mm, stride_mn, q_len, k_len,
         qk_scale, seed, bh, dropout_p, inv_keep, HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, RENORMALISE,
-        KEY_BOUNDS,
+        KEY_BOUNDS, RAW_SCORES,
     )
     return k, p, dp
 
@@ -466,16 +476,16 @@ def _attn_bwd_stats_inner(
     p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base, lo, hi,
     stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    FP32_DOT: tl.constexpr, KEY_BOUNDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    FP32_DOT: tl.constexpr, KEY_BOUNDS: tl.constexpr, RAW_SCORES: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
 ):
     """Row sums of P (as recomputed from the row statistics) and of P * dP over the key tiles [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         _, p, dp = _query_tile_terms(
             q, do, row_max, log2_sum, row_max, offs_m, start_n, k_base, v_base, mask_base,
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, False, KEY_BOUNDS, BLOCK_N, BLOCK_D, BLOCK_DV,
-            HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, False, KEY_BOUNDS, RAW_SCORES, BLOCK_N, BLOCK_D,
+            BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
         p_sum += tl.sum(p, 1)
         pdp_sum += tl.sum(p * dp, 1)
@@ -530,7 +540,7 @@ def _attn_bwd_stats_kernel(
     heads, kv_group, q_len, k_len, qk_scale, seed_ptr, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_RANGE: tl.constexpr,
-    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, KEY_BOUNDS: tl.constexpr,
+    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, KEY_BOUNDS: tl.constexpr, RAW_SCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Per query row: ``corr = 1 / sum_j P_ij`` and ``delta = corr * sum_j P_ij dP_ij`` with P as
@@ -555,19 +565,22 @@ def _attn_bwd_stats_kernel(
         p_sum, pdp_sum = _attn_bwd_stats_inner(
             p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base, lo, tl.minimum(diag_lo, hi),
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, KEY_BOUNDS, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, KEY_BOUNDS, RAW_SCORES, BLOCK_N, BLOCK_D, BLOCK_DV,
+            HEAD_DIM, HEAD_DIM_V,
         )
         p_sum, pdp_sum = _attn_bwd_stats_inner(
             p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base,
             tl.maximum(diag_lo, lo), tl.minimum(diag_hi, hi),
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, KEY_BOUNDS, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, KEY_BOUNDS, RAW_SCORES, BLOCK_N, BLOCK_D, BLOCK_DV,
+            HEAD_DIM, HEAD_DIM_V,
         )
     else:
         p_sum, pdp_sum = _attn_bwd_stats_inner(
             p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base, lo, hi,
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, KEY_BOUNDS, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, KEY_BOUNDS, RAW_SCORES, BLOCK_N, BLOCK_D, BLOCK_DV,
+            HEAD_DIM, HEAD_DIM_V,
         )
     sees_keys = p_sum > 0.0
     safe_sum = tl.where(sees_keys, p_sum, 1.0)
@@ -583,8 +596,8 @@ def _attn_bwd_dkdv_inner(
     dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, lo, hi,
     stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    FP32_DOT: tl.constexpr, RAW_SCORES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
 ):
     """dK and dV of one key tile, accumulated over the query tiles [lo, hi)."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -593,8 +606,8 @@ def _attn_bwd_dkdv_inner(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         in_queries = offs_m < q_len
         rows = offs_m[:, None].to(tl.int64)
-        q = tl.load(q_base + rows * stride_qm + offs_d[None, :], mask=in_queries[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        do = tl.load(do_base + rows * stride_dom + offs_dv[None, :], mask=in_queries[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        q = _load_tile(q_base + rows * stride_qm + offs_d[None, :], offs_m, q_len, HEAD_DIM, BLOCK_D, True)
+        do = _load_tile(do_base + rows * stride_dom + offs_dv[None, :], offs_m, q_len, HEAD_DIM_V, BLOCK_DV, True)
         row_max, log2_sum = _row_stats(stats_base, offs_m, in_queries, q_len)
         delta = tl.load(delta_base + offs_m, mask=in_queries, other=0.0)
         corr = tl.load(corr_base + offs_m, mask=in_queries, other=0.0)
@@ -604,7 +617,7 @@ def _attn_bwd_dkdv_inner(
             p_t, dp_t, kept_t = _tile_p_dp(
                 k, q, v, do, row_max[None, :], log2_sum[None, :], corr[None, :], offs_m[None, :], offs_n[:, None],
                 mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-                HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, True, False,
+                HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, True, False, RAW_SCORES,
             )
             ds_t = p_t * (dp_t - delta[None, :])
             p_used = p_t * kept_t if DROPOUT else p_t
@@ -614,7 +627,7 @@ def _attn_bwd_dkdv_inner(
             p, dp, kept = _tile_p_dp(
                 q, k, do, v, row_max[:, None], log2_sum[:, None], corr[:, None], offs_m[:, None], offs_n[None, :],
                 mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-                HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, True, False,
+                HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, True, False, RAW_SCORES,
             )
             ds = p * (dp - delta[:, None])
             p_used = p * kept if DROPOUT else p
@@ -628,8 +641,9 @@ def _attn_bwd_dq_inner(
     dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, lo, hi,
     stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    FP32_DOT: tl.constexpr, KEY_BOUNDS: tl.constexpr, WRITE_DSCORES: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    FP32_DOT: tl.constexpr, KEY_BOUNDS: tl.constexpr, WRITE_DSCORES: tl.constexpr, RAW_SCORES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
 ):
     """dQ of one query tile, accumulated over the key tiles [lo, hi)."""
     in_queries = offs_m < q_len
@@ -638,8 +652,8 @@ def _attn_bwd_dq_inner(
         k, p, dp = _query_tile_terms(
             q, do, row_max, log2_sum, corr, offs_m, start_n, k_base, v_base, mask_base,
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, True, KEY_BOUNDS, BLOCK_N, BLOCK_D, BLOCK_DV,
-            HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, DROPOUT, FP32_DOT, True, KEY_BOUNDS, RAW_SCORES, BLOCK_N, BLOCK_D,
+            BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
         ds = p * (dp - delta[:, None])
         if WRITE_DSCORES:
@@ -665,7 +679,7 @@ def _attn_bwd_dkdv_kernel(
     heads, kv_heads, kv_group, kv_splits, q_len, k_len, qk_scale, seed_ptr, dropout_p, inv_keep, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_RANGE: tl.constexpr,
-    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
+    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, RAW_SCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     seed = load_seed(seed_ptr, DROPOUT)
@@ -722,18 +736,21 @@ def _attn_bwd_dkdv_kernel(
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, lo, straddle_end,
                 stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-                HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+                HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, RAW_SCORES, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM,
+                HEAD_DIM_V,
             )
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, full_lo, q_end,
                 stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-                HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+                HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, RAW_SCORES, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM,
+                HEAD_DIM_V,
             )
         else:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, 0, q_end,
                 stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-                HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+                HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, RAW_SCORES, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM,
+                HEAD_DIM_V,
             )
     # One factor after the other: their product overflows where both are finite (a huge scale).
     dk = dk * _inv_keep(inv_keep, DROPOUT) * qk_scale
@@ -759,7 +776,7 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_RANGE: tl.constexpr,
     DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, KEY_BOUNDS: tl.constexpr,
-    WRITE_DSCORES: tl.constexpr,
+    WRITE_DSCORES: tl.constexpr, RAW_SCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     seed = load_seed(seed_ptr, DROPOUT)
@@ -785,22 +802,22 @@ def _attn_bwd_dq_kernel(
             dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base,
             lo, tl.minimum(diag_lo, hi),
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, KEY_BOUNDS, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV,
-            HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, KEY_BOUNDS, WRITE_DSCORES, RAW_SCORES, BLOCK_N, BLOCK_D,
+            BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
         dq = _attn_bwd_dq_inner(
             dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base,
             tl.maximum(diag_lo, lo), tl.minimum(diag_hi, hi),
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, KEY_BOUNDS, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV,
-            HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, KEY_BOUNDS, WRITE_DSCORES, RAW_SCORES, BLOCK_N, BLOCK_D,
+            BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     else:
         dq = _attn_bwd_dq_inner(
             dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, lo, hi,
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, KEY_BOUNDS, WRITE_DSCORES, BLOCK_N, BLOCK_D, BLOCK_DV,
-            HEAD_DIM, HEAD_DIM_V,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, KEY_BOUNDS, WRITE_DSCORES, RAW_SCORES, BLOCK_N, BLOCK_D,
+            BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
     dq = dq * _inv_keep(inv_keep, DROPOUT) * qk_scale  # as dK's: one factor after the other
     offs_d = tl.arange(0, BLOCK_D)
@@ -879,12 +896,13 @@ def _raw_scores(mask: torch.Tensor | None, scale: float) -> bool:
     return (mask is None or mask.dtype == torch.bool) and 2.0**-100 <= scale <= 2.0**100
 
 
-def _common_meta(q: torch.Tensor, v: torch.Tensor, mask, is_causal: bool, dropout_p: float) -> dict:
+def _common_meta(q: torch.Tensor, v: torch.Tensor, mask, scale: float, is_causal: bool, dropout_p: float) -> dict:
     # KEY_RANGE (_key_range): a boolean mask the same for every query of a head, e.g. a key padding mask.
     key_range = mask is not None and mask.dtype == torch.bool and (mask.stride(2) == 0 or mask.shape[2] == 1)
     return dict(
         HEAD_DIM=q.shape[-1], HEAD_DIM_V=v.shape[-1], BLOCK_D=_block_dim(q.shape[-1]), BLOCK_DV=_block_dim(v.shape[-1]),
         IS_CAUSAL=is_causal, HAS_MASK=mask is not None, KEY_RANGE=key_range, DROPOUT=dropout_p > 0.0,
+        RAW_SCORES=_raw_scores(mask, scale),
         FP32_DOT=q.dtype == torch.float32, Q_BUCKET=size_bucket(q.shape[2], 4096),
         K_BUCKET=size_bucket(v.shape[2], 4096),
     )
@@ -903,8 +921,9 @@ def attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Returns (out [B, H, Lq, Dv] in the query's layout, stats [B, H, 2, Lq] float32, keep-mask or None).
 
-    ``stats`` holds, per query row, the largest score (scaled, masked) and log2 of the row sum of
-    exp(score - that max), kept apart for the backward; a row that sees no key has +inf and 0.
+    ``stats`` holds, per query row, the largest score (masked; a raw product q.k under
+    ``RAW_SCORES``, else scaled: "Units" in the module docstring) and log2 of the row sum of the
+    exponentials, kept apart for the backward; a row that sees no key has +inf and 0.
 
     ``mask`` must already be expanded to [B, H, Lq, Lk] (a view; zero strides broadcast).
     ``return_keep_mask`` also returns the dropout keep-mask the kernel drew (for tests).
@@ -924,7 +943,7 @@ def attention_fwd(
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
         heads, _kv_group(q, k, v), q_len, k_len, scale, seed_ptr, as_float32(dropout_p), keep_scale(dropout_p),
         MASK_IS_BOOL=mask_is_bool, WRITE_KEEP=write_keep, KEY_BOUNDS=_key_bounds(k_len),
-        RAW_SCORES=_raw_scores(mask, scale), **_common_meta(q, v, mask, is_causal, dropout_p),
+        **_common_meta(q, v, mask, scale, is_causal, dropout_p),
         **LAUNCH_OPTIONS,
     )
     return out, stats, (keep.bool() if keep is not None else None)
@@ -969,7 +988,7 @@ def attention_bwd(
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     mask_t, mask_strides, mask_is_bool = _mask_args(mask, q)
     seed_ptr = seed_pointer(seed, dropout_p, q)
-    meta = _common_meta(q, v, mask, is_causal, dropout_p)
+    meta = _common_meta(q, v, mask, scale, is_causal, dropout_p)
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *dout.stride()[:3])
     # The row statistics (corr, delta) from the very P and dP the gradient kernels use (module docstring),
     # [B * H * Lq] each, in one allocation.
