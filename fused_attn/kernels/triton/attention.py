@@ -221,16 +221,25 @@ def _scores(
         # Rounded on its own: the callers subtract the row max from these very scores, which must give
         # exactly 0 at the max (a product contracted into that subtraction would not; _rounding).
         s = rounded_product(s, qk_scale)
-    if HAS_MASK or APPLY_CAUSAL or KEY_BOUNDS:
+    if HAS_MASK:
+        # Both bounds, which keep the mask's loads within it.
         valid = (q_idx < q_len) & (k_idx < k_len)
-        if HAS_MASK:
-            m_ptrs = mask_base + q_idx.to(tl.int64) * stride_mm + k_idx.to(tl.int64) * stride_mn
-            if MASK_IS_BOOL:
-                valid = valid & (tl.load(m_ptrs, mask=valid, other=0) != 0)
-            else:
-                s += tl.load(m_ptrs, mask=valid, other=0.0).to(tl.float32)
+        m_ptrs = mask_base + q_idx.to(tl.int64) * stride_mm + k_idx.to(tl.int64) * stride_mn
+        if MASK_IS_BOOL:
+            valid = valid & (tl.load(m_ptrs, mask=valid, other=0) != 0)
+        else:
+            s += tl.load(m_ptrs, mask=valid, other=0.0).to(tl.float32)
         if APPLY_CAUSAL:
             valid = valid & (q_idx >= k_idx)
+        s = tl.where(valid, s, float("-inf"))
+    elif APPLY_CAUSAL or KEY_BOUNDS:
+        # No query bound: a row past q_len needs none ("Tile bounds" in the module docstring).
+        if APPLY_CAUSAL and KEY_BOUNDS:
+            valid = (q_idx >= k_idx) & (k_idx < k_len)
+        elif APPLY_CAUSAL:
+            valid = q_idx >= k_idx
+        else:
+            valid = k_idx < k_len
         s = tl.where(valid, s, float("-inf"))
     return s
 
