@@ -124,6 +124,28 @@ def test_key_tiles_skip_the_bounds_pass_only_where_no_tile_reaches_past_the_keys
     assert not attention._key_bounds(512) and attention._key_bounds(77) and attention._key_bounds(192)
 
 
+def test_raw_products_only_for_a_boolean_or_no_mask_and_a_moderate_positive_scale():
+    """RAW_SCORES ("Units" in the attention module's docstring): the kernels keep q.k unscaled
+    only where scale * log2(e) is finite and normal and no floating mask is added to the scores."""
+    import math
+
+    import torch
+
+    from fused_attn.kernels.triton import attention
+
+    boolean, floating = torch.ones(1, 1, 1, 4, dtype=torch.bool), torch.zeros(1, 1, 1, 4)
+    for scale in (2.0**-100, 0.125, 1.0, 8.0, 2.0**100):
+        assert attention._raw_scores(None, scale) and attention._raw_scores(boolean, scale), scale
+        assert not attention._raw_scores(floating, scale), scale
+        assert not attention._raw_scores(floating.half(), scale), scale
+    for scale in (0.0, -0.0, -0.125, -1.0, 2.0**-100 * 0.999, 2.0**-101, 2.0**100 * 1.001, 1e38, float("inf")):
+        assert not attention._raw_scores(None, scale) and not attention._raw_scores(boolean, scale), scale
+    assert not attention._raw_scores(None, float("nan"))
+    # The bounds' factor scale * log2(e), in float32 as the kernels form it, is finite and normal.
+    factors = torch.tensor([2.0**-100, 2.0**100], dtype=torch.float32) * math.log2(math.e)
+    assert bool(torch.isfinite(factors).all()) and bool((factors >= torch.finfo(torch.float32).tiny).all())
+
+
 def test_host_sizes_match_tritons():
     """The launchers' plain-int cdiv and next_power_of_2 (fused_attn/kernels/triton/_grid.py) give
     what Triton's constexpr functions of the same names give."""

@@ -205,7 +205,7 @@ def _to_log2(qk_scale, RAW_SCORES: tl.constexpr):
 def _scores(
     a, b, q_idx, k_idx, mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, APPLY_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
-    KEY_BOUNDS: tl.constexpr, RAW: tl.constexpr,
+    KEY_BOUNDS: tl.constexpr, RAW_SCORES: tl.constexpr,
 ):
     """Masked scores ``a b^T * scale + mask`` of a tile, in natural units (see "Units" in the module
     docstring), in either orientation: queries x keys (a = Q tile, b = K tile, q_idx = the query
@@ -214,10 +214,10 @@ def _scores(
     forms so that P^T and dS^T are its products' A operands as they are, with no transpose).
     Without a mask, a causal diagonal or ``KEY_BOUNDS`` (keys past k_len in the tile) the scores
     are returned as they are, with no per-element pass (see "Tile bounds" in the module docstring).
-    ``RAW`` (no floating mask, a positive scale: "Units" in the module docstring) leaves the
+    ``RAW_SCORES`` (no floating mask, a positive scale: "Units" in the module docstring) leaves the
     products unscaled."""
     s = _mm(a, tl.trans(b), FP32_DOT)
-    if not RAW:
+    if not RAW_SCORES:
         # Rounded on its own: the callers subtract the row max from these very scores, which must give
         # exactly 0 at the max (a product contracted into that subtraction would not; _rounding).
         s = rounded_product(s, qk_scale)
@@ -263,18 +263,62 @@ def _key_range(mask_base, stride_mn, k_len, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(ptrs, rows, length, WIDTH: tl.constexpr, BLOCK: tl.constexpr, ROW_BOUNDS: tl.constexpr):
-    """The tile at ``ptrs``: rows ``rows``, ``WIDTH`` of its ``BLOCK`` columns, zero past ``length``
-    and WIDTH. Without ``ROW_BOUNDS`` (the key tiles where KEY_BOUNDS is off: "Tile bounds" in the
-    module docstring) every row lies within length: no per-row predicate. Callers form ``ptrs`` from
-    the row indices at each step: pointers carried across a loop's steps (one add each) saved 5% of
-    the forward's instructions in sm90 code but took up to 90 registers more, a block per SM fewer
-    in 4 of the forward's 32 configurations and 25 of the backward's 96."""
-    columns = (tl.arange(0, BLOCK) < WIDTH)[None, :]
+def _key_tiles(start_m, mask_base, stride_mn, k_len, IS_CAUSAL: tl.constexpr, KEY_RANGE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key tiles the query tile at ``start_m`` walks (forward, statistics and dQ kernels), as
+    (lo, full_hi, diag_lo, diag_hi): [lo, full_hi) need no causal mask; causal, [diag_lo, diag_hi)
+    straddle the diagonal (the tiles up to the query tile's last row) and the tiles beyond are
+    skipped altogether. With KEY_RANGE only the keys the mask lets be seen (``_key_range``)."""
+    lo = 0
+    hi = k_len
+    if KEY_RANGE:
+        lo, hi = _key_range(mask_base, stride_mn, k_len, BLOCK_N)
+    full_hi = hi
+    diag_lo = hi
+    diag_hi = hi
+    if IS_CAUSAL:
+        first = (start_m // BLOCK_N) * BLOCK_N  # the tile holding the query tile's first row
+        full_hi = tl.minimum(first, hi)
+        diag_lo = tl.maximum(first, lo)
+        diag_hi = tl.minimum(tl.minimum(start_m + BLOCK_M, k_len), hi)
+    return lo, full_hi, diag_lo, diag_hi
+
+
+@triton.jit
+def _tile_ptrs(base, rows, stride, BLOCK: tl.constexpr):
+    """Pointers to the rows ``rows`` (a block of indices) of the row-major matrix at ``base`` with
+    row stride ``stride``, ``BLOCK`` columns each: a [rows, BLOCK] tile of Q, K, V, dO or a
+    gradient. Row offsets in int64: a head's rows times their stride may pass 2^31 elements."""
+    return base + rows.to(tl.int64)[:, None] * stride + tl.arange(0, BLOCK)[None, :]
+
+
+@triton.jit
+def _tile_mask(rows, length, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+    """The elements of a ``_tile_ptrs`` tile that exist: rows below ``length``, columns below ``WIDTH``."""
+    return (rows < length)[:, None] & (tl.arange(0, BLOCK) < WIDTH)[None, :]
+
+
+@triton.jit
+def _load_tile(base, rows, stride, length, WIDTH: tl.constexpr, BLOCK: tl.constexpr, ROW_BOUNDS: tl.constexpr):
+    """The tile of rows ``rows`` at ``base`` (``_tile_ptrs``), zero past ``length`` and ``WIDTH``.
+    Without ``ROW_BOUNDS`` (the key tiles where KEY_BOUNDS is off: "Tile bounds" in the module
+    docstring) every row lies within length: no per-row predicate. The pointers are formed from the
+    row indices at each step of a loop: pointers carried across the steps (one add each) saved 5%
+    of the forward's instructions in sm90 code but took up to 90 registers more, a block per SM
+    fewer in 4 of the forward's 32 configurations and 25 of the backward's 96."""
+    ptrs = _tile_ptrs(base, rows, stride, BLOCK)
     if ROW_BOUNDS:
-        return tl.load(ptrs, mask=(rows < length)[:, None] & columns, other=0.0)
+        return tl.load(ptrs, mask=_tile_mask(rows, length, WIDTH, BLOCK), other=0.0)
     else:
-        return tl.load(ptrs, mask=columns, other=0.0)
+        return tl.load(ptrs, mask=(tl.arange(0, BLOCK) < WIDTH)[None, :], other=0.0)
+
+
+@triton.jit
+def _store_tile(base, rows, stride, value, length, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+    """Stores ``value`` (converted to the matrix's type) as the tile of rows ``rows`` at ``base``
+    (``_tile_ptrs``), leaving out the rows past ``length`` and the columns past ``WIDTH``."""
+    tl.store(_tile_ptrs(base, rows, stride, BLOCK), value.to(base.dtype.element_ty),
+             mask=_tile_mask(rows, length, WIDTH, BLOCK))
 
 
 @triton.jit
@@ -290,9 +334,7 @@ def _attn_fwd_inner(
     to_log2 = _to_log2(qk_scale, RAW_SCORES)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        keys = offs_n[:, None].to(tl.int64)
-        k = _load_tile(k_base + keys * stride_kn + tl.arange(0, BLOCK_D)[None, :], offs_n, k_len, HEAD_DIM, BLOCK_D,
-                       KEY_BOUNDS)
+        k = _load_tile(k_base, offs_n, stride_kn, k_len, HEAD_DIM, BLOCK_D, KEY_BOUNDS)
         s = _scores(q, k, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn, q_len, k_len, qk_scale,
                     HAS_MASK, MASK_IS_BOOL, APPLY_CAUSAL, FP32_DOT, KEY_BOUNDS, RAW_SCORES)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -308,8 +350,7 @@ def _attn_fwd_inner(
                 tl.store(dmask_base + offs_m[:, None].to(tl.int64) * stride_dmm + offs_n[None, :], keep.to(tl.int8),
                          mask=(offs_m[:, None] < q_len) & (offs_n[None, :] < k_len))
             p = p * _kept(keep)
-        v = _load_tile(v_base + keys * stride_vn + tl.arange(0, BLOCK_DV)[None, :], offs_n, k_len, HEAD_DIM_V, BLOCK_DV,
-                       KEY_BOUNDS)
+        v = _load_tile(v_base, offs_n, stride_vn, k_len, HEAD_DIM_V, BLOCK_DV, KEY_BOUNDS)
         acc += _mm(p.to(v.dtype), v, FP32_DOT)
         m_i = m_new
     return acc, m_i, l_i
@@ -340,12 +381,9 @@ def _attn_fwd_kernel(
     h = bh % heads
     start_m = tile_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     in_queries = offs_m < q_len
 
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
-                mask=in_queries[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    q = _load_tile(q_ptr + b * stride_qb + h * stride_qh, offs_m, stride_qm, q_len, HEAD_DIM, BLOCK_D, True)
     k_base = k_ptr + b * stride_kb + (h // kv_group) * stride_kh
     v_base = v_ptr + b * stride_vb + (h // kv_group) * stride_vh
     mask_base = mask_ptr + b * stride_mb + h * stride_mh
@@ -354,41 +392,26 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    lo = 0
-    hi = k_len
-    if KEY_RANGE:
-        lo, hi = _key_range(mask_base, stride_mn, k_len, BLOCK_N)
+    lo, full_hi, diag_lo, diag_hi = _key_tiles(start_m, mask_base, stride_mn, k_len, IS_CAUSAL, KEY_RANGE,
+                                               BLOCK_M, BLOCK_N)
+    acc, m_i, l_i = _attn_fwd_inner(
+        acc, m_i, l_i, q, k_base, v_base, offs_m, mask_base, keep_base,
+        lo, full_hi, stride_kn, stride_vn, stride_mm, stride_mn, k_len,
+        q_len, k_len, qk_scale, seed, bh, dropout_p,
+        HAS_MASK, MASK_IS_BOOL, False, DROPOUT, WRITE_KEEP, FP32_DOT, KEY_BOUNDS, RAW_SCORES,
+        BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+    )
     if IS_CAUSAL:
-        # Key tiles wholly left of this query tile's first row need no causal mask; the tiles up
-        # to its last row straddle the diagonal; tiles beyond it are skipped altogether.
-        diag_lo = (start_m // BLOCK_N) * BLOCK_N
-        diag_hi = tl.minimum(start_m + BLOCK_M, k_len)
         acc, m_i, l_i = _attn_fwd_inner(
             acc, m_i, l_i, q, k_base, v_base, offs_m, mask_base, keep_base,
-            lo, tl.minimum(diag_lo, hi), stride_kn, stride_vn, stride_mm, stride_mn, k_len,
-            q_len, k_len, qk_scale, seed, bh, dropout_p,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, WRITE_KEEP, FP32_DOT, KEY_BOUNDS, RAW_SCORES,
-            BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
-        )
-        acc, m_i, l_i = _attn_fwd_inner(
-            acc, m_i, l_i, q, k_base, v_base, offs_m, mask_base, keep_base,
-            tl.maximum(diag_lo, lo), tl.minimum(diag_hi, hi), stride_kn, stride_vn, stride_mm, stride_mn, k_len,
+            diag_lo, diag_hi, stride_kn, stride_vn, stride_mm, stride_mn, k_len,
             q_len, k_len, qk_scale, seed, bh, dropout_p,
             HAS_MASK, MASK_IS_BOOL, True, DROPOUT, WRITE_KEEP, FP32_DOT, KEY_BOUNDS, RAW_SCORES,
             BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
-    else:
-        acc, m_i, l_i = _attn_fwd_inner(
-            acc, m_i, l_i, q, k_base, v_base, offs_m, mask_base, keep_base,
-            lo, hi, stride_kn, stride_vn, stride_mm, stride_mn, k_len,
-            q_len, k_len, qk_scale, seed, bh, dropout_p,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, WRITE_KEEP, FP32_DOT, KEY_BOUNDS, RAW_SCORES,
-            BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
-        )
     empty_row = l_i == 0.0
     out = acc * tl.math.div_rn(_inv_keep(inv_keep, DROPOUT), tl.where(empty_row, 1.0, l_i))[:, None]
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=in_queries[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    _store_tile(out_ptr + b * stride_ob + h * stride_oh, offs_m, stride_om, out, q_len, HEAD_DIM_V, BLOCK_DV)
     # The row statistics for the backward, kept apart (see the module docstring): the row max in
     # the units of the scores (+inf for a row that sees no key, so that its P is 0) and log2 of the row sum.
     stats = stats_ptr + bh * 2 * q_len
@@ -455,11 +478,8 @@ def _query_tile_terms(
     """For a query tile and the key tile at ``start_n``: (K tile, P, dP = dO V^T dropped as P was).
     The statistics pass and the dQ pass share it, so they see the very same P and dP."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    keys = offs_n[:, None].to(tl.int64)
-    k = _load_tile(k_base + keys * stride_kn + tl.arange(0, BLOCK_D)[None, :], offs_n, k_len, HEAD_DIM, BLOCK_D,
-                   KEY_BOUNDS)
-    v = _load_tile(v_base + keys * stride_vn + tl.arange(0, BLOCK_DV)[None, :], offs_n, k_len, HEAD_DIM_V, BLOCK_DV,
-                   KEY_BOUNDS)
+    k = _load_tile(k_base, offs_n, stride_kn, k_len, HEAD_DIM, BLOCK_D, KEY_BOUNDS)
+    v = _load_tile(v_base, offs_n, stride_vn, k_len, HEAD_DIM_V, BLOCK_DV, KEY_BOUNDS)
     p, dp, _ = _tile_p_dp(
         q, k, do, v, row_max[:, None], log2_sum[:, None], corr[:, None], offs_m[:, None], offs_n[None, :],
         mask_base, stride_mm, stride_mn, q_len, k_len,
@@ -513,14 +533,9 @@ def _query_tile(
     h = bh % heads
     start_m = (pid % num_m) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     in_queries = offs_m < q_len
-    rows = offs_m[:, None].to(tl.int64)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :],
-                mask=in_queries[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    do = tl.load(dout_ptr + b * stride_dob + h * stride_doh + rows * stride_dom + offs_dv[None, :],
-                 mask=in_queries[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    q = _load_tile(q_ptr + b * stride_qb + h * stride_qh, offs_m, stride_qm, q_len, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(dout_ptr + b * stride_dob + h * stride_doh, offs_m, stride_dom, q_len, HEAD_DIM_V, BLOCK_DV, True)
     row_max, log2_sum = _row_stats(stats_ptr + bh * 2 * q_len, offs_m, in_queries, q_len)
     return bh, b, h, start_m, offs_m, in_queries, q, do, row_max, log2_sum
 
@@ -553,31 +568,19 @@ def _attn_bwd_stats_kernel(
     k_base = k_ptr + b * stride_kb + (h // kv_group) * stride_kh
     v_base = v_ptr + b * stride_vb + (h // kv_group) * stride_vh
     mask_base = mask_ptr + b * stride_mb + h * stride_mh
-    lo = 0
-    hi = k_len
-    if KEY_RANGE:
-        lo, hi = _key_range(mask_base, stride_mn, k_len, BLOCK_N)
+    lo, full_hi, diag_lo, diag_hi = _key_tiles(start_m, mask_base, stride_mn, k_len, IS_CAUSAL, KEY_RANGE,
+                                               BLOCK_M, BLOCK_N)
+    p_sum, pdp_sum = _attn_bwd_stats_inner(
+        p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base, lo, full_hi,
+        stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
+        HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, KEY_BOUNDS, RAW_SCORES, BLOCK_N, BLOCK_D, BLOCK_DV,
+        HEAD_DIM, HEAD_DIM_V,
+    )
     if IS_CAUSAL:
-        diag_lo = (start_m // BLOCK_N) * BLOCK_N
-        diag_hi = tl.minimum(start_m + BLOCK_M, k_len)
         p_sum, pdp_sum = _attn_bwd_stats_inner(
-            p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base, lo, tl.minimum(diag_lo, hi),
-            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, KEY_BOUNDS, RAW_SCORES, BLOCK_N, BLOCK_D, BLOCK_DV,
-            HEAD_DIM, HEAD_DIM_V,
-        )
-        p_sum, pdp_sum = _attn_bwd_stats_inner(
-            p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base,
-            tl.maximum(diag_lo, lo), tl.minimum(diag_hi, hi),
+            p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base, diag_lo, diag_hi,
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
             HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, KEY_BOUNDS, RAW_SCORES, BLOCK_N, BLOCK_D, BLOCK_DV,
-            HEAD_DIM, HEAD_DIM_V,
-        )
-    else:
-        p_sum, pdp_sum = _attn_bwd_stats_inner(
-            p_sum, pdp_sum, q, do, row_max, log2_sum, offs_m, k_base, v_base, mask_base, lo, hi,
-            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, KEY_BOUNDS, RAW_SCORES, BLOCK_N, BLOCK_D, BLOCK_DV,
             HEAD_DIM, HEAD_DIM_V,
         )
     sees_keys = p_sum > 0.0
@@ -598,14 +601,11 @@ def _attn_bwd_dkdv_inner(
     BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
 ):
     """dK and dV of one key tile, accumulated over the query tiles [lo, hi)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         in_queries = offs_m < q_len
-        rows = offs_m[:, None].to(tl.int64)
-        q = _load_tile(q_base + rows * stride_qm + offs_d[None, :], offs_m, q_len, HEAD_DIM, BLOCK_D, True)
-        do = _load_tile(do_base + rows * stride_dom + offs_dv[None, :], offs_m, q_len, HEAD_DIM_V, BLOCK_DV, True)
+        q = _load_tile(q_base, offs_m, stride_qm, q_len, HEAD_DIM, BLOCK_D, True)
+        do = _load_tile(do_base, offs_m, stride_dom, q_len, HEAD_DIM_V, BLOCK_DV, True)
         row_max, log2_sum = _row_stats(stats_base, offs_m, in_queries, q_len)
         delta = tl.load(delta_base + offs_m, mask=in_queries, other=0.0)
         corr = tl.load(corr_base + offs_m, mask=in_queries, other=0.0)
@@ -699,21 +699,18 @@ def _attn_bwd_dkdv_kernel(
     out_h = hk * kv_splits + split
     start_n = tile_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     in_keys = offs_n < k_len
-    keys = offs_n[:, None].to(tl.int64)
-    k = tl.load(k_ptr + b * stride_kb + hk * stride_kh + keys * stride_kn + offs_d[None, :],
-                mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    v = tl.load(v_ptr + b * stride_vb + hk * stride_vh + keys * stride_vn + offs_dv[None, :],
-                mask=in_keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    k = _load_tile(k_ptr + b * stride_kb + hk * stride_kh, offs_n, stride_kn, k_len, HEAD_DIM, BLOCK_D, True)
+    v = _load_tile(v_ptr + b * stride_vb + hk * stride_vh, offs_n, stride_vn, k_len, HEAD_DIM_V, BLOCK_DV, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     # Causal: query tiles ending before this key tile see none of it and are skipped; those that
     # straddle the diagonal, [lo, straddle_hi), are masked; the rest see the whole tile.
     lo = (start_n // BLOCK_M) * BLOCK_M
     straddle_hi = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, q_len)
-    full_lo = tl.maximum(straddle_hi, lo)
+    full_lo = 0
+    if IS_CAUSAL:
+        full_lo = tl.maximum(straddle_hi, lo)
     for g in range(g_begin, g_end):
         h = hk * kv_group + g
         bh = b * heads + h
@@ -737,26 +734,17 @@ def _attn_bwd_dkdv_kernel(
                 HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, RAW_SCORES, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM,
                 HEAD_DIM_V,
             )
-            dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, full_lo, q_end,
-                stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-                HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, RAW_SCORES, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM,
-                HEAD_DIM_V,
-            )
-        else:
-            dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, 0, q_end,
-                stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-                HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, RAW_SCORES, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM,
-                HEAD_DIM_V,
-            )
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, offs_n, q_base, do_base, mask_base, stats_base, corr_base, delta_base, full_lo, q_end,
+            stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
+            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, RAW_SCORES, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM,
+            HEAD_DIM_V,
+        )
     # One factor after the other: their product overflows where both are finite (a huge scale).
     dk = dk * _inv_keep(inv_keep, DROPOUT) * qk_scale
     dv = dv * _inv_keep(inv_keep, DROPOUT)
-    tl.store(dk_ptr + b * stride_dkb + out_h * stride_dkh + keys * stride_dkn + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
-             mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM))
-    tl.store(dv_ptr + b * stride_dvb + out_h * stride_dvh + keys * stride_dvn + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty),
-             mask=in_keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    _store_tile(dk_ptr + b * stride_dkb + out_h * stride_dkh, offs_n, stride_dkn, dk, k_len, HEAD_DIM, BLOCK_D)
+    _store_tile(dv_ptr + b * stride_dvb + out_h * stride_dvh, offs_n, stride_dvn, dv, k_len, HEAD_DIM_V, BLOCK_DV)
 
 
 @triton.autotune(configs=_configs("bwd"), key=_AUTOTUNE_KEY + ["KEY_BOUNDS", "WRITE_DSCORES"], do_bench=benchmark,
@@ -789,38 +777,24 @@ def _attn_bwd_dq_kernel(
     v_base = v_ptr + b * stride_vb + (h // kv_group) * stride_vh
     mask_base = mask_ptr + b * stride_mb + h * stride_mh
     dscores_base = dscores_ptr + bh * q_len * k_len
-    lo = 0
-    hi = k_len
-    if KEY_RANGE:
-        lo, hi = _key_range(mask_base, stride_mn, k_len, BLOCK_N)
+    lo, full_hi, diag_lo, diag_hi = _key_tiles(start_m, mask_base, stride_mn, k_len, IS_CAUSAL, KEY_RANGE,
+                                               BLOCK_M, BLOCK_N)
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, lo, full_hi,
+        stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
+        HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, KEY_BOUNDS, WRITE_DSCORES, RAW_SCORES, BLOCK_N, BLOCK_D,
+        BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+    )
     if IS_CAUSAL:
-        diag_lo = (start_m // BLOCK_N) * BLOCK_N
-        diag_hi = tl.minimum(start_m + BLOCK_M, k_len)
         dq = _attn_bwd_dq_inner(
             dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base,
-            lo, tl.minimum(diag_lo, hi),
-            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, KEY_BOUNDS, WRITE_DSCORES, RAW_SCORES, BLOCK_N, BLOCK_D,
-            BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
-        )
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base,
-            tl.maximum(diag_lo, lo), tl.minimum(diag_hi, hi),
+            diag_lo, diag_hi,
             stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
             HAS_MASK, MASK_IS_BOOL, True, DROPOUT, FP32_DOT, KEY_BOUNDS, WRITE_DSCORES, RAW_SCORES, BLOCK_N, BLOCK_D,
             BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
-    else:
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, row_max, log2_sum, corr, delta, offs_m, k_base, v_base, mask_base, dscores_base, lo, hi,
-            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, qk_scale, seed, bh, dropout_p, inv_keep,
-            HAS_MASK, MASK_IS_BOOL, False, DROPOUT, FP32_DOT, KEY_BOUNDS, WRITE_DSCORES, RAW_SCORES, BLOCK_N, BLOCK_D,
-            BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
-        )
     dq = dq * _inv_keep(inv_keep, DROPOUT) * qk_scale  # as dK's: one factor after the other
-    offs_d = tl.arange(0, BLOCK_D)
-    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :],
-             dq.to(dq_ptr.dtype.element_ty), mask=in_queries[:, None] & (offs_d[None, :] < HEAD_DIM))
+    _store_tile(dq_ptr + b * stride_dqb + h * stride_dqh, offs_m, stride_dqm, dq, q_len, HEAD_DIM, BLOCK_D)
 
 
 # ---------------------------------------------------------------------------------------------
