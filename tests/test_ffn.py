@@ -28,9 +28,10 @@ def _skip_dtype(backend, device, dtype):
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 # 4200 outputs: the CPU bias gradient visits rows of 8 KiB and more in groups (cpu_rows.h,
 # backward_rows), narrower ones one at a time; 9 rows leave a partial group, 1031 rows run the
-# narrow order's cascaded sums through several levels.
+# narrow order's cascaded sums through several levels. In 64 x 128 -> 64 every GEMM's K (128, 64,
+# 64 rows) is a multiple of every K tile (the Triton GEMM's loads then have no K bounds).
 @pytest.mark.parametrize(
-    "shape", [(1, 1, 1), (5, 7, 3), (64, 96, 80), (33, 70, 130), (9, 16, 4200), (1031, 8, 24)],
+    "shape", [(1, 1, 1), (5, 7, 3), (64, 96, 80), (64, 128, 64), (33, 70, 130), (9, 16, 4200), (1031, 8, 24)],
     ids=lambda s: "x".join(map(str, s)))
 def test_linear_gelu_parity(backend_device, dtype, approximate, shape):
     backend, device = backend_device
@@ -204,7 +205,9 @@ def test_linear_gelu_leading_dims_and_no_bias(backend_device):
 @pytest.mark.parametrize("backend_device", FFN)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-@pytest.mark.parametrize("shape", [(3, 8, 16), (40, 48, 96), (37, 50, 130)], ids=lambda s: "x".join(map(str, s)))
+# 37 x 64 -> 128: whole K tiles in the forward's GEMMs and the input gradient's, partial in the weights'.
+@pytest.mark.parametrize("shape", [(3, 8, 16), (40, 48, 96), (37, 50, 130), (37, 64, 128)],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_ffn_parity(backend_device, dtype, approximate, shape):
     backend, device = backend_device
     _skip_dtype(backend, device, dtype)

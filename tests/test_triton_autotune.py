@@ -85,7 +85,7 @@ for kernel in kernels:
         if jit.fn.__name__.startswith("_attn"):
             missing = set(CODE_FLAGS) & set(names) - set(kernel.keys)
             assert not missing, (jit.fn.__name__, sorted(missing))
-assert ffn._gemm_kernel.keys == ["M_BUCKET", "N", "K_BUCKET", "A_PROLOGUE", "B_PROLOGUE", "EPILOGUE"]
+assert ffn._gemm_kernel.keys == ["M_BUCKET", "N", "K_BUCKET", "A_PROLOGUE", "B_PROLOGUE", "EPILOGUE", "K_BOUNDS"]
 assert {"Q_BUCKET", "K_BUCKET"} <= set(attention._attn_fwd_kernel.keys)
 assert "WRITE_DSCORES" in attention._attn_bwd_dq_kernel.keys and "WRITE_KEEP" in attention._attn_fwd_kernel.keys
 print("ok")

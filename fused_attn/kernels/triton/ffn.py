@@ -13,7 +13,11 @@ One tiled GEMM kernel ``C = A' @ B'`` serves the whole feed-forward block, forwa
 * optional row sums of ``A'`` (a bias gradient) accumulated over the K loop, so the bias
   gradient costs no extra pass over memory.
 
-Operands are addressed through strides, so transposes are free. Tiles are visited in groups of
+Operands are addressed through strides, so transposes are free. Where every config's BLOCK_K
+divides K (hidden sizes such as 768 and 3072: ``K_BOUNDS`` off, part of the tuning key) the K loop's
+loads carry only the rows' and columns' bounds, the same at every step: in sm90 code the main loop of
+a 128 x 128 x 64 tile with the bias + GELU epilogue is 147 instructions a step instead of 167, 177
+instead of 206 without an epilogue. Tiles are visited in groups of
 ``GROUP_M`` rows of tiles so that neighbouring programs share B tiles in L2. Accumulation is
 float32; float32 operands use IEEE products (not TF32), so float32 results match PyTorch's.
 Dropout uses the package's Philox stream (``_dropout.uniform``) at element ``row * ld + col`` of the
@@ -141,7 +145,12 @@ def _gelu_grad(x, APPROX_TANH: tl.constexpr):
     return cdf + x * (density * 0.3989422804014327)
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K_BUCKET", "A_PROLOGUE", "B_PROLOGUE", "EPILOGUE"],
+# The largest BLOCK_K of any config, the GPU's or the interpreter's: a K it divides leaves no K tile partial.
+_LARGEST_BLOCK_K = max([k for _, _, k, _, _ in GEMM_TILES] + [c.kwargs["BLOCK_K"] for c in _configs(True)])
+
+
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K_BUCKET", "A_PROLOGUE", "B_PROLOGUE", "EPILOGUE",
+                                          "K_BOUNDS"],
                  do_bench=benchmark, prune_configs_by={"early_config_prune": pruner(lambda: _gemm_kernel)})
 @triton.jit(do_not_specialize=["seed_ptr", "M_BUCKET", "K_BUCKET"])
 def _gemm_kernel(
@@ -150,7 +159,7 @@ def _gemm_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     rng_stride_m, rng_stride_k, seed_ptr, dropout_p, keep_prob,
     A_PROLOGUE: tl.constexpr, B_PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, APPROX_TANH: tl.constexpr,
-    ROW_SUMS: tl.constexpr, FP32_DOT: tl.constexpr, STORE_PRE: tl.constexpr,
+    ROW_SUMS: tl.constexpr, FP32_DOT: tl.constexpr, STORE_PRE: tl.constexpr, K_BOUNDS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     DROPOUT: tl.constexpr = A_PROLOGUE == 2 or EPILOGUE == 3
@@ -169,11 +178,20 @@ def _gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     rows = offs_m[:, None].to(tl.int64)
     cols = offs_n[None, :].to(tl.int64)
+    in_m = offs_m[:, None] < M
+    in_n = offs_n[None, :] < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     row_sums = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
-        a_mask = (offs_m[:, None] < M) & (ks[None, :] < K)
+        # Without K_BOUNDS (BLOCK_K divides K) every K tile is whole: the loads' masks are the rows'
+        # and columns' alone, the same at every step.
+        if K_BOUNDS:
+            a_mask = in_m & (ks[None, :] < K)
+            b_mask = (ks[:, None] < K) & in_n
+        else:
+            a_mask = in_m  # broadcast by the loads over the tile's K columns / rows
+            b_mask = in_n
         a_offs = rows * stride_am + ks[None, :].to(tl.int64) * stride_ak
         a = tl.load(a_ptr + a_offs, mask=a_mask, other=0.0)
         if A_PROLOGUE == 1:
@@ -184,7 +202,6 @@ def _gemm_kernel(
             a = dropout(a.to(tl.float32), seed, element, dropout_p, keep_prob).to(a_ptr.dtype.element_ty)
         if ROW_SUMS:
             row_sums += tl.sum(a.to(tl.float32), axis=1)
-        b_mask = (ks[:, None] < K) & (offs_n[None, :] < N)
         b = tl.load(b_ptr + ks[:, None].to(tl.int64) * stride_bk + cols * stride_bn, mask=b_mask, other=0.0)
         if B_PROLOGUE == 3:
             b = _gelu(b.to(tl.float32), APPROX_TANH).to(b_ptr.dtype.element_ty)
@@ -193,7 +210,7 @@ def _gemm_kernel(
         else:
             acc = tl.dot(a, b, acc)
 
-    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    c_mask = in_m & in_n
     c_offs = rows * stride_cm + cols * stride_cn
     if EPILOGUE >= 1:
         if bias_ptr is not None:
@@ -268,6 +285,7 @@ def gemm(
         rng_strides[0], rng_strides[1], seed_pointer(seed, dropout_p, out), as_float32(dropout_p), keep_divisor(dropout_p),
         A_PROLOGUE=a_prologue, B_PROLOGUE=b_prologue, EPILOGUE=epilogue, APPROX_TANH=approximate == "tanh",
         ROW_SUMS=row_sums is not None, FP32_DOT=a.dtype == torch.float32, STORE_PRE=store_pre,
+        K_BOUNDS=K % _LARGEST_BLOCK_K != 0,
         **LAUNCH_OPTIONS,
     )
     return out
