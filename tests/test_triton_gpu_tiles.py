@@ -167,25 +167,31 @@ def _gemm_configs() -> list:
     return [pytest.param(c, id=_config_id(c)) for c in ffn_kernels._configs(interpret=False)]
 
 
-def _tile_ffn_args(config, seed):
+def _tile_ffn_args(config, seed, whole_k_tiles=False):
     """Sizes a third to a half beyond the larger of the tile's M and N, so that every GEMM of the
     FFN (whose dims trade roles between forward and backward) has two tiles or more along each
-    dim, the last partial, and K runs several BLOCK_K steps and a remainder."""
+    dim, the last partial, and K runs several BLOCK_K steps and a remainder; with
+    ``whole_k_tiles`` each size rounded up to a multiple of 64, so that K has no remainder (the
+    kernel's loads then carry no K bounds: K_BOUNDS off) while M and N still end in partial tiles."""
     size = max(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"])
-    return _ffn_args(size * 4 // 3 + 7, size * 5 // 4 + 3, size * 3 // 2 + 5, DTYPE, DEVICE, seed=seed)
+    dims = [size * 4 // 3 + 7, size * 5 // 4 + 3, size * 3 // 2 + 5]
+    if whole_k_tiles:
+        dims = [-(-d // 64) * 64 for d in dims]
+    return _ffn_args(*dims, DTYPE, DEVICE, seed=seed)
 
 
 @pytest.mark.parametrize("config", _gemm_configs())
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_ffn_every_tile_configuration(config, approximate, monkeypatch):
+@pytest.mark.parametrize("approximate,whole_k_tiles", [("none", False), ("tanh", False), ("none", True)],
+                         ids=["none", "tanh", "none-whole-k-tiles"])
+def test_ffn_every_tile_configuration(config, approximate, whole_k_tiles, monkeypatch):
     """The bias + GELU epilogue, the dGELU prologue and the bias gradients' row sums of every GEMM
-    the FFN runs, under each configuration."""
+    the FFN runs, under each configuration, with K tiles partial and whole."""
     _triton_or_skip()
     monkeypatch.setattr(ffn_kernels._gemm_kernel, "configs", [config])
     assert_parity(
         lambda input, w1, b1, w2, b2: fused_attn.ffn(input, w1, b1, w2, b2, approximate, backend="triton"),
         lambda input, w1, b1, w2, b2: reference.ffn(input, w1, b1, w2, b2, approximate),
-        _tile_ffn_args(config, seed=0),
+        _tile_ffn_args(config, seed=0, whole_k_tiles=whole_k_tiles),
         grad_args=("input", "w1", "b1", "w2", "b2"),
     )
     assert fused_attn.last_backend("ffn") == "triton"
