@@ -124,6 +124,19 @@ def test_key_tiles_skip_the_bounds_pass_only_where_no_tile_reaches_past_the_keys
     assert not attention._key_bounds(512) and attention._key_bounds(77) and attention._key_bounds(192)
 
 
+def test_gemm_k_tiles_skip_the_bounds_only_where_every_tile_divides_k():
+    """The FFN GEMM's K_BOUNDS, like the attention's KEY_BOUNDS, is fixed before the autotuner picks
+    a tile: a K that any config's BLOCK_K (the GPU's or the interpreter's) does not divide keeps the
+    loads' K bounds."""
+    from fused_attn.kernels.triton import ffn
+
+    blocks = {c.kwargs["BLOCK_K"] for interpret in (False, True) for c in ffn._configs(interpret)}
+    assert {32, 64} <= blocks
+    for k in range(1, 1100):
+        assert ffn._k_bounds(k) or not any(k % block for block in blocks), k
+    assert not ffn._k_bounds(768) and not ffn._k_bounds(3072) and ffn._k_bounds(96) and ffn._k_bounds(200)
+
+
 def test_raw_products_only_for_a_boolean_or_no_mask_and_a_moderate_positive_scale():
     """RAW_SCORES ("Units" in the attention module's docstring): the kernels keep q.k unscaled
     only where scale * log2(e) is finite and normal and no floating mask is added to the scores."""

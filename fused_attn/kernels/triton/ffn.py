@@ -145,8 +145,14 @@ def _gelu_grad(x, APPROX_TANH: tl.constexpr):
     return cdf + x * (density * 0.3989422804014327)
 
 
-# The largest BLOCK_K of any config, the GPU's or the interpreter's: a K it divides leaves no K tile partial.
-_LARGEST_BLOCK_K = max([k for _, _, k, _, _ in GEMM_TILES] + [c.kwargs["BLOCK_K"] for c in _configs(True)])
+# The K tiles of every config, the GPU's and the interpreter's.
+_BLOCK_KS = sorted({k for _, _, k, _, _ in GEMM_TILES} | {c.kwargs["BLOCK_K"] for c in _configs(True)})
+
+
+def _k_bounds(k: int) -> bool:
+    """K_BOUNDS: whether a K tile may reach past ``k``, i.e. some config's BLOCK_K does not divide it
+    (the autotuner picks the config after this is fixed). Where none may, the loads skip K's bounds."""
+    return any(k % block for block in _BLOCK_KS)
 
 
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K_BUCKET", "A_PROLOGUE", "B_PROLOGUE", "EPILOGUE",
@@ -285,7 +291,7 @@ def gemm(
         rng_strides[0], rng_strides[1], seed_pointer(seed, dropout_p, out), as_float32(dropout_p), keep_divisor(dropout_p),
         A_PROLOGUE=a_prologue, B_PROLOGUE=b_prologue, EPILOGUE=epilogue, APPROX_TANH=approximate == "tanh",
         ROW_SUMS=row_sums is not None, FP32_DOT=a.dtype == torch.float32, STORE_PRE=store_pre,
-        K_BOUNDS=K % _LARGEST_BLOCK_K != 0,
+        K_BOUNDS=_k_bounds(K),
         **LAUNCH_OPTIONS,
     )
     return out
