@@ -110,31 +110,25 @@ def test_per_call_values_do_not_specialise_the_compiled_kernels():
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
 
 
-def test_key_tiles_skip_the_bounds_pass_only_where_no_tile_reaches_past_the_keys():
-    """KEY_BOUNDS is fixed before the autotuner picks a tile: a length that any config's BLOCK_N
-    (the GPU's or the interpreter's) does not divide must keep the per-element key bounds."""
-    from fused_attn.kernels.triton import attention
+@pytest.mark.parametrize("kernel", ["attention", "ffn"])
+def test_tiles_skip_the_bounds_only_where_every_configs_tile_divides_the_length(kernel):
+    """The attention's KEY_BOUNDS and the FFN GEMM's K_BOUNDS are fixed before the autotuner picks a
+    tile: a length that any config's tile (the GPU's or the interpreter's, forward or backward) does
+    not divide must keep the per-element bounds; one that all of them divide may drop them."""
+    from fused_attn.kernels.triton import attention, ffn
 
-    blocks = {c.kwargs["BLOCK_N"] for interpret in (False, True) for c in attention._configs("fwd", interpret)}
-    blocks |= {c.kwargs["BLOCK_N"] for interpret in (False, True) for c in attention._configs("bwd", interpret)}
-    assert {32, 64, 128} <= blocks
-    for k_len in range(1, 1100):
-        reaches_past = any(k_len % n for n in blocks)
-        assert attention._key_bounds(k_len) or not reaches_past, k_len
-    assert not attention._key_bounds(512) and attention._key_bounds(77) and attention._key_bounds(192)
-
-
-def test_gemm_k_tiles_skip_the_bounds_only_where_every_tile_divides_k():
-    """The FFN GEMM's K_BOUNDS, like the attention's KEY_BOUNDS, is fixed before the autotuner picks
-    a tile: a K that any config's BLOCK_K (the GPU's or the interpreter's) does not divide keeps the
-    loads' K bounds."""
-    from fused_attn.kernels.triton import ffn
-
-    blocks = {c.kwargs["BLOCK_K"] for interpret in (False, True) for c in ffn._configs(interpret)}
-    assert {32, 64} <= blocks
-    for k in range(1, 1100):
-        assert ffn._k_bounds(k) or not any(k % block for block in blocks), k
-    assert not ffn._k_bounds(768) and not ffn._k_bounds(3072) and ffn._k_bounds(96) and ffn._k_bounds(200)
+    if kernel == "attention":
+        configs = [c for interpret in (False, True) for stage in ("fwd", "bwd")
+                   for c in attention._configs(stage, interpret)]
+        blocks, bounds, expected = {c.kwargs["BLOCK_N"] for c in configs}, attention._key_bounds, {32, 64, 128}
+    else:
+        configs = [c for interpret in (False, True) for c in ffn._configs(interpret)]
+        blocks, bounds, expected = {c.kwargs["BLOCK_K"] for c in configs}, ffn._k_bounds, {32, 64}
+    assert expected <= blocks
+    for length in range(1, 1100):
+        assert bounds(length) == any(length % block for block in blocks), length
+    assert not bounds(512) and not bounds(768) and not bounds(3072) and bounds(77) and bounds(200)
+    assert bounds(192) == (kernel == "attention") and bounds(96)
 
 
 def test_raw_products_only_for_a_boolean_or_no_mask_and_a_moderate_positive_scale():

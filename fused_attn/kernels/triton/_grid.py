@@ -33,3 +33,10 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def partial_tiles(length: int, blocks) -> bool:
+    """Whether a tile of any of ``blocks`` (the sizes along one dim of every config a launch may get:
+    the autotuner picks one after the kernel's bounds flag is fixed) may reach past ``length``: true
+    unless each of them divides it. Where none may, a kernel leaves that dim's bounds out of its loads."""
+    return any(length % block for block in blocks)

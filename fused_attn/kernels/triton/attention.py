@@ -101,7 +101,7 @@ from ..._env import MAX_EXTENT, triton_interpret_mode
 from ..layout import empty_in_query_layout
 from ._autotune import benchmark, pruner, size_bucket
 from ._dropout import as_float32, keep_scale, load_seed, seed_pointer, uniform
-from ._grid import MAX_GRID, cdiv, next_power_of_2
+from ._grid import MAX_GRID, cdiv, next_power_of_2, partial_tiles
 from ._options import LAUNCH_OPTIONS
 from ._rounding import rounded_product
 from ._units import LOG2E
@@ -118,7 +118,6 @@ _BWD_TILES = [(64, 64, 4, 2), (64, 64, 8, 3), (32, 64, 4, 2), (64, 32, 4, 3), (1
 _WIDE_TILES = [(64, 32, 4, 2), (32, 32, 4, 2)]
 
 
-_LARGEST_BLOCK_N = max(n for _, n, _, _ in _FWD_TILES + _BWD_TILES + _WIDE_TILES)
 
 
 def _configs(stage: str, interpret: bool | None = None) -> list[triton.Config]:
@@ -129,6 +128,11 @@ def _configs(stage: str, interpret: bool | None = None) -> list[triton.Config]:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     tiles = (_FWD_TILES if stage == "fwd" else _BWD_TILES) + _WIDE_TILES
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+
+
+# The key tiles of every config, the GPU's and the interpreter's, forward and backward.
+_BLOCK_NS = sorted({c.kwargs["BLOCK_N"] for stage in ("fwd", "bwd") for interpret in (False, True)
+                    for c in _configs(stage, interpret)})
 
 
 def _tiles_for_head_dim(configs, args):
@@ -855,9 +859,8 @@ def _mask_args(mask: torch.Tensor | None, like: torch.Tensor):
 
 def _key_bounds(k_len: int) -> bool:
     """KEY_BOUNDS of the kernels that stream key tiles (forward, statistics, dQ): whether a key
-    tile may reach past k_len, i.e. k_len is not a multiple of every config's BLOCK_N (the
-    autotuner picks the tile after this is fixed). Where it may not, tiles skip the bounds pass."""
-    return k_len % _LARGEST_BLOCK_N != 0
+    tile of any config may reach past k_len. Where none may, tiles skip the bounds pass."""
+    return partial_tiles(k_len, _BLOCK_NS)
 
 
 def _raw_scores(mask: torch.Tensor | None, scale: float) -> bool:

@@ -33,7 +33,7 @@ import triton.language as tl
 from ..._env import MAX_EXTENT, triton_interpret_mode
 from ._autotune import benchmark, pruner, size_bucket
 from ._dropout import as_float32, dropout, keep_divisor, load_seed, seed_pointer
-from ._grid import cdiv
+from ._grid import cdiv, partial_tiles
 from ._options import LAUNCH_OPTIONS
 
 SQRT_HALF = 0.7071067811865476
@@ -146,13 +146,13 @@ def _gelu_grad(x, APPROX_TANH: tl.constexpr):
 
 
 # The K tiles of every config, the GPU's and the interpreter's.
-_BLOCK_KS = sorted({k for _, _, k, _, _ in GEMM_TILES} | {c.kwargs["BLOCK_K"] for c in _configs(True)})
+_BLOCK_KS = sorted({c.kwargs["BLOCK_K"] for interpret in (False, True) for c in _configs(interpret)})
 
 
 def _k_bounds(k: int) -> bool:
-    """K_BOUNDS: whether a K tile may reach past ``k``, i.e. some config's BLOCK_K does not divide it
-    (the autotuner picks the config after this is fixed). Where none may, the loads skip K's bounds."""
-    return any(k % block for block in _BLOCK_KS)
+    """K_BOUNDS: whether a K tile of any config may reach past ``k``. Where none may, the loads skip
+    K's bounds."""
+    return partial_tiles(k, _BLOCK_KS)
 
 
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K_BUCKET", "A_PROLOGUE", "B_PROLOGUE", "EPILOGUE",
