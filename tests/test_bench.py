@@ -386,6 +386,22 @@ def test_bench_memory_bound_and_ffn_suites(suite, sizes, tmp_path, capsys):
         assert (r["speedup_vs_eager"] is None) == (r["impl"] == "copy"), r
 
 
+def test_copy_yardstick_moves_the_ops_bytes_into_new_tensors_of_the_ops_output_size():
+    """The yardstick reads and writes as many bytes as the op moves, writing them as the op writes its
+    output: into tensors allocated by the call (not a kept buffer), each no larger than the output."""
+    import torch
+
+    from fused_attn.bench.suites import _copy
+
+    like = torch.empty(16, 40)
+    moved = 5 * like.numel() * like.element_size()  # LayerNorm's forward + backward
+    run = _copy(moved, like)
+    first, second = run(), run()
+    assert sum(t.numel() * t.element_size() for t in first) * 2 == moved
+    assert all(t.numel() <= like.numel() for t in first) and len(first) == 3
+    assert all(a.data_ptr() != b.data_ptr() for a in first for b in second)
+
+
 def test_bench_speedups_are_the_baseline_time_over_the_implementation_time(tmp_path, capsys):
     """speedup_vs_eager is the baseline's median over the implementation's (above 1: faster than the
     baseline), speedup_vs_torch torch's median over it; the baseline itself is at exactly 1."""
