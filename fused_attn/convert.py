@@ -29,7 +29,7 @@ from .nn import (
     FusedTransformerEncoderLayer,
 )
 from .nn._fused import Fused
-from .nn.transformer import foreign_child
+from .nn.transformer import _gelu_approximation, foreign_child
 from .ops._validate import KERNEL_DTYPES, check_bool
 from .ops.attention import HEAD_DIM_LIMITS
 
@@ -84,6 +84,19 @@ def _layer_reason(layer: nn.Module) -> str | None:
             if reason is not None:
                 return reason
     return foreign_child(layer) or dtype_reason(layer)
+
+
+def _unfused_feed_forward(path: str, module: nn.Module) -> list[tuple[str, str, str]]:
+    """The report's row for a fused layer or FusedFFN whose feed-forward runs unfused: one whose
+    activation is not a GELU (torch's layers default to ReLU), which the fused FFN does not compute."""
+    activation = getattr(module, "activation", None)
+    if not isinstance(module._modules.get("linear1"), nn.Linear) or activation is None:
+        return []
+    if _gelu_approximation(activation) is not None:
+        return []
+    name = getattr(activation, "__name__", type(activation).__name__)
+    return [(join_path(path, "linear1"), "feed-forward",
+             f"activation {name} is not a GELU: linear1, the activation and linear2 run unfused")]
 
 
 # Exact torch.nn class -> (fused subclass, why it cannot be converted or None).
@@ -215,7 +228,8 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
     attention interface, BERT's Add & Norm and GELU blocks wherever a model has them; see
     :mod:`fused_attn.integrations.hf`). Weights, ``state_dict`` keys and outputs stay
     the same. Modules that cannot be served (e.g. an unsupported head dim, float64 parameters)
-    are kept, with the reason in ``report.kept``. ``backend`` is stored on the fused modules
+    are kept, with the reason in ``report.kept``, as is the feed-forward of a layer whose
+    activation is not a GELU (torch's default is ReLU): its attention and norms are fused. ``backend`` is stored on the fused modules
     ("auto" leaves the choice to the package's policy); optimizing again switches every fused
     module to the new backend. ``inplace=False`` converts a deep copy. A model that fuses itself
     through its config (the reference models, Hugging Face models) gets a copy of its config, so
@@ -257,6 +271,7 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
                 report.built_fused.append((path, type(module).__name__))
             else:
                 report.replaced.append((path, original.__name__, own_class(module).__name__))
+            report.kept += _unfused_feed_forward(path, module)
             continue
         swap = _SWAPS.get(own_class(module))
         if swap is None:
@@ -270,6 +285,7 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
         set_class(module, fused_cls)
         module.backend = chosen
         report.replaced.append((path, getattr(module, ORIGINAL_CLASS).__name__, fused_cls.__name__))
+        report.kept += _unfused_feed_forward(path, module)
     return report
 
 

@@ -124,6 +124,30 @@ def test_modules_kept_are_not_reported_as_replaced():
     assert str(report).splitlines()[0] == "fused_attn.optimize: 1 replaced, 2 kept as they were"
 
 
+def test_feed_forwards_without_a_gelu_are_reported_as_running_unfused():
+    """torch's Transformer layers default to ReLU, which the fused FFN does not compute: optimize
+    fuses such a layer's attention and norms and reports its feed-forward as kept, as it does for
+    FusedFFN built with another activation; a GELU's (exact or tanh) is fused, with no row."""
+    model = nn.Sequential(
+        nn.TransformerEncoderLayer(32, 4, 64),
+        nn.TransformerDecoderLayer(32, 4, 64, activation=nn.SiLU()),
+        nn.TransformerEncoderLayer(32, 4, 64, activation="gelu"),
+        nn.TransformerEncoderLayer(32, 4, 64, activation=nn.GELU(approximate="tanh")),
+        fused_attn.nn.FusedFFN(32, 64, activation="relu"),
+        fused_attn.nn.FusedFFN(32, 64),
+    )
+    report = fused_attn.optimize(model, backend="reference")
+    assert [(path, kind, why.split(":")[0]) for path, kind, why in report.kept] == [
+        ("0.linear1", "feed-forward", "activation relu is not a GELU"),
+        ("1.linear1", "feed-forward", "activation SiLU is not a GELU"),
+        ("4.linear1", "feed-forward", "activation relu is not a GELU"),
+    ]
+    assert all("linear1, the activation and linear2 run unfused" in why for _, _, why in report.kept)
+    assert {path for path, _, _ in report.replaced} >= {"0", "1", "2", "3"}
+    # An optimized model optimized again reports the same.
+    assert fused_attn.optimize(model, backend="reference").kept == report.kept
+
+
 def test_unsupported_modules_are_kept_with_a_reason():
     model = nn.Sequential(nn.MultiheadAttention(640, 2), nn.LayerNorm(8).double(), nn.LayerNorm(8))
     report = fused_attn.optimize(model, backend="reference")
