@@ -229,11 +229,12 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
     :mod:`fused_attn.integrations.hf`). Weights, ``state_dict`` keys and outputs stay
     the same. Modules that cannot be served (e.g. an unsupported head dim, float64 parameters)
     are kept, with the reason in ``report.kept``, as is the feed-forward of a layer whose
-    activation is not a GELU (torch's default is ReLU): its attention and norms are fused. ``backend`` is stored on the fused modules
-    ("auto" leaves the choice to the package's policy); optimizing again switches every fused
-    module to the new backend. ``inplace=False`` converts a deep copy. A model that fuses itself
-    through its config (the reference models, Hugging Face models) gets a copy of its config, so
-    other models sharing that config object are not switched with it.
+    activation is not a GELU (torch's default is ReLU): its attention and norms are fused.
+    ``backend`` is stored on the fused modules ("auto" leaves the choice to the package's policy);
+    optimizing again switches every fused module to the new backend. ``inplace=False`` converts a
+    deep copy. A model that fuses itself through its config (the reference models, Hugging Face
+    models) gets a copy of its config, so other models sharing that config object are not
+    switched with it.
     """
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")

@@ -118,8 +118,6 @@ _BWD_TILES = [(64, 64, 4, 2), (64, 64, 8, 3), (32, 64, 4, 2), (64, 32, 4, 3), (1
 _WIDE_TILES = [(64, 32, 4, 2), (32, 32, 4, 2)]
 
 
-
-
 def _configs(stage: str, interpret: bool | None = None) -> list[triton.Config]:
     """Every tile config of a stage, the wide-head ones last; ``_tiles_for_head_dim`` picks per call.
     Under the interpreter (``interpret``, default: whether this process runs it), one small tile.
