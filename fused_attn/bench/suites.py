@@ -210,14 +210,15 @@ def _add_optional(impls: dict, skipped: dict, grad: torch.Tensor | None, adapter
 
 def _copy(moved_bytes: int, like: torch.Tensor) -> Callable[[], object]:
     """A device copy moving as many bytes (read + written) as the op must: the bandwidth yardstick.
-    It copies into new tensors of ``like``'s size, as the ops write theirs: on a CPU, a tensor past
-    glibc's mmap threshold (32 MiB at most) is fresh pages every call, whose first writes fault them
-    in, a cost the op pays too (about 13 of F.layer_norm's 22 ms at 4096 x 4096 in float32 on two
-    cores): a copy into a kept buffer would show the op at a fraction of a bandwidth that nothing
-    allocating its output reaches, and one copy into a single larger tensor would cross that
-    threshold where the op's outputs do not. A GPU's caching allocator reuses the blocks."""
+    It writes new tensors, as the ops write theirs. On a CPU a tensor past glibc's mmap threshold
+    (32 MiB at most) is fresh pages every call, whose first writes fault them in, a cost the op
+    pays too (about 13 of F.layer_norm's 22 ms at 4096 x 4096 in float32 on two cores): there the
+    copy writes tensors of the op's output size (``like``), which cross that threshold where the
+    op's do, where a copy into a kept buffer would show the op at a fraction of a bandwidth that
+    nothing allocating its output reaches. On a GPU, whose caching allocator reuses its blocks at
+    no such cost, it is one copy, one launch."""
     src = torch.empty(moved_bytes // (2 * like.element_size()), device=like.device, dtype=like.dtype)
-    pieces = src.split(like.numel())
+    pieces = src.split(like.numel()) if src.device.type == "cpu" else (src,)
     return lambda: [piece.clone() for piece in pieces]
 
 
