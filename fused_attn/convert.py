@@ -88,7 +88,8 @@ def _layer_reason(layer: nn.Module) -> str | None:
 
 def _unfused_feed_forward(path: str, module: nn.Module) -> list[tuple[str, str, str]]:
     """The report's row for a fused layer or FusedFFN whose feed-forward runs unfused: one whose
-    activation is not a GELU (torch's layers default to ReLU), which the fused FFN does not compute."""
+    activation is not F.gelu or an nn.GELU (torch's layers default to ReLU), the GELUs the fused FFN
+    computes (a wrapper of one, e.g. a functools.partial, is not recognised)."""
     activation = getattr(module, "activation", None)
     if not isinstance(module._modules.get("linear1"), nn.Linear) or activation is None:
         return []
@@ -96,7 +97,7 @@ def _unfused_feed_forward(path: str, module: nn.Module) -> list[tuple[str, str, 
         return []
     name = getattr(activation, "__name__", type(activation).__name__)
     return [(join_path(path, "linear1"), "feed-forward",
-             f"activation {name} is not a GELU: linear1, the activation and linear2 run unfused")]
+             f"activation {name} is not F.gelu or nn.GELU: linear1, the activation and linear2 run unfused")]
 
 
 # Exact torch.nn class -> (fused subclass, why it cannot be converted or None).
