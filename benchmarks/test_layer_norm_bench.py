@@ -12,7 +12,7 @@ from .conftest import IMPLS, run_case
 HIDDEN = [768, 1024, 4096]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + ["copy"])
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("shape", HIDDEN, ids=lambda h: f"hidden{h}")
 def test_layer_norm(timed, settings, shape, mode, impl):

@@ -13,7 +13,7 @@ from .conftest import IMPLS, run_case
 SEQS = [512, 1024, 2048, 4096] if torch.cuda.is_available() else [128, 512]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + ["copy"])
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("seq", SEQS)
 def test_softmax(timed, settings, seq, mode, impl):

@@ -381,7 +381,8 @@ def test_bench_memory_bound_and_ffn_suites(suite, sizes, tmp_path, capsys):
     timed = [r for r in records if r["skipped"] is None]
     assert all(r[rate] > 0 for r in timed)
     assert {r["impl"] for r in timed} >= {"torch", "reference", "cpu"}
-    # The bandwidth yardstick computes nothing: it has a rate, no speed-up.
+    # Each memory-bound suite has the bandwidth yardstick, which computes nothing: a rate, no speed-up.
+    assert ("copy" in {r["impl"] for r in timed}) == (suite != "ffn")
     for r in timed:
         assert (r["speedup_vs_eager"] is None) == (r["impl"] == "copy"), r
 

@@ -422,6 +422,7 @@ def softmax_cases(s: Settings) -> Iterator[Case]:
         impls: dict[str, Callable[[], object]] = {
             "torch": _runner(lambda: torch.softmax((x * 0.125).masked_fill(~pad, float("-inf")), -1), grad),
             "reference": _runner(lambda: fused_attn.reference.softmax(x, -1, pad, 0.125), grad),
+            "copy": _copy(moved, x),
         }
         _add_optional(impls, skipped, grad, [("compiled", _compiled(s, fused_attn.reference.softmax, x, -1, pad, 0.125))])
         impls.update(_fused_runners("softmax", names, grad,
