@@ -1,9 +1,12 @@
-"""setup.py's choice of CUDA include folders (no compiler is run)."""
+"""setup.py: its choice of CUDA include folders, its torch floor, the source distribution's
+contents (no compiler is run)."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import site
+import subprocess
 import sys
 from pathlib import Path
 
@@ -61,3 +64,21 @@ def test_an_older_torch_is_refused_by_name(monkeypatch):
     pyproject = (ROOT / "pyproject.toml").read_text()
     floor = ".".join(map(str, setup.MIN_TORCH))
     assert pyproject.count(f'"torch>={floor}"') == 2  # the build's requirements and the package's
+
+
+def test_the_source_distribution_holds_what_the_build_reads(tmp_path):
+    """setup.py lists the .cpp/.cu files it compiles, not the headers they include: the source
+    distribution (MANIFEST.in) must carry every file under csrc/, or a build from it fails at its
+    first #include. Checked on the manifest setuptools writes for an sdist (egg_info's
+    SOURCES.txt), written outside the checkout."""
+    env = {**os.environ, "FUSED_ATTN_SKIP_EXTENSION": "1"}
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    listed = set((tmp_path / "fused_attn.egg-info" / "SOURCES.txt").read_text().split())
+    csrc = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob("*") if p.is_file()}
+    assert {p for p in csrc if p.endswith((".h", ".cuh"))}, "no headers found under csrc/"
+    assert sorted(csrc - listed) == []
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE", "fused_attn/_cpu_isa.py",
+                 "fused_attn/kernels/triton/attention.py", "tests/cuda_emu/cuda_emu.h"):
+        assert name in listed, name
+    assert not [p for p in listed if p.startswith("benchmarks/results/") or p.endswith((".so", ".pyc"))]
