@@ -149,8 +149,7 @@ class Support:
         if self._bfloat16_on_cuda_only():
             parts.append(f"bfloat16 on cuda only ({_INTERPRETER_BF16})")
         if not self._serves_transforms():
-            parts.append("no forward-mode AD, torch.func grad/vjp/jacrev/jvp or ONNX export"
-                         + ("; no dropout in CUDA graph capture" if self.serves_device("cuda") else ""))
+            parts.append("no forward-mode AD, torch.func grad/vjp/jacrev/jvp or ONNX export")
         return "; ".join(parts)
 
     def serves_device(self, device_type: str) -> bool:
