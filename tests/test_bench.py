@@ -278,9 +278,12 @@ def test_bench_kernels_says_where_each_implementations_time_goes(tmp_path, capsy
     code, captured = _run(
         ["bench", "--suite", "attention", "--device", "cpu", "--batch", "1", "--heads", "2", "--head-dim", "16",
          "--seq", "64", "--causal", "false", "--mode", "fwd+bwd", "--repeats", "1", "--no-compile", "--kernels",
-         "--json", str(out)], capsys)
+         "--json", str(out), "--csv", str(tmp_path / "k.csv")], capsys)
     assert code == 0, captured.err
-    timed = {r["impl"]: r for r in json.loads(out.read_text()) if r["skipped"] is None}
+    records = json.loads(out.read_text())
+    rows = list(csv.DictReader((tmp_path / "k.csv").open()))
+    assert [json.loads(row["kernels"]) if row["kernels"] else None for row in rows] == [r["kernels"] for r in records]
+    timed = {r["impl"]: r for r in records if r["skipped"] is None}
     for r in timed.values():
         kernels = r["kernels"]
         assert set(kernels) == {"total_ms", "top"} and 0 < len(kernels["top"]) <= 7

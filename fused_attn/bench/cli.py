@@ -733,14 +733,16 @@ def write_json(records: list[dict] | dict, path: str) -> None:
 
 CSV_FIELDS = ["suite", "impl", "device", "dtype", "mode", "shape", "median_ms", "min_ms", "max_ms", "tflops", "gbps",
               "tokens_per_s", "peak_fraction", "speedup_vs_eager", "speedup_vs_torch", "baseline", "peak_mem_bytes",
-              "interpreted", "extension_stale", "skipped"]
+              "interpreted", "extension_stale", "kernels", "skipped"]
 
 
 def write_csv(records: list[dict], path: str) -> None:
     """The records as CSV: one column per key of any suite (a suite's other rate keys, and the
-    values not measured, empty) and the shape as JSON text."""
+    values not measured, empty), the shape and ``kernels`` (where profiled) as JSON text."""
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for r in records:
-            writer.writerow({**r, "shape": json.dumps(r["shape"], sort_keys=False)})
+            kernels = r.get("kernels")
+            writer.writerow({**r, "shape": json.dumps(r["shape"], sort_keys=False),
+                             "kernels": None if kernels is None else json.dumps(kernels)})
