@@ -5,7 +5,8 @@
 //
 // Conventions shared by every backend:
 //  * Row statistics (mean, rstd, log-sum-exp) are float32; log-sum-exp is in natural-log units,
-//    +inf for a row whose every element is masked (so recomputed probabilities are exactly 0).
+//    +inf for a row whose every element is masked (so recomputed probabilities are exactly 0). The
+//    CUDA attention keeps its row statistics in another form (attention_fwd below).
 //  * Masks arrive expanded to the full logical shape as views: a stride of 0 is a broadcast dim,
 //    so kernels index them through their strides and never materialise them.
 //  * Dropout takes `seed`, an int64 tensor with one element (None when dropout_p == 0): on the CPU for
@@ -54,7 +55,7 @@ TORCH_LIBRARY(fused_attn, m) {
   // (M, N). Rows with every element masked give 0. Returns a contiguous tensor.
   m.def("softmax_fwd(Tensor input, Tensor? mask, float scale, bool is_causal) -> Tensor");
   // Backward from the output: (grad_input, grad_scores); grad_scores (the gradient of a floating
-  // mask, input dtype) only when mask_needs_grad, else empty.
+  // mask, float32) only when mask_needs_grad, else empty.
   m.def("softmax_bwd(Tensor grad_out, Tensor output, float scale, bool mask_needs_grad) -> (Tensor, Tensor)");
 
   // gelu(input @ weight^T + bias) for a contiguous 2-D input [rows, in_features], weight

@@ -101,7 +101,8 @@
 // Softmax: rows are independent, split across threads with at::parallel_for. A row is read once
 // (any strides; scale, mask and causality applied on the way) into a float32 row buffer (the
 // output row itself for float32), then max, exp-and-sum and normalise run on that buffer while it
-// sits in L1/L2. The backward is dx = scale * y * (dy - sum(dy * y)) per row, two passes.
+// sits in L1/L2. The backward is dx = scale * y * (dy - sum(y * dy) / sum(y)) per row, two passes
+// (the row term over the saved probabilities' own sum: softmax_row_term).
 #include <algorithm>
 #include <atomic>
 #include <cmath>

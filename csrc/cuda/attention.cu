@@ -13,7 +13,7 @@
 //  * forward: one block per (batch*head, 128 queries: two strips per warp, which read each K and V
 //    fragment once for both; 64 where the queries are few, and above head dim 128). Q [128 x D] sits in
 //    shared memory; K and V are streamed through shared memory a key tile at a time (64 keys for
-//    D <= 64, 32 above: 30-70 KB of shared memory per block up to D = 128). Causal: a warp skips the
+//    D <= 64, 32 above: 25-70 KB of shared memory per block up to D = 128). Causal: a warp skips the
 //    products of a key tile wholly past its last row (the block's other warps may need it). S = Q K^T and
 //    O += P V are warp-level products on tensor cores: A operands come from shared memory by ldmatrix
 //    (Q; up to D = 64 loaded once and kept in registers for all key tiles) or straight from the S
@@ -105,8 +105,9 @@
 // per row for rows of up to 1024 elements (4 rows per 128-thread block), a 512-thread block per row
 // above; rows of up to 32 (warp) or 8 (block) elements per thread stay in registers, longer ones are
 // re-read for each pass (max, sum, write) instead of being cached. The backward is
-// dx = scale * y * (dy - sum(dy * y)) with the same row mapping; every sum is a fixed butterfly, so
-// both are deterministic.
+// dx = scale * y * (dy - sum(y * dy) / sum(y)) with the same row mapping (the row term over the saved
+// probabilities' own sum, 0 for a row without weight: see softmax_row_term in csrc/cpu/attention.cpp);
+// every sum is a fixed butterfly, so both are deterministic.
 #include <ATen/Dispatch_v2.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
@@ -1352,7 +1353,7 @@ void check_qkv(const at::Tensor& query, const at::Tensor& key, const at::Tensor&
               "attention (cuda backend) serves head dims up to ", kMaxHeadDim, ", got head_dim ", query.size(3),
               " and value head_dim ", value.size(3), "; use backend='triton' or 'reference'");
   // Tile counts and loop counters are int: a length within a tile of 2^31 would wrap them
-  // (fused_attn.backends.MAX_EXTENT, the same bound on the Python side).
+  // (the Python side's bound, fused_attn.backends.MAX_EXTENT, is lower: see kMaxExtent).
   TORCH_CHECK(query.size(2) <= kMaxExtent && key.size(2) <= kMaxExtent && query.size(1) <= kMaxExtent,
               "attention (cuda backend) takes sequence lengths and heads up to ", kMaxExtent, ", got q_len ",
               query.size(2), ", k_len ", key.size(2), ", heads ", query.size(1));
@@ -1680,7 +1681,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
 // Softmax
 
 // Rows of up to kWarpMaxCols elements take a warp each (4 per block); longer rows a block of
-// kBlockRowThreads threads. kWarpCache / kBlockCache: elements per thread kept in registers.
+// kBlockRowThreads threads. Elements per thread kept in registers: kSmallCols / kWarpSize for rows of up
+// to kSmallCols, kWarpMaxCols / kWarpSize for the other warp rows, kBlockCache for a block's.
 constexpr int kWarpMaxCols = 1024;
 constexpr int kSmallCols = 128;
 constexpr int kBlockRowThreads = 512;

@@ -2,11 +2,12 @@
 (tests/cuda_emu/cuda_emu.h; ffn.cu's cuBLASLt calls served by cublaslt_emu.h), and csrc/ffn.cpp as built
 for CUDA, as the ``fused_attn_emu`` ops (tests/test_cuda_emulated.py).
 
-Each kernel file's source is compiled as C++ after three rewrites, each of which must apply exactly as
+Each kernel file's source is compiled as C++ after four rewrites, each of which must apply exactly as
 often as listed (else the source has changed shape and this build says so): ``kernel<<<grid, block,
 smem, stream>>>(args)`` becomes ``::cuda_emu::launch(kernel, grid, block, smem, stream)(args)``,
-``extern __shared__ T name[];`` a pointer to the block's emulated dynamic shared memory, and the
-tensor device checks accept the CPU tensors the emulated kernels read. The CUDA registration block is
+``extern __shared__ T name[];`` a pointer to the block's emulated dynamic shared memory, the
+tensor device checks accept the CPU tensors the emulated kernels read, and csrc/ffn.cpp's operator
+lookups (``find("fused_attn::...``) find the emulated ops (``fused_attn_emu::``). The CUDA registration block is
 left out (the emulated ops register under their own namespace).
 """
 
