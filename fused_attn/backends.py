@@ -1,8 +1,9 @@
 """What this machine offers, and which kernel serves a call.
 
 Four backends exist: ``cuda`` (CUDA C++ kernels in ``fused_attn._C``), ``triton`` (Triton kernels;
-on CPU tensors only under ``TRITON_INTERPRET=1``), ``cpu`` (C++ CPU kernels in ``fused_attn._C``)
-and ``reference`` (plain PyTorch). Each op declares, once, what each backend of it can serve
+on CPU tensors only under ``TRITON_INTERPRET=1``), ``cpu`` (C++ CPU kernels in
+``fused_attn._C_cpu_<set>``, the library of one vector instruction set, loaded after ``fused_attn._C``,
+which registers the operators) and ``reference`` (plain PyTorch). Each op declares, once, what each backend of it can serve
 (:class:`Support`); that declaration answers :meth:`Support.not_supported_reasons` and is what
 ``fused-attn info`` prints and what the tests take their matrix from.
 
@@ -83,14 +84,16 @@ class Support:
     min_compute_capability: tuple[int, int] | None = None
     check: Callable[[Inputs], list[str]] | None = None
     check_doc: str = ""
-    # For the cpu and cuda backends: the fused_attn._C op whose kernel must be registered.
+    # For the cpu and cuda backends: the fused_attn op whose kernel must be registered (the CUDA kernels
+    # by fused_attn._C, the CPU kernels by the fused_attn._C_cpu_<set> library loaded).
     native_op: str | None = None
 
     def unavailable_reasons(self, device: torch.device) -> list[str]:
         """Why this backend of this op cannot run on ``device`` here at all, whatever the inputs."""
         reasons = backend_unavailable_reasons(self.backend, device)
         if not reasons and self.native_op and not _extension.has_kernel(self.native_op, self.backend):
-            reasons.append(f"fused_attn._C has no {self.backend} kernel for fused_attn::{self.native_op}")
+            library = "fused_attn._C" if self.backend == "cuda" else "the CPU kernel library loaded"
+            reasons.append(f"{library} has no {self.backend} kernel for fused_attn::{self.native_op}")
         return reasons
 
     def not_supported_reasons(self, inputs: Inputs) -> list[str]:

@@ -484,7 +484,7 @@ def _compact_masks(mask_function: Callable) -> Callable:
     to the kernels in the form they skip work for. A boolean mask that is the same for every query
     (an encoder's padding mask, built as a whole [B, 1, Lq, Lk] tensor) comes out as one row per
     sequence broadcast over the queries (stride 0): the kernels read Lk mask values per sequence
-    instead of Lq x Lk, and the triton kernels walk only the key tiles the row leaves (as for a
+    instead of Lq x Lk, and every fused backend walks only the key tiles the row leaves (as for a
     [B, 1, 1, Lk] padding mask). A mask that is top-left causal within one padding row (a decoder's
     padded batch, Lq = Lk) is returned as built, carrying a copy of that row ([B, 1, 1, Lk],
     attribute ``_CAUSAL_ROW``), which the fused attention takes with ``is_causal`` instead: the

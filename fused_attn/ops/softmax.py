@@ -2,7 +2,8 @@
 
 For users who need the probabilities themselves (e.g. attention weights returned to the caller).
 The input is viewed as [A, B, M, N] with the softmax dim last; masks are expanded as zero-stride
-views and read in place by the kernel.
+views and read in place by the kernel (an input of more than 4 dims has its leading dims merged, and
+a mask broadcast over some of those but not others is then copied whole: _as_4d).
 """
 
 from __future__ import annotations

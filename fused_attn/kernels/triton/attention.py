@@ -862,7 +862,7 @@ def _key_bounds(k_len: int) -> bool:
 
 
 def _raw_scores(mask: torch.Tensor | None, scale: float) -> bool:
-    """RAW_SCORES of the forward ("Units" in the module docstring): no floating mask, and a
+    """RAW_SCORES of the four attention kernels ("Units" in the module docstring): no floating mask, and a
     positive scale within [2^-100, 2^100], so that scale * log2(e) is finite and normal, and a
     difference of products beyond float32's range (which gives 0, not the exact exp2) is one whose
     exp2 underflows anyway."""
