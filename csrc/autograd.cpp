@@ -319,6 +319,12 @@ Tensor softmax_fwd_autograd(const Tensor& input, const OptTensor& mask, double s
 // ---------------------------------------------------------------------------------------------
 // linear_gelu_fwd(input, weight, bias?, approximate) -> (out, pre_activation)
 
+// The activation code (approximate: "none", "tanh" or "relu") as the second-order formulas take it,
+// its index in fused_attn.reference.ffn.ACTIVATION_CODES (fused_attn/ops/_second_order.py).
+double activation_index(const std::string& approximate) {
+  return approximate == "none" ? 0.0 : approximate == "tanh" ? 1.0 : 2.0;
+}
+
 using LinearGeluFwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, c10::string_view);
 using LinearGeluBwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                          c10::string_view, std::array<bool, 3>);
@@ -379,7 +385,7 @@ struct LinearGeluFunction : torch::autograd::Function<LinearGeluFunction> {
     const std::string approximate = ctx->saved_data["approximate"].toStringRef();
     if (differentiable_wanted(grads)) {
       return differentiable_backward("linear_gelu", {grads[0], saved[0], saved[1], saved[3]},
-                                     {approximate == "tanh" ? 1.0 : 0.0}, mask, 4);
+                                     {activation_index(approximate)}, mask, 4);
     }
     // grad_pre is formed over the saved pre-activation where nothing reads it again (may_consume).
     static const auto consuming = find_op<LinearGeluBwdConsuming>("fused_attn::linear_gelu_bwd_consuming");
@@ -436,7 +442,7 @@ struct FfnFunction : torch::autograd::Function<FfnFunction> {
     const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
     if (differentiable_wanted(grads)) {
       return differentiable_backward("ffn", {grads[0], saved[0], saved[1], saved[5], saved[2], saved[4]},
-                                     {approximate == "tanh" ? 1.0 : 0.0, dropout_p}, mask, 8);
+                                     {activation_index(approximate), dropout_p}, mask, 8);
     }
     Tensor pre = saved[3];
     // The pre-activation's gradient is formed over the saved pre-activation where nothing reads it again:

@@ -511,6 +511,8 @@ bool linear(PyObject* w_obj, PyObject* b_obj, const Tensor& input, int64_t in_fe
   return param(b_obj, input, {w->size(0)}, input.scalar_type(), bias);
 }
 
+// The kernels' activation code, "none", "tanh" or "relu" (fused_attn/ops/ffn.py: linear_activation's
+// code, which public linear_gelu passes only for a GELU; ffn's, formed from activation and approximate).
 bool approximation(PyObject* obj, std::string_view* out) {
   if (!PyUnicode_CheckExact(obj)) return false;
   Py_ssize_t size;
@@ -520,10 +522,10 @@ bool approximation(PyObject* obj, std::string_view* out) {
     return false;
   }
   *out = std::string_view(text, size);
-  return *out == "none" || *out == "tanh";
+  return *out == "none" || *out == "tanh" || *out == "relu";
 }
 
-// linear_gelu(input, weight, bias, approximate)
+// linear_activation(input, weight, bias, code)
 PyObject* linear_gelu(PyObject* const* args) {
   const Tensor* input = kernel_input(args[0]);
   if (input == nullptr) return fall_through();
@@ -553,7 +555,7 @@ PyObject* linear_gelu(PyObject* const* args) {
   return done(kLinearGelu, *input, std::move(out));
 }
 
-// ffn(input, w1, b1, w2, b2, approximate, dropout_p)
+// ffn(input, w1, b1, w2, b2, code, dropout_p): code the kernels' activation code (fused_attn/ops/ffn.py).
 PyObject* ffn(PyObject* const* args) {
   const Tensor* input = kernel_input(args[0]);
   if (input == nullptr) return fall_through();

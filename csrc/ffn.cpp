@@ -29,6 +29,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/relu.h>
 #include <torch/library.h>
 
 #include "fused_attn/checks.h"
@@ -166,7 +167,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd_impl(const Tensor& gr
 #else
   static const auto scratch_op = find("fused_attn::linear_gelu_bwd_scratch");
   static const auto bwd_op = find("fused_attn::linear_gelu_bwd").typed<LinearGeluBwd>();
-  Tensor dw2 = need_dw2 ? grad_out.t().mm(at::gelu(pre_activation, approximate)) : empty();
+  Tensor dw2 = need_dw2 ? grad_out.t().mm(approximate == "relu" ? at::relu(pre_activation)
+                                                                : at::gelu(pre_activation, approximate))
+                        : empty();
   Tensor dx = empty(), dw1 = empty(), db1 = empty();
   if (need_dx || need_dw1 || need_db1) {
     const std::array<bool, 3> mask{need_dx, need_dw1, need_db1};

@@ -58,10 +58,11 @@ TORCH_LIBRARY(fused_attn, m) {
   // mask, float32) only when mask_needs_grad, else empty.
   m.def("softmax_bwd(Tensor grad_out, Tensor output, float scale, bool mask_needs_grad) -> (Tensor, Tensor)");
 
-  // gelu(input @ weight^T + bias) for a contiguous 2-D input [rows, in_features], weight
-  // [out_features, in_features]; approximate is "none" (erf) or "tanh". Returns (output,
-  // pre-activation), both [rows, out_features] in the input dtype; the pre-activation is what the
-  // backward needs.
+  // act(input @ weight^T + bias) for a contiguous 2-D input [rows, in_features], weight
+  // [out_features, in_features]; approximate is the activation: the GELU, "none" (erf) or "tanh", or
+  // "relu" (ReLU: the public ffn's activation="relu"; public linear_gelu passes GELUs only).
+  // Returns (output, pre-activation), both [rows, out_features] in the input dtype; the
+  // pre-activation is what the backward needs.
   m.def("linear_gelu_fwd(Tensor input, Tensor weight, Tensor? bias, str approximate) -> (Tensor, Tensor)");
   // The output of linear_gelu_fwd alone (the same bits), for calls that need no gradient: no
   // pre-activation is kept, the GELU is applied over the GEMM's result in place where the backend

@@ -29,7 +29,7 @@ from .nn import (
     FusedTransformerEncoderLayer,
 )
 from .nn._fused import Fused
-from .nn.transformer import _gelu_approximation, foreign_child
+from .nn.transformer import activation_code, foreign_child
 from .ops._validate import KERNEL_DTYPES, check_bool
 from .ops.attention import HEAD_DIM_LIMITS
 
@@ -88,16 +88,18 @@ def _layer_reason(layer: nn.Module) -> str | None:
 
 def _unfused_feed_forward(path: str, module: nn.Module) -> list[tuple[str, str, str]]:
     """The report's row for a fused layer or FusedFFN whose feed-forward runs unfused: one whose
-    activation is not F.gelu or an nn.GELU (torch's layers default to ReLU), the GELUs the fused FFN
-    computes (a wrapper of one, e.g. a functools.partial, is not recognised)."""
+    activation is none of F.gelu, nn.GELU, F.relu (torch's layers' default), torch.relu and nn.ReLU,
+    the activations the fused FFN computes (a wrapper of one, e.g. a functools.partial, is not
+    recognised)."""
     activation = getattr(module, "activation", None)
     if not isinstance(module._modules.get("linear1"), nn.Linear) or activation is None:
         return []
-    if _gelu_approximation(activation) is not None:
+    if activation_code(activation) is not None:
         return []
     name = getattr(activation, "__name__", type(activation).__name__)
     return [(join_path(path, "linear1"), "feed-forward",
-             f"activation {name} is not F.gelu or nn.GELU: linear1, the activation and linear2 run unfused")]
+             f"activation {name} is not a GELU or ReLU (F.gelu, nn.GELU, F.relu, nn.ReLU): linear1, the "
+             "activation and linear2 run unfused")]
 
 
 # Exact torch.nn class -> (fused subclass, why it cannot be converted or None).
@@ -230,7 +232,7 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
     :mod:`fused_attn.integrations.hf`). Weights, ``state_dict`` keys and outputs stay
     the same. Modules that cannot be served (e.g. an unsupported head dim, float64 parameters)
     are kept, with the reason in ``report.kept``, as is the feed-forward of a layer whose
-    activation is not a GELU (torch's default is ReLU): its attention and norms are fused.
+    activation is neither a GELU nor ReLU (torch's default): its attention and norms are fused.
     ``backend`` is stored on the fused modules ("auto" leaves the choice to the package's policy);
     optimizing again switches every fused module to the new backend. ``inplace=False`` converts a
     deep copy. A model that fuses itself through its config (the reference models, Hugging Face

@@ -1229,6 +1229,16 @@ def ffn_bad_dropout_and_approximate(backend, device):
     for p in (1.0 + 1e-9, -1e-3, float("inf")):
         expect_error(lambda: _ffn(backend)(**_ffn_args(device), dropout_p=p), ValueError, "dropout_p must be")
     expect_error(lambda: _ffn(backend)(**_ffn_args(device), approximate=None), ValueError, "approximate must be")
+    expect_error(lambda: _ffn(backend)(**_ffn_args(device), activation="silu"), ValueError,
+                 "activation must be 'gelu' or 'relu', got 'silu'")
+    for activation in (None, ["relu"]):
+        expect_error(lambda: _ffn(backend)(**_ffn_args(device), activation=activation), ValueError,
+                     "activation must be 'gelu' or 'relu', got")
+    expect_error(lambda: _ffn(backend)(**_ffn_args(device), activation="relu", approximate="tanh"), ValueError,
+                 "approximate applies to the GELU only: with activation='relu' it must be 'none', got 'tanh'")
+    # A code of the kernels is not a GELU's approximation.
+    expect_error(lambda: _ffn(backend)(**_ffn_args(device), approximate="relu"), ValueError,
+                 "approximate must be 'none' or 'tanh', got 'relu'")
 
 
 @case("ffn")

@@ -727,8 +727,32 @@ def test_norm_random_configs(emu, op, case):
 
 
 # FFN (csrc/cuda/ffn.cu): cuBLASLt GEMMs (served by tests/cuda_emu/cublaslt_emu.h, which refuses operand
-# shapes and leading dimensions that do not fit together) with their bias and GELU epilogues, the GELU
-# kernels, the bias-gradient reduction, the FFN backward's DGELU epilogue and the FFN's dropout kernel.
+# shapes and leading dimensions that do not fit together) with their bias and GELU epilogues, the
+# activation kernels (both GELUs, ReLU), the bias-gradient reduction, the FFN backward's DGELU epilogue and
+# the FFN's dropout kernel. `approximate` is the ops' activation code: "none" (erf GELU), "tanh", "relu".
+ACTIVATIONS = pytest.mark.parametrize("approximate", ["none", "tanh", "relu"])
+
+
+def _reference_ffn(input, w1, b1, w2, b2, approximate, dropout_p=0.0, dropout_mask=None):
+    """fused_attn.reference.ffn for an activation code (ReLU is its activation="relu")."""
+    if approximate == "relu":
+        return reference.ffn(input, w1, b1, w2, b2, dropout_p=dropout_p, activation="relu", dropout_mask=dropout_mask)
+    return reference.ffn(input, w1, b1, w2, b2, approximate, dropout_p, dropout_mask=dropout_mask)
+
+
+def _with_zero_pre_activations(x, w, b):
+    """x, w, b with pre-activations x w^T + b exactly 0 (ReLU's kink, where its gradient is 0): the
+    first output feature of every row (w's first row and b[0] zero) and, for more than one row, every
+    third feature of the first row (x's first row zero, b zero there: the other features of that row
+    are b, of both signs)."""
+    x, w = x.clone(), w.clone()
+    w[0] = 0
+    if x.shape[0] > 1:
+        x[0] = 0
+    if b is not None:
+        b = b.clone()
+        b[::3] = 0
+    return x, w, b
 
 class _LinearGelu(torch.autograd.Function):
     @staticmethod
@@ -755,21 +779,26 @@ LINEAR_SHAPES = {"bert-ish": (40, 96, 128), "odd": (37, 50, 77), "one-row": (1, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@ACTIVATIONS
 @pytest.mark.parametrize("shape", list(LINEAR_SHAPES), ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_linear_gelu_parity(emu, dtype, approximate, shape, bias):
     """Forward (the fused GELU epilogue where it serves: tanh, 16-bit, out_features % 8 == 0; else the
     bias epilogue and the GELU kernel), the inference form's bits, and the gradients (the GELU-gradient
-    kernel with its bias-gradient reduction, two GEMMs), with grad_out as scratch giving the same bits."""
+    kernel with its bias-gradient reduction, two GEMMs), with grad_out as scratch giving the same bits.
+    ReLU (elementwise kernels only) with pre-activations exactly 0 among them."""
     rows, inp, out = LINEAR_SHAPES[shape]
     gen = torch.Generator().manual_seed(rows + out)
     x = torch.randn(rows, inp, generator=gen).to(dtype)
     w = (torch.randn(out, inp, generator=gen) / math.sqrt(inp)).to(dtype)
     b = (torch.randn(out, generator=gen) * 0.5).to(dtype) if bias else None
+    if approximate == "relu":
+        x, w, b = _with_zero_pre_activations(x, w, b)
+        _, pre = emu.linear_gelu_fwd(x, w, b, approximate)
+        assert (pre == 0).any() and (pre > 0).any() and (pre < 0).any()
     assert_parity(
         lambda input, weight, bias: _LinearGelu.apply(emu, input, weight, bias, approximate),
-        lambda input, weight, bias: reference.linear_gelu(input, weight, bias, approximate),
+        lambda input, weight, bias: reference.linear_activation(input, weight, bias, approximate),
         {"input": x, "weight": w, "bias": b},
         grad_args=("input", "weight") + (("bias",) if bias else ()),
     )
@@ -779,7 +808,8 @@ def test_linear_gelu_parity(emu, dtype, approximate, shape, bias):
 @pytest.mark.parametrize("hidden", [128, 36])
 def test_ffn_backward_through_the_next_linear(emu, dtype, hidden):
     """The FFN's first-layer backward from the second layer's gradient: cuBLASLt's DGELU(_BGRAD) epilogue
-    (tanh, 16-bit, hidden % 8 == 0) forms grad_pre and grad_b1 in the GEMM; other calls are declined."""
+    (tanh, 16-bit, hidden % 8 == 0) forms grad_pre and grad_b1 in the GEMM; other calls (also the erf
+    GELU and ReLU) are declined."""
     rows, model = 33, 48
     gen = torch.Generator().manual_seed(hidden)
     x = torch.randn(rows, model, generator=gen).to(dtype)
@@ -787,6 +817,9 @@ def test_ffn_backward_through_the_next_linear(emu, dtype, hidden):
     b1 = (torch.randn(hidden, generator=gen) * 0.5).to(dtype)
     w2 = (torch.randn(model, hidden, generator=gen) / math.sqrt(hidden)).to(dtype)
     grad_next = torch.randn(rows, model, generator=gen).to(dtype)
+    for other in ("none", "relu"):  # cuBLASLt has neither the erf GELU nor a ReLU gradient from pre
+        _, pre = emu.linear_gelu_fwd(x, w1, b1, other)
+        assert not emu.linear_gelu_bwd_from_next(grad_next, w2, x, w1, pre, other, [True, True, True])[3]
     _, pre = emu.linear_gelu_fwd(x, w1, b1, "tanh")
     dx, dw1, db1, served = emu.linear_gelu_bwd_from_next(grad_next, w2, x, w1, pre, "tanh", [True, True, True])
     assert served == (hidden % 8 == 0)
@@ -842,18 +875,21 @@ class _FFN(torch.autograd.Function):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@ACTIVATIONS
 @pytest.mark.parametrize("hidden", [128, 36])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_ffn_parity(emu, dtype, approximate, hidden, dropout_p):
     """The whole FFN on the CUDA path: forward (its inference form's bits), the backward's dropout of the
     gradient, the DGELU-epilogue GEMM where it serves (tanh, 16-bit, hidden % 8 == 0) and the hidden
-    gradient's GEMM with linear_gelu's backward elsewhere; every gradient, with the CPU kernels' keep-mask."""
+    gradient's GEMM with linear_gelu's backward elsewhere; every gradient, with the CPU kernels' keep-mask.
+    ReLU with hidden pre-activations exactly 0 among them."""
     rows, model = 29, 48
     gen = torch.Generator().manual_seed(hidden + rows)
     x = torch.randn(rows, model, generator=gen).to(dtype)
     w1 = (torch.randn(hidden, model, generator=gen) / math.sqrt(model)).to(dtype)
     b1 = (torch.randn(hidden, generator=gen) * 0.5).to(dtype)
+    if approximate == "relu":
+        x, w1, b1 = _with_zero_pre_activations(x, w1, b1)
     w2 = (torch.randn(model, hidden, generator=gen) / math.sqrt(hidden)).to(dtype)
     b2 = (torch.randn(model, generator=gen) * 0.5).to(dtype)
     keep, seed = None, None
@@ -864,17 +900,59 @@ def test_ffn_parity(emu, dtype, approximate, hidden, dropout_p):
         seed = draw_seed(dropout_p, torch.empty(0))
     assert_parity(
         lambda input, w1, b1, w2, b2: _FFN.apply(emu, input, w1, b1, w2, b2, approximate, dropout_p, seed),
-        lambda input, w1, b1, w2, b2: reference.ffn(input, w1, b1, w2, b2, approximate, dropout_p, dropout_mask=keep),
+        lambda input, w1, b1, w2, b2: _reference_ffn(input, w1, b1, w2, b2, approximate, dropout_p, keep),
         {"input": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2},
         grad_args=("input", "w1", "b1", "w2", "b2"),
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("features", [16, 13], ids=["vector", "scalar"])
+def test_relu_kernels_follow_torch_at_the_edges(emu, dtype, features):
+    """The ReLU kernels on chosen pre-activations: torch.relu's forward (NaN and -0 pass, +-inf) and
+    threshold_backward's gradient (0 at pre <= 0 whatever grad_out, also inf or NaN; grad_out where pre is
+    NaN). The forward reads the pre-activation of an empty product, the bias itself; the backward's
+    grad_pre is read off the bias gradient of one row (a sum of one term) and off grad_input = grad_pre @ I.
+    16 features: the vector kernels (16-byte loads), 13: the scalar ones."""
+    def bits(t):  # NaN as one value: its payload is the dtype conversion's, not the activation's
+        return t.nan_to_num(nan=1234.0).view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+    special = [float("nan"), -0.0, 0.0, float("inf"), -float("inf"), -1.0, 2.5, -3e-5, 1e-30, -1e-30]
+    pre = torch.tensor((special + [0.5, -0.5, 7.0, -7.0, 3.0, 0.0])[:features]).to(dtype)
+    empty_x, empty_w = torch.empty(1, 0, dtype=dtype), torch.empty(features, 0, dtype=dtype)
+    out, kept = emu.linear_gelu_fwd(empty_x, empty_w, pre, "relu")
+    assert torch.equal(bits(kept[0]), bits(pre))
+    assert torch.equal(out[0].isnan(), pre.isnan())
+    assert torch.equal(bits(out[0]), bits(torch.relu(pre)))  # -0 stays -0, as in torch
+    assert torch.equal(bits(out), bits(emu.linear_gelu_inference(empty_x, empty_w, pre, "relu")))
+
+    # grad_pre where grad_out is inf or NaN: the bias gradient alone (no GEMM, which would spread them).
+    grad_out = torch.tensor([1.5, float("inf"), float("nan"), -2.0] * 4)[:features].to(dtype).unsqueeze(0)
+    x, eye = torch.zeros(1, features, dtype=dtype), torch.eye(features, dtype=dtype)
+    want = torch.ops.aten.threshold_backward(grad_out[0], torch.relu(pre), 0)
+    _, _, grad_bias = emu.linear_gelu_bwd(grad_out, x, eye, pre.unsqueeze(0), "relu", [False, False, True])
+    torch.testing.assert_close(grad_bias, want, equal_nan=True, rtol=0, atol=0)
+    # Finite values through the stored grad_pre and its GEMM: grad_input = grad_pre @ I.
+    finite_pre = pre.nan_to_num(nan=1.0, posinf=1.0, neginf=-1.0).unsqueeze(0)
+    finite_grad = grad_out.nan_to_num(nan=1.0, posinf=1.0)
+    want = torch.ops.aten.threshold_backward(finite_grad[0], torch.relu(finite_pre[0]), 0)
+    grad_input, _, grad_bias = emu.linear_gelu_bwd(finite_grad, x, eye, finite_pre, "relu", [True, False, True])
+    assert torch.equal(grad_input[0], want) and torch.equal(grad_bias, want)
+
+
+def test_activation_codes_are_checked(emu):
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(RuntimeError, match='approximate must be "none", "tanh" or "relu", got "gelu"'):
+        emu.linear_gelu_fwd(x, w, None, "gelu")
+    with pytest.raises(RuntimeError, match='"none", "tanh" or "relu", got "Relu"'):
+        emu.linear_gelu_bwd(torch.randn(3, 5), x, w, torch.randn(3, 5), "Relu", [True, True, True])
 
 
 @pytest.mark.parametrize("op", ["linear_gelu", "ffn"])
 @pytest.mark.parametrize("case", range(RANDOM_CASES))
 def test_ffn_random_configs(emu, op, case):
     """tests/test_random_configs.py's seeded linear_gelu and FFN cases (1 to 130 features on each side,
-    with and without biases, both GELUs, strided layouts) with the cuda backend's dtypes, on the emulated
+    with and without biases, their activations, strided layouts) with the cuda backend's dtypes, on the emulated
     kernels and GEMMs, given the rows as the op gives them."""
     context, args, options = _ffn_case(op, "cuda", "cpu", 4000 + case)
     approximate = options["approximate"]
@@ -888,14 +966,14 @@ def test_ffn_random_configs(emu, op, case):
             return out.reshape(*input.shape[:-1], w1.shape[0])
 
         def plain(input, w1, b1=None):
-            return reference.linear_gelu(input, w1, b1, approximate)
+            return reference.linear_activation(input, w1, b1, approximate)
     else:
         def fused(input, w1, w2, b1=None, b2=None):
             out = _FFN.apply(emu, as_rows(input), w1, b1, w2, b2, approximate, 0.0, None)
             return out.reshape(*input.shape[:-1], w2.shape[0])
 
         def plain(input, w1, w2, b1=None, b2=None):
-            return reference.ffn(input, w1, b1, w2, b2, approximate)
+            return _reference_ffn(input, w1, b1, w2, b2, approximate)
 
     random_configs_parity(context, fused, plain, args, tuple(args))
 

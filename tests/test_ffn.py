@@ -1,3 +1,4 @@
+import functools
 import math
 
 import pytest
@@ -5,11 +6,14 @@ import torch
 
 import fused_attn
 from fused_attn import reference
-from fused_attn.ops.ffn import ffn_keep_mask
+from fused_attn.ops.ffn import ffn_keep_mask, linear_activation
 
 from .conftest import assert_elementwise_parity, assert_parity, backend_params, supported_dtypes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# ffn's (activation, approximate) pairs; the kernels' code of each is ACTIVATION_CODES'.
+ACTIVATIONS = [("gelu", "none"), ("gelu", "tanh"), ("relu", "none")]
+ACTIVATION_IDS = ["gelu", "gelu_tanh", "relu"]
 LINEAR_GELU = backend_params("linear_gelu", exclude=("reference",))
 FFN = backend_params("ffn", exclude=("reference",))
 
@@ -204,11 +208,11 @@ def test_linear_gelu_leading_dims_and_no_bias(backend_device):
 
 @pytest.mark.parametrize("backend_device", FFN)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("activation, approximate", ACTIVATIONS, ids=ACTIVATION_IDS)
 # 37 x 64 -> 128: whole K tiles in the forward's GEMMs and the input gradient's, partial in the weights'.
 @pytest.mark.parametrize("shape", [(3, 8, 16), (40, 48, 96), (37, 50, 130), (37, 64, 128)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_ffn_parity(backend_device, dtype, approximate, shape):
+def test_ffn_parity(backend_device, dtype, activation, approximate, shape):
     backend, device = backend_device
     _skip_dtype(backend, device, dtype)
     rows, model, hidden = shape
@@ -221,11 +225,53 @@ def test_ffn_parity(backend_device, dtype, approximate, shape):
         "b2": _randn(model, dtype=dtype, device=device, gen=gen),
     }
     assert_parity(
-        lambda input, w1, b1, w2, b2: fused_attn.ffn(input, w1, b1, w2, b2, approximate, backend=backend),
-        lambda input, w1, b1, w2, b2: reference.ffn(input, w1, b1, w2, b2, approximate),
+        lambda input, w1, b1, w2, b2: fused_attn.ffn(input, w1, b1, w2, b2, approximate, activation=activation,
+                                                     backend=backend),
+        lambda input, w1, b1, w2, b2: reference.ffn(input, w1, b1, w2, b2, approximate, activation=activation),
         args,
         grad_args=("input", "w1", "b1", "w2", "b2"),
     )
+    assert fused_attn.last_backend("ffn") == backend
+
+
+@pytest.mark.parametrize("backend_device", LINEAR_GELU)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_relu_at_its_kink_and_beyond(backend_device, dtype):
+    """ReLU as torch computes it, where it differs from a smooth activation: pre-activations exactly
+    0 (gradient 0, as torch's threshold_backward), negative and positive ones, and NaN ones (kept in
+    the output; the gradient passes them, threshold_backward zeroing only where pre <= 0), through
+    linear_activation (the fused layers' first linear with an active inner dropout) and ffn; exact,
+    the operands being small integers."""
+    backend, device = backend_device
+    _skip_dtype(backend, device, dtype)
+    x = torch.tensor([[1.0, 2.0, -1.0], [0.0, 1.0, 1.0], [2.0, -2.0, 0.0], [1.0, 1.0, 1.0]])
+    w1 = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, -1.0], [1.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [2.0, -1.0, 1.0]])
+    b1 = torch.tensor([0.0, 0.0, -3.0, 1.0, 0.0])
+    w2 = torch.tensor([[1.0, -1.0, 2.0, 1.0, 1.0], [0.0, 1.0, 1.0, -2.0, 1.0]])
+    b2 = torch.tensor([0.5, -0.5])
+    pre = torch.nn.functional.linear(x, w1, b1)
+    assert (pre[:3] == 0).any(0)[:4].all() and (pre < 0).any() and (pre > 0).any()
+    x[3, 0] = float("nan")  # row 3's pre-activations, and outputs, are NaN
+    grad = torch.tensor([[1.0, -2.0], [0.5, 1.0], [-1.0, 3.0], [2.0, 2.0]])
+
+    def run(fn, *tensors):
+        leaves = [t.to(device=device, dtype=dtype, copy=True).requires_grad_() for t in tensors]
+        out = fn(*leaves)
+        g = grad if out.shape[-1] == 2 else torch.arange(out.numel(), dtype=torch.float32).view(out.shape) - 7
+        out.backward(g.to(device=device, dtype=dtype))
+        return [t.detach().cpu().double() for t in (out, *(leaf.grad for leaf in leaves))]
+
+    def same(got, want, what):
+        for i, (a, b) in enumerate(zip(got, want)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}, tensor {i}: {m}")
+        assert got[0][3].isnan().all() and not got[0][:3].isnan().any()
+
+    same(run(lambda x, w, b: linear_activation(x, w, b, "relu", backend=backend), x, w1, b1),
+         run(lambda x, w, b: torch.relu(torch.nn.functional.linear(x, w, b)), x, w1, b1), "linear_activation")
+    assert fused_attn.last_backend("linear_gelu") == backend
+    same(run(lambda *t: fused_attn.ffn(*t, activation="relu", backend=backend), x, w1, b1, w2, b2),
+         run(lambda *t: reference.ffn(*t, activation="relu"), x, w1, b1, w2, b2), "ffn")
+    assert fused_attn.last_backend("ffn") == backend
 
 
 @pytest.mark.parametrize("backend_device", FFN)
@@ -274,7 +320,8 @@ def test_ffn_parity_without_a_first_bias_gradient(backend_device, dtype, b1):
 
 @pytest.mark.parametrize("backend_device", FFN)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_ffn_dropout_matches_reference_with_kernel_mask(backend_device, dtype):
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_ffn_dropout_matches_reference_with_kernel_mask(backend_device, dtype, activation):
     backend, device = backend_device
     _skip_dtype(backend, device, dtype)
     gen = torch.Generator().manual_seed(3)
@@ -291,11 +338,12 @@ def test_ffn_dropout_matches_reference_with_kernel_mask(backend_device, dtype):
 
     def fused(input, w1, b1, w2, b2):
         torch.manual_seed(11)
-        return fused_attn.ffn(input, w1, b1, w2, b2, "none", p, backend=backend)
+        return fused_attn.ffn(input, w1, b1, w2, b2, "none", p, activation=activation, backend=backend)
 
     assert_parity(
         fused,
-        lambda input, w1, b1, w2, b2: reference.ffn(input, w1, b1, w2, b2, "none", p, dropout_mask=keep),
+        lambda input, w1, b1, w2, b2: reference.ffn(input, w1, b1, w2, b2, "none", p, activation=activation,
+                                                    dropout_mask=keep),
         args,
         grad_args=("input", "w1", "b1", "w2", "b2"),
     )
@@ -320,11 +368,17 @@ def test_ffn_dropout_fraction(backend_device, p):
         ("linear_gelu", lambda: (torch.randn(4, 8), torch.randn(5, 8, device="meta")), ValueError, "weight is on meta but input is on cpu"),
         ("ffn", lambda: (torch.randn(4, 8), torch.randn(16, 8), None, torch.randn(8, 15), None), ValueError, "w2 must have shape [out_features, 16]"),
         ("ffn", lambda: (torch.randn(4, 8), torch.randn(16, 8), None, torch.randn(8, 16), None, "none", 1.5), ValueError, "dropout_p must be a number in [0, 1]"),
+        ("linear_gelu", lambda: (torch.randn(4, 8), torch.randn(5, 8), None, "relu"), ValueError, "approximate must be 'none' or 'tanh', got 'relu'"),
+        ("ffn", lambda: (torch.randn(4, 8), torch.randn(16, 8), None, torch.randn(8, 16), None, "relu"), ValueError, "approximate must be 'none' or 'tanh', got 'relu'"),
+        ("ffn", lambda: ((torch.randn(4, 8), torch.randn(16, 8), None, torch.randn(8, 16), None), {"activation": "silu"}), ValueError, "activation must be 'gelu' or 'relu', got 'silu'"),
+        ("ffn", lambda: ((torch.randn(4, 8), torch.randn(16, 8), None, torch.randn(8, 16), None, "tanh"), {"activation": "relu"}), ValueError, "with activation='relu' it must be 'none', got 'tanh'"),
     ],
 )
 def test_bad_input(fn, make_args, error, fragment):
+    args = make_args()
+    args, kwargs = args if isinstance(args[-1], dict) else (args, {})
     with pytest.raises(error) as info:
-        getattr(fused_attn, fn)(*make_args())
+        getattr(fused_attn, fn)(*args, **kwargs)
     assert fragment in str(info.value)
 
 
@@ -461,9 +515,9 @@ def _linear_gelu_of(args):
 
 @pytest.mark.parametrize("backend_device", FFN)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("activation, approximate", ACTIVATIONS, ids=ACTIVATION_IDS)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_inference_form_gives_the_same_bits(backend_device, dtype, approximate, bias):
+def test_inference_form_gives_the_same_bits(backend_device, dtype, activation, approximate, bias):
     # A call that needs no gradient keeps no pre-activation; its output must not change with that.
     backend, device = backend_device
     _skip_dtype(backend, device, dtype)
@@ -471,14 +525,19 @@ def test_inference_form_gives_the_same_bits(backend_device, dtype, approximate, 
     # differ, so the two forms must share the tuning.
     args = _ffn_args(*((37, 24, 72) if device == "cpu" else (300, 512, 1024)), dtype, device, bias=bias)
     grad_args = {k: None if v is None else v.clone().requires_grad_() for k, v in args.items()}
-    for op, pick in ((fused_attn.linear_gelu, _linear_gelu_of), (fused_attn.ffn, dict)):
-        with_grad = op(**pick(grad_args), approximate=approximate, backend=backend)
+    code = "relu" if activation == "relu" else approximate
+    first = functools.partial(linear_activation, code=code)
+    first.__name__ = "linear_activation"
+    second = functools.partial(fused_attn.ffn, approximate=approximate, activation=activation)
+    second.__name__ = "ffn"
+    for op, pick in ((first, _linear_gelu_of), (second, dict)):
+        with_grad = op(**pick(grad_args), backend=backend)
         assert with_grad.requires_grad
         with torch.no_grad():
-            no_grad = op(**pick(grad_args), approximate=approximate, backend=backend)
+            no_grad = op(**pick(grad_args), backend=backend)
         with torch.inference_mode():
-            inference = op(**pick(args), approximate=approximate, backend=backend)
-        plain = op(**pick(args), approximate=approximate, backend=backend)  # nothing requires grad
+            inference = op(**pick(args), backend=backend)
+        plain = op(**pick(args), backend=backend)  # nothing requires grad
         for other in (no_grad, inference, plain):
             assert not other.requires_grad
             assert torch.equal(other, with_grad.detach()), f"{op.__name__}: the inference form differs"

@@ -135,7 +135,7 @@ def test_add_layer_norm_ops(prefix, device, dropout_p, dtype):
 
 
 @pytest.mark.parametrize("prefix, device", _families("linear_gelu"))
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("approximate", ["none", "tanh", "relu"])
 def test_linear_gelu_and_ffn_ops(prefix, device, approximate):
     fwd, bwd = _op(prefix, "linear_gelu_fwd"), _op(prefix, "linear_gelu_bwd")
     ffn_fwd, ffn_bwd = _op(prefix, "ffn_fwd"), _op(prefix, "ffn_bwd")

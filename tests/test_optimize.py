@@ -124,28 +124,59 @@ def test_modules_kept_are_not_reported_as_replaced():
     assert str(report).splitlines()[0] == "fused_attn.optimize: 1 replaced, 2 kept as they were"
 
 
-def test_feed_forwards_without_a_gelu_are_reported_as_running_unfused():
-    """torch's Transformer layers default to ReLU, which the fused FFN does not compute: optimize
-    fuses such a layer's attention and norms and reports its feed-forward as kept, as it does for
-    FusedFFN built with another activation; a GELU's (exact or tanh) is fused, with no row."""
+def test_feed_forwards_without_a_gelu_or_relu_are_reported_as_running_unfused():
+    """The fused FFN computes the GELUs (exact or tanh) and ReLU (torch's layers' default): optimize
+    fuses those feed-forwards with no row, and for a layer with another activation fuses its
+    attention and norms and reports its feed-forward as kept, as it does for a FusedFFN built with
+    another activation."""
     model = nn.Sequential(
         nn.TransformerEncoderLayer(32, 4, 64),
         nn.TransformerDecoderLayer(32, 4, 64, activation=nn.SiLU()),
         nn.TransformerEncoderLayer(32, 4, 64, activation="gelu"),
         nn.TransformerEncoderLayer(32, 4, 64, activation=nn.GELU(approximate="tanh")),
-        fused_attn.nn.FusedFFN(32, 64, activation="relu"),
+        fused_attn.nn.FusedFFN(32, 64, activation=torch.tanh),
         fused_attn.nn.FusedFFN(32, 64),
+        nn.TransformerEncoderLayer(32, 4, 64, activation=nn.ReLU()),
+        fused_attn.nn.FusedFFN(32, 64, activation="relu"),
     )
     report = fused_attn.optimize(model, backend="reference")
     assert [(path, kind, why.split(":")[0]) for path, kind, why in report.kept] == [
-        ("0.linear1", "feed-forward", "activation relu is not F.gelu or nn.GELU"),
-        ("1.linear1", "feed-forward", "activation SiLU is not F.gelu or nn.GELU"),
-        ("4.linear1", "feed-forward", "activation relu is not F.gelu or nn.GELU"),
+        ("1.linear1", "feed-forward", "activation SiLU is not a GELU or ReLU (F.gelu, nn.GELU, F.relu, nn.ReLU)"),
+        ("4.linear1", "feed-forward", "activation tanh is not a GELU or ReLU (F.gelu, nn.GELU, F.relu, nn.ReLU)"),
     ]
     assert all("linear1, the activation and linear2 run unfused" in why for _, _, why in report.kept)
-    assert {path for path, _, _ in report.replaced} >= {"0", "1", "2", "3"}
+    assert {path for path, _, _ in report.replaced} >= {"0", "1", "2", "3", "6"}
     # An optimized model optimized again reports the same.
     assert fused_attn.optimize(model, backend="reference").kept == report.kept
+
+
+@pytest.mark.parametrize("activation", ["relu", nn.ReLU(), torch.relu, "gelu", nn.GELU(approximate="tanh")],
+                         ids=["relu", "nn.ReLU", "torch.relu", "gelu", "nn.GELU-tanh"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_relu_and_gelu_feed_forwards_run_fused_with_torchs_results(activation, training):
+    """An optimized torch layer's feed-forward runs the fused kernels for its activation, ReLU (the
+    default) as the GELUs: the whole FFN (ffn) in eval mode, the first linear and its activation
+    (linear_gelu's kernels) before the inner dropout in training; outputs and gradients as torch's."""
+    torch.manual_seed(0)
+    plain = nn.TransformerEncoderLayer(32, 4, 64, activation=activation, dropout=0.0, batch_first=True)
+    fused = fused_attn.optimize(copy.deepcopy(plain)).model
+    src = torch.randn(3, 10, 32)
+    plain.train(training), fused.train(training)
+    if training:  # an inner dropout that is on, but drops nothing: the results stay comparable
+        plain.dropout.p = fused.dropout.p = 1e-30
+    op = "linear_gelu" if training else "ffn"
+    x = torch.randn(2, 32)
+    fused_attn.ffn(x, fused.linear1.weight, None, fused.linear2.weight, None, backend="reference")
+    fused_attn.linear_gelu(x, fused.linear1.weight, backend="reference")
+    with fused_attn.use_backend("cpu"):
+        out = fused(src)
+    assert fused_attn.last_backend(op) == "cpu", op
+    want = plain(src)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    if training:
+        out.sum().backward(), want.sum().backward()
+        for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_unsupported_modules_are_kept_with_a_reason():

@@ -15,6 +15,7 @@ import torch
 import fused_attn
 from fused_attn import reference
 from fused_attn.ops.attention import attention_with_keep_mask, repeat_kv_heads
+from fused_attn.ops.ffn import linear_activation
 
 from .conftest import assert_parity, backend_params, supported_dtypes
 
@@ -303,12 +304,12 @@ def test_ffn_random_configs(backend_device, case):
 
 def _ffn_case(op: str, backend: str, device: str, seed: int) -> tuple[str, dict, dict]:
     """A seeded linear_gelu or ffn case: (its description, the arguments, all of them differentiated,
-    the options approximate and layout)."""
+    the options approximate, the kernels' activation code: "relu" or a GELU's, and layout)."""
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     leading = tuple(rng.choice((1, rng.randint(2, 40))) for _ in range(rng.randint(1, 3)))
     in_features, hidden, out_features = (rng.choice((1, rng.randint(2, 24), rng.randint(25, 130))) for _ in range(3))
     dtype = _dtype(rng, backend, device, op)
-    approximate = rng.choice(("none", "tanh"))
+    approximate = rng.choice(("none", "tanh", "relu"))
     layout = rng.choice(LAYOUTS)
     biases = rng.random() < 0.7
     context = f"{op} {backend}-{device} seed {seed}: input {leading + (in_features,)}, hidden {hidden}, " \
@@ -327,16 +328,17 @@ def _ffn_case(op: str, backend: str, device: str, seed: int) -> tuple[str, dict,
 def _check_ffn_case(op: str, backend: str, device: str, seed: int) -> None:
     context, args, options = _ffn_case(op, backend, device, seed)
     approximate, layout = options["approximate"], options["layout"]
+    activation = {"activation": "relu"} if approximate == "relu" else {"approximate": approximate}
     if op == "linear_gelu":
         def fused(input, w1, b1=None):
-            return fused_attn.linear_gelu(_layout(input, layout), w1, b1, approximate, backend=backend)
+            return linear_activation(_layout(input, layout), w1, b1, approximate, backend=backend)
 
         def plain(input, w1, b1=None):
-            return reference.linear_gelu(input, w1, b1, approximate)
+            return reference.linear_activation(input, w1, b1, approximate)
     else:
         def fused(input, w1, w2, b1=None, b2=None):
-            return fused_attn.ffn(_layout(input, layout), w1, b1, w2, b2, approximate, backend=backend)
+            return fused_attn.ffn(_layout(input, layout), w1, b1, w2, b2, **activation, backend=backend)
 
         def plain(input, w1, w2, b1=None, b2=None):
-            return reference.ffn(input, w1, b1, w2, b2, approximate)
+            return reference.ffn(input, w1, b1, w2, b2, **activation)
     _parity(context, fused, plain, args, tuple(args))

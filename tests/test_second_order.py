@@ -98,15 +98,18 @@ def _case(name: str, backend: str, device: str, dtype: torch.dtype):
                 lambda x, w, b: reference.linear_gelu(x, w, b, approximate), args, ("x", "w", "b"))
     if name.startswith("ffn"):
         p = 0.2 if "dropout" in name else 0.0
+        activation = "relu" if "relu" in name else "gelu"
         args = {"x": t(6, 16), "w1": t(8, 16), "b1": t(8), "w2": t(16, 8), "b2": t(16)}
         keep = _replayed_keep(p, (6, 16), device)
 
         def fused(x, w1, b1, w2, b2):
             torch.manual_seed(DRAW_SEED)
-            return fused_attn.ffn(x, w1, b1, w2, b2, dropout_p=p, backend=backend)
+            return fused_attn.ffn(x, w1, b1, w2, b2, dropout_p=p, activation=activation, backend=backend)
 
-        return (fused, lambda x, w1, b1, w2, b2: reference.ffn(x, w1, b1, w2, b2, dropout_p=p, dropout_mask=keep),
-                args, tuple(args))
+        def plain(x, w1, b1, w2, b2):
+            return reference.ffn(x, w1, b1, w2, b2, dropout_p=p, activation=activation, dropout_mask=keep)
+
+        return fused, plain, args, tuple(args)
     raise ValueError(name)
 
 
@@ -114,7 +117,7 @@ OPS = {
     "layer_norm": "layer_norm", "add_layer_norm": "add_layer_norm", "add_layer_norm-dropout": "add_layer_norm",
     "attention-causal-bias": "scaled_dot_product_attention", "attention-grouped": "scaled_dot_product_attention",
     "attention-dropout": "scaled_dot_product_attention", "softmax": "softmax", "linear_gelu": "linear_gelu",
-    "linear_gelu-tanh": "linear_gelu", "ffn-dropout": "ffn",
+    "linear_gelu-tanh": "linear_gelu", "ffn-dropout": "ffn", "ffn-relu-dropout": "ffn",
 }
 CASES = [pytest.param(name, *p.values, marks=p.marks, id=f"{name}-{p.id}")
          for name, op in OPS.items() for p in backend_params(op, exclude=("reference",))]

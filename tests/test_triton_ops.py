@@ -195,7 +195,7 @@ def _linear_gelu():
         ("weight", w.half(), "weight must have dtype float32 like the input, got float16"),
         ("bias", _randn(11), r"bias must have shape \[12\], got \[11\]"),
         ("bias", _randn(12, dtype=torch.float64), "bias must have dtype float32 like the input, got float64"),
-        ("approximate", "exact", 'approximate must be "none" or "tanh", got "exact"'),
+        ("approximate", "exact", 'approximate must be "none", "tanh" or "relu", got "exact"'),
     ]
     bwd = dict(grad_out=_randn(6, 12), input=x, weight=w, pre_activation=_randn(6, 12), approximate="tanh",
                output_mask=T3)
@@ -213,7 +213,7 @@ def _linear_gelu():
              "pre_activation must have dtype float32, got float16"),
             ("weight", _randn(12, 7), r"weight must have shape \[out_features, 8\]"),
             ("input", _randn(6), r"input must be 2-D \[rows, hidden\]"),
-            ("approximate", "", 'approximate must be "none" or "tanh", got ""'),
+            ("approximate", "", 'approximate must be "none", "tanh" or "relu", got ""'),
         ]),
     }
 
@@ -231,7 +231,7 @@ def _ffn():
         ("w2", w2.double(), "w2 must have dtype float32 like the input, got float64"),
         ("b2", _randn(4), r"b2 must have shape \[5\] \(out_features of w2\), got \[4\]"),
         ("b2", _randn(1, 5), r"b2 must have shape \[5\] \(out_features of w2\), got \[1, 5\]"),
-        ("approximate", "gelu", 'approximate must be "none" or "tanh"'),
+        ("approximate", "gelu", 'approximate must be "none", "tanh" or "relu"'),
     ]
     bwd = dict(grad_out=_randn(6, 5), input=x, w1=w1, w2=w2, pre_activation=_randn(6, 12), approximate="none",
                dropout_p=0.25, seed=SEED, output_mask=T5)

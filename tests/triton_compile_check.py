@@ -119,7 +119,7 @@ def _cases(quick: bool):
     import fused_attn
     from fused_attn.ops.add_layer_norm import add_layer_norm_keep_mask
     from fused_attn.ops.attention import attention_with_keep_mask
-    from fused_attn.ops.ffn import ffn_keep_mask
+    from fused_attn.ops.ffn import ffn_keep_mask, linear_activation
 
     def t(*shape, dtype, grad=True):
         return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
@@ -180,29 +180,34 @@ def _cases(quick: bool):
         return run
 
     def linear_gelu(dtype, bias=True, approximate="none", rows=256, in_features=192):
+        # approximate: the kernels' activation code, the GELU's ("none", "tanh") or ReLU's ("relu",
+        # which the public linear_gelu refuses: the op behind it, linear_activation).
+        op = linear_activation if approximate == "relu" else fused_attn.linear_gelu
+
         def run():
             x, w = t(rows, in_features, dtype=dtype), t(384, in_features, dtype=dtype)
             b = t(384, dtype=dtype) if bias else None
-            backward(fused_attn.linear_gelu(x, w, b, approximate, backend="triton"), x, w, b)
+            backward(op(x, w, b, approximate, backend="triton"), x, w, b)
 
         return run
 
-    def ffn(dtype, dropout=0.0):
+    def ffn(dtype, dropout=0.0, activation="gelu"):
         def run():
             x, w1, b1 = t(256, 192, dtype=dtype), t(768, 192, dtype=dtype), t(768, dtype=dtype)
             w2, b2 = t(192, 768, dtype=dtype), t(192, dtype=dtype)
-            backward(fused_attn.ffn(x, w1, b1, w2, b2, dropout_p=dropout, backend="triton"), x, w1, b1, w2, b2)
+            out = fused_attn.ffn(x, w1, b1, w2, b2, dropout_p=dropout, activation=activation, backend="triton")
+            backward(out, x, w1, b1, w2, b2)
 
         return run
 
-    def inference(dtype):
+    def inference(dtype, activation="gelu", norms=True):
         # The inference forms (no gradient): the GEMM epilogue without its pre-activation store, the
         # Add & Norm forward with its sum in registers (one block) or streamed through the output.
         def run():
             x, w1, b1, w2, b2 = (t(*shape, dtype=dtype, grad=False) for shape in ((256, 192), (768, 192), (768,),
                                                                                   (192, 768), (192,)))
-            fused_attn.ffn(x, w1, b1, w2, b2, backend="triton")
-            for hidden in (768, 40000):
+            fused_attn.ffn(x, w1, b1, w2, b2, activation=activation, backend="triton")
+            for hidden in (768, 40000) if norms else ():
                 r = t(64, hidden, dtype=dtype, grad=False)
                 fused_attn.add_layer_norm(r, r, None, None, backend="triton")
 
@@ -234,6 +239,11 @@ def _cases(quick: bool):
         ("linear_gelu fp16 partial K tiles", linear_gelu(f16, rows=250, in_features=200)),
         ("ffn bf16 dropout", ffn(bf16, dropout=0.1)),
         ("inference bf16", inference(bf16)),
+        # ReLU (the activation code "relu"): the A prologue's relu' (linear backward), the B
+        # prologue's relu (dW2) and the dGELU epilogue's relu' beside the dropout prologue.
+        ("linear_gelu fp16 relu partial K tiles", linear_gelu(f16, approximate="relu", rows=250, in_features=200)),
+        ("ffn bf16 relu dropout", ffn(bf16, dropout=0.1, activation="relu")),
+        ("inference bf16 relu", inference(bf16, activation="relu", norms=False)),
     ]
     if quick:
         return cases
@@ -260,8 +270,11 @@ def _cases(quick: bool):
             # Rows wider than one block: the forward streams the row three times, the backward twice.
             (f"add_layer_norm {name} 40000 streamed", add_layer_norm(dtype, hidden=40000, dropout=0.1)),
             (f"linear_gelu {name} tanh no bias", linear_gelu(dtype, bias=False, approximate="tanh")),
+            (f"linear_gelu {name} relu no bias", linear_gelu(dtype, bias=False, approximate="relu")),
             (f"ffn {name}", ffn(dtype)),
+            (f"ffn {name} relu", ffn(dtype, activation="relu")),
             (f"inference {name}", inference(dtype)),
+            (f"inference {name} relu", inference(dtype, activation="relu", norms=False)),
         ]
     cases.append(("keep masks", keep_masks))
     return cases

@@ -27,6 +27,8 @@
 //    so that dW2 is not summed in 16 bits). Where the autograd formula allows (ffn_bwd_consuming),
 //    grad_pre is written over the saved pre-activation, row by row after it was read: the backward
 //    then holds one [rows, hidden] tensor at its peak where eager PyTorch holds three.
+// The activation is the GELU (approximate "none": erf; "tanh") or ReLU (approximate "relu", the FFN's
+// activation="relu"), the same passes templated on it (Act); "gelu" below stands for either.
 // The elementwise arithmetic is float32 on at::vec::Vectorized<float>, with torch's GELU
 // formulas (erf, or tanh for approximate="tanh") evaluated inline (see gelu below). The bias
 // gradient is deterministic: rows are cut into chunks by shape alone
@@ -73,6 +75,8 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/gelu_backward.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/threshold_backward.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
@@ -288,6 +292,28 @@ C10_ALWAYS_INLINE fVec gelu_grad(const fVec& x) {
   }
 }
 
+// The activation codes (the ops' approximate: "none", "tanh", "relu") as template arguments.
+enum Act : int { kGeluErf = 0, kGeluTanh = 1, kRelu = 2 };
+
+template <int kAct>
+C10_ALWAYS_INLINE fVec activation(const fVec& x) {
+  if constexpr (kAct == kRelu) {
+    return fVec::blendv(x, fVec(0.f), x < fVec(0.f));  // as torch.relu: NaN stays NaN
+  } else {
+    return gelu<kAct == kGeluTanh>(x);
+  }
+}
+
+// dy * act'(x). ReLU's is torch's threshold_backward: 0 where x <= 0, else dy (x = NaN passes dy).
+template <int kAct>
+C10_ALWAYS_INLINE fVec activation_grad_times(const fVec& dy, const fVec& x) {
+  if constexpr (kAct == kRelu) {
+    return fVec::blendv(dy, fVec(0.f), x <= fVec(0.f));
+  } else {
+    return dy * gelu_grad<kAct == kGeluTanh>(x);
+  }
+}
+
 // Whether this CPU multiplies T natively (where torch's GEMM for T goes to oneDNN's fast
 // kernels); float32 always.
 bool native_gemm(at::ScalarType type) {
@@ -304,16 +330,33 @@ bool native_gemm(at::ScalarType type) {
   return true;
 }
 
-// The 16-bit dtypes whose GELU passes are torch's kernels (see the header).
+// The 16-bit dtypes whose activation passes are torch's kernels (see the header).
 bool torch_gelu(at::ScalarType type) { return type != at::kFloat && native_gemm(type); }
+
+// torch's kernels of the activation (torch_gelu dtypes): act(x), in place on x where asked.
+at::Tensor torch_activation(const at::Tensor& x, c10::string_view approximate, bool in_place) {
+  at::Tensor y = x;  // a non-const handle for the in-place forms
+  if (approximate == "relu") return in_place ? at::relu_(y) : at::relu(x);
+  return in_place ? at::gelu_(y, approximate) : at::gelu(x, approximate);
+}
+
+// g = dy * act'(pre) by torch's kernels (torch_gelu dtypes).
+void torch_activation_backward_out(at::Tensor& g, const at::Tensor& dy, const at::Tensor& pre,
+                                   c10::string_view approximate) {
+  if (approximate == "relu") {
+    at::threshold_backward_out(g, dy, pre, 0);
+  } else {
+    at::gelu_backward_out(g, dy, pre, approximate);
+  }
+}
 
 // Rows [begin, end) of the forward's elementwise pass over src [rows, cols] (the GEMM's result,
 // float32 or the storage dtype): v = src (+ bias[col] where bias is not null, the float32 GEMM's
 // bias) rounded to scalar_t, stored to pre where pre is not null (it may be src itself), and
-// out = gelu(v). out may be src itself (in place: each block is loaded before it is stored).
-template <typename scalar_t, typename src_t, bool kTanh>
-void gelu_fwd_rows(const src_t* src, const float* bias, scalar_t* pre, scalar_t* out, int64_t cols, int64_t begin,
-                   int64_t end) {
+// out = act(v). out may be src itself (in place: each block is loaded before it is stored).
+template <typename scalar_t, typename src_t, int kAct>
+void activation_fwd_rows(const src_t* src, const float* bias, scalar_t* pre, scalar_t* out, int64_t cols,
+                         int64_t begin, int64_t end) {
   constexpr int P = kParts<scalar_t>;
   constexpr int64_t B = kBlock<scalar_t>;
   for (int64_t r = begin; r < end; ++r) {
@@ -329,20 +372,20 @@ void gelu_fwd_rows(const src_t* src, const float* bias, scalar_t* pre, scalar_t*
       }
       if (pre != nullptr) store_block(pre + row + j, len, v);
       if constexpr (!std::is_same_v<src_t, scalar_t>) round_block<scalar_t>(v);
-      for (int k = 0; k < P; ++k) o[k] = gelu<kTanh>(v[k]);
+      for (int k = 0; k < P; ++k) o[k] = activation<kAct>(v[k]);
       store_block(out + row + j, len, o);
     });
   }
 }
 
-// Rows [begin, end) of the backward's elementwise pass: grad_pre = dy * gelu'(pre), stored to
+// Rows [begin, end) of the backward's elementwise pass: grad_pre = dy * act'(pre), stored to
 // grad_pre (float32 or scalar_t; it may be pre itself) when it is not null, and its column sums
 // (unrounded) added to this chunk's float64 sums db_part (cpu_rows::ColumnSums) when not null.
 // dy (scalar_t or float32) holds rows from dy_row0 on. The order of rows and blocks is
 // cpu_rows::backward_rows'.
-template <typename scalar_t, typename dy_t, typename grad_t, bool kTanh>
-void gelu_bwd_rows(const dy_t* dy, int64_t dy_row0, const scalar_t* pre, int64_t cols, int64_t begin, int64_t end,
-                   grad_t* grad_pre, double* db_part) {
+template <typename scalar_t, typename dy_t, typename grad_t, int kAct>
+void activation_bwd_rows(const dy_t* dy, int64_t dy_row0, const scalar_t* pre, int64_t cols, int64_t begin,
+                         int64_t end, grad_t* grad_pre, double* db_part) {
   constexpr int P = kParts<scalar_t>;
   constexpr int64_t B = kBlock<scalar_t>;
   struct NoConstants {};
@@ -355,16 +398,18 @@ void gelu_bwd_rows(const dy_t* dy, int64_t dy_row0, const scalar_t* pre, int64_t
         prefetch_ahead(pre + offset);
         load_block(dy + (r - dy_row0) * cols + j, len, dyv);  // zero past the row: adds nothing to the sums
         load_block(pre + offset, len, xv);
-        for (int k = 0; k < P; ++k) g[k] = dyv[k] * gelu_grad<kTanh>(xv[k]);
+        for (int k = 0; k < P; ++k) g[k] = activation_grad_times<kAct>(dyv[k], xv[k]);
         if (sums.wanted(0)) sums.add(0, g);
         if (grad_pre != nullptr) store_block(grad_pre + offset, len, g);
       });
 }
 
-bool check_approximate(c10::string_view approximate) {
-  TORCH_CHECK(approximate == "none" || approximate == "tanh", "approximate must be \"none\" or \"tanh\", got \"",
+Act check_approximate(c10::string_view approximate) {
+  if (approximate == "none") return kGeluErf;
+  if (approximate == "tanh") return kGeluTanh;
+  TORCH_CHECK(approximate == "relu", "approximate must be \"none\", \"tanh\" or \"relu\", got \"",
               std::string(approximate), "\"");
-  return approximate == "tanh";
+  return kRelu;
 }
 
 // A weight [out_features, in_features] of the input's dtype and device (any strides: it only
@@ -373,12 +418,13 @@ int64_t check_weight(const at::Tensor& weight, const char* name, const at::Tenso
   return check_linear_weight(weight, name, input, in_features, "in_features of the input", /*contiguous=*/false);
 }
 
+// fn(std::integral_constant<int, act>{}).
 template <typename Fn>
-void dispatch_approximate(bool tanh, const Fn& fn) {
-  if (tanh) {
-    fn(std::true_type{});
-  } else {
-    fn(std::false_type{});
+void dispatch_activation(Act act, const Fn& fn) {
+  switch (act) {
+    case kGeluErf: return fn(std::integral_constant<int, kGeluErf>{});
+    case kGeluTanh: return fn(std::integral_constant<int, kGeluTanh>{});
+    case kRelu: return fn(std::integral_constant<int, kRelu>{});
   }
 }
 
@@ -390,19 +436,19 @@ at::Tensor linear_float32(const at::Tensor& input, const at::Tensor& weight, con
                                              : at::mm(input_f, weight_f.t());
 }
 
-// Row chunks [c0, c1) (of nchunks over rows) of the backward's elementwise pass, gelu_bwd_rows per
+// Row chunks [c0, c1) (of nchunks over rows) of the backward's elementwise pass, activation_bwd_rows per
 // chunk, in parallel: dy holds rows from dy_row0 on; grad_pre is not stored where null, and chunk
 // c's column sums go to chunk_partials(db_part, c, cols) where db_part is not null.
 template <typename scalar_t, typename dy_t, typename grad_t>
-void gelu_bwd_chunks(bool tanh, const dy_t* dy, int64_t dy_row0, const scalar_t* pre, int64_t rows, int64_t cols,
-                     int64_t nchunks, int64_t c0, int64_t c1, grad_t* grad_pre, double* db_part) {
-  dispatch_approximate(tanh, [&](auto tanh_tag) {
-    constexpr bool kTanh = decltype(tanh_tag)::value;
+void activation_bwd_chunks(Act act, const dy_t* dy, int64_t dy_row0, const scalar_t* pre, int64_t rows,
+                           int64_t cols, int64_t nchunks, int64_t c0, int64_t c1, grad_t* grad_pre, double* db_part) {
+  dispatch_activation(act, [&](auto act_tag) {
+    constexpr int kAct = decltype(act_tag)::value;
     at::parallel_for(c0, c1, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       for (int64_t c = chunk_begin; c < chunk_end; ++c) {
         const auto [begin, end] = chunk_rows(c, nchunks, rows);
-        gelu_bwd_rows<scalar_t, dy_t, grad_t, kTanh>(dy, dy_row0, pre, cols, begin, end, grad_pre,
-                                                     chunk_partials(db_part, c, cols));
+        activation_bwd_rows<scalar_t, dy_t, grad_t, kAct>(dy, dy_row0, pre, cols, begin, end, grad_pre,
+                                                          chunk_partials(db_part, c, cols));
       }
     });
   });
@@ -425,7 +471,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_impl(const at::Tensor& input,
   const int64_t rows = shape.first, in_features = shape.second;
   const int64_t out_features = check_weight(weight, "weight", input, in_features);
   check_affine_param(bias, "bias", input, out_features);
-  const bool tanh = check_approximate(approximate);
+  const Act act = check_approximate(approximate);
   const bool has_bias = bias.has_value() && bias->defined();
   const auto storage = [&] { return at::empty({rows, out_features}, input.options()); };
 
@@ -438,9 +484,9 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_impl(const at::Tensor& input,
   const float* pass_bias = nullptr;  // the bias, where the pass adds it (float32 GEMM, own GELU)
   if (torch_gelu(input.scalar_type())) {
     // The bias rides in the GEMM, as in F.linear (the same BLAS call, so the same bits), and the
-    // GELU is torch's.
+    // activation is torch's.
     acc = has_bias ? at::addmm(*bias, input, weight.t()) : at::mm(input, weight.t());
-    return {keep_pre ? at::gelu(acc, approximate) : at::gelu_(acc, approximate), keep_pre ? acc : at::Tensor()};
+    return {torch_activation(acc, approximate, /*in_place=*/!keep_pre), keep_pre ? acc : at::Tensor()};
   }
   if (!widened) {
     // float32: the GEMM without the bias, which the pass adds (one add a vector in a pass bound by
@@ -464,17 +510,17 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_impl(const at::Tensor& input,
     // The pass makes pre where it is kept: rounding the widened GEMM's float32 result, or adding
     // the bias to the float32 GEMM's result in place (without a bias, pre is the result as it is).
     scalar_t* pp = keep_pre && (widened || pass_bias != nullptr) ? pre.mutable_data_ptr<scalar_t>() : nullptr;
-    dispatch_approximate(tanh, [&](auto tanh_tag) {
-      constexpr bool kTanh = decltype(tanh_tag)::value;
+    dispatch_activation(act, [&](auto act_tag) {
+      constexpr int kAct = decltype(act_tag)::value;
       if (widened) {
         const float* src = acc.const_data_ptr<float>();
         at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-          gelu_fwd_rows<scalar_t, float, kTanh>(src, nullptr, pp, op, out_features, begin, end);
+          activation_fwd_rows<scalar_t, float, kAct>(src, nullptr, pp, op, out_features, begin, end);
         });
       } else {
         const scalar_t* src = acc.const_data_ptr<scalar_t>();
         at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-          gelu_fwd_rows<scalar_t, scalar_t, kTanh>(src, pass_bias, pp, op, out_features, begin, end);
+          activation_fwd_rows<scalar_t, scalar_t, kAct>(src, pass_bias, pp, op, out_features, begin, end);
         });
       }
     });
@@ -527,7 +573,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_impl(const at::Te
               grad_out.device());
   TORCH_CHECK(grad_out.is_contiguous(), "grad_out must be contiguous");
   check_same_as(pre_activation, "pre_activation", grad_out, "grad_out");
-  const bool tanh = check_approximate(approximate);
+  const Act act = check_approximate(approximate);
   const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];
 
   // Unselected gradients are distinct [0] tensors: outputs of an op must not alias each other. The
@@ -558,9 +604,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_impl(const at::Te
     }
   }
   if (torch_gelu(input.scalar_type())) {
-    // torch's GELU gradient (see the header), the bias gradient its column sum.
+    // torch's activation gradient (see the header), the bias gradient its column sum.
     at::Tensor g = need_grad_pre ? grad_pre : at::empty({rows, out_features}, input.options());
-    at::gelu_backward_out(g, grad_out, pre_activation, approximate);
+    torch_activation_backward_out(g, grad_out, pre_activation, approximate);
     if (need_db) at::sum_out(db, g, 0);
   } else {
     // The GEMMs run in float32 here (float32 inputs, or 16-bit ones widened): so does grad_pre.
@@ -568,8 +614,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_impl(const at::Te
     const at::Tensor db_part = column_partials(need_db, nchunks, out_features, input);
     AT_DISPATCH_V2(input.scalar_type(), "linear_gelu_bwd_cpu", AT_WRAP([&] {
       double* dbp = need_db ? db_part.mutable_data_ptr<double>() : nullptr;
-      gelu_bwd_chunks(tanh, grad_out.const_data_ptr<scalar_t>(), 0, pre_activation.const_data_ptr<scalar_t>(), rows,
-                      out_features, nchunks, 0, nchunks, data_or_null<float>(grad_pre), dbp);
+      activation_bwd_chunks(act, grad_out.const_data_ptr<scalar_t>(), 0, pre_activation.const_data_ptr<scalar_t>(),
+                            rows, out_features, nchunks, 0, nchunks, data_or_null<float>(grad_pre), dbp);
       if (need_db) {
         using Sum = std::pair<const double*, scalar_t*>;
         sum_partials(std::array<Sum, 1>{Sum{dbp, db.mutable_data_ptr<scalar_t>()}}, nchunks, out_features);
@@ -630,7 +676,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_hidden_bwd_cpu(
     at::Tensor grad_out, const at::Tensor& input, const at::Tensor& w1, const at::Tensor& w2,
     const at::Tensor& pre_activation, c10::string_view approximate, std::array<bool, 4> output_mask,
     bool consume_pre) {
-  const bool tanh = check_approximate(approximate);
+  const Act act = check_approximate(approximate);
   const auto [need_dx, need_dw1, need_db1, need_dw2] = output_mask;
   // grad_out and w2 are checked by the caller (csrc/ffn.cpp, before its dropout reads grad_out).
   const auto [rows, in_features] = check_rows_input(input, "input");
@@ -668,7 +714,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_hidden_bwd_cpu(
   at::Tensor dw2 = need_dw2 ? at::empty({w2.size(0), hidden}, input.options().dtype(gemm_dtype)) : at::Tensor();
   at::Tensor db1 = need_db1 ? at::empty({hidden}, input.options()) : empty();
   const int64_t nchunks = num_row_chunks(rows, hidden);
-  const bool by_torch = torch_gelu(dtype);  // the pass is torch's GELU gradient (see the header)
+  const bool by_torch = torch_gelu(dtype);  // the pass is torch's activation gradient (see the header)
   const bool db_by_pass = need_db1 && !by_torch;  // else torch's column sum, or none
   const at::Tensor db_part = column_partials(db_by_pass, nchunks, hidden, input);
   // Slabs of whole chunks (the bias gradient's partial sums keep their chunks, hence their bits);
@@ -685,9 +731,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_hidden_bwd_cpu(
       while (c1 < nchunks && r1 - r0 < slab_min_rows) r1 = chunk_rows(c1++, nchunks, rows).second;
       const at::Tensor go_slab = go.slice(0, r0, r1);
       if (need_dw2) {
-        // gelu(pre) as the forward's output had it (rounded to the storage dtype), read before the
+        // act(pre) as the forward's output had it (rounded to the storage dtype), read before the
         // pass below may write grad_pre over these rows of pre.
-        const at::Tensor h = widen(at::gelu(pre_activation.slice(0, r0, r1), approximate));
+        const at::Tensor h = widen(torch_activation(pre_activation.slice(0, r0, r1), approximate, false));
         if (c0 == 0) {
           at::mm_out(dw2, go_slab.t(), h);
         } else {
@@ -701,11 +747,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_hidden_bwd_cpu(
         // One slab (the whole batch: 16-bit GEMMs); the hidden gradient's buffer takes grad_pre where
         // it has none of its own.
         at::Tensor g = need_grad_pre ? grad_pre.slice(0, r0, r1) : d_hidden;
-        at::gelu_backward_out(g, d_hidden, pre_activation.slice(0, r0, r1), approximate);
+        torch_activation_backward_out(g, d_hidden, pre_activation.slice(0, r0, r1), approximate);
         if (need_db1) at::sum_out(db1, g, 0);
       } else {
-        gelu_bwd_chunks(tanh, d_hidden.const_data_ptr<float>(), r0, prep, rows, hidden, nchunks, c0, c1,
-                        data_or_null<float>(grad_pre), dbp);
+        activation_bwd_chunks(act, d_hidden.const_data_ptr<float>(), r0, prep, rows, hidden, nchunks, c0, c1,
+                              data_or_null<float>(grad_pre), dbp);
       }
     }
     if (db_by_pass) {

@@ -1,5 +1,10 @@
 // CUDA kernels of fused_attn::linear_gelu_fwd / linear_gelu_bwd (schemas in csrc/ops.cpp).
 //
+// Activations, by the ops' `approximate` argument: "none" the erf GELU, "tanh" the tanh GELU, "relu" ReLU
+// (torch's: relu(x) = x < 0 ? 0 : x, its gradient threshold_backward's). The pre-activation is x W^T + b
+// for all three. Only "tanh" has a cuBLASLt epilogue path (below); "none" and "relu" always take the
+// elementwise kernels.
+//
 // The GEMMs are cuBLASLt's (a hand-written GEMM would not beat it); what is fused is everything around
 // them, so that no [rows, out_features] tensor is read or written more often than it has to be.
 //
@@ -19,16 +24,18 @@
 //     out_features) to be a multiple of 8; if the heuristic offers no algorithm anyway, the call falls
 //     through to the second path.
 //   * otherwise: cublasLtMatmul with CUBLASLT_EPILOGUE_BIAS (DEFAULT without a bias) writes the
-//     pre-activation, then one vectorised elementwise kernel writes gelu(pre) into out. cuBLASLt has no
-//     erf GELU, so approximate == "none" always takes this path. float32 takes it for "tanh" too:
+//     pre-activation, then one vectorised elementwise kernel writes act(pre) into out. cuBLASLt has no erf
+//     GELU, so approximate == "none" always takes this path, as does "relu" (CUBLASLT_EPILOGUE_RELU_AUX would
+//     store a bit mask, not the pre-activation, and its max(x, 0) does not promise torch's NaN propagation,
+//     which the inference form would also have to match bit for bit). float32 takes it for "tanh" too:
 //     cuBLASLt does not document the accuracy of its GELU epilogue, the fused result is known not to match an
 //     unfused GELU bit for bit, and the float32 parity bound is a few ulps. In 16-bit types the output
 //     rounding (2^-11 / 2^-8 relative) is taken to cover the epilogue's own GELU arithmetic (measured by the
 //     parity tests on a GPU), and the epilogue takes the GELU of the float32 pre-activation where the unfused
 //     path (and gelu(linear(x)) in PyTorch) takes that of its 16-bit rounding: the two differ by gelu'(x)
-//     times that rounding, several output ulps in the negative tail (x ~ -3, where |gelu'(x) x| >> |gelu(x)|),
-//     and the fused output is the closer to the exact value. The backward of both paths reads the stored
-//     16-bit pre-activation.
+//     times that rounding, several output ulps in the negative tail (x ~ -3, where |gelu'(x) x| >>
+//     |gelu(x)|), and the fused output is the closer to the exact value. The backward of both paths reads the
+//     stored 16-bit pre-activation.
 // Matmuls use CUBLAS_COMPUTE_32F (float32 accumulation; for float32 operands this excludes TF32) and
 // split-K reductions in float32 only (CUBLASLT_REDUCTION_SCHEME_NONE | COMPUTE_TYPE): never the in-place
 // reduction in the 16-bit output type.
@@ -43,8 +50,11 @@
 //   compiles to tanh.approx.f32 (about 2^-11 relative error), far outside a float32 parity bound. For the
 //   same reason the exponentials are the cpu kernels' (exp_nonpositive, gaussian), not __expf, which
 //   --use_fast_math makes of expf.
+// ReLU: relu(x) = x < 0 ? 0 : x (NaN and -0 pass); grad_pre = pre <= 0 ? 0 : grad_out, a selection as
+// torch's threshold_backward (so NaN pre passes grad_out, and an inf / NaN grad_out at pre <= 0 gives 0).
+// Both exact, in any dtype.
 //
-// Backward. grad_pre = grad_out * gelu'(pre) has to be materialised: both GEMMs take it as an operand and
+// Backward. grad_pre = grad_out * act'(pre) has to be materialised: both GEMMs take it as an operand and
 // cuBLASLt has no prologue fusion. CUBLASLT_EPILOGUE_DGELU_BGRAD does not fit linear_gelu_bwd: it applies
 // gelu' to the output of a matmul (the one producing the gradient w.r.t. the GELU output, i.e. the next
 // layer's dgrad GEMM), whereas here that gradient arrives as the input grad_out. It fits the FFN, whose
@@ -52,7 +62,8 @@
 // with DGELU_BGRAD (DGELU when the bias gradient is not wanted), pre as the epilogue's auxiliary input, so
 // grad_pre and grad_b1 come out of the GEMM and no elementwise pass is left -- for the calls the forward's
 // epilogue serves (approximate == "tanh", float16/bfloat16, hidden % 8 == 0, as cuBLASLt has only the tanh
-// GELU and requires the aux leading dimension to be a multiple of 8); other calls, or a GEMM cuBLASLt
+// GELU and requires the aux leading dimension to be a multiple of 8; its DRELU epilogues read a bit mask
+// that ffn_fwd does not keep); other calls, or a GEMM cuBLASLt
 // declines, take the unfused path below. Otherwise one elementwise kernel reads grad_out
 // and pre once, writes grad_pre and, when grad_bias is requested, reduces its columns in the same pass
 // (deterministically: float32 partials over fixed row splits, summed in split order by a second small
@@ -100,7 +111,9 @@ namespace {
 
 using cuda_utils::kWarpSize;
 
-enum class Gelu { kErf, kTanh };
+// The activation between the GEMM and the output, by the ops' `approximate` argument: "none" (erf GELU),
+// "tanh" (tanh GELU), "relu".
+enum class Activation { kGeluErf, kGeluTanh, kRelu };
 
 // Elementwise forward kernel: threads per block.
 constexpr int kEltThreads = 256;
@@ -177,9 +190,12 @@ __device__ __forceinline__ float normal_cdf(float x) {
   return fmaf(x, r, 0.5f);
 }
 
-template <Gelu kKind>
-__device__ __forceinline__ float gelu(float x) {
-  if constexpr (kKind == Gelu::kErf) {
+// The activation of x, in float32. ReLU as torch's: x < 0 ? 0 : x, so NaN and -0 pass unchanged.
+template <Activation kKind>
+__device__ __forceinline__ float activate(float x) {
+  if constexpr (kKind == Activation::kRelu) {
+    return x < 0.f ? 0.f : x;
+  } else if constexpr (kKind == Activation::kGeluErf) {
     return x * normal_cdf(x);
   } else {
     const float u = kTanhBeta * (x + kTanhKappa * x * x * x);
@@ -189,9 +205,10 @@ __device__ __forceinline__ float gelu(float x) {
   }
 }
 
-template <Gelu kKind>
+template <Activation kKind>
 __device__ __forceinline__ float gelu_grad(float x) {
-  if constexpr (kKind == Gelu::kErf) {
+  static_assert(kKind != Activation::kRelu, "ReLU's gradient is a selection: activation_grad");
+  if constexpr (kKind == Activation::kGeluErf) {
     return normal_cdf(x) + x * kInvSqrt2Pi * gaussian(x);
   } else {
     const float x2 = x * x;
@@ -207,11 +224,25 @@ __device__ __forceinline__ float gelu_grad(float x) {
   }
 }
 
-// out = gelu(pre) over n contiguous elements: VEC-wide grid-stride body, then the n % VEC tail element by
+// The gradient reaching the pre-activation x from dy, the gradient of the activation's output. ReLU's is
+// torch's threshold_backward(dy, relu(x), 0): 0 where relu(x) <= 0 (x <= 0, -0 included), dy elsewhere,
+// NaN x included (NaN <= 0 is false) -- a selection, not dy * relu'(x), so an infinite or NaN dy where
+// x <= 0 gives 0 as in torch.
+template <Activation kKind>
+__device__ __forceinline__ float activation_grad(float dy, float x) {
+  if constexpr (kKind == Activation::kRelu) {
+    return x <= 0.f ? 0.f : dy;
+  } else {
+    return dy * gelu_grad<kKind>(x);
+  }
+}
+
+// out = act(pre) over n contiguous elements: VEC-wide grid-stride body, then the n % VEC tail element by
 // element (the tail is shorter than VEC, hence than the grid). pre and out must be 16-byte aligned for
 // VEC > 1. out may be pre (in place: each thread reads its elements before it writes them), so neither
-// pointer is __restrict__.
-template <typename T, int VEC, Gelu kKind>
+// pointer is __restrict__. (This kernel and gelu_bwd_kernel serve every Activation; their names are
+// kept, as tests/test_ffn.py counts gelu_bwd_kernel launches in a profile.)
+template <typename T, int VEC, Activation kKind>
 __global__ void __launch_bounds__(kEltThreads) gelu_fwd_kernel(const T* pre, T* out, int64_t n) {
   const int64_t n_vec = n / VEC;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -220,16 +251,16 @@ __global__ void __launch_bounds__(kEltThreads) gelu_fwd_kernel(const T* pre, T* 
     float x[VEC], y[VEC];
     cuda_utils::load_as_float<VEC>(pre + v * VEC, x);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) y[j] = gelu<kKind>(x[j]);
+    for (int j = 0; j < VEC; ++j) y[j] = activate<kKind>(x[j]);
     cuda_utils::store_from_float<VEC>(out + v * VEC, y);
   }
   if constexpr (VEC > 1) {
     const int64_t t = n_vec * VEC + first;
-    if (t < n) out[t] = static_cast<T>(gelu<kKind>(static_cast<float>(pre[t])));
+    if (t < n) out[t] = static_cast<T>(activate<kKind>(static_cast<float>(pre[t])));
   }
 }
 
-// grad_pre = grad_out * gelu'(pre) over [rows, cols] (not stored when grad_pre is null).
+// grad_pre = activation_grad(grad_out, pre) over [rows, cols] (not stored when grad_pre is null).
 // grid = (ceil(cols / (32 * VEC)) column tiles, splits), block = (32, kBiasRowStripes): thread (tx, ty) owns
 // columns [c, c + VEC) and the rows row_begin + ty, + kBiasRowStripes, ... of its split. With `partial`
 // (grad_bias wanted) the column sums over the split's rows, of the float32 values before their rounding
@@ -237,7 +268,7 @@ __global__ void __launch_bounds__(kEltThreads) gelu_fwd_kernel(const T* pre, T* 
 // cols % VEC == 0 and 16-byte aligned pointers. grad_pre may be grad_out (linear_gelu_bwd_scratch: each
 // thread reads its elements before it writes them, and no element is read twice), so neither pointer is
 // __restrict__.
-template <typename T, int VEC, Gelu kKind>
+template <typename T, int VEC, Activation kKind>
 __global__ void __launch_bounds__(kWarpSize * kBiasRowStripes)
     gelu_bwd_kernel(const T* grad_out, const T* __restrict__ pre, T* grad_pre,
                     float* __restrict__ partial, int64_t rows, int64_t cols, int64_t rows_per_split) {
@@ -257,7 +288,7 @@ __global__ void __launch_bounds__(kWarpSize * kBiasRowStripes)
       cuda_utils::load_as_float<VEC>(pre + i, x);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        g[j] = dy[j] * gelu_grad<kKind>(x[j]);
+        g[j] = activation_grad<kKind>(dy[j], x[j]);
         acc[j] += g[j];
       }
       if (grad_pre != nullptr) cuda_utils::store_from_float<VEC>(grad_pre + i, g);
@@ -313,7 +344,7 @@ __global__ void __launch_bounds__(kEltThreads)
   }
 }
 
-template <typename T, Gelu kKind>
+template <typename T, Activation kKind>
 void launch_gelu_fwd(const T* pre, T* out, int64_t n, cudaStream_t stream) {
   constexpr int kVec = cuda_utils::vec16_width<T>();
   if (cuda_utils::is_aligned(pre, 16) && cuda_utils::is_aligned(out, 16)) {
@@ -328,7 +359,7 @@ void launch_gelu_fwd(const T* pre, T* out, int64_t n, cudaStream_t stream) {
 // The row splits of the bias gradient are a function of the shape alone (the column tiles of the widest
 // vector width, whichever width runs), so its bits do not depend on the operands' alignment: each
 // column's sum runs over the same rows in the same order for any VEC.
-template <typename T, int VEC, Gelu kKind>
+template <typename T, int VEC, Activation kKind>
 void launch_gelu_bwd_vec(const T* grad_out, const T* pre, T* grad_pre, T* grad_bias, int64_t rows, int64_t cols,
                          const at::TensorOptions& float_options, cudaStream_t stream) {
   const int64_t col_tiles = ceil_div(cols, static_cast<int64_t>(kWarpSize) * VEC);
@@ -355,7 +386,7 @@ void launch_gelu_bwd_vec(const T* grad_out, const T* pre, T* grad_pre, T* grad_b
 }
 
 // rows > 0, cols > 0. grad_pre / grad_bias null: not wanted (not both).
-template <typename T, Gelu kKind>
+template <typename T, Activation kKind>
 void launch_gelu_bwd(const T* grad_out, const T* pre, T* grad_pre, T* grad_bias, int64_t rows, int64_t cols,
                      const at::TensorOptions& float_options, cudaStream_t stream) {
   constexpr int kVec = cuda_utils::vec16_width<T>();
@@ -550,10 +581,12 @@ void lt_gemm_or(const LtGemm& g, const char* what, Fallback&& fallback) {
 // Host entry points
 // ---------------------------------------------------------------------------------------------
 
-Gelu parse_approximate(std::string_view approximate) {
-  if (approximate == "none") return Gelu::kErf;
-  TORCH_CHECK(approximate == "tanh", "approximate must be \"none\" or \"tanh\", got \"", approximate, "\"");
-  return Gelu::kTanh;
+Activation parse_approximate(std::string_view approximate) {
+  if (approximate == "none") return Activation::kGeluErf;
+  if (approximate == "tanh") return Activation::kGeluTanh;
+  TORCH_CHECK(approximate == "relu", "approximate must be \"none\", \"tanh\" or \"relu\", got \"", approximate,
+              "\"");
+  return Activation::kRelu;
 }
 
 // weight [out_features, in_features], contiguous, with the input's dtype and device; returns out_features.
@@ -561,7 +594,7 @@ int64_t check_weight(const at::Tensor& weight, const at::Tensor& input, int64_t 
   return check_linear_weight(weight, "weight", input, in_features, "in_features of the input", /*contiguous=*/true);
 }
 
-template <Gelu kKind>
+template <Activation kKind>
 void gelu_fwd_dispatch(const at::Tensor& pre, at::Tensor& out, cudaStream_t stream) {
   AT_DISPATCH_V2(pre.scalar_type(), "linear_gelu_fwd_cuda", AT_WRAP([&] {
     launch_gelu_fwd<scalar_t, kKind>(pre.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), pre.numel(),
@@ -570,8 +603,8 @@ void gelu_fwd_dispatch(const at::Tensor& pre, at::Tensor& out, cudaStream_t stre
 }
 
 // The forward, with the pre-activation (keep_pre: what the backward reads) or without it (inference:
-// the second tensor is undefined). Without it the GEMM writes the output buffer and the GELU is applied
-// there in place, so the call makes one [rows, out_features] tensor instead of two -- except where
+// the second tensor is undefined). Without it the GEMM writes the output buffer and the activation is
+// applied there in place, so the call makes one [rows, out_features] tensor instead of two -- except where
 // cuBLASLt's GELU epilogue serves the call, whose auxiliary pre-activation is then a temporary (so
 // that the output has the same bits either way).
 std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_impl(const at::Tensor& input, const at::Tensor& weight,
@@ -583,14 +616,14 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_impl(const at::Tensor& input,
   const int64_t in_features = dims.second;
   const int64_t out_features = check_weight(weight, input, in_features);
   check_affine_param(bias, "bias", input, out_features);
-  const Gelu kind = parse_approximate(std::string_view(approximate.data(), approximate.size()));
+  const Activation kind = parse_approximate(std::string_view(approximate.data(), approximate.size()));
   const bool has_bias = bias.has_value() && bias->defined();
 
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor out = at::empty({rows, out_features}, input.options());
   const auto kept = [&](const at::Tensor& pre) { return keep_pre ? pre : at::Tensor(); };
   if (rows == 0 || out_features == 0) return {out, kept(at::empty({rows, out_features}, input.options()))};
-  // The GEMM's result: a tensor of its own when it is kept, else the output buffer, GELU'd in place.
+  // The GEMM's result: a tensor of its own when it is kept, else the output buffer, activated in place.
   at::Tensor pre = keep_pre ? at::empty({rows, out_features}, input.options()) : out;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
@@ -619,7 +652,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_impl(const at::Tensor& input,
     if (has_bias) bias_buf = cuda_utils::is_aligned(bias->const_data_ptr(), 16) ? *bias : bias->clone();
     g.bias = has_bias ? bias_buf.const_data_ptr() : nullptr;
 
-    if (kind == Gelu::kTanh && input.scalar_type() != at::kFloat && out_features % kAuxLdMultiple == 0) {
+    if (kind == Activation::kGeluTanh && input.scalar_type() != at::kFloat && out_features % kAuxLdMultiple == 0) {
       const at::Tensor aux = keep_pre ? pre : at::empty({rows, out_features}, input.options());
       if (cuda_utils::is_aligned(aux.const_data_ptr(), 16)) {
         LtGemm fused = g;
@@ -645,10 +678,10 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_impl(const at::Tensor& input,
     });
   }
 
-  if (kind == Gelu::kErf) {
-    gelu_fwd_dispatch<Gelu::kErf>(pre, out, stream);
-  } else {
-    gelu_fwd_dispatch<Gelu::kTanh>(pre, out, stream);
+  switch (kind) {
+    case Activation::kGeluErf: gelu_fwd_dispatch<Activation::kGeluErf>(pre, out, stream); break;
+    case Activation::kGeluTanh: gelu_fwd_dispatch<Activation::kGeluTanh>(pre, out, stream); break;
+    case Activation::kRelu: gelu_fwd_dispatch<Activation::kRelu>(pre, out, stream); break;
   }
   return {out, kept(pre)};
 }
@@ -722,7 +755,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_impl(const at::Te
   TORCH_CHECK(grad_out.device() == input.device(), "grad_out must be on ", input.device(), ", got ",
               grad_out.device());
   check_same_as(pre_activation, "pre_activation", grad_out, "grad_out");
-  const Gelu kind = parse_approximate(std::string_view(approximate.data(), approximate.size()));
+  const Activation kind = parse_approximate(std::string_view(approximate.data(), approximate.size()));
 
   const c10::cuda::CUDAGuard guard(input.device());
   const auto opts = input.options();
@@ -761,10 +794,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_impl(const at::Te
     scalar_t* dpre = need_gemm ? grad_pre.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* db = output_mask[2] ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
     const auto float_options = opts.dtype(at::kFloat);
-    if (kind == Gelu::kErf) {
-      launch_gelu_bwd<scalar_t, Gelu::kErf>(dy, pre, dpre, db, rows, out_features, float_options, stream);
-    } else {
-      launch_gelu_bwd<scalar_t, Gelu::kTanh>(dy, pre, dpre, db, rows, out_features, float_options, stream);
+    switch (kind) {
+      case Activation::kGeluErf:
+        launch_gelu_bwd<scalar_t, Activation::kGeluErf>(dy, pre, dpre, db, rows, out_features, float_options, stream);
+        break;
+      case Activation::kGeluTanh:
+        launch_gelu_bwd<scalar_t, Activation::kGeluTanh>(dy, pre, dpre, db, rows, out_features, float_options, stream);
+        break;
+      case Activation::kRelu:
+        launch_gelu_bwd<scalar_t, Activation::kRelu>(dy, pre, dpre, db, rows, out_features, float_options, stream);
+        break;
     }
   }), at::kFloat, at::kHalf, at::kBFloat16);
 

@@ -2,10 +2,11 @@
 
 The layers subclass their ``torch.nn`` counterparts, so constructors, parameter names and
 ``state_dict`` are the same; their attention runs in :class:`FusedMultiheadAttention` and every
-"dropout + residual add + LayerNorm" in one :func:`fused_attn.add_layer_norm` pass. A GELU
-feed-forward uses :func:`fused_attn.linear_gelu` (and :func:`fused_attn.ffn`, which keeps only the
-pre-activation for the backward, when its inner dropout is inactive); another activation runs
-as plain ``linear -> activation -> linear``.
+"dropout + residual add + LayerNorm" in one :func:`fused_attn.add_layer_norm` pass. A GELU or
+ReLU feed-forward (torch's layers default to ReLU) runs :func:`fused_attn.ffn`, which keeps only
+the pre-activation for the backward, when its inner dropout is inactive, else the first linear and
+its activation fused (:func:`fused_attn.linear_gelu`'s kernels), the dropout and the second linear;
+another activation runs as plain ``linear -> activation -> linear``.
 
 The fused path reads the weights of the layer's linear, norm and dropout submodules instead of
 calling them, so hooks registered on those submodules would not run. A layer whose bypassed
@@ -29,7 +30,8 @@ from torch.nn.modules import module as _module
 from torch.nn.utils import parametrize
 
 from ..backends import warn_once
-from ..ops import add_layer_norm, ffn, linear_gelu
+from ..ops import add_layer_norm, ffn
+from ..ops.ffn import linear_activation
 from ._fused import Fused, FusedLayer
 from .attention import FusedMultiheadAttention
 from .layer_norm import FusedLayerNorm
@@ -175,16 +177,29 @@ def _gelu_approximation(activation: object) -> str | None:
     return None
 
 
+def activation_code(activation: object) -> str | None:
+    """The kernels' code of ``activation`` (fused_attn.reference.ffn.ACTIVATION_CODES): a GELU's
+    approximation, "relu" for F.relu, torch.relu or an nn.ReLU (exactly the class), else None."""
+    approximate = _gelu_approximation(activation)
+    if approximate is not None:
+        return approximate
+    if activation is F.relu or activation is torch.relu or type(activation) is nn.ReLU:
+        return "relu"
+    return None
+
+
 def feed_forward(
     x: torch.Tensor, linear1: nn.Linear, dropout: nn.Dropout, linear2: nn.Linear, activation, backend: str | None
 ) -> torch.Tensor:
-    """``linear2(dropout(activation(linear1(x))))`` — fused where the activation is a GELU."""
-    approximate = _gelu_approximation(activation)
-    if approximate is None:
+    """``linear2(dropout(activation(linear1(x))))`` — fused where the activation is a GELU or ReLU."""
+    code = activation_code(activation)
+    if code is None:
         return linear2(dropout(activation(linear1(x))))
     if not (dropout.training and dropout.p > 0.0):
-        return ffn(x, linear1.weight, linear1.bias, linear2.weight, linear2.bias, approximate, backend=backend)
-    return linear2(dropout(linear_gelu(x, linear1.weight, linear1.bias, approximate, backend=backend)))
+        relu = code == "relu"
+        return ffn(x, linear1.weight, linear1.bias, linear2.weight, linear2.bias, "none" if relu else code,
+                   activation="relu" if relu else "gelu", backend=backend)
+    return linear2(dropout(linear_activation(x, linear1.weight, linear1.bias, code, backend=backend)))
 
 
 def _add_norm(
@@ -203,7 +218,7 @@ class FusedFFN(Fused, nn.Module):
     """Position-wise feed-forward block ``linear2(dropout(activation(linear1(x))))``.
 
     Parameters ``linear1`` and ``linear2`` as in :class:`torch.nn.TransformerEncoderLayer`.
-    ``activation`` is "gelu" (default), "gelu_tanh", "relu" or a callable; GELUs run fused.
+    ``activation`` is "gelu" (default), "gelu_tanh", "relu" or a callable; GELUs and ReLU run fused.
     """
 
     def __init__(

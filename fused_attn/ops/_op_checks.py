@@ -132,8 +132,10 @@ def dropout_p(p: float) -> None:
 
 
 def approximate(value: str, allowed: tuple[str, ...]) -> None:
+    """The kernels' activation code (the ops' ``approximate`` argument: reference.ACTIVATION_CODES)."""
     if value not in allowed:
-        fail("approximate must be ", " or ".join(f'"{a}"' for a in allowed), ', got "', value, '"')
+        quoted = [f'"{a}"' for a in allowed]
+        fail("approximate must be ", ", ".join(quoted[:-1]), " or ", quoted[-1], ', got "', value, '"')
 
 
 def mask_dtype(mask: torch.Tensor, name: str) -> None:

@@ -31,6 +31,7 @@ import torch
 from .. import reference
 from ..backends import warn_once
 from ..reference._dropout import apply_dropout
+from ..reference.ffn import ACTIVATION_CODES
 from ..reference._philox import keep_mask
 
 Tensors = Sequence[torch.Tensor | None]
@@ -162,24 +163,27 @@ def add_layer_norm(tensors: Tensors, scalars: Sequence[float], needs: Sequence[b
 
 @_noted("linear_gelu")
 def linear_gelu(tensors: Tensors, scalars: Sequence[float], needs: Sequence[bool]) -> Grads:
-    """gelu(input @ weight.T + bias): tensors (grad_out, input, weight, bias), scalars (tanh,), 1 for
-    the tanh approximation; gradients of input, weight, bias."""
+    """act(input @ weight.T + bias): tensors (grad_out, input, weight, bias), scalars (activation,),
+    the activation code's index in ACTIVATION_CODES (0 erf GELU, 1 tanh GELU, 2 ReLU); gradients
+    of input, weight, bias."""
     grad_out, input, weight, bias = tensors
     with _recomputing(input.device):
-        out = reference.linear_gelu(input, weight, bias, "tanh" if scalars[0] else "none")
+        out = reference.linear_activation(input, weight, bias, ACTIVATION_CODES[int(scalars[0])])
         return _grads(out, grad_out, (input, weight, bias), needs)
 
 
 @_noted("ffn")
 def ffn(tensors: Tensors, scalars: Sequence[float], needs: Sequence[bool]) -> Grads:
-    """dropout(linear(gelu(linear(input, w1, b1)), w2, b2)): tensors (grad_out, input, w1, b1, w2,
-    seed), scalars (tanh, dropout_p); gradients of input, w1, b1, w2, b2 (b2's depends on no
-    tensor but grad_out, so it is not saved)."""
+    """dropout(linear(act(linear(input, w1, b1)), w2, b2)): tensors (grad_out, input, w1, b1, w2,
+    seed), scalars (activation, dropout_p), the activation as in linear_gelu; gradients of input,
+    w1, b1, w2, b2 (b2's depends on no tensor but grad_out, so it is not saved)."""
     grad_out, input, w1, b1, w2, seed = tensors
-    tanh, dropout_p = scalars
+    activation, dropout_p = scalars
     keep = _keep(seed, tuple(grad_out.shape), dropout_p, grad_out.device)
     with _recomputing(input.device):
-        out = reference.ffn(input, w1, b1, w2, None, "tanh" if tanh else "none", dropout_p, dropout_mask=keep)
+        code = ACTIVATION_CODES[int(activation)]
+        hidden = reference.linear_activation(input, w1, b1, code)
+        out = apply_dropout(torch.nn.functional.linear(hidden, w2), dropout_p, keep)
         grads = _grads(out, grad_out, (input, w1, b1, w2), needs[:4])
         return [*grads, _rows_sum(apply_dropout(grad_out, dropout_p, keep)) if needs[4] else None]
 

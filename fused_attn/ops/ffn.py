@@ -1,5 +1,8 @@
 """``fused_attn.linear_gelu`` and ``fused_attn.ffn``: the Transformer's position-wise feed-forward
-block with the bias, GELU and dropout fused into the GEMMs.
+block with the bias, GELU and dropout fused into the GEMMs. ``ffn(..., activation="relu")`` (torch's
+Transformer layers' default) runs ReLU in the same kernels: the kernels take an activation code,
+``ACTIVATIONS``, and ReLU's gradient is torch's threshold_backward (0 where the pre-activation is
+<= 0). What follows says GELU for either.
 
 ``ffn`` keeps only the pre-activation ``x @ w1^T + b1`` for its backward (besides its inputs):
 the activation ``gelu(pre)`` is recomputed inside the weight-gradient GEMM that needs it, which
@@ -32,6 +35,7 @@ import math
 import torch
 
 from .. import _extension, reference
+from ..reference.ffn import ACTIVATION_CODES, activation_code
 from ..backends import MAX_EXTENT, Inputs, Support, fast_entry, fast_path_open, register_op, select
 from ._autocast import LOWER_PRECISION, autocast_inputs
 from ._random import draw_seed, kernel_seed
@@ -42,7 +46,9 @@ from ._validate import (
     needs_grad, rows, unrows,
 )
 
-APPROXIMATIONS = ("none", "tanh")
+# The kernels' activation codes, their ``approximate`` argument: the GELU ("none": erf, "tanh") or
+# ReLU ("relu"; public ffn's activation="relu"). The saved pre-activation means the same for each.
+ACTIVATIONS = ACTIVATION_CODES
 # gemm_dim: the largest dim of the op's GEMMs (rows, in/hidden/out features). The Triton GEMM's tile
 # counts and K loop are 32-bit, and cuBLAS takes int dims.
 GEMM_LIMITS = {"gemm_dim": (None, MAX_EXTENT)}
@@ -97,7 +103,7 @@ def _triton_linear_gelu_bwd(
     rows, out_features = checks.linear_input(input, weight, None)
     checks.linear_grad_out(grad_out, input, rows, out_features, "weight")
     checks.same_as(pre_activation, "pre_activation", grad_out, "grad_out")
-    checks.approximate(approximate, APPROXIMATIONS)
+    checks.approximate(approximate, ACTIVATIONS)
     checks.output_mask(output_mask, 3)
     return kernels.linear_gelu_bwd(grad_out, input, weight, pre_activation, approximate, output_mask)
 
@@ -115,7 +121,7 @@ def _triton_linear_gelu_inference(
 
 def _check_linear_gelu(input, weight, bias, approximate):
     checks.linear_input(input, weight, bias)
-    checks.approximate(approximate, APPROXIMATIONS)
+    checks.approximate(approximate, ACTIVATIONS)
 
 
 def _fake_linear_gelu_fwd(input, weight, bias, approximate):
@@ -156,7 +162,7 @@ def _linear_gelu_backward_for(bwd_op):
 def _linear_gelu_second_order(ctx, grad_out, _grad_pre):
     input, weight, _, bias = ctx.saved_tensors
     grads = _second_order_grads.linear_gelu(
-        (grad_out, input, weight, bias), (ctx.approximate == "tanh",), ctx.needs_input_grad[:3]
+        (grad_out, input, weight, bias), (ACTIVATIONS.index(ctx.approximate),), ctx.needs_input_grad[:3]
     )
     return (*grads, None)
 
@@ -212,7 +218,7 @@ def _triton_ffn_fwd(
     from ..kernels.triton import ffn as kernels
 
     checks.ffn_weights(input, w1, b1, w2, b2)
-    checks.approximate(approximate, APPROXIMATIONS)
+    checks.approximate(approximate, ACTIVATIONS)
     checks.dropout_p(dropout_p)
     seed = kernel_seed(seed, dropout_p, input, _TRITON_FFN)  # checked before the GEMMs; the dropout comes last
     hidden, pre = kernels.linear_gelu_fwd(input, w1, b1, approximate)
@@ -232,7 +238,7 @@ def _triton_ffn_inference(
     from ..kernels.triton import ffn as kernels
 
     checks.ffn_weights(input, w1, b1, w2, b2)
-    checks.approximate(approximate, APPROXIMATIONS)
+    checks.approximate(approximate, ACTIVATIONS)
     hidden = kernels.linear_gelu_inference(input, w1, b1, approximate)
     out = input.new_empty(input.shape[0], w2.shape[0])
     return kernels.gemm(hidden, w2.t(), out, epilogue=kernels.EPILOGUE_BIAS, bias=b2)
@@ -265,7 +271,7 @@ def _triton_ffn_bwd(
     out_features = checks.linear_weight(w2, "w2", input, hidden, "hidden features of w1")
     checks.linear_grad_out(grad_out, input, rows, out_features, "w2")
     checks.pre_activation(pre_activation, input, rows, hidden)
-    checks.approximate(approximate, APPROXIMATIONS)
+    checks.approximate(approximate, ACTIVATIONS)
     checks.dropout_p(dropout_p)
     checks.output_mask(output_mask, 5)
     drop = dict(
@@ -276,7 +282,7 @@ def _triton_ffn_bwd(
     # A gradient not asked for is an empty tensor of its own: outputs of a custom op may not alias.
     dw2, db2 = input.new_empty(0), input.new_empty(0)
     if need_dw2 or need_db2:
-        # dW2 [out, hidden] = dY'^T @ gelu(pre): dropout regenerated on A, GELU recomputed on B.
+        # dW2 [out, hidden] = dY'^T @ act(pre): dropout regenerated on A, the activation recomputed on B.
         sums = torch.empty(out_features, device=input.device, dtype=torch.float32) if need_db2 else None
         dw2_buf = torch.empty_like(w2)
         kernels.gemm(grad_out.t(), pre_activation, dw2_buf, b_prologue=kernels.PROLOGUE_GELU, row_sums=sums,
@@ -285,7 +291,7 @@ def _triton_ffn_bwd(
         db2 = sums.to(input.dtype) if need_db2 else db2
     dx, dw1, db1 = input.new_empty(0), input.new_empty(0), input.new_empty(0)
     if need_dx or need_dw1 or need_db1:
-        # dPre = (dY' @ W2) * gelu'(pre), gelu' in the epilogue: once per element, and rounded once.
+        # dPre = (dY' @ W2) * act'(pre), act' in the epilogue: once per element, and rounded once.
         grad_pre = kernels.gemm(grad_out, w2, pre_activation.new_empty(pre_activation.shape),
                                 epilogue=kernels.EPILOGUE_DGELU, aux=pre_activation, approximate=approximate,
                                 rng_strides=(out_features, 1), **drop)
@@ -322,7 +328,8 @@ def _ffn_backward_for(bwd_op):
 def _ffn_second_order(ctx, grad_out, _grad_pre):
     input, w1, w2, _, seed, b1 = ctx.saved_tensors
     grads = _second_order_grads.ffn(
-        (grad_out, input, w1, b1, w2, seed), (ctx.approximate == "tanh", ctx.dropout_p), ctx.needs_input_grad[:5]
+        (grad_out, input, w1, b1, w2, seed), (ACTIVATIONS.index(ctx.approximate), ctx.dropout_p),
+        ctx.needs_input_grad[:5]
     )
     return (*grads, None, None, None)
 
@@ -392,9 +399,13 @@ def _check_linear(input: torch.Tensor, weight: object, bias: object, names: tupl
 
 
 def _check_approximate(approximate: object) -> str:
-    if approximate not in APPROXIMATIONS:
+    if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
     return approximate
+
+
+# (activation, approximate) -> the kernels' code, for the plain call's C++ entry (which takes a code).
+_CODES = {("gelu", "none"): "none", ("gelu", "tanh"): "tanh", ("relu", "none"): "relu"}
 
 
 def linear_gelu(
@@ -422,19 +433,32 @@ def linear_gelu(
     cannot serve the call. Under ``torch.autocast`` input, weight and bias are cast to the
     autocast dtype, as ``F.linear``'s.
     """
+    if approximate == "relu":  # a code of the kernels, not a GELU
+        _check_approximate(approximate)
+    return linear_activation(input, weight, bias, approximate, backend=backend)
+
+
+def linear_activation(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, code: str, *, backend: str | None = None
+) -> torch.Tensor:
+    """``act(input @ weight^T + bias)``, ``act`` given by the kernels' activation code (ACTIVATIONS:
+    "none" and "tanh" the GELUs of :func:`linear_gelu`, "relu" ReLU), fused as linear_gelu is (the
+    op ``linear_gelu`` of the backend policy and of ``last_backend``). For the fused layers, whose
+    feed-forward with an active inner dropout runs the first linear and its activation fused."""
     if backend is None and _FAST_LINEAR_GELU is not None and fast_path_open():
-        out = _FAST_LINEAR_GELU(input, weight, bias, approximate)
+        out = _FAST_LINEAR_GELU(input, weight, bias, code)
         if out is not None:
             return out
     input, weight, bias = autocast_inputs(LOWER_PRECISION, input, input, weight, bias)
     input = check_tensor(input, "input", min_dim=1)
     weight, bias = _check_linear(input, weight, bias, ("weight", "bias"), input.shape[-1])
-    approximate = _check_approximate(approximate)
+    if code not in ACTIVATIONS:
+        _check_approximate(code)
     features = {**transform_features(input, weight, bias), "gemm_dim": _gemm_dim(input, weight)}
     chosen = select("linear_gelu", Inputs(input.device, input.dtype, features), backend, operands=(input, weight))
     if chosen == "reference":
-        return reference.linear_gelu(input, weight, bias, approximate)
-    args = (rows(input, input.shape[-1]), weight.contiguous(), bias, approximate)
+        return reference.linear_activation(input, weight, bias, code)
+    args = (rows(input, input.shape[-1]), weight.contiguous(), bias, code)
     if needs_grad(input, weight, bias):
         out, _ = _LINEAR_GELU_OPS[chosen](*args)
     else:
@@ -451,9 +475,14 @@ def ffn(
     approximate: str = "none",
     dropout_p: float = 0.0,
     *,
+    activation: str = "gelu",
     backend: str | None = None,
 ) -> torch.Tensor:
-    """The position-wise feed-forward block ``dropout(linear(gelu(linear(input, w1, b1)), w2, b2))``.
+    """The position-wise feed-forward block ``dropout(linear(act(linear(input, w1, b1)), w2, b2))``.
+
+    ``act`` is the GELU (``approximate`` "none": erf, or "tanh"), or ReLU with
+    ``activation="relu"`` (``approximate`` then "none"; torch's ``TransformerEncoderLayer``
+    default), fused the same way on every backend.
 
     ``input`` [..., model], ``w1`` [hidden, model] and ``w2`` [model_out, hidden] of the input's
     dtype, biases optional (cast to the input's dtype); returns [..., model_out] in the input's
@@ -472,25 +501,28 @@ def ffn(
     ``F.linear``'s.
     """
     if backend is None and _FAST_FFN is not None and fast_path_open():
-        out = _FAST_FFN(input, w1, b1, w2, b2, approximate, dropout_p)
-        if out is not None:
-            return out
+        # An unknown pair (or one of other types) is checked, and named, below.
+        code = _CODES.get((activation, approximate)) if type(activation) is str and type(approximate) is str else None
+        if code is not None:
+            out = _FAST_FFN(input, w1, b1, w2, b2, code, dropout_p)
+            if out is not None:
+                return out
     input, w1, b1, w2, b2 = autocast_inputs(LOWER_PRECISION, input, input, w1, b1, w2, b2)
     input = check_tensor(input, "input", min_dim=1)
     w1, b1 = _check_linear(input, w1, b1, ("w1", "b1"), input.shape[-1])
     w2, b2 = _check_linear(input, w2, b2, ("w2", "b2"), w1.shape[0])
-    approximate = _check_approximate(approximate)
+    code = activation_code(activation, approximate)
     dropout_p = check_dropout_p(dropout_p)
     features = {**transform_features(input, w1, b1, w2, b2), "gemm_dim": _gemm_dim(input, w1, w2)}
     chosen = select("ffn", Inputs(input.device, input.dtype, features), backend,
                     operands=(input, w1, w2), dropout_p=dropout_p)
     if chosen == "reference":
-        return reference.ffn(input, w1, b1, w2, b2, approximate, dropout_p)
+        return reference.ffn(input, w1, b1, w2, b2, approximate, dropout_p, activation=activation)
     flat, w1, w2 = rows(input, input.shape[-1]), w1.contiguous(), w2.contiguous()
     if dropout_p == 0.0 and not needs_grad(input, w1, b1, w2, b2):
-        out = _FFN_INFERENCE[chosen](flat, w1, b1, w2, b2, approximate)
+        out = _FFN_INFERENCE[chosen](flat, w1, b1, w2, b2, code)
     else:
-        out, _ = _FFN_OPS[chosen](flat, w1, b1, w2, b2, approximate, dropout_p, draw_seed(dropout_p, flat))
+        out, _ = _FFN_OPS[chosen](flat, w1, b1, w2, b2, code, dropout_p, draw_seed(dropout_p, flat))
     return unrows(out, input.shape)
 
 

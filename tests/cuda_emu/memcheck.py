@@ -71,7 +71,7 @@ def main() -> None:
                 cases += 1
     for rows, inp, outf in [(1, 8, 16), (9, 1, 24), (37, 50, 77), (40, 96, 128)]:
         for dtype in (torch.float32, torch.float16):
-            for approximate in ("none", "tanh"):
+            for approximate in ("none", "tanh", "relu"):
                 x, w, b = tensor(rows, inp, dtype=dtype), tensor(outf, inp, dtype=dtype, seed=1), \
                     tensor(outf, dtype=dtype, seed=2)
                 out, pre = ops.linear_gelu_fwd(x, w, b, approximate)

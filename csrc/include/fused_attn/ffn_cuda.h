@@ -16,8 +16,9 @@ namespace fused_attn {
 // grad_next @ w_next, is formed by a cuBLASLt GEMM whose DGELU(_BGRAD) epilogue applies gelu'(pre) and
 // reduces the bias gradient (csrc/cuda/ffn.cu). Returns (grad_input, grad_weight, grad_bias) as
 // linear_gelu_bwd per output_mask, or nullopt when the epilogue does not serve the call (then nothing ran):
-// another GELU or dtype, a hidden size that is not a multiple of 8, or operands that are not contiguous
-// CUDA tensors of one dtype with matching 2-D shapes, which the caller's other path checks and names.
+// an activation other than the tanh GELU (approximate "none" or "relu"), another dtype, a hidden size that
+// is not a multiple of 8, or operands that are not contiguous CUDA tensors of one dtype with matching 2-D
+// shapes, which the caller's other path checks and names.
 std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> linear_gelu_bwd_from_next_cuda(
     const at::Tensor& grad_next, const at::Tensor& w_next, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& pre_activation, c10::string_view approximate, std::array<bool, 3> output_mask);

@@ -1,14 +1,16 @@
 """GEMMs with the FFN's elementwise work fused into their prologues and epilogues, in Triton.
 
-One tiled GEMM kernel ``C = A' @ B'`` serves the whole feed-forward block, forward and backward:
+One tiled GEMM kernel ``C = A' @ B'`` serves the whole feed-forward block, forward and backward. The
+activation ``act``, GELU or ReLU, is chosen by the ``approximate`` code ("none": erf GELU, "tanh":
+tanh GELU, "relu"; a constexpr, each compiled on its own), and is what the GELU stages compute:
 
 * epilogue ``bias``, ``bias + GELU`` (the pre-activation is stored alongside, for the backward,
-  unless the call needs no gradient), ``bias + dropout`` or ``dGELU`` (``C = (A' @ B') * gelu'(P)``:
+  unless the call needs no gradient), ``bias + dropout`` or ``dGELU`` (``C = (A' @ B') * act'(P)``:
   the FFN's backward forms the gradient of its pre-activation in the GEMM that makes the hidden
-  gradient, so gelu' is evaluated once per element, not in every tile of the two GEMMs after it);
-* A prologue ``dGELU`` (``A' = A * gelu'(P)``, P the saved pre-activation, read tile by tile) or
+  gradient, so act' is evaluated once per element, not in every tile of the two GEMMs after it);
+* A prologue ``dGELU`` (``A' = A * act'(P)``, P the saved pre-activation, read tile by tile) or
   ``dropout`` (``A' = A * keep / (1 - p)``, the keep-mask regenerated from the seed);
-* B prologue ``GELU`` (``B' = gelu(B)``: the backward recomputes the activation from the
+* B prologue ``GELU`` (``B' = act(B)``: the backward recomputes the activation from the
   pre-activation instead of storing it);
 * optional row sums of ``A'`` (a bias gradient) accumulated over the K loop, so the bias
   gradient costs no extra pass over memory.
@@ -42,6 +44,9 @@ SQRT_2_OVER_PI = 0.7978845608028654
 
 PROLOGUE_NONE, PROLOGUE_DGELU, PROLOGUE_DROPOUT, PROLOGUE_GELU = 0, 1, 2, 3
 EPILOGUE_NONE, EPILOGUE_BIAS, EPILOGUE_BIAS_GELU, EPILOGUE_BIAS_DROPOUT, EPILOGUE_DGELU = 0, 1, 2, 3, 4
+# The activation of the GELU prologues and epilogues (the kernel's ACTIVATION) by ``approximate`` code.
+ACTIVATION_GELU, ACTIVATION_GELU_TANH, ACTIVATION_RELU = 0, 1, 2
+ACTIVATIONS = {"none": ACTIVATION_GELU, "tanh": ACTIVATION_GELU_TANH, "relu": ACTIVATION_RELU}
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): tile shapes from the Triton matmul tutorial's
@@ -145,6 +150,25 @@ def _gelu_grad(x, APPROX_TANH: tl.constexpr):
     return cdf + x * (density * 0.3989422804014327)
 
 
+@triton.jit
+def _activation(x, ACTIVATION: tl.constexpr):
+    # act(x) of float32 x (ACTIVATIONS). ReLU as torch's: x unless x < 0, so NaN stays NaN (where
+    # tl.maximum could drop it).
+    if ACTIVATION == 2:
+        return tl.where(x < 0.0, 0.0, x)
+    return _gelu(x, ACTIVATION == 1)
+
+
+@triton.jit
+def _activation_grad(g, x, ACTIVATION: tl.constexpr):
+    # The gradient g of act(x) taken back through it, float32, as torch's backward forms it: the
+    # GELU's g * gelu'(x); ReLU's threshold_backward, 0 where x <= 0 (x = 0 included) and g elsewhere
+    # (NaN x included), a select, so that an infinite or NaN g where x <= 0 gives 0, not NaN.
+    if ACTIVATION == 2:
+        return tl.where(x <= 0.0, 0.0, g)
+    return g * _gelu_grad(x, ACTIVATION == 1)
+
+
 # The K tiles of every config, the GPU's and the interpreter's.
 _BLOCK_KS = sorted({c.kwargs["BLOCK_K"] for interpret in (False, True) for c in _configs(interpret)})
 
@@ -164,7 +188,7 @@ def _gemm_kernel(
     M, N, K, M_BUCKET, K_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     rng_stride_m, rng_stride_k, seed_ptr, dropout_p, keep_prob,
-    A_PROLOGUE: tl.constexpr, B_PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, APPROX_TANH: tl.constexpr,
+    A_PROLOGUE: tl.constexpr, B_PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, ACTIVATION: tl.constexpr,
     ROW_SUMS: tl.constexpr, FP32_DOT: tl.constexpr, STORE_PRE: tl.constexpr, K_BOUNDS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -202,7 +226,7 @@ def _gemm_kernel(
         a = tl.load(a_ptr + a_offs, mask=a_mask, other=0.0)
         if A_PROLOGUE == 1:
             pre = tl.load(aux_ptr + a_offs, mask=a_mask, other=0.0).to(tl.float32)
-            a = (a.to(tl.float32) * _gelu_grad(pre, APPROX_TANH)).to(a_ptr.dtype.element_ty)
+            a = _activation_grad(a.to(tl.float32), pre, ACTIVATION).to(a_ptr.dtype.element_ty)
         elif A_PROLOGUE == 2:
             element = rows * rng_stride_m + ks[None, :].to(tl.int64) * rng_stride_k
             a = dropout(a.to(tl.float32), seed, element, dropout_p, keep_prob).to(a_ptr.dtype.element_ty)
@@ -210,7 +234,7 @@ def _gemm_kernel(
             row_sums += tl.sum(a.to(tl.float32), axis=1)
         b = tl.load(b_ptr + ks[:, None].to(tl.int64) * stride_bk + cols * stride_bn, mask=b_mask, other=0.0)
         if B_PROLOGUE == 3:
-            b = _gelu(b.to(tl.float32), APPROX_TANH).to(b_ptr.dtype.element_ty)
+            b = _activation(b.to(tl.float32), ACTIVATION).to(b_ptr.dtype.element_ty)
         if FP32_DOT:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
@@ -227,12 +251,12 @@ def _gemm_kernel(
         pre = acc.to(c_ptr.dtype.element_ty)
         if STORE_PRE:
             tl.store(pre_ptr + c_offs, pre, mask=c_mask)
-        acc = _gelu(pre.to(tl.float32), APPROX_TANH)
+        acc = _activation(pre.to(tl.float32), ACTIVATION)
     elif EPILOGUE == 3:
         acc = dropout(acc, seed, rows * N + cols, dropout_p, keep_prob)
     elif EPILOGUE == 4:
         pre = tl.load(aux_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
-        acc = acc * _gelu_grad(pre, APPROX_TANH)
+        acc = _activation_grad(acc, pre, ACTIVATION)
     tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
     if ROW_SUMS:
         if pid_n == 0:
@@ -259,10 +283,14 @@ def gemm(
     """``out = epilogue(a' @ b')`` for 2-D views a [M, K], b [K, N], out [M, N] (any strides).
 
     ``aux`` is the pre-activation read by the dGELU prologue (a's shape and strides) or epilogue
-    (out's);
+    (out's); ``approximate`` the activation of the GELU prologues and epilogue: "none" (erf GELU),
+    "tanh" (tanh GELU) or "relu";
     ``rng_strides`` map (row, col) of ``a`` to the dropout element index for the dropout
     prologue; ``row_sums`` ([M] float32) receives the row sums of ``a'``.
     """
+    activation = ACTIVATIONS.get(approximate) if isinstance(approximate, str) else None
+    if activation is None:
+        raise ValueError(f'approximate must be "none", "tanh" or "relu", got "{approximate}"')
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or (N == 0 and row_sums is None):
@@ -277,7 +305,7 @@ def gemm(
     if epilogue == EPILOGUE_DGELU and (aux is None or aux.shape != out.shape or aux.stride() != out.stride()):
         raise ValueError("the dGELU epilogue reads aux at out's offsets: aux must have out's shape and strides")
     if epilogue == EPILOGUE_DGELU and bias is not None:
-        raise ValueError("the dGELU epilogue takes no bias (it would be added before the gelu' product)")
+        raise ValueError("the dGELU epilogue takes no bias (it would be added before the act' product)")
     # The autotuner keys on every tensor argument's dtype: a call without a pre-activation to store
     # (inference) passes the output in its place, so that it shares the tuning (the config, hence the
     # summation order and the bits) of the call that stores one.
@@ -289,7 +317,7 @@ def gemm(
         a, b, out, aux, bias, pre, row_sums,
         M, N, K, m_bucket, k_bucket, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         rng_strides[0], rng_strides[1], seed_pointer(seed, dropout_p, out), as_float32(dropout_p), keep_divisor(dropout_p),
-        A_PROLOGUE=a_prologue, B_PROLOGUE=b_prologue, EPILOGUE=epilogue, APPROX_TANH=approximate == "tanh",
+        A_PROLOGUE=a_prologue, B_PROLOGUE=b_prologue, EPILOGUE=epilogue, ACTIVATION=activation,
         ROW_SUMS=row_sums is not None, FP32_DOT=a.dtype == torch.float32, STORE_PRE=store_pre,
         K_BOUNDS=_k_bounds(K),
         **LAUNCH_OPTIONS,
@@ -300,7 +328,8 @@ def gemm(
 def linear_gelu_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [rows, in], weight [out, in] -> (gelu(x @ weight^T + bias), pre-activation)."""
+    """x [rows, in], weight [out, in] -> (act(x @ weight^T + bias), pre-activation), act the GELU
+    (``approximate`` "none" or "tanh") or ReLU ("relu")."""
     rows, out_features = x.shape[0], weight.shape[0]
     out = x.new_empty(rows, out_features)
     pre = x.new_empty(rows, out_features)
@@ -325,7 +354,7 @@ def linear_gelu_bwd(
     approximate: str,
     output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of linear_gelu_fwd. dGELU is applied as the prologue of both gradient GEMMs
+    """Gradients of linear_gelu_fwd. dGELU (act') is applied as the prologue of both gradient GEMMs
     (no grad-pre-activation tensor is written) and the bias gradient is the row sums of the
     weight-gradient GEMM's A operand."""
     return _input_weight_grads(grad_out, x, weight, output_mask, pre=pre, approximate=approximate)
@@ -340,7 +369,7 @@ def linear_grads(
 
 
 def _input_weight_grads(grad, x, weight, output_mask, pre=None, approximate="none"):
-    # grad is the gradient of the GELU's output when pre is given (dGELU applied as each GEMM's
+    # grad is the gradient of the activation's output when pre is given (dGELU applied as each GEMM's
     # A prologue), else of the pre-activation itself.
     prologue = PROLOGUE_DGELU if pre is not None else PROLOGUE_NONE
     need_dx, need_dw, need_db = output_mask
