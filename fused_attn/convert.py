@@ -304,7 +304,7 @@ def restore(model: nn.Module) -> nn.Module:
         original = module.__dict__.pop(ORIGINAL_CLASS, None)
         if isinstance(original, type):
             set_class(module, original)
-            for attr in ("backend", "fused_attn_backend", "fused_attn_approximate", "fused_attn_activation"):
+            for attr in ("backend", "fused_attn_backend", "fused_attn_activation_code", "fused_attn_activation"):
                 module.__dict__.pop(attr, None)
         for matches, _convert, restore_model in _MODEL_CONVERTERS:
             if matches(module):

@@ -160,10 +160,11 @@ def _init_non_trivial(model: torch.nn.Module, seed=0) -> None:
 
 
 @pytest.mark.parametrize("backend", _backend_params())
-def test_bert_model_parity(backend):
+@pytest.mark.parametrize("hidden_act", ["gelu_new", "relu"])
+def test_bert_model_parity(backend, hidden_act):
     _require(backend, BERT_OPS)
     torch.manual_seed(0)
-    config = _bert_config(hidden_act="gelu_new")
+    config = _bert_config(hidden_act=hidden_act)
     model = BertModel(config)
     _init_non_trivial(model)
     ids, mask, types = _bert_batch(config)
@@ -281,8 +282,8 @@ def test_transformer_embeddings_are_the_standard_ones():
 @pytest.mark.parametrize("backend", _backend_params())
 @pytest.mark.parametrize(
     "norm_first, positional, activation, left_pad_tgt",
-    [(False, "sinusoidal", "gelu", False), (True, "learned", "gelu_tanh", True)],
-    ids=["post_ln-sinusoidal", "pre_ln-learned-left_pad"],
+    [(False, "sinusoidal", "gelu", False), (True, "learned", "gelu_tanh", True), (True, "sinusoidal", "relu", False)],
+    ids=["post_ln-sinusoidal", "pre_ln-learned-left_pad", "pre_ln-relu"],
 )
 def test_transformer_parity(backend, norm_first, positional, activation, left_pad_tgt):
     ops = PRE_LN_OPS if norm_first else POST_LN_OPS
@@ -330,7 +331,7 @@ def test_transformer_mask_semantics():
 
 def test_fused_path_calls_every_op_with_config_backend(monkeypatch):
     calls: list[tuple[str, tuple, dict]] = []
-    for name in ("scaled_dot_product_attention", "layer_norm", "add_layer_norm", "linear_gelu", "ffn"):
+    for name in ("scaled_dot_product_attention", "layer_norm", "add_layer_norm", "linear_activation", "ffn"):
         original = getattr(fused_attn.ops, name)
 
         def spy(*args, __name=name, __original=original, **kwargs):
@@ -345,7 +346,7 @@ def test_fused_path_calls_every_op_with_config_backend(monkeypatch):
     model(ids, mask, types)
     names = [c[0] for c in calls]
     assert names.count("scaled_dot_product_attention") == 2 and names.count("add_layer_norm") == 4
-    assert names.count("linear_gelu") == 3 and names.count("layer_norm") == 2
+    assert names.count("linear_activation") == 3 and names.count("layer_norm") == 2
     # Dropout inside the ops in train mode (attention probabilities; hidden dropout in Add & Norm), off in eval.
     dropout = lambda c: c[2]["dropout_p"] if c[0] == "scaled_dot_product_attention" else c[1][5]  # noqa: E731
     assert {dropout(c) for c in calls if c[0] in ("scaled_dot_product_attention", "add_layer_norm")} == {0.125, 0.25}
@@ -359,7 +360,7 @@ def test_fused_path_calls_every_op_with_config_backend(monkeypatch):
     Transformer(tconfig)(src, tgt, src_pad, tgt_pad)
     tconfig_pre = _transformer_config(fused=True, backend="reference", norm_first=True)
     Transformer(tconfig_pre)(src, tgt, src_pad, tgt_pad)
-    assert {c[0] for c in calls} == {"scaled_dot_product_attention", "layer_norm", "add_layer_norm", "linear_gelu", "ffn"}
+    assert {c[0] for c in calls} == {"scaled_dot_product_attention", "layer_norm", "add_layer_norm", "linear_activation", "ffn"}
 
     assert all(c[2].get("backend") == "reference" for c in calls), "an op call did not get config.backend"
     attention = [c for c in calls if c[0] == "scaled_dot_product_attention"]
@@ -399,8 +400,9 @@ def test_bert_presets():
     assert (base.num_hidden_layers, base.hidden_size, base.num_attention_heads, base.intermediate_size) == (12, 768, 12, 3072)
     assert (large.num_hidden_layers, large.hidden_size, large.num_attention_heads, large.intermediate_size) == (24, 1024, 16, 4096)
     assert BertConfig.bert_tiny(fused=True, backend="cpu").fused
-    with pytest.raises(ValueError, match="unsupported activation"):
-        BertConfig(hidden_act="relu")
+    assert BertConfig(hidden_act="relu").hidden_act == "relu"
+    with pytest.raises(ValueError, match="unsupported activation 'silu'; expected one of"):
+        BertConfig(hidden_act="silu")
     with pytest.raises(ValueError, match="multiple"):
         BertConfig(hidden_size=100, num_attention_heads=3)
 

@@ -248,11 +248,13 @@ def test_hf_bert_optimized_matches_unoptimized(head, hidden_act):
 
 @pytest.mark.parametrize(
     "hidden_act, fused",
-    [("gelu_pytorch_tanh", True), ("gelu_fast", True), ("gelu_python", True), ("quick_gelu", False), ("relu", False)],
+    [("gelu_pytorch_tanh", True), ("gelu_fast", True), ("gelu_python", True), ("quick_gelu", False), ("relu", True),
+     ("silu", False)],
 )
 def test_hf_intermediate_activations(hidden_act, fused):
-    """Each of transformers' exact and tanh GELUs runs in the fused epilogue; other activations
-    keep transformers' intermediate block, with the reason in the report; outputs match either way."""
+    """Each of transformers' exact and tanh GELUs, and ReLU, runs in the fused epilogue; other
+    activations keep transformers' intermediate block, with the reason in the report; outputs match
+    either way."""
     transformers, config = _hf_config(hidden_act=hidden_act)
     torch.manual_seed(0)
     plain = transformers.BertModel(config).eval()
@@ -262,7 +264,7 @@ def test_hf_intermediate_activations(hidden_act, fused):
     kept = [(path, why) for path, _, why in report.kept if path.endswith("intermediate")]
     assert ("FusedBertIntermediate" in replaced) == fused
     assert (kept == []) == fused
-    assert all(why == "activation is not a GELU" for _, why in kept)
+    assert all(why == "activation is not a GELU or ReLU" for _, why in kept)
     ids, mask = _batch()
     assert_model_parity(plain, fused_model, lambda model: model(input_ids=ids, attention_mask=mask).last_hidden_state)
 

@@ -17,7 +17,7 @@
   (``LayerNorm(dropout(dense(h)) + residual)``: BERT, RoBERTa, ELECTRA and the many models that
   copy the block) into one GEMM plus one :func:`fused_attn.add_layer_norm` pass (the dense bias
   rides in it), and each block whose forward is ``BertIntermediate``'s, with a GELU (``gelu``,
-  ``gelu_new``, ``gelu_pytorch_tanh``), into :func:`fused_attn.linear_gelu`. A block is
+  ``gelu_new``, ``gelu_pytorch_tanh``) or ReLU, into :func:`fused_attn.linear_gelu`'s kernels. A block is
   recognised by its forward compiling to the code the fused forward stands for
   (:func:`_bert_add_norm_forward`, :func:`_bert_intermediate_forward`), not by its name, so a
   block that computes anything else (a pre-LN variant, another activation) is not taken for one;
@@ -54,8 +54,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import convert
-from ..nn.transformer import _gelu_approximation, _unfused, foreign_child
-from ..ops import add_layer_norm, linear_gelu, scaled_dot_product_attention, softmax
+from ..nn.transformer import _unfused, activation_code, foreign_child
+from ..ops import add_layer_norm, scaled_dot_product_attention, softmax
+from ..ops.ffn import linear_activation
 from ..ops.attention import repeat_kv_heads
 from ..reference.attention import causal_keep
 
@@ -184,9 +185,10 @@ def _add_norm_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Ten
     )
 
 
-def _hf_gelu_approximation(activation: object) -> str | None:
-    """'none'/'tanh' when ``activation`` is one of transformers' GELUs (or torch's) that the fused
-    kernels compute, else None. By exact type, as for torch's: a subclass may compute something else."""
+def _hf_activation_code(activation: object) -> str | None:
+    """The fused kernels' activation code of ``activation``: 'none'/'tanh' for one of transformers'
+    GELUs (or torch's), 'relu' for ReLU (transformers' is torch's nn.ReLU), else None. By exact type,
+    as for torch's: a subclass may compute something else."""
     from transformers import activations
 
     kinds = {"GELUActivation": "none", "NewGELUActivation": "tanh", "GELUTanh": "tanh", "PytorchGELUTanh": "tanh",
@@ -194,7 +196,7 @@ def _hf_gelu_approximation(activation: object) -> str | None:
     for name, approximate in kinds.items():
         if type(activation) is getattr(activations, name, None):
             return approximate
-    return _gelu_approximation(activation)
+    return activation_code(activation)
 
 
 def _remember_activation(module: nn.Module, activation: object) -> None:
@@ -207,14 +209,13 @@ def _remember_activation(module: nn.Module, activation: object) -> None:
 def _intermediate_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     activation = self.intermediate_act_fn
     if activation is not getattr(self, "fused_attn_activation", None):
-        # Replaced since optimize(): fused again if it is a GELU too, else transformers' forward.
-        self.fused_attn_approximate = _hf_gelu_approximation(activation)
+        # Replaced since optimize(): fused again if it is a GELU or ReLU too, else transformers' forward.
+        self.fused_attn_activation_code = _hf_activation_code(activation)
         _remember_activation(self, activation)
-    if self.fused_attn_approximate is None or _unfused(self):
+    if self.fused_attn_activation_code is None or _unfused(self):
         return self._fused_attn_of[0].forward(self, hidden_states)
-    return linear_gelu(
-        hidden_states, self.dense.weight, self.dense.bias, self.fused_attn_approximate, backend=self.fused_attn_backend
-    )
+    return linear_activation(hidden_states, self.dense.weight, self.dense.bias, self.fused_attn_activation_code,
+                             backend=self.fused_attn_backend)
 
 
 _FORWARDS = {"add_norm": _add_norm_forward, "intermediate": _intermediate_forward}
@@ -603,11 +604,11 @@ def _convert_model(model: nn.Module, backend: str | None, unregistered: str | No
         if kind == "add_norm":
             new_cls = _fused_class(original, "add_norm")
         elif kind == "intermediate":
-            approximate = _hf_gelu_approximation(getattr(module, "intermediate_act_fn", None))
-            if approximate is None:
-                kept.append((path, type(module).__name__, "activation is not a GELU"))
+            code = _hf_activation_code(getattr(module, "intermediate_act_fn", None))
+            if code is None:
+                kept.append((path, type(module).__name__, "activation is not a GELU or ReLU"))
                 continue
-            module.fused_attn_approximate = approximate
+            module.fused_attn_activation_code = code
             _remember_activation(module, module.intermediate_act_fn)
             new_cls = _fused_class(original, "intermediate")
         elif original is nn.LayerNorm:

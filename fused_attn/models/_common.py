@@ -20,12 +20,14 @@ from .. import ops as fused_ops
 from ..nn.transformer import must_call
 from ..reference.attention import causal_keep
 
-# Activation names (Hugging Face spellings included) -> the ``approximate`` of torch's GELU.
-GELU_APPROXIMATIONS = {
+# Activation names (Hugging Face spellings included) -> the fused kernels' activation code (a GELU's
+# ``approximate``, or "relu").
+ACTIVATIONS = {
     "gelu": "none",
     "gelu_new": "tanh",
     "gelu_pytorch_tanh": "tanh",
     "gelu_tanh": "tanh",
+    "relu": "relu",
 }
 
 
@@ -39,13 +41,16 @@ def model_output(cls: type) -> type:
     return cls
 
 
-def gelu_approximate(activation: str) -> str:
+def activation_code(activation: str) -> str:
     try:
-        return GELU_APPROXIMATIONS[activation]
-    except KeyError:
-        raise ValueError(
-            f"unsupported activation {activation!r}; expected one of {sorted(GELU_APPROXIMATIONS)}"
-        ) from None
+        return ACTIVATIONS[activation]
+    except (KeyError, TypeError):
+        raise ValueError(f"unsupported activation {activation!r}; expected one of {sorted(ACTIVATIONS)}") from None
+
+
+def activate(x: torch.Tensor, code: str) -> torch.Tensor:
+    """The activation of an activation code, unfused."""
+    return F.relu(x) if code == "relu" else F.gelu(x, approximate=code)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -117,16 +122,16 @@ def layer_norm(x: torch.Tensor, norm: nn.LayerNorm, *, fused: bool, backend: str
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
-def linear_gelu(
-    x: torch.Tensor, dense: nn.Linear, approximate: str, *, fused: bool, backend: str | None
+def linear_activation(
+    x: torch.Tensor, dense: nn.Linear, code: str, *, fused: bool, backend: str | None
 ) -> torch.Tensor:
-    """``gelu(dense(x))``; fused, it reads ``dense``'s weights, unless ``dense`` must be called
-    (:func:`~fused_attn.nn.transformer.must_call`: hooks on it, e.g. ``torch.nn.utils.prune``'s,
-    or a linear other than ``nn.Linear``, e.g. a dynamically quantized one): then the plain path,
-    with a FallbackWarning once."""
+    """``act(dense(x))`` for an activation code (GELU or ReLU); fused, it reads ``dense``'s weights,
+    unless ``dense`` must be called (:func:`~fused_attn.nn.transformer.must_call`: hooks on it, e.g.
+    ``torch.nn.utils.prune``'s, or a linear other than ``nn.Linear``, e.g. a dynamically quantized
+    one): then the plain path, with a FallbackWarning once."""
     if fused and not must_call(dense):
-        return fused_ops.linear_gelu(x, dense.weight, dense.bias, approximate, backend=backend)
-    return F.gelu(dense(x), approximate=approximate)
+        return fused_ops.linear_activation(x, dense.weight, dense.bias, code, backend=backend)
+    return activate(dense(x), code)
 
 
 def add_norm(

@@ -17,8 +17,9 @@ with ``backend=config.backend``):
   [B, 1, 1, L] bool mask (never expanded) and the attention dropout inside;
 * attention output and layer output blocks: the dense GEMM without its bias, then
   ``fused_attn.add_layer_norm`` (bias as ``input_bias``, hidden dropout inside, residual, norm);
-* intermediate block and the MLM head's transform: ``fused_attn.linear_gelu``
-  (``approximate="tanh"`` for ``gelu_new``), the transform's LayerNorm ``fused_attn.layer_norm``.
+* intermediate block and the MLM head's transform: ``fused_attn.linear_gelu``'s kernels
+  (``approximate="tanh"`` for ``gelu_new``; ReLU for ``hidden_act="relu"``), the transform's
+  LayerNorm ``fused_attn.layer_norm``.
 
 The parameters are the same either way: a fused and a plain model share one state_dict.
 
@@ -45,8 +46,8 @@ PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label
 class BertConfig:
     """BERT hyper-parameters (the defaults are bert-base-uncased's, as Hugging Face's BertConfig).
 
-    ``hidden_act``: "gelu" (erf) or "gelu_new" (tanh approximation; "gelu_pytorch_tanh" is
-    accepted as its synonym). ``fused``: run the fused ops of fused_attn; ``backend``: the
+    ``hidden_act``: "gelu" (erf), "gelu_new" (tanh approximation; "gelu_pytorch_tanh" is
+    accepted as its synonym) or "relu". ``fused``: run the fused ops of fused_attn; ``backend``: the
     ``backend=`` passed to every one of them (None: the usual precedence, see fused_attn.backends).
     """
 
@@ -75,7 +76,7 @@ class BertConfig:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
             )
-        _common.gelu_approximate(self.hidden_act)
+        _common.activation_code(self.hidden_act)
         if self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"problem_type must be one of {PROBLEM_TYPES}, got {self.problem_type!r}")
 
@@ -232,11 +233,11 @@ class BertIntermediate(nn.Module):
         super().__init__()
         self.config = config
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.approximate = _common.gelu_approximate(config.hidden_act)
+        self.act_code = _common.activation_code(config.hidden_act)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return _common.linear_gelu(
-            hidden_states, self.dense, self.approximate, fused=self.config.fused, backend=self.config.backend
+        return _common.linear_activation(
+            hidden_states, self.dense, self.act_code, fused=self.config.fused, backend=self.config.backend
         )
 
 
@@ -344,12 +345,13 @@ class BertPredictionHeadTransform(nn.Module):
         super().__init__()
         self.config = config
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.approximate = _common.gelu_approximate(config.hidden_act)
+        self.act_code = _common.activation_code(config.hidden_act)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         fused, backend = self.config.fused, self.config.backend
-        hidden_states = _common.linear_gelu(hidden_states, self.dense, self.approximate, fused=fused, backend=backend)
+        hidden_states = _common.linear_activation(hidden_states, self.dense, self.act_code, fused=fused,
+                                                  backend=backend)
         return _common.layer_norm(hidden_states, self.LayerNorm, fused=fused, backend=backend)
 
 

@@ -18,9 +18,10 @@ with ``backend=config.backend``): attention through ``fused_attn.scaled_dot_prod
 ``is_causal=True`` combined with it; cross-attention with query and key lengths that differ);
 post-LN: out-projections and the FFN's second GEMM without bias followed by
 ``fused_attn.add_layer_norm`` (bias, dropout, residual, norm in one pass), the FFN's first GEMM
-``fused_attn.linear_gelu``; pre-LN: ``fused_attn.layer_norm`` for the first norm of a layer,
-``fused_attn.add_layer_norm(..., return_prenorm=True)`` for each residual add that is followed
-by a norm, and ``fused_attn.ffn`` (both GEMMs, GELU and dropout) for the FFN. The parameters
+``fused_attn.linear_gelu``'s kernels (GELU or ReLU); pre-LN: ``fused_attn.layer_norm`` for the
+first norm of a layer, ``fused_attn.add_layer_norm(..., return_prenorm=True)`` for each residual
+add that is followed by a norm, and ``fused_attn.ffn`` (both GEMMs, the activation and dropout) for
+the FFN. The parameters
 are the same either way.
 """
 
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops as fused_ops
+from ..ops.ffn import ffn_activation
 from . import _common
 
 
@@ -41,7 +43,7 @@ from . import _common
 class TransformerConfig:
     """Hyper-parameters; ``tgt_vocab_size=None`` means the source vocabulary's size.
 
-    ``activation``: "gelu" (erf) or "gelu_tanh"/"gelu_new" (tanh approximation).
+    ``activation``: "gelu" (erf), "gelu_tanh"/"gelu_new" (tanh approximation) or "relu".
     ``positional``: "sinusoidal" (fixed, not a parameter) or "learned".
     ``attention_dropout=None`` uses ``dropout``.
     """
@@ -77,7 +79,7 @@ class TransformerConfig:
             raise ValueError(f"positional must be 'sinusoidal' or 'learned', got {self.positional!r}")
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
             raise ValueError("share_embeddings needs src_vocab_size == tgt_vocab_size")
-        _common.gelu_approximate(self.activation)
+        _common.activation_code(self.activation)
 
     @property
     def attn_dropout(self) -> float:
@@ -139,7 +141,7 @@ class _Layer(nn.Module):
     def _build_ffn(self, config: TransformerConfig) -> None:
         self.linear1 = nn.Linear(config.d_model, config.dim_feedforward)
         self.linear2 = nn.Linear(config.dim_feedforward, config.d_model)
-        self.approximate = _common.gelu_approximate(config.activation)
+        self.act_code = _common.activation_code(config.activation)
 
     @property
     def _p(self) -> float:
@@ -164,17 +166,17 @@ class _Layer(nn.Module):
 
     def _ffn_post_ln(self, x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
         fused, backend = self.config.fused, self.config.backend
-        hidden = _common.linear_gelu(x, self.linear1, self.approximate, fused=fused, backend=backend)
+        hidden = _common.linear_activation(x, self.linear1, self.act_code, fused=fused, backend=backend)
         return self._post_ln(hidden, x, self.linear2, norm)
 
     def _ffn_pre_ln(self, normed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual + dropout(linear2(gelu(linear1(normed))))."""
+        """residual + dropout(linear2(act(linear1(normed))))."""
         if self.config.fused and not _common.must_call(self.linear1, self.linear2):
             return residual + fused_ops.ffn(
                 normed, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
-                self.approximate, self._p, backend=self.config.backend,
+                dropout_p=self._p, **ffn_activation(self.act_code), backend=self.config.backend,
             )
-        hidden = F.gelu(self.linear1(normed), approximate=self.approximate)
+        hidden = _common.activate(self.linear1(normed), self.act_code)
         return residual + F.dropout(self.linear2(hidden), self._p, training=self._p > 0.0)
 
 

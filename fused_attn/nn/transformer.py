@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 
 from ..backends import warn_once
 from ..ops import add_layer_norm, ffn
-from ..ops.ffn import linear_activation
+from ..ops.ffn import ffn_activation, linear_activation
 from ._fused import Fused, FusedLayer
 from .attention import FusedMultiheadAttention
 from .layer_norm import FusedLayerNorm
@@ -196,9 +196,8 @@ def feed_forward(
     if code is None:
         return linear2(dropout(activation(linear1(x))))
     if not (dropout.training and dropout.p > 0.0):
-        relu = code == "relu"
-        return ffn(x, linear1.weight, linear1.bias, linear2.weight, linear2.bias, "none" if relu else code,
-                   activation="relu" if relu else "gelu", backend=backend)
+        return ffn(x, linear1.weight, linear1.bias, linear2.weight, linear2.bias, **ffn_activation(code),
+                   backend=backend)
     return linear2(dropout(linear_activation(x, linear1.weight, linear1.bias, code, backend=backend)))
 
 

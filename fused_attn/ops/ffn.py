@@ -408,6 +408,13 @@ def _check_approximate(approximate: object) -> str:
 _CODES = {("gelu", "none"): "none", ("gelu", "tanh"): "tanh", ("relu", "none"): "relu"}
 
 
+def ffn_activation(code: str) -> dict[str, str]:
+    """ffn's ``activation`` and ``approximate`` for one of the kernels' activation codes."""
+    if code == "relu":
+        return {"activation": "relu", "approximate": "none"}
+    return {"activation": "gelu", "approximate": code}
+
+
 def linear_gelu(
     input: torch.Tensor,
     weight: torch.Tensor,
