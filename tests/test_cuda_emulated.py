@@ -40,7 +40,7 @@ from fused_attn.ops._random import draw_seed
 from fused_attn.ops._validate import broadcast_mask, rows
 from fused_attn.ops.add_layer_norm import add_layer_norm_keep_mask
 from fused_attn.ops.attention import attention_with_keep_mask
-from fused_attn.ops.ffn import ffn_keep_mask
+from fused_attn.ops.ffn import ffn_activation, ffn_keep_mask
 from fused_attn.ops.softmax import _as_4d, _shifts_whole_slices
 
 from .conftest import assert_parity, check_tensor_parity
@@ -735,9 +735,8 @@ ACTIVATIONS = pytest.mark.parametrize("approximate", ["none", "tanh", "relu"])
 
 def _reference_ffn(input, w1, b1, w2, b2, approximate, dropout_p=0.0, dropout_mask=None):
     """fused_attn.reference.ffn for an activation code (ReLU is its activation="relu")."""
-    if approximate == "relu":
-        return reference.ffn(input, w1, b1, w2, b2, dropout_p=dropout_p, activation="relu", dropout_mask=dropout_mask)
-    return reference.ffn(input, w1, b1, w2, b2, approximate, dropout_p, dropout_mask=dropout_mask)
+    return reference.ffn(input, w1, b1, w2, b2, dropout_p=dropout_p, dropout_mask=dropout_mask,
+                         **ffn_activation(approximate))
 
 
 def _with_zero_pre_activations(x, w, b):

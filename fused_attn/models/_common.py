@@ -19,6 +19,7 @@ from torch import nn
 from .. import ops as fused_ops
 from ..nn.transformer import must_call
 from ..reference.attention import causal_keep
+from ..reference.ffn import activate
 
 # Activation names (Hugging Face spellings included) -> the fused kernels' activation code (a GELU's
 # ``approximate``, or "relu").
@@ -46,11 +47,6 @@ def activation_code(activation: str) -> str:
         return ACTIVATIONS[activation]
     except (KeyError, TypeError):
         raise ValueError(f"unsupported activation {activation!r}; expected one of {sorted(ACTIVATIONS)}") from None
-
-
-def activate(x: torch.Tensor, code: str) -> torch.Tensor:
-    """The activation of an activation code, unfused."""
-    return F.relu(x) if code == "relu" else F.gelu(x, approximate=code)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

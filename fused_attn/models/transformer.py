@@ -36,6 +36,7 @@ from torch import nn
 
 from .. import ops as fused_ops
 from ..ops.ffn import ffn_activation
+from ..reference.ffn import activate
 from . import _common
 
 
@@ -176,7 +177,7 @@ class _Layer(nn.Module):
                 normed, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
                 dropout_p=self._p, **ffn_activation(self.act_code), backend=self.config.backend,
             )
-        hidden = _common.activate(self.linear1(normed), self.act_code)
+        hidden = activate(self.linear1(normed), self.act_code)
         return residual + F.dropout(self.linear2(hidden), self._p, training=self._p > 0.0)
 
 

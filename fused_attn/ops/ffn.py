@@ -398,21 +398,15 @@ def _check_linear(input: torch.Tensor, weight: object, bias: object, names: tupl
     return weight, check_param(bias, names[1], input, (weight.shape[0],))
 
 
-def _check_approximate(approximate: object) -> str:
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
-    return approximate
-
-
 # (activation, approximate) -> the kernels' code, for the plain call's C++ entry (which takes a code).
 _CODES = {("gelu", "none"): "none", ("gelu", "tanh"): "tanh", ("relu", "none"): "relu"}
+_ARGUMENTS = {code: {"activation": activation, "approximate": approximate}
+              for (activation, approximate), code in _CODES.items()}
 
 
 def ffn_activation(code: str) -> dict[str, str]:
     """ffn's ``activation`` and ``approximate`` for one of the kernels' activation codes."""
-    if code == "relu":
-        return {"activation": "relu", "approximate": "none"}
-    return {"activation": "gelu", "approximate": code}
+    return dict(_ARGUMENTS[code])
 
 
 def linear_gelu(
@@ -441,7 +435,7 @@ def linear_gelu(
     autocast dtype, as ``F.linear``'s.
     """
     if approximate == "relu":  # a code of the kernels, not a GELU
-        _check_approximate(approximate)
+        activation_code("gelu", approximate)  # raises, naming approximate
     return linear_activation(input, weight, bias, approximate, backend=backend)
 
 
@@ -460,7 +454,7 @@ def linear_activation(
     input = check_tensor(input, "input", min_dim=1)
     weight, bias = _check_linear(input, weight, bias, ("weight", "bias"), input.shape[-1])
     if code not in ACTIVATIONS:
-        _check_approximate(code)
+        activation_code("gelu", code)  # raises, naming approximate
     features = {**transform_features(input, weight, bias), "gemm_dim": _gemm_dim(input, weight)}
     chosen = select("linear_gelu", Inputs(input.device, input.dtype, features), backend, operands=(input, weight))
     if chosen == "reference":

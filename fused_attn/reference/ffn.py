@@ -23,16 +23,20 @@ def activation_code(activation: str, approximate: str) -> str:
     raise ValueError(f"activation must be 'gelu' or 'relu', got {activation!r}")
 
 
-def linear_activation(
-    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, code: str
-) -> torch.Tensor:
-    """``act(input @ weight.T + bias)`` for an activation code of :data:`ACTIVATION_CODES`."""
-    pre = F.linear(input, weight, bias)
+def activate(pre: torch.Tensor, code: str) -> torch.Tensor:
+    """The activation of an activation code of :data:`ACTIVATION_CODES` applied to ``pre``."""
     if code == "relu":
         return F.relu(pre)
     if code not in ("none", "tanh"):
         raise ValueError(f"activation code must be one of {ACTIVATION_CODES}, got {code!r}")
     return F.gelu(pre, approximate=code)
+
+
+def linear_activation(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, code: str
+) -> torch.Tensor:
+    """``act(input @ weight.T + bias)`` for an activation code of :data:`ACTIVATION_CODES`."""
+    return activate(F.linear(input, weight, bias), code)
 
 
 def linear_gelu(
