@@ -59,6 +59,8 @@ CUDA_ONLY = ("--backends", "cuda", "--seq", "1024,4096,16384")
 DROPOUT = ("--dropout", "0.1", "--causal", "false", "--seq", "1024,4096")
 # Where the attention's time goes, kernel by kernel, at one length (a report section of its own).
 KERNELS = ("--seq", "4096", "--kernels")
+# The FFN with ReLU (torch's Transformer layers' default), whose cuda path applies it in a pass of its own.
+RELU = ("--activation", "relu")
 PRIORITY = [
     ("attention", "bfloat16", "fwd", ()), ("attention", "bfloat16", "fwd+bwd", ()),
     ("attention", "bfloat16", "fwd+bwd", KERNELS),
@@ -69,7 +71,7 @@ PRIORITY = [
     ("model", "bfloat16", "fwd+bwd", ()), ("model", "bfloat16", "fwd", ()),
     ("layer_norm", "bfloat16", "fwd+bwd", ()), ("softmax", "bfloat16", "fwd+bwd", ()), ("ffn", "bfloat16", "fwd", ()),
     ("add_layer_norm", "bfloat16", "fwd", ()), ("layer_norm", "bfloat16", "fwd", ()), ("softmax", "bfloat16", "fwd", ()),
-    ("attention", "float16", "fwd", ()), ("ffn", "float16", "fwd", ()),
+    ("attention", "float16", "fwd", ()), ("ffn", "float16", "fwd", ()), ("ffn", "bfloat16", "fwd+bwd", RELU),
 ]
 # Seconds kept back from a stage's share of the budget for the stages' own wind-down and the report.
 RESERVE = 20

@@ -726,7 +726,8 @@ def test_gpu_check_budget_shares_and_skips(tmp_path, monkeypatch):
     assert [(r["suite"], r["mode"]) for r in records] == [
         ("attention", "fwd"), ("attention", "fwd+bwd"), ("attention", "fwd+bwd"), ("attention", "fwd"),
         ("attention", "fwd+bwd"), ("attention", "fwd"), ("attention", "fwd+bwd"), ("attention", "fwd+bwd"),
-        ("ffn", "fwd+bwd"), ("ffn", "fwd"), ("attention", "fwd"), ("ffn", "fwd")]
+        ("ffn", "fwd+bwd"), ("ffn", "fwd"), ("attention", "fwd"), ("ffn", "fwd"), ("ffn", "fwd+bwd")]
+    assert "the bfloat16 fwd+bwd --activation relu run: not started" in records[-1]["skipped"]
     assert "the bfloat16 fwd+bwd --seq 4096 --kernels run: not started" in records[2]["skipped"]
     assert ("the bfloat16 fwd --backends cuda --seq 1024,4096,16384 FUSED_ATTN_CUDA_BLOCK_ROWS=64 run: not started"
             in records[3]["skipped"])
@@ -1040,6 +1041,45 @@ def test_attention_with_padding_computes_the_same_attention_everywhere(causal):
                                                      causal=[causal], padding=0.3)))
     for name in ("eager", "torch", "cpu"):
         training.impls[name]()  # the backward runs through the mask
+
+
+@pytest.mark.parametrize("activation", [None, "gelu-tanh", "relu"])
+def test_ffn_with_an_activation_computes_that_ffn_everywhere(activation):
+    """--activation: every implementation of the FFN suite applies that activation between the GEMMs
+    (torch's function in the eager baseline); the shape names it unless it is the default GELU, and
+    apex, which has a GELU only, is skipped for ReLU."""
+    def build(name):
+        torch.manual_seed(0)  # the same input and weights for every activation
+        return next(suites.ffn_cases(_settings("fwd", rows=6, hiddens=[8], activation=name)))
+
+    case = build(activation)
+    assert case.shape.get("activation") == activation
+    x = torch.randn(6, 8)
+    (_, approximate), act = suites.FFN_ACTIVATIONS[activation or "gelu"]
+    assert act(x).equal(F.relu(x) if activation == "relu" else F.gelu(x, approximate=approximate))
+    expected = case.impls["torch"]()
+    for name in ("reference", "cpu"):
+        torch.testing.assert_close(case.impls[name](), expected, msg=name)
+    others = [build(other) for other in ("gelu", "gelu-tanh", "relu") if other != (activation or "gelu")]
+    assert all(not torch.allclose(other.impls["torch"](), expected) for other in others)
+    if activation == "relu":
+        assert case.skipped["apex"] == "apex's fused dense has a GELU only"
+    with pytest.raises(ValueError, match="activation must be one of gelu, gelu-tanh, relu, got 'swish'"):
+        suites.ffn_shapes(_settings("fwd", activation="swish"))
+
+
+def test_bench_ffn_activation_flag(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code, captured = _run(["bench", "--suite", "ffn", "--device", "cpu", "--repeats", "1", "--no-compile",
+                           "--rows", "8", "--hidden", "24", "--activation", "relu", "--json", str(out)], capsys)
+    assert code == 0, captured.err
+    records = json.loads(out.read_text())
+    assert {r["impl"] for r in records if r["skipped"] is None} >= {"torch", "reference", "cpu"}
+    assert all(r["shape"] == {"tokens": 8, "d_model": 24, "d_ff": 96, "activation": "relu"} for r in records)
+    assert "T8 M24 F96 relu" in captured.out
+    code, captured = _run(["bench", "--suite", "softmax", "--device", "cpu", "--repeats", "1", "--batch", "1",
+                           "--heads", "1", "--seq", "8", "--activation", "relu"], capsys)
+    assert code == 0 and "--activation" in captured.out + captured.err
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
@@ -1661,7 +1701,7 @@ def test_an_explicit_causal_both_is_noted_where_no_suite_takes_it(capsys, monkey
     other value of it is."""
     test_flags_a_suite_does_not_take_are_noted(
         ["--suite", "ffn", "--causal", "both"],
-        ["note: --causal has no effect on suite ffn (it takes --rows, --hidden and --backends)"], capsys, monkeypatch)
+        ["note: --causal has no effect on suite ffn (it takes --rows, --hidden, --activation and --backends)"], capsys, monkeypatch)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -20,7 +20,7 @@ import torch
 
 from .. import _extension, backends
 from . import harness, workloads
-from .suites import RATE_KEYS, SHAPES, SUITES, CaseSetupFailed, Settings, attention_heads, model_shapes
+from .suites import FFN_ACTIVATIONS, RATE_KEYS, SHAPES, SUITES, CaseSetupFailed, Settings, attention_heads, model_shapes
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MODES = ["fwd", "fwd+bwd"]
@@ -217,6 +217,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(dropout_p), as in training, in either --mode (default: none)")
     parser.add_argument("--rows", type=positive_int, default=None, help="layer_norm/add_layer_norm/ffn: rows (tokens)")
     parser.add_argument("--hidden", type=positive_ints, default=None, help="layer_norm/add_layer_norm: hidden sizes; ffn: model widths")
+    parser.add_argument("--activation", choices=list(FFN_ACTIVATIONS), default=None,
+                        help="ffn: the activation between the GEMMs, for every implementation: gelu (erf), "
+                             "gelu-tanh or relu (default: gelu)")
     parser.add_argument("--models", type=names, default=None,
                         help=f"model suite: comma-separated workloads, of {', '.join(workloads.MODELS)}")
     parser.add_argument("--layers", type=positive_int, default=None,
@@ -371,7 +374,7 @@ def _plan(args: argparse.Namespace, device: torch.device) -> list[tuple[str, Set
         queries=args.queries, head_dim=args.head_dim, padding=args.padding, dropout=args.dropout,
         seqs=args.seq, rows=args.rows, hiddens=args.hidden,
         causal={None: None, "both": [False, True], "true": [True], "false": [False]}[args.causal], backends=wanted,
-        compile=not args.no_compile, models=models, layers=args.layers,
+        compile=not args.no_compile, models=models, layers=args.layers, activation=args.activation,
     )
     if args.kv_heads is not None and args.suite in (None, "all", "attention"):
         heads = args.heads or (12 if args.suite is None and device.type == "cpu" else attention_heads(base))
@@ -427,7 +430,7 @@ SUITE_FLAGS: dict[str, tuple[str, ...]] = {
     "softmax": ("--batch", "--heads", "--seq", "--backends"),
     "layer_norm": ("--rows", "--hidden", "--backends"),
     "add_layer_norm": ("--rows", "--hidden", "--backends"),
-    "ffn": ("--rows", "--hidden", "--backends"),
+    "ffn": ("--rows", "--hidden", "--activation", "--backends"),
     "model": ("--models", "--layers", "--batch", "--seq", "--padding"),
 }
 
@@ -566,7 +569,7 @@ def run(args: argparse.Namespace) -> int:
 
 _SHAPE_KEYS = {"batch": "B", "heads": "H", "kv_heads": "Hkv", "queries": "Lq", "seq": "L", "head_dim": "D", "rows": "rows ", "hidden": "N", "tokens": "T",
                "d_model": "M", "d_ff": "F", "model": "", "layers": "layers ",
-               "padding": "padding ", "dropout": "dropout "}
+               "padding": "padding ", "dropout": "dropout ", "activation": ""}
 
 
 def shape_text(shape: dict) -> str:

@@ -64,6 +64,7 @@ class Settings:
     compile_skipped: str | None = None  # without compile: why, as a skipped record (None: no record, as --no-compile)
     models: list[str] | None = None  # model suite: which workloads
     layers: int | None = None  # model suite: encoder layers
+    activation: str | None = None  # ffn: a name of FFN_ACTIVATIONS (None: "gelu")
 
 
 @dataclasses.dataclass
@@ -438,11 +439,21 @@ def softmax_cases(s: Settings) -> Iterator[Case]:
 # (model, hidden) of BERT-base and BERT-large; token counts per device.
 FFN_SHAPES = [(768, 3072), (1024, 4096)]
 FFN_TOKENS = {"cpu": [512, 2048], "cuda": [4096, 8192, 16384, 32768]}
+# The FFN's activation by name: ffn's (activation, approximate) and eager PyTorch's function.
+FFN_ACTIVATIONS = {
+    "gelu": (("gelu", "none"), F.gelu),
+    "gelu-tanh": (("gelu", "tanh"), lambda h: F.gelu(h, approximate="tanh")),
+    "relu": (("relu", "none"), F.relu),
+}
 
 
 def ffn_shapes(s: Settings) -> list[dict]:
+    """The FFN's sizes; a shape names its activation when it is not the default exact GELU."""
     widths = [(width, 4 * width) for width in s.hiddens] if s.hiddens else FFN_SHAPES
-    return [{"tokens": tokens, "d_model": model, "d_ff": hidden}
+    activation = s.activation or "gelu"
+    if activation not in FFN_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(FFN_ACTIVATIONS)}, got {activation!r}")
+    return [{"tokens": tokens, "d_model": model, "d_ff": hidden, **({"activation": activation} if activation != "gelu" else {})}
             for model, hidden in widths for tokens in ([s.rows] if s.rows else FFN_TOKENS[s.device.type])]
 
 
@@ -452,6 +463,7 @@ def ffn_cases(s: Settings) -> Iterator[Case]:
 
     def build(shape: dict) -> Case:
         tokens, model, hidden = shape["tokens"], shape["d_model"], shape["d_ff"]
+        (activation, approximate), act = FFN_ACTIVATIONS[shape.get("activation", "gelu")]
         make = lambda *size, scale=1.0: (torch.randn(*size, device=s.device) * scale).to(s.dtype).requires_grad_(training)  # noqa: E731
         x = make(tokens, model)
         w1, b1 = make(hidden, model, scale=model**-0.5), make(hidden)
@@ -461,19 +473,23 @@ def ffn_cases(s: Settings) -> Iterator[Case]:
         names, skipped = _fused_backends("ffn", backends.Inputs(s.device, s.dtype, {"gemm_dim": max(tokens, model, hidden)}), s.backends)
 
         def eager() -> torch.Tensor:
-            h = F.gelu(F.linear(x, w1, b1))
+            h = act(F.linear(x, w1, b1))
             return F.dropout(F.linear(h, w2, b2), p, training=training)
 
         impls: dict[str, Callable[[], object]] = {
             "torch": _runner(eager, grad),
-            "reference": _runner(lambda: fused_attn.reference.ffn(x, w1, b1, w2, b2, "none", p), grad),
+            "reference": _runner(lambda: fused_attn.reference.ffn(x, w1, b1, w2, b2, approximate, p,
+                                                                  activation=activation), grad),
         }
-        compiled = _compiled(s, fused_attn.reference.ffn, x, w1, b1, w2, b2, "none", p)
+        compiled = _compiled(s, fused_attn.reference.ffn, x, w1, b1, w2, b2, approximate, p, activation=activation)
         _add_optional(impls, skipped, grad, [("compiled", compiled)])
         impls.update(_fused_runners("ffn", names, grad,
-                                    lambda backend: fused_attn.ffn(x, w1, b1, w2, b2, "none", p, backend=backend)))
+                                    lambda backend: fused_attn.ffn(x, w1, b1, w2, b2, approximate, p,
+                                                                   activation=activation, backend=backend)))
         if training:
             skipped["apex"] = "apex's fused dense has no dropout: compared in inference only"
+        elif activation == "relu":
+            skipped["apex"] = "apex's fused dense has a GELU only"
         else:
             _add_optional(impls, skipped, grad, third_party.ffn(x, w1, b1, w2, b2))
         return Case("ffn", shape, s.dtype, s.mode, impls, skipped, flops=flops)
