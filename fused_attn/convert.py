@@ -228,7 +228,8 @@ def optimize(model: nn.Module, *, backend: str = "auto", inplace: bool = True) -
     ``TransformerDecoderLayer`` (the fused encoder layer also serves ``TransformerEncoder``'s
     nested-tensor inference path), the package's reference models and Hugging Face models (when
     :mod:`transformers` is installed: the attention of those whose attention goes through its
-    attention interface, BERT's Add & Norm and GELU blocks wherever a model has them; see
+    attention interface, BERT's Add & Norm and intermediate blocks and feed-forward blocks of two
+    linear layers around a GELU or ReLU wherever a model has them; see
     :mod:`fused_attn.integrations.hf`). Weights, ``state_dict`` keys and outputs stay
     the same. Modules that cannot be served (e.g. an unsupported head dim, float64 parameters)
     are kept, with the reason in ``report.kept``, as is the feed-forward of a layer whose

@@ -1563,6 +1563,26 @@ def test_transformer_layers_are_per_stack(name):
     assert w.layers == 1 and len(w.model.encoder.layers) == len(w.model.decoder.layers) == 1
 
 
+def test_hf_gpt2_workload_is_gpt2_small_and_its_optimized_copy_fuses_its_mlp():
+    """hf-gpt2: GPT-2 small's width and heads with the layers asked for, a padded batch, its size
+    estimate counted on the model itself; optimized, its attention is the fused one and its MLPs
+    run fused_attn.ffn, with the plain model's output."""
+    pytest.importorskip("transformers")
+    from fused_attn.bench import workloads
+
+    w = workloads.build("hf-gpt2", batch=2, seq=16, layers=1, device=CPU, dtype=torch.float32)
+    assert (w.model.config.n_embd, w.model.config.n_head, w.layers, len(w.model.h)) == (768, 12, 1, 1)
+    params = sum(p.numel() * p.element_size() for p in w.model.parameters())
+    estimate = workloads.estimate_bytes("hf-gpt2", batch=2, seq=16, layers=1, dtype=torch.float32, training=False)
+    assert estimate["parameters"] == 2 * params + 2 * sum(b.numel() * 4 for b in w.model.buffers())
+    w.model.eval()
+    fused = workloads.optimized(w)
+    assert type(fused.h[0].mlp).__name__ == "FusedGPT2MLP"
+    with torch.no_grad():
+        torch.testing.assert_close(w.step(fused), w.step(w.model))
+    assert fused_attn.last_backend("ffn") == "cpu"
+
+
 def test_nn_transformer_workload_runs_its_decoder_causally(monkeypatch):
     """torch.nn.Transformer fed the causal mask as generate_square_subsequent_mask makes it, with
     padding: optimized, its decoder's self-attention reaches the kernels as is_causal with the

@@ -319,6 +319,37 @@ def test_optimized_hf_bert_compiles_whole_with_gradients():
     assert counters["stats"]["unique_graphs"] == 1
 
 
+@pytest.mark.parametrize("family", ["gpt2", "distilbert"])
+def test_optimized_hf_feed_forward_blocks_compile_whole_with_gradients(family):
+    """Models whose feed-forward blocks run as one fused ffn call (GPT-2's Conv1D MLP, DistilBERT's
+    FFN through its ff_chunk) compile into one graph, with the parity of eager."""
+    transformers = pytest.importorskip("transformers")
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2, n_positions=32,
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                                         eos_token_id=0)
+        cls = transformers.GPT2Model
+    else:
+        config = transformers.DistilBertConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, hidden_dim=64,
+                                               max_position_embeddings=32, dropout=0.0, attention_dropout=0.0)
+        cls = transformers.DistilBertModel
+    torch.manual_seed(0)
+    plain = cls(config).train()
+    model = copy.deepcopy(plain)
+    report = fused_attn.optimize(model)
+    assert any(new in ("FusedGPT2MLP", "FusedFFN") for _, _, new in report.replaced)
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(lambda m: m(input_ids=ids, attention_mask=mask).last_hidden_state, fullgraph=True,
+                             backend="aot_eager")
+    assert_model_parity(plain, model, lambda m: compiled(m) if m is model else
+                        m(input_ids=ids, attention_mask=mask).last_hidden_state)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_optimized_hf_bert_compiles_once_for_every_batch_and_length(monkeypatch):
     """An optimize()d Hugging Face BERT under torch.compile(dynamic=True): one graph for training
     steps of three batch sizes and lengths. Nothing the fused attention looks up once (transformers'

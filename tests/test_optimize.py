@@ -264,7 +264,8 @@ def test_hf_intermediate_activations(hidden_act, fused):
     kept = [(path, why) for path, _, why in report.kept if path.endswith("intermediate")]
     assert ("FusedBertIntermediate" in replaced) == fused
     assert (kept == []) == fused
-    assert all(why == "activation is not a GELU or ReLU" for _, why in kept)
+    expected = f"activation {type(transformers.activations.ACT2FN[hidden_act]).__name__} is not a GELU or ReLU"
+    assert all(why == expected for _, why in kept)
     ids, mask = _batch()
     assert_model_parity(plain, fused_model, lambda model: model(input_ids=ids, attention_mask=mask).last_hidden_state)
 
@@ -1065,7 +1066,7 @@ def _other_family(name):
         config = transformers.GPT2Config(vocab_size=120, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
                                          eos_token_id=0)
-        model, run, switched, blocks = transformers.GPT2LMHeadModel(config), lm, [""], set()
+        model, run, switched, blocks = transformers.GPT2LMHeadModel(config), lm, [""], {"FusedGPT2MLP"}
     elif name == "llama":
         config = transformers.LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -1079,14 +1080,14 @@ def _other_family(name):
     elif name == "distilbert":
         config = transformers.DistilBertConfig(vocab_size=120, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
                                                max_position_embeddings=64, dropout=0.0, attention_dropout=0.0)
-        model, switched, blocks = transformers.DistilBertModel(config), [""], set()
+        model, switched, blocks = transformers.DistilBertModel(config), [""], {"FusedFFN"}
         run = lambda model: model(input_ids=ids, attention_mask=mask).last_hidden_state  # noqa: E731
     elif name == "vit":
         config = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                         intermediate_size=128, image_size=32, patch_size=8, hidden_dropout_prob=0.0,
                                         attention_probs_dropout_prob=0.0)
         pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-        model, switched, blocks = transformers.ViTModel(config), [""], set()
+        model, switched, blocks = transformers.ViTModel(config), [""], {"FusedViTMLP"}
         run = lambda model: model(pixel_values=pixels).last_hidden_state  # noqa: E731
     elif name == "electra":
         config = transformers.ElectraConfig(vocab_size=120, embedding_size=64, hidden_size=64, num_hidden_layers=1,
@@ -1122,8 +1123,9 @@ def test_hf_models_of_other_families_run_the_fused_attention(name):
     padding masks, Llama's grouped key/value heads, Mistral's sliding window, an encoder with
     no mask (ViT), BART's cross-attention, T5's position bias
     in its two separately configured stacks), blocks whose forward is BERT's are fused wherever
-    they are (ELECTRA's), LayerNorms are converted, and the report says when nothing else is of a
-    form the package fuses. Outputs and every parameter gradient match the plain model's;
+    they are (ELECTRA's), and so are feed-forward blocks of two linear layers around an activation
+    (GPT-2's, DistilBERT's, ViT's), LayerNorms are converted, and the report says when nothing
+    else is of a form the package fuses. Outputs and every parameter gradient match the plain model's;
     restore() gives the plain model back, config objects included."""
     from transformers import PreTrainedModel
 
@@ -1133,7 +1135,7 @@ def test_hf_models_of_other_families_run_the_fused_attention(name):
     report = fused_attn.optimize(fused_model)
     assert sorted(p for p, old, new in report.replaced if new == "attention fused_attn") == switched
     assert {new for _, _, new in report.replaced if new.startswith("Fused") and new != "FusedLayerNorm"} == blocks
-    note = "no feed-forward or Add & Norm block computes BERT's"
+    note = "no feed-forward, intermediate or Add & Norm block of a form fused_attn fuses"
     notes = sorted(p for p, _, why in report.kept if why.startswith(note))
     assert notes == ([] if blocks else switched)
     assert len(report.kept) == len(notes)
@@ -1147,6 +1149,231 @@ def test_hf_models_of_other_families_run_the_fused_attention(name):
     assert all(c._attn_implementation == "sdpa" for c in configs.values())
     assert [type(m) for m in fused_model.modules()] == [type(m) for m in plain.modules()]
     assert torch.equal(run(fused_model), run(plain))
+
+
+def _mlp_family(name, **overrides):
+    """A small transformers model (random weights, dropout off unless ``overrides`` set it) whose
+    feed-forward blocks are two linear layers around an activation, its run, and the paths of those
+    blocks."""
+    transformers = pytest.importorskip("transformers")
+    ids, mask = _batch()
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    vision = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
+                  patch_size=8)
+    if name == "gpt2":  # transformers' Conv1D layers, a dropout after them
+        config = transformers.GPT2Config(**{**dict(vocab_size=120, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                                                   eos_token_id=0), **overrides})
+        model, blocks = transformers.GPT2Model(config), "h.{}.mlp"
+    elif name == "gpt_neox":
+        config = transformers.GPTNeoXConfig(**{**dict(vocab_size=120, hidden_size=64, num_attention_heads=4,
+                                                      intermediate_size=128, num_hidden_layers=2,
+                                                      max_position_embeddings=64, hidden_dropout=0.0,
+                                                      attention_dropout=0.0), **overrides})
+        model, blocks = transformers.GPTNeoXModel(config), "layers.{}.mlp"
+    elif name == "distilbert":  # the chain is FFN.ff_chunk, which its forward calls chunk by chunk
+        config = transformers.DistilBertConfig(**{**dict(vocab_size=120, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
+                                                         max_position_embeddings=64, dropout=0.0,
+                                                         attention_dropout=0.0), **overrides})
+        model, blocks = transformers.DistilBertModel(config), "transformer.layer.{}.ffn"
+    elif name == "vit":
+        config = transformers.ViTConfig(**{**vision, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+                                           **overrides})
+        model = transformers.ViTModel(config)
+    elif name == "siglip":
+        model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**{**vision, **overrides}))
+    elif name == "clip":
+        model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**{**vision, **overrides}))
+    else:
+        raise ValueError(name)
+    if name in ("vit", "siglip", "clip"):
+        config = model.config
+        # The layers' MLPs (and SigLIP's pooling head's), wherever this transformers puts them.
+        blocks = [p for p, m in model.named_modules() if type(m).__name__.endswith("MLP")]
+        run = lambda model: model(pixel_values=pixels).last_hidden_state  # noqa: E731
+    else:
+        blocks = [blocks.format(i) for i in range(2)]
+        run = lambda model: model(input_ids=ids, attention_mask=mask).last_hidden_state  # noqa: E731
+    torch.manual_seed(0)
+    return type(model)(config).eval(), run, blocks
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("gpt2", {}),  # gelu_new: the tanh GELU
+    ("gpt_neox", {"hidden_act": "relu"}),
+    ("distilbert", {"chunk_size_feed_forward": 4}),  # 12 tokens: ff_chunk on three chunks of 4
+    ("distilbert", {}),
+    ("vit", {}),
+    ("siglip", {}),  # gelu_pytorch_tanh
+], ids=["gpt2", "gpt_neox-relu", "distilbert-chunked", "distilbert", "vit", "siglip"])
+def test_hf_feed_forward_blocks_run_the_fused_ffn(name, overrides, monkeypatch):
+    """A block whose forward (or, DistilBERT's, ff_chunk) chains two linear layers around a GELU or
+    ReLU, and a dropout after them, runs as one fused_attn.ffn call: GPT-2's MLP (Conv1D layers,
+    their weights stored transposed), GPT-NeoX's, DistilBERT's FFN (chunked or not), ViT's and
+    SigLIP's MLP. Outputs and every parameter gradient match the plain model's, in inference too;
+    the optimized model pickles, and restore() gives the plain blocks back."""
+    from fused_attn.integrations import hf
+
+    plain, run, blocks = _mlp_family(name, **overrides)
+    calls = []
+    monkeypatch.setattr(hf, "ffn", lambda *args, **kwargs: calls.append(kwargs) or fused_attn.ffn(*args, **kwargs))
+    fused_model = copy.deepcopy(plain)
+    report = fused_attn.optimize(fused_model)
+    cls = type(plain.get_submodule(blocks[0])).__name__
+    assert [(p, old, new) for p, old, new in report.replaced if p in blocks] == [(p, cls, f"Fused{cls}") for p in blocks]
+    assert not [row for row in report.kept if row[0] in blocks]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fused_attn.FallbackWarning)
+        assert_model_parity(plain, fused_model, run)
+        with torch.no_grad():
+            calls.clear()
+            torch.testing.assert_close(run(fused_model), run(plain))
+    chunks = 3 if overrides.get("chunk_size_feed_forward") else 1
+    assert len(calls) == len(blocks) * chunks and all(c["dropout_p"] == 0.0 for c in calls)
+
+    loaded = pickle.loads(pickle.dumps(fused_model))
+    assert type(loaded.get_submodule(blocks[0])).__name__ == f"Fused{cls}"
+    expected = run(fused_model)
+    calls.clear()
+    torch.testing.assert_close(run(loaded), expected)
+    assert len(calls) == len(blocks) * chunks
+
+    fused_attn.restore(fused_model)
+    assert [type(m) for m in fused_model.modules()] == [type(m) for m in plain.modules()]
+    assert not any(k.startswith("fused_attn") for k in vars(fused_model.get_submodule(blocks[0])))
+    calls.clear()
+    torch.testing.assert_close(run(fused_model), run(plain))
+    assert calls == []
+
+
+def test_hf_feed_forward_dropout_is_the_blocks_own():
+    """The fused block drops at its dropout's rate in training (the fraction of its outputs zeroed)
+    and not in inference; a block without a dropout (ViT's) drops nothing."""
+    plain, run, blocks = _mlp_family("gpt2", resid_pdrop=0.5)
+    report = fused_attn.optimize(plain)
+    assert (blocks[0], "GPT2MLP", "FusedGPT2MLP") in report.replaced
+    outputs = []
+    plain.get_submodule(blocks[0]).register_forward_hook(lambda mod, args, out: outputs.append(out))
+    for training in (True, False):
+        plain.train(training)
+        run(plain)
+        zeros = (outputs.pop() == 0).float().mean().item()
+        assert abs(zeros - 0.5) < 0.06 if training else zeros == 0.0
+
+    vit, run, blocks = _mlp_family("vit", hidden_dropout_prob=0.5)
+    fused_attn.optimize(vit)
+    vit.get_submodule(blocks[0]).register_forward_hook(lambda mod, args, out: outputs.append(out))
+    vit.train()
+    run(vit)
+    assert (outputs.pop() == 0).float().mean().item() == 0.0
+
+
+def test_hf_feed_forward_blocks_fall_back_where_the_fused_one_cannot_stand_for_them():
+    """An activation other than a GELU or ReLU keeps the block (CLIP's quick GELU), with the reason;
+    after optimize(), a replaced activation, a hook on a child the fused block reads and an
+    adapter-like linear each run transformers' forward (a FallbackWarning for the latter two), and
+    a GELU put back runs fused again. A linear that is not exactly torch's keeps the block."""
+    from fused_attn.integrations import hf
+
+    clip, _, blocks = _mlp_family("clip")
+    report = fused_attn.optimize(clip)
+    assert [(p, why) for p, _, why in report.kept] == [(p, "activation QuickGELUActivation is not a GELU or ReLU")
+                                                        for p in blocks]
+
+    plain, run, blocks = _mlp_family("vit")
+    fused_model = copy.deepcopy(plain)
+    fused_attn.optimize(fused_model)
+    block = fused_model.get_submodule(blocks[0])
+    chain = hf._call_chain(type(plain.get_submodule(blocks[0])).forward)
+    first, activation, second = chain
+    for model in (plain, fused_model):
+        setattr(model.get_submodule(blocks[0]), activation, nn.SiLU())
+    torch.testing.assert_close(run(fused_model), run(plain))
+    assert block.fused_attn_activation_code is None
+    for model in (plain, fused_model):
+        setattr(model.get_submodule(blocks[0]), activation, nn.GELU(approximate="tanh"))
+    torch.testing.assert_close(run(fused_model), run(plain))
+    assert block.fused_attn_activation_code == "tanh"
+
+    hooked = []
+    handles = [model.get_submodule(blocks[0]).get_submodule(second).register_forward_hook(
+        lambda mod, args, out: hooked.append(1) or out * 0.5) for model in (plain, fused_model)]
+    with pytest.warns(fused_attn.FallbackWarning, match="hooks on its"):
+        torch.testing.assert_close(run(fused_model), run(plain))
+    assert len(hooked) == 2
+    for handle in handles:
+        handle.remove()
+
+    class ScaledLinear(nn.Linear):  # an adapter-like subclass: its weight alone is not what it computes
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    def adapt(model):
+        linear = model.get_submodule(blocks[1]).get_submodule(first)
+        scaled = ScaledLinear(linear.in_features, linear.out_features)
+        scaled.load_state_dict(linear.state_dict())
+        setattr(model.get_submodule(blocks[1]), first, scaled)
+
+    for model in (plain, fused_model):
+        adapt(model)
+    with pytest.warns(fused_attn.FallbackWarning, match=f"{first} is ScaledLinear, not Linear"):
+        torch.testing.assert_close(run(fused_model), run(plain))
+
+    fresh, _, _ = _mlp_family("vit")
+    adapt(fresh)
+    report = fused_attn.optimize(fresh)
+    assert (blocks[1], "ViTMLP", f"{first} is ScaledLinear, not Linear") in report.kept
+    assert (blocks[0], "ViTMLP", "FusedViTMLP") in report.replaced
+
+
+def test_feed_forward_chains_are_read_from_the_code():
+    """The chain is recognised by the shape of the method's code, whatever its names; a forward that
+    computes anything more (a residual, another order, an extra argument) is not taken for one."""
+    from fused_attn.integrations import hf
+
+    class Chain(nn.Module):
+        def forward(self, states):
+            states = self.up(states)
+            states = self.act(states)
+            states = self.down(states)
+            return states
+
+    class Renamed(nn.Module):
+        def forward(self, features):
+            out = self.up(features)
+            out = self.act(out)
+            out = self.down(out)
+            out = self.drop(out)
+            return out
+
+    class Residual(nn.Module):
+        def forward(self, x):
+            h = self.up(x)
+            h = self.act(h)
+            h = self.down(h)
+            return h + x
+
+    class Nested(nn.Module):
+        def forward(self, x):
+            return self.down(self.act(self.up(x)))
+
+    class TwoInputs(nn.Module):
+        def forward(self, x, scale):
+            x = self.up(x)
+            x = self.act(x)
+            x = self.down(x)
+            return x
+
+    assert hf._call_chain(Chain.forward) == ("up", "act", "down")
+    assert hf._call_chain(Renamed.forward) == ("up", "act", "down", "drop")
+    assert all(hf._call_chain(cls.forward) is None for cls in (Residual, Nested, TwoInputs))
+    module = Chain()
+    module.up, module.act, module.down = nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)
+    assert hf._mlp_form(module) == ("forward", ("up", "act", "down"))
+    module.act = nn.Linear(16, 16)  # three linear layers: no activation between them
+    assert hf._mlp_form(module) is None
+    module.act, module.down = nn.GELU(), nn.LayerNorm(16)
+    assert hf._mlp_form(module) is None
 
 
 def test_hf_encoder_decoder_of_berts_is_fused_model_by_model():

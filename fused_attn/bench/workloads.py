@@ -1,5 +1,7 @@
-"""Whole models to measure: the package's reference BERT and Transformer, Hugging Face BERT, and
-``torch.nn.Transformer`` (``nn-transformer``: the reference Transformer's sizes, fed embeddings).
+"""Whole models to measure: the package's reference BERT and Transformer, Hugging Face BERT and
+GPT-2 (``hf-gpt2``: GPT-2 small, 12 layers of 768, a decoder whose attention is causal and whose
+feed-forward block fuses whole), and ``torch.nn.Transformer`` (``nn-transformer``: the reference
+Transformer's sizes, fed embeddings).
 
 :func:`build` returns a model with random weights (built from a config; nothing is downloaded)
 and a ``step(model)`` that runs it on fixed random token ids (embeddings for ``nn-transformer``,
@@ -18,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-MODELS = ("bert-tiny", "bert-mini", "bert-base", "bert-large", "transformer", "nn-transformer", "hf-bert")
+MODELS = ("bert-tiny", "bert-mini", "bert-base", "bert-large", "transformer", "nn-transformer", "hf-bert", "hf-gpt2")
 # Encoder-decoder models: ``layers`` counts each stack's.
 SEQ2SEQ = ("transformer", "nn-transformer")
 
@@ -62,8 +64,18 @@ def _bert_config(name: str, layers: int | None, seq: int):
     return sizes(**overrides)
 
 
+def _transformers(name: str):
+    try:
+        import transformers
+    except ImportError:
+        raise WorkloadUnavailable(f"{name} needs the transformers package (pip install transformers)") from None
+    return transformers
+
+
 def _config(name: str, layers: int | None, seq: int):
-    """The model's config: a BERT's, or the Transformer's with ``layers`` in each stack."""
+    """The model's config: a BERT's, GPT-2's, or the Transformer's with ``layers`` in each stack."""
+    if name == "hf-gpt2":
+        return _transformers(name).GPT2Config(n_positions=max(1024, seq), **({"n_layer": layers} if layers else {}))
     if name not in SEQ2SEQ:
         return _bert_config(name, layers, seq)
     from ..models import TransformerConfig
@@ -84,11 +96,10 @@ def _model(name: str, config) -> nn.Module:
 
         return Transformer(config)
     if name == "hf-bert":
-        try:
-            import transformers
-        except ImportError:
-            raise WorkloadUnavailable("hf-bert needs the transformers package (pip install transformers)") from None
+        transformers = _transformers(name)
         return transformers.BertModel(transformers.BertConfig(**config.to_hf_kwargs()), add_pooling_layer=False)
+    if name == "hf-gpt2":
+        return _transformers(name).GPT2Model(config)
     from ..models import BertModel
 
     return BertModel(config, add_pooling_layer=False)
@@ -145,7 +156,10 @@ def check_fits(name: str, *, batch: int, seq: int, layers: int | None = None, de
     available = available_bytes(device)
     if available is None:
         return
-    parts = estimate_bytes(name, batch=batch, seq=seq, layers=layers, dtype=dtype, training=training)
+    try:
+        parts = estimate_bytes(name, batch=batch, seq=seq, layers=layers, dtype=dtype, training=training)
+    except WorkloadUnavailable:
+        return  # building it says why
     total = sum(parts.values())
     if total > available:
         detail = ", ".join(f"{part} {size_text(n)}" for part, n in parts.items())

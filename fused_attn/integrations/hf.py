@@ -1,4 +1,5 @@
-"""Hugging Face ``transformers``: fused attention for its models, fused blocks for BERT's.
+"""Hugging Face ``transformers``: fused attention for its models, fused blocks for its feed-forward
+and BERT's blocks.
 
 :func:`fused_attn.optimize` on a transformers model (when ``transformers`` is installed):
 
@@ -21,6 +22,11 @@
   recognised by its forward compiling to the code the fused forward stands for
   (:func:`_bert_add_norm_forward`, :func:`_bert_intermediate_forward`), not by its name, so a
   block that computes anything else (a pre-LN variant, another activation) is not taken for one;
+* runs each feed-forward block whose forward (DistilBERT's: ``ff_chunk``) chains two linear layers
+  (torch's Linear, or transformers' Conv1D) around a GELU or ReLU, and a dropout after them or
+  none, as one :func:`fused_attn.ffn` call: GPT-2's, GPT-NeoX's, GPT-J's and DistilBERT's, the
+  MLPs of ViT, SigLIP, SAM, ... (the chain is read from the code's shape, whatever its names:
+  :func:`_call_chain`);
 * converts the remaining ``torch.nn.LayerNorm`` modules (embeddings, prediction heads, GPT-2's
   and ViT's pre-norms).
 
@@ -56,7 +62,7 @@ from torch import nn
 from .. import convert
 from ..nn.transformer import _unfused, activation_code, foreign_child
 from ..ops import add_layer_norm, scaled_dot_product_attention, softmax
-from ..ops.ffn import linear_activation
+from ..ops.ffn import ffn, ffn_activation, linear_activation
 from ..ops.attention import repeat_kv_heads
 from ..reference.attention import causal_keep
 
@@ -206,16 +212,152 @@ def _remember_activation(module: nn.Module, activation: object) -> None:
     module.__dict__["fused_attn_activation"] = activation
 
 
+def _current_activation_code(module: nn.Module, activation: object) -> str | None:
+    """The activation code of ``activation``, which the module holds now: the one found when it was
+    fused, or, for an activation replaced since optimize(), its own (None when it is not a GELU or
+    ReLU: transformers' forward then serves the block)."""
+    if activation is not getattr(module, "fused_attn_activation", None):
+        module.fused_attn_activation_code = _hf_activation_code(activation)
+        _remember_activation(module, activation)
+    return module.fused_attn_activation_code
+
+
 def _intermediate_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    activation = self.intermediate_act_fn
-    if activation is not getattr(self, "fused_attn_activation", None):
-        # Replaced since optimize(): fused again if it is a GELU or ReLU too, else transformers' forward.
-        self.fused_attn_activation_code = _hf_activation_code(activation)
-        _remember_activation(self, activation)
-    if self.fused_attn_activation_code is None or _unfused(self):
+    if _current_activation_code(self, self.intermediate_act_fn) is None or _unfused(self):
         return self._fused_attn_of[0].forward(self, hidden_states)
     return linear_activation(hidden_states, self.dense.weight, self.dense.bias, self.fused_attn_activation_code,
                              backend=self.fused_attn_backend)
+
+
+# The feed-forward blocks fused whole: a method that chains three or four of the module's children,
+# ``second(act(first(x)))`` and then, where there is one, a dropout, in any of these words (ViT's
+# and CLIP's MLP: fc1, activation_fn, fc2; GPT-2's: c_fc, act, c_proj, dropout; GPT-NeoX's, GPT-J's,
+# SAM's, LLaVA's projector ...; DistilBERT's FFN.ff_chunk: lin1, activation, lin2, dropout). The
+# chain is read from the method's code with the names abstracted (_call_chain); first and second
+# must be torch Linear layers or transformers' Conv1D (GPT-2's, its weight stored transposed), the
+# fourth a torch Dropout, and the activation a GELU or ReLU, which fused_attn.ffn computes.
+def _chain_in_place(self, x):
+    x = self.first(x)
+    x = self.activation(x)
+    x = self.second(x)
+    return x
+
+
+def _chain_in_place_with_dropout(self, x):
+    x = self.first(x)
+    x = self.activation(x)
+    x = self.second(x)
+    x = self.dropout(x)
+    return x
+
+
+def _chain(self, x):
+    h = self.first(x)
+    h = self.activation(h)
+    h = self.second(h)
+    return h
+
+
+def _chain_with_dropout(self, x):
+    h = self.first(x)
+    h = self.activation(h)
+    h = self.second(h)
+    h = self.dropout(h)
+    return h
+
+
+def _code_shape(fn: object) -> tuple[tuple, tuple[str, ...]] | None:
+    """A function's code with its local variables numbered and the attributes it loads replaced by
+    their order of first use, and those attribute names in that order; None for what has no code."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+    attributes: list[str] = []
+    shape = []
+    for i in dis.get_instructions(code):
+        value = i.argval
+        if i.opname in ("LOAD_ATTR", "LOAD_METHOD") and isinstance(value, str):
+            if value not in attributes:
+                attributes.append(value)
+            value = ("attribute", attributes.index(value))
+        elif "FAST" in i.opname:  # LOAD_FAST, STORE_FAST and their fused pairs (LOAD_FAST_LOAD_FAST, ...)
+            names = value if isinstance(value, tuple) else (value,)
+            value = tuple(code.co_varnames.index(n) if n in code.co_varnames else n for n in names)
+        shape.append((i.opname, repr(value)))
+    kind = code.co_flags & _CALL_FLAGS  # not the __future__ flags of the module it was compiled in
+    return (code.co_argcount, code.co_kwonlyargcount, kind, tuple(shape)), tuple(attributes)
+
+
+_CALL_FLAGS = (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS | inspect.CO_GENERATOR | inspect.CO_COROUTINE
+               | inspect.CO_ASYNC_GENERATOR)
+
+
+_CHAIN_SHAPES = [_code_shape(chain)[0]
+                 for chain in (_chain_in_place, _chain_in_place_with_dropout, _chain, _chain_with_dropout)]
+# The methods a feed-forward block's chain may be in: the fused class overrides that method alone.
+_MLP_METHODS = ("forward", "ff_chunk")
+
+
+@functools.lru_cache(maxsize=None)
+def _call_chain(fn: object) -> tuple[str, ...] | None:
+    """(first, activation, second[, dropout]): the children ``fn`` chains, when its code is one of
+    the chains above with other names, else None."""
+    found = _code_shape(fn)
+    if found is None or found[0] not in _CHAIN_SHAPES:
+        return None
+    return found[1]
+
+
+def _conv1d() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def _mlp_reads(chain: tuple[str, ...]) -> dict[str, tuple[type, ...]]:
+    """The classes the children of a feed-forward chain must be for the fused forward to read them."""
+    linears = (nn.Linear,) + ((_conv1d(),) if _conv1d() is not None else ())
+    reads = {chain[0]: linears, chain[2]: linears}
+    if len(chain) == 4:
+        reads[chain[3]] = (nn.Dropout,)
+    return reads
+
+
+def _mlp_form(module: nn.Module) -> tuple[str, tuple[str, ...]] | None:
+    """(method, chain) for a feed-forward block whose ``method`` is a chain (:func:`_call_chain`)
+    of two linear layers (Linear or Conv1D) around an activation (and a dropout after them), else
+    None."""
+    for method in _MLP_METHODS:
+        chain = _call_chain(getattr(type(module), method, None))
+        if chain is None:
+            continue
+        first, activation, second, *dropout = (getattr(module, name, None) for name in chain)
+        linears = _mlp_reads(chain)[chain[0]]
+        if (isinstance(first, linears) and isinstance(second, linears)
+                and not isinstance(activation, (*linears, nn.Dropout))
+                and all(isinstance(d, nn.Module) for d in dropout)):
+            return method, chain
+    return None
+
+
+def _linear_weight(linear: nn.Module) -> torch.Tensor:
+    """A linear layer's weight as [out_features, in_features]: Conv1D stores it transposed."""
+    return linear.weight if isinstance(linear, nn.Linear) else linear.weight.t()
+
+
+def _mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    original, kind = self._fused_attn_of
+    chain = self._fused_attn_chain
+    if (_current_activation_code(self, getattr(self, chain[1])) is None
+            or _unfused(self, reads=self._fused_attn_reads)):
+        return getattr(original, kind.partition(":")[2])(self, hidden_states)
+    first, second = getattr(self, chain[0]), getattr(self, chain[2])
+    dropout = getattr(self, chain[3]) if len(chain) == 4 else None
+    p = dropout.p if dropout is not None and dropout.training else 0.0  # as nn.Dropout decides
+    return ffn(hidden_states, _linear_weight(first), first.bias, _linear_weight(second), second.bias,
+               dropout_p=p, backend=self.fused_attn_backend, **ffn_activation(self.fused_attn_activation_code))
 
 
 _FORWARDS = {"add_norm": _add_norm_forward, "intermediate": _intermediate_forward}
@@ -235,10 +377,14 @@ def _new_fused(original: type, kind: str) -> nn.Module:
 
 def _fused_class(cls: type, kind: str) -> type:
     if (cls, kind) not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls, kind] = type(f"Fused{cls.__name__}", (cls,), {
-            "forward": _FORWARDS[kind], "__module__": __name__, "__reduce_ex__": _reduce_fused,
-            "_fused_attn_of": (cls, kind),
-        })
+        namespace = {"__module__": __name__, "__reduce_ex__": _reduce_fused, "_fused_attn_of": (cls, kind)}
+        if kind.startswith("mlp:"):
+            method = kind.partition(":")[2]
+            chain = _call_chain(getattr(cls, method))
+            namespace.update({method: _mlp_forward, "_fused_attn_chain": chain, "_fused_attn_reads": _mlp_reads(chain)})
+        else:
+            namespace["forward"] = _FORWARDS[kind]
+        _FUSED_CLASSES[cls, kind] = type(f"Fused{cls.__name__}", (cls,), namespace)
     return _FUSED_CLASSES[cls, kind]
 
 
@@ -594,8 +740,15 @@ def _convert_model(model: nn.Module, backend: str | None, unregistered: str | No
             replaced.append((path, module.__dict__[convert.ORIGINAL_CLASS].__name__,
                              convert.own_class(module).__name__))
             continue
-        kind = "add_norm" if _is_add_norm_block(module) else "intermediate" if _is_intermediate_block(module) else None
-        why = foreign_child(module) if kind is not None else None
+        mlp = None
+        if _is_add_norm_block(module):
+            kind = "add_norm"
+        elif _is_intermediate_block(module):
+            kind = "intermediate"
+        else:
+            mlp = _mlp_form(module)
+            kind = None if mlp is None else f"mlp:{mlp[0]}"
+        why = foreign_child(module, mlp and _mlp_reads(mlp[1])) if kind is not None else None
         blocks += kind is not None
         if why is not None:
             kept.append((path, type(module).__name__, why))
@@ -603,14 +756,16 @@ def _convert_model(model: nn.Module, backend: str | None, unregistered: str | No
         original = convert.own_class(module)  # a parametrized module keeps its parametrizations
         if kind == "add_norm":
             new_cls = _fused_class(original, "add_norm")
-        elif kind == "intermediate":
-            code = _hf_activation_code(getattr(module, "intermediate_act_fn", None))
+        elif kind is not None:
+            activation = getattr(module, "intermediate_act_fn" if mlp is None else mlp[1][1], None)
+            code = _hf_activation_code(activation)
             if code is None:
-                kept.append((path, type(module).__name__, "activation is not a GELU or ReLU"))
+                kept.append((path, type(module).__name__,
+                             f"activation {type(activation).__name__} is not a GELU or ReLU"))
                 continue
             module.fused_attn_activation_code = code
-            _remember_activation(module, module.intermediate_act_fn)
-            new_cls = _fused_class(original, "intermediate")
+            _remember_activation(module, activation)
+            new_cls = _fused_class(original, kind)
         elif original is nn.LayerNorm:
             new_cls = convert.FusedLayerNorm
             module.backend = backend
@@ -620,8 +775,8 @@ def _convert_model(model: nn.Module, backend: str | None, unregistered: str | No
         replaced.append((path, original.__name__, new_cls.__name__))
         convert.set_class(module, new_cls)
     if not parts and not blocks:
-        kept.append(("", type(model).__name__, "no feed-forward or Add & Norm block computes BERT's (the blocks "
-                     "fused_attn fuses besides attention and LayerNorm)"))
+        kept.append(("", type(model).__name__, "no feed-forward, intermediate or Add & Norm block of a form "
+                     "fused_attn fuses (BERT's blocks, or two linear layers around an activation)"))
     return replaced, kept
 
 

@@ -125,14 +125,16 @@ def _kinds_of(name: str) -> tuple[type, ...] | None:
     return _KINDS_OF_NAME[name]
 
 
-def foreign_child(layer: nn.Module) -> str | None:
+def foreign_child(layer: nn.Module, reads: dict[str, tuple[type, ...]] | None = None) -> str | None:
     """Why the fused forward cannot stand for ``layer``'s: a linear, norm or dropout submodule that
     is not exactly the torch class whose computation the fused kernels reproduce (a LoRA linear,
-    an RMSNorm, an Identity in place of a dropout), or None. A parametrized submodule
+    an RMSNorm, an Identity in place of a dropout), or None. ``reads`` names further submodules the
+    fused forward reads, with the classes each must be. A parametrized submodule
     (``torch.nn.utils.parametrize``, e.g. weight_norm) counts as the class it was made from: its
     ``weight`` attribute, which the fused forward reads, is the parametrized weight."""
     for name, child in layer._modules.items():
-        kinds = _kinds_of(name)
+        kinds = reads.get(name) if reads else None
+        kinds = _kinds_of(name) if kinds is None else kinds
         if kinds is None:
             continue
         why = _foreign(child, kinds)
@@ -155,13 +157,13 @@ def _foreign(module: nn.Module, kinds: tuple[type, ...]) -> str | None:
     return f"{found.__name__}, not {wanted.__name__}"
 
 
-def _unfused(layer: nn.Module, called: tuple[str, ...] = ()) -> bool:
+def _unfused(layer: nn.Module, called: tuple[str, ...] = (), reads: dict[str, tuple[type, ...]] | None = None) -> bool:
     """Whether this call must run the unfused forward: hooks the fused one would bypass, or a foreign
-    submodule (both with a FallbackWarning once)."""
+    submodule (``foreign_child``'s, with ``reads``) (both with a FallbackWarning once)."""
     if _bypassed_hooks(layer, called):
         _warn_hooks(layer)
         return True
-    why = foreign_child(layer)
+    why = foreign_child(layer, reads)
     if why is not None:
         warn_once(f"{type(layer).__name__}: {why}: torch's unfused forward serves it", 5)
         return True
