@@ -297,34 +297,19 @@ def test_optimized_reference_bert_compiles_whole(train):
     assert all(p.grad is None for p in params.values())  # the checks above differentiate inputs only
 
 
-def test_optimized_hf_bert_compiles_whole_with_gradients():
+@pytest.mark.parametrize("family", ["bert", "gpt2", "distilbert"])
+def test_optimized_hf_models_compile_whole_with_gradients(family):
+    """An optimize()d Hugging Face model compiles into one graph (fullgraph), with the parity of
+    eager: BERT (its fused attention, Add & Norm and intermediate blocks) and models whose
+    feed-forward blocks run as one fused ffn call (GPT-2's Conv1D MLP, DistilBERT's FFN through its
+    ff_chunk)."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    plain = transformers.BertModel(config).train()
-    model = copy.deepcopy(plain)
-    fused_attn.optimize(model)
-    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(2, 12, dtype=torch.long)
-    mask[1, 8:] = 0
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = torch.compile(lambda m: m(input_ids=ids, attention_mask=mask).last_hidden_state, fullgraph=True,
-                             backend="aot_eager")
-    # The compiled fused model against the float64 eager truth, within 3x the error of the plain
-    # float32 eager model: output and every parameter gradient (conftest).
-    assert_model_parity(plain, model, lambda m: compiled(m) if m is model else
-                        m(input_ids=ids, attention_mask=mask).last_hidden_state)
-    assert counters["stats"]["unique_graphs"] == 1
-
-
-@pytest.mark.parametrize("family", ["gpt2", "distilbert"])
-def test_optimized_hf_feed_forward_blocks_compile_whole_with_gradients(family):
-    """Models whose feed-forward blocks run as one fused ffn call (GPT-2's Conv1D MLP, DistilBERT's
-    FFN through its ff_chunk) compile into one graph, with the parity of eager."""
-    transformers = pytest.importorskip("transformers")
-    if family == "gpt2":
+    if family == "bert":
+        config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=64, hidden_dropout_prob=0.0,
+                                         attention_probs_dropout_prob=0.0)
+        cls = transformers.BertModel
+    elif family == "gpt2":
         config = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2, n_positions=32,
                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
                                          eos_token_id=0)
@@ -337,7 +322,7 @@ def test_optimized_hf_feed_forward_blocks_compile_whole_with_gradients(family):
     plain = cls(config).train()
     model = copy.deepcopy(plain)
     report = fused_attn.optimize(model)
-    assert any(new in ("FusedGPT2MLP", "FusedFFN") for _, _, new in report.replaced)
+    assert {"FusedBertIntermediate", "FusedGPT2MLP", "FusedFFN"} & {new for _, _, new in report.replaced}
     ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[1, 8:] = 0
@@ -345,6 +330,8 @@ def test_optimized_hf_feed_forward_blocks_compile_whole_with_gradients(family):
     counters.clear()
     compiled = torch.compile(lambda m: m(input_ids=ids, attention_mask=mask).last_hidden_state, fullgraph=True,
                              backend="aot_eager")
+    # The compiled fused model against the float64 eager truth, within 3x the error of the plain
+    # float32 eager model: output and every parameter gradient (conftest).
     assert_model_parity(plain, model, lambda m: compiled(m) if m is model else
                         m(input_ids=ids, attention_mask=mask).last_hidden_state)
     assert counters["stats"]["unique_graphs"] == 1
