@@ -251,6 +251,11 @@ Tensor unrows(const Tensor& out, c10::IntArrayRef shape) {
 
 Tensor unit_last_stride(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
+// A weight as the kernels of its device take it (fused_attn.ops.ffn._weight_operand): the CPU GEMMs
+// read any strides (a weight stored transposed is read in place, and autograd saves that view, not a
+// copy), the CUDA kernels a contiguous one.
+Tensor weight_operand(const Tensor& w) { return w.is_cpu() ? w : w.contiguous(); }
+
 // The dropout seed, as fused_attn.ops._random.draw_seed draws it (the same draw from torch's
 // default generator of like's device, on that device); none without dropout.
 OptTensor draw_seed(double p, const Tensor& like) {
@@ -547,7 +552,7 @@ PyObject* linear_gelu(PyObject* const* args) {
   Tensor out;
   {
     NoGil no_gil;
-    const Tensor x = rows(*input, in_features), wc = weight.contiguous();
+    const Tensor x = rows(*input, in_features), wc = weight_operand(weight);
     const c10::string_view approx(approximate.data(), approximate.size());
     out = grad ? std::get<0>(fwd.call(x, wc, bias, approx)) : inference.call(x, wc, bias, approx);
     out = unrows(out, input->sizes());
@@ -582,7 +587,7 @@ PyObject* ffn(PyObject* const* args) {
   Tensor out;
   {
     NoGil no_gil;
-    const Tensor x = rows(*input, in_features), w1c = w1.contiguous(), w2c = w2.contiguous();
+    const Tensor x = rows(*input, in_features), w1c = weight_operand(w1), w2c = weight_operand(w2);
     const c10::string_view approx(approximate.data(), approximate.size());
     out = inference_form ? inference.call(x, w1c, b1, w2c, b2, approx)
                          : std::get<0>(fwd.call(x, w1c, b1, w2c, b2, approx, p, draw_seed(p, *input)));

@@ -275,6 +275,47 @@ def test_relu_at_its_kink_and_beyond(backend_device, dtype):
 
 
 @pytest.mark.parametrize("backend_device", FFN)
+def test_weights_stored_transposed(backend_device):
+    """Weights stored [in_features, out_features] and passed transposed, as transformers' Conv1D
+    stores them: the results of contiguous ones, forward and every gradient, on every backend. The
+    CPU GEMMs read them in place: the backward saves views of the stored weights, never copies,
+    whether the backend is named or the plain call's C++ entry serves the call."""
+    from fused_attn import backends
+
+    backend, device = backend_device
+    dtype = supported_dtypes(backend, device, "ffn")[0]
+    gen = torch.Generator().manual_seed(5)
+    args = {
+        "input": _randn(9, 16, dtype=dtype, device=device, gen=gen),
+        "w1_stored": _randn(16, 24, dtype=dtype, device=device, gen=gen, scale=0.25),
+        "b1": _randn(24, dtype=dtype, device=device, gen=gen),
+        "w2_stored": _randn(24, 16, dtype=dtype, device=device, gen=gen, scale=0.2),
+        "b2": _randn(16, dtype=dtype, device=device, gen=gen),
+    }
+    assert_parity(lambda input, w1_stored, b1, w2_stored, b2: fused_attn.ffn(
+                      input, w1_stored.t(), b1, w2_stored.t(), b2, "tanh", backend=backend),
+                  lambda input, w1_stored, b1, w2_stored, b2: reference.ffn(
+                      input, w1_stored.t(), b1, w2_stored.t(), b2, "tanh"), args)
+    linear = {k: args[k] for k in ("input", "w1_stored", "b1")}
+    assert_parity(lambda input, w1_stored, b1: fused_attn.linear_gelu(input, w1_stored.t(), b1, backend=backend),
+                  lambda input, w1_stored, b1: reference.linear_gelu(input, w1_stored.t(), b1), linear)
+    if backend != "cpu":
+        return
+    leaves = {k: v.requires_grad_() for k, v in args.items()}
+    stored = {leaves["w1_stored"].untyped_storage().data_ptr(), leaves["w2_stored"].untyped_storage().data_ptr()}
+    served = backends._FAST.served()["ffn"] if backends.fast_entry("ffn") is not None else None
+    for named in ("cpu", None, None):  # the plain call's C++ entry serves a shape from its second call
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            fused_attn.ffn(leaves["input"], leaves["w1_stored"].t(), leaves["b1"], leaves["w2_stored"].t(),
+                           leaves["b2"], backend=named).sum().backward()
+        weights = [t for t in saved if sorted(t.shape) == [16, 24]]
+        assert len(weights) == 2 and {t.untyped_storage().data_ptr() for t in weights} == stored, named
+    if served is not None:
+        assert backends._FAST.served()["ffn"] > served
+
+
+@pytest.mark.parametrize("backend_device", FFN)
 @pytest.mark.parametrize("wanted", ["input", "w1", "b1", "w2", "b2", "input+w2", "w1+b1+w2+b2"])
 def test_ffn_gradients_of_some_inputs(backend_device, wanted):
     """Frozen weights (an adapter, partial fine-tuning) or a frozen input: the gradients asked for,

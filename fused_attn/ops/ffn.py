@@ -409,6 +409,13 @@ def ffn_activation(code: str) -> dict[str, str]:
     return dict(_ARGUMENTS[code])
 
 
+def _weight_operand(weight: torch.Tensor, backend: str) -> torch.Tensor:
+    """A weight as ``backend``'s kernels take it: the CPU GEMMs read any strides (a weight stored
+    transposed, as transformers' Conv1D stores it, is read in place, and the backward saves that
+    view of the parameter, not a copy of it), the cuda and triton kernels a contiguous one."""
+    return weight if backend == "cpu" else weight.contiguous()
+
+
 def linear_gelu(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -459,7 +466,7 @@ def linear_activation(
     chosen = select("linear_gelu", Inputs(input.device, input.dtype, features), backend, operands=(input, weight))
     if chosen == "reference":
         return reference.linear_activation(input, weight, bias, code)
-    args = (rows(input, input.shape[-1]), weight.contiguous(), bias, code)
+    args = (rows(input, input.shape[-1]), _weight_operand(weight, chosen), bias, code)
     if needs_grad(input, weight, bias):
         out, _ = _LINEAR_GELU_OPS[chosen](*args)
     else:
@@ -486,8 +493,9 @@ def ffn(
     default), fused the same way on every backend.
 
     ``input`` [..., model], ``w1`` [hidden, model] and ``w2`` [model_out, hidden] of the input's
-    dtype, biases optional (cast to the input's dtype); returns [..., model_out] in the input's
-    dtype. float16, bfloat16 and float32 run fused, accumulating in float32 (float64 runs the
+    dtype (any strides: the CPU kernels read a weight stored transposed in place, the cuda and
+    triton kernels take a contiguous copy), biases optional (cast to the input's dtype); returns
+    [..., model_out] in the input's dtype. float16, bfloat16 and float32 run fused, accumulating in float32 (float64 runs the
     reference implementation, with a :class:`~fused_attn.FallbackWarning`). Only the
     pre-activation is kept for the backward (the activation is recomputed inside the GEMM that
     needs it), and none when the call needs no gradient and has no dropout. On CPU the backward
@@ -519,7 +527,7 @@ def ffn(
                     operands=(input, w1, w2), dropout_p=dropout_p)
     if chosen == "reference":
         return reference.ffn(input, w1, b1, w2, b2, approximate, dropout_p, activation=activation)
-    flat, w1, w2 = rows(input, input.shape[-1]), w1.contiguous(), w2.contiguous()
+    flat, w1, w2 = rows(input, input.shape[-1]), _weight_operand(w1, chosen), _weight_operand(w2, chosen)
     if dropout_p == 0.0 and not needs_grad(input, w1, b1, w2, b2):
         out = _FFN_INFERENCE[chosen](flat, w1, b1, w2, b2, code)
     else:
