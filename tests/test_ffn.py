@@ -299,6 +299,12 @@ def test_weights_stored_transposed(backend_device):
     linear = {k: args[k] for k in ("input", "w1_stored", "b1")}
     assert_parity(lambda input, w1_stored, b1: fused_attn.linear_gelu(input, w1_stored.t(), b1, backend=backend),
                   lambda input, w1_stored, b1: reference.linear_gelu(input, w1_stored.t(), b1), linear)
+    with torch.no_grad():  # the inference forms
+        x, w1, b1, w2, b2 = args.values()
+        torch.testing.assert_close(fused_attn.ffn(x, w1.t(), b1, w2.t(), b2, backend=backend),
+                                   fused_attn.ffn(x, w1.t().contiguous(), b1, w2.t().contiguous(), b2, backend=backend))
+        torch.testing.assert_close(fused_attn.linear_gelu(x, w1.t(), b1, backend=backend),
+                                   fused_attn.linear_gelu(x, w1.t().contiguous(), b1, backend=backend))
     if backend != "cpu":
         return
     leaves = {k: v.requires_grad_() for k, v in args.items()}
