@@ -34,6 +34,8 @@
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
+#include "fused_attn/activation.h"
+
 namespace fused_attn {
 namespace {
 
@@ -322,7 +324,7 @@ Tensor softmax_fwd_autograd(const Tensor& input, const OptTensor& mask, double s
 // The activation code (approximate: "none", "tanh" or "relu") as the second-order formulas take it,
 // its index in fused_attn.reference.ffn.ACTIVATION_CODES (fused_attn/ops/_second_order.py).
 double activation_index(const std::string& approximate) {
-  return approximate == "none" ? 0.0 : approximate == "tanh" ? 1.0 : 2.0;
+  return static_cast<double>(parse_activation(approximate));
 }
 
 using LinearGeluFwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, c10::string_view);

@@ -28,7 +28,8 @@
 //    grad_pre is written over the saved pre-activation, row by row after it was read: the backward
 //    then holds one [rows, hidden] tensor at its peak where eager PyTorch holds three.
 // The activation is the GELU (approximate "none": erf; "tanh") or ReLU (approximate "relu", the FFN's
-// activation="relu"), the same passes templated on it (Act); "gelu" below stands for either.
+// activation="relu"), the same passes templated on it (Activation, fused_attn/activation.h); "gelu"
+// below stands for either.
 // The elementwise arithmetic is float32 on at::vec::Vectorized<float>, with torch's GELU
 // formulas (erf, or tanh for approximate="tanh") evaluated inline (see gelu below). The bias
 // gradient is deterministic: rows are cut into chunks by shape alone
@@ -85,6 +86,7 @@
 #include <c10/util/string_view.h>
 #include <torch/library.h>
 
+#include "fused_attn/activation.h"
 #include "fused_attn/checks.h"
 #include "fused_attn/cpu_rows.h"
 #include "fused_attn/ffn_cpu.h"
@@ -292,25 +294,22 @@ C10_ALWAYS_INLINE fVec gelu_grad(const fVec& x) {
   }
 }
 
-// The activation codes (the ops' approximate: "none", "tanh", "relu") as template arguments.
-enum Act : int { kGeluErf = 0, kGeluTanh = 1, kRelu = 2 };
-
-template <int kAct>
+template <Activation kAct>
 C10_ALWAYS_INLINE fVec activation(const fVec& x) {
-  if constexpr (kAct == kRelu) {
+  if constexpr (kAct == Activation::kRelu) {
     return fVec::blendv(x, fVec(0.f), x < fVec(0.f));  // as torch.relu: NaN stays NaN
   } else {
-    return gelu<kAct == kGeluTanh>(x);
+    return gelu<kAct == Activation::kGeluTanh>(x);
   }
 }
 
 // dy * act'(x). ReLU's is torch's threshold_backward: 0 where x <= 0, else dy (x = NaN passes dy).
-template <int kAct>
+template <Activation kAct>
 C10_ALWAYS_INLINE fVec activation_grad_times(const fVec& dy, const fVec& x) {
-  if constexpr (kAct == kRelu) {
+  if constexpr (kAct == Activation::kRelu) {
     return fVec::blendv(dy, fVec(0.f), x <= fVec(0.f));
   } else {
-    return dy * gelu_grad<kAct == kGeluTanh>(x);
+    return dy * gelu_grad<kAct == Activation::kGeluTanh>(x);
   }
 }
 
@@ -354,7 +353,7 @@ void torch_activation_backward_out(at::Tensor& g, const at::Tensor& dy, const at
 // float32 or the storage dtype): v = src (+ bias[col] where bias is not null, the float32 GEMM's
 // bias) rounded to scalar_t, stored to pre where pre is not null (it may be src itself), and
 // out = act(v). out may be src itself (in place: each block is loaded before it is stored).
-template <typename scalar_t, typename src_t, int kAct>
+template <typename scalar_t, typename src_t, Activation kAct>
 void activation_fwd_rows(const src_t* src, const float* bias, scalar_t* pre, scalar_t* out, int64_t cols,
                          int64_t begin, int64_t end) {
   constexpr int P = kParts<scalar_t>;
@@ -383,7 +382,7 @@ void activation_fwd_rows(const src_t* src, const float* bias, scalar_t* pre, sca
 // (unrounded) added to this chunk's float64 sums db_part (cpu_rows::ColumnSums) when not null.
 // dy (scalar_t or float32) holds rows from dy_row0 on. The order of rows and blocks is
 // cpu_rows::backward_rows'.
-template <typename scalar_t, typename dy_t, typename grad_t, int kAct>
+template <typename scalar_t, typename dy_t, typename grad_t, Activation kAct>
 void activation_bwd_rows(const dy_t* dy, int64_t dy_row0, const scalar_t* pre, int64_t cols, int64_t begin,
                          int64_t end, grad_t* grad_pre, double* db_part) {
   constexpr int P = kParts<scalar_t>;
@@ -404,28 +403,14 @@ void activation_bwd_rows(const dy_t* dy, int64_t dy_row0, const scalar_t* pre, i
       });
 }
 
-Act check_approximate(c10::string_view approximate) {
-  if (approximate == "none") return kGeluErf;
-  if (approximate == "tanh") return kGeluTanh;
-  TORCH_CHECK(approximate == "relu", "approximate must be \"none\", \"tanh\" or \"relu\", got \"",
-              std::string(approximate), "\"");
-  return kRelu;
+Activation check_approximate(c10::string_view approximate) {
+  return parse_activation(std::string_view(approximate.data(), approximate.size()));
 }
 
 // A weight [out_features, in_features] of the input's dtype and device (any strides: it only
 // enters GEMMs); returns out_features.
 int64_t check_weight(const at::Tensor& weight, const char* name, const at::Tensor& input, int64_t in_features) {
   return check_linear_weight(weight, name, input, in_features, "in_features of the input", /*contiguous=*/false);
-}
-
-// fn(std::integral_constant<int, act>{}).
-template <typename Fn>
-void dispatch_activation(Act act, const Fn& fn) {
-  switch (act) {
-    case kGeluErf: return fn(std::integral_constant<int, kGeluErf>{});
-    case kGeluTanh: return fn(std::integral_constant<int, kGeluTanh>{});
-    case kRelu: return fn(std::integral_constant<int, kRelu>{});
-  }
 }
 
 // input [rows, in_features] @ weight^T + bias, the operands widened to float32 and the result left
@@ -440,10 +425,10 @@ at::Tensor linear_float32(const at::Tensor& input, const at::Tensor& weight, con
 // chunk, in parallel: dy holds rows from dy_row0 on; grad_pre is not stored where null, and chunk
 // c's column sums go to chunk_partials(db_part, c, cols) where db_part is not null.
 template <typename scalar_t, typename dy_t, typename grad_t>
-void activation_bwd_chunks(Act act, const dy_t* dy, int64_t dy_row0, const scalar_t* pre, int64_t rows,
+void activation_bwd_chunks(Activation act, const dy_t* dy, int64_t dy_row0, const scalar_t* pre, int64_t rows,
                            int64_t cols, int64_t nchunks, int64_t c0, int64_t c1, grad_t* grad_pre, double* db_part) {
   dispatch_activation(act, [&](auto act_tag) {
-    constexpr int kAct = decltype(act_tag)::value;
+    constexpr Activation kAct = decltype(act_tag)::value;
     at::parallel_for(c0, c1, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       for (int64_t c = chunk_begin; c < chunk_end; ++c) {
         const auto [begin, end] = chunk_rows(c, nchunks, rows);
@@ -471,7 +456,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_impl(const at::Tensor& input,
   const int64_t rows = shape.first, in_features = shape.second;
   const int64_t out_features = check_weight(weight, "weight", input, in_features);
   check_affine_param(bias, "bias", input, out_features);
-  const Act act = check_approximate(approximate);
+  const Activation act = check_approximate(approximate);
   const bool has_bias = bias.has_value() && bias->defined();
   const auto storage = [&] { return at::empty({rows, out_features}, input.options()); };
 
@@ -511,7 +496,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_impl(const at::Tensor& input,
     // the bias to the float32 GEMM's result in place (without a bias, pre is the result as it is).
     scalar_t* pp = keep_pre && (widened || pass_bias != nullptr) ? pre.mutable_data_ptr<scalar_t>() : nullptr;
     dispatch_activation(act, [&](auto act_tag) {
-      constexpr int kAct = decltype(act_tag)::value;
+      constexpr Activation kAct = decltype(act_tag)::value;
       if (widened) {
         const float* src = acc.const_data_ptr<float>();
         at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
@@ -573,7 +558,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_impl(const at::Te
               grad_out.device());
   TORCH_CHECK(grad_out.is_contiguous(), "grad_out must be contiguous");
   check_same_as(pre_activation, "pre_activation", grad_out, "grad_out");
-  const Act act = check_approximate(approximate);
+  const Activation act = check_approximate(approximate);
   const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];
 
   // Unselected gradients are distinct [0] tensors: outputs of an op must not alias each other. The
@@ -676,7 +661,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_hidden_bwd_cpu(
     at::Tensor grad_out, const at::Tensor& input, const at::Tensor& w1, const at::Tensor& w2,
     const at::Tensor& pre_activation, c10::string_view approximate, std::array<bool, 4> output_mask,
     bool consume_pre) {
-  const Act act = check_approximate(approximate);
+  const Activation act = check_approximate(approximate);
   const auto [need_dx, need_dw1, need_db1, need_dw2] = output_mask;
   // grad_out and w2 are checked by the caller (csrc/ffn.cpp, before its dropout reads grad_out).
   const auto [rows, in_features] = check_rows_input(input, "input");

@@ -101,6 +101,7 @@
 #include <string_view>
 #include <tuple>
 
+#include "fused_attn/activation.h"
 #include "fused_attn/checks.h"
 #include "fused_attn/cuda_utils.cuh"
 #include "fused_attn/ffn_cuda.h"
@@ -110,10 +111,6 @@ namespace fused_attn {
 namespace {
 
 using cuda_utils::kWarpSize;
-
-// The activation between the GEMM and the output, by the ops' `approximate` argument: "none" (erf GELU),
-// "tanh" (tanh GELU), "relu".
-enum class Activation { kGeluErf, kGeluTanh, kRelu };
 
 // Elementwise forward kernel: threads per block.
 constexpr int kEltThreads = 256;
@@ -581,14 +578,6 @@ void lt_gemm_or(const LtGemm& g, const char* what, Fallback&& fallback) {
 // Host entry points
 // ---------------------------------------------------------------------------------------------
 
-Activation parse_approximate(std::string_view approximate) {
-  if (approximate == "none") return Activation::kGeluErf;
-  if (approximate == "tanh") return Activation::kGeluTanh;
-  TORCH_CHECK(approximate == "relu", "approximate must be \"none\", \"tanh\" or \"relu\", got \"", approximate,
-              "\"");
-  return Activation::kRelu;
-}
-
 // weight [out_features, in_features], contiguous, with the input's dtype and device; returns out_features.
 int64_t check_weight(const at::Tensor& weight, const at::Tensor& input, int64_t in_features) {
   return check_linear_weight(weight, "weight", input, in_features, "in_features of the input", /*contiguous=*/true);
@@ -616,7 +605,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_impl(const at::Tensor& input,
   const int64_t in_features = dims.second;
   const int64_t out_features = check_weight(weight, input, in_features);
   check_affine_param(bias, "bias", input, out_features);
-  const Activation kind = parse_approximate(std::string_view(approximate.data(), approximate.size()));
+  const Activation kind = parse_activation(std::string_view(approximate.data(), approximate.size()));
   const bool has_bias = bias.has_value() && bias->defined();
 
   const c10::cuda::CUDAGuard guard(input.device());
@@ -678,11 +667,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_impl(const at::Tensor& input,
     });
   }
 
-  switch (kind) {
-    case Activation::kGeluErf: gelu_fwd_dispatch<Activation::kGeluErf>(pre, out, stream); break;
-    case Activation::kGeluTanh: gelu_fwd_dispatch<Activation::kGeluTanh>(pre, out, stream); break;
-    case Activation::kRelu: gelu_fwd_dispatch<Activation::kRelu>(pre, out, stream); break;
-  }
+  dispatch_activation(kind, [&](auto kind_tag) { gelu_fwd_dispatch<decltype(kind_tag)::value>(pre, out, stream); });
   return {out, kept(pre)};
 }
 
@@ -755,7 +740,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_impl(const at::Te
   TORCH_CHECK(grad_out.device() == input.device(), "grad_out must be on ", input.device(), ", got ",
               grad_out.device());
   check_same_as(pre_activation, "pre_activation", grad_out, "grad_out");
-  const Activation kind = parse_approximate(std::string_view(approximate.data(), approximate.size()));
+  const Activation kind = parse_activation(std::string_view(approximate.data(), approximate.size()));
 
   const c10::cuda::CUDAGuard guard(input.device());
   const auto opts = input.options();
@@ -794,17 +779,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_impl(const at::Te
     scalar_t* dpre = need_gemm ? grad_pre.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* db = output_mask[2] ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
     const auto float_options = opts.dtype(at::kFloat);
-    switch (kind) {
-      case Activation::kGeluErf:
-        launch_gelu_bwd<scalar_t, Activation::kGeluErf>(dy, pre, dpre, db, rows, out_features, float_options, stream);
-        break;
-      case Activation::kGeluTanh:
-        launch_gelu_bwd<scalar_t, Activation::kGeluTanh>(dy, pre, dpre, db, rows, out_features, float_options, stream);
-        break;
-      case Activation::kRelu:
-        launch_gelu_bwd<scalar_t, Activation::kRelu>(dy, pre, dpre, db, rows, out_features, float_options, stream);
-        break;
-    }
+    dispatch_activation(kind, [&](auto kind_tag) {
+      launch_gelu_bwd<scalar_t, decltype(kind_tag)::value>(dy, pre, dpre, db, rows, out_features, float_options,
+                                                           stream);
+    });
   }), at::kFloat, at::kHalf, at::kBFloat16);
 
   if (need_gemm) input_weight_grads(grad_pre, input, weight, output_mask, grad_input, grad_weight);
