@@ -308,17 +308,18 @@ def _call_chain(fn: object) -> tuple[str, ...] | None:
     return found[1]
 
 
-def _conv1d() -> type | None:
+def _linear_kinds() -> tuple[type, ...]:
+    """The linear layers whose weights a fused feed-forward reads: torch's Linear, transformers' Conv1D."""
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:
-        return None
-    return Conv1D
+        return (nn.Linear,)
+    return (nn.Linear, Conv1D)
 
 
 def _mlp_reads(chain: tuple[str, ...]) -> dict[str, tuple[type, ...]]:
     """The classes the children of a feed-forward chain must be for the fused forward to read them."""
-    linears = (nn.Linear,) + ((_conv1d(),) if _conv1d() is not None else ())
+    linears = _linear_kinds()
     reads = {chain[0]: linears, chain[2]: linears}
     if len(chain) == 4:
         reads[chain[3]] = (nn.Dropout,)
@@ -334,7 +335,7 @@ def _mlp_form(module: nn.Module) -> tuple[str, tuple[str, ...]] | None:
         if chain is None:
             continue
         first, activation, second, *dropout = (getattr(module, name, None) for name in chain)
-        linears = _mlp_reads(chain)[chain[0]]
+        linears = _linear_kinds()
         if (isinstance(first, linears) and isinstance(second, linears)
                 and not isinstance(activation, (*linears, nn.Dropout))
                 and all(isinstance(d, nn.Module) for d in dropout)):
