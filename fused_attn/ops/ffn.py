@@ -495,8 +495,9 @@ def ffn(
     ``input`` [..., model], ``w1`` [hidden, model] and ``w2`` [model_out, hidden] of the input's
     dtype (any strides: the CPU kernels read a weight stored transposed in place, the cuda and
     triton kernels take a contiguous copy), biases optional (cast to the input's dtype); returns
-    [..., model_out] in the input's dtype. float16, bfloat16 and float32 run fused, accumulating in float32 (float64 runs the
-    reference implementation, with a :class:`~fused_attn.FallbackWarning`). Only the
+    [..., model_out] in the input's dtype. float16, bfloat16 and float32 run fused, accumulating
+    in float32 (float64 runs the reference implementation, with a
+    :class:`~fused_attn.FallbackWarning`). Only the
     pre-activation is kept for the backward (the activation is recomputed inside the GEMM that
     needs it), and none when the call needs no gradient and has no dropout. On CPU the backward
     forms the hidden gradient a slab of rows at a time and, when it frees the graph, writes the
